@@ -1,0 +1,200 @@
+//! The objects the control plane stores, as JSON, under etcd-style keys.
+//! Each is written by exactly one controller or API handler; see
+//! ARCHITECTURE.md for who owns what.
+
+use crate::spec::{AppKey, AppSpec, Kind, Resources, Template};
+use crate::wasm::WasmKind;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Key prefixes: one place, so a typo cannot split a collection in two.
+pub mod keys {
+    use crate::spec::AppKey;
+
+    pub const APPS: &str = "/apps/";
+    pub const REVISIONS: &str = "/revisions/";
+    pub const REPLICAS: &str = "/replicas/";
+    pub const NODES: &str = "/nodes/";
+    pub const EVENTS: &str = "/events/";
+    pub const MODULES: &str = "/modules/";
+
+    pub fn app(k: &AppKey) -> String {
+        format!("{APPS}{}/{}", k.namespace, k.name)
+    }
+    pub fn revisions_of(k: &AppKey) -> String {
+        format!("{REVISIONS}{}/{}/", k.namespace, k.name)
+    }
+    pub fn revision(k: &AppKey, number: u64) -> String {
+        format!("{}{number:010}", revisions_of(k))
+    }
+    pub fn replicas_of(k: &AppKey) -> String {
+        format!("{REPLICAS}{}/{}/", k.namespace, k.name)
+    }
+    pub fn replica(k: &AppKey, id: &str) -> String {
+        format!("{}{id}", replicas_of(k))
+    }
+    pub fn node(name: &str) -> String {
+        format!("{NODES}{name}")
+    }
+    pub fn event(seq: u64) -> String {
+        format!("{EVENTS}{seq:020}")
+    }
+    pub fn module(digest: &str) -> String {
+        format!("{MODULES}{digest}")
+    }
+}
+
+/// Milliseconds since the Unix epoch: the one time format objects carry.
+pub type Millis = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    pub spec: AppSpec,
+    /// Number of the revision replicas should run.
+    pub revision: u64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// An immutable snapshot of what runs; a new one is made for every template change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    pub app: AppKey,
+    pub number: u64,
+    pub template: Template,
+    pub hash: String,
+    pub created_at: Millis,
+    /// Why it was made: "created", "env changed", …
+    pub cause: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    /// Not placed yet, or placed and not started by its node.
+    Pending,
+    /// Its node is loading or instantiating it.
+    Starting,
+    /// Serving: http replicas receive traffic only in this phase.
+    Ready,
+    /// A job or daemon instance is executing.
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// One running copy of an app's revision on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: String,
+    pub app: AppKey,
+    pub revision: u64,
+    pub kind: Kind,
+    pub resources: Resources,
+    /// Set once by the scheduler; a replica never moves (a new one is made instead).
+    pub node: Option<String>,
+    pub phase: Phase,
+    /// Why it is in its phase: scheduling failures, trap messages, exit reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+impl Replica {
+    /// Whether it holds resources on its node (terminal replicas free them).
+    pub fn is_active(&self) -> bool {
+        self.node.is_some() && !self.phase.is_terminal()
+    }
+}
+
+/// What a node offers to the scheduler.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    /// Size of the node's instance pool.
+    pub instances: u64,
+}
+
+impl Capacity {
+    /// What a replica reserves: its cpu and memory requests, and one pool slot per
+    /// instance it may run at once.
+    pub fn of(r: &Resources) -> Capacity {
+        Capacity {
+            cpu_millis: r.cpu_millis as u64,
+            memory_bytes: r.memory_bytes,
+            instances: r.max_concurrency as u64,
+        }
+    }
+
+    pub fn add(&mut self, o: &Capacity) {
+        self.cpu_millis += o.cpu_millis;
+        self.memory_bytes += o.memory_bytes;
+        self.instances += o.instances;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    Ready,
+    NotReady,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    /// Where its gateway listens, for proxying and for users.
+    pub gateway: String,
+    pub capacity: Capacity,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub state: NodeState,
+    /// False when cordoned: running replicas stay, new ones go elsewhere.
+    pub schedulable: bool,
+    pub last_heartbeat: Millis,
+    pub joined_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+/// Something that happened, for `shoal describe` and `shoal events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub time: Millis,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// CamelCase reason: Scheduled, FailedScheduling, Ready, Failed, …
+    pub reason: String,
+    /// `app/default/hello`, `replica/default/hello/hello-1-x7k2p`, `node/local`.
+    pub object: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppKey>,
+    pub message: String,
+}
+
+/// An uploaded, validated module, stored by content digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Module {
+    pub digest: String,
+    pub size: u64,
+    pub kind: WasmKind,
+    pub uploaded_at: Millis,
+}

@@ -1,0 +1,136 @@
+//! Human quantities in specs: memory (`64Mi`), cpu (`100m`), durations (`30s`).
+//! Parsed once at validation time into plain integers so nothing downstream
+//! handles strings.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{input:?} is not a valid {what}: {hint}")]
+pub struct QuantityError {
+    pub input: String,
+    pub what: &'static str,
+    pub hint: &'static str,
+}
+
+fn split_number(s: &str) -> (&str, &str) {
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    (&s[..end], &s[end..])
+}
+
+/// Parses a memory size into bytes: `1048576`, `512Ki`, `64Mi`, `1Gi`, `64M`, `1G`.
+pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
+    let err = || QuantityError {
+        input: s.to_string(),
+        what: "memory size",
+        hint: "use a number of bytes or a suffix Ki, Mi, Gi (or k, M, G), e.g. \"64Mi\"",
+    };
+    let (num, unit) = split_number(s.trim());
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// Parses cpu into millicores: `100m`, `0.5`, `2`.
+pub fn parse_cpu(s: &str) -> Result<u32, QuantityError> {
+    let err = || QuantityError {
+        input: s.to_string(),
+        what: "cpu quantity",
+        hint: "use millicores like \"100m\" or cores like \"0.5\" or \"2\"",
+    };
+    let s = s.trim();
+    if let Some(m) = s.strip_suffix('m') {
+        return m.parse::<u32>().map_err(|_| err());
+    }
+    let cores: f64 = s.parse().map_err(|_| err())?;
+    if !(0.0..=100_000.0).contains(&cores) {
+        return Err(err());
+    }
+    Ok((cores * 1000.0).round() as u32)
+}
+
+/// Parses a duration into milliseconds: `250ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration_ms(s: &str) -> Result<u64, QuantityError> {
+    let err = || QuantityError {
+        input: s.to_string(),
+        what: "duration",
+        hint: "use a number with a unit ms, s, m or h, e.g. \"30s\"",
+    };
+    let (num, unit) = split_number(s.trim());
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let mult = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(err()),
+    };
+    n.checked_mul(mult).ok_or_else(err)
+}
+
+/// Formats bytes the way specs write them, for tables and `describe`.
+pub fn format_memory(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    for (unit, size) in UNITS {
+        if bytes >= size && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    if bytes >= 1 << 30 {
+        return format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64);
+    }
+    if bytes >= 1 << 20 {
+        return format!("{:.1}Mi", bytes as f64 / (1u64 << 20) as f64);
+    }
+    bytes.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory() {
+        assert_eq!(parse_memory("64Mi"), Ok(64 << 20));
+        assert_eq!(parse_memory("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_memory("512Ki"), Ok(512 << 10));
+        assert_eq!(parse_memory("1000"), Ok(1000));
+        assert_eq!(parse_memory("2M"), Ok(2_000_000));
+        for bad in ["", "Mi", "64 MB", "-1Mi", "1.5Gi", "99999999999999999999Gi"] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_memory(64 << 20), "64Mi");
+        assert_eq!(format_memory(3 << 30), "3Gi");
+    }
+
+    #[test]
+    fn cpu() {
+        assert_eq!(parse_cpu("100m"), Ok(100));
+        assert_eq!(parse_cpu("0.5"), Ok(500));
+        assert_eq!(parse_cpu("2"), Ok(2000));
+        for bad in ["", "m", "abc", "-1", "1.5m"] {
+            assert!(parse_cpu(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("30s"), Ok(30_000));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
+        for bad in ["", "30", "s", "1d", "1.5s"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,779 @@
+//! The app spec: TOML as users write it, parsed into a validated, normalised
+//! [`AppSpec`] with quantities resolved and maps ordered (BTreeMap), so two
+//! files that mean the same thing produce the same struct and the same hash.
+
+use crate::name::validate_name;
+use crate::quantity::{parse_cpu, parse_duration_ms, parse_memory};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::path::PathBuf;
+use thiserror::Error;
+use toml::Spanned;
+
+pub const DEFAULT_NAMESPACE: &str = "default";
+pub const DEFAULT_MEMORY: u64 = 64 << 20;
+pub const DEFAULT_CPU_MILLIS: u32 = 100;
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
+pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// Upper bounds keep one typo ("64Gi") from asking for the impossible.
+pub const MAX_MEMORY: u64 = 4 << 30;
+pub const MAX_REPLICAS: u32 = 1000;
+pub const MAX_CONCURRENCY: u32 = 10_000;
+
+/// What a component is run as, and so which WIT world it must implement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// wasi:http/proxy: a fresh instance per request.
+    Http,
+    /// wasi:cli/command run to completion.
+    Job,
+    /// wasi:cli/command kept running.
+    Daemon,
+}
+
+impl Kind {
+    pub fn world(self) -> &'static str {
+        match self {
+            Kind::Http => "wasi:http/proxy",
+            Kind::Job | Kind::Daemon => "wasi:cli/command",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Http => "http",
+            Kind::Job => "job",
+            Kind::Daemon => "daemon",
+        })
+    }
+}
+
+/// A gateway route: a path prefix, optionally bound to one host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    pub path: String,
+}
+
+impl Route {
+    /// `"/hello"` is a path prefix on any host; `"api.example.com/v1"` binds a host.
+    pub fn parse(s: &str) -> Result<Route, String> {
+        let (host, path) = match s.find('/') {
+            Some(0) => (None, s),
+            Some(i) => (Some(&s[..i]), &s[i..]),
+            None => {
+                return Err(format!(
+                    "route {s:?} must be a path prefix like \"/hello\" or HOST/PATH like \"api.example.com/\""
+                ));
+            }
+        };
+        if let Some(h) = host {
+            validate_host(h)?;
+        }
+        validate_path(path)?;
+        Ok(Route {
+            host: host.map(str::to_string),
+            path: normalise_path(path),
+        })
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.host {
+            Some(h) => write!(f, "{h}{}", self.path),
+            None => f.write_str(&self.path),
+        }
+    }
+}
+
+fn validate_host(h: &str) -> Result<(), String> {
+    let ok = !h.is_empty() && h.len() <= 253 && h.split('.').all(|l| validate_name(l).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{h:?} is not a valid host: use lowercase DNS names like \"api.example.com\""
+        ))
+    }
+}
+
+fn validate_path(p: &str) -> Result<(), String> {
+    if !p.starts_with('/') {
+        return Err(format!("route path {p:?} must start with '/'"));
+    }
+    if p.contains(['?', '#', ' ']) || p.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(format!(
+            "route path {p:?} must be a plain path prefix (no query, fragment, spaces or dot segments)"
+        ));
+    }
+    Ok(())
+}
+
+/// `/hello/` and `/hello` are the same prefix.
+fn normalise_path(p: &str) -> String {
+    let trimmed = p.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".into()
+    } else {
+        trimmed.into()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Resources {
+    /// Linear-memory limit of one instance, enforced by wasmtime; also what
+    /// the scheduler reserves for the replica on its node.
+    pub memory_bytes: u64,
+    /// Scheduling request in millicores.
+    pub cpu_millis: u32,
+    /// Instances one replica may run at once; the node reserves that many
+    /// pool slots, so its instance pool can never be overcommitted.
+    pub max_concurrency: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HttpSpec {
+    pub routes: Vec<Route>,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ComponentSpec {
+    /// `sha256:<hex>` of an uploaded module.
+    pub digest: String,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+}
+
+/// A validated, normalised app: what the API accepts and the store keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub name: String,
+    pub namespace: String,
+    pub component: ComponentSpec,
+    pub resources: Resources,
+    pub replicas: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSpec>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// What makes a revision: everything that changes what runs in a replica.
+/// Scale and routes are not part of it, as in Kubernetes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub component: ComponentSpec,
+    pub resources: Resources,
+    pub timeout_ms: u64,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Template {
+    /// Stable content hash, so re-applying the same spec is recognised as unchanged.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("template serialises");
+        hex::encode(Sha256::digest(json))[..16].to_string()
+    }
+}
+
+impl AppSpec {
+    pub fn template(&self) -> Template {
+        Template {
+            component: self.component.clone(),
+            resources: self.resources.clone(),
+            timeout_ms: self.http.as_ref().map_or(0, |h| h.timeout_ms),
+            env: self.env.clone(),
+        }
+    }
+
+    /// Checks every rule the TOML parser checks, for specs arriving as JSON.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let field = |f: &str, m: String| Err(SpecError::field(f, m));
+        if let Err(e) = validate_name(&self.name) {
+            return field("name", e.to_string());
+        }
+        if let Err(e) = validate_name(&self.namespace) {
+            return field("namespace", e.to_string());
+        }
+        if let Err(m) = validate_digest(&self.component.digest) {
+            return field("component.digest", m);
+        }
+        let r = &self.resources;
+        if r.memory_bytes < (1 << 20) || r.memory_bytes > MAX_MEMORY {
+            return field(
+                "resources.memory",
+                format!(
+                    "must be between 1Mi and 4Gi (got {})",
+                    crate::quantity::format_memory(r.memory_bytes)
+                ),
+            );
+        }
+        if r.cpu_millis == 0 {
+            return field("resources.cpu", "must be greater than 0".into());
+        }
+        if r.max_concurrency == 0 || r.max_concurrency > MAX_CONCURRENCY {
+            return field(
+                "resources.max_concurrency",
+                format!("must be between 1 and {MAX_CONCURRENCY}"),
+            );
+        }
+        if self.replicas > MAX_REPLICAS {
+            return field("scale.replicas", format!("must be at most {MAX_REPLICAS}"));
+        }
+        match (&self.http, self.component.kind) {
+            (Some(_), Kind::Job | Kind::Daemon) => {
+                return field(
+                    "http",
+                    format!(
+                        "only kind = \"http\" apps take an [http] section (this one is {:?})",
+                        self.component.kind.to_string()
+                    ),
+                );
+            }
+            (None, Kind::Http) => {
+                return field(
+                    "http",
+                    "kind = \"http\" needs an [http] section with routes".into(),
+                );
+            }
+            (Some(h), Kind::Http) => {
+                if h.routes.is_empty() {
+                    return field("http.routes", "must list at least one route".into());
+                }
+                let mut seen = std::collections::HashSet::new();
+                for r in &h.routes {
+                    if let Some(host) = &r.host
+                        && let Err(m) = validate_host(host)
+                    {
+                        return field("http.routes", m);
+                    }
+                    if let Err(m) = validate_path(&r.path) {
+                        return field("http.routes", m);
+                    }
+                    if !seen.insert(r) {
+                        return field("http.routes", format!("route {r} is listed twice"));
+                    }
+                }
+                if h.timeout_ms == 0 {
+                    return field("http.timeout", "must be greater than 0".into());
+                }
+            }
+            (None, _) => {}
+        }
+        if self.component.kind == Kind::Http && !self.component.args.is_empty() {
+            return field(
+                "component.args",
+                "args are only passed to job and daemon apps".into(),
+            );
+        }
+        for key in self.env.keys() {
+            if key.is_empty() || key.contains(['=', '\0']) {
+                return field(
+                    "env",
+                    format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn key(&self) -> AppKey {
+        AppKey::new(&self.namespace, &self.name)
+    }
+}
+
+/// Namespace + name: how apps are addressed everywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AppKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl AppKey {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        AppKey {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for AppKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+pub fn validate_digest(d: &str) -> Result<(), String> {
+    match d.strip_prefix("sha256:") {
+        Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
+            Ok(())
+        }
+        _ => Err(format!(
+            "{d:?} is not a module digest: expected \"sha256:\" followed by 64 lowercase hex digits"
+        )),
+    }
+}
+
+/// Where the module of a parsed file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModuleRef {
+    /// A local file, relative to the spec file's directory; the CLI uploads it.
+    Path(PathBuf),
+    /// An already uploaded module.
+    Digest(String),
+}
+
+/// A parsed spec file: the spec plus where its module is. `spec.component.digest`
+/// is empty until the module is resolved with [`AppManifest::resolve`].
+#[derive(Debug, Clone)]
+pub struct AppManifest {
+    pub module: ModuleRef,
+    spec: AppSpec,
+}
+
+impl AppManifest {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.spec.namespace
+    }
+
+    /// Completes the spec with the digest of the uploaded module.
+    pub fn resolve(mut self, digest: String) -> Result<AppSpec, SpecError> {
+        self.spec.component.digest = digest;
+        self.spec.validate()?;
+        Ok(self.spec)
+    }
+}
+
+/// A spec error a user can act on: which field, and where in the file.
+#[derive(Debug, Clone, Error, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecError {
+    pub field: Option<String>,
+    pub message: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl SpecError {
+    pub fn field(field: &str, message: String) -> Self {
+        SpecError {
+            field: Some(field.to_string()),
+            message,
+            line: None,
+            column: None,
+        }
+    }
+
+    fn at(mut self, src: &str, span: Option<Range<usize>>) -> Self {
+        if let Some(span) = span {
+            let (line, column) = line_col(src, span.start);
+            self.line = Some(line);
+            self.column = Some(column);
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, "line {l}, column {c}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset.min(src.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|c| *c != '\n').count() + 1;
+    (line, column)
+}
+
+// The file format. Spanned fields let validation errors point at the value.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: Spanned<String>,
+    namespace: Option<Spanned<String>>,
+    component: Spanned<RawComponent>,
+    #[serde(default)]
+    resources: RawResources,
+    #[serde(default)]
+    scale: RawScale,
+    http: Option<Spanned<RawHttp>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawComponent {
+    path: Option<Spanned<String>>,
+    digest: Option<Spanned<String>>,
+    kind: Spanned<Kind>,
+    args: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    memory: Option<Spanned<String>>,
+    cpu: Option<Spanned<String>>,
+    max_concurrency: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScale {
+    replicas: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    routes: Spanned<Vec<Spanned<String>>>,
+    timeout: Option<Spanned<String>>,
+}
+
+/// Parses and validates an app spec file.
+pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
+    let raw: RawApp = toml::from_str(src).map_err(|e| {
+        SpecError {
+            field: None,
+            message: e.message().trim().to_string(),
+            line: None,
+            column: None,
+        }
+        .at(src, e.span())
+    })?;
+    // Where each field sits in the file, to place errors from `validate`.
+    let mut spans: HashMap<&'static str, Range<usize>> = HashMap::new();
+    let fail = |field: &str, message: String, span: Range<usize>| {
+        SpecError::field(field, message).at(src, Some(span))
+    };
+
+    let c = raw.component.get_ref();
+    let module = match (&c.path, &c.digest) {
+        (Some(p), None) => ModuleRef::Path(PathBuf::from(p.get_ref())),
+        (None, Some(d)) => {
+            validate_digest(d.get_ref()).map_err(|m| fail("component.digest", m, d.span()))?;
+            ModuleRef::Digest(d.get_ref().clone())
+        }
+        _ => {
+            return Err(fail(
+                "component",
+                "set exactly one of `path` (a local .wasm file to upload) or `digest` (an uploaded module)"
+                    .into(),
+                raw.component.span(),
+            ));
+        }
+    };
+    spans.insert("component.digest", raw.component.span());
+    if let Some(a) = &c.args {
+        spans.insert("component.args", a.span());
+    }
+    spans.insert("name", raw.name.span());
+    if let Some(ns) = &raw.namespace {
+        spans.insert("namespace", ns.span());
+    }
+    if let Some(e) = &raw.env {
+        spans.insert("env", e.span());
+    }
+
+    let kind = *c.kind.get_ref();
+    let memory_bytes = match &raw.resources.memory {
+        Some(m) => {
+            spans.insert("resources.memory", m.span());
+            parse_memory(m.get_ref())
+                .map_err(|e| fail("resources.memory", e.to_string(), m.span()))?
+        }
+        None => DEFAULT_MEMORY,
+    };
+    let cpu_millis = match &raw.resources.cpu {
+        Some(m) => {
+            spans.insert("resources.cpu", m.span());
+            parse_cpu(m.get_ref()).map_err(|e| fail("resources.cpu", e.to_string(), m.span()))?
+        }
+        None => DEFAULT_CPU_MILLIS,
+    };
+    let max_concurrency = match &raw.resources.max_concurrency {
+        Some(m) => {
+            spans.insert("resources.max_concurrency", m.span());
+            *m.get_ref()
+        }
+        None if kind == Kind::Http => DEFAULT_MAX_CONCURRENCY,
+        None => 1,
+    };
+    let replicas = match &raw.scale.replicas {
+        Some(r) => {
+            spans.insert("scale.replicas", r.span());
+            *r.get_ref()
+        }
+        None => 1,
+    };
+    let http = match &raw.http {
+        Some(h) => {
+            spans.insert("http", h.span());
+            let hr = h.get_ref();
+            spans.insert("http.routes", hr.routes.span());
+            let mut routes = Vec::new();
+            for r in hr.routes.get_ref() {
+                routes
+                    .push(Route::parse(r.get_ref()).map_err(|m| fail("http.routes", m, r.span()))?);
+            }
+            let timeout_ms = match &hr.timeout {
+                Some(t) => {
+                    spans.insert("http.timeout", t.span());
+                    parse_duration_ms(t.get_ref())
+                        .map_err(|e| fail("http.timeout", e.to_string(), t.span()))?
+                }
+                None => DEFAULT_TIMEOUT_MS,
+            };
+            Some(HttpSpec { routes, timeout_ms })
+        }
+        None => None,
+    };
+
+    let spec = AppSpec {
+        name: raw.name.into_inner(),
+        namespace: raw
+            .namespace
+            .map_or_else(|| DEFAULT_NAMESPACE.to_string(), Spanned::into_inner),
+        component: ComponentSpec {
+            digest: match &module {
+                ModuleRef::Digest(d) => d.clone(),
+                ModuleRef::Path(_) => String::new(),
+            },
+            kind,
+            args: c
+                .args
+                .as_ref()
+                .map(|a| a.get_ref().clone())
+                .unwrap_or_default(),
+        },
+        resources: Resources {
+            memory_bytes,
+            cpu_millis,
+            max_concurrency,
+        },
+        replicas,
+        http,
+        env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
+    };
+    // The digest is checked once it is known; everything else is checked now.
+    let mut probe = spec.clone();
+    if probe.component.digest.is_empty() {
+        probe.component.digest = format!("sha256:{}", "0".repeat(64));
+    }
+    if let Err(e) = probe.validate() {
+        let span = e.field.as_deref().and_then(|f| spans.get(f).cloned());
+        return Err(e.at(src, span));
+    }
+    Ok(AppManifest { module, spec })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO: &str = r#"
+name = "hello"
+
+[component]
+path = "hello.wasm"
+kind = "http"
+
+[resources]
+memory = "32Mi"
+cpu = "50m"
+max_concurrency = 8
+
+[scale]
+replicas = 2
+
+[http]
+routes = ["/hello/", "api.example.com/v1"]
+timeout = "5s"
+
+[env]
+B = "2"
+A = "1"
+"#;
+
+    #[test]
+    fn parses_and_normalises() {
+        let m = parse_app(HELLO).unwrap();
+        assert_eq!(m.module, ModuleRef::Path("hello.wasm".into()));
+        let spec = m.resolve(format!("sha256:{}", "a".repeat(64))).unwrap();
+        assert_eq!(spec.namespace, "default");
+        assert_eq!(spec.resources.memory_bytes, 32 << 20);
+        assert_eq!(spec.resources.cpu_millis, 50);
+        assert_eq!(spec.replicas, 2);
+        let http = spec.http.as_ref().unwrap();
+        assert_eq!(
+            http.routes[0],
+            Route {
+                host: None,
+                path: "/hello".into()
+            }
+        );
+        assert_eq!(
+            http.routes[1],
+            Route {
+                host: Some("api.example.com".into()),
+                path: "/v1".into()
+            }
+        );
+        assert_eq!(http.timeout_ms, 5000);
+        assert_eq!(spec.env.keys().collect::<Vec<_>>(), ["A", "B"]);
+    }
+
+    #[test]
+    fn defaults() {
+        let src = format!(
+            "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n",
+            "b".repeat(64)
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "b".repeat(64)))
+            .unwrap();
+        assert_eq!(spec.resources.memory_bytes, DEFAULT_MEMORY);
+        assert_eq!(spec.resources.max_concurrency, 1);
+        assert_eq!(spec.replicas, 1);
+        assert!(spec.http.is_none());
+    }
+
+    #[test]
+    fn same_meaning_same_template_hash() {
+        let a = parse_app(HELLO)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        let reordered = HELLO.replace("B = \"2\"\nA = \"1\"", "A = \"1\"\nB = \"2\"");
+        let b = parse_app(&reordered)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(a.template().hash(), b.template().hash());
+        let scaled = HELLO.replace("replicas = 2", "replicas = 5");
+        let c = parse_app(&scaled)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(
+            a.template().hash(),
+            c.template().hash(),
+            "scale is not a revision"
+        );
+        let env = HELLO.replace("A = \"1\"", "A = \"9\"");
+        let d = parse_app(&env)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_ne!(a.template().hash(), d.template().hash());
+    }
+
+    fn err(src: &str) -> SpecError {
+        parse_app(src).expect_err("spec should be rejected")
+    }
+
+    #[test]
+    fn malformed_toml_has_line_and_column() {
+        let e = err("name = \"x\"\n[component\nkind = \"http\"\n");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.column.is_some());
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_position() {
+        let src = HELLO.replace("cpu = \"50m\"", "cpu = \"50m\"\nmemroy = \"1Mi\"");
+        let e = err(&src);
+        assert!(e.message.contains("memroy"), "{e}");
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn invalid_name_names_the_field() {
+        let e = err(&HELLO.replace("name = \"hello\"", "name = \"Hello_World\""));
+        assert_eq!(e.field.as_deref(), Some("name"));
+        assert_eq!(e.line, Some(2));
+        assert!(e.to_string().contains("lowercase"), "{e}");
+    }
+
+    #[test]
+    fn bad_quantities_and_routes() {
+        let e = err(&HELLO.replace("\"32Mi\"", "\"32MB\""));
+        assert_eq!(e.field.as_deref(), Some("resources.memory"));
+        assert_eq!(e.line, Some(9));
+        let e = err(&HELLO.replace("\"/hello/\"", "\"hello\""));
+        assert_eq!(e.field.as_deref(), Some("http.routes"), "{e}");
+        let e = err(&HELLO.replace("\"/hello/\"", "\"/a/../b\""));
+        assert_eq!(e.field.as_deref(), Some("http.routes"));
+        let e = err(&HELLO.replace("\"5s\"", "\"5\""));
+        assert_eq!(e.field.as_deref(), Some("http.timeout"));
+        let e = err(&HELLO.replace("\"32Mi\"", "\"64Gi\""));
+        assert_eq!(e.field.as_deref(), Some("resources.memory"));
+        assert_eq!(e.line, Some(9));
+    }
+
+    #[test]
+    fn kind_and_sections_must_agree() {
+        let e = err(&HELLO.replace("kind = \"http\"", "kind = \"job\""));
+        assert_eq!(e.field.as_deref(), Some("http"));
+        let no_http = HELLO.split("[http]").next().unwrap().to_string();
+        let e = err(&no_http);
+        assert_eq!(e.field.as_deref(), Some("http"));
+        let e = err(&HELLO.replace("kind = \"http\"", "kind = \"lambda\""));
+        assert!(
+            e.message.contains("lambda") || e.message.contains("variant"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn path_xor_digest() {
+        let both = HELLO.replace(
+            "path = \"hello.wasm\"",
+            &format!("path = \"x.wasm\"\ndigest = \"sha256:{}\"", "a".repeat(64)),
+        );
+        assert_eq!(err(&both).field.as_deref(), Some("component"));
+        let bad = HELLO.replace("path = \"hello.wasm\"", "digest = \"md5:abc\"");
+        assert_eq!(err(&bad).field.as_deref(), Some("component.digest"));
+    }
+
+    #[test]
+    fn json_specs_are_validated_too() {
+        let mut spec = parse_app(HELLO)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        spec.replicas = MAX_REPLICAS + 1;
+        assert_eq!(
+            spec.validate().unwrap_err().field.as_deref(),
+            Some("scale.replicas")
+        );
+        spec.replicas = 1;
+        spec.component.digest = "sha256:../../etc".into();
+        assert_eq!(
+            spec.validate().unwrap_err().field.as_deref(),
+            Some("component.digest")
+        );
+    }
+}

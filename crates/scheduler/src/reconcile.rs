@@ -1,0 +1,259 @@
+//! App → replicas: given the app and the replicas that exist, what to create
+//! and what to remove. Never told why it was called, so it is idempotent.
+//!
+//! A change of revision rolls: one replica of surge, none unavailable. New
+//! replicas are created one at a time and an old one is removed only once
+//! enough replicas serve without it.
+
+use shoal_core::{App, Kind, Phase, Replica};
+
+/// Replicas of the new revision that may exist on top of `replicas` during a rollout.
+const MAX_SURGE: usize = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// How many replicas of the app's current revision to create.
+    pub create: usize,
+    /// Replica ids to remove.
+    pub delete: Vec<String>,
+}
+
+fn serving(phase: Phase) -> bool {
+    matches!(phase, Phase::Ready | Phase::Running)
+}
+
+/// Removal order among surplus replicas: the ones doing least first, newest first.
+fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
+    let rank = match r.phase {
+        Phase::Pending => 0,
+        Phase::Failed => 1,
+        Phase::Starting => 2,
+        Phase::Succeeded => 3,
+        Phase::Ready | Phase::Running => 4,
+    };
+    (rank, std::cmp::Reverse(r.created_at))
+}
+
+pub fn reconcile(app: &App, replicas: &[Replica]) -> Plan {
+    let desired = app.spec.replicas as usize;
+    let (mut current, old): (Vec<&Replica>, Vec<&Replica>) =
+        replicas.iter().partition(|r| r.revision == app.revision);
+    let mut plan = Plan::default();
+
+    // Old replicas that serve nothing go at once; a job's old runs are stale.
+    let mut old_serving: Vec<&Replica> = Vec::new();
+    for r in old {
+        if serving(r.phase) && app.spec.component.kind != Kind::Job {
+            old_serving.push(r);
+        } else {
+            plan.delete.push(r.id.clone());
+        }
+    }
+
+    if current.len() > desired {
+        current.sort_by_key(|r| removal_rank(r));
+        let surplus = current.len() - desired;
+        plan.delete
+            .extend(current.drain(..surplus).map(|r| r.id.clone()));
+    } else if current.len() < desired {
+        let missing = desired - current.len();
+        plan.create = if old_serving.is_empty() {
+            missing
+        } else {
+            (desired + MAX_SURGE)
+                .saturating_sub(current.len() + old_serving.len())
+                .min(missing)
+        };
+    }
+
+    // Retire old replicas, oldest first, while enough others serve.
+    let mut serving_now = current.iter().filter(|r| serving(r.phase)).count() + old_serving.len();
+    old_serving.sort_by_key(|r| r.created_at);
+    for r in old_serving {
+        if serving_now > desired {
+            plan.delete.push(r.id.clone());
+            serving_now -= 1;
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::spec::{AppKey, parse_app};
+
+    fn app(kind: &str, replicas: u32, revision: u64) -> App {
+        let http = if kind == "http" {
+            "[http]\nroutes = [\"/a\"]\n"
+        } else {
+            ""
+        };
+        let src = format!(
+            "name = \"a\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"{kind}\"\n[scale]\nreplicas = {replicas}\n{http}",
+            "a".repeat(64)
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        App {
+            spec,
+            revision,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn replica(id: &str, revision: u64, phase: Phase, created_at: u64) -> Replica {
+        let a = app("http", 1, revision);
+        Replica {
+            id: id.into(),
+            app: AppKey::new("default", "a"),
+            revision,
+            kind: Kind::Http,
+            resources: a.spec.resources.clone(),
+            node: Some("n".into()),
+            phase,
+            message: None,
+            exit_code: None,
+            created_at,
+            updated_at: created_at,
+        }
+    }
+
+    #[test]
+    fn creates_missing_replicas() {
+        assert_eq!(
+            reconcile(&app("http", 3, 1), &[]),
+            Plan {
+                create: 3,
+                delete: vec![]
+            }
+        );
+        let rs = [replica("x", 1, Phase::Ready, 1)];
+        assert_eq!(reconcile(&app("http", 3, 1), &rs).create, 2);
+    }
+
+    #[test]
+    fn steady_state_is_a_no_op() {
+        let rs = [
+            replica("x", 1, Phase::Ready, 1),
+            replica("y", 1, Phase::Pending, 2),
+        ];
+        assert_eq!(reconcile(&app("http", 2, 1), &rs), Plan::default());
+    }
+
+    #[test]
+    fn scales_down_least_useful_first() {
+        let rs = [
+            replica("ready-old", 1, Phase::Ready, 1),
+            replica("ready-new", 1, Phase::Ready, 3),
+            replica("pending", 1, Phase::Pending, 2),
+        ];
+        let plan = reconcile(&app("http", 1, 1), &rs);
+        assert_eq!(plan.delete, vec!["pending", "ready-new"]);
+        assert_eq!(plan.create, 0);
+    }
+
+    #[test]
+    fn rolls_with_one_surge_and_none_unavailable() {
+        let a = app("http", 2, 2);
+        let mut rs = vec![
+            replica("o1", 1, Phase::Ready, 1),
+            replica("o2", 1, Phase::Ready, 2),
+        ];
+        // Step 1: one new replica, no old one removed yet.
+        assert_eq!(
+            reconcile(&a, &rs),
+            Plan {
+                create: 1,
+                delete: vec![]
+            }
+        );
+        rs.push(replica("n1", 2, Phase::Starting, 3));
+        assert_eq!(reconcile(&a, &rs), Plan::default());
+        // Step 2: n1 ready → the oldest old replica goes.
+        rs[2].phase = Phase::Ready;
+        assert_eq!(
+            reconcile(&a, &rs),
+            Plan {
+                create: 0,
+                delete: vec!["o1".into()]
+            }
+        );
+        rs.remove(0);
+        // Step 3: room for the second new replica.
+        assert_eq!(
+            reconcile(&a, &rs),
+            Plan {
+                create: 1,
+                delete: vec![]
+            }
+        );
+        rs.push(replica("n2", 2, Phase::Ready, 4));
+        assert_eq!(
+            reconcile(&a, &rs),
+            Plan {
+                create: 0,
+                delete: vec!["o2".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn a_failing_new_revision_keeps_the_old_one_serving() {
+        let a = app("http", 1, 2);
+        let rs = [
+            replica("o1", 1, Phase::Ready, 1),
+            replica("n1", 2, Phase::Failed, 2),
+        ];
+        assert_eq!(reconcile(&a, &rs), Plan::default());
+    }
+
+    #[test]
+    fn old_replicas_that_do_not_serve_go_at_once() {
+        let a = app("http", 1, 2);
+        let rs = [
+            replica("o1", 1, Phase::Pending, 1),
+            replica("o2", 1, Phase::Failed, 1),
+        ];
+        assert_eq!(
+            reconcile(&a, &rs),
+            Plan {
+                create: 1,
+                delete: vec!["o1".into(), "o2".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn scale_to_zero_removes_everything() {
+        let rs = [
+            replica("o1", 1, Phase::Ready, 1),
+            replica("n1", 2, Phase::Ready, 2),
+        ];
+        let plan = reconcile(&app("http", 0, 2), &rs);
+        assert_eq!(plan.delete, vec!["n1".to_string(), "o1".to_string()]);
+    }
+
+    #[test]
+    fn finished_jobs_are_not_rerun() {
+        let mut done = replica("j1", 1, Phase::Succeeded, 1);
+        done.kind = Kind::Job;
+        assert_eq!(reconcile(&app("job", 1, 1), &[done]), Plan::default());
+    }
+
+    #[test]
+    fn jobs_of_an_old_revision_are_replaced() {
+        let mut old = replica("j1", 1, Phase::Running, 1);
+        old.kind = Kind::Job;
+        assert_eq!(
+            reconcile(&app("job", 1, 2), &[old]),
+            Plan {
+                create: 1,
+                delete: vec!["j1".into()]
+            }
+        );
+    }
+}
