@@ -1,0 +1,191 @@
+//! Shoal's cluster state.
+//!
+//! [`Store`] is an etcd-shaped key-value store on top of redb (the same idea as k3s's kine):
+//! one cluster-wide revision counter, per-key create/mod revisions and versions, compare-and-swap
+//! transactions and watches that can resume from a past revision. Callers only ever see this
+//! etcd-like surface, so an etcd backend can be slotted in later without touching them.
+//!
+//! [`blobs::BlobStore`] keeps uploaded wasm modules on disk, addressed by their SHA-256.
+//!
+//! # Blocking
+//! redb does blocking file I/O (every acknowledged write is fsync'd), so the [`Store`] methods
+//! are synchronous. Async callers should wrap them in `tokio::task::spawn_blocking` (or
+//! `block_in_place` on a multi-threaded runtime). [`Watcher::next`] is async and does its own
+//! log reads on the blocking pool.
+
+pub mod blobs;
+mod kv;
+pub mod tables;
+mod watch;
+
+pub use blobs::{BlobError, BlobStore, PutBlob};
+pub use kv::{Store, StoreOptions};
+pub use watch::Watcher;
+
+/// One key as stored, with etcd's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// Revision of the put that created the key (since its last delete).
+    pub create_revision: u64,
+    /// Revision of the last write to the key.
+    pub mod_revision: u64,
+    /// Number of puts since the key was (re)created; 1 after the first put.
+    pub version: u64,
+}
+
+/// A guard of a [`Txn`]. All compares must hold for the success branch to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key's `mod_revision` equals `revision`; 0 means "the key is absent".
+    ModRevision { key: String, revision: u64 },
+    /// The key's `version` equals `version`; 0 means "the key is absent".
+    Version { key: String, version: u64 },
+}
+
+/// A write inside a [`Txn`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Delete {
+        key: String,
+    },
+    /// Deletes every key starting with `prefix` (all keys if it is empty).
+    DeletePrefix {
+        prefix: String,
+    },
+}
+
+/// An etcd-style transaction: if every compare holds, `success` runs, otherwise `failure`.
+/// Either way all its writes share one new revision and commit atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub success: Vec<Op>,
+    pub failure: Vec<Op>,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    /// Adds a guard: `key`'s mod revision must equal `revision` (0 = absent).
+    pub fn when_mod_revision(mut self, key: impl Into<String>, revision: u64) -> Txn {
+        self.compares.push(Compare::ModRevision {
+            key: key.into(),
+            revision,
+        });
+        self
+    }
+
+    /// Adds a guard: `key`'s version must equal `version` (0 = absent).
+    pub fn when_version(mut self, key: impl Into<String>, version: u64) -> Txn {
+        self.compares.push(Compare::Version {
+            key: key.into(),
+            version,
+        });
+        self
+    }
+
+    /// Adds a guard: `key` must not exist (create-if-absent).
+    pub fn when_absent(self, key: impl Into<String>) -> Txn {
+        self.when_version(key, 0)
+    }
+
+    /// Adds an op to the success branch.
+    pub fn then(mut self, op: Op) -> Txn {
+        self.success.push(op);
+        self
+    }
+
+    /// Adds an op to the failure branch.
+    pub fn otherwise(mut self, op: Op) -> Txn {
+        self.failure.push(op);
+        self
+    }
+}
+
+impl Op {
+    pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
+        Op::Put {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    pub fn delete(key: impl Into<String>) -> Op {
+        Op::Delete { key: key.into() }
+    }
+
+    pub fn delete_prefix(prefix: impl Into<String>) -> Op {
+        Op::DeletePrefix {
+            prefix: prefix.into(),
+        }
+    }
+}
+
+/// Outcome of [`Store::txn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnResponse {
+    /// Whether the compares held (the success branch ran).
+    pub succeeded: bool,
+    /// The transaction's revision if it wrote anything, else the store's current revision.
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// One change seen by a [`Watcher`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    /// The key after the change. For a delete: empty value, `create_revision` and `version` 0,
+    /// `mod_revision` = the delete's revision (as etcd reports it).
+    pub kv: KeyValue,
+    /// The value before the change, if the key existed.
+    pub prev_value: Option<Vec<u8>>,
+}
+
+/// Errors from [`Store`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The requested history was dropped by [`Store::compact`]; re-list and watch again.
+    #[error("revision history up to {compacted} has been compacted away")]
+    Compacted { compacted: u64 },
+    #[error("revision {revision} is in the future (current revision is {current})")]
+    FutureRevision { revision: u64, current: u64 },
+    #[error("keys must not be empty")]
+    EmptyKey,
+    #[error("store I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("store database error: {0}")]
+    Db(String),
+}
+
+/// Maps every redb error type into [`StoreError::Db`], keeping redb's readable message.
+macro_rules! from_redb {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for StoreError {
+            fn from(e: $ty) -> StoreError {
+                StoreError::Db(e.to_string())
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
