@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make run` and `make test`.
+
+.PHONY: run test guests bench lint
+
+# Builds everything and starts a one-node cluster with the hello app serving.
+run: guests
+	cargo build --release
+	./target/release/shoal up --apply examples/hello/app.toml
+
+# Runs every test: unit, crate integration and end-to-end (real processes).
+test:
+	rustup target add wasm32-wasip2
+	cargo test --workspace --all-targets
+
+guests:
+	rustup target add wasm32-wasip2
+	cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/Cargo.toml
+
+# Shoal's gateway vs `wasmtime serve` on the same component; writes numbers to stdout.
+bench: guests
+	cargo build --release
+	./bench/run.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings

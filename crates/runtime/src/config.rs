@@ -1,0 +1,125 @@
+//! Node-level and instance-level settings.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::logs::LogSink;
+use crate::outbound::{DenyAll, OutboundPolicy};
+
+const MIB: u64 = 1 << 20;
+
+/// Settings of a node's one wasmtime engine. They shape the pooling allocator and are part of
+/// the precompiled-code compatibility, so changing them invalidates the disk cache (a new
+/// subdirectory is used; nothing stale is loaded).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Where precompiled components are kept across restarts.
+    pub cache_dir: PathBuf,
+    /// Instances that can exist at once across all components of the node (pool slots).
+    pub max_instances: u32,
+    /// Hard ceiling for one linear memory; per-app limits must stay below it.
+    pub max_memory_bytes: u64,
+    /// Granularity of timeouts and of the time slice after which a busy guest yields.
+    pub epoch_tick: Duration,
+}
+
+impl RuntimeConfig {
+    /// Defaults (1000 instances, 512 MiB, 10 ms ticks) with the given cache directory.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> RuntimeConfig {
+        RuntimeConfig {
+            cache_dir: cache_dir.into(),
+            max_instances: 1000,
+            max_memory_bytes: 512 * MIB,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig::new(std::env::temp_dir().join("shoal-runtime-cache"))
+    }
+}
+
+/// What one replica's instances get. Nothing else is granted: no files, no inherited env,
+/// args or stdio, no sockets; outgoing HTTP only as `outbound` allows.
+#[derive(Clone)]
+pub struct InstanceConfig {
+    pub env: Vec<(String, String)>,
+    /// Passed as-is; by convention the first one is the program name.
+    pub args: Vec<String>,
+    /// Per linear memory, in bytes; must not exceed [`RuntimeConfig::max_memory_bytes`].
+    pub memory_limit: u64,
+    /// Per request for HTTP components (headers and body included); whole run for commands.
+    pub timeout: Option<Duration>,
+    pub logs: LogSink,
+    pub outbound: Arc<dyn OutboundPolicy>,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        InstanceConfig {
+            env: Vec::new(),
+            args: Vec::new(),
+            memory_limit: 128 * MIB,
+            timeout: None,
+            logs: LogSink::default(),
+            outbound: Arc::new(DenyAll),
+        }
+    }
+}
+
+impl std::fmt::Debug for InstanceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Values of env vars may be secrets: show names only.
+        let env_names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("InstanceConfig")
+            .field("env", &env_names)
+            .field("args", &self.args)
+            .field("memory_limit", &self.memory_limit)
+            .field("timeout", &self.timeout)
+            .field("logs", &self.logs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `5s`, `1.5s`, `250ms`: short enough for a response body or a log line.
+pub(crate) fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else if ms >= 1000 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// `32 MiB`, `1 GiB`, `1536 KiB`: the unit the user most likely wrote in their spec.
+pub(crate) fn format_bytes(bytes: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const GIB: u64 = 1 << 30;
+    match bytes {
+        b if b >= GIB && b.is_multiple_of(GIB) => format!("{} GiB", b / GIB),
+        b if b >= MIB && b.is_multiple_of(MIB) => format!("{} MiB", b / MIB),
+        b if b >= KIB && b.is_multiple_of(KIB) => format!("{} KiB", b / KIB),
+        b => format!("{b} bytes"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_for_humans() {
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(format_bytes(32 * MIB), "32 MiB");
+        assert_eq!(format_bytes(1 << 30), "1 GiB");
+        assert_eq!(format_bytes(1536 << 10), "1536 KiB");
+        assert_eq!(format_bytes(100), "100 bytes");
+    }
+}

@@ -1,0 +1,220 @@
+//! Per-store host state: the WASI and wasi:http contexts a guest sees, its memory limiter and
+//! its deadline. One `Host` per request (HTTP) or per run (commands).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::config::format_bytes;
+use crate::logs::{LogSink, LogStream};
+use crate::outbound::{OutboundHooks, OutboundPolicy};
+
+/// Bounds on the number of core instances, tables and memories one store may create. A
+/// wasm32-wasip2 component needs a handful of each; these leave room for composed components
+/// while stopping a pathological one from exhausting the pool on its own.
+const MAX_INSTANCES_PER_STORE: usize = 64;
+const MAX_TABLES_PER_STORE: usize = 64;
+const MAX_MEMORIES_PER_STORE: usize = 16;
+
+/// The validated, shareable part of an [`crate::InstanceConfig`].
+pub(crate) struct InstanceSettings {
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) args: Vec<String>,
+    pub(crate) memory_limit: usize,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) logs: LogSink,
+    pub(crate) outbound: Arc<dyn OutboundPolicy>,
+}
+
+pub(crate) struct Host {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    hooks: OutboundHooks,
+    limiter: MemoryLimiter,
+    deadline: Option<Instant>,
+    timed_out: bool,
+}
+
+impl Host {
+    /// Whether the epoch callback stopped the guest because its deadline passed.
+    pub(crate) fn timed_out(&self) -> bool {
+        self.timed_out
+    }
+
+    /// Whether the guest tried to grow a memory past its limit (and was trapped for it).
+    pub(crate) fn memory_exceeded(&self) -> bool {
+        self.limiter.exceeded
+    }
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// `StoreLimits` plus a record of whether the memory limit was hit. Growth past the limit traps
+/// instead of making `memory.grow` return -1: like a container's OOM kill, the outcome is then
+/// the same for every guest language, and the host can say why the request failed.
+struct MemoryLimiter {
+    limit: usize,
+    limits: StoreLimits,
+    exceeded: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.exceeded = true;
+            wasmtime::bail!(
+                "memory limit of {} exceeded (growing a linear memory to {})",
+                format_bytes(self.limit as u64),
+                format_bytes(desired as u64)
+            );
+        }
+        self.limits.memory_growing(current, desired, maximum)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+/// A fresh store granting exactly what `settings` says, with a deadline `timeout` from now.
+///
+/// Every store also gets an epoch callback: past the deadline it interrupts the guest (a trap
+/// the caller recognises through [`Host::timed_out`]); before it, it makes the guest yield to
+/// the executor once per epoch tick so a busy guest cannot monopolise a tokio worker.
+pub(crate) fn new_store(engine: &Engine, settings: &InstanceSettings) -> Store<Host> {
+    let mut wasi = WasiCtxBuilder::new();
+    wasi.envs(&settings.env)
+        .args(&settings.args)
+        .stdout(settings.logs.guest_output(LogStream::Stdout))
+        .stderr(settings.logs.guest_output(LogStream::Stderr))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+
+    let host = Host {
+        table: ResourceTable::new(),
+        wasi: wasi.build(),
+        http: WasiHttpCtx::new(),
+        hooks: OutboundHooks {
+            policy: settings.outbound.clone(),
+            logs: settings.logs.clone(),
+        },
+        limiter: MemoryLimiter {
+            limit: settings.memory_limit,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(settings.memory_limit)
+                .instances(MAX_INSTANCES_PER_STORE)
+                .tables(MAX_TABLES_PER_STORE)
+                .memories(MAX_MEMORIES_PER_STORE)
+                .build(),
+            exceeded: false,
+        },
+        deadline: settings.timeout.map(|t| Instant::now() + t),
+        timed_out: false,
+    };
+
+    let mut store = Store::new(engine, host);
+    store.limiter(|host| &mut host.limiter);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(|mut cx| {
+        let host = cx.data_mut();
+        match host.deadline {
+            Some(deadline) if Instant::now() >= deadline => {
+                host.timed_out = true;
+                Ok(UpdateDeadline::Interrupt)
+            }
+            _ => Ok(UpdateDeadline::Yield(1)),
+        }
+    });
+    store
+}
+
+/// How a guest's execution ended when it did not end normally.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    TimedOut,
+    OutOfMemory,
+    /// A wasm trap (panic, unreachable, stack overflow…); the message has the backtrace.
+    Trapped(String),
+    /// The instance pool is full: a capacity problem, not the guest's fault.
+    AtCapacity(String),
+    /// Anything else, e.g. a host error during instantiation.
+    Failed(String),
+}
+
+impl Failure {
+    /// Sorts an error out of a call into the guest, using what the store recorded.
+    pub(crate) fn classify(host: &Host, err: &wasmtime::Error) -> Failure {
+        if host.timed_out() {
+            Failure::TimedOut
+        } else if host.memory_exceeded() {
+            Failure::OutOfMemory
+        } else if err.is::<wasmtime::PoolConcurrencyLimitError>() {
+            Failure::AtCapacity(format!("{err:#}"))
+        } else if err.is::<wasmtime::Trap>() {
+            Failure::Trapped(format!("{err:?}"))
+        } else {
+            Failure::Failed(format!("{err:#}"))
+        }
+    }
+}
+
+/// Runs `fut` under `timeout`, if any; `None` when it ran out.
+///
+/// Running wasm is interrupted by the epoch callback; this timer catches guests blocked in
+/// host calls (on a clock, on a body), where no epoch check happens. It fires one `slack`
+/// after the epoch deadline so a running guest is reported through the trap path.
+pub(crate) async fn with_timeout<F: Future>(
+    timeout: Option<Duration>,
+    slack: Duration,
+    fut: F,
+) -> Option<F::Output> {
+    match timeout {
+        Some(timeout) => tokio::time::timeout(timeout + slack, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}

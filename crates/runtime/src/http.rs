@@ -1,0 +1,238 @@
+//! Serving HTTP requests with `wasi:http/proxy` components, as `wasmtime serve` does: the
+//! component is linked once, and every request gets a fresh store and instance, so nothing
+//! leaks between requests and a crash only fails its own request.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::oneshot;
+use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+
+use crate::config::{format_bytes, format_duration};
+use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
+use crate::runtime::Runtime;
+
+/// Body of the responses [`HttpService::handle`] returns: the guest's streaming body, or a
+/// short plain-text error.
+pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+
+/// A linked `wasi:http/proxy` component with its instance settings. Cheap to clone; share it
+/// across connections.
+#[derive(Clone)]
+pub struct HttpService {
+    inner: Arc<ServiceInner>,
+}
+
+struct ServiceInner {
+    runtime: Runtime,
+    digest: Arc<str>,
+    pre: ProxyPre<Host>,
+    settings: InstanceSettings,
+}
+
+impl std::fmt::Debug for HttpService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpService")
+            .field("digest", &self.inner.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+type GuestResponse = Result<http::Response<ResponseBody>, ErrorCode>;
+
+impl HttpService {
+    pub(crate) fn new(
+        runtime: Runtime,
+        digest: Arc<str>,
+        pre: ProxyPre<Host>,
+        settings: InstanceSettings,
+    ) -> HttpService {
+        HttpService {
+            inner: Arc::new(ServiceInner {
+                runtime,
+                digest,
+                pre,
+                settings,
+            }),
+        }
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.inner.digest
+    }
+
+    /// Runs one request in a fresh instance. Never fails: whatever goes wrong in the guest
+    /// becomes a plain-text 5xx (504 on timeout, 503 when the instance pool is full, 500
+    /// otherwise), is logged, and is written to the replica's logs.
+    ///
+    /// Bodies stream both ways. The guest keeps running in a background task after it sent
+    /// the response head, until it finishes the body or its timeout stops it.
+    pub async fn handle<B>(&self, req: http::Request<B>) -> http::Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let mut req = req;
+        // wasi:http requires an authority; a request straight from an HTTP/1 server has it only
+        // in `host`, and a synthetic one (health probes) may have neither.
+        if req.uri().authority().is_none() && !req.headers().contains_key(http::header::HOST) {
+            req.headers_mut()
+                .insert(http::header::HOST, HeaderValue::from_static("localhost"));
+        }
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.to_string());
+        let started = Instant::now();
+
+        let inner = &self.inner;
+        let mut store = new_store(inner.runtime.engine(), &inner.settings);
+        let (sender, receiver) = oneshot::channel::<GuestResponse>();
+        let resources = {
+            let mut http = store.data_mut().http();
+            http.new_incoming_request(Scheme::Http, req)
+                .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
+        };
+        let (guest_req, out) = match resources {
+            Ok(resources) => resources,
+            Err(e) => {
+                tracing::debug!(%method, %path, error = %format!("{e:#}"), "rejected request");
+                return error_response(StatusCode::BAD_REQUEST, "bad request");
+            }
+        };
+
+        let pre = inner.pre.clone();
+        let task = tokio::spawn({
+            let service = self.clone();
+            let method = method.clone();
+            let path = path.clone();
+            async move {
+                let result = async {
+                    let proxy = pre.instantiate_async(&mut store).await?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, guest_req, out)
+                        .await
+                };
+                let timeout = service.inner.settings.timeout;
+                let tick = service.inner.runtime.config().epoch_tick;
+                let failure = match with_timeout(timeout, tick, result).await {
+                    None => Some(Failure::TimedOut),
+                    Some(Ok(())) => None,
+                    Some(Err(e)) => Some(Failure::classify(store.data(), &e)),
+                };
+                if let Some(failure) = &failure {
+                    service.report(failure, &method, &path);
+                }
+                failure
+            }
+        });
+
+        let response = match receiver.await {
+            Ok(Ok(response)) => response,
+            Ok(Err(code)) => {
+                tracing::debug!(%method, %path, ?code, "guest answered with an error code");
+                error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("guest failed the request: {code:?}"),
+                )
+            }
+            // The guest dropped the response outparam: it finished or failed without
+            // answering. The task says which.
+            Err(_) => match task.await {
+                Ok(Some(failure)) => self.failure_response(&failure),
+                Ok(None) => {
+                    let message = "guest did not set a response";
+                    self.inner.settings.logs.push_system(format!(
+                        "{method} {path}: {message}"
+                    ));
+                    tracing::warn!(digest = %self.digest(), %method, %path, "{message}");
+                    error_response(StatusCode::INTERNAL_SERVER_ERROR, message)
+                }
+                Err(e) => {
+                    tracing::error!(digest = %self.digest(), %method, %path, error = %e, "request task failed");
+                    error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                }
+            },
+        };
+        tracing::debug!(
+            digest = %self.digest(),
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            elapsed = ?started.elapsed(),
+            "handled request"
+        );
+        response
+    }
+
+    fn failure_response(&self, failure: &Failure) -> http::Response<ResponseBody> {
+        let settings = &self.inner.settings;
+        match failure {
+            Failure::TimedOut => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                &format!(
+                    "guest timed out after {}",
+                    format_duration(settings.timeout.unwrap_or_default())
+                ),
+            ),
+            Failure::OutOfMemory => error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!(
+                    "guest exceeded its memory limit ({})",
+                    format_bytes(settings.memory_limit as u64)
+                ),
+            ),
+            Failure::Trapped(_) => {
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "guest trapped")
+            }
+            Failure::AtCapacity(_) => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no instance slot available on this node",
+            ),
+            Failure::Failed(_) => {
+                error_response(StatusCode::INTERNAL_SERVER_ERROR, "guest failed to run")
+            }
+        }
+    }
+
+    /// Logs a failed request with tracing and in the replica's log ring.
+    fn report(&self, failure: &Failure, method: &http::Method, path: &str) {
+        let settings = &self.inner.settings;
+        let digest = self.digest();
+        let line = match failure {
+            Failure::TimedOut => format!(
+                "{method} {path}: guest timed out after {}",
+                format_duration(settings.timeout.unwrap_or_default())
+            ),
+            Failure::OutOfMemory => format!(
+                "{method} {path}: guest exceeded its memory limit ({})",
+                format_bytes(settings.memory_limit as u64)
+            ),
+            Failure::Trapped(detail) => format!("{method} {path}: guest trapped: {detail}"),
+            Failure::AtCapacity(detail) => format!("{method} {path}: not started: {detail}"),
+            Failure::Failed(detail) => format!("{method} {path}: guest failed: {detail}"),
+        };
+        tracing::warn!(%digest, "{line}");
+        settings.logs.push_system(line);
+    }
+}
+
+pub(crate) fn error_response(status: StatusCode, message: &str) -> http::Response<ResponseBody> {
+    let body = Full::new(Bytes::from(format!("{message}\n")))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut response = http::Response::new(body);
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,33 @@
+//! The wasmtime embedding of a Shoal node: one engine per node, components compiled once per
+//! digest (and cached on disk across restarts), and a fresh sandboxed instance per HTTP request
+//! or command run, with memory limits, timeouts and captured stdout/stderr.
+//!
+//! A pure library: it serves no network itself. The gateway feeds requests to
+//! [`HttpService::handle`]; the agent runs jobs with [`Command::run`].
+//!
+//! **Architecture Invariant:** a guest gets only what its [`InstanceConfig`] grants — its env
+//! vars and args, stdout/stderr into a [`LogSink`], outgoing HTTP through an
+//! [`OutboundPolicy`] (deny-all by default). No files, no sockets, nothing inherited from the
+//! node.
+
+mod cache;
+mod command;
+mod config;
+mod error;
+mod host;
+mod http;
+mod logs;
+mod outbound;
+mod runtime;
+
+pub use command::{Command, ExitStatus};
+pub use config::{InstanceConfig, RuntimeConfig};
+pub use error::RuntimeError;
+pub use http::{HttpService, ResponseBody};
+pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
+pub use outbound::{DenyAll, OutboundPolicy};
+pub use runtime::{LoadSource, Loaded, Runtime};
+
+/// Types an [`OutboundPolicy`] works with, re-exported so implementors need not depend on
+/// wasmtime-wasi-http directly.
+pub use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody};

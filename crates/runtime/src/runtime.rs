@@ -1,0 +1,459 @@
+//! The node's one wasmtime engine: configuration, epoch ticker, compilation (memory and disk
+//! caches), and the linker every component is linked against.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::OnceCell;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::cache;
+use crate::command::Command;
+use crate::config::{InstanceConfig, RuntimeConfig, format_bytes};
+use crate::error::RuntimeError;
+use crate::host::{Host, InstanceSettings};
+use crate::http::HttpService;
+
+/// Pool slots reserved per instance of a component. A wasm32-wasip2 component instantiates
+/// about 3 core modules with 1 memory and 2 tables; the slack covers composed components.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+const MEMORIES_PER_COMPONENT: u32 = 2;
+const TABLES_PER_COMPONENT: u32 = 4;
+
+/// Guard region after (and before) each linear memory. Memories here are smaller than 4 GiB,
+/// so bounds checks stay; the guard lets Cranelift fold checks for small static offsets.
+const MEMORY_GUARD_BYTES: u64 = 4 << 20;
+
+const WASM_PAGE: u64 = 64 << 10;
+
+/// Handle to the node's wasmtime engine. Cheap to clone; the epoch ticker runs until the last
+/// clone — including those held by [`HttpService`]s and [`Command`]s — is dropped.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<Host>,
+    config: RuntimeConfig,
+    /// `cache_dir/<engine compatibility hash>`.
+    artifact_dir: PathBuf,
+    components: Mutex<HashMap<String, Arc<OnceCell<Component>>>>,
+    ticker: EpochTicker,
+}
+
+impl Drop for RuntimeInner {
+    fn drop(&mut self) {
+        self.ticker.stop();
+    }
+}
+
+/// Where [`Runtime::load`] found a component; for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoadSource {
+    /// Already loaded by this runtime (or being loaded by a concurrent call).
+    Memory,
+    /// Precompiled artifact from an earlier run, deserialized without compiling.
+    DiskCache,
+    /// Compiled now from the `.wasm`.
+    Compiled,
+}
+
+impl std::fmt::Display for LoadSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LoadSource::Memory => "memory",
+            LoadSource::DiskCache => "disk cache",
+            LoadSource::Compiled => "compiled",
+        })
+    }
+}
+
+/// A compiled component, ready to be turned into an [`HttpService`] or a [`Command`]. Cheap to
+/// clone (the compiled code is shared).
+#[derive(Clone)]
+pub struct Loaded {
+    component: Component,
+    digest: Arc<str>,
+    source: LoadSource,
+    elapsed: Duration,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("digest", &self.digest)
+            .field("source", &self.source)
+            .field("elapsed", &self.elapsed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loaded {
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    pub fn source(&self) -> LoadSource {
+        self.source
+    }
+
+    /// Time `load` took, compile or deserialize included.
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// Names of the component's exports, e.g. `wasi:http/incoming-handler@0.2.0`.
+    pub fn exports(&self) -> Vec<String> {
+        let engine = self.component.engine();
+        self.component
+            .component_type()
+            .exports(engine)
+            .map(|(name, _)| name.to_string())
+            .collect()
+    }
+
+    fn exports_list(&self) -> String {
+        let exports = self.exports();
+        if exports.is_empty() {
+            "nothing".to_string()
+        } else {
+            exports.join(", ")
+        }
+    }
+
+    fn exports_interface(&self, prefix: &str) -> bool {
+        self.exports().iter().any(|name| name.starts_with(prefix))
+    }
+}
+
+impl Runtime {
+    /// Creates the engine (component model, async, pooling allocator sized from `config`,
+    /// epoch interruption), the shared linker, the cache directory and the epoch ticker.
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let engine_config = engine_config(&config)?;
+        let engine =
+            Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .map_err(|e| RuntimeError::Engine(format!("cannot set up the WASI linker: {e:#}")))?;
+
+        let artifact_dir = config.cache_dir.join(cache::engine_dir_name(&engine));
+        std::fs::create_dir_all(&artifact_dir).map_err(|source| RuntimeError::CacheDir {
+            path: artifact_dir.clone(),
+            source,
+        })?;
+
+        let ticker = EpochTicker::spawn(engine.clone(), config.epoch_tick)?;
+        tracing::info!(
+            cache = %artifact_dir.display(),
+            max_instances = config.max_instances,
+            max_memory = %format_bytes(config.max_memory_bytes),
+            epoch_tick = ?config.epoch_tick,
+            "wasmtime engine ready"
+        );
+        Ok(Runtime {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                config,
+                artifact_dir,
+                components: Mutex::new(HashMap::new()),
+                ticker,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.config
+    }
+
+    /// The directory holding this engine's precompiled artifacts.
+    pub fn artifact_dir(&self) -> &Path {
+        &self.inner.artifact_dir
+    }
+
+    /// The compiled component for `digest`, compiling `wasm_path` only if neither memory nor
+    /// the disk cache has it. Concurrent calls for one digest share a single compilation.
+    /// The caller vouches that `wasm_path` holds the bytes `digest` names.
+    pub async fn load(&self, digest: &str, wasm_path: &Path) -> Result<Loaded, RuntimeError> {
+        let started = Instant::now();
+        let cell = {
+            let mut components = lock(&self.inner.components);
+            components.entry(digest.to_string()).or_default().clone()
+        };
+
+        let mut source = LoadSource::Memory;
+        let component = cell
+            .get_or_try_init(|| async {
+                let (component, from) = self.load_uncached(digest, wasm_path).await?;
+                source = from;
+                Ok::<_, RuntimeError>(component)
+            })
+            .await?
+            .clone();
+
+        let elapsed = started.elapsed();
+        if source != LoadSource::Memory {
+            tracing::info!(%digest, %source, ?elapsed, "component loaded");
+        }
+        Ok(Loaded {
+            component,
+            digest: digest.into(),
+            source,
+            elapsed,
+        })
+    }
+
+    /// Forgets the in-memory copy of `digest` (services built from it keep working); the disk
+    /// artifact stays. Returns whether it was loaded.
+    pub fn evict(&self, digest: &str) -> bool {
+        lock(&self.inner.components).remove(digest).is_some()
+    }
+
+    async fn load_uncached(
+        &self,
+        digest: &str,
+        wasm_path: &Path,
+    ) -> Result<(Component, LoadSource), RuntimeError> {
+        let engine = self.inner.engine.clone();
+        let artifact = cache::artifact_path(&self.inner.artifact_dir, digest);
+        let digest = digest.to_string();
+        let wasm_path = wasm_path.to_path_buf();
+        tokio::task::spawn_blocking(move || load_blocking(&engine, &artifact, &digest, &wasm_path))
+            .await
+            .map_err(|e| RuntimeError::Internal(format!("compilation task failed: {e}")))?
+    }
+
+    /// An HTTP service for `loaded`: links it once, then serves each request with a fresh
+    /// instance. Fails if the component is not a `wasi:http/proxy` or needs imports Shoal
+    /// does not provide.
+    pub fn http_service(
+        &self,
+        loaded: &Loaded,
+        cfg: InstanceConfig,
+    ) -> Result<HttpService, RuntimeError> {
+        if !loaded.exports_interface("wasi:http/incoming-handler@0.2") {
+            return Err(RuntimeError::NotHttp {
+                digest: loaded.digest().to_string(),
+                exports: loaded.exports_list(),
+            });
+        }
+        let settings = self.settings(loaded, cfg)?;
+        let pre = self.instantiate_pre(loaded)?;
+        let pre = wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre)
+            .map_err(|e| link_error(loaded, &e))?;
+        Ok(HttpService::new(
+            self.clone(),
+            loaded.digest.clone(),
+            pre,
+            settings,
+        ))
+    }
+
+    /// A runnable `wasi:cli/command` for `loaded` (jobs and daemons).
+    pub fn command(&self, loaded: &Loaded, cfg: InstanceConfig) -> Result<Command, RuntimeError> {
+        if !loaded.exports_interface("wasi:cli/run@0.2") {
+            return Err(RuntimeError::NotCommand {
+                digest: loaded.digest().to_string(),
+                exports: loaded.exports_list(),
+            });
+        }
+        let settings = self.settings(loaded, cfg)?;
+        let pre = self.instantiate_pre(loaded)?;
+        let pre = wasmtime_wasi::p2::bindings::CommandPre::new(pre)
+            .map_err(|e| link_error(loaded, &e))?;
+        Ok(Command::new(
+            self.clone(),
+            loaded.digest.clone(),
+            pre,
+            settings,
+        ))
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    fn instantiate_pre(
+        &self,
+        loaded: &Loaded,
+    ) -> Result<wasmtime::component::InstancePre<Host>, RuntimeError> {
+        self.inner
+            .linker
+            .instantiate_pre(&loaded.component)
+            .map_err(|e| link_error(loaded, &e))
+    }
+
+    fn settings(
+        &self,
+        loaded: &Loaded,
+        cfg: InstanceConfig,
+    ) -> Result<InstanceSettings, RuntimeError> {
+        let max = self.inner.config.max_memory_bytes;
+        let invalid = |message: String| RuntimeError::Instance {
+            digest: loaded.digest().to_string(),
+            message,
+        };
+        if cfg.memory_limit == 0 {
+            return Err(invalid("the memory limit must be greater than 0".into()));
+        }
+        if cfg.memory_limit > max {
+            return Err(invalid(format!(
+                "memory limit {} exceeds this node's per-instance maximum of {}",
+                format_bytes(cfg.memory_limit),
+                format_bytes(max)
+            )));
+        }
+        if cfg.timeout == Some(Duration::ZERO) {
+            return Err(invalid("the timeout must be greater than 0".into()));
+        }
+        Ok(InstanceSettings {
+            env: cfg.env,
+            args: cfg.args,
+            memory_limit: usize::try_from(cfg.memory_limit)
+                .map_err(|_| invalid("memory limit too large for this host".into()))?,
+            timeout: cfg.timeout,
+            logs: cfg.logs,
+            outbound: cfg.outbound,
+        })
+    }
+}
+
+fn link_error(loaded: &Loaded, err: &wasmtime::Error) -> RuntimeError {
+    RuntimeError::Link {
+        digest: loaded.digest().to_string(),
+        message: format!("{err:#}"),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Disk cache first; on a miss (or an unusable file) compile and store the artifact.
+fn load_blocking(
+    engine: &Engine,
+    artifact: &Path,
+    digest: &str,
+    wasm_path: &Path,
+) -> Result<(Component, LoadSource), RuntimeError> {
+    match cache::read(engine, artifact, digest) {
+        Ok(Some(component)) => return Ok((component, LoadSource::DiskCache)),
+        Ok(None) => {}
+        Err(reason) => tracing::warn!(
+            %digest,
+            path = %artifact.display(),
+            %reason,
+            "ignoring cached artifact; recompiling"
+        ),
+    }
+
+    let wasm = std::fs::read(wasm_path).map_err(|source| RuntimeError::ReadWasm {
+        digest: digest.to_string(),
+        path: wasm_path.to_path_buf(),
+        source,
+    })?;
+    let compile_error = |e: wasmtime::Error| RuntimeError::Compile {
+        digest: digest.to_string(),
+        message: format!("{e:#}"),
+    };
+    let started = Instant::now();
+    let component = Component::from_binary(engine, &wasm).map_err(compile_error)?;
+    tracing::debug!(%digest, elapsed = ?started.elapsed(), bytes = wasm.len(), "compiled component");
+
+    // A failed cache write costs a recompile after restart, nothing more.
+    match component.serialize() {
+        Ok(artifact_bytes) => {
+            if let Err(e) = cache::write(artifact, digest, &artifact_bytes) {
+                tracing::warn!(%digest, path = %artifact.display(), error = %e, "cannot write compiled artifact to the cache");
+            }
+        }
+        Err(e) => tracing::warn!(%digest, error = %format!("{e:#}"), "cannot serialize compiled component"),
+    }
+    Ok((component, LoadSource::Compiled))
+}
+
+fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeError> {
+    if config.max_instances == 0 {
+        return Err(RuntimeError::Config("max_instances must be at least 1".into()));
+    }
+    if config.max_memory_bytes < WASM_PAGE || config.max_memory_bytes > 1 << 32 {
+        return Err(RuntimeError::Config(format!(
+            "max_memory_bytes must be between 64 KiB and 4 GiB, not {}",
+            format_bytes(config.max_memory_bytes)
+        )));
+    }
+    if config.epoch_tick.is_zero() {
+        return Err(RuntimeError::Config("epoch_tick must be greater than 0".into()));
+    }
+
+    // Each memory slot reserves exactly the largest memory allowed (rounded to wasm pages),
+    // instead of wasmtime's 4 GiB default: with 1000 instances that is ~1 TiB of address space
+    // rather than ~8 TiB, and memories can still grow in place up to the cap.
+    let max_memory = config.max_memory_bytes.div_ceil(WASM_PAGE) * WASM_PAGE;
+    let max_memory_usize = usize::try_from(max_memory)
+        .map_err(|_| RuntimeError::Config("max_memory_bytes too large for this host".into()))?;
+    let n = config.max_instances;
+
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
+        .total_memories(n.saturating_mul(MEMORIES_PER_COMPONENT))
+        .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
+        .total_stacks(n)
+        .max_memory_size(max_memory_usize);
+
+    let mut c = wasmtime::Config::new();
+    c.wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_reservation(max_memory)
+        .memory_guard_size(MEMORY_GUARD_BYTES)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Ok(c)
+}
+
+/// Thread advancing the engine's epoch every tick: the clock for deadlines and time slices.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn spawn(engine: Engine, tick: Duration) -> Result<EpochTicker, RuntimeError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name("shoal-epoch".into())
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    while !stop.load(Ordering::Acquire) {
+                        std::thread::park_timeout(tick);
+                        engine.increment_epoch();
+                    }
+                }
+            })
+            .map_err(|e| RuntimeError::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(EpochTicker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            thread.thread().unpark();
+            // The thread only sleeps a tick at a time: joining is quick.
+            let _ = thread.join();
+        }
+    }
+}

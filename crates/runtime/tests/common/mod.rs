@@ -1,0 +1,61 @@
+//! Helpers shared by the integration tests: a runtime on a private cache dir, loading the
+//! fixture components, and building/reading HTTP messages.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use sha2::{Digest, Sha256};
+use shoal_runtime::{InstanceConfig, Loaded, ResponseBody, Runtime, RuntimeConfig};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A runtime with a small pool, so parallel tests do not reserve terabytes of address space.
+pub fn runtime(cache_dir: &Path) -> Runtime {
+    let mut config = RuntimeConfig::new(cache_dir);
+    config.max_instances = 64;
+    config.max_memory_bytes = 256 * MIB;
+    Runtime::new(config).expect("runtime starts")
+}
+
+/// `sha256:<hex>` of a file, as the control plane names modules.
+pub fn digest_of(path: &str) -> String {
+    let bytes = shoal_fixtures::read(path);
+    format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))
+}
+
+pub async fn load(runtime: &Runtime, path: &str) -> Loaded {
+    runtime
+        .load(&digest_of(path), Path::new(path))
+        .await
+        .expect("fixture loads")
+}
+
+pub fn config() -> InstanceConfig {
+    InstanceConfig {
+        memory_limit: 64 * MIB,
+        ..InstanceConfig::default()
+    }
+}
+
+pub fn get(path: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get(path)
+        .header("host", "test.local")
+        .body(Empty::new())
+        .expect("valid request")
+}
+
+pub async fn body_bytes(response: http::Response<ResponseBody>) -> Bytes {
+    response
+        .into_body()
+        .collect()
+        .await
+        .expect("body streams without error")
+        .to_bytes()
+}
+
+pub async fn body_text(response: http::Response<ResponseBody>) -> String {
+    String::from_utf8(body_bytes(response).await.to_vec()).expect("utf-8 body")
+}

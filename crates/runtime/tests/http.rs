@@ -1,0 +1,347 @@
+//! HTTP components end to end: the `hello` and `faulty` fixtures served through
+//! `HttpService::handle`, including every way a guest can misbehave.
+
+mod common;
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use futures::SinkExt;
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use sha2::{Digest, Sha256};
+use shoal_runtime::{HttpService, InstanceConfig, LogSink, LogStream};
+
+async fn service(path: &str, cfg: InstanceConfig) -> (tempfile::TempDir, HttpService) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let loaded = load(&runtime, path).await;
+    let service = runtime.http_service(&loaded, cfg).expect("http service");
+    (dir, service)
+}
+
+fn log_texts(logs: &LogSink) -> Vec<String> {
+    logs.lines(0).0.into_iter().map(|l| l.line).collect()
+}
+
+#[tokio::test]
+async fn hello_answers_and_logs_each_request() {
+    let logs = LogSink::new(100);
+    let cfg = InstanceConfig {
+        logs: logs.clone(),
+        ..config()
+    };
+    let (_dir, hello) = service(shoal_fixtures::HELLO_WASM, cfg).await;
+
+    let response = hello.handle(get("/hello?x=1")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/plain");
+    assert_eq!(body_text(response).await, "Hello from Shoal!\n");
+
+    // A request with no authority at all (a synthetic probe) is still served.
+    let bare = http::Request::get("/healthz").body(Empty::<Bytes>::new()).unwrap();
+    assert_eq!(hello.handle(bare).await.status(), 200);
+
+    let (lines, cursor) = logs.lines(0);
+    let texts: Vec<_> = lines.iter().map(|l| l.line.as_str()).collect();
+    assert_eq!(texts, ["hello: GET /hello?x=1", "hello: GET /healthz"]);
+    assert!(lines.iter().all(|l| l.stream == LogStream::Stdout));
+    assert_eq!(cursor, 2);
+}
+
+#[tokio::test]
+async fn greeting_comes_from_the_granted_env() {
+    let cfg = InstanceConfig {
+        env: vec![("GREETING".into(), "Ahoy".into())],
+        ..config()
+    };
+    let (_dir, hello) = service(shoal_fixtures::HELLO_WASM, cfg).await;
+    assert_eq!(body_text(hello.handle(get("/")).await).await, "Ahoy\n");
+}
+
+#[tokio::test]
+async fn a_trap_fails_only_its_own_request() {
+    let logs = LogSink::new(100);
+    let cfg = InstanceConfig {
+        logs: logs.clone(),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+
+    let response = faulty.handle(get("/faulty/trap")).await;
+    assert_eq!(response.status(), 500);
+    assert_eq!(body_text(response).await, "guest trapped\n");
+
+    let texts = log_texts(&logs);
+    assert!(
+        texts.iter().any(|l| l.contains("faulty: trap requested")),
+        "the guest's panic message is captured: {texts:?}"
+    );
+    assert!(
+        texts
+            .iter()
+            .any(|l| l.starts_with("[shoal] GET /faulty/trap: guest trapped")),
+        "the runtime records the trap: {texts:?}"
+    );
+
+    let response = faulty.handle(get("/faulty/status/201")).await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(body_text(response).await, "status 201");
+}
+
+/// `faulty` with the given timeout and `hello`, on one runtime.
+async fn faulty_and_hello(timeout: Duration) -> (tempfile::TempDir, HttpService, HttpService) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let faulty = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    let hello = load(&runtime, shoal_fixtures::HELLO_WASM).await;
+    let faulty = runtime
+        .http_service(
+            &faulty,
+            InstanceConfig {
+                timeout: Some(timeout),
+                ..config()
+            },
+        )
+        .unwrap();
+    let hello = runtime.http_service(&hello, config()).unwrap();
+    (dir, faulty, hello)
+}
+
+async fn hello_latency(hello: &HttpService) -> Duration {
+    let sent = Instant::now();
+    let response = hello.handle(get("/hello")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(body_text(response).await, "Hello from Shoal!\n");
+    sent.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_runaway_guest_times_out_while_others_are_served() {
+    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let looping = tokio::spawn(async move {
+        let response = faulty.handle(get("/loop")).await;
+        (started.elapsed(), response)
+    });
+
+    for _ in 0..20 {
+        let latency = hello_latency(&hello).await;
+        assert!(
+            latency < Duration::from_millis(250),
+            "hello took {latency:?} while /loop was running"
+        );
+    }
+    assert!(
+        !looping.is_finished(),
+        "the hello requests were served while /loop was still spinning"
+    );
+
+    let (elapsed, response) = looping.await.unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(body_text(response).await, "guest timed out after 1s\n");
+    assert!(
+        elapsed >= Duration::from_secs(1) && elapsed < Duration::from_millis(2500),
+        "/loop stopped after {elapsed:?}"
+    );
+}
+
+/// With a single executor thread, `hello` can only be served while `/loop` spins if the
+/// looping guest yields at every epoch tick. Each hand-off between the two costs up to a tick,
+/// so this checks that hello completes, not that it is fast.
+#[tokio::test(flavor = "current_thread")]
+async fn a_runaway_guest_yields_its_thread() {
+    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(3)).await;
+
+    let looping = tokio::spawn(async move { faulty.handle(get("/loop")).await.status() });
+    let latency = hello_latency(&hello).await;
+    assert!(
+        !looping.is_finished(),
+        "hello was served while /loop was still spinning"
+    );
+    assert!(latency < Duration::from_secs(2), "hello took {latency:?}");
+    assert_eq!(looping.await.unwrap(), 504);
+}
+
+#[tokio::test]
+async fn a_guest_blocked_in_the_host_times_out_too() {
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_millis(500)),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+
+    let started = Instant::now();
+    let response = faulty.handle(get("/sleep/60000")).await;
+    let elapsed = started.elapsed();
+    assert_eq!(response.status(), 504);
+    assert_eq!(body_text(response).await, "guest timed out after 500ms\n");
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+
+    // Within its deadline the same call succeeds.
+    let response = faulty.handle(get("/sleep/10")).await;
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn exceeding_the_memory_limit_fails_the_request() {
+    let logs = LogSink::new(100);
+    let cfg = InstanceConfig {
+        memory_limit: 32 * MIB,
+        logs: logs.clone(),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+
+    let response = faulty.handle(get("/oom")).await;
+    assert_eq!(response.status(), 500);
+    assert_eq!(
+        body_text(response).await,
+        "guest exceeded its memory limit (32 MiB)\n"
+    );
+    assert!(
+        log_texts(&logs)
+            .iter()
+            .any(|l| l == "[shoal] GET /oom: guest exceeded its memory limit (32 MiB)"),
+        "{:?}",
+        log_texts(&logs)
+    );
+
+    // The next instance starts from a fresh memory.
+    for _ in 0..3 {
+        let response = faulty.handle(get("/status/200")).await;
+        assert_eq!(response.status(), 200);
+    }
+}
+
+#[tokio::test]
+async fn echo_streams_a_large_body_both_ways() {
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 128; // 8 MiB
+
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    let (mut upload, frames) =
+        futures::channel::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = http::Request::post("/faulty/echo")
+        .header("host", "test.local")
+        .body(StreamBody::new(frames))
+        .unwrap();
+
+    // The guest answers before reading the body, so the head arrives with nothing uploaded.
+    let response = faulty.handle(request).await;
+    assert_eq!(response.status(), 200);
+    let mut download = response.into_body();
+
+    let mut sent = Sha256::new();
+    let mut received = Sha256::new();
+    let mut received_len = 0;
+    for i in 0..CHUNKS {
+        let chunk: Vec<u8> = (0..CHUNK).map(|j| (i * 31 + j * 7) as u8).collect();
+        sent.update(&chunk);
+        upload.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+        // Each chunk comes back before the next one is sent: nothing is buffered whole.
+        while received_len < (i + 1) * CHUNK {
+            let frame = download
+                .frame()
+                .await
+                .expect("body continues")
+                .expect("no body error");
+            if let Ok(data) = frame.into_data() {
+                received.update(&data);
+                received_len += data.len();
+            }
+        }
+    }
+    drop(upload);
+    while let Some(frame) = download.frame().await {
+        if let Ok(data) = frame.expect("no body error").into_data() {
+            received.update(&data);
+            received_len += data.len();
+        }
+    }
+    assert_eq!(received_len, CHUNK * CHUNKS);
+    assert_eq!(received.finalize(), sent.finalize());
+}
+
+#[tokio::test]
+async fn status_codes_pass_through() {
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    let response = faulty.handle(get("/status/418")).await;
+    assert_eq!(response.status(), 418);
+    assert_eq!(body_text(response).await, "status 418");
+}
+
+#[tokio::test]
+async fn the_filesystem_is_not_reachable() {
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    let response = faulty.handle(get("/fs")).await;
+    assert_eq!(response.status(), 200);
+    let body = body_text(response).await;
+    assert!(body.contains("read /etc/passwd: denied"), "{body}");
+    assert!(body.contains("list /: denied"), "{body}");
+}
+
+#[tokio::test]
+async fn outbound_http_is_denied_by_default() {
+    let logs = LogSink::new(100);
+    let cfg = InstanceConfig {
+        logs: logs.clone(),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+    let response = faulty.handle(get("/net")).await;
+    assert_eq!(response.status(), 200);
+    let body = body_text(response).await;
+    assert!(body.starts_with("denied"), "{body}");
+    assert!(
+        log_texts(&logs)
+            .iter()
+            .any(|l| l == "[shoal] outbound request denied: GET http://example.com/"),
+        "{:?}",
+        log_texts(&logs)
+    );
+}
+
+#[tokio::test]
+async fn only_granted_env_vars_are_visible() {
+    assert!(std::env::var_os("PATH").is_some(), "the host has PATH set");
+    let (_dir, plain) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    assert_eq!(plain.handle(get("/env/SECRET")).await.status(), 404);
+    assert_eq!(plain.handle(get("/env/PATH")).await.status(), 404);
+
+    let cfg = InstanceConfig {
+        env: vec![("SECRET".into(), "s3cret".into())],
+        ..config()
+    };
+    let (_dir, granted) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+    let response = granted.handle(get("/env/SECRET")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(body_text(response).await, "s3cret");
+}
+
+#[tokio::test]
+async fn request_headers_reach_the_guest() {
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    let request = http::Request::get("/headers")
+        .header("host", "test.local")
+        .header("x-shoal-test", "yes")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let body = body_text(faulty.handle(request).await).await;
+    assert!(body.contains("x-shoal-test: yes"), "{body}");
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_separate_instances() {
+    let (_dir, hello) = service(shoal_fixtures::HELLO_WASM, config()).await;
+    let requests = (0..32).map(|_| {
+        let hello = hello.clone();
+        tokio::spawn(async move { body_text(hello.handle(get("/")).await).await })
+    });
+    for body in futures::future::join_all(requests).await {
+        assert_eq!(body.unwrap(), "Hello from Shoal!\n");
+    }
+}
