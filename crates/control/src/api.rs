@@ -1,0 +1,341 @@
+//! The `/v1` HTTP API. Handlers parse, call [`ControlPlane`], and map errors;
+//! they hold no logic of their own.
+
+use crate::error::ApiError;
+use crate::state::{ControlPlane, blocking};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use shoal_core::objects::keys;
+use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
+use shoal_core::{Module, Replica};
+use shoal_store::BlobError;
+
+pub fn router(cp: ControlPlane) -> Router {
+    let authed = Router::new()
+        .route("/v1/modules", post(upload_module).get(list_modules))
+        .route("/v1/modules/{digest}", get(get_module))
+        .route("/v1/apps", post(apply).get(list_apps))
+        .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
+        .route("/v1/apps/{name}/logs", get(logs))
+        .route("/v1/replicas", get(list_replicas))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/events", get(list_events))
+        .layer(DefaultBodyLimit::max(4 << 20))
+        .route_layer(middleware::from_fn_with_state(cp.clone(), require_token));
+    Router::new()
+        .route("/v1/healthz", get(|| async { "ok\n" }))
+        .merge(authed)
+        .fallback(|| async {
+            ApiError::not_found("no such API endpoint; see the README for the /v1 API")
+        })
+        .layer(middleware::from_fn(trace))
+        .with_state(cp)
+}
+
+/// A span per API request, with method and path.
+async fn trace(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!("api", method = %req.method(), path = %req.uri().path());
+    async move {
+        let resp = next.run(req).await;
+        tracing::debug!(status = resp.status().as_u16(), "done");
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if constant_time_eq(t.as_bytes(), cp.config().token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing token: send `Authorization: Bearer <token>` (the token is in the data dir's `token` file)",
+        )
+        .into_response(),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len()
+        && !b.is_empty()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct NsQuery {
+    namespace: Option<String>,
+}
+
+impl NsQuery {
+    fn key(&self, name: String) -> AppKey {
+        AppKey {
+            namespace: self
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            name,
+        }
+    }
+}
+
+async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<Response, ApiError> {
+    let limit = cp.config().max_module_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "module is larger than the {limit}-byte limit (set --max-module-size on the server to raise it)"
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(too_large());
+    }
+    let stream = req.into_body().into_data_stream().boxed();
+    let put = cp
+        .blobs()
+        .put_stream(stream, limit)
+        .await
+        .map_err(|e| match e {
+            BlobError::TooLarge { .. } => too_large(),
+            other => ApiError::internal(other),
+        })?;
+    let cp2 = cp.clone();
+    let digest = put.digest.clone();
+    let (module, existed) =
+        blocking(move || cp2.register_module(&digest, put.size, put.existed)).await?;
+    let status = if existed {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((
+        status,
+        Json(serde_json::json!({ "module": module, "existed": existed })),
+    )
+        .into_response())
+}
+
+async fn list_modules(State(cp): State<ControlPlane>) -> Result<Json<Vec<Module>>, ApiError> {
+    blocking(move || cp.list::<Module>(keys::MODULES))
+        .await
+        .map(Json)
+}
+
+async fn get_module(
+    State(cp): State<ControlPlane>,
+    Path(digest): Path<String>,
+) -> Result<Json<Module>, ApiError> {
+    blocking(move || {
+        cp.get::<Module>(&keys::module(&digest))?
+            .map(|(m, _)| m)
+            .ok_or_else(|| ApiError::not_found(format!("module {digest} has not been uploaded")))
+    })
+    .await
+    .map(Json)
+}
+
+#[derive(Deserialize)]
+struct ApplyQuery {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn apply(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<ApplyQuery>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let spec: AppSpec = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_spec",
+            format!("app spec is not valid JSON for an app: {e}"),
+        )
+    })?;
+    let result = blocking(move || cp.apply(spec, q.dry_run)).await?;
+    let status = if result.outcome == crate::ApplyOutcome::Created && !result.dry_run {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(result)).into_response())
+}
+
+async fn list_apps(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.summaries(q.namespace.as_deref()))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+async fn describe_app(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let key = q.key(name);
+    blocking(move || cp.describe(&key))
+        .await
+        .map(|d| Json(d).into_response())
+}
+
+async fn delete_app(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let key = q.key(name);
+    let k2 = key.clone();
+    blocking(move || cp.delete_app(&k2)).await?;
+    Ok(Json(serde_json::json!({ "deleted": key.to_string() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ReplicaQuery {
+    namespace: Option<String>,
+    app: Option<String>,
+}
+
+async fn list_replicas(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<ReplicaQuery>,
+) -> Result<Json<Vec<Replica>>, ApiError> {
+    blocking(move || {
+        let prefix = match (&q.namespace, &q.app) {
+            (ns, Some(app)) => keys::replicas_of(&AppKey::new(
+                ns.as_deref().unwrap_or(DEFAULT_NAMESPACE),
+                app,
+            )),
+            (Some(ns), None) => format!("{}{ns}/", keys::REPLICAS),
+            (None, None) => keys::REPLICAS.to_string(),
+        };
+        cp.list::<Replica>(&prefix)
+    })
+    .await
+    .map(Json)
+}
+
+async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.node_summaries())
+        .await
+        .map(|n| Json(n).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    namespace: Option<String>,
+    app: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_events(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<EventQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || {
+        let key = q
+            .app
+            .map(|a| AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &a));
+        cp.events(key.as_ref(), q.limit.unwrap_or(100))
+    })
+    .await
+    .map(|e| Json(e).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    namespace: Option<String>,
+    #[serde(default)]
+    follow: bool,
+    tail: Option<usize>,
+}
+
+/// Guest output as text lines `<replica> <stream> <line>`; with `follow`,
+/// the response stays open and streams new lines.
+async fn logs(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
+    let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    let k2 = key.clone();
+    let cp2 = cp.clone();
+    blocking(move || cp2.app(&k2)).await?;
+    let sinks = cp.log_source().map(|s| s.logs(&key)).unwrap_or_default();
+    let tail = q.tail.unwrap_or(usize::MAX);
+    let mut text = String::new();
+    let mut cursors = Vec::new();
+    for (replica, sink) in &sinks {
+        let (lines, next) = sink.lines(0);
+        let skip = lines.len().saturating_sub(tail);
+        for l in &lines[skip..] {
+            text.push_str(&format!("{replica} {} {}\n", stream_name(l.stream), l.line));
+        }
+        cursors.push(next);
+    }
+    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow {
+        return Ok((headers, text).into_response());
+    }
+    let sinks_empty = sinks.is_empty();
+    let first = futures::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(text))
+    });
+    let follow = futures::stream::unfold((sinks, cursors), |(sinks, mut cursors)| async move {
+        loop {
+            let waits = sinks
+                .iter()
+                .zip(&cursors)
+                .map(|((_, s), c)| Box::pin(s.wait_for(*c)));
+            futures::future::select_all(waits).await;
+            let mut out = String::new();
+            for (i, (replica, sink)) in sinks.iter().enumerate() {
+                let (lines, next) = sink.lines(cursors[i]);
+                for l in lines {
+                    out.push_str(&format!("{replica} {} {}\n", stream_name(l.stream), l.line));
+                }
+                cursors[i] = next;
+            }
+            if !out.is_empty() {
+                return Some((Ok(bytes::Bytes::from(out)), (sinks, cursors)));
+            }
+        }
+    });
+    // With no replicas there is nothing to follow.
+    let body = if sinks_empty {
+        Body::from_stream(first)
+    } else {
+        Body::from_stream(first.chain(follow))
+    };
+    Ok((headers, body).into_response())
+}
+
+fn stream_name(s: shoal_runtime::LogStream) -> &'static str {
+    match s {
+        shoal_runtime::LogStream::Stdout => "stdout",
+        shoal_runtime::LogStream::Stderr => "stderr",
+    }
+}

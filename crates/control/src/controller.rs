@@ -1,0 +1,276 @@
+//! The controller: apps → replicas → nodes. Level-triggered: on any change
+//! (or every second) it reads the whole state, asks the pure functions in
+//! `shoal-scheduler` what to do, and writes the result in one transaction
+//! guarded by the revisions it read, so a concurrent write makes it retry
+//! instead of clobbering.
+
+use crate::error::ApiError;
+use crate::state::{ControlPlane, blocking, encode, now_ms};
+use shoal_core::objects::keys;
+use shoal_core::spec::AppKey;
+use shoal_core::{App, Capacity, EventType, Node, NodeState, Phase, Replica, Revision};
+use shoal_scheduler::{NodeInfo, Strategy, place, reconcile};
+use shoal_store::{Op, Txn};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use tracing::Instrument;
+
+impl ControlPlane {
+    /// Runs the controller until the process ends.
+    pub async fn run_controller(self) {
+        let mut watcher = match self.store().watch("/", self.store().revision() + 1) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "controller cannot watch the store");
+                return;
+            }
+        };
+        loop {
+            let cp = self.clone();
+            let span = tracing::debug_span!("reconcile");
+            match blocking(move || cp.reconcile_once()).instrument(span).await {
+                Ok(true) => continue, // wrote something or lost a race: look again
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
+            }
+            // Sleep until something that matters changes, or the periodic tick.
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            tokio::pin!(tick);
+            loop {
+                tokio::select! {
+                    _ = &mut tick => break,
+                    _ = self.inner.kick.notified() => break,
+                    ev = watcher.next() => match ev {
+                        Some(Ok(ev)) if !ev.kv.key.starts_with(keys::EVENTS)
+                            && !ev.kv.key.starts_with(keys::MODULES) => break,
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "controller watch failed; rewatching");
+                            match self.store().watch("/", self.store().revision() + 1) {
+                                Ok(w) => watcher = w,
+                                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                            }
+                            break;
+                        }
+                        None => return,
+                    },
+                }
+            }
+        }
+    }
+
+    /// One pass. Returns whether it wrote (or tried to write) anything.
+    pub(crate) fn reconcile_once(&self) -> Result<bool, ApiError> {
+        let store = self.store();
+        let (app_kvs, _) = store.range(keys::APPS)?;
+        let (replica_kvs, _) = store.range(keys::REPLICAS)?;
+        let (node_kvs, _) = store.range(keys::NODES)?;
+        let apps: Vec<App> = app_kvs
+            .iter()
+            .map(crate::state::decode)
+            .collect::<Result<_, _>>()?;
+        let mut replicas: Vec<(Replica, u64)> = replica_kvs
+            .iter()
+            .map(|kv| Ok((crate::state::decode(kv)?, kv.mod_revision)))
+            .collect::<Result<_, ApiError>>()?;
+        let mut nodes: Vec<(Node, u64)> = node_kvs
+            .iter()
+            .map(|kv| Ok((crate::state::decode(kv)?, kv.mod_revision)))
+            .collect::<Result<_, ApiError>>()?;
+
+        let mut txn = Txn::new();
+        let mut writes = 0;
+        let now = now_ms();
+
+        // Nodes silent past their grace are NotReady.
+        let grace = self.config().node_grace.as_millis() as u64;
+        for (node, mod_rev) in &mut nodes {
+            if node.state == NodeState::Ready && now.saturating_sub(node.last_heartbeat) > grace {
+                node.state = NodeState::NotReady;
+                txn = txn
+                    .when_mod_revision(keys::node(&node.name), *mod_rev)
+                    .then(Op::put(keys::node(&node.name), encode(node)))
+                    .then(self.event_op(
+                        EventType::Warning,
+                        "NodeNotReady",
+                        format!("node/{}", node.name),
+                        None,
+                        format!(
+                            "no heartbeat from node {} for {} ms",
+                            node.name,
+                            now - node.last_heartbeat
+                        ),
+                    ));
+                writes += 1;
+            }
+        }
+
+        // Replicas whose app is gone are removed.
+        let app_keys: HashMap<AppKey, &App> = apps.iter().map(|a| (a.spec.key(), a)).collect();
+        replicas.retain(|(r, mod_rev)| {
+            if app_keys.contains_key(&r.app) {
+                return true;
+            }
+            let key = keys::replica(&r.app, &r.id);
+            txn = std::mem::take(&mut txn)
+                .when_mod_revision(key.clone(), *mod_rev)
+                .then(Op::delete(key));
+            writes += 1;
+            false
+        });
+
+        // Apps → replicas.
+        let mut by_app: BTreeMap<AppKey, Vec<Replica>> = BTreeMap::new();
+        for (r, _) in &replicas {
+            by_app.entry(r.app.clone()).or_default().push(r.clone());
+        }
+        let mut new_replicas: Vec<Replica> = Vec::new();
+        for app in &apps {
+            let key = app.spec.key();
+            let existing = by_app.remove(&key).unwrap_or_default();
+            let plan = reconcile(app, &existing);
+            for id in &plan.delete {
+                let rkey = keys::replica(&key, id);
+                let mod_rev = replicas
+                    .iter()
+                    .find(|(r, _)| &r.id == id && r.app == key)
+                    .map_or(0, |(_, m)| *m);
+                txn = txn
+                    .when_mod_revision(rkey.clone(), mod_rev)
+                    .then(Op::delete(rkey))
+                    .then(self.event_op(
+                        EventType::Normal,
+                        "Killing",
+                        format!("replica/{key}/{id}"),
+                        Some(&key),
+                        format!("stopping replica {id}"),
+                    ));
+                writes += 1;
+            }
+            replicas.retain(|(r, _)| !(r.app == key && plan.delete.contains(&r.id)));
+            if plan.create > 0 {
+                let revision: Option<(Revision, u64)> =
+                    self.get(&keys::revision(&key, app.revision))?;
+                let Some((revision, _)) = revision else {
+                    tracing::warn!(app = %key, revision = app.revision, "app points at a missing revision");
+                    continue;
+                };
+                for _ in 0..plan.create {
+                    new_replicas.push(Replica {
+                        id: format!("{}-{}-{}", key.name, app.revision, short_id()),
+                        app: key.clone(),
+                        revision: app.revision,
+                        kind: revision.template.component.kind,
+                        resources: revision.template.resources.clone(),
+                        node: None,
+                        phase: Phase::Pending,
+                        message: None,
+                        exit_code: None,
+                        created_at: now,
+                        updated_at: now,
+                    });
+                }
+            }
+        }
+
+        // Pending replicas → nodes, one at a time so each sees the last placement.
+        let mut allocated: HashMap<String, Capacity> = HashMap::new();
+        for (r, _) in &replicas {
+            if let (true, Some(n)) = (r.is_active(), &r.node) {
+                allocated
+                    .entry(n.clone())
+                    .or_default()
+                    .add(&Capacity::of(&r.resources));
+            }
+        }
+        let mut to_place: Vec<(Replica, Option<u64>)> = replicas
+            .iter()
+            .filter(|(r, _)| r.node.is_none() && r.phase == Phase::Pending)
+            .map(|(r, m)| (r.clone(), Some(*m)))
+            .collect();
+        to_place.extend(new_replicas.into_iter().map(|r| (r, None)));
+        for (mut replica, mod_rev) in to_place {
+            let req = Capacity::of(&replica.resources);
+            let infos: Vec<NodeInfo> = nodes
+                .iter()
+                .map(|(n, _)| NodeInfo {
+                    node: n,
+                    allocated: allocated.get(&n.name).cloned().unwrap_or_default(),
+                })
+                .collect();
+            let rkey = keys::replica(&replica.app, &replica.id);
+            let object = format!("replica/{}/{}", replica.app, replica.id);
+            match place(&req, &infos, Strategy::BinPack) {
+                Ok(p) => {
+                    allocated.entry(p.node.clone()).or_default().add(&req);
+                    replica.node = Some(p.node.clone());
+                    replica.message = None;
+                    replica.updated_at = now;
+                    txn = txn.then(self.event_op(
+                        EventType::Normal,
+                        "Scheduled",
+                        object,
+                        Some(&replica.app),
+                        format!("replica {} assigned to node {}", replica.id, p.node),
+                    ));
+                }
+                Err(why) => {
+                    let message = why.to_string();
+                    if mod_rev.is_some() && replica.message.as_deref() == Some(message.as_str()) {
+                        continue; // already says so; don't write or repeat the event
+                    }
+                    replica.message = Some(message.clone());
+                    replica.updated_at = now;
+                    txn = txn.then(self.event_op(
+                        EventType::Warning,
+                        "FailedScheduling",
+                        object,
+                        Some(&replica.app),
+                        message,
+                    ));
+                }
+            }
+            txn = match mod_rev {
+                Some(m) => txn.when_mod_revision(rkey.clone(), m),
+                None => txn.when_absent(rkey.clone()),
+            };
+            txn = txn.then(Op::put(rkey, encode(&replica)));
+            writes += 1;
+        }
+
+        if writes == 0 {
+            self.prune_events()?;
+            return Ok(false);
+        }
+        let resp = store.txn(txn)?;
+        if !resp.succeeded {
+            tracing::debug!("reconcile lost a race; retrying");
+        }
+        Ok(true)
+    }
+
+    /// Keeps the newest `max_events` events.
+    fn prune_events(&self) -> Result<(), ApiError> {
+        let (events, _) = self.store().range(keys::EVENTS)?;
+        let excess = events.len().saturating_sub(self.config().max_events);
+        if excess > 0 {
+            let mut txn = Txn::new();
+            for kv in &events[..excess] {
+                txn = txn.then(Op::delete(kv.key.clone()));
+            }
+            self.store().txn(txn)?;
+        }
+        Ok(())
+    }
+}
+
+/// Five random base-36 characters, like Kubernetes pod suffixes.
+fn short_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut bytes = [0u8; 5];
+    getrandom::fill(&mut bytes).expect("system randomness");
+    bytes
+        .iter()
+        .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
+        .collect()
+}

@@ -1,0 +1,712 @@
+//! Typed operations on cluster state. Every write goes through here, as a
+//! compare-and-swap transaction, so concurrent writers never lose an update.
+
+use crate::error::ApiError;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use shoal_core::objects::keys;
+use shoal_core::spec::{AppKey, AppSpec};
+use shoal_core::wasm::WasmKind;
+use shoal_core::{
+    App, Capacity, Event, EventType, Kind, Millis, Module, Node, NodeState, Phase, Replica,
+    Revision,
+};
+use shoal_runtime::LogSink;
+use shoal_store::{BlobStore, KeyValue, Op, Store, Txn};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+pub fn now_ms() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where replica output lives: on the nodes. In one process the agent hands
+/// its log buffers over directly.
+pub trait LogSource: Send + Sync {
+    fn logs(&self, app: &AppKey) -> Vec<(String, LogSink)>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub token: String,
+    /// Largest module upload accepted.
+    pub max_module_bytes: u64,
+    /// A node silent this long is NotReady.
+    pub node_grace: Duration,
+    /// Events kept; older ones are pruned.
+    pub max_events: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            token: String::new(),
+            max_module_bytes: 64 << 20,
+            node_grace: Duration::from_secs(3),
+            max_events: 2000,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct ControlPlane {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) blobs: BlobStore,
+    pub(crate) config: ControlConfig,
+    pub(crate) event_seq: AtomicU64,
+    pub(crate) logs: OnceLock<Arc<dyn LogSource>>,
+    /// Wakes the controller when something it owns should be looked at again.
+    pub(crate) kick: Notify,
+}
+
+/// What `apply` did or would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub outcome: ApplyOutcome,
+    pub dry_run: bool,
+    /// Field-level differences from what was stored, `field: old -> new`.
+    pub changes: Vec<String>,
+    pub app: App,
+}
+
+/// One row of `shoal get apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppSummary {
+    pub namespace: String,
+    pub name: String,
+    pub kind: Kind,
+    pub revision: u64,
+    pub desired: u32,
+    pub ready: usize,
+    pub routes: Vec<String>,
+    pub digest: String,
+    pub created_at: Millis,
+}
+
+/// `shoal describe app`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Describe {
+    pub app: App,
+    pub revisions: Vec<Revision>,
+    pub replicas: Vec<Replica>,
+    pub events: Vec<Event>,
+}
+
+/// One row of `shoal get nodes`: the node plus what is placed on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeSummary {
+    #[serde(flatten)]
+    pub node: Node,
+    pub allocated: Capacity,
+    pub replicas: usize,
+}
+
+/// What a node acts on, read at (or after) `revision`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub apps: Vec<App>,
+    pub revisions: Vec<Revision>,
+    pub replicas: Vec<Replica>,
+}
+
+/// What a node says about one of its replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub app: AppKey,
+    pub replica: String,
+    pub node: String,
+    pub phase: Phase,
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| ApiError::internal(format!("corrupt object at {}: {e}", kv.key)))
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("objects serialise")
+}
+
+/// Runs blocking store work off the async executor.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(ApiError::internal)?
+}
+
+impl ControlPlane {
+    pub fn new(store: Store, blobs: BlobStore, config: ControlConfig) -> Result<Self, ApiError> {
+        // Continue event numbering after the newest stored event.
+        let (events, _) = store.range(keys::EVENTS)?;
+        let next = events
+            .last()
+            .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
+            .map_or(1, |n| n + 1);
+        Ok(ControlPlane {
+            inner: Arc::new(Inner {
+                store,
+                blobs,
+                config,
+                event_seq: AtomicU64::new(next),
+                logs: OnceLock::new(),
+                kick: Notify::new(),
+            }),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn blobs(&self) -> &BlobStore {
+        &self.inner.blobs
+    }
+
+    pub fn config(&self) -> &ControlConfig {
+        &self.inner.config
+    }
+
+    pub fn set_log_source(&self, source: Arc<dyn LogSource>) {
+        let _ = self.inner.logs.set(source);
+    }
+
+    pub(crate) fn log_source(&self) -> Option<&Arc<dyn LogSource>> {
+        self.inner.logs.get()
+    }
+
+    /// Builds an event and its store op; callers put it in their transaction.
+    pub(crate) fn event_op(
+        &self,
+        kind: EventType,
+        reason: &str,
+        object: String,
+        app: Option<&AppKey>,
+        message: String,
+    ) -> Op {
+        let seq = self.inner.event_seq.fetch_add(1, Ordering::Relaxed);
+        let event = Event {
+            time: now_ms(),
+            kind,
+            reason: reason.to_string(),
+            object,
+            app: app.cloned(),
+            message,
+        };
+        Op::put(keys::event(seq), encode(&event))
+    }
+
+    pub(crate) fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ApiError> {
+        let (kvs, _) = self.inner.store.range(prefix)?;
+        kvs.iter().map(decode).collect()
+    }
+
+    pub(crate) fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, ApiError> {
+        match self.inner.store.get(key)? {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    // ---- modules ----
+
+    /// Records an uploaded blob after checking that it is WebAssembly.
+    pub(crate) fn register_module(
+        &self,
+        digest: &str,
+        size: u64,
+        existed: bool,
+    ) -> Result<(Module, bool), ApiError> {
+        let key = keys::module(digest);
+        if let Some((m, _)) = self.get::<Module>(&key)? {
+            return Ok((m, true));
+        }
+        let bytes = self.inner.blobs.read(digest).map_err(ApiError::internal)?;
+        let kind = match shoal_core::wasm::validate(&bytes) {
+            Ok(kind) => kind,
+            Err(e) => {
+                if !existed {
+                    let _ = self.inner.blobs.delete(digest);
+                }
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_wasm",
+                    format!("upload rejected: {e}"),
+                ));
+            }
+        };
+        let module = Module {
+            digest: digest.to_string(),
+            size,
+            kind,
+            uploaded_at: now_ms(),
+        };
+        self.inner.store.put(&key, encode(&module))?;
+        Ok((module, false))
+    }
+
+    // ---- apps ----
+
+    pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ApiError> {
+        spec.validate()
+            .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
+        // A dry run may precede the upload of its module: judge the rest.
+        match self.get::<Module>(&keys::module(&spec.component.digest))? {
+            None if dry_run => {}
+            None => {
+                return Err(ApiError::bad_request(
+                    "unknown_module",
+                    format!(
+                        "module {} has not been uploaded: upload it first (POST /v1/modules), or point `component.path` at the .wasm file and let `shoal apply` upload it",
+                        spec.component.digest
+                    ),
+                ));
+            }
+            Some((module, _)) if module.kind == WasmKind::Module => {
+                return Err(ApiError::bad_request(
+                    "not_a_component",
+                    format!(
+                        "module {} is a core WebAssembly module, but kind = \"{}\" needs a component implementing {} (build it with `cargo build --target wasm32-wasip2`)",
+                        module.digest,
+                        spec.component.kind,
+                        spec.component.kind.world()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        self.check_routes(&spec)?;
+
+        let key = spec.key();
+        let app_key = keys::app(&key);
+        let existing = self.get::<App>(&app_key)?;
+        let now = now_ms();
+        let latest_revision = self.list::<Revision>(&keys::revisions_of(&key))?.pop();
+        let template = spec.template();
+        let hash = template.hash();
+
+        let (outcome, changes, app, new_revision) = match &existing {
+            Some((old, _)) if old.spec == spec => {
+                (ApplyOutcome::Unchanged, vec![], old.clone(), None)
+            }
+            _ => {
+                let changes = match &existing {
+                    Some((old, _)) => diff(&old.spec, &spec),
+                    None => vec![],
+                };
+                let same_template = latest_revision.as_ref().is_some_and(|r| {
+                    r.hash == hash
+                        && existing
+                            .as_ref()
+                            .is_some_and(|(a, _)| a.revision == r.number)
+                });
+                let (revision, new_revision) = if same_template {
+                    (latest_revision.as_ref().map_or(1, |r| r.number), None)
+                } else {
+                    let number = latest_revision.as_ref().map_or(1, |r| r.number + 1);
+                    let cause = if existing.is_none() {
+                        "created".to_string()
+                    } else {
+                        let mut fields: Vec<String> = changes
+                            .iter()
+                            .filter_map(|c| c.split(':').next().map(str::to_string))
+                            .filter(|f| !f.starts_with("replicas") && !f.starts_with("http.routes"))
+                            .collect();
+                        fields.dedup();
+                        format!("{} changed", fields.join(", "))
+                    };
+                    let rev = Revision {
+                        app: key.clone(),
+                        number,
+                        template,
+                        hash,
+                        created_at: now,
+                        cause,
+                    };
+                    (number, Some(rev))
+                };
+                let app = App {
+                    spec: spec.clone(),
+                    revision,
+                    created_at: existing.as_ref().map_or(now, |(a, _)| a.created_at),
+                    updated_at: now,
+                };
+                let outcome = if existing.is_some() {
+                    ApplyOutcome::Configured
+                } else {
+                    ApplyOutcome::Created
+                };
+                (outcome, changes, app, new_revision)
+            }
+        };
+
+        if !dry_run && outcome != ApplyOutcome::Unchanged {
+            let mut txn = match &existing {
+                Some((_, mod_rev)) => Txn::new().when_mod_revision(app_key.clone(), *mod_rev),
+                None => Txn::new().when_absent(app_key.clone()),
+            };
+            txn = txn.then(Op::put(app_key.clone(), encode(&app)));
+            let message = match (&new_revision, outcome) {
+                (Some(r), ApplyOutcome::Created) => format!("created with revision {}", r.number),
+                (Some(r), _) => format!("new revision {}: {}", r.number, r.cause),
+                (None, _) => format!("updated: {}", changes.join("; ")),
+            };
+            if let Some(rev) = &new_revision {
+                txn = txn.then(Op::put(keys::revision(&key, rev.number), encode(rev)));
+            }
+            let reason = if outcome == ApplyOutcome::Created {
+                "Created"
+            } else {
+                "Updated"
+            };
+            txn = txn.then(self.event_op(
+                EventType::Normal,
+                reason,
+                format!("app/{key}"),
+                Some(&key),
+                message,
+            ));
+            if !self.inner.store.txn(txn)?.succeeded {
+                return Err(ApiError::conflict(format!(
+                    "app {key} was changed concurrently; apply again"
+                )));
+            }
+            self.inner.kick.notify_one();
+        }
+        Ok(ApplyResult {
+            outcome,
+            dry_run,
+            changes,
+            app,
+        })
+    }
+
+    /// Two apps may not claim the same host and path.
+    fn check_routes(&self, spec: &AppSpec) -> Result<(), ApiError> {
+        let Some(http) = &spec.http else {
+            return Ok(());
+        };
+        for other in self.list::<App>(keys::APPS)? {
+            if other.spec.key() == spec.key() {
+                continue;
+            }
+            let Some(oh) = &other.spec.http else { continue };
+            if let Some(r) = http.routes.iter().find(|r| oh.routes.contains(r)) {
+                return Err(ApiError::conflict(format!(
+                    "route {r} is already served by app {}",
+                    other.spec.key()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ApiError> {
+        let app_key = keys::app(key);
+        let Some((_, mod_rev)) = self.get::<App>(&app_key)? else {
+            return Err(ApiError::not_found(format!("app {key} does not exist")));
+        };
+        let txn = Txn::new()
+            .when_mod_revision(app_key.clone(), mod_rev)
+            .then(Op::delete(app_key))
+            .then(Op::delete_prefix(keys::revisions_of(key)))
+            .then(self.event_op(
+                EventType::Normal,
+                "Deleted",
+                format!("app/{key}"),
+                Some(key),
+                "app deleted; its replicas are stopping".into(),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ApiError::conflict(format!(
+                "app {key} was changed concurrently; delete again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn app(&self, key: &AppKey) -> Result<App, ApiError> {
+        self.get::<App>(&keys::app(key))?
+            .map(|(a, _)| a)
+            .ok_or_else(|| ApiError::not_found(format!("app {key} does not exist")))
+    }
+
+    pub(crate) fn summaries(&self, namespace: Option<&str>) -> Result<Vec<AppSummary>, ApiError> {
+        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+        let mut out = Vec::new();
+        for app in self.list::<App>(keys::APPS)? {
+            if namespace.is_some_and(|ns| ns != app.spec.namespace) {
+                continue;
+            }
+            let key = app.spec.key();
+            let ready = replicas
+                .iter()
+                .filter(|r| r.app == key && matches!(r.phase, Phase::Ready | Phase::Running))
+                .count();
+            out.push(AppSummary {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                kind: app.spec.component.kind,
+                revision: app.revision,
+                desired: app.spec.replicas,
+                ready,
+                routes: app
+                    .spec
+                    .http
+                    .iter()
+                    .flat_map(|h| h.routes.iter().map(|r| r.to_string()))
+                    .collect(),
+                digest: app.spec.component.digest.clone(),
+                created_at: app.created_at,
+            });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn describe(&self, key: &AppKey) -> Result<Describe, ApiError> {
+        let app = self.app(key)?;
+        let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
+        let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
+        let events = self.events(Some(key), 20)?;
+        Ok(Describe {
+            app,
+            revisions,
+            replicas,
+            events,
+        })
+    }
+
+    pub(crate) fn events(
+        &self,
+        app: Option<&AppKey>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ApiError> {
+        let mut events: Vec<Event> = self
+            .list::<Event>(keys::EVENTS)?
+            .into_iter()
+            .filter(|e| app.is_none() || e.app.as_ref() == app)
+            .collect();
+        let skip = events.len().saturating_sub(limit);
+        Ok(events.split_off(skip))
+    }
+
+    pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ApiError> {
+        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+        Ok(self
+            .list::<Node>(keys::NODES)?
+            .into_iter()
+            .map(|node| {
+                let mut allocated = Capacity::default();
+                let mut count = 0;
+                for r in replicas
+                    .iter()
+                    .filter(|r| r.is_active() && r.node.as_deref() == Some(&node.name))
+                {
+                    allocated.add(&Capacity::of(&r.resources));
+                    count += 1;
+                }
+                NodeSummary {
+                    node,
+                    allocated,
+                    replicas: count,
+                }
+            })
+            .collect())
+    }
+
+    // ---- node-facing ----
+
+    /// A node (re)joins: its record is replaced, keeping its join time.
+    pub fn register_node(&self, mut node: Node) -> Result<(), ApiError> {
+        let key = keys::node(&node.name);
+        let previous = self.get::<Node>(&key)?;
+        node.state = NodeState::Ready;
+        node.last_heartbeat = now_ms();
+        if let Some((old, _)) = &previous {
+            node.joined_at = old.joined_at;
+            node.schedulable = old.schedulable;
+        }
+        let txn = Txn::new()
+            .then(Op::put(key, encode(&node)))
+            .then(self.event_op(
+                EventType::Normal,
+                "NodeReady",
+                format!("node/{}", node.name),
+                None,
+                format!("node {} joined with gateway {}", node.name, node.gateway),
+            ));
+        self.inner.store.txn(txn)?;
+        self.inner.kick.notify_one();
+        Ok(())
+    }
+
+    pub fn heartbeat(&self, name: &str) -> Result<(), ApiError> {
+        let key = keys::node(name);
+        let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
+            return Err(ApiError::not_found(format!(
+                "node {name} is not registered"
+            )));
+        };
+        let was_ready = node.state == NodeState::Ready;
+        node.last_heartbeat = now_ms();
+        node.state = NodeState::Ready;
+        let mut txn = Txn::new()
+            .when_mod_revision(key.clone(), mod_rev)
+            .then(Op::put(key, encode(&node)));
+        if !was_ready {
+            txn = txn.then(self.event_op(
+                EventType::Normal,
+                "NodeReady",
+                format!("node/{name}"),
+                None,
+                format!("node {name} is sending heartbeats again"),
+            ));
+        }
+        self.inner.store.txn(txn)?;
+        Ok(())
+    }
+
+    /// Records what a node says about a replica. Reports about replicas that
+    /// no longer exist, or that belong to another node, are dropped.
+    pub fn report_replica(&self, report: ReplicaReport) -> Result<(), ApiError> {
+        let key = keys::replica(&report.app, &report.replica);
+        for _ in 0..3 {
+            let Some((mut replica, mod_rev)) = self.get::<Replica>(&key)? else {
+                return Ok(());
+            };
+            if replica.node.as_deref() != Some(report.node.as_str()) {
+                return Ok(());
+            }
+            if replica.phase == report.phase
+                && replica.message == report.message
+                && replica.exit_code == report.exit_code
+            {
+                return Ok(());
+            }
+            replica.phase = report.phase;
+            replica.message = report.message.clone();
+            replica.exit_code = report.exit_code;
+            replica.updated_at = now_ms();
+            let (kind, reason) = match report.phase {
+                Phase::Pending => (EventType::Normal, "Pending"),
+                Phase::Starting => (EventType::Normal, "Starting"),
+                Phase::Ready => (EventType::Normal, "Ready"),
+                Phase::Running => (EventType::Normal, "Started"),
+                Phase::Succeeded => (EventType::Normal, "Succeeded"),
+                Phase::Failed => (EventType::Warning, "Failed"),
+            };
+            let mut message = format!(
+                "replica {} on node {}: {}",
+                report.replica, report.node, report.phase
+            );
+            if let Some(m) = &report.message {
+                message.push_str(&format!(" ({m})"));
+            }
+            let txn = Txn::new()
+                .when_mod_revision(key.clone(), mod_rev)
+                .then(Op::put(key.clone(), encode(&replica)))
+                .then(self.event_op(
+                    kind,
+                    reason,
+                    format!("replica/{}/{}", report.app, report.replica),
+                    Some(&report.app),
+                    message,
+                ));
+            if self.inner.store.txn(txn)?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(ApiError::conflict(format!(
+            "replica {} kept changing while its status was reported",
+            report.replica
+        )))
+    }
+
+    /// Every app, revision and replica, for node agents and gateways to act on.
+    pub fn snapshot(&self) -> Result<Snapshot, ApiError> {
+        Ok(Snapshot {
+            revision: self.inner.store.revision(),
+            apps: self.list::<App>(keys::APPS)?,
+            revisions: self.list::<Revision>(keys::REVISIONS)?,
+            replicas: self.list::<Replica>(keys::REPLICAS)?,
+        })
+    }
+
+    pub fn module_path(&self, digest: &str) -> std::path::PathBuf {
+        self.inner.blobs.path(digest)
+    }
+}
+
+/// Field-level differences between two specs, `path: old -> new`, from
+/// their JSON forms so every field is covered without a hand-written list.
+fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
+    fn flatten(prefix: String, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flatten(p, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix, other.to_string());
+            }
+        }
+    }
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    flatten(
+        String::new(),
+        &serde_json::to_value(old).expect("spec serialises"),
+        &mut a,
+    );
+    flatten(
+        String::new(),
+        &serde_json::to_value(new).expect("spec serialises"),
+        &mut b,
+    );
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter_map(|k| {
+            let (x, y) = (a.get(k), b.get(k));
+            (x != y).then(|| {
+                format!(
+                    "{k}: {} -> {}",
+                    x.map_or("(none)", String::as_str),
+                    y.map_or("(none)", String::as_str)
+                )
+            })
+        })
+        .collect()
+}
