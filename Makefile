@@ -18,8 +18,7 @@ guests:
 
 # Shoal's gateway vs `wasmtime serve` on the same component; writes numbers to stdout.
 bench: guests
-	cargo build --release
-	./bench/run.sh
+	cargo bench --bench gateway
 
 lint:
 	cargo fmt --all -- --check

@@ -1,0 +1,292 @@
+//! Shoal side by side with `wasmtime serve` on the same component, plus deploy
+//! latency and idle memory. Run with `make bench` (or `cargo bench --bench gateway`).
+//!
+//! Needs `wrk` (the load generator) and `wasmtime` 48 (`cargo install --locked
+//! wasmtime-cli@48.0.8`); set `WASMTIME=/path/to/wasmtime` if it is not on PATH.
+//! Knobs: `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 32).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Polls `url` every 200 µs until it answers 200; returns when it did.
+fn wait_200(client: &reqwest::blocking::Client, url: &str, limit: Duration) -> Instant {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(r) = client.get(url).send()
+            && r.status() == 200
+        {
+            return Instant::now();
+        }
+        assert!(Instant::now() < end, "{url} never answered 200");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+struct Wrk {
+    rps: f64,
+    p50: String,
+    p99: String,
+    errors: String,
+}
+
+fn wrk(url: &str, seconds: u64, connections: u64) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Wrk {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        p50: field("50%"),
+        p99: field("99%"),
+        errors: if errors.is_empty() {
+            "none".into()
+        } else {
+            errors
+        },
+    }
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024.0
+}
+
+fn spec_json(name: &str, route: &str, digest: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": name, "namespace": "default",
+        "component": { "digest": digest, "kind": "http" },
+        "resources": { "memory_bytes": 32 << 20, "cpu_millis": 50, "max_concurrency": 64 },
+        "replicas": 1,
+        "http": { "routes": [{ "path": route }], "timeout_ms": 30000 },
+    })
+}
+
+fn main() {
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let connections = env_or("BENCH_CONNECTIONS", 32);
+    let wasm = shoal_fixtures::HELLO_WASM;
+    let client = http();
+
+    // --- Shoal: one-node cluster, fresh data dir.
+    let dir = tempfile::tempdir().unwrap();
+    let (api_port, gw_port) = (free_port(), free_port());
+    let mut child = Command::new(SHOAL)
+        .args(["up", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .args([
+            "--api",
+            &format!("127.0.0.1:{api_port}"),
+            "--gateway",
+            &format!("127.0.0.1:{gw_port}"),
+        ])
+        .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn shoal up");
+    let stdout = child.stdout.take().unwrap();
+    let shoal_pid = child.id();
+    let _shoal = Proc(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("shoal up started");
+        if line.trim_start().starts_with("gateway:") {
+            break;
+        }
+    }
+    let api = format!("http://127.0.0.1:{api_port}");
+    let gw = format!("http://127.0.0.1:{gw_port}");
+    let token = std::fs::read_to_string(dir.path().join("data/token")).unwrap();
+
+    let upload: serde_json::Value = client
+        .post(format!("{api}/v1/modules"))
+        .bearer_auth(&token)
+        .body(std::fs::read(wasm).unwrap())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let digest = upload["module"]["digest"].as_str().unwrap().to_string();
+
+    // Deploy latency: POST of the app to its first 200 through the gateway.
+    let deploy = |name: &str, route: &str| {
+        let start = Instant::now();
+        let resp = client
+            .post(format!("{api}/v1/apps"))
+            .bearer_auth(&token)
+            .json(&spec_json(name, route, &digest))
+            .send()
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "apply {name}: {}",
+            resp.status()
+        );
+        wait_200(&client, &format!("{gw}{route}"), Duration::from_secs(60)) - start
+    };
+    let first = deploy("hello", "/hello");
+    let mut cached: Vec<Duration> = (1..=9)
+        .map(|i| deploy(&format!("hello-{i}"), &format!("/hello-{i}")))
+        .collect();
+    cached.sort();
+    for i in 1..=9 {
+        client
+            .delete(format!("{api}/v1/apps/hello-{i}"))
+            .bearer_auth(&token)
+            .send()
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(3)); // let it settle before measuring idle memory
+    let idle_rss = rss_mb(shoal_pid);
+
+    // Throughput: Shoal's gateway, then wasmtime serve, same load, same component.
+    let shoal = wrk(&format!("{gw}/hello"), seconds, connections);
+
+    let wasmtime_bin = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
+    let port = free_port();
+    let child = Command::new(&wasmtime_bin)
+        .args([
+            "serve",
+            "-Scli",
+            "-O",
+            "pooling-allocator",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            wasm,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let peer = match child {
+        Ok(c) => {
+            let _wasmtime = Proc(c);
+            wait_200(
+                &client,
+                &format!("http://127.0.0.1:{port}/hello"),
+                Duration::from_secs(60),
+            );
+            Some(wrk(
+                &format!("http://127.0.0.1:{port}/hello"),
+                seconds,
+                connections,
+            ))
+        }
+        Err(e) => {
+            eprintln!("wasmtime not runnable ({wasmtime_bin}: {e}); set WASMTIME=… to compare");
+            None
+        }
+    };
+
+    let version = Command::new(&wasmtime_bin)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "not found".into());
+    println!(
+        "## Gateway throughput: GET /hello, wrk -t2 -c{connections} -d{seconds}s, same machine"
+    );
+    println!();
+    println!("| server | requests/s | p50 | p99 | errors |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| shoal up (gateway) | {:.0} | {} | {} | {} |",
+        shoal.rps, shoal.p50, shoal.p99, shoal.errors
+    );
+    if let Some(p) = &peer {
+        println!(
+            "| {version} serve -Scli -O pooling-allocator | {:.0} | {} | {} | {} |",
+            p.rps, p.p50, p.p99, p.errors
+        );
+        println!();
+        println!(
+            "shoal / wasmtime serve throughput ratio: {:.2}x",
+            shoal.rps / p.rps
+        );
+    }
+    println!();
+    println!("## Deploy latency: POST /v1/apps to the first 200 through the gateway");
+    println!();
+    println!("| case | time |");
+    println!("|---|---|");
+    println!(
+        "| first deploy of a digest (compile) | {:.1} ms |",
+        first.as_secs_f64() * 1e3
+    );
+    println!(
+        "| cached digest, median of 9 (min {:.1}, max {:.1}) | {:.1} ms |",
+        cached[0].as_secs_f64() * 1e3,
+        cached[8].as_secs_f64() * 1e3,
+        cached[4].as_secs_f64() * 1e3
+    );
+    println!();
+    println!("## Idle memory of `shoal up` with hello deployed: {idle_rss:.1} MB RSS");
+}

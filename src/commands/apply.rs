@@ -1,0 +1,121 @@
+use super::Context;
+use crate::client::Client;
+use crate::output::{self, Format};
+use anyhow::{Context as _, Result, bail};
+use sha2::{Digest, Sha256};
+use shoal_control::{ApplyOutcome, ApplyResult};
+use shoal_core::{ModuleRef, parse_app};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args)]
+pub struct ApplyArgs {
+    /// App spec files (TOML).
+    #[arg(short = 'f', long = "file", required = true)]
+    files: Vec<PathBuf>,
+    /// Show what would change without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
+    let client = ctx.client()?;
+    let mut results = Vec::new();
+    for file in &args.files {
+        let result = apply_file(&client, file, args.dry_run).await?;
+        if ctx.output == Format::Table {
+            print_result(&result);
+        }
+        results.push(result);
+    }
+    if ctx.output == Format::Json {
+        output::json(&results);
+    }
+    Ok(())
+}
+
+/// Parses one spec file, uploads its module if the server lacks it, and applies it.
+pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<ApplyResult> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let manifest = parse_app(&text).map_err(|e| match (e.line, e.column) {
+        (Some(l), Some(c)) => {
+            let mut e = e.clone();
+            e.line = None;
+            e.column = None;
+            anyhow::anyhow!("{}:{l}:{c}: {e}", file.display())
+        }
+        _ => anyhow::anyhow!("{}: {e}", file.display()),
+    })?;
+    let digest = match &manifest.module {
+        ModuleRef::Digest(d) => d.clone(),
+        ModuleRef::Path(p) => {
+            let path = file.parent().unwrap_or(Path::new(".")).join(p);
+            let bytes = std::fs::read(&path).with_context(|| {
+                format!(
+                    "{}: component.path: cannot read {} (is the component built? `cargo build --release --target wasm32-wasip2`)",
+                    file.display(),
+                    path.display()
+                )
+            })?;
+            let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+            let known = client
+                .request(reqwest::Method::GET, &format!("/v1/modules/{digest}"))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if !known {
+                if dry_run {
+                    eprintln!(
+                        "module {} ({} bytes) would be uploaded",
+                        output::short_digest(&digest),
+                        bytes.len()
+                    );
+                } else {
+                    let resp: serde_json::Value = client
+                        .send(
+                            client
+                                .request(reqwest::Method::POST, "/v1/modules")
+                                .body(bytes),
+                        )
+                        .await
+                        .with_context(|| format!("uploading {}", path.display()))?;
+                    if resp["module"]["digest"].as_str() != Some(digest.as_str()) {
+                        bail!(
+                            "the server stored {} under a different digest than {digest}",
+                            path.display()
+                        );
+                    }
+                }
+            }
+            digest
+        }
+    };
+    let spec = manifest
+        .resolve(digest)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let path = if dry_run {
+        "/v1/apps?dry_run=true"
+    } else {
+        "/v1/apps"
+    };
+    client
+        .send(client.request(reqwest::Method::POST, path).json(&spec))
+        .await
+        .with_context(|| format!("applying {}", file.display()))
+}
+
+fn print_result(r: &ApplyResult) {
+    let key = r.app.spec.key();
+    let would = if r.dry_run { " (dry run)" } else { "" };
+    match r.outcome {
+        ApplyOutcome::Created => println!("app {key} created, revision {}{would}", r.app.revision),
+        ApplyOutcome::Configured => {
+            println!("app {key} configured, revision {}{would}", r.app.revision);
+            for c in &r.changes {
+                println!("  {c}");
+            }
+        }
+        ApplyOutcome::Unchanged => println!("app {key} unchanged"),
+    }
+}

@@ -1,0 +1,193 @@
+use super::Context;
+use crate::output::{self, Format, age, short_digest, table};
+use anyhow::Result;
+use shoal_control::{AppSummary, NodeSummary};
+use shoal_core::quantity::format_memory;
+use shoal_core::{Event, Module, Replica};
+
+#[derive(clap::Args)]
+pub struct GetArgs {
+    #[arg(value_enum)]
+    what: What,
+    /// Only this app's replicas or events.
+    #[arg(long)]
+    app: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum What {
+    #[value(alias = "app")]
+    Apps,
+    #[value(alias = "replica")]
+    Replicas,
+    #[value(alias = "module")]
+    Modules,
+    #[value(alias = "node")]
+    Nodes,
+    #[value(alias = "event")]
+    Events,
+}
+
+pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
+    let client = ctx.client()?;
+    let ns = &ctx.namespace;
+    let app_q = args
+        .app
+        .as_deref()
+        .map(|a| format!("&app={a}"))
+        .unwrap_or_default();
+    match args.what {
+        What::Apps => {
+            let apps: Vec<AppSummary> = client.get(&format!("/v1/apps?namespace={ns}")).await?;
+            if ctx.output == Format::Json {
+                output::json(&apps);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = apps
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.name.clone(),
+                        a.kind.to_string(),
+                        a.revision.to_string(),
+                        format!("{}/{}", a.ready, a.desired),
+                        a.routes.join(","),
+                        short_digest(&a.digest),
+                        age(a.created_at),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NAME", "KIND", "REVISION", "READY", "ROUTES", "MODULE", "AGE",
+                ],
+                &rows,
+            );
+        }
+        What::Replicas => {
+            let replicas: Vec<Replica> = client
+                .get(&format!("/v1/replicas?namespace={ns}{app_q}"))
+                .await?;
+            if ctx.output == Format::Json {
+                output::json(&replicas);
+                return Ok(());
+            }
+            table(
+                &["NAME", "APP", "REVISION", "NODE", "PHASE", "AGE", "MESSAGE"],
+                &replica_rows(&replicas),
+            );
+        }
+        What::Modules => {
+            let modules: Vec<Module> = client.get("/v1/modules").await?;
+            if ctx.output == Format::Json {
+                output::json(&modules);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = modules
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.digest.clone(),
+                        m.kind.to_string(),
+                        m.size.to_string(),
+                        age(m.uploaded_at),
+                    ]
+                })
+                .collect();
+            table(&["DIGEST", "KIND", "BYTES", "AGE"], &rows);
+        }
+        What::Nodes => {
+            let nodes: Vec<NodeSummary> = client.get("/v1/nodes").await?;
+            if ctx.output == Format::Json {
+                output::json(&nodes);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let state = if n.node.schedulable {
+                        format!("{:?}", n.node.state)
+                    } else {
+                        format!("{:?},Cordoned", n.node.state)
+                    };
+                    vec![
+                        n.node.name.clone(),
+                        state,
+                        format!(
+                            "{}m/{}m",
+                            n.allocated.cpu_millis, n.node.capacity.cpu_millis
+                        ),
+                        format!(
+                            "{}/{}",
+                            format_memory(n.allocated.memory_bytes),
+                            format_memory(n.node.capacity.memory_bytes)
+                        ),
+                        format!("{}/{}", n.allocated.instances, n.node.capacity.instances),
+                        n.replicas.to_string(),
+                        n.node.gateway.clone(),
+                        age(n.node.last_heartbeat),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "NAME",
+                    "STATE",
+                    "CPU",
+                    "MEMORY",
+                    "INSTANCES",
+                    "REPLICAS",
+                    "GATEWAY",
+                    "HEARTBEAT",
+                ],
+                &rows,
+            );
+        }
+        What::Events => {
+            let events: Vec<Event> = client
+                .get(&format!("/v1/events?namespace={ns}{app_q}"))
+                .await?;
+            if ctx.output == Format::Json {
+                output::json(&events);
+                return Ok(());
+            }
+            table(
+                &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+                &event_rows(&events),
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {
+    replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.app.name.clone(),
+                r.revision.to_string(),
+                r.node.clone().unwrap_or_else(|| "<none>".into()),
+                r.phase.to_string(),
+                age(r.created_at),
+                r.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect()
+}
+
+pub fn event_rows(events: &[Event]) -> Vec<Vec<String>> {
+    events
+        .iter()
+        .map(|e| {
+            vec![
+                age(e.time),
+                format!("{:?}", e.kind),
+                e.reason.clone(),
+                e.object.clone(),
+                e.message.clone(),
+            ]
+        })
+        .collect()
+}

@@ -1,0 +1,27 @@
+//! One module per verb.
+
+pub mod apply;
+pub mod delete;
+pub mod describe;
+pub mod get;
+pub mod logs;
+pub mod up;
+
+use crate::client::Client;
+use crate::output::Format;
+use std::path::PathBuf;
+
+/// Global flags every verb sees.
+pub struct Context {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub config: Option<PathBuf>,
+    pub output: Format,
+    pub namespace: String,
+}
+
+impl Context {
+    pub fn client(&self) -> anyhow::Result<Client> {
+        Client::new(self.server.clone(), self.token.clone(), self.config.clone())
+    }
+}

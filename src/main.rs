@@ -1,0 +1,90 @@
+//! `shoal`: the one binary. `shoal up` runs a whole one-node cluster; every
+//! other verb is a client of the `/v1` API.
+
+mod client;
+mod commands;
+mod output;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "An orchestrator for WebAssembly components"
+)]
+struct Cli {
+    /// API server URL (default: from the CLI config written by `shoal up`).
+    #[arg(long, global = true, env = "SHOAL_SERVER")]
+    server: Option<String>,
+    /// API token (default: from the CLI config).
+    #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CLI config file (default: ~/.config/shoal/config.toml).
+    #[arg(long, global = true, env = "SHOAL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value_t = output::Format::Table)]
+    output: output::Format,
+    /// Namespace of the apps to act on.
+    #[arg(short, long, global = true, default_value = "default")]
+    namespace: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a one-node cluster: control plane, node agent and gateway in one process.
+    Up(commands::up::UpArgs),
+    /// Create or update apps from spec files, uploading their modules.
+    Apply(commands::apply::ApplyArgs),
+    /// List apps, replicas, modules, nodes or events.
+    Get(commands::get::GetArgs),
+    /// Show an app in detail: spec, revisions, replicas, recent events.
+    Describe(commands::describe::DescribeArgs),
+    /// Delete an app: its replicas stop and its routes go away.
+    Delete(commands::delete::DeleteArgs),
+    /// Print what an app's replicas wrote to stdout and stderr.
+    Logs(commands::logs::LogsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let ctx = commands::Context {
+            server: cli.server,
+            token: cli.token,
+            config: cli.config,
+            output: cli.output,
+            namespace: cli.namespace,
+        };
+        match cli.command {
+            Command::Up(args) => commands::up::run(ctx, args).await,
+            Command::Apply(args) => commands::apply::run(ctx, args).await,
+            Command::Get(args) => commands::get::run(ctx, args).await,
+            Command::Describe(args) => commands::describe::run(ctx, args).await,
+            Command::Delete(args) => commands::delete::run(ctx, args).await,
+            Command::Logs(args) => commands::logs::run(ctx, args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

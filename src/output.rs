@@ -1,0 +1,63 @@
+//! Tables for people, JSON for scripts.
+
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    table_indented("", header, rows)
+}
+
+/// A table nested under a heading, as in `describe`.
+pub fn table_indented(indent: &str, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}   "));
+            }
+        }
+        println!("{indent}{}", out.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub fn json<T: serde::Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("values serialise")
+    );
+}
+
+/// `3s`, `5m`, `2h`, `4d`, like kubectl's AGE column.
+pub fn age(since_ms: u64) -> String {
+    let now = shoal_control::now_ms();
+    let d = Duration::from_millis(now.saturating_sub(since_ms)).as_secs();
+    match d {
+        0..=119 => format!("{d}s"),
+        120..=7199 => format!("{}m", d / 60),
+        7200..=172_799 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86400),
+    }
+}
+
+/// `sha256:abcdef123456` — enough of a digest to recognise it.
+pub fn short_digest(d: &str) -> String {
+    d.get(..19).unwrap_or(d).to_string()
+}

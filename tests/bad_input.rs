@@ -1,0 +1,261 @@
+//! Bad input gets a clear error, and nothing else is disturbed: the node
+//! keeps serving other apps and stored state stays intact.
+
+mod common;
+
+use common::{Cluster, examples, poll, write_spec};
+use std::time::{Duration, Instant};
+
+fn faulty_spec(dir: &std::path::Path, extra: &str) -> String {
+    let body = format!(
+        r#"name = "faulty"
+[component]
+path = "{}/target/wasm32-wasip2/release/faulty.wasm"
+kind = "http"
+[resources]
+memory = "32Mi"
+max_concurrency = 8
+[http]
+routes = ["/faulty"]
+timeout = "2s"
+{extra}"#,
+        examples()
+    );
+    write_spec(dir, "faulty.toml", &body)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn spec_errors_name_the_place() {
+    let c = Cluster::start();
+    let dir = c.dir.path();
+    let bad = write_spec(
+        dir,
+        "bad.toml",
+        "name = \"x\"\n[component\nkind = \"http\"\n",
+    );
+    let err = c.cli_err(&["apply", "-f", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.toml:2:"), "{err}");
+
+    let unknown = write_spec(
+        dir,
+        "unknown.toml",
+        "name = \"x\"\n[component]\npath = \"x.wasm\"\nkind = \"http\"\nreplica = 2\n",
+    );
+    let err = c.cli_err(&["apply", "-f", unknown.to_str().unwrap()]);
+    assert!(
+        err.contains("unknown.toml:5:1") && err.contains("replica"),
+        "{err}"
+    );
+
+    let name = write_spec(
+        dir,
+        "name.toml",
+        "name = \"Bad_Name\"\n[component]\npath = \"x.wasm\"\nkind = \"job\"\n",
+    );
+    let err = c.cli_err(&["apply", "-f", name.to_str().unwrap()]);
+    assert!(
+        err.contains("name.toml:1:8") && err.contains("name:"),
+        "{err}"
+    );
+
+    let missing = write_spec(
+        dir,
+        "missing.toml",
+        "name = \"x\"\n[component]\npath = \"nope.wasm\"\nkind = \"job\"\n",
+    );
+    let err = c.cli_err(&["apply", "-f", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("nope.wasm") && err.contains("wasm32-wasip2"),
+        "{err}"
+    );
+
+    // The API validates JSON specs itself, whatever client sent them.
+    let resp = common::client()
+        .post(format!("{}/v1/apps", c.api))
+        .bearer_auth(&c.token)
+        .body("{\"name\": 1}")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "invalid_spec");
+    assert!(c.api_json("/v1/apps").as_array().unwrap().is_empty());
+}
+
+#[test]
+fn uploads_are_checked_and_limited() {
+    let c = Cluster::start_with(&["--max-module-size", "1Mi"]);
+    let http = common::client();
+    let upload = |body: Vec<u8>| {
+        http.post(format!("{}/v1/modules", c.api))
+            .bearer_auth(&c.token)
+            .body(body)
+            .send()
+            .unwrap()
+    };
+    let resp = upload(b"definitely not wasm".to_vec());
+    assert_eq!(resp.status(), 422);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a WebAssembly"),
+        "{body}"
+    );
+
+    let resp = upload(vec![0u8; (1 << 20) + 1]);
+    assert_eq!(resp.status(), 413);
+
+    // A core module is stored, but an app cannot run it: the error says what is expected.
+    let core_module = b"\0asm\x01\0\0\0".to_vec();
+    let resp = upload(core_module.clone());
+    assert_eq!(resp.status(), 201);
+    let digest = resp.json::<serde_json::Value>().unwrap()["module"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Same bytes again: stored once.
+    assert_eq!(upload(core_module).status(), 200);
+    assert_eq!(c.api_json("/v1/modules").as_array().unwrap().len(), 1);
+    let spec = write_spec(
+        c.dir.path(),
+        "core.toml",
+        &format!(
+            "name = \"core\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/core\"]\n"
+        ),
+    );
+    let err = c.cli_err(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("core WebAssembly module") && err.contains("wasi:http/proxy"),
+        "{err}"
+    );
+
+    let unknown = write_spec(
+        c.dir.path(),
+        "unknown.toml",
+        &format!(
+            "name = \"ghost\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n",
+            "0".repeat(64)
+        ),
+    );
+    let err = c.cli_err(&["apply", "-f", unknown.to_str().unwrap()]);
+    assert!(err.contains("has not been uploaded"), "{err}");
+    // None of it left an app behind.
+    assert!(c.api_json("/v1/apps").as_array().unwrap().is_empty());
+}
+
+#[test]
+fn misbehaving_guests_fail_alone() {
+    let c = Cluster::start();
+    c.cli_ok(&["apply", "-f", &format!("{}/hello/app.toml", examples())]);
+    let spec = faulty_spec(c.dir.path(), "");
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/hello", 200, "Hello");
+    c.wait_gw("/faulty/healthz", 200, "");
+
+    let resp = c.gw("/faulty/trap");
+    assert_eq!(resp.status(), 500);
+
+    // A guest that never returns is cut at its 2 s timeout; others are served meanwhile.
+    let gateway = c.gateway.clone();
+    let looping = std::thread::spawn(move || {
+        let start = Instant::now();
+        let resp = common::client()
+            .get(format!("{gateway}/faulty/loop"))
+            .send()
+            .unwrap();
+        (resp.status().as_u16(), start.elapsed())
+    });
+    let start = Instant::now();
+    assert_eq!(c.gw("/hello").status(), 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "hello waited on the loop"
+    );
+    let (status, took) = looping.join().unwrap();
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    let resp = c.gw("/faulty/oom");
+    assert_eq!(resp.status(), 500);
+    assert!(resp.text().unwrap().contains("memory"));
+
+    // The sandbox grants nothing: no files, no network, no env not in the spec.
+    let fs = c.gw("/faulty/fs").text().unwrap();
+    assert!(!fs.contains("allowed"), "{fs}");
+    let net = c.gw("/faulty/net").text().unwrap();
+    assert!(net.contains("denied"), "{net}");
+    assert_eq!(c.gw("/faulty/env/HOME").status(), 404);
+
+    // After all that, both apps still serve and the replicas are Ready.
+    assert_eq!(c.gw("/hello").status(), 200);
+    assert_eq!(c.gw("/faulty/healthz").status(), 200);
+    let replicas = c.api_json("/v1/replicas");
+    assert!(
+        replicas
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["phase"] == "Ready"),
+        "{replicas}"
+    );
+}
+
+#[test]
+fn a_busy_replica_queues_then_answers_503() {
+    let c = Cluster::start();
+    let spec = faulty_spec(c.dir.path(), "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("max_concurrency = 8", "max_concurrency = 1");
+    let spec = write_spec(c.dir.path(), "busy.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.wait_gw("/faulty/healthz", 200, "");
+    let gateway = c.gateway.clone();
+    let slow = std::thread::spawn(move || {
+        common::client()
+            .get(format!("{gateway}/faulty/sleep/1800"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    // Wait until the slow request holds the only permit.
+    assert!(poll(Duration::from_secs(10), || c
+        .gw("/faulty/healthz")
+        .status()
+        == 503));
+    assert_eq!(slow.join().unwrap(), 200);
+    assert_eq!(c.gw("/faulty/healthz").status(), 200);
+}
+
+#[test]
+fn a_replica_that_fits_nowhere_stays_pending_with_the_reason() {
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("cpu = \"50m\"", "cpu = \"5000\"");
+    let spec = write_spec(c.dir.path(), "huge.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(20), || {
+        let r = c.api_json("/v1/replicas?app=hello");
+        r[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("insufficient cpu"))
+    }));
+    let describe = c.cli_ok(&["describe", "app", "hello"]);
+    assert!(
+        describe.contains("0/1 nodes available: 1 insufficient cpu"),
+        "{describe}"
+    );
+    assert!(describe.contains("FailedScheduling"), "{describe}");
+    assert_eq!(c.gw("/hello").status(), 503);
+}

@@ -1,0 +1,220 @@
+//! Harness for end-to-end tests: a real `shoal up` process on ephemeral
+//! ports with its own data dir and CLI config, killed when dropped.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
+
+pub struct Cluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub api: String,
+    pub gateway: String,
+    pub token: String,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (child, api, gateway) = spawn(dir.path(), &extra_args);
+        let token = std::fs::read_to_string(dir.path().join("data/token")).expect("token file");
+        Cluster {
+            child,
+            dir,
+            api,
+            gateway,
+            token,
+            extra_args,
+        }
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", self.config())
+            .env_remove("SHOAL_SERVER")
+            .env_remove("SHOAL_TOKEN")
+            .output()
+            .expect("run shoal")
+    }
+
+    /// Runs the CLI and insists it succeeds; returns stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs the CLI and insists it fails; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "shoal {args:?} should have failed:\nstdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stderr).expect("utf-8 output")
+    }
+
+    pub fn api_get(&self, path: &str) -> reqwest::blocking::Response {
+        client()
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("API request")
+    }
+
+    pub fn api_json(&self, path: &str) -> serde_json::Value {
+        let resp = self.api_get(path);
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.json().expect("JSON body")
+    }
+
+    pub fn gw(&self, path: &str) -> reqwest::blocking::Response {
+        client()
+            .get(format!("{}{path}", self.gateway))
+            .send()
+            .expect("gateway request")
+    }
+
+    /// Polls the gateway until `path` answers `status` with a body containing `needle`.
+    pub fn wait_gw(&self, path: &str, status: u16, needle: &str) -> String {
+        let mut last = String::new();
+        let ok = poll(Duration::from_secs(30), || {
+            let resp = match client().get(format!("{}{path}", self.gateway)).send() {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e.to_string();
+                    return false;
+                }
+            };
+            let code = resp.status().as_u16();
+            let body = resp.text().unwrap_or_default();
+            last = format!("{code} {body}");
+            code == status && body.contains(needle)
+        });
+        assert!(
+            ok,
+            "GET {path} never answered {status} with {needle:?}; last: {last}"
+        );
+        last
+    }
+
+    /// kill -9, then start again on the same data dir (new ports).
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+        let (child, api, gateway) = spawn(self.dir.path(), &self.extra_args);
+        self.child = child;
+        self.api = api;
+        self.gateway = gateway;
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path, extra: &[String]) -> (Child, String, String) {
+    let mut child = Command::new(SHOAL)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--node-name",
+            "node-1",
+        ])
+        .args(extra)
+        .env("SHOAL_CONFIG", dir.join("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn shoal up");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // Keep draining so the child never blocks on a full pipe.
+                continue;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut api, mut gateway) = (None, None);
+    while api.is_none() || gateway.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("shoal up did not report its addresses in time");
+        if let Some(a) = line.trim().strip_prefix("API:") {
+            api = Some(a.trim().to_string());
+        }
+        if let Some(g) = line.trim().strip_prefix("gateway:") {
+            gateway = Some(g.trim().to_string());
+        }
+    }
+    (child, api.unwrap(), gateway.unwrap())
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Calls `f` until it returns true or the deadline passes.
+pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Writes an app spec into the test's temp dir, with the module path made absolute.
+pub fn write_spec(dir: &Path, file: &str, body: &str) -> PathBuf {
+    let path = dir.join(file);
+    std::fs::write(&path, body).expect("write spec");
+    path
+}
+
+pub fn examples() -> &'static str {
+    shoal_fixtures::EXAMPLES_DIR
+}

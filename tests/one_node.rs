@@ -1,0 +1,249 @@
+//! End to end on a real one-node cluster: `shoal up`, the CLI, the gateway.
+
+mod common;
+
+use common::{Cluster, examples, poll, write_spec};
+use std::time::Duration;
+
+fn hello_spec() -> String {
+    format!("{}/hello/app.toml", examples())
+}
+
+#[test]
+fn apply_serve_inspect_update_delete() {
+    let c = Cluster::start();
+    let spec = hello_spec();
+
+    let out = c.cli_ok(&["apply", "-f", &spec]);
+    assert!(
+        out.contains("app default/hello created, revision 1"),
+        "{out}"
+    );
+    let out = c.cli_ok(&["apply", "-f", &spec]);
+    assert!(out.contains("app default/hello unchanged"), "{out}");
+
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+
+    // Status reaches the store just after the endpoint reaches the gateway.
+    let mut apps = String::new();
+    let ready = poll(Duration::from_secs(10), || {
+        apps = c.cli_ok(&["get", "apps"]);
+        apps.contains("1/1")
+    });
+    assert!(
+        ready && apps.contains("hello") && apps.contains("/hello"),
+        "{apps}"
+    );
+    let replicas = c.cli_ok(&["get", "replicas"]);
+    assert!(
+        replicas.contains("Ready") && replicas.contains("node-1"),
+        "{replicas}"
+    );
+    let describe = c.cli_ok(&["describe", "app", "hello"]);
+    for needle in [
+        "Revision:     1",
+        "Scheduled",
+        "Ready",
+        "wasi:http/proxy",
+        "GREETING=",
+    ] {
+        assert!(
+            describe.contains(needle),
+            "describe lacks {needle:?}:\n{describe}"
+        );
+    }
+    let modules: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["get", "modules", "-o", "json"])).unwrap();
+    assert_eq!(modules.as_array().unwrap().len(), 1, "{modules}");
+    assert_eq!(modules[0]["kind"], "component");
+
+    // The guest's stdout is captured per replica.
+    let logs = c.cli_ok(&["logs", "hello"]);
+    assert!(logs.contains("GET /hello"), "{logs}");
+
+    // A dry run shows the change and changes nothing.
+    let changed = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("GREETING = \"Hello from Shoal!\"", "GREETING = \"Bonjour\"");
+    let changed = write_spec(c.dir.path(), "hello2.toml", &changed);
+    let changed = changed.to_str().unwrap();
+    let out = c.cli_ok(&["apply", "--dry-run", "-f", changed]);
+    assert!(
+        out.contains("(dry run)") && out.contains("env.GREETING"),
+        "{out}"
+    );
+    assert!(c.gw("/hello").text().unwrap().contains("Hello from Shoal!"));
+
+    // The real update makes revision 2 and traffic moves to it.
+    let out = c.cli_ok(&["apply", "-f", changed]);
+    assert!(out.contains("configured, revision 2"), "{out}");
+    c.wait_gw("/hello", 200, "Bonjour");
+    let history: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["describe", "app", "hello", "-o", "json"])).unwrap();
+    assert_eq!(history["revisions"].as_array().unwrap().len(), 2);
+    // The old replica goes once the new one is ready.
+    assert!(poll(Duration::from_secs(20), || {
+        let r = c.api_json("/v1/replicas?app=hello");
+        r.as_array().unwrap().len() == 1 && r[0]["revision"] == 2
+    }));
+
+    // Delete: replicas stop, the route goes away.
+    let out = c.cli_ok(&["delete", "app", "hello"]);
+    assert!(out.contains("deleted"), "{out}");
+    c.wait_gw("/hello", 404, "no_route");
+    assert!(poll(Duration::from_secs(20), || c
+        .api_json("/v1/replicas")
+        .as_array()
+        .unwrap()
+        .is_empty()));
+    let err = c.cli_err(&["describe", "app", "hello"]);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn the_gateway_streams_bodies_and_keeps_status_and_headers() {
+    let c = Cluster::start();
+    c.cli_ok(&["apply", "-f", &format!("{}/faulty/app.toml", examples())]);
+    c.wait_gw("/faulty/healthz", 200, "ok");
+
+    // 8 MiB sent chunked (no length known up front) comes back byte for byte.
+    let body: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
+    let resp = common::client()
+        .post(format!("{}/faulty/echo", c.gateway))
+        .header("content-type", "application/x-shoal-test")
+        .body(reqwest::blocking::Body::new(std::io::Cursor::new(
+            body.clone(),
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-shoal-test");
+    let echoed = resp.bytes().unwrap();
+    assert_eq!(echoed.len(), body.len());
+    assert!(echoed[..] == body[..], "echoed body differs");
+
+    assert_eq!(c.gw("/faulty/status/418").status(), 418);
+    let headers = common::client()
+        .get(format!("{}/faulty/headers", c.gateway))
+        .header("x-shoal-test", "yes")
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(headers.contains("x-shoal-test: yes"), "{headers}");
+}
+
+#[test]
+fn api_requires_the_token_but_the_gateway_does_not() {
+    let c = Cluster::start();
+    let http = common::client();
+    let resp = http.get(format!("{}/v1/apps", c.api)).send().unwrap();
+    assert_eq!(resp.status(), 401);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let resp = http
+        .get(format!("{}/v1/apps", c.api))
+        .bearer_auth("wrong")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(c.api_get("/v1/apps").status(), 200);
+    // No route is a 404 with a JSON body, without any token.
+    let resp = c.gw("/nothing-here");
+    assert_eq!(resp.status(), 404);
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "no_route");
+    // The token file is private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(c.dir.path().join("data/token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "token readable by others: {mode:o}");
+}
+
+#[test]
+fn jobs_run_to_completion_and_keep_their_logs() {
+    let c = Cluster::start();
+    c.cli_ok(&["apply", "-f", &format!("{}/greet-job/app.toml", examples())]);
+    assert!(poll(Duration::from_secs(30), || {
+        let r = c.api_json("/v1/replicas?app=greet-job");
+        r[0]["phase"] == "Succeeded"
+    }));
+    let r = c.api_json("/v1/replicas?app=greet-job");
+    assert_eq!(r[0]["exit_code"], 0);
+    let logs = c.cli_ok(&["logs", "greet-job"]);
+    assert!(logs.contains("greet-job: starting"), "{logs}");
+    assert!(logs.contains("stderr"), "{logs}");
+
+    // A failing exit code is a Failed replica with that code.
+    let failing = std::fs::read_to_string(format!("{}/greet-job/app.toml", examples()))
+        .unwrap()
+        .replace("name = \"greet-job\"", "name = \"failing-job\"")
+        .replace("../target", &format!("{}/target", examples()));
+    let failing = if failing.contains("[env]") {
+        failing.replace("[env]", "[env]\nEXIT_CODE = \"3\"")
+    } else {
+        format!("{failing}\n[env]\nEXIT_CODE = \"3\"\n")
+    };
+    let path = write_spec(c.dir.path(), "failing.toml", &failing);
+    c.cli_ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || {
+        let r = c.api_json("/v1/replicas?app=failing-job");
+        r[0]["phase"] == "Failed"
+    }));
+    assert_eq!(
+        c.api_json("/v1/replicas?app=failing-job")[0]["exit_code"],
+        3
+    );
+}
+
+#[test]
+fn state_survives_kill_9_and_compiled_code_is_reused() {
+    let mut c = Cluster::start();
+    c.cli_ok(&["apply", "-f", &hello_spec()]);
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    let cache = c.dir.path().join("data/cache");
+    let artifacts = |dir: &std::path::Path| -> Vec<(std::path::PathBuf, std::time::SystemTime)> {
+        walk(dir)
+            .into_iter()
+            .map(|p| {
+                let modified = std::fs::metadata(&p).unwrap().modified().unwrap();
+                (p, modified)
+            })
+            .collect()
+    };
+    let before = artifacts(&cache);
+    assert!(
+        !before.is_empty(),
+        "no precompiled artifact in {}",
+        cache.display()
+    );
+
+    c.kill_and_restart();
+    // Same app, same revision, served again without a new compile artifact.
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    let apps = c.api_json("/v1/apps");
+    assert_eq!(apps.as_array().unwrap().len(), 1);
+    assert_eq!(apps[0]["revision"], 1);
+    // The precompiled file was read, not written again.
+    assert_eq!(artifacts(&cache), before);
+    let out = c.cli_ok(&["apply", "-f", &hello_spec()]);
+    assert!(out.contains("unchanged"), "{out}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
