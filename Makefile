@@ -10,7 +10,7 @@ run: guests
 # Runs every test: unit, crate integration and end-to-end (real processes).
 test:
 	rustup target add wasm32-wasip2
-	cargo test --workspace --all-targets
+	cargo test --workspace
 
 guests:
 	rustup target add wasm32-wasip2

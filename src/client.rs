@@ -118,10 +118,16 @@ impl Client {
 
     /// Sends and fails on a non-2xx status with the server's error message.
     pub async fn checked(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| anyhow!("cannot reach the Shoal API at {}: {e}", self.base))?;
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                anyhow!(
+                    "cannot reach the Shoal API at {} (is `shoal up` running?): {e}",
+                    self.base
+                )
+            } else {
+                anyhow!("request to the Shoal API at {} failed: {e:#}", self.base)
+            }
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }

@@ -104,14 +104,8 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
             ),
         )
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(too_large());
-    }
+    // The limit is enforced while streaming, not from Content-Length, so
+    // the client has sent its body when the 413 comes and can read it.
     let stream = req.into_body().into_data_stream().boxed();
     let put = cp
         .blobs()
