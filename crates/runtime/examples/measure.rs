@@ -24,7 +24,12 @@ fn request() -> http::Request<Empty<Bytes>> {
 async fn one(service: &shoal_runtime::HttpService) {
     let response = service.handle(request()).await;
     assert_eq!(response.status(), 200);
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(&body[..], b"Hello from Shoal!\n");
 }
 

@@ -89,7 +89,10 @@ fn verify<'a>(bytes: &'a [u8], digest: &str) -> Result<&'a [u8], Unusable> {
     let rest = bytes.strip_prefix(MAGIC).ok_or(Unusable::Foreign)?;
     let (len, rest) = rest.split_first_chunk::<4>().ok_or(Unusable::Corrupt)?;
     let len = usize::try_from(u32::from_le_bytes(*len)).map_err(|_| Unusable::Corrupt)?;
-    if len.checked_add(SHA_LEN).is_none_or(|needed| rest.len() < needed) {
+    if len
+        .checked_add(SHA_LEN)
+        .is_none_or(|needed| rest.len() < needed)
+    {
         return Err(Unusable::Corrupt);
     }
     let (stored_digest, rest) = rest.split_at(len);
@@ -112,7 +115,9 @@ pub(crate) fn write(path: &Path, digest: &str, payload: &[u8]) -> std::io::Resul
         ".tmp-{}-{}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed),
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("artifact"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("artifact"),
     ));
     let digest_len = u32::try_from(digest.len())
         .map_err(|_| std::io::Error::other("digest too long to record"))?;

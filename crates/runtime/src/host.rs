@@ -178,7 +178,7 @@ pub(crate) fn new_store(engine: &Engine, settings: &InstanceSettings) -> Store<H
 pub(crate) enum Failure {
     TimedOut,
     OutOfMemory,
-    /// A wasm trap (panic, unreachable, stack overflow…); the message has the backtrace.
+    /// A wasm trap (panic, unreachable, stack overflow…), summarised on one line.
     Trapped(String),
     /// The instance pool is full: a capacity problem, not the guest's fault.
     AtCapacity(String),
@@ -189,17 +189,34 @@ pub(crate) enum Failure {
 impl Failure {
     /// Sorts an error out of a call into the guest, using what the store recorded.
     pub(crate) fn classify(host: &Host, err: &wasmtime::Error) -> Failure {
+        tracing::debug!(error = ?err, "guest call failed");
         if host.timed_out() {
             Failure::TimedOut
         } else if host.memory_exceeded() {
             Failure::OutOfMemory
         } else if err.is::<wasmtime::PoolConcurrencyLimitError>() {
-            Failure::AtCapacity(format!("{err:#}"))
+            Failure::AtCapacity(summarize(err))
         } else if err.is::<wasmtime::Trap>() {
-            Failure::Trapped(format!("{err:?}"))
+            Failure::Trapped(summarize(err))
         } else {
-            Failure::Failed(format!("{err:#}"))
+            Failure::Failed(summarize(err))
         }
+    }
+}
+
+/// One line for logs and statuses: the error chain without wasm backtraces, which are
+/// multi-line and, for stripped release guests, only function indices. The full error is
+/// logged at debug level.
+fn summarize(err: &wasmtime::Error) -> String {
+    let parts: Vec<String> = err
+        .chain()
+        .map(|cause| cause.to_string())
+        .filter(|text| !text.contains('\n'))
+        .collect();
+    if parts.is_empty() {
+        err.root_cause().to_string()
+    } else {
+        parts.join(": ")
     }
 }
 

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::oneshot;
+use tracing::Instrument;
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
@@ -72,12 +73,11 @@ impl HttpService {
     ///
     /// Bodies stream both ways. The guest keeps running in a background task after it sent
     /// the response head, until it finishes the body or its timeout stops it.
-    pub async fn handle<B>(&self, req: http::Request<B>) -> http::Response<ResponseBody>
+    pub async fn handle<B>(&self, mut req: http::Request<B>) -> http::Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
     {
-        let mut req = req;
         // wasi:http requires an authority; a request straight from an HTTP/1 server has it only
         // in `host`, and a synthetic one (health probes) may have neither.
         if req.uri().authority().is_none() && !req.headers().contains_key(http::header::HOST) {
@@ -108,6 +108,7 @@ impl HttpService {
         };
 
         let pre = inner.pre.clone();
+        let span = tracing::debug_span!("request", digest = %self.digest(), %method, %path);
         let task = tokio::spawn({
             let service = self.clone();
             let method = method.clone();
@@ -132,6 +133,7 @@ impl HttpService {
                 }
                 failure
             }
+            .instrument(span)
         });
 
         let response = match receiver.await {
@@ -149,9 +151,10 @@ impl HttpService {
                 Ok(Some(failure)) => self.failure_response(&failure),
                 Ok(None) => {
                     let message = "guest did not set a response";
-                    self.inner.settings.logs.push_system(format!(
-                        "{method} {path}: {message}"
-                    ));
+                    self.inner
+                        .settings
+                        .logs
+                        .push_system(format!("{method} {path}: {message}"));
                     tracing::warn!(digest = %self.digest(), %method, %path, "{message}");
                     error_response(StatusCode::INTERNAL_SERVER_ERROR, message)
                 }

@@ -41,7 +41,9 @@ async fn hello_answers_and_logs_each_request() {
     assert_eq!(body_text(response).await, "Hello from Shoal!\n");
 
     // A request with no authority at all (a synthetic probe) is still served.
-    let bare = http::Request::get("/healthz").body(Empty::<Bytes>::new()).unwrap();
+    let bare = http::Request::get("/healthz")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     assert_eq!(hello.handle(bare).await.status(), 200);
 
     let (lines, cursor) = logs.lines(0);
@@ -79,11 +81,13 @@ async fn a_trap_fails_only_its_own_request() {
         texts.iter().any(|l| l.contains("faulty: trap requested")),
         "the guest's panic message is captured: {texts:?}"
     );
-    assert!(
-        texts
-            .iter()
-            .any(|l| l.starts_with("[shoal] GET /faulty/trap: guest trapped")),
-        "the runtime records the trap: {texts:?}"
+    assert_eq!(
+        texts.last().map(String::as_str),
+        Some(
+            "[shoal] GET /faulty/trap: guest trapped: wasm trap: wasm `unreachable` \
+             instruction executed"
+        ),
+        "the runtime records the trap on one line: {texts:?}"
     );
 
     let response = faulty.handle(get("/faulty/status/201")).await;
@@ -241,7 +245,10 @@ async fn echo_streams_a_large_body_both_ways() {
     for i in 0..CHUNKS {
         let chunk: Vec<u8> = (0..CHUNK).map(|j| (i * 31 + j * 7) as u8).collect();
         sent.update(&chunk);
-        upload.send(Ok(Frame::data(Bytes::from(chunk)))).await.unwrap();
+        upload
+            .send(Ok(Frame::data(Bytes::from(chunk))))
+            .await
+            .unwrap();
         // Each chunk comes back before the next one is sent: nothing is buffered whole.
         while received_len < (i + 1) * CHUNK {
             let frame = download
@@ -343,5 +350,47 @@ async fn concurrent_requests_get_separate_instances() {
     });
     for body in futures::future::join_all(requests).await {
         assert_eq!(body.unwrap(), "Hello from Shoal!\n");
+    }
+}
+
+#[tokio::test]
+async fn a_full_instance_pool_answers_503_until_a_slot_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = shoal_runtime::RuntimeConfig::new(dir.path());
+    config.max_instances = 1;
+    config.max_memory_bytes = 64 * MIB;
+    let runtime = shoal_runtime::Runtime::new(config).unwrap();
+    let faulty = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    let faulty = runtime.http_service(&faulty, common::config()).unwrap();
+
+    // `/echo` answers at once and then holds its instance until the upload ends.
+    let (upload, frames) = futures::channel::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    let request = http::Request::post("/echo")
+        .header("host", "test.local")
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let echo = faulty.handle(request).await;
+    assert_eq!(echo.status(), 200);
+
+    let response = faulty.handle(get("/status/200")).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        body_text(response).await,
+        "no instance slot available on this node\n"
+    );
+
+    drop(upload);
+    assert!(body_bytes(echo).await.is_empty());
+    // The slot returns when the finished request's store is dropped, just after its body
+    // ended: poll for it rather than assume the order.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = faulty.handle(get("/status/200")).await.status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503);
+        assert!(Instant::now() < deadline, "the slot never came back");
+        tokio::task::yield_now().await;
     }
 }

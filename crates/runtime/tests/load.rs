@@ -220,8 +220,10 @@ async fn greet_job_runs_to_completion_with_captured_output() {
         ]
     );
     assert!(
-        lines.iter().any(|l| l.stream == LogStream::Stderr
-            && l.line == "greet-job: this line goes to stderr")
+        lines
+            .iter()
+            .any(|l| l.stream == LogStream::Stderr
+                && l.line == "greet-job: this line goes to stderr")
     );
 
     // Each run is a fresh instance: running again prints the same lines again.
