@@ -153,6 +153,52 @@ pub struct ComponentSpec {
     pub args: Vec<String>,
 }
 
+/// How strongly an app's replicas avoid sharing a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Spread {
+    /// Nodes with fewer replicas of the app score higher, so one node going
+    /// down takes as few of them as capacity allows.
+    #[default]
+    Preferred,
+    /// At most one replica of the app per node; the rest stay Pending.
+    Required,
+}
+
+/// Where an app's replicas may go. Not part of the revision, like scale:
+/// it steers replicas placed from now on, and replicas never move.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Labels a node must all carry, with these values, to be eligible.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub spread: Spread,
+}
+
+impl Placement {
+    /// So specs that never mention placement serialise as they always did.
+    pub fn is_default(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+/// Label keys and values in node selectors: short and plain, so they
+/// compare exactly with what nodes register.
+fn validate_label(what: &str, s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {s:?} must be 1 to 63 letters, digits, '.', '_', '/' or '-'"
+        ))
+    }
+}
+
 /// A validated, normalised app: what the API accepts and the store keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppSpec {
@@ -165,6 +211,12 @@ pub struct AppSpec {
     pub http: Option<HttpSpec>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Placement::is_default")]
+    pub placement: Placement,
+    /// Hosts a guest may call over plain HTTP besides other apps (which it
+    /// reaches by service name without a grant). Empty: no outbound network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
 }
 
 /// What makes a revision: everything that changes what runs in a replica.
@@ -175,6 +227,8 @@ pub struct Template {
     pub resources: Resources,
     pub timeout_ms: u64,
     pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbound: Vec<String>,
 }
 
 impl Template {
@@ -192,6 +246,7 @@ impl AppSpec {
             resources: self.resources.clone(),
             timeout_ms: self.http.as_ref().map_or(0, |h| h.timeout_ms),
             env: self.env.clone(),
+            outbound: self.outbound.clone(),
         }
     }
 
@@ -281,6 +336,18 @@ impl AppSpec {
                     "env",
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
+            }
+        }
+        for host in &self.outbound {
+            if let Err(m) = validate_host(host) {
+                return field("network.outbound", m);
+            }
+        }
+        for (key, value) in &self.placement.node_selector {
+            if let Err(m) =
+                validate_label("label", key).and_then(|()| validate_label("value", value))
+            {
+                return field("placement.node_selector", m);
             }
         }
         Ok(())
@@ -419,6 +486,15 @@ struct RawApp {
     scale: RawScale,
     http: Option<Spanned<RawHttp>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
+    placement: RawPlacement,
+    network: Option<Spanned<RawNetwork>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    outbound: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -449,6 +525,13 @@ struct RawScale {
 struct RawHttp {
     routes: Spanned<Vec<Spanned<String>>>,
     timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPlacement {
+    node_selector: Option<Spanned<BTreeMap<String, String>>>,
+    spread: Option<Spanned<Spread>>,
 }
 
 /// Parses and validates an app spec file.
@@ -494,6 +577,9 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     }
     if let Some(e) = &raw.env {
         spans.insert("env", e.span());
+    }
+    if let Some(s) = &raw.placement.node_selector {
+        spans.insert("placement.node_selector", s.span());
     }
 
     let kind = *c.kind.get_ref();
@@ -575,6 +661,25 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         replicas,
         http,
         env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
+        placement: Placement {
+            node_selector: raw
+                .placement
+                .node_selector
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
+            spread: raw
+                .placement
+                .spread
+                .map(Spanned::into_inner)
+                .unwrap_or_default(),
+        },
+        outbound: match raw.network {
+            Some(n) => {
+                spans.insert("network.outbound", n.span());
+                n.into_inner().outbound
+            }
+            None => Vec::new(),
+        },
     };
     // The digest is checked once it is known; everything else is checked now.
     let mut probe = spec.clone();
@@ -759,6 +864,28 @@ A = "1"
     }
 
     #[test]
+    fn outbound_hosts_are_granted_explicitly() {
+        let granted = format!("{HELLO}\n[network]\noutbound = [\"api.example.com\"]\n");
+        let spec = parse_app(&granted)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(spec.outbound, ["api.example.com"]);
+        let plain = parse_app(HELLO)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert!(plain.outbound.is_empty());
+        assert_ne!(
+            plain.template().hash(),
+            spec.template().hash(),
+            "a grant is a revision"
+        );
+        let bad = format!("{HELLO}\n[network]\noutbound = [\"http://x\"]\n");
+        assert_eq!(err(&bad).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
     fn json_specs_are_validated_too() {
         let mut spec = parse_app(HELLO)
             .unwrap()
@@ -775,5 +902,118 @@ A = "1"
             spec.validate().unwrap_err().field.as_deref(),
             Some("component.digest")
         );
+        spec.component.digest = format!("sha256:{}", "a".repeat(64));
+        spec.placement
+            .node_selector
+            .insert("zone".into(), "".into());
+        assert_eq!(
+            spec.validate().unwrap_err().field.as_deref(),
+            Some("placement.node_selector")
+        );
+    }
+
+    const PLACED: &str = r#"
+name = "placed"
+
+[component]
+path = "placed.wasm"
+kind = "job"
+
+[placement]
+node_selector = { zone = "a", "shoal.dev/arch" = "x86_64" }
+spread = "required"
+"#;
+
+    fn resolve(src: &str) -> AppSpec {
+        parse_app(src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "c".repeat(64)))
+            .unwrap()
+    }
+
+    #[test]
+    fn placement_parses() {
+        let spec = resolve(PLACED);
+        assert_eq!(
+            spec.placement.node_selector,
+            BTreeMap::from([
+                ("shoal.dev/arch".to_string(), "x86_64".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ])
+        );
+        assert_eq!(spec.placement.spread, Spread::Required);
+        let table = PLACED.replace(
+            "node_selector = { zone = \"a\", \"shoal.dev/arch\" = \"x86_64\" }\nspread = \"required\"",
+            "spread = \"required\"\n[placement.node_selector]\nzone = \"a\"\n\"shoal.dev/arch\" = \"x86_64\"",
+        );
+        assert_eq!(resolve(&table).placement, spec.placement);
+    }
+
+    #[test]
+    fn placement_defaults_to_anywhere_preferring_spread() {
+        let spec = resolve(HELLO);
+        assert_eq!(spec.placement, Placement::default());
+        assert!(spec.placement.node_selector.is_empty());
+        assert_eq!(spec.placement.spread, Spread::Preferred);
+        let spread_only = PLACED.replace(
+            "node_selector = { zone = \"a\", \"shoal.dev/arch\" = \"x86_64\" }\n",
+            "",
+        );
+        let spec = resolve(&spread_only);
+        assert!(spec.placement.node_selector.is_empty());
+        assert_eq!(spec.placement.spread, Spread::Required);
+    }
+
+    #[test]
+    fn placement_rejects_unknown_keys_and_values_with_position() {
+        let e = err(&PLACED.replace("spread = ", "affinity = \"x\"\nspread = "));
+        assert!(e.message.contains("affinity"), "{e}");
+        assert_eq!(e.line, Some(10), "{e}");
+        let e = err(&PLACED.replace("\"required\"", "\"always\""));
+        assert!(e.message.contains("always"), "{e}");
+        assert_eq!(e.line, Some(10), "{e}");
+    }
+
+    #[test]
+    fn placement_validates_selector_labels() {
+        for bad in [
+            "{ \"\" = \"a\" }",
+            "{ zone = \"\" }",
+            "{ \"zone a\" = \"b\" }",
+            "{ zone = \"a!\" }",
+            &format!("{{ zone = \"{}\" }}", "a".repeat(64)),
+        ] {
+            let src = PLACED.replace("{ zone = \"a\", \"shoal.dev/arch\" = \"x86_64\" }", bad);
+            let e = err(&src);
+            assert_eq!(
+                e.field.as_deref(),
+                Some("placement.node_selector"),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.line, Some(9), "{bad}: {e}");
+        }
+        let longest = PLACED.replace("\"a\"", &format!("\"{}\"", "a".repeat(63)));
+        assert_eq!(resolve(&longest).placement.node_selector["zone"].len(), 63);
+    }
+
+    #[test]
+    fn placement_is_not_a_revision() {
+        let a = resolve(PLACED);
+        let b = resolve(&PLACED.replace("zone = \"a\"", "zone = \"b\""));
+        assert_ne!(a.placement, b.placement);
+        assert_eq!(a.template().hash(), b.template().hash());
+    }
+
+    #[test]
+    fn json_without_placement_still_parses() {
+        let spec = resolve(HELLO);
+        let json = serde_json::to_value(&spec).unwrap();
+        assert!(json.get("placement").is_none(), "default is not written");
+        let back: AppSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(back, spec);
+        let placed = resolve(PLACED);
+        let json = serde_json::to_string(&placed).unwrap();
+        assert!(json.contains(r#""spread":"required""#), "{json}");
+        assert_eq!(serde_json::from_str::<AppSpec>(&json).unwrap(), placed);
     }
 }

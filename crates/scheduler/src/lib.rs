@@ -1,11 +1,12 @@
-//! Decisions, not actions: where a replica goes ([`place`]) and which
-//! replicas an app needs created or removed ([`reconcile`]). Everything here
-//! is a pure function of its inputs, so the controllers that call it stay
-//! thin and these rules are tested directly, as Nomad's scheduler and
-//! kube-rs reconcilers are.
+//! Decisions, not actions: where a replica goes ([`place`], or [`Cluster`]
+//! for many at once) and which replicas an app needs created or removed
+//! ([`reconcile`]). Everything here is a pure function of its inputs, so the
+//! controllers that call it stay thin and these rules are tested directly, as
+//! Nomad's scheduler and kube-rs reconcilers are.
 
 mod placement;
 mod reconcile;
 
-pub use placement::{NodeInfo, Placement, Strategy, Unschedulable, place};
+pub use placement::{Cluster, NodeInfo, Placement, Request, Strategy, Unschedulable, place};
 pub use reconcile::{Plan, reconcile};
+pub use shoal_core::spec::Spread;

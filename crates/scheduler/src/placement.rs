@@ -1,16 +1,58 @@
 //! Placement as a pipeline: cheap filters that record why each node was
-//! rejected, then a scorer over the survivors.
+//! rejected, then scorers over the survivors.
+//!
+//! Filters, cheapest first: the node is Ready, not cordoned, carries the
+//! app's node selector labels, holds no replica of the app when spread is
+//! required, and has the memory, cpu and instance slots the replica reserves.
+//! Scorers: balance (fewer replicas of the app first) dominates fit (the
+//! cluster's [`Strategy`]), so an app's replicas land on distinct nodes
+//! whenever capacity allows, even when bin-packing. Ties go to the lowest
+//! node name.
+//!
+//! [`place`] decides one replica; [`Cluster`] keeps one pass's bookkeeping so
+//! the controller places many in O(replicas × nodes) without rebuilding node
+//! lists per replica.
 
+use shoal_core::spec::{self, AppKey, Spread};
 use shoal_core::{Capacity, Node, NodeState};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-/// A node as the scheduler sees it: the node plus what is already placed on it.
+/// Score per replica of the app already on a node. Fit is in [0, 2], so one
+/// replica fewer always beats any difference in fit.
+const BALANCE_WEIGHT: f64 = 4.0;
+
+/// A node as [`place`] sees it: the node plus what is already placed on it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo<'a> {
     pub node: &'a Node,
+    /// What active replicas (of any app) reserve on it.
     pub allocated: Capacity,
+    /// Active replicas of the app being placed that are already on it.
+    pub app_replicas: usize,
 }
 
+/// What one replica needs from a node.
+#[derive(Debug, Clone)]
+pub struct Request<'r> {
+    /// What it reserves: see [`Capacity::of`].
+    pub resources: Capacity,
+    /// Labels the node must carry, all of them, with these values.
+    pub node_selector: &'r BTreeMap<String, String>,
+    pub spread: Spread,
+}
+
+impl<'r> Request<'r> {
+    /// A replica reserving `resources`, placed as its app's spec says.
+    pub fn new(resources: Capacity, placement: &'r spec::Placement) -> Self {
+        Request {
+            resources,
+            node_selector: &placement.node_selector,
+            spread: placement.spread,
+        }
+    }
+}
+
+/// How the cluster fills its nodes; the balance of each app comes first either way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Strategy {
     /// Most-allocated first: fill nodes so whole ones stay free.
@@ -20,9 +62,12 @@ pub enum Strategy {
     Spread,
 }
 
+/// Where a replica goes.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Placement {
-    pub node: String,
+pub struct Placement<'a> {
+    pub node: &'a Node,
+    /// The node's position in the list (or iterator) the caller passed.
+    pub index: usize,
     pub score: f64,
 }
 
@@ -36,90 +81,417 @@ pub struct Unschedulable {
 impl std::fmt::Display for Unschedulable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "0/{} nodes available", self.total)?;
-        if self.reasons.is_empty() {
-            return Ok(());
+        let mut sep = ": ";
+        for (reason, n) in &self.reasons {
+            write!(f, "{sep}{n} {reason}")?;
+            sep = ", ";
         }
-        let parts: Vec<String> = self
-            .reasons
-            .iter()
-            .map(|(reason, n)| format!("{n} {reason}"))
-            .collect();
-        write!(f, ": {}", parts.join(", "))
+        Ok(())
     }
 }
 
-/// The first filter a node fails, if any.
-fn rejection(n: &NodeInfo<'_>, req: &Capacity) -> Option<&'static str> {
-    let cap = &n.node.capacity;
-    if n.node.state != NodeState::Ready {
-        return Some("not ready");
-    }
-    if !n.node.schedulable {
-        return Some("cordoned");
-    }
-    if n.allocated.memory_bytes + req.memory_bytes > cap.memory_bytes {
-        return Some("insufficient memory");
-    }
-    if n.allocated.cpu_millis + req.cpu_millis > cap.cpu_millis {
-        return Some("insufficient cpu");
-    }
-    if n.allocated.instances + req.instances > cap.instances {
-        return Some("insufficient instance slots");
-    }
-    None
+/// Why a node was rejected; [`Reason::as_str`] is what `describe` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    NotReady,
+    Cordoned,
+    Selector,
+    AppAlreadyThere,
+    Memory,
+    Cpu,
+    Instances,
 }
 
-/// Fraction of cpu and memory in use after placing `req`, in [0, 2].
-fn utilisation(n: &NodeInfo<'_>, req: &Capacity) -> f64 {
-    let cap = &n.node.capacity;
-    let frac = |used: u64, total: u64| {
-        if total == 0 {
-            1.0
+impl Reason {
+    /// In declaration order, so `reason as usize` indexes it.
+    const ALL: [Reason; 7] = [
+        Reason::NotReady,
+        Reason::Cordoned,
+        Reason::Selector,
+        Reason::AppAlreadyThere,
+        Reason::Memory,
+        Reason::Cpu,
+        Reason::Instances,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotReady => "not ready",
+            Reason::Cordoned => "cordoned",
+            Reason::Selector => "didn't match node selector",
+            Reason::AppAlreadyThere => "already runs a replica of this app",
+            Reason::Memory => "insufficient memory",
+            Reason::Cpu => "insufficient cpu",
+            Reason::Instances => "insufficient instance slots",
+        }
+    }
+}
+
+/// A node as the scan reads it: numbers only, packed, so a scan over
+/// thousands of nodes streams through one small array and never follows a
+/// pointer to a `Node`.
+#[derive(Debug, Clone, Copy)]
+struct Fit {
+    /// Capacity minus allocation, per resource; negative when overcommitted.
+    free_memory: i64,
+    free_cpu: i64,
+    free_instances: i64,
+    /// Fraction of cpu plus fraction of memory allocated, in [0, 2]; a
+    /// resource the node has none of counts as full.
+    used: f64,
+    /// 1 / capacity, or 0 for a resource the node has none of.
+    per_cpu: f64,
+    per_memory: f64,
+    /// Set when the node takes no replica whatever is asked.
+    closed: Option<Reason>,
+}
+
+fn saturate(x: u64) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+impl Fit {
+    fn new(node: &Node, allocated: &Capacity) -> Fit {
+        let (cap, a) = (&node.capacity, allocated);
+        let frac = |used: u64, total: u64| {
+            if total == 0 {
+                1.0
+            } else {
+                used as f64 / total as f64
+            }
+        };
+        let per = |total: u64| if total == 0 { 0.0 } else { 1.0 / total as f64 };
+        let closed = if node.state != NodeState::Ready {
+            Some(Reason::NotReady)
+        } else if !node.schedulable {
+            Some(Reason::Cordoned)
         } else {
-            used as f64 / total as f64
+            None
+        };
+        Fit {
+            free_memory: saturate(cap.memory_bytes) - saturate(a.memory_bytes),
+            free_cpu: saturate(cap.cpu_millis) - saturate(a.cpu_millis),
+            free_instances: saturate(cap.instances) - saturate(a.instances),
+            used: frac(a.cpu_millis, cap.cpu_millis) + frac(a.memory_bytes, cap.memory_bytes),
+            per_cpu: per(cap.cpu_millis),
+            per_memory: per(cap.memory_bytes),
+            closed,
+        }
+    }
+}
+
+/// The rest of a node: what answers and bookkeeping need, not the scan.
+#[derive(Debug, Clone)]
+struct Slot<'a> {
+    node: &'a Node,
+    /// Position in the caller's list.
+    index: usize,
+    allocated: Capacity,
+}
+
+/// A [`Request`] in the scan's terms, converted once per placement.
+struct Ask {
+    memory: i64,
+    cpu: i64,
+    instances: i64,
+    required: bool,
+    memory_f: f64,
+    cpu_f: f64,
+    /// Fit is `offset + sign * utilisation`: most-allocated or least-allocated first.
+    offset: f64,
+    sign: f64,
+}
+
+impl Ask {
+    fn new(req: &Request<'_>, strategy: Strategy) -> Ask {
+        let r = &req.resources;
+        let (offset, sign) = match strategy {
+            Strategy::BinPack => (0.0, 1.0),
+            Strategy::Spread => (2.0, -1.0),
+        };
+        Ask {
+            memory: saturate(r.memory_bytes),
+            cpu: saturate(r.cpu_millis),
+            instances: saturate(r.instances),
+            required: req.spread == Spread::Required,
+            memory_f: r.memory_bytes as f64,
+            cpu_f: r.cpu_millis as f64,
+            offset,
+            sign,
+        }
+    }
+}
+
+/// The first filter a node fails, if any. `selected`: whether it matches the
+/// node selector; `app_replicas`: replicas of the app already on it.
+#[inline(always)]
+fn rejection(f: &Fit, selected: bool, app_replicas: u32, ask: &Ask) -> Option<Reason> {
+    if f.closed.is_some() {
+        f.closed
+    } else if !selected {
+        Some(Reason::Selector)
+    } else if ask.required && app_replicas > 0 {
+        Some(Reason::AppAlreadyThere)
+    } else if ask.memory > f.free_memory {
+        Some(Reason::Memory)
+    } else if ask.cpu > f.free_cpu {
+        Some(Reason::Cpu)
+    } else if ask.instances > f.free_instances {
+        Some(Reason::Instances)
+    } else {
+        None
+    }
+}
+
+/// Balance, then fit: utilisation after placing (cpu and memory fractions
+/// summed, in [0, 2]) by the cluster's strategy, minus a weight per replica
+/// of the app already there.
+#[inline(always)]
+fn score(f: &Fit, app_replicas: u32, ask: &Ask) -> f64 {
+    let utilisation = f.used + ask.cpu_f * f.per_cpu + ask.memory_f * f.per_memory;
+    ask.offset + ask.sign * utilisation - BALANCE_WEIGHT * f64::from(app_replicas)
+}
+
+fn matches_selector(node: &Node, selector: &BTreeMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k).is_some_and(|l| l == v))
+}
+
+/// Which slots match `selector`, in slot order.
+fn selector_mask(slots: &[Slot<'_>], selector: &BTreeMap<String, String>) -> Vec<bool> {
+    slots
+        .iter()
+        .map(|s| matches_selector(s.node, selector))
+        .collect()
+}
+
+/// The best node and its score, or why there is none. `fits` are in name
+/// order, so keeping the first of equal scores breaks ties by name;
+/// `selected` is `None` without a selector; `app_replicas` is per node.
+fn choose(
+    fits: &[Fit],
+    selected: Option<&[bool]>,
+    app_replicas: &[u32],
+    ask: &Ask,
+) -> Result<(usize, f64), Unschedulable> {
+    let mut best = None;
+    let mut best_score = f64::NEG_INFINITY;
+    let mut consider = |i: usize, f: &Fit, sel: bool, n: u32| {
+        if rejection(f, sel, n, ask).is_none() {
+            let score = score(f, n, ask);
+            if score > best_score {
+                best = Some(i);
+                best_score = score;
+            }
         }
     };
-    frac(n.allocated.cpu_millis + req.cpu_millis, cap.cpu_millis)
-        + frac(
-            n.allocated.memory_bytes + req.memory_bytes,
-            cap.memory_bytes,
-        )
-}
-
-/// Picks a node for a replica needing `req`. Ties go to the lowest name, so
-/// the same inputs always give the same answer.
-pub fn place(
-    req: &Capacity,
-    nodes: &[NodeInfo<'_>],
-    strategy: Strategy,
-) -> Result<Placement, Unschedulable> {
-    let mut reasons = BTreeMap::new();
-    let mut best: Option<Placement> = None;
-    for n in nodes {
-        if let Some(reason) = rejection(n, req) {
-            *reasons.entry(reason).or_insert(0) += 1;
-            continue;
+    // Two loops rather than a branch on `selected` per node.
+    match selected {
+        None => {
+            for (i, (f, &n)) in fits.iter().zip(app_replicas).enumerate() {
+                consider(i, f, true, n);
+            }
         }
-        let u = utilisation(n, req);
-        let score = match strategy {
-            Strategy::BinPack => u,
-            Strategy::Spread => 2.0 - u,
-        };
-        let better = match &best {
-            None => true,
-            Some(b) => score > b.score || (score == b.score && n.node.name < b.node),
-        };
-        if better {
-            best = Some(Placement {
-                node: n.node.name.clone(),
-                score,
-            });
+        Some(mask) => {
+            for (i, ((f, &n), &sel)) in fits.iter().zip(app_replicas).zip(mask).enumerate() {
+                consider(i, f, sel, n);
+            }
         }
     }
-    best.ok_or(Unschedulable {
-        total: nodes.len(),
+    match best {
+        Some(i) => Ok((i, best_score)),
+        None => Err(explain(fits, selected, app_replicas, ask)),
+    }
+}
+
+/// Counts every node's first failed filter. Only run when nothing fits, so
+/// the scan that succeeds never touches a map.
+#[cold]
+fn explain(
+    fits: &[Fit],
+    selected: Option<&[bool]>,
+    app_replicas: &[u32],
+    ask: &Ask,
+) -> Unschedulable {
+    let mut counts = [0usize; Reason::ALL.len()];
+    for (i, (f, &n)) in fits.iter().zip(app_replicas).enumerate() {
+        let sel = selected.is_none_or(|m| m[i]);
+        if let Some(reason) = rejection(f, sel, n, ask) {
+            counts[reason as usize] += 1;
+        }
+    }
+    let reasons = Reason::ALL
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(r, n)| (r.as_str(), n))
+        .collect();
+    Unschedulable {
+        total: fits.len(),
         reasons,
+    }
+}
+
+/// Picks a node for one replica. The same inputs, in any order, give the same answer.
+pub fn place<'a>(
+    req: &Request<'_>,
+    nodes: &[NodeInfo<'a>],
+    strategy: Strategy,
+) -> Result<Placement<'a>, Unschedulable> {
+    let mut order: Vec<usize> = (0..nodes.len()).collect();
+    order.sort_by(|&a, &b| nodes[a].node.name.cmp(&nodes[b].node.name));
+    let slots: Vec<Slot<'a>> = order
+        .iter()
+        .map(|&i| Slot {
+            node: nodes[i].node,
+            index: i,
+            allocated: nodes[i].allocated.clone(),
+        })
+        .collect();
+    let fits: Vec<Fit> = slots
+        .iter()
+        .map(|s| Fit::new(s.node, &s.allocated))
+        .collect();
+    let counts: Vec<u32> = order
+        .iter()
+        .map(|&i| u32::try_from(nodes[i].app_replicas).unwrap_or(u32::MAX))
+        .collect();
+    let mask = (!req.node_selector.is_empty()).then(|| selector_mask(&slots, req.node_selector));
+    let (i, score) = choose(&fits, mask.as_deref(), &counts, &Ask::new(req, strategy))?;
+    Ok(Placement {
+        node: slots[i].node,
+        index: slots[i].index,
+        score,
     })
+}
+
+/// One scheduling pass over a fixed set of nodes: what is allocated on each
+/// and where each app's replicas are. Every [`Cluster::place`] reserves what
+/// it places, so the next sees it, as if [`place`] were called with updated
+/// [`NodeInfo`]s — without building them per replica.
+///
+/// Use: [`Cluster::new`] with the nodes, [`Cluster::reserve`] every active
+/// replica, then [`Cluster::place`] each pending one.
+#[derive(Debug, Clone)]
+pub struct Cluster<'a> {
+    strategy: Strategy,
+    /// Sorted by node name, so the first best node found is the lowest name.
+    slots: Vec<Slot<'a>>,
+    /// `slots[i]` as the scan reads it.
+    fits: Vec<Fit>,
+    /// Per app, the slot of each of its active replicas (repeated per replica).
+    apps: HashMap<AppKey, Vec<usize>>,
+    /// Per slot, replicas of the app being placed; all zero between calls.
+    counts: Vec<u32>,
+    /// Per node selector seen this pass, which slots match it: labels do not
+    /// change during a pass, so each selector is matched against nodes once.
+    selectors: HashMap<BTreeMap<String, String>, Vec<bool>>,
+}
+
+impl<'a> Cluster<'a> {
+    /// Nodes in any order; [`Placement::index`] is a node's position in `nodes`.
+    pub fn new(nodes: impl IntoIterator<Item = &'a Node>, strategy: Strategy) -> Self {
+        let mut slots: Vec<Slot<'a>> = nodes
+            .into_iter()
+            .enumerate()
+            .map(|(index, node)| Slot {
+                node,
+                index,
+                allocated: Capacity::default(),
+            })
+            .collect();
+        slots.sort_by(|a, b| a.node.name.cmp(&b.node.name));
+        Cluster {
+            strategy,
+            counts: vec![0; slots.len()],
+            fits: slots
+                .iter()
+                .map(|s| Fit::new(s.node, &s.allocated))
+                .collect(),
+            slots,
+            apps: HashMap::new(),
+            selectors: HashMap::new(),
+        }
+    }
+
+    /// Accounts for a replica of `app` already on the node called `node`:
+    /// its resources are taken and it counts towards the app's balance.
+    /// False if there is no such node (nothing to account on).
+    pub fn reserve(&mut self, node: &str, app: &AppKey, resources: &Capacity) -> bool {
+        let Ok(i) = self
+            .slots
+            .binary_search_by(|s| s.node.name.as_str().cmp(node))
+        else {
+            return false;
+        };
+        self.take(i, app, resources);
+        true
+    }
+
+    /// Picks a node for one replica of `app` and reserves it there.
+    pub fn place(
+        &mut self,
+        app: &AppKey,
+        req: &Request<'_>,
+    ) -> Result<Placement<'a>, Unschedulable> {
+        let Cluster {
+            strategy,
+            slots,
+            fits,
+            apps,
+            counts,
+            selectors,
+        } = self;
+        let selected = if req.node_selector.is_empty() {
+            None
+        } else {
+            if !selectors.contains_key(req.node_selector) {
+                let mask = selector_mask(slots, req.node_selector);
+                selectors.insert(req.node_selector.clone(), mask);
+            }
+            selectors.get(req.node_selector).map(Vec::as_slice)
+        };
+        let mine = apps.get(app).map_or(&[][..], Vec::as_slice);
+        for &s in mine {
+            counts[s] = counts[s].saturating_add(1);
+        }
+        let chosen = choose(fits, selected, counts, &Ask::new(req, *strategy));
+        for &s in mine {
+            counts[s] = 0;
+        }
+        let (i, score) = chosen?;
+        self.take(i, app, &req.resources);
+        let s = &self.slots[i];
+        Ok(Placement {
+            node: s.node,
+            index: s.index,
+            score,
+        })
+    }
+
+    /// [`Cluster::place`] for each request in turn, each seeing the ones before.
+    pub fn place_all<'r>(
+        &mut self,
+        requests: impl IntoIterator<Item = (&'r AppKey, &'r Request<'r>)>,
+    ) -> Vec<Result<Placement<'a>, Unschedulable>> {
+        requests
+            .into_iter()
+            .map(|(app, req)| self.place(app, req))
+            .collect()
+    }
+
+    fn take(&mut self, slot: usize, app: &AppKey, resources: &Capacity) {
+        let s = &mut self.slots[slot];
+        s.allocated.add(resources);
+        self.fits[slot] = Fit::new(s.node, &s.allocated);
+        match self.apps.get_mut(app) {
+            Some(v) => v.push(slot),
+            None => {
+                self.apps.insert(app.clone(), vec![slot]);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -138,12 +510,12 @@ mod tests {
             labels: Default::default(),
             state: NodeState::Ready,
             schedulable: true,
-            last_heartbeat: 0,
+            draining: false,
             joined_at: 0,
         }
     }
 
-    fn req(cpu: u64, mem_mi: u64) -> Capacity {
+    fn cap(cpu: u64, mem_mi: u64) -> Capacity {
         Capacity {
             cpu_millis: cpu,
             memory_bytes: mem_mi << 20,
@@ -151,98 +523,234 @@ mod tests {
         }
     }
 
-    #[test]
-    fn bin_packs_onto_the_fullest_node_that_fits() {
-        let (a, b) = (node("a", 1000, 1024), node("b", 1000, 1024));
-        let nodes = [
-            NodeInfo {
-                node: &a,
-                allocated: req(100, 100),
-            },
-            NodeInfo {
-                node: &b,
-                allocated: req(500, 500),
-            },
-        ];
-        assert_eq!(
-            place(&req(100, 100), &nodes, Strategy::BinPack)
-                .unwrap()
-                .node,
-            "b"
-        );
-        assert_eq!(
-            place(&req(100, 100), &nodes, Strategy::Spread)
-                .unwrap()
-                .node,
-            "a"
-        );
-        // b cannot take 600Mi more; a can.
-        assert_eq!(
-            place(&req(100, 600), &nodes, Strategy::BinPack)
-                .unwrap()
-                .node,
-            "a"
-        );
+    static ANYWHERE: BTreeMap<String, String> = BTreeMap::new();
+
+    fn req(cpu: u64, mem_mi: u64) -> Request<'static> {
+        Request {
+            resources: cap(cpu, mem_mi),
+            node_selector: &ANYWHERE,
+            spread: Spread::Preferred,
+        }
+    }
+
+    fn info(node: &Node, allocated: Capacity) -> NodeInfo<'_> {
+        NodeInfo {
+            node,
+            allocated,
+            app_replicas: 0,
+        }
+    }
+
+    fn free(nodes: &[Node]) -> Vec<NodeInfo<'_>> {
+        nodes.iter().map(|n| info(n, Capacity::default())).collect()
+    }
+
+    fn app(name: &str) -> AppKey {
+        AppKey::new("default", name)
     }
 
     #[test]
-    fn ties_break_by_name() {
+    fn bin_packs_onto_the_fullest_node_that_fits() {
         let (a, b) = (node("a", 1000, 1024), node("b", 1000, 1024));
+        let nodes = [info(&a, cap(100, 100)), info(&b, cap(500, 500))];
+        let on = |r: Request<'_>, s| place(&r, &nodes, s).unwrap().node.name.clone();
+        assert_eq!(on(req(100, 100), Strategy::BinPack), "b");
+        assert_eq!(on(req(100, 100), Strategy::Spread), "a");
+        // b cannot take 600Mi more; a can.
+        assert_eq!(on(req(100, 600), Strategy::BinPack), "a");
+    }
+
+    #[test]
+    fn ties_break_by_name_whatever_the_order() {
         let nodes = [
-            NodeInfo {
-                node: &b,
-                allocated: Capacity::default(),
-            },
-            NodeInfo {
-                node: &a,
-                allocated: Capacity::default(),
-            },
+            node("c", 1000, 1024),
+            node("a", 1000, 1024),
+            node("b", 1000, 1024),
         ];
-        assert_eq!(
-            place(&req(1, 1), &nodes, Strategy::BinPack).unwrap().node,
-            "a"
-        );
+        let p = place(&req(1, 1), &free(&nodes), Strategy::BinPack).unwrap();
+        assert_eq!((p.node.name.as_str(), p.index), ("a", 1));
+        let mut cluster = Cluster::new(&nodes, Strategy::Spread);
+        let p = cluster.place(&app("x"), &req(1, 1)).unwrap();
+        assert_eq!((p.node.name.as_str(), p.index), ("a", 1));
     }
 
     #[test]
     fn every_rejection_is_counted() {
-        let a = node("a", 1000, 64);
-        let b = node("b", 1000, 64);
-        let mut c = node("c", 1000, 4096);
-        c.schedulable = false;
-        let mut d = node("d", 10, 4096);
-        d.state = NodeState::Ready;
-        let mut e = node("e", 1000, 4096);
-        e.state = NodeState::NotReady;
-        let nodes: Vec<NodeInfo> = [&a, &b, &c, &d, &e]
-            .into_iter()
-            .map(|node| NodeInfo {
-                node,
-                allocated: Capacity::default(),
-            })
-            .collect();
-        let err = place(&req(100, 128), &nodes, Strategy::BinPack).unwrap_err();
+        let mut nodes = vec![
+            node("a", 1000, 64),
+            node("b", 1000, 64),
+            node("c", 1000, 4096),
+            node("d", 10, 4096),
+            node("e", 1000, 4096),
+        ];
+        nodes[2].schedulable = false;
+        nodes[4].state = NodeState::NotReady;
+        let err = place(&req(100, 128), &free(&nodes), Strategy::BinPack).unwrap_err();
         assert_eq!(
             err.to_string(),
             "0/5 nodes available: 1 cordoned, 1 insufficient cpu, 2 insufficient memory, 1 not ready"
         );
     }
 
+    /// Each filter alone, and the reason it is reported under.
     #[test]
-    fn instance_slots_are_capacity() {
-        let a = node("a", 1000, 1024);
-        let nodes = [NodeInfo {
-            node: &a,
-            allocated: Capacity {
-                cpu_millis: 0,
-                memory_bytes: 0,
-                instances: 100,
-            },
-        }];
-        let err = place(&req(1, 1), &nodes, Strategy::BinPack).unwrap_err();
+    fn each_filter_has_its_reason() {
+        type Break = fn(&mut Node, &mut Capacity, &mut usize);
+        let cases: [(&str, Break); 7] = [
+            ("not ready", |n, _, _| n.state = NodeState::NotReady),
+            ("cordoned", |n, _, _| n.schedulable = false),
+            ("didn't match node selector", |n, _, _| {
+                n.labels.insert("zone".into(), "b".into());
+            }),
+            ("already runs a replica of this app", |_, _, r| *r = 1),
+            ("insufficient memory", |_, a, _| a.memory_bytes = 1000 << 20),
+            ("insufficient cpu", |_, a, _| a.cpu_millis = 950),
+            ("insufficient instance slots", |_, a, _| a.instances = 100),
+        ];
+        let zone_a = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+        let r = Request {
+            node_selector: &zone_a,
+            spread: Spread::Required,
+            ..req(100, 100)
+        };
+        for (reason, break_it) in cases {
+            let mut n = node("a", 1000, 1024);
+            n.labels.insert("zone".into(), "a".into());
+            let (mut allocated, mut app_replicas) = (Capacity::default(), 0);
+            assert!(place(&r, &[info(&n, allocated.clone())], Strategy::BinPack).is_ok());
+            break_it(&mut n, &mut allocated, &mut app_replicas);
+            let broken = NodeInfo {
+                node: &n,
+                allocated,
+                app_replicas,
+            };
+            let err = place(&r, &[broken], Strategy::BinPack).unwrap_err();
+            assert_eq!(err.to_string(), format!("0/1 nodes available: 1 {reason}"));
+        }
+    }
+
+    #[test]
+    fn node_selector_needs_every_label() {
+        let mut nodes = vec![
+            node("a", 1000, 1024),
+            node("b", 1000, 1024),
+            node("c", 1000, 1024),
+        ];
+        nodes[0].labels = BTreeMap::from([("zone".into(), "a".into())]);
+        nodes[1].labels =
+            BTreeMap::from([("zone".into(), "a".into()), ("gpu".into(), "yes".into())]);
+        nodes[2].labels = BTreeMap::from([("gpu".into(), "yes".into())]);
+        let selector = BTreeMap::from([
+            ("zone".to_string(), "a".to_string()),
+            ("gpu".to_string(), "yes".to_string()),
+        ]);
+        let r = Request {
+            node_selector: &selector,
+            ..req(1, 1)
+        };
+        assert_eq!(
+            place(&r, &free(&nodes), Strategy::BinPack)
+                .unwrap()
+                .node
+                .name,
+            "b"
+        );
+        nodes[1].labels.insert("zone".into(), "b".into());
+        let err = place(&r, &free(&nodes), Strategy::BinPack).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "0/1 nodes available: 1 insufficient instance slots"
+            "0/3 nodes available: 3 didn't match node selector"
+        );
+        // The cluster matches each selector once per pass; same answers.
+        let mut cluster = Cluster::new(&nodes, Strategy::BinPack);
+        assert_eq!(cluster.place(&app("x"), &r).unwrap_err(), err);
+        assert_eq!(cluster.place(&app("x"), &req(1, 1)).unwrap().node.name, "a");
+    }
+
+    /// Under bin-pack, an app's replicas still go to distinct nodes while
+    /// there are any; only then do they double up.
+    #[test]
+    fn spread_preferred_balances_even_when_bin_packing() {
+        let nodes = [
+            node("a", 4000, 4096),
+            node("b", 4000, 4096),
+            node("c", 4000, 4096),
+        ];
+        let mut cluster = Cluster::new(&nodes, Strategy::BinPack);
+        let placed: Vec<String> = (0..5)
+            .map(|_| {
+                cluster
+                    .place(&app("web"), &req(100, 100))
+                    .unwrap()
+                    .node
+                    .name
+                    .clone()
+            })
+            .collect();
+        assert_eq!(placed, ["a", "b", "c", "a", "b"]);
+        // Another app still bin-packs: onto the fullest node, a or b, so a.
+        let p = cluster.place(&app("db"), &req(100, 100)).unwrap();
+        assert_eq!(p.node.name, "a");
+    }
+
+    #[test]
+    fn spread_required_is_hard_anti_affinity() {
+        let nodes = [
+            node("a", 4000, 4096),
+            node("b", 4000, 4096),
+            node("c", 10, 4096),
+        ];
+        let r = Request {
+            spread: Spread::Required,
+            ..req(100, 100)
+        };
+        let mut cluster = Cluster::new(&nodes, Strategy::BinPack);
+        let results = cluster.place_all([(&app("web"), &r), (&app("web"), &r), (&app("web"), &r)]);
+        let names: Vec<_> = results
+            .iter()
+            .map(|p| {
+                p.as_ref()
+                    .map(|p| p.node.name.as_str())
+                    .map_err(ToString::to_string)
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                Ok("a"),
+                Ok("b"),
+                Err(
+                    "0/3 nodes available: 2 already runs a replica of this app, 1 insufficient cpu"
+                        .into()
+                )
+            ]
+        );
+        // Only this app is kept apart.
+        assert!(cluster.place(&app("other"), &r).is_ok());
+    }
+
+    #[test]
+    fn reserved_replicas_take_capacity_and_count_for_balance() {
+        let nodes = [node("a", 1000, 1024), node("b", 1000, 1024)];
+        let mut cluster = Cluster::new(&nodes, Strategy::BinPack);
+        assert!(cluster.reserve("b", &app("web"), &cap(100, 100)));
+        assert!(!cluster.reserve("gone", &app("web"), &cap(100, 100)));
+        // b is fuller, but already runs web.
+        assert_eq!(
+            cluster
+                .place(&app("web"), &req(100, 100))
+                .unwrap()
+                .node
+                .name,
+            "a"
+        );
+        assert!(cluster.reserve("a", &app("db"), &cap(900, 100)));
+        assert!(cluster.reserve("b", &app("db"), &cap(850, 0)));
+        // a lacks the memory, b the cpu.
+        let err = cluster.place(&app("db"), &req(200, 850)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "0/2 nodes available: 1 insufficient cpu, 1 insufficient memory"
         );
     }
 
@@ -250,5 +758,100 @@ mod tests {
     fn no_nodes() {
         let err = place(&req(1, 1), &[], Strategy::BinPack).unwrap_err();
         assert_eq!(err.to_string(), "0/0 nodes available");
+        let err = Cluster::new(&[], Strategy::BinPack)
+            .place(&app("x"), &req(1, 1))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "0/0 nodes available");
+    }
+
+    /// A small deterministic generator, so the test needs no dependency.
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// The batch gives what one `place` per replica gives with NodeInfos
+    /// rebuilt each time, and the same inputs give the same outputs.
+    #[test]
+    fn cluster_agrees_with_place_and_is_deterministic() {
+        let mut rng = Lcg(7);
+        let nodes: Vec<Node> = (0..40)
+            .map(|i| {
+                let mut n = node(
+                    &format!("n{:02}", rng.next(1000)),
+                    500 + 500 * rng.next(4),
+                    512 << rng.next(3),
+                );
+                n.name.push_str(&format!("-{i}"));
+                n.labels
+                    .insert("zone".into(), ["a", "b", "c"][rng.next(3) as usize].into());
+                n.schedulable = rng.next(10) != 0;
+                n
+            })
+            .collect();
+        let zone_a = BTreeMap::from([("zone".to_string(), "a".to_string())]);
+        let apps: Vec<AppKey> = (0..6).map(|i| app(&format!("app{i}"))).collect();
+        let requests: Vec<(usize, Request<'_>)> = (0..300)
+            .map(|_| {
+                let a = rng.next(6) as usize;
+                let r = Request {
+                    resources: cap(50 * (1 + a as u64), 64 << (a % 3)),
+                    node_selector: if a == 2 { &zone_a } else { &ANYWHERE },
+                    spread: if a == 4 {
+                        Spread::Required
+                    } else {
+                        Spread::Preferred
+                    },
+                };
+                (a, r)
+            })
+            .collect();
+        for strategy in [Strategy::BinPack, Strategy::Spread] {
+            let mut cluster = Cluster::new(&nodes, strategy);
+            let batch = cluster.place_all(requests.iter().map(|(a, r)| (&apps[*a], r)));
+            assert!(batch.iter().any(Result::is_err) && batch.iter().any(Result::is_ok));
+
+            let mut allocated = vec![Capacity::default(); nodes.len()];
+            let mut on: HashMap<(usize, usize), usize> = HashMap::new();
+            for ((a, r), got) in requests.iter().zip(&batch) {
+                let infos: Vec<NodeInfo<'_>> = nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| NodeInfo {
+                        node: n,
+                        allocated: allocated[i].clone(),
+                        app_replicas: on.get(&(*a, i)).copied().unwrap_or(0),
+                    })
+                    .collect();
+                let want = place(r, &infos, strategy);
+                assert_eq!(got, &want);
+                if let Ok(p) = want {
+                    allocated[p.index].add(&r.resources);
+                    *on.entry((*a, p.index)).or_default() += 1;
+                }
+            }
+
+            let mut reversed: Vec<&Node> = nodes.iter().collect();
+            reversed.reverse();
+            let again = Cluster::new(reversed, strategy)
+                .place_all(requests.iter().map(|(a, r)| (&apps[*a], r)));
+            let names =
+                |v: &[Result<Placement<'_>, Unschedulable>]| -> Vec<Result<String, String>> {
+                    v.iter()
+                        .map(|p| {
+                            p.as_ref()
+                                .map(|p| p.node.name.clone())
+                                .map_err(ToString::to_string)
+                        })
+                        .collect()
+                };
+            assert_eq!(names(&batch), names(&again));
+        }
     }
 }

@@ -34,10 +34,13 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     (rank, std::cmp::Reverse(r.created_at))
 }
 
-pub fn reconcile(app: &App, replicas: &[Replica]) -> Plan {
+/// `draining(node)` says whether a node is being drained: its replicas are
+/// replaced like those of an old revision, new before old.
+pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> bool) -> Plan {
     let desired = app.spec.replicas as usize;
-    let (mut current, old): (Vec<&Replica>, Vec<&Replica>) =
-        replicas.iter().partition(|r| r.revision == app.revision);
+    let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas
+        .iter()
+        .partition(|r| r.revision == app.revision && !r.node.as_deref().is_some_and(&draining));
     let mut plan = Plan::default();
 
     // Old replicas that serve nothing go at once; a job's old runs are stale.
@@ -125,14 +128,14 @@ mod tests {
     #[test]
     fn creates_missing_replicas() {
         assert_eq!(
-            reconcile(&app("http", 3, 1), &[]),
+            reconcile(&app("http", 3, 1), &[], |_| false),
             Plan {
                 create: 3,
                 delete: vec![]
             }
         );
         let rs = [replica("x", 1, Phase::Ready, 1)];
-        assert_eq!(reconcile(&app("http", 3, 1), &rs).create, 2);
+        assert_eq!(reconcile(&app("http", 3, 1), &rs, |_| false).create, 2);
     }
 
     #[test]
@@ -141,7 +144,10 @@ mod tests {
             replica("x", 1, Phase::Ready, 1),
             replica("y", 1, Phase::Pending, 2),
         ];
-        assert_eq!(reconcile(&app("http", 2, 1), &rs), Plan::default());
+        assert_eq!(
+            reconcile(&app("http", 2, 1), &rs, |_| false),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -151,7 +157,7 @@ mod tests {
             replica("ready-new", 1, Phase::Ready, 3),
             replica("pending", 1, Phase::Pending, 2),
         ];
-        let plan = reconcile(&app("http", 1, 1), &rs);
+        let plan = reconcile(&app("http", 1, 1), &rs, |_| false);
         assert_eq!(plan.delete, vec!["pending", "ready-new"]);
         assert_eq!(plan.create, 0);
     }
@@ -165,18 +171,18 @@ mod tests {
         ];
         // Step 1: one new replica, no old one removed yet.
         assert_eq!(
-            reconcile(&a, &rs),
+            reconcile(&a, &rs, |_| false),
             Plan {
                 create: 1,
                 delete: vec![]
             }
         );
         rs.push(replica("n1", 2, Phase::Starting, 3));
-        assert_eq!(reconcile(&a, &rs), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
         // Step 2: n1 ready → the oldest old replica goes.
         rs[2].phase = Phase::Ready;
         assert_eq!(
-            reconcile(&a, &rs),
+            reconcile(&a, &rs, |_| false),
             Plan {
                 create: 0,
                 delete: vec!["o1".into()]
@@ -185,7 +191,7 @@ mod tests {
         rs.remove(0);
         // Step 3: room for the second new replica.
         assert_eq!(
-            reconcile(&a, &rs),
+            reconcile(&a, &rs, |_| false),
             Plan {
                 create: 1,
                 delete: vec![]
@@ -193,7 +199,7 @@ mod tests {
         );
         rs.push(replica("n2", 2, Phase::Ready, 4));
         assert_eq!(
-            reconcile(&a, &rs),
+            reconcile(&a, &rs, |_| false),
             Plan {
                 create: 0,
                 delete: vec!["o2".into()]
@@ -208,7 +214,7 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Failed, 2),
         ];
-        assert_eq!(reconcile(&a, &rs), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
     }
 
     #[test]
@@ -219,7 +225,7 @@ mod tests {
             replica("o2", 1, Phase::Failed, 1),
         ];
         assert_eq!(
-            reconcile(&a, &rs),
+            reconcile(&a, &rs, |_| false),
             Plan {
                 create: 1,
                 delete: vec!["o1".into(), "o2".into()]
@@ -233,15 +239,46 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Ready, 2),
         ];
-        let plan = reconcile(&app("http", 0, 2), &rs);
+        let plan = reconcile(&app("http", 0, 2), &rs, |_| false);
         assert_eq!(plan.delete, vec!["n1".to_string(), "o1".to_string()]);
+    }
+
+    #[test]
+    fn draining_moves_replicas_new_before_old() {
+        let a = app("http", 2, 1);
+        let mut rs = vec![
+            replica("d1", 1, Phase::Ready, 1),
+            replica("k1", 1, Phase::Ready, 2),
+        ];
+        rs[0].node = Some("draining".into());
+        let drain = |n: &str| n == "draining";
+        assert_eq!(
+            reconcile(&a, &rs, drain),
+            Plan {
+                create: 1,
+                delete: vec![]
+            }
+        );
+        rs.push(replica("n1", 1, Phase::Starting, 3));
+        assert_eq!(reconcile(&a, &rs, drain), Plan::default());
+        rs[2].phase = Phase::Ready;
+        assert_eq!(
+            reconcile(&a, &rs, drain),
+            Plan {
+                create: 0,
+                delete: vec!["d1".into()]
+            }
+        );
     }
 
     #[test]
     fn finished_jobs_are_not_rerun() {
         let mut done = replica("j1", 1, Phase::Succeeded, 1);
         done.kind = Kind::Job;
-        assert_eq!(reconcile(&app("job", 1, 1), &[done]), Plan::default());
+        assert_eq!(
+            reconcile(&app("job", 1, 1), &[done], |_| false),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -249,7 +286,7 @@ mod tests {
         let mut old = replica("j1", 1, Phase::Running, 1);
         old.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 2), &[old]),
+            reconcile(&app("job", 1, 2), &[old], |_| false),
             Plan {
                 create: 1,
                 delete: vec!["j1".into()]
