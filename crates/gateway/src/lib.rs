@@ -1,10 +1,18 @@
 //! The gateway: every node runs one. It maps a request's host and path to an
-//! app ([`RoutingTable`]), picks one of the app's ready endpoints
-//! (power of two choices on in-flight requests) and calls it, holding one of
-//! the replica's concurrency permits for as long as the response streams.
+//! app ([`RoutingTable`]), picks one of the app's ready endpoints (power of two
+//! choices on in-flight requests, wherever they run) and calls it: in process,
+//! holding one of the replica's concurrency permits for as long as the response
+//! streams, or through the gateway of the node that runs it, one hop at most.
+//!
+//! Guests reach other apps by name through the same picking
+//! ([`Gateway::outbound`]): that is service discovery.
 
+mod endpoint;
+mod outbound;
+mod proxy;
 mod routing;
 mod server;
 
+pub use endpoint::{Endpoint, EndpointStatus};
 pub use routing::RoutingTable;
-pub use server::{Endpoint, Gateway, GatewayConfig, serve};
+pub use server::{Gateway, GatewayConfig, serve};

@@ -38,6 +38,11 @@ impl RoutingTable {
             .map(|(r, k)| (r, k))
     }
 
+    /// Whether any route leads to `app`.
+    pub fn serves(&self, app: &AppKey) -> bool {
+        self.routes.iter().any(|(_, k)| k == app)
+    }
+
     pub fn len(&self) -> usize {
         self.routes.len()
     }

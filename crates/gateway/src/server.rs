@@ -1,6 +1,11 @@
-//! The gateway's hot path: route, pick an endpoint, take a permit, call.
+//! The gateway's hot path: route, pick an endpoint, call it in process or one hop away.
 
 use crate::RoutingTable;
+use crate::endpoint::{Endpoint, EndpointStatus, InflightGuard, Target, pick};
+use crate::outbound::ServicePolicy;
+use crate::proxy::{
+    self, APP_HEADER, ERROR_HEADER, Failure, HOP_HEADER, REPLICA_GONE, REPLICA_HEADER, Resend,
+};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
@@ -8,74 +13,74 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_core::{Route, spec::AppKey};
-use shoal_runtime::{HttpService, ResponseBody};
-use std::collections::HashMap;
+use shoal_runtime::{HttpError, HttpService, OutboundPolicy, ResponseBody, WasiBody};
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::Instrument;
+use tracing::{Instrument, Span, field};
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// How long a request waits for a busy replica before it gets a 503.
     pub queue_timeout: Duration,
+    /// How long connecting to another node (or a granted host) may take before that
+    /// endpoint counts as unreachable.
+    pub connect_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             queue_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(2),
         }
     }
 }
 
-/// One ready replica the gateway can send requests to.
-pub struct Endpoint {
-    pub replica: String,
-    service: HttpService,
-    permits: Arc<Semaphore>,
-    inflight: Arc<AtomicUsize>,
-}
-
-impl Endpoint {
-    pub fn local(replica: String, service: HttpService, max_concurrency: u32) -> Self {
-        Endpoint {
-            replica,
-            service,
-            permits: Arc::new(Semaphore::new(max_concurrency as usize)),
-            inflight: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
-    pub fn inflight(&self) -> usize {
-        self.inflight.load(Ordering::Relaxed)
-    }
-}
+type EndpointMap = HashMap<AppKey, Arc<[Arc<Endpoint>]>>;
 
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     config: GatewayConfig,
     table: RwLock<Arc<RoutingTable>>,
-    endpoints: RwLock<HashMap<AppKey, Arc<[Arc<Endpoint>]>>>,
+    endpoints: RwLock<EndpointMap>,
+    /// Apps the agent declared as services; see [`Gateway::set_services`].
+    services: RwLock<HashSet<AppKey>>,
+    client: proxy::Client,
 }
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
+        let client = proxy::client(config.connect_timeout);
         Gateway {
             inner: Arc::new(Inner {
                 config,
                 table: RwLock::new(Arc::new(RoutingTable::default())),
                 endpoints: RwLock::new(HashMap::new()),
+                services: RwLock::new(HashSet::new()),
+                client,
             }),
         }
+    }
+
+    pub(crate) fn downgrade(&self) -> Weak<Inner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(inner: &Weak<Inner>) -> Option<Gateway> {
+        inner.upgrade().map(|inner| Gateway { inner })
+    }
+
+    pub(crate) fn client(&self) -> &proxy::Client {
+        &self.inner.client
     }
 
     /// Replaces the whole routing table.
@@ -83,6 +88,30 @@ impl Gateway {
         *self.inner.table.write().expect("routing lock") = Arc::new(RoutingTable::new(routes));
     }
 
+    /// Declares every http app of the cluster, so guests can call one by name even while it
+    /// has no route and no ready replica (it then answers 503, not "not found"). An app with
+    /// routes or endpoints here is known without being declared.
+    pub fn set_services(&self, apps: Vec<AppKey>) {
+        *self.inner.services.write().expect("services lock") = apps.into_iter().collect();
+    }
+
+    /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
+    pub(crate) fn knows(&self, app: &AppKey) -> bool {
+        self.inner
+            .services
+            .read()
+            .expect("services lock")
+            .contains(app)
+            || self
+                .inner
+                .endpoints
+                .read()
+                .expect("endpoint lock")
+                .contains_key(app)
+            || self.inner.table.read().expect("routing lock").serves(app)
+    }
+
+    /// Adds (or replaces, by replica id) one endpoint, local or remote.
     pub fn add_endpoint(&self, app: AppKey, endpoint: Endpoint) {
         let mut map = self.inner.endpoints.write().expect("endpoint lock");
         let mut list: Vec<Arc<Endpoint>> = map
@@ -118,51 +147,244 @@ impl Gateway {
         removed
     }
 
-    /// Replica ids of an app's ready endpoints.
+    /// Replaces every remote endpoint with `remote` (app → `(replica, node gateway address)`),
+    /// in one swap, keeping local endpoints. An endpoint that stays keeps its in-flight count,
+    /// so p2c does not forget the load it sent; one marked down is back in rotation, as this
+    /// is the fresh status that lists it. A replica that is also local stays local.
+    pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<(String, String)>>) {
+        let mut map = self.inner.endpoints.write().expect("endpoint lock");
+        let mut next = EndpointMap::new();
+        for (app, list) in map.iter() {
+            let locals: Vec<Arc<Endpoint>> =
+                list.iter().filter(|e| e.is_local()).cloned().collect();
+            if !locals.is_empty() {
+                next.insert(app.clone(), locals.into());
+            }
+        }
+        for (app, replicas) in remote {
+            let old = map.get(&app);
+            let mut list: Vec<Arc<Endpoint>> =
+                next.get(&app).map(|l| l.to_vec()).unwrap_or_default();
+            for (replica, node) in replicas {
+                if list.iter().any(|e| e.replica == replica) {
+                    continue;
+                }
+                let kept = old
+                    .and_then(|l| {
+                        l.iter()
+                            .find(|e| e.replica == replica && e.node_gateway() == Some(&node))
+                    })
+                    .cloned();
+                let endpoint = match kept {
+                    Some(e) => {
+                        e.set_down(false);
+                        e
+                    }
+                    None => Arc::new(Endpoint::remote(replica, node)),
+                };
+                list.push(endpoint);
+            }
+            if !list.is_empty() {
+                next.insert(app, list.into());
+            }
+        }
+        *map = next;
+    }
+
+    /// Replica ids of an app's endpoints in rotation (ready, and not marked down).
     pub fn endpoints(&self, app: &AppKey) -> Vec<String> {
         let map = self.inner.endpoints.read().expect("endpoint lock");
         map.get(app)
-            .map(|l| l.iter().map(|e| e.replica.clone()).collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|e| !e.is_down())
+                    .map(|e| e.replica.clone())
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Every endpoint of an app, down ones included, as the gateway sees it now.
+    pub fn endpoint_status(&self, app: &AppKey) -> Vec<EndpointStatus> {
+        let map = self.inner.endpoints.read().expect("endpoint lock");
+        map.get(app)
+            .map(|l| l.iter().map(|e| e.status()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The outbound policy for guests of one replica in `namespace`: calls to `http://NAME/`
+    /// or `http://NAME.NAMESPACE/` go to that app's replicas through this gateway (in process,
+    /// or to the node that runs one); plain-http calls to a host in `allowed_hosts` go out to
+    /// the network; everything else is refused. The policy holds the gateway weakly, so a
+    /// replica's service never keeps the gateway that holds it alive.
+    pub fn outbound(&self, namespace: &str, allowed_hosts: Vec<String>) -> Arc<dyn OutboundPolicy> {
+        Arc::new(ServicePolicy::new(self, namespace, allowed_hosts))
     }
 
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
     where
         B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<wasmtime_wasi_http::Error>,
+        B::Error: Into<HttpError>,
     {
-        let host = request_host(&req);
-        let table = self.inner.table.read().expect("routing lock").clone();
-        let Some((_, app)) = table.lookup(host.as_deref(), req.uri().path()) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "no_route",
-                &format!(
-                    "no app serves {}{} on this gateway",
-                    host.as_deref().unwrap_or(""),
-                    req.uri().path()
-                ),
-            );
-        };
+        let req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            app = field::Empty,
+            replica = field::Empty,
+        );
+        async move {
+            if req.headers().contains_key(REPLICA_HEADER) || req.headers().contains_key(HOP_HEADER)
+            {
+                return self.serve_pinned(req).await;
+            }
+            let host = request_host(&req);
+            let app = {
+                let table = self.inner.table.read().expect("routing lock");
+                table
+                    .lookup(host.as_deref(), req.uri().path())
+                    .map(|(_, app)| app.clone())
+            };
+            let Some(app) = app else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    "no_route",
+                    &format!(
+                        "no app serves {}{} on this gateway",
+                        host.as_deref().unwrap_or(""),
+                        req.uri().path()
+                    ),
+                );
+            };
+            self.dispatch(&app, req).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Sends a request to one of `app`'s endpoints, whatever the route table says: external
+    /// traffic after routing, and service calls from guests. A remote endpoint that cannot be
+    /// reached is marked down and, if the request can be sent again, one other is tried.
+    pub(crate) async fn dispatch(
+        &self,
+        app: &AppKey,
+        mut req: Request<WasiBody>,
+    ) -> Response<ResponseBody> {
+        let span = Span::current();
+        span.record("app", field::display(app));
         let endpoints = self
             .inner
             .endpoints
             .read()
             .expect("endpoint lock")
             .get(app)
-            .cloned();
-        let Some(endpoints) = endpoints.filter(|e| !e.is_empty()) else {
+            .cloned()
+            .unwrap_or_else(|| Arc::from([]));
+        let Some(first) = pick(&endpoints) else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_ready_replicas",
                 &format!("app {app} has no ready replicas"),
             );
         };
-        let endpoint = pick(&endpoints);
-        let permit = match endpoint.permits.clone().try_acquire_owned() {
+        span.record("replica", first.replica.as_str());
+        let mut resend = None;
+        if !first.is_local() {
+            if !proxy::resendable(&req) && proxy::maybe_resendable(&req) {
+                req = proxy::peek_body(req).await;
+            }
+            resend = proxy::resendable(&req).then(|| Resend::of(&req));
+        }
+        let failure = match self.call(&first, app, req).await {
+            Ok(response) => return response,
+            Err(failure) => failure,
+        };
+        mark_down(&first, app, &failure);
+        let Some((second, resend)) = resend.and_then(|r| pick(&endpoints).map(|e| (e, r))) else {
+            return failure_response(app, &first, failure);
+        };
+        span.record("replica", second.replica.as_str());
+        tracing::debug!(failed = %first.replica, "retrying on another endpoint");
+        match self.call(&second, app, resend.request()).await {
+            Ok(response) => response,
+            Err(failure) => {
+                mark_down(&second, app, &failure);
+                failure_response(app, &second, failure)
+            }
+        }
+    }
+
+    /// A request another gateway forwarded: served by the replica it names, here, or refused
+    /// so the sender can try elsewhere. Never forwarded again.
+    async fn serve_pinned(&self, req: Request<WasiBody>) -> Response<ResponseBody> {
+        let (replica, app) = {
+            let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+            let replica = header(REPLICA_HEADER).unwrap_or_default().to_string();
+            let app = match header(APP_HEADER).and_then(|v| v.split_once('/')) {
+                Some((namespace, name)) => Some(AppKey::new(namespace, name)),
+                None => {
+                    let table = self.inner.table.read().expect("routing lock");
+                    table
+                        .lookup(request_host(&req).as_deref(), req.uri().path())
+                        .map(|(_, app)| app.clone())
+                }
+            };
+            (replica, app)
+        };
+        let endpoint = app.as_ref().and_then(|app| {
+            let map = self.inner.endpoints.read().expect("endpoint lock");
+            map.get(app)?
+                .iter()
+                .find(|e| e.replica == replica && e.is_local())
+                .cloned()
+        });
+        let (Some(app), Some(endpoint)) = (app, endpoint) else {
+            return replica_gone(&replica);
+        };
+        let span = Span::current();
+        span.record("app", field::display(&app));
+        span.record("replica", replica.as_str());
+        match self.call(&endpoint, &app, req).await {
+            Ok(response) => response,
+            Err(failure) => failure_response(&app, &endpoint, failure),
+        }
+    }
+
+    async fn call(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        app: &AppKey,
+        req: Request<WasiBody>,
+    ) -> Result<Response<ResponseBody>, Failure> {
+        match &endpoint.target {
+            Target::Local { service, permits } => {
+                Ok(self.call_local(endpoint, service, permits, app, req).await)
+            }
+            Target::Remote { node } => {
+                let inflight = endpoint.enter();
+                let response =
+                    proxy::forward(&self.inner.client, node, app, &endpoint.replica, req).await?;
+                Ok(response.map(|body| guarded(body, None, inflight)))
+            }
+        }
+    }
+
+    /// Takes one of the replica's permits (waiting up to the queue timeout) and runs the
+    /// request in a fresh instance; permit and in-flight count go when the body is done.
+    async fn call_local(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        service: &HttpService,
+        permits: &Arc<Semaphore>,
+        app: &AppKey,
+        mut req: Request<WasiBody>,
+    ) -> Response<ResponseBody> {
+        proxy::strip_internal(req.headers_mut());
+        let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                let wait = endpoint.permits.clone().acquire_owned();
+                let wait = permits.clone().acquire_owned();
                 match tokio::time::timeout(self.inner.config.queue_timeout, wait).await {
                     Ok(Ok(p)) => p,
                     _ => {
@@ -178,38 +400,67 @@ impl Gateway {
                 }
             }
         };
-        endpoint.inflight.fetch_add(1, Ordering::Relaxed);
-        let guard = Guard {
-            _permit: permit,
-            inflight: endpoint.inflight.clone(),
-        };
-        let span = tracing::debug_span!("request", app = %app, replica = %endpoint.replica);
-        let resp = endpoint.service.handle(req).instrument(span).await;
-        resp.map(|body| {
-            Guarded {
-                inner: body,
-                _guard: guard,
-            }
-            .boxed_unsync()
-        })
+        let inflight = endpoint.enter();
+        let resp = service.handle(req).await;
+        resp.map(|body| guarded(body, Some(permit), inflight))
     }
 }
 
-/// Power of two choices: two random endpoints, the less busy one wins.
-fn pick(endpoints: &[Arc<Endpoint>]) -> &Arc<Endpoint> {
-    if endpoints.len() == 1 {
-        return &endpoints[0];
+fn mark_down(endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
+    endpoint.set_down(true);
+    let reason = match failure {
+        Failure::Unreachable(e) => e.as_str(),
+        Failure::ReplicaGone => "the node no longer runs it",
+    };
+    tracing::warn!(
+        %app,
+        replica = %endpoint.replica,
+        node = endpoint.node_gateway().unwrap_or("local"),
+        %reason,
+        "endpoint marked down until the next status"
+    );
+}
+
+/// What the client gets when no endpoint could take the request.
+fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Response<ResponseBody> {
+    let node = endpoint.node_gateway().unwrap_or("local");
+    match failure {
+        Failure::Unreachable(e) => error(
+            StatusCode::BAD_GATEWAY,
+            "bad_gateway",
+            &format!(
+                "app {app}: replica {} on {node} is unreachable: {e}",
+                endpoint.replica
+            ),
+        ),
+        // Nothing ran: the client may safely send it again.
+        Failure::ReplicaGone => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                REPLICA_GONE,
+                &format!(
+                    "app {app}: replica {} is no longer on {node}; retry shortly",
+                    endpoint.replica
+                ),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            resp
+        }
     }
-    let a = fastrand::usize(..endpoints.len());
-    let mut b = fastrand::usize(..endpoints.len() - 1);
-    if b >= a {
-        b += 1;
-    }
-    if endpoints[b].inflight() < endpoints[a].inflight() {
-        &endpoints[b]
-    } else {
-        &endpoints[a]
-    }
+}
+
+/// The receiver's refusal of a forwarded request; the header lets the sender tell it from a
+/// guest's own 503.
+fn replica_gone(replica: &str) -> Response<ResponseBody> {
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        REPLICA_GONE,
+        &format!("replica {replica:?} does not run on this node"),
+    );
+    resp.headers_mut()
+        .insert(ERROR_HEADER, header::HeaderValue::from_static(REPLICA_GONE));
+    resp
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<String> {
@@ -226,7 +477,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
     let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
     Response::builder()
         .status(status)
@@ -239,27 +490,30 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody
         .expect("static response parts are valid")
 }
 
-/// Held for the life of a response body: the replica's concurrency permit
-/// and its in-flight count, both released when the body is done or dropped.
-struct Guard {
-    _permit: OwnedSemaphorePermit,
-    inflight: Arc<AtomicUsize>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.inflight.fetch_sub(1, Ordering::Relaxed);
+fn guarded(
+    inner: ResponseBody,
+    permit: Option<OwnedSemaphorePermit>,
+    inflight: InflightGuard,
+) -> ResponseBody {
+    Guarded {
+        inner,
+        _permit: permit,
+        _inflight: inflight,
     }
+    .boxed_unsync()
 }
 
+/// A response body that holds, until it is done or dropped, the replica's concurrency permit
+/// (local replicas only) and its in-flight count.
 struct Guarded {
     inner: ResponseBody,
-    _guard: Guard,
+    _permit: Option<OwnedSemaphorePermit>,
+    _inflight: InflightGuard,
 }
 
 impl Body for Guarded {
     type Data = Bytes;
-    type Error = wasmtime_wasi_http::Error;
+    type Error = HttpError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -1,0 +1,105 @@
+//! Service discovery: what a guest's outgoing `wasi:http` request reaches. Another app by
+//! name, through the same endpoint picking as external traffic; a host its spec grants; or
+//! nothing.
+
+use crate::proxy;
+use crate::server::{Gateway, Inner};
+use http::uri::Scheme;
+use http::{Request, Response};
+use shoal_core::spec::AppKey;
+use shoal_runtime::{HttpError, OutboundPolicy, RequestOptions, WasiBody};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Weak;
+use tracing::{Instrument, field};
+
+pub(crate) struct ServicePolicy {
+    gateway: Weak<Inner>,
+    namespace: String,
+    /// Lowercase; matched exactly against the request's host.
+    allowed_hosts: Vec<String>,
+}
+
+enum Destination {
+    Service(AppKey),
+    Egress,
+    /// A bare name (`http://nope/`) that is no app: the guest meant a service.
+    UnknownService,
+    Denied,
+}
+
+impl ServicePolicy {
+    pub(crate) fn new(gateway: &Gateway, namespace: &str, allowed_hosts: Vec<String>) -> Self {
+        ServicePolicy {
+            gateway: gateway.downgrade(),
+            namespace: namespace.to_string(),
+            allowed_hosts: allowed_hosts
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// `NAME` is an app in the caller's namespace, `NAME.NS` one in `NS` if there is such an
+    /// app; otherwise a host is reachable only if granted.
+    fn resolve(&self, gateway: &Gateway, host: &str) -> Destination {
+        let mut labels = host.split('.');
+        let app = match (labels.next(), labels.next(), labels.next()) {
+            (Some(name), None, _) => Some(AppKey::new(&self.namespace, name)),
+            (Some(name), Some(namespace), None) => Some(AppKey::new(namespace, name)),
+            _ => None,
+        };
+        match app {
+            Some(app) if gateway.knows(&app) => Destination::Service(app),
+            _ if self.allowed_hosts.iter().any(|h| h == host) => Destination::Egress,
+            _ if !host.contains('.') => Destination::UnknownService,
+            _ => Destination::Denied,
+        }
+    }
+}
+
+type SendFuture = Pin<Box<dyn Future<Output = Result<Response<WasiBody>, HttpError>> + Send>>;
+
+impl OutboundPolicy for ServicePolicy {
+    fn send(&self, request: Request<WasiBody>, options: Option<RequestOptions>) -> SendFuture {
+        // Gone only while the node shuts down.
+        let Some(gateway) = Gateway::upgrade(&self.gateway) else {
+            return Box::pin(async { Err(HttpError::DestinationUnavailable) });
+        };
+        let host = request
+            .uri()
+            .host()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let destination = self.resolve(&gateway, &host);
+        // The wait for the response head; connecting is bounded by the gateway's own timeout.
+        let head_timeout = options.and_then(|o| o.first_byte_timeout);
+        Box::pin(async move {
+            let call = async {
+                match destination {
+                    Destination::Service(app) => {
+                        let span = tracing::debug_span!(
+                            "service_call",
+                            app = field::Empty,
+                            replica = field::Empty,
+                        );
+                        Ok(gateway.dispatch(&app, request).instrument(span).await)
+                    }
+                    Destination::Egress if request.uri().scheme() == Some(&Scheme::HTTPS) => {
+                        tracing::info!(%host, "outbound https denied: TLS egress is not supported yet");
+                        Err(HttpError::HttpRequestDenied)
+                    }
+                    Destination::Egress => proxy::egress(gateway.client(), request).await,
+                    Destination::UnknownService => Err(HttpError::DestinationNotFound),
+                    Destination::Denied => Err(HttpError::HttpRequestDenied),
+                }
+            };
+            match head_timeout {
+                Some(limit) => tokio::time::timeout(limit, call)
+                    .await
+                    .unwrap_or(Err(HttpError::ConnectionReadTimeout)),
+                None => call.await,
+            }
+        })
+    }
+}

@@ -1,0 +1,372 @@
+//! Sending requests over the network: to another node's gateway (one hop, pinned to a
+//! replica) and, for guests granted hosts, to the outside. One pooled HTTP/1.1 client per
+//! gateway carries both.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::{self, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use shoal_core::spec::AppKey;
+use shoal_runtime::{HttpError, WasiBody};
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Names the replica a forwarded request must be served by. Its presence also means the
+/// request already made its one hop: the receiver serves it locally or refuses it.
+pub(crate) const REPLICA_HEADER: HeaderName = HeaderName::from_static("x-shoal-replica");
+/// The app (`namespace/name`) a forwarded request is for, so the receiver needs no route
+/// for it: service calls are reachable by name, routes or not.
+pub(crate) const APP_HEADER: HeaderName = HeaderName::from_static("x-shoal-app");
+/// Marks a request that crossed between gateways; never forwarded again.
+pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop");
+/// On a receiver's refusal, tells the sender it may retry elsewhere without parsing the body.
+pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-error");
+pub(crate) const REPLICA_GONE: &str = "replica_gone";
+
+const INTERNAL_HEADERS: [HeaderName; 4] = [REPLICA_HEADER, APP_HEADER, HOP_HEADER, ERROR_HEADER];
+
+/// Connection-level headers (RFC 9110 §7.6.1): they describe one hop, so each hop sets its own.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+pub(crate) type Client = legacy::Client<HttpConnector, WasiBody>;
+
+/// Idle connections are closed after this long; nodes come and go.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+pub(crate) fn client(connect_timeout: Duration) -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// What made a remote endpoint unusable for this request; either way no guest saw it.
+pub(crate) enum Failure {
+    /// No response head: connect failed, or the connection broke before the head arrived.
+    Unreachable(String),
+    /// The node answered that it no longer runs the replica.
+    ReplicaGone,
+}
+
+/// Sends `req` to `replica` through the gateway at `node`, streaming the body both ways.
+pub(crate) async fn forward(
+    client: &Client,
+    node: &str,
+    app: &AppKey,
+    replica: &str,
+    req: Request<WasiBody>,
+) -> Result<Response<WasiBody>, Failure> {
+    let (mut parts, body) = req.into_parts();
+    // Keep the host the caller addressed (a guest's absolute URI may be the only place it
+    // is), not the node's address: the replica should not see how it was reached.
+    if !parts.headers.contains_key(header::HOST) {
+        let host = parts.uri.authority().map_or("localhost", |a| a.as_str());
+        if let Ok(host) = HeaderValue::from_str(host) {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = format!("http://{node}{path}")
+        .parse::<Uri>()
+        .map_err(|e| Failure::Unreachable(format!("node gateway address {node:?}: {e}")))?;
+    parts.version = http::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    strip_internal(&mut parts.headers);
+    let headers = &mut parts.headers;
+    let value = |s: &str| {
+        HeaderValue::from_str(s).map_err(|e| Failure::Unreachable(format!("header value: {e}")))
+    };
+    headers.insert(REPLICA_HEADER, value(replica)?);
+    headers.insert(APP_HEADER, value(&app.to_string())?);
+    headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
+
+    let response = client
+        .request(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| Failure::Unreachable(error_chain(&e)))?;
+    let gone = response.status() == StatusCode::SERVICE_UNAVAILABLE
+        && response
+            .headers()
+            .get(ERROR_HEADER)
+            .is_some_and(|v| v == REPLICA_GONE);
+    if gone {
+        return Err(Failure::ReplicaGone);
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_internal(&mut parts.headers);
+    Ok(Response::from_parts(
+        parts,
+        body.map_err(HttpError::Hyper).boxed_unsync(),
+    ))
+}
+
+/// Sends a guest's request to a host its spec grants, as a plain client would.
+pub(crate) async fn egress(
+    client: &Client,
+    mut req: Request<WasiBody>,
+) -> Result<Response<WasiBody>, HttpError> {
+    strip_internal(req.headers_mut());
+    let response = client.request(req).await.map_err(|e| client_error(&e))?;
+    Ok(response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync()))
+}
+
+/// Removes Shoal's internal headers so guests and the outside never see or forge them.
+pub(crate) fn strip_internal(headers: &mut HeaderMap) {
+    for name in &INTERNAL_HEADERS {
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers that describe one connection, including those `connection` names.
+/// `transfer-encoding` goes too: hyper frames the body again for the next hop.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Methods that mean the same when sent twice (RFC 9110 §9.2.2), minus CONNECT and PATCH.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The headers promise no body: no `transfer-encoding`, `content-length` absent or 0.
+fn declares_no_body(headers: &HeaderMap) -> bool {
+    !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|v| v.as_bytes() == b"0")
+}
+
+/// Whether a failed send may be repeated on another endpoint: an idempotent method and a
+/// body known to be empty, so the copy we resend is the whole request.
+pub(crate) fn resendable<B: Body>(req: &Request<B>) -> bool {
+    is_idempotent(req.method())
+        && declares_no_body(req.headers())
+        && (req.body().is_end_stream() || req.body().size_hint().exact() == Some(0))
+}
+
+/// Could this request become [`resendable`] once its body is seen to be empty?
+pub(crate) fn maybe_resendable<B: Body>(req: &Request<B>) -> bool {
+    is_idempotent(req.method()) && declares_no_body(req.headers())
+}
+
+/// The head of a [`resendable`] request, to send again with an empty body.
+pub(crate) struct Resend {
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Resend {
+    pub(crate) fn of<B>(req: &Request<B>) -> Resend {
+        Resend {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    pub(crate) fn request(self) -> Request<WasiBody> {
+        let mut req = Request::new(empty());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+/// How long a request that may be resent waits for its body to show it is empty. Only a
+/// guest's body needs it (a server-parsed one knows its size); a guest finishes the body of a
+/// GET right after sending it, and one that does not is simply not resent.
+const BODY_PEEK: Duration = Duration::from_millis(20);
+
+/// Reads the first frame of a [`maybe_resendable`] request's body, briefly: an empty body
+/// becomes one that says so, making the request [`resendable`]; anything else is put back.
+pub(crate) async fn peek_body(req: Request<WasiBody>) -> Request<WasiBody> {
+    let (parts, mut body) = req.into_parts();
+    let body = match tokio::time::timeout(BODY_PEEK, body.frame()).await {
+        Err(_elapsed) => body,
+        Ok(None) => empty(),
+        Ok(Some(first)) => Prepend {
+            first: Some(first),
+            rest: body,
+        }
+        .boxed_unsync(),
+    };
+    Request::from_parts(parts, body)
+}
+
+/// A body whose first frame was already read.
+struct Prepend {
+    first: Option<Result<Frame<Bytes>, HttpError>>,
+    rest: WasiBody,
+}
+
+impl Body for Prepend {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(first)),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+}
+
+pub(crate) fn empty() -> WasiBody {
+    Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A client error and its causes on one line: `client error (Connect): tcp connect error: …`.
+fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The `wasi:http` error code a guest sees for a failed egress request.
+fn client_error(e: &legacy::Error) -> HttpError {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
+    let mut io_kind = None;
+    let mut dns = false;
+    let mut hyper_error = None;
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            io_kind.get_or_insert(io.kind());
+        }
+        if let Some(h) = cause.downcast_ref::<hyper::Error>() {
+            hyper_error.get_or_insert(h);
+        }
+        // hyper-util's connector names DNS failures only in its message.
+        dns |= cause.to_string() == "dns error";
+        source = cause.source();
+    }
+    if e.is_connect() {
+        return match io_kind {
+            _ if dns => HttpError::DnsError {
+                rcode: None,
+                info_code: None,
+            },
+            Some(std::io::ErrorKind::ConnectionRefused) => HttpError::ConnectionRefused,
+            Some(std::io::ErrorKind::TimedOut) => HttpError::ConnectionTimeout,
+            _ => HttpError::DestinationUnavailable,
+        };
+    }
+    match hyper_error {
+        Some(h) if h.is_timeout() => HttpError::HttpResponseTimeout,
+        Some(h) if h.is_incomplete_message() || h.is_closed() || h.is_canceled() => {
+            HttpError::ConnectionTerminated
+        }
+        Some(h) if h.is_parse() => HttpError::HttpProtocolError,
+        _ => HttpError::InternalError(Some(error_chain(e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: Method, headers: &[(&str, &str)]) -> Request<WasiBody> {
+        let mut r = Request::new(empty());
+        *r.method_mut() = method;
+        for (k, v) in headers {
+            r.headers_mut().insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn only_idempotent_bodiless_requests_are_resent() {
+        assert!(resendable(&req(Method::GET, &[])));
+        assert!(resendable(&req(Method::DELETE, &[("content-length", "0")])));
+        assert!(!resendable(&req(Method::POST, &[])));
+        assert!(!resendable(&req(Method::PUT, &[("content-length", "3")])));
+        assert!(!resendable(&req(
+            Method::GET,
+            &[("transfer-encoding", "chunked")]
+        )));
+        // A guest's body: nothing says it is empty until it has been read.
+        let streaming = Request::get("/").body(Unknown).unwrap();
+        assert!(!resendable(&streaming));
+        assert!(maybe_resendable(&streaming));
+    }
+
+    struct Unknown;
+
+    impl Body for Unknown {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_and_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-foo"),
+        );
+        h.insert("x-foo", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-keep"]);
+    }
+}

@@ -1,0 +1,137 @@
+//! Helpers shared by the gateway's integration tests: fixture components on a private
+//! runtime, gateways served on ephemeral loopback ports, and a plain HTTP client.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+use shoal_core::spec::AppKey;
+use shoal_gateway::Gateway;
+use shoal_runtime::{HttpService, InstanceConfig, Runtime, RuntimeConfig};
+use tokio::net::TcpListener;
+
+const MIB: u64 = 1 << 20;
+
+/// A runtime on its own cache dir, with a small pool so parallel tests stay light.
+pub fn runtime(cache_dir: &Path) -> Runtime {
+    let mut config = RuntimeConfig::new(cache_dir);
+    config.max_instances = 64;
+    config.max_memory_bytes = 256 * MIB;
+    Runtime::new(config).expect("runtime starts")
+}
+
+pub fn instance(env: &[(&str, &str)]) -> InstanceConfig {
+    InstanceConfig {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        memory_limit: 64 * MIB,
+        ..InstanceConfig::default()
+    }
+}
+
+pub async fn service(runtime: &Runtime, wasm: &str, config: InstanceConfig) -> HttpService {
+    let bytes = shoal_fixtures::read(wasm);
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+    let loaded = runtime
+        .load(&digest, Path::new(wasm))
+        .await
+        .expect("fixture loads");
+    runtime.http_service(&loaded, config).expect("http service")
+}
+
+pub fn app(name: &str) -> AppKey {
+    AppKey::new("default", name)
+}
+
+/// Serves `gateway` on an ephemeral loopback port.
+pub async fn serve(gateway: &Gateway) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    tokio::spawn(shoal_gateway::serve(listener, gateway.clone()));
+    addr
+}
+
+/// An address nothing listens on: bound, then released.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("local addr")
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// `error.code` of a gateway's JSON error body.
+    pub fn error_code(&self) -> String {
+        let json: serde_json::Value = serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON error ({e}): {}", self.text()));
+        json["error"]["code"]
+            .as_str()
+            .expect("error.code is a string")
+            .to_string()
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpClient(Client<HttpConnector, Full<Bytes>>);
+
+impl HttpClient {
+    pub fn new() -> Self {
+        HttpClient(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let mut req = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).expect("valid request");
+        let response = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
+            .await
+            .expect("answered within 30 s")
+            .expect("the request is answered");
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("body streams").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, url: &str) -> Reply {
+        self.send(Method::GET, url, &[], Bytes::new()).await
+    }
+}
+
+/// Polls `check` until it holds, failing the test after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
