@@ -1,10 +1,16 @@
 //! The node agent. It watches what is placed on its node, makes the runtime
 //! match (load, start, stop), keeps its gateway's routes and endpoints true,
 //! and reports every replica's phase to the control plane. It never writes
-//! cluster state itself: reports go through [`ControlPlane`]'s node-facing
-//! methods.
+//! cluster state itself: it reads and reports through a [`Link`], in process
+//! or over HTTP. While the control plane is unreachable it keeps serving what
+//! it runs, and it re-sends any report the cluster state does not reflect.
 
-use shoal_control::{ControlPlane, LogSource, ReplicaReport, now_ms};
+mod link;
+
+pub use link::{Link, LinkError, LocalLink, RemoteLink};
+
+use futures::StreamExt;
+use shoal_control::{LogSource, ReplicaReport, Snapshot, now_ms};
 use shoal_core::spec::AppKey;
 use shoal_core::{App, Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
@@ -14,6 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+
+/// How often the agent re-reads the cluster state even when nothing changed.
+const RESYNC: Duration = Duration::from_secs(2);
 
 /// Lines of output kept per replica.
 const LOG_LINES: usize = 5000;
@@ -34,7 +43,7 @@ pub struct Agent {
 
 struct Inner {
     config: AgentConfig,
-    control: ControlPlane,
+    link: Arc<dyn Link>,
     runtime: Runtime,
     gateway: Gateway,
     running: Mutex<HashMap<String, Running>>,
@@ -45,19 +54,21 @@ struct Running {
     app: AppKey,
     logs: LogSink,
     task: JoinHandle<()>,
+    /// The last status reported for it, to resend if the cluster lost it.
+    status: Arc<Mutex<Option<ReplicaReport>>>,
 }
 
 impl Agent {
     pub fn new(
         config: AgentConfig,
-        control: ControlPlane,
+        link: Arc<dyn Link>,
         runtime: Runtime,
         gateway: Gateway,
     ) -> Self {
         Agent {
             inner: Arc::new(Inner {
                 config,
-                control,
+                link,
                 runtime,
                 gateway,
                 running: Mutex::new(HashMap::new()),
@@ -65,81 +76,110 @@ impl Agent {
         }
     }
 
-    /// Registers the node, then keeps the node in line with the cluster
-    /// state until the process ends.
-    pub async fn run(self) {
-        let node = Node {
+    fn node(&self) -> Node {
+        Node {
             name: self.inner.config.node.clone(),
             gateway: self.inner.config.gateway_addr.clone(),
             capacity: self.inner.config.capacity.clone(),
             labels: self.inner.config.labels.clone(),
             state: NodeState::Ready,
             schedulable: true,
-            last_heartbeat: now_ms(),
+            draining: false,
             joined_at: now_ms(),
-        };
-        if let Err(e) = self.inner.control.register_node(node) {
-            tracing::error!(error = %e, "node registration failed");
-            return;
         }
-        tokio::spawn(self.clone().heartbeats());
-        let store = self.inner.control.store().clone();
+    }
+
+    /// Registers, retrying until the control plane answers.
+    async fn register(&self) {
+        let mut delay = Duration::from_millis(100);
         loop {
-            let from = store.revision() + 1;
-            if let Err(e) = self.sync() {
-                tracing::warn!(error = %e, "agent sync failed; retrying");
-            }
-            let mut watcher = match store.watch("/", from) {
-                Ok(w) => w,
+            match self.inner.link.register(self.node()).await {
+                Ok(()) => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "agent cannot watch; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tracing::warn!(error = %e, "node registration failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Registers the node, then keeps it in line with the cluster state
+    /// until the process ends.
+    pub async fn run(self) {
+        self.register().await;
+        tokio::spawn(self.clone().heartbeats());
+        loop {
+            let snapshot = match self.inner.link.snapshot().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read cluster state; retrying");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                     continue;
                 }
             };
-            // Re-sync on every change to what the agent acts on.
+            let mut seen = snapshot.revision;
+            self.sync(snapshot);
+            let mut changes = match self.inner.link.changes(seen).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch cluster state; retrying");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            };
+            // Each change means "look again"; a burst of them, one look. A
+            // periodic look too, so nothing waits on a change that never comes
+            // (e.g. a report to resend while the cluster is quiet).
+            let mut resync = tokio::time::interval(RESYNC);
+            resync.tick().await;
             loop {
-                match watcher.next().await {
-                    Some(Ok(ev)) => {
-                        let k = &ev.kv.key;
-                        let relevant = k.starts_with("/apps/")
-                            || k.starts_with("/replicas/")
-                            || k.starts_with("/revisions/");
-                        if relevant && let Err(e) = self.sync() {
-                            tracing::warn!(error = %e, "agent sync failed");
-                        }
+                let revision = tokio::select! {
+                    next = changes.next() => match next {
+                        Some(r) if r <= seen => continue,
+                        Some(r) => r,
+                        None => break,
+                    },
+                    _ = resync.tick() => seen,
+                };
+                match self.inner.link.snapshot().await {
+                    Ok(s) => {
+                        seen = s.revision.max(revision);
+                        self.sync(s);
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(error = %e, "agent watch broke; relisting");
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read cluster state");
                         break;
                     }
-                    None => return,
                 }
             }
+            tracing::debug!("watch ended; re-reading the cluster state");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn heartbeats(self) {
         let mut tick = tokio::time::interval(self.inner.config.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let control = self.inner.control.clone();
-            let name = self.inner.config.node.clone();
-            let result = tokio::task::spawn_blocking(move || control.heartbeat(&name)).await;
-            if let Ok(Err(e)) = result {
-                tracing::warn!(error = %e, "heartbeat failed");
+            match self.inner.link.heartbeat(&self.inner.config.node).await {
+                Ok(()) => {}
+                Err(LinkError::Unregistered) => self.register().await,
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
     }
 
     /// Level-triggered: compares what is placed here with what runs, and fixes the difference.
-    fn sync(&self) -> Result<(), shoal_control::ApiError> {
-        let shoal_control::Snapshot {
+    fn sync(&self, snapshot: Snapshot) {
+        let Snapshot {
             apps,
             revisions,
             replicas,
+            nodes,
             ..
-        } = self.inner.control.snapshot()?;
+        } = snapshot;
         let me = &self.inner.config.node;
 
         let routes = apps
@@ -148,6 +188,29 @@ impl Agent {
             .flat_map(|(key, h)| h.routes.iter().map(move |r| (r.clone(), key.clone())))
             .collect();
         self.inner.gateway.set_routes(routes);
+        self.inner.gateway.set_services(
+            apps.iter()
+                .filter(|a| a.spec.component.kind == Kind::Http)
+                .map(|a| a.spec.key())
+                .collect(),
+        );
+        // Ready replicas on other Ready nodes are reachable through their gateways;
+        // a node that stops heartbeating drops out of every gateway at once.
+        let ready_nodes: HashMap<&str, &str> = nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Ready && n.name != *me)
+            .map(|n| (n.name.as_str(), n.gateway.as_str()))
+            .collect();
+        let mut remote: HashMap<AppKey, Vec<(String, String)>> = HashMap::new();
+        for r in replicas.iter().filter(|r| r.phase == Phase::Ready) {
+            if let Some(gw) = r.node.as_deref().and_then(|n| ready_nodes.get(n)) {
+                remote
+                    .entry(r.app.clone())
+                    .or_default()
+                    .push((r.id.clone(), gw.to_string()));
+            }
+        }
+        self.inner.gateway.set_remote_endpoints(remote);
 
         let mine: HashMap<&str, &Replica> = replicas
             .iter()
@@ -165,7 +228,23 @@ impl Agent {
             false
         });
         for (id, replica) in mine {
-            if running.contains_key(id) || replica.phase.is_terminal() {
+            if let Some(r) = running.get(id) {
+                let last = r.status.lock().expect("status lock").clone();
+                if let Some(report) = last.filter(|rep| {
+                    rep.phase != replica.phase
+                        || rep.message != replica.message
+                        || rep.exit_code != replica.exit_code
+                }) {
+                    let link = self.inner.link.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = link.report(report).await {
+                            tracing::warn!(error = %e, "status resend failed");
+                        }
+                    });
+                }
+                continue;
+            }
+            if replica.phase.is_terminal() {
                 continue;
             }
             let Some(revision) = revisions
@@ -188,12 +267,14 @@ impl Agent {
                     app: replica.app.clone(),
                     logs,
                     task,
+                    status: Arc::new(Mutex::new(None)),
                 },
             );
         }
-        Ok(())
     }
 
+    /// Records the replica's status locally, then tells the control plane.
+    /// A report that does not get through is sent again by the next sync.
     async fn report(
         &self,
         replica: &Replica,
@@ -209,11 +290,17 @@ impl Agent {
             message,
             exit_code,
         };
-        let control = self.inner.control.clone();
-        match tokio::task::spawn_blocking(move || control.report_replica(report)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "status report failed"),
-            Err(e) => tracing::warn!(error = %e, "status report task failed"),
+        if let Some(r) = self
+            .inner
+            .running
+            .lock()
+            .expect("agent lock")
+            .get(&replica.id)
+        {
+            *r.status.lock().expect("status lock") = Some(report.clone());
+        }
+        if let Err(e) = self.inner.link.report(report).await {
+            tracing::warn!(error = %e, "status report failed; will resend");
         }
     }
 
@@ -221,7 +308,20 @@ impl Agent {
     async fn start(self, replica: Replica, revision: Revision, logs: LogSink) {
         self.report(&replica, Phase::Starting, None, None).await;
         let t = &revision.template;
-        let path = self.inner.control.module_path(&t.component.digest);
+        let path = match self.inner.link.module(&t.component.digest).await {
+            Ok(p) => p,
+            Err(e) => {
+                logs.push_system(format!("cannot fetch module: {e}"));
+                self.report(
+                    &replica,
+                    Phase::Failed,
+                    Some(format!("module fetch failed: {e}")),
+                    None,
+                )
+                .await;
+                return;
+            }
+        };
         let loaded = match self.inner.runtime.load(&t.component.digest, &path).await {
             Ok(l) => l,
             Err(e) => {
@@ -242,7 +342,10 @@ impl Agent {
             memory_limit: t.resources.memory_bytes,
             timeout: (t.timeout_ms > 0).then(|| Duration::from_millis(t.timeout_ms)),
             logs: logs.clone(),
-            ..InstanceConfig::default()
+            outbound: self
+                .inner
+                .gateway
+                .outbound(&replica.app.namespace, t.outbound.clone()),
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config) {

@@ -2,7 +2,7 @@
 //! they hold no logic of their own.
 
 use crate::error::ApiError;
-use crate::state::{ControlPlane, blocking};
+use crate::state::{ControlPlane, NodeAction, ReplicaReport, blocking};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
@@ -14,7 +14,7 @@ use futures::StreamExt;
 use serde::Deserialize;
 use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
-use shoal_core::{Module, Replica};
+use shoal_core::{Module, Node, Replica};
 use shoal_store::BlobError;
 
 pub fn router(cp: ControlPlane) -> Router {
@@ -27,11 +27,25 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/replicas", get(list_replicas))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/events", get(list_events))
+        .route("/v1/nodes/{name}/{action}", post(node_action))
         .layer(DefaultBodyLimit::max(4 << 20))
         .route_layer(middleware::from_fn_with_state(cp.clone(), require_token));
+    // What worker nodes call: the admin token or the join token opens these.
+    let nodes = Router::new()
+        .route("/v1/cluster/nodes", post(register_node))
+        .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
+        .route("/v1/cluster/nodes/{name}/reports", post(report))
+        .route("/v1/cluster/snapshot", get(snapshot))
+        .route("/v1/cluster/watch", get(watch))
+        .route("/v1/cluster/modules/{digest}", get(module_blob))
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            require_node_token,
+        ));
     Router::new()
         .route("/v1/healthz", get(|| async { "ok\n" }))
         .merge(authed)
+        .merge(nodes)
         .fallback(|| async {
             ApiError::not_found("no such API endpoint; see the README for the /v1 API")
         })
@@ -65,6 +79,29 @@ async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next)
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing token: send `Authorization: Bearer <token>` (the token is in the data dir's `token` file)",
+        )
+        .into_response(),
+    }
+}
+
+async fn require_node_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let config = cp.config();
+    match presented {
+        Some(t)
+            if constant_time_eq(t.as_bytes(), config.token.as_bytes())
+                || constant_time_eq(t.as_bytes(), config.join_token.as_bytes()) =>
+        {
+            next.run(req).await
+        }
+        _ => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a node needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
         )
         .into_response(),
     }
@@ -332,4 +369,133 @@ fn stream_name(s: shoal_runtime::LogStream) -> &'static str {
         shoal_runtime::LogStream::Stdout => "stdout",
         shoal_runtime::LogStream::Stderr => "stderr",
     }
+}
+
+async fn node_action(
+    State(cp): State<ControlPlane>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let action = match action.as_str() {
+        "cordon" => NodeAction::Cordon,
+        "uncordon" => NodeAction::Uncordon,
+        "drain" => NodeAction::Drain,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "unknown node action {other:?}: use cordon, uncordon or drain"
+            )));
+        }
+    };
+    blocking(move || cp.set_node_scheduling(&name, action))
+        .await
+        .map(|n| Json(n).into_response())
+}
+
+async fn register_node(
+    State(cp): State<ControlPlane>,
+    Json(node): Json<Node>,
+) -> Result<Response, ApiError> {
+    let revision = blocking(move || cp.register_node(node)).await?;
+    Ok(Json(serde_json::json!({ "revision": revision })).into_response())
+}
+
+async fn heartbeat(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.heartbeat(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn report(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Json(report): Json<ReplicaReport>,
+) -> Result<Response, ApiError> {
+    if report.node != name {
+        return Err(ApiError::bad_request(
+            "wrong_node",
+            format!("node {name} cannot report for node {}", report.node),
+        ));
+    }
+    blocking(move || cp.report_replica(report)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn snapshot(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.snapshot())
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    from: u64,
+}
+
+/// Newline-delimited JSON, one `{"revision": N}` per change a node acts on
+/// (apps, revisions, replicas, nodes). Nodes re-read the snapshot on each:
+/// level-triggered, so coalescing or a dropped stream loses nothing.
+async fn watch(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<WatchQuery>,
+) -> Result<Response, ApiError> {
+    let watcher = cp.store().watch("/", q.from).map_err(|e| match e {
+        shoal_store::StoreError::Compacted { compacted } => ApiError::new(
+            StatusCode::GONE,
+            "compacted",
+            format!(
+                "revision {} is compacted (up to {compacted}); re-read the snapshot",
+                q.from
+            ),
+        ),
+        other => ApiError::internal(other),
+    })?;
+    let relevant = |key: &str| {
+        [keys::APPS, keys::REVISIONS, keys::REPLICAS, keys::NODES]
+            .iter()
+            .any(|p| key.starts_with(p))
+    };
+    let stream = futures::stream::unfold(watcher, move |mut w| async move {
+        loop {
+            match w.next().await? {
+                Ok(ev) if relevant(&ev.kv.key) => {
+                    let line = format!("{{\"revision\":{}}}\n", ev.kv.mod_revision);
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+                        w,
+                    ));
+                }
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node watch ended");
+                    return None;
+                }
+            }
+        }
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// A module's bytes, for nodes to fetch and verify by digest.
+async fn module_blob(
+    State(cp): State<ControlPlane>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let path = cp
+        .blobs()
+        .try_path(&digest)
+        .map_err(|e| ApiError::bad_request("bad_digest", e.to_string()))?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|_| ApiError::not_found(format!("module {digest} has not been uploaded")))?;
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [(header::CONTENT_TYPE, "application/wasm")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

@@ -1,5 +1,5 @@
 //! The controller: apps → replicas → nodes. Level-triggered: on any change
-//! (or every second) it reads the whole state, asks the pure functions in
+//! (or every 250 ms, to notice silent nodes) it reads the whole state, asks the pure functions in
 //! `shoal-scheduler` what to do, and writes the result in one transaction
 //! guarded by the revisions it read, so a concurrent write makes it retry
 //! instead of clobbering.
@@ -8,10 +8,10 @@ use crate::error::ApiError;
 use crate::state::{ControlPlane, blocking, encode, now_ms};
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Capacity, EventType, Node, NodeState, Phase, Replica, Revision};
-use shoal_scheduler::{NodeInfo, Strategy, place, reconcile};
+use shoal_core::{App, Capacity, EventType, Lease, Node, NodeState, Phase, Replica, Revision};
+use shoal_scheduler::{Cluster, Request, Strategy, reconcile};
 use shoal_store::{Op, Txn};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -34,7 +34,7 @@ impl ControlPlane {
                 Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
             }
             // Sleep until something that matters changes, or the periodic tick.
-            let tick = tokio::time::sleep(Duration::from_secs(1));
+            let tick = tokio::time::sleep(Duration::from_millis(250));
             tokio::pin!(tick);
             loop {
                 tokio::select! {
@@ -42,7 +42,8 @@ impl ControlPlane {
                     _ = self.inner.kick.notified() => break,
                     ev = watcher.next() => match ev {
                         Some(Ok(ev)) if !ev.kv.key.starts_with(keys::EVENTS)
-                            && !ev.kv.key.starts_with(keys::MODULES) => break,
+                            && !ev.kv.key.starts_with(keys::MODULES)
+                            && !ev.kv.key.starts_with(keys::LEASES) => break,
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "controller watch failed; rewatching");
@@ -82,10 +83,17 @@ impl ControlPlane {
         let mut writes = 0;
         let now = now_ms();
 
-        // Nodes silent past their grace are NotReady.
+        // Nodes whose lease is older than the grace are NotReady.
+        let leases: HashMap<String, u64> = store
+            .range(keys::LEASES)?
+            .0
+            .iter()
+            .map(|kv| crate::state::decode::<Lease>(kv).map(|l| (l.node, l.renewed_at)))
+            .collect::<Result<_, _>>()?;
         let grace = self.config().node_grace.as_millis() as u64;
         for (node, mod_rev) in &mut nodes {
-            if node.state == NodeState::Ready && now.saturating_sub(node.last_heartbeat) > grace {
+            let renewed = leases.get(&node.name).copied().unwrap_or(0);
+            if node.state == NodeState::Ready && now.saturating_sub(renewed) > grace {
                 node.state = NodeState::NotReady;
                 txn = txn
                     .when_mod_revision(keys::node(&node.name), *mod_rev)
@@ -98,23 +106,50 @@ impl ControlPlane {
                         format!(
                             "no heartbeat from node {} for {} ms",
                             node.name,
-                            now - node.last_heartbeat
+                            now - renewed
                         ),
                     ));
                 writes += 1;
             }
         }
+        let draining: HashSet<String> = nodes
+            .iter()
+            .filter(|(n, _)| n.draining)
+            .map(|(n, _)| n.name.clone())
+            .collect();
+        let lost: HashSet<&str> = nodes
+            .iter()
+            .filter(|(n, _)| n.state != NodeState::Ready)
+            .map(|(n, _)| n.name.as_str())
+            .collect();
 
-        // Replicas whose app is gone are removed.
+        // Replicas whose app is gone are removed; so are the live replicas of a
+        // lost node, so the app's reconcile replaces them elsewhere. If the node
+        // comes back, its agent finds them gone and stops them: no duplicates.
         let app_keys: HashMap<AppKey, &App> = apps.iter().map(|a| (a.spec.key(), a)).collect();
         replicas.retain(|(r, mod_rev)| {
-            if app_keys.contains_key(&r.app) {
+            let on_lost_node =
+                r.node.as_deref().is_some_and(|n| lost.contains(n)) && !r.phase.is_terminal();
+            if app_keys.contains_key(&r.app) && !on_lost_node {
                 return true;
             }
             let key = keys::replica(&r.app, &r.id);
             txn = std::mem::take(&mut txn)
                 .when_mod_revision(key.clone(), *mod_rev)
                 .then(Op::delete(key));
+            if on_lost_node {
+                txn = std::mem::take(&mut txn).then(self.event_op(
+                    EventType::Warning,
+                    "Rescheduled",
+                    format!("replica/{}/{}", r.app, r.id),
+                    Some(&r.app),
+                    format!(
+                        "node {} is not ready; replica {} will be replaced elsewhere",
+                        r.node.as_deref().unwrap_or("?"),
+                        r.id
+                    ),
+                ));
+            }
             writes += 1;
             false
         });
@@ -128,7 +163,7 @@ impl ControlPlane {
         for app in &apps {
             let key = app.spec.key();
             let existing = by_app.remove(&key).unwrap_or_default();
-            let plan = reconcile(app, &existing);
+            let plan = reconcile(app, &existing, |n| draining.contains(n));
             for id in &plan.delete {
                 let rkey = keys::replica(&key, id);
                 let mod_rev = replicas
@@ -174,13 +209,10 @@ impl ControlPlane {
         }
 
         // Pending replicas → nodes, one at a time so each sees the last placement.
-        let mut allocated: HashMap<String, Capacity> = HashMap::new();
+        let mut cluster = Cluster::new(nodes.iter().map(|(n, _)| n), Strategy::BinPack);
         for (r, _) in &replicas {
             if let (true, Some(n)) = (r.is_active(), &r.node) {
-                allocated
-                    .entry(n.clone())
-                    .or_default()
-                    .add(&Capacity::of(&r.resources));
+                cluster.reserve(n, &r.app, &Capacity::of(&r.resources));
             }
         }
         let mut to_place: Vec<(Replica, Option<u64>)> = replicas
@@ -189,21 +221,17 @@ impl ControlPlane {
             .map(|(r, m)| (r.clone(), Some(*m)))
             .collect();
         to_place.extend(new_replicas.into_iter().map(|r| (r, None)));
+        let default_placement = shoal_core::spec::Placement::default();
         for (mut replica, mod_rev) in to_place {
-            let req = Capacity::of(&replica.resources);
-            let infos: Vec<NodeInfo> = nodes
-                .iter()
-                .map(|(n, _)| NodeInfo {
-                    node: n,
-                    allocated: allocated.get(&n.name).cloned().unwrap_or_default(),
-                })
-                .collect();
+            let placement = app_keys
+                .get(&replica.app)
+                .map_or(&default_placement, |a| &a.spec.placement);
+            let req = Request::new(Capacity::of(&replica.resources), placement);
             let rkey = keys::replica(&replica.app, &replica.id);
             let object = format!("replica/{}/{}", replica.app, replica.id);
-            match place(&req, &infos, Strategy::BinPack) {
+            match cluster.place(&replica.app, &req) {
                 Ok(p) => {
-                    allocated.entry(p.node.clone()).or_default().add(&req);
-                    replica.node = Some(p.node.clone());
+                    replica.node = Some(p.node.name.clone());
                     replica.message = None;
                     replica.updated_at = now;
                     txn = txn.then(self.event_op(
@@ -211,7 +239,7 @@ impl ControlPlane {
                         "Scheduled",
                         object,
                         Some(&replica.app),
-                        format!("replica {} assigned to node {}", replica.id, p.node),
+                        format!("replica {} assigned to node {}", replica.id, p.node.name),
                     ));
                 }
                 Err(why) => {

@@ -9,12 +9,12 @@ use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, AppSpec};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Event, EventType, Kind, Millis, Module, Node, NodeState, Phase, Replica,
+    App, Capacity, Event, EventType, Kind, Lease, Millis, Module, Node, NodeState, Phase, Replica,
     Revision,
 };
 use shoal_runtime::LogSink;
 use shoal_store::{BlobStore, KeyValue, Op, Store, Txn};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -35,7 +35,10 @@ pub trait LogSource: Send + Sync {
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
+    /// Admin token: every API call.
     pub token: String,
+    /// Join token: only what nodes do (register, heartbeat, report, watch, fetch modules).
+    pub join_token: String,
     /// Largest module upload accepted.
     pub max_module_bytes: u64,
     /// A node silent this long is NotReady.
@@ -48,6 +51,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             token: String::new(),
+            join_token: String::new(),
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,
@@ -118,15 +122,25 @@ pub struct NodeSummary {
     pub node: Node,
     pub allocated: Capacity,
     pub replicas: usize,
+    pub last_heartbeat: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAction {
+    Cordon,
+    Uncordon,
+    Drain,
 }
 
 /// What a node acts on, read at (or after) `revision`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub revision: u64,
     pub apps: Vec<App>,
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
+    pub nodes: Vec<Node>,
 }
 
 /// What a node says about one of its replicas.
@@ -518,6 +532,11 @@ impl ControlPlane {
 
     pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ApiError> {
         let replicas = self.list::<Replica>(keys::REPLICAS)?;
+        let leases: HashMap<String, Millis> = self
+            .list::<Lease>(keys::LEASES)?
+            .into_iter()
+            .map(|l| (l.node, l.renewed_at))
+            .collect();
         Ok(self
             .list::<Node>(keys::NODES)?
             .into_iter()
@@ -532,6 +551,7 @@ impl ControlPlane {
                     count += 1;
                 }
                 NodeSummary {
+                    last_heartbeat: leases.get(&node.name).copied().unwrap_or(0),
                     node,
                     allocated,
                     replicas: count,
@@ -542,18 +562,26 @@ impl ControlPlane {
 
     // ---- node-facing ----
 
-    /// A node (re)joins: its record is replaced, keeping its join time.
-    pub fn register_node(&self, mut node: Node) -> Result<(), ApiError> {
+    /// A node (re)joins: its record is replaced, keeping its join time and
+    /// whether it was cordoned, and its lease is renewed.
+    pub fn register_node(&self, mut node: Node) -> Result<u64, ApiError> {
+        shoal_core::validate_name(&node.name)
+            .map_err(|e| ApiError::bad_request("invalid_node", format!("node name: {e}")))?;
         let key = keys::node(&node.name);
         let previous = self.get::<Node>(&key)?;
         node.state = NodeState::Ready;
-        node.last_heartbeat = now_ms();
         if let Some((old, _)) = &previous {
             node.joined_at = old.joined_at;
             node.schedulable = old.schedulable;
+            node.draining = old.draining;
         }
+        let lease = Lease {
+            node: node.name.clone(),
+            renewed_at: now_ms(),
+        };
         let txn = Txn::new()
             .then(Op::put(key, encode(&node)))
+            .then(Op::put(keys::lease(&node.name), encode(&lease)))
             .then(self.event_op(
                 EventType::Normal,
                 "NodeReady",
@@ -561,11 +589,12 @@ impl ControlPlane {
                 None,
                 format!("node {} joined with gateway {}", node.name, node.gateway),
             ));
-        self.inner.store.txn(txn)?;
+        let revision = self.inner.store.txn(txn)?.revision;
         self.inner.kick.notify_one();
-        Ok(())
+        Ok(revision)
     }
 
+    /// Renews a node's lease; a NotReady node that heartbeats is Ready again.
     pub fn heartbeat(&self, name: &str) -> Result<(), ApiError> {
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
@@ -573,23 +602,63 @@ impl ControlPlane {
                 "node {name} is not registered"
             )));
         };
-        let was_ready = node.state == NodeState::Ready;
-        node.last_heartbeat = now_ms();
-        node.state = NodeState::Ready;
-        let mut txn = Txn::new()
-            .when_mod_revision(key.clone(), mod_rev)
-            .then(Op::put(key, encode(&node)));
-        if !was_ready {
-            txn = txn.then(self.event_op(
-                EventType::Normal,
-                "NodeReady",
-                format!("node/{name}"),
-                None,
-                format!("node {name} is sending heartbeats again"),
-            ));
+        let lease = Lease {
+            node: name.to_string(),
+            renewed_at: now_ms(),
+        };
+        let mut txn = Txn::new().then(Op::put(keys::lease(name), encode(&lease)));
+        if node.state != NodeState::Ready {
+            node.state = NodeState::Ready;
+            txn = txn
+                .when_mod_revision(key.clone(), mod_rev)
+                .then(Op::put(key, encode(&node)))
+                .then(self.event_op(
+                    EventType::Normal,
+                    "NodeReady",
+                    format!("node/{name}"),
+                    None,
+                    format!("node {name} is sending heartbeats again"),
+                ));
         }
         self.inner.store.txn(txn)?;
         Ok(())
+    }
+
+    /// Cordon, uncordon or drain a node. Draining cordons it too, and the
+    /// controller then replaces its replicas elsewhere, new before old.
+    pub(crate) fn set_node_scheduling(
+        &self,
+        name: &str,
+        action: NodeAction,
+    ) -> Result<Node, ApiError> {
+        let key = keys::node(name);
+        let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
+            return Err(ApiError::not_found(format!("node {name} does not exist")));
+        };
+        let (schedulable, draining, reason) = match action {
+            NodeAction::Cordon => (false, node.draining, "Cordoned"),
+            NodeAction::Uncordon => (true, false, "Uncordoned"),
+            NodeAction::Drain => (false, true, "Draining"),
+        };
+        node.schedulable = schedulable;
+        node.draining = draining;
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), mod_rev)
+            .then(Op::put(key, encode(&node)))
+            .then(self.event_op(
+                EventType::Normal,
+                reason,
+                format!("node/{name}"),
+                None,
+                format!("node {name}: {}", reason.to_lowercase()),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ApiError::conflict(format!(
+                "node {name} changed concurrently; try again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(node)
     }
 
     /// Records what a node says about a replica. Reports about replicas that
@@ -655,6 +724,7 @@ impl ControlPlane {
             apps: self.list::<App>(keys::APPS)?,
             revisions: self.list::<Revision>(keys::REVISIONS)?,
             replicas: self.list::<Replica>(keys::REPLICAS)?,
+            nodes: self.list::<Node>(keys::NODES)?,
         })
     }
 

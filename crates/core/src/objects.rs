@@ -17,6 +17,7 @@ pub mod keys {
     pub const NODES: &str = "/nodes/";
     pub const EVENTS: &str = "/events/";
     pub const MODULES: &str = "/modules/";
+    pub const LEASES: &str = "/leases/";
 
     pub fn app(k: &AppKey) -> String {
         format!("{APPS}{}/{}", k.namespace, k.name)
@@ -38,6 +39,9 @@ pub mod keys {
     }
     pub fn event(seq: u64) -> String {
         format!("{EVENTS}{seq:020}")
+    }
+    pub fn lease(node: &str) -> String {
+        format!("{LEASES}{node}")
     }
     pub fn module(digest: &str) -> String {
         format!("{MODULES}{digest}")
@@ -165,8 +169,19 @@ pub struct Node {
     pub state: NodeState,
     /// False when cordoned: running replicas stay, new ones go elsewhere.
     pub schedulable: bool,
-    pub last_heartbeat: Millis,
+    /// Set by `drain`: its replicas are replaced elsewhere, new before old.
+    #[serde(default)]
+    pub draining: bool,
     pub joined_at: Millis,
+}
+
+/// A node's liveness, renewed by every heartbeat. Kept apart from [`Node`]
+/// (as Kubernetes keeps Lease objects) so a heartbeat does not look like a
+/// change of the node to everyone watching nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub node: String,
+    pub renewed_at: Millis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
