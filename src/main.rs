@@ -39,6 +39,10 @@ struct Cli {
 enum Command {
     /// Run a one-node cluster: control plane, node agent and gateway in one process.
     Up(commands::up::UpArgs),
+    /// Run the control plane alone; worker nodes join it with `shoal node join`.
+    Server(commands::server::ServerArgs),
+    /// Join a worker node, or cordon, uncordon or drain one.
+    Node(commands::node::NodeCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// List apps, replicas, modules, nodes or events.
@@ -73,6 +77,8 @@ fn main() -> ExitCode {
         };
         match cli.command {
             Command::Up(args) => commands::up::run(ctx, args).await,
+            Command::Server(args) => commands::server::run(ctx, args).await,
+            Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,

@@ -105,10 +105,10 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
-                    let state = if n.node.schedulable {
-                        format!("{:?}", n.node.state)
-                    } else {
-                        format!("{:?},Cordoned", n.node.state)
+                    let state = match (n.node.schedulable, n.node.draining) {
+                        (true, _) => format!("{:?}", n.node.state),
+                        (false, false) => format!("{:?},Cordoned", n.node.state),
+                        (false, true) => format!("{:?},Cordoned,Draining", n.node.state),
                     };
                     vec![
                         n.node.name.clone(),
@@ -125,7 +125,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                         format!("{}/{}", n.allocated.instances, n.node.capacity.instances),
                         n.replicas.to_string(),
                         n.node.gateway.clone(),
-                        age(n.node.last_heartbeat),
+                        age(n.last_heartbeat),
                     ]
                 })
                 .collect();

@@ -5,6 +5,8 @@ pub mod delete;
 pub mod describe;
 pub mod get;
 pub mod logs;
+pub mod node;
+pub mod server;
 pub mod up;
 
 use crate::client::Client;

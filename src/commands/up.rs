@@ -1,90 +1,83 @@
-//! `shoal up`: control plane, node agent and gateway in one process, state
-//! in a redb file under the data dir.
+//! `shoal up`, `shoal server` and `shoal node join`: the three ways to run
+//! Shoal's parts. `up` is control plane, node agent and gateway in one
+//! process; `server` is the control plane alone; `node join` is a worker.
 
 use super::Context;
 use crate::client::{CliConfig, Client, default_config_path, write_private};
 use anyhow::{Context as _, Result};
-use shoal_agent::{Agent, AgentConfig};
+use shoal_agent::{Agent, AgentConfig, Link, LocalLink};
 use shoal_control::{ControlConfig, ControlPlane};
 use shoal_core::Capacity;
-use shoal_core::quantity::parse_memory;
+use shoal_core::quantity::{parse_cpu, parse_memory};
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{Runtime, RuntimeConfig};
 use shoal_store::{BlobStore, Store};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Flags of the control plane (`up`, `server`).
 #[derive(clap::Args)]
-pub struct UpArgs {
+pub struct ControlArgs {
     /// Where state, modules and compiled code live.
     #[arg(long, env = "SHOAL_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
     /// Address of the /v1 API.
     #[arg(long, default_value = "127.0.0.1:7700")]
-    api: SocketAddr,
-    /// Address of the gateway serving app traffic.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    gateway: SocketAddr,
+    pub api: SocketAddr,
     /// App spec files to apply once the cluster is up.
     #[arg(long = "apply")]
-    apply: Vec<PathBuf>,
+    pub apply: Vec<PathBuf>,
     /// Largest module upload accepted.
     #[arg(long, default_value = "64Mi")]
-    max_module_size: String,
+    pub max_module_size: String,
+    /// How long a node may be silent before it is NotReady and its replicas move.
+    #[arg(long, default_value = "3s")]
+    pub node_grace: String,
+}
+
+/// Flags of a node (`up`, `node join`).
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// Address of the gateway serving app traffic.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub gateway: SocketAddr,
     /// This node's name (default: the host name).
     #[arg(long)]
-    node_name: Option<String>,
+    pub node_name: Option<String>,
     /// Instances the node may run at once (its pool size).
     #[arg(long, default_value_t = 1000)]
-    max_instances: u32,
+    pub max_instances: u32,
+    /// CPU offered to the scheduler (default: all cores), e.g. "2" or "1500m".
+    #[arg(long)]
+    pub cpu: Option<String>,
+    /// Memory offered to the scheduler (default: all RAM), e.g. "4Gi".
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Node labels for node selectors, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Heartbeat period.
+    #[arg(long, default_value = "1s")]
+    pub heartbeat: String,
 }
 
-fn default_data_dir() -> PathBuf {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .unwrap_or_else(|| PathBuf::from("."))
-        .join("shoal")
+#[derive(clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    control: ControlArgs,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
-/// The admin token: made once, kept in the data dir, readable by its owner only.
-fn load_or_create_token(data: &Path) -> Result<String> {
-    let path = data.join("token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
-        }
-    }
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes)
-        .map_err(|e| anyhow::anyhow!("no system randomness for the API token: {e}"))?;
-    let token = hex::encode(bytes);
-    write_private(&path, token.as_bytes())?;
-    Ok(token)
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or("labels are KEY=VALUE")?;
+    Ok((k.to_string(), v.to_string()))
 }
 
-fn node_capacity(instances: u32) -> Capacity {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(4 << 30, |kb| kb * 1024);
-    Capacity {
-        cpu_millis: cpus * 1000,
-        memory_bytes: memory,
-        instances: instances as u64,
-    }
-}
-
-pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
+pub fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -92,11 +85,76 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+}
 
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("shoal")
+}
+
+/// A secret made once and kept in the data dir, readable by its owner only.
+fn load_or_create_secret(path: &Path) -> Result<String> {
+    if let Ok(t) = std::fs::read_to_string(path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return Ok(t);
+        }
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
+    let token = hex::encode(bytes);
+    write_private(path, token.as_bytes())?;
+    Ok(token)
+}
+
+fn duration(flag: &str, s: &str) -> Result<Duration> {
+    shoal_core::quantity::parse_duration_ms(s)
+        .map(Duration::from_millis)
+        .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+}
+
+fn node_capacity(args: &NodeArgs) -> Result<Capacity> {
+    let cpu_millis = match &args.cpu {
+        Some(c) => parse_cpu(c).map_err(|e| anyhow::anyhow!("--cpu: {e}"))? as u64,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()) as u64 * 1000,
+    };
+    let memory_bytes = match &args.memory {
+        Some(m) => parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
+        None => std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|kb| kb.parse::<u64>().ok())
+            })
+            .map_or(4 << 30, |kb| kb * 1024),
+    };
+    Ok(Capacity {
+        cpu_millis,
+        memory_bytes,
+        instances: args.max_instances as u64,
+    })
+}
+
+/// A running control plane: API served, controller started.
+pub struct StartedControl {
+    pub control: ControlPlane,
+    pub server: String,
+    pub token: String,
+    pub join_token: String,
+    pub data: PathBuf,
+}
+
+pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedControl> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data)
         .with_context(|| format!("cannot create data dir {}", data.display()))?;
-    let token = load_or_create_token(&data)?;
+    let token = load_or_create_secret(&data.join("token"))?;
+    let join_token = load_or_create_secret(&data.join("join-token"))?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
 
@@ -108,19 +166,14 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         blobs,
         ControlConfig {
             token: token.clone(),
+            join_token: join_token.clone(),
             max_module_bytes,
+            node_grace: duration("node-grace", &args.node_grace)?,
             ..ControlConfig::default()
         },
     )
     .map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
-    let runtime = Runtime::new(RuntimeConfig {
-        cache_dir: data.join("cache"),
-        max_instances: args.max_instances,
-        ..RuntimeConfig::default()
-    })
-    .context("cannot start the wasm runtime")?;
-
-    let api_listener = tokio::net::TcpListener::bind(args.api)
+    let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| {
             format!(
@@ -128,7 +181,44 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
                 args.api
             )
         })?;
-    let gw_listener = tokio::net::TcpListener::bind(args.gateway)
+    let server = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(control.clone().run_controller());
+    let router = shoal_control::router(control.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
+    CliConfig {
+        server: server.clone(),
+        token: token.clone(),
+    }
+    .save(&config_path)?;
+    Ok(StartedControl {
+        control,
+        server,
+        token,
+        join_token,
+        data,
+    })
+}
+
+/// A running node: gateway listening, agent started.
+pub struct StartedNode {
+    pub agent: Agent,
+    pub name: String,
+    pub gateway: SocketAddr,
+}
+
+pub async fn start_node(data: &Path, args: &NodeArgs, link: Arc<dyn Link>) -> Result<StartedNode> {
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: data.join("cache"),
+        max_instances: args.max_instances,
+        ..RuntimeConfig::default()
+    })
+    .context("cannot start the wasm runtime")?;
+    let listener = tokio::net::TcpListener::bind(args.gateway)
         .await
         .with_context(|| {
             format!(
@@ -136,58 +226,40 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
                 args.gateway
             )
         })?;
-    let api_addr = api_listener.local_addr()?;
-    let gw_addr = gw_listener.local_addr()?;
-
-    let gateway = Gateway::new(GatewayConfig::default());
-    let node = args.node_name.clone().unwrap_or_else(|| {
+    let gw_addr = listener.local_addr()?;
+    let name = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .ok()
             .map(|h| h.trim().to_lowercase())
             .filter(|h| shoal_core::validate_name(h).is_ok())
             .unwrap_or_else(|| "local".into())
     });
-    shoal_core::validate_name(&node).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
+    shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
+    let gateway = Gateway::new(GatewayConfig::default());
     let agent = Agent::new(
         AgentConfig {
-            node: node.clone(),
+            node: name.clone(),
             gateway_addr: gw_addr.to_string(),
-            capacity: node_capacity(args.max_instances),
-            labels: Default::default(),
-            heartbeat: Duration::from_secs(1),
+            capacity: node_capacity(args)?,
+            labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
+            heartbeat: duration("heartbeat", &args.heartbeat)?,
         },
-        control.clone(),
+        link,
         runtime,
         gateway.clone(),
     );
-    control.set_log_source(Arc::new(agent.clone()));
+    tokio::spawn(agent.clone().run());
+    tokio::spawn(shoal_gateway::serve(listener, gateway));
+    Ok(StartedNode {
+        agent,
+        name,
+        gateway: gw_addr,
+    })
+}
 
-    tokio::spawn(control.clone().run_controller());
-    tokio::spawn(agent.run());
-    tokio::spawn(shoal_gateway::serve(gw_listener, gateway));
-    let router = shoal_control::router(control);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(api_listener, router).await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
-
-    let server = format!("http://{api_addr}");
-    let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
-    CliConfig {
-        server: server.clone(),
-        token: token.clone(),
-    }
-    .save(&config_path)?;
-
-    println!("Shoal is up: one node ({node}), data in {}", data.display());
-    println!("  API:      {server}");
-    println!("  gateway:  http://{gw_addr}");
-    println!("  CLI config (server + token): {}", config_path.display());
-    println!("Try: shoal get apps | shoal get replicas | shoal logs APP");
-
-    let client = Client::new(Some(server), Some(token), None)?;
-    for file in &args.apply {
+pub async fn apply_files(server: &str, token: &str, files: &[PathBuf]) -> Result<()> {
+    let client = Client::new(Some(server.to_string()), Some(token.to_string()), None)?;
+    for file in files {
         match super::apply::apply_file(&client, file, false).await {
             Ok(r) => println!(
                 "applied {}: app {} {:?}",
@@ -198,13 +270,37 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
             Err(e) => eprintln!("error: {e:#}"),
         }
     }
+    Ok(())
+}
 
+pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
+    init_tracing();
+    let c = start_control(&ctx, &args.control).await?;
+    let node = start_node(&c.data, &args.node, Arc::new(LocalLink(c.control.clone()))).await?;
+    c.control.set_log_source(Arc::new(node.agent.clone()));
+
+    let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
+    println!(
+        "Shoal is up: one node ({}), data in {}",
+        node.name,
+        c.data.display()
+    );
+    println!("  API:      {}", c.server);
+    println!("  gateway:  http://{}", node.gateway);
+    println!("  CLI config (server + token): {}", config_path.display());
+    println!(
+        "  more nodes: shoal node join {} --token $(cat {}) --gateway ADDR",
+        c.server,
+        c.data.join("join-token").display()
+    );
+    println!("Try: shoal get apps | shoal get replicas | shoal logs APP");
+    apply_files(&c.server, &c.token, &args.control.apply).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {

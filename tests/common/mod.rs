@@ -218,3 +218,255 @@ pub fn write_spec(dir: &Path, file: &str, body: &str) -> PathBuf {
 pub fn examples() -> &'static str {
     shoal_fixtures::EXAMPLES_DIR
 }
+
+/// A `shoal server` process: control plane only.
+pub struct Server {
+    child: Child,
+    pub dir: PathBuf,
+    pub api: String,
+    pub token: String,
+    pub join_token: String,
+    api_addr: String,
+}
+
+impl Server {
+    /// Starts a control plane in `dir`, on a fixed port so nodes can find it
+    /// again after a restart.
+    pub fn start(dir: &Path) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_at(dir, &format!("127.0.0.1:{port}"))
+    }
+
+    fn start_at(dir: &Path, api_addr: &str) -> Server {
+        let mut child = Command::new(SHOAL)
+            .args(["server", "--data-dir"])
+            .arg(dir.join("server"))
+            .args(["--api", api_addr])
+            .env("SHOAL_CONFIG", dir.join("config.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shoal server");
+        let lines = read_lines(&mut child);
+        wait_line(&lines, "API:");
+        let token = std::fs::read_to_string(dir.join("server/token")).unwrap();
+        let join_token = std::fs::read_to_string(dir.join("server/join-token")).unwrap();
+        Server {
+            child,
+            dir: dir.to_path_buf(),
+            api: format!("http://{api_addr}"),
+            token,
+            join_token,
+            api_addr: api_addr.to_string(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// Starts again on the same data dir and address.
+    pub fn restart(&mut self) {
+        let (dir, addr) = (self.dir.clone(), self.api_addr.clone());
+        // The port may linger briefly after the kill; retry binding for a while.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt = std::panic::catch_unwind(|| Server::start_at(&dir, &addr));
+            match attempt {
+                Ok(s) => {
+                    let old = std::mem::replace(self, s);
+                    std::mem::forget(old);
+                    return;
+                }
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", self.dir.join("config.toml"))
+            .output()
+            .expect("run shoal")
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    pub fn api_json(&self, path: &str) -> serde_json::Value {
+        let resp = client()
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(&self.token)
+            .send()
+            .expect("API request");
+        assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+        resp.json().expect("JSON body")
+    }
+
+    /// Replicas of `app` by phase, and the nodes they are on.
+    pub fn replicas(&self, app: &str) -> Vec<serde_json::Value> {
+        self.api_json(&format!("/v1/replicas?app={app}"))
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `shoal node join` process: a worker with its own gateway and data dir.
+pub struct NodeProc {
+    child: Child,
+    pub name: String,
+    pub gateway: String,
+    dir: PathBuf,
+    extra: Vec<String>,
+    api: String,
+    token: String,
+    gw_addr: String,
+}
+
+impl NodeProc {
+    pub fn join(server: &Server, name: &str, extra: &[&str]) -> NodeProc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            &server.dir.join(name),
+            name,
+            &server.api,
+            &server.join_token,
+            &format!("127.0.0.1:{port}"),
+            extra,
+        )
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        api: &str,
+        token: &str,
+        gw: &str,
+        extra: Vec<String>,
+    ) -> NodeProc {
+        let mut child = Command::new(SHOAL)
+            .args(["node", "join", api, "--token", token, "--data-dir"])
+            .arg(dir)
+            .args(["--node-name", name, "--gateway", gw])
+            .args(&extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shoal node join");
+        let lines = read_lines(&mut child);
+        wait_line(&lines, "gateway:");
+        NodeProc {
+            child,
+            name: name.to_string(),
+            gateway: format!("http://{gw}"),
+            dir: dir.to_path_buf(),
+            extra,
+            api: api.to_string(),
+            token: token.to_string(),
+            gw_addr: gw.to_string(),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+
+    /// Starts the same node again (same name, data dir and gateway address).
+    pub fn restart(&mut self) {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt = std::panic::catch_unwind(|| {
+                NodeProc::spawn(
+                    &self.dir,
+                    &self.name,
+                    &self.api,
+                    &self.token,
+                    &self.gw_addr,
+                    self.extra.clone(),
+                )
+            });
+            match attempt {
+                Ok(n) => {
+                    let old = std::mem::replace(self, n);
+                    std::mem::forget(old);
+                    return;
+                }
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(200)),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        }
+    }
+
+    pub fn get(&self, path: &str) -> Result<(u16, String), String> {
+        client()
+            .get(format!("{}{path}", self.gateway))
+            .send()
+            .map_err(|e| e.to_string())
+            .map(|r| {
+                let code = r.status().as_u16();
+                (code, r.text().unwrap_or_default())
+            })
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+fn wait_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("process did not print {prefix:?} in time"));
+        if let Some(rest) = line.trim().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! A real cluster: `shoal server` plus `shoal node join` workers, each a
+//! process with its own ports and data dir.
+
+mod common;
+
+use common::{NodeProc, Server, examples, poll, write_spec};
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+fn hello_spec(dir: &std::path::Path, replicas: u32, extra: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", &format!("replicas = {replicas}"));
+    let path = write_spec(dir, "hello.toml", &format!("{text}\n{extra}"));
+    path.to_str().unwrap().to_string()
+}
+
+fn cluster(nodes: usize, extra: &[&str]) -> (tempfile::TempDir, Server, Vec<NodeProc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let nodes: Vec<NodeProc> = (1..=nodes)
+        .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
+        .collect();
+    assert!(
+        poll(Duration::from_secs(20), || {
+            let n = server.api_json("/v1/nodes");
+            n.as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "Ready")
+                .count()
+                == nodes.len()
+        }),
+        "nodes never all Ready"
+    );
+    (dir, server, nodes)
+}
+
+/// Ready replicas of `app` per node.
+fn placement(server: &Server, app: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in server.replicas(app) {
+        if r["phase"] == "Ready" {
+            *out.entry(r["node"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    out
+}
+
+fn ready_count(server: &Server, app: &str) -> usize {
+    placement(server, app).values().sum()
+}
+
+#[test]
+fn nodes_join_with_the_token_and_only_with_it() {
+    let (dir, server, _nodes) = cluster(1, &[]);
+    let out = Command::new(common::SHOAL)
+        .args([
+            "node",
+            "join",
+            &server.api,
+            "--token",
+            "wrong",
+            "--node-name",
+            "intruder",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("intruder"))
+        .args(["--gateway", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the join token"), "{err}");
+    let nodes = server.cli_ok(&["get", "nodes"]);
+    assert!(
+        nodes.contains("node-1") && !nodes.contains("intruder"),
+        "{nodes}"
+    );
+    // The join token opens the node endpoints only, not the admin API.
+    let resp = common::client()
+        .get(format!("{}/v1/apps", server.api))
+        .bearer_auth(&server.join_token)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+}
+
+#[test]
+fn replicas_spread_and_every_gateway_serves_them() {
+    let (dir, server, nodes) = cluster(3, &[]);
+    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 6, "")]);
+    assert!(
+        poll(Duration::from_secs(30), || ready_count(&server, "hello")
+            == 6),
+        "{:#}",
+        server.api_json("/v1/replicas?app=hello")
+    );
+    let spread = placement(&server, "hello");
+    assert_eq!(spread.len(), 3, "{spread:?}");
+    assert!(spread.values().all(|n| *n == 2), "{spread:?}");
+    for node in &nodes {
+        for _ in 0..20 {
+            let (code, body) = node.get("/hello").unwrap();
+            assert_eq!(code, 200, "{}: {body}", node.name);
+            assert!(body.contains("Hello from Shoal!"));
+        }
+    }
+    let nodes_table = server.cli_ok(&["get", "nodes"]);
+    assert_eq!(nodes_table.matches("Ready").count(), 3, "{nodes_table}");
+}
+
+#[test]
+fn a_replica_that_fits_nowhere_says_why() {
+    let (dir, server, _nodes) = cluster(3, &["--memory", "64Mi"]);
+    let spec = hello_spec(dir.path(), 1, "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("\"32Mi\"", "\"128Mi\"");
+    let spec = write_spec(dir.path(), "big.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(20), || {
+        server
+            .replicas("hello")
+            .first()
+            .and_then(|r| r["message"].as_str())
+            .is_some_and(|m| m == "0/3 nodes available: 3 insufficient memory")
+    }));
+}
+
+#[test]
+fn a_killed_node_is_replaced_and_does_not_come_back_with_duplicates() {
+    let (dir, server, mut nodes) = cluster(3, &[]);
+    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 3, "")]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "hello"
+    ) == 3));
+
+    // Constant traffic through node-1's gateway while node-3 dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let gw = nodes[0].gateway.clone();
+    let load = {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        std::thread::spawn(move || {
+            let http = common::client();
+            let mut ok = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match http.get(format!("{gw}/hello")).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            ok
+        })
+    };
+    nodes[2].kill();
+    let killed = std::time::Instant::now();
+    assert!(
+        poll(Duration::from_secs(20), || {
+            let p = placement(&server, "hello");
+            p.values().sum::<usize>() == 3 && !p.contains_key("node-3")
+        }),
+        "replicas not replaced: {:?}",
+        placement(&server, "hello")
+    );
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    stop.store(true, Ordering::Relaxed);
+    let ok = load.join().unwrap();
+    assert!(ok > 0);
+    // Requests to replicas on the dead node are retried elsewhere; a few may
+    // fail only in the instant before the retry learns the node is gone.
+    let failed = failures.load(Ordering::Relaxed);
+    assert!(failed * 100 <= ok, "{failed} failed of {ok}");
+
+    // The node comes back: it runs none of the replicas that moved away.
+    nodes[2].restart();
+    assert!(poll(Duration::from_secs(20), || {
+        server
+            .api_json("/v1/nodes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["state"] == "Ready")
+    }));
+    assert!(poll(Duration::from_secs(10), || nodes[2]
+        .get("/hello")
+        .is_ok_and(|(c, _)| c == 200)));
+    assert_eq!(server.replicas("hello").len(), 3);
+    assert!(!placement(&server, "hello").contains_key("node-3"));
+}
+
+#[test]
+fn a_control_plane_restart_loses_nothing() {
+    let (dir, mut server, nodes) = cluster(2, &[]);
+    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 2, "")]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "hello"
+    ) == 2));
+    server.kill();
+    // Nodes keep serving while the control plane is down.
+    for node in &nodes {
+        assert_eq!(node.get("/hello").unwrap().0, 200);
+    }
+    server.restart();
+    assert!(poll(Duration::from_secs(20), || ready_count(
+        &server, "hello"
+    ) == 2));
+    let apps = server.api_json("/v1/apps");
+    assert_eq!(apps.as_array().unwrap().len(), 1);
+    // Nodes are back in touch: a new app is placed and served.
+    let text = std::fs::read_to_string(hello_spec(dir.path(), 2, ""))
+        .unwrap()
+        .replace("name = \"hello\"", "name = \"hello-2\"")
+        .replace("\"/hello\"", "\"/hello-2\"");
+    let spec = write_spec(dir.path(), "hello2.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "hello-2"
+    ) == 2));
+    assert!(poll(Duration::from_secs(10), || nodes[0]
+        .get("/hello-2")
+        .is_ok_and(|(c, _)| c == 200)));
+}
+
+#[test]
+fn drain_moves_replicas_without_failed_requests() {
+    let (dir, server, nodes) = cluster(3, &[]);
+    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 3, "")]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "hello"
+    ) == 3));
+    let stop = Arc::new(AtomicBool::new(false));
+    let gw = nodes[0].gateway.clone();
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let http = common::client();
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                match http.get(format!("{gw}/hello")).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    server.cli_ok(&["node", "drain", "node-2"]);
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let p = placement(&server, "hello");
+            p.values().sum::<usize>() == 3
+                && !p.contains_key("node-2")
+                && server.replicas("hello").len() == 3
+        }),
+        "{:?}",
+        placement(&server, "hello")
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 0);
+    assert_eq!(
+        failed, 0,
+        "{failed} requests failed during the drain ({ok} ok)"
+    );
+    let nodes_table = server.cli_ok(&["get", "nodes"]);
+    assert!(nodes_table.contains("Cordoned"), "{nodes_table}");
+}
