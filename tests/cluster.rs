@@ -113,6 +113,18 @@ fn replicas_spread_and_every_gateway_serves_them() {
     }
     let nodes_table = server.cli_ok(&["get", "nodes"]);
     assert_eq!(nodes_table.matches("Ready").count(), 3, "{nodes_table}");
+
+    // Hops between gateways carry the cluster's secret: a client forging the
+    // internal headers is treated as any other client (no route here).
+    let replica = server.replicas("hello")[0]["id"].as_str().unwrap().to_string();
+    let resp = common::client()
+        .get(format!("{}/elsewhere", nodes[0].gateway))
+        .header("x-shoal-replica", &replica)
+        .header("x-shoal-app", "default/hello")
+        .header("x-shoal-hop", "1")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
 }
 
 #[test]

@@ -1,5 +1,7 @@
 use super::Context;
-use super::up::{NodeArgs, default_data_dir, init_tracing, shutdown_signal, start_node};
+use super::up::{
+    NodeArgs, default_data_dir, hop_secret, init_tracing, shutdown_signal, start_node,
+};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::RemoteLink;
@@ -76,7 +78,7 @@ async fn join(args: JoinArgs) -> Result<()> {
     if probe.status() == 401 {
         anyhow::bail!("the control plane at {} refused the join token", args.url);
     }
-    let node = start_node(&data, &args.node, Arc::new(link)).await?;
+    let node = start_node(&data, &args.node, Arc::new(link), hop_secret(&args.token)).await?;
     println!("Shoal node {} joined {}", node.name, args.url);
     println!("  gateway:  http://{}", node.gateway);
     shutdown_signal().await;

@@ -211,7 +211,18 @@ pub struct StartedNode {
     pub gateway: SocketAddr,
 }
 
-pub async fn start_node(data: &Path, args: &NodeArgs, link: Arc<dyn Link>) -> Result<StartedNode> {
+/// The secret gateways of one cluster share on hops, derived from its join token.
+pub fn hop_secret(join_token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(format!("shoal-hop\0{join_token}")))
+}
+
+pub async fn start_node(
+    data: &Path,
+    args: &NodeArgs,
+    link: Arc<dyn Link>,
+    hop_secret: String,
+) -> Result<StartedNode> {
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: data.join("cache"),
         max_instances: args.max_instances,
@@ -235,7 +246,10 @@ pub async fn start_node(data: &Path, args: &NodeArgs, link: Arc<dyn Link>) -> Re
             .unwrap_or_else(|| "local".into())
     });
     shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
-    let gateway = Gateway::new(GatewayConfig::default());
+    let gateway = Gateway::new(GatewayConfig {
+        hop_secret: Some(hop_secret),
+        ..GatewayConfig::default()
+    });
     let agent = Agent::new(
         AgentConfig {
             node: name.clone(),
@@ -276,7 +290,13 @@ pub async fn apply_files(server: &str, token: &str, files: &[PathBuf]) -> Result
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     init_tracing();
     let c = start_control(&ctx, &args.control).await?;
-    let node = start_node(&c.data, &args.node, Arc::new(LocalLink(c.control.clone()))).await?;
+    let node = start_node(
+        &c.data,
+        &args.node,
+        Arc::new(LocalLink(c.control.clone())),
+        hop_secret(&c.join_token),
+    )
+    .await?;
     c.control.set_log_source(Arc::new(node.agent.clone()));
 
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);

@@ -297,13 +297,10 @@ impl AppSpec {
             (None, Kind::Http) => {
                 return field(
                     "http",
-                    "kind = \"http\" needs an [http] section with routes".into(),
+                    "kind = \"http\" apps carry http settings (parse fills in defaults)".into(),
                 );
             }
             (Some(h), Kind::Http) => {
-                if h.routes.is_empty() {
-                    return field("http.routes", "must list at least one route".into());
-                }
                 let mut seen = std::collections::HashSet::new();
                 for r in &h.routes {
                     if let Some(host) = &r.host
@@ -523,7 +520,7 @@ struct RawScale {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
-    routes: Spanned<Vec<Spanned<String>>>,
+    routes: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<String>>,
 }
 
@@ -617,9 +614,11 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         Some(h) => {
             spans.insert("http", h.span());
             let hr = h.get_ref();
-            spans.insert("http.routes", hr.routes.span());
+            if let Some(routes) = &hr.routes {
+                spans.insert("http.routes", routes.span());
+            }
             let mut routes = Vec::new();
-            for r in hr.routes.get_ref() {
+            for r in hr.routes.iter().flat_map(|r| r.get_ref()) {
                 routes
                     .push(Route::parse(r.get_ref()).map_err(|m| fail("http.routes", m, r.span()))?);
             }
@@ -633,6 +632,11 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             };
             Some(HttpSpec { routes, timeout_ms })
         }
+        // No routes: reachable only by service name from other apps.
+        None if kind == Kind::Http => Some(HttpSpec {
+            routes: Vec::new(),
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        }),
         None => None,
     };
 
@@ -842,9 +846,15 @@ A = "1"
     fn kind_and_sections_must_agree() {
         let e = err(&HELLO.replace("kind = \"http\"", "kind = \"job\""));
         assert_eq!(e.field.as_deref(), Some("http"));
+        // Without routes an http app is a service other apps call by name.
         let no_http = HELLO.split("[http]").next().unwrap().to_string();
-        let e = err(&no_http);
-        assert_eq!(e.field.as_deref(), Some("http"));
+        let spec = parse_app(&no_http)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        let http = spec.http.unwrap();
+        assert!(http.routes.is_empty());
+        assert_eq!(http.timeout_ms, DEFAULT_TIMEOUT_MS);
         let e = err(&HELLO.replace("kind = \"http\"", "kind = \"lambda\""));
         assert!(
             e.message.contains("lambda") || e.message.contains("variant"),

@@ -26,9 +26,17 @@ pub(crate) const APP_HEADER: HeaderName = HeaderName::from_static("x-shoal-app")
 pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop");
 /// On a receiver's refusal, tells the sender it may retry elsewhere without parsing the body.
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-error");
+/// Proves a hop comes from a gateway of this cluster; see `GatewayConfig::hop_secret`.
+pub(crate) const HOP_AUTH_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop-auth");
 pub(crate) const REPLICA_GONE: &str = "replica_gone";
 
-const INTERNAL_HEADERS: [HeaderName; 4] = [REPLICA_HEADER, APP_HEADER, HOP_HEADER, ERROR_HEADER];
+const INTERNAL_HEADERS: [HeaderName; 5] = [
+    REPLICA_HEADER,
+    APP_HEADER,
+    HOP_HEADER,
+    ERROR_HEADER,
+    HOP_AUTH_HEADER,
+];
 
 /// Connection-level headers (RFC 9110 §7.6.1): they describe one hop, so each hop sets its own.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -69,6 +77,7 @@ pub(crate) async fn forward(
     node: &str,
     app: &AppKey,
     replica: &str,
+    hop_secret: Option<&str>,
     req: Request<WasiBody>,
 ) -> Result<Response<WasiBody>, Failure> {
     let (mut parts, body) = req.into_parts();
@@ -94,6 +103,9 @@ pub(crate) async fn forward(
     headers.insert(REPLICA_HEADER, value(replica)?);
     headers.insert(APP_HEADER, value(&app.to_string())?);
     headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
+    if let Some(secret) = hop_secret {
+        headers.insert(HOP_AUTH_HEADER, value(secret)?);
+    }
 
     let response = client
         .request(Request::from_parts(parts, body))

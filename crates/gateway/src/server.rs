@@ -30,6 +30,10 @@ pub struct GatewayConfig {
     /// How long connecting to another node (or a granted host) may take before that
     /// endpoint counts as unreachable.
     pub connect_timeout: Duration,
+    /// Shared by the cluster's gateways and sent on every hop between them, so a
+    /// request from outside cannot pin a replica or reach an app without routes
+    /// by forging the internal headers. `None` trusts hops from anyone (tests).
+    pub hop_secret: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -37,6 +41,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
+            hop_secret: None,
         }
     }
 }
@@ -96,6 +101,16 @@ impl Gateway {
     }
 
     /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
+    /// Whether a request carrying internal headers really comes from a peer gateway.
+    fn trusted_hop(&self, headers: &http::HeaderMap) -> bool {
+        match &self.inner.config.hop_secret {
+            None => true,
+            Some(secret) => headers
+                .get(proxy::HOP_AUTH_HEADER)
+                .is_some_and(|v| v.as_bytes() == secret.as_bytes()),
+        }
+    }
+
     pub(crate) fn knows(&self, app: &AppKey) -> bool {
         self.inner
             .services
@@ -226,7 +241,10 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
-        let req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        if !self.trusted_hop(req.headers()) {
+            proxy::strip_internal(req.headers_mut());
+        }
         let span = tracing::debug_span!(
             "request",
             method = %req.method(),
@@ -363,8 +381,15 @@ impl Gateway {
             }
             Target::Remote { node } => {
                 let inflight = endpoint.enter();
-                let response =
-                    proxy::forward(&self.inner.client, node, app, &endpoint.replica, req).await?;
+                let response = proxy::forward(
+                    &self.inner.client,
+                    node,
+                    app,
+                    &endpoint.replica,
+                    self.inner.config.hop_secret.as_deref(),
+                    req,
+                )
+                .await?;
                 Ok(response.map(|body| guarded(body, None, inflight)))
             }
         }
