@@ -16,9 +16,12 @@ guests:
 	rustup target add wasm32-wasip2
 	cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/Cargo.toml
 
-# Shoal's gateway vs `wasmtime serve` on the same component; writes numbers to stdout.
+# Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
+# memory, cross-node hop, failover, scheduler throughput. Needs wrk and wasmtime 48.
 bench: guests
 	cargo bench --bench gateway
+	cargo bench --bench cluster
+	cargo bench -p shoal-scheduler
 
 lint:
 	cargo fmt --all -- --check
