@@ -1,7 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_control::{AppSummary, NodeSummary};
+use shoal_control::{AppSummary, NodeSummary, Service};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 
@@ -26,6 +26,8 @@ enum What {
     Nodes,
     #[value(alias = "event")]
     Events,
+    #[value(alias = "service", alias = "svc")]
+    Services,
 }
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
@@ -142,6 +144,32 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                 ],
                 &rows,
             );
+        }
+        What::Services => {
+            let services: Vec<Service> = client.get("/v1/services").await?;
+            if ctx.output == Format::Json {
+                output::json(&services);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = services
+                .iter()
+                .filter(|s| &s.namespace == ns)
+                .map(|s| {
+                    let endpoints: Vec<String> = s
+                        .endpoints
+                        .iter()
+                        .map(|e| format!("{}@{}", e.replica, e.node))
+                        .collect();
+                    vec![
+                        s.name.clone(),
+                        s.host.clone(),
+                        s.routes.join(","),
+                        endpoints.len().to_string(),
+                        endpoints.join(","),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "HOST", "ROUTES", "READY", "ENDPOINTS"], &rows);
         }
         What::Events => {
             let events: Vec<Event> = client

@@ -36,6 +36,15 @@ pub struct ControlArgs {
     /// How long a node may be silent before it is NotReady and its replicas move.
     #[arg(long, default_value = "3s")]
     pub node_grace: String,
+    /// How the scheduler scores nodes: fill the fullest first, or the emptiest.
+    #[arg(long, value_enum, default_value_t = Scheduling::BinPack)]
+    pub scheduling: Scheduling,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Scheduling {
+    BinPack,
+    Spread,
 }
 
 /// Flags of a node (`up`, `node join`).
@@ -169,6 +178,10 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             join_token: join_token.clone(),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
+            strategy: match args.scheduling {
+                Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
+                Scheduling::Spread => shoal_scheduler::Strategy::Spread,
+            },
             ..ControlConfig::default()
         },
     )

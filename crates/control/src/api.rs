@@ -26,6 +26,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps/{name}/logs", get(logs))
         .route("/v1/replicas", get(list_replicas))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/services", get(list_services))
         .route("/v1/events", get(list_events))
         .route("/v1/nodes/{name}/{action}", post(node_action))
         .layer(DefaultBodyLimit::max(4 << 20))
@@ -267,6 +268,12 @@ async fn list_replicas(
     })
     .await
     .map(Json)
+}
+
+async fn list_services(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.services())
+        .await
+        .map(|s| Json(s).into_response())
 }
 
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {

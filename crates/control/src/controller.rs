@@ -9,7 +9,7 @@ use crate::state::{ControlPlane, blocking, encode, now_ms};
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
 use shoal_core::{App, Capacity, EventType, Lease, Node, NodeState, Phase, Replica, Revision};
-use shoal_scheduler::{Cluster, Request, Strategy, reconcile};
+use shoal_scheduler::{Cluster, Request, reconcile};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -209,7 +209,7 @@ impl ControlPlane {
         }
 
         // Pending replicas → nodes, one at a time so each sees the last placement.
-        let mut cluster = Cluster::new(nodes.iter().map(|(n, _)| n), Strategy::BinPack);
+        let mut cluster = Cluster::new(nodes.iter().map(|(n, _)| n), self.config().strategy);
         for (r, _) in &replicas {
             if let (true, Some(n)) = (r.is_active(), &r.node) {
                 cluster.reserve(n, &r.app, &Capacity::of(&r.resources));

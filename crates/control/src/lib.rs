@@ -15,5 +15,5 @@ pub use api::router;
 pub use error::ApiError;
 pub use state::{
     AppSummary, ApplyOutcome, ApplyResult, ControlConfig, ControlPlane, Describe, LogSource,
-    NodeAction, NodeSummary, ReplicaReport, Snapshot, now_ms,
+    NodeAction, NodeSummary, ReplicaReport, Service, ServiceEndpoint, Snapshot, now_ms,
 };

@@ -45,6 +45,8 @@ pub struct ControlConfig {
     pub node_grace: Duration,
     /// Events kept; older ones are pruned.
     pub max_events: usize,
+    /// How the scheduler scores nodes, cluster-wide.
+    pub strategy: shoal_scheduler::Strategy,
 }
 
 impl Default for ControlConfig {
@@ -55,6 +57,7 @@ impl Default for ControlConfig {
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,
+            strategy: shoal_scheduler::Strategy::BinPack,
         }
     }
 }
@@ -141,6 +144,25 @@ pub struct Snapshot {
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
     pub nodes: Vec<Node>,
+}
+
+/// A service: every http app, reachable by name from other apps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `name.namespace`: the host other apps call it by (`name` alone within its namespace).
+    pub host: String,
+    pub routes: Vec<String>,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+/// A Ready replica on a Ready node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceEndpoint {
+    pub replica: String,
+    pub node: String,
+    pub gateway: String,
 }
 
 /// What a node says about one of its replicas.
@@ -528,6 +550,43 @@ impl ControlPlane {
             .collect();
         let skip = events.len().saturating_sub(limit);
         Ok(events.split_off(skip))
+    }
+
+    pub(crate) fn services(&self) -> Result<Vec<Service>, ApiError> {
+        let nodes: HashMap<String, Node> = self
+            .list::<Node>(keys::NODES)?
+            .into_iter()
+            .filter(|n| n.state == NodeState::Ready)
+            .map(|n| (n.name.clone(), n))
+            .collect();
+        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+        Ok(self
+            .list::<App>(keys::APPS)?
+            .into_iter()
+            .filter_map(|app| {
+                let http = app.spec.http.as_ref()?;
+                let key = app.spec.key();
+                let endpoints = replicas
+                    .iter()
+                    .filter(|r| r.app == key && r.phase == Phase::Ready)
+                    .filter_map(|r| {
+                        let node = nodes.get(r.node.as_deref()?)?;
+                        Some(ServiceEndpoint {
+                            replica: r.id.clone(),
+                            node: node.name.clone(),
+                            gateway: node.gateway.clone(),
+                        })
+                    })
+                    .collect();
+                Some(Service {
+                    host: format!("{}.{}", key.name, key.namespace),
+                    routes: http.routes.iter().map(|r| r.to_string()).collect(),
+                    namespace: key.namespace,
+                    name: key.name,
+                    endpoints,
+                })
+            })
+            .collect())
     }
 
     pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ApiError> {
