@@ -116,7 +116,10 @@ fn replicas_spread_and_every_gateway_serves_them() {
 
     // Hops between gateways carry the cluster's secret: a client forging the
     // internal headers is treated as any other client (no route here).
-    let replica = server.replicas("hello")[0]["id"].as_str().unwrap().to_string();
+    let replica = server.replicas("hello")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let resp = common::client()
         .get(format!("{}/elsewhere", nodes[0].gateway))
         .header("x-shoal-replica", &replica)
@@ -286,4 +289,83 @@ fn drain_moves_replicas_without_failed_requests() {
     );
     let nodes_table = server.cli_ok(&["get", "nodes"]);
     assert!(nodes_table.contains("Cordoned"), "{nodes_table}");
+}
+
+#[test]
+fn apps_call_each_other_by_service_name_across_nodes() {
+    let (dir, server, nodes) = cluster(3, &[]);
+    let target = format!("{}/target", examples());
+    let backend = std::fs::read_to_string(format!("{}/backend/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &target)
+        .replace("replicas = 2", "replicas = 1");
+    let backend = write_spec(dir.path(), "backend.toml", &backend);
+    // One frontend per node, so most calls cross to the backend's node.
+    let frontend = std::fs::read_to_string(format!("{}/frontend/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &target)
+        .replace("replicas = 2", "replicas = 3");
+    let frontend = write_spec(
+        dir.path(),
+        "frontend.toml",
+        &format!("{frontend}\n[placement]\nspread = \"required\"\n"),
+    );
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        backend.to_str().unwrap(),
+        "-f",
+        frontend.to_str().unwrap(),
+    ]);
+    assert!(poll(Duration::from_secs(30), || {
+        ready_count(&server, "backend") == 1 && ready_count(&server, "frontend") == 3
+    }));
+    assert_eq!(placement(&server, "frontend").len(), 3);
+    for node in &nodes {
+        let mut last = String::new();
+        let ok = poll(Duration::from_secs(10), || match node.get("/frontend") {
+            Ok((200, body)) => {
+                last = body;
+                last.contains("frontend -> 200") && last.contains("Hello from the backend!")
+            }
+            other => {
+                last = format!("{other:?}");
+                false
+            }
+        });
+        assert!(ok, "{}: {last}", node.name);
+    }
+    let services = server.api_json("/v1/services");
+    let backend = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "backend")
+        .unwrap();
+    assert_eq!(backend["host"], "backend.default");
+    assert_eq!(backend["endpoints"].as_array().unwrap().len(), 1);
+
+    // Anything not granted stays unreachable from a sandbox.
+    let faulty = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &target);
+    let faulty = write_spec(dir.path(), "faulty.toml", &faulty);
+    server.cli_ok(&["apply", "-f", faulty.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "faulty"
+    ) == 1));
+    let mut last = String::new();
+    assert!(
+        poll(Duration::from_secs(10), || {
+            match nodes[0].get("/faulty/net") {
+                Ok((200, body)) => {
+                    last = body;
+                    true
+                }
+                _ => false,
+            }
+        }),
+        "faulty never answered"
+    );
+    assert!(last.contains("denied"), "{last}");
 }
