@@ -113,6 +113,14 @@ fn replicas_spread_and_every_gateway_serves_them() {
     }
     let nodes_table = server.cli_ok(&["get", "nodes"]);
     assert_eq!(nodes_table.matches("Ready").count(), 3, "{nodes_table}");
+    // Logs come from every node's replicas, through their gateways.
+    let logs = server.cli_ok(&["logs", "hello"]);
+    let replicas_logged: std::collections::BTreeSet<&str> = logs
+        .lines()
+        .filter(|l| l.contains("GET /hello"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(replicas_logged.len(), 6, "{logs}");
 
     // Hops between gateways carry the cluster's secret: a client forging the
     // internal headers is treated as any other client (no route here).

@@ -1,10 +1,9 @@
 use super::Context;
-use super::up::{
-    NodeArgs, default_data_dir, hop_secret, init_tracing, shutdown_signal, start_node,
-};
+use super::up::{NodeArgs, default_data_dir, init_tracing, shutdown_signal, start_node};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::RemoteLink;
+use shoal_core::auth::hop_secret;
 use std::path::PathBuf;
 use std::sync::Arc;
 

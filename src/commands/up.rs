@@ -8,6 +8,7 @@ use anyhow::{Context as _, Result};
 use shoal_agent::{Agent, AgentConfig, Link, LocalLink};
 use shoal_control::{ControlConfig, ControlPlane};
 use shoal_core::Capacity;
+use shoal_core::auth::hop_secret;
 use shoal_core::quantity::{parse_cpu, parse_memory};
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{Runtime, RuntimeConfig};
@@ -222,12 +223,6 @@ pub struct StartedNode {
     pub agent: Agent,
     pub name: String,
     pub gateway: SocketAddr,
-}
-
-/// The secret gateways of one cluster share on hops, derived from its join token.
-pub fn hop_secret(join_token: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(Sha256::digest(format!("shoal-hop\0{join_token}")))
 }
 
 pub async fn start_node(

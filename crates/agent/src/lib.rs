@@ -65,7 +65,7 @@ impl Agent {
         runtime: Runtime,
         gateway: Gateway,
     ) -> Self {
-        Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 config,
                 link,
@@ -73,7 +73,18 @@ impl Agent {
                 gateway,
                 running: Mutex::new(HashMap::new()),
             }),
-        }
+        };
+        // The control plane reads replicas' output through this node's gateway.
+        let weak = Arc::downgrade(&agent.inner);
+        agent
+            .inner
+            .gateway
+            .set_log_lookup(Arc::new(move |replica: &str| {
+                let inner = weak.upgrade()?;
+                let running = inner.running.lock().expect("agent lock");
+                running.get(replica).map(|r| r.logs.clone())
+            }));
+        agent
     }
 
     fn node(&self) -> Node {

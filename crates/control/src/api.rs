@@ -334,6 +334,11 @@ async fn logs(
         }
         cursors.push(next);
     }
+    // Replicas on other nodes: read through their node's gateway (no follow).
+    let local: Vec<String> = sinks.iter().map(|(id, _)| id.clone()).collect();
+    let (k2, cp2) = (key.clone(), cp.clone());
+    let remote = blocking(move || cp2.remote_replicas(&k2, &local)).await?;
+    text.push_str(&remote_logs(&cp, remote, q.tail).await);
     let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {
         return Ok((headers, text).into_response());
@@ -505,4 +510,39 @@ async fn module_blob(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Fetches the output of replicas on other nodes from their gateways. A node
+/// that does not answer is noted in the output rather than failing the call.
+async fn remote_logs(
+    cp: &ControlPlane,
+    replicas: Vec<(String, String)>,
+    tail: Option<usize>,
+) -> String {
+    if replicas.is_empty() {
+        return String::new();
+    }
+    let secret = shoal_core::auth::hop_secret(&cp.config().join_token);
+    let http = reqwest::Client::new();
+    let fetches = replicas.into_iter().map(|(replica, gateway)| {
+        let mut url = format!(
+            "http://{gateway}{}{replica}",
+            shoal_core::auth::NODE_LOGS_PATH
+        );
+        if let Some(n) = tail {
+            url.push_str(&format!("?tail={n}"));
+        }
+        let req = http
+            .get(url)
+            .header(shoal_core::auth::HOP_AUTH_HEADER, &secret)
+            .timeout(std::time::Duration::from_secs(3));
+        async move {
+            match req.send().await {
+                Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
+                Ok(r) => format!("{replica} shoal (node answered {})\n", r.status()),
+                Err(e) => format!("{replica} shoal (node unreachable: {e})\n"),
+            }
+        }
+    });
+    futures::future::join_all(fetches).await.concat()
 }

@@ -589,6 +589,25 @@ impl ControlPlane {
             .collect())
     }
 
+    /// An app's live replicas that are not in `local`, with their node's gateway.
+    pub(crate) fn remote_replicas(
+        &self,
+        key: &AppKey,
+        local: &[String],
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let nodes: HashMap<String, String> = self
+            .list::<Node>(keys::NODES)?
+            .into_iter()
+            .map(|n| (n.name, n.gateway))
+            .collect();
+        Ok(self
+            .list::<Replica>(&keys::replicas_of(key))?
+            .into_iter()
+            .filter(|r| !local.contains(&r.id))
+            .filter_map(|r| Some((r.id.clone(), nodes.get(r.node.as_deref()?)?.clone())))
+            .collect())
+    }
+
     pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ApiError> {
         let replicas = self.list::<Replica>(keys::REPLICAS)?;
         let leases: HashMap<String, Millis> = self

@@ -4,6 +4,7 @@
 //! This crate does no I/O and knows nothing of tokio, redb or wasmtime, so
 //! every rule here is tested directly and shared by the CLI and the server.
 
+pub mod auth;
 pub mod name;
 pub mod objects;
 pub mod quantity;

@@ -15,4 +15,4 @@ mod server;
 
 pub use endpoint::{Endpoint, EndpointStatus};
 pub use routing::RoutingTable;
-pub use server::{Gateway, GatewayConfig, serve};
+pub use server::{Gateway, GatewayConfig, LogLookup, serve};

@@ -27,7 +27,8 @@ pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop")
 /// On a receiver's refusal, tells the sender it may retry elsewhere without parsing the body.
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-error");
 /// Proves a hop comes from a gateway of this cluster; see `GatewayConfig::hop_secret`.
-pub(crate) const HOP_AUTH_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop-auth");
+pub(crate) const HOP_AUTH_HEADER: HeaderName =
+    HeaderName::from_static(shoal_core::auth::HOP_AUTH_HEADER);
 pub(crate) const REPLICA_GONE: &str = "replica_gone";
 
 const INTERNAL_HEADERS: [HeaderName; 5] = [

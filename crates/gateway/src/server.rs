@@ -12,8 +12,9 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::{Route, spec::AppKey};
-use shoal_runtime::{HttpError, HttpService, OutboundPolicy, ResponseBody, WasiBody};
+use shoal_runtime::{HttpError, HttpService, LogSink, OutboundPolicy, ResponseBody, WasiBody};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock, Weak};
@@ -60,7 +61,12 @@ pub(crate) struct Inner {
     /// Apps the agent declared as services; see [`Gateway::set_services`].
     services: RwLock<HashSet<AppKey>>,
     client: proxy::Client,
+    /// Finds a local replica's log buffer, for the control plane's `logs`.
+    logs: RwLock<Option<LogLookup>>,
 }
+
+/// Maps a replica id to its log buffer on this node.
+pub type LogLookup = Arc<dyn Fn(&str) -> Option<LogSink> + Send + Sync>;
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
@@ -72,6 +78,7 @@ impl Gateway {
                 endpoints: RwLock::new(HashMap::new()),
                 services: RwLock::new(HashSet::new()),
                 client,
+                logs: RwLock::new(None),
             }),
         }
     }
@@ -101,6 +108,54 @@ impl Gateway {
     }
 
     /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
+    /// Lets the control plane read local replicas' output through this gateway.
+    pub fn set_log_lookup(&self, lookup: LogLookup) {
+        *self.inner.logs.write().expect("logs lock") = Some(lookup);
+    }
+
+    /// A local replica's output as `replica stream line` lines; only for peers
+    /// that prove they belong to the cluster.
+    fn serve_logs(&self, req: &Request<WasiBody>) -> Response<ResponseBody> {
+        let authed = self.inner.config.hop_secret.is_none()
+            || req.headers().contains_key(proxy::HOP_AUTH_HEADER);
+        if !authed {
+            return error(StatusCode::FORBIDDEN, "forbidden", "internal endpoint");
+        }
+        let replica = req.uri().path().trim_start_matches(LOGS_PATH);
+        let tail = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tail=")))
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(usize::MAX);
+        let lookup = self.inner.logs.read().expect("logs lock").clone();
+        let Some(sink) = lookup.and_then(|f| f(replica)) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such replica on this node",
+            );
+        };
+        let (lines, _) = sink.lines(0);
+        let skip = lines.len().saturating_sub(tail);
+        let mut text = String::new();
+        for l in &lines[skip..] {
+            let stream = match l.stream {
+                shoal_runtime::LogStream::Stdout => "stdout",
+                shoal_runtime::LogStream::Stderr => "stderr",
+            };
+            text.push_str(&format!("{replica} {stream} {}\n", l.line));
+        }
+        Response::builder()
+            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(
+                Full::new(Bytes::from(text))
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .expect("static response parts are valid")
+    }
+
     /// Whether a request carrying internal headers really comes from a peer gateway.
     fn trusted_hop(&self, headers: &http::HeaderMap) -> bool {
         match &self.inner.config.hop_secret {
@@ -244,6 +299,9 @@ impl Gateway {
         let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
         if !self.trusted_hop(req.headers()) {
             proxy::strip_internal(req.headers_mut());
+        }
+        if req.uri().path().starts_with(LOGS_PATH) {
+            return self.serve_logs(&req);
         }
         let span = tracing::debug_span!(
             "request",
