@@ -228,15 +228,34 @@ fn a_control_plane_restart_loses_nothing() {
     assert!(poll(Duration::from_secs(30), || ready_count(
         &server, "hello"
     ) == 2));
+    let ids = |server: &Server| -> std::collections::BTreeSet<String> {
+        server
+            .replicas("hello")
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let before = ids(&server);
     server.kill();
-    // Nodes keep serving while the control plane is down.
-    for node in &nodes {
-        assert_eq!(node.get("/hello").unwrap().0, 200);
+    // Nodes keep serving while the control plane is down, for longer than
+    // the node grace (3 s): every request during that time must succeed.
+    let down = std::time::Instant::now();
+    while down.elapsed() < Duration::from_millis(3500) {
+        for node in &nodes {
+            assert_eq!(
+                node.get("/hello").unwrap().0,
+                200,
+                "{} while down",
+                node.name
+            );
+        }
     }
     server.restart();
     assert!(poll(Duration::from_secs(20), || ready_count(
         &server, "hello"
     ) == 2));
+    // Coming back after an outage longer than the grace evicts nobody.
+    assert_eq!(ids(&server), before);
     let apps = server.api_json("/v1/apps");
     assert_eq!(apps.as_array().unwrap().len(), 1);
     // Nodes are back in touch: a new app is placed and served.

@@ -54,6 +54,10 @@ pub struct NodeArgs {
     /// Address of the gateway serving app traffic.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub gateway: SocketAddr,
+    /// Address other nodes and the control plane reach this gateway at
+    /// (default: --gateway; required when that is 0.0.0.0 or [::]).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
     /// This node's name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -246,6 +250,13 @@ pub async fn start_node(
             )
         })?;
     let gw_addr = listener.local_addr()?;
+    let advertise = match args.advertise {
+        Some(a) => a,
+        None if gw_addr.ip().is_unspecified() => anyhow::bail!(
+            "--gateway {gw_addr} listens on every interface: pass --advertise HOST:PORT, the address other nodes reach it at"
+        ),
+        None => gw_addr,
+    };
     let name = args.node_name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .ok()
@@ -261,7 +272,7 @@ pub async fn start_node(
     let agent = Agent::new(
         AgentConfig {
             node: name.clone(),
-            gateway_addr: gw_addr.to_string(),
+            gateway_addr: advertise.to_string(),
             capacity: node_capacity(args)?,
             labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
             heartbeat: duration("heartbeat", &args.heartbeat)?,

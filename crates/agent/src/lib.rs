@@ -241,14 +241,19 @@ impl Agent {
         for (id, replica) in mine {
             if let Some(r) = running.get(id) {
                 let last = r.status.lock().expect("status lock").clone();
-                if let Some(report) = last.filter(|rep| {
+                let stale = last.is_some_and(|rep| {
                     rep.phase != replica.phase
                         || rep.message != replica.message
                         || rep.exit_code != replica.exit_code
-                }) {
-                    let link = self.inner.link.clone();
+                });
+                if stale {
+                    // Send what is current when the resend runs, never an older report.
+                    let (link, status) = (self.inner.link.clone(), r.status.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = link.report(report).await {
+                        let report = status.lock().expect("status lock").clone();
+                        if let Some(report) = report
+                            && let Err(e) = link.report(report).await
+                        {
                             tracing::warn!(error = %e, "status resend failed");
                         }
                     });
@@ -319,18 +324,20 @@ impl Agent {
     async fn start(self, replica: Replica, revision: Revision, logs: LogSink) {
         self.report(&replica, Phase::Starting, None, None).await;
         let t = &revision.template;
-        let path = match self.inner.link.module(&t.component.digest).await {
-            Ok(p) => p,
-            Err(e) => {
-                logs.push_system(format!("cannot fetch module: {e}"));
-                self.report(
-                    &replica,
-                    Phase::Failed,
-                    Some(format!("module fetch failed: {e}")),
-                    None,
-                )
-                .await;
-                return;
+        // Fetching can fail for passing reasons (the control plane restarting):
+        // keep trying, saying why, instead of failing the replica.
+        let mut delay = Duration::from_millis(200);
+        let path = loop {
+            match self.inner.link.module(&t.component.digest).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    let message = format!("module fetch failed, retrying: {e}");
+                    logs.push_system(&message);
+                    self.report(&replica, Phase::Starting, Some(message), None)
+                        .await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
             }
         };
         let loaded = match self.inner.runtime.load(&t.component.digest, &path).await {
@@ -363,9 +370,17 @@ impl Agent {
                 Ok(service) => {
                     let endpoint =
                         Endpoint::local(replica.id.clone(), service, t.resources.max_concurrency);
-                    self.inner
-                        .gateway
-                        .add_endpoint(replica.app.clone(), endpoint);
+                    {
+                        // Only while still wanted: a sync that stopped this
+                        // replica meanwhile must not see it come back.
+                        let running = self.inner.running.lock().expect("agent lock");
+                        if !running.contains_key(&replica.id) {
+                            return;
+                        }
+                        self.inner
+                            .gateway
+                            .add_endpoint(replica.app.clone(), endpoint);
+                    }
                     self.report(&replica, Phase::Ready, None, None).await;
                 }
                 Err(e) => {

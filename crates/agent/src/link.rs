@@ -9,6 +9,11 @@ use sha2::{Digest, Sha256};
 use shoal_control::{ControlPlane, ReplicaReport, Snapshot};
 use shoal_core::Node;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// Longest a control-plane call may take before the agent tries again, so a
+/// stalled control plane cannot wedge a node's sync loop.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -98,6 +103,15 @@ impl Link for LocalLink {
     }
 }
 
+/// Whether a fetched module is on disk whole: a crash or a full disk must not
+/// leave a truncated file that every later start trusts.
+async fn verified(path: &std::path::Path, hex: &str) -> bool {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => hex::encode(Sha256::digest(&bytes)) == hex,
+        Err(_) => false,
+    }
+}
+
 /// A control plane reached over HTTP with the join token.
 pub struct RemoteLink {
     http: reqwest::Client,
@@ -131,7 +145,6 @@ impl RemoteLink {
         })?;
         match resp.status().as_u16() {
             200..=299 => Ok(resp),
-            404 => Err(LinkError::Unregistered),
             code => {
                 let body = resp.text().await.unwrap_or_default();
                 Err(LinkError::Failed(format!(
@@ -150,7 +163,11 @@ impl RemoteLink {
 impl Link for RemoteLink {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
         Box::pin(async move {
-            let req = self.http.post(self.url("/v1/cluster/nodes")).json(&node);
+            let req = self
+                .http
+                .post(self.url("/v1/cluster/nodes"))
+                .json(&node)
+                .timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }
@@ -169,7 +186,7 @@ impl Link for RemoteLink {
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
         let url = self.url(&format!("/v1/cluster/nodes/{}/reports", report.node));
         Box::pin(async move {
-            let req = self.http.post(url).json(&report);
+            let req = self.http.post(url).json(&report).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }
@@ -177,7 +194,11 @@ impl Link for RemoteLink {
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>> {
         Box::pin(async move {
             let resp = self
-                .call(self.http.get(self.url("/v1/cluster/snapshot")))
+                .call(
+                    self.http
+                        .get(self.url("/v1/cluster/snapshot"))
+                        .timeout(CALL_TIMEOUT),
+                )
                 .await?;
             resp.json()
                 .await
@@ -215,11 +236,8 @@ impl Link for RemoteLink {
                 .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .ok_or_else(|| LinkError::Failed(format!("bad module digest {digest:?}")))?;
             let path = self.modules.join(hex);
-            if path.exists() {
-                return Ok(path);
-            }
             let _one_at_a_time = self.fetching.lock().await;
-            if path.exists() {
+            if verified(&path, hex).await {
                 return Ok(path);
             }
             let resp = self
@@ -239,9 +257,14 @@ impl Link for RemoteLink {
                 )));
             }
             let tmp = self.modules.join(format!("{hex}.tmp"));
-            tokio::fs::write(&tmp, &bytes)
+            let store = async {
+                let mut f = tokio::fs::File::create(&tmp).await?;
+                tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await?;
+                f.sync_all().await?;
+                tokio::fs::rename(&tmp, &path).await
+            };
+            store
                 .await
-                .and(tokio::fs::rename(&tmp, &path).await)
                 .map_err(|e| LinkError::Failed(format!("cannot store module: {e}")))?;
             Ok(path)
         })

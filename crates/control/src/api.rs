@@ -31,7 +31,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/nodes/{name}/{action}", post(node_action))
         .layer(DefaultBodyLimit::max(4 << 20))
         .route_layer(middleware::from_fn_with_state(cp.clone(), require_token));
-    // What worker nodes call: the admin token or the join token opens these.
+    // What worker nodes call: the join token opens these.
     let nodes = Router::new()
         .route("/v1/cluster/nodes", post(register_node))
         .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
@@ -93,10 +93,9 @@ async fn require_node_token(State(cp): State<ControlPlane>, req: Request, next: 
         .and_then(|v| v.strip_prefix("Bearer "));
     let config = cp.config();
     match presented {
-        Some(t)
-            if constant_time_eq(t.as_bytes(), config.token.as_bytes())
-                || constant_time_eq(t.as_bytes(), config.join_token.as_bytes()) =>
-        {
+        // Only the join token: the hop secret between gateways derives from it,
+        // so a node that joined with another token could not talk to its peers.
+        Some(t) if constant_time_eq(t.as_bytes(), config.join_token.as_bytes()) => {
             next.run(req).await
         }
         _ => ApiError::new(
@@ -297,7 +296,13 @@ async fn list_events(
         let key = q
             .app
             .map(|a| AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &a));
-        cp.events(key.as_ref(), q.limit.unwrap_or(100))
+        let mut events = cp.events(key.as_ref(), usize::MAX)?;
+        // Apps' events of other namespaces go; cluster events (nodes) stay.
+        if let Some(ns) = &q.namespace {
+            events.retain(|e| e.app.as_ref().is_none_or(|a| &a.namespace == ns));
+        }
+        let skip = events.len().saturating_sub(q.limit.unwrap_or(100));
+        Ok(events.split_off(skip))
     })
     .await
     .map(|e| Json(e).into_response())

@@ -18,6 +18,9 @@ use tracing::Instrument;
 impl ControlPlane {
     /// Runs the controller until the process ends.
     pub async fn run_controller(self) {
+        // Leases written before this control plane started are judged from its
+        // start: a restart after a long outage must not evict every node.
+        let _ = self.inner.started_at.set(now_ms());
         let mut watcher = match self.store().watch("/", self.store().revision() + 1) {
             Ok(w) => w,
             Err(e) => {
@@ -91,8 +94,9 @@ impl ControlPlane {
             .map(|kv| crate::state::decode::<Lease>(kv).map(|l| (l.node, l.renewed_at)))
             .collect::<Result<_, _>>()?;
         let grace = self.config().node_grace.as_millis() as u64;
+        let started_at = self.inner.started_at.get().copied().unwrap_or(now);
         for (node, mod_rev) in &mut nodes {
-            let renewed = leases.get(&node.name).copied().unwrap_or(0);
+            let renewed = leases.get(&node.name).copied().unwrap_or(0).max(started_at);
             if node.state == NodeState::Ready && now.saturating_sub(renewed) > grace {
                 node.state = NodeState::NotReady;
                 txn = txn
@@ -268,6 +272,7 @@ impl ControlPlane {
 
         if writes == 0 {
             self.prune_events()?;
+            self.compact_history()?;
             return Ok(false);
         }
         let resp = store.txn(txn)?;
@@ -275,6 +280,17 @@ impl ControlPlane {
             tracing::debug!("reconcile lost a race; retrying");
         }
         Ok(true)
+    }
+
+    /// Keeps the watch history to its last [`HISTORY`] revisions: older
+    /// watchers re-read the snapshot, and the file stops growing.
+    fn compact_history(&self) -> Result<(), ApiError> {
+        let store = self.store();
+        let target = store.revision().saturating_sub(HISTORY);
+        if target > store.compacted_revision() + HISTORY / 10 {
+            store.compact(target)?;
+        }
+        Ok(())
     }
 
     /// Keeps the newest `max_events` events.
@@ -291,6 +307,9 @@ impl ControlPlane {
         Ok(())
     }
 }
+
+/// Revisions of watch history kept (about 3 hours of one node's heartbeats).
+const HISTORY: u64 = 10_000;
 
 /// Five random base-36 characters, like Kubernetes pod suffixes.
 fn short_id() -> String {

@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) logs: OnceLock<Arc<dyn LogSource>>,
     /// Wakes the controller when something it owns should be looked at again.
     pub(crate) kick: Notify,
+    /// When the controller started; see `run_controller`.
+    pub(crate) started_at: OnceLock<Millis>,
 }
 
 /// What `apply` did or would do.
@@ -212,6 +214,7 @@ impl ControlPlane {
                 event_seq: AtomicU64::new(next),
                 logs: OnceLock::new(),
                 kick: Notify::new(),
+                started_at: OnceLock::new(),
             }),
         })
     }
@@ -642,34 +645,48 @@ impl ControlPlane {
 
     /// A node (re)joins: its record is replaced, keeping its join time and
     /// whether it was cordoned, and its lease is renewed.
-    pub fn register_node(&self, mut node: Node) -> Result<u64, ApiError> {
+    pub fn register_node(&self, node: Node) -> Result<u64, ApiError> {
         shoal_core::validate_name(&node.name)
             .map_err(|e| ApiError::bad_request("invalid_node", format!("node name: {e}")))?;
         let key = keys::node(&node.name);
-        let previous = self.get::<Node>(&key)?;
-        node.state = NodeState::Ready;
-        if let Some((old, _)) = &previous {
-            node.joined_at = old.joined_at;
-            node.schedulable = old.schedulable;
-            node.draining = old.draining;
+        // Compare-and-swap, so a cordon or drain landing meanwhile is kept.
+        for _ in 0..5 {
+            let previous = self.get::<Node>(&key)?;
+            let mut node = node.clone();
+            node.state = NodeState::Ready;
+            let txn = match &previous {
+                Some((old, mod_rev)) => {
+                    node.joined_at = old.joined_at;
+                    node.schedulable = old.schedulable;
+                    node.draining = old.draining;
+                    Txn::new().when_mod_revision(key.clone(), *mod_rev)
+                }
+                None => Txn::new().when_absent(key.clone()),
+            };
+            let lease = Lease {
+                node: node.name.clone(),
+                renewed_at: now_ms(),
+            };
+            let txn = txn
+                .then(Op::put(key.clone(), encode(&node)))
+                .then(Op::put(keys::lease(&node.name), encode(&lease)))
+                .then(self.event_op(
+                    EventType::Normal,
+                    "NodeReady",
+                    format!("node/{}", node.name),
+                    None,
+                    format!("node {} joined with gateway {}", node.name, node.gateway),
+                ));
+            let resp = self.inner.store.txn(txn)?;
+            if resp.succeeded {
+                self.inner.kick.notify_one();
+                return Ok(resp.revision);
+            }
         }
-        let lease = Lease {
-            node: node.name.clone(),
-            renewed_at: now_ms(),
-        };
-        let txn = Txn::new()
-            .then(Op::put(key, encode(&node)))
-            .then(Op::put(keys::lease(&node.name), encode(&lease)))
-            .then(self.event_op(
-                EventType::Normal,
-                "NodeReady",
-                format!("node/{}", node.name),
-                None,
-                format!("node {} joined with gateway {}", node.name, node.gateway),
-            ));
-        let revision = self.inner.store.txn(txn)?.revision;
-        self.inner.kick.notify_one();
-        Ok(revision)
+        Err(ApiError::conflict(format!(
+            "node {} kept changing while it registered; try again",
+            node.name
+        )))
     }
 
     /// Renews a node's lease; a NotReady node that heartbeats is Ready again.
@@ -848,6 +865,15 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
     keys.into_iter()
         .filter_map(|k| {
             let (x, y) = (a.get(k), b.get(k));
+            // Env values may be secrets: say that they changed, not what they are.
+            if k.starts_with("env.") && x != y {
+                let what = match (x, y) {
+                    (None, _) => "added",
+                    (_, None) => "removed",
+                    _ => "changed",
+                };
+                return Some(format!("{k}: {what}"));
+            }
             (x != y).then(|| {
                 format!(
                     "{k}: {} -> {}",

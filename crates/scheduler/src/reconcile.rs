@@ -38,9 +38,12 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
 /// replaced like those of an old revision, new before old.
 pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> bool) -> Plan {
     let desired = app.spec.replicas as usize;
-    let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas
-        .iter()
-        .partition(|r| r.revision == app.revision && !r.node.as_deref().is_some_and(&draining));
+    // A finished job stays what it is wherever it ran: draining does not rerun it.
+    let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| {
+        r.revision == app.revision
+            && (!r.node.as_deref().is_some_and(&draining)
+                || (r.kind == Kind::Job && r.phase.is_terminal()))
+    });
     let mut plan = Plan::default();
 
     // Old replicas that serve nothing go at once; a job's old runs are stale.
@@ -69,8 +72,16 @@ pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> boo
         };
     }
 
-    // Retire old replicas, oldest first, while enough others serve.
+    // Retire old replicas, oldest first, while enough others serve. If a new
+    // replica fits nowhere while old ones hold the room (a full cluster, or
+    // one replica per node required), give up one of availability to progress.
     let mut serving_now = current.iter().filter(|r| serving(r.phase)).count() + old_serving.len();
+    let blocked = current
+        .iter()
+        .any(|r| r.node.is_none() && r.phase == Phase::Pending && r.message.is_some());
+    if blocked && serving_now == desired {
+        serving_now += 1;
+    }
     old_serving.sort_by_key(|r| r.created_at);
     for r in old_serving {
         if serving_now > desired {
@@ -268,6 +279,38 @@ mod tests {
                 create: 0,
                 delete: vec!["d1".into()]
             }
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_new_replica_frees_room_from_an_old_one() {
+        let a = app("http", 2, 2);
+        let mut rs = vec![
+            replica("o1", 1, Phase::Ready, 1),
+            replica("o2", 1, Phase::Ready, 2),
+            replica("n1", 2, Phase::Pending, 3),
+        ];
+        rs[2].node = None;
+        // Merely pending (not yet tried): wait.
+        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
+        // The scheduler said it fits nowhere: one old replica makes room.
+        rs[2].message = Some("0/2 nodes available: 2 already runs a replica of this app".into());
+        assert_eq!(
+            reconcile(&a, &rs, |_| false),
+            Plan {
+                create: 0,
+                delete: vec!["o1".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn draining_does_not_rerun_finished_jobs() {
+        let mut done = replica("j1", 1, Phase::Succeeded, 1);
+        done.kind = Kind::Job;
+        assert_eq!(
+            reconcile(&app("job", 1, 1), &[done], |_| true),
+            Plan::default()
         );
     }
 
