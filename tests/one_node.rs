@@ -247,3 +247,56 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn daemons_restart_with_backoff_and_jobs_retry_on_failure() {
+    let c = Cluster::start();
+    let job = std::fs::read_to_string(format!("{}/greet-job/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    // greet-job run as a daemon exits at once, so its node keeps restarting it.
+    let daemon = job
+        .replace("name = \"greet-job\"", "name = \"greeter\"")
+        .replace("kind = \"job\"", "kind = \"daemon\"");
+    let path = write_spec(c.dir.path(), "daemon.toml", &daemon);
+    c.cli_ok(&["apply", "-f", path.to_str().unwrap()]);
+    let restarts = || {
+        c.api_json("/v1/replicas?app=greeter")
+            .get(0)
+            .and_then(|r| r["restarts"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(poll(Duration::from_secs(20), || restarts() >= 1));
+    let first = std::time::Instant::now();
+    assert!(poll(Duration::from_secs(20), || restarts() >= 4));
+    // 100 + 200 + 400 ms of backoff between restarts 1 and 4 (less one poll).
+    assert!(
+        first.elapsed() >= Duration::from_millis(650),
+        "{:?}",
+        first.elapsed()
+    );
+    let r = &c.api_json("/v1/replicas?app=greeter")[0];
+    assert!(
+        r["phase"] == "CrashLoopBackOff" || r["phase"] == "Running",
+        "{r}"
+    );
+    let describe = c.cli_ok(&["describe", "app", "greeter"]);
+    assert!(describe.contains("BackOff"), "{describe}");
+
+    // A job that fails is retried as its policy says, then fails for good.
+    let failing = format!(
+        "{}\n[job]\nrestart = \"on-failure\"\nretries = 2\n",
+        job.replace("name = \"greet-job\"", "name = \"retrier\"")
+            .replace("[env]", "[env]\nEXIT_CODE = \"3\"")
+    );
+    let path = write_spec(c.dir.path(), "retrier.toml", &failing);
+    c.cli_ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(20), || {
+        c.api_json("/v1/replicas?app=retrier")[0]["phase"] == "Failed"
+    }));
+    let r = &c.api_json("/v1/replicas?app=retrier")[0];
+    assert_eq!(r["restarts"], 2, "{r}");
+    assert_eq!(r["exit_code"], 3, "{r}");
+    let logs = c.cli_ok(&["logs", "retrier"]);
+    assert_eq!(logs.matches("greet-job: starting").count(), 3, "{logs}");
+}

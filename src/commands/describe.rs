@@ -82,7 +82,9 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     } else {
         table_indented(
             "  ",
-            &["NAME", "APP", "REVISION", "NODE", "PHASE", "AGE", "MESSAGE"],
+            &[
+                "NAME", "APP", "REVISION", "NODE", "PHASE", "RESTARTS", "AGE", "MESSAGE",
+            ],
             &replica_rows(&d.replicas),
         );
     }

@@ -75,7 +75,9 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                 return Ok(());
             }
             table(
-                &["NAME", "APP", "REVISION", "NODE", "PHASE", "AGE", "MESSAGE"],
+                &[
+                    "NAME", "APP", "REVISION", "NODE", "PHASE", "RESTARTS", "AGE", "MESSAGE",
+                ],
                 &replica_rows(&replicas),
             );
         }
@@ -198,6 +200,7 @@ pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {
                 r.revision.to_string(),
                 r.node.clone().unwrap_or_else(|| "<none>".into()),
                 r.phase.to_string(),
+                r.restarts.to_string(),
                 age(r.created_at),
                 r.message.clone().unwrap_or_default(),
             ]

@@ -12,6 +12,7 @@ pub use link::{Link, LinkError, LocalLink, RemoteLink};
 use futures::StreamExt;
 use shoal_control::{LogSource, ReplicaReport, Snapshot, now_ms};
 use shoal_core::spec::AppKey;
+use shoal_core::spec::Restart;
 use shoal_core::{App, Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{ExitStatus, InstanceConfig, LogSink, Runtime};
@@ -23,6 +24,12 @@ use tracing::Instrument;
 
 /// How often the agent re-reads the cluster state even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(2);
+
+/// Restart backoff of jobs and daemons: first delay, cap, and how long a run
+/// must last for the delay to start over.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(60);
 
 /// Lines of output kept per replica.
 const LOG_LINES: usize = 5000;
@@ -245,6 +252,7 @@ impl Agent {
                     rep.phase != replica.phase
                         || rep.message != replica.message
                         || rep.exit_code != replica.exit_code
+                        || rep.restarts != replica.restarts
                 });
                 if stale {
                     // Send what is current when the resend runs, never an older report.
@@ -289,14 +297,26 @@ impl Agent {
         }
     }
 
-    /// Records the replica's status locally, then tells the control plane.
-    /// A report that does not get through is sent again by the next sync.
     async fn report(
         &self,
         replica: &Replica,
         phase: Phase,
         message: Option<String>,
         exit_code: Option<i32>,
+    ) {
+        self.report_status(replica, phase, message, exit_code, 0)
+            .await
+    }
+
+    /// Records the replica's status locally, then tells the control plane.
+    /// A report that does not get through is sent again by the next sync.
+    async fn report_status(
+        &self,
+        replica: &Replica,
+        phase: Phase,
+        message: Option<String>,
+        exit_code: Option<i32>,
+        restarts: u32,
     ) {
         let report = ReplicaReport {
             app: replica.app.clone(),
@@ -305,6 +325,7 @@ impl Agent {
             phase,
             message,
             exit_code,
+            restarts,
         };
         if let Some(r) = self
             .inner
@@ -358,7 +379,14 @@ impl Agent {
             env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             args: t.component.args.clone(),
             memory_limit: t.resources.memory_bytes,
-            timeout: (t.timeout_ms > 0).then(|| Duration::from_millis(t.timeout_ms)),
+            timeout: match t.component.kind {
+                Kind::Http => (t.timeout_ms > 0).then(|| Duration::from_millis(t.timeout_ms)),
+                _ => t
+                    .job
+                    .as_ref()
+                    .and_then(|j| j.deadline_ms)
+                    .map(Duration::from_millis),
+            },
             logs: logs.clone(),
             outbound: self
                 .inner
@@ -390,24 +418,71 @@ impl Agent {
                 }
             },
             Kind::Job | Kind::Daemon => match self.inner.runtime.command(&loaded, config) {
-                Ok(command) => {
-                    self.report(&replica, Phase::Running, None, None).await;
-                    let status = command.run().await;
-                    let (phase, code) = match &status {
-                        ExitStatus::Exited(0) => (Phase::Succeeded, Some(0)),
-                        ExitStatus::Exited(n) => (Phase::Failed, Some(*n)),
-                        _ => (Phase::Failed, None),
-                    };
-                    logs.push_system(format!("exited: {status}"));
-                    self.report(&replica, phase, Some(status.to_string()), code)
-                        .await;
-                }
+                Ok(command) => self.run_command(&replica, t, command, &logs).await,
                 Err(e) => {
                     logs.push_system(e.to_string());
                     self.report(&replica, Phase::Failed, Some(e.to_string()), None)
                         .await;
                 }
             },
+        }
+    }
+}
+
+impl Agent {
+    /// Runs a job or daemon, restarting it as its kind and policy say, with
+    /// exponential backoff (100 ms doubling to 30 s, reset after a stable run).
+    async fn run_command(
+        &self,
+        replica: &Replica,
+        template: &shoal_core::spec::Template,
+        command: shoal_runtime::Command,
+        logs: &LogSink,
+    ) {
+        let mut restarts = 0u32;
+        let mut delay = BACKOFF_START;
+        loop {
+            self.report_status(replica, Phase::Running, None, None, restarts)
+                .await;
+            let started = tokio::time::Instant::now();
+            let status = command.run().await;
+            let code = match status {
+                ExitStatus::Exited(n) => Some(n),
+                _ => None,
+            };
+            logs.push_system(format!("exited: {status}"));
+            let retry = match (replica.kind, &template.job) {
+                (Kind::Daemon, _) => true,
+                (_, _) if status.success() => false,
+                (_, Some(job)) => job.restart == Restart::OnFailure && restarts < job.retries,
+                _ => false,
+            };
+            if !retry {
+                let phase = if status.success() {
+                    Phase::Succeeded
+                } else {
+                    Phase::Failed
+                };
+                self.report_status(replica, phase, Some(status.to_string()), code, restarts)
+                    .await;
+                return;
+            }
+            if started.elapsed() >= BACKOFF_RESET {
+                delay = BACKOFF_START;
+            }
+            restarts += 1;
+            let message = format!("{status}; restart {restarts} in {delay:?}");
+            logs.push_system(&message);
+            self.report_status(
+                replica,
+                Phase::CrashLoopBackOff,
+                Some(message),
+                code,
+                restarts,
+            )
+            .await;
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(BACKOFF_MAX);
         }
     }
 }

@@ -205,6 +205,7 @@ impl ControlPlane {
                         phase: Phase::Pending,
                         message: None,
                         exit_code: None,
+                        restarts: 0,
                         created_at: now,
                         updated_at: now,
                     });

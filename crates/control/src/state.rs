@@ -176,6 +176,8 @@ pub struct ReplicaReport {
     pub phase: Phase,
     pub message: Option<String>,
     pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
@@ -770,12 +772,14 @@ impl ControlPlane {
             if replica.phase == report.phase
                 && replica.message == report.message
                 && replica.exit_code == report.exit_code
+                && replica.restarts == report.restarts
             {
                 return Ok(());
             }
             replica.phase = report.phase;
             replica.message = report.message.clone();
             replica.exit_code = report.exit_code;
+            replica.restarts = report.restarts;
             replica.updated_at = now_ms();
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
@@ -783,6 +787,7 @@ impl ControlPlane {
                 Phase::Ready => (EventType::Normal, "Ready"),
                 Phase::Running => (EventType::Normal, "Started"),
                 Phase::Succeeded => (EventType::Normal, "Succeeded"),
+                Phase::CrashLoopBackOff => (EventType::Warning, "BackOff"),
                 Phase::Failed => (EventType::Warning, "Failed"),
             };
             let mut message = format!(

@@ -82,6 +82,9 @@ pub enum Phase {
     Ready,
     /// A job or daemon instance is executing.
     Running,
+    /// A daemon (or a job allowed to retry) exited and waits, with a growing
+    /// delay, to be started again.
+    CrashLoopBackOff,
     Succeeded,
     Failed,
 }
@@ -114,6 +117,9 @@ pub struct Replica {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
+    /// Times its node started it again after it exited.
+    #[serde(default)]
+    pub restarts: u32,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

@@ -144,6 +144,26 @@ pub struct HttpSpec {
     pub timeout_ms: u64,
 }
 
+/// What a job does when its run fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    #[default]
+    Never,
+    OnFailure,
+}
+
+/// How a job runs: restart policy, retry limit and deadline.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub restart: Restart,
+    /// Restarts allowed after failures (with `restart = "on-failure"`).
+    pub retries: u32,
+    /// Longest one run may take; past it the run fails as timed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ComponentSpec {
     /// `sha256:<hex>` of an uploaded module.
@@ -217,6 +237,8 @@ pub struct AppSpec {
     /// reaches by service name without a grant). Empty: no outbound network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
 }
 
 /// What makes a revision: everything that changes what runs in a replica.
@@ -229,6 +251,8 @@ pub struct Template {
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobSpec>,
 }
 
 impl Template {
@@ -247,6 +271,7 @@ impl AppSpec {
             timeout_ms: self.http.as_ref().map_or(0, |h| h.timeout_ms),
             env: self.env.clone(),
             outbound: self.outbound.clone(),
+            job: self.job.clone(),
         }
     }
 
@@ -333,6 +358,23 @@ impl AppSpec {
                     "env",
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
+            }
+        }
+        if let Some(job) = &self.job {
+            if self.component.kind != Kind::Job {
+                return field(
+                    "job",
+                    format!(
+                        "only kind = \"job\" apps take a [job] section (this one is {:?})",
+                        self.component.kind.to_string()
+                    ),
+                );
+            }
+            if job.retries > 100 {
+                return field("job.retries", "must be at most 100".into());
+            }
+            if job.deadline_ms == Some(0) {
+                return field("job.deadline", "must be greater than 0".into());
             }
         }
         for host in &self.outbound {
@@ -486,6 +528,16 @@ struct RawApp {
     #[serde(default)]
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
+    job: Option<Spanned<RawJob>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    #[serde(default)]
+    restart: Restart,
+    retries: Option<u32>,
+    deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -676,6 +728,25 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 .spread
                 .map(Spanned::into_inner)
                 .unwrap_or_default(),
+        },
+        job: match &raw.job {
+            Some(j) => {
+                spans.insert("job", j.span());
+                let rj = j.get_ref();
+                let deadline_ms = match &rj.deadline {
+                    Some(d) => Some(
+                        parse_duration_ms(d.get_ref())
+                            .map_err(|e| fail("job.deadline", e.to_string(), d.span()))?,
+                    ),
+                    None => None,
+                };
+                Some(JobSpec {
+                    restart: rj.restart,
+                    retries: rj.retries.unwrap_or(3),
+                    deadline_ms,
+                })
+            }
+            None => None,
         },
         outbound: match raw.network {
             Some(n) => {
@@ -893,6 +964,30 @@ A = "1"
         );
         let bad = format!("{HELLO}\n[network]\noutbound = [\"http://x\"]\n");
         assert_eq!(err(&bad).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
+    fn jobs_take_a_restart_policy() {
+        let src = format!(
+            "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n[job]\nrestart = \"on-failure\"\nretries = 2\ndeadline = \"10s\"\n",
+            "b".repeat(64)
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "b".repeat(64)))
+            .unwrap();
+        assert_eq!(
+            spec.job,
+            Some(JobSpec {
+                restart: Restart::OnFailure,
+                retries: 2,
+                deadline_ms: Some(10_000)
+            })
+        );
+        let e = err(&format!("{HELLO}\n[job]\nrestart = \"never\"\n"));
+        assert_eq!(e.field.as_deref(), Some("job"));
+        let e = err(&src.replace("on-failure", "always"));
+        assert!(e.message.contains("always"), "{e}");
     }
 
     #[test]

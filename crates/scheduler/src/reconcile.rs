@@ -26,7 +26,7 @@ fn serving(phase: Phase) -> bool {
 fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match r.phase {
         Phase::Pending => 0,
-        Phase::Failed => 1,
+        Phase::Failed | Phase::CrashLoopBackOff => 1,
         Phase::Starting => 2,
         Phase::Succeeded => 3,
         Phase::Ready | Phase::Running => 4,
@@ -131,6 +131,7 @@ mod tests {
             phase,
             message: None,
             exit_code: None,
+            restarts: 0,
             created_at,
             updated_at: created_at,
         }
