@@ -105,7 +105,7 @@ fn apply_serve_inspect_update_delete() {
 fn the_gateway_streams_bodies_and_keeps_status_and_headers() {
     let c = Cluster::start();
     c.cli_ok(&["apply", "-f", &format!("{}/faulty/app.toml", examples())]);
-    c.wait_gw("/faulty/healthz", 200, "ok");
+    c.wait_gw("/faulty/healthz", 200, "status 200");
 
     // 8 MiB sent chunked (no length known up front) comes back byte for byte.
     let body: Vec<u8> = (0..8usize << 20).map(|i| (i % 251) as u8).collect();
@@ -299,4 +299,115 @@ fn daemons_restart_with_backoff_and_jobs_retry_on_failure() {
     assert_eq!(r["exit_code"], 3, "{r}");
     let logs = c.cli_ok(&["logs", "retrier"]);
     assert_eq!(logs.matches("greet-job: starting").count(), 3, "{logs}");
+}
+
+fn faulty_with(dir: &std::path::Path, file: &str, healthz: u16, health: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let text = format!("{text}\n[env]\nHEALTHZ_STATUS = \"{healthz}\"\n{health}");
+    write_spec(dir, file, &text).to_str().unwrap().to_string()
+}
+
+const READINESS: &str =
+    "[health.readiness]\npath = \"/healthz\"\nperiod = \"100ms\"\nfailure_threshold = 2\n";
+
+#[test]
+fn readiness_gates_traffic_and_a_bad_revision_never_takes_it() {
+    let c = Cluster::start();
+    // Failing readiness: the replica runs but gets no traffic.
+    c.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty_with(c.dir.path(), "bad.toml", 503, READINESS),
+    ]);
+    assert!(poll(Duration::from_secs(20), || {
+        c.api_json("/v1/replicas?app=faulty")
+            .get(0)
+            .is_some_and(|r| {
+                r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("readiness"))
+            })
+    }));
+    let resp = c.gw("/faulty/");
+    assert_eq!(resp.status(), 503);
+
+    // A healthy revision becomes Ready and serves.
+    c.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty_with(c.dir.path(), "good.toml", 200, READINESS),
+    ]);
+    c.wait_gw("/faulty/", 200, "ok");
+
+    // Under constant load, a revision failing readiness never receives a request
+    // and the good one keeps serving.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gw = c.gateway.clone();
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let http = common::client();
+            let (mut ok, mut failed) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match http.get(format!("{gw}/faulty/")).send() {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed)
+        })
+    };
+    c.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty_with(c.dir.path(), "bad2.toml", 503, READINESS),
+    ]);
+    assert!(poll(Duration::from_secs(20), || {
+        let rs = c.api_json("/v1/replicas?app=faulty");
+        rs.as_array().unwrap().iter().any(|r| {
+            r["revision"] == 3
+                && r["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("readiness"))
+        })
+    }));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().unwrap();
+    assert!(ok > 0);
+    assert_eq!(failed, 0, "{failed} failed of {}", ok + failed);
+    let rs = c.api_json("/v1/replicas?app=faulty");
+    assert!(
+        rs.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["revision"] == 2 && r["phase"] == "Ready"),
+        "{rs}"
+    );
+}
+
+#[test]
+fn a_replica_failing_liveness_is_restarted() {
+    let c = Cluster::start();
+    let liveness =
+        "[health.liveness]\npath = \"/healthz\"\nperiod = \"100ms\"\nfailure_threshold = 2\n";
+    c.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty_with(c.dir.path(), "sick.toml", 500, liveness),
+    ]);
+    assert!(poll(Duration::from_secs(20), || {
+        c.api_json("/v1/replicas?app=faulty")
+            .get(0)
+            .and_then(|r| r["restarts"].as_u64())
+            .is_some_and(|n| n >= 2)
+    }));
+    let describe = c.cli_ok(&["describe", "app", "faulty"]);
+    assert!(
+        describe.contains("Restarted") && describe.contains("liveness"),
+        "{describe}"
+    );
+    let logs = c.cli_ok(&["logs", "faulty"]);
+    assert!(logs.contains("liveness probe failed"), "{logs}");
 }

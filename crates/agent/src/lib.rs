@@ -12,10 +12,10 @@ pub use link::{Link, LinkError, LocalLink, RemoteLink};
 use futures::StreamExt;
 use shoal_control::{LogSource, ReplicaReport, Snapshot, now_ms};
 use shoal_core::spec::AppKey;
-use shoal_core::spec::Restart;
+use shoal_core::spec::{Restart, Template};
 use shoal_core::{App, Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
-use shoal_runtime::{ExitStatus, InstanceConfig, LogSink, Runtime};
+use shoal_runtime::{ExitStatus, HttpService, InstanceConfig, LogSink, Runtime};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -394,22 +394,15 @@ impl Agent {
                 .outbound(&replica.app.namespace, t.outbound.clone()),
         };
         match t.component.kind {
-            Kind::Http => match self.inner.runtime.http_service(&loaded, config) {
-                Ok(service) => {
-                    let endpoint =
-                        Endpoint::local(replica.id.clone(), service, t.resources.max_concurrency);
-                    {
-                        // Only while still wanted: a sync that stopped this
-                        // replica meanwhile must not see it come back.
-                        let running = self.inner.running.lock().expect("agent lock");
-                        if !running.contains_key(&replica.id) {
-                            return;
-                        }
-                        self.inner
-                            .gateway
-                            .add_endpoint(replica.app.clone(), endpoint);
+            Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {
+                Ok(service) if t.health.is_default() => {
+                    if self.serve(&replica, t, service) {
+                        self.report(&replica, Phase::Ready, None, None).await;
                     }
-                    self.report(&replica, Phase::Ready, None, None).await;
+                }
+                Ok(service) => {
+                    self.supervise(&replica, t, &loaded, config, service, &logs)
+                        .await
                 }
                 Err(e) => {
                     logs.push_system(e.to_string());
@@ -430,12 +423,139 @@ impl Agent {
 }
 
 impl Agent {
+    /// Puts a replica in its gateway, only while it is still wanted: a sync
+    /// that stopped it meanwhile must not see it come back.
+    fn serve(&self, replica: &Replica, template: &Template, service: HttpService) -> bool {
+        let running = self.inner.running.lock().expect("agent lock");
+        if !running.contains_key(&replica.id) {
+            return false;
+        }
+        let endpoint = Endpoint::local(
+            replica.id.clone(),
+            service,
+            template.resources.max_concurrency,
+        );
+        self.inner
+            .gateway
+            .add_endpoint(replica.app.clone(), endpoint);
+        true
+    }
+
+    /// Runs an http replica's probes for its life: readiness decides whether
+    /// it is in the gateway, liveness restarts it (a fresh instance pre-image)
+    /// when it keeps failing.
+    async fn supervise(
+        &self,
+        replica: &Replica,
+        template: &Template,
+        loaded: &shoal_runtime::Loaded,
+        config: InstanceConfig,
+        mut service: HttpService,
+        logs: &LogSink,
+    ) {
+        let health = &template.health;
+        let mut restarts = 0u32;
+        let mut ready = false;
+        let (mut passes, mut failures, mut live_failures) = (0u32, 0u32, 0u32);
+        match &health.readiness {
+            None => {
+                ready = self.serve(replica, template, service.clone());
+                self.report_status(replica, Phase::Ready, None, None, 0)
+                    .await;
+            }
+            Some(r) => {
+                let message = format!("waiting for readiness probe {}", r.path);
+                self.report_status(replica, Phase::Starting, Some(message), None, 0)
+                    .await;
+            }
+        }
+        let period = [&health.readiness, &health.liveness]
+            .into_iter()
+            .flatten()
+            .map(|p| p.period_ms)
+            .min()
+            .unwrap_or(1000);
+        let mut tick = tokio::time::interval(Duration::from_millis(period));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Some(r) = &health.readiness {
+                match probe(&service, r).await {
+                    Ok(()) => (passes, failures) = (passes + 1, 0),
+                    Err(why) => {
+                        (passes, failures) = (0, failures + 1);
+                        if ready && failures >= r.failure_threshold {
+                            ready = false;
+                            self.inner
+                                .gateway
+                                .remove_endpoint(&replica.app, &replica.id);
+                            let message = format!("readiness probe failed {failures} times: {why}");
+                            logs.push_system(&message);
+                            self.report_status(
+                                replica,
+                                Phase::Unready,
+                                Some(message),
+                                None,
+                                restarts,
+                            )
+                            .await;
+                        }
+                    }
+                }
+                if !ready && passes >= r.success_threshold {
+                    ready = self.serve(replica, template, service.clone());
+                    self.report_status(replica, Phase::Ready, None, None, restarts)
+                        .await;
+                }
+            }
+            if let Some(l) = &health.liveness {
+                let why = match probe(&service, l).await {
+                    Ok(()) => {
+                        live_failures = 0;
+                        continue;
+                    }
+                    Err(why) => why,
+                };
+                live_failures += 1;
+                if live_failures >= l.failure_threshold {
+                    let message =
+                        format!("liveness probe failed {live_failures} times ({why}); restarted");
+                    logs.push_system(&message);
+                    self.inner
+                        .gateway
+                        .remove_endpoint(&replica.app, &replica.id);
+                    match self.inner.runtime.http_service(loaded, config.clone()) {
+                        Ok(fresh) => service = fresh,
+                        Err(e) => {
+                            self.report_status(
+                                replica,
+                                Phase::Failed,
+                                Some(e.to_string()),
+                                None,
+                                restarts,
+                            )
+                            .await;
+                            return;
+                        }
+                    }
+                    restarts += 1;
+                    (live_failures, passes, failures) = (0, 0, 0);
+                    ready = health.readiness.is_none()
+                        && self.serve(replica, template, service.clone());
+                    let phase = if ready { Phase::Ready } else { Phase::Unready };
+                    self.report_status(replica, phase, Some(message), None, restarts)
+                        .await;
+                }
+            }
+        }
+    }
+
     /// Runs a job or daemon, restarting it as its kind and policy say, with
     /// exponential backoff (100 ms doubling to 30 s, reset after a stable run).
     async fn run_command(
         &self,
         replica: &Replica,
-        template: &shoal_core::spec::Template,
+        template: &Template,
         command: shoal_runtime::Command,
         logs: &LogSink,
     ) {
@@ -484,6 +604,25 @@ impl Agent {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(BACKOFF_MAX);
         }
+    }
+}
+
+/// One probe: a GET of its path on a fresh instance, passing on 2xx or 3xx
+/// within its timeout.
+async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result<(), String> {
+    use http_body_util::BodyExt;
+    let request = http::Request::get(probe.path.as_str())
+        .header(http::header::HOST, "localhost")
+        .header(http::header::USER_AGENT, "shoal-probe")
+        .body(http_body_util::Empty::<bytes::Bytes>::new().map_err(
+            |never: std::convert::Infallible| -> shoal_runtime::HttpError { match never {} },
+        ))
+        .map_err(|e| e.to_string())?;
+    let timeout = Duration::from_millis(probe.timeout_ms);
+    match tokio::time::timeout(timeout, service.handle(request)).await {
+        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
+        Ok(resp) => Err(format!("{} answered {}", probe.path, resp.status())),
+        Err(_) => Err(format!("{} timed out after {timeout:?}", probe.path)),
     }
 }
 

@@ -776,6 +776,7 @@ impl ControlPlane {
             {
                 return Ok(());
             }
+            let replica_restarts = replica.restarts;
             replica.phase = report.phase;
             replica.message = report.message.clone();
             replica.exit_code = report.exit_code;
@@ -784,7 +785,11 @@ impl ControlPlane {
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
                 Phase::Starting => (EventType::Normal, "Starting"),
+                Phase::Ready if report.restarts > replica_restarts => {
+                    (EventType::Warning, "Restarted")
+                }
                 Phase::Ready => (EventType::Normal, "Ready"),
+                Phase::Unready => (EventType::Warning, "Unready"),
                 Phase::Running => (EventType::Normal, "Started"),
                 Phase::Succeeded => (EventType::Normal, "Succeeded"),
                 Phase::CrashLoopBackOff => (EventType::Warning, "BackOff"),

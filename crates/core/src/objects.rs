@@ -80,6 +80,8 @@ pub enum Phase {
     Starting,
     /// Serving: http replicas receive traffic only in this phase.
     Ready,
+    /// Running but failing its readiness probe: no traffic until it passes.
+    Unready,
     /// A job or daemon instance is executing.
     Running,
     /// A daemon (or a job allowed to retry) exited and waits, with a growing

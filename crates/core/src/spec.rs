@@ -144,6 +144,33 @@ pub struct HttpSpec {
     pub timeout_ms: u64,
 }
 
+/// An HTTP probe of a replica, run in process by its node.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Probe {
+    pub path: String,
+    pub period_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive failures that flip it to failing.
+    pub failure_threshold: u32,
+    /// Consecutive successes that flip it to passing.
+    pub success_threshold: u32,
+}
+
+/// Readiness gates traffic; liveness restarts a replica that keeps failing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Health {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<Probe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<Probe>,
+}
+
+impl Health {
+    pub fn is_default(&self) -> bool {
+        self == &Health::default()
+    }
+}
+
 /// What a job does when its run fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -239,6 +266,8 @@ pub struct AppSpec {
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
+    #[serde(default, skip_serializing_if = "Health::is_default")]
+    pub health: Health,
 }
 
 /// What makes a revision: everything that changes what runs in a replica.
@@ -253,6 +282,8 @@ pub struct Template {
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
+    #[serde(default, skip_serializing_if = "Health::is_default")]
+    pub health: Health,
 }
 
 impl Template {
@@ -272,6 +303,7 @@ impl AppSpec {
             env: self.env.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
+            health: self.health.clone(),
         }
     }
 
@@ -358,6 +390,28 @@ impl AppSpec {
                     "env",
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
+            }
+        }
+        if !self.health.is_default() && self.component.kind != Kind::Http {
+            return field(
+                "health",
+                "health probes are HTTP requests: only kind = \"http\" apps take them".into(),
+            );
+        }
+        for (name, probe) in [
+            ("health.readiness", &self.health.readiness),
+            ("health.liveness", &self.health.liveness),
+        ] {
+            if let Some(p) = probe {
+                if let Err(m) = validate_path(&p.path) {
+                    return field(name, m);
+                }
+                if p.period_ms == 0 || p.timeout_ms == 0 {
+                    return field(name, "period and timeout must be greater than 0".into());
+                }
+                if p.failure_threshold == 0 || p.success_threshold == 0 {
+                    return field(name, "thresholds must be at least 1".into());
+                }
             }
         }
         if let Some(job) = &self.job {
@@ -529,6 +583,40 @@ struct RawApp {
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
     job: Option<Spanned<RawJob>>,
+    health: Option<Spanned<RawHealth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    readiness: Option<Spanned<RawProbe>>,
+    liveness: Option<Spanned<RawProbe>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    path: String,
+    period: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    failure_threshold: Option<u32>,
+    success_threshold: Option<u32>,
+}
+
+fn probe(src: &str, field: &'static str, raw: &Spanned<RawProbe>) -> Result<Probe, SpecError> {
+    let r = raw.get_ref();
+    let duration = |d: &Option<Spanned<String>>, default: u64| match d {
+        Some(d) => parse_duration_ms(d.get_ref())
+            .map_err(|e| SpecError::field(field, e.to_string()).at(src, Some(d.span()))),
+        None => Ok(default),
+    };
+    Ok(Probe {
+        path: r.path.clone(),
+        period_ms: duration(&r.period, 1_000)?,
+        timeout_ms: duration(&r.timeout, 1_000)?,
+        failure_threshold: r.failure_threshold.unwrap_or(3),
+        success_threshold: r.success_threshold.unwrap_or(1),
+    })
 }
 
 #[derive(Deserialize)]
@@ -728,6 +816,31 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 .spread
                 .map(Spanned::into_inner)
                 .unwrap_or_default(),
+        },
+        health: match &raw.health {
+            Some(h) => {
+                spans.insert("health", h.span());
+                let rh = h.get_ref();
+                if let Some(p) = &rh.readiness {
+                    spans.insert("health.readiness", p.span());
+                }
+                if let Some(p) = &rh.liveness {
+                    spans.insert("health.liveness", p.span());
+                }
+                Health {
+                    readiness: rh
+                        .readiness
+                        .as_ref()
+                        .map(|p| probe(src, "health.readiness", p))
+                        .transpose()?,
+                    liveness: rh
+                        .liveness
+                        .as_ref()
+                        .map(|p| probe(src, "health.liveness", p))
+                        .transpose()?,
+                }
+            }
+            None => Health::default(),
         },
         job: match &raw.job {
             Some(j) => {
@@ -964,6 +1077,29 @@ A = "1"
         );
         let bad = format!("{HELLO}\n[network]\noutbound = [\"http://x\"]\n");
         assert_eq!(err(&bad).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
+    fn health_probes_parse_with_defaults() {
+        let src = format!(
+            "{HELLO}\n[health.readiness]\npath = \"/healthz\"\nperiod = \"200ms\"\n[health.liveness]\npath = \"/live\"\nfailure_threshold = 5\n"
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        let r = spec.health.readiness.as_ref().unwrap();
+        assert_eq!(
+            (r.path.as_str(), r.period_ms, r.timeout_ms),
+            ("/healthz", 200, 1000)
+        );
+        assert_eq!((r.failure_threshold, r.success_threshold), (3, 1));
+        assert_eq!(spec.health.liveness.as_ref().unwrap().failure_threshold, 5);
+        let e = err(&src.replace("\"/live\"", "\"live\""));
+        assert_eq!(e.field.as_deref(), Some("health.liveness"));
+        let e = err(&src.replace("\"200ms\"", "\"soon\""));
+        assert_eq!(e.field.as_deref(), Some("health.readiness"));
+        assert!(e.line.is_some());
     }
 
     #[test]

@@ -27,7 +27,7 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match r.phase {
         Phase::Pending => 0,
         Phase::Failed | Phase::CrashLoopBackOff => 1,
-        Phase::Starting => 2,
+        Phase::Starting | Phase::Unready => 2,
         Phase::Succeeded => 3,
         Phase::Ready | Phase::Running => 4,
     };

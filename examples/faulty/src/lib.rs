@@ -45,6 +45,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
             ["sleep", ms] => sleep(out, ms),
             ["fs"] => respond(out, 200, probe_filesystem().as_bytes()),
             ["net"] => respond(out, 200, probe_network().as_bytes()),
+            // Health as the spec's env says: HEALTHZ_STATUS=503 makes probes fail.
+            ["healthz"] => {
+                let code = std::env::var("HEALTHZ_STATUS").unwrap_or_else(|_| "200".into());
+                status(out, &code)
+            }
             ["headers"] => {
                 let lines: String = request
                     .headers()
