@@ -5,9 +5,10 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/wrk.rs"]
+mod wrk;
 
 use common::{NodeProc, Server, examples, poll, write_spec};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -41,28 +42,6 @@ fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
         .collect()
 }
 
-fn wrk_rps(url: &str, seconds: u64, connections: u64) -> (f64, String) {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("wrk (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |prefix: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(prefix))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("?")
-            .to_string()
-    };
-    (field("Requests/sec:").parse().unwrap_or(0.0), field("99%"))
-}
-
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 10);
     let connections = env_or("BENCH_CONNECTIONS", 32);
@@ -94,9 +73,8 @@ fn main() {
     assert!(poll(Duration::from_secs(10), || remote
         .get("/hop")
         .is_ok_and(|(c, _)| c == 200)));
-    let (local_rps, local_p99) = wrk_rps(&format!("{}/hop", local.gateway), seconds, connections);
-    let (remote_rps, remote_p99) =
-        wrk_rps(&format!("{}/hop", remote.gateway), seconds, connections);
+    let local_run = wrk::run(&format!("{}/hop", local.gateway), seconds, connections);
+    let remote_run = wrk::run(&format!("{}/hop", remote.gateway), seconds, connections);
 
     // Failover: 3 replicas, kill -9 a node other than the one taking traffic.
     server.cli_ok(&["apply", "-f", &spec(dir.path(), "web", 3)]);
@@ -143,14 +121,25 @@ fn main() {
 
     println!("## Cross-node hop: GET through a gateway, wrk -t2 -c{connections} -d{seconds}s");
     println!();
-    println!("| path | requests/s | p99 |");
-    println!("|---|---|---|");
-    println!("| local replica (its node's gateway) | {local_rps:.0} | {local_p99} |");
-    println!(
-        "| remote replica (another node's gateway → its node) | {remote_rps:.0} | {remote_p99} |"
-    );
+    println!("| path | requests/s | p50 | p99 | errors |");
+    println!("|---|---|---|---|---|");
+    for (path, run) in [
+        ("local replica (its node's gateway)", &local_run),
+        (
+            "remote replica (another node's gateway → its node)",
+            &remote_run,
+        ),
+    ] {
+        println!(
+            "| {path} | {:.0} | {} | {} | {} |",
+            run.rps, run.p50, run.p99, run.errors
+        );
+    }
     println!();
-    println!("remote / local ratio: {:.2}x", remote_rps / local_rps);
+    println!(
+        "remote / local ratio: {:.2}x",
+        remote_run.rps / local_run.rps
+    );
     println!();
     println!("## Failover: kill -9 of a node holding 1 of 3 replicas (heartbeat 1 s, grace 3 s)");
     println!();

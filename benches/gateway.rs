@@ -7,6 +7,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+#[path = "support/wrk.rs"]
+mod wrk;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -55,50 +58,6 @@ fn wait_200(client: &reqwest::blocking::Client, url: &str, limit: Duration) -> I
         }
         assert!(Instant::now() < end, "{url} never answered 200");
         std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-struct Wrk {
-    rps: f64,
-    p50: String,
-    p99: String,
-    errors: String,
-}
-
-fn wrk(url: &str, seconds: u64, connections: u64) -> Wrk {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("wrk (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let field = |prefix: &str| {
-        text.lines()
-            .find(|l| l.trim_start().starts_with(prefix))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap_or("?")
-            .to_string()
-    };
-    let errors = text
-        .lines()
-        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join("; ");
-    Wrk {
-        rps: field("Requests/sec:").parse().unwrap_or(0.0),
-        p50: field("50%"),
-        p99: field("99%"),
-        errors: if errors.is_empty() {
-            "none".into()
-        } else {
-            errors
-        },
     }
 }
 
@@ -209,7 +168,7 @@ fn main() {
     let idle_rss = rss_mb(shoal_pid);
 
     // Throughput: Shoal's gateway, then wasmtime serve, same load, same component.
-    let shoal = wrk(&format!("{gw}/hello"), seconds, connections);
+    let shoal = wrk::run(&format!("{gw}/hello"), seconds, connections);
 
     let wasmtime_bin = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
     let port = free_port();
@@ -234,7 +193,7 @@ fn main() {
                 &format!("http://127.0.0.1:{port}/hello"),
                 Duration::from_secs(60),
             );
-            Some(wrk(
+            Some(wrk::run(
                 &format!("http://127.0.0.1:{port}/hello"),
                 seconds,
                 connections,

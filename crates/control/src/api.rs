@@ -335,7 +335,7 @@ async fn logs(
         let (lines, next) = sink.lines(0);
         let skip = lines.len().saturating_sub(tail);
         for l in &lines[skip..] {
-            text.push_str(&format!("{replica} {} {}\n", stream_name(l.stream), l.line));
+            text.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
         }
         cursors.push(next);
     }
@@ -363,7 +363,7 @@ async fn logs(
             for (i, (replica, sink)) in sinks.iter().enumerate() {
                 let (lines, next) = sink.lines(cursors[i]);
                 for l in lines {
-                    out.push_str(&format!("{replica} {} {}\n", stream_name(l.stream), l.line));
+                    out.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
                 }
                 cursors[i] = next;
             }
@@ -379,13 +379,6 @@ async fn logs(
         Body::from_stream(first.chain(follow))
     };
     Ok((headers, body).into_response())
-}
-
-fn stream_name(s: shoal_runtime::LogStream) -> &'static str {
-    match s {
-        shoal_runtime::LogStream::Stdout => "stdout",
-        shoal_runtime::LogStream::Stderr => "stderr",
-    }
 }
 
 async fn node_action(

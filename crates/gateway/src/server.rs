@@ -140,11 +140,7 @@ impl Gateway {
         let skip = lines.len().saturating_sub(tail);
         let mut text = String::new();
         for l in &lines[skip..] {
-            let stream = match l.stream {
-                shoal_runtime::LogStream::Stdout => "stdout",
-                shoal_runtime::LogStream::Stderr => "stderr",
-            };
-            text.push_str(&format!("{replica} {stream} {}\n", l.line));
+            text.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
         }
         Response::builder()
             .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")

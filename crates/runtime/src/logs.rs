@@ -35,6 +35,15 @@ pub enum LogStream {
     Stderr,
 }
 
+impl std::fmt::Display for LogStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        })
+    }
+}
+
 /// One captured line, without its trailing newline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {

@@ -1,0 +1,49 @@
+//! Runs `wrk` (the load generator both sides of a comparison share) and
+//! reads its summary.
+
+use std::process::Command;
+
+pub struct Wrk {
+    pub rps: f64,
+    pub p50: String,
+    pub p99: String,
+    /// Non-2xx responses and socket errors, as wrk words them; "none" if none.
+    pub errors: String,
+}
+
+pub fn run(url: &str, seconds: u64, connections: u64) -> Wrk {
+    let out = Command::new("wrk")
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let field = |prefix: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    Wrk {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        p50: field("50%"),
+        p99: field("99%"),
+        errors: if errors.is_empty() {
+            "none".into()
+        } else {
+            errors
+        },
+    }
+}
