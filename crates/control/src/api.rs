@@ -2,9 +2,11 @@
 //! they hold no logic of their own.
 
 use crate::error::ApiError;
+use crate::error::JsonBody;
+use crate::error::{Path, Query};
 use crate::state::{ControlPlane, NodeAction, ReplicaReport, blocking};
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -402,7 +404,7 @@ async fn node_action(
 
 async fn register_node(
     State(cp): State<ControlPlane>,
-    Json(node): Json<Node>,
+    JsonBody(node): JsonBody<Node>,
 ) -> Result<Response, ApiError> {
     let revision = blocking(move || cp.register_node(node)).await?;
     Ok(Json(serde_json::json!({ "revision": revision })).into_response())
@@ -419,7 +421,7 @@ async fn heartbeat(
 async fn report(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
-    Json(report): Json<ReplicaReport>,
+    JsonBody(report): JsonBody<ReplicaReport>,
 ) -> Result<Response, ApiError> {
     if report.node != name {
         return Err(ApiError::bad_request(
@@ -543,4 +545,84 @@ async fn remote_logs(
         }
     });
     futures::future::join_all(fetches).await.concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request as HttpRequest;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn router_with_token() -> (tempfile::TempDir, Router) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = shoal_store::Store::open(&dir.path().join("state.redb")).unwrap();
+        let blobs = shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap();
+        let config = crate::ControlConfig {
+            token: "admin".into(),
+            join_token: "join".into(),
+            ..Default::default()
+        };
+        let cp = ControlPlane::new(store, blobs, config).unwrap();
+        (dir, router(cp))
+    }
+
+    async fn call(
+        router: &Router,
+        uri: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = HttpRequest::get(uri);
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = router
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn every_error_is_json_with_a_code() {
+        let (_dir, router) = router_with_token();
+        let (status, body) = call(&router, "/v1/events?limit=many", Some("admin")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "bad_request", "{body}");
+        let (status, body) = call(&router, "/v1/nothing", Some("admin")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body["error"]["code"], "not_found");
+        let (status, body) = call(&router, "/v1/apps", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, _) = call(&router, "/v1/apps/ghost", Some("admin")).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn tokens_open_only_their_own_doors() {
+        let (_dir, router) = router_with_token();
+        assert_eq!(
+            call(&router, "/v1/apps", Some("join")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&router, "/v1/cluster/snapshot", Some("admin")).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(&router, "/v1/cluster/snapshot", Some("join")).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(&router, "/v1/apps", Some("admin")).await.0,
+            StatusCode::OK
+        );
+    }
 }

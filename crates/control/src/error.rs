@@ -57,3 +57,36 @@ impl IntoResponse for ApiError {
         (self.status, Json(body)).into_response()
     }
 }
+
+/// Extractor rejections (a bad query string, a body that is not the JSON
+/// expected) answer in the same `{"error": …}` shape as everything else.
+macro_rules! rejection {
+    ($($t:ty),*) => {$(
+        impl From<$t> for ApiError {
+            fn from(r: $t) -> Self {
+                ApiError::new(r.status(), "bad_request", r.body_text())
+            }
+        }
+    )*};
+}
+
+rejection!(
+    axum::extract::rejection::JsonRejection,
+    axum::extract::rejection::QueryRejection,
+    axum::extract::rejection::PathRejection
+);
+
+/// `axum::Json` with [`ApiError`] rejections.
+#[derive(axum::extract::FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub(crate) struct JsonBody<T>(pub T);
+
+/// `axum::extract::Query` with [`ApiError`] rejections.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub(crate) struct Query<T>(pub T);
+
+/// `axum::extract::Path` with [`ApiError`] rejections.
+#[derive(axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub(crate) struct Path<T>(pub T);
