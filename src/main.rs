@@ -53,6 +53,8 @@ enum Command {
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
     Logs(commands::logs::LogsArgs),
+    /// An app's revisions: history, undo.
+    Rollout(commands::rollout::RolloutCommand),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +86,7 @@ fn main() -> ExitCode {
             Command::Describe(args) => commands::describe::run(ctx, args).await,
             Command::Delete(args) => commands::delete::run(ctx, args).await,
             Command::Logs(args) => commands::logs::run(ctx, args).await,
+            Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,
         }
     });
     match result {

@@ -88,6 +88,20 @@ fn apply_serve_inspect_update_delete() {
         r.as_array().unwrap().len() == 1 && r[0]["revision"] == 2
     }));
 
+    // Undo runs revision 1 again as revision 3; history shows all three.
+    let out = c.cli_ok(&["rollout", "undo", "hello"]);
+    assert!(out.contains("now revision 3"), "{out}");
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    let history = c.cli_ok(&["rollout", "history", "hello"]);
+    assert!(
+        history.contains("3*") && history.contains("rollback to revision 1"),
+        "{history}"
+    );
+    let out = c.cli_ok(&["rollout", "undo", "hello", "--to-revision", "3"]);
+    assert!(out.contains("already runs"), "{out}");
+    let err = c.cli_err(&["rollout", "undo", "hello", "--to-revision", "9"]);
+    assert!(err.contains("no revision 9"), "{err}");
+
     // Delete: replicas stop, the route goes away.
     let out = c.cli_ok(&["delete", "app", "hello"]);
     assert!(out.contains("deleted"), "{out}");

@@ -26,6 +26,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps", post(apply).get(list_apps))
         .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
         .route("/v1/apps/{name}/logs", get(logs))
+        .route("/v1/apps/{name}/rollback", post(rollback))
         .route("/v1/replicas", get(list_replicas))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/services", get(list_services))
@@ -244,6 +245,23 @@ async fn delete_app(
     let k2 = key.clone();
     blocking(move || cp.delete_app(&k2)).await?;
     Ok(Json(serde_json::json!({ "deleted": key.to_string() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct RollbackQuery {
+    namespace: Option<String>,
+    to: Option<u64>,
+}
+
+async fn rollback(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<RollbackQuery>,
+) -> Result<Response, ApiError> {
+    let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    blocking(move || cp.rollback(&key, q.to))
+        .await
+        .map(|r| Json(r).into_response())
 }
 
 #[derive(Deserialize)]

@@ -467,6 +467,85 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// `rollout undo`: runs an earlier revision's template again, as a new
+    /// revision (so history only grows), keeping scale and routes.
+    pub(crate) fn rollback(&self, key: &AppKey, to: Option<u64>) -> Result<ApplyResult, ApiError> {
+        let app_key = keys::app(key);
+        let Some((app, mod_rev)) = self.get::<App>(&app_key)? else {
+            return Err(ApiError::not_found(format!("app {key} does not exist")));
+        };
+        let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
+        let current_hash = app.spec.template().hash();
+        let target = match to {
+            Some(n) => revisions
+                .iter()
+                .find(|r| r.number == n)
+                .ok_or_else(|| ApiError::not_found(format!("app {key} has no revision {n}")))?,
+            None => revisions
+                .iter()
+                .rev()
+                .find(|r| {
+                    r.number < app.revision
+                        && r.hash != revisions.last().map_or("", |l| l.hash.as_str())
+                })
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "no_earlier_revision",
+                        format!("app {key} has no earlier revision to roll back to"),
+                    )
+                })?,
+        };
+        if target.hash == current_hash {
+            return Ok(ApplyResult {
+                outcome: ApplyOutcome::Unchanged,
+                dry_run: false,
+                changes: vec![],
+                app,
+            });
+        }
+        let spec = app.spec.with_template(&target.template);
+        let changes = diff(&app.spec, &spec);
+        let number = revisions.last().map_or(1, |r| r.number + 1);
+        let now = now_ms();
+        let revision = Revision {
+            app: key.clone(),
+            number,
+            template: target.template.clone(),
+            hash: target.hash.clone(),
+            created_at: now,
+            cause: format!("rollback to revision {}", target.number),
+        };
+        let updated = App {
+            spec,
+            revision: number,
+            created_at: app.created_at,
+            updated_at: now,
+        };
+        let txn = Txn::new()
+            .when_mod_revision(app_key.clone(), mod_rev)
+            .then(Op::put(app_key, encode(&updated)))
+            .then(Op::put(keys::revision(key, number), encode(&revision)))
+            .then(self.event_op(
+                EventType::Normal,
+                "RolledBack",
+                format!("app/{key}"),
+                Some(key),
+                format!("revision {number}: rollback to revision {}", target.number),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ApiError::conflict(format!(
+                "app {key} was changed concurrently; try again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(ApplyResult {
+            outcome: ApplyOutcome::Configured,
+            dry_run: false,
+            changes,
+            app: updated,
+        })
+    }
+
     pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ApiError> {
         let app_key = keys::app(key);
         let Some((_, mod_rev)) = self.get::<App>(&app_key)? else {

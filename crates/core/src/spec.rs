@@ -295,6 +295,22 @@ impl Template {
 }
 
 impl AppSpec {
+    /// This spec running `template` instead: what a rollback applies. Scale,
+    /// routes and placement stay as they are now.
+    pub fn with_template(&self, template: &Template) -> AppSpec {
+        let mut spec = self.clone();
+        spec.component = template.component.clone();
+        spec.resources = template.resources.clone();
+        spec.env = template.env.clone();
+        spec.outbound = template.outbound.clone();
+        spec.job = template.job.clone();
+        spec.health = template.health.clone();
+        if let Some(http) = &mut spec.http {
+            http.timeout_ms = template.timeout_ms;
+        }
+        spec
+    }
+
     pub fn template(&self) -> Template {
         Template {
             component: self.component.clone(),
@@ -1124,6 +1140,23 @@ A = "1"
         assert_eq!(e.field.as_deref(), Some("job"));
         let e = err(&src.replace("on-failure", "always"));
         assert!(e.message.contains("always"), "{e}");
+    }
+
+    #[test]
+    fn a_spec_with_an_old_template_has_that_template() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let old = parse_app(HELLO).unwrap().resolve(digest.clone()).unwrap();
+        let new = parse_app(
+            &HELLO
+                .replace("A = \"1\"", "A = \"9\"")
+                .replace("replicas = 2", "replicas = 4"),
+        )
+        .unwrap()
+        .resolve(digest)
+        .unwrap();
+        let back = new.with_template(&old.template());
+        assert_eq!(back.template(), old.template());
+        assert_eq!(back.replicas, 4, "scale is kept");
     }
 
     #[test]
