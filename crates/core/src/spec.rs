@@ -144,6 +144,30 @@ pub struct HttpSpec {
     pub timeout_ms: u64,
 }
 
+/// How replicas move from one revision to the next (or off a draining node).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Replicas of the new revision allowed above `replicas` during a rollout.
+    pub max_surge: u32,
+    /// Replicas allowed below `replicas` serving during a rollout.
+    pub max_unavailable: u32,
+}
+
+impl Default for Rollout {
+    fn default() -> Self {
+        Rollout {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
+    }
+}
+
+impl Rollout {
+    pub fn is_default(&self) -> bool {
+        self == &Rollout::default()
+    }
+}
+
 /// An HTTP probe of a replica, run in process by its node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Probe {
@@ -268,6 +292,9 @@ pub struct AppSpec {
     pub job: Option<JobSpec>,
     #[serde(default, skip_serializing_if = "Health::is_default")]
     pub health: Health,
+    /// Not part of the revision: how to roll, not what runs.
+    #[serde(default, skip_serializing_if = "Rollout::is_default")]
+    pub rollout: Rollout,
 }
 
 /// What makes a revision: everything that changes what runs in a replica.
@@ -407,6 +434,13 @@ impl AppSpec {
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
             }
+        }
+        if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
+            return field(
+                "rollout",
+                "max_surge and max_unavailable cannot both be 0: a rollout could never progress"
+                    .into(),
+            );
         }
         if !self.health.is_default() && self.component.kind != Kind::Http {
             return field(
@@ -600,6 +634,22 @@ struct RawApp {
     network: Option<Spanned<RawNetwork>>,
     job: Option<Spanned<RawJob>>,
     health: Option<Spanned<RawHealth>>,
+    rollout: Option<Spanned<RawRollout>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    strategy: Option<RawStrategy>,
+    max_surge: Option<u32>,
+    max_unavailable: Option<u32>,
+}
+
+/// Only rolling updates exist so far; naming it keeps specs forward-compatible.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawStrategy {
+    Rolling,
 }
 
 #[derive(Deserialize)]
@@ -832,6 +882,18 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 .spread
                 .map(Spanned::into_inner)
                 .unwrap_or_default(),
+        },
+        rollout: match &raw.rollout {
+            Some(r) => {
+                spans.insert("rollout", r.span());
+                let rr = r.get_ref();
+                let RawStrategy::Rolling = rr.strategy.as_ref().unwrap_or(&RawStrategy::Rolling);
+                Rollout {
+                    max_surge: rr.max_surge.unwrap_or(1),
+                    max_unavailable: rr.max_unavailable.unwrap_or(0),
+                }
+            }
+            None => Rollout::default(),
         },
         health: match &raw.health {
             Some(h) => {
@@ -1116,6 +1178,29 @@ A = "1"
         let e = err(&src.replace("\"200ms\"", "\"soon\""));
         assert_eq!(e.field.as_deref(), Some("health.readiness"));
         assert!(e.line.is_some());
+    }
+
+    #[test]
+    fn rollout_limits_parse_and_must_allow_progress() {
+        let src = format!(
+            "{HELLO}\n[rollout]\nstrategy = \"rolling\"\nmax_surge = 0\nmax_unavailable = 1\n"
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(
+            spec.rollout,
+            Rollout {
+                max_surge: 0,
+                max_unavailable: 1
+            }
+        );
+        let e = err(&src.replace("max_unavailable = 1", "max_unavailable = 0"));
+        assert_eq!(e.field.as_deref(), Some("rollout"));
+        assert!(e.line.is_some());
+        let e = err(&src.replace("\"rolling\"", "\"canary\""));
+        assert!(e.message.contains("canary"), "{e}");
     }
 
     #[test]

@@ -7,9 +7,6 @@
 
 use shoal_core::{App, Kind, Phase, Replica};
 
-/// Replicas of the new revision that may exist on top of `replicas` during a rollout.
-const MAX_SURGE: usize = 1;
-
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// How many replicas of the app's current revision to create.
@@ -38,6 +35,8 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
 /// replaced like those of an old revision, new before old.
 pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> bool) -> Plan {
     let desired = app.spec.replicas as usize;
+    let surge = app.spec.rollout.max_surge as usize;
+    let floor = desired.saturating_sub(app.spec.rollout.max_unavailable as usize);
     // A finished job stays what it is wherever it ran: draining does not rerun it.
     let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| {
         r.revision == app.revision
@@ -66,7 +65,7 @@ pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> boo
         plan.create = if old_serving.is_empty() {
             missing
         } else {
-            (desired + MAX_SURGE)
+            (desired + surge)
                 .saturating_sub(current.len() + old_serving.len())
                 .min(missing)
         };
@@ -79,12 +78,12 @@ pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> boo
     let blocked = current
         .iter()
         .any(|r| r.node.is_none() && r.phase == Phase::Pending && r.message.is_some());
-    if blocked && serving_now == desired {
-        serving_now += 1;
+    if blocked && serving_now <= floor {
+        serving_now = floor + 1;
     }
     old_serving.sort_by_key(|r| r.created_at);
     for r in old_serving {
-        if serving_now > desired {
+        if serving_now > floor {
             plan.delete.push(r.id.clone());
             serving_now -= 1;
         }
@@ -217,6 +216,28 @@ mod tests {
                 delete: vec!["o2".into()]
             }
         );
+    }
+
+    #[test]
+    fn max_unavailable_lets_old_replicas_go_first() {
+        let mut a = app("http", 2, 2);
+        a.spec.rollout = shoal_core::spec::Rollout {
+            max_surge: 0,
+            max_unavailable: 1,
+        };
+        let rs = [
+            replica("o1", 1, Phase::Ready, 1),
+            replica("o2", 1, Phase::Ready, 2),
+        ];
+        // No surge: one old replica goes before any new one exists.
+        assert_eq!(
+            reconcile(&a, &rs, |_| false),
+            Plan {
+                create: 0,
+                delete: vec!["o1".into()]
+            }
+        );
+        assert_eq!(reconcile(&a, &rs[1..], |_| false).create, 1);
     }
 
     #[test]
