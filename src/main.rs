@@ -53,6 +53,8 @@ enum Command {
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
     Logs(commands::logs::LogsArgs),
+    /// What happened in the cluster, oldest first (--follow to keep watching).
+    Events(commands::events::EventsArgs),
     /// An app's revisions: history, undo.
     Rollout(commands::rollout::RolloutCommand),
 }
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
             Command::Delete(args) => commands::delete::run(ctx, args).await,
             Command::Logs(args) => commands::logs::run(ctx, args).await,
             Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,
+            Command::Events(args) => commands::events::run(ctx, args).await,
         }
     });
     match result {

@@ -102,8 +102,43 @@ fn apply_serve_inspect_update_delete() {
     let err = c.cli_err(&["rollout", "undo", "hello", "--to-revision", "9"]);
     assert!(err.contains("no revision 9"), "{err}");
 
+    let events = c.cli_ok(&["events", "--app", "hello"]);
+    assert!(
+        events.contains("Scheduled") && events.contains("RolledBack"),
+        "{events}"
+    );
+
+    // `events --follow` prints what happens next.
+    let mut follower = std::process::Command::new(common::SHOAL)
+        .args(["events", "--follow", "--app", "hello"])
+        .env("SHOAL_CONFIG", c.config())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+
     // Delete: replicas stop, the route goes away.
     let out = c.cli_ok(&["delete", "app", "hello"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen_delete = false;
+    while !seen_delete && std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen_delete = line.contains("Deleted");
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(seen_delete, "events --follow never showed the delete");
     assert!(out.contains("deleted"), "{out}");
     c.wait_gw("/hello", 404, "no_route");
     assert!(poll(Duration::from_secs(20), || c

@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod delete;
 pub mod describe;
+pub mod events;
 pub mod get;
 pub mod logs;
 pub mod node;

@@ -306,6 +306,8 @@ struct EventQuery {
     namespace: Option<String>,
     app: Option<String>,
     limit: Option<usize>,
+    /// Only events after this sequence number (for following).
+    after: Option<u64>,
 }
 
 async fn list_events(
@@ -320,6 +322,9 @@ async fn list_events(
         // Apps' events of other namespaces go; cluster events (nodes) stay.
         if let Some(ns) = &q.namespace {
             events.retain(|e| e.app.as_ref().is_none_or(|a| &a.namespace == ns));
+        }
+        if let Some(after) = q.after {
+            events.retain(|e| e.seq > after);
         }
         let skip = events.len().saturating_sub(q.limit.unwrap_or(100));
         Ok(events.split_off(skip))

@@ -252,6 +252,7 @@ impl ControlPlane {
     ) -> Op {
         let seq = self.inner.event_seq.fetch_add(1, Ordering::Relaxed);
         let event = Event {
+            seq,
             time: now_ms(),
             kind,
             reason: reason.to_string(),

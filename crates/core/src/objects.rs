@@ -201,6 +201,10 @@ pub enum EventType {
 /// Something that happened, for `shoal describe` and `shoal events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Position in the event log (its key), filled in when read; a follower
+    /// asks for what comes after the last one it saw.
+    #[serde(default)]
+    pub seq: u64,
     pub time: Millis,
     #[serde(rename = "type")]
     pub kind: EventType,

@@ -1,0 +1,61 @@
+use super::Context;
+use super::get::event_rows;
+use crate::output::{self, Format, table};
+use anyhow::Result;
+use shoal_core::Event;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Only this app's events (and the cluster's).
+    #[arg(long)]
+    app: Option<String>,
+    /// Keep printing events as they happen.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// `shoal events`: what happened, oldest first; `--follow` polls for more.
+pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
+    let client = ctx.client()?;
+    let app = args
+        .app
+        .as_deref()
+        .map(|a| format!("&app={a}"))
+        .unwrap_or_default();
+    let base = format!("/v1/events?namespace={}{app}", ctx.namespace);
+    let mut events: Vec<Event> = client.get(&base).await?;
+    let mut header = ctx.output == Format::Table;
+    loop {
+        if let Some(last) = events.last() {
+            let after = last.seq;
+            match ctx.output {
+                Format::Json => events.iter().for_each(output::json),
+                Format::Table if header => table(
+                    &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+                    &event_rows(&events),
+                ),
+                Format::Table => table_rows(&events),
+            }
+            header = false;
+            events.clear();
+            if !args.follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            events = client.get(&format!("{base}&after={after}")).await?;
+        } else if args.follow {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            events = client.get(&base).await?;
+        } else {
+            return Ok(());
+        }
+    }
+}
+
+/// Rows without the header, for follow-up batches.
+fn table_rows(events: &[Event]) {
+    for row in event_rows(events) {
+        println!("{}", row.join("   "));
+    }
+}
