@@ -46,25 +46,12 @@ impl Cluster {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_CONFIG", self.config())
-            .env_remove("SHOAL_SERVER")
-            .env_remove("SHOAL_TOKEN")
-            .output()
-            .expect("run shoal")
+        run_cli(&self.config(), args)
     }
 
     /// Runs the CLI and insists it succeeds; returns stdout.
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
+        expect_ok(args, self.cli(args))
     }
 
     /// Runs the CLI and insists it fails; returns stderr.
@@ -187,6 +174,28 @@ fn spawn(dir: &Path, extra: &[String]) -> (Child, String, String) {
     (child, api.unwrap(), gateway.unwrap())
 }
 
+/// The CLI with the given config file and nothing from the environment.
+fn run_cli(config: &Path, args: &[&str]) -> Output {
+    Command::new(SHOAL)
+        .args(args)
+        .env("SHOAL_CONFIG", config)
+        .env_remove("SHOAL_SERVER")
+        .env_remove("SHOAL_TOKEN")
+        .output()
+        .expect("run shoal")
+}
+
+/// Insists a CLI run succeeded; returns its stdout.
+fn expect_ok(args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -290,23 +299,8 @@ impl Server {
         }
     }
 
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(SHOAL)
-            .args(args)
-            .env("SHOAL_CONFIG", self.dir.join("config.toml"))
-            .output()
-            .expect("run shoal")
-    }
-
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 output")
+        expect_ok(args, run_cli(&self.dir.join("config.toml"), args))
     }
 
     pub fn api_json(&self, path: &str) -> serde_json::Value {
