@@ -5,6 +5,7 @@
 //! every rule here is tested directly and shared by the CLI and the server.
 
 pub mod auth;
+pub mod metrics;
 pub mod name;
 pub mod objects;
 pub mod quantity;

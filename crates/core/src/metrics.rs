@@ -1,0 +1,147 @@
+//! Request outcomes per app revision, as gateways measure them and the control
+//! plane compares them when it judges a canary. Counts merge by addition, so
+//! each gateway sends what it saw since its last report and nothing is lost
+//! or counted twice.
+
+use crate::spec::AppKey;
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds (ms) of the latency buckets; the last bucket takes the rest.
+/// Roughly logarithmic: fine where web latencies live, coarse past a second.
+pub const LATENCY_BOUNDS_MS: [u64; 20] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 750, 1_000, 2_000, 5_000,
+];
+
+/// A latency histogram with the fixed buckets of [`LATENCY_BOUNDS_MS`] plus one overflow bucket.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    /// `counts[i]` requests took at most `LATENCY_BOUNDS_MS[i]` (and more than the bound
+    /// before it); the last entry counts the slower ones. Empty means no samples.
+    #[serde(default)]
+    pub counts: Vec<u64>,
+}
+
+impl Histogram {
+    pub fn record(&mut self, millis: f64) {
+        if self.counts.is_empty() {
+            self.counts = vec![0; LATENCY_BOUNDS_MS.len() + 1];
+        }
+        let i = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|b| millis <= *b as f64)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.counts[i] += 1;
+    }
+
+    pub fn merge(&mut self, other: &Histogram) {
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The upper bound (ms) of the bucket holding the `q` quantile; `None` without
+    /// samples. Overflow samples report twice the largest bound.
+    pub fn quantile(&self, q: f64) -> Option<u64> {
+        let total = self.total();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(
+                    LATENCY_BOUNDS_MS
+                        .get(i)
+                        .copied()
+                        .unwrap_or(LATENCY_BOUNDS_MS[LATENCY_BOUNDS_MS.len() - 1] * 2),
+                );
+            }
+        }
+        None
+    }
+}
+
+/// What one gateway saw of one revision of an app since its last report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevisionStats {
+    pub app: AppKey,
+    pub revision: u64,
+    pub requests: u64,
+    /// Responses with a 5xx status, including the gateway's own (unreachable, timed out).
+    pub errors: u64,
+    /// Time to the response head.
+    pub latency: Histogram,
+}
+
+impl RevisionStats {
+    pub fn new(app: AppKey, revision: u64) -> Self {
+        RevisionStats {
+            app,
+            revision,
+            requests: 0,
+            errors: 0,
+            latency: Histogram::default(),
+        }
+    }
+
+    pub fn merge(&mut self, other: &RevisionStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency.merge(&other.latency);
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let mut h = Histogram::default();
+        assert_eq!(h.quantile(0.99), None);
+        for _ in 0..99 {
+            h.record(0.4);
+        }
+        h.record(120.0);
+        assert_eq!(h.quantile(0.5), Some(1));
+        assert_eq!(h.quantile(0.99), Some(1));
+        assert_eq!(h.quantile(1.0), Some(150));
+        h.record(60_000.0);
+        assert_eq!(h.quantile(1.0), Some(10_000));
+    }
+
+    #[test]
+    fn merging_adds_counts() {
+        let app = AppKey::new("default", "a");
+        let mut a = RevisionStats::new(app.clone(), 1);
+        a.requests = 10;
+        a.errors = 1;
+        a.latency.record(3.0);
+        let mut b = RevisionStats::new(app, 1);
+        b.requests = 30;
+        b.errors = 3;
+        b.latency.record(3.0);
+        b.latency.record(800.0);
+        a.merge(&b);
+        assert_eq!((a.requests, a.errors), (40, 4));
+        assert_eq!(a.latency.total(), 3);
+        assert!((a.error_rate() - 0.1).abs() < 1e-9);
+    }
+}
