@@ -10,12 +10,15 @@ mod link;
 pub use link::{Link, LinkError, LocalLink, RemoteLink};
 
 use futures::StreamExt;
-use shoal_control::{LogSource, ReplicaReport, Snapshot, now_ms};
+use shoal_control::{LogSource, ReplicaIncident, ReplicaReport, Snapshot, now_ms};
+use shoal_core::objects::LIVENESS_FAILED;
 use shoal_core::spec::AppKey;
 use shoal_core::spec::{Restart, Template};
 use shoal_core::{App, Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
-use shoal_gateway::{Endpoint, Gateway};
-use shoal_runtime::{ExitStatus, HttpService, InstanceConfig, LogSink, Runtime};
+use shoal_gateway::{Endpoint, Gateway, RemoteReplica, Split};
+use shoal_runtime::{
+    ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig, LogSink, Runtime,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +36,17 @@ const BACKOFF_RESET: Duration = Duration::from_secs(60);
 
 /// Lines of output kept per replica.
 const LOG_LINES: usize = 5000;
+
+/// How often the gateway's per-revision measurements go to the control plane.
+const METRICS_PERIOD: Duration = Duration::from_secs(1);
+
+/// Liveness restarts after which the node gives up on a replica, so the
+/// controller replaces it elsewhere; a replica that stays live for
+/// [`BACKOFF_RESET`] starts counting again.
+const LIVENESS_RESTARTS: u32 = 3;
+
+/// Incidents of one kind on one replica reported at most this often; the rest are counted.
+const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -127,6 +141,7 @@ impl Agent {
     pub async fn run(self) {
         self.register().await;
         tokio::spawn(self.clone().heartbeats());
+        tokio::spawn(self.clone().send_metrics());
         loop {
             let snapshot = match self.inner.link.snapshot().await {
                 Ok(s) => s,
@@ -189,6 +204,27 @@ impl Agent {
         }
     }
 
+    /// Sends what the gateway measured per app revision since the last time.
+    async fn send_metrics(self) {
+        let mut tick = tokio::time::interval(METRICS_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let stats = self.inner.gateway.take_metrics();
+            if stats.is_empty() {
+                continue;
+            }
+            if let Err(e) = self
+                .inner
+                .link
+                .metrics(&self.inner.config.node, stats)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics not delivered; they only feed canary analysis");
+            }
+        }
+    }
+
     /// Level-triggered: compares what is placed here with what runs, and fixes the difference.
     fn sync(&self, snapshot: Snapshot) {
         let Snapshot {
@@ -196,6 +232,7 @@ impl Agent {
             revisions,
             replicas,
             nodes,
+            rollouts,
             ..
         } = snapshot;
         let me = &self.inner.config.node;
@@ -219,16 +256,30 @@ impl Agent {
             .filter(|n| n.state == NodeState::Ready && n.name != *me)
             .map(|n| (n.name.as_str(), n.gateway.as_str()))
             .collect();
-        let mut remote: HashMap<AppKey, Vec<(String, String)>> = HashMap::new();
+        let mut remote: HashMap<AppKey, Vec<RemoteReplica>> = HashMap::new();
         for r in replicas.iter().filter(|r| r.phase == Phase::Ready) {
             if let Some(gw) = r.node.as_deref().and_then(|n| ready_nodes.get(n)) {
                 remote
                     .entry(r.app.clone())
                     .or_default()
-                    .push((r.id.clone(), gw.to_string()));
+                    .push(RemoteReplica {
+                        replica: r.id.clone(),
+                        revision: r.revision,
+                        gateway: gw.to_string(),
+                    });
             }
         }
         self.inner.gateway.set_remote_endpoints(remote);
+        // Canary steps split each app's traffic by weight between two revisions.
+        let splits = rollouts
+            .iter()
+            .filter_map(|s| {
+                let app = apps.iter().find(|a| a.spec.key() == s.app)?;
+                let (canary, weight) = s.split(&app.spec.rollout)?;
+                Some((s.app.clone(), Split { canary, weight }))
+            })
+            .collect();
+        self.inner.gateway.set_splits(splits);
 
         let mine: HashMap<&str, &Replica> = replicas
             .iter()
@@ -304,7 +355,7 @@ impl Agent {
         message: Option<String>,
         exit_code: Option<i32>,
     ) {
-        self.report_status(replica, phase, message, exit_code, 0)
+        self.report_status(replica, phase, message, exit_code, 0, None)
             .await
     }
 
@@ -317,6 +368,7 @@ impl Agent {
         message: Option<String>,
         exit_code: Option<i32>,
         restarts: u32,
+        reason: Option<&str>,
     ) {
         let report = ReplicaReport {
             app: replica.app.clone(),
@@ -326,6 +378,7 @@ impl Agent {
             message,
             exit_code,
             restarts,
+            reason: reason.map(str::to_string),
         };
         if let Some(r) = self
             .inner
@@ -392,6 +445,7 @@ impl Agent {
                 .inner
                 .gateway
                 .outbound(&replica.app.namespace, t.outbound.clone()),
+            incidents: Some(self.incident_hook(&replica)),
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {
@@ -423,6 +477,59 @@ impl Agent {
 }
 
 impl Agent {
+    /// Turns a replica's killed instances into cluster events: the first of each
+    /// kind at once, then at most one per [`INCIDENT_PERIOD`] carrying how many
+    /// more happened, so a guest timing out under load cannot flood the event log.
+    fn incident_hook(&self, replica: &Replica) -> IncidentHook {
+        let link = self.inner.link.clone();
+        let (app, id, node) = (
+            replica.app.clone(),
+            replica.id.clone(),
+            self.inner.config.node.clone(),
+        );
+        let last: Mutex<HashMap<IncidentKind, (std::time::Instant, u32)>> = Mutex::default();
+        Arc::new(move |incident: Incident| {
+            let message = {
+                let mut last = last.lock().expect("incident lock");
+                match last.get_mut(&incident.kind) {
+                    Some((at, more)) if at.elapsed() < INCIDENT_PERIOD => {
+                        *more += 1;
+                        return;
+                    }
+                    Some((at, more)) => {
+                        let message = match std::mem::take(more) {
+                            0 => incident.message,
+                            n => {
+                                format!("{} (and {n} more since the last report)", incident.message)
+                            }
+                        };
+                        *at = std::time::Instant::now();
+                        message
+                    }
+                    None => {
+                        last.insert(incident.kind, (std::time::Instant::now(), 0));
+                        incident.message
+                    }
+                }
+            };
+            let report = ReplicaIncident {
+                app: app.clone(),
+                replica: id.clone(),
+                node: node.clone(),
+                reason: incident.kind.reason().to_string(),
+                message,
+            };
+            let link = link.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = link.incident(report).await {
+                        tracing::debug!(error = %e, "incident not delivered");
+                    }
+                });
+            }
+        })
+    }
+
     /// Puts a replica in its gateway, only while it is still wanted: a sync
     /// that stopped it meanwhile must not see it come back.
     fn serve(&self, replica: &Replica, template: &Template, service: HttpService) -> bool {
@@ -432,6 +539,7 @@ impl Agent {
         }
         let endpoint = Endpoint::local(
             replica.id.clone(),
+            replica.revision,
             service,
             template.resources.max_concurrency,
         );
@@ -455,17 +563,20 @@ impl Agent {
     ) {
         let health = &template.health;
         let mut restarts = 0u32;
+        // Liveness restarts since the replica last stayed live for BACKOFF_RESET.
+        let mut recent_restarts = 0u32;
+        let mut last_restart = tokio::time::Instant::now();
         let mut ready = false;
         let (mut passes, mut failures, mut live_failures) = (0u32, 0u32, 0u32);
         match &health.readiness {
             None => {
                 ready = self.serve(replica, template, service.clone());
-                self.report_status(replica, Phase::Ready, None, None, 0)
+                self.report_status(replica, Phase::Ready, None, None, 0, None)
                     .await;
             }
             Some(r) => {
                 let message = format!("waiting for readiness probe {}", r.path);
-                self.report_status(replica, Phase::Starting, Some(message), None, 0)
+                self.report_status(replica, Phase::Starting, Some(message), None, 0, None)
                     .await;
             }
         }
@@ -497,6 +608,7 @@ impl Agent {
                                 Some(message),
                                 None,
                                 restarts,
+                                None,
                             )
                             .await;
                         }
@@ -504,7 +616,7 @@ impl Agent {
                 }
                 if !ready && passes >= r.success_threshold {
                     ready = self.serve(replica, template, service.clone());
-                    self.report_status(replica, Phase::Ready, None, None, restarts)
+                    self.report_status(replica, Phase::Ready, None, None, restarts, None)
                         .await;
                 }
             }
@@ -518,6 +630,28 @@ impl Agent {
                 };
                 live_failures += 1;
                 if live_failures >= l.failure_threshold {
+                    if last_restart.elapsed() >= BACKOFF_RESET {
+                        recent_restarts = 0;
+                    }
+                    if recent_restarts >= LIVENESS_RESTARTS {
+                        let message = format!(
+                            "liveness probe failed {live_failures} times ({why}) after {recent_restarts} restarts; giving up on this node"
+                        );
+                        logs.push_system(&message);
+                        self.inner
+                            .gateway
+                            .remove_endpoint(&replica.app, &replica.id);
+                        self.report_status(
+                            replica,
+                            Phase::Failed,
+                            Some(message),
+                            None,
+                            restarts,
+                            Some(LIVENESS_FAILED),
+                        )
+                        .await;
+                        return;
+                    }
                     let message =
                         format!("liveness probe failed {live_failures} times ({why}); restarted");
                     logs.push_system(&message);
@@ -533,17 +667,20 @@ impl Agent {
                                 Some(e.to_string()),
                                 None,
                                 restarts,
+                                None,
                             )
                             .await;
                             return;
                         }
                     }
                     restarts += 1;
+                    recent_restarts += 1;
+                    last_restart = tokio::time::Instant::now();
                     (live_failures, passes, failures) = (0, 0, 0);
                     ready = health.readiness.is_none()
                         && self.serve(replica, template, service.clone());
                     let phase = if ready { Phase::Ready } else { Phase::Unready };
-                    self.report_status(replica, phase, Some(message), None, restarts)
+                    self.report_status(replica, phase, Some(message), None, restarts, None)
                         .await;
                 }
             }
@@ -562,7 +699,7 @@ impl Agent {
         let mut restarts = 0u32;
         let mut delay = BACKOFF_START;
         loop {
-            self.report_status(replica, Phase::Running, None, None, restarts)
+            self.report_status(replica, Phase::Running, None, None, restarts, None)
                 .await;
             let started = tokio::time::Instant::now();
             let status = command.run().await;
@@ -583,8 +720,15 @@ impl Agent {
                 } else {
                     Phase::Failed
                 };
-                self.report_status(replica, phase, Some(status.to_string()), code, restarts)
-                    .await;
+                self.report_status(
+                    replica,
+                    phase,
+                    Some(status.to_string()),
+                    code,
+                    restarts,
+                    None,
+                )
+                .await;
                 return;
             }
             if started.elapsed() >= BACKOFF_RESET {
@@ -599,6 +743,7 @@ impl Agent {
                 Some(message),
                 code,
                 restarts,
+                None,
             )
             .await;
             tokio::time::sleep(delay).await;

@@ -6,8 +6,9 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
-use shoal_control::{ControlPlane, ReplicaReport, Snapshot};
+use shoal_control::{ControlPlane, ReplicaIncident, ReplicaReport, Snapshot};
 use shoal_core::Node;
+use shoal_core::metrics::RevisionStats;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,13 +37,23 @@ pub trait Link: Send + Sync + 'static {
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>>;
     /// A local file with the module's bytes, verified against its digest.
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
+    /// What this node's gateway measured per app revision since the last call.
+    fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>>;
+    /// A request killed by its timeout, an instance out of memory, a trap.
+    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>>;
 }
 
 fn relevant(key: &str) -> bool {
     use shoal_core::objects::keys;
-    [keys::APPS, keys::REVISIONS, keys::REPLICAS, keys::NODES]
-        .iter()
-        .any(|p| key.starts_with(p))
+    [
+        keys::APPS,
+        keys::REVISIONS,
+        keys::REPLICAS,
+        keys::NODES,
+        keys::ROLLOUTS,
+    ]
+    .iter()
+    .any(|p| key.starts_with(p))
 }
 
 /// The control plane in the same process.
@@ -100,6 +111,16 @@ impl Link for LocalLink {
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>> {
         let path = self.0.module_path(digest);
         Box::pin(async move { Ok(path) })
+    }
+
+    fn metrics(&self, _node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
+        self.0.record_metrics(stats);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {
+        let cp = self.0.clone();
+        Box::pin(async move { blocking(move || cp.record_incident(incident)).await })
     }
 }
 
@@ -187,6 +208,22 @@ impl Link for RemoteLink {
         let url = self.url(&format!("/v1/cluster/nodes/{}/reports", report.node));
         Box::pin(async move {
             let req = self.http.post(url).json(&report).timeout(CALL_TIMEOUT);
+            self.call(req).await.map(|_| ())
+        })
+    }
+
+    fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
+        let url = self.url(&format!("/v1/cluster/nodes/{node}/metrics"));
+        Box::pin(async move {
+            let req = self.http.post(url).json(&stats).timeout(CALL_TIMEOUT);
+            self.call(req).await.map(|_| ())
+        })
+    }
+
+    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {
+        let url = self.url(&format!("/v1/cluster/nodes/{}/incidents", incident.node));
+        Box::pin(async move {
+            let req = self.http.post(url).json(&incident).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }

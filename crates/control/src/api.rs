@@ -4,6 +4,7 @@
 use crate::error::ApiError;
 use crate::error::JsonBody;
 use crate::error::{Path, Query};
+use crate::rollouts::{ReplicaIncident, RolloutAction};
 use crate::state::{ControlPlane, NodeAction, ReplicaReport, blocking};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -14,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
+use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
 use shoal_core::{Module, Node, Replica};
@@ -27,6 +29,8 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
         .route("/v1/apps/{name}/logs", get(logs))
         .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/apps/{name}/rollout", get(rollout_status))
+        .route("/v1/apps/{name}/rollout/{action}", post(rollout_action))
         .route("/v1/replicas", get(list_replicas))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/services", get(list_services))
@@ -39,6 +43,8 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/cluster/nodes", post(register_node))
         .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
         .route("/v1/cluster/nodes/{name}/reports", post(report))
+        .route("/v1/cluster/nodes/{name}/metrics", post(node_metrics))
+        .route("/v1/cluster/nodes/{name}/incidents", post(incident))
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
         .route("/v1/cluster/modules/{digest}", get(module_blob))
@@ -264,6 +270,46 @@ async fn rollback(
         .map(|r| Json(r).into_response())
 }
 
+async fn rollout_status(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let key = q.key(name);
+    blocking(move || cp.rollout_view(&key))
+        .await
+        .map(|v| Json(v).into_response())
+}
+
+#[derive(Deserialize)]
+struct RolloutActionQuery {
+    namespace: Option<String>,
+    #[serde(default)]
+    full: bool,
+}
+
+async fn rollout_action(
+    State(cp): State<ControlPlane>,
+    Path((name, action)): Path<(String, String)>,
+    Query(q): Query<RolloutActionQuery>,
+) -> Result<Response, ApiError> {
+    let action = match action.as_str() {
+        "pause" => RolloutAction::Pause,
+        "resume" => RolloutAction::Resume,
+        "promote" => RolloutAction::Promote,
+        "abort" => RolloutAction::Abort,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "unknown rollout action {other:?}: use pause, resume, promote or abort"
+            )));
+        }
+    };
+    let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    blocking(move || cp.rollout_action(&key, action, q.full))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
 #[derive(Deserialize)]
 struct ReplicaQuery {
     namespace: Option<String>,
@@ -453,6 +499,29 @@ async fn report(
         ));
     }
     blocking(move || cp.report_replica(report)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn node_metrics(
+    State(cp): State<ControlPlane>,
+    JsonBody(stats): JsonBody<Vec<RevisionStats>>,
+) -> Result<Response, ApiError> {
+    cp.record_metrics(stats);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn incident(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    JsonBody(incident): JsonBody<ReplicaIncident>,
+) -> Result<Response, ApiError> {
+    if incident.node != name {
+        return Err(ApiError::bad_request(
+            "wrong_node",
+            format!("node {name} cannot report for node {}", incident.node),
+        ));
+    }
+    blocking(move || cp.record_incident(incident)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

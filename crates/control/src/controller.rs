@@ -6,10 +6,15 @@
 
 use crate::error::ApiError;
 use crate::state::{ControlPlane, blocking, encode, now_ms};
+use shoal_core::objects::LIVENESS_FAILED;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Capacity, EventType, Lease, Node, NodeState, Phase, Replica, Revision};
-use shoal_scheduler::{Cluster, Request, reconcile};
+use shoal_core::{
+    App, Capacity, EventType, Kind, Lease, Node, NodeState, Phase, Replica, Revision, RolloutPhase,
+    RolloutStatus,
+};
+use shoal_scheduler::rollout::{self, Measured};
+use shoal_scheduler::{Cluster, Mode, Request, reconcile};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -69,10 +74,24 @@ impl ControlPlane {
         let (app_kvs, _) = store.range(keys::APPS)?;
         let (replica_kvs, _) = store.range(keys::REPLICAS)?;
         let (node_kvs, _) = store.range(keys::NODES)?;
-        let apps: Vec<App> = app_kvs
+        let apps_with_revs: Vec<(App, u64)> = app_kvs
             .iter()
-            .map(crate::state::decode)
-            .collect::<Result<_, _>>()?;
+            .map(|kv| Ok((crate::state::decode(kv)?, kv.mod_revision)))
+            .collect::<Result<_, ApiError>>()?;
+        let apps: Vec<App> = apps_with_revs.iter().map(|(a, _)| a.clone()).collect();
+        let app_revs: HashMap<AppKey, u64> = apps_with_revs
+            .iter()
+            .map(|(a, m)| (a.spec.key(), *m))
+            .collect();
+        let mut rollouts: HashMap<AppKey, (RolloutStatus, u64)> = store
+            .range(keys::ROLLOUTS)?
+            .0
+            .iter()
+            .map(|kv| {
+                let s: RolloutStatus = crate::state::decode(kv)?;
+                Ok((s.app.clone(), (s, kv.mod_revision)))
+            })
+            .collect::<Result<_, ApiError>>()?;
         let mut replicas: Vec<(Replica, u64)> = replica_kvs
             .iter()
             .map(|kv| Ok((crate::state::decode(kv)?, kv.mod_revision)))
@@ -158,7 +177,7 @@ impl ControlPlane {
             false
         });
 
-        // Apps → replicas.
+        // Apps → replicas, as each app's rollout asks.
         let mut by_app: BTreeMap<AppKey, Vec<Replica>> = BTreeMap::new();
         for (r, _) in &replicas {
             by_app.entry(r.app.clone()).or_default().push(r.clone());
@@ -166,8 +185,63 @@ impl ControlPlane {
         let mut new_replicas: Vec<Replica> = Vec::new();
         for app in &apps {
             let key = app.spec.key();
-            let existing = by_app.remove(&key).unwrap_or_default();
-            let plan = reconcile(app, &existing, |n| draining.contains(n));
+            let mut existing = by_app.remove(&key).unwrap_or_default();
+            let previous = rollouts.remove(&key);
+            let mode = if app.spec.component.kind == Kind::Job {
+                Mode::Roll
+            } else {
+                let app_rev = app_revs.get(&key).copied().unwrap_or(0);
+                match self.advance_rollout(txn, app, app_rev, previous, &existing, now)? {
+                    Advanced::RolledBack(t) => {
+                        // The next pass reconciles towards the revision rolled back to.
+                        txn = t;
+                        writes += 1;
+                        continue;
+                    }
+                    Advanced::Mode(t, mode, wrote) => {
+                        txn = t;
+                        writes += wrote as usize;
+                        mode
+                    }
+                }
+            };
+
+            // A replica its node gave up on (liveness kept failing through restarts)
+            // is replaced, preferably on another node.
+            let mut avoid: Vec<String> = Vec::new();
+            let mut replaced: Vec<String> = Vec::new();
+            existing.retain(|r| {
+                if r.kind == Kind::Job || r.reason.as_deref() != Some(LIVENESS_FAILED) {
+                    return true;
+                }
+                let rkey = keys::replica(&key, &r.id);
+                let mod_rev = replicas
+                    .iter()
+                    .find(|(x, _)| x.id == r.id && x.app == key)
+                    .map_or(0, |(_, m)| *m);
+                let node = r.node.clone().unwrap_or_default();
+                txn = std::mem::take(&mut txn)
+                    .when_mod_revision(rkey.clone(), mod_rev)
+                    .then(Op::delete(rkey))
+                    .then(self.event_op(
+                        EventType::Warning,
+                        "Replacing",
+                        format!("replica/{key}/{}", r.id),
+                        Some(&key),
+                        format!(
+                            "replica {} kept failing its liveness probe on node {node} after {} restarts; replacing it on another node",
+                            r.id, r.restarts
+                        ),
+                    ));
+                writes += 1;
+                avoid.push(node);
+                avoid.extend(r.avoid.iter().cloned());
+                replaced.push(r.id.clone());
+                false
+            });
+            replicas.retain(|(r, _)| !(r.app == key && replaced.contains(&r.id)));
+
+            let plan = reconcile(app, &existing, |n| draining.contains(n), mode);
             for id in &plan.delete {
                 let rkey = keys::replica(&key, id);
                 let mod_rev = replicas
@@ -187,18 +261,24 @@ impl ControlPlane {
                 writes += 1;
             }
             replicas.retain(|(r, _)| !(r.app == key && plan.delete.contains(&r.id)));
-            if plan.create > 0 {
-                let revision: Option<(Revision, u64)> =
-                    self.get(&keys::revision(&key, app.revision))?;
-                let Some((revision, _)) = revision else {
-                    tracing::warn!(app = %key, revision = app.revision, "app points at a missing revision");
+            let stable = match mode {
+                Mode::Split { stable, .. } => stable,
+                Mode::Roll => app.revision,
+            };
+            for (revision, count) in [(app.revision, plan.create), (stable, plan.create_stable)] {
+                if count == 0 {
+                    continue;
+                }
+                let Some((revision, _)) = self.get::<Revision>(&keys::revision(&key, revision))?
+                else {
+                    tracing::warn!(app = %key, revision, "app points at a missing revision");
                     continue;
                 };
-                for _ in 0..plan.create {
+                for _ in 0..count {
                     new_replicas.push(Replica {
-                        id: format!("{}-{}-{}", key.name, app.revision, short_id()),
+                        id: format!("{}-{}-{}", key.name, revision.number, short_id()),
                         app: key.clone(),
-                        revision: app.revision,
+                        revision: revision.number,
                         kind: revision.template.component.kind,
                         resources: revision.template.resources.clone(),
                         node: None,
@@ -206,11 +286,21 @@ impl ControlPlane {
                         message: None,
                         exit_code: None,
                         restarts: 0,
+                        reason: None,
+                        avoid: avoid.clone(),
                         created_at: now,
                         updated_at: now,
                     });
                 }
             }
+        }
+        // Rollouts of deleted apps go with them.
+        for (key, (_, mod_rev)) in rollouts {
+            let rkey = keys::rollout(&key);
+            txn = txn
+                .when_mod_revision(rkey.clone(), mod_rev)
+                .then(Op::delete(rkey));
+            writes += 1;
         }
 
         // Pending replicas → nodes, one at a time so each sees the last placement.
@@ -234,7 +324,7 @@ impl ControlPlane {
             let req = Request::new(Capacity::of(&replica.resources), placement);
             let rkey = keys::replica(&replica.app, &replica.id);
             let object = format!("replica/{}/{}", replica.app, replica.id);
-            match cluster.place(&replica.app, &req) {
+            match cluster.place_avoiding(&replica.app, &req, &replica.avoid) {
                 Ok(p) => {
                     replica.node = Some(p.node.name.clone());
                     replica.message = None;
@@ -283,6 +373,71 @@ impl ControlPlane {
         Ok(true)
     }
 
+    /// Moves the app's rollout on by what its replicas and the gateways show,
+    /// adding its writes to `txn`.
+    fn advance_rollout(
+        &self,
+        txn: Txn,
+        app: &App,
+        app_rev: u64,
+        previous: Option<(RolloutStatus, u64)>,
+        replicas: &[Replica],
+        now: u64,
+    ) -> Result<Advanced, ApiError> {
+        let key = app.spec.key();
+        let (status, mod_rev) = match &previous {
+            Some((s, m)) if s.revision == app.revision => (s.clone(), Some(*m)),
+            _ => (
+                rollout::start(app, previous.as_ref().map(|(s, _)| s), now),
+                previous.as_ref().map(|(_, m)| *m),
+            ),
+        };
+        let sums = match (status.split(&app.spec.rollout), status.step_started_at) {
+            (Some((canary, _)), Some(since)) => Some((
+                self.inner.metrics.sum(&key, |r| r == canary, since),
+                self.inner.metrics.sum(&key, |r| r != canary, since),
+            )),
+            _ => None,
+        };
+        let measured = sums
+            .as_ref()
+            .map(|(canary, stable)| Measured { canary, stable });
+        let decision = rollout::decide(app, &status, replicas, measured, now);
+        if let Some(rb) = &decision.roll_back {
+            tracing::warn!(app = %key, from = status.revision, to = rb.to, reason = %rb.reason, "rolling back");
+            let txn = self.roll_back(txn, app, app_rev, &decision.status, mod_rev, rb)?;
+            return Ok(Advanced::RolledBack(txn));
+        }
+        let mode = rollout::mode(app, Some(&decision.status), replicas);
+        let unchanged = previous
+            .as_ref()
+            .is_some_and(|(s, _)| *s == decision.status);
+        if unchanged {
+            return Ok(Advanced::Mode(txn, mode, false));
+        }
+        let rkey = keys::rollout(&key);
+        let mut txn = match mod_rev {
+            Some(m) => txn.when_mod_revision(rkey.clone(), m),
+            None => txn.when_absent(rkey.clone()),
+        }
+        .then(Op::put(rkey, encode(&decision.status)));
+        if let Some((kind, reason, message)) = decision.event {
+            txn = txn.then(self.event_op(kind, reason, format!("app/{key}"), Some(&key), message));
+        }
+        if decision.status.phase == RolloutPhase::Complete
+            && let Some((mut revision, m)) =
+                self.get::<Revision>(&keys::revision(&key, decision.status.revision))?
+            && revision.outcome.is_none()
+        {
+            revision.outcome = Some("rolled out".into());
+            let k = keys::revision(&key, revision.number);
+            txn = txn
+                .when_mod_revision(k.clone(), m)
+                .then(Op::put(k, encode(&revision)));
+        }
+        Ok(Advanced::Mode(txn, mode, true))
+    }
+
     /// Keeps the watch history to its last [`HISTORY`] revisions: older
     /// watchers re-read the snapshot, and the file stops growing.
     fn compact_history(&self) -> Result<(), ApiError> {
@@ -307,6 +462,14 @@ impl ControlPlane {
         }
         Ok(())
     }
+}
+
+/// What [`ControlPlane::advance_rollout`] did.
+enum Advanced {
+    /// The rollout failed and is rolled back; reconcile on the next pass.
+    RolledBack(Txn),
+    /// The replica counts to reconcile towards, and whether it wrote.
+    Mode(Txn, Mode, bool),
 }
 
 /// Revisions of watch history kept (about 3 hours of one node's heartbeats).

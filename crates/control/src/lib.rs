@@ -9,10 +9,12 @@
 mod api;
 mod controller;
 mod error;
+mod rollouts;
 mod state;
 
 pub use api::router;
 pub use error::ApiError;
+pub use rollouts::{INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView};
 pub use state::{
     AppSummary, ApplyOutcome, ApplyResult, ControlConfig, ControlPlane, Describe, LogSource,
     NodeAction, NodeSummary, ReplicaReport, Service, ServiceEndpoint, Snapshot, now_ms,

@@ -10,7 +10,7 @@ use shoal_core::spec::{AppKey, AppSpec};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Event, EventType, Kind, Lease, Millis, Module, Node, NodeState, Phase, Replica,
-    Revision,
+    Revision, RolloutStatus,
 };
 use shoal_runtime::LogSink;
 use shoal_store::{BlobStore, KeyValue, Op, Store, Txn};
@@ -77,6 +77,8 @@ pub(crate) struct Inner {
     pub(crate) kick: Notify,
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
+    /// What the gateways measured per app revision, for canary analysis.
+    pub(crate) metrics: crate::rollouts::Metrics,
 }
 
 /// What `apply` did or would do.
@@ -146,6 +148,9 @@ pub struct Snapshot {
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
     pub nodes: Vec<Node>,
+    /// For the canary traffic splits gateways apply.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutStatus>,
 }
 
 /// A service: every http app, reachable by name from other apps.
@@ -178,6 +183,9 @@ pub struct ReplicaReport {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub restarts: u32,
+    /// See [`Replica::reason`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
@@ -217,6 +225,7 @@ impl ControlPlane {
                 logs: OnceLock::new(),
                 kick: Notify::new(),
                 started_at: OnceLock::new(),
+                metrics: Default::default(),
             }),
         })
     }
@@ -389,6 +398,7 @@ impl ControlPlane {
                         hash,
                         created_at: now,
                         cause,
+                        outcome: None,
                     };
                     (number, Some(rev))
                 };
@@ -515,6 +525,7 @@ impl ControlPlane {
             hash: target.hash.clone(),
             created_at: now,
             cause: format!("rollback to revision {}", target.number),
+            outcome: None,
         };
         let updated = App {
             spec,
@@ -556,6 +567,7 @@ impl ControlPlane {
             .when_mod_revision(app_key.clone(), mod_rev)
             .then(Op::delete(app_key))
             .then(Op::delete_prefix(keys::revisions_of(key)))
+            .then(Op::delete(keys::rollout(key)))
             .then(self.event_op(
                 EventType::Normal,
                 "Deleted",
@@ -853,6 +865,7 @@ impl ControlPlane {
                 && replica.message == report.message
                 && replica.exit_code == report.exit_code
                 && replica.restarts == report.restarts
+                && replica.reason == report.reason
             {
                 return Ok(());
             }
@@ -861,6 +874,7 @@ impl ControlPlane {
             replica.message = report.message.clone();
             replica.exit_code = report.exit_code;
             replica.restarts = report.restarts;
+            replica.reason = report.reason.clone();
             replica.updated_at = now_ms();
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
@@ -910,6 +924,7 @@ impl ControlPlane {
             revisions: self.list::<Revision>(keys::REVISIONS)?,
             replicas: self.list::<Replica>(keys::REPLICAS)?,
             nodes: self.list::<Node>(keys::NODES)?,
+            rollouts: self.list::<RolloutStatus>(keys::ROLLOUTS)?,
         })
     }
 

@@ -2,7 +2,7 @@
 //! Each is written by exactly one controller or API handler; see
 //! ARCHITECTURE.md for who owns what.
 
-use crate::spec::{AppKey, AppSpec, Kind, Resources, Template};
+use crate::spec::{AppKey, AppSpec, Kind, Resources, Rollout, Strategy, Template};
 use crate::wasm::WasmKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -18,6 +18,7 @@ pub mod keys {
     pub const EVENTS: &str = "/events/";
     pub const MODULES: &str = "/modules/";
     pub const LEASES: &str = "/leases/";
+    pub const ROLLOUTS: &str = "/rollouts/";
 
     pub fn app(k: &AppKey) -> String {
         format!("{APPS}{}/{}", k.namespace, k.name)
@@ -34,6 +35,9 @@ pub mod keys {
     pub fn replica(k: &AppKey, id: &str) -> String {
         format!("{}{id}", replicas_of(k))
     }
+    pub fn rollout(k: &AppKey) -> String {
+        format!("{ROLLOUTS}{}/{}", k.namespace, k.name)
+    }
     pub fn node(name: &str) -> String {
         format!("{NODES}{name}")
     }
@@ -47,6 +51,10 @@ pub mod keys {
         format!("{MODULES}{digest}")
     }
 }
+
+/// [`Replica::reason`] of a replica whose node gave up restarting it because its
+/// liveness probe kept failing; the controller replaces it on another node.
+pub const LIVENESS_FAILED: &str = "LivenessFailed";
 
 /// Milliseconds since the Unix epoch: the one time format objects carry.
 pub type Millis = u64;
@@ -70,6 +78,78 @@ pub struct Revision {
     pub created_at: Millis,
     /// Why it was made: "created", "env changed", …
     pub cause: String,
+    /// How its rollout ended: "rolled out", "rolled back: …", "aborted: …".
+    /// The only field written after creation; the template never changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+}
+
+/// Where an app's rollout of its current revision stands; written by the
+/// controller (and by `rollout pause|resume|promote|abort`), one per app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    pub app: AppKey,
+    /// The revision being rolled out (after a rollback: the one rolled back to).
+    pub revision: u64,
+    /// The last revision that rolled out completely, what a failure rolls back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<u64>,
+    pub strategy: Strategy,
+    pub phase: RolloutPhase,
+    /// Set by `shoal rollout pause`: replica counts per revision are held.
+    #[serde(default)]
+    pub paused: bool,
+    /// Canary: index of the current step; `steps.len()` once promoted.
+    #[serde(default)]
+    pub step: usize,
+    /// Canary: when the current step's replicas were all ready and its clock
+    /// started; `None` while they are starting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<Millis>,
+    /// Ready replicas of `revision` when progress was last seen, and when.
+    pub ready: u32,
+    pub progressed_at: Millis,
+    pub started_at: Millis,
+    /// The revision a rollback or abort left (when `revision` is what it went back to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_from: Option<u64>,
+    pub message: String,
+}
+
+impl RolloutStatus {
+    /// The canary traffic split in force, if any: (canary revision, percent).
+    pub fn split(&self, rollout: &Rollout) -> Option<(u64, u8)> {
+        let step = rollout.steps.get(self.step)?;
+        (self.phase == RolloutPhase::Progressing
+            && self.strategy == Strategy::Canary
+            && self.stable.is_some_and(|s| s != self.revision))
+        .then_some((self.revision, step.weight))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RolloutPhase {
+    Progressing,
+    /// Every replica runs the revision and is ready.
+    Complete,
+    /// Rolled back by itself: no progress within the deadline, or crash-looping replicas.
+    RolledBack,
+    /// A canary stopped by its analysis or by `shoal rollout abort`.
+    Aborted,
+    /// No progress within the deadline and nothing to roll back to (a new app).
+    Failed,
+}
+
+impl RolloutPhase {
+    pub fn is_done(self) -> bool {
+        self != RolloutPhase::Progressing
+    }
+}
+
+impl std::fmt::Display for RolloutPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -122,6 +202,13 @@ pub struct Replica {
     /// Times its node started it again after it exited.
     #[serde(default)]
     pub restarts: u32,
+    /// Machine-readable cause of its phase, e.g. `LivenessFailed`: its node gave
+    /// up restarting it, and the controller replaces it on another node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Nodes the scheduler should avoid for it (where its predecessor failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }

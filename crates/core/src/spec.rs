@@ -144,27 +144,155 @@ pub struct HttpSpec {
     pub timeout_ms: u64,
 }
 
+/// How a new revision replaces the running one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Replace replicas a few at a time, new before old.
+    #[default]
+    Rolling,
+    /// Run a few replicas of the new revision beside the stable ones, send them a growing
+    /// share of traffic step by step, and promote or roll back on what the gateways measure.
+    Canary,
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Rolling => "rolling",
+            Strategy::Canary => "canary",
+        })
+    }
+}
+
+/// One canary step: this share of traffic goes to the new revision for `pause`
+/// (`None`: until `shoal rollout promote`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CanaryStep {
+    /// Percent of requests, 1 to 99.
+    pub weight: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause_ms: Option<u64>,
+}
+
+/// How a canary is judged against the stable revision, on the requests the
+/// gateways routed to each since the step began.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Analysis {
+    /// Canary requests needed before it can be judged (and so before a step ends).
+    pub min_requests: u64,
+    /// How far the canary's error rate (5xx share) may exceed the stable one's, in
+    /// basis points (100 = one percentage point).
+    pub max_error_rate_increase_bp: u32,
+    /// How far the canary's p99 latency may exceed the stable one's, in percent
+    /// of it (150 = 1.5x); differences under 10 ms are noise and never fail it.
+    pub max_p99_ratio_pct: u32,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Analysis {
+            min_requests: 20,
+            max_error_rate_increase_bp: 200,
+            max_p99_ratio_pct: 150,
+        }
+    }
+}
+
 /// How replicas move from one revision to the next (or off a draining node).
+/// Not part of the revision: how to roll, not what runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Rollout {
+    #[serde(default)]
+    pub strategy: Strategy,
     /// Replicas of the new revision allowed above `replicas` during a rollout.
     pub max_surge: u32,
     /// Replicas allowed below `replicas` serving during a rollout.
     pub max_unavailable: u32,
+    /// A rollout that makes no progress for this long is rolled back (to the last
+    /// revision that rolled out), as one whose new replicas crash-loop is at once.
+    #[serde(default = "default_progress_deadline")]
+    pub progress_deadline_ms: u64,
+    /// Canary only: the traffic steps before full promotion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<CanaryStep>,
+    #[serde(default)]
+    pub analysis: Analysis,
+}
+
+pub const DEFAULT_PROGRESS_DEADLINE_MS: u64 = 600_000;
+
+fn default_progress_deadline() -> u64 {
+    DEFAULT_PROGRESS_DEADLINE_MS
 }
 
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
+            strategy: Strategy::Rolling,
             max_surge: 1,
             max_unavailable: 0,
+            progress_deadline_ms: DEFAULT_PROGRESS_DEADLINE_MS,
+            steps: Vec::new(),
+            analysis: Analysis::default(),
         }
     }
 }
 
 impl Rollout {
+    fn check(&self, kind: Kind) -> Result<(), String> {
+        if self.max_surge == 0 && self.max_unavailable == 0 {
+            return Err(
+                "max_surge and max_unavailable cannot both be 0: a rollout could never progress"
+                    .into(),
+            );
+        }
+        if self.progress_deadline_ms < 1_000 {
+            return Err("progress_deadline must be at least 1s".into());
+        }
+        match self.strategy {
+            Strategy::Rolling if !self.steps.is_empty() => {
+                Err("steps are for strategy = \"canary\"".into())
+            }
+            Strategy::Rolling => Ok(()),
+            Strategy::Canary if kind != Kind::Http => Err(
+                "strategy = \"canary\" splits HTTP traffic: only kind = \"http\" apps take it"
+                    .into(),
+            ),
+            Strategy::Canary if self.steps.is_empty() => Err(
+                "strategy = \"canary\" needs steps, e.g. steps = [{ weight = 10, pause = \"30s\" }, { weight = 50, pause = \"30s\" }]"
+                    .into(),
+            ),
+            Strategy::Canary => {
+                let mut last = 0;
+                for s in &self.steps {
+                    if s.weight == 0 || s.weight > 99 {
+                        return Err(format!(
+                            "step weight {} must be between 1 and 99 (100 is the promotion that follows the last step)",
+                            s.weight
+                        ));
+                    }
+                    if s.weight <= last {
+                        return Err("step weights must increase".into());
+                    }
+                    last = s.weight;
+                }
+                if self.analysis.max_p99_ratio_pct < 100 {
+                    return Err("analysis.max_p99_ratio must be at least 1.0".into());
+                }
+                Ok(())
+            }
+        }
+    }
+
     pub fn is_default(&self) -> bool {
         self == &Rollout::default()
+    }
+
+    /// Replicas of the new revision a canary runs at `weight` percent of `replicas`:
+    /// its share of the load, and at least one.
+    pub fn canary_replicas(replicas: u32, weight: u8) -> u32 {
+        (replicas * weight as u32).div_ceil(100).max(1)
     }
 }
 
@@ -292,7 +420,6 @@ pub struct AppSpec {
     pub job: Option<JobSpec>,
     #[serde(default, skip_serializing_if = "Health::is_default")]
     pub health: Health,
-    /// Not part of the revision: how to roll, not what runs.
     #[serde(default, skip_serializing_if = "Rollout::is_default")]
     pub rollout: Rollout,
 }
@@ -435,12 +562,8 @@ impl AppSpec {
                 );
             }
         }
-        if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
-            return field(
-                "rollout",
-                "max_surge and max_unavailable cannot both be 0: a rollout could never progress"
-                    .into(),
-            );
+        if let Err(m) = self.rollout.check(self.component.kind) {
+            return field("rollout", m);
         }
         if !self.health.is_default() && self.component.kind != Kind::Http {
             return field(
@@ -640,16 +763,88 @@ struct RawApp {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRollout {
-    strategy: Option<RawStrategy>,
+    #[serde(default)]
+    strategy: Strategy,
     max_surge: Option<u32>,
     max_unavailable: Option<u32>,
+    progress_deadline: Option<Spanned<String>>,
+    steps: Option<Vec<Spanned<RawStep>>>,
+    analysis: Option<Spanned<RawAnalysis>>,
 }
 
-/// Only rolling updates exist so far; naming it keeps specs forward-compatible.
 #[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum RawStrategy {
-    Rolling,
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    weight: u8,
+    pause: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnalysis {
+    min_requests: Option<u64>,
+    /// A fraction: 0.02 lets the canary fail two more requests in a hundred.
+    max_error_rate_increase: Option<f64>,
+    max_p99_ratio: Option<f64>,
+}
+
+fn rollout(src: &str, raw: &Spanned<RawRollout>) -> Result<Rollout, SpecError> {
+    let r = raw.get_ref();
+    let fail = |field: &str, message: String, span: Range<usize>| {
+        SpecError::field(field, message).at(src, Some(span))
+    };
+    let progress_deadline_ms = match &r.progress_deadline {
+        Some(d) => parse_duration_ms(d.get_ref())
+            .map_err(|e| fail("rollout.progress_deadline", e.to_string(), d.span()))?,
+        None => DEFAULT_PROGRESS_DEADLINE_MS,
+    };
+    let mut steps = Vec::new();
+    for s in r.steps.iter().flatten() {
+        let pause_ms = match &s.get_ref().pause {
+            Some(p) => Some(
+                parse_duration_ms(p).map_err(|e| fail("rollout.steps", e.to_string(), s.span()))?,
+            ),
+            None => None,
+        };
+        steps.push(CanaryStep {
+            weight: s.get_ref().weight,
+            pause_ms,
+        });
+    }
+    let mut analysis = Analysis::default();
+    if let Some(a) = &r.analysis {
+        let ra = a.get_ref();
+        let fraction = |v: f64, what: &str, max: f64| {
+            if v.is_finite() && (0.0..=max).contains(&v) {
+                Ok(v)
+            } else {
+                Err(fail(
+                    "rollout.analysis",
+                    format!("{what} must be between 0 and {max} (got {v})"),
+                    a.span(),
+                ))
+            }
+        };
+        if let Some(n) = ra.min_requests {
+            analysis.min_requests = n;
+        }
+        if let Some(v) = ra.max_error_rate_increase {
+            analysis.max_error_rate_increase_bp =
+                (fraction(v, "max_error_rate_increase", 1.0)? * 10_000.0).round() as u32;
+        }
+        if let Some(v) = ra.max_p99_ratio {
+            analysis.max_p99_ratio_pct =
+                (fraction(v, "max_p99_ratio", 100.0)? * 100.0).round() as u32;
+        }
+    }
+    Ok(Rollout {
+        strategy: r.strategy,
+        max_surge: r.max_surge.unwrap_or(1),
+        max_unavailable: r.max_unavailable.unwrap_or(0),
+        progress_deadline_ms,
+        steps,
+        analysis,
+    })
 }
 
 #[derive(Deserialize)]
@@ -886,12 +1081,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         rollout: match &raw.rollout {
             Some(r) => {
                 spans.insert("rollout", r.span());
-                let rr = r.get_ref();
-                let RawStrategy::Rolling = rr.strategy.as_ref().unwrap_or(&RawStrategy::Rolling);
-                Rollout {
-                    max_surge: rr.max_surge.unwrap_or(1),
-                    max_unavailable: rr.max_unavailable.unwrap_or(0),
-                }
+                rollout(src, r)?
             }
             None => Rollout::default(),
         },
@@ -1193,14 +1383,77 @@ A = "1"
             spec.rollout,
             Rollout {
                 max_surge: 0,
-                max_unavailable: 1
+                max_unavailable: 1,
+                ..Rollout::default()
             }
         );
         let e = err(&src.replace("max_unavailable = 1", "max_unavailable = 0"));
         assert_eq!(e.field.as_deref(), Some("rollout"));
         assert!(e.line.is_some());
         let e = err(&src.replace("\"rolling\"", "\"canary\""));
-        assert!(e.message.contains("canary"), "{e}");
+        assert!(e.message.contains("needs steps"), "{e}");
+        let e = err(&src.replace("\"rolling\"", "\"blue-green\""));
+        assert!(e.message.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn canary_steps_and_analysis_parse() {
+        let src = format!(
+            "{HELLO}\n[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"2m\"\nsteps = [{{ weight = 10, pause = \"30s\" }}, {{ weight = 50 }}]\n[rollout.analysis]\nmin_requests = 50\nmax_error_rate_increase = 0.05\nmax_p99_ratio = 2.0\n"
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        let r = &spec.rollout;
+        assert_eq!(r.strategy, Strategy::Canary);
+        assert_eq!(r.progress_deadline_ms, 120_000);
+        assert_eq!(
+            r.steps,
+            vec![
+                CanaryStep {
+                    weight: 10,
+                    pause_ms: Some(30_000)
+                },
+                CanaryStep {
+                    weight: 50,
+                    pause_ms: None
+                }
+            ]
+        );
+        assert_eq!(
+            r.analysis,
+            Analysis {
+                min_requests: 50,
+                max_error_rate_increase_bp: 500,
+                max_p99_ratio_pct: 200
+            }
+        );
+        assert_eq!(Rollout::canary_replicas(4, 10), 1);
+        assert_eq!(Rollout::canary_replicas(4, 50), 2);
+        assert_eq!(Rollout::canary_replicas(20, 10), 2);
+
+        for (bad, says) in [
+            ("weight = 50 }]", "must increase"),
+            ("weight = 100 }]", "between 1 and 99"),
+            ("pause = \"soon\"", "duration"),
+            ("max_p99_ratio = 2.0", "must be between"),
+        ] {
+            let broken = match bad {
+                "weight = 50 }]" => src.replace("weight = 10,", "weight = 60,"),
+                "weight = 100 }]" => src.replace("weight = 50 }]", bad),
+                "pause = \"soon\"" => src.replace("pause = \"30s\"", bad),
+                _ => src.replace(bad, "max_p99_ratio = -1.0"),
+            };
+            let e = err(&broken);
+            assert!(e.message.contains(says), "{bad}: {e}");
+            assert!(e.line.is_some(), "{bad}: {e}");
+        }
+        let mut daemon = spec.clone();
+        daemon.component.kind = Kind::Daemon;
+        daemon.http = None;
+        let e = daemon.validate().unwrap_err();
+        assert!(e.message.contains("splits HTTP traffic"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! Endpoints (where a request can go) and power-of-two-choices picking among them.
+//! Endpoints (where a request can go) and power-of-two-choices picking among them, within
+//! the group of revisions a traffic split chose.
 
+use crate::metrics::Counters;
 use shoal_runtime::HttpService;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -9,7 +11,12 @@ use tokio::sync::Semaphore;
 /// reached through that node's gateway.
 pub struct Endpoint {
     pub replica: String,
+    /// The app revision the replica runs: what a [`Split`] chooses by and metrics are kept per.
+    pub revision: u64,
     pub(crate) target: Target,
+    /// Where this endpoint's request outcomes are counted; shared by every endpoint of the
+    /// same app revision once the gateway holds it.
+    pub(crate) counters: Arc<Counters>,
     inflight: AtomicUsize,
     /// Set when a connection to a remote endpoint failed; cleared only by the next status
     /// ([`Gateway::set_remote_endpoints`](crate::Gateway::set_remote_endpoints)) listing it.
@@ -27,9 +34,15 @@ pub(crate) enum Target {
 }
 
 impl Endpoint {
-    pub fn local(replica: String, service: HttpService, max_concurrency: u32) -> Self {
+    pub fn local(
+        replica: String,
+        revision: u64,
+        service: HttpService,
+        max_concurrency: u32,
+    ) -> Self {
         Endpoint::new(
             replica,
+            revision,
             Target::Local {
                 service,
                 permits: Arc::new(Semaphore::new(max_concurrency as usize)),
@@ -38,14 +51,16 @@ impl Endpoint {
     }
 
     /// A replica on another node, reached through that node's gateway (`"10.0.0.2:8080"`).
-    pub fn remote(replica: String, node_gateway: String) -> Self {
-        Endpoint::new(replica, Target::Remote { node: node_gateway })
+    pub fn remote(replica: String, revision: u64, node_gateway: String) -> Self {
+        Endpoint::new(replica, revision, Target::Remote { node: node_gateway })
     }
 
-    fn new(replica: String, target: Target) -> Self {
+    fn new(replica: String, revision: u64, target: Target) -> Self {
         Endpoint {
             replica,
+            revision,
             target,
+            counters: Arc::default(),
             inflight: AtomicUsize::new(0),
             down: AtomicBool::new(false),
         }
@@ -80,6 +95,7 @@ impl Endpoint {
     pub(crate) fn status(&self) -> EndpointStatus {
         EndpointStatus {
             replica: self.replica.clone(),
+            revision: self.revision,
             node_gateway: self.node_gateway().map(str::to_string),
             inflight: self.inflight(),
             down: self.is_down(),
@@ -97,6 +113,7 @@ impl Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointStatus {
     pub replica: String,
+    pub revision: u64,
     /// `None` for a replica in this process.
     pub node_gateway: Option<String>,
     pub inflight: usize,
@@ -111,28 +128,90 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Power of two choices among the endpoints not marked down: two at random, the one with
-/// fewer requests in flight wins; on a tie a local one wins (no network hop), else the first.
-pub(crate) fn pick(endpoints: &[Arc<Endpoint>]) -> Option<Arc<Endpoint>> {
-    // The common case, nothing down, needs no allocation.
-    if !endpoints.iter().any(|e| e.is_down()) {
-        return two_choices(endpoints).cloned();
-    }
-    let ready: Vec<Arc<Endpoint>> = endpoints.iter().filter(|e| !e.is_down()).cloned().collect();
-    two_choices(&ready).cloned()
+/// A replica on another node, as the cluster's status lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteReplica {
+    pub replica: String,
+    pub revision: u64,
+    /// `host:port` of the gateway of the node that runs it.
+    pub gateway: String,
 }
 
-fn two_choices(candidates: &[Arc<Endpoint>]) -> Option<&Arc<Endpoint>> {
-    match candidates.len() {
+/// Splits an app's traffic between one revision and the rest, for a canary rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Split {
+    /// The revision that gets `weight` percent of requests.
+    pub canary: u64,
+    /// Percent (0..=100) of requests for the canary; more than 100 counts as 100.
+    pub weight: u8,
+}
+
+/// The endpoints one request may go to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Group {
+    All,
+    /// Endpoints of this revision: the canary.
+    Revision(u64),
+    /// Endpoints of any other revision: the stable side.
+    Except(u64),
+}
+
+impl Group {
+    /// Draws the side of `split` this request goes to; `All` without a split.
+    pub(crate) fn draw(split: Option<Split>) -> Group {
+        match split {
+            None => Group::All,
+            Some(s) if fastrand::u8(..100) < s.weight => Group::Revision(s.canary),
+            Some(s) => Group::Except(s.canary),
+        }
+    }
+
+    fn contains(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Group::All => true,
+            Group::Revision(r) => endpoint.revision == r,
+            Group::Except(r) => endpoint.revision != r,
+        }
+    }
+}
+
+/// Power of two choices among the endpoints of `group` not marked down, or among all of
+/// them when none of the group is in rotation: a split shifts traffic, it never refuses it.
+pub(crate) fn pick(endpoints: &[Arc<Endpoint>], group: Group) -> Option<Arc<Endpoint>> {
+    match two_choices(endpoints, group) {
+        None if group != Group::All => two_choices(endpoints, Group::All),
+        picked => picked,
+    }
+    .cloned()
+}
+
+/// Two candidates at random, the one with fewer requests in flight wins; on a tie a local
+/// one wins (no network hop), else the first. Counts and walks the candidates in place:
+/// the hot path allocates nothing.
+fn two_choices(endpoints: &[Arc<Endpoint>], group: Group) -> Option<&Arc<Endpoint>> {
+    let eligible = |e: &&Arc<Endpoint>| !e.is_down() && group.contains(e);
+    let n = endpoints.iter().filter(eligible).count();
+    let nth = |i: usize| {
+        if n == endpoints.len() {
+            &endpoints[i]
+        } else {
+            endpoints
+                .iter()
+                .filter(eligible)
+                .nth(i)
+                .expect("fewer than counted")
+        }
+    };
+    match n {
         0 => None,
-        1 => Some(&candidates[0]),
+        1 => Some(nth(0)),
         n => {
             let a = fastrand::usize(..n);
             let mut b = fastrand::usize(..n - 1);
             if b >= a {
                 b += 1;
             }
-            let (a, b) = (&candidates[a], &candidates[b]);
+            let (a, b) = (nth(a), nth(b));
             Some(match a.inflight().cmp(&b.inflight()) {
                 std::cmp::Ordering::Less => a,
                 std::cmp::Ordering::Greater => b,
@@ -148,7 +227,11 @@ mod tests {
     use super::*;
 
     fn remote(id: &str) -> Arc<Endpoint> {
-        Arc::new(Endpoint::remote(id.into(), "127.0.0.1:1".into()))
+        revision(id, 1)
+    }
+
+    fn revision(id: &str, revision: u64) -> Arc<Endpoint> {
+        Arc::new(Endpoint::remote(id.into(), revision, "127.0.0.1:1".into()))
     }
 
     #[test]
@@ -157,10 +240,10 @@ mod tests {
         eps[0].set_down(true);
         eps[2].set_down(true);
         for _ in 0..100 {
-            assert_eq!(pick(&eps).unwrap().replica, "b");
+            assert_eq!(pick(&eps, Group::All).unwrap().replica, "b");
         }
         eps[1].set_down(true);
-        assert!(pick(&eps).is_none());
+        assert!(pick(&eps, Group::All).is_none());
     }
 
     #[test]
@@ -168,9 +251,46 @@ mod tests {
         let eps = vec![remote("busy"), remote("idle")];
         let guards: Vec<_> = (0..3).map(|_| eps[0].enter()).collect();
         for _ in 0..100 {
-            assert_eq!(pick(&eps).unwrap().replica, "idle");
+            assert_eq!(pick(&eps, Group::All).unwrap().replica, "idle");
         }
         drop(guards);
         assert_eq!(eps[0].inflight(), 0);
+    }
+
+    #[test]
+    fn a_group_picks_only_its_revisions_while_it_has_any_in_rotation() {
+        let eps = vec![
+            revision("old-1", 1),
+            revision("old-2", 1),
+            revision("new", 2),
+        ];
+        for _ in 0..100 {
+            assert_eq!(pick(&eps, Group::Revision(2)).unwrap().replica, "new");
+            assert_eq!(pick(&eps, Group::Except(2)).unwrap().revision, 1);
+        }
+        // An empty group falls back to every endpoint rather than to none.
+        eps[2].set_down(true);
+        for _ in 0..100 {
+            assert_eq!(pick(&eps, Group::Revision(2)).unwrap().revision, 1);
+        }
+        assert_eq!(pick(&eps, Group::Revision(3)).unwrap().revision, 1);
+        eps[0].set_down(true);
+        eps[1].set_down(true);
+        assert!(pick(&eps, Group::Except(2)).is_none());
+    }
+
+    #[test]
+    fn the_weight_is_the_canary_share() {
+        let split = |weight| Some(Split { canary: 2, weight });
+        for _ in 0..100 {
+            assert_eq!(Group::draw(split(0)), Group::Except(2));
+            assert_eq!(Group::draw(split(100)), Group::Revision(2));
+            assert_eq!(Group::draw(split(255)), Group::Revision(2));
+            assert_eq!(Group::draw(None), Group::All);
+        }
+        let canary = (0..10_000)
+            .filter(|_| Group::draw(split(20)) == Group::Revision(2))
+            .count();
+        assert!((1_500..2_500).contains(&canary), "{canary}");
     }
 }

@@ -4,15 +4,20 @@
 //! holding one of the replica's concurrency permits for as long as the response
 //! streams, or through the gateway of the node that runs it, one hop at most.
 //!
+//! An app may split its traffic between a canary revision and the rest ([`Split`]); the
+//! gateway that routes a request counts its outcome for the revision that served it
+//! ([`Gateway::take_metrics`]), so canaries can be judged on what clients saw.
+//!
 //! Guests reach other apps by name through the same picking
 //! ([`Gateway::outbound`]): that is service discovery.
 
 mod endpoint;
+mod metrics;
 mod outbound;
 mod proxy;
 mod routing;
 mod server;
 
-pub use endpoint::{Endpoint, EndpointStatus};
+pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;
 pub use server::{Gateway, GatewayConfig, LogLookup, serve};

@@ -1,7 +1,10 @@
 //! The gateway's hot path: route, pick an endpoint, call it in process or one hop away.
 
 use crate::RoutingTable;
-use crate::endpoint::{Endpoint, EndpointStatus, InflightGuard, Target, pick};
+use crate::endpoint::{
+    Endpoint, EndpointStatus, Group, InflightGuard, RemoteReplica, Split, Target, pick,
+};
+use crate::metrics::Registry;
 use crate::outbound::ServicePolicy;
 use crate::proxy::{
     self, APP_HEADER, ERROR_HEADER, Failure, HOP_HEADER, REPLICA_GONE, REPLICA_HEADER, Resend,
@@ -13,13 +16,14 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
+use shoal_core::metrics::RevisionStats;
 use shoal_core::{Route, spec::AppKey};
 use shoal_runtime::{HttpError, HttpService, LogSink, OutboundPolicy, ResponseBody, WasiBody};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{Instrument, Span, field};
@@ -49,6 +53,14 @@ impl Default for GatewayConfig {
 
 type EndpointMap = HashMap<AppKey, Arc<[Arc<Endpoint>]>>;
 
+/// Where an app's requests may go. Splits live under the endpoints' lock so a request
+/// takes one lock to read both.
+#[derive(Default)]
+struct Pool {
+    endpoints: EndpointMap,
+    splits: HashMap<AppKey, Split>,
+}
+
 #[derive(Clone)]
 pub struct Gateway {
     inner: Arc<Inner>,
@@ -57,7 +69,8 @@ pub struct Gateway {
 pub(crate) struct Inner {
     config: GatewayConfig,
     table: RwLock<Arc<RoutingTable>>,
-    endpoints: RwLock<EndpointMap>,
+    pool: RwLock<Pool>,
+    metrics: Registry,
     /// Apps the agent declared as services; see [`Gateway::set_services`].
     services: RwLock<HashSet<AppKey>>,
     client: proxy::Client,
@@ -75,7 +88,8 @@ impl Gateway {
             inner: Arc::new(Inner {
                 config,
                 table: RwLock::new(Arc::new(RoutingTable::default())),
-                endpoints: RwLock::new(HashMap::new()),
+                pool: RwLock::new(Pool::default()),
+                metrics: Registry::default(),
                 services: RwLock::new(HashSet::new()),
                 client,
                 logs: RwLock::new(None),
@@ -98,6 +112,19 @@ impl Gateway {
     /// Replaces the whole routing table.
     pub fn set_routes(&self, routes: Vec<(Route, AppKey)>) {
         *self.inner.table.write().expect("routing lock") = Arc::new(RoutingTable::new(routes));
+    }
+
+    /// Replaces every app's traffic split; an app without one sends requests to all of
+    /// its endpoints alike.
+    pub fn set_splits(&self, splits: HashMap<AppKey, Split>) {
+        self.inner.pool.write().expect("endpoint lock").splits = splits;
+    }
+
+    /// Request outcomes per app revision since the last call (only revisions that served
+    /// any), counted where each request was routed: a forwarded request counts on the
+    /// gateway that forwarded it, not on the one that ran it.
+    pub fn take_metrics(&self) -> Vec<RevisionStats> {
+        self.inner.metrics.take()
     }
 
     /// Declares every http app of the cluster, so guests can call one by name even while it
@@ -170,16 +197,18 @@ impl Gateway {
             .contains(app)
             || self
                 .inner
-                .endpoints
+                .pool
                 .read()
                 .expect("endpoint lock")
+                .endpoints
                 .contains_key(app)
             || self.inner.table.read().expect("routing lock").serves(app)
     }
 
     /// Adds (or replaces, by replica id) one endpoint, local or remote.
-    pub fn add_endpoint(&self, app: AppKey, endpoint: Endpoint) {
-        let mut map = self.inner.endpoints.write().expect("endpoint lock");
+    pub fn add_endpoint(&self, app: AppKey, mut endpoint: Endpoint) {
+        endpoint.counters = self.inner.metrics.counters(&app, endpoint.revision);
+        let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
         let mut list: Vec<Arc<Endpoint>> = map
             .get(&app)
             .map(|l| {
@@ -195,7 +224,7 @@ impl Gateway {
 
     /// Stops sending new requests to a replica; in-flight ones finish.
     pub fn remove_endpoint(&self, app: &AppKey, replica: &str) -> bool {
-        let mut map = self.inner.endpoints.write().expect("endpoint lock");
+        let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
         let Some(list) = map.get(app) else {
             return false;
         };
@@ -213,12 +242,12 @@ impl Gateway {
         removed
     }
 
-    /// Replaces every remote endpoint with `remote` (app → `(replica, node gateway address)`),
-    /// in one swap, keeping local endpoints. An endpoint that stays keeps its in-flight count,
-    /// so p2c does not forget the load it sent; one marked down is back in rotation, as this
-    /// is the fresh status that lists it. A replica that is also local stays local.
-    pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<(String, String)>>) {
-        let mut map = self.inner.endpoints.write().expect("endpoint lock");
+    /// Replaces every remote endpoint with `remote`, in one swap, keeping local endpoints.
+    /// An endpoint that stays keeps its in-flight count, so p2c does not forget the load it
+    /// sent; one marked down is back in rotation, as this is the fresh status that lists it.
+    /// A replica that is also local stays local.
+    pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<RemoteReplica>>) {
+        let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
         let mut next = EndpointMap::new();
         for (app, list) in map.iter() {
             let locals: Vec<Arc<Endpoint>> =
@@ -231,14 +260,17 @@ impl Gateway {
             let old = map.get(&app);
             let mut list: Vec<Arc<Endpoint>> =
                 next.get(&app).map(|l| l.to_vec()).unwrap_or_default();
-            for (replica, node) in replicas {
-                if list.iter().any(|e| e.replica == replica) {
+            for r in replicas {
+                if list.iter().any(|e| e.replica == r.replica) {
                     continue;
                 }
                 let kept = old
                     .and_then(|l| {
-                        l.iter()
-                            .find(|e| e.replica == replica && e.node_gateway() == Some(&node))
+                        l.iter().find(|e| {
+                            e.replica == r.replica
+                                && e.revision == r.revision
+                                && e.node_gateway() == Some(&r.gateway)
+                        })
                     })
                     .cloned();
                 let endpoint = match kept {
@@ -246,7 +278,11 @@ impl Gateway {
                         e.set_down(false);
                         e
                     }
-                    None => Arc::new(Endpoint::remote(replica, node)),
+                    None => {
+                        let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
+                        e.counters = self.inner.metrics.counters(&app, r.revision);
+                        Arc::new(e)
+                    }
                 };
                 list.push(endpoint);
             }
@@ -259,8 +295,9 @@ impl Gateway {
 
     /// Replica ids of an app's endpoints in rotation (ready, and not marked down).
     pub fn endpoints(&self, app: &AppKey) -> Vec<String> {
-        let map = self.inner.endpoints.read().expect("endpoint lock");
-        map.get(app)
+        let pool = self.inner.pool.read().expect("endpoint lock");
+        pool.endpoints
+            .get(app)
             .map(|l| {
                 l.iter()
                     .filter(|e| !e.is_down())
@@ -272,8 +309,9 @@ impl Gateway {
 
     /// Every endpoint of an app, down ones included, as the gateway sees it now.
     pub fn endpoint_status(&self, app: &AppKey) -> Vec<EndpointStatus> {
-        let map = self.inner.endpoints.read().expect("endpoint lock");
-        map.get(app)
+        let pool = self.inner.pool.read().expect("endpoint lock");
+        pool.endpoints
+            .get(app)
             .map(|l| l.iter().map(|e| e.status()).collect())
             .unwrap_or_default()
     }
@@ -336,24 +374,26 @@ impl Gateway {
     }
 
     /// Sends a request to one of `app`'s endpoints, whatever the route table says: external
-    /// traffic after routing, and service calls from guests. A remote endpoint that cannot be
-    /// reached is marked down and, if the request can be sent again, one other is tried.
+    /// traffic after routing, and service calls from guests. The app's split, if any, chooses
+    /// the revisions to pick from. A remote endpoint that cannot be reached is marked down
+    /// and, if the request can be sent again, one other is tried, of the same revisions if
+    /// possible. The outcome counts for the revision of the endpoint that answered last.
     pub(crate) async fn dispatch(
         &self,
         app: &AppKey,
         mut req: Request<WasiBody>,
     ) -> Response<ResponseBody> {
+        let start = Instant::now();
         let span = Span::current();
         span.record("app", field::display(app));
-        let endpoints = self
-            .inner
-            .endpoints
-            .read()
-            .expect("endpoint lock")
-            .get(app)
-            .cloned()
-            .unwrap_or_else(|| Arc::from([]));
-        let Some(first) = pick(&endpoints) else {
+        let (endpoints, split) = {
+            let pool = self.inner.pool.read().expect("endpoint lock");
+            let endpoints = pool.endpoints.get(app).cloned();
+            (endpoints, pool.splits.get(app).copied())
+        };
+        let endpoints = endpoints.unwrap_or_else(|| Arc::from([]));
+        let group = Group::draw(split);
+        let Some(first) = pick(&endpoints, group) else {
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_ready_replicas",
@@ -368,23 +408,32 @@ impl Gateway {
             }
             resend = proxy::resendable(&req).then(|| Resend::of(&req));
         }
-        let failure = match self.call(&first, app, req).await {
-            Ok(response) => return response,
-            Err(failure) => failure,
-        };
-        mark_down(&first, app, &failure);
-        let Some((second, resend)) = resend.and_then(|r| pick(&endpoints).map(|e| (e, r))) else {
-            return failure_response(app, &first, failure);
-        };
-        span.record("replica", second.replica.as_str());
-        tracing::debug!(failed = %first.replica, "retrying on another endpoint");
-        match self.call(&second, app, resend.request()).await {
-            Ok(response) => response,
+        let (last, response) = match self.call(&first, app, req).await {
+            Ok(response) => (first, response),
             Err(failure) => {
-                mark_down(&second, app, &failure);
-                failure_response(app, &second, failure)
+                mark_down(&first, app, &failure);
+                match resend.and_then(|r| pick(&endpoints, group).map(|e| (e, r))) {
+                    None => {
+                        let response = failure_response(app, &first, failure);
+                        (first, response)
+                    }
+                    Some((second, resend)) => {
+                        span.record("replica", second.replica.as_str());
+                        tracing::debug!(failed = %first.replica, "retrying on another endpoint");
+                        let response = match self.call(&second, app, resend.request()).await {
+                            Ok(response) => response,
+                            Err(failure) => {
+                                mark_down(&second, app, &failure);
+                                failure_response(app, &second, failure)
+                            }
+                        };
+                        (second, response)
+                    }
+                }
             }
-        }
+        };
+        last.counters.record(response.status(), start.elapsed());
+        response
     }
 
     /// A request another gateway forwarded: served by the replica it names, here, or refused
@@ -405,8 +454,9 @@ impl Gateway {
             (replica, app)
         };
         let endpoint = app.as_ref().and_then(|app| {
-            let map = self.inner.endpoints.read().expect("endpoint lock");
-            map.get(app)?
+            let pool = self.inner.pool.read().expect("endpoint lock");
+            pool.endpoints
+                .get(app)?
                 .iter()
                 .find(|e| e.replica == replica && e.is_local())
                 .cloned()

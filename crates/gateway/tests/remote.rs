@@ -12,7 +12,7 @@ use common::*;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use shoal_core::Route;
-use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
+use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
 
 fn routes(gateway: &Gateway) {
     gateway.set_routes(vec![
@@ -23,12 +23,14 @@ fn routes(gateway: &Gateway) {
 
 fn remote(
     entries: &[(&str, &str, String)],
-) -> HashMap<shoal_core::spec::AppKey, Vec<(String, String)>> {
+) -> HashMap<shoal_core::spec::AppKey, Vec<RemoteReplica>> {
     let mut map: HashMap<_, Vec<_>> = HashMap::new();
     for (name, replica, node) in entries {
-        map.entry(app(name))
-            .or_default()
-            .push((replica.to_string(), node.clone()));
+        map.entry(app(name)).or_default().push(RemoteReplica {
+            replica: replica.to_string(),
+            revision: 1,
+            gateway: node.clone(),
+        });
     }
     map
 }
@@ -45,8 +47,11 @@ async fn node_b(runtime: &shoal_runtime::Runtime) -> (Gateway, String) {
     )
     .await;
     let faulty = service(runtime, shoal_fixtures::FAULTY_WASM, instance(&[])).await;
-    b.add_endpoint(app("hello"), Endpoint::local("hello-b".into(), hello, 8));
-    b.add_endpoint(app("faulty"), Endpoint::local("faulty-b".into(), faulty, 8));
+    b.add_endpoint(app("hello"), Endpoint::local("hello-b".into(), 1, hello, 8));
+    b.add_endpoint(
+        app("faulty"),
+        Endpoint::local("faulty-b".into(), 1, faulty, 8),
+    );
     let addr = serve(&b).await.to_string();
     (b, addr)
 }
@@ -259,9 +264,9 @@ async fn p2c_spreads_concurrent_requests_over_endpoints() {
     let faulty = service(&runtime, shoal_fixtures::FAULTY_WASM, instance(&[])).await;
     gateway.add_endpoint(
         app("faulty"),
-        Endpoint::local("one".into(), faulty.clone(), 8),
+        Endpoint::local("one".into(), 1, faulty.clone(), 8),
     );
-    gateway.add_endpoint(app("faulty"), Endpoint::local("two".into(), faulty, 8));
+    gateway.add_endpoint(app("faulty"), Endpoint::local("two".into(), 1, faulty, 8));
     let addr = serve(&gateway).await;
     let client = HttpClient::new();
 
@@ -295,7 +300,7 @@ async fn equal_load_prefers_the_local_replica() {
     let gateway = Gateway::new(GatewayConfig::default());
     routes(&gateway);
     let hello = service(&runtime, shoal_fixtures::HELLO_WASM, instance(&[])).await;
-    gateway.add_endpoint(app("hello"), Endpoint::local("here".into(), hello, 8));
+    gateway.add_endpoint(app("hello"), Endpoint::local("here".into(), 1, hello, 8));
     // A remote endpoint nobody answers for: picking it even once would mark it down.
     let dead = closed_port().await.to_string();
     gateway.set_remote_endpoints(remote(&[("hello", "there", dead)]));

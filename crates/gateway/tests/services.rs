@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_core::spec::AppKey;
-use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
+use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
 use shoal_runtime::{HttpError, InstanceConfig, OutboundPolicy, WasiBody};
 use tokio::net::TcpListener;
 
@@ -34,6 +34,14 @@ async fn call(policy: &dyn OutboundPolicy, url: &str) -> Result<(StatusCode, Str
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+fn replica(id: &str, gateway: String) -> RemoteReplica {
+    RemoteReplica {
+        replica: id.into(),
+        revision: 1,
+        gateway,
+    }
 }
 
 /// A plain HTTP server outside Shoal, answering `tiny <path>`.
@@ -68,7 +76,7 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     )
     .await;
     // No routes: a service is reachable by name without being exposed.
-    gateway.add_endpoint(app("hello"), Endpoint::local("hello-1".into(), hello, 4));
+    gateway.add_endpoint(app("hello"), Endpoint::local("hello-1".into(), 1, hello, 4));
     let tiny = tiny_server().await;
     let policy = gateway.outbound("default", vec!["127.0.0.1".into()]);
     let policy = policy.as_ref();
@@ -148,16 +156,16 @@ async fn a_service_on_another_node_is_called_through_its_gateway() {
         instance(&[("GREETING", "from node b")]),
     )
     .await;
-    b.add_endpoint(app("hello"), Endpoint::local("hello-b".into(), hello, 4));
+    b.add_endpoint(app("hello"), Endpoint::local("hello-b".into(), 1, hello, 4));
     let b_addr = serve(&b).await.to_string();
     let dead = closed_port().await.to_string();
 
     // A knows the app only from remote endpoints, one of them on a dead node.
     let a = Gateway::new(GatewayConfig::default());
-    let mut remote: HashMap<AppKey, Vec<(String, String)>> = HashMap::new();
+    let mut remote: HashMap<AppKey, Vec<RemoteReplica>> = HashMap::new();
     remote.insert(
         app("hello"),
-        vec![("hello-dead".into(), dead), ("hello-b".into(), b_addr)],
+        vec![replica("hello-dead", dead), replica("hello-b", b_addr)],
     );
     a.set_remote_endpoints(remote);
     let policy = a.outbound("default", vec![]);
@@ -185,7 +193,7 @@ async fn a_guest_calls_a_service_by_name_through_wasi_http() {
     .await;
     gateway.add_endpoint(
         app("faulty"),
-        Endpoint::local("faulty-1".into(), faulty.clone(), 4),
+        Endpoint::local("faulty-1".into(), 1, faulty.clone(), 4),
     );
     let probe = || async {
         let req = Request::get("/net")
@@ -206,7 +214,7 @@ async fn a_guest_calls_a_service_by_name_through_wasi_http() {
     let hello = service(&runtime, shoal_fixtures::HELLO_WASM, instance(&[])).await;
     gateway.add_endpoint(
         AppKey::new("com", "example"),
-        Endpoint::local("example-1".into(), hello, 4),
+        Endpoint::local("example-1".into(), 1, hello, 4),
     );
     let seen = tokio::time::timeout(Duration::from_secs(30), probe())
         .await
@@ -223,16 +231,16 @@ async fn a_guest_call_to_a_dead_node_is_retried_on_another() {
     let hello = service(&runtime, shoal_fixtures::HELLO_WASM, instance(&[])).await;
     b.add_endpoint(
         example.clone(),
-        Endpoint::local("example-b".into(), hello, 4),
+        Endpoint::local("example-b".into(), 1, hello, 4),
     );
     let b_addr = serve(&b).await.to_string();
     let dead = closed_port().await.to_string();
 
     let a = Gateway::new(GatewayConfig::default());
-    let mut remote: HashMap<AppKey, Vec<(String, String)>> = HashMap::new();
+    let mut remote: HashMap<AppKey, Vec<RemoteReplica>> = HashMap::new();
     remote.insert(
         example.clone(),
-        vec![("example-dead".into(), dead), ("example-b".into(), b_addr)],
+        vec![replica("example-dead", dead), replica("example-b", b_addr)],
     );
     a.set_remote_endpoints(remote);
     let faulty = service(

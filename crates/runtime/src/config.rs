@@ -55,7 +55,38 @@ pub struct InstanceConfig {
     pub timeout: Option<Duration>,
     pub logs: LogSink,
     pub outbound: Arc<dyn OutboundPolicy>,
+    /// Told when a request's instance is killed (timeout, memory, trap), so the
+    /// node can report it beyond the replica's own log.
+    pub incidents: Option<IncidentHook>,
 }
+
+/// An HTTP request whose instance the runtime had to kill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incident {
+    pub kind: IncidentKind,
+    /// What the replica's log says about it: method, path and cause.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IncidentKind {
+    TimedOut,
+    OutOfMemory,
+    Trapped,
+}
+
+impl IncidentKind {
+    /// The event reason it becomes.
+    pub fn reason(self) -> &'static str {
+        match self {
+            IncidentKind::TimedOut => "KilledByTimeout",
+            IncidentKind::OutOfMemory => "OutOfMemory",
+            IncidentKind::Trapped => "Trapped",
+        }
+    }
+}
+
+pub type IncidentHook = Arc<dyn Fn(Incident) + Send + Sync>;
 
 impl Default for InstanceConfig {
     fn default() -> Self {
@@ -66,6 +97,7 @@ impl Default for InstanceConfig {
             timeout: None,
             logs: LogSink::default(),
             outbound: Arc::new(DenyAll),
+            incidents: None,
         }
     }
 }

@@ -28,6 +28,7 @@ pub(crate) struct InstanceSettings {
     pub(crate) timeout: Option<Duration>,
     pub(crate) logs: LogSink,
     pub(crate) outbound: Arc<dyn OutboundPolicy>,
+    pub(crate) incidents: Option<crate::IncidentHook>,
 }
 
 pub(crate) struct Host {

@@ -14,6 +14,7 @@ use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 
+use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
 use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::runtime::Runtime;
@@ -223,6 +224,18 @@ impl HttpService {
             Failure::Failed(detail) => format!("{method} {path}: guest failed: {detail}"),
         };
         tracing::warn!(%digest, "{line}");
+        let kind = match failure {
+            Failure::TimedOut => Some(IncidentKind::TimedOut),
+            Failure::OutOfMemory => Some(IncidentKind::OutOfMemory),
+            Failure::Trapped(_) => Some(IncidentKind::Trapped),
+            Failure::AtCapacity(_) | Failure::Failed(_) => None,
+        };
+        if let (Some(kind), Some(hook)) = (kind, &settings.incidents) {
+            hook(Incident {
+                kind,
+                message: line.clone(),
+            });
+        }
         settings.logs.push_system(line);
     }
 }

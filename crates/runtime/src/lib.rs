@@ -21,7 +21,7 @@ mod outbound;
 mod runtime;
 
 pub use command::{Command, ExitStatus};
-pub use config::{InstanceConfig, RuntimeConfig};
+pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, RuntimeConfig};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody};
 pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};

@@ -332,6 +332,7 @@ impl Runtime {
             timeout: cfg.timeout,
             logs: cfg.logs,
             outbound: cfg.outbound,
+            incidents: cfg.incidents,
         })
     }
 }

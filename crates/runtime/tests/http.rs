@@ -12,7 +12,8 @@ use futures::SinkExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use sha2::{Digest, Sha256};
-use shoal_runtime::{HttpService, InstanceConfig, LogSink, LogStream};
+use shoal_runtime::{HttpService, Incident, IncidentKind, InstanceConfig, LogSink, LogStream};
+use std::sync::{Arc, Mutex};
 
 async fn service(path: &str, cfg: InstanceConfig) -> (tempfile::TempDir, HttpService) {
     let dir = tempfile::tempdir().unwrap();
@@ -394,4 +395,36 @@ async fn a_full_instance_pool_answers_503_until_a_slot_frees() {
         assert!(Instant::now() < deadline, "the slot never came back");
         tokio::task::yield_now().await;
     }
+}
+
+#[tokio::test]
+async fn killed_instances_are_reported_as_incidents() {
+    let seen: Arc<Mutex<Vec<Incident>>> = Arc::default();
+    let hook = {
+        let seen = seen.clone();
+        Arc::new(move |i: Incident| seen.lock().unwrap().push(i))
+    };
+    let cfg = InstanceConfig {
+        memory_limit: 32 * MIB,
+        timeout: Some(Duration::from_millis(300)),
+        incidents: Some(hook),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+    assert_eq!(faulty.handle(get("/oom")).await.status(), 500);
+    assert_eq!(faulty.handle(get("/sleep/60000")).await.status(), 504);
+    assert_eq!(faulty.handle(get("/faulty/trap")).await.status(), 500);
+    // A guest's own error answer is not an incident.
+    assert_eq!(faulty.handle(get("/status/500")).await.status(), 500);
+    let kinds: Vec<IncidentKind> = seen.lock().unwrap().iter().map(|i| i.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            IncidentKind::OutOfMemory,
+            IncidentKind::TimedOut,
+            IncidentKind::Trapped
+        ]
+    );
+    assert_eq!(IncidentKind::TimedOut.reason(), "KilledByTimeout");
+    assert!(seen.lock().unwrap()[1].message.contains("GET /sleep/60000"));
 }

@@ -1,12 +1,13 @@
 //! Decisions, not actions: where a replica goes ([`place`], or [`Cluster`]
 //! for many at once) and which replicas an app needs created or removed
-//! ([`reconcile`]). Everything here is a pure function of its inputs, so the
+//! ([`reconcile`]), and how a rollout advances ([`rollout`]). Everything here is a pure function of its inputs, so the
 //! controllers that call it stay thin and these rules are tested directly, as
 //! Nomad's scheduler and kube-rs reconcilers are.
 
 mod placement;
 mod reconcile;
+pub mod rollout;
 
 pub use placement::{Cluster, NodeInfo, Placement, Request, Strategy, Unschedulable, place};
-pub use reconcile::{Plan, reconcile};
+pub use reconcile::{Mode, Plan, reconcile};
 pub use shoal_core::spec::Spread;

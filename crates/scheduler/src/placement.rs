@@ -95,6 +95,7 @@ impl std::fmt::Display for Unschedulable {
 enum Reason {
     NotReady,
     Cordoned,
+    Avoided,
     Selector,
     AppAlreadyThere,
     Memory,
@@ -104,9 +105,10 @@ enum Reason {
 
 impl Reason {
     /// In declaration order, so `reason as usize` indexes it.
-    const ALL: [Reason; 7] = [
+    const ALL: [Reason; 8] = [
         Reason::NotReady,
         Reason::Cordoned,
+        Reason::Avoided,
         Reason::Selector,
         Reason::AppAlreadyThere,
         Reason::Memory,
@@ -118,6 +120,7 @@ impl Reason {
         match self {
             Reason::NotReady => "not ready",
             Reason::Cordoned => "cordoned",
+            Reason::Avoided => "where its predecessor failed",
             Reason::Selector => "didn't match node selector",
             Reason::AppAlreadyThere => "already runs a replica of this app",
             Reason::Memory => "insufficient memory",
@@ -468,6 +471,34 @@ impl<'a> Cluster<'a> {
             index: s.index,
             score,
         })
+    }
+
+    /// [`Cluster::place`], keeping off the nodes named in `avoid` unless nothing
+    /// else fits: a replacement for a replica that kept failing on its node.
+    pub fn place_avoiding(
+        &mut self,
+        app: &AppKey,
+        req: &Request<'_>,
+        avoid: &[String],
+    ) -> Result<Placement<'a>, Unschedulable> {
+        let closed: Vec<(usize, Option<Reason>)> = avoid
+            .iter()
+            .filter_map(|n| {
+                let i = self
+                    .slots
+                    .binary_search_by(|s| s.node.name.as_str().cmp(n))
+                    .ok()?;
+                Some((i, self.fits[i].closed.replace(Reason::Avoided)))
+            })
+            .collect();
+        let placed = self.place(app, req);
+        for (i, was) in &closed {
+            self.fits[*i].closed = *was;
+        }
+        match placed {
+            Err(_) if !closed.is_empty() => self.place(app, req),
+            other => other,
+        }
     }
 
     /// [`Cluster::place`] for each request in turn, each seeing the ones before.
@@ -853,5 +884,26 @@ mod tests {
                 };
             assert_eq!(names(&batch), names(&again));
         }
+    }
+
+    #[test]
+    fn a_replacement_avoids_where_its_predecessor_failed_unless_nothing_else_fits() {
+        let nodes = [node("a", 1000, 1024), node("b", 1000, 1024)];
+        let mut cluster = Cluster::new(&nodes, Strategy::BinPack);
+        cluster.reserve("a", &app("x"), &cap(100, 100));
+        let r = req(100, 100);
+        // Bin packing alone would pick a (fuller); avoiding it picks b.
+        let p = cluster
+            .place_avoiding(&app("y"), &r, &["a".to_string()])
+            .unwrap();
+        assert_eq!(p.node.name, "b");
+        // The avoided node is open again for the next replica (equal, first by name).
+        assert_eq!(cluster.place(&app("z"), &r).unwrap().node.name, "a");
+        // Only the avoided node fits: it is used rather than leaving the replica pending.
+        let big = req(100, 900);
+        let p = cluster
+            .place_avoiding(&app("y"), &big, &["b".to_string()])
+            .unwrap();
+        assert_eq!(p.node.name, "b");
     }
 }

@@ -1,16 +1,35 @@
 //! App → replicas: given the app and the replicas that exist, what to create
 //! and what to remove. Never told why it was called, so it is idempotent.
 //!
-//! A change of revision rolls: one replica of surge, none unavailable. New
-//! replicas are created one at a time and an old one is removed only once
-//! enough replicas serve without it.
+//! A change of revision rolls: `max_surge` new replicas above the desired
+//! count, `max_unavailable` below it. New replicas are created a few at a time
+//! and an old one is removed only once enough replicas serve without it. A
+//! canary step (or a paused rollout) instead holds a number of replicas of
+//! each of two revisions; see [`Mode`].
 
+use shoal_core::spec::AppSpec;
 use shoal_core::{App, Kind, Phase, Replica};
+
+/// What the app's rollout asks of its replica counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every replica runs `app.revision`; others are replaced, new before old.
+    Roll,
+    /// `canary` replicas of `app.revision` and `stable_replicas` of `stable`: a
+    /// canary step, or a rollout paused where it stands.
+    Split {
+        stable: u64,
+        canary: u32,
+        stable_replicas: u32,
+    },
+}
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// How many replicas of the app's current revision to create.
     pub create: usize,
+    /// How many replicas of the stable revision to create ([`Mode::Split`] only).
+    pub create_stable: usize,
     /// Replica ids to remove.
     pub delete: Vec<String>,
 }
@@ -33,36 +52,85 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
 
 /// `draining(node)` says whether a node is being drained: its replicas are
 /// replaced like those of an old revision, new before old.
-pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> bool) -> Plan {
-    let desired = app.spec.replicas as usize;
-    let surge = app.spec.rollout.max_surge as usize;
-    let floor = desired.saturating_sub(app.spec.rollout.max_unavailable as usize);
+pub fn reconcile(
+    app: &App,
+    replicas: &[Replica],
+    draining: impl Fn(&str) -> bool,
+    mode: Mode,
+) -> Plan {
+    match mode {
+        Mode::Roll => {
+            let (create, delete) = roll(
+                &app.spec,
+                app.revision,
+                app.spec.replicas,
+                replicas,
+                &draining,
+            );
+            Plan {
+                create,
+                create_stable: 0,
+                delete,
+            }
+        }
+        Mode::Split {
+            stable,
+            canary,
+            stable_replicas,
+        } => {
+            let (new, rest): (Vec<Replica>, Vec<Replica>) = replicas
+                .iter()
+                .cloned()
+                .partition(|r| r.revision == app.revision);
+            let (create, mut delete) = roll(&app.spec, app.revision, canary, &new, &draining);
+            let (create_stable, more) = roll(&app.spec, stable, stable_replicas, &rest, &draining);
+            delete.extend(more);
+            Plan {
+                create,
+                create_stable,
+                delete,
+            }
+        }
+    }
+}
+
+/// Rolls `replicas` towards `desired` of `revision`: how many to create, which to remove.
+fn roll(
+    spec: &AppSpec,
+    revision: u64,
+    desired: u32,
+    replicas: &[Replica],
+    draining: &impl Fn(&str) -> bool,
+) -> (usize, Vec<String>) {
+    let desired = desired as usize;
+    let surge = spec.rollout.max_surge as usize;
+    let floor = desired.saturating_sub(spec.rollout.max_unavailable as usize);
     // A finished job stays what it is wherever it ran: draining does not rerun it.
     let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| {
-        r.revision == app.revision
-            && (!r.node.as_deref().is_some_and(&draining)
+        r.revision == revision
+            && (!r.node.as_deref().is_some_and(draining)
                 || (r.kind == Kind::Job && r.phase.is_terminal()))
     });
-    let mut plan = Plan::default();
+    let mut create = 0;
+    let mut delete = Vec::new();
 
     // Old replicas that serve nothing go at once; a job's old runs are stale.
     let mut old_serving: Vec<&Replica> = Vec::new();
     for r in old {
-        if serving(r.phase) && app.spec.component.kind != Kind::Job {
+        if serving(r.phase) && spec.component.kind != Kind::Job {
             old_serving.push(r);
         } else {
-            plan.delete.push(r.id.clone());
+            delete.push(r.id.clone());
         }
     }
 
     if current.len() > desired {
         current.sort_by_key(|r| removal_rank(r));
         let surplus = current.len() - desired;
-        plan.delete
-            .extend(current.drain(..surplus).map(|r| r.id.clone()));
+        delete.extend(current.drain(..surplus).map(|r| r.id.clone()));
     } else if current.len() < desired {
         let missing = desired - current.len();
-        plan.create = if old_serving.is_empty() {
+        create = if old_serving.is_empty() {
             missing
         } else {
             (desired + surge)
@@ -84,11 +152,11 @@ pub fn reconcile(app: &App, replicas: &[Replica], draining: impl Fn(&str) -> boo
     old_serving.sort_by_key(|r| r.created_at);
     for r in old_serving {
         if serving_now > floor {
-            plan.delete.push(r.id.clone());
+            delete.push(r.id.clone());
             serving_now -= 1;
         }
     }
-    plan
+    (create, delete)
 }
 
 #[cfg(test)]
@@ -131,6 +199,8 @@ mod tests {
             message: None,
             exit_code: None,
             restarts: 0,
+            reason: None,
+            avoid: vec![],
             created_at,
             updated_at: created_at,
         }
@@ -139,14 +209,18 @@ mod tests {
     #[test]
     fn creates_missing_replicas() {
         assert_eq!(
-            reconcile(&app("http", 3, 1), &[], |_| false),
+            reconcile(&app("http", 3, 1), &[], |_| false, Mode::Roll),
             Plan {
                 create: 3,
-                delete: vec![]
+                delete: vec![],
+                ..Plan::default()
             }
         );
         let rs = [replica("x", 1, Phase::Ready, 1)];
-        assert_eq!(reconcile(&app("http", 3, 1), &rs, |_| false).create, 2);
+        assert_eq!(
+            reconcile(&app("http", 3, 1), &rs, |_| false, Mode::Roll).create,
+            2
+        );
     }
 
     #[test]
@@ -156,7 +230,7 @@ mod tests {
             replica("y", 1, Phase::Pending, 2),
         ];
         assert_eq!(
-            reconcile(&app("http", 2, 1), &rs, |_| false),
+            reconcile(&app("http", 2, 1), &rs, |_| false, Mode::Roll),
             Plan::default()
         );
     }
@@ -168,7 +242,7 @@ mod tests {
             replica("ready-new", 1, Phase::Ready, 3),
             replica("pending", 1, Phase::Pending, 2),
         ];
-        let plan = reconcile(&app("http", 1, 1), &rs, |_| false);
+        let plan = reconcile(&app("http", 1, 1), &rs, |_| false, Mode::Roll);
         assert_eq!(plan.delete, vec!["pending", "ready-new"]);
         assert_eq!(plan.create, 0);
     }
@@ -182,38 +256,42 @@ mod tests {
         ];
         // Step 1: one new replica, no old one removed yet.
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 1,
-                delete: vec![]
+                delete: vec![],
+                ..Plan::default()
             }
         );
         rs.push(replica("n1", 2, Phase::Starting, 3));
-        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
         // Step 2: n1 ready → the oldest old replica goes.
         rs[2].phase = Phase::Ready;
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 0,
-                delete: vec!["o1".into()]
+                delete: vec!["o1".into()],
+                ..Plan::default()
             }
         );
         rs.remove(0);
         // Step 3: room for the second new replica.
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 1,
-                delete: vec![]
+                delete: vec![],
+                ..Plan::default()
             }
         );
         rs.push(replica("n2", 2, Phase::Ready, 4));
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 0,
-                delete: vec!["o2".into()]
+                delete: vec!["o2".into()],
+                ..Plan::default()
             }
         );
     }
@@ -224,6 +302,7 @@ mod tests {
         a.spec.rollout = shoal_core::spec::Rollout {
             max_surge: 0,
             max_unavailable: 1,
+            ..Default::default()
         };
         let rs = [
             replica("o1", 1, Phase::Ready, 1),
@@ -231,13 +310,14 @@ mod tests {
         ];
         // No surge: one old replica goes before any new one exists.
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 0,
-                delete: vec!["o1".into()]
+                delete: vec!["o1".into()],
+                ..Plan::default()
             }
         );
-        assert_eq!(reconcile(&a, &rs[1..], |_| false).create, 1);
+        assert_eq!(reconcile(&a, &rs[1..], |_| false, Mode::Roll).create, 1);
     }
 
     #[test]
@@ -247,7 +327,7 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Failed, 2),
         ];
-        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
     }
 
     #[test]
@@ -258,10 +338,11 @@ mod tests {
             replica("o2", 1, Phase::Failed, 1),
         ];
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 1,
-                delete: vec!["o1".into(), "o2".into()]
+                delete: vec!["o1".into(), "o2".into()],
+                ..Plan::default()
             }
         );
     }
@@ -272,7 +353,7 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Ready, 2),
         ];
-        let plan = reconcile(&app("http", 0, 2), &rs, |_| false);
+        let plan = reconcile(&app("http", 0, 2), &rs, |_| false, Mode::Roll);
         assert_eq!(plan.delete, vec!["n1".to_string(), "o1".to_string()]);
     }
 
@@ -286,20 +367,22 @@ mod tests {
         rs[0].node = Some("draining".into());
         let drain = |n: &str| n == "draining";
         assert_eq!(
-            reconcile(&a, &rs, drain),
+            reconcile(&a, &rs, drain, Mode::Roll),
             Plan {
                 create: 1,
-                delete: vec![]
+                delete: vec![],
+                ..Plan::default()
             }
         );
         rs.push(replica("n1", 1, Phase::Starting, 3));
-        assert_eq!(reconcile(&a, &rs, drain), Plan::default());
+        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll), Plan::default());
         rs[2].phase = Phase::Ready;
         assert_eq!(
-            reconcile(&a, &rs, drain),
+            reconcile(&a, &rs, drain, Mode::Roll),
             Plan {
                 create: 0,
-                delete: vec!["d1".into()]
+                delete: vec!["d1".into()],
+                ..Plan::default()
             }
         );
     }
@@ -314,14 +397,15 @@ mod tests {
         ];
         rs[2].node = None;
         // Merely pending (not yet tried): wait.
-        assert_eq!(reconcile(&a, &rs, |_| false), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
         // The scheduler said it fits nowhere: one old replica makes room.
         rs[2].message = Some("0/2 nodes available: 2 already runs a replica of this app".into());
         assert_eq!(
-            reconcile(&a, &rs, |_| false),
+            reconcile(&a, &rs, |_| false, Mode::Roll),
             Plan {
                 create: 0,
-                delete: vec!["o1".into()]
+                delete: vec!["o1".into()],
+                ..Plan::default()
             }
         );
     }
@@ -331,7 +415,7 @@ mod tests {
         let mut done = replica("j1", 1, Phase::Succeeded, 1);
         done.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 1), &[done], |_| true),
+            reconcile(&app("job", 1, 1), &[done], |_| true, Mode::Roll),
             Plan::default()
         );
     }
@@ -341,7 +425,7 @@ mod tests {
         let mut done = replica("j1", 1, Phase::Succeeded, 1);
         done.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 1), &[done], |_| false),
+            reconcile(&app("job", 1, 1), &[done], |_| false, Mode::Roll),
             Plan::default()
         );
     }
@@ -351,11 +435,46 @@ mod tests {
         let mut old = replica("j1", 1, Phase::Running, 1);
         old.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 2), &[old], |_| false),
+            reconcile(&app("job", 1, 2), &[old], |_| false, Mode::Roll),
             Plan {
                 create: 1,
-                delete: vec!["j1".into()]
+                delete: vec!["j1".into()],
+                ..Plan::default()
             }
         );
+    }
+
+    #[test]
+    fn a_split_holds_both_revisions_and_replaces_what_each_loses() {
+        let a = app("http", 4, 2);
+        let split = Mode::Split {
+            stable: 1,
+            canary: 1,
+            stable_replicas: 4,
+        };
+        let mut rs: Vec<Replica> = (0..4)
+            .map(|i| replica(&format!("o{i}"), 1, Phase::Ready, i))
+            .collect();
+        assert_eq!(
+            reconcile(&a, &rs, |_| false, split),
+            Plan {
+                create: 1,
+                ..Plan::default()
+            }
+        );
+        rs.push(replica("c1", 2, Phase::Ready, 10));
+        assert_eq!(reconcile(&a, &rs, |_| false, split), Plan::default());
+        // A stable replica lost: a stable one replaces it, not a canary.
+        rs.remove(0);
+        assert_eq!(
+            reconcile(&a, &rs, |_| false, split),
+            Plan {
+                create_stable: 1,
+                ..Plan::default()
+            }
+        );
+        // Back to rolling (promoted or aborted): the other revision is retired as usual.
+        let plan = reconcile(&a, &rs, |_| false, Mode::Roll);
+        assert_eq!(plan.create, 1);
     }
 }

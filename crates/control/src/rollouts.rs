@@ -1,0 +1,421 @@
+//! Rollouts as users drive them (`shoal rollout status|pause|resume|promote|abort`),
+//! the rollback write the controller and `abort` share, and what nodes tell the
+//! control plane besides replica phases: gateway measurements and incidents.
+
+use crate::error::ApiError;
+use crate::state::{ControlPlane, encode, now_ms};
+use serde::{Deserialize, Serialize};
+use shoal_core::metrics::RevisionStats;
+use shoal_core::objects::keys;
+use shoal_core::spec::{AppKey, Strategy};
+use shoal_core::{App, EventType, Millis, Phase, Replica, Revision, RolloutPhase, RolloutStatus};
+use shoal_scheduler::rollout::RollBack;
+use shoal_store::{Op, Txn};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+/// How long gateway measurements are kept: longer than any sensible analysis window.
+const METRICS_RETENTION_MS: Millis = 15 * 60_000;
+
+/// Gateway measurements, per app revision, in arrival order. In memory only: a
+/// restarted control plane judges a canary step on what arrives after it.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    samples: Mutex<HashMap<(AppKey, u64), Samples>>,
+}
+
+/// One revision's reports, oldest first, with when they arrived.
+type Samples = VecDeque<(Millis, RevisionStats)>;
+
+impl Metrics {
+    pub(crate) fn record(&self, now: Millis, stats: Vec<RevisionStats>) {
+        let mut samples = self.samples.lock().expect("metrics lock");
+        for s in stats {
+            samples
+                .entry((s.app.clone(), s.revision))
+                .or_default()
+                .push_back((now, s));
+        }
+        for q in samples.values_mut() {
+            while q
+                .front()
+                .is_some_and(|(t, _)| now.saturating_sub(*t) > METRICS_RETENTION_MS)
+            {
+                q.pop_front();
+            }
+        }
+        samples.retain(|_, q| !q.is_empty());
+    }
+
+    /// Everything recorded for `app`'s revisions that `which` selects, since `since`.
+    pub(crate) fn sum(
+        &self,
+        app: &AppKey,
+        which: impl Fn(u64) -> bool,
+        since: Millis,
+    ) -> RevisionStats {
+        let samples = self.samples.lock().expect("metrics lock");
+        let mut total = RevisionStats::new(app.clone(), 0);
+        for ((a, rev), q) in samples.iter() {
+            if a != app || !which(*rev) {
+                continue;
+            }
+            for (_, s) in q.iter().filter(|(t, _)| *t >= since) {
+                total.merge(s);
+            }
+        }
+        total
+    }
+}
+
+/// `shoal rollout status`: where the rollout stands and what runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub app: AppKey,
+    pub desired: u32,
+    /// `None` for jobs, which run to completion instead of rolling.
+    pub status: Option<RolloutStatus>,
+    pub steps: usize,
+    /// Percent of traffic the canary gets now, during a canary step.
+    pub weight: Option<u8>,
+    /// Replicas per revision, newest first.
+    pub revisions: Vec<RevisionCount>,
+    /// What the gateways measured of canary and stable since the step began.
+    pub canary: Option<RevisionStats>,
+    pub stable: Option<RevisionStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevisionCount {
+    pub revision: u64,
+    pub replicas: usize,
+    pub ready: usize,
+}
+
+/// What `shoal rollout <action>` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    /// Canary: end the current step now; `full`: skip every remaining step.
+    Promote,
+    /// Back to the stable revision.
+    Abort,
+}
+
+/// Something that happened to a replica that only its node sees: a request
+/// killed by its timeout, an instance out of memory, a trap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaIncident {
+    pub app: AppKey,
+    pub replica: String,
+    pub node: String,
+    /// `KilledByTimeout`, `OutOfMemory` or `Trapped`.
+    pub reason: String,
+    pub message: String,
+}
+
+pub const INCIDENT_REASONS: [&str; 3] = ["KilledByTimeout", "OutOfMemory", "Trapped"];
+
+impl ControlPlane {
+    pub(crate) fn rollout_view(&self, key: &AppKey) -> Result<RolloutView, ApiError> {
+        let app = self.app(key)?;
+        let status = self
+            .get::<RolloutStatus>(&keys::rollout(key))?
+            .map(|(s, _)| s);
+        let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
+        let mut counts: Vec<RevisionCount> = Vec::new();
+        for r in replicas.iter().filter(|r| !r.phase.is_terminal()) {
+            let ready = matches!(r.phase, Phase::Ready | Phase::Running) as usize;
+            match counts.iter_mut().find(|c| c.revision == r.revision) {
+                Some(c) => {
+                    c.replicas += 1;
+                    c.ready += ready;
+                }
+                None => counts.push(RevisionCount {
+                    revision: r.revision,
+                    replicas: 1,
+                    ready,
+                }),
+            }
+        }
+        counts.sort_by_key(|c| std::cmp::Reverse(c.revision));
+        let split = status.as_ref().and_then(|s| s.split(&app.spec.rollout));
+        let (canary, stable) = match (&status, split) {
+            (Some(s), Some((c, _))) => {
+                let since = s.step_started_at.unwrap_or(now_ms());
+                (
+                    Some(self.inner.metrics.sum(key, |r| r == c, since)),
+                    Some(self.inner.metrics.sum(key, |r| r != c, since)),
+                )
+            }
+            _ => (None, None),
+        };
+        Ok(RolloutView {
+            app: key.clone(),
+            desired: app.spec.replicas,
+            steps: app.spec.rollout.steps.len(),
+            weight: split.map(|(_, w)| w),
+            status,
+            revisions: counts,
+            canary,
+            stable,
+        })
+    }
+
+    /// Pause, resume, promote or abort the app's rollout in progress.
+    pub(crate) fn rollout_action(
+        &self,
+        key: &AppKey,
+        action: RolloutAction,
+        full: bool,
+    ) -> Result<RolloutStatus, ApiError> {
+        let (app, app_rev) = self
+            .get::<App>(&keys::app(key))?
+            .ok_or_else(|| ApiError::not_found(format!("app {key} does not exist")))?;
+        let Some((mut status, status_rev)) = self.get::<RolloutStatus>(&keys::rollout(key))? else {
+            return Err(ApiError::conflict(format!(
+                "app {key} has no rollout yet; try again in a moment"
+            )));
+        };
+        if status.phase.is_done() || status.revision != app.revision {
+            return Err(ApiError::conflict(format!(
+                "app {key} has no rollout in progress (revision {} is {})",
+                status.revision, status.phase
+            )));
+        }
+        let now = now_ms();
+        let (reason, message) = match action {
+            RolloutAction::Pause => {
+                status.paused = true;
+                (
+                    "Paused",
+                    format!("rollout of revision {} paused", status.revision),
+                )
+            }
+            RolloutAction::Resume => {
+                status.paused = false;
+                // The deadline and the step's pause count from now.
+                status.progressed_at = now;
+                if status.step_started_at.is_some() {
+                    status.step_started_at = Some(now);
+                }
+                (
+                    "Resumed",
+                    format!("rollout of revision {} resumed", status.revision),
+                )
+            }
+            RolloutAction::Promote => {
+                if status.strategy != Strategy::Canary {
+                    return Err(ApiError::bad_request(
+                        "not_a_canary",
+                        format!(
+                            "app {key} rolls with strategy = \"rolling\": there is no step to promote; `shoal rollout resume` continues a paused one"
+                        ),
+                    ));
+                }
+                let steps = app.spec.rollout.steps.len();
+                status.step = if full {
+                    steps
+                } else {
+                    (status.step + 1).min(steps)
+                };
+                status.step_started_at = None;
+                status.progressed_at = now;
+                status.paused = false;
+                let message = if status.step == steps {
+                    format!("revision {} promoted to 100%", status.revision)
+                } else {
+                    format!(
+                        "revision {} promoted to step {}/{steps}",
+                        status.revision,
+                        status.step + 1
+                    )
+                };
+                ("Promoted", message)
+            }
+            RolloutAction::Abort => {
+                let Some(to) = status.stable.filter(|s| *s != status.revision) else {
+                    return Err(ApiError::conflict(format!(
+                        "app {key} has no earlier revision that rolled out to go back to"
+                    )));
+                };
+                let rb = RollBack {
+                    to,
+                    phase: RolloutPhase::Aborted,
+                    reason: "aborted by `shoal rollout abort`".into(),
+                };
+                let txn =
+                    self.roll_back(Txn::new(), &app, app_rev, &status, Some(status_rev), &rb)?;
+                if !self.store().txn(txn)?.succeeded {
+                    return Err(ApiError::conflict(format!(
+                        "app {key} changed concurrently; try again"
+                    )));
+                }
+                self.inner.kick.notify_one();
+                return self
+                    .get::<RolloutStatus>(&keys::rollout(key))?
+                    .map(|(s, _)| s)
+                    .ok_or_else(|| ApiError::internal("rollout vanished after abort"));
+            }
+        };
+        status.message = message.clone();
+        let txn = Txn::new()
+            .when_mod_revision(keys::rollout(key), status_rev)
+            .then(Op::put(keys::rollout(key), encode(&status)))
+            .then(self.event_op(
+                EventType::Normal,
+                reason,
+                format!("app/{key}"),
+                Some(key),
+                message,
+            ));
+        if !self.store().txn(txn)?.succeeded {
+            return Err(ApiError::conflict(format!(
+                "rollout of {key} changed concurrently; try again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(status)
+    }
+
+    /// Adds to `txn` going back to revision `rb.to`: the app runs its template
+    /// again under its own number (its replicas are current again, nothing
+    /// restarts), the abandoned revision records why, and an event says so.
+    pub(crate) fn roll_back(
+        &self,
+        txn: Txn,
+        app: &App,
+        app_rev: u64,
+        status: &RolloutStatus,
+        status_rev: Option<u64>,
+        rb: &RollBack,
+    ) -> Result<Txn, ApiError> {
+        let key = app.spec.key();
+        let Some((target, _)) = self.get::<Revision>(&keys::revision(&key, rb.to))? else {
+            return Err(ApiError::internal(format!(
+                "app {key}: revision {} to roll back to is missing",
+                rb.to
+            )));
+        };
+        let now = now_ms();
+        let updated = App {
+            spec: app.spec.with_template(&target.template),
+            revision: rb.to,
+            created_at: app.created_at,
+            updated_at: now,
+        };
+        let verb = match rb.phase {
+            RolloutPhase::Aborted => "aborted",
+            _ => "rolled back",
+        };
+        let after = RolloutStatus {
+            revision: rb.to,
+            stable: Some(rb.to),
+            phase: rb.phase,
+            paused: false,
+            step_started_at: None,
+            progressed_at: now,
+            rolled_back_from: Some(status.revision),
+            message: format!(
+                "revision {} {verb}, back on revision {}: {}",
+                status.revision, rb.to, rb.reason
+            ),
+            ..status.clone()
+        };
+        let rkey = keys::rollout(&key);
+        let mut txn = txn
+            .when_mod_revision(keys::app(&key), app_rev)
+            .then(Op::put(keys::app(&key), encode(&updated)));
+        txn = match status_rev {
+            Some(m) => txn.when_mod_revision(rkey.clone(), m),
+            None => txn.when_absent(rkey.clone()),
+        };
+        txn = txn.then(Op::put(rkey, encode(&after)));
+        if let Some((mut bad, m)) = self.get::<Revision>(&keys::revision(&key, status.revision))? {
+            bad.outcome = Some(format!("{verb}: {}", rb.reason));
+            let k = keys::revision(&key, status.revision);
+            txn = txn
+                .when_mod_revision(k.clone(), m)
+                .then(Op::put(k, encode(&bad)));
+        }
+        let reason = match rb.phase {
+            RolloutPhase::Aborted => "Aborted",
+            _ => "RolledBack",
+        };
+        Ok(txn.then(self.event_op(
+            EventType::Warning,
+            reason,
+            format!("app/{key}"),
+            Some(&key),
+            after.message,
+        )))
+    }
+
+    /// Gateway measurements from a node, counted from now.
+    pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
+        self.inner.metrics.record(now_ms(), stats);
+    }
+
+    /// An incident on a node's replica becomes an event, if the node runs it.
+    pub fn record_incident(&self, incident: ReplicaIncident) -> Result<(), ApiError> {
+        let Some(reason) = INCIDENT_REASONS
+            .iter()
+            .find(|r| **r == incident.reason)
+            .copied()
+        else {
+            return Err(ApiError::bad_request(
+                "invalid_incident",
+                format!(
+                    "unknown incident {:?}; expected one of {INCIDENT_REASONS:?}",
+                    incident.reason
+                ),
+            ));
+        };
+        let key = keys::replica(&incident.app, &incident.replica);
+        let owned = self
+            .get::<Replica>(&key)?
+            .is_some_and(|(r, _)| r.node.as_deref() == Some(incident.node.as_str()));
+        if !owned {
+            return Ok(());
+        }
+        let txn = Txn::new().then(self.event_op(
+            EventType::Warning,
+            reason,
+            format!("replica/{}/{}", incident.app, incident.replica),
+            Some(&incident.app),
+            format!(
+                "replica {} on node {}: {}",
+                incident.replica, incident.node, incident.message
+            ),
+        ));
+        self.store().txn(txn)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_sum_by_revision_and_time() {
+        let m = Metrics::default();
+        let app = AppKey::new("default", "a");
+        let stats = |rev, requests| {
+            let mut s = RevisionStats::new(app.clone(), rev);
+            s.requests = requests;
+            s
+        };
+        m.record(1_000, vec![stats(1, 10), stats(2, 1)]);
+        m.record(2_000, vec![stats(1, 20), stats(2, 2)]);
+        assert_eq!(m.sum(&app, |r| r == 2, 0).requests, 3);
+        assert_eq!(m.sum(&app, |r| r != 2, 1_500).requests, 20);
+        assert_eq!(m.sum(&AppKey::new("x", "a"), |_| true, 0).requests, 0);
+        // Old samples age out.
+        m.record(2_000 + METRICS_RETENTION_MS + 1, vec![stats(1, 1)]);
+        assert_eq!(m.sum(&app, |r| r == 1, 0).requests, 1);
+        assert_eq!(m.sum(&app, |r| r == 2, 0).requests, 0);
+    }
+}

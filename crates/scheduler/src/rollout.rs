@@ -1,0 +1,626 @@
+//! Rollout decisions: given an app, its rollout status, its replicas and (for a
+//! canary) what the gateways measured, where the rollout stands now, what
+//! replica counts it asks for ([`mode`]), and whether to roll back. Pure: the
+//! controller reads the inputs and writes what comes out.
+
+use crate::reconcile::Mode;
+use shoal_core::metrics::RevisionStats;
+use shoal_core::spec::{Analysis, Rollout, Strategy};
+use shoal_core::{App, EventType, Millis, Phase, Replica, RolloutPhase, RolloutStatus};
+
+/// Latency differences below this are noise, whatever the ratio.
+pub const P99_NOISE_MS: u64 = 10;
+
+/// What the canary and the stable revision served since the current step began.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured<'a> {
+    pub canary: &'a RevisionStats,
+    pub stable: &'a RevisionStats,
+}
+
+/// The outcome of one look at a rollout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The status to store (unchanged if nothing happened).
+    pub status: RolloutStatus,
+    /// Something worth an event: (type, reason, message).
+    pub event: Option<(EventType, &'static str, String)>,
+    /// Go back to `status.stable`: the new revision is bad.
+    pub roll_back: Option<RollBack>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollBack {
+    pub to: u64,
+    /// `RolledBack` (deadline, crash loop) or `Aborted` (canary analysis).
+    pub phase: RolloutPhase,
+    pub reason: String,
+}
+
+/// A fresh status for `app.revision`, following `previous` (the status of the revision before).
+pub fn start(app: &App, previous: Option<&RolloutStatus>, now: Millis) -> RolloutStatus {
+    let stable = previous.and_then(|p| {
+        if p.phase == RolloutPhase::Complete {
+            Some(p.revision)
+        } else {
+            p.stable
+        }
+    });
+    RolloutStatus {
+        app: app.spec.key(),
+        revision: app.revision,
+        stable: stable.filter(|s| *s != app.revision),
+        strategy: app.spec.rollout.strategy,
+        phase: RolloutPhase::Progressing,
+        paused: false,
+        step: 0,
+        step_started_at: None,
+        ready: 0,
+        progressed_at: now,
+        started_at: now,
+        rolled_back_from: None,
+        message: format!("rolling out revision {}", app.revision),
+    }
+}
+
+/// The replica counts the rollout asks for now.
+pub fn mode(app: &App, status: Option<&RolloutStatus>, replicas: &[Replica]) -> Mode {
+    let Some(s) = status.filter(|s| s.revision == app.revision && !s.phase.is_done()) else {
+        return Mode::Roll;
+    };
+    let Some(stable) = s.stable else {
+        return Mode::Roll;
+    };
+    let n = app.spec.replicas;
+    if let Some((_, weight)) = s.split(&app.spec.rollout) {
+        return Mode::Split {
+            stable,
+            canary: Rollout::canary_replicas(n, weight),
+            stable_replicas: n,
+        };
+    }
+    if s.paused {
+        let have = replicas
+            .iter()
+            .filter(|r| r.revision == app.revision && !r.phase.is_terminal())
+            .count()
+            .min(n as usize) as u32;
+        return Mode::Split {
+            stable,
+            canary: have,
+            stable_replicas: n - have,
+        };
+    }
+    Mode::Roll
+}
+
+/// Whether the canary is worse than the stable revision, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Not enough canary requests yet.
+    Wait(String),
+    Fail(String),
+}
+
+pub fn judge(analysis: &Analysis, m: Measured<'_>) -> Verdict {
+    let (c, s) = (m.canary, m.stable);
+    if c.requests < analysis.min_requests {
+        return Verdict::Wait(format!(
+            "waiting for traffic: {}/{} canary requests",
+            c.requests, analysis.min_requests
+        ));
+    }
+    let allowed = s.error_rate() + analysis.max_error_rate_increase_bp as f64 / 10_000.0;
+    if c.requests > 0 && c.error_rate() > allowed {
+        return Verdict::Fail(format!(
+            "canary error rate {:.1}% ({} of {}) exceeds stable {:.1}% by more than {:.1} points",
+            c.error_rate() * 100.0,
+            c.errors,
+            c.requests,
+            s.error_rate() * 100.0,
+            analysis.max_error_rate_increase_bp as f64 / 100.0
+        ));
+    }
+    if let (Some(cp), Some(sp)) = (c.latency.quantile(0.99), s.latency.quantile(0.99))
+        && cp * 100 > sp * analysis.max_p99_ratio_pct as u64
+        && cp > sp + P99_NOISE_MS
+    {
+        return Verdict::Fail(format!(
+            "canary p99 {cp} ms exceeds {:.2}x stable p99 {sp} ms",
+            analysis.max_p99_ratio_pct as f64 / 100.0
+        ));
+    }
+    Verdict::Pass
+}
+
+/// Advances `status` (the rollout of `app.revision`) by what is observed.
+pub fn decide(
+    app: &App,
+    status: &RolloutStatus,
+    replicas: &[Replica],
+    measured: Option<Measured<'_>>,
+    now: Millis,
+) -> Decision {
+    let mut next = status.clone();
+    let decision = |next: RolloutStatus, event, roll_back| Decision {
+        status: next,
+        event,
+        roll_back,
+    };
+    if status.phase.is_done() || status.revision != app.revision {
+        return decision(next, None, None);
+    }
+    let spec = &app.spec.rollout;
+    let n = app.spec.replicas;
+    let target = status.revision;
+    let new: Vec<&Replica> = replicas.iter().filter(|r| r.revision == target).collect();
+    let ready = new
+        .iter()
+        .filter(|r| matches!(r.phase, Phase::Ready | Phase::Running))
+        .count() as u32;
+    let fallback = status.stable.filter(|s| *s != target);
+
+    // New replicas that crash-loop (or that their node gave up on) will not get better.
+    if let (Some(to), Some(bad)) = (
+        fallback,
+        new.iter()
+            .find(|r| matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)),
+    ) {
+        let reason = format!(
+            "replica {} of revision {target} is {}{}",
+            bad.id,
+            bad.phase,
+            bad.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        );
+        return decision(
+            next,
+            None,
+            Some(RollBack {
+                to,
+                phase: RolloutPhase::RolledBack,
+                reason,
+            }),
+        );
+    }
+
+    if ready > next.ready {
+        next.ready = ready;
+        next.progressed_at = now;
+    }
+    if status.paused {
+        next.message = format!("paused: {ready}/{n} replicas of revision {target} ready");
+        return decision(next, None, None);
+    }
+
+    let mut event = None;
+    // A timed canary pause is waiting, not being stuck.
+    let mut clock_from = next.progressed_at;
+    if let (Some(stable), Some((_, weight))) = (fallback, status.split(spec)) {
+        let step = &spec.steps[status.step];
+        let want = Rollout::canary_replicas(n, weight);
+        let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
+        match status.step_started_at {
+            None if canary_ready >= want => {
+                next.step_started_at = Some(now);
+                next.progressed_at = now;
+                next.message = format!(
+                    "step {}/{}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest",
+                    status.step + 1,
+                    spec.steps.len()
+                );
+                event = Some((EventType::Normal, "CanaryStep", next.message.clone()));
+            }
+            None => {
+                next.message = format!(
+                    "step {}/{}: waiting for {want} replicas of revision {target} ({canary_ready} ready)",
+                    status.step + 1,
+                    spec.steps.len()
+                );
+            }
+            Some(started) => {
+                let verdict = match measured {
+                    Some(m) => judge(&spec.analysis, m),
+                    None => Verdict::Wait("no measurements yet".into()),
+                };
+                if let Verdict::Fail(why) = &verdict {
+                    return decision(
+                        next,
+                        None,
+                        Some(RollBack {
+                            to: stable,
+                            phase: RolloutPhase::Aborted,
+                            reason: format!("canary analysis failed: {why}"),
+                        }),
+                    );
+                }
+                let passed_ms = now.saturating_sub(started);
+                match step.pause_ms {
+                    None => {
+                        next.progressed_at = now; // waiting for a person, not stuck
+                        next.message = format!(
+                            "step {}/{}: {weight}% to revision {target}; waiting for `shoal rollout promote`",
+                            status.step + 1,
+                            spec.steps.len()
+                        );
+                    }
+                    Some(pause) if passed_ms < pause => {
+                        clock_from = clock_from.max(started + pause);
+                        next.message = format!(
+                            "step {}/{}: {weight}% to revision {target} for {}s more{}",
+                            status.step + 1,
+                            spec.steps.len(),
+                            (pause - passed_ms).div_ceil(1000),
+                            match &verdict {
+                                Verdict::Wait(w) => format!(" ({w})"),
+                                _ => String::new(),
+                            }
+                        );
+                    }
+                    Some(pause) => {
+                        clock_from = clock_from.max(started + pause);
+                        match verdict {
+                            Verdict::Pass => {
+                                next.step += 1;
+                                next.step_started_at = None;
+                                next.progressed_at = now;
+                                next.message = if next.step == spec.steps.len() {
+                                    format!("canary passed; promoting revision {target} to 100%")
+                                } else {
+                                    format!("canary passed step {}", status.step + 1)
+                                };
+                                let reason = if next.step == spec.steps.len() {
+                                    "Promoted"
+                                } else {
+                                    "CanaryStep"
+                                };
+                                event = Some((EventType::Normal, reason, next.message.clone()));
+                            }
+                            Verdict::Wait(why) => {
+                                next.message = format!("step {}: {why}", status.step + 1);
+                            }
+                            Verdict::Fail(_) => unreachable!("handled above"),
+                        }
+                    }
+                }
+            }
+        }
+    } else {
+        let old = replicas
+            .iter()
+            .filter(|r| r.revision != target && !r.phase.is_terminal())
+            .count();
+        if ready >= n && old == 0 {
+            next.phase = RolloutPhase::Complete;
+            next.stable = Some(target);
+            next.message = format!("revision {target} rolled out: {ready}/{n} replicas ready");
+            return decision(
+                next.clone(),
+                Some((EventType::Normal, "RolledOut", next.message)),
+                None,
+            );
+        }
+        next.message = format!(
+            "{ready}/{n} replicas of revision {target} ready, {old} of older revisions left"
+        );
+    }
+
+    if now.saturating_sub(clock_from) > spec.progress_deadline_ms {
+        let why = format!(
+            "no progress for {}s (progress_deadline): {}",
+            spec.progress_deadline_ms / 1000,
+            next.message
+        );
+        return match fallback {
+            Some(to) => decision(
+                next,
+                None,
+                Some(RollBack {
+                    to,
+                    phase: if status.strategy == Strategy::Canary {
+                        RolloutPhase::Aborted
+                    } else {
+                        RolloutPhase::RolledBack
+                    },
+                    reason: why,
+                }),
+            ),
+            None => {
+                next.phase = RolloutPhase::Failed;
+                next.message = why.clone();
+                decision(
+                    next,
+                    Some((EventType::Warning, "ProgressDeadlineExceeded", why)),
+                    None,
+                )
+            }
+        };
+    }
+    decision(next, event, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::Kind;
+    use shoal_core::spec::{AppKey, CanaryStep, parse_app};
+
+    fn app(replicas: u32, revision: u64, rollout: &str) -> App {
+        let src = format!(
+            "name = \"a\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"http\"\n[scale]\nreplicas = {replicas}\n[http]\nroutes = [\"/a\"]\n{rollout}",
+            "a".repeat(64)
+        );
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        App {
+            spec,
+            revision,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn replica(id: &str, revision: u64, phase: Phase) -> Replica {
+        Replica {
+            id: id.into(),
+            app: AppKey::new("default", "a"),
+            revision,
+            kind: Kind::Http,
+            resources: app(1, 1, "").spec.resources,
+            node: Some("n".into()),
+            phase,
+            message: None,
+            exit_code: None,
+            restarts: 0,
+            reason: None,
+            avoid: vec![],
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn stats(requests: u64, errors: u64, latency_ms: f64) -> RevisionStats {
+        let mut s = RevisionStats::new(AppKey::new("default", "a"), 0);
+        s.requests = requests;
+        s.errors = errors;
+        for _ in 0..requests {
+            s.latency.record(latency_ms);
+        }
+        s
+    }
+
+    /// A rollout of revision 2 over a complete revision 1.
+    fn rolling_to_2(a: &App) -> RolloutStatus {
+        let mut done = start(&app(a.spec.replicas, 1, ""), None, 0);
+        done.phase = RolloutPhase::Complete;
+        start(a, Some(&done), 1_000)
+    }
+
+    const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"60s\"\nsteps = [{ weight = 25, pause = \"10s\" }, { weight = 50, pause = \"10s\" }]\n";
+
+    #[test]
+    fn a_rolling_update_completes_when_every_replica_is_new_and_ready() {
+        let a = app(2, 2, "");
+        let s = rolling_to_2(&a);
+        assert_eq!(s.stable, Some(1));
+        let mid = [
+            replica("o", 1, Phase::Ready),
+            replica("n1", 2, Phase::Ready),
+            replica("n2", 2, Phase::Starting),
+        ];
+        let d = decide(&a, &s, &mid, None, 2_000);
+        assert_eq!(d.status.phase, RolloutPhase::Progressing);
+        assert_eq!((d.status.ready, d.status.progressed_at), (1, 2_000));
+        let done = [
+            replica("n1", 2, Phase::Ready),
+            replica("n2", 2, Phase::Ready),
+        ];
+        let d = decide(&a, &d.status, &done, None, 3_000);
+        assert_eq!(d.status.phase, RolloutPhase::Complete);
+        assert_eq!(d.status.stable, Some(2));
+        assert_eq!(d.event.unwrap().1, "RolledOut");
+        // A new app has nothing to fall back to, and completes the same way.
+        let fresh = start(&app(1, 1, ""), None, 0);
+        assert_eq!(fresh.stable, None);
+    }
+
+    #[test]
+    fn no_progress_within_the_deadline_rolls_back() {
+        let a = app(2, 2, "[rollout]\nprogress_deadline = \"30s\"\n");
+        let s = rolling_to_2(&a);
+        let stuck = [
+            replica("o1", 1, Phase::Ready),
+            replica("o2", 1, Phase::Ready),
+            replica("n1", 2, Phase::Unready),
+        ];
+        let d = decide(&a, &s, &stuck, None, 30_000);
+        assert!(d.roll_back.is_none());
+        let d = decide(&a, &d.status, &stuck, None, 31_001);
+        let rb = d.roll_back.unwrap();
+        assert_eq!((rb.to, rb.phase), (1, RolloutPhase::RolledBack));
+        assert!(rb.reason.contains("no progress for 30s"), "{}", rb.reason);
+        // Paused, the clock does not run out.
+        let mut paused = s.clone();
+        paused.paused = true;
+        assert!(
+            decide(&a, &paused, &stuck, None, 100_000)
+                .roll_back
+                .is_none()
+        );
+        // Without a revision to go back to, the rollout fails and says so.
+        let mut first = s.clone();
+        first.stable = None;
+        let d = decide(&a, &first, &stuck, None, 100_000);
+        assert_eq!(d.status.phase, RolloutPhase::Failed);
+        assert_eq!(d.event.unwrap().1, "ProgressDeadlineExceeded");
+    }
+
+    #[test]
+    fn crash_looping_new_replicas_roll_back_at_once() {
+        let a = app(2, 2, "");
+        let s = rolling_to_2(&a);
+        let mut bad = replica("n1", 2, Phase::CrashLoopBackOff);
+        bad.message = Some("trapped: unreachable".into());
+        let rs = [replica("o1", 1, Phase::Ready), bad];
+        let rb = decide(&a, &s, &rs, None, 1_500).roll_back.unwrap();
+        assert_eq!(rb.to, 1);
+        assert!(
+            rb.reason.contains("CrashLoopBackOff: trapped"),
+            "{}",
+            rb.reason
+        );
+    }
+
+    #[test]
+    fn a_paused_rollout_holds_its_counts() {
+        let a = app(4, 2, "");
+        let mut s = rolling_to_2(&a);
+        s.paused = true;
+        let rs = [
+            replica("o1", 1, Phase::Ready),
+            replica("o2", 1, Phase::Ready),
+            replica("o3", 1, Phase::Ready),
+            replica("n1", 2, Phase::Ready),
+        ];
+        assert_eq!(
+            mode(&a, Some(&s), &rs),
+            Mode::Split {
+                stable: 1,
+                canary: 1,
+                stable_replicas: 3
+            }
+        );
+        s.paused = false;
+        assert_eq!(mode(&a, Some(&s), &rs), Mode::Roll);
+    }
+
+    #[test]
+    fn a_healthy_canary_walks_its_steps_then_promotes() {
+        let a = app(4, 2, CANARY);
+        let s = rolling_to_2(&a);
+        assert_eq!(
+            mode(&a, Some(&s), &[]),
+            Mode::Split {
+                stable: 1,
+                canary: 1,
+                stable_replicas: 4
+            }
+        );
+        let mut rs: Vec<Replica> = (0..4)
+            .map(|i| replica(&format!("o{i}"), 1, Phase::Ready))
+            .collect();
+        rs.push(replica("c1", 2, Phase::Ready));
+        // Canary ready: the step's clock starts.
+        let d = decide(&a, &s, &rs, None, 2_000);
+        assert_eq!(d.status.step_started_at, Some(2_000));
+        assert_eq!(d.event.as_ref().unwrap().1, "CanaryStep");
+        let good = Measured {
+            canary: &stats(50, 0, 3.0),
+            stable: &stats(150, 0, 3.0),
+        };
+        // Mid-pause: no change of step.
+        let d = decide(&a, &d.status, &rs, Some(good), 5_000);
+        assert_eq!(d.status.step, 0);
+        // Pause over, analysis passes: next step.
+        let d = decide(&a, &d.status, &rs, Some(good), 12_001);
+        assert_eq!((d.status.step, d.status.step_started_at), (1, None));
+        assert_eq!(
+            mode(&a, Some(&d.status), &rs),
+            Mode::Split {
+                stable: 1,
+                canary: 2,
+                stable_replicas: 4
+            }
+        );
+        rs.push(replica("c2", 2, Phase::Ready));
+        let d = decide(&a, &d.status, &rs, Some(good), 13_000);
+        let d = decide(&a, &d.status, &rs, Some(good), 23_001);
+        assert_eq!(d.status.step, 2);
+        assert_eq!(d.event.unwrap().1, "Promoted");
+        // Promoted: an ordinary rolling update to 4 new replicas finishes it.
+        assert_eq!(mode(&a, Some(&d.status), &rs), Mode::Roll);
+        assert_eq!(d.status.split(&a.spec.rollout), None);
+    }
+
+    #[test]
+    fn a_canary_that_fails_analysis_is_aborted() {
+        let a = app(4, 2, CANARY);
+        let mut s = rolling_to_2(&a);
+        s.step_started_at = Some(1_000);
+        s.ready = 1;
+        let rs = [
+            replica("o1", 1, Phase::Ready),
+            replica("c1", 2, Phase::Ready),
+        ];
+        let errors = Measured {
+            canary: &stats(40, 20, 3.0),
+            stable: &stats(160, 0, 3.0),
+        };
+        let rb = decide(&a, &s, &rs, Some(errors), 3_000).roll_back.unwrap();
+        assert_eq!((rb.to, rb.phase), (1, RolloutPhase::Aborted));
+        assert!(rb.reason.contains("error rate 50.0%"), "{}", rb.reason);
+        let slow = Measured {
+            canary: &stats(40, 0, 400.0),
+            stable: &stats(160, 0, 20.0),
+        };
+        let rb = decide(&a, &s, &rs, Some(slow), 3_000).roll_back.unwrap();
+        assert!(rb.reason.contains("p99 500 ms"), "{}", rb.reason);
+        // Too few requests to judge: it waits, and past the pause the deadline runs.
+        let quiet = Measured {
+            canary: &stats(3, 3, 3.0),
+            stable: &stats(10, 0, 3.0),
+        };
+        let d = decide(&a, &s, &rs, Some(quiet), 3_000);
+        assert!(d.roll_back.is_none());
+        assert!(d.status.message.contains("3/20"), "{}", d.status.message);
+        let rb = decide(&a, &s, &rs, Some(quiet), 11_000 + 60_001)
+            .roll_back
+            .unwrap();
+        assert_eq!(rb.phase, RolloutPhase::Aborted);
+    }
+
+    #[test]
+    fn judging_tolerates_noise() {
+        let analysis = Analysis::default();
+        // One error in 100 against none: within the two points allowed.
+        let m = Measured {
+            canary: &stats(100, 1, 2.0),
+            stable: &stats(100, 0, 1.0),
+        };
+        assert_eq!(judge(&analysis, m), Verdict::Pass);
+        // 2 ms against 1 ms is 2x, but under the noise floor.
+        let m = Measured {
+            canary: &stats(100, 0, 2.0),
+            stable: &stats(100, 0, 1.0),
+        };
+        assert_eq!(judge(&analysis, m), Verdict::Pass);
+    }
+
+    #[test]
+    fn canary_steps_without_a_pause_wait_for_promotion() {
+        let mut a = app(2, 2, CANARY);
+        a.spec.rollout.steps = vec![CanaryStep {
+            weight: 50,
+            pause_ms: None,
+        }];
+        let mut s = rolling_to_2(&a);
+        s.step_started_at = Some(1_000);
+        let rs = [
+            replica("o1", 1, Phase::Ready),
+            replica("c1", 2, Phase::Ready),
+        ];
+        let good = Measured {
+            canary: &stats(50, 0, 3.0),
+            stable: &stats(50, 0, 3.0),
+        };
+        let d = decide(&a, &s, &rs, Some(good), 1_000_000);
+        assert!(d.roll_back.is_none());
+        assert_eq!(d.status.step, 0);
+        assert!(d.status.message.contains("promote"), "{}", d.status.message);
+    }
+}
