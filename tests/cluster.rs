@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{NodeProc, Server, examples, poll, write_spec};
+use common::{Load, Server, cluster, examples, poll, write_spec};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
@@ -17,27 +17,6 @@ fn hello_spec(dir: &std::path::Path, replicas: u32, extra: &str) -> String {
         .replace("replicas = 1", &format!("replicas = {replicas}"));
     let path = write_spec(dir, "hello.toml", &format!("{text}\n{extra}"));
     path.to_str().unwrap().to_string()
-}
-
-fn cluster(nodes: usize, extra: &[&str]) -> (tempfile::TempDir, Server, Vec<NodeProc>) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
-    let nodes: Vec<NodeProc> = (1..=nodes)
-        .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
-        .collect();
-    assert!(
-        poll(Duration::from_secs(20), || {
-            let n = server.api_json("/v1/nodes");
-            n.as_array()
-                .unwrap()
-                .iter()
-                .filter(|n| n["state"] == "Ready")
-                .count()
-                == nodes.len()
-        }),
-        "nodes never all Ready"
-    );
-    (dir, server, nodes)
 }
 
 /// Ready replicas of `app` per node.
@@ -280,22 +259,7 @@ fn drain_moves_replicas_without_failed_requests() {
     assert!(poll(Duration::from_secs(30), || ready_count(
         &server, "hello"
     ) == 3));
-    let stop = Arc::new(AtomicBool::new(false));
-    let gw = nodes[0].gateway.clone();
-    let load = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let http = common::client();
-            let (mut ok, mut failed) = (0, 0);
-            while !stop.load(Ordering::Relaxed) {
-                match http.get(format!("{gw}/hello")).send() {
-                    Ok(r) if r.status() == 200 => ok += 1,
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed)
-        })
-    };
+    let load = Load::start(format!("{}/hello", nodes[0].gateway));
     server.cli_ok(&["node", "drain", "node-2"]);
     assert!(
         poll(Duration::from_secs(30), || {
@@ -307,13 +271,9 @@ fn drain_moves_replicas_without_failed_requests() {
         "{:?}",
         placement(&server, "hello")
     );
-    stop.store(true, Ordering::Relaxed);
-    let (ok, failed) = load.join().unwrap();
-    assert!(ok > 0);
-    assert_eq!(
-        failed, 0,
-        "{failed} requests failed during the drain ({ok} ok)"
-    );
+    let r = load.stop();
+    assert!(r.ok > 0);
+    assert_eq!(r.failed, 0, "failed during the drain: {r:?}");
     let nodes_table = server.cli_ok(&["get", "nodes"]);
     assert!(nodes_table.contains("Cordoned"), "{nodes_table}");
 }

@@ -351,11 +351,12 @@ fn daemons_restart_with_backoff_and_jobs_retry_on_failure() {
 }
 
 fn faulty_with(dir: &std::path::Path, file: &str, healthz: u16, health: &str) -> String {
-    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
-        .unwrap()
-        .replace("../target", &format!("{}/target", examples()));
-    let text = format!("{text}\n[env]\nHEALTHZ_STATUS = \"{healthz}\"\n{health}");
-    write_spec(dir, file, &text).to_str().unwrap().to_string()
+    common::faulty_spec(
+        dir,
+        file,
+        1,
+        &format!("[env]\nHEALTHZ_STATUS = \"{healthz}\"\n{health}"),
+    )
 }
 
 const READINESS: &str =

@@ -1,7 +1,10 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_control::{ApplyOutcome, ApplyResult, Describe};
+use shoal_control::{ApplyOutcome, ApplyResult, Describe, RolloutView};
+use shoal_core::metrics::RevisionStats;
+use shoal_core::{RolloutPhase, RolloutStatus};
+use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
 pub struct RolloutCommand {
@@ -11,8 +14,30 @@ pub struct RolloutCommand {
 
 #[derive(clap::Subcommand)]
 enum Action {
-    /// List an app's revisions: number, age, module, why it was made.
+    /// List an app's revisions: number, age, module, why it was made, how its rollout ended.
     History { app: String },
+    /// Where the app's rollout stands; with --wait, follow it until it ends.
+    Status {
+        app: String,
+        /// Print each change until the rollout completes (exit 0) or is rolled back (exit 1).
+        #[arg(long, short)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. 90s, 10m).
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+    },
+    /// Hold the rollout where it stands: replica counts per revision stay as they are.
+    Pause { app: String },
+    /// Continue a paused rollout.
+    Resume { app: String },
+    /// Canary: end the current step now (with --full, skip to 100%).
+    Promote {
+        app: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Stop the rollout and go back to the last revision that rolled out.
+    Abort { app: String },
     /// Run an earlier revision again (default: the one before the current), as a new revision.
     Undo {
         app: String,
@@ -43,11 +68,59 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                         age(r.created_at),
                         short_digest(&r.template.component.digest),
                         r.cause.clone(),
+                        r.outcome.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
-            table(&["REVISION", "AGE", "MODULE", "CAUSE"], &rows);
+            table(&["REVISION", "AGE", "MODULE", "CAUSE", "OUTCOME"], &rows);
         }
+        Action::Status { app, wait, timeout } => {
+            let path = format!("/v1/apps/{app}/rollout?namespace={ns}");
+            if !wait {
+                let view: RolloutView = client.get(&path).await?;
+                match ctx.output {
+                    Format::Json => output::json(&view),
+                    Format::Table => println!("{}", describe(&view)),
+                }
+                return Ok(());
+            }
+            let limit = Duration::from_millis(
+                shoal_core::quantity::parse_duration_ms(&timeout)
+                    .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+            );
+            let started = Instant::now();
+            let mut last = String::new();
+            loop {
+                let view: RolloutView = client.get(&path).await?;
+                let text = describe(&view);
+                if text != last {
+                    match ctx.output {
+                        Format::Json => output::json(&view),
+                        Format::Table => println!("{text}"),
+                    }
+                    last = text;
+                }
+                let current = view.status.as_ref().filter(|s| s.revision == view.revision);
+                match (&view.status, current.map(|s| s.phase)) {
+                    // Not yet seen by the controller: wait.
+                    (Some(_), None) => {}
+                    (None, _) | (_, Some(RolloutPhase::Complete)) => return Ok(()),
+                    (_, Some(RolloutPhase::Progressing)) => {}
+                    (_, Some(phase)) => anyhow::bail!(
+                        "rollout of {ns}/{app} ended {phase}: {}",
+                        view.status.as_ref().map_or("", |s| s.message.as_str())
+                    ),
+                }
+                if started.elapsed() > limit {
+                    anyhow::bail!("rollout of {ns}/{app} still in progress after {timeout}");
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        Action::Pause { app } => act(&ctx, &client, &app, "pause", false).await?,
+        Action::Resume { app } => act(&ctx, &client, &app, "resume", false).await?,
+        Action::Promote { app, full } => act(&ctx, &client, &app, "promote", full).await?,
+        Action::Abort { app } => act(&ctx, &client, &app, "abort", false).await?,
         Action::Undo { app, to_revision } => {
             let mut path = format!("/v1/apps/{app}/rollback?namespace={ns}");
             if let Some(n) = to_revision {
@@ -74,4 +147,64 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn act(
+    ctx: &Context,
+    client: &crate::client::Client,
+    app: &str,
+    action: &str,
+    full: bool,
+) -> Result<()> {
+    let ns = &ctx.namespace;
+    let path = format!("/v1/apps/{app}/rollout/{action}?namespace={ns}&full={full}");
+    let status: RolloutStatus = client
+        .send(client.request(reqwest::Method::POST, &path))
+        .await?;
+    match ctx.output {
+        Format::Json => output::json(&status),
+        Format::Table => println!("app {ns}/{app}: {}", status.message),
+    }
+    Ok(())
+}
+
+/// A few lines on where a rollout stands, the same for one look and for `--wait`.
+fn describe(view: &RolloutView) -> String {
+    let Some(s) = &view.status else {
+        return format!(
+            "app {}: jobs run to completion and do not roll out",
+            view.app
+        );
+    };
+    let paused = if s.paused { ", paused" } else { "" };
+    let mut out = format!(
+        "app {}: revision {} ({}) {}{paused}: {}",
+        view.app, s.revision, s.strategy, s.phase, s.message
+    );
+    for c in &view.revisions {
+        out.push_str(&format!(
+            "\n  revision {}: {}/{} ready",
+            c.revision, c.ready, c.replicas
+        ));
+    }
+    if let (Some(w), Some(c), Some(st)) = (view.weight, &view.canary, &view.stable) {
+        out.push_str(&format!(
+            "\n  traffic: {w}% canary | canary {} | stable {}",
+            stats(c),
+            stats(st)
+        ));
+    }
+    out
+}
+
+fn stats(s: &RevisionStats) -> String {
+    let p99 = s
+        .latency
+        .quantile(0.99)
+        .map_or("-".to_string(), |p| format!("{p} ms"));
+    format!(
+        "{} req, {:.1}% errors, p99 {p99}",
+        s.requests,
+        s.error_rate() * 100.0
+    )
 }

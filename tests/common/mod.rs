@@ -228,6 +228,105 @@ pub fn examples() -> &'static str {
     shoal_fixtures::EXAMPLES_DIR
 }
 
+/// A `shoal server` with `nodes` workers (`node-1`…), all Ready.
+pub fn cluster(nodes: usize, extra: &[&str]) -> (tempfile::TempDir, Server, Vec<NodeProc>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let nodes: Vec<NodeProc> = (1..=nodes)
+        .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
+        .collect();
+    assert!(
+        poll(Duration::from_secs(20), || {
+            let n = server.api_json("/v1/nodes");
+            n.as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["state"] == "Ready")
+                .count()
+                == nodes.len()
+        }),
+        "nodes never all Ready"
+    );
+    (dir, server, nodes)
+}
+
+/// The `faulty` example's spec with `replicas` and `extra` appended (an `[env]`
+/// table, probes…), written into `dir`; returns its path.
+pub fn faulty_spec(dir: &Path, file: &str, replicas: u32, extra: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", &format!("replicas = {replicas}"));
+    write_spec(dir, file, &format!("{text}\n{extra}"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A client sending GETs to one URL back to back until stopped: what users of
+/// an app see while the cluster changes under it.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<LoadResult>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub ok: usize,
+    pub failed: usize,
+    /// The first few failures, status and body, for the assertion message.
+    pub failures: Vec<String>,
+    /// How many successful responses carried each body.
+    pub bodies: std::collections::BTreeMap<String, usize>,
+}
+
+impl Load {
+    pub fn start(url: String) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let http = client();
+                let mut result = LoadResult::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let outcome = http
+                        .get(&url)
+                        .send()
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| {
+                            let status = r.status();
+                            let body = r.text().map_err(|e| e.to_string())?;
+                            if status == 200 {
+                                Ok(body)
+                            } else {
+                                Err(format!("{status}: {body}"))
+                            }
+                        });
+                    match outcome {
+                        Ok(body) => {
+                            result.ok += 1;
+                            *result.bodies.entry(body).or_default() += 1;
+                        }
+                        Err(e) => {
+                            result.failed += 1;
+                            if result.failures.len() < 5 {
+                                result.failures.push(e);
+                            }
+                        }
+                    }
+                }
+                result
+            })
+        };
+        Load { stop, thread }
+    }
+
+    pub fn stop(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("load thread")
+    }
+}
+
 /// A `shoal server` process: control plane only.
 pub struct Server {
     child: Child,
@@ -299,8 +398,12 @@ impl Server {
         }
     }
 
+    pub fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.dir.join("config.toml"), args)
+    }
+
     pub fn cli_ok(&self, args: &[&str]) -> String {
-        expect_ok(args, run_cli(&self.dir.join("config.toml"), args))
+        expect_ok(args, self.cli(args))
     }
 
     pub fn api_json(&self, path: &str) -> serde_json::Value {

@@ -429,7 +429,11 @@ impl Agent {
             }
         };
         let config = InstanceConfig {
-            env: t.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env: t
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), self.downward(&replica, v)))
+                .collect(),
             args: t.component.args.clone(),
             memory_limit: t.resources.memory_bytes,
             timeout: match t.component.kind {
@@ -748,6 +752,22 @@ impl Agent {
             .await;
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+}
+
+impl Agent {
+    /// An env value that names a fact about the replica (`$(node)`, `$(replica)`,
+    /// `$(revision)`, `$(app)`, `$(namespace)`) becomes that fact, as Kubernetes'
+    /// downward API does; only what the spec asks for reaches the guest.
+    fn downward(&self, replica: &Replica, value: &str) -> String {
+        match value {
+            "$(node)" => self.inner.config.node.clone(),
+            "$(replica)" => replica.id.clone(),
+            "$(revision)" => replica.revision.to_string(),
+            "$(app)" => replica.app.name.clone(),
+            "$(namespace)" => replica.app.namespace.clone(),
+            other => other.to_string(),
         }
     }
 }

@@ -72,6 +72,9 @@ impl Metrics {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RolloutView {
     pub app: AppKey,
+    /// The revision the app runs now; `status` may still describe an earlier
+    /// one until the controller has seen the change.
+    pub revision: u64,
     pub desired: u32,
     /// `None` for jobs, which run to completion instead of rolling.
     pub status: Option<RolloutStatus>,
@@ -154,6 +157,7 @@ impl ControlPlane {
         };
         Ok(RolloutView {
             app: key.clone(),
+            revision: app.revision,
             desired: app.spec.replicas,
             steps: app.spec.rollout.steps.len(),
             weight: split.map(|(_, w)| w),

@@ -45,9 +45,15 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
             ["sleep", ms] => sleep(out, ms),
             ["fs"] => respond(out, 200, probe_filesystem().as_bytes()),
             ["net"] => respond(out, 200, probe_network().as_bytes()),
-            // Health as the spec's env says: HEALTHZ_STATUS=503 makes probes fail.
+            // Health as the spec's env says: HEALTHZ_STATUS=503 makes probes fail, and
+            // SICK_NODE=n makes them fail only where NODE (set to "$(node)") is n.
             ["healthz"] => {
-                let code = std::env::var("HEALTHZ_STATUS").unwrap_or_else(|_| "200".into());
+                let sick = std::env::var("SICK_NODE").ok();
+                let code = if sick.is_some() && sick == std::env::var("NODE").ok() {
+                    "500".into()
+                } else {
+                    std::env::var("HEALTHZ_STATUS").unwrap_or_else(|_| "200".into())
+                };
                 status(out, &code)
             }
             ["headers"] => {
@@ -59,7 +65,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
                     .collect();
                 respond(out, 200, lines.as_bytes());
             }
-            _ => respond(out, 200, b"ok"),
+            // DEFAULT_STATUS=500 makes a bad revision for canary tests.
+            _ => match std::env::var("DEFAULT_STATUS") {
+                Ok(code) => status(out, &code),
+                Err(_) => respond(out, 200, b"ok"),
+            },
         }
     }
 }

@@ -1,0 +1,265 @@
+//! Rollouts and self-healing end to end, under load from a real client: rolling
+//! updates across nodes, automatic rollback, canaries judged by what the
+//! gateways measure, replicas replaced when their node cannot keep them alive,
+//! and the events that say what happened.
+
+mod common;
+
+use common::{Cluster, Load, Server, cluster, faulty_spec, poll};
+use std::time::Duration;
+
+const READINESS: &str =
+    "[health.readiness]\npath = \"/healthz\"\nperiod = \"100ms\"\nfailure_threshold = 2\n";
+
+/// The faulty example as revision `version` (its `VERSION` env var) with more env and sections.
+fn faulty(dir: &std::path::Path, replicas: u32, version: u32, env: &str, extra: &str) -> String {
+    faulty_spec(
+        dir,
+        &format!("v{version}.toml"),
+        replicas,
+        &format!("[env]\nVERSION = \"{version}\"\n{env}\n{extra}"),
+    )
+}
+
+fn events(server: &Server) -> String {
+    server.cli_ok(&["events", "--app", "faulty"])
+}
+
+/// Waits for the app's rollout; returns whether it completed, and what the CLI said.
+fn wait_rollout(cli: impl Fn(&[&str]) -> std::process::Output) -> (bool, String) {
+    let out = cli(&["rollout", "status", "faulty", "--wait", "--timeout", "90s"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn revisions_running(replicas: &[serde_json::Value]) -> Vec<u64> {
+    let mut revs: Vec<u64> = replicas
+        .iter()
+        .map(|r| r["revision"].as_u64().unwrap())
+        .collect();
+    revs.sort();
+    revs.dedup();
+    revs
+}
+
+#[test]
+fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_itself() {
+    let (dir, server, nodes) = cluster(3, &[]);
+    let d = dir.path();
+    let rollout = "[rollout]\nprogress_deadline = \"4s\"\n";
+    let extra = format!("{READINESS}{rollout}");
+    server.cli_ok(&["apply", "-f", &faulty(d, 4, 1, "", &extra)]);
+    let (done, out) = wait_rollout(|a| server.cli(a));
+    assert!(done, "{out}");
+    let on_nodes: std::collections::BTreeSet<String> = server
+        .replicas("faulty")
+        .iter()
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect();
+    assert!(on_nodes.len() >= 2, "replicas on {on_nodes:?}");
+
+    let load = Load::start(format!("{}/faulty/env/VERSION", nodes[0].gateway));
+    server.cli_ok(&["apply", "-f", &faulty(d, 4, 2, "", &extra)]);
+    let (done, out) = wait_rollout(|a| server.cli(a));
+    assert!(done, "{out}");
+    assert!(out.contains("revision 2 rolled out: 4/4"), "{out}");
+    let replicas = server.replicas("faulty");
+    assert_eq!(revisions_running(&replicas), [2], "{replicas:?}");
+    assert!(replicas.iter().all(|r| r["phase"] == "Ready"));
+
+    // v3 never becomes ready: rolled back after the progress deadline, by itself.
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty(d, 4, 3, "HEALTHZ_STATUS = \"503\"", &extra),
+    ]);
+    let (done, out) = wait_rollout(|a| server.cli(a));
+    assert!(!done, "{out}");
+    assert!(
+        out.contains("RolledBack") && out.contains("progress_deadline"),
+        "{out}"
+    );
+    assert!(poll(Duration::from_secs(20), || {
+        revisions_running(&server.replicas("faulty")) == [2]
+    }));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+    assert!(
+        result.bodies.contains_key("1") && result.bodies.contains_key("2"),
+        "{result:?}"
+    );
+    assert!(!result.bodies.contains_key("3"), "{result:?}");
+
+    let app = server.api_json("/v1/apps/faulty");
+    assert_eq!(app["app"]["revision"], 2);
+    let history = server.cli_ok(&["rollout", "history", "faulty"]);
+    assert!(
+        history.contains("rolled back: no progress") && history.contains("rolled out"),
+        "{history}"
+    );
+    let ev = events(&server);
+    assert!(
+        ev.contains("RolledOut") && ev.contains("RolledBack"),
+        "{ev}"
+    );
+}
+
+const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"30s\"\nsteps = [{ weight = 25, pause = \"1s\" }, { weight = 50, pause = \"1s\" }]\n[rollout.analysis]\nmin_requests = 20\n";
+
+#[test]
+fn a_canary_returning_errors_is_aborted_and_a_healthy_one_is_promoted() {
+    let c = Cluster::start();
+    let d = c.dir.path();
+    let extra = format!("{READINESS}{CANARY}");
+    c.cli_ok(&["apply", "-f", &faulty(d, 4, 1, "", &extra)]);
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(done, "{out}");
+
+    // v2 answers 500: the analysis sees its error rate and aborts.
+    let load = Load::start(format!("{}/faulty/", c.gateway));
+    c.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty(d, 4, 2, "DEFAULT_STATUS = \"500\"", &extra),
+    ]);
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(!done, "{out}");
+    assert!(
+        out.contains("Aborted") && out.contains("canary error rate"),
+        "{out}"
+    );
+    assert!(poll(Duration::from_secs(20), || {
+        revisions_running(c.api_json("/v1/replicas?app=faulty").as_array().unwrap()) == [1]
+    }));
+    let result = load.stop();
+    // The canary took its share, and only its share, before it was stopped.
+    assert!(result.failed > 0, "{result:?}");
+    assert!(result.failed < result.ok, "{result:?}");
+    let after = Load::start(format!("{}/faulty/", c.gateway));
+    assert!(poll(Duration::from_secs(10), || {
+        c.api_json("/v1/events?app=faulty")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"] == "Aborted")
+    }));
+    let result = after.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+
+    // v3 is healthy: it walks 25% and 50% and is promoted to every replica.
+    let load = Load::start(format!("{}/faulty/env/VERSION", c.gateway));
+    c.cli_ok(&["apply", "-f", &faulty(d, 4, 3, "", &extra)]);
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(done, "{out}");
+    assert!(out.contains("step 1/2") && out.contains("25%"), "{out}");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+    assert!(
+        result.bodies.contains_key("1") && result.bodies.contains_key("3"),
+        "{result:?}"
+    );
+    let replicas = c.api_json("/v1/replicas?app=faulty");
+    assert_eq!(
+        revisions_running(replicas.as_array().unwrap()),
+        [3],
+        "{replicas}"
+    );
+    let ev = c.cli_ok(&["events", "--app", "faulty"]);
+    for reason in ["CanaryStep", "Promoted", "RolledOut", "Aborted"] {
+        assert!(ev.contains(reason), "no {reason} in:\n{ev}");
+    }
+}
+
+#[test]
+fn rollouts_pause_resume_and_promote_on_command() {
+    let c = Cluster::start();
+    let d = c.dir.path();
+    // A step without a pause waits for `promote`.
+    let manual = "[rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 50 }]\n[rollout.analysis]\nmin_requests = 0\n";
+    c.cli_ok(&["apply", "-f", &faulty(d, 2, 1, "", manual)]);
+    assert!(wait_rollout(|a| c.cli(a)).0);
+    c.cli_ok(&["apply", "-f", &faulty(d, 2, 2, "", manual)]);
+    assert!(poll(Duration::from_secs(20), || {
+        c.cli_ok(&["rollout", "status", "faulty"])
+            .contains("waiting for `shoal rollout promote`")
+    }));
+    let status = c.cli_ok(&["rollout", "status", "faulty"]);
+    assert!(status.contains("revision 2: 1/1 ready"), "{status}");
+    assert!(status.contains("revision 1: 2/2 ready"), "{status}");
+    c.cli_ok(&["rollout", "pause", "faulty"]);
+    assert!(
+        c.cli_ok(&["rollout", "status", "faulty"])
+            .contains("paused")
+    );
+    c.cli_ok(&["rollout", "resume", "faulty"]);
+    let out = c.cli_ok(&["rollout", "promote", "faulty"]);
+    assert!(out.contains("promoted to 100%"), "{out}");
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(done, "{out}");
+    // Nothing in progress: the actions say so.
+    let err = String::from_utf8(c.cli(&["rollout", "abort", "faulty"]).stderr).unwrap();
+    assert!(err.contains("no rollout in progress"), "{err}");
+}
+
+#[test]
+fn a_replica_that_stays_unhealthy_on_its_node_is_replaced_on_another() {
+    let (dir, server, nodes) = cluster(2, &[]);
+    // Unhealthy only on node-1, where bin packing puts the first replica (ties go by name).
+    let liveness =
+        "[health.liveness]\npath = \"/healthz\"\nperiod = \"100ms\"\nfailure_threshold = 2\n";
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        &faulty(
+            dir.path(),
+            1,
+            1,
+            "NODE = \"$(node)\"\nSICK_NODE = \"node-1\"",
+            liveness,
+        ),
+    ]);
+    assert!(
+        poll(Duration::from_secs(30), || {
+            server
+                .replicas("faulty")
+                .iter()
+                .any(|r| r["node"] == "node-2" && r["phase"] == "Ready")
+        }),
+        "{:?}",
+        server.replicas("faulty")
+    );
+    let ev = events(&server);
+    assert!(
+        ev.contains("Restarted") && ev.contains("Replacing") && ev.contains("node-1"),
+        "{ev}"
+    );
+    let (status, body) = nodes[0].get("/faulty/env/NODE").unwrap();
+    assert_eq!((status, body.as_str()), (200, "node-2"));
+}
+
+#[test]
+fn killed_requests_become_events() {
+    let c = Cluster::start();
+    let spec = faulty(c.dir.path(), 1, 1, "", "");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("timeout = \"5s\"", "timeout = \"300ms\"")
+        .replace("memory = \"32Mi\"", "memory = \"16Mi\"");
+    std::fs::write(&spec, text).unwrap();
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/faulty/", 200, "ok");
+    assert_eq!(c.gw("/faulty/sleep/5000").status(), 504);
+    assert_eq!(c.gw("/faulty/oom").status(), 500);
+    assert!(
+        poll(Duration::from_secs(10), || {
+            let ev = c.cli_ok(&["events", "--app", "faulty"]);
+            ev.contains("KilledByTimeout") && ev.contains("OutOfMemory")
+        }),
+        "{}",
+        c.cli_ok(&["events", "--app", "faulty"])
+    );
+}
