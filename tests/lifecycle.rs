@@ -87,7 +87,7 @@ fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_
         revisions_running(&server.replicas("faulty")) == [2]
     }));
     let result = load.stop();
-    assert_eq!(result.failed, 0, "{result:?}");
+    assert_eq!(result.failed, 0, "{result:?}\n{}", events(&server));
     assert!(
         result.bodies.contains_key("1") && result.bodies.contains_key("2"),
         "{result:?}"

@@ -3,7 +3,7 @@ use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
 use shoal_control::{ApplyOutcome, ApplyResult, Describe, RolloutView};
 use shoal_core::metrics::RevisionStats;
-use shoal_core::{RolloutPhase, RolloutStatus};
+use shoal_core::{Kind, RolloutPhase, RolloutStatus};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
@@ -102,9 +102,10 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                 }
                 let current = view.status.as_ref().filter(|s| s.revision == view.revision);
                 match (&view.status, current.map(|s| s.phase)) {
+                    (None, _) if view.kind == Kind::Job => return Ok(()),
                     // Not yet seen by the controller: wait.
-                    (Some(_), None) => {}
-                    (None, _) | (_, Some(RolloutPhase::Complete)) => return Ok(()),
+                    (_, None) => {}
+                    (_, Some(RolloutPhase::Complete)) => return Ok(()),
                     (_, Some(RolloutPhase::Progressing)) => {}
                     (_, Some(phase)) => anyhow::bail!(
                         "rollout of {ns}/{app} ended {phase}: {}",
@@ -171,10 +172,16 @@ async fn act(
 /// A few lines on where a rollout stands, the same for one look and for `--wait`.
 fn describe(view: &RolloutView) -> String {
     let Some(s) = &view.status else {
-        return format!(
-            "app {}: jobs run to completion and do not roll out",
-            view.app
-        );
+        return match view.kind {
+            Kind::Job => format!(
+                "app {}: jobs run to completion and do not roll out",
+                view.app
+            ),
+            _ => format!(
+                "app {}: revision {} waiting for the controller",
+                view.app, view.revision
+            ),
+        };
     };
     let paused = if s.paused { ", paused" } else { "" };
     let mut out = format!(

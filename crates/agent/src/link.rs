@@ -43,19 +43,6 @@ pub trait Link: Send + Sync + 'static {
     fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>>;
 }
 
-fn relevant(key: &str) -> bool {
-    use shoal_core::objects::keys;
-    [
-        keys::APPS,
-        keys::REVISIONS,
-        keys::REPLICAS,
-        keys::NODES,
-        keys::ROLLOUTS,
-    ]
-    .iter()
-    .any(|p| key.starts_with(p))
-}
-
 /// The control plane in the same process.
 pub struct LocalLink(pub ControlPlane);
 
@@ -98,7 +85,9 @@ impl Link for LocalLink {
             let stream = futures::stream::unfold(watcher, |mut w| async move {
                 loop {
                     match w.next().await? {
-                        Ok(ev) if relevant(&ev.kv.key) => return Some((ev.kv.mod_revision, w)),
+                        Ok(ev) if shoal_core::objects::keys::agents_watch(&ev.kv.key) => {
+                            return Some((ev.kv.mod_revision, w));
+                        }
                         Ok(_) => continue,
                         Err(_) => return None,
                     }

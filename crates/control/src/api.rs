@@ -554,15 +554,10 @@ async fn watch(
         ),
         other => ApiError::internal(other),
     })?;
-    let relevant = |key: &str| {
-        [keys::APPS, keys::REVISIONS, keys::REPLICAS, keys::NODES]
-            .iter()
-            .any(|p| key.starts_with(p))
-    };
     let stream = futures::stream::unfold(watcher, move |mut w| async move {
         loop {
             match w.next().await? {
-                Ok(ev) if relevant(&ev.kv.key) => {
+                Ok(ev) if keys::agents_watch(&ev.kv.key) => {
                     let line = format!("{{\"revision\":{}}}\n", ev.kv.mod_revision);
                     return Some((
                         Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),

@@ -392,10 +392,14 @@ impl ControlPlane {
                 previous.as_ref().map(|(_, m)| *m),
             ),
         };
-        let sums = match (status.split(&app.spec.rollout), status.step_started_at) {
-            (Some((canary, _)), Some(since)) => Some((
+        let sums = match (
+            status.split(&app.spec.rollout),
+            status.stable,
+            status.step_started_at,
+        ) {
+            (Some((canary, _)), Some(stable), Some(since)) => Some((
                 self.inner.metrics.sum(&key, |r| r == canary, since),
-                self.inner.metrics.sum(&key, |r| r != canary, since),
+                self.inner.metrics.sum(&key, |r| r == stable, since),
             )),
             _ => None,
         };

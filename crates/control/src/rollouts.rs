@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, Strategy};
-use shoal_core::{App, EventType, Millis, Phase, Replica, Revision, RolloutPhase, RolloutStatus};
+use shoal_core::{
+    App, EventType, Kind, Millis, Phase, Replica, Revision, RolloutPhase, RolloutStatus,
+};
 use shoal_scheduler::rollout::RollBack;
 use shoal_store::{Op, Txn};
 use std::collections::{HashMap, VecDeque};
@@ -75,8 +77,10 @@ pub struct RolloutView {
     /// The revision the app runs now; `status` may still describe an earlier
     /// one until the controller has seen the change.
     pub revision: u64,
+    pub kind: Kind,
     pub desired: u32,
-    /// `None` for jobs, which run to completion instead of rolling.
+    /// `None` for jobs, which run to completion instead of rolling, and for a
+    /// new app until the controller has seen it.
     pub status: Option<RolloutStatus>,
     pub steps: usize,
     /// Percent of traffic the canary gets now, during a canary step.
@@ -148,9 +152,10 @@ impl ControlPlane {
         let (canary, stable) = match (&status, split) {
             (Some(s), Some((c, _))) => {
                 let since = s.step_started_at.unwrap_or(now_ms());
+                let stable = s.stable.unwrap_or_default();
                 (
                     Some(self.inner.metrics.sum(key, |r| r == c, since)),
-                    Some(self.inner.metrics.sum(key, |r| r != c, since)),
+                    Some(self.inner.metrics.sum(key, |r| r == stable, since)),
                 )
             }
             _ => (None, None),
@@ -158,6 +163,7 @@ impl ControlPlane {
         Ok(RolloutView {
             app: key.clone(),
             revision: app.revision,
+            kind: app.spec.component.kind,
             desired: app.spec.replicas,
             steps: app.spec.rollout.steps.len(),
             weight: split.map(|(_, w)| w),
@@ -168,13 +174,31 @@ impl ControlPlane {
         })
     }
 
-    /// Pause, resume, promote or abort the app's rollout in progress.
+    /// Pause, resume, promote or abort the app's rollout in progress, retrying
+    /// when the controller updated it meanwhile.
     pub(crate) fn rollout_action(
         &self,
         key: &AppKey,
         action: RolloutAction,
         full: bool,
     ) -> Result<RolloutStatus, ApiError> {
+        for _ in 0..5 {
+            if let Some(status) = self.try_rollout_action(key, action, full)? {
+                return Ok(status);
+            }
+        }
+        Err(ApiError::conflict(format!(
+            "rollout of {key} kept changing; try again"
+        )))
+    }
+
+    /// One attempt; `None` if it lost a race.
+    fn try_rollout_action(
+        &self,
+        key: &AppKey,
+        action: RolloutAction,
+        full: bool,
+    ) -> Result<Option<RolloutStatus>, ApiError> {
         let (app, app_rev) = self
             .get::<App>(&keys::app(key))?
             .ok_or_else(|| ApiError::not_found(format!("app {key} does not exist")))?;
@@ -253,15 +277,12 @@ impl ControlPlane {
                 let txn =
                     self.roll_back(Txn::new(), &app, app_rev, &status, Some(status_rev), &rb)?;
                 if !self.store().txn(txn)?.succeeded {
-                    return Err(ApiError::conflict(format!(
-                        "app {key} changed concurrently; try again"
-                    )));
+                    return Ok(None);
                 }
                 self.inner.kick.notify_one();
-                return self
+                return Ok(self
                     .get::<RolloutStatus>(&keys::rollout(key))?
-                    .map(|(s, _)| s)
-                    .ok_or_else(|| ApiError::internal("rollout vanished after abort"));
+                    .map(|(s, _)| s));
             }
         };
         status.message = message.clone();
@@ -276,12 +297,10 @@ impl ControlPlane {
                 message,
             ));
         if !self.store().txn(txn)?.succeeded {
-            return Err(ApiError::conflict(format!(
-                "rollout of {key} changed concurrently; try again"
-            )));
+            return Ok(None);
         }
         self.inner.kick.notify_one();
-        Ok(status)
+        Ok(Some(status))
     }
 
     /// Adds to `txn` going back to revision `rb.to`: the app runs its template

@@ -35,6 +35,14 @@ pub mod keys {
     pub fn replica(k: &AppKey, id: &str) -> String {
         format!("{}{id}", replicas_of(k))
     }
+    /// Whether a change under `key` is one node agents act on (the rest —
+    /// events, leases, modules — they never read from the watch).
+    pub fn agents_watch(key: &str) -> bool {
+        [APPS, REVISIONS, REPLICAS, NODES, ROLLOUTS]
+            .iter()
+            .any(|p| key.starts_with(p))
+    }
+
     pub fn rollout(k: &AppKey) -> String {
         format!("{ROLLOUTS}{}/{}", k.namespace, k.name)
     }

@@ -9,7 +9,12 @@ use shoal_core::spec::{Analysis, Rollout, Strategy};
 use shoal_core::{App, EventType, Millis, Phase, Replica, RolloutPhase, RolloutStatus};
 
 /// Latency differences below this are noise, whatever the ratio.
-pub const P99_NOISE_MS: u64 = 10;
+pub const P99_NOISE_MS: u64 = 25;
+
+/// Requests each side needs before their p99s are compared: below this a p99 is
+/// little more than the single slowest request, and a fresh replica's first
+/// requests are slower than a warm one's.
+pub const P99_MIN_SAMPLES: u64 = 100;
 
 /// What the canary and the stable revision served since the current step began.
 #[derive(Debug, Clone, Copy)]
@@ -106,9 +111,10 @@ pub enum Verdict {
 pub fn judge(analysis: &Analysis, m: Measured<'_>) -> Verdict {
     let (c, s) = (m.canary, m.stable);
     if c.requests < analysis.min_requests {
+        // Not the count so far: the status is written only when it changes.
         return Verdict::Wait(format!(
-            "waiting for traffic: {}/{} canary requests",
-            c.requests, analysis.min_requests
+            "waiting for at least {} canary requests",
+            analysis.min_requests
         ));
     }
     let allowed = s.error_rate() + analysis.max_error_rate_increase_bp as f64 / 10_000.0;
@@ -122,7 +128,9 @@ pub fn judge(analysis: &Analysis, m: Measured<'_>) -> Verdict {
             analysis.max_error_rate_increase_bp as f64 / 100.0
         ));
     }
-    if let (Some(cp), Some(sp)) = (c.latency.quantile(0.99), s.latency.quantile(0.99))
+    if c.latency.total() >= P99_MIN_SAMPLES
+        && s.latency.total() >= P99_MIN_SAMPLES
+        && let (Some(cp), Some(sp)) = (c.latency.quantile(0.99), s.latency.quantile(0.99))
         && cp * 100 > sp * analysis.max_p99_ratio_pct as u64
         && cp > sp + P99_NOISE_MS
     {
@@ -240,7 +248,7 @@ pub fn decide(
                 let passed_ms = now.saturating_sub(started);
                 match step.pause_ms {
                     None => {
-                        next.progressed_at = now; // waiting for a person, not stuck
+                        clock_from = now; // waiting for a person, not stuck
                         next.message = format!(
                             "step {}/{}: {weight}% to revision {target}; waiting for `shoal rollout promote`",
                             status.step + 1,
@@ -565,7 +573,7 @@ mod tests {
         assert_eq!((rb.to, rb.phase), (1, RolloutPhase::Aborted));
         assert!(rb.reason.contains("error rate 50.0%"), "{}", rb.reason);
         let slow = Measured {
-            canary: &stats(40, 0, 400.0),
+            canary: &stats(100, 0, 400.0),
             stable: &stats(160, 0, 20.0),
         };
         let rb = decide(&a, &s, &rs, Some(slow), 3_000).roll_back.unwrap();
@@ -577,7 +585,11 @@ mod tests {
         };
         let d = decide(&a, &s, &rs, Some(quiet), 3_000);
         assert!(d.roll_back.is_none());
-        assert!(d.status.message.contains("3/20"), "{}", d.status.message);
+        assert!(
+            d.status.message.contains("at least 20 canary requests"),
+            "{}",
+            d.status.message
+        );
         let rb = decide(&a, &s, &rs, Some(quiet), 11_000 + 60_001)
             .roll_back
             .unwrap();
@@ -593,9 +605,15 @@ mod tests {
             stable: &stats(100, 0, 1.0),
         };
         assert_eq!(judge(&analysis, m), Verdict::Pass);
-        // 2 ms against 1 ms is 2x, but under the noise floor.
+        // 20 ms against 1 ms is 20x, but under the noise floor.
         let m = Measured {
-            canary: &stats(100, 0, 2.0),
+            canary: &stats(100, 0, 20.0),
+            stable: &stats(100, 0, 1.0),
+        };
+        assert_eq!(judge(&analysis, m), Verdict::Pass);
+        // A slow p99 from a few requests is not judged.
+        let m = Measured {
+            canary: &stats(50, 0, 400.0),
             stable: &stats(100, 0, 1.0),
         };
         assert_eq!(judge(&analysis, m), Verdict::Pass);
