@@ -50,6 +50,13 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     );
     println!("Module:       {}", s.component.digest);
     println!("Revision:     {}", d.app.revision);
+    if let Some(r) = &d.rollout {
+        let paused = if r.paused { ", paused" } else { "" };
+        println!(
+            "Rollout:      {} {}{paused}: {}",
+            r.strategy, r.phase, r.message
+        );
+    }
     println!("Replicas:     {} desired, {ready} ready", s.replicas);
     println!(
         "Resources:    memory {}, cpu {}m, max concurrency {}",
@@ -73,9 +80,16 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     let revs: Vec<Vec<String>> = d
         .revisions
         .iter()
-        .map(|r| vec![r.number.to_string(), age(r.created_at), r.cause.clone()])
+        .map(|r| {
+            vec![
+                r.number.to_string(),
+                age(r.created_at),
+                r.cause.clone(),
+                r.outcome.clone().unwrap_or_default(),
+            ]
+        })
         .collect();
-    table_indented("  ", &["REVISION", "AGE", "CAUSE"], &revs);
+    table_indented("  ", &["REVISION", "AGE", "CAUSE", "OUTCOME"], &revs);
     println!("\nReplicas:");
     if d.replicas.is_empty() {
         println!("  <none>");

@@ -117,6 +117,9 @@ pub struct AppSummary {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Describe {
     pub app: App,
+    /// Where the rollout of its current revision stands (none for jobs).
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
     pub events: Vec<Event>,
@@ -627,8 +630,12 @@ impl ControlPlane {
         let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
         let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
         let events = self.events(Some(key), 20)?;
+        let rollout = self
+            .get::<RolloutStatus>(&keys::rollout(key))?
+            .map(|(s, _)| s);
         Ok(Describe {
             app,
+            rollout,
             revisions,
             replicas,
             events,
