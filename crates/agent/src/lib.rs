@@ -701,7 +701,7 @@ impl Agent {
         logs: &LogSink,
     ) {
         let mut restarts = 0u32;
-        let mut delay = BACKOFF_START;
+        let mut backoff = Backoff::default();
         loop {
             self.report_status(replica, Phase::Running, None, None, restarts, None)
                 .await;
@@ -735,9 +735,7 @@ impl Agent {
                 .await;
                 return;
             }
-            if started.elapsed() >= BACKOFF_RESET {
-                delay = BACKOFF_START;
-            }
+            let delay = backoff.after(started.elapsed());
             restarts += 1;
             let message = format!("{status}; restart {restarts} in {delay:?}");
             logs.push_system(&message);
@@ -751,8 +749,35 @@ impl Agent {
             )
             .await;
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(BACKOFF_MAX);
         }
+    }
+}
+
+/// Restart delays of a command that keeps exiting: [`BACKOFF_START`] doubling up
+/// to [`BACKOFF_MAX`], and back to the start after a run of [`BACKOFF_RESET`].
+/// Time is an argument, so the schedule is tested without waiting for it.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_START,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before starting again a run that lasted `ran`.
+    fn after(&mut self, ran: Duration) -> Duration {
+        if ran >= BACKOFF_RESET {
+            self.next = BACKOFF_START;
+        }
+        let delay = self.next;
+        self.next = (delay * 2).min(BACKOFF_MAX);
+        delay
     }
 }
 
@@ -801,5 +826,27 @@ impl LogSource for Agent {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_after_a_stable_run() {
+        let mut b = Backoff::default();
+        let quick = Duration::from_millis(5);
+        let delays: Vec<u64> = (0..12).map(|_| b.after(quick).as_millis() as u64).collect();
+        assert_eq!(
+            delays,
+            [
+                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
+            ]
+        );
+        // A run just short of the reset period keeps the cap; a long enough one starts over.
+        assert_eq!(b.after(BACKOFF_RESET - quick), BACKOFF_MAX);
+        assert_eq!(b.after(BACKOFF_RESET), BACKOFF_START);
+        assert_eq!(b.after(quick), BACKOFF_START * 2);
     }
 }
