@@ -21,6 +21,7 @@ guests:
 bench: guests
 	cargo bench --bench gateway
 	cargo bench --bench cluster
+	cargo bench --bench lifecycle
 	cargo bench -p shoal-scheduler
 
 lint:

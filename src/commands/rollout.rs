@@ -68,7 +68,14 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                         age(r.created_at),
                         short_digest(&r.template.component.digest),
                         r.cause.clone(),
-                        r.outcome.clone().unwrap_or_default(),
+                        match (&r.outcome, &d.rollout) {
+                            (Some(o), _) => o.clone(),
+                            // The rollout under way says where this revision stands.
+                            (None, Some(s)) if s.revision == r.number => {
+                                s.phase.to_string().to_lowercase()
+                            }
+                            (None, _) => String::new(),
+                        },
                     ]
                 })
                 .collect();
