@@ -329,11 +329,18 @@ impl Agent {
             else {
                 continue;
             };
+            // Whether giving up on it here can help: some other node could take it.
+            let may_move = nodes.iter().any(|n| {
+                n.name != *me
+                    && n.state == NodeState::Ready
+                    && n.schedulable
+                    && !replica.avoid.contains(&n.name)
+            });
             let logs = LogSink::new(LOG_LINES);
             let span = tracing::info_span!("replica", id = %id, app = %replica.app);
             let task = tokio::spawn(
                 self.clone()
-                    .start(replica.clone(), revision, logs.clone())
+                    .start(replica.clone(), revision, logs.clone(), may_move)
                     .instrument(span),
             );
             running.insert(
@@ -395,7 +402,7 @@ impl Agent {
     }
 
     /// Loads and starts one replica, then reports how it went.
-    async fn start(self, replica: Replica, revision: Revision, logs: LogSink) {
+    async fn start(self, replica: Replica, revision: Revision, logs: LogSink, may_move: bool) {
         self.report(&replica, Phase::Starting, None, None).await;
         let t = &revision.template;
         // Fetching can fail for passing reasons (the control plane restarting):
@@ -459,7 +466,7 @@ impl Agent {
                     }
                 }
                 Ok(service) => {
-                    self.supervise(&replica, t, &loaded, config, service, &logs)
+                    self.supervise(&replica, t, &loaded, config, service, &logs, may_move)
                         .await
                 }
                 Err(e) => {
@@ -555,7 +562,10 @@ impl Agent {
 
     /// Runs an http replica's probes for its life: readiness decides whether
     /// it is in the gateway, liveness restarts it (a fresh instance pre-image)
-    /// when it keeps failing.
+    /// when it keeps failing. After [`LIVENESS_RESTARTS`] restarts that did not
+    /// help, it gives the replica up to be replaced elsewhere if `may_move`;
+    /// otherwise it keeps restarting it here, with growing delays.
+    #[allow(clippy::too_many_arguments)]
     async fn supervise(
         &self,
         replica: &Replica,
@@ -564,12 +574,14 @@ impl Agent {
         config: InstanceConfig,
         mut service: HttpService,
         logs: &LogSink,
+        may_move: bool,
     ) {
         let health = &template.health;
         let mut restarts = 0u32;
         // Liveness restarts since the replica last stayed live for BACKOFF_RESET.
         let mut recent_restarts = 0u32;
         let mut last_restart = tokio::time::Instant::now();
+        let mut backoff = Backoff::default();
         let mut ready = false;
         let (mut passes, mut failures, mut live_failures) = (0u32, 0u32, 0u32);
         match &health.readiness {
@@ -637,7 +649,26 @@ impl Agent {
                     if last_restart.elapsed() >= BACKOFF_RESET {
                         recent_restarts = 0;
                     }
-                    if recent_restarts >= LIVENESS_RESTARTS {
+                    if recent_restarts >= LIVENESS_RESTARTS && !may_move {
+                        self.inner
+                            .gateway
+                            .remove_endpoint(&replica.app, &replica.id);
+                        let delay = backoff.after(last_restart.elapsed());
+                        let message = format!(
+                            "liveness probe failed {live_failures} times ({why}); no other node to move to, restarting in {delay:?}"
+                        );
+                        logs.push_system(&message);
+                        self.report_status(
+                            replica,
+                            Phase::Unready,
+                            Some(message),
+                            None,
+                            restarts,
+                            None,
+                        )
+                        .await;
+                        tokio::time::sleep(delay).await;
+                    } else if recent_restarts >= LIVENESS_RESTARTS {
                         let message = format!(
                             "liveness probe failed {live_failures} times ({why}) after {recent_restarts} restarts; giving up on this node"
                         );
