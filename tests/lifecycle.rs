@@ -50,7 +50,7 @@ fn revisions_running(replicas: &[serde_json::Value]) -> Vec<u64> {
 fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_itself() {
     let (dir, server, nodes) = cluster(3, &[]);
     let d = dir.path();
-    let rollout = "[rollout]\nprogress_deadline = \"4s\"\n";
+    let rollout = "[rollout]\nprogress_deadline = \"8s\"\n";
     let extra = format!("{READINESS}{rollout}");
     server.cli_ok(&["apply", "-f", &faulty(d, 4, 1, "", &extra)]);
     let (done, out) = wait_rollout(|a| server.cli(a));
@@ -139,16 +139,12 @@ fn a_canary_returning_errors_is_aborted_and_a_healthy_one_is_promoted() {
     // The canary took its share, and only its share, before it was stopped.
     assert!(result.failed > 0, "{result:?}");
     assert!(result.failed < result.ok, "{result:?}");
-    let after = Load::start(format!("{}/faulty/", c.gateway));
-    assert!(poll(Duration::from_secs(10), || {
-        c.api_json("/v1/events?app=faulty")
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["reason"] == "Aborted")
-    }));
-    let result = after.stop();
-    assert_eq!(result.failed, 0, "{result:?}");
+    // Back on v1 alone: every request succeeds.
+    let http = common::client();
+    for _ in 0..200 {
+        let resp = http.get(format!("{}/faulty/", c.gateway)).send().unwrap();
+        assert_eq!(resp.status(), 200);
+    }
 
     // v3 is healthy: it walks 25% and 50% and is promoted to every replica.
     let load = Load::start(format!("{}/faulty/env/VERSION", c.gateway));

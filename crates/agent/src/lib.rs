@@ -329,13 +329,21 @@ impl Agent {
             else {
                 continue;
             };
-            // Whether giving up on it here can help: some other node could take it.
-            let may_move = nodes.iter().any(|n| {
-                n.name != *me
-                    && n.state == NodeState::Ready
-                    && n.schedulable
-                    && !replica.avoid.contains(&n.name)
-            });
+            // Whether giving up on it here can help: some other node its app may use
+            // could take it. Placed on a node it was to avoid, it had nowhere else.
+            let selector = apps
+                .iter()
+                .find(|a| a.spec.key() == replica.app)
+                .map(|a| &a.spec.placement.node_selector);
+            let may_move = !replica.avoid.contains(me)
+                && nodes.iter().any(|n| {
+                    n.name != *me
+                        && n.state == NodeState::Ready
+                        && n.schedulable
+                        && !replica.avoid.contains(&n.name)
+                        && selector
+                            .is_none_or(|sel| sel.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
+                });
             let logs = LogSink::new(LOG_LINES);
             let span = tracing::info_span!("replica", id = %id, app = %replica.app);
             let task = tokio::spawn(

@@ -234,8 +234,11 @@ impl ControlPlane {
                         ),
                     ));
                 writes += 1;
-                avoid.push(node);
-                avoid.extend(r.avoid.iter().cloned());
+                for n in std::iter::once(&node).chain(&r.avoid) {
+                    if !avoid.contains(n) {
+                        avoid.push(n.clone());
+                    }
+                }
                 replaced.push(r.id.clone());
                 false
             });
@@ -263,7 +266,7 @@ impl ControlPlane {
             replicas.retain(|(r, _)| !(r.app == key && plan.delete.contains(&r.id)));
             let stable = match mode {
                 Mode::Split { stable, .. } => stable,
-                Mode::Roll => app.revision,
+                Mode::Roll | Mode::Hold => app.revision,
             };
             for (revision, count) in [(app.revision, plan.create), (stable, plan.create_stable)] {
                 if count == 0 {
@@ -274,7 +277,13 @@ impl ControlPlane {
                     tracing::warn!(app = %key, revision, "app points at a missing revision");
                     continue;
                 };
-                for _ in 0..count {
+                for i in 0..count {
+                    // Only the replacements keep off the nodes that failed them.
+                    let avoid = if revision.number == app.revision && i < replaced.len() {
+                        avoid.clone()
+                    } else {
+                        Vec::new()
+                    };
                     new_replicas.push(Replica {
                         id: format!("{}-{}-{}", key.name, revision.number, short_id()),
                         app: key.clone(),
@@ -287,7 +296,7 @@ impl ControlPlane {
                         exit_code: None,
                         restarts: 0,
                         reason: None,
-                        avoid: avoid.clone(),
+                        avoid,
                         created_at: now,
                         updated_at: now,
                     });
@@ -397,9 +406,9 @@ impl ControlPlane {
             status.stable,
             status.step_started_at,
         ) {
-            (Some((canary, _)), Some(stable), Some(since)) => Some((
-                self.inner.metrics.sum(&key, |r| r == canary, since),
-                self.inner.metrics.sum(&key, |r| r == stable, since),
+            (Some((canary, _)), Some(stable), Some(step)) => Some((
+                self.inner.metrics.since_step(&key, canary, step),
+                self.inner.metrics.since_step(&key, stable, step),
             )),
             _ => None,
         };
@@ -412,7 +421,7 @@ impl ControlPlane {
             let txn = self.roll_back(txn, app, app_rev, &decision.status, mod_rev, rb)?;
             return Ok(Advanced::RolledBack(txn));
         }
-        let mode = rollout::mode(app, Some(&decision.status), replicas);
+        let mode = rollout::mode(app, Some(&decision.status));
         let unchanged = previous
             .as_ref()
             .is_some_and(|(s, _)| *s == decision.status);

@@ -13,60 +13,59 @@ use shoal_core::{
 };
 use shoal_scheduler::rollout::RollBack;
 use shoal_store::{Op, Txn};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
-/// How long gateway measurements are kept: longer than any sensible analysis window.
-const METRICS_RETENTION_MS: Millis = 15 * 60_000;
-
-/// Gateway measurements, per app revision, in arrival order. In memory only: a
-/// restarted control plane judges a canary step on what arrives after it.
+/// Gateway measurements: running totals per app revision since this control
+/// plane started, and per app the totals when its current canary step began,
+/// so a step is judged on the difference. Memory stays one entry per revision
+/// that served, whatever the traffic. In memory only: a restarted control
+/// plane judges a canary step on what arrives after it.
 #[derive(Default)]
 pub(crate) struct Metrics {
-    samples: Mutex<HashMap<(AppKey, u64), Samples>>,
+    inner: Mutex<MetricsInner>,
 }
 
-/// One revision's reports, oldest first, with when they arrived.
-type Samples = VecDeque<(Millis, RevisionStats)>;
+#[derive(Default)]
+struct MetricsInner {
+    totals: HashMap<(AppKey, u64), RevisionStats>,
+    /// App → (step start it was taken for, totals per revision then).
+    baselines: HashMap<AppKey, (Millis, HashMap<u64, RevisionStats>)>,
+}
 
 impl Metrics {
-    pub(crate) fn record(&self, now: Millis, stats: Vec<RevisionStats>) {
-        let mut samples = self.samples.lock().expect("metrics lock");
+    pub(crate) fn record(&self, stats: Vec<RevisionStats>) {
+        let mut inner = self.inner.lock().expect("metrics lock");
         for s in stats {
-            samples
+            inner
+                .totals
                 .entry((s.app.clone(), s.revision))
-                .or_default()
-                .push_back((now, s));
+                .or_insert_with(|| RevisionStats::new(s.app.clone(), s.revision))
+                .merge(&s);
         }
-        for q in samples.values_mut() {
-            while q
-                .front()
-                .is_some_and(|(t, _)| now.saturating_sub(*t) > METRICS_RETENTION_MS)
-            {
-                q.pop_front();
-            }
-        }
-        samples.retain(|_, q| !q.is_empty());
     }
 
-    /// Everything recorded for `app`'s revisions that `which` selects, since `since`.
-    pub(crate) fn sum(
-        &self,
-        app: &AppKey,
-        which: impl Fn(u64) -> bool,
-        since: Millis,
-    ) -> RevisionStats {
-        let samples = self.samples.lock().expect("metrics lock");
-        let mut total = RevisionStats::new(app.clone(), 0);
-        for ((a, rev), q) in samples.iter() {
-            if a != app || !which(*rev) {
-                continue;
-            }
-            for (_, s) in q.iter().filter(|(t, _)| *t >= since) {
-                total.merge(s);
-            }
+    /// What `app`'s revision `revision` served since the step that started at
+    /// `step`: counted from the first time anyone asks about that step.
+    pub(crate) fn since_step(&self, app: &AppKey, revision: u64, step: Millis) -> RevisionStats {
+        let mut guard = self.inner.lock().expect("metrics lock");
+        let inner = &mut *guard;
+        let fresh = inner.baselines.get(app).is_none_or(|(t, _)| *t != step);
+        if fresh {
+            let now: HashMap<u64, RevisionStats> = inner
+                .totals
+                .iter()
+                .filter(|((a, _), _)| a == app)
+                .map(|((_, rev), s)| (*rev, s.clone()))
+                .collect();
+            inner.baselines.insert(app.clone(), (step, now));
         }
-        total
+        let zero = RevisionStats::new(app.clone(), revision);
+        let total = inner.totals.get(&(app.clone(), revision)).unwrap_or(&zero);
+        match inner.baselines.get(app).and_then(|(_, b)| b.get(&revision)) {
+            Some(base) => total.since(base),
+            None => total.clone(),
+        }
     }
 }
 
@@ -150,14 +149,13 @@ impl ControlPlane {
         counts.sort_by_key(|c| std::cmp::Reverse(c.revision));
         let split = status.as_ref().and_then(|s| s.split(&app.spec.rollout));
         let (canary, stable) = match (&status, split) {
-            (Some(s), Some((c, _))) => {
-                let since = s.step_started_at.unwrap_or(now_ms());
-                let stable = s.stable.unwrap_or_default();
-                (
-                    Some(self.inner.metrics.sum(key, |r| r == c, since)),
-                    Some(self.inner.metrics.sum(key, |r| r == stable, since)),
-                )
-            }
+            (Some(s), Some((c, _))) => match (s.step_started_at, s.stable) {
+                (Some(step), Some(stable)) => (
+                    Some(self.inner.metrics.since_step(key, c, step)),
+                    Some(self.inner.metrics.since_step(key, stable, step)),
+                ),
+                _ => (None, None),
+            },
             _ => (None, None),
         };
         Ok(RolloutView {
@@ -286,7 +284,10 @@ impl ControlPlane {
             }
         };
         status.message = message.clone();
+        // Guarded by the app too: an apply landing meanwhile starts a new rollout,
+        // and this action must not silently go to the one it replaced.
         let txn = Txn::new()
+            .when_mod_revision(keys::app(key), app_rev)
             .when_mod_revision(keys::rollout(key), status_rev)
             .then(Op::put(keys::rollout(key), encode(&status)))
             .then(self.event_op(
@@ -378,7 +379,7 @@ impl ControlPlane {
 
     /// Gateway measurements from a node, counted from now.
     pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
-        self.inner.metrics.record(now_ms(), stats);
+        self.inner.metrics.record(stats);
     }
 
     /// An incident on a node's replica becomes an event, if the node runs it.
@@ -423,7 +424,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_sum_by_revision_and_time() {
+    fn a_step_counts_from_its_start() {
         let m = Metrics::default();
         let app = AppKey::new("default", "a");
         let stats = |rev, requests| {
@@ -431,14 +432,17 @@ mod tests {
             s.requests = requests;
             s
         };
-        m.record(1_000, vec![stats(1, 10), stats(2, 1)]);
-        m.record(2_000, vec![stats(1, 20), stats(2, 2)]);
-        assert_eq!(m.sum(&app, |r| r == 2, 0).requests, 3);
-        assert_eq!(m.sum(&app, |r| r != 2, 1_500).requests, 20);
-        assert_eq!(m.sum(&AppKey::new("x", "a"), |_| true, 0).requests, 0);
-        // Old samples age out.
-        m.record(2_000 + METRICS_RETENTION_MS + 1, vec![stats(1, 1)]);
-        assert_eq!(m.sum(&app, |r| r == 1, 0).requests, 1);
-        assert_eq!(m.sum(&app, |r| r == 2, 0).requests, 0);
+        m.record(vec![stats(1, 10), stats(2, 1)]);
+        // The first question about a step starts its count.
+        assert_eq!(m.since_step(&app, 2, 100).requests, 0);
+        m.record(vec![stats(1, 20), stats(2, 2)]);
+        assert_eq!(m.since_step(&app, 2, 100).requests, 2);
+        assert_eq!(m.since_step(&app, 1, 100).requests, 20);
+        // A revision first seen during the step counts whole.
+        m.record(vec![stats(3, 5)]);
+        assert_eq!(m.since_step(&app, 3, 100).requests, 5);
+        // The next step starts over.
+        assert_eq!(m.since_step(&app, 2, 200).requests, 0);
+        assert_eq!(m.since_step(&AppKey::new("x", "a"), 2, 200).requests, 0);
     }
 }

@@ -360,7 +360,12 @@ impl ControlPlane {
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
         let now = now_ms();
-        let latest_revision = self.list::<Revision>(&keys::revisions_of(&key))?.pop();
+        let revisions = self.list::<Revision>(&keys::revisions_of(&key))?;
+        let latest_revision = revisions.last();
+        // What runs now: after an automatic rollback, not the latest revision.
+        let current_revision = existing
+            .as_ref()
+            .and_then(|(a, _)| revisions.iter().find(|r| r.number == a.revision));
         let template = spec.template();
         let hash = template.hash();
 
@@ -373,14 +378,10 @@ impl ControlPlane {
                     Some((old, _)) => diff(&old.spec, &spec),
                     None => vec![],
                 };
-                let same_template = latest_revision.as_ref().is_some_and(|r| {
-                    r.hash == hash
-                        && existing
-                            .as_ref()
-                            .is_some_and(|(a, _)| a.revision == r.number)
-                });
-                let (revision, new_revision) = if same_template {
-                    (latest_revision.as_ref().map_or(1, |r| r.number), None)
+                let (revision, new_revision) = if let Some(r) =
+                    current_revision.filter(|r| r.hash == hash)
+                {
+                    (r.number, None)
                 } else {
                     let number = latest_revision.as_ref().map_or(1, |r| r.number + 1);
                     let cause = if existing.is_none() {

@@ -42,6 +42,18 @@ impl Histogram {
         }
     }
 
+    /// What was recorded after `base` was taken from the same histogram.
+    pub fn since(&self, base: &Histogram) -> Histogram {
+        Histogram {
+            counts: self
+                .counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.saturating_sub(base.counts.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
     pub fn total(&self) -> u64 {
         self.counts.iter().sum()
     }
@@ -99,6 +111,17 @@ impl RevisionStats {
         self.latency.merge(&other.latency);
     }
 
+    /// What was counted after `base` was taken from the same running totals.
+    pub fn since(&self, base: &RevisionStats) -> RevisionStats {
+        RevisionStats {
+            app: self.app.clone(),
+            revision: self.revision,
+            requests: self.requests.saturating_sub(base.requests),
+            errors: self.errors.saturating_sub(base.errors),
+            latency: self.latency.since(&base.latency),
+        }
+    }
+
     pub fn error_rate(&self) -> f64 {
         if self.requests == 0 {
             0.0
@@ -139,8 +162,16 @@ mod tests {
         b.errors = 3;
         b.latency.record(3.0);
         b.latency.record(800.0);
+        let before = a.clone();
         a.merge(&b);
         assert_eq!((a.requests, a.errors), (40, 4));
+        assert_eq!(
+            a.since(&before),
+            RevisionStats {
+                revision: 1,
+                ..b.clone()
+            }
+        );
         assert_eq!(a.latency.total(), 3);
         assert!((a.error_rate() - 0.1).abs() < 1e-9);
     }

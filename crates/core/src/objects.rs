@@ -2,7 +2,7 @@
 //! Each is written by exactly one controller or API handler; see
 //! ARCHITECTURE.md for who owns what.
 
-use crate::spec::{AppKey, AppSpec, Kind, Resources, Rollout, Strategy, Template};
+use crate::spec::{AppKey, AppSpec, CanaryStep, Kind, Resources, Rollout, Strategy, Template};
 use crate::wasm::WasmKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -125,13 +125,26 @@ pub struct RolloutStatus {
 }
 
 impl RolloutStatus {
-    /// The canary traffic split in force, if any: (canary revision, percent).
-    pub fn split(&self, rollout: &Rollout) -> Option<(u64, u8)> {
-        let step = rollout.steps.get(self.step)?;
-        (self.phase == RolloutPhase::Progressing
+    /// The canary step in progress, if any.
+    pub fn canary_step<'a>(&self, rollout: &'a Rollout) -> Option<&'a CanaryStep> {
+        let canary = self.phase == RolloutPhase::Progressing
             && self.strategy == Strategy::Canary
-            && self.stable.is_some_and(|s| s != self.revision))
-        .then_some((self.revision, step.weight))
+            && self.stable.is_some_and(|s| s != self.revision);
+        rollout.steps.get(self.step).filter(|_| canary)
+    }
+
+    /// The traffic split in force: (canary revision, percent). A step's weight
+    /// applies once its replicas are all ready (its clock started); until then
+    /// the previous step's does, so a few canary replicas never take a bigger
+    /// step's share.
+    pub fn split(&self, rollout: &Rollout) -> Option<(u64, u8)> {
+        let step = self.canary_step(rollout)?;
+        let weight = match (self.step_started_at, self.step) {
+            (Some(_), _) => step.weight,
+            (None, 0) => 0,
+            (None, n) => rollout.steps[n - 1].weight,
+        };
+        Some((self.revision, weight))
     }
 }
 

@@ -16,12 +16,14 @@ pub enum Mode {
     /// Every replica runs `app.revision`; others are replaced, new before old.
     Roll,
     /// `canary` replicas of `app.revision` and `stable_replicas` of `stable`: a
-    /// canary step, or a rollout paused where it stands.
+    /// canary step.
     Split {
         stable: u64,
         canary: u32,
         stable_replicas: u32,
     },
+    /// A paused rollout: nothing is created or removed until it resumes.
+    Hold,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +61,7 @@ pub fn reconcile(
     mode: Mode,
 ) -> Plan {
     match mode {
+        Mode::Hold => Plan::default(),
         Mode::Roll => {
             let (create, delete) = roll(
                 &app.spec,

@@ -69,7 +69,7 @@ pub fn start(app: &App, previous: Option<&RolloutStatus>, now: Millis) -> Rollou
 }
 
 /// The replica counts the rollout asks for now.
-pub fn mode(app: &App, status: Option<&RolloutStatus>, replicas: &[Replica]) -> Mode {
+pub fn mode(app: &App, status: Option<&RolloutStatus>) -> Mode {
     let Some(s) = status.filter(|s| s.revision == app.revision && !s.phase.is_done()) else {
         return Mode::Roll;
     };
@@ -77,26 +77,26 @@ pub fn mode(app: &App, status: Option<&RolloutStatus>, replicas: &[Replica]) -> 
         return Mode::Roll;
     };
     let n = app.spec.replicas;
-    if let Some((_, weight)) = s.split(&app.spec.rollout) {
+    if s.paused {
+        return Mode::Hold;
+    }
+    if let Some(step) = s.canary_step(&app.spec.rollout) {
         return Mode::Split {
             stable,
-            canary: Rollout::canary_replicas(n, weight),
+            canary: Rollout::canary_replicas(n, step.weight),
             stable_replicas: n,
         };
     }
-    if s.paused {
-        let have = replicas
-            .iter()
-            .filter(|r| r.revision == app.revision && !r.phase.is_terminal())
-            .count()
-            .min(n as usize) as u32;
-        return Mode::Split {
-            stable,
-            canary: have,
-            stable_replicas: n - have,
-        };
-    }
     Mode::Roll
+}
+
+/// `30s`, `1.5s`, `250ms`.
+fn human_ms(ms: u64) -> String {
+    match ms {
+        ms if ms >= 1000 && ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms if ms >= 1000 => format!("{:.1}s", ms as f64 / 1000.0),
+        ms => format!("{ms}ms"),
+    }
 }
 
 /// Whether the canary is worse than the stable revision, and why.
@@ -156,7 +156,10 @@ pub fn decide(
         event,
         roll_back,
     };
-    if status.phase.is_done() || status.revision != app.revision {
+    // A new app's rollout that missed its deadline still completes when it gets
+    // there, so its revision becomes the stable one later rollouts fall back to.
+    let late = status.phase == RolloutPhase::Failed;
+    if (status.phase.is_done() && !late) || status.revision != app.revision {
         return decision(next, None, None);
     }
     let spec = &app.spec.rollout;
@@ -207,8 +210,8 @@ pub fn decide(
     let mut event = None;
     // A timed canary pause is waiting, not being stuck.
     let mut clock_from = next.progressed_at;
-    if let (Some(stable), Some((_, weight))) = (fallback, status.split(spec)) {
-        let step = &spec.steps[status.step];
+    if let (Some(stable), Some(step)) = (fallback, status.canary_step(spec)) {
+        let weight = step.weight;
         let want = Rollout::canary_replicas(n, weight);
         let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
         match status.step_started_at {
@@ -256,12 +259,13 @@ pub fn decide(
                         );
                     }
                     Some(pause) if passed_ms < pause => {
+                        // Fixed text: the status is written only when it changes.
                         clock_from = clock_from.max(started + pause);
                         next.message = format!(
-                            "step {}/{}: {weight}% to revision {target} for {}s more{}",
+                            "step {}/{}: {weight}% to revision {target} for {}{}",
                             status.step + 1,
                             spec.steps.len(),
-                            (pause - passed_ms).div_ceil(1000),
+                            human_ms(pause),
                             match &verdict {
                                 Verdict::Wait(w) => format!(" ({w})"),
                                 _ => String::new(),
@@ -310,6 +314,9 @@ pub fn decide(
                 Some((EventType::Normal, "RolledOut", next.message)),
                 None,
             );
+        }
+        if late {
+            return decision(status.clone(), None, None);
         }
         next.message = format!(
             "{ready}/{n} replicas of revision {target} ready, {old} of older revisions left"
@@ -495,16 +502,14 @@ mod tests {
             replica("o3", 1, Phase::Ready),
             replica("n1", 2, Phase::Ready),
         ];
+        assert_eq!(mode(&a, Some(&s)), Mode::Hold);
         assert_eq!(
-            mode(&a, Some(&s), &rs),
-            Mode::Split {
-                stable: 1,
-                canary: 1,
-                stable_replicas: 3
-            }
+            crate::reconcile(&a, &rs, |_| false, Mode::Hold),
+            crate::Plan::default()
         );
         s.paused = false;
-        assert_eq!(mode(&a, Some(&s), &rs), Mode::Roll);
+        assert_eq!(mode(&a, Some(&s)), Mode::Roll);
+        assert_eq!(crate::reconcile(&a, &rs, |_| false, Mode::Roll).create, 1);
     }
 
     #[test]
@@ -512,7 +517,7 @@ mod tests {
         let a = app(4, 2, CANARY);
         let s = rolling_to_2(&a);
         assert_eq!(
-            mode(&a, Some(&s), &[]),
+            mode(&a, Some(&s)),
             Mode::Split {
                 stable: 1,
                 canary: 1,
@@ -538,7 +543,7 @@ mod tests {
         let d = decide(&a, &d.status, &rs, Some(good), 12_001);
         assert_eq!((d.status.step, d.status.step_started_at), (1, None));
         assert_eq!(
-            mode(&a, Some(&d.status), &rs),
+            mode(&a, Some(&d.status)),
             Mode::Split {
                 stable: 1,
                 canary: 2,
@@ -551,7 +556,7 @@ mod tests {
         assert_eq!(d.status.step, 2);
         assert_eq!(d.event.unwrap().1, "Promoted");
         // Promoted: an ordinary rolling update to 4 new replicas finishes it.
-        assert_eq!(mode(&a, Some(&d.status), &rs), Mode::Roll);
+        assert_eq!(mode(&a, Some(&d.status)), Mode::Roll);
         assert_eq!(d.status.split(&a.spec.rollout), None);
     }
 
@@ -640,5 +645,66 @@ mod tests {
         assert!(d.roll_back.is_none());
         assert_eq!(d.status.step, 0);
         assert!(d.status.message.contains("promote"), "{}", d.status.message);
+    }
+
+    #[test]
+    fn a_step_weight_applies_once_its_replicas_are_ready() {
+        let a = app(4, 2, CANARY);
+        let mut s = rolling_to_2(&a);
+        // Before the first step's canary is ready, stable takes everything.
+        assert_eq!(s.split(&a.spec.rollout), Some((2, 0)));
+        s.step_started_at = Some(1);
+        assert_eq!(s.split(&a.spec.rollout), Some((2, 25)));
+        // The next step keeps the last weight until its extra replicas are ready.
+        s.step = 1;
+        s.step_started_at = None;
+        assert_eq!(s.split(&a.spec.rollout), Some((2, 25)));
+        assert_eq!(
+            mode(&a, Some(&s)),
+            Mode::Split {
+                stable: 1,
+                canary: 2,
+                stable_replicas: 4
+            }
+        );
+        s.step_started_at = Some(2);
+        assert_eq!(s.split(&a.spec.rollout), Some((2, 50)));
+    }
+
+    #[test]
+    fn the_status_does_not_change_while_a_step_waits() {
+        let a = app(4, 2, CANARY);
+        let mut s = rolling_to_2(&a);
+        s.step_started_at = Some(1_000);
+        s.ready = 1;
+        let rs = [
+            replica("o1", 1, Phase::Ready),
+            replica("c1", 2, Phase::Ready),
+        ];
+        let good = Measured {
+            canary: &stats(50, 0, 3.0),
+            stable: &stats(150, 0, 3.0),
+        };
+        let first = decide(&a, &s, &rs, Some(good), 2_000).status;
+        let later = decide(&a, &first, &rs, Some(good), 7_000).status;
+        assert_eq!(first, later);
+    }
+
+    #[test]
+    fn a_new_apps_failed_rollout_still_completes_later() {
+        let a = app(2, 1, "[rollout]\nprogress_deadline = \"30s\"\n");
+        let s = start(&a, None, 0);
+        let stuck = [replica("n1", 1, Phase::Starting)];
+        let failed = decide(&a, &s, &stuck, None, 31_000).status;
+        assert_eq!(failed.phase, RolloutPhase::Failed);
+        // Still stuck: nothing to write.
+        assert_eq!(decide(&a, &failed, &stuck, None, 50_000).status, failed);
+        let ready = [
+            replica("n1", 1, Phase::Ready),
+            replica("n2", 1, Phase::Ready),
+        ];
+        let d = decide(&a, &failed, &ready, None, 60_000);
+        assert_eq!(d.status.phase, RolloutPhase::Complete);
+        assert_eq!(d.status.stable, Some(1));
     }
 }
