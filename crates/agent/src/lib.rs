@@ -657,43 +657,31 @@ impl Agent {
                     if last_restart.elapsed() >= BACKOFF_RESET {
                         recent_restarts = 0;
                     }
-                    if recent_restarts >= LIVENESS_RESTARTS && !may_move {
+                    if recent_restarts >= LIVENESS_RESTARTS {
                         self.inner
                             .gateway
                             .remove_endpoint(&replica.app, &replica.id);
-                        let delay = backoff.after(last_restart.elapsed());
-                        let message = format!(
-                            "liveness probe failed {live_failures} times ({why}); no other node to move to, restarting in {delay:?}"
-                        );
+                        // Given up to be replaced elsewhere, or (nowhere else to go)
+                        // restarted here ever more slowly.
+                        let (phase, reason, delay, message) = if may_move {
+                            let message = format!(
+                                "liveness probe failed {live_failures} times ({why}) after {recent_restarts} restarts; giving up on this node"
+                            );
+                            (Phase::Failed, Some(LIVENESS_FAILED), None, message)
+                        } else {
+                            let delay = backoff.after(last_restart.elapsed());
+                            let message = format!(
+                                "liveness probe failed {live_failures} times ({why}); no other node to move to, restarting in {delay:?}"
+                            );
+                            (Phase::Unready, None, Some(delay), message)
+                        };
                         logs.push_system(&message);
-                        self.report_status(
-                            replica,
-                            Phase::Unready,
-                            Some(message),
-                            None,
-                            restarts,
-                            None,
-                        )
-                        .await;
-                        tokio::time::sleep(delay).await;
-                    } else if recent_restarts >= LIVENESS_RESTARTS {
-                        let message = format!(
-                            "liveness probe failed {live_failures} times ({why}) after {recent_restarts} restarts; giving up on this node"
-                        );
-                        logs.push_system(&message);
-                        self.inner
-                            .gateway
-                            .remove_endpoint(&replica.app, &replica.id);
-                        self.report_status(
-                            replica,
-                            Phase::Failed,
-                            Some(message),
-                            None,
-                            restarts,
-                            Some(LIVENESS_FAILED),
-                        )
-                        .await;
-                        return;
+                        self.report_status(replica, phase, Some(message), None, restarts, reason)
+                            .await;
+                        match delay {
+                            Some(delay) => tokio::time::sleep(delay).await,
+                            None => return,
+                        }
                     }
                     let message =
                         format!("liveness probe failed {live_failures} times ({why}); restarted");

@@ -7,6 +7,8 @@
 mod placement;
 mod reconcile;
 pub mod rollout;
+#[cfg(test)]
+mod testing;
 
 pub use placement::{Cluster, NodeInfo, Placement, Request, Strategy, Unschedulable, place};
 pub use reconcile::{Mode, Plan, reconcile};

@@ -165,48 +165,13 @@ fn roll(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::spec::{AppKey, parse_app};
 
     fn app(kind: &str, replicas: u32, revision: u64) -> App {
-        let http = if kind == "http" {
-            "[http]\nroutes = [\"/a\"]\n"
-        } else {
-            ""
-        };
-        let src = format!(
-            "name = \"a\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"{kind}\"\n[scale]\nreplicas = {replicas}\n{http}",
-            "a".repeat(64)
-        );
-        let spec = parse_app(&src)
-            .unwrap()
-            .resolve(format!("sha256:{}", "a".repeat(64)))
-            .unwrap();
-        App {
-            spec,
-            revision,
-            created_at: 0,
-            updated_at: 0,
-        }
+        crate::testing::app_with(kind, replicas, revision, "")
     }
 
     fn replica(id: &str, revision: u64, phase: Phase, created_at: u64) -> Replica {
-        let a = app("http", 1, revision);
-        Replica {
-            id: id.into(),
-            app: AppKey::new("default", "a"),
-            revision,
-            kind: Kind::Http,
-            resources: a.spec.resources.clone(),
-            node: Some("n".into()),
-            phase,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: vec![],
-            created_at,
-            updated_at: created_at,
-        }
+        crate::testing::replica_at(id, revision, phase, created_at)
     }
 
     #[test]

@@ -360,43 +360,14 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::Kind;
-    use shoal_core::spec::{AppKey, CanaryStep, parse_app};
+    use shoal_core::spec::{AppKey, CanaryStep};
 
     fn app(replicas: u32, revision: u64, rollout: &str) -> App {
-        let src = format!(
-            "name = \"a\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"http\"\n[scale]\nreplicas = {replicas}\n[http]\nroutes = [\"/a\"]\n{rollout}",
-            "a".repeat(64)
-        );
-        let spec = parse_app(&src)
-            .unwrap()
-            .resolve(format!("sha256:{}", "a".repeat(64)))
-            .unwrap();
-        App {
-            spec,
-            revision,
-            created_at: 0,
-            updated_at: 0,
-        }
+        crate::testing::app_with("http", replicas, revision, rollout)
     }
 
     fn replica(id: &str, revision: u64, phase: Phase) -> Replica {
-        Replica {
-            id: id.into(),
-            app: AppKey::new("default", "a"),
-            revision,
-            kind: Kind::Http,
-            resources: app(1, 1, "").spec.resources,
-            node: Some("n".into()),
-            phase,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: vec![],
-            created_at: 0,
-            updated_at: 0,
-        }
+        crate::testing::replica_at(id, revision, phase, 0)
     }
 
     fn stats(requests: u64, errors: u64, latency_ms: f64) -> RevisionStats {

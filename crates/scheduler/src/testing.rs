@@ -1,0 +1,47 @@
+//! Apps and replicas for the unit tests of reconcile and rollout decisions.
+
+use shoal_core::spec::{AppKey, parse_app};
+use shoal_core::{App, Kind, Phase, Replica};
+
+/// App `default/a` of `kind` at `revision`, with `extra` TOML (e.g. a `[rollout]`) appended.
+pub fn app_with(kind: &str, replicas: u32, revision: u64, extra: &str) -> App {
+    let http = if kind == "http" {
+        "[http]\nroutes = [\"/a\"]\n"
+    } else {
+        ""
+    };
+    let src = format!(
+        "name = \"a\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"{kind}\"\n[scale]\nreplicas = {replicas}\n{http}{extra}",
+        "a".repeat(64)
+    );
+    let spec = parse_app(&src)
+        .unwrap()
+        .resolve(format!("sha256:{}", "a".repeat(64)))
+        .unwrap();
+    App {
+        spec,
+        revision,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
+/// An http replica of `default/a` placed on node `n`.
+pub fn replica_at(id: &str, revision: u64, phase: Phase, created_at: u64) -> Replica {
+    Replica {
+        id: id.into(),
+        app: AppKey::new("default", "a"),
+        revision,
+        kind: Kind::Http,
+        resources: app_with("http", 1, revision, "").spec.resources,
+        node: Some("n".into()),
+        phase,
+        message: None,
+        exit_code: None,
+        restarts: 0,
+        reason: None,
+        avoid: vec![],
+        created_at,
+        updated_at: created_at,
+    }
+}
