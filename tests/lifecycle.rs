@@ -108,7 +108,9 @@ fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_
     );
 }
 
-const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"30s\"\nsteps = [{ weight = 25, pause = \"1s\" }, { weight = 50, pause = \"1s\" }]\n[rollout.analysis]\nmin_requests = 20\n";
+/// Short steps; a lenient p99 bound, as latency on a busy 2-core CI machine is noise (the
+/// latency judgement is unit-tested in shoal-scheduler).
+const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"30s\"\nsteps = [{ weight = 25, pause = \"1s\" }, { weight = 50, pause = \"1s\" }]\n[rollout.analysis]\nmin_requests = 20\nmax_p99_ratio = 4.0\n";
 
 #[test]
 fn a_canary_returning_errors_is_aborted_and_a_healthy_one_is_promoted() {
