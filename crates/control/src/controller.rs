@@ -373,6 +373,9 @@ impl ControlPlane {
         if writes == 0 {
             self.prune_events()?;
             self.compact_history()?;
+            self.inner
+                .metrics
+                .retain_apps(|app| app_revs.contains_key(app));
             return Ok(false);
         }
         let resp = store.txn(txn)?;

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 /// Gateway measurements: running totals per app revision since this control
 /// plane started, and per app the totals when its current canary step began,
 /// so a step is judged on the difference. Memory stays one entry per revision
-/// that served, whatever the traffic. In memory only: a restarted control
+/// that served, whatever the traffic; deleted apps' entries are dropped. In memory only: a restarted control
 /// plane judges a canary step on what arrives after it.
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -43,6 +43,13 @@ impl Metrics {
                 .or_insert_with(|| RevisionStats::new(s.app.clone(), s.revision))
                 .merge(&s);
         }
+    }
+
+    /// Forgets the measurements of apps that are gone.
+    pub(crate) fn retain_apps(&self, keep: impl Fn(&AppKey) -> bool) {
+        let mut inner = self.inner.lock().expect("metrics lock");
+        inner.totals.retain(|(app, _), _| keep(app));
+        inner.baselines.retain(|app, _| keep(app));
     }
 
     /// What `app`'s revision `revision` served since the step that started at
@@ -444,5 +451,8 @@ mod tests {
         // The next step starts over.
         assert_eq!(m.since_step(&app, 2, 200).requests, 0);
         assert_eq!(m.since_step(&AppKey::new("x", "a"), 2, 200).requests, 0);
+        m.retain_apps(|a| a.name != "a");
+        assert_eq!(m.since_step(&app, 1, 300).requests, 0);
+        assert!(m.inner.lock().unwrap().totals.is_empty());
     }
 }
