@@ -159,6 +159,9 @@ fn misbehaving_guests_fail_alone() {
 
     let resp = c.gw("/faulty/trap");
     assert_eq!(resp.status(), 500);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "guest_trapped", "{body}");
 
     // A guest that never returns is cut at its 2 s timeout; others are served meanwhile.
     let gateway = c.gateway.clone();
@@ -185,7 +188,14 @@ fn misbehaving_guests_fail_alone() {
 
     let resp = c.gw("/faulty/oom");
     assert_eq!(resp.status(), 500);
-    assert!(resp.text().unwrap().contains("memory"));
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "out_of_memory", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("memory")),
+        "{body}"
+    );
 
     // The sandbox grants nothing: no files, no network, no env not in the spec.
     let fs = c.gw("/faulty/fs").text().unwrap();

@@ -102,7 +102,7 @@ fn replicas_spread_and_every_gateway_serves_them() {
     assert_eq!(replicas_logged.len(), 6, "{logs}");
 
     // Hops between gateways carry the cluster's secret: a client forging the
-    // internal headers is treated as any other client (no route here).
+    // internal headers without it is refused, never pinned, routed or forwarded.
     let replica = server.replicas("hello")[0]["id"]
         .as_str()
         .unwrap()
@@ -114,7 +114,10 @@ fn replicas_spread_and_every_gateway_serves_them() {
         .header("x-shoal-hop", "1")
         .send()
         .unwrap();
-    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: serde_json::Value = resp.json().unwrap();
+    assert_eq!(body["error"]["code"], "forbidden", "{body}");
 }
 
 #[test]

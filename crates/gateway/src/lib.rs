@@ -20,4 +20,4 @@ mod server;
 
 pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;
-pub use server::{Gateway, GatewayConfig, LogLookup, serve};
+pub use server::{Gateway, GatewayConfig, LogLookup, Tables, serve};

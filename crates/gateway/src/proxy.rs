@@ -29,7 +29,8 @@ pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-err
 /// Proves a hop comes from a gateway of this cluster; see `GatewayConfig::hop_secret`.
 pub(crate) const HOP_AUTH_HEADER: HeaderName =
     HeaderName::from_static(shoal_core::auth::HOP_AUTH_HEADER);
-pub(crate) const REPLICA_GONE: &str = "replica_gone";
+/// The `x-shoal-error` value (and error code) of a receiver's refusal.
+pub(crate) const REPLICA_GONE: &str = shoal_core::problem::ErrorCode::ReplicaGone.as_str();
 
 const INTERNAL_HEADERS: [HeaderName; 5] = [
     REPLICA_HEADER,
@@ -137,6 +138,13 @@ pub(crate) async fn egress(
     strip_internal(req.headers_mut());
     let response = client.request(req).await.map_err(|e| client_error(&e))?;
     Ok(response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync()))
+}
+
+/// Whether any of Shoal's internal headers is present.
+pub(crate) fn has_internal(headers: &HeaderMap) -> bool {
+    INTERNAL_HEADERS
+        .iter()
+        .any(|name| headers.contains_key(name))
 }
 
 /// Removes Shoal's internal headers so guests and the outside never see or forge them.

@@ -6,18 +6,18 @@ use crate::endpoint::{
 };
 use crate::metrics::Registry;
 use crate::outbound::ServicePolicy;
-use crate::proxy::{
-    self, APP_HEADER, ERROR_HEADER, Failure, HOP_HEADER, REPLICA_GONE, REPLICA_HEADER, Resend,
-};
+use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER, Resend};
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::metrics::RevisionStats;
+use shoal_core::problem::ErrorCode;
 use shoal_core::{Route, spec::AppKey};
+use shoal_runtime::problem_response;
 use shoal_runtime::{HttpError, HttpService, LogSink, OutboundPolicy, ResponseBody, WasiBody};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
@@ -35,9 +35,11 @@ pub struct GatewayConfig {
     /// How long connecting to another node (or a granted host) may take before that
     /// endpoint counts as unreachable.
     pub connect_timeout: Duration,
-    /// Shared by the cluster's gateways and sent on every hop between them, so a
-    /// request from outside cannot pin a replica or reach an app without routes
-    /// by forging the internal headers. `None` trusts hops from anyone (tests).
+    /// Shared by the cluster's gateways (and the control plane, for log reads) and sent
+    /// on every hop between them: a request from outside that carries internal headers
+    /// or asks for an internal path without it is refused (403, see `Gateway::access`),
+    /// so it cannot pin a replica, reach an app without routes, or read logs. `None`
+    /// trusts anyone (tests).
     pub hop_secret: Option<String>,
 }
 
@@ -55,6 +57,20 @@ type EndpointMap = HashMap<AppKey, Arc<[Arc<Endpoint>]>>;
 
 /// Where an app's requests may go. Splits live under the endpoints' lock so a request
 /// takes one lock to read both.
+/// Everything a node's gateway routes by, from the cluster state: see
+/// [`Gateway::set_tables`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tables {
+    /// Every http app's routes: every gateway serves every app.
+    pub routes: Vec<(Route, AppKey)>,
+    /// Apps other apps may call by name; see [`Gateway::set_services`].
+    pub services: Vec<AppKey>,
+    /// Ready replicas on other Ready nodes, reached through their gateways.
+    pub remotes: HashMap<AppKey, Vec<RemoteReplica>>,
+    /// Canary steps: an app's traffic split by weight between two revisions.
+    pub splits: HashMap<AppKey, Split>,
+}
+
 #[derive(Default)]
 struct Pool {
     endpoints: EndpointMap,
@@ -109,6 +125,19 @@ impl Gateway {
         &self.inner.client
     }
 
+    /// Replaces routes, services, canary splits and remote endpoints at once,
+    /// holding every lock they live under (in the order lookups take them), so no
+    /// request sees one table new and another old.
+    pub fn set_tables(&self, tables: Tables) {
+        let mut services = self.inner.services.write().expect("services lock");
+        let mut pool = self.inner.pool.write().expect("endpoint lock");
+        let mut table = self.inner.table.write().expect("routing lock");
+        *services = tables.services.into_iter().collect();
+        pool.splits = tables.splits;
+        replace_remotes(&self.inner.metrics, &mut pool.endpoints, tables.remotes);
+        *table = Arc::new(RoutingTable::new(tables.routes));
+    }
+
     /// Replaces the whole routing table.
     pub fn set_routes(&self, routes: Vec<(Route, AppKey)>) {
         *self.inner.table.write().expect("routing lock") = Arc::new(RoutingTable::new(routes));
@@ -140,14 +169,9 @@ impl Gateway {
         *self.inner.logs.write().expect("logs lock") = Some(lookup);
     }
 
-    /// A local replica's output as `replica stream line` lines; only for peers
-    /// that prove they belong to the cluster.
+    /// A local replica's output as `replica stream line` lines. Internal: reached only
+    /// through [`Gateway::serve_internal`].
     fn serve_logs(&self, req: &Request<WasiBody>) -> Response<ResponseBody> {
-        let authed = self.inner.config.hop_secret.is_none()
-            || req.headers().contains_key(proxy::HOP_AUTH_HEADER);
-        if !authed {
-            return error(StatusCode::FORBIDDEN, "forbidden", "internal endpoint");
-        }
         let replica = req.uri().path().trim_start_matches(LOGS_PATH);
         let tail = req
             .uri()
@@ -157,11 +181,7 @@ impl Gateway {
             .unwrap_or(usize::MAX);
         let lookup = self.inner.logs.read().expect("logs lock").clone();
         let Some(sink) = lookup.and_then(|f| f(replica)) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such replica on this node",
-            );
+            return problem_response(ErrorCode::NotFound, "no such replica on this node");
         };
         let (lines, _) = sink.lines(0);
         let skip = lines.len().saturating_sub(tail);
@@ -179,14 +199,46 @@ impl Gateway {
             .expect("static response parts are valid")
     }
 
-    /// Whether a request carrying internal headers really comes from a peer gateway.
-    fn trusted_hop(&self, headers: &http::HeaderMap) -> bool {
-        match &self.inner.config.hop_secret {
-            None => true,
-            Some(secret) => headers
-                .get(proxy::HOP_AUTH_HEADER)
-                .is_some_and(|v| v.as_bytes() == secret.as_bytes()),
+    /// The one check between the public listener and the node's internal surface (log reads
+    /// under [`LOGS_PATH`], hops pinned by `x-shoal-*` headers), made before anything else
+    /// looks at the request. A request that asks for neither is public; one that does must
+    /// carry the cluster's hop secret, or it is refused whole: never served internally, never
+    /// routed or forwarded with those headers. Without a configured secret (tests) every
+    /// request is trusted.
+    fn access<B>(&self, req: &Request<B>) -> Access {
+        let asks = is_logs_path(req) || proxy::has_internal(req.headers());
+        if !asks {
+            return Access::Public;
         }
+        let verified = match &self.inner.config.hop_secret {
+            None => true,
+            Some(secret) => req
+                .headers()
+                .get(proxy::HOP_AUTH_HEADER)
+                .is_some_and(|v| same_secret(v.as_bytes(), secret.as_bytes())),
+        };
+        if verified {
+            Access::Internal
+        } else {
+            Access::Refused
+        }
+    }
+
+    /// A request [`Gateway::access`] let through: a log read (from the control plane) or a
+    /// hop from another gateway, which is served here by the replica it names or refused,
+    /// never forwarded again.
+    async fn serve_internal(&self, req: Request<WasiBody>) -> Response<ResponseBody> {
+        if is_logs_path(&req) {
+            return self.serve_logs(&req);
+        }
+        let span = tracing::debug_span!(
+            "request",
+            method = %req.method(),
+            path = %req.uri().path(),
+            app = field::Empty,
+            replica = field::Empty,
+        );
+        self.serve_pinned(req).instrument(span).await
     }
 
     pub(crate) fn knows(&self, app: &AppKey) -> bool {
@@ -248,49 +300,7 @@ impl Gateway {
     /// A replica that is also local stays local.
     pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<RemoteReplica>>) {
         let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
-        let mut next = EndpointMap::new();
-        for (app, list) in map.iter() {
-            let locals: Vec<Arc<Endpoint>> =
-                list.iter().filter(|e| e.is_local()).cloned().collect();
-            if !locals.is_empty() {
-                next.insert(app.clone(), locals.into());
-            }
-        }
-        for (app, replicas) in remote {
-            let old = map.get(&app);
-            let mut list: Vec<Arc<Endpoint>> =
-                next.get(&app).map(|l| l.to_vec()).unwrap_or_default();
-            for r in replicas {
-                if list.iter().any(|e| e.replica == r.replica) {
-                    continue;
-                }
-                let kept = old
-                    .and_then(|l| {
-                        l.iter().find(|e| {
-                            e.replica == r.replica
-                                && e.revision == r.revision
-                                && e.node_gateway() == Some(&r.gateway)
-                        })
-                    })
-                    .cloned();
-                let endpoint = match kept {
-                    Some(e) => {
-                        e.set_down(false);
-                        e
-                    }
-                    None => {
-                        let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
-                        e.counters = self.inner.metrics.counters(&app, r.revision);
-                        Arc::new(e)
-                    }
-                };
-                list.push(endpoint);
-            }
-            if !list.is_empty() {
-                next.insert(app, list.into());
-            }
-        }
-        *map = next;
+        replace_remotes(&self.inner.metrics, map, remote);
     }
 
     /// Replica ids of an app's endpoints in rotation (ready, and not marked down).
@@ -330,12 +340,22 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
-        let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
-        if !self.trusted_hop(req.headers()) {
-            proxy::strip_internal(req.headers_mut());
-        }
-        if req.uri().path().starts_with(LOGS_PATH) {
-            return self.serve_logs(&req);
+        let req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        match self.access(&req) {
+            Access::Public => {}
+            Access::Internal => return self.serve_internal(req).await,
+            Access::Refused => {
+                tracing::debug!(
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    "refused an internal request without the hop secret"
+                );
+                return problem_response(
+                    ErrorCode::Forbidden,
+                    "internal endpoint: x-shoal-* headers and /_shoal/ paths are for the \
+                     cluster's own gateways and control plane",
+                );
+            }
         }
         let span = tracing::debug_span!(
             "request",
@@ -345,10 +365,6 @@ impl Gateway {
             replica = field::Empty,
         );
         async move {
-            if req.headers().contains_key(REPLICA_HEADER) || req.headers().contains_key(HOP_HEADER)
-            {
-                return self.serve_pinned(req).await;
-            }
             let host = request_host(&req);
             let app = {
                 let table = self.inner.table.read().expect("routing lock");
@@ -357,9 +373,8 @@ impl Gateway {
                     .map(|(_, app)| app.clone())
             };
             let Some(app) = app else {
-                return error(
-                    StatusCode::NOT_FOUND,
-                    "no_route",
+                return problem_response(
+                    ErrorCode::NoRoute,
                     &format!(
                         "no app serves {}{} on this gateway",
                         host.as_deref().unwrap_or(""),
@@ -394,9 +409,8 @@ impl Gateway {
         let endpoints = endpoints.unwrap_or_else(|| Arc::from([]));
         let group = Group::draw(split);
         let Some(first) = pick(&endpoints, group) else {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_ready_replicas",
+            return problem_response(
+                ErrorCode::NoReadyReplicas,
                 &format!("app {app} has no ready replicas"),
             );
         };
@@ -517,20 +531,19 @@ impl Gateway {
                 match tokio::time::timeout(self.inner.config.queue_timeout, wait).await {
                     Ok(Ok(p)) => p,
                     _ => {
-                        let mut resp = error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "at_capacity",
+                        return problem_response(
+                            ErrorCode::AtCapacity,
                             &format!("app {app} is at its max concurrency; retry shortly"),
                         );
-                        resp.headers_mut()
-                            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-                        return resp;
                     }
                 }
             }
         };
         let inflight = endpoint.enter();
-        let resp = service.handle(req).await;
+        let mut resp = service.handle(req).await;
+        // A guest cannot speak for Shoal: e.g. `x-shoal-error: replica_gone` would make the
+        // forwarding gateway mark this endpoint down.
+        proxy::strip_internal(resp.headers_mut());
         resp.map(|body| guarded(body, Some(permit), inflight))
     }
 }
@@ -554,37 +567,29 @@ fn mark_down(endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
 fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Response<ResponseBody> {
     let node = endpoint.node_gateway().unwrap_or("local");
     match failure {
-        Failure::Unreachable(e) => error(
-            StatusCode::BAD_GATEWAY,
-            "bad_gateway",
+        Failure::Unreachable(e) => problem_response(
+            ErrorCode::BadGateway,
             &format!(
                 "app {app}: replica {} on {node} is unreachable: {e}",
                 endpoint.replica
             ),
         ),
         // Nothing ran: the client may safely send it again.
-        Failure::ReplicaGone => {
-            let mut resp = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                REPLICA_GONE,
-                &format!(
-                    "app {app}: replica {} is no longer on {node}; retry shortly",
-                    endpoint.replica
-                ),
-            );
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            resp
-        }
+        Failure::ReplicaGone => problem_response(
+            ErrorCode::ReplicaGone,
+            &format!(
+                "app {app}: replica {} is no longer on {node}; retry shortly",
+                endpoint.replica
+            ),
+        ),
     }
 }
 
 /// The receiver's refusal of a forwarded request; the header lets the sender tell it from a
 /// guest's own 503.
 fn replica_gone(replica: &str) -> Response<ResponseBody> {
-    let mut resp = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        REPLICA_GONE,
+    let mut resp = problem_response(
+        ErrorCode::ReplicaGone,
         &format!("replica {replica:?} does not run on this node"),
     );
     resp.headers_mut()
@@ -606,17 +611,28 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(host.to_ascii_lowercase())
 }
 
-pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(
-            Full::new(Bytes::from(body))
-                .map_err(|e| match e {})
-                .boxed_unsync(),
-        )
-        .expect("static response parts are valid")
+/// What [`Gateway::access`] decided about a request.
+enum Access {
+    /// Asks for nothing internal: routed like any client's.
+    Public,
+    /// Asks for the internal surface and proved it may.
+    Internal,
+    /// Asks for the internal surface without the hop secret: a 403, nothing else.
+    Refused,
+}
+
+fn is_logs_path<B>(req: &Request<B>) -> bool {
+    req.uri().path().starts_with(LOGS_PATH)
+}
+
+/// Compares secrets in time independent of where they first differ.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 fn guarded(
@@ -688,4 +704,54 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             }
         });
     }
+}
+
+/// Every remote endpoint of `map` replaced with `remote`; see
+/// [`Gateway::set_remote_endpoints`].
+fn replace_remotes(
+    metrics: &Registry,
+    map: &mut EndpointMap,
+    remote: HashMap<AppKey, Vec<RemoteReplica>>,
+) {
+    let mut next = EndpointMap::new();
+    for (app, list) in map.iter() {
+        let locals: Vec<Arc<Endpoint>> = list.iter().filter(|e| e.is_local()).cloned().collect();
+        if !locals.is_empty() {
+            next.insert(app.clone(), locals.into());
+        }
+    }
+    for (app, replicas) in remote {
+        let old = map.get(&app);
+        let mut list: Vec<Arc<Endpoint>> = next.get(&app).map(|l| l.to_vec()).unwrap_or_default();
+        for r in replicas {
+            if list.iter().any(|e| e.replica == r.replica) {
+                continue;
+            }
+            let kept = old
+                .and_then(|l| {
+                    l.iter().find(|e| {
+                        e.replica == r.replica
+                            && e.revision == r.revision
+                            && e.node_gateway() == Some(&r.gateway)
+                    })
+                })
+                .cloned();
+            let endpoint = match kept {
+                Some(e) => {
+                    e.set_down(false);
+                    e
+                }
+                None => {
+                    let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
+                    e.counters = metrics.counters(&app, r.revision);
+                    Arc::new(e)
+                }
+            };
+            list.push(endpoint);
+        }
+        if !list.is_empty() {
+            next.insert(app, list.into());
+        }
+    }
+    *map = next;
 }

@@ -18,9 +18,10 @@ use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
 use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::runtime::Runtime;
+use shoal_core::problem::{self, ErrorBody};
 
-/// Body of the responses [`HttpService::handle`] returns: the guest's streaming body, or a
-/// short plain-text error.
+/// Body of the responses [`HttpService::handle`] returns: the guest's streaming body, or
+/// Shoal's JSON error body ([`problem_response`]).
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
 /// A linked `wasi:http/proxy` component with its instance settings. Cheap to clone; share it
@@ -69,8 +70,9 @@ impl HttpService {
     }
 
     /// Runs one request in a fresh instance. Never fails: whatever goes wrong in the guest
-    /// becomes a plain-text 5xx (504 on timeout, 503 when the instance pool is full, 500
-    /// otherwise), is logged, and is written to the replica's logs.
+    /// becomes a 5xx in Shoal's JSON error shape (`timeout` 504, `at_capacity` 503 when the
+    /// instance pool is full, `guest_trapped` / `out_of_memory` / `guest_failed` 500), is
+    /// logged, and is written to the replica's logs.
     ///
     /// Bodies stream both ways. The guest keeps running in a background task after it sent
     /// the response head, until it finishes the body or its timeout stops it.
@@ -104,7 +106,7 @@ impl HttpService {
             Ok(resources) => resources,
             Err(e) => {
                 tracing::debug!(%method, %path, error = %format!("{e:#}"), "rejected request");
-                return error_response(StatusCode::BAD_REQUEST, "bad request");
+                return problem_response(problem::ErrorCode::BadRequest, "bad request");
             }
         };
 
@@ -141,8 +143,8 @@ impl HttpService {
             Ok(Ok(response)) => response,
             Ok(Err(code)) => {
                 tracing::debug!(%method, %path, ?code, "guest answered with an error code");
-                error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
+                problem_response(
+                    problem::ErrorCode::GuestFailed,
                     &format!("guest failed the request: {code:?}"),
                 )
             }
@@ -157,11 +159,11 @@ impl HttpService {
                         .logs
                         .push_system(format!("{method} {path}: {message}"));
                     tracing::warn!(digest = %self.digest(), %method, %path, "{message}");
-                    error_response(StatusCode::INTERNAL_SERVER_ERROR, message)
+                    problem_response(problem::ErrorCode::GuestFailed, message)
                 }
                 Err(e) => {
                     tracing::error!(digest = %self.digest(), %method, %path, error = %e, "request task failed");
-                    error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                    problem_response(problem::ErrorCode::Internal, "internal error")
                 }
             },
         };
@@ -179,29 +181,29 @@ impl HttpService {
     fn failure_response(&self, failure: &Failure) -> http::Response<ResponseBody> {
         let settings = &self.inner.settings;
         match failure {
-            Failure::TimedOut => error_response(
-                StatusCode::GATEWAY_TIMEOUT,
+            Failure::TimedOut => problem_response(
+                problem::ErrorCode::Timeout,
                 &format!(
                     "guest timed out after {}",
                     format_duration(settings.timeout.unwrap_or_default())
                 ),
             ),
-            Failure::OutOfMemory => error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
+            Failure::OutOfMemory => problem_response(
+                problem::ErrorCode::OutOfMemory,
                 &format!(
                     "guest exceeded its memory limit ({})",
                     format_bytes(settings.memory_limit as u64)
                 ),
             ),
             Failure::Trapped(_) => {
-                error_response(StatusCode::INTERNAL_SERVER_ERROR, "guest trapped")
+                problem_response(problem::ErrorCode::GuestTrapped, "guest trapped")
             }
-            Failure::AtCapacity(_) => error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no instance slot available on this node",
+            Failure::AtCapacity(_) => problem_response(
+                problem::ErrorCode::AtCapacity,
+                "no instance slot available on this node; retry shortly",
             ),
             Failure::Failed(_) => {
-                error_response(StatusCode::INTERNAL_SERVER_ERROR, "guest failed to run")
+                problem_response(problem::ErrorCode::GuestFailed, "guest failed to run")
             }
         }
     }
@@ -240,15 +242,24 @@ impl HttpService {
     }
 }
 
-pub(crate) fn error_response(status: StatusCode, message: &str) -> http::Response<ResponseBody> {
-    let body = Full::new(Bytes::from(format!("{message}\n")))
+/// An error Shoal itself answers, runtime or gateway: `code`'s status, the
+/// `{"error":{"code","message"}}` body as `application/json`, and `Retry-After` when the code
+/// asks for one (so every "at capacity" 503 is the same). The one place such a response is
+/// rendered; the gateway uses it too.
+pub fn problem_response(code: problem::ErrorCode, message: &str) -> http::Response<ResponseBody> {
+    let body = Full::new(Bytes::from(ErrorBody::new(code, message).to_json()))
         .map_err(|never| match never {})
         .boxed_unsync();
     let mut response = http::Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().insert(
+    *response.status_mut() =
+        StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
+        HeaderValue::from_static(problem::CONTENT_TYPE),
     );
+    if let Some(secs) = code.retry_after_secs() {
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     response
 }

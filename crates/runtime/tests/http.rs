@@ -12,6 +12,7 @@ use futures::SinkExt;
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use sha2::{Digest, Sha256};
+use shoal_core::problem::{ErrorBody, ErrorCode};
 use shoal_runtime::{HttpService, Incident, IncidentKind, InstanceConfig, LogSink, LogStream};
 use std::sync::{Arc, Mutex};
 
@@ -75,7 +76,11 @@ async fn a_trap_fails_only_its_own_request() {
 
     let response = faulty.handle(get("/faulty/trap")).await;
     assert_eq!(response.status(), 500);
-    assert_eq!(body_text(response).await, "guest trapped\n");
+    // What the client sees is Shoal's error shape, without the trap's details.
+    assert_eq!(
+        error_body(response).await,
+        ErrorBody::new(ErrorCode::GuestTrapped, "guest trapped")
+    );
 
     let texts = log_texts(&logs);
     assert!(
@@ -148,7 +153,10 @@ async fn a_runaway_guest_times_out_while_others_are_served() {
 
     let (elapsed, response) = looping.await.unwrap();
     assert_eq!(response.status(), 504);
-    assert_eq!(body_text(response).await, "guest timed out after 3s\n");
+    assert_eq!(
+        error_body(response).await,
+        ErrorBody::new(ErrorCode::Timeout, "guest timed out after 3s")
+    );
     assert!(
         elapsed >= Duration::from_secs(3) && elapsed < Duration::from_millis(4500),
         "/loop stopped after {elapsed:?}"
@@ -184,7 +192,10 @@ async fn a_guest_blocked_in_the_host_times_out_too() {
     let response = faulty.handle(get("/sleep/60000")).await;
     let elapsed = started.elapsed();
     assert_eq!(response.status(), 504);
-    assert_eq!(body_text(response).await, "guest timed out after 500ms\n");
+    assert_eq!(
+        error_body(response).await,
+        ErrorBody::new(ErrorCode::Timeout, "guest timed out after 500ms")
+    );
     assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
 
     // Within its deadline the same call succeeds.
@@ -205,8 +216,11 @@ async fn exceeding_the_memory_limit_fails_the_request() {
     let response = faulty.handle(get("/oom")).await;
     assert_eq!(response.status(), 500);
     assert_eq!(
-        body_text(response).await,
-        "guest exceeded its memory limit (32 MiB)\n"
+        error_body(response).await,
+        ErrorBody::new(
+            ErrorCode::OutOfMemory,
+            "guest exceeded its memory limit (32 MiB)"
+        )
     );
     assert!(
         log_texts(&logs)
@@ -376,9 +390,14 @@ async fn a_full_instance_pool_answers_503_until_a_slot_frees() {
 
     let response = faulty.handle(get("/status/200")).await;
     assert_eq!(response.status(), 503);
+    // The same "at capacity" as the gateway's when a replica's permits are all taken.
+    assert_eq!(response.headers()["retry-after"], "1");
     assert_eq!(
-        body_text(response).await,
-        "no instance slot available on this node\n"
+        error_body(response).await,
+        ErrorBody::new(
+            ErrorCode::AtCapacity,
+            "no instance slot available on this node; retry shortly"
+        )
     );
 
     drop(upload);

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
+use shoal_core::problem::ErrorBody;
 use shoal_core::spec::AppKey;
 use shoal_gateway::Gateway;
 use shoal_runtime::{HttpService, InstanceConfig, Runtime, RuntimeConfig};
@@ -80,12 +81,23 @@ impl Reply {
 
     /// `error.code` of a gateway's JSON error body.
     pub fn error_code(&self) -> String {
-        let json: serde_json::Value = serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not a JSON error ({e}): {}", self.text()));
-        json["error"]["code"]
-            .as_str()
-            .expect("error.code is a string")
-            .to_string()
+        self.problem().code().as_str().to_string()
+    }
+
+    /// The body of an error Shoal answered, checked to be its one JSON error shape, served
+    /// as `application/json` with the status its code maps to.
+    pub fn problem(&self) -> ErrorBody {
+        assert_eq!(
+            self.headers.get("content-type").map(|v| v.as_bytes()),
+            Some(&b"application/json"[..]),
+            "{} {}",
+            self.status,
+            self.text()
+        );
+        let body = ErrorBody::from_json(&self.text())
+            .unwrap_or_else(|e| panic!("not a Shoal error body ({e}): {}", self.text()));
+        assert_eq!(self.status.as_u16(), body.status(), "{}", self.text());
+        body
     }
 }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use sha2::{Digest, Sha256};
+use shoal_core::problem::ErrorBody;
 use shoal_runtime::{InstanceConfig, Loaded, ResponseBody, Runtime, RuntimeConfig};
 
 pub const MIB: u64 = 1 << 20;
@@ -58,4 +59,15 @@ pub async fn body_bytes(response: http::Response<ResponseBody>) -> Bytes {
 
 pub async fn body_text(response: http::Response<ResponseBody>) -> String {
     String::from_utf8(body_bytes(response).await.to_vec()).expect("utf-8 body")
+}
+
+/// The body of an error the runtime answered, checked to be Shoal's JSON error shape.
+pub async fn error_body(response: http::Response<ResponseBody>) -> ErrorBody {
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let status = response.status().as_u16();
+    let text = body_text(response).await;
+    let body = ErrorBody::from_json(&text)
+        .unwrap_or_else(|e| panic!("not a Shoal error body ({e}): {text}"));
+    assert_eq!(status, body.status(), "the status is the code's: {text}");
+    body
 }

@@ -1,0 +1,319 @@
+//! Every error Shoal answers on a node's listener, the gateway's own and the runtime's for a
+//! guest, has one shape: `{"error":{"code","message"}}` as `application/json`, with the
+//! status its code maps to. And the node's internal surface (log reads, pinned hops) is
+//! reachable only with the cluster's hop secret.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, StatusCode};
+use shoal_core::Route;
+use shoal_core::auth::{HOP_AUTH_HEADER, NODE_LOGS_PATH};
+use shoal_core::problem::{ErrorBody, ErrorCode};
+use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
+use shoal_runtime::{InstanceConfig, LogSink, Runtime, RuntimeConfig};
+
+const SECRET: &str = "the-hop-secret";
+
+fn routed(config: GatewayConfig) -> Gateway {
+    let gateway = Gateway::new(config);
+    gateway.set_routes(vec![
+        (Route::parse("/faulty").unwrap(), app("faulty")),
+        (Route::parse("/idle").unwrap(), app("idle")),
+    ]);
+    gateway
+}
+
+fn with_secret() -> GatewayConfig {
+    GatewayConfig {
+        hop_secret: Some(SECRET.into()),
+        ..GatewayConfig::default()
+    }
+}
+
+/// `faulty` served locally by `gateway` as replica `id`.
+async fn faulty_here(
+    runtime: &Runtime,
+    gateway: &Gateway,
+    id: &str,
+    max_concurrency: u32,
+    timeout: Duration,
+) {
+    let config = InstanceConfig {
+        timeout: Some(timeout),
+        ..instance(&[])
+    };
+    let faulty = service(runtime, shoal_fixtures::FAULTY_WASM, config).await;
+    gateway.add_endpoint(
+        app("faulty"),
+        Endpoint::local(id.into(), 1, faulty, max_concurrency),
+    );
+}
+
+fn remote(replica: &str, node: &str) -> HashMap<shoal_core::spec::AppKey, Vec<RemoteReplica>> {
+    HashMap::from([(
+        app("faulty"),
+        vec![RemoteReplica {
+            replica: replica.into(),
+            revision: 1,
+            gateway: node.into(),
+        }],
+    )])
+}
+
+#[tokio::test]
+async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = routed(GatewayConfig::default());
+    faulty_here(
+        &runtime,
+        &gateway,
+        "faulty-1",
+        8,
+        Duration::from_millis(500),
+    )
+    .await;
+    let addr = serve(&gateway).await;
+    let client = HttpClient::new();
+
+    let reply = client.get(&format!("http://{addr}/faulty/trap")).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        reply.problem(),
+        ErrorBody::new(ErrorCode::GuestTrapped, "guest trapped")
+    );
+
+    let reply = client
+        .get(&format!("http://{addr}/faulty/sleep/60000"))
+        .await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        reply.problem(),
+        ErrorBody::new(ErrorCode::Timeout, "guest timed out after 500ms")
+    );
+
+    let reply = client.get(&format!("http://{addr}/nowhere/x")).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    let body = reply.problem();
+    assert_eq!(body.code(), ErrorCode::NoRoute);
+    assert!(body.error.message.contains("/nowhere/x"), "{body:?}");
+
+    let reply = client.get(&format!("http://{addr}/idle")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.problem().code(), ErrorCode::NoReadyReplicas);
+    assert!(!reply.headers.contains_key("retry-after"));
+
+    // A guest's own error answer is the guest's: passed through as it is.
+    let reply = client
+        .get(&format!("http://{addr}/faulty/status/500"))
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.text(), "status 500");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_capacity_is_the_same_503_from_the_gateway_and_the_runtime() {
+    // The gateway's: the replica's one permit is taken and the queue timeout passes.
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = routed(GatewayConfig {
+        queue_timeout: Duration::from_millis(50),
+        ..GatewayConfig::default()
+    });
+    faulty_here(&runtime, &gateway, "faulty-1", 1, Duration::from_secs(10)).await;
+    let permits = gateway_at_capacity(&gateway).await;
+
+    // The runtime's: the node's instance pool has one slot, and it is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = RuntimeConfig::new(dir.path());
+    config.max_instances = 1;
+    config.max_memory_bytes = 64 << 20;
+    let small = Runtime::new(config).unwrap();
+    let gateway = routed(GatewayConfig::default());
+    faulty_here(&small, &gateway, "faulty-1", 8, Duration::from_secs(10)).await;
+    let pool = gateway_at_capacity(&gateway).await;
+
+    for reply in [&permits, &pool] {
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.headers["retry-after"], "1");
+        let body = reply.problem();
+        assert_eq!(body.code(), ErrorCode::AtCapacity);
+        assert!(body.error.message.ends_with("retry shortly"), "{body:?}");
+    }
+}
+
+/// Holds `gateway`'s faulty replica busy with a slow request and returns what a second
+/// request gets meanwhile.
+async fn gateway_at_capacity(gateway: &Gateway) -> Reply {
+    let addr = serve(gateway).await;
+    let client = HttpClient::new();
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get(&format!("http://{addr}/faulty/sleep/1500"))
+                .await
+        })
+    };
+    let key = app("faulty");
+    eventually(Duration::from_secs(10), "the slow request runs", || {
+        gateway.endpoint_status(&key).iter().any(|e| e.inflight > 0)
+    })
+    .await;
+    // In flight once it holds the permit; give it the time to take its instance too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = client
+        .get(&format!("http://{addr}/faulty/status/200"))
+        .await;
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    reply
+}
+
+#[tokio::test]
+async fn a_hop_to_a_gone_replica_answers_replica_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let b = routed(with_secret());
+    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
+    let b_addr = serve(&b).await.to_string();
+    let client = HttpClient::new();
+
+    // B itself, asked by a peer for a replica it does not run: refused, with the header
+    // that tells the sender nothing ran.
+    let reply = client
+        .send(
+            Method::GET,
+            &format!("http://{b_addr}/faulty/x"),
+            &[
+                ("x-shoal-replica", "faulty-gone"),
+                ("x-shoal-app", "default/faulty"),
+                ("x-shoal-hop", "1"),
+                (HOP_AUTH_HEADER, SECRET),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers["x-shoal-error"], "replica_gone");
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(reply.problem().code(), ErrorCode::ReplicaGone);
+
+    // A, whose only endpoint is that stale one: the client gets replica_gone, and no
+    // internal header.
+    let a = routed(with_secret());
+    a.set_remote_endpoints(remote("faulty-gone", &b_addr));
+    let a_addr = serve(&a).await;
+    let reply = client
+        .send(
+            Method::POST,
+            &format!("http://{a_addr}/faulty/echo"),
+            &[],
+            "payload",
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert!(!reply.headers.contains_key("x-shoal-error"));
+    let body = reply.problem();
+    assert_eq!(body.code(), ErrorCode::ReplicaGone);
+    assert!(body.error.message.contains("faulty-gone"), "{body:?}");
+    assert!(a.endpoints(&app("faulty")).is_empty(), "marked down");
+}
+
+#[tokio::test]
+async fn forged_internal_headers_without_the_secret_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let b = routed(with_secret());
+    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
+    let logs = LogSink::new(10);
+    logs.push_system("started");
+    b.set_log_lookup(Arc::new(move |replica: &str| {
+        (replica == "faulty-b").then(|| logs.clone())
+    }));
+    let b_addr = serve(&b).await.to_string();
+    let client = HttpClient::new();
+    let pinned = [
+        ("x-shoal-replica", "faulty-b"),
+        ("x-shoal-app", "default/faulty"),
+        ("x-shoal-hop", "1"),
+    ];
+    let send = |path: &str, headers: Vec<(&'static str, &'static str)>| {
+        let client = client.clone();
+        let url = format!("http://{b_addr}{path}");
+        async move { client.send(Method::GET, &url, &headers, Bytes::new()).await }
+    };
+
+    // Any internal header, or the internal path, without the secret (or with a wrong one)
+    // is refused whole: not pinned, not routed with the headers stripped, not served.
+    let refused = [
+        ("/faulty/headers", pinned.to_vec()),
+        ("/faulty/headers", vec![("x-shoal-replica", "faulty-b")]),
+        ("/faulty/headers", vec![("x-shoal-hop", "1")]),
+        ("/faulty/headers", vec![("x-shoal-error", "replica_gone")]),
+        ("/faulty/headers", vec![(HOP_AUTH_HEADER, "guess")]),
+        (
+            "/faulty/headers",
+            [pinned.as_slice(), &[(HOP_AUTH_HEADER, "the-hop-secreT")]].concat(),
+        ),
+        ("/_shoal/logs/faulty-b", vec![]),
+        ("/_shoal/logs/faulty-b", vec![(HOP_AUTH_HEADER, "")]),
+    ];
+    for (path, headers) in refused {
+        let reply = send(path, headers.clone()).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path} {headers:?}");
+        assert_eq!(reply.problem().code(), ErrorCode::Forbidden);
+        assert!(!reply.text().contains("started"), "{}", reply.text());
+    }
+
+    // The same requests with the secret reach the internal surface...
+    let authed = [pinned.as_slice(), &[(HOP_AUTH_HEADER, SECRET)]].concat();
+    let reply = send("/faulty/headers", authed).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(!reply.text().contains("x-shoal"), "{}", reply.text());
+    let reply = send(
+        &format!("{NODE_LOGS_PATH}faulty-b"),
+        vec![(HOP_AUTH_HEADER, SECRET)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "faulty-b stderr [shoal] started\n");
+    let reply = send(
+        &format!("{NODE_LOGS_PATH}elsewhere"),
+        vec![(HOP_AUTH_HEADER, SECRET)],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.problem().code(), ErrorCode::NotFound);
+    // ...and a plain request is routed as ever.
+    let reply = send("/faulty/headers", vec![]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    // A gateway that would forward to B refuses a forged request instead of sending it on:
+    // nothing is dispatched, so nothing is counted.
+    let a = routed(with_secret());
+    a.set_remote_endpoints(remote("faulty-b", &b_addr));
+    let a_addr = serve(&a).await;
+    let reply = client
+        .send(
+            Method::GET,
+            &format!("http://{a_addr}/faulty/headers"),
+            &pinned,
+            Bytes::new(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    assert_eq!(reply.problem().code(), ErrorCode::Forbidden);
+    assert!(a.take_metrics().is_empty());
+    // Its own hops carry the secret, so B serves them.
+    let reply = client.get(&format!("http://{a_addr}/faulty/headers")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(!reply.text().contains("x-shoal"), "{}", reply.text());
+    assert_eq!(a.take_metrics().len(), 1);
+}
