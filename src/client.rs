@@ -1,9 +1,11 @@
-//! The CLI's view of the API: where it is, the token, and JSON calls that
-//! turn `{"error": …}` bodies into readable errors.
+//! The CLI's view of the API: where it is and the token (the CLI config),
+//! and the calls, made with [`shoal_api::Client`], their `{"error": …}`
+//! bodies turned into readable errors.
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use shoal_api::ClientError;
 use std::path::{Path, PathBuf};
 
 /// What `shoal up` writes so that other verbs find the cluster.
@@ -60,21 +62,10 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The CLI's API client: [`shoal_api::Client`] with the server and token
+/// from flags or the CLI config, and its errors said for a person at a terminal.
 pub struct Client {
-    http: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    error: ErrorDetail,
-}
-
-#[derive(Deserialize)]
-struct ErrorDetail {
-    code: String,
-    message: String,
+    api: shoal_api::Client,
 }
 
 impl Client {
@@ -92,59 +83,42 @@ impl Client {
             }
         };
         Ok(Client {
-            http: reqwest::Client::new(),
-            base: server.trim_end_matches('/').to_string(),
-            token,
+            api: shoal_api::Client::new(&server, &token),
         })
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, self.url(path))
-            .bearer_auth(&self.token)
+        self.api.request(method, path)
     }
 
     /// Sends and decodes JSON, or fails with the server's error message.
     pub async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let resp = self.checked(req).await?;
-        resp.json()
-            .await
-            .context("the server sent a response this CLI cannot read")
+        self.api.send(req).await.map_err(said)
     }
 
     /// Sends and fails on a non-2xx status with the server's error message.
     pub async fn checked(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                anyhow!(
-                    "cannot reach the Shoal API at {} (is `shoal up` running?): {e}",
-                    self.base
-                )
-            } else {
-                anyhow!("request to the Shoal API at {} failed: {e:#}", self.base)
-            }
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => bail!(
-                "{} ({}, {})",
-                b.error.message,
-                status.as_u16(),
-                b.error.code
-            ),
-            Err(_) => bail!("the API answered {status}: {}", text.trim()),
-        }
+        self.api.checked(req).await.map_err(said)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.send(self.request(reqwest::Method::GET, path)).await
+        self.api.get(path).await.map_err(said)
+    }
+}
+
+/// A failed call, said for a person at a terminal.
+fn said(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Send { base, source } if source.is_connect() => {
+            anyhow!("cannot reach the Shoal API at {base} (is `shoal up` running?): {source}")
+        }
+        ClientError::Send { base, source } => {
+            anyhow!("request to the Shoal API at {base} failed: {source:#}")
+        }
+        ClientError::Decode(source) => {
+            anyhow::Error::new(source).context("the server sent a response this CLI cannot read")
+        }
+        // "{message} ({status}, {code})", or "the API answered {status}: {body}".
+        api => anyhow!("{api}"),
     }
 }

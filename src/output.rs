@@ -47,7 +47,7 @@ pub fn json<T: serde::Serialize>(value: &T) {
 
 /// `3s`, `5m`, `2h`, `4d`, like kubectl's AGE column.
 pub fn age(since_ms: u64) -> String {
-    let now = shoal_control::now_ms();
+    let now = shoal_core::now_ms();
     let d = Duration::from_millis(now.saturating_sub(since_ms)).as_secs();
     match d {
         0..=119 => format!("{d}s"),

@@ -3,7 +3,7 @@ use crate::client::Client;
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result, bail};
 use sha2::{Digest, Sha256};
-use shoal_control::{ApplyOutcome, ApplyResult};
+use shoal_api::{ApplyOutcome, ApplyResult};
 use shoal_core::{ModuleRef, parse_app};
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@ use super::Context;
 use super::get::{event_rows, replica_rows};
 use crate::output::{self, Format, age, table_indented};
 use anyhow::Result;
-use shoal_control::Describe;
+use shoal_api::Describe;
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]

@@ -1,7 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_control::{AppSummary, NodeSummary, Service};
+use shoal_api::{AppSummary, NodeSummary, Service};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 

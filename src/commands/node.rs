@@ -65,12 +65,8 @@ async fn join(args: JoinArgs) -> Result<()> {
     let link = RemoteLink::new(&args.url, &args.token, data.join("modules"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // Refuse early and clearly when the token is wrong.
-    let probe = reqwest::Client::new()
-        .get(format!(
-            "{}/v1/cluster/snapshot",
-            args.url.trim_end_matches('/')
-        ))
-        .bearer_auth(&args.token)
+    let probe = shoal_api::Client::new(&args.url, &args.token)
+        .request(reqwest::Method::GET, "/v1/cluster/snapshot")
         .send()
         .await
         .with_context(|| format!("cannot reach the control plane at {}", args.url))?;

@@ -5,8 +5,9 @@
 use super::Context;
 use crate::client::{CliConfig, Client, default_config_path, write_private};
 use anyhow::{Context as _, Result};
-use shoal_agent::{Agent, AgentConfig, Link, LocalLink};
-use shoal_control::{ControlConfig, ControlPlane};
+use shoal_agent::{Agent, AgentConfig};
+use shoal_api::Link;
+use shoal_control::{ControlConfig, ControlPlane, LocalLink};
 use shoal_core::Capacity;
 use shoal_core::auth::hop_secret;
 use shoal_core::quantity::{parse_cpu, parse_memory};

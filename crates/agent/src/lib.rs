@@ -6,16 +6,25 @@
 //! it runs, and it re-sends any report the cluster state does not reflect.
 
 mod link;
+mod plan;
+mod probe;
 
-pub use link::{Link, LinkError, LocalLink, RemoteLink};
+pub use link::RemoteLink;
+pub use plan::{NodePlan, node_plan};
+
+use probe::{Action, Backoff, Probe, ProbeState};
 
 use futures::StreamExt;
-use shoal_control::{LogSource, ReplicaIncident, ReplicaReport, Snapshot, now_ms};
+use shoal_api::{
+    Link, LinkError, LogLine, LogReader, LogSource, LogStream, ReplicaIncident, ReplicaReport,
+    Snapshot,
+};
+use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
 use shoal_core::spec::AppKey;
 use shoal_core::spec::{Restart, Template};
-use shoal_core::{App, Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
-use shoal_gateway::{Endpoint, Gateway, RemoteReplica, Split};
+use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
+use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
     ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig, LogSink, Runtime,
 };
@@ -28,22 +37,11 @@ use tracing::Instrument;
 /// How often the agent re-reads the cluster state even when nothing changed.
 const RESYNC: Duration = Duration::from_secs(2);
 
-/// Restart backoff of jobs and daemons: first delay, cap, and how long a run
-/// must last for the delay to start over.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const BACKOFF_RESET: Duration = Duration::from_secs(60);
-
 /// Lines of output kept per replica.
 const LOG_LINES: usize = 5000;
 
 /// How often the gateway's per-revision measurements go to the control plane.
 const METRICS_PERIOD: Duration = Duration::from_secs(1);
-
-/// Liveness restarts after which the node gives up on a replica, so the
-/// controller replaces it elsewhere; a replica that stays live for
-/// [`BACKOFF_RESET`] starts counting again.
-const LIVENESS_RESTARTS: u32 = 3;
 
 /// Incidents of one kind on one replica reported at most this often; the rest are counted.
 const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
@@ -225,136 +223,50 @@ impl Agent {
         }
     }
 
-    /// Level-triggered: compares what is placed here with what runs, and fixes the difference.
+    /// Level-triggered: compares what is placed here with what runs, and fixes
+    /// the difference as [`node_plan`] says.
     fn sync(&self, snapshot: Snapshot) {
-        let Snapshot {
-            apps,
-            revisions,
-            replicas,
-            nodes,
-            rollouts,
-            ..
-        } = snapshot;
-        let me = &self.inner.config.node;
-
-        let routes = apps
+        let mut running = self.inner.running.lock().expect("agent lock");
+        let reports: BTreeMap<String, Option<ReplicaReport>> = running
             .iter()
-            .filter_map(|a: &App| a.spec.http.as_ref().map(|h| (a.spec.key(), h)))
-            .flat_map(|(key, h)| h.routes.iter().map(move |r| (r.clone(), key.clone())))
+            .map(|(id, r)| (id.clone(), r.status.lock().expect("status lock").clone()))
             .collect();
-        self.inner.gateway.set_routes(routes);
-        self.inner.gateway.set_services(
-            apps.iter()
-                .filter(|a| a.spec.component.kind == Kind::Http)
-                .map(|a| a.spec.key())
-                .collect(),
-        );
-        // Ready replicas on other Ready nodes are reachable through their gateways;
-        // a node that stops heartbeating drops out of every gateway at once.
-        let ready_nodes: HashMap<&str, &str> = nodes
-            .iter()
-            .filter(|n| n.state == NodeState::Ready && n.name != *me)
-            .map(|n| (n.name.as_str(), n.gateway.as_str()))
-            .collect();
-        let mut remote: HashMap<AppKey, Vec<RemoteReplica>> = HashMap::new();
-        for r in replicas.iter().filter(|r| r.phase == Phase::Ready) {
-            if let Some(gw) = r.node.as_deref().and_then(|n| ready_nodes.get(n)) {
-                remote
-                    .entry(r.app.clone())
-                    .or_default()
-                    .push(RemoteReplica {
-                        replica: r.id.clone(),
-                        revision: r.revision,
-                        gateway: gw.to_string(),
-                    });
+        let plan = node_plan(&snapshot, &self.inner.config.node, &reports);
+        self.inner.gateway.set_tables(plan.tables);
+        for id in &plan.stop {
+            if let Some(r) = running.remove(id) {
+                self.inner.gateway.remove_endpoint(&r.app, id);
+                r.task.abort();
+                tracing::info!(replica = %id, "stopped");
             }
         }
-        self.inner.gateway.set_remote_endpoints(remote);
-        // Canary steps split each app's traffic by weight between two revisions.
-        let splits = rollouts
-            .iter()
-            .filter_map(|s| {
-                let app = apps.iter().find(|a| a.spec.key() == s.app)?;
-                let (canary, weight) = s.split(&app.spec.rollout)?;
-                Some((s.app.clone(), Split { canary, weight }))
-            })
-            .collect();
-        self.inner.gateway.set_splits(splits);
-
-        let mine: HashMap<&str, &Replica> = replicas
-            .iter()
-            .filter(|r| r.node.as_deref() == Some(me.as_str()))
-            .map(|r| (r.id.as_str(), r))
-            .collect();
-        let mut running = self.inner.running.lock().expect("agent lock");
-        running.retain(|id, r| {
-            if mine.contains_key(id.as_str()) {
-                return true;
-            }
-            self.inner.gateway.remove_endpoint(&r.app, id);
-            r.task.abort();
-            tracing::info!(replica = %id, "stopped");
-            false
-        });
-        for (id, replica) in mine {
-            if let Some(r) = running.get(id) {
-                let last = r.status.lock().expect("status lock").clone();
-                let stale = last.is_some_and(|rep| {
-                    rep.phase != replica.phase
-                        || rep.message != replica.message
-                        || rep.exit_code != replica.exit_code
-                        || rep.restarts != replica.restarts
-                });
-                if stale {
-                    // Send what is current when the resend runs, never an older report.
-                    let (link, status) = (self.inner.link.clone(), r.status.clone());
-                    tokio::spawn(async move {
-                        let report = status.lock().expect("status lock").clone();
-                        if let Some(report) = report
-                            && let Err(e) = link.report(report).await
-                        {
-                            tracing::warn!(error = %e, "status resend failed");
-                        }
-                    });
+        for id in &plan.resend {
+            let Some(r) = running.get(id) else { continue };
+            // Send what is current when the resend runs, never an older report.
+            let (link, status) = (self.inner.link.clone(), r.status.clone());
+            tokio::spawn(async move {
+                let report = status.lock().expect("status lock").clone();
+                if let Some(report) = report
+                    && let Err(e) = link.report(report).await
+                {
+                    tracing::warn!(error = %e, "status resend failed");
                 }
-                continue;
-            }
-            if replica.phase.is_terminal() {
-                continue;
-            }
-            let Some(revision) = revisions
-                .iter()
-                .find(|r| r.app == replica.app && r.number == replica.revision)
-                .cloned()
-            else {
-                continue;
-            };
-            // Whether giving up on it here can help: some other node its app may use
-            // could take it. Placed on a node it was to avoid, it had nowhere else.
-            let selector = apps
-                .iter()
-                .find(|a| a.spec.key() == replica.app)
-                .map(|a| &a.spec.placement.node_selector);
-            let may_move = !replica.avoid.contains(me)
-                && nodes.iter().any(|n| {
-                    n.name != *me
-                        && n.state == NodeState::Ready
-                        && n.schedulable
-                        && !replica.avoid.contains(&n.name)
-                        && selector
-                            .is_none_or(|sel| sel.iter().all(|(k, v)| n.labels.get(k) == Some(v)))
-                });
+            });
+        }
+        for (replica, revision) in plan.start {
             let logs = LogSink::new(LOG_LINES);
-            let span = tracing::info_span!("replica", id = %id, app = %replica.app);
+            let span = tracing::info_span!("replica", id = %replica.id, app = %replica.app);
+            let id = replica.id.clone();
+            let app = replica.app.clone();
             let task = tokio::spawn(
                 self.clone()
-                    .start(replica.clone(), revision, logs.clone(), may_move)
+                    .start(replica, revision, logs.clone())
                     .instrument(span),
             );
             running.insert(
-                id.to_string(),
+                id,
                 Running {
-                    app: replica.app.clone(),
+                    app,
                     logs,
                     task,
                     status: Arc::new(Mutex::new(None)),
@@ -410,7 +322,7 @@ impl Agent {
     }
 
     /// Loads and starts one replica, then reports how it went.
-    async fn start(self, replica: Replica, revision: Revision, logs: LogSink, may_move: bool) {
+    async fn start(self, replica: Replica, revision: Revision, logs: LogSink) {
         self.report(&replica, Phase::Starting, None, None).await;
         let t = &revision.template;
         // Fetching can fail for passing reasons (the control plane restarting):
@@ -474,7 +386,7 @@ impl Agent {
                     }
                 }
                 Ok(service) => {
-                    self.supervise(&replica, t, &loaded, config, service, &logs, may_move)
+                    self.supervise(&replica, t, &loaded, config, service, &logs)
                         .await
                 }
                 Err(e) => {
@@ -568,12 +480,12 @@ impl Agent {
         true
     }
 
-    /// Runs an http replica's probes for its life: readiness decides whether
-    /// it is in the gateway, liveness restarts it (a fresh instance pre-image)
-    /// when it keeps failing. After [`LIVENESS_RESTARTS`] restarts that did not
-    /// help, it gives the replica up to be replaced elsewhere if `may_move`;
-    /// otherwise it keeps restarting it here, with growing delays.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs an http replica's probes for its life and does what its
+    /// [`ProbeState`] makes of them: readiness puts it in or out of the
+    /// gateway, liveness restarts it with a fresh instance pre-image. When
+    /// restarts do not help it reports so (the controller replaces it on
+    /// another node if one can take it) and goes on restarting it here, with
+    /// growing delays.
     async fn supervise(
         &self,
         replica: &Replica,
@@ -582,19 +494,13 @@ impl Agent {
         config: InstanceConfig,
         mut service: HttpService,
         logs: &LogSink,
-        may_move: bool,
     ) {
         let health = &template.health;
-        let mut restarts = 0u32;
-        // Liveness restarts since the replica last stayed live for BACKOFF_RESET.
-        let mut recent_restarts = 0u32;
-        let mut last_restart = tokio::time::Instant::now();
-        let mut backoff = Backoff::default();
-        let mut ready = false;
-        let (mut passes, mut failures, mut live_failures) = (0u32, 0u32, 0u32);
+        let origin = tokio::time::Instant::now();
+        let mut state = ProbeState::new(health, Duration::ZERO);
         match &health.readiness {
             None => {
-                ready = self.serve(replica, template, service.clone());
+                self.serve(replica, template, service.clone());
                 self.report_status(replica, Phase::Ready, None, None, 0, None)
                     .await;
             }
@@ -604,118 +510,105 @@ impl Agent {
                     .await;
             }
         }
-        let period = [&health.readiness, &health.liveness]
-            .into_iter()
-            .flatten()
-            .map(|p| p.period_ms)
-            .min()
-            .unwrap_or(1000);
-        let mut tick = tokio::time::interval(Duration::from_millis(period));
+        let mut tick = tokio::time::interval(state.period());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Some(r) = &health.readiness {
-                match probe(&service, r).await {
-                    Ok(()) => (passes, failures) = (passes + 1, 0),
-                    Err(why) => {
-                        (passes, failures) = (0, failures + 1);
-                        if ready && failures >= r.failure_threshold {
-                            ready = false;
-                            self.inner
-                                .gateway
-                                .remove_endpoint(&replica.app, &replica.id);
-                            let message = format!("readiness probe failed {failures} times: {why}");
-                            logs.push_system(&message);
-                            self.report_status(
-                                replica,
-                                Phase::Unready,
-                                Some(message),
-                                None,
-                                restarts,
-                                None,
-                            )
+            for (kind, spec) in [
+                (Probe::Readiness, &health.readiness),
+                (Probe::Liveness, &health.liveness),
+            ] {
+                let Some(spec) = spec else { continue };
+                let result = probe(&service, spec).await;
+                let action = state.observe(kind, result, origin.elapsed());
+                let restarts = state.restarts();
+                match action {
+                    Action::Nothing => {}
+                    Action::Serve => {
+                        self.serve(replica, template, service.clone());
+                        self.report_status(replica, Phase::Ready, None, None, restarts, None)
                             .await;
-                        }
                     }
-                }
-                if !ready && passes >= r.success_threshold {
-                    ready = self.serve(replica, template, service.clone());
-                    self.report_status(replica, Phase::Ready, None, None, restarts, None)
-                        .await;
-                }
-            }
-            if let Some(l) = &health.liveness {
-                let why = match probe(&service, l).await {
-                    Ok(()) => {
-                        live_failures = 0;
-                        continue;
-                    }
-                    Err(why) => why,
-                };
-                live_failures += 1;
-                if live_failures >= l.failure_threshold {
-                    if last_restart.elapsed() >= BACKOFF_RESET {
-                        recent_restarts = 0;
-                    }
-                    if recent_restarts >= LIVENESS_RESTARTS {
+                    Action::Unserve(message) => {
                         self.inner
                             .gateway
                             .remove_endpoint(&replica.app, &replica.id);
-                        // Given up to be replaced elsewhere, or (nowhere else to go)
-                        // restarted here ever more slowly.
-                        let (phase, reason, delay, message) = if may_move {
-                            let message = format!(
-                                "liveness probe failed {live_failures} times ({why}) after {recent_restarts} restarts; giving up on this node"
-                            );
-                            (Phase::Failed, Some(LIVENESS_FAILED), None, message)
-                        } else {
-                            let delay = backoff.after(last_restart.elapsed());
-                            let message = format!(
-                                "liveness probe failed {live_failures} times ({why}); no other node to move to, restarting in {delay:?}"
-                            );
-                            (Phase::Unready, None, Some(delay), message)
-                        };
                         logs.push_system(&message);
-                        self.report_status(replica, phase, Some(message), None, restarts, reason)
-                            .await;
-                        match delay {
-                            Some(delay) => tokio::time::sleep(delay).await,
+                        self.report_status(
+                            replica,
+                            Phase::Unready,
+                            Some(message),
+                            None,
+                            restarts,
+                            None,
+                        )
+                        .await;
+                    }
+                    Action::Restart(restart) => {
+                        match self
+                            .restart(replica, template, loaded, &config, logs, restart)
+                            .await
+                        {
+                            Some(fresh) => service = fresh,
                             None => return,
                         }
+                        // The other probe's result was about the instance just replaced.
+                        break;
                     }
-                    let message =
-                        format!("liveness probe failed {live_failures} times ({why}); restarted");
-                    logs.push_system(&message);
-                    self.inner
-                        .gateway
-                        .remove_endpoint(&replica.app, &replica.id);
-                    match self.inner.runtime.http_service(loaded, config.clone()) {
-                        Ok(fresh) => service = fresh,
-                        Err(e) => {
-                            self.report_status(
-                                replica,
-                                Phase::Failed,
-                                Some(e.to_string()),
-                                None,
-                                restarts,
-                                None,
-                            )
-                            .await;
-                            return;
-                        }
-                    }
-                    restarts += 1;
-                    recent_restarts += 1;
-                    last_restart = tokio::time::Instant::now();
-                    (live_failures, passes, failures) = (0, 0, 0);
-                    ready = health.readiness.is_none()
-                        && self.serve(replica, template, service.clone());
-                    let phase = if ready { Phase::Ready } else { Phase::Unready };
-                    self.report_status(replica, phase, Some(message), None, restarts, None)
-                        .await;
                 }
             }
         }
+    }
+
+    /// Restarts an http replica whose liveness kept failing: a fresh instance
+    /// pre-image, after a delay if restarts have not helped. `None` if it could
+    /// not be rebuilt (then it has failed).
+    async fn restart(
+        &self,
+        replica: &Replica,
+        template: &Template,
+        loaded: &shoal_runtime::Loaded,
+        config: &InstanceConfig,
+        logs: &LogSink,
+        restart: probe::Restart,
+    ) -> Option<HttpService> {
+        self.inner
+            .gateway
+            .remove_endpoint(&replica.app, &replica.id);
+        let before = restart.restarts - 1;
+        if let Some((delay, message)) = restart.keeps_failing {
+            logs.push_system(&message);
+            let reason = Some(LIVENESS_FAILED);
+            self.report_status(replica, Phase::Unready, Some(message), None, before, reason)
+                .await;
+            tokio::time::sleep(delay).await;
+        }
+        logs.push_system(&restart.message);
+        let service = match self.inner.runtime.http_service(loaded, config.clone()) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                let message = Some(e.to_string());
+                self.report_status(replica, Phase::Failed, message, None, before, None)
+                    .await;
+                return None;
+            }
+        };
+        let phase = if restart.serve {
+            self.serve(replica, template, service.clone());
+            Phase::Ready
+        } else {
+            Phase::Unready
+        };
+        self.report_status(
+            replica,
+            phase,
+            Some(restart.message),
+            None,
+            restart.restarts,
+            None,
+        )
+        .await;
+        Some(service)
     }
 
     /// Runs a job or daemon, restarting it as its kind and policy say, with
@@ -780,34 +673,6 @@ impl Agent {
     }
 }
 
-/// Restart delays of a command that keeps exiting: [`BACKOFF_START`] doubling up
-/// to [`BACKOFF_MAX`], and back to the start after a run of [`BACKOFF_RESET`].
-/// Time is an argument, so the schedule is tested without waiting for it.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: BACKOFF_START,
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before starting again a run that lasted `ran`.
-    fn after(&mut self, ran: Duration) -> Duration {
-        if ran >= BACKOFF_RESET {
-            self.next = BACKOFF_START;
-        }
-        let delay = self.next;
-        self.next = (delay * 2).min(BACKOFF_MAX);
-        delay
-    }
-}
-
 impl Agent {
     /// An env value that names a fact about the replica (`$(node)`, `$(replica)`,
     /// `$(revision)`, `$(app)`, `$(namespace)`) becomes that fact, as Kubernetes'
@@ -844,36 +709,46 @@ async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result
 }
 
 impl LogSource for Agent {
-    fn logs(&self, app: &AppKey) -> Vec<(String, LogSink)> {
+    fn logs(&self, app: &AppKey) -> Vec<(String, Arc<dyn LogReader>)> {
         let running = self.inner.running.lock().expect("agent lock");
-        let mut out: Vec<(String, LogSink)> = running
+        let mut out: Vec<(String, Arc<dyn LogReader>)> = running
             .iter()
             .filter(|(_, r)| &r.app == app)
-            .map(|(id, r)| (id.clone(), r.logs.clone()))
+            .map(|(id, r)| {
+                let reader: Arc<dyn LogReader> = Arc::new(SinkReader(r.logs.clone()));
+                (id.clone(), reader)
+            })
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A replica's [`LogSink`] as the control plane reads it.
+struct SinkReader(LogSink);
 
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets_after_a_stable_run() {
-        let mut b = Backoff::default();
-        let quick = Duration::from_millis(5);
-        let delays: Vec<u64> = (0..12).map(|_| b.after(quick).as_millis() as u64).collect();
-        assert_eq!(
-            delays,
-            [
-                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
-            ]
-        );
-        // A run just short of the reset period keeps the cap; a long enough one starts over.
-        assert_eq!(b.after(BACKOFF_RESET - quick), BACKOFF_MAX);
-        assert_eq!(b.after(BACKOFF_RESET), BACKOFF_START);
-        assert_eq!(b.after(quick), BACKOFF_START * 2);
+impl LogReader for SinkReader {
+    fn lines(&self, since: usize) -> (Vec<LogLine>, usize) {
+        let (lines, next) = self.0.lines(since);
+        let lines = lines
+            .into_iter()
+            .map(|l| LogLine {
+                time: l.time,
+                stream: match l.stream {
+                    shoal_runtime::LogStream::Stdout => LogStream::Stdout,
+                    shoal_runtime::LogStream::Stderr => LogStream::Stderr,
+                },
+                line: l.line,
+            })
+            .collect();
+        (lines, next)
+    }
+
+    fn next_cursor(&self) -> usize {
+        self.0.next_cursor()
+    }
+
+    fn wait_for(&self, cursor: usize) -> futures::future::BoxFuture<'_, ()> {
+        Box::pin(self.0.wait_for(cursor))
     }
 }

@@ -1,12 +1,17 @@
-//! How an agent reaches its control plane: in process (`shoal up`) or over
-//! HTTP (`shoal node join`). The agent only reads state and reports; both
-//! links offer exactly those operations, so the agent cannot tell them apart.
+//! [`RemoteLink`]: how a worker node (`shoal node join`) reaches its control
+//! plane, over HTTP with the join token through the shared
+//! [`shoal_api::Client`]. The [`Link`] trait it implements, and the in-process
+//! `LocalLink` of `shoal up`, live in `shoal-api` and `shoal-control`.
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
+use reqwest::{Method, RequestBuilder, Response};
 use sha2::{Digest, Sha256};
-use shoal_control::{ControlPlane, ReplicaIncident, ReplicaReport, Snapshot};
+use shoal_api::{
+    Client, ClientError, ErrorBody, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
+    Snapshot,
+};
 use shoal_core::Node;
 use shoal_core::metrics::RevisionStats;
 use std::path::PathBuf;
@@ -15,103 +20,6 @@ use std::time::Duration;
 /// Longest a control-plane call may take before the agent tries again, so a
 /// stalled control plane cannot wedge a node's sync loop.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The control plane does not know this node (e.g. it was removed): register again.
-    #[error("node is not registered")]
-    Unregistered,
-    #[error("{0}")]
-    Failed(String),
-}
-
-pub type LinkResult<T> = Result<T, LinkError>;
-
-pub trait Link: Send + Sync + 'static {
-    fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>>;
-    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
-    fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
-    fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
-    /// Revisions of changes after `after` that the agent acts on; ends when
-    /// the link breaks, and the agent then re-reads the snapshot.
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>>;
-    /// A local file with the module's bytes, verified against its digest.
-    fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
-    /// What this node's gateway measured per app revision since the last call.
-    fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>>;
-    /// A request killed by its timeout, an instance out of memory, a trap.
-    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>>;
-}
-
-/// The control plane in the same process.
-pub struct LocalLink(pub ControlPlane);
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, shoal_control::ApiError> + Send + 'static,
-) -> LinkResult<T> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.status == 404 => Err(LinkError::Unregistered),
-        Ok(Err(e)) => Err(LinkError::Failed(e.to_string())),
-        Err(e) => Err(LinkError::Failed(e.to_string())),
-    }
-}
-
-impl Link for LocalLink {
-    fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
-        let cp = self.0.clone();
-        Box::pin(async move { blocking(move || cp.register_node(node).map(|_| ())).await })
-    }
-
-    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
-        let (cp, node) = (self.0.clone(), node.to_string());
-        Box::pin(async move { blocking(move || cp.heartbeat(&node)).await })
-    }
-
-    fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
-        let cp = self.0.clone();
-        Box::pin(async move { blocking(move || cp.report_replica(report)).await })
-    }
-
-    fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>> {
-        let cp = self.0.clone();
-        Box::pin(async move { blocking(move || cp.snapshot()).await })
-    }
-
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>> {
-        let watcher = self.0.store().watch("/", after + 1);
-        Box::pin(async move {
-            let watcher = watcher.map_err(|e| LinkError::Failed(e.to_string()))?;
-            let stream = futures::stream::unfold(watcher, |mut w| async move {
-                loop {
-                    match w.next().await? {
-                        Ok(ev) if shoal_core::objects::keys::agents_watch(&ev.kv.key) => {
-                            return Some((ev.kv.mod_revision, w));
-                        }
-                        Ok(_) => continue,
-                        Err(_) => return None,
-                    }
-                }
-            });
-            Ok(stream.boxed())
-        })
-    }
-
-    fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>> {
-        let path = self.0.module_path(digest);
-        Box::pin(async move { Ok(path) })
-    }
-
-    fn metrics(&self, _node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
-        self.0.record_metrics(stats);
-        Box::pin(async { Ok(()) })
-    }
-
-    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {
-        let cp = self.0.clone();
-        Box::pin(async move { blocking(move || cp.record_incident(incident)).await })
-    }
-}
 
 /// Whether a fetched module is on disk whole: a crash or a full disk must not
 /// leave a truncated file that every later start trusts.
@@ -122,11 +30,33 @@ async fn verified(path: &std::path::Path, hex: &str) -> bool {
     }
 }
 
+/// A failed call in the words nodes have always used: they end up in logs and
+/// in replica messages ("module fetch failed, retrying: …").
+fn failed(e: ClientError) -> LinkError {
+    LinkError::Failed(match e {
+        ClientError::Send { base, source } => {
+            format!("control plane at {base} unreachable: {source}")
+        }
+        // The body as the control plane sent it.
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => format!(
+            "control plane answered {}: {}",
+            status.as_u16(),
+            serde_json::to_string(&ErrorBody::new(code, message)).unwrap_or_default()
+        ),
+        ClientError::Status { status, body } => {
+            format!("control plane answered {}: {body}", status.as_u16())
+        }
+        ClientError::Decode(e) => format!("unreadable answer from the control plane: {e}"),
+    })
+}
+
 /// A control plane reached over HTTP with the join token.
 pub struct RemoteLink {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+    api: Client,
     /// Where fetched modules are kept, content-addressed like the server's.
     modules: PathBuf,
     /// One download at a time, so replicas starting together fetch a module once.
@@ -137,36 +67,24 @@ impl RemoteLink {
     pub fn new(base: &str, token: &str, modules: PathBuf) -> LinkResult<Self> {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| LinkError::Failed(e.to_string()))?;
         Ok(RemoteLink {
-            http: reqwest::Client::builder()
-                .connect_timeout(std::time::Duration::from_secs(2))
-                .build()
-                .map_err(|e| LinkError::Failed(e.to_string()))?,
-            base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            api: Client::with_http(http, base, token),
             modules,
             fetching: tokio::sync::Mutex::new(()),
         })
     }
 
-    async fn call(&self, req: reqwest::RequestBuilder) -> LinkResult<reqwest::Response> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
-            LinkError::Failed(format!("control plane at {} unreachable: {e}", self.base))
-        })?;
-        match resp.status().as_u16() {
-            200..=299 => Ok(resp),
-            code => {
-                let body = resp.text().await.unwrap_or_default();
-                Err(LinkError::Failed(format!(
-                    "control plane answered {code}: {}",
-                    body.trim()
-                )))
-            }
-        }
+    /// Sends, and wants any 2xx.
+    async fn call(&self, req: RequestBuilder) -> LinkResult<Response> {
+        self.api.checked(req).await.map_err(failed)
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+    fn post(&self, path: &str) -> RequestBuilder {
+        self.api.request(Method::POST, path)
     }
 }
 
@@ -174,8 +92,7 @@ impl Link for RemoteLink {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
         Box::pin(async move {
             let req = self
-                .http
-                .post(self.url("/v1/cluster/nodes"))
+                .post("/v1/cluster/nodes")
                 .json(&node)
                 .timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
@@ -183,59 +100,54 @@ impl Link for RemoteLink {
     }
 
     fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
-        let url = self.url(&format!("/v1/cluster/nodes/{node}/heartbeat"));
+        let path = format!("/v1/cluster/nodes/{node}/heartbeat");
         Box::pin(async move {
-            let req = self
-                .http
-                .post(url)
-                .timeout(std::time::Duration::from_secs(2));
+            let req = self.post(&path).timeout(Duration::from_secs(2));
             self.call(req).await.map(|_| ())
         })
     }
 
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
-        let url = self.url(&format!("/v1/cluster/nodes/{}/reports", report.node));
+        let path = format!("/v1/cluster/nodes/{}/reports", report.node);
         Box::pin(async move {
-            let req = self.http.post(url).json(&report).timeout(CALL_TIMEOUT);
+            let req = self.post(&path).json(&report).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }
 
     fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
-        let url = self.url(&format!("/v1/cluster/nodes/{node}/metrics"));
+        let path = format!("/v1/cluster/nodes/{node}/metrics");
         Box::pin(async move {
-            let req = self.http.post(url).json(&stats).timeout(CALL_TIMEOUT);
+            let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }
 
     fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {
-        let url = self.url(&format!("/v1/cluster/nodes/{}/incidents", incident.node));
+        let path = format!("/v1/cluster/nodes/{}/incidents", incident.node);
         Box::pin(async move {
-            let req = self.http.post(url).json(&incident).timeout(CALL_TIMEOUT);
+            let req = self.post(&path).json(&incident).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }
 
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>> {
         Box::pin(async move {
-            let resp = self
-                .call(
-                    self.http
-                        .get(self.url("/v1/cluster/snapshot"))
-                        .timeout(CALL_TIMEOUT),
-                )
-                .await?;
-            resp.json()
-                .await
-                .map_err(|e| LinkError::Failed(format!("unreadable snapshot: {e}")))
+            let req = self
+                .api
+                .request(Method::GET, "/v1/cluster/snapshot")
+                .timeout(CALL_TIMEOUT);
+            self.api.send(req).await.map_err(|e| match e {
+                ClientError::Decode(e) => LinkError::Failed(format!("unreadable snapshot: {e}")),
+                other => failed(other),
+            })
         })
     }
 
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>> {
-        let url = self.url(&format!("/v1/cluster/watch?from={}", after + 1));
+        let path = format!("/v1/cluster/watch?from={}", after + 1);
         Box::pin(async move {
-            let resp = self.call(self.http.get(url)).await?;
+            let resp = self.call(self.api.request(Method::GET, &path)).await?;
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
             let reader = tokio_util::io::StreamReader::new(bytes);
             let lines =
@@ -268,8 +180,8 @@ impl Link for RemoteLink {
             }
             let resp = self
                 .call(
-                    self.http
-                        .get(self.url(&format!("/v1/cluster/modules/{digest}"))),
+                    self.api
+                        .request(Method::GET, &format!("/v1/cluster/modules/{digest}")),
                 )
                 .await?;
             let bytes = resp

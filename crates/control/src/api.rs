@@ -4,8 +4,7 @@
 use crate::error::ApiError;
 use crate::error::JsonBody;
 use crate::error::{Path, Query};
-use crate::rollouts::{ReplicaIncident, RolloutAction};
-use crate::state::{ControlPlane, NodeAction, ReplicaReport, blocking};
+use crate::state::{ControlPlane, blocking};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
@@ -15,10 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
+use shoal_api::{ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
-use shoal_core::{Module, Node, Replica};
+use shoal_core::{Event, Module, Node, Replica};
 use shoal_store::BlobError;
 
 pub fn router(cp: ControlPlane) -> Router {
@@ -214,7 +214,7 @@ async fn apply(
         )
     })?;
     let result = blocking(move || cp.apply(spec, q.dry_run)).await?;
-    let status = if result.outcome == crate::ApplyOutcome::Created && !result.dry_run {
+    let status = if result.outcome == ApplyOutcome::Created && !result.dry_run {
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -352,7 +352,7 @@ struct EventQuery {
     namespace: Option<String>,
     app: Option<String>,
     limit: Option<usize>,
-    /// Only events after this sequence number (for following).
+    /// Only events numbered above this (a follower passes the last `seq` it saw).
     after: Option<u64>,
 }
 
@@ -364,16 +364,24 @@ async fn list_events(
         let key = q
             .app
             .map(|a| AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &a));
-        let mut events = cp.events(key.as_ref(), usize::MAX)?;
         // Apps' events of other namespaces go; cluster events (nodes) stay.
-        if let Some(ns) = &q.namespace {
-            events.retain(|e| e.app.as_ref().is_none_or(|a| &a.namespace == ns));
+        let keep = |e: &Event| {
+            key.as_ref().is_none_or(|k| e.app.as_ref() == Some(k))
+                && q.namespace
+                    .as_ref()
+                    .is_none_or(|ns| e.app.as_ref().is_none_or(|a| &a.namespace == ns))
+        };
+        let limit = q.limit.unwrap_or(100);
+        match q.after {
+            // A follower reads on from where it was, oldest first.
+            Some(after) => cp.events_after(Some(&keep), after, limit),
+            None => {
+                let mut events = cp.events(None, usize::MAX)?;
+                events.retain(keep);
+                let skip = events.len().saturating_sub(limit);
+                Ok(events.split_off(skip))
+            }
         }
-        if let Some(after) = q.after {
-            events.retain(|e| e.seq > after);
-        }
-        let skip = events.len().saturating_sub(q.limit.unwrap_or(100));
-        Ok(events.split_off(skip))
     })
     .await
     .map(|e| Json(e).into_response())
@@ -690,6 +698,15 @@ mod tests {
         assert_eq!(body["error"]["code"], "unauthorized");
         let (status, _) = call(&router, "/v1/apps/ghost", Some("admin")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn error_bodies_read_as_shoal_api_error_bodies() {
+        let (_dir, router) = router_with_token();
+        let (_, body) = call(&router, "/v1/apps/ghost", Some("admin")).await;
+        let parsed: shoal_api::ErrorBody = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed.error.code, "not_found");
+        assert!(parsed.error.message.contains("ghost"), "{parsed:?}");
     }
 
     #[tokio::test]

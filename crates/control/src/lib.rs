@@ -3,19 +3,19 @@
 //! store, and runs the controller that turns apps into placed replicas.
 //!
 //! Node agents talk to it through [`ControlPlane`]'s node-facing methods
-//! (`register_node`, `heartbeat`, `report_replica`, `watch`), the seam that
-//! becomes HTTP when agents run in other processes.
+//! (`register_node`, `heartbeat`, `report_replica`, `snapshot`): in process
+//! through [`LocalLink`], over HTTP through the `/v1/cluster` API. What is
+//! said is typed in `shoal-api`.
 
 mod api;
 mod controller;
 mod error;
+mod link;
+mod measurements;
 mod rollouts;
 mod state;
 
 pub use api::router;
 pub use error::ApiError;
-pub use rollouts::{INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView};
-pub use state::{
-    AppSummary, ApplyOutcome, ApplyResult, ControlConfig, ControlPlane, Describe, LogSource,
-    NodeAction, NodeSummary, ReplicaReport, Service, ServiceEndpoint, Snapshot, now_ms,
-};
+pub use link::LocalLink;
+pub use state::{ControlConfig, ControlPlane};

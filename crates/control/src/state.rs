@@ -3,35 +3,25 @@
 
 use crate::error::ApiError;
 use axum::http::StatusCode;
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use shoal_api::{
+    AppSummary, ApplyOutcome, ApplyResult, Describe, LogSource, NodeAction, NodeSummary,
+    ReplicaReport, Service, ServiceEndpoint, Snapshot,
+};
 use shoal_core::objects::keys;
 use shoal_core::spec::{AppKey, AppSpec};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Event, EventType, Kind, Lease, Millis, Module, Node, NodeState, Phase, Replica,
-    Revision, RolloutStatus,
+    App, Capacity, Clock, Event, EventType, Lease, Millis, Module, Node, NodeState, Phase, Replica,
+    Revision, RolloutStatus, SystemClock,
 };
-use shoal_runtime::LogSink;
 use shoal_store::{BlobStore, KeyValue, Op, Store, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::Notify;
-
-pub fn now_ms() -> Millis {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Where replica output lives: on the nodes. In one process the agent hands
-/// its log buffers over directly.
-pub trait LogSource: Send + Sync {
-    fn logs(&self, app: &AppKey) -> Vec<(String, LogSink)>;
-}
 
 #[derive(Debug, Clone)]
 pub struct ControlConfig {
@@ -78,117 +68,9 @@ pub(crate) struct Inner {
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
     /// What the gateways measured per app revision, for canary analysis.
-    pub(crate) metrics: crate::rollouts::Metrics,
-}
-
-/// What `apply` did or would do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ApplyOutcome {
-    Created,
-    Configured,
-    Unchanged,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ApplyResult {
-    pub outcome: ApplyOutcome,
-    pub dry_run: bool,
-    /// Field-level differences from what was stored, `field: old -> new`.
-    pub changes: Vec<String>,
-    pub app: App,
-}
-
-/// One row of `shoal get apps`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AppSummary {
-    pub namespace: String,
-    pub name: String,
-    pub kind: Kind,
-    pub revision: u64,
-    pub desired: u32,
-    pub ready: usize,
-    pub routes: Vec<String>,
-    pub digest: String,
-    pub created_at: Millis,
-}
-
-/// `shoal describe app`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Describe {
-    pub app: App,
-    /// Where the rollout of its current revision stands (none for jobs).
-    #[serde(default)]
-    pub rollout: Option<RolloutStatus>,
-    pub revisions: Vec<Revision>,
-    pub replicas: Vec<Replica>,
-    pub events: Vec<Event>,
-}
-
-/// One row of `shoal get nodes`: the node plus what is placed on it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeSummary {
-    #[serde(flatten)]
-    pub node: Node,
-    pub allocated: Capacity,
-    pub replicas: usize,
-    pub last_heartbeat: Millis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NodeAction {
-    Cordon,
-    Uncordon,
-    Drain,
-}
-
-/// What a node acts on, read at (or after) `revision`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub revision: u64,
-    pub apps: Vec<App>,
-    pub revisions: Vec<Revision>,
-    pub replicas: Vec<Replica>,
-    pub nodes: Vec<Node>,
-    /// For the canary traffic splits gateways apply.
-    #[serde(default)]
-    pub rollouts: Vec<RolloutStatus>,
-}
-
-/// A service: every http app, reachable by name from other apps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Service {
-    pub namespace: String,
-    pub name: String,
-    /// `name.namespace`: the host other apps call it by (`name` alone within its namespace).
-    pub host: String,
-    pub routes: Vec<String>,
-    pub endpoints: Vec<ServiceEndpoint>,
-}
-
-/// A Ready replica on a Ready node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceEndpoint {
-    pub replica: String,
-    pub node: String,
-    pub gateway: String,
-}
-
-/// What a node says about one of its replicas.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReplicaReport {
-    pub app: AppKey,
-    pub replica: String,
-    pub node: String,
-    pub phase: Phase,
-    pub message: Option<String>,
-    pub exit_code: Option<i32>,
-    #[serde(default)]
-    pub restarts: u32,
-    /// See [`Replica::reason`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub(crate) metrics: crate::measurements::Metrics,
+    /// Where time comes from: the wall clock, or a test's.
+    pub(crate) clock: Arc<dyn Clock>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
@@ -213,6 +95,16 @@ where
 
 impl ControlPlane {
     pub fn new(store: Store, blobs: BlobStore, config: ControlConfig) -> Result<Self, ApiError> {
+        Self::with_clock(store, blobs, config, Arc::new(SystemClock))
+    }
+
+    /// [`ControlPlane::new`] telling time by `clock`.
+    pub fn with_clock(
+        store: Store,
+        blobs: BlobStore,
+        config: ControlConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ApiError> {
         // Continue event numbering after the newest stored event.
         let (events, _) = store.range(keys::EVENTS)?;
         let next = events
@@ -229,8 +121,14 @@ impl ControlPlane {
                 kick: Notify::new(),
                 started_at: OnceLock::new(),
                 metrics: Default::default(),
+                clock,
             }),
         })
+    }
+
+    /// Now, by this control plane's clock.
+    pub(crate) fn now(&self) -> Millis {
+        self.inner.clock.now_ms()
     }
 
     pub fn store(&self) -> &Store {
@@ -265,7 +163,7 @@ impl ControlPlane {
         let seq = self.inner.event_seq.fetch_add(1, Ordering::Relaxed);
         let event = Event {
             seq,
-            time: now_ms(),
+            time: self.now(),
             kind,
             reason: reason.to_string(),
             object,
@@ -318,7 +216,7 @@ impl ControlPlane {
             digest: digest.to_string(),
             size,
             kind,
-            uploaded_at: now_ms(),
+            uploaded_at: self.now(),
         };
         self.inner.store.put(&key, encode(&module))?;
         Ok((module, false))
@@ -359,7 +257,7 @@ impl ControlPlane {
         let key = spec.key();
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
-        let now = now_ms();
+        let now = self.now();
         let revisions = self.list::<Revision>(&keys::revisions_of(&key))?;
         let latest_revision = revisions.last();
         // What runs now: after an automatic rollback, not the latest revision.
@@ -384,16 +282,13 @@ impl ControlPlane {
                     (r.number, None)
                 } else {
                     let number = latest_revision.as_ref().map_or(1, |r| r.number + 1);
-                    let cause = if existing.is_none() {
-                        "created".to_string()
-                    } else {
-                        let mut fields: Vec<String> = changes
-                            .iter()
-                            .filter_map(|c| c.split(':').next().map(str::to_string))
-                            .filter(|f| !f.starts_with("replicas") && !f.starts_with("http.routes"))
-                            .collect();
-                        fields.dedup();
-                        format!("{} changed", fields.join(", "))
+                    // What differs from the template that runs now.
+                    let running = current_revision
+                        .map(|r| r.template.clone())
+                        .or_else(|| existing.as_ref().map(|(a, _)| a.spec.template()));
+                    let cause = match running {
+                        None => "created".to_string(),
+                        Some(t) => format!("{} changed", template.changed_fields(&t).join(", ")),
                     };
                     let rev = Revision {
                         app: key.clone(),
@@ -521,7 +416,7 @@ impl ControlPlane {
         let spec = app.spec.with_template(&target.template);
         let changes = diff(&app.spec, &spec);
         let number = revisions.last().map_or(1, |r| r.number + 1);
-        let now = now_ms();
+        let now = self.now();
         let revision = Revision {
             app: key.clone(),
             number,
@@ -643,18 +538,51 @@ impl ControlPlane {
         })
     }
 
+    /// Every event, oldest first, each numbered (`seq`) by the store revision
+    /// that committed it: commits are serial, so a reader that has seen
+    /// number N will only ever find later events above N.
+    fn all_events(&self) -> Result<Vec<Event>, ApiError> {
+        let (kvs, _) = self.inner.store.range(keys::EVENTS)?;
+        let mut events = kvs
+            .iter()
+            .map(|kv| {
+                let mut e: Event = decode(kv)?;
+                e.seq = kv.create_revision;
+                Ok(e)
+            })
+            .collect::<Result<Vec<Event>, ApiError>>()?;
+        // Stable: events of one transaction keep the order they were written in.
+        events.sort_by_key(|e| e.seq);
+        Ok(events)
+    }
+
+    /// The newest `limit` events of `app` (all apps' and the cluster's if `None`).
     pub(crate) fn events(
         &self,
         app: Option<&AppKey>,
         limit: usize,
     ) -> Result<Vec<Event>, ApiError> {
-        let mut events: Vec<Event> = self
-            .list::<Event>(keys::EVENTS)?
-            .into_iter()
-            .filter(|e| app.is_none() || e.app.as_ref() == app)
-            .collect();
+        let mut events = self.all_events()?;
+        events.retain(|e| app.is_none() || e.app.as_ref() == app);
         let skip = events.len().saturating_sub(limit);
         Ok(events.split_off(skip))
+    }
+
+    /// For followers: the oldest events numbered above `after` that `keep`
+    /// accepts, at least `limit` of them if there are, and never half of one
+    /// transaction's, so asking again after the last one skips nothing.
+    pub fn events_after(
+        &self,
+        keep: Option<&dyn Fn(&Event) -> bool>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, ApiError> {
+        let mut events = self.all_events()?;
+        events.retain(|e| e.seq > after && keep.is_none_or(|k| k(e)));
+        if let Some(last) = events.get(limit.max(1) - 1).map(|e| e.seq) {
+            events.retain(|e| e.seq <= last);
+        }
+        Ok(events)
     }
 
     pub(crate) fn services(&self) -> Result<Vec<Service>, ApiError> {
@@ -767,7 +695,7 @@ impl ControlPlane {
             };
             let lease = Lease {
                 node: node.name.clone(),
-                renewed_at: now_ms(),
+                renewed_at: self.now(),
             };
             let txn = txn
                 .then(Op::put(key.clone(), encode(&node)))
@@ -801,7 +729,7 @@ impl ControlPlane {
         };
         let lease = Lease {
             node: name.to_string(),
-            renewed_at: now_ms(),
+            renewed_at: self.now(),
         };
         let mut txn = Txn::new().then(Op::put(keys::lease(name), encode(&lease)));
         if node.state != NodeState::Ready {
@@ -883,7 +811,7 @@ impl ControlPlane {
             replica.exit_code = report.exit_code;
             replica.restarts = report.restarts;
             replica.reason = report.reason.clone();
-            replica.updated_at = now_ms();
+            replica.updated_at = self.now();
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
                 Phase::Starting => (EventType::Normal, "Starting"),

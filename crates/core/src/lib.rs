@@ -3,15 +3,20 @@
 //!
 //! This crate does no I/O and knows nothing of tokio, redb or wasmtime, so
 //! every rule here is tested directly and shared by the CLI and the server.
+//! Time comes in as an argument; [`Clock`] and [`now_ms`] are how the edges
+//! read it.
 
 pub mod auth;
+pub mod clock;
 pub mod metrics;
 pub mod name;
 pub mod objects;
+pub mod problem;
 pub mod quantity;
 pub mod spec;
 pub mod wasm;
 
+pub use clock::{Clock, SystemClock, now_ms};
 pub use name::{NameError, validate_name};
 pub use objects::*;
 pub use spec::{AppManifest, AppSpec, Kind, ModuleRef, Route, SpecError, parse_app};

@@ -125,6 +125,17 @@ pub struct RolloutStatus {
 }
 
 impl RolloutStatus {
+    /// Whether `other` says the same as this status, whatever its message: the
+    /// controller writes a status when where the rollout stands changes, not
+    /// when only the wording does.
+    pub fn same_state(&self, other: &RolloutStatus) -> bool {
+        let wording = |s: &RolloutStatus| RolloutStatus {
+            message: String::new(),
+            ..s.clone()
+        };
+        wording(self) == wording(other)
+    }
+
     /// The canary step in progress, if any.
     pub fn canary_step<'a>(&self, rollout: &'a Rollout) -> Option<&'a CanaryStep> {
         let canary = self.phase == RolloutPhase::Progressing
@@ -266,6 +277,13 @@ impl Capacity {
         self.memory_bytes += o.memory_bytes;
         self.instances += o.instances;
     }
+
+    /// Gives back what [`Capacity::add`] took.
+    pub fn sub(&mut self, o: &Capacity) {
+        self.cpu_millis = self.cpu_millis.saturating_sub(o.cpu_millis);
+        self.memory_bytes = self.memory_bytes.saturating_sub(o.memory_bytes);
+        self.instances = self.instances.saturating_sub(o.instances);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,8 +327,9 @@ pub enum EventType {
 /// Something that happened, for `shoal describe` and `shoal events`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    /// Position in the event log (its key), filled in when read; a follower
-    /// asks for what comes after the last one it saw.
+    /// The store revision that recorded it, filled in when read: commits are
+    /// serial, so a follower asking for what comes after the last one it saw
+    /// never skips one. Events of one transaction share it.
     #[serde(default)]
     pub seq: u64,
     pub time: Millis,

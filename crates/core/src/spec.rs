@@ -6,7 +6,7 @@ use crate::name::validate_name;
 use crate::quantity::{parse_cpu, parse_duration_ms, parse_memory};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Range;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -441,6 +441,48 @@ pub struct Template {
 }
 
 impl Template {
+    /// The fields that differ from `old`, named as in the app spec
+    /// (`component.digest`, `env.GREETING`, `resources.memory`…): why a new
+    /// revision was made. Env values may be secrets: only their names appear.
+    pub fn changed_fields(&self, old: &Template) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut check = |changed: bool, name: &str| {
+            if changed {
+                out.push(name.to_string());
+            }
+        };
+        check(
+            self.component.digest != old.component.digest,
+            "component.digest",
+        );
+        check(self.component.kind != old.component.kind, "component.kind");
+        check(self.component.args != old.component.args, "component.args");
+        check(
+            self.resources.memory_bytes != old.resources.memory_bytes,
+            "resources.memory",
+        );
+        check(
+            self.resources.cpu_millis != old.resources.cpu_millis,
+            "resources.cpu",
+        );
+        check(
+            self.resources.max_concurrency != old.resources.max_concurrency,
+            "resources.max_concurrency",
+        );
+        check(self.timeout_ms != old.timeout_ms, "http.timeout");
+        let names: BTreeSet<&String> = self.env.keys().chain(old.env.keys()).collect();
+        for name in names {
+            check(
+                self.env.get(name) != old.env.get(name),
+                &format!("env.{name}"),
+            );
+        }
+        check(self.outbound != old.outbound, "network.outbound");
+        check(self.job != old.job, "job");
+        check(self.health != old.health, "health");
+        out
+    }
+
     /// Stable content hash, so re-applying the same spec is recognised as unchanged.
     pub fn hash(&self) -> String {
         let json = serde_json::to_vec(self).expect("template serialises");
@@ -1249,6 +1291,32 @@ A = "1"
             .resolve(format!("sha256:{}", "a".repeat(64)))
             .unwrap();
         assert_ne!(a.template().hash(), d.template().hash());
+    }
+
+    #[test]
+    fn a_templates_changes_are_named_as_in_the_spec() {
+        let spec = |src: &str| {
+            parse_app(src)
+                .unwrap()
+                .resolve(format!("sha256:{}", "a".repeat(64)))
+                .unwrap()
+                .template()
+        };
+        let old = spec(HELLO);
+        assert!(old.changed_fields(&old).is_empty());
+        let new = spec(
+            &HELLO
+                .replace("memory = \"32Mi\"", "memory = \"64Mi\"")
+                .replace("A = \"1\"", "C = \"3\"")
+                .replace("timeout = \"5s\"", "timeout = \"9s\""),
+        );
+        assert_eq!(
+            new.changed_fields(&old),
+            ["resources.memory", "http.timeout", "env.A", "env.C"]
+        );
+        // Scale and routes are not the template's.
+        let rescaled = spec(&HELLO.replace("replicas = 2", "replicas = 5"));
+        assert!(rescaled.changed_fields(&old).is_empty());
     }
 
     fn err(src: &str) -> SpecError {

@@ -23,7 +23,7 @@ mod runtime;
 pub use command::{Command, ExitStatus};
 pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, RuntimeConfig};
 pub use error::RuntimeError;
-pub use http::{HttpService, ResponseBody};
+pub use http::{HttpService, ResponseBody, problem_response};
 pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};

@@ -5,6 +5,7 @@
 //! Nomad's scheduler and kube-rs reconcilers are.
 
 mod placement;
+pub mod plan;
 mod reconcile;
 pub mod rollout;
 #[cfg(test)]

@@ -432,12 +432,52 @@ impl<'a> Cluster<'a> {
         true
     }
 
+    /// Gives back what [`Cluster::reserve`] took for one replica of `app` on
+    /// `node`: a replica this pass removes.
+    pub fn release(&mut self, node: &str, app: &AppKey, resources: &Capacity) {
+        let Ok(i) = self
+            .slots
+            .binary_search_by(|s| s.node.name.as_str().cmp(node))
+        else {
+            return;
+        };
+        let s = &mut self.slots[i];
+        s.allocated.sub(resources);
+        self.fits[i] = Fit::new(s.node, &s.allocated);
+        if let Some(v) = self.apps.get_mut(app)
+            && let Some(at) = v.iter().position(|&x| x == i)
+        {
+            v.swap_remove(at);
+        }
+    }
+
     /// Picks a node for one replica of `app` and reserves it there.
     pub fn place(
         &mut self,
         app: &AppKey,
         req: &Request<'_>,
     ) -> Result<Placement<'a>, Unschedulable> {
+        let (i, score) = self.pick(app, req)?;
+        self.take(i, app, &req.resources);
+        let s = &self.slots[i];
+        Ok(Placement {
+            node: s.node,
+            index: s.index,
+            score,
+        })
+    }
+
+    /// Whether a replica of `app` would fit on some node not named in `avoid`;
+    /// reserves nothing.
+    pub fn fits_avoiding(&mut self, app: &AppKey, req: &Request<'_>, avoid: &[String]) -> bool {
+        let closed = self.close(avoid);
+        let fits = self.pick(app, req).is_ok();
+        self.reopen(closed);
+        fits
+    }
+
+    /// The best node for one replica of `app` and its score.
+    fn pick(&mut self, app: &AppKey, req: &Request<'_>) -> Result<(usize, f64), Unschedulable> {
         let Cluster {
             strategy,
             slots,
@@ -463,14 +503,7 @@ impl<'a> Cluster<'a> {
         for &s in mine {
             counts[s] = 0;
         }
-        let (i, score) = chosen?;
-        self.take(i, app, &req.resources);
-        let s = &self.slots[i];
-        Ok(Placement {
-            node: s.node,
-            index: s.index,
-            score,
-        })
+        chosen
     }
 
     /// [`Cluster::place`], keeping off the nodes named in `avoid` unless nothing
@@ -481,7 +514,19 @@ impl<'a> Cluster<'a> {
         req: &Request<'_>,
         avoid: &[String],
     ) -> Result<Placement<'a>, Unschedulable> {
-        let closed: Vec<(usize, Option<Reason>)> = avoid
+        let closed = self.close(avoid);
+        let any = !closed.is_empty();
+        let placed = self.place(app, req);
+        self.reopen(closed);
+        match placed {
+            Err(_) if any => self.place(app, req),
+            other => other,
+        }
+    }
+
+    /// Closes the nodes named in `avoid`; returns what to [`Cluster::reopen`].
+    fn close(&mut self, avoid: &[String]) -> Vec<(usize, Option<Reason>)> {
+        avoid
             .iter()
             .filter_map(|n| {
                 let i = self
@@ -490,14 +535,12 @@ impl<'a> Cluster<'a> {
                     .ok()?;
                 Some((i, self.fits[i].closed.replace(Reason::Avoided)))
             })
-            .collect();
-        let placed = self.place(app, req);
-        for (i, was) in &closed {
-            self.fits[*i].closed = *was;
-        }
-        match placed {
-            Err(_) if !closed.is_empty() => self.place(app, req),
-            other => other,
+            .collect()
+    }
+
+    fn reopen(&mut self, closed: Vec<(usize, Option<Reason>)>) {
+        for (i, was) in closed {
+            self.fits[i].closed = was;
         }
     }
 

@@ -172,11 +172,14 @@ pub fn decide(
         .count() as u32;
     let fallback = status.stable.filter(|s| *s != target);
 
-    // New replicas that crash-loop (or that their node gave up on) will not get better.
+    // New replicas that crash-loop, fail, or keep failing liveness through
+    // restarts will not get better.
     if let (Some(to), Some(bad)) = (
         fallback,
-        new.iter()
-            .find(|r| matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)),
+        new.iter().find(|r| {
+            matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)
+                || r.reason.as_deref() == Some(shoal_core::objects::LIVENESS_FAILED)
+        }),
     ) {
         let reason = format!(
             "replica {} of revision {target} is {}{}",
@@ -203,7 +206,7 @@ pub fn decide(
         next.progressed_at = now;
     }
     if status.paused {
-        next.message = format!("paused: {ready}/{n} replicas of revision {target} ready");
+        next.message = format!("rollout of revision {target} paused");
         return decision(next, None, None);
     }
 
@@ -214,22 +217,34 @@ pub fn decide(
         let weight = step.weight;
         let want = Rollout::canary_replicas(n, weight);
         let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
+        let (nth, steps) = (status.step + 1, spec.steps.len());
+        // What a step in progress says; fixed text, as the status is written
+        // only when where the rollout stands changes.
+        let in_step = match step.pause_ms {
+            None => format!(
+                "step {nth}/{steps}: {weight}% to revision {target}; waiting for `shoal rollout promote`"
+            ),
+            Some(pause) => format!(
+                "step {nth}/{steps}: {weight}% to revision {target} for {}",
+                human_ms(pause)
+            ),
+        };
         match status.step_started_at {
             None if canary_ready >= want => {
                 next.step_started_at = Some(now);
                 next.progressed_at = now;
-                next.message = format!(
-                    "step {}/{}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest",
-                    status.step + 1,
-                    spec.steps.len()
-                );
-                event = Some((EventType::Normal, "CanaryStep", next.message.clone()));
+                next.message = in_step;
+                event = Some((
+                    EventType::Normal,
+                    "CanaryStep",
+                    format!(
+                        "step {nth}/{steps}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest"
+                    ),
+                ));
             }
             None => {
                 next.message = format!(
-                    "step {}/{}: waiting for {want} replicas of revision {target} ({canary_ready} ready)",
-                    status.step + 1,
-                    spec.steps.len()
+                    "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be ready"
                 );
             }
             Some(started) => {
@@ -249,28 +264,11 @@ pub fn decide(
                     );
                 }
                 let passed_ms = now.saturating_sub(started);
+                next.message = in_step;
                 match step.pause_ms {
-                    None => {
-                        clock_from = now; // waiting for a person, not stuck
-                        next.message = format!(
-                            "step {}/{}: {weight}% to revision {target}; waiting for `shoal rollout promote`",
-                            status.step + 1,
-                            spec.steps.len()
-                        );
-                    }
+                    None => clock_from = now, // waiting for a person, not stuck
                     Some(pause) if passed_ms < pause => {
-                        // Fixed text: the status is written only when it changes.
                         clock_from = clock_from.max(started + pause);
-                        next.message = format!(
-                            "step {}/{}: {weight}% to revision {target} for {}{}",
-                            status.step + 1,
-                            spec.steps.len(),
-                            human_ms(pause),
-                            match &verdict {
-                                Verdict::Wait(w) => format!(" ({w})"),
-                                _ => String::new(),
-                            }
-                        );
                     }
                     Some(pause) => {
                         clock_from = clock_from.max(started + pause);
@@ -291,9 +289,8 @@ pub fn decide(
                                 };
                                 event = Some((EventType::Normal, reason, next.message.clone()));
                             }
-                            Verdict::Wait(why) => {
-                                next.message = format!("step {}: {why}", status.step + 1);
-                            }
+                            // Live measurements are in `shoal rollout status`.
+                            Verdict::Wait(_) => {}
                             Verdict::Fail(_) => unreachable!("handled above"),
                         }
                     }
@@ -318,9 +315,7 @@ pub fn decide(
         if late {
             return decision(status.clone(), None, None);
         }
-        next.message = format!(
-            "{ready}/{n} replicas of revision {target} ready, {old} of older revisions left"
-        );
+        next.message = format!("{}/{n} replicas of revision {target} ready", next.ready);
     }
 
     if now.saturating_sub(clock_from) > spec.progress_deadline_ms {
@@ -355,6 +350,174 @@ pub fn decide(
         };
     }
     decision(next, event, None)
+}
+
+/// What a person asks of a rollout in progress (`shoal rollout pause|resume|promote|abort`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    /// Canary: end the current step now; `full`: skip every remaining step.
+    Promote {
+        full: bool,
+    },
+    /// Back to the stable revision.
+    Abort,
+}
+
+/// Why an [`Action`] cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    #[error("app {app} has no rollout in progress (revision {revision} is {phase})")]
+    NotInProgress {
+        app: shoal_core::spec::AppKey,
+        revision: u64,
+        phase: RolloutPhase,
+    },
+    #[error(
+        "app {0} rolls with strategy = \"rolling\": there is no step to promote; `shoal rollout resume` continues a paused one"
+    )]
+    NotACanary(shoal_core::spec::AppKey),
+    #[error("app {0} has no earlier revision that rolled out to go back to")]
+    NothingToGoBackTo(shoal_core::spec::AppKey),
+}
+
+/// What an [`Action`] does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Acted {
+    /// Store this status, with an event `(reason, message)`.
+    Status {
+        status: RolloutStatus,
+        reason: &'static str,
+    },
+    /// Go back to the stable revision ([`roll_back`] says how).
+    RollBack(RollBack),
+}
+
+/// The arithmetic of `shoal rollout pause|resume|promote|abort` on the rollout
+/// of `app.revision`.
+pub fn act(
+    app: &App,
+    status: &RolloutStatus,
+    action: Action,
+    now: Millis,
+) -> Result<Acted, ActionError> {
+    let key = app.spec.key();
+    if status.phase.is_done() || status.revision != app.revision {
+        return Err(ActionError::NotInProgress {
+            app: key,
+            revision: status.revision,
+            phase: status.phase,
+        });
+    }
+    let mut next = status.clone();
+    let reason = match action {
+        Action::Pause => {
+            next.paused = true;
+            next.message = format!("rollout of revision {} paused", status.revision);
+            "Paused"
+        }
+        Action::Resume => {
+            next.paused = false;
+            // The deadline and the step's pause count from now.
+            next.progressed_at = now;
+            if next.step_started_at.is_some() {
+                next.step_started_at = Some(now);
+            }
+            next.message = format!("rollout of revision {} resumed", status.revision);
+            "Resumed"
+        }
+        Action::Promote { full } => {
+            if status.strategy != Strategy::Canary {
+                return Err(ActionError::NotACanary(key));
+            }
+            let steps = app.spec.rollout.steps.len();
+            next.step = if full {
+                steps
+            } else {
+                (status.step + 1).min(steps)
+            };
+            next.step_started_at = None;
+            next.progressed_at = now;
+            next.paused = false;
+            next.message = if next.step == steps {
+                format!("revision {} promoted to 100%", status.revision)
+            } else {
+                format!(
+                    "revision {} promoted to step {}/{steps}",
+                    status.revision,
+                    next.step + 1
+                )
+            };
+            "Promoted"
+        }
+        Action::Abort => {
+            let Some(to) = status.stable.filter(|s| *s != status.revision) else {
+                return Err(ActionError::NothingToGoBackTo(key));
+            };
+            return Ok(Acted::RollBack(RollBack {
+                to,
+                phase: RolloutPhase::Aborted,
+                reason: "aborted by `shoal rollout abort`".into(),
+            }));
+        }
+    };
+    Ok(Acted::Status {
+        status: next,
+        reason,
+    })
+}
+
+/// What going back to revision `rb.to` writes: the app runs that revision's
+/// template again under its own number (its replicas are current again,
+/// nothing restarts), the rollout says so, the abandoned revision records why
+/// (its `outcome`), and an event tells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolledBack {
+    pub app: App,
+    pub status: RolloutStatus,
+    /// The abandoned revision's outcome.
+    pub outcome: String,
+    pub event: (EventType, &'static str, String),
+}
+
+/// [`RolledBack`] for the rollout `status` of `app`, going back to `target`.
+pub fn roll_back(
+    app: &App,
+    target: &shoal_core::Revision,
+    status: &RolloutStatus,
+    rb: &RollBack,
+    now: Millis,
+) -> RolledBack {
+    let (verb, reason) = match rb.phase {
+        RolloutPhase::Aborted => ("aborted", "Aborted"),
+        _ => ("rolled back", "RolledBack"),
+    };
+    let after = RolloutStatus {
+        revision: rb.to,
+        stable: Some(rb.to),
+        phase: rb.phase,
+        paused: false,
+        step_started_at: None,
+        progressed_at: now,
+        rolled_back_from: Some(status.revision),
+        message: format!(
+            "revision {} {verb}, back on revision {}: {}",
+            status.revision, rb.to, rb.reason
+        ),
+        ..status.clone()
+    };
+    RolledBack {
+        app: App {
+            spec: app.spec.with_template(&target.template),
+            revision: rb.to,
+            created_at: app.created_at,
+            updated_at: now,
+        },
+        outcome: format!("{verb}: {}", rb.reason),
+        event: (EventType::Warning, reason, after.message.clone()),
+        status: after,
+    }
 }
 
 #[cfg(test)]
@@ -561,11 +724,8 @@ mod tests {
         };
         let d = decide(&a, &s, &rs, Some(quiet), 3_000);
         assert!(d.roll_back.is_none());
-        assert!(
-            d.status.message.contains("at least 20 canary requests"),
-            "{}",
-            d.status.message
-        );
+        // Fixed text: what the analysis waits for is live in `shoal rollout status`.
+        assert_eq!(d.status.message, "step 1/2: 25% to revision 2 for 10s");
         let rb = decide(&a, &s, &rs, Some(quiet), 11_000 + 60_001)
             .roll_back
             .unwrap();
@@ -677,5 +837,126 @@ mod tests {
         let d = decide(&a, &failed, &ready, None, 60_000);
         assert_eq!(d.status.phase, RolloutPhase::Complete);
         assert_eq!(d.status.stable, Some(1));
+    }
+
+    #[test]
+    fn a_step_that_begins_says_what_it_waits_for_at_once() {
+        // The message is written only with a change of state: a step's must be
+        // right the moment it begins, and stay right while nothing else changes.
+        let a = app(
+            2,
+            2,
+            "[rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 50 }]\n",
+        );
+        let s = rolling_to_2(&a);
+        let rs = [
+            replica("o1", 1, Phase::Ready),
+            replica("o2", 1, Phase::Ready),
+            replica("c", 2, Phase::Ready),
+        ];
+        let begun = decide(&a, &s, &rs, None, 2_000);
+        assert_eq!(begun.status.step_started_at, Some(2_000));
+        let waiting = "step 1/1: 50% to revision 2; waiting for `shoal rollout promote`";
+        assert_eq!(begun.status.message, waiting);
+        assert!(begun.event.unwrap().2.contains("keeps the rest"));
+        let later = decide(&a, &begun.status, &rs, None, 9_000);
+        assert!(later.status.same_state(&begun.status));
+        assert_eq!(later.status.message, waiting);
+    }
+
+    #[test]
+    fn pause_resume_promote_and_abort() {
+        let a = app(4, 2, CANARY);
+        let s = rolling_to_2(&a);
+        let status = |acted| match acted {
+            Ok(Acted::Status { status, reason }) => (status, reason),
+            other => panic!("{other:?}"),
+        };
+        let (paused, reason) = status(act(&a, &s, Action::Pause, 2_000));
+        assert!(paused.paused);
+        assert_eq!(reason, "Paused");
+        assert_eq!(mode(&a, Some(&paused)), Mode::Hold);
+
+        // Resuming restarts the deadline clock, and a running step's pause.
+        let mut stepping = paused.clone();
+        stepping.step_started_at = Some(1_500);
+        let (resumed, _) = status(act(&a, &stepping, Action::Resume, 9_000));
+        assert!(!resumed.paused);
+        assert_eq!(
+            (resumed.progressed_at, resumed.step_started_at),
+            (9_000, Some(9_000))
+        );
+
+        // Promote: the next step (its clock unstarted), or every step at once.
+        let (next, reason) = status(act(&a, &stepping, Action::Promote { full: false }, 9_000));
+        assert_eq!(
+            (next.step, next.step_started_at, next.paused),
+            (1, None, false)
+        );
+        assert_eq!(reason, "Promoted");
+        assert_eq!(next.message, "revision 2 promoted to step 2/2");
+        let (full, _) = status(act(&a, &s, Action::Promote { full: true }, 9_000));
+        assert_eq!(full.step, 2);
+        assert_eq!(full.message, "revision 2 promoted to 100%");
+
+        // Abort goes back to the stable revision.
+        assert_eq!(
+            act(&a, &s, Action::Abort, 9_000),
+            Ok(Acted::RollBack(RollBack {
+                to: 1,
+                phase: RolloutPhase::Aborted,
+                reason: "aborted by `shoal rollout abort`".into(),
+            }))
+        );
+
+        // What cannot be done says why.
+        let rolling = app(4, 2, "");
+        let s2 = rolling_to_2(&rolling);
+        assert!(matches!(
+            act(&rolling, &s2, Action::Promote { full: false }, 0),
+            Err(ActionError::NotACanary(_))
+        ));
+        let fresh = start(&app(1, 1, ""), None, 0);
+        assert!(matches!(
+            act(&app(1, 1, ""), &fresh, Action::Abort, 0),
+            Err(ActionError::NothingToGoBackTo(_))
+        ));
+        let mut done = s.clone();
+        done.phase = RolloutPhase::Complete;
+        assert!(matches!(
+            act(&a, &done, Action::Pause, 0),
+            Err(ActionError::NotInProgress { revision: 2, .. })
+        ));
+    }
+
+    #[test]
+    fn a_roll_back_runs_the_stable_template_under_its_own_number() {
+        let a = app(2, 2, "");
+        let s = rolling_to_2(&a);
+        let old = app(2, 1, "[env]\nV = \"1\"\n");
+        let target = shoal_core::Revision {
+            app: a.spec.key(),
+            number: 1,
+            template: old.spec.template(),
+            hash: String::new(),
+            created_at: 0,
+            cause: "created".into(),
+            outcome: None,
+        };
+        let rb = RollBack {
+            to: 1,
+            phase: RolloutPhase::RolledBack,
+            reason: "no progress".into(),
+        };
+        let done = roll_back(&a, &target, &s, &rb, 7_000);
+        assert_eq!(done.app.revision, 1);
+        assert_eq!(done.app.spec.template(), target.template);
+        assert_eq!(
+            (done.status.revision, done.status.stable, done.status.phase),
+            (1, Some(1), RolloutPhase::RolledBack)
+        );
+        assert_eq!(done.status.rolled_back_from, Some(2));
+        assert_eq!(done.outcome, "rolled back: no progress");
+        assert_eq!(done.event.1, "RolledBack");
     }
 }

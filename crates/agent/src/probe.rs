@@ -1,0 +1,327 @@
+//! What an http replica's probe results mean, as a pure state machine: the
+//! replica's task runs the probes and does what [`ProbeState::observe`] says.
+//! Time is an argument, so every rule is tested without waiting.
+
+use shoal_core::spec::Health;
+use std::time::Duration;
+
+/// Restart delays of something that keeps failing: 100 ms doubling to 30 s,
+/// back to the start after a run of [`BACKOFF_RESET`].
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_RESET: Duration = Duration::from_secs(60);
+
+/// Liveness restarts after which the node says the replica keeps failing here
+/// (so the controller may replace it on another node); a replica that stays
+/// live for [`BACKOFF_RESET`] starts counting again.
+pub const LIVENESS_RESTARTS: u32 = 3;
+
+/// Restart delays of a command or replica that keeps exiting or failing.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: BACKOFF_START,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before starting again a run that lasted `ran`.
+    pub fn after(&mut self, ran: Duration) -> Duration {
+        if ran >= BACKOFF_RESET {
+            self.next = BACKOFF_START;
+        }
+        let delay = self.next;
+        self.next = (delay * 2).min(BACKOFF_MAX);
+        delay
+    }
+}
+
+/// Which probe a result is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Readiness,
+    Liveness,
+}
+
+/// What the replica's task does after a probe result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Readiness passed often enough: into the gateway, report Ready.
+    Serve,
+    /// Readiness failed often enough: out of the gateway, report Unready.
+    Unserve(String),
+    /// Liveness failed often enough: out of the gateway and restarted with a
+    /// fresh instance pre-image, served at once if no readiness probe gates it.
+    Restart(Restart),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    /// For the replica's log and its report after the restart.
+    pub message: String,
+    /// Restarts so far, this one included.
+    pub restarts: u32,
+    /// Whether to serve right after the restart (no readiness probe).
+    pub serve: bool,
+    /// Restarts did not help: report that liveness keeps failing here (the
+    /// controller replaces the replica elsewhere if it can) and wait this long
+    /// before restarting it here, with this message.
+    pub keeps_failing: Option<(Duration, String)>,
+}
+
+/// The probe counters of one replica.
+#[derive(Debug)]
+pub struct ProbeState {
+    health: Health,
+    ready: bool,
+    passes: u32,
+    failures: u32,
+    live_failures: u32,
+    restarts: u32,
+    /// Liveness restarts since the replica last stayed live for [`BACKOFF_RESET`].
+    recent_restarts: u32,
+    last_restart: Duration,
+    backoff: Backoff,
+}
+
+impl ProbeState {
+    /// A replica started at `now` (time since any fixed origin); without a
+    /// readiness probe it is served at once, which the caller does.
+    pub fn new(health: &Health, now: Duration) -> Self {
+        ProbeState {
+            health: health.clone(),
+            ready: health.readiness.is_none(),
+            passes: 0,
+            failures: 0,
+            live_failures: 0,
+            restarts: 0,
+            recent_restarts: 0,
+            last_restart: now,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// How often to probe: the shortest period of its probes.
+    pub fn period(&self) -> Duration {
+        let ms = [&self.health.readiness, &self.health.liveness]
+            .into_iter()
+            .flatten()
+            .map(|p| p.period_ms)
+            .min()
+            .unwrap_or(1000);
+        Duration::from_millis(ms)
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Takes one probe result, observed at `now`.
+    pub fn observe(&mut self, probe: Probe, result: Result<(), String>, now: Duration) -> Action {
+        match probe {
+            Probe::Readiness => self.readiness(result),
+            Probe::Liveness => self.liveness(result, now),
+        }
+    }
+
+    fn readiness(&mut self, result: Result<(), String>) -> Action {
+        let Some(r) = &self.health.readiness else {
+            return Action::Nothing;
+        };
+        match result {
+            Ok(()) => (self.passes, self.failures) = (self.passes + 1, 0),
+            Err(why) => {
+                (self.passes, self.failures) = (0, self.failures + 1);
+                if self.ready && self.failures >= r.failure_threshold {
+                    self.ready = false;
+                    return Action::Unserve(format!(
+                        "readiness probe failed {} times: {why}",
+                        self.failures
+                    ));
+                }
+            }
+        }
+        if !self.ready && self.passes >= r.success_threshold {
+            self.ready = true;
+            return Action::Serve;
+        }
+        Action::Nothing
+    }
+
+    fn liveness(&mut self, result: Result<(), String>, now: Duration) -> Action {
+        let Some(l) = &self.health.liveness else {
+            return Action::Nothing;
+        };
+        let why = match result {
+            Ok(()) => {
+                self.live_failures = 0;
+                return Action::Nothing;
+            }
+            Err(why) => why,
+        };
+        self.live_failures += 1;
+        let failures = self.live_failures;
+        if failures < l.failure_threshold {
+            return Action::Nothing;
+        }
+        let since = now.saturating_sub(self.last_restart);
+        if since >= BACKOFF_RESET {
+            self.recent_restarts = 0;
+        }
+        let keeps_failing = (self.recent_restarts >= LIVENESS_RESTARTS).then(|| {
+            let delay = self.backoff.after(since);
+            let message = format!(
+                "liveness probe failed {failures} times ({why}) after {} restarts; restarting in {delay:?}",
+                self.recent_restarts
+            );
+            (delay, message)
+        });
+        let delay = keeps_failing.as_ref().map_or(Duration::ZERO, |(d, _)| *d);
+        self.restarts += 1;
+        self.recent_restarts += 1;
+        self.last_restart = now + delay;
+        (self.live_failures, self.passes, self.failures) = (0, 0, 0);
+        self.ready = self.health.readiness.is_none();
+        Action::Restart(Restart {
+            message: format!("liveness probe failed {failures} times ({why}); restarted"),
+            restarts: self.restarts,
+            serve: self.ready,
+            keeps_failing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::spec::Probe as ProbeSpec;
+
+    fn probe(failure_threshold: u32, success_threshold: u32) -> Option<ProbeSpec> {
+        Some(ProbeSpec {
+            path: "/healthz".into(),
+            period_ms: 100,
+            timeout_ms: 50,
+            failure_threshold,
+            success_threshold,
+        })
+    }
+
+    fn fail() -> Result<(), String> {
+        Err("/healthz answered 500".into())
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets_after_a_stable_run() {
+        let mut b = Backoff::default();
+        let quick = Duration::from_millis(5);
+        let delays: Vec<u64> = (0..12).map(|_| b.after(quick).as_millis() as u64).collect();
+        assert_eq!(
+            delays,
+            [
+                100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000
+            ]
+        );
+        // A run just short of the reset period keeps the cap; a long enough one starts over.
+        assert_eq!(b.after(BACKOFF_RESET - quick), BACKOFF_MAX);
+        assert_eq!(b.after(BACKOFF_RESET), BACKOFF_START);
+        assert_eq!(b.after(quick), BACKOFF_START * 2);
+    }
+
+    #[test]
+    fn readiness_gates_by_its_thresholds() {
+        let health = Health {
+            readiness: probe(2, 2),
+            liveness: None,
+        };
+        let mut s = ProbeState::new(&health, secs(0));
+        let r = Probe::Readiness;
+        assert_eq!(s.observe(r, Ok(()), secs(1)), Action::Nothing);
+        assert_eq!(s.observe(r, Ok(()), secs(2)), Action::Serve);
+        assert_eq!(s.observe(r, Ok(()), secs(3)), Action::Nothing);
+        assert_eq!(s.observe(r, fail(), secs(4)), Action::Nothing);
+        // A pass in between resets the failures.
+        assert_eq!(s.observe(r, Ok(()), secs(5)), Action::Nothing);
+        assert_eq!(s.observe(r, fail(), secs(6)), Action::Nothing);
+        assert_eq!(
+            s.observe(r, fail(), secs(7)),
+            Action::Unserve("readiness probe failed 2 times: /healthz answered 500".into())
+        );
+        assert_eq!(s.observe(r, fail(), secs(8)), Action::Nothing);
+        assert_eq!(s.observe(r, Ok(()), secs(9)), Action::Nothing);
+        assert_eq!(s.observe(r, Ok(()), secs(10)), Action::Serve);
+        // Without a liveness probe, liveness results mean nothing.
+        assert_eq!(
+            s.observe(Probe::Liveness, fail(), secs(11)),
+            Action::Nothing
+        );
+    }
+
+    #[test]
+    fn liveness_restarts_then_says_it_keeps_failing_with_growing_delays() {
+        let health = Health {
+            readiness: None,
+            liveness: probe(2, 1),
+        };
+        let mut s = ProbeState::new(&health, secs(0));
+        let l = Probe::Liveness;
+        let mut t = 0;
+        let mut restart = |s: &mut ProbeState| {
+            t += 1;
+            assert_eq!(s.observe(l, fail(), secs(t)), Action::Nothing);
+            t += 1;
+            match s.observe(l, fail(), secs(t)) {
+                Action::Restart(r) => r,
+                other => panic!("{other:?}"),
+            }
+        };
+        for n in 1..=LIVENESS_RESTARTS {
+            let r = restart(&mut s);
+            assert_eq!((r.restarts, r.serve, r.keeps_failing), (n, true, None));
+            assert_eq!(
+                r.message,
+                "liveness probe failed 2 times (/healthz answered 500); restarted"
+            );
+        }
+        // Restarts did not help: say so, and restart with backoff.
+        let r = restart(&mut s);
+        let (delay, message) = r.keeps_failing.unwrap();
+        assert_eq!(delay, BACKOFF_START);
+        assert!(message.contains("after 3 restarts"), "{message}");
+        let (delay, _) = restart(&mut s).keeps_failing.unwrap();
+        assert_eq!(delay, BACKOFF_START * 2);
+        assert_eq!(s.restarts(), LIVENESS_RESTARTS + 2);
+    }
+
+    #[test]
+    fn a_replica_live_for_a_while_starts_counting_again() {
+        let health = Health {
+            readiness: probe(1, 1),
+            liveness: probe(1, 1),
+        };
+        let mut s = ProbeState::new(&health, secs(0));
+        let l = Probe::Liveness;
+        for n in 1..=LIVENESS_RESTARTS {
+            match s.observe(l, fail(), secs(n as u64)) {
+                // A readiness probe gates it after a restart.
+                Action::Restart(r) => assert!(!r.serve && r.keeps_failing.is_none()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(s.observe(l, Ok(()), secs(10)), Action::Nothing);
+        match s.observe(l, fail(), secs(3) + BACKOFF_RESET) {
+            Action::Restart(r) => assert_eq!(r.keeps_failing, None),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! What Shoal's parts say to each other, and nothing of how any of them works:
+//! the types of the `/v1` API (what the CLI sends and reads), what a node and
+//! its control plane exchange ([`Snapshot`], [`ReplicaReport`],
+//! [`ReplicaIncident`]) and the [`Link`] they exchange it over, how the
+//! control plane reads replicas' output ([`LogSource`]), the `{"error": …}`
+//! body ([`ErrorBody`]), and the one HTTP [`Client`] the CLI and remote nodes
+//! both call the API with.
+//!
+//! **Architecture Invariant:** this crate depends on `shoal-core` and nothing
+//! else of Shoal, so a worker node or the CLI can speak to the control plane
+//! without linking it (axum, redb, the scheduler), and the control plane can
+//! read logs without linking the wasm runtime.
+
+mod client;
+mod link;
+mod logs;
+mod types;
+
+pub use client::{Client, ClientError};
+pub use link::{Link, LinkError, LinkResult};
+pub use logs::{LogLine, LogReader, LogSource, LogStream};
+pub use types::{
+    AppSummary, ApplyOutcome, ApplyResult, Describe, ErrorBody, ErrorDetail, INCIDENT_REASONS,
+    NodeAction, NodeSummary, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction,
+    RolloutView, Service, ServiceEndpoint, Snapshot,
+};

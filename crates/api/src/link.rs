@@ -1,0 +1,38 @@
+//! How an agent reaches its control plane: in process (`shoal up`, through
+//! `shoal_control::LocalLink`) or over HTTP (`shoal node join`, through
+//! `shoal_agent::RemoteLink`). The agent only reads state and reports; both
+//! links offer exactly those operations, so the agent cannot tell them apart.
+
+use crate::types::{ReplicaIncident, ReplicaReport, Snapshot};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use shoal_core::Node;
+use shoal_core::metrics::RevisionStats;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The control plane does not know this node (e.g. it was removed): register again.
+    #[error("node is not registered")]
+    Unregistered,
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type LinkResult<T> = Result<T, LinkError>;
+
+pub trait Link: Send + Sync + 'static {
+    fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>>;
+    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
+    fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
+    fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
+    /// Revisions of changes after `after` that the agent acts on; ends when
+    /// the link breaks, and the agent then re-reads the snapshot.
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>>;
+    /// A local file with the module's bytes, verified against its digest.
+    fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
+    /// What this node's gateway measured per app revision since the last call.
+    fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>>;
+    /// A request killed by its timeout, an instance out of memory, a trap.
+    fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>>;
+}

@@ -1,0 +1,235 @@
+//! The `/v1` API's request and response bodies, and what nodes and the
+//! control plane exchange. Serde shapes are the wire format: renaming a field
+//! here changes the API.
+
+use serde::{Deserialize, Serialize};
+use shoal_core::metrics::RevisionStats;
+use shoal_core::spec::AppKey;
+use shoal_core::{
+    App, Capacity, Event, Kind, Millis, Node, Phase, Replica, Revision, RolloutStatus,
+};
+
+/// What `apply` did or would do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyResult {
+    pub outcome: ApplyOutcome,
+    pub dry_run: bool,
+    /// Field-level differences from what was stored, `field: old -> new`.
+    pub changes: Vec<String>,
+    pub app: App,
+}
+
+/// One row of `shoal get apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppSummary {
+    pub namespace: String,
+    pub name: String,
+    pub kind: Kind,
+    pub revision: u64,
+    pub desired: u32,
+    pub ready: usize,
+    pub routes: Vec<String>,
+    pub digest: String,
+    pub created_at: Millis,
+}
+
+/// `shoal describe app`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Describe {
+    pub app: App,
+    /// Where the rollout of its current revision stands (none for jobs).
+    #[serde(default)]
+    pub rollout: Option<RolloutStatus>,
+    pub revisions: Vec<Revision>,
+    pub replicas: Vec<Replica>,
+    pub events: Vec<Event>,
+}
+
+/// One row of `shoal get nodes`: the node plus what is placed on it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeSummary {
+    #[serde(flatten)]
+    pub node: Node,
+    pub allocated: Capacity,
+    pub replicas: usize,
+    pub last_heartbeat: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAction {
+    Cordon,
+    Uncordon,
+    Drain,
+}
+
+/// What a node acts on, read at (or after) `revision`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub apps: Vec<App>,
+    pub revisions: Vec<Revision>,
+    pub replicas: Vec<Replica>,
+    pub nodes: Vec<Node>,
+    /// For the canary traffic splits gateways apply.
+    #[serde(default)]
+    pub rollouts: Vec<RolloutStatus>,
+}
+
+/// A service: every http app, reachable by name from other apps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `name.namespace`: the host other apps call it by (`name` alone within its namespace).
+    pub host: String,
+    pub routes: Vec<String>,
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+/// A Ready replica on a Ready node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceEndpoint {
+    pub replica: String,
+    pub node: String,
+    pub gateway: String,
+}
+
+/// What a node says about one of its replicas.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    pub app: AppKey,
+    pub replica: String,
+    pub node: String,
+    pub phase: Phase,
+    pub message: Option<String>,
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub restarts: u32,
+    /// See [`Replica::reason`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `shoal rollout status`: where the rollout stands and what runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolloutView {
+    pub app: AppKey,
+    /// The revision the app runs now; `status` may still describe an earlier
+    /// one until the controller has seen the change.
+    pub revision: u64,
+    pub kind: Kind,
+    pub desired: u32,
+    /// `None` for jobs, which run to completion instead of rolling, and for a
+    /// new app until the controller has seen it.
+    pub status: Option<RolloutStatus>,
+    pub steps: usize,
+    /// Percent of traffic the canary gets now, during a canary step.
+    pub weight: Option<u8>,
+    /// Replicas per revision, newest first.
+    pub revisions: Vec<RevisionCount>,
+    /// What the gateways measured of canary and stable since the step began.
+    pub canary: Option<RevisionStats>,
+    pub stable: Option<RevisionStats>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevisionCount {
+    pub revision: u64,
+    pub replicas: usize,
+    pub ready: usize,
+}
+
+/// What `shoal rollout <action>` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RolloutAction {
+    Pause,
+    Resume,
+    /// Canary: end the current step now; `full`: skip every remaining step.
+    Promote,
+    /// Back to the stable revision.
+    Abort,
+}
+
+/// Something that happened to a replica that only its node sees: a request
+/// killed by its timeout, an instance out of memory, a trap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaIncident {
+    pub app: AppKey,
+    pub replica: String,
+    pub node: String,
+    /// `KilledByTimeout`, `OutOfMemory` or `Trapped`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// Every [`ReplicaIncident::reason`] the control plane accepts.
+pub const INCIDENT_REASONS: [&str; 3] = ["KilledByTimeout", "OutOfMemory", "Trapped"];
+
+/// The body of every error the API answers: `{"error":{"code","message"}}`.
+/// `code` is stable, for programs; `message` is for people. Read here as
+/// plain strings, so a client tolerates codes newer than itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code: code.into(),
+                message: message.into(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_body_has_the_documented_shape() {
+        let body = ErrorBody::new("not_found", "app default/x does not exist");
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"error":{"code":"not_found","message":"app default/x does not exist"}}"#
+        );
+        let back: ErrorBody =
+            serde_json::from_str(r#"{"error":{"message":"invalid token","code":"unauthorized"}}"#)
+                .unwrap();
+        assert_eq!(back, ErrorBody::new("unauthorized", "invalid token"));
+    }
+
+    #[test]
+    fn actions_are_lowercase_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&RolloutAction::Promote).unwrap(),
+            r#""promote""#
+        );
+        assert_eq!(
+            serde_json::to_string(&NodeAction::Uncordon).unwrap(),
+            r#""uncordon""#
+        );
+        assert_eq!(
+            serde_json::to_string(&ApplyOutcome::Unchanged).unwrap(),
+            r#""unchanged""#
+        );
+    }
+}

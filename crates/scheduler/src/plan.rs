@@ -1,0 +1,1246 @@
+//! One controller pass as a pure function. The controller reads a [`World`]
+//! (every app, revision, replica, node, lease and rollout, with the store
+//! revision each was read at, and the gateways' measurements), [`plan`] makes
+//! every decision the pass makes, and the controller writes the [`Plan`]: one
+//! transaction per [`Batch`], each guarded by the revisions its decisions were
+//! made on, so one app's lost race does not redo the whole cluster.
+//!
+//! Jobs of a pass, in order: leases ([`NodeState::NotReady`] after the
+//! grace), replicas of deleted apps and of lost nodes, each app's rollout
+//! (progress, canary steps and their measurements' baselines, rollback),
+//! replicas their node gave up on (replaced, preferably elsewhere), reconcile
+//! (create and delete), and placement of what is pending.
+
+use crate::placement::{Cluster, Request, Strategy};
+use crate::reconcile::{Mode, reconcile};
+use crate::rollout::{self, Measured};
+use shoal_core::metrics::RevisionStats;
+use shoal_core::objects::LIVENESS_FAILED;
+use shoal_core::spec::AppKey;
+use shoal_core::{
+    App, Capacity, EventType, Kind, Millis, Node, NodeState, Phase, Replica, Revision,
+    RolloutPhase, RolloutStatus,
+};
+use std::collections::{BTreeMap, HashSet};
+
+/// An object as read, with the store revision of its last change: a write
+/// decided on it applies only if it is still the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read<T> {
+    pub value: T,
+    pub mod_revision: u64,
+}
+
+impl<T> Read<T> {
+    pub fn new(value: T, mod_revision: u64) -> Self {
+        Read {
+            value,
+            mod_revision,
+        }
+    }
+}
+
+/// Everything one pass decides on.
+#[derive(Debug, Clone)]
+pub struct World {
+    pub apps: Vec<Read<App>>,
+    pub revisions: BTreeMap<(AppKey, u64), Read<Revision>>,
+    pub replicas: Vec<Read<Replica>>,
+    pub nodes: Vec<Read<Node>>,
+    /// Node name → when its lease was last renewed.
+    pub leases: BTreeMap<String, Millis>,
+    pub rollouts: BTreeMap<AppKey, Read<RolloutStatus>>,
+    /// What the gateways measured, per app.
+    pub measurements: BTreeMap<AppKey, Measurements>,
+    /// Leases are judged from no earlier than this (the control plane's start):
+    /// a restart after a long outage must not evict every node.
+    pub leases_from: Millis,
+    /// A node whose lease is older than this is NotReady.
+    pub node_grace_ms: u64,
+    pub strategy: Strategy,
+}
+
+/// An app's gateway measurements: running totals per revision, and the totals
+/// when its current canary step began (a step is judged on the difference).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measurements {
+    pub totals: BTreeMap<u64, RevisionStats>,
+    pub baseline: Option<Baseline>,
+}
+
+/// The running totals per revision when the canary step that started at `step` began.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Baseline {
+    pub step: Millis,
+    pub totals: BTreeMap<u64, RevisionStats>,
+}
+
+impl Measurements {
+    /// What `revision` of `app` served since the step at `step` began: `None`
+    /// until a baseline for that step is taken. A revision first seen during
+    /// the step counts whole.
+    pub fn since_step(&self, app: &AppKey, revision: u64, step: Millis) -> Option<RevisionStats> {
+        let base = self.baseline.as_ref().filter(|b| b.step == step)?;
+        let zero = RevisionStats::new(app.clone(), revision);
+        let total = self.totals.get(&revision).unwrap_or(&zero);
+        Some(match base.totals.get(&revision) {
+            Some(b) => total.since(b),
+            None => total.clone(),
+        })
+    }
+}
+
+/// Where new replica ids come from: random in the controller, a counter in tests.
+pub trait Ids {
+    /// A short suffix, unique among the app's replicas.
+    fn next_id(&mut self) -> String;
+}
+
+/// What a guarded write expects of the key it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Absent,
+    At(u64),
+}
+
+/// One write of a pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    PutNode {
+        node: Node,
+        expect: u64,
+    },
+    /// The app record (a rollback); guarded by its batch.
+    PutApp {
+        app: App,
+    },
+    PutRevision {
+        revision: Revision,
+        expect: u64,
+    },
+    PutRollout {
+        status: RolloutStatus,
+        expect: Expect,
+    },
+    DeleteRollout {
+        app: AppKey,
+        expect: u64,
+    },
+    PutReplica {
+        replica: Replica,
+        expect: Expect,
+    },
+    DeleteReplica {
+        app: AppKey,
+        id: String,
+        expect: u64,
+    },
+}
+
+/// An event to record with its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub kind: EventType,
+    pub reason: &'static str,
+    /// `app/ns/name`, `replica/ns/name/id`, `node/name`.
+    pub object: String,
+    pub app: Option<AppKey>,
+    pub message: String,
+}
+
+/// What a batch is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Node(String),
+    App(AppKey),
+}
+
+/// Writes that commit together or not at all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub scope: Scope,
+    /// For an app's batch, what its app record must still be (`Absent` for
+    /// the cleanup of a deleted app): an apply landing meanwhile voids it.
+    pub app: Option<Expect>,
+    pub changes: Vec<Change>,
+    pub events: Vec<NewEvent>,
+}
+
+impl Batch {
+    /// A batch about `app`, applying only while its record is as `expect` says.
+    pub fn for_app(app: AppKey, expect: Expect) -> Self {
+        Batch::new(Scope::App(app), Some(expect))
+    }
+
+    fn new(scope: Scope, app: Option<Expect>) -> Self {
+        Batch {
+            scope,
+            app,
+            changes: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn event(
+        &mut self,
+        kind: EventType,
+        reason: &'static str,
+        object: String,
+        app: Option<&AppKey>,
+        message: String,
+    ) {
+        self.events.push(NewEvent {
+            kind,
+            reason,
+            object,
+            app: app.cloned(),
+            message,
+        });
+    }
+}
+
+/// Everything one pass decided.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub batches: Vec<Batch>,
+    /// Canary steps that began (or whose baseline was lost): record these
+    /// totals as their baselines. In memory only, whatever the batches do.
+    pub baselines: Vec<(AppKey, Baseline)>,
+    /// State that cannot be acted on (e.g. an app pointing at a missing
+    /// revision), for the log.
+    pub warnings: Vec<String>,
+}
+
+impl Plan {
+    /// Whether the pass writes nothing to the store.
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+/// Decides one pass. Pure: same world, time and ids, same plan.
+pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
+    let mut out = Plan::default();
+    let nodes = expire_leases(world, now, &mut out);
+    let lost: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Ready)
+        .map(|n| n.name.as_str())
+        .collect();
+    let draining: HashSet<&str> = nodes
+        .iter()
+        .filter(|n| n.draining)
+        .map(|n| n.name.as_str())
+        .collect();
+    let mut cluster = Cluster::new(nodes.iter(), world.strategy);
+    for r in &world.replicas {
+        if let (true, Some(n)) = (r.value.is_active(), &r.value.node) {
+            cluster.reserve(n, &r.value.app, &Capacity::of(&r.value.resources));
+        }
+    }
+    let mut pass = Pass {
+        world,
+        now,
+        lost,
+        draining,
+        cluster,
+        released: Vec::new(),
+        out,
+    };
+    let mut by_app: BTreeMap<&AppKey, Vec<&Read<Replica>>> = BTreeMap::new();
+    for r in &world.replicas {
+        by_app.entry(&r.value.app).or_default().push(r);
+    }
+    for app in &world.apps {
+        let key = app.value.spec.key();
+        let replicas = by_app.remove(&key).unwrap_or_default();
+        pass.app(app, replicas, ids);
+    }
+    pass.deleted_apps(by_app);
+    pass.out
+}
+
+/// Nodes as they are after this pass: a Ready node whose lease is older than
+/// the grace becomes NotReady, in a batch of its own.
+fn expire_leases(world: &World, now: Millis, out: &mut Plan) -> Vec<Node> {
+    let mut nodes = Vec::with_capacity(world.nodes.len());
+    for n in &world.nodes {
+        let mut node = n.value.clone();
+        let renewed = world
+            .leases
+            .get(&node.name)
+            .copied()
+            .unwrap_or(0)
+            .max(world.leases_from);
+        if node.state == NodeState::Ready && now.saturating_sub(renewed) > world.node_grace_ms {
+            node.state = NodeState::NotReady;
+            let mut batch = Batch::new(Scope::Node(node.name.clone()), None);
+            batch.event(
+                EventType::Warning,
+                "NodeNotReady",
+                format!("node/{}", node.name),
+                None,
+                format!(
+                    "no heartbeat from node {} for {} ms",
+                    node.name,
+                    now - renewed
+                ),
+            );
+            batch.changes.push(Change::PutNode {
+                node: node.clone(),
+                expect: n.mod_revision,
+            });
+            out.batches.push(batch);
+        }
+        nodes.push(node);
+    }
+    nodes
+}
+
+/// One pass in progress: the world, the placements made so far, the plan.
+struct Pass<'w> {
+    world: &'w World,
+    now: Millis,
+    lost: HashSet<&'w str>,
+    draining: HashSet<&'w str>,
+    cluster: Cluster<'w>,
+    /// Room the current app's deletes gave back: its own placements may use
+    /// it, and it is taken again before the next app's turn.
+    released: Vec<(String, AppKey, Capacity)>,
+    out: Plan,
+}
+
+impl<'w> Pass<'w> {
+    /// Everything about one app, as one batch.
+    fn app(&mut self, app: &Read<App>, replicas: Vec<&Read<Replica>>, ids: &mut impl Ids) {
+        let key = app.value.spec.key();
+        let mut batch = Batch::new(Scope::App(key.clone()), Some(Expect::At(app.mod_revision)));
+        let mut existing = self.drop_lost(&mut batch, replicas);
+        let mode = if app.value.spec.component.kind == Kind::Job {
+            Some(Mode::Roll)
+        } else {
+            let current: Vec<Replica> = existing.iter().map(|r| r.value.clone()).collect();
+            self.advance_rollout(&mut batch, app, &current)
+        };
+        // A rollback writes the app; the next pass reconciles towards it.
+        if let Some(mode) = mode {
+            let avoid = self.replace_failing(&mut batch, &app.value, &mut existing);
+            self.reconcile(&mut batch, &app.value, existing, mode, avoid, ids);
+        }
+        // Until this batch commits, the room its deletes free is not another batch's.
+        for (node, app, room) in std::mem::take(&mut self.released) {
+            self.cluster.reserve(&node, &app, &room);
+        }
+        if !batch.changes.is_empty() {
+            self.out.batches.push(batch);
+        }
+    }
+
+    /// Removes the live replicas of lost nodes, so reconcile replaces them
+    /// elsewhere; if the node comes back, its agent finds them gone and stops
+    /// them. Returns the others.
+    fn drop_lost<'r>(
+        &mut self,
+        batch: &mut Batch,
+        replicas: Vec<&'r Read<Replica>>,
+    ) -> Vec<&'r Read<Replica>> {
+        let (gone, kept): (Vec<_>, Vec<_>) = replicas.into_iter().partition(|r| {
+            r.value
+                .node
+                .as_deref()
+                .is_some_and(|n| self.lost.contains(n))
+                && !r.value.phase.is_terminal()
+        });
+        for r in gone {
+            let (r, expect) = (&r.value, r.mod_revision);
+            let node = r.node.as_deref().unwrap_or_default();
+            batch.event(
+                EventType::Warning,
+                "Rescheduled",
+                format!("replica/{}/{}", r.app, r.id),
+                Some(&r.app),
+                format!(
+                    "node {node} is not ready; replica {} will be replaced elsewhere",
+                    r.id
+                ),
+            );
+            self.remove(batch, r, expect);
+        }
+        kept
+    }
+
+    /// A delete of `r`, giving its room to this app's placements (they commit
+    /// in the same batch), never to another batch's.
+    fn remove(&mut self, batch: &mut Batch, r: &Replica, expect: u64) {
+        if let (true, Some(node)) = (r.is_active(), &r.node) {
+            let room = Capacity::of(&r.resources);
+            self.cluster.release(node, &r.app, &room);
+            self.released.push((node.clone(), r.app.clone(), room));
+        }
+        batch.changes.push(Change::DeleteReplica {
+            app: r.app.clone(),
+            id: r.id.clone(),
+            expect,
+        });
+    }
+
+    /// Moves the app's rollout on by what its replicas and the gateways show.
+    /// Returns the replica counts it asks for, or `None` if it rolled back.
+    fn advance_rollout(
+        &mut self,
+        batch: &mut Batch,
+        app: &Read<App>,
+        replicas: &[Replica],
+    ) -> Option<Mode> {
+        let a = &app.value;
+        let key = a.spec.key();
+        let previous = self.world.rollouts.get(&key);
+        let expect = previous.map_or(Expect::Absent, |p| Expect::At(p.mod_revision));
+        let status = match previous {
+            Some(p) if p.value.revision == a.revision => p.value.clone(),
+            _ => rollout::start(a, previous.map(|p| &p.value), self.now),
+        };
+        let measurements = self.world.measurements.get(&key);
+        let measured = measured(a, &status, measurements);
+        let decision = rollout::decide(
+            a,
+            &status,
+            replicas,
+            measured
+                .as_ref()
+                .map(|(canary, stable)| Measured { canary, stable }),
+            self.now,
+        );
+        if let Some(rb) = &decision.roll_back {
+            self.roll_back(batch, a, &decision.status, expect, rb);
+            return None;
+        }
+        // A canary step that began now (or whose baseline was lost) is judged
+        // on what is served from here on.
+        if let (Some(step), Some(_)) = (
+            decision.status.step_started_at,
+            decision.status.split(&a.spec.rollout),
+        ) && measurements
+            .and_then(|m| m.baseline.as_ref())
+            .is_none_or(|b| b.step != step)
+        {
+            let totals = measurements.map(|m| m.totals.clone()).unwrap_or_default();
+            self.out
+                .baselines
+                .push((key.clone(), Baseline { step, totals }));
+        }
+        let mode = rollout::mode(a, Some(&decision.status));
+        if previous.is_some_and(|p| p.value.same_state(&decision.status)) {
+            return Some(mode);
+        }
+        if let Some((kind, reason, message)) = decision.event {
+            batch.event(kind, reason, format!("app/{key}"), Some(&key), message);
+        }
+        if decision.status.phase == RolloutPhase::Complete
+            && let Some(rev) = self.world.revisions.get(&(key.clone(), a.revision))
+            && rev.value.outcome.is_none()
+        {
+            let mut revision = rev.value.clone();
+            revision.outcome = Some("rolled out".into());
+            batch.changes.push(Change::PutRevision {
+                revision,
+                expect: rev.mod_revision,
+            });
+        }
+        batch.changes.push(Change::PutRollout {
+            status: decision.status,
+            expect,
+        });
+        Some(mode)
+    }
+
+    /// Goes back to revision `rb.to` (see [`rollout::roll_back`]).
+    fn roll_back(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        status: &RolloutStatus,
+        expect: Expect,
+        rb: &rollout::RollBack,
+    ) {
+        let key = app.spec.key();
+        let Some(target) = self.world.revisions.get(&(key.clone(), rb.to)) else {
+            self.out.warnings.push(format!(
+                "app {key}: revision {} to roll back to is missing",
+                rb.to
+            ));
+            return;
+        };
+        let bad = self.world.revisions.get(&(key, status.revision));
+        roll_back_into(batch, app, status, expect, &target.value, bad, rb, self.now);
+    }
+
+    /// Replicas whose node says liveness keeps failing there through restarts
+    /// are replaced on another node if one could take them (their node keeps
+    /// restarting them, with backoff, until then). Returns how many were
+    /// removed and the nodes their replacements should avoid.
+    fn replace_failing(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        existing: &mut Vec<&Read<Replica>>,
+    ) -> Replacements {
+        let mut avoid = Replacements::default();
+        let mut kept = Vec::with_capacity(existing.len());
+        for r in existing.drain(..) {
+            let failing =
+                r.value.kind != Kind::Job && r.value.reason.as_deref() == Some(LIVENESS_FAILED);
+            let node = r.value.node.clone().unwrap_or_default();
+            let elsewhere: Vec<String> = std::iter::once(&node)
+                .chain(&r.value.avoid)
+                .cloned()
+                .collect();
+            let req = Request::new(Capacity::of(&r.value.resources), &app.spec.placement);
+            if !failing || !self.cluster.fits_avoiding(&r.value.app, &req, &elsewhere) {
+                kept.push(r);
+                continue;
+            }
+            let (r, expect) = (&r.value, r.mod_revision);
+            self.remove(batch, r, expect);
+            batch.event(
+                EventType::Warning,
+                "Replacing",
+                format!("replica/{}/{}", r.app, r.id),
+                Some(&r.app),
+                format!(
+                    "replica {} kept failing its liveness probe on node {node} after {} restarts; replacing it on another node",
+                    r.id, r.restarts
+                ),
+            );
+            for n in elsewhere {
+                if !avoid.nodes.contains(&n) {
+                    avoid.nodes.push(n);
+                }
+            }
+            avoid.count += 1;
+        }
+        *existing = kept;
+        avoid
+    }
+
+    /// Creates and removes replicas as the rollout's `mode` asks, then places
+    /// what is pending.
+    fn reconcile(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        existing: Vec<&Read<Replica>>,
+        mode: Mode,
+        replaced: Replacements,
+        ids: &mut impl Ids,
+    ) {
+        let key = app.spec.key();
+        let current: Vec<Replica> = existing.iter().map(|r| r.value.clone()).collect();
+        let draining = &self.draining;
+        let decided = reconcile(app, &current, |n| draining.contains(n), mode);
+        let mut pending: Vec<(Replica, Expect)> = Vec::new();
+        for r in existing {
+            if decided.delete.contains(&r.value.id) {
+                self.remove(batch, &r.value, r.mod_revision);
+                batch.event(
+                    EventType::Normal,
+                    "Killing",
+                    format!("replica/{key}/{}", r.value.id),
+                    Some(&key),
+                    format!("stopping replica {}", r.value.id),
+                );
+            } else if r.value.node.is_none() && r.value.phase == Phase::Pending {
+                pending.push((r.value.clone(), Expect::At(r.mod_revision)));
+            }
+        }
+        let stable = match mode {
+            Mode::Split { stable, .. } => stable,
+            Mode::Roll | Mode::Hold => app.revision,
+        };
+        for (number, count) in [
+            (app.revision, decided.create),
+            (stable, decided.create_stable),
+        ] {
+            if count == 0 {
+                continue;
+            }
+            let Some(revision) = self.world.revisions.get(&(key.clone(), number)) else {
+                self.out
+                    .warnings
+                    .push(format!("app {key} points at a missing revision {number}"));
+                continue;
+            };
+            for i in 0..count {
+                // Only the replacements keep off the nodes that failed them.
+                let avoid = if number == app.revision && i < replaced.count {
+                    replaced.nodes.clone()
+                } else {
+                    Vec::new()
+                };
+                let replica = new_replica(&revision.value, avoid, self.now, ids);
+                pending.push((replica, Expect::Absent));
+            }
+        }
+        for (replica, expect) in pending {
+            self.place(batch, app, replica, expect);
+        }
+    }
+
+    /// Puts a pending replica on a node, or says why it fits nowhere.
+    fn place(&mut self, batch: &mut Batch, app: &App, mut replica: Replica, expect: Expect) {
+        let req = Request::new(Capacity::of(&replica.resources), &app.spec.placement);
+        let object = format!("replica/{}/{}", replica.app, replica.id);
+        match self
+            .cluster
+            .place_avoiding(&replica.app, &req, &replica.avoid)
+        {
+            Ok(p) => {
+                replica.node = Some(p.node.name.clone());
+                replica.message = None;
+                replica.updated_at = self.now;
+                batch.event(
+                    EventType::Normal,
+                    "Scheduled",
+                    object,
+                    Some(&replica.app),
+                    format!("replica {} assigned to node {}", replica.id, p.node.name),
+                );
+            }
+            Err(why) => {
+                let message = why.to_string();
+                if expect != Expect::Absent && replica.message.as_deref() == Some(&message) {
+                    return; // already says so; don't write or repeat the event
+                }
+                replica.message = Some(message.clone());
+                replica.updated_at = self.now;
+                batch.event(
+                    EventType::Warning,
+                    "FailedScheduling",
+                    object,
+                    Some(&replica.app),
+                    message,
+                );
+            }
+        }
+        batch.changes.push(Change::PutReplica { replica, expect });
+    }
+
+    /// Replicas and rollouts of apps that are gone go with them, one batch per
+    /// app, applied only while the app is still absent.
+    fn deleted_apps(&mut self, orphans: BTreeMap<&AppKey, Vec<&Read<Replica>>>) {
+        let mut batches: BTreeMap<AppKey, Batch> = BTreeMap::new();
+        fn batch<'b>(batches: &'b mut BTreeMap<AppKey, Batch>, key: &AppKey) -> &'b mut Batch {
+            batches
+                .entry(key.clone())
+                .or_insert_with(|| Batch::new(Scope::App(key.clone()), Some(Expect::Absent)))
+        }
+        for (key, replicas) in orphans {
+            let b = batch(&mut batches, key);
+            for r in replicas {
+                b.changes.push(Change::DeleteReplica {
+                    app: key.clone(),
+                    id: r.value.id.clone(),
+                    expect: r.mod_revision,
+                });
+            }
+        }
+        let live: HashSet<AppKey> = self.world.apps.iter().map(|a| a.value.spec.key()).collect();
+        for (key, status) in &self.world.rollouts {
+            if !live.contains(key) {
+                batch(&mut batches, key)
+                    .changes
+                    .push(Change::DeleteRollout {
+                        app: key.clone(),
+                        expect: status.mod_revision,
+                    });
+            }
+        }
+        self.out.batches.extend(batches.into_values());
+    }
+}
+
+/// Adds to `batch` going back to `target` (the rollout `status`, stored as
+/// `expect`, failed or was aborted): the app, its rollout, the abandoned
+/// revision's outcome (`bad`, as read) and an event. What the controller and
+/// `shoal rollout abort` write.
+#[allow(clippy::too_many_arguments)]
+pub fn roll_back_into(
+    batch: &mut Batch,
+    app: &App,
+    status: &RolloutStatus,
+    expect: Expect,
+    target: &Revision,
+    bad: Option<&Read<Revision>>,
+    rb: &rollout::RollBack,
+    now: Millis,
+) {
+    let key = app.spec.key();
+    let done = rollout::roll_back(app, target, status, rb, now);
+    batch.changes.push(Change::PutApp { app: done.app });
+    batch.changes.push(Change::PutRollout {
+        status: done.status,
+        expect,
+    });
+    if let Some(bad) = bad {
+        let mut revision = bad.value.clone();
+        revision.outcome = Some(done.outcome);
+        batch.changes.push(Change::PutRevision {
+            revision,
+            expect: bad.mod_revision,
+        });
+    }
+    let (kind, reason, message) = done.event;
+    batch.event(kind, reason, format!("app/{key}"), Some(&key), message);
+}
+
+/// Replicas replaced this pass: how many, and the nodes their
+/// replacements should keep off.
+#[derive(Debug, Default)]
+struct Replacements {
+    count: usize,
+    nodes: Vec<String>,
+}
+
+/// What the canary and the stable revision served since the current step
+/// began; zero for both until its baseline is taken.
+fn measured(
+    app: &App,
+    status: &RolloutStatus,
+    measurements: Option<&Measurements>,
+) -> Option<(RevisionStats, RevisionStats)> {
+    let (canary, _) = status.split(&app.spec.rollout)?;
+    let (stable, step) = (status.stable?, status.step_started_at?);
+    let key = app.spec.key();
+    let since = |revision| {
+        measurements
+            .and_then(|m| m.since_step(&key, revision, step))
+            .unwrap_or_else(|| RevisionStats::new(key.clone(), revision))
+    };
+    Some((since(canary), since(stable)))
+}
+
+/// A new, unplaced replica of `revision`.
+fn new_replica(
+    revision: &Revision,
+    avoid: Vec<String>,
+    now: Millis,
+    ids: &mut impl Ids,
+) -> Replica {
+    Replica {
+        id: format!(
+            "{}-{}-{}",
+            revision.app.name,
+            revision.number,
+            ids.next_id()
+        ),
+        app: revision.app.clone(),
+        revision: revision.number,
+        kind: revision.template.component.kind,
+        resources: revision.template.resources.clone(),
+        node: None,
+        phase: Phase::Pending,
+        message: None,
+        exit_code: None,
+        restarts: 0,
+        reason: None,
+        avoid,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{app_with, replica_at};
+    use shoal_core::spec::AppKey;
+
+    /// Ids `0`, `1`, … in order.
+    #[derive(Default)]
+    struct Counter(u32);
+
+    impl Ids for Counter {
+        fn next_id(&mut self) -> String {
+            self.0 += 1;
+            (self.0 - 1).to_string()
+        }
+    }
+
+    const NOW: Millis = 100_000;
+
+    fn node(name: &str) -> Read<Node> {
+        Read::new(
+            Node {
+                name: name.into(),
+                gateway: format!("{name}:8080"),
+                capacity: Capacity {
+                    cpu_millis: 4000,
+                    memory_bytes: 8 << 30,
+                    instances: 1000,
+                },
+                labels: Default::default(),
+                state: NodeState::Ready,
+                schedulable: true,
+                draining: false,
+                joined_at: 0,
+            },
+            1,
+        )
+    }
+
+    fn key() -> AppKey {
+        AppKey::new("default", "a")
+    }
+
+    /// A world with app `default/a` (`replicas` of revision `revision`, whose
+    /// revisions 1..=revision exist), nodes `n` and `m` with fresh leases.
+    fn world(replicas: u32, revision: u64, extra: &str) -> World {
+        let app = app_with("http", replicas, revision, extra);
+        let revisions = (1..=revision)
+            .map(|n| {
+                let r = Revision {
+                    app: key(),
+                    number: n,
+                    template: app.spec.template(),
+                    hash: String::new(),
+                    created_at: 0,
+                    cause: "created".into(),
+                    outcome: None,
+                };
+                ((key(), n), Read::new(r, 10 + n))
+            })
+            .collect();
+        World {
+            apps: vec![Read::new(app, 5)],
+            revisions,
+            replicas: vec![],
+            nodes: vec![node("m"), node("n")],
+            leases: [("m".to_string(), NOW), ("n".to_string(), NOW)].into(),
+            rollouts: BTreeMap::new(),
+            measurements: BTreeMap::new(),
+            leases_from: 0,
+            node_grace_ms: 3000,
+            strategy: Strategy::Spread,
+        }
+    }
+
+    fn with_replicas(mut w: World, replicas: &[Replica]) -> World {
+        w.replicas = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Read::new(r.clone(), 100 + i as u64))
+            .collect();
+        w
+    }
+
+    fn on(mut r: Replica, node: &str) -> Replica {
+        r.node = Some(node.into());
+        r
+    }
+
+    /// A complete rollout of `revision`, as stored at mod revision 50.
+    fn complete(w: &mut World, revision: u64) {
+        let app = app_with("http", 1, revision, "");
+        let mut s = rollout::start(&app, None, 0);
+        s.phase = RolloutPhase::Complete;
+        s.stable = Some(revision);
+        w.rollouts.insert(key(), Read::new(s, 50));
+    }
+
+    fn app_batch(p: &Plan) -> &Batch {
+        p.batches
+            .iter()
+            .find(|b| b.scope == Scope::App(key()))
+            .expect("a batch for the app")
+    }
+
+    fn reasons(b: &Batch) -> Vec<&'static str> {
+        b.events.iter().map(|e| e.reason).collect()
+    }
+
+    fn puts(b: &Batch) -> Vec<&Replica> {
+        b.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::PutReplica { replica, .. } => Some(replica),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn deletes(b: &Batch) -> Vec<&str> {
+        b.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::DeleteReplica { id, .. } => Some(id.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_app_gets_a_rollout_and_placed_replicas() {
+        let w = world(2, 1, "");
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(p.batches.len(), 1);
+        let b = app_batch(&p);
+        assert_eq!(b.app, Some(Expect::At(5)), "guarded by the app as read");
+        let placed = puts(b);
+        assert_eq!(
+            placed.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a-1-0", "a-1-1"]
+        );
+        // Spread: one on each node, and both created absent.
+        let mut nodes: Vec<_> = placed.iter().map(|r| r.node.clone().unwrap()).collect();
+        nodes.sort();
+        assert_eq!(nodes, ["m", "n"]);
+        assert!(b.changes.iter().any(|c| matches!(
+            c,
+            Change::PutRollout { status, expect: Expect::Absent } if status.revision == 1
+        )));
+        assert!(b.changes.iter().all(|c| !matches!(
+            c,
+            Change::PutReplica {
+                expect: Expect::At(_),
+                ..
+            }
+        )));
+        assert_eq!(reasons(b), ["Scheduled", "Scheduled"]);
+    }
+
+    #[test]
+    fn the_same_world_gives_the_same_plan_and_a_steady_one_gives_none() {
+        let w = world(2, 1, "");
+        let a = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(a, plan(&w, NOW, &mut Counter::default()));
+
+        let mut steady = with_replicas(
+            world(2, 1, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        complete(&mut steady, 1);
+        let p = plan(&steady, NOW, &mut Counter::default());
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn an_expired_lease_makes_the_node_not_ready_and_its_replicas_move() {
+        let mut w = with_replicas(
+            world(2, 1, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        w.leases.insert("n".into(), NOW - 3001);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let nb = &p.batches[0];
+        assert_eq!(nb.scope, Scope::Node("n".into()));
+        assert!(matches!(
+            &nb.changes[..],
+            [Change::PutNode { node, expect: 1 }] if node.state == NodeState::NotReady
+        ));
+        assert_eq!(reasons(nb), ["NodeNotReady"]);
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"]);
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].node.as_deref(), Some("m"), "not on the lost node");
+        assert_eq!(reasons(b), ["Rescheduled", "Scheduled"]);
+
+        // Within the grace, or judged from a later start of the control plane: nothing.
+        w.leases.insert("n".into(), NOW - 3000);
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+        w.leases.insert("n".into(), 0);
+        w.leases_from = NOW - 1000;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn a_deleted_apps_replicas_and_rollout_go_while_it_stays_deleted() {
+        let mut w = with_replicas(
+            world(1, 1, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        w.apps.clear();
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(p.batches.len(), 1);
+        let b = &p.batches[0];
+        assert_eq!(b.app, Some(Expect::Absent));
+        assert_eq!(
+            b.changes,
+            [
+                Change::DeleteReplica {
+                    app: key(),
+                    id: "x".into(),
+                    expect: 100
+                },
+                Change::DeleteRollout {
+                    app: key(),
+                    expect: 50
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn scaling_down_kills_the_surplus() {
+        let mut w = with_replicas(
+            world(1, 1, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"], "the newest goes");
+        assert_eq!(reasons(b), ["Killing"]);
+    }
+
+    #[test]
+    fn a_rollout_writes_only_when_its_state_changes() {
+        // Revision 2 rolling over a complete revision 1: one new replica starting.
+        let mut w = with_replicas(
+            world(1, 2, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 2, Phase::Starting, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let status = app_batch(&p)
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::PutRollout { status, expect } => {
+                    assert_eq!(*expect, Expect::At(50));
+                    Some(status.clone())
+                }
+                _ => None,
+            })
+            .expect("a new rollout");
+        assert_eq!((status.revision, status.stable), (2, Some(1)));
+
+        // Stored as decided, only the wording differing: nothing to write.
+        let mut reworded = status.clone();
+        reworded.message = "something else".into();
+        w.rollouts.insert(key(), Read::new(reworded, 60));
+        assert!(plan(&w, NOW + 10, &mut Counter::default()).is_empty());
+
+        // The new replica ready: the old one goes and the rollout completes.
+        w.replicas[1].value.phase = Phase::Ready;
+        let p = plan(&w, NOW + 20, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["x"]);
+        let mut w2 = w.clone();
+        w2.replicas.remove(0);
+        let p = plan(&w2, NOW + 30, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["RolledOut"]);
+        assert!(b.changes.iter().any(|c| matches!(
+            c,
+            Change::PutRevision { revision, expect: 12 }
+                if revision.number == 2 && revision.outcome.as_deref() == Some("rolled out")
+        )));
+    }
+
+    #[test]
+    fn a_crash_looping_revision_is_rolled_back_without_reconciling() {
+        let mut w = with_replicas(
+            world(1, 2, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 2, Phase::CrashLoopBackOff, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(b.app, Some(Expect::At(5)));
+        assert_eq!(reasons(b), ["RolledBack"]);
+        let mut app = None;
+        let mut status = None;
+        let mut outcome = None;
+        for c in &b.changes {
+            match c {
+                Change::PutApp { app: a } => app = Some(a),
+                Change::PutRollout { status: s, .. } => status = Some(s),
+                Change::PutRevision { revision, expect } => {
+                    assert_eq!((revision.number, *expect), (2, 12));
+                    outcome = revision.outcome.clone();
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(app.unwrap().revision, 1);
+        let status = status.unwrap();
+        assert_eq!(
+            (status.revision, status.phase, status.rolled_back_from),
+            (1, RolloutPhase::RolledBack, Some(2))
+        );
+        assert!(outcome.unwrap().starts_with("rolled back: replica y"));
+    }
+
+    #[test]
+    fn a_replica_failing_liveness_moves_only_if_another_node_can_take_it() {
+        let mut failing = on(replica_at("y", 1, Phase::Unready, 2), "n");
+        failing.reason = Some(LIVENESS_FAILED.into());
+        failing.restarts = 3;
+        let mut w = with_replicas(
+            world(2, 1, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "n"), failing],
+        );
+        complete(&mut w, 1);
+        w.strategy = Strategy::BinPack;
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"]);
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].avoid, ["n"]);
+        assert_eq!(placed[0].node.as_deref(), Some("m"), "kept off n");
+        assert_eq!(reasons(b), ["Replacing", "Scheduled"]);
+
+        // With nowhere else to go (m cordoned), it stays where its node restarts it.
+        w.nodes[0].value.schedulable = false;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn an_unplaceable_replica_says_why_once() {
+        let mut w = world(1, 1, "[placement]\nnode_selector = { zone = \"mars\" }\n");
+        complete(&mut w, 1);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        let pending = puts(b)[0].clone();
+        assert_eq!(pending.node, None);
+        assert!(pending.message.as_deref().unwrap().contains("0/2 nodes"));
+        assert_eq!(reasons(b), ["FailedScheduling"]);
+        // Stored with that message: the next pass writes nothing.
+        let w = with_replicas(w, &[pending]);
+        assert!(plan(&w, NOW + 1, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn room_freed_by_an_apps_delete_serves_only_that_app() {
+        // One node with room for two replicas, both taken by app a, which
+        // scales down to one; app b has a pending replica. a's delete commits
+        // in a's batch: b, in its own batch, must not count on that room.
+        let mut w = world(1, 1, "");
+        let mut n = node("n");
+        let per = Capacity::of(&w.apps[0].value.spec.resources);
+        n.value.capacity = Capacity {
+            cpu_millis: per.cpu_millis * 2,
+            memory_bytes: per.memory_bytes * 2,
+            instances: per.instances * 2,
+        };
+        w.nodes = vec![n];
+        w.leases.remove("m");
+        let mut b_app = app_with("http", 1, 1, "");
+        b_app.spec.name = "b".into();
+        let b_key = AppKey::new("default", "b");
+        let mut b_pending = replica_at("b-1-z", 1, Phase::Pending, 3);
+        b_pending.app = b_key.clone();
+        b_pending.node = None;
+        w.apps.push(Read::new(b_app, 6));
+        let mut w = with_replicas(
+            w,
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "n"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+                b_pending,
+            ],
+        );
+        complete(&mut w, 1);
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(deletes(app_batch(&p)), ["y"]);
+        let b = p
+            .batches
+            .iter()
+            .find(|b| b.scope == Scope::App(b_key.clone()))
+            .expect("b's batch");
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1);
+        assert_eq!(placed[0].node, None, "a's freed room is not b's");
+        assert!(reasons(b).contains(&"FailedScheduling"));
+
+        // Once a's delete has landed, the room is b's.
+        w.replicas.remove(1);
+        let p = plan(&w, NOW + 1, &mut Counter::default());
+        let b = p
+            .batches
+            .iter()
+            .find(|b| b.scope == Scope::App(b_key.clone()))
+            .expect("b's batch");
+        assert_eq!(puts(b)[0].node.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn a_canary_step_takes_its_baseline_when_it_begins() {
+        const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 50, pause = \"10s\" }]\n[rollout.analysis]\nmin_requests = 1\n";
+        let mut w = with_replicas(
+            world(2, 2, CANARY),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+                on(replica_at("c", 2, Phase::Ready, 3), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        let stats = |rev, requests, errors| {
+            let mut s = RevisionStats::new(key(), rev);
+            s.requests = requests;
+            s.errors = errors;
+            s
+        };
+        // Errors from before the step must not count against it.
+        w.measurements.insert(
+            key(),
+            Measurements {
+                totals: [(1, stats(1, 100, 0)), (2, stats(2, 50, 50))].into(),
+                baseline: None,
+            },
+        );
+        let p = plan(&w, NOW, &mut Counter::default());
+        let status = app_batch(&p)
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::PutRollout { status, .. } => Some(status.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(status.step_started_at, Some(NOW));
+        assert_eq!(p.baselines.len(), 1);
+        let (app, base) = &p.baselines[0];
+        assert_eq!((app, base.step), (&key(), NOW));
+        assert_eq!(base.totals[&2].errors, 50);
+
+        // The next pass judges on what came after: healthy, so no abort, and no new baseline.
+        w.rollouts.insert(key(), Read::new(status, 60));
+        let m = w.measurements.get_mut(&key()).unwrap();
+        m.baseline = Some(base.clone());
+        m.totals.insert(1, stats(1, 110, 0));
+        m.totals.insert(2, stats(2, 60, 50));
+        let p = plan(&w, NOW + 1000, &mut Counter::default());
+        assert!(p.baselines.is_empty());
+        assert!(p.is_empty(), "{p:?}");
+
+        // New errors after the step began abort it.
+        w.measurements
+            .get_mut(&key())
+            .unwrap()
+            .totals
+            .insert(2, stats(2, 70, 60));
+        let p = plan(&w, NOW + 2000, &mut Counter::default());
+        assert_eq!(reasons(app_batch(&p)), ["Aborted"]);
+    }
+}
