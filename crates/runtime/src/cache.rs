@@ -37,14 +37,13 @@ pub(crate) fn engine_dir_name(engine: &Engine) -> String {
     hex::encode(&digest[..16])
 }
 
-/// File name for a digest: its hex when it is a plain `sha256:<hex>` (readable when browsing
-/// the cache), otherwise a hash of it, so no digest string can escape the directory.
+/// File name for a digest: its hex when it is a valid module digest (readable when browsing
+/// the cache), otherwise a hash of the string (the runtime also loads by other names), so no
+/// digest string can escape the directory.
 pub(crate) fn artifact_path(dir: &Path, digest: &str) -> PathBuf {
-    let hex_part = digest.strip_prefix("sha256:").unwrap_or(digest);
-    let name = if hex_part.len() == 64 && hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
-        hex_part.to_ascii_lowercase()
-    } else {
-        hex::encode(Sha256::digest(digest.as_bytes()))
+    let name = match digest.parse::<shoal_core::Digest>() {
+        Ok(d) => d.hex().to_owned(),
+        Err(_) => hex::encode(Sha256::digest(digest.as_bytes())),
     };
     dir.join(format!("{name}.cwasm"))
 }
@@ -149,9 +148,17 @@ mod tests {
             artifact_path(dir, &format!("sha256:{hex}")),
             dir.join(format!("{hex}.cwasm"))
         );
-        let odd = artifact_path(dir, "../../etc/passwd");
-        assert_eq!(odd.parent(), Some(dir));
-        assert!(odd.to_str().unwrap().ends_with(".cwasm"));
+        for odd in [
+            "../../etc/passwd".to_string(),
+            "sha256:../../etc/passwd".to_string(),
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha256:{}/..", "a".repeat(61)),
+        ] {
+            let path = artifact_path(dir, &odd);
+            assert_eq!(path.parent(), Some(dir), "{odd:?}");
+            assert!(path.to_str().unwrap().ends_with(".cwasm"));
+            assert_ne!(path, artifact_path(dir, &format!("sha256:{hex}")));
+        }
     }
 
     #[test]

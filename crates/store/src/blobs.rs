@@ -12,20 +12,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
+use sha2::Digest as _;
+use sha2::Sha256;
+use shoal_core::Digest;
+use shoal_core::digest::DigestError;
 use tokio::io::AsyncWriteExt;
 
 use crate::StoreError;
-
-const DIGEST_PREFIX: &str = "sha256:";
 
 /// Errors from [`BlobStore`].
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("module is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
-    #[error("invalid digest {0:?}: expected \"sha256:\" followed by 64 lowercase hex digits")]
-    BadDigest(String),
+    /// Not `sha256:` + 64 lowercase hex (the message says which part is wrong).
+    #[error(transparent)]
+    BadDigest(#[from] DigestError),
     #[error("blob {0} not found")]
     NotFound(String),
     #[error("upload stream failed: {0}")]
@@ -96,8 +98,8 @@ impl BlobStore {
         file.sync_all().await?;
         drop(file);
 
-        let hex = hex::encode(hasher.finalize());
-        let path = self.dir.join("sha256").join(&hex);
+        let digest = Digest::from_sha256(hasher.finalize().into());
+        let path = self.blob_path(&digest);
         let existed = tokio::fs::try_exists(&path).await?;
         if !existed {
             tokio::fs::rename(&temp.0, &path).await?;
@@ -109,7 +111,7 @@ impl BlobStore {
                 .await?;
         }
         Ok(PutBlob {
-            digest: format!("{DIGEST_PREFIX}{hex}"),
+            digest: digest.into_string(),
             size,
             existed,
             path,
@@ -126,7 +128,12 @@ impl BlobStore {
 
     /// Like [`BlobStore::path`], but rejects invalid digests.
     pub fn try_path(&self, digest: &str) -> Result<PathBuf, BlobError> {
-        Ok(self.dir.join("sha256").join(parse_digest(digest)?))
+        Ok(self.blob_path(&digest.parse()?))
+    }
+
+    /// Where the blob with `digest` lives; a [`Digest`]'s hex can't escape the directory.
+    fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("sha256").join(digest.hex())
     }
 
     pub fn contains(&self, digest: &str) -> bool {
@@ -169,16 +176,6 @@ impl BlobStore {
             }
         }
     }
-}
-
-/// Checks `digest` is `sha256:` + 64 lowercase hex and returns the hex part.
-pub fn parse_digest(digest: &str) -> Result<&str, BlobError> {
-    digest
-        .strip_prefix(DIGEST_PREFIX)
-        .filter(|hex| {
-            hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-        })
-        .ok_or_else(|| BlobError::BadDigest(digest.to_owned()))
 }
 
 fn not_found(e: std::io::Error, digest: &str) -> BlobError {

@@ -9,7 +9,9 @@ use tokio::sync::broadcast;
 
 use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_REVISION};
 use crate::watch::Watcher;
-use crate::{Compare, Event, EventKind, KeyValue, Op, StoreError, Txn, TxnResponse};
+use crate::{
+    Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse, WatchStream,
+};
 
 type KvTable<'t> = Table<'t, &'static str, KvRow<'static>>;
 
@@ -140,6 +142,9 @@ impl Store {
     }
 
     /// Writes `key`, returning the new revision.
+    ///
+    /// A redb-only convenience, not part of [`KvStore`]: code that must work on any backend
+    /// writes through [`KvStore::txn`] (`Txn::new().then(Op::put(key, value))`).
     pub fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
         let txn = Txn::new().then(Op::Put {
             key: key.to_owned(),
@@ -151,6 +156,7 @@ impl Store {
     }
 
     /// Deletes `key`, returning the new revision, or `None` (and no new revision) if it was absent.
+    /// Like [`Store::put`], not part of [`KvStore`].
     pub fn delete(&self, key: &str) -> Result<Option<u64>, StoreError> {
         let (_, revision) = self.execute(&Txn::new().then(Op::delete(key)))?;
         Ok(revision)
@@ -246,6 +252,38 @@ impl Store {
         // An error only means nobody is watching right now; the log has the events anyway.
         let _ = self.inner.events.send(Arc::new(Batch { revision, events }));
         Ok((succeeded, Some(revision)))
+    }
+}
+
+/// The redb backend. Each method is the inherent one of the same name; `watch` boxes the
+/// [`Watcher`].
+impl KvStore for Store {
+    fn revision(&self) -> u64 {
+        Store::revision(self)
+    }
+
+    fn compacted_revision(&self) -> u64 {
+        Store::compacted_revision(self)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        Store::get(self, key)
+    }
+
+    fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+        Store::range(self, prefix)
+    }
+
+    fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        Store::txn(self, txn)
+    }
+
+    fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+        Store::watch(self, prefix, from_revision).map(WatchStream::from)
+    }
+
+    fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        Store::compact(self, revision)
     }
 }
 

@@ -1,9 +1,10 @@
 //! Shoal's cluster state.
 //!
-//! [`Store`] is an etcd-shaped key-value store on top of redb (the same idea as k3s's kine):
-//! one cluster-wide revision counter, per-key create/mod revisions and versions, compare-and-swap
-//! transactions and watches that can resume from a past revision. Callers only ever see this
-//! etcd-like surface, so an etcd backend can be slotted in later without touching them.
+//! [`KvStore`] is the etcd-shaped key-value surface callers use: one cluster-wide revision
+//! counter, per-key create/mod revisions and versions, compare-and-swap transactions and watches
+//! that can resume from a past revision; its doc comment is the contract a backend keeps.
+//! [`Store`] implements it on top of redb (the same idea as k3s's kine); an etcd backend can be
+//! slotted in later without touching callers that hold an `Arc<dyn KvStore>`.
 //!
 //! [`blobs::BlobStore`] keeps uploaded wasm modules on disk, addressed by their SHA-256.
 //!
@@ -13,11 +14,13 @@
 //! `block_in_place` on a multi-threaded runtime). [`Watcher::next`] is async and does its own
 //! log reads on the blocking pool.
 
+mod backend;
 pub mod blobs;
 mod kv;
 pub mod tables;
 mod watch;
 
+pub use backend::{KvStore, WatchStream};
 pub use blobs::{BlobError, BlobStore, PutBlob};
 pub use kv::{Store, StoreOptions};
 pub use watch::Watcher;

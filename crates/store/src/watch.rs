@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::kv::{Batch, Inner};
-use crate::{Event, StoreError};
+use crate::{Event, StoreError, WatchStream};
 
 /// Log entries read per replay step, bounding memory and time on the blocking pool.
 const REPLAY_CHUNK: usize = 1024;
@@ -118,5 +118,17 @@ impl Watcher {
                 Err(RecvError::Closed) => return None,
             }
         }
+    }
+}
+
+impl From<Watcher> for WatchStream {
+    /// The backend-agnostic form of a redb watch, as [`crate::KvStore::watch`] returns it.
+    fn from(watcher: Watcher) -> WatchStream {
+        // The watcher lives inside the stream between polls, so an event a cancelled `next()`
+        // was about to return is still there for the next one.
+        WatchStream::new(futures::stream::unfold(watcher, |mut w| async move {
+            let item = w.next().await?;
+            Some((item, w))
+        }))
     }
 }
