@@ -16,8 +16,7 @@ use probe::{Action, Backoff, Probe, ProbeState};
 
 use futures::StreamExt;
 use shoal_api::{
-    Link, LinkError, LogLine, LogReader, LogSource, LogStream, ReplicaIncident, ReplicaReport,
-    Snapshot,
+    Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport, Snapshot,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -729,19 +728,7 @@ struct SinkReader(LogSink);
 
 impl LogReader for SinkReader {
     fn lines(&self, since: usize) -> (Vec<LogLine>, usize) {
-        let (lines, next) = self.0.lines(since);
-        let lines = lines
-            .into_iter()
-            .map(|l| LogLine {
-                time: l.time,
-                stream: match l.stream {
-                    shoal_runtime::LogStream::Stdout => LogStream::Stdout,
-                    shoal_runtime::LogStream::Stderr => LogStream::Stderr,
-                },
-                line: l.line,
-            })
-            .collect();
-        (lines, next)
+        self.0.lines(since)
     }
 
     fn next_cursor(&self) -> usize {

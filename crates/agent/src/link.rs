@@ -7,13 +7,11 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
-use sha2::{Digest, Sha256};
 use shoal_api::{
-    Client, ClientError, ErrorBody, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
-    Snapshot,
+    Client, ClientError, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot,
 };
-use shoal_core::Node;
 use shoal_core::metrics::RevisionStats;
+use shoal_core::{Digest, Node};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -23,9 +21,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether a fetched module is on disk whole: a crash or a full disk must not
 /// leave a truncated file that every later start trusts.
-async fn verified(path: &std::path::Path, hex: &str) -> bool {
+async fn verified(path: &std::path::Path, digest: &Digest) -> bool {
     match tokio::fs::read(path).await {
-        Ok(bytes) => hex::encode(Sha256::digest(&bytes)) == hex,
+        Ok(bytes) => Digest::of(&bytes) == *digest,
         Err(_) => false,
     }
 }
@@ -45,7 +43,7 @@ fn failed(e: ClientError) -> LinkError {
         } => format!(
             "control plane answered {}: {}",
             status.as_u16(),
-            serde_json::to_string(&ErrorBody::new(code, message)).unwrap_or_default()
+            serde_json::json!({ "error": { "code": code, "message": message } })
         ),
         ClientError::Status { status, body } => {
             format!("control plane answered {}: {body}", status.as_u16())
@@ -167,15 +165,13 @@ impl Link for RemoteLink {
     }
 
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>> {
-        let digest = digest.to_string();
+        let digest = digest.parse::<Digest>();
         Box::pin(async move {
-            let hex = digest
-                .strip_prefix("sha256:")
-                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-                .ok_or_else(|| LinkError::Failed(format!("bad module digest {digest:?}")))?;
+            let digest = digest.map_err(|e| LinkError::Failed(e.to_string()))?;
+            let hex = digest.hex();
             let path = self.modules.join(hex);
             let _one_at_a_time = self.fetching.lock().await;
-            if verified(&path, hex).await {
+            if verified(&path, &digest).await {
                 return Ok(path);
             }
             let resp = self
@@ -188,10 +184,10 @@ impl Link for RemoteLink {
                 .bytes()
                 .await
                 .map_err(|e| LinkError::Failed(format!("module download failed: {e}")))?;
-            let got = hex::encode(Sha256::digest(&bytes));
-            if got != hex {
+            let got = Digest::of(&bytes);
+            if got != digest {
                 return Err(LinkError::Failed(format!(
-                    "module {digest} downloaded with digest sha256:{got}; refusing it"
+                    "module {digest} downloaded with digest {got}; refusing it"
                 )));
             }
             let tmp = self.modules.join(format!("{hex}.tmp"));

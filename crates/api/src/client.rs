@@ -4,7 +4,6 @@
 //! status, code and message. Callers decide timeouts per request and say
 //! errors in their own words.
 
-use crate::types::ErrorBody;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -109,7 +108,7 @@ impl Client {
             return Ok(resp);
         }
         let text = resp.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
+        Err(match serde_json::from_str::<RawErrorBody>(&text) {
             Ok(b) => ClientError::Api {
                 status,
                 code: b.error.code,
@@ -225,4 +224,17 @@ mod tests {
             other => panic!("expected a send error, got {other:?}"),
         }
     }
+}
+
+/// `shoal_core::problem::ErrorBody` read with `code` as a plain string, so a
+/// client tolerates codes newer than itself.
+#[derive(serde::Deserialize)]
+struct RawErrorBody {
+    error: RawErrorDetail,
+}
+
+#[derive(serde::Deserialize)]
+struct RawErrorDetail {
+    code: String,
+    message: String,
 }

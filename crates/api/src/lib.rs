@@ -2,9 +2,9 @@
 //! the types of the `/v1` API (what the CLI sends and reads), what a node and
 //! its control plane exchange ([`Snapshot`], [`ReplicaReport`],
 //! [`ReplicaIncident`]) and the [`Link`] they exchange it over, how the
-//! control plane reads replicas' output ([`LogSource`]), the `{"error": …}`
-//! body ([`ErrorBody`]), and the one HTTP [`Client`] the CLI and remote nodes
-//! both call the API with.
+//! control plane reads replicas' output ([`LogSource`]), and the one HTTP
+//! [`Client`] the CLI and remote nodes both call the API with (errors come in
+//! the one shape of `shoal_core::problem`).
 //!
 //! **Architecture Invariant:** this crate depends on `shoal-core` and nothing
 //! else of Shoal, so a worker node or the CLI can speak to the control plane
@@ -20,7 +20,7 @@ pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
-    AppSummary, ApplyOutcome, ApplyResult, Describe, ErrorBody, ErrorDetail, INCIDENT_REASONS,
-    NodeAction, NodeSummary, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction,
-    RolloutView, Service, ServiceEndpoint, Snapshot,
+    AppSummary, ApplyOutcome, ApplyResult, Describe, INCIDENT_REASONS, NodeAction, NodeSummary,
+    ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction, RolloutView, Service,
+    ServiceEndpoint, Snapshot,
 };

@@ -5,9 +5,9 @@
 //! `shoal logs` and `shoal logs -f` read.
 
 use futures::future::BoxFuture;
+pub use shoal_core::logs::{LogLine, LogStream};
 use shoal_core::spec::AppKey;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// Where replica output lives: on the nodes. In one process the agent hands
 /// its log buffers over directly.
@@ -28,29 +28,4 @@ pub trait LogReader: Send + Sync {
     /// Resolves once a line with sequence number `>= cursor` exists (at once
     /// if one already does).
     fn wait_for(&self, cursor: usize) -> BoxFuture<'_, ()>;
-}
-
-/// Which guest stream a line came from; the runtime's own lines (traps,
-/// timeouts) count as `Stderr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogStream {
-    Stdout,
-    Stderr,
-}
-
-impl std::fmt::Display for LogStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LogStream::Stdout => "stdout",
-            LogStream::Stderr => "stderr",
-        })
-    }
-}
-
-/// One line of output, without its trailing newline.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    pub time: SystemTime,
-    pub stream: LogStream,
-    pub line: String,
 }

@@ -175,47 +175,9 @@ pub struct ReplicaIncident {
 /// Every [`ReplicaIncident::reason`] the control plane accepts.
 pub const INCIDENT_REASONS: [&str; 3] = ["KilledByTimeout", "OutOfMemory", "Trapped"];
 
-/// The body of every error the API answers: `{"error":{"code","message"}}`.
-/// `code` is stable, for programs; `message` is for people. Read here as
-/// plain strings, so a client tolerates codes newer than itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    pub code: String,
-    pub message: String,
-}
-
-impl ErrorBody {
-    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
-        ErrorBody {
-            error: ErrorDetail {
-                code: code.into(),
-                message: message.into(),
-            },
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_body_has_the_documented_shape() {
-        let body = ErrorBody::new("not_found", "app default/x does not exist");
-        assert_eq!(
-            serde_json::to_string(&body).unwrap(),
-            r#"{"error":{"code":"not_found","message":"app default/x does not exist"}}"#
-        );
-        let back: ErrorBody =
-            serde_json::from_str(r#"{"error":{"message":"invalid token","code":"unauthorized"}}"#)
-                .unwrap();
-        assert_eq!(back, ErrorBody::new("unauthorized", "invalid token"));
-    }
 
     #[test]
     fn actions_are_lowercase_on_the_wire() {

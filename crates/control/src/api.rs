@@ -1,10 +1,9 @@
 //! The `/v1` HTTP API. Handlers parse, call [`ControlPlane`], and map errors;
 //! they hold no logic of their own.
 
-use crate::error::ApiError;
-use crate::error::JsonBody;
-use crate::error::{Path, Query};
-use crate::state::{ControlPlane, blocking};
+use crate::api_error::{ApiError, JsonBody, Path, Query};
+use crate::error::ControlError;
+use crate::state::ControlPlane;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
@@ -17,9 +16,19 @@ use serde::Deserialize;
 use shoal_api::{ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
 use shoal_core::{Event, Module, Node, Replica};
 use shoal_store::BlobError;
+
+/// Runs control-plane work off the executor; its errors answer as the API's.
+async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    F: FnOnce() -> Result<T, ControlError> + Send + 'static,
+    T: Send + 'static,
+{
+    crate::state::blocking(f).await.map_err(ApiError::from)
+}
 
 pub fn router(cp: ControlPlane) -> Router {
     let authed = Router::new()
@@ -57,7 +66,10 @@ pub fn router(cp: ControlPlane) -> Router {
         .merge(authed)
         .merge(nodes)
         .fallback(|| async {
-            ApiError::not_found("no such API endpoint; see the README for the /v1 API")
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such API endpoint; see the README for the /v1 API",
+            )
         })
         .layer(middleware::from_fn(trace))
         .with_state(cp)
@@ -84,10 +96,8 @@ async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next)
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), cp.config().token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid token").into_response(),
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        Some(_) => ApiError::new(ErrorCode::Unauthorized, "invalid token").into_response(),
+        None => ApiError::new(ErrorCode::Unauthorized,
             "missing token: send `Authorization: Bearer <token>` (the token is in the data dir's `token` file)",
         )
         .into_response(),
@@ -107,9 +117,7 @@ async fn require_node_token(State(cp): State<ControlPlane>, req: Request, next: 
         Some(t) if constant_time_eq(t.as_bytes(), config.join_token.as_bytes()) => {
             next.run(req).await
         }
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+        _ => ApiError::new(ErrorCode::Unauthorized,
             "a node needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
         )
         .into_response(),
@@ -143,8 +151,7 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
     let limit = cp.config().max_module_bytes;
     let too_large = || {
         ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!(
                 "module is larger than the {limit}-byte limit (set --max-module-size on the server to raise it)"
             ),
@@ -159,7 +166,7 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
         .await
         .map_err(|e| match e {
             BlobError::TooLarge { .. } => too_large(),
-            other => ApiError::internal(other),
+            other => ControlError::internal(other).into(),
         })?;
     let cp2 = cp.clone();
     let digest = put.digest.clone();
@@ -178,7 +185,7 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
 }
 
 async fn list_modules(State(cp): State<ControlPlane>) -> Result<Json<Vec<Module>>, ApiError> {
-    blocking(move || cp.list::<Module>(keys::MODULES))
+    blocking(move || cp.list::<Module>(&keys::MODULES))
         .await
         .map(Json)
 }
@@ -190,7 +197,9 @@ async fn get_module(
     blocking(move || {
         cp.get::<Module>(&keys::module(&digest))?
             .map(|(m, _)| m)
-            .ok_or_else(|| ApiError::not_found(format!("module {digest} has not been uploaded")))
+            .ok_or_else(|| {
+                ControlError::not_found(format!("module {digest} has not been uploaded"))
+            })
     })
     .await
     .map(Json)
@@ -208,8 +217,8 @@ async fn apply(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let spec: AppSpec = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(
-            "invalid_spec",
+        ApiError::new(
+            ErrorCode::InvalidSpec,
             format!("app spec is not valid JSON for an app: {e}"),
         )
     })?;
@@ -299,9 +308,10 @@ async fn rollout_action(
         "promote" => RolloutAction::Promote,
         "abort" => RolloutAction::Abort,
         other => {
-            return Err(ApiError::not_found(format!(
-                "unknown rollout action {other:?}: use pause, resume, promote or abort"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("unknown rollout action {other:?}: use pause, resume, promote or abort"),
+            ));
         }
     };
     let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
@@ -326,8 +336,8 @@ async fn list_replicas(
                 ns.as_deref().unwrap_or(DEFAULT_NAMESPACE),
                 app,
             )),
-            (Some(ns), None) => format!("{}{ns}/", keys::REPLICAS),
-            (None, None) => keys::REPLICAS.to_string(),
+            (Some(ns), None) => keys::replicas_in(ns),
+            (None, None) => keys::REPLICAS,
         };
         cp.list::<Replica>(&prefix)
     })
@@ -469,9 +479,10 @@ async fn node_action(
         "uncordon" => NodeAction::Uncordon,
         "drain" => NodeAction::Drain,
         other => {
-            return Err(ApiError::not_found(format!(
-                "unknown node action {other:?}: use cordon, uncordon or drain"
-            )));
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("unknown node action {other:?}: use cordon, uncordon or drain"),
+            ));
         }
     };
     blocking(move || cp.set_node_scheduling(&name, action))
@@ -501,8 +512,8 @@ async fn report(
     JsonBody(report): JsonBody<ReplicaReport>,
 ) -> Result<Response, ApiError> {
     if report.node != name {
-        return Err(ApiError::bad_request(
-            "wrong_node",
+        return Err(ApiError::new(
+            ErrorCode::WrongNode,
             format!("node {name} cannot report for node {}", report.node),
         ));
     }
@@ -524,8 +535,8 @@ async fn incident(
     JsonBody(incident): JsonBody<ReplicaIncident>,
 ) -> Result<Response, ApiError> {
     if incident.node != name {
-        return Err(ApiError::bad_request(
-            "wrong_node",
+        return Err(ApiError::new(
+            ErrorCode::WrongNode,
             format!("node {name} cannot report for node {}", incident.node),
         ));
     }
@@ -553,14 +564,13 @@ async fn watch(
 ) -> Result<Response, ApiError> {
     let watcher = cp.store().watch("/", q.from).map_err(|e| match e {
         shoal_store::StoreError::Compacted { compacted } => ApiError::new(
-            StatusCode::GONE,
-            "compacted",
+            ErrorCode::Compacted,
             format!(
                 "revision {} is compacted (up to {compacted}); re-read the snapshot",
                 q.from
             ),
         ),
-        other => ApiError::internal(other),
+        other => ControlError::internal(other).into(),
     })?;
     let stream = futures::stream::unfold(watcher, move |mut w| async move {
         loop {
@@ -595,10 +605,13 @@ async fn module_blob(
     let path = cp
         .blobs()
         .try_path(&digest)
-        .map_err(|e| ApiError::bad_request("bad_digest", e.to_string()))?;
-    let file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|_| ApiError::not_found(format!("module {digest} has not been uploaded")))?;
+        .map_err(|e| ApiError::new(ErrorCode::BadDigest, e.to_string()))?;
+    let file = tokio::fs::File::open(&path).await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("module {digest} has not been uploaded"),
+        )
+    })?;
     let stream = tokio_util::io::ReaderStream::new(file);
     Ok((
         [(header::CONTENT_TYPE, "application/wasm")],
@@ -701,11 +714,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn error_bodies_read_as_shoal_api_error_bodies() {
+    async fn error_bodies_have_the_one_shape() {
         let (_dir, router) = router_with_token();
         let (_, body) = call(&router, "/v1/apps/ghost", Some("admin")).await;
-        let parsed: shoal_api::ErrorBody = serde_json::from_value(body).unwrap();
-        assert_eq!(parsed.error.code, "not_found");
+        let parsed: shoal_core::problem::ErrorBody = serde_json::from_value(body).unwrap();
+        assert_eq!(parsed.code(), ErrorCode::NotFound);
         assert!(parsed.error.message.contains("ghost"), "{parsed:?}");
     }
 

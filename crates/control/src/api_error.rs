@@ -1,60 +1,59 @@
-//! One error type for the API: a status, a stable machine code and a message
-//! for humans. Internal causes are logged, never sent.
+//! How the API answers errors: a status, a stable machine code and a message
+//! for humans, in the one shape every Shoal error has
+//! (`shoal_core::problem::ErrorBody`). Control-plane errors become these here
+//! and nowhere else; internal causes were logged, never sent.
 
+use crate::error::ControlError;
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use shoal_core::problem::{ErrorBody, ErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answered with its code's status.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
+            status: StatusCode::from_u16(code.status())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             code,
             message: message.into(),
         }
     }
-
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, "conflict", message)
-    }
-
-    /// Logs the cause and answers with a generic 500.
-    pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(error = %cause, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error; see the server log",
-        )
-    }
 }
 
-impl From<shoal_store::StoreError> for ApiError {
-    fn from(e: shoal_store::StoreError) -> Self {
-        ApiError::internal(e)
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let message = e.to_string();
+        let code = match e {
+            ControlError::NotFound(_) => ErrorCode::NotFound,
+            ControlError::Conflict(_) => ErrorCode::Conflict,
+            ControlError::Invalid { code, .. } => code,
+            ControlError::Compacted(_) => ErrorCode::Compacted,
+            ControlError::Internal => ErrorCode::Internal,
+        };
+        ApiError::new(code, message)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let retry = self.code.retry_after_secs();
+        let mut response =
+            (self.status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if let Some(secs) = retry {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -64,7 +63,11 @@ macro_rules! rejection {
     ($($t:ty),*) => {$(
         impl From<$t> for ApiError {
             fn from(r: $t) -> Self {
-                ApiError::new(r.status(), "bad_request", r.body_text())
+                ApiError {
+                    status: r.status(),
+                    code: ErrorCode::BadRequest,
+                    message: r.body_text(),
+                }
             }
         }
     )*};

@@ -5,9 +5,9 @@
 //! the revisions its decisions were made on, so a concurrent write voids only
 //! the batch it touches, and the next pass looks again.
 
-use crate::error::ApiError;
+use crate::error::ControlError;
 use crate::state::{ControlPlane, blocking, decode, encode};
-use shoal_core::objects::keys;
+use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::spec::AppKey;
 use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
 use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan, Read, World};
@@ -45,9 +45,9 @@ impl ControlPlane {
                     _ = &mut tick => break,
                     _ = self.inner.kick.notified() => break,
                     ev = watcher.next() => match ev {
-                        Some(Ok(ev)) if !ev.kv.key.starts_with(keys::EVENTS)
-                            && !ev.kv.key.starts_with(keys::MODULES)
-                            && !ev.kv.key.starts_with(keys::LEASES) => break,
+                        Some(Ok(ev)) if !ev.kv.key.starts_with(keys::EVENTS.as_str())
+                            && !ev.kv.key.starts_with(keys::MODULES.as_str())
+                            && !ev.kv.key.starts_with(keys::LEASES.as_str()) => break,
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
                             tracing::warn!(error = %e, "controller watch failed; rewatching");
@@ -65,7 +65,7 @@ impl ControlPlane {
     }
 
     /// One pass: read, plan, write. Returns whether it wrote (or tried to write) anything.
-    pub(crate) fn pass(&self) -> Result<bool, ApiError> {
+    pub(crate) fn pass(&self) -> Result<bool, ControlError> {
         let world = self.read_world()?;
         let now = self.now();
         let plan = plan::plan(&world, now, &mut RandomIds);
@@ -74,24 +74,24 @@ impl ControlPlane {
     }
 
     /// Everything a pass decides on, each object with the revision it was read at.
-    fn read_world(&self) -> Result<World, ApiError> {
-        let revisions = read_all::<Revision>(self, keys::REVISIONS)?
+    fn read_world(&self) -> Result<World, ControlError> {
+        let revisions = read_all::<Revision>(self, &keys::REVISIONS)?
             .into_iter()
             .map(|r| ((r.value.app.clone(), r.value.number), r))
             .collect();
-        let rollouts = read_all::<RolloutStatus>(self, keys::ROLLOUTS)?
+        let rollouts = read_all::<RolloutStatus>(self, &keys::ROLLOUTS)?
             .into_iter()
             .map(|r| (r.value.app.clone(), r))
             .collect();
-        let leases = read_all::<Lease>(self, keys::LEASES)?
+        let leases = read_all::<Lease>(self, &keys::LEASES)?
             .into_iter()
             .map(|l| (l.value.node, l.value.renewed_at))
             .collect();
         Ok(World {
-            apps: read_all::<App>(self, keys::APPS)?,
+            apps: read_all::<App>(self, &keys::APPS)?,
             revisions,
-            replicas: read_all::<Replica>(self, keys::REPLICAS)?,
-            nodes: read_all::<Node>(self, keys::NODES)?,
+            replicas: read_all::<Replica>(self, &keys::REPLICAS)?,
+            nodes: read_all::<Node>(self, &keys::NODES)?,
             leases,
             rollouts,
             measurements: self.inner.metrics.snapshot(),
@@ -104,7 +104,7 @@ impl ControlPlane {
     /// Commits each batch of `plan` on its own; one that lost a race is
     /// dropped, and the next pass decides again. `live` are the apps that
     /// exist, whose measurements are kept.
-    fn write(&self, plan: Plan, live: HashSet<AppKey>) -> Result<bool, ApiError> {
+    fn write(&self, plan: Plan, live: HashSet<AppKey>) -> Result<bool, ControlError> {
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -129,38 +129,37 @@ impl ControlPlane {
     /// A batch as one guarded transaction, with its events.
     pub(crate) fn batch_txn(&self, batch: Batch) -> Txn {
         let mut txn = match (&batch.scope, batch.app) {
-            (plan::Scope::App(key), Some(expect)) => guard(Txn::new(), keys::app(key), expect),
+            (plan::Scope::App(key), Some(expect)) => guard(Txn::new(), &keys::app(key), expect),
             _ => Txn::new(),
         };
         for change in batch.changes {
             txn = match change {
                 Change::PutNode { node, expect } => {
                     let key = keys::node(&node.name);
-                    guard(txn, key.clone(), Expect::At(expect)).then(Op::put(key, encode(&node)))
+                    guard(txn, &key, Expect::At(expect)).then(Op::put(key, encode(&node)))
                 }
                 Change::PutApp { app } => {
                     txn.then(Op::put(keys::app(&app.spec.key()), encode(&app)))
                 }
                 Change::PutRevision { revision, expect } => {
                     let key = keys::revision(&revision.app, revision.number);
-                    guard(txn, key.clone(), Expect::At(expect))
-                        .then(Op::put(key, encode(&revision)))
+                    guard(txn, &key, Expect::At(expect)).then(Op::put(key, encode(&revision)))
                 }
                 Change::PutRollout { status, expect } => {
                     let key = keys::rollout(&status.app);
-                    guard(txn, key.clone(), expect).then(Op::put(key, encode(&status)))
+                    guard(txn, &key, expect).then(Op::put(key, encode(&status)))
                 }
                 Change::DeleteRollout { app, expect } => {
                     let key = keys::rollout(&app);
-                    guard(txn, key.clone(), Expect::At(expect)).then(Op::delete(key))
+                    guard(txn, &key, Expect::At(expect)).then(Op::delete(key))
                 }
                 Change::PutReplica { replica, expect } => {
                     let key = keys::replica(&replica.app, &replica.id);
-                    guard(txn, key.clone(), expect).then(Op::put(key, encode(&replica)))
+                    guard(txn, &key, expect).then(Op::put(key, encode(&replica)))
                 }
                 Change::DeleteReplica { app, id, expect } => {
                     let key = keys::replica(&app, &id);
-                    guard(txn, key.clone(), Expect::At(expect)).then(Op::delete(key))
+                    guard(txn, &key, Expect::At(expect)).then(Op::delete(key))
                 }
             };
         }
@@ -172,7 +171,7 @@ impl ControlPlane {
 
     /// Keeps the watch history to its last [`HISTORY`] revisions: older
     /// watchers re-read the snapshot, and the file stops growing.
-    fn compact_history(&self) -> Result<(), ApiError> {
+    fn compact_history(&self) -> Result<(), ControlError> {
         let store = self.store();
         let target = store.revision().saturating_sub(HISTORY);
         if target > store.compacted_revision() + HISTORY / 10 {
@@ -182,8 +181,8 @@ impl ControlPlane {
     }
 
     /// Keeps the newest `max_events` events.
-    fn prune_events(&self) -> Result<(), ApiError> {
-        let (mut events, _) = self.store().range(keys::EVENTS)?;
+    fn prune_events(&self) -> Result<(), ControlError> {
+        let (mut events, _) = self.store().range(keys::EVENTS.as_str())?;
         events.sort_by_key(|kv| kv.create_revision);
         let excess = events.len().saturating_sub(self.config().max_events);
         if excess > 0 {
@@ -200,16 +199,16 @@ impl ControlPlane {
 /// Every object under `prefix`, with the revision it was read at.
 fn read_all<T: serde::de::DeserializeOwned>(
     cp: &ControlPlane,
-    prefix: &str,
-) -> Result<Vec<Read<T>>, ApiError> {
-    let (kvs, _) = cp.store().range(prefix)?;
+    prefix: &Prefix<T>,
+) -> Result<Vec<Read<T>>, ControlError> {
+    let (kvs, _) = cp.store().range(prefix.as_str())?;
     kvs.iter()
         .map(|kv| Ok(Read::new(decode(kv)?, kv.mod_revision)))
         .collect()
 }
 
 /// `txn` applying only if `key` is still as `expect` says.
-fn guard(txn: Txn, key: String, expect: Expect) -> Txn {
+fn guard<T>(txn: Txn, key: &Key<T>, expect: Expect) -> Txn {
     match expect {
         Expect::Absent => txn.when_absent(key),
         Expect::At(revision) => txn.when_mod_revision(key, revision),

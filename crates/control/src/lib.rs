@@ -8,6 +8,7 @@
 //! said is typed in `shoal-api`.
 
 mod api;
+mod api_error;
 mod controller;
 mod error;
 mod link;
@@ -16,6 +17,7 @@ mod rollouts;
 mod state;
 
 pub use api::router;
-pub use error::ApiError;
+pub use api_error::ApiError;
+pub use error::{ControlError, ControlResult};
 pub use link::LocalLink;
 pub use state::{ControlConfig, ControlPlane};

@@ -1,7 +1,7 @@
 //! [`LocalLink`]: the node link of `shoal up`, where the agent and the control
 //! plane share a process and the agent calls [`ControlPlane`] directly.
 
-use crate::error::ApiError;
+use crate::error::ControlError;
 use crate::state::ControlPlane;
 use futures::StreamExt;
 use futures::future::BoxFuture;
@@ -16,11 +16,11 @@ pub struct LocalLink(pub ControlPlane);
 
 /// Runs store work off the executor; "not found" means the node is unknown.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+    f: impl FnOnce() -> Result<T, ControlError> + Send + 'static,
 ) -> LinkResult<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) if e.status == 404 => Err(LinkError::Unregistered),
+        Ok(Err(ControlError::NotFound(_))) => Err(LinkError::Unregistered),
         Ok(Err(e)) => Err(LinkError::Failed(e.to_string())),
         Err(e) => Err(LinkError::Failed(e.to_string())),
     }

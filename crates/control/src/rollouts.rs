@@ -2,11 +2,12 @@
 //! the arithmetic is `shoal_scheduler::rollout::act`), and what nodes tell the
 //! control plane besides replica phases: gateway measurements and incidents.
 
-use crate::error::ApiError;
+use crate::error::ControlError;
 use crate::state::ControlPlane;
 use shoal_api::{INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
 use shoal_core::{App, EventType, Phase, Replica, Revision, RolloutStatus};
 use shoal_scheduler::plan::{Batch, Change, Expect, Read, roll_back_into};
@@ -14,7 +15,7 @@ use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
 use shoal_store::Txn;
 
 impl ControlPlane {
-    pub(crate) fn rollout_view(&self, key: &AppKey) -> Result<RolloutView, ApiError> {
+    pub(crate) fn rollout_view(&self, key: &AppKey) -> Result<RolloutView, ControlError> {
         let app = self.app(key)?;
         let status = self
             .get::<RolloutStatus>(&keys::rollout(key))?
@@ -68,13 +69,13 @@ impl ControlPlane {
         key: &AppKey,
         action: RolloutAction,
         full: bool,
-    ) -> Result<RolloutStatus, ApiError> {
+    ) -> Result<RolloutStatus, ControlError> {
         for _ in 0..5 {
             if let Some(status) = self.try_rollout_action(key, action, full)? {
                 return Ok(status);
             }
         }
-        Err(ApiError::conflict(format!(
+        Err(ControlError::conflict(format!(
             "rollout of {key} kept changing; try again"
         )))
     }
@@ -85,12 +86,12 @@ impl ControlPlane {
         key: &AppKey,
         action: RolloutAction,
         full: bool,
-    ) -> Result<Option<RolloutStatus>, ApiError> {
+    ) -> Result<Option<RolloutStatus>, ControlError> {
         let (app, app_rev) = self
             .get::<App>(&keys::app(key))?
-            .ok_or_else(|| ApiError::not_found(format!("app {key} does not exist")))?;
+            .ok_or_else(|| ControlError::not_found(format!("app {key} does not exist")))?;
         let Some((status, status_rev)) = self.get::<RolloutStatus>(&keys::rollout(key))? else {
-            return Err(ApiError::conflict(format!(
+            return Err(ControlError::conflict(format!(
                 "app {key} has no rollout yet; try again in a moment"
             )));
         };
@@ -119,7 +120,7 @@ impl ControlPlane {
             }
             Acted::RollBack(rb) => {
                 let Some((target, _)) = self.get::<Revision>(&keys::revision(key, rb.to))? else {
-                    return Err(ApiError::internal(format!(
+                    return Err(ControlError::internal(format!(
                         "app {key}: revision {} to roll back to is missing",
                         rb.to
                     )));
@@ -154,14 +155,14 @@ impl ControlPlane {
     }
 
     /// An incident on a node's replica becomes an event, if the node runs it.
-    pub fn record_incident(&self, incident: ReplicaIncident) -> Result<(), ApiError> {
+    pub fn record_incident(&self, incident: ReplicaIncident) -> Result<(), ControlError> {
         let Some(reason) = INCIDENT_REASONS
             .iter()
             .find(|r| **r == incident.reason)
             .copied()
         else {
-            return Err(ApiError::bad_request(
-                "invalid_incident",
+            return Err(ControlError::invalid(
+                ErrorCode::InvalidIncident,
                 format!(
                     "unknown incident {:?}; expected one of {INCIDENT_REASONS:?}",
                     incident.reason
@@ -191,11 +192,11 @@ impl ControlPlane {
 }
 
 /// Why a rollout action cannot be taken, as the API says it.
-fn action_error(e: ActionError) -> ApiError {
+fn action_error(e: ActionError) -> ControlError {
     match e {
-        ActionError::NotACanary(_) => ApiError::bad_request("not_a_canary", e.to_string()),
+        ActionError::NotACanary(_) => ControlError::invalid(ErrorCode::NotACanary, e.to_string()),
         ActionError::NotInProgress { .. } | ActionError::NothingToGoBackTo(_) => {
-            ApiError::conflict(e.to_string())
+            ControlError::conflict(e.to_string())
         }
     }
 }

@@ -1,22 +1,22 @@
 //! Typed operations on cluster state. Every write goes through here, as a
 //! compare-and-swap transaction, so concurrent writers never lose an update.
 
-use crate::error::ApiError;
-use axum::http::StatusCode;
+use crate::error::ControlError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_api::{
     AppSummary, ApplyOutcome, ApplyResult, Describe, LogSource, NodeAction, NodeSummary,
     ReplicaReport, Service, ServiceEndpoint, Snapshot,
 };
-use shoal_core::objects::keys;
+use shoal_core::objects::keys::{self, Key, Prefix};
+use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Clock, Event, EventType, Lease, Millis, Module, Node, NodeState, Phase, Replica,
     Revision, RolloutStatus, SystemClock,
 };
-use shoal_store::{BlobStore, KeyValue, Op, Store, Txn};
+use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -58,7 +58,8 @@ pub struct ControlPlane {
 }
 
 pub(crate) struct Inner {
-    pub(crate) store: Store,
+    /// The cluster state, through the backend-agnostic trait.
+    pub(crate) store: Arc<dyn KvStore>,
     pub(crate) blobs: BlobStore,
     pub(crate) config: ControlConfig,
     pub(crate) event_seq: AtomicU64,
@@ -73,9 +74,9 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ApiError> {
+pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
     serde_json::from_slice(&kv.value)
-        .map_err(|e| ApiError::internal(format!("corrupt object at {}: {e}", kv.key)))
+        .map_err(|e| ControlError::internal(format!("corrupt object at {}: {e}", kv.key)))
 }
 
 pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -83,33 +84,42 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Runs blocking store work off the async executor.
-pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, ControlError>
 where
-    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+    F: FnOnce() -> Result<T, ControlError> + Send + 'static,
     T: Send + 'static,
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(ApiError::internal)?
+        .map_err(ControlError::internal)?
 }
 
 impl ControlPlane {
-    pub fn new(store: Store, blobs: BlobStore, config: ControlConfig) -> Result<Self, ApiError> {
-        Self::with_clock(store, blobs, config, Arc::new(SystemClock))
+    pub fn new(
+        store: impl KvStore,
+        blobs: BlobStore,
+        config: ControlConfig,
+    ) -> Result<Self, ControlError> {
+        Self::with_clock(Arc::new(store), blobs, config, Arc::new(SystemClock))
     }
 
     /// [`ControlPlane::new`] telling time by `clock`.
     pub fn with_clock(
-        store: Store,
+        store: Arc<dyn KvStore>,
         blobs: BlobStore,
         config: ControlConfig,
         clock: Arc<dyn Clock>,
-    ) -> Result<Self, ApiError> {
+    ) -> Result<Self, ControlError> {
         // Continue event numbering after the newest stored event.
-        let (events, _) = store.range(keys::EVENTS)?;
+        let (events, _) = store.range(keys::EVENTS.as_str())?;
         let next = events
             .last()
-            .and_then(|kv| kv.key.strip_prefix(keys::EVENTS)?.parse::<u64>().ok())
+            .and_then(|kv| {
+                kv.key
+                    .strip_prefix(keys::EVENTS.as_str())?
+                    .parse::<u64>()
+                    .ok()
+            })
             .map_or(1, |n| n + 1);
         Ok(ControlPlane {
             inner: Arc::new(Inner {
@@ -131,8 +141,8 @@ impl ControlPlane {
         self.inner.clock.now_ms()
     }
 
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    pub fn store(&self) -> &dyn KvStore {
+        &*self.inner.store
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -173,13 +183,19 @@ impl ControlPlane {
         Op::put(keys::event(seq), encode(&event))
     }
 
-    pub(crate) fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, ApiError> {
-        let (kvs, _) = self.inner.store.range(prefix)?;
+    pub(crate) fn list<T: DeserializeOwned>(
+        &self,
+        prefix: &Prefix<T>,
+    ) -> Result<Vec<T>, ControlError> {
+        let (kvs, _) = self.inner.store.range(prefix.as_str())?;
         kvs.iter().map(decode).collect()
     }
 
-    pub(crate) fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<(T, u64)>, ApiError> {
-        match self.inner.store.get(key)? {
+    pub(crate) fn get<T: DeserializeOwned>(
+        &self,
+        key: &Key<T>,
+    ) -> Result<Option<(T, u64)>, ControlError> {
+        match self.inner.store.get(key.as_str())? {
             Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision))),
             None => Ok(None),
         }
@@ -193,21 +209,24 @@ impl ControlPlane {
         digest: &str,
         size: u64,
         existed: bool,
-    ) -> Result<(Module, bool), ApiError> {
+    ) -> Result<(Module, bool), ControlError> {
         let key = keys::module(digest);
         if let Some((m, _)) = self.get::<Module>(&key)? {
             return Ok((m, true));
         }
-        let bytes = self.inner.blobs.read(digest).map_err(ApiError::internal)?;
+        let bytes = self
+            .inner
+            .blobs
+            .read(digest)
+            .map_err(ControlError::internal)?;
         let kind = match shoal_core::wasm::validate(&bytes) {
             Ok(kind) => kind,
             Err(e) => {
                 if !existed {
                     let _ = self.inner.blobs.delete(digest);
                 }
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_wasm",
+                return Err(ControlError::invalid(
+                    ErrorCode::InvalidWasm,
                     format!("upload rejected: {e}"),
                 ));
             }
@@ -218,21 +237,29 @@ impl ControlPlane {
             kind,
             uploaded_at: self.now(),
         };
-        self.inner.store.put(&key, encode(&module))?;
+        // Compare-and-swap like every other write: the first of two concurrent
+        // uploads of the same module records it, the second finds it.
+        let txn = Txn::new()
+            .when_absent(&key)
+            .then(Op::put(&key, encode(&module)));
+        if !self.inner.store.txn(txn)?.succeeded
+            && let Some((m, _)) = self.get(&key)?
+        {
+            return Ok((m, true));
+        }
         Ok((module, false))
     }
 
     // ---- apps ----
 
-    pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ApiError> {
-        spec.validate()
-            .map_err(|e| ApiError::bad_request("invalid_spec", e.to_string()))?;
+    pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
+        spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
         match self.get::<Module>(&keys::module(&spec.component.digest))? {
             None if dry_run => {}
             None => {
-                return Err(ApiError::bad_request(
-                    "unknown_module",
+                return Err(ControlError::invalid(
+                    ErrorCode::UnknownModule,
                     format!(
                         "module {} has not been uploaded: upload it first (POST /v1/modules), or point `component.path` at the .wasm file and let `shoal apply` upload it",
                         spec.component.digest
@@ -240,8 +267,8 @@ impl ControlPlane {
                 ));
             }
             Some((module, _)) if module.kind == WasmKind::Module => {
-                return Err(ApiError::bad_request(
-                    "not_a_component",
+                return Err(ControlError::invalid(
+                    ErrorCode::NotAComponent,
                     format!(
                         "module {} is a core WebAssembly module, but kind = \"{}\" needs a component implementing {} (build it with `cargo build --target wasm32-wasip2`)",
                         module.digest,
@@ -343,7 +370,7 @@ impl ControlPlane {
                 message,
             ));
             if !self.inner.store.txn(txn)?.succeeded {
-                return Err(ApiError::conflict(format!(
+                return Err(ControlError::conflict(format!(
                     "app {key} was changed concurrently; apply again"
                 )));
             }
@@ -358,17 +385,17 @@ impl ControlPlane {
     }
 
     /// Two apps may not claim the same host and path.
-    fn check_routes(&self, spec: &AppSpec) -> Result<(), ApiError> {
+    fn check_routes(&self, spec: &AppSpec) -> Result<(), ControlError> {
         let Some(http) = &spec.http else {
             return Ok(());
         };
-        for other in self.list::<App>(keys::APPS)? {
+        for other in self.list::<App>(&keys::APPS)? {
             if other.spec.key() == spec.key() {
                 continue;
             }
             let Some(oh) = &other.spec.http else { continue };
             if let Some(r) = http.routes.iter().find(|r| oh.routes.contains(r)) {
-                return Err(ApiError::conflict(format!(
+                return Err(ControlError::conflict(format!(
                     "route {r} is already served by app {}",
                     other.spec.key()
                 )));
@@ -379,10 +406,14 @@ impl ControlPlane {
 
     /// `rollout undo`: runs an earlier revision's template again, as a new
     /// revision (so history only grows), keeping scale and routes.
-    pub(crate) fn rollback(&self, key: &AppKey, to: Option<u64>) -> Result<ApplyResult, ApiError> {
+    pub(crate) fn rollback(
+        &self,
+        key: &AppKey,
+        to: Option<u64>,
+    ) -> Result<ApplyResult, ControlError> {
         let app_key = keys::app(key);
         let Some((app, mod_rev)) = self.get::<App>(&app_key)? else {
-            return Err(ApiError::not_found(format!("app {key} does not exist")));
+            return Err(ControlError::not_found(format!("app {key} does not exist")));
         };
         let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
         let current_hash = app.spec.template().hash();
@@ -390,7 +421,7 @@ impl ControlPlane {
             Some(n) => revisions
                 .iter()
                 .find(|r| r.number == n)
-                .ok_or_else(|| ApiError::not_found(format!("app {key} has no revision {n}")))?,
+                .ok_or_else(|| ControlError::not_found(format!("app {key} has no revision {n}")))?,
             None => revisions
                 .iter()
                 .rev()
@@ -399,8 +430,8 @@ impl ControlPlane {
                         && r.hash != revisions.last().map_or("", |l| l.hash.as_str())
                 })
                 .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "no_earlier_revision",
+                    ControlError::invalid(
+                        ErrorCode::NoEarlierRevision,
                         format!("app {key} has no earlier revision to roll back to"),
                     )
                 })?,
@@ -444,7 +475,7 @@ impl ControlPlane {
                 format!("revision {number}: rollback to revision {}", target.number),
             ));
         if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ApiError::conflict(format!(
+            return Err(ControlError::conflict(format!(
                 "app {key} was changed concurrently; try again"
             )));
         }
@@ -457,10 +488,10 @@ impl ControlPlane {
         })
     }
 
-    pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ApiError> {
+    pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ControlError> {
         let app_key = keys::app(key);
         let Some((_, mod_rev)) = self.get::<App>(&app_key)? else {
-            return Err(ApiError::not_found(format!("app {key} does not exist")));
+            return Err(ControlError::not_found(format!("app {key} does not exist")));
         };
         let txn = Txn::new()
             .when_mod_revision(app_key.clone(), mod_rev)
@@ -475,7 +506,7 @@ impl ControlPlane {
                 "app deleted; its replicas are stopping".into(),
             ));
         if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ApiError::conflict(format!(
+            return Err(ControlError::conflict(format!(
                 "app {key} was changed concurrently; delete again"
             )));
         }
@@ -483,16 +514,19 @@ impl ControlPlane {
         Ok(())
     }
 
-    pub(crate) fn app(&self, key: &AppKey) -> Result<App, ApiError> {
+    pub(crate) fn app(&self, key: &AppKey) -> Result<App, ControlError> {
         self.get::<App>(&keys::app(key))?
             .map(|(a, _)| a)
-            .ok_or_else(|| ApiError::not_found(format!("app {key} does not exist")))
+            .ok_or_else(|| ControlError::not_found(format!("app {key} does not exist")))
     }
 
-    pub(crate) fn summaries(&self, namespace: Option<&str>) -> Result<Vec<AppSummary>, ApiError> {
-        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+    pub(crate) fn summaries(
+        &self,
+        namespace: Option<&str>,
+    ) -> Result<Vec<AppSummary>, ControlError> {
+        let replicas = self.list::<Replica>(&keys::REPLICAS)?;
         let mut out = Vec::new();
-        for app in self.list::<App>(keys::APPS)? {
+        for app in self.list::<App>(&keys::APPS)? {
             if namespace.is_some_and(|ns| ns != app.spec.namespace) {
                 continue;
             }
@@ -521,7 +555,7 @@ impl ControlPlane {
         Ok(out)
     }
 
-    pub(crate) fn describe(&self, key: &AppKey) -> Result<Describe, ApiError> {
+    pub(crate) fn describe(&self, key: &AppKey) -> Result<Describe, ControlError> {
         let app = self.app(key)?;
         let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
         let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
@@ -541,8 +575,8 @@ impl ControlPlane {
     /// Every event, oldest first, each numbered (`seq`) by the store revision
     /// that committed it: commits are serial, so a reader that has seen
     /// number N will only ever find later events above N.
-    fn all_events(&self) -> Result<Vec<Event>, ApiError> {
-        let (kvs, _) = self.inner.store.range(keys::EVENTS)?;
+    fn all_events(&self) -> Result<Vec<Event>, ControlError> {
+        let (kvs, _) = self.inner.store.range(keys::EVENTS.as_str())?;
         let mut events = kvs
             .iter()
             .map(|kv| {
@@ -550,7 +584,7 @@ impl ControlPlane {
                 e.seq = kv.create_revision;
                 Ok(e)
             })
-            .collect::<Result<Vec<Event>, ApiError>>()?;
+            .collect::<Result<Vec<Event>, ControlError>>()?;
         // Stable: events of one transaction keep the order they were written in.
         events.sort_by_key(|e| e.seq);
         Ok(events)
@@ -561,7 +595,7 @@ impl ControlPlane {
         &self,
         app: Option<&AppKey>,
         limit: usize,
-    ) -> Result<Vec<Event>, ApiError> {
+    ) -> Result<Vec<Event>, ControlError> {
         let mut events = self.all_events()?;
         events.retain(|e| app.is_none() || e.app.as_ref() == app);
         let skip = events.len().saturating_sub(limit);
@@ -576,7 +610,7 @@ impl ControlPlane {
         keep: Option<&dyn Fn(&Event) -> bool>,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Event>, ApiError> {
+    ) -> Result<Vec<Event>, ControlError> {
         let mut events = self.all_events()?;
         events.retain(|e| e.seq > after && keep.is_none_or(|k| k(e)));
         if let Some(last) = events.get(limit.max(1) - 1).map(|e| e.seq) {
@@ -585,16 +619,16 @@ impl ControlPlane {
         Ok(events)
     }
 
-    pub(crate) fn services(&self) -> Result<Vec<Service>, ApiError> {
+    pub(crate) fn services(&self) -> Result<Vec<Service>, ControlError> {
         let nodes: HashMap<String, Node> = self
-            .list::<Node>(keys::NODES)?
+            .list::<Node>(&keys::NODES)?
             .into_iter()
             .filter(|n| n.state == NodeState::Ready)
             .map(|n| (n.name.clone(), n))
             .collect();
-        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+        let replicas = self.list::<Replica>(&keys::REPLICAS)?;
         Ok(self
-            .list::<App>(keys::APPS)?
+            .list::<App>(&keys::APPS)?
             .into_iter()
             .filter_map(|app| {
                 let http = app.spec.http.as_ref()?;
@@ -627,9 +661,9 @@ impl ControlPlane {
         &self,
         key: &AppKey,
         local: &[String],
-    ) -> Result<Vec<(String, String)>, ApiError> {
+    ) -> Result<Vec<(String, String)>, ControlError> {
         let nodes: HashMap<String, String> = self
-            .list::<Node>(keys::NODES)?
+            .list::<Node>(&keys::NODES)?
             .into_iter()
             .map(|n| (n.name, n.gateway))
             .collect();
@@ -641,15 +675,15 @@ impl ControlPlane {
             .collect())
     }
 
-    pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ApiError> {
-        let replicas = self.list::<Replica>(keys::REPLICAS)?;
+    pub(crate) fn node_summaries(&self) -> Result<Vec<NodeSummary>, ControlError> {
+        let replicas = self.list::<Replica>(&keys::REPLICAS)?;
         let leases: HashMap<String, Millis> = self
-            .list::<Lease>(keys::LEASES)?
+            .list::<Lease>(&keys::LEASES)?
             .into_iter()
             .map(|l| (l.node, l.renewed_at))
             .collect();
         Ok(self
-            .list::<Node>(keys::NODES)?
+            .list::<Node>(&keys::NODES)?
             .into_iter()
             .map(|node| {
                 let mut allocated = Capacity::default();
@@ -675,9 +709,10 @@ impl ControlPlane {
 
     /// A node (re)joins: its record is replaced, keeping its join time and
     /// whether it was cordoned, and its lease is renewed.
-    pub fn register_node(&self, node: Node) -> Result<u64, ApiError> {
-        shoal_core::validate_name(&node.name)
-            .map_err(|e| ApiError::bad_request("invalid_node", format!("node name: {e}")))?;
+    pub fn register_node(&self, node: Node) -> Result<u64, ControlError> {
+        shoal_core::validate_name(&node.name).map_err(|e| {
+            ControlError::invalid(ErrorCode::InvalidNode, format!("node name: {e}"))
+        })?;
         let key = keys::node(&node.name);
         // Compare-and-swap, so a cordon or drain landing meanwhile is kept.
         for _ in 0..5 {
@@ -713,17 +748,17 @@ impl ControlPlane {
                 return Ok(resp.revision);
             }
         }
-        Err(ApiError::conflict(format!(
+        Err(ControlError::conflict(format!(
             "node {} kept changing while it registered; try again",
             node.name
         )))
     }
 
     /// Renews a node's lease; a NotReady node that heartbeats is Ready again.
-    pub fn heartbeat(&self, name: &str) -> Result<(), ApiError> {
+    pub fn heartbeat(&self, name: &str) -> Result<(), ControlError> {
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
-            return Err(ApiError::not_found(format!(
+            return Err(ControlError::not_found(format!(
                 "node {name} is not registered"
             )));
         };
@@ -755,10 +790,12 @@ impl ControlPlane {
         &self,
         name: &str,
         action: NodeAction,
-    ) -> Result<Node, ApiError> {
+    ) -> Result<Node, ControlError> {
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
-            return Err(ApiError::not_found(format!("node {name} does not exist")));
+            return Err(ControlError::not_found(format!(
+                "node {name} does not exist"
+            )));
         };
         let (schedulable, draining, reason) = match action {
             NodeAction::Cordon => (false, node.draining, "Cordoned"),
@@ -778,7 +815,7 @@ impl ControlPlane {
                 format!("node {name}: {}", reason.to_lowercase()),
             ));
         if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ApiError::conflict(format!(
+            return Err(ControlError::conflict(format!(
                 "node {name} changed concurrently; try again"
             )));
         }
@@ -788,7 +825,7 @@ impl ControlPlane {
 
     /// Records what a node says about a replica. Reports about replicas that
     /// no longer exist, or that belong to another node, are dropped.
-    pub fn report_replica(&self, report: ReplicaReport) -> Result<(), ApiError> {
+    pub fn report_replica(&self, report: ReplicaReport) -> Result<(), ControlError> {
         let key = keys::replica(&report.app, &report.replica);
         for _ in 0..3 {
             let Some((mut replica, mod_rev)) = self.get::<Replica>(&key)? else {
@@ -846,21 +883,21 @@ impl ControlPlane {
                 return Ok(());
             }
         }
-        Err(ApiError::conflict(format!(
+        Err(ControlError::conflict(format!(
             "replica {} kept changing while its status was reported",
             report.replica
         )))
     }
 
     /// Every app, revision and replica, for node agents and gateways to act on.
-    pub fn snapshot(&self) -> Result<Snapshot, ApiError> {
+    pub fn snapshot(&self) -> Result<Snapshot, ControlError> {
         Ok(Snapshot {
             revision: self.inner.store.revision(),
-            apps: self.list::<App>(keys::APPS)?,
-            revisions: self.list::<Revision>(keys::REVISIONS)?,
-            replicas: self.list::<Replica>(keys::REPLICAS)?,
-            nodes: self.list::<Node>(keys::NODES)?,
-            rollouts: self.list::<RolloutStatus>(keys::ROLLOUTS)?,
+            apps: self.list::<App>(&keys::APPS)?,
+            revisions: self.list::<Revision>(&keys::REVISIONS)?,
+            replicas: self.list::<Replica>(&keys::REPLICAS)?,
+            nodes: self.list::<Node>(&keys::NODES)?,
+            rollouts: self.list::<RolloutStatus>(&keys::ROLLOUTS)?,
         })
     }
 

@@ -8,6 +8,8 @@
 
 pub mod auth;
 pub mod clock;
+pub mod digest;
+pub mod logs;
 pub mod metrics;
 pub mod name;
 pub mod objects;
@@ -17,6 +19,7 @@ pub mod spec;
 pub mod wasm;
 
 pub use clock::{Clock, SystemClock, now_ms};
+pub use digest::Digest;
 pub use name::{NameError, validate_name};
 pub use objects::*;
 pub use spec::{AppManifest, AppSpec, Kind, ModuleRef, Route, SpecError, parse_app};

@@ -7,56 +7,164 @@ use crate::wasm::WasmKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// Key prefixes: one place, so a typo cannot split a collection in two.
+/// Where objects live in the store, typed: a [`keys::Key<T>`] names one `T`
+/// and a [`keys::Prefix<T>`] a collection of them, so reading an app from a
+/// revision's key does not compile. One place, so a typo cannot split a
+/// collection in two.
 pub mod keys {
+    use super::{App, Event, Lease, Module, Node, Replica, Revision, RolloutStatus};
     use crate::spec::AppKey;
+    use std::borrow::Cow;
+    use std::fmt;
+    use std::marker::PhantomData;
 
-    pub const APPS: &str = "/apps/";
-    pub const REVISIONS: &str = "/revisions/";
-    pub const REPLICAS: &str = "/replicas/";
-    pub const NODES: &str = "/nodes/";
-    pub const EVENTS: &str = "/events/";
-    pub const MODULES: &str = "/modules/";
-    pub const LEASES: &str = "/leases/";
-    pub const ROLLOUTS: &str = "/rollouts/";
+    /// The key of one `T`. A key of another type does not read as a `T`:
+    ///
+    /// ```compile_fail
+    /// use shoal_core::objects::keys::{self, Key};
+    /// use shoal_core::{App, spec::AppKey};
+    /// fn get<T>(_key: &Key<T>) -> Option<T> { None }
+    /// let app: Option<App> = get(&keys::revision(&AppKey::new("default", "web"), 1));
+    /// ```
+    pub struct Key<T> {
+        path: String,
+        of: PhantomData<fn() -> T>,
+    }
 
-    pub fn app(k: &AppKey) -> String {
-        format!("{APPS}{}/{}", k.namespace, k.name)
+    /// The keys of a collection of `T`s: everything under it is a `T`.
+    pub struct Prefix<T> {
+        path: Cow<'static, str>,
+        of: PhantomData<fn() -> T>,
     }
-    pub fn revisions_of(k: &AppKey) -> String {
-        format!("{REVISIONS}{}/{}/", k.namespace, k.name)
+
+    impl<T> Key<T> {
+        fn new(path: String) -> Self {
+            Key {
+                path,
+                of: PhantomData,
+            }
+        }
+
+        pub fn as_str(&self) -> &str {
+            &self.path
+        }
     }
-    pub fn revision(k: &AppKey, number: u64) -> String {
-        format!("{}{number:010}", revisions_of(k))
+
+    impl<T> Prefix<T> {
+        const fn fixed(path: &'static str) -> Self {
+            Prefix {
+                path: Cow::Borrowed(path),
+                of: PhantomData,
+            }
+        }
+
+        fn of(path: String) -> Self {
+            Prefix {
+                path: Cow::Owned(path),
+                of: PhantomData,
+            }
+        }
+
+        pub fn as_str(&self) -> &str {
+            &self.path
+        }
+
+        /// Whether `key` is in this collection.
+        pub fn contains(&self, key: &str) -> bool {
+            key.starts_with(self.as_str())
+        }
     }
-    pub fn replicas_of(k: &AppKey) -> String {
-        format!("{REPLICAS}{}/{}/", k.namespace, k.name)
+
+    impl<T> From<Key<T>> for String {
+        fn from(k: Key<T>) -> String {
+            k.path
+        }
     }
-    pub fn replica(k: &AppKey, id: &str) -> String {
-        format!("{}{id}", replicas_of(k))
+
+    impl<T> From<Prefix<T>> for String {
+        fn from(p: Prefix<T>) -> String {
+            p.path.into_owned()
+        }
+    }
+
+    impl<T> From<&Key<T>> for String {
+        fn from(k: &Key<T>) -> String {
+            k.path.clone()
+        }
+    }
+
+    impl<T> Clone for Key<T> {
+        fn clone(&self) -> Self {
+            Key::new(self.path.clone())
+        }
+    }
+
+    impl<T> fmt::Display for Key<T> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.path)
+        }
+    }
+
+    impl<T> fmt::Debug for Key<T> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            fmt::Debug::fmt(&self.path, f)
+        }
+    }
+
+    pub const APPS: Prefix<App> = Prefix::fixed("/apps/");
+    pub const REVISIONS: Prefix<Revision> = Prefix::fixed("/revisions/");
+    pub const REPLICAS: Prefix<Replica> = Prefix::fixed("/replicas/");
+    pub const NODES: Prefix<Node> = Prefix::fixed("/nodes/");
+    pub const EVENTS: Prefix<Event> = Prefix::fixed("/events/");
+    pub const MODULES: Prefix<Module> = Prefix::fixed("/modules/");
+    pub const LEASES: Prefix<Lease> = Prefix::fixed("/leases/");
+    pub const ROLLOUTS: Prefix<RolloutStatus> = Prefix::fixed("/rollouts/");
+
+    pub fn app(k: &AppKey) -> Key<App> {
+        Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
+    }
+    pub fn revisions_of(k: &AppKey) -> Prefix<Revision> {
+        Prefix::of(format!("{}{}/{}/", REVISIONS.as_str(), k.namespace, k.name))
+    }
+    pub fn revision(k: &AppKey, number: u64) -> Key<Revision> {
+        Key::new(format!("{}{number:010}", revisions_of(k).as_str()))
+    }
+    /// Every replica of every app in namespace `ns`.
+    pub fn replicas_in(ns: &str) -> Prefix<Replica> {
+        Prefix::of(format!("{}{ns}/", REPLICAS.as_str()))
+    }
+    pub fn replicas_of(k: &AppKey) -> Prefix<Replica> {
+        Prefix::of(format!("{}{}/{}/", REPLICAS.as_str(), k.namespace, k.name))
+    }
+    pub fn replica(k: &AppKey, id: &str) -> Key<Replica> {
+        Key::new(format!("{}{id}", replicas_of(k).as_str()))
     }
     /// Whether a change under `key` is one node agents act on (the rest —
     /// events, leases, modules — they never read from the watch).
     pub fn agents_watch(key: &str) -> bool {
-        [APPS, REVISIONS, REPLICAS, NODES, ROLLOUTS]
-            .iter()
-            .any(|p| key.starts_with(p))
+        APPS.contains(key)
+            || REVISIONS.contains(key)
+            || REPLICAS.contains(key)
+            || NODES.contains(key)
+            || ROLLOUTS.contains(key)
     }
 
-    pub fn rollout(k: &AppKey) -> String {
-        format!("{ROLLOUTS}{}/{}", k.namespace, k.name)
+    pub fn rollout(k: &AppKey) -> Key<RolloutStatus> {
+        Key::new(format!("{}{}/{}", ROLLOUTS.as_str(), k.namespace, k.name))
     }
-    pub fn node(name: &str) -> String {
-        format!("{NODES}{name}")
+    pub fn node(name: &str) -> Key<Node> {
+        Key::new(format!("{}{name}", NODES.as_str()))
     }
-    pub fn event(seq: u64) -> String {
-        format!("{EVENTS}{seq:020}")
+    /// Events are numbered by the store revision that records them (see
+    /// [`Event::seq`]); `id` only makes each key unique.
+    pub fn event(id: u64) -> Key<Event> {
+        Key::new(format!("{}{id:020}", EVENTS.as_str()))
     }
-    pub fn lease(node: &str) -> String {
-        format!("{LEASES}{node}")
+    pub fn lease(node: &str) -> Key<Lease> {
+        Key::new(format!("{}{node}", LEASES.as_str()))
     }
-    pub fn module(digest: &str) -> String {
-        format!("{MODULES}{digest}")
+    pub fn module(digest: &str) -> Key<Module> {
+        Key::new(format!("{}{digest}", MODULES.as_str()))
     }
 }
 

@@ -688,15 +688,11 @@ impl std::fmt::Display for AppKey {
     }
 }
 
+/// Checks `d` is a module digest (see [`crate::Digest`]), with the reason as the message.
 pub fn validate_digest(d: &str) -> Result<(), String> {
-    match d.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) => {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{d:?} is not a module digest: expected \"sha256:\" followed by 64 lowercase hex digits"
-        )),
-    }
+    d.parse::<crate::Digest>()
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// Where the module of a parsed file comes from.

@@ -1,6 +1,7 @@
 //! Guest stdout/stderr capture. Guests never see the node's own stdio: every write lands, split
 //! into lines, in a bounded in-memory ring per replica that `shoal logs [-f]` reads from.
 
+pub use shoal_core::logs::{LogLine, LogStream};
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,30 +28,6 @@ const LINE_OVERHEAD: usize = 48;
 /// Prefix of lines the runtime writes itself (traps, timeouts), so they stand out from the
 /// guest's own stderr.
 const SYSTEM_PREFIX: &str = "[shoal] ";
-
-/// Which guest stream a line came from. Runtime-generated lines are recorded as `Stderr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogStream {
-    Stdout,
-    Stderr,
-}
-
-impl std::fmt::Display for LogStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            LogStream::Stdout => "stdout",
-            LogStream::Stderr => "stderr",
-        })
-    }
-}
-
-/// One captured line, without its trailing newline.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogLine {
-    pub time: SystemTime,
-    pub stream: LogStream,
-    pub line: String,
-}
 
 /// A bounded ring of log lines shared by every instance of one replica. Clones share the ring.
 ///

@@ -172,33 +172,13 @@ pub fn decide(
         .count() as u32;
     let fallback = status.stable.filter(|s| *s != target);
 
-    // New replicas that crash-loop, fail, or keep failing liveness through
-    // restarts will not get better.
-    if let (Some(to), Some(bad)) = (
-        fallback,
-        new.iter().find(|r| {
-            matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)
-                || r.reason.as_deref() == Some(shoal_core::objects::LIVENESS_FAILED)
-        }),
-    ) {
-        let reason = format!(
-            "replica {} of revision {target} is {}{}",
-            bad.id,
-            bad.phase,
-            bad.message
-                .as_deref()
-                .map(|m| format!(": {m}"))
-                .unwrap_or_default()
-        );
-        return decision(
-            next,
-            None,
-            Some(RollBack {
-                to,
-                phase: RolloutPhase::RolledBack,
-                reason,
-            }),
-        );
+    if let (Some(to), Some(reason)) = (fallback, hopeless(&new)) {
+        let rb = RollBack {
+            to,
+            phase: RolloutPhase::RolledBack,
+            reason,
+        };
+        return decision(next, None, Some(rb));
     }
 
     if ready > next.ready {
@@ -214,88 +194,20 @@ pub fn decide(
     // A timed canary pause is waiting, not being stuck.
     let mut clock_from = next.progressed_at;
     if let (Some(stable), Some(step)) = (fallback, status.canary_step(spec)) {
-        let weight = step.weight;
-        let want = Rollout::canary_replicas(n, weight);
-        let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
-        let (nth, steps) = (status.step + 1, spec.steps.len());
-        // What a step in progress says; fixed text, as the status is written
-        // only when where the rollout stands changes.
-        let in_step = match step.pause_ms {
-            None => format!(
-                "step {nth}/{steps}: {weight}% to revision {target}; waiting for `shoal rollout promote`"
-            ),
-            Some(pause) => format!(
-                "step {nth}/{steps}: {weight}% to revision {target} for {}",
-                human_ms(pause)
-            ),
+        let canary = Canary {
+            app,
+            status,
+            step,
+            stable,
+            measured,
+            now,
         };
-        match status.step_started_at {
-            None if canary_ready >= want => {
-                next.step_started_at = Some(now);
-                next.progressed_at = now;
-                next.message = in_step;
-                event = Some((
-                    EventType::Normal,
-                    "CanaryStep",
-                    format!(
-                        "step {nth}/{steps}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest"
-                    ),
-                ));
+        match canary.advance(&new, &mut next) {
+            Ok((e, clock)) => {
+                event = e;
+                clock_from = clock.map_or(clock_from, |c| c.max(clock_from));
             }
-            None => {
-                next.message = format!(
-                    "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be ready"
-                );
-            }
-            Some(started) => {
-                let verdict = match measured {
-                    Some(m) => judge(&spec.analysis, m),
-                    None => Verdict::Wait("no measurements yet".into()),
-                };
-                if let Verdict::Fail(why) = &verdict {
-                    return decision(
-                        next,
-                        None,
-                        Some(RollBack {
-                            to: stable,
-                            phase: RolloutPhase::Aborted,
-                            reason: format!("canary analysis failed: {why}"),
-                        }),
-                    );
-                }
-                let passed_ms = now.saturating_sub(started);
-                next.message = in_step;
-                match step.pause_ms {
-                    None => clock_from = now, // waiting for a person, not stuck
-                    Some(pause) if passed_ms < pause => {
-                        clock_from = clock_from.max(started + pause);
-                    }
-                    Some(pause) => {
-                        clock_from = clock_from.max(started + pause);
-                        match verdict {
-                            Verdict::Pass => {
-                                next.step += 1;
-                                next.step_started_at = None;
-                                next.progressed_at = now;
-                                next.message = if next.step == spec.steps.len() {
-                                    format!("canary passed; promoting revision {target} to 100%")
-                                } else {
-                                    format!("canary passed step {}", status.step + 1)
-                                };
-                                let reason = if next.step == spec.steps.len() {
-                                    "Promoted"
-                                } else {
-                                    "CanaryStep"
-                                };
-                                event = Some((EventType::Normal, reason, next.message.clone()));
-                            }
-                            // Live measurements are in `shoal rollout status`.
-                            Verdict::Wait(_) => {}
-                            Verdict::Fail(_) => unreachable!("handled above"),
-                        }
-                    }
-                }
-            }
+            Err(rb) => return decision(next, None, Some(rb)),
         }
     } else {
         let old = replicas
@@ -319,35 +231,7 @@ pub fn decide(
     }
 
     if now.saturating_sub(clock_from) > spec.progress_deadline_ms {
-        let why = format!(
-            "no progress for {}s (progress_deadline): {}",
-            spec.progress_deadline_ms / 1000,
-            next.message
-        );
-        return match fallback {
-            Some(to) => decision(
-                next,
-                None,
-                Some(RollBack {
-                    to,
-                    phase: if status.strategy == Strategy::Canary {
-                        RolloutPhase::Aborted
-                    } else {
-                        RolloutPhase::RolledBack
-                    },
-                    reason: why,
-                }),
-            ),
-            None => {
-                next.phase = RolloutPhase::Failed;
-                next.message = why.clone();
-                decision(
-                    next,
-                    Some((EventType::Warning, "ProgressDeadlineExceeded", why)),
-                    None,
-                )
-            }
-        };
+        return past_deadline(status, next, fallback, spec);
     }
     decision(next, event, None)
 }
@@ -517,6 +401,153 @@ pub fn roll_back(
         outcome: format!("{verb}: {}", rb.reason),
         event: (EventType::Warning, reason, after.message.clone()),
         status: after,
+    }
+}
+
+/// Why the new revision will not get better, if one of its replicas
+/// crash-loops, failed, or keeps failing liveness through restarts.
+fn hopeless(new: &[&Replica]) -> Option<String> {
+    let bad = new.iter().find(|r| {
+        matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)
+            || r.reason.as_deref() == Some(shoal_core::objects::LIVENESS_FAILED)
+    })?;
+    Some(format!(
+        "replica {} of revision {} is {}{}",
+        bad.id,
+        bad.revision,
+        bad.phase,
+        bad.message
+            .as_deref()
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default()
+    ))
+}
+
+/// No progress within the deadline: back to `fallback`, or (a new app, with
+/// nothing to go back to) `Failed`.
+fn past_deadline(
+    status: &RolloutStatus,
+    mut next: RolloutStatus,
+    fallback: Option<u64>,
+    spec: &Rollout,
+) -> Decision {
+    let why = format!(
+        "no progress for {}s (progress_deadline): {}",
+        spec.progress_deadline_ms / 1000,
+        next.message
+    );
+    match fallback {
+        Some(to) => Decision {
+            status: next,
+            event: None,
+            roll_back: Some(RollBack {
+                to,
+                phase: if status.strategy == Strategy::Canary {
+                    RolloutPhase::Aborted
+                } else {
+                    RolloutPhase::RolledBack
+                },
+                reason: why,
+            }),
+        },
+        None => {
+            next.phase = RolloutPhase::Failed;
+            next.message = why.clone();
+            Decision {
+                status: next,
+                event: Some((EventType::Warning, "ProgressDeadlineExceeded", why)),
+                roll_back: None,
+            }
+        }
+    }
+}
+
+/// One look at a canary step in progress: the inputs [`decide`] was given.
+struct Canary<'a> {
+    app: &'a App,
+    status: &'a RolloutStatus,
+    step: &'a shoal_core::spec::CanaryStep,
+    stable: u64,
+    measured: Option<Measured<'a>>,
+    now: Millis,
+}
+
+/// What a look at a step says: an event, if any, and from when the progress
+/// deadline counts if the step changes it (a timed pause is waiting, not
+/// being stuck; a manual step waits for a person).
+type StepOutcome = (Option<(EventType, &'static str, String)>, Option<Millis>);
+
+impl Canary<'_> {
+    /// Starts the step once its replicas are ready, judges it while it runs,
+    /// and moves to the next once its pause is over and the analysis passed.
+    /// `Err` if the analysis failed: abort to the stable revision.
+    fn advance(&self, new: &[&Replica], next: &mut RolloutStatus) -> Result<StepOutcome, RollBack> {
+        let (status, step, now) = (self.status, self.step, self.now);
+        let spec = &self.app.spec.rollout;
+        let (target, stable, weight) = (status.revision, self.stable, step.weight);
+        let want = Rollout::canary_replicas(self.app.spec.replicas, weight);
+        let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
+        let (nth, steps) = (status.step + 1, spec.steps.len());
+        // What a step in progress says; fixed text, as the status is written
+        // only when where the rollout stands changes.
+        let in_step = match step.pause_ms {
+            None => format!(
+                "step {nth}/{steps}: {weight}% to revision {target}; waiting for `shoal rollout promote`"
+            ),
+            Some(pause) => format!(
+                "step {nth}/{steps}: {weight}% to revision {target} for {}",
+                human_ms(pause)
+            ),
+        };
+        let Some(started) = status.step_started_at else {
+            if canary_ready < want {
+                next.message = format!(
+                    "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be ready"
+                );
+                return Ok((None, None));
+            }
+            next.step_started_at = Some(now);
+            next.progressed_at = now;
+            next.message = in_step;
+            let event = format!(
+                "step {nth}/{steps}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest"
+            );
+            return Ok((Some((EventType::Normal, "CanaryStep", event)), None));
+        };
+        let verdict = match self.measured {
+            Some(m) => judge(&spec.analysis, m),
+            None => Verdict::Wait("no measurements yet".into()),
+        };
+        if let Verdict::Fail(why) = &verdict {
+            return Err(RollBack {
+                to: stable,
+                phase: RolloutPhase::Aborted,
+                reason: format!("canary analysis failed: {why}"),
+            });
+        }
+        next.message = in_step;
+        let Some(pause) = step.pause_ms else {
+            return Ok((None, Some(now))); // waiting for a person, not stuck
+        };
+        // Live measurements are in `shoal rollout status`: a step that waits
+        // for enough of them keeps its text.
+        if now.saturating_sub(started) < pause || verdict != Verdict::Pass {
+            return Ok((None, Some(started + pause)));
+        }
+        next.step += 1;
+        next.step_started_at = None;
+        next.progressed_at = now;
+        let promoted = next.step == steps;
+        next.message = if promoted {
+            format!("canary passed; promoting revision {target} to 100%")
+        } else {
+            format!("canary passed step {nth}")
+        };
+        let reason = if promoted { "Promoted" } else { "CanaryStep" };
+        Ok((
+            Some((EventType::Normal, reason, next.message.clone())),
+            Some(started + pause),
+        ))
     }
 }
 

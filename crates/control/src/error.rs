@@ -1,0 +1,77 @@
+//! What can go wrong in the control plane, in its own terms. HTTP is the API
+//! layer's business: `api_error` maps these to statuses and bodies, and the
+//! in-process node link to `LinkError`s, each in one place.
+
+use shoal_core::problem::ErrorCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The object asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change conflicts with the state: it exists already, or changed meanwhile.
+    #[error("{0}")]
+    Conflict(String),
+    /// The request breaks a rule: which one (`code`, e.g. `InvalidSpec`,
+    /// `UnknownModule`), the field at fault if there is one, and why.
+    #[error("{message}")]
+    Invalid {
+        code: ErrorCode,
+        field: Option<String>,
+        message: String,
+    },
+    /// Asked for history that was compacted away: read the snapshot again.
+    #[error("{0}")]
+    Compacted(String),
+    /// Shoal failed; the cause was logged where it happened, never sent.
+    #[error("internal error; see the server log")]
+    Internal,
+}
+
+pub type ControlResult<T> = Result<T, ControlError>;
+
+impl ControlError {
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ControlError::NotFound(message.into())
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ControlError::Conflict(message.into())
+    }
+
+    /// A broken rule with no single field to blame.
+    pub fn invalid(code: ErrorCode, message: impl Into<String>) -> Self {
+        ControlError::Invalid {
+            code,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// Logs the cause and says only that something failed.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        ControlError::Internal
+    }
+}
+
+impl From<shoal_store::StoreError> for ControlError {
+    fn from(e: shoal_store::StoreError) -> Self {
+        match e {
+            shoal_store::StoreError::Compacted { compacted } => ControlError::Compacted(format!(
+                "history up to revision {compacted} is compacted; re-read the snapshot"
+            )),
+            other => ControlError::internal(other),
+        }
+    }
+}
+
+impl From<shoal_core::SpecError> for ControlError {
+    fn from(e: shoal_core::SpecError) -> Self {
+        ControlError::Invalid {
+            code: ErrorCode::InvalidSpec,
+            field: e.field.clone(),
+            message: e.to_string(),
+        }
+    }
+}
