@@ -519,13 +519,16 @@ impl Agent {
             ] {
                 let Some(spec) = spec else { continue };
                 let result = probe(&service, spec).await;
-                let action = state.observe(kind, result, origin.elapsed());
+                let now = origin.elapsed();
+                let action = state.observe(kind, result, now);
                 let restarts = state.restarts();
+                // While restarts have not helped, every report says so.
+                let reason = state.keeps_failing(now).then_some(LIVENESS_FAILED);
                 match action {
                     Action::Nothing => {}
                     Action::Serve => {
                         self.serve(replica, template, service.clone());
-                        self.report_status(replica, Phase::Ready, None, None, restarts, None)
+                        self.report_status(replica, Phase::Ready, None, None, restarts, reason)
                             .await;
                     }
                     Action::Unserve(message) => {
@@ -539,7 +542,7 @@ impl Agent {
                             Some(message),
                             None,
                             restarts,
-                            None,
+                            reason,
                         )
                         .await;
                     }
@@ -571,13 +574,13 @@ impl Agent {
         logs: &LogSink,
         restart: probe::Restart,
     ) -> Option<HttpService> {
+        let reason = restart.failing.then_some(LIVENESS_FAILED);
         self.inner
             .gateway
             .remove_endpoint(&replica.app, &replica.id);
         let before = restart.restarts - 1;
         if let Some((delay, message)) = restart.keeps_failing {
             logs.push_system(&message);
-            let reason = Some(LIVENESS_FAILED);
             self.report_status(replica, Phase::Unready, Some(message), None, before, reason)
                 .await;
             tokio::time::sleep(delay).await;
@@ -604,7 +607,7 @@ impl Agent {
             Some(restart.message),
             None,
             restart.restarts,
-            None,
+            reason,
         )
         .await;
         Some(service)

@@ -74,6 +74,8 @@ pub struct Restart {
     /// controller replaces the replica elsewhere if it can) and wait this long
     /// before restarting it here, with this message.
     pub keeps_failing: Option<(Duration, String)>,
+    /// [`ProbeState::keeps_failing`] once restarted: what its reports say.
+    pub failing: bool,
 }
 
 /// The probe counters of one replica.
@@ -121,6 +123,15 @@ impl ProbeState {
 
     pub fn restarts(&self) -> u32 {
         self.restarts
+    }
+
+    /// Whether restarts have not helped: [`LIVENESS_RESTARTS`] of them within
+    /// [`BACKOFF_RESET`] of each other, the last less than that ago. Every
+    /// report says so while it holds, so the controller sees it whenever it
+    /// looks and can move the replica.
+    pub fn keeps_failing(&self, now: Duration) -> bool {
+        self.recent_restarts > LIVENESS_RESTARTS
+            && now.saturating_sub(self.last_restart) < BACKOFF_RESET
     }
 
     /// Takes one probe result, observed at `now`.
@@ -194,6 +205,7 @@ impl ProbeState {
             restarts: self.restarts,
             serve: self.ready,
             keeps_failing,
+            failing: self.keeps_failing(now),
         })
     }
 }
@@ -288,6 +300,7 @@ mod tests {
         for n in 1..=LIVENESS_RESTARTS {
             let r = restart(&mut s);
             assert_eq!((r.restarts, r.serve, r.keeps_failing), (n, true, None));
+            assert!(!r.failing);
             assert_eq!(
                 r.message,
                 "liveness probe failed 2 times (/healthz answered 500); restarted"
@@ -295,12 +308,16 @@ mod tests {
         }
         // Restarts did not help: say so, and restart with backoff.
         let r = restart(&mut s);
+        assert!(r.failing);
         let (delay, message) = r.keeps_failing.unwrap();
         assert_eq!(delay, BACKOFF_START);
         assert!(message.contains("after 3 restarts"), "{message}");
         let (delay, _) = restart(&mut s).keeps_failing.unwrap();
         assert_eq!(delay, BACKOFF_START * 2);
         assert_eq!(s.restarts(), LIVENESS_RESTARTS + 2);
+        // Said on every report until it has stayed live for a while.
+        assert!(s.keeps_failing(secs(t)));
+        assert!(!s.keeps_failing(secs(t) + BACKOFF_RESET + BACKOFF_START * 2));
     }
 
     #[test]

@@ -9,7 +9,6 @@ use crate::error::ControlError;
 use crate::state::{ControlPlane, blocking, decode, encode};
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
 use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan, Read, World};
 use shoal_store::{Op, Txn};
 use std::collections::HashSet;
@@ -73,25 +72,31 @@ impl ControlPlane {
         self.write(plan, live)
     }
 
-    /// Everything a pass decides on, each object with the revision it was read at.
+    /// Everything a pass decides on, each object with the revision it was read
+    /// at. In an order that never sees a reference before what it refers to:
+    /// apps before the revisions they point at (written with them or
+    /// before), nodes before their leases (a registration writes both).
     fn read_world(&self) -> Result<World, ControlError> {
-        let revisions = read_all::<Revision>(self, &keys::REVISIONS)?
+        let apps = read_all(self, &keys::APPS)?;
+        let revisions = read_all(self, &keys::REVISIONS)?
             .into_iter()
             .map(|r| ((r.value.app.clone(), r.value.number), r))
             .collect();
-        let rollouts = read_all::<RolloutStatus>(self, &keys::ROLLOUTS)?
+        let rollouts = read_all(self, &keys::ROLLOUTS)?
             .into_iter()
             .map(|r| (r.value.app.clone(), r))
             .collect();
-        let leases = read_all::<Lease>(self, &keys::LEASES)?
+        let replicas = read_all(self, &keys::REPLICAS)?;
+        let nodes = read_all(self, &keys::NODES)?;
+        let leases = read_all(self, &keys::LEASES)?
             .into_iter()
             .map(|l| (l.value.node, l.value.renewed_at))
             .collect();
         Ok(World {
-            apps: read_all::<App>(self, &keys::APPS)?,
+            apps,
             revisions,
-            replicas: read_all::<Replica>(self, &keys::REPLICAS)?,
-            nodes: read_all::<Node>(self, &keys::NODES)?,
+            replicas,
+            nodes,
             leases,
             rollouts,
             measurements: self.inner.metrics.snapshot(),
@@ -156,6 +161,9 @@ impl ControlPlane {
                 Change::PutReplica { replica, expect } => {
                     let key = keys::replica(&replica.app, &replica.id);
                     guard(txn, &key, expect).then(Op::put(key, encode(&replica)))
+                }
+                Change::KeepNode { name, expect } => {
+                    guard(txn, &keys::node(&name), Expect::At(expect))
                 }
                 Change::DeleteReplica { app, id, expect } => {
                     let key = keys::replica(&app, &id);

@@ -21,7 +21,7 @@ use shoal_core::{
     App, Capacity, EventType, Kind, Millis, Node, NodeState, Phase, Replica, Revision,
     RolloutPhase, RolloutStatus,
 };
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// An object as read, with the store revision of its last change: a write
 /// decided on it applies only if it is still the same.
@@ -135,6 +135,12 @@ pub enum Change {
         id: String,
         expect: u64,
     },
+    /// Writes nothing: the batch applies only while node `name` is as read
+    /// (still NotReady, not re-registered meanwhile).
+    KeepNode {
+        name: String,
+        expect: u64,
+    },
 }
 
 /// An event to record with its batch.
@@ -222,10 +228,14 @@ impl Plan {
 pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
     let mut out = Plan::default();
     let nodes = expire_leases(world, now, &mut out);
-    let lost: HashSet<&str> = nodes
+    // Replicas move off nodes that were NotReady when read; one that becomes
+    // NotReady in this pass loses its replicas in the next, once that is
+    // stored, so a node batch that loses its race moves nothing.
+    let lost: HashMap<&str, u64> = world
+        .nodes
         .iter()
-        .filter(|n| n.state != NodeState::Ready)
-        .map(|n| n.name.as_str())
+        .filter(|n| n.value.state != NodeState::Ready)
+        .map(|n| (n.value.name.as_str(), n.mod_revision))
         .collect();
     let draining: HashSet<&str> = nodes
         .iter()
@@ -301,7 +311,7 @@ fn expire_leases(world: &World, now: Millis, out: &mut Plan) -> Vec<Node> {
 struct Pass<'w> {
     world: &'w World,
     now: Millis,
-    lost: HashSet<&'w str>,
+    lost: HashMap<&'w str, u64>,
     draining: HashSet<&'w str>,
     cluster: Cluster<'w>,
     /// Room the current app's deletes gave back: its own placements may use
@@ -337,8 +347,8 @@ impl<'w> Pass<'w> {
     }
 
     /// Removes the live replicas of lost nodes, so reconcile replaces them
-    /// elsewhere; if the node comes back, its agent finds them gone and stops
-    /// them. Returns the others.
+    /// elsewhere, while the node stays as read; if it comes back later, its
+    /// agent finds them gone and stops them. Returns the others.
     fn drop_lost<'r>(
         &mut self,
         batch: &mut Batch,
@@ -348,10 +358,19 @@ impl<'w> Pass<'w> {
             r.value
                 .node
                 .as_deref()
-                .is_some_and(|n| self.lost.contains(n))
+                .is_some_and(|n| self.lost.contains_key(n))
                 && !r.value.phase.is_terminal()
         });
+        let mut guarded: Vec<&str> = Vec::new();
         for r in gone {
+            let name = r.value.node.as_deref().unwrap_or_default();
+            if !guarded.contains(&name) {
+                guarded.push(name);
+                batch.changes.push(Change::KeepNode {
+                    name: name.to_string(),
+                    expect: self.lost[name],
+                });
+            }
             let (r, expect) = (&r.value, r.mod_revision);
             let node = r.node.as_deref().unwrap_or_default();
             batch.event(
@@ -938,6 +957,7 @@ mod tests {
         complete(&mut w, 1);
         w.leases.insert("n".into(), NOW - 3001);
         let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(p.batches.len(), 1, "{p:?}");
         let nb = &p.batches[0];
         assert_eq!(nb.scope, Scope::Node("n".into()));
         assert!(matches!(
@@ -945,8 +965,19 @@ mod tests {
             [Change::PutNode { node, expect: 1 }] if node.state == NodeState::NotReady
         ));
         assert_eq!(reasons(nb), ["NodeNotReady"]);
+
+        // Once stored NotReady, its replicas move, while it stays so.
+        let mut after = w.clone();
+        after.nodes[1].value.state = NodeState::NotReady;
+        after.nodes[1].value.schedulable = true;
+        after.nodes[1].mod_revision = 7;
+        let p = plan(&after, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(deletes(b), ["y"]);
+        assert!(b.changes.contains(&Change::KeepNode {
+            name: "n".into(),
+            expect: 7
+        }));
         let placed = puts(b);
         assert_eq!(placed.len(), 1);
         assert_eq!(placed[0].node.as_deref(), Some("m"), "not on the lost node");

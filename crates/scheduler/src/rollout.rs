@@ -193,6 +193,8 @@ pub fn decide(
     let mut event = None;
     // A timed canary pause is waiting, not being stuck.
     let mut clock_from = next.progressed_at;
+    // Why it is stuck, in live numbers, if the deadline passes.
+    let mut stuck = String::new();
     if let (Some(stable), Some(step)) = (fallback, status.canary_step(spec)) {
         let canary = Canary {
             app,
@@ -203,9 +205,12 @@ pub fn decide(
             now,
         };
         match canary.advance(&new, &mut next) {
-            Ok((e, clock)) => {
-                event = e;
-                clock_from = clock.map_or(clock_from, |c| c.max(clock_from));
+            Ok(step) => {
+                event = step.event;
+                clock_from = step.clock_from.map_or(clock_from, |c| c.max(clock_from));
+                if let Some(w) = step.waiting {
+                    stuck = format!("{}: {w}", next.message);
+                }
             }
             Err(rb) => return decision(next, None, Some(rb)),
         }
@@ -228,10 +233,16 @@ pub fn decide(
             return decision(status.clone(), None, None);
         }
         next.message = format!("{}/{n} replicas of revision {target} ready", next.ready);
+        stuck = format!(
+            "{ready}/{n} replicas of revision {target} ready, {old} of older revisions left"
+        );
     }
 
     if now.saturating_sub(clock_from) > spec.progress_deadline_ms {
-        return past_deadline(status, next, fallback, spec);
+        if stuck.is_empty() {
+            stuck = next.message.clone();
+        }
+        return past_deadline(status, next, fallback, spec, &stuck);
     }
     decision(next, event, None)
 }
@@ -430,11 +441,11 @@ fn past_deadline(
     mut next: RolloutStatus,
     fallback: Option<u64>,
     spec: &Rollout,
+    stuck: &str,
 ) -> Decision {
     let why = format!(
-        "no progress for {}s (progress_deadline): {}",
+        "no progress for {}s (progress_deadline): {stuck}",
         spec.progress_deadline_ms / 1000,
-        next.message
     );
     match fallback {
         Some(to) => Decision {
@@ -472,10 +483,17 @@ struct Canary<'a> {
     now: Millis,
 }
 
-/// What a look at a step says: an event, if any, and from when the progress
-/// deadline counts if the step changes it (a timed pause is waiting, not
-/// being stuck; a manual step waits for a person).
-type StepOutcome = (Option<(EventType, &'static str, String)>, Option<Millis>);
+/// What a look at a step says.
+#[derive(Default)]
+struct StepOutcome {
+    event: Option<(EventType, &'static str, String)>,
+    /// From when the progress deadline counts, if the step says (a timed
+    /// pause is waiting, not being stuck; a manual step waits for a person).
+    clock_from: Option<Millis>,
+    /// What the step waits for now, in live numbers: why it is stuck if the
+    /// deadline passes.
+    waiting: Option<String>,
+}
 
 impl Canary<'_> {
     /// Starts the step once its replicas are ready, judges it while it runs,
@@ -504,7 +522,10 @@ impl Canary<'_> {
                 next.message = format!(
                     "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be ready"
                 );
-                return Ok((None, None));
+                return Ok(StepOutcome {
+                    waiting: Some(format!("{canary_ready}/{want} canary replicas ready")),
+                    ..StepOutcome::default()
+                });
             }
             next.step_started_at = Some(now);
             next.progressed_at = now;
@@ -512,7 +533,10 @@ impl Canary<'_> {
             let event = format!(
                 "step {nth}/{steps}: {weight}% of traffic to revision {target} ({want} replicas), {stable} keeps the rest"
             );
-            return Ok((Some((EventType::Normal, "CanaryStep", event)), None));
+            return Ok(StepOutcome {
+                event: Some((EventType::Normal, "CanaryStep", event)),
+                ..StepOutcome::default()
+            });
         };
         let verdict = match self.measured {
             Some(m) => judge(&spec.analysis, m),
@@ -527,12 +551,23 @@ impl Canary<'_> {
         }
         next.message = in_step;
         let Some(pause) = step.pause_ms else {
-            return Ok((None, Some(now))); // waiting for a person, not stuck
+            // Waiting for a person, not stuck.
+            return Ok(StepOutcome {
+                clock_from: Some(now),
+                ..StepOutcome::default()
+            });
         };
         // Live measurements are in `shoal rollout status`: a step that waits
         // for enough of them keeps its text.
         if now.saturating_sub(started) < pause || verdict != Verdict::Pass {
-            return Ok((None, Some(started + pause)));
+            return Ok(StepOutcome {
+                clock_from: Some(started + pause),
+                waiting: match verdict {
+                    Verdict::Wait(why) => Some(why),
+                    _ => None,
+                },
+                ..StepOutcome::default()
+            });
         }
         next.step += 1;
         next.step_started_at = None;
@@ -544,10 +579,11 @@ impl Canary<'_> {
             format!("canary passed step {nth}")
         };
         let reason = if promoted { "Promoted" } else { "CanaryStep" };
-        Ok((
-            Some((EventType::Normal, reason, next.message.clone())),
-            Some(started + pause),
-        ))
+        Ok(StepOutcome {
+            event: Some((EventType::Normal, reason, next.message.clone())),
+            clock_from: Some(started + pause),
+            waiting: None,
+        })
     }
 }
 
@@ -624,6 +660,11 @@ mod tests {
         let rb = d.roll_back.unwrap();
         assert_eq!((rb.to, rb.phase), (1, RolloutPhase::RolledBack));
         assert!(rb.reason.contains("no progress for 30s"), "{}", rb.reason);
+        assert!(
+            rb.reason.contains("of older revisions left"),
+            "{}",
+            rb.reason
+        );
         // Paused, the clock does not run out.
         let mut paused = s.clone();
         paused.paused = true;
@@ -761,6 +802,13 @@ mod tests {
             .roll_back
             .unwrap();
         assert_eq!(rb.phase, RolloutPhase::Aborted);
+        // The reason says what it waited for, in live numbers.
+        assert!(
+            rb.reason
+                .contains("waiting for at least 20 canary requests"),
+            "{}",
+            rb.reason
+        );
     }
 
     #[test]
