@@ -57,6 +57,8 @@ enum Command {
     Events(commands::events::EventsArgs),
     /// An app's revisions: history, undo.
     Rollout(commands::rollout::RolloutCommand),
+    /// Set how many replicas an app runs now (the next apply of its file sets it again).
+    Scale(commands::scale::ScaleArgs),
 }
 
 fn main() -> ExitCode {
@@ -90,6 +92,7 @@ fn main() -> ExitCode {
             Command::Logs(args) => commands::logs::run(ctx, args).await,
             Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,
             Command::Events(args) => commands::events::run(ctx, args).await,
+            Command::Scale(args) => commands::scale::run(ctx, args).await,
         }
     });
     match result {

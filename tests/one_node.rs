@@ -461,3 +461,43 @@ fn a_replica_failing_liveness_is_restarted() {
     let logs = c.cli_ok(&["logs", "faulty"]);
     assert!(logs.contains("liveness probe failed"), "{logs}");
 }
+
+#[test]
+fn scale_sets_the_replica_count_until_the_next_apply() {
+    let c = Cluster::start();
+    let spec = hello_spec();
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    let ready = |n: usize| {
+        poll(Duration::from_secs(20), || {
+            let replicas = c.api_json("/v1/replicas?app=hello");
+            let list = replicas.as_array().unwrap();
+            list.len() == n && list.iter().all(|r| r["phase"] == "Ready")
+        })
+    };
+
+    let out = c.cli_ok(&["scale", "hello", "--replicas", "3"]);
+    assert!(
+        out.contains("app default/hello scaled to 3 replicas"),
+        "{out}"
+    );
+    assert!(ready(3), "{}", c.api_json("/v1/replicas?app=hello"));
+    let described = c.api_json("/v1/apps/hello");
+    assert_eq!(
+        described["revisions"].as_array().unwrap().len(),
+        1,
+        "scale makes no revision: {described}"
+    );
+    let events = c.cli_ok(&["events", "--app", "hello"]);
+    assert!(events.contains("scaled from 1 to 3 replicas"), "{events}");
+
+    // To zero: nothing runs, the route answers 503; the file's count comes back on apply.
+    c.cli_ok(&["scale", "hello", "--replicas", "0"]);
+    assert!(ready(0));
+    assert_eq!(c.gw("/hello").status(), 503);
+    c.cli_ok(&["apply", "-f", &spec]);
+    assert!(ready(1));
+
+    let err = c.cli_err(&["scale", "ghost", "--replicas", "2"]);
+    assert!(err.contains("app default/ghost does not exist"), "{err}");
+}

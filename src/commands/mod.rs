@@ -8,6 +8,7 @@ pub mod get;
 pub mod logs;
 pub mod node;
 pub mod rollout;
+pub mod scale;
 pub mod server;
 pub mod up;
 

@@ -38,6 +38,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
         .route("/v1/apps/{name}/logs", get(logs))
         .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/apps/{name}/scale", post(scale))
         .route("/v1/apps/{name}/rollout", get(rollout_status))
         .route("/v1/apps/{name}/rollout/{action}", post(rollout_action))
         .route("/v1/replicas", get(list_replicas))
@@ -260,6 +261,23 @@ async fn delete_app(
     let k2 = key.clone();
     blocking(move || cp.delete_app(&k2)).await?;
     Ok(Json(serde_json::json!({ "deleted": key.to_string() })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ScaleQuery {
+    namespace: Option<String>,
+    replicas: u32,
+}
+
+async fn scale(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<ScaleQuery>,
+) -> Result<Response, ApiError> {
+    let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
+    blocking(move || cp.scale(&key, q.replicas))
+        .await
+        .map(|a| Json(a).into_response())
 }
 
 #[derive(Deserialize)]

@@ -488,6 +488,40 @@ impl ControlPlane {
         })
     }
 
+    /// `shoal scale`: sets the app's replica count, as `kubectl scale` does.
+    /// Scale is not part of the template, so no revision is made; the next
+    /// apply of the app's file sets it again.
+    pub(crate) fn scale(&self, key: &AppKey, replicas: u32) -> Result<App, ControlError> {
+        let app_key = keys::app(key);
+        let Some((mut app, mod_rev)) = self.get(&app_key)? else {
+            return Err(ControlError::not_found(format!("app {key} does not exist")));
+        };
+        let was = app.spec.replicas;
+        if was == replicas {
+            return Ok(app);
+        }
+        app.spec.replicas = replicas;
+        app.spec.validate()?;
+        app.updated_at = self.now();
+        let txn = Txn::new()
+            .when_mod_revision(&app_key, mod_rev)
+            .then(Op::put(&app_key, encode(&app)))
+            .then(self.event_op(
+                EventType::Normal,
+                "Scaled",
+                format!("app/{key}"),
+                Some(key),
+                format!("scaled from {was} to {replicas} replicas"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "app {key} was changed concurrently; scale again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(app)
+    }
+
     pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ControlError> {
         let app_key = keys::app(key);
         let Some((_, mod_rev)) = self.get::<App>(&app_key)? else {

@@ -1,0 +1,36 @@
+//! `shoal scale APP --replicas N`: set an app's replica count now, as
+//! `kubectl scale` does. No new revision; the next `shoal apply` of the app's
+//! file sets the count its `[scale]` says.
+
+use super::Context;
+use crate::output::{self, Format};
+use anyhow::Result;
+use shoal_core::App;
+
+#[derive(clap::Args)]
+pub struct ScaleArgs {
+    /// The app to scale.
+    name: String,
+    /// How many replicas it should run (0 stops them all).
+    #[arg(long)]
+    replicas: u32,
+}
+
+pub async fn run(ctx: Context, args: ScaleArgs) -> Result<()> {
+    let client = ctx.client()?;
+    let path = format!(
+        "/v1/apps/{}/scale?namespace={}&replicas={}",
+        args.name, ctx.namespace, args.replicas
+    );
+    let app: App = client
+        .send(client.request(reqwest::Method::POST, &path))
+        .await?;
+    match ctx.output {
+        Format::Json => output::json(&app),
+        Format::Table => println!(
+            "app {}/{} scaled to {} replicas",
+            ctx.namespace, args.name, app.spec.replicas
+        ),
+    }
+    Ok(())
+}
