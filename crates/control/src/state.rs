@@ -10,11 +10,11 @@ use shoal_api::{
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
-use shoal_core::spec::{AppKey, AppSpec};
+use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Clock, Event, EventType, Lease, Millis, Module, Node, NodeState, Phase, Replica,
-    Revision, RolloutStatus, SystemClock,
+    Revision, RolloutStatus, RouteClaim, SystemClock,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -121,7 +121,7 @@ impl ControlPlane {
                     .ok()
             })
             .map_or(1, |n| n + 1);
-        Ok(ControlPlane {
+        let cp = ControlPlane {
             inner: Arc::new(Inner {
                 store,
                 blobs,
@@ -133,7 +133,9 @@ impl ControlPlane {
                 metrics: Default::default(),
                 clock,
             }),
-        })
+        };
+        cp.claim_stored_routes()?;
+        Ok(cp)
     }
 
     /// Now, by this control plane's clock.
@@ -279,7 +281,7 @@ impl ControlPlane {
             }
             Some(_) => {}
         }
-        self.check_routes(&spec)?;
+        let claims = self.route_claims(&spec)?;
 
         let key = spec.key();
         let app_key = keys::app(&key);
@@ -357,6 +359,10 @@ impl ControlPlane {
             if let Some(rev) = &new_revision {
                 txn = txn.then(Op::put(keys::revision(&key, rev.number), encode(rev)));
             }
+            let old_routes = existing
+                .as_ref()
+                .map_or(&[][..], |(a, _)| routes_of(&a.spec));
+            txn = claim_routes(txn, &key, claims, old_routes, routes_of(&spec));
             let reason = if outcome == ApplyOutcome::Created {
                 "Created"
             } else {
@@ -384,21 +390,41 @@ impl ControlPlane {
         })
     }
 
-    /// Two apps may not claim the same host and path.
-    fn check_routes(&self, spec: &AppSpec) -> Result<(), ControlError> {
-        let Some(http) = &spec.http else {
-            return Ok(());
-        };
-        for other in self.list::<App>(&keys::APPS)? {
-            if other.spec.key() == spec.key() {
-                continue;
-            }
-            let Some(oh) = &other.spec.http else { continue };
-            if let Some(r) = http.routes.iter().find(|r| oh.routes.contains(r)) {
-                return Err(ControlError::conflict(format!(
-                    "route {r} is already served by app {}",
-                    other.spec.key()
-                )));
+    /// Each route `spec` serves, with the revision of its claim if `spec`'s
+    /// app holds it already; an error if another app does. Two apps may not
+    /// serve the same host and path.
+    fn route_claims(&self, spec: &AppSpec) -> Result<Vec<(Route, Option<u64>)>, ControlError> {
+        let key = spec.key();
+        let mut claims = Vec::new();
+        for route in routes_of(spec) {
+            let held = match self.get(&keys::route(route))? {
+                Some((claim, _)) if claim.app != key => {
+                    return Err(ControlError::conflict(format!(
+                        "route {route} is already served by app {}",
+                        claim.app
+                    )));
+                }
+                Some((_, mod_rev)) => Some(mod_rev),
+                None => None,
+            };
+            claims.push((route.clone(), held));
+        }
+        Ok(claims)
+    }
+
+    /// Claims what the apps in the store serve but do not hold yet: apps
+    /// written before routes were claimed in their own keys.
+    fn claim_stored_routes(&self) -> Result<(), ControlError> {
+        for app in self.list(&keys::APPS)? {
+            let key = app.spec.key();
+            for route in routes_of(&app.spec) {
+                let claim = RouteClaim {
+                    route: route.clone(),
+                    app: key.clone(),
+                };
+                let k = keys::route(route);
+                let txn = Txn::new().when_absent(&k).then(Op::put(&k, encode(&claim)));
+                self.inner.store.txn(txn)?;
             }
         }
         Ok(())
@@ -524,11 +550,14 @@ impl ControlPlane {
 
     pub(crate) fn delete_app(&self, key: &AppKey) -> Result<(), ControlError> {
         let app_key = keys::app(key);
-        let Some((_, mod_rev)) = self.get::<App>(&app_key)? else {
+        let Some((app, mod_rev)) = self.get(&app_key)? else {
             return Err(ControlError::not_found(format!("app {key} does not exist")));
         };
-        let txn = Txn::new()
-            .when_mod_revision(app_key.clone(), mod_rev)
+        let mut txn = Txn::new().when_mod_revision(app_key.clone(), mod_rev);
+        for route in routes_of(&app.spec) {
+            txn = txn.then(Op::delete(keys::route(route)));
+        }
+        let txn = txn
             .then(Op::delete(app_key))
             .then(Op::delete_prefix(keys::revisions_of(key)))
             .then(Op::delete(keys::rollout(key)))
@@ -940,6 +969,41 @@ impl ControlPlane {
     }
 }
 
+/// The routes an app serves.
+fn routes_of(spec: &AppSpec) -> &[Route] {
+    spec.http.as_ref().map_or(&[][..], |h| &h.routes)
+}
+
+/// Adds to an apply's `txn` the route claims of `app`: each route it serves
+/// is held (already its own, unchanged since read) or taken (nobody's), and
+/// those it no longer serves are let go. A route another apply took meanwhile
+/// voids the transaction.
+fn claim_routes(
+    mut txn: Txn,
+    app: &AppKey,
+    claims: Vec<(Route, Option<u64>)>,
+    old: &[Route],
+    new: &[Route],
+) -> Txn {
+    for (route, held) in claims {
+        let k = keys::route(&route);
+        txn = match held {
+            Some(mod_rev) => txn.when_mod_revision(&k, mod_rev),
+            None => {
+                let claim = RouteClaim {
+                    route,
+                    app: app.clone(),
+                };
+                txn.when_absent(&k).then(Op::put(&k, encode(&claim)))
+            }
+        };
+    }
+    for gone in old.iter().filter(|r| !new.contains(r)) {
+        txn = txn.then(Op::delete(keys::route(gone)));
+    }
+    txn
+}
+
 /// Field-level differences between two specs, `path: old -> new`, from
 /// their JSON forms so every field is covered without a hand-written list.
 fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
@@ -995,4 +1059,113 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::spec::parse_app;
+    use shoal_store::{BlobStore, Store};
+
+    fn control_plane(dir: &std::path::Path) -> ControlPlane {
+        let store = Store::open(&dir.join("state.redb")).unwrap();
+        let blobs = BlobStore::open(&dir.join("modules")).unwrap();
+        ControlPlane::new(store, blobs, ControlConfig::default()).unwrap()
+    }
+
+    /// An http app `name` serving `routes`, its module recorded as uploaded.
+    fn spec(cp: &ControlPlane, name: &str, routes: &[&str]) -> AppSpec {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let module = Module {
+            digest: digest.clone(),
+            size: 1,
+            kind: WasmKind::Component,
+            uploaded_at: 0,
+        };
+        let k = keys::module(&digest);
+        cp.store()
+            .txn(Txn::new().then(Op::put(&k, encode(&module))))
+            .unwrap();
+        let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
+        let src = format!(
+            "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [{}]\n",
+            routes.join(", ")
+        );
+        parse_app(&src).unwrap().resolve(digest).unwrap()
+    }
+
+    fn holder(cp: &ControlPlane, route: &str) -> Option<String> {
+        let route = Route::parse(route).unwrap();
+        cp.get(&keys::route(&route))
+            .unwrap()
+            .map(|(c, _)| c.app.name)
+    }
+
+    #[test]
+    fn two_apps_applied_at_once_never_both_get_a_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        for round in 0..20 {
+            let route = format!("/shared{round}");
+            let specs: Vec<AppSpec> = ["a", "b"]
+                .iter()
+                .map(|n| spec(&cp, &format!("{n}{round}"), &[&route]))
+                .collect();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let applied: Vec<bool> = specs
+                .into_iter()
+                .map(|s| {
+                    let (cp, barrier) = (cp.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        cp.apply(s, false).is_ok()
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .collect();
+            assert_eq!(
+                applied.iter().filter(|ok| **ok).count(),
+                1,
+                "round {round}: {applied:?}"
+            );
+            let winner = if applied[0] { "a" } else { "b" };
+            assert_eq!(holder(&cp, &route), Some(format!("{winner}{round}")));
+        }
+    }
+
+    #[test]
+    fn routes_are_let_go_when_an_app_stops_serving_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.apply(spec(&cp, "a", &["/x", "/y"]), false).unwrap();
+        let err = cp.apply(spec(&cp, "b", &["/x"]), false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("route /x is already served by app default/a")
+        );
+        // Re-applying keeps what it holds; dropping /x lets it go.
+        cp.apply(spec(&cp, "a", &["/x", "/y"]), false).unwrap();
+        cp.apply(spec(&cp, "a", &["/y"]), false).unwrap();
+        assert_eq!(holder(&cp, "/x"), None);
+        cp.apply(spec(&cp, "b", &["/x"]), false).unwrap();
+        assert_eq!(holder(&cp, "/x").as_deref(), Some("b"));
+        cp.delete_app(&AppKey::new("default", "a")).unwrap();
+        assert_eq!(holder(&cp, "/y"), None);
+    }
+
+    #[test]
+    fn apps_stored_before_route_claims_get_them_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cp = control_plane(dir.path());
+            cp.apply(spec(&cp, "a", &["/x"]), false).unwrap();
+            let k = keys::route(&Route::parse("/x").unwrap());
+            cp.store().txn(Txn::new().then(Op::delete(&k))).unwrap();
+            assert_eq!(holder(&cp, "/x"), None);
+        }
+        let cp = control_plane(dir.path());
+        assert_eq!(holder(&cp, "/x").as_deref(), Some("a"));
+    }
 }

@@ -2,7 +2,9 @@
 //! Each is written by exactly one controller or API handler; see
 //! ARCHITECTURE.md for who owns what.
 
-use crate::spec::{AppKey, AppSpec, CanaryStep, Kind, Resources, Rollout, Strategy, Template};
+use crate::spec::{
+    AppKey, AppSpec, CanaryStep, Kind, Resources, Rollout, Route, Strategy, Template,
+};
 use crate::wasm::WasmKind;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -12,8 +14,9 @@ use std::collections::BTreeMap;
 /// revision's key does not compile. One place, so a typo cannot split a
 /// collection in two.
 pub mod keys {
-    use super::{App, Event, Lease, Module, Node, Replica, Revision, RolloutStatus};
+    use super::{App, Event, Lease, Module, Node, Replica, Revision, RolloutStatus, RouteClaim};
     use crate::spec::AppKey;
+    use crate::spec::Route;
     use std::borrow::Cow;
     use std::fmt;
     use std::marker::PhantomData;
@@ -119,6 +122,7 @@ pub mod keys {
     pub const MODULES: Prefix<Module> = Prefix::fixed("/modules/");
     pub const LEASES: Prefix<Lease> = Prefix::fixed("/leases/");
     pub const ROLLOUTS: Prefix<RolloutStatus> = Prefix::fixed("/rollouts/");
+    pub const ROUTES: Prefix<RouteClaim> = Prefix::fixed("/routes/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -160,12 +164,25 @@ pub mod keys {
     pub fn event(id: u64) -> Key<Event> {
         Key::new(format!("{}{id:020}", EVENTS.as_str()))
     }
+    /// `/routes/{host}{path}`, or `/routes/*{path}` for any host.
+    pub fn route(r: &Route) -> Key<RouteClaim> {
+        let host = r.host.as_deref().unwrap_or("*");
+        Key::new(format!("{}{host}{}", ROUTES.as_str(), r.path))
+    }
     pub fn lease(node: &str) -> Key<Lease> {
         Key::new(format!("{}{node}", LEASES.as_str()))
     }
     pub fn module(digest: &str) -> Key<Module> {
         Key::new(format!("{}{digest}", MODULES.as_str()))
     }
+}
+
+/// Which app serves a route: one key per route, written in the transaction
+/// that writes the app, so two apps applied at once cannot both claim it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteClaim {
+    pub route: Route,
+    pub app: AppKey,
 }
 
 /// [`Replica::reason`] of a replica whose node gave up restarting it because its

@@ -2,64 +2,81 @@
 //! change and swapped in, so lookups never take a lock that writers hold long.
 
 use shoal_core::{Route, spec::AppKey};
+use std::collections::{HashMap, HashSet};
 
+/// Routes indexed by host and path, so a lookup costs a few hash probes (one
+/// per segment of the request's path), however many apps the node serves.
 #[derive(Debug, Default, Clone)]
 pub struct RoutingTable {
-    /// Sorted: host-bound routes first, then longer paths first.
-    routes: Vec<(Route, AppKey)>,
+    /// Host-bound routes: (lowercase host, path) → (route, app).
+    hosted: HashMap<(String, String), (Route, AppKey)>,
+    /// Routes for any host: path → (route, app).
+    any_host: HashMap<String, (Route, AppKey)>,
+    apps: HashSet<AppKey>,
 }
 
 impl RoutingTable {
+    /// Of two routes claiming the same host and path (the control plane
+    /// refuses that), the first in sort order is kept.
     pub fn new(mut routes: Vec<(Route, AppKey)>) -> Self {
-        routes.sort_by(|(a, _), (b, _)| {
-            b.host
-                .is_some()
-                .cmp(&a.host.is_some())
-                .then(b.path.len().cmp(&a.path.len()))
-                .then(a.cmp(b))
-        });
-        RoutingTable { routes }
+        routes.sort();
+        let mut table = RoutingTable::default();
+        for (route, app) in routes {
+            table.apps.insert(app.clone());
+            match &route.host {
+                Some(host) => {
+                    let key = (host.to_ascii_lowercase(), route.path.clone());
+                    table.hosted.entry(key).or_insert((route, app));
+                }
+                None => {
+                    let key = route.path.clone();
+                    table.any_host.entry(key).or_insert((route, app));
+                }
+            }
+        }
+        table
     }
 
-    /// The app serving `path` on `host` (`host` without port). A host-bound
-    /// route wins over a host-less one; among those, the longest prefix wins,
-    /// matching whole segments only (`/hello` serves `/hello/x`, not `/helloworld`).
+    /// The route serving `path` on `host`: a route bound to the host before
+    /// one for any host, then the longest path prefix on segment boundaries.
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<(&Route, &AppKey)> {
-        self.routes
-            .iter()
-            .find(|(r, _)| {
-                let host_ok = match (&r.host, host) {
-                    (None, _) => true,
-                    (Some(rh), Some(h)) => rh.eq_ignore_ascii_case(h),
-                    (Some(_), None) => false,
-                };
-                host_ok && prefix_matches(&r.path, path)
-            })
+        let found = match host {
+            Some(h) if !self.hosted.is_empty() => {
+                let h = h.to_ascii_lowercase();
+                prefixes(path).find_map(|p| self.hosted.get(&(h.clone(), p.to_string())))
+            }
+            _ => None,
+        };
+        found
+            .or_else(|| prefixes(path).find_map(|p| self.any_host.get(p)))
             .map(|(r, k)| (r, k))
     }
 
-    /// Whether any route leads to `app`.
     pub fn serves(&self, app: &AppKey) -> bool {
-        self.routes.iter().any(|(_, k)| k == app)
+        self.apps.contains(app)
     }
 
     pub fn len(&self) -> usize {
-        self.routes.len()
+        self.hosted.len() + self.any_host.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
+        self.len() == 0
     }
 }
 
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    if prefix == "/" {
-        return true;
-    }
-    match path.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/'),
-        None => false,
-    }
+/// The prefixes of `path` a route may be, longest first: the path itself,
+/// then cut at each `/` (`/a/b/c`, `/a/b`, `/a`), then `/`.
+fn prefixes(path: &str) -> impl Iterator<Item = &str> {
+    let cuts = path
+        .char_indices()
+        .rev()
+        .filter(|&(i, c)| c == '/' && i > 0)
+        .map(move |(i, _)| &path[..i]);
+    std::iter::once(path)
+        .filter(|p| *p != "/")
+        .chain(cuts)
+        .chain(std::iter::once("/"))
 }
 
 #[cfg(test)]
@@ -104,5 +121,30 @@ mod tests {
         assert_eq!(app(&t, Some("SHOP.example.com"), "/cart"), Some("shop"));
         assert_eq!(app(&t, Some("other.com"), "/cart"), Some("any"));
         assert_eq!(app(&t, None, "/cart"), Some("any"));
+        // A route bound to the host wins over a longer one for any host.
+        let t = table(&[("/api/v2", "v2"), ("shop.example.com/", "shop")]);
+        assert_eq!(app(&t, Some("shop.example.com"), "/api/v2/x"), Some("shop"));
+        assert_eq!(app(&t, Some("other.com"), "/api/v2/x"), Some("v2"));
+    }
+
+    #[test]
+    fn trailing_slashes_and_many_apps() {
+        let mut routes: Vec<(String, String)> = (0..10_000)
+            .map(|i| (format!("/app{i}"), format!("a{i}")))
+            .collect();
+        routes.push(("/app7/deep/er".into(), "deep".into()));
+        let t = RoutingTable::new(
+            routes
+                .iter()
+                .map(|(r, a)| (Route::parse(r).unwrap(), AppKey::new("default", a)))
+                .collect(),
+        );
+        assert_eq!(t.len(), 10_001);
+        assert_eq!(app(&t, None, "/app9999/"), Some("a9999"));
+        assert_eq!(app(&t, None, "/app7/deep/er/x"), Some("deep"));
+        assert_eq!(app(&t, None, "/app7/deep"), Some("a7"));
+        assert_eq!(app(&t, None, "/app10000"), None);
+        assert!(t.serves(&AppKey::new("default", "a42")));
+        assert!(!t.serves(&AppKey::new("default", "b")));
     }
 }
