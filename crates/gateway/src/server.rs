@@ -231,13 +231,7 @@ impl Gateway {
         if is_logs_path(&req) {
             return self.serve_logs(&req);
         }
-        let span = tracing::debug_span!(
-            "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            app = field::Empty,
-            replica = field::Empty,
-        );
+        let span = request_span(&req);
         self.serve_pinned(req).instrument(span).await
     }
 
@@ -357,13 +351,7 @@ impl Gateway {
                 );
             }
         }
-        let span = tracing::debug_span!(
-            "request",
-            method = %req.method(),
-            path = %req.uri().path(),
-            app = field::Empty,
-            replica = field::Empty,
-        );
+        let span = request_span(&req);
         async move {
             let host = request_host(&req);
             let app = {
@@ -754,4 +742,15 @@ fn replace_remotes(
         }
     }
     *map = next;
+}
+
+/// The span of one request, its app and replica recorded once known.
+fn request_span<B>(req: &Request<B>) -> Span {
+    tracing::debug_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        app = field::Empty,
+        replica = field::Empty,
+    )
 }
