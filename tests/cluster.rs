@@ -359,3 +359,28 @@ fn apps_call_each_other_by_service_name_across_nodes() {
     );
     assert!(last.contains("denied"), "{last}");
 }
+
+#[test]
+fn a_node_the_control_plane_forgot_registers_again() {
+    let (dir, mut server, _nodes) = cluster(1, &[]);
+    assert!(poll(Duration::from_secs(20), || {
+        server.api_json("/v1/nodes").as_array().unwrap().len() == 1
+    }));
+    // The control plane comes back with its tokens but without its state:
+    // the node's heartbeats answer 404, and it joins again by itself.
+    server.kill();
+    std::fs::remove_file(dir.path().join("server/state.redb")).unwrap();
+    server.restart();
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let nodes = server.api_json("/v1/nodes");
+            nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "node-1")
+        }),
+        "{}",
+        server.api_json("/v1/nodes")
+    );
+}

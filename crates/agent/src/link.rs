@@ -101,7 +101,15 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/heartbeat");
         Box::pin(async move {
             let req = self.post(&path).timeout(Duration::from_secs(2));
-            self.call(req).await.map(|_| ())
+            match self.api.checked(req).await {
+                Ok(_) => Ok(()),
+                // The control plane does not know this node (its state was
+                // reset, or the node was removed): register again.
+                Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {
+                    Err(LinkError::Unregistered)
+                }
+                Err(e) => Err(failed(e)),
+            }
         })
     }
 
