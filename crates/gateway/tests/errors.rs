@@ -166,11 +166,16 @@ async fn gateway_at_capacity(gateway: &Gateway) -> Reply {
         gateway.endpoint_status(&key).iter().any(|e| e.inflight > 0)
     })
     .await;
-    // In flight once it holds the permit; give it the time to take its instance too.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let reply = client
+    // In flight once it holds the permit; it takes its instance a moment later. Ask
+    // until the answer is a 503, for as long as the slow request runs.
+    let mut reply = client
         .get(&format!("http://{addr}/faulty/status/200"))
         .await;
+    while reply.status != StatusCode::SERVICE_UNAVAILABLE && !slow.is_finished() {
+        reply = client
+            .get(&format!("http://{addr}/faulty/status/200"))
+            .await;
+    }
     assert_eq!(slow.await.unwrap().status, StatusCode::OK);
     reply
 }
