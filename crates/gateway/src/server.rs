@@ -55,8 +55,6 @@ impl Default for GatewayConfig {
 
 type EndpointMap = HashMap<AppKey, Arc<[Arc<Endpoint>]>>;
 
-/// Where an app's requests may go. Splits live under the endpoints' lock so a request
-/// takes one lock to read both.
 /// Everything a node's gateway routes by, from the cluster state: see
 /// [`Gateway::set_tables`].
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,6 +69,8 @@ pub struct Tables {
     pub splits: HashMap<AppKey, Split>,
 }
 
+/// Where an app's requests may go. Splits live under the endpoints' lock so a request
+/// takes one lock to read both.
 #[derive(Default)]
 struct Pool {
     endpoints: EndpointMap,
