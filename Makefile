@@ -17,11 +17,15 @@ guests:
 	cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/Cargo.toml
 
 # Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
-# memory, cross-node hop, failover, scheduler throughput. Needs wrk and wasmtime 48.
+# memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours,
+# scheduler throughput. Needs wasmtime 48 (wrk is installed from Debian if missing).
 bench: guests
+	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	cargo bench --bench gateway
 	cargo bench --bench cluster
 	cargo bench --bench lifecycle
+	cargo bench --bench elasticity
+	cargo bench --bench neighbours
 	cargo bench -p shoal-scheduler
 
 lint:

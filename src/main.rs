@@ -45,7 +45,7 @@ enum Command {
     Node(commands::node::NodeCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
-    /// List apps, replicas, modules, nodes or events.
+    /// List apps, jobs, replicas, modules, nodes, services or events.
     Get(commands::get::GetArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
@@ -59,6 +59,8 @@ enum Command {
     Rollout(commands::rollout::RolloutCommand),
     /// Set how many replicas an app runs now (the next apply of its file sets it again).
     Scale(commands::scale::ScaleArgs),
+    /// Start a run of a job now.
+    Job(commands::job::JobCommand),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
             Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,
             Command::Events(args) => commands::events::run(ctx, args).await,
             Command::Scale(args) => commands::scale::run(ctx, args).await,
+            Command::Job(cmd) => commands::job::run(ctx, cmd).await,
         }
     });
     match result {

@@ -47,8 +47,12 @@ pub fn json<T: serde::Serialize>(value: &T) {
 
 /// `3s`, `5m`, `2h`, `4d`, like kubectl's AGE column.
 pub fn age(since_ms: u64) -> String {
-    let now = shoal_core::now_ms();
-    let d = Duration::from_millis(now.saturating_sub(since_ms)).as_secs();
+    duration(shoal_core::now_ms().saturating_sub(since_ms))
+}
+
+/// A span of time as [`age`] shows it.
+pub fn duration(ms: u64) -> String {
+    let d = Duration::from_millis(ms).as_secs();
     match d {
         0..=119 => format!("{d}s"),
         120..=7199 => format!("{}m", d / 60),

@@ -13,7 +13,7 @@ fn faulty_spec(dir: &std::path::Path, extra: &str) -> String {
 path = "{}/target/wasm32-wasip2/release/faulty.wasm"
 kind = "http"
 [resources]
-memory = "32Mi"
+limits = {{ memory = "32Mi" }}
 max_concurrency = 8
 [http]
 routes = ["/faulty"]

@@ -126,6 +126,10 @@ fn a_replica_that_fits_nowhere_says_why() {
     let spec = hello_spec(dir.path(), 1, "");
     let text = std::fs::read_to_string(&spec)
         .unwrap()
+        .replace(
+            "requests = { cpu = \"50m\" }",
+            "requests = { memory = \"128Mi\" }",
+        )
         .replace("\"32Mi\"", "\"128Mi\"");
     let spec = write_spec(dir.path(), "big.toml", &text);
     server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);

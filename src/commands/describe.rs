@@ -1,6 +1,6 @@
 use super::Context;
 use super::get::{event_rows, replica_rows};
-use crate::output::{self, Format, age, table_indented};
+use crate::output::{self, Format, age, duration, table_indented};
 use anyhow::Result;
 use shoal_api::Describe;
 use shoal_core::quantity::format_memory;
@@ -57,13 +57,107 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
             r.strategy, r.phase, r.message
         );
     }
-    println!("Replicas:     {} desired, {ready} ready", s.replicas);
+    let now = shoal_core::now_ms();
+    let bounds = s.scale.bounds(s.replicas, now);
+    if s.runs.schedule.is_some() {
+        println!("Replicas:     one per run, {ready} running");
+    } else {
+        println!(
+            "Replicas:     {} desired, {ready} ready",
+            bounds.clamp(s.replicas)
+        );
+    }
+    let r = &s.resources;
     println!(
-        "Resources:    memory {}, cpu {}m, max concurrency {}",
-        format_memory(s.resources.memory_bytes),
-        s.resources.cpu_millis,
-        s.resources.max_concurrency
+        "Requests:     cpu {}m, memory {}",
+        r.requests.cpu_millis,
+        format_memory(r.requests.memory_bytes)
     );
+    println!(
+        "Limits:       memory {} per instance, cpu {}, {} instances per replica",
+        format_memory(r.limits.memory_bytes),
+        r.limits.cpu_millis.map_or_else(
+            || "none (idle CPU is free)".to_string(),
+            |c| format!("{c}m")
+        ),
+        r.max_concurrency
+    );
+    if let Some(a) = &s.scale.autoscale {
+        let idle = if a.min == 0 {
+            format!(", to zero after {} idle", duration(a.idle_ms))
+        } else {
+            String::new()
+        };
+        println!(
+            "Autoscale:    {}-{} replicas, {} in flight per replica over {}{}{idle}",
+            bounds.min,
+            bounds.max,
+            a.target_concurrency,
+            duration(a.window_ms),
+            a.target_rps
+                .map_or_else(String::new, |r| format!(" or {r} requests/s per replica")),
+        );
+    }
+    if let (Some(reason), Some(at)) = (&d.app.scale.reason, d.app.scale.last_change) {
+        println!("Last scaled:  {} ago: {reason}", age(at));
+    }
+    if !s.scale.schedule.is_empty() {
+        println!("Schedule:");
+        for w in &s.scale.schedule {
+            let length = match (w.duration_ms, &w.end) {
+                (Some(d), _) => format!("for {}", duration(d)),
+                (None, Some(end)) => format!("until {end:?}"),
+                (None, None) => String::new(),
+            };
+            let sets = match (w.min, w.max) {
+                (Some(a), Some(b)) if a == b => format!("replicas {a}"),
+                (min, max) => [
+                    min.map(|m| format!("min {m}")),
+                    max.map(|m| format!("max {m}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(", "),
+            };
+            let state = match (w.open_at(now), w.next_open(now)) {
+                (Some((_, closes)), _) => format!("open, closes in {}", duration(closes - now)),
+                (None, Some(next)) => format!("opens in {}", duration(next - now)),
+                (None, None) => "never opens again".to_string(),
+            };
+            println!(
+                "  {}: {:?} {} {length}: {sets} ({state})",
+                w.name, w.cron, w.timezone
+            );
+        }
+    }
+    if s.component.kind == shoal_core::Kind::Job {
+        let runs = &s.runs;
+        if let (Some(expr), Some(cron)) = (&runs.schedule, runs.cron()) {
+            let next = cron.next_after(now).map_or_else(
+                || "never fires again".into(),
+                |t| format!("next in {}", duration(t - now)),
+            );
+            println!(
+                "Schedule:     {expr:?} {} ({}), {next}",
+                runs.timezone,
+                cron.describe()
+            );
+            if let Some(d) = runs.starting_deadline_ms {
+                println!(
+                    "Deadline:     a run starts within {} of its firing or is skipped",
+                    duration(d)
+                );
+            }
+        }
+        println!(
+            "Runs:         concurrency {}, keeping {} succeeded and {} failed",
+            runs.concurrency, runs.history.succeeded, runs.history.failed
+        );
+        if let Some(t) = d.app.job.last_scheduled {
+            println!("Last firing:  {} ago", age(t));
+        }
+    }
     if let Some(h) = &s.http {
         let routes: Vec<String> = h.routes.iter().map(|r| r.to_string()).collect();
         println!("Routes:       {}", routes.join(", "));

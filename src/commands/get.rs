@@ -1,7 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::{AppSummary, NodeSummary, Service};
+use shoal_api::{AppSummary, JobSummary, NodeSummary, Service};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 
@@ -18,6 +18,8 @@ pub struct GetArgs {
 enum What {
     #[value(alias = "app")]
     Apps,
+    #[value(alias = "job")]
+    Jobs,
     #[value(alias = "replica")]
     Replicas,
     #[value(alias = "module")]
@@ -48,11 +50,31 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
             let rows: Vec<Vec<String>> = apps
                 .iter()
                 .map(|a| {
+                    // Like `kubectl get hpa`: bounds, and load against the target.
+                    let (scale, load) = match &a.autoscale {
+                        Some(s) => (
+                            format!("{}-{}", s.min, s.max),
+                            format!(
+                                "{}/{}",
+                                s.concurrency.map_or("-".into(), |c| format!("{c:.1}")),
+                                s.target_concurrency
+                            ),
+                        ),
+                        None => ("fixed".into(), "-".into()),
+                    };
+                    let window = if a.windows.is_empty() {
+                        "-".into()
+                    } else {
+                        a.windows.join(",")
+                    };
                     vec![
                         a.name.clone(),
                         a.kind.to_string(),
                         a.revision.to_string(),
                         format!("{}/{}", a.ready, a.desired),
+                        scale,
+                        load,
+                        window,
                         a.routes.join(","),
                         short_digest(&a.digest),
                         age(a.created_at),
@@ -61,8 +83,48 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                 .collect();
             table(
                 &[
-                    "NAME", "KIND", "REVISION", "READY", "ROUTES", "MODULE", "AGE",
+                    "NAME", "KIND", "REVISION", "READY", "SCALE", "LOAD", "WINDOW", "ROUTES",
+                    "MODULE", "AGE",
                 ],
+                &rows,
+            );
+        }
+        What::Jobs => {
+            let jobs: Vec<JobSummary> = client.get(&format!("/v1/jobs?namespace={ns}")).await?;
+            if ctx.output == Format::Json {
+                output::json(&jobs);
+                return Ok(());
+            }
+            let now = shoal_core::now_ms();
+            let rows: Vec<Vec<String>> = jobs
+                .iter()
+                .map(|j| {
+                    let schedule = j
+                        .schedule
+                        .as_ref()
+                        .map_or("-".into(), |s| format!("{s} ({})", j.timezone));
+                    let last = j.last_run.as_ref().map_or("-".into(), |r| {
+                        format!("{} ({} ago)", r.phase, age(r.created_at))
+                    });
+                    let next = match (j.run_requested, j.next) {
+                        (Some(_), _) => "now (requested)".into(),
+                        (None, Some(t)) => {
+                            format!("in {}", output::duration(t.saturating_sub(now)))
+                        }
+                        (None, None) => "-".into(),
+                    };
+                    vec![
+                        j.name.clone(),
+                        schedule,
+                        j.active.to_string(),
+                        last,
+                        next,
+                        age(j.created_at),
+                    ]
+                })
+                .collect();
+            table(
+                &["NAME", "SCHEDULE", "ACTIVE", "LAST RUN", "NEXT", "AGE"],
                 &rows,
             );
         }

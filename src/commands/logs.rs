@@ -13,6 +13,9 @@ pub struct LogsArgs {
     /// Only the last N lines of each replica.
     #[arg(long)]
     tail: Option<usize>,
+    /// Only this replica: one run of a job (`shoal get replicas --app APP` lists them).
+    #[arg(long)]
+    replica: Option<String>,
 }
 
 pub async fn run(ctx: Context, args: LogsArgs) -> Result<()> {
@@ -23,6 +26,9 @@ pub async fn run(ctx: Context, args: LogsArgs) -> Result<()> {
     );
     if let Some(n) = args.tail {
         path.push_str(&format!("&tail={n}"));
+    }
+    if let Some(id) = &args.replica {
+        path.push_str(&format!("&replica={id}"));
     }
     let resp = client
         .checked(client.request(reqwest::Method::GET, &path))

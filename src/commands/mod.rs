@@ -5,6 +5,7 @@ pub mod delete;
 pub mod describe;
 pub mod events;
 pub mod get;
+pub mod job;
 pub mod logs;
 pub mod node;
 pub mod rollout;

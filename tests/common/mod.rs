@@ -44,6 +44,11 @@ impl Cluster {
         self.dir.path().join("config.toml")
     }
 
+    /// The `shoal up` process's id, to read its memory.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
         run_cli(&self.config(), args)
@@ -214,6 +219,45 @@ pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Applies `count` copies of `base` (an applied app's spec, as JSON) through the API from 4
+/// clients, as a deploy tool would: `{prefix}-{i}` with the route `/{prefix}/{i}`.
+pub fn apply_copies(
+    c: &Cluster,
+    base: &serde_json::Value,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (api, token, base) = (c.api.clone(), c.token.clone(), base.clone());
+            let (prefix, range) = (prefix.to_string(), range.clone());
+            std::thread::spawn(move || {
+                let http = client();
+                for i in range.filter(|i| i % 4 == t) {
+                    let mut spec = base.clone();
+                    spec["name"] = format!("{prefix}-{i}").into();
+                    spec["http"]["routes"] =
+                        serde_json::json!([{ "path": format!("/{prefix}/{i}") }]);
+                    let resp = http
+                        .post(format!("{api}/v1/apps"))
+                        .bearer_auth(&token)
+                        .json(&spec)
+                        .send()
+                        .expect("apply");
+                    assert!(
+                        resp.status().is_success(),
+                        "apply {prefix}-{i}: {}",
+                        resp.text().unwrap_or_default()
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("apply thread");
     }
 }
 

@@ -17,6 +17,7 @@ use probe::{Action, Backoff, Probe, ProbeState};
 use futures::StreamExt;
 use shoal_api::{
     Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport, Snapshot,
+    Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -25,7 +26,8 @@ use shoal_core::spec::{Restart, Template};
 use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
-    ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig, LogSink, Runtime,
+    CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
+    LogSink, Runtime,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -139,6 +141,7 @@ impl Agent {
         self.register().await;
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().send_metrics());
+        tokio::spawn(self.clone().send_waiting());
         loop {
             let snapshot = match self.inner.link.snapshot().await {
                 Ok(s) => s,
@@ -217,7 +220,36 @@ impl Agent {
                 .metrics(&self.inner.config.node, stats)
                 .await
             {
-                tracing::debug!(error = %e, "metrics not delivered; they only feed canary analysis");
+                tracing::debug!(error = %e, "metrics not delivered; they feed canaries and autoscaling");
+            }
+        }
+    }
+
+    /// Tells the control plane at once how many requests the gateway holds for
+    /// apps at zero replicas: that is what wakes them, so it cannot wait for
+    /// the next metrics tick. An undelivered count is sent again with the next.
+    async fn send_waiting(self) {
+        let mut pending: BTreeMap<AppKey, u32> = BTreeMap::new();
+        loop {
+            self.inner.gateway.waiting_changed().await;
+            pending.extend(self.inner.gateway.take_waiting());
+            let waiting = pending
+                .iter()
+                .map(|(app, &requests)| Waiting {
+                    app: app.clone(),
+                    requests,
+                })
+                .collect();
+            match self
+                .inner
+                .link
+                .waiting(&self.inner.config.node, waiting)
+                .await
+            {
+                Ok(()) => pending.clear(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "waiting requests not reported; retrying with the next change")
+                }
             }
         }
     }
@@ -361,7 +393,7 @@ impl Agent {
                 .map(|(k, v)| (k.clone(), self.downward(&replica, v)))
                 .collect(),
             args: t.component.args.clone(),
-            memory_limit: t.resources.memory_bytes,
+            memory_limit: t.resources.limits.memory_bytes,
             timeout: match t.component.kind {
                 Kind::Http => (t.timeout_ms > 0).then(|| Duration::from_millis(t.timeout_ms)),
                 _ => t
@@ -376,6 +408,13 @@ impl Agent {
                 .gateway
                 .outbound(&replica.app.namespace, t.outbound.clone()),
             incidents: Some(self.incident_hook(&replica)),
+            // One CPU group per app on this node: each replica adds its request to the
+            // group's weight and its limit to the group's quota.
+            cpu: CpuShare {
+                group: replica.app.to_string().into(),
+                request_millis: t.resources.requests.cpu_millis,
+                limit_millis: t.resources.limits.cpu_millis,
+            },
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {

@@ -9,6 +9,7 @@ use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
     Client, ClientError, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot,
+    Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
@@ -125,6 +126,14 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/metrics");
         Box::pin(async move {
             let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
+            self.call(req).await.map(|_| ())
+        })
+    }
+
+    fn waiting(&self, node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>> {
+        let path = format!("/v1/cluster/nodes/{node}/waiting");
+        Box::pin(async move {
+            let req = self.post(&path).json(&waiting).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }

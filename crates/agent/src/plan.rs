@@ -120,11 +120,20 @@ fn tables(snapshot: &Snapshot, me: &str) -> Tables {
             Some((s.app.clone(), Split { canary, weight }))
         })
         .collect();
+    // Only an autoscaled app with min = 0 wakes on a request; one a schedule
+    // window sized to zero stays at zero until the window closes.
+    let wake = snapshot
+        .apps
+        .iter()
+        .filter(|a| a.spec.scale.autoscale.as_ref().is_some_and(|s| s.min == 0))
+        .map(|a| a.spec.key())
+        .collect();
     Tables {
         routes,
         services,
         remotes,
         splits,
+        wake,
     }
 }
 
@@ -153,6 +162,8 @@ mod tests {
             revision,
             created_at: 0,
             updated_at: 0,
+            scale: Default::default(),
+            job: Default::default(),
         }
     }
 
@@ -182,6 +193,7 @@ mod tests {
             restarts: 0,
             reason: None,
             avoid: vec![],
+            scheduled_at: None,
             created_at: 0,
             updated_at: 0,
         }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 use shoal_core::metrics::RevisionStats;
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, Concurrency};
 use shoal_core::{
     App, Capacity, Event, Kind, Millis, Node, Phase, Replica, Revision, RolloutStatus,
 };
@@ -34,11 +34,85 @@ pub struct AppSummary {
     pub name: String,
     pub kind: Kind,
     pub revision: u64,
+    /// Replicas wanted now: the app's size, or its autoscaled one, within the
+    /// bounds of any open schedule window.
     pub desired: u32,
     pub ready: usize,
     pub routes: Vec<String>,
     pub digest: String,
     pub created_at: Millis,
+    /// Autoscaling only: the bounds in force now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<ScaleView>,
+    /// Schedule windows open now.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
+}
+
+/// One row of `shoal get jobs`: a job app, its schedule and its runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub namespace: String,
+    pub name: String,
+    /// None: it runs once per revision, and when `shoal job run` asks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    pub timezone: String,
+    pub concurrency: Concurrency,
+    /// Its replicas that have not finished.
+    pub active: usize,
+    /// Its newest replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<RunView>,
+    /// When the schedule next fires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<Millis>,
+    /// A run `shoal job run` asked for that has not started yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_requested: Option<Millis>,
+    pub created_at: Millis,
+}
+
+/// One run of a job: its replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunView {
+    pub replica: String,
+    pub phase: Phase,
+    /// The firing (or `shoal job run` request) it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<Millis>,
+    pub created_at: Millis,
+    /// When it last changed phase: when it finished, once it has.
+    pub updated_at: Millis,
+}
+
+/// What `POST /v1/apps/{name}/run` answers: the request recorded. The run is
+/// the replica whose `scheduled_at` is `requested_at`, once the controller
+/// starts it (or none, if the concurrency policy skips it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRun {
+    pub app: AppKey,
+    pub requested_at: Millis,
+}
+
+/// Requests a gateway holds for an app that has no ready replica (it scaled to
+/// zero): what wakes it. Sent when the count changes, zero included.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub app: AppKey,
+    pub requests: u32,
+}
+
+/// An autoscaled app's bounds and what it is scaled on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleView {
+    pub min: u32,
+    pub max: u32,
+    pub target_concurrency: u32,
+    /// In-flight requests across the app, averaged over its stable window, as
+    /// the gateways last reported; `None` before any report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<f64>,
 }
 
 /// `shoal describe app`.

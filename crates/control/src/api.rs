@@ -13,7 +13,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
-use shoal_api::{ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction};
+use shoal_api::{ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction, Waiting};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -38,6 +38,8 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
         .route("/v1/apps/{name}/logs", get(logs))
         .route("/v1/apps/{name}/rollback", post(rollback))
+        .route("/v1/apps/{name}/run", post(run_job))
+        .route("/v1/jobs", get(list_jobs))
         .route("/v1/apps/{name}/scale", post(scale))
         .route("/v1/apps/{name}/rollout", get(rollout_status))
         .route("/v1/apps/{name}/rollout/{action}", post(rollout_action))
@@ -54,6 +56,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
         .route("/v1/cluster/nodes/{name}/reports", post(report))
         .route("/v1/cluster/nodes/{name}/metrics", post(node_metrics))
+        .route("/v1/cluster/nodes/{name}/waiting", post(node_waiting))
         .route("/v1/cluster/nodes/{name}/incidents", post(incident))
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
@@ -280,6 +283,26 @@ async fn scale(
         .map(|a| Json(a).into_response())
 }
 
+async fn run_job(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let key = q.key(name);
+    blocking(move || cp.run_job(&key))
+        .await
+        .map(|r| Json(r).into_response())
+}
+
+async fn list_jobs(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.jobs(q.namespace.as_deref()))
+        .await
+        .map(|j| Json(j).into_response())
+}
+
 #[derive(Deserialize)]
 struct RollbackQuery {
     namespace: Option<String>,
@@ -421,10 +444,13 @@ struct LogQuery {
     #[serde(default)]
     follow: bool,
     tail: Option<usize>,
+    /// Only this replica's output: one run of a job.
+    replica: Option<String>,
 }
 
 /// Guest output as text lines `<replica> <stream> <line>`; with `follow`,
-/// the response stays open and streams new lines.
+/// the response stays open and streams new lines. A finished job's replica
+/// keeps its output on its node until the replica is deleted.
 async fn logs(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
@@ -434,7 +460,9 @@ async fn logs(
     let k2 = key.clone();
     let cp2 = cp.clone();
     blocking(move || cp2.app(&k2)).await?;
-    let sinks = cp.log_source().map(|s| s.logs(&key)).unwrap_or_default();
+    let only = |id: &str| q.replica.as_deref().is_none_or(|r| r == id);
+    let mut sinks = cp.log_source().map(|s| s.logs(&key)).unwrap_or_default();
+    sinks.retain(|(id, _)| only(id));
     let tail = q.tail.unwrap_or(usize::MAX);
     let mut text = String::new();
     let mut cursors = Vec::new();
@@ -449,7 +477,20 @@ async fn logs(
     // Replicas on other nodes: read through their node's gateway (no follow).
     let local: Vec<String> = sinks.iter().map(|(id, _)| id.clone()).collect();
     let (k2, cp2) = (key.clone(), cp.clone());
-    let remote = blocking(move || cp2.remote_replicas(&k2, &local)).await?;
+    let mut remote = blocking(move || cp2.remote_replicas(&k2, &local)).await?;
+    remote.retain(|(id, _)| only(id));
+    if let Some(id) = &q.replica
+        && sinks.is_empty()
+        && remote.is_empty()
+    {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "app {key} has no replica {id} with output (see `shoal get replicas --app {}`)",
+                key.name
+            ),
+        ));
+    }
     text.push_str(&remote_logs(&cp, remote, q.tail).await);
     let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {
@@ -544,6 +585,14 @@ async fn node_metrics(
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
     cp.record_metrics(stats);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn node_waiting(
+    State(cp): State<ControlPlane>,
+    JsonBody(waiting): JsonBody<Vec<Waiting>>,
+) -> Result<Response, ApiError> {
+    cp.record_waiting(waiting);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -11,6 +11,7 @@ mod api;
 mod api_error;
 mod controller;
 mod error;
+mod jobs;
 mod link;
 mod measurements;
 mod rollouts;

@@ -5,35 +5,110 @@
 //! status changes nothing. Memory stays one entry per revision that served,
 //! whatever the traffic; deleted apps' entries are dropped. In memory only: a
 //! restarted control plane judges a canary step on what arrives after it.
+//!
+//! Load for autoscaling is kept apart from the totals: per app, one sample per
+//! second of arrival (requests and the average in flight, summed over every
+//! gateway that reported in that second), for the last hour at most (the
+//! longest stable window a spec may ask for). Gateways report once a second,
+//! so a report's in-flight integral over 1,000 ms is its average concurrency.
 
 use shoal_core::Millis;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::AppKey;
+use shoal_scheduler::autoscale::LoadSample;
 use shoal_scheduler::plan::{Baseline, Measurements};
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-#[derive(Default)]
+/// Load samples older than this are dropped: the longest stable window.
+const LOAD_HISTORY_MS: Millis = 3_600_000;
+/// What one gateway report covers.
+const REPORT_MS: f64 = 1_000.0;
+
 pub(crate) struct Metrics {
     apps: Mutex<BTreeMap<AppKey, Measurements>>,
+    /// When this control plane started measuring: windows before it are not covered.
+    since: Millis,
 }
 
 impl Metrics {
+    pub(crate) fn new(since: Millis) -> Metrics {
+        Metrics {
+            apps: Mutex::default(),
+            since,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<AppKey, Measurements>> {
         self.apps.lock().expect("metrics lock")
     }
 
-    /// Adds what a gateway counted since its last report.
-    pub(crate) fn record(&self, stats: Vec<RevisionStats>) {
+    fn entry<'a>(
+        &self,
+        apps: &'a mut BTreeMap<AppKey, Measurements>,
+        app: &AppKey,
+    ) -> &'a mut Measurements {
+        let m = apps.entry(app.clone()).or_default();
+        m.load.since = self.since;
+        m
+    }
+
+    /// Adds what a gateway counted since its last report, which arrived at `now`.
+    pub(crate) fn record(&self, stats: Vec<RevisionStats>, now: Millis) {
         let mut apps = self.lock();
+        let second = now - now % 1_000;
         for s in stats {
-            apps.entry(s.app.clone())
-                .or_default()
-                .totals
+            let m = self.entry(&mut apps, &s.app);
+            m.totals
                 .entry(s.revision)
                 .or_insert_with(|| RevisionStats::new(s.app.clone(), s.revision))
                 .merge(&s);
+            let load = &mut m.load;
+            if s.requests > 0 {
+                load.last_request = Some(now);
+            }
+            let concurrency = s.busy_ms as f64 / REPORT_MS;
+            match load.samples.last_mut() {
+                Some(last) if last.at == second => {
+                    last.concurrency += concurrency;
+                    last.requests += s.requests;
+                }
+                _ => load.samples.push(LoadSample {
+                    at: second,
+                    concurrency,
+                    requests: s.requests,
+                }),
+            }
+            let cut = now.saturating_sub(LOAD_HISTORY_MS);
+            let old = load.samples.partition_point(|x| x.at < cut);
+            load.samples.drain(..old);
         }
+    }
+
+    /// Requests held at a gateway right now because `app` has no ready replica.
+    pub(crate) fn set_waiting(&self, app: &AppKey, waiting: u32, now: Millis) {
+        let mut apps = self.lock();
+        let load = &mut self.entry(&mut apps, app).load;
+        load.waiting = waiting;
+        if waiting > 0 {
+            load.last_request = Some(now);
+        }
+    }
+
+    /// `app`'s average concurrency over the last `window_ms` (or as much of it
+    /// as has been measured), for `get apps`; `None` before any report.
+    pub(crate) fn concurrency(&self, app: &AppKey, window_ms: u64, now: Millis) -> Option<f64> {
+        let apps = self.lock();
+        let load = &apps.get(app)?.load;
+        let from = now.saturating_sub(window_ms).max(self.since);
+        let covered = ((now - from) as f64 / 1_000.0).max(1.0);
+        let sum: f64 = load
+            .samples
+            .iter()
+            .filter(|s| s.at > from.saturating_sub(1_000))
+            .map(|s| s.concurrency)
+            .sum();
+        Some(sum / covered)
     }
 
     /// Every app's measurements now, for a controller pass.
@@ -69,28 +144,55 @@ mod tests {
 
     #[test]
     fn a_step_counts_from_its_baseline_and_reads_change_nothing() {
-        let m = Metrics::default();
+        let m = Metrics::new(0);
         let app = AppKey::new("default", "a");
         let stats = |rev, requests| {
             let mut s = RevisionStats::new(app.clone(), rev);
             s.requests = requests;
             s
         };
-        m.record(vec![stats(1, 10), stats(2, 1)]);
+        m.record(vec![stats(1, 10), stats(2, 1)], 1_000);
         // No baseline for the step yet: nothing to say, however often asked.
         assert_eq!(m.since_step(&app, 2, 100), None);
         assert_eq!(m.since_step(&app, 2, 100), None);
         let totals = m.snapshot()[&app].totals.clone();
         m.set_baseline(app.clone(), Baseline { step: 100, totals });
-        m.record(vec![stats(1, 20), stats(2, 2)]);
+        m.record(vec![stats(1, 20), stats(2, 2)], 2_000);
         assert_eq!(m.since_step(&app, 2, 100).unwrap().requests, 2);
         assert_eq!(m.since_step(&app, 1, 100).unwrap().requests, 20);
         // A revision first seen during the step counts whole.
-        m.record(vec![stats(3, 5)]);
+        m.record(vec![stats(3, 5)], 3_000);
         assert_eq!(m.since_step(&app, 3, 100).unwrap().requests, 5);
         // Another step's question finds no baseline.
         assert_eq!(m.since_step(&app, 2, 200), None);
         m.retain_apps(|a| a.name != "a");
         assert!(m.snapshot().is_empty());
+    }
+
+    #[test]
+    fn load_is_one_sample_per_second_summed_over_gateways() {
+        let m = Metrics::new(0);
+        let app = AppKey::new("default", "a");
+        let stats = |rev, requests, busy_ms| {
+            let mut s = RevisionStats::new(app.clone(), rev);
+            s.requests = requests;
+            s.busy_ms = busy_ms;
+            s
+        };
+        // Two gateways in the same second, two revisions in one report.
+        m.record(vec![stats(1, 10, 500), stats(2, 2, 500)], 10_100);
+        m.record(vec![stats(1, 4, 2_000)], 10_900);
+        m.record(vec![stats(1, 1, 0)], 11_200);
+        let load = m.snapshot()[&app].load.clone();
+        assert_eq!(load.samples.len(), 2, "{load:?}");
+        assert_eq!((load.samples[0].at, load.samples[0].requests), (10_000, 16));
+        assert!((load.samples[0].concurrency - 3.0).abs() < 1e-9);
+        assert_eq!(load.last_request, Some(11_200));
+        // Averaged over what was measured: 3 in flight for one of two seconds.
+        let c = m.concurrency(&app, 60_000, 11_500).unwrap();
+        assert!((c - 3.0 / 11.5).abs() < 1e-9, "{c}");
+        // An hour later the samples are gone.
+        m.record(vec![stats(1, 1, 0)], 3_700_000);
+        assert_eq!(m.snapshot()[&app].load.samples.len(), 1);
     }
 }

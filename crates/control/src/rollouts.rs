@@ -4,7 +4,9 @@
 
 use crate::error::ControlError;
 use crate::state::ControlPlane;
-use shoal_api::{INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView};
+use shoal_api::{
+    INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView, Waiting,
+};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -151,7 +153,21 @@ impl ControlPlane {
 
     /// Gateway measurements from a node, counted from now.
     pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
-        self.inner.metrics.record(stats);
+        self.inner.metrics.record(stats, self.now());
+    }
+
+    /// Requests a gateway holds for apps with no ready replica. A waiting
+    /// request starts the next pass at once: it is someone waiting on a wake.
+    pub fn record_waiting(&self, waiting: Vec<Waiting>) {
+        let now = self.now();
+        let mut wake = false;
+        for w in waiting {
+            wake |= w.requests > 0;
+            self.inner.metrics.set_waiting(&w.app, w.requests, now);
+        }
+        if wake {
+            self.inner.kick.notify_one();
+        }
     }
 
     /// An incident on a node's replica becomes an event, if the node runs it.

@@ -6,15 +6,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_api::{
     AppSummary, ApplyOutcome, ApplyResult, Describe, LogSource, NodeAction, NodeSummary,
-    ReplicaReport, Service, ServiceEndpoint, Snapshot,
+    ReplicaReport, ScaleView, Service, ServiceEndpoint, Snapshot,
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Clock, Event, EventType, Lease, Millis, Module, Node, NodeState, Phase, Replica,
-    Revision, RolloutStatus, RouteClaim, SystemClock,
+    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, Node, NodeState,
+    Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -130,7 +130,7 @@ impl ControlPlane {
                 logs: OnceLock::new(),
                 kick: Notify::new(),
                 started_at: OnceLock::new(),
-                metrics: Default::default(),
+                metrics: crate::measurements::Metrics::new(clock.now_ms()),
                 clock,
             }),
         };
@@ -287,6 +287,14 @@ impl ControlPlane {
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
         let now = self.now();
+        let mut spec = spec;
+        // An autoscaled app's size is the controller's to set, as a Deployment's
+        // is an HPA's: re-applying the file keeps it (within the new bounds).
+        if let (Some(a), Some((old, _))) = (&spec.scale.autoscale, &existing)
+            && old.spec.scale.autoscale.is_some()
+        {
+            spec.replicas = old.spec.replicas.clamp(a.min, a.max);
+        }
         let revisions = self.list::<Revision>(&keys::revisions_of(&key))?;
         let latest_revision = revisions.last();
         // What runs now: after an automatic rollback, not the latest revision.
@@ -335,6 +343,14 @@ impl ControlPlane {
                     revision,
                     created_at: existing.as_ref().map_or(now, |(a, _)| a.created_at),
                     updated_at: now,
+                    scale: existing
+                        .as_ref()
+                        .map(|(a, _)| a.scale.clone())
+                        .unwrap_or_default(),
+                    job: existing
+                        .as_ref()
+                        .map(|(a, _)| job_status(a, &spec, now))
+                        .unwrap_or_default(),
                 };
                 let outcome = if existing.is_some() {
                     ApplyOutcome::Configured
@@ -488,6 +504,8 @@ impl ControlPlane {
             revision: number,
             created_at: app.created_at,
             updated_at: now,
+            scale: app.scale.clone(),
+            job: app.job.clone(),
         };
         let txn = Txn::new()
             .when_mod_revision(app_key.clone(), mod_rev)
@@ -522,6 +540,15 @@ impl ControlPlane {
         let Some((mut app, mod_rev)) = self.get(&app_key)? else {
             return Err(ControlError::not_found(format!("app {key} does not exist")));
         };
+        if let Some(a) = &app.spec.scale.autoscale {
+            return Err(ControlError::invalid(
+                ErrorCode::InvalidSpec,
+                format!(
+                    "app {key} is autoscaled between {} and {} replicas: change min and max in its [scale] section instead",
+                    a.min, a.max
+                ),
+            ));
+        }
         let was = app.spec.replicas;
         if was == replicas {
             return Ok(app);
@@ -587,24 +614,36 @@ impl ControlPlane {
         &self,
         namespace: Option<&str>,
     ) -> Result<Vec<AppSummary>, ControlError> {
-        let replicas = self.list::<Replica>(&keys::REPLICAS)?;
+        // Counted in one walk: with thousands of apps, a scan per app is quadratic.
+        let mut ready_of: HashMap<AppKey, usize> = HashMap::new();
+        for r in self.list::<Replica>(&keys::REPLICAS)? {
+            if matches!(r.phase, Phase::Ready | Phase::Running) {
+                *ready_of.entry(r.app).or_default() += 1;
+            }
+        }
+        let now = self.now();
         let mut out = Vec::new();
         for app in self.list::<App>(&keys::APPS)? {
             if namespace.is_some_and(|ns| ns != app.spec.namespace) {
                 continue;
             }
             let key = app.spec.key();
-            let ready = replicas
-                .iter()
-                .filter(|r| r.app == key && matches!(r.phase, Phase::Ready | Phase::Running))
-                .count();
+            let bounds = app.spec.scale.bounds(app.spec.replicas, now);
+            let autoscale = app.spec.scale.autoscale.as_ref().map(|a| ScaleView {
+                min: bounds.min,
+                max: bounds.max,
+                target_concurrency: a.target_concurrency,
+                concurrency: self.inner.metrics.concurrency(&key, a.window_ms, now),
+            });
             out.push(AppSummary {
                 namespace: key.namespace.clone(),
                 name: key.name.clone(),
                 kind: app.spec.component.kind,
                 revision: app.revision,
-                desired: app.spec.replicas,
-                ready,
+                desired: bounds.clamp(app.spec.replicas),
+                ready: ready_of.get(&key).copied().unwrap_or(0),
+                autoscale,
+                windows: bounds.windows,
                 routes: app
                     .spec
                     .http
@@ -969,6 +1008,18 @@ impl ControlPlane {
     }
 }
 
+/// What an apply of `spec` keeps of `old`'s job status. A schedule that
+/// changes counts from the apply, as a new app's counts from its creation:
+/// firings of the new schedule before it are not missed runs.
+fn job_status(old: &App, spec: &AppSpec, now: Millis) -> JobStatus {
+    let (was, is) = (&old.spec.runs, &spec.runs);
+    let mut status = old.job.clone();
+    if is.schedule.is_some() && (is.schedule != was.schedule || is.timezone != was.timezone) {
+        status.last_scheduled = Some(now);
+    }
+    status
+}
+
 /// The routes an app serves.
 fn routes_of(spec: &AppSpec) -> &[Route] {
     spec.http.as_ref().map_or(&[][..], |h| &h.routes)
@@ -1062,12 +1113,13 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use shoal_core::spec::parse_app;
     use shoal_store::{BlobStore, Store};
 
-    fn control_plane(dir: &std::path::Path) -> ControlPlane {
+    /// A control plane on a fresh store in `dir`, for unit tests.
+    pub(crate) fn control_plane(dir: &std::path::Path) -> ControlPlane {
         let store = Store::open(&dir.join("state.redb")).unwrap();
         let blobs = BlobStore::open(&dir.join("modules")).unwrap();
         ControlPlane::new(store, blobs, ControlConfig::default()).unwrap()

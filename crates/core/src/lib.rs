@@ -15,6 +15,7 @@ pub mod name;
 pub mod objects;
 pub mod problem;
 pub mod quantity;
+pub mod schedule;
 pub mod spec;
 pub mod wasm;
 

@@ -92,6 +92,11 @@ pub struct RevisionStats {
     pub errors: u64,
     /// Time to the response head.
     pub latency: Histogram,
+    /// Requests in flight integrated over the report's interval, in
+    /// request-milliseconds: 1,000 over a one-second report is an average of
+    /// one request in flight. What autoscaling reads.
+    #[serde(default)]
+    pub busy_ms: u64,
 }
 
 impl RevisionStats {
@@ -102,6 +107,7 @@ impl RevisionStats {
             requests: 0,
             errors: 0,
             latency: Histogram::default(),
+            busy_ms: 0,
         }
     }
 
@@ -109,6 +115,7 @@ impl RevisionStats {
         self.requests += other.requests;
         self.errors += other.errors;
         self.latency.merge(&other.latency);
+        self.busy_ms += other.busy_ms;
     }
 
     /// What was counted after `base` was taken from the same running totals.
@@ -119,6 +126,7 @@ impl RevisionStats {
             requests: self.requests.saturating_sub(base.requests),
             errors: self.errors.saturating_sub(base.errors),
             latency: self.latency.since(&base.latency),
+            busy_ms: self.busy_ms.saturating_sub(base.busy_ms),
         }
     }
 

@@ -199,6 +199,60 @@ pub struct App {
     pub revision: u64,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// What the controller last decided about the app's size on its own.
+    #[serde(default, skip_serializing_if = "ScaleStatus::is_default")]
+    pub scale: ScaleStatus,
+    /// What the controller remembers of a job's runs between passes.
+    #[serde(default, skip_serializing_if = "JobStatus::is_default")]
+    pub job: JobStatus,
+}
+
+/// A job's schedule as the controller left it, and a run asked for by hand:
+/// what the next pass needs to start each firing's run once. Written with the
+/// app (guarded), by the controller and by `shoal job run`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The latest firing dealt with (its run started, skipped or missed): only
+    /// later ones are due. None yet: the app's creation, so a new app waits
+    /// for its schedule's next firing instead of running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scheduled: Option<Millis>,
+    /// When `shoal job run` asked for a run that has not been dealt with yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_requested: Option<Millis>,
+}
+
+impl JobStatus {
+    pub fn is_default(&self) -> bool {
+        self == &JobStatus::default()
+    }
+}
+
+/// The controller's memory of its own scaling decisions for one app: what the
+/// next decision needs (when it last changed the size, whether a burst put it
+/// in panic mode) and what `describe` shows. Written only when a decision is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleStatus {
+    /// When it last set `spec.replicas` by itself (autoscaling or a window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<Millis>,
+    /// Why, in words: "concurrency 23.4 for a target of 10 per replica".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Knative's panic mode: a burst scaled the app up, and until this time
+    /// it is not scaled down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_until: Option<Millis>,
+    /// Schedule windows open at the last decision, so that a window opening
+    /// or closing is seen once (and recorded as an event).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<String>,
+}
+
+impl ScaleStatus {
+    pub fn is_default(&self) -> bool {
+        self == &ScaleStatus::default()
+    }
 }
 
 /// An immutable snapshot of what runs; a new one is made for every template change.
@@ -366,6 +420,11 @@ pub struct Replica {
     /// Nodes the scheduler should avoid for it (where its predecessor failed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub avoid: Vec<String>,
+    /// A job's run started by its schedule or by `shoal job run`: the firing
+    /// (or request) it is for. Such runs are started, replaced and trimmed by
+    /// the job's schedule and history, not counted against `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<Millis>,
     pub created_at: Millis,
     pub updated_at: Millis,
 }
@@ -387,13 +446,14 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    /// What a replica reserves: its cpu and memory requests, and one pool slot per
-    /// instance it may run at once.
+    /// What a replica reserves: its cpu and memory requests. No pool slots: a
+    /// node's instances are shared by its replicas and held only while a
+    /// request (or a job's run) uses one.
     pub fn of(r: &Resources) -> Capacity {
         Capacity {
-            cpu_millis: r.cpu_millis as u64,
-            memory_bytes: r.memory_bytes,
-            instances: r.max_concurrency as u64,
+            cpu_millis: r.requests.cpu_millis as u64,
+            memory_bytes: r.requests.memory_bytes,
+            instances: 0,
         }
     }
 

@@ -13,8 +13,18 @@ use thiserror::Error;
 use toml::Spanned;
 
 pub const DEFAULT_NAMESPACE: &str = "default";
-pub const DEFAULT_MEMORY: u64 = 64 << 20;
-pub const DEFAULT_CPU_MILLIS: u32 = 100;
+/// An instance's memory limit when the spec names none.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 64 << 20;
+/// What the scheduler reserves for a replica when the spec names no memory
+/// request. Instances come from the node's shared pool only while they run, so
+/// an idle replica costs its compiled code's bookkeeping (~140 kB measured);
+/// 1 MiB covers that with room to spare.
+pub const DEFAULT_MEMORY_REQUEST: u64 = 1 << 20;
+/// Autoscaling's stable window when the spec names none (Knative's default);
+/// the panic window is a tenth of it.
+pub const DEFAULT_SCALE_WINDOW_MS: u64 = 60_000;
+/// How long an app with `min = 0` goes without requests before it scales to zero.
+pub const DEFAULT_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
 /// Upper bounds keep one typo ("64Gi") from asking for the impossible.
@@ -126,16 +136,35 @@ fn normalise_path(p: &str) -> String {
     }
 }
 
+/// What a replica is given, Kubernetes-style: requests are what the scheduler
+/// reserves on a node (and weigh the app's CPU share there), limits are what
+/// the sandbox enforces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Resources {
-    /// Linear-memory limit of one instance, enforced by wasmtime; also what
-    /// the scheduler reserves for the replica on its node.
-    pub memory_bytes: u64,
-    /// Scheduling request in millicores.
-    pub cpu_millis: u32,
-    /// Instances one replica may run at once; the node reserves that many
-    /// pool slots, so its instance pool can never be overcommitted.
+    pub requests: Requests,
+    pub limits: Limits,
+    /// Instances one replica may run at once: a cap, not a reservation. The
+    /// node's instance pool is shared; an idle replica holds no slot.
     pub max_concurrency: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Requests {
+    /// Millicores reserved on the node; 0 (the default) asks for none and gets
+    /// the smallest share of a busy node's CPU.
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Limits {
+    /// Linear memory of one instance, enforced by wasmtime.
+    pub memory_bytes: u64,
+    /// Millicores one replica's guests may use even when the node is idle (a
+    /// quota per 100 ms period; an app's replicas on one node add up, as pods'
+    /// limits do); none: they may use whatever is idle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -296,6 +325,249 @@ impl Rollout {
     }
 }
 
+/// What changes an app's replica count besides `shoal scale`: load
+/// (autoscaling) and time (windows on a schedule). Not part of the revision.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<ScheduleWindow>,
+}
+
+/// Replicas follow in-flight requests, as Knative's autoscaler does: the
+/// average over `window_ms` decides, a tenth of it (the panic window) lets a
+/// burst scale up at once, and scaling down waits out the whole window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Autoscale {
+    pub min: u32,
+    pub max: u32,
+    /// In-flight requests per replica to aim at.
+    pub target_concurrency: u32,
+    /// Requests per second per replica to aim at, besides concurrency; the
+    /// larger of the two asks wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_rps: Option<u32>,
+    pub window_ms: u64,
+    /// With `min = 0`: how long without a request before the app has no replica.
+    pub idle_ms: u64,
+}
+
+/// Bounds that apply while a window a cron schedule opens is open. `replicas =
+/// N` in the file is `min = max = N`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleWindow {
+    pub name: String,
+    /// When it opens: five cron fields (or six, seconds first).
+    pub cron: String,
+    /// IANA zone the cron fields are read in.
+    pub timezone: String,
+    /// How long it stays open; or else `end`, the cron schedule that closes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+}
+
+/// The replica bounds in force at one moment, and the windows that set them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounds {
+    pub min: u32,
+    pub max: u32,
+    /// Names of the open windows, in spec order.
+    pub windows: Vec<String>,
+}
+
+impl Bounds {
+    pub fn clamp(&self, n: u32) -> u32 {
+        n.clamp(self.min, self.max)
+    }
+}
+
+impl ScheduleWindow {
+    /// What is wrong with it, as (field under the window, message).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        crate::schedule::CronSchedule::parse(&self.cron, &self.timezone).map_err(|m| {
+            let f = if m.starts_with("unknown time zone") {
+                "timezone"
+            } else {
+                "cron"
+            };
+            (f, m)
+        })?;
+        match (&self.duration_ms, &self.end) {
+            (Some(_), Some(_)) | (None, None) => {
+                return Err((
+                    "duration",
+                    "set one of duration (e.g. \"9h\") or end (a cron expression)".into(),
+                ));
+            }
+            (Some(0), None) => return Err(("duration", "must be greater than 0".into())),
+            (None, Some(end)) => {
+                crate::schedule::CronSchedule::parse(end, &self.timezone)
+                    .map_err(|m| ("end", m))?;
+            }
+            (Some(_), None) => {}
+        }
+        match (self.min, self.max) {
+            (None, None) => Err((
+                "min",
+                "the window changes nothing: set min, max or replicas".into(),
+            )),
+            (Some(min), Some(max)) if min > max => {
+                Err(("min", format!("min ({min}) is more than max ({max})")))
+            }
+            (_, Some(max)) if max > MAX_REPLICAS => {
+                Err(("max", format!("must be at most {MAX_REPLICAS}")))
+            }
+            (Some(min), _) if min > MAX_REPLICAS => {
+                Err(("min", format!("must be at most {MAX_REPLICAS}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// When the window is open at `now`: when it opened and when it closes.
+    /// Only for windows that passed [`ScheduleWindow::check`].
+    pub fn open_at(&self, now: crate::objects::Millis) -> Option<(u64, u64)> {
+        use crate::schedule::{CronSchedule, WindowEnd, open_window};
+        let start = CronSchedule::parse(&self.cron, &self.timezone).ok()?;
+        let end = match (&self.duration_ms, &self.end) {
+            (Some(d), _) => WindowEnd::After(*d),
+            (None, Some(e)) => {
+                WindowEnd::At(Box::new(CronSchedule::parse(e, &self.timezone).ok()?))
+            }
+            (None, None) => return None,
+        };
+        open_window(&start, &end, now)
+    }
+
+    /// When it next opens after `now`.
+    pub fn next_open(&self, now: crate::objects::Millis) -> Option<u64> {
+        crate::schedule::CronSchedule::parse(&self.cron, &self.timezone)
+            .ok()?
+            .next_after(now)
+    }
+}
+
+impl Scale {
+    pub fn is_default(&self) -> bool {
+        self == &Scale::default()
+    }
+
+    /// The bounds at `now` for an app whose `replicas` is `replicas`.
+    /// Without autoscaling the app's own bounds are `replicas` both ways. Open
+    /// windows override them: each bound is the largest any open window gives
+    /// (a window that leaves one unset gives the app's own), and if max ends
+    /// below min, min wins, so the most capacity asked for is what runs.
+    pub fn bounds(&self, replicas: u32, now: crate::objects::Millis) -> Bounds {
+        let (base_min, base_max) = match &self.autoscale {
+            Some(a) => (a.min, a.max),
+            None => (replicas, replicas),
+        };
+        let open: Vec<&ScheduleWindow> = self
+            .schedule
+            .iter()
+            .filter(|w| w.open_at(now).is_some())
+            .collect();
+        if open.is_empty() {
+            return Bounds {
+                min: base_min,
+                max: base_max,
+                windows: Vec::new(),
+            };
+        }
+        let min = open
+            .iter()
+            .map(|w| w.min.unwrap_or(base_min))
+            .max()
+            .unwrap_or(base_min);
+        let max = open
+            .iter()
+            .map(|w| w.max.unwrap_or(base_max))
+            .max()
+            .unwrap_or(base_max);
+        Bounds {
+            min,
+            max: max.max(min),
+            windows: open.iter().map(|w| w.name.clone()).collect(),
+        }
+    }
+
+    /// What is wrong with it, as (field, message).
+    fn check(
+        &self,
+        kind: Kind,
+        replicas: u32,
+        max_concurrency: u32,
+    ) -> Result<(), (String, String)> {
+        let err = |f: &str, m: String| Err((f.to_string(), m));
+        if kind == Kind::Job && !self.is_default() {
+            return err(
+                "scale",
+                "a job runs to completion: autoscaling and schedule windows are for http and daemon apps".into(),
+            );
+        }
+        if let Some(a) = &self.autoscale {
+            if kind != Kind::Http {
+                return err(
+                    "scale",
+                    "autoscaling follows HTTP load: only kind = \"http\" apps take min/max".into(),
+                );
+            }
+            if a.max == 0 {
+                return err("scale.max", "must be at least 1".into());
+            }
+            if a.max > MAX_REPLICAS {
+                return err("scale.max", format!("must be at most {MAX_REPLICAS}"));
+            }
+            if a.min > a.max {
+                return err(
+                    "scale.min",
+                    format!("min ({}) is more than max ({})", a.min, a.max),
+                );
+            }
+            if a.target_concurrency == 0 || a.target_concurrency > max_concurrency {
+                return err(
+                    "scale.target_concurrency",
+                    format!("must be between 1 and resources.max_concurrency ({max_concurrency})"),
+                );
+            }
+            if a.target_rps == Some(0) {
+                return err("scale.target_rps", "must be greater than 0".into());
+            }
+            if !(1_000..=3_600_000).contains(&a.window_ms) {
+                return err("scale.window", "must be between 1s and 1h".into());
+            }
+            if a.idle_ms < 1_000 {
+                return err("scale.idle", "must be at least 1s".into());
+            }
+            if replicas > a.max {
+                return err(
+                    "scale.replicas",
+                    format!("{replicas} is more than max ({})", a.max),
+                );
+            }
+        }
+        for (i, w) in self.schedule.iter().enumerate() {
+            if let Err((f, m)) = w.check() {
+                return Err((format!("scale.schedule[{i}].{f}"), m));
+            }
+            if self.schedule[..i].iter().any(|o| o.name == w.name) {
+                return Err((
+                    format!("scale.schedule[{i}].name"),
+                    format!("{:?} is used by another window", w.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// An HTTP probe of a replica, run in process by its node.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Probe {
@@ -341,6 +613,161 @@ pub struct JobSpec {
     /// Longest one run may take; past it the run fails as timed out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+}
+
+/// What a job does when a run is due while earlier runs are still active, as
+/// a Kubernetes CronJob's `concurrencyPolicy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Concurrency {
+    /// Start it beside them.
+    #[default]
+    Allow,
+    /// Skip it.
+    Forbid,
+    /// Stop them and start it.
+    Replace,
+}
+
+impl std::fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Concurrency::Allow => "allow",
+            Concurrency::Forbid => "forbid",
+            Concurrency::Replace => "replace",
+        })
+    }
+}
+
+/// Finished runs kept, with their logs; older ones are deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct History {
+    pub succeeded: u32,
+    pub failed: u32,
+}
+
+/// Kubernetes' CronJob defaults.
+impl Default for History {
+    fn default() -> Self {
+        History {
+            succeeded: 3,
+            failed: 1,
+        }
+    }
+}
+
+/// Most finished runs of one outcome a job keeps.
+pub const MAX_HISTORY: u32 = 100;
+
+/// When a job runs besides once per revision, and how its runs share time and
+/// history, as a Kubernetes CronJob. Not part of the revision (when, not what
+/// runs): changing it restarts nothing. `concurrency` and `history` also
+/// govern the runs `shoal job run` starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRuns {
+    /// Cron expression (five fields, or six with seconds first): a run starts
+    /// at each firing instead of once per revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// IANA zone the schedule is read in.
+    #[serde(default = "utc")]
+    pub timezone: String,
+    #[serde(default)]
+    pub concurrency: Concurrency,
+    /// A firing whose run could not start within this is skipped (`MissedRun`);
+    /// none: the latest missed firing always starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting_deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub history: History,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+impl Default for JobRuns {
+    fn default() -> Self {
+        JobRuns {
+            schedule: None,
+            timezone: utc(),
+            concurrency: Concurrency::default(),
+            starting_deadline_ms: None,
+            history: History::default(),
+        }
+    }
+}
+
+impl JobRuns {
+    pub fn is_default(&self) -> bool {
+        self == &JobRuns::default()
+    }
+
+    /// The schedule, parsed; `None` without one. Only for specs that passed
+    /// [`AppSpec::validate`].
+    pub fn cron(&self) -> Option<crate::schedule::CronSchedule> {
+        crate::schedule::CronSchedule::parse(self.schedule.as_deref()?, &self.timezone).ok()
+    }
+
+    /// `at` as a wall-clock time in the schedule's zone, for events.
+    pub fn local_time(&self, at: crate::objects::Millis) -> String {
+        use chrono::TimeZone;
+        let tz: chrono_tz::Tz = self.timezone.parse().unwrap_or(chrono_tz::UTC);
+        match i64::try_from(at)
+            .ok()
+            .and_then(|ms| tz.timestamp_millis_opt(ms).single())
+        {
+            Some(t) => t.format("%Y-%m-%d %H:%M:%S %Z").to_string(),
+            None => format!("{at} ms"),
+        }
+    }
+
+    /// What is wrong with it, as (field, message).
+    fn check(&self, replicas: u32) -> Result<(), (&'static str, String)> {
+        match &self.schedule {
+            Some(expr) => {
+                crate::schedule::CronSchedule::parse(expr, &self.timezone).map_err(|m| {
+                    let f = if m.starts_with("unknown time zone") {
+                        "job.timezone"
+                    } else {
+                        "job.schedule"
+                    };
+                    (f, m)
+                })?;
+                if replicas != 1 {
+                    return Err((
+                        "scale.replicas",
+                        format!(
+                            "a scheduled job starts one replica per run: replicas must be 1 (got {replicas})"
+                        ),
+                    ));
+                }
+            }
+            None if self.timezone != utc() => {
+                return Err((
+                    "job.timezone",
+                    "the time zone the schedule is read in: set schedule too".into(),
+                ));
+            }
+            None if self.starting_deadline_ms.is_some() => {
+                return Err((
+                    "job.starting_deadline",
+                    "only a scheduled run has a time to start by: set schedule too".into(),
+                ));
+            }
+            None => {}
+        }
+        if self.starting_deadline_ms.is_some_and(|d| d < 1_000) {
+            return Err(("job.starting_deadline", "must be at least 1s".into()));
+        }
+        if self.history.succeeded > MAX_HISTORY || self.history.failed > MAX_HISTORY {
+            return Err((
+                "job.history",
+                format!("keeps at most {MAX_HISTORY} runs of each outcome"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -418,10 +845,18 @@ pub struct AppSpec {
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
+    /// A job's schedule, concurrency and history: from its `[job]` section,
+    /// but kept out of `job` so that they are not part of the revision.
+    #[serde(default, skip_serializing_if = "JobRuns::is_default")]
+    pub runs: JobRuns,
     #[serde(default, skip_serializing_if = "Health::is_default")]
     pub health: Health,
     #[serde(default, skip_serializing_if = "Rollout::is_default")]
     pub rollout: Rollout,
+    /// Autoscaling and scheduled windows. With autoscaling on, `replicas` is
+    /// the size the controller last chose, as an HPA writes a Deployment's.
+    #[serde(default, skip_serializing_if = "Scale::is_default")]
+    pub scale: Scale,
 }
 
 /// What makes a revision: everything that changes what runs in a replica.
@@ -442,7 +877,7 @@ pub struct Template {
 
 impl Template {
     /// The fields that differ from `old`, named as in the app spec
-    /// (`component.digest`, `env.GREETING`, `resources.memory`…): why a new
+    /// (`component.digest`, `env.GREETING`, `resources.limits.memory`…): why a new
     /// revision was made. Env values may be secrets: only their names appear.
     pub fn changed_fields(&self, old: &Template) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -457,13 +892,22 @@ impl Template {
         );
         check(self.component.kind != old.component.kind, "component.kind");
         check(self.component.args != old.component.args, "component.args");
+        let (new, was) = (&self.resources, &old.resources);
         check(
-            self.resources.memory_bytes != old.resources.memory_bytes,
-            "resources.memory",
+            new.requests.cpu_millis != was.requests.cpu_millis,
+            "resources.requests.cpu",
         );
         check(
-            self.resources.cpu_millis != old.resources.cpu_millis,
-            "resources.cpu",
+            new.requests.memory_bytes != was.requests.memory_bytes,
+            "resources.requests.memory",
+        );
+        check(
+            new.limits.cpu_millis != was.limits.cpu_millis,
+            "resources.limits.cpu",
+        );
+        check(
+            new.limits.memory_bytes != was.limits.memory_bytes,
+            "resources.limits.memory",
         );
         check(
             self.resources.max_concurrency != old.resources.max_concurrency,
@@ -532,17 +976,39 @@ impl AppSpec {
             return field("component.digest", m);
         }
         let r = &self.resources;
-        if r.memory_bytes < (1 << 20) || r.memory_bytes > MAX_MEMORY {
+        let mem = crate::quantity::format_memory;
+        if r.limits.memory_bytes < (1 << 20) || r.limits.memory_bytes > MAX_MEMORY {
             return field(
-                "resources.memory",
+                "resources.limits.memory",
                 format!(
                     "must be between 1Mi and 4Gi (got {})",
-                    crate::quantity::format_memory(r.memory_bytes)
+                    mem(r.limits.memory_bytes)
                 ),
             );
         }
-        if r.cpu_millis == 0 {
-            return field("resources.cpu", "must be greater than 0".into());
+        if r.requests.memory_bytes > r.limits.memory_bytes {
+            return field(
+                "resources.requests.memory",
+                format!(
+                    "{} is more than the limit ({}): a replica cannot need more than it may use",
+                    mem(r.requests.memory_bytes),
+                    mem(r.limits.memory_bytes)
+                ),
+            );
+        }
+        if r.limits.cpu_millis == Some(0) {
+            return field("resources.limits.cpu", "must be greater than 0".into());
+        }
+        if let Some(limit) = r.limits.cpu_millis
+            && r.requests.cpu_millis > limit
+        {
+            return field(
+                "resources.requests.cpu",
+                format!(
+                    "{}m is more than the limit ({limit}m)",
+                    r.requests.cpu_millis
+                ),
+            );
         }
         if r.max_concurrency == 0 || r.max_concurrency > MAX_CONCURRENCY {
             return field(
@@ -552,6 +1018,12 @@ impl AppSpec {
         }
         if self.replicas > MAX_REPLICAS {
             return field("scale.replicas", format!("must be at most {MAX_REPLICAS}"));
+        }
+        if let Err((f, m)) = self
+            .scale
+            .check(self.component.kind, self.replicas, r.max_concurrency)
+        {
+            return field(&f, m);
         }
         match (&self.http, self.component.kind) {
             (Some(_), Kind::Job | Kind::Daemon) => {
@@ -645,6 +1117,15 @@ impl AppSpec {
             if job.deadline_ms == Some(0) {
                 return field("job.deadline", "must be greater than 0".into());
             }
+        }
+        if !self.runs.is_default() && self.component.kind != Kind::Job {
+            return field(
+                "job",
+                "schedules and run history are for kind = \"job\" apps".into(),
+            );
+        }
+        if let Err((f, m)) = self.runs.check(self.replicas) {
+            return field(f, m);
         }
         for host in &self.outbound {
             if let Err(m) = validate_host(host) {
@@ -786,8 +1267,7 @@ struct RawApp {
     component: Spanned<RawComponent>,
     #[serde(default)]
     resources: RawResources,
-    #[serde(default)]
-    scale: RawScale,
+    scale: Option<Spanned<RawScale>>,
     http: Option<Spanned<RawHttp>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
@@ -925,6 +1405,69 @@ struct RawJob {
     restart: Restart,
     retries: Option<u32>,
     deadline: Option<Spanned<String>>,
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    concurrency: Option<Spanned<Concurrency>>,
+    starting_deadline: Option<Spanned<String>>,
+    history: Option<Spanned<RawHistory>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    succeeded: Option<u32>,
+    failed: Option<u32>,
+}
+
+/// The scheduling half of a `[job]` section (see [`JobRuns`]).
+fn job_runs(
+    src: &str,
+    raw: &RawJob,
+    spans: &mut HashMap<&'static str, Range<usize>>,
+) -> Result<JobRuns, SpecError> {
+    for (name, v) in [
+        ("job.schedule", &raw.schedule),
+        ("job.timezone", &raw.timezone),
+        ("job.starting_deadline", &raw.starting_deadline),
+    ] {
+        if let Some(v) = v {
+            spans.insert(name, v.span());
+        }
+    }
+    if let Some(h) = &raw.history {
+        spans.insert("job.history", h.span());
+    }
+    let defaults = JobRuns::default();
+    let starting_deadline_ms = match &raw.starting_deadline {
+        Some(d) => Some(parse_duration_ms(d.get_ref()).map_err(|e| {
+            SpecError::field("job.starting_deadline", e.to_string()).at(src, Some(d.span()))
+        })?),
+        None => None,
+    };
+    Ok(JobRuns {
+        schedule: raw.schedule.as_ref().map(|s| s.get_ref().clone()),
+        timezone: raw
+            .timezone
+            .as_ref()
+            .map_or(defaults.timezone, |t| t.get_ref().clone()),
+        concurrency: raw
+            .concurrency
+            .as_ref()
+            .map_or(defaults.concurrency, |c| *c.get_ref()),
+        starting_deadline_ms,
+        history: History {
+            succeeded: raw
+                .history
+                .as_ref()
+                .and_then(|h| h.get_ref().succeeded)
+                .unwrap_or(defaults.history.succeeded),
+            failed: raw
+                .history
+                .as_ref()
+                .and_then(|h| h.get_ref().failed)
+                .unwrap_or(defaults.history.failed),
+        },
+    })
 }
 
 #[derive(Deserialize)]
@@ -945,15 +1488,188 @@ struct RawComponent {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawResources {
-    memory: Option<Spanned<String>>,
-    cpu: Option<Spanned<String>>,
     max_concurrency: Option<Spanned<u32>>,
+    #[serde(default)]
+    requests: RawQuantities,
+    #[serde(default)]
+    limits: RawQuantities,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuantities {
+    cpu: Option<Spanned<String>>,
+    memory: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawScale {
     replicas: Option<Spanned<u32>>,
+    min: Option<Spanned<u32>>,
+    max: Option<Spanned<u32>>,
+    target_concurrency: Option<Spanned<u32>>,
+    target_rps: Option<Spanned<u32>>,
+    window: Option<Spanned<String>>,
+    idle: Option<Spanned<String>>,
+    #[serde(default)]
+    schedule: Vec<Spanned<RawWindow>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    name: Option<Spanned<String>>,
+    cron: Spanned<String>,
+    timezone: Option<Spanned<String>>,
+    duration: Option<Spanned<String>>,
+    end: Option<Spanned<String>>,
+    min: Option<Spanned<u32>>,
+    max: Option<Spanned<u32>>,
+    replicas: Option<Spanned<u32>>,
+}
+
+/// The `[scale]` section as the spec keeps it, plus the initial `replicas`.
+fn scale(
+    src: &str,
+    raw: &Spanned<RawScale>,
+    max_concurrency: u32,
+    spans: &mut HashMap<&'static str, Range<usize>>,
+) -> Result<(u32, Scale), SpecError> {
+    let r = raw.get_ref();
+    let fail = |field: &str, message: String, span: Range<usize>| {
+        SpecError::field(field, message).at(src, Some(span))
+    };
+    let duration = |field: &str, d: &Spanned<String>| {
+        parse_duration_ms(d.get_ref()).map_err(|e| fail(field, e.to_string(), d.span()))
+    };
+    spans.insert("scale", raw.span());
+    for (name, v) in [
+        ("scale.replicas", &r.replicas),
+        ("scale.min", &r.min),
+        ("scale.max", &r.max),
+        ("scale.target_concurrency", &r.target_concurrency),
+        ("scale.target_rps", &r.target_rps),
+    ] {
+        if let Some(v) = v {
+            spans.insert(name, v.span());
+        }
+    }
+    for (name, v) in [("scale.window", &r.window), ("scale.idle", &r.idle)] {
+        if let Some(v) = v {
+            spans.insert(name, v.span());
+        }
+    }
+    let autoscaled = r.min.is_some()
+        || r.max.is_some()
+        || r.target_concurrency.is_some()
+        || r.target_rps.is_some()
+        || r.window.is_some()
+        || r.idle.is_some();
+    let value = |v: &Option<Spanned<u32>>| v.as_ref().map(|v| *v.get_ref());
+    let (replicas, autoscale) = if autoscaled {
+        if let Some(n) = &r.replicas {
+            return Err(fail(
+                "scale.replicas",
+                "set replicas (a fixed size) or min/max (autoscaling), not both".into(),
+                n.span(),
+            ));
+        }
+        let Some(max) = value(&r.max) else {
+            return Err(fail(
+                "scale.max",
+                "autoscaling needs max, the most replicas it may run".into(),
+                raw.span(),
+            ));
+        };
+        let min = value(&r.min).unwrap_or(1);
+        if let Some(idle) = &r.idle
+            && min != 0
+        {
+            return Err(fail(
+                "scale.idle",
+                format!(
+                    "idle is how long an app with min = 0 waits before scaling to zero; this one has min = {min}"
+                ),
+                idle.span(),
+            ));
+        }
+        let autoscale = Autoscale {
+            min,
+            max,
+            target_concurrency: value(&r.target_concurrency)
+                .unwrap_or((max_concurrency * 7 / 10).max(1)),
+            target_rps: value(&r.target_rps),
+            window_ms: match &r.window {
+                Some(w) => duration("scale.window", w)?,
+                None => DEFAULT_SCALE_WINDOW_MS,
+            },
+            idle_ms: match &r.idle {
+                Some(i) => duration("scale.idle", i)?,
+                None => DEFAULT_IDLE_MS,
+            },
+        };
+        // A new app starts with one replica even when it may go to zero, so
+        // that an apply ends with something serving.
+        (min.max(1).min(max), Some(autoscale))
+    } else {
+        (value(&r.replicas).unwrap_or(1), None)
+    };
+    let mut schedule = Vec::new();
+    for (i, w) in r.schedule.iter().enumerate() {
+        let rw = w.get_ref();
+        let (min, max) = match (&rw.replicas, value(&rw.min), value(&rw.max)) {
+            (Some(n), None, None) => (Some(*n.get_ref()), Some(*n.get_ref())),
+            (Some(n), _, _) => {
+                return Err(fail(
+                    "scale.schedule.replicas",
+                    "set replicas or min/max in a window, not both".into(),
+                    n.span(),
+                ));
+            }
+            (None, min, max) => (min, max),
+        };
+        let window = ScheduleWindow {
+            name: rw
+                .name
+                .as_ref()
+                .map_or_else(|| format!("schedule-{}", i + 1), |n| n.get_ref().clone()),
+            cron: rw.cron.get_ref().clone(),
+            timezone: rw
+                .timezone
+                .as_ref()
+                .map_or_else(|| "UTC".to_string(), |t| t.get_ref().clone()),
+            duration_ms: rw
+                .duration
+                .as_ref()
+                .map(|d| duration("scale.schedule.duration", d))
+                .transpose()?,
+            end: rw.end.as_ref().map(|e| e.get_ref().clone()),
+            min,
+            max,
+        };
+        if let Err((f, m)) = window.check() {
+            let span = match f {
+                "cron" => Some(rw.cron.span()),
+                "timezone" => rw.timezone.as_ref().map(Spanned::span),
+                "duration" => rw.duration.as_ref().map(Spanned::span),
+                "end" => rw.end.as_ref().map(Spanned::span),
+                "min" => rw.min.as_ref().or(rw.replicas.as_ref()).map(Spanned::span),
+                "max" => rw.max.as_ref().or(rw.replicas.as_ref()).map(Spanned::span),
+                _ => None,
+            };
+            let field = format!("scale.schedule[{i}].{f}");
+            return Err(fail(&field, m, span.unwrap_or_else(|| w.span())));
+        }
+        schedule.push(window);
+    }
+    Ok((
+        replicas,
+        Scale {
+            autoscale,
+            schedule,
+        },
+    ))
 }
 
 #[derive(Deserialize)]
@@ -1019,21 +1735,33 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     }
 
     let kind = *c.kind.get_ref();
-    let memory_bytes = match &raw.resources.memory {
+    let mut memory = |field: &'static str, q: &Option<Spanned<String>>| match q {
         Some(m) => {
-            spans.insert("resources.memory", m.span());
+            spans.insert(field, m.span());
             parse_memory(m.get_ref())
-                .map_err(|e| fail("resources.memory", e.to_string(), m.span()))?
+                .map(Some)
+                .map_err(|e| fail(field, e.to_string(), m.span()))
         }
-        None => DEFAULT_MEMORY,
+        None => Ok(None),
     };
-    let cpu_millis = match &raw.resources.cpu {
+    let memory_limit = memory("resources.limits.memory", &raw.resources.limits.memory)?
+        .unwrap_or(DEFAULT_MEMORY_LIMIT);
+    let memory_request = memory("resources.requests.memory", &raw.resources.requests.memory)?
+        .unwrap_or(DEFAULT_MEMORY_REQUEST.min(memory_limit));
+    let mut cpu = |field: &'static str, q: &Option<Spanned<String>>| match q {
         Some(m) => {
-            spans.insert("resources.cpu", m.span());
-            parse_cpu(m.get_ref()).map_err(|e| fail("resources.cpu", e.to_string(), m.span()))?
+            spans.insert(field, m.span());
+            parse_cpu(m.get_ref())
+                .map(Some)
+                .map_err(|e| fail(field, e.to_string(), m.span()))
         }
-        None => DEFAULT_CPU_MILLIS,
+        None => Ok(None),
     };
+    let cpu_limit = cpu("resources.limits.cpu", &raw.resources.limits.cpu)?;
+    // As in Kubernetes: a limit without a request requests the limit.
+    let cpu_request = cpu("resources.requests.cpu", &raw.resources.requests.cpu)?
+        .or(cpu_limit)
+        .unwrap_or(0);
     let max_concurrency = match &raw.resources.max_concurrency {
         Some(m) => {
             spans.insert("resources.max_concurrency", m.span());
@@ -1042,12 +1770,9 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         None if kind == Kind::Http => DEFAULT_MAX_CONCURRENCY,
         None => 1,
     };
-    let replicas = match &raw.scale.replicas {
-        Some(r) => {
-            spans.insert("scale.replicas", r.span());
-            *r.get_ref()
-        }
-        None => 1,
+    let (replicas, scale) = match &raw.scale {
+        Some(s) => scale(src, s, max_concurrency, &mut spans)?,
+        None => (1, Scale::default()),
     };
     let http = match &raw.http {
         Some(h) => {
@@ -1097,11 +1822,18 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 .unwrap_or_default(),
         },
         resources: Resources {
-            memory_bytes,
-            cpu_millis,
+            requests: Requests {
+                cpu_millis: cpu_request,
+                memory_bytes: memory_request,
+            },
+            limits: Limits {
+                memory_bytes: memory_limit,
+                cpu_millis: cpu_limit,
+            },
             max_concurrency,
         },
         replicas,
+        scale,
         http,
         env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
         placement: Placement {
@@ -1167,6 +1899,10 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             }
             None => None,
         },
+        runs: match &raw.job {
+            Some(j) => job_runs(src, j.get_ref(), &mut spans)?,
+            None => JobRuns::default(),
+        },
         outbound: match raw.network {
             Some(n) => {
                 spans.insert("network.outbound", n.span());
@@ -1199,8 +1935,8 @@ path = "hello.wasm"
 kind = "http"
 
 [resources]
-memory = "32Mi"
-cpu = "50m"
+limits = { memory = "32Mi" }
+requests = { cpu = "50m" }
 max_concurrency = 8
 
 [scale]
@@ -1221,8 +1957,10 @@ A = "1"
         assert_eq!(m.module, ModuleRef::Path("hello.wasm".into()));
         let spec = m.resolve(format!("sha256:{}", "a".repeat(64))).unwrap();
         assert_eq!(spec.namespace, "default");
-        assert_eq!(spec.resources.memory_bytes, 32 << 20);
-        assert_eq!(spec.resources.cpu_millis, 50);
+        assert_eq!(spec.resources.limits.memory_bytes, 32 << 20);
+        assert_eq!(spec.resources.requests.cpu_millis, 50);
+        assert_eq!(spec.resources.requests.memory_bytes, DEFAULT_MEMORY_REQUEST);
+        assert_eq!(spec.resources.limits.cpu_millis, None);
         assert_eq!(spec.replicas, 2);
         let http = spec.http.as_ref().unwrap();
         assert_eq!(
@@ -1253,7 +1991,9 @@ A = "1"
             .unwrap()
             .resolve(format!("sha256:{}", "b".repeat(64)))
             .unwrap();
-        assert_eq!(spec.resources.memory_bytes, DEFAULT_MEMORY);
+        assert_eq!(spec.resources.limits.memory_bytes, DEFAULT_MEMORY_LIMIT);
+        assert_eq!(spec.resources.requests.memory_bytes, DEFAULT_MEMORY_REQUEST);
+        assert_eq!(spec.resources.requests.cpu_millis, 0);
         assert_eq!(spec.resources.max_concurrency, 1);
         assert_eq!(spec.replicas, 1);
         assert!(spec.http.is_none());
@@ -1308,7 +2048,7 @@ A = "1"
         );
         assert_eq!(
             new.changed_fields(&old),
-            ["resources.memory", "http.timeout", "env.A", "env.C"]
+            ["resources.limits.memory", "http.timeout", "env.A", "env.C"]
         );
         // Scale and routes are not the template's.
         let rescaled = spec(&HELLO.replace("replicas = 2", "replicas = 5"));
@@ -1328,10 +2068,13 @@ A = "1"
 
     #[test]
     fn unknown_key_is_an_error_with_position() {
-        let src = HELLO.replace("cpu = \"50m\"", "cpu = \"50m\"\nmemroy = \"1Mi\"");
+        let src = HELLO.replace(
+            "max_concurrency = 8",
+            "max_concurrency = 8\nmemroy = \"1Mi\"",
+        );
         let e = err(&src);
         assert!(e.message.contains("memroy"), "{e}");
-        assert_eq!(e.line, Some(11), "{e}");
+        assert_eq!(e.line, Some(12), "{e}");
     }
 
     #[test]
@@ -1345,7 +2088,7 @@ A = "1"
     #[test]
     fn bad_quantities_and_routes() {
         let e = err(&HELLO.replace("\"32Mi\"", "\"32MB\""));
-        assert_eq!(e.field.as_deref(), Some("resources.memory"));
+        assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
         assert_eq!(e.line, Some(9));
         let e = err(&HELLO.replace("\"/hello/\"", "\"hello\""));
         assert_eq!(e.field.as_deref(), Some("http.routes"), "{e}");
@@ -1354,7 +2097,7 @@ A = "1"
         let e = err(&HELLO.replace("\"5s\"", "\"5\""));
         assert_eq!(e.field.as_deref(), Some("http.timeout"));
         let e = err(&HELLO.replace("\"32Mi\"", "\"64Gi\""));
-        assert_eq!(e.field.as_deref(), Some("resources.memory"));
+        assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
         assert_eq!(e.line, Some(9));
     }
 
@@ -1544,6 +2287,132 @@ A = "1"
         assert!(e.message.contains("always"), "{e}");
     }
 
+    /// Job `j` whose `[job]` section is `job`, as a file: the section starts on line 5.
+    fn cron_job(job: &str) -> String {
+        format!(
+            "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n[job]\n{job}\n",
+            "b".repeat(64)
+        )
+    }
+
+    #[test]
+    fn scheduled_jobs_parse_with_kubernetes_defaults() {
+        let spec = resolve(&cron_job(
+            "schedule = \"*/5 * * * *\"\ntimezone = \"Asia/Seoul\"\nconcurrency = \"forbid\"\nstarting_deadline = \"30s\"\nhistory = { succeeded = 5 }",
+        ));
+        assert_eq!(
+            spec.runs,
+            JobRuns {
+                schedule: Some("*/5 * * * *".into()),
+                timezone: "Asia/Seoul".into(),
+                concurrency: Concurrency::Forbid,
+                starting_deadline_ms: Some(30_000),
+                history: History {
+                    succeeded: 5,
+                    failed: 1
+                },
+            }
+        );
+        assert_eq!(
+            spec.job.as_ref().unwrap().retries,
+            3,
+            "the rest of [job] as before"
+        );
+        let plain = resolve(&cron_job("schedule = \"*/2 * * * * *\""));
+        assert_eq!(plain.runs.timezone, "UTC");
+        assert_eq!(plain.runs.concurrency, Concurrency::Allow);
+        assert_eq!(plain.runs.history, History::default());
+        assert!(resolve(&cron_job("")).runs.is_default());
+    }
+
+    #[test]
+    fn a_jobs_schedule_is_not_its_revision() {
+        let once = resolve(&cron_job("retries = 1"));
+        let nightly = resolve(&cron_job(
+            "retries = 1\nschedule = \"0 3 * * *\"\nconcurrency = \"replace\"",
+        ));
+        assert_eq!(once.template(), nightly.template());
+        assert_eq!(nightly.with_template(&once.template()).runs, nightly.runs);
+        // Through JSON and back, as the API stores it.
+        let json = serde_json::to_string(&nightly).unwrap();
+        assert_eq!(serde_json::from_str::<AppSpec>(&json).unwrap(), nightly);
+        assert!(!serde_json::to_string(&once).unwrap().contains("runs"));
+    }
+
+    #[test]
+    fn bad_job_schedules_are_pointed_at() {
+        let cases: &[(&str, &str, &str, (usize, usize))] = &[
+            (
+                "schedule = \"0 25 * * *\"",
+                "job.schedule",
+                "invalid cron expression",
+                (6, 12),
+            ),
+            (
+                "schedule = \"0 3 * * *\"\ntimezone = \"Mars/Olympus\"",
+                "job.timezone",
+                "unknown time zone",
+                (7, 12),
+            ),
+            (
+                "timezone = \"Asia/Seoul\"",
+                "job.timezone",
+                "set schedule too",
+                (6, 12),
+            ),
+            (
+                "starting_deadline = \"30s\"",
+                "job.starting_deadline",
+                "set schedule too",
+                (6, 21),
+            ),
+            (
+                "schedule = \"* * * * *\"\nstarting_deadline = \"10ms\"",
+                "job.starting_deadline",
+                "at least 1s",
+                (7, 21),
+            ),
+            (
+                "history = { failed = 101 }",
+                "job.history",
+                "at most 100",
+                (6, 11),
+            ),
+        ];
+        for (job, field, message, (line, column)) in cases {
+            let e = err(&cron_job(job));
+            assert_eq!(e.field.as_deref(), Some(*field), "{job}: {e}");
+            assert!(e.message.contains(message), "{job}: {e}");
+            assert_eq!(
+                (e.line, e.column),
+                (Some(*line), Some(*column)),
+                "{job}: {e}"
+            );
+        }
+        let e = err(&cron_job("concurrency = \"sometimes\""));
+        assert!(e.message.contains("sometimes"), "{e}");
+        assert_eq!(e.line, Some(6), "{e}");
+        // One replica per run.
+        let e = err(&format!(
+            "{}[scale]\nreplicas = 2\n",
+            cron_job("schedule = \"0 3 * * *\"")
+        ));
+        assert_eq!(e.field.as_deref(), Some("scale.replicas"), "{e}");
+        assert!(e.message.contains("one replica per run"), "{e}");
+        assert_eq!((e.line, e.column), (Some(8), Some(12)), "{e}");
+        // Only jobs have runs, also when the spec comes as JSON.
+        let mut http = resolve_hello();
+        http.runs.schedule = Some("0 3 * * *".into());
+        assert_eq!(http.validate().unwrap_err().field.as_deref(), Some("job"));
+    }
+
+    fn resolve_hello() -> AppSpec {
+        parse_app(HELLO)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap()
+    }
+
     #[test]
     fn a_spec_with_an_old_template_has_that_template() {
         let digest = format!("sha256:{}", "a".repeat(64));
@@ -1691,5 +2560,169 @@ spread = "required"
         let json = serde_json::to_string(&placed).unwrap();
         assert!(json.contains(r#""spread":"required""#), "{json}");
         assert_eq!(serde_json::from_str::<AppSpec>(&json).unwrap(), placed);
+    }
+
+    fn scaled(scale: &str) -> Result<AppSpec, SpecError> {
+        let src = HELLO.replace("[scale]\nreplicas = 2\n", scale);
+        parse_app(&src)?.resolve(format!("sha256:{}", "a".repeat(64)))
+    }
+
+    #[test]
+    fn requests_and_limits() {
+        let spec = scaled("").unwrap();
+        assert_eq!(spec.replicas, 1);
+        let src = HELLO.replace(
+            "limits = { memory = \"32Mi\" }\nrequests = { cpu = \"50m\" }",
+            "limits = { memory = \"32Mi\", cpu = \"500m\" }\nrequests = { memory = \"4Mi\" }",
+        );
+        let r = parse_app(&src).unwrap().spec.resources;
+        assert_eq!(r.requests.memory_bytes, 4 << 20);
+        // A limit without a request requests the limit, as in Kubernetes.
+        assert_eq!(r.requests.cpu_millis, 500);
+        assert_eq!(r.limits.cpu_millis, Some(500));
+        let src = HELLO.replace(
+            "requests = { cpu = \"50m\" }",
+            "requests = { memory = \"64Mi\" }",
+        );
+        let e = err(&src);
+        assert_eq!(e.field.as_deref(), Some("resources.requests.memory"), "{e}");
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.message.contains("more than the limit"), "{e}");
+        // The old flat keys say where they went.
+        let e = err(&HELLO.replace("max_concurrency = 8", "max_concurrency = 8\ncpu = \"1\""));
+        assert!(e.message.contains("requests"), "{e}");
+    }
+
+    #[test]
+    fn autoscaling_defaults_and_bounds() {
+        let spec = scaled("[scale]\nmin = 0\nmax = 5\nidle = \"2m\"\n").unwrap();
+        let a = spec.scale.autoscale.as_ref().unwrap();
+        assert_eq!((a.min, a.max, a.idle_ms), (0, 5, 120_000));
+        // 70 % of max_concurrency (8), as Knative aims below the hard limit.
+        assert_eq!(a.target_concurrency, 5);
+        assert_eq!(a.window_ms, DEFAULT_SCALE_WINDOW_MS);
+        // Starts with one replica so the apply ends serving.
+        assert_eq!(spec.replicas, 1);
+        let spec = scaled("[scale]\nmin = 2\nmax = 5\ntarget_concurrency = 3\ntarget_rps = 50\nwindow = \"10s\"\n").unwrap();
+        let a = spec.scale.autoscale.unwrap();
+        assert_eq!(
+            (a.target_concurrency, a.target_rps, a.window_ms),
+            (3, Some(50), 10_000)
+        );
+        assert_eq!(spec.replicas, 2);
+    }
+
+    #[test]
+    fn bad_scale_is_rejected_where_it_is_written() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[scale]\nmin = 4\nmax = 2\n", "scale.min", "more than max"),
+            (
+                "[scale]\nmax = 2\ntarget_concurrency = 0\n",
+                "scale.target_concurrency",
+                "between 1",
+            ),
+            (
+                "[scale]\nmax = 2\ntarget_concurrency = 9\n",
+                "scale.target_concurrency",
+                "max_concurrency (8)",
+            ),
+            (
+                "[scale]\nmin = 1\nmax = 2\nidle = \"5m\"\n",
+                "scale.idle",
+                "min = 0",
+            ),
+            (
+                "[scale]\nreplicas = 2\nmax = 3\n",
+                "scale.replicas",
+                "not both",
+            ),
+            ("[scale]\nmin = 1\n", "scale.max", "needs max"),
+            (
+                "[scale]\nmax = 2\nwindow = \"500ms\"\n",
+                "scale.window",
+                "between 1s and 1h",
+            ),
+            (
+                "[[scale.schedule]]\ncron = \"0 25 * * *\"\nduration = \"1h\"\nreplicas = 3\n",
+                "scale.schedule[0].cron",
+                "invalid cron expression",
+            ),
+            (
+                "[[scale.schedule]]\ncron = \"0 9 * * *\"\ntimezone = \"Asia/Seul\"\nduration = \"1h\"\nreplicas = 3\n",
+                "scale.schedule[0].timezone",
+                "unknown time zone",
+            ),
+            (
+                "[[scale.schedule]]\ncron = \"0 9 * * *\"\nduration = \"1h\"\n",
+                "scale.schedule[0].min",
+                "changes nothing",
+            ),
+            (
+                "[[scale.schedule]]\ncron = \"0 9 * * *\"\nreplicas = 3\n",
+                "scale.schedule[0].duration",
+                "one of duration",
+            ),
+            (
+                "[[scale.schedule]]\ncron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 5\nmax = 2\n",
+                "scale.schedule[0].min",
+                "more than max",
+            ),
+        ];
+        for (scale, field, message) in cases {
+            let e = scaled(scale).expect_err(scale);
+            assert_eq!(e.field.as_deref(), Some(*field), "{scale}: {e}");
+            assert!(e.message.contains(message), "{scale}: {e}");
+            assert!(e.line.is_some_and(|l| l >= 13), "{scale}: {e}");
+        }
+        // The cron error points at the cron string itself.
+        let e =
+            scaled("[[scale.schedule]]\ncron = \"0 25 * * *\"\nduration = \"1h\"\nreplicas = 3\n")
+                .unwrap_err();
+        assert_eq!((e.line, e.column), (Some(14), Some(8)), "{e}");
+        // Autoscaling is for http apps; a job takes no [scale] at all.
+        let job = format!(
+            "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n[scale]\nmax = 3\n",
+            "b".repeat(64)
+        );
+        let e = err(&job);
+        assert_eq!(e.field.as_deref(), Some("scale"), "{e}");
+        assert_eq!(e.line, Some(5), "{e}");
+    }
+
+    #[test]
+    fn open_windows_set_the_bounds() {
+        let spec = scaled(
+            "[scale]\nmin = 1\nmax = 4\n\
+             [[scale.schedule]]\nname = \"mornings\"\ncron = \"0 9 * * *\"\ntimezone = \"Asia/Seoul\"\nduration = \"3h\"\nmin = 3\n\
+             [[scale.schedule]]\nname = \"launch\"\ncron = \"0 10 * * *\"\ntimezone = \"Asia/Seoul\"\nend = \"0 11 * * *\"\nreplicas = 6\n",
+        )
+        .unwrap();
+        // 2026-11-30 in Seoul (UTC+9): 08:00 = 23:00 UTC the day before.
+        let seoul = |h: u64| 1_795_993_200_000 + (h - 8) * 3_600_000;
+        let b = spec.scale.bounds(spec.replicas, seoul(8));
+        assert_eq!((b.min, b.max), (1, 4));
+        assert!(b.windows.is_empty());
+        let b = spec.scale.bounds(spec.replicas, seoul(9));
+        assert_eq!(
+            (b.min, b.max, b.windows.clone()),
+            (3, 4, vec!["mornings".to_string()])
+        );
+        // Overlap: the largest min and the largest max of the open windows.
+        let b = spec.scale.bounds(spec.replicas, seoul(10));
+        assert_eq!((b.min, b.max), (6, 6));
+        assert_eq!(b.windows, ["mornings", "launch"]);
+        assert_eq!(b.clamp(1), 6);
+        let b = spec.scale.bounds(spec.replicas, seoul(12));
+        assert_eq!((b.min, b.max), (1, 4));
+
+        // Without autoscaling the app's own bounds are its replicas.
+        let fixed = scaled(
+            "[scale]\nreplicas = 2\n[[scale.schedule]]\ncron = \"0 9 * * *\"\nduration = \"1h\"\nreplicas = 5\n",
+        )
+        .unwrap();
+        assert_eq!(fixed.scale.schedule[0].name, "schedule-1");
+        let nine_utc = 1_796_029_200_000;
+        assert_eq!(fixed.scale.bounds(2, nine_utc).clamp(2), 5);
+        assert_eq!(fixed.scale.bounds(2, nine_utc + 3_600_000).clamp(2), 2);
     }
 }

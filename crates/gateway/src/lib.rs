@@ -12,6 +12,7 @@
 //! ([`Gateway::outbound`]): that is service discovery.
 
 mod endpoint;
+mod hold;
 mod metrics;
 mod outbound;
 mod proxy;

@@ -1,6 +1,8 @@
 //! Request outcomes per app revision, counted by the gateway that routed each request so
 //! a forwarded one is counted once. Atomic counters shared by an app revision's endpoints:
 //! recording takes no lock, and reporting ([`Registry::take`]) swaps them back to zero.
+//! Besides outcomes, requests in flight integrated over time (what autoscaling reads):
+//! a small lock per revision, taken when a request starts and when it ends.
 
 use http::StatusCode;
 use shoal_core::metrics::{Histogram, LATENCY_BOUNDS_MS, RevisionStats};
@@ -8,7 +10,7 @@ use shoal_core::spec::AppKey;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
 
@@ -19,9 +21,49 @@ pub(crate) struct Counters {
     errors: AtomicU64,
     /// Buckets as [`Histogram::counts`].
     latency: [AtomicU64; BUCKETS],
+    busy: Mutex<Busy>,
+}
+
+/// Requests in flight, and their integral over time since the last report.
+#[derive(Default)]
+struct Busy {
+    in_flight: u64,
+    since: Option<Instant>,
+    integral: Duration,
+}
+
+impl Busy {
+    /// Adds the time since the last change at the current count.
+    fn settle(&mut self, now: Instant) {
+        if let Some(since) = self.since {
+            let n = u32::try_from(self.in_flight).unwrap_or(u32::MAX);
+            self.integral += now.saturating_duration_since(since) * n;
+        }
+        self.since = Some(now);
+    }
+}
+
+/// Counts one request in flight until dropped.
+pub(crate) struct BusyGuard(Arc<Counters>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut busy = self.0.busy.lock().expect("busy lock");
+        busy.settle(Instant::now());
+        busy.in_flight -= 1;
+    }
 }
 
 impl Counters {
+    /// Counts a request in flight from now until the guard is dropped.
+    pub(crate) fn busy(self: &Arc<Self>) -> BusyGuard {
+        let mut busy = self.busy.lock().expect("busy lock");
+        busy.settle(Instant::now());
+        busy.in_flight += 1;
+        drop(busy);
+        BusyGuard(self.clone())
+    }
+
     /// One request's final response: its status and the time to its head.
     pub(crate) fn record(&self, status: StatusCode, elapsed: Duration) {
         let bucket = bucket(elapsed.as_secs_f64() * 1_000.0);
@@ -35,10 +77,19 @@ impl Counters {
     /// Everything counted so far, leaving zeros; `None` if nothing was. A request recorded
     /// meanwhile may split between this report and the next, but is never lost or doubled.
     fn take(&self, app: &AppKey, revision: u64) -> Option<RevisionStats> {
-        if self.requests.load(Ordering::Relaxed) == 0 {
+        let (busy_ms, in_flight) = {
+            let mut busy = self.busy.lock().expect("busy lock");
+            busy.settle(Instant::now());
+            let ms = std::mem::take(&mut busy.integral).as_millis() as u64;
+            (ms, busy.in_flight)
+        };
+        // A revision that finished nothing and runs nothing now has nothing to say
+        // (its time in flight was a try that moved on to another endpoint).
+        if self.requests.load(Ordering::Relaxed) == 0 && in_flight == 0 {
             return None;
         }
         let mut stats = RevisionStats::new(app.clone(), revision);
+        stats.busy_ms = busy_ms;
         stats.requests = self.requests.swap(0, Ordering::Relaxed);
         stats.errors = self.errors.swap(0, Ordering::Relaxed);
         let counts: Vec<u64> = self
@@ -128,5 +179,18 @@ mod tests {
         drop(counters);
         assert_eq!(registry.take()[0].requests, 1);
         assert!(registry.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn time_in_flight_adds_up_per_request() {
+        let t0 = Instant::now();
+        let mut busy = Busy::default();
+        busy.settle(t0);
+        busy.in_flight = 2;
+        busy.settle(t0 + Duration::from_millis(500));
+        busy.in_flight = 1;
+        busy.settle(t0 + Duration::from_millis(800));
+        // Two for half a second, then one for 300 ms.
+        assert_eq!(busy.integral, Duration::from_millis(1_300));
     }
 }

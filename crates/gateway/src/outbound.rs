@@ -15,6 +15,10 @@ use tracing::{Instrument, field};
 
 pub(crate) struct ServicePolicy {
     gateway: Weak<Inner>,
+    /// The executor the policy was made on (the gateway's). Guests run on the runtime's own
+    /// threads; their calls are made here so the pooled connections they open, and the
+    /// dispatch to other apps, live with the gateway's I/O rather than among busy guests.
+    io: Option<tokio::runtime::Handle>,
     namespace: String,
     /// Lowercase; matched exactly against the request's host.
     allowed_hosts: Vec<String>,
@@ -32,6 +36,7 @@ impl ServicePolicy {
     pub(crate) fn new(gateway: &Gateway, namespace: &str, allowed_hosts: Vec<String>) -> Self {
         ServicePolicy {
             gateway: gateway.downgrade(),
+            io: tokio::runtime::Handle::try_current().ok(),
             namespace: namespace.to_string(),
             allowed_hosts: allowed_hosts
                 .into_iter()
@@ -74,7 +79,7 @@ impl OutboundPolicy for ServicePolicy {
         let destination = self.resolve(&gateway, &host);
         // The wait for the response head; connecting is bounded by the gateway's own timeout.
         let head_timeout = options.and_then(|o| o.first_byte_timeout);
-        Box::pin(async move {
+        let send = async move {
             let call = async {
                 match destination {
                     Destination::Service(app) => {
@@ -100,6 +105,28 @@ impl OutboundPolicy for ServicePolicy {
                     .unwrap_or(Err(HttpError::ConnectionReadTimeout)),
                 None => call.await,
             }
-        })
+        };
+        match &self.io {
+            Some(io) => {
+                let mut task = AbortOnDrop(io.spawn(send));
+                Box::pin(async move {
+                    (&mut task.0).await.unwrap_or_else(|e| {
+                        Err(HttpError::InternalError(Some(format!(
+                            "the outbound call's task ended: {e}"
+                        ))))
+                    })
+                })
+            }
+            None => Box::pin(send),
+        }
+    }
+}
+
+/// Cancels the call when the guest stops waiting for it (it was dropped or timed out).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -4,6 +4,7 @@ use crate::RoutingTable;
 use crate::endpoint::{
     Endpoint, EndpointStatus, Group, InflightGuard, RemoteReplica, Split, Target, pick,
 };
+use crate::hold::Holds;
 use crate::metrics::Registry;
 use crate::outbound::ServicePolicy;
 use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER, Resend};
@@ -41,6 +42,10 @@ pub struct GatewayConfig {
     /// so it cannot pin a replica, reach an app without routes, or read logs. `None`
     /// trusts anyone (tests).
     pub hop_secret: Option<String>,
+    /// How long a request for an app at zero replicas is held while one starts.
+    pub hold_timeout: Duration,
+    /// How many requests per app may be held at once; more get a 503 at once.
+    pub hold_limit: u32,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +54,8 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
             hop_secret: None,
+            hold_timeout: Duration::from_secs(30),
+            hold_limit: 1_000,
         }
     }
 }
@@ -67,6 +74,8 @@ pub struct Tables {
     pub remotes: HashMap<AppKey, Vec<RemoteReplica>>,
     /// Canary steps: an app's traffic split by weight between two revisions.
     pub splits: HashMap<AppKey, Split>,
+    /// Apps that scale to zero: a request finding no endpoint waits for one.
+    pub wake: Vec<AppKey>,
 }
 
 /// Where an app's requests may go. Splits live under the endpoints' lock so a request
@@ -87,6 +96,7 @@ pub(crate) struct Inner {
     table: RwLock<Arc<RoutingTable>>,
     pool: RwLock<Pool>,
     metrics: Registry,
+    holds: Holds,
     /// Apps the agent declared as services; see [`Gateway::set_services`].
     services: RwLock<HashSet<AppKey>>,
     client: proxy::Client,
@@ -106,6 +116,7 @@ impl Gateway {
                 table: RwLock::new(Arc::new(RoutingTable::default())),
                 pool: RwLock::new(Pool::default()),
                 metrics: Registry::default(),
+                holds: Holds::default(),
                 services: RwLock::new(HashSet::new()),
                 client,
                 logs: RwLock::new(None),
@@ -136,6 +147,8 @@ impl Gateway {
         pool.splits = tables.splits;
         replace_remotes(&self.inner.metrics, &mut pool.endpoints, tables.remotes);
         *table = Arc::new(RoutingTable::new(tables.routes));
+        self.inner.holds.set_wake(tables.wake);
+        self.inner.holds.arrivals.notify_waiters();
     }
 
     /// Replaces the whole routing table.
@@ -154,6 +167,17 @@ impl Gateway {
     /// gateway that forwarded it, not on the one that ran it.
     pub fn take_metrics(&self) -> Vec<RevisionStats> {
         self.inner.metrics.take()
+    }
+
+    /// Requests held per app for lack of a ready replica, each app whose count
+    /// changed since the last call (zero once, when the last one left).
+    pub fn take_waiting(&self) -> Vec<(AppKey, u32)> {
+        self.inner.holds.take()
+    }
+
+    /// Resolves when a held-request count changed: time to call [`Gateway::take_waiting`].
+    pub async fn waiting_changed(&self) {
+        self.inner.holds.changed().await;
     }
 
     /// Declares every http app of the cluster, so guests can call one by name even while it
@@ -266,6 +290,7 @@ impl Gateway {
             .unwrap_or_default();
         list.push(Arc::new(endpoint));
         map.insert(app, list.into());
+        self.inner.holds.arrivals.notify_waiters();
     }
 
     /// Stops sending new requests to a replica; in-flight ones finish.
@@ -295,6 +320,7 @@ impl Gateway {
     pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<RemoteReplica>>) {
         let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
         replace_remotes(&self.inner.metrics, map, remote);
+        self.inner.holds.arrivals.notify_waiters();
     }
 
     /// Replica ids of an app's endpoints in rotation (ready, and not marked down).
@@ -389,12 +415,13 @@ impl Gateway {
         let start = Instant::now();
         let span = Span::current();
         span.record("app", field::display(app));
-        let (endpoints, split) = {
-            let pool = self.inner.pool.read().expect("endpoint lock");
-            let endpoints = pool.endpoints.get(app).cloned();
-            (endpoints, pool.splits.get(app).copied())
-        };
-        let endpoints = endpoints.unwrap_or_else(|| Arc::from([]));
+        let (mut endpoints, mut split) = self.endpoints_of(app);
+        if endpoints.is_empty() && self.inner.holds.wakes(app) {
+            (endpoints, split) = match self.hold(app).await {
+                Ok(found) => found,
+                Err(response) => return response,
+            };
+        }
         let group = Group::draw(split);
         let Some(first) = pick(&endpoints, group) else {
             return problem_response(
@@ -402,6 +429,7 @@ impl Gateway {
                 &format!("app {app} has no ready replicas"),
             );
         };
+        let mut _busy = first.counters.busy();
         span.record("replica", first.replica.as_str());
         let mut resend = None;
         if !first.is_local() {
@@ -421,6 +449,7 @@ impl Gateway {
                     }
                     Some((second, resend)) => {
                         span.record("replica", second.replica.as_str());
+                        _busy = second.counters.busy();
                         tracing::debug!(failed = %first.replica, "retrying on another endpoint");
                         let response = match self.call(&second, app, resend.request()).await {
                             Ok(response) => response,
@@ -436,6 +465,57 @@ impl Gateway {
         };
         last.counters.record(response.status(), start.elapsed());
         response
+    }
+
+    fn endpoints_of(&self, app: &AppKey) -> (Arc<[Arc<Endpoint>]>, Option<Split>) {
+        let pool = self.inner.pool.read().expect("endpoint lock");
+        let endpoints = pool.endpoints.get(app).cloned();
+        (
+            endpoints.unwrap_or_else(|| Arc::from([])),
+            pool.splits.get(app).copied(),
+        )
+    }
+
+    /// Waits, within the hold's bounds, for `app` (scaled to zero) to have an endpoint.
+    async fn hold(
+        &self,
+        app: &AppKey,
+    ) -> Result<(Arc<[Arc<Endpoint>]>, Option<Split>), Response<ResponseBody>> {
+        let config = &self.inner.config;
+        let Some(_held) = self.inner.holds.enter(app, config.hold_limit) else {
+            return Err(problem_response(
+                ErrorCode::AtCapacity,
+                &format!(
+                    "{} requests already wait for app {app} to start; retry shortly",
+                    config.hold_limit
+                ),
+            ));
+        };
+        tracing::debug!(%app, "holding the request while the app starts");
+        let deadline = tokio::time::Instant::now() + config.hold_timeout;
+        loop {
+            let arrived = self.inner.holds.arrivals.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let (endpoints, split) = self.endpoints_of(app);
+            if !endpoints.is_empty() {
+                return Ok((endpoints, split));
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let mut response = problem_response(
+                    ErrorCode::NoReadyReplicas,
+                    &format!(
+                        "app {app} is starting but no replica was ready within {} s; retry shortly",
+                        config.hold_timeout.as_secs_f64()
+                    ),
+                );
+                // Unlike an app with no replica at all, this one is on its way up.
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                return Err(response);
+            }
+        }
     }
 
     /// A request another gateway forwarded: served by the replica it names, here, or refused

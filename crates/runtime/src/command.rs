@@ -7,6 +7,7 @@ use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::config::{format_bytes, format_duration};
+use crate::cpu::{Metered, TaskMeter};
 use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::runtime::Runtime;
 
@@ -56,6 +57,15 @@ struct CommandInner {
     settings: InstanceSettings,
 }
 
+/// Cancels the guest's task when the caller stops waiting for it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Command")
@@ -86,12 +96,33 @@ impl Command {
     }
 
     /// Runs `wasi:cli/run` once, with the configured timeout for the whole run. Output goes to
-    /// the log sink; abnormal ends are also recorded there.
+    /// the log sink; abnormal ends are also recorded there. The guest runs on the runtime's
+    /// guest threads, metered for its CPU group; dropping the returned future cancels the run.
     pub async fn run(&self) -> ExitStatus {
+        let command = self.clone();
+        let task = self.inner.runtime.guests().spawn(async move {
+            let meter = command.inner.settings.cpu.meter();
+            Metered::new(meter.clone(), async move {
+                let started = Instant::now();
+                let status = command.run_here(meter).await;
+                command.report(&status, started.elapsed());
+                status
+            })
+            .await
+        });
+        let mut task = AbortOnDrop(task);
+        match (&mut task.0).await {
+            Ok(status) => status,
+            Err(e) => ExitStatus::Failed(format!("the run's task ended: {e}")),
+        }
+    }
+
+    async fn run_here(&self, meter: Arc<TaskMeter>) -> ExitStatus {
         let inner = &self.inner;
-        let started = Instant::now();
-        let mut store = new_store(inner.runtime.engine(), &inner.settings);
+        let mut store = new_store(inner.runtime.engine(), &inner.settings, meter.clone());
+        let deadline = store.data().deadline();
         let run = async {
+            meter.admit(deadline, false).await;
             let command = inner.pre.instantiate_async(&mut store).await?;
             command.wasi_cli_run().call_run(&mut store).await
         };
@@ -119,7 +150,6 @@ impl Command {
         };
         // Flush the guest's partial last lines before the runtime's own verdict.
         drop(store);
-        self.report(&status, started.elapsed());
         status
     }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::cpu::CpuShare;
 use crate::logs::LogSink;
 use crate::outbound::{DenyAll, OutboundPolicy};
 
@@ -22,16 +23,21 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: u64,
     /// Granularity of timeouts and of the time slice after which a busy guest yields.
     pub epoch_tick: Duration,
+    /// Worker threads of the runtime's own executor, where every guest runs (so guests
+    /// cannot hold up the caller's executor, e.g. the gateway's); 0 means one per core.
+    pub guest_threads: usize,
 }
 
 impl RuntimeConfig {
-    /// Defaults (1000 instances, 512 MiB, 10 ms ticks) with the given cache directory.
+    /// Defaults (1000 instances, 512 MiB, 10 ms ticks, a guest thread per core) with the
+    /// given cache directory.
     pub fn new(cache_dir: impl Into<PathBuf>) -> RuntimeConfig {
         RuntimeConfig {
             cache_dir: cache_dir.into(),
             max_instances: 1000,
             max_memory_bytes: 512 * MIB,
             epoch_tick: Duration::from_millis(10),
+            guest_threads: 0,
         }
     }
 }
@@ -58,6 +64,8 @@ pub struct InstanceConfig {
     /// Told when a request's instance is killed (timeout, memory, trap), so the
     /// node can report it beyond the replica's own log.
     pub incidents: Option<IncidentHook>,
+    /// The CPU group the replica is charged to and its weight and limit in it.
+    pub cpu: CpuShare,
 }
 
 /// An HTTP request whose instance the runtime had to kill.
@@ -98,6 +106,7 @@ impl Default for InstanceConfig {
             logs: LogSink::default(),
             outbound: Arc::new(DenyAll),
             incidents: None,
+            cpu: CpuShare::default(),
         }
     }
 }
@@ -112,6 +121,7 @@ impl std::fmt::Debug for InstanceConfig {
             .field("memory_limit", &self.memory_limit)
             .field("timeout", &self.timeout)
             .field("logs", &self.logs)
+            .field("cpu", &self.cpu)
             .finish_non_exhaustive()
     }
 }

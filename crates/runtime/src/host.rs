@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::config::format_bytes;
+use crate::cpu::{Member, TaskMeter};
 use crate::logs::{LogSink, LogStream};
 use crate::outbound::{OutboundHooks, OutboundPolicy};
 
@@ -29,6 +30,8 @@ pub(crate) struct InstanceSettings {
     pub(crate) logs: LogSink,
     pub(crate) outbound: Arc<dyn OutboundPolicy>,
     pub(crate) incidents: Option<crate::IncidentHook>,
+    /// The replica's place in its CPU group; each run gets a [`TaskMeter`] from it.
+    pub(crate) cpu: Arc<Member>,
 }
 
 pub(crate) struct Host {
@@ -39,9 +42,15 @@ pub(crate) struct Host {
     limiter: MemoryLimiter,
     deadline: Option<Instant>,
     timed_out: bool,
+    meter: Arc<TaskMeter>,
 }
 
 impl Host {
+    /// When the guest's timeout runs out, if it has one.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
     /// Whether the epoch callback stopped the guest because its deadline passed.
     pub(crate) fn timed_out(&self) -> bool {
         self.timed_out
@@ -121,12 +130,19 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// A fresh store granting exactly what `settings` says, with a deadline `timeout` from now.
+/// A fresh store granting exactly what `settings` says, with a deadline `timeout` from now,
+/// run under `meter` (which the caller's task must be [`crate::cpu::Metered`] with).
 ///
 /// Every store also gets an epoch callback: past the deadline it interrupts the guest (a trap
-/// the caller recognises through [`Host::timed_out`]); before it, it makes the guest yield to
-/// the executor once per epoch tick so a busy guest cannot monopolise a tokio worker.
-pub(crate) fn new_store(engine: &Engine, settings: &InstanceSettings) -> Store<Host> {
+/// the caller recognises through [`Host::timed_out`]); before it, at each epoch tick (a time
+/// slice), it charges the slice to the guest's CPU group and makes the guest yield to the
+/// executor, and wait there while its group is over its share or its limit
+/// ([`TaskMeter::admit`]), so a busy guest can monopolise neither a worker nor the CPU.
+pub(crate) fn new_store(
+    engine: &Engine,
+    settings: &InstanceSettings,
+    meter: Arc<TaskMeter>,
+) -> Store<Host> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.envs(&settings.env)
         .args(&settings.args)
@@ -156,6 +172,7 @@ pub(crate) fn new_store(engine: &Engine, settings: &InstanceSettings) -> Store<H
         },
         deadline: settings.timeout.map(|t| Instant::now() + t),
         timed_out: false,
+        meter,
     };
 
     let mut store = Store::new(engine, host);
@@ -168,7 +185,11 @@ pub(crate) fn new_store(engine: &Engine, settings: &InstanceSettings) -> Store<H
                 host.timed_out = true;
                 Ok(UpdateDeadline::Interrupt)
             }
-            _ => Ok(UpdateDeadline::Yield(1)),
+            deadline => {
+                host.meter.mark_slice();
+                let admit = host.meter.clone().admit(deadline, true);
+                Ok(UpdateDeadline::YieldCustom(1, Box::pin(admit)))
+            }
         }
     });
     store

@@ -16,6 +16,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 
 use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
+use crate::cpu::Metered;
 use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::runtime::Runtime;
 use shoal_core::problem::{self, ErrorBody};
@@ -74,8 +75,9 @@ impl HttpService {
     /// instance pool is full, `guest_trapped` / `out_of_memory` / `guest_failed` 500), is
     /// logged, and is written to the replica's logs.
     ///
-    /// Bodies stream both ways. The guest keeps running in a background task after it sent
-    /// the response head, until it finishes the body or its timeout stops it.
+    /// Bodies stream both ways. The guest runs on the runtime's guest threads, not the
+    /// caller's, metered for its CPU group, and keeps running there after it sent the
+    /// response head, until it finishes the body or its timeout stops it.
     pub async fn handle<B>(&self, mut req: http::Request<B>) -> http::Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -95,7 +97,8 @@ impl HttpService {
         let started = Instant::now();
 
         let inner = &self.inner;
-        let mut store = new_store(inner.runtime.engine(), &inner.settings);
+        let meter = inner.settings.cpu.meter();
+        let mut store = new_store(inner.runtime.engine(), &inner.settings, meter.clone());
         let (sender, receiver) = oneshot::channel::<GuestResponse>();
         let resources = {
             let mut http = store.data_mut().http();
@@ -112,12 +115,15 @@ impl HttpService {
 
         let pre = inner.pre.clone();
         let span = tracing::debug_span!("request", digest = %self.digest(), %method, %path);
-        let task = tokio::spawn({
+        let task = inner.runtime.guests().spawn(Metered::new(meter.clone(), {
             let service = self.clone();
             let method = method.clone();
             let path = path.clone();
             async move {
+                let deadline = store.data().deadline();
                 let result = async {
+                    // A group over its share waits before it starts, not a slice later.
+                    meter.admit(deadline, false).await;
                     let proxy = pre.instantiate_async(&mut store).await?;
                     proxy
                         .wasi_http_incoming_handler()
@@ -137,7 +143,7 @@ impl HttpService {
                 failure
             }
             .instrument(span)
-        });
+        }));
 
         let response = match receiver.await {
             Ok(Ok(response)) => response,

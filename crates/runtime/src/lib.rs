@@ -3,7 +3,9 @@
 //! or command run, with memory limits, timeouts and captured stdout/stderr.
 //!
 //! A pure library: it serves no network itself. The gateway feeds requests to
-//! [`HttpService::handle`]; the agent runs jobs with [`Command::run`].
+//! [`HttpService::handle`]; the agent runs jobs with [`Command::run`]. Guests run on the
+//! runtime's own threads, whoever calls, and share them between apps by CPU weight
+//! ([`CpuShare`]); [`Runtime::cpu_usage`] says what each app used.
 //!
 //! **Architecture Invariant:** a guest gets only what its [`InstanceConfig`] grants — its env
 //! vars and args, stdout/stderr into a [`LogSink`], outgoing HTTP through an
@@ -13,6 +15,7 @@
 mod cache;
 mod command;
 mod config;
+mod cpu;
 mod error;
 mod host;
 mod http;
@@ -22,6 +25,7 @@ mod runtime;
 
 pub use command::{Command, ExitStatus};
 pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, RuntimeConfig};
+pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody, problem_response};
 pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};

@@ -15,6 +15,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use crate::cache;
 use crate::command::Command;
 use crate::config::{InstanceConfig, RuntimeConfig, format_bytes};
+use crate::cpu::{CpuScheduler, CpuUsage};
 use crate::error::RuntimeError;
 use crate::host::{Host, InstanceSettings};
 use crate::http::HttpService;
@@ -39,8 +40,9 @@ const WASM_PAGE: u64 = 64 << 10;
 const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
 const KEEP_RESIDENT_TABLE: usize = 64 << 10;
 
-/// Handle to the node's wasmtime engine. Cheap to clone; the epoch ticker runs until the last
-/// clone — including those held by [`HttpService`]s and [`Command`]s — is dropped.
+/// Handle to the node's wasmtime engine. Cheap to clone; the epoch ticker and the guest
+/// threads run until the last clone — including those held by [`HttpService`]s and
+/// [`Command`]s — is dropped.
 #[derive(Clone)]
 pub struct Runtime {
     inner: Arc<RuntimeInner>,
@@ -54,11 +56,22 @@ struct RuntimeInner {
     artifact_dir: PathBuf,
     components: Mutex<HashMap<String, Arc<OnceCell<Component>>>>,
     ticker: EpochTicker,
+    /// The executor every guest runs on: its own threads, so a busy guest never holds up
+    /// the caller's (the gateway's accept and proxy loops, the agent).
+    guests: Option<tokio::runtime::Runtime>,
+    guest_handle: tokio::runtime::Handle,
+    cpu: Arc<CpuScheduler>,
 }
 
 impl Drop for RuntimeInner {
     fn drop(&mut self) {
         self.ticker.stop();
+        // Without waiting: the last clone may be dropped on an async task, even on a guest
+        // thread, where a blocking shutdown would panic or deadlock. Guests still running
+        // are cancelled.
+        if let Some(guests) = self.guests.take() {
+            guests.shutdown_background();
+        }
     }
 }
 
@@ -160,12 +173,30 @@ impl Runtime {
             source,
         })?;
 
+        let threads = match config.guest_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let guests = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("shoal-guest")
+            .enable_all()
+            .build()
+            .map_err(|e| RuntimeError::Engine(format!("cannot start the guest threads: {e}")))?;
+        let guest_handle = guests.handle().clone();
+        let cpu = Arc::new(CpuScheduler::new(
+            engine.clone(),
+            config.epoch_tick,
+            threads,
+        ));
+
         let ticker = EpochTicker::spawn(engine.clone(), config.epoch_tick)?;
         tracing::info!(
             cache = %artifact_dir.display(),
             max_instances = config.max_instances,
             max_memory = %format_bytes(config.max_memory_bytes),
             epoch_tick = ?config.epoch_tick,
+            guest_threads = threads,
             "wasmtime engine ready"
         );
         Ok(Runtime {
@@ -176,6 +207,9 @@ impl Runtime {
                 artifact_dir,
                 components: Mutex::new(HashMap::new()),
                 ticker,
+                guests: Some(guests),
+                guest_handle,
+                cpu,
             }),
         })
     }
@@ -291,6 +325,19 @@ impl Runtime {
         &self.inner.engine
     }
 
+    /// The executor guests run on.
+    pub(crate) fn guests(&self) -> &tokio::runtime::Handle {
+        &self.inner.guest_handle
+    }
+
+    /// CPU consumed on this node per group ([`crate::CpuShare::group`], one per app), sorted
+    /// by group: time its guests ran and time they waited for their share or limit, since
+    /// the group's first replica here started. A group is listed while it has a replica
+    /// (an [`HttpService`] or [`Command`]) alive; with its last one its account goes.
+    pub fn cpu_usage(&self) -> Vec<(Arc<str>, CpuUsage)> {
+        self.inner.cpu.usage()
+    }
+
     fn instantiate_pre(
         &self,
         loaded: &Loaded,
@@ -324,6 +371,9 @@ impl Runtime {
         if cfg.timeout == Some(Duration::ZERO) {
             return Err(invalid("the timeout must be greater than 0".into()));
         }
+        if cfg.cpu.limit_millis == Some(0) {
+            return Err(invalid("the CPU limit must be greater than 0".into()));
+        }
         Ok(InstanceSettings {
             env: cfg.env,
             args: cfg.args,
@@ -333,6 +383,7 @@ impl Runtime {
             logs: cfg.logs,
             outbound: cfg.outbound,
             incidents: cfg.incidents,
+            cpu: self.inner.cpu.join(cfg.cpu),
         })
     }
 }

@@ -101,10 +101,14 @@ async fn a_trap_fails_only_its_own_request() {
     assert_eq!(body_text(response).await, "status 201");
 }
 
-/// `faulty` with the given timeout and `hello`, on one runtime.
-async fn faulty_and_hello(timeout: Duration) -> (tempfile::TempDir, HttpService, HttpService) {
+/// `faulty` with the given timeout and `hello`, on one runtime with `guest_threads` (0: one
+/// per core).
+async fn faulty_and_hello(
+    timeout: Duration,
+    guest_threads: usize,
+) -> (tempfile::TempDir, HttpService, HttpService) {
     let dir = tempfile::tempdir().unwrap();
-    let runtime = runtime(dir.path());
+    let runtime = runtime_with_threads(dir.path(), guest_threads);
     let faulty = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
     let hello = load(&runtime, shoal_fixtures::HELLO_WASM).await;
     let faulty = runtime
@@ -131,7 +135,7 @@ async fn hello_latency(hello: &HttpService) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_runaway_guest_times_out_while_others_are_served() {
     // A 3 s timeout leaves room for 20 requests even on a loaded 2-core CI machine.
-    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(3)).await;
+    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(3), 0).await;
 
     let started = Instant::now();
     let looping = tokio::spawn(async move {
@@ -163,12 +167,13 @@ async fn a_runaway_guest_times_out_while_others_are_served() {
     );
 }
 
-/// With a single executor thread, `hello` can only be served while `/loop` spins if the
+/// With a single guest thread, `hello` can only be served while `/loop` spins if the
 /// looping guest yields at every epoch tick. Each hand-off between the two costs up to a tick,
-/// so this checks that hello completes, not that it is fast.
+/// so this checks that hello completes, not that it is fast. (Both are in the default CPU
+/// group, so this is the plain yield, not fair sharing between apps.)
 #[tokio::test(flavor = "current_thread")]
 async fn a_runaway_guest_yields_its_thread() {
-    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(3)).await;
+    let (_dir, faulty, hello) = faulty_and_hello(Duration::from_secs(3), 1).await;
 
     let looping = tokio::spawn(async move { faulty.handle(get("/loop")).await.status() });
     let latency = hello_latency(&hello).await;

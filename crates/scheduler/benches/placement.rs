@@ -81,7 +81,8 @@ fn apps(rng: &mut Lcg) -> Vec<(AppKey, usize, Capacity, AppPlacement)> {
             let resources = Capacity {
                 cpu_millis: 100 * (1 + rng.below(20)),
                 memory_bytes: (64 << 20) << rng.below(6),
-                instances: 1 + rng.below(100),
+                // Replicas reserve no instance slots (see `Capacity::of`).
+                instances: 0,
             };
             // 20, 60, 100, 140, 180: 10,000 replicas in all.
             let replicas = 20 + (i % 5) * 40;

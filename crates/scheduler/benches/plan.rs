@@ -88,6 +88,7 @@ fn world(apps: usize, placed: bool) -> World {
                     restarts: 0,
                     reason: None,
                     avoid: vec![],
+                    scheduled_at: None,
                     created_at: 0,
                     updated_at: 0,
                 },
@@ -117,6 +118,8 @@ fn world(apps: usize, placed: bool) -> World {
                 revision: 1,
                 created_at: 0,
                 updated_at: 0,
+                scale: Default::default(),
+                job: Default::default(),
             },
             5,
         ));

@@ -1,9 +1,12 @@
 //! Decisions, not actions: where a replica goes ([`place`], or [`Cluster`]
-//! for many at once) and which replicas an app needs created or removed
-//! ([`reconcile`]), and how a rollout advances ([`rollout`]). Everything here is a pure function of its inputs, so the
+//! for many at once), how many replicas an app runs now ([`autoscale`]), which
+//! replicas it needs created or removed ([`reconcile`]), when a job runs
+//! ([`cron`]), and how a rollout advances ([`rollout`]). Everything here is a pure function of its inputs, so the
 //! controllers that call it stay thin and these rules are tested directly, as
 //! Nomad's scheduler and kube-rs reconcilers are.
 
+pub mod autoscale;
+pub mod cron;
 mod placement;
 pub mod plan;
 mod reconcile;

@@ -3,7 +3,10 @@
 //!
 //! Filters, cheapest first: the node is Ready, not cordoned, carries the
 //! app's node selector labels, holds no replica of the app when spread is
-//! required, and has the memory, cpu and instance slots the replica reserves.
+//! required, and has the memory and cpu the replica requests. Instance slots
+//! are not a dimension: a replica's `max_concurrency` caps it, the node's
+//! pool is shared and held only while a request runs, so placement reserves
+//! none (see [`Capacity::of`]).
 //! Scorers: balance (fewer replicas of the app first) dominates fit (the
 //! cluster's [`Strategy`]), so an app's replicas land on distinct nodes
 //! whenever capacity allows, even when bin-packing. Ties go to the lowest
@@ -100,12 +103,11 @@ enum Reason {
     AppAlreadyThere,
     Memory,
     Cpu,
-    Instances,
 }
 
 impl Reason {
     /// In declaration order, so `reason as usize` indexes it.
-    const ALL: [Reason; 8] = [
+    const ALL: [Reason; 7] = [
         Reason::NotReady,
         Reason::Cordoned,
         Reason::Avoided,
@@ -113,7 +115,6 @@ impl Reason {
         Reason::AppAlreadyThere,
         Reason::Memory,
         Reason::Cpu,
-        Reason::Instances,
     ];
 
     fn as_str(self) -> &'static str {
@@ -125,7 +126,6 @@ impl Reason {
             Reason::AppAlreadyThere => "already runs a replica of this app",
             Reason::Memory => "insufficient memory",
             Reason::Cpu => "insufficient cpu",
-            Reason::Instances => "insufficient instance slots",
         }
     }
 }
@@ -138,7 +138,6 @@ struct Fit {
     /// Capacity minus allocation, per resource; negative when overcommitted.
     free_memory: i64,
     free_cpu: i64,
-    free_instances: i64,
     /// Fraction of cpu plus fraction of memory allocated, in [0, 2]; a
     /// resource the node has none of counts as full.
     used: f64,
@@ -174,7 +173,6 @@ impl Fit {
         Fit {
             free_memory: saturate(cap.memory_bytes) - saturate(a.memory_bytes),
             free_cpu: saturate(cap.cpu_millis) - saturate(a.cpu_millis),
-            free_instances: saturate(cap.instances) - saturate(a.instances),
             used: frac(a.cpu_millis, cap.cpu_millis) + frac(a.memory_bytes, cap.memory_bytes),
             per_cpu: per(cap.cpu_millis),
             per_memory: per(cap.memory_bytes),
@@ -196,7 +194,6 @@ struct Slot<'a> {
 struct Ask {
     memory: i64,
     cpu: i64,
-    instances: i64,
     required: bool,
     memory_f: f64,
     cpu_f: f64,
@@ -215,7 +212,6 @@ impl Ask {
         Ask {
             memory: saturate(r.memory_bytes),
             cpu: saturate(r.cpu_millis),
-            instances: saturate(r.instances),
             required: req.spread == Spread::Required,
             memory_f: r.memory_bytes as f64,
             cpu_f: r.cpu_millis as f64,
@@ -239,8 +235,6 @@ fn rejection(f: &Fit, selected: bool, app_replicas: u32, ask: &Ask) -> Option<Re
         Some(Reason::Memory)
     } else if ask.cpu > f.free_cpu {
         Some(Reason::Cpu)
-    } else if ask.instances > f.free_instances {
-        Some(Reason::Instances)
     } else {
         None
     }
@@ -593,7 +587,7 @@ mod tests {
         Capacity {
             cpu_millis: cpu,
             memory_bytes: mem_mi << 20,
-            instances: 1,
+            instances: 0,
         }
     }
 
@@ -670,7 +664,7 @@ mod tests {
     #[test]
     fn each_filter_has_its_reason() {
         type Break = fn(&mut Node, &mut Capacity, &mut usize);
-        let cases: [(&str, Break); 7] = [
+        let cases: [(&str, Break); 6] = [
             ("not ready", |n, _, _| n.state = NodeState::NotReady),
             ("cordoned", |n, _, _| n.schedulable = false),
             ("didn't match node selector", |n, _, _| {
@@ -679,7 +673,6 @@ mod tests {
             ("already runs a replica of this app", |_, _, r| *r = 1),
             ("insufficient memory", |_, a, _| a.memory_bytes = 1000 << 20),
             ("insufficient cpu", |_, a, _| a.cpu_millis = 950),
-            ("insufficient instance slots", |_, a, _| a.instances = 100),
         ];
         let zone_a = BTreeMap::from([("zone".to_string(), "a".to_string())]);
         let r = Request {
@@ -826,6 +819,32 @@ mod tests {
             err.to_string(),
             "0/2 nodes available: 1 insufficient cpu, 1 insufficient memory"
         );
+    }
+
+    /// `max_concurrency` caps a replica; it reserves none of the node's pool,
+    /// so a small pool takes as many replicas as cpu and memory allow.
+    #[test]
+    fn instance_slots_are_not_reserved() {
+        let mut n = node("a", 1000, 1024);
+        n.capacity.instances = 10;
+        let app = crate::testing::app_with(
+            "http",
+            1,
+            1,
+            "[resources]\nrequests = { cpu = \"50m\", memory = \"8Mi\" }\nlimits = { memory = \"32Mi\" }\nmax_concurrency = 100\n",
+        );
+        let r = Request {
+            resources: Capacity::of(&app.spec.resources),
+            ..req(0, 0)
+        };
+        assert_eq!((r.resources.cpu_millis, r.resources.instances), (50, 0));
+        let mut cluster = Cluster::new([&n], Strategy::BinPack);
+        // 1000m of cpu takes 20 of them; the 10-slot pool limits nothing.
+        for _ in 0..20 {
+            assert!(cluster.place(&self::app("x"), &r).is_ok());
+        }
+        let err = cluster.place(&self::app("x"), &r).unwrap_err();
+        assert_eq!(err.to_string(), "0/1 nodes available: 1 insufficient cpu");
     }
 
     #[test]

@@ -6,11 +6,15 @@
 //! made on, so one app's lost race does not redo the whole cluster.
 //!
 //! Jobs of a pass, in order: leases ([`NodeState::NotReady`] after the
-//! grace), replicas of deleted apps and of lost nodes, each app's rollout
+//! grace), replicas of deleted apps and of lost nodes, each app's size
+//! ([`autoscale::decide`]: load and schedule windows), each app's rollout
 //! (progress, canary steps and their measurements' baselines, rollback),
-//! replicas their node gave up on (replaced, preferably elsewhere), reconcile
+//! replicas their node gave up on (replaced, preferably elsewhere), a job's
+//! runs ([`cron::decide`]: its schedule, `shoal job run`, history), reconcile
 //! (create and delete), and placement of what is pending.
 
+use crate::autoscale::{self, Load};
+use crate::cron;
 use crate::placement::{Cluster, Request, Strategy};
 use crate::reconcile::{Mode, reconcile};
 use crate::rollout::{self, Measured};
@@ -21,6 +25,7 @@ use shoal_core::{
     App, Capacity, EventType, Kind, Millis, Node, NodeState, Phase, Replica, Revision,
     RolloutPhase, RolloutStatus,
 };
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// An object as read, with the store revision of its last change: a write
@@ -53,19 +58,22 @@ pub struct World {
     /// What the gateways measured, per app.
     pub measurements: BTreeMap<AppKey, Measurements>,
     /// Leases are judged from no earlier than this (the control plane's start):
-    /// a restart after a long outage must not evict every node.
+    /// a restart after a long outage must not evict every node. Load is known
+    /// from then on too: an app without measurements had no traffic since.
     pub leases_from: Millis,
     /// A node whose lease is older than this is NotReady.
     pub node_grace_ms: u64,
     pub strategy: Strategy,
 }
 
-/// An app's gateway measurements: running totals per revision, and the totals
-/// when its current canary step began (a step is judged on the difference).
+/// An app's gateway measurements: running totals per revision, the totals
+/// when its current canary step began (a step is judged on the difference),
+/// and its recent load, which sizes an autoscaled app.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Measurements {
     pub totals: BTreeMap<u64, RevisionStats>,
     pub baseline: Option<Baseline>,
+    pub load: Load,
 }
 
 /// The running totals per revision when the canary step that started at `step` began.
@@ -110,9 +118,11 @@ pub enum Change {
         node: Node,
         expect: u64,
     },
-    /// The app record (a rollback); guarded by its batch.
+    /// The app record (its size and scale status, a job's status, a
+    /// rollback: one per batch); guarded by its batch. Boxed: an app is
+    /// several times the size of any other change.
     PutApp {
-        app: App,
+        app: Box<App>,
     },
     PutRevision {
         revision: Revision,
@@ -325,17 +335,50 @@ impl<'w> Pass<'w> {
     fn app(&mut self, app: &Read<App>, replicas: Vec<&Read<Replica>>, ids: &mut impl Ids) {
         let key = app.value.spec.key();
         let mut batch = Batch::new(Scope::App(key.clone()), Some(Expect::At(app.mod_revision)));
-        let mut existing = self.drop_lost(&mut batch, replicas);
-        let mode = if app.value.spec.component.kind == Kind::Job {
+        let (mut existing, lost) = self.drop_lost(&mut batch, replicas);
+        let (mut record, size) = self.autoscale(&mut batch, &app.value, &existing);
+        // What the rest of the pass counts with: the size in effect, which for
+        // a fixed-size app in a schedule window is not the stored one.
+        let effective = if size == record.spec.replicas {
+            Cow::Borrowed(&*record)
+        } else {
+            let mut a = App::clone(&record);
+            a.spec.replicas = size;
+            Cow::Owned(a)
+        };
+        let mode = if effective.spec.component.kind == Kind::Job {
             Some(Mode::Roll)
         } else {
             let current: Vec<Replica> = existing.iter().map(|r| r.value.clone()).collect();
-            self.advance_rollout(&mut batch, app, &current)
+            self.advance_rollout(&mut batch, &effective, &record, &current)
         };
         // A rollback writes the app; the next pass reconciles towards it.
+        let mut job = None;
         if let Some(mode) = mode {
-            let avoid = self.replace_failing(&mut batch, &app.value, &mut existing);
-            self.reconcile(&mut batch, &app.value, existing, mode, avoid, ids);
+            let avoid = self.replace_failing(&mut batch, &effective, &mut existing);
+            if effective.spec.component.kind == Kind::Job {
+                job = Some(self.job_runs(&mut batch, &effective, &mut existing, &lost, ids));
+            }
+            // A scheduled job's replicas are all runs: its schedule starts them, not a count.
+            if effective.spec.runs.schedule.is_none() {
+                self.reconcile(&mut batch, &effective, existing, mode, avoid, ids);
+            }
+        }
+        if let Some(status) = job
+            && status != record.job
+        {
+            record.to_mut().job = status;
+        }
+        // A rollback already wrote the record, scale status included.
+        if let Cow::Owned(record) = record
+            && !batch
+                .changes
+                .iter()
+                .any(|c| matches!(c, Change::PutApp { .. }))
+        {
+            batch.changes.push(Change::PutApp {
+                app: Box::new(record),
+            });
         }
         // Until this batch commits, the room its deletes free is not another batch's.
         for (node, app, room) in std::mem::take(&mut self.released) {
@@ -346,14 +389,15 @@ impl<'w> Pass<'w> {
         }
     }
 
-    /// Removes the live replicas of lost nodes, so reconcile replaces them
-    /// elsewhere, while the node stays as read; if it comes back later, its
-    /// agent finds them gone and stops them. Returns the others.
+    /// Removes the live replicas of lost nodes, so reconcile (or, for a job's
+    /// runs, [`cron::decide`]) replaces them elsewhere, while the node stays
+    /// as read; if it comes back later, its agent finds them gone and stops
+    /// them. Returns the others, and the removed ones.
     fn drop_lost<'r>(
         &mut self,
         batch: &mut Batch,
         replicas: Vec<&'r Read<Replica>>,
-    ) -> Vec<&'r Read<Replica>> {
+    ) -> (Vec<&'r Read<Replica>>, Vec<&'r Replica>) {
         let (gone, kept): (Vec<_>, Vec<_>) = replicas.into_iter().partition(|r| {
             r.value
                 .node
@@ -362,7 +406,7 @@ impl<'w> Pass<'w> {
                 && !r.value.phase.is_terminal()
         });
         let mut guarded: Vec<&str> = Vec::new();
-        for r in gone {
+        for r in &gone {
             let name = r.value.node.as_deref().unwrap_or_default();
             if !guarded.contains(&name) {
                 guarded.push(name);
@@ -385,7 +429,7 @@ impl<'w> Pass<'w> {
             );
             self.remove(batch, r, expect);
         }
-        kept
+        (kept, gone.into_iter().map(|r| &r.value).collect())
     }
 
     /// A delete of `r`, giving its room to this app's placements (they commit
@@ -403,15 +447,64 @@ impl<'w> Pass<'w> {
         });
     }
 
-    /// Moves the app's rollout on by what its replicas and the gateways show.
-    /// Returns the replica counts it asks for, or `None` if it rolled back.
+    /// Sizes the app by its load and the schedule ([`autoscale::decide`]),
+    /// recording the events. Returns the app record as it is to be stored
+    /// (owned when it changed, so it is to be written) and the size in effect.
+    fn autoscale<'a>(
+        &self,
+        batch: &mut Batch,
+        app: &'a App,
+        replicas: &[&Read<Replica>],
+    ) -> (Cow<'a, App>, u32) {
+        let key = app.spec.key();
+        // Nothing was measured before the control plane started, whatever a
+        // missing or default `Load` says: that must not pass for idleness.
+        let start = self.world.leases_from;
+        let floored;
+        let load = match self.world.measurements.get(&key) {
+            Some(m) if m.load.since >= start => &m.load,
+            m => {
+                floored = Load {
+                    since: start,
+                    ..m.map(|m| m.load.clone()).unwrap_or_default()
+                };
+                &floored
+            }
+        };
+        let ready = replicas
+            .iter()
+            .filter(|r| r.value.phase == Phase::Ready)
+            .count();
+        let ready = u32::try_from(ready).unwrap_or(u32::MAX);
+        let decision = autoscale::decide(app, load, ready, self.now);
+        for (reason, message) in &decision.events {
+            batch.event(
+                EventType::Normal,
+                reason,
+                format!("app/{key}"),
+                Some(&key),
+                message.clone(),
+            );
+        }
+        let record = if decision.changes(app) {
+            Cow::Owned(decision.record(app))
+        } else {
+            Cow::Borrowed(app)
+        };
+        (record, decision.replicas)
+    }
+
+    /// Moves the app's rollout on by what its replicas and the gateways show;
+    /// `a` is the app at the size in effect, `record` as it is stored (what a
+    /// rollback rewrites). Returns the replica counts it asks for, or `None`
+    /// if it rolled back.
     fn advance_rollout(
         &mut self,
         batch: &mut Batch,
-        app: &Read<App>,
+        a: &App,
+        record: &App,
         replicas: &[Replica],
     ) -> Option<Mode> {
-        let a = &app.value;
         let key = a.spec.key();
         let previous = self.world.rollouts.get(&key);
         let expect = previous.map_or(Expect::Absent, |p| Expect::At(p.mod_revision));
@@ -431,7 +524,7 @@ impl<'w> Pass<'w> {
             self.now,
         );
         if let Some(rb) = &decision.roll_back {
-            self.roll_back(batch, a, &decision.status, expect, rb);
+            self.roll_back(batch, record, &decision.status, expect, rb);
             return None;
         }
         // A canary step that began now (or whose baseline was lost) is judged
@@ -540,6 +633,71 @@ impl<'w> Pass<'w> {
         }
         *existing = kept;
         avoid
+    }
+
+    /// A job's runs: starts, skips, replaces and trims them as
+    /// [`cron::decide`] says, and places those pending. Takes the runs out of
+    /// `existing` (all its replicas, if the job is scheduled), leaving reconcile
+    /// the rest; `lost` are replicas removed this pass with their node.
+    /// Returns the app's job status after the decision.
+    fn job_runs(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        existing: &mut Vec<&Read<Replica>>,
+        lost: &[&Replica],
+        ids: &mut impl Ids,
+    ) -> shoal_core::JobStatus {
+        let key = app.spec.key();
+        let scheduled = app.spec.runs.schedule.is_some();
+        let is_run = |r: &Replica| scheduled || r.scheduled_at.is_some();
+        let (runs, rest): (Vec<&Read<Replica>>, Vec<&Read<Replica>>) =
+            existing.drain(..).partition(|r| is_run(&r.value));
+        *existing = rest;
+        let lost: Vec<&Replica> = lost.iter().copied().filter(|r| is_run(r)).collect();
+        let values: Vec<&Replica> = runs.iter().map(|r| &r.value).collect();
+        let decided = cron::decide(app, &values, &lost, self.now);
+        for (kind, reason, message) in decided.events {
+            batch.event(kind, reason, format!("app/{key}"), Some(&key), message);
+        }
+        let mut pending: Vec<(Replica, Expect)> = Vec::new();
+        for r in runs {
+            if decided.delete.contains(&r.value.id) {
+                self.remove(batch, &r.value, r.mod_revision);
+            } else if r.value.node.is_none() && r.value.phase == Phase::Pending {
+                pending.push((r.value.clone(), Expect::At(r.mod_revision)));
+            }
+        }
+        let starts = decided
+            .restart
+            .iter()
+            .map(|at| (*at, None))
+            .chain(decided.start.map(|s| (Some(s.scheduled_at), Some(s.why))));
+        for (scheduled_at, why) in starts {
+            let Some(revision) = self.world.revisions.get(&(key.clone(), app.revision)) else {
+                self.out.warnings.push(format!(
+                    "app {key} points at a missing revision {}",
+                    app.revision
+                ));
+                break;
+            };
+            let mut replica = new_replica(&revision.value, Vec::new(), self.now, ids);
+            replica.scheduled_at = scheduled_at;
+            if let Some(why) = why {
+                batch.event(
+                    EventType::Normal,
+                    "JobStarted",
+                    format!("replica/{key}/{}", replica.id),
+                    Some(&key),
+                    format!("run {} started {why}", replica.id),
+                );
+            }
+            pending.push((replica, Expect::Absent));
+        }
+        for (replica, expect) in pending {
+            self.place(batch, app, replica, expect);
+        }
+        decided.status
     }
 
     /// Creates and removes replicas as the rollout's `mode` asks, then places
@@ -695,7 +853,9 @@ pub fn roll_back_into(
 ) {
     let key = app.spec.key();
     let done = rollout::roll_back(app, target, status, rb, now);
-    batch.changes.push(Change::PutApp { app: done.app });
+    batch.changes.push(Change::PutApp {
+        app: Box::new(done.app),
+    });
     batch.changes.push(Change::PutRollout {
         status: done.status,
         expect,
@@ -763,6 +923,7 @@ fn new_replica(
         restarts: 0,
         reason: None,
         avoid,
+        scheduled_at: None,
         created_at: now,
         updated_at: now,
     }
@@ -771,7 +932,8 @@ fn new_replica(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{app_with, replica_at};
+    use crate::autoscale::LoadSample;
+    use crate::testing::{app_with, replica_at, scaled_app};
     use shoal_core::spec::AppKey;
 
     /// Ids `0`, `1`, … in order.
@@ -1171,7 +1333,7 @@ mod tests {
         n.value.capacity = Capacity {
             cpu_millis: per.cpu_millis * 2,
             memory_bytes: per.memory_bytes * 2,
-            instances: per.instances * 2,
+            instances: 1000,
         };
         w.nodes = vec![n];
         w.leases.remove("m");
@@ -1238,6 +1400,7 @@ mod tests {
             Measurements {
                 totals: [(1, stats(1, 100, 0)), (2, stats(2, 50, 50))].into(),
                 baseline: None,
+                ..Measurements::default()
             },
         );
         let p = plan(&w, NOW, &mut Counter::default());
@@ -1273,5 +1436,302 @@ mod tests {
             .insert(2, stats(2, 70, 60));
         let p = plan(&w, NOW + 2000, &mut Counter::default());
         assert_eq!(reasons(app_batch(&p)), ["Aborted"]);
+    }
+
+    /// The app records the batch writes.
+    fn put_apps(b: &Batch) -> Vec<&App> {
+        b.changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::PutApp { app } => Some(&**app),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `concurrency` in flight every second of the minute up to `now`,
+    /// measured since 0.
+    fn busy(now: Millis, concurrency: f64) -> Measurements {
+        let samples = (0..60)
+            .map(|ago| LoadSample {
+                at: now - ago * 1000,
+                concurrency,
+                requests: 0,
+            })
+            .rev()
+            .collect();
+        Measurements {
+            load: Load {
+                samples,
+                last_request: Some(now),
+                ..Load::default()
+            },
+            ..Measurements::default()
+        }
+    }
+
+    /// `app` (revision 1, the template of [`world`]'s) in place of `default/a`.
+    fn with_app(mut w: World, app: App) -> World {
+        w.apps[0].value = app;
+        w
+    }
+
+    #[test]
+    fn an_autoscaled_app_is_resized_in_one_write_then_left_alone() {
+        let mut app = scaled_app("[scale]\nmin = 1\nmax = 5\ntarget_concurrency = 10\n");
+        app.spec.replicas = 2;
+        let mut w = with_replicas(
+            with_app(world(2, 1, ""), app),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        w.measurements.insert(key(), busy(NOW, 23.4));
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(b.app, Some(Expect::At(5)), "guarded by the app as read");
+        let stored = put_apps(b);
+        assert_eq!(stored.len(), 1, "{b:?}");
+        let stored = stored[0].clone();
+        assert_eq!(stored.spec.replicas, 3);
+        assert_eq!(stored.scale.last_change, Some(NOW));
+        assert_eq!(
+            stored.scale.reason.as_deref(),
+            Some("concurrency 23.4 for a target of 10 per replica")
+        );
+        assert_eq!(puts(b).len(), 1, "the third replica");
+        assert_eq!(reasons(b), ["ScaledUp", "Scheduled"]);
+        assert_eq!(
+            b.events[0].message,
+            "concurrency 23.4 for a target of 10 per replica: 2 → 3 replicas"
+        );
+
+        // Stored, with the third replica ready: nothing to write.
+        w.apps[0] = Read::new(stored, 6);
+        let mut w = with_replicas(
+            w,
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+                on(replica_at("z", 1, Phase::Ready, 3), "m"),
+            ],
+        );
+        complete(&mut w, 1);
+        let p = plan(&w, NOW + 1000, &mut Counter::default());
+        assert!(p.is_empty(), "{p:?}");
+    }
+
+    /// Idleness is counted from the control plane's start: a fresh one has
+    /// seen no requests yet, which is not five minutes without any.
+    #[test]
+    fn an_app_without_measurements_is_idle_only_since_the_control_plane_started() {
+        let app = scaled_app("[scale]\nmin = 0\nmax = 3\nidle = \"1m\"\n");
+        let mut w = with_replicas(
+            with_app(world(1, 1, ""), app),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        w.leases_from = NOW - 30_000;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+        w.leases_from = NOW - 60_000;
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(put_apps(b)[0].spec.replicas, 0);
+        assert_eq!(deletes(b), ["x"]);
+        assert_eq!(reasons(b), ["ScaledDown", "Killing"]);
+        assert_eq!(b.events[0].message, "idle for 1m: 1 → 0 replicas");
+    }
+
+    /// A fixed-size app runs a window's size while it is open; only the
+    /// scale status is written, its own `replicas` stays the user's.
+    #[test]
+    fn a_fixed_app_in_a_window_runs_its_size_and_keeps_its_own() {
+        // 2026-11-30 09:00 in Seoul.
+        const NINE: Millis = 1_795_996_800_000;
+        let app = scaled_app(
+            "[scale]\nreplicas = 2\n[[scale.schedule]]\nname = \"peak\"\ncron = \"0 9 * * *\"\ntimezone = \"Asia/Seoul\"\nduration = \"1h\"\nreplicas = 5\n",
+        );
+        let two = [
+            on(replica_at("x", 1, Phase::Ready, 1), "m"),
+            on(replica_at("y", 1, Phase::Ready, 2), "n"),
+        ];
+        let mut w = with_replicas(with_app(world(2, 1, ""), app), &two);
+        complete(&mut w, 1);
+        let at = |w: &mut World, t: Millis| {
+            for lease in w.leases.values_mut() {
+                *lease = t;
+            }
+        };
+        at(&mut w, NINE + 1_800_000);
+        let p = plan(&w, NINE + 1_800_000, &mut Counter::default());
+        let b = app_batch(&p);
+        let stored = put_apps(b);
+        assert_eq!(stored.len(), 1);
+        let stored = stored[0].clone();
+        assert_eq!(stored.spec.replicas, 2, "the user's count");
+        assert_eq!(stored.scale.windows, ["peak"]);
+        assert_eq!(puts(b).len(), 3);
+        assert_eq!(
+            reasons(b),
+            [
+                "WindowOpened",
+                "ScaledUp",
+                "Scheduled",
+                "Scheduled",
+                "Scheduled"
+            ]
+        );
+
+        // Stored, with five replicas: steady while the window is open.
+        w.apps[0] = Read::new(stored, 6);
+        let five: Vec<Replica> = two
+            .iter()
+            .cloned()
+            .chain(["p", "q", "r"].map(|id| on(replica_at(id, 1, Phase::Ready, 3), "m")))
+            .collect();
+        let mut w = with_replicas(w, &five);
+        complete(&mut w, 1);
+        at(&mut w, NINE + 2_700_000);
+        assert!(plan(&w, NINE + 2_700_000, &mut Counter::default()).is_empty());
+
+        // Closed: back to 2, and the status says no window is open.
+        at(&mut w, NINE + 3_600_000);
+        let p = plan(&w, NINE + 3_600_000, &mut Counter::default());
+        let b = app_batch(&p);
+        let stored = put_apps(b);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].spec.replicas, 2);
+        assert!(stored[0].scale.windows.is_empty());
+        assert_eq!(deletes(b).len(), 3);
+        assert_eq!(
+            reasons(b)[..2],
+            ["WindowClosed", "ScaledDown"],
+            "{:?}",
+            reasons(b)
+        );
+    }
+
+    /// A rollback and a resize in the same pass write the app once, with both.
+    #[test]
+    fn a_rollback_and_a_resize_write_one_app_record() {
+        let mut app = scaled_app("[scale]\nmin = 1\nmax = 5\ntarget_concurrency = 10\n");
+        app.spec.replicas = 2;
+        app.revision = 2;
+        let mut w = with_replicas(
+            with_app(world(2, 2, ""), app),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("w", 1, Phase::Ready, 1), "n"),
+                on(replica_at("y", 2, Phase::CrashLoopBackOff, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        w.measurements.insert(key(), busy(NOW, 23.4));
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        let stored = put_apps(b);
+        assert_eq!(stored.len(), 1, "{b:?}");
+        assert_eq!(stored[0].revision, 1, "rolled back");
+        assert_eq!(stored[0].spec.replicas, 3, "and resized");
+        assert_eq!(stored[0].scale.last_change, Some(NOW));
+        assert_eq!(reasons(b), ["ScaledUp", "RolledBack"]);
+    }
+
+    /// A world whose app `default/a` is a job at revision 1, created at 0,
+    /// with `job` as its `[job]` section.
+    fn job_world(job: &str) -> World {
+        let app = app_with("job", 1, 1, &format!("[job]\n{job}\n"));
+        let mut w = world(1, 1, "");
+        w.revisions.get_mut(&(key(), 1)).unwrap().value.template = app.spec.template();
+        with_app(w, app)
+    }
+
+    fn job_run(id: &str, phase: Phase, scheduled_at: Option<Millis>) -> Replica {
+        let mut r = on(replica_at(id, 1, phase, 1), "m");
+        r.kind = Kind::Job;
+        r.scheduled_at = scheduled_at;
+        r
+    }
+
+    #[test]
+    fn a_scheduled_job_starts_a_placed_run_per_firing_and_remembers_it() {
+        // Every minute; the app was created at 0 and it is now 1:40.
+        let w = job_world("schedule = \"* * * * *\"");
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1, "one run, not one per replica: {b:?}");
+        assert_eq!(placed[0].scheduled_at, Some(60_000));
+        assert!(placed[0].node.is_some());
+        assert_eq!(reasons(b), ["JobStarted", "Scheduled"]);
+        assert!(
+            b.events[0]
+                .message
+                .ends_with("started for the firing at 1970-01-01 00:01:00 UTC"),
+            "{:?}",
+            b.events[0]
+        );
+        let stored = put_apps(b);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].job.last_scheduled, Some(60_000));
+
+        // Stored: the same minute starts nothing, and the replica count does not either.
+        let mut w = with_replicas(w, &[job_run("a-1-0", Phase::Running, Some(60_000))]);
+        w.apps[0].value.job = stored[0].job.clone();
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn runs_by_hand_are_not_the_unscheduled_jobs_replicas() {
+        let mut w = with_replicas(
+            job_world("history = { succeeded = 1 }"),
+            &[
+                job_run("once", Phase::Succeeded, None),
+                job_run("by-hand-1", Phase::Succeeded, Some(10)),
+            ],
+        );
+        // Reconcile counts only "once": nothing to do.
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+        // A run asked for: it starts, and the history keeps only the newest
+        // finished run, never touching the job's own replica.
+        w.apps[0].value.job.run_requested = Some(NOW - 5);
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(puts(b)[0].scheduled_at, Some(NOW - 5));
+        assert!(deletes(b).is_empty(), "the new run is not finished yet");
+        assert_eq!(put_apps(b)[0].job.run_requested, None);
+        let mut w = with_replicas(
+            w,
+            &[
+                job_run("once", Phase::Succeeded, None),
+                job_run("by-hand-1", Phase::Succeeded, Some(10)),
+                job_run("by-hand-2", Phase::Succeeded, Some(NOW - 5)),
+            ],
+        );
+        w.apps[0].value.job.run_requested = None;
+        w.replicas[2].value.created_at = 2;
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(deletes(app_batch(&p)), ["by-hand-1"]);
+    }
+
+    #[test]
+    fn a_run_on_a_lost_node_starts_again_for_the_same_firing() {
+        let mut w = with_replicas(
+            job_world("schedule = \"0 0 1 1 *\""),
+            &[job_run("a-1-x", Phase::Running, Some(7))],
+        );
+        w.nodes[0].value.state = NodeState::NotReady;
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["a-1-x"]);
+        let again = puts(b);
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            (again[0].scheduled_at, again[0].node.as_deref()),
+            (Some(7), Some("n"))
+        );
+        assert_eq!(reasons(b), ["Rescheduled", "Scheduled"]);
     }
 }

@@ -365,7 +365,7 @@ pub fn act(
 
 /// What going back to revision `rb.to` writes: the app runs that revision's
 /// template again under its own number (its replicas are current again,
-/// nothing restarts), the rollout says so, the abandoned revision records why
+/// nothing restarts; its size and scale status stay), the rollout says so, the abandoned revision records why
 /// (its `outcome`), and an event tells.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RolledBack {
@@ -408,6 +408,8 @@ pub fn roll_back(
             revision: rb.to,
             created_at: app.created_at,
             updated_at: now,
+            scale: app.scale.clone(),
+            job: app.job.clone(),
         },
         outcome: format!("{verb}: {}", rb.reason),
         event: (EventType::Warning, reason, after.message.clone()),

@@ -15,9 +15,15 @@ pub const MIB: u64 = 1 << 20;
 
 /// A runtime with a small pool, so parallel tests do not reserve terabytes of address space.
 pub fn runtime(cache_dir: &Path) -> Runtime {
+    runtime_with_threads(cache_dir, 0)
+}
+
+/// [`runtime`] with `guest_threads` guest threads (0: one per core).
+pub fn runtime_with_threads(cache_dir: &Path, guest_threads: usize) -> Runtime {
     let mut config = RuntimeConfig::new(cache_dir);
     config.max_instances = 64;
     config.max_memory_bytes = 256 * MIB;
+    config.guest_threads = guest_threads;
     Runtime::new(config).expect("runtime starts")
 }
 

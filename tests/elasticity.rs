@@ -1,0 +1,199 @@
+//! Elasticity end to end on real processes: autoscaling on load, scale to zero and
+//! back through a gateway, scheduled windows with a seconds-resolution cron, and
+//! thousands of apps on one default node.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+/// The `faulty` example with its `[scale]` section replaced by `scale`.
+fn scaled_spec(dir: &Path, scale: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("[scale]\nreplicas = 1\n", scale);
+    write_spec(dir, "faulty.toml", &text)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `faulty`'s row of `GET /v1/apps`.
+fn summary(apps: Value) -> Value {
+    apps.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "faulty")
+        .cloned()
+        .expect("faulty is listed")
+}
+
+fn reasons(events: &Value) -> Vec<String> {
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{}: {}", e["reason"].as_str().unwrap(), e["message"]))
+        .collect()
+}
+
+#[test]
+fn load_scales_an_app_up_and_its_end_scales_it_down() {
+    let c = Cluster::start();
+    let spec = scaled_spec(
+        c.dir.path(),
+        "[scale]\nmin = 1\nmax = 3\ntarget_concurrency = 1\nwindow = \"2s\"\n",
+    );
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/faulty/env/NONE", 404, "");
+
+    // Four clients each keep a slow request in flight: four per replica's one.
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(format!("{}/faulty/sleep/200", c.gateway)))
+        .collect();
+    let mut last = Value::Null;
+    let up = poll(Duration::from_secs(40), || {
+        last = summary(c.api_json("/v1/apps"));
+        last["desired"] == 3 && last["ready"] == 3
+    });
+    let results: Vec<LoadResult> = loads.into_iter().map(Load::stop).collect();
+    assert!(up, "never scaled to 3 ready replicas under load: {last}");
+    assert_eq!(last["autoscale"]["min"], 1, "{last}");
+    assert_eq!(last["autoscale"]["max"], 3, "{last}");
+    let failed: usize = results.iter().map(|r| r.failed).sum();
+    assert_eq!(
+        failed,
+        0,
+        "{:?}",
+        results.iter().map(|r| &r.failures).collect::<Vec<_>>()
+    );
+
+    // No load: back to min once a window without it has passed.
+    let down = poll(Duration::from_secs(40), || {
+        last = summary(c.api_json("/v1/apps"));
+        last["desired"] == 1
+    });
+    assert!(down, "never scaled back down: {last}");
+    let events = reasons(&c.api_json("/v1/apps/faulty")["events"]);
+    assert!(
+        events.iter().any(|e| e.starts_with("ScaledUp")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("ScaledDown")),
+        "{events:?}"
+    );
+    let get = c.cli_ok(&["get", "apps"]);
+    assert!(get.contains("1-3"), "{get}");
+}
+
+#[test]
+fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
+    let (dir, server, nodes) = cluster(2, &[]);
+    let spec = scaled_spec(
+        dir.path(),
+        "[scale]\nmin = 0\nmax = 2\nidle = \"1s\"\nwindow = \"1s\"\n",
+    );
+    server.cli_ok(&["apply", "-f", &spec]);
+    // It starts with one replica, serving.
+    assert!(
+        poll(Duration::from_secs(30), || nodes[0]
+            .get("/faulty/status/200")
+            .is_ok_and(|(s, _)| s == 200)),
+        "never served"
+    );
+    // Idle: no replica left anywhere.
+    let mut last = Value::Null;
+    let zero = poll(Duration::from_secs(30), || {
+        last = summary(server.api_json("/v1/apps"));
+        let active = server
+            .replicas("faulty")
+            .iter()
+            .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
+            .count();
+        last["desired"] == 0 && active == 0
+    });
+    assert!(zero, "never scaled to zero: {last}");
+
+    // A request at either node is held while a replica starts, then answered.
+    let (status, body) = nodes[1].get("/faulty/status/200").expect("answered");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(summary(server.api_json("/v1/apps"))["desired"], 1);
+    let events = reasons(&server.api_json("/v1/apps/faulty")["events"]);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("ScaledDown") && e.contains("idle")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.starts_with("ScaledUp") && e.contains("0 → 1")),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_schedule_window_resizes_an_app_while_it_is_open() {
+    let c = Cluster::start();
+    // Opens at every third of a minute, for 8 s: seen within 20 s, whenever the test runs.
+    let spec = scaled_spec(
+        c.dir.path(),
+        "[scale]\nreplicas = 1\n\n[[scale.schedule]]\nname = \"burst\"\ncron = \"*/20 * * * * *\"\nduration = \"8s\"\nreplicas = 2\n",
+    );
+    c.cli_ok(&["apply", "-f", &spec]);
+    let mut last = Value::Null;
+    let opened = poll(Duration::from_secs(30), || {
+        last = summary(c.api_json("/v1/apps"));
+        last["desired"] == 2 && last["ready"] == 2 && last["windows"][0] == "burst"
+    });
+    assert!(opened, "the window never took effect: {last}");
+    let closed = poll(Duration::from_secs(30), || {
+        last = summary(c.api_json("/v1/apps"));
+        last["desired"] == 1 && last["ready"] == 1
+    });
+    assert!(closed, "the window never closed: {last}");
+    let describe = c.api_json("/v1/apps/faulty");
+    // The user's own size is untouched by the window.
+    assert_eq!(describe["app"]["spec"]["replicas"], 1);
+    let events = reasons(&describe["events"]);
+    assert!(
+        events.iter().any(|e| e.starts_with("WindowOpened")),
+        "{events:?}"
+    );
+    assert!(
+        events.iter().any(|e| e.starts_with("WindowClosed")),
+        "{events:?}"
+    );
+    let text = c.cli_ok(&["describe", "app", "faulty"]);
+    assert!(
+        text.contains("burst: \"*/20 * * * * *\" UTC for 8s: replicas 2"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_scale_specs_are_refused_with_their_place() {
+    let c = Cluster::start();
+    let spec = scaled_spec(c.dir.path(), "[scale]\nmin = 3\nmax = 2\n");
+    let err = c.cli_err(&["apply", "-f", &spec]);
+    assert!(
+        err.contains("faulty.toml:13:7: scale.min: min (3) is more than max (2)"),
+        "{err}"
+    );
+    let spec = scaled_spec(
+        c.dir.path(),
+        "[[scale.schedule]]\ncron = \"0 9 * * *\"\ntimezone = \"Mars/Olympus\"\nduration = \"1h\"\nreplicas = 2\n",
+    );
+    let err = c.cli_err(&["apply", "-f", &spec]);
+    assert!(err.contains("unknown time zone \"Mars/Olympus\""), "{err}");
+    // A manual size is for apps that are not autoscaled.
+    let spec = scaled_spec(c.dir.path(), "[scale]\nmin = 1\nmax = 2\n");
+    c.cli_ok(&["apply", "-f", &spec]);
+    let err = c.cli_err(&["scale", "faulty", "--replicas", "5"]);
+    assert!(err.contains("autoscaled between 1 and 2"), "{err}");
+}
