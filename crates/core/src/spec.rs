@@ -465,22 +465,16 @@ impl Scale {
     /// (a window that leaves one unset gives the app's own), and if max ends
     /// below min, min wins, so the most capacity asked for is what runs.
     pub fn bounds(&self, replicas: u32, now: crate::objects::Millis) -> Bounds {
+        self.bounds_with(replicas, |w| w.open_at(now).is_some())
+    }
+
+    /// [`Scale::bounds`] with the windows `open` says are open.
+    pub fn bounds_with(&self, replicas: u32, open: impl Fn(&ScheduleWindow) -> bool) -> Bounds {
         let (base_min, base_max) = match &self.autoscale {
             Some(a) => (a.min, a.max),
             None => (replicas, replicas),
         };
-        let open: Vec<&ScheduleWindow> = self
-            .schedule
-            .iter()
-            .filter(|w| w.open_at(now).is_some())
-            .collect();
-        if open.is_empty() {
-            return Bounds {
-                min: base_min,
-                max: base_max,
-                windows: Vec::new(),
-            };
-        }
+        let open: Vec<&ScheduleWindow> = self.schedule.iter().filter(|w| open(w)).collect();
         let min = open
             .iter()
             .map(|w| w.min.unwrap_or(base_min))

@@ -97,7 +97,10 @@ pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
     let (before, want, why) = match &spec.scale.autoscale {
         None => {
             status.panic_until = None;
-            let before = fixed_size(&spec.scale, spec.replicas, &status.windows);
+            let before = spec
+                .scale
+                .bounds_with(spec.replicas, |w| status.windows.contains(&w.name))
+                .clamp(spec.replicas);
             (before, spec.replicas, None)
         }
         Some(a) => {
@@ -251,23 +254,6 @@ impl Average {
 fn replicas_for(load: f64, target: u32) -> u32 {
     // `as` saturates, and NaN becomes 0.
     (load / f64::from(target.max(1))).ceil() as u32
-}
-
-/// What a fixed-size app ran with the windows named in `open` open:
-/// [`Scale::bounds`]'s rule, for the windows open at the last decision.
-fn fixed_size(scale: &Scale, replicas: u32, open: &[String]) -> u32 {
-    let windows: Vec<_> = scale
-        .schedule
-        .iter()
-        .filter(|w| open.contains(&w.name))
-        .collect();
-    if windows.is_empty() {
-        return replicas;
-    }
-    let min = windows.iter().map(|w| w.min.unwrap_or(replicas)).max();
-    let max = windows.iter().map(|w| w.max.unwrap_or(replicas)).max();
-    let (min, max) = (min.unwrap_or(replicas), max.unwrap_or(replicas));
-    replicas.clamp(min, max.max(min))
 }
 
 /// `WindowOpened` / `WindowClosed` for each window whose state differs from
