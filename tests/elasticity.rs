@@ -48,7 +48,7 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
         "[scale]\nmin = 1\nmax = 3\ntarget_concurrency = 1\nwindow = \"2s\"\n",
     );
     c.cli_ok(&["apply", "-f", &spec]);
-    c.wait_gw("/faulty/env/NONE", 404, "");
+    c.wait_gw("/faulty/status/200", 200, "");
 
     // Four clients each keep a slow request in flight: four per replica's one.
     let loads: Vec<Load> = (0..4)
@@ -88,6 +88,10 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
     );
     let get = c.cli_ok(&["get", "apps"]);
     assert!(get.contains("1-3"), "{get}");
+    // Its guests' CPU beside what it requested, from the node's reports.
+    let text = c.cli_ok(&["describe", "app", "faulty"]);
+    assert!(text.contains("m requested"), "{text}");
+    assert!(c.api_json("/v1/apps/faulty")["cpu"]["used_millis"].is_u64());
 }
 
 #[test]

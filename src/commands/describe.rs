@@ -82,6 +82,13 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         ),
         r.max_concurrency
     );
+    // Used beside what it asked for, as `kubectl top` beside the pod's spec.
+    if let Some(cpu) = &d.cpu {
+        println!(
+            "CPU:          {}m used of {}m requested, {}m waiting for its share or limit",
+            cpu.used_millis, r.requests.cpu_millis, cpu.throttled_millis
+        );
+    }
     if let Some(a) = &s.scale.autoscale {
         let idle = if a.min == 0 {
             format!(", to zero after {} idle", duration(a.idle_ms))

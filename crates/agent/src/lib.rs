@@ -16,8 +16,8 @@ use probe::{Action, Backoff, Probe, ProbeState};
 
 use futures::StreamExt;
 use shoal_api::{
-    Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport, Snapshot,
-    Waiting,
+    AppCpu, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
+    Snapshot, Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -205,22 +205,38 @@ impl Agent {
     }
 
     /// Sends what the gateway measured per app revision since the last time.
+    /// And the CPU its guests used per app (running totals, so a lost report loses nothing).
     async fn send_metrics(self) {
         let mut tick = tokio::time::interval(METRICS_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let node = &self.inner.config.node;
         loop {
             tick.tick().await;
             let stats = self.inner.gateway.take_metrics();
-            if stats.is_empty() {
-                continue;
-            }
-            if let Err(e) = self
-                .inner
-                .link
-                .metrics(&self.inner.config.node, stats)
-                .await
+            if !stats.is_empty()
+                && let Err(e) = self.inner.link.metrics(node, stats).await
             {
                 tracing::debug!(error = %e, "metrics not delivered; they feed canaries and autoscaling");
+            }
+            // Groups are named after their app, `namespace/name`.
+            let usage: Vec<AppCpu> = self
+                .inner
+                .runtime
+                .cpu_usage()
+                .into_iter()
+                .filter_map(|(group, u)| {
+                    let (namespace, name) = group.split_once('/')?;
+                    Some(AppCpu {
+                        app: AppKey::new(namespace, name),
+                        used_ns: u.used_ns,
+                        throttled_ns: u.throttled_ns,
+                    })
+                })
+                .collect();
+            if !usage.is_empty()
+                && let Err(e) = self.inner.link.cpu(node, usage).await
+            {
+                tracing::debug!(error = %e, "CPU usage not delivered; it only feeds describe");
             }
         }
     }

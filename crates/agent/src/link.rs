@@ -8,8 +8,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    Client, ClientError, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot,
-    Waiting,
+    AppCpu, Client, ClientError, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
+    Snapshot, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
@@ -126,6 +126,14 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/metrics");
         Box::pin(async move {
             let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
+            self.call(req).await.map(|_| ())
+        })
+    }
+
+    fn cpu(&self, node: &str, usage: Vec<AppCpu>) -> BoxFuture<'_, LinkResult<()>> {
+        let path = format!("/v1/cluster/nodes/{node}/cpu");
+        Box::pin(async move {
+            let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
         })
     }

@@ -20,7 +20,7 @@ pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
-    AppSummary, ApplyOutcome, ApplyResult, Describe, INCIDENT_REASONS, JobRun, JobSummary,
-    NodeAction, NodeSummary, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction,
-    RolloutView, RunView, ScaleView, Service, ServiceEndpoint, Snapshot, Waiting,
+    AppCpu, AppSummary, ApplyOutcome, ApplyResult, CpuView, Describe, INCIDENT_REASONS, JobRun,
+    JobSummary, NodeAction, NodeSummary, ReplicaIncident, ReplicaReport, RevisionCount,
+    RolloutAction, RolloutView, RunView, ScaleView, Service, ServiceEndpoint, Snapshot, Waiting,
 };

@@ -3,7 +3,7 @@
 //! `shoal_agent::RemoteLink`). The agent only reads state and reports; both
 //! links offer exactly those operations, so the agent cannot tell them apart.
 
-use crate::types::{ReplicaIncident, ReplicaReport, Snapshot, Waiting};
+use crate::types::{AppCpu, ReplicaIncident, ReplicaReport, Snapshot, Waiting};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use shoal_core::Node;
@@ -33,6 +33,8 @@ pub trait Link: Send + Sync + 'static {
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
     /// What this node's gateway measured per app revision since the last call.
     fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>>;
+    /// CPU this node's guests used per app (running totals).
+    fn cpu(&self, node: &str, usage: Vec<AppCpu>) -> BoxFuture<'_, LinkResult<()>>;
     /// Requests this node's gateway holds for apps without a ready replica.
     fn waiting(&self, node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>>;
     /// A request killed by its timeout, an instance out of memory, a trap.

@@ -125,6 +125,29 @@ pub struct Describe {
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
     pub events: Vec<Event>,
+    /// CPU its guests used lately, over every node; `None` before any node reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuView>,
+}
+
+/// An app's guest CPU over the nodes' last two reports: what `describe` sets
+/// beside its requests and limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuView {
+    /// Average over the interval, in millicores.
+    pub used_millis: u64,
+    /// Time its guests waited for their share or their limit, in millicores too
+    /// (1000: one guest waiting all the time).
+    pub throttled_millis: u64,
+}
+
+/// What a node's guests of one app used since its first replica there started:
+/// CPU time running and time waiting for their share or limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppCpu {
+    pub app: AppKey,
+    pub used_ns: u64,
+    pub throttled_ns: u64,
 }
 
 /// One row of `shoal get nodes`: the node plus what is placed on it.

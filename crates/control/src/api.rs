@@ -13,7 +13,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
-use shoal_api::{ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction, Waiting};
+use shoal_api::{
+    AppCpu, ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction, Waiting,
+};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -57,6 +59,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/cluster/nodes/{name}/reports", post(report))
         .route("/v1/cluster/nodes/{name}/metrics", post(node_metrics))
         .route("/v1/cluster/nodes/{name}/waiting", post(node_waiting))
+        .route("/v1/cluster/nodes/{name}/cpu", post(node_cpu))
         .route("/v1/cluster/nodes/{name}/incidents", post(incident))
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
@@ -585,6 +588,15 @@ async fn node_metrics(
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
     cp.record_metrics(stats);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn node_cpu(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    JsonBody(usage): JsonBody<Vec<AppCpu>>,
+) -> Result<Response, ApiError> {
+    cp.record_cpu(&name, usage);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

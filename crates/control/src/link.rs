@@ -6,7 +6,9 @@ use crate::state::ControlPlane;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
-use shoal_api::{Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot, Waiting};
+use shoal_api::{
+    AppCpu, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+};
 use shoal_core::Node;
 use shoal_core::metrics::RevisionStats;
 use std::path::PathBuf;
@@ -73,6 +75,11 @@ impl Link for LocalLink {
 
     fn metrics(&self, _node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
         self.0.record_metrics(stats);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn cpu(&self, node: &str, usage: Vec<AppCpu>) -> BoxFuture<'_, LinkResult<()>> {
+        self.0.record_cpu(node, usage);
         Box::pin(async { Ok(()) })
     }
 

@@ -12,6 +12,7 @@
 //! longest stable window a spec may ask for). Gateways report once a second,
 //! so a report's in-flight integral over 1,000 ms is its average concurrency.
 
+use shoal_api::CpuView;
 use shoal_core::Millis;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::AppKey;
@@ -25,8 +26,20 @@ const LOAD_HISTORY_MS: Millis = 3_600_000;
 /// What one gateway report covers.
 const REPORT_MS: f64 = 1_000.0;
 
+/// A node's previous and latest CPU report for one app.
+type LastTwo = [Option<CpuSample>; 2];
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    at: Millis,
+    used_ns: u64,
+    throttled_ns: u64,
+}
+
 pub(crate) struct Metrics {
     apps: Mutex<BTreeMap<AppKey, Measurements>>,
+    /// Per app and node, the node's last two CPU reports.
+    cpu: Mutex<BTreeMap<AppKey, BTreeMap<String, LastTwo>>>,
     /// When this control plane started measuring: windows before it are not covered.
     since: Millis,
 }
@@ -35,6 +48,7 @@ impl Metrics {
     pub(crate) fn new(since: Millis) -> Metrics {
         Metrics {
             apps: Mutex::default(),
+            cpu: Mutex::default(),
             since,
         }
     }
@@ -95,6 +109,54 @@ impl Metrics {
         }
     }
 
+    /// A node's running CPU totals for `app`.
+    pub(crate) fn set_cpu(
+        &self,
+        app: &AppKey,
+        node: &str,
+        used_ns: u64,
+        throttled_ns: u64,
+        now: Millis,
+    ) {
+        let mut cpu = self.cpu.lock().expect("metrics lock");
+        let samples = cpu
+            .entry(app.clone())
+            .or_default()
+            .entry(node.to_string())
+            .or_default();
+        samples[0] = samples[1].take();
+        samples[1] = Some(CpuSample {
+            at: now,
+            used_ns,
+            throttled_ns,
+        });
+    }
+
+    /// `app`'s guest CPU between each node's last two reports, summed over the
+    /// nodes that reported in the last 10 s; `None` without two such reports.
+    pub(crate) fn cpu(&self, app: &AppKey, now: Millis) -> Option<CpuView> {
+        let cpu = self.cpu.lock().expect("metrics lock");
+        let mut view: Option<CpuView> = None;
+        for samples in cpu.get(app)?.values() {
+            let [Some(a), Some(b)] = samples else {
+                continue;
+            };
+            // A node that restarted starts its totals again: that interval says nothing.
+            if b.at <= a.at || now.saturating_sub(b.at) > 10_000 || b.used_ns < a.used_ns {
+                continue;
+            }
+            let per_ms = |ns: u64| ns / (b.at - a.at);
+            let v = view.get_or_insert(CpuView {
+                used_millis: 0,
+                throttled_millis: 0,
+            });
+            // ns per ms of wall time is millicores divided by 1,000.
+            v.used_millis += per_ms(b.used_ns - a.used_ns) / 1_000;
+            v.throttled_millis += per_ms(b.throttled_ns.saturating_sub(a.throttled_ns)) / 1_000;
+        }
+        view
+    }
+
     /// `app`'s average concurrency over the last `window_ms` (or as much of it
     /// as has been measured), for `get apps`; `None` before any report.
     pub(crate) fn concurrency(&self, app: &AppKey, window_ms: u64, now: Millis) -> Option<f64> {
@@ -135,6 +197,10 @@ impl Metrics {
     /// Forgets the measurements of apps that are gone.
     pub(crate) fn retain_apps(&self, keep: impl Fn(&AppKey) -> bool) {
         self.lock().retain(|app, _| keep(app));
+        self.cpu
+            .lock()
+            .expect("metrics lock")
+            .retain(|app, _| keep(app));
     }
 }
 
@@ -194,5 +260,23 @@ mod tests {
         // An hour later the samples are gone.
         m.record(vec![stats(1, 1, 0)], 3_700_000);
         assert_eq!(m.snapshot()[&app].load.samples.len(), 1);
+    }
+
+    #[test]
+    fn cpu_is_the_rate_between_each_nodes_last_two_reports() {
+        let m = Metrics::new(0);
+        let app = AppKey::new("default", "a");
+        assert_eq!(m.cpu(&app, 0), None);
+        m.set_cpu(&app, "n1", 1_000_000_000, 0, 10_000);
+        assert_eq!(m.cpu(&app, 10_000), None, "one report is no rate");
+        // 0.38 s of CPU in one second, 0.1 s throttled; another node at 0.2 cores.
+        m.set_cpu(&app, "n1", 1_380_000_000, 100_000_000, 11_000);
+        m.set_cpu(&app, "n2", 0, 0, 9_000);
+        m.set_cpu(&app, "n2", 400_000_000, 0, 11_000);
+        let v = m.cpu(&app, 11_500).unwrap();
+        assert_eq!((v.used_millis, v.throttled_millis), (580, 100));
+        // A node silent for 10 s no longer counts; one that restarted says nothing.
+        m.set_cpu(&app, "n1", 5_000, 0, 12_000);
+        assert_eq!(m.cpu(&app, 22_000), None);
     }
 }

@@ -5,7 +5,7 @@
 use crate::error::ControlError;
 use crate::state::ControlPlane;
 use shoal_api::{
-    INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView, Waiting,
+    AppCpu, INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
@@ -154,6 +154,16 @@ impl ControlPlane {
     /// Gateway measurements from a node, counted from now.
     pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
         self.inner.metrics.record(stats, self.now());
+    }
+
+    /// A node's running CPU totals per app, for `describe`.
+    pub fn record_cpu(&self, node: &str, usage: Vec<AppCpu>) {
+        let now = self.now();
+        for u in usage {
+            self.inner
+                .metrics
+                .set_cpu(&u.app, node, u.used_ns, u.throttled_ns, now);
+        }
     }
 
     /// Requests a gateway holds for apps with no ready replica. A waiting

@@ -666,6 +666,7 @@ impl ControlPlane {
             .get::<RolloutStatus>(&keys::rollout(key))?
             .map(|(s, _)| s);
         Ok(Describe {
+            cpu: self.inner.metrics.cpu(key, self.now()),
             app,
             rollout,
             revisions,
