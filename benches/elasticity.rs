@@ -7,6 +7,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/proc.rs"]
+mod proc;
 
 use common::{Cluster, apply_copies, client, examples, write_spec};
 use serde_json::Value;
@@ -40,17 +42,6 @@ fn apps(c: &Cluster) -> Vec<Value> {
     c.api_json("/v1/apps").as_array().unwrap().clone()
 }
 
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
-}
-
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
@@ -75,7 +66,7 @@ fn density(n: usize) {
         std::thread::sleep(Duration::from_millis(250));
     }
     let all_ready = started.elapsed().as_secs_f64();
-    let rss = rss_mb(c.pid());
+    let rss = proc::rss_mb(c.pid());
     // A sample of 100 apps answering, spread over all of them.
     let http = client();
     let mut lat: Vec<f64> = (0..100)

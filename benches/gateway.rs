@@ -7,6 +7,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+#[path = "support/proc.rs"]
+mod proc;
 #[path = "support/wrk.rs"]
 mod wrk;
 
@@ -59,17 +61,6 @@ fn wait_200(client: &reqwest::blocking::Client, url: &str, limit: Duration) -> I
         assert!(Instant::now() < end, "{url} never answered 200");
         std::thread::sleep(Duration::from_micros(200));
     }
-}
-
-fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb / 1024.0
 }
 
 fn spec_json(name: &str, route: &str, digest: &str) -> serde_json::Value {
@@ -165,7 +156,7 @@ fn main() {
             .unwrap();
     }
     std::thread::sleep(Duration::from_secs(3)); // let it settle before measuring idle memory
-    let idle_rss = rss_mb(shoal_pid);
+    let idle_rss = proc::rss_mb(shoal_pid);
 
     // Throughput: Shoal's gateway, then wasmtime serve, same load, same component.
     let shoal = wrk::run(&format!("{gw}/hello"), seconds, connections);

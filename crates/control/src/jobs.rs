@@ -109,24 +109,12 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::control_plane;
-    use shoal_core::Module;
+    use crate::state::tests::{control_plane, uploaded};
     use shoal_core::spec::parse_app;
-    use shoal_core::wasm::WasmKind;
 
     /// Applies app `name` of `kind` with `extra` TOML appended, its module recorded.
     fn apply(cp: &ControlPlane, name: &str, kind: &str, extra: &str) {
-        let digest = format!("sha256:{}", "a".repeat(64));
-        let module = Module {
-            digest: digest.clone(),
-            size: 1,
-            kind: WasmKind::Component,
-            uploaded_at: 0,
-        };
-        let k = keys::module(&digest);
-        cp.store()
-            .txn(Txn::new().then(Op::put(&k, encode(&module))))
-            .unwrap();
+        let digest = uploaded(cp);
         let src = format!(
             "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"{kind}\"\n{extra}"
         );

@@ -1126,8 +1126,8 @@ pub(crate) mod tests {
         ControlPlane::new(store, blobs, ControlConfig::default()).unwrap()
     }
 
-    /// An http app `name` serving `routes`, its module recorded as uploaded.
-    fn spec(cp: &ControlPlane, name: &str, routes: &[&str]) -> AppSpec {
+    /// Records a component module as uploaded, as an upload would; returns its digest.
+    pub(crate) fn uploaded(cp: &ControlPlane) -> String {
         let digest = format!("sha256:{}", "a".repeat(64));
         let module = Module {
             digest: digest.clone(),
@@ -1139,6 +1139,12 @@ pub(crate) mod tests {
         cp.store()
             .txn(Txn::new().then(Op::put(&k, encode(&module))))
             .unwrap();
+        digest
+    }
+
+    /// An http app `name` serving `routes`, its module recorded as uploaded.
+    fn spec(cp: &ControlPlane, name: &str, routes: &[&str]) -> AppSpec {
+        let digest = uploaded(cp);
         let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
         let src = format!(
             "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [{}]\n",
