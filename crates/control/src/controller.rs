@@ -1,19 +1,30 @@
-//! The controller: apps → replicas → nodes. Level-triggered: on any change
-//! (or every 250 ms, to notice silent nodes) a pass reads the whole state as a
-//! [`World`], asks [`shoal_scheduler::plan::plan`] what to do, and writes the
-//! [`Plan`]: one transaction per batch (per app, per node), each guarded by
-//! the revisions its decisions were made on, so a concurrent write voids only
-//! the batch it touches, and the next pass looks again.
+//! The controller: apps → replicas → nodes. Level-triggered over a
+//! [`Mirror`] of the cluster state that the store's watch keeps current: on
+//! any change (or every 250 ms, for what moves with time) a pass asks
+//! [`shoal_scheduler::plan`] what to do about the apps that changed, were
+//! measured, or have something in motion ([`plan::needs_look`]), and every
+//! [`FULL_PASS`] about every app. It writes the [`Plan`]: one transaction
+//! per batch (per app, per node), each guarded by the revisions its decisions
+//! were made on, so a concurrent write voids only the batch it touches, and
+//! the next pass looks again.
 
 use crate::error::ControlError;
-use crate::state::{ControlPlane, blocking, decode, encode};
-use shoal_core::objects::keys::{self, Key, Prefix};
-use shoal_core::spec::AppKey;
-use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan, Read, World};
-use shoal_store::{Op, Txn};
-use std::collections::HashSet;
-use std::time::Duration;
+use crate::mirror::Mirror;
+use crate::state::{ControlPlane, blocking, encode};
+use shoal_core::objects::keys::{self, Key};
+use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan};
+use shoal_store::{Op, Txn, WatchStream};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 use tracing::Instrument;
+
+/// A pass over every app at least this often, whatever changed: the safety
+/// net under change tracking, and when old events and history are dropped.
+const FULL_PASS: Duration = Duration::from_secs(5);
+
+/// How long catching up with the store's watch may take before the mirror
+/// is thrown away and loaded again.
+const CATCH_UP: Duration = Duration::from_secs(5);
 
 impl ControlPlane {
     /// Runs the controller until the process ends.
@@ -21,106 +32,153 @@ impl ControlPlane {
         // Leases written before this control plane started are judged from its
         // start: a restart after a long outage must not evict every node.
         let _ = self.inner.started_at.set(self.now());
-        let mut watcher = match self.store().watch("/", self.store().revision() + 1) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::error!(error = %e, "controller cannot watch the store");
-                return;
-            }
-        };
+        let mut kept: Option<(Mirror, WatchStream)> = None;
+        let mut last_full: Option<Instant> = None;
         loop {
+            let (mut mirror, mut watcher) = match kept.take() {
+                Some(k) => k,
+                None => match self.load_mirror().await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "controller cannot read the store; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                },
+            };
+            // Everything written so far, this controller's last writes included.
+            let to = self.store().revision();
+            match tokio::time::timeout(CATCH_UP, catch_up(&mut mirror, &mut watcher, to)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "controller watch failed; reloading");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("controller watch fell behind; reloading");
+                    continue;
+                }
+            }
+            let full = last_full.is_none_or(|t| t.elapsed() >= FULL_PASS);
             let cp = self.clone();
-            let span = tracing::debug_span!("reconcile");
-            match blocking(move || cp.pass()).instrument(span).await {
-                Ok(true) => continue, // wrote something or lost a race: look again
+            let span = tracing::debug_span!("reconcile", full);
+            let passed = blocking(move || {
+                let wrote = cp.pass(&mut mirror, full);
+                Ok((mirror, wrote))
+            })
+            .instrument(span)
+            .await;
+            let Ok((mut mirror, wrote)) = passed else {
+                continue;
+            };
+            if full {
+                last_full = Some(Instant::now());
+            }
+            match wrote {
+                Ok(true) => {
+                    // Wrote something or lost a race: look again.
+                    kept = Some((mirror, watcher));
+                    continue;
+                }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
             }
             // Sleep until something that matters changes, or the periodic tick.
             let tick = tokio::time::sleep(Duration::from_millis(250));
             tokio::pin!(tick);
-            loop {
+            let healthy = loop {
                 tokio::select! {
-                    _ = &mut tick => break,
-                    _ = self.inner.kick.notified() => break,
+                    _ = &mut tick => break true,
+                    _ = self.inner.kick.notified() => break true,
                     ev = watcher.next() => match ev {
-                        Some(Ok(ev)) if !ev.kv.key.starts_with(keys::EVENTS.as_str())
-                            && !ev.kv.key.starts_with(keys::MODULES.as_str())
-                            && !ev.kv.key.starts_with(keys::LEASES.as_str()) => break,
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "controller watch failed; rewatching");
-                            match self.store().watch("/", self.store().revision() + 1) {
-                                Ok(w) => watcher = w,
-                                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        Some(Ok(ev)) => {
+                            if let Err(e) = mirror.apply(&ev) {
+                                tracing::warn!(error = %e, "controller cannot follow the store");
+                                break false;
                             }
-                            break;
+                            let key = ev.kv.key.as_str();
+                            if !keys::EVENTS.contains(key)
+                                && !keys::MODULES.contains(key)
+                                && !keys::LEASES.contains(key)
+                            {
+                                break true;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "controller watch failed; reloading");
+                            break false;
                         }
                         None => return,
                     },
                 }
+            };
+            if healthy {
+                kept = Some((mirror, watcher));
             }
         }
     }
 
-    /// One pass: read, plan, write. Returns whether it wrote (or tried to write) anything.
-    pub(crate) fn pass(&self) -> Result<bool, ControlError> {
-        let world = self.read_world()?;
-        let now = self.now();
-        let plan = plan::plan(&world, now, &mut RandomIds);
-        let live: HashSet<AppKey> = world.apps.iter().map(|a| a.value.spec.key()).collect();
-        self.write(plan, live)
+    /// The whole state in one read, and a watch continuing right after it.
+    async fn load_mirror(&self) -> Result<(Mirror, WatchStream), ControlError> {
+        let cp = self.clone();
+        let mirror = blocking(move || {
+            let (kvs, revision) = cp.store().range("/")?;
+            Mirror::load(&kvs, revision)
+        })
+        .await?;
+        let watcher = self.store().watch("/", mirror.revision + 1)?;
+        Ok((mirror, watcher))
     }
 
-    /// Everything a pass decides on, each object with the revision it was read
-    /// at. In an order that never sees a reference before what it refers to:
-    /// apps before the revisions they point at (written with them or
-    /// before), nodes before their leases (a registration writes both).
-    fn read_world(&self) -> Result<World, ControlError> {
-        let apps = read_all(self, &keys::APPS)?;
-        let revisions = read_all(self, &keys::REVISIONS)?
-            .into_iter()
-            .map(|r| ((r.value.app.clone(), r.value.number), r))
-            .collect();
-        let rollouts = read_all(self, &keys::ROLLOUTS)?
-            .into_iter()
-            .map(|r| (r.value.app.clone(), r))
-            .collect();
-        let replicas = read_all(self, &keys::REPLICAS)?;
-        let nodes = read_all(self, &keys::NODES)?;
-        let leases = read_all(self, &keys::LEASES)?
-            .into_iter()
-            .map(|l| (l.value.node, l.value.renewed_at))
-            .collect();
-        Ok(World {
-            apps,
-            revisions,
-            replicas,
-            nodes,
-            leases,
-            rollouts,
-            measurements: self.inner.metrics.snapshot(),
-            leases_from: self.inner.started_at.get().copied().unwrap_or(0),
-            node_grace_ms: self.config().node_grace.as_millis() as u64,
-            strategy: self.config().strategy,
-        })
+    /// One pass: plan on the mirror, write. Returns whether it wrote (or
+    /// tried to write) anything. `full`: about every app, else about those
+    /// that changed, were measured, or have something in motion.
+    pub(crate) fn pass(&self, mirror: &mut Mirror, full: bool) -> Result<bool, ControlError> {
+        let changes = mirror.take_changes();
+        let measured = self.inner.metrics.take_touched();
+        // A node that came, went or changed concerns every app.
+        let full = full || changes.nodes;
+        let focus = (!full).then(|| {
+            let mut focus = changes.apps;
+            focus.extend(measured);
+            focus.extend(mirror.active().iter().cloned());
+            focus
+        });
+        let world = &mut mirror.world;
+        world.leases_from = self.inner.started_at.get().copied().unwrap_or(0);
+        world.node_grace_ms = self.config().node_grace.as_millis() as u64;
+        world.strategy = self.config().strategy;
+        let now = self.now();
+        let plan = match &focus {
+            None => {
+                world.measurements = self.inner.metrics.snapshot();
+                plan::plan(world, now, &mut RandomIds)
+            }
+            Some(focus) => {
+                world.measurements = self.inner.metrics.snapshot_of(focus);
+                plan::plan_apps(world, focus, now, &mut RandomIds)
+            }
+        };
+        world.measurements = BTreeMap::new();
+        let quiet = plan.batches.is_empty();
+        self.write(plan)?;
+        if quiet && full {
+            self.prune_events()?;
+            self.compact_history()?;
+            let apps = &mirror.world.apps;
+            self.inner.metrics.retain_apps(|app| apps.contains_key(app));
+        }
+        Ok(!quiet)
     }
 
     /// Commits each batch of `plan` on its own; one that lost a race is
-    /// dropped, and the next pass decides again. `live` are the apps that
-    /// exist, whose measurements are kept.
-    fn write(&self, plan: Plan, live: HashSet<AppKey>) -> Result<bool, ControlError> {
+    /// dropped, and the next pass decides again.
+    fn write(&self, plan: Plan) -> Result<(), ControlError> {
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
         for (app, baseline) in plan.baselines {
             self.inner.metrics.set_baseline(app, baseline);
-        }
-        if plan.batches.is_empty() {
-            self.prune_events()?;
-            self.compact_history()?;
-            self.inner.metrics.retain_apps(|app| live.contains(app));
-            return Ok(false);
         }
         for batch in plan.batches {
             let scope = format!("{:?}", batch.scope);
@@ -128,7 +186,7 @@ impl ControlPlane {
                 tracing::debug!(%scope, "lost a race; the next pass decides again");
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// A batch as one guarded transaction, with its events.
@@ -204,15 +262,20 @@ impl ControlPlane {
     }
 }
 
-/// Every object under `prefix`, with the revision it was read at.
-fn read_all<T: serde::de::DeserializeOwned>(
-    cp: &ControlPlane,
-    prefix: &Prefix<T>,
-) -> Result<Vec<Read<T>>, ControlError> {
-    let (kvs, _) = cp.store().range(prefix.as_str())?;
-    kvs.iter()
-        .map(|kv| Ok(Read::new(decode(kv)?, kv.mod_revision)))
-        .collect()
+/// Applies the watch's events to `mirror` until it reflects revision `to`.
+async fn catch_up(
+    mirror: &mut Mirror,
+    watcher: &mut WatchStream,
+    to: u64,
+) -> Result<(), ControlError> {
+    while mirror.revision < to {
+        match watcher.next().await {
+            Some(Ok(ev)) => mirror.apply(&ev)?,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ControlError::internal("the store's watch ended")),
+        }
+    }
+    Ok(())
 }
 
 /// `txn` applying only if `key` is still as `expect` says.

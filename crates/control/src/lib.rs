@@ -14,6 +14,7 @@ mod error;
 mod jobs;
 mod link;
 mod measurements;
+mod mirror;
 mod rollouts;
 mod state;
 

@@ -18,7 +18,7 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::AppKey;
 use shoal_scheduler::autoscale::LoadSample;
 use shoal_scheduler::plan::{Baseline, Measurements};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 /// Load samples older than this are dropped: the longest stable window.
@@ -38,6 +38,8 @@ struct CpuSample {
 
 pub(crate) struct Metrics {
     apps: Mutex<BTreeMap<AppKey, Measurements>>,
+    /// Apps measured since the controller last asked: its next pass looks at them.
+    touched: Mutex<BTreeSet<AppKey>>,
     /// Per app and node, the node's last two CPU reports.
     cpu: Mutex<BTreeMap<AppKey, BTreeMap<String, LastTwo>>>,
     /// When this control plane started measuring: windows before it are not covered.
@@ -48,6 +50,7 @@ impl Metrics {
     pub(crate) fn new(since: Millis) -> Metrics {
         Metrics {
             apps: Mutex::default(),
+            touched: Mutex::default(),
             cpu: Mutex::default(),
             since,
         }
@@ -71,6 +74,7 @@ impl Metrics {
     pub(crate) fn record(&self, stats: Vec<RevisionStats>, now: Millis) {
         let mut apps = self.lock();
         let second = now - now % 1_000;
+        self.touch(stats.iter().map(|s| s.app.clone()));
         for s in stats {
             let m = self.entry(&mut apps, &s.app);
             m.totals
@@ -102,6 +106,7 @@ impl Metrics {
     /// Requests held at a gateway right now because `app` has no ready replica.
     pub(crate) fn set_waiting(&self, app: &AppKey, waiting: u32, now: Millis) {
         let mut apps = self.lock();
+        self.touch([app.clone()]);
         let load = &mut self.entry(&mut apps, app).load;
         load.waiting = waiting;
         if waiting > 0 {
@@ -176,6 +181,23 @@ impl Metrics {
     /// Every app's measurements now, for a controller pass.
     pub(crate) fn snapshot(&self) -> BTreeMap<AppKey, Measurements> {
         self.lock().clone()
+    }
+
+    /// The measurements of `apps` now, for a pass that looks at those only.
+    pub(crate) fn snapshot_of(&self, apps: &BTreeSet<AppKey>) -> BTreeMap<AppKey, Measurements> {
+        let all = self.lock();
+        apps.iter()
+            .filter_map(|k| Some((k.clone(), all.get(k)?.clone())))
+            .collect()
+    }
+
+    fn touch(&self, apps: impl IntoIterator<Item = AppKey>) {
+        self.touched.lock().expect("metrics lock").extend(apps);
+    }
+
+    /// The apps measured since the last call.
+    pub(crate) fn take_touched(&self) -> BTreeSet<AppKey> {
+        std::mem::take(&mut *self.touched.lock().expect("metrics lock"))
     }
 
     /// Records the totals a canary step is judged against.

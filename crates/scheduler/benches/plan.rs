@@ -1,8 +1,9 @@
 //! One controller pass, as the pure `plan` makes it: how long a pass takes
 //! for 1,000 and 10,000 one-replica apps on 10 nodes, both when every app
 //! needs its replica created and placed (a burst of applies) and when nothing
-//! is to be done (the steady state, the 250 ms tick). The baseline for making
-//! per-pass work grow with what changed rather than with the cluster.
+//! is to be done (the steady state, a full pass), and the pass the controller
+//! makes when it knows what changed (`plan_apps`: one app changed among
+//! them), whose cost should not grow with the cluster.
 //! Run with `cargo bench -p shoal-scheduler --bench plan`.
 
 use shoal_core::spec::{AppKey, parse_app};
@@ -10,8 +11,8 @@ use shoal_core::{
     App, Capacity, Node, NodeState, Phase, Replica, Revision, RolloutPhase, RolloutStatus,
 };
 use shoal_scheduler::Strategy;
-use shoal_scheduler::plan::{Ids, Read, World, plan};
-use std::collections::BTreeMap;
+use shoal_scheduler::plan::{Ids, Plan, Read, World, plan, plan_apps};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 const NODES: usize = 10;
@@ -29,9 +30,9 @@ impl Ids for Counter {
 fn world(apps: usize, placed: bool) -> World {
     let digest = format!("sha256:{}", "a".repeat(64));
     let mut w = World {
-        apps: Vec::new(),
+        apps: BTreeMap::new(),
         revisions: BTreeMap::new(),
-        replicas: Vec::new(),
+        replicas: BTreeMap::new(),
         nodes: (0..NODES)
             .map(|i| {
                 let node = Node {
@@ -48,7 +49,7 @@ fn world(apps: usize, placed: bool) -> World {
                     draining: false,
                     joined_at: 0,
                 };
-                Read::new(node, 1)
+                (node.name.clone(), Read::new(node, 1))
             })
             .collect(),
         leases: (0..NODES).map(|i| (format!("node-{i}"), 1_000)).collect(),
@@ -74,9 +75,10 @@ fn world(apps: usize, placed: bool) -> World {
             outcome: None,
         };
         if placed {
-            w.replicas.push(Read::new(
+            let id = format!("app{i}-1-x");
+            let replica = Read::new(
                 Replica {
-                    id: format!("app{i}-1-x"),
+                    id: id.clone(),
                     app: key.clone(),
                     revision: 1,
                     kind: spec.component.kind,
@@ -93,7 +95,11 @@ fn world(apps: usize, placed: bool) -> World {
                     updated_at: 0,
                 },
                 10,
-            ));
+            );
+            w.replicas
+                .entry(key.clone())
+                .or_default()
+                .insert(id, replica);
             let status = RolloutStatus {
                 app: key.clone(),
                 revision: 1,
@@ -111,34 +117,37 @@ fn world(apps: usize, placed: bool) -> World {
             };
             w.rollouts.insert(key.clone(), Read::new(status, 10));
         }
-        w.revisions.insert((key, 1), Read::new(revision, 5));
-        w.apps.push(Read::new(
-            App {
-                spec,
-                revision: 1,
-                created_at: 0,
-                updated_at: 0,
-                scale: Default::default(),
-                job: Default::default(),
-            },
-            5,
-        ));
+        w.revisions.insert((key.clone(), 1), Read::new(revision, 5));
+        w.apps.insert(
+            key.clone(),
+            Read::new(
+                App {
+                    spec,
+                    revision: 1,
+                    created_at: 0,
+                    updated_at: 0,
+                    scale: Default::default(),
+                    job: Default::default(),
+                },
+                5,
+            ),
+        );
     }
     w
 }
 
-fn measure(label: &str, w: &World) {
+fn measure(label: &str, w: &World, pass: impl Fn(&World) -> Plan) {
     let mut times: Vec<Duration> = (0..RUNS)
         .map(|_| {
             let start = Instant::now();
-            let p = plan(w, 2_000, &mut Counter(0));
+            let p = pass(w);
             let t = start.elapsed();
             std::hint::black_box(p);
             t
         })
         .collect();
     times.sort();
-    let batches = plan(w, 2_000, &mut Counter(0)).batches.len();
+    let batches = pass(w).batches.len();
     println!(
         "  {label:<46} median {:>8.2} ms  best {:>8.2} ms  ({batches} batches)",
         times[RUNS / 2].as_secs_f64() * 1e3,
@@ -148,14 +157,27 @@ fn measure(label: &str, w: &World) {
 
 fn main() {
     println!("plan: one controller pass, {NODES} nodes, one thread, {RUNS} runs");
+    let full = |w: &World| plan(w, 2_000, &mut Counter(0));
     for apps in [1_000, 10_000] {
         measure(
             &format!("{apps} new apps (create + place each)"),
             &world(apps, false),
+            full,
         );
+        let mut steady = world(apps, true);
         measure(
             &format!("{apps} apps, steady (nothing to do)"),
-            &world(apps, true),
+            &steady,
+            full,
+        );
+        // One app scaled to 2: the focused pass creates and places its replica.
+        let one = AppKey::new("default", "app7");
+        steady.apps.get_mut(&one).expect("app7").value.spec.replicas = 2;
+        let focus = BTreeSet::from([one]);
+        measure(
+            &format!("{apps} apps, one changed (plan_apps)"),
+            &steady,
+            |w| plan_apps(w, &focus, 2_000, &mut Counter(0)),
         );
     }
 }

@@ -426,6 +426,22 @@ impl<'a> Cluster<'a> {
         true
     }
 
+    /// Accounts for what a replica on the node called `node` takes, without
+    /// counting it towards any app's balance: for the replicas of apps a pass
+    /// does not place, which cost it no allocation. False if there is no such node.
+    pub fn occupy(&mut self, node: &str, resources: &Capacity) -> bool {
+        let Ok(i) = self
+            .slots
+            .binary_search_by(|s| s.node.name.as_str().cmp(node))
+        else {
+            return false;
+        };
+        let s = &mut self.slots[i];
+        s.allocated.add(resources);
+        self.fits[i] = Fit::new(s.node, &s.allocated);
+        true
+    }
+
     /// Gives back what [`Cluster::reserve`] took for one replica of `app` on
     /// `node`: a replica this pass removes.
     pub fn release(&mut self, node: &str, app: &AppKey, resources: &Capacity) {

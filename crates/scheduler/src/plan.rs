@@ -26,7 +26,7 @@ use shoal_core::{
     RolloutPhase, RolloutStatus,
 };
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 /// An object as read, with the store revision of its last change: a write
 /// decided on it applies only if it is still the same.
@@ -48,10 +48,11 @@ impl<T> Read<T> {
 /// Everything one pass decides on.
 #[derive(Debug, Clone)]
 pub struct World {
-    pub apps: Vec<Read<App>>,
+    pub apps: BTreeMap<AppKey, Read<App>>,
     pub revisions: BTreeMap<(AppKey, u64), Read<Revision>>,
-    pub replicas: Vec<Read<Replica>>,
-    pub nodes: Vec<Read<Node>>,
+    /// Per app (that app may be gone), by replica id.
+    pub replicas: BTreeMap<AppKey, BTreeMap<String, Read<Replica>>>,
+    pub nodes: BTreeMap<String, Read<Node>>,
     /// Node name → when its lease was last renewed.
     pub leases: BTreeMap<String, Millis>,
     pub rollouts: BTreeMap<AppKey, Read<RolloutStatus>>,
@@ -234,8 +235,26 @@ impl Plan {
     }
 }
 
-/// Decides one pass. Pure: same world, time and ids, same plan.
+/// Decides one pass over every app. Pure: same world, time and ids, same plan.
 pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
+    plan_for(world, None, now, ids)
+}
+
+/// Decides one pass over the apps in `focus` only (present or deleted):
+/// what a controller that knows what changed since its last pass asks, so
+/// a pass costs what changed, not the size of the cluster. Leases and
+/// capacity are still judged on every node and replica; apps outside
+/// `focus` are taken as they are.
+pub fn plan_apps(world: &World, focus: &BTreeSet<AppKey>, now: Millis, ids: &mut impl Ids) -> Plan {
+    plan_for(world, Some(focus), now, ids)
+}
+
+fn plan_for(
+    world: &World,
+    focus: Option<&BTreeSet<AppKey>>,
+    now: Millis,
+    ids: &mut impl Ids,
+) -> Plan {
     let mut out = Plan::default();
     let nodes = expire_leases(world, now, &mut out);
     // Replicas move off nodes that were NotReady when read; one that becomes
@@ -243,7 +262,7 @@ pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
     // stored, so a node batch that loses its race moves nothing.
     let lost: HashMap<&str, u64> = world
         .nodes
-        .iter()
+        .values()
         .filter(|n| n.value.state != NodeState::Ready)
         .map(|n| (n.value.name.as_str(), n.mod_revision))
         .collect();
@@ -253,9 +272,19 @@ pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
         .map(|n| n.name.as_str())
         .collect();
     let mut cluster = Cluster::new(nodes.iter(), world.strategy);
-    for r in &world.replicas {
-        if let (true, Some(n)) = (r.value.is_active(), &r.value.node) {
-            cluster.reserve(n, &r.value.app, &Capacity::of(&r.value.resources));
+    // Every replica takes its room; only those of apps this pass looks at
+    // count towards their app's balance.
+    for (app, replicas) in &world.replicas {
+        let placing = focus.is_none_or(|f| f.contains(app));
+        for r in replicas.values() {
+            if let (true, Some(n)) = (r.value.is_active(), &r.value.node) {
+                let room = Capacity::of(&r.value.resources);
+                if placing {
+                    cluster.reserve(n, app, &room);
+                } else {
+                    cluster.occupy(n, &room);
+                }
+            }
         }
     }
     let mut pass = Pass {
@@ -267,24 +296,73 @@ pub fn plan(world: &World, now: Millis, ids: &mut impl Ids) -> Plan {
         released: Vec::new(),
         out,
     };
-    let mut by_app: BTreeMap<&AppKey, Vec<&Read<Replica>>> = BTreeMap::new();
-    for r in &world.replicas {
-        by_app.entry(&r.value.app).or_default().push(r);
+    let replicas_of = |key: &AppKey| -> Vec<&Read<Replica>> {
+        world
+            .replicas
+            .get(key)
+            .map(|rs| rs.values().collect())
+            .unwrap_or_default()
+    };
+    let mut orphans: BTreeSet<&AppKey> = BTreeSet::new();
+    match focus {
+        None => {
+            for (key, app) in &world.apps {
+                pass.app(app, replicas_of(key), ids);
+            }
+            orphans.extend(
+                (world.replicas.keys().chain(world.rollouts.keys()))
+                    .filter(|k| !world.apps.contains_key(*k)),
+            );
+        }
+        Some(focus) => {
+            for key in focus {
+                match world.apps.get(key) {
+                    Some(app) => pass.app(app, replicas_of(key), ids),
+                    None => {
+                        orphans.insert(key);
+                    }
+                }
+            }
+        }
     }
-    for app in &world.apps {
-        let key = app.value.spec.key();
-        let replicas = by_app.remove(&key).unwrap_or_default();
-        pass.app(app, replicas, ids);
-    }
-    pass.deleted_apps(by_app);
+    pass.deleted_apps(orphans);
     pass.out
+}
+
+/// Whether a pass must look at app `key` even when none of its objects
+/// changed: something about it moves with time (its load and idleness,
+/// schedule windows or cron, a rollout's deadline and pauses, a replica
+/// starting, backing off or waiting for room, the cleanup of a deleted app).
+/// Otherwise only a change to its objects, to a node or to its measurements
+/// can change what a pass decides for it.
+pub fn needs_look(world: &World, key: &AppKey) -> bool {
+    let replicas = world.replicas.get(key);
+    let unsettled = replicas.is_some_and(|rs| {
+        rs.values()
+            .any(|r| !matches!(r.value.phase, Phase::Ready | Phase::Running))
+    });
+    if unsettled
+        || world
+            .rollouts
+            .get(key)
+            .is_some_and(|s| !s.value.phase.is_done())
+    {
+        return true;
+    }
+    let Some(app) = world.apps.get(key) else {
+        return replicas.is_some() || world.rollouts.contains_key(key);
+    };
+    let spec = &app.value.spec;
+    spec.component.kind == Kind::Job
+        || !spec.scale.schedule.is_empty()
+        || (spec.scale.autoscale.is_some() && (spec.replicas > 0 || replicas.is_some()))
 }
 
 /// Nodes as they are after this pass: a Ready node whose lease is older than
 /// the grace becomes NotReady, in a batch of its own.
 fn expire_leases(world: &World, now: Millis, out: &mut Plan) -> Vec<Node> {
     let mut nodes = Vec::with_capacity(world.nodes.len());
-    for n in &world.nodes {
+    for n in world.nodes.values() {
         let mut node = n.value.clone();
         let renewed = world
             .leases
@@ -804,35 +882,32 @@ impl<'w> Pass<'w> {
 
     /// Replicas and rollouts of apps that are gone go with them, one batch per
     /// app, applied only while the app is still absent.
-    fn deleted_apps(&mut self, orphans: BTreeMap<&AppKey, Vec<&Read<Replica>>>) {
-        let mut batches: BTreeMap<AppKey, Batch> = BTreeMap::new();
-        fn batch<'b>(batches: &'b mut BTreeMap<AppKey, Batch>, key: &AppKey) -> &'b mut Batch {
-            batches
-                .entry(key.clone())
-                .or_insert_with(|| Batch::new(Scope::App(key.clone()), Some(Expect::Absent)))
-        }
-        for (key, replicas) in orphans {
-            let b = batch(&mut batches, key);
-            for r in replicas {
-                b.changes.push(Change::DeleteReplica {
+    fn deleted_apps(&mut self, gone: BTreeSet<&AppKey>) {
+        for key in gone {
+            let mut batch = Batch::new(Scope::App(key.clone()), Some(Expect::Absent));
+            for r in self
+                .world
+                .replicas
+                .get(key)
+                .into_iter()
+                .flat_map(BTreeMap::values)
+            {
+                batch.changes.push(Change::DeleteReplica {
                     app: key.clone(),
                     id: r.value.id.clone(),
                     expect: r.mod_revision,
                 });
             }
-        }
-        let live: HashSet<AppKey> = self.world.apps.iter().map(|a| a.value.spec.key()).collect();
-        for (key, status) in &self.world.rollouts {
-            if !live.contains(key) {
-                batch(&mut batches, key)
-                    .changes
-                    .push(Change::DeleteRollout {
-                        app: key.clone(),
-                        expect: status.mod_revision,
-                    });
+            if let Some(status) = self.world.rollouts.get(key) {
+                batch.changes.push(Change::DeleteRollout {
+                    app: key.clone(),
+                    expect: status.mod_revision,
+                });
+            }
+            if !batch.changes.is_empty() {
+                self.out.batches.push(batch);
             }
         }
-        self.out.batches.extend(batches.into_values());
     }
 }
 
@@ -992,10 +1067,13 @@ mod tests {
             })
             .collect();
         World {
-            apps: vec![Read::new(app, 5)],
+            apps: [(key(), Read::new(app, 5))].into(),
             revisions,
-            replicas: vec![],
-            nodes: vec![node("m"), node("n")],
+            replicas: BTreeMap::new(),
+            nodes: [node("m"), node("n")]
+                .into_iter()
+                .map(|n| (n.value.name.clone(), n))
+                .collect(),
             leases: [("m".to_string(), NOW), ("n".to_string(), NOW)].into(),
             rollouts: BTreeMap::new(),
             measurements: BTreeMap::new(),
@@ -1006,12 +1084,31 @@ mod tests {
     }
 
     fn with_replicas(mut w: World, replicas: &[Replica]) -> World {
-        w.replicas = replicas
-            .iter()
-            .enumerate()
-            .map(|(i, r)| Read::new(r.clone(), 100 + i as u64))
-            .collect();
+        w.replicas = BTreeMap::new();
+        for (i, r) in replicas.iter().enumerate() {
+            w.replicas
+                .entry(r.app.clone())
+                .or_default()
+                .insert(r.id.clone(), Read::new(r.clone(), 100 + i as u64));
+        }
         w
+    }
+
+    fn app_mut(w: &mut World) -> &mut Read<App> {
+        w.apps.get_mut(&key()).expect("app a")
+    }
+
+    fn replica_mut<'w>(w: &'w mut World, id: &str) -> &'w mut Read<Replica> {
+        w.replicas
+            .values_mut()
+            .find_map(|rs| rs.get_mut(id))
+            .expect("replica")
+    }
+
+    fn remove_replica(w: &mut World, id: &str) {
+        for rs in w.replicas.values_mut() {
+            rs.remove(id);
+        }
     }
 
     fn on(mut r: Replica, node: &str) -> Replica {
@@ -1130,9 +1227,10 @@ mod tests {
 
         // Once stored NotReady, its replicas move, while it stays so.
         let mut after = w.clone();
-        after.nodes[1].value.state = NodeState::NotReady;
-        after.nodes[1].value.schedulable = true;
-        after.nodes[1].mod_revision = 7;
+        let n = after.nodes.get_mut("n").unwrap();
+        n.value.state = NodeState::NotReady;
+        n.value.schedulable = true;
+        n.mod_revision = 7;
         let p = plan(&after, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(deletes(b), ["y"]);
@@ -1179,6 +1277,120 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_focused_pass_decides_for_its_apps_only_on_the_whole_clusters_room() {
+        // App a wants a replica; b, outside the focus, fills node m and
+        // wants one too. Node n is gone from this world: m is the only room.
+        let mut w = world(1, 1, "");
+        complete(&mut w, 1);
+        let mut m = node("m");
+        let per = Capacity::of(&app_mut(&mut w).value.spec.resources);
+        m.value.capacity = Capacity {
+            cpu_millis: per.cpu_millis,
+            memory_bytes: per.memory_bytes,
+            instances: 1000,
+        };
+        w.nodes = [("m".to_string(), m)].into();
+        let b_key = AppKey::new("default", "b");
+        let mut b_app = app_with("http", 2, 1, "");
+        b_app.spec.name = "b".into();
+        w.apps.insert(b_key.clone(), Read::new(b_app, 6));
+        let mut b_ready = on(replica_at("b-1-y", 1, Phase::Ready, 3), "m");
+        b_ready.app = b_key.clone();
+        let mut w = with_replicas(w, &[b_ready]);
+        complete(&mut w, 1);
+
+        let nothing = plan_apps(&w, &BTreeSet::new(), NOW, &mut Counter::default());
+        assert!(nothing.is_empty(), "no focus, no decisions: {nothing:?}");
+
+        let p = plan_apps(&w, &BTreeSet::from([key()]), NOW, &mut Counter::default());
+        assert_eq!(p.batches.len(), 1, "b is not looked at");
+        let b = app_batch(&p);
+        assert_eq!(puts(b).len(), 1);
+        assert_eq!(puts(b)[0].node, None, "m's room is b's: {:?}", puts(b)[0]);
+        assert_eq!(reasons(b), ["FailedScheduling"]);
+
+        // The full pass makes the same decision for a, and b's too.
+        let full = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(full.batches.len(), 2);
+        assert_eq!(app_batch(&full), b);
+    }
+
+    #[test]
+    fn a_focused_pass_cleans_up_after_a_deleted_app_in_its_focus() {
+        let mut w = with_replicas(
+            world(1, 1, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        w.apps.clear();
+        let focus = BTreeSet::from([key()]);
+        assert_eq!(
+            plan_apps(&w, &focus, NOW, &mut Counter::default()),
+            plan(&w, NOW, &mut Counter::default())
+        );
+        assert_eq!(
+            deletes(app_batch(&plan_apps(
+                &w,
+                &focus,
+                NOW,
+                &mut Counter::default()
+            ))),
+            ["x"]
+        );
+    }
+
+    #[test]
+    fn only_apps_with_something_in_motion_need_a_look() {
+        // Settled: all replicas ready, the rollout complete, a fixed size.
+        let mut w = with_replicas(
+            world(1, 1, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        assert!(!needs_look(&w, &key()));
+
+        // A replica starting, waiting for room or backing off.
+        for phase in [Phase::Pending, Phase::Starting, Phase::CrashLoopBackOff] {
+            replica_mut(&mut w, "x").value.phase = phase;
+            assert!(needs_look(&w, &key()), "{phase:?}");
+        }
+        replica_mut(&mut w, "x").value.phase = Phase::Ready;
+
+        // A rollout in progress (its deadline and pauses run on the clock).
+        let mut s = w.rollouts[&key()].clone();
+        s.value.phase = RolloutPhase::Progressing;
+        w.rollouts.insert(key(), s);
+        assert!(needs_look(&w, &key()));
+        complete(&mut w, 1);
+
+        // Autoscaled: while it has replicas (idleness, load); not asleep at zero.
+        let auto = with_app(w.clone(), scaled_app("[scale]\nmin = 0\nmax = 3\n"));
+        assert!(needs_look(&auto, &key()));
+        let mut asleep = auto;
+        asleep.replicas.clear();
+        app_mut(&mut asleep).value.spec.replicas = 0;
+        assert!(
+            !needs_look(&asleep, &key()),
+            "woken by its measurements, not the clock"
+        );
+
+        // A schedule window or a job's schedule.
+        let windows = "[scale]\nreplicas = 1\n[[scale.schedule]]\ncron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 2\n";
+        assert!(needs_look(
+            &with_app(w.clone(), scaled_app(windows)),
+            &key()
+        ));
+        assert!(needs_look(&job_world("schedule = \"*/5 * * * *\""), &key()));
+
+        // Deleted, with something left to clean up.
+        w.apps.clear();
+        assert!(needs_look(&w, &key()));
+        w.replicas.clear();
+        w.rollouts.clear();
+        assert!(!needs_look(&w, &key()));
     }
 
     #[test]
@@ -1229,12 +1441,12 @@ mod tests {
         assert!(plan(&w, NOW + 10, &mut Counter::default()).is_empty());
 
         // The new replica ready: the old one goes and the rollout completes.
-        w.replicas[1].value.phase = Phase::Ready;
+        replica_mut(&mut w, "y").value.phase = Phase::Ready;
         let p = plan(&w, NOW + 20, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(deletes(b), ["x"]);
         let mut w2 = w.clone();
-        w2.replicas.remove(0);
+        remove_replica(&mut w2, "x");
         let p = plan(&w2, NOW + 30, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(reasons(b), ["RolledOut"]);
@@ -1303,7 +1515,7 @@ mod tests {
         assert_eq!(reasons(b), ["Replacing", "Scheduled"]);
 
         // With nowhere else to go (m cordoned), it stays where its node restarts it.
-        w.nodes[0].value.schedulable = false;
+        w.nodes.get_mut("m").unwrap().value.schedulable = false;
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
     }
 
@@ -1329,13 +1541,13 @@ mod tests {
         // in a's batch: b, in its own batch, must not count on that room.
         let mut w = world(1, 1, "");
         let mut n = node("n");
-        let per = Capacity::of(&w.apps[0].value.spec.resources);
+        let per = Capacity::of(&app_mut(&mut w).value.spec.resources);
         n.value.capacity = Capacity {
             cpu_millis: per.cpu_millis * 2,
             memory_bytes: per.memory_bytes * 2,
             instances: 1000,
         };
-        w.nodes = vec![n];
+        w.nodes = [("n".to_string(), n)].into();
         w.leases.remove("m");
         let mut b_app = app_with("http", 1, 1, "");
         b_app.spec.name = "b".into();
@@ -1343,7 +1555,7 @@ mod tests {
         let mut b_pending = replica_at("b-1-z", 1, Phase::Pending, 3);
         b_pending.app = b_key.clone();
         b_pending.node = None;
-        w.apps.push(Read::new(b_app, 6));
+        w.apps.insert(b_key.clone(), Read::new(b_app, 6));
         let mut w = with_replicas(
             w,
             &[
@@ -1366,7 +1578,7 @@ mod tests {
         assert!(reasons(b).contains(&"FailedScheduling"));
 
         // Once a's delete has landed, the room is b's.
-        w.replicas.remove(1);
+        remove_replica(&mut w, "y");
         let p = plan(&w, NOW + 1, &mut Counter::default());
         let b = p
             .batches
@@ -1472,7 +1684,7 @@ mod tests {
 
     /// `app` (revision 1, the template of [`world`]'s) in place of `default/a`.
     fn with_app(mut w: World, app: App) -> World {
-        w.apps[0].value = app;
+        app_mut(&mut w).value = app;
         w
     }
 
@@ -1509,7 +1721,7 @@ mod tests {
         );
 
         // Stored, with the third replica ready: nothing to write.
-        w.apps[0] = Read::new(stored, 6);
+        *app_mut(&mut w) = Read::new(stored, 6);
         let mut w = with_replicas(
             w,
             &[
@@ -1585,7 +1797,7 @@ mod tests {
         );
 
         // Stored, with five replicas: steady while the window is open.
-        w.apps[0] = Read::new(stored, 6);
+        *app_mut(&mut w) = Read::new(stored, 6);
         let five: Vec<Replica> = two
             .iter()
             .cloned()
@@ -1679,7 +1891,7 @@ mod tests {
 
         // Stored: the same minute starts nothing, and the replica count does not either.
         let mut w = with_replicas(w, &[job_run("a-1-0", Phase::Running, Some(60_000))]);
-        w.apps[0].value.job = stored[0].job.clone();
+        app_mut(&mut w).value.job = stored[0].job.clone();
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
     }
 
@@ -1696,7 +1908,7 @@ mod tests {
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
         // A run asked for: it starts, and the history keeps only the newest
         // finished run, never touching the job's own replica.
-        w.apps[0].value.job.run_requested = Some(NOW - 5);
+        app_mut(&mut w).value.job.run_requested = Some(NOW - 5);
         let p = plan(&w, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(puts(b)[0].scheduled_at, Some(NOW - 5));
@@ -1710,8 +1922,8 @@ mod tests {
                 job_run("by-hand-2", Phase::Succeeded, Some(NOW - 5)),
             ],
         );
-        w.apps[0].value.job.run_requested = None;
-        w.replicas[2].value.created_at = 2;
+        app_mut(&mut w).value.job.run_requested = None;
+        replica_mut(&mut w, "by-hand-2").value.created_at = 2;
         let p = plan(&w, NOW, &mut Counter::default());
         assert_eq!(deletes(app_batch(&p)), ["by-hand-1"]);
     }
@@ -1722,7 +1934,7 @@ mod tests {
             job_world("schedule = \"0 0 1 1 *\""),
             &[job_run("a-1-x", Phase::Running, Some(7))],
         );
-        w.nodes[0].value.state = NodeState::NotReady;
+        w.nodes.get_mut("m").unwrap().value.state = NodeState::NotReady;
         let p = plan(&w, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(deletes(b), ["a-1-x"]);

@@ -1,0 +1,302 @@
+//! The controller's copy of the cluster state. Loaded once from one read of
+//! the store, then kept current from the store's watch, so a pass costs what
+//! changed since the last one rather than a read and decode of every object;
+//! and, since it sees each change, it knows which apps a pass must look at.
+//! The store stays the truth: every write is still guarded by the revisions
+//! the mirror says its decisions were made on.
+
+use crate::error::ControlError;
+use crate::state::decode;
+use shoal_core::objects::keys;
+use shoal_core::spec::AppKey;
+use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
+use shoal_scheduler::Strategy;
+use shoal_scheduler::plan::{Read, World, needs_look};
+use shoal_store::{Event, EventKind, KeyValue};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The cluster as of store revision `revision`, and what changed in it
+/// since the last [`Mirror::take_changes`].
+pub(crate) struct Mirror {
+    /// Its measurements are left empty: a pass fills in those it needs.
+    pub(crate) world: World,
+    pub(crate) revision: u64,
+    changes: Changes,
+    /// Apps a pass looks at even when nothing of them changed
+    /// ([`needs_look`]), kept up to date as their objects change.
+    active: BTreeSet<AppKey>,
+}
+
+/// What changed since the last look.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Changes {
+    /// Apps whose record, a revision, a replica or the rollout was written or deleted.
+    pub(crate) apps: BTreeSet<AppKey>,
+    /// A node was registered, changed or removed: placement and lost nodes
+    /// concern every app.
+    pub(crate) nodes: bool,
+}
+
+impl Mirror {
+    /// The state in `kvs` (every key of the store, as one read returned them)
+    /// at `revision`. Everything counts as changed.
+    pub(crate) fn load(kvs: &[KeyValue], revision: u64) -> Result<Mirror, ControlError> {
+        let mut mirror = Mirror {
+            world: World {
+                apps: BTreeMap::new(),
+                revisions: BTreeMap::new(),
+                replicas: BTreeMap::new(),
+                nodes: BTreeMap::new(),
+                leases: BTreeMap::new(),
+                rollouts: BTreeMap::new(),
+                measurements: BTreeMap::new(),
+                leases_from: 0,
+                node_grace_ms: 0,
+                strategy: Strategy::default(),
+            },
+            revision,
+            changes: Changes::default(),
+            active: BTreeSet::new(),
+        };
+        for kv in kvs {
+            mirror.put(kv)?;
+        }
+        mirror.changes.nodes = true;
+        Ok(mirror)
+    }
+
+    /// Applies one event of the store's watch (of every key, in order).
+    pub(crate) fn apply(&mut self, event: &Event) -> Result<(), ControlError> {
+        self.revision = self.revision.max(event.kv.mod_revision);
+        match event.kind {
+            EventKind::Put => self.put(&event.kv),
+            EventKind::Delete => {
+                self.delete(&event.kv.key);
+                Ok(())
+            }
+        }
+    }
+
+    /// What changed since the last call.
+    pub(crate) fn take_changes(&mut self) -> Changes {
+        let changes = std::mem::take(&mut self.changes);
+        for key in &changes.apps {
+            if needs_look(&self.world, key) {
+                self.active.insert(key.clone());
+            } else {
+                self.active.remove(key);
+            }
+        }
+        changes
+    }
+
+    /// The apps a pass looks at whatever changed, as of the last [`Mirror::take_changes`].
+    pub(crate) fn active(&self) -> &BTreeSet<AppKey> {
+        &self.active
+    }
+
+    fn put(&mut self, kv: &KeyValue) -> Result<(), ControlError> {
+        let (w, at) = (&mut self.world, kv.mod_revision);
+        let key = kv.key.as_str();
+        if keys::APPS.contains(key) {
+            let app: App = decode(kv)?;
+            let k = app.spec.key();
+            self.changes.apps.insert(k.clone());
+            w.apps.insert(k, Read::new(app, at));
+        } else if keys::REVISIONS.contains(key) {
+            let r: Revision = decode(kv)?;
+            self.changes.apps.insert(r.app.clone());
+            w.revisions
+                .insert((r.app.clone(), r.number), Read::new(r, at));
+        } else if keys::REPLICAS.contains(key) {
+            let r: Replica = decode(kv)?;
+            self.changes.apps.insert(r.app.clone());
+            w.replicas
+                .entry(r.app.clone())
+                .or_default()
+                .insert(r.id.clone(), Read::new(r, at));
+        } else if keys::ROLLOUTS.contains(key) {
+            let s: RolloutStatus = decode(kv)?;
+            self.changes.apps.insert(s.app.clone());
+            w.rollouts.insert(s.app.clone(), Read::new(s, at));
+        } else if keys::NODES.contains(key) {
+            let n: Node = decode(kv)?;
+            self.changes.nodes = true;
+            w.nodes.insert(n.name.clone(), Read::new(n, at));
+        } else if keys::LEASES.contains(key) {
+            let l: Lease = decode(kv)?;
+            w.leases.insert(l.node, l.renewed_at);
+        }
+        Ok(())
+    }
+
+    /// Forgets the object at store key `key`, named by its key alone (a
+    /// delete carries no value).
+    fn delete(&mut self, key: &str) {
+        let w = &mut self.world;
+        if let Some(rest) = key.strip_prefix(keys::APPS.as_str()) {
+            if let Some(k) = app_key(rest) {
+                w.apps.remove(&k);
+                self.changes.apps.insert(k);
+            }
+        } else if let Some(rest) = key.strip_prefix(keys::REVISIONS.as_str()) {
+            if let Some((app, number)) = rest.rsplit_once('/')
+                && let (Some(k), Ok(n)) = (app_key(app), number.parse::<u64>())
+            {
+                w.revisions.remove(&(k.clone(), n));
+                self.changes.apps.insert(k);
+            }
+        } else if let Some(rest) = key.strip_prefix(keys::REPLICAS.as_str()) {
+            if let Some((app, id)) = rest.rsplit_once('/')
+                && let Some(k) = app_key(app)
+            {
+                if let Some(replicas) = w.replicas.get_mut(&k) {
+                    replicas.remove(id);
+                    if replicas.is_empty() {
+                        w.replicas.remove(&k);
+                    }
+                }
+                self.changes.apps.insert(k);
+            }
+        } else if let Some(rest) = key.strip_prefix(keys::ROLLOUTS.as_str()) {
+            if let Some(k) = app_key(rest) {
+                w.rollouts.remove(&k);
+                self.changes.apps.insert(k);
+            }
+        } else if let Some(name) = key.strip_prefix(keys::NODES.as_str()) {
+            w.nodes.remove(name);
+            self.changes.nodes = true;
+        } else if let Some(name) = key.strip_prefix(keys::LEASES.as_str()) {
+            w.leases.remove(name);
+        }
+    }
+}
+
+/// `namespace/name` (names never hold a `/`).
+fn app_key(path: &str) -> Option<AppKey> {
+    let (namespace, name) = path.split_once('/')?;
+    Some(AppKey::new(namespace, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::encode;
+    use shoal_core::spec::parse_app;
+    use shoal_core::{Capacity, NodeState, Phase};
+
+    fn kv(key: String, value: Vec<u8>, at: u64) -> KeyValue {
+        KeyValue {
+            key,
+            value,
+            create_revision: at,
+            mod_revision: at,
+            version: 1,
+        }
+    }
+
+    fn put(key: String, value: Vec<u8>, at: u64) -> Event {
+        Event {
+            kind: EventKind::Put,
+            kv: kv(key, value, at),
+            prev_value: None,
+        }
+    }
+
+    fn delete(key: String, at: u64) -> Event {
+        Event {
+            kind: EventKind::Delete,
+            kv: kv(key, Vec::new(), at),
+            prev_value: None,
+        }
+    }
+
+    fn replica(id: &str) -> Replica {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!(
+            "name = \"a\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/a\"]\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        Replica {
+            id: id.into(),
+            app: spec.key(),
+            revision: 1,
+            kind: spec.component.kind,
+            resources: spec.resources,
+            node: Some("n".into()),
+            phase: Phase::Ready,
+            message: None,
+            exit_code: None,
+            restarts: 0,
+            reason: None,
+            avoid: Vec::new(),
+            scheduled_at: None,
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            gateway: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: BTreeMap::new(),
+            state: NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            joined_at: 0,
+        }
+    }
+
+    #[test]
+    fn events_keep_it_current_and_name_the_apps_they_touch() {
+        let a = AppKey::new("default", "a");
+        let mut m = Mirror::load(&[kv(keys::node("n").to_string(), encode(&node("n")), 1)], 1)
+            .expect("loads");
+        assert!(m.take_changes().nodes, "a load is a change to everything");
+
+        let key = keys::replica(&a, "x").to_string();
+        m.apply(&put(key.clone(), encode(&replica("x")), 2))
+            .unwrap();
+        let lease = Lease {
+            node: "n".into(),
+            renewed_at: 42,
+        };
+        m.apply(&put(keys::lease("n").to_string(), encode(&lease), 3))
+            .unwrap();
+        assert_eq!(m.revision, 3);
+        assert_eq!(m.world.replicas[&a]["x"].mod_revision, 2);
+        assert_eq!(m.world.leases["n"], 42);
+        assert_eq!(
+            m.take_changes(),
+            Changes {
+                apps: BTreeSet::from([a.clone()]),
+                nodes: false
+            },
+            "a lease renewal is nobody's change"
+        );
+
+        let mut ready = replica("x");
+        ready.phase = Phase::Failed;
+        m.apply(&put(key.clone(), encode(&ready), 4)).unwrap();
+        assert_eq!(m.world.replicas[&a]["x"].value.phase, Phase::Failed);
+        m.apply(&delete(key, 5)).unwrap();
+        assert!(
+            m.world.replicas.is_empty(),
+            "an app without replicas leaves no entry"
+        );
+        m.apply(&delete(keys::node("n").to_string(), 6)).unwrap();
+        assert!(m.world.nodes.is_empty());
+        let changes = m.take_changes();
+        assert!(changes.nodes && changes.apps.contains(&a));
+        assert_eq!(m.take_changes(), Changes::default(), "taken once");
+    }
+
+    #[test]
+    fn an_unreadable_object_is_an_error_not_a_gap() {
+        let mut m = Mirror::load(&[], 0).expect("loads");
+        let bad = put(keys::node("n").to_string(), b"{".to_vec(), 1);
+        assert!(m.apply(&bad).is_err());
+    }
+}
