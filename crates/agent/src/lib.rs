@@ -8,16 +8,21 @@
 mod link;
 mod plan;
 mod probe;
+#[cfg(test)]
+mod testing;
+mod view;
 
 pub use link::RemoteLink;
-pub use plan::{NodePlan, node_plan};
+pub use plan::{AppTables, NodePlan, all_tables, app_tables, gateway_tables, node_plan};
+pub use view::{ClusterView, Touched};
 
 use probe::{Action, Backoff, Probe, ProbeState};
 
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
-    Snapshot, Waiting,
+    AppCpu, Delta, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
+    Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -35,7 +40,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-/// How often the agent re-reads the cluster state even when nothing changed.
+/// How often the agent looks again at its replicas even when nothing changed,
+/// in its own view of the cluster: to resend a report the cluster lost while
+/// all is quiet, and put remote endpoints marked down back in rotation.
 const RESYNC: Duration = Duration::from_secs(2);
 
 /// Lines of output kept per replica.
@@ -136,12 +143,15 @@ impl Agent {
     }
 
     /// Registers the node, then keeps it in line with the cluster state
-    /// until the process ends.
+    /// until the process ends: a snapshot, then the changes after it applied
+    /// to its own view. The snapshot is read again only when the watch ends.
     pub async fn run(self) {
         self.register().await;
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().send_metrics());
         tokio::spawn(self.clone().send_waiting());
+        // What the gateway was last given per app, so only changed apps go again.
+        let mut sent: HashMap<AppKey, AppTables> = HashMap::new();
         loop {
             let snapshot = match self.inner.link.snapshot().await {
                 Ok(s) => s,
@@ -151,9 +161,9 @@ impl Agent {
                     continue;
                 }
             };
-            let mut seen = snapshot.revision;
-            self.sync(snapshot);
-            let mut changes = match self.inner.link.changes(seen).await {
+            let mut view = ClusterView::new(&self.inner.config.node, snapshot);
+            self.reload(&view, &mut sent);
+            let mut changes = match self.inner.link.changes(view.revision()).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot watch cluster state; retrying");
@@ -161,29 +171,20 @@ impl Agent {
                     continue;
                 }
             };
-            // Each change means "look again"; a burst of them, one look. A
-            // periodic look too, so nothing waits on a change that never comes
-            // (e.g. a report to resend while the cluster is quiet).
             let mut resync = tokio::time::interval(RESYNC);
             resync.tick().await;
             loop {
-                let revision = tokio::select! {
-                    next = changes.next() => match next {
-                        Some(r) if r <= seen => continue,
-                        Some(r) => r,
-                        None => break,
-                    },
-                    _ = resync.tick() => seen,
-                };
-                match self.inner.link.snapshot().await {
-                    Ok(s) => {
-                        seen = s.revision.max(revision);
-                        self.sync(s);
+                tokio::select! {
+                    next = changes.next() => {
+                        let Some(delta) = next else { break };
+                        let mut touched = Touched::default();
+                        view.apply(delta, &mut touched);
+                        if !apply_arrived(&mut changes, &mut view, &mut touched) {
+                            break;
+                        }
+                        self.sync(&view, &touched, &mut sent);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read cluster state");
-                        break;
-                    }
+                    _ = resync.tick() => self.resync(&view, &mut sent),
                 }
             }
             tracing::debug!("watch ended; re-reading the cluster state");
@@ -270,16 +271,61 @@ impl Agent {
         }
     }
 
-    /// Level-triggered: compares what is placed here with what runs, and fixes
-    /// the difference as [`node_plan`] says.
-    fn sync(&self, snapshot: Snapshot) {
+    /// Starts over from a fresh view: the gateway gets every app's tables,
+    /// and every replica here or running is looked at.
+    fn reload(&self, view: &ClusterView, sent: &mut HashMap<AppKey, AppTables>) {
+        *sent = all_tables(view);
+        self.inner.gateway.set_tables(gateway_tables(sent.iter()));
+        self.resync(view, sent);
+    }
+
+    /// Looks at every replica placed here or running (not at the tables, which
+    /// change only with the view), and puts remote endpoints marked down back
+    /// in rotation, as a fresh status listing them would.
+    fn resync(&self, view: &ClusterView, sent: &mut HashMap<AppKey, AppTables>) {
+        self.inner.gateway.revive_remotes();
+        let mut touched = Touched::default();
+        touched.replicas.extend(view.mine().map(|r| r.id.clone()));
+        touched.replicas.extend(
+            self.inner
+                .running
+                .lock()
+                .expect("agent lock")
+                .keys()
+                .cloned(),
+        );
+        self.sync(view, &touched, sent);
+    }
+
+    /// Level-triggered on what changed: compares the touched replicas placed
+    /// here with what runs, and the touched apps' gateway tables with what the
+    /// gateway has, and fixes the difference as [`node_plan`] says.
+    fn sync(&self, view: &ClusterView, touched: &Touched, sent: &mut HashMap<AppKey, AppTables>) {
+        if touched.is_empty() {
+            return;
+        }
         let mut running = self.inner.running.lock().expect("agent lock");
-        let reports: BTreeMap<String, Option<ReplicaReport>> = running
+        let reports: BTreeMap<String, Option<ReplicaReport>> = touched
+            .replicas
             .iter()
-            .map(|(id, r)| (id.clone(), r.status.lock().expect("status lock").clone()))
+            .filter_map(|id| {
+                let r = running.get(id)?;
+                Some((id.clone(), r.status.lock().expect("status lock").clone()))
+            })
             .collect();
-        let plan = node_plan(&snapshot, &self.inner.config.node, &reports);
-        self.inner.gateway.set_tables(plan.tables);
+        let plan = node_plan(view, touched, &reports, sent);
+        if !plan.tables.is_empty() {
+            let apps = plan.tables.iter().map(|(app, _)| app.clone()).collect();
+            let tables = gateway_tables(plan.tables.iter().map(|(app, t)| (app, t)));
+            self.inner.gateway.update_tables(apps, tables);
+            for (app, tables) in plan.tables {
+                if tables == AppTables::default() {
+                    sent.remove(&app);
+                } else {
+                    sent.insert(app, tables);
+                }
+            }
+        }
         for id in &plan.stop {
             if let Some(r) = running.remove(id) {
                 self.inner.gateway.remove_endpoint(&r.app, id);
@@ -744,6 +790,21 @@ impl Agent {
             other => other.to_string(),
         }
     }
+}
+
+/// Applies every delta that has already arrived, so that a burst of changes
+/// (a transaction's come as one delta; a replay, many) costs one sync. False
+/// if the watch ended meanwhile: the view is then to be read again.
+fn apply_arrived(
+    changes: &mut BoxStream<'static, Delta>,
+    view: &mut ClusterView,
+    touched: &mut Touched,
+) -> bool {
+    while let Some(next) = changes.next().now_or_never() {
+        let Some(delta) = next else { return false };
+        view.apply(delta, touched);
+    }
+    true
 }
 
 /// One probe: a GET of its path on a fresh instance, passing on 2xx or 3xx

@@ -8,8 +8,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, Client, ClientError, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
-    Snapshot, Waiting,
+    AppCpu, Client, ClientError, Delta, Link, LinkError, LinkResult, ReplicaIncident,
+    ReplicaReport, Snapshot, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
@@ -167,7 +167,7 @@ impl Link for RemoteLink {
         })
     }
 
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>> {
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>> {
         let path = format!("/v1/cluster/watch?from={}", after + 1);
         Box::pin(async move {
             let resp = self.call(self.api.request(Method::GET, &path)).await?;
@@ -175,17 +175,25 @@ impl Link for RemoteLink {
             let reader = tokio_util::io::StreamReader::new(bytes);
             let lines =
                 tokio_util::codec::FramedRead::new(reader, tokio_util::codec::LinesCodec::new());
-            // A broken line ends the stream; the agent then re-reads the snapshot.
-            let revisions = lines
-                .take_while(|line| futures::future::ready(line.is_ok()))
-                .filter_map(|line| {
-                    let revision = line
-                        .ok()
-                        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-                        .and_then(|v| v["revision"].as_u64());
-                    futures::future::ready(revision)
-                });
-            Ok(revisions.boxed())
+            // A broken line ends the stream rather than be skipped: the agent
+            // then re-reads the snapshot instead of missing a change.
+            let deltas = lines
+                .map(
+                    |line| match line.map(|l| serde_json::from_str::<Delta>(&l)) {
+                        Ok(Ok(delta)) => Some(delta),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "unreadable change from the control plane");
+                            None
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "watch connection ended");
+                            None
+                        }
+                    },
+                )
+                .take_while(|delta| futures::future::ready(delta.is_some()))
+                .filter_map(futures::future::ready);
+            Ok(deltas.boxed())
         })
     }
 

@@ -1,19 +1,24 @@
-//! What a node should look like, as a pure function of the cluster state:
-//! [`node_plan`] says which routes, services, remote endpoints and canary
-//! splits its gateway should have, which replicas to start and stop, and
-//! which reports to send again. The agent applies it: the gateway's tables in
-//! one swap, then the starts and stops.
+//! What a node should do about a change, as a pure function of its
+//! [`ClusterView`] and what the change [`Touched`]: [`node_plan`] says which
+//! replicas to start and stop, which reports to send again, and which apps'
+//! gateway tables (routes, service, remote endpoints, canary split, wake)
+//! differ from what the gateway was last given. It looks only at what was
+//! touched, so its cost follows the change, not the size of the cluster; the
+//! agent applies it, the tables first, in one gateway update.
 
-use shoal_api::{ReplicaReport, Snapshot};
+use crate::view::{ClusterView, Touched};
+use shoal_api::ReplicaReport;
 use shoal_core::spec::AppKey;
-use shoal_core::{Kind, NodeState, Phase, Replica, Revision};
+use shoal_core::{Kind, NodeState, Phase, Replica, Revision, Route};
 use shoal_gateway::{RemoteReplica, Split, Tables};
 use std::collections::{BTreeMap, HashMap};
 
 /// One sync's work.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NodePlan {
-    pub tables: Tables,
+    /// Apps whose gateway tables changed, with their new ones (the default:
+    /// the gateway forgets the app).
+    pub tables: Vec<(AppKey, AppTables)>,
     /// Replicas placed here that this node does not run yet, with their revision.
     pub start: Vec<(Replica, Revision)>,
     /// Replicas this node runs that are no longer placed here.
@@ -22,51 +27,61 @@ pub struct NodePlan {
     pub resend: Vec<String>,
 }
 
-/// `running` is what this node runs: each replica id with the last report
-/// sent about it (`None` before the first).
+/// What the gateway routes by for one app. The agent keeps what it last gave
+/// the gateway per app and hands over only the apps whose tables differ.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AppTables {
+    /// Its routes, if it is an http app.
+    pub routes: Vec<Route>,
+    /// Other apps may call it by name: every http app is a service.
+    pub service: bool,
+    /// Its Ready replicas on other Ready nodes, by id.
+    pub remotes: Vec<RemoteReplica>,
+    /// Its canary step's traffic split, while one is in progress.
+    pub split: Option<Split>,
+    /// It scales to zero: a request finding no endpoint waits for one.
+    pub wake: bool,
+}
+
+/// `touched` is what to look at: the replicas of this node to check, the apps
+/// whose tables to recompute. `running` holds those of the touched replicas
+/// this node runs, each with the last report sent about it (`None` before the
+/// first). `sent` is every app's tables as the gateway has them (an app
+/// missing has none).
 pub fn node_plan(
-    snapshot: &Snapshot,
-    node: &str,
+    view: &ClusterView,
+    touched: &Touched,
     running: &BTreeMap<String, Option<ReplicaReport>>,
+    sent: &HashMap<AppKey, AppTables>,
 ) -> NodePlan {
-    let mine: BTreeMap<&str, &Replica> = snapshot
-        .replicas
-        .iter()
-        .filter(|r| r.node.as_deref() == Some(node))
-        .map(|r| (r.id.as_str(), r))
-        .collect();
-    let stop = running
-        .keys()
-        .filter(|id| !mine.contains_key(id.as_str()))
-        .cloned()
-        .collect();
-    let mut start = Vec::new();
-    let mut resend = Vec::new();
-    for (id, replica) in mine {
-        match running.get(id) {
-            Some(last) => {
+    let mut plan = NodePlan::default();
+    for id in &touched.replicas {
+        let placed = view
+            .replica(id)
+            .filter(|r| r.node.as_deref() == Some(view.me()));
+        match (running.get(id), placed) {
+            (Some(last), Some(replica)) => {
                 if last.as_ref().is_some_and(|rep| stale(rep, replica)) {
-                    resend.push(id.to_string());
+                    plan.resend.push(id.clone());
                 }
             }
-            None if replica.phase.is_terminal() => {}
-            None => {
-                if let Some(revision) = snapshot
-                    .revisions
-                    .iter()
-                    .find(|r| r.app == replica.app && r.number == replica.revision)
-                {
-                    start.push((replica.clone(), revision.clone()));
+            (Some(_), None) => plan.stop.push(id.clone()),
+            (None, Some(replica)) if !replica.phase.is_terminal() => {
+                if let Some(revision) = view.app_revision(&replica.app, replica.revision) {
+                    plan.start.push((replica.clone(), revision.clone()));
                 }
             }
+            (None, _) => {}
         }
     }
-    NodePlan {
-        tables: tables(snapshot, node),
-        start,
-        stop,
-        resend,
+    let none = AppTables::default();
+    for app in &touched.apps {
+        let tables = app_tables(view, app);
+        if sent.get(app).unwrap_or(&none) != &tables {
+            plan.tables.push((app.clone(), tables));
+        }
     }
+    plan
 }
 
 /// Whether the cluster state lost (or never got) what was last reported.
@@ -78,180 +93,141 @@ fn stale(report: &ReplicaReport, replica: &Replica) -> bool {
         || report.reason != replica.reason
 }
 
-fn tables(snapshot: &Snapshot, me: &str) -> Tables {
-    let routes = snapshot
-        .apps
-        .iter()
-        .filter_map(|a| a.spec.http.as_ref().map(|h| (a.spec.key(), h)))
-        .flat_map(|(key, h)| h.routes.iter().map(move |r| (r.clone(), key.clone())))
-        .collect();
-    let services = snapshot
-        .apps
-        .iter()
-        .filter(|a| a.spec.component.kind == Kind::Http)
-        .map(|a| a.spec.key())
-        .collect();
+/// One app's tables from the view: its record, its rollout, and its replicas
+/// (never those of this node, which the agent adds as local endpoints).
+pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
+    let app = view.app(key);
     // A node that stops heartbeating drops out of every gateway at once.
-    let ready_nodes: HashMap<&str, &str> = snapshot
-        .nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Ready && n.name != me)
-        .map(|n| (n.name.as_str(), n.gateway.as_str()))
-        .collect();
-    let mut remotes: HashMap<AppKey, Vec<RemoteReplica>> = HashMap::new();
-    for r in snapshot.replicas.iter().filter(|r| r.phase == Phase::Ready) {
-        if let Some(gw) = r.node.as_deref().and_then(|n| ready_nodes.get(n)) {
-            remotes
-                .entry(r.app.clone())
-                .or_default()
-                .push(RemoteReplica {
-                    replica: r.id.clone(),
-                    revision: r.revision,
-                    gateway: gw.to_string(),
-                });
-        }
-    }
-    let splits = snapshot
-        .rollouts
-        .iter()
-        .filter_map(|s| {
-            let app = snapshot.apps.iter().find(|a| a.spec.key() == s.app)?;
-            let (canary, weight) = s.split(&app.spec.rollout)?;
-            Some((s.app.clone(), Split { canary, weight }))
+    let gateway_of = |node: &str| {
+        view.node(node)
+            .filter(|n| n.state == NodeState::Ready && n.name != view.me())
+            .map(|n| n.gateway.clone())
+    };
+    let remotes = view
+        .replicas_of(key)
+        .filter(|r| r.phase == Phase::Ready)
+        .filter_map(|r| {
+            Some(RemoteReplica {
+                replica: r.id.clone(),
+                revision: r.revision,
+                gateway: gateway_of(r.node.as_deref()?)?,
+            })
         })
         .collect();
-    // Only an autoscaled app with min = 0 wakes on a request; one a schedule
-    // window sized to zero stays at zero until the window closes.
-    let wake = snapshot
-        .apps
-        .iter()
-        .filter(|a| a.spec.scale.autoscale.as_ref().is_some_and(|s| s.min == 0))
-        .map(|a| a.spec.key())
-        .collect();
-    Tables {
-        routes,
-        services,
+    let Some(app) = app else {
+        return AppTables {
+            remotes,
+            ..AppTables::default()
+        };
+    };
+    let split = view
+        .rollout(key)
+        .and_then(|s| s.split(&app.spec.rollout))
+        .map(|(canary, weight)| Split { canary, weight });
+    AppTables {
+        routes: app
+            .spec
+            .http
+            .as_ref()
+            .map(|h| h.routes.clone())
+            .unwrap_or_default(),
+        service: app.spec.component.kind == Kind::Http,
         remotes,
-        splits,
-        wake,
+        split,
+        // Only an autoscaled app with min = 0 wakes on a request; one a schedule
+        // window sized to zero stays at zero until the window closes.
+        wake: app
+            .spec
+            .scale
+            .autoscale
+            .as_ref()
+            .is_some_and(|s| s.min == 0),
     }
+}
+
+/// Every app's tables, for a gateway starting over from a fresh snapshot;
+/// apps with none are left out.
+pub fn all_tables(view: &ClusterView) -> HashMap<AppKey, AppTables> {
+    let none = AppTables::default();
+    view.app_keys()
+        .into_iter()
+        .map(|key| (key.clone(), app_tables(view, key)))
+        .filter(|(_, tables)| tables != &none)
+        .collect()
+}
+
+/// Apps' tables in the gateway's shape.
+pub fn gateway_tables<'a>(apps: impl IntoIterator<Item = (&'a AppKey, &'a AppTables)>) -> Tables {
+    let mut out = Tables::default();
+    for (key, t) in apps {
+        out.routes
+            .extend(t.routes.iter().map(|r| (r.clone(), key.clone())));
+        if t.service {
+            out.services.push(key.clone());
+        }
+        if !t.remotes.is_empty() {
+            out.remotes.insert(key.clone(), t.remotes.clone());
+        }
+        if let Some(split) = t.split {
+            out.splits.insert(key.clone(), split);
+        }
+        if t.wake {
+            out.wake.push(key.clone());
+        }
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::spec::parse_app;
-    use shoal_core::{App, Capacity, Node, RolloutPhase, RolloutStatus};
+    use crate::testing::{app, node, puts, replica, report, revision, snapshot};
+    use shoal_api::Object;
+    use shoal_core::{RolloutPhase, RolloutStatus};
 
-    fn app(name: &str, kind: &str, revision: u64, extra: &str) -> App {
-        let http = if kind == "http" {
-            format!("[http]\nroutes = [\"/{name}\"]\n")
-        } else {
-            String::new()
-        };
-        let src = format!(
-            "name = \"{name}\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"{kind}\"\n{http}{extra}",
-            "a".repeat(64)
-        );
-        let spec = parse_app(&src)
-            .unwrap()
-            .resolve(format!("sha256:{}", "a".repeat(64)))
-            .unwrap();
-        App {
-            spec,
-            revision,
-            created_at: 0,
-            updated_at: 0,
-            scale: Default::default(),
-            job: Default::default(),
+    /// What the periodic resync looks at: every replica here or running.
+    fn everything(
+        view: &ClusterView,
+        running: &BTreeMap<String, Option<ReplicaReport>>,
+    ) -> Touched {
+        Touched {
+            replicas: view
+                .mine()
+                .map(|r| r.id.clone())
+                .chain(running.keys().cloned())
+                .collect(),
+            apps: Default::default(),
         }
     }
 
-    fn revision(a: &App, number: u64) -> Revision {
-        Revision {
-            app: a.spec.key(),
-            number,
-            template: a.spec.template(),
-            hash: String::new(),
-            created_at: 0,
-            cause: "created".into(),
-            outcome: None,
-        }
-    }
-
-    fn replica(a: &App, id: &str, revision: u64, node: &str, phase: Phase) -> Replica {
-        Replica {
-            id: id.into(),
-            app: a.spec.key(),
-            revision,
-            kind: a.spec.component.kind,
-            resources: a.spec.resources.clone(),
-            node: Some(node.into()),
-            phase,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: vec![],
-            scheduled_at: None,
-            created_at: 0,
-            updated_at: 0,
-        }
-    }
-
-    fn node(name: &str, state: NodeState) -> Node {
-        Node {
-            name: name.into(),
-            gateway: format!("{name}:8080"),
-            capacity: Capacity::default(),
-            labels: Default::default(),
-            state,
-            schedulable: true,
-            draining: false,
-            joined_at: 0,
-        }
-    }
-
-    fn report(r: &Replica, phase: Phase) -> Option<ReplicaReport> {
-        Some(ReplicaReport {
-            app: r.app.clone(),
-            replica: r.id.clone(),
-            node: "me".into(),
-            phase,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-        })
-    }
-
-    fn snapshot(apps: Vec<App>, replicas: Vec<Replica>, nodes: Vec<Node>) -> Snapshot {
-        Snapshot {
-            revision: 1,
-            revisions: apps.iter().map(|a| revision(a, a.revision)).collect(),
-            apps,
-            replicas,
-            nodes,
-            rollouts: vec![],
-        }
+    fn route(path: &str) -> Route {
+        Route::parse(path).unwrap()
     }
 
     #[test]
     fn starts_what_is_placed_here_and_stops_what_is_not() {
         let web = app("web", "http", 1, "");
         let job = app("job", "job", 1, "");
-        let s = snapshot(
-            vec![web.clone(), job.clone()],
-            vec![
-                replica(&web, "w1", 1, "me", Phase::Pending),
-                replica(&web, "w2", 1, "other", Phase::Pending),
-                replica(&job, "j1", 1, "me", Phase::Succeeded),
-                replica(&web, "w3", 7, "me", Phase::Pending), // no such revision
-            ],
-            vec![node("me", NodeState::Ready)],
+        let view = ClusterView::new(
+            "me",
+            snapshot(
+                vec![web.clone(), job.clone()],
+                vec![
+                    replica(&web, "w1", 1, "me", Phase::Pending),
+                    replica(&web, "w2", 1, "other", Phase::Pending),
+                    replica(&job, "j1", 1, "me", Phase::Succeeded),
+                    replica(&web, "w3", 7, "me", Phase::Pending), // no such revision
+                ],
+                vec![node("me", NodeState::Ready)],
+            ),
         );
         let running = BTreeMap::from([("gone".to_string(), None)]);
-        let p = node_plan(&s, "me", &running);
+        let p = node_plan(
+            &view,
+            &everything(&view, &running),
+            &running,
+            &HashMap::new(),
+        );
         let started: Vec<(&str, u64)> = p
             .start
             .iter()
@@ -263,7 +239,30 @@ mod tests {
             "not elsewhere, not finished, not revisionless"
         );
         assert_eq!(p.stop, ["gone"]);
-        assert!(p.resend.is_empty());
+        assert!(p.resend.is_empty() && p.tables.is_empty());
+    }
+
+    #[test]
+    fn looks_only_at_the_replicas_touched() {
+        let web = app("web", "http", 1, "");
+        let view = ClusterView::new(
+            "me",
+            snapshot(
+                vec![web.clone()],
+                vec![
+                    replica(&web, "w1", 1, "me", Phase::Pending),
+                    replica(&web, "w2", 1, "me", Phase::Pending),
+                ],
+                vec![node("me", NodeState::Ready)],
+            ),
+        );
+        let touched = Touched {
+            replicas: ["w2".to_string()].into(),
+            apps: Default::default(),
+        };
+        let p = node_plan(&view, &touched, &BTreeMap::new(), &HashMap::new());
+        assert_eq!(p.start.len(), 1);
+        assert_eq!(p.start[0].0.id, "w2");
     }
 
     #[test]
@@ -271,16 +270,24 @@ mod tests {
         let web = app("web", "http", 1, "");
         let w1 = replica(&web, "w1", 1, "me", Phase::Starting);
         let w2 = replica(&web, "w2", 1, "me", Phase::Ready);
-        let s = snapshot(
-            vec![web],
-            vec![w1.clone(), w2.clone()],
-            vec![node("me", NodeState::Ready)],
+        let view = ClusterView::new(
+            "me",
+            snapshot(
+                vec![web],
+                vec![w1.clone(), w2.clone()],
+                vec![node("me", NodeState::Ready)],
+            ),
         );
         let running = BTreeMap::from([
             ("w1".to_string(), report(&w1, Phase::Ready)),
             ("w2".to_string(), report(&w2, Phase::Ready)),
         ]);
-        let p = node_plan(&s, "me", &running);
+        let p = node_plan(
+            &view,
+            &everything(&view, &running),
+            &running,
+            &HashMap::new(),
+        );
         assert_eq!(p.resend, ["w1"]);
         assert!(p.start.is_empty() && p.stop.is_empty());
     }
@@ -294,8 +301,14 @@ mod tests {
             "[rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 25, pause = \"1m\" }]\n",
         );
         let daemon = app("tick", "daemon", 1, "");
+        let lazy = app(
+            "lazy",
+            "http",
+            1,
+            "[scale]\nmin = 0\nmax = 3\ntarget_concurrency = 10\n",
+        );
         let mut s = snapshot(
-            vec![web.clone(), daemon],
+            vec![web.clone(), daemon, lazy.clone()],
             vec![
                 replica(&web, "here", 1, "me", Phase::Ready),
                 replica(&web, "there", 1, "b", Phase::Ready),
@@ -323,10 +336,23 @@ mod tests {
             rolled_back_from: None,
             message: String::new(),
         });
-        let t = node_plan(&s, "me", &BTreeMap::new()).tables;
-        assert_eq!(t.routes.len(), 1);
-        assert_eq!(t.routes[0].1, web.spec.key());
-        assert_eq!(t.services, [web.spec.key()], "http apps only");
+        let all = all_tables(&ClusterView::new("me", s));
+        assert_eq!(all.len(), 2, "the daemon has nothing to route");
+        let mut t = gateway_tables(&all);
+        t.routes.sort();
+        t.services.sort();
+        assert_eq!(
+            t.routes,
+            [
+                (route("/lazy"), lazy.spec.key()),
+                (route("/web"), web.spec.key())
+            ]
+        );
+        assert_eq!(
+            t.services,
+            [lazy.spec.key(), web.spec.key()],
+            "http apps only"
+        );
         assert_eq!(
             t.remotes[&web.spec.key()],
             [RemoteReplica {
@@ -343,5 +369,151 @@ mod tests {
                 weight: 25
             }
         );
+        assert_eq!(t.wake, [lazy.spec.key()], "min = 0 only");
+    }
+
+    /// A node with `web` (a replica here, one on node b) and `other` (one on b),
+    /// whose gateway has every app's tables.
+    fn two_apps() -> (ClusterView, HashMap<AppKey, AppTables>) {
+        let web = app("web", "http", 1, "");
+        let other = app("other", "http", 1, "");
+        let view = ClusterView::new(
+            "me",
+            snapshot(
+                vec![web.clone(), other.clone()],
+                vec![
+                    replica(&web, "w1", 1, "me", Phase::Ready),
+                    replica(&web, "w2", 1, "b", Phase::Ready),
+                    replica(&other, "o1", 1, "b", Phase::Ready),
+                ],
+                vec![node("me", NodeState::Ready), node("b", NodeState::Ready)],
+            ),
+        );
+        let sent = all_tables(&view);
+        (view, sent)
+    }
+
+    #[test]
+    fn a_change_to_another_app_does_nothing_here() {
+        let (mut view, sent) = two_apps();
+        let w1 = view.replica("w1").unwrap().clone();
+        let mut other = view.app(&AppKey::new("default", "other")).unwrap().clone();
+        other.spec.replicas = 2;
+        let starting = replica(&other, "o2", 1, "b", Phase::Starting);
+        let mut touched = Touched::default();
+        view.apply(
+            puts(
+                2,
+                vec![Object::App(other.into()), Object::Replica(starting)],
+            ),
+            &mut touched,
+        );
+        let running = BTreeMap::from([("w1".to_string(), report(&w1, Phase::Ready))]);
+        let p = node_plan(&view, &touched, &running, &sent);
+        assert_eq!(p, NodePlan::default(), "{touched:?}");
+    }
+
+    #[test]
+    fn tables_are_recomputed_when_a_route_changes() {
+        let (mut view, sent) = two_apps();
+        let mut web = view.app(&AppKey::new("default", "web")).unwrap().clone();
+        web.spec.http.as_mut().unwrap().routes = vec![route("/shop")];
+        let mut touched = Touched::default();
+        view.apply(puts(2, vec![Object::App(web.clone().into())]), &mut touched);
+        let p = node_plan(&view, &touched, &BTreeMap::new(), &sent);
+        let key = web.spec.key();
+        assert_eq!(
+            p.tables,
+            [(
+                key.clone(),
+                AppTables {
+                    routes: vec![route("/shop")],
+                    ..sent[&key].clone()
+                }
+            )]
+        );
+        assert!(p.start.is_empty() && p.stop.is_empty() && p.resend.is_empty());
+    }
+
+    #[test]
+    fn a_node_going_away_takes_only_its_apps_endpoints() {
+        let (mut view, sent) = two_apps();
+        let mut touched = Touched::default();
+        view.apply(
+            puts(2, vec![Object::Node(node("b", NodeState::NotReady))]),
+            &mut touched,
+        );
+        let p = node_plan(&view, &touched, &BTreeMap::new(), &sent);
+        let apps: Vec<(&str, usize)> = p
+            .tables
+            .iter()
+            .map(|(k, t)| (k.name.as_str(), t.remotes.len()))
+            .collect();
+        assert_eq!(apps, [("other", 0), ("web", 0)]);
+    }
+
+    #[test]
+    fn a_deleted_app_is_forgotten_and_its_replicas_here_stopped() {
+        let (mut view, sent) = two_apps();
+        let web = AppKey::new("default", "web");
+        let mut touched = Touched::default();
+        let gone = |id: &str| {
+            shoal_api::Change::Delete(shoal_api::ObjectKey::Replica {
+                app: web.clone(),
+                id: id.into(),
+            })
+        };
+        view.apply(
+            shoal_api::Delta {
+                revision: 2,
+                changes: vec![
+                    shoal_api::Change::Delete(shoal_api::ObjectKey::App(web.clone())),
+                    gone("w1"),
+                    gone("w2"),
+                ],
+            },
+            &mut touched,
+        );
+        let running = BTreeMap::from([("w1".to_string(), None)]);
+        let p = node_plan(&view, &touched, &running, &sent);
+        assert_eq!(p.stop, ["w1"]);
+        assert_eq!(p.tables, [(web, AppTables::default())]);
+    }
+
+    #[test]
+    fn a_revision_arriving_after_its_replica_starts_it() {
+        let web = app("web", "http", 1, "");
+        let mut view = ClusterView::new(
+            "me",
+            snapshot(
+                vec![web.clone()],
+                vec![],
+                vec![node("me", NodeState::Ready)],
+            ),
+        );
+        let mut touched = Touched::default();
+        view.apply(
+            puts(
+                2,
+                vec![Object::Replica(replica(
+                    &web,
+                    "w5",
+                    5,
+                    "me",
+                    Phase::Pending,
+                ))],
+            ),
+            &mut touched,
+        );
+        let p = node_plan(&view, &touched, &BTreeMap::new(), &all_tables(&view));
+        assert!(p.start.is_empty(), "no revision 5 yet");
+        let mut touched = Touched::default();
+        view.apply(
+            puts(3, vec![Object::Revision(revision(&web, 5).into())]),
+            &mut touched,
+        );
+        let p = node_plan(&view, &touched, &BTreeMap::new(), &all_tables(&view));
+        assert_eq!(p.start.len(), 1);
+        assert_eq!(p.start[0].1.number, 5);
     }
 }

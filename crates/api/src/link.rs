@@ -3,7 +3,7 @@
 //! `shoal_agent::RemoteLink`). The agent only reads state and reports; both
 //! links offer exactly those operations, so the agent cannot tell them apart.
 
-use crate::types::{AppCpu, ReplicaIncident, ReplicaReport, Snapshot, Waiting};
+use crate::types::{AppCpu, Delta, ReplicaIncident, ReplicaReport, Snapshot, Waiting};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use shoal_core::Node;
@@ -26,9 +26,11 @@ pub trait Link: Send + Sync + 'static {
     fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
-    /// Revisions of changes after `after` that the agent acts on; ends when
-    /// the link breaks, and the agent then re-reads the snapshot.
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, u64>>>;
+    /// The changes after revision `after` (a [`Snapshot`]'s) that the agent acts
+    /// on, one [`Delta`] per store revision, in order. Ends when the watch
+    /// cannot go on (the link broke, the history is compacted, a change could
+    /// not be read): the agent then re-reads the snapshot.
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>>;
     /// A local file with the module's bytes, verified against its digest.
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
     /// What this node's gateway measured per app revision since the last call.

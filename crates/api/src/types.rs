@@ -168,7 +168,10 @@ pub enum NodeAction {
     Drain,
 }
 
-/// What a node acts on, read at (or after) `revision`.
+/// What a node acts on: every object of the kinds [`Delta`]s carry. Each list
+/// was read at `revision` or later, so watching from `revision + 1` misses
+/// nothing; applying a change a list already reflects is harmless, since a put
+/// carries the whole object and a delete is a delete (see [`Delta`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub revision: u64,
@@ -179,6 +182,67 @@ pub struct Snapshot {
     /// For the canary traffic splits gateways apply.
     #[serde(default)]
     pub rollouts: Vec<RolloutStatus>,
+}
+
+/// One store revision's changes to what nodes act on: what the watch streams
+/// after a [`Snapshot`]. A transaction's writes share a revision and travel in
+/// one delta, so a node never acts on half of one. Applied in revision order
+/// they rebuild the cluster state; a put carries the whole object, so applying
+/// again one that a snapshot already reflects changes nothing that a later
+/// delta does not set right.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Delta {
+    pub revision: u64,
+    pub changes: Vec<Change>,
+}
+
+/// One object written or deleted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    Put(Object),
+    Delete(ObjectKey),
+}
+
+/// An object of a kind nodes act on, whole. The large kinds are boxed, so a
+/// batch of small changes (replicas, mostly) stays small.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Object {
+    App(Box<App>),
+    Revision(Box<Revision>),
+    Replica(Replica),
+    Node(Node),
+    Rollout(RolloutStatus),
+}
+
+/// Which object a [`Change::Delete`] removed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectKey {
+    App(AppKey),
+    Revision { app: AppKey, number: u64 },
+    Replica { app: AppKey, id: String },
+    Node(String),
+    Rollout(AppKey),
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::App(a) => ObjectKey::App(a.spec.key()),
+            Object::Revision(r) => ObjectKey::Revision {
+                app: r.app.clone(),
+                number: r.number,
+            },
+            Object::Replica(r) => ObjectKey::Replica {
+                app: r.app.clone(),
+                id: r.id.clone(),
+            },
+            Object::Node(n) => ObjectKey::Node(n.name.clone()),
+            Object::Rollout(s) => ObjectKey::Rollout(s.app.clone()),
+        }
+    }
 }
 
 /// A service: every http app, reachable by name from other apps.
@@ -290,5 +354,29 @@ mod tests {
             serde_json::to_string(&ApplyOutcome::Unchanged).unwrap(),
             r#""unchanged""#
         );
+    }
+
+    #[test]
+    fn deltas_name_what_changed_on_the_wire() {
+        let web = AppKey::new("default", "web");
+        let delta = Delta {
+            revision: 7,
+            changes: vec![
+                Change::Delete(ObjectKey::Replica {
+                    app: web.clone(),
+                    id: "web-1-a".into(),
+                }),
+                Change::Delete(ObjectKey::Rollout(web)),
+            ],
+        };
+        let json = serde_json::to_value(&delta).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"revision": 7, "changes": [
+                {"delete": {"replica": {"app": {"namespace": "default", "name": "web"}, "id": "web-1-a"}}},
+                {"delete": {"rollout": {"namespace": "default", "name": "web"}}},
+            ]})
+        );
+        assert_eq!(serde_json::from_value::<Delta>(json).unwrap(), delta);
     }
 }

@@ -634,9 +634,11 @@ struct WatchQuery {
     from: u64,
 }
 
-/// Newline-delimited JSON, one `{"revision": N}` per change a node acts on
-/// (apps, revisions, replicas, nodes). Nodes re-read the snapshot on each:
-/// level-triggered, so coalescing or a dropped stream loses nothing.
+/// Newline-delimited JSON, one [`shoal_api::Delta`] per store revision from
+/// `from` on that changed what nodes act on (apps, revisions, replicas, nodes,
+/// rollouts). Nodes apply them to their copy of the snapshot; the stream ends
+/// where the watch cannot go on, and a history already compacted is refused
+/// up front: either way the node re-reads the snapshot.
 async fn watch(
     State(cp): State<ControlPlane>,
     Query(q): Query<WatchQuery>,
@@ -651,27 +653,14 @@ async fn watch(
         ),
         other => ControlError::internal(other).into(),
     })?;
-    let stream = futures::stream::unfold(watcher, move |mut w| async move {
-        loop {
-            match w.next().await? {
-                Ok(ev) if keys::agents_watch(&ev.kv.key) => {
-                    let line = format!("{{\"revision\":{}}}\n", ev.kv.mod_revision);
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
-                        w,
-                    ));
-                }
-                Ok(_) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "node watch ended");
-                    return None;
-                }
-            }
-        }
+    let lines = crate::link::deltas(watcher).map(|delta| {
+        let mut line = serde_json::to_vec(&delta).expect("deltas serialise");
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
+        Body::from_stream(lines),
     )
         .into_response())
 }
@@ -741,7 +730,7 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
-    fn router_with_token() -> (tempfile::TempDir, Router) {
+    fn control_plane_with_token() -> (tempfile::TempDir, ControlPlane) {
         let dir = tempfile::tempdir().unwrap();
         let store = shoal_store::Store::open(&dir.path().join("state.redb")).unwrap();
         let blobs = shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap();
@@ -751,6 +740,11 @@ mod tests {
             ..Default::default()
         };
         let cp = ControlPlane::new(store, blobs, config).unwrap();
+        (dir, cp)
+    }
+
+    fn router_with_token() -> (tempfile::TempDir, Router) {
+        let (dir, cp) = control_plane_with_token();
         (dir, router(cp))
     }
 
@@ -799,6 +793,46 @@ mod tests {
         let parsed: shoal_core::problem::ErrorBody = serde_json::from_value(body).unwrap();
         assert_eq!(parsed.code(), ErrorCode::NotFound);
         assert!(parsed.error.message.contains("ghost"), "{parsed:?}");
+    }
+
+    #[tokio::test]
+    async fn the_watch_streams_one_delta_per_line() {
+        let (_dir, cp) = control_plane_with_token();
+        let n1 = Node {
+            name: "n1".into(),
+            gateway: "n1:8080".into(),
+            capacity: Default::default(),
+            labels: Default::default(),
+            state: shoal_core::NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            joined_at: 0,
+        };
+        let revision = cp.register_node(n1.clone()).unwrap();
+        let req = HttpRequest::get("/v1/cluster/watch?from=1")
+            .header(header::AUTHORIZATION, "Bearer join")
+            .body(Body::empty())
+            .unwrap();
+        // The watch ends with the store: keep it open past the request.
+        let resp = router(cp.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut read = Vec::new();
+        while !read.contains(&b'\n') {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), body.frame())
+                .await
+                .expect("a line")
+                .expect("an open stream")
+                .unwrap();
+            read.extend_from_slice(frame.data_ref().expect("data"));
+        }
+        let line = read.split(|&b| b == b'\n').next().unwrap();
+        let delta: shoal_api::Delta = serde_json::from_slice(line).unwrap();
+        assert_eq!(delta.revision, revision);
+        assert_eq!(
+            delta.changes,
+            [shoal_api::Change::Put(shoal_api::Object::Node(n1))]
+        );
     }
 
     #[tokio::test]

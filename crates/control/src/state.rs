@@ -992,7 +992,16 @@ impl ControlPlane {
         )))
     }
 
-    /// Every app, revision and replica, for node agents and gateways to act on.
+    /// Every app, revision, replica, node and rollout, for node agents and
+    /// gateways to act on, and the revision their watch continues after.
+    ///
+    /// Each kind is listed in its own read, so the lists may be of different
+    /// moments; the revision is taken before the first, so every change a list
+    /// misses comes after it and the watch delivers it. A change that a list
+    /// already reflects is delivered too, and replaying it is harmless: deltas
+    /// carry whole objects and are applied in order, so an object may look
+    /// older for a moment, and is as the store has it once the changes after
+    /// its list are applied.
     pub fn snapshot(&self) -> Result<Snapshot, ControlError> {
         Ok(Snapshot {
             revision: self.inner.store.revision(),

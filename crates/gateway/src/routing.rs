@@ -1,40 +1,89 @@
-//! Host and longest-prefix path matching. Pure, rebuilt whole on every route
-//! change and swapped in, so lookups never take a lock that writers hold long.
+//! Host and longest-prefix path matching. Pure; one app's routes can be
+//! replaced in place (the gateway does so under its routing lock), so a route
+//! change costs that app's routes, not every app's.
 
 use shoal_core::{Route, spec::AppKey};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 /// Routes indexed by host and path, so a lookup costs a few hash probes (one
 /// per segment of the request's path), however many apps the node serves.
 #[derive(Debug, Default, Clone)]
 pub struct RoutingTable {
-    /// Host-bound routes: (lowercase host, path) → (route, app).
-    hosted: HashMap<(String, String), (Route, AppKey)>,
-    /// Routes for any host: path → (route, app).
-    any_host: HashMap<String, (Route, AppKey)>,
-    apps: HashSet<AppKey>,
+    /// Host-bound routes: (lowercase host, path) → who claims it, in sort order.
+    hosted: HashMap<(String, String), Claims>,
+    /// Routes for any host: path → who claims it, in sort order.
+    any_host: HashMap<String, Claims>,
+    /// Each app's routes, so they can be taken out again.
+    apps: HashMap<AppKey, Vec<Route>>,
 }
+
+/// The apps claiming one host and path, sorted; the first serves it. More than
+/// one only for a moment (the control plane refuses a route already taken).
+type Claims = Vec<(Route, AppKey)>;
 
 impl RoutingTable {
     /// Of two routes claiming the same host and path (the control plane
     /// refuses that), the first in sort order is kept.
-    pub fn new(mut routes: Vec<(Route, AppKey)>) -> Self {
-        routes.sort();
+    pub fn new(routes: Vec<(Route, AppKey)>) -> Self {
         let mut table = RoutingTable::default();
         for (route, app) in routes {
-            table.apps.insert(app.clone());
-            match &route.host {
-                Some(host) => {
-                    let key = (host.to_ascii_lowercase(), route.path.clone());
-                    table.hosted.entry(key).or_insert((route, app));
+            table.claim(route.clone(), app.clone());
+            table.apps.entry(app).or_default().push(route);
+        }
+        table
+    }
+
+    /// Replaces the routes `app` serves (none: it serves nothing any more),
+    /// keeping every other app's. Claims resolve as in [`RoutingTable::new`].
+    pub fn set_app(&mut self, app: &AppKey, routes: Vec<Route>) {
+        for route in self.apps.remove(app).unwrap_or_default() {
+            self.unclaim(&route, app);
+        }
+        if routes.is_empty() {
+            return;
+        }
+        for route in &routes {
+            self.claim(route.clone(), app.clone());
+        }
+        self.apps.insert(app.clone(), routes);
+    }
+
+    fn claim(&mut self, route: Route, app: AppKey) {
+        let claims = match &route.host {
+            Some(host) => {
+                let key = (host.to_ascii_lowercase(), route.path.clone());
+                self.hosted.entry(key).or_default()
+            }
+            None => self.any_host.entry(route.path.clone()).or_default(),
+        };
+        let claim = (route, app);
+        if let Err(at) = claims.binary_search(&claim) {
+            claims.insert(at, claim);
+        }
+    }
+
+    fn unclaim(&mut self, route: &Route, app: &AppKey) {
+        let keep = |claims: &mut Claims| {
+            claims.retain(|(_, a)| a != app);
+            !claims.is_empty()
+        };
+        match &route.host {
+            Some(host) => {
+                let key = (host.to_ascii_lowercase(), route.path.clone());
+                if let Some(claims) = self.hosted.get_mut(&key)
+                    && !keep(claims)
+                {
+                    self.hosted.remove(&key);
                 }
-                None => {
-                    let key = route.path.clone();
-                    table.any_host.entry(key).or_insert((route, app));
+            }
+            None => {
+                if let Some(claims) = self.any_host.get_mut(&route.path)
+                    && !keep(claims)
+                {
+                    self.any_host.remove(&route.path);
                 }
             }
         }
-        table
     }
 
     /// The route serving `path` on `host`: a route bound to the host before
@@ -49,11 +98,12 @@ impl RoutingTable {
         };
         found
             .or_else(|| prefixes(path).find_map(|p| self.any_host.get(p)))
+            .and_then(|claims| claims.first())
             .map(|(r, k)| (r, k))
     }
 
     pub fn serves(&self, app: &AppKey) -> bool {
-        self.apps.contains(app)
+        self.apps.contains_key(app)
     }
 
     pub fn len(&self) -> usize {
@@ -125,6 +175,37 @@ mod tests {
         let t = table(&[("/api/v2", "v2"), ("shop.example.com/", "shop")]);
         assert_eq!(app(&t, Some("shop.example.com"), "/api/v2/x"), Some("shop"));
         assert_eq!(app(&t, Some("other.com"), "/api/v2/x"), Some("v2"));
+    }
+
+    #[test]
+    fn one_apps_routes_are_replaced_in_place() {
+        let mut t = table(&[("/a", "a"), ("/b", "b"), ("shop.example.com/", "shop")]);
+        let shop = AppKey::new("default", "shop");
+        t.set_app(&shop, vec![Route::parse("/shop").unwrap()]);
+        assert_eq!(app(&t, Some("shop.example.com"), "/cart"), None);
+        assert_eq!(app(&t, None, "/shop/cart"), Some("shop"));
+        assert_eq!(app(&t, None, "/a"), Some("a"), "other apps keep theirs");
+        t.set_app(&AppKey::new("default", "a"), vec![]);
+        assert_eq!(app(&t, None, "/a"), None);
+        assert!(!t.serves(&AppKey::new("default", "a")));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_route_claimed_twice_goes_to_the_first_claimant_left() {
+        let mut t = table(&[("/x", "b"), ("/x", "a")]);
+        assert_eq!(
+            app(&t, None, "/x"),
+            Some("a"),
+            "first in sort order, as new() does"
+        );
+        t.set_app(&AppKey::new("default", "a"), vec![]);
+        assert_eq!(app(&t, None, "/x"), Some("b"));
+        t.set_app(
+            &AppKey::new("default", "a"),
+            vec![Route::parse("/x").unwrap()],
+        );
+        assert_eq!(app(&t, None, "/x"), Some("a"));
     }
 
     #[test]

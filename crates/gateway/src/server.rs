@@ -22,7 +22,7 @@ use shoal_runtime::problem_response;
 use shoal_runtime::{HttpError, HttpService, LogSink, OutboundPolicy, ResponseBody, WasiBody};
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -99,6 +99,9 @@ pub(crate) struct Inner {
     holds: Holds,
     /// Apps the agent declared as services; see [`Gateway::set_services`].
     services: RwLock<HashSet<AppKey>>,
+    /// The apps that wake on a request, as last set: the holds take the whole
+    /// set, so one app's change is made here and handed over whole.
+    wake: Mutex<HashSet<AppKey>>,
     client: proxy::Client,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
     logs: RwLock<Option<LogLookup>>,
@@ -118,6 +121,7 @@ impl Gateway {
                 metrics: Registry::default(),
                 holds: Holds::default(),
                 services: RwLock::new(HashSet::new()),
+                wake: Mutex::new(HashSet::new()),
                 client,
                 logs: RwLock::new(None),
             }),
@@ -147,8 +151,77 @@ impl Gateway {
         pool.splits = tables.splits;
         replace_remotes(&self.inner.metrics, &mut pool.endpoints, tables.remotes);
         *table = Arc::new(RoutingTable::new(tables.routes));
-        self.inner.holds.set_wake(tables.wake);
+        let mut wake = self.inner.wake.lock().expect("wake lock");
+        *wake = tables.wake.into_iter().collect();
+        self.inner.holds.set_wake(wake.iter().cloned().collect());
         self.inner.holds.arrivals.notify_waiters();
+    }
+
+    /// Replaces what the gateway routes by for the apps named (routes, service, remote
+    /// endpoints, split, wake) with what `tables` says of them, and leaves every other
+    /// app's as it is: a change to a few apps costs those apps. An app named that `tables`
+    /// does not mention is forgotten. Takes the locks [`Gateway::set_tables`] takes, in
+    /// the same order, so no request sees an app half changed. The apps that wake go to
+    /// the holds as a whole set, only when one of these joins or leaves it.
+    pub fn update_tables(&self, apps: Vec<AppKey>, tables: Tables) {
+        if apps.is_empty() {
+            return;
+        }
+        let Tables {
+            routes,
+            services: served,
+            mut remotes,
+            mut splits,
+            wake: waking,
+        } = tables;
+        let mut routes_of: HashMap<AppKey, Vec<Route>> = HashMap::new();
+        for (route, app) in routes {
+            routes_of.entry(app).or_default().push(route);
+        }
+        let served: HashSet<AppKey> = served.into_iter().collect();
+        let waking: HashSet<AppKey> = waking.into_iter().collect();
+        let mut services = self.inner.services.write().expect("services lock");
+        let mut pool = self.inner.pool.write().expect("endpoint lock");
+        let mut table = self.inner.table.write().expect("routing lock");
+        let mut wake = self.inner.wake.lock().expect("wake lock");
+        // Lookups use the table under the lock and never keep it: it is not copied here.
+        let routing = Arc::make_mut(&mut table);
+        let mut woken = false;
+        for app in apps {
+            routing.set_app(&app, routes_of.remove(&app).unwrap_or_default());
+            if served.contains(&app) {
+                services.insert(app.clone());
+            } else {
+                services.remove(&app);
+            }
+            match splits.remove(&app) {
+                Some(split) => pool.splits.insert(app.clone(), split),
+                None => pool.splits.remove(&app),
+            };
+            let replicas = remotes.remove(&app).unwrap_or_default();
+            replace_app_remotes(&self.inner.metrics, &mut pool.endpoints, &app, replicas);
+            woken |= if waking.contains(&app) {
+                wake.insert(app)
+            } else {
+                wake.remove(&app)
+            };
+        }
+        if woken {
+            self.inner.holds.set_wake(wake.iter().cloned().collect());
+        }
+        self.inner.holds.arrivals.notify_waiters();
+    }
+
+    /// Puts every remote endpoint marked down back in rotation. Down lasts until the
+    /// next status that lists the endpoint; the agent says the cluster still lists
+    /// them every few seconds this way, without handing every app's tables over again.
+    pub fn revive_remotes(&self) {
+        let pool = self.inner.pool.read().expect("endpoint lock");
+        for endpoint in pool.endpoints.values().flat_map(|l| l.iter()) {
+            if !endpoint.is_local() {
+                endpoint.set_down(false);
+            }
+        }
     }
 
     /// Replaces the whole routing table.
@@ -779,49 +852,57 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
 fn replace_remotes(
     metrics: &Registry,
     map: &mut EndpointMap,
-    remote: HashMap<AppKey, Vec<RemoteReplica>>,
+    mut remote: HashMap<AppKey, Vec<RemoteReplica>>,
 ) {
-    let mut next = EndpointMap::new();
-    for (app, list) in map.iter() {
-        let locals: Vec<Arc<Endpoint>> = list.iter().filter(|e| e.is_local()).cloned().collect();
-        if !locals.is_empty() {
-            next.insert(app.clone(), locals.into());
-        }
+    let apps: HashSet<AppKey> = map.keys().chain(remote.keys()).cloned().collect();
+    for app in apps {
+        let replicas = remote.remove(&app).unwrap_or_default();
+        replace_app_remotes(metrics, map, &app, replicas);
     }
-    for (app, replicas) in remote {
-        let old = map.get(&app);
-        let mut list: Vec<Arc<Endpoint>> = next.get(&app).map(|l| l.to_vec()).unwrap_or_default();
-        for r in replicas {
-            if list.iter().any(|e| e.replica == r.replica) {
-                continue;
-            }
-            let kept = old
-                .and_then(|l| {
-                    l.iter().find(|e| {
-                        e.replica == r.replica
-                            && e.revision == r.revision
-                            && e.node_gateway() == Some(&r.gateway)
-                    })
+}
+
+/// [`replace_remotes`] for one app.
+fn replace_app_remotes(
+    metrics: &Registry,
+    map: &mut EndpointMap,
+    app: &AppKey,
+    replicas: Vec<RemoteReplica>,
+) {
+    let old = map.get(app);
+    let mut list: Vec<Arc<Endpoint>> = old
+        .map(|l| l.iter().filter(|e| e.is_local()).cloned().collect())
+        .unwrap_or_default();
+    for r in replicas {
+        if list.iter().any(|e| e.replica == r.replica) {
+            continue;
+        }
+        let kept = old
+            .and_then(|l| {
+                l.iter().find(|e| {
+                    e.replica == r.replica
+                        && e.revision == r.revision
+                        && e.node_gateway() == Some(&r.gateway)
                 })
-                .cloned();
-            let endpoint = match kept {
-                Some(e) => {
-                    e.set_down(false);
-                    e
-                }
-                None => {
-                    let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
-                    e.counters = metrics.counters(&app, r.revision);
-                    Arc::new(e)
-                }
-            };
-            list.push(endpoint);
-        }
-        if !list.is_empty() {
-            next.insert(app, list.into());
-        }
+            })
+            .cloned();
+        let endpoint = match kept {
+            Some(e) => {
+                e.set_down(false);
+                e
+            }
+            None => {
+                let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
+                e.counters = metrics.counters(app, r.revision);
+                Arc::new(e)
+            }
+        };
+        list.push(endpoint);
     }
-    *map = next;
+    if list.is_empty() {
+        map.remove(app);
+    } else {
+        map.insert(app.clone(), list.into());
+    }
 }
 
 /// The span of one request, its app and replica recorded once known.
@@ -833,4 +914,101 @@ fn request_span<B>(req: &Request<B>) -> Span {
         app = field::Empty,
         replica = field::Empty,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn app(name: &str) -> AppKey {
+        AppKey::new("default", name)
+    }
+
+    /// `name` served at `/{name}`, with one remote replica, a canary split, waking.
+    fn tables_of(name: &str) -> Tables {
+        Tables {
+            routes: vec![(Route::parse(&format!("/{name}")).unwrap(), app(name))],
+            services: vec![app(name)],
+            remotes: HashMap::from([(
+                app(name),
+                vec![RemoteReplica {
+                    replica: format!("{name}-1"),
+                    revision: 1,
+                    gateway: "b:8080".into(),
+                }],
+            )]),
+            splits: HashMap::from([(
+                app(name),
+                Split {
+                    canary: 2,
+                    weight: 10,
+                },
+            )]),
+            wake: vec![app(name)],
+        }
+    }
+
+    fn routed(g: &Gateway, path: &str) -> Option<String> {
+        let table = g.inner.table.read().unwrap();
+        table.lookup(None, path).map(|(_, a)| a.name.clone())
+    }
+
+    fn split(g: &Gateway, name: &str) -> Option<Split> {
+        g.endpoints_of(&app(name)).1
+    }
+
+    #[test]
+    fn updating_some_apps_leaves_the_others_alone() {
+        let g = Gateway::new(GatewayConfig::default());
+        let (mut all, b) = (tables_of("a"), tables_of("b"));
+        all.routes.extend(b.routes);
+        all.services.extend(b.services);
+        all.remotes.extend(b.remotes);
+        all.splits.extend(b.splits);
+        all.wake.extend(b.wake);
+        g.set_tables(all);
+
+        let a2 = RemoteReplica {
+            replica: "a-2".into(),
+            revision: 1,
+            gateway: "c:8080".into(),
+        };
+        let moved = Tables {
+            routes: vec![(Route::parse("/a2").unwrap(), app("a"))],
+            services: vec![app("a")],
+            remotes: HashMap::from([(app("a"), vec![a2])]),
+            ..Tables::default()
+        };
+        g.update_tables(vec![app("a")], moved);
+        assert_eq!(routed(&g, "/a"), None);
+        assert_eq!(routed(&g, "/a2").as_deref(), Some("a"));
+        assert_eq!(g.endpoints(&app("a")), ["a-2"]);
+        assert_eq!(
+            (split(&g, "a"), g.inner.holds.wakes(&app("a"))),
+            (None, false)
+        );
+        assert_eq!(routed(&g, "/b").as_deref(), Some("b"), "b is as it was");
+        assert_eq!(g.endpoints(&app("b")), ["b-1"]);
+        assert!(split(&g, "b").is_some() && g.inner.holds.wakes(&app("b")));
+
+        g.update_tables(vec![app("b")], Tables::default());
+        assert_eq!(
+            routed(&g, "/b"),
+            None,
+            "an app named and not described is forgotten"
+        );
+        assert!(!g.knows(&app("b")) && !g.inner.holds.wakes(&app("b")));
+        assert!(g.knows(&app("a")));
+    }
+
+    #[test]
+    fn revived_remote_endpoints_are_back_in_rotation() {
+        let g = Gateway::new(GatewayConfig::default());
+        g.set_tables(tables_of("a"));
+        let (endpoints, _) = g.endpoints_of(&app("a"));
+        endpoints[0].set_down(true);
+        assert!(g.endpoints(&app("a")).is_empty());
+        g.revive_remotes();
+        assert_eq!(g.endpoints(&app("a")), ["a-1"]);
+    }
 }
