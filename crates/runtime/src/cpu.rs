@@ -21,6 +21,13 @@
 //! instead of up to a tick later; a charge or a stop that lets a waiting group run wakes its
 //! guests at once instead of at their next tick.
 //!
+//! Short before long: the CPU shares are for guests that compete for the cores for more than
+//! a moment. A task that has used less than [`BATCH_AFTER_NS`] (a request, as requests go) is
+//! held to its group's hard limit only; past that, at its next suspension, it moves to the
+//! batch threads ([`Metered::move_to`]), which run at a lower priority than the rest of the
+//! process. So the gateway and short requests of every app get the cores first, and long
+//! guests share what they leave by weight.
+//!
 //! [`Ledger`] is the arithmetic, pure and tested without wasmtime; [`CpuScheduler`] puts it
 //! behind a lock and adds the clocks, the wake-ups and the epoch bumps; [`TaskMeter`] and
 //! [`Metered`] attach one guest task to it.
@@ -394,16 +401,11 @@ impl Ledger {
     /// slows its neighbours. The group with the earliest deadline never waits, so someone
     /// always runs.
     pub(crate) fn verdict(&mut self, id: usize, now: u64) -> Verdict {
+        if let verdict @ Verdict::Wait { .. } = self.limit_verdict(id, now) {
+            return verdict;
+        }
         let slice = self.slice;
         let account = self.account(id);
-        account.roll(now);
-        if let Some(quota) = account.quota()
-            && account.period_used + account.in_progress(now) >= quota
-        {
-            return Verdict::Wait {
-                until: Some(account.period_start + PERIOD_NS),
-            };
-        }
         let (mine, my_deadline) = (account.effective(now), account.deadline(now, slice));
         let behind = self.accounts.iter().enumerate().any(|(other, a)| {
             other != id
@@ -416,6 +418,21 @@ impl Ledger {
             Verdict::Wait { until: None }
         } else {
             Verdict::Run
+        }
+    }
+
+    /// Whether a guest of group `id` may go on as far as its hard limit is concerned: what a
+    /// short task is held to. Sharing (the rest of [`Ledger::verdict`]) is for long ones.
+    pub(crate) fn limit_verdict(&mut self, id: usize, now: u64) -> Verdict {
+        let account = self.account(id);
+        account.roll(now);
+        match account.quota() {
+            Some(quota) if account.period_used + account.in_progress(now) >= quota => {
+                Verdict::Wait {
+                    until: Some(account.period_start + PERIOD_NS),
+                }
+            }
+            _ => Verdict::Run,
         }
     }
 
@@ -480,6 +497,9 @@ impl Ledger {
 /// whose epoch it bumps.
 pub(crate) struct CpuScheduler {
     ledger: Mutex<Ledger>,
+    /// The batch threads a task moves to once it has used [`BATCH_AFTER_NS`] of CPU; `None`
+    /// keeps every task where it started.
+    batch: Option<tokio::runtime::Handle>,
     /// The guest threads: how many waiting guests of a group that may run again are woken.
     threads: usize,
     engine: Engine,
@@ -488,8 +508,14 @@ pub(crate) struct CpuScheduler {
 }
 
 impl CpuScheduler {
-    pub(crate) fn new(engine: Engine, tick: Duration, threads: usize) -> CpuScheduler {
+    pub(crate) fn new(
+        engine: Engine,
+        tick: Duration,
+        threads: usize,
+        batch: Option<tokio::runtime::Handle>,
+    ) -> CpuScheduler {
         CpuScheduler {
+            batch,
             threads,
             ledger: Mutex::new(Ledger::new(tick)),
             engine,
@@ -765,7 +791,18 @@ impl TaskMeter {
                 .ok();
             tokio::task::yield_now().await;
         }
-        if scheduler.ledger().verdict(self.member.id, scheduler.now()) == Verdict::Run {
+        // A task that has used less CPU than a request takes is held to its group's limit
+        // only: short requests go first, and sharing is between the long guests that
+        // compete for the cores for more than a moment.
+        let short = self.cpu.load(Ordering::Relaxed) < BATCH_AFTER_NS;
+        let verdict = |ledger: &mut Ledger, now| {
+            if short {
+                ledger.limit_verdict(self.member.id, now)
+            } else {
+                ledger.verdict(self.member.id, now)
+            }
+        };
+        if verdict(&mut scheduler.ledger(), scheduler.now()) == Verdict::Run {
             return;
         }
         let _throttled = Throttled::start(&self);
@@ -775,7 +812,7 @@ impl TaskMeter {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = scheduler.now();
-            let until = match scheduler.ledger().verdict(self.member.id, now) {
+            let until = match verdict(&mut scheduler.ledger(), now) {
                 Verdict::Run => return,
                 Verdict::Wait { until } => until,
             };
@@ -870,10 +907,20 @@ impl Wake for TaskMeter {
 
 /// A guest task's future, metered: each poll is charged to the task's group, and the task
 /// counts as runnable from its wake-up to the end of the poll that finds nothing to do.
-pub(crate) struct Metered<F> {
-    future: Pin<Box<F>>,
+pub(crate) struct Metered<F: Future> {
+    stage: Stage<F>,
     meter: Arc<TaskMeter>,
     waker: Waker,
+    /// Whether this is the batch threads' half of a moved task.
+    batch: bool,
+}
+
+enum Stage<F: Future> {
+    Here(Pin<Box<F>>),
+    /// For a moment, while the future changes threads.
+    Moving,
+    /// Moved to the batch threads: the rest runs there, its output comes back here.
+    Moved(tokio::task::JoinHandle<F::Output>),
 }
 
 impl<F: Future> Metered<F> {
@@ -881,33 +928,91 @@ impl<F: Future> Metered<F> {
     pub(crate) fn new(meter: Arc<TaskMeter>, future: F) -> Metered<F> {
         meter.woken();
         Metered {
-            future: Box::pin(future),
+            stage: Stage::Here(Box::pin(future)),
             waker: Waker::from(meter.clone()),
             meter,
+            batch: false,
         }
     }
 }
 
-impl<F: Future> Future for Metered<F> {
+impl<F> Future for Metered<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        let Stage::Here(future) = &mut this.stage else {
+            return this.poll_moved(cx);
+        };
         this.meter.waker.register(cx.waker());
         this.meter.poll_started();
-        let result = this
-            .future
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.waker));
+        let result = future.as_mut().poll(&mut Context::from_waker(&this.waker));
         this.meter.poll_ended(result.is_ready());
+        if result.is_pending()
+            && !this.batch
+            && this.meter.cpu.load(Ordering::Relaxed) >= BATCH_AFTER_NS
+            && let Some(batch) = this.meter.scheduler().batch.clone()
+        {
+            this.move_to(&batch);
+            return this.poll_moved(cx);
+        }
         result
     }
 }
 
-impl<F> Drop for Metered<F> {
+impl<F> Metered<F>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    /// Hands the rest of the task to the batch threads: a guest that has used more CPU than a
+    /// request takes (a spinning or batch one) goes on there, at a lower priority than the
+    /// gateway and than the short requests of every app, which keep the guest threads and get
+    /// the cores first when both want them. The batch half still gets every cycle nobody
+    /// else wants, and sharing among guests stays the [`Ledger`]'s. It happens where the
+    /// guest is suspended (a slice boundary, a wait), so nothing runs on two threads.
+    fn move_to(&mut self, batch: &tokio::runtime::Handle) {
+        let Stage::Here(future) = std::mem::replace(&mut self.stage, Stage::Moving) else {
+            unreachable!("only a task still here moves");
+        };
+        let rest = Metered {
+            stage: Stage::Here(future),
+            waker: Waker::from(self.meter.clone()),
+            meter: self.meter.clone(),
+            batch: true,
+        };
+        self.stage = Stage::Moved(batch.spawn(rest));
+    }
+
+    /// The moved task's output, when its batch half has it.
+    fn poll_moved(&mut self, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let Stage::Moved(task) = &mut self.stage else {
+            unreachable!("a task is polled here or moved, never while moving");
+        };
+        Pin::new(task).poll(cx).map(|joined| match joined {
+            Ok(output) => output,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => panic!("the batch threads stopped under a running guest"),
+        })
+    }
+}
+
+impl<F: Future> Drop for Metered<F> {
     /// A task cancelled (aborted, or its runtime shut down) before it finished stops counting
-    /// as runnable.
+    /// as runnable; a moved one takes its batch half with it (which counts itself out).
     fn drop(&mut self) {
+        match &self.stage {
+            Stage::Here(_) => {}
+            Stage::Moving => return,
+            Stage::Moved(task) => {
+                task.abort();
+                return;
+            }
+        }
         let meter = &self.meter;
         let now = meter.scheduler().now();
         meter.transition(Some(now), |ledger, id, state| match state {
@@ -920,6 +1025,33 @@ impl<F> Drop for Metered<F> {
         });
     }
 }
+
+/// CPU a guest task may use on the guest threads before it moves to the batch threads: far
+/// more than a request that answers takes, far less than a time slice.
+const BATCH_AFTER_NS: u64 = 2_000_000;
+
+/// The nice value of the batch threads: CFS weight 110 against the 1024 of the rest of the
+/// process, so when the cores are busy the kernel runs the gateway's accepting, parsing and
+/// proxying, and short requests of any app, before another slice of a long guest.
+pub(crate) const BATCH_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value (on Linux a thread's own, not the process's); a
+/// failure only costs the priority, so it is logged, not returned.
+#[cfg(target_os = "linux")]
+pub(crate) fn set_thread_nice(nice: i32) {
+    // SAFETY: gettid and setpriority read and write no memory of ours.
+    let rc = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
+    };
+    if rc != 0 {
+        tracing::debug!(nice, error = %std::io::Error::last_os_error(), "cannot lower the batch threads' priority");
+    }
+}
+
+/// Elsewhere the batch threads keep the process's priority.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn set_thread_nice(_nice: i32) {}
 
 #[cfg(test)]
 mod tests {
@@ -1135,6 +1267,97 @@ mod tests {
         assert!(!ledger.wake(quiet, 100 * MS + 1), "too soon after the last");
         ledger.sleep(quiet);
         assert!(ledger.wake(quiet, 101 * MS));
+    }
+
+    #[test]
+    fn a_short_task_is_held_to_its_limit_not_to_its_share() {
+        let mut ledger = Ledger::new(Duration::from_millis(10));
+        let quick = ledger.join(&share("quick", 50, Some(100)), 0);
+        let long = ledger.join(&share("long", 50, None), 0);
+        // The quick group ran 5 ms; the long one is behind and waits for a thread.
+        ledger.wake(quick, 0);
+        ledger.start(quick, 0);
+        ledger.stop(quick, 0, 5 * MS, 5 * MS);
+        ledger.wake(quick, 5 * MS);
+        ledger.wake(long, 5 * MS);
+        assert_eq!(
+            ledger.verdict(quick, 6 * MS),
+            Verdict::Wait { until: None },
+            "a long task of the quick group waits for its share"
+        );
+        assert_eq!(
+            ledger.limit_verdict(quick, 6 * MS),
+            Verdict::Run,
+            "a short one does not"
+        );
+        // Past its 10 ms per period, even a short task waits.
+        ledger.start(quick, 6 * MS);
+        ledger.mark(quick, 6 * MS, 11 * MS, 5 * MS);
+        assert_eq!(
+            ledger.limit_verdict(quick, 11 * MS),
+            Verdict::Wait {
+                until: Some(100 * MS)
+            }
+        );
+    }
+
+    /// CPU burnt on the calling thread for `ns` nanoseconds of its clock.
+    fn burn(ns: u64) {
+        let start = thread_cpu();
+        while thread_cpu() - start < ns {
+            std::hint::black_box(0u64);
+        }
+    }
+
+    #[test]
+    fn a_task_past_a_requests_cpu_moves_to_the_batch_threads_and_returns_from_there() {
+        let threads = |name: &'static str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (guests, batch) = (threads("test-guest"), threads("test-batch"));
+        let scheduler = Arc::new(CpuScheduler::new(
+            Engine::default(),
+            Duration::from_millis(10),
+            1,
+            Some(batch.handle().clone()),
+        ));
+        let member = scheduler.join(CpuShare::new("app", 100));
+        let name = || std::thread::current().name().map(str::to_string);
+        let run = |cpu_per_poll: u64| {
+            let meter = member.meter();
+            guests.block_on(guests.spawn(Metered::new(meter, async move {
+                let mut seen = Vec::new();
+                for _ in 0..3 {
+                    seen.push(name());
+                    burn(cpu_per_poll);
+                    tokio::task::yield_now().await;
+                }
+                seen
+            })))
+        };
+        let short = run(100_000).unwrap();
+        assert!(
+            short.iter().all(|t| t.as_deref() == Some("test-guest")),
+            "{short:?}"
+        );
+        let long = run(BATCH_AFTER_NS).unwrap();
+        assert_eq!(long[0].as_deref(), Some("test-guest"));
+        assert!(
+            long[1..].iter().all(|t| t.as_deref() == Some("test-batch")),
+            "{long:?}"
+        );
+        assert!(
+            scheduler
+                .usage()
+                .iter()
+                .all(|(_, u)| u.used_ns >= 3 * BATCH_AFTER_NS),
+            "both halves are charged to the group"
+        );
     }
 
     #[test]

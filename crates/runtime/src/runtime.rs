@@ -60,6 +60,9 @@ struct RuntimeInner {
     /// the caller's (the gateway's accept and proxy loops, the agent).
     guests: Option<tokio::runtime::Runtime>,
     guest_handle: tokio::runtime::Handle,
+    /// Where a guest task moves once it has used more CPU than a request takes
+    /// ([`crate::cpu`]): threads at a lower priority than the rest of the process.
+    batch: Option<tokio::runtime::Runtime>,
     cpu: Arc<CpuScheduler>,
 }
 
@@ -71,6 +74,9 @@ impl Drop for RuntimeInner {
         // are cancelled.
         if let Some(guests) = self.guests.take() {
             guests.shutdown_background();
+        }
+        if let Some(batch) = self.batch.take() {
+            batch.shutdown_background();
         }
     }
 }
@@ -184,10 +190,18 @@ impl Runtime {
             .build()
             .map_err(|e| RuntimeError::Engine(format!("cannot start the guest threads: {e}")))?;
         let guest_handle = guests.handle().clone();
+        let batch = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("shoal-batch")
+            .on_thread_start(|| crate::cpu::set_thread_nice(crate::cpu::BATCH_NICE))
+            .enable_all()
+            .build()
+            .map_err(|e| RuntimeError::Engine(format!("cannot start the batch threads: {e}")))?;
         let cpu = Arc::new(CpuScheduler::new(
             engine.clone(),
             config.epoch_tick,
             threads,
+            Some(batch.handle().clone()),
         ));
 
         let ticker = EpochTicker::spawn(engine.clone(), config.epoch_tick)?;
@@ -209,6 +223,7 @@ impl Runtime {
                 ticker,
                 guests: Some(guests),
                 guest_handle,
+                batch: Some(batch),
                 cpu,
             }),
         })
