@@ -602,9 +602,10 @@ async fn node_cpu(
 
 async fn node_waiting(
     State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
     JsonBody(waiting): JsonBody<Vec<Waiting>>,
 ) -> Result<Response, ApiError> {
-    cp.record_waiting(waiting);
+    cp.record_waiting(&name, waiting);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

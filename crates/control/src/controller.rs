@@ -11,6 +11,7 @@
 use crate::error::ControlError;
 use crate::mirror::Mirror;
 use crate::state::{ControlPlane, blocking, encode};
+use shoal_core::NodeState;
 use shoal_core::objects::keys::{self, Key};
 use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan};
 use shoal_store::{Op, Txn, WatchStream};
@@ -144,6 +145,14 @@ impl ControlPlane {
             focus.extend(mirror.active().iter().cloned());
             focus
         });
+        if changes.nodes {
+            let nodes = &mirror.world.nodes;
+            self.inner.metrics.retain_waiting_nodes(|name| {
+                nodes
+                    .get(name)
+                    .is_some_and(|n| n.value.state == NodeState::Ready)
+            });
+        }
         let world = &mut mirror.world;
         world.leases_from = self.inner.started_at.get().copied().unwrap_or(0);
         world.node_grace_ms = self.config().node_grace.as_millis() as u64;

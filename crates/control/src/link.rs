@@ -76,8 +76,8 @@ impl Link for LocalLink {
         Box::pin(async { Ok(()) })
     }
 
-    fn waiting(&self, _node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>> {
-        self.0.record_waiting(waiting);
+    fn waiting(&self, node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>> {
+        self.0.record_waiting(node, waiting);
         Box::pin(async { Ok(()) })
     }
 

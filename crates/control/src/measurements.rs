@@ -40,6 +40,8 @@ pub(crate) struct Metrics {
     apps: Mutex<BTreeMap<AppKey, Measurements>>,
     /// Apps measured since the controller last asked: its next pass looks at them.
     touched: Mutex<BTreeSet<AppKey>>,
+    /// Per app, the requests each node's gateway holds for it: an app's `waiting` is their sum.
+    waiting: Mutex<BTreeMap<AppKey, BTreeMap<String, u32>>>,
     /// Per app and node, the node's last two CPU reports.
     cpu: Mutex<BTreeMap<AppKey, BTreeMap<String, LastTwo>>>,
     /// When this control plane started measuring: windows before it are not covered.
@@ -51,6 +53,7 @@ impl Metrics {
         Metrics {
             apps: Mutex::default(),
             touched: Mutex::default(),
+            waiting: Mutex::default(),
             cpu: Mutex::default(),
             since,
         }
@@ -103,12 +106,28 @@ impl Metrics {
         }
     }
 
-    /// Requests held at a gateway right now because `app` has no ready replica.
-    pub(crate) fn set_waiting(&self, app: &AppKey, waiting: u32, now: Millis) {
+    /// Requests `node`'s gateway holds right now because `app` has no ready replica. Each
+    /// node's count stands until that node sends another: a node that reports 0 does not
+    /// cancel what another still holds.
+    pub(crate) fn set_waiting(&self, app: &AppKey, node: &str, waiting: u32, now: Millis) {
         let mut apps = self.lock();
         self.touch([app.clone()]);
+        let total = {
+            let mut all = self.waiting.lock().expect("metrics lock");
+            let nodes = all.entry(app.clone()).or_default();
+            if waiting > 0 {
+                nodes.insert(node.to_string(), waiting);
+            } else {
+                nodes.remove(node);
+            }
+            let total = nodes.values().sum();
+            if nodes.is_empty() {
+                all.remove(app);
+            }
+            total
+        };
         let load = &mut self.entry(&mut apps, app).load;
-        load.waiting = waiting;
+        load.waiting = total;
         if waiting > 0 {
             load.last_request = Some(now);
         }
@@ -216,9 +235,26 @@ impl Metrics {
         self.lock().get(app)?.since_step(app, revision, step)
     }
 
+    /// Forgets what nodes that are gone or not ready held: nobody waits there any more.
+    pub(crate) fn retain_waiting_nodes(&self, keep: impl Fn(&str) -> bool) {
+        let mut apps = self.lock();
+        let mut all = self.waiting.lock().expect("metrics lock");
+        all.retain(|app, nodes| {
+            nodes.retain(|node, _| keep(node));
+            if let Some(m) = apps.get_mut(app) {
+                m.load.waiting = nodes.values().sum();
+            }
+            !nodes.is_empty()
+        });
+    }
+
     /// Forgets the measurements of apps that are gone.
     pub(crate) fn retain_apps(&self, keep: impl Fn(&AppKey) -> bool) {
         self.lock().retain(|app, _| keep(app));
+        self.waiting
+            .lock()
+            .expect("metrics lock")
+            .retain(|app, _| keep(app));
         self.cpu
             .lock()
             .expect("metrics lock")
@@ -255,6 +291,22 @@ mod tests {
         assert_eq!(m.since_step(&app, 2, 200), None);
         m.retain_apps(|a| a.name != "a");
         assert!(m.snapshot().is_empty());
+    }
+
+    #[test]
+    fn waiting_is_the_sum_of_what_each_node_still_holds() {
+        let m = Metrics::new(0);
+        let app = AppKey::new("default", "a");
+        let waiting = |m: &Metrics| m.snapshot()[&app].load.waiting;
+        m.set_waiting(&app, "n1", 3, 10);
+        m.set_waiting(&app, "n2", 2, 11);
+        assert_eq!(waiting(&m), 5);
+        m.set_waiting(&app, "n2", 0, 12);
+        assert_eq!(waiting(&m), 3, "n2 letting go does not cancel n1's");
+        m.set_waiting(&app, "n2", 1, 13);
+        m.retain_waiting_nodes(|n| n != "n1");
+        assert_eq!(waiting(&m), 1, "a lost node's requests are nobody's");
+        assert_eq!(m.take_touched(), BTreeSet::from([app.clone()]));
     }
 
     #[test]

@@ -166,14 +166,16 @@ impl ControlPlane {
         }
     }
 
-    /// Requests a gateway holds for apps with no ready replica. A waiting
+    /// Requests `node`'s gateway holds for apps with no ready replica. A waiting
     /// request starts the next pass at once: it is someone waiting on a wake.
-    pub fn record_waiting(&self, waiting: Vec<Waiting>) {
+    pub fn record_waiting(&self, node: &str, waiting: Vec<Waiting>) {
         let now = self.now();
         let mut wake = false;
         for w in waiting {
             wake |= w.requests > 0;
-            self.inner.metrics.set_waiting(&w.app, w.requests, now);
+            self.inner
+                .metrics
+                .set_waiting(&w.app, node, w.requests, now);
         }
         if wake {
             self.inner.kick.notify_one();
