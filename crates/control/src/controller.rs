@@ -11,6 +11,7 @@
 use crate::error::ControlError;
 use crate::mirror::Mirror;
 use crate::state::{ControlPlane, blocking, encode};
+use futures::FutureExt;
 use shoal_core::NodeState;
 use shoal_core::objects::keys::{self, Key};
 use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan};
@@ -271,7 +272,10 @@ impl ControlPlane {
     }
 }
 
-/// Applies the watch's events to `mirror` until it reflects revision `to`.
+/// Applies the watch's events to `mirror` until it reflects revision `to`, and
+/// with it every event already arrived: the rest of a transaction's writes come
+/// together, so the mirror never holds half of one (an app without the revision
+/// written with it).
 async fn catch_up(
     mirror: &mut Mirror,
     watcher: &mut WatchStream,
@@ -279,6 +283,13 @@ async fn catch_up(
 ) -> Result<(), ControlError> {
     while mirror.revision < to {
         match watcher.next().await {
+            Some(Ok(ev)) => mirror.apply(&ev)?,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ControlError::internal("the store's watch ended")),
+        }
+    }
+    while let Some(next) = watcher.next().now_or_never() {
+        match next {
             Some(Ok(ev)) => mirror.apply(&ev)?,
             Some(Err(e)) => return Err(e.into()),
             None => return Err(ControlError::internal("the store's watch ended")),
@@ -310,5 +321,44 @@ impl Ids for RandomIds {
             .iter()
             .map(|b| ALPHABET[(*b as usize) % ALPHABET.len()] as char)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::{Capacity, Node};
+    use shoal_store::{KvStore, Store};
+
+    fn node(name: &str) -> Vec<u8> {
+        encode(&Node {
+            name: name.into(),
+            gateway: "127.0.0.1:1".into(),
+            capacity: Capacity::default(),
+            labels: Default::default(),
+            state: NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            joined_at: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn catching_up_never_stops_inside_a_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let mut mirror = Mirror::load(&[], 0).unwrap();
+        let mut watcher = KvStore::watch(&store, "/", 1).unwrap();
+        let txn = Txn::new()
+            .then(Op::put(keys::node("a"), node("a")))
+            .then(Op::put(keys::node("b"), node("b")));
+        let revision = store.txn(txn).unwrap().revision;
+        catch_up(&mut mirror, &mut watcher, revision).await.unwrap();
+        assert_eq!(mirror.revision, revision);
+        assert_eq!(
+            mirror.world.nodes.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "both writes of the transaction"
+        );
     }
 }
