@@ -169,6 +169,12 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         let routes: Vec<String> = h.routes.iter().map(|r| r.to_string()).collect();
         println!("Routes:       {}", routes.join(", "));
         println!("Timeout:      {} ms", h.timeout_ms);
+        if h.reuse > 1 {
+            println!(
+                "Reuse:        {} requests per instance, idle up to {} ms",
+                h.reuse, h.reuse_idle_ms
+            );
+        }
     }
     if !s.env.is_empty() {
         println!("Env:");

@@ -32,7 +32,7 @@ use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
     CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
-    LogSink, Runtime,
+    LogSink, Reuse, Runtime,
 };
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -476,6 +476,10 @@ impl Agent {
                 group: replica.app.to_string().into(),
                 request_millis: t.resources.requests.cpu_millis,
                 limit_millis: t.resources.limits.cpu_millis,
+            },
+            reuse: Reuse {
+                requests: t.reuse,
+                idle: Duration::from_millis(t.reuse_idle_ms),
             },
         };
         match t.component.kind {

@@ -171,6 +171,38 @@ pub struct Limits {
 pub struct HttpSpec {
     pub routes: Vec<Route>,
     pub timeout_ms: u64,
+    /// Requests one instance serves, one after another, before it is dropped (`[http] reuse`);
+    /// 1 is a fresh instance per request. State in the guest carries over between them.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub reuse: u32,
+    /// How long an instance kept for reuse may wait for its next request (`reuse_idle`).
+    #[serde(
+        default = "default_reuse_idle",
+        skip_serializing_if = "is_default_reuse_idle"
+    )]
+    pub reuse_idle_ms: u64,
+}
+
+/// Requests per instance at most (`[http] reuse`).
+pub const MAX_REUSE: u32 = 100_000;
+
+/// How long a reusable instance waits for its next request unless `reuse_idle` says.
+pub const DEFAULT_REUSE_IDLE_MS: u64 = 10_000;
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn default_reuse_idle() -> u64 {
+    DEFAULT_REUSE_IDLE_MS
+}
+
+fn is_default_reuse_idle(ms: &u64) -> bool {
+    *ms == DEFAULT_REUSE_IDLE_MS
 }
 
 /// How a new revision replaces the running one.
@@ -860,6 +892,14 @@ pub struct Template {
     pub component: ComponentSpec,
     pub resources: Resources,
     pub timeout_ms: u64,
+    /// `[http] reuse` and `reuse_idle`: how the replica's instances serve requests.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub reuse: u32,
+    #[serde(
+        default = "default_reuse_idle",
+        skip_serializing_if = "is_default_reuse_idle"
+    )]
+    pub reuse_idle_ms: u64,
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
@@ -908,6 +948,8 @@ impl Template {
             "resources.max_concurrency",
         );
         check(self.timeout_ms != old.timeout_ms, "http.timeout");
+        check(self.reuse != old.reuse, "http.reuse");
+        check(self.reuse_idle_ms != old.reuse_idle_ms, "http.reuse_idle");
         let names: BTreeSet<&String> = self.env.keys().chain(old.env.keys()).collect();
         for name in names {
             check(
@@ -941,6 +983,8 @@ impl AppSpec {
         spec.health = template.health.clone();
         if let Some(http) = &mut spec.http {
             http.timeout_ms = template.timeout_ms;
+            http.reuse = template.reuse;
+            http.reuse_idle_ms = template.reuse_idle_ms;
         }
         spec
     }
@@ -950,6 +994,11 @@ impl AppSpec {
             component: self.component.clone(),
             resources: self.resources.clone(),
             timeout_ms: self.http.as_ref().map_or(0, |h| h.timeout_ms),
+            reuse: self.http.as_ref().map_or(1, |h| h.reuse),
+            reuse_idle_ms: self
+                .http
+                .as_ref()
+                .map_or(DEFAULT_REUSE_IDLE_MS, |h| h.reuse_idle_ms),
             env: self.env.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
@@ -1052,6 +1101,12 @@ impl AppSpec {
                 }
                 if h.timeout_ms == 0 {
                     return field("http.timeout", "must be greater than 0".into());
+                }
+                if let Err(m) = check_reuse(h.reuse) {
+                    return field("http.reuse", m);
+                }
+                if h.reuse_idle_ms == 0 {
+                    return field("http.reuse_idle", "must be greater than 0".into());
                 }
             }
             (None, _) => {}
@@ -1671,6 +1726,18 @@ fn scale(
 struct RawHttp {
     routes: Option<Spanned<Vec<Spanned<String>>>>,
     timeout: Option<Spanned<String>>,
+    reuse: Option<Spanned<i64>>,
+    reuse_idle: Option<Spanned<String>>,
+}
+
+/// `[http] reuse`: 1 (a fresh instance per request) to [`MAX_REUSE`].
+fn check_reuse(n: impl Into<i64>) -> Result<u32, String> {
+    match u32::try_from(n.into()) {
+        Ok(n @ 1..=MAX_REUSE) => Ok(n),
+        _ => Err(format!(
+            "must be 1 (a fresh instance per request) to {MAX_REUSE}"
+        )),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -1788,12 +1855,43 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 }
                 None => DEFAULT_TIMEOUT_MS,
             };
-            Some(HttpSpec { routes, timeout_ms })
+            let reuse = match &hr.reuse {
+                Some(n) => {
+                    spans.insert("http.reuse", n.span());
+                    check_reuse(*n.get_ref()).map_err(|m| fail("http.reuse", m, n.span()))?
+                }
+                None => 1,
+            };
+            let reuse_idle_ms = match &hr.reuse_idle {
+                Some(t) => {
+                    spans.insert("http.reuse_idle", t.span());
+                    match parse_duration_ms(t.get_ref()) {
+                        Ok(0) => {
+                            return Err(fail(
+                                "http.reuse_idle",
+                                "must be greater than 0".into(),
+                                t.span(),
+                            ));
+                        }
+                        Ok(ms) => ms,
+                        Err(e) => return Err(fail("http.reuse_idle", e.to_string(), t.span())),
+                    }
+                }
+                None => DEFAULT_REUSE_IDLE_MS,
+            };
+            Some(HttpSpec {
+                routes,
+                timeout_ms,
+                reuse,
+                reuse_idle_ms,
+            })
         }
         // No routes: reachable only by service name from other apps.
         None if kind == Kind::Http => Some(HttpSpec {
             routes: Vec::new(),
             timeout_ms: DEFAULT_TIMEOUT_MS,
+            reuse: 1,
+            reuse_idle_ms: DEFAULT_REUSE_IDLE_MS,
         }),
         None => None,
     };
@@ -2093,6 +2191,43 @@ A = "1"
         let e = err(&HELLO.replace("\"32Mi\"", "\"64Gi\""));
         assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
         assert_eq!(e.line, Some(9));
+    }
+
+    #[test]
+    fn reuse_is_part_of_the_revision_and_absent_when_off() {
+        let resolve = |src: &str| {
+            parse_app(src)
+                .unwrap()
+                .resolve(format!("sha256:{}", "a".repeat(64)))
+                .unwrap()
+        };
+        let plain = resolve(HELLO);
+        let http = plain.http.as_ref().unwrap();
+        assert_eq!((http.reuse, http.reuse_idle_ms), (1, DEFAULT_REUSE_IDLE_MS));
+        // Revisions made before reuse existed keep their hash: the fields are left out.
+        let json = serde_json::to_string(&plain.template()).unwrap();
+        assert!(!json.contains("reuse"), "{json}");
+
+        let reusing = resolve(&HELLO.replace(
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nreuse = 128\nreuse_idle = \"1m\"",
+        ));
+        let t = reusing.template();
+        assert_eq!((t.reuse, t.reuse_idle_ms), (128, 60_000));
+        assert_eq!(
+            t.changed_fields(&plain.template()),
+            ["http.reuse", "http.reuse_idle"]
+        );
+        assert_eq!(plain.with_template(&t).http.unwrap().reuse, 128);
+        let back: Template = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back.reuse, 1,
+            "a stored template without the field reads as off"
+        );
+
+        let e = err(&HELLO.replace("timeout = \"5s\"", "reuse = 0"));
+        assert_eq!(e.field.as_deref(), Some("http.reuse"));
+        assert_eq!(e.line, Some(18));
     }
 
     #[test]

@@ -66,6 +66,27 @@ pub struct InstanceConfig {
     pub incidents: Option<IncidentHook>,
     /// The CPU group the replica is charged to and its weight and limit in it.
     pub cpu: CpuShare,
+    /// For HTTP components: how many requests one instance serves.
+    pub reuse: Reuse,
+}
+
+/// How an HTTP component's instances serve requests: `requests` one after another (1: a fresh
+/// instance per request, the default), each kept at most `idle` between two of them. A reused
+/// instance keeps its memory, so a guest must accept that state carries over; one that traps,
+/// times out, runs out of memory or leaves any part of a request or response behind is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reuse {
+    pub requests: u32,
+    pub idle: Duration,
+}
+
+impl Default for Reuse {
+    fn default() -> Self {
+        Reuse {
+            requests: 1,
+            idle: Duration::from_secs(10),
+        }
+    }
 }
 
 /// An HTTP request whose instance the runtime had to kill.
@@ -107,6 +128,7 @@ impl Default for InstanceConfig {
             outbound: Arc::new(DenyAll),
             incidents: None,
             cpu: CpuShare::default(),
+            reuse: Reuse::default(),
         }
     }
 }

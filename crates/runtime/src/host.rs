@@ -32,6 +32,7 @@ pub(crate) struct InstanceSettings {
     pub(crate) incidents: Option<crate::IncidentHook>,
     /// The replica's place in its CPU group; each run gets a [`TaskMeter`] from it.
     pub(crate) cpu: Arc<Member>,
+    pub(crate) reuse: crate::Reuse,
 }
 
 pub(crate) struct Host {
@@ -59,6 +60,30 @@ impl Host {
     /// Whether the guest tried to grow a memory past its limit (and was trapped for it).
     pub(crate) fn memory_exceeded(&self) -> bool {
         self.limiter.exceeded
+    }
+
+    /// Readies a reused store for its next request: its own deadline, `timeout` from now,
+    /// and the meter of the task that runs it.
+    pub(crate) fn next_request(&mut self, timeout: Option<Duration>, meter: Arc<TaskMeter>) {
+        self.deadline = timeout.map(|t| Instant::now() + t);
+        self.timed_out = false;
+        self.meter = meter;
+    }
+
+    /// Whether the guest kept any part of a request or response past the call that handled
+    /// it: an instance that did cannot serve another.
+    pub(crate) fn holds_request_parts(&mut self) -> bool {
+        use wasmtime_wasi_http::p2::body::{HostIncomingBody, HostOutgoingBody};
+        use wasmtime_wasi_http::p2::types::{
+            HostIncomingRequest, HostOutgoingResponse, HostResponseOutparam,
+        };
+        self.table.iter_mut().any(|entry| {
+            entry.is::<HostIncomingRequest>()
+                || entry.is::<HostIncomingBody>()
+                || entry.is::<HostResponseOutparam>()
+                || entry.is::<HostOutgoingResponse>()
+                || entry.is::<HostOutgoingBody>()
+        })
     }
 }
 

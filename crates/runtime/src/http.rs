@@ -1,8 +1,11 @@
 //! Serving HTTP requests with `wasi:http/proxy` components, as `wasmtime serve` does: the
 //! component is linked once, and every request gets a fresh store and instance, so nothing
-//! leaks between requests and a crash only fails its own request.
+//! leaks between requests and a crash only fails its own request. A replica whose spec asks
+//! for reuse ([`crate::Reuse`]) keeps instances that answered cleanly for its next requests
+//! instead, up to its count and its idle time, as `wasmtime serve --max-instance-reuse-count`
+//! does: an instance belongs to one replica, so to one app and one revision.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -10,9 +13,10 @@ use http::{HeaderValue, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::sync::oneshot;
 use tracing::Instrument;
+use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
-use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
+use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
 use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
@@ -37,6 +41,33 @@ struct ServiceInner {
     digest: Arc<str>,
     pre: ProxyPre<Host>,
     settings: InstanceSettings,
+    /// Instances waiting for their next request, oldest first; empty unless reuse is on.
+    idle: Mutex<Idle>,
+}
+
+#[derive(Default)]
+struct Idle {
+    instances: Vec<Reusable>,
+    /// Whether a task is dropping instances whose idle time ran out.
+    sweeping: bool,
+}
+
+impl Idle {
+    /// Drops the instances that have waited `ttl` or longer.
+    fn drop_stale(&mut self, ttl: std::time::Duration) {
+        if let Some(fresh) = Instant::now().checked_sub(ttl) {
+            let stale = self.instances.partition_point(|i| i.since <= fresh);
+            self.instances.drain(..stale);
+        }
+    }
+}
+
+/// An instance that answered cleanly, with the requests it has served.
+struct Reusable {
+    store: Store<Host>,
+    proxy: Proxy,
+    served: u32,
+    since: Instant,
 }
 
 impl std::fmt::Debug for HttpService {
@@ -62,6 +93,7 @@ impl HttpService {
                 digest,
                 pre,
                 settings,
+                idle: Mutex::default(),
             }),
         }
     }
@@ -98,7 +130,19 @@ impl HttpService {
 
         let inner = &self.inner;
         let meter = inner.settings.cpu.meter();
-        let mut store = new_store(inner.runtime.engine(), &inner.settings, meter.clone());
+        let (mut store, reused) = match self.take_idle() {
+            Some(idle) => {
+                let mut store = idle.store;
+                store
+                    .data_mut()
+                    .next_request(inner.settings.timeout, meter.clone());
+                (store, Some((idle.proxy, idle.served)))
+            }
+            None => (
+                new_store(inner.runtime.engine(), &inner.settings, meter.clone()),
+                None,
+            ),
+        };
         let (sender, receiver) = oneshot::channel::<GuestResponse>();
         let resources = {
             let mut http = store.data_mut().http();
@@ -124,23 +168,27 @@ impl HttpService {
                 let result = async {
                     // A group over its share waits before it starts, not a slice later.
                     meter.admit(deadline, false).await;
-                    let proxy = pre.instantiate_async(&mut store).await?;
+                    let (proxy, served) = match reused {
+                        Some(reused) => reused,
+                        None => (pre.instantiate_async(&mut store).await?, 0),
+                    };
                     proxy
                         .wasi_http_incoming_handler()
                         .call_handle(&mut store, guest_req, out)
-                        .await
+                        .await?;
+                    wasmtime::Result::Ok((proxy, served + 1))
                 };
                 let timeout = service.inner.settings.timeout;
                 let tick = service.inner.runtime.config().epoch_tick;
-                let failure = match with_timeout(timeout, tick, result).await {
+                match with_timeout(timeout, tick, result).await {
                     None => Some(Failure::TimedOut),
-                    Some(Ok(())) => None,
+                    Some(Ok((proxy, served))) => {
+                        service.keep(store, proxy, served);
+                        None
+                    }
                     Some(Err(e)) => Some(Failure::classify(store.data(), &e)),
-                };
-                if let Some(failure) = &failure {
-                    service.report(failure, &method, &path);
                 }
-                failure
+                .inspect(|failure| service.report(failure, &method, &path))
             }
             .instrument(span)
         }));
@@ -182,6 +230,49 @@ impl HttpService {
             "handled request"
         );
         response
+    }
+
+    /// Instances kept for reuse, waiting for a request.
+    pub fn idle_instances(&self) -> usize {
+        self.inner
+            .idle
+            .lock()
+            .expect("idle instances lock")
+            .instances
+            .len()
+    }
+
+    /// The most recently used instance still within its idle time, if reuse is on; the
+    /// ones past it go.
+    fn take_idle(&self) -> Option<Reusable> {
+        let reuse = self.inner.settings.reuse;
+        if reuse.requests <= 1 {
+            return None;
+        }
+        let mut idle = self.inner.idle.lock().expect("idle instances lock");
+        idle.drop_stale(reuse.idle);
+        idle.instances.pop()
+    }
+
+    /// Keeps an instance that answered cleanly for the next request, unless it has served
+    /// its count or kept a part of the request or response (then it is dropped).
+    fn keep(&self, mut store: Store<Host>, proxy: Proxy, served: u32) {
+        let reuse = self.inner.settings.reuse;
+        if served >= reuse.requests || store.data_mut().holds_request_parts() {
+            return;
+        }
+        let mut idle = self.inner.idle.lock().expect("idle instances lock");
+        idle.instances.push(Reusable {
+            store,
+            proxy,
+            served,
+            since: Instant::now(),
+        });
+        if !idle.sweeping {
+            idle.sweeping = true;
+            let service = Arc::downgrade(&self.inner);
+            self.inner.runtime.guests().spawn(sweep(service));
+        }
     }
 
     fn failure_response(&self, failure: &Failure) -> http::Response<ResponseBody> {
@@ -245,6 +336,30 @@ impl HttpService {
             });
         }
         settings.logs.push_system(line);
+    }
+}
+
+/// Drops the idle instances of a service as their idle time runs out, so a quiet replica
+/// holds no instance (nor its slot in the pool) for longer than that; ends when none is left
+/// or the service is gone.
+async fn sweep(service: Weak<ServiceInner>) {
+    loop {
+        let next = {
+            let Some(inner) = service.upgrade() else {
+                return;
+            };
+            let ttl = inner.settings.reuse.idle;
+            let mut idle = inner.idle.lock().expect("idle instances lock");
+            idle.drop_stale(ttl);
+            match idle.instances.first() {
+                Some(oldest) => oldest.since + ttl,
+                None => {
+                    idle.sweeping = false;
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 

@@ -24,7 +24,7 @@ mod outbound;
 mod runtime;
 
 pub use command::{Command, ExitStatus};
-pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, RuntimeConfig};
+pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, Reuse, RuntimeConfig};
 pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody, problem_response};

@@ -389,6 +389,11 @@ impl Runtime {
         if cfg.cpu.limit_millis == Some(0) {
             return Err(invalid("the CPU limit must be greater than 0".into()));
         }
+        if cfg.reuse.requests == 0 || cfg.reuse.idle.is_zero() {
+            return Err(invalid(
+                "instance reuse needs at least one request and an idle time".into(),
+            ));
+        }
         Ok(InstanceSettings {
             env: cfg.env,
             args: cfg.args,
@@ -399,6 +404,7 @@ impl Runtime {
             outbound: cfg.outbound,
             incidents: cfg.incidents,
             cpu: self.inner.cpu.join(cfg.cpu),
+            reuse: cfg.reuse,
         })
     }
 }

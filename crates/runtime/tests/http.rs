@@ -452,3 +452,103 @@ async fn killed_instances_are_reported_as_incidents() {
     assert_eq!(IncidentKind::TimedOut.reason(), "KilledByTimeout");
     assert!(seen.lock().unwrap()[1].message.contains("GET /sleep/60000"));
 }
+
+/// Faulty with instances reused for `requests` requests, idle up to `idle`, and a 300 ms
+/// timeout.
+async fn reusing(requests: u32, idle: Duration) -> (tempfile::TempDir, HttpService) {
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_millis(300)),
+        reuse: shoal_runtime::Reuse { requests, idle },
+        ..config()
+    };
+    service(shoal_fixtures::FAULTY_WASM, cfg).await
+}
+
+async fn count(service: &HttpService) -> u64 {
+    let response = service.handle(get("/count")).await;
+    assert_eq!(response.status(), 200);
+    body_text(response).await.parse().expect("a count")
+}
+
+/// Waits until `n` instances wait for a request: an instance goes back after its guest
+/// returns, a moment after the client has the whole response.
+async fn idle(service: &HttpService, n: usize) {
+    let started = Instant::now();
+    while service.idle_instances() != n {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{} idle instances, not {n}",
+            service.idle_instances()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_reused_instance_serves_its_count_and_a_failure_ends_it() {
+    let (_dir, faulty) = reusing(3, Duration::from_secs(60)).await;
+    let mut counts = Vec::new();
+    for kept in [1, 1, 0, 1] {
+        counts.push(count(&faulty).await);
+        idle(&faulty, kept).await;
+    }
+    assert_eq!(
+        counts,
+        [1, 2, 3, 1],
+        "three requests, then a fresh instance"
+    );
+
+    // A timeout, a trap or running out of memory drops the instance.
+    for (path, status) in [("/loop", 504), ("/trap", 500), ("/oom", 500)] {
+        assert_eq!(faulty.handle(get(path)).await.status(), status, "{path}");
+        idle(&faulty, 0).await;
+        assert_eq!(count(&faulty).await, 1, "after {path}");
+        idle(&faulty, 1).await;
+    }
+
+    // Two services of one component (two apps, or two revisions) never share one.
+    let runtime = runtime(_dir.path());
+    let loaded = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    let cfg = InstanceConfig {
+        reuse: shoal_runtime::Reuse {
+            requests: 100,
+            idle: Duration::from_secs(60),
+        },
+        ..config()
+    };
+    let other = runtime.http_service(&loaded, cfg).unwrap();
+    assert_eq!(count(&other).await, 1);
+    idle(&other, 1).await;
+    assert_eq!(count(&faulty).await, 2);
+    idle(&faulty, 1).await;
+    assert_eq!(count(&other).await, 2);
+}
+
+#[tokio::test]
+async fn instances_go_once_idle_for_their_time() {
+    let (_dir, faulty) = reusing(100, Duration::from_millis(100)).await;
+    assert_eq!(count(&faulty).await, 1);
+    assert_eq!(faulty.idle_instances(), 1);
+    let started = Instant::now();
+    while faulty.idle_instances() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the idle instance was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        count(&faulty).await,
+        1,
+        "a fresh instance after the idle time"
+    );
+}
+
+#[tokio::test]
+async fn without_reuse_every_request_has_a_fresh_instance() {
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    for _ in 0..3 {
+        assert_eq!(count(&faulty).await, 1);
+    }
+    assert_eq!(faulty.idle_instances(), 0);
+}

@@ -1,7 +1,9 @@
 //! `faulty`: a guest that misbehaves on request, so tests can check that the host contains it
 //! (traps, runaway loops, memory exhaustion, sandbox escapes) and that streaming, status codes,
-//! env and logs reach the client. Mounted under `/faulty` or at the root: a leading `/faulty`
-//! is stripped, so `/faulty/trap` and `/trap` do the same thing.
+//! env and logs reach the client. Mounted under `/faulty` (or `/faulty-<suffix>`, for more apps
+//! from this module) or at the root: that leading segment is stripped, so `/faulty/trap`,
+//! `/faulty-b/trap` and `/trap` do the same thing. `/count` says how many
+//! requests this instance has handled, itself included: 1 unless instances are reused.
 
 use std::io::Write as _;
 
@@ -14,6 +16,9 @@ use wasip2::http::types::{
 use wasip2::io::streams::{InputStream, OutputStream, StreamError};
 
 const MIB: usize = 1 << 20;
+
+/// Requests this instance has handled: state that a reused instance carries over.
+static HANDLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// Bounds `/net` so a black-holed network cannot hold the request for wasmtime's 600 s default.
 const NET_TIMEOUT_NS: u64 = 5_000_000_000;
 
@@ -23,16 +28,19 @@ wasip2::http::proxy::export!(Faulty);
 
 impl wasip2::exports::http::incoming_handler::Guest for Faulty {
     fn handle(request: IncomingRequest, out: ResponseOutparam) {
+        let handled = HANDLED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         let target = request.path_with_query().unwrap_or_else(|| "/".into());
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        // The mount point: `/faulty`, or `/faulty-b` for a second app from this module.
         let path = match path.strip_prefix("/faulty") {
-            Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
-            _ => path,
+            Some(rest) => rest.find('/').map_or("", |at| &rest[at..]),
+            None => path,
         };
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
 
         match segments.as_slice() {
             ["trap"] => panic!("faulty: trap requested"),
+            ["count"] => respond(out, 200, handled.to_string().as_bytes()),
             ["loop"] => spin_forever(),
             ["oom"] => exhaust_memory(out),
             ["echo"] => echo(request, out),
