@@ -17,7 +17,7 @@ guests:
 	cargo build --release --locked --target wasm32-wasip2 --manifest-path examples/Cargo.toml
 
 # Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
-# memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours,
+# memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours, instance reuse,
 # scheduler throughput. Needs wasmtime 48 (wrk is installed from Debian if missing).
 bench: guests
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
@@ -26,6 +26,7 @@ bench: guests
 	cargo bench --bench lifecycle
 	cargo bench --bench elasticity
 	cargo bench --bench neighbours
+	cargo bench --bench reuse
 	cargo bench -p shoal-scheduler
 
 lint:
