@@ -64,9 +64,10 @@ async fn a_hard_limit_throttles_a_spinning_guest_even_alone() {
 }
 
 #[tokio::test]
-async fn spinning_groups_share_the_guest_thread_by_weight() {
+async fn spinning_groups_share_the_batch_thread_by_weight() {
     let dir = tempfile::tempdir().unwrap();
-    // One guest thread: every guest competes for it, whatever the machine.
+    // One guest thread and one batch thread: the spinners compete for the batch one (where
+    // they move after their first 2 ms), whatever the machine.
     let runtime = runtime_with_threads(dir.path(), 1);
     let timeout = Duration::from_millis(1500);
     let light = spinner(&runtime, CpuShare::new("light", 100), timeout).await;
