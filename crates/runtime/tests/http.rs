@@ -528,7 +528,7 @@ async fn a_reused_instance_serves_its_count_and_a_failure_ends_it() {
 async fn instances_go_once_idle_for_their_time() {
     let (_dir, faulty) = reusing(100, Duration::from_millis(100)).await;
     assert_eq!(count(&faulty).await, 1);
-    assert_eq!(faulty.idle_instances(), 1);
+    idle(&faulty, 1).await;
     let started = Instant::now();
     while faulty.idle_instances() > 0 {
         assert!(
