@@ -13,7 +13,8 @@ use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::problem::ErrorCode;
@@ -817,7 +818,9 @@ impl Body for Guarded {
     }
 }
 
-/// Accepts connections forever, serving each with HTTP/1.1 keep-alive.
+/// Accepts connections forever, serving each with HTTP/1.1 keep-alive or, for a client that
+/// starts with HTTP/2's preface (h2c with prior knowledge, as gRPC clients and load balancers
+/// do in plain text), HTTP/2 with its requests multiplexed on the one connection.
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -836,11 +839,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 let gateway = gateway.clone();
                 async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let mut server = auto::Builder::new(TokioExecutor::new());
+            server.http1().keep_alive(true);
+            if let Err(e) = server.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
             }
         });

@@ -1,0 +1,71 @@
+//! The listener speaks HTTP/1.1 and, to a client that opens with HTTP/2's preface (h2c with
+//! prior knowledge), HTTP/2: many requests multiplexed on one connection, same routing.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{StatusCode, Version};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use shoal_core::Route;
+use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_carries_many_requests_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = Gateway::new(GatewayConfig::default());
+    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
+    let hello = service(
+        &runtime,
+        shoal_fixtures::HELLO_WASM,
+        instance(&[("GREETING", "hi")]),
+    )
+    .await;
+    gateway.add_endpoint(
+        app("hello"),
+        Endpoint::local("hello-1".into(), 1, hello, 64),
+    );
+    let addr = serve(&gateway).await;
+
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("an HTTP/2 connection");
+    tokio::spawn(connection);
+    // All in flight at once, on the one connection.
+    let requests: Vec<_> = (0..20)
+        .map(|i| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move {
+                let request = http::Request::get(format!("http://{addr}/hello?n={i}"))
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                let response = sender.send_request(request).await.expect("a response");
+                let (version, status) = (response.version(), response.status());
+                let body = response.into_body().collect().await.unwrap().to_bytes();
+                (version, status, String::from_utf8_lossy(&body).to_string())
+            })
+        })
+        .collect();
+    for request in requests {
+        let (version, status, body) = request.await.unwrap();
+        assert_eq!((version, status), (Version::HTTP_2, StatusCode::OK));
+        assert_eq!(body, "hi\n");
+    }
+    let missing = http::Request::get(format!("http://{addr}/nowhere"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut sender = sender.clone();
+    assert_eq!(
+        sender.send_request(missing).await.unwrap().status(),
+        StatusCode::NOT_FOUND
+    );
+
+    // HTTP/1.1 clients on the same listener are served as before.
+    let reply = HttpClient::new().get(&format!("http://{addr}/hello")).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "hi\n");
+}
