@@ -473,15 +473,12 @@ async fn count(service: &HttpService) -> u64 {
 /// Waits until `n` instances wait for a request: an instance goes back after its guest
 /// returns, a moment after the client has the whole response.
 async fn idle(service: &HttpService, n: usize) {
-    let started = Instant::now();
-    while service.idle_instances() != n {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{} idle instances, not {n}",
-            service.idle_instances()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        &format!("{n} idle instances"),
+        || service.idle_instances() == n,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -529,14 +526,7 @@ async fn instances_go_once_idle_for_their_time() {
     let (_dir, faulty) = reusing(100, Duration::from_millis(100)).await;
     assert_eq!(count(&faulty).await, 1);
     idle(&faulty, 1).await;
-    let started = Instant::now();
-    while faulty.idle_instances() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the idle instance was never dropped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    idle(&faulty, 0).await;
     assert_eq!(
         count(&faulty).await,
         1,

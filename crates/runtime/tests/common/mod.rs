@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -76,4 +77,13 @@ pub async fn error_body(response: http::Response<ResponseBody>) -> ErrorBody {
         .unwrap_or_else(|e| panic!("not a Shoal error body ({e}): {text}"));
     assert_eq!(status, body.status(), "the status is the code's: {text}");
     body
+}
+
+/// Polls `check` until it holds, failing the test after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
