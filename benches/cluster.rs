@@ -8,17 +8,12 @@ mod common;
 #[path = "support/wrk.rs"]
 mod wrk;
 
+use wrk::env_or;
+
 use common::{NodeProc, Server, examples, poll, write_spec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn spec(dir: &std::path::Path, name: &str, replicas: u32) -> String {
     let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))

@@ -6,41 +6,19 @@
 //! Knobs: `BENCH_SECONDS` (default 10), `BENCH_CONNECTIONS` (default 32).
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 #[path = "support/proc.rs"]
 mod proc;
 #[path = "support/wrk.rs"]
 mod wrk;
 
-use std::process::{Child, Command, Stdio};
+use proc::{Proc, free_port};
+use wrk::env_or;
+
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const SHOAL: &str = env!("CARGO_BIN_EXE_shoal");
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()

@@ -7,10 +7,13 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/wrk.rs"]
+mod wrk;
 
 use common::{Load, LoadResult, NodeProc, Server, cluster, faulty_spec, poll};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use wrk::env_or;
 
 const REPLICAS: u32 = 20;
 const READINESS: &str =
@@ -21,13 +24,6 @@ const DEADLINE: &str = "[rollout]\nprogress_deadline = \"5s\"\n";
 const LIVENESS: &str =
     "[health.liveness]\npath = \"/healthz\"\nperiod = \"100ms\"\nfailure_threshold = 2\n";
 const SICK: &str = "NODE = \"$(node)\"\nSICK_NODE = \"node-1\"";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn now_ms() -> u64 {
     SystemTime::now()

@@ -13,18 +13,13 @@ mod common;
 #[path = "support/wrk.rs"]
 mod wrk;
 
+use wrk::{env_or, millis};
+
 use common::{Cluster, examples, poll};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// `max_concurrency` as the faulty example's spec sets it.
 fn max_concurrency(spec: &str) -> usize {
@@ -34,20 +29,6 @@ fn max_concurrency(spec: &str) -> usize {
         .find_map(|l| l.trim().strip_prefix("max_concurrency"))
         .and_then(|rest| rest.trim_start_matches([' ', '=']).trim().parse().ok())
         .expect("max_concurrency in the faulty example")
-}
-
-/// wrk's latency (`950.00us`, `4.95ms`, `1.02s`) in milliseconds.
-fn millis(text: &str) -> f64 {
-    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
-        (n, 1e-3)
-    } else if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1e3)
-    } else {
-        (text, f64::NAN)
-    };
-    number.parse::<f64>().map_or(f64::NAN, |n| n * scale)
 }
 
 /// Keeps `n` requests to `/faulty/loop` in flight until stopped.

@@ -9,41 +9,21 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/proc.rs"]
+mod proc;
 #[path = "support/wrk.rs"]
 mod wrk;
 
+use proc::{Proc, free_port};
+use wrk::{env_or, millis};
+
 use common::{Cluster, examples, poll, write_spec};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Requests per instance on the reusing side of both servers (`wasmtime serve`'s default
 /// for p3 components).
 const REUSE: u32 = 128;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Kills the child when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A load of `url` after a warm-up of a few seconds.
 fn measure(url: &str, seconds: u64, connections: u64) -> wrk::Wrk {
@@ -109,17 +89,6 @@ fn wasmtime(reuse: u32) -> (Proc, String) {
     });
     assert!(up, "wasmtime serve never answered on {url}");
     (Proc(child), url)
-}
-
-fn millis(text: &str) -> f64 {
-    let unit = text.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
-    let value: f64 = text[..text.len() - unit.len()].parse().unwrap_or(f64::NAN);
-    match unit {
-        "us" => value / 1e3,
-        "ms" => value,
-        "s" => value * 1e3,
-        _ => f64::NAN,
-    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

@@ -1,4 +1,28 @@
-//! What a benchmark reads of a process it started.
+//! The processes a benchmark starts: a free port for them, killing them when done, and what
+//! it reads of them.
+
+#![allow(dead_code, reason = "each bench uses a different subset")]
+
+use std::process::Child;
+
+/// Kills the child when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// Resident memory of process `pid`, in MB, from `/proc/PID/status`.
 pub fn rss_mb(pid: u32) -> f64 {

@@ -1,5 +1,7 @@
-//! Runs `wrk` (the load generator both sides of a comparison share) and
-//! reads its summary.
+//! Runs `wrk` (the load generator both sides of a comparison share) and reads its summary,
+//! and the knobs benchmarks read from the environment.
+
+#![allow(dead_code, reason = "each bench uses a different subset")]
 
 use std::process::Command;
 
@@ -46,4 +48,26 @@ pub fn run(url: &str, seconds: u64, connections: u64) -> Wrk {
             errors
         },
     }
+}
+
+/// wrk's latency (`950.00us`, `4.95ms`, `1.02s`) in milliseconds.
+pub fn millis(text: &str) -> f64 {
+    let (number, scale) = if let Some(n) = text.strip_suffix("us") {
+        (n, 1e-3)
+    } else if let Some(n) = text.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1e3)
+    } else {
+        (text, f64::NAN)
+    };
+    number.parse::<f64>().map_or(f64::NAN, |n| n * scale)
+}
+
+/// The number in environment variable `name` (a bench's knob), or `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
