@@ -184,7 +184,7 @@ fn object_of(kv: &KeyValue) -> Result<Object, ControlError> {
 }
 
 /// Which object a store key names: the layout of [`keys`], read back.
-fn key_of(key: &str) -> Option<ObjectKey> {
+pub(crate) fn key_of(key: &str) -> Option<ObjectKey> {
     let app = |path: &str| {
         let (namespace, name) = path.split_once('/')?;
         Some(AppKey::new(namespace, name))

@@ -6,7 +6,9 @@
 //! the mirror says its decisions were made on.
 
 use crate::error::ControlError;
+use crate::link::key_of;
 use crate::state::decode;
+use shoal_api::ObjectKey;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
 use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
@@ -134,48 +136,41 @@ impl Mirror {
     /// delete carries no value).
     fn delete(&mut self, key: &str) {
         let w = &mut self.world;
-        if let Some(rest) = key.strip_prefix(keys::APPS.as_str()) {
-            if let Some(k) = app_key(rest) {
-                w.apps.remove(&k);
-                self.changes.apps.insert(k);
+        if let Some(node) = key.strip_prefix(keys::LEASES.as_str()) {
+            w.leases.remove(node);
+            return;
+        }
+        let app = match key_of(key) {
+            None => return,
+            Some(ObjectKey::Node(name)) => {
+                w.nodes.remove(&name);
+                self.changes.nodes = true;
+                return;
             }
-        } else if let Some(rest) = key.strip_prefix(keys::REVISIONS.as_str()) {
-            if let Some((app, number)) = rest.rsplit_once('/')
-                && let (Some(k), Ok(n)) = (app_key(app), number.parse::<u64>())
-            {
-                w.revisions.remove(&(k.clone(), n));
-                self.changes.apps.insert(k);
+            Some(ObjectKey::App(app)) => {
+                w.apps.remove(&app);
+                app
             }
-        } else if let Some(rest) = key.strip_prefix(keys::REPLICAS.as_str()) {
-            if let Some((app, id)) = rest.rsplit_once('/')
-                && let Some(k) = app_key(app)
-            {
-                if let Some(replicas) = w.replicas.get_mut(&k) {
-                    replicas.remove(id);
+            Some(ObjectKey::Revision { app, number }) => {
+                w.revisions.remove(&(app.clone(), number));
+                app
+            }
+            Some(ObjectKey::Replica { app, id }) => {
+                if let Some(replicas) = w.replicas.get_mut(&app) {
+                    replicas.remove(&id);
                     if replicas.is_empty() {
-                        w.replicas.remove(&k);
+                        w.replicas.remove(&app);
                     }
                 }
-                self.changes.apps.insert(k);
+                app
             }
-        } else if let Some(rest) = key.strip_prefix(keys::ROLLOUTS.as_str()) {
-            if let Some(k) = app_key(rest) {
-                w.rollouts.remove(&k);
-                self.changes.apps.insert(k);
+            Some(ObjectKey::Rollout(app)) => {
+                w.rollouts.remove(&app);
+                app
             }
-        } else if let Some(name) = key.strip_prefix(keys::NODES.as_str()) {
-            w.nodes.remove(name);
-            self.changes.nodes = true;
-        } else if let Some(name) = key.strip_prefix(keys::LEASES.as_str()) {
-            w.leases.remove(name);
-        }
+        };
+        self.changes.apps.insert(app);
     }
-}
-
-/// `namespace/name` (names never hold a `/`).
-fn app_key(path: &str) -> Option<AppKey> {
-    let (namespace, name) = path.split_once('/')?;
-    Some(AppKey::new(namespace, name))
 }
 
 #[cfg(test)]
