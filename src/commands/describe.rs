@@ -171,8 +171,8 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         println!("Timeout:      {} ms", h.timeout_ms);
         if h.reuse > 1 {
             println!(
-                "Reuse:        {} requests per instance, idle up to {} ms",
-                h.reuse, h.reuse_idle_ms
+                "Reuse:        {} requests per instance, idle up to {} ms, {} at once (p3)",
+                h.reuse, h.reuse_idle_ms, h.reuse_concurrent
             );
         }
     }

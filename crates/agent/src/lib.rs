@@ -480,6 +480,7 @@ impl Agent {
             reuse: Reuse {
                 requests: t.reuse,
                 idle: Duration::from_millis(t.reuse_idle_ms),
+                concurrent: t.reuse_concurrent,
             },
         };
         match t.component.kind {

@@ -181,10 +181,32 @@ pub struct HttpSpec {
         skip_serializing_if = "is_default_reuse_idle"
     )]
     pub reuse_idle_ms: u64,
+    /// Requests one reused WASIp3 instance serves at once (`reuse_concurrent`); p2 instances
+    /// serve one at a time whatever it says.
+    #[serde(
+        default = "default_reuse_concurrent",
+        skip_serializing_if = "is_default_reuse_concurrent"
+    )]
+    pub reuse_concurrent: u32,
 }
 
 /// Requests per instance at most (`[http] reuse`).
 pub const MAX_REUSE: u32 = 100_000;
+
+/// Requests one p3 instance serves at once unless `reuse_concurrent` says: `wasmtime serve`'s
+/// default for p3 components.
+pub const DEFAULT_REUSE_CONCURRENT: u32 = 16;
+
+/// Requests one p3 instance serves at once at most (`[http] reuse_concurrent`).
+pub const MAX_REUSE_CONCURRENT: u32 = 1_000;
+
+fn default_reuse_concurrent() -> u32 {
+    DEFAULT_REUSE_CONCURRENT
+}
+
+fn is_default_reuse_concurrent(n: &u32) -> bool {
+    *n == DEFAULT_REUSE_CONCURRENT
+}
 
 /// How long a reusable instance waits for its next request unless `reuse_idle` says.
 pub const DEFAULT_REUSE_IDLE_MS: u64 = 10_000;
@@ -892,7 +914,8 @@ pub struct Template {
     pub component: ComponentSpec,
     pub resources: Resources,
     pub timeout_ms: u64,
-    /// `[http] reuse` and `reuse_idle`: how the replica's instances serve requests.
+    /// `[http] reuse`, `reuse_idle` and `reuse_concurrent`: how the replica's instances
+    /// serve requests.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub reuse: u32,
     #[serde(
@@ -900,6 +923,11 @@ pub struct Template {
         skip_serializing_if = "is_default_reuse_idle"
     )]
     pub reuse_idle_ms: u64,
+    #[serde(
+        default = "default_reuse_concurrent",
+        skip_serializing_if = "is_default_reuse_concurrent"
+    )]
+    pub reuse_concurrent: u32,
     pub env: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
@@ -950,6 +978,10 @@ impl Template {
         check(self.timeout_ms != old.timeout_ms, "http.timeout");
         check(self.reuse != old.reuse, "http.reuse");
         check(self.reuse_idle_ms != old.reuse_idle_ms, "http.reuse_idle");
+        check(
+            self.reuse_concurrent != old.reuse_concurrent,
+            "http.reuse_concurrent",
+        );
         let names: BTreeSet<&String> = self.env.keys().chain(old.env.keys()).collect();
         for name in names {
             check(
@@ -985,6 +1017,7 @@ impl AppSpec {
             http.timeout_ms = template.timeout_ms;
             http.reuse = template.reuse;
             http.reuse_idle_ms = template.reuse_idle_ms;
+            http.reuse_concurrent = template.reuse_concurrent;
         }
         spec
     }
@@ -999,6 +1032,10 @@ impl AppSpec {
                 .http
                 .as_ref()
                 .map_or(DEFAULT_REUSE_IDLE_MS, |h| h.reuse_idle_ms),
+            reuse_concurrent: self
+                .http
+                .as_ref()
+                .map_or(DEFAULT_REUSE_CONCURRENT, |h| h.reuse_concurrent),
             env: self.env.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
@@ -1107,6 +1144,9 @@ impl AppSpec {
                 }
                 if h.reuse_idle_ms == 0 {
                     return field("http.reuse_idle", "must be greater than 0".into());
+                }
+                if let Err(m) = check_reuse_concurrent(h.reuse_concurrent) {
+                    return field("http.reuse_concurrent", m);
                 }
             }
             (None, _) => {}
@@ -1728,6 +1768,7 @@ struct RawHttp {
     timeout: Option<Spanned<String>>,
     reuse: Option<Spanned<i64>>,
     reuse_idle: Option<Spanned<String>>,
+    reuse_concurrent: Option<Spanned<i64>>,
 }
 
 /// `[http] reuse`: 1 (a fresh instance per request) to [`MAX_REUSE`].
@@ -1737,6 +1778,14 @@ fn check_reuse(n: impl Into<i64>) -> Result<u32, String> {
         _ => Err(format!(
             "must be 1 (a fresh instance per request) to {MAX_REUSE}"
         )),
+    }
+}
+
+/// `[http] reuse_concurrent`: 1 to [`MAX_REUSE_CONCURRENT`].
+fn check_reuse_concurrent(n: impl Into<i64>) -> Result<u32, String> {
+    match u32::try_from(n.into()) {
+        Ok(n @ 1..=MAX_REUSE_CONCURRENT) => Ok(n),
+        _ => Err(format!("must be 1 to {MAX_REUSE_CONCURRENT}")),
     }
 }
 
@@ -1879,11 +1928,20 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 }
                 None => DEFAULT_REUSE_IDLE_MS,
             };
+            let reuse_concurrent = match &hr.reuse_concurrent {
+                Some(n) => {
+                    spans.insert("http.reuse_concurrent", n.span());
+                    check_reuse_concurrent(*n.get_ref())
+                        .map_err(|m| fail("http.reuse_concurrent", m, n.span()))?
+                }
+                None => DEFAULT_REUSE_CONCURRENT,
+            };
             Some(HttpSpec {
                 routes,
                 timeout_ms,
                 reuse,
                 reuse_idle_ms,
+                reuse_concurrent,
             })
         }
         // No routes: reachable only by service name from other apps.
@@ -1892,6 +1950,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             timeout_ms: DEFAULT_TIMEOUT_MS,
             reuse: 1,
             reuse_idle_ms: DEFAULT_REUSE_IDLE_MS,
+            reuse_concurrent: DEFAULT_REUSE_CONCURRENT,
         }),
         None => None,
     };
@@ -2227,6 +2286,23 @@ A = "1"
 
         let e = err(&HELLO.replace("timeout = \"5s\"", "reuse = 0"));
         assert_eq!(e.field.as_deref(), Some("http.reuse"));
+        assert_eq!(e.line, Some(18));
+
+        let concurrent = resolve(&HELLO.replace(
+            "timeout = \"5s\"",
+            "timeout = \"5s\"\nreuse = 128\nreuse_concurrent = 4",
+        ));
+        let c = concurrent.template();
+        assert_eq!(
+            (c.reuse_concurrent, t.reuse_concurrent),
+            (4, DEFAULT_REUSE_CONCURRENT)
+        );
+        assert_eq!(
+            c.changed_fields(&t),
+            ["http.reuse_idle", "http.reuse_concurrent"]
+        );
+        let e = err(&HELLO.replace("timeout = \"5s\"", "reuse_concurrent = 1001"));
+        assert_eq!(e.field.as_deref(), Some("http.reuse_concurrent"));
         assert_eq!(e.line, Some(18));
     }
 

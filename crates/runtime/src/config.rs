@@ -70,14 +70,16 @@ pub struct InstanceConfig {
     pub reuse: Reuse,
 }
 
-/// How an HTTP component's instances serve requests: `requests` one after another (1: a fresh
+/// How an HTTP component's instances serve requests: `requests` in their life (1: a fresh
 /// instance per request, the default), each kept at most `idle` between two of them. A reused
 /// instance keeps its memory, so a guest must accept that state carries over; one that traps,
 /// times out, runs out of memory or leaves any part of a request or response behind is dropped.
+/// A p2 instance serves its requests one after another; a p3 one up to `concurrent` at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reuse {
     pub requests: u32,
     pub idle: Duration,
+    pub concurrent: u32,
 }
 
 impl Default for Reuse {
@@ -85,6 +87,7 @@ impl Default for Reuse {
         Reuse {
             requests: 1,
             idle: Duration::from_secs(10),
+            concurrent: 16,
         }
     }
 }

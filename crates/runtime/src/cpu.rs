@@ -764,6 +764,12 @@ impl TaskMeter {
         });
     }
 
+    /// Forgets the CPU used so far for the move to the batch threads: a p3 worker serving one
+    /// request after another is as short as its requests, not as long as its life.
+    pub(crate) fn reset_cpu(&self) {
+        self.cpu.store(0, Ordering::Relaxed);
+    }
+
     /// Charges the current poll up to now: called by the epoch callback at a slice boundary.
     pub(crate) fn mark_slice(&self) {
         let scheduler = self.scheduler();

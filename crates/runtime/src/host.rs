@@ -70,6 +70,21 @@ impl Host {
         self.meter = meter;
     }
 
+    /// Moves the deadline out to `deadline` if that is later: a p3 instance serving several
+    /// requests at once runs until the last of them is out of time.
+    pub(crate) fn extend_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = match (self.deadline, deadline) {
+            (Some(current), Some(new)) => Some(current.max(new)),
+            _ => None,
+        };
+    }
+
+    /// Records that the guest was stopped for running out of time outside the epoch
+    /// callback (blocked where no epoch check happens).
+    pub(crate) fn mark_timed_out(&mut self) {
+        self.timed_out = true;
+    }
+
     /// Whether the guest kept any part of a request or response past the call that handled
     /// it: an instance that did cannot serve another.
     pub(crate) fn holds_request_parts(&mut self) -> bool {
@@ -221,7 +236,7 @@ pub(crate) fn new_store(
 }
 
 /// How a guest's execution ended when it did not end normally.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Failure {
     TimedOut,
     OutOfMemory,

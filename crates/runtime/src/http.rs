@@ -1,9 +1,10 @@
-//! Serving HTTP requests with `wasi:http/proxy` components, as `wasmtime serve` does: the
-//! component is linked once, and every request gets a fresh store and instance, so nothing
-//! leaks between requests and a crash only fails its own request. A replica whose spec asks
-//! for reuse ([`crate::Reuse`]) keeps instances that answered cleanly for its next requests
-//! instead, up to its count and its idle time, as `wasmtime serve --max-instance-reuse-count`
-//! does: an instance belongs to one replica, so to one app and one revision.
+//! Serving HTTP requests with `wasi:http` components, as `wasmtime serve` does. A p2
+//! (`wasi:http/proxy`) component is linked once, and every request gets a fresh store and
+//! instance, so nothing leaks between requests and a crash only fails its own request. A
+//! replica whose spec asks for reuse ([`crate::Reuse`]) keeps instances that answered cleanly
+//! for its next requests instead, up to its count and its idle time, as `wasmtime serve
+//! --max-instance-reuse-count` does: an instance belongs to one replica, so to one app and one
+//! revision. A p3 (`wasi:http/handler@0.3`) component is served by workers ([`crate::p3`]).
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
@@ -15,6 +16,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 use wasmtime::Store;
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::handler::ExpirationError;
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 
@@ -22,6 +24,7 @@ use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
 use crate::cpu::Metered;
 use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
+use crate::p3::{Ended, Job, Workers};
 use crate::runtime::Runtime;
 use shoal_core::problem::{self, ErrorBody};
 
@@ -29,7 +32,7 @@ use shoal_core::problem::{self, ErrorBody};
 /// Shoal's JSON error body ([`problem_response`]).
 pub type ResponseBody = wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
-/// A linked `wasi:http/proxy` component with its instance settings. Cheap to clone; share it
+/// A linked `wasi:http` component with its instance settings. Cheap to clone; share it
 /// across connections.
 #[derive(Clone)]
 pub struct HttpService {
@@ -39,14 +42,30 @@ pub struct HttpService {
 struct ServiceInner {
     runtime: Runtime,
     digest: Arc<str>,
-    pre: ProxyPre<Host>,
-    settings: InstanceSettings,
-    /// Instances waiting for their next request, oldest first; empty unless reuse is on.
-    idle: Mutex<Idle>,
+    settings: Arc<InstanceSettings>,
+    backend: Backend,
+}
+
+/// How the component is served: the WASI version it targets decides.
+pub(crate) enum Backend {
+    P2 {
+        pre: ProxyPre<Host>,
+        /// Instances waiting for their next request, oldest first; empty unless reuse is on.
+        idle: Mutex<Idle>,
+    },
+    P3(Arc<Workers>),
+}
+
+impl Drop for ServiceInner {
+    fn drop(&mut self) {
+        if let Backend::P3(workers) = &self.backend {
+            workers.close();
+        }
+    }
 }
 
 #[derive(Default)]
-struct Idle {
+pub(crate) struct Idle {
     instances: Vec<Reusable>,
     /// Whether a task is dropping instances whose idle time ran out.
     sweeping: bool,
@@ -81,7 +100,7 @@ impl std::fmt::Debug for HttpService {
 type GuestResponse = Result<http::Response<ResponseBody>, ErrorCode>;
 
 impl HttpService {
-    pub(crate) fn new(
+    pub(crate) fn p2(
         runtime: Runtime,
         digest: Arc<str>,
         pre: ProxyPre<Host>,
@@ -91,9 +110,28 @@ impl HttpService {
             inner: Arc::new(ServiceInner {
                 runtime,
                 digest,
-                pre,
+                settings: Arc::new(settings),
+                backend: Backend::P2 {
+                    pre,
+                    idle: Mutex::default(),
+                },
+            }),
+        }
+    }
+
+    pub(crate) fn p3(
+        runtime: Runtime,
+        digest: Arc<str>,
+        pre: wasmtime_wasi_http::p3::bindings::ServicePre<Host>,
+        settings: InstanceSettings,
+    ) -> HttpService {
+        let settings = Arc::new(settings);
+        HttpService {
+            inner: Arc::new(ServiceInner {
+                backend: Backend::P3(Workers::new(runtime.clone(), pre, settings.clone())),
+                runtime,
+                digest,
                 settings,
-                idle: Mutex::default(),
             }),
         }
     }
@@ -102,10 +140,10 @@ impl HttpService {
         &self.inner.digest
     }
 
-    /// Runs one request in a fresh instance. Never fails: whatever goes wrong in the guest
-    /// becomes a 5xx in Shoal's JSON error shape (`timeout` 504, `at_capacity` 503 when the
-    /// instance pool is full, `guest_trapped` / `out_of_memory` / `guest_failed` 500), is
-    /// logged, and is written to the replica's logs.
+    /// Runs one request in an instance of the component. Never fails: whatever goes wrong in
+    /// the guest becomes a 5xx in Shoal's JSON error shape (`timeout` 504, `at_capacity` 503
+    /// when the instance pool is full, `guest_trapped` / `out_of_memory` / `guest_failed`
+    /// 500), is logged, and is written to the replica's logs.
     ///
     /// Bodies stream both ways. The guest runs on the runtime's guest threads, not the
     /// caller's, metered for its CPU group, and keeps running there after it sent the
@@ -127,7 +165,32 @@ impl HttpService {
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.to_string());
         let started = Instant::now();
+        let response = match &self.inner.backend {
+            Backend::P2 { pre, .. } => self.handle_p2(pre, req, &method, &path).await,
+            Backend::P3(workers) => self.handle_p3(workers, req, &method, &path).await,
+        };
+        tracing::debug!(
+            digest = %self.digest(),
+            %method,
+            %path,
+            status = response.status().as_u16(),
+            elapsed = ?started.elapsed(),
+            "handled request"
+        );
+        response
+    }
 
+    async fn handle_p2<B>(
+        &self,
+        pre: &ProxyPre<Host>,
+        req: http::Request<B>,
+        method: &http::Method,
+        path: &str,
+    ) -> http::Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
         let inner = &self.inner;
         let meter = inner.settings.cpu.meter();
         let (mut store, reused) = match self.take_idle() {
@@ -157,12 +220,12 @@ impl HttpService {
             }
         };
 
-        let pre = inner.pre.clone();
+        let pre = pre.clone();
         let span = tracing::debug_span!("request", digest = %self.digest(), %method, %path);
         let task = inner.runtime.guests().spawn(Metered::new(meter.clone(), {
             let service = self.clone();
             let method = method.clone();
-            let path = path.clone();
+            let path = path.to_string();
             async move {
                 let deadline = store.data().deadline();
                 let result = async {
@@ -193,7 +256,7 @@ impl HttpService {
             .instrument(span)
         }));
 
-        let response = match receiver.await {
+        match receiver.await {
             Ok(Ok(response)) => response,
             Ok(Err(code)) => {
                 tracing::debug!(%method, %path, ?code, "guest answered with an error code");
@@ -220,36 +283,74 @@ impl HttpService {
                     problem_response(problem::ErrorCode::Internal, "internal error")
                 }
             },
+        }
+    }
+
+    /// Queues the request for the replica's p3 workers and waits for their answer.
+    async fn handle_p3<B>(
+        &self,
+        workers: &Arc<Workers>,
+        req: http::Request<B>,
+        method: &http::Method,
+        path: &str,
+    ) -> http::Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        let (reply, receiver) = futures::channel::oneshot::channel();
+        let ended = Arc::new(Ended::default());
+        workers.submit(Job {
+            request: req.map(|body| body.map_err(Into::into).boxed_unsync()),
+            reply,
+            ended: ended.clone(),
+        });
+        let failure = match receiver.await {
+            Ok(Ok(response)) => return response,
+            Ok(Err(e)) if e.is::<ExpirationError>() => Failure::TimedOut,
+            Ok(Err(e)) => {
+                use wasmtime_wasi_http::p3::bindings::http::types::ErrorCode as P3ErrorCode;
+                if let Some(code) = e.downcast_ref::<P3ErrorCode>() {
+                    tracing::debug!(%method, %path, ?code, "guest answered with an error code");
+                    return problem_response(
+                        problem::ErrorCode::GuestFailed,
+                        &format!("guest failed the request: {code:?}"),
+                    );
+                }
+                // A trap: the worker ends with it, and knows why (memory, time, a trap).
+                ended
+                    .wait()
+                    .await
+                    .unwrap_or_else(|| Failure::Failed(format!("{e:#}")))
+            }
+            // The instance went before it answered.
+            Err(_) => ended.wait().await.unwrap_or_else(|| {
+                Failure::Failed("the instance ended without answering".to_string())
+            }),
         };
-        tracing::debug!(
-            digest = %self.digest(),
-            %method,
-            %path,
-            status = response.status().as_u16(),
-            elapsed = ?started.elapsed(),
-            "handled request"
-        );
-        response
+        self.report(&failure, method, path);
+        self.failure_response(&failure)
     }
 
     /// Instances kept for reuse, waiting for a request.
     pub fn idle_instances(&self) -> usize {
-        self.inner
-            .idle
-            .lock()
-            .expect("idle instances lock")
-            .instances
-            .len()
+        match &self.inner.backend {
+            Backend::P2 { idle, .. } => idle.lock().expect("idle instances lock").instances.len(),
+            Backend::P3(workers) => workers.idle(),
+        }
     }
 
     /// The most recently used instance still within its idle time, if reuse is on; the
     /// ones past it go.
     fn take_idle(&self) -> Option<Reusable> {
         let reuse = self.inner.settings.reuse;
+        let Backend::P2 { idle, .. } = &self.inner.backend else {
+            return None;
+        };
         if reuse.requests <= 1 {
             return None;
         }
-        let mut idle = self.inner.idle.lock().expect("idle instances lock");
+        let mut idle = idle.lock().expect("idle instances lock");
         idle.drop_stale(reuse.idle);
         idle.instances.pop()
     }
@@ -258,10 +359,13 @@ impl HttpService {
     /// its count or kept a part of the request or response (then it is dropped).
     fn keep(&self, mut store: Store<Host>, proxy: Proxy, served: u32) {
         let reuse = self.inner.settings.reuse;
+        let Backend::P2 { idle, .. } = &self.inner.backend else {
+            return;
+        };
         if served >= reuse.requests || store.data_mut().holds_request_parts() {
             return;
         }
-        let mut idle = self.inner.idle.lock().expect("idle instances lock");
+        let mut idle = idle.lock().expect("idle instances lock");
         idle.instances.push(Reusable {
             store,
             proxy,
@@ -349,7 +453,10 @@ async fn sweep(service: Weak<ServiceInner>) {
                 return;
             };
             let ttl = inner.settings.reuse.idle;
-            let mut idle = inner.idle.lock().expect("idle instances lock");
+            let Backend::P2 { idle, .. } = &inner.backend else {
+                return;
+            };
+            let mut idle = idle.lock().expect("idle instances lock");
             idle.drop_stale(ttl);
             match idle.instances.first() {
                 Some(oldest) => oldest.since + ttl,

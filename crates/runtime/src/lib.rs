@@ -21,6 +21,7 @@ mod host;
 mod http;
 mod logs;
 mod outbound;
+mod p3;
 mod runtime;
 
 pub use command::{Command, ExitStatus};

@@ -168,9 +168,13 @@ impl Runtime {
         let engine =
             Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
 
+        // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
+        // built with Rust's std imports p2 interfaces too.
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
             .map_err(|e| RuntimeError::Engine(format!("cannot set up the WASI linker: {e:#}")))?;
 
         let artifact_dir = config.cache_dir.join(cache::engine_dir_name(&engine));
@@ -290,15 +294,16 @@ impl Runtime {
             .map_err(|e| RuntimeError::Internal(format!("compilation task failed: {e}")))?
     }
 
-    /// An HTTP service for `loaded`: links it once, then serves each request with a fresh
-    /// instance. Fails if the component is not a `wasi:http/proxy` or needs imports Shoal
-    /// does not provide.
+    /// An HTTP service for `loaded`: links it once, then serves requests with instances of
+    /// it. Fails if the component is neither a p2 `wasi:http/proxy` nor a p3
+    /// `wasi:http/service`, or needs imports Shoal does not provide.
     pub fn http_service(
         &self,
         loaded: &Loaded,
         cfg: InstanceConfig,
     ) -> Result<HttpService, RuntimeError> {
-        if !loaded.exports_interface("wasi:http/incoming-handler@0.2") {
+        let p3 = loaded.exports_interface("wasi:http/handler@0.3");
+        if !p3 && !loaded.exports_interface("wasi:http/incoming-handler@0.2") {
             return Err(RuntimeError::NotHttp {
                 digest: loaded.digest().to_string(),
                 exports: loaded.exports_list(),
@@ -306,14 +311,15 @@ impl Runtime {
         }
         let settings = self.settings(loaded, cfg)?;
         let pre = self.instantiate_pre(loaded)?;
+        let digest = loaded.digest.clone();
+        if p3 {
+            let pre = wasmtime_wasi_http::p3::bindings::ServicePre::new(pre)
+                .map_err(|e| link_error(loaded, &e))?;
+            return Ok(HttpService::p3(self.clone(), digest, pre, settings));
+        }
         let pre = wasmtime_wasi_http::p2::bindings::ProxyPre::new(pre)
             .map_err(|e| link_error(loaded, &e))?;
-        Ok(HttpService::new(
-            self.clone(),
-            loaded.digest.clone(),
-            pre,
-            settings,
-        ))
+        Ok(HttpService::p2(self.clone(), digest, pre, settings))
     }
 
     /// A runnable `wasi:cli/command` for `loaded` (jobs and daemons).
@@ -389,9 +395,9 @@ impl Runtime {
         if cfg.cpu.limit_millis == Some(0) {
             return Err(invalid("the CPU limit must be greater than 0".into()));
         }
-        if cfg.reuse.requests == 0 || cfg.reuse.idle.is_zero() {
+        if cfg.reuse.requests == 0 || cfg.reuse.idle.is_zero() || cfg.reuse.concurrent == 0 {
             return Err(invalid(
-                "instance reuse needs at least one request and an idle time".into(),
+                "instance reuse needs at least one request, one at a time and an idle time".into(),
             ));
         }
         Ok(InstanceSettings {
@@ -505,6 +511,7 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)
+        .wasm_component_model_async(true)
         .epoch_interruption(true)
         .memory_reservation(max_memory)
         .memory_guard_size(MEMORY_GUARD_BYTES)

@@ -458,7 +458,11 @@ async fn killed_instances_are_reported_as_incidents() {
 async fn reusing(requests: u32, idle: Duration) -> (tempfile::TempDir, HttpService) {
     let cfg = InstanceConfig {
         timeout: Some(Duration::from_millis(300)),
-        reuse: shoal_runtime::Reuse { requests, idle },
+        reuse: shoal_runtime::Reuse {
+            requests,
+            idle,
+            ..Default::default()
+        },
         ..config()
     };
     service(shoal_fixtures::FAULTY_WASM, cfg).await
@@ -510,6 +514,7 @@ async fn a_reused_instance_serves_its_count_and_a_failure_ends_it() {
         reuse: shoal_runtime::Reuse {
             requests: 100,
             idle: Duration::from_secs(60),
+            ..Default::default()
         },
         ..config()
     };

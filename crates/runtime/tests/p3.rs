@@ -1,0 +1,127 @@
+//! WASIp3 components end to end: the `hello-p3` fixture served through `HttpService::handle`,
+//! fresh per request, reused one request after another and several at once, and stopped when
+//! it traps or runs out of time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use shoal_core::problem::ErrorCode;
+use shoal_runtime::{HttpService, InstanceConfig, Reuse};
+
+/// `hello-p3` with `reuse`, a 300 ms timeout and its own runtime.
+async fn hello_p3(reuse: Reuse) -> (tempfile::TempDir, HttpService) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let loaded = load(&runtime, shoal_fixtures::HELLO_P3_WASM).await;
+    assert!(
+        loaded
+            .exports()
+            .iter()
+            .any(|e| e == "wasi:http/handler@0.3.0"),
+        "{:?}",
+        loaded.exports()
+    );
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_millis(300)),
+        reuse,
+        ..config()
+    };
+    let service = runtime
+        .http_service(&loaded, cfg)
+        .expect("a p3 http service");
+    (dir, service)
+}
+
+fn reuse(requests: u32, concurrent: u32) -> Reuse {
+    Reuse {
+        requests,
+        concurrent,
+        idle: Duration::from_secs(60),
+    }
+}
+
+async fn text(service: &HttpService, path: &str) -> String {
+    let response = service.handle(get(path)).await;
+    assert_eq!(response.status(), 200, "{path}");
+    body_text(response).await
+}
+
+async fn count(service: &HttpService) -> u64 {
+    text(service, "/count")
+        .await
+        .trim()
+        .parse()
+        .expect("a count")
+}
+
+/// Waits until `n` instances are alive with nothing in flight.
+async fn idle(service: &HttpService, n: usize) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{n} idle instances"),
+        || service.idle_instances() == n,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_p3_component_answers_with_a_fresh_instance_per_request_by_default() {
+    let (_dir, hello) = hello_p3(Reuse::default()).await;
+    assert_eq!(text(&hello, "/hi?x=1").await, "hello from p3 /hi\n");
+    for _ in 0..3 {
+        assert_eq!(count(&hello).await, 1);
+    }
+    idle(&hello, 0).await;
+}
+
+#[tokio::test]
+async fn a_reused_p3_instance_serves_its_count() {
+    let (_dir, hello) = hello_p3(reuse(3, 16)).await;
+    let mut counts = Vec::new();
+    for kept in [1, 1, 0, 1] {
+        counts.push(count(&hello).await);
+        idle(&hello, kept).await;
+    }
+    assert_eq!(
+        counts,
+        [1, 2, 3, 1],
+        "three requests, then a fresh instance"
+    );
+}
+
+#[tokio::test]
+async fn a_p3_instance_serves_requests_at_once_up_to_its_concurrency() {
+    for (concurrent, expected) in [(16, 3), (1, 1)] {
+        let (_dir, hello) = hello_p3(reuse(100, concurrent)).await;
+        assert_eq!(count(&hello).await, 1);
+        idle(&hello, 1).await;
+        // A request that waits (on a clock) inside the instance...
+        let sleeper = tokio::spawn({
+            let hello = hello.clone();
+            async move { text(&hello, "/sleep?ms=250").await }
+        });
+        idle(&hello, 0).await;
+        // ...leaves room for another one in it, if the concurrency allows.
+        assert_eq!(count(&hello).await, expected, "concurrent = {concurrent}");
+        assert_eq!(sleeper.await.unwrap(), "slept 250 ms\n");
+    }
+}
+
+#[tokio::test]
+async fn a_p3_request_past_its_timeout_gets_504_and_a_trap_500() {
+    let (_dir, hello) = hello_p3(reuse(100, 16)).await;
+    for (path, code) in [
+        ("/sleep?ms=60000", ErrorCode::Timeout),
+        ("/spin", ErrorCode::Timeout),
+        ("/panic", ErrorCode::GuestTrapped),
+    ] {
+        let response = hello.handle(get(path)).await;
+        assert_eq!(error_body(response).await.error.code, code, "{path}");
+        // The instance is gone with it; the next request gets a fresh one.
+        idle(&hello, 0).await;
+        assert_eq!(count(&hello).await, 1, "after {path}");
+        idle(&hello, 1).await;
+    }
+}
