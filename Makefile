@@ -26,7 +26,7 @@ bench: guests
 	cargo bench --bench lifecycle
 	cargo bench --bench elasticity
 	cargo bench --bench neighbours
-	cargo bench --bench reuse
+	cargo bench --bench hotpath
 	cargo bench -p shoal-scheduler
 
 lint:

@@ -77,6 +77,10 @@ pub struct NodeArgs {
     /// Heartbeat period.
     #[arg(long, default_value = "1s")]
     pub heartbeat: String,
+    /// Send requests for replicas on other nodes over HTTP/2, one multiplexed connection
+    /// per node, instead of pooled keep-alive HTTP/1.1 connections.
+    #[arg(long)]
+    pub hop_http2: bool,
 }
 
 #[derive(clap::Args)]
@@ -268,6 +272,7 @@ pub async fn start_node(
     shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
     let gateway = Gateway::new(GatewayConfig {
         hop_secret: Some(hop_secret),
+        hop_http2: args.hop_http2,
         ..GatewayConfig::default()
     });
     let agent = Agent::new(

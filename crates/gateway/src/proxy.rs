@@ -55,13 +55,16 @@ pub(crate) type Client = legacy::Client<HttpConnector, WasiBody>;
 /// Idle connections are closed after this long; nodes come and go.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-pub(crate) fn client(connect_timeout: Duration) -> Client {
+/// A pooling client; with `http2`, one that speaks HTTP/2 with prior knowledge (the
+/// gateways' listeners accept it) and multiplexes requests on one connection per peer.
+pub(crate) fn client(connect_timeout: Duration, http2: bool) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
+        .http2_only(http2)
         .build(connector)
 }
 

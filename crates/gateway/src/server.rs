@@ -47,6 +47,9 @@ pub struct GatewayConfig {
     pub hold_timeout: Duration,
     /// How many requests per app may be held at once; more get a 503 at once.
     pub hold_limit: u32,
+    /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
+    /// node) rather than pooled keep-alive HTTP/1.1 connections.
+    pub hop_http2: bool,
 }
 
 impl Default for GatewayConfig {
@@ -57,6 +60,7 @@ impl Default for GatewayConfig {
             hop_secret: None,
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
+            hop_http2: false,
         }
     }
 }
@@ -103,7 +107,10 @@ pub(crate) struct Inner {
     /// The apps that wake on a request, as last set: the holds take the whole
     /// set, so one app's change is made here and handed over whole.
     wake: Mutex<HashSet<AppKey>>,
+    /// For granted outbound hosts.
     client: proxy::Client,
+    /// For hops to other nodes' gateways.
+    hop_client: proxy::Client,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
     logs: RwLock<Option<LogLookup>>,
 }
@@ -113,7 +120,8 @@ pub type LogLookup = Arc<dyn Fn(&str) -> Option<LogSink> + Send + Sync>;
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
-        let client = proxy::client(config.connect_timeout);
+        let client = proxy::client(config.connect_timeout, false);
+        let hop_client = proxy::client(config.connect_timeout, config.hop_http2);
         Gateway {
             inner: Arc::new(Inner {
                 config,
@@ -124,6 +132,7 @@ impl Gateway {
                 services: RwLock::new(HashSet::new()),
                 wake: Mutex::new(HashSet::new()),
                 client,
+                hop_client,
                 logs: RwLock::new(None),
             }),
         }
@@ -642,7 +651,7 @@ impl Gateway {
             Target::Remote { node } => {
                 let inflight = endpoint.enter();
                 let response = proxy::forward(
-                    &self.inner.client,
+                    &self.inner.hop_client,
                     node,
                     app,
                     &endpoint.replica,

@@ -119,7 +119,7 @@ impl Command {
 
     async fn run_here(&self, meter: Arc<TaskMeter>) -> ExitStatus {
         let inner = &self.inner;
-        let mut store = new_store(inner.runtime.engine(), &inner.settings, meter.clone());
+        let mut store = new_store(inner.pre.engine(), &inner.settings, meter.clone());
         let deadline = store.data().deadline();
         let run = async {
             meter.admit(deadline, false).await;

@@ -42,7 +42,8 @@ use std::time::{Duration, Instant};
 
 use futures::task::AtomicWaker;
 use tokio::sync::Notify;
-use wasmtime::Engine;
+
+use crate::runtime::Epochs;
 
 /// The period a hard limit is counted over, as CFS's default `cpu.cfs_period_us`.
 pub const CPU_PERIOD: Duration = Duration::from_millis(100);
@@ -493,7 +494,7 @@ impl Ledger {
     }
 }
 
-/// The [`Ledger`] of a runtime, with its clock, the wake-up of waiting guests and the engine
+/// The [`Ledger`] of a runtime, with its clock, the wake-up of waiting guests and the engines
 /// whose epoch it bumps.
 pub(crate) struct CpuScheduler {
     ledger: Mutex<Ledger>,
@@ -502,14 +503,14 @@ pub(crate) struct CpuScheduler {
     batch: Option<tokio::runtime::Handle>,
     /// The guest threads: how many waiting guests of a group that may run again are woken.
     threads: usize,
-    engine: Engine,
+    epochs: Arc<Epochs>,
     origin: Instant,
     tick: Duration,
 }
 
 impl CpuScheduler {
     pub(crate) fn new(
-        engine: Engine,
+        epochs: Arc<Epochs>,
         tick: Duration,
         threads: usize,
         batch: Option<tokio::runtime::Handle>,
@@ -518,7 +519,7 @@ impl CpuScheduler {
             batch,
             threads,
             ledger: Mutex::new(Ledger::new(tick)),
-            engine,
+            epochs,
             origin: Instant::now(),
             tick,
         }
@@ -549,7 +550,7 @@ impl CpuScheduler {
     }
 
     fn kick(&self) {
-        self.engine.increment_epoch();
+        self.epochs.increment();
     }
 
     /// Groups that may run again: wake as many of each one's waiting guests as there are
@@ -1327,7 +1328,7 @@ mod tests {
         };
         let (guests, batch) = (threads("test-guest"), threads("test-batch"));
         let scheduler = Arc::new(CpuScheduler::new(
-            Engine::default(),
+            Arc::new(Epochs::default()),
             Duration::from_millis(10),
             1,
             Some(batch.handle().clone()),

@@ -202,7 +202,7 @@ impl HttpService {
                 (store, Some((idle.proxy, idle.served)))
             }
             None => (
-                new_store(inner.runtime.engine(), &inner.settings, meter.clone()),
+                new_store(pre.engine(), &inner.settings, meter.clone()),
                 None,
             ),
         };

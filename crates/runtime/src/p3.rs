@@ -214,7 +214,7 @@ impl Worker {
         let workers = self.workers.clone();
         let settings = &workers.settings;
         let tick = workers.runtime.config().epoch_tick;
-        let mut store = new_store(workers.runtime.engine(), settings, meter.clone());
+        let mut store = new_store(workers.pre.engine(), settings, meter.clone());
         // A group over its share waits before it starts, not a slice later.
         meter.clone().admit(store.data().deadline(), false).await;
         let instantiated = with_timeout(

@@ -1,10 +1,14 @@
-//! The node's one wasmtime engine: configuration, epoch ticker, compilation (memory and disk
-//! caches), and the linker every component is linked against.
+//! The node's wasmtime engines: configuration, epoch ticker, compilation (memory and disk
+//! caches), and the linkers components are linked against. WASIp2 components and commands
+//! run on an engine without the component-model async ABI; WASIp3 components on a second
+//! one with it, made with the first such component. An engine with the async ABI runs every
+//! call through its concurrent event loop, which costs a p2 request ~10 % of a reused
+//! instance's throughput (BENCHMARKS.md), so p2 guests do not pay for p3's machinery.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -40,7 +44,7 @@ const WASM_PAGE: u64 = 64 << 10;
 const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
 const KEEP_RESIDENT_TABLE: usize = 64 << 10;
 
-/// Handle to the node's wasmtime engine. Cheap to clone; the epoch ticker and the guest
+/// Handle to the node's wasmtime engines. Cheap to clone; the epoch ticker and the guest
 /// threads run until the last clone — including those held by [`HttpService`]s and
 /// [`Command`]s — is dropped.
 #[derive(Clone)]
@@ -48,12 +52,40 @@ pub struct Runtime {
     inner: Arc<RuntimeInner>,
 }
 
-struct RuntimeInner {
+/// An engine, the linker for it and the directory of the artifacts it compiled.
+struct EngineSet {
     engine: Engine,
     linker: Linker<Host>,
-    config: RuntimeConfig,
     /// `cache_dir/<engine compatibility hash>`.
     artifact_dir: PathBuf,
+}
+
+/// The engines whose epoch the ticker and the CPU scheduler advance together.
+#[derive(Default)]
+pub(crate) struct Epochs(RwLock<Vec<Engine>>);
+
+impl Epochs {
+    fn add(&self, engine: Engine) {
+        self.0
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(engine);
+    }
+
+    pub(crate) fn increment(&self) {
+        for engine in self.0.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            engine.increment_epoch();
+        }
+    }
+}
+
+struct RuntimeInner {
+    /// p2 components and commands.
+    main: EngineSet,
+    /// p3 components, once there has been one.
+    concurrent: Mutex<Option<Arc<EngineSet>>>,
+    epochs: Arc<Epochs>,
+    config: RuntimeConfig,
     components: Mutex<HashMap<String, Arc<OnceCell<Component>>>>,
     ticker: EpochTicker,
     /// The executor every guest runs on: its own threads, so a busy guest never holds up
@@ -161,27 +193,13 @@ impl Loaded {
 }
 
 impl Runtime {
-    /// Creates the engine (component model, async, pooling allocator sized from `config`,
-    /// epoch interruption), the shared linker, the cache directory and the epoch ticker.
+    /// Creates the main engine (component model, async host calls, pooling allocator sized
+    /// from `config`, epoch interruption), its linker, the cache directory and the epoch
+    /// ticker.
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
-        let engine_config = engine_config(&config)?;
-        let engine =
-            Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
-
-        // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
-        // built with Rust's std imports p2 interfaces too.
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-            .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
-            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
-            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker))
-            .map_err(|e| RuntimeError::Engine(format!("cannot set up the WASI linker: {e:#}")))?;
-
-        let artifact_dir = config.cache_dir.join(cache::engine_dir_name(&engine));
-        std::fs::create_dir_all(&artifact_dir).map_err(|source| RuntimeError::CacheDir {
-            path: artifact_dir.clone(),
-            source,
-        })?;
+        let main = engine_set(&config, false)?;
+        let epochs = Arc::new(Epochs::default());
+        epochs.add(main.engine.clone());
 
         let threads = match config.guest_threads {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
@@ -202,15 +220,15 @@ impl Runtime {
             .build()
             .map_err(|e| RuntimeError::Engine(format!("cannot start the batch threads: {e}")))?;
         let cpu = Arc::new(CpuScheduler::new(
-            engine.clone(),
+            epochs.clone(),
             config.epoch_tick,
             threads,
             Some(batch.handle().clone()),
         ));
 
-        let ticker = EpochTicker::spawn(engine.clone(), config.epoch_tick)?;
+        let ticker = EpochTicker::spawn(epochs.clone(), config.epoch_tick)?;
         tracing::info!(
-            cache = %artifact_dir.display(),
+            cache = %main.artifact_dir.display(),
             max_instances = config.max_instances,
             max_memory = %format_bytes(config.max_memory_bytes),
             epoch_tick = ?config.epoch_tick,
@@ -219,10 +237,10 @@ impl Runtime {
         );
         Ok(Runtime {
             inner: Arc::new(RuntimeInner {
-                engine,
-                linker,
+                main,
+                concurrent: Mutex::new(None),
+                epochs,
                 config,
-                artifact_dir,
                 components: Mutex::new(HashMap::new()),
                 ticker,
                 guests: Some(guests),
@@ -237,9 +255,22 @@ impl Runtime {
         &self.inner.config
     }
 
-    /// The directory holding this engine's precompiled artifacts.
+    /// The directory holding the main engine's precompiled artifacts (p2 components).
     pub fn artifact_dir(&self) -> &Path {
-        &self.inner.artifact_dir
+        &self.inner.main.artifact_dir
+    }
+
+    /// The engine for p3 components, made now if this is the first.
+    fn concurrent(&self) -> Result<Arc<EngineSet>, RuntimeError> {
+        let mut concurrent = lock(&self.inner.concurrent);
+        if let Some(set) = &*concurrent {
+            return Ok(set.clone());
+        }
+        let set = Arc::new(engine_set(&self.inner.config, true)?);
+        self.inner.epochs.add(set.engine.clone());
+        tracing::info!(cache = %set.artifact_dir.display(), "wasmtime engine for WASIp3 components ready");
+        *concurrent = Some(set.clone());
+        Ok(set)
     }
 
     /// The compiled component for `digest`, compiling `wasm_path` only if neither memory nor
@@ -280,13 +311,32 @@ impl Runtime {
         lock(&self.inner.components).remove(digest).is_some()
     }
 
+    /// Compiles for the main engine, or, if that cannot (the component uses the async ABI:
+    /// a p3 one), for the p3 engine, whose error is then the one to report: it accepts
+    /// everything the main one does.
     async fn load_uncached(
         &self,
         digest: &str,
         wasm_path: &Path,
     ) -> Result<(Component, LoadSource), RuntimeError> {
-        let engine = self.inner.engine.clone();
-        let artifact = cache::artifact_path(&self.inner.artifact_dir, digest);
+        let main = self.load_with(&self.inner.main, digest, wasm_path).await;
+        match main {
+            Err(RuntimeError::Compile { .. }) => {
+                let concurrent = self.concurrent()?;
+                self.load_with(&concurrent, digest, wasm_path).await
+            }
+            loaded => loaded,
+        }
+    }
+
+    async fn load_with(
+        &self,
+        set: &EngineSet,
+        digest: &str,
+        wasm_path: &Path,
+    ) -> Result<(Component, LoadSource), RuntimeError> {
+        let engine = set.engine.clone();
+        let artifact = cache::artifact_path(&set.artifact_dir, digest);
         let digest = digest.to_string();
         let wasm_path = wasm_path.to_path_buf();
         tokio::task::spawn_blocking(move || load_blocking(&engine, &artifact, &digest, &wasm_path))
@@ -342,10 +392,6 @@ impl Runtime {
         ))
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.inner.engine
-    }
-
     /// The executor guests run on.
     pub(crate) fn guests(&self) -> &tokio::runtime::Handle {
         &self.inner.guest_handle
@@ -359,14 +405,18 @@ impl Runtime {
         self.inner.cpu.usage()
     }
 
+    /// Links `loaded` with the linker of the engine it was compiled for.
     fn instantiate_pre(
         &self,
         loaded: &Loaded,
     ) -> Result<wasmtime::component::InstancePre<Host>, RuntimeError> {
-        self.inner
-            .linker
-            .instantiate_pre(&loaded.component)
-            .map_err(|e| link_error(loaded, &e))
+        let engine = loaded.component.engine();
+        let result = if Engine::same(engine, &self.inner.main.engine) {
+            self.inner.main.linker.instantiate_pre(&loaded.component)
+        } else {
+            self.concurrent()?.linker.instantiate_pre(&loaded.component)
+        };
+        result.map_err(|e| link_error(loaded, &e))
     }
 
     fn settings(
@@ -473,6 +523,39 @@ fn load_blocking(
     Ok((component, LoadSource::Compiled))
 }
 
+/// An engine (with the component-model async ABI if `concurrent`), its linker and its
+/// artifact directory.
+fn engine_set(config: &RuntimeConfig, concurrent: bool) -> Result<EngineSet, RuntimeError> {
+    let mut engine_config = engine_config(config)?;
+    engine_config
+        .wasm_component_model_async(concurrent)
+        .concurrency_support(concurrent);
+    let engine = Engine::new(&engine_config).map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+
+    let mut linker = Linker::new(&engine);
+    let mut linked = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker));
+    if concurrent {
+        // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
+        // built with Rust's std imports p2 interfaces too.
+        linked = linked
+            .and_then(|()| wasmtime_wasi::p3::add_to_linker(&mut linker))
+            .and_then(|()| wasmtime_wasi_http::p3::add_to_linker(&mut linker));
+    }
+    linked.map_err(|e| RuntimeError::Engine(format!("cannot set up the WASI linker: {e:#}")))?;
+
+    let artifact_dir = config.cache_dir.join(cache::engine_dir_name(&engine));
+    std::fs::create_dir_all(&artifact_dir).map_err(|source| RuntimeError::CacheDir {
+        path: artifact_dir.clone(),
+        source,
+    })?;
+    Ok(EngineSet {
+        engine,
+        linker,
+        artifact_dir,
+    })
+}
+
 fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeError> {
     if config.max_instances == 0 {
         return Err(RuntimeError::Config(
@@ -511,7 +594,6 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)
-        .wasm_component_model_async(true)
         .epoch_interruption(true)
         .memory_reservation(max_memory)
         .memory_guard_size(MEMORY_GUARD_BYTES)
@@ -519,14 +601,14 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
     Ok(c)
 }
 
-/// Thread advancing the engine's epoch every tick: the clock for deadlines and time slices.
+/// Thread advancing the engines' epoch every tick: the clock for deadlines and time slices.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl EpochTicker {
-    fn spawn(engine: Engine, tick: Duration) -> Result<EpochTicker, RuntimeError> {
+    fn spawn(epochs: Arc<Epochs>, tick: Duration) -> Result<EpochTicker, RuntimeError> {
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name("shoal-epoch".into())
@@ -535,7 +617,7 @@ impl EpochTicker {
                 move || {
                     while !stop.load(Ordering::Acquire) {
                         std::thread::park_timeout(tick);
-                        engine.increment_epoch();
+                        epochs.increment();
                     }
                 }
             })

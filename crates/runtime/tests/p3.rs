@@ -125,3 +125,24 @@ async fn a_p3_request_past_its_timeout_gets_504_and_a_trap_500() {
         idle(&hello, 1).await;
     }
 }
+
+#[tokio::test]
+async fn a_p3_component_compiles_once_then_loads_from_the_disk_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = runtime(dir.path());
+    let loaded = load(&first, shoal_fixtures::HELLO_P3_WASM).await;
+    assert_eq!(loaded.source(), shoal_runtime::LoadSource::Compiled);
+    drop(first);
+
+    let restarted = runtime(dir.path());
+    let loaded = load(&restarted, shoal_fixtures::HELLO_P3_WASM).await;
+    assert_eq!(loaded.source(), shoal_runtime::LoadSource::DiskCache);
+    let hello = restarted
+        .http_service(&loaded, config())
+        .expect("a p3 http service");
+    assert_eq!(text(&hello, "/").await, "hello from p3 /\n");
+    // p2 components beside it are served as before.
+    let p2 = load(&restarted, shoal_fixtures::HELLO_WASM).await;
+    let p2 = restarted.http_service(&p2, config()).unwrap();
+    assert_eq!(p2.handle(get("/")).await.status(), 200);
+}

@@ -1,0 +1,404 @@
+//! The hot path's fastest modes side by side: Shoal's gateway and `wasmtime serve` on the same
+//! components, fresh instance per request vs reused instances, WASIp2 (`examples/hello`) vs
+//! WASIp3 (`examples/hello-p3`), with a native hyper "hello" as the ceiling; then, on a
+//! two-node cluster, each Shoal mode through the replica's own gateway vs one hop away, with
+//! hops over keep-alive HTTP/1.1 and over HTTP/2.
+//!
+//! Fair to the peer: `wasmtime serve` gets the pooling allocator with the same memory and
+//! tables kept resident as Shoal's, and the same reuse counts (128 requests per instance; 16
+//! at once for p3, its default). One server at a time (the others stopped), each warmed up
+//! first, every side in turn for several rounds; prints every round, then medians with the
+//! spread (lowest–highest) and the ratios.
+//!
+//! Run with `cargo bench --bench hotpath` (also part of `make bench`). Needs `wrk` and
+//! `wasmtime` 48 (`WASMTIME=/path/to/wasmtime` if it is not on PATH). Knobs: `BENCH_SECONDS`
+//! (default 10), `BENCH_CONNECTIONS` (32), `BENCH_ROUNDS` (3), `BENCH_ONLY` (`local` or `hop`).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "support/proc.rs"]
+mod proc;
+#[path = "support/wrk.rs"]
+mod wrk;
+
+use proc::{Proc, free_port};
+use wrk::{env_or, millis};
+
+use common::{Cluster, NodeProc, Server, examples, poll, write_spec};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Requests per instance on the reusing side of both servers (`wasmtime serve`'s default
+/// for p3 components).
+const REUSE: u32 = 128;
+/// Requests one p3 instance serves at once (`wasmtime serve`'s default, and Shoal's).
+const CONCURRENT: u32 = 16;
+
+/// The body every server answers with, native or not.
+const GREETING: &str = "Hello from Shoal!";
+
+#[derive(Clone, Copy)]
+struct Mode {
+    p3: bool,
+    reuse: u32,
+}
+
+impl Mode {
+    fn name(self) -> String {
+        let wasi = if self.p3 { "p3" } else { "p2" };
+        match self.reuse {
+            1 => format!("{wasi}, fresh instance"),
+            n if self.p3 => format!("{wasi}, reuse {n} ({CONCURRENT} at once)"),
+            n => format!("{wasi}, reuse {n}"),
+        }
+    }
+
+    /// The app's name, route and spec: the example's, with this mode's reuse.
+    fn app(self) -> (&'static str, String) {
+        let reuse = self.reuse;
+        if self.p3 {
+            let text = std::fs::read_to_string(format!("{}/hello-p3/app.toml", examples()))
+                .unwrap()
+                .replace("reuse = 128", &format!("reuse = {reuse}"));
+            ("hello-p3", text)
+        } else {
+            let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+                .unwrap()
+                .replace(
+                    "routes = [\"/hello\"]",
+                    &format!("routes = [\"/hello\"]\nreuse = {reuse}"),
+                );
+            ("hello", text)
+        }
+    }
+}
+
+const MODES: [Mode; 4] = [
+    Mode {
+        p3: false,
+        reuse: 1,
+    },
+    Mode {
+        p3: false,
+        reuse: REUSE,
+    },
+    Mode { p3: true, reuse: 1 },
+    Mode {
+        p3: true,
+        reuse: REUSE,
+    },
+];
+
+/// A load of `url` after a warm-up of a few seconds.
+fn measure(url: &str, seconds: u64, connections: u64) -> wrk::Wrk {
+    wrk::run(url, 3, connections);
+    let result = wrk::run(url, seconds, connections);
+    assert_eq!(result.errors, "none", "{url}: {}", result.errors);
+    result
+}
+
+/// `shoal up` serving `mode`'s app.
+fn shoal(mode: Mode) -> (Cluster, String) {
+    let c = Cluster::start();
+    let (name, text) = mode.app();
+    let text = text.replace("../target", &format!("{}/target", examples()));
+    let spec = write_spec(c.config().parent().unwrap(), &format!("{name}.toml"), &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.wait_gw(&format!("/{name}"), 200, "");
+    let url = format!("{}/{name}", c.gateway);
+    (c, url)
+}
+
+/// `wasmtime serve` on `mode`'s component with the same reuse.
+fn wasmtime(mode: Mode) -> (Proc, String) {
+    let bin = std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into());
+    let port = free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.args([
+        "serve",
+        "-Scli",
+        "-O",
+        "pooling-allocator",
+        "-O",
+        "pooling-memory-keep-resident=131072",
+        "-O",
+        "pooling-table-keep-resident=65536",
+        "--addr",
+        &format!("127.0.0.1:{port}"),
+        "--max-instance-reuse-count",
+        &mode.reuse.to_string(),
+    ]);
+    if mode.p3 {
+        cmd.args([
+            "--max-instance-concurrent-reuse-count",
+            &CONCURRENT.to_string(),
+        ]);
+    }
+    let wasm = if mode.p3 { "hello_p3" } else { "hello" };
+    let child = cmd
+        .arg(format!(
+            "{}/target/wasm32-wasip2/release/{wasm}.wasm",
+            examples()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{bin}: {e}; set WASMTIME=/path/to/wasmtime 48"));
+    let url = format!("http://127.0.0.1:{port}/hello");
+    wait_up(&url);
+    (Proc(child), url)
+}
+
+/// A native hyper server answering every request with the greeting, on two threads (the
+/// machine's cores), keep-alive: what serving costs with no Wasm at all.
+fn native() -> (tokio::runtime::Runtime, String) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let url = format!("http://{}/hello", listener.local_addr().unwrap());
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let service = hyper::service::service_fn(|_req| async {
+                let body = http_body_util::Full::new(bytes::Bytes::from(format!("{GREETING}\n")));
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            });
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    wait_up(&url);
+    (runtime, url)
+}
+
+fn wait_up(url: &str) {
+    let client = common::client();
+    let up = poll(Duration::from_secs(30), || {
+        client
+            .get(url)
+            .send()
+            .is_ok_and(|r| r.status().is_success())
+    });
+    assert!(up, "nothing answered on {url}");
+}
+
+/// Median and spread of one side's rounds.
+struct Summary {
+    rps: f64,
+    low: f64,
+    high: f64,
+    p99: f64,
+}
+
+fn summary(rounds: &[wrk::Wrk]) -> Summary {
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    let rps: Vec<f64> = rounds.iter().map(|r| r.rps).collect();
+    Summary {
+        low: rps.iter().copied().fold(f64::INFINITY, f64::min),
+        high: rps.iter().copied().fold(0.0, f64::max),
+        rps: median(rps),
+        p99: median(rounds.iter().map(|r| millis(&r.p99)).collect()),
+    }
+}
+
+fn print_summaries(sides: &[String], results: &[Vec<wrk::Wrk>]) -> Vec<Summary> {
+    println!();
+    println!("| server | median requests/s | spread | median p99 |");
+    println!("|---|---|---|---|");
+    let summaries: Vec<Summary> = results.iter().map(|r| summary(r)).collect();
+    for (side, s) in sides.iter().zip(&summaries) {
+        println!(
+            "| {side} | {:.0} | {:.0}–{:.0} | {:.2} ms |",
+            s.rps, s.low, s.high, s.p99
+        );
+    }
+    summaries
+}
+
+fn local(seconds: u64, connections: u64, rounds: usize) {
+    let version = Command::new(std::env::var("WASMTIME").unwrap_or_else(|_| "wasmtime".into()))
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "wasmtime (not found)".into());
+    let mut sides = vec!["native hyper hello (no Wasm)".to_string()];
+    for mode in MODES {
+        sides.push(format!("shoal, {}", mode.name()));
+        sides.push(format!("{version} serve, {}", mode.name()));
+    }
+    println!(
+        "## Hot path: GET through each server, wrk -t2 -c{connections} -d{seconds}s, one server at a time"
+    );
+    println!();
+    println!("| round | server | requests/s | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    let mut results: Vec<Vec<wrk::Wrk>> = sides.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (i, side) in sides.iter().enumerate() {
+            let result = if i == 0 {
+                let (runtime, url) = native();
+                let result = measure(&url, seconds, connections);
+                runtime.shutdown_background();
+                result
+            } else {
+                let mode = MODES[(i - 1) / 2];
+                if i % 2 == 1 {
+                    let (_shoal, url) = shoal(mode);
+                    measure(&url, seconds, connections)
+                } else {
+                    let (_wasmtime, url) = wasmtime(mode);
+                    measure(&url, seconds, connections)
+                }
+            };
+            println!(
+                "| {round} | {side} | {:.0} | {} | {} |",
+                result.rps, result.p50, result.p99
+            );
+            results[i].push(result);
+        }
+    }
+    let s = print_summaries(&sides, &results);
+    println!();
+    println!("| mode | shoal / wasmtime serve | shoal / native | wasmtime serve / native |");
+    println!("|---|---|---|---|");
+    for (m, mode) in MODES.iter().enumerate() {
+        let (shoal, peer) = (&s[1 + 2 * m], &s[2 + 2 * m]);
+        println!(
+            "| {} | {:.2}x | {:.2}x | {:.2}x |",
+            mode.name(),
+            shoal.rps / peer.rps,
+            shoal.rps / s[0].rps,
+            peer.rps / s[0].rps
+        );
+    }
+}
+
+fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
+    server
+        .replicas(app)
+        .iter()
+        .filter(|r| r["phase"] == "Ready")
+        .map(|r| r["node"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A control plane and two nodes (hops over HTTP/2 if `http2`) running one replica of each
+/// mode's app; for each app, its own node's gateway URL and the other node's.
+fn two_nodes(dir: &std::path::Path, http2: bool) -> (Server, Vec<NodeProc>, Vec<[String; 2]>) {
+    let server = Server::start(dir);
+    let extra: &[&str] = if http2 { &["--hop-http2"] } else { &[] };
+    let nodes: Vec<NodeProc> = (1..=2)
+        .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
+        .collect();
+    assert!(poll(Duration::from_secs(30), || {
+        let n = server.api_json("/v1/nodes");
+        n.as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] == "Ready")
+            .count()
+            == 2
+    }));
+    let mut urls = Vec::new();
+    for (i, mode) in MODES.iter().enumerate() {
+        // One app per mode, each under its own name and route.
+        let (name, text) = mode.app();
+        let app = format!("m{i}-{name}");
+        let text = text
+            .replace("../target", &format!("{}/target", examples()))
+            .replace(&format!("name = \"{name}\""), &format!("name = \"{app}\""))
+            .replace(&format!("\"/{name}\""), &format!("\"/{app}\""));
+        let spec = write_spec(dir, &format!("{app}.toml"), &text);
+        server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+        assert!(poll(Duration::from_secs(30), || ready_nodes(&server, &app)
+            .len()
+            == 1));
+        let home = ready_nodes(&server, &app)[0].clone();
+        let own = nodes.iter().find(|n| n.name == home).unwrap();
+        let other = nodes.iter().find(|n| n.name != home).unwrap();
+        let path = format!("/{app}");
+        assert!(poll(Duration::from_secs(10), || other
+            .get(&path)
+            .is_ok_and(|(c, _)| c == 200)));
+        urls.push([
+            format!("{}{path}", own.gateway),
+            format!("{}{path}", other.gateway),
+        ]);
+    }
+    (server, nodes, urls)
+}
+
+fn hop(seconds: u64, connections: u64, rounds: usize) {
+    let mut sides = Vec::new();
+    for protocol in ["HTTP/1.1", "HTTP/2"] {
+        for mode in MODES {
+            sides.push(format!("{}, its node's gateway", mode.name()));
+            sides.push(format!("{}, one hop ({protocol})", mode.name()));
+        }
+    }
+    println!();
+    println!(
+        "## Cross-node hop: 2 nodes, GET through a gateway, wrk -t2 -c{connections} -d{seconds}s"
+    );
+    println!();
+    println!("| round | path | requests/s | p50 | p99 |");
+    println!("|---|---|---|---|---|");
+    let mut results: Vec<Vec<wrk::Wrk>> = sides.iter().map(|_| Vec::new()).collect();
+    for round in 1..=rounds {
+        for (p, http2) in [false, true].into_iter().enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let (_server, _nodes, urls) = two_nodes(dir.path(), http2);
+            for (m, [own, other]) in urls.iter().enumerate() {
+                for (k, url) in [own, other].into_iter().enumerate() {
+                    let i = p * 2 * MODES.len() + 2 * m + k;
+                    let result = measure(url, seconds, connections);
+                    println!(
+                        "| {round} | {} | {:.0} | {} | {} |",
+                        sides[i], result.rps, result.p50, result.p99
+                    );
+                    results[i].push(result);
+                }
+            }
+        }
+    }
+    let s = print_summaries(&sides, &results);
+    println!();
+    println!("| mode | one hop / local, HTTP/1.1 | one hop / local, HTTP/2 |");
+    println!("|---|---|---|");
+    let n = MODES.len();
+    for (m, mode) in MODES.iter().enumerate() {
+        let ratio = |p: usize| s[p * 2 * n + 2 * m + 1].rps / s[p * 2 * n + 2 * m].rps;
+        println!("| {} | {:.2}x | {:.2}x |", mode.name(), ratio(0), ratio(1));
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let seconds = env_or("BENCH_SECONDS", 10);
+    let connections = env_or("BENCH_CONNECTIONS", 32);
+    let rounds = env_or("BENCH_ROUNDS", 3) as usize;
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "local" {
+        local(seconds, connections, rounds);
+    }
+    if only.is_empty() || only == "hop" {
+        hop(seconds, connections, rounds);
+    }
+}
