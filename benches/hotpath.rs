@@ -301,7 +301,11 @@ fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
 /// mode's app; for each app, its own node's gateway URL and the other node's.
 fn two_nodes(dir: &std::path::Path, http2: bool) -> (Server, Vec<NodeProc>, Vec<[String; 2]>) {
     let server = Server::start(dir);
-    let extra: &[&str] = if http2 { &["--hop-http2"] } else { &[] };
+    let extra: &[&str] = if http2 {
+        &["--hop-protocol", "http2"]
+    } else {
+        &["--hop-protocol", "http1"]
+    };
     let nodes: Vec<NodeProc> = (1..=2)
         .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
         .collect();

@@ -77,10 +77,17 @@ pub struct NodeArgs {
     /// Heartbeat period.
     #[arg(long, default_value = "1s")]
     pub heartbeat: String,
-    /// Send requests for replicas on other nodes over HTTP/2, one multiplexed connection
-    /// per node, instead of pooled keep-alive HTTP/1.1 connections.
-    #[arg(long)]
-    pub hop_http2: bool,
+    /// How requests for replicas on other nodes travel: HTTP/2, one multiplexed connection
+    /// per node, or pooled keep-alive HTTP/1.1 connections.
+    #[arg(long, value_enum, default_value = "http2")]
+    pub hop_protocol: HopProtocol,
+}
+
+/// `--hop-protocol`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum HopProtocol {
+    Http1,
+    Http2,
 }
 
 #[derive(clap::Args)]
@@ -272,7 +279,7 @@ pub async fn start_node(
     shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
     let gateway = Gateway::new(GatewayConfig {
         hop_secret: Some(hop_secret),
-        hop_http2: args.hop_http2,
+        hop_http2: args.hop_protocol == HopProtocol::Http2,
         ..GatewayConfig::default()
     });
     let agent = Agent::new(

@@ -65,6 +65,7 @@ pub(crate) fn client(connect_timeout: Duration, http2: bool) -> Client {
         .pool_idle_timeout(POOL_IDLE)
         .pool_timer(TokioTimer::new())
         .http2_only(http2)
+        .http2_adaptive_window(true)
         .build(connector)
 }
 

@@ -48,7 +48,8 @@ pub struct GatewayConfig {
     /// How many requests per app may be held at once; more get a 503 at once.
     pub hold_limit: u32,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
-    /// node) rather than pooled keep-alive HTTP/1.1 connections.
+    /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
+    /// connections.
     pub hop_http2: bool,
 }
 
@@ -60,7 +61,7 @@ impl Default for GatewayConfig {
             hop_secret: None,
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
-            hop_http2: false,
+            hop_http2: true,
         }
     }
 }
@@ -850,6 +851,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             });
             let mut server = auto::Builder::new(TokioExecutor::new());
             server.http1().keep_alive(true);
+            // Flow-control windows that grow with the connection's bandwidth-delay product, so
+            // a large body over an HTTP/2 hop is not held to the 64 KiB default window.
+            server.http2().adaptive_window(true);
             if let Err(e) = server.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
             }

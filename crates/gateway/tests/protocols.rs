@@ -70,8 +70,9 @@ async fn one_http2_connection_carries_many_requests_at_once() {
     assert_eq!(reply.text(), "hi\n");
 }
 
-/// A peer that speaks HTTP/2 only and answers every request with the version it came in.
-async fn http2_only_peer() -> std::net::SocketAddr {
+/// A peer that speaks one HTTP version only and answers every request with the version it
+/// came in.
+async fn one_version_peer(http2: bool) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -81,45 +82,54 @@ async fn http2_only_peer() -> std::net::SocketAddr {
                 let body = http_body_util::Full::new(Bytes::from(format!("{:?}", req.version())));
                 Ok::<_, std::convert::Infallible>(http::Response::new(body))
             });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service),
-            );
+            let io = TokioIo::new(stream);
+            if http2 {
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service),
+                );
+            } else {
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new().serve_connection(io, service),
+                );
+            }
         }
     });
     addr
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hops_go_over_http2_when_the_gateway_is_told_to() {
-    let peer = http2_only_peer().await;
-    for (hop_http2, expected) in [(true, Some("HTTP/2.0")), (false, None)] {
-        let gateway = Gateway::new(GatewayConfig {
-            hop_http2,
-            ..GatewayConfig::default()
-        });
-        gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
-        gateway.set_remote_endpoints(std::collections::HashMap::from([(
-            app("hello"),
-            vec![shoal_gateway::RemoteReplica {
-                replica: "hello-1".into(),
-                revision: 1,
-                gateway: peer.to_string(),
-            }],
-        )]));
-        let addr = serve(&gateway).await;
-        let client = HttpClient::new();
-        for _ in 0..3 {
-            let reply = client.get(&format!("http://{addr}/hello")).await;
-            match expected {
-                Some(version) => {
+async fn hops_go_over_the_http_version_the_gateway_is_told_to() {
+    for peer_http2 in [true, false] {
+        let peer = one_version_peer(peer_http2).await;
+        for hop_http2 in [true, false] {
+            let gateway = Gateway::new(GatewayConfig {
+                hop_http2,
+                ..GatewayConfig::default()
+            });
+            gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
+            gateway.set_remote_endpoints(std::collections::HashMap::from([(
+                app("hello"),
+                vec![shoal_gateway::RemoteReplica {
+                    replica: "hello-1".into(),
+                    revision: 1,
+                    gateway: peer.to_string(),
+                }],
+            )]));
+            let addr = serve(&gateway).await;
+            let client = HttpClient::new();
+            for _ in 0..3 {
+                let reply = client.get(&format!("http://{addr}/hello")).await;
+                if hop_http2 == peer_http2 {
+                    let version = if hop_http2 { "HTTP/2.0" } else { "HTTP/1.1" };
                     assert_eq!(
                         (reply.status, reply.text()),
                         (StatusCode::OK, version.into())
-                    )
+                    );
+                } else {
+                    // A hop in the version the peer does not speak gets nowhere.
+                    assert!(reply.status.is_server_error(), "{}", reply.status);
                 }
-                // An HTTP/1.1 hop gets nowhere with a peer that speaks HTTP/2 only.
-                None => assert!(reply.status.is_server_error(), "{}", reply.status),
             }
         }
     }
