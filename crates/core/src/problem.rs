@@ -70,6 +70,8 @@ pub enum ErrorCode {
     TooLarge,
     /// The upload is not valid WebAssembly.
     InvalidWasm,
+    /// The client did not send its request (its body) in time.
+    RequestTimeout,
 
     // ── Shoal or the guest failed (5xx) ──
     /// Shoal failed; the cause is in its log, not in the message.
@@ -117,6 +119,7 @@ impl ErrorCode {
         ErrorCode::Compacted,
         ErrorCode::TooLarge,
         ErrorCode::InvalidWasm,
+        ErrorCode::RequestTimeout,
         ErrorCode::Internal,
         ErrorCode::GuestTrapped,
         ErrorCode::OutOfMemory,
@@ -150,6 +153,7 @@ impl ErrorCode {
             ErrorCode::Compacted => "compacted",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::InvalidWasm => "invalid_wasm",
+            ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Internal => "internal",
             ErrorCode::GuestTrapped => "guest_trapped",
             ErrorCode::OutOfMemory => "out_of_memory",
@@ -179,6 +183,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::NoRoute => 404,
+            ErrorCode::RequestTimeout => 408,
             ErrorCode::Conflict => 409,
             ErrorCode::Compacted => 410,
             ErrorCode::TooLarge => 413,

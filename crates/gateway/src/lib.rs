@@ -11,6 +11,7 @@
 //! Guests reach other apps by name through the same picking
 //! ([`Gateway::outbound`]): that is service discovery.
 
+mod body;
 mod endpoint;
 mod hold;
 mod metrics;

@@ -1,6 +1,7 @@
 //! The gateway's hot path: route, pick an endpoint, call it in process or one hop away.
 
 use crate::RoutingTable;
+use crate::body::ReadAheadError;
 use crate::endpoint::{
     Endpoint, EndpointStatus, Group, InflightGuard, RemoteReplica, Split, Target, pick,
 };
@@ -13,7 +14,7 @@ use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::metrics::RevisionStats;
@@ -47,6 +48,14 @@ pub struct GatewayConfig {
     pub hold_timeout: Duration,
     /// How many requests per app may be held at once; more get a 503 at once.
     pub hold_limit: u32,
+    /// How long a client may take to send a request's head; also how long an idle
+    /// keep-alive HTTP/1.1 connection is kept.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send the beginning of a request's body (all of a small
+    /// one) before the request takes a replica's permit, and then each later piece of it.
+    pub body_timeout: Duration,
+    /// Client connections served at once; more wait to be accepted.
+    pub max_connections: usize,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
     /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
     /// connections.
@@ -62,6 +71,9 @@ impl Default for GatewayConfig {
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
             hop_http2: true,
+            header_read_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }
@@ -676,6 +688,23 @@ impl Gateway {
         mut req: Request<WasiBody>,
     ) -> Response<ResponseBody> {
         proxy::strip_internal(req.headers_mut());
+        let (parts, body) = req.into_parts();
+        let body = match crate::body::read_ahead(body, self.inner.config.body_timeout).await {
+            Ok(body) => body,
+            Err(ReadAheadError::TimedOut) => {
+                return problem_response(
+                    ErrorCode::RequestTimeout,
+                    "the request body did not arrive in time",
+                );
+            }
+            Err(ReadAheadError::Broken(e)) => {
+                return problem_response(
+                    ErrorCode::BadRequest,
+                    &format!("reading the request body failed: {e}"),
+                );
+            }
+        };
+        let req = Request::from_parts(parts, body);
         let permit = match permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -828,11 +857,27 @@ impl Body for Guarded {
     }
 }
 
+/// The largest request head (line and headers) a client may send: nginx allows 32 KiB.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
+/// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
+const H2_PING_EVERY: Duration = Duration::from_secs(20);
+
 /// Accepts connections forever, serving each with HTTP/1.1 keep-alive or, for a client that
 /// starts with HTTP/2's preface (h2c with prior knowledge, as gRPC clients and load balancers
 /// do in plain text), HTTP/2 with its requests multiplexed on the one connection.
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
+    let config = &gateway.inner.config;
+    let (header_read_timeout, max_connections) =
+        (config.header_read_timeout, config.max_connections);
+    let connections = Arc::new(Semaphore::new(max_connections));
     loop {
+        // At the cap, connections wait in the listen backlog until one ends.
+        let slot = connections
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -845,15 +890,28 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let gateway = gateway.clone();
                 async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
             });
             let mut server = auto::Builder::new(TokioExecutor::new());
-            server.http1().keep_alive(true);
+            server
+                .http1()
+                .keep_alive(true)
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(MAX_HEAD_BYTES);
             // Flow-control windows that grow with the connection's bandwidth-delay product, so
-            // a large body over an HTTP/2 hop is not held to the 64 KiB default window.
-            server.http2().adaptive_window(true);
+            // a large body over an HTTP/2 hop is not held to the 64 KiB default window; pings
+            // find connections whose peer went away.
+            server
+                .http2()
+                .adaptive_window(true)
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .keep_alive_interval(Some(H2_PING_EVERY))
+                .keep_alive_timeout(H2_PING_EVERY);
             if let Err(e) = server.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
             }

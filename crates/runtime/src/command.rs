@@ -8,7 +8,7 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use crate::config::{format_bytes, format_duration};
 use crate::cpu::{Metered, TaskMeter};
-use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
+use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::runtime::Runtime;
 
 /// How a command run ended.
@@ -57,15 +57,6 @@ struct CommandInner {
     settings: InstanceSettings,
 }
 
-/// Cancels the guest's task when the caller stops waiting for it.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Command")
@@ -110,8 +101,8 @@ impl Command {
             })
             .await
         });
-        let mut task = AbortOnDrop(task);
-        match (&mut task.0).await {
+        let _cancel = CancelOnDrop::new(task.abort_handle());
+        match task.await {
             Ok(status) => status,
             Err(e) => ExitStatus::Failed(format!("the run's task ended: {e}")),
         }

@@ -235,6 +235,29 @@ pub(crate) fn new_store(
     store
 }
 
+/// Cancels a guest's task when dropped while armed: its caller stopped waiting (a client that
+/// went away), so nothing would read what it does.
+pub(crate) struct CancelOnDrop(Option<tokio::task::AbortHandle>);
+
+impl CancelOnDrop {
+    pub(crate) fn new(task: tokio::task::AbortHandle) -> CancelOnDrop {
+        CancelOnDrop(Some(task))
+    }
+
+    /// Lets the task run on: its caller has what it waited for.
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
+}
+
 /// How a guest's execution ended when it did not end normally.
 #[derive(Debug, Clone)]
 pub(crate) enum Failure {

@@ -23,7 +23,7 @@ use wasmtime_wasi_http::p2::bindings::{Proxy, ProxyPre};
 use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
 use crate::cpu::Metered;
-use crate::host::{Failure, Host, InstanceSettings, new_store, with_timeout};
+use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::p3::{Ended, Job, Workers};
 use crate::runtime::Runtime;
 use shoal_core::problem::{self, ErrorBody};
@@ -256,7 +256,14 @@ impl HttpService {
             .instrument(span)
         }));
 
-        match receiver.await {
+        // A client that goes away before the response head takes its guest with it.
+        let cancel = CancelOnDrop::new(task.abort_handle());
+        let answer = receiver.await;
+        if answer.is_ok() {
+            // The guest goes on to write the body, or to finish after answering.
+            cancel.disarm();
+        }
+        match answer {
             Ok(Ok(response)) => response,
             Ok(Err(code)) => {
                 tracing::debug!(%method, %path, ?code, "guest answered with an error code");

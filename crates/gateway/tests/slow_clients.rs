@@ -1,0 +1,108 @@
+//! Slow clients (slowloris) against a real gateway on loopback: clients trickling request
+//! bodies do not hold a replica's permits, so they cannot take an app offline; a client that
+//! stalls in its request head, or in its body, is cut off after its timeout.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use shoal_core::Route;
+use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A gateway routing `/faulty` to one faulty replica with 4 permits, and short client
+/// timeouts.
+async fn gateway() -> (tempfile::TempDir, std::net::SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = Gateway::new(GatewayConfig {
+        header_read_timeout: Duration::from_secs(1),
+        body_timeout: Duration::from_secs(2),
+        ..GatewayConfig::default()
+    });
+    gateway.set_routes(vec![(Route::parse("/faulty").unwrap(), app("faulty"))]);
+    let faulty = service(&runtime, shoal_fixtures::FAULTY_WASM, instance(&[])).await;
+    gateway.add_endpoint(
+        app("faulty"),
+        Endpoint::local("faulty-1".into(), 1, faulty, 4),
+    );
+    (dir, serve(&gateway).await)
+}
+
+/// Reads what the server sends until it closes the connection (or `limit` passes).
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(limit, stream.read_to_end(&mut received))
+        .await
+        .expect("the server closed the connection in time")
+        .expect("reading the connection");
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_trickling_bodies_do_not_take_the_app_offline() {
+    let (_dir, addr) = gateway().await;
+    // 200 clients start a 100 kB POST to an app that reads its body, send 10 bytes, stall.
+    let mut slow = Vec::new();
+    for _ in 0..200 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(
+                b"POST /faulty/echo HTTP/1.1\r\nhost: test\r\ncontent-length: 100000\r\n\r\n0123456789",
+            )
+            .await
+            .unwrap();
+        slow.push(stream);
+    }
+    // Meanwhile a normal client is served, every time (with 4 permits held by trickling
+    // clients it would wait 1 s and get 503).
+    let client = HttpClient::new();
+    for _ in 0..20 {
+        let reply = client.get(&format!("http://{addr}/faulty/count")).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // The trickling clients are answered 408 once their body timeout passes.
+    for stream in slow.iter_mut().take(3) {
+        let answer = read_until_closed(stream, Duration::from_secs(10)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("request_timeout"), "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalling_in_its_request_head_is_cut_off() {
+    let (_dir, addr) = gateway().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /faulty/count HTTP/1.1\r\nhost: te")
+        .await
+        .unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(10)).await;
+
+    // An idle keep-alive connection goes the same way, after answering what it was sent.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /faulty/count HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused() {
+    let (_dir, addr) = gateway().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let huge = "x".repeat(100 << 10);
+    let request = format!("GET /faulty/count HTTP/1.1\r\nhost: test\r\nx-big: {huge}\r\n\r\n");
+    // The server may stop reading (and close) before it has all of it.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let answer = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
+        "{answer}"
+    );
+}
