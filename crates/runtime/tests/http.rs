@@ -474,17 +474,6 @@ async fn count(service: &HttpService) -> u64 {
     body_text(response).await.parse().expect("a count")
 }
 
-/// Waits until `n` instances wait for a request: an instance goes back after its guest
-/// returns, a moment after the client has the whole response.
-async fn idle(service: &HttpService, n: usize) {
-    eventually(
-        Duration::from_secs(5),
-        &format!("{n} idle instances"),
-        || service.idle_instances() == n,
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_reused_instance_serves_its_count_and_a_failure_ends_it() {
     let (_dir, faulty) = reusing(3, Duration::from_secs(60)).await;

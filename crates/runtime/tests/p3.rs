@@ -56,16 +56,6 @@ async fn count(service: &HttpService) -> u64 {
         .expect("a count")
 }
 
-/// Waits until `n` instances are alive with nothing in flight.
-async fn idle(service: &HttpService, n: usize) {
-    eventually(
-        Duration::from_secs(5),
-        &format!("{n} idle instances"),
-        || service.idle_instances() == n,
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_p3_component_answers_with_a_fresh_instance_per_request_by_default() {
     let (_dir, hello) = hello_p3(Reuse::default()).await;

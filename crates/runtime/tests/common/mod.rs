@@ -80,6 +80,17 @@ pub async fn error_body(response: http::Response<ResponseBody>) -> ErrorBody {
 }
 
 /// Polls `check` until it holds, failing the test after `limit`.
+/// Waits until `service` keeps `n` instances waiting for a request: an instance goes back
+/// after its guest returns, a moment after the client has the whole response.
+pub async fn idle(service: &shoal_runtime::HttpService, n: usize) {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{n} idle instances"),
+        || service.idle_instances() == n,
+    )
+    .await;
+}
+
 pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
