@@ -6,17 +6,18 @@
 //! [`FULL_PASS`] about every app. It writes the [`Plan`]: one transaction
 //! per batch (per app, per node), each guarded by the revisions its decisions
 //! were made on, so a concurrent write voids only the batch it touches, and
-//! the next pass looks again.
+//! the next pass looks again. Node leases are judged on the controller's own
+//! clock ([`LeaseClock`]), not on the wall clock their renewals carry.
 
 use crate::error::ControlError;
 use crate::mirror::Mirror;
 use crate::state::{ControlPlane, blocking, encode};
 use futures::FutureExt;
-use shoal_core::NodeState;
 use shoal_core::objects::keys::{self, Key};
-use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Plan};
+use shoal_core::{Node, NodeState};
+use shoal_scheduler::plan::{self, Batch, Change, Expect, Ids, Leases, Plan, Read, Scope};
 use shoal_store::{Op, Txn, WatchStream};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
@@ -28,12 +29,20 @@ const FULL_PASS: Duration = Duration::from_secs(5);
 /// is thrown away and loaded again.
 const CATCH_UP: Duration = Duration::from_secs(5);
 
+/// The most a gap between two passes counts against nodes' leases. A
+/// running controller passes at least every 250 ms (plus the pass), so a
+/// longer gap means it was not running (the process stopped, the machine
+/// suspended or starved) and could not hear the heartbeats sent meanwhile.
+const MAX_GAP: Duration = Duration::from_secs(1);
+
 impl ControlPlane {
     /// Runs the controller until the process ends.
     pub async fn run_controller(self) {
-        // Leases written before this control plane started are judged from its
-        // start: a restart after a long outage must not evict every node.
+        // Load is measured from this control plane's start.
         let _ = self.inner.started_at.set(self.now());
+        // Leases are judged from its start too, on its own clock: a restart
+        // after a long outage must not evict every node.
+        let mut clock = LeaseClock::default();
         let mut kept: Option<(Mirror, WatchStream)> = None;
         let mut last_full: Option<Instant> = None;
         loop {
@@ -65,14 +74,17 @@ impl ControlPlane {
             let cp = self.clone();
             let span = tracing::debug_span!("reconcile", full);
             let passed = blocking(move || {
-                let wrote = cp.pass(&mut mirror, full);
-                Ok((mirror, wrote))
+                let wrote = cp.pass(&mut mirror, &mut clock, full);
+                Ok((mirror, clock, wrote))
             })
             .instrument(span)
             .await;
-            let Ok((mut mirror, wrote)) = passed else {
+            let Ok((mut mirror, kept_clock, wrote)) = passed else {
+                // The pass panicked, with the clock: start judging afresh.
+                clock = LeaseClock::default();
                 continue;
             };
+            clock = kept_clock;
             if full {
                 last_full = Some(Instant::now());
             }
@@ -135,7 +147,12 @@ impl ControlPlane {
     /// One pass: plan on the mirror, write. Returns whether it wrote (or
     /// tried to write) anything. `full`: about every app, else about those
     /// that changed, were measured, or have something in motion.
-    pub(crate) fn pass(&self, mirror: &mut Mirror, full: bool) -> Result<bool, ControlError> {
+    pub(crate) fn pass(
+        &self,
+        mirror: &mut Mirror,
+        clock: &mut LeaseClock,
+        full: bool,
+    ) -> Result<bool, ControlError> {
         let changes = mirror.take_changes();
         let measured = self.inner.metrics.take_touched();
         // A node that came, went or changed concerns every app.
@@ -155,7 +172,8 @@ impl ControlPlane {
             });
         }
         let world = &mut mirror.world;
-        world.leases_from = self.inner.started_at.get().copied().unwrap_or(0);
+        world.leases = clock.observe(Instant::now(), &world.nodes, &mirror.leases);
+        world.started_at = self.inner.started_at.get().copied().unwrap_or(0);
         world.node_grace_ms = self.config().node_grace.as_millis() as u64;
         world.strategy = self.config().strategy;
         let now = self.now();
@@ -170,6 +188,7 @@ impl ControlPlane {
             }
         };
         world.measurements = BTreeMap::new();
+        clock.decided(&plan);
         let quiet = plan.batches.is_empty();
         self.write(plan)?;
         if quiet && full {
@@ -306,6 +325,81 @@ fn guard<T>(txn: Txn, key: &Key<T>, expect: Expect) -> Txn {
     }
 }
 
+/// When this controller heard each node's lease renewed, on a clock of its
+/// own that plan takes as [`Leases`]: monotonic (`Instant`), so a wall-clock
+/// step ages no lease, and moving by at most [`MAX_GAP`] from one pass to
+/// the next, so the time the controller itself was not running is not held
+/// against any node. It starts at zero with the controller, every node
+/// heard at its first pass: a full grace after a (re)start.
+#[derive(Default)]
+pub(crate) struct LeaseClock {
+    /// The last pass, by the monotonic clock.
+    last: Option<Instant>,
+    /// Milliseconds of this clock so far.
+    now: u64,
+    /// Node → its lease's store revision as last seen (none: no lease yet),
+    /// and when, on this clock, it was first seen at that revision.
+    heard: HashMap<String, (Option<u64>, u64)>,
+    /// When, on this clock, the last node was marked NotReady.
+    evicted: Option<u64>,
+    /// Whether the last pass held evictions back.
+    held: bool,
+}
+
+impl LeaseClock {
+    /// Moves the clock to `at` and says how long each of `nodes` has not
+    /// renewed its lease (`leases`: node → revision of its last renewal).
+    fn observe(
+        &mut self,
+        at: Instant,
+        nodes: &BTreeMap<String, Read<Node>>,
+        leases: &BTreeMap<String, u64>,
+    ) -> Leases {
+        if let Some(last) = self.last {
+            let gap = at.saturating_duration_since(last);
+            if gap > MAX_GAP {
+                tracing::warn!(
+                    ?gap,
+                    "the controller did not run for a while; that time is not held against nodes"
+                );
+            }
+            self.now += gap.min(MAX_GAP).as_millis() as u64;
+        }
+        self.last = Some(at);
+        self.heard.retain(|name, _| nodes.contains_key(name));
+        let mut ages = BTreeMap::new();
+        for name in nodes.keys() {
+            let revision = leases.get(name).copied();
+            let heard = self
+                .heard
+                .entry(name.clone())
+                .or_insert((revision, self.now));
+            if heard.0 != revision {
+                *heard = (revision, self.now);
+            }
+            ages.insert(name.clone(), self.now - heard.1);
+        }
+        Leases {
+            ages,
+            since_eviction: self.evicted.map(|t| self.now - t),
+            held: self.held,
+        }
+    }
+
+    /// Remembers what `plan`, made on the last [`LeaseClock::observe`],
+    /// decided about nodes, for the rate limit and the hold's warning.
+    fn decided(&mut self, plan: &Plan) {
+        self.held = plan.held;
+        if plan
+            .batches
+            .iter()
+            .any(|b| matches!(b.scope, Scope::Node(_)))
+        {
+            self.evicted = Some(self.now);
+        }
+    }
+}
+
 /// Revisions of watch history kept (about 3 hours of one node's heartbeats).
 const HISTORY: u64 = 10_000;
 
@@ -341,6 +435,76 @@ mod tests {
             draining: false,
             joined_at: 0,
         })
+    }
+
+    fn nodes(names: &[&str]) -> BTreeMap<String, Read<Node>> {
+        names
+            .iter()
+            .map(|n| {
+                let node: Node = serde_json::from_slice(&node(n)).unwrap();
+                (n.to_string(), Read::new(node, 1))
+            })
+            .collect()
+    }
+
+    fn revisions(leases: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        leases.iter().map(|(n, r)| (n.to_string(), *r)).collect()
+    }
+
+    fn ages(leases: &Leases) -> Vec<(&str, u64)> {
+        leases.ages.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+    }
+
+    #[test]
+    fn leases_age_on_the_controllers_clock_and_not_while_it_is_away() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut clock = LeaseClock::default();
+        let both = nodes(&["a", "b"]);
+        // First heard at the first pass, lease or none: a full grace from it.
+        let l = clock.observe(t0, &both, &revisions(&[("a", 5)]));
+        assert_eq!(ages(&l), [("a", 0), ("b", 0)]);
+        let l = clock.observe(ms(250), &both, &revisions(&[("a", 5)]));
+        assert_eq!(ages(&l), [("a", 250), ("b", 250)]);
+        // A renewal is a new revision of the lease.
+        let l = clock.observe(ms(500), &both, &revisions(&[("a", 9), ("b", 8)]));
+        assert_eq!(ages(&l), [("a", 0), ("b", 0)]);
+        // Stopped for 10 s: only MAX_GAP of it counts.
+        let l = clock.observe(ms(10_500), &both, &revisions(&[("a", 9), ("b", 8)]));
+        assert_eq!(ages(&l), [("a", 1000), ("b", 1000)]);
+        let l = clock.observe(ms(10_750), &both, &revisions(&[("a", 9), ("b", 12)]));
+        assert_eq!(ages(&l), [("a", 1250), ("b", 0)]);
+        // A node that goes is forgotten; if it comes back, it is heard anew.
+        clock.observe(ms(11_000), &nodes(&["a"]), &revisions(&[("a", 9)]));
+        let l = clock.observe(ms(11_250), &both, &revisions(&[("a", 9), ("b", 12)]));
+        assert_eq!(ages(&l), [("a", 1750), ("b", 0)]);
+    }
+
+    #[test]
+    fn the_clock_remembers_evictions_and_holds_for_the_next_pass() {
+        let t0 = Instant::now();
+        let mut clock = LeaseClock::default();
+        let one = nodes(&["a"]);
+        let l = clock.observe(t0, &one, &BTreeMap::new());
+        assert_eq!((l.since_eviction, l.held), (None, false));
+        let marked = Plan {
+            batches: vec![Batch {
+                scope: Scope::Node("a".into()),
+                app: None,
+                changes: Vec::new(),
+                events: Vec::new(),
+            }],
+            ..Plan::default()
+        };
+        clock.decided(&marked);
+        let l = clock.observe(t0 + Duration::from_millis(300), &one, &BTreeMap::new());
+        assert_eq!((l.since_eviction, l.held), (Some(300), false));
+        clock.decided(&Plan {
+            held: true,
+            ..Plan::default()
+        });
+        let l = clock.observe(t0 + Duration::from_millis(600), &one, &BTreeMap::new());
+        assert_eq!((l.since_eviction, l.held), (Some(600), true));
     }
 
     #[tokio::test]

@@ -13,16 +13,19 @@ use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
 use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
 use shoal_scheduler::Strategy;
-use shoal_scheduler::plan::{Read, World, needs_look};
+use shoal_scheduler::plan::{Leases, Read, World, needs_look};
 use shoal_store::{Event, EventKind, KeyValue};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The cluster as of store revision `revision`, and what changed in it
 /// since the last [`Mirror::take_changes`].
 pub(crate) struct Mirror {
-    /// Its measurements are left empty: a pass fills in those it needs.
+    /// Its measurements and leases are left empty: a pass fills in those.
     pub(crate) world: World,
     pub(crate) revision: u64,
+    /// Node name → the store revision of its lease's last renewal: each
+    /// renewal is a new one, whatever the wall clock said when it was made.
+    pub(crate) leases: BTreeMap<String, u64>,
     changes: Changes,
     /// Apps a pass looks at even when nothing of them changed
     /// ([`needs_look`]), kept up to date as their objects change.
@@ -49,14 +52,15 @@ impl Mirror {
                 revisions: BTreeMap::new(),
                 replicas: BTreeMap::new(),
                 nodes: BTreeMap::new(),
-                leases: BTreeMap::new(),
+                leases: Leases::default(),
                 rollouts: BTreeMap::new(),
                 measurements: BTreeMap::new(),
-                leases_from: 0,
+                started_at: 0,
                 node_grace_ms: 0,
                 strategy: Strategy::default(),
             },
             revision,
+            leases: BTreeMap::new(),
             changes: Changes::default(),
             active: BTreeSet::new(),
         };
@@ -127,7 +131,7 @@ impl Mirror {
             w.nodes.insert(n.name.clone(), Read::new(n, at));
         } else if keys::LEASES.contains(key) {
             let l: Lease = decode(kv)?;
-            w.leases.insert(l.node, l.renewed_at);
+            self.leases.insert(l.node, at);
         }
         Ok(())
     }
@@ -135,11 +139,11 @@ impl Mirror {
     /// Forgets the object at store key `key`, named by its key alone (a
     /// delete carries no value).
     fn delete(&mut self, key: &str) {
-        let w = &mut self.world;
         if let Some(node) = key.strip_prefix(keys::LEASES.as_str()) {
-            w.leases.remove(node);
+            self.leases.remove(node);
             return;
         }
+        let w = &mut self.world;
         let app = match key_of(key) {
             None => return,
             Some(ObjectKey::Node(name)) => {
@@ -262,7 +266,7 @@ mod tests {
             .unwrap();
         assert_eq!(m.revision, 3);
         assert_eq!(m.world.replicas[&a]["x"].mod_revision, 2);
-        assert_eq!(m.world.leases["n"], 42);
+        assert_eq!(m.leases["n"], 3, "a renewal is known by its revision");
         assert_eq!(
             m.take_changes(),
             Changes {

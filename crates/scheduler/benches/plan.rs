@@ -11,7 +11,7 @@ use shoal_core::{
     App, Capacity, Node, NodeState, Phase, Replica, Revision, RolloutPhase, RolloutStatus,
 };
 use shoal_scheduler::Strategy;
-use shoal_scheduler::plan::{Ids, Plan, Read, World, plan, plan_apps};
+use shoal_scheduler::plan::{Ids, Leases, Plan, Read, World, plan, plan_apps};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -52,10 +52,10 @@ fn world(apps: usize, placed: bool) -> World {
                 (node.name.clone(), Read::new(node, 1))
             })
             .collect(),
-        leases: (0..NODES).map(|i| (format!("node-{i}"), 1_000)).collect(),
+        leases: Leases::default(),
         rollouts: BTreeMap::new(),
         measurements: BTreeMap::new(),
-        leases_from: 0,
+        started_at: 0,
         node_grace_ms: 3_000,
         strategy: Strategy::BinPack,
     };

@@ -53,18 +53,36 @@ pub struct World {
     /// Per app (that app may be gone), by replica id.
     pub replicas: BTreeMap<AppKey, BTreeMap<String, Read<Replica>>>,
     pub nodes: BTreeMap<String, Read<Node>>,
-    /// Node name → when its lease was last renewed.
-    pub leases: BTreeMap<String, Millis>,
+    /// How long each node has been silent, as the controller heard it.
+    pub leases: Leases,
     pub rollouts: BTreeMap<AppKey, Read<RolloutStatus>>,
     /// What the gateways measured, per app.
     pub measurements: BTreeMap<AppKey, Measurements>,
-    /// Leases are judged from no earlier than this (the control plane's start):
-    /// a restart after a long outage must not evict every node. Load is known
-    /// from then on too: an app without measurements had no traffic since.
-    pub leases_from: Millis,
-    /// A node whose lease is older than this is NotReady.
+    /// When this control plane started: load is known from then on only, so
+    /// an app without measurements had no traffic since, not ever.
+    pub started_at: Millis,
+    /// A node whose lease is older than this is lost (see [`Leases`]).
     pub node_grace_ms: u64,
     pub strategy: Strategy,
+}
+
+/// Node heartbeats as the controller heard them, in milliseconds of its own
+/// clock: monotonic, so a wall-clock step ages no lease, and standing still
+/// while the controller does not run, so nothing is evicted for the time the
+/// control plane itself was stopped or suspended. It starts with the
+/// controller: every node gets a full grace after a (re)start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Leases {
+    /// Node name → for how long its lease has not been renewed. A node
+    /// missing here counts as just renewed: it has not been heard long
+    /// enough to judge.
+    pub ages: BTreeMap<String, u64>,
+    /// How long ago this controller last marked a node NotReady, if it has:
+    /// evictions are rate-limited.
+    pub since_eviction: Option<u64>,
+    /// Whether the previous pass held evictions back ([`Plan::held`]), so
+    /// the warning is recorded when a hold begins, not at every pass.
+    pub held: bool,
 }
 
 /// An app's gateway measurements: running totals per revision, the totals
@@ -159,7 +177,7 @@ pub enum Change {
 pub struct NewEvent {
     pub kind: EventType,
     pub reason: &'static str,
-    /// `app/ns/name`, `replica/ns/name/id`, `node/name`.
+    /// `app/ns/name`, `replica/ns/name/id`, `node/name`, `cluster`.
     pub object: String,
     pub app: Option<AppKey>,
     pub message: String,
@@ -168,8 +186,11 @@ pub struct NewEvent {
 /// What a batch is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
+    /// A node marked NotReady.
     Node(String),
     App(AppKey),
+    /// The cluster as a whole: an event only.
+    Cluster,
 }
 
 /// Writes that commit together or not at all.
@@ -226,6 +247,9 @@ pub struct Plan {
     /// State that cannot be acted on (e.g. an app pointing at a missing
     /// revision), for the log.
     pub warnings: Vec<String>,
+    /// Nodes were lost but too many at once to mark any NotReady (full
+    /// disruption): the controller hands this back as [`Leases::held`].
+    pub held: bool,
 }
 
 impl Plan {
@@ -256,7 +280,7 @@ fn plan_for(
     ids: &mut impl Ids,
 ) -> Plan {
     let mut out = Plan::default();
-    let nodes = expire_leases(world, now, &mut out);
+    let nodes = expire_leases(world, &mut out);
     // Replicas move off nodes that were NotReady when read; one that becomes
     // NotReady in this pass loses its replicas in the next, once that is
     // stored, so a node batch that loses its race moves nothing.
@@ -358,40 +382,80 @@ pub fn needs_look(world: &World, key: &AppKey) -> bool {
         || (spec.scale.autoscale.is_some() && (spec.replicas > 0 || replicas.is_some()))
 }
 
-/// Nodes as they are after this pass: a Ready node whose lease is older than
-/// the grace becomes NotReady, in a batch of its own.
-fn expire_leases(world: &World, now: Millis, out: &mut Plan) -> Vec<Node> {
-    let mut nodes = Vec::with_capacity(world.nodes.len());
-    for n in world.nodes.values() {
-        let mut node = n.value.clone();
-        let renewed = world
-            .leases
-            .get(&node.name)
-            .copied()
-            .unwrap_or(0)
-            .max(world.leases_from);
-        if node.state == NodeState::Ready && now.saturating_sub(renewed) > world.node_grace_ms {
-            node.state = NodeState::NotReady;
-            let mut batch = Batch::new(Scope::Node(node.name.clone()), None);
+/// Nodes as they are after this pass. A Ready node whose lease is older
+/// than the grace is lost, and is marked NotReady in a batch of its own
+/// (its replicas move in the next pass), with two brakes, as Kubernetes'
+/// node lifecycle controller has:
+///
+/// - Full disruption: in a cluster of two or more nodes, while more than
+///   half of them are NotReady or silent for over half the grace, none is
+///   marked. So many at once more likely means the control plane cannot hear
+///   them (its network, its host) than that they all failed, and replacing
+///   every replica would only add to the outage. Half the grace counts, not
+///   only the whole, so that nodes that went silent together, whose leases
+///   run out a few passes apart, are judged together and not one by one.
+///   A single node is judged alone.
+/// - Rate: one node per pass, the longest silent, and none within a grace
+///   of the last one this controller marked.
+fn expire_leases(world: &World, out: &mut Plan) -> Vec<Node> {
+    let mut nodes: Vec<Node> = world.nodes.values().map(|n| n.value.clone()).collect();
+    let grace = world.node_grace_ms;
+    let age = |n: &Node| world.leases.ages.get(&n.name).copied().unwrap_or(0);
+    // The longest silent, ties to the first by name.
+    let Some((lost, expect)) = world
+        .nodes
+        .values()
+        .enumerate()
+        .filter(|(_, n)| n.value.state == NodeState::Ready && age(&n.value) > grace)
+        .max_by(|(a, na), (b, nb)| age(&na.value).cmp(&age(&nb.value)).then(b.cmp(a)))
+        .map(|(i, n)| (i, n.mod_revision))
+    else {
+        return nodes;
+    };
+    let troubled = nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Ready || age(n) > grace / 2)
+        .count();
+    if nodes.len() >= 2 && troubled * 2 > nodes.len() {
+        out.held = true;
+        if !world.leases.held {
+            let message = format!(
+                "{troubled} of {} nodes are NotReady or silent: more likely the control plane \
+                 cannot hear them than that they all failed; no node is marked NotReady until \
+                 most are heard again",
+                nodes.len()
+            );
+            let mut batch = Batch::new(Scope::Cluster, None);
             batch.event(
                 EventType::Warning,
-                "NodeNotReady",
-                format!("node/{}", node.name),
+                "NodeEvictionHeld",
+                "cluster".into(),
                 None,
-                format!(
-                    "no heartbeat from node {} for {} ms",
-                    node.name,
-                    now - renewed
-                ),
+                message.clone(),
             );
-            batch.changes.push(Change::PutNode {
-                node: node.clone(),
-                expect: n.mod_revision,
-            });
             out.batches.push(batch);
+            out.warnings.push(message);
         }
-        nodes.push(node);
+        return nodes;
     }
+    if world.leases.since_eviction.is_some_and(|t| t < grace) {
+        return nodes;
+    }
+    let node = &mut nodes[lost];
+    node.state = NodeState::NotReady;
+    let mut batch = Batch::new(Scope::Node(node.name.clone()), None);
+    batch.event(
+        EventType::Warning,
+        "NodeNotReady",
+        format!("node/{}", node.name),
+        None,
+        format!("no heartbeat from node {} for {} ms", node.name, age(node)),
+    );
+    batch.changes.push(Change::PutNode {
+        node: node.clone(),
+        expect,
+    });
+    out.batches.push(batch);
     nodes
 }
 
@@ -537,7 +601,7 @@ impl<'w> Pass<'w> {
         let key = app.spec.key();
         // Nothing was measured before the control plane started, whatever a
         // missing or default `Load` says: that must not pass for idleness.
-        let start = self.world.leases_from;
+        let start = self.world.started_at;
         let floored;
         let load = match self.world.measurements.get(&key) {
             Some(m) if m.load.since >= start => &m.load,
@@ -1074,10 +1138,10 @@ mod tests {
                 .into_iter()
                 .map(|n| (n.value.name.clone(), n))
                 .collect(),
-            leases: [("m".to_string(), NOW), ("n".to_string(), NOW)].into(),
+            leases: Leases::default(),
             rollouts: BTreeMap::new(),
             measurements: BTreeMap::new(),
-            leases_from: 0,
+            started_at: 0,
             node_grace_ms: 3000,
             strategy: Strategy::Spread,
         }
@@ -1214,7 +1278,7 @@ mod tests {
             ],
         );
         complete(&mut w, 1);
-        w.leases.insert("n".into(), NOW - 3001);
+        w.leases.ages.insert("n".into(), 3001);
         let p = plan(&w, NOW, &mut Counter::default());
         assert_eq!(p.batches.len(), 1, "{p:?}");
         let nb = &p.batches[0];
@@ -1243,12 +1307,137 @@ mod tests {
         assert_eq!(placed[0].node.as_deref(), Some("m"), "not on the lost node");
         assert_eq!(reasons(b), ["Rescheduled", "Scheduled"]);
 
-        // Within the grace, or judged from a later start of the control plane: nothing.
-        w.leases.insert("n".into(), NOW - 3000);
+        // Within the grace: nothing.
+        w.leases.ages.insert("n".into(), 3000);
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
-        w.leases.insert("n".into(), 0);
-        w.leases_from = NOW - 1000;
-        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    /// Leases are judged by their age on the controller's own clock, so a
+    /// step of the wall clock (`now`), either way, expires nothing, and
+    /// does not save a node that is silent.
+    #[test]
+    fn a_wall_clock_step_neither_expires_nor_keeps_a_lease() {
+        let mut w = with_replicas(
+            world(2, 1, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        complete(&mut w, 1);
+        w.leases.ages = [("m".to_string(), 900), ("n".to_string(), 100)].into();
+        for now in [NOW + 3_600_000, NOW - 60_000] {
+            assert!(plan(&w, now, &mut Counter::default()).is_empty());
+        }
+        w.leases.ages.insert("n".into(), 3001);
+        for now in [NOW + 3_600_000, NOW - 60_000] {
+            let p = plan(&w, now, &mut Counter::default());
+            assert_eq!(p.batches.len(), 1, "{p:?}");
+            assert_eq!(p.batches[0].scope, Scope::Node("n".into()));
+        }
+    }
+
+    /// Nodes `a`, `b`, … (as many as `ages`), with lease ages `ages`; node
+    /// `i` is NotReady where `not_ready[i]`.
+    fn nodes_aged(ages: &[u64], not_ready: &[usize]) -> World {
+        let mut w = world(0, 1, "");
+        w.nodes.clear();
+        for (i, age) in ages.iter().enumerate() {
+            let name = ((b'a' + i as u8) as char).to_string();
+            let mut n = node(&name);
+            if not_ready.contains(&i) {
+                n.value.state = NodeState::NotReady;
+            }
+            w.nodes.insert(name.clone(), n);
+            w.leases.ages.insert(name, *age);
+        }
+        complete(&mut w, 1);
+        w
+    }
+
+    /// The nodes a plan marks NotReady.
+    fn marked(p: &Plan) -> Vec<&str> {
+        p.batches
+            .iter()
+            .filter_map(|b| match &b.scope {
+                Scope::Node(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// More than half of the nodes silent at once is a control plane that
+    /// cannot hear them: none is marked, and a Warning says so once.
+    #[test]
+    fn most_nodes_silent_at_once_mark_none_and_warn_once() {
+        for (ages, not_ready) in [
+            // Both of two lost.
+            (&[3001, 3001][..], &[][..]),
+            // Two of three lost, or one lost and another late.
+            (&[3001, 3500, 100][..], &[][..]),
+            (&[3001, 1501, 100][..], &[][..]),
+            // One lost, another already NotReady.
+            (&[3001, 100, 100][..], &[1][..]),
+        ] {
+            let w = nodes_aged(ages, not_ready);
+            let p = plan(&w, NOW, &mut Counter::default());
+            assert!(marked(&p).is_empty(), "{ages:?} {not_ready:?}: {p:?}");
+            assert!(p.held);
+            assert_eq!(p.batches.len(), 1, "{p:?}");
+            let b = &p.batches[0];
+            assert_eq!(b.scope, Scope::Cluster);
+            assert!(b.changes.is_empty());
+            assert_eq!(reasons(b), ["NodeEvictionHeld"]);
+            assert_eq!(b.events[0].kind, EventType::Warning);
+            assert_eq!(p.warnings.len(), 1);
+
+            // Still held at the next pass: the warning is not repeated.
+            let mut again = w.clone();
+            again.leases.held = true;
+            let p = plan(&again, NOW, &mut Counter::default());
+            assert!(p.held && p.is_empty(), "{p:?}");
+        }
+        // Half or fewer: the lost node is marked as usual.
+        for (ages, not_ready) in [
+            (&[3001, 100][..], &[][..]),
+            (&[3001, 1500, 100][..], &[][..]),
+            (&[3001, 100, 100, 100][..], &[1][..]),
+        ] {
+            let p = plan(&nodes_aged(ages, not_ready), NOW, &mut Counter::default());
+            assert_eq!(marked(&p), ["a"], "{ages:?} {not_ready:?}: {p:?}");
+            assert!(!p.held);
+        }
+    }
+
+    /// A cluster of one has no majority to compare with: its node is
+    /// judged alone.
+    #[test]
+    fn a_lone_silent_node_is_marked_not_ready() {
+        let p = plan(&nodes_aged(&[3001], &[]), NOW, &mut Counter::default());
+        assert_eq!(marked(&p), ["a"]);
+        assert!(plan(&nodes_aged(&[3000], &[]), NOW, &mut Counter::default()).is_empty());
+    }
+
+    /// One node per pass, the longest silent first, and none within a grace
+    /// of the last one marked.
+    #[test]
+    fn evictions_are_one_per_grace_longest_silent_first() {
+        let mut w = nodes_aged(&[3500, 100, 9000, 100, 100], &[]);
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(marked(&p), ["c"]);
+        assert_eq!(
+            p.batches[0].events[0].message,
+            "no heartbeat from node c for 9000 ms"
+        );
+        w.nodes.get_mut("c").unwrap().value.state = NodeState::NotReady;
+        w.leases.since_eviction = Some(2999);
+        assert!(marked(&plan(&w, NOW, &mut Counter::default())).is_empty());
+        w.leases.since_eviction = Some(3000);
+        assert_eq!(marked(&plan(&w, NOW, &mut Counter::default())), ["a"]);
+
+        // Equally silent: the first by name.
+        let w = nodes_aged(&[100, 4000, 4000, 100, 100], &[]);
+        assert_eq!(marked(&plan(&w, NOW, &mut Counter::default())), ["b"]);
     }
 
     #[test]
@@ -1548,7 +1737,6 @@ mod tests {
             instances: 1000,
         };
         w.nodes = [("n".to_string(), n)].into();
-        w.leases.remove("m");
         let mut b_app = app_with("http", 1, 1, "");
         b_app.spec.name = "b".into();
         let b_key = AppKey::new("default", "b");
@@ -1745,9 +1933,9 @@ mod tests {
             &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
         );
         complete(&mut w, 1);
-        w.leases_from = NOW - 30_000;
+        w.started_at = NOW - 30_000;
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
-        w.leases_from = NOW - 60_000;
+        w.started_at = NOW - 60_000;
         let p = plan(&w, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(put_apps(b)[0].spec.replicas, 0);
@@ -1771,12 +1959,6 @@ mod tests {
         ];
         let mut w = with_replicas(with_app(world(2, 1, ""), app), &two);
         complete(&mut w, 1);
-        let at = |w: &mut World, t: Millis| {
-            for lease in w.leases.values_mut() {
-                *lease = t;
-            }
-        };
-        at(&mut w, NINE + 1_800_000);
         let p = plan(&w, NINE + 1_800_000, &mut Counter::default());
         let b = app_batch(&p);
         let stored = put_apps(b);
@@ -1805,11 +1987,9 @@ mod tests {
             .collect();
         let mut w = with_replicas(w, &five);
         complete(&mut w, 1);
-        at(&mut w, NINE + 2_700_000);
         assert!(plan(&w, NINE + 2_700_000, &mut Counter::default()).is_empty());
 
         // Closed: back to 2, and the status says no window is open.
-        at(&mut w, NINE + 3_600_000);
         let p = plan(&w, NINE + 3_600_000, &mut Counter::default());
         let b = app_batch(&p);
         let stored = put_apps(b);
