@@ -24,7 +24,7 @@ mod wrk;
 use proc::{Proc, free_port};
 use wrk::{env_or, millis};
 
-use common::{Cluster, NodeProc, Server, examples, poll, write_spec};
+use common::{Cluster, NodeProc, Server, cluster, examples, poll, write_spec};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -299,25 +299,9 @@ fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
 
 /// A control plane and two nodes (hops over HTTP/2 if `http2`) running one replica of each
 /// mode's app; for each app, its own node's gateway URL and the other node's.
-fn two_nodes(dir: &std::path::Path, http2: bool) -> (Server, Vec<NodeProc>, Vec<[String; 2]>) {
-    let server = Server::start(dir);
-    let extra: &[&str] = if http2 {
-        &["--hop-protocol", "http2"]
-    } else {
-        &["--hop-protocol", "http1"]
-    };
-    let nodes: Vec<NodeProc> = (1..=2)
-        .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
-        .collect();
-    assert!(poll(Duration::from_secs(30), || {
-        let n = server.api_json("/v1/nodes");
-        n.as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["state"] == "Ready")
-            .count()
-            == 2
-    }));
+fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Vec<[String; 2]>) {
+    let protocol = if http2 { "http2" } else { "http1" };
+    let (dir, server, nodes) = cluster(2, &["--hop-protocol", protocol]);
     let mut urls = Vec::new();
     for (i, mode) in MODES.iter().enumerate() {
         // One app per mode, each under its own name and route.
@@ -327,7 +311,7 @@ fn two_nodes(dir: &std::path::Path, http2: bool) -> (Server, Vec<NodeProc>, Vec<
             .replace("../target", &format!("{}/target", examples()))
             .replace(&format!("name = \"{name}\""), &format!("name = \"{app}\""))
             .replace(&format!("\"/{name}\""), &format!("\"/{app}\""));
-        let spec = write_spec(dir, &format!("{app}.toml"), &text);
+        let spec = write_spec(dir.path(), &format!("{app}.toml"), &text);
         server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
         assert!(poll(Duration::from_secs(30), || ready_nodes(&server, &app)
             .len()
@@ -344,7 +328,7 @@ fn two_nodes(dir: &std::path::Path, http2: bool) -> (Server, Vec<NodeProc>, Vec<
             format!("{}{path}", other.gateway),
         ]);
     }
-    (server, nodes, urls)
+    (dir, server, nodes, urls)
 }
 
 fn hop(seconds: u64, connections: u64, rounds: usize) {
@@ -365,8 +349,7 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
     let mut results: Vec<Vec<wrk::Wrk>> = sides.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (p, http2) in [false, true].into_iter().enumerate() {
-            let dir = tempfile::tempdir().unwrap();
-            let (_server, _nodes, urls) = two_nodes(dir.path(), http2);
+            let (_dir, _server, _nodes, urls) = two_nodes(http2);
             for (m, [own, other]) in urls.iter().enumerate() {
                 for (k, url) in [own, other].into_iter().enumerate() {
                     let i = p * 2 * MODES.len() + 2 * m + k;

@@ -45,6 +45,25 @@ impl CliConfig {
 }
 
 /// Writes a file only its owner can read: tokens live in these.
+/// Creates `dir` (and its parents) if needed and makes it readable by its owner only: a data
+/// dir holds tokens, the state and modules.
+pub fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .with_context(|| format!("cannot create data dir {}", dir.display()))
+}
+
+/// Makes an existing file readable and writable by its owner only.
+pub fn private_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))
+}
+
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

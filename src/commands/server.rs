@@ -14,9 +14,11 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     let c = start_control(&ctx, &args.control).await?;
     println!("Shoal control plane is up, data in {}", c.data.display());
     println!("  API:      {}", c.server);
+    // The join token stays in its file: a terminal's scrollback or a log is no place for it.
     println!(
-        "  join:     shoal node join {} --token {}",
-        c.server, c.join_token
+        "  join:     shoal node join {} --token-file {}",
+        c.server,
+        c.data.join("join-token").display()
     );
     apply_files(&c.server, &c.token, &args.control.apply).await?;
     shutdown_signal().await;

@@ -3,7 +3,9 @@
 //! process; `server` is the control plane alone; `node join` is a worker.
 
 use super::Context;
-use crate::client::{CliConfig, Client, default_config_path, write_private};
+use crate::client::{
+    CliConfig, Client, default_config_path, private_dir, private_file, write_private,
+};
 use anyhow::{Context as _, Result};
 use shoal_agent::{Agent, AgentConfig};
 use shoal_api::Link;
@@ -177,15 +179,16 @@ pub struct StartedControl {
 
 pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedControl> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data)
-        .with_context(|| format!("cannot create data dir {}", data.display()))?;
+    private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
     let join_token = load_or_create_secret(&data.join("join-token"))?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
 
-    let store = Store::open(&data.join("state.redb"))
+    let state = data.join("state.redb");
+    let store = Store::open(&state)
         .with_context(|| format!("cannot open the state in {}", data.display()))?;
+    private_file(&state)?;
     let blobs = BlobStore::open(&data.join("modules"))?;
     let control = ControlPlane::new(
         store,
@@ -341,7 +344,7 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     println!("  gateway:  http://{}", node.gateway);
     println!("  CLI config (server + token): {}", config_path.display());
     println!(
-        "  more nodes: shoal node join {} --token $(cat {}) --gateway ADDR",
+        "  more nodes: shoal node join {} --token-file {} --gateway ADDR",
         c.server,
         c.data.join("join-token").display()
     );

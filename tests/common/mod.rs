@@ -514,8 +514,13 @@ impl NodeProc {
         gw: &str,
         extra: Vec<String>,
     ) -> NodeProc {
+        // The token goes in a file, as a real node is told to keep it: not on the command line.
+        let token_file = dir.with_extension("join-token");
+        std::fs::write(&token_file, token).expect("write the join token");
         let mut child = Command::new(SHOAL)
-            .args(["node", "join", api, "--token", token, "--data-dir"])
+            .args(["node", "join", api, "--token-file"])
+            .arg(&token_file)
+            .arg("--data-dir")
             .arg(dir)
             .args(["--node-name", name, "--gateway", gw])
             .args(&extra)

@@ -857,8 +857,9 @@ impl Body for Guarded {
     }
 }
 
-/// The largest request head (line and headers) a client may send: nginx allows 32 KiB.
-const MAX_HEAD_BYTES: usize = 64 << 10;
+/// The largest header list an HTTP/2 client may send. (An HTTP/1.1 head is held to hyper's
+/// read buffer, ~400 KiB: a smaller buffer also throttles bodies, which stalled an 8 MiB echo.)
+const MAX_HEAD_BYTES: u32 = 64 << 10;
 
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_EVERY: Duration = Duration::from_secs(20);
@@ -900,8 +901,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 .http1()
                 .keep_alive(true)
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout)
-                .max_buf_size(MAX_HEAD_BYTES);
+                .header_read_timeout(header_read_timeout);
             // Flow-control windows that grow with the connection's bandwidth-delay product, so
             // a large body over an HTTP/2 hop is not held to the 64 KiB default window; pings
             // find connections whose peer went away.
@@ -909,7 +909,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 .http2()
                 .adaptive_window(true)
                 .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEAD_BYTES as u32)
+                .max_header_list_size(MAX_HEAD_BYTES)
                 .keep_alive_interval(Some(H2_PING_EVERY))
                 .keep_alive_timeout(H2_PING_EVERY);
             if let Err(e) = server.serve_connection(TokioIo::new(stream), service).await {
