@@ -217,11 +217,11 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     let server = format!("http://{}", listener.local_addr()?);
     tokio::spawn(control.clone().run_controller());
     let router = shoal_control::router(control.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "API server stopped");
-        }
-    });
+    tokio::spawn(shoal_control::serve(
+        listener,
+        router,
+        shoal_control::ServeLimits::default(),
+    ));
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
     CliConfig {
         server: server.clone(),

@@ -16,10 +16,12 @@ mod link;
 mod measurements;
 mod mirror;
 mod rollouts;
+mod serve;
 mod state;
 
 pub use api::router;
 pub use api_error::ApiError;
 pub use error::{ControlError, ControlResult};
 pub use link::LocalLink;
+pub use serve::{ServeLimits, serve};
 pub use state::{ControlConfig, ControlPlane};

@@ -1,0 +1,81 @@
+//! The API's listener against slow and many clients: a client stalling in its request head is
+//! cut off, and past the connection cap new clients wait until one leaves.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use shoal_control::{ServeLimits, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+async fn api(limits: ServeLimits) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Router::new().route("/ok", get(|| async { "ok" }));
+    tokio::spawn(serve(listener, router, limits));
+    addr
+}
+
+/// Everything the server sends until it closes the connection.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    let mut received = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+        .await
+        .expect("the server closed the connection in time")
+        .unwrap();
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_stalling_in_its_head_is_cut_off() {
+    let addr = api(ServeLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServeLimits::default()
+    })
+    .await;
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x")
+        .await
+        .unwrap();
+    until_closed(&mut stalled).await;
+
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut client).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn past_the_cap_a_client_waits_for_a_connection_to_end() {
+    let addr = api(ServeLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 1,
+    })
+    .await;
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    first.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // The first connection is kept alive: the second is not served while it lasts.
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), second.read(&mut byte)).await;
+    assert!(early.is_err(), "served past the cap");
+    drop(first);
+    let answer = until_closed(&mut second).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
