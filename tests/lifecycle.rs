@@ -261,3 +261,35 @@ fn killed_requests_become_events() {
         c.cli_ok(&["events", "--app", "faulty"])
     );
 }
+
+#[test]
+fn revisions_past_the_history_limit_are_pruned_and_undo_still_works() {
+    let c = Cluster::start();
+    let dir = c.dir.path().to_path_buf();
+    for version in 1..=13 {
+        c.cli_ok(&["apply", "-f", &faulty(&dir, 1, version, "", "")]);
+    }
+    let (done, out) = wait_rollout(|args| c.cli(args));
+    assert!(done, "{out}");
+    // The controller's next quiet full pass keeps the newest 10 and what is in use.
+    let kept = || -> Vec<u64> {
+        c.api_json("/v1/apps/faulty")["revisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["number"].as_u64().unwrap())
+            .collect()
+    };
+    assert!(
+        poll(Duration::from_secs(30), || !kept().contains(&1)),
+        "{:?}",
+        kept()
+    );
+    let kept = kept();
+    assert!(
+        kept.len() <= 11 && (4..=13).all(|n| kept.contains(&n)),
+        "{kept:?}"
+    );
+    let out = c.cli_ok(&["rollout", "undo", "faulty"]);
+    assert!(out.contains("now revision 14"), "{out}");
+}

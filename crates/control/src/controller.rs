@@ -193,6 +193,7 @@ impl ControlPlane {
         self.write(plan)?;
         if quiet && full {
             self.prune_events()?;
+            self.prune_revisions(&mirror.world)?;
             self.compact_history()?;
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));
@@ -271,6 +272,27 @@ impl ControlPlane {
         let target = store.revision().saturating_sub(HISTORY);
         if target > store.compacted_revision() + HISTORY / 10 {
             store.compact(target)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the revisions past each app's history ([`plan::stale_revisions`]), one app per
+    /// transaction, while the app and each revision are still as the mirror read them (an
+    /// apply or an undo meanwhile keeps them for the next quiet pass to look at again).
+    fn prune_revisions(&self, world: &plan::World) -> Result<(), ControlError> {
+        let stale = plan::stale_revisions(world, plan::REVISION_HISTORY);
+        for app in stale.chunk_by(|a, b| a.app == b.app) {
+            let first = &app[0];
+            let mut txn =
+                Txn::new().when_mod_revision(keys::app(&first.app), first.app_mod_revision);
+            for revision in app {
+                let key = keys::revision(&revision.app, revision.number);
+                txn = txn
+                    .when_mod_revision(key.clone(), revision.mod_revision)
+                    .then(Op::delete(key));
+            }
+            let done = self.store().txn(txn)?.succeeded;
+            tracing::debug!(app = %first.app, revisions = app.len(), done, "pruned revision history");
         }
         Ok(())
     }

@@ -1068,6 +1068,52 @@ fn new_replica(
     }
 }
 
+/// Revisions an app keeps besides those in use, as Kubernetes' `revisionHistoryLimit`: enough
+/// to roll back a few changes, and no longer every revision ever made in every snapshot.
+pub const REVISION_HISTORY: usize = 10;
+
+/// An app's revision past its history, with what must still be as read for it to go: the
+/// revision's and the app's modification revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleRevision {
+    pub app: AppKey,
+    pub number: u64,
+    pub mod_revision: u64,
+    pub app_mod_revision: u64,
+}
+
+/// Each app's revisions older than its newest `keep` and used by nothing: not the current one,
+/// not a rollout's target, stable or rolled-back-from one, not any replica's.
+pub fn stale_revisions(world: &World, keep: usize) -> Vec<StaleRevision> {
+    let mut stale = Vec::new();
+    for (key, app) in &world.apps {
+        let mut in_use = vec![app.value.revision];
+        if let Some(rollout) = world.rollouts.get(key) {
+            let r = &rollout.value;
+            in_use.extend(
+                [Some(r.revision), r.stable, r.rolled_back_from]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        if let Some(replicas) = world.replicas.get(key) {
+            in_use.extend(replicas.values().map(|r| r.value.revision));
+        }
+        let range = (key.clone(), 0)..=(key.clone(), u64::MAX);
+        for ((_, number), revision) in world.revisions.range(range).rev().skip(keep) {
+            if !in_use.contains(number) {
+                stale.push(StaleRevision {
+                    app: key.clone(),
+                    number: *number,
+                    mod_revision: revision.mod_revision,
+                    app_mod_revision: app.mod_revision,
+                });
+            }
+        }
+    }
+    stale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1145,6 +1191,34 @@ mod tests {
             node_grace_ms: 3000,
             strategy: Strategy::Spread,
         }
+    }
+
+    #[test]
+    fn revisions_past_the_history_go_unless_in_use() {
+        // Revisions 1..=14, the app at 14: the newest 3 stay, and 2 (a replica's) and 5 (the
+        // rollout's stable one) stay in use.
+        let mut w = with_replicas(world(1, 14, ""), &[replica_at("r", 2, Phase::Ready, 0)]);
+        let rollout = RolloutStatus {
+            app: key(),
+            revision: 14,
+            stable: Some(5),
+            strategy: Default::default(),
+            phase: RolloutPhase::Complete,
+            paused: false,
+            step: 0,
+            step_started_at: None,
+            ready: 1,
+            progressed_at: 0,
+            started_at: 0,
+            rolled_back_from: None,
+            message: String::new(),
+        };
+        w.rollouts.insert(key(), Read::new(rollout, 1));
+        let stale = stale_revisions(&w, 3);
+        let numbers: Vec<u64> = stale.iter().map(|s| s.number).collect();
+        assert_eq!(numbers, [11, 10, 9, 8, 7, 6, 4, 3, 1]);
+        assert_eq!((stale[0].mod_revision, stale[0].app_mod_revision), (21, 5));
+        assert!(stale_revisions(&w, 14).is_empty());
     }
 
     fn with_replicas(mut w: World, replicas: &[Replica]) -> World {
