@@ -13,12 +13,21 @@ use shoal_api::{
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Longest a control-plane call may take before the agent tries again, so a
 /// stalled control plane cannot wedge a node's sync loop.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a module download may take: a 64 MiB module at ~250 KiB/s.
+const MODULE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The longest line of the watch stream (one revision's changes) the agent reads; past it the
+/// stream ends and the agent reads the snapshot again, rather than buffer without bound.
+const MAX_DELTA_LINE: usize = 32 << 20;
 
 /// Whether a fetched module is on disk whole: a crash or a full disk must not
 /// leave a truncated file that every later start trusts.
@@ -58,8 +67,9 @@ pub struct RemoteLink {
     api: Client,
     /// Where fetched modules are kept, content-addressed like the server's.
     modules: PathBuf,
-    /// One download at a time, so replicas starting together fetch a module once.
-    fetching: tokio::sync::Mutex<()>,
+    /// One download per module at a time, so replicas starting together fetch it once,
+    /// while other modules download beside it.
+    fetching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl RemoteLink {
@@ -73,7 +83,7 @@ impl RemoteLink {
         Ok(RemoteLink {
             api: Client::with_http(http, base, token),
             modules,
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: std::sync::Mutex::default(),
         })
     }
 
@@ -172,28 +182,7 @@ impl Link for RemoteLink {
         Box::pin(async move {
             let resp = self.call(self.api.request(Method::GET, &path)).await?;
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
-            let reader = tokio_util::io::StreamReader::new(bytes);
-            let lines =
-                tokio_util::codec::FramedRead::new(reader, tokio_util::codec::LinesCodec::new());
-            // A broken line ends the stream rather than be skipped: the agent
-            // then re-reads the snapshot instead of missing a change.
-            let deltas = lines
-                .map(
-                    |line| match line.map(|l| serde_json::from_str::<Delta>(&l)) {
-                        Ok(Ok(delta)) => Some(delta),
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "unreadable change from the control plane");
-                            None
-                        }
-                        Err(e) => {
-                            tracing::debug!(error = %e, "watch connection ended");
-                            None
-                        }
-                    },
-                )
-                .take_while(|delta| futures::future::ready(delta.is_some()))
-                .filter_map(futures::future::ready);
-            Ok(deltas.boxed())
+            Ok(deltas(tokio_util::io::StreamReader::new(bytes)))
         })
     }
 
@@ -203,14 +192,22 @@ impl Link for RemoteLink {
             let digest = digest.map_err(|e| LinkError::Failed(e.to_string()))?;
             let hex = digest.hex();
             let path = self.modules.join(hex);
-            let _one_at_a_time = self.fetching.lock().await;
+            let lock = self
+                .fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(hex.to_string())
+                .or_default()
+                .clone();
+            let _one_at_a_time = lock.lock().await;
             if verified(&path, &digest).await {
                 return Ok(path);
             }
             let resp = self
                 .call(
                     self.api
-                        .request(Method::GET, &format!("/v1/cluster/modules/{digest}")),
+                        .request(Method::GET, &format!("/v1/cluster/modules/{digest}"))
+                        .timeout(MODULE_TIMEOUT),
                 )
                 .await?;
             let bytes = resp
@@ -235,5 +232,57 @@ impl Link for RemoteLink {
                 .map_err(|e| LinkError::Failed(format!("cannot store module: {e}")))?;
             Ok(path)
         })
+    }
+}
+
+/// The watch stream's deltas, one JSON line each. A broken line, or one longer than
+/// [`MAX_DELTA_LINE`], ends the stream rather than be skipped: the agent then re-reads the
+/// snapshot instead of missing a change.
+fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> BoxStream<'static, Delta> {
+    let codec = tokio_util::codec::LinesCodec::new_with_max_length(MAX_DELTA_LINE);
+    tokio_util::codec::FramedRead::new(reader, codec)
+        .map(
+            |line| match line.map(|l| serde_json::from_str::<Delta>(&l)) {
+                Ok(Ok(delta)) => Some(delta),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "unreadable change from the control plane");
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "watch connection ended");
+                    None
+                }
+            },
+        )
+        .take_while(|delta| futures::future::ready(delta.is_some()))
+        .filter_map(futures::future::ready)
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(revision: u64) -> String {
+        let delta = Delta {
+            revision,
+            changes: Vec::new(),
+        };
+        format!("{}\n", serde_json::to_string(&delta).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_limit_ends_the_watch() {
+        // Two good lines, then one longer than the limit, then a good one never reached.
+        let huge = format!(
+            "{{\"revision\":3,\"pad\":\"{}\"}}\n",
+            "x".repeat(MAX_DELTA_LINE)
+        );
+        let text = [line(1), line(2), huge, line(4)].concat();
+        let read: Vec<u64> = deltas(std::io::Cursor::new(text.into_bytes()))
+            .map(|d| d.revision)
+            .collect()
+            .await;
+        assert_eq!(read, [1, 2]);
     }
 }
