@@ -60,7 +60,7 @@ impl Metrics {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<AppKey, Measurements>> {
-        self.apps.lock().expect("metrics lock")
+        self.apps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn entry<'a>(
@@ -92,7 +92,7 @@ impl Metrics {
             match load.samples.last_mut() {
                 Some(last) if last.at == second => {
                     last.concurrency += concurrency;
-                    last.requests += s.requests;
+                    last.requests = last.requests.saturating_add(s.requests);
                 }
                 _ => load.samples.push(LoadSample {
                     at: second,
@@ -113,7 +113,7 @@ impl Metrics {
         let mut apps = self.lock();
         self.touch([app.clone()]);
         let total = {
-            let mut all = self.waiting.lock().expect("metrics lock");
+            let mut all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
             let nodes = all.entry(app.clone()).or_default();
             if waiting > 0 {
                 nodes.insert(node.to_string(), waiting);
@@ -142,7 +142,7 @@ impl Metrics {
         throttled_ns: u64,
         now: Millis,
     ) {
-        let mut cpu = self.cpu.lock().expect("metrics lock");
+        let mut cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
         let samples = cpu
             .entry(app.clone())
             .or_default()
@@ -159,7 +159,7 @@ impl Metrics {
     /// `app`'s guest CPU between each node's last two reports, summed over the
     /// nodes that reported in the last 10 s; `None` without two such reports.
     pub(crate) fn cpu(&self, app: &AppKey, now: Millis) -> Option<CpuView> {
-        let cpu = self.cpu.lock().expect("metrics lock");
+        let cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
         let mut view: Option<CpuView> = None;
         for samples in cpu.get(app)?.values() {
             let [Some(a), Some(b)] = samples else {
@@ -211,12 +211,15 @@ impl Metrics {
     }
 
     fn touch(&self, apps: impl IntoIterator<Item = AppKey>) {
-        self.touched.lock().expect("metrics lock").extend(apps);
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(apps);
     }
 
     /// The apps measured since the last call.
     pub(crate) fn take_touched(&self) -> BTreeSet<AppKey> {
-        std::mem::take(&mut *self.touched.lock().expect("metrics lock"))
+        std::mem::take(&mut *self.touched.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Records the totals a canary step is judged against.
@@ -238,7 +241,7 @@ impl Metrics {
     /// Forgets what nodes that are gone or not ready held: nobody waits there any more.
     pub(crate) fn retain_waiting_nodes(&self, keep: impl Fn(&str) -> bool) {
         let mut apps = self.lock();
-        let mut all = self.waiting.lock().expect("metrics lock");
+        let mut all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|app, nodes| {
             nodes.retain(|node, _| keep(node));
             if let Some(m) = apps.get_mut(app) {

@@ -15,6 +15,7 @@ use shoal_core::{App, EventType, Phase, Replica, Revision, RolloutStatus};
 use shoal_scheduler::plan::{Batch, Change, Expect, Read, roll_back_into};
 use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
 use shoal_store::Txn;
+use std::collections::BTreeMap;
 
 impl ControlPlane {
     pub(crate) fn rollout_view(&self, key: &AppKey) -> Result<RolloutView, ControlError> {
@@ -151,8 +152,22 @@ impl ControlPlane {
             .map(|(s, _)| s))
     }
 
-    /// Gateway measurements from a node, counted from now.
+    /// Gateway measurements from a node, counted from now: only for apps and revisions that
+    /// exist, so reports cannot grow the measurements without bound.
     pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
+        let mut current = BTreeMap::new();
+        let stats: Vec<RevisionStats> = stats
+            .into_iter()
+            .filter(|s| {
+                let revision = *current.entry(s.app.clone()).or_insert_with(|| {
+                    self.get::<App>(&keys::app(&s.app))
+                        .ok()
+                        .flatten()
+                        .map_or(0, |(app, _)| app.revision)
+                });
+                (1..=revision).contains(&s.revision)
+            })
+            .collect();
         self.inner.metrics.record(stats, self.now());
     }
 

@@ -1170,6 +1170,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn measurements_count_only_for_apps_and_revisions_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.apply(spec(&cp, "m", &["/m"]), false).unwrap();
+        let stats = |app: &str, revision| {
+            let mut s =
+                shoal_core::metrics::RevisionStats::new(AppKey::new("default", app), revision);
+            s.requests = 1;
+            s
+        };
+        cp.record_metrics(vec![stats("m", 1), stats("m", 2), stats("ghost", 1)]);
+        let seen: Vec<(String, Vec<u64>)> = cp
+            .inner
+            .metrics
+            .snapshot()
+            .into_iter()
+            .map(|(app, m)| (app.name, m.totals.keys().copied().collect()))
+            .collect();
+        assert_eq!(seen, [("m".to_string(), vec![1])]);
+    }
+
+    #[test]
     fn two_apps_applied_at_once_never_both_get_a_route() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path());

@@ -33,12 +33,16 @@ impl Histogram {
         self.counts[i] += 1;
     }
 
+    /// Adds `other`'s counts, saturating; buckets past the known bounds (from a node that
+    /// sent more than there are) are dropped, so a report cannot grow a histogram.
     pub fn merge(&mut self, other: &Histogram) {
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
+        let buckets = LATENCY_BOUNDS_MS.len() + 1;
+        let wanted = other.counts.len().min(buckets);
+        if self.counts.len() < wanted {
+            self.counts.resize(wanted, 0);
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
     }
 
@@ -55,7 +59,7 @@ impl Histogram {
     }
 
     pub fn total(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0, |sum, c| sum.saturating_add(*c))
     }
 
     /// The upper bound (ms) of the bucket holding the `q` quantile; `None` without
@@ -111,11 +115,13 @@ impl RevisionStats {
         }
     }
 
+    /// Adds `other`'s counts, saturating: totals come from nodes, and no report may make
+    /// them overflow (a panic there would poison the control plane's measurements).
     pub fn merge(&mut self, other: &RevisionStats) {
-        self.requests += other.requests;
-        self.errors += other.errors;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
         self.latency.merge(&other.latency);
-        self.busy_ms += other.busy_ms;
+        self.busy_ms = self.busy_ms.saturating_add(other.busy_ms);
     }
 
     /// What was counted after `base` was taken from the same running totals.
@@ -156,6 +162,23 @@ mod tests {
         assert_eq!(h.quantile(1.0), Some(150));
         h.record(60_000.0);
         assert_eq!(h.quantile(1.0), Some(10_000));
+    }
+
+    #[test]
+    fn merging_saturates_and_keeps_to_the_known_buckets() {
+        let app = AppKey::new("default", "a");
+        let mut a = RevisionStats::new(app.clone(), 1);
+        a.requests = u64::MAX - 1;
+        a.latency.record(3.0);
+        let mut b = RevisionStats::new(app, 1);
+        b.requests = 5;
+        b.busy_ms = u64::MAX;
+        b.latency.counts = vec![u64::MAX; 1 << 20];
+        a.merge(&b);
+        a.merge(&b);
+        assert_eq!((a.requests, a.busy_ms), (u64::MAX, u64::MAX));
+        assert_eq!(a.latency.counts.len(), LATENCY_BOUNDS_MS.len() + 1);
+        assert_eq!(a.latency.total(), u64::MAX);
     }
 
     #[test]
