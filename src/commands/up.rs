@@ -83,6 +83,10 @@ pub struct NodeArgs {
     /// per node, or pooled keep-alive HTTP/1.1 connections.
     #[arg(long, value_enum, default_value = "http2")]
     pub hop_protocol: HopProtocol,
+    /// Let guests reach loopback and private addresses their spec grants explicitly
+    /// (`[network] outbound`); link-local ones stay refused.
+    #[arg(long)]
+    pub allow_private_egress: bool,
 }
 
 /// `--hop-protocol`.
@@ -283,6 +287,7 @@ pub async fn start_node(
     let gateway = Gateway::new(GatewayConfig {
         hop_secret: Some(hop_secret),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
+        allow_private_egress: args.allow_private_egress,
         ..GatewayConfig::default()
     });
     let agent = Agent::new(

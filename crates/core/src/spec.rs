@@ -7,6 +7,7 @@ use crate::quantity::{parse_cpu, parse_duration_ms, parse_memory};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 use std::path::PathBuf;
 use thiserror::Error;
@@ -111,6 +112,185 @@ fn validate_host(h: &str) -> Result<(), String> {
         Err(format!(
             "{h:?} is not a valid host: use lowercase DNS names like \"api.example.com\""
         ))
+    }
+}
+
+/// One `[network] outbound` grant: a host and, if written, the one port it may be called on.
+/// Without a port only the scheme's default is granted (80 for http, 443 for https), so
+/// `"api.example.com"` does not open the host's other services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundGrant {
+    pub host: OutboundHost,
+    pub port: Option<u16>,
+}
+
+/// A granted host, or the host a request names: compared as such, so `[::1]` and `[0::1]`
+/// are one address and names are compared lowercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboundHost {
+    /// A DNS name; where it resolves is checked when the gateway connects.
+    Name(String),
+    Ip(IpAddr),
+}
+
+impl OutboundHost {
+    /// The host of a request's URI (`uri.host()`: IPv6 in brackets).
+    pub fn of_uri(host: &str) -> OutboundHost {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        match bare.parse() {
+            Ok(ip) => OutboundHost::Ip(ip),
+            Err(_) => OutboundHost::Name(host.to_ascii_lowercase()),
+        }
+    }
+}
+
+impl OutboundGrant {
+    /// `HOST` or `HOST:PORT`; HOST a lowercase DNS name, an IPv4 address or an IPv6 one in
+    /// brackets. Addresses no guest may ever reach ([`Reach::Never`]) are refused here; private
+    /// ones are accepted, and the node decides (a gateway setting, off by default).
+    pub fn parse(grant: &str) -> Result<OutboundGrant, String> {
+        let invalid_port = || {
+            format!(
+                "{grant:?} has an invalid port: use a number from 1 to 65535, like \"api.example.com:8080\""
+            )
+        };
+        if grant.contains("://") {
+            return Err(format!(
+                "{grant:?} is a URL: grant the host alone, like \"api.example.com\" or \"api.example.com:8080\""
+            ));
+        }
+        let (host, port) = match grant.strip_prefix('[') {
+            Some(rest) => {
+                let (inside, after) = rest.split_once(']').ok_or_else(|| {
+                    format!("{grant:?} is not a valid host: an IPv6 address needs its closing ']'")
+                })?;
+                let ip: Ipv6Addr = inside
+                    .parse()
+                    .map_err(|_| format!("{grant:?} is not a valid IPv6 address"))?;
+                let port = match after {
+                    "" => None,
+                    _ => Some(after.strip_prefix(':').ok_or_else(invalid_port)?),
+                };
+                (OutboundHost::Ip(IpAddr::V6(ip)), port)
+            }
+            None => {
+                let (host, port) = match grant.split_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (grant, None),
+                };
+                if port.is_some_and(|p| p.contains(':')) {
+                    return Err(format!(
+                        "{grant:?}: write an IPv6 address in brackets, like \"[2001:db8::1]:8080\""
+                    ));
+                }
+                (outbound_host(host)?, port)
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => Some(
+                p.parse()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(invalid_port)?,
+            ),
+            Some(_) => return Err(invalid_port()),
+        };
+        if let OutboundHost::Ip(ip) = host
+            && reach(ip) == Reach::Never
+        {
+            return Err(format!(
+                "{grant:?} cannot be granted: link-local (where cloud metadata lives), unspecified, \
+                 multicast and broadcast addresses are never reachable from guests"
+            ));
+        }
+        Ok(OutboundGrant { host, port })
+    }
+
+    /// Whether a request to `host` on `port` is granted; `default_port` is that of the
+    /// request's scheme.
+    pub fn allows(&self, host: &OutboundHost, port: u16, default_port: u16) -> bool {
+        self.host == *host && port == self.port.unwrap_or(default_port)
+    }
+}
+
+/// An IPv4 address or a DNS name. A name ending in a numeric label is refused: it is no DNS
+/// name, but resolvers read `127.1` or `2130706433` as addresses.
+fn outbound_host(host: &str) -> Result<OutboundHost, String> {
+    if let Ok(ip) = host.parse::<Ipv4Addr>() {
+        return Ok(OutboundHost::Ip(IpAddr::V4(ip)));
+    }
+    validate_host(host)
+        .map_err(|_| {
+            format!(
+                "{host:?} is not a valid host: use lowercase DNS names like \"api.example.com\", \
+                 optionally with a port (\"api.example.com:8080\")"
+            )
+        })
+        .and_then(|()| {
+            let last = host.rsplit('.').next().unwrap_or(host);
+            if last.bytes().all(|b| b.is_ascii_digit()) {
+                Err(format!(
+                    "{host:?} is not a valid host: write an IPv4 address as four numbers, like \"203.0.113.7\""
+                ))
+            } else {
+                Ok(OutboundHost::Name(host.to_string()))
+            }
+        })
+}
+
+/// Which destinations a guest's granted egress may connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    Public,
+    /// The node itself and its networks (loopback, RFC 1918, CGNAT 100.64/10, IPv6 ULA
+    /// fc00::/7 and site-local): where the control plane and other nodes' APIs listen, so
+    /// reachable only where the node allows it.
+    Private,
+    /// Link-local (169.254/16 with cloud metadata, fe80::/10), unspecified (connecting to
+    /// it reaches the node itself), multicast, broadcast and reserved: never.
+    Never,
+}
+
+/// What kind of destination `ip` is; IPv4 addresses inside IPv6 (mapped `::ffff:a.b.c.d`,
+/// NAT64 `64:ff9b::/96`) count as the IPv4 address they reach.
+pub fn reach(ip: IpAddr) -> Reach {
+    match ip {
+        IpAddr::V4(v4) => reach_v4(v4),
+        IpAddr::V6(v6) => {
+            let segments = v6.segments();
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return reach_v4(v4);
+            }
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [.., a, b, c, d] = v6.octets();
+                return reach_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if v6.is_unspecified() || v6.is_multicast() || segments[0] & 0xffc0 == 0xfe80 {
+                Reach::Never
+            } else if v6.is_loopback()
+                || segments[0] & 0xfe00 == 0xfc00
+                || segments[0] & 0xffc0 == 0xfec0
+            {
+                Reach::Private
+            } else {
+                Reach::Public
+            }
+        }
+    }
+}
+
+fn reach_v4(ip: Ipv4Addr) -> Reach {
+    let [a, b, ..] = ip.octets();
+    if ip.is_link_local() || a == 0 || ip.is_multicast() || a >= 240 {
+        Reach::Never
+    } else if ip.is_loopback() || ip.is_private() || (a == 100 && b & 0xc0 == 64) {
+        Reach::Private
+    } else {
+        Reach::Public
     }
 }
 
@@ -888,7 +1068,8 @@ pub struct AppSpec {
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
     /// Hosts a guest may call over plain HTTP besides other apps (which it
-    /// reaches by service name without a grant). Empty: no outbound network.
+    /// reaches by service name without a grant), each an [`OutboundGrant`]:
+    /// `HOST` (port 80) or `HOST:PORT`. Empty: no outbound network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1216,8 +1397,8 @@ impl AppSpec {
         if let Err((f, m)) = self.runs.check(self.replicas) {
             return field(f, m);
         }
-        for host in &self.outbound {
-            if let Err(m) = validate_host(host) {
+        for grant in &self.outbound {
+            if let Err(m) = OutboundGrant::parse(grant) {
                 return field("network.outbound", m);
             }
         }
@@ -2357,6 +2538,132 @@ A = "1"
         );
         let bad = format!("{HELLO}\n[network]\noutbound = [\"http://x\"]\n");
         assert_eq!(err(&bad).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
+    fn outbound_grants_name_a_host_and_maybe_a_port() {
+        let grant = |s: &str| OutboundGrant::parse(s);
+        let name = |h: &str| OutboundHost::Name(h.into());
+        let ip = |a: &str| OutboundHost::Ip(a.parse().unwrap());
+        assert_eq!(
+            grant("api.example.com"),
+            Ok(OutboundGrant {
+                host: name("api.example.com"),
+                port: None
+            })
+        );
+        assert_eq!(grant("api.example.com:8080").unwrap().port, Some(8080));
+        assert_eq!(grant("203.0.113.7:81").unwrap().host, ip("203.0.113.7"));
+        assert_eq!(grant("[2001:db8::1]").unwrap().host, ip("2001:db8::1"));
+        assert_eq!(grant("[2001:db8::1]:81").unwrap().port, Some(81));
+        // Private addresses parse: whether they are reached is the node's decision.
+        assert!(grant("127.0.0.1:9000").is_ok());
+        assert!(grant("10.0.0.5").is_ok());
+        assert!(grant("[::1]:9000").is_ok());
+        for bad in [
+            "api.example.com:",
+            "api.example.com:0",
+            "api.example.com:65536",
+            "api.example.com:+80",
+            "api.example.com:http",
+            "api.example.com:80:81",
+            "2001:db8::1",
+            "[2001:db8::1",
+            "[2001:db8::1]80",
+            "[api.example.com]",
+            "API.example.com",
+            "http://api.example.com",
+            "127.1",
+            "2130706433",
+            "169.254.169.254",
+            "169.254.169.254:80",
+            "[fe80::1]",
+            "[::ffff:169.254.169.254]",
+            "0.0.0.0:8080",
+            "[::]",
+            "224.0.0.1",
+            "255.255.255.255",
+        ] {
+            assert!(grant(bad).is_err(), "{bad} should be refused");
+        }
+        let metadata = grant("169.254.169.254").unwrap_err();
+        assert!(metadata.contains("link-local"), "{metadata}");
+        let port = grant("api.example.com:http").unwrap_err();
+        assert!(port.contains("invalid port"), "{port}");
+        let url = grant("http://api.example.com").unwrap_err();
+        assert!(url.contains("is a URL"), "{url}");
+
+        let src = format!("{HELLO}\n[network]\noutbound = [\"169.254.169.254\"]\n");
+        assert_eq!(err(&src).field.as_deref(), Some("network.outbound"));
+        let src = format!("{HELLO}\n[network]\noutbound = [\"api.example.com:99999\"]\n");
+        assert_eq!(err(&src).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
+    fn a_grant_without_a_port_allows_only_the_schemes_default() {
+        let host = OutboundHost::of_uri;
+        let plain = OutboundGrant::parse("api.example.com").unwrap();
+        assert!(plain.allows(&host("api.example.com"), 80, 80));
+        assert!(plain.allows(&host("API.Example.com"), 80, 80));
+        assert!(plain.allows(&host("api.example.com"), 443, 443));
+        assert!(!plain.allows(&host("api.example.com"), 8080, 80));
+        assert!(!plain.allows(&host("other.example.com"), 80, 80));
+        let port = OutboundGrant::parse("api.example.com:8080").unwrap();
+        assert!(port.allows(&host("api.example.com"), 8080, 80));
+        assert!(!port.allows(&host("api.example.com"), 80, 80));
+        let v6 = OutboundGrant::parse("[2001:db8::1]:81").unwrap();
+        assert!(v6.allows(&host("[2001:db8:0::1]"), 81, 80));
+        assert!(!v6.allows(&host("2001:db8::1.example"), 81, 80));
+    }
+
+    #[test]
+    fn addresses_are_public_private_or_never_reached() {
+        let reach_of = |a: &str| reach(a.parse().unwrap());
+        for public in [
+            "203.0.113.7",
+            "8.8.8.8",
+            "100.128.0.1",
+            "2001:db8::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert_eq!(reach_of(public), Reach::Public, "{public}");
+        }
+        for private in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "10.0.0.5",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.255",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fec0::1",
+            "::ffff:127.0.0.1",
+            "64:ff9b::10.0.0.1",
+        ] {
+            assert_eq!(reach_of(private), Reach::Private, "{private}");
+        }
+        for never in [
+            "169.254.169.254",
+            "169.254.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+            "fe80::1",
+            "febf::1",
+            "::",
+            "ff02::1",
+            "::ffff:169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert_eq!(reach_of(never), Reach::Never, "{never}");
+        }
     }
 
     #[test]

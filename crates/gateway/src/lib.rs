@@ -12,6 +12,7 @@
 //! ([`Gateway::outbound`]): that is service discovery.
 
 mod body;
+mod egress;
 mod endpoint;
 mod hold;
 mod metrics;

@@ -6,7 +6,7 @@ use crate::proxy;
 use crate::server::{Gateway, Inner};
 use http::uri::Scheme;
 use http::{Request, Response};
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, OutboundGrant, OutboundHost};
 use shoal_runtime::{HttpError, OutboundPolicy, RequestOptions, WasiBody};
 use std::future::Future;
 use std::pin::Pin;
@@ -20,8 +20,8 @@ pub(crate) struct ServicePolicy {
     /// dispatch to other apps, live with the gateway's I/O rather than among busy guests.
     io: Option<tokio::runtime::Handle>,
     namespace: String,
-    /// Lowercase; matched exactly against the request's host.
-    allowed_hosts: Vec<String>,
+    /// Host and port; where a granted name resolves is checked when egress connects.
+    grants: Vec<OutboundGrant>,
 }
 
 enum Destination {
@@ -38,26 +38,47 @@ impl ServicePolicy {
             gateway: gateway.downgrade(),
             io: tokio::runtime::Handle::try_current().ok(),
             namespace: namespace.to_string(),
-            allowed_hosts: allowed_hosts
-                .into_iter()
-                .map(|h| h.to_ascii_lowercase())
+            grants: allowed_hosts
+                .iter()
+                .filter_map(|grant| {
+                    // Specs are validated before they are stored; one stored before a rule
+                    // was added may still hold a grant that is refused now.
+                    OutboundGrant::parse(grant)
+                        .inspect_err(|e| tracing::warn!(%grant, "outbound grant ignored: {e}"))
+                        .ok()
+                })
                 .collect(),
         }
     }
 
     /// `NAME` is an app in the caller's namespace, `NAME.NS` one in `NS` if there is such an
-    /// app; otherwise a host is reachable only if granted.
-    fn resolve(&self, gateway: &Gateway, host: &str) -> Destination {
+    /// app, on any port; otherwise a host is reachable only on a port it is granted.
+    fn resolve(&self, gateway: &Gateway, host: &str, uri: &http::Uri) -> Destination {
         let mut labels = host.split('.');
         let app = match (labels.next(), labels.next(), labels.next()) {
             (Some(name), None, _) => Some(AppKey::new(&self.namespace, name)),
             (Some(name), Some(namespace), None) => Some(AppKey::new(namespace, name)),
             _ => None,
         };
+        let target = OutboundHost::of_uri(host);
+        let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
+            443
+        } else {
+            80
+        };
+        let port = uri.port_u16().unwrap_or(default_port);
+        let granted = |g: &OutboundGrant| g.allows(&target, port, default_port);
         match app {
             Some(app) if gateway.knows(&app) => Destination::Service(app),
-            _ if self.allowed_hosts.iter().any(|h| h == host) => Destination::Egress,
-            _ if !host.contains('.') => Destination::UnknownService,
+            _ if self.grants.iter().any(granted) => Destination::Egress,
+            // A granted host on another port is denied, not taken for a missing service; an
+            // IPv6 address is no service either.
+            _ if !host.contains('.')
+                && matches!(target, OutboundHost::Name(_))
+                && self.grants.iter().all(|g| g.host != target) =>
+            {
+                Destination::UnknownService
+            }
             _ => Destination::Denied,
         }
     }
@@ -76,7 +97,7 @@ impl OutboundPolicy for ServicePolicy {
             .host()
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let destination = self.resolve(&gateway, &host);
+        let destination = self.resolve(&gateway, &host, request.uri());
         // The wait for the response head; connecting is bounded by the gateway's own timeout.
         let head_timeout = options.and_then(|o| o.first_byte_timeout);
         let send = async move {

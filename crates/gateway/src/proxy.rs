@@ -1,7 +1,8 @@
 //! Sending requests over the network: to another node's gateway (one hop, pinned to a
-//! replica) and, for guests granted hosts, to the outside. One pooled HTTP/1.1 client per
-//! gateway carries both.
+//! replica) and, for guests granted hosts, to the outside. Each has its own pooled client:
+//! egress connects only to addresses [`egress::Guard`] allows.
 
+use crate::egress;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -51,22 +52,43 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 pub(crate) type Client = legacy::Client<HttpConnector, WasiBody>;
+/// For guests' granted hosts: connects only where [`egress::Guard`] allows.
+pub(crate) type EgressClient = legacy::Client<egress::Connector, WasiBody>;
 
 /// Idle connections are closed after this long; nodes come and go.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-/// A pooling client; with `http2`, one that speaks HTTP/2 with prior knowledge (the
+/// A pooling client for hops; with `http2`, one that speaks HTTP/2 with prior knowledge (the
 /// gateways' listeners accept it) and multiplexes requests on one connection per peer.
 pub(crate) fn client(connect_timeout: Duration, http2: bool) -> Client {
     let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    legacy::Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(POOL_IDLE)
-        .pool_timer(TokioTimer::new())
+    configure(&mut connector, connect_timeout);
+    pooling()
         .http2_only(http2)
         .http2_adaptive_window(true)
         .build(connector)
+}
+
+/// A pooling HTTP/1.1 client for egress. It is separate from the hops' client so that the
+/// address checks apply to guests' calls only; hops go to other nodes, private by nature.
+pub(crate) fn egress_client(connect_timeout: Duration, allow_private: bool) -> EgressClient {
+    let guard = egress::Guard { allow_private };
+    let mut http = HttpConnector::new_with_resolver(egress::Resolver(guard));
+    configure(&mut http, connect_timeout);
+    pooling().build(egress::Connector { http, guard })
+}
+
+fn configure<R>(connector: &mut HttpConnector<R>, connect_timeout: Duration) {
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+}
+
+fn pooling() -> legacy::Builder {
+    let mut builder = legacy::Client::builder(TokioExecutor::new());
+    builder
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_timer(TokioTimer::new());
+    builder
 }
 
 /// What made a remote endpoint unusable for this request; either way no guest saw it.
@@ -136,7 +158,7 @@ pub(crate) async fn forward(
 
 /// Sends a guest's request to a host its spec grants, as a plain client would.
 pub(crate) async fn egress(
-    client: &Client,
+    client: &EgressClient,
     mut req: Request<WasiBody>,
 ) -> Result<Response<WasiBody>, HttpError> {
     strip_internal(req.headers_mut());
@@ -300,6 +322,9 @@ fn client_error(e: &legacy::Error) -> HttpError {
     let mut dns = false;
     let mut hyper_error = None;
     while let Some(cause) = source {
+        if cause.is::<egress::Refused>() {
+            return HttpError::HttpRequestDenied;
+        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>() {
             io_kind.get_or_insert(io.kind());
         }

@@ -60,6 +60,11 @@ pub struct GatewayConfig {
     /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
     /// connections.
     pub hop_http2: bool,
+    /// Whether guests' granted egress may reach private addresses: loopback, RFC 1918,
+    /// CGNAT and IPv6 ULA, whether granted as an address (`"10.0.0.5:9000"`) or reached
+    /// through a granted name. Off by default, as that is where the control plane and the
+    /// nodes listen. Link-local (cloud metadata) stays refused either way.
+    pub allow_private_egress: bool,
 }
 
 impl Default for GatewayConfig {
@@ -71,6 +76,7 @@ impl Default for GatewayConfig {
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
             hop_http2: true,
+            allow_private_egress: false,
             header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
             max_connections: 10_000,
@@ -121,7 +127,7 @@ pub(crate) struct Inner {
     /// set, so one app's change is made here and handed over whole.
     wake: Mutex<HashSet<AppKey>>,
     /// For granted outbound hosts.
-    client: proxy::Client,
+    client: proxy::EgressClient,
     /// For hops to other nodes' gateways.
     hop_client: proxy::Client,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
@@ -133,7 +139,7 @@ pub type LogLookup = Arc<dyn Fn(&str) -> Option<LogSink> + Send + Sync>;
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
-        let client = proxy::client(config.connect_timeout, false);
+        let client = proxy::egress_client(config.connect_timeout, config.allow_private_egress);
         let hop_client = proxy::client(config.connect_timeout, config.hop_http2);
         Gateway {
             inner: Arc::new(Inner {
@@ -159,7 +165,7 @@ impl Gateway {
         inner.upgrade().map(|inner| Gateway { inner })
     }
 
-    pub(crate) fn client(&self) -> &proxy::Client {
+    pub(crate) fn client(&self) -> &proxy::EgressClient {
         &self.inner.client
     }
 
@@ -444,8 +450,9 @@ impl Gateway {
 
     /// The outbound policy for guests of one replica in `namespace`: calls to `http://NAME/`
     /// or `http://NAME.NAMESPACE/` go to that app's replicas through this gateway (in process,
-    /// or to the node that runs one); plain-http calls to a host in `allowed_hosts` go out to
-    /// the network; everything else is refused. The policy holds the gateway weakly, so a
+    /// or to the node that runs one); plain-http calls to a host and port `allowed_hosts`
+    /// grants go out to the network, to public addresses only (unless
+    /// [`GatewayConfig::allow_private_egress`]); everything else is refused. The policy holds the gateway weakly, so a
     /// replica's service never keeps the gateway that holds it alive.
     pub fn outbound(&self, namespace: &str, allowed_hosts: Vec<String>) -> Arc<dyn OutboundPolicy> {
         Arc::new(ServicePolicy::new(self, namespace, allowed_hosts))

@@ -68,7 +68,11 @@ async fn tiny_server() -> SocketAddr {
 async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
-    let gateway = Gateway::new(GatewayConfig::default());
+    // The stand-in for the outside listens on loopback, a private address.
+    let gateway = Gateway::new(GatewayConfig {
+        allow_private_egress: true,
+        ..GatewayConfig::default()
+    });
     let hello = service(
         &runtime,
         shoal_fixtures::HELLO_WASM,
@@ -78,7 +82,8 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     // No routes: a service is reachable by name without being exposed.
     gateway.add_endpoint(app("hello"), Endpoint::local("hello-1".into(), 1, hello, 4));
     let tiny = tiny_server().await;
-    let policy = gateway.outbound("default", vec!["127.0.0.1".into()]);
+    let closed = closed_port().await;
+    let policy = gateway.outbound("default", vec![tiny.to_string(), closed.to_string()]);
     let policy = policy.as_ref();
 
     assert_eq!(
@@ -138,7 +143,6 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
         Err(HttpError::HttpRequestDenied)
     ));
     // Granted but down: the guest sees a connection error, not a denial.
-    let closed = closed_port().await;
     assert!(matches!(
         call(policy, &format!("http://{closed}/")).await,
         Err(HttpError::ConnectionRefused)

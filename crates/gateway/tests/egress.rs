@@ -1,0 +1,138 @@
+//! Granted egress reaches a granted host on its granted port, and only public addresses
+//! unless the node allows private ones: a grant cannot be turned into a way into the node.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use shoal_gateway::{Gateway, GatewayConfig};
+use shoal_runtime::{HttpError, OutboundPolicy, WasiBody};
+use tokio::net::TcpListener;
+
+fn outgoing(url: &str) -> Request<WasiBody> {
+    let uri: Uri = url.parse().expect("valid url");
+    let host = uri.authority().expect("absolute url").to_string();
+    Request::get(uri)
+        .header("host", host)
+        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync())
+        .expect("valid request")
+}
+
+async fn call(policy: &dyn OutboundPolicy, url: &str) -> Result<StatusCode, HttpError> {
+    let response: Response<WasiBody> = policy.send(outgoing(url), None).await?;
+    Ok(response.status())
+}
+
+fn gateway(allow_private_egress: bool) -> Gateway {
+    Gateway::new(GatewayConfig {
+        allow_private_egress,
+        ..GatewayConfig::default()
+    })
+}
+
+/// A plain HTTP server on loopback standing in for a host outside Shoal.
+async fn outside() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"outside"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn denied(result: &Result<StatusCode, HttpError>) -> bool {
+    matches!(result, Err(HttpError::HttpRequestDenied))
+}
+
+#[tokio::test]
+async fn a_granted_host_is_reached_on_its_granted_port_only() {
+    let granted = outside().await;
+    let other = outside().await;
+    let gateway = gateway(true);
+    let port = granted.port();
+    let policy = gateway.outbound(
+        "default",
+        vec![format!("localhost:{port}"), "127.0.0.1".into()],
+    );
+    let policy = policy.as_ref();
+
+    assert_eq!(
+        call(policy, &format!("http://localhost:{port}/"))
+            .await
+            .unwrap(),
+        StatusCode::OK
+    );
+    let wrong_port = call(policy, &format!("http://localhost:{}/", other.port())).await;
+    assert!(denied(&wrong_port), "{wrong_port:?}");
+    // A grant without a port is port 80's.
+    let unnamed_port = call(policy, &format!("http://{other}/")).await;
+    assert!(denied(&unnamed_port), "{unnamed_port:?}");
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_is_refused_unless_the_node_allows_it() {
+    let outside = outside().await;
+    let grant = vec![format!("localhost:{}", outside.port())];
+    let url = format!("http://localhost:{}/", outside.port());
+
+    let strict = gateway(false);
+    let refused = call(strict.outbound("default", grant.clone()).as_ref(), &url).await;
+    assert!(denied(&refused), "{refused:?}");
+
+    let open = gateway(true);
+    let allowed = call(open.outbound("default", grant).as_ref(), &url).await;
+    assert_eq!(allowed.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_private_address_granted_explicitly_needs_the_node_to_allow_it() {
+    let outside = outside().await;
+    let grant = vec![outside.to_string()];
+    let url = format!("http://{outside}/");
+
+    let strict = gateway(false);
+    let refused = call(strict.outbound("default", grant.clone()).as_ref(), &url).await;
+    assert!(denied(&refused), "{refused:?}");
+
+    let open = gateway(true);
+    let allowed = call(open.outbound("default", grant).as_ref(), &url).await;
+    assert_eq!(allowed.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn link_local_addresses_are_never_granted() {
+    let open = gateway(true);
+    let policy = open.outbound(
+        "default",
+        vec![
+            "169.254.169.254".into(),
+            "[fe80::1]".into(),
+            "[::ffff:169.254.169.254]".into(),
+        ],
+    );
+    for url in [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fe80::1]/",
+        "http://[::ffff:169.254.169.254]/",
+    ] {
+        let refused = call(policy.as_ref(), url).await;
+        assert!(denied(&refused), "{url}: {refused:?}");
+    }
+    let spec = "name = \"x\"\n[component]\nkind = \"http\"\npath = \"x.wasm\"\n\
+                [network]\noutbound = [\"169.254.169.254\"]\n";
+    let error = shoal_core::parse_app(spec).expect_err("a link-local grant is refused");
+    assert_eq!(error.field.as_deref(), Some("network.outbound"));
+}
