@@ -28,15 +28,6 @@ fn spec(dir: &std::path::Path, name: &str, replicas: u32) -> String {
         .to_string()
 }
 
-fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
-    server
-        .replicas(app)
-        .iter()
-        .filter(|r| r["phase"] == "Ready")
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn main() {
     let seconds = env_or("BENCH_SECONDS", 10);
     let connections = env_or("BENCH_CONNECTIONS", 32);
@@ -57,12 +48,11 @@ fn main() {
 
     // Cross-node hop: one replica; its own node's gateway vs another's.
     server.cli_ok(&["apply", "-f", &spec(dir.path(), "hop", 1)]);
-    assert!(poll(Duration::from_secs(30), || ready_nodes(
-        &server, "hop"
-    )
-    .len()
+    assert!(poll(Duration::from_secs(30), || server
+        .ready_nodes("hop")
+        .len()
         == 1));
-    let home = ready_nodes(&server, "hop")[0].clone();
+    let home = server.ready_nodes("hop")[0].clone();
     let local = nodes.iter().find(|n| n.name == home).unwrap();
     let remote = nodes.iter().find(|n| n.name != home).unwrap();
     assert!(poll(Duration::from_secs(10), || remote
@@ -73,12 +63,12 @@ fn main() {
 
     // Failover: 3 replicas, kill -9 a node other than the one taking traffic.
     server.cli_ok(&["apply", "-f", &spec(dir.path(), "web", 3)]);
-    assert!(poll(Duration::from_secs(30), || ready_nodes(
-        &server, "web"
-    )
-    .len()
+    assert!(poll(Duration::from_secs(30), || server
+        .ready_nodes("web")
+        .len()
         == 3));
-    let victim = ready_nodes(&server, "web")
+    let victim = server
+        .ready_nodes("web")
         .into_iter()
         .find(|n| n != &nodes[0].name)
         .unwrap();
@@ -106,7 +96,7 @@ fn main() {
     let killed = Instant::now();
     nodes[idx].kill();
     assert!(poll(Duration::from_secs(60), || {
-        let placed = ready_nodes(&server, "web");
+        let placed = server.ready_nodes("web");
         placed.len() == 3 && !placed.contains(&victim)
     }));
     let recovered = killed.elapsed();

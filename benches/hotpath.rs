@@ -288,15 +288,6 @@ fn local(seconds: u64, connections: u64, rounds: usize) {
     }
 }
 
-fn ready_nodes(server: &Server, app: &str) -> Vec<String> {
-    server
-        .replicas(app)
-        .iter()
-        .filter(|r| r["phase"] == "Ready")
-        .map(|r| r["node"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A control plane and two nodes (hops over HTTP/2 if `http2`) running one replica of each
 /// mode's app; for each app, its own node's gateway URL and the other node's.
 fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Vec<[String; 2]>) {
@@ -313,10 +304,11 @@ fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Vec<[Str
             .replace(&format!("\"/{name}\""), &format!("\"/{app}\""));
         let spec = write_spec(dir.path(), &format!("{app}.toml"), &text);
         server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
-        assert!(poll(Duration::from_secs(30), || ready_nodes(&server, &app)
+        assert!(poll(Duration::from_secs(30), || server
+            .ready_nodes(&app)
             .len()
             == 1));
-        let home = ready_nodes(&server, &app)[0].clone();
+        let home = server.ready_nodes(&app)[0].clone();
         let own = nodes.iter().find(|n| n.name == home).unwrap();
         let other = nodes.iter().find(|n| n.name != home).unwrap();
         let path = format!("/{app}");

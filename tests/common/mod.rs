@@ -467,6 +467,15 @@ impl Server {
             .unwrap()
             .clone()
     }
+
+    /// The nodes of `app`'s Ready replicas.
+    pub fn ready_nodes(&self, app: &str) -> Vec<String> {
+        self.replicas(app)
+            .iter()
+            .filter(|r| r["phase"] == "Ready")
+            .map(|r| r["node"].as_str().unwrap().to_string())
+            .collect()
+    }
 }
 
 impl Drop for Server {
