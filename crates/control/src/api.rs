@@ -787,6 +787,111 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
 
+    /// Mangles `json` a few bytes at a time: cuts, and characters JSON and our types care about.
+    fn mangled(seed: &mut u64, json: &str) -> Vec<u8> {
+        let mut next = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        let pieces: [&[u8]; 14] = [
+            b"\"",
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b",",
+            b":",
+            b"-1",
+            b"1e999",
+            b"null",
+            b"\\u0000",
+            b"18446744073709551616",
+            b"\xff",
+            b"\"a\"",
+        ];
+        let mut bytes = json.as_bytes().to_vec();
+        for _ in 0..1 + next() % 3 {
+            let at = (next() % (bytes.len() as u64 + 1)) as usize;
+            if next() % 2 == 0 {
+                let end = (at + (next() % 8) as usize).min(bytes.len());
+                bytes.drain(at..end);
+            } else {
+                let piece = pieces[(next() % pieces.len() as u64) as usize];
+                bytes.splice(at..at, piece.iter().copied());
+            }
+        }
+        bytes
+    }
+
+    #[tokio::test]
+    async fn mangled_bodies_get_a_4xx_with_a_code_never_a_5xx() {
+        let (_dir, router) = router_with_token();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!(
+            "name = \"hello\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+             [http]\nroutes = [\"/hello\"]\n[env]\nGREETING = \"hi\"\n"
+        );
+        let parsed = shoal_core::spec::parse_app(&src).unwrap();
+        let spec = serde_json::to_string(&parsed.resolve(digest.clone()).unwrap()).unwrap();
+        let node = serde_json::json!({
+            "name": "n1", "gateway": "127.0.0.1:1", "state": "Ready", "schedulable": true,
+            "draining": false, "joined_at": 0, "labels": {},
+            "capacity": {"cpu_millis": 1000, "memory_bytes": 1073741824u64, "instances": 10}
+        })
+        .to_string();
+        let stats = serde_json::json!([{
+            "app": {"namespace": "default", "name": "hello"}, "revision": 1,
+            "requests": 1, "errors": 0, "latency": {"counts": [1]}, "busy_ms": 1
+        }])
+        .to_string();
+        let targets = [
+            ("/v1/apps", "admin", spec),
+            ("/v1/cluster/nodes", "join", node),
+            ("/v1/cluster/nodes/n1/metrics", "join", stats),
+        ];
+        // Unmangled, each body gets past parsing: the app's module is unknown, the node and
+        // its report are taken.
+        let expected = [
+            StatusCode::BAD_REQUEST,
+            StatusCode::OK,
+            StatusCode::NO_CONTENT,
+        ];
+        for ((uri, token, body), expected) in targets.iter().zip(expected) {
+            let req = HttpRequest::post(*uri)
+                .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.clone()))
+                .unwrap();
+            let resp = router.clone().oneshot(req).await.unwrap();
+            assert_eq!(resp.status(), expected, "{uri}");
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for (uri, token, body) in &targets {
+            for round in 0..300 {
+                let bytes = mangled(&mut seed, body);
+                let req = HttpRequest::post(*uri)
+                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(bytes.clone()))
+                    .unwrap();
+                let resp = router.clone().oneshot(req).await.unwrap();
+                let status = resp.status();
+                let text = resp.into_body().collect().await.unwrap().to_bytes();
+                let said = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !status.is_server_error(),
+                    "{uri} round {round}: {status} for {said}: {text:?}"
+                );
+                if status.is_client_error() {
+                    let body: serde_json::Value = serde_json::from_slice(&text).unwrap();
+                    assert!(body["error"]["code"].is_string(), "{uri}: {body}");
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn error_bodies_have_the_one_shape() {
         let (_dir, router) = router_with_token();
