@@ -12,6 +12,7 @@ use shoal_core::spec::AppKey;
 use shoal_core::{Kind, NodeState, Phase, Replica, Revision, Route};
 use shoal_gateway::{RemoteReplica, Split, Tables};
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 /// One sync's work.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -111,6 +112,11 @@ pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
                 replica: r.id.clone(),
                 revision: r.revision,
                 gateway: gateway_of(r.node.as_deref()?)?,
+                timeout: view
+                    .app_revision(key, r.revision)
+                    .map(|rev| rev.template.timeout_ms)
+                    .filter(|ms| *ms > 0)
+                    .map(Duration::from_millis),
             })
         })
         .collect();
@@ -321,6 +327,10 @@ mod tests {
                 node("c", NodeState::NotReady),
             ],
         );
+        // The remote replica's revision is known: its timeout bounds the hop.
+        s.revisions
+            .retain(|r| !(r.app == web.spec.key() && r.number == 1));
+        s.revisions.push(revision(&web, 1));
         s.rollouts.push(RolloutStatus {
             app: web.spec.key(),
             revision: 2,
@@ -358,7 +368,8 @@ mod tests {
             [RemoteReplica {
                 replica: "there".into(),
                 revision: 1,
-                gateway: "b:8080".into()
+                gateway: "b:8080".into(),
+                timeout: Some(Duration::from_millis(web.spec.template().timeout_ms)),
             }],
             "not local, not starting, not on a NotReady node"
         );

@@ -5,6 +5,7 @@ use crate::metrics::Counters;
 use shoal_runtime::HttpService;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// One ready replica the gateway can send requests to: in this process, or on another node
@@ -30,7 +31,10 @@ pub(crate) enum Target {
         permits: Arc<Semaphore>,
     },
     /// `host:port` of the node's gateway. No permits here: the receiving node enforces them.
-    Remote { node: String },
+    Remote {
+        node: String,
+        timeout: Option<Duration>,
+    },
 }
 
 impl Endpoint {
@@ -51,8 +55,20 @@ impl Endpoint {
     }
 
     /// A replica on another node, reached through that node's gateway (`"10.0.0.2:8080"`).
-    pub fn remote(replica: String, revision: u64, node_gateway: String) -> Self {
-        Endpoint::new(replica, revision, Target::Remote { node: node_gateway })
+    pub fn remote(
+        replica: String,
+        revision: u64,
+        node_gateway: String,
+        timeout: Option<Duration>,
+    ) -> Self {
+        Endpoint::new(
+            replica,
+            revision,
+            Target::Remote {
+                node: node_gateway,
+                timeout,
+            },
+        )
     }
 
     fn new(replica: String, revision: u64, target: Target) -> Self {
@@ -79,7 +95,7 @@ impl Endpoint {
     pub fn node_gateway(&self) -> Option<&str> {
         match &self.target {
             Target::Local { .. } => None,
-            Target::Remote { node } => Some(node),
+            Target::Remote { node, .. } => Some(node),
         }
     }
 
@@ -135,6 +151,9 @@ pub struct RemoteReplica {
     pub revision: u64,
     /// `host:port` of the gateway of the node that runs it.
     pub gateway: String,
+    /// Its revision's request timeout: that node answers 504 by then, so a hop that has
+    /// no response head a little after it is stuck.
+    pub timeout: Option<Duration>,
 }
 
 /// Splits an app's traffic between one revision and the rest, for a canary rollout.
@@ -231,7 +250,12 @@ mod tests {
     }
 
     fn revision(id: &str, revision: u64) -> Arc<Endpoint> {
-        Arc::new(Endpoint::remote(id.into(), revision, "127.0.0.1:1".into()))
+        Arc::new(Endpoint::remote(
+            id.into(),
+            revision,
+            "127.0.0.1:1".into(),
+            None,
+        ))
     }
 
     #[test]

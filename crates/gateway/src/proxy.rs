@@ -106,6 +106,7 @@ pub(crate) async fn forward(
     app: &AppKey,
     replica: &str,
     hop_secret: Option<&str>,
+    head_within: Option<Duration>,
     req: Request<WasiBody>,
 ) -> Result<Response<WasiBody>, Failure> {
     let (mut parts, body) = req.into_parts();
@@ -135,10 +136,14 @@ pub(crate) async fn forward(
         headers.insert(HOP_AUTH_HEADER, value(secret)?);
     }
 
-    let response = client
-        .request(Request::from_parts(parts, body))
-        .await
-        .map_err(|e| Failure::Unreachable(error_chain(&e)))?;
+    let request = client.request(Request::from_parts(parts, body));
+    let response = match head_within {
+        Some(limit) => tokio::time::timeout(limit, request).await.map_err(|_| {
+            Failure::Unreachable(format!("no response within {}s", limit.as_secs()))
+        })?,
+        None => request.await,
+    }
+    .map_err(|e| Failure::Unreachable(error_chain(&e)))?;
     let gone = response.status() == StatusCode::SERVICE_UNAVAILABLE
         && response
             .headers()

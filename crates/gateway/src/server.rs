@@ -668,7 +668,7 @@ impl Gateway {
             Target::Local { service, permits } => {
                 Ok(self.call_local(endpoint, service, permits, app, req).await)
             }
-            Target::Remote { node } => {
+            Target::Remote { node, timeout } => {
                 let inflight = endpoint.enter();
                 let response = proxy::forward(
                     &self.inner.hop_client,
@@ -676,6 +676,7 @@ impl Gateway {
                     app,
                     &endpoint.replica,
                     self.inner.config.hop_secret.as_deref(),
+                    timeout.map(|t| t + HOP_SLACK),
                     req,
                 )
                 .await?;
@@ -868,6 +869,10 @@ impl Body for Guarded {
 /// read buffer, ~400 KiB: a smaller buffer also throttles bodies, which stalled an 8 MiB echo.)
 const MAX_HEAD_BYTES: u32 = 64 << 10;
 
+/// How long past a remote replica's request timeout a hop may wait for its response head:
+/// that node answers 504 at the timeout, so by then it is stuck.
+const HOP_SLACK: Duration = Duration::from_secs(5);
+
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_EVERY: Duration = Duration::from_secs(20);
 
@@ -970,7 +975,7 @@ fn replace_app_remotes(
                 e
             }
             None => {
-                let mut e = Endpoint::remote(r.replica, r.revision, r.gateway);
+                let mut e = Endpoint::remote(r.replica, r.revision, r.gateway, r.timeout);
                 e.counters = metrics.counters(app, r.revision);
                 Arc::new(e)
             }
@@ -1014,6 +1019,7 @@ mod tests {
                     replica: format!("{name}-1"),
                     revision: 1,
                     gateway: "b:8080".into(),
+                    timeout: None,
                 }],
             )]),
             splits: HashMap::from([(
@@ -1051,6 +1057,7 @@ mod tests {
             replica: "a-2".into(),
             revision: 1,
             gateway: "c:8080".into(),
+            timeout: None,
         };
         let moved = Tables {
             routes: vec![(Route::parse("/a2").unwrap(), app("a"))],

@@ -151,6 +151,7 @@ async fn a_split_never_refuses_what_the_other_side_can_serve() {
             replica: "canary".into(),
             revision: 2,
             gateway: dead,
+            timeout: None,
         }],
     )]);
     gateway.set_remote_endpoints(status.clone());
@@ -265,6 +266,7 @@ async fn a_forwarded_request_is_counted_by_the_gateway_that_routed_it() {
         replica: replica.into(),
         revision,
         gateway,
+        timeout: None,
     };
     a.set_remote_endpoints(HashMap::from([(
         app("faulty"),

@@ -62,6 +62,7 @@ fn remote(replica: &str, node: &str) -> HashMap<shoal_core::spec::AppKey, Vec<Re
             replica: replica.into(),
             revision: 1,
             gateway: node.into(),
+            timeout: None,
         }],
     )])
 }

@@ -114,6 +114,7 @@ async fn hops_go_over_the_http_version_the_gateway_is_told_to() {
                     replica: "hello-1".into(),
                     revision: 1,
                     gateway: peer.to_string(),
+                    timeout: None,
                 }],
             )]));
             let addr = serve(&gateway).await;
@@ -133,4 +134,40 @@ async fn hops_go_over_the_http_version_the_gateway_is_told_to() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_to_a_node_that_never_answers_gives_up_after_the_replicas_timeout() {
+    // A node that takes the connection and the request, and says nothing.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peer = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let gateway = Gateway::new(GatewayConfig {
+        hop_http2: false,
+        ..GatewayConfig::default()
+    });
+    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
+    gateway.set_remote_endpoints(std::collections::HashMap::from([(
+        app("hello"),
+        vec![shoal_gateway::RemoteReplica {
+            replica: "hello-1".into(),
+            revision: 1,
+            gateway: peer.to_string(),
+            timeout: Some(std::time::Duration::from_millis(100)),
+        }],
+    )]));
+    let addr = serve(&gateway).await;
+    // The replica's 100 ms plus the hop's slack, then the client hears that it failed.
+    let reply = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        HttpClient::new().get(&format!("http://{addr}/hello")),
+    )
+    .await
+    .expect("an answer before the client gives up");
+    assert!(reply.status.is_server_error(), "{}", reply.status);
 }

@@ -30,6 +30,7 @@ fn remote(
             replica: replica.to_string(),
             revision: 1,
             gateway: node.clone(),
+            timeout: None,
         });
     }
     map

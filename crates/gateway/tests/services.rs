@@ -41,6 +41,7 @@ fn replica(id: &str, gateway: String) -> RemoteReplica {
         replica: id.into(),
         revision: 1,
         gateway,
+        timeout: None,
     }
 }
 
