@@ -220,9 +220,20 @@ fn nodes_silent_all_at_once_are_held_not_evicted() {
     for pid in pids {
         signal(pid, libc::SIGSTOP);
     }
-    // The silence under test: the control plane runs meanwhile and judges
-    // it. Not synchronisation.
-    std::thread::sleep(GRACE * 2);
+    // The silence under test, as the control plane itself sees it: both nodes
+    // unheard for twice the grace, and the hold it decided meanwhile.
+    assert!(
+        poll(GRACE * 10, || {
+            let nodes = server.api_json("/v1/nodes");
+            let silent = nodes.as_array().unwrap().iter().all(|n| {
+                let heard = n["last_heartbeat"].as_u64().unwrap();
+                now_ms().saturating_sub(heard) > (GRACE * 2).as_millis() as u64
+            });
+            silent && objects_with(&server, "NodeEvictionHeld") == ["cluster"]
+        }),
+        "{:#}",
+        server.api_json("/v1/nodes")
+    );
     let resumed = now_ms();
     for pid in pids {
         signal(pid, libc::SIGCONT);

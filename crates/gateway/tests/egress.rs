@@ -82,34 +82,38 @@ async fn a_granted_host_is_reached_on_its_granted_port_only() {
     assert!(denied(&unnamed_port), "{unnamed_port:?}");
 }
 
-#[tokio::test]
-async fn a_name_resolving_to_loopback_is_refused_unless_the_node_allows_it() {
-    let outside = outside().await;
-    let grant = vec![format!("localhost:{}", outside.port())];
-    let url = format!("http://localhost:{}/", outside.port());
-
+/// `url` under `grant` is refused by a node that keeps guests off private addresses, and
+/// reached through one that allows them.
+async fn refused_unless_private_egress_is_allowed(grant: String, url: &str) {
     let strict = gateway(false);
-    let refused = call(strict.outbound("default", grant.clone()).as_ref(), &url).await;
+    let refused = call(
+        strict.outbound("default", vec![grant.clone()]).as_ref(),
+        url,
+    )
+    .await;
     assert!(denied(&refused), "{refused:?}");
 
     let open = gateway(true);
-    let allowed = call(open.outbound("default", grant).as_ref(), &url).await;
+    let allowed = call(open.outbound("default", vec![grant]).as_ref(), url).await;
     assert_eq!(allowed.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_is_refused_unless_the_node_allows_it() {
+    let outside = outside().await;
+    let port = outside.port();
+    refused_unless_private_egress_is_allowed(
+        format!("localhost:{port}"),
+        &format!("http://localhost:{port}/"),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_private_address_granted_explicitly_needs_the_node_to_allow_it() {
     let outside = outside().await;
-    let grant = vec![outside.to_string()];
-    let url = format!("http://{outside}/");
-
-    let strict = gateway(false);
-    let refused = call(strict.outbound("default", grant.clone()).as_ref(), &url).await;
-    assert!(denied(&refused), "{refused:?}");
-
-    let open = gateway(true);
-    let allowed = call(open.outbound("default", grant).as_ref(), &url).await;
-    assert_eq!(allowed.unwrap(), StatusCode::OK);
+    refused_unless_private_egress_is_allowed(outside.to_string(), &format!("http://{outside}/"))
+        .await;
 }
 
 #[tokio::test]

@@ -98,26 +98,36 @@ async fn one_version_peer(http2: bool) -> std::net::SocketAddr {
     addr
 }
 
+/// A gateway routing `/hello` to one replica on the node whose gateway is `peer`, with
+/// `timeout` as that replica's request timeout; the gateway's address.
+async fn hopping_to(
+    peer: std::net::SocketAddr,
+    hop_http2: bool,
+    timeout: Option<std::time::Duration>,
+) -> std::net::SocketAddr {
+    let gateway = Gateway::new(GatewayConfig {
+        hop_http2,
+        ..GatewayConfig::default()
+    });
+    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
+    gateway.set_remote_endpoints(std::collections::HashMap::from([(
+        app("hello"),
+        vec![shoal_gateway::RemoteReplica {
+            replica: "hello-1".into(),
+            revision: 1,
+            gateway: peer.to_string(),
+            timeout,
+        }],
+    )]));
+    serve(&gateway).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hops_go_over_the_http_version_the_gateway_is_told_to() {
     for peer_http2 in [true, false] {
         let peer = one_version_peer(peer_http2).await;
         for hop_http2 in [true, false] {
-            let gateway = Gateway::new(GatewayConfig {
-                hop_http2,
-                ..GatewayConfig::default()
-            });
-            gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
-            gateway.set_remote_endpoints(std::collections::HashMap::from([(
-                app("hello"),
-                vec![shoal_gateway::RemoteReplica {
-                    replica: "hello-1".into(),
-                    revision: 1,
-                    gateway: peer.to_string(),
-                    timeout: None,
-                }],
-            )]));
-            let addr = serve(&gateway).await;
+            let addr = hopping_to(peer, hop_http2, None).await;
             let client = HttpClient::new();
             for _ in 0..3 {
                 let reply = client.get(&format!("http://{addr}/hello")).await;
@@ -147,21 +157,7 @@ async fn a_hop_to_a_node_that_never_answers_gives_up_after_the_replicas_timeout(
             held.push(stream);
         }
     });
-    let gateway = Gateway::new(GatewayConfig {
-        hop_http2: false,
-        ..GatewayConfig::default()
-    });
-    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
-    gateway.set_remote_endpoints(std::collections::HashMap::from([(
-        app("hello"),
-        vec![shoal_gateway::RemoteReplica {
-            replica: "hello-1".into(),
-            revision: 1,
-            gateway: peer.to_string(),
-            timeout: Some(std::time::Duration::from_millis(100)),
-        }],
-    )]));
-    let addr = serve(&gateway).await;
+    let addr = hopping_to(peer, false, Some(std::time::Duration::from_millis(100))).await;
     // The replica's 100 ms plus the hop's slack, then the client hears that it failed.
     let reply = tokio::time::timeout(
         std::time::Duration::from_secs(20),

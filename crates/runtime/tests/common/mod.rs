@@ -79,7 +79,6 @@ pub async fn error_body(response: http::Response<ResponseBody>) -> ErrorBody {
     body
 }
 
-/// Polls `check` until it holds, failing the test after `limit`.
 /// Waits until `service` keeps `n` instances waiting for a request: an instance goes back
 /// after its guest returns, a moment after the client has the whole response.
 pub async fn idle(service: &shoal_runtime::HttpService, n: usize) {
@@ -91,6 +90,7 @@ pub async fn idle(service: &shoal_runtime::HttpService, n: usize) {
     .await;
 }
 
+/// Polls `check` until it holds, failing the test after `limit`.
 pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !check() {
