@@ -44,7 +44,6 @@ impl CliConfig {
     }
 }
 
-/// Writes a file only its owner can read: tokens live in these.
 /// Creates `dir` (and its parents) if needed and makes it readable by its owner only: a data
 /// dir holds tokens, the state and modules.
 pub fn private_dir(dir: &Path) -> Result<()> {
@@ -64,21 +63,10 @@ pub fn private_file(path: &Path) -> Result<()> {
         .with_context(|| format!("cannot restrict {}", path.display()))
 }
 
+/// Writes a file only its owner can read: tokens live in these.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    shoal_store::files::write_private(path, bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The CLI's API client: [`shoal_api::Client`] with the server and token

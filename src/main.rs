@@ -41,8 +41,10 @@ enum Command {
     Up(commands::up::UpArgs),
     /// Run the control plane alone; worker nodes join it with `shoal node join`.
     Server(commands::server::ServerArgs),
-    /// Join a worker node, or cordon, uncordon or drain one.
+    /// Join a worker node, or cordon, uncordon, drain or delete one.
     Node(commands::node::NodeCommand),
+    /// Manage the cluster's tokens: rotate the join token.
+    Token(commands::token::TokenCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// List apps, jobs, replicas, modules, nodes, services or events.
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
             Command::Up(args) => commands::up::run(ctx, args).await,
             Command::Server(args) => commands::server::run(ctx, args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
+            Command::Token(cmd) => commands::token::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,

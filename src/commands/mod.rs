@@ -11,6 +11,7 @@ pub mod node;
 pub mod rollout;
 pub mod scale;
 pub mod server;
+pub mod token;
 pub mod up;
 
 use crate::client::Client;

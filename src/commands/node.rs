@@ -1,11 +1,12 @@
 use super::Context;
-use super::up::{NodeArgs, default_data_dir, init_tracing, shutdown_signal, start_node};
-use crate::client::private_dir;
+use super::up::{NodeArgs, default_data_dir, init_tracing, node_name, shutdown_signal, start_node};
+use crate::client::{private_dir, write_private};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
-use shoal_agent::RemoteLink;
-use shoal_core::auth::hop_secret;
-use std::path::PathBuf;
+use shoal_agent::{JoinToken, Rejoin, RemoteLink};
+use shoal_api::JoinResponse;
+use shoal_core::auth::NodeToken;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(clap::Args)]
@@ -24,19 +25,22 @@ enum NodeAction {
     Uncordon { name: String },
     /// Cordon a node and move its replicas elsewhere, each new one Ready before its old one stops.
     Drain { name: String },
+    /// Remove a node: its credential is revoked and its replicas are replaced elsewhere.
+    /// A node that still runs must join again with the join token.
+    Delete { name: String },
 }
 
 #[derive(clap::Args)]
 struct JoinArgs {
     /// Control plane URL, e.g. http://10.0.0.1:7700.
     url: String,
-    /// The cluster's join token (`join-token` in the server's data dir). Prefer
+    /// The cluster's join token (`join-token` in the server's data dir), needed the first
+    /// time only: the node then keeps a credential of its own in its data dir. Prefer
     /// `--token-file` or the environment: a command line is visible to every user in `ps`.
     #[arg(
         long,
         env = "SHOAL_JOIN_TOKEN",
         hide_env_values = true,
-        required_unless_present = "token_file",
         conflicts_with = "token_file"
     )]
     token: Option<String>,
@@ -53,6 +57,7 @@ struct JoinArgs {
 pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
     let (name, verb) = match cmd.action {
         NodeAction::Join(args) => return join(*args).await,
+        NodeAction::Delete { name } => return delete(ctx, name).await,
         NodeAction::Cordon { name } => (name, "cordon"),
         NodeAction::Uncordon { name } => (name, "uncordon"),
         NodeAction::Drain { name } => (name, "drain"),
@@ -68,33 +73,103 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
     Ok(())
 }
 
+async fn delete(ctx: Context, name: String) -> Result<()> {
+    let client = ctx.client()?;
+    client
+        .checked(client.request(reqwest::Method::DELETE, &format!("/v1/nodes/{name}")))
+        .await?;
+    match ctx.output {
+        Format::Json => output::json(&serde_json::json!({ "deleted": name })),
+        Format::Table => println!("node {name} deleted"),
+    }
+    Ok(())
+}
+
+/// Where a node keeps its credential and the cluster's hop secret.
+fn identity_file(data: &Path) -> PathBuf {
+    data.join("node-identity.json")
+}
+
 async fn join(args: JoinArgs) -> Result<()> {
     init_tracing();
-    let token = match (&args.token, &args.token_file) {
-        (Some(token), _) => token.clone(),
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the join token from {}", file.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => anyhow::bail!("give the join token with --token-file or SHOAL_JOIN_TOKEN"),
-    };
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
-    let link = RemoteLink::new(&args.url, &token, data.join("modules"))
+    let name = node_name(&args.node)?;
+    let identity = identity(&args, &data, &name).await?;
+    let mut link = RemoteLink::new(&args.url, &identity.credential, data.join("modules"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    // Refuse early and clearly when the token is wrong.
-    let probe = shoal_api::Client::new(&args.url, &token)
-        .request(reqwest::Method::GET, "/v1/cluster/snapshot")
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the control plane at {}", args.url))?;
-    if probe.status() == 401 {
-        anyhow::bail!("the control plane at {} refused the join token", args.url);
+    if let Some(token) = join_token(&args) {
+        link = link.rejoin(Rejoin {
+            node: name.clone(),
+            token,
+            identity_file: identity_file(&data),
+        });
     }
-    let node = start_node(&data, &args.node, Arc::new(link), hop_secret(&token)).await?;
+    let node = start_node(&data, &args.node, name, Arc::new(link), identity.hop_secret).await?;
     println!("Shoal node {} joined {}", node.name, args.url);
     println!("  gateway:  http://{}", node.gateway);
     shutdown_signal().await;
     println!("Shoal node is stopping");
     Ok(())
+}
+
+/// This node's credential: the one in its data dir if the control plane
+/// still takes it, else a new one got with the join token.
+async fn identity(args: &JoinArgs, data: &Path, name: &str) -> Result<JoinResponse> {
+    let file = identity_file(data);
+    if let Ok(text) = std::fs::read_to_string(&file) {
+        let kept: JoinResponse = serde_json::from_str(&text)
+            .with_context(|| format!("unreadable node identity {}", file.display()))?;
+        let owner = NodeToken::parse(&kept.credential)
+            .with_context(|| format!("unreadable node credential in {}", file.display()))?
+            .node;
+        anyhow::ensure!(
+            owner == name,
+            "the data dir {} belongs to node {owner}: run it with --node-name {owner}, or give node {name} a data dir of its own",
+            data.display()
+        );
+        let probe = shoal_api::Client::new(&args.url, &kept.credential)
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/cluster/nodes/{name}/heartbeat"),
+            )
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", args.url))?;
+        if probe.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(kept);
+        }
+        if join_token(args).is_none() {
+            anyhow::bail!(
+                "the control plane at {} refused node {name}'s credential (was the node deleted?): join again with --token-file",
+                args.url
+            );
+        }
+        tracing::warn!(
+            node = name,
+            "the control plane refused this node's credential; joining again"
+        );
+    }
+    let token = join_token(args)
+        .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
+        .read()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let identity = match shoal_agent::join(&args.url, &token, name).await {
+        Ok(identity) => identity,
+        Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
+            anyhow::bail!("the control plane at {} refused the join token", args.url)
+        }
+        Err(e) => return Err(e).context(format!("node {name} cannot join {}", args.url)),
+    };
+    write_private(&file, &serde_json::to_vec(&identity)?)?;
+    Ok(identity)
+}
+
+/// Where the join token comes from: `--token` or the environment, or `--token-file`.
+fn join_token(args: &JoinArgs) -> Option<JoinToken> {
+    match (&args.token, &args.token_file) {
+        (Some(token), _) => Some(JoinToken::Value(token.clone())),
+        (None, Some(file)) => Some(JoinToken::File(file.clone())),
+        (None, None) => None,
+    }
 }

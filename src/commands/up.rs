@@ -11,7 +11,6 @@ use shoal_agent::{Agent, AgentConfig};
 use shoal_api::Link;
 use shoal_control::{ControlConfig, ControlPlane, LocalLink};
 use shoal_core::Capacity;
-use shoal_core::auth::hop_secret;
 use shoal_core::quantity::{parse_cpu, parse_memory};
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{Runtime, RuntimeConfig};
@@ -177,7 +176,8 @@ pub struct StartedControl {
     pub control: ControlPlane,
     pub server: String,
     pub token: String,
-    pub join_token: String,
+    /// What the cluster's gateways send each other on a hop.
+    pub hop_secret: String,
     pub data: PathBuf,
 }
 
@@ -186,6 +186,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
     let join_token = load_or_create_secret(&data.join("join-token"))?;
+    let hop_secret = load_or_create_secret(&data.join("hop-secret"))?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
 
@@ -199,7 +200,9 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         blobs,
         ControlConfig {
             token: token.clone(),
-            join_token: join_token.clone(),
+            join_token,
+            join_token_file: Some(data.join("join-token")),
+            hop_secret: hop_secret.clone(),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
             strategy: match args.scheduling {
@@ -236,7 +239,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         control,
         server,
         token,
-        join_token,
+        hop_secret,
         data,
     })
 }
@@ -248,9 +251,23 @@ pub struct StartedNode {
     pub gateway: SocketAddr,
 }
 
+/// The node's name: `--node-name`, or the host name when it is a valid one.
+pub fn node_name(args: &NodeArgs) -> Result<String> {
+    let name = args.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_lowercase())
+            .filter(|h| shoal_core::validate_name(h).is_ok())
+            .unwrap_or_else(|| "local".into())
+    });
+    shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
+    Ok(name)
+}
+
 pub async fn start_node(
     data: &Path,
     args: &NodeArgs,
+    name: String,
     link: Arc<dyn Link>,
     hop_secret: String,
 ) -> Result<StartedNode> {
@@ -276,14 +293,6 @@ pub async fn start_node(
         ),
         None => gw_addr,
     };
-    let name = args.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/etc/hostname")
-            .ok()
-            .map(|h| h.trim().to_lowercase())
-            .filter(|h| shoal_core::validate_name(h).is_ok())
-            .unwrap_or_else(|| "local".into())
-    });
-    shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
     let gateway = Gateway::new(GatewayConfig {
         hop_secret: Some(hop_secret),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
@@ -333,8 +342,9 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let node = start_node(
         &c.data,
         &args.node,
+        node_name(&args.node)?,
         Arc::new(LocalLink(c.control.clone())),
-        hop_secret(&c.join_token),
+        c.hop_secret.clone(),
     )
     .await?;
     c.control.set_log_source(Arc::new(node.agent.clone()));

@@ -490,7 +490,8 @@ pub struct NodeProc {
     child: Child,
     pub name: String,
     pub gateway: String,
-    dir: PathBuf,
+    /// Its data dir (its credential lives there).
+    pub dir: PathBuf,
     extra: Vec<String>,
     api: String,
     token: String,

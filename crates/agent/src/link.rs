@@ -1,5 +1,5 @@
 //! [`RemoteLink`]: how a worker node (`shoal node join`) reaches its control
-//! plane, over HTTP with the join token through the shared
+//! plane, over HTTP with its own credential through the shared
 //! [`shoal_api::Client`]. The [`Link`] trait it implements, and the in-process
 //! `LocalLink` of `shoal up`, live in `shoal-api` and `shoal-control`.
 
@@ -8,8 +8,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, Client, ClientError, Delta, Link, LinkError, LinkResult, ReplicaIncident,
-    ReplicaReport, Snapshot, Waiting,
+    AppCpu, Client, ClientError, Delta, JoinRequest, JoinResponse, Link, LinkError, LinkResult,
+    ReplicaIncident, ReplicaReport, Snapshot, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
@@ -62,9 +62,55 @@ fn failed(e: ClientError) -> LinkError {
     })
 }
 
-/// A control plane reached over HTTP with the join token.
+/// Where a node's join token is: read each time it is needed, so a token
+/// rotated into the file is the one used.
+pub enum JoinToken {
+    Value(String),
+    File(PathBuf),
+}
+
+impl JoinToken {
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            JoinToken::Value(token) => Ok(token.clone()),
+            JoinToken::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("cannot read the join token from {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Gets node `node` its own credential from the control plane at `base`,
+/// with the join token: `POST /v1/cluster/join`.
+pub async fn join(base: &str, join_token: &str, node: &str) -> Result<JoinResponse, ClientError> {
+    let api = Client::new(base, join_token);
+    let req = api
+        .request(Method::POST, "/v1/cluster/join")
+        .json(&JoinRequest {
+            node: node.to_string(),
+        })
+        .timeout(CALL_TIMEOUT);
+    api.send(req).await
+}
+
+/// How a node joins again by itself when the control plane no longer takes
+/// its credential (its state was reset, or the node was deleted), as a
+/// kubelet bootstraps again: the join token, and where to keep the new
+/// credential.
+pub struct Rejoin {
+    pub node: String,
+    pub token: JoinToken,
+    pub identity_file: PathBuf,
+}
+
+/// A control plane reached over HTTP with the node's own credential (which
+/// `shoal node join` gets with the join token the first time).
 pub struct RemoteLink {
-    api: Client,
+    http: reqwest::Client,
+    base: String,
+    /// Carries the node's credential; replaced when the node joins again.
+    api: std::sync::RwLock<Client>,
+    rejoin: Option<Rejoin>,
     /// Where fetched modules are kept, content-addressed like the server's.
     modules: PathBuf,
     /// One download per module at a time, so replicas starting together fetch it once,
@@ -73,7 +119,7 @@ pub struct RemoteLink {
 }
 
 impl RemoteLink {
-    pub fn new(base: &str, token: &str, modules: PathBuf) -> LinkResult<Self> {
+    pub fn new(base: &str, credential: &str, modules: PathBuf) -> LinkResult<Self> {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
         let http = reqwest::Client::builder()
@@ -81,30 +127,77 @@ impl RemoteLink {
             .build()
             .map_err(|e| LinkError::Failed(e.to_string()))?;
         Ok(RemoteLink {
-            api: Client::with_http(http, base, token),
+            api: std::sync::RwLock::new(Client::with_http(http.clone(), base, credential)),
+            http,
+            base: base.to_string(),
+            rejoin: None,
             modules,
             fetching: std::sync::Mutex::default(),
         })
     }
 
+    /// Lets the link join again by itself when its credential is refused.
+    pub fn rejoin(mut self, rejoin: Rejoin) -> Self {
+        self.rejoin = Some(rejoin);
+        self
+    }
+
+    fn api(&self) -> Client {
+        self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Sends, and wants any 2xx.
     async fn call(&self, req: RequestBuilder) -> LinkResult<Response> {
-        self.api.checked(req).await.map_err(failed)
+        self.api().checked(req).await.map_err(failed)
     }
 
     fn post(&self, path: &str) -> RequestBuilder {
-        self.api.request(Method::POST, path)
+        self.api().request(Method::POST, path)
+    }
+
+    /// Gets a new credential with the join token and uses it from now on.
+    async fn join_again(&self) -> LinkResult<()> {
+        let Some(rejoin) = &self.rejoin else {
+            return Err(LinkError::Failed(
+                "the control plane refused this node's credential (was the node deleted?) \
+                 and no join token was given to join again"
+                    .into(),
+            ));
+        };
+        let token = rejoin.token.read().map_err(LinkError::Failed)?;
+        let identity = join(&self.base, &token, &rejoin.node)
+            .await
+            .map_err(failed)?;
+        let bytes = serde_json::to_vec(&identity).expect("an identity serialises");
+        shoal_store::files::write_private(&rejoin.identity_file, &bytes).map_err(|e| {
+            LinkError::Failed(format!(
+                "cannot keep the node's credential in {}: {e}",
+                rejoin.identity_file.display()
+            ))
+        })?;
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) =
+            Client::with_http(self.http.clone(), &self.base, &identity.credential);
+        tracing::warn!(node = %rejoin.node, "joined the control plane again with the join token");
+        Ok(())
     }
 }
 
 impl Link for RemoteLink {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
         Box::pin(async move {
-            let req = self
-                .post("/v1/cluster/nodes")
-                .json(&node)
-                .timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            let req = || {
+                self.post("/v1/cluster/nodes")
+                    .json(&node)
+                    .timeout(CALL_TIMEOUT)
+            };
+            match self.api().checked(req()).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
+                    self.join_again().await?;
+                    self.call(req()).await.map(|_| ())
+                }
+                Err(e) => Err(failed(e)),
+            }
         })
     }
 
@@ -112,11 +205,17 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/heartbeat");
         Box::pin(async move {
             let req = self.post(&path).timeout(Duration::from_secs(2));
-            match self.api.checked(req).await {
+            match self.api().checked(req).await {
                 Ok(_) => Ok(()),
-                // The control plane does not know this node (its state was
-                // reset, or the node was removed): register again.
-                Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {
+                // The control plane does not know this node, or no longer takes
+                // its credential (its state was reset, or the node was deleted):
+                // register again, joining again first if need be.
+                Err(e)
+                    if matches!(
+                        e.status(),
+                        Some(reqwest::StatusCode::NOT_FOUND | reqwest::StatusCode::UNAUTHORIZED)
+                    ) =>
+                {
                     Err(LinkError::Unregistered)
                 }
                 Err(e) => Err(failed(e)),
@@ -167,10 +266,10 @@ impl Link for RemoteLink {
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>> {
         Box::pin(async move {
             let req = self
-                .api
+                .api()
                 .request(Method::GET, "/v1/cluster/snapshot")
                 .timeout(CALL_TIMEOUT);
-            self.api.send(req).await.map_err(|e| match e {
+            self.api().send(req).await.map_err(|e| match e {
                 ClientError::Decode(e) => LinkError::Failed(format!("unreadable snapshot: {e}")),
                 other => failed(other),
             })
@@ -180,7 +279,7 @@ impl Link for RemoteLink {
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>> {
         let path = format!("/v1/cluster/watch?from={}", after + 1);
         Box::pin(async move {
-            let resp = self.call(self.api.request(Method::GET, &path)).await?;
+            let resp = self.call(self.api().request(Method::GET, &path)).await?;
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
             Ok(deltas(tokio_util::io::StreamReader::new(bytes)))
         })
@@ -205,7 +304,7 @@ impl Link for RemoteLink {
             }
             let resp = self
                 .call(
-                    self.api
+                    self.api()
                         .request(Method::GET, &format!("/v1/cluster/modules/{digest}"))
                         .timeout(MODULE_TIMEOUT),
                 )

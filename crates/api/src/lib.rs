@@ -21,7 +21,7 @@ pub use link::{Link, LinkError, LinkResult};
 pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
     AppCpu, AppSummary, ApplyOutcome, ApplyResult, Change, CpuView, Delta, Describe,
-    INCIDENT_REASONS, JobRun, JobSummary, NodeAction, NodeSummary, Object, ObjectKey,
-    ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction, RolloutView, RunView, ScaleView,
-    Service, ServiceEndpoint, Snapshot, Waiting,
+    INCIDENT_REASONS, JobRun, JobSummary, JoinRequest, JoinResponse, NodeAction, NodeSummary,
+    Object, ObjectKey, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction, RolloutView,
+    RotatedJoinToken, RunView, ScaleView, Service, ServiceEndpoint, Snapshot, Waiting,
 };

@@ -160,6 +160,31 @@ pub struct NodeSummary {
     pub last_heartbeat: Millis,
 }
 
+/// What a node sends with the join token to get its own credential.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub node: String,
+}
+
+/// The answer to a [`JoinRequest`]: the node's credential (`NAME.SECRET`,
+/// its bearer token for every later call) and the cluster's hop secret (what
+/// its gateway and its peers' send each other). Both go to the node's data
+/// dir, readable by its owner only.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub credential: String,
+    pub hop_secret: String,
+}
+
+/// The answer to `POST /v1/cluster/join-token/rotate`: where the control
+/// plane keeps the new join token (and the token, only when asked for it).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct RotatedJoinToken {
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeAction {

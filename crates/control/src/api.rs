@@ -9,12 +9,13 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, ApplyOutcome, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction, Waiting,
+    AppCpu, ApplyOutcome, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
+    RotatedJoinToken, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
@@ -49,10 +50,19 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/services", get(list_services))
         .route("/v1/events", get(list_events))
+        .route("/v1/nodes/{name}", delete(delete_node))
         .route("/v1/nodes/{name}/{action}", post(node_action))
+        .route("/v1/join-token/rotate", post(rotate_join_token))
         .layer(DefaultBodyLimit::max(4 << 20))
         .route_layer(middleware::from_fn_with_state(cp.clone(), require_token));
-    // What worker nodes call: the join token opens these.
+    // The join token opens one door: a node gets its own credential there.
+    let join = Router::new()
+        .route("/v1/cluster/join", post(join_cluster))
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            require_join_token,
+        ));
+    // What worker nodes call, each with its own credential, for itself only.
     let nodes = Router::new()
         .route("/v1/cluster/nodes", post(register_node))
         .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
@@ -64,13 +74,11 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
         .route("/v1/cluster/modules/{digest}", get(module_blob))
-        .route_layer(middleware::from_fn_with_state(
-            cp.clone(),
-            require_node_token,
-        ));
+        .route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
     Router::new()
         .route("/v1/healthz", get(|| async { "ok\n" }))
         .merge(authed)
+        .merge(join)
         .merge(nodes)
         .fallback(|| async {
             ApiError::new(
@@ -96,13 +104,8 @@ async fn trace(req: Request, next: Next) -> Response {
 }
 
 async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(t) if constant_time_eq(t.as_bytes(), cp.config().token.as_bytes()) => next.run(req).await,
+    match bearer(&req) {
+        Some(t) if shoal_core::auth::constant_time_eq(t.as_bytes(), cp.config().token.as_bytes()) => next.run(req).await,
         Some(_) => ApiError::new(ErrorCode::Unauthorized, "invalid token").into_response(),
         None => ApiError::new(ErrorCode::Unauthorized,
             "missing token: send `Authorization: Bearer <token>` (the token is in the data dir's `token` file)",
@@ -111,30 +114,60 @@ async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next)
     }
 }
 
-async fn require_node_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let config = cp.config();
-    match presented {
-        // Only the join token: the hop secret between gateways derives from it,
-        // so a node that joined with another token could not talk to its peers.
-        Some(t) if constant_time_eq(t.as_bytes(), config.join_token.as_bytes()) => {
-            next.run(req).await
-        }
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
+    match bearer(&req) {
+        Some(t) if cp.join_token_matches(t) => next.run(req).await,
         _ => ApiError::new(ErrorCode::Unauthorized,
-            "a node needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
+            "joining needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
         )
         .into_response(),
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && !b.is_empty()
-        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The node a request's credential belongs to: handlers take it to act for
+/// that node only.
+#[derive(Clone)]
+struct NodeIdentity(String);
+
+async fn require_node(State(cp): State<ControlPlane>, mut req: Request, next: Next) -> Response {
+    let Some(presented) = bearer(&req).map(str::to_string) else {
+        return ApiError::new(
+            ErrorCode::Unauthorized,
+            "a node sends its own credential, which it gets by joining with the join token",
+        )
+        .into_response();
+    };
+    match blocking(move || cp.authenticate_node(&presented)).await {
+        Ok(Some(node)) => {
+            req.extensions_mut().insert(NodeIdentity(node));
+            next.run(req).await
+        }
+        Ok(None) => ApiError::new(
+            ErrorCode::Unauthorized,
+            "unknown or revoked node credential (was the node deleted?): join again with the join token",
+        )
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Refuses a node acting for another.
+fn itself(me: &NodeIdentity, name: &str) -> Result<(), ApiError> {
+    if me.0 == name {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("node {} may act only for itself, not for node {name}", me.0),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -552,27 +585,69 @@ async fn node_action(
         .map(|n| Json(n).into_response())
 }
 
+async fn join_cluster(
+    State(cp): State<ControlPlane>,
+    JsonBody(join): JsonBody<JoinRequest>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.join_node(&join.node))
+        .await
+        .map(|j| (StatusCode::CREATED, Json(j)).into_response())
+}
+
+async fn delete_node(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.delete_node(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct RotateQuery {
+    /// Answer with the new token itself, not only where it is kept.
+    #[serde(default)]
+    reveal: bool,
+}
+
+async fn rotate_join_token(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<RotateQuery>,
+) -> Result<Response, ApiError> {
+    let (token, file) = blocking(move || cp.rotate_join_token()).await?;
+    Ok(Json(RotatedJoinToken {
+        file: file.map(|f| f.display().to_string()),
+        token: q.reveal.then_some(token),
+    })
+    .into_response())
+}
+
 async fn register_node(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     JsonBody(node): JsonBody<Node>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &node.name)?;
     let revision = blocking(move || cp.register_node(node)).await?;
     Ok(Json(serde_json::json!({ "revision": revision })).into_response())
 }
 
 async fn heartbeat(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     blocking(move || cp.heartbeat(&name)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn report(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
     JsonBody(report): JsonBody<ReplicaReport>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     if report.node != name {
         return Err(ApiError::new(
             ErrorCode::WrongNode,
@@ -585,35 +660,44 @@ async fn report(
 
 async fn node_metrics(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path(name): Path<String>,
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     cp.record_metrics(stats);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn node_cpu(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
     JsonBody(usage): JsonBody<Vec<AppCpu>>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     cp.record_cpu(&name, usage);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn node_waiting(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
     JsonBody(waiting): JsonBody<Vec<Waiting>>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     cp.record_waiting(&name, waiting);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn incident(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
     JsonBody(incident): JsonBody<ReplicaIncident>,
 ) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
     if incident.node != name {
         return Err(ApiError::new(
             ErrorCode::WrongNode,
@@ -624,8 +708,11 @@ async fn incident(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn snapshot(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
-    blocking(move || cp.snapshot())
+async fn snapshot(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.snapshot_for(&me.0))
         .await
         .map(|s| Json(s).into_response())
 }
@@ -642,6 +729,7 @@ struct WatchQuery {
 /// up front: either way the node re-reads the snapshot.
 async fn watch(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
     let watcher = cp.store().watch("/", q.from).map_err(|e| match e {
@@ -654,7 +742,10 @@ async fn watch(
         ),
         other => ControlError::internal(other).into(),
     })?;
-    let lines = crate::link::deltas(watcher).map(|delta| {
+    let reader = cp.clone();
+    let mut scope = blocking(move || reader.scope_for(&me.0)).await?;
+    let lines = crate::link::deltas(watcher).map(move |delta| {
+        let delta = scope.delta(delta, |app, number| cp.revision_now(app, number));
         let mut line = serde_json::to_vec(&delta).expect("deltas serialise");
         line.push(b'\n');
         Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
@@ -669,8 +760,16 @@ async fn watch(
 /// A module's bytes, for nodes to fetch and verify by digest.
 async fn module_blob(
     State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
+    let (reader, wanted) = (cp.clone(), digest.clone());
+    if !blocking(move || reader.node_runs_module(&me.0, &wanted)).await? {
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            format!("no replica on this node runs module {digest}"),
+        ));
+    }
     let path = cp
         .blobs()
         .try_path(&digest)
@@ -699,7 +798,7 @@ async fn remote_logs(
     if replicas.is_empty() {
         return String::new();
     }
-    let secret = shoal_core::auth::hop_secret(&cp.config().join_token);
+    let secret = cp.config().hop_secret.clone();
     let http = reqwest::Client::new();
     let fetches = replicas.into_iter().map(|(replica, gateway)| {
         let mut url = format!(
@@ -738,6 +837,8 @@ mod tests {
         let config = crate::ControlConfig {
             token: "admin".into(),
             join_token: "join".into(),
+            join_token_file: Some(dir.path().join("join-token")),
+            hop_secret: "hop".into(),
             ..Default::default()
         };
         let cp = ControlPlane::new(store, blobs, config).unwrap();
@@ -827,7 +928,9 @@ mod tests {
 
     #[tokio::test]
     async fn mangled_bodies_get_a_4xx_with_a_code_never_a_5xx() {
-        let (_dir, router) = router_with_token();
+        let (_dir, cp) = control_plane_with_token();
+        let n1 = cp.join_node("n1").unwrap().credential;
+        let router = router(cp);
         let digest = format!("sha256:{}", "a".repeat(64));
         let src = format!(
             "name = \"hello\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
@@ -846,15 +949,18 @@ mod tests {
             "requests": 1, "errors": 0, "latency": {"counts": [1]}, "busy_ms": 1
         }])
         .to_string();
+        let join = serde_json::json!({ "node": "n2" }).to_string();
         let targets = [
             ("/v1/apps", "admin", spec),
-            ("/v1/cluster/nodes", "join", node),
-            ("/v1/cluster/nodes/n1/metrics", "join", stats),
+            ("/v1/cluster/join", "join", join),
+            ("/v1/cluster/nodes", n1.as_str(), node),
+            ("/v1/cluster/nodes/n1/metrics", n1.as_str(), stats),
         ];
-        // Unmangled, each body gets past parsing: the app's module is unknown, the node and
-        // its report are taken.
+        // Unmangled, each body gets past parsing: the app's module is unknown, the join, the
+        // node and its report are taken.
         let expected = [
             StatusCode::BAD_REQUEST,
+            StatusCode::CREATED,
             StatusCode::OK,
             StatusCode::NO_CONTENT,
         ];
@@ -914,9 +1020,10 @@ mod tests {
             draining: false,
             joined_at: 0,
         };
+        let credential = cp.join_node("n1").unwrap().credential;
         let revision = cp.register_node(n1.clone()).unwrap();
-        let req = HttpRequest::get("/v1/cluster/watch?from=1")
-            .header(header::AUTHORIZATION, "Bearer join")
+        let req = HttpRequest::get(format!("/v1/cluster/watch?from={revision}"))
+            .header(header::AUTHORIZATION, format!("Bearer {credential}"))
             .body(Body::empty())
             .unwrap();
         // The watch ends with the store: keep it open past the request.
@@ -952,13 +1059,232 @@ mod tests {
             call(&router, "/v1/cluster/snapshot", Some("admin")).await.0,
             StatusCode::UNAUTHORIZED
         );
+        // The join token opens the join only; a node's own credential the rest.
         assert_eq!(
             call(&router, "/v1/cluster/snapshot", Some("join")).await.0,
-            StatusCode::OK
+            StatusCode::UNAUTHORIZED
         );
         assert_eq!(
             call(&router, "/v1/apps", Some("admin")).await.0,
             StatusCode::OK
         );
+    }
+
+    async fn post(
+        router: &Router,
+        uri: &str,
+        token: &str,
+        body: serde_json::Value,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = HttpRequest::post(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    fn node_json(name: &str, gateway: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": name, "gateway": gateway, "state": "Ready", "schedulable": true,
+            "draining": false, "joined_at": 0, "labels": {},
+            "capacity": {"cpu_millis": 1000, "memory_bytes": 1073741824u64, "instances": 10}
+        })
+    }
+
+    /// The reviewer's finding: with the join token, anyone could register over a live
+    /// node (its gateway address included), heartbeat for it and report for its replicas.
+    #[tokio::test]
+    async fn a_node_acts_only_for_itself_and_the_join_token_only_joins() {
+        let (_dir, cp) = control_plane_with_token();
+        let router = router(cp.clone());
+        let (status, joined) = post(
+            &router,
+            "/v1/cluster/join",
+            "join",
+            serde_json::json!({"node": "n1"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{joined}");
+        let n1 = joined["credential"].as_str().unwrap().to_string();
+        assert!(n1.starts_with("n1."), "{n1}");
+        assert_eq!(joined["hop_secret"], "hop");
+        let n2 = cp.join_node("n2").unwrap().credential;
+        for (token, name) in [(&n1, "n1"), (&n2, "n2")] {
+            let (status, _) = post(
+                &router,
+                "/v1/cluster/nodes",
+                token,
+                node_json(name, &format!("{name}:8080")),
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+        }
+
+        // The join token no longer registers, heartbeats or reads anything.
+        let (status, _) = post(
+            &router,
+            "/v1/cluster/nodes",
+            "join",
+            node_json("n1", "10.9.9.9:1"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            post(
+                &router,
+                "/v1/cluster/nodes/n1/heartbeat",
+                "join",
+                serde_json::Value::Null
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+        // Nor does it join again as a node that has joined: no taking over n1.
+        let (status, body) = post(
+            &router,
+            "/v1/cluster/join",
+            "join",
+            serde_json::json!({"node": "n1"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("shoal node delete n1")
+        );
+
+        // n2's credential acts for n2 only.
+        let (status, body) = post(
+            &router,
+            "/v1/cluster/nodes",
+            &n2,
+            node_json("n1", "10.9.9.9:1"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        for path in ["heartbeat", "metrics", "cpu", "waiting"] {
+            let body = if path == "heartbeat" {
+                serde_json::Value::Null
+            } else {
+                serde_json::json!([])
+            };
+            let (status, _) =
+                post(&router, &format!("/v1/cluster/nodes/n1/{path}"), &n2, body).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        }
+        let nodes = cp.node_summaries().unwrap();
+        let n1_record = nodes.iter().find(|n| n.node.name == "n1").unwrap();
+        assert_eq!(n1_record.node.gateway, "n1:8080", "n1 untouched");
+
+        // A wrong secret under n1's name is refused.
+        let forged = shoal_core::auth::NodeToken::new("n1", &[0; 32]).expose();
+        assert_eq!(
+            post(
+                &router,
+                "/v1/cluster/nodes/n1/heartbeat",
+                &forged,
+                serde_json::Value::Null
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+        // Deleting n1 revokes its credential; it may then join again.
+        cp.delete_node("n1").unwrap();
+        assert_eq!(
+            post(
+                &router,
+                "/v1/cluster/nodes/n1/heartbeat",
+                &n1,
+                serde_json::Value::Null
+            )
+            .await
+            .0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert!(
+            cp.node_summaries()
+                .unwrap()
+                .iter()
+                .all(|n| n.node.name != "n1")
+        );
+        let (status, _) = post(
+            &router,
+            "/v1/cluster/join",
+            "join",
+            serde_json::json!({"node": "n1"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_join_token_stops_working_and_joined_nodes_carry_on() {
+        let (dir, cp) = control_plane_with_token();
+        let file = dir.path().join("join-token");
+        let router = router(cp.clone());
+        let n1 = cp.join_node("n1").unwrap().credential;
+        let req = HttpRequest::post("/v1/join-token/rotate?reveal=true")
+            .header(header::AUTHORIZATION, "Bearer admin")
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let rotated: RotatedJoinToken = serde_json::from_slice(&bytes).unwrap();
+        let new = rotated.token.unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), new);
+        assert_eq!(rotated.file.as_deref(), file.to_str());
+        let join = |token: String, node: &str| {
+            let router = router.clone();
+            let body = serde_json::json!({ "node": node });
+            async move { post(&router, "/v1/cluster/join", &token, body).await.0 }
+        };
+        assert_eq!(join("join".into(), "n2").await, StatusCode::UNAUTHORIZED);
+        assert_eq!(join(new, "n2").await, StatusCode::CREATED);
+        assert_eq!(
+            post(
+                &router,
+                "/v1/cluster/nodes/n1/heartbeat",
+                &n1,
+                serde_json::Value::Null
+            )
+            .await
+            .0,
+            StatusCode::NOT_FOUND,
+            "n1's credential still opens its door (it has not registered yet)"
+        );
+        // Only admins rotate; without `reveal` the token is not in the answer.
+        let req = HttpRequest::post("/v1/join-token/rotate")
+            .header(header::AUTHORIZATION, format!("Bearer {n1}"))
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            router.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::UNAUTHORIZED
+        );
+        let req = HttpRequest::post("/v1/join-token/rotate")
+            .header(header::AUTHORIZATION, "Bearer admin")
+            .body(Body::empty())
+            .unwrap();
+        let bytes = router
+            .clone()
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        let rotated: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(rotated.get("token").is_none(), "{rotated}");
     }
 }

@@ -250,9 +250,7 @@ impl ControlPlane {
                     let key = keys::replica(&replica.app, &replica.id);
                     guard(txn, &key, expect).then(Op::put(key, encode(&replica)))
                 }
-                Change::KeepNode { name, expect } => {
-                    guard(txn, &keys::node(&name), Expect::At(expect))
-                }
+                Change::KeepNode { name, expect } => guard(txn, &keys::node(&name), expect),
                 Change::DeleteReplica { app, id, expect } => {
                     let key = keys::replica(&app, &id);
                     guard(txn, &key, Expect::At(expect)).then(Op::delete(key))

@@ -15,7 +15,9 @@ mod jobs;
 mod link;
 mod measurements;
 mod mirror;
+mod nodes;
 mod rollouts;
+mod scope;
 mod serve;
 mod state;
 

@@ -27,8 +27,15 @@ use tokio::sync::Notify;
 pub struct ControlConfig {
     /// Admin token: every API call.
     pub token: String,
-    /// Join token: only what nodes do (register, heartbeat, report, watch, fetch modules).
+    /// Join token: opens only `POST /v1/cluster/join`, where a node gets its
+    /// own credential for everything else it does. Rotated at run time.
     pub join_token: String,
+    /// Where the join token is kept, so a rotation outlives a restart and
+    /// `--token-file` readers see the new one.
+    pub join_token_file: Option<std::path::PathBuf>,
+    /// What gateways of this cluster send each other on a hop; handed to
+    /// each node when it joins.
+    pub hop_secret: String,
     /// Largest module upload accepted.
     pub max_module_bytes: u64,
     /// A node silent this long is NotReady.
@@ -44,6 +51,8 @@ impl Default for ControlConfig {
         ControlConfig {
             token: String::new(),
             join_token: String::new(),
+            join_token_file: None,
+            hop_secret: String::new(),
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,
@@ -62,6 +71,8 @@ pub(crate) struct Inner {
     pub(crate) store: Arc<dyn KvStore>,
     pub(crate) blobs: BlobStore,
     pub(crate) config: ControlConfig,
+    /// The join token in force: [`ControlConfig::join_token`] until rotated.
+    pub(crate) join_token: std::sync::RwLock<String>,
     pub(crate) event_seq: AtomicU64,
     pub(crate) logs: OnceLock<Arc<dyn LogSource>>,
     /// Wakes the controller when something it owns should be looked at again.
@@ -125,6 +136,7 @@ impl ControlPlane {
             inner: Arc::new(Inner {
                 store,
                 blobs,
+                join_token: std::sync::RwLock::new(config.join_token.clone()),
                 config,
                 event_seq: AtomicU64::new(next),
                 logs: OnceLock::new(),

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 /// revision's key does not compile. One place, so a typo cannot split a
 /// collection in two.
 pub mod keys {
-    use super::{App, Event, Lease, Module, Node, Replica, Revision, RolloutStatus, RouteClaim};
+    use super::{
+        App, Event, Lease, Module, Node, NodeCredential, Replica, Revision, RolloutStatus,
+        RouteClaim,
+    };
     use crate::spec::AppKey;
     use crate::spec::Route;
     use std::borrow::Cow;
@@ -123,6 +126,7 @@ pub mod keys {
     pub const LEASES: Prefix<Lease> = Prefix::fixed("/leases/");
     pub const ROLLOUTS: Prefix<RolloutStatus> = Prefix::fixed("/rollouts/");
     pub const ROUTES: Prefix<RouteClaim> = Prefix::fixed("/routes/");
+    pub const CREDENTIALS: Prefix<NodeCredential> = Prefix::fixed("/credentials/nodes/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -171,6 +175,9 @@ pub mod keys {
     }
     pub fn lease(node: &str) -> Key<Lease> {
         Key::new(format!("{}{node}", LEASES.as_str()))
+    }
+    pub fn credential(node: &str) -> Key<NodeCredential> {
+        Key::new(format!("{}{node}", CREDENTIALS.as_str()))
     }
     pub fn module(digest: &str) -> Key<Module> {
         Key::new(format!("{}{digest}", MODULES.as_str()))
@@ -492,6 +499,17 @@ pub struct Node {
     #[serde(default)]
     pub draining: bool,
     pub joined_at: Millis,
+}
+
+/// What the control plane keeps of a node's own credential (issued when it
+/// joins with the join token): its SHA-256, never the secret. Kept apart from
+/// [`Node`], which every node reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCredential {
+    pub node: String,
+    /// Hex SHA-256 of the credential's secret part (see [`crate::auth::NodeToken`]).
+    pub hash: String,
+    pub issued_at: Millis,
 }
 
 /// A node's liveness, renewed by every heartbeat. Kept apart from [`Node`]

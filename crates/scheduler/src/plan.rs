@@ -165,10 +165,10 @@ pub enum Change {
         expect: u64,
     },
     /// Writes nothing: the batch applies only while node `name` is as read
-    /// (still NotReady, not re-registered meanwhile).
+    /// (still NotReady, not re-registered meanwhile; still deleted).
     KeepNode {
         name: String,
-        expect: u64,
+        expect: Expect,
     },
 }
 
@@ -283,13 +283,21 @@ fn plan_for(
     let nodes = expire_leases(world, &mut out);
     // Replicas move off nodes that were NotReady when read; one that becomes
     // NotReady in this pass loses its replicas in the next, once that is
-    // stored, so a node batch that loses its race moves nothing.
-    let lost: HashMap<&str, u64> = world
+    // stored, so a node batch that loses its race moves nothing. A node that
+    // was deleted is lost for good (and its batch holds while it stays so).
+    let mut lost: HashMap<&str, Expect> = world
         .nodes
         .values()
         .filter(|n| n.value.state != NodeState::Ready)
-        .map(|n| (n.value.name.as_str(), n.mod_revision))
+        .map(|n| (n.value.name.as_str(), Expect::At(n.mod_revision)))
         .collect();
+    for replica in world.replicas.values().flat_map(|rs| rs.values()) {
+        if let Some(node) = replica.value.node.as_deref()
+            && !world.nodes.contains_key(node)
+        {
+            lost.insert(node, Expect::Absent);
+        }
+    }
     let draining: HashSet<&str> = nodes
         .iter()
         .filter(|n| n.draining)
@@ -463,7 +471,7 @@ fn expire_leases(world: &World, out: &mut Plan) -> Vec<Node> {
 struct Pass<'w> {
     world: &'w World,
     now: Millis,
-    lost: HashMap<&'w str, u64>,
+    lost: HashMap<&'w str, Expect>,
     draining: HashSet<&'w str>,
     cluster: Cluster<'w>,
     /// Room the current app's deletes gave back: its own placements may use
@@ -559,13 +567,17 @@ impl<'w> Pass<'w> {
             }
             let (r, expect) = (&r.value, r.mod_revision);
             let node = r.node.as_deref().unwrap_or_default();
+            let why = match self.lost[node] {
+                Expect::Absent => "was deleted",
+                Expect::At(_) => "is not ready",
+            };
             batch.event(
                 EventType::Warning,
                 "Rescheduled",
                 format!("replica/{}/{}", r.app, r.id),
                 Some(&r.app),
                 format!(
-                    "node {node} is not ready; replica {} will be replaced elsewhere",
+                    "node {node} {why}; replica {} will be replaced elsewhere",
                     r.id
                 ),
             );
@@ -1343,6 +1355,25 @@ mod tests {
     }
 
     #[test]
+    fn replicas_of_a_deleted_node_move_while_it_stays_deleted() {
+        let mut w = with_replicas(
+            world(2, 1, ""),
+            &[on(replica_at("y", 1, Phase::Ready, 2), "n")],
+        );
+        complete(&mut w, 1);
+        w.nodes.remove("n");
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"]);
+        assert!(b.changes.contains(&Change::KeepNode {
+            name: "n".into(),
+            expect: Expect::Absent
+        }));
+        assert_eq!(puts(b)[0].node.as_deref(), Some("m"));
+        assert!(b.events[0].message.contains("node n was deleted"), "{b:?}");
+    }
+
+    #[test]
     fn an_expired_lease_makes_the_node_not_ready_and_its_replicas_move() {
         let mut w = with_replicas(
             world(2, 1, ""),
@@ -1374,7 +1405,7 @@ mod tests {
         assert_eq!(deletes(b), ["y"]);
         assert!(b.changes.contains(&Change::KeepNode {
             name: "n".into(),
-            expect: 7
+            expect: Expect::At(7)
         }));
         let placed = puts(b);
         assert_eq!(placed.len(), 1);

@@ -16,6 +16,7 @@
 
 mod backend;
 pub mod blobs;
+pub mod files;
 mod kv;
 pub mod tables;
 mod watch;

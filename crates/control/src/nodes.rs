@@ -1,0 +1,180 @@
+//! Node identity, as Kubernetes' node authorizer has it: the join token only
+//! gets a node its own credential ([`ControlPlane::join_node`]); every later
+//! call carries that credential, and a node may touch only its own record,
+//! lease and replicas, and read only what it runs ([`crate::scope`]).
+
+use crate::error::ControlError;
+use crate::scope::NodeScope;
+use crate::state::{ControlPlane, encode};
+use shoal_api::{JoinResponse, Snapshot};
+use shoal_core::auth::{NodeToken, constant_time_eq};
+use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
+use shoal_core::{EventType, NodeCredential, Replica, Revision};
+use shoal_store::{Op, Txn};
+use std::path::PathBuf;
+
+/// A fresh 32-byte secret, hex-encoded.
+pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| ControlError::internal(format!("no system randomness: {e}")))?;
+    Ok(bytes)
+}
+
+impl ControlPlane {
+    /// Whether `presented` is the join token in force.
+    pub fn join_token_matches(&self, presented: &str) -> bool {
+        let current = self
+            .inner
+            .join_token
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        constant_time_eq(presented.as_bytes(), current.as_bytes())
+    }
+
+    /// A node presenting the join token gets its own credential, once per
+    /// name: a name already joined (registered, or holding a credential) is
+    /// refused, so the join token cannot be used to take over a node.
+    pub fn join_node(&self, name: &str) -> Result<JoinResponse, ControlError> {
+        shoal_core::validate_name(name).map_err(|e| {
+            ControlError::invalid(ErrorCode::InvalidNode, format!("node name: {e}"))
+        })?;
+        let token = NodeToken::new(name, &random_secret()?);
+        let record = NodeCredential {
+            node: name.to_string(),
+            hash: token.hash(),
+            issued_at: self.now(),
+        };
+        let txn = Txn::new()
+            .when_absent(keys::node(name))
+            .when_absent(keys::credential(name))
+            .then(Op::put(keys::credential(name), encode(&record)))
+            .then(self.event_op(
+                EventType::Normal,
+                "NodeJoined",
+                format!("node/{name}"),
+                None,
+                format!("node {name} joined with the join token and got its own credential"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "node {name} has joined already: a node that restarts uses the credential in its data dir; \
+                 if {name} is gone for good, `shoal node delete {name}` and join again"
+            )));
+        }
+        Ok(JoinResponse {
+            credential: token.expose(),
+            hop_secret: self.config().hop_secret.clone(),
+        })
+    }
+
+    /// The node a bearer credential belongs to, if it is one the control
+    /// plane issued and has not revoked.
+    pub fn authenticate_node(&self, bearer: &str) -> Result<Option<String>, ControlError> {
+        let Some(token) = NodeToken::parse(bearer) else {
+            return Ok(None);
+        };
+        Ok(self
+            .get(&keys::credential(&token.node))?
+            .filter(|(record, _)| token.matches(&record.hash))
+            .map(|_| token.node))
+    }
+
+    /// Removes a node: its record, lease and credential. The controller then
+    /// treats its replicas as lost and replaces them elsewhere; the node, if
+    /// it still runs, is refused from now on and must join again.
+    pub fn delete_node(&self, name: &str) -> Result<(), ControlError> {
+        let node = self.get(&keys::node(name))?;
+        let credential = self.get(&keys::credential(name))?;
+        if node.is_none() && credential.is_none() {
+            return Err(ControlError::not_found(format!(
+                "node {name} does not exist"
+            )));
+        }
+        let txn = Txn::new()
+            .then(Op::delete(keys::node(name)))
+            .then(Op::delete(keys::lease(name)))
+            .then(Op::delete(keys::credential(name)))
+            .then(self.event_op(
+                EventType::Normal,
+                "NodeDeleted",
+                format!("node/{name}"),
+                None,
+                format!("node {name} was deleted; its replicas will be replaced elsewhere"),
+            ));
+        self.inner.store.txn(txn)?;
+        self.inner.kick.notify_one();
+        Ok(())
+    }
+
+    /// A new join token; the old one stops working at once. Nodes that have
+    /// joined keep their own credentials and are not affected. The token is
+    /// written to the join-token file first, so a restart cannot bring the
+    /// old one back.
+    pub fn rotate_join_token(&self) -> Result<(String, Option<PathBuf>), ControlError> {
+        let token = hex::encode(random_secret()?);
+        let file = self.config().join_token_file.clone();
+        if let Some(path) = &file {
+            shoal_store::files::write_private(path, token.as_bytes()).map_err(|e| {
+                ControlError::internal(format!("cannot write {}: {e}", path.display()))
+            })?;
+        }
+        *self
+            .inner
+            .join_token
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = token.clone();
+        self.inner.store.txn(Txn::new().then(self.event_op(
+            EventType::Normal,
+            "JoinTokenRotated",
+            "cluster".into(),
+            None,
+            "the join token was rotated; joined nodes keep their credentials".into(),
+        )))?;
+        Ok((token, file))
+    }
+
+    /// What node `node` may read: every object it routes by, with other
+    /// apps' configuration left out (see [`crate::scope`]).
+    pub fn snapshot_for(&self, node: &str) -> Result<Snapshot, ControlError> {
+        let mut snapshot = self.snapshot()?;
+        NodeScope::new(node, &snapshot.replicas).snapshot(&mut snapshot);
+        Ok(snapshot)
+    }
+
+    /// A scope for node `node`'s watch, starting from its replicas now.
+    pub(crate) fn scope_for(&self, node: &str) -> Result<NodeScope, ControlError> {
+        let replicas = self.list::<Replica>(&keys::REPLICAS)?;
+        Ok(NodeScope::new(node, &replicas))
+    }
+
+    /// A revision as stored now, for a node's watch to hand over whole.
+    pub(crate) fn revision_now(
+        &self,
+        app: &shoal_core::spec::AppKey,
+        number: u64,
+    ) -> Option<Revision> {
+        self.get(&keys::revision(app, number))
+            .ok()
+            .flatten()
+            .map(|(r, _)| r)
+    }
+
+    /// Whether a replica placed on `node` runs the module `digest`: what a
+    /// node may download.
+    pub fn node_runs_module(&self, node: &str, digest: &str) -> Result<bool, ControlError> {
+        for replica in self.list::<Replica>(&keys::REPLICAS)? {
+            if replica.node.as_deref() != Some(node) {
+                continue;
+            }
+            if let Some((revision, _)) =
+                self.get(&keys::revision(&replica.app, replica.revision))?
+                && revision.template.component.digest == digest
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,234 @@
+//! Node identity on real processes: the join token only bootstraps, each node
+//! then acts with a credential of its own, reads other apps without their
+//! configuration, and can be deleted.
+
+mod common;
+
+use common::{NodeProc, Server, examples, poll, write_spec};
+use std::time::Duration;
+
+/// The credential a node keeps in its data dir.
+fn credential(node: &NodeProc) -> String {
+    let text = std::fs::read_to_string(node.dir.join("node-identity.json")).unwrap();
+    let identity: serde_json::Value = serde_json::from_str(&text).unwrap();
+    identity["credential"].as_str().unwrap().to_string()
+}
+
+fn as_node(server: &Server, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
+    common::client()
+        .get(format!("{}{path}", server.api))
+        .bearer_auth(credential(node))
+        .send()
+        .unwrap()
+}
+
+/// Every env value of `app`'s revisions in what `node` reads.
+fn env_seen(server: &Server, node: &NodeProc, app: &str) -> Vec<String> {
+    let resp = as_node(server, node, "/v1/cluster/snapshot");
+    assert_eq!(resp.status(), 200);
+    let snapshot: serde_json::Value = resp.json().unwrap();
+    let mut seen = Vec::new();
+    for r in snapshot["revisions"].as_array().unwrap() {
+        if r["app"]["name"] == app {
+            for v in r["template"]["env"].as_object().unwrap().values() {
+                seen.push(v.as_str().unwrap().to_string());
+            }
+        }
+    }
+    for a in snapshot["apps"].as_array().unwrap() {
+        for v in a["spec"]["env"]
+            .as_object()
+            .into_iter()
+            .flat_map(|e| e.values())
+        {
+            seen.push(v.as_str().unwrap().to_string());
+        }
+    }
+    seen
+}
+
+fn node_listed(server: &Server, name: &str) -> bool {
+    let nodes = server.api_json("/v1/nodes");
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["name"] == name && n["state"] == "Ready")
+}
+
+#[test]
+fn each_node_reads_only_the_configuration_of_what_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let runs = NodeProc::join(&server, "node-1", &["--label", "role=a"]);
+    let other = NodeProc::join(&server, "node-2", &["--label", "role=b"]);
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("Hello from Shoal!", "only-for-node-1")
+        .replace(
+            "[scale]",
+            "[placement]\nnode_selector = { role = \"a\" }\n\n[scale]",
+        );
+    let spec = write_spec(dir.path(), "hello.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        poll(Duration::from_secs(30), || server.ready_nodes("hello")
+            == ["node-1"]),
+        "{:#}",
+        server.api_json("/v1/replicas?app=hello")
+    );
+    let (code, body) = runs.get("/hello").unwrap();
+    assert_eq!(
+        (code, body.contains("only-for-node-1")),
+        (200, true),
+        "{body}"
+    );
+    // node-2 still routes to it, through node-1.
+    let (code, body) = other.get("/hello").unwrap();
+    assert_eq!(
+        (code, body.contains("only-for-node-1")),
+        (200, true),
+        "{body}"
+    );
+
+    assert!(env_seen(&server, &runs, "hello").contains(&"only-for-node-1".to_string()));
+    assert_eq!(env_seen(&server, &other, "hello"), Vec::<String>::new());
+
+    // The watch, too: node-2 follows changes without ever seeing the value.
+    let revision = {
+        let s: serde_json::Value = as_node(&server, &other, "/v1/cluster/snapshot")
+            .json()
+            .unwrap();
+        s["revision"].as_u64().unwrap()
+    };
+    let text = text.replace("only-for-node-1", "changed-for-node-1");
+    let spec = write_spec(dir.path(), "hello.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || {
+        runs.get("/hello")
+            .is_ok_and(|(_, b)| b.contains("changed-for-node-1"))
+    }));
+    let mut watch = common::client()
+        .get(format!("{}/v1/cluster/watch?from={revision}", server.api))
+        .bearer_auth(credential(&other))
+        .timeout(Duration::from_secs(2))
+        .send()
+        .unwrap();
+    let mut seen = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut watch, &mut seen);
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(seen.contains("\"revision\""), "the watch streamed: {seen}");
+    assert!(!seen.contains("for-node-1"), "{seen}");
+
+    // Modules go only to the nodes that run them.
+    let app = server.api_json("/v1/apps/hello");
+    let digest = app["app"]["spec"]["component"]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{app:#}"));
+    let path = format!("/v1/cluster/modules/{digest}");
+    assert_eq!(as_node(&server, &runs, &path).status(), 200);
+    assert_eq!(as_node(&server, &other, &path).status(), 403);
+}
+
+#[test]
+fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let mut node = NodeProc::join(&server, "node-1", &[]);
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
+    let first = credential(&node);
+    let identity = node.dir.join("node-identity.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&identity).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the credential is its owner's only");
+
+    // A restart needs no join token: the node's own credential is in its data dir.
+    node.kill();
+    std::fs::remove_file(node.dir.with_extension("join-token")).unwrap();
+    node.restart();
+    assert_eq!(credential(&node), first);
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
+
+    // Nobody joins again under its name with the join token.
+    let intruder = std::process::Command::new(common::SHOAL)
+        .args(["node", "join", &server.api, "--node-name", "node-1"])
+        .arg("--data-dir")
+        .arg(dir.path().join("intruder"))
+        .args(["--gateway", "127.0.0.1:0"])
+        .env("SHOAL_JOIN_TOKEN", &server.join_token)
+        .output()
+        .unwrap();
+    assert!(!intruder.status.success());
+    let err = String::from_utf8_lossy(&intruder.stderr);
+    assert!(err.contains("node-1 has joined already"), "{err}");
+
+    // Deleted, its credential is refused; it joins again with the join token.
+    server.cli_ok(&["node", "delete", "node-1"]);
+    assert!(!node_listed(&server, "node-1"));
+    assert_eq!(
+        as_node(&server, &node, "/v1/cluster/snapshot").status(),
+        401
+    );
+    node.kill();
+    node.restart();
+    assert_ne!(credential(&node), first);
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
+    let events = server.cli_ok(&["events"]);
+    assert!(events.contains("NodeDeleted"), "{events}");
+}
+
+#[test]
+fn a_rotated_join_token_lets_new_nodes_in_and_the_old_one_no_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let joined = NodeProc::join(&server, "node-1", &[]);
+    let new_token = dir.path().join("new-join-token");
+    let out = server.cli_ok(&[
+        "token",
+        "rotate-join",
+        "--write",
+        new_token.to_str().unwrap(),
+    ]);
+    let token = std::fs::read_to_string(&new_token).unwrap();
+    assert!(
+        !out.contains(&token),
+        "the token is written, never printed: {out}"
+    );
+    assert_ne!(token, server.join_token);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("server/join-token")).unwrap(),
+        token,
+        "the control plane keeps the new one"
+    );
+
+    let old = std::process::Command::new(common::SHOAL)
+        .args(["node", "join", &server.api, "--node-name", "node-2"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node-2"))
+        .args(["--gateway", "127.0.0.1:0"])
+        .env("SHOAL_JOIN_TOKEN", &server.join_token)
+        .output()
+        .unwrap();
+    assert!(!old.status.success());
+    assert!(String::from_utf8_lossy(&old.stderr).contains("refused the join token"));
+
+    server.join_token = token;
+    let _second = NodeProc::join(&server, "node-2", &[]);
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-2"
+    )));
+    // The node that joined before carries on with its own credential.
+    assert_eq!(
+        as_node(&server, &joined, "/v1/cluster/snapshot").status(),
+        200
+    );
+    assert!(node_listed(&server, "node-1"));
+}
