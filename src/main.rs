@@ -43,7 +43,7 @@ enum Command {
     Server(commands::server::ServerArgs),
     /// Join a worker node, or cordon, uncordon, drain or delete one.
     Node(commands::node::NodeCommand),
-    /// Manage the cluster's tokens: rotate the join token.
+    /// Manage API tokens (create, list, revoke) and rotate the join token.
     Token(commands::token::TokenCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),

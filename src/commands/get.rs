@@ -210,14 +210,14 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
             );
         }
         What::Services => {
-            let services: Vec<Service> = client.get("/v1/services").await?;
+            let services: Vec<Service> =
+                client.get(&format!("/v1/services?namespace={ns}")).await?;
             if ctx.output == Format::Json {
                 output::json(&services);
                 return Ok(());
             }
             let rows: Vec<Vec<String>> = services
                 .iter()
-                .filter(|s| &s.namespace == ns)
                 .map(|s| {
                     let endpoints: Vec<String> = s
                         .endpoints

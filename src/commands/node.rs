@@ -5,7 +5,7 @@ use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::{JoinToken, Rejoin, RemoteLink};
 use shoal_api::JoinResponse;
-use shoal_core::auth::NodeToken;
+use shoal_core::auth::Credential;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -120,9 +120,9 @@ async fn identity(args: &JoinArgs, data: &Path, name: &str) -> Result<JoinRespon
     if let Ok(text) = std::fs::read_to_string(&file) {
         let kept: JoinResponse = serde_json::from_str(&text)
             .with_context(|| format!("unreadable node identity {}", file.display()))?;
-        let owner = NodeToken::parse(&kept.credential)
+        let owner = Credential::parse(&kept.credential)
             .with_context(|| format!("unreadable node credential in {}", file.display()))?
-            .node;
+            .id;
         anyhow::ensure!(
             owner == name,
             "the data dir {} belongs to node {owner}: run it with --node-name {owner}, or give node {name} a data dir of its own",

@@ -1,8 +1,9 @@
 use super::Context;
 use crate::client::write_private;
-use crate::output::{self, Format};
+use crate::output::{self, Format, age, table};
 use anyhow::Result;
-use shoal_api::RotatedJoinToken;
+use shoal_api::{CreatedToken, RotatedJoinToken, TokenRequest, TokenView};
+use shoal_core::auth::Role;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -13,6 +14,25 @@ pub struct TokenCommand {
 
 #[derive(clap::Subcommand)]
 enum TokenAction {
+    /// Make an API token with a role: viewer (read), deployer (also apply, delete, scale, roll
+    /// out, run jobs, upload modules) or admin (also nodes and tokens). The token is written
+    /// to a file readable by its owner only, never printed.
+    Create {
+        /// The token's name; it shows in `token list` and in events.
+        name: String,
+        #[arg(long)]
+        role: Role,
+        /// A namespace the token acts in (repeatable); none: every namespace.
+        #[arg(long = "scope", value_name = "NAMESPACE")]
+        namespaces: Vec<String>,
+        /// Where to write the token.
+        #[arg(long)]
+        write: PathBuf,
+    },
+    /// List API tokens: names, roles and scopes, never the tokens.
+    List,
+    /// Revoke an API token: requests carrying it are refused from now on.
+    Revoke { name: String },
     /// Make a new join token; the old one stops working at once. Nodes that have joined
     /// keep their own credentials.
     RotateJoin {
@@ -24,8 +44,71 @@ enum TokenAction {
 }
 
 pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
-    let TokenAction::RotateJoin { write } = cmd.action;
     let client = ctx.client()?;
+    match cmd.action {
+        TokenAction::Create {
+            name,
+            role,
+            namespaces,
+            write,
+        } => {
+            let req = client
+                .request(reqwest::Method::POST, "/v1/tokens")
+                .json(&TokenRequest {
+                    name,
+                    role,
+                    namespaces,
+                });
+            let created: CreatedToken = client.send(req).await?;
+            write_private(&write, created.token.as_bytes())?;
+            match ctx.output {
+                Format::Json => output::json(&created.view),
+                Format::Table => println!(
+                    "token {} ({}) written to {}",
+                    created.view.name,
+                    created.view.role,
+                    write.display()
+                ),
+            }
+        }
+        TokenAction::List => {
+            let tokens: Vec<TokenView> = client.get("/v1/tokens").await?;
+            if ctx.output == Format::Json {
+                output::json(&tokens);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    let scope = if t.namespaces.is_empty() {
+                        "*".to_string()
+                    } else {
+                        t.namespaces.join(",")
+                    };
+                    vec![t.name.clone(), t.role.to_string(), scope, age(t.created_at)]
+                })
+                .collect();
+            table(&["NAME", "ROLE", "NAMESPACES", "AGE"], &rows);
+        }
+        TokenAction::Revoke { name } => {
+            client
+                .checked(client.request(reqwest::Method::DELETE, &format!("/v1/tokens/{name}")))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "revoked": name })),
+                Format::Table => println!("token {name} revoked"),
+            }
+        }
+        TokenAction::RotateJoin { write } => rotate_join(&ctx, &client, write).await?,
+    }
+    Ok(())
+}
+
+async fn rotate_join(
+    ctx: &Context,
+    client: &crate::client::Client,
+    write: Option<PathBuf>,
+) -> Result<()> {
     let path = if write.is_some() {
         "/v1/join-token/rotate?reveal=true"
     } else {

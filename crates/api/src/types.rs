@@ -3,6 +3,7 @@
 //! here changes the API.
 
 use serde::{Deserialize, Serialize};
+use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::{AppKey, Concurrency};
 use shoal_core::{
@@ -158,6 +159,34 @@ pub struct NodeSummary {
     pub allocated: Capacity,
     pub replicas: usize,
     pub last_heartbeat: Millis,
+}
+
+/// `POST /v1/tokens`: a new API token named `name` with `role`, acting in
+/// `namespaces` (none: every namespace).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+/// An API token as listed: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    pub created_at: Millis,
+}
+
+/// The answer to `POST /v1/tokens`: the one time the token itself is sent.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    pub view: TokenView,
+    pub token: String,
 }
 
 /// What a node sends with the join token to get its own credential.

@@ -1,22 +1,24 @@
 //! The `/v1` HTTP API. Handlers parse, call [`ControlPlane`], and map errors;
 //! they hold no logic of their own.
 
+use crate::access::{self, Caller, Rule, Scope};
 use crate::api_error::{ApiError, JsonBody, Path, Query};
 use crate::error::ControlError;
 use crate::state::ControlPlane;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodFilter, get, on, post};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
     AppCpu, ApplyOutcome, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, Waiting,
+    RotatedJoinToken, TokenRequest, Waiting,
 };
+use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -33,28 +35,52 @@ where
     crate::state::blocking(f).await.map_err(ApiError::from)
 }
 
+/// The admin API's routes, each with its access rule: the router and
+/// [`RULES`] come from this one list, so no route is served without a rule.
+macro_rules! admin_api {
+    ($( $method:ident $path:literal => $handler:ident, $role:ident, $scope:ident; )*) => {
+        /// Every admin-API route's rule (see [`access::authorize`]).
+        pub(crate) const RULES: &[Rule] = &[
+            $( Rule { method: stringify!($method), path: $path, role: Role::$role, scope: Scope::$scope }, )*
+        ];
+
+        fn admin_routes() -> Router<ControlPlane> {
+            Router::new() $( .route($path, on(MethodFilter::$method, $handler)) )*
+        }
+    };
+}
+
+admin_api! {
+    GET "/v1/modules" => list_modules, Viewer, Shared;
+    POST "/v1/modules" => upload_module, Deployer, Shared;
+    GET "/v1/modules/{digest}" => get_module, Viewer, Shared;
+    GET "/v1/apps" => list_apps, Viewer, NamespaceOrAll;
+    POST "/v1/apps" => apply, Deployer, Body;
+    GET "/v1/apps/{name}" => describe_app, Viewer, Namespace;
+    DELETE "/v1/apps/{name}" => delete_app, Deployer, Namespace;
+    GET "/v1/apps/{name}/logs" => logs, Viewer, Namespace;
+    POST "/v1/apps/{name}/rollback" => rollback, Deployer, Namespace;
+    POST "/v1/apps/{name}/run" => run_job, Deployer, Namespace;
+    POST "/v1/apps/{name}/scale" => scale, Deployer, Namespace;
+    GET "/v1/apps/{name}/rollout" => rollout_status, Viewer, Namespace;
+    POST "/v1/apps/{name}/rollout/{action}" => rollout_action, Deployer, Namespace;
+    GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
+    GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
+    GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
+    GET "/v1/events" => list_events, Viewer, NamespaceOrAll;
+    GET "/v1/nodes" => list_nodes, Viewer, Cluster;
+    DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster;
+    POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster;
+    POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster;
+    GET "/v1/tokens" => list_tokens, Admin, Cluster;
+    POST "/v1/tokens" => create_token, Admin, Cluster;
+    DELETE "/v1/tokens/{name}" => revoke_token, Admin, Cluster;
+}
+
 pub fn router(cp: ControlPlane) -> Router {
-    let authed = Router::new()
-        .route("/v1/modules", post(upload_module).get(list_modules))
-        .route("/v1/modules/{digest}", get(get_module))
-        .route("/v1/apps", post(apply).get(list_apps))
-        .route("/v1/apps/{name}", get(describe_app).delete(delete_app))
-        .route("/v1/apps/{name}/logs", get(logs))
-        .route("/v1/apps/{name}/rollback", post(rollback))
-        .route("/v1/apps/{name}/run", post(run_job))
-        .route("/v1/jobs", get(list_jobs))
-        .route("/v1/apps/{name}/scale", post(scale))
-        .route("/v1/apps/{name}/rollout", get(rollout_status))
-        .route("/v1/apps/{name}/rollout/{action}", post(rollout_action))
-        .route("/v1/replicas", get(list_replicas))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/services", get(list_services))
-        .route("/v1/events", get(list_events))
-        .route("/v1/nodes/{name}", delete(delete_node))
-        .route("/v1/nodes/{name}/{action}", post(node_action))
-        .route("/v1/join-token/rotate", post(rotate_join_token))
+    let authed = admin_routes()
         .layer(DefaultBodyLimit::max(4 << 20))
-        .route_layer(middleware::from_fn_with_state(cp.clone(), require_token));
+        .route_layer(middleware::from_fn_with_state(cp.clone(), authorize));
     // The join token opens one door: a node gets its own credential there.
     let join = Router::new()
         .route("/v1/cluster/join", post(join_cluster))
@@ -103,15 +129,40 @@ async fn trace(req: Request, next: Next) -> Response {
     .await
 }
 
-async fn require_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    match bearer(&req) {
-        Some(t) if shoal_core::auth::constant_time_eq(t.as_bytes(), cp.config().token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::new(ErrorCode::Unauthorized, "invalid token").into_response(),
-        None => ApiError::new(ErrorCode::Unauthorized,
-            "missing token: send `Authorization: Bearer <token>` (the token is in the data dir's `token` file)",
+/// Who is calling, and may they: the caller's token (the admin token, or an
+/// API token) against the route's rule in [`crate::access::RULES`]. The
+/// caller goes into the request for handlers that check more (apply checks
+/// the namespace of the app in its body).
+async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next) -> Response {
+    let Some(presented) = bearer(&req).map(str::to_string) else {
+        return ApiError::new(ErrorCode::Unauthorized,
+            "missing token: send `Authorization: Bearer <token>` (the admin token is in the data dir's `token` file)",
         )
-        .into_response(),
+        .into_response();
+    };
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let caller = match blocking(move || cp.authenticate(&presented)).await {
+        Ok(Some(caller)) => caller,
+        Ok(None) => return ApiError::new(ErrorCode::Unauthorized, "invalid token").into_response(),
+        Err(e) => return e.into_response(),
+    };
+    let Some(rule) = access::rule_for(req.method().as_str(), &path) else {
+        tracing::error!(method = %req.method(), path, "a route without an access rule");
+        return ApiError::new(ErrorCode::Forbidden, "this route has no access rule")
+            .into_response();
+    };
+    let namespace = axum::extract::Query::<NsQuery>::try_from_uri(req.uri())
+        .ok()
+        .and_then(|q| q.0.namespace);
+    if let Err(why) = access::authorize(&caller, rule, namespace.as_deref()) {
+        return ApiError::new(ErrorCode::Forbidden, why).into_response();
     }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -253,6 +304,7 @@ struct ApplyQuery {
 
 async fn apply(
     State(cp): State<ControlPlane>,
+    Extension(caller): Extension<Caller>,
     Query(q): Query<ApplyQuery>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
@@ -262,6 +314,9 @@ async fn apply(
             format!("app spec is not valid JSON for an app: {e}"),
         )
     })?;
+    caller
+        .check_namespace(&spec.namespace)
+        .map_err(|why| ApiError::new(ErrorCode::Forbidden, why))?;
     let result = blocking(move || cp.apply(spec, q.dry_run)).await?;
     let status = if result.outcome == ApplyOutcome::Created && !result.dry_run {
         StatusCode::CREATED
@@ -422,10 +477,38 @@ async fn list_replicas(
     .map(Json)
 }
 
-async fn list_services(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
-    blocking(move || cp.services())
+async fn list_services(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let mut services = blocking(move || cp.services()).await?;
+    if let Some(ns) = &q.namespace {
+        services.retain(|s| &s.namespace == ns);
+    }
+    Ok(Json(services).into_response())
+}
+
+async fn list_tokens(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.tokens())
         .await
-        .map(|s| Json(s).into_response())
+        .map(|t| Json(t).into_response())
+}
+
+async fn create_token(
+    State(cp): State<ControlPlane>,
+    JsonBody(req): JsonBody<TokenRequest>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.create_token(req))
+        .await
+        .map(|t| (StatusCode::CREATED, Json(t)).into_response())
+}
+
+async fn revoke_token(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.revoke_token(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
@@ -1184,7 +1267,7 @@ mod tests {
         assert_eq!(n1_record.node.gateway, "n1:8080", "n1 untouched");
 
         // A wrong secret under n1's name is refused.
-        let forged = shoal_core::auth::NodeToken::new("n1", &[0; 32]).expose();
+        let forged = shoal_core::auth::Credential::new("n1", &[0; 32]).expose();
         assert_eq!(
             post(
                 &router,
@@ -1286,5 +1369,140 @@ mod tests {
             .to_bytes();
         let rotated: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert!(rotated.get("token").is_none(), "{rotated}");
+    }
+
+    /// Walks every admin-API route: no token is refused (401), a role below the route's or a
+    /// namespace out of the token's scope is refused (403), the right token gets through.
+    #[tokio::test]
+    async fn every_route_refuses_who_it_must_and_lets_in_who_it_may() {
+        let (_dir, cp) = control_plane_with_token();
+        let router = router(cp.clone());
+        let token = |role: Role, namespaces: &[&str]| {
+            let name = format!("{role}-{}", namespaces.join("-"));
+            cp.create_token(TokenRequest {
+                name: name.trim_end_matches('-').to_string(),
+                role,
+                namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            })
+            .unwrap()
+            .token
+        };
+        let everywhere: Vec<String> = Role::ALL.iter().map(|r| token(*r, &[])).collect();
+        let team_a: Vec<String> = Role::ALL.iter().map(|r| token(*r, &["team-a"])).collect();
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let spec = |ns: &str| {
+            let src = format!(
+                "name = \"web\"\nnamespace = \"{ns}\"\n[component]\ndigest = \"{digest}\"\n\
+                 kind = \"http\"\n[http]\nroutes = [\"/web\"]\n"
+            );
+            let spec = shoal_core::spec::parse_app(&src)
+                .unwrap()
+                .resolve(digest.clone())
+                .unwrap();
+            serde_json::to_vec(&spec).unwrap()
+        };
+        let send = |method: &str, uri: String, bearer: Option<&str>, body: Vec<u8>| {
+            let mut req = HttpRequest::builder()
+                .method(method)
+                .uri(uri)
+                .header(header::CONTENT_TYPE, "application/json");
+            if let Some(t) = bearer {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let router = router.clone();
+            let req = req.body(Body::from(body)).unwrap();
+            async move { router.oneshot(req).await.unwrap().status() }
+        };
+        for rule in RULES {
+            let path = rule
+                .path
+                .replace("{digest}", &digest)
+                .replace("{name}", "web")
+                .replace(
+                    "{action}",
+                    if rule.path.starts_with("/v1/nodes") {
+                        "cordon"
+                    } else {
+                        "pause"
+                    },
+                );
+            let at = |ns: &str| match rule.scope {
+                Scope::Namespace | Scope::NamespaceOrAll => format!("{path}?namespace={ns}"),
+                _ => path.clone(),
+            };
+            let body = |ns: &str| {
+                if rule.scope == Scope::Body {
+                    spec(ns)
+                } else {
+                    b"{}".to_vec()
+                }
+            };
+            let what = format!("{} {}", rule.method, rule.path);
+            let role = Role::ALL.iter().position(|r| *r == rule.role).unwrap();
+
+            assert_eq!(
+                send(rule.method, at("team-a"), None, body("team-a")).await,
+                StatusCode::UNAUTHORIZED,
+                "{what}"
+            );
+            assert_eq!(
+                send(
+                    rule.method,
+                    at("team-a"),
+                    Some("not-a-token"),
+                    body("team-a")
+                )
+                .await,
+                StatusCode::UNAUTHORIZED,
+                "{what}"
+            );
+            if role > 0 {
+                let below = &everywhere[role - 1];
+                assert_eq!(
+                    send(rule.method, at("team-a"), Some(below), body("team-a")).await,
+                    StatusCode::FORBIDDEN,
+                    "{what}"
+                );
+            }
+            let (right, wrong_ns) = match rule.scope {
+                // Cluster-wide: only tokens of every namespace.
+                Scope::Cluster => (&everywhere[role], Some(&team_a[2])),
+                Scope::Shared => (&team_a[role], None),
+                _ => (&team_a[role], Some(&team_a[2])),
+            };
+            if let Some(wrong) = wrong_ns {
+                let status = send(rule.method, at("team-b"), Some(wrong), body("team-b")).await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{what}");
+            }
+            let status = send(rule.method, at("team-a"), Some(right), body("team-a")).await;
+            assert!(
+                status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN,
+                "{what}: {status}"
+            );
+            assert!(status != StatusCode::METHOD_NOT_ALLOWED, "{what} is routed");
+        }
+        // A token limited to namespaces must say which when the route could mean all.
+        let status = send("GET", "/v1/apps".into(), Some(&team_a[0]), Vec::new()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        // A revoked token is refused from then on.
+        cp.revoke_token("viewer").unwrap();
+        let status = send("GET", "/v1/apps".into(), Some(&everywhere[0]), Vec::new()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // Node credentials and the join token open no admin route.
+        let node = cp.join_node("n1").unwrap().credential;
+        for t in [node.as_str(), "join"] {
+            assert_eq!(
+                send("GET", "/v1/apps".into(), Some(t), Vec::new()).await,
+                StatusCode::UNAUTHORIZED
+            );
+        }
+        let listed = cp.tokens().unwrap();
+        assert_eq!(listed.len(), 5);
+        assert!(
+            serde_json::to_string(&listed)
+                .unwrap()
+                .find(&everywhere[1][9..])
+                .is_none()
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! through [`LocalLink`], over HTTP through the `/v1/cluster` API. What is
 //! said is typed in `shoal-api`.
 
+mod access;
 mod api;
 mod api_error;
 mod controller;

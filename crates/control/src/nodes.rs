@@ -7,7 +7,7 @@ use crate::error::ControlError;
 use crate::scope::NodeScope;
 use crate::state::{ControlPlane, encode};
 use shoal_api::{JoinResponse, Snapshot};
-use shoal_core::auth::{NodeToken, constant_time_eq};
+use shoal_core::auth::{Credential, constant_time_eq};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::{EventType, NodeCredential, Replica, Revision};
@@ -40,7 +40,7 @@ impl ControlPlane {
         shoal_core::validate_name(name).map_err(|e| {
             ControlError::invalid(ErrorCode::InvalidNode, format!("node name: {e}"))
         })?;
-        let token = NodeToken::new(name, &random_secret()?);
+        let token = Credential::new(name, &random_secret()?);
         let record = NodeCredential {
             node: name.to_string(),
             hash: token.hash(),
@@ -72,13 +72,13 @@ impl ControlPlane {
     /// The node a bearer credential belongs to, if it is one the control
     /// plane issued and has not revoked.
     pub fn authenticate_node(&self, bearer: &str) -> Result<Option<String>, ControlError> {
-        let Some(token) = NodeToken::parse(bearer) else {
+        let Some(token) = Credential::parse(bearer) else {
             return Ok(None);
         };
         Ok(self
-            .get(&keys::credential(&token.node))?
+            .get(&keys::credential(&token.id))?
             .filter(|(record, _)| token.matches(&record.hash))
-            .map(|_| token.node))
+            .map(|_| token.id))
     }
 
     /// Removes a node: its record, lease and credential. The controller then

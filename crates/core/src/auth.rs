@@ -2,6 +2,7 @@
 //! Making them (randomness) and keeping them (files, the store) is the
 //! caller's: this crate does no I/O.
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
@@ -14,32 +15,34 @@ pub const HOP_AUTH_HEADER: &str = "x-shoal-hop-auth";
 /// hop secret: `GET {NODE_LOGS_PATH}{replica}?tail=N`.
 pub const NODE_LOGS_PATH: &str = "/_shoal/logs/";
 
-/// A node's own credential, `NAME.SECRET`, as bootstrap tokens in Kubernetes
-/// carry their id: the name says whose record to check the secret against,
-/// and the control plane keeps only [`NodeToken::hash`] of the secret.
+/// A credential the control plane issued: a node's own (`NODE.SECRET`) or an
+/// API token (`NAME.SECRET`). As bootstrap tokens in Kubernetes carry their
+/// id, the name says whose record to check the secret against, and the
+/// control plane keeps only [`Credential::hash`] of the secret.
 #[derive(Clone, PartialEq, Eq)]
-pub struct NodeToken {
-    pub node: String,
+pub struct Credential {
+    /// The node's or the token's name.
+    pub id: String,
     secret: String,
 }
 
-impl NodeToken {
-    /// A credential for `node` with a secret the caller drew at random.
-    pub fn new(node: &str, secret: &[u8; 32]) -> NodeToken {
-        NodeToken {
-            node: node.to_string(),
+impl Credential {
+    /// A credential for `id` with a secret the caller drew at random.
+    pub fn new(id: &str, secret: &[u8; 32]) -> Credential {
+        Credential {
+            id: id.to_string(),
             secret: hex::encode(secret),
         }
     }
 
-    /// Reads `NAME.SECRET`; anything else is not a node credential.
-    pub fn parse(s: &str) -> Option<NodeToken> {
-        let (node, secret) = s.trim().rsplit_once('.')?;
-        let well_formed = crate::validate_name(node).is_ok()
+    /// Reads `NAME.SECRET`; anything else is not a credential.
+    pub fn parse(s: &str) -> Option<Credential> {
+        let (id, secret) = s.trim().rsplit_once('.')?;
+        let well_formed = crate::validate_name(id).is_ok()
             && secret.len() == 64
             && secret.bytes().all(|b| b.is_ascii_hexdigit());
-        well_formed.then(|| NodeToken {
-            node: node.to_string(),
+        well_formed.then(|| Credential {
+            id: id.to_string(),
             secret: secret.to_ascii_lowercase(),
         })
     }
@@ -55,17 +58,58 @@ impl NodeToken {
         constant_time_eq(self.hash().as_bytes(), hash.as_bytes())
     }
 
-    /// The credential as sent in `Authorization: Bearer …` and kept in the
-    /// node's data dir.
+    /// The credential as sent in `Authorization: Bearer …` and kept in a
+    /// file readable by its owner only.
     pub fn expose(&self) -> String {
-        format!("{}.{}", self.node, self.secret)
+        format!("{}.{}", self.id, self.secret)
     }
 }
 
 /// Never prints the secret.
-impl fmt::Debug for NodeToken {
+impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "NodeToken({}.…)", self.node)
+        write!(f, "Credential({}.…)", self.id)
+    }
+}
+
+/// What an API token may do, each role everything the one before may:
+/// read (`viewer`); also deploy: upload modules, apply, delete, scale, roll
+/// back and drive rollouts, run jobs (`deployer`); also run the cluster:
+/// nodes, tokens, the join token (`admin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Deployer,
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Deployer, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Deployer => "deployer",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown role {s:?}: viewer, deployer or admin"))
     }
 }
 
@@ -82,20 +126,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_node_token_round_trips_and_checks_against_its_hash_only() {
-        let token = NodeToken::new("node-1", &[7; 32]);
+    fn a_credential_round_trips_and_checks_against_its_hash_only() {
+        let token = Credential::new("node-1", &[7; 32]);
         let text = token.expose();
         assert!(text.starts_with("node-1."), "{text}");
-        let read = NodeToken::parse(&text).unwrap();
+        let read = Credential::parse(&text).unwrap();
         assert_eq!(read, token);
         assert!(read.matches(&token.hash()));
-        assert!(!NodeToken::new("node-1", &[8; 32]).matches(&token.hash()));
+        assert!(!Credential::new("node-1", &[8; 32]).matches(&token.hash()));
         assert!(!read.matches(""));
         assert!(!format!("{token:?}").contains(&text[7..]), "{token:?}");
     }
 
     #[test]
-    fn anything_but_name_dot_secret_is_not_a_node_token() {
+    fn anything_but_name_dot_secret_is_not_a_credential() {
         let secret = "a".repeat(64);
         for bad in [
             String::new(),
@@ -105,9 +149,23 @@ mod tests {
             format!(".{secret}"),
             format!("node-1.{}", "g".repeat(64)),
         ] {
-            assert!(NodeToken::parse(&bad).is_none(), "{bad}");
+            assert!(Credential::parse(&bad).is_none(), "{bad}");
         }
-        assert!(NodeToken::parse(&format!("node-1.{secret}\n")).is_some());
+        assert!(Credential::parse(&format!("node-1.{secret}\n")).is_some());
+    }
+
+    #[test]
+    fn roles_read_as_they_print_and_rank_viewer_deployer_admin() {
+        for role in Role::ALL {
+            assert_eq!(role.to_string().parse::<Role>(), Ok(role));
+        }
+        assert!(Role::Viewer < Role::Deployer && Role::Deployer < Role::Admin);
+        assert!(
+            "root"
+                .parse::<Role>()
+                .unwrap_err()
+                .contains("viewer, deployer or admin")
+        );
     }
 
     #[test]

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 /// collection in two.
 pub mod keys {
     use super::{
-        App, Event, Lease, Module, Node, NodeCredential, Replica, Revision, RolloutStatus,
-        RouteClaim,
+        ApiToken, App, Event, Lease, Module, Node, NodeCredential, Replica, Revision,
+        RolloutStatus, RouteClaim,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -127,6 +127,7 @@ pub mod keys {
     pub const ROLLOUTS: Prefix<RolloutStatus> = Prefix::fixed("/rollouts/");
     pub const ROUTES: Prefix<RouteClaim> = Prefix::fixed("/routes/");
     pub const CREDENTIALS: Prefix<NodeCredential> = Prefix::fixed("/credentials/nodes/");
+    pub const TOKENS: Prefix<ApiToken> = Prefix::fixed("/credentials/tokens/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -178,6 +179,9 @@ pub mod keys {
     }
     pub fn credential(node: &str) -> Key<NodeCredential> {
         Key::new(format!("{}{node}", CREDENTIALS.as_str()))
+    }
+    pub fn token(name: &str) -> Key<ApiToken> {
+        Key::new(format!("{}{name}", TOKENS.as_str()))
     }
     pub fn module(digest: &str) -> Key<Module> {
         Key::new(format!("{}{digest}", MODULES.as_str()))
@@ -507,9 +511,22 @@ pub struct Node {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCredential {
     pub node: String,
-    /// Hex SHA-256 of the credential's secret part (see [`crate::auth::NodeToken`]).
+    /// Hex SHA-256 of the credential's secret part (see [`crate::auth::Credential`]).
     pub hash: String,
     pub issued_at: Millis,
+}
+
+/// An API token made by `shoal token create`: a role, and the namespaces it
+/// acts in (none listed: every namespace). As for node credentials, only the
+/// secret's SHA-256 is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: crate::auth::Role,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    pub hash: String,
+    pub created_at: Millis,
 }
 
 /// A node's liveness, renewed by every heartbeat. Kept apart from [`Node`]

@@ -1,0 +1,297 @@
+//! Who may call what on the admin API: API tokens with a role and a
+//! namespace scope (`shoal token create|list|revoke`), and one rule per
+//! route (the list is `crate::api::RULES`, made with the router from one
+//! table, so no route goes without a rule).
+
+use crate::error::ControlError;
+use crate::nodes::random_secret;
+use crate::state::{ControlPlane, encode};
+use shoal_api::{CreatedToken, TokenRequest, TokenView};
+use shoal_core::auth::{Credential, Role, constant_time_eq};
+use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
+use shoal_core::{ApiToken, EventType};
+use shoal_store::{Op, Txn};
+
+/// Whoever presented a valid token: the admin token from the data dir, or an
+/// API token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Caller {
+    pub name: String,
+    pub role: Role,
+    /// Where it may act; empty: every namespace.
+    pub namespaces: Vec<String>,
+}
+
+impl Caller {
+    fn admin() -> Caller {
+        Caller {
+            name: "admin".into(),
+            role: Role::Admin,
+            namespaces: Vec::new(),
+        }
+    }
+
+    fn everywhere(&self) -> bool {
+        self.namespaces.is_empty()
+    }
+
+    fn acts_in(&self, namespace: &str) -> bool {
+        self.everywhere() || self.namespaces.iter().any(|n| n == namespace)
+    }
+
+    /// Refuses an app in a namespace out of this caller's scope.
+    pub(crate) fn check_namespace(&self, namespace: &str) -> Result<(), String> {
+        if self.acts_in(namespace) {
+            Ok(())
+        } else {
+            Err(format!(
+                "token {} acts in namespaces {}, not {namespace}",
+                self.name,
+                self.namespaces.join(", ")
+            ))
+        }
+    }
+}
+
+/// What namespace a route acts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// The whole cluster (nodes, tokens): tokens limited to namespaces may not.
+    Cluster,
+    /// Content-addressed modules, shared by every namespace.
+    Shared,
+    /// `?namespace=`, `default` when absent.
+    Namespace,
+    /// `?namespace=`, every namespace when absent: tokens limited to
+    /// namespaces must name one of theirs.
+    NamespaceOrAll,
+    /// The namespace of the app in the body: the handler checks it.
+    Body,
+}
+
+/// One route's rule: the least role that may call it, and where it acts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rule {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub role: Role,
+    pub scope: Scope,
+}
+
+/// The rule of `method` on the router's `path`, if it has one.
+pub(crate) fn rule_for(method: &str, path: &str) -> Option<&'static Rule> {
+    crate::api::RULES
+        .iter()
+        .find(|r| r.method == method && r.path == path)
+}
+
+/// Whether `caller` may call a route under `rule`, asking for `namespace`
+/// (`?namespace=`, if given); the reason when not.
+pub(crate) fn authorize(
+    caller: &Caller,
+    rule: &Rule,
+    namespace: Option<&str>,
+) -> Result<(), String> {
+    if caller.role < rule.role {
+        return Err(format!(
+            "token {} is a {}; this needs a {}",
+            caller.name, caller.role, rule.role
+        ));
+    }
+    match rule.scope {
+        Scope::Shared | Scope::Body => Ok(()),
+        Scope::Cluster if caller.everywhere() => Ok(()),
+        Scope::Cluster => Err(format!(
+            "token {} acts in namespaces {} only; this is cluster-wide",
+            caller.name,
+            caller.namespaces.join(", ")
+        )),
+        Scope::Namespace => {
+            caller.check_namespace(namespace.unwrap_or(shoal_core::spec::DEFAULT_NAMESPACE))
+        }
+        Scope::NamespaceOrAll => match namespace {
+            Some(ns) => caller.check_namespace(ns),
+            None if caller.everywhere() => Ok(()),
+            None => Err(format!(
+                "token {} acts in namespaces {} only: pass ?namespace=",
+                caller.name,
+                caller.namespaces.join(", ")
+            )),
+        },
+    }
+}
+
+fn view(token: &ApiToken) -> TokenView {
+    TokenView {
+        name: token.name.clone(),
+        role: token.role,
+        namespaces: token.namespaces.clone(),
+        created_at: token.created_at,
+    }
+}
+
+impl ControlPlane {
+    /// Who presented `bearer`: the admin token, or an API token not revoked.
+    pub(crate) fn authenticate(&self, bearer: &str) -> Result<Option<Caller>, ControlError> {
+        if constant_time_eq(bearer.as_bytes(), self.config().token.as_bytes()) {
+            return Ok(Some(Caller::admin()));
+        }
+        let Some(credential) = Credential::parse(bearer) else {
+            return Ok(None);
+        };
+        Ok(self
+            .get(&keys::token(&credential.id))?
+            .filter(|(token, _)| credential.matches(&token.hash))
+            .map(|(token, _)| Caller {
+                name: token.name,
+                role: token.role,
+                namespaces: token.namespaces,
+            }))
+    }
+
+    /// A new API token; its secret is in the answer and nowhere else.
+    pub fn create_token(&self, req: TokenRequest) -> Result<CreatedToken, ControlError> {
+        let invalid = |m: String| ControlError::invalid(ErrorCode::BadRequest, m);
+        shoal_core::validate_name(&req.name).map_err(|e| invalid(format!("token name: {e}")))?;
+        for ns in &req.namespaces {
+            shoal_core::validate_name(ns).map_err(|e| invalid(format!("namespace {ns:?}: {e}")))?;
+        }
+        let mut namespaces = req.namespaces;
+        namespaces.sort();
+        namespaces.dedup();
+        let credential = Credential::new(&req.name, &random_secret()?);
+        let token = ApiToken {
+            name: req.name.clone(),
+            role: req.role,
+            namespaces,
+            hash: credential.hash(),
+            created_at: self.now(),
+        };
+        let scope = if token.namespaces.is_empty() {
+            "every namespace".to_string()
+        } else {
+            format!("namespaces {}", token.namespaces.join(", "))
+        };
+        let txn = Txn::new()
+            .when_absent(keys::token(&req.name))
+            .then(Op::put(keys::token(&req.name), encode(&token)))
+            .then(self.event_op(
+                EventType::Normal,
+                "TokenCreated",
+                format!("token/{}", req.name),
+                None,
+                format!("token {} created: {} in {scope}", req.name, token.role),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "token {} exists; revoke it first or pick another name",
+                req.name
+            )));
+        }
+        Ok(CreatedToken {
+            view: view(&token),
+            token: credential.expose(),
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenView>, ControlError> {
+        Ok(self
+            .list::<ApiToken>(&keys::TOKENS)?
+            .iter()
+            .map(view)
+            .collect())
+    }
+
+    /// Revokes a token: the next request carrying it is refused.
+    pub fn revoke_token(&self, name: &str) -> Result<(), ControlError> {
+        let Some((_, at)) = self.get(&keys::token(name))? else {
+            return Err(ControlError::not_found(format!(
+                "token {name} does not exist"
+            )));
+        };
+        let txn = Txn::new()
+            .when_mod_revision(keys::token(name), at)
+            .then(Op::delete(keys::token(name)))
+            .then(self.event_op(
+                EventType::Normal,
+                "TokenRevoked",
+                format!("token/{name}"),
+                None,
+                format!("token {name} revoked"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "token {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Role::{Admin, Deployer, Viewer};
+
+    fn caller(role: Role, namespaces: &[&str]) -> Caller {
+        Caller {
+            name: "t".into(),
+            role,
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_role_opens_its_routes_and_those_of_the_roles_below() {
+        let apply = rule_for("POST", "/v1/apps").unwrap();
+        let read = rule_for("GET", "/v1/apps/{name}").unwrap();
+        let drain = rule_for("POST", "/v1/nodes/{name}/{action}").unwrap();
+        let viewer = caller(Viewer, &[]);
+        let deployer = caller(Deployer, &[]);
+        assert!(authorize(&viewer, read, None).is_ok());
+        assert!(
+            authorize(&viewer, apply, None)
+                .unwrap_err()
+                .contains("needs a deployer")
+        );
+        assert!(authorize(&deployer, apply, None).is_ok());
+        assert!(authorize(&deployer, drain, None).is_err());
+        assert!(authorize(&caller(Admin, &[]), drain, None).is_ok());
+    }
+
+    #[test]
+    fn a_namespaced_token_acts_in_its_namespaces_only() {
+        let team = caller(Admin, &["team-a"]);
+        let read = rule_for("GET", "/v1/apps/{name}").unwrap();
+        let list = rule_for("GET", "/v1/apps").unwrap();
+        let nodes = rule_for("GET", "/v1/nodes").unwrap();
+        let upload = rule_for("POST", "/v1/modules").unwrap();
+        assert!(authorize(&team, read, Some("team-a")).is_ok());
+        assert!(authorize(&team, read, Some("team-b")).is_err());
+        assert!(authorize(&team, read, None).is_err(), "absent is `default`");
+        assert!(authorize(&team, list, Some("team-a")).is_ok());
+        assert!(
+            authorize(&team, list, None)
+                .unwrap_err()
+                .contains("?namespace=")
+        );
+        assert!(
+            authorize(&team, nodes, None)
+                .unwrap_err()
+                .contains("cluster-wide")
+        );
+        assert!(authorize(&team, upload, None).is_ok(), "modules are shared");
+        assert!(team.check_namespace("team-b").is_err());
+    }
+
+    #[test]
+    fn every_rule_is_one_of_a_kind() {
+        let rules = crate::api::RULES;
+        for (i, a) in rules.iter().enumerate() {
+            for b in &rules[i + 1..] {
+                assert!((a.method, a.path) != (b.method, b.path), "{a:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! API tokens with roles and namespace scopes, through the CLI of a real `shoal up`.
+
+mod common;
+
+use common::{Cluster, SHOAL, examples, write_spec};
+use std::process::{Command, Output};
+
+/// The CLI run with `token` in place of the admin token.
+fn cli_as(c: &Cluster, token: &str, args: &[&str]) -> Output {
+    Command::new(SHOAL)
+        .args(args)
+        .env("SHOAL_CONFIG", c.config())
+        .env("SHOAL_TOKEN", token)
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+fn hello_in(c: &Cluster, ns: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace(
+            "name = \"hello\"",
+            &format!("name = \"hello\"\nnamespace = \"{ns}\""),
+        )
+        .replace(
+            "routes = [\"/hello\"]",
+            &format!("routes = [\"/{ns}/hello\"]"),
+        );
+    let path = write_spec(c.dir.path(), &format!("hello-{ns}.toml"), &text);
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
+    let c = Cluster::start();
+    let dir = c.dir.path();
+    let deployer_file = dir.join("ci-token");
+    let viewer_file = dir.join("view-token");
+    let out = c.cli_ok(&[
+        "token",
+        "create",
+        "ci",
+        "--role",
+        "deployer",
+        "--scope",
+        "team-a",
+        "--write",
+        deployer_file.to_str().unwrap(),
+    ]);
+    c.cli_ok(&[
+        "token",
+        "create",
+        "view",
+        "--role",
+        "viewer",
+        "--write",
+        viewer_file.to_str().unwrap(),
+    ]);
+    let deployer = std::fs::read_to_string(&deployer_file).unwrap();
+    let viewer = std::fs::read_to_string(&viewer_file).unwrap();
+    assert!(!out.contains(&deployer), "written, never printed: {out}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&deployer_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The deployer deploys in team-a, and nowhere else.
+    let ok = cli_as(
+        &c,
+        &deployer,
+        &["apply", "-n", "team-a", "-f", &hello_in(&c, "team-a")],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let refused = cli_as(&c, &deployer, &["apply", "-f", &hello_in(&c, "default")]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("acts in namespaces team-a, not default"),
+        "{}",
+        stderr(&refused)
+    );
+    let listed = cli_as(&c, &deployer, &["get", "apps", "-n", "team-a"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("hello"));
+    let nodes = cli_as(&c, &deployer, &["get", "nodes"]);
+    assert!(!nodes.status.success());
+    assert!(
+        stderr(&nodes).contains("cluster-wide"),
+        "{}",
+        stderr(&nodes)
+    );
+
+    // The viewer reads everywhere, and changes nothing.
+    let read = cli_as(&c, &viewer, &["get", "apps", "-n", "team-a"]);
+    assert!(
+        String::from_utf8_lossy(&read.stdout).contains("hello"),
+        "{}",
+        stderr(&read)
+    );
+    assert!(cli_as(&c, &viewer, &["get", "nodes"]).status.success());
+    let scale = cli_as(
+        &c,
+        &viewer,
+        &["scale", "hello", "-n", "team-a", "--replicas", "2"],
+    );
+    assert!(!scale.status.success());
+    assert!(
+        stderr(&scale).contains("needs a deployer"),
+        "{}",
+        stderr(&scale)
+    );
+    let mint = cli_as(&c, &viewer, &["token", "list"]);
+    assert!(!mint.status.success(), "only admins see tokens");
+
+    // The admin lists tokens, never their secrets, and revokes one.
+    let list = c.cli_ok(&["token", "list"]);
+    assert!(
+        list.contains("ci") && list.contains("deployer") && list.contains("team-a"),
+        "{list}"
+    );
+    assert!(
+        !list.contains(&deployer[3..]) && !list.contains(&viewer[5..]),
+        "{list}"
+    );
+    c.cli_ok(&["token", "revoke", "ci"]);
+    let after = cli_as(&c, &deployer, &["get", "apps", "-n", "team-a"]);
+    assert!(!after.status.success());
+    assert!(
+        stderr(&after).contains("invalid token"),
+        "{}",
+        stderr(&after)
+    );
+    let events = c.cli_ok(&["events"]);
+    assert!(
+        events.contains("TokenCreated") && events.contains("TokenRevoked"),
+        "{events}"
+    );
+    assert!(!events.contains(&deployer[3..]), "{events}");
+}
