@@ -91,11 +91,16 @@ fn main() {
             break;
         }
     }
-    let api = format!("http://127.0.0.1:{api_port}");
+    let api = format!("https://127.0.0.1:{api_port}");
     let gw = format!("http://127.0.0.1:{gw_port}");
     let token = std::fs::read_to_string(dir.path().join("data/token")).unwrap();
+    let ca = std::fs::read(dir.path().join("data/ca.pem")).unwrap();
+    let api_client = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
 
-    let upload: serde_json::Value = client
+    let upload: serde_json::Value = api_client
         .post(format!("{api}/v1/modules"))
         .bearer_auth(&token)
         .body(std::fs::read(wasm).unwrap())
@@ -108,7 +113,7 @@ fn main() {
     // Deploy latency: POST of the app to its first 200 through the gateway.
     let deploy = |name: &str, route: &str| {
         let start = Instant::now();
-        let resp = client
+        let resp = api_client
             .post(format!("{api}/v1/apps"))
             .bearer_auth(&token)
             .json(&spec_json(name, route, &digest))
@@ -127,7 +132,7 @@ fn main() {
         .collect();
     cached.sort();
     for i in 1..=9 {
-        client
+        api_client
             .delete(format!("{api}/v1/apps/hello-{i}"))
             .bearer_auth(&token)
             .send()

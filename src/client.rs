@@ -8,11 +8,16 @@ use serde::{Deserialize, Serialize};
 use shoal_api::ClientError;
 use std::path::{Path, PathBuf};
 
-/// What `shoal up` writes so that other verbs find the cluster.
-#[derive(Debug, Serialize, Deserialize)]
+/// What `shoal up` writes so that other verbs find the cluster, as kubeconfig
+/// does: where the API is, the token, and the cluster CA the API's
+/// certificate is checked against.
+#[derive(Serialize, Deserialize)]
 pub struct CliConfig {
     pub server: String,
     pub token: String,
+    /// The cluster CA's certificate, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 pub fn default_config_path() -> PathBuf {
@@ -65,7 +70,7 @@ pub fn private_file(path: &Path) -> Result<()> {
 
 /// Writes a file only its owner can read: tokens live in these.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    shoal_store::files::write_private(path, bytes)
+    shoal_tls::write_private(path, bytes)
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
@@ -76,21 +81,46 @@ pub struct Client {
 }
 
 impl Client {
+    /// The server and token from the flags, or else from the CLI config; the CA from
+    /// `--ca-file`, or else the config's (when there is one).
     pub fn new(
         server: Option<String>,
         token: Option<String>,
         config: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
     ) -> Result<Client> {
-        let (server, token) = match (server, token) {
-            (Some(s), Some(t)) => (s, t),
+        let path = config.unwrap_or_else(default_config_path);
+        let (server, token, ca) = match (server, token) {
+            (Some(s), Some(t)) => {
+                let ca = CliConfig::load(&path).ok().and_then(|c| c.ca);
+                (s, t, ca)
+            }
             (s, t) => {
-                let path = config.unwrap_or_else(default_config_path);
                 let cfg = CliConfig::load(&path)?;
-                (s.unwrap_or(cfg.server), t.unwrap_or(cfg.token))
+                (s.unwrap_or(cfg.server), t.unwrap_or(cfg.token), cfg.ca)
             }
         };
+        let ca = match ca_file {
+            Some(file) => Some(
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read the CA from {}", file.display()))?,
+            ),
+            None => ca,
+        };
+        Client::connect(&server, &token, ca.as_deref())
+    }
+
+    /// A client of the API at `server` with `token`, trusting the cluster CA `ca` (PEM).
+    pub fn connect(server: &str, token: &str, ca: Option<&str>) -> Result<Client> {
+        let mut http = reqwest::Client::builder();
+        if let Some(pem) = ca {
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+                .context("the cluster CA is not a PEM certificate")?;
+            http = http.add_root_certificate(cert);
+        }
+        let http = http.build().context("cannot set up the HTTP client")?;
         Ok(Client {
-            api: shoal_api::Client::new(&server, &token),
+            api: shoal_api::Client::with_http(http, server, token),
         })
     }
 

@@ -25,6 +25,9 @@ struct Cli {
     /// CLI config file (default: ~/.config/shoal/config.toml).
     #[arg(long, global = true, env = "SHOAL_CONFIG")]
     config: Option<PathBuf>,
+    /// The cluster CA to check the API's certificate against (default: from the CLI config).
+    #[arg(long, global = true, env = "SHOAL_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = output::Format::Table)]
     output: output::Format,
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             server: cli.server,
             token: cli.token,
             config: cli.config,
+            ca_file: cli.ca_file,
             output: cli.output,
             namespace: cli.namespace,
         };

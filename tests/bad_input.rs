@@ -73,7 +73,8 @@ fn spec_errors_name_the_place() {
     );
 
     // The API validates JSON specs itself, whatever client sent them.
-    let resp = common::client()
+    let resp = c
+        .http()
         .post(format!("{}/v1/apps", c.api))
         .bearer_auth(&c.token)
         .body("{\"name\": 1}")
@@ -88,7 +89,7 @@ fn spec_errors_name_the_place() {
 #[test]
 fn uploads_are_checked_and_limited() {
     let c = Cluster::start_with(&["--max-module-size", "1Mi"]);
-    let http = common::client();
+    let http = c.http();
     let upload = |body: Vec<u8>| {
         http.post(format!("{}/v1/modules", c.api))
             .bearer_auth(&c.token)

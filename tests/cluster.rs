@@ -38,13 +38,16 @@ fn ready_count(server: &Server, app: &str) -> usize {
 #[test]
 fn nodes_join_with_the_token_and_only_with_it() {
     let (dir, server, _nodes) = cluster(1, &[]);
+    // The right CA hash, a wrong secret.
+    let hash = server.join_token.split_once('.').unwrap().0;
+    let wrong = format!("{hash}.{}", "0".repeat(64));
     let out = Command::new(common::SHOAL)
         .args([
             "node",
             "join",
             &server.api,
             "--token",
-            "wrong",
+            &wrong,
             "--node-name",
             "intruder",
         ])
@@ -62,7 +65,8 @@ fn nodes_join_with_the_token_and_only_with_it() {
         "{nodes}"
     );
     // The join token opens the node endpoints only, not the admin API.
-    let resp = common::client()
+    let resp = server
+        .http()
         .get(format!("{}/v1/apps", server.api))
         .bearer_auth(&server.join_token)
         .send()

@@ -15,7 +15,8 @@ fn credential(node: &NodeProc) -> String {
 }
 
 fn as_node(server: &Server, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
-    common::client()
+    server
+        .http()
         .get(format!("{}{path}", server.api))
         .bearer_auth(credential(node))
         .send()
@@ -109,7 +110,8 @@ fn each_node_reads_only_the_configuration_of_what_it_runs() {
         runs.get("/hello")
             .is_ok_and(|(_, b)| b.contains("changed-for-node-1"))
     }));
-    let mut watch = common::client()
+    let mut watch = server
+        .http()
         .get(format!("{}/v1/cluster/watch?from={revision}", server.api))
         .bearer_auth(credential(&other))
         .timeout(Duration::from_secs(2))
@@ -231,4 +233,52 @@ fn a_rotated_join_token_lets_new_nodes_in_and_the_old_one_no_more() {
         200
     );
     assert!(node_listed(&server, "node-1"));
+}
+
+/// A node checks the server before it sends its join token: the server's CA must hash to what
+/// the token carries (as k3s's tokens do), and the API speaks TLS, not plain text.
+#[test]
+fn a_node_joins_only_a_server_whose_ca_its_token_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    assert!(server.api.starts_with("https://"), "{}", server.api);
+    let plain = common::client()
+        .get(format!(
+            "{}/v1/healthz",
+            server.api.replace("https://", "http://")
+        ))
+        .send();
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+
+    let secret = server.join_token.split_once('.').unwrap().1;
+    let join = |token: &str, name: &str| {
+        std::process::Command::new(common::SHOAL)
+            .args(["node", "join", &server.api, "--node-name", name])
+            .arg("--data-dir")
+            .arg(dir.path().join(name))
+            .args(["--gateway", "127.0.0.1:0"])
+            .env("SHOAL_JOIN_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    // Another cluster's CA hash: refused before the token is sent.
+    let impostor = join(&format!("{}.{secret}", "ab".repeat(32)), "node-x");
+    assert!(!impostor.status.success());
+    let err = String::from_utf8_lossy(&impostor.stderr);
+    assert!(err.contains("refusing to join"), "{err}");
+    assert!(!server.cli_ok(&["events"]).contains("node-x"));
+    // No hash at all: nothing to check the server against.
+    let bare = join(secret, "node-y");
+    assert!(!bare.status.success());
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("carries no CA hash"));
+
+    // The right token: the node keeps the CA it checked, and joins.
+    let node = NodeProc::join(&server, "node-1", &[]);
+    assert_eq!(
+        std::fs::read_to_string(node.dir.join("ca.pem")).unwrap(),
+        server.ca
+    );
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
 }

@@ -186,7 +186,7 @@ fn the_gateway_streams_bodies_and_keeps_status_and_headers() {
 #[test]
 fn api_requires_the_token_but_the_gateway_does_not() {
     let c = Cluster::start();
-    let http = common::client();
+    let http = c.http();
     let resp = http.get(format!("{}/v1/apps", c.api)).send().unwrap();
     assert_eq!(resp.status(), 401);
     let body: serde_json::Value = resp.json().unwrap();

@@ -23,12 +23,18 @@ pub struct Context {
     pub server: Option<String>,
     pub token: Option<String>,
     pub config: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
     pub output: Format,
     pub namespace: String,
 }
 
 impl Context {
     pub fn client(&self) -> anyhow::Result<Client> {
-        Client::new(self.server.clone(), self.token.clone(), self.config.clone())
+        Client::new(
+            self.server.clone(),
+            self.token.clone(),
+            self.config.clone(),
+            self.ca_file.clone(),
+        )
     }
 }

@@ -95,8 +95,10 @@ async fn join(args: JoinArgs) -> Result<()> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let name = node_name(&args.node)?;
-    let identity = identity(&args, &data, &name).await?;
-    let mut link = RemoteLink::new(&args.url, &identity.credential, data.join("modules"))
+    let ca = cluster_ca(&args, &data).await?;
+    let http = shoal_agent::http_client(ca.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let identity = identity(&args, &http, &data, &name).await?;
+    let mut link = RemoteLink::new(http, &args.url, &identity.credential, data.join("modules"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(token) = join_token(&args) {
         link = link.rejoin(Rejoin {
@@ -113,9 +115,58 @@ async fn join(args: JoinArgs) -> Result<()> {
     Ok(())
 }
 
+/// The cluster CA to check the control plane's certificate against, for an
+/// `https://` URL: the one kept in the data dir, or else the one the server
+/// presents, taken only if its hash is the one the join token carries.
+async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<Option<String>> {
+    if !args.url.starts_with("https://") {
+        return Ok(None);
+    }
+    let file = data.join("ca.pem");
+    if let Ok(pem) = std::fs::read_to_string(&file) {
+        return Ok(Some(pem));
+    }
+    let token = join_token(args)
+        .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
+        .read()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let Some(expected) = shoal_core::auth::join_token_ca_hash(&token) else {
+        anyhow::bail!(
+            "the join token carries no CA hash to check {} against: make a new one with `shoal token rotate-join`",
+            args.url
+        );
+    };
+    // Not trusted yet: what the server presents is taken only if it hashes to the token's.
+    let unchecked = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .build()?;
+    let pem = unchecked
+        .get(format!("{}/v1/cluster/ca", args.url.trim_end_matches('/')))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("cannot read the cluster CA from {}", args.url))?
+        .text()
+        .await?;
+    let presented = shoal_tls::ca_hash(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        presented == expected,
+        "the server at {} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it",
+        args.url
+    );
+    write_private(&file, pem.as_bytes())?;
+    Ok(Some(pem))
+}
+
 /// This node's credential: the one in its data dir if the control plane
 /// still takes it, else a new one got with the join token.
-async fn identity(args: &JoinArgs, data: &Path, name: &str) -> Result<JoinResponse> {
+async fn identity(
+    args: &JoinArgs,
+    http: &reqwest::Client,
+    data: &Path,
+    name: &str,
+) -> Result<JoinResponse> {
     let file = identity_file(data);
     if let Ok(text) = std::fs::read_to_string(&file) {
         let kept: JoinResponse = serde_json::from_str(&text)
@@ -128,7 +179,7 @@ async fn identity(args: &JoinArgs, data: &Path, name: &str) -> Result<JoinRespon
             "the data dir {} belongs to node {owner}: run it with --node-name {owner}, or give node {name} a data dir of its own",
             data.display()
         );
-        let probe = shoal_api::Client::new(&args.url, &kept.credential)
+        let probe = shoal_api::Client::with_http(http.clone(), &args.url, &kept.credential)
             .request(
                 reqwest::Method::POST,
                 &format!("/v1/cluster/nodes/{name}/heartbeat"),
@@ -154,7 +205,7 @@ async fn identity(args: &JoinArgs, data: &Path, name: &str) -> Result<JoinRespon
         .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
         .read()
         .map_err(|e| anyhow::anyhow!(e))?;
-    let identity = match shoal_agent::join(&args.url, &token, name).await {
+    let identity = match shoal_agent::join(http, &args.url, &token, name).await {
         Ok(identity) => identity,
         Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
             anyhow::bail!("the control plane at {} refused the join token", args.url)

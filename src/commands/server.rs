@@ -20,7 +20,7 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
         c.server,
         c.data.join("join-token").display()
     );
-    apply_files(&c.server, &c.token, &args.control.apply).await?;
+    apply_files(&c, &args.control.apply).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
     Ok(())

@@ -42,6 +42,13 @@ pub struct ControlArgs {
     /// How the scheduler scores nodes: fill the fullest first, or the emptiest.
     #[arg(long, value_enum, default_value_t = Scheduling::BinPack)]
     pub scheduling: Scheduling,
+    /// More names or addresses the API's certificate is valid for (repeatable), besides
+    /// localhost, 127.0.0.1, the --api address and the host name.
+    #[arg(long = "tls-san", value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Serve the API over plain HTTP instead of TLS: tokens cross the network in clear.
+    #[arg(long)]
+    pub plain_http: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -128,6 +135,11 @@ pub fn default_data_dir() -> PathBuf {
 
 /// A secret made once and kept in the data dir, readable by its owner only.
 fn load_or_create_secret(path: &Path) -> Result<String> {
+    load_or_create(path, |secret| hex::encode(secret))
+}
+
+/// The secret kept in `path`, or one made of 32 random bytes by `make` and kept there.
+fn load_or_create(path: &Path, make: impl FnOnce(&[u8; 32]) -> String) -> Result<String> {
     if let Ok(t) = std::fs::read_to_string(path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -136,9 +148,27 @@ fn load_or_create_secret(path: &Path) -> Result<String> {
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
-    let token = hex::encode(bytes);
+    let token = make(&bytes);
     write_private(path, token.as_bytes())?;
     Ok(token)
+}
+
+/// The names and addresses the API's certificate is for: this machine's, the
+/// address it listens on, and `--tls-san`.
+fn api_names(args: &ControlArgs, addr: SocketAddr) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if !addr.ip().is_unspecified() {
+        names.push(addr.ip().to_string());
+    }
+    if let Ok(host) = std::fs::read_to_string("/etc/hostname") {
+        let host = host.trim().to_lowercase();
+        if !host.is_empty() {
+            names.push(host);
+        }
+    }
+    names.extend(args.tls_san.iter().cloned());
+    names.dedup();
+    names
 }
 
 fn duration(flag: &str, s: &str) -> Result<Duration> {
@@ -178,6 +208,8 @@ pub struct StartedControl {
     pub token: String,
     /// What the cluster's gateways send each other on a hop.
     pub hop_secret: String,
+    /// The cluster CA's certificate, PEM.
+    pub ca: String,
     pub data: PathBuf,
 }
 
@@ -185,7 +217,12 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
-    let join_token = load_or_create_secret(&data.join("join-token"))?;
+    let ca = shoal_tls::Authority::load_or_create(&data)
+        .with_context(|| format!("cannot make or read the cluster CA in {}", data.display()))?;
+    let ca_hash = ca.hash()?;
+    let join_token = load_or_create(&data.join("join-token"), |secret| {
+        shoal_core::auth::join_token(Some(&ca_hash), secret)
+    })?;
     let hop_secret = load_or_create_secret(&data.join("hop-secret"))?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
@@ -203,6 +240,8 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             join_token,
             join_token_file: Some(data.join("join-token")),
             hop_secret: hop_secret.clone(),
+            ca_pem: Some(ca.pem().to_string()),
+            ca_hash: Some(ca_hash.clone()),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
             strategy: match args.scheduling {
@@ -221,18 +260,28 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
                 args.api
             )
         })?;
-    let server = format!("http://{}", listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    let tls = if args.plain_http {
+        None
+    } else {
+        let issued = ca.issue_server(&api_names(args, addr))?;
+        Some(shoal_tls::server_config(&issued)?)
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = format!("{scheme}://{addr}");
     tokio::spawn(control.clone().run_controller());
     let router = shoal_control::router(control.clone());
     tokio::spawn(shoal_control::serve(
         listener,
         router,
         shoal_control::ServeLimits::default(),
+        tls,
     ));
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
     CliConfig {
         server: server.clone(),
         token: token.clone(),
+        ca: Some(ca.pem().to_string()),
     }
     .save(&config_path)?;
     Ok(StartedControl {
@@ -240,6 +289,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         server,
         token,
         hop_secret,
+        ca: ca.pem().to_string(),
         data,
     })
 }
@@ -320,8 +370,8 @@ pub async fn start_node(
     })
 }
 
-pub async fn apply_files(server: &str, token: &str, files: &[PathBuf]) -> Result<()> {
-    let client = Client::new(Some(server.to_string()), Some(token.to_string()), None)?;
+pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
+    let client = Client::connect(&c.server, &c.token, Some(&c.ca))?;
     for file in files {
         match super::apply::apply_file(&client, file, false).await {
             Ok(r) => println!(
@@ -364,7 +414,7 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         c.data.join("join-token").display()
     );
     println!("Try: shoal get apps | shoal get replicas | shoal logs APP");
-    apply_files(&c.server, &c.token, &args.control.apply).await?;
+    apply_files(&c, &args.control.apply).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
     Ok(())

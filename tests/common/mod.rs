@@ -17,6 +17,8 @@ pub struct Cluster {
     pub api: String,
     pub gateway: String,
     pub token: String,
+    /// The cluster CA, PEM: what the API's certificate is checked against.
+    pub ca: String,
     extra_args: Vec<String>,
 }
 
@@ -30,14 +32,21 @@ impl Cluster {
         let extra_args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let (child, api, gateway) = spawn(dir.path(), &extra_args);
         let token = std::fs::read_to_string(dir.path().join("data/token")).expect("token file");
+        let ca = std::fs::read_to_string(dir.path().join("data/ca.pem")).expect("CA file");
         Cluster {
             child,
             dir,
             api,
             gateway,
             token,
+            ca,
             extra_args,
         }
+    }
+
+    /// An HTTP client for this cluster's API: it trusts the cluster's CA.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        api_client(&self.ca)
     }
 
     pub fn config(&self) -> PathBuf {
@@ -71,7 +80,7 @@ impl Cluster {
     }
 
     pub fn api_get(&self, path: &str) -> reqwest::blocking::Response {
-        client()
+        self.http()
             .get(format!("{}{path}", self.api))
             .bearer_auth(&self.token)
             .send()
@@ -201,9 +210,19 @@ fn expect_ok(args: &[&str], out: Output) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// A plain HTTP client, for gateways.
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// A client of an API served with a certificate from the cluster CA `ca` (PEM).
+pub fn api_client(ca: &str) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).expect("CA PEM"))
         .build()
         .expect("http client")
 }
@@ -234,8 +253,8 @@ pub fn apply_copies(
         .map(|t| {
             let (api, token, base) = (c.api.clone(), c.token.clone(), base.clone());
             let (prefix, range) = (prefix.to_string(), range.clone());
+            let http = c.http();
             std::thread::spawn(move || {
-                let http = client();
                 for i in range.filter(|i| i % 4 == t) {
                     let mut spec = base.clone();
                     spec["name"] = format!("{prefix}-{i}").into();
@@ -378,6 +397,8 @@ pub struct Server {
     pub api: String,
     pub token: String,
     pub join_token: String,
+    /// The cluster CA, PEM.
+    pub ca: String,
     api_addr: String,
 }
 
@@ -408,12 +429,14 @@ impl Server {
         wait_line(&lines, "API:");
         let token = std::fs::read_to_string(dir.join("server/token")).unwrap();
         let join_token = std::fs::read_to_string(dir.join("server/join-token")).unwrap();
+        let ca = std::fs::read_to_string(dir.join("server/ca.pem")).unwrap();
         Server {
             child,
             dir: dir.to_path_buf(),
-            api: format!("http://{api_addr}"),
+            api: format!("https://{api_addr}"),
             token,
             join_token,
+            ca,
             api_addr: api_addr.to_string(),
         }
     }
@@ -450,8 +473,14 @@ impl Server {
         expect_ok(args, self.cli(args))
     }
 
+    /// An HTTP client for the API: it trusts the cluster's CA.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        api_client(&self.ca)
+    }
+
     pub fn api_json(&self, path: &str) -> serde_json::Value {
-        let resp = client()
+        let resp = self
+            .http()
             .get(format!("{}{path}", self.api))
             .bearer_auth(&self.token)
             .send()

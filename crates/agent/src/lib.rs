@@ -12,7 +12,7 @@ mod probe;
 mod testing;
 mod view;
 
-pub use link::{JoinToken, Rejoin, RemoteLink, join};
+pub use link::{JoinToken, Rejoin, RemoteLink, http_client, join};
 pub use plan::{AppTables, NodePlan, all_tables, app_tables, gateway_tables, node_plan};
 pub use view::{ClusterView, Touched};
 

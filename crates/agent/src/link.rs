@@ -80,10 +80,27 @@ impl JoinToken {
     }
 }
 
+/// The HTTP client a node reaches its control plane with: trusting the
+/// cluster CA `ca` (PEM) when the API speaks TLS.
+pub fn http_client(ca: Option<&str>) -> LinkResult<reqwest::Client> {
+    let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2));
+    if let Some(pem) = ca {
+        let cert = reqwest::Certificate::from_pem(pem.as_bytes())
+            .map_err(|e| LinkError::Failed(format!("the cluster CA is unreadable: {e}")))?;
+        http = http.add_root_certificate(cert);
+    }
+    http.build().map_err(|e| LinkError::Failed(e.to_string()))
+}
+
 /// Gets node `node` its own credential from the control plane at `base`,
 /// with the join token: `POST /v1/cluster/join`.
-pub async fn join(base: &str, join_token: &str, node: &str) -> Result<JoinResponse, ClientError> {
-    let api = Client::new(base, join_token);
+pub async fn join(
+    http: &reqwest::Client,
+    base: &str,
+    join_token: &str,
+    node: &str,
+) -> Result<JoinResponse, ClientError> {
+    let api = Client::with_http(http.clone(), base, join_token);
     let req = api
         .request(Method::POST, "/v1/cluster/join")
         .json(&JoinRequest {
@@ -119,13 +136,15 @@ pub struct RemoteLink {
 }
 
 impl RemoteLink {
-    pub fn new(base: &str, credential: &str, modules: PathBuf) -> LinkResult<Self> {
+    /// A link to the control plane at `base` over `http` (see [`http_client`]).
+    pub fn new(
+        http: reqwest::Client,
+        base: &str,
+        credential: &str,
+        modules: PathBuf,
+    ) -> LinkResult<Self> {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| LinkError::Failed(e.to_string()))?;
         Ok(RemoteLink {
             api: std::sync::RwLock::new(Client::with_http(http.clone(), base, credential)),
             http,
@@ -165,11 +184,11 @@ impl RemoteLink {
             ));
         };
         let token = rejoin.token.read().map_err(LinkError::Failed)?;
-        let identity = join(&self.base, &token, &rejoin.node)
+        let identity = join(&self.http, &self.base, &token, &rejoin.node)
             .await
             .map_err(failed)?;
         let bytes = serde_json::to_vec(&identity).expect("an identity serialises");
-        shoal_store::files::write_private(&rejoin.identity_file, &bytes).map_err(|e| {
+        shoal_tls::write_private(&rejoin.identity_file, &bytes).map_err(|e| {
             LinkError::Failed(format!(
                 "cannot keep the node's credential in {}: {e}",
                 rejoin.identity_file.display()

@@ -103,6 +103,7 @@ pub fn router(cp: ControlPlane) -> Router {
         .route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
     Router::new()
         .route("/v1/healthz", get(|| async { "ok\n" }))
+        .route("/v1/cluster/ca", get(cluster_ca))
         .merge(authed)
         .merge(join)
         .merge(nodes)
@@ -666,6 +667,22 @@ async fn node_action(
     blocking(move || cp.set_node_scheduling(&name, action))
         .await
         .map(|n| Json(n).into_response())
+}
+
+/// The cluster CA's certificate, for a joining node to check against the hash
+/// its join token carries: public, so served without a token.
+async fn cluster_ca(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    match &cp.config().ca_pem {
+        Some(pem) => Ok((
+            [(header::CONTENT_TYPE, "application/x-pem-file")],
+            pem.clone(),
+        )
+            .into_response()),
+        None => Err(ApiError::new(
+            ErrorCode::NotFound,
+            "this control plane has no CA (it serves plain HTTP)",
+        )),
+    }
 }
 
 async fn join_cluster(

@@ -14,7 +14,7 @@ use shoal_core::{EventType, NodeCredential, Replica, Revision};
 use shoal_store::{Op, Txn};
 use std::path::PathBuf;
 
-/// A fresh 32-byte secret, hex-encoded.
+/// 32 random bytes, for a secret.
 pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
@@ -113,10 +113,11 @@ impl ControlPlane {
     /// written to the join-token file first, so a restart cannot bring the
     /// old one back.
     pub fn rotate_join_token(&self) -> Result<(String, Option<PathBuf>), ControlError> {
-        let token = hex::encode(random_secret()?);
+        let token =
+            shoal_core::auth::join_token(self.config().ca_hash.as_deref(), &random_secret()?);
         let file = self.config().join_token_file.clone();
         if let Some(path) = &file {
-            shoal_store::files::write_private(path, token.as_bytes()).map_err(|e| {
+            shoal_tls::write_private(path, token.as_bytes()).map_err(|e| {
                 ControlError::internal(format!("cannot write {}: {e}", path.display()))
             })?;
         }

@@ -1,6 +1,7 @@
 //! Serving the API to clients that may be slow or many: axum's own `serve` has no limits, so
 //! the API gets the gateway's: a request head must arrive within a timeout (which also closes
-//! idle keep-alive connections), and connections beyond a cap wait to be accepted.
+//! idle keep-alive connections), and connections beyond a cap wait to be accepted. Over TLS by
+//! default (see `shoal-tls`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +32,15 @@ impl Default for ServeLimits {
     }
 }
 
-/// Serves `router` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits) {
+/// Serves `router` on `listener` until the task is dropped, over TLS with `tls` (the client
+/// must finish its handshake within the header-read timeout too), or in plain text without.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let slot = connections
@@ -50,19 +58,41 @@ pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits) {
             }
         };
         let service = TowerToHyperService::new(router.clone());
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut server = auto::Builder::new(TokioExecutor::new());
-            server
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout);
-            if let Err(e) = server
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+            let result = match acceptor {
+                None => serve_connection(stream, service, limits).await,
+                Some(acceptor) => {
+                    let handshake = acceptor.accept(stream);
+                    match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                        Ok(Ok(tls)) => serve_connection(tls, service, limits).await,
+                        Ok(Err(e)) => Err(e.into()),
+                        Err(_) => Err("TLS handshake timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "API connection ended with an error");
             }
         });
     }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    service: TowerToHyperService<Router>,
+    limits: ServeLimits,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    server
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .await
 }

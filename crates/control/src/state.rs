@@ -36,6 +36,10 @@ pub struct ControlConfig {
     /// What gateways of this cluster send each other on a hop; handed to
     /// each node when it joins.
     pub hop_secret: String,
+    /// The cluster CA's certificate (PEM), served to nodes that join, and its
+    /// hash, which join tokens carry.
+    pub ca_pem: Option<String>,
+    pub ca_hash: Option<String>,
     /// Largest module upload accepted.
     pub max_module_bytes: u64,
     /// A node silent this long is NotReady.
@@ -53,6 +57,8 @@ impl Default for ControlConfig {
             join_token: String::new(),
             join_token_file: None,
             hop_secret: String::new(),
+            ca_pem: None,
+            ca_hash: None,
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,

@@ -13,7 +13,7 @@ async fn api(limits: ServeLimits) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = Router::new().route("/ok", get(|| async { "ok" }));
-    tokio::spawn(serve(listener, router, limits));
+    tokio::spawn(serve(listener, router, limits, None));
     addr
 }
 
@@ -78,4 +78,41 @@ async fn past_the_cap_a_client_waits_for_a_connection_to_end() {
     drop(first);
     let answer = until_closed(&mut second).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn over_tls_clients_that_trust_the_ca_get_answers_and_plain_text_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = shoal_tls::Authority::load_or_create(dir.path()).unwrap();
+    let issued = ca.issue_server(&["127.0.0.1".into()]).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Router::new().route("/ok", get(|| async { "ok" }));
+    let tls = shoal_tls::server_config(&issued).unwrap();
+    let limits = ServeLimits {
+        header_read_timeout: Duration::from_millis(500),
+        ..ServeLimits::default()
+    };
+    tokio::spawn(serve(listener, router, limits, Some(tls)));
+
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://{addr}/ok");
+    let resp = trusting.get(&url).send().await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "ok");
+    // A client that does not trust the cluster's CA refuses the server.
+    let stranger = reqwest::Client::new();
+    assert!(stranger.get(&url).send().await.is_err());
+    // Plain HTTP on the TLS port gets no answer, and a client that never starts its
+    // handshake is cut off.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(!until_closed(&mut plain).await.contains("200"));
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(until_closed(&mut silent).await, "");
 }

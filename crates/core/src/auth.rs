@@ -113,6 +113,22 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// A join token: the hash of the cluster's CA (so a node can check the server
+/// it joins before it sends anything, as k3s tokens do) and a secret,
+/// `CAHASH.SECRET`; the secret alone when there is no CA to check.
+pub fn join_token(ca_hash: Option<&str>, secret: &[u8; 32]) -> String {
+    match ca_hash {
+        Some(hash) => format!("{hash}.{}", hex::encode(secret)),
+        None => hex::encode(secret),
+    }
+}
+
+/// The CA hash a join token carries, if it carries one.
+pub fn join_token_ca_hash(token: &str) -> Option<&str> {
+    let (hash, _) = token.trim().split_once('.')?;
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hash)
+}
+
 /// Compares secrets in time that depends only on their length; an empty
 /// secret matches nothing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -166,6 +182,16 @@ mod tests {
                 .unwrap_err()
                 .contains("viewer, deployer or admin")
         );
+    }
+
+    #[test]
+    fn a_join_token_carries_the_ca_hash_it_was_made_with() {
+        let hash = "ab".repeat(32);
+        let token = join_token(Some(&hash), &[1; 32]);
+        assert_eq!(join_token_ca_hash(&token), Some(hash.as_str()));
+        let bare = join_token(None, &[1; 32]);
+        assert_eq!(join_token_ca_hash(&bare), None);
+        assert!(token.ends_with(&bare));
     }
 
     #[test]

@@ -16,7 +16,6 @@
 
 mod backend;
 pub mod blobs;
-pub mod files;
 mod kv;
 pub mod tables;
 mod watch;

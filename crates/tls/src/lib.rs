@@ -1,0 +1,202 @@
+//! The cluster's certificate authority, the TLS settings made from it, and the files secrets
+//! are kept in (`write_private`).
+//!
+//! `shoal up` and `shoal server` keep one CA in their data dir (`ca.pem`, and `ca-key.pem`
+//! readable by its owner only) and issue the API's certificate from it at every start, for the
+//! names and addresses the API is reached at. Clients trust the CA, not a public root: the CLI
+//! from its config (as kubeconfig carries its CA), a node from what it fetched when it joined,
+//! checked against the CA's hash that the join token carries (as k3s does).
+
+mod files;
+
+pub use files::write_private;
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("TLS settings: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("{0}")]
+    Pem(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The cluster's certificate authority.
+pub struct Authority {
+    /// As stored: what clients trust and what its hash is taken of.
+    pem: String,
+    /// The same CA made again from `pem` and its key, to sign with: its subject and key are
+    /// the stored one's, so what it signs chains to the stored certificate.
+    issuer: Certificate,
+    key: KeyPair,
+}
+
+impl Authority {
+    /// The CA in `dir` (`ca.pem`, `ca-key.pem`), made there first if it is not.
+    pub fn load_or_create(dir: &Path) -> Result<Authority, TlsError> {
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+        if cert_path.exists() {
+            let pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+            let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+            let key = KeyPair::from_pem(&key_pem)?;
+            let issuer = CertificateParams::from_ca_cert_pem(&pem)?.self_signed(&key)?;
+            return Ok(Authority { pem, issuer, key });
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "Shoal cluster CA");
+        params.distinguished_name = name;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let issuer = params.self_signed(&key)?;
+        let pem = issuer.pem();
+        // The key first: a CA certificate without its key would be loaded and fail to sign.
+        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
+        write_private(&cert_path, pem.as_bytes()).map_err(io(&cert_path))?;
+        Ok(Authority { pem, issuer, key })
+    }
+
+    /// The CA certificate, PEM: what clients trust.
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The CA's hash, as a join token carries it.
+    pub fn hash(&self) -> Result<String, TlsError> {
+        ca_hash(&self.pem)
+    }
+
+    /// A certificate for a server reached at `names` (host names or IP addresses), with a key
+    /// of its own.
+    pub fn issue_server(&self, names: &[String]) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut name = DistinguishedName::new();
+        name.push(
+            DnType::CommonName,
+            names.first().map_or("shoal", String::as_str),
+        );
+        params.distinguished_name = name;
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
+        Ok(Issued {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+}
+
+/// A certificate and its key.
+pub struct Issued {
+    pub cert: CertificateDer<'static>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+}
+
+/// The crypto every Shoal TLS setting uses.
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS settings for a server presenting `issued`, speaking HTTP/2 and HTTP/1.1.
+pub fn server_config(issued: &Issued) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![issued.cert.clone()],
+            PrivateKeyDer::Pkcs8(issued.key.clone_key()),
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The hash of the CA certificate in `pem`: the hex SHA-256 of its DER bytes.
+pub fn ca_hash(pem: &str) -> Result<String, TlsError> {
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+        .map_err(|e| TlsError::Pem(format!("not a PEM certificate: {e}")))
+        .map(|c: CertificateDer<'static>| c)?;
+    Ok(hex::encode(Sha256::digest(der.as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+
+    #[test]
+    fn the_ca_is_made_once_and_what_it_issues_chains_to_the_stored_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Authority::load_or_create(dir.path()).unwrap();
+        let again = Authority::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.pem(), again.pem());
+        assert_eq!(first.hash().unwrap(), again.hash().unwrap());
+        assert_eq!(first.hash().unwrap().len(), 64);
+        let mode = |f: &str| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode("ca-key.pem"), 0o600);
+
+        // A certificate issued after a reload verifies against the stored CA.
+        let issued = again
+            .issue_server(&["127.0.0.1".into(), "localhost".into()])
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        let ca: CertificateDer<'static> =
+            rustls::pki_types::pem::PemObject::from_pem_slice(first.pem().as_bytes()).unwrap();
+        roots.add(ca).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        for name in ["127.0.0.1", "localhost"] {
+            let name = rustls::pki_types::ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(&issued.cert, &[], &name, &[], now)
+                .unwrap();
+        }
+        let other = rustls::pki_types::ServerName::try_from("example.com").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(&issued.cert, &[], &other, &[], now)
+                .is_err()
+        );
+        assert!(server_config(&issued).is_ok());
+    }
+
+    #[test]
+    fn a_hash_is_of_a_certificate_only() {
+        assert!(ca_hash("not pem").is_err());
+    }
+}
