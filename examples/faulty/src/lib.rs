@@ -1,9 +1,10 @@
 //! `faulty`: a guest that misbehaves on request, so tests can check that the host contains it
-//! (traps, runaway loops, memory exhaustion, sandbox escapes) and that streaming, status codes,
-//! env and logs reach the client. Mounted under `/faulty` (or `/faulty-<suffix>`, for more apps
-//! from this module) or at the root: that leading segment is stripped, so `/faulty/trap`,
-//! `/faulty-b/trap` and `/trap` do the same thing. `/count` says how many
-//! requests this instance has handled, itself included: 1 unless instances are reused.
+//! (traps, runaway loops, memory exhaustion, stack overflow, floods of output, huge bodies,
+//! sandbox escapes) and that streaming, status codes, env and logs reach the client. Mounted
+//! under `/faulty` (or `/faulty-<suffix>`, for more apps from this module) or at the root: that
+//! leading segment is stripped, so `/faulty/trap`, `/faulty-b/trap` and `/trap` do the same
+//! thing. `/count` says how many requests this instance has handled, itself included: 1 unless
+//! instances are reused.
 
 use std::io::Write as _;
 
@@ -43,6 +44,18 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
             ["count"] => respond(out, 200, handled.to_string().as_bytes()),
             ["loop"] => spin_forever(),
             ["oom"] => exhaust_memory(out),
+            // Never answered: each traps, on the wasm call stack or on the shadow stack in
+            // linear memory.
+            ["stack"] => {
+                let depth = overflow_call_stack(0);
+                respond(out, 200, format!("recursed {depth} deep").as_bytes());
+            }
+            ["stack", "shadow"] => {
+                let depth = overflow_shadow_stack(0);
+                respond(out, 200, format!("recursed {depth} deep").as_bytes());
+            }
+            ["flood", mib] => flood(out, mib),
+            ["huge", mib] => huge(out, mib),
             ["echo"] => echo(request, out),
             ["status", code] => status(out, code),
             ["env", name] => match std::env::var(name) {
@@ -113,6 +126,94 @@ fn exhaust_memory(out: ResponseOutparam) {
         500,
         format!("oom: allocation failed after {held} MiB").as_bytes(),
     );
+}
+
+/// Recurses until the wasm call stack runs out (the engine's `max_wasm_stack`): small frames
+/// that keep nothing in linear memory. Calling itself through `black_box` keeps the optimiser
+/// from seeing that the recursion never ends or turning it into a loop, and the addition after
+/// the call keeps it from being a tail call. Never returns.
+#[inline(never)]
+fn overflow_call_stack(depth: u64) -> u64 {
+    let next: fn(u64) -> u64 = std::hint::black_box(overflow_call_stack);
+    next(depth + 1).wrapping_add(std::hint::black_box(depth))
+}
+
+/// Recurses until the shadow stack (the part of the guest's linear memory where Rust keeps
+/// locals whose address is taken, 1 MiB by default) runs out: each frame holds 512 bytes
+/// there. The stack pointer then leaves the memory and the guest traps on an out-of-bounds
+/// access before the wasm call stack fills. Never returns.
+#[inline(never)]
+fn overflow_shadow_stack(depth: u64) -> u64 {
+    let mut frame = [0u8; 512];
+    frame[(depth % 512) as usize] = depth as u8;
+    let frame = std::hint::black_box(&mut frame);
+    let next: fn(u64) -> u64 = std::hint::black_box(overflow_shadow_stack);
+    let deeper = next(depth + 1);
+    deeper.wrapping_add(u64::from(frame[(deeper % 512) as usize]))
+}
+
+/// Writes `mib` MiB of numbered lines in all, 64 KiB at a time alternately to stdout and
+/// stderr, as fast as the host takes them, then answers 200.
+fn flood(out: ResponseOutparam, mib: &str) {
+    let Some(bytes) = mib.parse::<usize>().ok().and_then(|n| n.checked_mul(MIB)) else {
+        return respond(out, 400, format!("not MiB: {mib}").as_bytes());
+    };
+    const CHUNK: usize = 64 * 1024;
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut line = 0u64;
+    let (mut written, mut chunks) = (0, 0u64);
+    let (mut stdout, mut stderr) = (std::io::stdout().lock(), std::io::stderr().lock());
+    while written < bytes {
+        chunk.clear();
+        while chunk.len() + 100 <= CHUNK {
+            // 100 bytes a line, newline included.
+            let _ = writeln!(chunk, "faulty: flood line {line:012} {:->67}", "");
+            line += 1;
+        }
+        let stream: &mut dyn std::io::Write = if chunks.is_multiple_of(2) {
+            &mut stdout
+        } else {
+            &mut stderr
+        };
+        if let Err(e) = stream.write_all(&chunk).and_then(|()| stream.flush()) {
+            drop((stdout, stderr));
+            return respond(out, 500, format!("flood: {e}").as_bytes());
+        }
+        written += chunk.len();
+        chunks += 1;
+    }
+    drop((stdout, stderr));
+    respond(
+        out,
+        200,
+        format!("flooded {written} bytes in {line} lines").as_bytes(),
+    );
+}
+
+/// Streams a `mib` MiB body, 64 KiB at a time, each chunk flushed before the next is made, so
+/// the guest holds one chunk however big the body. Every byte is `b'x'`.
+fn huge(out: ResponseOutparam, mib: &str) {
+    let Some(bytes) = mib.parse::<usize>().ok().and_then(|n| n.checked_mul(MIB)) else {
+        return respond(out, 400, format!("not MiB: {mib}").as_bytes());
+    };
+    let response = OutgoingResponse::new(headers(b"application/octet-stream"));
+    let response_body = response.body().expect("the body is taken once");
+    ResponseOutparam::set(out, Ok(response));
+    let mut output = response_body.write().expect("the stream is taken once");
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..bytes / chunk.len() {
+        let sent = output
+            .write_all(&chunk)
+            .map_err(|e| e.to_string())
+            .and_then(|()| output.blocking_flush().map_err(|e| e.to_string()));
+        if let Err(e) = sent {
+            // The client went away: dropping the unfinished body says the response was cut.
+            eprintln!("faulty: huge: {e}");
+            return;
+        }
+    }
+    drop(output);
+    OutgoingBody::finish(response_body, None).expect("the body has no declared length");
 }
 
 /// Copies the request body to the response chunk by chunk, so memory stays flat whatever the
