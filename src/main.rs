@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a one-node cluster: control plane, node agent and gateway in one process.
-    Up(commands::up::UpArgs),
+    Up(Box<commands::up::UpArgs>),
     /// Run the control plane alone; worker nodes join it with `shoal node join`.
     Server(commands::server::ServerArgs),
     /// Join a worker node, or cordon, uncordon, drain or delete one.
@@ -54,7 +54,7 @@ enum Command {
     Get(commands::get::GetArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
-    /// Delete an app: its replicas stop and its routes go away.
+    /// Delete an app (its replicas stop, its routes go away) or an unused module.
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
     Logs(commands::logs::LogsArgs),
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
             namespace: cli.namespace,
         };
         match cli.command {
-            Command::Up(args) => commands::up::run(ctx, args).await,
+            Command::Up(args) => commands::up::run(ctx, *args).await,
             Command::Server(args) => commands::server::run(ctx, args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,

@@ -219,6 +219,59 @@ fn misbehaving_guests_fail_alone() {
     );
 }
 
+/// Memory bombs at full concurrency on a node with a small guest budget: each takes its
+/// limit of the budget or waits for it, the process stays up and the neighbour keeps serving.
+#[test]
+fn memory_bombs_at_full_concurrency_fail_alone_within_the_budget() {
+    let c = Cluster::start_with(&["--memory-budget", "128Mi"]);
+    let mut offered = serde_json::Value::Null;
+    assert!(
+        poll(Duration::from_secs(10), || {
+            offered = c.api_json("/v1/nodes")[0]["capacity"]["memory_bytes"].clone();
+            !offered.is_null()
+        }),
+        "the node registered"
+    );
+    assert_eq!(offered, 128 << 20, "the node offers its budget");
+    c.cli_ok(&["apply", "-f", &format!("{}/hello/app.toml", examples())]);
+    c.cli_ok(&["apply", "-f", &faulty_spec(c.dir.path(), "")]);
+    c.wait_gw("/hello", 200, "Hello");
+    c.wait_gw("/faulty/healthz", 200, "");
+
+    let bombs: Vec<_> = (0..16)
+        .map(|_| {
+            let gateway = c.gateway.clone();
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|_| {
+                        common::client()
+                            .get(format!("{gateway}/faulty/oom"))
+                            .send()
+                            .map(|r| r.status().as_u16())
+                            .unwrap_or(0)
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let mut hello = 0;
+    while !bombs.iter().all(|b| b.is_finished()) {
+        assert_eq!(c.gw("/hello").status(), 200, "the neighbour keeps serving");
+        hello += 1;
+    }
+    let statuses: Vec<u16> = bombs.into_iter().flat_map(|b| b.join().unwrap()).collect();
+    // Out of memory (500) within its own limit, or no room in the budget yet (503): never a
+    // dead node (0).
+    assert!(
+        statuses.iter().all(|s| [500, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(statuses.contains(&500), "{statuses:?}");
+    assert!(hello > 0);
+    assert_eq!(c.gw("/faulty/healthz").status(), 200);
+    assert!(c.api_get("/v1/healthz").status().is_success());
+}
+
 #[test]
 fn a_busy_replica_queues_then_answers_503() {
     let c = Cluster::start();

@@ -6,24 +6,40 @@ use anyhow::Result;
 pub struct DeleteArgs {
     #[arg(value_enum)]
     what: What,
+    /// The app's name, or the module's digest (`sha256:…`, as `shoal get modules` shows it).
     name: String,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum What {
     App,
+    /// An uploaded module no revision uses (revision history included).
+    Module,
 }
 
 pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
-    let What::App = args.what;
     let client = ctx.client()?;
-    let path = format!("/v1/apps/{}?namespace={}", args.name, ctx.namespace);
-    let resp: serde_json::Value = client
-        .send(client.request(reqwest::Method::DELETE, &path))
-        .await?;
-    match ctx.output {
-        Format::Json => output::json(&resp),
-        Format::Table => println!("app {}/{} deleted", ctx.namespace, args.name),
+    match args.what {
+        What::App => {
+            let path = format!("/v1/apps/{}?namespace={}", args.name, ctx.namespace);
+            let resp: serde_json::Value = client
+                .send(client.request(reqwest::Method::DELETE, &path))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&resp),
+                Format::Table => println!("app {}/{} deleted", ctx.namespace, args.name),
+            }
+        }
+        What::Module => {
+            let path = format!("/v1/modules/{}", args.name);
+            client
+                .checked(client.request(reqwest::Method::DELETE, &path))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "deleted": args.name })),
+                Format::Table => println!("module {} deleted", args.name),
+            }
+        }
     }
     Ok(())
 }

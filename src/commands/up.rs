@@ -42,6 +42,9 @@ pub struct ControlArgs {
     /// How the scheduler scores nodes: fill the fullest first, or the emptiest.
     #[arg(long, value_enum, default_value_t = Scheduling::BinPack)]
     pub scheduling: Scheduling,
+    /// How long a module no revision uses is kept after its last upload or apply.
+    #[arg(long, default_value = "10m")]
+    pub module_gc_grace: String,
     /// More names or addresses the API's certificate is valid for (repeatable), besides
     /// localhost, 127.0.0.1, the --api address and the host name.
     #[arg(long = "tls-san", value_name = "NAME")]
@@ -76,15 +79,24 @@ pub struct NodeArgs {
     /// CPU offered to the scheduler (default: all cores), e.g. "2" or "1500m".
     #[arg(long)]
     pub cpu: Option<String>,
-    /// Memory offered to the scheduler (default: all RAM), e.g. "4Gi".
+    /// Memory offered to the scheduler (default: what the process may use, RAM or its
+    /// cgroup's limit; never more than --memory-budget), e.g. "4Gi".
     #[arg(long)]
     pub memory: Option<String>,
+    /// Guest memory the node hands out at once, each instance holding its app's
+    /// `limits.memory` of it while it lives (default: three quarters of what the process may
+    /// use), e.g. "6Gi".
+    #[arg(long)]
+    pub memory_budget: Option<String>,
     /// Node labels for node selectors, KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label)]
     pub labels: Vec<(String, String)>,
     /// Heartbeat period.
     #[arg(long, default_value = "1s")]
     pub heartbeat: String,
+    /// How long a module no replica on this node runs stays compiled and fetched on it.
+    #[arg(long, default_value = "5m")]
+    pub module_cache_grace: String,
     /// How requests for replicas on other nodes travel: HTTP/2, one multiplexed connection
     /// per node, or pooled keep-alive HTTP/1.1 connections.
     #[arg(long, value_enum, default_value = "http2")]
@@ -184,15 +196,7 @@ fn node_capacity(args: &NodeArgs) -> Result<Capacity> {
     };
     let memory_bytes = match &args.memory {
         Some(m) => parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
-        None => std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<u64>().ok())
-            })
-            .map_or(4 << 30, |kb| kb * 1024),
+        None => shoal_runtime::available_memory().unwrap_or(4 << 30),
     };
     Ok(Capacity {
         cpu_millis,
@@ -244,6 +248,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             ca_hash: Some(ca_hash.clone()),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
+            module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
             strategy: match args.scheduling {
                 Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
                 Scheduling::Spread => shoal_scheduler::Strategy::Spread,
@@ -321,12 +326,16 @@ pub async fn start_node(
     link: Arc<dyn Link>,
     hop_secret: String,
 ) -> Result<StartedNode> {
-    let runtime = Runtime::new(RuntimeConfig {
+    let mut config = RuntimeConfig {
         cache_dir: data.join("cache"),
         max_instances: args.max_instances,
         ..RuntimeConfig::default()
-    })
-    .context("cannot start the wasm runtime")?;
+    };
+    if let Some(budget) = &args.memory_budget {
+        config.memory_budget_bytes =
+            parse_memory(budget).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
+    }
+    let runtime = Runtime::new(config).context("cannot start the wasm runtime")?;
     let listener = tokio::net::TcpListener::bind(args.gateway)
         .await
         .with_context(|| {
@@ -356,6 +365,7 @@ pub async fn start_node(
             capacity: node_capacity(args)?,
             labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
             heartbeat: duration("heartbeat", &args.heartbeat)?,
+            module_cache_grace: duration("module-cache-grace", &args.module_cache_grace)?,
         },
         link,
         runtime,

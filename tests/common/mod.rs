@@ -400,25 +400,33 @@ pub struct Server {
     /// The cluster CA, PEM.
     pub ca: String,
     api_addr: String,
+    extra: Vec<String>,
 }
 
 impl Server {
     /// Starts a control plane in `dir`, on a fixed port so nodes can find it
     /// again after a restart.
     pub fn start(dir: &Path) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Server::start`] with more `shoal server` flags.
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        Self::start_at(dir, &format!("127.0.0.1:{port}"))
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_at(dir, &format!("127.0.0.1:{port}"), extra)
     }
 
-    fn start_at(dir: &Path, api_addr: &str) -> Server {
+    fn start_at(dir: &Path, api_addr: &str, extra: Vec<String>) -> Server {
         let mut child = Command::new(SHOAL)
             .args(["server", "--data-dir"])
             .arg(dir.join("server"))
             .args(["--api", api_addr])
+            .args(&extra)
             .env("SHOAL_CONFIG", dir.join("config.toml"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
@@ -438,6 +446,7 @@ impl Server {
             join_token,
             ca,
             api_addr: api_addr.to_string(),
+            extra,
         }
     }
 
@@ -448,11 +457,11 @@ impl Server {
 
     /// Starts again on the same data dir and address.
     pub fn restart(&mut self) {
-        let (dir, addr) = (self.dir.clone(), self.api_addr.clone());
+        let (dir, addr, extra) = (self.dir.clone(), self.api_addr.clone(), self.extra.clone());
         // The port may linger briefly after the kill; retry binding for a while.
         let end = Instant::now() + Duration::from_secs(20);
         loop {
-            let attempt = std::panic::catch_unwind(|| Server::start_at(&dir, &addr));
+            let attempt = std::panic::catch_unwind(|| Server::start_at(&dir, &addr, extra.clone()));
             match attempt {
                 Ok(s) => {
                     let old = std::mem::replace(self, s);

@@ -13,7 +13,9 @@ mod testing;
 mod view;
 
 pub use link::{JoinToken, Rejoin, RemoteLink, http_client, join};
-pub use plan::{AppTables, NodePlan, all_tables, app_tables, gateway_tables, node_plan};
+pub use plan::{
+    AppTables, NodePlan, all_tables, app_tables, gateway_tables, node_plan, unused_modules,
+};
 pub use view::{ClusterView, Touched};
 
 use probe::{Action, Backoff, Probe, ProbeState};
@@ -34,7 +36,7 @@ use shoal_runtime::{
     CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
     LogSink, Reuse, Runtime,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -58,9 +60,13 @@ const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
 pub struct AgentConfig {
     pub node: String,
     pub gateway_addr: String,
+    /// What the node offers the scheduler; its memory no more than the runtime's
+    /// `memory_budget_bytes` (lowered to it by [`Agent::new`]).
     pub capacity: Capacity,
     pub labels: BTreeMap<String, String>,
     pub heartbeat: Duration,
+    /// How long a module no replica on the node runs stays compiled and fetched on it.
+    pub module_cache_grace: Duration,
 }
 
 #[derive(Clone)]
@@ -79,6 +85,8 @@ struct Inner {
 /// A replica this node runs.
 struct Running {
     app: AppKey,
+    /// The module it runs.
+    digest: String,
     logs: LogSink,
     task: JoinHandle<()>,
     /// The last status reported for it, to resend if the cluster lost it.
@@ -86,12 +94,23 @@ struct Running {
 }
 
 impl Agent {
+    /// The node offers the scheduler no more memory than its runtime's budget lets guests use
+    /// at once: `config.capacity` is lowered to it if need be.
     pub fn new(
-        config: AgentConfig,
+        mut config: AgentConfig,
         link: Arc<dyn Link>,
         runtime: Runtime,
         gateway: Gateway,
     ) -> Self {
+        let budget = runtime.config().memory_budget_bytes;
+        if config.capacity.memory_bytes > budget {
+            tracing::info!(
+                offered = config.capacity.memory_bytes,
+                budget,
+                "the node offers the scheduler its guests' memory budget, not more"
+            );
+            config.capacity.memory_bytes = budget;
+        }
         let agent = Agent {
             inner: Arc::new(Inner {
                 config,
@@ -150,6 +169,7 @@ impl Agent {
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().send_metrics());
         tokio::spawn(self.clone().send_waiting());
+        tokio::spawn(self.clone().collect_modules());
         // What the gateway was last given per app, so only changed apps go again.
         let mut sent: HashMap<AppKey, AppTables> = HashMap::new();
         loop {
@@ -189,6 +209,29 @@ impl Agent {
             }
             tracing::debug!("watch ended; re-reading the cluster state");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Forgets, in memory and on disk, the modules no replica on this node has run for the
+    /// grace: compiled components and fetched module files do not pile up on a long-lived node.
+    async fn collect_modules(self) {
+        let grace = self.inner.config.module_cache_grace;
+        let mut tick = tokio::time::interval((grace / 2).clamp(Duration::from_millis(100), RESYNC));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unused_since = HashMap::new();
+        loop {
+            tick.tick().await;
+            let in_use: HashSet<String> = {
+                let running = self.inner.running.lock().expect("agent lock");
+                running.values().map(|r| r.digest.clone()).collect()
+            };
+            let cached = self.inner.runtime.cached();
+            let now = std::time::Instant::now();
+            for digest in plan::unused_modules(&cached, &in_use, &mut unused_since, now, grace) {
+                self.inner.runtime.forget(&digest);
+                self.inner.link.forget_module(&digest);
+                tracing::info!(%digest, "forgot a module no replica here runs");
+            }
         }
     }
 
@@ -351,6 +394,7 @@ impl Agent {
             let span = tracing::info_span!("replica", id = %replica.id, app = %replica.app);
             let id = replica.id.clone();
             let app = replica.app.clone();
+            let digest = revision.template.component.digest.clone();
             let task = tokio::spawn(
                 self.clone()
                     .start(replica, revision, logs.clone())
@@ -360,6 +404,7 @@ impl Agent {
                 id,
                 Running {
                     app,
+                    digest,
                     logs,
                     task,
                     status: Arc::new(Mutex::new(None)),

@@ -202,6 +202,18 @@ impl RemoteLink {
 }
 
 impl Link for RemoteLink {
+    fn forget_module(&self, digest: &str) {
+        let Ok(digest) = digest.parse::<Digest>() else {
+            return;
+        };
+        let path = self.modules.join(digest.hex());
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove a fetched module");
+        }
+    }
+
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
         Box::pin(async move {
             let req = || {

@@ -11,8 +11,8 @@ use shoal_api::ReplicaReport;
 use shoal_core::spec::AppKey;
 use shoal_core::{Kind, NodeState, Phase, Replica, Revision, Route};
 use shoal_gateway::{RemoteReplica, Split, Tables};
-use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 /// One sync's work.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,6 +92,28 @@ fn stale(report: &ReplicaReport, replica: &Replica) -> bool {
         || report.exit_code != replica.exit_code
         || report.restarts != replica.restarts
         || report.reason != replica.reason
+}
+
+/// The modules to forget now: held (`cached`) but run by no replica here (`in_use`) since at
+/// least `grace` ago. `unused_since` remembers when each went unused, across calls; a module
+/// run again is dropped from it.
+pub fn unused_modules(
+    cached: &BTreeSet<String>,
+    in_use: &HashSet<String>,
+    unused_since: &mut HashMap<String, Instant>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<String> {
+    unused_since.retain(|d, _| cached.contains(d) && !in_use.contains(d));
+    let mut forget = Vec::new();
+    for digest in cached.iter().filter(|d| !in_use.contains(*d)) {
+        let since = *unused_since.entry(digest.clone()).or_insert(now);
+        if now.duration_since(since) >= grace {
+            forget.push(digest.clone());
+            unused_since.remove(digest);
+        }
+    }
+    forget
 }
 
 /// One app's tables from the view: its record, its rollout, and its replicas
@@ -190,6 +212,30 @@ mod tests {
     use crate::testing::{app, node, puts, replica, report, revision, snapshot};
     use shoal_api::Object;
     use shoal_core::{RolloutPhase, RolloutStatus};
+
+    #[test]
+    fn a_module_is_forgotten_once_unused_for_the_grace_and_kept_while_run() {
+        let set = |ds: &[&str]| ds.iter().map(|d| d.to_string()).collect::<BTreeSet<_>>();
+        let grace = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let cached = set(&["a", "b"]);
+        let mut since = HashMap::new();
+        let in_use: HashSet<String> = ["a".to_string()].into();
+        assert!(unused_modules(&cached, &in_use, &mut since, t0, grace).is_empty());
+        let later = t0 + Duration::from_secs(59);
+        assert!(unused_modules(&cached, &in_use, &mut since, later, grace).is_empty());
+        let due = t0 + grace;
+        assert_eq!(
+            unused_modules(&cached, &in_use, &mut since, due, grace),
+            ["b"]
+        );
+        // Run again meanwhile: the clock starts over when it stops.
+        let cached = set(&["a", "c"]);
+        assert!(unused_modules(&cached, &HashSet::new(), &mut since, due, grace).is_empty());
+        let both = unused_modules(&cached, &HashSet::new(), &mut since, due + grace, grace);
+        assert_eq!(both, ["a", "c"]);
+        assert!(since.is_empty());
+    }
 
     /// What the periodic resync looks at: every replica here or running.
     fn everything(

@@ -33,6 +33,9 @@ pub trait Link: Send + Sync + 'static {
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>>;
     /// A local file with the module's bytes, verified against its digest.
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
+    /// The node runs `digest` no more: a copy [`Link::module`] fetched may go. The
+    /// in-process link hands out the control plane's own file, which stays.
+    fn forget_module(&self, _digest: &str) {}
     /// What this node's gateway measured per app revision since the last call.
     fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>>;
     /// CPU this node's guests used per app (running totals).

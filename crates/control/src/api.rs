@@ -54,6 +54,7 @@ admin_api! {
     GET "/v1/modules" => list_modules, Viewer, Shared;
     POST "/v1/modules" => upload_module, Deployer, Shared;
     GET "/v1/modules/{digest}" => get_module, Viewer, Shared;
+    DELETE "/v1/modules/{digest}" => delete_module, Admin, Cluster;
     GET "/v1/apps" => list_apps, Viewer, NamespaceOrAll;
     POST "/v1/apps" => apply, Deployer, Body;
     GET "/v1/apps/{name}" => describe_app, Viewer, Namespace;
@@ -295,6 +296,14 @@ async fn get_module(
     })
     .await
     .map(Json)
+}
+
+async fn delete_module(
+    State(cp): State<ControlPlane>,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.delete_module(&digest)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

@@ -194,6 +194,7 @@ impl ControlPlane {
         if quiet && full {
             self.prune_events()?;
             self.prune_revisions(&mirror.world)?;
+            self.collect_modules(self.config().module_gc_grace)?;
             self.compact_history()?;
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));

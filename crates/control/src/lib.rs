@@ -16,6 +16,7 @@ mod jobs;
 mod link;
 mod measurements;
 mod mirror;
+mod modules;
 mod nodes;
 mod rollouts;
 mod scope;

@@ -13,8 +13,8 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, Node, NodeState,
-    Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
+    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, ModuleUse, Node,
+    NodeState, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +46,8 @@ pub struct ControlConfig {
     pub node_grace: Duration,
     /// Events kept; older ones are pruned.
     pub max_events: usize,
+    /// How long a module no revision uses is kept after its last upload or apply.
+    pub module_gc_grace: Duration,
     /// How the scheduler scores nodes, cluster-wide.
     pub strategy: shoal_scheduler::Strategy,
 }
@@ -62,6 +64,7 @@ impl Default for ControlConfig {
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,
+            module_gc_grace: Duration::from_secs(600),
             strategy: shoal_scheduler::Strategy::BinPack,
         }
     }
@@ -275,7 +278,8 @@ impl ControlPlane {
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
-        match self.get::<Module>(&keys::module(&spec.component.digest))? {
+        let module = self.get::<Module>(&keys::module(&spec.component.digest))?;
+        match &module {
             None if dry_run => {}
             None => {
                 return Err(ControlError::invalid(
@@ -392,6 +396,16 @@ impl ControlPlane {
             };
             if let Some(rev) = &new_revision {
                 txn = txn.then(Op::put(keys::revision(&key, rev.number), encode(rev)));
+                // The module must still be there, and is in use again: a collection that
+                // read its use before this revision existed cannot delete it (`modules.rs`).
+                if let Some((module, at)) = &module {
+                    txn = txn
+                        .when_mod_revision(keys::module(&module.digest), *at)
+                        .then(Op::put(
+                            keys::module_use(&module.digest),
+                            encode(&ModuleUse { last_used: now }),
+                        ));
+                }
             }
             let old_routes = existing
                 .as_ref()

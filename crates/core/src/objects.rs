@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 /// collection in two.
 pub mod keys {
     use super::{
-        ApiToken, App, Event, Lease, Module, Node, NodeCredential, Replica, Revision,
+        ApiToken, App, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica, Revision,
         RolloutStatus, RouteClaim,
     };
     use crate::spec::AppKey;
@@ -123,6 +123,7 @@ pub mod keys {
     pub const NODES: Prefix<Node> = Prefix::fixed("/nodes/");
     pub const EVENTS: Prefix<Event> = Prefix::fixed("/events/");
     pub const MODULES: Prefix<Module> = Prefix::fixed("/modules/");
+    pub const MODULE_USES: Prefix<ModuleUse> = Prefix::fixed("/module-uses/");
     pub const LEASES: Prefix<Lease> = Prefix::fixed("/leases/");
     pub const ROLLOUTS: Prefix<RolloutStatus> = Prefix::fixed("/rollouts/");
     pub const ROUTES: Prefix<RouteClaim> = Prefix::fixed("/routes/");
@@ -185,6 +186,9 @@ pub mod keys {
     }
     pub fn module(digest: &str) -> Key<Module> {
         Key::new(format!("{}{digest}", MODULES.as_str()))
+    }
+    pub fn module_use(digest: &str) -> Key<ModuleUse> {
+        Key::new(format!("{}{digest}", MODULE_USES.as_str()))
     }
 }
 
@@ -571,4 +575,14 @@ pub struct Module {
     pub size: u64,
     pub kind: WasmKind,
     pub uploaded_at: Millis,
+}
+
+/// When an apply last made a revision of a module: written (blindly, so
+/// concurrent applies of one module do not conflict) in the transaction that
+/// writes the revision. A collection guards its delete on it as read before
+/// it read the revisions, so it cannot delete a module from under a revision
+/// made meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleUse {
+    pub last_used: Millis,
 }

@@ -28,8 +28,11 @@ pub const DEFAULT_SCALE_WINDOW_MS: u64 = 60_000;
 pub const DEFAULT_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
-/// Upper bounds keep one typo ("64Gi") from asking for the impossible.
-pub const MAX_MEMORY: u64 = 4 << 30;
+/// The most memory one instance may use (`resources.limits.memory`), cluster-wide. Nodes size
+/// their instance pool's memory slots to it (the runtime's default `max_memory_bytes`), so a
+/// larger limit is refused at apply rather than by every node the replica lands on.
+pub const MAX_INSTANCE_MEMORY: u64 = 512 << 20;
+/// Upper bounds keep one typo from asking for the impossible.
 pub const MAX_REPLICAS: u32 = 1000;
 pub const MAX_CONCURRENCY: u32 = 10_000;
 
@@ -1238,11 +1241,12 @@ impl AppSpec {
         }
         let r = &self.resources;
         let mem = crate::quantity::format_memory;
-        if r.limits.memory_bytes < (1 << 20) || r.limits.memory_bytes > MAX_MEMORY {
+        if r.limits.memory_bytes < (1 << 20) || r.limits.memory_bytes > MAX_INSTANCE_MEMORY {
             return field(
                 "resources.limits.memory",
                 format!(
-                    "must be between 1Mi and 4Gi (got {})",
+                    "must be between 1Mi and {}, the most one instance may use (got {})",
+                    mem(MAX_INSTANCE_MEMORY),
                     mem(r.limits.memory_bytes)
                 ),
             );
@@ -2431,6 +2435,34 @@ A = "1"
         let e = err(&HELLO.replace("\"32Mi\"", "\"64Gi\""));
         assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
         assert_eq!(e.line, Some(9));
+    }
+
+    /// One instance may use at most the node's memory slot: a larger limit is refused at
+    /// apply, naming the field and the maximum, from TOML and from JSON alike.
+    #[test]
+    fn instance_memory_above_the_cluster_maximum_is_refused() {
+        assert_eq!(MAX_INSTANCE_MEMORY, 512 << 20);
+        let at_max = parse_app(&HELLO.replace("\"32Mi\"", "\"512Mi\"")).unwrap();
+        let spec = at_max
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(spec.resources.limits.memory_bytes, MAX_INSTANCE_MEMORY);
+
+        let e = err(&HELLO.replace("\"32Mi\"", "\"513Mi\""));
+        assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
+        assert_eq!(e.line, Some(9));
+        assert!(
+            e.message.contains(
+                "must be between 1Mi and 512Mi, the most one instance may use (got 513Mi)"
+            ),
+            "{e}"
+        );
+
+        let mut json = spec;
+        json.resources.limits.memory_bytes = 1 << 30;
+        let e = json.validate().unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("resources.limits.memory"));
+        assert!(e.message.contains("(got 1Gi)"), "{e}");
     }
 
     #[test]

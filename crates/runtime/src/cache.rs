@@ -48,6 +48,33 @@ pub(crate) fn artifact_path(dir: &Path, digest: &str) -> PathBuf {
     dir.join(format!("{name}.cwasm"))
 }
 
+/// Every compiled artifact under `cache_dir`, in any engine's directory.
+pub(crate) fn artifacts(cache_dir: &Path) -> Vec<PathBuf> {
+    let Ok(engines) = std::fs::read_dir(cache_dir) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for engine in engines.flatten() {
+        let Ok(files) = std::fs::read_dir(engine.path()) else {
+            continue;
+        };
+        for file in files.flatten() {
+            let path = file.path();
+            if path.extension().is_some_and(|e| e == "cwasm") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// The module digest an artifact was named after (see [`artifact_path`]), if it was.
+pub(crate) fn digest_of(file: &Path) -> Option<String> {
+    let stem = file.file_stem()?.to_str()?;
+    let digest = format!("sha256:{stem}");
+    digest.parse::<shoal_core::Digest>().ok().map(|_| digest)
+}
+
 /// Why a cache file was not used. Never fatal: the component is compiled instead.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Unusable {

@@ -110,7 +110,13 @@ impl Command {
 
     async fn run_here(&self, meter: Arc<TaskMeter>) -> ExitStatus {
         let inner = &self.inner;
-        let mut store = new_store(inner.pre.engine(), &inner.settings, meter.clone());
+        let Some(memory) = inner.runtime.reserve_memory(&inner.settings).await else {
+            return ExitStatus::Failed(format!(
+                "no room for {} in the node's memory budget",
+                format_bytes(inner.settings.memory_limit as u64)
+            ));
+        };
+        let mut store = new_store(inner.pre.engine(), &inner.settings, meter.clone(), memory);
         let deadline = store.data().deadline();
         let run = async {
             meter.admit(deadline, false).await;
@@ -135,6 +141,9 @@ impl Command {
                     Failure::Trapped(message) => ExitStatus::Trapped(message),
                     Failure::AtCapacity(message) | Failure::Failed(message) => {
                         ExitStatus::Failed(message)
+                    }
+                    Failure::NoMemory => {
+                        ExitStatus::Failed("no room in the node's memory budget".into())
                     }
                 },
             },

@@ -19,8 +19,17 @@ pub struct RuntimeConfig {
     pub cache_dir: PathBuf,
     /// Instances that can exist at once across all components of the node (pool slots).
     pub max_instances: u32,
-    /// Hard ceiling for one linear memory; per-app limits must stay below it.
+    /// Hard ceiling for one instance's memory, the size of each memory slot in the pool;
+    /// per-app limits must stay below it.
     pub max_memory_bytes: u64,
+    /// Guest memory the node hands out at once: every live instance holds its whole memory
+    /// limit of it, so guests together can never use more (the rest of the process and the
+    /// machine keep theirs). By default three quarters of the memory available to the process
+    /// ([`crate::default_memory_budget`]).
+    pub memory_budget_bytes: u64,
+    /// How long an instance may wait for room in the memory budget (never longer than its
+    /// request's timeout) before its request is answered `at_capacity` or its run fails.
+    pub memory_wait: Duration,
     /// Granularity of timeouts and of the time slice after which a busy guest yields.
     pub epoch_tick: Duration,
     /// Worker threads of the runtime's own executor, where every guest runs (so guests
@@ -29,13 +38,16 @@ pub struct RuntimeConfig {
 }
 
 impl RuntimeConfig {
-    /// Defaults (1000 instances, 512 MiB, 10 ms ticks, a guest thread per core) with the
-    /// given cache directory.
+    /// Defaults (1000 instances, 512 MiB each at most, three quarters of the memory available
+    /// for all of them, a 1 s wait for it as the gateway waits for a replica's permit, 10 ms
+    /// ticks, a guest thread per core) with the given cache directory.
     pub fn new(cache_dir: impl Into<PathBuf>) -> RuntimeConfig {
         RuntimeConfig {
             cache_dir: cache_dir.into(),
             max_instances: 1000,
-            max_memory_bytes: 512 * MIB,
+            max_memory_bytes: shoal_core::spec::MAX_INSTANCE_MEMORY,
+            memory_budget_bytes: crate::memory::default_memory_budget(),
+            memory_wait: Duration::from_secs(1),
             epoch_tick: Duration::from_millis(10),
             guest_threads: 0,
         }
@@ -55,7 +67,9 @@ pub struct InstanceConfig {
     pub env: Vec<(String, String)>,
     /// Passed as-is; by convention the first one is the program name.
     pub args: Vec<String>,
-    /// Per linear memory, in bytes; must not exceed [`RuntimeConfig::max_memory_bytes`].
+    /// All of one instance's linear memories together, in bytes: what it reserves of the
+    /// node's budget. Must not exceed [`RuntimeConfig::max_memory_bytes`] nor
+    /// [`RuntimeConfig::memory_budget_bytes`].
     pub memory_limit: u64,
     /// Per request for HTTP components (headers and body included); whole run for commands.
     pub timeout: Option<Duration>,

@@ -1,5 +1,6 @@
-//! Per-store host state: the WASI and wasi:http contexts a guest sees, its memory limiter and
-//! its deadline. One `Host` per request (HTTP) or per run (commands).
+//! Per-store host state: the WASI and wasi:http contexts a guest sees, its memory limiter, its
+//! reservation in the node's memory budget and its deadline. One `Host` per instance: a request
+//! (HTTP), the requests of a reused instance or a p3 worker, a run (commands).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 use crate::config::format_bytes;
 use crate::cpu::{Member, TaskMeter};
 use crate::logs::{LogSink, LogStream};
+use crate::memory::Reservation;
 use crate::outbound::{OutboundHooks, OutboundPolicy};
 
 /// Bounds on the number of core instances, tables and memories one store may create. A
@@ -44,6 +46,9 @@ pub(crate) struct Host {
     deadline: Option<Instant>,
     timed_out: bool,
     meter: Arc<TaskMeter>,
+    /// The instance's memory limit in the node's budget, held as long as the store lives:
+    /// given back as the store drops, its memories going back to the pool in the same drop.
+    _memory: Reservation,
 }
 
 impl Host {
@@ -121,11 +126,17 @@ impl WasiHttpView for Host {
     }
 }
 
-/// `StoreLimits` plus a record of whether the memory limit was hit. Growth past the limit traps
-/// instead of making `memory.grow` return -1: like a container's OOM kill, the outcome is then
-/// the same for every guest language, and the host can say why the request failed.
+/// `StoreLimits` plus the memory limit over all of the store's linear memories together, and a
+/// record of whether it was hit. The limit is per store, not per memory, because it is what the
+/// instance reserved of the node's budget: a component with several memories shares it. Growth
+/// past the limit traps instead of making `memory.grow` return -1: like a container's OOM kill,
+/// the outcome is then the same for every guest language, and the host can say why the request
+/// failed.
 struct MemoryLimiter {
     limit: usize,
+    /// Bytes of all the store's linear memories, counted when a growth is allowed. One that
+    /// fails after that (the host out of memory) stays counted: an error on the safe side.
+    used: usize,
     limits: StoreLimits,
     exceeded: bool,
 }
@@ -137,15 +148,22 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limit {
+        let used = self.used.saturating_sub(current).saturating_add(desired);
+        if used > self.limit {
             self.exceeded = true;
             wasmtime::bail!(
-                "memory limit of {} exceeded (growing a linear memory to {})",
+                "memory limit of {} exceeded (growing a linear memory to {}, {} in all)",
                 format_bytes(self.limit as u64),
-                format_bytes(desired as u64)
+                format_bytes(desired as u64),
+                format_bytes(used as u64)
             );
         }
-        self.limits.memory_growing(current, desired, maximum)
+        // Within the limit; the memory's own declared maximum may still refuse it.
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.used = used;
+        }
+        Ok(allowed)
     }
 
     fn table_growing(
@@ -171,7 +189,8 @@ impl ResourceLimiter for MemoryLimiter {
 }
 
 /// A fresh store granting exactly what `settings` says, with a deadline `timeout` from now,
-/// run under `meter` (which the caller's task must be [`crate::cpu::Metered`] with).
+/// run under `meter` (which the caller's task must be [`crate::cpu::Metered`] with), holding
+/// `memory`, its room in the node's budget, for its life.
 ///
 /// Every store also gets an epoch callback: past the deadline it interrupts the guest (a trap
 /// the caller recognises through [`Host::timed_out`]); before it, at each epoch tick (a time
@@ -182,6 +201,7 @@ pub(crate) fn new_store(
     engine: &Engine,
     settings: &InstanceSettings,
     meter: Arc<TaskMeter>,
+    memory: Reservation,
 ) -> Store<Host> {
     let mut wasi = WasiCtxBuilder::new();
     wasi.envs(&settings.env)
@@ -202,8 +222,8 @@ pub(crate) fn new_store(
         },
         limiter: MemoryLimiter {
             limit: settings.memory_limit,
+            used: 0,
             limits: StoreLimitsBuilder::new()
-                .memory_size(settings.memory_limit)
                 .instances(MAX_INSTANCES_PER_STORE)
                 .tables(MAX_TABLES_PER_STORE)
                 .memories(MAX_MEMORIES_PER_STORE)
@@ -213,6 +233,7 @@ pub(crate) fn new_store(
         deadline: settings.timeout.map(|t| Instant::now() + t),
         timed_out: false,
         meter,
+        _memory: memory,
     };
 
     let mut store = Store::new(engine, host);
@@ -267,6 +288,8 @@ pub(crate) enum Failure {
     Trapped(String),
     /// The instance pool is full: a capacity problem, not the guest's fault.
     AtCapacity(String),
+    /// The node's memory budget had no room for the instance in time: capacity again.
+    NoMemory,
     /// Anything else, e.g. a host error during instantiation.
     Failed(String),
 }
@@ -318,5 +341,45 @@ pub(crate) async fn with_timeout<F: Future>(
     match timeout {
         Some(timeout) => tokio::time::timeout(timeout + slack, fut).await.ok(),
         None => Some(fut.await),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    /// What a store may grow to is what it reserved, however many memories share it.
+    #[test]
+    fn the_limit_covers_all_of_a_stores_memories_together() {
+        let mut limiter = MemoryLimiter {
+            limit: 10 * MIB,
+            used: 0,
+            limits: StoreLimitsBuilder::new().build(),
+            exceeded: false,
+        };
+        // Two memories of 4 MiB.
+        assert!(limiter.memory_growing(0, 4 * MIB, None).unwrap());
+        assert!(limiter.memory_growing(0, 4 * MIB, None).unwrap());
+        // A growth the memory's own maximum refuses counts nothing.
+        assert!(
+            !limiter
+                .memory_growing(4 * MIB, 5 * MIB, Some(4 * MIB))
+                .unwrap()
+        );
+        assert_eq!(limiter.used, 8 * MIB);
+        // The first grows to 6 MiB: 10 MiB in all, the limit.
+        assert!(limiter.memory_growing(4 * MIB, 6 * MIB, None).unwrap());
+        assert!(!limiter.exceeded);
+        // The second may not grow by a page: each alone is under the limit, both are not.
+        let err = limiter
+            .memory_growing(4 * MIB, 4 * MIB + 65536, None)
+            .unwrap_err();
+        assert!(limiter.exceeded);
+        assert_eq!(
+            err.to_string(),
+            "memory limit of 10 MiB exceeded (growing a linear memory to 4160 KiB, 10304 KiB in all)"
+        );
     }
 }

@@ -24,6 +24,7 @@ use crate::config::{Incident, IncidentKind};
 use crate::config::{format_bytes, format_duration};
 use crate::cpu::Metered;
 use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with_timeout};
+use crate::memory::MemoryBudget;
 use crate::p3::{Ended, Job, Workers};
 use crate::runtime::Runtime;
 use shoal_core::problem::{self, ErrorBody};
@@ -142,8 +143,9 @@ impl HttpService {
 
     /// Runs one request in an instance of the component. Never fails: whatever goes wrong in
     /// the guest becomes a 5xx in Shoal's JSON error shape (`timeout` 504, `at_capacity` 503
-    /// when the instance pool is full, `guest_trapped` / `out_of_memory` / `guest_failed`
-    /// 500), is logged, and is written to the replica's logs.
+    /// when the instance pool is full or the node's memory budget has no room for a new
+    /// instance within the wait, `guest_trapped` / `out_of_memory` / `guest_failed` 500), is
+    /// logged, and is written to the replica's logs.
     ///
     /// Bodies stream both ways. The guest runs on the runtime's guest threads, not the
     /// caller's, metered for its CPU group, and keeps running there after it sent the
@@ -201,10 +203,16 @@ impl HttpService {
                     .next_request(inner.settings.timeout, meter.clone());
                 (store, Some((idle.proxy, idle.served)))
             }
-            None => (
-                new_store(pre.engine(), &inner.settings, meter.clone()),
-                None,
-            ),
+            None => {
+                let Some(memory) = inner.runtime.reserve_memory(&inner.settings).await else {
+                    self.report(&Failure::NoMemory, method, path);
+                    return self.failure_response(&Failure::NoMemory);
+                };
+                (
+                    new_store(pre.engine(), &inner.settings, meter.clone(), memory),
+                    None,
+                )
+            }
         };
         let (sender, receiver) = oneshot::channel::<GuestResponse>();
         let resources = {
@@ -363,13 +371,17 @@ impl HttpService {
     }
 
     /// Keeps an instance that answered cleanly for the next request, unless it has served
-    /// its count or kept a part of the request or response (then it is dropped).
+    /// its count, kept a part of the request or response, or another instance waits for
+    /// memory (then it is dropped).
     fn keep(&self, mut store: Store<Host>, proxy: Proxy, served: u32) {
         let reuse = self.inner.settings.reuse;
         let Backend::P2 { idle, .. } = &self.inner.backend else {
             return;
         };
-        if served >= reuse.requests || store.data_mut().holds_request_parts() {
+        if served >= reuse.requests
+            || store.data_mut().holds_request_parts()
+            || self.inner.runtime.memory().under_pressure()
+        {
             return;
         }
         let mut idle = idle.lock().expect("idle instances lock");
@@ -382,7 +394,8 @@ impl HttpService {
         if !idle.sweeping {
             idle.sweeping = true;
             let service = Arc::downgrade(&self.inner);
-            self.inner.runtime.guests().spawn(sweep(service));
+            let memory = self.inner.runtime.memory().clone();
+            self.inner.runtime.guests().spawn(sweep(service, memory));
         }
     }
 
@@ -410,6 +423,10 @@ impl HttpService {
                 problem::ErrorCode::AtCapacity,
                 "no instance slot available on this node; retry shortly",
             ),
+            Failure::NoMemory => problem_response(
+                problem::ErrorCode::AtCapacity,
+                "no room in this node's memory budget for another instance; retry shortly",
+            ),
             Failure::Failed(_) => {
                 problem_response(problem::ErrorCode::GuestFailed, "guest failed to run")
             }
@@ -431,6 +448,10 @@ impl HttpService {
             ),
             Failure::Trapped(detail) => format!("{method} {path}: guest trapped: {detail}"),
             Failure::AtCapacity(detail) => format!("{method} {path}: not started: {detail}"),
+            Failure::NoMemory => format!(
+                "{method} {path}: not started: no room for {} in the node's memory budget",
+                format_bytes(settings.memory_limit as u64)
+            ),
             Failure::Failed(detail) => format!("{method} {path}: guest failed: {detail}"),
         };
         tracing::warn!(%digest, "{line}");
@@ -438,7 +459,7 @@ impl HttpService {
             Failure::TimedOut => Some(IncidentKind::TimedOut),
             Failure::OutOfMemory => Some(IncidentKind::OutOfMemory),
             Failure::Trapped(_) => Some(IncidentKind::Trapped),
-            Failure::AtCapacity(_) | Failure::Failed(_) => None,
+            Failure::AtCapacity(_) | Failure::NoMemory | Failure::Failed(_) => None,
         };
         if let (Some(kind), Some(hook)) = (kind, &settings.incidents) {
             hook(Incident {
@@ -451,9 +472,11 @@ impl HttpService {
 }
 
 /// Drops the idle instances of a service as their idle time runs out, so a quiet replica
-/// holds no instance (nor its slot in the pool) for longer than that; ends when none is left
-/// or the service is gone.
-async fn sweep(service: Weak<ServiceInner>) {
+/// holds no instance (nor its slot in the pool, nor its memory) for longer than that, and all
+/// of them at once when another instance waits for memory; ends when none is left or the
+/// service is gone.
+async fn sweep(service: Weak<ServiceInner>, memory: Arc<MemoryBudget>) {
+    let mut pressed = false;
     loop {
         let next = {
             let Some(inner) = service.upgrade() else {
@@ -464,6 +487,9 @@ async fn sweep(service: Weak<ServiceInner>) {
                 return;
             };
             let mut idle = idle.lock().expect("idle instances lock");
+            if pressed {
+                idle.instances.clear();
+            }
             idle.drop_stale(ttl);
             match idle.instances.first() {
                 Some(oldest) => oldest.since + ttl,
@@ -473,7 +499,10 @@ async fn sweep(service: Weak<ServiceInner>) {
                 }
             }
         };
-        tokio::time::sleep_until(next.into()).await;
+        pressed = tokio::select! {
+            () = tokio::time::sleep_until(next.into()) => false,
+            () = memory.pressed() => true,
+        };
     }
 }
 

@@ -5,7 +5,9 @@
 //! A pure library: it serves no network itself. The gateway feeds requests to
 //! [`HttpService::handle`]; the agent runs jobs with [`Command::run`]. Guests run on the
 //! runtime's own threads, whoever calls, and share them between apps by CPU weight
-//! ([`CpuShare`]); [`Runtime::cpu_usage`] says what each app used.
+//! ([`CpuShare`]); [`Runtime::cpu_usage`] says what each app used. Every instance holds its
+//! memory limit of the node's budget ([`RuntimeConfig::memory_budget_bytes`]) while it lives, so
+//! guests together never use more ([`Runtime::memory_reserved`]).
 //!
 //! **Architecture Invariant:** a guest gets only what its [`InstanceConfig`] grants — its env
 //! vars and args, stdout/stderr into a [`LogSink`], outgoing HTTP through an
@@ -20,6 +22,7 @@ mod error;
 mod host;
 mod http;
 mod logs;
+mod memory;
 mod outbound;
 mod p3;
 mod runtime;
@@ -30,6 +33,7 @@ pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody, problem_response};
 pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
+pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};
 

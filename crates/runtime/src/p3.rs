@@ -5,8 +5,8 @@
 //! queue while it has room — up to `reuse.concurrent` at once and `reuse.requests` in its life —
 //! then ends once idle for `reuse.idle`, as `wasmtime serve` does with its
 //! `--max-instance-reuse-count`, `--max-instance-concurrent-reuse-count` and
-//! `--idle-instance-timeout`. With the default reuse of 1 every request gets a fresh instance,
-//! as for p2 components.
+//! `--idle-instance-timeout`, or as soon as it is idle while another instance waits for memory.
+//! With the default reuse of 1 every request gets a fresh instance, as for p2 components.
 //!
 //! The loop follows wasmtime-wasi-http's `handler::ProxyHandler`, which cannot be used as is:
 //! it spawns its workers itself, where Shoal must run them [`Metered`] for the app's CPU group.
@@ -214,7 +214,11 @@ impl Worker {
         let workers = self.workers.clone();
         let settings = &workers.settings;
         let tick = workers.runtime.config().epoch_tick;
-        let mut store = new_store(workers.pre.engine(), settings, meter.clone());
+        let Some(memory) = workers.runtime.reserve_memory(settings).await else {
+            first.ended.set(Some(Failure::NoMemory));
+            return;
+        };
+        let mut store = new_store(workers.pre.engine(), settings, meter.clone(), memory);
         // A group over its share waits before it starts, not a slice later.
         meter.clone().admit(store.data().deadline(), false).await;
         let instantiated = with_timeout(
@@ -281,6 +285,8 @@ impl Worker {
             let mut served: u32 = 0;
             let mut may_accept = true;
             let mut idle_since: Option<Pin<Box<tokio::time::Sleep>>> = None;
+            // An idle worker gives its memory back when another instance waits for some.
+            let mut memory_wanted = pin!(workers.runtime.memory().pressed());
             let mut incoming = pin!(futures::stream::unfold(&*workers, |w| async move {
                 w.pop().await.map(|job| (job, w))
             }));
@@ -366,7 +372,9 @@ impl Worker {
                     }
                     let idle =
                         idle_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(reuse.idle)));
-                    if idle.as_mut().poll(cx).is_ready() {
+                    if idle.as_mut().poll(cx).is_ready()
+                        || memory_wanted.as_mut().poll(cx).is_ready()
+                    {
                         self.set(false, true);
                         return Poll::Ready(Ok(()));
                     }

@@ -5,7 +5,7 @@
 //! call through its concurrent event loop, which costs a p2 request ~10 % of a reused
 //! instance's throughput (BENCHMARKS.md), so p2 guests do not pay for p3's machinery.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -23,6 +23,7 @@ use crate::cpu::{CpuScheduler, CpuUsage};
 use crate::error::RuntimeError;
 use crate::host::{Host, InstanceSettings};
 use crate::http::HttpService;
+use crate::memory::{MemoryBudget, Reservation};
 
 /// Pool slots reserved per instance of a component. A wasm32-wasip2 component instantiates a
 /// handful of core modules (the program plus wit-component shims) with typically one memory;
@@ -96,6 +97,9 @@ struct RuntimeInner {
     /// ([`crate::cpu`]): threads at a lower priority than the rest of the process.
     batch: Option<tokio::runtime::Runtime>,
     cpu: Arc<CpuScheduler>,
+    /// What every instance's memory is reserved from; shared with the tasks that drop idle
+    /// instances when someone waits for it.
+    memory: Arc<MemoryBudget>,
 }
 
 impl Drop for RuntimeInner {
@@ -227,10 +231,12 @@ impl Runtime {
         ));
 
         let ticker = EpochTicker::spawn(epochs.clone(), config.epoch_tick)?;
+        let memory = Arc::new(MemoryBudget::new(config.memory_budget_bytes));
         tracing::info!(
             cache = %main.artifact_dir.display(),
             max_instances = config.max_instances,
             max_memory = %format_bytes(config.max_memory_bytes),
+            memory_budget = %format_bytes(memory.total()),
             epoch_tick = ?config.epoch_tick,
             guest_threads = threads,
             "wasmtime engine ready"
@@ -247,6 +253,7 @@ impl Runtime {
                 guest_handle,
                 batch: Some(batch),
                 cpu,
+                memory,
             }),
         })
     }
@@ -309,6 +316,32 @@ impl Runtime {
     /// artifact stays. Returns whether it was loaded.
     pub fn evict(&self, digest: &str) -> bool {
         lock(&self.inner.components).remove(digest).is_some()
+    }
+
+    /// The module digests this runtime holds compiled: in memory, or on disk in any engine's
+    /// cache (earlier runs' and other versions' included).
+    pub fn cached(&self) -> BTreeSet<String> {
+        let mut digests: BTreeSet<String> = lock(&self.inner.components).keys().cloned().collect();
+        for file in cache::artifacts(&self.inner.config.cache_dir) {
+            if let Some(digest) = cache::digest_of(&file) {
+                digests.insert(digest);
+            }
+        }
+        digests
+    }
+
+    /// Forgets `digest` in memory and on disk, in every engine's cache: for a module no
+    /// replica on the node runs any more. Services built from it keep working.
+    pub fn forget(&self, digest: &str) {
+        self.evict(digest);
+        for file in cache::artifacts(&self.inner.config.cache_dir) {
+            if cache::digest_of(&file).as_deref() == Some(digest)
+                && let Err(e) = std::fs::remove_file(&file)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %file.display(), error = %e, "cannot remove a compiled component");
+            }
+        }
     }
 
     /// Compiles for the main engine, or, if that cannot (the component uses the async ABI:
@@ -405,6 +438,30 @@ impl Runtime {
         self.inner.cpu.usage()
     }
 
+    /// Bytes of the memory budget held by instances alive now (whole 64 KiB pages): never
+    /// more than [`RuntimeConfig::memory_budget_bytes`].
+    pub fn memory_reserved(&self) -> u64 {
+        self.inner.memory.reserved()
+    }
+
+    pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
+        &self.inner.memory
+    }
+
+    /// Room for one instance with `settings` in the memory budget, waiting as long as the
+    /// configuration allows, never past the request's (or run's) timeout; `None` if there was
+    /// none in time.
+    pub(crate) async fn reserve_memory(&self, settings: &InstanceSettings) -> Option<Reservation> {
+        let wait = match settings.timeout {
+            Some(timeout) => timeout.min(self.inner.config.memory_wait),
+            None => self.inner.config.memory_wait,
+        };
+        self.inner
+            .memory
+            .reserve(settings.memory_limit as u64, wait)
+            .await
+    }
+
     /// Links `loaded` with the linker of the engine it was compiled for.
     fn instantiate_pre(
         &self,
@@ -437,6 +494,14 @@ impl Runtime {
                 "memory limit {} exceeds this node's per-instance maximum of {}",
                 format_bytes(cfg.memory_limit),
                 format_bytes(max)
+            )));
+        }
+        let budget = self.inner.memory.total();
+        if cfg.memory_limit > budget {
+            return Err(invalid(format!(
+                "memory limit {} exceeds this node's memory budget of {}: no instance could start",
+                format_bytes(cfg.memory_limit),
+                format_bytes(budget)
             )));
         }
         if cfg.timeout == Some(Duration::ZERO) {
@@ -566,6 +631,12 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
         return Err(RuntimeError::Config(format!(
             "max_memory_bytes must be between 64 KiB and 4 GiB, not {}",
             format_bytes(config.max_memory_bytes)
+        )));
+    }
+    if config.memory_budget_bytes < WASM_PAGE {
+        return Err(RuntimeError::Config(format!(
+            "memory_budget_bytes must be at least 64 KiB, not {}",
+            format_bytes(config.memory_budget_bytes)
         )));
     }
     if config.epoch_tick.is_zero() {

@@ -31,6 +31,35 @@ async fn a_second_load_is_a_memory_hit() {
 }
 
 #[tokio::test]
+async fn a_forgotten_component_is_gone_from_memory_and_disk_and_its_services_still_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = runtime(dir.path());
+    let hello = load(&first, shoal_fixtures::HELLO_WASM).await;
+    drop(first);
+    // A later run sees what earlier runs compiled.
+    let runtime = runtime(dir.path());
+    let faulty = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    let cached = runtime.cached();
+    assert!(
+        cached.contains(hello.digest()) && cached.contains(faulty.digest()),
+        "{cached:?}"
+    );
+
+    let service = runtime.http_service(&faulty, config()).unwrap();
+    runtime.forget(faulty.digest());
+    assert!(!runtime.cached().contains(faulty.digest()));
+    assert!(!artifact(&runtime, shoal_fixtures::FAULTY_WASM).exists());
+    assert!(
+        runtime.cached().contains(hello.digest()),
+        "only what was asked"
+    );
+    assert_eq!(service.handle(get("/status/202")).await.status(), 202);
+    // Loading it again compiles it again.
+    let again = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    assert_eq!(again.source(), LoadSource::Compiled);
+}
+
+#[tokio::test]
 async fn a_restarted_runtime_loads_from_disk_without_compiling() {
     let dir = tempfile::tempdir().unwrap();
     let compiled = load(&runtime(dir.path()), shoal_fixtures::FAULTY_WASM).await;

@@ -103,7 +103,16 @@ fn main() {
     let requests: Vec<(&AppKey, Request<'_>)> = apps
         .iter()
         .flat_map(|(key, n, resources, placement)| {
-            (0..*n).map(move |_| (key, Request::new(resources.clone(), placement)))
+            (0..*n).map(move |_| {
+                let request = Request {
+                    resources: resources.clone(),
+                    // Limits as large as requests: every instance fits a node it is placed on.
+                    instance_memory: resources.memory_bytes,
+                    node_selector: &placement.node_selector,
+                    spread: placement.spread,
+                };
+                (key, request)
+            })
         })
         .collect();
     let replicas = requests.len();

@@ -3,7 +3,10 @@
 //!
 //! Filters, cheapest first: the node is Ready, not cordoned, carries the
 //! app's node selector labels, holds no replica of the app when spread is
-//! required, and has the memory and cpu the replica requests. Instance slots
+//! required, has the memory the replica requests, offers at least the memory
+//! one of its instances may use (`limits.memory`: a node offers its memory
+//! budget, so one with less could never start an instance), and has the cpu
+//! the replica requests. Instance slots
 //! are not a dimension: a replica's `max_concurrency` caps it, the node's
 //! pool is shared and held only while a request runs, so placement reserves
 //! none (see [`Capacity::of`]).
@@ -39,16 +42,19 @@ pub struct NodeInfo<'a> {
 pub struct Request<'r> {
     /// What it reserves: see [`Capacity::of`].
     pub resources: Capacity,
+    /// The memory one of its instances may use: the node's memory must be at least that.
+    pub instance_memory: u64,
     /// Labels the node must carry, all of them, with these values.
     pub node_selector: &'r BTreeMap<String, String>,
     pub spread: Spread,
 }
 
 impl<'r> Request<'r> {
-    /// A replica reserving `resources`, placed as its app's spec says.
-    pub fn new(resources: Capacity, placement: &'r spec::Placement) -> Self {
+    /// A replica with `resources`, placed as its app's spec says.
+    pub fn new(resources: &spec::Resources, placement: &'r spec::Placement) -> Self {
         Request {
-            resources,
+            resources: Capacity::of(resources),
+            instance_memory: resources.limits.memory_bytes,
             node_selector: &placement.node_selector,
             spread: placement.spread,
         }
@@ -102,18 +108,20 @@ enum Reason {
     Selector,
     AppAlreadyThere,
     Memory,
+    InstanceMemory,
     Cpu,
 }
 
 impl Reason {
     /// In declaration order, so `reason as usize` indexes it.
-    const ALL: [Reason; 7] = [
+    const ALL: [Reason; 8] = [
         Reason::NotReady,
         Reason::Cordoned,
         Reason::Avoided,
         Reason::Selector,
         Reason::AppAlreadyThere,
         Reason::Memory,
+        Reason::InstanceMemory,
         Reason::Cpu,
     ];
 
@@ -125,6 +133,7 @@ impl Reason {
             Reason::Selector => "didn't match node selector",
             Reason::AppAlreadyThere => "already runs a replica of this app",
             Reason::Memory => "insufficient memory",
+            Reason::InstanceMemory => "less memory than one instance may use",
             Reason::Cpu => "insufficient cpu",
         }
     }
@@ -137,6 +146,8 @@ impl Reason {
 struct Fit {
     /// Capacity minus allocation, per resource; negative when overcommitted.
     free_memory: i64,
+    /// The node's whole memory: the most one instance may use there.
+    memory: i64,
     free_cpu: i64,
     /// Fraction of cpu plus fraction of memory allocated, in [0, 2]; a
     /// resource the node has none of counts as full.
@@ -172,6 +183,7 @@ impl Fit {
         };
         Fit {
             free_memory: saturate(cap.memory_bytes) - saturate(a.memory_bytes),
+            memory: saturate(cap.memory_bytes),
             free_cpu: saturate(cap.cpu_millis) - saturate(a.cpu_millis),
             used: frac(a.cpu_millis, cap.cpu_millis) + frac(a.memory_bytes, cap.memory_bytes),
             per_cpu: per(cap.cpu_millis),
@@ -193,6 +205,7 @@ struct Slot<'a> {
 /// A [`Request`] in the scan's terms, converted once per placement.
 struct Ask {
     memory: i64,
+    instance_memory: i64,
     cpu: i64,
     required: bool,
     memory_f: f64,
@@ -211,6 +224,7 @@ impl Ask {
         };
         Ask {
             memory: saturate(r.memory_bytes),
+            instance_memory: saturate(req.instance_memory),
             cpu: saturate(r.cpu_millis),
             required: req.spread == Spread::Required,
             memory_f: r.memory_bytes as f64,
@@ -233,6 +247,8 @@ fn rejection(f: &Fit, selected: bool, app_replicas: u32, ask: &Ask) -> Option<Re
         Some(Reason::AppAlreadyThere)
     } else if ask.memory > f.free_memory {
         Some(Reason::Memory)
+    } else if ask.instance_memory > f.memory {
+        Some(Reason::InstanceMemory)
     } else if ask.cpu > f.free_cpu {
         Some(Reason::Cpu)
     } else {
@@ -612,6 +628,7 @@ mod tests {
     fn req(cpu: u64, mem_mi: u64) -> Request<'static> {
         Request {
             resources: cap(cpu, mem_mi),
+            instance_memory: mem_mi << 20,
             node_selector: &ANYWHERE,
             spread: Spread::Preferred,
         }
@@ -680,7 +697,7 @@ mod tests {
     #[test]
     fn each_filter_has_its_reason() {
         type Break = fn(&mut Node, &mut Capacity, &mut usize);
-        let cases: [(&str, Break); 6] = [
+        let cases: [(&str, Break); 7] = [
             ("not ready", |n, _, _| n.state = NodeState::NotReady),
             ("cordoned", |n, _, _| n.schedulable = false),
             ("didn't match node selector", |n, _, _| {
@@ -688,12 +705,17 @@ mod tests {
             }),
             ("already runs a replica of this app", |_, _, r| *r = 1),
             ("insufficient memory", |_, a, _| a.memory_bytes = 1000 << 20),
+            // Room for the request (100Mi), not for one instance (200Mi).
+            ("less memory than one instance may use", |n, _, _| {
+                n.capacity.memory_bytes = 150 << 20
+            }),
             ("insufficient cpu", |_, a, _| a.cpu_millis = 950),
         ];
         let zone_a = BTreeMap::from([("zone".to_string(), "a".to_string())]);
         let r = Request {
             node_selector: &zone_a,
             spread: Spread::Required,
+            instance_memory: 200 << 20,
             ..req(100, 100)
         };
         for (reason, break_it) in cases {
@@ -849,10 +871,7 @@ mod tests {
             1,
             "[resources]\nrequests = { cpu = \"50m\", memory = \"8Mi\" }\nlimits = { memory = \"32Mi\" }\nmax_concurrency = 100\n",
         );
-        let r = Request {
-            resources: Capacity::of(&app.spec.resources),
-            ..req(0, 0)
-        };
+        let r = Request::new(&app.spec.resources, &app.spec.placement);
         assert_eq!((r.resources.cpu_millis, r.resources.instances), (50, 0));
         let mut cluster = Cluster::new([&n], Strategy::BinPack);
         // 1000m of cpu takes 20 of them; the 10-slot pool limits nothing.
@@ -911,6 +930,7 @@ mod tests {
                 let a = rng.next(6) as usize;
                 let r = Request {
                     resources: cap(50 * (1 + a as u64), 64 << (a % 3)),
+                    instance_memory: 128 << 20,
                     node_selector: if a == 2 { &zone_a } else { &ANYWHERE },
                     spread: if a == 4 {
                         Spread::Required

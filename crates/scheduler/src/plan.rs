@@ -761,7 +761,7 @@ impl<'w> Pass<'w> {
                 .chain(&r.value.avoid)
                 .cloned()
                 .collect();
-            let req = Request::new(Capacity::of(&r.value.resources), &app.spec.placement);
+            let req = Request::new(&r.value.resources, &app.spec.placement);
             if !failing || !self.cluster.fits_avoiding(&r.value.app, &req, &elsewhere) {
                 kept.push(r);
                 continue;
@@ -919,7 +919,7 @@ impl<'w> Pass<'w> {
 
     /// Puts a pending replica on a node, or says why it fits nowhere.
     fn place(&mut self, batch: &mut Batch, app: &App, mut replica: Replica, expect: Expect) {
-        let req = Request::new(Capacity::of(&replica.resources), &app.spec.placement);
+        let req = Request::new(&replica.resources, &app.spec.placement);
         let object = format!("replica/{}/{}", replica.app, replica.id);
         match self
             .cluster
@@ -1577,7 +1577,8 @@ mod tests {
     fn a_focused_pass_decides_for_its_apps_only_on_the_whole_clusters_room() {
         // App a wants a replica; b, outside the focus, fills node m and
         // wants one too. Node n is gone from this world: m is the only room.
-        let mut w = world(1, 1, "");
+        // a's instances are small enough for m: only b's replica is in the way.
+        let mut w = world(1, 1, "[resources]\nlimits = { memory = \"1Mi\" }\n");
         complete(&mut w, 1);
         let mut m = node("m");
         let per = Capacity::of(&app_mut(&mut w).value.spec.resources);
@@ -1849,12 +1850,17 @@ mod tests {
         b_pending.app = b_key.clone();
         b_pending.node = None;
         w.apps.insert(b_key.clone(), Read::new(b_app, 6));
+        // Limits no larger than requests: the node's memory is enough for one instance.
+        let small = |mut r: Replica| {
+            r.resources.limits.memory_bytes = r.resources.requests.memory_bytes;
+            r
+        };
         let mut w = with_replicas(
             w,
             &[
-                on(replica_at("x", 1, Phase::Ready, 1), "n"),
-                on(replica_at("y", 1, Phase::Ready, 2), "n"),
-                b_pending,
+                small(on(replica_at("x", 1, Phase::Ready, 1), "n")),
+                small(on(replica_at("y", 1, Phase::Ready, 2), "n")),
+                small(b_pending),
             ],
         );
         complete(&mut w, 1);
