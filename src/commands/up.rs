@@ -105,6 +105,10 @@ pub struct NodeArgs {
     /// (`[network] outbound`); link-local ones stay refused.
     #[arg(long)]
     pub allow_private_egress: bool,
+    /// PEM certificates that guests' `https://` egress trusts besides the Web PKI's roots
+    /// (repeatable), e.g. a company CA.
+    #[arg(long = "egress-ca", value_name = "FILE")]
+    pub egress_ca: Vec<PathBuf>,
 }
 
 /// `--hop-protocol`.
@@ -306,6 +310,19 @@ pub struct StartedNode {
     pub gateway: SocketAddr,
 }
 
+/// The certificates in the `--egress-ca` files, DER.
+fn egress_roots(files: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
+    let mut roots = Vec::new();
+    for file in files {
+        let pem = std::fs::read_to_string(file)
+            .with_context(|| format!("--egress-ca: cannot read {}", file.display()))?;
+        let certs = shoal_tls::certificates_der(&pem)
+            .with_context(|| format!("--egress-ca {}", file.display()))?;
+        roots.extend(certs);
+    }
+    Ok(roots)
+}
+
 /// The node's name: `--node-name`, or the host name when it is a valid one.
 pub fn node_name(args: &NodeArgs) -> Result<String> {
     let name = args.node_name.clone().unwrap_or_else(|| {
@@ -356,6 +373,7 @@ pub async fn start_node(
         hop_secret: Some(hop_secret),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
+        egress_roots: egress_roots(&args.egress_ca)?,
         ..GatewayConfig::default()
     });
     let agent = Agent::new(

@@ -111,10 +111,6 @@ impl OutboundPolicy for ServicePolicy {
                         );
                         Ok(gateway.dispatch(&app, request).instrument(span).await)
                     }
-                    Destination::Egress if request.uri().scheme() == Some(&Scheme::HTTPS) => {
-                        tracing::info!(%host, "outbound https denied: TLS egress is not supported yet");
-                        Err(HttpError::HttpRequestDenied)
-                    }
                     Destination::Egress => proxy::egress(gateway.client(), request).await,
                     Destination::UnknownService => Err(HttpError::DestinationNotFound),
                     Destination::Denied => Err(HttpError::HttpRequestDenied),

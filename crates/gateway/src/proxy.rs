@@ -53,7 +53,8 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 pub(crate) type Client = legacy::Client<HttpConnector, WasiBody>;
 /// For guests' granted hosts: connects only where [`egress::Guard`] allows.
-pub(crate) type EgressClient = legacy::Client<egress::Connector, WasiBody>;
+pub(crate) type EgressClient =
+    legacy::Client<hyper_rustls::HttpsConnector<egress::Connector>, WasiBody>;
 
 /// Idle connections are closed after this long; nodes come and go.
 const POOL_IDLE: Duration = Duration::from_secs(30);
@@ -69,13 +70,39 @@ pub(crate) fn client(connect_timeout: Duration, http2: bool) -> Client {
         .build(connector)
 }
 
-/// A pooling HTTP/1.1 client for egress. It is separate from the hops' client so that the
+/// A pooling HTTP/1.1 client for egress, over TLS for `https://` (checked against the Web
+/// PKI's roots and `extra_roots`, DER). It is separate from the hops' client so that the
 /// address checks apply to guests' calls only; hops go to other nodes, private by nature.
-pub(crate) fn egress_client(connect_timeout: Duration, allow_private: bool) -> EgressClient {
+pub(crate) fn egress_client(
+    connect_timeout: Duration,
+    allow_private: bool,
+    extra_roots: &[Vec<u8>],
+) -> EgressClient {
     let guard = egress::Guard { allow_private };
     let mut http = HttpConnector::new_with_resolver(egress::Resolver(guard));
     configure(&mut http, connect_timeout);
-    pooling().build(egress::Connector { http, guard })
+    // The connector leaves `https://` to the TLS layer around it.
+    http.enforce_http(false);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for der in extra_roots {
+        if let Err(e) = roots.add(rustls::pki_types::CertificateDer::from(der.clone())) {
+            tracing::warn!(error = %e, "an extra egress root certificate was not taken");
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(egress::Connector { http, guard });
+    pooling().build(https)
 }
 
 fn configure<R>(connector: &mut HttpConnector<R>, connect_timeout: Duration) {

@@ -65,6 +65,9 @@ pub struct GatewayConfig {
     /// through a granted name. Off by default, as that is where the control plane and the
     /// nodes listen. Link-local (cloud metadata) stays refused either way.
     pub allow_private_egress: bool,
+    /// Certificates (DER) that `https://` egress trusts besides the Web PKI's roots: a
+    /// company's own CA, say.
+    pub egress_roots: Vec<Vec<u8>>,
 }
 
 impl Default for GatewayConfig {
@@ -77,6 +80,7 @@ impl Default for GatewayConfig {
             hold_limit: 1_000,
             hop_http2: true,
             allow_private_egress: false,
+            egress_roots: Vec::new(),
             header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
             max_connections: 10_000,
@@ -139,7 +143,11 @@ pub type LogLookup = Arc<dyn Fn(&str) -> Option<LogSink> + Send + Sync>;
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
-        let client = proxy::egress_client(config.connect_timeout, config.allow_private_egress);
+        let client = proxy::egress_client(
+            config.connect_timeout,
+            config.allow_private_egress,
+            &config.egress_roots,
+        );
         let hop_client = proxy::client(config.connect_timeout, config.hop_http2);
         Gateway {
             inner: Arc::new(Inner {

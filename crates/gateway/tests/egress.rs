@@ -53,6 +53,65 @@ async fn outside() -> SocketAddr {
     addr
 }
 
+/// An HTTPS server on loopback, its certificate (for `localhost`) from a CA of its own;
+/// returns its address and that CA's certificate (DER).
+async fn outside_over_tls() -> (SocketAddr, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = shoal_tls::Authority::load_or_create(dir.path()).unwrap();
+    let issued = ca.issue_server(&["localhost".into()]).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(shoal_tls::server_config(&issued).unwrap());
+    let ca_der = shoal_tls::ca_der(ca.pem()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"over tls"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, ca_der)
+}
+
+#[tokio::test]
+async fn https_egress_reaches_a_granted_host_whose_certificate_checks_out() {
+    let (addr, ca) = outside_over_tls().await;
+    let port = addr.port();
+    let url = format!("https://localhost:{port}/");
+    let grants = vec![format!("localhost:{port}")];
+
+    let trusting = Gateway::new(GatewayConfig {
+        allow_private_egress: true,
+        egress_roots: vec![ca],
+        ..GatewayConfig::default()
+    });
+    let policy = trusting.outbound("default", grants.clone());
+    assert_eq!(call(policy.as_ref(), &url).await.unwrap(), StatusCode::OK);
+
+    // A certificate from a CA the node does not trust is not taken.
+    let stranger = gateway(true);
+    let policy = stranger.outbound("default", grants.clone());
+    let refused = call(policy.as_ref(), &url).await;
+    assert!(refused.is_err(), "{refused:?}");
+    // Nor is a name the certificate is not for.
+    let policy = trusting.outbound("default", vec![format!("127.0.0.1:{port}")]);
+    let wrong_name = call(policy.as_ref(), &format!("https://127.0.0.1:{port}/")).await;
+    assert!(wrong_name.is_err(), "{wrong_name:?}");
+    // Plain HTTP to a TLS port gets no answer either.
+    let policy = trusting.outbound("default", grants);
+    let plain = call(policy.as_ref(), &format!("http://localhost:{port}/")).await;
+    assert!(!matches!(plain, Ok(StatusCode::OK)), "{plain:?}");
+}
+
 fn denied(result: &Result<StatusCode, HttpError>) -> bool {
     matches!(result, Err(HttpError::HttpRequestDenied))
 }

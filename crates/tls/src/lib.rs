@@ -134,12 +134,29 @@ pub fn server_config(issued: &Issued) -> Result<Arc<rustls::ServerConfig>, TlsEr
     Ok(Arc::new(config))
 }
 
+/// The DER bytes of the certificate in `pem`.
+pub fn ca_der(pem: &str) -> Result<Vec<u8>, TlsError> {
+    let der: CertificateDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("not a PEM certificate: {e}")))?;
+    Ok(der.to_vec())
+}
+
+/// Every certificate in `pem`, DER: a bundle of CAs, say.
+pub fn certificates_der(pem: &str) -> Result<Vec<Vec<u8>>, TlsError> {
+    let certs = rustls::pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+        .map(|c: Result<CertificateDer<'static>, _>| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(format!("not PEM certificates: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no certificate in it".into()));
+    }
+    Ok(certs)
+}
+
 /// The hash of the CA certificate in `pem`: the hex SHA-256 of its DER bytes.
 pub fn ca_hash(pem: &str) -> Result<String, TlsError> {
-    let der = rustls::pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
-        .map_err(|e| TlsError::Pem(format!("not a PEM certificate: {e}")))
-        .map(|c: CertificateDer<'static>| c)?;
-    Ok(hex::encode(Sha256::digest(der.as_ref())))
+    Ok(hex::encode(Sha256::digest(ca_der(pem)?)))
 }
 
 #[cfg(test)]
@@ -198,5 +215,18 @@ mod tests {
     #[test]
     fn a_hash_is_of_a_certificate_only() {
         assert!(ca_hash("not pem").is_err());
+    }
+
+    #[test]
+    fn a_bundle_gives_each_of_its_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = Authority::load_or_create(dir.path())
+            .unwrap()
+            .pem()
+            .to_string();
+        let bundle = certificates_der(&format!("{pem}{pem}")).unwrap();
+        assert_eq!(bundle.len(), 2);
+        assert_eq!(bundle[0], ca_der(&pem).unwrap());
+        assert!(certificates_der("no certificate here").is_err());
     }
 }
