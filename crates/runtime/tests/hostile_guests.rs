@@ -24,28 +24,6 @@ async fn service(runtime: &Runtime, wasm: &str, cfg: InstanceConfig) -> HttpServ
     runtime.http_service(&loaded, cfg).expect("http service")
 }
 
-/// Resident memory of this process now and at its peak since the peak was last reset, in
-/// bytes (`VmRSS`, `VmHWM`).
-fn resident() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib = |field: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
-            * 1024
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
-}
-
-/// Starts measuring the peak resident memory from now; returns what is resident now.
-fn reset_peak() -> u64 {
-    std::fs::write("/proc/self/clear_refs", "5").expect("peak RSS can be reset");
-    resident().0
-}
-
 async fn hello_answers(hello: &HttpService) {
     let response = hello.handle(get("/hello")).await;
     let status = response.status();

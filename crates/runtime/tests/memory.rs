@@ -258,22 +258,6 @@ async fn idle_instances_give_their_memory_to_a_waiting_one() {
     memory_released(&runtime).await;
 }
 
-/// Resident memory of this process now and at its peak since the peak was last reset, in
-/// bytes (`VmRSS`, `VmHWM`).
-fn resident() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kib = |field: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
-            * 1024
-    };
-    (kib("VmRSS:"), kib("VmHWM:"))
-}
-
 #[tokio::test]
 async fn a_memory_bomb_at_full_concurrency_leaves_the_node_and_its_neighbours_alive() {
     let _serial = SERIAL.lock().await;
@@ -286,8 +270,7 @@ async fn a_memory_bomb_at_full_concurrency_leaves_the_node_and_its_neighbours_al
     assert_eq!(hello.handle(get("/")).await.status(), 200);
 
     // Resident memory from here on: the peak starts again at what is resident now.
-    std::fs::write("/proc/self/clear_refs", "5").expect("peak RSS can be reset");
-    let (before, _) = resident();
+    let before = reset_peak();
     let peak = PeakReserved::watch(&runtime);
     let done = Arc::new(AtomicBool::new(false));
     let neighbour = tokio::spawn(keep_asking(hello, done.clone()));

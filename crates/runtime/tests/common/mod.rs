@@ -98,3 +98,25 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// Resident memory of this process now and at its peak since the peak was last reset, in
+/// bytes (`VmRSS`, `VmHWM`).
+pub fn resident() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+            * 1024
+    };
+    (kib("VmRSS:"), kib("VmHWM:"))
+}
+
+/// Starts measuring the peak resident memory from now; returns what is resident now.
+pub fn reset_peak() -> u64 {
+    std::fs::write("/proc/self/clear_refs", "5").expect("peak RSS can be reset");
+    resident().0
+}
