@@ -58,8 +58,11 @@ impl NodeScope {
     /// The snapshot as this node may read it.
     pub(crate) fn snapshot(&self, snapshot: &mut Snapshot) {
         snapshot.apps.iter_mut().for_each(redact_app);
+        // Once, not per revision: a snapshot holds every revision of the cluster.
+        let runs: HashSet<(&AppKey, u64)> =
+            self.on_node.iter().map(|((a, _), n)| (a, *n)).collect();
         for revision in &mut snapshot.revisions {
-            if !self.runs(&revision.app, revision.number) {
+            if !runs.contains(&(&revision.app, revision.number)) {
                 redact_revision(revision);
             }
         }

@@ -1,26 +1,20 @@
 //! Granted egress reaches a granted host on its granted port, and only public addresses
 //! unless the node allows private ones: a grant cannot be turned into a way into the node.
 
+mod common;
+
+use common::outgoing;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Full};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{HttpError, OutboundPolicy, WasiBody};
 use tokio::net::TcpListener;
-
-fn outgoing(url: &str) -> Request<WasiBody> {
-    let uri: Uri = url.parse().expect("valid url");
-    let host = uri.authority().expect("absolute url").to_string();
-    Request::get(uri)
-        .header("host", host)
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync())
-        .expect("valid request")
-}
 
 async fn call(policy: &dyn OutboundPolicy, url: &str) -> Result<StatusCode, HttpError> {
     let response: Response<WasiBody> = policy.send(outgoing(url), None).await?;

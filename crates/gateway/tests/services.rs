@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -18,16 +18,6 @@ use shoal_core::spec::AppKey;
 use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
 use shoal_runtime::{HttpError, InstanceConfig, OutboundPolicy, WasiBody};
 use tokio::net::TcpListener;
-
-/// A request as wasmtime hands it to the policy: absolute URI, `host` header, empty body.
-fn outgoing(url: &str) -> Request<WasiBody> {
-    let uri: Uri = url.parse().expect("valid url");
-    let host = uri.authority().expect("absolute url").to_string();
-    Request::get(uri)
-        .header("host", host)
-        .body(Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync())
-        .expect("valid request")
-}
 
 async fn call(policy: &dyn OutboundPolicy, url: &str) -> Result<(StatusCode, String), HttpError> {
     let response: Response<WasiBody> = policy.send(outgoing(url), None).await?;

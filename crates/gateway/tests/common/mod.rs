@@ -147,3 +147,17 @@ pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> 
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A request as wasmtime hands an outbound policy: absolute URI, `host` header, empty body.
+pub fn outgoing(url: &str) -> http::Request<shoal_runtime::WasiBody> {
+    let uri: http::Uri = url.parse().expect("valid url");
+    let host = uri.authority().expect("absolute url").to_string();
+    http::Request::get(uri)
+        .header("host", host)
+        .body(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|e| match e {})
+                .boxed_unsync(),
+        )
+        .expect("valid request")
+}
