@@ -105,8 +105,10 @@ fn replicas_spread_and_every_gateway_serves_them() {
         .collect();
     assert_eq!(replicas_logged.len(), 6, "{logs}");
 
-    // Hops between gateways carry the cluster's secret: a client forging the
-    // internal headers without it is refused, never pinned, routed or forwarded.
+    // Hops between gateways go over TLS between members of the cluster: a client
+    // forging the internal headers in plain text is refused, never pinned, routed or
+    // forwarded; over TLS, one that trusts the cluster CA but has no certificate of
+    // its own gets no connection.
     let replica = server.replicas("hello")[0]["id"]
         .as_str()
         .unwrap()
@@ -122,6 +124,11 @@ fn replicas_spread_and_every_gateway_serves_them() {
     assert_eq!(resp.headers()["content-type"], "application/json");
     let body: serde_json::Value = resp.json().unwrap();
     assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    let tls_gateway = nodes[0].gateway.replace("http://", "https://");
+    let refused = common::api_client(&server.ca)
+        .get(format!("{tls_gateway}/_shoal/logs/{replica}"))
+        .send();
+    assert!(refused.is_err(), "{:?}", refused.map(|r| r.status()));
 }
 
 #[test]

@@ -85,7 +85,7 @@ async fn delete(ctx: Context, name: String) -> Result<()> {
     Ok(())
 }
 
-/// Where a node keeps its credential and the cluster's hop secret.
+/// Where a node keeps its credential.
 fn identity_file(data: &Path) -> PathBuf {
     data.join("node-identity.json")
 }
@@ -96,7 +96,7 @@ async fn join(args: JoinArgs) -> Result<()> {
     private_dir(&data)?;
     let name = node_name(&args.node)?;
     let ca = cluster_ca(&args, &data).await?;
-    let http = shoal_agent::http_client(ca.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let http = shoal_agent::http_client(Some(&ca)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name).await?;
     let mut link = RemoteLink::new(http, &args.url, &identity.credential, data.join("modules"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -107,7 +107,7 @@ async fn join(args: JoinArgs) -> Result<()> {
             identity_file: identity_file(&data),
         });
     }
-    let node = start_node(&data, &args.node, name, Arc::new(link), identity.hop_secret).await?;
+    let node = start_node(&data, &args.node, name, Arc::new(link), &ca).await?;
     println!("Shoal node {} joined {}", node.name, args.url);
     println!("  gateway:  http://{}", node.gateway);
     shutdown_signal().await;
@@ -115,16 +115,14 @@ async fn join(args: JoinArgs) -> Result<()> {
     Ok(())
 }
 
-/// The cluster CA to check the control plane's certificate against, for an
-/// `https://` URL: the one kept in the data dir, or else the one the server
+/// The cluster CA, which the control plane's certificate (for an `https://`
+/// URL) and the certificates of the other nodes' gateways are checked
+/// against: the one kept in the data dir, or else the one the server
 /// presents, taken only if its hash is the one the join token carries.
-async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<Option<String>> {
-    if !args.url.starts_with("https://") {
-        return Ok(None);
-    }
+async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
     let file = data.join("ca.pem");
     if let Ok(pem) = std::fs::read_to_string(&file) {
-        return Ok(Some(pem));
+        return Ok(pem);
     }
     let token = join_token(args)
         .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
@@ -156,7 +154,7 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<Option<String>> {
         args.url
     );
     write_private(&file, pem.as_bytes())?;
-    Ok(Some(pem))
+    Ok(pem)
 }
 
 /// This node's credential: the one in its data dir if the control plane

@@ -8,7 +8,7 @@ use crate::client::{
 };
 use anyhow::{Context as _, Result};
 use shoal_agent::{Agent, AgentConfig};
-use shoal_api::Link;
+use shoal_api::{CertificateRequest, Link};
 use shoal_control::{ControlConfig, ControlPlane, LocalLink};
 use shoal_core::Capacity;
 use shoal_core::quantity::{parse_cpu, parse_memory};
@@ -214,8 +214,6 @@ pub struct StartedControl {
     pub control: ControlPlane,
     pub server: String,
     pub token: String,
-    /// What the cluster's gateways send each other on a hop.
-    pub hop_secret: String,
     /// The cluster CA's certificate, PEM.
     pub ca: String,
     pub data: PathBuf,
@@ -226,12 +224,12 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
     let ca = shoal_tls::Authority::load_or_create(&data)
+        .map(Arc::new)
         .with_context(|| format!("cannot make or read the cluster CA in {}", data.display()))?;
     let ca_hash = ca.hash()?;
     let join_token = load_or_create(&data.join("join-token"), |secret| {
         shoal_core::auth::join_token(Some(&ca_hash), secret)
     })?;
-    let hop_secret = load_or_create_secret(&data.join("hop-secret"))?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
 
@@ -247,9 +245,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             token: token.clone(),
             join_token,
             join_token_file: Some(data.join("join-token")),
-            hop_secret: hop_secret.clone(),
-            ca_pem: Some(ca.pem().to_string()),
-            ca_hash: Some(ca_hash.clone()),
+            authority: Some(ca.clone()),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
             module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
@@ -297,7 +293,6 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         control,
         server,
         token,
-        hop_secret,
         ca: ca.pem().to_string(),
         data,
     })
@@ -323,6 +318,26 @@ fn egress_roots(files: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
     Ok(roots)
 }
 
+/// What the node's gateway proves itself with on hops: a key made here, which never leaves
+/// the process, and the certificate the cluster CA signed for it, naming the address the
+/// gateway is reached at. Made again at every start, so a new address is named.
+async fn member_tls(
+    link: &dyn Link,
+    node: &str,
+    advertise: SocketAddr,
+    ca: &str,
+) -> Result<shoal_tls::Mutual> {
+    let key = shoal_tls::NodeKey::generate()?;
+    let request = CertificateRequest {
+        csr: key.request(node)?,
+        hosts: vec![advertise.ip().to_string()],
+    };
+    let pem = link.certificate(node, request).await.map_err(|e| {
+        anyhow::anyhow!("cannot get node {node}'s certificate from the control plane: {e}")
+    })?;
+    Ok(shoal_tls::mutual(&key.with_certificate(&pem)?, ca)?)
+}
+
 /// The node's name: `--node-name`, or the host name when it is a valid one.
 pub fn node_name(args: &NodeArgs) -> Result<String> {
     let name = args.node_name.clone().unwrap_or_else(|| {
@@ -341,7 +356,7 @@ pub async fn start_node(
     args: &NodeArgs,
     name: String,
     link: Arc<dyn Link>,
-    hop_secret: String,
+    ca: &str,
 ) -> Result<StartedNode> {
     let mut config = RuntimeConfig {
         cache_dir: data.join("cache"),
@@ -369,8 +384,9 @@ pub async fn start_node(
         ),
         None => gw_addr,
     };
+    let members = member_tls(&*link, &name, advertise, ca).await?;
     let gateway = Gateway::new(GatewayConfig {
-        hop_secret: Some(hop_secret),
+        members: Some(members),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
         egress_roots: egress_roots(&args.egress_ca)?,
@@ -422,7 +438,7 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         &args.node,
         node_name(&args.node)?,
         Arc::new(LocalLink(c.control.clone())),
-        c.hop_secret.clone(),
+        &c.ca,
     )
     .await?;
     c.control.set_log_source(Arc::new(node.agent.clone()));

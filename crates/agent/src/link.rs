@@ -8,8 +8,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, Client, ClientError, Delta, JoinRequest, JoinResponse, Link, LinkError, LinkResult,
-    ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+    AppCpu, CertificateRequest, Client, ClientError, Delta, IssuedCertificate, JoinRequest,
+    JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Digest, Node};
@@ -283,6 +283,19 @@ impl Link for RemoteLink {
         Box::pin(async move {
             let req = self.post(&path).json(&waiting).timeout(CALL_TIMEOUT);
             self.call(req).await.map(|_| ())
+        })
+    }
+
+    fn certificate(
+        &self,
+        node: &str,
+        request: CertificateRequest,
+    ) -> BoxFuture<'_, LinkResult<String>> {
+        let path = format!("/v1/cluster/nodes/{node}/certificate");
+        Box::pin(async move {
+            let req = self.post(&path).json(&request).timeout(CALL_TIMEOUT);
+            let issued: IssuedCertificate = self.api().send(req).await.map_err(failed)?;
+            Ok(issued.certificate)
         })
     }
 

@@ -3,7 +3,9 @@
 //! `shoal_agent::RemoteLink`). The agent only reads state and reports; both
 //! links offer exactly those operations, so the agent cannot tell them apart.
 
-use crate::types::{AppCpu, Delta, ReplicaIncident, ReplicaReport, Snapshot, Waiting};
+use crate::types::{
+    AppCpu, CertificateRequest, Delta, ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+};
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use shoal_core::Node;
@@ -23,6 +25,14 @@ pub type LinkResult<T> = Result<T, LinkError>;
 
 pub trait Link: Send + Sync + 'static {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>>;
+    /// A certificate of the cluster CA for this node's key, which its gateway
+    /// presents on hops (to peers, as server and as client) and to the control
+    /// plane reading its logs. PEM.
+    fn certificate(
+        &self,
+        node: &str,
+        request: CertificateRequest,
+    ) -> BoxFuture<'_, LinkResult<String>>;
     fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;

@@ -196,13 +196,26 @@ pub struct JoinRequest {
 }
 
 /// The answer to a [`JoinRequest`]: the node's credential (`NAME.SECRET`,
-/// its bearer token for every later call) and the cluster's hop secret (what
-/// its gateway and its peers' send each other). Both go to the node's data
-/// dir, readable by its owner only.
+/// its bearer token for every later call). It goes to the node's data dir,
+/// readable by its owner only.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct JoinResponse {
     pub credential: String,
-    pub hop_secret: String,
+}
+
+/// What a node asks the cluster CA to sign at every start: a request for a
+/// key it made and keeps (PEM), and the addresses or names its gateway is
+/// reached at, which the certificate will name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    pub csr: String,
+    pub hosts: Vec<String>,
+}
+
+/// The certificate the cluster CA signed for a [`CertificateRequest`], PEM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IssuedCertificate {
+    pub certificate: String,
 }
 
 /// The answer to `POST /v1/cluster/join-token/rotate`: where the control

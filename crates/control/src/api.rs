@@ -15,8 +15,8 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, ApplyOutcome, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, TokenRequest, Waiting,
+    AppCpu, ApplyOutcome, CertificateRequest, IssuedCertificate, JoinRequest, NodeAction,
+    ReplicaIncident, ReplicaReport, RolloutAction, RotatedJoinToken, TokenRequest, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
@@ -98,6 +98,10 @@ pub fn router(cp: ControlPlane) -> Router {
         .route("/v1/cluster/nodes/{name}/waiting", post(node_waiting))
         .route("/v1/cluster/nodes/{name}/cpu", post(node_cpu))
         .route("/v1/cluster/nodes/{name}/incidents", post(incident))
+        .route(
+            "/v1/cluster/nodes/{name}/certificate",
+            post(node_certificate),
+        )
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
         .route("/v1/cluster/modules/{digest}", get(module_blob))
@@ -681,15 +685,15 @@ async fn node_action(
 /// The cluster CA's certificate, for a joining node to check against the hash
 /// its join token carries: public, so served without a token.
 async fn cluster_ca(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
-    match &cp.config().ca_pem {
-        Some(pem) => Ok((
+    match &cp.config().authority {
+        Some(ca) => Ok((
             [(header::CONTENT_TYPE, "application/x-pem-file")],
-            pem.clone(),
+            ca.pem().to_string(),
         )
             .into_response()),
         None => Err(ApiError::new(
             ErrorCode::NotFound,
-            "this control plane has no CA (it serves plain HTTP)",
+            "this control plane has no cluster CA",
         )),
     }
 }
@@ -738,6 +742,17 @@ async fn register_node(
     itself(&me, &node.name)?;
     let revision = blocking(move || cp.register_node(node)).await?;
     Ok(Json(serde_json::json!({ "revision": revision })).into_response())
+}
+
+async fn node_certificate(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path(name): Path<String>,
+    JsonBody(request): JsonBody<CertificateRequest>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    let certificate = blocking(move || cp.issue_certificate(&name, &request)).await?;
+    Ok(Json(IssuedCertificate { certificate }).into_response())
 }
 
 async fn heartbeat(
@@ -907,20 +922,21 @@ async fn remote_logs(
     if replicas.is_empty() {
         return String::new();
     }
-    let secret = cp.config().hop_secret.clone();
-    let http = reqwest::Client::new();
+    let Some(http) = cp.inner.members.clone() else {
+        return replicas
+            .iter()
+            .map(|(replica, _)| format!("{replica} shoal (no cluster CA to reach its node with)\n"))
+            .collect();
+    };
     let fetches = replicas.into_iter().map(|(replica, gateway)| {
         let mut url = format!(
-            "http://{gateway}{}{replica}",
+            "https://{gateway}{}{replica}",
             shoal_core::auth::NODE_LOGS_PATH
         );
         if let Some(n) = tail {
             url.push_str(&format!("?tail={n}"));
         }
-        let req = http
-            .get(url)
-            .header(shoal_core::auth::HOP_AUTH_HEADER, &secret)
-            .timeout(std::time::Duration::from_secs(3));
+        let req = http.get(url).timeout(std::time::Duration::from_secs(3));
         async move {
             match req.send().await {
                 Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
@@ -947,7 +963,9 @@ mod tests {
             token: "admin".into(),
             join_token: "join".into(),
             join_token_file: Some(dir.path().join("join-token")),
-            hop_secret: "hop".into(),
+            authority: Some(std::sync::Arc::new(
+                shoal_tls::Authority::load_or_create(dir.path()).unwrap(),
+            )),
             ..Default::default()
         };
         let cp = ControlPlane::new(store, blobs, config).unwrap();
@@ -1220,7 +1238,6 @@ mod tests {
         assert_eq!(status, StatusCode::CREATED, "{joined}");
         let n1 = joined["credential"].as_str().unwrap().to_string();
         assert!(n1.starts_with("n1."), "{n1}");
-        assert_eq!(joined["hop_secret"], "hop");
         let n2 = cp.join_node("n2").unwrap().credential;
         for (token, name) in [(&n1, "n1"), (&n2, "n2")] {
             let (status, _) = post(
@@ -1278,11 +1295,16 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-        for path in ["heartbeat", "metrics", "cpu", "waiting"] {
-            let body = if path == "heartbeat" {
-                serde_json::Value::Null
-            } else {
-                serde_json::json!([])
+        let key = shoal_tls::NodeKey::generate().unwrap();
+        let request = serde_json::json!({
+            "csr": key.request("n1").unwrap(),
+            "hosts": ["10.9.9.9"],
+        });
+        for path in ["heartbeat", "metrics", "cpu", "waiting", "certificate"] {
+            let body = match path {
+                "heartbeat" => serde_json::Value::Null,
+                "certificate" => request.clone(),
+                _ => serde_json::json!([]),
             };
             let (status, _) =
                 post(&router, &format!("/v1/cluster/nodes/n1/{path}"), &n2, body).await;
@@ -1291,6 +1313,23 @@ mod tests {
         let nodes = cp.node_summaries().unwrap();
         let n1_record = nodes.iter().find(|n| n.node.name == "n1").unwrap();
         assert_eq!(n1_record.node.gateway, "n1:8080", "n1 untouched");
+        // n1 gets its certificate for its own key, signed by the cluster CA; a request
+        // naming no host, or too many, or that is no request, is refused.
+        let (status, issued) =
+            post(&router, "/v1/cluster/nodes/n1/certificate", &n1, request).await;
+        assert_eq!(status, StatusCode::OK, "{issued}");
+        let pem = issued["certificate"].as_str().unwrap();
+        assert!(key.with_certificate(pem).is_ok(), "{pem}");
+        for (csr, hosts) in [
+            (key.request("n1").unwrap(), serde_json::json!([])),
+            (key.request("n1").unwrap(), serde_json::json!(vec!["h"; 9])),
+            ("not a request".to_string(), serde_json::json!(["10.0.0.1"])),
+        ] {
+            let body = serde_json::json!({ "csr": csr, "hosts": hosts });
+            let (status, answer) =
+                post(&router, "/v1/cluster/nodes/n1/certificate", &n1, body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+        }
 
         // A wrong secret under n1's name is refused.
         let forged = shoal_core::auth::Credential::new("n1", &[0; 32]).expose();

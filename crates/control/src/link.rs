@@ -7,8 +7,8 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Change, Delta, Link, LinkError, LinkResult, Object, ObjectKey, ReplicaIncident,
-    ReplicaReport, Snapshot, Waiting,
+    AppCpu, CertificateRequest, Change, Delta, Link, LinkError, LinkResult, Object, ObjectKey,
+    ReplicaIncident, ReplicaReport, Snapshot, Waiting,
 };
 use shoal_core::Node;
 use shoal_core::metrics::RevisionStats;
@@ -36,6 +36,15 @@ impl Link for LocalLink {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>> {
         let cp = self.0.clone();
         Box::pin(async move { blocking(move || cp.register_node(node).map(|_| ())).await })
+    }
+
+    fn certificate(
+        &self,
+        node: &str,
+        request: CertificateRequest,
+    ) -> BoxFuture<'_, LinkResult<String>> {
+        let (cp, node) = (self.0.clone(), node.to_string());
+        Box::pin(async move { blocking(move || cp.issue_certificate(&node, &request)).await })
     }
 
     fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {

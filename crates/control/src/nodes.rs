@@ -6,13 +6,17 @@
 use crate::error::ControlError;
 use crate::scope::NodeScope;
 use crate::state::{ControlPlane, encode};
-use shoal_api::{JoinResponse, Snapshot};
+use shoal_api::{CertificateRequest, JoinResponse, Snapshot};
 use shoal_core::auth::{Credential, constant_time_eq};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::{EventType, NodeCredential, Replica, Revision};
 use shoal_store::{Op, Txn};
 use std::path::PathBuf;
+
+/// The most hosts a node's certificate names: its gateway's address, and a
+/// few names it may also be reached by.
+const MAX_CERTIFICATE_HOSTS: usize = 8;
 
 /// 32 random bytes, for a secret.
 pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
@@ -65,8 +69,37 @@ impl ControlPlane {
         }
         Ok(JoinResponse {
             credential: token.expose(),
-            hop_secret: self.config().hop_secret.clone(),
         })
+    }
+
+    /// Signs node `node`'s certificate request for the hosts its gateway is
+    /// reached at (see [`CertificateRequest`]). A node names its own hosts,
+    /// as it registers its own gateway address: the certificate only lets it
+    /// be what it already says it is.
+    pub fn issue_certificate(
+        &self,
+        node: &str,
+        request: &CertificateRequest,
+    ) -> Result<String, ControlError> {
+        let Some(ca) = &self.config().authority else {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                "this control plane has no cluster CA to sign with",
+            ));
+        };
+        let bad = |why: String| ControlError::invalid(ErrorCode::BadRequest, why);
+        if request.hosts.is_empty() || request.hosts.len() > MAX_CERTIFICATE_HOSTS {
+            return Err(bad(format!(
+                "a node certificate names 1 to {MAX_CERTIFICATE_HOSTS} hosts, not {}",
+                request.hosts.len()
+            )));
+        }
+        ca.issue_node(&request.csr, node, &request.hosts)
+            .map_err(|e| {
+                bad(format!(
+                    "cannot sign node {node}'s certificate request: {e}"
+                ))
+            })
     }
 
     /// The node a bearer credential belongs to, if it is one the control
@@ -113,8 +146,11 @@ impl ControlPlane {
     /// written to the join-token file first, so a restart cannot bring the
     /// old one back.
     pub fn rotate_join_token(&self) -> Result<(String, Option<PathBuf>), ControlError> {
-        let token =
-            shoal_core::auth::join_token(self.config().ca_hash.as_deref(), &random_secret()?);
+        let ca_hash = match &self.config().authority {
+            Some(ca) => Some(ca.hash().map_err(ControlError::internal)?),
+            None => None,
+        };
+        let token = shoal_core::auth::join_token(ca_hash.as_deref(), &random_secret()?);
         let file = self.config().join_token_file.clone();
         if let Some(path) = &file {
             shoal_tls::write_private(path, token.as_bytes()).map_err(|e| {

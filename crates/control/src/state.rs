@@ -33,13 +33,10 @@ pub struct ControlConfig {
     /// Where the join token is kept, so a rotation outlives a restart and
     /// `--token-file` readers see the new one.
     pub join_token_file: Option<std::path::PathBuf>,
-    /// What gateways of this cluster send each other on a hop; handed to
-    /// each node when it joins.
-    pub hop_secret: String,
-    /// The cluster CA's certificate (PEM), served to nodes that join, and its
-    /// hash, which join tokens carry.
-    pub ca_pem: Option<String>,
-    pub ca_hash: Option<String>,
+    /// The cluster CA: its certificate is served to nodes that join, its hash
+    /// goes in join tokens, it signs nodes' certificates, and the control
+    /// plane reads nodes' logs with a client certificate of its own from it.
+    pub authority: Option<Arc<shoal_tls::Authority>>,
     /// Largest module upload accepted.
     pub max_module_bytes: u64,
     /// A node silent this long is NotReady.
@@ -58,9 +55,7 @@ impl Default for ControlConfig {
             token: String::new(),
             join_token: String::new(),
             join_token_file: None,
-            hop_secret: String::new(),
-            ca_pem: None,
-            ca_hash: None,
+            authority: None,
             max_module_bytes: 64 << 20,
             node_grace: Duration::from_secs(3),
             max_events: 2000,
@@ -92,6 +87,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: crate::measurements::Metrics,
     /// Where time comes from: the wall clock, or a test's.
     pub(crate) clock: Arc<dyn Clock>,
+    /// Reaches nodes' gateways with the control plane's own certificate, for
+    /// logs; none without a CA.
+    pub(crate) members: Option<reqwest::Client>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
@@ -112,6 +110,20 @@ where
     tokio::task::spawn_blocking(f)
         .await
         .map_err(ControlError::internal)?
+}
+
+/// An HTTP client presenting a certificate of the cluster CA `ca` and
+/// trusting only that CA: what a node's gateway lets read its logs.
+fn member_client(ca: &shoal_tls::Authority) -> Result<reqwest::Client, ControlError> {
+    let issued = ca
+        .issue_client("control-plane")
+        .map_err(ControlError::internal)?;
+    let tls = shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls.client)
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .map_err(ControlError::internal)
 }
 
 impl ControlPlane {
@@ -141,6 +153,10 @@ impl ControlPlane {
                     .ok()
             })
             .map_or(1, |n| n + 1);
+        let members = match &config.authority {
+            Some(ca) => Some(member_client(ca)?),
+            None => None,
+        };
         let cp = ControlPlane {
             inner: Arc::new(Inner {
                 store,
@@ -153,6 +169,7 @@ impl ControlPlane {
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
                 clock,
+                members,
             }),
         };
         cp.claim_stored_routes()?;

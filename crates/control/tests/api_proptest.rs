@@ -358,7 +358,6 @@ impl Harness {
             token: "admin".into(),
             join_token: "join".into(),
             join_token_file: Some(dir.path().join("join-token")),
-            hop_secret: "hop".into(),
             ..Default::default()
         };
         let cp = ControlPlane::new(store, blobs, config).unwrap();

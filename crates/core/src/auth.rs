@@ -6,13 +6,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// The header gateways of one cluster send each other on a hop (and the
-/// control plane when it reads a node's logs), carrying the cluster's hop
-/// secret. Nodes receive that secret when they join.
-pub const HOP_AUTH_HEADER: &str = "x-shoal-hop-auth";
-
-/// Where a node's gateway serves a local replica's output to holders of the
-/// hop secret: `GET {NODE_LOGS_PATH}{replica}?tail=N`.
+/// Where a node's gateway serves a local replica's output to the cluster's
+/// members (over TLS with a certificate of the cluster CA):
+/// `GET {NODE_LOGS_PATH}{replica}?tail=N`.
 pub const NODE_LOGS_PATH: &str = "/_shoal/logs/";
 
 /// A credential the control plane issued: a node's own (`NODE.SECRET`) or an

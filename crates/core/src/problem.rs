@@ -55,7 +55,7 @@ pub enum ErrorCode {
     /// No token, or a wrong one.
     Unauthorized,
     /// The caller is known but may not do this: e.g. a node's internal endpoints reached
-    /// without the cluster's hop secret.
+    /// from outside the cluster.
     Forbidden,
     /// The object asked for does not exist.
     NotFound,

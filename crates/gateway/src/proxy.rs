@@ -27,19 +27,10 @@ pub(crate) const APP_HEADER: HeaderName = HeaderName::from_static("x-shoal-app")
 pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop");
 /// On a receiver's refusal, tells the sender it may retry elsewhere without parsing the body.
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-error");
-/// Proves a hop comes from a gateway of this cluster; see `GatewayConfig::hop_secret`.
-pub(crate) const HOP_AUTH_HEADER: HeaderName =
-    HeaderName::from_static(shoal_core::auth::HOP_AUTH_HEADER);
 /// The `x-shoal-error` value (and error code) of a receiver's refusal.
 pub(crate) const REPLICA_GONE: &str = shoal_core::problem::ErrorCode::ReplicaGone.as_str();
 
-const INTERNAL_HEADERS: [HeaderName; 5] = [
-    REPLICA_HEADER,
-    APP_HEADER,
-    HOP_HEADER,
-    ERROR_HEADER,
-    HOP_AUTH_HEADER,
-];
+const INTERNAL_HEADERS: [HeaderName; 4] = [REPLICA_HEADER, APP_HEADER, HOP_HEADER, ERROR_HEADER];
 
 /// Connection-level headers (RFC 9110 §7.6.1): they describe one hop, so each hop sets its own.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -51,7 +42,8 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-pub(crate) type Client = legacy::Client<HttpConnector, WasiBody>;
+/// For hops: over mutual TLS with the cluster's certificates, or (tests, without them) plain.
+pub(crate) type Client = legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, WasiBody>;
 /// For guests' granted hosts: connects only where [`egress::Guard`] allows.
 pub(crate) type EgressClient =
     legacy::Client<hyper_rustls::HttpsConnector<egress::Connector>, WasiBody>;
@@ -59,11 +51,39 @@ pub(crate) type EgressClient =
 /// Idle connections are closed after this long; nodes come and go.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-/// A pooling client for hops; with `http2`, one that speaks HTTP/2 with prior knowledge (the
-/// gateways' listeners accept it) and multiplexes requests on one connection per peer.
-pub(crate) fn client(connect_timeout: Duration, http2: bool) -> Client {
-    let mut connector = HttpConnector::new();
-    configure(&mut connector, connect_timeout);
+/// A pooling client for hops; with `http2`, one that speaks HTTP/2 only (the gateways'
+/// listeners accept it) and multiplexes requests on one connection per peer. With the cluster's
+/// certificates (`tls`) it reaches only `https://` peers that present one, and presents its
+/// own; without them, plain text with prior knowledge.
+pub(crate) fn client(
+    connect_timeout: Duration,
+    http2: bool,
+    tls: Option<rustls::ClientConfig>,
+) -> Client {
+    let mut http = HttpConnector::new();
+    configure(&mut http, connect_timeout);
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let builder = match tls {
+        Some(config) => builder.with_tls_config(config).https_only(),
+        // Never used for TLS: hops go to `http://` peers then.
+        None => builder
+            .with_tls_config(
+                rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+            )
+            .https_or_http(),
+    };
+    let connector = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.enable_http1().wrap_connector(http)
+    };
     pooling()
         .http2_only(http2)
         .http2_adaptive_window(true)
@@ -132,7 +152,7 @@ pub(crate) async fn forward(
     node: &str,
     app: &AppKey,
     replica: &str,
-    hop_secret: Option<&str>,
+    scheme: &str,
     head_within: Option<Duration>,
     req: Request<WasiBody>,
 ) -> Result<Response<WasiBody>, Failure> {
@@ -146,7 +166,7 @@ pub(crate) async fn forward(
         }
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = format!("http://{node}{path}")
+    parts.uri = format!("{scheme}://{node}{path}")
         .parse::<Uri>()
         .map_err(|e| Failure::Unreachable(format!("node gateway address {node:?}: {e}")))?;
     parts.version = http::Version::HTTP_11;
@@ -159,9 +179,6 @@ pub(crate) async fn forward(
     headers.insert(REPLICA_HEADER, value(replica)?);
     headers.insert(APP_HEADER, value(&app.to_string())?);
     headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
-    if let Some(secret) = hop_secret {
-        headers.insert(HOP_AUTH_HEADER, value(secret)?);
-    }
 
     let request = client.request(Request::from_parts(parts, body));
     let response = match head_within {

@@ -38,12 +38,13 @@ pub struct GatewayConfig {
     /// How long connecting to another node (or a granted host) may take before that
     /// endpoint counts as unreachable.
     pub connect_timeout: Duration,
-    /// Shared by the cluster's gateways (and the control plane, for log reads) and sent
-    /// on every hop between them: a request from outside that carries internal headers
-    /// or asks for an internal path without it is refused (403, see `Gateway::access`),
-    /// so it cannot pin a replica, reach an app without routes, or read logs. `None`
-    /// trusts anyone (tests).
-    pub hop_secret: Option<String>,
+    /// How the cluster's members (other nodes' gateways, and the control plane reading
+    /// logs) and this gateway prove themselves to each other: TLS where both ends present a
+    /// certificate of the cluster CA. Hops go over it, and only a request that came over it
+    /// may carry internal headers or ask for an internal path; any other is refused (403,
+    /// see `Gateway::access`), so it cannot pin a replica, reach an app without routes, or
+    /// read logs. `None` (tests): hops in plain text, and anyone trusted.
+    pub members: Option<shoal_tls::Mutual>,
     /// How long a request for an app at zero replicas is held while one starts.
     pub hold_timeout: Duration,
     /// How many requests per app may be held at once; more get a 503 at once.
@@ -75,7 +76,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
-            hop_secret: None,
+            members: None,
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
             hop_http2: true,
@@ -132,8 +133,10 @@ pub(crate) struct Inner {
     wake: Mutex<HashSet<AppKey>>,
     /// For granted outbound hosts.
     client: proxy::EgressClient,
-    /// For hops to other nodes' gateways.
+    /// For hops to other nodes' gateways, and how they are reached: `https` with the
+    /// cluster's certificates.
     hop_client: proxy::Client,
+    hop_scheme: &'static str,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
     logs: RwLock<Option<LogLookup>>,
 }
@@ -148,7 +151,16 @@ impl Gateway {
             config.allow_private_egress,
             &config.egress_roots,
         );
-        let hop_client = proxy::client(config.connect_timeout, config.hop_http2);
+        let hop_client = proxy::client(
+            config.connect_timeout,
+            config.hop_http2,
+            config.members.as_ref().map(|m| m.client.clone()),
+        );
+        let hop_scheme = if config.members.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         Gateway {
             inner: Arc::new(Inner {
                 config,
@@ -160,6 +172,7 @@ impl Gateway {
                 wake: Mutex::new(HashSet::new()),
                 client,
                 hop_client,
+                hop_scheme,
                 logs: RwLock::new(None),
             }),
         }
@@ -336,21 +349,16 @@ impl Gateway {
     /// The one check between the public listener and the node's internal surface (log reads
     /// under [`LOGS_PATH`], hops pinned by `x-shoal-*` headers), made before anything else
     /// looks at the request. A request that asks for neither is public; one that does must
-    /// carry the cluster's hop secret, or it is refused whole: never served internally, never
-    /// routed or forwarded with those headers. Without a configured secret (tests) every
-    /// request is trusted.
+    /// have come from a member of the cluster (a connection [`serve`] marked [`Member`]), or
+    /// it is refused whole: never served internally, never routed or forwarded with those
+    /// headers. Without the cluster's certificates (tests) every request is trusted.
     fn access<B>(&self, req: &Request<B>) -> Access {
         let asks = is_logs_path(req) || proxy::has_internal(req.headers());
         if !asks {
             return Access::Public;
         }
-        let verified = match &self.inner.config.hop_secret {
-            None => true,
-            Some(secret) => req
-                .headers()
-                .get(proxy::HOP_AUTH_HEADER)
-                .is_some_and(|v| same_secret(v.as_bytes(), secret.as_bytes())),
-        };
+        let verified =
+            self.inner.config.members.is_none() || req.extensions().get::<Member>().is_some();
         if verified {
             Access::Internal
         } else {
@@ -479,7 +487,7 @@ impl Gateway {
                 tracing::debug!(
                     method = %req.method(),
                     path = %req.uri().path(),
-                    "refused an internal request without the hop secret"
+                    "refused an internal request from outside the cluster"
                 );
                 return problem_response(
                     ErrorCode::Forbidden,
@@ -683,7 +691,7 @@ impl Gateway {
                     node,
                     app,
                     &endpoint.replica,
-                    self.inner.config.hop_secret.as_deref(),
+                    self.inner.hop_scheme,
                     timeout.map(|t| t + HOP_SLACK),
                     req,
                 )
@@ -814,22 +822,17 @@ enum Access {
     Public,
     /// Asks for the internal surface and proved it may.
     Internal,
-    /// Asks for the internal surface without the hop secret: a 403, nothing else.
+    /// Asks for the internal surface from outside the cluster: a 403, nothing else.
     Refused,
 }
 
+/// Marks a request that came over a connection whose peer presented a certificate of the
+/// cluster CA: another node's gateway, or the control plane.
+#[derive(Clone, Copy)]
+struct Member;
+
 fn is_logs_path<B>(req: &Request<B>) -> bool {
     req.uri().path().starts_with(LOGS_PATH)
-}
-
-/// Compares secrets in time independent of where they first differ.
-fn same_secret(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len()
-        && given
-            .iter()
-            .zip(expected)
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
 }
 
 fn guarded(
@@ -884,13 +887,23 @@ const HOP_SLACK: Duration = Duration::from_secs(5);
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_EVERY: Duration = Duration::from_secs(20);
 
+/// The first byte of a TLS connection: a handshake record (RFC 8446 §5.1). No HTTP/1.1
+/// method and not HTTP/2's preface starts with it.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// Accepts connections forever, serving each with HTTP/1.1 keep-alive or, for a client that
 /// starts with HTTP/2's preface (h2c with prior knowledge, as gRPC clients and load balancers
-/// do in plain text), HTTP/2 with its requests multiplexed on the one connection.
+/// do in plain text), HTTP/2 with its requests multiplexed on the one connection. With the
+/// cluster's certificates, a connection that starts a TLS handshake is a member's (a hop, or
+/// the control plane reading logs): it must present a certificate of the cluster CA, and its
+/// requests are marked [`Member`].
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
     let config = &gateway.inner.config;
-    let (header_read_timeout, max_connections) =
-        (config.header_read_timeout, config.max_connections);
+    let (head_timeout, max_connections) = (config.header_read_timeout, config.max_connections);
+    let members = config
+        .members
+        .as_ref()
+        .map(|m| tokio_rustls::TlsAcceptor::from(m.server.clone()));
     let connections = Arc::new(Semaphore::new(max_connections));
     loop {
         // At the cap, connections wait in the listen backlog until one ends.
@@ -910,32 +923,65 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
+        let members = members.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
-            });
-            let mut server = auto::Builder::new(TokioExecutor::new());
-            server
-                .http1()
-                .keep_alive(true)
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            // Flow-control windows that grow with the connection's bandwidth-delay product, so
-            // a large body over an HTTP/2 hop is not held to the 64 KiB default window; pings
-            // find connections whose peer went away.
-            server
-                .http2()
-                .adaptive_window(true)
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEAD_BYTES)
-                .keep_alive_interval(Some(H2_PING_EVERY))
-                .keep_alive_timeout(H2_PING_EVERY);
-            if let Err(e) = server.serve_connection(TokioIo::new(stream), service).await {
-                tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
+            let Some(acceptor) = members else {
+                return serve_connection(gateway, stream, peer, None).await;
+            };
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(head_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
+                Ok(Ok(1)) => return serve_connection(gateway, stream, peer, None).await,
+                // Closed, failed, or silent past the head timeout.
+                _ => return,
+            }
+            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_connection(gateway, tls, peer, Some(Member)).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "refused a TLS connection: not a member of the cluster");
+                }
+                Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
             }
         });
+    }
+}
+
+/// Serves one accepted connection; its requests carry `member` when it is a member's.
+async fn serve_connection<I>(
+    gateway: Gateway,
+    io: I,
+    peer: std::net::SocketAddr,
+    member: Option<Member>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_read_timeout = gateway.inner.config.header_read_timeout;
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let gateway = gateway.clone();
+        if let Some(member) = member {
+            req.extensions_mut().insert(member);
+        }
+        async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
+    });
+    let mut server = auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    // Flow-control windows that grow with the connection's bandwidth-delay product, so
+    // a large body over an HTTP/2 hop is not held to the 64 KiB default window; pings
+    // find connections whose peer went away.
+    server
+        .http2()
+        .adaptive_window(true)
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEAD_BYTES)
+        .keep_alive_interval(Some(H2_PING_EVERY))
+        .keep_alive_timeout(H2_PING_EVERY);
+    if let Err(e) = server.serve_connection(TokioIo::new(io), service).await {
+        tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
     }
 }
 

@@ -1,7 +1,7 @@
 //! Every error Shoal answers on a node's listener, the gateway's own and the runtime's for a
 //! guest, has one shape: `{"error":{"code","message"}}` as `application/json`, with the
 //! status its code maps to. And the node's internal surface (log reads, pinned hops) is
-//! reachable only with the cluster's hop secret.
+//! reachable only by the cluster's members: over TLS, with a certificate of the cluster CA.
 
 mod common;
 
@@ -13,12 +13,10 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, StatusCode};
 use shoal_core::Route;
-use shoal_core::auth::{HOP_AUTH_HEADER, NODE_LOGS_PATH};
+use shoal_core::auth::NODE_LOGS_PATH;
 use shoal_core::problem::{ErrorBody, ErrorCode};
 use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
 use shoal_runtime::{InstanceConfig, LogSink, Runtime, RuntimeConfig};
-
-const SECRET: &str = "the-hop-secret";
 
 fn routed(config: GatewayConfig) -> Gateway {
     let gateway = Gateway::new(config);
@@ -27,13 +25,6 @@ fn routed(config: GatewayConfig) -> Gateway {
         (Route::parse("/idle").unwrap(), app("idle")),
     ]);
     gateway
-}
-
-fn with_secret() -> GatewayConfig {
-    GatewayConfig {
-        hop_secret: Some(SECRET.into()),
-        ..GatewayConfig::default()
-    }
 }
 
 /// `faulty` served locally by `gateway` as replica `id`.
@@ -185,22 +176,23 @@ async fn gateway_at_capacity(gateway: &Gateway) -> Reply {
 async fn a_hop_to_a_gone_replica_answers_replica_gone() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
-    let b = routed(with_secret());
+    let members = Members::new();
+    let b = routed(members.gateway());
     faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
     let b_addr = serve(&b).await.to_string();
     let client = HttpClient::new();
 
     // B itself, asked by a peer for a replica it does not run: refused, with the header
     // that tells the sender nothing ran.
-    let reply = client
+    let reply = members
+        .client()
         .send(
             Method::GET,
-            &format!("http://{b_addr}/faulty/x"),
+            &format!("https://{b_addr}/faulty/x"),
             &[
                 ("x-shoal-replica", "faulty-gone"),
                 ("x-shoal-app", "default/faulty"),
                 ("x-shoal-hop", "1"),
-                (HOP_AUTH_HEADER, SECRET),
             ],
             Bytes::new(),
         )
@@ -212,7 +204,7 @@ async fn a_hop_to_a_gone_replica_answers_replica_gone() {
 
     // A, whose only endpoint is that stale one: the client gets replica_gone, and no
     // internal header.
-    let a = routed(with_secret());
+    let a = routed(members.gateway());
     a.set_remote_endpoints(remote("faulty-gone", &b_addr));
     let a_addr = serve(&a).await;
     let reply = client
@@ -233,10 +225,11 @@ async fn a_hop_to_a_gone_replica_answers_replica_gone() {
 }
 
 #[tokio::test]
-async fn forged_internal_headers_without_the_secret_are_refused() {
+async fn internal_requests_from_outside_the_cluster_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
-    let b = routed(with_secret());
+    let members = Members::new();
+    let b = routed(members.gateway());
     faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
     let logs = LogSink::new(10);
     logs.push_system("started");
@@ -250,60 +243,73 @@ async fn forged_internal_headers_without_the_secret_are_refused() {
         ("x-shoal-app", "default/faulty"),
         ("x-shoal-hop", "1"),
     ];
-    let send = |path: &str, headers: Vec<(&'static str, &'static str)>| {
+    let send = |client: &HttpClient, url: String, headers: Vec<(&'static str, &'static str)>| {
         let client = client.clone();
-        let url = format!("http://{b_addr}{path}");
         async move { client.send(Method::GET, &url, &headers, Bytes::new()).await }
     };
 
-    // Any internal header, or the internal path, without the secret (or with a wrong one)
-    // is refused whole: not pinned, not routed with the headers stripped, not served.
+    // Any internal header, or the internal path, in plain text is refused whole: not
+    // pinned, not routed with the headers stripped, not served.
     let refused = [
         ("/faulty/headers", pinned.to_vec()),
         ("/faulty/headers", vec![("x-shoal-replica", "faulty-b")]),
         ("/faulty/headers", vec![("x-shoal-hop", "1")]),
         ("/faulty/headers", vec![("x-shoal-error", "replica_gone")]),
-        ("/faulty/headers", vec![(HOP_AUTH_HEADER, "guess")]),
-        (
-            "/faulty/headers",
-            [pinned.as_slice(), &[(HOP_AUTH_HEADER, "the-hop-secreT")]].concat(),
-        ),
         ("/_shoal/logs/faulty-b", vec![]),
-        ("/_shoal/logs/faulty-b", vec![(HOP_AUTH_HEADER, "")]),
     ];
     for (path, headers) in refused {
-        let reply = send(path, headers.clone()).await;
+        let reply = send(&client, format!("http://{b_addr}{path}"), headers.clone()).await;
         assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path} {headers:?}");
         assert_eq!(reply.problem().code(), ErrorCode::Forbidden);
         assert!(!reply.text().contains("started"), "{}", reply.text());
     }
+    // Over TLS, a client without a certificate, or with another cluster's, gets no
+    // connection at all.
+    let stranger = Members::new().client();
+    let anonymous = members.anonymous_client();
+    for outsider in [&stranger, &anonymous] {
+        for path in ["/_shoal/logs/faulty-b", "/faulty/headers"] {
+            let url = format!("https://{b_addr}{path}");
+            let refused = outsider
+                .try_send(Method::GET, &url, &pinned, Bytes::new())
+                .await;
+            assert!(refused.is_err(), "{path}: {:?}", refused.map(|r| r.status));
+        }
+    }
 
-    // The same requests with the secret reach the internal surface...
-    let authed = [pinned.as_slice(), &[(HOP_AUTH_HEADER, SECRET)]].concat();
-    let reply = send("/faulty/headers", authed).await;
+    // The same requests from a member reach the internal surface...
+    let member = members.client();
+    let reply = send(
+        &member,
+        format!("https://{b_addr}/faulty/headers"),
+        pinned.to_vec(),
+    )
+    .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert!(!reply.text().contains("x-shoal"), "{}", reply.text());
     let reply = send(
-        &format!("{NODE_LOGS_PATH}faulty-b"),
-        vec![(HOP_AUTH_HEADER, SECRET)],
+        &member,
+        format!("https://{b_addr}{NODE_LOGS_PATH}faulty-b"),
+        vec![],
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "faulty-b stderr [shoal] started\n");
     let reply = send(
-        &format!("{NODE_LOGS_PATH}elsewhere"),
-        vec![(HOP_AUTH_HEADER, SECRET)],
+        &member,
+        format!("https://{b_addr}{NODE_LOGS_PATH}elsewhere"),
+        vec![],
     )
     .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.problem().code(), ErrorCode::NotFound);
     // ...and a plain request is routed as ever.
-    let reply = send("/faulty/headers", vec![]).await;
+    let reply = send(&client, format!("http://{b_addr}/faulty/headers"), vec![]).await;
     assert_eq!(reply.status, StatusCode::OK);
 
     // A gateway that would forward to B refuses a forged request instead of sending it on:
     // nothing is dispatched, so nothing is counted.
-    let a = routed(with_secret());
+    let a = routed(members.gateway());
     a.set_remote_endpoints(remote("faulty-b", &b_addr));
     let a_addr = serve(&a).await;
     let reply = client
@@ -317,7 +323,7 @@ async fn forged_internal_headers_without_the_secret_are_refused() {
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(reply.problem().code(), ErrorCode::Forbidden);
     assert!(a.take_metrics().is_empty());
-    // Its own hops carry the secret, so B serves them.
+    // Its own hops go over TLS as a member, so B serves them.
     let reply = client.get(&format!("http://{a_addr}/faulty/headers")).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert!(!reply.text().contains("x-shoal"), "{}", reply.text());

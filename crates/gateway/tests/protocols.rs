@@ -1,5 +1,6 @@
 //! The listener speaks HTTP/1.1 and, to a client that opens with HTTP/2's preface (h2c with
-//! prior knowledge), HTTP/2: many requests multiplexed on one connection, same routing.
+//! prior knowledge), HTTP/2: many requests multiplexed on one connection, same routing. Hops
+//! go over either, in TLS between members of the cluster.
 
 mod common;
 
@@ -105,10 +106,24 @@ async fn hopping_to(
     hop_http2: bool,
     timeout: Option<std::time::Duration>,
 ) -> std::net::SocketAddr {
-    let gateway = Gateway::new(GatewayConfig {
-        hop_http2,
-        ..GatewayConfig::default()
-    });
+    hopping_with(
+        GatewayConfig {
+            hop_http2,
+            ..GatewayConfig::default()
+        },
+        peer,
+        timeout,
+    )
+    .await
+}
+
+/// [`hopping_to`] with the gateway configured as `config`.
+async fn hopping_with(
+    config: GatewayConfig,
+    peer: std::net::SocketAddr,
+    timeout: Option<std::time::Duration>,
+) -> std::net::SocketAddr {
+    let gateway = Gateway::new(config);
     gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
     gateway.set_remote_endpoints(std::collections::HashMap::from([(
         app("hello"),
@@ -144,6 +159,48 @@ async fn hops_go_over_the_http_version_the_gateway_is_told_to() {
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hops_between_members_go_over_tls_in_either_http_version_and_outsiders_get_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let members = Members::new();
+    let b = Gateway::new(members.gateway());
+    let hello = service(
+        &runtime,
+        shoal_fixtures::HELLO_WASM,
+        instance(&[("GREETING", "hi")]),
+    )
+    .await;
+    b.add_endpoint(
+        app("hello"),
+        Endpoint::local("hello-1".into(), 1, hello, 64),
+    );
+    let b_addr = serve(&b).await;
+    let client = HttpClient::new();
+    for hop_http2 in [true, false] {
+        let config = GatewayConfig {
+            hop_http2,
+            ..members.gateway()
+        };
+        let a = hopping_with(config, b_addr, None).await;
+        for _ in 0..3 {
+            let reply = client.get(&format!("http://{a}/hello")).await;
+            assert_eq!(
+                (reply.status, reply.text()),
+                (StatusCode::OK, "hi\n".into())
+            );
+        }
+    }
+    // A gateway of no cluster hops in plain text, and another cluster's over TLS: neither
+    // reaches b's replica.
+    let plain = hopping_to(b_addr, true, None).await;
+    let reply = client.get(&format!("http://{plain}/hello")).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    let stranger = hopping_with(Members::new().gateway(), b_addr, None).await;
+    let reply = client.get(&format!("http://{stranger}/hello")).await;
+    assert!(reply.status.is_server_error(), "{}", reply.status);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

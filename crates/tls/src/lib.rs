@@ -6,14 +6,20 @@
 //! names and addresses the API is reached at. Clients trust the CA, not a public root: the CLI
 //! from its config (as kubeconfig carries its CA), a node from what it fetched when it joined,
 //! checked against the CA's hash that the join token carries (as k3s does).
+//!
+//! The cluster's members also prove who they are to each other with it. A node makes its own
+//! key ([`NodeKey`]), which never leaves it, and the control plane signs a certificate for it
+//! ([`Authority::issue_node`]); the control plane gives itself one ([`Authority::issue_client`]).
+//! A hop between gateways, or the control plane reading a node's logs, goes over TLS where
+//! both ends present such a certificate and trust nothing but the cluster CA ([`mutual`]).
 
 mod files;
 
 pub use files::write_private;
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, Certificate, CertificateParams, CertificateSigningRequestParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
@@ -50,6 +56,15 @@ pub struct Authority {
     /// the stored one's, so what it signs chains to the stored certificate.
     issuer: Certificate,
     key: KeyPair,
+}
+
+/// Shows which CA, never its key.
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("hash", &self.hash().unwrap_or_default())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Authority {
@@ -100,12 +115,80 @@ impl Authority {
             names.first().map_or("shoal", String::as_str),
         );
         params.distinguished_name = name;
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
             cert: cert.der().clone(),
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+
+    /// Signs node `node`'s request (`csr`, PEM) for the names and addresses it is reached at,
+    /// as both server and client: a gateway is the one and the other on hops. Only the
+    /// request's key is taken; what the certificate says is decided here. Returns PEM.
+    pub fn issue_node(&self, csr: &str, node: &str, hosts: &[String]) -> Result<String, TlsError> {
+        let request = CertificateSigningRequestParams::from_pem(csr)?;
+        let mut params = CertificateParams::new(hosts.to_vec())?;
+        params.distinguished_name = member_name(node);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        Ok(params
+            .signed_by(&request.public_key, &self.issuer, &self.key)?
+            .pem())
+    }
+
+    /// A client certificate for `name`, with a key of its own: the control plane's, for
+    /// reading nodes' logs.
+    pub fn issue_client(&self, name: &str) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = member_name(name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
+        Ok(Issued {
+            cert: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+}
+
+fn member_name(name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, "shoal cluster members");
+    dn
+}
+
+/// A node's own key, made on the node and kept there: the control plane gets only a request
+/// to sign ([`NodeKey::request`]).
+pub struct NodeKey {
+    key: KeyPair,
+}
+
+impl NodeKey {
+    pub fn generate() -> Result<NodeKey, TlsError> {
+        Ok(NodeKey {
+            key: KeyPair::generate()?,
+        })
+    }
+
+    /// A certificate signing request for node `node`, PEM.
+    pub fn request(&self, node: &str) -> Result<String, TlsError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = member_name(node);
+        Ok(params.serialize_request(&self.key)?.pem()?)
+    }
+
+    /// The key with the certificate (PEM) the control plane signed for it.
+    pub fn with_certificate(&self, pem: &str) -> Result<Issued, TlsError> {
+        Ok(Issued {
+            cert: CertificateDer::from(ca_der(pem)?),
+            key: PrivatePkcs8KeyDer::from(self.key.serialize_der()),
         })
     }
 }
@@ -132,6 +215,41 @@ pub fn server_config(issued: &Issued) -> Result<Arc<rustls::ServerConfig>, TlsEr
         )?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Both ends of a connection between cluster members: each presents `issued` and trusts no
+/// certificate but those of the cluster CA `ca` (PEM), on either side.
+#[derive(Debug, Clone)]
+pub struct Mutual {
+    /// Requires a client certificate of the cluster; speaks HTTP/2 and HTTP/1.1.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Presents `issued`; sets no ALPN (the HTTP client says what it speaks).
+    pub client: rustls::ClientConfig,
+}
+
+pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der(ca)?))?;
+    let roots = Arc::new(roots);
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Pem(format!("the cluster CA cannot check clients: {e}")))?;
+    let chain = || vec![issued.cert.clone()];
+    let key = || PrivateKeyDer::Pkcs8(issued.key.clone_key());
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain(), key())?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let client = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain(), key())?;
+    Ok(Mutual {
+        server: Arc::new(server),
+        client,
+    })
 }
 
 /// The DER bytes of the certificate in `pem`.
@@ -210,6 +328,88 @@ mod tests {
                 .is_err()
         );
         assert!(server_config(&issued).is_ok());
+    }
+
+    /// Runs a handshake between `client` (reaching `name`) and `server` in memory: whether
+    /// both ends accepted it.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: Arc<rustls::ServerConfig>,
+        name: &str,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut server = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            server.read_tls(&mut wire.as_slice()).unwrap();
+            server.process_new_packets()?;
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            client.read_tls(&mut wire.as_slice()).unwrap();
+            client.process_new_packets()?;
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    fn member(ca: &Authority, node: &str, host: &str) -> Mutual {
+        let key = NodeKey::generate().unwrap();
+        let pem = ca
+            .issue_node(&key.request(node).unwrap(), node, &[host.to_string()])
+            .unwrap();
+        mutual(&key.with_certificate(&pem).unwrap(), ca.pem()).unwrap()
+    }
+
+    #[test]
+    fn members_of_one_cluster_accept_each_other_and_nobody_else() {
+        let (dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let n1 = member(&ca, "n1", "127.0.0.1");
+        let n2 = member(&ca, "n2", "127.0.0.2");
+        handshake(n1.client.clone(), n2.server.clone(), "127.0.0.2").unwrap();
+        handshake(n2.client.clone(), n1.server.clone(), "127.0.0.1").unwrap();
+        // The control plane, as a client only.
+        let control = mutual(&ca.issue_client("control-plane").unwrap(), ca.pem()).unwrap();
+        handshake(control.client.clone(), n1.server.clone(), "127.0.0.1").unwrap();
+        // A node's certificate names only where it is reached.
+        assert!(handshake(n1.client.clone(), n2.server.clone(), "127.0.0.1").is_err());
+
+        // Another cluster's member is refused on either side.
+        let stranger_ca = Authority::load_or_create(other_dir.path()).unwrap();
+        let stranger = member(&stranger_ca, "n1", "127.0.0.1");
+        assert!(handshake(stranger.client.clone(), n1.server.clone(), "127.0.0.1").is_err());
+        assert!(handshake(n2.client.clone(), stranger.server.clone(), "127.0.0.1").is_err());
+        // A client with no certificate, trusting the CA, is refused.
+        let roots = || {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
+                .unwrap();
+            roots
+        };
+        let anonymous = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots())
+            .with_no_client_auth();
+        assert!(handshake(anonymous, n1.server.clone(), "127.0.0.1").is_err());
+        // Nor does the API's certificate, a server's only, pass as a client.
+        let api = ca.issue_server(&["127.0.0.1".into()]).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots())
+            .with_client_auth_cert(vec![api.cert.clone()], PrivateKeyDer::Pkcs8(api.key))
+            .unwrap();
+        assert!(handshake(client, n1.server.clone(), "127.0.0.1").is_err());
     }
 
     #[test]

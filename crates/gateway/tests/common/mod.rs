@@ -1,5 +1,6 @@
 //! Helpers shared by the gateway's integration tests: fixture components on a private
-//! runtime, gateways served on ephemeral loopback ports, and a plain HTTP client.
+//! runtime, gateways served on ephemeral loopback ports, an HTTP client (plain, or over TLS
+//! as a member of the cluster), and a cluster CA with its members' certificates.
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
@@ -102,11 +103,31 @@ impl Reply {
 }
 
 #[derive(Clone)]
-pub struct HttpClient(Client<HttpConnector, Full<Bytes>>);
+pub struct HttpClient(Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>);
 
 impl HttpClient {
+    /// A plain-text client (it refuses `https://`).
     pub fn new() -> Self {
-        HttpClient(Client::builder(TokioExecutor::new()).build_http())
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        Self::over(tls)
+    }
+
+    /// A client for `https://` and `http://` with these TLS settings: a member's, say.
+    pub fn over(tls: rustls::ClientConfig) -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        HttpClient(Client::builder(TokioExecutor::new()).build(https))
     }
 
     pub async fn send(
@@ -116,6 +137,19 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Reply {
+        self.try_send(method, url, headers, body)
+            .await
+            .expect("the request is answered")
+    }
+
+    /// [`HttpClient::send`], with why it got no answer (a refused handshake, say).
+    pub async fn try_send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
         let mut req = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -124,18 +158,73 @@ impl HttpClient {
         let response = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
             .await
             .expect("answered within 30 s")
-            .expect("the request is answered");
+            .map_err(|e| format!("{e:?}"))?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await.expect("body streams").to_bytes();
-        Reply {
+        Ok(Reply {
             status: parts.status,
             headers: parts.headers,
             body,
-        }
+        })
     }
 
     pub async fn get(&self, url: &str) -> Reply {
         self.send(Method::GET, url, &[], Bytes::new()).await
+    }
+}
+
+/// A cluster CA, and certificates of its members on 127.0.0.1: what nodes' gateways and
+/// the control plane prove themselves to each other with.
+pub struct Members {
+    ca: shoal_tls::Authority,
+    _dir: tempfile::TempDir,
+}
+
+impl Members {
+    pub fn new() -> Members {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = shoal_tls::Authority::load_or_create(dir.path()).expect("a CA");
+        Members { ca, _dir: dir }
+    }
+
+    /// A new member's TLS settings, from a key of its own, as a node gets them at start.
+    pub fn member(&self) -> shoal_tls::Mutual {
+        let key = shoal_tls::NodeKey::generate().unwrap();
+        let pem = self
+            .ca
+            .issue_node(&key.request("n").unwrap(), "n", &["127.0.0.1".into()])
+            .unwrap();
+        shoal_tls::mutual(&key.with_certificate(&pem).unwrap(), self.ca.pem()).unwrap()
+    }
+
+    /// A gateway configuration of a member.
+    pub fn gateway(&self) -> shoal_gateway::GatewayConfig {
+        shoal_gateway::GatewayConfig {
+            members: Some(self.member()),
+            ..shoal_gateway::GatewayConfig::default()
+        }
+    }
+
+    /// A client that trusts the cluster CA but has no certificate of its own.
+    pub fn anonymous_client(&self) -> HttpClient {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(shoal_tls::ca_der(self.ca.pem()).unwrap().into())
+            .unwrap();
+        HttpClient::over(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        )
+    }
+
+    /// A client presenting a member's certificate.
+    pub fn client(&self) -> HttpClient {
+        HttpClient::over(self.member().client)
     }
 }
 
