@@ -213,6 +213,67 @@ fn api_requires_the_token_but_the_gateway_does_not() {
 }
 
 #[test]
+fn the_gateway_serves_https_with_the_certificates_it_is_given() {
+    let site = tempfile::tempdir().unwrap();
+    let ca = shoal_tls::Authority::load_or_create(site.path()).unwrap();
+    let (cert, key) = (site.path().join("cert.pem"), site.path().join("key.pem"));
+    let issued = ca
+        .issue_server(&["hello.test".into()])
+        .unwrap()
+        .keyed_chain();
+    std::fs::write(&cert, &issued.chain).unwrap();
+    std::fs::write(&key, &issued.key).unwrap();
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let spec = hello_spec();
+    let c = Cluster::start_with(&[
+        "--gateway-cert",
+        cert,
+        "--gateway-key",
+        key,
+        "--apply",
+        &spec,
+    ]);
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    let addr: std::net::SocketAddr = c.gateway.trim_start_matches("http://").parse().unwrap();
+    let https = reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
+        .resolve("hello.test", addr)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let resp = https
+        .get(format!("https://hello.test:{}/hello", addr.port()))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().unwrap().contains("Hello from Shoal!"));
+
+    // A key that is not the certificate's: `shoal up` says so and does not start.
+    let other = ca
+        .issue_server(&["other.test".into()])
+        .unwrap()
+        .keyed_chain();
+    let wrong_key = site.path().join("other-key.pem");
+    std::fs::write(&wrong_key, &other.key).unwrap();
+    let out = std::process::Command::new(common::SHOAL)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(site.path().join("data"))
+        .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0"])
+        .args(["--gateway-cert", cert, "--gateway-key"])
+        .arg(&wrong_key)
+        .env("SHOAL_CONFIG", site.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--gateway-cert") && err.contains("its key"),
+        "{err}"
+    );
+}
+
+#[test]
 fn jobs_run_to_completion_and_keep_their_logs() {
     let c = Cluster::start();
     c.cli_ok(&["apply", "-f", &format!("{}/greet-job/app.toml", examples())]);

@@ -109,6 +109,14 @@ pub struct NodeArgs {
     /// (repeatable), e.g. a company CA.
     #[arg(long = "egress-ca", value_name = "FILE")]
     pub egress_ca: Vec<PathBuf>,
+    /// A PEM certificate chain the gateway serves HTTPS with (repeatable, each with its
+    /// --gateway-key in the same order): a client gets the one naming the host it asks for,
+    /// or else the first.
+    #[arg(long = "gateway-cert", value_name = "FILE", requires = "gateway_key")]
+    pub gateway_cert: Vec<PathBuf>,
+    /// The PEM private key of the --gateway-cert in the same position.
+    #[arg(long = "gateway-key", value_name = "FILE", requires = "gateway_cert")]
+    pub gateway_key: Vec<PathBuf>,
 }
 
 /// `--hop-protocol`.
@@ -303,6 +311,8 @@ pub struct StartedNode {
     pub agent: Agent,
     pub name: String,
     pub gateway: SocketAddr,
+    /// Whether the gateway serves HTTPS to the public too.
+    pub https: bool,
 }
 
 /// The certificates in the `--egress-ca` files, DER.
@@ -336,6 +346,34 @@ async fn member_tls(
         anyhow::anyhow!("cannot get node {node}'s certificate from the control plane: {e}")
     })?;
     Ok(shoal_tls::mutual(&key.with_certificate(&pem)?, ca)?)
+}
+
+/// The gateway's HTTPS settings from `--gateway-cert` and `--gateway-key`, paired in order.
+fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls::ServerConfig>>> {
+    if certs.is_empty() {
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        certs.len() == keys.len(),
+        "{} --gateway-cert but {} --gateway-key: give each certificate its key",
+        certs.len(),
+        keys.len()
+    );
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    let pairs = certs
+        .iter()
+        .zip(keys)
+        .map(|(cert, key)| {
+            Ok(shoal_tls::KeyedChain {
+                chain: read(cert)?,
+                key: read(key)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let config = shoal_tls::ingress_config(&pairs).context("--gateway-cert/--gateway-key")?;
+    Ok(Some(config))
 }
 
 /// The node's name: `--node-name`, or the host name when it is a valid one.
@@ -385,11 +423,13 @@ pub async fn start_node(
         None => gw_addr,
     };
     let members = member_tls(&*link, &name, advertise, ca).await?;
+    let ingress = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
     let gateway = Gateway::new(GatewayConfig {
         members: Some(members),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
         egress_roots: egress_roots(&args.egress_ca)?,
+        ingress_tls: ingress.clone(),
         ..GatewayConfig::default()
     });
     let agent = Agent::new(
@@ -411,6 +451,7 @@ pub async fn start_node(
         agent,
         name,
         gateway: gw_addr,
+        https: ingress.is_some(),
     })
 }
 
@@ -451,6 +492,9 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     );
     println!("  API:      {}", c.server);
     println!("  gateway:  http://{}", node.gateway);
+    if node.https {
+        println!("            https:// too, for the hosts of --gateway-cert");
+    }
     println!("  CLI config (server + token): {}", config_path.display());
     println!(
         "  more nodes: shoal node join {} --token-file {} --gateway ADDR",

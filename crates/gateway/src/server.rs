@@ -29,6 +29,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::LazyConfigAcceptor;
 use tracing::{Instrument, Span, field};
 
 #[derive(Debug, Clone)]
@@ -45,6 +46,11 @@ pub struct GatewayConfig {
     /// see `Gateway::access`), so it cannot pin a replica, reach an app without routes, or
     /// read logs. `None` (tests): hops in plain text, and anyone trusted.
     pub members: Option<shoal_tls::Mutual>,
+    /// TLS for the public: clients that ask for a host name (SNI) get the certificate
+    /// naming it (see `shoal_tls::ingress_config`), over HTTP/2 or HTTP/1.1, on the same
+    /// listener as plain text and the members' TLS (which asks for no name: members reach
+    /// each other by address). `None`: TLS for members only.
+    pub ingress_tls: Option<Arc<rustls::ServerConfig>>,
     /// How long a request for an app at zero replicas is held while one starts.
     pub hold_timeout: Duration,
     /// How many requests per app may be held at once; more get a 503 at once.
@@ -77,6 +83,7 @@ impl Default for GatewayConfig {
             queue_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(2),
             members: None,
+            ingress_tls: None,
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
             hop_http2: true,
@@ -893,17 +900,15 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Accepts connections forever, serving each with HTTP/1.1 keep-alive or, for a client that
 /// starts with HTTP/2's preface (h2c with prior knowledge, as gRPC clients and load balancers
-/// do in plain text), HTTP/2 with its requests multiplexed on the one connection. With the
-/// cluster's certificates, a connection that starts a TLS handshake is a member's (a hop, or
-/// the control plane reading logs): it must present a certificate of the cluster CA, and its
-/// requests are marked [`Member`].
+/// do in plain text), HTTP/2 with its requests multiplexed on the one connection. A
+/// connection that starts a TLS handshake is told apart by its hello: one that asks for a
+/// host name is the public's (`GatewayConfig::ingress_tls`); one that asks for none is a
+/// member's (a hop, or the control plane reading logs), which must present a certificate of
+/// the cluster CA, and its requests are marked [`Member`].
 pub async fn serve(listener: TcpListener, gateway: Gateway) {
     let config = &gateway.inner.config;
     let (head_timeout, max_connections) = (config.header_read_timeout, config.max_connections);
-    let members = config
-        .members
-        .as_ref()
-        .map(|m| tokio_rustls::TlsAcceptor::from(m.server.clone()));
+    let tls = config.members.is_some() || config.ingress_tls.is_some();
     let connections = Arc::new(Semaphore::new(max_connections));
     loop {
         // At the cap, connections wait in the listen backlog until one ends.
@@ -923,24 +928,39 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
-        let members = members.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let Some(acceptor) = members else {
+            if !tls {
                 return serve_connection(gateway, stream, peer, None).await;
-            };
+            }
+            let deadline = tokio::time::Instant::now() + head_timeout;
             let mut first = [0u8; 1];
-            match tokio::time::timeout(head_timeout, stream.peek(&mut first)).await {
+            match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
                 Ok(Ok(1)) => return serve_connection(gateway, stream, peer, None).await,
                 // Closed, failed, or silent past the head timeout.
                 _ => return,
             }
-            match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_connection(gateway, tls, peer, Some(Member)).await,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "refused a TLS connection: not a member of the cluster");
-                }
+            let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+            let start = match tokio::time::timeout_at(deadline, acceptor).await {
+                Ok(Ok(start)) => start,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "not a TLS hello"),
+                Err(_) => return tracing::debug!(%peer, "a TLS hello took too long"),
+            };
+            let config = &gateway.inner.config;
+            let (tls, member) = match start.client_hello().server_name() {
+                Some(_) => (config.ingress_tls.clone(), None),
+                None => (
+                    config.members.as_ref().map(|m| m.server.clone()),
+                    Some(Member),
+                ),
+            };
+            let Some(tls) = tls else {
+                return tracing::debug!(%peer, member = member.is_some(), "no TLS for this kind of client");
+            };
+            match tokio::time::timeout_at(deadline, start.into_stream(tls)).await {
+                Ok(Ok(stream)) => serve_connection(gateway, stream, peer, member).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "refused a TLS connection"),
                 Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
             }
         });

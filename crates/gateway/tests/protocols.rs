@@ -224,3 +224,114 @@ async fn a_hop_to_a_node_that_never_answers_gives_up_after_the_replicas_timeout(
     .expect("an answer before the client gives up");
     assert!(reply.status.is_server_error(), "{}", reply.status);
 }
+
+/// Sends `GET path` over TLS to `addr`, asking for `host` (SNI) and speaking `alpn`, trusting
+/// only `ca` (PEM); the response's version, status and body.
+async fn tls_get(
+    addr: std::net::SocketAddr,
+    host: &str,
+    ca: &str,
+    alpn: &[u8],
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (Version, StatusCode, String) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(shoal_tls::ca_der(ca).unwrap().into()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, stream)
+        .await
+        .expect("a TLS connection");
+    let mut request = http::Request::get(format!("https://{host}{path}"));
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let request = request.body(Empty::<Bytes>::new()).unwrap();
+    let response = if alpn == b"h2" {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let (version, status) = (response.version(), response.status());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (version, status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_public_gets_https_by_host_name_beside_plain_text_and_the_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let members = Members::new();
+    let site_dir = tempfile::tempdir().unwrap();
+    let site = shoal_tls::Authority::load_or_create(site_dir.path()).unwrap();
+    let ingress = shoal_tls::ingress_config(&[site
+        .issue_server(&["hello.test".into()])
+        .unwrap()
+        .keyed_chain()])
+    .unwrap();
+    let gateway = Gateway::new(GatewayConfig {
+        ingress_tls: Some(ingress),
+        ..members.gateway()
+    });
+    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
+    let hello = service(
+        &runtime,
+        shoal_fixtures::HELLO_WASM,
+        instance(&[("GREETING", "hi")]),
+    )
+    .await;
+    gateway.add_endpoint(
+        app("hello"),
+        Endpoint::local("hello-1".into(), 1, hello, 64),
+    );
+    let addr = serve(&gateway).await;
+
+    // HTTPS for the host its certificate names, in the HTTP version the client offers.
+    for (alpn, version) in [
+        (&b"h2"[..], Version::HTTP_2),
+        (b"http/1.1", Version::HTTP_11),
+    ] {
+        let reply = tls_get(addr, "hello.test", site.pem(), alpn, "/hello", &[]).await;
+        assert_eq!(reply, (version, StatusCode::OK, "hi\n".into()));
+    }
+    // A public client over TLS is no member: internal headers get it a 403.
+    let (_, status, _) = tls_get(
+        addr,
+        "hello.test",
+        site.pem(),
+        b"h2",
+        "/hello",
+        &[("x-shoal-replica", "hello-1"), ("x-shoal-hop", "1")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Plain text and the members are served on the same listener as before.
+    let reply = HttpClient::new().get(&format!("http://{addr}/hello")).await;
+    assert_eq!(
+        (reply.status, reply.text()),
+        (StatusCode::OK, "hi\n".into())
+    );
+    let reply = members
+        .client()
+        .get(&format!("https://{addr}/_shoal/logs/nobody"))
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());
+}

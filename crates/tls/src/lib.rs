@@ -12,6 +12,9 @@
 //! ([`Authority::issue_node`]); the control plane gives itself one ([`Authority::issue_client`]).
 //! A hop between gateways, or the control plane reading a node's logs, goes over TLS where
 //! both ends present such a certificate and trust nothing but the cluster CA ([`mutual`]).
+//!
+//! The gateway's public side may serve TLS too, with certificates the operator gives it
+//! ([`ingress_config`]), chosen by the host name the client asks for (SNI).
 
 mod files;
 
@@ -199,6 +202,19 @@ pub struct Issued {
     pub key: PrivatePkcs8KeyDer<'static>,
 }
 
+impl Issued {
+    /// The certificate and key as PEM, as files given to a server would hold them.
+    pub fn keyed_chain(&self) -> KeyedChain {
+        KeyedChain {
+            chain: pem::encode(&pem::Pem::new("CERTIFICATE", self.cert.to_vec())),
+            key: pem::encode(&pem::Pem::new(
+                "PRIVATE KEY",
+                self.key.secret_pkcs8_der().to_vec(),
+            )),
+        }
+    }
+}
+
 /// The crypto every Shoal TLS setting uses.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -250,6 +266,72 @@ pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
         server: Arc::new(server),
         client,
     })
+}
+
+/// A certificate chain and its private key, PEM, for the gateway's public side.
+pub struct KeyedChain {
+    pub chain: String,
+    pub key: String,
+}
+
+/// TLS settings for the gateway's public side: of `certs`, each client gets the first that
+/// names the host it asks for (SNI, wildcards included), or else the first; HTTP/2 and
+/// HTTP/1.1. Every chain must have its own key and name at least one host.
+pub fn ingress_config(certs: &[KeyedChain]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no certificate given".into()));
+    }
+    let provider = provider();
+    let keyed = certs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let chain = certificates_der(&c.chain)
+                .map_err(|e| TlsError::Pem(format!("certificate {}: {e}", i + 1)))?;
+            let key: PrivateKeyDer<'static> = rustls::pki_types::pem::PemObject::from_pem_slice(
+                c.key.as_bytes(),
+            )
+            .map_err(|e| TlsError::Pem(format!("key {}: not a PEM private key: {e}", i + 1)))?;
+            let chain = chain.into_iter().map(CertificateDer::from).collect();
+            rustls::sign::CertifiedKey::from_der(chain, key, &provider)
+                .map(Arc::new)
+                .map_err(|e| TlsError::Pem(format!("certificate {} and its key: {e}", i + 1)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(BySni(keyed)));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Picks the certificate that names the host a client asks for; see [`ingress_config`].
+#[derive(Debug)]
+struct BySni(Vec<Arc<rustls::sign::CertifiedKey>>);
+
+impl BySni {
+    fn names(key: &rustls::sign::CertifiedKey, host: &rustls::pki_types::ServerName<'_>) -> bool {
+        key.end_entity_cert()
+            .ok()
+            .and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+            .is_some_and(|cert| cert.verify_is_valid_for_subject_name(host).is_ok())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for BySni {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let asked = hello
+            .server_name()
+            .and_then(|name| rustls::pki_types::ServerName::try_from(name).ok());
+        asked
+            .and_then(|host| self.0.iter().find(|key| Self::names(key, &host)))
+            .or_else(|| self.0.first())
+            .cloned()
+    }
 }
 
 /// The DER bytes of the certificate in `pem`.
@@ -410,6 +492,59 @@ mod tests {
             .with_client_auth_cert(vec![api.cert.clone()], PrivateKeyDer::Pkcs8(api.key))
             .unwrap();
         assert!(handshake(client, n1.server.clone(), "127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn the_public_side_presents_the_certificate_naming_the_host_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let first = ca.issue_server(&["app.example.com".into()]).unwrap();
+        let wild = ca.issue_server(&["*.wild.test".into()]).unwrap();
+        let config = ingress_config(&[first.keyed_chain(), wild.keyed_chain()]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        for host in ["app.example.com", "a.wild.test", "b.wild.test"] {
+            handshake(client.clone(), config.clone(), host).unwrap();
+        }
+        // A host no certificate names gets the first one, which the client refuses.
+        assert!(handshake(client.clone(), config.clone(), "other.example.com").is_err());
+        assert!(handshake(client, config, "deep.a.wild.test").is_err());
+    }
+
+    #[test]
+    fn bad_public_certificates_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let a = ca.issue_server(&["a.test".into()]).unwrap().keyed_chain();
+        let b = ca.issue_server(&["b.test".into()]).unwrap().keyed_chain();
+        let swapped = KeyedChain {
+            chain: a.chain.clone(),
+            key: b.key.clone(),
+        };
+        let no_key = KeyedChain {
+            chain: a.chain.clone(),
+            key: "no key".into(),
+        };
+        let no_cert = KeyedChain {
+            chain: "no certificate".into(),
+            key: a.key.clone(),
+        };
+        for (bad, says) in [
+            (swapped, "certificate 1 and its key"),
+            (no_key, "key 1"),
+            (no_cert, "certificate 1"),
+        ] {
+            let err = ingress_config(&[bad]).err().unwrap().to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        assert!(ingress_config(&[]).is_err());
     }
 
     #[test]
