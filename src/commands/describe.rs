@@ -182,6 +182,12 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
             println!("  {k}={v}");
         }
     }
+    if !s.config.is_empty() {
+        println!("Config:");
+        for (k, v) in &s.config {
+            println!("  {k}={v}");
+        }
+    }
     println!("Created:      {} ago", age(d.app.created_at));
     println!("\nRevisions:");
     let revs: Vec<Vec<String>> = d

@@ -499,6 +499,11 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.clone(), self.downward(&replica, v)))
                 .collect(),
+            config: t
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             args: t.component.args.clone(),
             memory_limit: t.resources.limits.memory_bytes,
             timeout: match t.component.kind {

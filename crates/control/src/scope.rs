@@ -1,6 +1,6 @@
 //! What one node reads of the cluster. Every gateway routes to every app, so
 //! a node gets every app, revision, replica, node and rollout, but an app's
-//! configuration (env values, arguments) only for the revisions it runs a
+//! configuration (env values, `[config]`, arguments) only for the revisions it runs a
 //! replica of. The rest reaches it with that configuration left out.
 //!
 //! Over a watch the node's replicas change: when one is placed on it, its
@@ -15,11 +15,13 @@ use std::collections::{HashMap, HashSet};
 /// Leaves out what only the nodes running an app need.
 fn redact_app(app: &mut App) {
     app.spec.env.clear();
+    app.spec.config.clear();
     app.spec.component.args.clear();
 }
 
 fn redact_revision(revision: &mut Revision) {
     revision.template.env.clear();
+    revision.template.config.clear();
     revision.template.component.args.clear();
 }
 
@@ -135,7 +137,8 @@ mod tests {
         let digest = format!("sha256:{}", "a".repeat(64));
         let src = format!(
             "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"job\"\n\
-             args = [\"--password\", \"hunter2\"]\n[env]\nPASSWORD = \"hunter2\"\n"
+             args = [\"--password\", \"hunter2\"]\n[env]\nPASSWORD = \"hunter2\"\n\
+             [config]\ndsn = \"db://hunter2\"\n"
         );
         App {
             spec: parse_app(&src).unwrap().resolve(digest).unwrap(),
@@ -182,7 +185,9 @@ mod tests {
     }
 
     fn configured(r: &Revision) -> bool {
-        r.template.env.contains_key("PASSWORD") && !r.template.component.args.is_empty()
+        r.template.env.contains_key("PASSWORD")
+            && r.template.config.contains_key("dsn")
+            && !r.template.component.args.is_empty()
     }
 
     fn revisions(delta: &Delta) -> Vec<(u64, bool)> {
@@ -210,11 +215,13 @@ mod tests {
         assert!(configured(&snapshot.revisions[0]), "n1 runs revision 1");
         assert!(!configured(&snapshot.revisions[1]), "n2's revision 2");
         assert!(snapshot.apps[0].spec.env.is_empty());
+        assert!(snapshot.apps[0].spec.config.is_empty());
         assert!(snapshot.apps[0].spec.component.args.is_empty());
         // What gateways route by stays.
         assert_eq!(snapshot.apps[0].spec, {
             let mut a = app().spec;
             a.env.clear();
+            a.config.clear();
             a.component.args.clear();
             a
         });
@@ -280,6 +287,10 @@ mod tests {
         let Change::Put(Object::App(app)) = &d.changes[0] else {
             panic!("{d:?}")
         };
-        assert!(app.spec.env.is_empty() && app.spec.component.args.is_empty());
+        assert!(
+            app.spec.env.is_empty()
+                && app.spec.config.is_empty()
+                && app.spec.component.args.is_empty()
+        );
     }
 }

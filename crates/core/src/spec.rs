@@ -1040,6 +1040,36 @@ impl Placement {
     }
 }
 
+/// The most `[config]` entries an app may have, and the most bytes all of them may take: they
+/// ride in every snapshot to the nodes that run the app and in every instance.
+pub const MAX_CONFIG_ENTRIES: usize = 1024;
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// `[config]` keys are 1 to 256 printable characters; all entries together stay within
+/// [`MAX_CONFIG_ENTRIES`] and [`MAX_CONFIG_BYTES`].
+fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
+    if config.len() > MAX_CONFIG_ENTRIES {
+        return Err(format!(
+            "{} entries: at most {MAX_CONFIG_ENTRIES}",
+            config.len()
+        ));
+    }
+    for key in config.keys() {
+        if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {
+            return Err(format!(
+                "{key:?} is not a valid key: 1 to 256 characters, none of them control characters"
+            ));
+        }
+    }
+    let bytes: usize = config.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > MAX_CONFIG_BYTES {
+        return Err(format!(
+            "{bytes} bytes of keys and values: at most {MAX_CONFIG_BYTES}"
+        ));
+    }
+    Ok(())
+}
+
 /// Label keys and values in node selectors: short and plain, so they
 /// compare exactly with what nodes register.
 fn validate_label(what: &str, s: &str) -> Result<(), String> {
@@ -1068,6 +1098,10 @@ pub struct AppSpec {
     pub http: Option<HttpSpec>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// `[config]`: what the guest reads through `wasi:config/store`, as `wasmtime serve
+    /// -Sconfig` serves `-Sconfig-var`s.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
     /// Hosts a guest may call over plain HTTP besides other apps (which it
@@ -1113,6 +1147,9 @@ pub struct Template {
     )]
     pub reuse_concurrent: u32,
     pub env: BTreeMap<String, String>,
+    /// Empty leaves the hash of a template made before `[config]` existed unchanged.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1173,6 +1210,13 @@ impl Template {
                 &format!("env.{name}"),
             );
         }
+        let keys: BTreeSet<&String> = self.config.keys().chain(old.config.keys()).collect();
+        for key in keys {
+            check(
+                self.config.get(key) != old.config.get(key),
+                &format!("config.{key}"),
+            );
+        }
         check(self.outbound != old.outbound, "network.outbound");
         check(self.job != old.job, "job");
         check(self.health != old.health, "health");
@@ -1194,6 +1238,7 @@ impl AppSpec {
         spec.component = template.component.clone();
         spec.resources = template.resources.clone();
         spec.env = template.env.clone();
+        spec.config = template.config.clone();
         spec.outbound = template.outbound.clone();
         spec.job = template.job.clone();
         spec.health = template.health.clone();
@@ -1221,6 +1266,7 @@ impl AppSpec {
                 .as_ref()
                 .map_or(DEFAULT_REUSE_CONCURRENT, |h| h.reuse_concurrent),
             env: self.env.clone(),
+            config: self.config.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
             health: self.health.clone(),
@@ -1349,6 +1395,9 @@ impl AppSpec {
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
             }
+        }
+        if let Err(m) = check_config(&self.config) {
+            return field("config", m);
         }
         if let Err(m) = self.rollout.check(self.component.kind) {
             return field("rollout", m);
@@ -1544,6 +1593,7 @@ struct RawApp {
     scale: Option<Spanned<RawScale>>,
     http: Option<Spanned<RawHttp>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
+    config: Option<Spanned<BTreeMap<String, String>>>,
     #[serde(default)]
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
@@ -2025,6 +2075,9 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     if let Some(e) = &raw.env {
         spans.insert("env", e.span());
     }
+    if let Some(c) = &raw.config {
+        spans.insert("config", c.span());
+    }
     if let Some(s) = &raw.placement.node_selector {
         spans.insert("placement.node_selector", s.span());
     }
@@ -2172,6 +2225,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         scale,
         http,
         env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
+        config: raw.config.map(Spanned::into_inner).unwrap_or_default(),
         placement: Placement {
             node_selector: raw
                 .placement
@@ -2286,6 +2340,50 @@ timeout = "5s"
 B = "2"
 A = "1"
 "#;
+
+    #[test]
+    fn config_is_part_of_the_revision_and_bad_keys_say_where() {
+        let with = |table: &str| format!("{HELLO}\n[config]\n{table}\n");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let spec = parse_app(&with(
+            "db_host = \"db.internal\"\n\"log.level\" = \"debug\"",
+        ))
+        .unwrap()
+        .resolve(digest.clone())
+        .unwrap();
+        assert_eq!(spec.config["db_host"], "db.internal");
+        assert_eq!(spec.config["log.level"], "debug");
+        let changed = parse_app(&with(
+            "db_host = \"db2.internal\"\n\"log.level\" = \"debug\"",
+        ))
+        .unwrap()
+        .resolve(digest.clone())
+        .unwrap();
+        assert_eq!(
+            changed.template().changed_fields(&spec.template()),
+            ["config.db_host"]
+        );
+        assert_ne!(changed.template().hash(), spec.template().hash());
+        // A rollback brings the old values back.
+        assert_eq!(changed.with_template(&spec.template()).config, spec.config);
+        // No `[config]` leaves a template's hash as it was before config existed.
+        let plain = parse_app(HELLO).unwrap().resolve(digest.clone()).unwrap();
+        assert!(
+            !serde_json::to_string(&plain.template())
+                .unwrap()
+                .contains("config")
+        );
+
+        let e = parse_app(&with("\"\" = \"x\"")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("config"), "{e}");
+        assert!(e.to_string().contains("line"), "{e}");
+        let mut big = spec.clone();
+        big.config
+            .insert("huge".into(), "x".repeat(MAX_CONFIG_BYTES));
+        assert_eq!(big.validate().unwrap_err().field.as_deref(), Some("config"));
+        let e = parse_app(&with("n = 1")).unwrap_err();
+        assert!(e.to_string().contains("line"), "{e}");
+    }
 
     #[test]
     fn parses_and_normalises() {

@@ -65,6 +65,8 @@ impl Default for RuntimeConfig {
 #[derive(Clone)]
 pub struct InstanceConfig {
     pub env: Vec<(String, String)>,
+    /// What the guest reads through `wasi:config/store`.
+    pub config: Vec<(String, String)>,
     /// Passed as-is; by convention the first one is the program name.
     pub args: Vec<String>,
     /// All of one instance's linear memories together, in bytes: what it reserves of the
@@ -138,6 +140,7 @@ impl Default for InstanceConfig {
     fn default() -> Self {
         InstanceConfig {
             env: Vec::new(),
+            config: Vec::new(),
             args: Vec::new(),
             memory_limit: 128 * MIB,
             timeout: None,

@@ -26,6 +26,7 @@ const MAX_MEMORIES_PER_STORE: usize = 16;
 /// The validated, shareable part of an [`crate::InstanceConfig`].
 pub(crate) struct InstanceSettings {
     pub(crate) env: Vec<(String, String)>,
+    pub(crate) config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     pub(crate) args: Vec<String>,
     pub(crate) memory_limit: usize,
     pub(crate) timeout: Option<Duration>,
@@ -40,6 +41,7 @@ pub(crate) struct InstanceSettings {
 pub(crate) struct Host {
     table: ResourceTable,
     wasi: WasiCtx,
+    config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     http: WasiHttpCtx,
     hooks: OutboundHooks,
     limiter: MemoryLimiter,
@@ -52,6 +54,11 @@ pub(crate) struct Host {
 }
 
 impl Host {
+    /// What the guest reads through `wasi:config/store`.
+    pub(crate) fn wasi_config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
+        wasmtime_wasi_config::WasiConfig::from(&*self.config)
+    }
+
     /// When the guest's timeout runs out, if it has one.
     pub(crate) fn deadline(&self) -> Option<Instant> {
         self.deadline
@@ -215,6 +222,7 @@ pub(crate) fn new_store(
     let host = Host {
         table: ResourceTable::new(),
         wasi: wasi.build(),
+        config: settings.config.clone(),
         http: WasiHttpCtx::new(),
         hooks: OutboundHooks {
             policy: settings.outbound.clone(),

@@ -517,6 +517,7 @@ impl Runtime {
         }
         Ok(InstanceSettings {
             env: cfg.env,
+            config: Arc::new(cfg.config.into_iter().collect()),
             args: cfg.args,
             memory_limit: usize::try_from(cfg.memory_limit)
                 .map_err(|_| invalid("memory limit too large for this host".into()))?,
@@ -599,7 +600,8 @@ fn engine_set(config: &RuntimeConfig, concurrent: bool) -> Result<EngineSet, Run
 
     let mut linker = Linker::new(&engine);
     let mut linked = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
-        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker));
+        .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
+        .and_then(|()| wasmtime_wasi_config::add_to_linker(&mut linker, Host::wasi_config));
     if concurrent {
         // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
         // built with Rust's std imports p2 interfaces too.

@@ -66,6 +66,40 @@ async fn greeting_comes_from_the_granted_env() {
 }
 
 #[tokio::test]
+async fn config_reaches_the_guest_through_wasi_config_and_only_what_was_given() {
+    let cfg = InstanceConfig {
+        config: vec![
+            ("greeting".into(), "Ahoy".into()),
+            ("log.level".into(), "debug".into()),
+        ],
+        ..config()
+    };
+    let (_dir, settings) = service(shoal_fixtures::SETTINGS_WASM, cfg).await;
+    let answer = |path: &'static str| {
+        let settings = settings.clone();
+        async move {
+            let response = settings.handle(get(path)).await;
+            (response.status().as_u16(), body_text(response).await)
+        }
+    };
+    assert_eq!(answer("/settings/greeting").await, (200, "Ahoy\n".into()));
+    assert_eq!(
+        answer("/settings").await,
+        (200, "greeting=Ahoy\nlog.level=debug\n".into())
+    );
+    // A key that does not exist is `none`, as the interface says: the guest answers 404.
+    assert_eq!(
+        answer("/settings/missing").await,
+        (404, "no such key: missing\n".into())
+    );
+    // Without `[config]` the guest still links and finds nothing.
+    let (_dir, bare) = service(shoal_fixtures::SETTINGS_WASM, config()).await;
+    let response = bare.handle(get("/settings")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(body_text(response).await, "");
+}
+
+#[tokio::test]
 async fn a_trap_fails_only_its_own_request() {
     let logs = LogSink::new(100);
     let cfg = InstanceConfig {

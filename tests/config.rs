@@ -1,0 +1,84 @@
+//! An app's `[config]` end to end on `shoal up`: served to the guest through
+//! `wasi:config/store`, changed by an apply without one failed request, recorded in the
+//! rollout history and brought back by `rollout undo`, shown by `describe`.
+
+mod common;
+
+use common::{Cluster, Load, examples, poll, write_spec};
+use std::time::Duration;
+
+/// The `settings` example with `greeting` set to `greeting`, 2 replicas.
+fn settings(dir: &std::path::Path, greeting: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/settings/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace(
+            "greeting = \"Hello from wasi:config!\"",
+            &format!("greeting = \"{greeting}\""),
+        );
+    assert!(text.contains(greeting), "{text}");
+    write_spec(
+        dir,
+        &format!("{greeting}.toml"),
+        &format!("{text}\n[scale]\nreplicas = 2\n"),
+    )
+    .to_str()
+    .unwrap()
+    .to_string()
+}
+
+#[test]
+fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
+    let c = Cluster::start();
+    let d = c.dir.path();
+    c.cli_ok(&["apply", "-f", &settings(d, "one")]);
+    c.wait_gw("/settings/greeting", 200, "one");
+    let all = c.gw("/settings").text().unwrap();
+    assert_eq!(all, "greeting=one\nlog.level=info\n");
+    // A key the app was not given is `none`: the guest answers 404.
+    let missing = c.gw("/settings/password");
+    assert_eq!(missing.status(), 404);
+
+    // A new value reaches new requests, with no failed request in between.
+    let load = Load::start(format!("{}/settings/greeting", c.gateway));
+    c.cli_ok(&["apply", "-f", &settings(d, "two")]);
+    assert!(
+        poll(Duration::from_secs(30), || c
+            .gw("/settings/greeting")
+            .text()
+            .unwrap()
+            == "two\n"),
+        "the new value never arrived"
+    );
+    let out = c.cli(&[
+        "rollout",
+        "status",
+        "settings",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+    assert!(result.bodies.contains_key("two\n"), "{result:?}");
+
+    let history = c.cli_ok(&["rollout", "history", "settings"]);
+    assert!(history.contains("config.greeting"), "{history}");
+    let described = c.cli_ok(&["describe", "app", "settings"]);
+    assert!(
+        described.contains("Config:") && described.contains("greeting=two"),
+        "{described}"
+    );
+
+    // Undone like any change.
+    c.cli_ok(&["rollout", "undo", "settings"]);
+    assert!(
+        poll(Duration::from_secs(30), || c
+            .gw("/settings/greeting")
+            .text()
+            .unwrap()
+            == "one\n"),
+        "undo did not bring the old value back"
+    );
+}
