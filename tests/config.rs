@@ -82,3 +82,28 @@ fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
         "undo did not bring the old value back"
     );
 }
+
+#[test]
+fn env_values_may_come_from_config() {
+    let c = Cluster::start();
+    let spec = common::faulty_spec(
+        c.dir.path(),
+        "faulty.toml",
+        1,
+        "[config]\ndsn = \"db://primary\"\n[env]\nDSN = \"$(config.dsn)\"\n",
+    );
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/faulty/env/DSN", 200, "db://primary");
+    // Asking for a key [config] lacks is refused at apply, naming it.
+    let bad = common::faulty_spec(
+        c.dir.path(),
+        "bad.toml",
+        1,
+        "[config]\ndsn = \"db://primary\"\n[env]\nDSN = \"$(config.dns)\"\n",
+    );
+    let err = c.cli_err(&["apply", "-f", &bad]);
+    assert!(
+        err.contains("\"dns\"") && err.contains("bad.toml:"),
+        "{err}"
+    );
+}

@@ -497,7 +497,7 @@ impl Agent {
             env: t
                 .env
                 .iter()
-                .map(|(k, v)| (k.clone(), self.downward(&replica, v)))
+                .map(|(k, v)| (k.clone(), self.downward(&replica, &t.config, v)))
                 .collect(),
             config: t
                 .config
@@ -834,8 +834,17 @@ impl Agent {
 impl Agent {
     /// An env value that names a fact about the replica (`$(node)`, `$(replica)`,
     /// `$(revision)`, `$(app)`, `$(namespace)`) becomes that fact, as Kubernetes'
-    /// downward API does; only what the spec asks for reaches the guest.
-    fn downward(&self, replica: &Replica, value: &str) -> String {
+    /// downward API does, and `$(config.KEY)` the app's `[config]` value of KEY (the
+    /// apply checked that it has one); only what the spec asks for reaches the guest.
+    fn downward(
+        &self,
+        replica: &Replica,
+        config: &BTreeMap<String, String>,
+        value: &str,
+    ) -> String {
+        if let Some(key) = shoal_core::spec::config_reference(value) {
+            return config.get(key).cloned().unwrap_or_default();
+        }
         match value {
             "$(node)" => self.inner.config.node.clone(),
             "$(replica)" => replica.id.clone(),

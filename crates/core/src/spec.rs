@@ -1045,6 +1045,11 @@ impl Placement {
 pub const MAX_CONFIG_ENTRIES: usize = 1024;
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
+/// The `[config]` key an env value `$(config.KEY)` asks for, if it is one.
+pub fn config_reference(value: &str) -> Option<&str> {
+    value.strip_prefix("$(config.")?.strip_suffix(')')
+}
+
 /// `[config]` keys are 1 to 256 printable characters; all entries together stay within
 /// [`MAX_CONFIG_ENTRIES`] and [`MAX_CONFIG_BYTES`].
 fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
@@ -1398,6 +1403,18 @@ impl AppSpec {
         }
         if let Err(m) = check_config(&self.config) {
             return field("config", m);
+        }
+        for (name, value) in &self.env {
+            if let Some(key) = config_reference(value)
+                && !self.config.contains_key(key)
+            {
+                return field(
+                    "env",
+                    format!(
+                        "{name} = \"{value}\" asks for config key {key:?}, which [config] does not have"
+                    ),
+                );
+            }
         }
         if let Err(m) = self.rollout.check(self.component.kind) {
             return field("rollout", m);
@@ -2383,6 +2400,20 @@ A = "1"
         assert_eq!(big.validate().unwrap_err().field.as_deref(), Some("config"));
         let e = parse_app(&with("n = 1")).unwrap_err();
         assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn env_may_ask_for_a_config_value_and_only_one_that_exists() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!("{HELLO}\n[config]\ndb_host = \"db\"\n");
+        let asks = src.replace("A = \"1\"", "A = \"$(config.db_host)\"");
+        assert!(parse_app(&asks).unwrap().resolve(digest.clone()).is_ok());
+        let missing = src.replace("A = \"1\"", "A = \"$(config.nope)\"");
+        let e = parse_app(&missing).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env"), "{e}");
+        assert!(e.to_string().contains("\"nope\""), "{e}");
+        assert_eq!(config_reference("$(config.a.b)"), Some("a.b"));
+        assert_eq!(config_reference("$(node)"), None);
     }
 
     #[test]
