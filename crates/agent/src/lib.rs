@@ -202,6 +202,7 @@ impl Agent {
                         if !apply_arrived(&mut changes, &mut view, &mut touched) {
                             break;
                         }
+                        self.inner.gateway.set_members(view.node_names());
                         self.sync(&view, &touched, &mut sent);
                     }
                     _ = resync.tick() => self.resync(&view, &mut sent),
@@ -318,6 +319,7 @@ impl Agent {
     /// and every replica here or running is looked at.
     fn reload(&self, view: &ClusterView, sent: &mut HashMap<AppKey, AppTables>) {
         *sent = all_tables(view);
+        self.inner.gateway.set_members(view.node_names());
         self.inner.gateway.set_tables(gateway_tables(sent.iter()));
         self.resync(view, sent);
     }

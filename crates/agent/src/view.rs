@@ -128,6 +128,11 @@ impl ClusterView {
         self.nodes.get(name)
     }
 
+    /// Every node of the cluster, whatever its state.
+    pub fn node_names(&self) -> impl Iterator<Item = String> + '_ {
+        self.nodes.keys().cloned()
+    }
+
     pub fn rollout(&self, app: &AppKey) -> Option<&RolloutStatus> {
         self.rollouts.get(app)
     }

@@ -116,7 +116,7 @@ where
 /// trusting only that CA: what a node's gateway lets read its logs.
 fn member_client(ca: &shoal_tls::Authority) -> Result<reqwest::Client, ControlError> {
     let issued = ca
-        .issue_client("control-plane")
+        .issue_client(shoal_tls::CONTROL_PLANE)
         .map_err(ControlError::internal)?;
     let tls = shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)?;
     reqwest::Client::builder()

@@ -146,6 +146,9 @@ pub(crate) struct Inner {
     hop_scheme: &'static str,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
     logs: RwLock<Option<LogLookup>>,
+    /// The nodes whose certificates a member's connection may present (besides the control
+    /// plane's), once the agent has said (see [`Gateway::set_members`]).
+    members: RwLock<Option<HashSet<String>>>,
 }
 
 /// Maps a replica id to its log buffer on this node.
@@ -181,6 +184,7 @@ impl Gateway {
                 hop_client,
                 hop_scheme,
                 logs: RwLock::new(None),
+                members: RwLock::new(None),
             }),
         }
     }
@@ -318,6 +322,31 @@ impl Gateway {
     }
 
     /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
+    /// The cluster's nodes as of now: from here on a member's connection is let in only if
+    /// its certificate is one of theirs or the control plane's, so a deleted node's
+    /// certificate, still signed by the cluster CA, no longer reaches this node.
+    pub fn set_members(&self, nodes: impl IntoIterator<Item = String>) {
+        let nodes: HashSet<String> = nodes.into_iter().collect();
+        let mut members = self.inner.members.write().expect("members lock");
+        if members.as_ref() != Some(&nodes) {
+            *members = Some(nodes);
+        }
+    }
+
+    /// Whether a member's connection presenting `certificate` (DER, checked against the
+    /// cluster CA) may go on: the control plane's, or a current node's. Before the agent has
+    /// said who the nodes are, any.
+    fn admits(&self, certificate: Option<&[u8]>) -> bool {
+        let Some(name) = certificate.and_then(shoal_tls::member_of) else {
+            return false;
+        };
+        if name == shoal_tls::CONTROL_PLANE {
+            return true;
+        }
+        let members = self.inner.members.read().expect("members lock");
+        members.as_ref().is_none_or(|nodes| nodes.contains(&name))
+    }
+
     /// Lets the control plane read local replicas' output through this gateway.
     pub fn set_log_lookup(&self, lookup: LogLookup) {
         *self.inner.logs.write().expect("logs lock") = Some(lookup);
@@ -959,7 +988,14 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 return tracing::debug!(%peer, member = member.is_some(), "no TLS for this kind of client");
             };
             match tokio::time::timeout_at(deadline, start.into_stream(tls)).await {
-                Ok(Ok(stream)) => serve_connection(gateway, stream, peer, member).await,
+                Ok(Ok(stream)) => {
+                    let presented = stream.get_ref().1.peer_certificates();
+                    let first = presented.and_then(|c| c.first()).map(|c| c.as_ref());
+                    if member.is_some() && !gateway.admits(first) {
+                        return tracing::debug!(%peer, "refused a member's certificate: not one of the cluster's nodes");
+                    }
+                    serve_connection(gateway, stream, peer, member).await
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "refused a TLS connection"),
                 Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
             }

@@ -277,6 +277,23 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
         }
     }
 
+    // Once the agent says who the nodes are, a certificate of a node no longer among them
+    // (deleted) gets no connection, while the nodes' and the control plane's still do.
+    b.set_members(["n".to_string(), "n2".to_string()]);
+    let deleted = HttpClient::over(members.node("gone").client);
+    let logs_url = format!("https://{b_addr}{NODE_LOGS_PATH}faulty-b");
+    let refused = deleted
+        .try_send(Method::GET, &logs_url, &[], Bytes::new())
+        .await;
+    assert!(refused.is_err(), "{:?}", refused.map(|r| r.status));
+    for client in [
+        HttpClient::over(members.node("n2").client),
+        members.control_plane(),
+    ] {
+        let reply = client.send(Method::GET, &logs_url, &[], Bytes::new()).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+
     // The same requests from a member reach the internal surface...
     let member = members.client();
     let reply = send(

@@ -160,6 +160,22 @@ impl Authority {
     }
 }
 
+/// The name in the client certificate the control plane reads nodes' logs with: not a valid
+/// node name, so no node can be it.
+pub const CONTROL_PLANE: &str = "shoal:control-plane";
+
+/// Whose certificate `der` is: the node (or [`CONTROL_PLANE`]) it was issued to, as its
+/// common name says. Only meaningful for a certificate the handshake checked against the
+/// cluster CA.
+pub fn member_of(der: &[u8]) -> Option<String> {
+    let params = CertificateParams::from_ca_cert_der(&CertificateDer::from(der)).ok()?;
+    match params.distinguished_name.get(&DnType::CommonName)? {
+        rcgen::DnValue::Utf8String(name) => Some(name.clone()),
+        rcgen::DnValue::PrintableString(name) => Some(name.as_str().to_string()),
+        _ => None,
+    }
+}
+
 fn member_name(name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -459,8 +475,18 @@ mod tests {
         handshake(n1.client.clone(), n2.server.clone(), "127.0.0.2").unwrap();
         handshake(n2.client.clone(), n1.server.clone(), "127.0.0.1").unwrap();
         // The control plane, as a client only.
-        let control = mutual(&ca.issue_client("control-plane").unwrap(), ca.pem()).unwrap();
+        let control = mutual(&ca.issue_client(CONTROL_PLANE).unwrap(), ca.pem()).unwrap();
         handshake(control.client.clone(), n1.server.clone(), "127.0.0.1").unwrap();
+        // Each says whose it is.
+        let key = NodeKey::generate().unwrap();
+        let pem = ca
+            .issue_node(&key.request("n9").unwrap(), "n9", &["127.0.0.9".into()])
+            .unwrap();
+        let der = key.with_certificate(&pem).unwrap().cert;
+        assert_eq!(member_of(&der).as_deref(), Some("n9"));
+        let der = ca.issue_client(CONTROL_PLANE).unwrap().cert;
+        assert_eq!(member_of(&der).as_deref(), Some(CONTROL_PLANE));
+        assert_eq!(member_of(b"not a certificate"), None);
         // A node's certificate names only where it is reached.
         assert!(handshake(n1.client.clone(), n2.server.clone(), "127.0.0.1").is_err());
 

@@ -189,12 +189,23 @@ impl Members {
 
     /// A new member's TLS settings, from a key of its own, as a node gets them at start.
     pub fn member(&self) -> shoal_tls::Mutual {
+        self.node("n")
+    }
+
+    /// [`Members::member`] for node `name`.
+    pub fn node(&self, name: &str) -> shoal_tls::Mutual {
         let key = shoal_tls::NodeKey::generate().unwrap();
         let pem = self
             .ca
-            .issue_node(&key.request("n").unwrap(), "n", &["127.0.0.1".into()])
+            .issue_node(&key.request(name).unwrap(), name, &["127.0.0.1".into()])
             .unwrap();
         shoal_tls::mutual(&key.with_certificate(&pem).unwrap(), self.ca.pem()).unwrap()
+    }
+
+    /// A client with the control plane's certificate.
+    pub fn control_plane(&self) -> HttpClient {
+        let issued = self.ca.issue_client(shoal_tls::CONTROL_PLANE).unwrap();
+        HttpClient::over(shoal_tls::mutual(&issued, self.ca.pem()).unwrap().client)
     }
 
     /// A gateway configuration of a member.
