@@ -18,7 +18,7 @@ guests:
 
 # Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
 # memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours, instance reuse,
-# scheduler throughput. Needs wasmtime 48 (wrk is installed from Debian if missing).
+# scheduler throughput, the cost of a config lookup. Needs wasmtime 48 (wrk is installed from Debian if missing).
 bench: guests
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	cargo bench --bench gateway
@@ -27,6 +27,7 @@ bench: guests
 	cargo bench --bench elasticity
 	cargo bench --bench neighbours
 	cargo bench --bench hotpath
+	cargo bench --bench config
 	cargo bench -p shoal-scheduler
 
 lint:

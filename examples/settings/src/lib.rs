@@ -2,7 +2,9 @@
 //! `[config]`), so that a changed value is visible on the next request.
 //!
 //! `GET /settings` lists every `key=value`, one per line, sorted; `GET /settings/KEY` answers
-//! the value of KEY, or 404 `no such key: KEY`.
+//! the value of KEY, or 404 `no such key: KEY`. With `?from=env`, KEY is read from the
+//! environment instead: the same guest, so a benchmark can weigh a config lookup against an
+//! env lookup.
 
 use std::io::Write as _;
 
@@ -22,9 +24,14 @@ wasip2::http::proxy::export!(Settings);
 
 impl wasip2::exports::http::incoming_handler::Guest for Settings {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
-        let path = request.path_with_query().unwrap_or_else(|| "/".into());
-        let path = path.split('?').next().unwrap_or("/");
-        let (status, body) = answer(path.strip_prefix("/settings").unwrap_or(path));
+        let target = request.path_with_query().unwrap_or_else(|| "/".into());
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let rest = path.strip_prefix("/settings").unwrap_or(path);
+        let (status, body) = if query.split('&').any(|p| p == "from=env") {
+            from_env(rest.trim_start_matches('/'))
+        } else {
+            answer(rest)
+        };
         respond(response_out, status, &body);
     }
 }
@@ -45,6 +52,14 @@ fn answer(rest: &str) -> (u16, String) {
             Ok(None) => (404, format!("no such key: {key}\n")),
             Err(e) => (500, format!("config: {e:?}\n")),
         },
+    }
+}
+
+/// The status and body for environment variable `name`.
+fn from_env(name: &str) -> (u16, String) {
+    match std::env::var(name) {
+        Ok(value) => (200, format!("{value}\n")),
+        Err(_) => (404, format!("no such variable: {name}\n")),
     }
 }
 
