@@ -12,14 +12,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use shoal_core::Route;
 use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_http2_connection_carries_many_requests_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let runtime = runtime(dir.path());
-    let gateway = Gateway::new(GatewayConfig::default());
+/// A gateway configured as `config` routing `/hello` to one local `hello` replica that
+/// greets with "hi".
+async fn hello_gateway(runtime: &shoal_runtime::Runtime, config: GatewayConfig) -> Gateway {
+    let gateway = Gateway::new(config);
     gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
     let hello = service(
-        &runtime,
+        runtime,
         shoal_fixtures::HELLO_WASM,
         instance(&[("GREETING", "hi")]),
     )
@@ -28,7 +27,14 @@ async fn one_http2_connection_carries_many_requests_at_once() {
         app("hello"),
         Endpoint::local("hello-1".into(), 1, hello, 64),
     );
-    let addr = serve(&gateway).await;
+    gateway
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_http2_connection_carries_many_requests_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let addr = serve(&hello_gateway(&runtime, GatewayConfig::default()).await).await;
 
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (sender, connection) =
@@ -166,18 +172,7 @@ async fn hops_between_members_go_over_tls_in_either_http_version_and_outsiders_g
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let members = Members::new();
-    let b = Gateway::new(members.gateway());
-    let hello = service(
-        &runtime,
-        shoal_fixtures::HELLO_WASM,
-        instance(&[("GREETING", "hi")]),
-    )
-    .await;
-    b.add_endpoint(
-        app("hello"),
-        Endpoint::local("hello-1".into(), 1, hello, 64),
-    );
-    let b_addr = serve(&b).await;
+    let b_addr = serve(&hello_gateway(&runtime, members.gateway()).await).await;
     let client = HttpClient::new();
     for hop_http2 in [true, false] {
         let config = GatewayConfig {
@@ -287,22 +282,11 @@ async fn the_public_gets_https_by_host_name_beside_plain_text_and_the_members() 
         .unwrap()
         .keyed_chain()])
     .unwrap();
-    let gateway = Gateway::new(GatewayConfig {
+    let config = GatewayConfig {
         ingress_tls: Some(ingress),
         ..members.gateway()
-    });
-    gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
-    let hello = service(
-        &runtime,
-        shoal_fixtures::HELLO_WASM,
-        instance(&[("GREETING", "hi")]),
-    )
-    .await;
-    gateway.add_endpoint(
-        app("hello"),
-        Endpoint::local("hello-1".into(), 1, hello, 64),
-    );
-    let addr = serve(&gateway).await;
+    };
+    let addr = serve(&hello_gateway(&runtime, config).await).await;
 
     // HTTPS for the host its certificate names, in the HTTP version the client offers.
     for (alpn, version) in [

@@ -110,7 +110,6 @@ impl Authority {
     /// A certificate for a server reached at `names` (host names or IP addresses), with a key
     /// of its own.
     pub fn issue_server(&self, names: &[String]) -> Result<Issued, TlsError> {
-        let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(names.to_vec())?;
         let mut name = DistinguishedName::new();
         name.push(
@@ -119,6 +118,12 @@ impl Authority {
         );
         params.distinguished_name = name;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_with_new_key(params)
+    }
+
+    /// Signs `params` for a key made here, valid until 2100; the certificate and that key.
+    fn sign_with_new_key(&self, mut params: CertificateParams) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate()?;
         params.not_after = rcgen::date_time_ymd(2100, 1, 1);
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
@@ -147,16 +152,10 @@ impl Authority {
     /// A client certificate for `name`, with a key of its own: the control plane's, for
     /// reading nodes' logs.
     pub fn issue_client(&self, name: &str) -> Result<Issued, TlsError> {
-        let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = member_name(name);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
-        let cert = params.signed_by(&key, &self.issuer, &self.key)?;
-        Ok(Issued {
-            cert: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-        })
+        self.sign_with_new_key(params)
     }
 }
 
