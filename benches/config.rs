@@ -86,4 +86,36 @@ fn main() {
         "config lookup / env lookup (same guest): {:.3}x",
         medians[1] / medians[2]
     );
+
+    // How soon a changed value reaches requests: from the apply's answer to the first
+    // response with the new value, polling as fast as one client can.
+    let http = common::client();
+    let mut delays = Vec::new();
+    for i in 1..=5 {
+        let text = std::fs::read_to_string(&settings)
+            .unwrap()
+            .replace("Hello from wasi:config!", &format!("value {i}"));
+        let spec = write_spec(c.dir.path(), &format!("settings-{i}.toml"), &text);
+        c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+        let applied = std::time::Instant::now();
+        let want = format!("value {i}\n");
+        while http
+            .get(format!("{}/settings/greeting", c.gateway))
+            .send()
+            .and_then(|r| r.text())
+            .map_or(true, |body| body != want)
+        {
+            assert!(applied.elapsed().as_secs() < 60, "value {i} never arrived");
+        }
+        delays.push(applied.elapsed().as_secs_f64() * 1e3);
+    }
+    println!();
+    println!(
+        "a changed [config] value served, ms after the apply answered (5 changes): {}",
+        delays
+            .iter()
+            .map(|d| format!("{d:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
