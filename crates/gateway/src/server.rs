@@ -321,7 +321,6 @@ impl Gateway {
         *self.inner.services.write().expect("services lock") = apps.into_iter().collect();
     }
 
-    /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
     /// The cluster's nodes as of now: from here on a member's connection is let in only if
     /// its certificate is one of theirs or the control plane's, so a deleted node's
     /// certificate, still signed by the cluster CA, no longer reaches this node.
@@ -413,6 +412,7 @@ impl Gateway {
         self.serve_pinned(req).instrument(span).await
     }
 
+    /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
     pub(crate) fn knows(&self, app: &AppKey) -> bool {
         self.inner
             .services
