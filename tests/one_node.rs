@@ -248,6 +248,40 @@ fn the_gateway_serves_https_with_the_certificates_it_is_given() {
     assert_eq!(resp.status(), 200);
     assert!(resp.text().unwrap().contains("Hello from Shoal!"));
 
+    // Renewed in place: new files and a SIGHUP, and the next connections get the new
+    // certificate (here from another CA, to tell them apart). (That files which do not load
+    // leave the one in use serving is `shoal-tls`'s unit test.)
+    let renewed_dir = tempfile::tempdir().unwrap();
+    let renewed_ca = shoal_tls::Authority::load_or_create(renewed_dir.path()).unwrap();
+    let renewed = renewed_ca
+        .issue_server(&["hello.test".into()])
+        .unwrap()
+        .keyed_chain();
+    std::fs::write(cert, &renewed.chain).unwrap();
+    std::fs::write(key, &renewed.key).unwrap();
+    assert_eq!(unsafe { libc::kill(c.pid() as i32, libc::SIGHUP) }, 0);
+    let trusting = |ca: &str| {
+        reqwest::blocking::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+            .resolve("hello.test", addr)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    };
+    let url = format!("https://hello.test:{}/hello", addr.port());
+    let new_client = trusting(renewed_ca.pem());
+    assert!(
+        poll(Duration::from_secs(10), || new_client
+            .get(&url)
+            .send()
+            .is_ok_and(|r| r.status() == 200)),
+        "the renewed certificate is not served"
+    );
+    assert!(
+        trusting(ca.pem()).get(&url).send().is_err(),
+        "the old one still is"
+    );
+
     // A key that is not the certificate's: `shoal up` says so and does not start.
     let other = ca
         .issue_server(&["other.test".into()])

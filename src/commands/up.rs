@@ -349,6 +349,7 @@ async fn member_tls(
 }
 
 /// The gateway's HTTPS settings from `--gateway-cert` and `--gateway-key`, paired in order.
+/// The files are read again on SIGHUP (a renewed certificate), as nginx does.
 fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls::ServerConfig>>> {
     if certs.is_empty() {
         return Ok(None);
@@ -359,10 +360,18 @@ fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls:
         certs.len(),
         keys.len()
     );
+    let (config, live) = shoal_tls::ingress_config(&read_pairs(certs, keys)?)
+        .context("--gateway-cert/--gateway-key")?;
+    tokio::spawn(reload_on_hangup(certs.to_vec(), keys.to_vec(), live));
+    Ok(Some(config))
+}
+
+/// Each certificate file with its key file, read.
+fn read_pairs(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<shoal_tls::KeyedChain>> {
     let read = |path: &PathBuf| {
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
     };
-    let pairs = certs
+    certs
         .iter()
         .zip(keys)
         .map(|(cert, key)| {
@@ -371,9 +380,30 @@ fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls:
                 key: read(key)?,
             })
         })
-        .collect::<Result<Vec<_>>>()?;
-    let config = shoal_tls::ingress_config(&pairs).context("--gateway-cert/--gateway-key")?;
-    Ok(Some(config))
+        .collect()
+}
+
+/// Reads the gateway's certificate files again at every SIGHUP; a set that does not load
+/// leaves the one in use serving.
+async fn reload_on_hangup(certs: Vec<PathBuf>, keys: Vec<PathBuf>, live: shoal_tls::IngressCerts) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            return tracing::warn!(error = %e, "no SIGHUP: gateway certificates reload only at a restart");
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let loaded = read_pairs(&certs, &keys)
+            .and_then(|pairs| live.replace(&pairs).context("--gateway-cert/--gateway-key"));
+        match loaded {
+            Ok(()) => tracing::info!("SIGHUP: the gateway serves the certificates read again"),
+            Err(e) => tracing::warn!(
+                error = format!("{e:#}"),
+                "SIGHUP: kept the gateway certificates in use"
+            ),
+        }
+    }
 }
 
 /// The node's name: `--node-name`, or the host name when it is a valid one.

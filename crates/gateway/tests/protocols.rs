@@ -277,7 +277,7 @@ async fn the_public_gets_https_by_host_name_beside_plain_text_and_the_members() 
     let members = Members::new();
     let site_dir = tempfile::tempdir().unwrap();
     let site = shoal_tls::Authority::load_or_create(site_dir.path()).unwrap();
-    let ingress = shoal_tls::ingress_config(&[site
+    let (ingress, _) = shoal_tls::ingress_config(&[site
         .issue_server(&["hello.test".into()])
         .unwrap()
         .keyed_chain()])

@@ -291,13 +291,41 @@ pub struct KeyedChain {
 
 /// TLS settings for the gateway's public side: of `certs`, each client gets the first that
 /// names the host it asks for (SNI, wildcards included), or else the first; HTTP/2 and
-/// HTTP/1.1. Every chain must have its own key and name at least one host.
-pub fn ingress_config(certs: &[KeyedChain]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// HTTP/1.1. Every chain must have its own key and name at least one host. The
+/// [`IngressCerts`] swaps the certificates in place, for the connections that follow.
+pub fn ingress_config(
+    certs: &[KeyedChain],
+) -> Result<(Arc<rustls::ServerConfig>, IngressCerts), TlsError> {
+    let resolver = Arc::new(BySni(std::sync::RwLock::new(keyed(certs)?)));
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver.clone());
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok((Arc::new(config), IngressCerts(resolver)))
+}
+
+/// The certificates of an [`ingress_config`], to replace without a restart (a renewal).
+#[derive(Clone)]
+pub struct IngressCerts(Arc<BySni>);
+
+impl IngressCerts {
+    /// Serves `certs` from the next handshake on, if every one of them is good; otherwise
+    /// keeps the ones in use and says why.
+    pub fn replace(&self, certs: &[KeyedChain]) -> Result<(), TlsError> {
+        let keyed = keyed(certs)?;
+        *self.0.0.write().unwrap_or_else(|p| p.into_inner()) = keyed;
+        Ok(())
+    }
+}
+
+/// Each chain with its key, checked to belong together.
+fn keyed(certs: &[KeyedChain]) -> Result<Vec<Arc<rustls::sign::CertifiedKey>>, TlsError> {
     if certs.is_empty() {
         return Err(TlsError::Pem("no certificate given".into()));
     }
     let provider = provider();
-    let keyed = certs
+    certs
         .iter()
         .enumerate()
         .map(|(i, c)| {
@@ -312,18 +340,12 @@ pub fn ingress_config(certs: &[KeyedChain]) -> Result<Arc<rustls::ServerConfig>,
                 .map(Arc::new)
                 .map_err(|e| TlsError::Pem(format!("certificate {} and its key: {e}", i + 1)))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(BySni(keyed)));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+        .collect()
 }
 
 /// Picks the certificate that names the host a client asks for; see [`ingress_config`].
 #[derive(Debug)]
-struct BySni(Vec<Arc<rustls::sign::CertifiedKey>>);
+struct BySni(std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>);
 
 impl BySni {
     fn names(key: &rustls::sign::CertifiedKey, host: &rustls::pki_types::ServerName<'_>) -> bool {
@@ -342,9 +364,10 @@ impl rustls::server::ResolvesServerCert for BySni {
         let asked = hello
             .server_name()
             .and_then(|name| rustls::pki_types::ServerName::try_from(name).ok());
+        let keys = self.0.read().unwrap_or_else(|p| p.into_inner());
         asked
-            .and_then(|host| self.0.iter().find(|key| Self::names(key, &host)))
-            .or_else(|| self.0.first())
+            .and_then(|host| keys.iter().find(|key| Self::names(key, &host)))
+            .or_else(|| keys.first())
             .cloned()
     }
 }
@@ -525,22 +548,31 @@ mod tests {
         let ca = Authority::load_or_create(dir.path()).unwrap();
         let first = ca.issue_server(&["app.example.com".into()]).unwrap();
         let wild = ca.issue_server(&["*.wild.test".into()]).unwrap();
-        let config = ingress_config(&[first.keyed_chain(), wild.keyed_chain()]).unwrap();
+        let (config, certs) = ingress_config(&[first.keyed_chain(), wild.keyed_chain()]).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
             .unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(provider())
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Every handshake a full one: a resumed session shows no certificate.
+        client.resumption = rustls::client::Resumption::disabled();
         for host in ["app.example.com", "a.wild.test", "b.wild.test"] {
             handshake(client.clone(), config.clone(), host).unwrap();
         }
         // A host no certificate names gets the first one, which the client refuses.
         assert!(handshake(client.clone(), config.clone(), "other.example.com").is_err());
-        assert!(handshake(client, config, "deep.a.wild.test").is_err());
+        assert!(handshake(client.clone(), config.clone(), "deep.a.wild.test").is_err());
+        // Replaced in place: the next handshakes get the new ones; a bad set changes nothing.
+        let other = ca.issue_server(&["other.example.com".into()]).unwrap();
+        certs.replace(&[other.keyed_chain()]).unwrap();
+        handshake(client.clone(), config.clone(), "other.example.com").unwrap();
+        assert!(handshake(client.clone(), config.clone(), "app.example.com").is_err());
+        assert!(certs.replace(&[]).is_err());
+        handshake(client, config, "other.example.com").unwrap();
     }
 
     #[test]
