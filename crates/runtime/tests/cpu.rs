@@ -60,7 +60,10 @@ async fn a_hard_limit_throttles_a_spinning_guest_even_alone() {
         usage.used_ns > 10 * MS && usage.used_ns < 400 * MS,
         "{usage:?}"
     );
-    assert!(usage.throttled_ns > 500 * MS, "{usage:?}");
+    // And the limit is what held it back: it waited on its quota. (On an idle machine most of
+    // the second; on a starved one, where the guest could not even use its 10 %, much less:
+    // 33 ms once, with a CI run and a test run sharing both cores.)
+    assert!(usage.throttled_ns > 10 * MS, "{usage:?}");
 }
 
 #[tokio::test]
