@@ -48,6 +48,8 @@ enum Command {
     Node(commands::node::NodeCommand),
     /// Manage API tokens (create, list, revoke) and rotate the join token.
     Token(commands::token::TokenCommand),
+    /// Manage config sets that apps share (create, set, unset, get, delete).
+    Config(commands::config::ConfigCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// List apps, jobs, replicas, modules, nodes, services or events.
@@ -94,6 +96,7 @@ fn main() -> ExitCode {
             Command::Server(args) => commands::server::run(ctx, args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
+            Command::Config(cmd) => commands::config::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,

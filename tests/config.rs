@@ -1,6 +1,7 @@
-//! An app's `[config]` end to end on `shoal up`: served to the guest through
-//! `wasi:config/store`, changed by an apply without one failed request, recorded in the
-//! rollout history and brought back by `rollout undo`, shown by `describe`.
+//! An app's `[config]` and its config sets end to end on `shoal up`: served to the guest
+//! through `wasi:config/store`, changed by an apply (or a change to the set) without one
+//! failed request, recorded in the rollout history and brought back by `rollout undo`, shown
+//! by `describe`.
 
 mod common;
 
@@ -106,4 +107,101 @@ fn env_values_may_come_from_config() {
         err.contains("\"dns\"") && err.contains("bad.toml:"),
         "{err}"
     );
+}
+
+#[test]
+fn config_sets_are_shared_and_a_change_rolls_their_users() {
+    let c = Cluster::start();
+    let d = c.dir.path();
+    let out = c.cli_ok(&[
+        "config",
+        "create",
+        "shared",
+        "--from-literal",
+        "color=blue",
+        "--from-literal",
+        "greeting=from the set",
+    ]);
+    assert!(out.contains("config set shared created (2 keys)"), "{out}");
+    // The app's own [config] is over the set's.
+    let text = std::fs::read_to_string(format!("{}/settings/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace(
+            "name = \"settings\"",
+            "name = \"settings\"\nconfig_sets = [\"shared\"]",
+        );
+    let spec = write_spec(d, "settings.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.wait_gw("/settings/color", 200, "blue");
+    let all = c.gw("/settings").text().unwrap();
+    assert_eq!(
+        all,
+        "color=blue\ngreeting=Hello from wasi:config!\nlog.level=info\n"
+    );
+
+    // Changing the set rolls the app, with no failed request.
+    let load = Load::start(format!("{}/settings/color", c.gateway));
+    let out = c.cli_ok(&["config", "set", "shared", "color=green"]);
+    assert!(out.contains("app settings applied again"), "{out}");
+    assert!(
+        poll(Duration::from_secs(30), || c
+            .gw("/settings/color")
+            .text()
+            .unwrap()
+            == "green\n"),
+        "the set's new value never arrived"
+    );
+    let out = c.cli(&[
+        "rollout",
+        "status",
+        "settings",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+    let history = c.cli_ok(&["rollout", "history", "settings"]);
+    assert!(history.contains("config.color"), "{history}");
+    let described = c.cli_ok(&["describe", "app", "settings"]);
+    assert!(described.contains("Config sets:  shared"), "{described}");
+
+    let listed = c.cli_ok(&["config", "get"]);
+    assert!(
+        listed.contains("shared")
+            && listed.contains("color,greeting")
+            && listed.contains("settings"),
+        "{listed}"
+    );
+    assert_eq!(
+        c.cli_ok(&["config", "get", "shared"]),
+        "color=green\ngreeting=from the set\n"
+    );
+    // In use: not deleted.
+    let err = c.cli_err(&["config", "delete", "shared"]);
+    assert!(err.contains("used by settings"), "{err}");
+    // A set that does not exist: refused, with the file and line that names it.
+    let missing = write_spec(d, "missing.toml", &text.replace("\"shared\"", "\"nosuch\""));
+    let err = c.cli_err(&["apply", "-f", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("missing.toml:2:") && err.contains("nosuch"),
+        "{err}"
+    );
+
+    // Undone like any change: the set's old value is back.
+    c.cli_ok(&["rollout", "undo", "settings"]);
+    assert!(
+        poll(Duration::from_secs(30), || c
+            .gw("/settings/color")
+            .text()
+            .unwrap()
+            == "blue\n"),
+        "undo did not bring the set's old value back"
+    );
+    // Once no app names it, it goes.
+    c.cli_ok(&["delete", "app", "settings"]);
+    c.cli_ok(&["config", "delete", "shared"]);
+    assert!(!c.cli_ok(&["config", "get"]).contains("shared"));
 }

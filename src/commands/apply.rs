@@ -94,6 +94,25 @@ pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<A
     let spec = manifest
         .resolve(digest)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    // Named where the file names them: the server refuses an unknown set too, but cannot
+    // say on which line.
+    for set in &spec.config_sets {
+        let path = format!("/v1/configs/{}?namespace={}", set.name, spec.namespace);
+        let resp = client.request(reqwest::Method::GET, &path).send().await;
+        if resp.is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND) {
+            let line = text
+                .lines()
+                .position(|l| l.trim_start().starts_with("config_sets"))
+                .map_or(String::new(), |n| format!("{}:", n + 1));
+            bail!(
+                "{}:{line} config_sets: config set {} does not exist in namespace {}: create it with `shoal config create {}`",
+                file.display(),
+                set.name,
+                spec.namespace,
+                set.name
+            );
+        }
+    }
     let path = if dry_run {
         "/v1/apps?dry_run=true"
     } else {

@@ -182,6 +182,10 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
             println!("  {k}={v}");
         }
     }
+    if !s.config_sets.is_empty() {
+        let names: Vec<&str> = s.config_sets.iter().map(|r| r.name.as_str()).collect();
+        println!("Config sets:  {}", names.join(", "));
+    }
     if !s.config.is_empty() {
         println!("Config:");
         for (k, v) in &s.config {

@@ -495,17 +495,14 @@ impl Agent {
                 return;
             }
         };
+        let values = t.effective_config();
         let config = InstanceConfig {
             env: t
                 .env
                 .iter()
-                .map(|(k, v)| (k.clone(), self.downward(&replica, &t.config, v)))
+                .map(|(k, v)| (k.clone(), self.downward(&replica, &values, v)))
                 .collect(),
-            config: t
-                .config
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            config: values.into_iter().collect(),
             args: t.component.args.clone(),
             memory_limit: t.resources.limits.memory_bytes,
             timeout: match t.component.kind {
@@ -836,8 +833,8 @@ impl Agent {
 impl Agent {
     /// An env value that names a fact about the replica (`$(node)`, `$(replica)`,
     /// `$(revision)`, `$(app)`, `$(namespace)`) becomes that fact, as Kubernetes'
-    /// downward API does, and `$(config.KEY)` the app's `[config]` value of KEY (the
-    /// apply checked that it has one); only what the spec asks for reaches the guest.
+    /// downward API does, and `$(config.KEY)` the app's config value of KEY (`[config]`
+    /// over its config sets; the apply checked that it has one); only what the spec asks for reaches the guest.
     fn downward(
         &self,
         replica: &Replica,

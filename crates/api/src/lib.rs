@@ -20,9 +20,10 @@ pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
-    AppCpu, AppSummary, ApplyOutcome, ApplyResult, CertificateRequest, Change, CpuView,
-    CreatedToken, Delta, Describe, INCIDENT_REASONS, IssuedCertificate, JobRun, JobSummary,
-    JoinRequest, JoinResponse, NodeAction, NodeSummary, Object, ObjectKey, ReplicaIncident,
-    ReplicaReport, RevisionCount, RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView,
-    Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, Waiting,
+    AppCpu, AppSummary, ApplyOutcome, ApplyResult, CertificateRequest, Change, ConfigSetRequest,
+    ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe, INCIDENT_REASONS,
+    IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse, NodeAction, NodeSummary,
+    Object, ObjectKey, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction, RolloutView,
+    RotatedJoinToken, RunView, ScaleView, Service, ServiceEndpoint, Snapshot, TokenRequest,
+    TokenView, Waiting,
 };

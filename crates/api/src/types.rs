@@ -189,6 +189,32 @@ pub struct CreatedToken {
     pub token: String,
 }
 
+/// A config set as `shoal config get` lists it: its keys and the apps that name it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigSetView {
+    pub namespace: String,
+    pub name: String,
+    pub keys: Vec<String>,
+    pub used_by: Vec<String>,
+    pub updated_at: shoal_core::Millis,
+}
+
+/// The body of `PUT /v1/configs/{name}`: the set's values, whole; with `create`, only if the
+/// set does not exist yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigSetRequest {
+    pub data: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub create: bool,
+}
+
+/// The answer to a `PUT /v1/configs/{name}`: the set, and the apps applied again with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigSetWritten {
+    pub set: shoal_core::ConfigSet,
+    pub rolled: Vec<String>,
+}
+
 /// What a node sends with the join token to get its own credential.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinRequest {

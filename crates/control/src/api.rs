@@ -15,8 +15,9 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, ApplyOutcome, CertificateRequest, IssuedCertificate, JoinRequest, NodeAction,
-    ReplicaIncident, ReplicaReport, RolloutAction, RotatedJoinToken, TokenRequest, Waiting,
+    AppCpu, ApplyOutcome, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
+    IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
+    RotatedJoinToken, TokenRequest, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
@@ -65,6 +66,10 @@ admin_api! {
     POST "/v1/apps/{name}/scale" => scale, Deployer, Namespace;
     GET "/v1/apps/{name}/rollout" => rollout_status, Viewer, Namespace;
     POST "/v1/apps/{name}/rollout/{action}" => rollout_action, Deployer, Namespace;
+    GET "/v1/configs" => list_configs, Viewer, NamespaceOrAll;
+    GET "/v1/configs/{name}" => get_config, Viewer, Namespace;
+    PUT "/v1/configs/{name}" => put_config, Deployer, Namespace;
+    DELETE "/v1/configs/{name}" => delete_config, Deployer, Namespace;
     GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
     GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
@@ -235,12 +240,16 @@ struct NsQuery {
 impl NsQuery {
     fn key(&self, name: String) -> AppKey {
         AppKey {
-            namespace: self
-                .namespace
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            namespace: self.namespace(),
             name,
         }
+    }
+
+    /// The namespace asked for, or the default one.
+    fn namespace(&self) -> String {
+        self.namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into())
     }
 }
 
@@ -369,6 +378,50 @@ async fn delete_app(
     let k2 = key.clone();
     blocking(move || cp.delete_app(&k2)).await?;
     Ok(Json(serde_json::json!({ "deleted": key.to_string() })).into_response())
+}
+
+async fn list_configs(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.config_sets(q.namespace.as_deref()))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+async fn get_config(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    blocking(move || cp.config_set(&ns, &name))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+async fn put_config(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+    JsonBody(req): JsonBody<ConfigSetRequest>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let (set, rolled) =
+        blocking(move || cp.put_config_set(&ns, &name, req.data, req.create)).await?;
+    let rolled = rolled.iter().map(|k| k.name.clone()).collect();
+    Ok(Json(ConfigSetWritten { set, rolled }).into_response())
+}
+
+async fn delete_config(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let deleted = name.clone();
+    blocking(move || cp.delete_config_set(&ns, &name)).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
 
 #[derive(Deserialize)]

@@ -10,6 +10,7 @@
 mod access;
 mod api;
 mod api_error;
+mod configs;
 mod controller;
 mod error;
 mod jobs;

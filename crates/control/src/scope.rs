@@ -1,7 +1,8 @@
 //! What one node reads of the cluster. Every gateway routes to every app, so
 //! a node gets every app, revision, replica, node and rollout, but an app's
-//! configuration (env values, `[config]`, arguments) only for the revisions it runs a
-//! replica of. The rest reaches it with that configuration left out.
+//! configuration (env values, `[config]` and its config sets' values,
+//! arguments) only for the revisions it runs a replica of. The rest reaches it
+//! with that configuration left out.
 //!
 //! Over a watch the node's replicas change: when one is placed on it, its
 //! revision is handed over whole in the same delta, before the replica, so
@@ -16,12 +17,18 @@ use std::collections::{HashMap, HashSet};
 fn redact_app(app: &mut App) {
     app.spec.env.clear();
     app.spec.config.clear();
+    for set in &mut app.spec.config_sets {
+        set.data = None;
+    }
     app.spec.component.args.clear();
 }
 
 fn redact_revision(revision: &mut Revision) {
     revision.template.env.clear();
     revision.template.config.clear();
+    for set in &mut revision.template.config_sets {
+        set.data = None;
+    }
     revision.template.component.args.clear();
 }
 
@@ -140,8 +147,13 @@ mod tests {
              args = [\"--password\", \"hunter2\"]\n[env]\nPASSWORD = \"hunter2\"\n\
              [config]\ndsn = \"db://hunter2\"\n"
         );
+        let mut spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        spec.config_sets = vec![shoal_core::spec::ConfigSetRef {
+            name: "db".into(),
+            data: Some([("user".to_string(), "admin".to_string())].into()),
+        }];
         App {
-            spec: parse_app(&src).unwrap().resolve(digest).unwrap(),
+            spec,
             revision: 2,
             created_at: 0,
             updated_at: 0,
@@ -187,6 +199,7 @@ mod tests {
     fn configured(r: &Revision) -> bool {
         r.template.env.contains_key("PASSWORD")
             && r.template.config.contains_key("dsn")
+            && r.template.effective_config().contains_key("user")
             && !r.template.component.args.is_empty()
     }
 
@@ -214,6 +227,7 @@ mod tests {
         NodeScope::new("n1", &snapshot.replicas).snapshot(&mut snapshot);
         assert!(configured(&snapshot.revisions[0]), "n1 runs revision 1");
         assert!(!configured(&snapshot.revisions[1]), "n2's revision 2");
+        assert_eq!(snapshot.revisions[1].template.config_sets[0].data, None);
         assert!(snapshot.apps[0].spec.env.is_empty());
         assert!(snapshot.apps[0].spec.config.is_empty());
         assert!(snapshot.apps[0].spec.component.args.is_empty());
@@ -222,6 +236,7 @@ mod tests {
             let mut a = app().spec;
             a.env.clear();
             a.config.clear();
+            a.config_sets[0].data = None;
             a.component.args.clear();
             a
         });

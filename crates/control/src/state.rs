@@ -294,6 +294,8 @@ impl ControlPlane {
 
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
+        let spec = self.resolve_config_sets(spec)?;
+        spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
         let module = self.get::<Module>(&keys::module(&spec.component.digest))?;
         match &module {

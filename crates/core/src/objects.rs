@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 /// collection in two.
 pub mod keys {
     use super::{
-        ApiToken, App, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica, Revision,
-        RolloutStatus, RouteClaim,
+        ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica,
+        Revision, RolloutStatus, RouteClaim,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -129,9 +129,14 @@ pub mod keys {
     pub const ROUTES: Prefix<RouteClaim> = Prefix::fixed("/routes/");
     pub const CREDENTIALS: Prefix<NodeCredential> = Prefix::fixed("/credentials/nodes/");
     pub const TOKENS: Prefix<ApiToken> = Prefix::fixed("/credentials/tokens/");
+    pub const CONFIG_SETS: Prefix<ConfigSet> = Prefix::fixed("/configs/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
+    }
+    /// Every app of namespace `ns`.
+    pub fn apps_in(ns: &str) -> Prefix<App> {
+        Prefix::of(format!("{}{ns}/", APPS.as_str()))
     }
     pub fn revisions_of(k: &AppKey) -> Prefix<Revision> {
         Prefix::of(format!("{}{}/{}/", REVISIONS.as_str(), k.namespace, k.name))
@@ -186,6 +191,12 @@ pub mod keys {
     }
     pub fn module(digest: &str) -> Key<Module> {
         Key::new(format!("{}{digest}", MODULES.as_str()))
+    }
+    pub fn config_sets_in(ns: &str) -> Prefix<ConfigSet> {
+        Prefix::of(format!("{}{ns}/", CONFIG_SETS.as_str()))
+    }
+    pub fn config_set(ns: &str, name: &str) -> Key<ConfigSet> {
+        Key::new(format!("{}{name}", config_sets_in(ns).as_str()))
     }
     pub fn module_use(digest: &str) -> Key<ModuleUse> {
         Key::new(format!("{}{digest}", MODULE_USES.as_str()))
@@ -518,6 +529,17 @@ pub struct NodeCredential {
     /// Hex SHA-256 of the credential's secret part (see [`crate::auth::Credential`]).
     pub hash: String,
     pub issued_at: Millis,
+}
+
+/// A named set of configuration values that the apps of its namespace share: an app names
+/// it in `config_sets`, and each of its revisions keeps the values it was made with, so a
+/// change to the set rolls its users and `rollout undo` brings the old values back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSet {
+    pub namespace: String,
+    pub name: String,
+    pub data: std::collections::BTreeMap<String, String>,
+    pub updated_at: Millis,
 }
 
 /// An API token made by `shoal token create`: a role, and the namespaces it

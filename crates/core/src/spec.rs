@@ -1045,6 +1045,36 @@ impl Placement {
 pub const MAX_CONFIG_ENTRIES: usize = 1024;
 pub const MAX_CONFIG_BYTES: usize = 1 << 20;
 
+/// The most config sets one app may name.
+pub const MAX_CONFIG_SETS: usize = 16;
+
+/// A config set an app names, and the values the control plane filled in when it applied
+/// the app (`None` until then: a spec as written).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigSetRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<BTreeMap<String, String>>,
+}
+
+/// `sets`' values in order, each over the one before, then `own` over them all.
+fn merged_config(
+    sets: &[ConfigSetRef],
+    own: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut merged = BTreeMap::new();
+    for set in sets {
+        merged.extend(
+            set.data
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+    }
+    merged.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    merged
+}
+
 /// The `[config]` key an env value `$(config.KEY)` asks for, if it is one.
 pub fn config_reference(value: &str) -> Option<&str> {
     value.strip_prefix("$(config.")?.strip_suffix(')')
@@ -1052,7 +1082,7 @@ pub fn config_reference(value: &str) -> Option<&str> {
 
 /// `[config]` keys are 1 to 256 printable characters; all entries together stay within
 /// [`MAX_CONFIG_ENTRIES`] and [`MAX_CONFIG_BYTES`].
-fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
+pub fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
     if config.len() > MAX_CONFIG_ENTRIES {
         return Err(format!(
             "{} entries: at most {MAX_CONFIG_ENTRIES}",
@@ -1104,9 +1134,12 @@ pub struct AppSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// `[config]`: what the guest reads through `wasi:config/store`, as `wasmtime serve
-    /// -Sconfig` serves `-Sconfig-var`s.
+    /// -Sconfig` serves `-Sconfig-var`s, on top of `config_sets`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// Named config sets of the app's namespace, merged in order under `config`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_sets: Vec<ConfigSetRef>,
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
     /// Hosts a guest may call over plain HTTP besides other apps (which it
@@ -1155,6 +1188,9 @@ pub struct Template {
     /// Empty leaves the hash of a template made before `[config]` existed unchanged.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// The sets with the values this revision was made with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_sets: Vec<ConfigSetRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1215,17 +1251,27 @@ impl Template {
                 &format!("env.{name}"),
             );
         }
-        let keys: BTreeSet<&String> = self.config.keys().chain(old.config.keys()).collect();
-        for key in keys {
-            check(
-                self.config.get(key) != old.config.get(key),
-                &format!("config.{key}"),
-            );
+        let (config, was) = (self.effective_config(), old.effective_config());
+        for key in config.keys().chain(was.keys()).collect::<BTreeSet<_>>() {
+            check(config.get(key) != was.get(key), &format!("config.{key}"));
         }
+        check(
+            !self
+                .config_sets
+                .iter()
+                .map(|r| &r.name)
+                .eq(old.config_sets.iter().map(|r| &r.name)),
+            "config_sets",
+        );
         check(self.outbound != old.outbound, "network.outbound");
         check(self.job != old.job, "job");
         check(self.health != old.health, "health");
         out
+    }
+
+    /// What the guest reads: the sets' values in order, then `[config]` over them.
+    pub fn effective_config(&self) -> BTreeMap<String, String> {
+        merged_config(&self.config_sets, &self.config)
     }
 
     /// Stable content hash, so re-applying the same spec is recognised as unchanged.
@@ -1244,6 +1290,7 @@ impl AppSpec {
         spec.resources = template.resources.clone();
         spec.env = template.env.clone();
         spec.config = template.config.clone();
+        spec.config_sets = template.config_sets.clone();
         spec.outbound = template.outbound.clone();
         spec.job = template.job.clone();
         spec.health = template.health.clone();
@@ -1272,6 +1319,7 @@ impl AppSpec {
                 .map_or(DEFAULT_REUSE_CONCURRENT, |h| h.reuse_concurrent),
             env: self.env.clone(),
             config: self.config.clone(),
+            config_sets: self.config_sets.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
             health: self.health.clone(),
@@ -1404,14 +1452,36 @@ impl AppSpec {
         if let Err(m) = check_config(&self.config) {
             return field("config", m);
         }
+        let mut named = BTreeSet::new();
+        for set in &self.config_sets {
+            if let Err(e) = validate_name(&set.name) {
+                return field("config_sets", format!("{:?}: {e}", set.name));
+            }
+            if !named.insert(&set.name) {
+                return field("config_sets", format!("{} is named twice", set.name));
+            }
+        }
+        if self.config_sets.len() > MAX_CONFIG_SETS {
+            return field(
+                "config_sets",
+                format!("{} sets: at most {MAX_CONFIG_SETS}", self.config_sets.len()),
+            );
+        }
+        // Until the control plane has filled in the sets' values, a key may be in one of them.
+        let resolved = self.config_sets.iter().all(|r| r.data.is_some());
+        let config = merged_config(&self.config_sets, &self.config);
+        if resolved && let Err(m) = check_config(&config) {
+            return field("config_sets", m);
+        }
         for (name, value) in &self.env {
             if let Some(key) = config_reference(value)
-                && !self.config.contains_key(key)
+                && !config.contains_key(key)
+                && resolved
             {
                 return field(
                     "env",
                     format!(
-                        "{name} = \"{value}\" asks for config key {key:?}, which [config] does not have"
+                        "{name} = \"{value}\" asks for config key {key:?}, which neither [config] nor its config sets have"
                     ),
                 );
             }
@@ -1611,6 +1681,7 @@ struct RawApp {
     http: Option<Spanned<RawHttp>>,
     env: Option<Spanned<BTreeMap<String, String>>>,
     config: Option<Spanned<BTreeMap<String, String>>>,
+    config_sets: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
@@ -2095,6 +2166,9 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     if let Some(c) = &raw.config {
         spans.insert("config", c.span());
     }
+    if let Some(c) = &raw.config_sets {
+        spans.insert("config_sets", c.span());
+    }
     if let Some(s) = &raw.placement.node_selector {
         spans.insert("placement.node_selector", s.span());
     }
@@ -2243,6 +2317,13 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         http,
         env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
         config: raw.config.map(Spanned::into_inner).unwrap_or_default(),
+        config_sets: raw
+            .config_sets
+            .map(Spanned::into_inner)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|name| ConfigSetRef { name, data: None })
+            .collect(),
         placement: Placement {
             node_selector: raw
                 .placement
@@ -2400,6 +2481,66 @@ A = "1"
         assert_eq!(big.validate().unwrap_err().field.as_deref(), Some("config"));
         let e = parse_app(&with("n = 1")).unwrap_err();
         assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn config_sets_merge_in_order_under_the_apps_own_config() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = HELLO.replacen(
+            "name = \"hello\"",
+            "name = \"hello\"\nconfig_sets = [\"base\", \"site\"]",
+            1,
+        );
+        let src = format!("{src}\n[config]\nmine = \"own\"\n");
+        let mut spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        let names: Vec<_> = spec.config_sets.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["base", "site"]);
+        assert!(
+            spec.config_sets.iter().all(|r| r.data.is_none()),
+            "as written"
+        );
+        let data = |pairs: &[(&str, &str)]| {
+            Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        spec.config_sets[0].data = data(&[("a", "base"), ("b", "base"), ("mine", "base")]);
+        spec.config_sets[1].data = data(&[("b", "site")]);
+        let effective = spec.template().effective_config();
+        let pairs: Vec<_> = effective
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(pairs, [("a", "base"), ("b", "site"), ("mine", "own")]);
+
+        // A set's new value is a new revision naming the key; its old values come back with
+        // the old template.
+        let mut changed = spec.clone();
+        changed.config_sets[1].data = data(&[("b", "site v2")]);
+        assert_eq!(
+            changed.template().changed_fields(&spec.template()),
+            ["config.b"]
+        );
+        assert_ne!(changed.template().hash(), spec.template().hash());
+        assert_eq!(changed.with_template(&spec.template()), spec);
+        // $(config.KEY) may name a key of a set, once its values are in.
+        spec.env.insert("B".into(), "$(config.b)".into());
+        assert!(spec.validate().is_ok());
+        spec.env.insert("Z".into(), "$(config.z)".into());
+        assert_eq!(spec.validate().unwrap_err().field.as_deref(), Some("env"));
+        spec.config_sets[0].data = None;
+        assert!(
+            spec.validate().is_ok(),
+            "unresolved: the control plane will judge"
+        );
+
+        let twice = src.replace("[\"base\", \"site\"]", "[\"base\", \"base\"]");
+        let e = parse_app(&twice).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("config_sets"), "{e}");
+        assert!(e.line.is_some(), "{e}");
     }
 
     #[test]

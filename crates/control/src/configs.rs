@@ -1,0 +1,186 @@
+//! Named config sets (`shoal config`): values the apps of a namespace share. An app names
+//! sets in `config_sets`; every apply fills in their values as they are then
+//! ([`ControlPlane::resolve_config_sets`]), so each revision keeps the values it was made
+//! with. Changing a set applies each of its users again, which rolls them like any change;
+//! a set in use cannot be deleted.
+
+use crate::error::ControlError;
+use crate::state::{ControlPlane, encode};
+use shoal_api::ConfigSetView;
+use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
+use shoal_core::spec::{AppKey, AppSpec, check_config};
+use shoal_core::{App, ConfigSet, EventType};
+use shoal_store::{Op, Txn};
+use std::collections::BTreeMap;
+
+impl ControlPlane {
+    /// `spec` with the values of the sets it names, as they are now; an unknown set is
+    /// refused, naming it.
+    pub(crate) fn resolve_config_sets(&self, mut spec: AppSpec) -> Result<AppSpec, ControlError> {
+        for set in &mut spec.config_sets {
+            let Some((found, _)) = self.get(&keys::config_set(&spec.namespace, &set.name))? else {
+                return Err(ControlError::Invalid {
+                    code: ErrorCode::InvalidSpec,
+                    field: Some("config_sets".into()),
+                    message: format!(
+                        "config set {} does not exist in namespace {}: create it with `shoal config create {}`",
+                        set.name, spec.namespace, set.name
+                    ),
+                });
+            };
+            set.data = Some(found.data);
+        }
+        Ok(spec)
+    }
+
+    /// Writes set `name` of namespace `ns` (creates it only if `create`, else replaces it
+    /// only if it exists), then applies each app that names it again, so they roll to the
+    /// new values. Answers the set and the apps that were applied again.
+    pub fn put_config_set(
+        &self,
+        ns: &str,
+        name: &str,
+        data: BTreeMap<String, String>,
+        create: bool,
+    ) -> Result<(ConfigSet, Vec<AppKey>), ControlError> {
+        let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
+        shoal_core::validate_name(name).map_err(|e| bad(format!("config set name: {e}")))?;
+        shoal_core::validate_name(ns).map_err(|e| bad(format!("namespace: {e}")))?;
+        check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
+        let key = keys::config_set(ns, name);
+        let existing = self.get(&key)?;
+        let txn = match (&existing, create) {
+            (Some(_), true) => {
+                return Err(ControlError::conflict(format!(
+                    "config set {name} exists in namespace {ns}: change it with `shoal config set`"
+                )));
+            }
+            (None, false) => {
+                return Err(ControlError::not_found(format!(
+                    "config set {name} does not exist in namespace {ns}: create it with `shoal config create`"
+                )));
+            }
+            (Some((_, at)), false) => Txn::new().when_mod_revision(key.clone(), *at),
+            (None, true) => Txn::new().when_absent(key.clone()),
+        };
+        let set = ConfigSet {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            data,
+            updated_at: self.now(),
+        };
+        let verb = if create { "created" } else { "changed" };
+        let txn = txn.then(Op::put(key, encode(&set))).then(self.event_op(
+            EventType::Normal,
+            if create {
+                "ConfigSetCreated"
+            } else {
+                "ConfigSetChanged"
+            },
+            format!("config/{ns}/{name}"),
+            None,
+            format!("config set {name} {verb} ({} keys)", set.data.len()),
+        ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "config set {name} changed meanwhile; try again"
+            )));
+        }
+        let mut rolled = Vec::new();
+        for app in self.config_set_users(ns, name)? {
+            let key = app.spec.key();
+            match self.apply(app.spec, false) {
+                Ok(_) => rolled.push(key),
+                // The set is stored; an app that could not take it now (changed at the same
+                // moment, say) takes it at its next apply.
+                Err(e) => {
+                    tracing::warn!(app = %key, error = %e, "an app of a changed config set was not applied again")
+                }
+            }
+        }
+        Ok((set, rolled))
+    }
+
+    /// The apps of namespace `ns` that name set `name`.
+    fn config_set_users(&self, ns: &str, name: &str) -> Result<Vec<App>, ControlError> {
+        Ok(self
+            .list(&keys::apps_in(ns))?
+            .into_iter()
+            .filter(|a: &App| a.spec.config_sets.iter().any(|s| s.name == name))
+            .collect())
+    }
+
+    pub fn config_set(&self, ns: &str, name: &str) -> Result<ConfigSet, ControlError> {
+        self.get(&keys::config_set(ns, name))?
+            .map(|(set, _)| set)
+            .ok_or_else(|| {
+                ControlError::not_found(format!(
+                    "config set {name} does not exist in namespace {ns}"
+                ))
+            })
+    }
+
+    /// Every set of namespace `ns` (of all namespaces if `None`): names, keys, users.
+    pub fn config_sets(&self, ns: Option<&str>) -> Result<Vec<ConfigSetView>, ControlError> {
+        let sets: Vec<ConfigSet> = match ns {
+            Some(ns) => self.list(&keys::config_sets_in(ns))?,
+            None => self.list(&keys::CONFIG_SETS)?,
+        };
+        let apps: Vec<App> = self.list(&keys::APPS)?;
+        Ok(sets
+            .into_iter()
+            .map(|set| ConfigSetView {
+                used_by: apps
+                    .iter()
+                    .filter(|a| {
+                        a.spec.namespace == set.namespace
+                            && a.spec.config_sets.iter().any(|s| s.name == set.name)
+                    })
+                    .map(|a| a.spec.name.clone())
+                    .collect(),
+                keys: set.data.keys().cloned().collect(),
+                namespace: set.namespace,
+                name: set.name,
+                updated_at: set.updated_at,
+            })
+            .collect())
+    }
+
+    /// Deletes set `name` of `ns`, unless an app names it.
+    pub fn delete_config_set(&self, ns: &str, name: &str) -> Result<(), ControlError> {
+        let key = keys::config_set(ns, name);
+        let Some((_, at)) = self.get(&key)? else {
+            return Err(ControlError::not_found(format!(
+                "config set {name} does not exist in namespace {ns}"
+            )));
+        };
+        let users: Vec<String> = self
+            .config_set_users(ns, name)?
+            .into_iter()
+            .map(|a| a.spec.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ControlError::conflict(format!(
+                "config set {name} is used by {}: take it out of their config_sets first",
+                users.join(", ")
+            )));
+        }
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::delete(key))
+            .then(self.event_op(
+                EventType::Normal,
+                "ConfigSetDeleted",
+                format!("config/{ns}/{name}"),
+                None,
+                format!("config set {name} deleted"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "config set {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+}

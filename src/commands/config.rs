@@ -1,0 +1,175 @@
+//! `shoal config`: named config sets that the apps of a namespace share (`config_sets` in a
+//! spec). Changing one rolls the apps that name it.
+
+use super::Context;
+use crate::output::{self, Format, age, table};
+use anyhow::{Context as _, Result, bail};
+use shoal_api::{ConfigSetRequest, ConfigSetView, ConfigSetWritten};
+use shoal_core::ConfigSet;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct ConfigCommand {
+    #[command(subcommand)]
+    action: ConfigAction,
+}
+
+#[derive(clap::Subcommand)]
+enum ConfigAction {
+    /// Make a config set in the namespace (`-n`); apps name it in `config_sets`.
+    Create {
+        /// The set's name.
+        name: String,
+        /// A value, KEY=VALUE (repeatable).
+        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+        literals: Vec<String>,
+        /// A value read from a file, KEY=PATH (repeatable).
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        files: Vec<String>,
+    },
+    /// Set values of a config set (KEY=VALUE…), keeping the others; the apps that name it
+    /// roll to the new values.
+    Set {
+        /// The set's name.
+        name: String,
+        /// The values, KEY=VALUE.
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        values: Vec<String>,
+    },
+    /// Take keys out of a config set; the apps that name it roll without them.
+    Unset {
+        /// The set's name.
+        name: String,
+        /// The keys.
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// List the namespace's config sets (keys and the apps using each), or show one's values.
+    Get {
+        /// A set to show; none: list them all.
+        name: Option<String>,
+    },
+    /// Delete a config set no app names.
+    Delete {
+        /// The set's name.
+        name: String,
+    },
+}
+
+/// Splits `KEY=VALUE`.
+fn pair(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => bail!("{text:?} is not KEY=VALUE"),
+    }
+}
+
+pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
+    let client = ctx.client()?;
+    let ns = ctx.namespace.clone();
+    let path = |name: &str| format!("/v1/configs/{name}?namespace={ns}");
+    let put = |name: &str, data: BTreeMap<String, String>, create: bool| {
+        let req = client
+            .request(reqwest::Method::PUT, &path(name))
+            .json(&ConfigSetRequest { data, create });
+        client.send::<ConfigSetWritten>(req)
+    };
+    match cmd.action {
+        ConfigAction::Create {
+            name,
+            literals,
+            files,
+        } => {
+            let mut data = BTreeMap::new();
+            for text in &literals {
+                let (k, v) = pair(text)?;
+                data.insert(k, v);
+            }
+            for text in &files {
+                let (k, file) = pair(text)?;
+                let v = std::fs::read_to_string(PathBuf::from(&file))
+                    .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
+                data.insert(k, v);
+            }
+            let written = put(&name, data, true).await?;
+            report(&ctx, &written, "created");
+        }
+        ConfigAction::Set { name, values } => {
+            let mut set: ConfigSet = client.get(&path(&name)).await?;
+            for text in &values {
+                let (k, v) = pair(text)?;
+                set.data.insert(k, v);
+            }
+            let written = put(&name, set.data, false).await?;
+            report(&ctx, &written, "changed");
+        }
+        ConfigAction::Unset { name, keys } => {
+            let mut set: ConfigSet = client.get(&path(&name)).await?;
+            for key in &keys {
+                if set.data.remove(key).is_none() {
+                    bail!("config set {name} has no key {key:?}");
+                }
+            }
+            let written = put(&name, set.data, false).await?;
+            report(&ctx, &written, "changed");
+        }
+        ConfigAction::Get { name: Some(name) } => {
+            let set: ConfigSet = client.get(&path(&name)).await?;
+            match ctx.output {
+                Format::Json => output::json(&set),
+                Format::Table => {
+                    for (k, v) in &set.data {
+                        println!("{k}={v}");
+                    }
+                }
+            }
+        }
+        ConfigAction::Get { name: None } => {
+            let sets: Vec<ConfigSetView> =
+                client.get(&format!("/v1/configs?namespace={ns}")).await?;
+            if ctx.output == Format::Json {
+                output::json(&sets);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = sets
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.keys.join(","),
+                        s.used_by.join(","),
+                        age(s.updated_at),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KEYS", "USED BY", "UPDATED"], &rows);
+        }
+        ConfigAction::Delete { name } => {
+            client
+                .checked(client.request(reqwest::Method::DELETE, &path(&name)))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "deleted": name })),
+                Format::Table => println!("config set {name} deleted"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(ctx: &Context, written: &ConfigSetWritten, verb: &str) {
+    match ctx.output {
+        Format::Json => output::json(written),
+        Format::Table => {
+            println!(
+                "config set {} {verb} ({} keys)",
+                written.set.name,
+                written.set.data.len()
+            );
+            for app in &written.rolled {
+                println!("  app {app} applied again");
+            }
+        }
+    }
+}
