@@ -28,6 +28,13 @@ fn settings(dir: &std::path::Path, greeting: &str) -> String {
     .to_string()
 }
 
+/// Whether `path` on the cluster's gateway answers `body` within 30 s.
+fn serves(c: &Cluster, path: &str, body: &str) -> bool {
+    poll(Duration::from_secs(30), || {
+        c.gw(path).text().unwrap() == body
+    })
+}
+
 #[test]
 fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
     let c = Cluster::start();
@@ -44,11 +51,7 @@ fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
     let load = Load::start(format!("{}/settings/greeting", c.gateway));
     c.cli_ok(&["apply", "-f", &settings(d, "two")]);
     assert!(
-        poll(Duration::from_secs(30), || c
-            .gw("/settings/greeting")
-            .text()
-            .unwrap()
-            == "two\n"),
+        serves(&c, "/settings/greeting", "two\n"),
         "the new value never arrived"
     );
     let out = c.cli(&[
@@ -75,11 +78,7 @@ fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
     // Undone like any change.
     c.cli_ok(&["rollout", "undo", "settings"]);
     assert!(
-        poll(Duration::from_secs(30), || c
-            .gw("/settings/greeting")
-            .text()
-            .unwrap()
-            == "one\n"),
+        serves(&c, "/settings/greeting", "one\n"),
         "undo did not bring the old value back"
     );
 }
@@ -145,11 +144,7 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
     let out = c.cli_ok(&["config", "set", "shared", "color=green"]);
     assert!(out.contains("app settings applied again"), "{out}");
     assert!(
-        poll(Duration::from_secs(30), || c
-            .gw("/settings/color")
-            .text()
-            .unwrap()
-            == "green\n"),
+        serves(&c, "/settings/color", "green\n"),
         "the set's new value never arrived"
     );
     let out = c.cli(&[
@@ -193,11 +188,7 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
     // Undone like any change: the set's old value is back.
     c.cli_ok(&["rollout", "undo", "settings"]);
     assert!(
-        poll(Duration::from_secs(30), || c
-            .gw("/settings/color")
-            .text()
-            .unwrap()
-            == "blue\n"),
+        serves(&c, "/settings/color", "blue\n"),
         "undo did not bring the set's old value back"
     );
     // Once no app names it, it goes.
