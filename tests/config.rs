@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Cluster, Load, examples, poll, write_spec};
+use common::{Cluster, Load, LoadResult, examples, poll, write_spec};
 use std::time::Duration;
 
 /// The `settings` example with `greeting` set to `greeting`, 2 replicas.
@@ -35,6 +35,26 @@ fn serves(c: &Cluster, path: &str, body: &str) -> bool {
     })
 }
 
+/// Makes `change` while a client keeps requesting `path`: `path` comes to answer `body`,
+/// the rollout finishes, and no request fails meanwhile. What the client saw.
+fn rolls_under_load(c: &Cluster, path: &str, body: &str, change: impl FnOnce()) -> LoadResult {
+    let load = Load::start(format!("{}{path}", c.gateway));
+    change();
+    assert!(serves(c, path, body), "{path} never answered {body:?}");
+    let out = c.cli(&[
+        "rollout",
+        "status",
+        "settings",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{result:?}");
+    result
+}
+
 #[test]
 fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
     let c = Cluster::start();
@@ -48,23 +68,9 @@ fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
     assert_eq!(missing.status(), 404);
 
     // A new value reaches new requests, with no failed request in between.
-    let load = Load::start(format!("{}/settings/greeting", c.gateway));
-    c.cli_ok(&["apply", "-f", &settings(d, "two")]);
-    assert!(
-        serves(&c, "/settings/greeting", "two\n"),
-        "the new value never arrived"
-    );
-    let out = c.cli(&[
-        "rollout",
-        "status",
-        "settings",
-        "--wait",
-        "--timeout",
-        "60s",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let result = load.stop();
-    assert_eq!(result.failed, 0, "{result:?}");
+    let result = rolls_under_load(&c, "/settings/greeting", "two\n", || {
+        c.cli_ok(&["apply", "-f", &settings(d, "two")]);
+    });
     assert!(result.bodies.contains_key("two\n"), "{result:?}");
 
     let history = c.cli_ok(&["rollout", "history", "settings"]);
@@ -140,24 +146,10 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
     );
 
     // Changing the set rolls the app, with no failed request.
-    let load = Load::start(format!("{}/settings/color", c.gateway));
-    let out = c.cli_ok(&["config", "set", "shared", "color=green"]);
-    assert!(out.contains("app settings applied again"), "{out}");
-    assert!(
-        serves(&c, "/settings/color", "green\n"),
-        "the set's new value never arrived"
-    );
-    let out = c.cli(&[
-        "rollout",
-        "status",
-        "settings",
-        "--wait",
-        "--timeout",
-        "60s",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let result = load.stop();
-    assert_eq!(result.failed, 0, "{result:?}");
+    rolls_under_load(&c, "/settings/color", "green\n", || {
+        let out = c.cli_ok(&["config", "set", "shared", "color=green"]);
+        assert!(out.contains("app settings applied again"), "{out}");
+    });
     let history = c.cli_ok(&["rollout", "history", "settings"]);
     assert!(history.contains("config.color"), "{history}");
     let described = c.cli_ok(&["describe", "app", "settings"]);
