@@ -96,7 +96,7 @@ async fn join(args: JoinArgs) -> Result<()> {
     private_dir(&data)?;
     let name = node_name(&args.node)?;
     let ca = cluster_ca(&args, &data).await?;
-    let http = shoal_agent::http_client(Some(&ca)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name).await?;
     let mut link = RemoteLink::new(http, &args.url, &identity.credential, data.join("modules"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -82,14 +82,14 @@ impl JoinToken {
 
 /// The HTTP client a node reaches its control plane with: trusting the
 /// cluster CA `ca` (PEM) when the API speaks TLS.
-pub fn http_client(ca: Option<&str>) -> LinkResult<reqwest::Client> {
-    let mut http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2));
-    if let Some(pem) = ca {
-        let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-            .map_err(|e| LinkError::Failed(format!("the cluster CA is unreadable: {e}")))?;
-        http = http.add_root_certificate(cert);
-    }
-    http.build().map_err(|e| LinkError::Failed(e.to_string()))
+pub fn http_client(ca: &str) -> LinkResult<reqwest::Client> {
+    let cert = reqwest::Certificate::from_pem(ca.as_bytes())
+        .map_err(|e| LinkError::Failed(format!("the cluster CA is unreadable: {e}")))?;
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .add_root_certificate(cert)
+        .build()
+        .map_err(|e| LinkError::Failed(e.to_string()))
 }
 
 /// Gets node `node` its own credential from the control plane at `base`,
