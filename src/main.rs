@@ -50,9 +50,12 @@ enum Command {
     Token(commands::token::TokenCommand),
     /// Manage config sets that apps share (create, set, unset, get, delete).
     Config(commands::config::ConfigCommand),
+    /// Manage secrets apps read (create, set, unset, get, delete, rotate-key); values are
+    /// never shown.
+    Secret(commands::secret::SecretCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
-    /// List apps, jobs, replicas, modules, nodes, services or events.
+    /// List apps, jobs, replicas, modules, nodes, services, secrets or events.
     Get(commands::get::GetArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
@@ -97,6 +100,7 @@ fn main() -> ExitCode {
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
             Command::Config(cmd) => commands::config::run(ctx, cmd).await,
+            Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,

@@ -18,7 +18,13 @@ fn data_dirs_tokens_and_state_are_private() {
     let c = Cluster::start();
     let data = c.dir.path().join("data");
     assert_eq!(mode(&data), 0o700);
-    for file in ["token", "join-token", "ca-key.pem", "state.redb"] {
+    for file in [
+        "token",
+        "join-token",
+        "ca-key.pem",
+        "secret.key",
+        "state.redb",
+    ] {
         assert_eq!(mode(&data.join(file)), 0o600, "{file}");
     }
 }

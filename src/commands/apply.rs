@@ -94,8 +94,8 @@ pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<A
     let spec = manifest
         .resolve(digest)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-    // Named where the file names them: the server refuses an unknown set too, but cannot
-    // say on which line.
+    // Named where the file names them: the server refuses an unknown set or secret too,
+    // but cannot say on which line.
     for set in &spec.config_sets {
         let path = format!("/v1/configs/{}?namespace={}", set.name, spec.namespace);
         let resp = client.request(reqwest::Method::GET, &path).send().await;
@@ -111,6 +111,41 @@ pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<A
                 spec.namespace,
                 set.name
             );
+        }
+    }
+    for (field, refs) in [("env", &spec.secret_env), ("config", &spec.secret_config)] {
+        for (name, r) in refs {
+            let path = format!("/v1/secrets/{}?namespace={}", r.secret, spec.namespace);
+            let problem = match client.request(reqwest::Method::GET, &path).send().await {
+                Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => format!(
+                    "secret {} does not exist in namespace {}: create it with `shoal secret create {}`",
+                    r.secret, spec.namespace, r.secret
+                ),
+                Ok(resp) if resp.status().is_success() => {
+                    match resp.json::<shoal_api::SecretView>().await {
+                        Ok(view) if !view.keys.contains(&r.key) => format!(
+                            "secret {} has no key {:?} (it has: {})",
+                            r.secret,
+                            r.key,
+                            view.keys.join(", ")
+                        ),
+                        _ => continue,
+                    }
+                }
+                // The server judges what cannot be checked here.
+                _ => continue,
+            };
+            let line = text
+                .lines()
+                .position(|l| {
+                    l.trim_start()
+                        .strip_prefix(name.as_str())
+                        .is_some_and(|rest| {
+                            rest.trim_start().starts_with('=') && l.contains("secret")
+                        })
+                })
+                .map_or(String::new(), |n| format!("{}:", n + 1));
+            bail!("{}:{line} {field}.{name}: {problem}", file.display());
         }
     }
     let path = if dry_run {

@@ -176,20 +176,26 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
             );
         }
     }
-    if !s.env.is_empty() {
+    if !s.env.is_empty() || !s.secret_env.is_empty() {
         println!("Env:");
         for (k, v) in &s.env {
             println!("  {k}={v}");
+        }
+        for (k, r) in &s.secret_env {
+            println!("  {k}=<{r}>");
         }
     }
     if !s.config_sets.is_empty() {
         let names: Vec<&str> = s.config_sets.iter().map(|r| r.name.as_str()).collect();
         println!("Config sets:  {}", names.join(", "));
     }
-    if !s.config.is_empty() {
+    if !s.config.is_empty() || !s.secret_config.is_empty() {
         println!("Config:");
         for (k, v) in &s.config {
             println!("  {k}={v}");
+        }
+        for (k, r) in &s.secret_config {
+            println!("  {k}=<{r}>");
         }
     }
     println!("Created:      {} ago", age(d.app.created_at));

@@ -1,7 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::{AppSummary, JobSummary, NodeSummary, Service};
+use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 
@@ -30,6 +30,8 @@ enum What {
     Events,
     #[value(alias = "service", alias = "svc")]
     Services,
+    #[value(alias = "secret")]
+    Secrets,
 }
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
@@ -142,6 +144,11 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                 ],
                 &replica_rows(&replicas),
             );
+        }
+        What::Secrets => {
+            let secrets: Vec<SecretView> =
+                client.get(&format!("/v1/secrets?namespace={ns}")).await?;
+            super::secret::print_secrets(&ctx, &secrets);
         }
         What::Modules => {
             let modules: Vec<Module> = client.get("/v1/modules").await?;

@@ -11,6 +11,7 @@ pub mod logs;
 pub mod node;
 pub mod rollout;
 pub mod scale;
+pub mod secret;
 pub mod server;
 pub mod token;
 pub mod up;

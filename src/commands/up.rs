@@ -254,6 +254,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             join_token,
             join_token_file: Some(data.join("join-token")),
             authority: Some(ca.clone()),
+            secret_key_file: Some(data.join("secret.key")),
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
             module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,

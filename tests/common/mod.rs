@@ -428,9 +428,9 @@ impl Server {
             .args(["--api", api_addr])
             .args(&extra)
             .env("SHOAL_CONFIG", dir.join("config.toml"))
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file(&dir.join("server.log")))
             .spawn()
             .expect("spawn shoal server");
         let lines = read_lines(&mut child);
@@ -520,6 +520,26 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        print_log_if_failing(&self.dir.join("server.log"));
+    }
+}
+
+/// Where a server's or node's log goes: a file beside its data dir, appended to across
+/// restarts, so a test can read what it logged.
+fn log_file(path: &Path) -> Stdio {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the log file")
+        .into()
+}
+
+/// A failing test shows the log of each process it ran.
+fn print_log_if_failing(path: &Path) {
+    if std::thread::panicking() {
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        eprintln!("---- {} ----\n{log}", path.display());
     }
 }
 
@@ -572,9 +592,9 @@ impl NodeProc {
             .arg(dir)
             .args(["--node-name", name, "--gateway", gw])
             .args(&extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file(&dir.with_extension("log")))
             .spawn()
             .expect("spawn shoal node join");
         let lines = read_lines(&mut child);
@@ -638,6 +658,7 @@ impl Drop for NodeProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        print_log_if_failing(&self.dir.with_extension("log"));
     }
 }
 

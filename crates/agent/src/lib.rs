@@ -24,7 +24,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
     AppCpu, Delta, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
-    Waiting,
+    ReplicaSecrets, Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -495,12 +495,41 @@ impl Agent {
                 return;
             }
         };
-        let values = t.effective_config();
+        // Secret values, only if the revision names some: asked for now, held in this
+        // replica's instance settings only. Until they can be had (the key file missing, a
+        // value damaged) the replica does not start, and says why.
+        let secrets = if t.secret_env.is_empty() && t.secret_config.is_empty() {
+            ReplicaSecrets::default()
+        } else {
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let node = &self.inner.config.node;
+                match self
+                    .inner
+                    .link
+                    .secrets(node, &replica.app, &replica.id)
+                    .await
+                {
+                    Ok(s) => break s,
+                    Err(e) => {
+                        let message = format!("secrets unavailable, retrying: {e}");
+                        logs.push_system(&message);
+                        self.report(&replica, Phase::Starting, Some(message), None)
+                            .await;
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+        };
+        let mut values = t.effective_config();
+        values.extend(secrets.config);
         let config = InstanceConfig {
             env: t
                 .env
                 .iter()
                 .map(|(k, v)| (k.clone(), self.downward(&replica, &values, v)))
+                .chain(secrets.env)
                 .collect(),
             config: values.into_iter().collect(),
             args: t.component.args.clone(),

@@ -9,9 +9,11 @@ use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
     AppCpu, CertificateRequest, Client, ClientError, Delta, IssuedCertificate, JoinRequest,
-    JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+    JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    Snapshot, Waiting,
 };
 use shoal_core::metrics::RevisionStats;
+use shoal_core::spec::AppKey;
 use shoal_core::{Digest, Node};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -296,6 +298,22 @@ impl Link for RemoteLink {
             let req = self.post(&path).json(&request).timeout(CALL_TIMEOUT);
             let issued: IssuedCertificate = self.api().send(req).await.map_err(failed)?;
             Ok(issued.certificate)
+        })
+    }
+
+    fn secrets(
+        &self,
+        node: &str,
+        replica: &AppKey,
+        id: &str,
+    ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>> {
+        let path = format!(
+            "/v1/cluster/nodes/{node}/replicas/{}/{}/{id}/secrets",
+            replica.namespace, replica.name
+        );
+        Box::pin(async move {
+            let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
+            self.api().send(req).await.map_err(failed)
         })
     }
 

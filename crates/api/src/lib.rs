@@ -22,8 +22,8 @@ pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
     AppCpu, AppSummary, ApplyOutcome, ApplyResult, CertificateRequest, Change, ConfigSetRequest,
     ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe, INCIDENT_REASONS,
-    IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse, NodeAction, NodeSummary,
-    Object, ObjectKey, ReplicaIncident, ReplicaReport, RevisionCount, RolloutAction, RolloutView,
-    RotatedJoinToken, RunView, ScaleView, Service, ServiceEndpoint, Snapshot, TokenRequest,
-    TokenView, Waiting,
+    IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse, KeyRotated, NodeAction,
+    NodeSummary, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount,
+    RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite,
+    SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, Waiting,
 };

@@ -4,7 +4,8 @@
 //! links offer exactly those operations, so the agent cannot tell them apart.
 
 use crate::types::{
-    AppCpu, CertificateRequest, Delta, ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+    AppCpu, CertificateRequest, Delta, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot,
+    Waiting,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -43,6 +44,14 @@ pub trait Link: Send + Sync + 'static {
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>>;
     /// A local file with the module's bytes, verified against its digest.
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
+    /// The secret values the revision of `replica`, placed on this node, names: what it
+    /// needs to start. Refused for a replica placed elsewhere.
+    fn secrets(
+        &self,
+        node: &str,
+        replica: &shoal_core::spec::AppKey,
+        id: &str,
+    ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>>;
     /// The node runs `digest` no more: a copy [`Link::module`] fetched may go. The
     /// in-process link hands out the control plane's own file, which stays.
     fn forget_module(&self, _digest: &str) {}

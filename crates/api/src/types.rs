@@ -215,6 +215,77 @@ pub struct ConfigSetWritten {
     pub rolled: Vec<String>,
 }
 
+/// A secret as the API shows it: never its values, only its keys, its versions and the
+/// apps that name it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretView {
+    pub namespace: String,
+    pub name: String,
+    pub keys: Vec<String>,
+    /// The latest version, which an apply pins.
+    pub version: u64,
+    /// Every version kept: the latest and those revisions still name.
+    pub versions: Vec<u64>,
+    pub used_by: Vec<String>,
+    pub updated_at: shoal_core::Millis,
+}
+
+/// The body of `PUT /v1/secrets/{name}`. With `create`, a new secret holding `set`
+/// (refused if it exists); otherwise a new version of an existing one: its latest values,
+/// with `set` over them and `unset` taken out. The API never returns a value, so a change is
+/// described rather than sent whole.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct SecretWrite {
+    #[serde(default)]
+    pub create: bool,
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub unset: Vec<String>,
+}
+
+impl std::fmt::Debug for SecretWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretWrite")
+            .field("create", &self.create)
+            .field("set", &self.set.keys().collect::<Vec<_>>())
+            .field("unset", &self.unset)
+            .finish()
+    }
+}
+
+/// The answer to a `PUT /v1/secrets/{name}`: the secret, and the apps applied again with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecretWritten {
+    pub secret: SecretView,
+    pub rolled: Vec<String>,
+}
+
+/// What `shoal secret rotate-key` did: the new key's id and how many values it sealed again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyRotated {
+    pub key: String,
+    pub secrets: usize,
+    pub values: usize,
+}
+
+/// The secret values one replica's revision names, opened for the node that runs it: env
+/// values and config keys, by name. A node keeps them in memory only; they are not printed.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct ReplicaSecrets {
+    pub env: std::collections::BTreeMap<String, String>,
+    pub config: std::collections::BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ReplicaSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaSecrets")
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("config", &self.config.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
 /// What a node sends with the join token to get its own credential.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinRequest {

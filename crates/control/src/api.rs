@@ -17,7 +17,7 @@ use serde::Deserialize;
 use shoal_api::{
     AppCpu, ApplyOutcome, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
     IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, TokenRequest, Waiting,
+    RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
@@ -70,6 +70,11 @@ admin_api! {
     GET "/v1/configs/{name}" => get_config, Viewer, Namespace;
     PUT "/v1/configs/{name}" => put_config, Deployer, Namespace;
     DELETE "/v1/configs/{name}" => delete_config, Deployer, Namespace;
+    GET "/v1/secrets" => list_secrets, Viewer, NamespaceOrAll;
+    GET "/v1/secrets/{name}" => get_secret, Viewer, Namespace;
+    PUT "/v1/secrets/{name}" => put_secret, Deployer, Namespace;
+    DELETE "/v1/secrets/{name}" => delete_secret, Deployer, Namespace;
+    POST "/v1/secret-key/rotate" => rotate_secret_key, Admin, Cluster;
     GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
     GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
@@ -106,6 +111,10 @@ pub fn router(cp: ControlPlane) -> Router {
         .route(
             "/v1/cluster/nodes/{name}/certificate",
             post(node_certificate),
+        )
+        .route(
+            "/v1/cluster/nodes/{name}/replicas/{namespace}/{app}/{id}/secrets",
+            get(replica_secrets),
         )
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
@@ -422,6 +431,55 @@ async fn delete_config(
     let deleted = name.clone();
     blocking(move || cp.delete_config_set(&ns, &name)).await?;
     Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn list_secrets(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.secrets(q.namespace.as_deref()))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+async fn get_secret(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    blocking(move || cp.secret(&ns, &name))
+        .await
+        .map(|s| Json(s).into_response())
+}
+
+async fn put_secret(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+    JsonBody(write): JsonBody<SecretWrite>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let (secret, rolled) = blocking(move || cp.put_secret(&ns, &name, write)).await?;
+    let rolled = rolled.iter().map(|k| k.name.clone()).collect();
+    Ok(Json(SecretWritten { secret, rolled }).into_response())
+}
+
+async fn delete_secret(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let deleted = name.clone();
+    blocking(move || cp.delete_secret(&ns, &name)).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+}
+
+async fn rotate_secret_key(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.rotate_secret_key())
+        .await
+        .map(|r| Json(r).into_response())
 }
 
 #[derive(Deserialize)]
@@ -883,6 +941,22 @@ async fn incident(
     }
     blocking(move || cp.record_incident(incident)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The secret values a replica placed on the calling node needs to start.
+async fn replica_secrets(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path((name, namespace, app, id)): Path<(String, String, String, String)>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    let app = AppKey {
+        namespace,
+        name: app,
+    };
+    blocking(move || cp.replica_secrets(&name, &app, &id))
+        .await
+        .map(|s| Json(s).into_response())
 }
 
 async fn snapshot(

@@ -37,6 +37,7 @@ impl From<ControlError> for ApiError {
             ControlError::Conflict(_) => ErrorCode::Conflict,
             ControlError::Invalid { code, .. } => code,
             ControlError::Compacted(_) => ErrorCode::Compacted,
+            ControlError::Unavailable(_) => ErrorCode::Unavailable,
             ControlError::Internal => ErrorCode::Internal,
         };
         ApiError::new(code, message)

@@ -20,6 +20,10 @@ pub enum ControlError {
         field: Option<String>,
         message: String,
     },
+    /// Something the request needs cannot be had now (the secret key file is missing, a
+    /// sealed value does not open): said, and nothing is served in its place.
+    #[error("{0}")]
+    Unavailable(String),
     /// Asked for history that was compacted away: read the snapshot again.
     #[error("{0}")]
     Compacted(String),

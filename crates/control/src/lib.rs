@@ -21,6 +21,7 @@ mod modules;
 mod nodes;
 mod rollouts;
 mod scope;
+mod secrets;
 mod serve;
 mod state;
 

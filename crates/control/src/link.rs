@@ -8,7 +8,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
     AppCpu, CertificateRequest, Change, Delta, Link, LinkError, LinkResult, Object, ObjectKey,
-    ReplicaIncident, ReplicaReport, Snapshot, Waiting,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, Waiting,
 };
 use shoal_core::Node;
 use shoal_core::metrics::RevisionStats;
@@ -88,6 +88,27 @@ impl Link for LocalLink {
     fn waiting(&self, node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>> {
         self.0.record_waiting(node, waiting);
         Box::pin(async { Ok(()) })
+    }
+
+    fn secrets(
+        &self,
+        node: &str,
+        replica: &AppKey,
+        id: &str,
+    ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>> {
+        let (cp, node, app, id) = (
+            self.0.clone(),
+            node.to_string(),
+            replica.clone(),
+            id.to_string(),
+        );
+        Box::pin(async move {
+            // Not through `blocking`: a replica or secret not found is no reason to register again.
+            tokio::task::spawn_blocking(move || cp.replica_secrets(&node, &app, &id))
+                .await
+                .map_err(|e| LinkError::Failed(e.to_string()))?
+                .map_err(|e| LinkError::Failed(e.to_string()))
+        })
     }
 
     fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {

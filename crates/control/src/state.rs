@@ -47,6 +47,8 @@ pub struct ControlConfig {
     pub module_gc_grace: Duration,
     /// How the scheduler scores nodes, cluster-wide.
     pub strategy: shoal_scheduler::Strategy,
+    /// The key file that seals secrets (`shoal_secrets`); none: secrets are refused.
+    pub secret_key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -61,6 +63,7 @@ impl Default for ControlConfig {
             max_events: 2000,
             module_gc_grace: Duration::from_secs(600),
             strategy: shoal_scheduler::Strategy::BinPack,
+            secret_key_file: None,
         }
     }
 }
@@ -90,6 +93,9 @@ pub(crate) struct Inner {
     /// Reaches nodes' gateways with the control plane's own certificate, for
     /// logs; none without a CA.
     pub(crate) members: Option<reqwest::Client>,
+    /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
+    /// holds it alone.
+    pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
@@ -157,8 +163,10 @@ impl ControlPlane {
             Some(ca) => Some(member_client(ca)?),
             None => None,
         };
+        let secret_keys = crate::secrets::open_keys(config.secret_key_file.as_deref(), &*store);
         let cp = ControlPlane {
             inner: Arc::new(Inner {
+                secret_keys: std::sync::RwLock::new(secret_keys),
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
@@ -295,6 +303,7 @@ impl ControlPlane {
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let spec = self.resolve_config_sets(spec)?;
+        let spec = self.resolve_secrets(spec)?;
         spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
         let module = self.get::<Module>(&keys::module(&spec.component.digest))?;

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 pub mod keys {
     use super::{
         ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica,
-        Revision, RolloutStatus, RouteClaim,
+        Revision, RolloutStatus, RouteClaim, Secret,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -130,6 +130,7 @@ pub mod keys {
     pub const CREDENTIALS: Prefix<NodeCredential> = Prefix::fixed("/credentials/nodes/");
     pub const TOKENS: Prefix<ApiToken> = Prefix::fixed("/credentials/tokens/");
     pub const CONFIG_SETS: Prefix<ConfigSet> = Prefix::fixed("/configs/");
+    pub const SECRETS: Prefix<Secret> = Prefix::fixed("/secrets/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -137,6 +138,10 @@ pub mod keys {
     /// Every app of namespace `ns`.
     pub fn apps_in(ns: &str) -> Prefix<App> {
         Prefix::of(format!("{}{ns}/", APPS.as_str()))
+    }
+    /// Every revision of every app in namespace `ns`.
+    pub fn revisions_in(ns: &str) -> Prefix<Revision> {
+        Prefix::of(format!("{}{ns}/", REVISIONS.as_str()))
     }
     pub fn revisions_of(k: &AppKey) -> Prefix<Revision> {
         Prefix::of(format!("{}{}/{}/", REVISIONS.as_str(), k.namespace, k.name))
@@ -197,6 +202,12 @@ pub mod keys {
     }
     pub fn config_set(ns: &str, name: &str) -> Key<ConfigSet> {
         Key::new(format!("{}{name}", config_sets_in(ns).as_str()))
+    }
+    pub fn secrets_in(ns: &str) -> Prefix<Secret> {
+        Prefix::of(format!("{}{ns}/", SECRETS.as_str()))
+    }
+    pub fn secret(ns: &str, name: &str) -> Key<Secret> {
+        Key::new(format!("{}{name}", secrets_in(ns).as_str()))
     }
     pub fn module_use(digest: &str) -> Key<ModuleUse> {
         Key::new(format!("{}{digest}", MODULE_USES.as_str()))
@@ -540,6 +551,48 @@ pub struct ConfigSet {
     pub name: String,
     pub data: std::collections::BTreeMap<String, String>,
     pub updated_at: Millis,
+}
+
+/// A named set of secret values of a namespace, kept sealed: each value is encrypted with
+/// the control plane's key (XChaCha20-Poly1305) and bound to its namespace, secret, version
+/// and key, so a sealed value moved elsewhere does not open. Apps name a secret's keys as
+/// env values or config keys; each revision pins the version it was made with, so the
+/// versions that revisions still name are kept (and the latest), and `rollout undo` brings
+/// an old value back. Values leave the control plane only for a node that runs a replica
+/// using them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub namespace: String,
+    pub name: String,
+    /// The latest version: what an apply pins.
+    pub version: u64,
+    pub versions: BTreeMap<u64, SecretVersion>,
+    pub updated_at: Millis,
+}
+
+impl Secret {
+    /// The keys of the latest version.
+    pub fn keys(&self) -> Vec<String> {
+        self.versions
+            .get(&self.version)
+            .map(|v| v.data.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretVersion {
+    pub data: BTreeMap<String, Sealed>,
+    pub created_at: Millis,
+}
+
+/// One encrypted value: which of the control plane's keys sealed it, the nonce, and the
+/// ciphertext with its tag (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    pub key: String,
+    pub nonce: String,
+    pub data: String,
 }
 
 /// An API token made by `shoal token create`: a role, and the namespaces it

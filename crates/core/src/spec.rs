@@ -1057,6 +1057,41 @@ pub struct ConfigSetRef {
     pub data: Option<BTreeMap<String, String>>,
 }
 
+/// An env value or config key that is a key of a secret of the app's namespace: `{ secret =
+/// "db", key = "password" }` in TOML. The control plane fills in the secret's version when it
+/// applies the app, so each revision names the values it was made with; the values themselves
+/// never enter a spec, a revision or a snapshot: a node asks for them when it starts a
+/// replica that uses them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretKeyRef {
+    pub secret: String,
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+impl std::fmt::Display for SecretKeyRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "secret {} key {}", self.secret, self.key)?;
+        match self.version {
+            Some(v) => write!(f, " (version {v})"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The secrets an app's `secret_env` and `secret_config` name, each once.
+pub fn secrets_named<'a>(
+    env: &'a BTreeMap<String, SecretKeyRef>,
+    config: &'a BTreeMap<String, SecretKeyRef>,
+) -> BTreeSet<&'a str> {
+    env.values()
+        .chain(config.values())
+        .map(|r| r.secret.as_str())
+        .collect()
+}
+
 /// `sets`' values in order, each over the one before, then `own` over them all.
 fn merged_config(
     sets: &[ConfigSetRef],
@@ -1105,6 +1140,16 @@ pub fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
+/// A secret's keys follow the rule of `[config]` keys, since either may become the other.
+pub fn check_secret_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > 256 || key.chars().any(char::is_control) {
+        return Err(format!(
+            "{key:?} is not a valid secret key: 1 to 256 characters, none of them control characters"
+        ));
+    }
+    Ok(())
+}
+
 /// Label keys and values in node selectors: short and plain, so they
 /// compare exactly with what nodes register.
 fn validate_label(what: &str, s: &str) -> Result<(), String> {
@@ -1140,6 +1185,12 @@ pub struct AppSpec {
     /// Named config sets of the app's namespace, merged in order under `config`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_sets: Vec<ConfigSetRef>,
+    /// Env values that are secrets' keys (`[env] NAME = { secret, key }`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretKeyRef>,
+    /// Config keys whose values are secrets' keys, over `config` and the sets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_config: BTreeMap<String, SecretKeyRef>,
     #[serde(default, skip_serializing_if = "Placement::is_default")]
     pub placement: Placement,
     /// Hosts a guest may call over plain HTTP besides other apps (which it
@@ -1191,6 +1242,11 @@ pub struct Template {
     /// The sets with the values this revision was made with.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_sets: Vec<ConfigSetRef>,
+    /// Env values and config keys from secrets, each at the version this revision was made with.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_env: BTreeMap<String, SecretKeyRef>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_config: BTreeMap<String, SecretKeyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1251,9 +1307,31 @@ impl Template {
                 &format!("env.{name}"),
             );
         }
+        let names: BTreeSet<&String> = self
+            .secret_env
+            .keys()
+            .chain(old.secret_env.keys())
+            .collect();
+        for name in names {
+            check(
+                self.secret_env.get(name) != old.secret_env.get(name),
+                &format!("env.{name}"),
+            );
+        }
         let (config, was) = (self.effective_config(), old.effective_config());
         for key in config.keys().chain(was.keys()).collect::<BTreeSet<_>>() {
             check(config.get(key) != was.get(key), &format!("config.{key}"));
+        }
+        let keys: BTreeSet<&String> = self
+            .secret_config
+            .keys()
+            .chain(old.secret_config.keys())
+            .collect();
+        for key in keys {
+            check(
+                self.secret_config.get(key) != old.secret_config.get(key),
+                &format!("config.{key}"),
+            );
         }
         check(
             !self
@@ -1291,6 +1369,8 @@ impl AppSpec {
         spec.env = template.env.clone();
         spec.config = template.config.clone();
         spec.config_sets = template.config_sets.clone();
+        spec.secret_env = template.secret_env.clone();
+        spec.secret_config = template.secret_config.clone();
         spec.outbound = template.outbound.clone();
         spec.job = template.job.clone();
         spec.health = template.health.clone();
@@ -1320,6 +1400,8 @@ impl AppSpec {
             env: self.env.clone(),
             config: self.config.clone(),
             config_sets: self.config_sets.clone(),
+            secret_env: self.secret_env.clone(),
+            secret_config: self.secret_config.clone(),
             outbound: self.outbound.clone(),
             job: self.job.clone(),
             health: self.health.clone(),
@@ -1441,16 +1523,44 @@ impl AppSpec {
                 "args are only passed to job and daemon apps".into(),
             );
         }
-        for key in self.env.keys() {
+        for key in self.env.keys().chain(self.secret_env.keys()) {
             if key.is_empty() || key.contains(['=', '\0']) {
                 return field(
                     "env",
                     format!("{key:?} is not a valid variable name (no '=' or NUL, not empty)"),
                 );
             }
+            if self.env.contains_key(key) && self.secret_env.contains_key(key) {
+                return field("env", format!("{key} is both a value and a secret"));
+            }
         }
         if let Err(m) = check_config(&self.config) {
             return field("config", m);
+        }
+        if let Some(key) = self
+            .secret_config
+            .keys()
+            .find(|k| self.config.contains_key(*k))
+        {
+            return field("config", format!("{key} is both a value and a secret"));
+        }
+        let keys: BTreeMap<String, String> = self
+            .secret_config
+            .keys()
+            .map(|k| (k.clone(), String::new()))
+            .collect();
+        if let Err(m) = check_config(&keys) {
+            return field("config", m);
+        }
+        for (what, refs) in [("env", &self.secret_env), ("config", &self.secret_config)] {
+            for (name, r) in refs {
+                if let Err(e) = validate_name(&r.secret) {
+                    return field(what, format!("{name}: secret {:?}: {e}", r.secret));
+                }
+                if let Err(m) = check_secret_key(&r.key) {
+                    return field(what, format!("{name}: {m}"));
+                }
+            }
         }
         let mut named = BTreeSet::new();
         for set in &self.config_sets {
@@ -1476,6 +1586,7 @@ impl AppSpec {
         for (name, value) in &self.env {
             if let Some(key) = config_reference(value)
                 && !config.contains_key(key)
+                && !self.secret_config.contains_key(key)
                 && resolved
             {
                 return field(
@@ -1679,8 +1790,8 @@ struct RawApp {
     resources: RawResources,
     scale: Option<Spanned<RawScale>>,
     http: Option<Spanned<RawHttp>>,
-    env: Option<Spanned<BTreeMap<String, String>>>,
-    config: Option<Spanned<BTreeMap<String, String>>>,
+    env: Option<Spanned<BTreeMap<String, RawValue>>>,
+    config: Option<Spanned<BTreeMap<String, RawValue>>>,
     config_sets: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     placement: RawPlacement,
@@ -1688,6 +1799,49 @@ struct RawApp {
     job: Option<Spanned<RawJob>>,
     health: Option<Spanned<RawHealth>>,
     rollout: Option<Spanned<RawRollout>>,
+}
+
+/// An `[env]` or `[config]` value: text, or a key of a secret.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string, or a secret's key as { secret = \"NAME\", key = \"KEY\" }"
+)]
+enum RawValue {
+    Text(String),
+    Secret(RawSecretRef),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecretRef {
+    secret: String,
+    key: String,
+}
+
+/// `values` split into text values and secrets' keys.
+fn split_values(
+    values: Option<Spanned<BTreeMap<String, RawValue>>>,
+) -> (BTreeMap<String, String>, BTreeMap<String, SecretKeyRef>) {
+    let (mut text, mut secrets) = (BTreeMap::new(), BTreeMap::new());
+    for (name, value) in values.map(Spanned::into_inner).unwrap_or_default() {
+        match value {
+            RawValue::Text(v) => {
+                text.insert(name, v);
+            }
+            RawValue::Secret(r) => {
+                secrets.insert(
+                    name,
+                    SecretKeyRef {
+                        secret: r.secret,
+                        key: r.key,
+                        version: None,
+                    },
+                );
+            }
+        }
+    }
+    (text, secrets)
 }
 
 #[derive(Deserialize)]
@@ -2284,6 +2438,8 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         None => None,
     };
 
+    let (env, secret_env) = split_values(raw.env);
+    let (config, secret_config) = split_values(raw.config);
     let spec = AppSpec {
         name: raw.name.into_inner(),
         namespace: raw
@@ -2315,8 +2471,10 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         replicas,
         scale,
         http,
-        env: raw.env.map(Spanned::into_inner).unwrap_or_default(),
-        config: raw.config.map(Spanned::into_inner).unwrap_or_default(),
+        env,
+        config,
+        secret_env,
+        secret_config,
         config_sets: raw
             .config_sets
             .map(Spanned::into_inner)
@@ -2438,6 +2596,66 @@ timeout = "5s"
 B = "2"
 A = "1"
 "#;
+
+    #[test]
+    fn env_values_and_config_keys_may_be_secrets_keys_and_only_their_names_change() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let plain = parse_app(HELLO).unwrap().resolve(digest.clone()).unwrap();
+        let src = format!(
+            "{HELLO}PASSWORD = {{ secret = \"db\", key = \"password\" }}\nUSER = \"$(config.user)\"\n[config]\nuser = {{ secret = \"db\", key = \"user\" }}\nplain = \"x\"\n"
+        );
+        let mut spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        assert_eq!(spec.env.keys().collect::<Vec<_>>(), ["A", "B", "USER"]);
+        let pw = &spec.secret_env["PASSWORD"];
+        assert_eq!(
+            (pw.secret.as_str(), pw.key.as_str(), pw.version),
+            ("db", "password", None)
+        );
+        assert_eq!(spec.secret_config["user"].key, "user");
+        assert_eq!(spec.config.keys().collect::<Vec<_>>(), ["plain"]);
+        // A template without secrets hashes as before they existed.
+        assert!(
+            !serde_json::to_string(&plain.template())
+                .unwrap()
+                .contains("secret")
+        );
+
+        // A new version is a new revision, named by the env value and config key only.
+        spec.secret_env.get_mut("PASSWORD").unwrap().version = Some(1);
+        spec.secret_config.get_mut("user").unwrap().version = Some(1);
+        let mut changed = spec.clone();
+        changed.secret_env.get_mut("PASSWORD").unwrap().version = Some(2);
+        changed.secret_config.get_mut("user").unwrap().version = Some(2);
+        assert_eq!(
+            changed.template().changed_fields(&spec.template()),
+            ["env.PASSWORD", "config.user"]
+        );
+        assert_eq!(changed.with_template(&spec.template()), spec);
+
+        // The same name as a value and a secret (possible only in JSON) is refused.
+        let mut both = spec.clone();
+        both.env.insert("PASSWORD".into(), "x".into());
+        assert_eq!(both.validate().unwrap_err().field.as_deref(), Some("env"));
+        let mut both = spec.clone();
+        both.config.insert("user".into(), "x".into());
+        assert_eq!(
+            both.validate().unwrap_err().field.as_deref(),
+            Some("config")
+        );
+        let mut bad = spec.clone();
+        bad.secret_env.get_mut("PASSWORD").unwrap().secret = "Not A Name".into();
+        assert!(bad.validate().unwrap_err().to_string().contains("PASSWORD"));
+
+        // A table that is not a secret's key says what is expected, and where.
+        let wrong = format!("{HELLO}X = {{ secret = \"db\" }}\n");
+        let e = parse_app(&wrong).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("{ secret = \"NAME\", key = \"KEY\" }"),
+            "{e}"
+        );
+        assert!(e.line.is_some(), "{e}");
+    }
 
     #[test]
     fn config_is_part_of_the_revision_and_bad_keys_say_where() {

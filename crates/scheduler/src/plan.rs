@@ -144,7 +144,8 @@ pub enum Change {
         app: Box<App>,
     },
     PutRevision {
-        revision: Revision,
+        /// Boxed: a template is many times the size of the other changes.
+        revision: Box<Revision>,
         expect: u64,
     },
     PutRollout {
@@ -706,7 +707,7 @@ impl<'w> Pass<'w> {
             && let Some(rev) = self.world.revisions.get(&(key.clone(), a.revision))
             && rev.value.outcome.is_none()
         {
-            let mut revision = rev.value.clone();
+            let mut revision = Box::new(rev.value.clone());
             revision.outcome = Some("rolled out".into());
             batch.changes.push(Change::PutRevision {
                 revision,
@@ -1012,7 +1013,7 @@ pub fn roll_back_into(
         expect,
     });
     if let Some(bad) = bad {
-        let mut revision = bad.value.clone();
+        let mut revision = Box::new(bad.value.clone());
         revision.outcome = Some(done.outcome);
         batch.changes.push(Change::PutRevision {
             revision,

@@ -1,0 +1,696 @@
+//! Secrets (`shoal secret`): values an app reads as env values or config keys, kept sealed
+//! in the store under the control plane's key file (`shoal_secrets`).
+//!
+//! An app names a secret's keys (`{ secret = "db", key = "password" }`); every apply pins
+//! the secret's latest version in the spec ([`ControlPlane::resolve_secrets`]), so a
+//! revision names the values it was made with and a change rolls the users like any change.
+//! Values are opened only for a node that runs a replica of a revision naming them
+//! ([`ControlPlane::replica_secrets`]); the API, events and logs name keys and versions,
+//! never values.
+
+use crate::error::ControlError;
+use crate::state::{ControlPlane, encode};
+use shoal_api::{KeyRotated, ReplicaSecrets, SecretView, SecretWrite};
+use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
+use shoal_core::spec::{AppKey, AppSpec, SecretKeyRef, check_secret_key, secrets_named};
+use shoal_core::{App, EventType, Replica, Revision, Secret, SecretVersion};
+use shoal_secrets::{Keyring, binding};
+use shoal_store::{KvStore, Op, Txn};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use zeroize::Zeroizing;
+
+/// The most bytes one secret's keys and values may take, as Kubernetes allows.
+pub const MAX_SECRET_BYTES: usize = 1 << 20;
+
+/// The control plane's key file, or why there is none to use.
+pub(crate) enum Keys {
+    Ready(Keyring),
+    Unavailable(String),
+}
+
+/// Opens the key file at `path`, making one only if the store holds no secret yet: with
+/// secrets stored, a missing or unusable key file is said (and every secret operation
+/// refused with that reason), never replaced by a key that opens nothing.
+pub(crate) fn open_keys(path: Option<&Path>, store: &dyn KvStore) -> Keys {
+    let Some(path) = path else {
+        return Keys::Unavailable("this control plane has no secret key file".into());
+    };
+    match Keyring::load(path) {
+        Ok(Some(ring)) => Keys::Ready(ring),
+        Ok(None) => {
+            let stored = store
+                .range(keys::SECRETS.as_str())
+                .map(|(kvs, _)| kvs.len())
+                .unwrap_or(0);
+            if stored > 0 {
+                let reason = format!(
+                    "the secret key file {} is missing, so the {stored} stored secrets cannot be opened; restore it from a backup",
+                    path.display()
+                );
+                tracing::error!("{reason}");
+                return Keys::Unavailable(reason);
+            }
+            match Keyring::create(path) {
+                Ok(ring) => Keys::Ready(ring),
+                Err(e) => {
+                    tracing::error!(error = %e, "no secret key file");
+                    Keys::Unavailable(e.to_string())
+                }
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "secrets are unavailable");
+            Keys::Unavailable(e.to_string())
+        }
+    }
+}
+
+fn unavailable(reason: &str) -> ControlError {
+    ControlError::Unavailable(format!("secrets are unavailable: {reason}"))
+}
+
+fn not_found(ns: &str, name: &str) -> ControlError {
+    ControlError::not_found(format!("secret {name} does not exist in namespace {ns}"))
+}
+
+impl ControlPlane {
+    fn with_keys<T>(
+        &self,
+        f: impl FnOnce(&Keyring) -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        match &*self
+            .inner
+            .secret_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            Keys::Ready(ring) => f(ring),
+            Keys::Unavailable(reason) => Err(unavailable(reason)),
+        }
+    }
+
+    /// `spec` with each secret key it names pinned to the secret's latest version; an
+    /// unknown secret or key is refused, naming it.
+    pub(crate) fn resolve_secrets(&self, mut spec: AppSpec) -> Result<AppSpec, ControlError> {
+        let ns = spec.namespace.clone();
+        let mut found: BTreeMap<String, Secret> = BTreeMap::new();
+        for (field, refs) in [
+            ("env", &mut spec.secret_env),
+            ("config", &mut spec.secret_config),
+        ] {
+            for (name, r) in refs.iter_mut() {
+                let bad = |message: String| ControlError::Invalid {
+                    code: ErrorCode::InvalidSpec,
+                    field: Some(field.into()),
+                    message,
+                };
+                if !found.contains_key(&r.secret) {
+                    let Some((secret, _)) = self.get(&keys::secret(&ns, &r.secret))? else {
+                        return Err(bad(format!(
+                            "{field}.{name} names secret {}, which does not exist in namespace {ns}: create it with `shoal secret create {}`",
+                            r.secret, r.secret
+                        )));
+                    };
+                    found.insert(r.secret.clone(), secret);
+                }
+                let secret = &found[&r.secret];
+                if !secret.keys().contains(&r.key) {
+                    return Err(bad(format!(
+                        "{field}.{name} names key {:?} of secret {}, which has only {}",
+                        r.key,
+                        r.secret,
+                        secret.keys().join(", ")
+                    )));
+                }
+                r.version = Some(secret.version);
+            }
+        }
+        Ok(spec)
+    }
+
+    /// Creates secret `name` of namespace `ns`, or makes a new version of it, as `write`
+    /// says; then applies each app that names it again, so they roll to the new values.
+    pub fn put_secret(
+        &self,
+        ns: &str,
+        name: &str,
+        write: SecretWrite,
+    ) -> Result<(SecretView, Vec<AppKey>), ControlError> {
+        let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
+        shoal_core::validate_name(name).map_err(|e| bad(format!("secret name: {e}")))?;
+        shoal_core::validate_name(ns).map_err(|e| bad(format!("namespace: {e}")))?;
+        for key in write.set.keys().chain(&write.unset) {
+            check_secret_key(key).map_err(|m| bad(format!("secret {name}: {m}")))?;
+        }
+        if let Some(key) = write.unset.iter().find(|k| write.set.contains_key(*k)) {
+            return Err(bad(format!("secret {name}: {key} is both set and unset")));
+        }
+        let key = keys::secret(ns, name);
+        let existing = self.get(&key)?;
+        let secret = self.with_keys(|ring| {
+            let now = self.now();
+            let (mut values, mut secret, txn) = match (&existing, write.create) {
+                (Some(_), true) => {
+                    return Err(ControlError::conflict(format!(
+                        "secret {name} exists in namespace {ns}: change it with `shoal secret set`"
+                    )));
+                }
+                (None, false) => {
+                    return Err(ControlError::not_found(format!(
+                        "secret {name} does not exist in namespace {ns}: create it with `shoal secret create`"
+                    )));
+                }
+                (None, true) => {
+                    if !write.unset.is_empty() {
+                        return Err(bad(format!("secret {name} is new: it has nothing to unset")));
+                    }
+                    let secret = Secret {
+                        namespace: ns.into(),
+                        name: name.into(),
+                        version: 0,
+                        versions: BTreeMap::new(),
+                        updated_at: now,
+                    };
+                    (BTreeMap::new(), secret, Txn::new().when_absent(key.clone()))
+                }
+                (Some((old, at)), false) => {
+                    let values = open_version(ring, old, old.version)?;
+                    let txn = Txn::new().when_mod_revision(key.clone(), *at);
+                    (values, old.clone(), txn)
+                }
+            };
+            for k in &write.unset {
+                if values.remove(k).is_none() {
+                    return Err(bad(format!("secret {name} has no key {k:?}")));
+                }
+            }
+            for (k, v) in write.set {
+                values.insert(k, Zeroizing::new(v));
+            }
+            let bytes: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
+            if bytes > MAX_SECRET_BYTES {
+                return Err(bad(format!(
+                    "secret {name}: {bytes} bytes of keys and values: at most {MAX_SECRET_BYTES}"
+                )));
+            }
+            let previous = secret.version;
+            secret.version += 1;
+            let data = values
+                .iter()
+                .map(|(k, v)| {
+                    let sealed = ring.seal(&binding(ns, name, secret.version, k), v.as_bytes());
+                    (k.clone(), sealed)
+                })
+                .collect();
+            secret.versions.insert(
+                secret.version,
+                SecretVersion {
+                    data,
+                    created_at: now,
+                },
+            );
+            secret.updated_at = now;
+            // Keep the versions revisions name, and the one an apply may be pinning now.
+            let pinned = self.pinned_versions(ns, name)?;
+            let latest = secret.version;
+            secret
+                .versions
+                .retain(|v, _| *v == latest || *v == previous || pinned.contains(v));
+            let (reason, verb) = if write.create {
+                ("SecretCreated", "created")
+            } else {
+                ("SecretChanged", "changed")
+            };
+            let txn = txn.then(Op::put(key.clone(), encode(&secret))).then(self.event_op(
+                EventType::Normal,
+                reason,
+                format!("secret/{ns}/{name}"),
+                None,
+                format!(
+                    "secret {name} {verb}: version {} (keys: {})",
+                    secret.version,
+                    secret.keys().join(", ")
+                ),
+            ));
+            if !self.inner.store.txn(txn)?.succeeded {
+                return Err(ControlError::conflict(format!(
+                    "secret {name} changed meanwhile; try again"
+                )));
+            }
+            Ok(secret)
+        })?;
+        let mut rolled = Vec::new();
+        for app in self.secret_users(ns, name)? {
+            let key = app.spec.key();
+            match self.apply(app.spec, false) {
+                Ok(_) => rolled.push(key),
+                // The secret is stored; an app that could not take it now (changed at the
+                // same moment, say) takes it at its next apply.
+                Err(e) => {
+                    tracing::warn!(app = %key, error = %e, "an app of a changed secret was not applied again")
+                }
+            }
+        }
+        let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
+        Ok((view(secret, &apps), rolled))
+    }
+
+    /// The versions of secret `name` that revisions of namespace `ns` name.
+    fn pinned_versions(&self, ns: &str, name: &str) -> Result<BTreeSet<u64>, ControlError> {
+        let revisions: Vec<Revision> = self.list(&keys::revisions_in(ns))?;
+        Ok(revisions
+            .iter()
+            .flat_map(|r| {
+                r.template
+                    .secret_env
+                    .values()
+                    .chain(r.template.secret_config.values())
+            })
+            .filter(|r| r.secret == name)
+            .filter_map(|r| r.version)
+            .collect())
+    }
+
+    /// The apps of namespace `ns` that name secret `name`.
+    fn secret_users(&self, ns: &str, name: &str) -> Result<Vec<App>, ControlError> {
+        Ok(self
+            .list(&keys::apps_in(ns))?
+            .into_iter()
+            .filter(|a: &App| uses(&a.spec, name))
+            .collect())
+    }
+
+    pub fn secret(&self, ns: &str, name: &str) -> Result<SecretView, ControlError> {
+        let (secret, _) = self
+            .get(&keys::secret(ns, name))?
+            .ok_or_else(|| not_found(ns, name))?;
+        let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
+        Ok(view(secret, &apps))
+    }
+
+    /// Every secret of namespace `ns` (of all namespaces if `None`): names, keys, versions
+    /// and users, never values.
+    pub fn secrets(&self, ns: Option<&str>) -> Result<Vec<SecretView>, ControlError> {
+        let secrets: Vec<Secret> = match ns {
+            Some(ns) => self.list(&keys::secrets_in(ns))?,
+            None => self.list(&keys::SECRETS)?,
+        };
+        let apps: Vec<App> = self.list(&keys::APPS)?;
+        Ok(secrets.into_iter().map(|s| view(s, &apps)).collect())
+    }
+
+    /// Deletes secret `name` of `ns`, unless an app names it.
+    pub fn delete_secret(&self, ns: &str, name: &str) -> Result<(), ControlError> {
+        let key = keys::secret(ns, name);
+        let Some((_, at)) = self.get(&key)? else {
+            return Err(not_found(ns, name));
+        };
+        let users: Vec<String> = self
+            .secret_users(ns, name)?
+            .into_iter()
+            .map(|a| a.spec.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(ControlError::conflict(format!(
+                "secret {name} is used by {}: take it out of their specs first",
+                users.join(", ")
+            )));
+        }
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::delete(key))
+            .then(self.event_op(
+                EventType::Normal,
+                "SecretDeleted",
+                format!("secret/{ns}/{name}"),
+                None,
+                format!("secret {name} deleted"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "secret {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The values replica `id` of `app` needs, for `node`, which must be where it is placed.
+    pub fn replica_secrets(
+        &self,
+        node: &str,
+        app: &AppKey,
+        id: &str,
+    ) -> Result<ReplicaSecrets, ControlError> {
+        let elsewhere = || {
+            ControlError::invalid(
+                ErrorCode::Forbidden,
+                format!("replica {id} of {app} is not placed on node {node}"),
+            )
+        };
+        let (replica, _): (Replica, _) =
+            self.get(&keys::replica(app, id))?.ok_or_else(elsewhere)?;
+        if replica.node.as_deref() != Some(node) {
+            return Err(elsewhere());
+        }
+        let (revision, _): (Revision, _) = self
+            .get(&keys::revision(app, replica.revision))?
+            .ok_or_else(|| {
+                ControlError::Unavailable(format!("revision {} of {app} is gone", replica.revision))
+            })?;
+        let t = &revision.template;
+        self.with_keys(|ring| {
+            let mut opened: BTreeMap<(String, u64), BTreeMap<String, Zeroizing<String>>> =
+                BTreeMap::new();
+            let mut value = |r: &SecretKeyRef| -> Result<String, ControlError> {
+                let version = r.version.ok_or_else(|| {
+                    ControlError::Unavailable(format!("{app}: {r} has no version pinned"))
+                })?;
+                let slot = (r.secret.clone(), version);
+                if !opened.contains_key(&slot) {
+                    let (secret, _): (Secret, _) = self
+                        .get(&keys::secret(&app.namespace, &r.secret))?
+                        .ok_or_else(|| {
+                            ControlError::Unavailable(format!(
+                                "secret {} of namespace {} is gone",
+                                r.secret, app.namespace
+                            ))
+                        })?;
+                    opened.insert(slot.clone(), open_version(ring, &secret, version)?);
+                }
+                opened[&slot]
+                    .get(&r.key)
+                    .map(|v| v.to_string())
+                    .ok_or_else(|| ControlError::Unavailable(format!("{app}: {r} is gone")))
+            };
+            let mut out = ReplicaSecrets::default();
+            for (name, r) in &t.secret_env {
+                out.env.insert(name.clone(), value(r)?);
+            }
+            for (key, r) in &t.secret_config {
+                out.config.insert(key.clone(), value(r)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Seals every secret again under a new key, then drops the old keys from the key file.
+    /// A crash between the steps leaves a key file holding every key a stored value needs.
+    pub fn rotate_secret_key(&self) -> Result<KeyRotated, ControlError> {
+        let mut keys_guard = self
+            .inner
+            .secret_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let ring = match &mut *keys_guard {
+            Keys::Ready(ring) => ring,
+            Keys::Unavailable(reason) => return Err(unavailable(reason)),
+        };
+        ring.add_primary().map_err(ControlError::internal)?;
+        // Writers of secrets wait on the lock held here, so only deletions can race this.
+        let mut attempts = 0;
+        let (secrets, values) = loop {
+            attempts += 1;
+            let (kvs, _) = self.inner.store.range(keys::SECRETS.as_str())?;
+            let mut txn = Txn::new();
+            let (mut secrets, mut values) = (0, 0);
+            for kv in &kvs {
+                let mut secret: Secret = crate::state::decode(kv)?;
+                for (version, sealed) in secret.versions.iter_mut() {
+                    for (k, value) in sealed.data.iter_mut() {
+                        let place = binding(&secret.namespace, &secret.name, *version, k);
+                        let plain = ring.open(&place, value).map_err(|e| {
+                            ControlError::Unavailable(format!(
+                                "secret {} of namespace {}, version {version}, key {k}: {e}",
+                                secret.name, secret.namespace
+                            ))
+                        })?;
+                        *value = ring.seal(&place, &plain);
+                        values += 1;
+                    }
+                }
+                secrets += 1;
+                txn = txn
+                    .when_mod_revision(kv.key.clone(), kv.mod_revision)
+                    .then(Op::put(kv.key.clone(), encode(&secret)));
+            }
+            let txn = txn.then(self.event_op(
+                EventType::Normal,
+                "SecretKeyRotated",
+                "secrets".into(),
+                None,
+                format!(
+                    "secrets sealed again under key {}: {secrets} secrets, {values} values",
+                    ring.primary()
+                ),
+            ));
+            if self.inner.store.txn(txn)?.succeeded {
+                break (secrets, values);
+            }
+            if attempts == 5 {
+                return Err(ControlError::conflict(
+                    "secrets kept changing during the rotation; run it again (the new key is in use)",
+                ));
+            }
+        };
+        ring.retire_others().map_err(ControlError::internal)?;
+        Ok(KeyRotated {
+            key: ring.primary().to_string(),
+            secrets,
+            values,
+        })
+    }
+}
+
+/// Whether `spec` names secret `name`.
+fn uses(spec: &AppSpec, name: &str) -> bool {
+    secrets_named(&spec.secret_env, &spec.secret_config).contains(name)
+}
+
+/// Version `version` of `secret`, opened.
+fn open_version(
+    ring: &Keyring,
+    secret: &Secret,
+    version: u64,
+) -> Result<BTreeMap<String, Zeroizing<String>>, ControlError> {
+    let what = || {
+        format!(
+            "secret {} of namespace {}, version {version}",
+            secret.name, secret.namespace
+        )
+    };
+    let stored = secret
+        .versions
+        .get(&version)
+        .ok_or_else(|| ControlError::Unavailable(format!("{} is no longer kept", what())))?;
+    let mut out = BTreeMap::new();
+    for (k, sealed) in &stored.data {
+        let place = binding(&secret.namespace, &secret.name, version, k);
+        let plain = ring
+            .open(&place, sealed)
+            .map_err(|e| ControlError::Unavailable(format!("{}, key {k}: {e}", what())))?;
+        let text = String::from_utf8(plain.to_vec())
+            .map_err(|_| ControlError::Unavailable(format!("{}, key {k}: not text", what())))?;
+        out.insert(k.clone(), Zeroizing::new(text));
+    }
+    Ok(out)
+}
+
+fn view(secret: Secret, apps: &[App]) -> SecretView {
+    SecretView {
+        used_by: apps
+            .iter()
+            .filter(|a| a.spec.namespace == secret.namespace && uses(&a.spec, &secret.name))
+            .map(|a| a.spec.name.clone())
+            .collect(),
+        keys: secret.keys(),
+        version: secret.version,
+        versions: secret.versions.keys().copied().collect(),
+        namespace: secret.namespace,
+        name: secret.name,
+        updated_at: secret.updated_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::uploaded;
+    use crate::state::{ControlConfig, ControlPlane};
+    use shoal_core::spec::parse_app;
+    use shoal_store::{BlobStore, Store};
+
+    fn control_plane(dir: &Path) -> ControlPlane {
+        let store = Store::open(&dir.join("state.redb")).unwrap();
+        let blobs = BlobStore::open(&dir.join("modules")).unwrap();
+        let config = ControlConfig {
+            secret_key_file: Some(dir.join("secret.key")),
+            ..ControlConfig::default()
+        };
+        ControlPlane::new(store, blobs, config).unwrap()
+    }
+
+    fn write(create: bool, set: &[(&str, &str)]) -> SecretWrite {
+        SecretWrite {
+            create,
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            unset: vec![],
+        }
+    }
+
+    /// App `name` reading secret `db`'s `password` as env `PASSWORD`, one replica placed on
+    /// `node-1`; answers the replica's id.
+    fn app_on_node(cp: &ControlPlane, name: &str) -> (AppKey, String) {
+        let digest = uploaded(cp);
+        let src = format!(
+            "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/{name}\"]\n[env]\nPASSWORD = {{ secret = \"db\", key = \"password\" }}\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        let result = cp.apply(spec, false).unwrap();
+        let app = result.app.spec.key();
+        let replica = Replica {
+            id: format!("{name}-1"),
+            app: app.clone(),
+            revision: result.app.revision,
+            kind: shoal_core::Kind::Http,
+            resources: result.app.spec.resources.clone(),
+            node: Some("node-1".into()),
+            phase: shoal_core::Phase::Starting,
+            message: None,
+            exit_code: None,
+            restarts: 0,
+            reason: None,
+            avoid: vec![],
+            scheduled_at: None,
+            created_at: 0,
+            updated_at: 0,
+        };
+        cp.store()
+            .txn(Txn::new().then(Op::put(keys::replica(&app, &replica.id), encode(&replica))))
+            .unwrap();
+        (app, replica.id)
+    }
+
+    #[test]
+    fn values_go_to_the_replicas_node_only_and_a_damaged_one_is_refused_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_secret("default", "db", write(true, &[("password", "s3cret")]))
+            .unwrap();
+        let (app, id) = app_on_node(&cp, "web");
+        let got = cp.replica_secrets("node-1", &app, &id).unwrap();
+        assert_eq!(got.env["PASSWORD"], "s3cret");
+        let e = cp.replica_secrets("node-2", &app, &id).unwrap_err();
+        assert!(e.to_string().contains("not placed on node node-2"), "{e}");
+
+        // Flip one byte of the stored ciphertext: refused, saying which value, never served.
+        let key = keys::secret("default", "db");
+        let (mut secret, _) = cp.get(&key).unwrap().unwrap();
+        let sealed = secret
+            .versions
+            .get_mut(&1)
+            .unwrap()
+            .data
+            .get_mut("password")
+            .unwrap();
+        let first = if sealed.data.starts_with('0') {
+            "1"
+        } else {
+            "0"
+        };
+        sealed.data.replace_range(0..1, first);
+        cp.store()
+            .txn(Txn::new().then(Op::put(key, encode(&secret))))
+            .unwrap();
+        let e = cp.replica_secrets("node-1", &app, &id).unwrap_err();
+        assert!(matches!(e, ControlError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("version 1, key password"), "{e}");
+    }
+
+    #[test]
+    fn versions_are_kept_while_a_revision_names_them_and_a_rotation_keeps_every_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_secret("default", "db", write(true, &[("password", "v1")]))
+            .unwrap();
+        let (app, _) = app_on_node(&cp, "web");
+        // Each change rolls the app: its revisions name versions 1, 2 and 3.
+        for v in ["v2", "v3"] {
+            let (view, rolled) = cp
+                .put_secret("default", "db", write(false, &[("password", v)]))
+                .unwrap();
+            assert_eq!(rolled, std::slice::from_ref(&app));
+            assert_eq!(view.used_by, ["web"]);
+        }
+        assert_eq!(cp.secret("default", "db").unwrap().versions, [1, 2, 3]);
+        // Once nothing names the secret, old versions go at the next change.
+        cp.delete_app(&app).unwrap();
+        for r in cp.list::<Revision>(&keys::revisions_of(&app)).unwrap() {
+            cp.store()
+                .txn(Txn::new().then(Op::delete(keys::revision(&app, r.number))))
+                .unwrap();
+        }
+        cp.put_secret("default", "db", write(false, &[("password", "v4")]))
+            .unwrap();
+        assert_eq!(cp.secret("default", "db").unwrap().versions, [3, 4]);
+
+        let before = std::fs::read(dir.path().join("secret.key")).unwrap();
+        let rotated = cp.rotate_secret_key().unwrap();
+        assert_eq!((rotated.secrets, rotated.values), (1, 2));
+        assert_ne!(
+            std::fs::read(dir.path().join("secret.key")).unwrap(),
+            before
+        );
+        // Opened with the new key alone, from the file, as a restart would.
+        let ring = Keyring::load(&dir.path().join("secret.key"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(ring.len(), 1);
+        let (secret, _) = cp.get(&keys::secret("default", "db")).unwrap().unwrap();
+        assert_eq!(
+            open_version(&ring, &secret, 4).unwrap()["password"].as_str(),
+            "v4"
+        );
+        assert_eq!(
+            open_version(&ring, &secret, 3).unwrap()["password"].as_str(),
+            "v3"
+        );
+    }
+
+    #[test]
+    fn specs_naming_unknown_secrets_or_keys_are_refused_and_a_secret_in_use_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/web\"]\n[config]\npw = {{ secret = \"db\", key = \"password\" }}\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        let e = cp.apply(spec.clone(), false).unwrap_err().to_string();
+        assert!(
+            e.contains("config.pw names secret db, which does not exist"),
+            "{e}"
+        );
+        cp.put_secret("default", "db", write(true, &[("user", "u")]))
+            .unwrap();
+        let e = cp.apply(spec.clone(), false).unwrap_err().to_string();
+        assert!(
+            e.contains("key \"password\" of secret db, which has only user"),
+            "{e}"
+        );
+        cp.put_secret("default", "db", write(false, &[("password", "p")]))
+            .unwrap();
+        cp.apply(spec, false).unwrap();
+        let e = cp.delete_secret("default", "db").unwrap_err().to_string();
+        assert!(e.contains("used by web"), "{e}");
+        let e = cp
+            .put_secret("default", "db", write(true, &[("x", "y")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exists"), "{e}");
+    }
+}

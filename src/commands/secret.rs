@@ -1,0 +1,219 @@
+//! `shoal secret`: values an app reads as env values or config keys (`{ secret = "db",
+//! key = "password" }` in a spec), sealed at rest and never shown again. Changing one rolls
+//! the apps that name it.
+
+use super::Context;
+use crate::output::{self, Format, age, table};
+use anyhow::{Context as _, Result, bail};
+use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct SecretCommand {
+    #[command(subcommand)]
+    action: SecretAction,
+}
+
+#[derive(clap::Subcommand)]
+enum SecretAction {
+    /// Make a secret in the namespace (`-n`); apps name its keys as env values or config keys.
+    Create {
+        /// The secret's name.
+        name: String,
+        /// A value, KEY=VALUE (repeatable). It ends up in your shell's history: prefer
+        /// --from-file for real secrets.
+        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+        literals: Vec<String>,
+        /// A value read from a file, KEY=PATH (repeatable).
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        files: Vec<String>,
+    },
+    /// Set keys of a secret, keeping the others: a new version; the apps that name it roll.
+    Set {
+        /// The secret's name.
+        name: String,
+        /// A value, KEY=VALUE (repeatable).
+        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+        literals: Vec<String>,
+        /// A value read from a file, KEY=PATH (repeatable).
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        files: Vec<String>,
+    },
+    /// Take keys out of a secret: a new version without them.
+    Unset {
+        /// The secret's name.
+        name: String,
+        /// The keys.
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
+    /// List the namespace's secrets (keys, versions, users), or one; never their values.
+    Get {
+        /// A secret to show; none: list them all.
+        name: Option<String>,
+    },
+    /// Delete a secret no app names.
+    Delete {
+        /// The secret's name.
+        name: String,
+    },
+    /// Seal every secret again under a new key and retire the old one (admin).
+    RotateKey,
+}
+
+/// Splits `KEY=VALUE`.
+fn pair(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        // Not echoed back: it may be the secret itself.
+        _ => bail!("a value is not KEY=VALUE (or KEY=PATH)"),
+    }
+}
+
+/// The values of `--from-literal` and `--from-file`.
+fn values(literals: &[String], files: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut data = BTreeMap::new();
+    for text in literals {
+        let (k, v) = pair(text)?;
+        data.insert(k, v);
+    }
+    for text in files {
+        let (k, file) = pair(text)?;
+        let v = std::fs::read_to_string(PathBuf::from(&file))
+            .with_context(|| format!("--from-file {k}: cannot read {file} as text"))?;
+        data.insert(k, v);
+    }
+    Ok(data)
+}
+
+pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
+    let client = ctx.client()?;
+    let ns = ctx.namespace.clone();
+    let path = |name: &str| format!("/v1/secrets/{name}?namespace={ns}");
+    let put = |name: &str, write: SecretWrite| {
+        let req = client
+            .request(reqwest::Method::PUT, &path(name))
+            .json(&write);
+        client.send::<SecretWritten>(req)
+    };
+    match cmd.action {
+        SecretAction::Create {
+            name,
+            literals,
+            files,
+        } => {
+            let set = values(&literals, &files)?;
+            let written = put(
+                &name,
+                SecretWrite {
+                    create: true,
+                    set,
+                    unset: vec![],
+                },
+            )
+            .await?;
+            report(&ctx, &written, "created");
+        }
+        SecretAction::Set {
+            name,
+            literals,
+            files,
+        } => {
+            let set = values(&literals, &files)?;
+            if set.is_empty() {
+                bail!("nothing to set: give --from-literal KEY=VALUE or --from-file KEY=PATH");
+            }
+            let write = SecretWrite {
+                create: false,
+                set,
+                unset: vec![],
+            };
+            report(&ctx, &put(&name, write).await?, "changed");
+        }
+        SecretAction::Unset { name, keys } => {
+            let write = SecretWrite {
+                create: false,
+                set: BTreeMap::new(),
+                unset: keys,
+            };
+            report(&ctx, &put(&name, write).await?, "changed");
+        }
+        SecretAction::Get { name: Some(name) } => {
+            let secret: SecretView = client.get(&path(&name)).await?;
+            print_secrets(&ctx, &[secret]);
+        }
+        SecretAction::Get { name: None } => {
+            let secrets: Vec<SecretView> =
+                client.get(&format!("/v1/secrets?namespace={ns}")).await?;
+            print_secrets(&ctx, &secrets);
+        }
+        SecretAction::Delete { name } => {
+            client
+                .checked(client.request(reqwest::Method::DELETE, &path(&name)))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "deleted": name })),
+                Format::Table => println!("secret {name} deleted"),
+            }
+        }
+        SecretAction::RotateKey => {
+            let rotated: KeyRotated = client
+                .send(client.request(reqwest::Method::POST, "/v1/secret-key/rotate"))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&rotated),
+                Format::Table => println!(
+                    "secrets sealed again under key {}: {} secrets, {} values",
+                    rotated.key, rotated.secrets, rotated.values
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// NAME KEYS VERSION USED BY UPDATED: what `secret get` and `get secrets` show.
+pub fn print_secrets(ctx: &Context, secrets: &[SecretView]) {
+    if ctx.output == Format::Json {
+        output::json(&secrets);
+        return;
+    }
+    let rows: Vec<Vec<String>> = secrets
+        .iter()
+        .map(|s| {
+            let kept = s
+                .versions
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            vec![
+                s.name.clone(),
+                s.keys.join(","),
+                format!("{} (kept: {kept})", s.version),
+                s.used_by.join(","),
+                age(s.updated_at),
+            ]
+        })
+        .collect();
+    table(&["NAME", "KEYS", "VERSION", "USED BY", "UPDATED"], &rows);
+}
+
+fn report(ctx: &Context, written: &SecretWritten, verb: &str) {
+    match ctx.output {
+        Format::Json => output::json(written),
+        Format::Table => {
+            let s = &written.secret;
+            println!(
+                "secret {} {verb}: version {} ({} keys)",
+                s.name,
+                s.version,
+                s.keys.len()
+            );
+            for app in &written.rolled {
+                println!("  app {app} applied again");
+            }
+        }
+    }
+}
