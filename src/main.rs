@@ -53,6 +53,8 @@ enum Command {
     /// Manage secrets apps read (create, set, unset, get, delete, rotate-key); values are
     /// never shown.
     Secret(commands::secret::SecretCommand),
+    /// Read and write the namespace's key-value buckets (get, put, delete, list, buckets).
+    Kv(commands::kv::KvCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// List apps, jobs, replicas, modules, nodes, services, secrets or events.
@@ -101,6 +103,7 @@ fn main() -> ExitCode {
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
             Command::Config(cmd) => commands::config::run(ctx, cmd).await,
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
+            Command::Kv(cmd) => commands::kv::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,

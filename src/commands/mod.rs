@@ -7,6 +7,7 @@ pub mod describe;
 pub mod events;
 pub mod get;
 pub mod job;
+pub mod kv;
 pub mod logs;
 pub mod node;
 pub mod rollout;

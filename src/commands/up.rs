@@ -36,6 +36,9 @@ pub struct ControlArgs {
     /// Largest module upload accepted.
     #[arg(long, default_value = "64Mi")]
     pub max_module_size: String,
+    /// What one key-value bucket (`wasi:keyvalue`, `shoal kv`) may hold, keys and values.
+    #[arg(long, default_value = "64Mi")]
+    pub kv_bucket_size: String,
     /// How long a node may be silent before it is NotReady and its replicas move.
     #[arg(long, default_value = "3s")]
     pub node_grace: String,
@@ -240,6 +243,8 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     })?;
     let max_module_bytes = parse_memory(&args.max_module_size)
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
+    let kv_bucket_bytes =
+        parse_memory(&args.kv_bucket_size).map_err(|e| anyhow::anyhow!("--kv-bucket-size: {e}"))?;
 
     let state = data.join("state.redb");
     let store = Store::open(&state)
@@ -255,6 +260,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
             join_token_file: Some(data.join("join-token")),
             authority: Some(ca.clone()),
             secret_key_file: Some(data.join("secret.key")),
+            kv_bucket_bytes,
             max_module_bytes,
             node_grace: duration("node-grace", &args.node_grace)?,
             module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,

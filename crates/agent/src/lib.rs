@@ -34,7 +34,7 @@ use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
     CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
-    LogSink, Reuse, Runtime,
+    KvGrant, LogSink, Reuse, Runtime,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -560,6 +560,14 @@ impl Agent {
                 idle: Duration::from_millis(t.reuse_idle_ms),
                 concurrent: t.reuse_concurrent,
             },
+            keyvalue: (!t.keyvalue.is_empty()).then(|| KvGrant {
+                backend: Arc::new(ClusterKv {
+                    link: self.inner.link.clone(),
+                    node: self.inner.config.node.clone(),
+                    app: replica.app.clone(),
+                }),
+                buckets: t.keyvalue.clone(),
+            }),
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {
@@ -856,6 +864,33 @@ impl Agent {
             .await;
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// A replica's `wasi:keyvalue` calls, to the cluster's store through the control plane.
+struct ClusterKv {
+    link: Arc<dyn Link>,
+    node: String,
+    app: AppKey,
+}
+
+impl shoal_runtime::KeyValue for ClusterKv {
+    fn call(
+        &self,
+        bucket: &str,
+        op: shoal_core::kv::KvOp,
+    ) -> futures::future::BoxFuture<'static, Result<shoal_core::kv::KvAnswer, String>> {
+        let (link, node, app, bucket) = (
+            self.link.clone(),
+            self.node.clone(),
+            self.app.clone(),
+            bucket.to_string(),
+        );
+        Box::pin(async move {
+            link.kv(&node, &app, &bucket, op)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }
 

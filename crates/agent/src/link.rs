@@ -12,6 +12,7 @@ use shoal_api::{
     JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, ReplicaSecrets,
     Snapshot, Waiting,
 };
+use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::AppKey;
 use shoal_core::{Digest, Node};
@@ -313,6 +314,23 @@ impl Link for RemoteLink {
         );
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
+            self.api().send(req).await.map_err(failed)
+        })
+    }
+
+    fn kv(
+        &self,
+        node: &str,
+        app: &AppKey,
+        bucket: &str,
+        op: KvOp,
+    ) -> BoxFuture<'_, LinkResult<KvAnswer>> {
+        let path = format!(
+            "/v1/cluster/nodes/{node}/kv/{}/{}/{bucket}",
+            app.namespace, app.name
+        );
+        Box::pin(async move {
+            let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
             self.api().send(req).await.map_err(failed)
         })
     }

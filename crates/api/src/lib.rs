@@ -20,10 +20,11 @@ pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
-    AppCpu, AppSummary, ApplyOutcome, ApplyResult, CertificateRequest, Change, ConfigSetRequest,
-    ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe, INCIDENT_REASONS,
-    IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse, KeyRotated, NodeAction,
-    NodeSummary, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount,
-    RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite,
-    SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, Waiting,
+    AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
+    ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe,
+    INCIDENT_REASONS, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse, KeyRotated,
+    NodeAction, NodeSummary, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    RevisionCount, RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView,
+    SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView,
+    Waiting,
 };

@@ -52,6 +52,15 @@ pub trait Link: Send + Sync + 'static {
         replica: &shoal_core::spec::AppKey,
         id: &str,
     ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>>;
+    /// A `wasi:keyvalue` call of a guest of `app` on this node, on `bucket` of the app's
+    /// namespace. Refused unless a replica of `app` here is granted the bucket.
+    fn kv(
+        &self,
+        node: &str,
+        app: &shoal_core::spec::AppKey,
+        bucket: &str,
+        op: shoal_core::kv::KvOp,
+    ) -> BoxFuture<'_, LinkResult<shoal_core::kv::KvAnswer>>;
     /// The node runs `digest` no more: a copy [`Link::module`] fetched may go. The
     /// in-process link hands out the control plane's own file, which stays.
     fn forget_module(&self, _digest: &str) {}

@@ -286,6 +286,15 @@ impl std::fmt::Debug for ReplicaSecrets {
     }
 }
 
+/// A key-value bucket as `shoal kv buckets` lists it: how many keys and bytes it holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BucketView {
+    pub namespace: String,
+    pub bucket: String,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
 /// What a node sends with the join token to get its own credential.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JoinRequest {

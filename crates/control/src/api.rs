@@ -15,11 +15,12 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, ApplyOutcome, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
+    AppCpu, ApplyOutcome, BucketView, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
     IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
     RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, Waiting,
 };
 use shoal_core::auth::Role;
+use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -75,6 +76,11 @@ admin_api! {
     PUT "/v1/secrets/{name}" => put_secret, Deployer, Namespace;
     DELETE "/v1/secrets/{name}" => delete_secret, Deployer, Namespace;
     POST "/v1/secret-key/rotate" => rotate_secret_key, Admin, Cluster;
+    GET "/v1/kv" => list_buckets, Viewer, NamespaceOrAll;
+    GET "/v1/kv/{bucket}" => list_kv_keys, Viewer, Namespace;
+    GET "/v1/kv/{bucket}/{*key}" => get_kv, Viewer, Namespace;
+    PUT "/v1/kv/{bucket}/{*key}" => put_kv, Deployer, Namespace;
+    DELETE "/v1/kv/{bucket}/{*key}" => delete_kv, Deployer, Namespace;
     GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
     GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
@@ -115,6 +121,10 @@ pub fn router(cp: ControlPlane) -> Router {
         .route(
             "/v1/cluster/nodes/{name}/replicas/{namespace}/{app}/{id}/secrets",
             get(replica_secrets),
+        )
+        .route(
+            "/v1/cluster/nodes/{name}/kv/{namespace}/{app}/{bucket}",
+            post(node_kv),
         )
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
@@ -480,6 +490,85 @@ async fn rotate_secret_key(State(cp): State<ControlPlane>) -> Result<Response, A
     blocking(move || cp.rotate_secret_key())
         .await
         .map(|r| Json(r).into_response())
+}
+
+async fn list_buckets(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let buckets = blocking(move || cp.kv_buckets(q.namespace.as_deref())).await?;
+    let buckets: Vec<_> = buckets
+        .into_iter()
+        .map(|(namespace, bucket, usage)| BucketView {
+            namespace,
+            bucket,
+            keys: usage.keys,
+            bytes: usage.bytes,
+        })
+        .collect();
+    Ok(Json(buckets).into_response())
+}
+
+#[derive(Deserialize)]
+struct KeysQuery {
+    namespace: Option<String>,
+    cursor: Option<u64>,
+}
+
+async fn list_kv_keys(
+    State(cp): State<ControlPlane>,
+    Path(bucket): Path<String>,
+    Query(q): Query<KeysQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_string());
+    let op = KvOp::List { cursor: q.cursor };
+    blocking(move || cp.kv(&ns, &bucket, op))
+        .await
+        .map(|a| Json(a).into_response())
+}
+
+async fn get_kv(
+    State(cp): State<ControlPlane>,
+    Path((bucket, key)): Path<(String, String)>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let what = format!("key {key:?} of bucket {bucket}");
+    let op = KvOp::Get { keys: vec![key] };
+    match blocking(move || cp.kv(&ns, &bucket, op)).await? {
+        KvAnswer::Values { mut values } if values.len() == 1 => match values.remove(0) {
+            Some(v) => {
+                Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
+            }
+            None => Err(ApiError::new(ErrorCode::NotFound, format!("no {what}"))),
+        },
+        _ => Err(ControlError::internal("a get answered something else").into()),
+    }
+}
+
+async fn put_kv(
+    State(cp): State<ControlPlane>,
+    Path((bucket, key)): Path<(String, String)>,
+    Query(q): Query<NsQuery>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let op = KvOp::Set {
+        entries: vec![(key, body.to_vec())],
+    };
+    blocking(move || cp.kv(&ns, &bucket, op)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete_kv(
+    State(cp): State<ControlPlane>,
+    Path((bucket, key)): Path<(String, String)>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let op = KvOp::Delete { keys: vec![key] };
+    blocking(move || cp.kv(&ns, &bucket, op)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]
@@ -941,6 +1030,23 @@ async fn incident(
     }
     blocking(move || cp.record_incident(incident)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A guest's `wasi:keyvalue` call, from the node that runs it.
+async fn node_kv(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path((name, namespace, app, bucket)): Path<(String, String, String, String)>,
+    JsonBody(op): JsonBody<KvOp>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    let app = AppKey {
+        namespace,
+        name: app,
+    };
+    blocking(move || cp.kv_for_node(&name, &app, &bucket, op))
+        .await
+        .map(|a| Json(a).into_response())
 }
 
 /// The secret values a replica placed on the calling node needs to start.
@@ -1610,6 +1716,8 @@ mod tests {
                 .path
                 .replace("{digest}", &digest)
                 .replace("{name}", "web")
+                .replace("{bucket}", "b")
+                .replace("{*key}", "k")
                 .replace(
                     "{action}",
                     if rule.path.starts_with("/v1/nodes") {

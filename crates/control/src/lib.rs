@@ -14,6 +14,7 @@ mod configs;
 mod controller;
 mod error;
 mod jobs;
+mod kv;
 mod link;
 mod measurements;
 mod mirror;

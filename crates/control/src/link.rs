@@ -11,6 +11,7 @@ use shoal_api::{
     ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, Waiting,
 };
 use shoal_core::Node;
+use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
@@ -105,6 +106,28 @@ impl Link for LocalLink {
         Box::pin(async move {
             // Not through `blocking`: a replica or secret not found is no reason to register again.
             tokio::task::spawn_blocking(move || cp.replica_secrets(&node, &app, &id))
+                .await
+                .map_err(|e| LinkError::Failed(e.to_string()))?
+                .map_err(|e| LinkError::Failed(e.to_string()))
+        })
+    }
+
+    fn kv(
+        &self,
+        node: &str,
+        app: &AppKey,
+        bucket: &str,
+        op: KvOp,
+    ) -> BoxFuture<'_, LinkResult<KvAnswer>> {
+        let (cp, node, app, bucket) = (
+            self.0.clone(),
+            node.to_string(),
+            app.clone(),
+            bucket.to_string(),
+        );
+        Box::pin(async move {
+            // Not through `blocking`: a refusal is no reason to register again.
+            tokio::task::spawn_blocking(move || cp.kv_for_node(&node, &app, &bucket, op))
                 .await
                 .map_err(|e| LinkError::Failed(e.to_string()))?
                 .map_err(|e| LinkError::Failed(e.to_string()))

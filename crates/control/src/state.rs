@@ -49,6 +49,8 @@ pub struct ControlConfig {
     pub strategy: shoal_scheduler::Strategy,
     /// The key file that seals secrets (`shoal_secrets`); none: secrets are refused.
     pub secret_key_file: Option<std::path::PathBuf>,
+    /// What one key-value bucket may hold, keys and values, in bytes.
+    pub kv_bucket_bytes: u64,
 }
 
 impl Default for ControlConfig {
@@ -64,6 +66,7 @@ impl Default for ControlConfig {
             module_gc_grace: Duration::from_secs(600),
             strategy: shoal_scheduler::Strategy::BinPack,
             secret_key_file: None,
+            kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
         }
     }
 }
@@ -96,6 +99,11 @@ pub(crate) struct Inner {
     /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
     /// holds it alone.
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
+    /// Key-value writes go one at a time (`kv.rs`).
+    pub(crate) kv_writer: std::sync::Mutex<()>,
+    /// When each (node, app, bucket) was last found granted, to spare guests' calls a read.
+    pub(crate) kv_grants:
+        std::sync::Mutex<std::collections::HashMap<(String, AppKey, String), std::time::Instant>>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
@@ -167,6 +175,8 @@ impl ControlPlane {
         let cp = ControlPlane {
             inner: Arc::new(Inner {
                 secret_keys: std::sync::RwLock::new(secret_keys),
+                kv_writer: std::sync::Mutex::new(()),
+                kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),

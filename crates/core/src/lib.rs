@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod clock;
 pub mod digest;
+pub mod kv;
 pub mod logs;
 pub mod metrics;
 pub mod name;

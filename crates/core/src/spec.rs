@@ -1198,6 +1198,10 @@ pub struct AppSpec {
     /// `HOST` (port 80) or `HOST:PORT`. Empty: no outbound network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
+    /// `[keyvalue] buckets`: the namespace's `wasi:keyvalue` buckets the guest may open.
+    /// Empty: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyvalue: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
     /// A job's schedule, concurrency and history: from its `[job]` section,
@@ -1249,6 +1253,9 @@ pub struct Template {
     pub secret_config: BTreeMap<String, SecretKeyRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
+    /// The `wasi:keyvalue` buckets granted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyvalue: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
     #[serde(default, skip_serializing_if = "Health::is_default")]
@@ -1342,6 +1349,7 @@ impl Template {
             "config_sets",
         );
         check(self.outbound != old.outbound, "network.outbound");
+        check(self.keyvalue != old.keyvalue, "keyvalue.buckets");
         check(self.job != old.job, "job");
         check(self.health != old.health, "health");
         out
@@ -1372,6 +1380,7 @@ impl AppSpec {
         spec.secret_env = template.secret_env.clone();
         spec.secret_config = template.secret_config.clone();
         spec.outbound = template.outbound.clone();
+        spec.keyvalue = template.keyvalue.clone();
         spec.job = template.job.clone();
         spec.health = template.health.clone();
         if let Some(http) = &mut spec.http {
@@ -1403,6 +1412,7 @@ impl AppSpec {
             secret_env: self.secret_env.clone(),
             secret_config: self.secret_config.clone(),
             outbound: self.outbound.clone(),
+            keyvalue: self.keyvalue.clone(),
             job: self.job.clone(),
             health: self.health.clone(),
         }
@@ -1653,6 +1663,25 @@ impl AppSpec {
                 return field("network.outbound", m);
             }
         }
+        let mut buckets = BTreeSet::new();
+        for bucket in &self.keyvalue {
+            if let Err(e) = validate_name(bucket) {
+                return field("keyvalue.buckets", format!("{bucket:?}: {e}"));
+            }
+            if !buckets.insert(bucket) {
+                return field("keyvalue.buckets", format!("{bucket} is named twice"));
+            }
+        }
+        if self.keyvalue.len() > crate::kv::MAX_BUCKETS {
+            return field(
+                "keyvalue.buckets",
+                format!(
+                    "{} buckets: at most {}",
+                    self.keyvalue.len(),
+                    crate::kv::MAX_BUCKETS
+                ),
+            );
+        }
         for (key, value) in &self.placement.node_selector {
             if let Err(m) =
                 validate_label("label", key).and_then(|()| validate_label("value", value))
@@ -1796,6 +1825,7 @@ struct RawApp {
     #[serde(default)]
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
+    keyvalue: Option<Spanned<RawKeyValue>>,
     job: Option<Spanned<RawJob>>,
     health: Option<Spanned<RawHealth>>,
     rollout: Option<Spanned<RawRollout>>,
@@ -2040,6 +2070,12 @@ fn job_runs(
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
     outbound: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyValue {
+    buckets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -2556,6 +2592,13 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             }
             None => Vec::new(),
         },
+        keyvalue: match raw.keyvalue {
+            Some(k) => {
+                spans.insert("keyvalue.buckets", k.span());
+                k.into_inner().buckets
+            }
+            None => Vec::new(),
+        },
     };
     // The digest is checked once it is known; everything else is checked now.
     let mut probe = spec.clone();
@@ -3036,6 +3079,26 @@ A = "1"
         assert_eq!(err(&both).field.as_deref(), Some("component"));
         let bad = HELLO.replace("path = \"hello.wasm\"", "digest = \"md5:abc\"");
         assert_eq!(err(&bad).field.as_deref(), Some("component.digest"));
+    }
+
+    #[test]
+    fn keyvalue_buckets_are_granted_by_name_and_part_of_the_revision() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!("{HELLO}\n[keyvalue]\nbuckets = [\"counter\", \"cache\"]\n");
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        assert_eq!(spec.keyvalue, ["counter", "cache"]);
+        let plain = parse_app(HELLO).unwrap().resolve(digest).unwrap();
+        assert!(plain.keyvalue.is_empty());
+        assert_eq!(
+            spec.template().changed_fields(&plain.template()),
+            ["keyvalue.buckets"]
+        );
+        for bad in ["[\"Bad Name\"]", "[\"a\", \"a\"]"] {
+            let src = format!("{HELLO}\n[keyvalue]\nbuckets = {bad}\n");
+            let e = parse_app(&src).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("keyvalue.buckets"), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cpu::CpuShare;
+use crate::keyvalue::KvGrant;
 use crate::logs::LogSink;
 use crate::outbound::{DenyAll, OutboundPolicy};
 
@@ -84,6 +85,9 @@ pub struct InstanceConfig {
     pub cpu: CpuShare,
     /// For HTTP components: how many requests one instance serves.
     pub reuse: Reuse,
+    /// The `wasi:keyvalue` buckets the guest may open, and where their calls go; none: every
+    /// bucket is `access-denied`.
+    pub keyvalue: Option<KvGrant>,
 }
 
 /// How an HTTP component's instances serve requests: `requests` in their life (1: a fresh
@@ -149,6 +153,7 @@ impl Default for InstanceConfig {
             incidents: None,
             cpu: CpuShare::default(),
             reuse: Reuse::default(),
+            keyvalue: None,
         }
     }
 }

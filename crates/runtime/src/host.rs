@@ -12,6 +12,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::config::format_bytes;
 use crate::cpu::{Member, TaskMeter};
+use crate::keyvalue::{KvGrant, KvView};
 use crate::logs::{LogSink, LogStream};
 use crate::memory::Reservation;
 use crate::outbound::{OutboundHooks, OutboundPolicy};
@@ -36,12 +37,14 @@ pub(crate) struct InstanceSettings {
     /// The replica's place in its CPU group; each run gets a [`TaskMeter`] from it.
     pub(crate) cpu: Arc<Member>,
     pub(crate) reuse: crate::Reuse,
+    pub(crate) keyvalue: Option<Arc<KvGrant>>,
 }
 
 pub(crate) struct Host {
     table: ResourceTable,
     wasi: WasiCtx,
     config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
+    keyvalue: Option<Arc<KvGrant>>,
     http: WasiHttpCtx,
     hooks: OutboundHooks,
     limiter: MemoryLimiter,
@@ -57,6 +60,14 @@ impl Host {
     /// What the guest reads through `wasi:config/store`.
     pub(crate) fn wasi_config(&mut self) -> wasmtime_wasi_config::WasiConfig<'_> {
         wasmtime_wasi_config::WasiConfig::from(&*self.config)
+    }
+
+    /// What the guest reaches through `wasi:keyvalue`: the buckets it was granted.
+    pub(crate) fn keyvalue(&mut self) -> KvView<'_> {
+        KvView {
+            grant: self.keyvalue.as_deref(),
+            table: &mut self.table,
+        }
     }
 
     /// When the guest's timeout runs out, if it has one.
@@ -223,6 +234,7 @@ pub(crate) fn new_store(
         table: ResourceTable::new(),
         wasi: wasi.build(),
         config: settings.config.clone(),
+        keyvalue: settings.keyvalue.clone(),
         http: WasiHttpCtx::new(),
         hooks: OutboundHooks {
             policy: settings.outbound.clone(),

@@ -21,6 +21,7 @@ mod cpu;
 mod error;
 mod host;
 mod http;
+mod keyvalue;
 mod logs;
 mod memory;
 mod outbound;
@@ -32,6 +33,7 @@ pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, Reuse, Ru
 pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody, problem_response};
+pub use keyvalue::{KeyValue, KvGrant};
 pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};

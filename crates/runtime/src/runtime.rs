@@ -527,6 +527,7 @@ impl Runtime {
             incidents: cfg.incidents,
             cpu: self.inner.cpu.join(cfg.cpu),
             reuse: cfg.reuse,
+            keyvalue: cfg.keyvalue.map(Arc::new),
         })
     }
 }
@@ -601,7 +602,8 @@ fn engine_set(config: &RuntimeConfig, concurrent: bool) -> Result<EngineSet, Run
     let mut linker = Linker::new(&engine);
     let mut linked = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
-        .and_then(|()| wasmtime_wasi_config::add_to_linker(&mut linker, Host::wasi_config));
+        .and_then(|()| wasmtime_wasi_config::add_to_linker(&mut linker, Host::wasi_config))
+        .and_then(|()| crate::keyvalue::add_to_linker(&mut linker, Host::keyvalue));
     if concurrent {
         // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
         // built with Rust's std imports p2 interfaces too.

@@ -8,7 +8,9 @@
 
 use std::io::Write as _;
 
-use wasip2::http::types::{Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam};
+use wasip2::http::types::{
+    Fields, IncomingRequest, OutgoingBody, OutgoingResponse, ResponseOutparam,
+};
 
 wit_bindgen::generate!({
     path: "../../wit/deps/config.wit",

@@ -1,0 +1,79 @@
+//! The cluster-wide key-value store guests reach through `wasi:keyvalue`: what one call asks of
+//! the control plane and what it answers. Buckets belong to a namespace; an app opens only the
+//! buckets its spec grants (`[keyvalue] buckets`), and every replica on every node sees the same
+//! data, kept in the control plane's store.
+
+use serde::{Deserialize, Serialize};
+
+/// The longest key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// The largest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// The most keys one `list-keys` call answers; its cursor says where the next page starts.
+pub const LIST_PAGE: usize = 1000;
+/// What one bucket may hold (keys and values), unless the control plane is told otherwise.
+pub const DEFAULT_BUCKET_BYTES: u64 = 64 << 20;
+/// The most buckets one app may be granted.
+pub const MAX_BUCKETS: usize = 16;
+
+/// One `wasi:keyvalue` call on a bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum KvOp {
+    /// `get` (one key) and `get-many`.
+    Get {
+        keys: Vec<String>,
+    },
+    /// `set` and `set-many`, all or nothing.
+    Set {
+        entries: Vec<(String, Vec<u8>)>,
+    },
+    /// `delete` and `delete-many`; a key that is not there is no error.
+    Delete {
+        keys: Vec<String>,
+    },
+    Exists {
+        key: String,
+    },
+    /// A page of keys in order, from `cursor` (a position) on.
+    List {
+        cursor: Option<u64>,
+    },
+    /// Adds `delta` to the decimal number stored at `key` (0 if absent) and answers the sum,
+    /// atomically across every node.
+    Increment {
+        key: String,
+        delta: u64,
+    },
+}
+
+/// What a [`KvOp`] answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "answer")]
+pub enum KvAnswer {
+    Values {
+        values: Vec<Option<Vec<u8>>>,
+    },
+    Done,
+    Exists {
+        exists: bool,
+    },
+    Keys {
+        keys: Vec<String>,
+        cursor: Option<u64>,
+    },
+    Count {
+        value: u64,
+    },
+}
+
+/// A key's rule: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
+        return Err(format!(
+            "a key is 1 to {MAX_KEY_BYTES} bytes without NUL (got {} bytes)",
+            key.len()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,148 @@
+//! `shoal kv`: the namespace's key-value buckets, which guests granted them reach through
+//! `wasi:keyvalue`.
+
+use super::Context;
+use crate::output::{self, Format, table};
+use anyhow::{Context as _, Result, bail};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use shoal_api::BucketView;
+use shoal_core::kv::KvAnswer;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct KvCommand {
+    #[command(subcommand)]
+    action: KvAction,
+}
+
+#[derive(clap::Subcommand)]
+enum KvAction {
+    /// Print a key's value, as stored (bytes).
+    Get {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// Store a value under a key: the argument, or a file's bytes.
+    Put {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+        /// The value; or --from-file.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long = "from-file", value_name = "PATH")]
+        file: Option<PathBuf>,
+    },
+    /// Delete a key (no error if it is not there).
+    Delete {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// List a bucket's keys, in order.
+    List {
+        /// The bucket.
+        bucket: String,
+    },
+    /// List the namespace's buckets: keys and bytes each holds.
+    Buckets,
+}
+
+pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
+    let client = ctx.client()?;
+    let ns = ctx.namespace.clone();
+    let at = |bucket: &str, key: &str| {
+        // Each segment escaped; the slashes stay, and the server takes the rest of the path.
+        let key: String = key
+            .split('/')
+            .map(|part| utf8_percent_encode(part, NON_ALPHANUMERIC).to_string())
+            .collect::<Vec<_>>()
+            .join("/");
+        format!("/v1/kv/{bucket}/{key}?namespace={ns}")
+    };
+    match cmd.action {
+        KvAction::Get { bucket, key } => {
+            let resp = client
+                .checked(client.request(reqwest::Method::GET, &at(&bucket, &key)))
+                .await?;
+            let bytes = resp.bytes().await.context("reading the value")?;
+            let mut out = std::io::stdout().lock();
+            match out.write_all(&bytes).and_then(|()| out.flush()) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other.context("writing the value")?,
+            }
+        }
+        KvAction::Put {
+            bucket,
+            key,
+            value,
+            file,
+        } => {
+            let body = match (value, file) {
+                (Some(v), None) => v.into_bytes(),
+                (None, Some(path)) => std::fs::read(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?,
+                _ => bail!("give a value or --from-file, not both"),
+            };
+            client
+                .checked(
+                    client
+                        .request(reqwest::Method::PUT, &at(&bucket, &key))
+                        .body(body),
+                )
+                .await?;
+        }
+        KvAction::Delete { bucket, key } => {
+            client
+                .checked(client.request(reqwest::Method::DELETE, &at(&bucket, &key)))
+                .await?;
+        }
+        KvAction::List { bucket } => {
+            let mut cursor: Option<u64> = None;
+            let mut all = Vec::new();
+            loop {
+                let mut path = format!("/v1/kv/{bucket}?namespace={ns}");
+                if let Some(c) = cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                match client.get::<KvAnswer>(&path).await? {
+                    KvAnswer::Keys { keys, cursor: next } => {
+                        all.extend(keys);
+                        match next {
+                            Some(n) => cursor = Some(n),
+                            None => break,
+                        }
+                    }
+                    other => bail!("the server answered {other:?} to a list"),
+                }
+            }
+            match ctx.output {
+                Format::Json => output::json(&all),
+                Format::Table => {
+                    for key in &all {
+                        println!("{key}");
+                    }
+                }
+            }
+        }
+        KvAction::Buckets => {
+            let buckets: Vec<BucketView> = client.get(&format!("/v1/kv?namespace={ns}")).await?;
+            if ctx.output == Format::Json {
+                output::json(&buckets);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = buckets
+                .iter()
+                .map(|b| vec![b.bucket.clone(), b.keys.to_string(), b.bytes.to_string()])
+                .collect();
+            table(&["BUCKET", "KEYS", "BYTES"], &rows);
+        }
+    }
+    Ok(())
+}
