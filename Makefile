@@ -28,6 +28,7 @@ bench: guests
 	cargo bench --bench neighbours
 	cargo bench --bench hotpath
 	cargo bench --bench config
+	cargo bench --bench keyvalue
 	cargo bench -p shoal-scheduler
 
 lint:

@@ -574,6 +574,26 @@ impl NodeProc {
         )
     }
 
+    /// A worker joining the control plane of `shoal up` cluster `c`, beside its own node.
+    pub fn join_up(c: &Cluster, name: &str, extra: &[&str]) -> NodeProc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let join_token =
+            std::fs::read_to_string(c.dir.path().join("data/join-token")).expect("join token file");
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            &c.dir.path().join(name),
+            name,
+            &c.api,
+            &join_token,
+            &format!("127.0.0.1:{port}"),
+            extra,
+        )
+    }
+
     fn spawn(
         dir: &Path,
         name: &str,

@@ -1,7 +1,8 @@
 //! `counter`: counts requests in the cluster's key-value store, through `wasi:keyvalue`, so
 //! every replica on every node adds to the same count.
 //!
-//! In bucket `counter`: `POST /counter/NAME` (or `GET /counter/NAME/incr`) adds one to NAME
+//! Under `/counter` (or `/counter-NAME`, for a second app from the same module), in bucket
+//! `counter`: `POST /counter/NAME` (or `GET /counter/NAME/incr`) adds one to NAME
 //! atomically and answers the new count; `GET /counter/NAME` answers the count (0 if none);
 //! `PUT /counter/NAME` stores the request body as NAME's value (`set`); `DELETE` deletes it;
 //! `GET /counter` lists the keys, one per line. A bucket it was not granted answers 403.
@@ -28,8 +29,11 @@ impl wasip2::exports::http::incoming_handler::Guest for Counter {
     fn handle(request: IncomingRequest, response_out: ResponseOutparam) {
         let target = request.path_with_query().unwrap_or_else(|| "/".into());
         let path = target.split('?').next().unwrap_or("/");
-        let rest = path.strip_prefix("/counter").unwrap_or(path);
-        let rest = rest.trim_start_matches('/');
+        // The app's own segment (`/counter`, or `/counter-NAME` for a second app) goes.
+        let rest = match path.strip_prefix("/counter") {
+            Some(rest) => rest.split_once('/').map_or("", |(_, r)| r),
+            None => path.trim_start_matches('/'),
+        };
         let body = match request.method() {
             Method::Put => read_body(&request),
             _ => Vec::new(),
