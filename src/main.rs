@@ -57,11 +57,11 @@ enum Command {
     Kv(commands::kv::KvCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
-    /// List apps, jobs, replicas, modules, nodes, services, secrets or events.
+    /// List apps, jobs, replicas, modules, nodes, services, secrets, volumes or events.
     Get(commands::get::GetArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
-    /// Delete an app (its replicas stop, its routes go away) or an unused module.
+    /// Delete an app (its replicas stop, its routes go away), an unused module or volume.
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
     Logs(commands::logs::LogsArgs),

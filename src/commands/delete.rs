@@ -6,7 +6,8 @@ use anyhow::Result;
 pub struct DeleteArgs {
     #[arg(value_enum)]
     what: What,
-    /// The app's name, or the module's digest (`sha256:…`, as `shoal get modules` shows it).
+    /// The app's or volume's name, or the module's digest (`sha256:…`, as `shoal get modules`
+    /// shows it).
     name: String,
 }
 
@@ -15,6 +16,8 @@ enum What {
     App,
     /// An uploaded module no revision uses (revision history included).
     Module,
+    /// A volume no app mounts: its node removes its data.
+    Volume,
 }
 
 pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
@@ -28,6 +31,16 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
             match ctx.output {
                 Format::Json => output::json(&resp),
                 Format::Table => println!("app {}/{} deleted", ctx.namespace, args.name),
+            }
+        }
+        What::Volume => {
+            let path = format!("/v1/volumes/{}?namespace={}", args.name, ctx.namespace);
+            client
+                .checked(client.request(reqwest::Method::DELETE, &path))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "deleted": args.name })),
+                Format::Table => println!("volume {}/{} deleted", ctx.namespace, args.name),
             }
         }
         What::Module => {

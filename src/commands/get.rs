@@ -1,7 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service};
+use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 
@@ -32,6 +32,8 @@ enum What {
     Services,
     #[value(alias = "secret")]
     Secrets,
+    #[value(alias = "volume")]
+    Volumes,
 }
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
@@ -144,6 +146,28 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                 ],
                 &replica_rows(&replicas),
             );
+        }
+        What::Volumes => {
+            let volumes: Vec<VolumeView> =
+                client.get(&format!("/v1/volumes?namespace={ns}")).await?;
+            if ctx.output == Format::Json {
+                output::json(&volumes);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = volumes
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.node.clone().unwrap_or_else(|| "-".into()),
+                        format_memory(v.size_bytes),
+                        v.used_bytes.map_or_else(|| "-".into(), format_memory),
+                        v.used_by.join(","),
+                        age(v.created_at),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "NODE", "SIZE", "USED", "USED BY", "AGE"], &rows);
         }
         What::Secrets => {
             let secrets: Vec<SecretView> =

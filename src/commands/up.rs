@@ -477,6 +477,7 @@ pub async fn start_node(
             labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
             heartbeat: duration("heartbeat", &args.heartbeat)?,
             module_cache_grace: duration("module-cache-grace", &args.module_cache_grace)?,
+            volumes_dir: data.join("volumes"),
         },
         link,
         runtime,

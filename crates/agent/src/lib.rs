@@ -24,7 +24,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
     AppCpu, Delta, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
-    ReplicaSecrets, Waiting,
+    ReplicaSecrets, VolumeUsage, Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -34,7 +34,7 @@ use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
     CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
-    KvGrant, LogSink, Reuse, Runtime,
+    KvGrant, LogSink, Reuse, Runtime, VolumeMount, VolumeQuota,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,8 @@ const LOG_LINES: usize = 5000;
 
 /// How often the gateway's per-revision measurements go to the control plane.
 const METRICS_PERIOD: Duration = Duration::from_secs(1);
+/// How often the node measures its volumes for `shoal get volumes`.
+const VOLUMES_PERIOD: Duration = Duration::from_secs(2);
 
 /// Incidents of one kind on one replica reported at most this often; the rest are counted.
 const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
@@ -67,6 +69,8 @@ pub struct AgentConfig {
     pub heartbeat: Duration,
     /// How long a module no replica on the node runs stays compiled and fetched on it.
     pub module_cache_grace: Duration,
+    /// Where volumes bound to this node keep their data: `NAMESPACE/NAME` under it.
+    pub volumes_dir: std::path::PathBuf,
 }
 
 #[derive(Clone)]
@@ -80,6 +84,8 @@ struct Inner {
     runtime: Runtime,
     gateway: Gateway,
     running: Mutex<HashMap<String, Running>>,
+    /// The size limit of each volume on this node, shared by the replicas that mount it.
+    volumes: Mutex<HashMap<(String, String), Arc<VolumeQuota>>>,
 }
 
 /// A replica this node runs.
@@ -118,6 +124,7 @@ impl Agent {
                 runtime,
                 gateway,
                 running: Mutex::new(HashMap::new()),
+                volumes: Mutex::new(HashMap::new()),
             }),
         };
         // The control plane reads replicas' output through this node's gateway.
@@ -168,6 +175,7 @@ impl Agent {
         self.register().await;
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().send_metrics());
+        tokio::spawn(self.clone().tend_volumes());
         tokio::spawn(self.clone().send_waiting());
         tokio::spawn(self.clone().collect_modules());
         // What the gateway was last given per app, so only changed apps go again.
@@ -284,6 +292,122 @@ impl Agent {
                 tracing::debug!(error = %e, "CPU usage not delivered; it only feeds describe");
             }
         }
+    }
+
+    /// Measures the volumes on this node for the control plane every few seconds, and removes
+    /// the directory of each that no longer exists (or is bound elsewhere) and that no replica
+    /// here mounts.
+    async fn tend_volumes(self) {
+        let mut tick = tokio::time::interval(VOLUMES_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let agent = self.clone();
+            let usage = match tokio::task::spawn_blocking(move || agent.measure_volumes()).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "measuring volumes failed");
+                    continue;
+                }
+            };
+            let node = &self.inner.config.node;
+            let bound = match self.inner.link.volumes(node, usage.clone()).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::debug!(error = %e, "volume usage not delivered; it only feeds get volumes");
+                    continue;
+                }
+            };
+            for gone in usage.iter().filter(|u| {
+                !bound
+                    .iter()
+                    .any(|b| b.namespace == u.namespace && b.name == u.name)
+            }) {
+                let key = (gone.namespace.clone(), gone.name.clone());
+                let mut volumes = self.inner.volumes.lock().expect("volumes lock");
+                // Mounted by a replica here (its settings hold the quota): kept for now.
+                if volumes.get(&key).is_some_and(|q| Arc::strong_count(q) > 1) {
+                    continue;
+                }
+                volumes.remove(&key);
+                let dir = self.volume_dir(&key.0, &key.1);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {
+                        tracing::info!(volume = %dir.display(), "volume deleted: its data removed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %dir.display(), error = %e, "cannot remove a deleted volume's data")
+                    }
+                }
+            }
+        }
+    }
+
+    fn volume_dir(&self, ns: &str, name: &str) -> std::path::PathBuf {
+        self.inner.config.volumes_dir.join(ns).join(name)
+    }
+
+    /// What every volume directory on this node holds, those no replica mounted since the
+    /// node started included.
+    fn measure_volumes(&self) -> Vec<VolumeUsage> {
+        let mut usage = Vec::new();
+        let Ok(namespaces) = std::fs::read_dir(&self.inner.config.volumes_dir) else {
+            return usage;
+        };
+        for ns in namespaces.flatten() {
+            let Ok(volumes) = std::fs::read_dir(ns.path()) else {
+                continue;
+            };
+            for v in volumes.flatten() {
+                let (namespace, name) = (
+                    ns.file_name().to_string_lossy().into_owned(),
+                    v.file_name().to_string_lossy().into_owned(),
+                );
+                let known = self
+                    .inner
+                    .volumes
+                    .lock()
+                    .expect("volumes lock")
+                    .get(&(namespace.clone(), name.clone()))
+                    .cloned();
+                let bytes = match known {
+                    Some(quota) => quota.measure(),
+                    None => VolumeQuota::new(&v.path(), u64::MAX).measure(),
+                };
+                usage.push(VolumeUsage {
+                    namespace,
+                    name,
+                    bytes,
+                });
+            }
+        }
+        usage
+    }
+
+    /// Volume `mount` of namespace `ns` as a replica mounts it: its directory, made if new,
+    /// and its quota, at the limit the spec gives.
+    fn volume(
+        &self,
+        ns: &str,
+        mount: &shoal_core::spec::VolumeMount,
+    ) -> std::io::Result<VolumeMount> {
+        let dir = self.volume_dir(ns, &mount.name);
+        std::fs::create_dir_all(&dir)?;
+        let quota = self
+            .inner
+            .volumes
+            .lock()
+            .expect("volumes lock")
+            .entry((ns.to_string(), mount.name.clone()))
+            .or_insert_with(|| VolumeQuota::new(&dir, mount.size_bytes))
+            .clone();
+        quota.set_limit(mount.size_bytes);
+        Ok(VolumeMount {
+            host: dir,
+            guest: mount.mount.clone(),
+            read_only: mount.read_only,
+            quota,
+        })
     }
 
     /// Tells the control plane at once how many requests the gateway holds for
@@ -522,6 +646,19 @@ impl Agent {
                 }
             }
         };
+        let mut volumes = Vec::new();
+        for mount in &t.volumes {
+            match self.volume(&replica.app.namespace, mount) {
+                Ok(v) => volumes.push(v),
+                Err(e) => {
+                    let message = format!("volume {}: {e}", mount.name);
+                    logs.push_system(&message);
+                    self.report(&replica, Phase::Failed, Some(message), None)
+                        .await;
+                    return;
+                }
+            }
+        }
         let mut values = t.effective_config();
         values.extend(secrets.config);
         let config = InstanceConfig {
@@ -568,6 +705,7 @@ impl Agent {
                 }),
                 buckets: t.keyvalue.clone(),
             }),
+            volumes,
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {

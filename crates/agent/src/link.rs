@@ -10,7 +10,7 @@ use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
     AppCpu, CertificateRequest, Client, ClientError, Delta, IssuedCertificate, JoinRequest,
     JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, ReplicaSecrets,
-    Snapshot, Waiting,
+    Snapshot, VolumeUsage, Waiting,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -331,6 +331,18 @@ impl Link for RemoteLink {
         );
         Box::pin(async move {
             let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
+            self.api().send(req).await.map_err(failed)
+        })
+    }
+
+    fn volumes(
+        &self,
+        node: &str,
+        usage: Vec<VolumeUsage>,
+    ) -> BoxFuture<'_, LinkResult<Vec<VolumeUsage>>> {
+        let path = format!("/v1/cluster/nodes/{node}/volumes");
+        Box::pin(async move {
+            let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
             self.api().send(req).await.map_err(failed)
         })
     }

@@ -26,5 +26,5 @@ pub use types::{
     NodeAction, NodeSummary, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets,
     RevisionCount, RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView,
     SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView,
-    Waiting,
+    VolumeUsage, VolumeView, Waiting,
 };

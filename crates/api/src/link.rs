@@ -61,6 +61,13 @@ pub trait Link: Send + Sync + 'static {
         bucket: &str,
         op: shoal_core::kv::KvOp,
     ) -> BoxFuture<'_, LinkResult<shoal_core::kv::KvAnswer>>;
+    /// What this node's volumes hold; answers the volumes bound to this node that still
+    /// exist (a directory of any other, no replica using it, may go).
+    fn volumes(
+        &self,
+        node: &str,
+        usage: Vec<crate::types::VolumeUsage>,
+    ) -> BoxFuture<'_, LinkResult<Vec<crate::types::VolumeUsage>>>;
     /// The node runs `digest` no more: a copy [`Link::module`] fetched may go. The
     /// in-process link hands out the control plane's own file, which stays.
     fn forget_module(&self, _digest: &str) {}

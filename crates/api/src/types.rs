@@ -286,6 +286,27 @@ impl std::fmt::Debug for ReplicaSecrets {
     }
 }
 
+/// A volume as `shoal get volumes` lists it: where it is, its limit, what its node last
+/// measured it holding, and the apps that mount it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeView {
+    pub namespace: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub node: Option<String>,
+    pub used_bytes: Option<u64>,
+    pub used_by: Vec<String>,
+    pub created_at: shoal_core::Millis,
+}
+
+/// What a node measured one of its volumes holding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeUsage {
+    pub namespace: String,
+    pub name: String,
+    pub bytes: u64,
+}
+
 /// A key-value bucket as `shoal kv buckets` lists it: how many keys and bytes it holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BucketView {

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use shoal_api::{
     AppCpu, ApplyOutcome, BucketView, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
     IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, Waiting,
+    RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, VolumeUsage, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -81,6 +81,8 @@ admin_api! {
     GET "/v1/kv/{bucket}/{*key}" => get_kv, Viewer, Namespace;
     PUT "/v1/kv/{bucket}/{*key}" => put_kv, Deployer, Namespace;
     DELETE "/v1/kv/{bucket}/{*key}" => delete_kv, Deployer, Namespace;
+    GET "/v1/volumes" => list_volumes, Viewer, NamespaceOrAll;
+    DELETE "/v1/volumes/{name}" => delete_volume, Deployer, Namespace;
     GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
     GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
@@ -126,6 +128,7 @@ pub fn router(cp: ControlPlane) -> Router {
             "/v1/cluster/nodes/{name}/kv/{namespace}/{app}/{bucket}",
             post(node_kv),
         )
+        .route("/v1/cluster/nodes/{name}/volumes", post(node_volumes))
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
         .route("/v1/cluster/modules/{digest}", get(module_blob))
@@ -490,6 +493,26 @@ async fn rotate_secret_key(State(cp): State<ControlPlane>) -> Result<Response, A
     blocking(move || cp.rotate_secret_key())
         .await
         .map(|r| Json(r).into_response())
+}
+
+async fn list_volumes(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.volumes(q.namespace.as_deref()))
+        .await
+        .map(|v| Json(v).into_response())
+}
+
+async fn delete_volume(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let ns = q.namespace();
+    let deleted = name.clone();
+    blocking(move || cp.delete_volume(&ns, &name)).await?;
+    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
 }
 
 async fn list_buckets(
@@ -1030,6 +1053,19 @@ async fn incident(
     }
     blocking(move || cp.record_incident(incident)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// What a node's volumes hold; answers the volumes bound to it.
+async fn node_volumes(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path(name): Path<String>,
+    JsonBody(usage): JsonBody<Vec<VolumeUsage>>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    blocking(move || cp.record_volume_usage(&name, usage))
+        .await
+        .map(|v| Json(v).into_response())
 }
 
 /// A guest's `wasi:keyvalue` call, from the node that runs it.

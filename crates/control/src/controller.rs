@@ -235,6 +235,10 @@ impl ControlPlane {
                 Change::PutApp { app } => {
                     txn.then(Op::put(keys::app(&app.spec.key()), encode(&app)))
                 }
+                Change::PutVolume { volume, expect } => {
+                    let key = keys::volume(&volume.namespace, &volume.name);
+                    guard(txn, &key, Expect::At(expect)).then(Op::put(key, encode(&volume)))
+                }
                 Change::PutRevision { revision, expect } => {
                     let key = keys::revision(&revision.app, revision.number);
                     guard(txn, &key, Expect::At(expect)).then(Op::put(key, encode(&revision)))

@@ -25,6 +25,7 @@ mod scope;
 mod secrets;
 mod serve;
 mod state;
+mod volumes;
 
 pub use api::router;
 pub use api_error::ApiError;

@@ -8,7 +8,7 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
     AppCpu, CertificateRequest, Change, Delta, Link, LinkError, LinkResult, Object, ObjectKey,
-    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, Waiting,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
 };
 use shoal_core::Node;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -132,6 +132,15 @@ impl Link for LocalLink {
                 .map_err(|e| LinkError::Failed(e.to_string()))?
                 .map_err(|e| LinkError::Failed(e.to_string()))
         })
+    }
+
+    fn volumes(
+        &self,
+        node: &str,
+        usage: Vec<VolumeUsage>,
+    ) -> BoxFuture<'_, LinkResult<Vec<VolumeUsage>>> {
+        let (cp, node) = (self.0.clone(), node.to_string());
+        Box::pin(async move { blocking(move || cp.record_volume_usage(&node, usage)).await })
     }
 
     fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {

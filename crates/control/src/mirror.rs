@@ -11,7 +11,7 @@ use crate::state::decode;
 use shoal_api::ObjectKey;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus};
+use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus, Volume};
 use shoal_scheduler::Strategy;
 use shoal_scheduler::plan::{Leases, Read, World, needs_look};
 use shoal_store::{Event, EventKind, KeyValue};
@@ -54,6 +54,7 @@ impl Mirror {
                 nodes: BTreeMap::new(),
                 leases: Leases::default(),
                 rollouts: BTreeMap::new(),
+                volumes: BTreeMap::new(),
                 measurements: BTreeMap::new(),
                 started_at: 0,
                 node_grace_ms: 0,
@@ -132,6 +133,12 @@ impl Mirror {
         } else if keys::LEASES.contains(key) {
             let l: Lease = decode(kv)?;
             self.leases.insert(l.node, at);
+        } else if keys::VOLUMES.contains(key) {
+            let v: Volume = decode(kv)?;
+            // Where replicas that mount it may go: placement concerns its users.
+            self.changes.nodes = true;
+            w.volumes
+                .insert((v.namespace.clone(), v.name.clone()), Read::new(v, at));
         }
         Ok(())
     }
@@ -141,6 +148,15 @@ impl Mirror {
     fn delete(&mut self, key: &str) {
         if let Some(node) = key.strip_prefix(keys::LEASES.as_str()) {
             self.leases.remove(node);
+            return;
+        }
+        if let Some(rest) = key.strip_prefix(keys::VOLUMES.as_str()) {
+            if let Some((ns, name)) = rest.split_once('/') {
+                self.world
+                    .volumes
+                    .remove(&(ns.to_string(), name.to_string()));
+                self.changes.nodes = true;
+            }
             return;
         }
         let w = &mut self.world;

@@ -14,7 +14,7 @@ use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, ModuleUse, Node,
-    NodeState, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
+    NodeState, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock, Volume,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -99,6 +99,8 @@ pub(crate) struct Inner {
     /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
     /// holds it alone.
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
+    /// What each volume's node last measured it holding, by namespace and name.
+    pub(crate) volume_usage: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
     /// Key-value writes go one at a time (`kv.rs`).
     pub(crate) kv_writer: std::sync::Mutex<()>,
     /// When each (node, app, bucket) was last found granted, to spare guests' calls a read.
@@ -176,6 +178,7 @@ impl ControlPlane {
             inner: Arc::new(Inner {
                 secret_keys: std::sync::RwLock::new(secret_keys),
                 kv_writer: std::sync::Mutex::new(()),
+                volume_usage: std::sync::Mutex::new(std::collections::HashMap::new()),
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store,
                 blobs,
@@ -449,6 +452,31 @@ impl ControlPlane {
                 .as_ref()
                 .map_or(&[][..], |(a, _)| routes_of(&a.spec));
             txn = claim_routes(txn, &key, claims, old_routes, routes_of(&spec));
+            // The volumes it mounts exist from this apply on, with the size it says.
+            for mount in &spec.volumes {
+                let vkey = keys::volume(&key.namespace, &mount.name);
+                match self.get::<Volume>(&vkey)? {
+                    None => {
+                        let volume = Volume {
+                            namespace: key.namespace.clone(),
+                            name: mount.name.clone(),
+                            size_bytes: mount.size_bytes,
+                            node: None,
+                            created_at: now,
+                        };
+                        txn = txn
+                            .when_absent(vkey.clone())
+                            .then(Op::put(vkey, encode(&volume)));
+                    }
+                    Some((mut volume, at)) if volume.size_bytes != mount.size_bytes => {
+                        volume.size_bytes = mount.size_bytes;
+                        txn = txn
+                            .when_mod_revision(vkey.clone(), at)
+                            .then(Op::put(vkey, encode(&volume)));
+                    }
+                    Some(_) => {}
+                }
+            }
             let reason = if outcome == ApplyOutcome::Created {
                 "Created"
             } else {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 pub mod keys {
     use super::{
         ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica,
-        Revision, RolloutStatus, RouteClaim, Secret,
+        Revision, RolloutStatus, RouteClaim, Secret, Volume,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -131,6 +131,7 @@ pub mod keys {
     pub const TOKENS: Prefix<ApiToken> = Prefix::fixed("/credentials/tokens/");
     pub const CONFIG_SETS: Prefix<ConfigSet> = Prefix::fixed("/configs/");
     pub const SECRETS: Prefix<Secret> = Prefix::fixed("/secrets/");
+    pub const VOLUMES: Prefix<Volume> = Prefix::fixed("/volumes/");
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -208,6 +209,12 @@ pub mod keys {
     }
     pub fn secret(ns: &str, name: &str) -> Key<Secret> {
         Key::new(format!("{}{name}", secrets_in(ns).as_str()))
+    }
+    pub fn volumes_in(ns: &str) -> Prefix<Volume> {
+        Prefix::of(format!("{}{ns}/", VOLUMES.as_str()))
+    }
+    pub fn volume(ns: &str, name: &str) -> Key<Volume> {
+        Key::new(format!("{}{name}", volumes_in(ns).as_str()))
     }
     pub fn module_use(digest: &str) -> Key<ModuleUse> {
         Key::new(format!("{}{digest}", MODULE_USES.as_str()))
@@ -551,6 +558,21 @@ pub struct ConfigSet {
     pub name: String,
     pub data: std::collections::BTreeMap<String, String>,
     pub updated_at: Millis,
+}
+
+/// A named directory of a namespace that outlives instances: made by the first apply that
+/// mounts it (`[[volumes]]`), bound to the node of the first replica placed with it, and kept,
+/// data and all, until `shoal delete volume`. Replicas that mount it are placed on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub namespace: String,
+    pub name: String,
+    /// What it may hold, in bytes: a write past it fails.
+    pub size_bytes: u64,
+    /// Where its data lives, once a replica was placed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub created_at: Millis,
 }
 
 /// A named set of secret values of a namespace, kept sealed: each value is encrypted with

@@ -1040,6 +1040,59 @@ impl Placement {
     }
 }
 
+/// The most volumes one app may mount.
+pub const MAX_VOLUMES: usize = 8;
+/// A volume's size when its first spec does not say.
+pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
+
+/// `[[volumes]]`: a named volume of the app's namespace, given to the guest as a directory at
+/// `mount` (a wasi:filesystem preopen). The volume is made by the first apply that names it, with
+/// `size` as its limit, and bound to the node of the first replica placed with it; replicas
+/// that mount it are placed there from then on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    pub name: String,
+    pub mount: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+    /// The volume's size limit, in bytes.
+    pub size_bytes: u64,
+}
+
+/// A mount point: absolute, normalised (no `.`, `..` or empty segments), not `/` itself.
+fn check_mount(mount: &str) -> Result<(), String> {
+    let Some(rest) = mount.strip_prefix('/') else {
+        return Err(format!("mount {mount:?} is not an absolute path"));
+    };
+    if rest.is_empty()
+        || rest
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(format!(
+            "mount {mount:?} must be a plain absolute path below / (no ., .. or empty segments)"
+        ));
+    }
+    if mount.chars().any(char::is_control) || mount.len() > 256 {
+        return Err(format!(
+            "mount {mount:?}: at most 256 characters, none of them control characters"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether one of two mounts holds the other (or they are the same).
+fn mounts_overlap(a: &str, b: &str) -> bool {
+    let within = |inner: &str, outer: &str| {
+        inner == outer
+            || inner
+                .strip_prefix(outer)
+                .is_some_and(|rest| rest.starts_with('/'))
+    };
+    within(a, b) || within(b, a)
+}
+
 /// The most `[config]` entries an app may have, and the most bytes all of them may take: they
 /// ride in every snapshot to the nodes that run the app and in every instance.
 pub const MAX_CONFIG_ENTRIES: usize = 1024;
@@ -1202,6 +1255,9 @@ pub struct AppSpec {
     /// Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keyvalue: Vec<String>,
+    /// `[[volumes]]`: directories that outlive instances, on the node the volume is bound to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
     /// A job's schedule, concurrency and history: from its `[job]` section,
@@ -1256,6 +1312,8 @@ pub struct Template {
     /// The `wasi:keyvalue` buckets granted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keyvalue: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<JobSpec>,
     #[serde(default, skip_serializing_if = "Health::is_default")]
@@ -1350,6 +1408,7 @@ impl Template {
         );
         check(self.outbound != old.outbound, "network.outbound");
         check(self.keyvalue != old.keyvalue, "keyvalue.buckets");
+        check(self.volumes != old.volumes, "volumes");
         check(self.job != old.job, "job");
         check(self.health != old.health, "health");
         out
@@ -1381,6 +1440,7 @@ impl AppSpec {
         spec.secret_config = template.secret_config.clone();
         spec.outbound = template.outbound.clone();
         spec.keyvalue = template.keyvalue.clone();
+        spec.volumes = template.volumes.clone();
         spec.job = template.job.clone();
         spec.health = template.health.clone();
         if let Some(http) = &mut spec.http {
@@ -1413,6 +1473,7 @@ impl AppSpec {
             secret_config: self.secret_config.clone(),
             outbound: self.outbound.clone(),
             keyvalue: self.keyvalue.clone(),
+            volumes: self.volumes.clone(),
             job: self.job.clone(),
             health: self.health.clone(),
         }
@@ -1672,6 +1733,37 @@ impl AppSpec {
                 return field("keyvalue.buckets", format!("{bucket} is named twice"));
             }
         }
+        if self.volumes.len() > MAX_VOLUMES {
+            return field(
+                "volumes",
+                format!("{} volumes: at most {MAX_VOLUMES}", self.volumes.len()),
+            );
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if let Err(e) = validate_name(&v.name) {
+                return field("volumes", format!("{:?}: {e}", v.name));
+            }
+            if let Err(m) = check_mount(&v.mount) {
+                return field("volumes", format!("{}: {m}", v.name));
+            }
+            if v.size_bytes == 0 {
+                return field("volumes", format!("{}: size must be more than 0", v.name));
+            }
+            for other in &self.volumes[..i] {
+                if other.name == v.name {
+                    return field("volumes", format!("{} is mounted twice", v.name));
+                }
+                if mounts_overlap(&other.mount, &v.mount) {
+                    return field(
+                        "volumes",
+                        format!(
+                            "{} at {} overlaps {} at {}",
+                            v.name, v.mount, other.name, other.mount
+                        ),
+                    );
+                }
+            }
+        }
         if self.keyvalue.len() > crate::kv::MAX_BUCKETS {
             return field(
                 "keyvalue.buckets",
@@ -1826,6 +1918,7 @@ struct RawApp {
     placement: RawPlacement,
     network: Option<Spanned<RawNetwork>>,
     keyvalue: Option<Spanned<RawKeyValue>>,
+    volumes: Option<Spanned<Vec<RawVolume>>>,
     job: Option<Spanned<RawJob>>,
     health: Option<Spanned<RawHealth>>,
     rollout: Option<Spanned<RawRollout>>,
@@ -2076,6 +2169,16 @@ struct RawNetwork {
 #[serde(deny_unknown_fields)]
 struct RawKeyValue {
     buckets: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolume {
+    name: String,
+    mount: String,
+    #[serde(default)]
+    read_only: bool,
+    size: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -2474,6 +2577,25 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         None => None,
     };
 
+    let mut volumes = Vec::new();
+    if let Some(raw_volumes) = raw.volumes {
+        spans.insert("volumes", raw_volumes.span());
+        for v in raw_volumes.into_inner() {
+            let size_bytes = match &v.size {
+                Some(size) => parse_memory(size.get_ref()).map_err(|e| {
+                    SpecError::field("volumes", format!("{}: size: {e}", v.name))
+                        .at(src, Some(size.span()))
+                })?,
+                None => DEFAULT_VOLUME_BYTES,
+            };
+            volumes.push(VolumeMount {
+                name: v.name,
+                mount: v.mount,
+                read_only: v.read_only,
+                size_bytes,
+            });
+        }
+    }
     let (env, secret_env) = split_values(raw.env);
     let (config, secret_config) = split_values(raw.config);
     let spec = AppSpec {
@@ -2599,6 +2721,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             }
             None => Vec::new(),
         },
+        volumes,
     };
     // The digest is checked once it is known; everything else is checked now.
     let mut probe = spec.clone();
@@ -3079,6 +3202,65 @@ A = "1"
         assert_eq!(err(&both).field.as_deref(), Some("component"));
         let bad = HELLO.replace("path = \"hello.wasm\"", "digest = \"md5:abc\"");
         assert_eq!(err(&bad).field.as_deref(), Some("component.digest"));
+    }
+
+    #[test]
+    fn volumes_mount_at_plain_absolute_paths_that_do_not_overlap() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let volume = |name: &str, mount: &str, extra: &str| {
+            format!("\n[[volumes]]\nname = \"{name}\"\nmount = \"{mount}\"\n{extra}")
+        };
+        let src = format!(
+            "{HELLO}{}{}",
+            volume("data", "/data", "size = \"10Mi\"\n"),
+            volume("cache", "/cache", "read_only = true\n")
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        assert_eq!(spec.volumes.len(), 2);
+        assert_eq!(
+            (spec.volumes[0].size_bytes, spec.volumes[0].read_only),
+            (10 << 20, false)
+        );
+        assert_eq!(
+            (spec.volumes[1].size_bytes, spec.volumes[1].read_only),
+            (DEFAULT_VOLUME_BYTES, true)
+        );
+        let plain = parse_app(HELLO).unwrap().resolve(digest).unwrap();
+        assert_eq!(
+            spec.template().changed_fields(&plain.template()),
+            ["volumes"]
+        );
+
+        for (bad, says) in [
+            (volume("data", "data", ""), "not an absolute path"),
+            (volume("data", "/data/../etc", ""), "plain absolute path"),
+            (volume("data", "/", ""), "plain absolute path"),
+            (volume("data", "/data", "size = \"lots\"\n"), "size"),
+            (
+                format!(
+                    "{}{}",
+                    volume("a", "/data", ""),
+                    volume("b", "/data/sub", "")
+                ),
+                "overlaps",
+            ),
+            (
+                format!("{}{}", volume("a", "/x", ""), volume("a", "/y", "")),
+                "mounted twice",
+            ),
+        ] {
+            let e = parse_app(&format!("{HELLO}{bad}")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("volumes"), "{e}");
+            assert!(e.to_string().contains(says), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        // Mounts that only share a prefix of characters do not overlap.
+        let src = format!(
+            "{HELLO}{}{}",
+            volume("a", "/data", ""),
+            volume("b", "/database", "")
+        );
+        assert!(parse_app(&src).is_ok());
     }
 
     #[test]

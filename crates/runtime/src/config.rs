@@ -8,6 +8,7 @@ use crate::cpu::CpuShare;
 use crate::keyvalue::KvGrant;
 use crate::logs::LogSink;
 use crate::outbound::{DenyAll, OutboundPolicy};
+use crate::volumes::VolumeMount;
 
 const MIB: u64 = 1 << 20;
 
@@ -88,6 +89,9 @@ pub struct InstanceConfig {
     /// The `wasi:keyvalue` buckets the guest may open, and where their calls go; none: every
     /// bucket is `access-denied`.
     pub keyvalue: Option<KvGrant>,
+    /// Directories the guest sees (wasi:filesystem preopens); at most one writable, whose
+    /// size limit the host keeps.
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// How an HTTP component's instances serve requests: `requests` in their life (1: a fresh
@@ -154,6 +158,7 @@ impl Default for InstanceConfig {
             cpu: CpuShare::default(),
             reuse: Reuse::default(),
             keyvalue: None,
+            volumes: Vec::new(),
         }
     }
 }

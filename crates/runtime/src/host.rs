@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::config::format_bytes;
@@ -16,6 +16,7 @@ use crate::keyvalue::{KvGrant, KvView};
 use crate::logs::{LogSink, LogStream};
 use crate::memory::Reservation;
 use crate::outbound::{OutboundHooks, OutboundPolicy};
+use crate::volumes::{VolumeMount, VolumeQuota};
 
 /// Bounds on the number of core instances, tables and memories one store may create. A
 /// wasm32-wasip2 component needs a handful of each; these leave room for composed components
@@ -38,6 +39,7 @@ pub(crate) struct InstanceSettings {
     pub(crate) cpu: Arc<Member>,
     pub(crate) reuse: crate::Reuse,
     pub(crate) keyvalue: Option<Arc<KvGrant>>,
+    pub(crate) volumes: Vec<VolumeMount>,
 }
 
 pub(crate) struct Host {
@@ -45,6 +47,8 @@ pub(crate) struct Host {
     wasi: WasiCtx,
     config: Arc<wasmtime_wasi_config::WasiConfigVariables>,
     keyvalue: Option<Arc<KvGrant>>,
+    /// The size limit of the volume the guest may write, if it mounts one.
+    volume_quota: Option<Arc<VolumeQuota>>,
     http: WasiHttpCtx,
     hooks: OutboundHooks,
     limiter: MemoryLimiter,
@@ -68,6 +72,11 @@ impl Host {
             grant: self.keyvalue.as_deref(),
             table: &mut self.table,
         }
+    }
+
+    /// The size limit its writes are charged to (`volumes.rs`).
+    pub(crate) fn volume_quota(&self) -> Option<Arc<VolumeQuota>> {
+        self.volume_quota.clone()
     }
 
     /// When the guest's timeout runs out, if it has one.
@@ -229,12 +238,29 @@ pub(crate) fn new_store(
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
+    for v in &settings.volumes {
+        let perms = if v.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        // Checked when the settings were made; a directory removed since leaves the guest
+        // without it rather than failing the request here.
+        if let Err(e) = wasi.preopened_dir(&v.host, &v.guest, perms) {
+            tracing::warn!(volume = %v.host.display(), error = %e, "volume directory unavailable");
+        }
+    }
 
     let host = Host {
         table: ResourceTable::new(),
         wasi: wasi.build(),
         config: settings.config.clone(),
         keyvalue: settings.keyvalue.clone(),
+        volume_quota: settings
+            .volumes
+            .iter()
+            .find(|v| !v.read_only)
+            .map(|v| v.quota.clone()),
         http: WasiHttpCtx::new(),
         hooks: OutboundHooks {
             policy: settings.outbound.clone(),

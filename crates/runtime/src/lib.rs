@@ -27,6 +27,7 @@ mod memory;
 mod outbound;
 mod p3;
 mod runtime;
+mod volumes;
 
 pub use command::{Command, ExitStatus};
 pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, Reuse, RuntimeConfig};
@@ -38,6 +39,7 @@ pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};
+pub use volumes::{VolumeMount, VolumeQuota};
 
 /// Types an [`OutboundPolicy`] works with, re-exported so implementors need not depend on
 /// wasmtime-wasi-http directly.

@@ -510,6 +510,24 @@ impl Runtime {
         if cfg.cpu.limit_millis == Some(0) {
             return Err(invalid("the CPU limit must be greater than 0".into()));
         }
+        if cfg.volumes.iter().filter(|v| !v.read_only).count() > 1 {
+            return Err(invalid("at most one volume may be writable".into()));
+        }
+        for v in &cfg.volumes {
+            if !v.host.is_dir() {
+                return Err(invalid(format!(
+                    "volume directory {} does not exist",
+                    v.host.display()
+                )));
+            }
+        }
+        let concurrent = !Engine::same(loaded.component.engine(), &self.inner.main.engine);
+        if concurrent && cfg.volumes.iter().any(|v| !v.read_only) {
+            return Err(invalid(
+                "a writable volume needs a WASIp2 component: its size limit is kept on WASIp2's filesystem calls"
+                    .into(),
+            ));
+        }
         if cfg.reuse.requests == 0 || cfg.reuse.idle.is_zero() || cfg.reuse.concurrent == 0 {
             return Err(invalid(
                 "instance reuse needs at least one request, one at a time and an idle time".into(),
@@ -528,6 +546,7 @@ impl Runtime {
             cpu: self.inner.cpu.join(cfg.cpu),
             reuse: cfg.reuse,
             keyvalue: cfg.keyvalue.map(Arc::new),
+            volumes: cfg.volumes,
         })
     }
 }
@@ -603,7 +622,8 @@ fn engine_set(config: &RuntimeConfig, concurrent: bool) -> Result<EngineSet, Run
     let mut linked = wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .and_then(|()| wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker))
         .and_then(|()| wasmtime_wasi_config::add_to_linker(&mut linker, Host::wasi_config))
-        .and_then(|()| crate::keyvalue::add_to_linker(&mut linker, Host::keyvalue));
+        .and_then(|()| crate::keyvalue::add_to_linker(&mut linker, Host::keyvalue))
+        .and_then(|()| crate::volumes::add_to_linker(&mut linker));
     if concurrent {
         // WASIp2 and WASIp3 side by side, as `wasmtime serve -Scli` links them: a p3 guest
         // built with Rust's std imports p2 interfaces too.

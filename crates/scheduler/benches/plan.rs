@@ -54,6 +54,7 @@ fn world(apps: usize, placed: bool) -> World {
             .collect(),
         leases: Leases::default(),
         rollouts: BTreeMap::new(),
+        volumes: BTreeMap::new(),
         measurements: BTreeMap::new(),
         started_at: 0,
         node_grace_ms: 3_000,

@@ -110,11 +110,12 @@ enum Reason {
     Memory,
     InstanceMemory,
     Cpu,
+    Volume,
 }
 
 impl Reason {
     /// In declaration order, so `reason as usize` indexes it.
-    const ALL: [Reason; 8] = [
+    const ALL: [Reason; 9] = [
         Reason::NotReady,
         Reason::Cordoned,
         Reason::Avoided,
@@ -123,6 +124,7 @@ impl Reason {
         Reason::Memory,
         Reason::InstanceMemory,
         Reason::Cpu,
+        Reason::Volume,
     ];
 
     fn as_str(self) -> &'static str {
@@ -135,6 +137,7 @@ impl Reason {
             Reason::Memory => "insufficient memory",
             Reason::InstanceMemory => "less memory than one instance may use",
             Reason::Cpu => "insufficient cpu",
+            Reason::Volume => "not the node its volume is bound to",
         }
     }
 }
@@ -548,6 +551,22 @@ impl<'a> Cluster<'a> {
             Err(_) if any => self.place(app, req),
             other => other,
         }
+    }
+
+    /// [`Cluster::place`] on node `only` or nowhere: a replica mounting a volume bound there.
+    pub fn place_pinned(
+        &mut self,
+        app: &AppKey,
+        req: &Request<'_>,
+        only: &str,
+    ) -> Result<Placement<'a>, Unschedulable> {
+        let closed: Vec<(usize, Option<Reason>)> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].node.name != only)
+            .map(|i| (i, self.fits[i].closed.replace(Reason::Volume)))
+            .collect();
+        let placed = self.place(app, req);
+        self.reopen(closed);
+        placed
     }
 
     /// Closes the nodes named in `avoid`; returns what to [`Cluster::reopen`].

@@ -23,7 +23,7 @@ use shoal_core::objects::LIVENESS_FAILED;
 use shoal_core::spec::AppKey;
 use shoal_core::{
     App, Capacity, EventType, Kind, Millis, Node, NodeState, Phase, Replica, Revision,
-    RolloutPhase, RolloutStatus,
+    RolloutPhase, RolloutStatus, Volume,
 };
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -56,6 +56,8 @@ pub struct World {
     /// How long each node has been silent, as the controller heard it.
     pub leases: Leases,
     pub rollouts: BTreeMap<AppKey, Read<RolloutStatus>>,
+    /// By namespace and name.
+    pub volumes: BTreeMap<(String, String), Read<Volume>>,
     /// What the gateways measured, per app.
     pub measurements: BTreeMap<AppKey, Measurements>,
     /// When this control plane started: load is known from then on only, so
@@ -163,6 +165,11 @@ pub enum Change {
     DeleteReplica {
         app: AppKey,
         id: String,
+        expect: u64,
+    },
+    /// A volume bound to the node its first replica was placed on.
+    PutVolume {
+        volume: Volume,
         expect: u64,
     },
     /// Writes nothing: the batch applies only while node `name` is as read
@@ -327,6 +334,7 @@ fn plan_for(
         draining,
         cluster,
         released: Vec::new(),
+        bound: BTreeMap::new(),
         out,
     };
     let replicas_of = |key: &AppKey| -> Vec<&Read<Replica>> {
@@ -478,6 +486,8 @@ struct Pass<'w> {
     /// Room the current app's deletes gave back: its own placements may use
     /// it, and it is taken again before the next app's turn.
     released: Vec<(String, AppKey, Capacity)>,
+    /// Volumes bound by placements of this pass, by namespace and name: to their node.
+    bound: BTreeMap<(String, String), String>,
     out: Plan,
 }
 
@@ -918,15 +928,74 @@ impl<'w> Pass<'w> {
         }
     }
 
-    /// Puts a pending replica on a node, or says why it fits nowhere.
+    /// Puts a pending replica on a node, or says why it fits nowhere. A replica mounting a
+    /// bound volume goes to the volume's node; one mounting an unbound volume binds it to
+    /// where it goes, in its batch.
     fn place(&mut self, batch: &mut Batch, app: &App, mut replica: Replica, expect: Expect) {
         let req = Request::new(&replica.resources, &app.spec.placement);
         let object = format!("replica/{}/{}", replica.app, replica.id);
-        match self
-            .cluster
-            .place_avoiding(&replica.app, &req, &replica.avoid)
-        {
+        let ns = replica.app.namespace.clone();
+        let volumes: Vec<String> = self
+            .world
+            .revisions
+            .get(&(replica.app.clone(), replica.revision))
+            .map(|r| {
+                r.value
+                    .template
+                    .volumes
+                    .iter()
+                    .map(|v| v.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut pinned: Option<String> = None;
+        for name in &volumes {
+            let key = (ns.clone(), name.clone());
+            let node = self.bound.get(&key).cloned().or_else(|| {
+                self.world
+                    .volumes
+                    .get(&key)
+                    .and_then(|v| v.value.node.clone())
+            });
+            match (&pinned, node) {
+                // Bound to two different nodes: it fits nowhere.
+                (Some(p), Some(n)) if *p != n => pinned = Some(String::new()),
+                (None, Some(n)) => pinned = Some(n),
+                _ => {}
+            }
+        }
+        let placed = match &pinned {
+            Some(node) => self.cluster.place_pinned(&replica.app, &req, node),
+            None => self
+                .cluster
+                .place_avoiding(&replica.app, &req, &replica.avoid),
+        };
+        match placed {
             Ok(p) => {
+                for name in &volumes {
+                    let key = (ns.clone(), name.clone());
+                    if self.bound.contains_key(&key) {
+                        continue;
+                    }
+                    if let Some(v) = self.world.volumes.get(&key)
+                        && v.value.node.is_none()
+                    {
+                        let mut volume = v.value.clone();
+                        volume.node = Some(p.node.name.clone());
+                        batch.event(
+                            EventType::Normal,
+                            "VolumeBound",
+                            format!("volume/{ns}/{name}"),
+                            Some(&replica.app),
+                            format!("volume {name} bound to node {}", p.node.name),
+                        );
+                        batch.changes.push(Change::PutVolume {
+                            volume,
+                            expect: v.mod_revision,
+                        });
+                        self.bound.insert(key, p.node.name.clone());
+                    }
+                }
                 replica.node = Some(p.node.name.clone());
                 replica.message = None;
                 replica.updated_at = self.now;
@@ -1199,6 +1268,7 @@ mod tests {
                 .collect(),
             leases: Leases::default(),
             rollouts: BTreeMap::new(),
+            volumes: BTreeMap::new(),
             measurements: BTreeMap::new(),
             started_at: 0,
             node_grace_ms: 3000,
