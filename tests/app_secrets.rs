@@ -37,21 +37,6 @@ fn serves(node: &NodeProc, path: &str, body: &str) -> bool {
     })
 }
 
-fn credential(node: &NodeProc) -> String {
-    let text = std::fs::read_to_string(node.dir.join("node-identity.json")).unwrap();
-    let identity: serde_json::Value = serde_json::from_str(&text).unwrap();
-    identity["credential"].as_str().unwrap().to_string()
-}
-
-fn as_node(server: &Server, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
-    server
-        .http()
-        .get(format!("{}{path}", server.api))
-        .bearer_auth(credential(node))
-        .send()
-        .unwrap()
-}
-
 /// Every file under `dir`, read whole (the store, key file, logs, node data).
 fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -109,13 +94,13 @@ fn secrets_reach_only_their_replicas_roll_their_users_and_leak_nowhere() {
     let replicas = server.replicas("settings");
     let id = replicas[0]["id"].as_str().unwrap();
     let path = format!("/v1/cluster/nodes/node-1/replicas/default/settings/{id}/secrets");
-    let resp = as_node(&server, &runs, &path);
+    let resp = server.as_node(&runs, &path);
     assert_eq!(resp.status(), 200);
     assert!(resp.text().unwrap().contains(PASSWORD));
     let theirs = format!("/v1/cluster/nodes/node-2/replicas/default/settings/{id}/secrets");
-    let resp = as_node(&server, &other, &theirs);
+    let resp = server.as_node(&other, &theirs);
     assert_eq!(resp.status(), 403, "{:?}", resp.text());
-    assert_eq!(as_node(&server, &other, &path).status(), 403);
+    assert_eq!(server.as_node(&other, &path).status(), 403);
 
     // A new version rolls the app with no failed request; history names the keys only.
     let load = Load::start(format!("{}/settings/password", other.gateway));
@@ -220,11 +205,7 @@ fn secrets_reach_only_their_replicas_roll_their_users_and_leak_nowhere() {
         answers.push_str(&server.cli_ok(&args));
     }
     for node in [&runs, &other] {
-        answers.push_str(
-            &as_node(&server, node, "/v1/cluster/snapshot")
-                .text()
-                .unwrap(),
-        );
+        answers.push_str(&server.as_node(node, "/v1/cluster/snapshot").text().unwrap());
     }
     assert!(
         answers.contains("DB_PASSWORD"),

@@ -7,25 +7,9 @@ mod common;
 use common::{NodeProc, Server, examples, poll, write_spec};
 use std::time::Duration;
 
-/// The credential a node keeps in its data dir.
-fn credential(node: &NodeProc) -> String {
-    let text = std::fs::read_to_string(node.dir.join("node-identity.json")).unwrap();
-    let identity: serde_json::Value = serde_json::from_str(&text).unwrap();
-    identity["credential"].as_str().unwrap().to_string()
-}
-
-fn as_node(server: &Server, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
-    server
-        .http()
-        .get(format!("{}{path}", server.api))
-        .bearer_auth(credential(node))
-        .send()
-        .unwrap()
-}
-
 /// Every env value of `app`'s revisions in what `node` reads.
 fn env_seen(server: &Server, node: &NodeProc, app: &str) -> Vec<String> {
-    let resp = as_node(server, node, "/v1/cluster/snapshot");
+    let resp = server.as_node(node, "/v1/cluster/snapshot");
     assert_eq!(resp.status(), 200);
     let snapshot: serde_json::Value = resp.json().unwrap();
     let mut seen = Vec::new();
@@ -98,7 +82,8 @@ fn each_node_reads_only_the_configuration_of_what_it_runs() {
 
     // The watch, too: node-2 follows changes without ever seeing the value.
     let revision = {
-        let s: serde_json::Value = as_node(&server, &other, "/v1/cluster/snapshot")
+        let s: serde_json::Value = server
+            .as_node(&other, "/v1/cluster/snapshot")
             .json()
             .unwrap();
         s["revision"].as_u64().unwrap()
@@ -113,7 +98,7 @@ fn each_node_reads_only_the_configuration_of_what_it_runs() {
     let mut watch = server
         .http()
         .get(format!("{}/v1/cluster/watch?from={revision}", server.api))
-        .bearer_auth(credential(&other))
+        .bearer_auth(other.credential())
         .timeout(Duration::from_secs(2))
         .send()
         .unwrap();
@@ -129,8 +114,8 @@ fn each_node_reads_only_the_configuration_of_what_it_runs() {
         .as_str()
         .unwrap_or_else(|| panic!("{app:#}"));
     let path = format!("/v1/cluster/modules/{digest}");
-    assert_eq!(as_node(&server, &runs, &path).status(), 200);
-    assert_eq!(as_node(&server, &other, &path).status(), 403);
+    assert_eq!(server.as_node(&runs, &path).status(), 200);
+    assert_eq!(server.as_node(&other, &path).status(), 403);
 }
 
 #[test]
@@ -141,7 +126,7 @@ fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
     assert!(poll(Duration::from_secs(10), || node_listed(
         &server, "node-1"
     )));
-    let first = credential(&node);
+    let first = node.credential();
     let identity = node.dir.join("node-identity.json");
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&identity).unwrap().permissions(),
@@ -152,7 +137,7 @@ fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
     node.kill();
     std::fs::remove_file(node.dir.with_extension("join-token")).unwrap();
     node.restart();
-    assert_eq!(credential(&node), first);
+    assert_eq!(node.credential(), first);
     assert!(poll(Duration::from_secs(10), || node_listed(
         &server, "node-1"
     )));
@@ -173,13 +158,10 @@ fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
     // Deleted, its credential is refused; it joins again with the join token.
     server.cli_ok(&["node", "delete", "node-1"]);
     assert!(!node_listed(&server, "node-1"));
-    assert_eq!(
-        as_node(&server, &node, "/v1/cluster/snapshot").status(),
-        401
-    );
+    assert_eq!(server.as_node(&node, "/v1/cluster/snapshot").status(), 401);
     node.kill();
     node.restart();
-    assert_ne!(credential(&node), first);
+    assert_ne!(node.credential(), first);
     assert!(poll(Duration::from_secs(10), || node_listed(
         &server, "node-1"
     )));
@@ -229,7 +211,7 @@ fn a_rotated_join_token_lets_new_nodes_in_and_the_old_one_no_more() {
     )));
     // The node that joined before carries on with its own credential.
     assert_eq!(
-        as_node(&server, &joined, "/v1/cluster/snapshot").status(),
+        server.as_node(&joined, "/v1/cluster/snapshot").status(),
         200
     );
     assert!(node_listed(&server, "node-1"));

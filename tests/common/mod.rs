@@ -507,6 +507,15 @@ impl Server {
     }
 
     /// The nodes of `app`'s Ready replicas.
+    /// GET `path` as `node`, with its own credential.
+    pub fn as_node(&self, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
+        self.http()
+            .get(format!("{}{path}", self.api))
+            .bearer_auth(node.credential())
+            .send()
+            .expect("API request")
+    }
+
     pub fn ready_nodes(&self, app: &str) -> Vec<String> {
         self.replicas(app)
             .iter()
@@ -629,6 +638,13 @@ impl NodeProc {
             token: token.to_string(),
             gw_addr: gw.to_string(),
         }
+    }
+
+    /// The credential it keeps in its data dir.
+    pub fn credential(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("node-identity.json")).unwrap();
+        let identity: serde_json::Value = serde_json::from_str(&text).unwrap();
+        identity["credential"].as_str().unwrap().to_string()
     }
 
     pub fn kill(&mut self) {

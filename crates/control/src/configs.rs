@@ -166,21 +166,12 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        let txn = Txn::new()
-            .when_mod_revision(key.clone(), at)
-            .then(Op::delete(key))
-            .then(self.event_op(
-                EventType::Normal,
-                "ConfigSetDeleted",
-                format!("config/{ns}/{name}"),
-                None,
-                format!("config set {name} deleted"),
-            ));
-        if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
-                "config set {name} changed meanwhile; try again"
-            )));
-        }
-        Ok(())
+        self.delete_as_read(
+            key.to_string(),
+            at,
+            &format!("config set {name}"),
+            "ConfigSetDeleted",
+            format!("config/{ns}/{name}"),
+        )
     }
 }

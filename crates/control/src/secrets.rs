@@ -318,22 +318,13 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        let txn = Txn::new()
-            .when_mod_revision(key.clone(), at)
-            .then(Op::delete(key))
-            .then(self.event_op(
-                EventType::Normal,
-                "SecretDeleted",
-                format!("secret/{ns}/{name}"),
-                None,
-                format!("secret {name} deleted"),
-            ));
-        if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
-                "secret {name} changed meanwhile; try again"
-            )));
-        }
-        Ok(())
+        self.delete_as_read(
+            key.to_string(),
+            at,
+            &format!("secret {name}"),
+            "SecretDeleted",
+            format!("secret/{ns}/{name}"),
+        )
     }
 
     /// The values replica `id` of `app` needs, for `node`, which must be where it is placed.

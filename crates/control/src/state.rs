@@ -223,6 +223,34 @@ impl ControlPlane {
     }
 
     /// Builds an event and its store op; callers put it in their transaction.
+    /// Deletes `key` (`what`, e.g. "secret db"), as read at store revision `at`, with a Normal
+    /// event `reason` about `object`; a change since that read is a conflict.
+    pub(crate) fn delete_as_read(
+        &self,
+        key: String,
+        at: u64,
+        what: &str,
+        reason: &str,
+        object: String,
+    ) -> Result<(), ControlError> {
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::delete(key))
+            .then(self.event_op(
+                EventType::Normal,
+                reason,
+                object,
+                None,
+                format!("{what} deleted"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "{what} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn event_op(
         &self,
         kind: EventType,

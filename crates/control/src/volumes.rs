@@ -7,8 +7,7 @@ use crate::error::ControlError;
 use crate::state::ControlPlane;
 use shoal_api::{VolumeUsage, VolumeView};
 use shoal_core::objects::keys;
-use shoal_core::{App, EventType, Volume};
-use shoal_store::{Op, Txn};
+use shoal_core::{App, Volume};
 
 impl ControlPlane {
     /// Every volume of `ns` (of all namespaces if `None`).
@@ -53,22 +52,14 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        let txn = Txn::new()
-            .when_mod_revision(key.clone(), at)
-            .then(Op::delete(key))
-            .then(self.event_op(
-                EventType::Normal,
-                "VolumeDeleted",
-                format!("volume/{ns}/{name}"),
-                None,
-                format!("volume {name} deleted; its node removes its data"),
-            ));
-        if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
-                "volume {name} changed meanwhile; try again"
-            )));
-        }
-        Ok(())
+        // Its node removes the data once it no longer hears of it (`Link::volumes`).
+        self.delete_as_read(
+            key.to_string(),
+            at,
+            &format!("volume {name}"),
+            "VolumeDeleted",
+            format!("volume/{ns}/{name}"),
+        )
     }
 
     /// Notes what `node` measured its volumes holding; answers the volumes bound to it.
