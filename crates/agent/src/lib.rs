@@ -372,7 +372,7 @@ impl Agent {
                     .cloned();
                 let bytes = match known {
                     Some(quota) => quota.measure(),
-                    None => VolumeQuota::new(&v.path(), u64::MAX).measure(),
+                    None => shoal_runtime::du(&v.path()),
                 };
                 usage.push(VolumeUsage {
                     namespace,

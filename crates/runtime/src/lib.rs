@@ -39,7 +39,7 @@ pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};
-pub use volumes::{VolumeMount, VolumeQuota};
+pub use volumes::{VolumeMount, VolumeQuota, du};
 
 /// Types an [`OutboundPolicy`] works with, re-exported so implementors need not depend on
 /// wasmtime-wasi-http directly.

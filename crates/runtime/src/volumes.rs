@@ -100,8 +100,8 @@ impl VolumeQuota {
     }
 }
 
-/// Bytes of the files under `dir`.
-fn du(dir: &Path) -> u64 {
+/// Bytes of the files under `dir`, symlinks not followed: what a volume holds.
+pub fn du(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
