@@ -143,11 +143,16 @@ impl Client {
     }
 }
 
-/// A failed call, said for a person at a terminal.
+/// A failed call, said for a person at a terminal, classified for the exit code.
 fn said(e: ClientError) -> anyhow::Error {
+    let classified =
+        |code: u8, message: String| anyhow::Error::new(crate::exit::Classified { code, message });
     match e {
-        ClientError::Send { base, source } if source.is_connect() => {
-            anyhow!("cannot reach the Shoal API at {base} (is `shoal up` running?): {source}")
+        ClientError::Send { base, source } if source.is_connect() || source.is_timeout() => {
+            classified(
+                crate::exit::UNAVAILABLE,
+                format!("cannot reach the Shoal API at {base} (is `shoal up` running?): {source}"),
+            )
         }
         ClientError::Send { base, source } => {
             anyhow!("request to the Shoal API at {base} failed: {source:#}")
@@ -156,6 +161,12 @@ fn said(e: ClientError) -> anyhow::Error {
             anyhow::Error::new(source).context("the server sent a response this CLI cannot read")
         }
         // "{message} ({status}, {code})", or "the API answered {status}: {body}".
-        api => anyhow!("{api}"),
+        api => match api
+            .status()
+            .and_then(|s| crate::exit::for_status(s.as_u16()))
+        {
+            Some(code) => classified(code, api.to_string()),
+            None => anyhow!("{api}"),
+        },
     }
 }

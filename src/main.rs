@@ -3,6 +3,7 @@
 
 mod client;
 mod commands;
+mod exit;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,9 @@ struct Cli {
     /// Namespace of the apps to act on.
     #[arg(short, long, global = true, default_value = "default")]
     namespace: String,
+    /// How `up`, `server` and `node join` write their log to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = commands::up::LogFormat::Text)]
+    log_format: commands::up::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +61,8 @@ enum Command {
     Kv(commands::kv::KvCommand),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
+    /// What applying spec files would change; exits 1 if anything would.
+    Diff(commands::apply::DiffArgs),
     /// List apps, jobs, replicas, modules, nodes, services, secrets, volumes or events.
     Get(commands::get::GetArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
@@ -73,10 +79,27 @@ enum Command {
     Scale(commands::scale::ScaleArgs),
     /// Start a run of a job now.
     Job(commands::job::JobCommand),
+    /// Print a completion script for a shell: `source <(shoal completion bash)`.
+    Completion {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Up(_) | Command::Server(_) | Command::Node(_)
+    ) {
+        quiet_on_closed_pipe();
+    }
+    let diff = match &cli.command {
+        Command::Diff(_) => true,
+        Command::Apply(args) => args.dry_run,
+        _ => false,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -95,6 +118,7 @@ fn main() -> ExitCode {
             ca_file: cli.ca_file,
             output: cli.output,
             namespace: cli.namespace,
+            log_format: cli.log_format,
         };
         match cli.command {
             Command::Up(args) => commands::up::run(ctx, *args).await,
@@ -105,6 +129,7 @@ fn main() -> ExitCode {
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
             Command::Kv(cmd) => commands::kv::run(ctx, cmd).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
+            Command::Diff(args) => commands::apply::diff(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,
             Command::Delete(args) => commands::delete::run(ctx, args).await,
@@ -113,13 +138,30 @@ fn main() -> ExitCode {
             Command::Events(args) => commands::events::run(ctx, args).await,
             Command::Scale(args) => commands::scale::run(ctx, args).await,
             Command::Job(cmd) => commands::job::run(ctx, cmd).await,
+            Command::Completion { shell } => {
+                use clap::CommandFactory as _;
+                let mut out = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "shoal", &mut out);
+                output::write_stdout(&out)
+            }
         }
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    if let Err(e) = &result
+        && e.downcast_ref::<exit::WouldChange>().is_none()
+    {
+        eprintln!("error: {e:#}");
+    }
+    exit::code(&result, diff)
+}
+
+/// A command whose reader went away (`shoal events | head -3`) ends there, silently, as Unix
+/// tools do: the default action of SIGPIPE, which Rust's runtime ignores so that writes fail
+/// instead. Sockets are unaffected (Rust writes to them with MSG_NOSIGNAL); the daemons keep
+/// Rust's default, so a closed log pipe is an error they can report rather than their end.
+fn quiet_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -65,3 +65,13 @@ pub fn duration(ms: u64) -> String {
 pub fn short_digest(d: &str) -> String {
     d.get(..19).unwrap_or(d).to_string()
 }
+
+/// Writes `bytes` to stdout as they are; a reader that went away (`| head`) ends it quietly.
+pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}

@@ -68,7 +68,9 @@ fn apply_serve_inspect_update_delete() {
         .replace("GREETING = \"Hello from Shoal!\"", "GREETING = \"Bonjour\"");
     let changed = write_spec(c.dir.path(), "hello2.toml", &changed);
     let changed = changed.to_str().unwrap();
-    let out = c.cli_ok(&["apply", "--dry-run", "-f", changed]);
+    let out = c.cli(&["apply", "--dry-run", "-f", changed]);
+    assert_eq!(out.status.code(), Some(1), "something would change");
+    let out = String::from_utf8(out.stdout).unwrap();
     assert!(
         out.contains("(dry run)") && out.contains("env.GREETING"),
         "{out}"

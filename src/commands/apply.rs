@@ -12,9 +12,25 @@ pub struct ApplyArgs {
     /// App spec files (TOML).
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
-    /// Show what would change without changing anything.
+    /// Show what would change without changing anything; exit 1 if anything would.
     #[arg(long)]
-    dry_run: bool,
+    pub dry_run: bool,
+}
+
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// App spec files (TOML).
+    #[arg(short = 'f', long = "file", required = true)]
+    files: Vec<PathBuf>,
+}
+
+/// `apply --dry-run` under kubectl's name.
+pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
+    let apply = ApplyArgs {
+        files: args.files,
+        dry_run: true,
+    };
+    run(ctx, apply).await
 }
 
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
@@ -29,6 +45,9 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     }
     if ctx.output == Format::Json {
         output::json(&results);
+    }
+    if args.dry_run && results.iter().any(|r| r.outcome != ApplyOutcome::Unchanged) {
+        return Err(crate::exit::WouldChange.into());
     }
     Ok(())
 }

@@ -7,7 +7,6 @@ use anyhow::{Context as _, Result, bail};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use shoal_api::BucketView;
 use shoal_core::kv::KvAnswer;
-use std::io::Write as _;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -72,11 +71,7 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
                 .checked(client.request(reqwest::Method::GET, &at(&bucket, &key)))
                 .await?;
             let bytes = resp.bytes().await.context("reading the value")?;
-            let mut out = std::io::stdout().lock();
-            match out.write_all(&bytes).and_then(|()| out.flush()) {
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-                other => other.context("writing the value")?,
-            }
+            output::write_stdout(&bytes)?;
         }
         KvAction::Put {
             bucket,

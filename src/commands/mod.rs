@@ -29,6 +29,7 @@ pub struct Context {
     pub ca_file: Option<PathBuf>,
     pub output: Format,
     pub namespace: String,
+    pub log_format: up::LogFormat,
 }
 
 impl Context {

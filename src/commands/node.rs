@@ -56,7 +56,7 @@ struct JoinArgs {
 
 pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
     let (name, verb) = match cmd.action {
-        NodeAction::Join(args) => return join(*args).await,
+        NodeAction::Join(args) => return join(*args, ctx.log_format).await,
         NodeAction::Delete { name } => return delete(ctx, name).await,
         NodeAction::Cordon { name } => (name, "cordon"),
         NodeAction::Uncordon { name } => (name, "uncordon"),
@@ -90,8 +90,8 @@ fn identity_file(data: &Path) -> PathBuf {
     data.join("node-identity.json")
 }
 
-async fn join(args: JoinArgs) -> Result<()> {
-    init_tracing();
+async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
+    init_tracing(log_format);
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let name = node_name(&args.node)?;

@@ -10,7 +10,7 @@ pub struct ServerArgs {
 
 /// `shoal server`: the control plane alone; nodes join it.
 pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
-    init_tracing();
+    init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control).await?;
     println!("Shoal control plane is up, data in {}", c.data.display());
     println!("  API:      {}", c.server);

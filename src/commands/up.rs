@@ -142,14 +142,27 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
+/// The daemons' log on stderr: lines for people, or one JSON object per line (`--log-format
+/// json`) for a log pipeline.
+pub fn init_tracing(format: LogFormat) {
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,wasmtime=warn,cranelift=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
+/// How `shoal up`, `server` and `node join` write their log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 pub fn default_data_dir() -> PathBuf {
@@ -510,7 +523,7 @@ pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
 }
 
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
-    init_tracing();
+    init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control).await?;
     let node = start_node(
         &c.data,

@@ -59,23 +59,16 @@ pub fn parse_cpu(s: &str) -> Result<u32, QuantityError> {
     Ok((cores * 1000.0).round() as u32)
 }
 
-/// Parses a duration into milliseconds: `250ms`, `30s`, `5m`, `1h`.
+/// Parses a duration into milliseconds: `250ms`, `30s`, `5m`, `1h`, and combinations such as
+/// `1m30s` or `1h 15m` (humantime's syntax, as Kubernetes and Nomad users write them).
 pub fn parse_duration_ms(s: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError {
         input: s.to_string(),
         what: "duration",
-        hint: "use a number with a unit ms, s, m or h, e.g. \"30s\"",
+        hint: "use numbers with units ms, s, m, h or d, e.g. \"30s\" or \"1m30s\"",
     };
-    let (num, unit) = split_number(s.trim());
-    let n: u64 = num.parse().map_err(|_| err())?;
-    let mult = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(err()),
-    };
-    n.checked_mul(mult).ok_or_else(err)
+    let d = humantime::parse_duration(s.trim()).map_err(|_| err())?;
+    u64::try_from(d.as_millis()).map_err(|_| err())
 }
 
 /// Formats bytes the way specs write them, for tables and `describe`.
@@ -129,7 +122,11 @@ mod tests {
         assert_eq!(parse_duration_ms("30s"), Ok(30_000));
         assert_eq!(parse_duration_ms("2m"), Ok(120_000));
         assert_eq!(parse_duration_ms("1h"), Ok(3_600_000));
-        for bad in ["", "30", "s", "1d", "1.5s"] {
+        assert_eq!(parse_duration_ms("1m30s"), Ok(90_000));
+        assert_eq!(parse_duration_ms("1h 15m"), Ok(4_500_000));
+        assert_eq!(parse_duration_ms("1d"), Ok(86_400_000));
+        assert_eq!(parse_duration_ms("1.5s"), Ok(1500));
+        for bad in ["", "30", "s", "-1s", "1x"] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
     }
