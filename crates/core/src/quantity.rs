@@ -71,19 +71,18 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, QuantityError> {
     u64::try_from(d.as_millis()).map_err(|_| err())
 }
 
-/// Formats bytes the way specs write them, for tables and `describe`.
+/// Formats bytes the way specs write them, for tables and `describe`: in the largest unit that
+/// fits, whole if exact, else to one decimal, so a column reads in one scale (`640Mi/23.5Gi`).
 pub fn format_memory(bytes: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
     for (unit, size) in UNITS {
-        if bytes >= size && bytes.is_multiple_of(size) {
-            return format!("{}{unit}", bytes / size);
+        if bytes >= size {
+            return if bytes.is_multiple_of(size) {
+                format!("{}{unit}", bytes / size)
+            } else {
+                format!("{:.1}{unit}", bytes as f64 / size as f64)
+            };
         }
-    }
-    if bytes >= 1 << 30 {
-        return format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64);
-    }
-    if bytes >= 1 << 20 {
-        return format!("{:.1}Mi", bytes as f64 / (1u64 << 20) as f64);
     }
     bytes.to_string()
 }
@@ -104,6 +103,9 @@ mod tests {
         }
         assert_eq!(format_memory(64 << 20), "64Mi");
         assert_eq!(format_memory(3 << 30), "3Gi");
+        assert_eq!(format_memory(24_684_092 << 10), "23.5Gi");
+        assert_eq!(format_memory(1536), "1.5Ki");
+        assert_eq!(format_memory(100), "100");
     }
 
     #[test]
