@@ -7,9 +7,11 @@ run: guests
 	cargo build --release
 	./target/release/shoal up --apply examples/hello/app.toml
 
-# Runs every test: unit, crate integration and end-to-end (real processes).
+# Runs every test: unit, crate integration and end-to-end (real processes). The metrics test
+# checks the exposition format with promtool, from Debian's prometheus package.
 test:
 	rustup target add wasm32-wasip2
+	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 	cargo test --workspace
 
 guests:

@@ -88,6 +88,7 @@ admin_api! {
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
     GET "/v1/events" => list_events, Viewer, NamespaceOrAll;
     GET "/v1/nodes" => list_nodes, Viewer, Cluster;
+    GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster;
     DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster;
     POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster;
     POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster;
@@ -493,6 +494,19 @@ async fn rotate_secret_key(State(cp): State<ControlPlane>) -> Result<Response, A
     blocking(move || cp.rotate_secret_key())
         .await
         .map(|r| Json(r).into_response())
+}
+
+/// The cluster's metrics for Prometheus (`metrics_path: /v1/metrics`, with a viewer token).
+async fn prometheus_metrics(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    let text = blocking(move || cp.prometheus()).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn list_volumes(

@@ -19,6 +19,13 @@ pub struct Histogram {
     /// before it); the last entry counts the slower ones. Empty means no samples.
     #[serde(default)]
     pub counts: Vec<u64>,
+    /// The samples' sum, in microseconds: what a Prometheus histogram's `_sum` needs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sum_us: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Histogram {
@@ -31,6 +38,7 @@ impl Histogram {
             .position(|b| millis <= *b as f64)
             .unwrap_or(LATENCY_BOUNDS_MS.len());
         self.counts[i] += 1;
+        self.sum_us = self.sum_us.saturating_add((millis * 1_000.0) as u64);
     }
 
     /// Adds `other`'s counts, saturating; buckets past the known bounds (from a node that
@@ -44,6 +52,7 @@ impl Histogram {
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
             *a = a.saturating_add(*b);
         }
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
     }
 
     /// What was recorded after `base` was taken from the same histogram.
@@ -55,6 +64,7 @@ impl Histogram {
                 .enumerate()
                 .map(|(i, c)| c.saturating_sub(base.counts.get(i).copied().unwrap_or(0)))
                 .collect(),
+            sum_us: self.sum_us.saturating_sub(base.sum_us),
         }
     }
 

@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     errors: AtomicU64,
     /// Buckets as [`Histogram::counts`].
     latency: [AtomicU64; BUCKETS],
+    /// As [`Histogram::sum_us`].
+    latency_sum_us: AtomicU64,
     busy: Mutex<Busy>,
 }
 
@@ -68,6 +70,8 @@ impl Counters {
     pub(crate) fn record(&self, status: StatusCode, elapsed: Duration) {
         let bucket = bucket(elapsed.as_secs_f64() * 1_000.0);
         self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         if status.is_server_error() {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -97,8 +101,9 @@ impl Counters {
             .iter()
             .map(|c| c.swap(0, Ordering::Relaxed))
             .collect();
+        let sum_us = self.latency_sum_us.swap(0, Ordering::Relaxed);
         if counts.iter().any(|&c| c > 0) {
-            stats.latency = Histogram { counts };
+            stats.latency = Histogram { counts, sum_us };
         }
         Some(stats)
     }

@@ -1,0 +1,172 @@
+//! `GET /v1/metrics`: the cluster in Prometheus' text format (encoded by prometheus-client, with
+//! counter families named as the classic format names them), read at each scrape. Per app revision, what every gateway counted since this control plane
+//! started (requests, 5xx answers, time to the response head as a histogram); per phase, the
+//! replicas; per state, the nodes; the apps. Names and labels follow Prometheus' conventions
+//! (`promtool check metrics` passes, `tests/metrics.rs`).
+
+use crate::error::ControlError;
+use crate::state::ControlPlane;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats};
+use shoal_core::objects::keys;
+use shoal_core::{App, Node, Replica};
+use std::collections::BTreeMap;
+
+/// What one scrape reports, read before encoding.
+#[derive(Debug)]
+struct Scrape {
+    revisions: Vec<RevisionStats>,
+    apps: i64,
+    replicas: BTreeMap<String, i64>,
+    nodes: BTreeMap<String, i64>,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels = |s: &RevisionStats| {
+            vec![
+                ("namespace", s.app.namespace.clone()),
+                ("app", s.app.name.clone()),
+                ("revision", s.revision.to_string()),
+            ]
+        };
+        let mut requests = encoder.encode_descriptor(
+            "shoal_http_requests",
+            "Requests the gateways answered, per app revision",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &self.revisions {
+            requests
+                .encode_family(&labels(s))?
+                .encode_counter::<NoLabelSet, _, u64>(&s.requests, None)?;
+        }
+        let mut errors = encoder.encode_descriptor(
+            "shoal_http_server_errors",
+            "Requests answered with a 5xx status (the guest's or the gateway's), per app revision",
+            None,
+            MetricType::Counter,
+        )?;
+        for s in &self.revisions {
+            errors
+                .encode_family(&labels(s))?
+                .encode_counter::<NoLabelSet, _, u64>(&s.errors, None)?;
+        }
+        let mut latency = encoder.encode_descriptor(
+            "shoal_http_request_duration_seconds",
+            "Time from a request's arrival at a gateway to its response head, per app revision",
+            None,
+            MetricType::Histogram,
+        )?;
+        for s in &self.revisions {
+            let counts = &s.latency.counts;
+            let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS_MS
+                .iter()
+                .map(|ms| *ms as f64 / 1_000.0)
+                .chain([f64::MAX])
+                .enumerate()
+                .map(|(i, bound)| (bound, counts.get(i).copied().unwrap_or(0)))
+                .collect();
+            latency
+                .encode_family(&labels(s))?
+                .encode_histogram::<NoLabelSet>(
+                    s.latency.sum_us as f64 / 1e6,
+                    s.latency.total(),
+                    &buckets,
+                    None,
+                )?;
+        }
+        encoder
+            .encode_descriptor("shoal_apps", "Apps", None, MetricType::Gauge)?
+            .encode_gauge(&self.apps)?;
+        let mut replicas = encoder.encode_descriptor(
+            "shoal_replicas",
+            "Replicas by phase",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (phase, n) in &self.replicas {
+            replicas
+                .encode_family(&vec![("phase", phase.clone())])?
+                .encode_gauge(n)?;
+        }
+        let mut nodes =
+            encoder.encode_descriptor("shoal_nodes", "Nodes by state", None, MetricType::Gauge)?;
+        for (state, n) in &self.nodes {
+            nodes
+                .encode_family(&vec![("state", state.clone())])?
+                .encode_gauge(n)?;
+        }
+        Ok(())
+    }
+}
+
+impl ControlPlane {
+    /// The metrics, in the text exposition format.
+    pub fn prometheus(&self) -> Result<String, ControlError> {
+        let mut revisions = Vec::new();
+        for m in self.inner.metrics.snapshot().into_values() {
+            revisions.extend(m.totals.into_values());
+        }
+        let apps: Vec<App> = self.list(&keys::APPS)?;
+        let mut replicas = BTreeMap::new();
+        for r in self.list::<Replica>(&keys::REPLICAS)? {
+            *replicas.entry(format!("{:?}", r.phase)).or_insert(0) += 1;
+        }
+        let mut nodes = BTreeMap::new();
+        for n in self.list::<Node>(&keys::NODES)? {
+            *nodes.entry(format!("{:?}", n.state)).or_insert(0) += 1;
+        }
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape {
+            revisions,
+            apps: apps.len() as i64,
+            replicas,
+            nodes,
+        }));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .map_err(ControlError::internal)?;
+        Ok(classic_counter_names(&out))
+    }
+}
+
+/// prometheus-client writes OpenMetrics, whose counter families are named without the
+/// `_total` their samples carry; Prometheus' classic text format, which every scraper and
+/// `promtool check metrics` read, names them with it. The two comment lines are renamed.
+fn classic_counter_names(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 32 * counters.len());
+    for line in openmetrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let name = counters
+                .iter()
+                .find(|c| rest.strip_prefix(**c).is_some_and(|r| r.starts_with(' ')))?;
+            Some(format!("{tag}{name}_total{}", &rest[name.len()..]))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_families_take_their_samples_names_and_nothing_else_changes() {
+        let om = "# HELP a_requests Requests\n# TYPE a_requests counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n";
+        assert_eq!(
+            classic_counter_names(om),
+            "# HELP a_requests_total Requests\n# TYPE a_requests_total counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n"
+        );
+    }
+}

@@ -1,0 +1,104 @@
+//! Prometheus metrics end to end: after a known number of requests through the gateway, the
+//! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
+//! with the cluster's apps, replicas and nodes; `promtool check metrics` (Debian's prometheus
+//! package) finds nothing to say about the names, labels or format.
+
+mod common;
+
+use common::{Cluster, examples, poll};
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The value of the sample line starting with `series ` in `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+#[test]
+fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
+    let c = Cluster::start();
+    c.cli_ok(&["apply", "-f", &format!("{}/hello/app.toml", examples())]);
+    // Ready as the API says, without a request through the gateway: every request the
+    // gateway answers from here on is one the test sent. One it answers itself, before its
+    // table has the replicas (503 no_ready_replicas), reaches no revision and is not counted.
+    assert!(poll(Duration::from_secs(30), || c
+        .api_json("/v1/replicas?app=hello")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["phase"] == "Ready")
+        .count()
+        == 1));
+    let mut served = 0;
+    assert!(poll(Duration::from_secs(30), || {
+        if c.gw("/hello").status() == 200 {
+            served += 1;
+        }
+        served == 20
+    }));
+    let want = 20.0;
+    let labels = r#"{namespace="default",app="hello",revision="1"}"#;
+    let mut text = String::new();
+    assert!(
+        poll(Duration::from_secs(30), || {
+            text = c.api_get("/v1/metrics").text().unwrap();
+            sample(&text, &format!("shoal_http_requests_total{labels}")) == Some(want)
+        }),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("shoal_http_request_duration_seconds_count{labels}")
+        ),
+        Some(want)
+    );
+    let inf = r#"shoal_http_request_duration_seconds_bucket{le="+Inf",namespace="default",app="hello",revision="1"}"#;
+    assert_eq!(sample(&text, inf), Some(want), "{text}");
+    assert!(
+        sample(
+            &text,
+            &format!("shoal_http_request_duration_seconds_sum{labels}")
+        )
+        .unwrap()
+            > 0.0
+    );
+    assert_eq!(
+        sample(&text, &format!("shoal_http_server_errors_total{labels}")),
+        Some(0.0)
+    );
+    assert_eq!(sample(&text, "shoal_apps"), Some(1.0));
+    assert_eq!(
+        sample(&text, r#"shoal_replicas{phase="Ready"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, r#"shoal_nodes{state="Ready"}"#), Some(1.0));
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; `make test` installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "{checked:?}\n{text}");
+
+    // A token is needed, as for every other route.
+    let anonymous = c
+        .http()
+        .get(format!("{}/v1/metrics", c.api))
+        .send()
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+}
