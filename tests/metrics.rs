@@ -1,6 +1,6 @@
 //! Prometheus metrics end to end: after a known number of requests through the gateway, the
 //! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
-//! with the cluster's apps, replicas and nodes; `promtool check metrics` (Debian's prometheus
+//! with the cluster's apps, replicas and nodes and what the controller did; `promtool check metrics` (Debian's prometheus
 //! package) finds nothing to say about the names, labels or format.
 
 mod common;
@@ -77,6 +77,23 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         "{text}"
     );
     assert_eq!(sample(&text, r#"shoal_nodes{state="Ready"}"#), Some(1.0));
+
+    // What the control plane counts as it works.
+    assert!(
+        sample(
+            &text,
+            r#"shoal_controller_decisions_total{reason="Scheduled"}"#
+        ) >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "shoal_node_heartbeats_total") >= Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "shoal_controller_pass_duration_seconds_count") >= Some(1.0),
+        "{text}"
+    );
 
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])

@@ -74,7 +74,12 @@ impl ControlPlane {
             let cp = self.clone();
             let span = tracing::debug_span!("reconcile", full);
             let passed = blocking(move || {
+                let started = Instant::now();
                 let wrote = cp.pass(&mut mirror, &mut clock, full);
+                cp.inner
+                    .observed
+                    .passes
+                    .observe(started.elapsed().as_secs_f64());
                 Ok((mirror, clock, wrote))
             })
             .instrument(span)
@@ -213,7 +218,15 @@ impl ControlPlane {
         }
         for batch in plan.batches {
             let scope = format!("{:?}", batch.scope);
-            if !self.store().txn(self.batch_txn(batch))?.succeeded {
+            let reasons: Vec<&'static str> = batch.events.iter().map(|e| e.reason).collect();
+            if self.store().txn(self.batch_txn(batch))?.succeeded {
+                for reason in reasons {
+                    let reason = crate::prometheus::Reason {
+                        reason: reason.to_string(),
+                    };
+                    self.inner.observed.decisions.get_or_create(&reason).inc();
+                }
+            } else {
                 tracing::debug!(%scope, "lost a race; the next pass decides again");
             }
         }

@@ -7,13 +7,77 @@
 use crate::error::ControlError;
 use crate::state::ControlPlane;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats};
 use shoal_core::objects::keys;
 use shoal_core::{App, Node, Replica};
 use std::collections::BTreeMap;
+
+/// What the control plane counts as it works, since it started.
+#[derive(Clone)]
+pub(crate) struct Observed {
+    /// How long each controller pass took.
+    pub(crate) passes: Histogram,
+    pub(crate) heartbeats: Counter,
+    /// What the controller decided and wrote, by the reason of its event (`Scheduled`,
+    /// `FailedScheduling`, `ScaledUp`, `RolledBack`, …).
+    pub(crate) decisions: Family<Reason, Counter>,
+    /// Requests killed on a node (timeout, out of memory, trap), as nodes report them
+    /// (each node reports one per replica and kind every 10 s at most).
+    pub(crate) incidents: Family<AppReason, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct Reason {
+    pub(crate) reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct AppReason {
+    pub(crate) namespace: String,
+    pub(crate) app: String,
+    pub(crate) reason: String,
+}
+
+impl Observed {
+    pub(crate) fn new() -> Observed {
+        Observed {
+            // 1 ms to about 16 s.
+            passes: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            heartbeats: Counter::default(),
+            decisions: Family::default(),
+            incidents: Family::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "shoal_controller_pass_duration_seconds",
+            "How long each controller pass (mirror, plan, write) took",
+            self.passes.clone(),
+        );
+        registry.register(
+            "shoal_node_heartbeats",
+            "Heartbeats the control plane received from nodes",
+            self.heartbeats.clone(),
+        );
+        registry.register(
+            "shoal_controller_decisions",
+            "Decisions the controller wrote, by the reason of their event",
+            self.decisions.clone(),
+        );
+        registry.register(
+            "shoal_incidents",
+            "Requests killed on a node by their timeout, memory limit or a trap, as nodes report them",
+            self.incidents.clone(),
+        );
+    }
+}
 
 /// What one scrape reports, read before encoding.
 #[derive(Debug)]
@@ -121,6 +185,7 @@ impl ControlPlane {
             *nodes.entry(format!("{:?}", n.state)).or_insert(0) += 1;
         }
         let mut registry = Registry::default();
+        self.inner.observed.register(&mut registry);
         registry.register_collector(Box::new(Scrape {
             revisions,
             apps: apps.len() as i64,

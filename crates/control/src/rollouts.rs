@@ -219,6 +219,12 @@ impl ControlPlane {
         if !owned {
             return Ok(());
         }
+        let counted = crate::prometheus::AppReason {
+            namespace: incident.app.namespace.clone(),
+            app: incident.app.name.clone(),
+            reason: reason.to_string(),
+        };
+        self.inner.observed.incidents.get_or_create(&counted).inc();
         let txn = Txn::new().then(self.event_op(
             EventType::Warning,
             reason,

@@ -101,6 +101,8 @@ pub(crate) struct Inner {
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
     /// What each volume's node last measured it holding, by namespace and name.
     pub(crate) volume_usage: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
+    /// What the control plane counts as it works, for `/v1/metrics`.
+    pub(crate) observed: crate::prometheus::Observed,
     /// Key-value writes go one at a time (`kv.rs`).
     pub(crate) kv_writer: std::sync::Mutex<()>,
     /// When each (node, app, bucket) was last found granted, to spare guests' calls a read.
@@ -178,6 +180,7 @@ impl ControlPlane {
             inner: Arc::new(Inner {
                 secret_keys: std::sync::RwLock::new(secret_keys),
                 kv_writer: std::sync::Mutex::new(()),
+                observed: crate::prometheus::Observed::new(),
                 volume_usage: std::sync::Mutex::new(std::collections::HashMap::new()),
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store,
@@ -985,6 +988,7 @@ impl ControlPlane {
 
     /// Renews a node's lease; a NotReady node that heartbeats is Ready again.
     pub fn heartbeat(&self, name: &str) -> Result<(), ControlError> {
+        self.inner.observed.heartbeats.inc();
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
             return Err(ControlError::not_found(format!(
