@@ -1,7 +1,7 @@
 //! Prometheus metrics end to end: after a known number of requests through the gateway, the
 //! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
-//! with the cluster's apps, replicas and nodes and what the controller did; `promtool check metrics` (Debian's prometheus
-//! package) finds nothing to say about the names, labels or format.
+//! with the cluster's apps, replicas and nodes and what the controller did; `promtool check
+//! metrics` (Debian's prometheus package) finds nothing to say about names, labels or format.
 
 mod common;
 
