@@ -8,11 +8,24 @@ use serde::{Deserialize, Serialize};
 use shoal_api::ClientError;
 use std::path::{Path, PathBuf};
 
-/// What `shoal up` writes so that other verbs find the cluster, as kubeconfig
-/// does: where the API is, the token, and the cluster CA the API's
-/// certificate is checked against.
-#[derive(Serialize, Deserialize)]
+/// What `shoal up` and `shoal server` write so that other verbs find their cluster, as
+/// kubeconfig does: one context per cluster (where the API is, the token, the cluster CA its
+/// certificate is checked against) and the one in use. Starting a cluster adds or replaces its
+/// own context and makes it current; the others stay.
+#[derive(Default, Serialize, Deserialize)]
 pub struct CliConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub contexts: std::collections::BTreeMap<String, ContextEntry>,
+    /// A config written before contexts existed: its one cluster, read as context `default`.
+    #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+    legacy: Option<ContextEntry>,
+}
+
+/// One cluster the CLI can talk to.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct ContextEntry {
     pub server: String,
     pub token: String,
     /// The cluster CA's certificate, PEM.
@@ -36,7 +49,37 @@ impl CliConfig {
                 path.display()
             )
         })?;
-        toml::from_str(&text).with_context(|| format!("invalid CLI config {}", path.display()))
+        let mut config: CliConfig = toml::from_str(&text)
+            .with_context(|| format!("invalid CLI config {}", path.display()))?;
+        if let Some(old) = config.legacy.take() {
+            config.contexts.entry("default".into()).or_insert(old);
+            config.current.get_or_insert_with(|| "default".into());
+        }
+        Ok(config)
+    }
+
+    /// The config at `path`, or an empty one if there is none yet.
+    pub fn load_or_new(path: &Path) -> Result<CliConfig> {
+        if path.exists() {
+            CliConfig::load(path)
+        } else {
+            Ok(CliConfig::default())
+        }
+    }
+
+    /// Context `name` (the current one if `None`).
+    pub fn context(&self, name: Option<&str>) -> Result<&ContextEntry> {
+        let name = name.or(self.current.as_deref()).ok_or_else(|| {
+            anyhow!("the CLI config names no current context: `shoal config use-context NAME`")
+        })?;
+        self.contexts.get(name).ok_or_else(|| {
+            anyhow::Error::new(crate::exit::Classified {
+                code: crate::exit::NOT_FOUND,
+                message: format!(
+                    "no context {name} in the CLI config (`shoal config get-contexts` lists them)"
+                ),
+            })
+        })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -88,16 +131,24 @@ impl Client {
         token: Option<String>,
         config: Option<PathBuf>,
         ca_file: Option<PathBuf>,
+        context: Option<&str>,
     ) -> Result<Client> {
         let path = config.unwrap_or_else(default_config_path);
         let (server, token, ca) = match (server, token) {
             (Some(s), Some(t)) => {
-                let ca = CliConfig::load(&path).ok().and_then(|c| c.ca);
+                let ca = CliConfig::load(&path)
+                    .ok()
+                    .and_then(|c| c.context(context).ok().and_then(|e| e.ca.clone()));
                 (s, t, ca)
             }
             (s, t) => {
                 let cfg = CliConfig::load(&path)?;
-                (s.unwrap_or(cfg.server), t.unwrap_or(cfg.token), cfg.ca)
+                let entry = cfg.context(context)?.clone();
+                (
+                    s.unwrap_or(entry.server),
+                    t.unwrap_or(entry.token),
+                    entry.ca,
+                )
             }
         };
         let ca = match ca_file {
@@ -168,5 +219,32 @@ fn said(e: ClientError) -> anyhow::Error {
             Some(code) => classified(code, api.to_string()),
             None => anyhow!("{api}"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_from_before_contexts_is_read_as_context_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "server = \"https://127.0.0.1:7700\"\ntoken = \"t\"\n",
+        )
+        .unwrap();
+        let config = CliConfig::load(&path).unwrap();
+        assert_eq!(config.current.as_deref(), Some("default"));
+        assert_eq!(
+            config.context(None).unwrap().server,
+            "https://127.0.0.1:7700"
+        );
+        // Saved again, it has contexts only.
+        config.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("current = \"default\""), "{text}");
+        assert_eq!(CliConfig::load(&path).unwrap().contexts.len(), 1);
     }
 }

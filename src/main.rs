@@ -35,6 +35,9 @@ struct Cli {
     /// Namespace of the apps to act on.
     #[arg(short, long, global = true, default_value = "default")]
     namespace: String,
+    /// A context of the CLI config to use for this command instead of its current one.
+    #[arg(long, global = true, env = "SHOAL_CONTEXT")]
+    context: Option<String>,
     /// How `up`, `server` and `node join` write their log to stderr.
     #[arg(long, global = true, value_enum, default_value_t = commands::up::LogFormat::Text)]
     log_format: commands::up::LogFormat,
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
             output: cli.output,
             namespace: cli.namespace,
             log_format: cli.log_format,
+            context: cli.context,
         };
         match cli.command {
             Command::Up(args) => commands::up::run(ctx, *args).await,

@@ -1,6 +1,6 @@
 //! The CLI as scripts use it: exit codes that tell failures apart, `diff` and `apply
 //! --dry-run` that exit 1 when something would change, durations in any unit, quiet on a closed
-//! pipe, completions, JSON logs for the daemons.
+//! pipe, completions, JSON logs for the daemons, contexts for several clusters.
 
 mod common;
 
@@ -110,4 +110,83 @@ fn daemons_log_json_lines_when_asked() {
             serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
+}
+
+/// A `shoal server` on data dir `data`, writing its context into the CLI config `config`,
+/// killed when dropped; and its API address.
+struct Started(std::process::Child);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn server(data: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> (Started, String) {
+    let mut child = std::process::Command::new(common::SHOAL)
+        .args(["server", "--api", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("SHOAL_CONFIG", config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = common::read_lines(&mut child);
+    let api = common::wait_line(&lines, "API:");
+    let addr = api.split("https://").nth(1).unwrap().trim().to_string();
+    (Started(child), addr)
+}
+
+#[test]
+fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let (_a, a) = server(&dir.path().join("a"), &config, &[]);
+    let (_b, _) = server(&dir.path().join("b"), &config, &["--context", "second"]);
+    let shoal = |args: &[&str]| {
+        let out = std::process::Command::new(common::SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", &config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "shoal {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // The second start named its context and made it current; the first is still there.
+    let listed = shoal(&["config", "get-contexts"]);
+    assert!(listed.contains(&a) && listed.contains("second"), "{listed}");
+    assert_eq!(shoal(&["config", "current-context"]), "second\n");
+    assert!(shoal(&["get", "nodes", "-o", "json"]).contains('['));
+    // Each context reaches its own cluster: a config set made in one is not in the other.
+    shoal(&[
+        "--context",
+        &a,
+        "config",
+        "create",
+        "only-in-a",
+        "--from-literal",
+        "k=v",
+    ]);
+    // The table's header alone: the second cluster has no sets.
+    assert_eq!(shoal(&["config", "get"]).lines().count(), 1);
+    shoal(&["config", "use-context", &a]);
+    assert!(shoal(&["config", "get"]).contains("only-in-a"));
+    let listed = shoal(&["config", "get-contexts"]);
+    assert!(
+        listed.lines().any(|l| l.starts_with('*') && l.contains(&a)),
+        "{listed}"
+    );
+    let missing = std::process::Command::new(common::SHOAL)
+        .args(["--context", "nope", "get", "apps"])
+        .env("SHOAL_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        missing.status.code(),
+        Some(3),
+        "an unknown context is not found"
+    );
 }

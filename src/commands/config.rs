@@ -2,6 +2,7 @@
 //! spec). Changing one rolls the apps that name it.
 
 use super::Context;
+use crate::client::{CliConfig, default_config_path};
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
 use shoal_api::{ConfigSetRequest, ConfigSetView, ConfigSetWritten};
@@ -17,6 +18,30 @@ pub struct ConfigCommand {
 
 #[derive(clap::Subcommand)]
 enum ConfigAction {
+    #[command(flatten)]
+    Set(SetAction),
+    #[command(flatten)]
+    Context(ContextAction),
+}
+
+/// The clusters this CLI can talk to, as kubectl's contexts.
+#[derive(clap::Subcommand)]
+enum ContextAction {
+    /// Make a context of the CLI config the one commands use (`shoal up` and `shoal server`
+    /// add theirs and make it current).
+    UseContext {
+        /// The context, as `get-contexts` lists it.
+        name: String,
+    },
+    /// List the CLI config's contexts: the clusters this CLI can talk to.
+    GetContexts,
+    /// Print the context commands use.
+    CurrentContext,
+}
+
+/// Config sets.
+#[derive(clap::Subcommand)]
+enum SetAction {
     /// Make a config set in the namespace (`-n`); apps name it in `config_sets`.
     Create {
         /// The set's name.
@@ -66,6 +91,66 @@ fn pair(text: &str) -> Result<(String, String)> {
 }
 
 pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
+    match cmd.action {
+        ConfigAction::Context(action) => contexts(&ctx, action),
+        ConfigAction::Set(action) => sets(ctx, action).await,
+    }
+}
+
+/// `use-context`, `get-contexts`, `current-context`: the CLI config alone, no server.
+fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
+    let path = ctx.config.clone().unwrap_or_else(default_config_path);
+    match action {
+        ContextAction::UseContext { name } => {
+            let mut config = CliConfig::load(&path)?;
+            config.context(Some(&name))?;
+            config.current = Some(name.clone());
+            config.save(&path)?;
+            println!("now using context {name}");
+        }
+        ContextAction::GetContexts => {
+            let config = CliConfig::load(&path)?;
+            if ctx.output == Format::Json {
+                let list: Vec<_> = config
+                    .contexts
+                    .iter()
+                    .map(|(name, c)| {
+                        serde_json::json!({
+                            "name": name,
+                            "server": c.server,
+                            "current": config.current.as_deref() == Some(name),
+                        })
+                    })
+                    .collect();
+                output::json(&list);
+                return Ok(());
+            }
+            let rows: Vec<Vec<String>> = config
+                .contexts
+                .iter()
+                .map(|(name, c)| {
+                    let current = config.current.as_deref() == Some(name);
+                    vec![
+                        if current { "*" } else { "" }.to_string(),
+                        name.clone(),
+                        c.server.clone(),
+                    ]
+                })
+                .collect();
+            table(&["CURRENT", "NAME", "SERVER"], &rows);
+        }
+        ContextAction::CurrentContext => {
+            let config = CliConfig::load(&path)?;
+            match &config.current {
+                Some(name) => println!("{name}"),
+                None => bail!("the CLI config names no current context"),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sets(ctx: Context, action: SetAction) -> Result<()> {
     let client = ctx.client()?;
     let ns = ctx.namespace.clone();
     let path = |name: &str| format!("/v1/configs/{name}?namespace={ns}");
@@ -75,8 +160,8 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
             .json(&ConfigSetRequest { data, create });
         client.send::<ConfigSetWritten>(req)
     };
-    match cmd.action {
-        ConfigAction::Create {
+    match action {
+        SetAction::Create {
             name,
             literals,
             files,
@@ -95,7 +180,7 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
             let written = put(&name, data, true).await?;
             report(&ctx, &written, "created");
         }
-        ConfigAction::Set { name, values } => {
+        SetAction::Set { name, values } => {
             let mut set: ConfigSet = client.get(&path(&name)).await?;
             for text in &values {
                 let (k, v) = pair(text)?;
@@ -104,7 +189,7 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
             let written = put(&name, set.data, false).await?;
             report(&ctx, &written, "changed");
         }
-        ConfigAction::Unset { name, keys } => {
+        SetAction::Unset { name, keys } => {
             let mut set: ConfigSet = client.get(&path(&name)).await?;
             for key in &keys {
                 if set.data.remove(key).is_none() {
@@ -114,7 +199,7 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
             let written = put(&name, set.data, false).await?;
             report(&ctx, &written, "changed");
         }
-        ConfigAction::Get { name: Some(name) } => {
+        SetAction::Get { name: Some(name) } => {
             let set: ConfigSet = client.get(&path(&name)).await?;
             match ctx.output {
                 Format::Json => output::json(&set),
@@ -125,7 +210,7 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
                 }
             }
         }
-        ConfigAction::Get { name: None } => {
+        SetAction::Get { name: None } => {
             let sets: Vec<ConfigSetView> =
                 client.get(&format!("/v1/configs?namespace={ns}")).await?;
             if ctx.output == Format::Json {
@@ -145,7 +230,7 @@ pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
                 .collect();
             table(&["NAME", "KEYS", "USED BY", "UPDATED"], &rows);
         }
-        ConfigAction::Delete { name } => {
+        SetAction::Delete { name } => {
             client
                 .checked(client.request(reqwest::Method::DELETE, &path(&name)))
                 .await?;

@@ -30,6 +30,8 @@ pub struct Context {
     pub output: Format,
     pub namespace: String,
     pub log_format: up::LogFormat,
+    /// The CLI config's context to use instead of its current one.
+    pub context: Option<String>,
 }
 
 impl Context {
@@ -39,6 +41,7 @@ impl Context {
             self.token.clone(),
             self.config.clone(),
             self.ca_file.clone(),
+            self.context.as_deref(),
         )
     }
 }

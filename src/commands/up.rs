@@ -4,7 +4,7 @@
 
 use super::Context;
 use crate::client::{
-    CliConfig, Client, default_config_path, private_dir, private_file, write_private,
+    CliConfig, Client, ContextEntry, default_config_path, private_dir, private_file, write_private,
 };
 use anyhow::{Context as _, Result};
 use shoal_agent::{Agent, AgentConfig};
@@ -310,13 +310,20 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         shoal_control::ServeLimits::default(),
         tls,
     ));
+    // Its own context, made current; the CLI's other clusters stay.
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
-    CliConfig {
-        server: server.clone(),
-        token: token.clone(),
-        ca: Some(ca.pem().to_string()),
-    }
-    .save(&config_path)?;
+    let mut config = CliConfig::load_or_new(&config_path)?;
+    let name = ctx.context.clone().unwrap_or_else(|| addr.to_string());
+    config.contexts.insert(
+        name.clone(),
+        ContextEntry {
+            server: server.clone(),
+            token: token.clone(),
+            ca: Some(ca.pem().to_string()),
+        },
+    );
+    config.current = Some(name);
+    config.save(&config_path)?;
     Ok(StartedControl {
         control,
         server,

@@ -698,7 +698,7 @@ impl Drop for NodeProc {
     }
 }
 
-fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
+pub fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -709,7 +709,7 @@ fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
     rx
 }
 
-fn wait_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
+pub fn wait_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
