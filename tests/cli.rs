@@ -1,5 +1,5 @@
 //! The CLI as scripts use it: exit codes that tell failures apart, `diff` and `apply
-//! --dry-run` that exit 1 when something would change, durations in any unit, quiet on a closed
+//! --dry-run` that exit 1 when something would change, `get -A` across namespaces, durations in any unit, quiet on a closed
 //! pipe, completions, JSON logs for the daemons, contexts for several clusters.
 
 mod common;
@@ -11,7 +11,7 @@ fn code(c: &Cluster, args: &[&str]) -> Option<i32> {
 }
 
 #[test]
-fn exit_codes_say_what_went_wrong_and_diff_says_whether_anything_would_change() {
+fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_lists_all() {
     let c = Cluster::start();
     let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
         .unwrap()
@@ -36,6 +36,31 @@ fn exit_codes_say_what_went_wrong_and_diff_says_whether_anything_would_change() 
     assert!(String::from_utf8_lossy(&out.stdout).contains("env.GREETING"));
     // An error in a diff is never 1.
     assert_eq!(code(&c, &["diff", "-f", "/nonexistent.toml"]), Some(2));
+
+    // Every namespace at once, each row saying which.
+    let other = write_spec(
+        c.dir.path(),
+        "team-b.toml",
+        &text
+            .replace(
+                "name = \"hello\"",
+                "name = \"hello\"\nnamespace = \"team-b\"",
+            )
+            .replace("routes = [\"/hello\"]", "routes = [\"/team-b\"]"),
+    );
+    c.cli_ok(&["apply", "-f", other.to_str().unwrap()]);
+    assert_eq!(
+        c.cli_ok(&["get", "apps"]).lines().count(),
+        2,
+        "default only"
+    );
+    let all = c.cli_ok(&["get", "apps", "-A"]);
+    assert!(all.starts_with("NAMESPACE"), "{all}");
+    assert!(
+        all.lines().any(|l| l.starts_with("default"))
+            && all.lines().any(|l| l.starts_with("team-b")),
+        "{all}"
+    );
 
     c.cli_ok(&["config", "create", "shared", "--from-literal", "a=1"]);
     assert_eq!(

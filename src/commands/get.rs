@@ -12,6 +12,9 @@ pub struct GetArgs {
     /// Only this app's replicas or events.
     #[arg(long)]
     app: Option<String>,
+    /// Every namespace, with a NAMESPACE column, instead of `-n`'s.
+    #[arg(short = 'A', long)]
+    all_namespaces: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -38,7 +41,12 @@ enum What {
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     let client = ctx.client()?;
-    let ns = &ctx.namespace;
+    let all = args.all_namespaces;
+    let ns = if all {
+        String::new()
+    } else {
+        format!("namespace={}", ctx.namespace)
+    };
     let app_q = args
         .app
         .as_deref()
@@ -46,7 +54,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
         .unwrap_or_default();
     match args.what {
         What::Apps => {
-            let apps: Vec<AppSummary> = client.get(&format!("/v1/apps?namespace={ns}")).await?;
+            let apps: Vec<AppSummary> = client.get(&format!("/v1/apps?{ns}")).await?;
             if ctx.output == Format::Json {
                 output::json(&apps);
                 return Ok(());
@@ -85,16 +93,18 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(
+            ns_table(
+                all,
                 &[
                     "NAME", "KIND", "REVISION", "READY", "SCALE", "LOAD", "WINDOW", "ROUTES",
                     "MODULE", "AGE",
                 ],
-                &rows,
+                apps.iter().map(|a| a.namespace.as_str()),
+                rows,
             );
         }
         What::Jobs => {
-            let jobs: Vec<JobSummary> = client.get(&format!("/v1/jobs?namespace={ns}")).await?;
+            let jobs: Vec<JobSummary> = client.get(&format!("/v1/jobs?{ns}")).await?;
             if ctx.output == Format::Json {
                 output::json(&jobs);
                 return Ok(());
@@ -127,29 +137,30 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(
+            ns_table(
+                all,
                 &["NAME", "SCHEDULE", "ACTIVE", "LAST RUN", "NEXT", "AGE"],
-                &rows,
+                jobs.iter().map(|j| j.namespace.as_str()),
+                rows,
             );
         }
         What::Replicas => {
-            let replicas: Vec<Replica> = client
-                .get(&format!("/v1/replicas?namespace={ns}{app_q}"))
-                .await?;
+            let replicas: Vec<Replica> = client.get(&format!("/v1/replicas?{ns}{app_q}")).await?;
             if ctx.output == Format::Json {
                 output::json(&replicas);
                 return Ok(());
             }
-            table(
+            ns_table(
+                all,
                 &[
                     "NAME", "APP", "REVISION", "NODE", "PHASE", "RESTARTS", "AGE", "MESSAGE",
                 ],
-                &replica_rows(&replicas),
+                replicas.iter().map(|r| r.app.namespace.as_str()),
+                replica_rows(&replicas),
             );
         }
         What::Volumes => {
-            let volumes: Vec<VolumeView> =
-                client.get(&format!("/v1/volumes?namespace={ns}")).await?;
+            let volumes: Vec<VolumeView> = client.get(&format!("/v1/volumes?{ns}")).await?;
             if ctx.output == Format::Json {
                 output::json(&volumes);
                 return Ok(());
@@ -167,12 +178,26 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(&["NAME", "NODE", "SIZE", "USED", "USED BY", "AGE"], &rows);
+            ns_table(
+                all,
+                &["NAME", "NODE", "SIZE", "USED", "USED BY", "AGE"],
+                volumes.iter().map(|v| v.namespace.as_str()),
+                rows,
+            );
         }
         What::Secrets => {
-            let secrets: Vec<SecretView> =
-                client.get(&format!("/v1/secrets?namespace={ns}")).await?;
-            super::secret::print_secrets(&ctx, &secrets);
+            let secrets: Vec<SecretView> = client.get(&format!("/v1/secrets?{ns}")).await?;
+            if all && ctx.output != Format::Json {
+                let rows = super::secret::secret_rows(&secrets);
+                ns_table(
+                    true,
+                    super::secret::SECRET_COLUMNS,
+                    secrets.iter().map(|s| s.namespace.as_str()),
+                    rows,
+                );
+            } else {
+                super::secret::print_secrets(&ctx, &secrets);
+            }
         }
         What::Modules => {
             let modules: Vec<Module> = client.get("/v1/modules").await?;
@@ -241,8 +266,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
             );
         }
         What::Services => {
-            let services: Vec<Service> =
-                client.get(&format!("/v1/services?namespace={ns}")).await?;
+            let services: Vec<Service> = client.get(&format!("/v1/services?{ns}")).await?;
             if ctx.output == Format::Json {
                 output::json(&services);
                 return Ok(());
@@ -264,23 +288,52 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(&["NAME", "HOST", "ROUTES", "READY", "ENDPOINTS"], &rows);
+            ns_table(
+                all,
+                &["NAME", "HOST", "ROUTES", "READY", "ENDPOINTS"],
+                services.iter().map(|s| s.namespace.as_str()),
+                rows,
+            );
         }
         What::Events => {
-            let events: Vec<Event> = client
-                .get(&format!("/v1/events?namespace={ns}{app_q}"))
-                .await?;
+            let events: Vec<Event> = client.get(&format!("/v1/events?{ns}{app_q}")).await?;
             if ctx.output == Format::Json {
                 output::json(&events);
                 return Ok(());
             }
-            table(
+            ns_table(
+                all,
                 &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-                &event_rows(&events),
+                events
+                    .iter()
+                    .map(|e| e.app.as_ref().map_or("-", |a| a.namespace.as_str())),
+                event_rows(&events),
             );
         }
     }
     Ok(())
+}
+
+/// `table`, with each row's namespace in a first NAMESPACE column when every namespace was
+/// asked for (`-A`), as kubectl shows it.
+fn ns_table<'a>(
+    all: bool,
+    header: &[&str],
+    namespaces: impl Iterator<Item = &'a str>,
+    rows: Vec<Vec<String>>,
+) {
+    if !all {
+        table(header, &rows);
+        return;
+    }
+    let header: Vec<&str> = std::iter::once("NAMESPACE")
+        .chain(header.iter().copied())
+        .collect();
+    let rows: Vec<Vec<String>> = namespaces
+        .zip(rows)
+        .map(|(ns, row)| std::iter::once(ns.to_string()).chain(row).collect())
+        .collect();
+    table(&header, &rows);
 }
 
 pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {

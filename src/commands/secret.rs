@@ -173,13 +173,21 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
     Ok(())
 }
 
+/// What `secret get` and `get secrets` show of each secret.
+pub const SECRET_COLUMNS: &[&str] = &["NAME", "KEYS", "VERSION", "USED BY", "UPDATED"];
+
 /// NAME KEYS VERSION USED BY UPDATED: what `secret get` and `get secrets` show.
 pub fn print_secrets(ctx: &Context, secrets: &[SecretView]) {
     if ctx.output == Format::Json {
         output::json(&secrets);
         return;
     }
-    let rows: Vec<Vec<String>> = secrets
+    table(SECRET_COLUMNS, &secret_rows(secrets));
+}
+
+/// One row per secret, as [`SECRET_COLUMNS`].
+pub fn secret_rows(secrets: &[SecretView]) -> Vec<Vec<String>> {
+    secrets
         .iter()
         .map(|s| {
             let kept = s
@@ -196,8 +204,7 @@ pub fn print_secrets(ctx: &Context, secrets: &[SecretView]) {
                 age(s.updated_at),
             ]
         })
-        .collect();
-    table(&["NAME", "KEYS", "VERSION", "USED BY", "UPDATED"], &rows);
+        .collect()
 }
 
 fn report(ctx: &Context, written: &SecretWritten, verb: &str) {
