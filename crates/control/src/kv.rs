@@ -151,8 +151,11 @@ impl ControlPlane {
         for (key, value) in changes {
             let at = format!("{prefix}{key}");
             if let Some(old) = store.get(&at)? {
-                usage.keys -= 1;
-                usage.bytes -= (key.len() + old.value.len()) as u64;
+                // Saturating: a usage record out of step with its bucket must not panic here.
+                usage.keys = usage.keys.saturating_sub(1);
+                usage.bytes = usage
+                    .bytes
+                    .saturating_sub((key.len() + old.value.len()) as u64);
             }
             match value {
                 Some(v) => {
@@ -261,17 +264,15 @@ impl ControlPlane {
 mod tests {
     use super::*;
     use crate::state::ControlConfig;
-    use shoal_store::{BlobStore, Store};
+    use crate::state::tests::control_plane_with;
 
     /// A control plane whose buckets hold 4 KiB.
     fn control_plane(dir: &std::path::Path) -> ControlPlane {
-        let store = Store::open(&dir.join("state.redb")).unwrap();
-        let blobs = BlobStore::open(&dir.join("modules")).unwrap();
         let config = ControlConfig {
             kv_bucket_bytes: 4096,
             ..ControlConfig::default()
         };
-        ControlPlane::new(store, blobs, config).unwrap()
+        control_plane_with(dir, config)
     }
 
     fn set(cp: &ControlPlane, key: &str, value: &str) -> Result<KvAnswer, ControlError> {

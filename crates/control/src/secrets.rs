@@ -507,19 +507,16 @@ fn view(secret: Secret, apps: &[App]) -> SecretView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::uploaded;
+    use crate::state::tests::{control_plane_with, uploaded};
     use crate::state::{ControlConfig, ControlPlane};
     use shoal_core::spec::parse_app;
-    use shoal_store::{BlobStore, Store};
 
     fn control_plane(dir: &Path) -> ControlPlane {
-        let store = Store::open(&dir.join("state.redb")).unwrap();
-        let blobs = BlobStore::open(&dir.join("modules")).unwrap();
         let config = ControlConfig {
             secret_key_file: Some(dir.join("secret.key")),
             ..ControlConfig::default()
         };
-        ControlPlane::new(store, blobs, config).unwrap()
+        control_plane_with(dir, config)
     }
 
     fn write(create: bool, set: &[(&str, &str)]) -> SecretWrite {

@@ -1260,9 +1260,14 @@ pub(crate) mod tests {
 
     /// A control plane on a fresh store in `dir`, for unit tests.
     pub(crate) fn control_plane(dir: &std::path::Path) -> ControlPlane {
+        control_plane_with(dir, ControlConfig::default())
+    }
+
+    /// [`control_plane`] with `config`.
+    pub(crate) fn control_plane_with(dir: &std::path::Path, config: ControlConfig) -> ControlPlane {
         let store = Store::open(&dir.join("state.redb")).unwrap();
         let blobs = BlobStore::open(&dir.join("modules")).unwrap();
-        ControlPlane::new(store, blobs, ControlConfig::default()).unwrap()
+        ControlPlane::new(store, blobs, config).unwrap()
     }
 
     /// Records a component module as uploaded, as an upload would; returns its digest.
