@@ -277,3 +277,199 @@ fn a_missing_key_file_starts_nothing_that_needs_it_and_says_why() {
     // No new key was made in its place.
     assert!(!c.dir.path().join("data/secret.key").exists());
 }
+
+/// A client trusting only `ca` (PEM), reaching `host` at `gateway`; a new connection per
+/// request, so a renewed certificate shows at once.
+fn https_client(ca: &str, host: &str, gateway: &str) -> reqwest::blocking::Client {
+    let addr: std::net::SocketAddr = gateway.trim_start_matches("http://").parse().unwrap();
+    reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve(host, addr)
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// Whether GET `https://HOST:PORT/hello` through `node`'s gateway, trusting `ca` only,
+/// answers hello's greeting.
+fn greets_over_https(node: &NodeProc, ca: &str) -> bool {
+    let host = "shop.example.test";
+    let port = node.gateway.rsplit(':').next().unwrap();
+    https_client(ca, host, &node.gateway)
+        .get(format!("https://{host}:{port}/hello"))
+        .send()
+        .is_ok_and(|r| r.status() == 200 && r.text().is_ok_and(|t| t.contains("Hello from Shoal!")))
+}
+
+/// A certificate and key for `hosts`, from a CA of its own (returned, PEM), written to
+/// `dir` as `cert.pem` and `key.pem`.
+fn site_certificate(dir: &Path, hosts: &[&str]) -> (String, String, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = shoal_tls::Authority::load_or_create(dir).unwrap();
+    let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+    let issued = ca.issue_server(&hosts).unwrap().keyed_chain();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, &issued.chain).unwrap();
+    std::fs::write(&key, &issued.key).unwrap();
+    (
+        ca.pem().to_string(),
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn an_apps_certificate_from_a_secret_is_served_by_every_gateway_and_renewed_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server = Server::start(d);
+    let nodes = [
+        NodeProc::join(&server, "node-1", &[]),
+        NodeProc::join(&server, "node-2", &[]),
+    ];
+    let (site_ca, cert, key) = site_certificate(&d.join("site-1"), &["shop.example.test"]);
+    let private_key = std::fs::read_to_string(&key).unwrap();
+    let out = server.cli_ok(&[
+        "secret",
+        "create",
+        "shop-tls",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    assert!(out.contains("version 1 (2 keys)"), "{out}");
+    let hello = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let spec = |name: &str, route: &str, secret: &str| {
+        let text = hello
+            .replace("name = \"hello\"", &format!("name = \"{name}\""))
+            .replace(
+                "routes = [\"/hello\"]",
+                &format!("routes = [\"{route}\"]\ntls = \"{secret}\""),
+            );
+        let path = write_spec(d, &format!("{name}.toml"), &text);
+        path.to_str().unwrap().to_string()
+    };
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        &spec("shop", "shop.example.test/hello", "shop-tls"),
+    ]);
+    // Both gateways present it for the app's host, the one without the replica included.
+    for node in &nodes {
+        assert!(
+            poll(Duration::from_secs(30), || greets_over_https(
+                node, &site_ca
+            )),
+            "{} does not serve the app's certificate",
+            node.name
+        );
+    }
+    let described = server.cli_ok(&["describe", "app", "shop"]);
+    assert!(
+        described.contains("HTTPS:        secret shop-tls (version 1)"),
+        "{described}"
+    );
+    // A node gets the certificates as itself only.
+    let own = server.as_node(&nodes[0], "/v1/cluster/nodes/node-1/ingress");
+    assert_eq!(own.status(), 200);
+    assert!(own.text().unwrap().contains("shop.example.test"));
+    assert_eq!(
+        server
+            .as_node(&nodes[1], "/v1/cluster/nodes/node-1/ingress")
+            .status(),
+        403
+    );
+
+    // Renewed (from another CA, to tell them apart): served from the next connections on
+    // both gateways, and no replica is replaced for it.
+    let ids = |server: &Server| {
+        let mut ids: Vec<String> = server
+            .replicas("shop")
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let before = ids(&server);
+    let (renewed_ca, cert, key) = site_certificate(&d.join("site-2"), &["shop.example.test"]);
+    let out = server.cli_ok(&[
+        "secret",
+        "set",
+        "shop-tls",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    assert!(out.contains("version 2"), "{out}");
+    for node in &nodes {
+        assert!(
+            poll(Duration::from_secs(30), || greets_over_https(
+                node,
+                &renewed_ca
+            )),
+            "{} does not serve the renewed certificate",
+            node.name
+        );
+        assert!(
+            !greets_over_https(node, &site_ca),
+            "{} still serves the old one",
+            node.name
+        );
+    }
+    assert_eq!(ids(&server), before, "a new certificate replaced replicas");
+
+    // Refused at apply, saying why: a certificate that does not name the app's host, a
+    // secret without the TLS keys, a secret that does not exist.
+    let (_, cert, key) = site_certificate(&d.join("site-3"), &["other.example.test"]);
+    server.cli_ok(&[
+        "secret",
+        "create",
+        "other-tls",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+    ]);
+    server.cli_ok(&["secret", "create", "plain", "--from-literal", "a=b"]);
+    for (secret, says) in [
+        ("other-tls", "does not name wrong.example.test"),
+        ("plain", "has no key tls.crt"),
+        ("nosuch", "does not exist"),
+    ] {
+        let out = server.cli(&[
+            "apply",
+            "-f",
+            &spec("wrong", "wrong.example.test/x", secret),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{secret}: {stderr}");
+        assert!(
+            stderr.contains(says) && stderr.contains("http.tls"),
+            "{secret}: {stderr}"
+        );
+    }
+    let out = server.cli(&["secret", "delete", "shop-tls"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("used by shop"),
+        "{out:?}"
+    );
+
+    // The private key is in no log line.
+    let body: String = private_key
+        .lines()
+        .find(|l| !l.starts_with("-----"))
+        .unwrap()
+        .to_string();
+    for (path, bytes) in files_under(d) {
+        if path.extension().is_some_and(|e| e == "log") {
+            assert!(!contains(&bytes, &body), "{} holds the key", path.display());
+        }
+    }
+}

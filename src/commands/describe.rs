@@ -168,6 +168,14 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     if let Some(h) = &s.http {
         let routes: Vec<String> = h.routes.iter().map(|r| r.to_string()).collect();
         println!("Routes:       {}", routes.join(", "));
+        if let Some(tls) = &h.tls {
+            let version = tls.version.map(|v| format!(" (version {v})"));
+            println!(
+                "HTTPS:        secret {}{}",
+                tls.secret,
+                version.unwrap_or_default()
+            );
+        }
         println!("Timeout:      {} ms", h.timeout_ms);
         if h.reuse > 1 {
             println!(

@@ -6,6 +6,7 @@ use super::Context;
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
 use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten};
+use shoal_core::spec::{TLS_CERT_KEY, TLS_KEY_KEY};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -21,24 +22,16 @@ enum SecretAction {
     Create {
         /// The secret's name.
         name: String,
-        /// A value, KEY=VALUE (repeatable). It ends up in your shell's history: prefer
-        /// --from-file for real secrets.
-        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
-        literals: Vec<String>,
-        /// A value read from a file, KEY=PATH (repeatable).
-        #[arg(long = "from-file", value_name = "KEY=PATH")]
-        files: Vec<String>,
+        #[command(flatten)]
+        values: Values,
     },
-    /// Set keys of a secret, keeping the others: a new version; the apps that name it roll.
+    /// Set keys of a secret, keeping the others: a new version; the apps that name it roll,
+    /// and a new certificate is served from the next connections.
     Set {
         /// The secret's name.
         name: String,
-        /// A value, KEY=VALUE (repeatable).
-        #[arg(long = "from-literal", value_name = "KEY=VALUE")]
-        literals: Vec<String>,
-        /// A value read from a file, KEY=PATH (repeatable).
-        #[arg(long = "from-file", value_name = "KEY=PATH")]
-        files: Vec<String>,
+        #[command(flatten)]
+        values: Values,
     },
     /// Take keys out of a secret: a new version without them.
     Unset {
@@ -62,6 +55,25 @@ enum SecretAction {
     RotateKey,
 }
 
+/// The values a `create` or `set` writes.
+#[derive(clap::Args)]
+struct Values {
+    /// A value, KEY=VALUE (repeatable). It ends up in your shell's history: prefer
+    /// --from-file for real secrets.
+    #[arg(long = "from-literal", value_name = "KEY=VALUE")]
+    literals: Vec<String>,
+    /// A value read from a file, KEY=PATH (repeatable).
+    #[arg(long = "from-file", value_name = "KEY=PATH")]
+    files: Vec<String>,
+    /// A certificate chain (PEM) for `[http] tls`: key tls.crt, as `kubectl create secret
+    /// tls` makes it.
+    #[arg(long = "tls-cert", value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM): key tls.key.
+    #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
 /// Splits `KEY=VALUE`.
 fn pair(text: &str) -> Result<(String, String)> {
     match text.split_once('=') {
@@ -71,18 +83,29 @@ fn pair(text: &str) -> Result<(String, String)> {
     }
 }
 
-/// The values of `--from-literal` and `--from-file`.
-fn values(literals: &[String], files: &[String]) -> Result<BTreeMap<String, String>> {
+/// The values of `--from-literal`, `--from-file`, `--tls-cert` and `--tls-key`.
+fn values(given: &Values) -> Result<BTreeMap<String, String>> {
     let mut data = BTreeMap::new();
-    for text in literals {
+    for text in &given.literals {
         let (k, v) = pair(text)?;
         data.insert(k, v);
     }
-    for text in files {
+    let read = |flag: &str, k: &str, file: &std::path::Path| {
+        std::fs::read_to_string(file)
+            .with_context(|| format!("{flag} {k}: cannot read {} as text", file.display()))
+    };
+    for text in &given.files {
         let (k, file) = pair(text)?;
-        let v = std::fs::read_to_string(PathBuf::from(&file))
-            .with_context(|| format!("--from-file {k}: cannot read {file} as text"))?;
+        let v = read("--from-file", &k, file.as_ref())?;
         data.insert(k, v);
+    }
+    for (flag, key, file) in [
+        ("--tls-cert", TLS_CERT_KEY, &given.tls_cert),
+        ("--tls-key", TLS_KEY_KEY, &given.tls_key),
+    ] {
+        if let Some(file) = file {
+            data.insert(key.to_string(), read(flag, key, file)?);
+        }
     }
     Ok(data)
 }
@@ -98,12 +121,8 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
         client.send::<SecretWritten>(req)
     };
     match cmd.action {
-        SecretAction::Create {
-            name,
-            literals,
-            files,
-        } => {
-            let set = values(&literals, &files)?;
+        SecretAction::Create { name, values: v } => {
+            let set = values(&v)?;
             let written = put(
                 &name,
                 SecretWrite {
@@ -115,14 +134,12 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
             .await?;
             report(&ctx, &written, "created");
         }
-        SecretAction::Set {
-            name,
-            literals,
-            files,
-        } => {
-            let set = values(&literals, &files)?;
+        SecretAction::Set { name, values: v } => {
+            let set = values(&v)?;
             if set.is_empty() {
-                bail!("nothing to set: give --from-literal KEY=VALUE or --from-file KEY=PATH");
+                bail!(
+                    "nothing to set: give --from-literal KEY=VALUE, --from-file KEY=PATH or --tls-cert FILE --tls-key FILE"
+                );
             }
             let write = SecretWrite {
                 create: false,

@@ -375,12 +375,14 @@ async fn member_tls(
     Ok(shoal_tls::mutual(&key.with_certificate(&pem)?, ca)?)
 }
 
-/// The gateway's HTTPS settings from `--gateway-cert` and `--gateway-key`, paired in order.
-/// The files are read again on SIGHUP (a renewed certificate), as nginx does.
-fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls::ServerConfig>>> {
-    if certs.is_empty() {
-        return Ok(None);
-    }
+/// The gateway's HTTPS settings: the certificates of `--gateway-cert` and `--gateway-key`,
+/// paired in order, and those apps bring for their route hosts (`[http] tls`, which the
+/// agent keeps in the returned [`shoal_tls::IngressCerts`]). The files are read again on
+/// SIGHUP (a renewed certificate), as nginx does.
+fn ingress_tls(
+    certs: &[PathBuf],
+    keys: &[PathBuf],
+) -> Result<(Arc<rustls::ServerConfig>, shoal_tls::IngressCerts)> {
     anyhow::ensure!(
         certs.len() == keys.len(),
         "{} --gateway-cert but {} --gateway-key: give each certificate its key",
@@ -389,8 +391,14 @@ fn ingress_tls(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Option<Arc<rustls:
     );
     let (config, live) = shoal_tls::ingress_config(&read_pairs(certs, keys)?)
         .context("--gateway-cert/--gateway-key")?;
-    tokio::spawn(reload_on_hangup(certs.to_vec(), keys.to_vec(), live));
-    Ok(Some(config))
+    if !certs.is_empty() {
+        tokio::spawn(reload_on_hangup(
+            certs.to_vec(),
+            keys.to_vec(),
+            live.clone(),
+        ));
+    }
+    Ok((config, live))
 }
 
 /// Each certificate file with its key file, read.
@@ -480,13 +488,13 @@ pub async fn start_node(
         None => gw_addr,
     };
     let members = member_tls(&*link, &name, advertise, ca).await?;
-    let ingress = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
+    let (ingress, ingress_certs) = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
     let gateway = Gateway::new(GatewayConfig {
         members: Some(members),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
         egress_roots: egress_roots(&args.egress_ca)?,
-        ingress_tls: ingress.clone(),
+        ingress_tls: Some(ingress),
         ..GatewayConfig::default()
     });
     let agent = Agent::new(
@@ -498,6 +506,7 @@ pub async fn start_node(
             heartbeat: duration("heartbeat", &args.heartbeat)?,
             module_cache_grace: duration("module-cache-grace", &args.module_cache_grace)?,
             volumes_dir: data.join("volumes"),
+            ingress: Some(ingress_certs),
         },
         link,
         runtime,
@@ -509,7 +518,7 @@ pub async fn start_node(
         agent,
         name,
         gateway: gw_addr,
-        https: ingress.is_some(),
+        https: !args.gateway_cert.is_empty(),
     })
 }
 

@@ -16,7 +16,7 @@ pub use link::{JoinToken, Rejoin, RemoteLink, http_client, join};
 pub use plan::{
     AppTables, NodePlan, all_tables, app_tables, gateway_tables, node_plan, unused_modules,
 };
-pub use view::{ClusterView, Touched};
+pub use view::{ClusterView, IngressWanted, Touched};
 
 use probe::{Action, Backoff, Probe, ProbeState};
 
@@ -55,6 +55,9 @@ const METRICS_PERIOD: Duration = Duration::from_secs(1);
 /// How often the node measures its volumes for `shoal get volumes`.
 const VOLUMES_PERIOD: Duration = Duration::from_secs(2);
 
+/// How long the agent waits to fetch the apps' HTTPS certificates again after a failure.
+const INGRESS_RETRY: Duration = Duration::from_secs(2);
+
 /// Incidents of one kind on one replica reported at most this often; the rest are counted.
 const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
 
@@ -71,6 +74,9 @@ pub struct AgentConfig {
     pub module_cache_grace: Duration,
     /// Where volumes bound to this node keep their data: `NAMESPACE/NAME` under it.
     pub volumes_dir: std::path::PathBuf,
+    /// The gateway's public certificates, where the apps' (`[http] tls`) go. `None`: the
+    /// gateway has no HTTPS for the public, and apps' certificates are not fetched.
+    pub ingress: Option<shoal_tls::IngressCerts>,
 }
 
 #[derive(Clone)]
@@ -86,6 +92,9 @@ struct Inner {
     running: Mutex<HashMap<String, Running>>,
     /// The size limit of each volume on this node, shared by the replicas that mount it.
     volumes: Mutex<HashMap<(String, String), Arc<VolumeQuota>>>,
+    /// The apps' HTTPS certificates as the cluster view names them; `tend_ingress` fetches
+    /// them when this changes.
+    ingress: tokio::sync::watch::Sender<IngressWanted>,
 }
 
 /// A replica this node runs.
@@ -125,6 +134,7 @@ impl Agent {
                 gateway,
                 running: Mutex::new(HashMap::new()),
                 volumes: Mutex::new(HashMap::new()),
+                ingress: tokio::sync::watch::Sender::new(IngressWanted::new()),
             }),
         };
         // The control plane reads replicas' output through this node's gateway.
@@ -178,6 +188,9 @@ impl Agent {
         tokio::spawn(self.clone().tend_volumes());
         tokio::spawn(self.clone().send_waiting());
         tokio::spawn(self.clone().collect_modules());
+        if let Some(certs) = self.inner.config.ingress.clone() {
+            tokio::spawn(self.clone().tend_ingress(certs));
+        }
         // What the gateway was last given per app, so only changed apps go again.
         let mut sent: HashMap<AppKey, AppTables> = HashMap::new();
         loop {
@@ -211,6 +224,9 @@ impl Agent {
                             break;
                         }
                         self.inner.gateway.set_members(view.node_names());
+                        if !touched.apps.is_empty() {
+                            self.want_ingress(&view);
+                        }
                         self.sync(&view, &touched, &mut sent);
                     }
                     _ = resync.tick() => self.resync(&view, &mut sent),
@@ -343,6 +359,63 @@ impl Agent {
         }
     }
 
+    /// Tells `tend_ingress` which certificates the view names, if that changed.
+    fn want_ingress(&self, view: &ClusterView) {
+        let wanted = view.ingress();
+        self.inner.ingress.send_if_modified(|now| {
+            let changed = *now != wanted;
+            *now = wanted;
+            changed
+        });
+    }
+
+    /// Keeps the gateway serving the apps' HTTPS certificates: fetched from the control
+    /// plane whenever the apps, their secret versions or route hosts change (and again
+    /// after a failure), each checked to belong with its key and name its hosts.
+    async fn tend_ingress(self, certs: shoal_tls::IngressCerts) {
+        let mut wanted = self.inner.ingress.subscribe();
+        loop {
+            let want = wanted.borrow_and_update().clone();
+            let fetched = if want.is_empty() {
+                Ok(Vec::new())
+            } else {
+                self.inner.link.ingress(&self.inner.config.node).await
+            };
+            match fetched {
+                Ok(list) => {
+                    let mut serving = Vec::new();
+                    for cert in list {
+                        let chain = shoal_tls::KeyedChain {
+                            chain: cert.chain,
+                            key: cert.key,
+                        };
+                        match shoal_tls::HostCertificate::new(&chain, &cert.hosts) {
+                            Ok(c) => serving.push(c),
+                            Err(e) => tracing::warn!(
+                                app = %format!("{}/{}", cert.namespace, cert.app),
+                                secret = %cert.secret,
+                                error = %e,
+                                "an app's HTTPS certificate is not served"
+                            ),
+                        }
+                    }
+                    tracing::info!(
+                        certificates = serving.len(),
+                        "the gateway serves the apps' HTTPS certificates"
+                    );
+                    certs.set_hosts(serving);
+                    if wanted.changed().await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot fetch the apps' HTTPS certificates; retrying");
+                    tokio::time::sleep(INGRESS_RETRY).await;
+                }
+            }
+        }
+    }
+
     fn volume_dir(&self, ns: &str, name: &str) -> std::path::PathBuf {
         self.inner.config.volumes_dir.join(ns).join(name)
     }
@@ -443,6 +516,7 @@ impl Agent {
     /// and every replica here or running is looked at.
     fn reload(&self, view: &ClusterView, sent: &mut HashMap<AppKey, AppTables>) {
         *sent = all_tables(view);
+        self.want_ingress(view);
         self.inner.gateway.set_members(view.node_names());
         self.inner.gateway.set_tables(gateway_tables(sent.iter()));
         self.resync(view, sent);

@@ -8,9 +8,9 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, CertificateRequest, Client, ClientError, Delta, IssuedCertificate, JoinRequest,
-    JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport, ReplicaSecrets,
-    Snapshot, VolumeUsage, Waiting,
+    AppCpu, CertificateRequest, Client, ClientError, Delta, IngressCertificate, IssuedCertificate,
+    JoinRequest, JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
+    ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -312,6 +312,14 @@ impl Link for RemoteLink {
             "/v1/cluster/nodes/{node}/replicas/{}/{}/{id}/secrets",
             replica.namespace, replica.name
         );
+        Box::pin(async move {
+            let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
+            self.api().send(req).await.map_err(failed)
+        })
+    }
+
+    fn ingress(&self, node: &str) -> BoxFuture<'_, LinkResult<Vec<IngressCertificate>>> {
+        let path = format!("/v1/cluster/nodes/{node}/ingress");
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
             self.api().send(req).await.map_err(failed)

@@ -27,6 +27,9 @@ impl Touched {
     }
 }
 
+/// Per app serving HTTPS: its TLS secret, the version pinned, and its route hosts.
+pub type IngressWanted = BTreeMap<AppKey, (String, u64, BTreeSet<String>)>;
+
 /// The cluster as this node knows it, at [`ClusterView::revision`].
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
@@ -68,6 +71,21 @@ impl ClusterView {
             view.put(object, &mut ignored);
         }
         view
+    }
+
+    /// The HTTPS certificates the gateway should serve: per app with `[http] tls`, the
+    /// secret version pinned and the route hosts. When this changes, they are fetched again.
+    pub fn ingress(&self) -> IngressWanted {
+        self.apps
+            .iter()
+            .filter_map(|(key, app)| {
+                let http = app.spec.http.as_ref()?;
+                let tls = http.tls.as_ref()?;
+                let hosts: BTreeSet<String> =
+                    http.routes.iter().filter_map(|r| r.host.clone()).collect();
+                Some((key.clone(), (tls.secret.clone(), tls.version?, hosts)))
+            })
+            .collect()
     }
 
     /// The store revision of the last change applied.

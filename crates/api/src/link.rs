@@ -52,6 +52,11 @@ pub trait Link: Send + Sync + 'static {
         replica: &shoal_core::spec::AppKey,
         id: &str,
     ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>>;
+    /// Every app's HTTPS certificate for its route hosts: each gateway serves every route.
+    fn ingress(
+        &self,
+        node: &str,
+    ) -> BoxFuture<'_, LinkResult<Vec<crate::types::IngressCertificate>>>;
     /// A `wasi:keyvalue` call of a guest of `app` on this node, on `bucket` of the app's
     /// namespace. Refused unless a replica of `app` here is granted the bucket.
     fn kv(

@@ -286,6 +286,34 @@ impl std::fmt::Debug for ReplicaSecrets {
     }
 }
 
+/// An app's HTTPS certificate for its route hosts (`[http] tls`), opened for the nodes'
+/// gateways, which all serve every route. A node keeps it in memory only.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct IngressCertificate {
+    pub namespace: String,
+    pub app: String,
+    /// The app's route hosts: the names a client may ask for to get this certificate.
+    pub hosts: Vec<String>,
+    /// The secret and version it came from: what a node compares to know it has it.
+    pub secret: String,
+    pub version: u64,
+    /// PEM.
+    pub chain: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for IngressCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngressCertificate")
+            .field("namespace", &self.namespace)
+            .field("app", &self.app)
+            .field("hosts", &self.hosts)
+            .field("secret", &self.secret)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A volume as `shoal get volumes` lists it: where it is, its limit, what its node last
 /// measured it holding, and the apps that mount it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -130,6 +130,7 @@ pub fn router(cp: ControlPlane) -> Router {
             post(node_kv),
         )
         .route("/v1/cluster/nodes/{name}/volumes", post(node_volumes))
+        .route("/v1/cluster/nodes/{name}/ingress", get(node_ingress))
         .route("/v1/cluster/snapshot", get(snapshot))
         .route("/v1/cluster/watch", get(watch))
         .route("/v1/cluster/modules/{digest}", get(module_blob))
@@ -1078,6 +1079,18 @@ async fn node_volumes(
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
     blocking(move || cp.record_volume_usage(&name, usage))
+        .await
+        .map(|v| Json(v).into_response())
+}
+
+/// Every app's HTTPS certificate for its route hosts, for a node's gateway.
+async fn node_ingress(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    blocking(move || cp.ingress_certificates())
         .await
         .map(|v| Json(v).into_response())
 }

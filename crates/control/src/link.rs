@@ -7,8 +7,9 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, CertificateRequest, Change, Delta, Link, LinkError, LinkResult, Object, ObjectKey,
-    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
+    AppCpu, CertificateRequest, Change, Delta, IngressCertificate, Link, LinkError, LinkResult,
+    Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage,
+    Waiting,
 };
 use shoal_core::Node;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -110,6 +111,11 @@ impl Link for LocalLink {
                 .map_err(|e| LinkError::Failed(e.to_string()))?
                 .map_err(|e| LinkError::Failed(e.to_string()))
         })
+    }
+
+    fn ingress(&self, _node: &str) -> BoxFuture<'_, LinkResult<Vec<IngressCertificate>>> {
+        let cp = self.0.clone();
+        Box::pin(async move { blocking(move || cp.ingress_certificates()).await })
     }
 
     fn kv(

@@ -7,13 +7,20 @@
 //! Values are opened only for a node that runs a replica of a revision naming them
 //! ([`ControlPlane::replica_secrets`]); the API, events and logs name keys and versions,
 //! never values.
+//!
+//! An app's `[http] tls` names a secret holding a certificate and its key for its route
+//! hosts (`tls.crt`, `tls.key`). An apply checks that they belong together and name those
+//! hosts, and pins the version; every node's gateway gets them
+//! ([`ControlPlane::ingress_certificates`]), since every gateway serves every route.
 
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
-use shoal_api::{KeyRotated, ReplicaSecrets, SecretView, SecretWrite};
+use shoal_api::{IngressCertificate, KeyRotated, ReplicaSecrets, SecretView, SecretWrite};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::spec::{AppKey, AppSpec, SecretKeyRef, check_secret_key, secrets_named};
+use shoal_core::spec::{
+    AppKey, AppSpec, SecretKeyRef, TLS_CERT_KEY, TLS_KEY_KEY, check_secret_key, secrets_named,
+};
 use shoal_core::{App, EventType, Replica, Revision, Secret, SecretVersion};
 use shoal_secrets::{Keyring, binding};
 use shoal_store::{KvStore, Op, Txn};
@@ -127,7 +134,78 @@ impl ControlPlane {
                 r.version = Some(secret.version);
             }
         }
+        self.resolve_tls(&mut spec)?;
         Ok(spec)
+    }
+
+    /// Pins `[http] tls` to its secret's latest version, once the certificate there is
+    /// checked to have its key and to name every host the app's routes bind.
+    fn resolve_tls(&self, spec: &mut AppSpec) -> Result<(), ControlError> {
+        let ns = spec.namespace.clone();
+        let Some(http) = &mut spec.http else {
+            return Ok(());
+        };
+        let Some(tls) = &mut http.tls else {
+            return Ok(());
+        };
+        let bad = |message: String| ControlError::Invalid {
+            code: ErrorCode::InvalidSpec,
+            field: Some("http.tls".into()),
+            message,
+        };
+        let Some((secret, _)) = self.get::<Secret>(&keys::secret(&ns, &tls.secret))? else {
+            return Err(bad(format!(
+                "http.tls names secret {}, which does not exist in namespace {ns}: create it with `shoal secret create {} --tls-cert FILE --tls-key FILE`",
+                tls.secret, tls.secret
+            )));
+        };
+        let hosts = route_hosts(&http.routes);
+        let chain = self.with_keys(|ring| tls_pair(ring, &secret, secret.version))?;
+        let chain = chain.map_err(|e| bad(format!("http.tls: {e}")))?;
+        shoal_tls::HostCertificate::new(&chain, &hosts).map_err(|e| {
+            bad(format!(
+                "http.tls: secret {}'s {TLS_CERT_KEY} and {TLS_KEY_KEY}: {e}",
+                tls.secret
+            ))
+        })?;
+        tls.version = Some(secret.version);
+        Ok(())
+    }
+
+    /// Every app's HTTPS certificate and key, for the nodes' gateways. One that cannot be
+    /// opened now (its version gone, the key file unusable) is left out and said in the log:
+    /// the others still serve.
+    pub fn ingress_certificates(&self) -> Result<Vec<IngressCertificate>, ControlError> {
+        let apps: Vec<App> = self.list(&keys::APPS)?;
+        let mut out = Vec::new();
+        for app in apps {
+            let Some(http) = &app.spec.http else { continue };
+            let Some(tls) = &http.tls else { continue };
+            let Some(version) = tls.version else { continue };
+            let key = app.spec.key();
+            let opened = self
+                .get::<Secret>(&keys::secret(&key.namespace, &tls.secret))?
+                .ok_or_else(|| format!("secret {} is gone", tls.secret))
+                .and_then(|(secret, _)| {
+                    self.with_keys(|ring| tls_pair(ring, &secret, version))
+                        .map_err(|e| e.to_string())?
+                });
+            match opened {
+                Ok(chain) => out.push(IngressCertificate {
+                    namespace: key.namespace.clone(),
+                    app: key.name.clone(),
+                    hosts: route_hosts(&http.routes),
+                    secret: tls.secret.clone(),
+                    version,
+                    chain: chain.chain,
+                    key: chain.key,
+                }),
+                Err(e) => {
+                    tracing::warn!(app = %key, error = %e, "an app's HTTPS certificate cannot be served")
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Creates secret `name` of namespace `ns`, or makes a new version of it, as `write`
@@ -257,9 +335,16 @@ impl ControlPlane {
         Ok((view(secret, &apps), rolled))
     }
 
-    /// The versions of secret `name` that revisions of namespace `ns` name.
+    /// The versions of secret `name` that revisions of namespace `ns` name, and those apps'
+    /// `[http] tls` name.
     fn pinned_versions(&self, ns: &str, name: &str) -> Result<BTreeSet<u64>, ControlError> {
         let revisions: Vec<Revision> = self.list(&keys::revisions_in(ns))?;
+        let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
+        let tls = apps
+            .iter()
+            .filter_map(|a| a.spec.http.as_ref()?.tls.as_ref())
+            .filter(|t| t.secret == name)
+            .filter_map(|t| t.version);
         Ok(revisions
             .iter()
             .flat_map(|r| {
@@ -270,6 +355,7 @@ impl ControlPlane {
             })
             .filter(|r| r.secret == name)
             .filter_map(|r| r.version)
+            .chain(tls)
             .collect())
     }
 
@@ -457,6 +543,41 @@ impl ControlPlane {
 /// Whether `spec` names secret `name`.
 fn uses(spec: &AppSpec, name: &str) -> bool {
     secrets_named(&spec.secret_env, &spec.secret_config).contains(name)
+        || spec
+            .http
+            .as_ref()
+            .and_then(|h| h.tls.as_ref())
+            .is_some_and(|t| t.secret == name)
+}
+
+/// The hosts `routes` bind, each once.
+fn route_hosts(routes: &[shoal_core::spec::Route]) -> Vec<String> {
+    let hosts: BTreeSet<&String> = routes.iter().filter_map(|r| r.host.as_ref()).collect();
+    hosts.into_iter().cloned().collect()
+}
+
+/// Version `version` of TLS secret `secret`: its certificate chain and key; or, as the
+/// outer error, what it lacks.
+fn tls_pair(
+    ring: &Keyring,
+    secret: &Secret,
+    version: u64,
+) -> Result<Result<shoal_tls::KeyedChain, String>, ControlError> {
+    let mut values = open_version(ring, secret, version)?;
+    let mut take = |key: &str| {
+        values.remove(key).map(|v| v.to_string()).ok_or_else(|| {
+            format!(
+                "secret {} has no key {key}: a TLS secret holds {TLS_CERT_KEY} and {TLS_KEY_KEY} (`shoal secret create NAME --tls-cert FILE --tls-key FILE`)",
+                secret.name
+            )
+        })
+    };
+    Ok((|| {
+        Ok(shoal_tls::KeyedChain {
+            chain: take(TLS_CERT_KEY)?,
+            key: take(TLS_KEY_KEY)?,
+        })
+    })())
 }
 
 /// Version `version` of `secret`, opened.

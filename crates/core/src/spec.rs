@@ -371,7 +371,27 @@ pub struct HttpSpec {
         skip_serializing_if = "is_default_reuse_concurrent"
     )]
     pub reuse_concurrent: u32,
+    /// `[http] tls`: the secret whose `tls.crt` and `tls.key` every gateway presents to
+    /// HTTPS clients asking for one of the app's route hosts. Pinned to the secret's latest
+    /// version at each apply, like `secret_env`. Not part of the template: a new
+    /// certificate changes no replica, as an Ingress's does not restart pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsRef>,
 }
+
+/// The secret an app's HTTPS certificate and key come from (`[http] tls`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsRef {
+    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// The keys of a TLS secret, named as Kubernetes' `kubernetes.io/tls` secrets name them:
+/// the certificate chain and its private key, PEM.
+pub const TLS_CERT_KEY: &str = "tls.crt";
+pub const TLS_KEY_KEY: &str = "tls.key";
 
 /// Requests per instance at most (`[http] reuse`).
 pub const MAX_REUSE: u32 = 100_000;
@@ -1585,6 +1605,17 @@ impl AppSpec {
                 if let Err(m) = check_reuse_concurrent(h.reuse_concurrent) {
                     return field("http.reuse_concurrent", m);
                 }
+                if let Some(tls) = &h.tls {
+                    if let Err(e) = validate_name(&tls.secret) {
+                        return field("http.tls", format!("secret name: {e}"));
+                    }
+                    if h.routes.iter().all(|r| r.host.is_none()) {
+                        return field(
+                            "http.tls",
+                            "a certificate is presented for a host: bind a route to one, like \"shop.example.com/\"".into(),
+                        );
+                    }
+                }
             }
             (None, _) => {}
         }
@@ -2385,6 +2416,7 @@ struct RawHttp {
     reuse: Option<Spanned<i64>>,
     reuse_idle: Option<Spanned<String>>,
     reuse_concurrent: Option<Spanned<i64>>,
+    tls: Option<Spanned<String>>,
 }
 
 /// `[http] reuse`: 1 (a fresh instance per request) to [`MAX_REUSE`].
@@ -2558,12 +2590,23 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 }
                 None => DEFAULT_REUSE_CONCURRENT,
             };
+            let tls = match &hr.tls {
+                Some(t) => {
+                    spans.insert("http.tls", t.span());
+                    Some(TlsRef {
+                        secret: t.get_ref().clone(),
+                        version: None,
+                    })
+                }
+                None => None,
+            };
             Some(HttpSpec {
                 routes,
                 timeout_ms,
                 reuse,
                 reuse_idle_ms,
                 reuse_concurrent,
+                tls,
             })
         }
         // No routes: reachable only by service name from other apps.
@@ -2573,6 +2616,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             reuse: 1,
             reuse_idle_ms: DEFAULT_REUSE_IDLE_MS,
             reuse_concurrent: DEFAULT_REUSE_CONCURRENT,
+            tls: None,
         }),
         None => None,
     };
@@ -3065,6 +3109,27 @@ A = "1"
         let e = err(&src);
         assert!(e.message.contains("memroy"), "{e}");
         assert_eq!(e.line, Some(12), "{e}");
+    }
+
+    #[test]
+    fn a_tls_secret_serves_the_apps_route_hosts_and_is_no_part_of_a_revision() {
+        let with_tls = HELLO.replace("timeout = \"5s\"", "timeout = \"5s\"\ntls = \"api-cert\"");
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let spec = parse_app(&with_tls)
+            .unwrap()
+            .resolve(digest.clone())
+            .unwrap();
+        let tls = spec.http.as_ref().unwrap().tls.clone().unwrap();
+        assert_eq!((tls.secret.as_str(), tls.version), ("api-cert", None));
+        let plain = parse_app(HELLO).unwrap().resolve(digest).unwrap();
+        assert_eq!(spec.template(), plain.template());
+
+        let e = err(&with_tls.replace("\"api-cert\"", "\"Api_Cert\""));
+        assert_eq!(e.field.as_deref(), Some("http.tls"), "{e}");
+        let hostless = with_tls.replace("\"api.example.com/v1\"", "\"/v1\"");
+        let e = err(&hostless);
+        assert_eq!(e.field.as_deref(), Some("http.tls"), "{e}");
+        assert!(e.message.contains("bind a route"), "{e}");
     }
 
     #[test]

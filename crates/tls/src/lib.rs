@@ -14,7 +14,8 @@
 //! both ends present such a certificate and trust nothing but the cluster CA ([`mutual`]).
 //!
 //! The gateway's public side may serve TLS too, with certificates the operator gives it
-//! ([`ingress_config`]), chosen by the host name the client asks for (SNI).
+//! ([`ingress_config`]) and those apps name for their route hosts ([`HostCertificate`],
+//! from secrets), chosen by the host name the client asks for (SNI).
 
 mod files;
 
@@ -289,14 +290,23 @@ pub struct KeyedChain {
     pub key: String,
 }
 
-/// TLS settings for the gateway's public side: of `certs`, each client gets the first that
-/// names the host it asks for (SNI, wildcards included), or else the first; HTTP/2 and
-/// HTTP/1.1. Every chain must have its own key and name at least one host. The
-/// [`IngressCerts`] swaps the certificates in place, for the connections that follow.
+/// TLS settings for the gateway's public side. Each client gets the first certificate that
+/// names the host it asks for (SNI, wildcards included): an app's ([`IngressCerts::set_hosts`])
+/// before one of `certs`; else the first of `certs`; HTTP/2 and HTTP/1.1. Every chain must
+/// have its own key. With no `certs`, only hosts that apps have certificates for get TLS.
+/// The [`IngressCerts`] swaps the certificates in place, for the connections that follow.
 pub fn ingress_config(
     certs: &[KeyedChain],
 ) -> Result<(Arc<rustls::ServerConfig>, IngressCerts), TlsError> {
-    let resolver = Arc::new(BySni(std::sync::RwLock::new(keyed(certs)?)));
+    let files = if certs.is_empty() {
+        Vec::new()
+    } else {
+        keyed(certs)?
+    };
+    let resolver = Arc::new(BySni {
+        files: std::sync::RwLock::new(files),
+        hosts: std::sync::RwLock::new(Vec::new()),
+    });
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -306,7 +316,7 @@ pub fn ingress_config(
 }
 
 /// The certificates of an [`ingress_config`], to replace without a restart (a renewal).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct IngressCerts(Arc<BySni>);
 
 impl IngressCerts {
@@ -314,8 +324,37 @@ impl IngressCerts {
     /// keeps the ones in use and says why.
     pub fn replace(&self, certs: &[KeyedChain]) -> Result<(), TlsError> {
         let keyed = keyed(certs)?;
-        *self.0.0.write().unwrap_or_else(|p| p.into_inner()) = keyed;
+        *self.0.files.write().unwrap_or_else(|p| p.into_inner()) = keyed;
         Ok(())
+    }
+
+    /// Serves `certs`, the apps' certificates for their route hosts, from the next handshake
+    /// on, in place of the ones set before.
+    pub fn set_hosts(&self, certs: Vec<HostCertificate>) {
+        *self.0.hosts.write().unwrap_or_else(|p| p.into_inner()) =
+            certs.into_iter().map(|c| c.0).collect();
+    }
+}
+
+/// A certificate chain with its key, checked to belong together and to name given hosts:
+/// what an app's `[http] tls` secret holds, for its route hosts.
+pub struct HostCertificate(Arc<rustls::sign::CertifiedKey>);
+
+impl HostCertificate {
+    /// `chain` checked: its key is its certificate's, and the certificate names every one of
+    /// `hosts` (directly or by a wildcard).
+    pub fn new(chain: &KeyedChain, hosts: &[String]) -> Result<HostCertificate, TlsError> {
+        let key = keyed_one(chain, "")?;
+        for host in hosts {
+            let name = rustls::pki_types::ServerName::try_from(host.as_str())
+                .map_err(|e| TlsError::Pem(format!("{host:?} is no host name: {e}")))?;
+            if !BySni::names(&key, &name) {
+                return Err(TlsError::Pem(format!(
+                    "the certificate does not name {host} (or it is no server certificate that can be checked)"
+                )));
+            }
+        }
+        Ok(HostCertificate(key))
     }
 }
 
@@ -324,28 +363,35 @@ fn keyed(certs: &[KeyedChain]) -> Result<Vec<Arc<rustls::sign::CertifiedKey>>, T
     if certs.is_empty() {
         return Err(TlsError::Pem("no certificate given".into()));
     }
-    let provider = provider();
     certs
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            let chain = certificates_der(&c.chain)
-                .map_err(|e| TlsError::Pem(format!("certificate {}: {e}", i + 1)))?;
-            let key: PrivateKeyDer<'static> = rustls::pki_types::pem::PemObject::from_pem_slice(
-                c.key.as_bytes(),
-            )
-            .map_err(|e| TlsError::Pem(format!("key {}: not a PEM private key: {e}", i + 1)))?;
-            let chain = chain.into_iter().map(CertificateDer::from).collect();
-            rustls::sign::CertifiedKey::from_der(chain, key, &provider)
-                .map(Arc::new)
-                .map_err(|e| TlsError::Pem(format!("certificate {} and its key: {e}", i + 1)))
-        })
+        .map(|(i, c)| keyed_one(c, &format!(" {}", i + 1)))
         .collect()
+}
+
+/// A chain and its key, checked to belong together; `n` numbers them in a refusal
+/// ("certificate 2 and its key: …").
+fn keyed_one(c: &KeyedChain, n: &str) -> Result<Arc<rustls::sign::CertifiedKey>, TlsError> {
+    let chain =
+        certificates_der(&c.chain).map_err(|e| TlsError::Pem(format!("certificate{n}: {e}")))?;
+    let key: PrivateKeyDer<'static> =
+        rustls::pki_types::pem::PemObject::from_pem_slice(c.key.as_bytes())
+            .map_err(|e| TlsError::Pem(format!("key{n}: not a PEM private key: {e}")))?;
+    let chain = chain.into_iter().map(CertificateDer::from).collect();
+    rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+        .map(Arc::new)
+        .map_err(|e| TlsError::Pem(format!("certificate{n} and its key: {e}")))
 }
 
 /// Picks the certificate that names the host a client asks for; see [`ingress_config`].
 #[derive(Debug)]
-struct BySni(std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>);
+struct BySni {
+    /// The operator's (`--gateway-cert`); the first is for clients no other one suits.
+    files: std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>,
+    /// The apps', for their route hosts.
+    hosts: std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>,
+}
 
 impl BySni {
     fn names(key: &rustls::sign::CertifiedKey, host: &rustls::pki_types::ServerName<'_>) -> bool {
@@ -364,10 +410,16 @@ impl rustls::server::ResolvesServerCert for BySni {
         let asked = hello
             .server_name()
             .and_then(|name| rustls::pki_types::ServerName::try_from(name).ok());
-        let keys = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
         asked
-            .and_then(|host| keys.iter().find(|key| Self::names(key, &host)))
-            .or_else(|| keys.first())
+            .and_then(|host| {
+                hosts
+                    .iter()
+                    .chain(files.iter())
+                    .find(|key| Self::names(key, &host))
+            })
+            .or_else(|| files.first())
             .cloned()
     }
 }
@@ -601,7 +653,58 @@ mod tests {
             let err = ingress_config(&[bad]).err().unwrap().to_string();
             assert!(err.contains(says), "{err}");
         }
-        assert!(ingress_config(&[]).is_err());
+        // None at all is a gateway with TLS only for the hosts apps bring certificates for.
+        assert!(ingress_config(&[]).is_ok());
+    }
+
+    #[test]
+    fn an_apps_certificate_must_name_its_hosts_and_is_served_for_them_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let shop = ca
+            .issue_server(&["shop.example.com".into(), "*.shop.test".into()])
+            .unwrap()
+            .keyed_chain();
+        let hosts = |h: &[&str]| h.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        assert!(HostCertificate::new(&shop, &hosts(&["shop.example.com", "a.shop.test"])).is_ok());
+        let err = HostCertificate::new(&shop, &hosts(&["shop.example.com", "api.example.com"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not name api.example.com"), "{err}");
+        let other = ca
+            .issue_server(&["other.test".into()])
+            .unwrap()
+            .keyed_chain();
+        let swapped = KeyedChain {
+            chain: shop.chain.clone(),
+            key: other.key.clone(),
+        };
+        let err = HostCertificate::new(&swapped, &hosts(&["shop.example.com"]))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("certificate and its key"), "{err}");
+
+        // No operator certificate: only the apps' hosts get TLS, and as they change.
+        let (config, certs) = ingress_config(&[]).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
+            .unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.resumption = rustls::client::Resumption::disabled();
+        assert!(handshake(client.clone(), config.clone(), "shop.example.com").is_err());
+        let cert = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
+        certs.set_hosts(vec![cert]);
+        handshake(client.clone(), config.clone(), "shop.example.com").unwrap();
+        assert!(handshake(client.clone(), config.clone(), "other.test").is_err());
+        certs.set_hosts(Vec::new());
+        assert!(handshake(client, config, "shop.example.com").is_err());
     }
 
     #[test]
