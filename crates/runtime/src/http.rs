@@ -25,7 +25,7 @@ use crate::config::{format_bytes, format_duration};
 use crate::cpu::Metered;
 use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::memory::MemoryBudget;
-use crate::p3::{Ended, Job, Workers};
+use crate::p3::{Ended, Gone, GoneOnDrop, Job, Workers};
 use crate::runtime::Runtime;
 use shoal_core::problem::{self, ErrorBody};
 
@@ -315,12 +315,18 @@ impl HttpService {
     {
         let (reply, receiver) = futures::channel::oneshot::channel();
         let ended = Arc::new(Ended::default());
+        let gone = Arc::new(Gone::default());
         workers.submit(Job {
             request: req.map(|body| body.map_err(Into::into).boxed_unsync()),
             reply,
             ended: ended.clone(),
+            gone: gone.clone(),
         });
-        let failure = match receiver.await {
+        // A client that goes away before the response head may take its instance with it.
+        let client = GoneOnDrop::new(gone);
+        let answer = receiver.await;
+        client.disarm();
+        let failure = match answer {
             Ok(Ok(response)) => return response,
             Ok(Err(e)) if e.is::<ExpirationError>() => Failure::TimedOut,
             Ok(Err(e)) => {

@@ -10,6 +10,12 @@
 //!
 //! The loop follows wasmtime-wasi-http's `handler::ProxyHandler`, which cannot be used as is:
 //! it spawns its workers itself, where Shoal must run them [`Metered`] for the app's CPU group.
+//!
+//! A client that goes away before its response head ([`Gone`]) takes its instance with it when
+//! that instance has answered nothing yet (a fresh one, as every instance is without reuse)
+//! and every request in it has lost its client: wasmtime cannot cancel one task of an
+//! instance (its issue #11833), and an instance that answered before may still be writing a
+//! body. Otherwise the instance takes no more requests and the request's timeout bounds it.
 
 use std::collections::VecDeque;
 use std::pin::{Pin, pin};
@@ -41,6 +47,50 @@ pub(crate) struct Job {
     /// Told how the worker that took the request ended, for a request whose reply was lost
     /// with its instance.
     pub(crate) ended: Arc<Ended>,
+    /// Set when the client stops waiting for the response head.
+    pub(crate) gone: Arc<Gone>,
+}
+
+/// Whether a request's client has stopped waiting for its response head, and who to wake
+/// when it does.
+#[derive(Default)]
+pub(crate) struct Gone {
+    flag: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Gone {
+    pub(crate) fn mark(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+
+    /// Whether the client is gone; if not, `cx` is woken when it goes.
+    fn poll_gone(&self, cx: &mut std::task::Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// Marks its request [`Gone`] when dropped armed: the client's future went before its answer.
+pub(crate) struct GoneOnDrop(Option<Arc<Gone>>);
+
+impl GoneOnDrop {
+    pub(crate) fn new(gone: Arc<Gone>) -> GoneOnDrop {
+        GoneOnDrop(Some(gone))
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GoneOnDrop {
+    fn drop(&mut self) {
+        if let Some(gone) = self.0.take() {
+            gone.mark();
+        }
+    }
 }
 
 /// How the worker that took a request ended: `None` if cleanly.
@@ -275,6 +325,12 @@ impl Worker {
         // new task counts as busy until then, so a worker takes on one CPU-bound request at
         // a time rather than queue others behind it.
         let accept_concurrent = AtomicBool::new(true);
+        // The requests in flight without an answer yet, and whether any request was answered:
+        // when every one of the former has lost its client and none of the latter may still
+        // be writing a body, the instance goes (see the module's doc).
+        let unanswered: Mutex<Vec<Arc<Gone>>> = Mutex::new(Vec::new());
+        let answered_any = AtomicBool::new(false);
+        let (unanswered, answered_any) = (&unanswered, &answered_any);
         let Proxy::P3(guest) = proxy else {
             unreachable!("p3 workers serve p3 instances");
         };
@@ -294,6 +350,8 @@ impl Worker {
             let mut accept = |job: Job, in_flight: &mut FuturesUnordered<_>| {
                 accept_concurrent.store(false, Ordering::Relaxed);
                 ended.push(job.ended);
+                let gone = job.gone;
+                lock(unanswered).push(gone.clone());
                 let deadline = timeout.map(|t| Instant::now() + t);
                 let prepared = accessor.with(|mut access| {
                     let mut context = access.as_context_mut();
@@ -315,7 +373,12 @@ impl Worker {
                             None => std::future::pending().await,
                         }
                     };
-                    prepared?.run(accessor, expiry).await
+                    let answered = prepared?.run(accessor, expiry).await;
+                    lock(unanswered).retain(|g| !Arc::ptr_eq(g, &gone));
+                    if matches!(answered, Ok(true)) {
+                        answered_any.store(true, Ordering::Relaxed);
+                    }
+                    answered
                 });
             };
             served += 1;
@@ -392,6 +455,15 @@ impl Worker {
                 if poll.is_ready() {
                     return poll.map(|r| r.and_then(|r| r));
                 }
+                // Checked from out here too, as a busy guest holds the event loop.
+                if !answered_any.load(Ordering::Relaxed) {
+                    let waiting = lock(unanswered);
+                    let mut gone = waiting.iter().map(|g| g.poll_gone(cx));
+                    if !waiting.is_empty() && gone.all(|g| g) {
+                        tracing::debug!("every client of the instance went away: it goes too");
+                        return Poll::Ready(Ok(()));
+                    }
+                }
                 // A guest busy in a loop or a blocking host call holds the store, so the event
                 // loop cannot see its requests expire: time them out from out here.
                 let deadline = *hard_deadline.lock().unwrap_or_else(|p| p.into_inner());
@@ -421,6 +493,10 @@ impl Worker {
         }
         result
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Drop for Worker {
