@@ -335,7 +335,6 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
 
 /// A running node: gateway listening, agent started.
 pub struct StartedNode {
-    pub agent: Agent,
     pub name: String,
     pub gateway: SocketAddr,
     /// Whether the gateway serves HTTPS to the public too.
@@ -506,16 +505,16 @@ pub async fn start_node(
             heartbeat: duration("heartbeat", &args.heartbeat)?,
             module_cache_grace: duration("module-cache-grace", &args.module_cache_grace)?,
             volumes_dir: data.join("volumes"),
+            logs_dir: data.join("logs"),
             ingress: Some(ingress_certs),
         },
         link,
         runtime,
         gateway.clone(),
     );
-    tokio::spawn(agent.clone().run());
+    tokio::spawn(agent.run());
     tokio::spawn(shoal_gateway::serve(listener, gateway));
     Ok(StartedNode {
-        agent,
         name,
         gateway: gw_addr,
         https: !args.gateway_cert.is_empty(),
@@ -549,7 +548,6 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         &c.ca,
     )
     .await?;
-    c.control.set_log_source(Arc::new(node.agent.clone()));
 
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
     println!(

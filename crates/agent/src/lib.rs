@@ -23,8 +23,8 @@ use probe::{Action, Backoff, Probe, ProbeState};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Delta, Link, LinkError, LogLine, LogReader, LogSource, ReplicaIncident, ReplicaReport,
-    ReplicaSecrets, VolumeUsage, Waiting,
+    AppCpu, Delta, Link, LinkError, ReplicaIncident, ReplicaReport, ReplicaSecrets, VolumeUsage,
+    Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -33,8 +33,8 @@ use shoal_core::spec::{Restart, Template};
 use shoal_core::{Capacity, Kind, Node, NodeState, Phase, Replica, Revision};
 use shoal_gateway::{Endpoint, Gateway};
 use shoal_runtime::{
-    CpuShare, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind, InstanceConfig,
-    KvGrant, LogSink, Reuse, Runtime, VolumeMount, VolumeQuota,
+    CpuShare, DEFAULT_LOG_BYTES, ExitStatus, HttpService, Incident, IncidentHook, IncidentKind,
+    InstanceConfig, KvGrant, LogFiles, LogSink, Reuse, Runtime, VolumeMount, VolumeQuota,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -47,8 +47,15 @@ use tracing::Instrument;
 /// all is quiet, and put remote endpoints marked down back in rotation.
 const RESYNC: Duration = Duration::from_secs(2);
 
-/// Lines of output kept per replica.
+/// Lines of output kept in memory per replica (the rest on disk, [`LOG_FILE_BYTES`]).
 const LOG_LINES: usize = 5000;
+
+/// The size of each of a replica's two log files on disk: about 16 MiB kept per replica.
+const LOG_FILE_BYTES: u64 = 8 << 20;
+
+/// How long the log files of a replica that no longer runs here are kept: its output stays
+/// readable for a while after it stopped, was replaced or moved.
+const LOG_KEEP: Duration = Duration::from_secs(3600);
 
 /// How often the gateway's per-revision measurements go to the control plane.
 const METRICS_PERIOD: Duration = Duration::from_secs(1);
@@ -74,6 +81,8 @@ pub struct AgentConfig {
     pub module_cache_grace: Duration,
     /// Where volumes bound to this node keep their data: `NAMESPACE/NAME` under it.
     pub volumes_dir: std::path::PathBuf,
+    /// Where replicas' output is kept: `NAMESPACE/APP/REPLICA.log` (and `.log.1`) under it.
+    pub logs_dir: std::path::PathBuf,
     /// The gateway's public certificates, where the apps' (`[http] tls`) go. `None`: the
     /// gateway has no HTTPS for the public, and apps' certificates are not fetched.
     pub ingress: Option<shoal_tls::IngressCerts>,
@@ -144,8 +153,15 @@ impl Agent {
             .gateway
             .set_log_lookup(Arc::new(move |replica: &str| {
                 let inner = weak.upgrade()?;
-                let running = inner.running.lock().expect("agent lock");
-                running.get(replica).map(|r| r.logs.clone())
+                if let Some(r) = inner.running.lock().expect("agent lock").get(replica) {
+                    return Some(r.logs.clone());
+                }
+                // One that stopped: what its files still hold, and nothing to follow.
+                let base = stopped_logs(&inner.config.logs_dir, replica)?;
+                let sink =
+                    LogSink::persistent(log_files(base), LOG_LINES, DEFAULT_LOG_BYTES).ok()?;
+                sink.close();
+                Some(sink)
             }));
         agent
     }
@@ -188,6 +204,7 @@ impl Agent {
         tokio::spawn(self.clone().tend_volumes());
         tokio::spawn(self.clone().send_waiting());
         tokio::spawn(self.clone().collect_modules());
+        tokio::spawn(self.clone().collect_logs());
         if let Some(certs) = self.inner.config.ingress.clone() {
             tokio::spawn(self.clone().tend_ingress(certs));
         }
@@ -355,6 +372,26 @@ impl Agent {
                         tracing::warn!(volume = %dir.display(), error = %e, "cannot remove a deleted volume's data")
                     }
                 }
+            }
+        }
+    }
+
+    /// Removes the log files of replicas that have not run here for [`LOG_KEEP`].
+    async fn collect_logs(self) {
+        let mut tick = tokio::time::interval(LOG_KEEP / 60);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let running: HashSet<String> = {
+                let running = self.inner.running.lock().expect("agent lock");
+                running.keys().cloned().collect()
+            };
+            let dir = self.inner.config.logs_dir.clone();
+            let swept = tokio::task::spawn_blocking(move || sweep_logs(&dir, &running, LOG_KEEP));
+            if let Ok(removed) = swept.await
+                && removed > 0
+            {
+                tracing::info!(files = removed, "removed the logs of replicas long gone");
             }
         }
     }
@@ -573,6 +610,7 @@ impl Agent {
             if let Some(r) = running.remove(id) {
                 self.inner.gateway.remove_endpoint(&r.app, id);
                 r.task.abort();
+                r.logs.close();
                 tracing::info!(replica = %id, "stopped");
             }
         }
@@ -590,7 +628,18 @@ impl Agent {
             });
         }
         for (replica, revision) in plan.start {
-            let logs = LogSink::new(LOG_LINES);
+            let base = self
+                .inner
+                .config
+                .logs_dir
+                .join(&replica.app.namespace)
+                .join(&replica.app.name)
+                .join(&replica.id);
+            let logs = LogSink::persistent(log_files(base), LOG_LINES, DEFAULT_LOG_BYTES)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(replica = %replica.id, error = %e, "cannot keep the replica's output on disk; it stays in memory only");
+                    LogSink::new(LOG_LINES)
+                });
             let span = tracing::info_span!("replica", id = %replica.id, app = %replica.app);
             let id = replica.id.clone();
             let app = replica.app.clone();
@@ -1045,6 +1094,8 @@ impl Agent {
                 _ => false,
             };
             if !retry {
+                // Its output is complete: followers of it are done.
+                logs.close();
                 let phase = if status.success() {
                     Phase::Succeeded
                 } else {
@@ -1131,6 +1182,69 @@ impl Agent {
     }
 }
 
+/// A replica's log files, as the agent keeps them.
+fn log_files(base: std::path::PathBuf) -> LogFiles {
+    LogFiles {
+        base,
+        file_bytes: LOG_FILE_BYTES,
+    }
+}
+
+/// The base path of replica `id`'s log files under `dir` (`NAMESPACE/APP/ID.log`), if it
+/// has any: a replica that ran here and stopped. Only a valid name is looked for.
+fn stopped_logs(dir: &std::path::Path, id: &str) -> Option<std::path::PathBuf> {
+    shoal_core::validate_name(id).ok()?;
+    for ns in std::fs::read_dir(dir).ok()?.flatten() {
+        for app in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            let base = app.path().join(id);
+            if base.with_extension("log").is_file() {
+                return Some(base);
+            }
+        }
+    }
+    None
+}
+
+/// Removes the log files under `dir` of replicas not in `running` that were last written
+/// longer than `keep` ago, and the directories left empty; how many files went.
+fn sweep_logs(dir: &std::path::Path, running: &HashSet<String>, keep: Duration) -> usize {
+    let mut removed = 0;
+    let old = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > keep)
+    };
+    for ns in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        for app in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            for file in std::fs::read_dir(app.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = file.path();
+                let name = file.file_name().to_string_lossy().into_owned();
+                let Some(id) = name.strip_suffix(".log").or(name.strip_suffix(".log.1")) else {
+                    continue;
+                };
+                // By the file being written: the one before may be older.
+                let current = path.with_file_name(format!("{id}.log"));
+                if running.contains(id) || (current.exists() && !old(&current)) {
+                    continue;
+                }
+                if std::fs::remove_file(&path).is_ok() {
+                    removed += 1;
+                }
+            }
+            // Fails, as it should, while files remain.
+            let _ = std::fs::remove_dir(app.path());
+        }
+        let _ = std::fs::remove_dir(ns.path());
+    }
+    removed
+}
+
 /// Applies every delta that has already arrived, so that a burst of changes
 /// (a transaction's come as one delta; a replay, many) costs one sync. False
 /// if the watch ended meanwhile: the view is then to be read again.
@@ -1165,35 +1279,35 @@ async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result
     }
 }
 
-impl LogSource for Agent {
-    fn logs(&self, app: &AppKey) -> Vec<(String, Arc<dyn LogReader>)> {
-        let running = self.inner.running.lock().expect("agent lock");
-        let mut out: Vec<(String, Arc<dyn LogReader>)> = running
-            .iter()
-            .filter(|(_, r)| &r.app == app)
-            .map(|(id, r)| {
-                let reader: Arc<dyn LogReader> = Arc::new(SinkReader(r.logs.clone()));
-                (id.clone(), reader)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A replica's [`LogSink`] as the control plane reads it.
-struct SinkReader(LogSink);
-
-impl LogReader for SinkReader {
-    fn lines(&self, since: usize) -> (Vec<LogLine>, usize) {
-        self.0.lines(since)
-    }
-
-    fn next_cursor(&self) -> usize {
-        self.0.next_cursor()
-    }
-
-    fn wait_for(&self, cursor: usize) -> futures::future::BoxFuture<'_, ()> {
-        Box::pin(self.0.wait_for(cursor))
+    #[test]
+    fn logs_of_replicas_long_gone_are_swept_and_running_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = dir.path().join("default/hello");
+        std::fs::create_dir_all(&app).unwrap();
+        for file in ["gone.log", "gone.log.1", "runs.log", "notes.txt"] {
+            std::fs::write(app.join(file), "{}\n").unwrap();
+        }
+        let running: HashSet<String> = ["runs".to_string()].into();
+        // Kept for an hour: nothing is that old yet.
+        assert_eq!(sweep_logs(dir.path(), &running, LOG_KEEP), 0);
+        assert_eq!(sweep_logs(dir.path(), &running, Duration::ZERO), 2);
+        assert!(app.join("runs.log").exists() && app.join("notes.txt").exists());
+        assert!(!app.join("gone.log").exists() && !app.join("gone.log.1").exists());
+        assert_eq!(
+            stopped_logs(dir.path(), "runs"),
+            Some(app.join("runs")),
+            "a replica's files are found by its id"
+        );
+        assert_eq!(stopped_logs(dir.path(), "../default"), None);
+        std::fs::remove_file(app.join("notes.txt")).unwrap();
+        assert_eq!(sweep_logs(dir.path(), &HashSet::new(), Duration::ZERO), 1);
+        assert!(
+            !dir.path().join("default").exists(),
+            "empty directories go too"
+        );
     }
 }

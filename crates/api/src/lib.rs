@@ -1,8 +1,7 @@
 //! What Shoal's parts say to each other, and nothing of how any of them works:
 //! the types of the `/v1` API (what the CLI sends and reads), what a node and
 //! its control plane exchange ([`Snapshot`] and the [`Delta`]s that follow it,
-//! [`ReplicaReport`], [`ReplicaIncident`]) and the [`Link`] they exchange it over, how the
-//! control plane reads replicas' output ([`LogSource`]), and the one HTTP
+//! [`ReplicaReport`], [`ReplicaIncident`]) and the [`Link`] they exchange it over, and the one HTTP
 //! [`Client`] the CLI and remote nodes both call the API with (errors come in
 //! the one shape of `shoal_core::problem`).
 //!
@@ -13,12 +12,10 @@
 
 mod client;
 mod link;
-mod logs;
 mod types;
 
 pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
-pub use logs::{LogLine, LogReader, LogSource, LogStream};
 pub use types::{
     AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe,

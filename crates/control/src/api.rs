@@ -817,87 +817,50 @@ struct LogQuery {
     tail: Option<usize>,
     /// Only this replica's output: one run of a job.
     replica: Option<String>,
+    /// Only lines written in the last this many milliseconds.
+    since_ms: Option<u64>,
+    #[serde(default)]
+    timestamps: bool,
+    /// `json`: NDJSON entries (replica, seq, time, stream, line) instead of text.
+    format: Option<String>,
 }
 
-/// Guest output as text lines `<replica> <stream> <line>`; with `follow`,
-/// the response stays open and streams new lines. A finished job's replica
-/// keeps its output on its node until the replica is deleted.
+/// Guest output of every replica of an app, merged in time order: text lines `<replica>
+/// [<time>] <stream> <line>`, or NDJSON; with `follow`, the response stays open and streams
+/// new lines, across rollouts and node restarts (see `crate::logs`).
 async fn logs(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Result<Response, ApiError> {
     let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
-    let k2 = key.clone();
-    let cp2 = cp.clone();
-    blocking(move || cp2.app(&k2)).await?;
-    let only = |id: &str| q.replica.as_deref().is_none_or(|r| r == id);
-    let mut sinks = cp.log_source().map(|s| s.logs(&key)).unwrap_or_default();
-    sinks.retain(|(id, _)| only(id));
-    let tail = q.tail.unwrap_or(usize::MAX);
-    let mut text = String::new();
-    let mut cursors = Vec::new();
-    for (replica, sink) in &sinks {
-        let (lines, next) = sink.lines(0);
-        let skip = lines.len().saturating_sub(tail);
-        for l in &lines[skip..] {
-            text.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
+    let json = match q.format.as_deref() {
+        None | Some("text") => false,
+        Some("json") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("format {other:?}: use text or json"),
+            ));
         }
-        cursors.push(next);
-    }
-    // Replicas on other nodes: read through their node's gateway (no follow).
-    let local: Vec<String> = sinks.iter().map(|(id, _)| id.clone()).collect();
-    let (k2, cp2) = (key.clone(), cp.clone());
-    let mut remote = blocking(move || cp2.remote_replicas(&k2, &local)).await?;
-    remote.retain(|(id, _)| only(id));
-    if let Some(id) = &q.replica
-        && sinks.is_empty()
-        && remote.is_empty()
-    {
-        return Err(ApiError::new(
-            ErrorCode::NotFound,
-            format!(
-                "app {key} has no replica {id} with output (see `shoal get replicas --app {}`)",
-                key.name
-            ),
-        ));
-    }
-    text.push_str(&remote_logs(&cp, remote, q.tail).await);
-    let headers = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !q.follow {
-        return Ok((headers, text).into_response());
-    }
-    let sinks_empty = sinks.is_empty();
-    let first = futures::stream::once(async move {
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(text))
-    });
-    let follow = futures::stream::unfold((sinks, cursors), |(sinks, mut cursors)| async move {
-        loop {
-            let waits = sinks
-                .iter()
-                .zip(&cursors)
-                .map(|((_, s), c)| Box::pin(s.wait_for(*c)));
-            futures::future::select_all(waits).await;
-            let mut out = String::new();
-            for (i, (replica, sink)) in sinks.iter().enumerate() {
-                let (lines, next) = sink.lines(cursors[i]);
-                for l in lines {
-                    out.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
-                }
-                cursors[i] = next;
-            }
-            if !out.is_empty() {
-                return Some((Ok(bytes::Bytes::from(out)), (sinks, cursors)));
-            }
-        }
-    });
-    // With no replicas there is nothing to follow.
-    let body = if sinks_empty {
-        Body::from_stream(first)
-    } else {
-        Body::from_stream(first.chain(follow))
     };
-    Ok((headers, body).into_response())
+    let since_time = q.since_ms.map(|ms| shoal_core::now_ms().saturating_sub(ms));
+    let query = crate::logs::LogQuery {
+        follow: q.follow,
+        tail: q.tail,
+        replica: q.replica,
+        since_time,
+        timestamps: q.timestamps,
+        json,
+    };
+    let body = cp.app_logs(key, query).await?;
+    let kind = if json {
+        "application/x-ndjson"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let body = Body::from_stream(body.map(Ok::<_, std::convert::Infallible>));
+    Ok(([(header::CONTENT_TYPE, kind)], body).into_response())
 }
 
 async fn node_action(
@@ -1206,42 +1169,6 @@ async fn module_blob(
         Body::from_stream(stream),
     )
         .into_response())
-}
-
-/// Fetches the output of replicas on other nodes from their gateways. A node
-/// that does not answer is noted in the output rather than failing the call.
-async fn remote_logs(
-    cp: &ControlPlane,
-    replicas: Vec<(String, String)>,
-    tail: Option<usize>,
-) -> String {
-    if replicas.is_empty() {
-        return String::new();
-    }
-    let Some(http) = cp.inner.members.clone() else {
-        return replicas
-            .iter()
-            .map(|(replica, _)| format!("{replica} shoal (no cluster CA to reach its node with)\n"))
-            .collect();
-    };
-    let fetches = replicas.into_iter().map(|(replica, gateway)| {
-        let mut url = format!(
-            "https://{gateway}{}{replica}",
-            shoal_core::auth::NODE_LOGS_PATH
-        );
-        if let Some(n) = tail {
-            url.push_str(&format!("?tail={n}"));
-        }
-        let req = http.get(url).timeout(std::time::Duration::from_secs(3));
-        async move {
-            match req.send().await {
-                Ok(r) if r.status().is_success() => r.text().await.unwrap_or_default(),
-                Ok(r) => format!("{replica} shoal (node answered {})\n", r.status()),
-                Err(e) => format!("{replica} shoal (node unreachable: {e})\n"),
-            }
-        }
-    });
-    futures::future::join_all(fetches).await.concat()
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ mod error;
 mod jobs;
 mod kv;
 mod link;
+mod logs;
 mod measurements;
 mod mirror;
 mod modules;

@@ -5,8 +5,8 @@ use crate::error::ControlError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_api::{
-    AppSummary, ApplyOutcome, ApplyResult, Describe, LogSource, NodeAction, NodeSummary,
-    ReplicaReport, ScaleView, Service, ServiceEndpoint, Snapshot,
+    AppSummary, ApplyOutcome, ApplyResult, Describe, NodeAction, NodeSummary, ReplicaReport,
+    ScaleView, Service, ServiceEndpoint, Snapshot,
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
@@ -84,7 +84,6 @@ pub(crate) struct Inner {
     /// The join token in force: [`ControlConfig::join_token`] until rotated.
     pub(crate) join_token: std::sync::RwLock<String>,
     pub(crate) event_seq: AtomicU64,
-    pub(crate) logs: OnceLock<Arc<dyn LogSource>>,
     /// Wakes the controller when something it owns should be looked at again.
     pub(crate) kick: Notify,
     /// When the controller started; see `run_controller`.
@@ -188,7 +187,6 @@ impl ControlPlane {
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
                 config,
                 event_seq: AtomicU64::new(next),
-                logs: OnceLock::new(),
                 kick: Notify::new(),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
@@ -215,14 +213,6 @@ impl ControlPlane {
 
     pub fn config(&self) -> &ControlConfig {
         &self.inner.config
-    }
-
-    pub fn set_log_source(&self, source: Arc<dyn LogSource>) {
-        let _ = self.inner.logs.set(source);
-    }
-
-    pub(crate) fn log_source(&self) -> Option<&Arc<dyn LogSource>> {
-        self.inner.logs.get()
     }
 
     /// Builds an event and its store op; callers put it in their transaction.
@@ -885,25 +875,6 @@ impl ControlPlane {
                     endpoints,
                 })
             })
-            .collect())
-    }
-
-    /// An app's live replicas that are not in `local`, with their node's gateway.
-    pub(crate) fn remote_replicas(
-        &self,
-        key: &AppKey,
-        local: &[String],
-    ) -> Result<Vec<(String, String)>, ControlError> {
-        let nodes: HashMap<String, String> = self
-            .list::<Node>(&keys::NODES)?
-            .into_iter()
-            .map(|n| (n.name, n.gateway))
-            .collect();
-        Ok(self
-            .list::<Replica>(&keys::replicas_of(key))?
-            .into_iter()
-            .filter(|r| !local.contains(&r.id))
-            .filter_map(|r| Some((r.id.clone(), nodes.get(r.node.as_deref()?)?.clone())))
             .collect())
     }
 

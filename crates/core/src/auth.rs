@@ -7,9 +7,13 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 
 /// Where a node's gateway serves a local replica's output to the cluster's
-/// members (over TLS with a certificate of the cluster CA):
-/// `GET {NODE_LOGS_PATH}{replica}?tail=N`.
+/// members (over TLS with a certificate of the cluster CA), NDJSON:
+/// `GET {NODE_LOGS_PATH}{replica}?since=SEQ&tail=N&since_time=MS&follow=true`.
 pub const NODE_LOGS_PATH: &str = "/_shoal/logs/";
+
+/// The sequence number a node's answer at [`NODE_LOGS_PATH`] starts from, past the lines
+/// `tail` or `since` left out: where a follower that reconnects resumes.
+pub const LOGS_FROM_HEADER: &str = "x-shoal-logs-from";
 
 /// A credential the control plane issued: a node's own (`NODE.SECRET`) or an
 /// API token (`NAME.SECRET`). As bootstrap tokens in Kubernetes carry their

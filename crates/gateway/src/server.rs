@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
+use shoal_core::logs::LogEntry;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::problem::ErrorCode;
 use shoal_core::{Route, spec::AppKey};
@@ -353,31 +354,80 @@ impl Gateway {
 
     /// A local replica's output as `replica stream line` lines. Internal: reached only
     /// through [`Gateway::serve_internal`].
+    /// A replica's output on this node, NDJSON ([`LogEntry`]): its lines from `since` (a
+    /// sequence number) or the last `tail`, written at or after `since_time` (ms since the
+    /// epoch); with `follow`, then each new line as it comes, until the replica stops.
     fn serve_logs(&self, req: &Request<WasiBody>) -> Response<ResponseBody> {
-        let replica = req.uri().path().trim_start_matches(LOGS_PATH);
-        let tail = req
-            .uri()
-            .query()
-            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("tail=")))
-            .and_then(|n| n.parse::<usize>().ok())
-            .unwrap_or(usize::MAX);
+        let replica = req.uri().path().trim_start_matches(LOGS_PATH).to_string();
+        let query = req.uri().query().unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        };
+        let number = |name: &str| param(name).and_then(|n| n.parse::<u64>().ok());
+        let since = number("since").unwrap_or(0) as usize;
+        let tail = number("tail").map_or(usize::MAX, |n| n as usize);
+        let since_time = number("since_time").unwrap_or(0);
+        let follow = param("follow").is_some_and(|f| f == "true" || f == "1");
         let lookup = self.inner.logs.read().expect("logs lock").clone();
-        let Some(sink) = lookup.and_then(|f| f(replica)) else {
+        let Some(sink) = lookup.and_then(|f| f(&replica)) else {
             return problem_response(ErrorCode::NotFound, "no such replica on this node");
         };
-        let (lines, _) = sink.lines(0);
+        let entries = move |lines: Vec<shoal_runtime::LogLine>, next: usize, skip: usize| {
+            let first = next - lines.len();
+            let mut text = Vec::new();
+            for (i, l) in lines.into_iter().enumerate().skip(skip) {
+                if l.millis() < since_time {
+                    continue;
+                }
+                let entry = LogEntry {
+                    replica: replica.clone(),
+                    seq: (first + i) as u64,
+                    time: l.millis(),
+                    stream: l.stream,
+                    line: l.line,
+                };
+                serde_json::to_writer(&mut text, &entry).expect("a log entry serialises");
+                text.push(b'\n');
+            }
+            Bytes::from(text)
+        };
+        let (lines, next) = sink.lines(since);
         let skip = lines.len().saturating_sub(tail);
-        let mut text = String::new();
-        for l in &lines[skip..] {
-            text.push_str(&format!("{replica} {} {}\n", l.stream, l.line));
-        }
+        // Where what this answer carries starts: a follower that reconnects asks from there.
+        let from = next - lines.len() + skip;
+        let first = entries(lines, next, skip);
+        let body = if follow {
+            let more = futures::stream::unfold((sink, next), move |(sink, cursor)| {
+                let entries = entries.clone();
+                async move {
+                    loop {
+                        sink.wait_for(cursor).await;
+                        let (lines, next) = sink.lines(cursor);
+                        if lines.is_empty() && sink.is_closed() {
+                            return None;
+                        }
+                        if !lines.is_empty() {
+                            return Some((entries(lines, next, 0), (sink, next)));
+                        }
+                    }
+                }
+            });
+            use futures::StreamExt;
+            let frames = futures::stream::once(async move { first })
+                .chain(more)
+                .map(|b| Ok::<_, std::convert::Infallible>(http_body::Frame::data(b)));
+            http_body_util::StreamBody::new(frames)
+                .map_err(|e| match e {})
+                .boxed_unsync()
+        } else {
+            Full::new(first).map_err(|e| match e {}).boxed_unsync()
+        };
         Response::builder()
-            .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(
-                Full::new(Bytes::from(text))
-                    .map_err(|e| match e {})
-                    .boxed_unsync(),
-            )
+            .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+            .header(shoal_core::auth::LOGS_FROM_HEADER, from)
+            .body(body)
             .expect("static response parts are valid")
     }
 

@@ -311,7 +311,22 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.text(), "faulty-b stderr [shoal] started\n");
+    let entry: serde_json::Value = serde_json::from_str(reply.text().trim()).unwrap();
+    assert_eq!(
+        (
+            &entry["replica"],
+            &entry["seq"],
+            &entry["stream"],
+            &entry["line"]
+        ),
+        (
+            &serde_json::json!("faulty-b"),
+            &serde_json::json!(0),
+            &serde_json::json!("stderr"),
+            &serde_json::json!("[shoal] started")
+        ),
+        "{entry}"
+    );
     let reply = send(
         &member,
         format!("https://{b_addr}{NODE_LOGS_PATH}elsewhere"),

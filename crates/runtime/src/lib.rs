@@ -35,7 +35,7 @@ pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
 pub use http::{HttpService, ResponseBody, problem_response};
 pub use keyvalue::{KeyValue, KvGrant};
-pub use logs::{DEFAULT_LOG_BYTES, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
+pub use logs::{DEFAULT_LOG_BYTES, LogFiles, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};

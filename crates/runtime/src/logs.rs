@@ -1,12 +1,17 @@
 //! Guest stdout/stderr capture. Guests never see the node's own stdio: every write lands, split
-//! into lines, in a bounded in-memory ring per replica that `shoal logs [-f]` reads from.
+//! into lines, in a bounded in-memory ring per replica that `shoal logs [-f]` reads from, and,
+//! for a replica the agent runs, in files on the node's disk ([`LogFiles`]): two of them,
+//! rotated by size, so a replica's output survives a node restart within a bounded space.
 
+use serde::{Deserialize, Serialize};
 pub use shoal_core::logs::{LogLine, LogStream};
 use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
@@ -28,6 +33,108 @@ const LINE_OVERHEAD: usize = 48;
 /// Prefix of lines the runtime writes itself (traps, timeouts), so they stand out from the
 /// guest's own stderr.
 const SYSTEM_PREFIX: &str = "[shoal] ";
+
+/// Where a replica's output is kept on disk, and how much of it.
+#[derive(Debug, Clone)]
+pub struct LogFiles {
+    /// The files are this path with `.log` (being written) and `.log.1` (the one before).
+    pub base: PathBuf,
+    /// The size past which `.log` becomes `.log.1` (replacing it) and a new one starts: a
+    /// replica keeps at most about twice this on disk.
+    pub file_bytes: u64,
+}
+
+impl LogFiles {
+    fn current(&self) -> PathBuf {
+        self.base.with_extension("log")
+    }
+
+    fn previous(&self) -> PathBuf {
+        self.base.with_extension("log.1")
+    }
+
+    /// The lines kept in both files, oldest first. A line cut short by a crash, or otherwise
+    /// unreadable, is skipped.
+    fn read(&self) -> Vec<Stored> {
+        let mut out = Vec::new();
+        for path in [self.previous(), self.current()] {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            out.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+        out
+    }
+}
+
+/// One line as kept on disk (JSON, one per line).
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    seq: usize,
+    /// Milliseconds since the Unix epoch.
+    time: u64,
+    stream: LogStream,
+    line: String,
+}
+
+impl Stored {
+    fn into_line(self) -> LogLine {
+        LogLine {
+            time: UNIX_EPOCH + Duration::from_millis(self.time),
+            stream: self.stream,
+            line: self.line,
+        }
+    }
+}
+
+/// The file being written, and how much is in it.
+struct Journal {
+    files: LogFiles,
+    file: std::fs::File,
+    written: u64,
+}
+
+impl Journal {
+    fn open(files: LogFiles) -> std::io::Result<Journal> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(files.current())?;
+        let written = file.metadata()?.len();
+        Ok(Journal {
+            files,
+            file,
+            written,
+        })
+    }
+
+    /// Appends `lines` (numbered from `first_seq`), starting a new file first if they would
+    /// take the current one past its size.
+    fn append(&mut self, first_seq: usize, lines: &[LogLine]) -> std::io::Result<()> {
+        let mut text = Vec::new();
+        for (i, l) in lines.iter().enumerate() {
+            let stored = Stored {
+                seq: first_seq + i,
+                time: l.millis(),
+                stream: l.stream,
+                line: l.line.clone(),
+            };
+            serde_json::to_writer(&mut text, &stored)?;
+            text.push(b'\n');
+        }
+        if self.written > 0 && self.written + text.len() as u64 > self.files.file_bytes {
+            std::fs::rename(self.files.current(), self.files.previous())?;
+            self.file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.files.current())?;
+            self.written = 0;
+        }
+        self.file.write_all(&text)?;
+        self.written += text.len() as u64;
+        Ok(())
+    }
+}
 
 /// A bounded ring of log lines shared by every instance of one replica. Clones share the ring.
 ///
@@ -51,6 +158,10 @@ struct SinkState {
     /// Sequence number of `lines[0]`.
     first_seq: usize,
     bytes: usize,
+    /// Where lines also go on disk; `None` for a sink in memory only, or once writing failed.
+    journal: Option<Journal>,
+    /// The replica stopped: no line will come, and followers end.
+    closed: bool,
 }
 
 impl SinkState {
@@ -95,13 +206,69 @@ impl LogSink {
         }
     }
 
-    /// Lines with a sequence number `>= since` still in the ring, and the cursor to pass next
-    /// time. A cursor older than the oldest kept line just starts at the oldest one.
+    /// A sink that also keeps its lines in `files`, starting from what they hold: the last
+    /// lines kept there fill the ring and the sequence numbers go on from theirs, so a
+    /// replica's output and cursors survive a restart of its node.
+    pub fn persistent(
+        files: LogFiles,
+        max_lines: usize,
+        max_bytes: usize,
+    ) -> std::io::Result<LogSink> {
+        if let Some(dir) = files.base.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let kept = files.read();
+        let journal = Journal::open(files)?;
+        let sink = LogSink::with_limits(max_lines, max_bytes);
+        {
+            let mut state = sink.state();
+            let next = kept.last().map_or(0, |s| s.seq + 1);
+            let lines: Vec<LogLine> = kept.into_iter().map(Stored::into_line).collect();
+            state.first_seq = next.saturating_sub(lines.len());
+            sink.keep(&mut state, lines);
+            state.journal = Some(journal);
+        }
+        Ok(sink)
+    }
+
+    /// Lines with a sequence number `>= since`, and the cursor to pass next time; the lines
+    /// are consecutive and end just before that cursor. Lines the ring has dropped come from
+    /// the sink's files, while they keep them; a cursor older than the oldest line kept
+    /// anywhere starts at the oldest one.
     pub fn lines(&self, since: usize) -> (Vec<LogLine>, usize) {
         let state = self.state();
         let skip = since.saturating_sub(state.first_seq);
-        let lines = state.lines.iter().skip(skip).cloned().collect();
+        let mut lines: Vec<LogLine> = state.lines.iter().skip(skip).cloned().collect();
+        if since < state.first_seq
+            && let Some(journal) = &state.journal
+        {
+            // Only the run that ends where the ring starts: the cursors stay consecutive.
+            let mut expect = state.first_seq;
+            let mut older: Vec<LogLine> = Vec::new();
+            for stored in journal.files.read().into_iter().rev() {
+                if stored.seq >= expect {
+                    continue;
+                }
+                if stored.seq < since || stored.seq + 1 != expect {
+                    break;
+                }
+                expect = stored.seq;
+                older.push(stored.into_line());
+            }
+            older.reverse();
+            lines.splice(0..0, older);
+        }
         (lines, state.next_seq())
+    }
+
+    /// Says the replica stopped: followers ([`LogSink::wait_for`]) return and see no more.
+    pub fn close(&self) {
+        self.state().closed = true;
+        self.inner.notify.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state().closed
     }
 
     /// The cursor the next line will get: `lines(next_cursor())` returns only future lines.
@@ -110,15 +277,19 @@ impl LogSink {
     }
 
     /// Resolves once a line with sequence number `>= cursor` exists (at once if one already
-    /// does). This is what `logs -f` awaits between polls of [`LogSink::lines`].
+    /// does), or the sink is closed. This is what `logs -f` awaits between polls of
+    /// [`LogSink::lines`].
     pub async fn wait_for(&self, cursor: usize) {
         loop {
             let notified = self.inner.notify.notified();
             tokio::pin!(notified);
             // Register before checking, so a push between the check and the await is not lost.
             notified.as_mut().enable();
-            if self.next_cursor() > cursor {
-                return;
+            {
+                let state = self.state();
+                if state.next_seq() > cursor || state.closed {
+                    return;
+                }
             }
             notified.await;
         }
@@ -135,28 +306,48 @@ impl LogSink {
         self.push_lines(LogStream::Stderr, lines);
     }
 
-    /// Appends complete lines, dropping the oldest past either limit, and wakes followers.
+    /// Appends complete lines (to the files too), dropping the oldest past either limit, and
+    /// wakes followers.
     fn push_lines(&self, stream: LogStream, lines: impl IntoIterator<Item = String>) {
         let time = SystemTime::now();
-        let mut pushed = false;
+        let lines: Vec<LogLine> = lines
+            .into_iter()
+            .map(|line| LogLine { time, stream, line })
+            .collect();
+        if lines.is_empty() {
+            return;
+        }
         {
             let mut state = self.state();
-            for line in lines {
-                state.bytes += line.len() + LINE_OVERHEAD;
-                state.lines.push_back(LogLine { time, stream, line });
-                pushed = true;
-            }
-            while state.lines.len() > self.inner.max_lines
-                || (state.bytes > self.inner.max_bytes && state.lines.len() > 1)
+            let next = state.next_seq();
+            if let Some(journal) = &mut state.journal
+                && let Err(e) = journal.append(next, &lines)
             {
-                if let Some(old) = state.lines.pop_front() {
-                    state.bytes -= old.line.len() + LINE_OVERHEAD;
-                    state.first_seq += 1;
-                }
+                tracing::warn!(
+                    file = %journal.files.current().display(),
+                    error = %e,
+                    "cannot keep a replica's output on disk; it stays in memory only"
+                );
+                state.journal = None;
             }
+            self.keep(&mut state, lines);
         }
-        if pushed {
-            self.inner.notify.notify_waiters();
+        self.inner.notify.notify_waiters();
+    }
+
+    /// Puts `lines` in the ring after the ones there, dropping the oldest past either limit.
+    fn keep(&self, state: &mut SinkState, lines: Vec<LogLine>) {
+        for line in lines {
+            state.bytes += line.line.len() + LINE_OVERHEAD;
+            state.lines.push_back(line);
+        }
+        while state.lines.len() > self.inner.max_lines
+            || (state.bytes > self.inner.max_bytes && state.lines.len() > 1)
+        {
+            if let Some(old) = state.lines.pop_front() {
+                state.bytes -= old.line.len() + LINE_OVERHEAD;
+                state.first_seq += 1;
+            }
         }
     }
 
@@ -352,6 +543,67 @@ mod tests {
         assert!(lines.iter().all(|l| l.stream == LogStream::Stderr));
         drop(out);
         assert_eq!(sink.lines(2).0[0].line.len(), 5);
+    }
+
+    #[test]
+    fn a_persistent_sink_starts_from_its_files_and_keeps_two_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles {
+            base: dir.path().join("ns/app/replica-1"),
+            file_bytes: 4096,
+        };
+        let sink = LogSink::persistent(files.clone(), 10, usize::MAX).unwrap();
+        for i in 0..200 {
+            sink.push_lines(LogStream::Stdout, [format!("line {i:03}")]);
+        }
+        assert_eq!(sink.next_cursor(), 200);
+        let on_disk = std::fs::metadata(files.current()).unwrap().len()
+            + std::fs::metadata(files.previous()).unwrap().len();
+        assert!(on_disk <= 2 * 4096, "{on_disk} bytes kept");
+        // Older lines than the ring holds come from the files, consecutive up to the cursor.
+        let (lines, next) = sink.lines(150);
+        assert_eq!(next, 200);
+        assert_eq!(lines.len(), 50);
+        assert_eq!(lines[0].line, "line 150");
+        assert_eq!(lines[49].line, "line 199");
+        // Past what the files keep: from the oldest kept line on.
+        let (all, _) = sink.lines(0);
+        assert!(all.len() > 10 && all.len() < 200, "{}", all.len());
+        assert_eq!(all.last().unwrap().line, "line 199");
+        drop(sink);
+
+        // A restart, after a crash cut the last line short: the sink goes on where it was.
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(files.current())
+            .unwrap();
+        file.write_all(b"{\"seq\":200,\"ti").unwrap();
+        let again = LogSink::persistent(files, 10, usize::MAX).unwrap();
+        assert_eq!(again.next_cursor(), 200);
+        let (lines, _) = again.lines(195);
+        assert_eq!(
+            texts(&lines),
+            ["line 195", "line 196", "line 197", "line 198", "line 199"]
+        );
+        again.push_lines(LogStream::Stderr, ["after".to_string()]);
+        assert_eq!(again.lines(200).0[0].line, "after");
+    }
+
+    #[tokio::test]
+    async fn a_closed_sink_lets_its_followers_go() {
+        let sink = LogSink::new(10);
+        let waiter = tokio::spawn({
+            let sink = sink.clone();
+            async move { sink.wait_for(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        sink.close();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the follower went")
+            .unwrap();
+        assert!(sink.is_closed());
     }
 
     #[tokio::test]

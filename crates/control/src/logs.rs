@@ -1,0 +1,352 @@
+//! `shoal logs`: the output of every replica of an app, read from the nodes that keep it.
+//!
+//! Each node keeps its replicas' output (in memory and on its disk) and serves it to the
+//! cluster's members at `GET /_shoal/logs/{replica}` on its gateway, as NDJSON
+//! [`LogEntry`]s numbered per replica. The control plane reads it there with its member
+//! certificate, the same way whether the node is in its own process (`shoal up`) or not.
+//!
+//! Without `follow` the answer is every replica's lines (the last `tail` of each, written
+//! since `since`), merged in time order. With it, one follower per replica then streams
+//! what comes next, resuming from the next sequence number after its node restarts; the
+//! replicas are listed again every second, so a rollout's new replicas and a replacement on
+//! another node join the stream. It ends when the client goes, the app is deleted, or every
+//! replica has finished (a job's runs) and said all it had.
+
+use crate::error::ControlError;
+use crate::state::{ControlPlane, blocking};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use shoal_core::logs::{LogEntry, LogStream};
+use shoal_core::objects::keys;
+use shoal_core::spec::AppKey;
+use shoal_core::{Node, Replica};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How often a follow looks for the app's new and gone replicas, and retries a node it
+/// lost.
+const RELIST: Duration = Duration::from_secs(1);
+
+/// How long the first read of one replica's lines may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What `GET /v1/apps/{name}/logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogQuery {
+    pub follow: bool,
+    /// The last this many lines of each replica.
+    pub tail: Option<usize>,
+    /// Only this replica.
+    pub replica: Option<String>,
+    /// Only lines written at or after this time (ms since the epoch).
+    pub since_time: Option<shoal_core::Millis>,
+    /// Each line with its time (text only).
+    pub timestamps: bool,
+    /// NDJSON [`LogEntry`]s instead of text.
+    pub json: bool,
+}
+
+impl LogQuery {
+    fn render(&self, entry: &LogEntry) -> String {
+        if self.json {
+            let mut line = serde_json::to_string(entry).expect("a log entry serialises");
+            line.push('\n');
+            line
+        } else {
+            entry.text(self.timestamps)
+        }
+    }
+}
+
+/// One replica of the app, where its output is.
+#[derive(Debug, Clone)]
+struct Target {
+    id: String,
+    /// Its node's gateway, if it is placed on a node that exists.
+    gateway: Option<String>,
+    /// It finished (a job's run): its output is complete.
+    done: bool,
+}
+
+impl ControlPlane {
+    /// The replicas of `app` (only `only`, if given) and their nodes' gateways; `None` if
+    /// the app does not exist.
+    fn log_targets(
+        &self,
+        app: &AppKey,
+        only: Option<&str>,
+    ) -> Result<Option<Vec<Target>>, ControlError> {
+        if self.get::<shoal_core::App>(&keys::app(app))?.is_none() {
+            return Ok(None);
+        }
+        let gateways: HashMap<String, String> = self
+            .list::<Node>(&keys::NODES)?
+            .into_iter()
+            .map(|n| (n.name, n.gateway))
+            .collect();
+        Ok(Some(
+            self.list::<Replica>(&keys::replicas_of(app))?
+                .into_iter()
+                .filter(|r| only.is_none_or(|id| id == r.id))
+                .map(|r| Target {
+                    gateway: r.node.as_ref().and_then(|n| gateways.get(n).cloned()),
+                    done: r.phase.is_terminal(),
+                    id: r.id,
+                })
+                .collect(),
+        ))
+    }
+
+    /// The body of `GET /v1/apps/{name}/logs`: text or NDJSON, as `query` says.
+    pub async fn app_logs(
+        &self,
+        app: AppKey,
+        query: LogQuery,
+    ) -> Result<impl Stream<Item = Bytes> + Send + 'static, ControlError> {
+        let Some(http) = self.inner.members.clone() else {
+            return Err(ControlError::Unavailable(
+                "this control plane has no cluster CA to reach nodes with".into(),
+            ));
+        };
+        let (cp, key, only) = (self.clone(), app.clone(), query.replica.clone());
+        let targets = blocking(move || cp.log_targets(&key, only.as_deref()))
+            .await?
+            .ok_or_else(|| ControlError::not_found(format!("app {app} does not exist")))?;
+        if let Some(id) = &query.replica
+            && targets.is_empty()
+        {
+            return Err(ControlError::not_found(format!(
+                "app {app} has no replica {id} (see `shoal get replicas --app {}`)",
+                app.name
+            )));
+        }
+        let reads = targets.iter().map(|t| {
+            let mut url = logs_url(t, 0, &query);
+            if let Some(n) = query.tail {
+                url.push_str(&format!("&tail={n}"));
+            }
+            read_all(&http, t.id.clone(), url)
+        });
+        let mut entries: Vec<LogEntry> = futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        entries.sort_by(|a, b| (a.time, &a.replica, a.seq).cmp(&(b.time, &b.replica, b.seq)));
+        // Where each replica's follower starts: after what was shown.
+        let mut next: HashMap<String, u64> = HashMap::new();
+        for e in entries.iter().filter(|e| e.seq != u64::MAX) {
+            let n = next.entry(e.replica.clone()).or_default();
+            *n = (*n).max(e.seq + 1);
+        }
+        let first: String = entries.iter().map(|e| query.render(e)).collect();
+        let first = futures::stream::once(async move { Bytes::from(first) });
+        if !query.follow {
+            return Ok(first.boxed());
+        }
+        // Every replica listed now starts where its lines above ended; one that showed none
+        // starts with the same `tail` (`--tail 0`: from now on).
+        let known: HashMap<String, (u64, Option<usize>)> = targets
+            .iter()
+            .map(|t| match next.get(&t.id) {
+                Some(n) => (t.id.clone(), (*n, None)),
+                None => (t.id.clone(), (0, query.tail)),
+            })
+            .collect();
+        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        tokio::spawn(follow(self.clone(), http, app, query, known, tx));
+        let rest =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        Ok(first.chain(rest).boxed())
+    }
+}
+
+/// The URL of `target`'s output from sequence number `since`, with `query`'s time filter.
+fn logs_url(target: &Target, since: u64, query: &LogQuery) -> String {
+    let gateway = target.gateway.as_deref().unwrap_or("unplaced");
+    let mut url = format!(
+        "https://{gateway}{}{}?since={since}",
+        shoal_core::auth::NODE_LOGS_PATH,
+        target.id
+    );
+    if let Some(t) = query.since_time {
+        url.push_str(&format!("&since_time={t}"));
+    }
+    url
+}
+
+/// A line saying why a replica's output could not be read, in its place.
+fn unreadable(replica: String, why: String) -> LogEntry {
+    LogEntry {
+        replica,
+        // Not a line of the replica's: no follower resumes after it.
+        seq: u64::MAX,
+        time: shoal_core::now_ms(),
+        stream: LogStream::Stderr,
+        line: format!("[shoal] cannot read this replica's output: {why}"),
+    }
+}
+
+/// Every entry at `url`, or one saying why there are none. A replica not placed yet has
+/// nothing to read.
+async fn read_all(http: &reqwest::Client, replica: String, url: String) -> Vec<LogEntry> {
+    if url.starts_with("https://unplaced/") {
+        return Vec::new();
+    }
+    let response = match http.get(&url).timeout(READ_TIMEOUT).send().await {
+        Ok(r) => r,
+        Err(e) => return vec![unreadable(replica, format!("its node is unreachable: {e}"))],
+    };
+    match response.status() {
+        s if s.is_success() => {}
+        // Not started on its node yet: nothing written.
+        reqwest::StatusCode::NOT_FOUND => return Vec::new(),
+        s => return vec![unreadable(replica, format!("its node answered {s}"))],
+    }
+    match response.text().await {
+        Ok(text) => text
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect(),
+        Err(e) => vec![unreadable(replica, format!("reading it failed: {e}"))],
+    }
+}
+
+/// Follows every replica of `app`, those that appear later included, into `tx` until the
+/// client goes, the app is deleted or every replica has finished and said all it had.
+async fn follow(
+    cp: ControlPlane,
+    http: reqwest::Client,
+    app: AppKey,
+    query: LogQuery,
+    mut start: HashMap<String, (u64, Option<usize>)>,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let mut followers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut tick = tokio::time::interval(RELIST);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tx.closed() => break,
+        }
+        let (c, key, only) = (cp.clone(), app.clone(), query.replica.clone());
+        let targets = match blocking(move || c.log_targets(&key, only.as_deref())).await {
+            Ok(Some(t)) => t,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(app = %app, error = %e, "cannot list the replicas to follow");
+                continue;
+            }
+        };
+        let listed: HashSet<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        // A replica gone from the cluster: its follower has nothing more to wait for.
+        followers.retain(|id, task| {
+            let keep = listed.contains(id.as_str());
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for t in &targets {
+            if followers.contains_key(&t.id) {
+                continue;
+            }
+            let (since, tail) = start.remove(&t.id).unwrap_or((0, None));
+            let task = tokio::spawn(follow_one(
+                cp.clone(),
+                http.clone(),
+                app.clone(),
+                (t.id.clone(), since, tail),
+                query.clone(),
+                tx.clone(),
+            ));
+            followers.insert(t.id.clone(), task);
+        }
+        let finished = targets
+            .iter()
+            .all(|t| t.done && followers.get(&t.id).is_none_or(|f| f.is_finished()));
+        if finished {
+            break;
+        }
+    }
+    for task in followers.into_values() {
+        task.abort();
+    }
+}
+
+/// Streams replica `id`'s output from sequence number `since` (the last `tail` lines of it,
+/// the first time, if given) into `tx`, reconnecting from where it got to while its node is
+/// away, until the node says the replica stopped.
+async fn follow_one(
+    cp: ControlPlane,
+    http: reqwest::Client,
+    app: AppKey,
+    (id, mut since, mut tail): (String, u64, Option<usize>),
+    query: LogQuery,
+    tx: mpsc::Sender<Bytes>,
+) {
+    loop {
+        let (c, key, only) = (cp.clone(), app.clone(), id.clone());
+        let target = match blocking(move || c.log_targets(&key, Some(&only))).await {
+            Ok(Some(mut t)) if !t.is_empty() => t.remove(0),
+            // The replica or its app is gone.
+            Ok(_) => return,
+            Err(_) => {
+                tokio::time::sleep(RELIST).await;
+                continue;
+            }
+        };
+        if target.gateway.is_none() {
+            tokio::time::sleep(RELIST).await;
+            continue;
+        }
+        let mut url = format!("{}&follow=true", logs_url(&target, since, &query));
+        if let Some(n) = tail {
+            url.push_str(&format!("&tail={n}"));
+        }
+        let response = match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => r,
+            // Its node is away, or has not started it yet.
+            _ => {
+                tokio::time::sleep(RELIST).await;
+                continue;
+            }
+        };
+        tail = None;
+        let from = response
+            .headers()
+            .get(shoal_core::auth::LOGS_FROM_HEADER)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        since = since.max(from.unwrap_or(0));
+        let mut body = response.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut broken = false;
+        while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else {
+                broken = true;
+                break;
+            };
+            pending.extend_from_slice(&chunk);
+            let Some(end) = pending.iter().rposition(|&b| b == b'\n') else {
+                continue;
+            };
+            let mut out = String::new();
+            for line in pending[..end].split(|&b| b == b'\n') {
+                if let Ok(entry) = serde_json::from_slice::<LogEntry>(line) {
+                    since = since.max(entry.seq + 1);
+                    out.push_str(&query.render(&entry));
+                }
+            }
+            pending.drain(..=end);
+            if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
+                return;
+            }
+        }
+        if !broken {
+            // The node says the replica stopped: it has said all it had.
+            return;
+        }
+        tokio::time::sleep(RELIST).await;
+    }
+}

@@ -1,0 +1,210 @@
+//! `shoal logs` on real processes: a control plane with two nodes, every replica's output
+//! merged and followed through a kill -9 and restart of a node (whose replica's earlier
+//! output its disk kept) and through a rollout whose new replicas join the stream.
+
+mod common;
+
+use common::{NodeProc, SHOAL, Server, examples, poll, read_lines, write_spec};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::Duration;
+
+/// Hello with two replicas, one on each node, answering under `/hello`.
+fn hello_spec(dir: &std::path::Path, greeting: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", "replicas = 2")
+        .replace("Hello from Shoal!", greeting);
+    let text = format!("{text}\n[placement]\nspread = \"required\"\n");
+    let path = write_spec(dir, "hello.toml", &text);
+    path.to_str().unwrap().to_string()
+}
+
+/// The ids of `app`'s Ready replicas, by node.
+fn ready_by_node(server: &Server, app: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = server
+        .replicas(app)
+        .iter()
+        .filter(|r| r["phase"] == "Ready")
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Sends GET `path` through `node`'s gateway until it answers 200; a gateway serves from
+/// the replica on its own node when it has one.
+fn request(node: &NodeProc, path: &str) {
+    assert!(
+        poll(Duration::from_secs(30), || node
+            .get(path)
+            .is_ok_and(|(code, _)| code == 200)),
+        "{path} through {} never answered",
+        node.name
+    );
+}
+
+/// Reads what the follower printed until a line has both `replica` and `text`, or `wait`
+/// passes; every line read is kept in `seen`.
+fn follows(
+    lines: &Receiver<String>,
+    seen: &mut Vec<String>,
+    replica: &str,
+    text: &str,
+    wait: Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    if seen
+        .iter()
+        .any(|l| l.starts_with(replica) && l.contains(text))
+    {
+        return true;
+    }
+    while let Ok(line) =
+        lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        let found = line.starts_with(replica) && line.contains(text);
+        seen.push(line);
+        if found {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A long grace: node-2's replica waits for it to come back rather than move.
+    let server = Server::start_with(d, &["--node-grace", "60s"]);
+    let node1 = NodeProc::join(&server, "node-1", &[]);
+    let mut node2 = NodeProc::join(&server, "node-2", &[]);
+    server.cli_ok(&["apply", "-f", &hello_spec(d, "Hello from Shoal!")]);
+    assert!(poll(Duration::from_secs(30), || ready_by_node(
+        &server, "hello"
+    )
+    .len()
+        == 2));
+    let replicas = ready_by_node(&server, "hello");
+    let (on1, on2) = (replicas[0].1.clone(), replicas[1].1.clone());
+    assert_eq!(
+        (replicas[0].0.as_str(), replicas[1].0.as_str()),
+        ("node-1", "node-2")
+    );
+
+    for i in 0..5 {
+        request(&node1, &format!("/hello/before-{i}"));
+        request(&node2, &format!("/hello/before-{i}"));
+    }
+    let merged = server.cli_ok(&["logs", "hello", "--timestamps"]);
+    for id in [&on1, &on2] {
+        assert!(
+            merged
+                .lines()
+                .any(|l| l.starts_with(id.as_str()) && l.contains("before-")),
+            "{id} missing:\n{merged}"
+        );
+    }
+    // In time order, each with its time after the replica's id.
+    let times: Vec<String> = merged
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().to_string())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{merged}");
+    assert!(times.iter().all(|t| t.ends_with('Z')), "{merged}");
+    // --tail is per replica; -o json gives one object per line.
+    let tail = server.cli_ok(&["logs", "hello", "--tail", "1", "-o", "json"]);
+    let entries: Vec<serde_json::Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(entries.len(), 2, "{tail}");
+    for e in &entries {
+        assert!(
+            e["seq"].is_u64() && e["time"].is_u64() && e["stream"] == "stdout",
+            "{e}"
+        );
+    }
+    let recent = server.cli_ok(&["logs", "hello", "--since", "1h", "--replica", &on2]);
+    assert!(
+        recent.lines().all(|l| l.starts_with(on2.as_str())),
+        "{recent}"
+    );
+    assert!(recent.contains("before-"), "{recent}");
+
+    // Follow: every replica, from now on.
+    let mut follower = Command::new(SHOAL)
+        .args(["logs", "hello", "-f"])
+        .env("SHOAL_CONFIG", d.join("config.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = read_lines(&mut follower);
+    let mut seen = Vec::new();
+    // Requests through each node reach the replica there once it is ready (until then the
+    // gateway sends them on to the other): the follower shows each replica's.
+    let mut n = 0;
+    let mut both = |seen: &mut Vec<String>, nodes: [&NodeProc; 2], mark: &str, ids: [&str; 2]| {
+        for (node, id) in nodes.into_iter().zip(ids) {
+            let shown = poll(Duration::from_secs(60), || {
+                n += 1;
+                request(node, &format!("/hello/{mark}-{n}"));
+                follows(
+                    &lines,
+                    seen,
+                    id,
+                    &format!("/hello/{mark}-"),
+                    Duration::from_secs(2),
+                )
+            });
+            assert!(
+                shown,
+                "the follower never showed {id}'s {mark} line:\n{}",
+                seen.join("\n")
+            );
+        }
+    };
+    both(&mut seen, [&node1, &node2], "followed", [&on1, &on2]);
+
+    // kill -9 node-2 and start it again: its replica comes back with the same id, the
+    // follower picks it up where it was, and what it wrote before is still there.
+    node2.kill();
+    node2.restart();
+    both(&mut seen, [&node1, &node2], "restarted", [&on1, &on2]);
+    let kept = server.cli_ok(&["logs", "hello", "--replica", &on2]);
+    assert!(
+        kept.contains("before-") && kept.contains("/hello/restarted"),
+        "node-2's disk lost its replica's output:\n{kept}"
+    );
+
+    // A rollout: the new replicas join the same stream.
+    server.cli_ok(&["apply", "-f", &hello_spec(d, "Hello again")]);
+    assert!(poll(Duration::from_secs(60), || {
+        let now = ready_by_node(&server, "hello");
+        now.len() == 2 && now.iter().all(|(_, id)| *id != on1 && *id != on2)
+    }));
+    let rolled = ready_by_node(&server, "hello");
+    both(
+        &mut seen,
+        [&node1, &node2],
+        "rolled",
+        [&rolled[0].1, &rolled[1].1],
+    );
+    let _ = follower.kill();
+    let _ = follower.wait();
+
+    // Unknown replica: not found (exit 3); a bad duration: refused before asking.
+    let out = server.cli(&["logs", "hello", "--replica", "hello-9-nope"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = server.cli(&["logs", "hello", "--since", "soon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--since"));
+}
