@@ -8,10 +8,12 @@ run: guests
 	./target/release/shoal up --apply examples/hello/app.toml
 
 # Runs every test: unit, crate integration and end-to-end (real processes). The metrics test
-# checks the exposition format with promtool, from Debian's prometheus package.
+# checks the exposition format with promtool, from Debian's prometheus package; the dashboard's
+# drives Debian's Chromium through its chromedriver.
 test:
 	rustup target add wasm32-wasip2
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
+	command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 	cargo test --workspace
 
 guests:

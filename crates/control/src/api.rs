@@ -138,6 +138,7 @@ pub fn router(cp: ControlPlane) -> Router {
     Router::new()
         .route("/v1/healthz", get(|| async { "ok\n" }))
         .route("/v1/cluster/ca", get(cluster_ca))
+        .merge(crate::dashboard::routes())
         .merge(authed)
         .merge(join)
         .merge(nodes)

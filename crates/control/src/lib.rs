@@ -12,6 +12,7 @@ mod api;
 mod api_error;
 mod configs;
 mod controller;
+mod dashboard;
 mod error;
 mod jobs;
 mod kv;
