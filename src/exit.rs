@@ -21,6 +21,7 @@ impl std::fmt::Display for Classified {
 
 impl std::error::Error for Classified {}
 
+pub const USAGE: u8 = 2;
 pub const NOT_FOUND: u8 = 3;
 pub const CONFLICT: u8 = 4;
 pub const UNAVAILABLE: u8 = 5;
@@ -54,6 +55,16 @@ pub fn code(result: &anyhow::Result<()>, diff: bool) -> ExitCode {
         None if diff => ExitCode::from(2),
         None => ExitCode::FAILURE,
     }
+}
+
+/// A usage error found after parsing the command line (a flag that means nothing here):
+/// exit code 2, as clap's own.
+pub fn usage(message: String) -> anyhow::Error {
+    Classified {
+        code: USAGE,
+        message,
+    }
+    .into()
 }
 
 /// The exit code an API status means, if it is one the code tells apart.

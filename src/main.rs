@@ -32,9 +32,10 @@ struct Cli {
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value_t = output::Format::Table)]
     output: output::Format,
-    /// Namespace of the apps to act on.
-    #[arg(short, long, global = true, default_value = "default")]
-    namespace: String,
+    /// Namespace of the apps to act on (default: `default`). Refused by commands on what
+    /// belongs to no namespace (nodes, modules, tokens).
+    #[arg(short, long, global = true)]
+    namespace: Option<String>,
     /// A context of the CLI config to use for this command instead of its current one.
     #[arg(long, global = true, env = "SHOAL_CONTEXT")]
     context: Option<String>,
@@ -113,6 +114,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let cluster_wide = match &cli.command {
+        Command::Up(_) => Some("up"),
+        Command::Server(_) => Some("server"),
+        Command::Node(_) => Some("node"),
+        Command::Token(_) => Some("token"),
+        Command::Completion { .. } => Some("completion"),
+        _ => None,
+    };
+    if let (Some(command), Some(_)) = (cluster_wide, &cli.namespace) {
+        eprintln!(
+            "error: -n/--namespace means nothing to `shoal {command}`: what it acts on belongs to no namespace"
+        );
+        return ExitCode::from(exit::USAGE);
+    }
     let result = runtime.block_on(async {
         let ctx = commands::Context {
             server: cli.server,
@@ -120,7 +135,10 @@ fn main() -> ExitCode {
             config: cli.config,
             ca_file: cli.ca_file,
             output: cli.output,
-            namespace: cli.namespace,
+            namespace_given: cli.namespace.is_some(),
+            namespace: cli
+                .namespace
+                .unwrap_or_else(|| shoal_core::spec::DEFAULT_NAMESPACE.into()),
             log_format: cli.log_format,
             context: cli.context,
         };

@@ -15,27 +15,40 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
 
 /// A table nested under a heading, as in `describe`.
 pub fn table_indented(indent: &str, header: &[&str], rows: &[Vec<String>]) {
+    let widths = widths(header, rows);
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    println!("{indent}{}", line(&widths, &header));
+    for row in rows {
+        println!("{indent}{}", line(&widths, row));
+    }
+}
+
+/// Each column's width: its widest cell, header included.
+pub fn widths(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}   "));
-            }
+    widths
+}
+
+/// One more row of a table printed before, in its columns (a wider cell pushes the rest).
+pub fn print_row(widths: &[usize], row: &[String]) {
+    println!("{}", line(widths, row));
+}
+
+fn line(widths: &[usize], cells: &[String]) -> String {
+    let mut out = String::new();
+    for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        if i + 1 == cells.len() {
+            out.push_str(cell);
+        } else {
+            out.push_str(&format!("{cell:<w$}   "));
         }
-        println!("{indent}{}", out.trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
     }
+    out.trim_end().to_string()
 }
 
 pub fn json<T: serde::Serialize>(value: &T) {

@@ -215,3 +215,76 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         "an unknown context is not found"
     );
 }
+
+/// Reads `lines` until one satisfies `ok`, for up to 30 s; whether one did.
+fn line_until(lines: &std::sync::mpsc::Receiver<String>, ok: impl Fn(&str) -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while let Ok(line) =
+        lines.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if ok(&line) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let plain = write_spec(c.dir.path(), "hello.toml", &text);
+    let plain = plain.to_str().unwrap();
+
+    // -n puts a file that names no namespace there; a file naming another is refused.
+    c.cli_ok(&["apply", "-n", "staging", "-f", plain]);
+    assert!(
+        c.cli_ok(&["get", "apps", "-n", "staging"])
+            .contains("hello")
+    );
+    assert!(!c.cli_ok(&["get", "apps"]).contains("hello"));
+    let named = write_spec(
+        c.dir.path(),
+        "named.toml",
+        &format!("namespace = \"prod\"\n{text}"),
+    );
+    let out = c.cli(&["apply", "-n", "staging", "-f", named.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the file says namespace prod"),
+        "{out:?}"
+    );
+    // What belongs to no namespace refuses -n as a usage error.
+    for args in [
+        &["get", "nodes", "-n", "staging"][..],
+        &["get", "modules", "-n", "staging"],
+        &["token", "list", "-n", "staging"],
+        &["node", "cordon", "local", "-n", "staging"],
+    ] {
+        let out = c.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("means nothing"),
+            "{args:?}: {out:?}"
+        );
+    }
+
+    // get -w: the list, then each change: a new replica, and one gone.
+    let mut watch = std::process::Command::new(common::SHOAL)
+        .args(["get", "replicas", "-n", "staging", "-w"])
+        .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::read_lines(&mut watch);
+    assert!(line_until(&lines, |l| l.starts_with("NAME")));
+    assert!(line_until(&lines, |l| l.starts_with("hello-1-") && l.contains("Ready")));
+    c.cli_ok(&["scale", "hello", "-n", "staging", "--replicas", "2"]);
+    assert!(line_until(&lines, |l| l.starts_with("hello-1-") && l.contains("Ready")));
+    c.cli_ok(&["scale", "hello", "-n", "staging", "--replicas", "1"]);
+    assert!(line_until(&lines, |l| l.ends_with("(deleted)")));
+    let _ = watch.kill();
+    let _ = watch.wait();
+}

@@ -37,7 +37,8 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
     let mut results = Vec::new();
     for file in &args.files {
-        let result = apply_file(&client, file, args.dry_run).await?;
+        let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
+        let result = apply_file(&client, file, args.dry_run, namespace).await?;
         if ctx.output == Format::Table {
             print_result(&result);
         }
@@ -52,8 +53,15 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Parses one spec file, uploads its module if the server lacks it, and applies it.
-pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<ApplyResult> {
+/// Parses one spec file, uploads its module if the server lacks it, and applies it. With
+/// `namespace` (`-n`), a file that names none goes there, and one that names another is
+/// refused, as kubectl does.
+pub async fn apply_file(
+    client: &Client,
+    file: &Path,
+    dry_run: bool,
+    namespace: Option<&str>,
+) -> Result<ApplyResult> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let manifest = parse_app(&text).map_err(|e| match (e.line, e.column) {
@@ -110,9 +118,26 @@ pub async fn apply_file(client: &Client, file: &Path, dry_run: bool) -> Result<A
             digest
         }
     };
-    let spec = manifest
+    let mut spec = manifest
         .resolve(digest)
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if let Some(ns) = namespace {
+        let written = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("namespace")?.as_str().map(str::to_string));
+        match written {
+            Some(w) if w != ns => bail!(
+                "{}: the file says namespace {w}, -n says {ns}: drop one of them",
+                file.display()
+            ),
+            Some(_) => {}
+            None => {
+                shoal_core::validate_name(ns).map_err(|e| anyhow::anyhow!("-n: {e}"))?;
+                spec.namespace = ns.to_string();
+            }
+        }
+    }
     // Named where the file names them: the server refuses an unknown set or secret too,
     // but cannot say on which line.
     for set in &spec.config_sets {

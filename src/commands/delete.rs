@@ -44,6 +44,7 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
             }
         }
         What::Module => {
+            ctx.no_namespace("modules")?;
             let path = format!("/v1/modules/{}", args.name);
             client
                 .checked(client.request(reqwest::Method::DELETE, &path))

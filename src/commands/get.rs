@@ -1,4 +1,5 @@
 use super::Context;
+use crate::client::Client;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
 use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView};
@@ -15,6 +16,10 @@ pub struct GetArgs {
     /// Every namespace, with a NAMESPACE column, instead of `-n`'s.
     #[arg(short = 'A', long)]
     all_namespaces: bool,
+    /// After the list, print each change as it happens, until interrupted (as `kubectl get
+    /// -w`): a new or changed row, or a gone one marked `(deleted)`.
+    #[arg(short = 'w', long)]
+    watch: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -41,6 +46,144 @@ enum What {
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     let client = ctx.client()?;
+    let first = list(&ctx, &client, &args).await?;
+    let all = args.all_namespaces;
+    if ctx.output == Format::Json {
+        output::json(&first.json);
+    } else {
+        first.print(all);
+    }
+    if !args.watch {
+        return Ok(());
+    }
+    // As `kubectl get -w`: what changes from then on, a row at a time (a JSON document at a
+    // time with `-o json`); a change of age alone is none.
+    let widths = output::widths(&first.header(all), &first.rows(all));
+    let mut shown = first;
+    let mut tick = tokio::time::interval(WATCH_PERIOD);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = list(&ctx, &client, &args).await?;
+        if ctx.output == Format::Json {
+            if now.settled() != shown.settled() {
+                println!("{}", serde_json::to_string(&now.json)?);
+            }
+        } else {
+            let before = shown.settled();
+            let (rows, after) = (now.rows(all), now.settled());
+            for (row, key) in rows.iter().zip(&after) {
+                if !before.contains(key) {
+                    output::print_row(&widths, row);
+                }
+            }
+            // Gone (what has a name: events only pass): shown once more, marked.
+            let named = matches!(shown.header.first(), Some(&"NAME" | &"DIGEST"));
+            for (row, key) in shown.rows(all).iter().zip(&before) {
+                if named && !after.iter().any(|k| k[..2] == key[..2]) {
+                    let mut row = row.clone();
+                    if let Some(last) = row.last_mut() {
+                        last.push_str(" (deleted)");
+                    }
+                    output::print_row(&widths, &row);
+                }
+            }
+        }
+        shown = now;
+    }
+}
+
+/// How often `get -w` looks again.
+const WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Columns whose change alone is no change to show: ages and times to come.
+const VOLATILE: &[&str] = &["AGE", "HEARTBEAT", "LAST RUN", "NEXT", "UPDATED"];
+
+/// What one `get` shows: its JSON, and its table.
+struct Listing {
+    json: serde_json::Value,
+    header: &'static [&'static str],
+    /// Each row's namespace, for `-A`'s first column; `None`: what belongs to no namespace.
+    namespaces: Option<Vec<String>>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Listing {
+    fn plain(
+        json: serde_json::Value,
+        header: &'static [&'static str],
+        rows: Vec<Vec<String>>,
+    ) -> Listing {
+        Listing {
+            json,
+            header,
+            namespaces: None,
+            rows,
+        }
+    }
+
+    fn namespaced<'a>(
+        json: serde_json::Value,
+        header: &'static [&'static str],
+        namespaces: impl Iterator<Item = &'a str>,
+        rows: Vec<Vec<String>>,
+    ) -> Listing {
+        Listing {
+            json,
+            header,
+            namespaces: Some(namespaces.map(str::to_string).collect()),
+            rows,
+        }
+    }
+
+    /// With every namespace asked for (`-A`), a NAMESPACE column first, as kubectl shows it.
+    fn header(&self, all: bool) -> Vec<&'static str> {
+        let ns = (all && self.namespaces.is_some()).then_some("NAMESPACE");
+        ns.into_iter().chain(self.header.iter().copied()).collect()
+    }
+
+    fn rows(&self, all: bool) -> Vec<Vec<String>> {
+        match (&self.namespaces, all) {
+            (Some(namespaces), true) => namespaces
+                .iter()
+                .zip(&self.rows)
+                .map(|(ns, row)| {
+                    std::iter::once(ns.clone())
+                        .chain(row.iter().cloned())
+                        .collect()
+                })
+                .collect(),
+            _ => self.rows.clone(),
+        }
+    }
+
+    fn print(&self, all: bool) {
+        table(&self.header(all), &self.rows(all));
+    }
+
+    /// Each row with its namespace first and the volatile columns left out: what tells
+    /// whether a row changed. Its first two cells name the row.
+    fn settled(&self) -> Vec<Vec<String>> {
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(i, row)| {
+                let ns = self.namespaces.as_ref().map_or("", |n| n[i].as_str());
+                std::iter::once(ns.to_string())
+                    .chain(
+                        row.iter()
+                            .zip(self.header)
+                            .filter(|(_, h)| !VOLATILE.contains(h))
+                            .map(|(cell, _)| cell.clone()),
+                    )
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+/// What `args` asks for, read once.
+async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing> {
     let all = args.all_namespaces;
     let ns = if all {
         String::new()
@@ -52,13 +195,10 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
         .as_deref()
         .map(|a| format!("&app={a}"))
         .unwrap_or_default();
-    match args.what {
+    Ok(match args.what {
         What::Apps => {
             let apps: Vec<AppSummary> = client.get(&format!("/v1/apps?{ns}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&apps);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&apps)?;
             let rows: Vec<Vec<String>> = apps
                 .iter()
                 .map(|a| {
@@ -93,22 +233,19 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            ns_table(
-                all,
+            Listing::namespaced(
+                json,
                 &[
                     "NAME", "KIND", "REVISION", "READY", "SCALE", "LOAD", "WINDOW", "ROUTES",
                     "MODULE", "AGE",
                 ],
                 apps.iter().map(|a| a.namespace.as_str()),
                 rows,
-            );
+            )
         }
         What::Jobs => {
             let jobs: Vec<JobSummary> = client.get(&format!("/v1/jobs?{ns}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&jobs);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&jobs)?;
             let now = shoal_core::now_ms();
             let rows: Vec<Vec<String>> = jobs
                 .iter()
@@ -137,34 +274,28 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            ns_table(
-                all,
+            Listing::namespaced(
+                json,
                 &["NAME", "SCHEDULE", "ACTIVE", "LAST RUN", "NEXT", "AGE"],
                 jobs.iter().map(|j| j.namespace.as_str()),
                 rows,
-            );
+            )
         }
         What::Replicas => {
             let replicas: Vec<Replica> = client.get(&format!("/v1/replicas?{ns}{app_q}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&replicas);
-                return Ok(());
-            }
-            ns_table(
-                all,
+            let json = serde_json::to_value(&replicas)?;
+            Listing::namespaced(
+                json,
                 &[
                     "NAME", "APP", "REVISION", "NODE", "PHASE", "RESTARTS", "AGE", "MESSAGE",
                 ],
                 replicas.iter().map(|r| r.app.namespace.as_str()),
                 replica_rows(&replicas),
-            );
+            )
         }
         What::Volumes => {
             let volumes: Vec<VolumeView> = client.get(&format!("/v1/volumes?{ns}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&volumes);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&volumes)?;
             let rows: Vec<Vec<String>> = volumes
                 .iter()
                 .map(|v| {
@@ -178,33 +309,26 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            ns_table(
-                all,
+            Listing::namespaced(
+                json,
                 &["NAME", "NODE", "SIZE", "USED", "USED BY", "AGE"],
                 volumes.iter().map(|v| v.namespace.as_str()),
                 rows,
-            );
+            )
         }
         What::Secrets => {
             let secrets: Vec<SecretView> = client.get(&format!("/v1/secrets?{ns}")).await?;
-            if all && ctx.output != Format::Json {
-                let rows = super::secret::secret_rows(&secrets);
-                ns_table(
-                    true,
-                    super::secret::SECRET_COLUMNS,
-                    secrets.iter().map(|s| s.namespace.as_str()),
-                    rows,
-                );
-            } else {
-                super::secret::print_secrets(&ctx, &secrets);
-            }
+            Listing::namespaced(
+                serde_json::to_value(&secrets)?,
+                super::secret::SECRET_COLUMNS,
+                secrets.iter().map(|s| s.namespace.as_str()),
+                super::secret::secret_rows(&secrets),
+            )
         }
         What::Modules => {
+            ctx.no_namespace("modules")?;
             let modules: Vec<Module> = client.get("/v1/modules").await?;
-            if ctx.output == Format::Json {
-                output::json(&modules);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&modules)?;
             let rows: Vec<Vec<String>> = modules
                 .iter()
                 .map(|m| {
@@ -216,14 +340,12 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(&["DIGEST", "KIND", "BYTES", "AGE"], &rows);
+            Listing::plain(json, &["DIGEST", "KIND", "BYTES", "AGE"], rows)
         }
         What::Nodes => {
+            ctx.no_namespace("nodes")?;
             let nodes: Vec<NodeSummary> = client.get("/v1/nodes").await?;
-            if ctx.output == Format::Json {
-                output::json(&nodes);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&nodes)?;
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
@@ -251,7 +373,8 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            table(
+            Listing::plain(
+                json,
                 &[
                     "NAME",
                     "STATE",
@@ -262,15 +385,12 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     "GATEWAY",
                     "HEARTBEAT",
                 ],
-                &rows,
-            );
+                rows,
+            )
         }
         What::Services => {
             let services: Vec<Service> = client.get(&format!("/v1/services?{ns}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&services);
-                return Ok(());
-            }
+            let json = serde_json::to_value(&services)?;
             let rows: Vec<Vec<String>> = services
                 .iter()
                 .map(|s| {
@@ -288,52 +408,26 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
                     ]
                 })
                 .collect();
-            ns_table(
-                all,
+            Listing::namespaced(
+                json,
                 &["NAME", "HOST", "ROUTES", "READY", "ENDPOINTS"],
                 services.iter().map(|s| s.namespace.as_str()),
                 rows,
-            );
+            )
         }
         What::Events => {
             let events: Vec<Event> = client.get(&format!("/v1/events?{ns}{app_q}")).await?;
-            if ctx.output == Format::Json {
-                output::json(&events);
-                return Ok(());
-            }
-            ns_table(
-                all,
+            let json = serde_json::to_value(&events)?;
+            Listing::namespaced(
+                json,
                 &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
                 events
                     .iter()
                     .map(|e| e.app.as_ref().map_or("-", |a| a.namespace.as_str())),
                 event_rows(&events),
-            );
+            )
         }
-    }
-    Ok(())
-}
-
-/// `table`, with each row's namespace in a first NAMESPACE column when every namespace was
-/// asked for (`-A`), as kubectl shows it.
-fn ns_table<'a>(
-    all: bool,
-    header: &[&str],
-    namespaces: impl Iterator<Item = &'a str>,
-    rows: Vec<Vec<String>>,
-) {
-    if !all {
-        table(header, &rows);
-        return;
-    }
-    let header: Vec<&str> = std::iter::once("NAMESPACE")
-        .chain(header.iter().copied())
-        .collect();
-    let rows: Vec<Vec<String>> = namespaces
-        .zip(rows)
-        .map(|(ns, row)| std::iter::once(ns.to_string()).chain(row).collect())
-        .collect();
-    table(&header, &rows);
+    })
 }
 
 pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {

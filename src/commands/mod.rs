@@ -29,12 +29,24 @@ pub struct Context {
     pub ca_file: Option<PathBuf>,
     pub output: Format,
     pub namespace: String,
+    /// Whether `-n` was given: commands on what belongs to no namespace refuse it.
+    pub namespace_given: bool,
     pub log_format: up::LogFormat,
     /// The CLI config's context to use instead of its current one.
     pub context: Option<String>,
 }
 
 impl Context {
+    /// Refuses `-n` for a command on `what`, which belongs to no namespace (exit 2).
+    pub fn no_namespace(&self, what: &str) -> anyhow::Result<()> {
+        if self.namespace_given {
+            return Err(crate::exit::usage(format!(
+                "-n/--namespace means nothing for {what}: they belong to no namespace"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
         Client::new(
             self.server.clone(),

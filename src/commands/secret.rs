@@ -175,6 +175,7 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
             }
         }
         SecretAction::RotateKey => {
+            ctx.no_namespace("the secret key")?;
             let rotated: KeyRotated = client
                 .send(client.request(reqwest::Method::POST, "/v1/secret-key/rotate"))
                 .await?;
