@@ -7,11 +7,32 @@ use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::{AppKey, Concurrency};
 use shoal_core::{
-    App, Capacity, Event, Kind, Millis, Node, Phase, Replica, Revision, RolloutStatus,
+    App, Capacity, Event, Kind, Millis, Module, Node, Phase, Replica, Revision, RolloutStatus,
 };
 
+/// The answer to `POST /v1/modules`: the module, and whether it was there before (the
+/// upload then stored nothing new).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModuleUploaded {
+    pub module: Module,
+    pub existed: bool,
+}
+
+/// The answer to a delete that says what it deleted: an app as `namespace/name`, a config
+/// set, secret or volume by its name.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Deleted {
+    pub deleted: String,
+}
+
+/// The answer to `POST /v1/cluster/nodes`: the store revision that recorded the node.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Registered {
+    pub revision: u64,
+}
+
 /// What `apply` did or would do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ApplyOutcome {
     Created,
@@ -19,7 +40,7 @@ pub enum ApplyOutcome {
     Unchanged,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     pub outcome: ApplyOutcome,
     pub dry_run: bool,
@@ -29,7 +50,7 @@ pub struct ApplyResult {
 }
 
 /// One row of `shoal get apps`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppSummary {
     pub namespace: String,
     pub name: String,
@@ -41,6 +62,7 @@ pub struct AppSummary {
     pub ready: usize,
     pub routes: Vec<String>,
     pub digest: String,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
     /// Autoscaling only: the bounds in force now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -51,7 +73,7 @@ pub struct AppSummary {
 }
 
 /// One row of `shoal get jobs`: a job app, its schedule and its runs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSummary {
     pub namespace: String,
     pub name: String,
@@ -67,45 +89,52 @@ pub struct JobSummary {
     pub last_run: Option<RunView>,
     /// When the schedule next fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub next: Option<Millis>,
     /// A run `shoal job run` asked for that has not started yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub run_requested: Option<Millis>,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
 }
 
 /// One run of a job: its replica.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     pub replica: String,
     pub phase: Phase,
     /// The firing (or `shoal job run` request) it is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub scheduled_at: Option<Millis>,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
     /// When it last changed phase: when it finished, once it has.
+    #[schema(value_type = u64)]
     pub updated_at: Millis,
 }
 
 /// What `POST /v1/apps/{name}/run` answers: the request recorded. The run is
 /// the replica whose `scheduled_at` is `requested_at`, once the controller
 /// starts it (or none, if the concurrency policy skips it).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRun {
     pub app: AppKey,
+    #[schema(value_type = u64)]
     pub requested_at: Millis,
 }
 
 /// Requests a gateway holds for an app that has no ready replica (it scaled to
 /// zero): what wakes it. Sent when the count changes, zero included.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Waiting {
     pub app: AppKey,
     pub requests: u32,
 }
 
 /// An autoscaled app's bounds and what it is scaled on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScaleView {
     pub min: u32,
     pub max: u32,
@@ -117,7 +146,7 @@ pub struct ScaleView {
 }
 
 /// `shoal describe app`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Describe {
     pub app: App,
     /// Where the rollout of its current revision stands (none for jobs).
@@ -133,7 +162,7 @@ pub struct Describe {
 
 /// An app's guest CPU over the nodes' last two reports: what `describe` sets
 /// beside its requests and limits.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CpuView {
     /// Average over the interval, in millicores.
     pub used_millis: u64,
@@ -144,7 +173,7 @@ pub struct CpuView {
 
 /// What a node's guests of one app used since its first replica there started:
 /// CPU time running and time waiting for their share or limit.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppCpu {
     pub app: AppKey,
     pub used_ns: u64,
@@ -152,18 +181,19 @@ pub struct AppCpu {
 }
 
 /// One row of `shoal get nodes`: the node plus what is placed on it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeSummary {
     #[serde(flatten)]
     pub node: Node,
     pub allocated: Capacity,
     pub replicas: usize,
+    #[schema(value_type = u64)]
     pub last_heartbeat: Millis,
 }
 
 /// `POST /v1/tokens`: a new API token named `name` with `role`, acting in
 /// `namespaces` (none: every namespace).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenRequest {
     pub name: String,
     pub role: Role,
@@ -172,17 +202,18 @@ pub struct TokenRequest {
 }
 
 /// An API token as listed: never its secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenView {
     pub name: String,
     pub role: Role,
     #[serde(default)]
     pub namespaces: Vec<String>,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
 }
 
 /// The answer to `POST /v1/tokens`: the one time the token itself is sent.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub view: TokenView,
@@ -190,18 +221,19 @@ pub struct CreatedToken {
 }
 
 /// A config set as `shoal config get` lists it: its keys and the apps that name it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSetView {
     pub namespace: String,
     pub name: String,
     pub keys: Vec<String>,
     pub used_by: Vec<String>,
+    #[schema(value_type = u64)]
     pub updated_at: shoal_core::Millis,
 }
 
 /// The body of `PUT /v1/configs/{name}`: the set's values, whole; with `create`, only if the
 /// set does not exist yet.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSetRequest {
     pub data: std::collections::BTreeMap<String, String>,
     #[serde(default)]
@@ -209,7 +241,7 @@ pub struct ConfigSetRequest {
 }
 
 /// The answer to a `PUT /v1/configs/{name}`: the set, and the apps applied again with it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSetWritten {
     pub set: shoal_core::ConfigSet,
     pub rolled: Vec<String>,
@@ -217,7 +249,7 @@ pub struct ConfigSetWritten {
 
 /// A secret as the API shows it: never its values, only its keys, its versions and the
 /// apps that name it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecretView {
     pub namespace: String,
     pub name: String,
@@ -227,6 +259,7 @@ pub struct SecretView {
     /// Every version kept: the latest and those revisions still name.
     pub versions: Vec<u64>,
     pub used_by: Vec<String>,
+    #[schema(value_type = u64)]
     pub updated_at: shoal_core::Millis,
 }
 
@@ -234,7 +267,7 @@ pub struct SecretView {
 /// (refused if it exists); otherwise a new version of an existing one: its latest values,
 /// with `set` over them and `unset` taken out. The API never returns a value, so a change is
 /// described rather than sent whole.
-#[derive(Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecretWrite {
     #[serde(default)]
     pub create: bool,
@@ -255,14 +288,14 @@ impl std::fmt::Debug for SecretWrite {
 }
 
 /// The answer to a `PUT /v1/secrets/{name}`: the secret, and the apps applied again with it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SecretWritten {
     pub secret: SecretView,
     pub rolled: Vec<String>,
 }
 
 /// What `shoal secret rotate-key` did: the new key's id and how many values it sealed again.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct KeyRotated {
     pub key: String,
     pub secrets: usize,
@@ -271,7 +304,7 @@ pub struct KeyRotated {
 
 /// The secret values one replica's revision names, opened for the node that runs it: env
 /// values and config keys, by name. A node keeps them in memory only; they are not printed.
-#[derive(Clone, Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaSecrets {
     pub env: std::collections::BTreeMap<String, String>,
     pub config: std::collections::BTreeMap<String, String>,
@@ -288,7 +321,7 @@ impl std::fmt::Debug for ReplicaSecrets {
 
 /// An app's HTTPS certificate for its route hosts (`[http] tls`), opened for the nodes'
 /// gateways, which all serve every route. A node keeps it in memory only.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IngressCertificate {
     pub namespace: String,
     pub app: String,
@@ -316,7 +349,7 @@ impl std::fmt::Debug for IngressCertificate {
 
 /// A volume as `shoal get volumes` lists it: where it is, its limit, what its node last
 /// measured it holding, and the apps that mount it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeView {
     pub namespace: String,
     pub name: String,
@@ -324,11 +357,12 @@ pub struct VolumeView {
     pub node: Option<String>,
     pub used_bytes: Option<u64>,
     pub used_by: Vec<String>,
+    #[schema(value_type = u64)]
     pub created_at: shoal_core::Millis,
 }
 
 /// What a node measured one of its volumes holding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VolumeUsage {
     pub namespace: String,
     pub name: String,
@@ -336,7 +370,7 @@ pub struct VolumeUsage {
 }
 
 /// A key-value bucket as `shoal kv buckets` lists it: how many keys and bytes it holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BucketView {
     pub namespace: String,
     pub bucket: String,
@@ -345,7 +379,7 @@ pub struct BucketView {
 }
 
 /// What a node sends with the join token to get its own credential.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinRequest {
     pub node: String,
 }
@@ -353,7 +387,7 @@ pub struct JoinRequest {
 /// The answer to a [`JoinRequest`]: the node's credential (`NAME.SECRET`,
 /// its bearer token for every later call). It goes to the node's data dir,
 /// readable by its owner only.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinResponse {
     pub credential: String,
 }
@@ -361,28 +395,28 @@ pub struct JoinResponse {
 /// What a node asks the cluster CA to sign at every start: a request for a
 /// key it made and keeps (PEM), and the addresses or names its gateway is
 /// reached at, which the certificate will name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CertificateRequest {
     pub csr: String,
     pub hosts: Vec<String>,
 }
 
 /// The certificate the cluster CA signed for a [`CertificateRequest`], PEM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IssuedCertificate {
     pub certificate: String,
 }
 
-/// The answer to `POST /v1/cluster/join-token/rotate`: where the control
+/// The answer to `POST /v1/join-token/rotate`: where the control
 /// plane keeps the new join token (and the token, only when asked for it).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RotatedJoinToken {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeAction {
     Cordon,
@@ -394,7 +428,7 @@ pub enum NodeAction {
 /// was read at `revision` or later, so watching from `revision + 1` misses
 /// nothing; applying a change a list already reflects is harmless, since a put
 /// carries the whole object and a delete is a delete (see [`Delta`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Snapshot {
     pub revision: u64,
     pub apps: Vec<App>,
@@ -412,23 +446,28 @@ pub struct Snapshot {
 /// they rebuild the cluster state; a put carries the whole object, so applying
 /// again one that a snapshot already reflects changes nothing that a later
 /// delta does not set right.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Delta {
     pub revision: u64,
     pub changes: Vec<Change>,
 }
 
 /// One object written or deleted.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Change {
+    #[schema(value_type = ObjectSchema)]
     Put(Object),
     Delete(ObjectKey),
 }
 
+/// [`Object`] as the OpenAPI schemas name it: utoipa takes a type named `Object` for any JSON
+/// object, so [`Change::Put`] names its schema through this alias.
+type ObjectSchema = Object;
+
 /// An object of a kind nodes act on, whole. The large kinds are boxed, so a
 /// batch of small changes (replicas, mostly) stays small.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Object {
     App(Box<App>),
@@ -439,7 +478,7 @@ pub enum Object {
 }
 
 /// Which object a [`Change::Delete`] removed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ObjectKey {
     App(AppKey),
@@ -468,7 +507,7 @@ impl Object {
 }
 
 /// A service: every http app, reachable by name from other apps.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
@@ -479,7 +518,7 @@ pub struct Service {
 }
 
 /// A Ready replica on a Ready node.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServiceEndpoint {
     pub replica: String,
     pub node: String,
@@ -487,7 +526,7 @@ pub struct ServiceEndpoint {
 }
 
 /// What a node says about one of its replicas.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaReport {
     pub app: AppKey,
     pub replica: String,
@@ -503,7 +542,7 @@ pub struct ReplicaReport {
 }
 
 /// `shoal rollout status`: where the rollout stands and what runs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutView {
     pub app: AppKey,
     /// The revision the app runs now; `status` may still describe an earlier
@@ -524,7 +563,7 @@ pub struct RolloutView {
     pub stable: Option<RevisionStats>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevisionCount {
     pub revision: u64,
     pub replicas: usize,
@@ -532,7 +571,7 @@ pub struct RevisionCount {
 }
 
 /// What `shoal rollout <action>` asks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RolloutAction {
     Pause,
@@ -545,7 +584,7 @@ pub enum RolloutAction {
 
 /// Something that happened to a replica that only its node sees: a request
 /// killed by its timeout, an instance out of memory, a trap.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReplicaIncident {
     pub app: AppKey,
     pub replica: String,

@@ -4,20 +4,25 @@
 use crate::access::{self, Caller, Rule, Scope};
 use crate::api_error::{ApiError, JsonBody, Path, Query};
 use crate::error::ControlError;
+use crate::openapi::{Access, Endpoint, op};
 use crate::state::ControlPlane;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, get, on, post};
+use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, ApplyOutcome, BucketView, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
-    IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, VolumeUsage, Waiting,
+    AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
+    ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
+    IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
+    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, Registered, ReplicaIncident,
+    ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView,
+    SecretWrite, SecretWritten, Service, Snapshot, TokenRequest, TokenView, VolumeUsage,
+    VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -25,7 +30,7 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
-use shoal_core::{Event, Module, Node, Replica};
+use shoal_core::{App, ConfigSet, Event, Module, Node, Replica, RolloutStatus};
 use shoal_store::BlobError;
 
 /// Runs control-plane work off the executor; its errors answer as the API's.
@@ -37,107 +42,281 @@ where
     crate::state::blocking(f).await.map_err(ApiError::from)
 }
 
-/// The admin API's routes, each with its access rule: the router and
-/// [`RULES`] come from this one list, so no route is served without a rule.
+/// One route: the endpoint the document describes and the handler the router serves, from
+/// one method token, so the two cannot disagree on it.
+macro_rules! route {
+    ($method:ident $path:literal => $handler:ident, $access:expr, $op:expr) => {
+        (
+            Endpoint {
+                method: Method::$method,
+                path: $path,
+                id: stringify!($handler),
+                access: $access,
+                op: || $op,
+            },
+            on(MethodFilter::$method, $handler),
+        )
+    };
+}
+
+/// The admin API's routes, each with its access rule and what the document says of it: the
+/// router, [`RULES`] and the OpenAPI document come from this one list, so no route is served
+/// without a rule or left out of the document.
 macro_rules! admin_api {
-    ($( $method:ident $path:literal => $handler:ident, $role:ident, $scope:ident; )*) => {
+    ($( $method:ident $path:literal => $handler:ident, $role:ident, $scope:ident, $op:expr; )*) => {
         /// Every admin-API route's rule (see [`access::authorize`]).
         pub(crate) const RULES: &[Rule] = &[
             $( Rule { method: stringify!($method), path: $path, role: Role::$role, scope: Scope::$scope }, )*
         ];
 
-        fn admin_routes() -> Router<ControlPlane> {
-            Router::new() $( .route($path, on(MethodFilter::$method, $handler)) )*
+        fn admin_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
+            vec![
+                $( route!($method $path => $handler, Access::Token(Role::$role, Scope::$scope), $op), )*
+            ]
         }
     };
 }
 
 admin_api! {
-    GET "/v1/modules" => list_modules, Viewer, Shared;
-    POST "/v1/modules" => upload_module, Deployer, Shared;
-    GET "/v1/modules/{digest}" => get_module, Viewer, Shared;
-    DELETE "/v1/modules/{digest}" => delete_module, Admin, Cluster;
-    GET "/v1/apps" => list_apps, Viewer, NamespaceOrAll;
-    POST "/v1/apps" => apply, Deployer, Body;
-    GET "/v1/apps/{name}" => describe_app, Viewer, Namespace;
-    DELETE "/v1/apps/{name}" => delete_app, Deployer, Namespace;
-    GET "/v1/apps/{name}/logs" => logs, Viewer, Namespace;
-    POST "/v1/apps/{name}/rollback" => rollback, Deployer, Namespace;
-    POST "/v1/apps/{name}/run" => run_job, Deployer, Namespace;
-    POST "/v1/apps/{name}/scale" => scale, Deployer, Namespace;
-    GET "/v1/apps/{name}/rollout" => rollout_status, Viewer, Namespace;
-    POST "/v1/apps/{name}/rollout/{action}" => rollout_action, Deployer, Namespace;
-    GET "/v1/configs" => list_configs, Viewer, NamespaceOrAll;
-    GET "/v1/configs/{name}" => get_config, Viewer, Namespace;
-    PUT "/v1/configs/{name}" => put_config, Deployer, Namespace;
-    DELETE "/v1/configs/{name}" => delete_config, Deployer, Namespace;
-    GET "/v1/secrets" => list_secrets, Viewer, NamespaceOrAll;
-    GET "/v1/secrets/{name}" => get_secret, Viewer, Namespace;
-    PUT "/v1/secrets/{name}" => put_secret, Deployer, Namespace;
-    DELETE "/v1/secrets/{name}" => delete_secret, Deployer, Namespace;
-    POST "/v1/secret-key/rotate" => rotate_secret_key, Admin, Cluster;
-    GET "/v1/kv" => list_buckets, Viewer, NamespaceOrAll;
-    GET "/v1/kv/{bucket}" => list_kv_keys, Viewer, Namespace;
-    GET "/v1/kv/{bucket}/{*key}" => get_kv, Viewer, Namespace;
-    PUT "/v1/kv/{bucket}/{*key}" => put_kv, Deployer, Namespace;
-    DELETE "/v1/kv/{bucket}/{*key}" => delete_kv, Deployer, Namespace;
-    GET "/v1/volumes" => list_volumes, Viewer, NamespaceOrAll;
-    DELETE "/v1/volumes/{name}" => delete_volume, Deployer, Namespace;
-    GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll;
-    GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll;
-    GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
-    GET "/v1/events" => list_events, Viewer, NamespaceOrAll;
-    GET "/v1/nodes" => list_nodes, Viewer, Cluster;
-    GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster;
-    DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster;
-    POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster;
-    POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster;
-    GET "/v1/tokens" => list_tokens, Admin, Cluster;
-    POST "/v1/tokens" => create_token, Admin, Cluster;
-    DELETE "/v1/tokens/{name}" => revoke_token, Admin, Cluster;
+    GET "/v1/modules" => list_modules, Viewer, Shared,
+        op("List the uploaded modules").json_list::<Module>(StatusCode::OK);
+    POST "/v1/modules" => upload_module, Deployer, Shared,
+        op("Upload a module: a component or a core module, checked before it is kept")
+            .body_raw("application/wasm")
+            .json::<ModuleUploaded>(StatusCode::CREATED)
+            .json::<ModuleUploaded>(StatusCode::OK);
+    GET "/v1/modules/{digest}" => get_module, Viewer, Shared,
+        op("Show a module").json::<Module>(StatusCode::OK);
+    DELETE "/v1/modules/{digest}" => delete_module, Admin, Cluster,
+        op("Delete a module no app uses").empty(StatusCode::NO_CONTENT);
+    GET "/v1/apps" => list_apps, Viewer, NamespaceOrAll,
+        op("List apps").query::<NsQuery>().json_list::<AppSummary>(StatusCode::OK);
+    POST "/v1/apps" => apply, Deployer, Body,
+        op("Create or update an app from its spec")
+            .query::<ApplyQuery>()
+            .body::<AppSpec>()
+            .json::<ApplyResult>(StatusCode::CREATED)
+            .json::<ApplyResult>(StatusCode::OK);
+    GET "/v1/apps/{name}" => describe_app, Viewer, Namespace,
+        op("Describe an app: its revisions, replicas and events")
+            .query::<NsQuery>()
+            .json::<Describe>(StatusCode::OK);
+    DELETE "/v1/apps/{name}" => delete_app, Deployer, Namespace,
+        op("Delete an app and its replicas").query::<NsQuery>().json::<Deleted>(StatusCode::OK);
+    GET "/v1/apps/{name}/logs" => logs, Viewer, Namespace,
+        op("Every replica's output merged in time order: lines `<replica> [<time>] <stream> <line>`, or NDJSON log entries with `format=json`; with `follow`, streamed across rollouts and node restarts")
+            .query::<LogQuery>()
+            .raw(StatusCode::OK, "text/plain");
+    POST "/v1/apps/{name}/rollback" => rollback, Deployer, Namespace,
+        op("Roll an app back to an earlier revision")
+            .query::<RollbackQuery>()
+            .json::<ApplyResult>(StatusCode::OK);
+    POST "/v1/apps/{name}/run" => run_job, Deployer, Namespace,
+        op("Ask for a run of a job now").query::<NsQuery>().json::<JobRun>(StatusCode::OK);
+    POST "/v1/apps/{name}/scale" => scale, Deployer, Namespace,
+        op("Set an app's replicas").query::<ScaleQuery>().json::<App>(StatusCode::OK);
+    GET "/v1/apps/{name}/rollout" => rollout_status, Viewer, Namespace,
+        op("Where an app's rollout stands")
+            .query::<NsQuery>()
+            .json::<RolloutView>(StatusCode::OK);
+    POST "/v1/apps/{name}/rollout/{action}" => rollout_action, Deployer, Namespace,
+        op("Pause, resume, promote or abort an app's rollout")
+            .param::<RolloutAction>("action")
+            .query::<RolloutActionQuery>()
+            .json::<RolloutStatus>(StatusCode::OK);
+    GET "/v1/configs" => list_configs, Viewer, NamespaceOrAll,
+        op("List config sets").query::<NsQuery>().json_list::<ConfigSetView>(StatusCode::OK);
+    GET "/v1/configs/{name}" => get_config, Viewer, Namespace,
+        op("Show a config set with its values")
+            .query::<NsQuery>()
+            .json::<ConfigSet>(StatusCode::OK);
+    PUT "/v1/configs/{name}" => put_config, Deployer, Namespace,
+        op("Write a config set whole; the apps naming it are applied again")
+            .query::<NsQuery>()
+            .body::<ConfigSetRequest>()
+            .json::<ConfigSetWritten>(StatusCode::OK);
+    DELETE "/v1/configs/{name}" => delete_config, Deployer, Namespace,
+        op("Delete a config set no app names").query::<NsQuery>().json::<Deleted>(StatusCode::OK);
+    GET "/v1/secrets" => list_secrets, Viewer, NamespaceOrAll,
+        op("List secrets, without their values")
+            .query::<NsQuery>()
+            .json_list::<SecretView>(StatusCode::OK);
+    GET "/v1/secrets/{name}" => get_secret, Viewer, Namespace,
+        op("Show a secret, without its values")
+            .query::<NsQuery>()
+            .json::<SecretView>(StatusCode::OK);
+    PUT "/v1/secrets/{name}" => put_secret, Deployer, Namespace,
+        op("Create a secret or write a new version of it; the apps naming it are applied again")
+            .query::<NsQuery>()
+            .body::<SecretWrite>()
+            .json::<SecretWritten>(StatusCode::OK);
+    DELETE "/v1/secrets/{name}" => delete_secret, Deployer, Namespace,
+        op("Delete a secret no app names").query::<NsQuery>().json::<Deleted>(StatusCode::OK);
+    POST "/v1/secret-key/rotate" => rotate_secret_key, Admin, Cluster,
+        op("Seal every secret value again under a new key").json::<KeyRotated>(StatusCode::OK);
+    GET "/v1/kv" => list_buckets, Viewer, NamespaceOrAll,
+        op("List key-value buckets").query::<NsQuery>().json_list::<BucketView>(StatusCode::OK);
+    GET "/v1/kv/{bucket}" => list_kv_keys, Viewer, Namespace,
+        op("A page of a bucket's keys (a `keys` answer)")
+            .query::<KeysQuery>()
+            .json::<KvAnswer>(StatusCode::OK);
+    GET "/v1/kv/{bucket}/{*key}" => get_kv, Viewer, Namespace,
+        op("A key's value").query::<NsQuery>().raw(StatusCode::OK, "application/octet-stream");
+    PUT "/v1/kv/{bucket}/{*key}" => put_kv, Deployer, Namespace,
+        op("Set a key's value")
+            .query::<NsQuery>()
+            .body_raw("application/octet-stream")
+            .empty(StatusCode::NO_CONTENT);
+    DELETE "/v1/kv/{bucket}/{*key}" => delete_kv, Deployer, Namespace,
+        op("Delete a key").query::<NsQuery>().empty(StatusCode::NO_CONTENT);
+    GET "/v1/volumes" => list_volumes, Viewer, NamespaceOrAll,
+        op("List volumes").query::<NsQuery>().json_list::<VolumeView>(StatusCode::OK);
+    DELETE "/v1/volumes/{name}" => delete_volume, Deployer, Namespace,
+        op("Delete a volume no app mounts").query::<NsQuery>().json::<Deleted>(StatusCode::OK);
+    GET "/v1/jobs" => list_jobs, Viewer, NamespaceOrAll,
+        op("List jobs and their runs").query::<NsQuery>().json_list::<JobSummary>(StatusCode::OK);
+    GET "/v1/replicas" => list_replicas, Viewer, NamespaceOrAll,
+        op("List replicas").query::<ReplicaQuery>().json_list::<Replica>(StatusCode::OK);
+    GET "/v1/services" => list_services, Viewer, NamespaceOrAll,
+        op("List services: http apps and their ready endpoints")
+            .query::<NsQuery>()
+            .json_list::<Service>(StatusCode::OK);
+    GET "/v1/events" => list_events, Viewer, NamespaceOrAll,
+        op("List events, oldest first").query::<EventQuery>().json_list::<Event>(StatusCode::OK);
+    GET "/v1/nodes" => list_nodes, Viewer, Cluster,
+        op("List nodes and what is placed on them").json_list::<NodeSummary>(StatusCode::OK);
+    GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster,
+        op("The cluster's metrics in Prometheus' text format")
+            .raw(StatusCode::OK, "text/plain; version=0.0.4");
+    DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster,
+        op("Delete a node and revoke its credential").empty(StatusCode::NO_CONTENT);
+    POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster,
+        op("Cordon, uncordon or drain a node")
+            .param::<NodeAction>("action")
+            .json::<Node>(StatusCode::OK);
+    POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster,
+        op("Replace the join token; nodes that joined carry on")
+            .query::<RotateQuery>()
+            .json::<RotatedJoinToken>(StatusCode::OK);
+    GET "/v1/tokens" => list_tokens, Admin, Cluster,
+        op("List API tokens, without their secrets").json_list::<TokenView>(StatusCode::OK);
+    POST "/v1/tokens" => create_token, Admin, Cluster,
+        op("Create an API token: the only answer that holds it")
+            .body::<TokenRequest>()
+            .json::<CreatedToken>(StatusCode::CREATED);
+    DELETE "/v1/tokens/{name}" => revoke_token, Admin, Cluster,
+        op("Revoke an API token").empty(StatusCode::NO_CONTENT);
 }
 
+/// The routes outside the admin table, each with the credential it takes: what a client needs
+/// before it has a token, what the join token opens, and what worker nodes call, each with its
+/// own credential, for itself only.
+fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
+    vec![
+        route!(GET "/v1/healthz" => healthz, Access::Public,
+            op("Whether the control plane answers").raw(StatusCode::OK, "text/plain")),
+        route!(GET "/v1/cluster/ca" => cluster_ca, Access::Public,
+            op("The cluster CA's certificate, which a join token's hash pins")
+                .raw(StatusCode::OK, "application/x-pem-file")),
+        route!(GET "/v1/openapi.json" => openapi, Access::Public,
+            op("This document").raw(StatusCode::OK, "application/json")),
+        route!(POST "/v1/cluster/join" => join_cluster, Access::JoinToken,
+            op("Trade the join token for the node's own credential")
+                .body::<JoinRequest>()
+                .json::<JoinResponse>(StatusCode::CREATED)),
+        route!(POST "/v1/cluster/nodes" => register_node, Access::Node,
+            op("Register the node: its gateway, capacity and labels")
+                .body::<Node>()
+                .json::<Registered>(StatusCode::OK)),
+        route!(POST "/v1/cluster/nodes/{name}/heartbeat" => heartbeat, Access::Node,
+            op("Say the node is alive").empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/reports" => report, Access::Node,
+            op("Report a replica's phase")
+                .body::<ReplicaReport>()
+                .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/metrics" => node_metrics, Access::Node,
+            op("Report what the node's gateway measured per app revision")
+                .body_list::<RevisionStats>()
+                .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/waiting" => node_waiting, Access::Node,
+            op("Report requests held for apps with no ready replica")
+                .body_list::<Waiting>()
+                .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/cpu" => node_cpu, Access::Node,
+            op("Report the CPU the node's guests used per app")
+                .body_list::<AppCpu>()
+                .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/incidents" => incident, Access::Node,
+            op("Report what befell a replica: a timeout, out of memory, a trap")
+                .body::<ReplicaIncident>()
+                .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/certificate" => node_certificate, Access::Node,
+            op("Have the cluster CA sign the node's gateway certificate")
+                .body::<CertificateRequest>()
+                .json::<IssuedCertificate>(StatusCode::OK)),
+        route!(GET "/v1/cluster/nodes/{name}/replicas/{namespace}/{app}/{id}/secrets" => replica_secrets, Access::Node,
+            op("The secret values a replica placed on the node needs")
+                .json::<ReplicaSecrets>(StatusCode::OK)),
+        route!(POST "/v1/cluster/nodes/{name}/kv/{namespace}/{app}/{bucket}" => node_kv, Access::Node,
+            op("A guest's `wasi:keyvalue` call on a bucket")
+                .body::<KvOp>()
+                .json::<KvAnswer>(StatusCode::OK)),
+        route!(POST "/v1/cluster/nodes/{name}/volumes" => node_volumes, Access::Node,
+            op("Report what the node's volumes hold; answers those bound to it")
+                .body_list::<VolumeUsage>()
+                .json_list::<VolumeUsage>(StatusCode::OK)),
+        route!(GET "/v1/cluster/nodes/{name}/ingress" => node_ingress, Access::Node,
+            op("Every app's HTTPS certificate, for the node's gateway")
+                .json_list::<IngressCertificate>(StatusCode::OK)),
+        route!(GET "/v1/cluster/snapshot" => snapshot, Access::Node,
+            op("What the node acts on, at a store revision").json::<Snapshot>(StatusCode::OK)),
+        route!(GET "/v1/cluster/watch" => watch, Access::Node,
+            op("The changes after a snapshot, one delta per line, as they happen")
+                .query::<WatchQuery>()
+                .lines::<Delta>(StatusCode::OK)),
+        route!(GET "/v1/cluster/modules/{digest}" => module_blob, Access::Node,
+            op("A module's bytes, for a node that runs it").raw(StatusCode::OK, "application/wasm")),
+    ]
+}
+
+/// Every route the router serves, with its handler.
+fn routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
+    let mut routes = admin_routes();
+    routes.extend(other_routes());
+    routes
+}
+
+/// Every route the router serves, as the OpenAPI document describes it.
+pub(crate) fn endpoints() -> Vec<Endpoint> {
+    routes().into_iter().map(|(endpoint, _)| endpoint).collect()
+}
+
+/// The `/v1` API. Every route comes from [`routes`], each behind the check its access names,
+/// so the OpenAPI document (built from the same list) describes every route served.
 pub fn router(cp: ControlPlane) -> Router {
-    let authed = admin_routes()
+    let [mut public, mut join, mut nodes, mut authed]: [Router<ControlPlane>; 4] =
+        Default::default();
+    for (endpoint, handler) in routes() {
+        let group = match endpoint.access {
+            Access::Public => &mut public,
+            Access::JoinToken => &mut join,
+            Access::Node => &mut nodes,
+            Access::Token(..) => &mut authed,
+        };
+        *group = std::mem::take(group).route(endpoint.path, handler);
+    }
+    let authed = authed
         .layer(DefaultBodyLimit::max(4 << 20))
         .route_layer(middleware::from_fn_with_state(cp.clone(), authorize));
     // The join token opens one door: a node gets its own credential there.
-    let join = Router::new()
-        .route("/v1/cluster/join", post(join_cluster))
-        .route_layer(middleware::from_fn_with_state(
-            cp.clone(),
-            require_join_token,
-        ));
+    let join = join.route_layer(middleware::from_fn_with_state(
+        cp.clone(),
+        require_join_token,
+    ));
     // What worker nodes call, each with its own credential, for itself only.
-    let nodes = Router::new()
-        .route("/v1/cluster/nodes", post(register_node))
-        .route("/v1/cluster/nodes/{name}/heartbeat", post(heartbeat))
-        .route("/v1/cluster/nodes/{name}/reports", post(report))
-        .route("/v1/cluster/nodes/{name}/metrics", post(node_metrics))
-        .route("/v1/cluster/nodes/{name}/waiting", post(node_waiting))
-        .route("/v1/cluster/nodes/{name}/cpu", post(node_cpu))
-        .route("/v1/cluster/nodes/{name}/incidents", post(incident))
-        .route(
-            "/v1/cluster/nodes/{name}/certificate",
-            post(node_certificate),
-        )
-        .route(
-            "/v1/cluster/nodes/{name}/replicas/{namespace}/{app}/{id}/secrets",
-            get(replica_secrets),
-        )
-        .route(
-            "/v1/cluster/nodes/{name}/kv/{namespace}/{app}/{bucket}",
-            post(node_kv),
-        )
-        .route("/v1/cluster/nodes/{name}/volumes", post(node_volumes))
-        .route("/v1/cluster/nodes/{name}/ingress", get(node_ingress))
-        .route("/v1/cluster/snapshot", get(snapshot))
-        .route("/v1/cluster/watch", get(watch))
-        .route("/v1/cluster/modules/{digest}", get(module_blob))
-        .route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
-    Router::new()
-        .route("/v1/healthz", get(|| async { "ok\n" }))
-        .route("/v1/cluster/ca", get(cluster_ca))
+    let nodes = nodes.route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
+    // Beside the API, the dashboard's static pages, which carry no data of their own.
+    public
         .merge(crate::dashboard::routes())
         .merge(authed)
         .merge(join)
@@ -145,11 +324,24 @@ pub fn router(cp: ControlPlane) -> Router {
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
-                "no such API endpoint; see the README for the /v1 API",
+                "no such API endpoint; GET /v1/openapi.json lists them all",
             )
         })
         .layer(middleware::from_fn(trace))
         .with_state(cp)
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The OpenAPI document: public, as the CA is, since it tells nothing of the cluster.
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::json(),
+    )
+        .into_response()
 }
 
 /// A span per API request, with method and path.
@@ -257,8 +449,9 @@ fn itself(me: &NodeIdentity, name: &str) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct NsQuery {
+    /// The namespace: `default` when absent, or every namespace for a list.
     namespace: Option<String>,
 }
 
@@ -308,11 +501,7 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
     } else {
         StatusCode::CREATED
     };
-    Ok((
-        status,
-        Json(serde_json::json!({ "module": module, "existed": existed })),
-    )
-        .into_response())
+    Ok((status, Json(ModuleUploaded { module, existed })).into_response())
 }
 
 async fn list_modules(State(cp): State<ControlPlane>) -> Result<Json<Vec<Module>>, ApiError> {
@@ -344,8 +533,9 @@ async fn delete_module(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct ApplyQuery {
+    /// Check and compare only: nothing is stored.
     #[serde(default)]
     dry_run: bool,
 }
@@ -402,7 +592,10 @@ async fn delete_app(
     let key = q.key(name);
     let k2 = key.clone();
     blocking(move || cp.delete_app(&k2)).await?;
-    Ok(Json(serde_json::json!({ "deleted": key.to_string() })).into_response())
+    Ok(Json(Deleted {
+        deleted: key.to_string(),
+    })
+    .into_response())
 }
 
 async fn list_configs(
@@ -446,7 +639,7 @@ async fn delete_config(
     let ns = q.namespace();
     let deleted = name.clone();
     blocking(move || cp.delete_config_set(&ns, &name)).await?;
-    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+    Ok(Json(Deleted { deleted }).into_response())
 }
 
 async fn list_secrets(
@@ -489,7 +682,7 @@ async fn delete_secret(
     let ns = q.namespace();
     let deleted = name.clone();
     blocking(move || cp.delete_secret(&ns, &name)).await?;
-    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+    Ok(Json(Deleted { deleted }).into_response())
 }
 
 async fn rotate_secret_key(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
@@ -528,7 +721,7 @@ async fn delete_volume(
     let ns = q.namespace();
     let deleted = name.clone();
     blocking(move || cp.delete_volume(&ns, &name)).await?;
-    Ok(Json(serde_json::json!({ "deleted": deleted })).into_response())
+    Ok(Json(Deleted { deleted }).into_response())
 }
 
 async fn list_buckets(
@@ -548,9 +741,11 @@ async fn list_buckets(
     Ok(Json(buckets).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct KeysQuery {
+    /// The bucket's namespace: `default` when absent.
     namespace: Option<String>,
+    /// Where the page starts: the `cursor` of the page before.
     cursor: Option<u64>,
 }
 
@@ -610,8 +805,9 @@ async fn delete_kv(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct ScaleQuery {
+    /// The app's namespace: `default` when absent.
     namespace: Option<String>,
     replicas: u32,
 }
@@ -647,9 +843,11 @@ async fn list_jobs(
         .map(|j| Json(j).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct RollbackQuery {
+    /// The app's namespace: `default` when absent.
     namespace: Option<String>,
+    /// The revision to go back to: the one before the current when absent.
     to: Option<u64>,
 }
 
@@ -675,9 +873,11 @@ async fn rollout_status(
         .map(|v| Json(v).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct RolloutActionQuery {
+    /// The app's namespace: `default` when absent.
     namespace: Option<String>,
+    /// With `promote`: skip every remaining canary step, not only the current one.
     #[serde(default)]
     full: bool,
 }
@@ -705,9 +905,11 @@ async fn rollout_action(
         .map(|s| Json(s).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct ReplicaQuery {
+    /// Only this namespace's replicas (the app's, with `app`; `default` when absent).
     namespace: Option<String>,
+    /// Only this app's replicas.
     app: Option<String>,
 }
 
@@ -770,10 +972,13 @@ async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError
         .map(|n| Json(n).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct EventQuery {
+    /// Only this namespace's events, and the cluster's own (nodes).
     namespace: Option<String>,
+    /// Only this app's events.
     app: Option<String>,
+    /// At most this many, the newest (100 when absent).
     limit: Option<usize>,
     /// Only events numbered above this (a follower passes the last `seq` it saw).
     after: Option<u64>,
@@ -810,16 +1015,20 @@ async fn list_events(
     .map(|e| Json(e).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct LogQuery {
+    /// The app's namespace: `default` when absent.
     namespace: Option<String>,
+    /// Keep the answer open and stream new lines as they come.
     #[serde(default)]
     follow: bool,
+    /// Only the last this many lines of each replica.
     tail: Option<usize>,
     /// Only this replica's output: one run of a job.
     replica: Option<String>,
     /// Only lines written in the last this many milliseconds.
     since_ms: Option<u64>,
+    /// Each line with its time (RFC 3339, UTC) after its replica.
     #[serde(default)]
     timestamps: bool,
     /// `json`: NDJSON entries (replica, seq, time, stream, line) instead of text.
@@ -917,7 +1126,7 @@ async fn delete_node(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct RotateQuery {
     /// Answer with the new token itself, not only where it is kept.
     #[serde(default)]
@@ -943,7 +1152,7 @@ async fn register_node(
 ) -> Result<Response, ApiError> {
     itself(&me, &node.name)?;
     let revision = blocking(move || cp.register_node(node)).await?;
-    Ok(Json(serde_json::json!({ "revision": revision })).into_response())
+    Ok(Json(Registered { revision }).into_response())
 }
 
 async fn node_certificate(
@@ -1101,8 +1310,9 @@ async fn snapshot(
         .map(|s| Json(s).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 struct WatchQuery {
+    /// The first store revision to send: the snapshot's revision plus one.
     from: u64,
 }
 
@@ -1177,6 +1387,7 @@ mod tests {
     use super::*;
     use axum::http::Request as HttpRequest;
     use http_body_util::BodyExt;
+    use std::collections::BTreeSet;
     use tower::ServiceExt;
 
     fn control_plane_with_token() -> (tempfile::TempDir, ControlPlane) {
@@ -1658,6 +1869,91 @@ mod tests {
             .to_bytes();
         let rotated: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
         assert!(rotated.get("token").is_none(), "{rotated}");
+    }
+
+    fn openapi_document() -> serde_json::Value {
+        serde_json::from_slice(&crate::openapi::json()).unwrap()
+    }
+
+    /// The OpenAPI document lists every route the router serves, from the admin table's
+    /// rules and the list of the others, and the router serves every operation it lists.
+    #[tokio::test]
+    async fn the_openapi_document_lists_every_route_and_only_routes() {
+        let doc = openapi_document();
+        let served: BTreeSet<(String, String)> = RULES
+            .iter()
+            .map(|r| (r.method.to_string(), r.path))
+            .chain(
+                other_routes()
+                    .iter()
+                    .map(|(e, _)| (e.method.to_string(), e.path)),
+            )
+            .map(|(method, path)| (method, crate::openapi::openapi_path(path)))
+            .collect();
+        let documented: BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(|method| (method.to_uppercase(), path.clone()))
+            })
+            .collect();
+        assert_eq!(
+            served.difference(&documented).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "served, not documented"
+        );
+        assert_eq!(
+            documented.difference(&served).collect::<Vec<_>>(),
+            Vec::<&(String, String)>::new(),
+            "documented, not served"
+        );
+        for rule in RULES {
+            let op =
+                &doc["paths"][crate::openapi::openapi_path(rule.path)][rule.method.to_lowercase()];
+            assert_eq!(op["x-shoal-role"], rule.role.as_str(), "{}", rule.path);
+        }
+        // Asked without a credential, each operation is routed: the public ones answer, the
+        // others refuse; none gets the fallback's 404 or a 405.
+        let (_dir, router) = router_with_token();
+        for (method, path) in &documented {
+            let uri: String = path
+                .split('/')
+                .map(|s| if s.starts_with('{') { "x" } else { s })
+                .collect::<Vec<_>>()
+                .join("/");
+            let req = HttpRequest::builder()
+                .method(method.as_str())
+                .uri(uri)
+                .body(Body::empty())
+                .unwrap();
+            let status = router.clone().oneshot(req).await.unwrap().status();
+            let public = doc["paths"][path][method.to_lowercase()]["security"].is_null();
+            let expected = if public {
+                StatusCode::OK
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            assert_eq!(status, expected, "{method} {path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_is_served_without_a_token() {
+        let (_dir, router) = router_with_token();
+        let req = HttpRequest::get("/v1/openapi.json")
+            .body(Body::empty())
+            .unwrap();
+        let resp = router.oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let doc: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(doc, openapi_document());
+        assert!(doc["paths"]["/v1/openapi.json"]["get"].is_object());
     }
 
     /// Walks every admin-API route: no token is refused (401), a role below the route's or a

@@ -76,7 +76,19 @@ impl fmt::Debug for Credential {
 /// read (`viewer`); also deploy: upload modules, apply, delete, scale, roll
 /// back and drive rollouts, run jobs (`deployer`); also run the cluster:
 /// nodes, tokens, the join token (`admin`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,

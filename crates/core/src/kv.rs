@@ -17,7 +17,7 @@ pub const DEFAULT_BUCKET_BYTES: u64 = 64 << 20;
 pub const MAX_BUCKETS: usize = 16;
 
 /// One `wasi:keyvalue` call on a bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum KvOp {
     /// `get` (one key) and `get-many`.
@@ -48,7 +48,7 @@ pub enum KvOp {
 }
 
 /// What a [`KvOp`] answers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case", tag = "answer")]
 pub enum KvAnswer {
     Values {

@@ -13,7 +13,7 @@ pub const LATENCY_BOUNDS_MS: [u64; 20] = [
 ];
 
 /// A latency histogram with the fixed buckets of [`LATENCY_BOUNDS_MS`] plus one overflow bucket.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Histogram {
     /// `counts[i]` requests took at most `LATENCY_BOUNDS_MS[i]` (and more than the bound
     /// before it); the last entry counts the slower ones. Empty means no samples.
@@ -97,7 +97,7 @@ impl Histogram {
 }
 
 /// What one gateway saw of one revision of an app since its last report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevisionStats {
     pub app: AppKey,
     pub revision: u64,

@@ -233,15 +233,18 @@ pub struct RouteClaim {
 /// liveness probe kept failing; the controller replaces it on another node.
 pub const LIVENESS_FAILED: &str = "LivenessFailed";
 
-/// Milliseconds since the Unix epoch: the one time format objects carry.
+/// Milliseconds since the Unix epoch: the one time format objects carry. Fields of this type
+/// say `#[schema(value_type = u64)]`: utoipa takes an alias for a schema of its own, named `u64`.
 pub type Millis = u64;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct App {
     pub spec: AppSpec,
     /// Number of the revision replicas should run.
     pub revision: u64,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
+    #[schema(value_type = u64)]
     pub updated_at: Millis,
     /// What the controller last decided about the app's size on its own.
     #[serde(default, skip_serializing_if = "ScaleStatus::is_default")]
@@ -254,15 +257,17 @@ pub struct App {
 /// A job's schedule as the controller left it, and a run asked for by hand:
 /// what the next pass needs to start each firing's run once. Written with the
 /// app (guarded), by the controller and by `shoal job run`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobStatus {
     /// The latest firing dealt with (its run started, skipped or missed): only
     /// later ones are due. None yet: the app's creation, so a new app waits
     /// for its schedule's next firing instead of running at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub last_scheduled: Option<Millis>,
     /// When `shoal job run` asked for a run that has not been dealt with yet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub run_requested: Option<Millis>,
 }
 
@@ -275,10 +280,11 @@ impl JobStatus {
 /// The controller's memory of its own scaling decisions for one app: what the
 /// next decision needs (when it last changed the size, whether a burst put it
 /// in panic mode) and what `describe` shows. Written only when a decision is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScaleStatus {
     /// When it last set `spec.replicas` by itself (autoscaling or a window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub last_change: Option<Millis>,
     /// Why, in words: "concurrency 23.4 for a target of 10 per replica".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +292,7 @@ pub struct ScaleStatus {
     /// Knative's panic mode: a burst scaled the app up, and until this time
     /// it is not scaled down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub panic_until: Option<Millis>,
     /// Schedule windows open at the last decision, so that a window opening
     /// or closing is seen once (and recorded as an event).
@@ -300,12 +307,13 @@ impl ScaleStatus {
 }
 
 /// An immutable snapshot of what runs; a new one is made for every template change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revision {
     pub app: AppKey,
     pub number: u64,
     pub template: Template,
     pub hash: String,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
     /// Why it was made: "created", "env changed", …
     pub cause: String,
@@ -317,7 +325,7 @@ pub struct Revision {
 
 /// Where an app's rollout of its current revision stands; written by the
 /// controller (and by `rollout pause|resume|promote|abort`), one per app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutStatus {
     pub app: AppKey,
     /// The revision being rolled out (after a rollback: the one rolled back to).
@@ -336,10 +344,13 @@ pub struct RolloutStatus {
     /// Canary: when the current step's replicas were all ready and its clock
     /// started; `None` while they are starting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub step_started_at: Option<Millis>,
     /// Ready replicas of `revision` when progress was last seen, and when.
     pub ready: u32,
+    #[schema(value_type = u64)]
     pub progressed_at: Millis,
+    #[schema(value_type = u64)]
     pub started_at: Millis,
     /// The revision a rollback or abort left (when `revision` is what it went back to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -382,7 +393,7 @@ impl RolloutStatus {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum RolloutPhase {
     Progressing,
     /// Every replica runs the revision and is ready.
@@ -407,7 +418,7 @@ impl std::fmt::Display for RolloutPhase {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Phase {
     /// Not placed yet, or placed and not started by its node.
     Pending,
@@ -439,7 +450,7 @@ impl std::fmt::Display for Phase {
 }
 
 /// One running copy of an app's revision on one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Replica {
     pub id: String,
     pub app: AppKey,
@@ -468,8 +479,11 @@ pub struct Replica {
     /// (or request) it is for. Such runs are started, replaced and trimmed by
     /// the job's schedule and history, not counted against `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub scheduled_at: Option<Millis>,
+    #[schema(value_type = u64)]
     pub created_at: Millis,
+    #[schema(value_type = u64)]
     pub updated_at: Millis,
 }
 
@@ -481,7 +495,7 @@ impl Replica {
 }
 
 /// What a node offers to the scheduler.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Capacity {
     pub cpu_millis: u64,
     pub memory_bytes: u64,
@@ -515,13 +529,13 @@ impl Capacity {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum NodeState {
     Ready,
     NotReady,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Node {
     pub name: String,
     /// Where its gateway listens, for proxying and for users.
@@ -535,6 +549,7 @@ pub struct Node {
     /// Set by `drain`: its replicas are replaced elsewhere, new before old.
     #[serde(default)]
     pub draining: bool,
+    #[schema(value_type = u64)]
     pub joined_at: Millis,
 }
 
@@ -552,11 +567,12 @@ pub struct NodeCredential {
 /// A named set of configuration values that the apps of its namespace share: an app names
 /// it in `config_sets`, and each of its revisions keeps the values it was made with, so a
 /// change to the set rolls its users and `rollout undo` brings the old values back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSet {
     pub namespace: String,
     pub name: String,
     pub data: std::collections::BTreeMap<String, String>,
+    #[schema(value_type = u64)]
     pub updated_at: Millis,
 }
 
@@ -639,20 +655,21 @@ pub struct Lease {
     pub renewed_at: Millis,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum EventType {
     Normal,
     Warning,
 }
 
 /// Something that happened, for `shoal describe` and `shoal events`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Event {
     /// The store revision that recorded it, filled in when read: commits are
     /// serial, so a follower asking for what comes after the last one it saw
     /// never skips one. Events of one transaction share it.
     #[serde(default)]
     pub seq: u64,
+    #[schema(value_type = u64)]
     pub time: Millis,
     #[serde(rename = "type")]
     pub kind: EventType,
@@ -666,11 +683,12 @@ pub struct Event {
 }
 
 /// An uploaded, validated module, stored by content digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Module {
     pub digest: String,
     pub size: u64,
     pub kind: WasmKind,
+    #[schema(value_type = u64)]
     pub uploaded_at: Millis,
 }
 

@@ -37,7 +37,7 @@ pub const MAX_REPLICAS: u32 = 1000;
 pub const MAX_CONCURRENCY: u32 = 10_000;
 
 /// What a component is run as, and so which WIT world it must implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     /// wasi:http/proxy: a fresh instance per request.
@@ -68,7 +68,9 @@ impl std::fmt::Display for Kind {
 }
 
 /// A gateway route: a path prefix, optionally bound to one host.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
@@ -322,7 +324,7 @@ fn normalise_path(p: &str) -> String {
 /// What a replica is given, Kubernetes-style: requests are what the scheduler
 /// reserves on a node (and weigh the app's CPU share there), limits are what
 /// the sandbox enforces.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Resources {
     pub requests: Requests,
     pub limits: Limits,
@@ -331,7 +333,7 @@ pub struct Resources {
     pub max_concurrency: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Requests {
     /// Millicores reserved on the node; 0 (the default) asks for none and gets
     /// the smallest share of a busy node's CPU.
@@ -339,7 +341,7 @@ pub struct Requests {
     pub memory_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Limits {
     /// Linear memory of one instance, enforced by wasmtime.
     pub memory_bytes: u64,
@@ -350,7 +352,7 @@ pub struct Limits {
     pub cpu_millis: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HttpSpec {
     pub routes: Vec<Route>,
     pub timeout_ms: u64,
@@ -380,7 +382,7 @@ pub struct HttpSpec {
 }
 
 /// The secret an app's HTTPS certificate and key come from (`[http] tls`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TlsRef {
     pub secret: String,
@@ -431,7 +433,9 @@ fn is_default_reuse_idle(ms: &u64) -> bool {
 }
 
 /// How a new revision replaces the running one.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Strategy {
     /// Replace replicas a few at a time, new before old.
@@ -453,7 +457,7 @@ impl std::fmt::Display for Strategy {
 
 /// One canary step: this share of traffic goes to the new revision for `pause`
 /// (`None`: until `shoal rollout promote`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CanaryStep {
     /// Percent of requests, 1 to 99.
     pub weight: u8,
@@ -463,7 +467,7 @@ pub struct CanaryStep {
 
 /// How a canary is judged against the stable revision, on the requests the
 /// gateways routed to each since the step began.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Analysis {
     /// Canary requests needed before it can be judged (and so before a step ends).
     pub min_requests: u64,
@@ -487,7 +491,7 @@ impl Default for Analysis {
 
 /// How replicas move from one revision to the next (or off a draining node).
 /// Not part of the revision: how to roll, not what runs.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rollout {
     #[serde(default)]
     pub strategy: Strategy,
@@ -584,7 +588,7 @@ impl Rollout {
 
 /// What changes an app's replica count besides `shoal scale`: load
 /// (autoscaling) and time (windows on a schedule). Not part of the revision.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Scale {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<Autoscale>,
@@ -595,7 +599,7 @@ pub struct Scale {
 /// Replicas follow in-flight requests, as Knative's autoscaler does: the
 /// average over `window_ms` decides, a tenth of it (the panic window) lets a
 /// burst scale up at once, and scaling down waits out the whole window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Autoscale {
     pub min: u32,
     pub max: u32,
@@ -612,7 +616,7 @@ pub struct Autoscale {
 
 /// Bounds that apply while a window a cron schedule opens is open. `replicas =
 /// N` in the file is `min = max = N`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScheduleWindow {
     pub name: String,
     /// When it opens: five cron fields (or six, seconds first).
@@ -820,7 +824,7 @@ impl Scale {
 }
 
 /// An HTTP probe of a replica, run in process by its node.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Probe {
     pub path: String,
     pub period_ms: u64,
@@ -832,7 +836,7 @@ pub struct Probe {
 }
 
 /// Readiness gates traffic; liveness restarts a replica that keeps failing.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Health {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness: Option<Probe>,
@@ -847,7 +851,9 @@ impl Health {
 }
 
 /// What a job does when its run fails.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Restart {
     #[default]
@@ -856,7 +862,7 @@ pub enum Restart {
 }
 
 /// How a job runs: restart policy, retry limit and deadline.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobSpec {
     pub restart: Restart,
     /// Restarts allowed after failures (with `restart = "on-failure"`).
@@ -868,7 +874,9 @@ pub struct JobSpec {
 
 /// What a job does when a run is due while earlier runs are still active, as
 /// a Kubernetes CronJob's `concurrencyPolicy`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Concurrency {
     /// Start it beside them.
@@ -891,7 +899,7 @@ impl std::fmt::Display for Concurrency {
 }
 
 /// Finished runs kept, with their logs; older ones are deleted.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct History {
     pub succeeded: u32,
     pub failed: u32,
@@ -914,7 +922,7 @@ pub const MAX_HISTORY: u32 = 100;
 /// history, as a Kubernetes CronJob. Not part of the revision (when, not what
 /// runs): changing it restarts nothing. `concurrency` and `history` also
 /// govern the runs `shoal job run` starts.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRuns {
     /// Cron expression (five fields, or six with seconds first): a run starts
     /// at each firing instead of once per revision.
@@ -1021,7 +1029,7 @@ impl JobRuns {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ComponentSpec {
     /// `sha256:<hex>` of an uploaded module.
     pub digest: String,
@@ -1031,7 +1039,9 @@ pub struct ComponentSpec {
 }
 
 /// How strongly an app's replicas avoid sharing a node.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Spread {
     /// Nodes with fewer replicas of the app score higher, so one node going
@@ -1044,7 +1054,7 @@ pub enum Spread {
 
 /// Where an app's replicas may go. Not part of the revision, like scale:
 /// it steers replicas placed from now on, and replicas never move.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Placement {
     /// Labels a node must all carry, with these values, to be eligible.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -1069,7 +1079,7 @@ pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 /// `mount` (a wasi:filesystem preopen). The volume is made by the first apply that names it, with
 /// `size` as its limit, and bound to the node of the first replica placed with it; replicas
 /// that mount it are placed there from then on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeMount {
     pub name: String,
@@ -1123,7 +1133,7 @@ pub const MAX_CONFIG_SETS: usize = 16;
 
 /// A config set an app names, and the values the control plane filled in when it applied
 /// the app (`None` until then: a spec as written).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSetRef {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1135,7 +1145,7 @@ pub struct ConfigSetRef {
 /// applies the app, so each revision names the values it was made with; the values themselves
 /// never enter a spec, a revision or a snapshot: a node asks for them when it starts a
 /// replica that uses them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretKeyRef {
     pub secret: String,
@@ -1240,7 +1250,7 @@ fn validate_label(what: &str, s: &str) -> Result<(), String> {
 }
 
 /// A validated, normalised app: what the API accepts and the store keeps.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AppSpec {
     pub name: String,
     pub namespace: String,
@@ -1296,7 +1306,7 @@ pub struct AppSpec {
 
 /// What makes a revision: everything that changes what runs in a replica.
 /// Scale and routes are not part of it, as in Kubernetes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Template {
     pub component: ComponentSpec,
     pub resources: Resources,
@@ -1821,7 +1831,9 @@ impl AppSpec {
 }
 
 /// Namespace + name: how apps are addressed everywhere.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct AppKey {
     pub namespace: String,
     pub name: String,
