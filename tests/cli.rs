@@ -288,3 +288,61 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
     let _ = watch.kill();
     let _ = watch.wait();
 }
+
+#[test]
+fn every_command_has_examples_and_every_argument_a_help_text() {
+    let help = |args: &[&str]| {
+        let out = std::process::Command::new(common::SHOAL)
+            .args(args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let top = help(&[]);
+    let commands: Vec<String> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .filter(|c| c != "help" && c != "completion")
+        .collect();
+    assert!(commands.len() > 15, "{top}");
+    let subcommands = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip_while(|l| !l.starts_with("Commands:"))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .filter(|c| c != "help")
+            .collect()
+    };
+    // An argument or option line is followed on the same line, or the next, by its help.
+    let explained = |what: &str, text: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let entry = line.starts_with("  <") || line.starts_with("  -");
+            if !entry || line.contains("possible values") {
+                continue;
+            }
+            let same = line.trim().split("  ").filter(|p| !p.is_empty()).count() > 1;
+            let next = lines
+                .get(i + 1)
+                .is_some_and(|n| n.starts_with("          "));
+            assert!(same || next, "shoal {what}: {line:?} has no help text");
+        }
+    };
+    for command in &commands {
+        let text = help(&[command]);
+        assert!(
+            text.contains("Examples:"),
+            "shoal {command} --help:\n{text}"
+        );
+        explained(command, &text);
+        for sub in subcommands(&text) {
+            explained(&format!("{command} {sub}"), &help(&[command, &sub]));
+        }
+    }
+}

@@ -2,12 +2,17 @@ use super::Context;
 use crate::client::Client;
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result, bail};
+use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use shoal_api::{ApplyOutcome, ApplyResult};
 use shoal_core::{ModuleRef, parse_app};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal apply -f examples/hello/app.toml          create or update; uploads the module if new
+  shoal apply -f a.toml -f b.toml -n staging      several files, into namespace staging
+  shoal apply --dry-run -f app.toml               what would change (exit 1 if anything)")]
 pub struct ApplyArgs {
     /// App spec files (TOML).
     #[arg(short = 'f', long = "file", required = true)]
@@ -18,6 +23,8 @@ pub struct ApplyArgs {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal diff -f examples/hello/app.toml           exit 0: nothing would change; 1: something would")]
 pub struct DiffArgs {
     /// App spec files (TOML).
     #[arg(short = 'f', long = "file", required = true)]
@@ -51,6 +58,41 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
         return Err(crate::exit::WouldChange.into());
     }
     Ok(())
+}
+
+/// Modules smaller than this go up without a progress line.
+const PROGRESS_FROM: usize = 4 << 20;
+
+/// `bytes` as a request body; a big module on a terminal shows how much of it went up, on
+/// one stderr line rewritten in place, as `docker push` does.
+fn upload_body(bytes: Vec<u8>, path: &Path) -> reqwest::Body {
+    use std::io::IsTerminal;
+    if bytes.len() < PROGRESS_FROM || !std::io::stderr().is_terminal() {
+        return reqwest::Body::from(bytes);
+    }
+    let total = bytes.len();
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let chunks: Vec<bytes::Bytes> = bytes::Bytes::from(bytes)
+        .chunks(256 << 10)
+        .map(bytes::Bytes::copy_from_slice)
+        .collect();
+    let mut sent = 0;
+    let stream = futures::stream::iter(chunks).map(move |chunk| {
+        sent += chunk.len();
+        let mib = |n: usize| n as f64 / f64::from(1 << 20);
+        let end = if sent == total { "\n" } else { "" };
+        eprint!(
+            "\ruploading {name}: {:.1}/{:.1} MiB ({}%){end}",
+            mib(sent),
+            mib(total),
+            sent * 100 / total
+        );
+        Ok::<_, std::io::Error>(chunk)
+    });
+    reqwest::Body::wrap_stream(stream)
 }
 
 /// Parses one spec file, uploads its module if the server lacks it, and applies it. With
@@ -103,7 +145,7 @@ pub async fn apply_file(
                         .send(
                             client
                                 .request(reqwest::Method::POST, "/v1/modules")
-                                .body(bytes),
+                                .body(upload_body(bytes, &path)),
                         )
                         .await
                         .with_context(|| format!("uploading {}", path.display()))?;

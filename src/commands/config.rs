@@ -11,6 +11,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal config create shared --from-literal color=blue --from-file motd=motd.txt
+  shoal config set shared color=green             the apps that use it roll to the new value
+  shoal config get shared                         its keys and values
+  shoal config get-contexts                       the clusters this CLI knows; use-context NAME")]
 pub struct ConfigCommand {
     #[command(subcommand)]
     action: ConfigAction,

@@ -3,6 +3,10 @@ use crate::output::{self, Format};
 use anyhow::Result;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal delete app hello                          its replicas stop, its routes go away
+  shoal delete volume data                        refused while an app mounts it
+  shoal delete module sha256:…                    refused while a revision uses it")]
 pub struct DeleteArgs {
     #[arg(value_enum)]
     what: What,

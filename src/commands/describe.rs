@@ -6,9 +6,14 @@ use shoal_api::Describe;
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal describe app hello                        spec, revisions, replicas, recent events
+  shoal describe app hello -o json                the same, for scripts")]
 pub struct DescribeArgs {
+    /// What to describe.
     #[arg(value_enum)]
     what: What,
+    /// Its name.
     name: String,
 }
 

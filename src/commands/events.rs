@@ -6,6 +6,9 @@ use shoal_core::Event;
 use std::time::Duration;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal events                                    what happened, oldest first
+  shoal events --app hello --follow               one app's, as they happen")]
 pub struct EventsArgs {
     /// Only this app's events (and the cluster's).
     #[arg(long)]

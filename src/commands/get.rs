@@ -7,7 +7,12 @@ use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal get apps                                  NAME KIND REVISION READY … in the namespace
+  shoal get replicas --app hello -w               then each change as it happens
+  shoal get apps -A -o json                       every namespace, for scripts")]
 pub struct GetArgs {
+    /// What to list.
     #[arg(value_enum)]
     what: What,
     /// Only this app's replicas or events.

@@ -9,6 +9,8 @@ use shoal_core::Replica;
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal job run greet-job                         start a run now; prints its replica")]
 pub struct JobCommand {
     #[command(subcommand)]
     action: Action,
@@ -18,6 +20,7 @@ pub struct JobCommand {
 enum Action {
     /// Start one run of a job now (scheduled or not), and say which replica it is.
     Run {
+        /// The job app's name.
         name: String,
         /// Give up waiting for the run to start after this long.
         #[arg(long, default_value = "10s")]

@@ -10,6 +10,10 @@ use shoal_core::kv::KvAnswer;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal kv put counter greeting hello             a key of bucket counter
+  shoal kv get counter hits                       its value, as stored
+  shoal kv list counter                           its keys; `kv buckets` lists the buckets")]
 pub struct KvCommand {
     #[command(subcommand)]
     action: KvAction,

@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal node join https://cp:7700 --token-file join.token --gateway 0.0.0.0:8080 --advertise 10.0.0.5:8080
+  shoal node drain node-2                         move its replicas away, new before old
+  shoal node uncordon node-2                      place replicas there again")]
 pub struct NodeCommand {
     #[command(subcommand)]
     action: NodeAction,
@@ -20,14 +24,26 @@ enum NodeAction {
     /// Run a worker node that joins the control plane at URL.
     Join(Box<JoinArgs>),
     /// Stop placing new replicas on a node; what runs there stays.
-    Cordon { name: String },
+    Cordon {
+        /// The node's name (`shoal get nodes` lists them).
+        name: String,
+    },
     /// Allow placing replicas on a node again.
-    Uncordon { name: String },
+    Uncordon {
+        /// The node's name (`shoal get nodes` lists them).
+        name: String,
+    },
     /// Cordon a node and move its replicas elsewhere, each new one Ready before its old one stops.
-    Drain { name: String },
+    Drain {
+        /// The node's name (`shoal get nodes` lists them).
+        name: String,
+    },
     /// Remove a node: its credential is revoked and its replicas are replaced elsewhere.
     /// A node that still runs must join again with the join token.
-    Delete { name: String },
+    Delete {
+        /// The node's name (`shoal get nodes` lists them).
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]

@@ -7,6 +7,10 @@ use shoal_core::{Kind, RolloutPhase, RolloutStatus};
 use std::time::{Duration, Instant};
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal rollout status hello --wait               follow the rollout to its end
+  shoal rollout promote hello --full              canary: straight to 100%
+  shoal rollout undo hello --to-revision 3        run revision 3 again, as a new revision")]
 pub struct RolloutCommand {
     #[command(subcommand)]
     action: Action,
@@ -15,9 +19,13 @@ pub struct RolloutCommand {
 #[derive(clap::Subcommand)]
 enum Action {
     /// List an app's revisions: number, age, module, why it was made, how its rollout ended.
-    History { app: String },
+    History {
+        /// The app's name.
+        app: String,
+    },
     /// Where the app's rollout stands; with --wait, follow it until it ends.
     Status {
+        /// The app's name.
         app: String,
         /// Print each change until the rollout completes (exit 0) or is rolled back (exit 1).
         #[arg(long, short)]
@@ -27,21 +35,34 @@ enum Action {
         timeout: String,
     },
     /// Hold the rollout where it stands: replica counts per revision stay as they are.
-    Pause { app: String },
+    Pause {
+        /// The app's name.
+        app: String,
+    },
     /// Continue a paused rollout.
-    Resume { app: String },
+    Resume {
+        /// The app's name.
+        app: String,
+    },
     /// Canary: end the current step now (with --full, skip to 100%).
     Promote {
+        /// The app's name.
         app: String,
+        /// Skip every remaining step: the canary takes all traffic.
         #[arg(long)]
         full: bool,
     },
     /// Stop the rollout and go back to the last revision that rolled out.
-    Abort { app: String },
+    Abort {
+        /// The app's name.
+        app: String,
+    },
     /// Run an earlier revision again (default: the one before the current), as a new revision.
     Undo {
+        /// The app's name.
         app: String,
-        #[arg(long)]
+        /// The revision to run again (`shoal rollout history APP` lists them).
+        #[arg(long, value_name = "N")]
         to_revision: Option<u64>,
     },
 }

@@ -8,6 +8,8 @@ use anyhow::Result;
 use shoal_core::App;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal scale hello --replicas 3                  now; the next apply of its file sets it again")]
 pub struct ScaleArgs {
     /// The app to scale.
     name: String,

@@ -11,6 +11,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal secret create db --from-file password=pw.txt --from-literal user=app
+  shoal secret create shop-tls --tls-cert cert.pem --tls-key key.pem
+  shoal secret set db --from-literal user=admin   a new version; the apps that use it roll
+  shoal get secrets                               names, keys and versions; never values")]
 pub struct SecretCommand {
     #[command(subcommand)]
     action: SecretAction,

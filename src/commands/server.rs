@@ -3,6 +3,9 @@ use super::up::{ControlArgs, apply_files, init_tracing, shutdown_signal, start_c
 use anyhow::Result;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal server --api 0.0.0.0:7700 --tls-san cp.example.com
+  shoal node join https://cp.example.com:7700 --token-file join.token   on each worker")]
 pub struct ServerArgs {
     #[command(flatten)]
     control: ControlArgs,

@@ -7,6 +7,10 @@ use shoal_core::auth::Role;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal token create ci --role deployer --scope staging --write ci.token
+  shoal token list                                NAME ROLE NAMESPACES AGE, no secrets
+  shoal token rotate-join --write join.token      a new join token; joined nodes carry on")]
 pub struct TokenCommand {
     #[command(subcommand)]
     action: TokenAction,
@@ -32,7 +36,10 @@ enum TokenAction {
     /// List API tokens: names, roles and scopes, never the tokens.
     List,
     /// Revoke an API token: requests carrying it are refused from now on.
-    Revoke { name: String },
+    Revoke {
+        /// The token's name (`shoal token list` lists them).
+        name: String,
+    },
     /// Make a new join token; the old one stops working at once. Nodes that have joined
     /// keep their own credentials.
     RotateJoin {

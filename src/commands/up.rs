@@ -130,6 +130,9 @@ pub enum HopProtocol {
 }
 
 #[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal up --apply examples/hello/app.toml        a one-node cluster with an app serving
+  shoal up --gateway-cert site.pem --gateway-key site-key.pem   HTTPS on the gateway too")]
 pub struct UpArgs {
     #[command(flatten)]
     control: ControlArgs,
