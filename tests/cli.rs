@@ -1,6 +1,8 @@
-//! The CLI as scripts use it: exit codes that tell failures apart, `diff` and `apply
-//! --dry-run` that exit 1 when something would change, `get -A` across namespaces, durations in any unit, quiet on a closed
-//! pipe, completions, JSON logs for the daemons, contexts for several clusters.
+//! The CLI as scripts and people use it: exit codes that tell failures apart, `diff` and
+//! `apply --dry-run` that exit 1 when something would change, `get -A` across namespaces and
+//! `get -w`, `-n` honoured or refused, durations in any unit, quiet on a closed pipe,
+//! completions, help with examples, upload progress on a terminal, JSON logs for the
+//! daemons, contexts for several clusters.
 
 mod common;
 
@@ -345,4 +347,73 @@ fn every_command_has_examples_and_every_argument_a_help_text() {
             explained(&format!("{command} {sub}"), &help(&[command, &sub]));
         }
     }
+}
+
+/// `bytes` with a custom section of `size` bytes appended: the same component, bigger.
+fn padded(mut bytes: Vec<u8>, size: usize) -> Vec<u8> {
+    let leb = |mut n: usize| {
+        let mut out = Vec::new();
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return out;
+            }
+            out.push(byte | 0x80);
+        }
+    };
+    let name = b"padding";
+    let mut payload = leb(name.len());
+    payload.extend_from_slice(name);
+    payload.resize(payload.len() + size, 0);
+    bytes.push(0);
+    bytes.extend(leb(payload.len()));
+    bytes.extend(payload);
+    bytes
+}
+
+#[test]
+fn a_big_upload_shows_its_progress_on_a_terminal() {
+    let c = Cluster::start();
+    let hello = std::fs::read(format!(
+        "{}/target/wasm32-wasip2/release/hello.wasm",
+        examples()
+    ))
+    .unwrap();
+    std::fs::write(
+        c.dir.path().join("big.wasm"),
+        padded(hello.clone(), 6 << 20),
+    )
+    .unwrap();
+    std::fs::write(c.dir.path().join("big2.wasm"), padded(hello, (6 << 20) + 1)).unwrap();
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target/wasm32-wasip2/release/hello.wasm", "big.wasm");
+    let spec = write_spec(c.dir.path(), "big.toml", &text);
+    // `script` gives the CLI a terminal, as a person at a shell has.
+    let command = format!(
+        "SHOAL_CONFIG={} {} apply -f {}",
+        c.dir.path().join("config.toml").display(),
+        common::SHOAL,
+        spec.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    assert!(shown.contains("uploading big.wasm: "), "{shown}");
+    assert!(shown.contains("(100%)"), "{shown}");
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    // Without a terminal (a pipe, CI): no progress line.
+    let again = text
+        .replace("big.wasm", "big2.wasm")
+        .replace("hello", "hello-two");
+    let again = write_spec(c.dir.path(), "again.toml", &again);
+    let out = c.cli(&["apply", "-f", again.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("uploading"));
+    assert!(c.cli_ok(&["get", "modules"]).lines().count() >= 3);
 }
