@@ -121,8 +121,12 @@ impl ControlPlane {
                 app.name
             )));
         }
-        let reads = targets.iter().map(|t| {
-            let mut url = logs_url(t, 0, &query);
+        // A replica not placed yet has written nothing.
+        let placed = targets
+            .iter()
+            .filter_map(|t| Some((t, t.gateway.as_deref()?)));
+        let reads = placed.map(|(t, gateway)| {
+            let mut url = logs_url(gateway, &t.id, 0, &query);
             if let Some(n) = query.tail {
                 url.push_str(&format!("&tail={n}"));
             }
@@ -138,7 +142,7 @@ impl ControlPlane {
         let mut next: HashMap<String, u64> = HashMap::new();
         for e in entries.iter().filter(|e| e.seq != u64::MAX) {
             let n = next.entry(e.replica.clone()).or_default();
-            *n = (*n).max(e.seq + 1);
+            *n = (*n).max(e.seq.saturating_add(1));
         }
         let first: String = entries.iter().map(|e| query.render(e)).collect();
         let first = futures::stream::once(async move { Bytes::from(first) });
@@ -162,13 +166,12 @@ impl ControlPlane {
     }
 }
 
-/// The URL of `target`'s output from sequence number `since`, with `query`'s time filter.
-fn logs_url(target: &Target, since: u64, query: &LogQuery) -> String {
-    let gateway = target.gateway.as_deref().unwrap_or("unplaced");
+/// The URL of replica `id`'s output at `gateway` from sequence number `since`, with
+/// `query`'s time filter.
+fn logs_url(gateway: &str, id: &str, since: u64, query: &LogQuery) -> String {
     let mut url = format!(
-        "https://{gateway}{}{}?since={since}",
+        "https://{gateway}{}{id}?since={since}",
         shoal_core::auth::NODE_LOGS_PATH,
-        target.id
     );
     if let Some(t) = query.since_time {
         url.push_str(&format!("&since_time={t}"));
@@ -188,12 +191,8 @@ fn unreadable(replica: String, why: String) -> LogEntry {
     }
 }
 
-/// Every entry at `url`, or one saying why there are none. A replica not placed yet has
-/// nothing to read.
+/// Every entry at `url`, or one saying why there are none.
 async fn read_all(http: &reqwest::Client, replica: String, url: String) -> Vec<LogEntry> {
-    if url.starts_with("https://unplaced/") {
-        return Vec::new();
-    }
     let response = match http.get(&url).timeout(READ_TIMEOUT).send().await {
         Ok(r) => r,
         Err(e) => return vec![unreadable(replica, format!("its node is unreachable: {e}"))],
@@ -297,11 +296,11 @@ async fn follow_one(
                 continue;
             }
         };
-        if target.gateway.is_none() {
+        let Some(gateway) = &target.gateway else {
             tokio::time::sleep(RELIST).await;
             continue;
-        }
-        let mut url = format!("{}&follow=true", logs_url(&target, since, &query));
+        };
+        let mut url = format!("{}&follow=true", logs_url(gateway, &id, since, &query));
         if let Some(n) = tail {
             url.push_str(&format!("&tail={n}"));
         }
@@ -334,7 +333,7 @@ async fn follow_one(
             let mut out = String::new();
             for line in pending[..end].split(|&b| b == b'\n') {
                 if let Ok(entry) = serde_json::from_slice::<LogEntry>(line) {
-                    since = since.max(entry.seq + 1);
+                    since = since.max(entry.seq.saturating_add(1));
                     out.push_str(&query.render(&entry));
                 }
             }
