@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{Cluster, examples, write_spec};
+use common::{Cluster, example_spec, write_spec};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -125,11 +125,7 @@ async fn sign_in(client: &Client, token: &str) {
 }
 
 fn hello_spec(dir: &std::path::Path, greeting: &str) -> String {
-    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
-        .unwrap()
-        .replace("../target", &format!("{}/target", examples()))
-        .replace("replicas = 1", "replicas = 2")
-        .replace("Hello from Shoal!", greeting);
+    let text = example_spec("hello", 2, greeting);
     write_spec(dir, "hello.toml", &text)
         .to_str()
         .unwrap()

@@ -4,18 +4,14 @@
 
 mod common;
 
-use common::{NodeProc, SHOAL, Server, examples, poll, read_lines, write_spec};
+use common::{NodeProc, SHOAL, Server, example_spec, poll, read_lines, write_spec};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::time::Duration;
 
 /// Hello with two replicas, one on each node, answering under `/hello`.
 fn hello_spec(dir: &std::path::Path, greeting: &str) -> String {
-    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
-        .unwrap()
-        .replace("../target", &format!("{}/target", examples()))
-        .replace("replicas = 1", "replicas = 2")
-        .replace("Hello from Shoal!", greeting);
+    let text = example_spec("hello", 2, greeting);
     let text = format!("{text}\n[placement]\nspread = \"required\"\n");
     let path = write_spec(dir, "hello.toml", &text);
     path.to_str().unwrap().to_string()

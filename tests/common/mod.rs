@@ -291,6 +291,16 @@ pub fn examples() -> &'static str {
     shoal_fixtures::EXAMPLES_DIR
 }
 
+/// Example `name`'s `app.toml`, its component path made absolute so the text works from any
+/// directory, with `replicas` replicas and `GREETING` set to `greeting` (for hello).
+pub fn example_spec(name: &str, replicas: u32, greeting: &str) -> String {
+    std::fs::read_to_string(format!("{}/{name}/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", &format!("replicas = {replicas}"))
+        .replace("Hello from Shoal!", greeting)
+}
+
 /// A `shoal server` with `nodes` workers (`node-1`…), all Ready.
 pub fn cluster(nodes: usize, extra: &[&str]) -> (tempfile::TempDir, Server, Vec<NodeProc>) {
     let dir = tempfile::tempdir().unwrap();

@@ -573,43 +573,7 @@ async fn without_reuse_every_request_has_a_fresh_instance() {
 
 #[tokio::test]
 async fn a_guest_stops_when_its_client_goes_away_before_the_answer() {
-    // One instance slot on the node: while a guest spins in it, nothing else can start.
-    let dir = tempfile::tempdir().unwrap();
-    let mut rc = shoal_runtime::RuntimeConfig::new(dir.path());
-    rc.max_instances = 1;
-    rc.max_memory_bytes = 256 * MIB;
-    let runtime = shoal_runtime::Runtime::new(rc).unwrap();
-    let loaded = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
-    let cfg = InstanceConfig {
-        timeout: Some(Duration::from_secs(120)),
-        ..config()
-    };
-    let faulty = runtime.http_service(&loaded, cfg).unwrap();
-
-    let spinning = tokio::spawn({
-        let faulty = faulty.clone();
-        async move { faulty.handle(get("/loop")).await }
-    });
-    eventually(Duration::from_secs(10), "the guest spinning", || {
-        runtime
-            .cpu_usage()
-            .iter()
-            .any(|(_, usage)| usage.used_ns > 20_000_000)
-    })
-    .await;
-    // The client goes away: its guest goes too and frees the slot, long before its timeout.
-    spinning.abort();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = faulty.handle(get("/count")).await;
-        if response.status() == 200 {
-            break;
-        }
-        assert_eq!(response.status(), 503, "only the slot is missing");
-        assert!(
-            Instant::now() < deadline,
-            "the spinning guest kept its slot"
-        );
-        tokio::task::yield_now().await;
-    }
+    // One instance slot: while the guest spins in it, nothing else can start; its client
+    // going away must free it.
+    a_client_leaving_frees_its_instance(shoal_fixtures::FAULTY_WASM, "/loop").await;
 }

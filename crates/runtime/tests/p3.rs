@@ -139,43 +139,7 @@ async fn a_p3_component_compiles_once_then_loads_from_the_disk_cache() {
 
 #[tokio::test]
 async fn a_fresh_p3_instance_stops_when_its_client_goes_away_before_the_answer() {
-    // One instance slot on the node: while a guest spins in it, nothing else can start.
-    let dir = tempfile::tempdir().unwrap();
-    let mut rc = shoal_runtime::RuntimeConfig::new(dir.path());
-    rc.max_instances = 1;
-    rc.max_memory_bytes = 256 * MIB;
-    let runtime = shoal_runtime::Runtime::new(rc).unwrap();
-    let loaded = load(&runtime, shoal_fixtures::HELLO_P3_WASM).await;
-    let cfg = InstanceConfig {
-        timeout: Some(Duration::from_secs(120)),
-        ..config()
-    };
-    let hello = runtime.http_service(&loaded, cfg).unwrap();
-
-    let spinning = tokio::spawn({
-        let hello = hello.clone();
-        async move { hello.handle(get("/spin")).await }
-    });
-    eventually(Duration::from_secs(10), "the guest spinning", || {
-        runtime
-            .cpu_usage()
-            .iter()
-            .any(|(_, usage)| usage.used_ns > 20_000_000)
-    })
-    .await;
-    // The client goes away: its instance goes too and frees the slot, long before its timeout.
-    spinning.abort();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = hello.handle(get("/count")).await;
-        if response.status() == 200 {
-            break;
-        }
-        assert_eq!(response.status(), 503, "only the slot is missing");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the spinning guest kept its slot"
-        );
-        tokio::task::yield_now().await;
-    }
+    // One instance slot: while the guest spins in it, nothing else can start; its client
+    // going away must free it.
+    a_client_leaving_frees_its_instance(shoal_fixtures::HELLO_P3_WASM, "/spin").await;
 }

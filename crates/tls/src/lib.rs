@@ -594,13 +594,9 @@ mod tests {
         assert!(handshake(client, n1.server.clone(), "127.0.0.1").is_err());
     }
 
-    #[test]
-    fn the_public_side_presents_the_certificate_naming_the_host_asked_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Authority::load_or_create(dir.path()).unwrap();
-        let first = ca.issue_server(&["app.example.com".into()]).unwrap();
-        let wild = ca.issue_server(&["*.wild.test".into()]).unwrap();
-        let (config, certs) = ingress_config(&[first.keyed_chain(), wild.keyed_chain()]).unwrap();
+    /// A client of the gateway's public side trusting `ca` only. Every handshake is a full
+    /// one: a resumed session shows no certificate.
+    fn public_client(ca: &Authority) -> rustls::ClientConfig {
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
@@ -610,8 +606,18 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        // Every handshake a full one: a resumed session shows no certificate.
         client.resumption = rustls::client::Resumption::disabled();
+        client
+    }
+
+    #[test]
+    fn the_public_side_presents_the_certificate_naming_the_host_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let first = ca.issue_server(&["app.example.com".into()]).unwrap();
+        let wild = ca.issue_server(&["*.wild.test".into()]).unwrap();
+        let (config, certs) = ingress_config(&[first.keyed_chain(), wild.keyed_chain()]).unwrap();
+        let client = public_client(&ca);
         for host in ["app.example.com", "a.wild.test", "b.wild.test"] {
             handshake(client.clone(), config.clone(), host).unwrap();
         }
@@ -688,16 +694,7 @@ mod tests {
 
         // No operator certificate: only the apps' hosts get TLS, and as they change.
         let (config, certs) = ingress_config(&[]).unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(ca_der(ca.pem()).unwrap()))
-            .unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        client.resumption = rustls::client::Resumption::disabled();
+        let client = public_client(&ca);
         assert!(handshake(client.clone(), config.clone(), "shop.example.com").is_err());
         let cert = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
         certs.set_hosts(vec![cert]);

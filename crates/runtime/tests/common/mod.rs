@@ -120,3 +120,47 @@ pub fn reset_peak() -> u64 {
     std::fs::write("/proc/self/clear_refs", "5").expect("peak RSS can be reset");
     resident().0
 }
+
+/// On a node with one instance slot, a client of `wasm` asks for `spin` (a guest that loops
+/// for ever) and goes away: the slot must be free again long before the request's timeout,
+/// as `/count` shows.
+pub async fn a_client_leaving_frees_its_instance(wasm: &str, spin: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rc = shoal_runtime::RuntimeConfig::new(dir.path());
+    rc.max_instances = 1;
+    rc.max_memory_bytes = 256 * MIB;
+    let runtime = shoal_runtime::Runtime::new(rc).unwrap();
+    let loaded = load(&runtime, wasm).await;
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_secs(120)),
+        ..config()
+    };
+    let service = runtime.http_service(&loaded, cfg).unwrap();
+
+    let spinning = tokio::spawn({
+        let service = service.clone();
+        let spin = spin.to_string();
+        async move { service.handle(get(&spin)).await }
+    });
+    eventually(Duration::from_secs(10), "the guest spinning", || {
+        runtime
+            .cpu_usage()
+            .iter()
+            .any(|(_, usage)| usage.used_ns > 20_000_000)
+    })
+    .await;
+    spinning.abort();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = service.handle(get("/count")).await;
+        if response.status() == 200 {
+            break;
+        }
+        assert_eq!(response.status(), 503, "only the slot is missing");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spinning guest kept its slot"
+        );
+        tokio::task::yield_now().await;
+    }
+}
