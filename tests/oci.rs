@@ -157,10 +157,77 @@ fn bad_references_are_refused_at_apply_naming_them_and_nothing_is_stored() {
             assert!(err.contains(reference.as_str()), "{verb:?}: {err}");
         }
     }
+    nothing_stored(&c);
+}
+
+#[test]
+fn artifacts_too_big_or_not_components_are_refused_naming_them_and_nothing_is_stored() {
+    let registry = Registry::start();
+    let c = Cluster::start_with(&["--max-module-size", "64Ki"]);
+    let big = format!("{}/team/hello:1.0", registry.addr);
+    c.cli_ok(&["push", shoal_fixtures::HELLO_WASM, &big]);
+    let image = format!("{}/team/image:1.0", registry.addr);
+    push_container_image(&registry.addr, "team/image", "1.0");
+    for (reference, says) in [(&big, "limit"), (&image, "not a Wasm component")] {
+        let file = spec(c.dir.path(), reference);
+        let err = c.cli_err(&["apply", "-f", &file]);
+        assert!(
+            err.contains(reference.as_str()) && err.contains(says),
+            "{reference}: {err}"
+        );
+    }
+    nothing_stored(&c);
+}
+
+/// No module, app or blob: what a refused apply must leave.
+fn nothing_stored(c: &Cluster) {
     assert_eq!(c.api_json("/v1/modules"), serde_json::json!([]));
     assert_eq!(c.api_json("/v1/apps"), serde_json::json!([]));
     let blobs = std::fs::read_dir(c.dir.path().join("data/modules/sha256"))
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(blobs, 0, "a refused pull left a blob behind");
+}
+
+/// Pushes an ordinary container image (one gzip tar layer) with the registry's own API.
+fn push_container_image(addr: &str, repository: &str, tag: &str) {
+    let http = common::client();
+    let blob = |data: &[u8]| {
+        let digest = module_digest(data);
+        let started = http
+            .post(format!("http://{addr}/v2/{repository}/blobs/uploads/"))
+            .send()
+            .expect("blob upload start");
+        assert_eq!(started.status().as_u16(), 202, "{:?}", started.text());
+        let location = started.headers()["location"].to_str().expect("location");
+        let location = match location.starts_with('/') {
+            true => format!("http://{addr}{location}"),
+            false => location.to_string(),
+        };
+        let join = if location.contains('?') { '&' } else { '?' };
+        let resp = http
+            .put(format!("{location}{join}digest={digest}"))
+            .body(data.to_vec())
+            .send()
+            .expect("blob upload");
+        assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text());
+        serde_json::json!({"digest": digest, "size": data.len()})
+    };
+    let mut config = blob(b"{}");
+    config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let mut layer = blob(b"not a component");
+    layer["mediaType"] = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [layer],
+    });
+    let resp = http
+        .put(format!("http://{addr}/v2/{repository}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.to_string())
+        .send()
+        .expect("manifest upload");
+    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text());
 }
