@@ -63,6 +63,8 @@ enum Command {
     Secret(commands::secret::SecretCommand),
     /// Read and write the namespace's key-value buckets (get, put, delete, list, buckets).
     Kv(commands::kv::KvCommand),
+    /// Push a component to an OCI registry, for specs to name with `oci = "…"`.
+    Push(commands::push::PushArgs),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// What applying spec files would change; exits 1 if anything would.
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
         Command::Server(_) => Some("server"),
         Command::Node(_) => Some("node"),
         Command::Token(_) => Some("token"),
+        Command::Push(_) => Some("push"),
         Command::Completion { .. } => Some("completion"),
         _ => None,
     };
@@ -150,6 +153,7 @@ fn main() -> ExitCode {
             Command::Config(cmd) => commands::config::run(ctx, cmd).await,
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
             Command::Kv(cmd) => commands::kv::run(ctx, cmd).await,
+            Command::Push(args) => commands::push::run(ctx, args).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Diff(args) => commands::apply::diff(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,

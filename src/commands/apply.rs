@@ -115,8 +115,10 @@ pub async fn apply_file(
         }
         _ => anyhow::anyhow!("{}: {e}", file.display()),
     })?;
+    // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
-        ModuleRef::Digest(d) => d.clone(),
+        ModuleRef::Oci(_) => None,
+        ModuleRef::Digest(d) => Some(d.clone()),
         ModuleRef::Path(p) => {
             let path = file.parent().unwrap_or(Path::new(".")).join(p);
             let bytes = std::fs::read(&path).with_context(|| {
@@ -157,12 +159,15 @@ pub async fn apply_file(
                     }
                 }
             }
-            digest
+            Some(digest)
         }
     };
-    let mut spec = manifest
-        .resolve(digest)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let mut spec = match digest {
+        Some(digest) => manifest
+            .resolve(digest)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+        None => manifest.unresolved(),
+    };
     if let Some(ns) = namespace {
         let written = text
             .parse::<toml::Table>()

@@ -342,10 +342,14 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                         m.kind.to_string(),
                         m.size.to_string(),
                         age(m.uploaded_at),
+                        m.oci.as_ref().map_or_else(
+                            || "upload".to_string(),
+                            |o| format!("{} ({})", o.reference, o.manifest),
+                        ),
                     ]
                 })
                 .collect();
-            Listing::plain(json, &["DIGEST", "KIND", "BYTES", "AGE"], rows)
+            Listing::plain(json, &["DIGEST", "KIND", "BYTES", "AGE", "SOURCE"], rows)
         }
         What::Nodes => {
             ctx.no_namespace("nodes")?;

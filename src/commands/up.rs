@@ -55,6 +55,10 @@ pub struct ControlArgs {
     /// Serve the API over plain HTTP instead of TLS: tokens cross the network in clear.
     #[arg(long)]
     pub plain_http: bool,
+    /// An OCI registry (HOST:PORT) to pull components from over plain HTTP
+    /// (repeatable); loopback registries always are, every other one over HTTPS.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registry: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -284,6 +288,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
                 Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
                 Scheduling::Spread => shoal_scheduler::Strategy::Spread,
             },
+            insecure_registries: args.insecure_registry.clone(),
             ..ControlConfig::default()
         },
     )

@@ -495,7 +495,7 @@ async fn upload_module(State(cp): State<ControlPlane>, req: Request) -> Result<R
     let cp2 = cp.clone();
     let digest = put.digest.clone();
     let (module, existed) =
-        blocking(move || cp2.register_module(&digest, put.size, put.existed)).await?;
+        blocking(move || cp2.register_module(&digest, put.size, put.existed, None)).await?;
     let status = if existed {
         StatusCode::OK
     } else {
@@ -555,6 +555,7 @@ async fn apply(
     caller
         .check_namespace(&spec.namespace)
         .map_err(|why| ApiError::new(ErrorCode::Forbidden, why))?;
+    let spec = cp.resolve_oci(spec, q.dry_run).await?;
     let result = blocking(move || cp.apply(spec, q.dry_run)).await?;
     let status = if result.outcome == ApplyOutcome::Created && !result.dry_run {
         StatusCode::CREATED

@@ -22,6 +22,7 @@ mod measurements;
 mod mirror;
 mod modules;
 mod nodes;
+mod oci;
 mod openapi;
 mod prometheus;
 mod rollouts;

@@ -180,6 +180,7 @@ mod tests {
                 size: 1,
                 kind: WasmKind::Component,
                 uploaded_at,
+                oci: None,
             },
             at: 1,
             last_used,

@@ -14,7 +14,7 @@ use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, ModuleUse, Node,
-    NodeState, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock, Volume,
+    NodeState, OciOrigin, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock, Volume,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +51,8 @@ pub struct ControlConfig {
     pub secret_key_file: Option<std::path::PathBuf>,
     /// What one key-value bucket may hold, keys and values, in bytes.
     pub kv_bucket_bytes: u64,
+    /// Registries (`host:port`) pulled from over plain HTTP, besides loopback ones.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for ControlConfig {
@@ -67,6 +69,7 @@ impl Default for ControlConfig {
             strategy: shoal_scheduler::Strategy::BinPack,
             secret_key_file: None,
             kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -285,12 +288,13 @@ impl ControlPlane {
 
     // ---- modules ----
 
-    /// Records an uploaded blob after checking that it is WebAssembly.
+    /// Records an uploaded or pulled blob after checking that it is WebAssembly.
     pub(crate) fn register_module(
         &self,
         digest: &str,
         size: u64,
         existed: bool,
+        oci: Option<OciOrigin>,
     ) -> Result<(Module, bool), ControlError> {
         let key = keys::module(digest);
         if let Some((m, _)) = self.get::<Module>(&key)? {
@@ -318,6 +322,7 @@ impl ControlPlane {
             size,
             kind,
             uploaded_at: self.now(),
+            oci,
         };
         // Compare-and-swap like every other write: the first of two concurrent
         // uploads of the same module records it, the second finds it.
@@ -1249,6 +1254,7 @@ pub(crate) mod tests {
             size: 1,
             kind: WasmKind::Component,
             uploaded_at: 0,
+            oci: None,
         };
         let k = keys::module(&digest);
         cp.store()

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod metrics;
 pub mod name;
 pub mod objects;
+pub mod oci;
 pub mod problem;
 pub mod quantity;
 pub mod schedule;

@@ -690,6 +690,17 @@ pub struct Module {
     pub kind: WasmKind,
     #[schema(value_type = u64)]
     pub uploaded_at: Millis,
+    /// Where the control plane pulled it from; absent for an upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciOrigin>,
+}
+
+/// The registry a module was pulled from, for `shoal get modules`: the reference as
+/// the spec wrote it and the manifest it resolved to then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct OciOrigin {
+    pub reference: String,
+    pub manifest: String,
 }
 
 /// When an apply last made a revision of a module: written (blindly, so

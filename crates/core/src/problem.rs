@@ -96,6 +96,8 @@ pub enum ErrorCode {
     ReplicaGone,
     /// The guest did not finish within its timeout.
     Timeout,
+    /// The OCI registry a spec names could not be reached, or refused or failed the pull.
+    Registry,
 }
 
 impl ErrorCode {
@@ -130,6 +132,7 @@ impl ErrorCode {
         ErrorCode::NoReadyReplicas,
         ErrorCode::ReplicaGone,
         ErrorCode::Timeout,
+        ErrorCode::Registry,
     ];
 
     /// The code as it appears on the wire.
@@ -164,6 +167,7 @@ impl ErrorCode {
             ErrorCode::NoReadyReplicas => "no_ready_replicas",
             ErrorCode::ReplicaGone => "replica_gone",
             ErrorCode::Timeout => "timeout",
+            ErrorCode::Registry => "registry",
         }
     }
 
@@ -192,7 +196,7 @@ impl ErrorCode {
             | ErrorCode::GuestTrapped
             | ErrorCode::OutOfMemory
             | ErrorCode::GuestFailed => 500,
-            ErrorCode::BadGateway => 502,
+            ErrorCode::BadGateway | ErrorCode::Registry => 502,
             ErrorCode::Unavailable
             | ErrorCode::AtCapacity
             | ErrorCode::NoReadyReplicas

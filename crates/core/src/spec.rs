@@ -1033,6 +1033,11 @@ impl JobRuns {
 pub struct ComponentSpec {
     /// `sha256:<hex>` of an uploaded module.
     pub digest: String,
+    /// The OCI reference the module comes from (`oci = "…"` in the file): the control
+    /// plane resolves it to `digest` at each apply, so a revision pins what the tag
+    /// named then, and a moved tag shows as a changed digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
     pub kind: Kind,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -1365,6 +1370,7 @@ impl Template {
             self.component.digest != old.component.digest,
             "component.digest",
         );
+        check(self.component.oci != old.component.oci, "component.oci");
         check(self.component.kind != old.component.kind, "component.kind");
         check(self.component.args != old.component.args, "component.args");
         let (new, was) = (&self.resources, &old.resources);
@@ -1520,6 +1526,9 @@ impl AppSpec {
         }
         if let Err(m) = validate_digest(&self.component.digest) {
             return field("component.digest", m);
+        }
+        if let Some(Err(m)) = self.component.oci.as_deref().map(crate::oci::OciRef::parse) {
+            return field("component.oci", m);
         }
         let r = &self.resources;
         let mem = crate::quantity::format_memory;
@@ -1868,6 +1877,8 @@ pub enum ModuleRef {
     Path(PathBuf),
     /// An already uploaded module.
     Digest(String),
+    /// A component in an OCI registry, which the control plane pulls at apply.
+    Oci(String),
 }
 
 /// A parsed spec file: the spec plus where its module is. `spec.component.digest`
@@ -1892,6 +1903,12 @@ impl AppManifest {
         self.spec.component.digest = digest;
         self.spec.validate()?;
         Ok(self.spec)
+    }
+
+    /// The spec of a file whose module is an OCI reference, for the control plane
+    /// to resolve: its digest is empty until then (see [`ComponentSpec::oci`]).
+    pub fn unresolved(self) -> AppSpec {
+        self.spec
     }
 }
 
@@ -2229,6 +2246,7 @@ struct RawVolume {
 struct RawComponent {
     path: Option<Spanned<String>>,
     digest: Option<Spanned<String>>,
+    oci: Option<Spanned<String>>,
     kind: Spanned<Kind>,
     args: Option<Spanned<Vec<String>>>,
 }
@@ -2474,16 +2492,21 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     };
 
     let c = raw.component.get_ref();
-    let module = match (&c.path, &c.digest) {
-        (Some(p), None) => ModuleRef::Path(PathBuf::from(p.get_ref())),
-        (None, Some(d)) => {
+    let module = match (&c.path, &c.digest, &c.oci) {
+        (Some(p), None, None) => ModuleRef::Path(PathBuf::from(p.get_ref())),
+        (None, Some(d), None) => {
             validate_digest(d.get_ref()).map_err(|m| fail("component.digest", m, d.span()))?;
             ModuleRef::Digest(d.get_ref().clone())
+        }
+        (None, None, Some(o)) => {
+            crate::oci::OciRef::parse(o.get_ref())
+                .map_err(|m| fail("component.oci", m, o.span()))?;
+            ModuleRef::Oci(o.get_ref().clone())
         }
         _ => {
             return Err(fail(
                 "component",
-                "set exactly one of `path` (a local .wasm file to upload) or `digest` (an uploaded module)"
+                "set exactly one of `path` (a local .wasm file to upload), `digest` (an uploaded module) or `oci` (a component in an OCI registry)"
                     .into(),
                 raw.component.span(),
             ));
@@ -2662,7 +2685,11 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         component: ComponentSpec {
             digest: match &module {
                 ModuleRef::Digest(d) => d.clone(),
-                ModuleRef::Path(_) => String::new(),
+                ModuleRef::Path(_) | ModuleRef::Oci(_) => String::new(),
+            },
+            oci: match &module {
+                ModuleRef::Oci(o) => Some(o.clone()),
+                ModuleRef::Path(_) | ModuleRef::Digest(_) => None,
             },
             kind,
             args: c
@@ -3279,6 +3306,34 @@ A = "1"
         assert_eq!(err(&both).field.as_deref(), Some("component"));
         let bad = HELLO.replace("path = \"hello.wasm\"", "digest = \"md5:abc\"");
         assert_eq!(err(&bad).field.as_deref(), Some("component.digest"));
+    }
+
+    #[test]
+    fn oci_reference_is_kept_for_the_control_plane_to_resolve() {
+        let src = HELLO.replace(
+            "path = \"hello.wasm\"",
+            "oci = \"registry.example.com/team/hello:1.2.0\"",
+        );
+        let m = parse_app(&src).unwrap();
+        assert_eq!(
+            m.module,
+            ModuleRef::Oci("registry.example.com/team/hello:1.2.0".into())
+        );
+        let spec = m.unresolved();
+        assert_eq!(spec.component.digest, "");
+        assert_eq!(
+            spec.component.oci.as_deref(),
+            Some("registry.example.com/team/hello:1.2.0")
+        );
+        let bad = HELLO.replace("path = \"hello.wasm\"", "oci = \"hello\"");
+        let e = err(&bad);
+        assert_eq!(e.field.as_deref(), Some("component.oci"));
+        assert!(e.line.is_some(), "{e:?}");
+        let both = HELLO.replace(
+            "path = \"hello.wasm\"",
+            "path = \"x.wasm\"\noci = \"r.example.com/x:1\"",
+        );
+        assert_eq!(err(&both).field.as_deref(), Some("component"));
     }
 
     #[test]

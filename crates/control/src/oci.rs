@@ -1,0 +1,131 @@
+//! Components from OCI registries: an apply of a spec with `component.oci`
+//! resolves the reference to the module it names now and pulls that module into
+//! the module store once, validated as an upload is. Nodes then fetch it from
+//! the control plane as any module; none talks to a registry.
+
+use crate::error::ControlError;
+use crate::state::ControlPlane;
+use shoal_core::objects::keys;
+use shoal_core::oci::OciRef;
+use shoal_core::problem::ErrorCode;
+use shoal_core::{AppSpec, Module, OciOrigin, SpecError};
+use shoal_oci::{OciError, Registry};
+use shoal_store::BlobError;
+
+fn registry_error(e: OciError) -> ControlError {
+    let code = match e {
+        OciError::NotAComponent { .. } => ErrorCode::NotAComponent,
+        OciError::Registry { .. } | OciError::DigestMismatch { .. } | OciError::Download { .. } => {
+            ErrorCode::Registry
+        }
+    };
+    // A registry that cannot be reached says why only deep in the chain (connection
+    // refused, no such host): the message carries every cause it does not already say.
+    let mut message = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !message.contains(&said) {
+            message = format!("{message}: {said}");
+        }
+        cause = c.source();
+    }
+    ControlError::Invalid {
+        code,
+        field: Some("component.oci".into()),
+        message,
+    }
+}
+
+impl ControlPlane {
+    /// Pins `spec` to the module its OCI reference names now (a no-op for a spec
+    /// without one), pulling the module unless the store has it or this is a dry run.
+    /// On any failure nothing is stored.
+    pub(crate) async fn resolve_oci(
+        &self,
+        mut spec: AppSpec,
+        dry_run: bool,
+    ) -> Result<AppSpec, ControlError> {
+        let Some(written) = spec.component.oci.clone() else {
+            return Ok(spec);
+        };
+        let reference =
+            OciRef::parse(&written).map_err(|m| SpecError::field("component.oci", m))?;
+        // The rest of the spec is judged before the registry is asked: a spec refused
+        // anyway pulls nothing.
+        let mut probe = spec.clone();
+        probe.component.digest = format!("sha256:{}", "0".repeat(64));
+        probe.validate()?;
+        let registry = Registry::new(&reference, &self.config().insecure_registries);
+        let resolved = registry.resolve().await.map_err(registry_error)?;
+        let digest = resolved.layer.digest.clone();
+        if digest.parse::<shoal_core::Digest>().is_err() {
+            return Err(registry_error(OciError::NotAComponent {
+                reference: written,
+                why: format!("its layer digest {digest} is not sha256"),
+            }));
+        }
+        let limit = self.config().max_module_bytes;
+        let too_large = || ControlError::Invalid {
+            code: ErrorCode::TooLarge,
+            field: Some("component.oci".into()),
+            message: format!(
+                "{written}: the component is larger than the {limit}-byte module limit (set --max-module-size on the server to raise it)"
+            ),
+        };
+        if u64::try_from(resolved.layer.size).is_ok_and(|size| size > limit) {
+            return Err(too_large());
+        }
+        spec.component.digest = digest.clone();
+        if dry_run || self.get::<Module>(&keys::module(&digest))?.is_some() {
+            return Ok(spec);
+        }
+        let stream = registry
+            .layer(&resolved.layer)
+            .await
+            .map_err(registry_error)?;
+        let put = self
+            .blobs()
+            .put_stream(stream, limit)
+            .await
+            .map_err(|e| match e {
+                BlobError::TooLarge { .. } => too_large(),
+                BlobError::Stream(why) => registry_error(OciError::Download {
+                    reference: written.clone(),
+                    why,
+                }),
+                other => ControlError::internal(other),
+            })?;
+        if put.digest != digest {
+            if !put.existed {
+                self.blobs()
+                    .delete(&put.digest)
+                    .map_err(ControlError::internal)?;
+            }
+            return Err(registry_error(OciError::DigestMismatch {
+                reference: written,
+                what: "layer",
+                expected: digest,
+                got: put.digest,
+            }));
+        }
+        let cp = self.clone();
+        let origin = OciOrigin {
+            reference: written.clone(),
+            manifest: resolved.manifest,
+        };
+        crate::state::blocking(move || {
+            cp.register_module(&put.digest, put.size, put.existed, Some(origin))
+        })
+        .await
+        .map_err(|e| match e {
+            ControlError::Invalid { code, message, .. } => ControlError::Invalid {
+                code,
+                field: Some("component.oci".into()),
+                message: format!("{written}: {message}"),
+            },
+            other => other,
+        })?;
+        Ok(spec)
+    }
+}

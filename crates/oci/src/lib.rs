@@ -1,0 +1,274 @@
+//! Wasm components in OCI registries, in the layout wasm-pkg-tools (`wkg`)
+//! writes: a manifest whose config has media type
+//! `application/vnd.wasm.config.v0+json` and whose one layer is the component,
+//! `application/wasm`. The control plane resolves and pulls with it at apply
+//! (nodes never talk to a registry); `shoal push` writes the same layout.
+//!
+//! Loopback registries, and those the operator lists as insecure, speak plain
+//! HTTP; every other registry HTTPS.
+
+use oci_client::client::{ClientConfig, ClientProtocol, SizedStream};
+use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+use shoal_core::oci::OciRef;
+use thiserror::Error;
+
+/// The config media type of a Wasm component artifact (the wkg convention).
+pub const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
+/// The media type of the layer that is the component.
+pub const WASM_LAYER: &str = "application/wasm";
+/// The layer media type of the older wasm-to-oci convention, still pushed by some tools.
+const LEGACY_WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
+
+#[derive(Debug, Error)]
+pub enum OciError {
+    #[error("{reference}: {source}")]
+    Registry {
+        reference: String,
+        source: oci_client::errors::OciDistributionError,
+    },
+    #[error("{reference} is not a Wasm component: {why}")]
+    NotAComponent { reference: String, why: String },
+    /// What the registry sent does not hash to the digest that named it.
+    #[error("{reference}: the registry sent a {what} with digest {got}, not {expected}")]
+    DigestMismatch {
+        reference: String,
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
+    #[error("{reference}: downloading the component failed: {why}")]
+    Download { reference: String, why: String },
+}
+
+/// The layer of `manifest` that is the component: its only layer, of a Wasm media
+/// type. The config's media type is not required to be Wasm's, so plain
+/// single-layer `application/wasm` images are accepted too.
+pub fn component_layer(manifest: &OciImageManifest) -> Result<&OciDescriptor, String> {
+    let types = || {
+        manifest
+            .layers
+            .iter()
+            .map(|l| l.media_type.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match manifest.layers.as_slice() {
+        [layer] if layer.media_type == WASM_LAYER || layer.media_type == LEGACY_WASM_LAYER => {
+            Ok(layer)
+        }
+        [_] => Err(format!(
+            "its layer is {}, not {WASM_LAYER} (config {})",
+            types(),
+            manifest.config.media_type
+        )),
+        layers => Err(format!(
+            "it has {} layers ({}), a component artifact has one, of type {WASM_LAYER}",
+            layers.len(),
+            types()
+        )),
+    }
+}
+
+/// The manifest `shoal push` writes for `component` (a Wasm component's bytes) with
+/// `config` as its config blob, and that config's bytes.
+pub fn component_manifest(component: &[u8], config: &[u8]) -> OciImageManifest {
+    let descriptor = |media_type: &str, data: &[u8]| OciDescriptor {
+        media_type: media_type.to_string(),
+        digest: sha256(data),
+        size: data.len() as i64,
+        ..Default::default()
+    };
+    OciImageManifest {
+        media_type: Some(OCI_IMAGE_MEDIA_TYPE.to_string()),
+        config: descriptor(WASM_CONFIG, config),
+        layers: vec![descriptor(WASM_LAYER, component)],
+        ..Default::default()
+    }
+}
+
+/// The config blob of the wkg layout: what wkg itself writes, minus the
+/// component's WIT summary, which no reader requires.
+pub fn component_config(component: &[u8], created: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "created": created,
+        "architecture": "wasm",
+        "os": "wasip2",
+        "layerDigests": [sha256(component)],
+    }))
+    .expect("a JSON value serialises")
+}
+
+pub fn sha256(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A reference resolved to what an apply pins.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The manifest's digest.
+    pub manifest: String,
+    /// The component layer: its digest is the module's.
+    pub layer: OciDescriptor,
+}
+
+/// One registry conversation about one reference (the client keeps the
+/// registry's token between the manifest and the blob).
+pub struct Registry {
+    client: Client,
+    reference: Reference,
+    name: String,
+}
+
+impl Registry {
+    /// `insecure`: registries (`host:port`) that speak plain HTTP besides loopback ones.
+    pub fn new(reference: &OciRef, insecure: &[String]) -> Registry {
+        let plain = reference.is_loopback() || insecure.contains(&reference.registry);
+        let protocol = if plain {
+            ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        // oci-client's HTTP client takes the process's default rustls provider; ring is the
+        // one every other TLS connection of Shoal uses (an error: one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(ClientConfig {
+            protocol,
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(60)),
+            ..Default::default()
+        });
+        let (registry, repository) = (reference.registry.clone(), reference.repository.clone());
+        let oci = match (&reference.tag, &reference.digest) {
+            (Some(t), Some(d)) => {
+                Reference::with_tag_and_digest(registry, repository, t.clone(), d.clone())
+            }
+            (None, Some(d)) => Reference::with_digest(registry, repository, d.clone()),
+            (Some(t), None) => Reference::with_tag(registry, repository, t.clone()),
+            (None, None) => Reference::with_tag(registry, repository, "latest".into()),
+        };
+        Registry {
+            client,
+            reference: oci,
+            name: reference.to_string(),
+        }
+    }
+
+    fn registry_error(&self, source: oci_client::errors::OciDistributionError) -> OciError {
+        OciError::Registry {
+            reference: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Fetches the manifest the reference names now and picks its component layer.
+    pub async fn resolve(&self) -> Result<Resolved, OciError> {
+        let (manifest, digest) = self
+            .client
+            .pull_image_manifest(&self.reference, &RegistryAuth::Anonymous)
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        if let Some(expected) = self.reference.digest()
+            && expected != digest
+        {
+            return Err(OciError::DigestMismatch {
+                reference: self.name.clone(),
+                what: "manifest",
+                expected: expected.to_string(),
+                got: digest,
+            });
+        }
+        let layer = component_layer(&manifest)
+            .map_err(|why| OciError::NotAComponent {
+                reference: self.name.clone(),
+                why,
+            })?
+            .clone();
+        Ok(Resolved {
+            manifest: digest,
+            layer,
+        })
+    }
+
+    /// The bytes of `layer`, as they arrive; the caller bounds and hashes them.
+    pub async fn layer(&self, layer: &OciDescriptor) -> Result<SizedStream, OciError> {
+        self.client
+            .pull_blob_stream(&self.reference, layer)
+            .await
+            .map_err(|e| self.registry_error(e))
+    }
+
+    /// Pushes `component` under the reference in the wkg layout; returns the
+    /// manifest's digest.
+    pub async fn push(&self, component: &[u8]) -> Result<String, OciError> {
+        let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let config = component_config(component, &created);
+        let manifest = component_manifest(component, &config);
+        self.client
+            .store_auth_if_needed(self.reference.resolve_registry(), &RegistryAuth::Anonymous)
+            .await;
+        self.client
+            .push_blob(
+                &self.reference,
+                component.to_vec(),
+                &manifest.layers[0].digest,
+            )
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        self.client
+            .push_blob(&self.reference, config, &manifest.config.digest)
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        let body = serde_json::to_vec(&manifest).expect("a manifest serialises");
+        let digest = sha256(&body);
+        self.client
+            .push_manifest_raw(
+                &self.reference,
+                body,
+                http::HeaderValue::from_static(OCI_IMAGE_MEDIA_TYPE),
+            )
+            .await
+            .map_err(|e| self.registry_error(e))?;
+        Ok(digest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pushed_layout_is_the_one_read() {
+        let component = b"\0asm\x0d\0\x01\0";
+        let config = component_config(component, "2026-01-01T00:00:00Z");
+        let manifest = component_manifest(component, &config);
+        assert_eq!(manifest.config.media_type, WASM_CONFIG);
+        assert_eq!(manifest.config.digest, sha256(&config));
+        let layer = component_layer(&manifest).unwrap();
+        assert_eq!(layer.digest, sha256(component));
+        assert_eq!(layer.size, component.len() as i64);
+        let config: serde_json::Value = serde_json::from_slice(&config).unwrap();
+        assert_eq!(config["layerDigests"][0], sha256(component));
+    }
+
+    #[test]
+    fn plain_and_legacy_wasm_images_are_components_other_images_are_not() {
+        let mut m = component_manifest(b"x", b"{}");
+        m.config.media_type = "application/vnd.oci.image.config.v1+json".into();
+        assert!(component_layer(&m).is_ok());
+        m.layers[0].media_type = LEGACY_WASM_LAYER.into();
+        assert!(component_layer(&m).is_ok());
+
+        m.layers[0].media_type = "application/vnd.oci.image.layer.v1.tar+gzip".into();
+        let e = component_layer(&m).unwrap_err();
+        assert!(e.contains("tar+gzip") && e.contains(WASM_LAYER), "{e}");
+
+        let mut two = component_manifest(b"x", b"{}");
+        two.layers.push(two.layers[0].clone());
+        assert!(component_layer(&two).unwrap_err().contains("2 layers"));
+        two.layers.clear();
+        assert!(component_layer(&two).unwrap_err().contains("0 layers"));
+    }
+}
