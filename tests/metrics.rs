@@ -5,17 +5,8 @@
 
 mod common;
 
-use common::{Cluster, examples, poll};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use common::{Cluster, examples, poll, promtool_check, sample};
 use std::time::Duration;
-
-/// The value of the sample line starting with `series ` in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 #[test]
 fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
@@ -95,21 +86,7 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         "{text}"
     );
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; `make test` installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "{checked:?}\n{text}");
+    promtool_check(&text);
 
     // A token is needed, as for every other route.
     let anonymous = c
