@@ -1,7 +1,8 @@
 //! Prometheus metrics end to end: after a known number of requests through the gateway, the
 //! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
-//! with the cluster's apps, replicas and nodes and what the controller did; `promtool check
-//! metrics` (Debian's prometheus package) finds nothing to say about names, labels or format.
+//! with the cluster's apps, replicas and nodes, what the controller did, how long store commits
+//! took and replicas waited for a node; `promtool check metrics` (Debian's prometheus package)
+//! finds nothing to say about names, labels or format.
 
 mod common;
 
@@ -83,6 +84,26 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
     );
     assert!(
         sample(&text, "shoal_controller_pass_duration_seconds_count") >= Some(1.0),
+        "{text}"
+    );
+    // Every write was a commit the store timed: the apply, the placement, the reports.
+    assert!(
+        sample(&text, "shoal_store_commit_duration_seconds_count") >= Some(3.0),
+        "{text}"
+    );
+    assert!(sample(&text, "shoal_store_commit_duration_seconds_sum") > Some(0.0));
+    // The one replica was placed in the pass that made it: it waited for nothing.
+    assert_eq!(
+        sample(&text, "shoal_replica_scheduling_duration_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"shoal_replica_scheduling_duration_seconds_bucket{le="0.01"}"#
+        ),
+        Some(1.0),
         "{text}"
     );
 

@@ -194,6 +194,10 @@ impl ControlPlane {
                 members,
             }),
         };
+        let commits = cp.inner.observed.commits.clone();
+        cp.inner
+            .store
+            .observe_commits(Box::new(move |took| commits.observe(took.as_secs_f64())));
         cp.claim_stored_routes()?;
         Ok(cp)
     }
