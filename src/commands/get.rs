@@ -316,7 +316,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
 
 /// `table`, with each row's namespace in a first NAMESPACE column when every namespace was
 /// asked for (`-A`), as kubectl shows it.
-fn ns_table<'a>(
+pub fn ns_table<'a>(
     all: bool,
     header: &[&str],
     namespaces: impl Iterator<Item = &'a str>,

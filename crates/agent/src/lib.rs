@@ -24,8 +24,8 @@ use probe::{Action, Backoff, Probe, ProbeState};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Delta, Link, LinkError, ReplicaIncident, ReplicaReport, ReplicaSecrets, VolumeUsage,
-    Waiting,
+    AppCpu, Delta, Link, LinkError, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    VolumeUsage, Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -307,7 +307,16 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.inner.link.heartbeat(&self.inner.config.node).await {
+            let usage = NodeUsage {
+                memory_reserved_bytes: self.inner.runtime.memory_reserved(),
+                memory_budget_bytes: self.inner.runtime.memory_budget(),
+            };
+            match self
+                .inner
+                .link
+                .heartbeat(&self.inner.config.node, usage)
+                .await
+            {
                 Ok(()) => {}
                 Err(LinkError::Unregistered) => self.register().await,
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),

@@ -17,11 +17,11 @@ mod types;
 pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use types::{
-    AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
+    AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Delta, Describe,
     INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest,
-    JoinResponse, KeyRotated, NodeAction, NodeSummary, Object, ObjectKey, ReplicaIncident,
-    ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView, RotatedJoinToken,
-    RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot,
-    TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    JoinResponse, KeyRotated, NodeAction, NodeSummary, NodeTop, NodeUsage, Object, ObjectKey,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView,
+    RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service,
+    ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };

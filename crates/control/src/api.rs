@@ -16,8 +16,9 @@ use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
     AppCpu, ApplyOutcome, BucketView, CertificateRequest, ConfigSetRequest, ConfigSetWritten,
-    IssuedCertificate, JoinRequest, NodeAction, ReplicaIncident, ReplicaReport, RolloutAction,
-    RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, VolumeUsage, Waiting,
+    IssuedCertificate, JoinRequest, NodeAction, NodeUsage, ReplicaIncident, ReplicaReport,
+    RolloutAction, RotatedJoinToken, SecretWrite, SecretWritten, TokenRequest, VolumeUsage,
+    Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -88,6 +89,8 @@ admin_api! {
     GET "/v1/services" => list_services, Viewer, NamespaceOrAll;
     GET "/v1/events" => list_events, Viewer, NamespaceOrAll;
     GET "/v1/nodes" => list_nodes, Viewer, Cluster;
+    GET "/v1/top/nodes" => top_nodes, Viewer, Cluster;
+    GET "/v1/top/apps" => top_apps, Viewer, NamespaceOrAll;
     GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster;
     DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster;
     POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster;
@@ -763,6 +766,21 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn top_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.top_nodes())
+        .await
+        .map(|n| Json(n).into_response())
+}
+
+async fn top_apps(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.top_apps(q.namespace.as_deref()))
+        .await
+        .map(|a| Json(a).into_response())
+}
+
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
     blocking(move || cp.node_summaries())
         .await
@@ -960,9 +978,17 @@ async fn heartbeat(
     State(cp): State<ControlPlane>,
     Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
+    body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    blocking(move || cp.heartbeat(&name)).await?;
+    // A node checking its credential sends no body, nor did nodes before `NodeUsage`.
+    let usage = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice::<Option<NodeUsage>>(&body)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("node usage: {e}")))?
+    };
+    blocking(move || cp.heartbeat(&name, usage)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -990,7 +1016,7 @@ async fn node_metrics(
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    cp.record_metrics(stats);
+    cp.record_metrics(&name, stats);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -170,7 +170,7 @@ impl ControlPlane {
         });
         if changes.nodes {
             let nodes = &mirror.world.nodes;
-            self.inner.metrics.retain_waiting_nodes(|name| {
+            self.inner.metrics.retain_nodes(|name| {
                 nodes
                     .get(name)
                     .is_some_and(|n| n.value.state == NodeState::Ready)
