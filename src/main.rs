@@ -71,6 +71,8 @@ enum Command {
     Diff(commands::apply::DiffArgs),
     /// List apps, jobs, replicas, modules, nodes, services, secrets, volumes or events.
     Get(commands::get::GetArgs),
+    /// What nodes or apps use and serve now: CPU, memory, replicas, requests, 5xx, p99.
+    Top(commands::top::TopArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
     /// Delete an app (its replicas stop, its routes go away), an unused module or volume.
@@ -157,6 +159,7 @@ fn main() -> ExitCode {
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Diff(args) => commands::apply::diff(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,
+            Command::Top(args) => commands::top::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,
             Command::Delete(args) => commands::delete::run(ctx, args).await,
             Command::Logs(args) => commands::logs::run(ctx, args).await,

@@ -1,21 +1,13 @@
 //! Prometheus metrics end to end: after a known number of requests through the gateway, the
 //! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
-//! with the cluster's apps, replicas and nodes and what the controller did; `promtool check
-//! metrics` (Debian's prometheus package) finds nothing to say about names, labels or format.
+//! with the cluster's apps, replicas and nodes, what the controller did, how long store commits
+//! took and replicas waited for a node; `promtool check metrics` (Debian's prometheus package)
+//! finds nothing to say about names, labels or format.
 
 mod common;
 
-use common::{Cluster, examples, poll};
-use std::io::Write as _;
-use std::process::{Command, Stdio};
+use common::{Cluster, examples, poll, promtool_check, sample};
 use std::time::Duration;
-
-/// The value of the sample line starting with `series ` in `text`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 #[test]
 fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
@@ -94,22 +86,28 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         sample(&text, "shoal_controller_pass_duration_seconds_count") >= Some(1.0),
         "{text}"
     );
+    // Every write was a commit the store timed: the apply, the placement, the reports.
+    assert!(
+        sample(&text, "shoal_store_commit_duration_seconds_count") >= Some(3.0),
+        "{text}"
+    );
+    assert!(sample(&text, "shoal_store_commit_duration_seconds_sum") > Some(0.0));
+    // The one replica was placed in the pass that made it: it waited for nothing.
+    assert_eq!(
+        sample(&text, "shoal_replica_scheduling_duration_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"shoal_replica_scheduling_duration_seconds_bucket{le="0.01"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
 
-    let mut promtool = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian's prometheus package; `make test` installs it)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "{checked:?}\n{text}");
+    promtool_check(&text);
 
     // A token is needed, as for every other route.
     let anonymous = c

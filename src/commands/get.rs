@@ -163,7 +163,15 @@ impl Listing {
     }
 
     fn print(&self, all: bool) {
-        table(&self.header(all), &self.rows(all));
+        match &self.namespaces {
+            Some(namespaces) => ns_table(
+                all,
+                self.header,
+                namespaces.iter().map(String::as_str),
+                self.rows.clone(),
+            ),
+            None => table(self.header, &self.rows),
+        }
     }
 
     /// Each row with its namespace first and the volatile columns left out: what tells
@@ -437,6 +445,28 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             )
         }
     })
+}
+
+/// `table`, with each row's namespace in a first NAMESPACE column when every namespace was
+/// asked for (`-A`), as kubectl shows it.
+pub fn ns_table<'a>(
+    all: bool,
+    header: &[&str],
+    namespaces: impl Iterator<Item = &'a str>,
+    rows: Vec<Vec<String>>,
+) {
+    if !all {
+        table(header, &rows);
+        return;
+    }
+    let header: Vec<&str> = std::iter::once("NAMESPACE")
+        .chain(header.iter().copied())
+        .collect();
+    let rows: Vec<Vec<String>> = namespaces
+        .zip(rows)
+        .map(|(ns, row)| std::iter::once(ns.to_string()).chain(row).collect())
+        .collect();
+    table(&header, &rows);
 }
 
 pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {

@@ -16,6 +16,7 @@ pub mod scale;
 pub mod secret;
 pub mod server;
 pub mod token;
+pub mod top;
 pub mod up;
 
 use crate::client::Client;

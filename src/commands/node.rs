@@ -125,10 +125,7 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     }
     let node = start_node(&data, &args.node, name, Arc::new(link), &ca).await?;
     println!("Shoal node {} joined {}", node.name, args.url);
-    println!("  gateway:  http://{}", node.gateway);
-    if node.https {
-        println!("            https:// too, for the hosts of --gateway-cert");
-    }
+    node.print_addresses();
     shutdown_signal().await;
     println!("Shoal node is stopping");
     Ok(())

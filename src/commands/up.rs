@@ -124,6 +124,10 @@ pub struct NodeArgs {
     /// The PEM private key of the --gateway-cert in the same position.
     #[arg(long = "gateway-key", value_name = "FILE", requires = "gateway_cert")]
     pub gateway_key: Vec<PathBuf>,
+    /// Serve this node's own Prometheus metrics at http://ADDR/metrics, in plain text and
+    /// to anyone who reaches ADDR (e.g. 127.0.0.1:9100); off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `--hop-protocol`.
@@ -347,6 +351,61 @@ pub struct StartedNode {
     pub gateway: SocketAddr,
     /// Whether the gateway serves HTTPS to the public too.
     pub https: bool,
+    /// Where its metrics are served, if they are.
+    pub metrics: Option<SocketAddr>,
+}
+
+impl StartedNode {
+    /// The addresses it serves at, as `up` and `node join` print them.
+    pub fn print_addresses(&self) {
+        println!("  gateway:  http://{}", self.gateway);
+        if self.https {
+            println!("            https:// too, for the hosts of --gateway-cert");
+        }
+        if let Some(addr) = self.metrics {
+            println!("  metrics:  http://{addr}/metrics");
+        }
+    }
+}
+
+/// Serves the node's metrics at `GET /metrics` on `addr`, in plain HTTP with the API's
+/// connection limits; returns the address bound.
+async fn serve_metrics(addr: SocketAddr, agent: Agent) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} for the node's metrics (--metrics)"))?;
+    let bound = listener.local_addr()?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let agent = agent.clone();
+            async move {
+                use axum::http::{StatusCode, header};
+                use axum::response::IntoResponse as _;
+                match agent.prometheus() {
+                    Ok(text) => (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode the node's metrics");
+                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                    }
+                }
+            }
+        }),
+    );
+    tokio::spawn(shoal_control::serve(
+        listener,
+        router,
+        shoal_control::ServeLimits::default(),
+        None,
+    ));
+    Ok(bound)
 }
 
 /// The certificates in the `--egress-ca` files, DER.
@@ -520,12 +579,17 @@ pub async fn start_node(
         runtime,
         gateway.clone(),
     );
+    let metrics = match args.metrics {
+        Some(addr) => Some(serve_metrics(addr, agent.clone()).await?),
+        None => None,
+    };
     tokio::spawn(agent.run());
     tokio::spawn(shoal_gateway::serve(listener, gateway));
     Ok(StartedNode {
         name,
         gateway: gw_addr,
         https: !args.gateway_cert.is_empty(),
+        metrics,
     })
 }
 
@@ -564,10 +628,7 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         c.data.display()
     );
     println!("  API:      {}", c.server);
-    println!("  gateway:  http://{}", node.gateway);
-    if node.https {
-        println!("            https:// too, for the hosts of --gateway-cert");
-    }
+    node.print_addresses();
     println!("  CLI config (server + token): {}", config_path.display());
     println!(
         "  more nodes: shoal node join {} --token-file {} --gateway ADDR",

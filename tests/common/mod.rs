@@ -227,6 +227,45 @@ pub fn api_client(ca: &str) -> reqwest::blocking::Client {
         .expect("http client")
 }
 
+/// `127.0.0.1:PORT` with a port free now: for a process that must listen on the same
+/// address again after a restart.
+pub fn free_addr() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("127.0.0.1:{port}")
+}
+
+/// The value of the sample line starting with `series ` in Prometheus text `text`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Insists `promtool check metrics` (Debian's prometheus package; `make test` installs it)
+/// finds nothing to say about the exposition `text`.
+pub fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; `make test` installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "{checked:?}\n{text}");
+}
+
 /// Calls `f` until it returns true or the deadline passes.
 pub fn poll(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + deadline;
@@ -422,13 +461,8 @@ impl Server {
 
     /// [`Server::start`] with more `shoal server` flags.
     pub fn start_with(dir: &Path, extra: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        Self::start_at(dir, &format!("127.0.0.1:{port}"), extra)
+        Self::start_at(dir, &free_addr(), extra)
     }
 
     fn start_at(dir: &Path, api_addr: &str, extra: Vec<String>) -> Server {
@@ -577,29 +611,19 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn join(server: &Server, name: &str, extra: &[&str]) -> NodeProc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Self::spawn(
             &server.dir.join(name),
             name,
             &server.api,
             &server.join_token,
-            &format!("127.0.0.1:{port}"),
+            &free_addr(),
             extra,
         )
     }
 
     /// A worker joining the control plane of `shoal up` cluster `c`, beside its own node.
     pub fn join_up(c: &Cluster, name: &str, extra: &[&str]) -> NodeProc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let join_token =
             std::fs::read_to_string(c.dir.path().join("data/join-token")).expect("join token file");
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
@@ -608,7 +632,7 @@ impl NodeProc {
             name,
             &c.api,
             &join_token,
-            &format!("127.0.0.1:{port}"),
+            &free_addr(),
             extra,
         )
     }

@@ -6,6 +6,7 @@
 //! it runs, and it re-sends any report the cluster state does not reflect.
 
 mod link;
+mod metrics;
 mod plan;
 mod probe;
 #[cfg(test)]
@@ -23,8 +24,8 @@ use probe::{Action, Backoff, Probe, ProbeState};
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Delta, Link, LinkError, ReplicaIncident, ReplicaReport, ReplicaSecrets, VolumeUsage,
-    Waiting,
+    AppCpu, Delta, Link, LinkError, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    VolumeUsage, Waiting,
 };
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
@@ -104,6 +105,8 @@ struct Inner {
     /// The apps' HTTPS certificates as the cluster view names them; `tend_ingress` fetches
     /// them when this changes.
     ingress: tokio::sync::watch::Sender<IngressWanted>,
+    /// What each app revision's instances here do, for [`Agent::prometheus`].
+    revisions: metrics::Revisions,
 }
 
 /// A replica this node runs.
@@ -144,6 +147,7 @@ impl Agent {
                 running: Mutex::new(HashMap::new()),
                 volumes: Mutex::new(HashMap::new()),
                 ingress: tokio::sync::watch::Sender::new(IngressWanted::new()),
+                revisions: metrics::Revisions::default(),
             }),
         };
         // The control plane reads replicas' output through this node's gateway.
@@ -164,6 +168,27 @@ impl Agent {
                 Some(sink)
             }));
         agent
+    }
+
+    /// This node's metrics in Prometheus' text format (see `metrics.rs`), read now.
+    pub fn prometheus(&self) -> Result<String, std::fmt::Error> {
+        let inner = &self.inner;
+        let mut scrape = metrics::Scrape::new(&inner.revisions);
+        scrape.in_flight = inner.gateway.local_in_flight();
+        scrape.cpu = inner.runtime.cpu_usage();
+        scrape.compile_cache = inner.runtime.compile_cache();
+        scrape.memory_reserved = inner.runtime.memory_reserved();
+        scrape.memory_budget = inner.runtime.memory_budget();
+        for r in inner.running.lock().expect("agent lock").values() {
+            let phase = r
+                .status
+                .lock()
+                .expect("status lock")
+                .as_ref()
+                .map_or(Phase::Pending, |s| s.phase);
+            *scrape.phases.entry(phase.to_string()).or_default() += 1;
+        }
+        scrape.encode()
     }
 
     fn node(&self) -> Node {
@@ -282,7 +307,16 @@ impl Agent {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match self.inner.link.heartbeat(&self.inner.config.node).await {
+            let usage = NodeUsage {
+                memory_reserved_bytes: self.inner.runtime.memory_reserved(),
+                memory_budget_bytes: self.inner.runtime.memory_budget(),
+            };
+            match self
+                .inner
+                .link
+                .heartbeat(&self.inner.config.node, usage)
+                .await
+            {
                 Ok(()) => {}
                 Err(LinkError::Unregistered) => self.register().await,
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
@@ -298,6 +332,7 @@ impl Agent {
         let node = &self.inner.config.node;
         loop {
             tick.tick().await;
+            self.inner.revisions.prune(std::time::Instant::now());
             let stats = self.inner.gateway.take_metrics();
             if !stats.is_empty()
                 && let Err(e) = self.inner.link.metrics(node, stats).await
@@ -829,6 +864,7 @@ impl Agent {
                 buckets: t.keyvalue.clone(),
             }),
             volumes,
+            stats: self.inner.revisions.stats(&replica.app, replica.revision),
         };
         match t.component.kind {
             Kind::Http => match self.inner.runtime.http_service(&loaded, config.clone()) {

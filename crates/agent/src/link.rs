@@ -9,8 +9,8 @@ use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
     AppCpu, CertificateRequest, Client, ClientError, Delta, IngressCertificate, IssuedCertificate,
-    JoinRequest, JoinResponse, Link, LinkError, LinkResult, ReplicaIncident, ReplicaReport,
-    ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
+    JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage, ReplicaIncident,
+    ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -235,10 +235,13 @@ impl Link for RemoteLink {
         })
     }
 
-    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
+    fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>> {
         let path = format!("/v1/cluster/nodes/{node}/heartbeat");
         Box::pin(async move {
-            let req = self.post(&path).timeout(Duration::from_secs(2));
+            let req = self
+                .post(&path)
+                .json(&usage)
+                .timeout(Duration::from_secs(2));
             match self.api().checked(req).await {
                 Ok(_) => Ok(()),
                 // The control plane does not know this node, or no longer takes

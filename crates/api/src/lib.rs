@@ -17,12 +17,12 @@ mod types;
 pub use client::{Client, ClientError};
 pub use link::{Link, LinkError, LinkResult};
 pub use types::{
-    AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
+    AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,
     Describe, INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary,
-    JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeSummary, Object,
-    ObjectKey, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount,
-    RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite,
-    SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage,
-    VolumeView, Waiting,
+    JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop,
+    NodeUsage, Object, ObjectKey, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    RevisionCount, RolloutAction, RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView,
+    SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView,
+    VolumeUsage, VolumeView, Waiting,
 };

@@ -4,8 +4,8 @@
 //! links offer exactly those operations, so the agent cannot tell them apart.
 
 use crate::types::{
-    AppCpu, CertificateRequest, Delta, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot,
-    Waiting,
+    AppCpu, CertificateRequest, Delta, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    Snapshot, Waiting,
 };
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -34,7 +34,8 @@ pub trait Link: Send + Sync + 'static {
         node: &str,
         request: CertificateRequest,
     ) -> BoxFuture<'_, LinkResult<String>>;
-    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
+    /// Renews the node's lease, saying what its guests' memory is now.
+    fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>>;
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
     /// The changes after revision `after` (a [`Snapshot`]'s) that the agent acts

@@ -7,7 +7,8 @@ use shoal_core::auth::Role;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::spec::{AppKey, Concurrency};
 use shoal_core::{
-    App, Capacity, Event, Kind, Millis, Module, Node, Phase, Replica, Revision, RolloutStatus,
+    App, Capacity, Event, Kind, Millis, Module, Node, NodeState, Phase, Replica, Revision,
+    RolloutStatus,
 };
 
 /// The answer to `POST /v1/modules`: the module, and whether it was there before (the
@@ -178,6 +179,50 @@ pub struct AppCpu {
     pub app: AppKey,
     pub used_ns: u64,
     pub throttled_ns: u64,
+}
+
+/// What a node says of its guests' memory with each heartbeat, for `shoal top nodes`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeUsage {
+    /// What the instances alive now hold of the budget.
+    pub memory_reserved_bytes: u64,
+    /// The guest memory the node hands out at once.
+    pub memory_budget_bytes: u64,
+}
+
+/// One row of `shoal top nodes`: what a node's guests use now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeTop {
+    pub name: String,
+    pub state: NodeState,
+    /// Its guests' CPU between its last two reports, in millicores; `None` without two
+    /// reports in the last 10 s.
+    pub cpu_millis: Option<u64>,
+    pub cpu_capacity_millis: u64,
+    /// Its guests' memory, as its last heartbeat in the last 10 s said.
+    pub memory: Option<NodeUsage>,
+    /// Replicas placed on it that have not finished.
+    pub replicas: usize,
+    /// Requests its gateway routed per second, over the last minute.
+    pub requests_per_second: f64,
+}
+
+/// One row of `shoal top apps`: what an app serves and uses now, over every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AppTop {
+    pub namespace: String,
+    pub name: String,
+    pub ready: usize,
+    pub desired: u32,
+    /// Over the last minute, as the gateways counted.
+    pub requests_per_second: f64,
+    /// Answers with a 5xx status per second, over the last minute.
+    pub errors_per_second: f64,
+    /// The 99th percentile of the time to the response head over the last minute (the upper
+    /// bound of its histogram bucket), in milliseconds; `None` without requests.
+    pub p99_ms: Option<u64>,
+    /// Its guests' CPU, as in `describe`.
+    pub cpu: Option<CpuView>,
 }
 
 /// One row of `shoal get nodes`: the node plus what is placed on it.

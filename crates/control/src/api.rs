@@ -16,13 +16,13 @@ use axum::{Extension, Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 use shoal_api::{
-    AppCpu, AppSummary, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
+    AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
-    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, Registered, ReplicaIncident,
-    ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView,
-    SecretWrite, SecretWritten, Service, Snapshot, TokenRequest, TokenView, VolumeUsage,
-    VolumeView, Waiting,
+    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop, NodeUsage, Registered,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken,
+    SecretView, SecretWrite, SecretWritten, Service, Snapshot, TokenRequest, TokenView,
+    VolumeUsage, VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -185,6 +185,13 @@ admin_api! {
         op("List events, oldest first").query::<EventQuery>().json_list::<Event>(StatusCode::OK);
     GET "/v1/nodes" => list_nodes, Viewer, Cluster,
         op("List nodes and what is placed on them").json_list::<NodeSummary>(StatusCode::OK);
+    GET "/v1/top/nodes" => top_nodes, Viewer, Cluster,
+        op("What each node's guests use now and what its gateway routed over the last minute")
+            .json_list::<NodeTop>(StatusCode::OK);
+    GET "/v1/top/apps" => top_apps, Viewer, NamespaceOrAll,
+        op("Per app over the last minute: ready replicas, requests/s, 5xx/s, p99, CPU")
+            .query::<NsQuery>()
+            .json_list::<AppTop>(StatusCode::OK);
     GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster,
         op("The cluster's metrics in Prometheus' text format")
             .raw(StatusCode::OK, "text/plain; version=0.0.4");
@@ -229,7 +236,9 @@ fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
                 .body::<Node>()
                 .json::<Registered>(StatusCode::OK)),
         route!(POST "/v1/cluster/nodes/{name}/heartbeat" => heartbeat, Access::Node,
-            op("Say the node is alive").empty(StatusCode::NO_CONTENT)),
+            op("Say the node is alive, with what its guests use now (no body: only alive)")
+                .body::<NodeUsage>()
+                .empty(StatusCode::NO_CONTENT)),
         route!(POST "/v1/cluster/nodes/{name}/reports" => report, Access::Node,
             op("Report a replica's phase")
                 .body::<ReplicaReport>()
@@ -967,6 +976,21 @@ async fn revoke_token(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn top_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.top_nodes())
+        .await
+        .map(|n| Json(n).into_response())
+}
+
+async fn top_apps(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.top_apps(q.namespace.as_deref()))
+        .await
+        .map(|a| Json(a).into_response())
+}
+
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
     blocking(move || cp.node_summaries())
         .await
@@ -1171,9 +1195,17 @@ async fn heartbeat(
     State(cp): State<ControlPlane>,
     Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
+    body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    blocking(move || cp.heartbeat(&name)).await?;
+    // A node checking its credential sends no body, nor did nodes before `NodeUsage`.
+    let usage = if body.is_empty() {
+        None
+    } else {
+        serde_json::from_slice::<Option<NodeUsage>>(&body)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("node usage: {e}")))?
+    };
+    blocking(move || cp.heartbeat(&name, usage)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1201,7 +1233,7 @@ async fn node_metrics(
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    cp.record_metrics(stats);
+    cp.record_metrics(&name, stats);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -170,7 +170,7 @@ impl ControlPlane {
         });
         if changes.nodes {
             let nodes = &mirror.world.nodes;
-            self.inner.metrics.retain_waiting_nodes(|name| {
+            self.inner.metrics.retain_nodes(|name| {
                 nodes
                     .get(name)
                     .is_some_and(|n| n.value.state == NodeState::Ready)
@@ -219,12 +219,20 @@ impl ControlPlane {
         for batch in plan.batches {
             let scope = format!("{:?}", batch.scope);
             let reasons: Vec<&'static str> = batch.events.iter().map(|e| e.reason).collect();
+            let waited: Vec<f64> = batch
+                .placed()
+                .map(|r| r.updated_at.saturating_sub(r.created_at) as f64 / 1_000.0)
+                .collect();
             if self.store().txn(self.batch_txn(batch))?.succeeded {
+                let observed = &self.inner.observed;
                 for reason in reasons {
                     let reason = crate::prometheus::Reason {
                         reason: reason.to_string(),
                     };
-                    self.inner.observed.decisions.get_or_create(&reason).inc();
+                    observed.decisions.get_or_create(&reason).inc();
+                }
+                for seconds in waited {
+                    observed.scheduling.observe(seconds);
                 }
             } else {
                 tracing::debug!(%scope, "lost a race; the next pass decides again");

@@ -30,6 +30,7 @@ mod scope;
 mod secrets;
 mod serve;
 mod state;
+mod top;
 mod volumes;
 
 pub use api::router;

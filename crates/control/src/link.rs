@@ -8,8 +8,8 @@ use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
     AppCpu, CertificateRequest, Change, Delta, IngressCertificate, Link, LinkError, LinkResult,
-    Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage,
-    Waiting,
+    NodeUsage, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot,
+    VolumeUsage, Waiting,
 };
 use shoal_core::Node;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -49,9 +49,9 @@ impl Link for LocalLink {
         Box::pin(async move { blocking(move || cp.issue_certificate(&node, &request)).await })
     }
 
-    fn heartbeat(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
+    fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>> {
         let (cp, node) = (self.0.clone(), node.to_string());
-        Box::pin(async move { blocking(move || cp.heartbeat(&node)).await })
+        Box::pin(async move { blocking(move || cp.heartbeat(&node, Some(usage))).await })
     }
 
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
@@ -77,8 +77,8 @@ impl Link for LocalLink {
         Box::pin(async move { Ok(path) })
     }
 
-    fn metrics(&self, _node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
-        self.0.record_metrics(stats);
+    fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
+        self.0.record_metrics(node, stats);
         Box::pin(async { Ok(()) })
     }
 
@@ -319,7 +319,7 @@ mod tests {
         let (_dir, cp) = control_plane();
         let link = LocalLink(cp);
         assert!(matches!(
-            link.heartbeat("ghost").await,
+            link.heartbeat("ghost", NodeUsage::default()).await,
             Err(LinkError::Unregistered)
         ));
     }

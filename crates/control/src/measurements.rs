@@ -11,20 +11,102 @@
 //! gateway that reported in that second), for the last hour at most (the
 //! longest stable window a spec may ask for). Gateways report once a second,
 //! so a report's in-flight integral over 1,000 ms is its average concurrency.
+//!
+//! For `shoal top`, the last minute in 5 s buckets: per app, requests, 5xx and
+//! latency; per node, the requests its gateway routed; and what each node's
+//! last heartbeat said of its guests' memory.
 
-use shoal_api::CpuView;
+use shoal_api::{CpuView, NodeUsage};
 use shoal_core::Millis;
-use shoal_core::metrics::RevisionStats;
+use shoal_core::metrics::{Histogram, RevisionStats};
 use shoal_core::spec::AppKey;
 use shoal_scheduler::autoscale::LoadSample;
 use shoal_scheduler::plan::{Baseline, Measurements};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
 
 /// Load samples older than this are dropped: the longest stable window.
 const LOAD_HISTORY_MS: Millis = 3_600_000;
 /// What one gateway report covers.
 const REPORT_MS: f64 = 1_000.0;
+/// How far back `shoal top`'s rates look.
+const RECENT_MS: Millis = 60_000;
+/// The buckets they are kept in: a minute of them is a few kilobytes per app.
+const BUCKET_MS: Millis = 5_000;
+/// A CPU report or heartbeat older than this says nothing about now.
+const FRESH_MS: Millis = 10_000;
+
+/// What gateways reported in the last minute or so, in [`BUCKET_MS`] buckets, oldest first.
+#[derive(Debug, Clone, Default)]
+struct Recent(VecDeque<Bucket>);
+
+#[derive(Debug, Clone, Default)]
+struct Bucket {
+    at: Millis,
+    requests: u64,
+    errors: u64,
+    latency: Histogram,
+}
+
+/// Rates over the last minute, from [`Recent`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Rates {
+    pub(crate) requests_per_second: f64,
+    pub(crate) errors_per_second: f64,
+    /// Every request's time to its response head.
+    pub(crate) latency: Histogram,
+}
+
+impl Recent {
+    /// Adds what a report that arrived at `now` counted.
+    fn add(&mut self, now: Millis, requests: u64, errors: u64, latency: &Histogram) {
+        let at = now - now % BUCKET_MS;
+        if self.0.back().is_none_or(|b| b.at != at) {
+            self.0.push_back(Bucket {
+                at,
+                ..Bucket::default()
+            });
+        }
+        let bucket = self.0.back_mut().expect("just pushed");
+        bucket.requests = bucket.requests.saturating_add(requests);
+        bucket.errors = bucket.errors.saturating_add(errors);
+        bucket.latency.merge(latency);
+        while self
+            .0
+            .front()
+            .is_some_and(|b| b.at + RECENT_MS + BUCKET_MS <= now)
+        {
+            self.0.pop_front();
+        }
+    }
+
+    /// The rates over the buckets that begin in the last minute, or began with the bucket it
+    /// starts in, as measured since `since`: so over 60 to 65 s, all of it counted.
+    fn rates(&self, now: Millis, since: Millis) -> Rates {
+        let from = now.saturating_sub(RECENT_MS);
+        let from = from - from % BUCKET_MS;
+        let mut rates = Rates::default();
+        let (mut requests, mut errors) = (0u64, 0u64);
+        for b in self.0.iter().filter(|b| b.at >= from) {
+            requests = requests.saturating_add(b.requests);
+            errors = errors.saturating_add(b.errors);
+            rates.latency.merge(&b.latency);
+        }
+        let covered = (now.saturating_sub(from.max(since)) as f64 / 1_000.0).max(1.0);
+        rates.requests_per_second = requests as f64 / covered;
+        rates.errors_per_second = errors as f64 / covered;
+        rates
+    }
+}
+
+/// What is known of one node lately.
+#[derive(Debug, Default)]
+struct NodeSeen {
+    /// The requests its gateway routed (no errors or latency: those are the apps').
+    routed: Recent,
+    /// Its last heartbeat's word on its guests' memory, and when it came.
+    usage: Option<(NodeUsage, Millis)>,
+}
 
 /// A node's previous and latest CPU report for one app.
 type LastTwo = [Option<CpuSample>; 2];
@@ -44,6 +126,10 @@ pub(crate) struct Metrics {
     waiting: Mutex<BTreeMap<AppKey, BTreeMap<String, u32>>>,
     /// Per app and node, the node's last two CPU reports.
     cpu: Mutex<BTreeMap<AppKey, BTreeMap<String, LastTwo>>>,
+    /// Per app, the last minute's requests, 5xx and latency.
+    recent: Mutex<BTreeMap<AppKey, Recent>>,
+    /// Per node, what it routed lately and said of its memory.
+    nodes: Mutex<BTreeMap<String, NodeSeen>>,
     /// When this control plane started measuring: windows before it are not covered.
     since: Millis,
 }
@@ -55,6 +141,8 @@ impl Metrics {
             touched: Mutex::default(),
             waiting: Mutex::default(),
             cpu: Mutex::default(),
+            recent: Mutex::default(),
+            nodes: Mutex::default(),
             since,
         }
     }
@@ -73,8 +161,21 @@ impl Metrics {
         m
     }
 
-    /// Adds what a gateway counted since its last report, which arrived at `now`.
-    pub(crate) fn record(&self, stats: Vec<RevisionStats>, now: Millis) {
+    /// Adds what `node`'s gateway counted since its last report, which arrived at `now`.
+    pub(crate) fn record(&self, node: &str, stats: Vec<RevisionStats>, now: Millis) {
+        {
+            let mut recent = lock(&self.recent);
+            for s in &stats {
+                let app = recent.entry(s.app.clone()).or_default();
+                app.add(now, s.requests, s.errors, &s.latency);
+            }
+            let routed = stats.iter().map(|s| s.requests).sum();
+            lock(&self.nodes)
+                .entry(node.to_string())
+                .or_default()
+                .routed
+                .add(now, routed, 0, &Histogram::default());
+        }
         let mut apps = self.lock();
         let second = now - now % 1_000;
         self.touch(stats.iter().map(|s| s.app.clone()));
@@ -159,26 +260,55 @@ impl Metrics {
     /// `app`'s guest CPU between each node's last two reports, summed over the
     /// nodes that reported in the last 10 s; `None` without two such reports.
     pub(crate) fn cpu(&self, app: &AppKey, now: Millis) -> Option<CpuView> {
-        let cpu = self.cpu.lock().unwrap_or_else(|p| p.into_inner());
+        let cpu = lock(&self.cpu);
         let mut view: Option<CpuView> = None;
         for samples in cpu.get(app)?.values() {
-            let [Some(a), Some(b)] = samples else {
-                continue;
-            };
-            // A node that restarted starts its totals again: that interval says nothing.
-            if b.at <= a.at || now.saturating_sub(b.at) > 10_000 || b.used_ns < a.used_ns {
-                continue;
-            }
-            let per_ms = |ns: u64| ns / (b.at - a.at);
-            let v = view.get_or_insert(CpuView {
-                used_millis: 0,
-                throttled_millis: 0,
-            });
-            // ns per ms of wall time is millicores divided by 1,000.
-            v.used_millis += per_ms(b.used_ns - a.used_ns) / 1_000;
-            v.throttled_millis += per_ms(b.throttled_ns.saturating_sub(a.throttled_ns)) / 1_000;
+            add_rate(&mut view, samples, now);
         }
         view
+    }
+
+    /// Each node's guest CPU, as [`Metrics::cpu`] but summed over the apps on the node.
+    pub(crate) fn cpu_by_node(&self, now: Millis) -> BTreeMap<String, CpuView> {
+        let cpu = lock(&self.cpu);
+        let mut by_node: BTreeMap<String, Option<CpuView>> = BTreeMap::new();
+        for nodes in cpu.values() {
+            for (node, samples) in nodes {
+                add_rate(by_node.entry(node.clone()).or_default(), samples, now);
+            }
+        }
+        by_node
+            .into_iter()
+            .filter_map(|(node, view)| Some((node, view?)))
+            .collect()
+    }
+
+    /// A node's heartbeat said this of its guests' memory at `now`.
+    pub(crate) fn set_usage(&self, node: &str, usage: NodeUsage, now: Millis) {
+        lock(&self.nodes).entry(node.to_string()).or_default().usage = Some((usage, now));
+    }
+
+    /// What `node` said of its memory in the last 10 s, and the requests its gateway routed
+    /// per second over the last minute.
+    pub(crate) fn node(&self, node: &str, now: Millis) -> (Option<NodeUsage>, f64) {
+        let nodes = lock(&self.nodes);
+        let Some(seen) = nodes.get(node) else {
+            return (None, 0.0);
+        };
+        let usage = seen
+            .usage
+            .filter(|(_, at)| now.saturating_sub(*at) <= FRESH_MS)
+            .map(|(u, _)| u);
+        let routed = seen.routed.rates(now, self.since).requests_per_second;
+        (usage, routed)
+    }
+
+    /// `app`'s rates over the last minute.
+    pub(crate) fn rates(&self, app: &AppKey, now: Millis) -> Rates {
+        lock(&self.recent)
+            .get(app)
+            .map(|r| r.rates(now, self.since))
+            .unwrap_or_default()
     }
 
     /// `app`'s average concurrency over the last `window_ms` (or as much of it
@@ -238,8 +368,10 @@ impl Metrics {
         self.lock().get(app)?.since_step(app, revision, step)
     }
 
-    /// Forgets what nodes that are gone or not ready held: nobody waits there any more.
-    pub(crate) fn retain_waiting_nodes(&self, keep: impl Fn(&str) -> bool) {
+    /// Forgets what nodes that are gone or not ready held (nobody waits there any more)
+    /// and what they said of themselves.
+    pub(crate) fn retain_nodes(&self, keep: impl Fn(&str) -> bool) {
+        lock(&self.nodes).retain(|node, _| keep(node));
         let mut apps = self.lock();
         let mut all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|app, nodes| {
@@ -262,7 +394,32 @@ impl Metrics {
             .lock()
             .expect("metrics lock")
             .retain(|app, _| keep(app));
+        lock(&self.recent).retain(|app, _| keep(app));
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Adds to `view` the CPU rate between a node's last two reports of one app, if both are
+/// there, the later within the last 10 s, and the node did not restart between them.
+fn add_rate(view: &mut Option<CpuView>, samples: &LastTwo, now: Millis) {
+    let [Some(a), Some(b)] = samples else {
+        return;
+    };
+    // A node that restarted starts its totals again: that interval says nothing.
+    if b.at <= a.at || now.saturating_sub(b.at) > FRESH_MS || b.used_ns < a.used_ns {
+        return;
+    }
+    let per_ms = |ns: u64| ns / (b.at - a.at);
+    let v = view.get_or_insert(CpuView {
+        used_millis: 0,
+        throttled_millis: 0,
+    });
+    // ns per ms of wall time is millicores divided by 1,000.
+    v.used_millis += per_ms(b.used_ns - a.used_ns) / 1_000;
+    v.throttled_millis += per_ms(b.throttled_ns.saturating_sub(a.throttled_ns)) / 1_000;
 }
 
 #[cfg(test)]
@@ -278,17 +435,17 @@ mod tests {
             s.requests = requests;
             s
         };
-        m.record(vec![stats(1, 10), stats(2, 1)], 1_000);
+        m.record("n1", vec![stats(1, 10), stats(2, 1)], 1_000);
         // No baseline for the step yet: nothing to say, however often asked.
         assert_eq!(m.since_step(&app, 2, 100), None);
         assert_eq!(m.since_step(&app, 2, 100), None);
         let totals = m.snapshot()[&app].totals.clone();
         m.set_baseline(app.clone(), Baseline { step: 100, totals });
-        m.record(vec![stats(1, 20), stats(2, 2)], 2_000);
+        m.record("n1", vec![stats(1, 20), stats(2, 2)], 2_000);
         assert_eq!(m.since_step(&app, 2, 100).unwrap().requests, 2);
         assert_eq!(m.since_step(&app, 1, 100).unwrap().requests, 20);
         // A revision first seen during the step counts whole.
-        m.record(vec![stats(3, 5)], 3_000);
+        m.record("n1", vec![stats(3, 5)], 3_000);
         assert_eq!(m.since_step(&app, 3, 100).unwrap().requests, 5);
         // Another step's question finds no baseline.
         assert_eq!(m.since_step(&app, 2, 200), None);
@@ -307,7 +464,7 @@ mod tests {
         m.set_waiting(&app, "n2", 0, 12);
         assert_eq!(waiting(&m), 3, "n2 letting go does not cancel n1's");
         m.set_waiting(&app, "n2", 1, 13);
-        m.retain_waiting_nodes(|n| n != "n1");
+        m.retain_nodes(|n| n != "n1");
         assert_eq!(waiting(&m), 1, "a lost node's requests are nobody's");
         assert_eq!(m.take_touched(), BTreeSet::from([app.clone()]));
     }
@@ -323,9 +480,9 @@ mod tests {
             s
         };
         // Two gateways in the same second, two revisions in one report.
-        m.record(vec![stats(1, 10, 500), stats(2, 2, 500)], 10_100);
-        m.record(vec![stats(1, 4, 2_000)], 10_900);
-        m.record(vec![stats(1, 1, 0)], 11_200);
+        m.record("n1", vec![stats(1, 10, 500), stats(2, 2, 500)], 10_100);
+        m.record("n1", vec![stats(1, 4, 2_000)], 10_900);
+        m.record("n1", vec![stats(1, 1, 0)], 11_200);
         let load = m.snapshot()[&app].load.clone();
         assert_eq!(load.samples.len(), 2, "{load:?}");
         assert_eq!((load.samples[0].at, load.samples[0].requests), (10_000, 16));
@@ -335,7 +492,7 @@ mod tests {
         let c = m.concurrency(&app, 60_000, 11_500).unwrap();
         assert!((c - 3.0 / 11.5).abs() < 1e-9, "{c}");
         // An hour later the samples are gone.
-        m.record(vec![stats(1, 1, 0)], 3_700_000);
+        m.record("n1", vec![stats(1, 1, 0)], 3_700_000);
         assert_eq!(m.snapshot()[&app].load.samples.len(), 1);
     }
 
@@ -352,8 +509,67 @@ mod tests {
         m.set_cpu(&app, "n2", 400_000_000, 0, 11_000);
         let v = m.cpu(&app, 11_500).unwrap();
         assert_eq!((v.used_millis, v.throttled_millis), (580, 100));
+        // Per node, every app's: another app on n2 at 0.05 cores.
+        let other = AppKey::new("default", "b");
+        m.set_cpu(&other, "n2", 0, 0, 10_000);
+        m.set_cpu(&other, "n2", 50_000_000, 0, 11_000);
+        let by_node: Vec<(String, u64)> = m
+            .cpu_by_node(11_500)
+            .into_iter()
+            .map(|(n, v)| (n, v.used_millis))
+            .collect();
+        assert_eq!(by_node, [("n1".to_string(), 380), ("n2".to_string(), 250)]);
         // A node silent for 10 s no longer counts; one that restarted says nothing.
         m.set_cpu(&app, "n1", 5_000, 0, 12_000);
         assert_eq!(m.cpu(&app, 22_000), None);
+        assert!(m.cpu_by_node(22_000).is_empty());
+    }
+
+    #[test]
+    fn top_rates_are_the_last_minute_of_every_gateway() {
+        // Measuring since 1 s: the first rates cover only what was measured.
+        let m = Metrics::new(1_000);
+        let app = AppKey::new("default", "a");
+        let stats = |requests, errors, millis: &[f64]| {
+            let mut s = RevisionStats::new(app.clone(), 1);
+            s.requests = requests;
+            s.errors = errors;
+            for ms in millis {
+                s.latency.record(*ms);
+            }
+            s
+        };
+        m.record("n1", vec![stats(10, 1, &[2.0; 10])], 2_000);
+        m.record("n2", vec![stats(10, 1, &[40.0; 10])], 6_000);
+        // 20 requests, 2 of them 5xx, over the 10 s measured.
+        let r = m.rates(&app, 11_000);
+        assert_eq!((r.requests_per_second, r.errors_per_second), (2.0, 0.2));
+        assert_eq!(r.latency.quantile(0.99), Some(50));
+        assert_eq!(m.node("n1", 11_000).1, 1.0);
+        assert_eq!(
+            m.rates(&AppKey::new("default", "b"), 11_000),
+            Rates::default()
+        );
+
+        // A minute on, the first report has left the window; the one at 6 s is in the bucket
+        // the window starts in, so the window is that bucket's start to now: 64 s.
+        m.record("n1", vec![stats(13, 0, &[1.0; 13])], 69_000);
+        let r = m.rates(&app, 69_000);
+        assert!((r.requests_per_second - 23.0 / 64.0).abs() < 1e-9, "{r:?}");
+        assert_eq!(r.latency.total(), 23);
+        assert_eq!(m.node("n2", 69_000).1, 10.0 / 64.0);
+        let r = m.rates(&app, 80_000);
+        assert!((r.requests_per_second - 13.0 / 60.0).abs() < 1e-9, "{r:?}");
+
+        // Memory as the last heartbeat said, while it is fresh.
+        let usage = NodeUsage {
+            memory_reserved_bytes: 1 << 20,
+            memory_budget_bytes: 1 << 30,
+        };
+        m.set_usage("n1", usage, 70_000);
+        assert_eq!(m.node("n1", 80_000).0, Some(usage));
+        assert_eq!(m.node("n1", 80_001).0, None);
+        m.retain_nodes(|n| n != "n1");
+        assert_eq!(m.node("n1", 70_000), (None, 0.0));
     }
 }

@@ -1,7 +1,9 @@
 //! `GET /v1/metrics`: the cluster in Prometheus' text format (encoded by prometheus-client, with
 //! counter families named as the classic format names them), read at each scrape. Per app revision, what every gateway counted since this control plane
 //! started (requests, 5xx answers, time to the response head as a histogram); per phase, the
-//! replicas; per state, the nodes; the apps. Names and labels follow Prometheus' conventions
+//! replicas; per state, the nodes; the apps. And what the control plane observes as it works:
+//! controller passes and decisions, heartbeats, incidents, store commits, how long replicas
+//! waited for a node. Names and labels follow Prometheus' conventions
 //! (`promtool check metrics` passes, `tests/metrics.rs`).
 
 use crate::error::ControlError;
@@ -13,7 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats};
+use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats, classic_counter_names};
 use shoal_core::objects::keys;
 use shoal_core::{App, Node, Replica};
 use std::collections::BTreeMap;
@@ -30,6 +32,10 @@ pub(crate) struct Observed {
     /// Requests killed on a node (timeout, out of memory, trap), as nodes report them
     /// (each node reports one per replica and kind every 10 s at most).
     pub(crate) incidents: Family<AppReason, Counter>,
+    /// How long each store transaction's commit took (the store times it).
+    pub(crate) commits: Histogram,
+    /// How long each replica the controller placed waited for a node, from its creation.
+    pub(crate) scheduling: Histogram,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +58,11 @@ impl Observed {
             heartbeats: Counter::default(),
             decisions: Family::default(),
             incidents: Family::default(),
+            // 100 µs to about 3 s: an fsync, on a good disk or a struggling one.
+            commits: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            // 10 ms to about 45 min: most are placed in the pass that makes them (0 s);
+            // the rest wait for room.
+            scheduling: Histogram::new(exponential_buckets(0.01, 4.0, 10)),
         }
     }
 
@@ -75,6 +86,16 @@ impl Observed {
             "shoal_incidents",
             "Requests killed on a node by their timeout, memory limit or a trap, as nodes report them",
             self.incidents.clone(),
+        );
+        registry.register(
+            "shoal_store_commit_duration_seconds",
+            "How long each store transaction's commit took, fsync included",
+            self.commits.clone(),
+        );
+        registry.register(
+            "shoal_replica_scheduling_duration_seconds",
+            "How long each replica the controller placed waited for a node, from its creation",
+            self.scheduling.clone(),
         );
     }
 }
@@ -196,42 +217,5 @@ impl ControlPlane {
         prometheus_client::encoding::text::encode(&mut out, &registry)
             .map_err(ControlError::internal)?;
         Ok(classic_counter_names(&out))
-    }
-}
-
-/// prometheus-client writes OpenMetrics, whose counter families are named without the
-/// `_total` their samples carry; Prometheus' classic text format, which every scraper and
-/// `promtool check metrics` read, names them with it. The two comment lines are renamed.
-fn classic_counter_names(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len() + 32 * counters.len());
-    for line in openmetrics.lines() {
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
-            let rest = line.strip_prefix(tag)?;
-            let name = counters
-                .iter()
-                .find(|c| rest.strip_prefix(**c).is_some_and(|r| r.starts_with(' ')))?;
-            Some(format!("{tag}{name}_total{}", &rest[name.len()..]))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counter_families_take_their_samples_names_and_nothing_else_changes() {
-        let om = "# HELP a_requests Requests\n# TYPE a_requests counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n";
-        assert_eq!(
-            classic_counter_names(om),
-            "# HELP a_requests_total Requests\n# TYPE a_requests_total counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n"
-        );
     }
 }

@@ -152,9 +152,9 @@ impl ControlPlane {
             .map(|(s, _)| s))
     }
 
-    /// Gateway measurements from a node, counted from now: only for apps and revisions that
+    /// Gateway measurements from `node`, counted from now: only for apps and revisions that
     /// exist, so reports cannot grow the measurements without bound.
-    pub fn record_metrics(&self, stats: Vec<RevisionStats>) {
+    pub fn record_metrics(&self, node: &str, stats: Vec<RevisionStats>) {
         let mut current = BTreeMap::new();
         let stats: Vec<RevisionStats> = stats
             .into_iter()
@@ -168,7 +168,7 @@ impl ControlPlane {
                 (1..=revision).contains(&s.revision)
             })
             .collect();
-        self.inner.metrics.record(stats, self.now());
+        self.inner.metrics.record(node, stats, self.now());
     }
 
     /// A node's running CPU totals per app, for `describe`.

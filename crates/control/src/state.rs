@@ -5,8 +5,8 @@ use crate::error::ControlError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_api::{
-    AppSummary, ApplyOutcome, ApplyResult, Describe, NodeAction, NodeSummary, ReplicaReport,
-    ScaleView, Service, ServiceEndpoint, Snapshot,
+    AppSummary, ApplyOutcome, ApplyResult, Describe, NodeAction, NodeSummary, NodeUsage,
+    ReplicaReport, ScaleView, Service, ServiceEndpoint, Snapshot,
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
@@ -197,6 +197,10 @@ impl ControlPlane {
                 members,
             }),
         };
+        let commits = cp.inner.observed.commits.clone();
+        cp.inner
+            .store
+            .observe_commits(Box::new(move |took| commits.observe(took.as_secs_f64())));
         cp.claim_stored_routes()?;
         Ok(cp)
     }
@@ -962,8 +966,9 @@ impl ControlPlane {
         )))
     }
 
-    /// Renews a node's lease; a NotReady node that heartbeats is Ready again.
-    pub fn heartbeat(&self, name: &str) -> Result<(), ControlError> {
+    /// Renews a node's lease; a NotReady node that heartbeats is Ready again. What it says
+    /// of its guests' memory is kept for `shoal top`.
+    pub fn heartbeat(&self, name: &str, usage: Option<NodeUsage>) -> Result<(), ControlError> {
         self.inner.observed.heartbeats.inc();
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
@@ -990,6 +995,9 @@ impl ControlPlane {
                 ));
         }
         self.inner.store.txn(txn)?;
+        if let Some(usage) = usage {
+            self.inner.metrics.set_usage(name, usage, self.now());
+        }
         Ok(())
     }
 
@@ -1292,7 +1300,7 @@ pub(crate) mod tests {
             s.requests = 1;
             s
         };
-        cp.record_metrics(vec![stats("m", 1), stats("m", 2), stats("ghost", 1)]);
+        cp.record_metrics("n", vec![stats("m", 1), stats("m", 2), stats("ghost", 1)]);
         let seen: Vec<(String, Vec<u64>)> = cp
             .inner
             .metrics

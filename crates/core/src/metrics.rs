@@ -1,7 +1,8 @@
 //! Request outcomes per app revision, as gateways measure them and the control
 //! plane compares them when it judges a canary. Counts merge by addition, so
 //! each gateway sends what it saw since its last report and nothing is lost
-//! or counted twice.
+//! or counted twice. And the one fix-up the control plane's and the nodes'
+//! Prometheus text needs ([`classic_counter_names`]).
 
 use crate::spec::AppKey;
 use serde::{Deserialize, Serialize};
@@ -155,9 +156,41 @@ impl RevisionStats {
     }
 }
 
+/// prometheus-client writes OpenMetrics, whose counter families are named without the
+/// `_total` their samples carry; Prometheus' classic text format, which every scraper and
+/// `promtool check metrics` read, names them with it. The two comment lines are renamed.
+pub fn classic_counter_names(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 32 * counters.len());
+    for line in openmetrics.lines() {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let name = counters
+                .iter()
+                .find(|c| rest.strip_prefix(**c).is_some_and(|r| r.starts_with(' ')))?;
+            Some(format!("{tag}{name}_total{}", &rest[name.len()..]))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_families_take_their_samples_names_and_nothing_else_changes() {
+        let om = "# HELP a_requests Requests\n# TYPE a_requests counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n";
+        assert_eq!(
+            classic_counter_names(om),
+            "# HELP a_requests_total Requests\n# TYPE a_requests_total counter\na_requests_total 3\n# HELP a_requests_per Other\n# TYPE a_requests_per gauge\na_requests_per 1\n# EOF\n"
+        );
+    }
 
     #[test]
     fn quantiles_come_from_bucket_bounds() {

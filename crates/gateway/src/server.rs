@@ -541,6 +541,25 @@ impl Gateway {
             .unwrap_or_default()
     }
 
+    /// Requests in flight on this node's replicas in rotation, summed per app revision: from
+    /// the permit until the response body is sent, whichever gateway routed them. Read from
+    /// the counters p2c picks by, so the hot path pays nothing more for it.
+    pub fn local_in_flight(&self) -> Vec<(AppKey, u64, usize)> {
+        let pool = self.inner.pool.read().expect("endpoint lock");
+        let mut sums: HashMap<(&AppKey, u64), usize> = HashMap::new();
+        for (app, endpoints) in &pool.endpoints {
+            for e in endpoints.iter().filter(|e| e.is_local()) {
+                *sums.entry((app, e.revision)).or_default() += e.inflight();
+            }
+        }
+        let mut out: Vec<(AppKey, u64, usize)> = sums
+            .into_iter()
+            .map(|((app, revision), n)| (app.clone(), revision, n))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Every endpoint of an app, down ones included, as the gateway sees it now.
     pub fn endpoint_status(&self, app: &AppKey) -> Vec<EndpointStatus> {
         let pool = self.inner.pool.read().expect("endpoint lock");

@@ -120,6 +120,34 @@ async fn a_replica_on_another_node_answers_through_this_gateway() {
 }
 
 #[tokio::test]
+async fn requests_in_flight_count_on_the_node_whose_replica_serves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let (b, b_addr) = node_b(&runtime).await;
+    let a = Gateway::new(GatewayConfig::default());
+    routes(&a);
+    a.set_remote_endpoints(remote(&[("faulty", "faulty-b", b_addr)]));
+    let a_addr = serve(&a).await;
+    let slow = tokio::spawn(async move {
+        HttpClient::new()
+            .get(&format!("http://{a_addr}/faulty/sleep/1000"))
+            .await
+    });
+    let (faulty, hello) = (app("faulty"), app("hello"));
+    eventually(Duration::from_secs(10), "the request runs on B", || {
+        b.local_in_flight() == [(faulty.clone(), 1, 1), (hello.clone(), 1, 0)]
+    })
+    .await;
+    // A routed it, B's replica serves it: only B counts it as its own.
+    assert!(a.local_in_flight().is_empty());
+    assert_eq!(slow.await.unwrap().status, StatusCode::OK);
+    eventually(Duration::from_secs(5), "the request done on B", || {
+        b.local_in_flight() == [(faulty.clone(), 1, 0), (hello.clone(), 1, 0)]
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_dead_node_is_retried_around_and_marked_down_until_the_next_status() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());

@@ -8,6 +8,7 @@ use crate::cpu::CpuShare;
 use crate::keyvalue::KvGrant;
 use crate::logs::LogSink;
 use crate::outbound::{DenyAll, OutboundPolicy};
+use crate::stats::InstanceStats;
 use crate::volumes::VolumeMount;
 
 const MIB: u64 = 1 << 20;
@@ -92,6 +93,9 @@ pub struct InstanceConfig {
     /// Directories the guest sees (wasi:filesystem preopens); at most one writable, whose
     /// size limit the host keeps.
     pub volumes: Vec<VolumeMount>,
+    /// Where the instances' requests, starts, reuses and kills are counted; replicas given
+    /// the same one add up.
+    pub stats: Arc<InstanceStats>,
 }
 
 /// How an HTTP component's instances serve requests: `requests` in their life (1: a fresh
@@ -159,6 +163,7 @@ impl Default for InstanceConfig {
             reuse: Reuse::default(),
             keyvalue: None,
             volumes: Vec::new(),
+            stats: Arc::default(),
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::keyvalue::{KvGrant, KvView};
 use crate::logs::{LogSink, LogStream};
 use crate::memory::Reservation;
 use crate::outbound::{OutboundHooks, OutboundPolicy};
+use crate::stats::{Alive, InstanceStats};
 use crate::volumes::{VolumeMount, VolumeQuota};
 
 /// Bounds on the number of core instances, tables and memories one store may create. A
@@ -40,6 +41,7 @@ pub(crate) struct InstanceSettings {
     pub(crate) reuse: crate::Reuse,
     pub(crate) keyvalue: Option<Arc<KvGrant>>,
     pub(crate) volumes: Vec<VolumeMount>,
+    pub(crate) stats: Arc<InstanceStats>,
 }
 
 pub(crate) struct Host {
@@ -58,6 +60,8 @@ pub(crate) struct Host {
     /// The instance's memory limit in the node's budget, held as long as the store lives:
     /// given back as the store drops, its memories going back to the pool in the same drop.
     _memory: Reservation,
+    /// Counts the instance alive in its replica's stats for as long as the store lives.
+    _alive: Alive,
 }
 
 impl Host {
@@ -280,6 +284,7 @@ pub(crate) fn new_store(
         timed_out: false,
         meter,
         _memory: memory,
+        _alive: Alive::new(&settings.stats),
     };
 
     let mut store = Store::new(engine, host);

@@ -27,6 +27,7 @@ use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with
 use crate::memory::MemoryBudget;
 use crate::p3::{Ended, Gone, GoneOnDrop, Job, Workers};
 use crate::runtime::Runtime;
+use crate::stats::InstanceStats;
 use shoal_core::problem::{self, ErrorBody};
 
 /// Body of the responses [`HttpService::handle`] returns: the guest's streaming body, or
@@ -65,20 +66,53 @@ impl Drop for ServiceInner {
     }
 }
 
-#[derive(Default)]
 pub(crate) struct Idle {
     instances: Vec<Reusable>,
     /// Whether a task is dropping instances whose idle time ran out.
     sweeping: bool,
+    /// Told of every instance that starts or stops waiting here.
+    stats: Arc<InstanceStats>,
 }
 
 impl Idle {
+    fn new(stats: Arc<InstanceStats>) -> Idle {
+        Idle {
+            instances: Vec::new(),
+            sweeping: false,
+            stats,
+        }
+    }
+
+    fn push(&mut self, instance: Reusable) {
+        self.instances.push(instance);
+        self.stats.idle_more(1);
+    }
+
+    /// The most recently used instance.
+    fn pop(&mut self) -> Option<Reusable> {
+        let instance = self.instances.pop()?;
+        self.stats.idle_fewer(1);
+        Some(instance)
+    }
+
+    fn clear(&mut self) {
+        self.stats.idle_fewer(self.instances.len());
+        self.instances.clear();
+    }
+
     /// Drops the instances that have waited `ttl` or longer.
     fn drop_stale(&mut self, ttl: std::time::Duration) {
         if let Some(fresh) = Instant::now().checked_sub(ttl) {
             let stale = self.instances.partition_point(|i| i.since <= fresh);
             self.instances.drain(..stale);
+            self.stats.idle_fewer(stale);
         }
+    }
+}
+
+impl Drop for Idle {
+    fn drop(&mut self) {
+        self.stats.idle_fewer(self.instances.len());
     }
 }
 
@@ -111,11 +145,11 @@ impl HttpService {
             inner: Arc::new(ServiceInner {
                 runtime,
                 digest,
-                settings: Arc::new(settings),
                 backend: Backend::P2 {
                     pre,
-                    idle: Mutex::default(),
+                    idle: Mutex::new(Idle::new(settings.stats.clone())),
                 },
+                settings: Arc::new(settings),
             }),
         }
     }
@@ -167,6 +201,7 @@ impl HttpService {
             .path_and_query()
             .map_or_else(|| "/".to_string(), |p| p.to_string());
         let started = Instant::now();
+        self.inner.settings.stats.request();
         let response = match &self.inner.backend {
             Backend::P2 { pre, .. } => self.handle_p2(pre, req, &method, &path).await,
             Backend::P3(workers) => self.handle_p3(workers, req, &method, &path).await,
@@ -197,6 +232,7 @@ impl HttpService {
         let meter = inner.settings.cpu.meter();
         let (mut store, reused) = match self.take_idle() {
             Some(idle) => {
+                inner.settings.stats.reuse();
                 let mut store = idle.store;
                 store
                     .data_mut()
@@ -373,7 +409,7 @@ impl HttpService {
         }
         let mut idle = idle.lock().expect("idle instances lock");
         idle.drop_stale(reuse.idle);
-        idle.instances.pop()
+        idle.pop()
     }
 
     /// Keeps an instance that answered cleanly for the next request, unless it has served
@@ -391,7 +427,7 @@ impl HttpService {
             return;
         }
         let mut idle = idle.lock().expect("idle instances lock");
-        idle.instances.push(Reusable {
+        idle.push(Reusable {
             store,
             proxy,
             served,
@@ -467,11 +503,14 @@ impl HttpService {
             Failure::Trapped(_) => Some(IncidentKind::Trapped),
             Failure::AtCapacity(_) | Failure::NoMemory | Failure::Failed(_) => None,
         };
-        if let (Some(kind), Some(hook)) = (kind, &settings.incidents) {
-            hook(Incident {
-                kind,
-                message: line.clone(),
-            });
+        if let Some(kind) = kind {
+            settings.stats.incident(kind);
+            if let Some(hook) = &settings.incidents {
+                hook(Incident {
+                    kind,
+                    message: line.clone(),
+                });
+            }
         }
         settings.logs.push_system(line);
     }
@@ -494,7 +533,7 @@ async fn sweep(service: Weak<ServiceInner>, memory: Arc<MemoryBudget>) {
             };
             let mut idle = idle.lock().expect("idle instances lock");
             if pressed {
-                idle.instances.clear();
+                idle.clear();
             }
             idle.drop_stale(ttl);
             match idle.instances.first() {

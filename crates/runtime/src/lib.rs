@@ -7,7 +7,9 @@
 //! runtime's own threads, whoever calls, and share them between apps by CPU weight
 //! ([`CpuShare`]); [`Runtime::cpu_usage`] says what each app used. Every instance holds its
 //! memory limit of the node's budget ([`RuntimeConfig::memory_budget_bytes`]) while it lives, so
-//! guests together never use more ([`Runtime::memory_reserved`]).
+//! guests together never use more ([`Runtime::memory_reserved`]). What instances do is counted
+//! per replica ([`InstanceStats`]) and what loading found in the compile cache per runtime
+//! ([`Runtime::compile_cache`]), for the node's metrics.
 //!
 //! **Architecture Invariant:** a guest gets only what its [`InstanceConfig`] grants — its env
 //! vars and args, stdout/stderr into a [`LogSink`], outgoing HTTP through an
@@ -27,6 +29,7 @@ mod memory;
 mod outbound;
 mod p3;
 mod runtime;
+mod stats;
 mod volumes;
 
 pub use command::{Command, ExitStatus};
@@ -39,6 +42,7 @@ pub use logs::{DEFAULT_LOG_BYTES, LogFiles, LogLine, LogSink, LogStream, MAX_LIN
 pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime};
+pub use stats::{CompileCache, InstanceCounts, InstanceStats};
 pub use volumes::{VolumeMount, VolumeQuota, du};
 
 /// Types an [`OutboundPolicy`] works with, re-exported so implementors need not depend on

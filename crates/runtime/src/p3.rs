@@ -232,10 +232,13 @@ impl Worker {
         }
         let mut state = self.workers.state();
         if idle != self.idle {
+            let stats = &self.workers.settings.stats;
             if idle {
                 state.idle += 1;
+                stats.idle_more(1);
             } else {
                 state.idle -= 1;
+                stats.idle_fewer(1);
             }
             self.idle = idle;
         }
@@ -413,6 +416,7 @@ impl Worker {
                             Poll::Ready(Some(job)) => {
                                 idle_since = None;
                                 served += 1;
+                                settings.stats.reuse();
                                 accept(job, &mut in_flight);
                                 continue;
                             }

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use crate::error::RuntimeError;
 use crate::host::{Host, InstanceSettings};
 use crate::http::HttpService;
 use crate::memory::{MemoryBudget, Reservation};
+use crate::stats::CompileCache;
 
 /// Pool slots reserved per instance of a component. A wasm32-wasip2 component instantiates a
 /// handful of core modules (the program plus wit-component shims) with typically one memory;
@@ -100,6 +101,9 @@ struct RuntimeInner {
     /// What every instance's memory is reserved from; shared with the tasks that drop idle
     /// instances when someone waits for it.
     memory: Arc<MemoryBudget>,
+    /// Loads the disk cache served and loads that compiled.
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl Drop for RuntimeInner {
@@ -254,6 +258,8 @@ impl Runtime {
                 batch: Some(batch),
                 cpu,
                 memory,
+                cache_hits: AtomicU64::new(0),
+                cache_misses: AtomicU64::new(0),
             }),
         })
     }
@@ -301,7 +307,13 @@ impl Runtime {
             .clone();
 
         let elapsed = started.elapsed();
-        if source != LoadSource::Memory {
+        let counter = match source {
+            LoadSource::Memory => None,
+            LoadSource::DiskCache => Some(&self.inner.cache_hits),
+            LoadSource::Compiled => Some(&self.inner.cache_misses),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%digest, %source, ?elapsed, "component loaded");
         }
         Ok(Loaded {
@@ -439,9 +451,23 @@ impl Runtime {
     }
 
     /// Bytes of the memory budget held by instances alive now (whole 64 KiB pages): never
-    /// more than [`RuntimeConfig::memory_budget_bytes`].
+    /// more than [`Runtime::memory_budget`].
     pub fn memory_reserved(&self) -> u64 {
         self.inner.memory.reserved()
+    }
+
+    /// Bytes of the memory budget: [`RuntimeConfig::memory_budget_bytes`] in whole 64 KiB pages.
+    pub fn memory_budget(&self) -> u64 {
+        self.inner.memory.total()
+    }
+
+    /// How the components loaded since this runtime started were found: in the on-disk
+    /// compile cache, or compiled.
+    pub fn compile_cache(&self) -> CompileCache {
+        CompileCache {
+            hits: self.inner.cache_hits.load(Ordering::Relaxed),
+            misses: self.inner.cache_misses.load(Ordering::Relaxed),
+        }
     }
 
     pub(crate) fn memory(&self) -> &Arc<MemoryBudget> {
@@ -547,6 +573,7 @@ impl Runtime {
             reuse: cfg.reuse,
             keyvalue: cfg.keyvalue.map(Arc::new),
             volumes: cfg.volumes,
+            stats: cfg.stats,
         })
     }
 }

@@ -13,7 +13,10 @@ use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use sha2::{Digest, Sha256};
 use shoal_core::problem::{ErrorBody, ErrorCode};
-use shoal_runtime::{HttpService, Incident, IncidentKind, InstanceConfig, LogSink, LogStream};
+use shoal_runtime::{
+    HttpService, Incident, IncidentKind, InstanceConfig, InstanceCounts, InstanceStats, LogSink,
+    LogStream,
+};
 use std::sync::{Arc, Mutex};
 
 async fn service(path: &str, cfg: InstanceConfig) -> (tempfile::TempDir, HttpService) {
@@ -560,6 +563,70 @@ async fn instances_go_once_idle_for_their_time() {
         1,
         "a fresh instance after the idle time"
     );
+}
+
+#[tokio::test]
+async fn instance_stats_count_requests_cold_starts_reuses_and_kills() {
+    let stats = Arc::new(InstanceStats::default());
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_millis(300)),
+        stats: stats.clone(),
+        ..config()
+    };
+    let (dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+    for _ in 0..3 {
+        assert_eq!(count(&faulty).await, 1);
+    }
+    for (path, status) in [("/loop", 504), ("/trap", 500), ("/oom", 500)] {
+        assert_eq!(faulty.handle(get(path)).await.status(), status, "{path}");
+    }
+    // A request's instance goes once its task has finished the body.
+    eventually(Duration::from_secs(5), "no instance alive", || {
+        stats.read().live == 0
+    })
+    .await;
+    assert_eq!(
+        stats.read(),
+        InstanceCounts {
+            requests: 6,
+            cold_starts: 6,
+            timeouts: 1,
+            out_of_memory: 1,
+            traps: 1,
+            ..InstanceCounts::default()
+        }
+    );
+
+    // Another replica of the revision, reusing instances, adds to the same counts.
+    let runtime = runtime(dir.path());
+    let loaded = load(&runtime, shoal_fixtures::FAULTY_WASM).await;
+    let cfg = InstanceConfig {
+        reuse: shoal_runtime::Reuse {
+            requests: 100,
+            idle: Duration::from_secs(60),
+            ..Default::default()
+        },
+        stats: stats.clone(),
+        ..config()
+    };
+    let reusing = runtime.http_service(&loaded, cfg).unwrap();
+    for n in 1..=3 {
+        assert_eq!(count(&reusing).await, n);
+        idle(&reusing, 1).await;
+    }
+    let counts = stats.read();
+    assert_eq!(
+        (counts.requests, counts.cold_starts, counts.reuses),
+        (9, 7, 2)
+    );
+    assert_eq!((counts.live, counts.idle), (1, 1));
+    // An instance waiting for reuse goes with its replica.
+    drop(reusing);
+    eventually(Duration::from_secs(5), "the idle instance gone", || {
+        let counts = stats.read();
+        (counts.live, counts.idle) == (0, 0)
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -5,7 +5,9 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use shoal_runtime::{ExitStatus, InstanceConfig, LoadSource, LogSink, LogStream, RuntimeError};
+use shoal_runtime::{
+    CompileCache, ExitStatus, InstanceConfig, LoadSource, LogSink, LogStream, RuntimeError,
+};
 
 fn artifact(runtime: &shoal_runtime::Runtime, wasm: &str) -> std::path::PathBuf {
     let digest = digest_of(wasm);
@@ -62,12 +64,20 @@ async fn a_forgotten_component_is_gone_from_memory_and_disk_and_its_services_sti
 #[tokio::test]
 async fn a_restarted_runtime_loads_from_disk_without_compiling() {
     let dir = tempfile::tempdir().unwrap();
-    let compiled = load(&runtime(dir.path()), shoal_fixtures::FAULTY_WASM).await;
+    let first = runtime(dir.path());
+    let compiled = load(&first, shoal_fixtures::FAULTY_WASM).await;
     assert_eq!(compiled.source(), LoadSource::Compiled);
+    load(&first, shoal_fixtures::FAULTY_WASM).await;
+    // A compile is a miss; a load from memory is no lookup at all.
+    assert_eq!(first.compile_cache(), CompileCache { hits: 0, misses: 1 });
 
     let restarted = runtime(dir.path());
     let cached = load(&restarted, shoal_fixtures::FAULTY_WASM).await;
     assert_eq!(cached.source(), LoadSource::DiskCache);
+    assert_eq!(
+        restarted.compile_cache(),
+        CompileCache { hits: 1, misses: 0 }
+    );
     assert!(
         cached.elapsed() < compiled.elapsed(),
         "disk load {:?} should beat compiling {:?}",

@@ -4,14 +4,23 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use shoal_core::problem::ErrorCode;
-use shoal_runtime::{HttpService, InstanceConfig, Reuse};
+use shoal_runtime::{HttpService, InstanceConfig, InstanceStats, Reuse};
 
 /// `hello-p3` with `reuse`, a 300 ms timeout and its own runtime.
 async fn hello_p3(reuse: Reuse) -> (tempfile::TempDir, HttpService) {
+    hello_p3_counted(reuse, Arc::default()).await
+}
+
+/// [`hello_p3`], its instances counted in `stats`.
+async fn hello_p3_counted(
+    reuse: Reuse,
+    stats: Arc<InstanceStats>,
+) -> (tempfile::TempDir, HttpService) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let loaded = load(&runtime, shoal_fixtures::HELLO_P3_WASM).await;
@@ -26,6 +35,7 @@ async fn hello_p3(reuse: Reuse) -> (tempfile::TempDir, HttpService) {
     let cfg = InstanceConfig {
         timeout: Some(Duration::from_millis(300)),
         reuse,
+        stats,
         ..config()
     };
     let service = runtime
@@ -68,7 +78,8 @@ async fn a_p3_component_answers_with_a_fresh_instance_per_request_by_default() {
 
 #[tokio::test]
 async fn a_reused_p3_instance_serves_its_count() {
-    let (_dir, hello) = hello_p3(reuse(3, 16)).await;
+    let stats = Arc::new(InstanceStats::default());
+    let (_dir, hello) = hello_p3_counted(reuse(3, 16), stats.clone()).await;
     let mut counts = Vec::new();
     for kept in [1, 1, 0, 1] {
         counts.push(count(&hello).await);
@@ -79,6 +90,10 @@ async fn a_reused_p3_instance_serves_its_count() {
         [1, 2, 3, 1],
         "three requests, then a fresh instance"
     );
+    // Two workers started; the second waits for a request, as the stats say too.
+    let stats = stats.read();
+    assert_eq!((stats.requests, stats.cold_starts, stats.reuses), (4, 2, 2));
+    assert_eq!((stats.live, stats.idle), (1, 1));
 }
 
 #[tokio::test]

@@ -227,6 +227,26 @@ impl Batch {
         }
     }
 
+    /// The replicas this batch puts on a node, each with its `Scheduled` event: placed at
+    /// their `updated_at`, they waited from their `created_at`.
+    pub fn placed(&self) -> impl Iterator<Item = &Replica> {
+        let scheduled: BTreeSet<&str> = self
+            .events
+            .iter()
+            .filter(|e| e.reason == "Scheduled")
+            .map(|e| e.object.as_str())
+            .collect();
+        self.changes.iter().filter_map(move |c| match c {
+            Change::PutReplica { replica, .. }
+                if scheduled
+                    .contains(format!("replica/{}/{}", replica.app, replica.id).as_str()) =>
+            {
+                Some(replica)
+            }
+            _ => None,
+        })
+    }
+
     pub fn event(
         &mut self,
         kind: EventType,
@@ -1405,6 +1425,7 @@ mod tests {
             }
         )));
         assert_eq!(reasons(b), ["Scheduled", "Scheduled"]);
+        assert_eq!(b.placed().count(), 2);
     }
 
     #[test]
@@ -1946,6 +1967,7 @@ mod tests {
         assert_eq!(placed.len(), 1);
         assert_eq!(placed[0].node, None, "a's freed room is not b's");
         assert!(reasons(b).contains(&"FailedScheduling"));
+        assert_eq!(b.placed().count(), 0, "written, not placed");
 
         // Once a's delete has landed, the room is b's.
         remove_replica(&mut w, "y");
@@ -1956,6 +1978,12 @@ mod tests {
             .find(|b| b.scope == Scope::App(b_key.clone()))
             .expect("b's batch");
         assert_eq!(puts(b)[0].node.as_deref(), Some("n"));
+        // Placed now, it waited since it was made.
+        let placed: Vec<(&str, u64)> = b
+            .placed()
+            .map(|r| (r.id.as_str(), r.updated_at - r.created_at))
+            .collect();
+        assert_eq!(placed, [("b-1-z", NOW + 1 - 3)]);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -78,7 +79,15 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// Drops history up to and including `revision`; current keys are kept.
     fn compact(&self, revision: u64) -> Result<(), StoreError>;
+
+    /// Has `observer` told how long the commit of each write transaction takes (redb's: the
+    /// durable write, its fsync), for the control plane's metrics; replaces any observer
+    /// before it. A backend with no such step to time ignores it.
+    fn observe_commits(&self, _observer: CommitObserver) {}
 }
+
+/// Told how long one commit took; called on the writer's thread, so it should be quick.
+pub type CommitObserver = Box<dyn Fn(Duration) + Send + Sync>;
 
 /// The events of a [`KvStore::watch`], whatever the backend: a boxed stream of
 /// `Result<Event, StoreError>`.

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Instant;
 
 use redb::{Database, ReadableDatabase, ReadableTable, Table};
 use tokio::sync::broadcast;
@@ -10,7 +11,8 @@ use tokio::sync::broadcast;
 use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_REVISION};
 use crate::watch::Watcher;
 use crate::{
-    Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse, WatchStream,
+    CommitObserver, Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse,
+    WatchStream,
 };
 
 type KvTable<'t> = Table<'t, &'static str, KvRow<'static>>;
@@ -67,6 +69,8 @@ pub(crate) struct Inner {
     revision: AtomicU64,
     compacted: AtomicU64,
     pub(crate) events: broadcast::Sender<Arc<Batch>>,
+    /// Told how long each transaction's commit took.
+    commits: RwLock<Option<CommitObserver>>,
 }
 
 impl Store {
@@ -102,6 +106,7 @@ impl Store {
                 revision: AtomicU64::new(revision),
                 compacted: AtomicU64::new(compacted),
                 events,
+                commits: RwLock::new(None),
             }),
         })
     }
@@ -189,6 +194,16 @@ impl Store {
         Ok(Watcher::new(weak, rx, prefix, from_revision, true))
     }
 
+    /// Has `observer` told how long each write transaction's commit (its fsync included)
+    /// takes, from now on; see [`KvStore::observe_commits`].
+    pub fn observe_commits(&self, observer: CommitObserver) {
+        *self
+            .inner
+            .commits
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(observer);
+    }
+
     /// Drops the watch history (event log) up to and including `revision`. Current keys are kept.
     /// Compacting to a revision at or below the current compaction point is a no-op.
     pub fn compact(&self, revision: u64) -> Result<(), StoreError> {
@@ -247,7 +262,16 @@ impl Store {
             wtx.abort()?;
             return Ok((succeeded, None));
         }
+        let committing = Instant::now();
         wtx.commit()?;
+        if let Some(observe) = &*self
+            .inner
+            .commits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            observe(committing.elapsed());
+        }
         self.inner.revision.store(revision, Ordering::SeqCst);
         // An error only means nobody is watching right now; the log has the events anyway.
         let _ = self.inner.events.send(Arc::new(Batch { revision, events }));
@@ -284,6 +308,10 @@ impl KvStore for Store {
 
     fn compact(&self, revision: u64) -> Result<(), StoreError> {
         Store::compact(self, revision)
+    }
+
+    fn observe_commits(&self, observer: CommitObserver) {
+        Store::observe_commits(self, observer)
     }
 }
 

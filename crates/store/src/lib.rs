@@ -20,7 +20,7 @@ mod kv;
 pub mod tables;
 mod watch;
 
-pub use backend::{KvStore, WatchStream};
+pub use backend::{CommitObserver, KvStore, WatchStream};
 pub use blobs::{BlobError, BlobStore, PutBlob};
 pub use kv::{Store, StoreOptions};
 pub use watch::Watcher;

@@ -439,3 +439,28 @@ async fn watcher_ends_when_store_is_dropped() {
         .unwrap();
     assert!(end.is_none());
 }
+
+#[test]
+fn each_commit_is_timed_and_a_write_of_nothing_is_no_commit() {
+    let (_dir, store) = open();
+    let times = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = times.clone();
+    store.observe_commits(Box::new(move |took| seen.lock().unwrap().push(took)));
+    store.put("/a", b"1".to_vec()).unwrap();
+    store
+        .txn(
+            Txn::new()
+                .when_absent("/a")
+                .then(Op::put("/a", b"2".to_vec())),
+        )
+        .unwrap();
+    store.delete("/absent").unwrap();
+    store.put("/b", b"1".to_vec()).unwrap();
+    let times = times.lock().unwrap();
+    assert_eq!(times.len(), 2, "two transactions wrote: {times:?}");
+    assert!(
+        times
+            .iter()
+            .all(|t| *t > Duration::ZERO && *t < Duration::from_secs(10))
+    );
+}
