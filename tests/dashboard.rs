@@ -26,12 +26,15 @@ impl Driver {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("chromedriver")
+        let mut child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (Debian's chromium-driver; `make test` installs it)");
+        // It says when it listens.
+        let lines = common::read_lines(&mut child);
+        common::wait_line(&lines, "ChromeDriver was started successfully");
         Driver {
             child,
             url: format!("http://127.0.0.1:{port}"),
@@ -64,30 +67,22 @@ async fn browser(driver: &Driver, profile: &std::path::Path) -> Client {
     let serde_json::Value::Object(capabilities) = capabilities else {
         unreachable!()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
-        match ClientBuilder::new(connector)
-            .capabilities(capabilities.clone())
-            .connect(&driver.url)
-            .await
-        {
-            Ok(client) => return client,
-            // chromedriver still starting.
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("no WebDriver session: {e}"),
-        }
-    }
+    let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    ClientBuilder::new(connector)
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .unwrap_or_else(|e| panic!("no WebDriver session: {e}"))
 }
 
 /// Waits until the element at `css` exists and its text satisfies `ok`; its text.
 async fn text_until(client: &Client, css: &str, ok: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut last = String::new();
+    // Looks again every 100 ms until the deadline.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     while Instant::now() < deadline {
+        tick.tick().await;
         if let Ok(element) = client.find(Locator::Css(css)).await
             && let Ok(text) = element.text().await
         {
@@ -96,7 +91,6 @@ async fn text_until(client: &Client, css: &str, ok: impl Fn(&str) -> bool) -> St
             }
             last = text;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{css} never showed what was expected; last: {last:?}");
 }
