@@ -1,6 +1,7 @@
 //! Components from OCI registries, end to end: a real registry on loopback (Debian's
 //! `docker-registry`, the CNCF distribution registry), `shoal push`, apply by tag, serve,
-//! a tag that moves, and references the control plane must refuse.
+//! a tag that moves, a registry that wants credentials, and references the control plane
+//! must refuse.
 
 mod common;
 
@@ -18,17 +19,29 @@ struct Registry {
 
 impl Registry {
     fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// With `user`, the registry wants that user name and password (basic auth from an
+    /// htpasswd file) for everything, pulls included.
+    fn start_with(user: Option<(&str, &str)>) -> Registry {
         let dir = tempfile::tempdir().expect("temp dir");
         let addr = free_addr();
         let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.path().join("storage").display()
-            ),
-        )
-        .expect("write registry config");
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        );
+        if let Some((name, password)) = user {
+            let hash = bcrypt::hash(password, 4).expect("bcrypt");
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, format!("{name}:{hash}\n")).expect("write htpasswd");
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: shoal-test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).expect("write registry config");
         let child = Command::new("docker-registry")
             .arg("serve")
             .arg(&config)
@@ -42,12 +55,14 @@ impl Registry {
             _dir: dir,
         };
         let url = format!("http://{}/v2/", registry.addr);
+        // Up once it answers: 200, or 401 when it wants credentials.
+        let expected = if user.is_some() { 401 } else { 200 };
         assert!(
             poll(Duration::from_secs(30), || {
                 common::client()
                     .get(&url)
                     .send()
-                    .is_ok_and(|r| r.status().is_success())
+                    .is_ok_and(|r| r.status().as_u16() == expected)
             }),
             "the registry never answered {url}"
         );
@@ -62,6 +77,19 @@ impl Drop for Registry {
     }
 }
 
+impl Registry {
+    /// Where the registry keeps the blob with `digest` (`sha256:…`).
+    fn blob_file(&self, digest: &str) -> std::path::PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+        self._dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
 /// A loopback address nothing listens on (once the probe socket is closed).
 fn free_addr() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -69,8 +97,13 @@ fn free_addr() -> String {
 }
 
 fn spec(dir: &std::path::Path, reference: &str) -> String {
+    spec_with(dir, reference, "")
+}
+
+/// The spec of `spec` with `extra` lines in its `[component]`.
+fn spec_with(dir: &std::path::Path, reference: &str, extra: &str) -> String {
     let body = format!(
-        "name = \"hello\"\n[component]\noci = \"{reference}\"\nkind = \"http\"\n\
+        "name = \"hello\"\n[component]\noci = \"{reference}\"\n{extra}kind = \"http\"\n\
          [resources]\nlimits = {{ memory = \"32Mi\" }}\n[http]\nroutes = [\"/hello\"]\n\
          [env]\nGREETING = \"Hello from a registry!\"\n"
     );
@@ -150,14 +183,139 @@ fn bad_references_are_refused_at_apply_naming_them_and_nothing_is_stored() {
     let c = Cluster::start();
     let unknown_tag = format!("{}/team/hello:nope", registry.addr);
     let unreachable = format!("{}/team/hello:1.0", free_addr());
-    for reference in [&unknown_tag, &unreachable] {
+    for (reference, says) in [
+        (&unknown_tag, "no such tag or digest"),
+        (&unreachable, "onnect"),
+    ] {
         let file = spec(c.dir.path(), reference);
         for verb in [&["apply", "-f", &file][..], &["diff", "-f", &file][..]] {
             let err = c.cli_err(verb);
-            assert!(err.contains(reference.as_str()), "{verb:?}: {err}");
+            assert!(
+                err.contains(reference.as_str()) && err.contains(says),
+                "{verb:?}: {err}"
+            );
         }
     }
     nothing_stored(&c);
+}
+
+#[test]
+fn a_layer_that_does_not_hash_to_its_digest_is_refused_and_nothing_is_stored() {
+    let registry = Registry::start();
+    let c = Cluster::start();
+    let reference = format!("{}/team/hello:1.0", registry.addr);
+    c.cli_ok(&["push", shoal_fixtures::HELLO_WASM, &reference]);
+    // The registry's copy is damaged in place, same length: it still serves it under the
+    // digest it was pushed with.
+    let hello = std::fs::read(shoal_fixtures::HELLO_WASM).expect("hello fixture");
+    let digest = module_digest(&hello);
+    let file = registry.blob_file(&digest);
+    let mut damaged = std::fs::read(&file).expect("the registry's blob");
+    assert_eq!(damaged, hello);
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0xff;
+    std::fs::write(&file, &damaged).expect("damage the blob");
+
+    let err = c.cli_err(&["apply", "-f", &spec(c.dir.path(), &reference)]);
+    assert!(
+        err.contains(&reference) && err.contains(&digest) && err.contains(&module_digest(&damaged)),
+        "{err}"
+    );
+    nothing_stored(&c);
+}
+
+#[test]
+fn a_private_registry_takes_the_credentials_of_a_pull_secret_and_refuses_wrong_ones() {
+    let password = "s3cret-pull-password";
+    let registry = Registry::start_with(Some(("alice", password)));
+    let c = Cluster::start();
+    let reference = format!("{}/team/hello:1.0", registry.addr);
+    let push = ["push", shoal_fixtures::HELLO_WASM, &reference];
+    let err = c.cli_err(&push);
+    assert!(err.contains("anonymous access"), "{err}");
+    let with_login = [
+        &["push", "--username", "alice", "--password-stdin"][..],
+        &push[1..],
+    ]
+    .concat();
+    let wrong = c.cli_stdin(&with_login, "not-the-password\n");
+    assert!(!wrong.status.success(), "{wrong:?}");
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert!(said.contains("refused the credentials"), "{said}");
+    let pushed = c.cli_stdin(&with_login, &format!("{password}\n"));
+    assert!(pushed.status.success(), "{pushed:?}");
+
+    // No pull secret: refused, saying how to give one.
+    let anonymous = spec(c.dir.path(), &reference);
+    let err = c.cli_err(&["apply", "-f", &anonymous]);
+    assert!(
+        err.contains(&reference) && err.contains("pull_secret"),
+        "{err}"
+    );
+    // A pull secret with the wrong password; one for another registry; none at all.
+    let secret = |verb: &str, name: &str, host: &str, password: &str| {
+        let out = c.cli_stdin(
+            &[
+                "secret",
+                verb,
+                name,
+                "--registry",
+                host,
+                "--username",
+                "alice",
+                "--password-stdin",
+            ],
+            &format!("{password}\n"),
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    secret("create", "regcred", &registry.addr, "wrong-password");
+    secret("create", "elsewhere", "registry.example.com", password);
+    let file = |name: &str| {
+        spec_with(
+            c.dir.path(),
+            &reference,
+            &format!("pull_secret = \"{name}\"\n"),
+        )
+    };
+    for (name, says) in [
+        ("regcred", "refused the credentials"),
+        ("elsewhere", "for registry registry.example.com"),
+        ("missing", "does not exist"),
+    ] {
+        let err = c.cli_err(&["apply", "-f", &file(name)]);
+        assert!(err.contains(says), "{name}: {err}");
+        assert!(!err.contains(password), "{name}: {err}");
+    }
+    nothing_stored(&c);
+
+    secret("set", "regcred", &registry.addr, password);
+    c.cli_ok(&["apply", "-f", &file("regcred")]);
+    c.wait_gw("/hello", 200, "Hello from a registry!");
+    let hello = std::fs::read(shoal_fixtures::HELLO_WASM).expect("hello fixture");
+    assert_eq!(running_digest(&c), module_digest(&hello));
+
+    let described = c.cli_ok(&["describe", "app", "hello"]);
+    assert!(
+        described.contains(&format!("Source:       {reference} (pull secret regcred)")),
+        "{described}"
+    );
+    // The password is shown nowhere and stored sealed.
+    for shown in [
+        c.cli_ok(&["secret", "get", "regcred"]),
+        c.cli_ok(&["get", "secrets", "-o", "json"]),
+        c.cli_ok(&["describe", "app", "hello"]),
+        c.api_json("/v1/apps/hello").to_string(),
+    ] {
+        assert!(!shown.contains(password), "{shown}");
+    }
+    let state = std::fs::read(c.dir.path().join("data/state.redb")).expect("state file");
+    assert!(
+        !state
+            .windows(password.len())
+            .any(|w| w == password.as_bytes()),
+        "the password is in the state file in plain text"
+    );
 }
 
 #[test]

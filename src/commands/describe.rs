@@ -54,6 +54,12 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         s.component.kind.world()
     );
     println!("Module:       {}", s.component.digest);
+    if let Some(reference) = &s.component.oci {
+        match &s.pull_secret {
+            Some(secret) => println!("Source:       {reference} (pull secret {secret})"),
+            None => println!("Source:       {reference}"),
+        }
+    }
     println!("Revision:     {}", d.app.revision);
     if let Some(r) = &d.rollout {
         let paused = if r.paused { ", paused" } else { "" };

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 #[command(after_help = "Examples:
   shoal push hello.wasm registry.example.com/team/hello:1.2.0
   shoal push hello.wasm 127.0.0.1:5000/hello:dev  loopback registries speak plain HTTP
-  shoal push --insecure hello.wasm build-host:5000/hello:dev")]
+  shoal push --insecure hello.wasm build-host:5000/hello:dev
+  shoal push --username ci --password-stdin hello.wasm registry.example.com/team/hello:1.2.0 < pw.txt")]
 pub struct PushArgs {
     /// The component (.wasm) to push.
     file: PathBuf,
@@ -21,6 +22,12 @@ pub struct PushArgs {
     /// Talk plain HTTP to a registry that is not on loopback.
     #[arg(long)]
     insecure: bool,
+    /// The registry user name; without it the push is anonymous.
+    #[arg(long, value_name = "USER", requires = "password_stdin")]
+    username: Option<String>,
+    /// Read the registry password (or token) from standard input.
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -47,7 +54,14 @@ pub async fn run(ctx: Context, args: PushArgs) -> Result<()> {
     } else {
         Vec::new()
     };
-    let manifest = shoal_oci::Registry::new(&reference, &insecure)
+    let credentials = match args.username {
+        Some(username) => Some(shoal_oci::Credentials {
+            username,
+            password: super::secret::password_from_stdin()?,
+        }),
+        None => None,
+    };
+    let manifest = shoal_oci::Registry::new(&reference, &insecure, credentials)
         .push(&bytes)
         .await?;
     let pushed = Pushed {

@@ -6,7 +6,9 @@ use super::Context;
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
 use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten};
-use shoal_core::spec::{TLS_CERT_KEY, TLS_KEY_KEY};
+use shoal_core::spec::{
+    REGISTRY_KEY, REGISTRY_PASSWORD_KEY, REGISTRY_USERNAME_KEY, TLS_CERT_KEY, TLS_KEY_KEY,
+};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -14,6 +16,7 @@ use std::path::PathBuf;
 #[command(after_help = "Examples:
   shoal secret create db --from-file password=pw.txt --from-literal user=app
   shoal secret create shop-tls --tls-cert cert.pem --tls-key key.pem
+  shoal secret create regcred --registry registry.example.com --username ci --password-stdin < pw.txt
   shoal secret set db --from-literal user=admin   a new version; the apps that use it roll
   shoal get secrets                               names, keys and versions; never values")]
 pub struct SecretCommand {
@@ -77,6 +80,29 @@ struct Values {
     /// The certificate's private key (PEM): key tls.key.
     #[arg(long = "tls-key", value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// For `[component] pull_secret`: the registry host (and port) the credentials are
+    /// for, as references name it: key registry.
+    #[arg(long, value_name = "HOST", requires = "username")]
+    registry: Option<String>,
+    /// The registry user name: key username.
+    #[arg(long, value_name = "USER", requires = "registry")]
+    username: Option<String>,
+    /// Read the registry password (or token) from standard input: key password.
+    #[arg(long, requires = "registry")]
+    password_stdin: bool,
+}
+
+/// A password given on standard input, as `docker login --password-stdin` takes it: the
+/// whole input without its trailing line break.
+pub(super) fn password_from_stdin() -> Result<String> {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+        .context("--password-stdin: cannot read standard input")?;
+    let password = text.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        bail!("--password-stdin: standard input is empty");
+    }
+    Ok(password)
 }
 
 /// Splits `KEY=VALUE`.
@@ -88,7 +114,8 @@ fn pair(text: &str) -> Result<(String, String)> {
     }
 }
 
-/// The values of `--from-literal`, `--from-file`, `--tls-cert` and `--tls-key`.
+/// The values of `--from-literal`, `--from-file`, `--tls-cert`, `--tls-key` and the
+/// registry flags.
 fn values(given: &Values) -> Result<BTreeMap<String, String>> {
     let mut data = BTreeMap::new();
     for text in &given.literals {
@@ -111,6 +138,13 @@ fn values(given: &Values) -> Result<BTreeMap<String, String>> {
         if let Some(file) = file {
             data.insert(key.to_string(), read(flag, key, file)?);
         }
+    }
+    if let (Some(registry), Some(username)) = (&given.registry, &given.username) {
+        data.insert(REGISTRY_KEY.to_string(), registry.clone());
+        data.insert(REGISTRY_USERNAME_KEY.to_string(), username.clone());
+    }
+    if given.password_stdin {
+        data.insert(REGISTRY_PASSWORD_KEY.to_string(), password_from_stdin()?);
     }
     Ok(data)
 }
@@ -143,7 +177,7 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
             let set = values(&v)?;
             if set.is_empty() {
                 bail!(
-                    "nothing to set: give --from-literal KEY=VALUE, --from-file KEY=PATH or --tls-cert FILE --tls-key FILE"
+                    "nothing to set: give --from-literal KEY=VALUE, --from-file KEY=PATH, --tls-cert FILE --tls-key FILE or --registry HOST --username USER --password-stdin"
                 );
             }
             let write = SecretWrite {

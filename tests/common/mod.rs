@@ -68,6 +68,24 @@ impl Cluster {
         expect_ok(args, self.cli(args))
     }
 
+    /// Runs the CLI with `input` on its standard input.
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        let mut child = Command::new(SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", self.config())
+            .env_remove("SHOAL_SERVER")
+            .env_remove("SHOAL_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run shoal");
+        let mut stdin = child.stdin.take().expect("stdin");
+        std::io::Write::write_all(&mut stdin, input.as_bytes()).expect("write stdin");
+        drop(stdin);
+        child.wait_with_output().expect("run shoal")
+    }
+
     /// Runs the CLI and insists it fails; returns stderr.
     pub fn cli_err(&self, args: &[&str]) -> String {
         let out = self.cli(args);

@@ -2,22 +2,38 @@
 //! resolves the reference to the module it names now and pulls that module into
 //! the module store once, validated as an upload is. Nodes then fetch it from
 //! the control plane as any module; none talks to a registry.
+//!
+//! A registry that wants credentials gets them from the secret the spec names in
+//! `[component] pull_secret` (`registry`, `username`, `password`), opened for the pull
+//! only, and only if the secret says it is for the registry the reference names: a
+//! reference changed to another host never carries the credentials there.
 
 use crate::error::ControlError;
 use crate::state::ControlPlane;
 use shoal_core::objects::keys;
 use shoal_core::oci::OciRef;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{AppSpec, Module, OciOrigin, SpecError};
-use shoal_oci::{OciError, Registry};
+use shoal_core::spec::{REGISTRY_KEY, REGISTRY_PASSWORD_KEY, REGISTRY_USERNAME_KEY};
+use shoal_core::{AppSpec, Module, OciOrigin, Secret, SpecError};
+use shoal_oci::{Credentials, OciError, Registry};
 use shoal_store::BlobError;
 
-fn registry_error(e: OciError) -> ControlError {
+/// `e` as the apply's error; `pull_secret` is the secret whose credentials were given.
+fn registry_error(e: OciError, pull_secret: Option<&str>) -> ControlError {
     let code = match e {
         OciError::NotAComponent { .. } => ErrorCode::NotAComponent,
-        OciError::Registry { .. } | OciError::DigestMismatch { .. } | OciError::Download { .. } => {
-            ErrorCode::Registry
-        }
+        OciError::NotFound { .. } => ErrorCode::InvalidSpec,
+        OciError::Registry { .. }
+        | OciError::Unauthorized { .. }
+        | OciError::DigestMismatch { .. }
+        | OciError::Download { .. } => ErrorCode::Registry,
+    };
+    let hint = match (&e, pull_secret) {
+        (OciError::Unauthorized { .. }, None) => " (name a secret with its credentials in `[component] pull_secret`: `shoal secret create NAME --registry HOST --username USER --password-stdin`)".to_string(),
+        (OciError::Unauthorized { .. }, Some(name)) => format!(
+            " (from pull secret {name}: change them with `shoal secret set {name} --registry HOST --username USER --password-stdin`)"
+        ),
+        _ => String::new(),
     };
     // A registry that cannot be reached says why only deep in the chain (connection
     // refused, no such host): the message carries every cause it does not already say.
@@ -30,6 +46,7 @@ fn registry_error(e: OciError) -> ControlError {
         }
         cause = c.source();
     }
+    message.push_str(&hint);
     ControlError::Invalid {
         code,
         field: Some("component.oci".into()),
@@ -56,7 +73,13 @@ impl ControlPlane {
         let mut probe = spec.clone();
         probe.component.digest = format!("sha256:{}", "0".repeat(64));
         probe.validate()?;
-        let registry = Registry::new(&reference, &self.config().insecure_registries);
+        let credentials = match &spec.pull_secret {
+            Some(name) => Some(self.pull_credentials(&spec.namespace, name, &reference)?),
+            None => None,
+        };
+        let registry = Registry::new(&reference, &self.config().insecure_registries, credentials);
+        let pull_secret = spec.pull_secret.clone();
+        let registry_error = |e| registry_error(e, pull_secret.as_deref());
         let resolved = registry.resolve().await.map_err(registry_error)?;
         let digest = resolved.layer.digest.clone();
         if digest.parse::<shoal_core::Digest>().is_err() {
@@ -127,5 +150,51 @@ impl ControlPlane {
             other => other,
         })?;
         Ok(spec)
+    }
+}
+
+impl ControlPlane {
+    /// The credentials pull secret `name` of namespace `ns` holds for `reference`'s
+    /// registry; refused, naming what is wrong, if it lacks them or is for another registry.
+    fn pull_credentials(
+        &self,
+        ns: &str,
+        name: &str,
+        reference: &OciRef,
+    ) -> Result<Credentials, ControlError> {
+        let bad = |message: String| ControlError::Invalid {
+            code: ErrorCode::InvalidSpec,
+            field: Some("component.pull_secret".into()),
+            message,
+        };
+        let Some((secret, _)) = self.get::<Secret>(&keys::secret(ns, name))? else {
+            return Err(bad(format!(
+                "component.pull_secret names secret {name}, which does not exist in namespace {ns}: create it with `shoal secret create {name} --registry {} --username USER --password-stdin`",
+                reference.registry
+            )));
+        };
+        let mut values = self.open_secret(&secret)?;
+        let mut take = |key: &str| {
+            values.remove(key).ok_or_else(|| {
+                bad(format!(
+                    "secret {name} has no key {key}: a pull secret holds {REGISTRY_KEY}, {REGISTRY_USERNAME_KEY} and {REGISTRY_PASSWORD_KEY} (`shoal secret create {name} --registry HOST --username USER --password-stdin`)"
+                ))
+            })
+        };
+        let (registry, username, password) = (
+            take(REGISTRY_KEY)?,
+            take(REGISTRY_USERNAME_KEY)?,
+            take(REGISTRY_PASSWORD_KEY)?,
+        );
+        if *registry != reference.registry {
+            return Err(bad(format!(
+                "secret {name} holds credentials for registry {}, not {}, which {reference} names",
+                *registry, reference.registry
+            )));
+        }
+        Ok(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        })
     }
 }

@@ -172,6 +172,15 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// The latest version of `secret`, opened: for what the control plane itself does
+    /// with a secret (a registry pull), never for a reply.
+    pub(crate) fn open_secret(
+        &self,
+        secret: &Secret,
+    ) -> Result<BTreeMap<String, Zeroizing<String>>, ControlError> {
+        self.with_keys(|ring| open_version(ring, secret, secret.version))
+    }
+
     /// Every app's HTTPS certificate and key, for the nodes' gateways. One that cannot be
     /// opened now (its version gone, the key file unusable) is left out and said in the log:
     /// the others still serve.

@@ -394,6 +394,13 @@ pub struct TlsRef {
 /// the certificate chain and its private key, PEM.
 pub const TLS_CERT_KEY: &str = "tls.crt";
 pub const TLS_KEY_KEY: &str = "tls.key";
+const PULL_SECRET_WITHOUT_OCI: &str = "names the credentials for pulling `oci`; a component given by `path` or `digest` comes from no registry";
+
+/// The keys of a registry pull secret (`[component] pull_secret`): the registry host the
+/// credentials are for, as a reference names it (`host[:port]`), and the credentials.
+pub const REGISTRY_KEY: &str = "registry";
+pub const REGISTRY_USERNAME_KEY: &str = "username";
+pub const REGISTRY_PASSWORD_KEY: &str = "password";
 
 /// Requests per instance at most (`[http] reuse`).
 pub const MAX_REUSE: u32 = 100_000;
@@ -1260,6 +1267,11 @@ pub struct AppSpec {
     pub name: String,
     pub namespace: String,
     pub component: ComponentSpec,
+    /// `[component] pull_secret`: the secret of the app's namespace with the credentials
+    /// for `component.oci`'s registry. Used at apply, when the module is pulled, so it is
+    /// not part of the revision: what runs is the pinned digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secret: Option<String>,
     pub resources: Resources,
     pub replicas: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1529,6 +1541,14 @@ impl AppSpec {
         }
         if let Some(Err(m)) = self.component.oci.as_deref().map(crate::oci::OciRef::parse) {
             return field("component.oci", m);
+        }
+        if let Some(secret) = &self.pull_secret {
+            if self.component.oci.is_none() {
+                return field("component.pull_secret", PULL_SECRET_WITHOUT_OCI.into());
+            }
+            if let Err(e) = validate_name(secret) {
+                return field("component.pull_secret", e.to_string());
+            }
         }
         let r = &self.resources;
         let mem = crate::quantity::format_memory;
@@ -2247,6 +2267,7 @@ struct RawComponent {
     path: Option<Spanned<String>>,
     digest: Option<Spanned<String>>,
     oci: Option<Spanned<String>>,
+    pull_secret: Option<Spanned<String>>,
     kind: Spanned<Kind>,
     args: Option<Spanned<Vec<String>>>,
 }
@@ -2513,6 +2534,17 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         }
     };
     spans.insert("component.digest", raw.component.span());
+    if let Some(secret) = &c.pull_secret {
+        if c.oci.is_none() {
+            return Err(fail(
+                "component.pull_secret",
+                PULL_SECRET_WITHOUT_OCI.into(),
+                secret.span(),
+            ));
+        }
+        validate_name(secret.get_ref())
+            .map_err(|e| fail("component.pull_secret", e.to_string(), secret.span()))?;
+    }
     if let Some(a) = &c.args {
         spans.insert("component.args", a.span());
     }
@@ -2698,6 +2730,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
                 .map(|a| a.get_ref().clone())
                 .unwrap_or_default(),
         },
+        pull_secret: c.pull_secret.as_ref().map(|s| s.get_ref().clone()),
         resources: Resources {
             requests: Requests {
                 cpu_millis: cpu_request,
@@ -3334,6 +3367,28 @@ A = "1"
             "path = \"x.wasm\"\noci = \"r.example.com/x:1\"",
         );
         assert_eq!(err(&both).field.as_deref(), Some("component"));
+    }
+
+    #[test]
+    fn a_pull_secret_goes_with_an_oci_reference_and_is_no_part_of_a_revision() {
+        let oci = "oci = \"registry.example.com/team/hello:1.2.0\"";
+        let with = |extra: &str| HELLO.replace("path = \"hello.wasm\"", &format!("{oci}{extra}"));
+        let spec = parse_app(&with("\npull_secret = \"regcred\""))
+            .unwrap()
+            .unresolved();
+        assert_eq!(spec.pull_secret.as_deref(), Some("regcred"));
+        let mut other = spec.clone();
+        other.pull_secret = Some("other".into());
+        assert_eq!(spec.template(), other.template());
+
+        let e = err(&HELLO.replace(
+            "path = \"hello.wasm\"",
+            "path = \"hello.wasm\"\npull_secret = \"regcred\"",
+        ));
+        assert_eq!(e.field.as_deref(), Some("component.pull_secret"));
+        assert!(e.line.is_some() && e.message.contains("oci"), "{e:?}");
+        let e = err(&with("\npull_secret = \"Not A Name\""));
+        assert_eq!(e.field.as_deref(), Some("component.pull_secret"));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! HTTP; every other registry HTTPS.
 
 use oci_client::client::{ClientConfig, ClientProtocol, SizedStream};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -27,8 +28,14 @@ pub enum OciError {
     #[error("{reference}: {source}")]
     Registry {
         reference: String,
-        source: oci_client::errors::OciDistributionError,
+        source: OciDistributionError,
     },
+    /// The registry wants credentials, or refused the ones given.
+    #[error("{reference}: the registry refused {}", if *.anonymous { "anonymous access: it wants credentials" } else { "the credentials given" })]
+    Unauthorized { reference: String, anonymous: bool },
+    /// No manifest under that tag or digest (or no such repository).
+    #[error("{reference}: the registry has no such tag or digest (manifest unknown)")]
+    NotFound { reference: String },
     #[error("{reference} is not a Wasm component: {why}")]
     NotAComponent { reference: String, why: String },
     /// What the registry sent does not hash to the digest that named it.
@@ -114,17 +121,39 @@ pub struct Resolved {
     pub layer: OciDescriptor,
 }
 
+/// A user name and password for a registry's basic or token authentication,
+/// as `docker login` takes them.
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One registry conversation about one reference (the client keeps the
 /// registry's token between the manifest and the blob).
 pub struct Registry {
     client: Client,
     reference: Reference,
     name: String,
+    auth: RegistryAuth,
 }
 
 impl Registry {
     /// `insecure`: registries (`host:port`) that speak plain HTTP besides loopback ones.
-    pub fn new(reference: &OciRef, insecure: &[String]) -> Registry {
+    /// Without `credentials` the registry is asked anonymously.
+    pub fn new(
+        reference: &OciRef,
+        insecure: &[String],
+        credentials: Option<Credentials>,
+    ) -> Registry {
         let plain = reference.is_loopback() || insecure.contains(&reference.registry);
         let protocol = if plain {
             ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
@@ -153,13 +182,43 @@ impl Registry {
             client,
             reference: oci,
             name: reference.to_string(),
+            auth: match credentials {
+                Some(c) => RegistryAuth::Basic(c.username, c.password),
+                None => RegistryAuth::Anonymous,
+            },
         }
     }
 
-    fn registry_error(&self, source: oci_client::errors::OciDistributionError) -> OciError {
-        OciError::Registry {
-            reference: self.name.clone(),
+    /// `source` as what it means to whoever wrote the reference: refused access and an
+    /// unknown tag are said plainly, anything else keeps the registry's words.
+    fn registry_error(&self, source: OciDistributionError) -> OciError {
+        let reference = self.name.clone();
+        let codes = |codes: &[OciErrorCode]| match &source {
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().any(|e| codes.contains(&e.code))
+            }
+            _ => false,
+        };
+        let unauthorized = matches!(
             source,
+            OciDistributionError::UnauthorizedError { .. }
+                | OciDistributionError::AuthenticationFailure(_)
+                | OciDistributionError::ServerError {
+                    code: 401 | 403,
+                    ..
+                }
+        ) || codes(&[OciErrorCode::Unauthorized, OciErrorCode::Denied]);
+        let unknown = matches!(source, OciDistributionError::ImageManifestNotFoundError(_))
+            || codes(&[OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown]);
+        if unauthorized {
+            OciError::Unauthorized {
+                reference,
+                anonymous: matches!(self.auth, RegistryAuth::Anonymous),
+            }
+        } else if unknown {
+            OciError::NotFound { reference }
+        } else {
+            OciError::Registry { reference, source }
         }
     }
 
@@ -167,7 +226,7 @@ impl Registry {
     pub async fn resolve(&self) -> Result<Resolved, OciError> {
         let (manifest, digest) = self
             .client
-            .pull_image_manifest(&self.reference, &RegistryAuth::Anonymous)
+            .pull_image_manifest(&self.reference, &self.auth)
             .await
             .map_err(|e| self.registry_error(e))?;
         if let Some(expected) = self.reference.digest()
@@ -207,7 +266,7 @@ impl Registry {
         let config = component_config(component, &created);
         let manifest = component_manifest(component, &config);
         self.client
-            .store_auth_if_needed(self.reference.resolve_registry(), &RegistryAuth::Anonymous)
+            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
             .await;
         self.client
             .push_blob(
