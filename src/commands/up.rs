@@ -45,6 +45,10 @@ pub struct ControlArgs {
     /// How the scheduler scores nodes: fill the fullest first, or the emptiest.
     #[arg(long, value_enum, default_value_t = Scheduling::BinPack)]
     pub scheduling: Scheduling,
+    /// Leave replicas where they are when apps end up spread unevenly (a node joined, or
+    /// came back after a failover) instead of moving them, new before old, to even out.
+    #[arg(long)]
+    pub no_rebalance: bool,
     /// How long a module no revision uses is kept after its last upload or apply.
     #[arg(long, default_value = "10m")]
     pub module_gc_grace: String,
@@ -293,6 +297,7 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
                 Scheduling::Spread => shoal_scheduler::Strategy::Spread,
             },
             insecure_registries: args.insecure_registry.clone(),
+            rebalance: !args.no_rebalance,
             ..ControlConfig::default()
         },
     )

@@ -181,6 +181,7 @@ impl ControlPlane {
         world.started_at = self.inner.started_at.get().copied().unwrap_or(0);
         world.node_grace_ms = self.config().node_grace.as_millis() as u64;
         world.strategy = self.config().strategy;
+        world.rebalance = self.config().rebalance;
         let now = self.now();
         let plan = match &focus {
             None => {

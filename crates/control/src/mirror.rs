@@ -59,6 +59,7 @@ impl Mirror {
                 started_at: 0,
                 node_grace_ms: 0,
                 strategy: Strategy::default(),
+                rebalance: true,
             },
             revision,
             leases: BTreeMap::new(),
@@ -246,6 +247,7 @@ mod tests {
             reason: None,
             avoid: Vec::new(),
             scheduled_at: None,
+            moving: false,
             created_at: 0,
             updated_at: 0,
         }

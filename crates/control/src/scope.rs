@@ -191,6 +191,7 @@ mod tests {
             reason: None,
             avoid: Vec::new(),
             scheduled_at: None,
+            moving: false,
             created_at: 0,
             updated_at: 0,
         }

@@ -684,6 +684,7 @@ mod tests {
             reason: None,
             avoid: vec![],
             scheduled_at: None,
+            moving: false,
             created_at: 0,
             updated_at: 0,
         };

@@ -47,6 +47,8 @@ pub struct ControlConfig {
     pub module_gc_grace: Duration,
     /// How the scheduler scores nodes, cluster-wide.
     pub strategy: shoal_scheduler::Strategy,
+    /// Whether replicas move to even out apps spread unevenly over the nodes.
+    pub rebalance: bool,
     /// The key file that seals secrets (`shoal_secrets`); none: secrets are refused.
     pub secret_key_file: Option<std::path::PathBuf>,
     /// What one key-value bucket may hold, keys and values, in bytes.
@@ -67,6 +69,7 @@ impl Default for ControlConfig {
             max_events: 2000,
             module_gc_grace: Duration::from_secs(600),
             strategy: shoal_scheduler::Strategy::BinPack,
+            rebalance: true,
             secret_key_file: None,
             kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
             insecure_registries: Vec::new(),

@@ -481,6 +481,11 @@ pub struct Replica {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub scheduled_at: Option<Millis>,
+    /// The controller is moving it to another node to rebalance the cluster: a
+    /// replacement is made as for a rollout (new before old, within the app's
+    /// `max_surge` and `max_unavailable`), and it serves until it is removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub moving: bool,
     #[schema(value_type = u64)]
     pub created_at: Millis,
     #[schema(value_type = u64)]

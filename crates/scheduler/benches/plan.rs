@@ -59,6 +59,7 @@ fn world(apps: usize, placed: bool) -> World {
         started_at: 0,
         node_grace_ms: 3_000,
         strategy: Strategy::BinPack,
+        rebalance: true,
     };
     for i in 0..apps {
         let src = format!(
@@ -92,6 +93,7 @@ fn world(apps: usize, placed: bool) -> World {
                     reason: None,
                     avoid: vec![],
                     scheduled_at: None,
+                    moving: false,
                     created_at: 0,
                     updated_at: 0,
                 },

@@ -499,10 +499,21 @@ impl<'a> Cluster<'a> {
     /// Whether a replica of `app` would fit on some node not named in `avoid`;
     /// reserves nothing.
     pub fn fits_avoiding(&mut self, app: &AppKey, req: &Request<'_>, avoid: &[String]) -> bool {
+        self.best_avoiding(app, req, avoid).is_some()
+    }
+
+    /// The node [`Cluster::place`] would pick for one more replica of `app`, off
+    /// the nodes named in `avoid`; reserves nothing.
+    pub fn best_avoiding(
+        &mut self,
+        app: &AppKey,
+        req: &Request<'_>,
+        avoid: &[String],
+    ) -> Option<&'a str> {
         let closed = self.close(avoid);
-        let fits = self.pick(app, req).is_ok();
+        let best = self.pick(app, req).ok().map(|(i, _)| self.slots[i].node);
         self.reopen(closed);
-        fits
+        best.map(|n| n.name.as_str())
     }
 
     /// The best node for one replica of `app` and its score.

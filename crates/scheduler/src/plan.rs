@@ -66,7 +66,14 @@ pub struct World {
     /// A node whose lease is older than this is lost (see [`Leases`]).
     pub node_grace_ms: u64,
     pub strategy: Strategy,
+    /// Whether replicas move to even out apps spread unevenly over the nodes
+    /// (a node joined, or a failover left the cluster lopsided).
+    pub rebalance: bool,
 }
+
+/// Rebalancing moves in flight at once, cluster-wide: a node that joins takes
+/// its share a few cold starts at a time.
+pub const REBALANCE_MOVES: usize = 2;
 
 /// Node heartbeats as the controller heard them, in milliseconds of its own
 /// clock: monotonic, so a wall-clock step ages no lease, and standing still
@@ -355,6 +362,12 @@ fn plan_for(
         cluster,
         released: Vec::new(),
         bound: BTreeMap::new(),
+        moves: world
+            .replicas
+            .values()
+            .flat_map(|rs| rs.values())
+            .filter(|r| r.value.moving)
+            .count(),
         out,
     };
     let replicas_of = |key: &AppKey| -> Vec<&Read<Replica>> {
@@ -508,6 +521,8 @@ struct Pass<'w> {
     released: Vec<(String, AppKey, Capacity)>,
     /// Volumes bound by placements of this pass, by namespace and name: to their node.
     bound: BTreeMap<(String, String), String>,
+    /// Rebalancing moves in flight, those this pass starts included.
+    moves: usize,
     out: Plan,
 }
 
@@ -535,14 +550,38 @@ impl<'w> Pass<'w> {
         };
         // A rollback writes the app; the next pass reconciles towards it.
         let mut job = None;
+        // A replica that starts moving this pass, as reconcile must see it.
+        let moving: Option<Read<Replica>>;
         if let Some(mode) = mode {
-            let avoid = self.replace_failing(&mut batch, &effective, &mut existing);
+            let mut avoid = self.replace_failing(&mut batch, &effective, &mut existing);
             if effective.spec.component.kind == Kind::Job {
                 job = Some(self.job_runs(&mut batch, &effective, &mut existing, &lost, ids));
             }
             // A scheduled job's replicas are all runs: its schedule starts them, not a count.
             if effective.spec.runs.schedule.is_none() {
+                let mut started = None;
+                if mode == Mode::Roll
+                    && let Some((i, replica)) = self.rebalance(&mut batch, &effective, &existing)
+                {
+                    avoid.count += 1;
+                    avoid.nodes.extend(replica.node.clone());
+                    moving = Some(Read::new(replica, existing[i].mod_revision));
+                    existing[i] = moving.as_ref().expect("just set");
+                    started = moving.as_ref();
+                }
                 self.reconcile(&mut batch, &effective, existing, mode, avoid, ids);
+                // Marked as moving unless reconcile already removed it.
+                if let Some(r) = started
+                    && !batch
+                        .changes
+                        .iter()
+                        .any(|c| matches!(c, Change::DeleteReplica { id, .. } if *id == r.value.id))
+                {
+                    batch.changes.push(Change::PutReplica {
+                        replica: r.value.clone(),
+                        expect: Expect::At(r.mod_revision),
+                    });
+                }
             }
         }
         if let Some(status) = job
@@ -772,6 +811,88 @@ impl<'w> Pass<'w> {
         roll_back_into(batch, app, status, expect, &target.value, bad, rb, self.now);
     }
 
+    /// One replica of `app` to move, and where it is in `existing`, if the app's
+    /// replicas are spread unevenly: some node holds at least two more of them
+    /// than the node a new replica of it would go to (off that node). Only a
+    /// settled app moves, one replica at a time: every replica serving its
+    /// current revision, as many as it wants (so neither a rollout nor the
+    /// autoscaler is fought), none on a node being drained, no volume pinning
+    /// it, and fewer than [`REBALANCE_MOVES`] moves in flight cluster-wide.
+    fn rebalance(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        existing: &[&Read<Replica>],
+    ) -> Option<(usize, Replica)> {
+        let key = app.spec.key();
+        if !self.world.rebalance
+            || self.moves >= REBALANCE_MOVES
+            || app.spec.component.kind == Kind::Job
+            || existing.len() != app.spec.replicas as usize
+            || self
+                .world
+                .rollouts
+                .get(&key)
+                .is_some_and(|s| !s.value.phase.is_done())
+        {
+            return None;
+        }
+        let revision = self.world.revisions.get(&(key.clone(), app.revision))?;
+        if !revision.value.template.volumes.is_empty() {
+            return None;
+        }
+        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+        for r in existing {
+            let r = &r.value;
+            let node = r.node.as_deref()?;
+            if r.moving
+                || r.revision != app.revision
+                || !matches!(r.phase, Phase::Ready | Phase::Running)
+                || self.draining.contains(node)
+            {
+                return None;
+            }
+            *counts.entry(node).or_default() += 1;
+        }
+        // The node with the most (the first by name among equals).
+        let (from, most) = counts
+            .iter()
+            .map(|(n, c)| (*n, *c))
+            .reduce(|best, next| if next.1 > best.1 { next } else { best })?;
+        if most < 2 {
+            return None;
+        }
+        let req = Request::new(&revision.value.template.resources, &app.spec.placement);
+        let to = self
+            .cluster
+            .best_avoiding(&key, &req, &[from.to_string()])?;
+        let there = counts.get(to).copied().unwrap_or(0);
+        if most < there + 2 {
+            return None;
+        }
+        // Its newest replica there: the one with the least warmed up to lose.
+        let (i, r) = existing
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.value.node.as_deref() == Some(from))
+            .max_by_key(|(_, r)| (r.value.created_at, &r.value.id))?;
+        let mut moved = r.value.clone();
+        moved.moving = true;
+        moved.updated_at = self.now;
+        self.moves += 1;
+        batch.event(
+            EventType::Normal,
+            "Rebalancing",
+            format!("replica/{key}/{}", moved.id),
+            Some(&key),
+            format!(
+                "moving replica {} off node {from}, which runs {most} of the app's replicas, to node {to}, which runs {there}: its replacement starts first",
+                moved.id
+            ),
+        );
+        Some((i, moved))
+    }
+
     /// Replicas whose node says liveness keeps failing there through restarts
     /// are replaced on another node if one could take them (their node keeps
     /// restarting them, with backoff, until then). Returns how many were
@@ -899,7 +1020,9 @@ impl<'w> Pass<'w> {
         let key = app.spec.key();
         let current: Vec<Replica> = existing.iter().map(|r| r.value.clone()).collect();
         let draining = &self.draining;
-        let decided = reconcile(app, &current, |n| draining.contains(n), mode);
+        let replace =
+            |r: &Replica| r.moving || r.node.as_deref().is_some_and(|n| draining.contains(n));
+        let decided = reconcile(app, &current, replace, mode);
         let mut pending: Vec<(Replica, Expect)> = Vec::new();
         for r in existing {
             if decided.delete.contains(&r.value.id) {
@@ -1165,6 +1288,7 @@ fn new_replica(
         reason: None,
         avoid,
         scheduled_at: None,
+        moving: false,
         created_at: now,
         updated_at: now,
     }
@@ -1293,6 +1417,7 @@ mod tests {
             started_at: 0,
             node_grace_ms: 3000,
             strategy: Strategy::Spread,
+            rebalance: true,
         }
     }
 
@@ -1881,6 +2006,101 @@ mod tests {
         assert!(outcome.unwrap().starts_with("rolled back: replica y"));
     }
 
+    /// Four ready replicas of `a`, all on node `m`, its rollout complete.
+    fn lopsided() -> World {
+        let replicas: Vec<Replica> = ["a", "b", "c", "d"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| on(replica_at(id, 1, Phase::Ready, i as u64 + 1), "m"))
+            .collect();
+        let mut w = with_replicas(world(4, 1, ""), &replicas);
+        complete(&mut w, 1);
+        w
+    }
+
+    #[test]
+    fn an_uneven_app_moves_one_replica_at_a_time_new_before_old() {
+        let mut w = lopsided();
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
+        assert!(deletes(b).is_empty(), "new before old");
+        let put = puts(b);
+        assert_eq!(put.len(), 2);
+        let (new, moved) = (put[0].clone(), put[1].clone());
+        assert_eq!(new.node.as_deref(), Some("n"));
+        assert_eq!(new.avoid, ["m"]);
+        assert_eq!((moved.id.as_str(), moved.moving), ("d", true), "the newest");
+        assert!(b.events[0].message.contains("off node m"), "{:?}", b.events);
+
+        // Stored: nothing more until the replacement serves, then the moved one goes.
+        *replica_mut(&mut w, "d") = Read::new(moved, 200);
+        let mut starting = new.clone();
+        starting.phase = Phase::Starting;
+        w.replicas
+            .get_mut(&key())
+            .unwrap()
+            .insert(new.id.clone(), Read::new(starting, 201));
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+        replica_mut(&mut w, &new.id).value.phase = Phase::Ready;
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(deletes(app_batch(&p)), ["d"]);
+
+        // Three on m, one on n: one more moves; two and two is even.
+        remove_replica(&mut w, "d");
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(puts(app_batch(&p))[1].id, "c");
+        remove_replica(&mut w, "c");
+        let mut second = new.clone();
+        second.id = "e".into();
+        w.replicas
+            .get_mut(&key())
+            .unwrap()
+            .insert("e".into(), Read::new(on(second, "n"), 202));
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn only_a_settled_app_moves_and_never_when_rebalancing_is_off() {
+        let mut w = lopsided();
+        w.rebalance = false;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+
+        let mut w = lopsided();
+        replica_mut(&mut w, "a").value.phase = Phase::Unready;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+
+        // n cannot take it: nowhere better to go.
+        let mut w = lopsided();
+        w.nodes.get_mut("n").unwrap().value.schedulable = false;
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+
+        // The autoscaler (here a scale-up) goes first.
+        let mut w = lopsided();
+        app_mut(&mut w).value.spec.replicas = 5;
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(reasons(app_batch(&p)), ["Scheduled"]);
+
+        // Enough moves in flight elsewhere in the cluster: wait.
+        let mut w = lopsided();
+        for i in 0..REBALANCE_MOVES {
+            let other = AppKey::new("default", &format!("other-{i}"));
+            let mut r = on(replica_at("o", 1, Phase::Ready, 1), "n");
+            r.app = other.clone();
+            r.moving = true;
+            w.replicas
+                .entry(other)
+                .or_default()
+                .insert(format!("o{i}"), Read::new(r, 300));
+        }
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert!(
+            !p.batches
+                .iter()
+                .any(|b| reasons(b).contains(&"Rebalancing"))
+        );
+    }
+
     #[test]
     fn a_replica_failing_liveness_moves_only_if_another_node_can_take_it() {
         let mut failing = on(replica_at("y", 1, Phase::Unready, 2), "n");
@@ -2193,7 +2413,10 @@ mod tests {
         let five: Vec<Replica> = two
             .iter()
             .cloned()
-            .chain(["p", "q", "r"].map(|id| on(replica_at(id, 1, Phase::Ready, 3), "m")))
+            .chain(
+                [("p", "n"), ("q", "m"), ("r", "n")]
+                    .map(|(id, node)| on(replica_at(id, 1, Phase::Ready, 3), node)),
+            )
             .collect();
         let mut w = with_replicas(w, &five);
         complete(&mut w, 1);

@@ -52,12 +52,13 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     (rank, std::cmp::Reverse(r.created_at))
 }
 
-/// `draining(node)` says whether a node is being drained: its replicas are
-/// replaced like those of an old revision, new before old.
+/// `replace(replica)` says whether a replica must go although its revision is
+/// right (its node is being drained, or it moves to rebalance the cluster): it
+/// is replaced like one of an old revision, new before old.
 pub fn reconcile(
     app: &App,
     replicas: &[Replica],
-    draining: impl Fn(&str) -> bool,
+    replace: impl Fn(&Replica) -> bool,
     mode: Mode,
 ) -> Plan {
     match mode {
@@ -68,7 +69,7 @@ pub fn reconcile(
                 app.revision,
                 app.spec.replicas,
                 replicas,
-                &draining,
+                &replace,
             );
             Plan {
                 create,
@@ -85,8 +86,8 @@ pub fn reconcile(
                 .iter()
                 .cloned()
                 .partition(|r| r.revision == app.revision);
-            let (create, mut delete) = roll(&app.spec, app.revision, canary, &new, &draining);
-            let (create_stable, more) = roll(&app.spec, stable, stable_replicas, &rest, &draining);
+            let (create, mut delete) = roll(&app.spec, app.revision, canary, &new, &replace);
+            let (create_stable, more) = roll(&app.spec, stable, stable_replicas, &rest, &replace);
             delete.extend(more);
             Plan {
                 create,
@@ -103,16 +104,14 @@ fn roll(
     revision: u64,
     desired: u32,
     replicas: &[Replica],
-    draining: &impl Fn(&str) -> bool,
+    replace: &impl Fn(&Replica) -> bool,
 ) -> (usize, Vec<String>) {
     let desired = desired as usize;
     let surge = spec.rollout.max_surge as usize;
     let floor = desired.saturating_sub(spec.rollout.max_unavailable as usize);
     // A finished job stays what it is wherever it ran: draining does not rerun it.
     let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| {
-        r.revision == revision
-            && (!r.node.as_deref().is_some_and(draining)
-                || (r.kind == Kind::Job && r.phase.is_terminal()))
+        r.revision == revision && (!replace(r) || (r.kind == Kind::Job && r.phase.is_terminal()))
     });
     let mut create = 0;
     let mut delete = Vec::new();
@@ -333,7 +332,7 @@ mod tests {
             replica("k1", 1, Phase::Ready, 2),
         ];
         rs[0].node = Some("draining".into());
-        let drain = |n: &str| n == "draining";
+        let drain = |r: &Replica| r.node.as_deref() == Some("draining");
         assert_eq!(
             reconcile(&a, &rs, drain, Mode::Roll),
             Plan {
