@@ -496,6 +496,23 @@ impl<'a> Cluster<'a> {
         })
     }
 
+    /// How allocated node `node` is, and what one replica of `resources` adds to
+    /// that: fractions of its cpu plus of its memory, as the scores weigh them.
+    pub fn usage(&self, node: &str, resources: &Capacity) -> Option<(f64, f64)> {
+        let i = self
+            .slots
+            .binary_search_by(|s| s.node.name.as_str().cmp(node))
+            .ok()?;
+        let f = &self.fits[i];
+        let share =
+            resources.cpu_millis as f64 * f.per_cpu + resources.memory_bytes as f64 * f.per_memory;
+        Some((f.used, share))
+    }
+
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
     /// Whether a replica of `app` would fit on some node not named in `avoid`;
     /// reserves nothing.
     pub fn fits_avoiding(&mut self, app: &AppKey, req: &Request<'_>, avoid: &[String]) -> bool {

@@ -813,7 +813,11 @@ impl<'w> Pass<'w> {
 
     /// One replica of `app` to move, and where it is in `existing`, if the app's
     /// replicas are spread unevenly: some node holds at least two more of them
-    /// than the node a new replica of it would go to (off that node). Only a
+    /// than the node a new replica of it would go to (off that node). With the
+    /// spread strategy the nodes themselves are evened out too: a replica leaves
+    /// the most allocated of its app's nodes when the node it would go to stays
+    /// no more allocated than that one after the move, and holds fewer of the
+    /// app's replicas (so no two nodes trade a replica back and forth). Only a
     /// settled app moves, one replica at a time: every replica serving its
     /// current revision, as many as it wants (so neither a rollout nor the
     /// autoscaler is fought), none on a node being drained, no volume pinning
@@ -854,21 +858,38 @@ impl<'w> Pass<'w> {
             }
             *counts.entry(node).or_default() += 1;
         }
+        let resources = &revision.value.template.resources;
+        let req = Request::new(resources, &app.spec.placement);
+        let room = Capacity::of(resources);
         // The node with the most (the first by name among equals).
-        let (from, most) = counts
+        let (mut from, mut most) = counts
             .iter()
             .map(|(n, c)| (*n, *c))
             .reduce(|best, next| if next.1 > best.1 { next } else { best })?;
-        if most < 2 {
-            return None;
-        }
-        let req = Request::new(&revision.value.template.resources, &app.spec.placement);
-        let to = self
+        let mut to = self
             .cluster
             .best_avoiding(&key, &req, &[from.to_string()])?;
-        let there = counts.get(to).copied().unwrap_or(0);
+        let mut there = counts.get(to).copied().unwrap_or(0);
         if most < there + 2 {
-            return None;
+            if self.cluster.strategy() != Strategy::Spread {
+                return None;
+            }
+            let cluster = &self.cluster;
+            let usage = |n: &str| cluster.usage(n, &room).unwrap_or((0.0, 0.0));
+            from = counts
+                .keys()
+                .copied()
+                .reduce(|a, b| if usage(b).0 > usage(a).0 { b } else { a })?;
+            most = counts[from];
+            to = self
+                .cluster
+                .best_avoiding(&key, &req, &[from.to_string()])?;
+            there = counts.get(to).copied().unwrap_or(0);
+            let usage = |n: &str| self.cluster.usage(n, &room).unwrap_or((0.0, 0.0));
+            let ((was, left), (will, added)) = (usage(from), usage(to));
+            if there >= most || will + added > was - left {
+                return None;
+            }
         }
         // Its newest replica there: the one with the least warmed up to lose.
         let (i, r) = existing
@@ -2057,6 +2078,86 @@ mod tests {
             .get_mut(&key())
             .unwrap()
             .insert("e".into(), Read::new(on(second, "n"), 202));
+        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    /// `w` with one more settled app, `name`, one ready replica (id `name`) on `node`.
+    fn with_single(mut w: World, name: &str, node: &str) -> World {
+        let mut app = app_with("http", 1, 1, "");
+        app.spec.name = name.into();
+        let key = app.spec.key();
+        let revision = Revision {
+            app: key.clone(),
+            number: 1,
+            template: app.spec.template(),
+            hash: String::new(),
+            created_at: 0,
+            cause: "created".into(),
+            outcome: None,
+        };
+        let mut status = rollout::start(&app, None, 0);
+        status.phase = RolloutPhase::Complete;
+        status.stable = Some(1);
+        let mut r = on(replica_at(name, 1, Phase::Ready, 1), node);
+        r.app = key.clone();
+        w.revisions
+            .insert((key.clone(), 1), Read::new(revision, 11));
+        w.rollouts.insert(key.clone(), Read::new(status, 50));
+        w.replicas
+            .entry(key.clone())
+            .or_default()
+            .insert(name.into(), Read::new(r, 100));
+        w.apps.insert(key, Read::new(app, 5));
+        w
+    }
+
+    fn moved(p: &Plan) -> Vec<&str> {
+        p.batches
+            .iter()
+            .flat_map(|b| puts(b))
+            .filter(|r| r.moving)
+            .map(|r| r.id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn with_the_spread_strategy_single_replicas_even_out_the_nodes() {
+        let mut w = world(0, 1, "");
+        w.apps.clear();
+        w.revisions.clear();
+        for name in ["b", "c", "d"] {
+            w = with_single(w, name, "m");
+        }
+        // Three on m, none on n: two move (the most in flight at once), and each
+        // lands on n.
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert_eq!(moved(&p), ["b", "c"]);
+        let landed: Vec<_> = p
+            .batches
+            .iter()
+            .flat_map(|b| puts(b))
+            .filter(|r| !r.moving)
+            .map(|r| r.node.as_deref())
+            .collect();
+        assert_eq!(landed, [Some("n"), Some("n")]);
+
+        // One on m and two on n: even enough; nothing trades back.
+        let mut w2 = world(0, 1, "");
+        w2.apps.clear();
+        w2.revisions.clear();
+        for (name, node) in [("b", "n"), ("c", "n"), ("d", "m")] {
+            w2 = with_single(w2, name, node);
+        }
+        assert!(plan(&w2, NOW, &mut Counter::default()).is_empty());
+
+        // A lone replica stays: moving it would only load the other node as much.
+        let mut w3 = world(0, 1, "");
+        w3.apps.clear();
+        w3.revisions.clear();
+        assert!(plan(&with_single(w3, "b", "m"), NOW, &mut Counter::default()).is_empty());
+
+        // Bin-packing wants them together.
+        w.strategy = Strategy::BinPack;
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
     }
 
