@@ -54,6 +54,9 @@ enum Command {
     Server(commands::server::ServerArgs),
     /// Join a worker node, or cordon, uncordon, drain or delete one.
     Node(commands::node::NodeCommand),
+    /// Manage node pools: workers started and stopped as replicas need them (create, set,
+    /// delete).
+    Pool(commands::pool::PoolCommand),
     /// Manage API tokens (create, list, revoke) and rotate the join token.
     Token(commands::token::TokenCommand),
     /// Manage config sets that apps share (create, set, unset, get, delete).
@@ -69,7 +72,7 @@ enum Command {
     Apply(commands::apply::ApplyArgs),
     /// What applying spec files would change; exits 1 if anything would.
     Diff(commands::apply::DiffArgs),
-    /// List apps, jobs, replicas, modules, nodes, services, secrets, volumes or events.
+    /// List apps, jobs, replicas, modules, nodes, pools, services, secrets, volumes or events.
     Get(commands::get::GetArgs),
     /// What nodes or apps use and serve now: CPU, memory, replicas, requests, 5xx, p99.
     Top(commands::top::TopArgs),
@@ -123,6 +126,7 @@ fn main() -> ExitCode {
         Command::Server(_) => Some("server"),
         Command::Node(_) => Some("node"),
         Command::Token(_) => Some("token"),
+        Command::Pool(_) => Some("pool"),
         Command::Push(_) => Some("push"),
         Command::Completion { .. } => Some("completion"),
         _ => None,
@@ -152,6 +156,7 @@ fn main() -> ExitCode {
             Command::Server(args) => commands::server::run(ctx, args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
+            Command::Pool(cmd) => commands::pool::run(ctx, cmd).await,
             Command::Config(cmd) => commands::config::run(ctx, cmd).await,
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
             Command::Kv(cmd) => commands::kv::run(ctx, cmd).await,

@@ -39,6 +39,8 @@ enum What {
     Modules,
     #[value(alias = "node")]
     Nodes,
+    #[value(alias = "pool")]
+    Pools,
     #[value(alias = "event")]
     Events,
     #[value(alias = "service", alias = "svc")]
@@ -401,6 +403,42 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                     "REPLICAS",
                     "GATEWAY",
                     "HEARTBEAT",
+                ],
+                rows,
+            )
+        }
+        What::Pools => {
+            ctx.no_namespace("pools")?;
+            let pools: Vec<shoal_core::Pool> = client.get("/v1/pools").await?;
+            let json = serde_json::to_value(&pools)?;
+            let rows: Vec<Vec<String>> = pools
+                .iter()
+                .map(|p| {
+                    let retiring = p
+                        .members
+                        .values()
+                        .filter(|m| m.retiring_since.is_some())
+                        .count();
+                    let nodes = p.members.keys().cloned().collect::<Vec<_>>().join(",");
+                    vec![
+                        p.name.clone(),
+                        p.spec.min.to_string(),
+                        p.spec.max.to_string(),
+                        (p.members.len() - retiring).to_string(),
+                        retiring.to_string(),
+                        p.spec.provider.clone().unwrap_or_else(|| "local".into()),
+                        if nodes.is_empty() {
+                            "<none>".into()
+                        } else {
+                            nodes
+                        },
+                    ]
+                })
+                .collect();
+            Listing::plain(
+                json,
+                &[
+                    "NAME", "MIN", "MAX", "NODES", "RETIRING", "PROVIDER", "MEMBERS",
                 ],
                 rows,
             )

@@ -10,6 +10,7 @@ pub mod job;
 pub mod kv;
 pub mod logs;
 pub mod node;
+pub mod pool;
 pub mod push;
 pub mod rollout;
 pub mod scale;

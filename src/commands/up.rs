@@ -320,6 +320,12 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
     tokio::spawn(control.clone().run_controller());
+    tokio::spawn(control.clone().run_pools(shoal_control::PoolHost {
+        join_url: server.clone(),
+        token_file: data.join("join-token"),
+        exe: std::env::current_exe().context("cannot find the shoal binary for pool workers")?,
+        dir: data.join("pools"),
+    }));
     let router = shoal_control::router(control.clone());
     tokio::spawn(shoal_control::serve(
         listener,

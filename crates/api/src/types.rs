@@ -308,6 +308,15 @@ pub struct SecretView {
     pub updated_at: shoal_core::Millis,
 }
 
+/// The body of `PUT /v1/pools/{name}`: with `create`, a new pool (refused if it exists);
+/// otherwise the existing pool's spec replaced, its nodes kept.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolWrite {
+    #[serde(default)]
+    pub create: bool,
+    pub spec: shoal_core::PoolSpec,
+}
+
 /// The body of `PUT /v1/secrets/{name}`. With `create`, a new secret holding `set`
 /// (refused if it exists); otherwise a new version of an existing one: its latest values,
 /// with `set` over them and `unset` taken out. The API never returns a value, so a change is

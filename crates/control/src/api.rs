@@ -19,7 +19,7 @@ use shoal_api::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
-    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop, NodeUsage, Registered,
+    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop, NodeUsage, PoolWrite, Registered,
     ReplicaIncident, ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken,
     SecretView, SecretWrite, SecretWritten, Service, Snapshot, TokenRequest, TokenView,
     VolumeUsage, VolumeView, Waiting,
@@ -30,7 +30,7 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
-use shoal_core::{App, ConfigSet, Event, Module, Node, Replica, RolloutStatus};
+use shoal_core::{App, ConfigSet, Event, Module, Node, Pool, Replica, RolloutStatus};
 use shoal_store::BlobError;
 
 /// Runs control-plane work off the executor; its errors answer as the API's.
@@ -201,6 +201,16 @@ admin_api! {
         op("Cordon, uncordon or drain a node")
             .param::<NodeAction>("action")
             .json::<Node>(StatusCode::OK);
+    GET "/v1/pools" => list_pools, Viewer, Cluster,
+        op("List node pools and the nodes they started").json_list::<Pool>(StatusCode::OK);
+    GET "/v1/pools/{name}" => get_pool, Viewer, Cluster,
+        op("Show a node pool").json::<Pool>(StatusCode::OK);
+    PUT "/v1/pools/{name}" => put_pool, Admin, Cluster,
+        op("Create a node pool, or change its size, provider or cool-down")
+            .body::<PoolWrite>()
+            .json::<Pool>(StatusCode::OK);
+    DELETE "/v1/pools/{name}" => delete_pool, Admin, Cluster,
+        op("Delete a node pool that runs no node").empty(StatusCode::NO_CONTENT);
     POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster,
         op("Replace the join token; nodes that joined carry on")
             .query::<RotateQuery>()
@@ -1141,6 +1151,39 @@ async fn join_cluster(
     blocking(move || cp.join_node(&join.node))
         .await
         .map(|j| (StatusCode::CREATED, Json(j)).into_response())
+}
+
+async fn list_pools(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.pools())
+        .await
+        .map(|p| Json(p).into_response())
+}
+
+async fn get_pool(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.pool(&name))
+        .await
+        .map(|p| Json(p).into_response())
+}
+
+async fn put_pool(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    JsonBody(write): JsonBody<PoolWrite>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.put_pool(&name, write))
+        .await
+        .map(|p| Json(p).into_response())
+}
+
+async fn delete_pool(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.delete_pool(&name)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_node(

@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 /// collection in two.
 pub mod keys {
     use super::{
-        ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Replica,
-        Revision, RolloutStatus, RouteClaim, Secret, Volume,
+        ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Pool,
+        Replica, Revision, RolloutStatus, RouteClaim, Secret, Volume,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -132,6 +132,10 @@ pub mod keys {
     pub const CONFIG_SETS: Prefix<ConfigSet> = Prefix::fixed("/configs/");
     pub const SECRETS: Prefix<Secret> = Prefix::fixed("/secrets/");
     pub const VOLUMES: Prefix<Volume> = Prefix::fixed("/volumes/");
+    pub const POOLS: Prefix<Pool> = Prefix::fixed("/pools/");
+    pub fn pool(name: &str) -> Key<Pool> {
+        Key::new(format!("{}{name}", POOLS.as_str()))
+    }
 
     pub fn app(k: &AppKey) -> Key<App> {
         Key::new(format!("{}{}/{}", APPS.as_str(), k.namespace, k.name))
@@ -538,6 +542,80 @@ impl Capacity {
 pub enum NodeState {
     Ready,
     NotReady,
+}
+
+/// A node pool (`shoal pool`): workers Shoal starts and stops itself through a
+/// provider command, between `min` and `max`, as a cluster autoscaler does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Pool {
+    pub name: String,
+    pub spec: PoolSpec,
+    /// The nodes it started and has not stopped yet, by node name.
+    #[serde(default)]
+    pub members: BTreeMap<String, PoolMember>,
+    /// The number the next node's name ends in (`NAME-N`): names are never reused.
+    pub next: u64,
+    #[schema(value_type = u64)]
+    pub created_at: Millis,
+}
+
+/// What a pool's owner sets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolSpec {
+    pub min: u32,
+    pub max: u32,
+    /// A command run as `sh -c 'COMMAND "$@"' - start|stop NODE` with `SHOAL_POOL`,
+    /// `SHOAL_JOIN_URL` and `SHOAL_JOIN_TOKEN_FILE` set; its `start` must make a worker
+    /// that runs `shoal node join` under the name NODE. None: local `shoal node join`
+    /// processes of the control plane itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// How long a node must run no replica before it is drained and stopped.
+    pub cooldown_ms: u64,
+    /// More `shoal node join` flags for local workers (e.g. `--memory`, `--label`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_args: Vec<String>,
+}
+
+/// The most nodes one pool may hold.
+pub const MAX_POOL_SIZE: u32 = 1000;
+
+impl PoolSpec {
+    /// Why the spec cannot be kept, if it cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min > self.max {
+            return Err(format!("min ({}) is above max ({})", self.min, self.max));
+        }
+        if self.max > MAX_POOL_SIZE {
+            return Err(format!("max is at most {MAX_POOL_SIZE}"));
+        }
+        if self
+            .provider
+            .as_deref()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err("provider is an empty command".into());
+        }
+        if self.provider.is_some() && !self.node_args.is_empty() {
+            return Err("node args are for local workers; a provider starts its own".into());
+        }
+        Ok(())
+    }
+}
+
+/// A node a pool started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PoolMember {
+    #[schema(value_type = u64)]
+    pub started_at: Millis,
+    /// Since when it has run no replica while Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub empty_since: Option<Millis>,
+    /// Since when it is being drained to be stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub retiring_since: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -1,0 +1,410 @@
+//! Node pools (`shoal pool`): workers the control plane starts and stops itself, as a
+//! cluster autoscaler does. Every second the provisioner ([`ControlPlane::run_pools`])
+//! asks [`shoal_scheduler::pools::decide`] what each pool needs, stores the pool's new
+//! members with events saying why, and only then acts: it runs the pool's provider to
+//! start or stop a worker, drains a node to retire it, and deletes a stopped one.
+//!
+//! A pool without a provider runs its workers as local `shoal node join` processes of
+//! this control plane, each with its own port and data dir under `pools/` in the data
+//! dir. They stop with the control plane (a local pool is for one machine); a pool whose
+//! nodes are gone starts new ones, as it does for any node that never joins.
+
+use crate::error::ControlError;
+use crate::state::{ControlPlane, blocking, encode};
+use shoal_api::PoolWrite;
+use shoal_core::objects::keys;
+use shoal_core::problem::ErrorCode;
+use shoal_core::{EventType, Node, Pool, Replica};
+use shoal_scheduler::pools::{Action, Facts, decide};
+use shoal_store::{Op, Txn};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// The label a pool's local workers carry: `shoal.dev/pool=NAME`.
+pub const POOL_LABEL: &str = "shoal.dev/pool";
+
+/// How long a provider's `start` or `stop` may run.
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Where a pool's workers join, and where local ones live.
+#[derive(Debug, Clone)]
+pub struct PoolHost {
+    /// The control plane's URL, as `shoal node join` takes it.
+    pub join_url: String,
+    pub token_file: PathBuf,
+    /// The `shoal` binary local workers run.
+    pub exe: PathBuf,
+    /// Local workers' data dirs and logs.
+    pub dir: PathBuf,
+}
+
+impl ControlPlane {
+    /// Creates pool `name` or replaces its spec, as `write` says.
+    pub fn put_pool(&self, name: &str, write: PoolWrite) -> Result<Pool, ControlError> {
+        let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
+        shoal_core::validate_name(name).map_err(|e| bad(format!("pool name: {e}")))?;
+        write
+            .spec
+            .validate()
+            .map_err(|m| bad(format!("pool {name}: {m}")))?;
+        let key = keys::pool(name);
+        let (pool, txn, verb) = match (self.get::<Pool>(&key)?, write.create) {
+            (Some(_), true) => {
+                return Err(ControlError::conflict(format!(
+                    "pool {name} exists: change it with `shoal pool set`"
+                )));
+            }
+            (None, false) => {
+                return Err(ControlError::not_found(format!(
+                    "pool {name} does not exist: create it with `shoal pool create`"
+                )));
+            }
+            (None, true) => {
+                let pool = Pool {
+                    name: name.into(),
+                    spec: write.spec,
+                    members: BTreeMap::new(),
+                    next: 1,
+                    created_at: self.now(),
+                };
+                (pool, Txn::new().when_absent(key.clone()), "created")
+            }
+            (Some((mut pool, at)), false) => {
+                pool.spec = write.spec;
+                (
+                    pool,
+                    Txn::new().when_mod_revision(key.clone(), at),
+                    "changed",
+                )
+            }
+        };
+        let s = &pool.spec;
+        let txn = txn.then(Op::put(key, encode(&pool))).then(self.event_op(
+            EventType::Normal,
+            "PoolChanged",
+            format!("pool/{name}"),
+            None,
+            format!("pool {name} {verb}: {} to {} nodes", s.min, s.max),
+        ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "pool {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(pool)
+    }
+
+    pub fn pools(&self) -> Result<Vec<Pool>, ControlError> {
+        self.list(&keys::POOLS)
+    }
+
+    pub fn pool(&self, name: &str) -> Result<Pool, ControlError> {
+        self.get::<Pool>(&keys::pool(name))?
+            .map(|(p, _)| p)
+            .ok_or_else(|| ControlError::not_found(format!("pool {name} does not exist")))
+    }
+
+    /// Deletes a pool that runs no node: a pool with nodes is scaled to zero first, so
+    /// that its nodes are drained, not cut off.
+    pub fn delete_pool(&self, name: &str) -> Result<(), ControlError> {
+        let key = keys::pool(name);
+        let Some((pool, at)) = self.get::<Pool>(&key)? else {
+            return Err(ControlError::not_found(format!(
+                "pool {name} does not exist"
+            )));
+        };
+        if !pool.members.is_empty() {
+            return Err(ControlError::conflict(format!(
+                "pool {name} runs {} nodes: `shoal pool set {name} --min 0 --max 0` first",
+                pool.members.len()
+            )));
+        }
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::delete(key))
+            .then(self.event_op(
+                EventType::Normal,
+                "PoolDeleted",
+                format!("pool/{name}"),
+                None,
+                format!("pool {name} deleted"),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "pool {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// One decision per pool, stored with its events; returns what to do for the pools
+    /// whose write went through.
+    fn pool_pass(&self) -> Result<Vec<(Pool, Vec<Action>)>, ControlError> {
+        let (kvs, _) = self.inner.store.range(keys::POOLS.as_str())?;
+        if kvs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let nodes: BTreeMap<String, Node> = self
+            .list(&keys::NODES)?
+            .into_iter()
+            .map(|n: Node| (n.name.clone(), n))
+            .collect();
+        let replicas: Vec<Replica> = self.list(&keys::REPLICAS)?;
+        let mut active: BTreeMap<String, usize> = BTreeMap::new();
+        let mut pending = Vec::new();
+        for r in &replicas {
+            match &r.node {
+                Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
+                None if r.message.is_some() && !r.phase.is_terminal() => pending.push(r),
+                _ => {}
+            }
+        }
+        let facts = Facts {
+            nodes: &nodes,
+            active: &active,
+            pending: pending.len(),
+            pending_why: pending.first().and_then(|r| r.message.as_deref()),
+        };
+        let now = self.now();
+        let mut out = Vec::new();
+        for kv in &kvs {
+            let pool: Pool = crate::state::decode(kv)?;
+            let (next, actions) = decide(&pool, facts, now);
+            if next == pool {
+                continue;
+            }
+            let mut txn = Txn::new()
+                .when_mod_revision(kv.key.clone(), kv.mod_revision)
+                .then(Op::put(kv.key.clone(), encode(&next)));
+            for action in &actions {
+                let (kind, reason, message) = match action {
+                    Action::Start { node, why } => (
+                        EventType::Normal,
+                        "PoolNodeStarting",
+                        format!("pool {}: starting node {node}: {why}", pool.name),
+                    ),
+                    Action::Drain { node, why } => (
+                        EventType::Normal,
+                        "PoolNodeDraining",
+                        format!("pool {}: draining node {node} to stop it: {why}", pool.name),
+                    ),
+                    Action::Stop { node, why } => (
+                        EventType::Normal,
+                        "PoolNodeStopped",
+                        format!("pool {}: stopping node {node}: {why}", pool.name),
+                    ),
+                };
+                txn = txn.then(self.event_op(
+                    kind,
+                    reason,
+                    format!("pool/{}", pool.name),
+                    None,
+                    message,
+                ));
+            }
+            if self.inner.store.txn(txn)?.succeeded {
+                out.push((next, actions));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The provisioner: a pass every second for as long as the control plane runs.
+    pub async fn run_pools(self, host: PoolHost) {
+        let mut local: HashMap<String, Child> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let cp = self.clone();
+            let decided = match blocking(move || cp.pool_pass()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "node pools: pass failed");
+                    continue;
+                }
+            };
+            for (pool, actions) in decided {
+                for action in actions {
+                    self.act(&host, &pool, action, &mut local).await;
+                }
+            }
+        }
+    }
+
+    async fn act(
+        &self,
+        host: &PoolHost,
+        pool: &Pool,
+        action: Action,
+        local: &mut HashMap<String, Child>,
+    ) {
+        match action {
+            Action::Start { node, .. } => {
+                let started = match &pool.spec.provider {
+                    None => start_local(host, pool, &node).map(|child| {
+                        local.insert(node.clone(), child);
+                    }),
+                    Some(command) => run_provider(host, pool, command, "start", &node).await,
+                };
+                if let Err(why) = started {
+                    self.provider_failed(pool, &node, "start", why).await;
+                }
+            }
+            Action::Drain { node, .. } => {
+                let cp = self.clone();
+                let drained =
+                    blocking(move || cp.set_node_scheduling(&node, shoal_api::NodeAction::Drain))
+                        .await;
+                if let Err(e) = drained
+                    && !matches!(e, ControlError::NotFound(_))
+                {
+                    tracing::warn!(pool = %pool.name, error = %e, "node pools: cannot drain");
+                }
+            }
+            Action::Stop { node, .. } => {
+                let stopped = match &pool.spec.provider {
+                    None => {
+                        if let Some(child) = local.remove(&node) {
+                            stop_local(child).await;
+                        }
+                        let _ = std::fs::remove_dir_all(host.dir.join(&pool.name).join(&node));
+                        Ok(())
+                    }
+                    Some(command) => run_provider(host, pool, command, "stop", &node).await,
+                };
+                if let Err(why) = stopped {
+                    self.provider_failed(pool, &node, "stop", why).await;
+                }
+                let cp = self.clone();
+                let name = node.clone();
+                if let Err(e) = blocking(move || cp.delete_node(&name)).await
+                    && !matches!(e, ControlError::NotFound(_))
+                {
+                    tracing::warn!(pool = %pool.name, %node, error = %e, "node pools: cannot delete a stopped node");
+                }
+            }
+        }
+    }
+
+    async fn provider_failed(&self, pool: &Pool, node: &str, verb: &str, why: String) {
+        tracing::warn!(pool = %pool.name, %node, verb, %why, "node pools: the provider failed");
+        let cp = self.clone();
+        let (object, message) = (
+            format!("pool/{}", pool.name),
+            format!("pool {}: could not {verb} node {node}: {why}", pool.name),
+        );
+        let recorded = blocking(move || {
+            let op = cp.event_op(
+                EventType::Warning,
+                "PoolProviderFailed",
+                object,
+                None,
+                message,
+            );
+            cp.inner
+                .store
+                .txn(Txn::new().then(op))
+                .map_err(ControlError::from)
+        })
+        .await;
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "node pools: cannot record an event");
+        }
+    }
+}
+
+/// A local worker: `shoal node join` on a free loopback port, its own data dir and log.
+fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String> {
+    let dir = host.dir.join(&pool.name).join(node);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let log = std::fs::File::create(dir.with_extension("log"))
+        .map_err(|e| format!("{}.log: {e}", dir.display()))?;
+    let err = log.try_clone().map_err(|e| e.to_string())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let mut cmd = Command::new(&host.exe);
+    cmd.arg("node")
+        .arg("join")
+        .arg(&host.join_url)
+        .arg("--token-file")
+        .arg(&host.token_file)
+        .args(["--node-name", node])
+        .args(["--gateway", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--label", &format!("{POOL_LABEL}={}", pool.name)])
+        .args(&pool.spec.node_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The worker stops when this control plane does, even on kill -9.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .map_err(|e| format!("cannot run {}: {e}", host.exe.display()))
+}
+
+/// SIGTERM, then SIGKILL if it is still there after ten seconds.
+async fn stop_local(mut child: Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: signalling a child we own and have not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+}
+
+/// Runs `COMMAND verb NODE` through `sh`, with where to join in its environment.
+async fn run_provider(
+    host: &PoolHost,
+    pool: &Pool,
+    command: &str,
+    verb: &str,
+    node: &str,
+) -> Result<(), String> {
+    let run = Command::new("sh")
+        .arg("-c")
+        .arg(format!("{command} \"$@\""))
+        .args(["provider", verb, node])
+        .env("SHOAL_POOL", &pool.name)
+        .env("SHOAL_JOIN_URL", &host.join_url)
+        .env("SHOAL_JOIN_TOKEN_FILE", &host.token_file)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(PROVIDER_TIMEOUT, run)
+        .await
+        .map_err(|_| {
+            format!(
+                "`{command} {verb}` ran past {} s",
+                PROVIDER_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+    Err(format!(
+        "`{command} {verb}` exited with {}: {tail}",
+        out.status
+    ))
+}

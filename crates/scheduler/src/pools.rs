@@ -1,0 +1,327 @@
+//! Node pools: which workers a pool starts, drains and stops now, as a cluster
+//! autoscaler decides. Pure; the control plane's provisioner runs the provider
+//! commands and writes what this returns.
+//!
+//! A pool grows by one node at a time while replicas wait because they fit on
+//! no node, once its last node has settled (joined and had a pass to take
+//! them); it keeps at least `min` and at most `max` nodes; a node that ran no
+//! replica for the cool-down is drained and, once empty, stopped. A node that
+//! never becomes Ready, or is lost, is stopped and forgotten, so a failing
+//! provider is retried at most once per [`START_TIMEOUT_MS`].
+
+use shoal_core::{Millis, Node, NodeState, Pool, PoolMember};
+use std::collections::BTreeMap;
+
+/// How long a started node may take to join and be Ready.
+pub const START_TIMEOUT_MS: u64 = 60_000;
+/// How long a draining node may take to empty before it is stopped anyway.
+pub const RETIRE_TIMEOUT_MS: u64 = 60_000;
+/// How long after a node joined before its pool may grow again: time for the
+/// controller to place what waits on it.
+pub const SETTLE_MS: u64 = 3_000;
+
+/// What the cluster looks like to a pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    pub nodes: &'a BTreeMap<String, Node>,
+    /// Active replicas per node name.
+    pub active: &'a BTreeMap<String, usize>,
+    /// Replicas waiting because no node can take them.
+    pub pending: usize,
+    /// What the scheduler said about one of them.
+    pub pending_why: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker that joins as `node`.
+    Start { node: String, why: String },
+    /// Drain `node`: its replicas move, new before old, before it is stopped.
+    Drain { node: String, why: String },
+    /// Stop `node`'s worker and delete the node.
+    Stop { node: String, why: String },
+}
+
+/// `pool` as it should be stored after this decision, and what to do.
+pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>) {
+    let mut next = pool.clone();
+    let mut actions = Vec::new();
+    let ready = |name: &str| {
+        facts
+            .nodes
+            .get(name)
+            .is_some_and(|n| n.state == NodeState::Ready)
+    };
+    let active = |name: &str| facts.active.get(name).copied().unwrap_or(0);
+    let age = |since: Millis| now.saturating_sub(since);
+
+    for (name, member) in &pool.members {
+        let stop = |why: String| Action::Stop {
+            node: name.clone(),
+            why,
+        };
+        if let Some(since) = member.retiring_since {
+            if !facts.nodes.contains_key(name) || active(name) == 0 {
+                actions.push(stop("drained".into()));
+            } else if age(since) > RETIRE_TIMEOUT_MS {
+                actions.push(stop(format!(
+                    "still running {} replicas {} s after its drain began",
+                    active(name),
+                    RETIRE_TIMEOUT_MS / 1000
+                )));
+            }
+        } else if !ready(name) && age(member.started_at) > START_TIMEOUT_MS {
+            let why = if facts.nodes.contains_key(name) {
+                "not Ready".to_string()
+            } else {
+                format!("never joined within {} s", START_TIMEOUT_MS / 1000)
+            };
+            actions.push(stop(why));
+        }
+    }
+    for a in &actions {
+        if let Action::Stop { node, .. } = a {
+            next.members.remove(node);
+        }
+    }
+    for (name, member) in next.members.iter_mut() {
+        member.empty_since = match (ready(name) && active(name) == 0, member.empty_since) {
+            (true, since) => since.or(Some(now)),
+            (false, _) => None,
+        };
+    }
+
+    let live: Vec<&String> = next
+        .members
+        .iter()
+        .filter(|(_, m)| m.retiring_since.is_none())
+        .map(|(n, _)| n)
+        .collect();
+    let settling = live.iter().any(|n| {
+        facts
+            .nodes
+            .get(n.as_str())
+            .is_none_or(|node| node.state != NodeState::Ready || age(node.joined_at) < SETTLE_MS)
+    });
+    let (min, max) = (pool.spec.min as usize, pool.spec.max as usize);
+    let mut start = |next: &mut Pool, why: String| {
+        let node = format!("{}-{}", pool.name, next.next);
+        next.next += 1;
+        next.members.insert(
+            node.clone(),
+            PoolMember {
+                started_at: now,
+                empty_since: None,
+                retiring_since: None,
+            },
+        );
+        actions.push(Action::Start { node, why });
+    };
+    if live.len() < min {
+        for _ in live.len()..min {
+            start(&mut next, format!("the pool keeps at least {min} nodes"));
+        }
+    } else if facts.pending > 0 && !settling && live.len() < max {
+        let why = match facts.pending_why {
+            Some(said) => format!("{} replicas fit on no node ({said})", facts.pending),
+            None => format!("{} replicas fit on no node", facts.pending),
+        };
+        start(&mut next, why);
+    } else if live.len() > max {
+        let newest: Vec<String> = live
+            .iter()
+            .rev()
+            .take(live.len() - max)
+            .map(|n| n.to_string())
+            .collect();
+        for node in newest {
+            retire(
+                &mut next,
+                &mut actions,
+                node,
+                format!("the pool keeps at most {max} nodes"),
+                now,
+            );
+        }
+    } else if facts.pending == 0 {
+        let cooldown = pool.spec.cooldown_ms;
+        let idle: Vec<String> = live
+            .iter()
+            .filter(|n| {
+                next.members[n.as_str()]
+                    .empty_since
+                    .is_some_and(|since| age(since) >= cooldown)
+            })
+            .take(live.len().saturating_sub(min))
+            .map(|n| n.to_string())
+            .collect();
+        for node in idle {
+            let why = format!("ran no replica for {} s", cooldown / 1000);
+            retire(&mut next, &mut actions, node, why, now);
+        }
+    }
+    (next, actions)
+}
+
+fn retire(next: &mut Pool, actions: &mut Vec<Action>, node: String, why: String, now: Millis) {
+    if let Some(m) = next.members.get_mut(&node) {
+        m.retiring_since = Some(now);
+    }
+    actions.push(Action::Drain { node, why });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_core::{Capacity, PoolSpec};
+
+    const NOW: Millis = 1_000_000;
+
+    fn pool(min: u32, max: u32) -> Pool {
+        Pool {
+            name: "w".into(),
+            spec: PoolSpec {
+                min,
+                max,
+                provider: None,
+                cooldown_ms: 30_000,
+                node_args: Vec::new(),
+            },
+            members: BTreeMap::new(),
+            next: 1,
+            created_at: 0,
+        }
+    }
+
+    fn member(started_at: Millis) -> PoolMember {
+        PoolMember {
+            started_at,
+            empty_since: None,
+            retiring_since: None,
+        }
+    }
+
+    fn node(name: &str, joined_at: Millis) -> (String, Node) {
+        (
+            name.to_string(),
+            Node {
+                name: name.into(),
+                gateway: "127.0.0.1:1".into(),
+                capacity: Capacity::default(),
+                labels: BTreeMap::new(),
+                state: NodeState::Ready,
+                schedulable: true,
+                draining: false,
+                joined_at,
+            },
+        )
+    }
+
+    fn facts<'a>(
+        nodes: &'a BTreeMap<String, Node>,
+        active: &'a BTreeMap<String, usize>,
+        pending: usize,
+    ) -> Facts<'a> {
+        Facts {
+            nodes,
+            active,
+            pending,
+            pending_why: Some("0/1 nodes available: 1 insufficient memory"),
+        }
+    }
+
+    fn names(actions: &[Action]) -> Vec<String> {
+        actions
+            .iter()
+            .map(|a| match a {
+                Action::Start { node, .. } => format!("start {node}"),
+                Action::Drain { node, .. } => format!("drain {node}"),
+                Action::Stop { node, .. } => format!("stop {node}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_pool_starts_its_minimum_then_grows_one_settled_node_at_a_time() {
+        let (none, idle) = (BTreeMap::new(), BTreeMap::new());
+        let (p, a) = decide(&pool(1, 3), facts(&none, &idle, 0), NOW);
+        assert_eq!(names(&a), ["start w-1"]);
+        assert_eq!(p.next, 2);
+        assert!(p.members.contains_key("w-1"));
+
+        // Replicas wait while w-1 is still joining: nothing more yet.
+        let (p, a) = decide(&p, facts(&none, &idle, 5), NOW + 1000);
+        assert!(a.is_empty(), "{a:?}");
+        // Joined, but just now: the controller gets its pass first.
+        let nodes: BTreeMap<_, _> = [node("w-1", NOW + 1000)].into();
+        let (p, a) = decide(&p, facts(&nodes, &idle, 5), NOW + 2000);
+        assert!(a.is_empty(), "{a:?}");
+        let (p, a) = decide(&p, facts(&nodes, &idle, 5), NOW + 1000 + SETTLE_MS);
+        assert_eq!(names(&a), ["start w-2"]);
+        match &a[0] {
+            Action::Start { why, .. } => {
+                assert!(why.contains("5 replicas fit on no node (0/1"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // At max, no more.
+        let mut full = p.clone();
+        full.members.insert("w-3".into(), member(NOW));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0), node("w-3", 0)].into();
+        let (_, a) = decide(&full, facts(&nodes, &idle, 5), NOW + 100_000);
+        assert!(a.is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn an_idle_node_is_drained_after_the_cooldown_then_stopped_once_empty() {
+        let mut p = pool(1, 3);
+        p.members.insert("w-1".into(), member(0));
+        p.members.insert("w-2".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let busy: BTreeMap<_, _> = [("w-1".to_string(), 2), ("w-2".to_string(), 1)].into();
+        let (p, a) = decide(&p, facts(&nodes, &busy, 0), NOW);
+        assert!(a.is_empty());
+        assert!(p.members.values().all(|m| m.empty_since.is_none()));
+
+        let idle = BTreeMap::new();
+        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW);
+        assert!(a.is_empty());
+        assert_eq!(p.members["w-1"].empty_since, Some(NOW));
+        // Cool-down over: one goes (the pool keeps its minimum of one).
+        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW + 30_000);
+        assert_eq!(names(&a), ["drain w-1"]);
+        assert_eq!(p.members["w-1"].retiring_since, Some(NOW + 30_000));
+        // Drained and empty: stopped and forgotten.
+        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW + 31_000);
+        assert_eq!(names(&a), ["stop w-1"]);
+        assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
+        // Work waiting keeps idle nodes.
+        let (_, a) = decide(&p, facts(&nodes, &idle, 3), NOW + 100_000);
+        assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
+    }
+
+    #[test]
+    fn nodes_that_never_join_are_stopped_and_a_lower_max_drains_the_newest() {
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(NOW));
+        p.next = 2;
+        let (none, idle) = (BTreeMap::new(), BTreeMap::new());
+        let (p, a) = decide(&p, facts(&none, &idle, 0), NOW + START_TIMEOUT_MS + 1);
+        assert_eq!(names(&a), ["stop w-1"]);
+        assert!(p.members.is_empty());
+        // With work waiting, a new one is tried in its place, under a new name.
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(NOW));
+        p.next = 2;
+        let (_, a) = decide(&p, facts(&none, &idle, 1), NOW + START_TIMEOUT_MS + 1);
+        assert_eq!(names(&a), ["stop w-1", "start w-2"]);
+
+        let mut p = pool(0, 1);
+        p.members.insert("w-1".into(), member(0));
+        p.members.insert("w-2".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let busy: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-2".to_string(), 1)].into();
+        let (_, a) = decide(&p, facts(&nodes, &busy, 0), NOW);
+        assert_eq!(names(&a), ["drain w-2"]);
+    }
+}

@@ -1,0 +1,147 @@
+//! `shoal pool`: node pools, workers Shoal starts when replicas fit on no node and stops
+//! when they run nothing, between a minimum and a maximum, through a provider command.
+
+use super::Context;
+use crate::output::{self, Format};
+use anyhow::{Context as _, Result};
+use shoal_api::PoolWrite;
+use shoal_core::{Pool, PoolSpec};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal pool create workers --min 0 --max 5                    local `shoal node join` workers
+  shoal pool create workers --min 1 --max 5 --node-arg=--memory --node-arg=2Gi
+  shoal pool create cloud --max 20 --provider /usr/local/bin/shoal-ec2
+  shoal pool set workers --max 10
+  shoal get pools
+  shoal pool delete workers                                     once it runs no node")]
+pub struct PoolCommand {
+    #[command(subcommand)]
+    action: PoolAction,
+}
+
+#[derive(clap::Subcommand)]
+enum PoolAction {
+    /// Make a pool; it starts its minimum at once.
+    Create {
+        /// The pool's name; its nodes are NAME-1, NAME-2, …
+        name: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Change a pool's bounds, provider, cool-down or worker flags; its nodes stay.
+    Set {
+        /// The pool's name.
+        name: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Delete a pool that runs no node (set its max to 0 first).
+    Delete {
+        /// The pool's name.
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct SpecArgs {
+    /// Nodes the pool always runs (create: 0).
+    #[arg(long)]
+    min: Option<u32>,
+    /// Nodes the pool runs at most (create: the minimum, or 1).
+    #[arg(long)]
+    max: Option<u32>,
+    /// A command that starts and stops workers: run as `COMMAND start NODE` and `COMMAND
+    /// stop NODE` with SHOAL_POOL, SHOAL_JOIN_URL and SHOAL_JOIN_TOKEN_FILE set; `start`
+    /// makes a worker run `shoal node join` as NODE. Without it, local processes.
+    #[arg(long, value_name = "COMMAND")]
+    provider: Option<String>,
+    /// How long a node runs no replica before it is drained and stopped (create: 5m).
+    #[arg(long, value_name = "DURATION")]
+    cooldown: Option<String>,
+    /// A `shoal node join` flag for local workers (repeatable), e.g. --node-arg=--memory
+    /// --node-arg=2Gi; set replaces them all.
+    #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
+    node_args: Vec<String>,
+}
+
+impl SpecArgs {
+    /// These flags over `base` (the pool's spec, or the defaults for a new pool).
+    fn over(self, base: PoolSpec) -> Result<PoolSpec> {
+        let cooldown_ms = match self.cooldown {
+            Some(text) => shoal_core::quantity::parse_duration_ms(&text)
+                .map_err(|e| anyhow::anyhow!("--cooldown: {e}"))?,
+            None => base.cooldown_ms,
+        };
+        let min = self.min.unwrap_or(base.min);
+        Ok(PoolSpec {
+            min,
+            max: self.max.unwrap_or(base.max.max(min)),
+            provider: self.provider.or(base.provider),
+            cooldown_ms,
+            node_args: if self.node_args.is_empty() {
+                base.node_args
+            } else {
+                self.node_args
+            },
+        })
+    }
+}
+
+pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
+    ctx.no_namespace("pools")?;
+    let client = ctx.client()?;
+    let path = |name: &str| format!("/v1/pools/{name}");
+    let (name, write, verb) = match cmd.action {
+        PoolAction::Create { name, spec } => {
+            let defaults = PoolSpec {
+                min: 0,
+                max: 1,
+                provider: None,
+                cooldown_ms: 300_000,
+                node_args: Vec::new(),
+            };
+            let spec = spec.over(defaults)?;
+            (name, PoolWrite { create: true, spec }, "created")
+        }
+        PoolAction::Set { name, spec } => {
+            let pool: Pool = client.get(&path(&name)).await?;
+            let spec = spec.over(pool.spec)?;
+            (
+                name,
+                PoolWrite {
+                    create: false,
+                    spec,
+                },
+                "changed",
+            )
+        }
+        PoolAction::Delete { name } => {
+            client
+                .checked(client.request(reqwest::Method::DELETE, &path(&name)))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&serde_json::json!({ "deleted": name })),
+                Format::Table => println!("pool {name} deleted"),
+            }
+            return Ok(());
+        }
+    };
+    let req = client
+        .request(reqwest::Method::PUT, &path(&name))
+        .json(&write);
+    let pool: Pool = client
+        .send(req)
+        .await
+        .with_context(|| format!("pool {name}"))?;
+    match ctx.output {
+        Format::Json => output::json(&pool),
+        Format::Table => println!(
+            "pool {name} {verb}: {} to {} nodes, {} running",
+            pool.spec.min,
+            pool.spec.max,
+            pool.members.len()
+        ),
+    }
+    Ok(())
+}
