@@ -100,3 +100,108 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
     assert!(events.contains("ran no replica for 2 s"), "{events}");
     server.cli_ok(&["pool", "delete", "workers"]);
 }
+
+/// Kills what a test's provider script started in the background, whatever the test did.
+struct Started(std::path::PathBuf);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let Ok(dir) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid")
+                && let Ok(pid) = std::fs::read_to_string(entry.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                // SAFETY: a plain kill(2) of a process the test's provider started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+#[test]
+fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    let workers = dir.path().join("workers");
+    std::fs::create_dir_all(&workers).unwrap();
+    let _cleanup = Started(workers.clone());
+    let script = dir.path().join("provider.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\nd={workers}\ncase \"$1\" in\n\
+             start)\n  mkdir -p \"$d/$2\"\n  {shoal} node join \"$SHOAL_JOIN_URL\" --token-file \"$SHOAL_JOIN_TOKEN_FILE\" \
+             --node-name \"$2\" --gateway 127.0.0.1:0 --data-dir \"$d/$2\" --memory 1Gi --label pool=\"$SHOAL_POOL\" \
+             > \"$d/$2.log\" 2>&1 &\n  echo $! > \"$d/$2.pid\" ;;\n\
+             stop)\n  kill \"$(cat \"$d/$2.pid\")\"\n  echo \"$2\" >> \"$d/stopped\" ;;\nesac\n",
+            workers = workers.display(),
+            shoal = common::SHOAL,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pool = common::write_spec(
+        dir.path(),
+        "cloud.toml",
+        &format!(
+            "name = \"cloud\"\nmax = 2\nprovider = \"{}\"\ncooldown = \"1s\"\n",
+            script.display()
+        ),
+    );
+    let said = server.cli_ok(&["pool", "apply", "-f", pool.to_str().unwrap()]);
+    assert!(said.contains("pool cloud created"), "{said}");
+
+    let spec = common::example_spec("hello", 3, "Hello from a provider!");
+    let file = common::write_spec(dir.path(), "hello.toml", &spec);
+    server.cli_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let one: BTreeMap<String, usize> = [("cloud-1".to_string(), 3)].into();
+    assert!(
+        poll(Duration::from_secs(60), || placement(&server, "hello")
+            == one),
+        "{:?} on {:?}",
+        placement(&server, "hello"),
+        nodes(&server)
+    );
+    assert_eq!(nodes(&server)[0]["labels"]["pool"], "cloud");
+
+    server.cli_ok(&["delete", "app", "hello"]);
+    assert!(
+        poll(Duration::from_secs(60), || nodes(&server).is_empty()),
+        "{:?}",
+        nodes(&server)
+    );
+    let stopped = std::fs::read_to_string(workers.join("stopped")).unwrap();
+    assert_eq!(stopped, "cloud-1\n");
+
+    // A provider that fails is said, and a pool scaled to nothing goes.
+    server.cli_ok(&[
+        "pool",
+        "create",
+        "broken",
+        "--min",
+        "1",
+        "--provider",
+        "false",
+    ]);
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let events = server.cli_ok(&["events"]);
+            events.contains("PoolProviderFailed")
+                && events.contains("could not start node broken-1")
+        }),
+        "{}",
+        server.cli_ok(&["events"])
+    );
+    server.cli_ok(&["pool", "set", "broken", "--min", "0", "--max", "0"]);
+    assert!(
+        poll(Duration::from_secs(30), || server
+            .cli(&["pool", "delete", "broken"])
+            .status
+            .success()),
+        "{}",
+        server.cli_ok(&["get", "pools"])
+    );
+}

@@ -95,6 +95,19 @@ fn upload_body(bytes: Vec<u8>, path: &Path) -> reqwest::Body {
     reqwest::Body::wrap_stream(stream)
 }
 
+/// A spec file's error as `FILE:LINE:COLUMN: field: message`, as compilers say theirs.
+pub(super) fn in_file(file: &Path, e: shoal_core::SpecError) -> anyhow::Error {
+    match (e.line, e.column) {
+        (Some(l), Some(c)) => {
+            let mut e = e;
+            e.line = None;
+            e.column = None;
+            anyhow::anyhow!("{}:{l}:{c}: {e}", file.display())
+        }
+        _ => anyhow::anyhow!("{}: {e}", file.display()),
+    }
+}
+
 /// Parses one spec file, uploads its module if the server lacks it, and applies it. With
 /// `namespace` (`-n`), a file that names none goes there, and one that names another is
 /// refused, as kubectl does.
@@ -106,15 +119,7 @@ pub async fn apply_file(
 ) -> Result<ApplyResult> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let manifest = parse_app(&text).map_err(|e| match (e.line, e.column) {
-        (Some(l), Some(c)) => {
-            let mut e = e.clone();
-            e.line = None;
-            e.column = None;
-            anyhow::anyhow!("{}:{l}:{c}: {e}", file.display())
-        }
-        _ => anyhow::anyhow!("{}: {e}", file.display()),
-    })?;
+    let manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
     // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
         ModuleRef::Oci(_) => None,

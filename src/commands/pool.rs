@@ -13,6 +13,7 @@ use shoal_core::{Pool, PoolSpec};
   shoal pool create workers --min 1 --max 5 --node-arg=--memory --node-arg=2Gi
   shoal pool create cloud --max 20 --provider /usr/local/bin/shoal-ec2
   shoal pool set workers --max 10
+  shoal pool apply -f workers.toml                              with [[schedule]] windows
   shoal get pools
   shoal pool delete workers                                     once it runs no node")]
 pub struct PoolCommand {
@@ -35,6 +36,13 @@ enum PoolAction {
         name: String,
         #[command(flatten)]
         spec: SpecArgs,
+    },
+    /// Create or change pools from TOML files: name, min, max, provider, cooldown,
+    /// node_args and [[schedule]] windows (cron, timezone, duration or end, min/max).
+    Apply {
+        /// Pool files (repeatable).
+        #[arg(short = 'f', long = "filename", required = true, value_name = "FILE")]
+        files: Vec<std::path::PathBuf>,
     },
     /// Delete a pool that runs no node (set its max to 0 first).
     Delete {
@@ -84,6 +92,7 @@ impl SpecArgs {
             } else {
                 self.node_args
             },
+            schedule: base.schedule,
         })
     }
 }
@@ -93,13 +102,33 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
     let client = ctx.client()?;
     let path = |name: &str| format!("/v1/pools/{name}");
     let (name, write, verb) = match cmd.action {
+        PoolAction::Apply { files } => {
+            for file in files {
+                let text = std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?;
+                let (name, spec) = shoal_core::spec::parse_pool(&text)
+                    .map_err(|e| super::apply::in_file(&file, e))?;
+                let exists = client
+                    .checked(client.request(reqwest::Method::GET, &path(&name)))
+                    .await
+                    .is_ok();
+                let write = PoolWrite {
+                    create: !exists,
+                    spec,
+                };
+                let verb = if exists { "changed" } else { "created" };
+                put(&ctx, &client, &name, write, verb).await?;
+            }
+            return Ok(());
+        }
         PoolAction::Create { name, spec } => {
             let defaults = PoolSpec {
                 min: 0,
                 max: 1,
                 provider: None,
-                cooldown_ms: 300_000,
+                cooldown_ms: shoal_core::spec::DEFAULT_POOL_COOLDOWN_MS,
                 node_args: Vec::new(),
+                schedule: Vec::new(),
             };
             let spec = spec.over(defaults)?;
             (name, PoolWrite { create: true, spec }, "created")
@@ -127,8 +156,18 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
             return Ok(());
         }
     };
+    put(&ctx, &client, &name, write, verb).await
+}
+
+async fn put(
+    ctx: &Context,
+    client: &crate::client::Client,
+    name: &str,
+    write: PoolWrite,
+    verb: &str,
+) -> Result<()> {
     let req = client
-        .request(reqwest::Method::PUT, &path(&name))
+        .request(reqwest::Method::PUT, &format!("/v1/pools/{name}"))
         .json(&write);
     let pool: Pool = client
         .send(req)

@@ -316,17 +316,14 @@ impl ControlPlane {
     }
 }
 
-/// A local worker: `shoal node join` on a free loopback port, its own data dir and log.
+/// A local worker: `shoal node join` on a free loopback port (it advertises the port it
+/// got), its own data dir and log.
 fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String> {
     let dir = host.dir.join(&pool.name).join(node);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let log = std::fs::File::create(dir.with_extension("log"))
         .map_err(|e| format!("{}.log: {e}", dir.display()))?;
     let err = log.try_clone().map_err(|e| e.to_string())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
     let mut cmd = Command::new(&host.exe);
     cmd.arg("node")
         .arg("join")
@@ -334,7 +331,7 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
         .arg("--token-file")
         .arg(&host.token_file)
         .args(["--node-name", node])
-        .args(["--gateway", &format!("127.0.0.1:{port}")])
+        .args(["--gateway", "127.0.0.1:0"])
         .arg("--data-dir")
         .arg(&dir)
         .args(["--label", &format!("{POOL_LABEL}={}", pool.name)])

@@ -575,6 +575,10 @@ pub struct PoolSpec {
     /// More `shoal node join` flags for local workers (e.g. `--memory`, `--label`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_args: Vec<String>,
+    /// Windows on a cron schedule that set other bounds while open (none at night,
+    /// more in business hours), as an app's `[[scale.schedule]]` do for its replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedule: Vec<crate::spec::ScheduleWindow>,
 }
 
 /// The most nodes one pool may hold.
@@ -599,7 +603,21 @@ impl PoolSpec {
         if self.provider.is_some() && !self.node_args.is_empty() {
             return Err("node args are for local workers; a provider starts its own".into());
         }
+        for (i, w) in self.schedule.iter().enumerate() {
+            w.check()
+                .map_err(|(field, m)| format!("schedule[{i}].{field}: {m}"))?;
+            if w.min.max(w.max).is_some_and(|n| n > MAX_POOL_SIZE) {
+                return Err(format!("schedule[{i}]: at most {MAX_POOL_SIZE} nodes"));
+            }
+        }
         Ok(())
+    }
+
+    /// The node bounds in force at `now`, open windows applied.
+    pub fn bounds(&self, now: Millis) -> crate::spec::Bounds {
+        crate::spec::window_bounds((self.min, self.max), &self.schedule, |w| {
+            w.open_at(now).is_some()
+        })
     }
 }
 

@@ -641,6 +641,33 @@ pub struct ScheduleWindow {
     pub max: Option<u32>,
 }
 
+/// `base` (min, max) as the windows of `schedule` that `open` says are open override it:
+/// the largest min and the largest max of the open windows, as for an app's replicas
+/// so for a node pool's nodes.
+pub fn window_bounds(
+    base: (u32, u32),
+    schedule: &[ScheduleWindow],
+    open: impl Fn(&ScheduleWindow) -> bool,
+) -> Bounds {
+    let (base_min, base_max) = base;
+    let open: Vec<&ScheduleWindow> = schedule.iter().filter(|w| open(w)).collect();
+    let min = open
+        .iter()
+        .map(|w| w.min.unwrap_or(base_min))
+        .max()
+        .unwrap_or(base_min);
+    let max = open
+        .iter()
+        .map(|w| w.max.unwrap_or(base_max))
+        .max()
+        .unwrap_or(base_max);
+    Bounds {
+        min,
+        max: max.max(min),
+        windows: open.iter().map(|w| w.name.clone()).collect(),
+    }
+}
+
 /// The replica bounds in force at one moment, and the windows that set them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bounds {
@@ -738,26 +765,11 @@ impl Scale {
 
     /// [`Scale::bounds`] with the windows `open` says are open.
     pub fn bounds_with(&self, replicas: u32, open: impl Fn(&ScheduleWindow) -> bool) -> Bounds {
-        let (base_min, base_max) = match &self.autoscale {
+        let base = match &self.autoscale {
             Some(a) => (a.min, a.max),
             None => (replicas, replicas),
         };
-        let open: Vec<&ScheduleWindow> = self.schedule.iter().filter(|w| open(w)).collect();
-        let min = open
-            .iter()
-            .map(|w| w.min.unwrap_or(base_min))
-            .max()
-            .unwrap_or(base_min);
-        let max = open
-            .iter()
-            .map(|w| w.max.unwrap_or(base_max))
-            .max()
-            .unwrap_or(base_max);
-        Bounds {
-            min,
-            max: max.max(min),
-            windows: open.iter().map(|w| w.name.clone()).collect(),
-        }
+        window_bounds(base, &self.schedule, open)
     }
 
     /// What is wrong with it, as (field, message).
@@ -2402,14 +2414,38 @@ fn scale(
     } else {
         (value(&r.replicas).unwrap_or(1), None)
     };
+    let schedule = windows(src, &r.schedule, "scale.schedule")?;
+    Ok((
+        replicas,
+        Scale {
+            autoscale,
+            schedule,
+        },
+    ))
+}
+
+/// `[[…schedule]]` windows as a spec keeps them; `field` names them in errors
+/// (`scale.schedule` for an app, `schedule` for a pool).
+fn windows(
+    src: &str,
+    raw: &[Spanned<RawWindow>],
+    field: &str,
+) -> Result<Vec<ScheduleWindow>, SpecError> {
+    let fail = |field: &str, message: String, span: Range<usize>| {
+        SpecError::field(field, message).at(src, Some(span))
+    };
+    let duration = |field: &str, d: &Spanned<String>| {
+        parse_duration_ms(d.get_ref()).map_err(|e| fail(field, e.to_string(), d.span()))
+    };
+    let value = |v: &Option<Spanned<u32>>| v.as_ref().map(|v| *v.get_ref());
     let mut schedule = Vec::new();
-    for (i, w) in r.schedule.iter().enumerate() {
+    for (i, w) in raw.iter().enumerate() {
         let rw = w.get_ref();
         let (min, max) = match (&rw.replicas, value(&rw.min), value(&rw.max)) {
             (Some(n), None, None) => (Some(*n.get_ref()), Some(*n.get_ref())),
             (Some(n), _, _) => {
                 return Err(fail(
-                    "scale.schedule.replicas",
+                    &format!("{field}.replicas"),
                     "set replicas or min/max in a window, not both".into(),
                     n.span(),
                 ));
@@ -2429,7 +2465,7 @@ fn scale(
             duration_ms: rw
                 .duration
                 .as_ref()
-                .map(|d| duration("scale.schedule.duration", d))
+                .map(|d| duration(&format!("{field}.duration"), d))
                 .transpose()?,
             end: rw.end.as_ref().map(|e| e.get_ref().clone()),
             min,
@@ -2445,18 +2481,12 @@ fn scale(
                 "max" => rw.max.as_ref().or(rw.replicas.as_ref()).map(Spanned::span),
                 _ => None,
             };
-            let field = format!("scale.schedule[{i}].{f}");
-            return Err(fail(&field, m, span.unwrap_or_else(|| w.span())));
+            let at = format!("{field}[{i}].{f}");
+            return Err(fail(&at, m, span.unwrap_or_else(|| w.span())));
         }
         schedule.push(window);
     }
-    Ok((
-        replicas,
-        Scale {
-            autoscale,
-            schedule,
-        },
-    ))
+    Ok(schedule)
 }
 
 #[derive(Deserialize)]
@@ -2496,6 +2526,62 @@ struct RawPlacement {
 }
 
 /// Parses and validates an app spec file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    min: Option<u32>,
+    max: u32,
+    provider: Option<String>,
+    cooldown: Option<Spanned<String>>,
+    #[serde(default)]
+    node_args: Vec<String>,
+    #[serde(default)]
+    schedule: Vec<Spanned<RawWindow>>,
+}
+
+/// The cool-down of a pool that names none.
+pub const DEFAULT_POOL_COOLDOWN_MS: u64 = 300_000;
+
+/// A node pool's file (`shoal pool apply -f`): its name and spec, or what is wrong with
+/// it, at its line and column.
+pub fn parse_pool(src: &str) -> Result<(String, crate::PoolSpec), SpecError> {
+    let raw: RawPool = toml::from_str(src).map_err(|e| {
+        SpecError {
+            field: None,
+            message: e.message().trim().to_string(),
+            line: None,
+            column: None,
+        }
+        .at(src, e.span())
+    })?;
+    let fail = |field: &str, message: String, span: Range<usize>| {
+        SpecError::field(field, message).at(src, Some(span))
+    };
+    validate_name(raw.name.get_ref()).map_err(|e| fail("name", e.to_string(), raw.name.span()))?;
+    let cooldown_ms = match &raw.cooldown {
+        Some(c) => {
+            parse_duration_ms(c.get_ref()).map_err(|e| fail("cooldown", e.to_string(), c.span()))?
+        }
+        None => DEFAULT_POOL_COOLDOWN_MS,
+    };
+    let spec = crate::PoolSpec {
+        min: raw.min.unwrap_or(0),
+        max: raw.max,
+        provider: raw.provider,
+        cooldown_ms,
+        node_args: raw.node_args,
+        schedule: windows(src, &raw.schedule, "schedule")?,
+    };
+    spec.validate().map_err(|m| SpecError {
+        field: None,
+        message: m,
+        line: None,
+        column: None,
+    })?;
+    Ok((raw.name.into_inner(), spec))
+}
+
 pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     let raw: RawApp = toml::from_str(src).map_err(|e| {
         SpecError {
@@ -3367,6 +3453,29 @@ A = "1"
             "path = \"x.wasm\"\noci = \"r.example.com/x:1\"",
         );
         assert_eq!(err(&both).field.as_deref(), Some("component"));
+    }
+
+    #[test]
+    fn a_pool_file_is_read_with_its_windows_and_refused_where_it_is_wrong() {
+        let src = "name = \"workers\"\nmin = 1\nmax = 5\ncooldown = \"2m\"\nnode_args = [\"--memory\", \"2Gi\"]\n\
+                   [[schedule]]\nname = \"night\"\ncron = \"0 22 * * *\"\ntimezone = \"Europe/Paris\"\nend = \"0 6 * * *\"\nreplicas = 0\n";
+        let (name, spec) = parse_pool(src).unwrap();
+        assert_eq!(name, "workers");
+        assert_eq!((spec.min, spec.max, spec.cooldown_ms), (1, 5, 120_000));
+        assert_eq!(spec.node_args, ["--memory", "2Gi"]);
+        assert_eq!(spec.schedule[0].name, "night");
+        assert_eq!(
+            (spec.schedule[0].min, spec.schedule[0].max),
+            (Some(0), Some(0))
+        );
+
+        let e = parse_pool(&src.replace("0 22 * * *", "0 25 * * *")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("schedule[0].cron"));
+        assert_eq!(e.line, Some(8), "{e:?}");
+        let e = parse_pool(&src.replace("min = 1", "min = 9")).unwrap_err();
+        assert!(e.message.contains("above max"), "{e:?}");
+        let e = parse_pool("name = \"w\"\nmax = 1\nsize = 3\n").unwrap_err();
+        assert!(e.line == Some(3) && e.message.contains("size"), "{e:?}");
     }
 
     #[test]

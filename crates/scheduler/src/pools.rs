@@ -103,7 +103,12 @@ pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>)
             .get(n.as_str())
             .is_none_or(|node| node.state != NodeState::Ready || age(node.joined_at) < SETTLE_MS)
     });
-    let (min, max) = (pool.spec.min as usize, pool.spec.max as usize);
+    let bounds = pool.spec.bounds(now);
+    let (min, max) = (bounds.min as usize, bounds.max as usize);
+    let windows = match bounds.windows.as_slice() {
+        [] => String::new(),
+        names => format!(" (schedule window {})", names.join(", ")),
+    };
     let mut start = |next: &mut Pool, why: String| {
         let node = format!("{}-{}", pool.name, next.next);
         next.next += 1;
@@ -119,7 +124,10 @@ pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>)
     };
     if live.len() < min {
         for _ in live.len()..min {
-            start(&mut next, format!("the pool keeps at least {min} nodes"));
+            start(
+                &mut next,
+                format!("the pool keeps at least {min} nodes{windows}"),
+            );
         }
     } else if facts.pending > 0 && !settling && live.len() < max {
         let why = match facts.pending_why {
@@ -139,7 +147,7 @@ pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>)
                 &mut next,
                 &mut actions,
                 node,
-                format!("the pool keeps at most {max} nodes"),
+                format!("the pool keeps at most {max} nodes{windows}"),
                 now,
             );
         }
@@ -186,6 +194,7 @@ mod tests {
                 provider: None,
                 cooldown_ms: 30_000,
                 node_args: Vec::new(),
+                schedule: Vec::new(),
             },
             members: BTreeMap::new(),
             next: 1,
@@ -298,6 +307,31 @@ mod tests {
         // Work waiting keeps idle nodes.
         let (_, a) = decide(&p, facts(&nodes, &idle, 3), NOW + 100_000);
         assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
+    }
+
+    #[test]
+    fn a_schedule_window_sets_the_pools_bounds_while_it_is_open() {
+        // 2026-11-30 09:30 UTC, inside a business-hours window of 09:00-10:00 UTC.
+        const HALF_NINE: Millis = 1_796_031_000_000;
+        let src = "name = \"w\"\nmax = 3\n[[schedule]]\nname = \"day\"\ncron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 2\n";
+        let (_, spec) = shoal_core::spec::parse_pool(src).unwrap();
+        let mut p = pool(0, 3);
+        p.spec = spec;
+        let (none, idle) = (BTreeMap::new(), BTreeMap::new());
+        let (open, a) = decide(&p, facts(&none, &idle, 0), HALF_NINE);
+        assert_eq!(names(&a), ["start w-1", "start w-2"]);
+        match &a[0] {
+            Action::Start { why, .. } => {
+                assert_eq!(why, "the pool keeps at least 2 nodes (schedule window day)")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Closed (an hour later) and idle for the default cool-down of 5m: back to none.
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let later = HALF_NINE + 3_600_000;
+        let (p, _) = decide(&open, facts(&nodes, &idle, 0), later);
+        let (_, a) = decide(&p, facts(&nodes, &idle, 0), later + 300_000);
+        assert_eq!(names(&a), ["drain w-1", "drain w-2"]);
     }
 
     #[test]
