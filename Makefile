@@ -31,6 +31,7 @@ bench: guests
 	cargo bench --bench cluster
 	cargo bench --bench lifecycle
 	cargo bench --bench elasticity
+	cargo bench --bench pools
 	cargo bench --bench neighbours
 	cargo bench --bench hotpath
 	cargo bench --bench config
