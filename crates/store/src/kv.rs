@@ -49,8 +49,9 @@ impl Default for StoreOptions {
 /// it in order in one redb write transaction: each transaction still gets its own revision and
 /// its compares see the transactions before it, so the outcome is the one running them one by
 /// one would have given. One durable commit then answers them all, and their events go out in
-/// revision order. If that commit fails, every transaction of the batch fails and nothing of it
-/// is visible.
+/// revision order. If that commit fails, every transaction of the batch fails, none of it is
+/// published or counted in [`Store::revision`], and redb refuses further writes until the file
+/// is reopened (whether a failed fsync's data reached the disk is unknown).
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -930,6 +931,11 @@ mod tests {
         }
         assert_eq!(store.revision(), 1);
         assert_eq!(gate.commits.load(Ordering::SeqCst), 1);
+        // redb refuses to write after a failed I/O until the file is reopened, even once the
+        // disk is back: no later write can land on a revision the failed batch might hold.
+        failing.store(false, Ordering::SeqCst);
+        assert!(store.put("/later", vec![]).is_err());
+        assert_eq!(store.revision(), 1);
         drop(store);
 
         let store = Store::open(&path).unwrap();
