@@ -24,7 +24,7 @@ guests:
 
 # Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
 # memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours, instance reuse,
-# scheduler throughput, the cost of a config lookup. Needs wasmtime 48 (wrk is installed from Debian if missing).
+# scheduler throughput, the cost of a config lookup, acknowledged applies. Needs wasmtime 48 (wrk is installed from Debian if missing).
 bench: guests
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
 	cargo bench --bench gateway
@@ -37,6 +37,7 @@ bench: guests
 	cargo bench --bench config
 	cargo bench --bench keyvalue
 	cargo bench -p shoal-scheduler
+	cargo bench -p shoal-control --bench applies
 
 lint:
 	cargo fmt --all -- --check

@@ -86,7 +86,7 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         sample(&text, "shoal_controller_pass_duration_seconds_count") >= Some(1.0),
         "{text}"
     );
-    // Every write was a commit the store timed: the apply, the placement, the reports.
+    // The apply, the placement and the reports follow one another: each a commit the store timed.
     assert!(
         sample(&text, "shoal_store_commit_duration_seconds_count") >= Some(3.0),
         "{text}"

@@ -32,7 +32,8 @@ pub(crate) struct Observed {
     /// Requests killed on a node (timeout, out of memory, trap), as nodes report them
     /// (each node reports one per replica and kind every 10 s at most).
     pub(crate) incidents: Family<AppReason, Counter>,
-    /// How long each store transaction's commit took (the store times it).
+    /// How long each durable store commit took (the store times it; concurrent transactions
+    /// share one).
     pub(crate) commits: Histogram,
     /// How long each replica the controller placed waited for a node, from its creation.
     pub(crate) scheduling: Histogram,
@@ -89,7 +90,7 @@ impl Observed {
         );
         registry.register(
             "shoal_store_commit_duration_seconds",
-            "How long each store transaction's commit took, fsync included",
+            "How long each durable store commit took, fsync included; concurrent transactions share one",
             self.commits.clone(),
         );
         registry.register(

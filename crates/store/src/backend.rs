@@ -26,7 +26,8 @@ use crate::{Event, KeyValue, StoreError, Txn, TxnResponse};
 ///   writes carry that revision and become visible atomically. A transaction that writes
 ///   nothing (no ops, or only deletes of absent keys) creates no revision; its
 ///   [`TxnResponse::revision`] is then the current one. Once `txn` returns `Ok`, the write is
-///   durable.
+///   durable. Concurrent transactions take effect one at a time in revision order, even when
+///   a backend makes several durable with one commit (redb's group commit).
 /// - **Per-key bookkeeping.** [`KeyValue::mod_revision`] is the revision of the last write to
 ///   the key; [`KeyValue::create_revision`] the revision of the put that created it (since its
 ///   last delete); [`KeyValue::version`] counts puts since then (1 after the first). A deleted
@@ -55,8 +56,8 @@ use crate::{Event, KeyValue, StoreError, Txn, TxnResponse};
 ///
 /// # Blocking
 /// Every method but the returned stream is synchronous and may block on I/O (redb fsyncs each
-/// write; a network backend waits for its server), so async code calls them from
-/// `spawn_blocking`. A [`WatchStream`] is polled from async code inside a tokio runtime.
+/// commit, which concurrent writes share; a network backend waits for its server), so async
+/// code calls them from `spawn_blocking`. A [`WatchStream`] is polled from async code inside a tokio runtime.
 pub trait KvStore: Send + Sync + 'static {
     /// The current cluster-wide revision (0 for an empty store).
     fn revision(&self) -> u64;
@@ -80,9 +81,10 @@ pub trait KvStore: Send + Sync + 'static {
     /// Drops history up to and including `revision`; current keys are kept.
     fn compact(&self, revision: u64) -> Result<(), StoreError>;
 
-    /// Has `observer` told how long the commit of each write transaction takes (redb's: the
-    /// durable write, its fsync), for the control plane's metrics; replaces any observer
-    /// before it. A backend with no such step to time ignores it.
+    /// Has `observer` told how long each durable commit takes (redb's: the durable write, its
+    /// fsync; one per group commit, however many transactions share it), for the control
+    /// plane's metrics; replaces any observer before it. A backend with no such step to time
+    /// ignores it.
     fn observe_commits(&self, _observer: CommitObserver) {}
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
 use redb::{Database, ReadableDatabase, ReadableTable, Table};
@@ -40,6 +40,18 @@ impl Default for StoreOptions {
 ///
 /// Cheap to clone; all clones share the database. Methods block on disk I/O (each acknowledged
 /// write is fsync'd), so call them from `spawn_blocking` or `block_in_place` in async code.
+///
+/// # Group commit
+/// An fsync costs about a millisecond whatever it carries, so concurrent writers share one.
+/// Each [`Store::txn`] is queued; if no commit is running its caller commits at once (a lone
+/// writer waits for nothing), otherwise it waits. The caller that finishes a commit hands the
+/// turn to the first transaction queued meanwhile, whose caller takes everything queued and runs
+/// it in order in one redb write transaction: each transaction still gets its own revision and
+/// its compares see the transactions before it, so the outcome is the one running them one by
+/// one would have given. One durable commit then answers them all, and their events go out in
+/// revision order. If that commit fails, every transaction of the batch fails, none of it is
+/// published or counted in [`Store::revision`], and redb refuses further writes until the file
+/// is reopened (whether a failed fsync's data reached the disk is unknown).
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -63,13 +75,16 @@ pub(crate) struct LogChunk {
 
 pub(crate) struct Inner {
     db: Database,
-    /// Serialises writers *and* their publication, so live events go out in revision order.
+    /// Held by whoever writes to redb (a batch's committer, `compact`) through publication, so
+    /// live events go out in revision order.
     write_lock: Mutex<()>,
+    /// Transactions waiting for the next group commit.
+    queue: Mutex<Queue>,
     /// Mirrors of the meta table, updated after each commit, for lock-free reads.
     revision: AtomicU64,
     compacted: AtomicU64,
     pub(crate) events: broadcast::Sender<Arc<Batch>>,
-    /// Told how long each transaction's commit took.
+    /// Told how long each durable (group) commit took.
     commits: RwLock<Option<CommitObserver>>,
 }
 
@@ -84,6 +99,12 @@ impl Store {
         let db = redb::Builder::new()
             .set_cache_size(options.cache_size)
             .create(path)?;
+        tracing::debug!(path = %path.display(), "opening store");
+        Store::from_db(db, options)
+    }
+
+    /// The store in `db`, as [`Store::open_with`] opened it (tests hand it other backends).
+    fn from_db(db: Database, options: StoreOptions) -> Result<Store, StoreError> {
         // Create every table up front: read transactions fail on tables that don't exist yet.
         let mut wtx = db.begin_write()?;
         wtx.set_quick_repair(true);
@@ -97,12 +118,13 @@ impl Store {
             )
         };
         wtx.commit()?;
-        tracing::debug!(path = %path.display(), revision, compacted, "opened store");
+        tracing::debug!(revision, compacted, "opened store");
         let (events, _) = broadcast::channel(options.watch_capacity.max(1));
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 write_lock: Mutex::new(()),
+                queue: Mutex::new(Queue::default()),
                 revision: AtomicU64::new(revision),
                 compacted: AtomicU64::new(compacted),
                 events,
@@ -155,25 +177,24 @@ impl Store {
             key: key.to_owned(),
             value,
         });
-        let (_, revision) = self.execute(&txn)?;
-        // A put always writes, so there is always a new revision.
-        Ok(revision.unwrap_or_else(|| self.revision()))
+        // A put always writes, so its revision is always a new one.
+        Ok(self.execute(txn)?.revision)
     }
 
     /// Deletes `key`, returning the new revision, or `None` (and no new revision) if it was absent.
     /// Like [`Store::put`], not part of [`KvStore`].
     pub fn delete(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let (_, revision) = self.execute(&Txn::new().then(Op::delete(key)))?;
-        Ok(revision)
+        let done = self.execute(Txn::new().then(Op::delete(key)))?;
+        Ok(done.wrote.then_some(done.revision))
     }
 
     /// Runs a compare-and-swap transaction atomically; all its writes share one revision.
     /// A transaction that writes nothing does not create a revision.
     pub fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let (succeeded, revision) = self.execute(&txn)?;
+        let done = self.execute(txn)?;
         Ok(TxnResponse {
-            succeeded,
-            revision: revision.unwrap_or_else(|| self.revision()),
+            succeeded: done.succeeded,
+            revision: done.revision,
         })
     }
 
@@ -194,8 +215,9 @@ impl Store {
         Ok(Watcher::new(weak, rx, prefix, from_revision, true))
     }
 
-    /// Has `observer` told how long each write transaction's commit (its fsync included)
-    /// takes, from now on; see [`KvStore::observe_commits`].
+    /// Has `observer` told how long each durable commit (its fsync included) takes, from now
+    /// on: one call per group commit, however many transactions it holds; see
+    /// [`KvStore::observe_commits`].
     pub fn observe_commits(&self, observer: CommitObserver) {
         *self
             .inner
@@ -228,54 +250,152 @@ impl Store {
         Ok(())
     }
 
-    /// The write path shared by put, delete and txn: returns whether the compares held and the
-    /// new revision if anything was written.
-    fn execute(&self, txn: &Txn) -> Result<(bool, Option<u64>), StoreError> {
-        validate(txn)?;
-        let _guard = self.inner.lock();
-        let mut wtx = self.inner.db.begin_write()?;
-        wtx.set_quick_repair(true);
-        let (succeeded, revision, events) = {
-            let mut meta = wtx.open_table(META)?;
-            let revision = meta_get(&meta, META_REVISION)? + 1;
-            let mut kv = wtx.open_table(KV)?;
-            let succeeded = compares_hold(&kv, &txn.compares)?;
-            let ops = if succeeded {
-                &txn.success
-            } else {
-                &txn.failure
-            };
-            let mut events = Vec::new();
-            for op in ops {
-                apply(&mut kv, op, revision, &mut events)?;
-            }
-            if !events.is_empty() {
-                let mut log = wtx.open_table(LOG)?;
-                for (index, event) in (0u32..).zip(&events) {
-                    log.insert((revision, index), log_row(event))?;
-                }
-                meta.insert(META_REVISION, revision)?;
-            }
-            (succeeded, revision, events)
+    /// The write path shared by put, delete and txn: queues `txn` for the next group commit and
+    /// returns once the commit holding it is durable (or has failed).
+    fn execute(&self, txn: Txn) -> Result<Done, StoreError> {
+        // A malformed transaction fails alone, before it can share a batch.
+        validate(&txn)?;
+        let slot = Arc::new(Slot::default());
+        let mut turn = {
+            let mut queue = self.inner.queue();
+            queue.pending.push(Queued {
+                txn,
+                slot: Arc::clone(&slot),
+            });
+            !std::mem::replace(&mut queue.committing, true)
         };
-        if events.is_empty() {
-            wtx.abort()?;
-            return Ok((succeeded, None));
+        loop {
+            if turn {
+                Turn {
+                    inner: &self.inner,
+                    batch: Vec::new(),
+                }
+                .commit();
+            }
+            match slot.wait() {
+                Some(answer) => return answer,
+                None => turn = true,
+            }
         }
-        let committing = Instant::now();
-        wtx.commit()?;
-        if let Some(observe) = &*self
-            .inner
-            .commits
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-        {
-            observe(committing.elapsed());
+    }
+}
+
+/// A transaction waiting in [`Inner::queue`], and where its answer goes.
+struct Queued {
+    txn: Txn,
+    slot: Arc<Slot>,
+}
+
+/// The transactions waiting for the next group commit.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Queued>,
+    /// Whether some caller has the turn (is committing, or has been handed it): callers that
+    /// queue meanwhile wait for their answer instead of committing themselves.
+    committing: bool,
+}
+
+/// What a write transaction did, as its caller is answered.
+struct Done {
+    succeeded: bool,
+    /// Its new revision if it wrote, else the revision it was checked against.
+    revision: u64,
+    wrote: bool,
+}
+
+/// Where one caller's answer is left for it by whoever commits its transaction.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+enum SlotState {
+    #[default]
+    Waiting,
+    /// The previous committer handed this caller the turn: it commits what is queued.
+    Turn,
+    Answered(Result<Done, StoreError>),
+}
+
+impl Slot {
+    /// Blocks until this caller is answered (`Some`) or handed the turn to commit (`None`).
+    fn wait(&self) -> Option<Result<Done, StoreError>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match std::mem::take(&mut *state) {
+                SlotState::Waiting => {
+                    state = self
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                SlotState::Turn => return None,
+                SlotState::Answered(answer) => return Some(answer),
+            }
         }
-        self.inner.revision.store(revision, Ordering::SeqCst);
-        // An error only means nobody is watching right now; the log has the events anyway.
-        let _ = self.inner.events.send(Arc::new(Batch { revision, events }));
-        Ok((succeeded, Some(revision)))
+    }
+
+    fn set(&self, to: SlotState) {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner) = to;
+        self.changed.notify_one();
+    }
+}
+
+/// A caller's turn to commit what is queued. Dropping it answers whatever of its batch is still
+/// unanswered (only if committing panicked) and hands the turn on, so writers never hang.
+struct Turn<'a> {
+    inner: &'a Inner,
+    batch: Vec<Queued>,
+}
+
+impl Turn<'_> {
+    fn commit(mut self) {
+        let _guard = self.inner.lock();
+        self.batch = std::mem::take(&mut self.inner.queue().pending);
+        let txns: Vec<&Txn> = self.batch.iter().map(|q| &q.txn).collect();
+        let answers = match self.inner.write_batch(&txns) {
+            Ok(done) => done.into_iter().map(Ok).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, transactions = txns.len(), "store commit failed");
+                txns.iter().map(|_| Err(duplicate(&e))).collect::<Vec<_>>()
+            }
+        };
+        for (queued, answer) in self.batch.drain(..).zip(answers) {
+            queued.slot.set(SlotState::Answered(answer));
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        for queued in self.batch.drain(..) {
+            queued.slot.set(SlotState::Answered(Err(StoreError::Db(
+                "the commit holding this transaction panicked".into(),
+            ))));
+        }
+        let mut queue = self.inner.queue();
+        match queue.pending.first() {
+            Some(next) => next.slot.set(SlotState::Turn),
+            None => queue.committing = false,
+        }
+    }
+}
+
+/// A copy of a batch's commit error for each of its transactions' callers.
+fn duplicate(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Compacted { compacted } => StoreError::Compacted {
+            compacted: *compacted,
+        },
+        StoreError::FutureRevision { revision, current } => StoreError::FutureRevision {
+            revision: *revision,
+            current: *current,
+        },
+        StoreError::EmptyKey => StoreError::EmptyKey,
+        StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
+        StoreError::Db(message) => StoreError::Db(message.clone()),
     }
 }
 
@@ -325,11 +445,77 @@ impl std::fmt::Debug for Store {
 }
 
 impl Inner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn lock(&self) -> MutexGuard<'_, ()> {
         // The mutex guards no data, and redb aborts a panicked writer's transaction.
         self.write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding it, but a poisoned queue is still a consistent one.
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `txns` in order in one redb write transaction and commits it once, durably; then
+    /// makes their revisions current and publishes their events. The caller holds the write
+    /// lock. On error nothing of the batch is committed and the revision is unchanged.
+    fn write_batch(&self, txns: &[&Txn]) -> Result<Vec<Done>, StoreError> {
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_quick_repair(true);
+        let mut done = Vec::with_capacity(txns.len());
+        let mut written = Vec::new();
+        let revision = {
+            let mut meta = wtx.open_table(META)?;
+            let mut revision = meta_get(&meta, META_REVISION)?;
+            let mut kv = wtx.open_table(KV)?;
+            let mut log = wtx.open_table(LOG)?;
+            for txn in txns {
+                let succeeded = compares_hold(&kv, &txn.compares)?;
+                let ops = if succeeded {
+                    &txn.success
+                } else {
+                    &txn.failure
+                };
+                let next = revision + 1;
+                let mut events = Vec::new();
+                for op in ops {
+                    apply(&mut kv, op, next, &mut events)?;
+                }
+                let wrote = !events.is_empty();
+                if wrote {
+                    for (index, event) in (0u32..).zip(&events) {
+                        log.insert((next, index), log_row(event))?;
+                    }
+                    revision = next;
+                    written.push(Batch { revision, events });
+                }
+                done.push(Done {
+                    succeeded,
+                    revision,
+                    wrote,
+                });
+            }
+            if !written.is_empty() {
+                meta.insert(META_REVISION, revision)?;
+            }
+            revision
+        };
+        if written.is_empty() {
+            wtx.abort()?;
+            return Ok(done);
+        }
+        let committing = Instant::now();
+        wtx.commit()?;
+        if let Some(observe) = &*self.commits.read().unwrap_or_else(PoisonError::into_inner) {
+            observe(committing.elapsed());
+        }
+        self.revision.store(revision, Ordering::SeqCst);
+        for batch in written {
+            // An error only means nobody is watching right now; the log has the events anyway.
+            let _ = self.events.send(Arc::new(batch));
+        }
+        Ok(done)
     }
 
     /// Reads logged events with revision >= `from` for keys under `prefix`, scanning at most
@@ -523,4 +709,239 @@ fn log_row(event: &Event) -> LogRow<'_> {
         event.kv.value.as_slice(),
         event.prev_value.as_deref(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use std::time::Duration;
+
+    use redb::StorageBackend;
+    use redb::backends::FileBackend;
+
+    /// Polls `done` every millisecond until it holds; fails after 30 s.
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::park_timeout(Duration::from_millis(1));
+        }
+    }
+
+    /// Holds the first commit inside the store (in the commit observer, with the turn taken)
+    /// until released, so the test can queue transactions behind it; counts commits.
+    #[derive(Default)]
+    struct Gate {
+        held: AtomicBool,
+        open: Mutex<bool>,
+        opened: Condvar,
+        commits: AtomicUsize,
+    }
+
+    impl Gate {
+        fn install(self: &Arc<Self>, store: &Store) {
+            let gate = Arc::clone(self);
+            store.observe_commits(Box::new(move |_| {
+                if gate.commits.fetch_add(1, Ordering::SeqCst) == 0 {
+                    gate.held.store(true, Ordering::SeqCst);
+                    let mut open = gate.open.lock().unwrap();
+                    while !*open {
+                        open = gate.opened.wait(open).unwrap();
+                    }
+                }
+            }));
+        }
+
+        fn release(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    /// Starts a put that gets held in its commit by `gate`, and returns once it is.
+    fn hold_a_commit(store: &Store, gate: &Arc<Gate>) -> std::thread::JoinHandle<u64> {
+        let first = {
+            let store = store.clone();
+            std::thread::spawn(move || store.put("/first", b"1".to_vec()).unwrap())
+        };
+        wait_until("the first commit", || gate.held.load(Ordering::SeqCst));
+        first
+    }
+
+    fn queued(store: &Store) -> usize {
+        store.inner.queue().pending.len()
+    }
+
+    #[test]
+    fn transactions_queued_during_a_commit_share_the_next_one_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let gate = Arc::new(Gate::default());
+        gate.install(&store);
+        let mut watch = store.watch("/", 0).unwrap();
+        let first = hold_a_commit(&store, &gate);
+
+        // 31 writers race to create one key; a loser records that it lost. One transaction
+        // writes nothing, and one is malformed.
+        let claims: Vec<_> = (0..31u8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let txn = Txn::new()
+                        .when_absent("/claim")
+                        .then(Op::put("/claim", [i]))
+                        .otherwise(Op::put(format!("/lost/{i}"), [i]));
+                    (i, store.txn(txn).unwrap())
+                })
+            })
+            .collect();
+        let nothing = {
+            let store = store.clone();
+            std::thread::spawn(move || store.txn(Txn::new().when_absent("/never")).unwrap())
+        };
+        wait_until("32 queued transactions", || queued(&store) == 32);
+        // Fails alone, at once, while the others wait for the commit.
+        assert!(matches!(
+            store.txn(Txn::new().then(Op::put("", "x"))),
+            Err(StoreError::EmptyKey)
+        ));
+        gate.release();
+
+        assert_eq!(first.join().unwrap(), 1);
+        let mut claims: Vec<(u8, TxnResponse)> =
+            claims.into_iter().map(|t| t.join().unwrap()).collect();
+        claims.sort_by_key(|(_, r)| r.revision);
+        // One revision each, dense after the first, in one more commit.
+        let revisions: Vec<u64> = claims.iter().map(|(_, r)| r.revision).collect();
+        assert_eq!(revisions, (2..=32).collect::<Vec<u64>>());
+        assert_eq!(gate.commits.load(Ordering::SeqCst), 2);
+        assert_eq!(store.revision(), 32);
+        // The first claim in revision order won; every later one saw it and lost.
+        let (winner, won) = claims[0];
+        assert!(won.succeeded);
+        let claim = store.get("/claim").unwrap().unwrap();
+        assert_eq!((claim.value, claim.mod_revision), (vec![winner], 2));
+        for (i, lost) in &claims[1..] {
+            assert!(!lost.succeeded, "claim {i} won too");
+            let kv = store.get(&format!("/lost/{i}")).unwrap().unwrap();
+            assert_eq!(kv.mod_revision, lost.revision);
+        }
+        let nothing = nothing.join().unwrap();
+        assert!(nothing.succeeded);
+        assert!((1..=32).contains(&nothing.revision));
+
+        // Watchers get every revision once, in order.
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let seen: Vec<u64> = runtime.block_on(async {
+            let mut seen = Vec::new();
+            while seen.len() < 32 {
+                let event = tokio::time::timeout(Duration::from_secs(30), watch.next())
+                    .await
+                    .expect("watch event")
+                    .unwrap()
+                    .unwrap();
+                seen.push(event.kv.mod_revision);
+            }
+            seen
+        });
+        assert_eq!(seen, (1..=32).collect::<Vec<u64>>());
+    }
+
+    /// A file whose writes and syncs fail while `failing` is set.
+    #[derive(Debug)]
+    struct FailingDisk {
+        file: FileBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl FailingDisk {
+        fn check(&self) -> Result<(), std::io::Error> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected disk failure"));
+            }
+            Ok(())
+        }
+    }
+
+    impl StorageBackend for FailingDisk {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.file.len()
+        }
+
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.file.read(offset, out)
+        }
+
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.set_len(len)
+        }
+
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.sync_data()
+        }
+
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            self.check()?;
+            self.file.write(offset, data)
+        }
+
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.file.close()
+        }
+    }
+
+    #[test]
+    fn a_failed_commit_fails_its_whole_batch_and_leaves_the_revision_as_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let failing = Arc::new(AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let disk = FailingDisk {
+            file: FileBackend::new(file).unwrap(),
+            failing: Arc::clone(&failing),
+        };
+        let db = redb::Builder::new().create_with_backend(disk).unwrap();
+        let store = Store::from_db(db, StoreOptions::default()).unwrap();
+        let gate = Arc::new(Gate::default());
+        gate.install(&store);
+        let first = hold_a_commit(&store, &gate);
+
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let store = store.clone();
+                std::thread::spawn(move || store.put(&format!("/doomed/{i}"), vec![i]))
+            })
+            .collect();
+        wait_until("8 queued transactions", || queued(&store) == 8);
+        failing.store(true, Ordering::SeqCst);
+        gate.release();
+
+        assert_eq!(first.join().unwrap(), 1);
+        for writer in writers {
+            assert!(writer.join().unwrap().is_err());
+        }
+        assert_eq!(store.revision(), 1);
+        assert_eq!(gate.commits.load(Ordering::SeqCst), 1);
+        // redb refuses to write after a failed I/O until the file is reopened, even once the
+        // disk is back: no later write can land on a revision the failed batch might hold.
+        failing.store(false, Ordering::SeqCst);
+        assert!(store.put("/later", vec![]).is_err());
+        assert_eq!(store.revision(), 1);
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.revision(), 1);
+        assert_eq!(store.get("/first").unwrap().unwrap().mod_revision, 1);
+        assert!(store.range("/doomed/").unwrap().0.is_empty());
+        assert_eq!(store.put("/after", vec![]).unwrap(), 2);
+    }
 }
