@@ -19,20 +19,8 @@ fn hello_spec(dir: &std::path::Path, replicas: u32, extra: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
-/// Ready replicas of `app` per node.
-fn placement(server: &Server, app: &str) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for r in server.replicas(app) {
-        if r["phase"] == "Ready" {
-            *out.entry(r["node"].as_str().unwrap().to_string())
-                .or_default() += 1;
-        }
-    }
-    out
-}
-
 fn ready_count(server: &Server, app: &str) -> usize {
-    placement(server, app).values().sum()
+    server.placement(app).values().sum()
 }
 
 #[test]
@@ -84,7 +72,7 @@ fn replicas_spread_and_every_gateway_serves_them() {
         "{:#}",
         server.api_json("/v1/replicas?app=hello")
     );
-    let spread = placement(&server, "hello");
+    let spread = server.placement("hello");
     assert_eq!(spread.len(), 3, "{spread:?}");
     assert!(spread.values().all(|n| *n == 2), "{spread:?}");
     for node in &nodes {
@@ -191,11 +179,11 @@ fn a_killed_node_is_replaced_and_does_not_come_back_with_duplicates() {
     let killed = std::time::Instant::now();
     assert!(
         poll(Duration::from_secs(20), || {
-            let p = placement(&server, "hello");
+            let p = server.placement("hello");
             p.values().sum::<usize>() == 3 && !p.contains_key("node-3")
         }),
         "replicas not replaced: {:?}",
-        placement(&server, "hello")
+        server.placement("hello")
     );
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(10), "failover took {took:?}");
@@ -223,11 +211,11 @@ fn a_killed_node_is_replaced_and_does_not_come_back_with_duplicates() {
         .is_ok_and(|(c, _)| c == 200)));
     let even: BTreeMap<String, usize> = (1..=3).map(|i| (format!("node-{i}"), 1)).collect();
     assert!(
-        poll(Duration::from_secs(30), || placement(&server, "hello")
+        poll(Duration::from_secs(30), || server.placement("hello")
             == even
             && server.replicas("hello").len() == 3),
         "{:?}",
-        placement(&server, "hello")
+        server.placement("hello")
     );
     let back = server.replicas("hello");
     let on_3 = back.iter().find(|r| r["node"] == "node-3").unwrap();
@@ -250,11 +238,11 @@ fn a_node_joining_a_lopsided_cluster_gets_its_share_without_failed_requests() {
     let even: BTreeMap<String, usize> =
         [("node-1".to_string(), 2), ("node-2".to_string(), 2)].into();
     assert!(
-        poll(Duration::from_secs(60), || placement(&server, "hello")
+        poll(Duration::from_secs(60), || server.placement("hello")
             == even
             && server.replicas("hello").len() == 4),
         "{:?}",
-        placement(&server, "hello")
+        server.placement("hello")
     );
     // The new node's own gateway serves it too.
     assert!(poll(Duration::from_secs(10), || joined
@@ -276,14 +264,7 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
     assert!(poll(Duration::from_secs(30), || ready_count(
         &server, "hello"
     ) == 4));
-    let ids = |server: &Server| -> std::collections::BTreeSet<String> {
-        server
-            .replicas("hello")
-            .iter()
-            .map(|r| r["id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let before = ids(&server);
+    let before = server.replica_ids("hello");
     let _second = common::NodeProc::join(&server, "node-2", &[]);
     assert!(poll(Duration::from_secs(20), || {
         server
@@ -301,12 +282,12 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
     let expected: BTreeMap<String, usize> =
         [("node-1".to_string(), 4), ("node-2".to_string(), 2)].into();
     assert!(
-        poll(Duration::from_secs(30), || placement(&server, "hello")
+        poll(Duration::from_secs(30), || server.placement("hello")
             == expected),
         "{:?}",
-        placement(&server, "hello")
+        server.placement("hello")
     );
-    assert!(ids(&server).is_superset(&before));
+    assert!(server.replica_ids("hello").is_superset(&before));
     assert!(!server.cli_ok(&["events"]).contains("Rebalancing"));
 }
 
@@ -317,14 +298,7 @@ fn a_control_plane_restart_loses_nothing() {
     assert!(poll(Duration::from_secs(30), || ready_count(
         &server, "hello"
     ) == 2));
-    let ids = |server: &Server| -> std::collections::BTreeSet<String> {
-        server
-            .replicas("hello")
-            .iter()
-            .map(|r| r["id"].as_str().unwrap().to_string())
-            .collect()
-    };
-    let before = ids(&server);
+    let before = server.replica_ids("hello");
     server.kill();
     // Nodes keep serving while the control plane is down, for longer than
     // the node grace (3 s): every request during that time must succeed.
@@ -344,7 +318,7 @@ fn a_control_plane_restart_loses_nothing() {
         &server, "hello"
     ) == 2));
     // Coming back after an outage longer than the grace evicts nobody.
-    assert_eq!(ids(&server), before);
+    assert_eq!(server.replica_ids("hello"), before);
     let apps = server.api_json("/v1/apps");
     assert_eq!(apps.as_array().unwrap().len(), 1);
     // Nodes are back in touch: a new app is placed and served.
@@ -373,13 +347,13 @@ fn drain_moves_replicas_without_failed_requests() {
     server.cli_ok(&["node", "drain", "node-2"]);
     assert!(
         poll(Duration::from_secs(30), || {
-            let p = placement(&server, "hello");
+            let p = server.placement("hello");
             p.values().sum::<usize>() == 3
                 && !p.contains_key("node-2")
                 && server.replicas("hello").len() == 3
         }),
         "{:?}",
-        placement(&server, "hello")
+        server.placement("hello")
     );
     let r = load.stop();
     assert!(r.ok > 0);
@@ -417,7 +391,7 @@ fn apps_call_each_other_by_service_name_across_nodes() {
     assert!(poll(Duration::from_secs(30), || {
         ready_count(&server, "backend") == 1 && ready_count(&server, "frontend") == 3
     }));
-    assert_eq!(placement(&server, "frontend").len(), 3);
+    assert_eq!(server.placement("frontend").len(), 3);
     for node in &nodes {
         let mut last = String::new();
         let ok = poll(Duration::from_secs(10), || match node.get("/frontend") {

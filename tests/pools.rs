@@ -8,18 +8,6 @@ use common::{Server, poll};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Ready replicas of `app` per node.
-fn placement(server: &Server, app: &str) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for r in server.replicas(app) {
-        if r["phase"] == "Ready" {
-            *out.entry(r["node"].as_str().unwrap().to_string())
-                .or_default() += 1;
-        }
-    }
-    out
-}
-
 fn nodes(server: &Server) -> Vec<serde_json::Value> {
     server.api_json("/v1/nodes").as_array().unwrap().clone()
 }
@@ -54,10 +42,9 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
     let two: BTreeMap<String, usize> =
         [("workers-1".to_string(), 10), ("workers-2".to_string(), 10)].into();
     assert!(
-        poll(Duration::from_secs(90), || placement(&server, "hello")
-            == two),
+        poll(Duration::from_secs(90), || server.placement("hello") == two),
         "{:?} on {:?}",
-        placement(&server, "hello"),
+        server.placement("hello"),
         nodes(&server)
     );
     let listed = server.cli_ok(&["get", "pools"]);
@@ -159,10 +146,9 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
     server.cli_ok(&["apply", "-f", file.to_str().unwrap()]);
     let one: BTreeMap<String, usize> = [("cloud-1".to_string(), 3)].into();
     assert!(
-        poll(Duration::from_secs(60), || placement(&server, "hello")
-            == one),
+        poll(Duration::from_secs(60), || server.placement("hello") == one),
         "{:?} on {:?}",
-        placement(&server, "hello"),
+        server.placement("hello"),
         nodes(&server)
     );
     assert_eq!(nodes(&server)[0]["labels"]["pool"], "cloud");

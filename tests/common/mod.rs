@@ -585,6 +585,23 @@ impl Server {
             .map(|r| r["node"].as_str().unwrap().to_string())
             .collect()
     }
+
+    /// How many Ready replicas of `app` each node runs.
+    pub fn placement(&self, app: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for node in self.ready_nodes(app) {
+            *out.entry(node).or_default() += 1;
+        }
+        out
+    }
+
+    /// The ids of `app`'s replicas, whatever their phase.
+    pub fn replica_ids(&self, app: &str) -> std::collections::BTreeSet<String> {
+        self.replicas(app)
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    }
 }
 
 impl Drop for Server {

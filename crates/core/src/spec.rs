@@ -2526,6 +2526,17 @@ struct RawPlacement {
 }
 
 /// Parses and validates an app spec file.
+/// A file TOML cannot read (or whose fields do not fit), at its line and column.
+fn toml_error(src: &str, e: toml::de::Error) -> SpecError {
+    SpecError {
+        field: None,
+        message: e.message().trim().to_string(),
+        line: None,
+        column: None,
+    }
+    .at(src, e.span())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
@@ -2546,15 +2557,7 @@ pub const DEFAULT_POOL_COOLDOWN_MS: u64 = 300_000;
 /// A node pool's file (`shoal pool apply -f`): its name and spec, or what is wrong with
 /// it, at its line and column.
 pub fn parse_pool(src: &str) -> Result<(String, crate::PoolSpec), SpecError> {
-    let raw: RawPool = toml::from_str(src).map_err(|e| {
-        SpecError {
-            field: None,
-            message: e.message().trim().to_string(),
-            line: None,
-            column: None,
-        }
-        .at(src, e.span())
-    })?;
+    let raw: RawPool = toml::from_str(src).map_err(|e| toml_error(src, e))?;
     let fail = |field: &str, message: String, span: Range<usize>| {
         SpecError::field(field, message).at(src, Some(span))
     };
@@ -2583,15 +2586,7 @@ pub fn parse_pool(src: &str) -> Result<(String, crate::PoolSpec), SpecError> {
 }
 
 pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
-    let raw: RawApp = toml::from_str(src).map_err(|e| {
-        SpecError {
-            field: None,
-            message: e.message().trim().to_string(),
-            line: None,
-            column: None,
-        }
-        .at(src, e.span())
-    })?;
+    let raw: RawApp = toml::from_str(src).map_err(|e| toml_error(src, e))?;
     // Where each field sits in the file, to place errors from `validate`.
     let mut spans: HashMap<&'static str, Range<usize>> = HashMap::new();
     let fail = |field: &str, message: String, span: Range<usize>| {
