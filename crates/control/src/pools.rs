@@ -154,10 +154,14 @@ impl ControlPlane {
         let replicas: Vec<Replica> = self.list(&keys::REPLICAS)?;
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
         let mut pending = Vec::new();
+        let mut pending_requests = shoal_core::Capacity::default();
         for r in &replicas {
             match &r.node {
                 Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
-                None if r.message.is_some() && !r.phase.is_terminal() => pending.push(r),
+                None if r.message.is_some() && !r.phase.is_terminal() => {
+                    pending_requests.add(&shoal_core::Capacity::of(&r.resources));
+                    pending.push(r);
+                }
                 _ => {}
             }
         }
@@ -165,13 +169,14 @@ impl ControlPlane {
             nodes: &nodes,
             active: &active,
             pending: pending.len(),
+            pending_requests,
             pending_why: pending.first().and_then(|r| r.message.as_deref()),
         };
         let now = self.now();
         let mut out = Vec::new();
         for kv in &kvs {
             let pool: Pool = crate::state::decode(kv)?;
-            let (next, actions) = decide(&pool, facts, now);
+            let (next, actions) = decide(&pool, &facts, now);
             if next == pool {
                 continue;
             }

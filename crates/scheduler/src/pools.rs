@@ -2,14 +2,15 @@
 //! autoscaler decides. Pure; the control plane's provisioner runs the provider
 //! commands and writes what this returns.
 //!
-//! A pool grows by one node at a time while replicas wait because they fit on
-//! no node, once its last node has settled (joined and had a pass to take
-//! them); it keeps at least `min` and at most `max` nodes; a node that ran no
+//! A pool grows while replicas wait because they fit on no node, once its last
+//! nodes have settled (joined and had a pass to take them): by as many nodes
+//! as the waiting replicas' requests fill, going by the size of a node it
+//! runs (one node when it runs none yet to go by); it keeps at least `min` and at most `max` nodes; a node that ran no
 //! replica for the cool-down is drained and, once empty, stopped. A node that
 //! never becomes Ready, or is lost, is stopped and forgotten, so a failing
 //! provider is retried at most once per [`START_TIMEOUT_MS`].
 
-use shoal_core::{Millis, Node, NodeState, Pool, PoolMember};
+use shoal_core::{Capacity, Millis, Node, NodeState, Pool, PoolMember};
 use std::collections::BTreeMap;
 
 /// How long a started node may take to join and be Ready.
@@ -21,13 +22,15 @@ pub const RETIRE_TIMEOUT_MS: u64 = 60_000;
 pub const SETTLE_MS: u64 = 3_000;
 
 /// What the cluster looks like to a pool.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Facts<'a> {
     pub nodes: &'a BTreeMap<String, Node>,
     /// Active replicas per node name.
     pub active: &'a BTreeMap<String, usize>,
     /// Replicas waiting because no node can take them.
     pub pending: usize,
+    /// What those replicas request, together.
+    pub pending_requests: Capacity,
     /// What the scheduler said about one of them.
     pub pending_why: Option<&'a str>,
 }
@@ -43,7 +46,7 @@ pub enum Action {
 }
 
 /// `pool` as it should be stored after this decision, and what to do.
-pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>) {
+pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>) {
     let mut next = pool.clone();
     let mut actions = Vec::new();
     let ready = |name: &str| {
@@ -134,7 +137,14 @@ pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>)
             Some(said) => format!("{} replicas fit on no node ({said})", facts.pending),
             None => format!("{} replicas fit on no node", facts.pending),
         };
-        start(&mut next, why);
+        let size = live
+            .iter()
+            .find_map(|n| facts.nodes.get(n.as_str()))
+            .map(|n| &n.capacity);
+        let needed = size.map_or(1, |c| nodes_for(&facts.pending_requests, c));
+        for _ in 0..needed.clamp(1, max - live.len()) {
+            start(&mut next, why.clone());
+        }
     } else if live.len() > max {
         let newest: Vec<String> = live
             .iter()
@@ -169,6 +179,18 @@ pub fn decide(pool: &Pool, facts: Facts<'_>, now: Millis) -> (Pool, Vec<Action>)
         }
     }
     (next, actions)
+}
+
+/// How many nodes of capacity `node` the requests `asked` fill, by their scarcer resource.
+fn nodes_for(asked: &Capacity, node: &Capacity) -> usize {
+    let fill = |asked: u64, has: u64| {
+        if has == 0 {
+            1
+        } else {
+            asked.div_ceil(has) as usize
+        }
+    };
+    fill(asked.memory_bytes, node.memory_bytes).max(fill(asked.cpu_millis, node.cpu_millis))
 }
 
 fn retire(next: &mut Pool, actions: &mut Vec<Action>, node: String, why: String, now: Millis) {
@@ -235,6 +257,10 @@ mod tests {
             nodes,
             active,
             pending,
+            pending_requests: Capacity {
+                memory_bytes: pending as u64 * (100 << 20),
+                ..Capacity::default()
+            },
             pending_why: Some("0/1 nodes available: 1 insufficient memory"),
         }
     }
@@ -253,19 +279,19 @@ mod tests {
     #[test]
     fn a_pool_starts_its_minimum_then_grows_one_settled_node_at_a_time() {
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (p, a) = decide(&pool(1, 3), facts(&none, &idle, 0), NOW);
+        let (p, a) = decide(&pool(1, 3), &facts(&none, &idle, 0), NOW);
         assert_eq!(names(&a), ["start w-1"]);
         assert_eq!(p.next, 2);
         assert!(p.members.contains_key("w-1"));
 
         // Replicas wait while w-1 is still joining: nothing more yet.
-        let (p, a) = decide(&p, facts(&none, &idle, 5), NOW + 1000);
+        let (p, a) = decide(&p, &facts(&none, &idle, 5), NOW + 1000);
         assert!(a.is_empty(), "{a:?}");
         // Joined, but just now: the controller gets its pass first.
         let nodes: BTreeMap<_, _> = [node("w-1", NOW + 1000)].into();
-        let (p, a) = decide(&p, facts(&nodes, &idle, 5), NOW + 2000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, 5), NOW + 2000);
         assert!(a.is_empty(), "{a:?}");
-        let (p, a) = decide(&p, facts(&nodes, &idle, 5), NOW + 1000 + SETTLE_MS);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, 5), NOW + 1000 + SETTLE_MS);
         assert_eq!(names(&a), ["start w-2"]);
         match &a[0] {
             Action::Start { why, .. } => {
@@ -273,11 +299,27 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // 25 replicas of 100Mi waiting, nodes of 1Gi: three more, as many as max allows.
+        let sized: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)]
+            .map(|(name, mut n)| {
+                n.capacity.memory_bytes = 1 << 30;
+                (name, n)
+            })
+            .into();
+        let mut big = pool(0, 10);
+        big.members.insert("w-1".into(), member(0));
+        big.members.insert("w-2".into(), member(0));
+        big.next = 3;
+        let (_, a) = decide(&big, &facts(&sized, &idle, 25), NOW);
+        assert_eq!(names(&a), ["start w-3", "start w-4", "start w-5"]);
+        big.spec.max = 3;
+        let (_, a) = decide(&big, &facts(&sized, &idle, 25), NOW);
+        assert_eq!(names(&a), ["start w-3"]);
         // At max, no more.
         let mut full = p.clone();
         full.members.insert("w-3".into(), member(NOW));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0), node("w-3", 0)].into();
-        let (_, a) = decide(&full, facts(&nodes, &idle, 5), NOW + 100_000);
+        let (_, a) = decide(&full, &facts(&nodes, &idle, 5), NOW + 100_000);
         assert!(a.is_empty(), "{a:?}");
     }
 
@@ -288,24 +330,24 @@ mod tests {
         p.members.insert("w-2".into(), member(0));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let busy: BTreeMap<_, _> = [("w-1".to_string(), 2), ("w-2".to_string(), 1)].into();
-        let (p, a) = decide(&p, facts(&nodes, &busy, 0), NOW);
+        let (p, a) = decide(&p, &facts(&nodes, &busy, 0), NOW);
         assert!(a.is_empty());
         assert!(p.members.values().all(|m| m.empty_since.is_none()));
 
         let idle = BTreeMap::new();
-        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW);
         assert!(a.is_empty());
         assert_eq!(p.members["w-1"].empty_since, Some(NOW));
         // Cool-down over: one goes (the pool keeps its minimum of one).
-        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW + 30_000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW + 30_000);
         assert_eq!(names(&a), ["drain w-1"]);
         assert_eq!(p.members["w-1"].retiring_since, Some(NOW + 30_000));
         // Drained and empty: stopped and forgotten.
-        let (p, a) = decide(&p, facts(&nodes, &idle, 0), NOW + 31_000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW + 31_000);
         assert_eq!(names(&a), ["stop w-1"]);
         assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
         // Work waiting keeps idle nodes.
-        let (_, a) = decide(&p, facts(&nodes, &idle, 3), NOW + 100_000);
+        let (_, a) = decide(&p, &facts(&nodes, &idle, 3), NOW + 100_000);
         assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
     }
 
@@ -318,7 +360,7 @@ mod tests {
         let mut p = pool(0, 3);
         p.spec = spec;
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (open, a) = decide(&p, facts(&none, &idle, 0), HALF_NINE);
+        let (open, a) = decide(&p, &facts(&none, &idle, 0), HALF_NINE);
         assert_eq!(names(&a), ["start w-1", "start w-2"]);
         match &a[0] {
             Action::Start { why, .. } => {
@@ -329,8 +371,8 @@ mod tests {
         // Closed (an hour later) and idle for the default cool-down of 5m: back to none.
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let later = HALF_NINE + 3_600_000;
-        let (p, _) = decide(&open, facts(&nodes, &idle, 0), later);
-        let (_, a) = decide(&p, facts(&nodes, &idle, 0), later + 300_000);
+        let (p, _) = decide(&open, &facts(&nodes, &idle, 0), later);
+        let (_, a) = decide(&p, &facts(&nodes, &idle, 0), later + 300_000);
         assert_eq!(names(&a), ["drain w-1", "drain w-2"]);
     }
 
@@ -340,14 +382,14 @@ mod tests {
         p.members.insert("w-1".into(), member(NOW));
         p.next = 2;
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (p, a) = decide(&p, facts(&none, &idle, 0), NOW + START_TIMEOUT_MS + 1);
+        let (p, a) = decide(&p, &facts(&none, &idle, 0), NOW + START_TIMEOUT_MS + 1);
         assert_eq!(names(&a), ["stop w-1"]);
         assert!(p.members.is_empty());
         // With work waiting, a new one is tried in its place, under a new name.
         let mut p = pool(0, 3);
         p.members.insert("w-1".into(), member(NOW));
         p.next = 2;
-        let (_, a) = decide(&p, facts(&none, &idle, 1), NOW + START_TIMEOUT_MS + 1);
+        let (_, a) = decide(&p, &facts(&none, &idle, 1), NOW + START_TIMEOUT_MS + 1);
         assert_eq!(names(&a), ["stop w-1", "start w-2"]);
 
         let mut p = pool(0, 1);
@@ -355,7 +397,7 @@ mod tests {
         p.members.insert("w-2".into(), member(0));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let busy: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-2".to_string(), 1)].into();
-        let (_, a) = decide(&p, facts(&nodes, &busy, 0), NOW);
+        let (_, a) = decide(&p, &facts(&nodes, &busy, 0), NOW);
         assert_eq!(names(&a), ["drain w-2"]);
     }
 }
