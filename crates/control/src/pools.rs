@@ -154,13 +154,13 @@ impl ControlPlane {
         let replicas: Vec<Replica> = self.list(&keys::REPLICAS)?;
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
         let mut pending = Vec::new();
-        let mut pending_requests = shoal_core::Capacity::default();
+        let mut why = None;
         for r in &replicas {
             match &r.node {
                 Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
                 None if r.message.is_some() && !r.phase.is_terminal() => {
-                    pending_requests.add(&shoal_core::Capacity::of(&r.resources));
-                    pending.push(r);
+                    pending.push(shoal_core::Capacity::of(&r.resources));
+                    why = why.or(r.message.as_deref());
                 }
                 _ => {}
             }
@@ -168,9 +168,8 @@ impl ControlPlane {
         let facts = Facts {
             nodes: &nodes,
             active: &active,
-            pending: pending.len(),
-            pending_requests,
-            pending_why: pending.first().and_then(|r| r.message.as_deref()),
+            pending: &pending,
+            pending_why: why,
         };
         let now = self.now();
         let mut out = Vec::new();

@@ -27,10 +27,8 @@ pub struct Facts<'a> {
     pub nodes: &'a BTreeMap<String, Node>,
     /// Active replicas per node name.
     pub active: &'a BTreeMap<String, usize>,
-    /// Replicas waiting because no node can take them.
-    pub pending: usize,
-    /// What those replicas request, together.
-    pub pending_requests: Capacity,
+    /// What each replica waiting because no node can take it requests.
+    pub pending: &'a [Capacity],
     /// What the scheduler said about one of them.
     pub pending_why: Option<&'a str>,
 }
@@ -108,6 +106,20 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     });
     let bounds = pool.spec.bounds(now);
     let (min, max) = (bounds.min as usize, bounds.max as usize);
+    // The size of this pool's nodes, from one it runs; and the waiting replicas an empty
+    // one would take (all of them, with no node to go by): one bigger than a whole node
+    // starts none, or the pool would start and retire nodes for it forever.
+    let size = live
+        .iter()
+        .find_map(|n| facts.nodes.get(n.as_str()))
+        .map(|n| &n.capacity);
+    let fitting: Vec<&Capacity> = facts
+        .pending
+        .iter()
+        .filter(|r| {
+            size.is_none_or(|c| r.memory_bytes <= c.memory_bytes && r.cpu_millis <= c.cpu_millis)
+        })
+        .collect();
     let windows = match bounds.windows.as_slice() {
         [] => String::new(),
         names => format!(" (schedule window {})", names.join(", ")),
@@ -132,16 +144,17 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 format!("the pool keeps at least {min} nodes{windows}"),
             );
         }
-    } else if facts.pending > 0 && !settling && live.len() < max {
+    } else if !fitting.is_empty() && !settling && live.len() < max {
+        let waiting = facts.pending.len();
         let why = match facts.pending_why {
-            Some(said) => format!("{} replicas fit on no node ({said})", facts.pending),
-            None => format!("{} replicas fit on no node", facts.pending),
+            Some(said) => format!("{waiting} replicas fit on no node ({said})"),
+            None => format!("{waiting} replicas fit on no node"),
         };
-        let size = live
-            .iter()
-            .find_map(|n| facts.nodes.get(n.as_str()))
-            .map(|n| &n.capacity);
-        let needed = size.map_or(1, |c| nodes_for(&facts.pending_requests, c));
+        let mut asked = Capacity::default();
+        for r in &fitting {
+            asked.add(r);
+        }
+        let needed = size.map_or(1, |c| nodes_for(&asked, c));
         for _ in 0..needed.clamp(1, max - live.len()) {
             start(&mut next, why.clone());
         }
@@ -161,7 +174,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 now,
             );
         }
-    } else if facts.pending == 0 {
+    } else if fitting.is_empty() {
         let cooldown = pool.spec.cooldown_ms;
         let idle: Vec<String> = live
             .iter()
@@ -238,7 +251,11 @@ mod tests {
             Node {
                 name: name.into(),
                 gateway: "127.0.0.1:1".into(),
-                capacity: Capacity::default(),
+                capacity: Capacity {
+                    cpu_millis: 2000,
+                    memory_bytes: 1 << 30,
+                    instances: 1000,
+                },
                 labels: BTreeMap::new(),
                 state: NodeState::Ready,
                 schedulable: true,
@@ -248,19 +265,26 @@ mod tests {
         )
     }
 
+    /// `n` waiting replicas of 100Mi each.
+    fn waiting(n: usize) -> Vec<Capacity> {
+        vec![
+            Capacity {
+                memory_bytes: 100 << 20,
+                ..Capacity::default()
+            };
+            n
+        ]
+    }
+
     fn facts<'a>(
         nodes: &'a BTreeMap<String, Node>,
         active: &'a BTreeMap<String, usize>,
-        pending: usize,
+        pending: &'a [Capacity],
     ) -> Facts<'a> {
         Facts {
             nodes,
             active,
             pending,
-            pending_requests: Capacity {
-                memory_bytes: pending as u64 * (100 << 20),
-                ..Capacity::default()
-            },
             pending_why: Some("0/1 nodes available: 1 insufficient memory"),
         }
     }
@@ -279,19 +303,23 @@ mod tests {
     #[test]
     fn a_pool_starts_its_minimum_then_grows_one_settled_node_at_a_time() {
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (p, a) = decide(&pool(1, 3), &facts(&none, &idle, 0), NOW);
+        let (p, a) = decide(&pool(1, 3), &facts(&none, &idle, &waiting(0)), NOW);
         assert_eq!(names(&a), ["start w-1"]);
         assert_eq!(p.next, 2);
         assert!(p.members.contains_key("w-1"));
 
         // Replicas wait while w-1 is still joining: nothing more yet.
-        let (p, a) = decide(&p, &facts(&none, &idle, 5), NOW + 1000);
+        let (p, a) = decide(&p, &facts(&none, &idle, &waiting(5)), NOW + 1000);
         assert!(a.is_empty(), "{a:?}");
         // Joined, but just now: the controller gets its pass first.
         let nodes: BTreeMap<_, _> = [node("w-1", NOW + 1000)].into();
-        let (p, a) = decide(&p, &facts(&nodes, &idle, 5), NOW + 2000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(5)), NOW + 2000);
         assert!(a.is_empty(), "{a:?}");
-        let (p, a) = decide(&p, &facts(&nodes, &idle, 5), NOW + 1000 + SETTLE_MS);
+        let (p, a) = decide(
+            &p,
+            &facts(&nodes, &idle, &waiting(5)),
+            NOW + 1000 + SETTLE_MS,
+        );
         assert_eq!(names(&a), ["start w-2"]);
         match &a[0] {
             Action::Start { why, .. } => {
@@ -300,26 +328,21 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // 25 replicas of 100Mi waiting, nodes of 1Gi: three more, as many as max allows.
-        let sized: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)]
-            .map(|(name, mut n)| {
-                n.capacity.memory_bytes = 1 << 30;
-                (name, n)
-            })
-            .into();
+        let sized: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let mut big = pool(0, 10);
         big.members.insert("w-1".into(), member(0));
         big.members.insert("w-2".into(), member(0));
         big.next = 3;
-        let (_, a) = decide(&big, &facts(&sized, &idle, 25), NOW);
+        let (_, a) = decide(&big, &facts(&sized, &idle, &waiting(25)), NOW);
         assert_eq!(names(&a), ["start w-3", "start w-4", "start w-5"]);
         big.spec.max = 3;
-        let (_, a) = decide(&big, &facts(&sized, &idle, 25), NOW);
+        let (_, a) = decide(&big, &facts(&sized, &idle, &waiting(25)), NOW);
         assert_eq!(names(&a), ["start w-3"]);
         // At max, no more.
         let mut full = p.clone();
         full.members.insert("w-3".into(), member(NOW));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0), node("w-3", 0)].into();
-        let (_, a) = decide(&full, &facts(&nodes, &idle, 5), NOW + 100_000);
+        let (_, a) = decide(&full, &facts(&nodes, &idle, &waiting(5)), NOW + 100_000);
         assert!(a.is_empty(), "{a:?}");
     }
 
@@ -330,25 +353,42 @@ mod tests {
         p.members.insert("w-2".into(), member(0));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let busy: BTreeMap<_, _> = [("w-1".to_string(), 2), ("w-2".to_string(), 1)].into();
-        let (p, a) = decide(&p, &facts(&nodes, &busy, 0), NOW);
+        let (p, a) = decide(&p, &facts(&nodes, &busy, &waiting(0)), NOW);
         assert!(a.is_empty());
         assert!(p.members.values().all(|m| m.empty_since.is_none()));
 
         let idle = BTreeMap::new();
-        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), NOW);
         assert!(a.is_empty());
         assert_eq!(p.members["w-1"].empty_since, Some(NOW));
         // Cool-down over: one goes (the pool keeps its minimum of one).
-        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW + 30_000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), NOW + 30_000);
         assert_eq!(names(&a), ["drain w-1"]);
         assert_eq!(p.members["w-1"].retiring_since, Some(NOW + 30_000));
         // Drained and empty: stopped and forgotten.
-        let (p, a) = decide(&p, &facts(&nodes, &idle, 0), NOW + 31_000);
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), NOW + 31_000);
         assert_eq!(names(&a), ["stop w-1"]);
         assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
         // Work waiting keeps idle nodes.
-        let (_, a) = decide(&p, &facts(&nodes, &idle, 3), NOW + 100_000);
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &waiting(3)), NOW + 100_000);
         assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
+    }
+
+    #[test]
+    fn a_replica_bigger_than_the_pools_nodes_neither_grows_nor_keeps_it() {
+        let mut p = pool(0, 5);
+        p.members.insert("w-1".into(), member(0));
+        p.next = 2;
+        let nodes: BTreeMap<_, _> = [node("w-1", 0)].into();
+        let idle = BTreeMap::new();
+        let huge = [Capacity {
+            memory_bytes: 4 << 30,
+            ..Capacity::default()
+        }];
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &huge), NOW);
+        assert!(a.is_empty(), "{a:?}");
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &huge), NOW + 30_000);
+        assert_eq!(names(&a), ["drain w-1"]);
     }
 
     #[test]
@@ -360,7 +400,7 @@ mod tests {
         let mut p = pool(0, 3);
         p.spec = spec;
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (open, a) = decide(&p, &facts(&none, &idle, 0), HALF_NINE);
+        let (open, a) = decide(&p, &facts(&none, &idle, &waiting(0)), HALF_NINE);
         assert_eq!(names(&a), ["start w-1", "start w-2"]);
         match &a[0] {
             Action::Start { why, .. } => {
@@ -371,8 +411,8 @@ mod tests {
         // Closed (an hour later) and idle for the default cool-down of 5m: back to none.
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let later = HALF_NINE + 3_600_000;
-        let (p, _) = decide(&open, &facts(&nodes, &idle, 0), later);
-        let (_, a) = decide(&p, &facts(&nodes, &idle, 0), later + 300_000);
+        let (p, _) = decide(&open, &facts(&nodes, &idle, &waiting(0)), later);
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), later + 300_000);
         assert_eq!(names(&a), ["drain w-1", "drain w-2"]);
     }
 
@@ -382,14 +422,22 @@ mod tests {
         p.members.insert("w-1".into(), member(NOW));
         p.next = 2;
         let (none, idle) = (BTreeMap::new(), BTreeMap::new());
-        let (p, a) = decide(&p, &facts(&none, &idle, 0), NOW + START_TIMEOUT_MS + 1);
+        let (p, a) = decide(
+            &p,
+            &facts(&none, &idle, &waiting(0)),
+            NOW + START_TIMEOUT_MS + 1,
+        );
         assert_eq!(names(&a), ["stop w-1"]);
         assert!(p.members.is_empty());
         // With work waiting, a new one is tried in its place, under a new name.
         let mut p = pool(0, 3);
         p.members.insert("w-1".into(), member(NOW));
         p.next = 2;
-        let (_, a) = decide(&p, &facts(&none, &idle, 1), NOW + START_TIMEOUT_MS + 1);
+        let (_, a) = decide(
+            &p,
+            &facts(&none, &idle, &waiting(1)),
+            NOW + START_TIMEOUT_MS + 1,
+        );
         assert_eq!(names(&a), ["stop w-1", "start w-2"]);
 
         let mut p = pool(0, 1);
@@ -397,7 +445,7 @@ mod tests {
         p.members.insert("w-2".into(), member(0));
         let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
         let busy: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-2".to_string(), 1)].into();
-        let (_, a) = decide(&p, &facts(&nodes, &busy, 0), NOW);
+        let (_, a) = decide(&p, &facts(&nodes, &busy, &waiting(0)), NOW);
         assert_eq!(names(&a), ["drain w-2"]);
     }
 }
