@@ -208,7 +208,8 @@ impl ControlPlane {
         Ok(!quiet)
     }
 
-    /// Commits each batch of `plan` on its own; one that lost a race is
+    /// Commits each batch of `plan` as a transaction of its own, all queued at
+    /// once so that they share a durable commit; one that lost a race is
     /// dropped, and the next pass decides again.
     fn write(&self, plan: Plan) -> Result<(), ControlError> {
         for warning in &plan.warnings {
@@ -217,6 +218,8 @@ impl ControlPlane {
         for (app, baseline) in plan.baselines {
             self.inner.metrics.set_baseline(app, baseline);
         }
+        let mut written = Vec::with_capacity(plan.batches.len());
+        let mut txns = Vec::with_capacity(plan.batches.len());
         for batch in plan.batches {
             let scope = format!("{:?}", batch.scope);
             let reasons: Vec<&'static str> = batch.events.iter().map(|e| e.reason).collect();
@@ -224,7 +227,12 @@ impl ControlPlane {
                 .placed()
                 .map(|r| r.updated_at.saturating_sub(r.created_at) as f64 / 1_000.0)
                 .collect();
-            if self.store().txn(self.batch_txn(batch))?.succeeded {
+            written.push((scope, reasons, waited));
+            txns.push(self.batch_txn(batch));
+        }
+        let answers = self.store().txns(txns);
+        for ((scope, reasons, waited), answer) in written.into_iter().zip(answers) {
+            if answer?.succeeded {
                 let observed = &self.inner.observed;
                 for reason in reasons {
                     let reason = crate::prometheus::Reason {

@@ -74,6 +74,14 @@ pub trait KvStore: Send + Sync + 'static {
     /// Runs a compare-and-swap transaction atomically; all its writes share one new revision.
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
 
+    /// Runs `txns` one after another, each as [`KvStore::txn`] would (its own revision, its
+    /// compares seeing the ones before), answering each: for a writer with many independent
+    /// transactions at once, such as a controller pass. A backend that can commits them
+    /// together, once; the default runs them one by one.
+    fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
+        txns.into_iter().map(|t| self.txn(t)).collect()
+    }
+
     /// Events for keys under `prefix` from revision `from_revision` on (0 = after now): history
     /// first, then live. Fails with [`StoreError::Compacted`] if that history is gone.
     fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError>;

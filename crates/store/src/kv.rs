@@ -198,6 +198,56 @@ impl Store {
         })
     }
 
+    /// Runs `txns` in order, as many [`Store::txn`] calls would, but queued at once, so they
+    /// share one durable commit (with whatever else is queued then).
+    pub fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
+        let mut answers: Vec<Option<Result<TxnResponse, StoreError>>> = Vec::new();
+        let mut slots = Vec::new();
+        let mut turn = {
+            let mut queue = self.inner.queue();
+            for txn in txns {
+                // A malformed transaction fails alone, before it can share a batch.
+                if let Err(e) = validate(&txn) {
+                    answers.push(Some(Err(e)));
+                    continue;
+                }
+                let slot = Arc::new(Slot::default());
+                queue.pending.push(Queued {
+                    txn,
+                    slot: Arc::clone(&slot),
+                });
+                slots.push((answers.len(), slot));
+                answers.push(None);
+            }
+            !slots.is_empty() && !std::mem::replace(&mut queue.committing, true)
+        };
+        // Queued together, they are taken together: only the first can be handed the turn.
+        for (at, slot) in slots {
+            let answer = loop {
+                if turn {
+                    Turn {
+                        inner: &self.inner,
+                        batch: Vec::new(),
+                    }
+                    .commit();
+                    turn = false;
+                }
+                match slot.wait() {
+                    Some(answer) => break answer,
+                    None => turn = true,
+                }
+            };
+            answers[at] = Some(answer.map(|done| TxnResponse {
+                succeeded: done.succeeded,
+                revision: done.revision,
+            }));
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every transaction is answered"))
+            .collect()
+    }
+
     /// Watches keys starting with `prefix`: first the logged events with revision >=
     /// `from_revision`, then live ones. `from_revision == 0` means "only changes after now".
     /// Fails with [`StoreError::Compacted`] if that history has been compacted away.
@@ -420,6 +470,10 @@ impl KvStore for Store {
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         Store::txn(self, txn)
+    }
+
+    fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
+        Store::txns(self, txns)
     }
 
     fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {

@@ -570,3 +570,34 @@ fn each_commit_is_timed_and_a_write_of_nothing_is_no_commit() {
             .all(|t| *t > Duration::ZERO && *t < Duration::from_secs(10))
     );
 }
+
+#[test]
+fn transactions_given_together_share_one_commit_and_are_answered_in_order() {
+    let (_dir, store) = open();
+    let commits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = commits.clone();
+    store.observe_commits(Box::new(move |_| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }));
+    let answers = store.txns(vec![
+        Txn::new().when_absent("a").then(Op::put("a", "1")),
+        Txn::new().then(Op::put("", "malformed")),
+        // Sees the first: "a" exists now, so its failure branch runs.
+        Txn::new()
+            .when_absent("a")
+            .then(Op::put("b", "no"))
+            .otherwise(Op::put("b", "a was there")),
+        Txn::new().then(Op::put("c", "3")),
+    ]);
+    assert_eq!(answers.len(), 4);
+    let revisions: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok())
+        .map(|a| (a.succeeded, a.revision))
+        .collect();
+    assert_eq!(revisions, [(true, 1), (false, 2), (true, 3)]);
+    assert!(matches!(answers[1], Err(StoreError::EmptyKey)));
+    assert_eq!(commits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(store.get("b").unwrap().unwrap().value, b"a was there");
+    assert!(store.txns(Vec::new()).is_empty());
+}
