@@ -12,6 +12,7 @@ use shoal_api::{CertificateRequest, Link};
 use shoal_control::{ControlConfig, ControlPlane, LocalLink};
 use shoal_core::Capacity;
 use shoal_core::quantity::{parse_cpu, parse_memory};
+use shoal_etcd::{EtcdConfig, EtcdStore};
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{Runtime, RuntimeConfig};
 use shoal_store::{BlobStore, Store};
@@ -254,7 +255,12 @@ pub struct StartedControl {
     pub data: PathBuf,
 }
 
-pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedControl> {
+/// Starts the control plane on the state in the data dir, or in `etcd` when given.
+pub async fn start_control(
+    ctx: &Context,
+    args: &ControlArgs,
+    etcd: Option<EtcdConfig>,
+) -> Result<StartedControl> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
@@ -270,32 +276,41 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     let kv_bucket_bytes =
         parse_memory(&args.kv_bucket_size).map_err(|e| anyhow::anyhow!("--kv-bucket-size: {e}"))?;
 
-    let state = data.join("state.redb");
-    let store = Store::open(&state)
-        .with_context(|| format!("cannot open the state in {}", data.display()))?;
-    private_file(&state)?;
     let blobs = BlobStore::open(&data.join("modules"))?;
-    let control = ControlPlane::new(
-        store,
-        blobs,
-        ControlConfig {
-            token: token.clone(),
-            join_token,
-            join_token_file: Some(data.join("join-token")),
-            authority: Some(ca.clone()),
-            secret_key_file: Some(data.join("secret.key")),
-            kv_bucket_bytes,
-            max_module_bytes,
-            node_grace: duration("node-grace", &args.node_grace)?,
-            module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
-            strategy: match args.scheduling {
-                Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
-                Scheduling::Spread => shoal_scheduler::Strategy::Spread,
-            },
-            insecure_registries: args.insecure_registry.clone(),
-            ..ControlConfig::default()
+    let config = ControlConfig {
+        token: token.clone(),
+        join_token,
+        join_token_file: Some(data.join("join-token")),
+        authority: Some(ca.clone()),
+        secret_key_file: Some(data.join("secret.key")),
+        kv_bucket_bytes,
+        max_module_bytes,
+        node_grace: duration("node-grace", &args.node_grace)?,
+        module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
+        strategy: match args.scheduling {
+            Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
+            Scheduling::Spread => shoal_scheduler::Strategy::Spread,
         },
-    )
+        insecure_registries: args.insecure_registry.clone(),
+        modules_in_store: etcd.is_some(),
+        ..ControlConfig::default()
+    };
+    let control = match etcd {
+        Some(etcd) => {
+            let endpoints = etcd.endpoints.join(",");
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd))
+                .await?
+                .with_context(|| format!("cannot reach the etcd store at {endpoints}"))?;
+            ControlPlane::new(store, blobs, config)
+        }
+        None => {
+            let state = data.join("state.redb");
+            let store = Store::open(&state)
+                .with_context(|| format!("cannot open the state in {}", data.display()))?;
+            private_file(&state)?;
+            ControlPlane::new(store, blobs, config)
+        }
+    }
     .map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
@@ -611,7 +626,7 @@ pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
 
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     init_tracing(ctx.log_format);
-    let c = start_control(&ctx, &args.control).await?;
+    let c = start_control(&ctx, &args.control, None).await?;
     let node = start_node(
         &c.data,
         &args.node,
