@@ -295,23 +295,30 @@ pub async fn start_control(
         modules_in_store: etcd.is_some(),
         ..ControlConfig::default()
     };
-    let control = match etcd {
+    let (control, etcd) = match etcd {
         Some(etcd) => {
             let endpoints = etcd.endpoints.join(",");
             let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd))
                 .await?
                 .with_context(|| format!("cannot reach the etcd store at {endpoints}"))?;
-            ControlPlane::new(store, blobs, config)
+            let store = Arc::new(store);
+            let control = ControlPlane::with_clock(
+                Arc::clone(&store) as Arc<dyn shoal_store::KvStore>,
+                blobs,
+                config,
+                Arc::new(shoal_core::clock::SystemClock),
+            );
+            (control, Some(store))
         }
         None => {
             let state = data.join("state.redb");
             let store = Store::open(&state)
                 .with_context(|| format!("cannot open the state in {}", data.display()))?;
             private_file(&state)?;
-            ControlPlane::new(store, blobs, config)
+            (ControlPlane::new(store, blobs, config), None)
         }
-    }
-    .map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
+    };
+    let control = control.map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| {
@@ -329,7 +336,11 @@ pub async fn start_control(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
-    tokio::spawn(control.clone().run_controller());
+    match etcd {
+        // Servers sharing a store take turns: the controller runs where the leadership is.
+        Some(store) => tokio::spawn(lead(store, control.clone(), server.clone())),
+        None => tokio::spawn(control.clone().run_controller()),
+    };
     let router = shoal_control::router(control.clone());
     tokio::spawn(shoal_control::serve(
         listener,
@@ -358,6 +369,29 @@ pub async fn start_control(
         ca: ca.pem().to_string(),
         data,
     })
+}
+
+/// Campaigns for the leadership of the servers sharing `store` and runs the controller while
+/// it holds it, for ever: a server that loses it (its lease ran out: it could not reach etcd)
+/// stops its controller and campaigns again.
+async fn lead(store: Arc<EtcdStore>, control: ControlPlane, id: String) {
+    loop {
+        let mut leadership = match store.campaign(&id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaigning for the controller's leadership");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        tracing::info!(server = %id, "leading: the controller runs here");
+        tokio::select! {
+            () = control.clone().run_controller() => return,
+            () = leadership.lost() => {
+                tracing::warn!(server = %id, "lost the leadership: the controller stops here");
+            }
+        }
+    }
 }
 
 /// A running node: gateway listening, agent started.

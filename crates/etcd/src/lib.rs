@@ -19,6 +19,7 @@
 //! runtime of its own and blocks the calling thread until etcd answers, which is what callers
 //! already expect of a store call (they make it from `spawn_blocking`).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,16 +36,19 @@ use shoal_store::{
 };
 use tokio::sync::mpsc;
 
+mod leader;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use leader::{LEASE_TTL, Leadership};
 
 /// Keys per page when [`KvStore::range`] reads a prefix: each page is one etcd request, all
 /// read at the revision of the first so the whole range is one snapshot.
 const RANGE_PAGE: i64 = 1000;
 
-/// Events a watch may hold for a slow consumer before the task stops reading from etcd (etcd
-/// then keeps the rest for it, or reports them compacted).
-const WATCH_BUFFER: usize = 1024;
+/// Responses (each a batch of whole revisions) a watch may hold for a slow consumer before the
+/// task stops reading from etcd (etcd then keeps the rest for it, or reports them compacted).
+const WATCH_BUFFER: usize = 256;
 
 /// How long a call keeps trying other members before its error reaches the caller: longer than
 /// an etcd leader election takes.
@@ -473,7 +477,7 @@ struct WatchTask {
     /// The etcd revision to (re)start from; 0 until the first watch says where "now" is.
     next: i64,
     compacted: Arc<AtomicU64>,
-    tx: mpsc::Sender<Result<Event, StoreError>>,
+    tx: mpsc::Sender<Result<Vec<Event>, StoreError>>,
 }
 
 impl WatchTask {
@@ -531,19 +535,29 @@ impl WatchTask {
                     resp.cancel_reason()
                 )));
             }
-            for ev in resp.events() {
-                let event = match event(ev) {
-                    Ok(event) => event,
-                    Err(e) => {
-                        let _ = self.tx.send(Err(e)).await;
-                        return Ok(Flow::Stop);
-                    }
-                };
-                self.next = etcd_rev(event.kv.mod_revision) + 1;
-                if self.tx.send(Ok(event)).await.is_err() {
+            if resp.events().is_empty() {
+                continue;
+            }
+            let batch = match resp
+                .events()
+                .iter()
+                .map(event)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e)).await;
                     return Ok(Flow::Stop);
                 }
+            };
+            let last = batch.last().map_or(0, |e| e.kv.mod_revision);
+            // One response holds whole revisions (etcd does not split one), and it is passed on
+            // whole, so a consumer finds the rest of a transaction's events ready once it has
+            // the first, as with redb.
+            if self.tx.send(Ok(batch)).await.is_err() {
+                return Ok(Flow::Stop);
             }
+            self.next = etcd_rev(last) + 1;
         }
         Ok(Flow::Resume)
     }
@@ -558,22 +572,26 @@ enum Flow {
 /// of is history compacted while the consumer was behind: it reports that, as the contract asks,
 /// rather than hand out history a re-list would not agree with.
 fn watch_stream(
-    rx: mpsc::Receiver<Result<Event, StoreError>>,
+    rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
     compacted: Arc<AtomicU64>,
 ) -> WatchStream {
-    WatchStream::new(futures::stream::unfold(Some(rx), move |rx| {
+    let state = Some((rx, VecDeque::new()));
+    WatchStream::new(futures::stream::unfold(state, move |state| {
         let compacted = Arc::clone(&compacted);
         async move {
-            let mut rx = rx?;
-            let item = rx.recv().await?;
-            let point = compacted.load(Ordering::SeqCst);
-            match item {
-                Ok(event) if event.kv.mod_revision <= point => {
-                    Some((Err(StoreError::Compacted { compacted: point }), None))
+            let (mut rx, mut ready) = state?;
+            if ready.is_empty() {
+                match rx.recv().await? {
+                    Ok(batch) => ready.extend(batch),
+                    Err(e) => return Some((Err(e), None)),
                 }
-                Ok(event) => Some((Ok(event), Some(rx))),
-                Err(e) => Some((Err(e), None)),
             }
+            let event: Event = ready.pop_front()?;
+            let point = compacted.load(Ordering::SeqCst);
+            if event.kv.mod_revision <= point {
+                return Some((Err(StoreError::Compacted { compacted: point }), None));
+            }
+            Some((Ok(event), Some((rx, ready))))
         }
     }))
 }
