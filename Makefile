@@ -10,12 +10,15 @@ run: guests
 # Runs every test: unit, crate integration and end-to-end (real processes). The metrics test
 # checks the exposition format with promtool, from Debian's prometheus package; the dashboard's
 # drives Debian's Chromium through its chromedriver; the OCI tests push to and pull from Debian's
-# docker-registry (the CNCF distribution registry) on loopback.
+# docker-registry (the CNCF distribution registry) on loopback; the etcd backend's run real etcd
+# members (Debian's etcd-server) on loopback, and its client is built with protoc.
 test:
 	rustup target add wasm32-wasip2
 	command -v promtool >/dev/null || (apt-get update && apt-get install -y --no-install-recommends prometheus)
 	command -v chromedriver >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 	command -v docker-registry >/dev/null || (apt-get update && apt-get install -y docker-registry)
+	command -v etcd >/dev/null || (apt-get update && apt-get install -y etcd-server)
+	command -v protoc >/dev/null || (apt-get update && apt-get install -y protobuf-compiler)
 	cargo test --workspace
 
 guests:

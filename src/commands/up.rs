@@ -12,6 +12,7 @@ use shoal_api::{CertificateRequest, Link};
 use shoal_control::{ControlConfig, ControlPlane, LocalLink};
 use shoal_core::Capacity;
 use shoal_core::quantity::{parse_cpu, parse_memory};
+use shoal_etcd::{EtcdConfig, EtcdStore};
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{Runtime, RuntimeConfig};
 use shoal_store::{BlobStore, Store};
@@ -258,7 +259,12 @@ pub struct StartedControl {
     pub data: PathBuf,
 }
 
-pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedControl> {
+/// Starts the control plane on the state in the data dir, or in `etcd` when given.
+pub async fn start_control(
+    ctx: &Context,
+    args: &ControlArgs,
+    etcd: Option<EtcdConfig>,
+) -> Result<StartedControl> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let token = load_or_create_secret(&data.join("token"))?;
@@ -274,34 +280,50 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     let kv_bucket_bytes =
         parse_memory(&args.kv_bucket_size).map_err(|e| anyhow::anyhow!("--kv-bucket-size: {e}"))?;
 
-    let state = data.join("state.redb");
-    let store = Store::open(&state)
-        .with_context(|| format!("cannot open the state in {}", data.display()))?;
-    private_file(&state)?;
     let blobs = BlobStore::open(&data.join("modules"))?;
-    let control = ControlPlane::new(
-        store,
-        blobs,
-        ControlConfig {
-            token: token.clone(),
-            join_token,
-            join_token_file: Some(data.join("join-token")),
-            authority: Some(ca.clone()),
-            secret_key_file: Some(data.join("secret.key")),
-            kv_bucket_bytes,
-            max_module_bytes,
-            node_grace: duration("node-grace", &args.node_grace)?,
-            module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
-            strategy: match args.scheduling {
-                Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
-                Scheduling::Spread => shoal_scheduler::Strategy::Spread,
-            },
-            insecure_registries: args.insecure_registry.clone(),
-            rebalance: !args.no_rebalance,
-            ..ControlConfig::default()
+    let config = ControlConfig {
+        token: token.clone(),
+        join_token,
+        join_token_file: Some(data.join("join-token")),
+        authority: Some(ca.clone()),
+        secret_key_file: Some(data.join("secret.key")),
+        kv_bucket_bytes,
+        max_module_bytes,
+        node_grace: duration("node-grace", &args.node_grace)?,
+        module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
+        strategy: match args.scheduling {
+            Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
+            Scheduling::Spread => shoal_scheduler::Strategy::Spread,
         },
-    )
-    .map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
+        insecure_registries: args.insecure_registry.clone(),
+        modules_in_store: etcd.is_some(),
+        rebalance: !args.no_rebalance,
+        ..ControlConfig::default()
+    };
+    let (control, etcd) = match etcd {
+        Some(etcd) => {
+            let endpoints = etcd.endpoints.join(",");
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd))
+                .await?
+                .with_context(|| format!("cannot reach the etcd store at {endpoints}"))?;
+            let store = Arc::new(store);
+            let control = ControlPlane::with_clock(
+                Arc::clone(&store) as Arc<dyn shoal_store::KvStore>,
+                blobs,
+                config,
+                Arc::new(shoal_core::clock::SystemClock),
+            );
+            (control, Some(store))
+        }
+        None => {
+            let state = data.join("state.redb");
+            let store = Store::open(&state)
+                .with_context(|| format!("cannot open the state in {}", data.display()))?;
+            private_file(&state)?;
+            (ControlPlane::new(store, blobs, config), None)
+        }
+    };
+    let control = control.map_err(|e| anyhow::anyhow!("cannot start the control plane: {e}"))?;
     let listener = tokio::net::TcpListener::bind(args.api)
         .await
         .with_context(|| {
@@ -319,13 +341,17 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
-    tokio::spawn(control.clone().run_controller());
-    tokio::spawn(control.clone().run_pools(shoal_control::PoolHost {
+    let pools = shoal_control::PoolHost {
         join_url: server.clone(),
         token_file: data.join("join-token"),
         exe: std::env::current_exe().context("cannot find the shoal binary for pool workers")?,
         dir: data.join("pools"),
-    }));
+    };
+    match etcd {
+        // Servers sharing a store take turns: the controller runs where the leadership is.
+        Some(store) => tokio::spawn(lead(store, control.clone(), pools, server.clone())),
+        None => tokio::spawn(run_control_loops(control.clone(), pools)),
+    };
     let router = shoal_control::router(control.clone());
     tokio::spawn(shoal_control::serve(
         listener,
@@ -354,6 +380,40 @@ pub async fn start_control(ctx: &Context, args: &ControlArgs) -> Result<StartedC
         ca: ca.pem().to_string(),
         data,
     })
+}
+
+/// Campaigns for the leadership of the servers sharing `store` and runs the controller while
+/// it holds it, for ever: a server that loses it (its lease ran out: it could not reach etcd)
+/// stops its controller and campaigns again.
+/// The control plane's loops that act on the cluster, the controller and the node pools'
+/// provisioner: what exactly one server runs at a time.
+async fn run_control_loops(control: ControlPlane, pools: shoal_control::PoolHost) {
+    tokio::join!(control.clone().run_controller(), control.run_pools(pools));
+}
+
+async fn lead(
+    store: Arc<EtcdStore>,
+    control: ControlPlane,
+    pools: shoal_control::PoolHost,
+    id: String,
+) {
+    loop {
+        let mut leadership = match store.campaign(&id).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaigning for the controller's leadership");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        tracing::info!(server = %id, "leading: the controller runs here");
+        tokio::select! {
+            () = run_control_loops(control.clone(), pools.clone()) => return,
+            () = leadership.lost() => {
+                tracing::warn!(server = %id, "lost the leadership: the controller stops here");
+            }
+        }
+    }
 }
 
 /// A running node: gateway listening, agent started.
@@ -622,7 +682,7 @@ pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
 
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     init_tracing(ctx.log_format);
-    let c = start_control(&ctx, &args.control).await?;
+    let c = start_control(&ctx, &args.control, None).await?;
     let node = start_node(
         &c.data,
         &args.node,

@@ -1444,6 +1444,7 @@ async fn module_blob(
         .blobs()
         .try_path(&digest)
         .map_err(|e| ApiError::new(ErrorCode::BadDigest, e.to_string()))?;
+    cp.fetch_module(&digest).await?;
     let file = tokio::fs::File::open(&path).await.map_err(|_| {
         ApiError::new(
             ErrorCode::NotFound,

@@ -30,6 +30,7 @@ mod rollouts;
 mod scope;
 mod secrets;
 mod serve;
+mod shared_modules;
 mod state;
 mod top;
 mod volumes;

@@ -107,16 +107,19 @@ impl ControlPlane {
             0 => txn.when_absent(use_key.clone()),
             at => txn.when_mod_revision(use_key.clone(), at),
         };
-        let txn = txn
-            .then(Op::delete(key))
-            .then(Op::delete(use_key))
-            .then(self.event_op(
-                EventType::Normal,
-                "ModuleDeleted",
-                format!("module/{}", module.digest),
-                None,
-                format!("module {} deleted: {why}", module.digest),
-            ));
+        let mut txn = txn.then(Op::delete(key)).then(Op::delete(use_key));
+        if self.inner.config.modules_in_store {
+            txn = txn.then(Op::delete_prefix(crate::shared_modules::prefix(
+                &module.digest,
+            )));
+        }
+        let txn = txn.then(self.event_op(
+            EventType::Normal,
+            "ModuleDeleted",
+            format!("module/{}", module.digest),
+            None,
+            format!("module {} deleted: {why}", module.digest),
+        ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Ok(false);
         }

@@ -55,6 +55,9 @@ pub struct ControlConfig {
     pub kv_bucket_bytes: u64,
     /// Registries (`host:port`) pulled from over plain HTTP, besides loopback ones.
     pub insecure_registries: Vec<String>,
+    /// Keep module bytes in the state store too (`shared_modules`), for control planes that
+    /// share the store: each serves nodes any module, whichever took its upload.
+    pub modules_in_store: bool,
 }
 
 impl Default for ControlConfig {
@@ -73,6 +76,7 @@ impl Default for ControlConfig {
             secret_key_file: None,
             kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
             insecure_registries: Vec::new(),
+            modules_in_store: false,
         }
     }
 }
@@ -331,6 +335,9 @@ impl ControlPlane {
             uploaded_at: self.now(),
             oci,
         };
+        if self.inner.config.modules_in_store {
+            crate::shared_modules::copy_in(&*self.inner.store, &self.inner.blobs, digest)?;
+        }
         // Compare-and-swap like every other write: the first of two concurrent
         // uploads of the same module records it, the second finds it.
         let txn = Txn::new()

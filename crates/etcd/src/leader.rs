@@ -1,0 +1,158 @@
+//! Leader election on an etcd lease: of the servers sharing a store, exactly one runs the
+//! controller at a time, and when it dies another takes over within [`LEASE_TTL`] and a bit.
+//!
+//! Each candidate holds a lease of its own, kept alive while the process lives, and tries to
+//! create the leader key bound to it (a transaction: create if absent). Whoever creates it
+//! leads; the others watch the key and try again when it is deleted, which etcd does when the
+//! leader's lease runs out (a killed leader) or is revoked (a leader stepping down). A leader
+//! counts itself deposed from the moment its lease may have run out in etcd's eyes: the time it
+//! sent its last renewal that etcd answered, plus the TTL, which is never later than the
+//! expiry etcd counts from receiving it. So two controllers never run at once, as far as the
+//! two clocks' rates agree.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::EtcdStore;
+
+/// The leader key. Under `/` like every key Shoal writes: the controller catches up with the
+/// store's revision through its watch of `/`, so a revision written outside it would make it
+/// wait for the next write inside.
+const LEADER_KEY: &str = "/leader";
+
+/// How long a lease outlives its holder's last renewal: a dead leader is replaced after this.
+/// Short, as the takeover must come within 5 s; renewals go out every third of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// Held while this process leads. [`Leadership::lost`] resolves when the lease may have run out;
+/// dropping it steps down (the lease is revoked, so another candidate takes over at once).
+pub struct Leadership {
+    lost: watch::Receiver<bool>,
+    _keeper: tokio::task::JoinHandle<()>,
+    revoke: Option<(Client, i64, tokio::runtime::Handle)>,
+}
+
+impl Leadership {
+    /// Resolves once this process may no longer be the leader.
+    pub async fn lost(&mut self) {
+        // An error means the keeper is gone, which only happens once it has said so.
+        let _ = self.lost.wait_for(|lost| *lost).await;
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self._keeper.abort();
+        if let Some((mut client, lease, handle)) = self.revoke.take() {
+            handle.spawn(async move {
+                let _ = client.lease_revoke(lease).await;
+            });
+        }
+    }
+}
+
+impl EtcdStore {
+    /// Waits until this process leads, as `id` (a name for the logs and `etcdctl get`), and
+    /// returns its leadership. Errors are etcd's, on the way; the caller tries again.
+    pub async fn campaign(&self, id: &str) -> Result<Leadership, etcd_client::Error> {
+        let client = self.client();
+        let handle = self.runtime.handle().clone();
+        let id = id.to_owned();
+        // The whole campaign runs on the client's runtime, where its connections live.
+        handle
+            .clone()
+            .spawn(async move {
+                let mut c = client.clone();
+                let lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
+                let (lost_tx, lost) = watch::channel(false);
+                let keeper = tokio::spawn(keep_alive(client.clone(), lease, lost_tx));
+                let leadership = Leadership {
+                    lost,
+                    _keeper: keeper,
+                    revoke: Some((client.clone(), lease, tokio::runtime::Handle::current())),
+                };
+                loop {
+                    if *leadership.lost.borrow() {
+                        return Err(etcd_client::Error::LeaseKeepAliveError(
+                            "the lease ran out while campaigning".into(),
+                        ));
+                    }
+                    let txn = Txn::new()
+                        .when([Compare::version(LEADER_KEY, CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(
+                            LEADER_KEY,
+                            id.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )]);
+                    let resp = c.txn(txn).await?;
+                    if resp.succeeded() {
+                        return Ok(leadership);
+                    }
+                    let at = resp.header().map_or(0, |h| h.revision());
+                    wait_for_delete(&mut c, at + 1).await?;
+                }
+            })
+            .await
+            .map_err(|e| etcd_client::Error::ElectError(e.to_string()))?
+    }
+}
+
+/// Waits until the leader key is deleted at or after etcd revision `from`.
+async fn wait_for_delete(c: &mut Client, from: i64) -> Result<(), etcd_client::Error> {
+    let mut stream = c
+        .watch(
+            LEADER_KEY,
+            Some(WatchOptions::new().with_start_revision(from)),
+        )
+        .await?;
+    while let Some(resp) = stream.message().await? {
+        if resp
+            .events()
+            .iter()
+            .any(|e| e.event_type() == EventType::Delete)
+        {
+            return Ok(());
+        }
+        if resp.canceled() {
+            break;
+        }
+    }
+    Err(etcd_client::Error::WatchError(
+        "the watch of the leader key ended".into(),
+    ))
+}
+
+/// Renews `lease` every third of its TTL and says `lost` once a renewal has not been answered
+/// for a whole TTL since it was sent, or etcd says the lease is gone.
+async fn keep_alive(mut client: Client, lease: i64, lost: watch::Sender<bool>) {
+    let mut valid_until = Instant::now() + LEASE_TTL;
+    let every = LEASE_TTL / 3;
+    loop {
+        let sent = Instant::now();
+        let renewed = tokio::time::timeout_at(valid_until, async {
+            let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+        })
+        .await;
+        match renewed {
+            Ok(Ok(ttl)) if ttl > 0 => valid_until = sent + LEASE_TTL,
+            Ok(Ok(_)) => {
+                tracing::warn!(lease, "etcd says the leadership lease is gone");
+                let _ = lost.send(true);
+                return;
+            }
+            Ok(Err(e)) => tracing::warn!(lease, error = %e, "renewing the leadership lease"),
+            Err(_) => {}
+        }
+        if Instant::now() >= valid_until {
+            tracing::warn!(lease, "the leadership lease may have run out");
+            let _ = lost.send(true);
+            return;
+        }
+        tokio::time::sleep_until((sent + every).min(valid_until)).await;
+    }
+}

@@ -1,0 +1,737 @@
+//! Shoal's cluster state on an etcd cluster: [`EtcdStore`] keeps the [`KvStore`] contract over
+//! etcd's v3 API (the `etcd-client` crate), so several control planes can share one state.
+//!
+//! The contract was written after etcd, so most of it is etcd's own behaviour. What this crate
+//! adds:
+//!
+//! - **Revisions count from 0.** An empty etcd is at revision 1; Shoal's empty store is at 0.
+//!   Every revision crossing this crate is etcd's minus one (compares, key bookkeeping, watch
+//!   starts, compaction), so a store migrated from redb and one started on etcd number alike.
+//!   The etcd cluster is Shoal's alone: another writer's transactions would take revisions too.
+//! - **Compaction as the contract says it.** `compact(r)` makes revision `r` unwatchable;
+//!   etcd keeps its compaction revision watchable, so Shoal's `r` is etcd's `r + 1`, and the
+//!   point is learnt back from etcd when another server compacted further.
+//! - **Watches that outlive a server.** A watch runs as a task that resumes from the revision
+//!   after the last one it delivered when its connection to an etcd member breaks, so a member
+//!   dying loses and repeats no event.
+//!
+//! The trait is synchronous (redb blocks on fsync); this backend runs its client on a small
+//! runtime of its own and blocks the calling thread until etcd answers, which is what callers
+//! already expect of a store call (they make it from `spawn_blocking`).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
+    GetOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+};
+use shoal_store::{
+    CommitObserver, Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse,
+    WatchStream,
+};
+use tokio::sync::mpsc;
+
+mod leader;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use leader::{LEASE_TTL, Leadership};
+
+/// Keys per page when [`KvStore::range`] reads a prefix: each page is one etcd request, all
+/// read at the revision of the first so the whole range is one snapshot.
+const RANGE_PAGE: i64 = 1000;
+
+/// Responses (each a batch of whole revisions) a watch may hold for a slow consumer before the
+/// task stops reading from etcd (etcd then keeps the rest for it, or reports them compacted).
+const WATCH_BUFFER: usize = 256;
+
+/// How long a call keeps trying other members before its error reaches the caller: longer than
+/// an etcd leader election takes.
+const RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// Which failures a call may be sent again after, as etcd's Go client decides it.
+#[derive(Clone, Copy)]
+enum Retry {
+    /// A read: after any failure to reach a member or a member without a leader.
+    Read,
+    /// A write: only when it never reached a member (no connection), since a write cut off
+    /// after it was sent may have committed, and sending it again would apply it twice.
+    Write,
+}
+
+impl Retry {
+    fn allows(self, e: &etcd_client::Error) -> bool {
+        let status = match e {
+            etcd_client::Error::TransportError(_) => return true,
+            etcd_client::Error::GRpcStatus(status) => status,
+            _ => return false,
+        };
+        if status.code() != tonic::Code::Unavailable {
+            return false;
+        }
+        match self {
+            Retry::Read => true,
+            Retry::Write => {
+                let m = status.message();
+                // Refused before it was proposed: no connection, or no leader to propose to.
+                m.contains("tcp connect error")
+                    || m.contains("error trying to connect")
+                    || m.contains("etcdserver: no leader")
+            }
+        }
+    }
+}
+
+/// How to reach an etcd cluster: its members' client URLs and, for TLS, the files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// `host:port` of each member; the client spreads requests over them and skips dead ones.
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA its members' certificates chain to, and optionally a client identity
+/// for members that require client certificates (`--client-cert-auth`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl EtcdConfig {
+    /// Parses `etcd://host:port,host:port`: the form `shoal server --store` takes.
+    pub fn parse(url: &str) -> Result<EtcdConfig, EtcdError> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| EtcdError::Config(format!("{url:?} does not start with etcd://")))?;
+        let endpoints: Vec<String> = rest
+            .trim_end_matches('/')
+            .split(',')
+            .map(str::trim)
+            .map(String::from)
+            .collect();
+        for e in &endpoints {
+            let port = e
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(_))) if !host.is_empty()) {
+                return Err(EtcdError::Config(format!(
+                    "{e:?} in {url:?} is not host:port"
+                )));
+            }
+        }
+        Ok(EtcdConfig {
+            endpoints,
+            tls: None,
+        })
+    }
+
+    /// The members' URLs for the client: `https://` when TLS is configured.
+    fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        self.endpoints
+            .iter()
+            .map(|e| format!("{scheme}://{e}"))
+            .collect()
+    }
+}
+
+/// Why the etcd backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdError {
+    #[error("etcd store address: {0}")]
+    Config(String),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the etcd client's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("connecting to etcd: {0}")]
+    Connect(#[from] etcd_client::Error),
+}
+
+/// The [`KvStore`] contract on an etcd cluster. Cheap to share behind an `Arc`.
+pub struct EtcdStore {
+    runtime: Runtime,
+    client: Client,
+    /// The compaction point as far as this process knows it (Shoal's numbering): raised by its
+    /// own compactions and by what etcd reports; read by watches to refuse compacted history.
+    compacted: Arc<AtomicU64>,
+    observer: Mutex<Option<Arc<CommitObserver>>>,
+}
+
+impl EtcdStore {
+    /// Connects to the cluster and checks that it answers.
+    pub fn connect(config: &EtcdConfig) -> Result<EtcdStore, EtcdError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        if let Some(tls) = &config.tls {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| EtcdError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut opts = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+            if let Some((cert, key)) = &tls.identity {
+                opts = opts.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(opts);
+        }
+        let runtime = Runtime::new()?;
+        let urls = config.urls();
+        let client = runtime
+            .block_on(async move {
+                let mut client = Client::connect(urls, Some(options)).await?;
+                // `connect` does not talk to anyone yet: a first read shows the cluster answers.
+                client
+                    .get("/", Some(GetOptions::new().with_count_only()))
+                    .await?;
+                Ok::<_, etcd_client::Error>(client)
+            })
+            .map_err(|e| EtcdError::Runtime(std::io::Error::other(e)))??;
+        Ok(EtcdStore {
+            runtime,
+            client,
+            compacted: Arc::new(AtomicU64::new(0)),
+            observer: Mutex::new(None),
+        })
+    }
+
+    /// The client, for what the store contract does not cover (leader election on a lease).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Runs `f` on this store's runtime and waits for it from any thread, inside an async
+    /// context or not.
+    pub fn block_on<F>(&self, f: F) -> Result<F::Output, StoreError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.runtime.block_on(f).map_err(|e| db(format!("{e}")))
+    }
+
+    /// Runs one etcd call, again while it fails in a way that allows it (see [`Retry`]) for up
+    /// to [`RETRY_FOR`]: the client sends each request to one member, and a dead one refuses it.
+    fn call<T, F>(
+        &self,
+        retry: Retry,
+        f: impl Fn(Client) -> F + Send + 'static,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let client = self.client.clone();
+        self.block_on(async move {
+            let deadline = tokio::time::Instant::now() + RETRY_FOR;
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                match f(client.clone()).await {
+                    Err(e) if retry.allows(&e) && tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "etcd call failed; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                    outcome => return outcome,
+                }
+            }
+        })?
+        .map_err(store_error)
+    }
+
+    /// The compaction point in etcd, read with a watch from its first revision: etcd answers
+    /// one that starts in compacted history with the compaction revision and nothing else.
+    fn read_compacted(&self) -> Result<u64, StoreError> {
+        let compact = self.call(Retry::Read, |mut c| async move {
+            let mut stream = c
+                .watch(
+                    "\0compaction-probe",
+                    Some(WatchOptions::new().with_start_revision(1)),
+                )
+                .await?;
+            while let Some(resp) = stream.message().await? {
+                if resp.compact_revision() > 0 {
+                    return Ok(resp.compact_revision());
+                }
+            }
+            Err(etcd_client::Error::WatchError(
+                "etcd ended the compaction probe without an answer".into(),
+            ))
+        })?;
+        let compacted = shoal_rev(compact);
+        Ok(self
+            .compacted
+            .fetch_max(compacted, Ordering::SeqCst)
+            .max(compacted))
+    }
+}
+
+impl KvStore for EtcdStore {
+    fn revision(&self) -> u64 {
+        // The trait cannot fail here; a store that does not answer is caught by the next call
+        // that can, and 0 is no revision a caller acts on.
+        self.call(Retry::Read, |mut c| async move {
+            c.get("/", Some(GetOptions::new().with_count_only())).await
+        })
+        .map(|r| shoal_rev(header_revision(r.header())))
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading etcd's revision");
+            0
+        })
+    }
+
+    fn compacted_revision(&self) -> u64 {
+        let known = self.compacted.load(Ordering::SeqCst);
+        // A read at the etcd revision we compacted at fails only if someone compacted further.
+        let probe = etcd_rev(known).max(1);
+        let moved = self.call(Retry::Read, move |mut c| async move {
+            c.get(
+                "\0compaction-probe",
+                Some(GetOptions::new().with_revision(probe)),
+            )
+            .await
+        });
+        match moved {
+            Ok(_) => known,
+            Err(StoreError::Compacted { .. }) => self.read_compacted().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading etcd's compaction point");
+                known
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading etcd's compaction point");
+                known
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let key = key.to_owned();
+        let mut resp = self.call(Retry::Read, move |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })?;
+        resp.take_kvs()
+            .into_iter()
+            .next()
+            .map(key_value)
+            .transpose()
+    }
+
+    fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut start = if prefix.is_empty() {
+            vec![0]
+        } else {
+            prefix.as_bytes().to_vec()
+        };
+        let mut at = 0;
+        let mut out = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(RANGE_PAGE)
+                .with_revision(at);
+            let key = start.clone();
+            let mut resp = self.call(Retry::Read, move |mut c| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { c.get(key, Some(options)).await }
+            })?;
+            if at == 0 {
+                at = header_revision(resp.header());
+            }
+            let more = resp.more();
+            for kv in resp.take_kvs() {
+                start = kv.key().to_vec();
+                out.push(key_value(kv)?);
+            }
+            if !more {
+                return Ok((out, shoal_rev(at)));
+            }
+            // The next page starts just after the last key read.
+            start.push(0);
+        }
+    }
+
+    fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let empty = |k: &str| k.is_empty();
+        let compare_keys = txn.compares.iter().map(|c| match c {
+            Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key,
+        });
+        let op_keys = txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .filter_map(|op| match op {
+                Op::Put { key, .. } | Op::Delete { key } => Some(key),
+                Op::DeletePrefix { .. } => None,
+            });
+        if compare_keys.chain(op_keys).any(|k| empty(k)) {
+            return Err(StoreError::EmptyKey);
+        }
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                Compare::ModRevision { key, revision } => EtcdCompare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    if *revision == 0 {
+                        0
+                    } else {
+                        etcd_rev(*revision)
+                    },
+                ),
+                Compare::Version { key, version } => {
+                    EtcdCompare::version(key.as_str(), CompareOp::Equal, *version as i64)
+                }
+            })
+            .collect();
+        let wrote = [!txn.success.is_empty(), !txn.failure.is_empty()];
+        let etcd_txn = EtcdTxn::new()
+            .when(compares)
+            .and_then(etcd_ops(txn.success))
+            .or_else(etcd_ops(txn.failure));
+        let started = Instant::now();
+        let resp = self.call(Retry::Write, move |mut c| {
+            let txn = etcd_txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        if wrote[usize::from(!resp.succeeded())] {
+            let observer = self.observer.lock().expect("observer lock").clone();
+            if let Some(observe) = observer {
+                observe(started.elapsed());
+            }
+        }
+        Ok(TxnResponse {
+            succeeded: resp.succeeded(),
+            revision: shoal_rev(header_revision(resp.header())),
+        })
+    }
+
+    fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
+        let compacted = self.compacted.load(Ordering::SeqCst);
+        if from_revision > 0 && from_revision <= compacted {
+            return Err(StoreError::Compacted { compacted });
+        }
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let task = WatchTask {
+            client: self.client.clone(),
+            prefix: prefix.to_owned(),
+            next: if from_revision == 0 {
+                0
+            } else {
+                etcd_rev(from_revision)
+            },
+            compacted: Arc::clone(&self.compacted),
+            tx,
+        };
+        self.runtime.spawn(task.run());
+        Ok(watch_stream(rx, Arc::clone(&self.compacted)))
+    }
+
+    fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        let current = self.revision();
+        if revision > current {
+            return Err(StoreError::FutureRevision { revision, current });
+        }
+        if revision <= self.compacted.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let at = etcd_rev(revision);
+        match self.call(Retry::Write, move |mut c| async move {
+            c.compact(at, None).await
+        }) {
+            Ok(_) => {
+                self.compacted.fetch_max(revision, Ordering::SeqCst);
+                Ok(())
+            }
+            // Another server compacted at least this far.
+            Err(StoreError::Compacted { .. }) => self.read_compacted().map(drop),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn observe_commits(&self, observer: CommitObserver) {
+        *self.observer.lock().expect("observer lock") = Some(Arc::new(observer));
+    }
+}
+
+/// One watch's reader: follows etcd's watch and resumes it, from the revision after the last
+/// one delivered, whenever the connection to the member serving it breaks.
+struct WatchTask {
+    client: Client,
+    prefix: String,
+    /// The etcd revision to (re)start from; 0 until the first watch says where "now" is.
+    next: i64,
+    compacted: Arc<AtomicU64>,
+    tx: mpsc::Sender<Result<Vec<Event>, StoreError>>,
+}
+
+impl WatchTask {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let tx = self.tx.clone();
+            let outcome = tokio::select! {
+                outcome = self.follow() => outcome,
+                () = tx.closed() => return,
+            };
+            match outcome {
+                Ok(Flow::Stop) => return,
+                Ok(Flow::Resume) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    tracing::warn!(prefix = %self.prefix, next = self.next, error = %e,
+                        "etcd watch broke; resuming");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.tx.closed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Follows one etcd watch until it ends or fails.
+    async fn follow(&mut self) -> Result<Flow, etcd_client::Error> {
+        let mut options = WatchOptions::new()
+            .with_prev_key()
+            .with_start_revision(self.next);
+        options = if self.prefix.is_empty() {
+            options.with_all_keys()
+        } else {
+            options.with_prefix()
+        };
+        let mut stream = self
+            .client
+            .watch(self.prefix.as_str(), Some(options))
+            .await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.compact_revision() > 0 {
+                let compacted = shoal_rev(resp.compact_revision());
+                self.compacted.fetch_max(compacted, Ordering::SeqCst);
+                let _ = self.tx.send(Err(StoreError::Compacted { compacted })).await;
+                return Ok(Flow::Stop);
+            }
+            if resp.created() && self.next == 0 {
+                self.next = header_revision(resp.header()) + 1;
+            }
+            if resp.canceled() {
+                return Err(etcd_client::Error::WatchError(format!(
+                    "etcd cancelled the watch: {}",
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.events().is_empty() {
+                continue;
+            }
+            let batch = match resp
+                .events()
+                .iter()
+                .map(event)
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e)).await;
+                    return Ok(Flow::Stop);
+                }
+            };
+            let last = batch.last().map_or(0, |e| e.kv.mod_revision);
+            // One response holds whole revisions (etcd does not split one), and it is passed on
+            // whole, so a consumer finds the rest of a transaction's events ready once it has
+            // the first, as with redb.
+            if self.tx.send(Ok(batch)).await.is_err() {
+                return Ok(Flow::Stop);
+            }
+            self.next = etcd_rev(last) + 1;
+        }
+        Ok(Flow::Resume)
+    }
+}
+
+enum Flow {
+    Stop,
+    Resume,
+}
+
+/// The consumer's side of a watch. An event at or below the compaction point this process knows
+/// of is history compacted while the consumer was behind: it reports that, as the contract asks,
+/// rather than hand out history a re-list would not agree with.
+fn watch_stream(
+    rx: mpsc::Receiver<Result<Vec<Event>, StoreError>>,
+    compacted: Arc<AtomicU64>,
+) -> WatchStream {
+    let state = Some((rx, VecDeque::new()));
+    WatchStream::new(futures::stream::unfold(state, move |state| {
+        let compacted = Arc::clone(&compacted);
+        async move {
+            let (mut rx, mut ready) = state?;
+            if ready.is_empty() {
+                match rx.recv().await? {
+                    Ok(batch) => ready.extend(batch),
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+            let event: Event = ready.pop_front()?;
+            let point = compacted.load(Ordering::SeqCst);
+            if event.kv.mod_revision <= point {
+                return Some((Err(StoreError::Compacted { compacted: point }), None));
+            }
+            Some((Ok(event), Some((rx, ready))))
+        }
+    }))
+}
+
+/// The client's own runtime: two threads, shut down without waiting when the store is dropped
+/// (which may happen inside another runtime, where a blocking shutdown would panic).
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn new() -> Result<Runtime, EtcdError> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map(|rt| Runtime(Some(rt)))
+            .map_err(EtcdError::Runtime)
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime lives until drop").handle()
+    }
+
+    fn spawn<F>(&self, f: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.handle().spawn(f);
+    }
+
+    /// Waits for `f` on the calling thread without entering a runtime, so it works from a
+    /// blocking thread and (briefly blocking it) from inside another runtime's task.
+    fn block_on<F>(&self, f: F) -> Result<F::Output, tokio::task::JoinError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        futures::executor::block_on(self.handle().spawn(f))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn etcd_ops(ops: Vec<Op>) -> Vec<TxnOp> {
+    // etcd refuses a transaction that writes one key twice; the contract lets the later write
+    // win, so only that one is sent.
+    let mut last: Vec<Op> = Vec::with_capacity(ops.len());
+    for op in ops {
+        if let Op::Put { key, .. } | Op::Delete { key } = &op {
+            last.retain(
+                |o| !matches!(o, Op::Put { key: k, .. } | Op::Delete { key: k } if k == key),
+            );
+        }
+        last.push(op);
+    }
+    last.into_iter()
+        .map(|op| match op {
+            Op::Put { key, value } => TxnOp::put(key, value, None),
+            Op::Delete { key } => TxnOp::delete(key, None),
+            Op::DeletePrefix { prefix } if prefix.is_empty() => {
+                TxnOp::delete(vec![0], Some(DeleteOptions::new().with_all_keys()))
+            }
+            Op::DeletePrefix { prefix } => {
+                TxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix()))
+            }
+        })
+        .collect()
+}
+
+/// The end of the key range holding every key that starts with `prefix`; `[0]` (etcd's "to the
+/// end") for the empty prefix or one of only 0xff bytes.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Shoal's revision for etcd's: etcd starts at 1 where Shoal starts at 0.
+fn shoal_rev(etcd: i64) -> u64 {
+    (etcd - 1).max(0) as u64
+}
+
+fn etcd_rev(shoal: u64) -> i64 {
+    shoal as i64 + 1
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+fn key_value(kv: etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+    let (create, modified, version) = (kv.create_revision(), kv.mod_revision(), kv.version());
+    let (key, value) = kv.into_key_value();
+    Ok(KeyValue {
+        key: String::from_utf8(key).map_err(|_| db("etcd holds a key that is not UTF-8"))?,
+        value,
+        create_revision: if create == 0 { 0 } else { shoal_rev(create) },
+        mod_revision: shoal_rev(modified),
+        version: version as u64,
+    })
+}
+
+fn event(ev: &etcd_client::Event) -> Result<Event, StoreError> {
+    let kv = ev
+        .kv()
+        .cloned()
+        .ok_or_else(|| db("etcd sent an event without its key"))?;
+    let kind = match ev.event_type() {
+        EventType::Put => EventKind::Put,
+        EventType::Delete => EventKind::Delete,
+    };
+    Ok(Event {
+        kind,
+        kv: key_value(kv)?,
+        prev_value: ev.prev_kv().map(|p| p.value().to_vec()),
+    })
+}
+
+fn db(message: impl Into<String>) -> StoreError {
+    StoreError::Db(message.into())
+}
+
+/// etcd's errors as the store's: its compaction and future-revision refusals by their text
+/// (that is all gRPC carries of them), everything else as a database error.
+fn store_error(e: etcd_client::Error) -> StoreError {
+    let text = e.to_string();
+    if text.contains("required revision has been compacted") {
+        StoreError::Compacted { compacted: 0 }
+    } else {
+        db(format!("etcd: {text}"))
+    }
+}

@@ -1,0 +1,173 @@
+//! Real etcd for tests (the `testing` feature): one member or a three-member cluster of
+//! Debian's `etcd` binary on free loopback ports, each member with a temporary data dir, killed
+//! when dropped. Members can be killed (SIGKILL) and started again on the same data and ports.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::EtcdConfig;
+
+/// How long a member may take to say it serves clients.
+const READY: Duration = Duration::from_secs(30);
+
+/// A running etcd cluster of one or more members on 127.0.0.1.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl EtcdCluster {
+    /// One member.
+    pub fn single() -> EtcdCluster {
+        EtcdCluster::start(1)
+    }
+
+    /// Three members: a quorum survives one of them dying.
+    pub fn three() -> EtcdCluster {
+        EtcdCluster::start(3)
+    }
+
+    /// Starts `n` members and returns once every one serves clients.
+    pub fn start(n: usize) -> EtcdCluster {
+        let dir = tempfile::tempdir().expect("temp dir for etcd");
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client_port: free_port(),
+                peer_port: free_port(),
+                data: dir.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        // Members of a new cluster wait for each other before they serve: start all, then wait.
+        let ready: Vec<_> = (0..n).map(|i| cluster.spawn(i)).collect();
+        for (i, lines) in ready.into_iter().enumerate() {
+            wait_ready(&cluster.members[i].name, &lines);
+        }
+        cluster
+    }
+
+    /// The `etcd://` address `shoal server --store` takes.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints().join(","))
+    }
+
+    /// Every member's `host:port`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.endpoints(),
+            tls: None,
+        }
+    }
+
+    /// Kills member `i` with SIGKILL and waits for it to be gone.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `i` again on its data dir and waits until it serves.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        let lines = self.spawn(i);
+        wait_ready(&self.members[i].name, &lines);
+    }
+
+    fn spawn(&mut self, i: usize) -> mpsc::Receiver<String> {
+        let m = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let mut child = Command::new("etcd")
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&m.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "shoal-test"])
+            // Loopback members: elect quickly, so a test does not wait on a lost leader long.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start etcd (Debian's etcd-server package)");
+        let stderr = child.stderr.take().expect("etcd's stderr");
+        let (tx, rx) = mpsc::channel();
+        // Drains the log for the member's life, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        self.members[i].child = Some(child);
+        rx
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+fn wait_ready(name: &str, lines: &mpsc::Receiver<String>) {
+    let deadline = Instant::now() + READY;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("ready to serve client requests") => return,
+            Ok(line) => seen.push(line),
+            Err(_) => panic!(
+                "etcd member {name} did not become ready; its log:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}

@@ -1,0 +1,130 @@
+//! The `KvStore` contract (shoal-store's `tests/contract`) on real etcd: a fresh single member
+//! for each check, since the checks count revisions from an empty store, then what only etcd
+//! can show: a second client learning the compaction point, and a watch and writes that go on
+//! while the member they used is killed.
+
+#[path = "../../store/tests/contract/mod.rs"]
+mod contract;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_etcd::EtcdStore;
+use shoal_etcd::testing::EtcdCluster;
+use shoal_store::{EventKind, KvStore, Op, StoreError, Txn};
+
+fn open(etcd: &EtcdCluster) -> Arc<dyn KvStore> {
+    Arc::new(EtcdStore::connect(&etcd.config()).expect("connect to etcd"))
+}
+
+#[test]
+fn compare_and_swap_through_the_trait() {
+    let etcd = EtcdCluster::single();
+    contract::compare_and_swap(open(&etcd));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_replays_from_a_past_revision_then_streams_live() {
+    let etcd = EtcdCluster::single();
+    contract::watch_replays_then_streams_live(open(&etcd)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_next_loses_no_event() {
+    let etcd = EtcdCluster::single();
+    contract::a_cancelled_next_loses_no_event(open(&etcd)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compacted_history_cannot_be_watched() {
+    let etcd = EtcdCluster::single();
+    contract::compacted_history_cannot_be_watched(open(&etcd)).await;
+}
+
+#[test]
+fn the_contract_holds_on_a_three_member_cluster() {
+    let etcd = EtcdCluster::three();
+    contract::compare_and_swap(open(&etcd));
+}
+
+#[test]
+fn another_client_sees_the_compaction_point() {
+    let etcd = EtcdCluster::single();
+    let (a, b) = (open(&etcd), open(&etcd));
+    for i in 0..5 {
+        contract::put(&*a, "/k", &i.to_string());
+    }
+    a.compact(3).unwrap();
+    assert_eq!(
+        b.compacted_revision(),
+        3,
+        "learnt from etcd, not from b's own compactions"
+    );
+    // Compacting below the point is a no-op; beyond it, etcd's point moves for everyone.
+    b.compact(2).unwrap();
+    b.compact(4).unwrap();
+    assert_eq!(a.compacted_revision(), 4);
+    assert!(matches!(
+        a.watch("/", 4),
+        Err(StoreError::Compacted { compacted: 4 })
+    ));
+}
+
+/// Members die under a watcher and a writer: every write acknowledged before and after reaches
+/// the watcher, once and in order.
+///
+/// A write cut off by its leader's death is ambiguous (etcd may have committed it), and the
+/// store says so with an error rather than send it twice; so the writer creates each key only
+/// if absent and, after an error, tries again: a second try that finds the key tells it that
+/// the first one committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_when_its_member_dies() {
+    let mut etcd = EtcdCluster::three();
+    let kv = open(&etcd);
+    let mut watch = kv.watch("/w/", 1).unwrap();
+    let writes = |kv: &Arc<dyn KvStore>, base: usize| {
+        let writer = Arc::clone(kv);
+        tokio::task::spawn_blocking(move || {
+            (base..base + 10)
+                .map(|i| create(&*writer, &format!("/w/{i:03}")))
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut acked = writes(&kv, 0).await.unwrap();
+    // Every member in turn is killed and brought back, so whichever one the watch and the
+    // writes used has died at least once.
+    for member in 0..3 {
+        etcd.kill(member);
+        acked.extend(writes(&kv, 100 * (member + 1)).await.unwrap());
+        etcd.restart(member);
+    }
+    for expected in &acked {
+        let event = contract::next(&mut watch).await;
+        assert_eq!(
+            (event.kind, event.kv.mod_revision),
+            (EventKind::Put, *expected)
+        );
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), watch.next())
+            .await
+            .is_err(),
+        "no event repeated after a resumption"
+    );
+}
+
+/// Creates `key` and returns the revision that did, trying again (for up to a minute) after
+/// failures, which a dying leader may cause.
+fn create(kv: &dyn KvStore, key: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match kv.txn(Txn::new().when_absent(key).then(Op::put(key, "x"))) {
+            Ok(done) if done.succeeded => return done.revision,
+            Ok(_) => return kv.get(key).unwrap().expect("key created").mod_revision,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("creating {key}: {e}; trying again");
+            }
+            Err(e) => panic!("creating {key}: {e}"),
+        }
+    }
+}
