@@ -19,6 +19,17 @@ fn hello_spec(dir: &std::path::Path, replicas: u32, extra: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// Applies hello with `replicas` replicas and waits until they are all Ready.
+fn apply_hello(server: &Server, dir: &std::path::Path, replicas: usize) {
+    server.cli_ok(&["apply", "-f", &hello_spec(dir, replicas as u32, "")]);
+    assert!(
+        poll(Duration::from_secs(30), || ready_count(server, "hello")
+            == replicas),
+        "{:?}",
+        server.placement("hello")
+    );
+}
+
 fn ready_count(server: &Server, app: &str) -> usize {
     server.placement(app).values().sum()
 }
@@ -144,10 +155,7 @@ fn a_replica_that_fits_nowhere_says_why() {
 #[test]
 fn a_killed_node_is_replaced_and_does_not_come_back_with_duplicates() {
     let (dir, server, mut nodes) = cluster(3, &[]);
-    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 3, "")]);
-    assert!(poll(Duration::from_secs(30), || ready_count(
-        &server, "hello"
-    ) == 3));
+    apply_hello(&server, dir.path(), 3);
 
     let killed_replica = server
         .replicas("hello")
@@ -229,10 +237,7 @@ fn a_killed_node_is_replaced_and_does_not_come_back_with_duplicates() {
 #[test]
 fn a_node_joining_a_lopsided_cluster_gets_its_share_without_failed_requests() {
     let (dir, server, nodes) = cluster(1, &[]);
-    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 4, "")]);
-    assert!(poll(Duration::from_secs(30), || ready_count(
-        &server, "hello"
-    ) == 4));
+    apply_hello(&server, dir.path(), 4);
     let load = Load::start(format!("{}/hello", nodes[0].gateway));
     let joined = common::NodeProc::join(&server, "node-2", &[]);
     let even: BTreeMap<String, usize> =
@@ -260,10 +265,7 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(dir.path(), &["--no-rebalance"]);
     let _first = common::NodeProc::join(&server, "node-1", &[]);
-    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 4, "")]);
-    assert!(poll(Duration::from_secs(30), || ready_count(
-        &server, "hello"
-    ) == 4));
+    apply_hello(&server, dir.path(), 4);
     let before = server.replica_ids("hello");
     let _second = common::NodeProc::join(&server, "node-2", &[]);
     assert!(poll(Duration::from_secs(20), || {
@@ -294,10 +296,7 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
 #[test]
 fn a_control_plane_restart_loses_nothing() {
     let (dir, mut server, nodes) = cluster(2, &[]);
-    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 2, "")]);
-    assert!(poll(Duration::from_secs(30), || ready_count(
-        &server, "hello"
-    ) == 2));
+    apply_hello(&server, dir.path(), 2);
     let before = server.replica_ids("hello");
     server.kill();
     // Nodes keep serving while the control plane is down, for longer than
@@ -339,10 +338,7 @@ fn a_control_plane_restart_loses_nothing() {
 #[test]
 fn drain_moves_replicas_without_failed_requests() {
     let (dir, server, nodes) = cluster(3, &[]);
-    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 3, "")]);
-    assert!(poll(Duration::from_secs(30), || ready_count(
-        &server, "hello"
-    ) == 3));
+    apply_hello(&server, dir.path(), 3);
     let load = Load::start(format!("{}/hello", nodes[0].gateway));
     server.cli_ok(&["node", "drain", "node-2"]);
     assert!(

@@ -366,21 +366,7 @@ impl KvStore for EtcdStore {
     }
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let empty = |k: &str| k.is_empty();
-        let compare_keys = txn.compares.iter().map(|c| match c {
-            Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key,
-        });
-        let op_keys = txn
-            .success
-            .iter()
-            .chain(&txn.failure)
-            .filter_map(|op| match op {
-                Op::Put { key, .. } | Op::Delete { key } => Some(key),
-                Op::DeletePrefix { .. } => None,
-            });
-        if compare_keys.chain(op_keys).any(|k| empty(k)) {
-            return Err(StoreError::EmptyKey);
-        }
+        txn.validate()?;
         let compares: Vec<EtcdCompare> = txn
             .compares
             .iter()

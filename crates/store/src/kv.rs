@@ -207,7 +207,7 @@ impl Store {
             let mut queue = self.inner.queue();
             for txn in txns {
                 // A malformed transaction fails alone, before it can share a batch.
-                if let Err(e) = validate(&txn) {
+                if let Err(e) = txn.validate() {
                     answers.push(Some(Err(e)));
                     continue;
                 }
@@ -304,7 +304,7 @@ impl Store {
     /// returns once the commit holding it is durable (or has failed).
     fn execute(&self, txn: Txn) -> Result<Done, StoreError> {
         // A malformed transaction fails alone, before it can share a batch.
-        validate(&txn)?;
+        txn.validate()?;
         let slot = Arc::new(Slot::default());
         let mut turn = {
             let mut queue = self.inner.queue();
@@ -626,24 +626,6 @@ impl Inner {
             caught_up: true,
         })
     }
-}
-
-fn validate(txn: &Txn) -> Result<(), StoreError> {
-    let compare_keys = txn.compares.iter().map(|c| match c {
-        Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key,
-    });
-    let op_keys = txn
-        .success
-        .iter()
-        .chain(&txn.failure)
-        .filter_map(|op| match op {
-            Op::Put { key, .. } | Op::Delete { key } => Some(key),
-            Op::DeletePrefix { .. } => None,
-        });
-    if compare_keys.chain(op_keys).any(|k| k.is_empty()) {
-        return Err(StoreError::EmptyKey);
-    }
-    Ok(())
 }
 
 fn meta_get(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {

@@ -77,6 +77,26 @@ impl Txn {
         Txn::default()
     }
 
+    /// What every backend refuses before running it: an empty key in a compare or an op
+    /// ([`StoreError::EmptyKey`]).
+    pub fn validate(&self) -> Result<(), StoreError> {
+        let compare_keys = self.compares.iter().map(|c| match c {
+            Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key,
+        });
+        let op_keys = self
+            .success
+            .iter()
+            .chain(&self.failure)
+            .filter_map(|op| match op {
+                Op::Put { key, .. } | Op::Delete { key } => Some(key),
+                Op::DeletePrefix { .. } => None,
+            });
+        if compare_keys.chain(op_keys).any(|k| k.is_empty()) {
+            return Err(StoreError::EmptyKey);
+        }
+        Ok(())
+    }
+
     /// Adds a guard: `key`'s mod revision must equal `revision` (0 = absent).
     pub fn when_mod_revision(mut self, key: impl Into<String>, revision: u64) -> Txn {
         self.compares.push(Compare::ModRevision {
