@@ -189,15 +189,9 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
         });
         (stopper, thread)
     };
+    let apps = |server: &Server| server.api_json("/v1/apps").as_array().unwrap().len();
     assert!(
-        poll(Duration::from_secs(10), || {
-            servers[follower]
-                .api_json("/v1/apps")
-                .as_array()
-                .unwrap()
-                .len()
-                >= 3
-        }),
+        poll(Duration::from_secs(10), || apps(&servers[follower]) >= 3),
         "applies are flowing"
     );
 
@@ -217,20 +211,10 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
     eprintln!("new leader after {takeover:?}");
 
     // Applies go on past the takeover, then stop; the new leader places what was applied.
-    let applied = servers[follower]
-        .api_json("/v1/apps")
-        .as_array()
-        .unwrap()
-        .len();
+    let applied = apps(&servers[follower]);
     assert!(
-        poll(Duration::from_secs(10), || {
-            servers[follower]
-                .api_json("/v1/apps")
-                .as_array()
-                .unwrap()
-                .len()
-                > applied + 3
-        }),
+        poll(Duration::from_secs(10), || apps(&servers[follower])
+            > applied + 3),
         "applies go on after the takeover"
     );
     applier.0.store(true, Ordering::Relaxed);
