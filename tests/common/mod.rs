@@ -568,7 +568,6 @@ impl Server {
             .clone()
     }
 
-    /// The nodes of `app`'s Ready replicas.
     /// GET `path` as `node`, with its own credential.
     pub fn as_node(&self, node: &NodeProc, path: &str) -> reqwest::blocking::Response {
         self.http()
@@ -578,6 +577,7 @@ impl Server {
             .expect("API request")
     }
 
+    /// The nodes of `app`'s Ready replicas.
     pub fn ready_nodes(&self, app: &str) -> Vec<String> {
         self.replicas(app)
             .iter()

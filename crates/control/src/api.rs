@@ -32,6 +32,7 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
 use shoal_core::{App, ConfigSet, Event, Module, Node, Pool, Replica, RolloutStatus};
 use shoal_store::BlobError;
+use std::sync::Arc;
 
 /// Runs control-plane work off the executor; its errors answer as the API's.
 async fn blocking<T, F>(f: F) -> Result<T, ApiError>
@@ -1413,12 +1414,24 @@ async fn watch(
         other => ControlError::internal(other).into(),
     })?;
     let reader = cp.clone();
-    let mut scope = blocking(move || reader.scope_for(&me.0)).await?;
-    let lines = crate::link::deltas(watcher).map(move |delta| {
-        let delta = scope.delta(delta, |app, number| cp.revision_now(app, number));
-        let mut line = serde_json::to_vec(&delta).expect("deltas serialise");
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line))
+    let scope = blocking(move || reader.scope_for(&me.0)).await?;
+    // Scoping a delta may read the store (a revision, whole), so it runs where blocking is
+    // allowed, one delta at a time.
+    let scope = Arc::new(std::sync::Mutex::new(scope));
+    let lines = crate::link::deltas(watcher).then(move |delta| {
+        let (scope, cp) = (Arc::clone(&scope), cp.clone());
+        async move {
+            let line = tokio::task::spawn_blocking(move || {
+                let mut scope = scope.lock().expect("node scope lock");
+                let delta = scope.delta(delta, |app, number| cp.revision_now(app, number));
+                let mut line = serde_json::to_vec(&delta).expect("deltas serialise");
+                line.push(b'\n');
+                bytes::Bytes::from(line)
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(line)
+        }
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],

@@ -609,13 +609,24 @@ impl Runtime {
     }
 
     /// Waits for `f` on the calling thread without entering a runtime, so it works from a
-    /// blocking thread and (briefly blocking it) from inside another runtime's task.
+    /// blocking thread and from inside another runtime's task. On a worker of a multi-threaded
+    /// runtime it first hands the worker's queued tasks to another thread (`block_in_place`):
+    /// a task the worker had just woken, which tokio does not let other workers steal, would
+    /// otherwise wait for as long as the call, and the call may be waiting for that task (a
+    /// node's watch stream hung for good that way after a leader change).
     fn block_on<F>(&self, f: F) -> Result<F::Output, tokio::task::JoinError>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        futures::executor::block_on(self.handle().spawn(f))
+        let task = self.handle().spawn(f);
+        let on_worker = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if on_worker {
+            tokio::task::block_in_place(|| futures::executor::block_on(task))
+        } else {
+            futures::executor::block_on(task)
+        }
     }
 }
 
