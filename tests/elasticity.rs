@@ -6,30 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::Path;
 use std::time::Duration;
-
-/// The `faulty` example with its `[scale]` section replaced by `scale`.
-fn scaled_spec(dir: &Path, scale: &str) -> String {
-    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
-        .unwrap()
-        .replace("../target", &format!("{}/target", examples()))
-        .replace("[scale]\nreplicas = 1\n", scale);
-    write_spec(dir, "faulty.toml", &text)
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-/// `faulty`'s row of `GET /v1/apps`.
-fn summary(apps: Value) -> Value {
-    apps.as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "faulty")
-        .cloned()
-        .expect("faulty is listed")
-}
 
 fn reasons(events: &Value) -> Vec<String> {
     events
@@ -43,7 +20,7 @@ fn reasons(events: &Value) -> Vec<String> {
 #[test]
 fn load_scales_an_app_up_and_its_end_scales_it_down() {
     let c = Cluster::start();
-    let spec = scaled_spec(
+    let spec = faulty_scaled(
         c.dir.path(),
         "[scale]\nmin = 1\nmax = 3\ntarget_concurrency = 1\nwindow = \"2s\"\n",
     );
@@ -56,7 +33,7 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
         .collect();
     let mut last = Value::Null;
     let up = poll(Duration::from_secs(40), || {
-        last = summary(c.api_json("/v1/apps"));
+        last = app_row(&c.api_json("/v1/apps"), "faulty");
         last["desired"] == 3 && last["ready"] == 3
     });
     let results: Vec<LoadResult> = loads.into_iter().map(Load::stop).collect();
@@ -73,7 +50,7 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
 
     // No load: back to min once a window without it has passed.
     let down = poll(Duration::from_secs(40), || {
-        last = summary(c.api_json("/v1/apps"));
+        last = app_row(&c.api_json("/v1/apps"), "faulty");
         last["desired"] == 1
     });
     assert!(down, "never scaled back down: {last}");
@@ -97,7 +74,7 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
 #[test]
 fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
     let (dir, server, nodes) = cluster(2, &[]);
-    let spec = scaled_spec(
+    let spec = faulty_scaled(
         dir.path(),
         "[scale]\nmin = 0\nmax = 2\nidle = \"1s\"\nwindow = \"1s\"\n",
     );
@@ -112,7 +89,7 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
     // Idle: no replica left anywhere.
     let mut last = Value::Null;
     let zero = poll(Duration::from_secs(30), || {
-        last = summary(server.api_json("/v1/apps"));
+        last = app_row(&server.api_json("/v1/apps"), "faulty");
         let active = server
             .replicas("faulty")
             .iter()
@@ -125,7 +102,10 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
     // A request at either node is held while a replica starts, then answered.
     let (status, body) = nodes[1].get("/faulty/status/200").expect("answered");
     assert_eq!(status, 200, "{body}");
-    assert_eq!(summary(server.api_json("/v1/apps"))["desired"], 1);
+    assert_eq!(
+        app_row(&server.api_json("/v1/apps"), "faulty")["desired"],
+        1
+    );
     let events = reasons(&server.api_json("/v1/apps/faulty")["events"]);
     assert!(
         events
@@ -145,19 +125,19 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
 fn a_schedule_window_resizes_an_app_while_it_is_open() {
     let c = Cluster::start();
     // Opens at every third of a minute, for 8 s: seen within 20 s, whenever the test runs.
-    let spec = scaled_spec(
+    let spec = faulty_scaled(
         c.dir.path(),
         "[scale]\nreplicas = 1\n\n[[scale.schedule]]\nname = \"burst\"\ncron = \"*/20 * * * * *\"\nduration = \"8s\"\nreplicas = 2\n",
     );
     c.cli_ok(&["apply", "-f", &spec]);
     let mut last = Value::Null;
     let opened = poll(Duration::from_secs(30), || {
-        last = summary(c.api_json("/v1/apps"));
+        last = app_row(&c.api_json("/v1/apps"), "faulty");
         last["desired"] == 2 && last["ready"] == 2 && last["windows"][0] == "burst"
     });
     assert!(opened, "the window never took effect: {last}");
     let closed = poll(Duration::from_secs(30), || {
-        last = summary(c.api_json("/v1/apps"));
+        last = app_row(&c.api_json("/v1/apps"), "faulty");
         last["desired"] == 1 && last["ready"] == 1
     });
     assert!(closed, "the window never closed: {last}");
@@ -183,20 +163,20 @@ fn a_schedule_window_resizes_an_app_while_it_is_open() {
 #[test]
 fn bad_scale_specs_are_refused_with_their_place() {
     let c = Cluster::start();
-    let spec = scaled_spec(c.dir.path(), "[scale]\nmin = 3\nmax = 2\n");
+    let spec = faulty_scaled(c.dir.path(), "[scale]\nmin = 3\nmax = 2\n");
     let err = c.cli_err(&["apply", "-f", &spec]);
     assert!(
         err.contains("faulty.toml:13:7: scale.min: min (3) is more than max (2)"),
         "{err}"
     );
-    let spec = scaled_spec(
+    let spec = faulty_scaled(
         c.dir.path(),
         "[[scale.schedule]]\ncron = \"0 9 * * *\"\ntimezone = \"Mars/Olympus\"\nduration = \"1h\"\nreplicas = 2\n",
     );
     let err = c.cli_err(&["apply", "-f", &spec]);
     assert!(err.contains("unknown time zone \"Mars/Olympus\""), "{err}");
     // A manual size is for apps that are not autoscaled.
-    let spec = scaled_spec(c.dir.path(), "[scale]\nmin = 1\nmax = 2\n");
+    let spec = faulty_scaled(c.dir.path(), "[scale]\nmin = 1\nmax = 2\n");
     c.cli_ok(&["apply", "-f", &spec]);
     let err = c.cli_err(&["scale", "faulty", "--replicas", "5"]);
     assert!(err.contains("autoscaled between 1 and 2"), "{err}");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Load, NodeProc, Server, example_spec, poll, write_spec};
+use common::{Load, NodeProc, Server, app_row, example_spec, faulty_scaled, poll, write_spec};
 use shoal_etcd::testing::EtcdCluster;
 use std::path::Path;
 use std::sync::Arc;
@@ -270,4 +270,71 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
         assert!(r.ok > 0, "{}: {r:?}", node.name);
         assert_eq!(r.failed, 0, "{}: {:?}", node.name, r.failures);
     }
+}
+
+/// Nodes report their gateways' load and the requests they hold to the server they talk to,
+/// not to the leader: through the store, the leader scales an app on load seen only at
+/// another server's node, keeps it up while it serves, and wakes it from zero for a request
+/// held there.
+#[test]
+fn the_leader_scales_and_wakes_an_app_on_reports_sent_to_another_server() {
+    let etcd = EtcdCluster::three();
+    let store = etcd.url();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
+    copy_identity(
+        &dirs[0].path().join("server"),
+        &dirs[1].path().join("server"),
+    );
+    servers.push(Server::start_with(dirs[1].path(), &["--store", &store]));
+    let all: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(20), || leaders(&all).len() == 1),
+        "one leader"
+    );
+    let leader = &servers[leaders(&all)[0]];
+    let follower = &servers[1 - leaders(&all)[0]];
+    let node = NodeProc::join(follower, "node-1", &[]);
+    let spec = faulty_scaled(
+        dirs[0].path(),
+        "[scale]\nmin = 0\nmax = 3\ntarget_concurrency = 1\nwindow = \"2s\"\nidle = \"2s\"\n",
+    );
+    follower.cli_ok(&["apply", "-f", &spec]);
+    assert!(
+        poll(Duration::from_secs(30), || node
+            .get("/faulty/status/200")
+            .is_ok_and(|(s, _)| s == 200)),
+        "never served"
+    );
+
+    // Four clients each keep a slow request in flight at the follower's node.
+    let loads: Vec<Load> = (0..4)
+        .map(|_| Load::start(format!("{}/faulty/sleep/200", node.gateway)))
+        .collect();
+    let mut last = serde_json::Value::Null;
+    let up = poll(Duration::from_secs(40), || {
+        last = app_row(&leader.api_json("/v1/apps"), "faulty");
+        last["desired"] == 3 && last["ready"] == 3
+    });
+    let seen = app_row(&leader.api_json("/v1/top/apps"), "faulty");
+    let results: Vec<_> = loads.into_iter().map(Load::stop).collect();
+    assert!(up, "the leader never scaled to 3 on the load: {last}");
+    assert!(
+        seen["requests_per_second"].as_f64().unwrap() > 0.0,
+        "the leader's top shows no requests: {seen}"
+    );
+    for r in &results {
+        assert_eq!(r.failed, 0, "{:?}", r.failures);
+    }
+
+    // Idle: down to zero; a request held at the follower's node wakes it at the leader.
+    assert!(
+        poll(Duration::from_secs(40), || {
+            last = app_row(&leader.api_json("/v1/apps"), "faulty");
+            last["desired"] == 0 && last["ready"] == 0
+        }),
+        "never scaled to zero: {last}"
+    );
+    let (status, body) = node.get("/faulty/status/200").expect("answered");
+    assert_eq!(status, 200, "{body}");
 }

@@ -296,7 +296,7 @@ pub async fn start_control(
             Scheduling::Spread => shoal_scheduler::Strategy::Spread,
         },
         insecure_registries: args.insecure_registry.clone(),
-        modules_in_store: etcd.is_some(),
+        shared_store: etcd.is_some(),
         rebalance: !args.no_rebalance,
         ..ControlConfig::default()
     };
@@ -349,7 +349,11 @@ pub async fn start_control(
     };
     match etcd {
         // Servers sharing a store take turns: the controller runs where the leadership is.
-        Some(store) => tokio::spawn(lead(store, control.clone(), pools, server.clone())),
+        // Every one of them passes on what its nodes report, for the leader's decisions.
+        Some(store) => {
+            tokio::spawn(control.clone().share_reports());
+            tokio::spawn(lead(store, control.clone(), pools, server.clone()))
+        }
         None => tokio::spawn(run_control_loops(control.clone(), pools)),
     };
     let router = shoal_control::router(control.clone());
@@ -382,15 +386,15 @@ pub async fn start_control(
     })
 }
 
-/// Campaigns for the leadership of the servers sharing `store` and runs the controller while
-/// it holds it, for ever: a server that loses it (its lease ran out: it could not reach etcd)
-/// stops its controller and campaigns again.
 /// The control plane's loops that act on the cluster, the controller and the node pools'
 /// provisioner: what exactly one server runs at a time.
 async fn run_control_loops(control: ControlPlane, pools: shoal_control::PoolHost) {
     tokio::join!(control.clone().run_controller(), control.run_pools(pools));
 }
 
+/// Campaigns for the leadership of the servers sharing `store` and runs the controller while
+/// it holds it, for ever: a server that loses it (its lease ran out: it could not reach etcd)
+/// stops its controller and campaigns again.
 async fn lead(
     store: Arc<EtcdStore>,
     control: ControlPlane,

@@ -348,6 +348,28 @@ pub fn examples() -> &'static str {
     shoal_fixtures::EXAMPLES_DIR
 }
 
+/// The `faulty` example with its `[scale]` section replaced by `scale`, written in `dir`.
+pub fn faulty_scaled(dir: &Path, scale: &str) -> String {
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("[scale]\nreplicas = 1\n", scale);
+    write_spec(dir, "faulty.toml", &text)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `app`'s row of `GET /v1/apps`.
+pub fn app_row(apps: &serde_json::Value, app: &str) -> serde_json::Value {
+    apps.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == app)
+        .cloned()
+        .unwrap_or_else(|| panic!("{app} is listed"))
+}
+
 /// Example `name`'s `app.toml`, its component path made absolute so the text works from any
 /// directory, with `replicas` replicas and `GREETING` set to `greeting` (for hello).
 pub fn example_spec(name: &str, replicas: u32, greeting: &str) -> String {

@@ -1277,7 +1277,11 @@ async fn node_metrics(
     JsonBody(stats): JsonBody<Vec<RevisionStats>>,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    cp.record_metrics(&name, stats);
+    blocking(move || {
+        cp.record_metrics(&name, stats);
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1288,7 +1292,11 @@ async fn node_cpu(
     JsonBody(usage): JsonBody<Vec<AppCpu>>,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    cp.record_cpu(&name, usage);
+    blocking(move || {
+        cp.record_cpu(&name, usage);
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -1299,7 +1307,11 @@ async fn node_waiting(
     JsonBody(waiting): JsonBody<Vec<Waiting>>,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
-    cp.record_waiting(&name, waiting);
+    blocking(move || {
+        cp.record_waiting(&name, waiting);
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

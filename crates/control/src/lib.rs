@@ -31,6 +31,7 @@ mod scope;
 mod secrets;
 mod serve;
 mod shared_modules;
+mod shared_reports;
 mod state;
 mod top;
 mod volumes;

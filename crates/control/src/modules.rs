@@ -108,7 +108,7 @@ impl ControlPlane {
             at => txn.when_mod_revision(use_key.clone(), at),
         };
         let mut txn = txn.then(Op::delete(key)).then(Op::delete(use_key));
-        if self.inner.config.modules_in_store {
+        if self.inner.config.shared_store {
             txn = txn.then(Op::delete_prefix(crate::shared_modules::prefix(
                 &module.digest,
             )));

@@ -3,6 +3,7 @@
 //! control plane besides replica phases: gateway measurements and incidents.
 
 use crate::error::ControlError;
+use crate::shared_reports::Report;
 use crate::state::ControlPlane;
 use shoal_api::{
     AppCpu, INCIDENT_REASONS, ReplicaIncident, RevisionCount, RolloutAction, RolloutView, Waiting,
@@ -155,6 +156,15 @@ impl ControlPlane {
     /// Gateway measurements from `node`, counted from now: only for apps and revisions that
     /// exist, so reports cannot grow the measurements without bound.
     pub fn record_metrics(&self, node: &str, stats: Vec<RevisionStats>) {
+        self.share(|| Report::Metrics {
+            node: node.to_string(),
+            stats: stats.clone(),
+        });
+        self.note_metrics(node, stats);
+    }
+
+    /// Records a node's report of its gateway's measurements, from it or another server.
+    pub(crate) fn note_metrics(&self, node: &str, stats: Vec<RevisionStats>) {
         let mut current = BTreeMap::new();
         let stats: Vec<RevisionStats> = stats
             .into_iter()
@@ -173,6 +183,14 @@ impl ControlPlane {
 
     /// A node's running CPU totals per app, for `describe`.
     pub fn record_cpu(&self, node: &str, usage: Vec<AppCpu>) {
+        self.share(|| Report::Cpu {
+            node: node.to_string(),
+            usage: usage.clone(),
+        });
+        self.note_cpu(node, usage);
+    }
+
+    pub(crate) fn note_cpu(&self, node: &str, usage: Vec<AppCpu>) {
         let now = self.now();
         for u in usage {
             self.inner
@@ -184,6 +202,14 @@ impl ControlPlane {
     /// Requests `node`'s gateway holds for apps with no ready replica. A waiting
     /// request starts the next pass at once: it is someone waiting on a wake.
     pub fn record_waiting(&self, node: &str, waiting: Vec<Waiting>) {
+        self.share(|| Report::Waiting {
+            node: node.to_string(),
+            waiting: waiting.clone(),
+        });
+        self.note_waiting(node, waiting);
+    }
+
+    pub(crate) fn note_waiting(&self, node: &str, waiting: Vec<Waiting>) {
         let now = self.now();
         let mut wake = false;
         for w in waiting {

@@ -52,7 +52,7 @@ impl ControlPlane {
     /// a node may ask any server for one another server took the upload of. A module with no
     /// record is left for the caller to find missing.
     pub(crate) async fn fetch_module(&self, digest: &str) -> Result<(), ControlError> {
-        if !self.inner.config.modules_in_store || self.inner.blobs.contains(digest) {
+        if !self.inner.config.shared_store || self.inner.blobs.contains(digest) {
             return Ok(());
         }
         let (cp, key) = (self.clone(), keys::module(digest));

@@ -55,9 +55,10 @@ pub struct ControlConfig {
     pub kv_bucket_bytes: u64,
     /// Registries (`host:port`) pulled from over plain HTTP, besides loopback ones.
     pub insecure_registries: Vec<String>,
-    /// Keep module bytes in the state store too (`shared_modules`), for control planes that
-    /// share the store: each serves nodes any module, whichever took its upload.
-    pub modules_in_store: bool,
+    /// The store is shared with other servers (etcd): module bytes are kept in it too
+    /// (`shared_modules`), so each serves nodes any module, whichever took its upload, and
+    /// what nodes report goes through it to every server (`shared_reports`).
+    pub shared_store: bool,
 }
 
 impl Default for ControlConfig {
@@ -76,7 +77,7 @@ impl Default for ControlConfig {
             secret_key_file: None,
             kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
             insecure_registries: Vec::new(),
-            modules_in_store: false,
+            shared_store: false,
         }
     }
 }
@@ -117,6 +118,8 @@ pub(crate) struct Inner {
     /// When each (node, app, bucket) was last found granted, to spare guests' calls a read.
     pub(crate) kv_grants:
         std::sync::Mutex<std::collections::HashMap<(String, AppKey, String), std::time::Instant>>,
+    /// What this server's nodes reported, for the other servers of a shared store.
+    pub(crate) outbox: Option<crate::shared_reports::Outbox>,
 }
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
@@ -192,6 +195,7 @@ impl ControlPlane {
                 observed: crate::prometheus::Observed::new(),
                 volume_usage: std::sync::Mutex::new(std::collections::HashMap::new()),
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
+                outbox: config.shared_store.then(crate::shared_reports::Outbox::new),
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
@@ -335,7 +339,7 @@ impl ControlPlane {
             uploaded_at: self.now(),
             oci,
         };
-        if self.inner.config.modules_in_store {
+        if self.inner.config.shared_store {
             crate::shared_modules::copy_in(&*self.inner.store, &self.inner.blobs, digest)?;
         }
         // Compare-and-swap like every other write: the first of two concurrent
@@ -1006,6 +1010,10 @@ impl ControlPlane {
         }
         self.inner.store.txn(txn)?;
         if let Some(usage) = usage {
+            self.share(|| crate::shared_reports::Report::Usage {
+                node: name.to_string(),
+                usage,
+            });
             self.inner.metrics.set_usage(name, usage, self.now());
         }
         Ok(())
