@@ -89,6 +89,11 @@ fn a_server_on_etcd_serves_an_app_and_another_takes_over_its_state() {
     }
     let describe = second.cli_ok(&["describe", "app", "hello"]);
     assert!(describe.contains("node-2"), "{describe}");
+    // Other servers of the store could not open secrets sealed under a key only this one has.
+    let rotate = second.cli(&["secret", "rotate-key"]);
+    assert!(!rotate.status.success());
+    let said = String::from_utf8_lossy(&rotate.stderr);
+    assert!(said.contains("servers share the store"), "{said}");
 }
 
 /// Apps the client applies at most (one replica each), so the test's work is bounded. The

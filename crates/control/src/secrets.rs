@@ -484,6 +484,15 @@ impl ControlPlane {
     /// Seals every secret again under a new key, then drops the old keys from the key file.
     /// A crash between the steps leaves a key file holding every key a stored value needs.
     pub fn rotate_secret_key(&self) -> Result<KeyRotated, ControlError> {
+        // Each server sharing a store holds its own copy of the key file: a rotation here would
+        // seal every secret under a key the others do not have.
+        if self.inner.config.shared_store {
+            return Err(ControlError::conflict(
+                "the secret key cannot be rotated while servers share the store: each holds its \
+                 own copy of secret.key, and the others could not open what this one seals \
+                 (stop every server but one, rotate there, copy its secret.key to the others)",
+            ));
+        }
         let mut keys_guard = self
             .inner
             .secret_keys
