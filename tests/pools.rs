@@ -192,3 +192,55 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
         server.cli_ok(&["get", "pools"])
     );
 }
+
+/// With several pools, a waiting replica grows the one whose labels its node selector asks
+/// for, and no other: its node carries the pool's labels.
+#[test]
+fn a_replica_grows_only_the_pool_whose_labels_it_selects() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path());
+    for (pool, size) in [("big", "big"), ("small", "small")] {
+        let label = format!("size={size}");
+        server.cli_ok(&[
+            "pool",
+            "create",
+            pool,
+            "--max",
+            "1",
+            "--label",
+            &label,
+            "--cooldown",
+            "1h",
+        ]);
+    }
+    let listed = server.cli_ok(&["get", "pools"]);
+    assert!(listed.contains("size=small"), "{listed}");
+    // "big" is first by name, so the selector, not the order, must pick "small".
+    let spec = format!(
+        "{}\n[placement]\nnode_selector = {{ size = \"small\" }}\n",
+        common::example_spec("hello", 1, "Hello from a small node")
+    );
+    let file = common::write_spec(dir.path(), "hello.toml", &spec);
+    server.cli_ok(&["apply", "-f", file.to_str().unwrap()]);
+    let on_small: BTreeMap<String, usize> = [("small-1".to_string(), 1)].into();
+    assert!(
+        poll(Duration::from_secs(60), || server.placement("hello")
+            == on_small),
+        "{:?} on {:?}",
+        server.placement("hello"),
+        nodes(&server)
+    );
+    let node = nodes(&server)
+        .into_iter()
+        .find(|n| n["name"] == "small-1")
+        .expect("small-1 is listed");
+    assert_eq!(node["labels"]["size"], "small", "{node}");
+    assert_eq!(node["labels"]["shoal.dev/pool"], "small", "{node}");
+    assert_eq!(
+        server.api_json("/v1/pools/big")["members"],
+        serde_json::json!({}),
+        "the other pool stays empty"
+    );
+    let events = server.cli_ok(&["events"]);
+    assert_eq!(events.matches("PoolNodeStarting").count(), 1, "{events}");
+}

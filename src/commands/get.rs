@@ -427,6 +427,16 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                         (p.members.len() - retiring).to_string(),
                         retiring.to_string(),
                         p.spec.provider.clone().unwrap_or_else(|| "local".into()),
+                        if p.spec.labels.is_empty() {
+                            "<none>".into()
+                        } else {
+                            p.spec
+                                .labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        },
                         if nodes.is_empty() {
                             "<none>".into()
                         } else {
@@ -438,7 +448,7 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             Listing::plain(
                 json,
                 &[
-                    "NAME", "MIN", "MAX", "NODES", "RETIRING", "PROVIDER", "MEMBERS",
+                    "NAME", "MIN", "MAX", "NODES", "RETIRING", "PROVIDER", "LABELS", "MEMBERS",
                 ],
                 rows,
             )

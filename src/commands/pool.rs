@@ -12,6 +12,7 @@ use shoal_core::{Pool, PoolSpec};
   shoal pool create workers --min 0 --max 5                    local `shoal node join` workers
   shoal pool create workers --min 1 --max 5 --node-arg=--memory --node-arg=2Gi
   shoal pool create cloud --max 20 --provider /usr/local/bin/shoal-ec2
+  shoal pool create big --max 3 --label size=big --node-arg=--memory --node-arg=16Gi
   shoal pool set workers --max 10
   shoal pool apply -f workers.toml                              with [[schedule]] windows
   shoal get pools
@@ -38,7 +39,8 @@ enum PoolAction {
         spec: SpecArgs,
     },
     /// Create or change pools from TOML files: name, min, max, provider, cooldown,
-    /// node_args and [[schedule]] windows (cron, timezone, duration or end, min/max).
+    /// [labels], node_args and [[schedule]] windows (cron, timezone, duration or end,
+    /// min/max).
     Apply {
         /// Pool files (repeatable).
         #[arg(short = 'f', long = "filename", required = true, value_name = "FILE")]
@@ -67,6 +69,10 @@ struct SpecArgs {
     /// How long a node runs no replica before it is drained and stopped (create: 5m).
     #[arg(long, value_name = "DURATION")]
     cooldown: Option<String>,
+    /// A label every node of the pool carries, KEY=VALUE (repeatable; set replaces them
+    /// all): replicas whose node_selector asks for it grow this pool and no other.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = super::up::parse_label)]
+    labels: Vec<(String, String)>,
     /// A `shoal node join` flag for local workers (repeatable), e.g. --node-arg=--memory
     /// --node-arg=2Gi; set replaces them all.
     #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -87,6 +93,11 @@ impl SpecArgs {
             max: self.max.unwrap_or(base.max.max(min)),
             provider: self.provider.or(base.provider),
             cooldown_ms,
+            labels: if self.labels.is_empty() {
+                base.labels
+            } else {
+                self.labels.into_iter().collect()
+            },
             node_args: if self.node_args.is_empty() {
                 base.node_args
             } else {
@@ -127,6 +138,7 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
                 max: 1,
                 provider: None,
                 cooldown_ms: shoal_core::spec::DEFAULT_POOL_COOLDOWN_MS,
+                labels: Default::default(),
                 node_args: Vec::new(),
                 schedule: Vec::new(),
             };

@@ -153,7 +153,7 @@ pub struct UpArgs {
     node: NodeArgs,
 }
 
-fn parse_label(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_label(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or("labels are KEY=VALUE")?;
     Ok((k.to_string(), v.to_string()))
 }

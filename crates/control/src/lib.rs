@@ -40,6 +40,7 @@ pub use api::router;
 pub use api_error::ApiError;
 pub use error::{ControlError, ControlResult};
 pub use link::LocalLink;
-pub use pools::{POOL_LABEL, PoolHost};
+pub use pools::PoolHost;
 pub use serve::{ServeLimits, serve};
+pub use shoal_core::POOL_LABEL;
 pub use state::{ControlConfig, ControlPlane};

@@ -14,16 +14,13 @@ use crate::state::{ControlPlane, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{EventType, Node, Pool, Replica};
-use shoal_scheduler::pools::{Action, Facts, decide};
+use shoal_core::{App, EventType, Node, POOL_LABEL, Pool, Replica};
+use shoal_scheduler::pools::{Action, Facts, Waiting, assign, decide};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::process::{Child, Command};
-
-/// The label a pool's local workers carry: `shoal.dev/pool=NAME`.
-pub const POOL_LABEL: &str = "shoal.dev/pool";
 
 /// How long a provider's `start` or `stop` may run.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -152,29 +149,42 @@ impl ControlPlane {
             .map(|n: Node| (n.name.clone(), n))
             .collect();
         let replicas: Vec<Replica> = self.list(&keys::REPLICAS)?;
+        let selectors: HashMap<_, _> = self
+            .list::<App>(&keys::APPS)?
+            .into_iter()
+            .map(|a| (a.spec.key(), a.spec.placement.node_selector))
+            .collect();
+        let none = BTreeMap::new();
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
-        let mut pending = Vec::new();
+        let mut waiting = Vec::new();
         let mut why = None;
         for r in &replicas {
             match &r.node {
                 Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
                 None if r.message.is_some() && !r.phase.is_terminal() => {
-                    pending.push(shoal_core::Capacity::of(&r.resources));
+                    waiting.push(Waiting {
+                        asks: shoal_core::Capacity::of(&r.resources),
+                        node_selector: selectors.get(&r.app).unwrap_or(&none),
+                    });
                     why = why.or(r.message.as_deref());
                 }
                 _ => {}
             }
         }
-        let facts = Facts {
-            nodes: &nodes,
-            active: &active,
-            pending: &pending,
-            pending_why: why,
-        };
+        let pools: Vec<Pool> = kvs
+            .iter()
+            .map(crate::state::decode)
+            .collect::<Result<_, _>>()?;
         let now = self.now();
+        let mut pending = assign(&pools, &nodes, &waiting, now);
         let mut out = Vec::new();
-        for kv in &kvs {
-            let pool: Pool = crate::state::decode(kv)?;
+        for (kv, pool) in kvs.iter().zip(pools) {
+            let facts = Facts {
+                nodes: &nodes,
+                active: &active,
+                pending: &pending.remove(&pool.name).unwrap_or_default(),
+                pending_why: why,
+            };
             let (next, actions) = decide(&pool, &facts, now);
             if next == pool {
                 continue;
@@ -339,6 +349,12 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
         .arg("--data-dir")
         .arg(&dir)
         .args(["--label", &format!("{POOL_LABEL}={}", pool.name)])
+        .args(
+            pool.spec
+                .labels
+                .iter()
+                .flat_map(|(k, v)| ["--label".to_string(), format!("{k}={v}")]),
+        )
         .args(&pool.spec.node_args)
         .stdin(std::process::Stdio::null())
         .stdout(log)
@@ -372,6 +388,14 @@ async fn stop_local(mut child: Child) {
     }
 }
 
+/// The labels a provider's worker is to join with, as `k=v,k=v`: the pool's own first.
+fn node_labels(pool: &Pool) -> String {
+    std::iter::once(format!("{POOL_LABEL}={}", pool.name))
+        .chain(pool.spec.labels.iter().map(|(k, v)| format!("{k}={v}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Runs `COMMAND verb NODE` through `sh`, with where to join in its environment.
 async fn run_provider(
     host: &PoolHost,
@@ -387,6 +411,7 @@ async fn run_provider(
         .env("SHOAL_POOL", &pool.name)
         .env("SHOAL_JOIN_URL", &host.join_url)
         .env("SHOAL_JOIN_TOKEN_FILE", &host.token_file)
+        .env("SHOAL_NODE_LABELS", node_labels(pool))
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();

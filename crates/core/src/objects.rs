@@ -544,6 +544,9 @@ pub enum NodeState {
     NotReady,
 }
 
+/// The label every node of a pool carries: `shoal.dev/pool=NAME`.
+pub const POOL_LABEL: &str = "shoal.dev/pool";
+
 /// A node pool (`shoal pool`): workers Shoal starts and stops itself through a
 /// provider command, between `min` and `max`, as a cluster autoscaler does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -572,7 +575,12 @@ pub struct PoolSpec {
     pub provider: Option<String>,
     /// How long a node must run no replica before it is drained and stopped.
     pub cooldown_ms: u64,
-    /// More `shoal node join` flags for local workers (e.g. `--memory`, `--label`).
+    /// Labels the pool's nodes carry besides [`POOL_LABEL`]: waiting replicas grow the pool
+    /// only if their `node_selector` asks for no other label. Local workers get them as
+    /// `--label`; a provider gets them in `SHOAL_NODE_LABELS` (`k=v,k=v`) to pass on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// More `shoal node join` flags for local workers (e.g. `--memory`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_args: Vec<String>,
     /// Windows on a cron schedule that set other bounds while open (none at night,
@@ -602,6 +610,16 @@ impl PoolSpec {
         }
         if self.provider.is_some() && !self.node_args.is_empty() {
             return Err("node args are for local workers; a provider starts its own".into());
+        }
+        for (key, value) in &self.labels {
+            if key == POOL_LABEL {
+                return Err(format!(
+                    "label {POOL_LABEL} is the pool's name, set by Shoal on every node of it"
+                ));
+            }
+            crate::spec::validate_label("label key", key)
+                .and_then(|()| crate::spec::validate_label("label value", value))
+                .map_err(|m| format!("labels: {m}"))?;
         }
         for (i, w) in self.schedule.iter().enumerate() {
             w.check()

@@ -1259,7 +1259,7 @@ pub fn check_secret_key(key: &str) -> Result<(), String> {
 
 /// Label keys and values in node selectors: short and plain, so they
 /// compare exactly with what nodes register.
-fn validate_label(what: &str, s: &str) -> Result<(), String> {
+pub(crate) fn validate_label(what: &str, s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -2546,6 +2546,8 @@ struct RawPool {
     provider: Option<String>,
     cooldown: Option<Spanned<String>>,
     #[serde(default)]
+    labels: Option<Spanned<BTreeMap<String, String>>>,
+    #[serde(default)]
     node_args: Vec<String>,
     #[serde(default)]
     schedule: Vec<Spanned<RawWindow>>,
@@ -2568,19 +2570,24 @@ pub fn parse_pool(src: &str) -> Result<(String, crate::PoolSpec), SpecError> {
         }
         None => DEFAULT_POOL_COOLDOWN_MS,
     };
+    let labels_span = raw.labels.as_ref().map(|l| l.span());
     let spec = crate::PoolSpec {
         min: raw.min.unwrap_or(0),
         max: raw.max,
         provider: raw.provider,
         cooldown_ms,
+        labels: raw.labels.map(Spanned::into_inner).unwrap_or_default(),
         node_args: raw.node_args,
         schedule: windows(src, &raw.schedule, "schedule")?,
     };
-    spec.validate().map_err(|m| SpecError {
-        field: None,
-        message: m,
-        line: None,
-        column: None,
+    spec.validate().map_err(|m| match labels_span {
+        Some(span) if m.starts_with("label") => fail("labels", m, span),
+        _ => SpecError {
+            field: None,
+            message: m,
+            line: None,
+            column: None,
+        },
     })?;
     Ok((raw.name.into_inner(), spec))
 }
@@ -3453,11 +3460,13 @@ A = "1"
     #[test]
     fn a_pool_file_is_read_with_its_windows_and_refused_where_it_is_wrong() {
         let src = "name = \"workers\"\nmin = 1\nmax = 5\ncooldown = \"2m\"\nnode_args = [\"--memory\", \"2Gi\"]\n\
+                   [labels]\nsize = \"big\"\n\
                    [[schedule]]\nname = \"night\"\ncron = \"0 22 * * *\"\ntimezone = \"Europe/Paris\"\nend = \"0 6 * * *\"\nreplicas = 0\n";
         let (name, spec) = parse_pool(src).unwrap();
         assert_eq!(name, "workers");
         assert_eq!((spec.min, spec.max, spec.cooldown_ms), (1, 5, 120_000));
         assert_eq!(spec.node_args, ["--memory", "2Gi"]);
+        assert_eq!(spec.labels["size"], "big");
         assert_eq!(spec.schedule[0].name, "night");
         assert_eq!(
             (spec.schedule[0].min, spec.schedule[0].max),
@@ -3466,7 +3475,12 @@ A = "1"
 
         let e = parse_pool(&src.replace("0 22 * * *", "0 25 * * *")).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("schedule[0].cron"));
-        assert_eq!(e.line, Some(8), "{e:?}");
+        assert_eq!(e.line, Some(10), "{e:?}");
+        for bad in ["size = \"not big\"", "\"shoal.dev/pool\" = \"other\""] {
+            let e = parse_pool(&src.replace("size = \"big\"", bad)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("labels"), "{e:?}");
+            assert_eq!(e.line, Some(6), "{e:?}");
+        }
         let e = parse_pool(&src.replace("min = 1", "min = 9")).unwrap_err();
         assert!(e.message.contains("above max"), "{e:?}");
         let e = parse_pool("name = \"w\"\nmax = 1\nsize = 3\n").unwrap_err();

@@ -9,9 +9,75 @@
 //! replica for the cool-down is drained and, once empty, stopped. A node that
 //! never becomes Ready, or is lost, is stopped and forgotten, so a failing
 //! provider is retried at most once per [`START_TIMEOUT_MS`].
+//!
+//! With several pools, [`assign`] gives each waiting replica to one pool, the first by name
+//! whose nodes carry what its `node_selector` asks for, so one replica never grows them all.
 
-use shoal_core::{Capacity, Millis, Node, NodeState, Pool, PoolMember};
+use shoal_core::{Capacity, Millis, Node, NodeState, POOL_LABEL, Pool, PoolMember};
 use std::collections::BTreeMap;
+
+/// A replica that waits because it fits on no node.
+#[derive(Debug, Clone)]
+pub struct Waiting<'a> {
+    pub asks: Capacity,
+    /// Labels its node must carry.
+    pub node_selector: &'a BTreeMap<String, String>,
+}
+
+/// The waiting replicas each pool is to grow for, by pool name: each goes to the first pool,
+/// by name, whose nodes carry every label its selector names ([`POOL_LABEL`] included) and
+/// whose node (as one it runs is, if it runs one) is big enough; among those, one that may
+/// still grow comes first. A replica no pool's nodes could take is no pool's.
+pub fn assign(
+    pools: &[Pool],
+    nodes: &BTreeMap<String, Node>,
+    waiting: &[Waiting<'_>],
+    now: Millis,
+) -> BTreeMap<String, Vec<Capacity>> {
+    let mut out: BTreeMap<String, Vec<Capacity>> =
+        pools.iter().map(|p| (p.name.clone(), Vec::new())).collect();
+    let mut by_name: Vec<&Pool> = pools.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    let live = |pool: &Pool| {
+        pool.members
+            .values()
+            .filter(|m| m.retiring_since.is_none())
+            .count()
+    };
+    let size = |pool: &Pool| {
+        pool.members
+            .iter()
+            .filter(|(_, m)| m.retiring_since.is_none())
+            .find_map(|(n, _)| nodes.get(n))
+            .map(|n| &n.capacity)
+    };
+    for w in waiting {
+        let takes = |pool: &Pool| {
+            let labelled = w.node_selector.iter().all(|(k, v)| {
+                if k == POOL_LABEL {
+                    *v == pool.name
+                } else {
+                    pool.spec.labels.get(k) == Some(v)
+                }
+            });
+            let fits = size(pool).is_none_or(|c| {
+                w.asks.memory_bytes <= c.memory_bytes && w.asks.cpu_millis <= c.cpu_millis
+            });
+            labelled && fits
+        };
+        let can_grow = |pool: &Pool| live(pool) < pool.spec.bounds(now).max as usize;
+        let chosen = by_name
+            .iter()
+            .find(|p| takes(p) && can_grow(p))
+            .or_else(|| by_name.iter().find(|p| takes(p)));
+        if let Some(pool) = chosen {
+            out.entry(pool.name.clone())
+                .or_default()
+                .push(w.asks.clone());
+        }
+    }
+    out
+}
 
 /// How long a started node may take to join and be Ready.
 pub const START_TIMEOUT_MS: u64 = 60_000;
@@ -228,6 +294,7 @@ mod tests {
                 max,
                 provider: None,
                 cooldown_ms: 30_000,
+                labels: BTreeMap::new(),
                 node_args: Vec::new(),
                 schedule: Vec::new(),
             },
@@ -298,6 +365,78 @@ mod tests {
                 Action::Stop { node, .. } => format!("stop {node}"),
             })
             .collect()
+    }
+
+    #[test]
+    fn each_waiting_replica_grows_one_pool_the_first_that_carries_its_labels_and_may_grow() {
+        let labelled = |name: &str, max: u32, labels: &[(&str, &str)]| {
+            let mut p = pool(0, max);
+            p.name = name.into();
+            p.spec.labels = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            p
+        };
+        let mut full = labelled("a-full", 1, &[("size", "big")]);
+        full.members.insert("a-full-1".into(), member(0));
+        let pools = [
+            labelled("c-small", 5, &[("size", "small")]),
+            labelled("b-big", 5, &[("size", "big"), ("zone", "1")]),
+            full,
+        ];
+        let nodes: BTreeMap<String, Node> = [node("a-full-1", 0)].into();
+        let asks = Capacity {
+            cpu_millis: 100,
+            memory_bytes: 1 << 20,
+            instances: 1,
+        };
+        let selector = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let (any, big, small, by_name, nowhere) = (
+            selector(&[]),
+            selector(&[("size", "big")]),
+            selector(&[("size", "small")]),
+            selector(&[(POOL_LABEL, "c-small")]),
+            selector(&[("size", "huge")]),
+        );
+        let huge = Capacity {
+            memory_bytes: 4 << 30,
+            ..asks.clone()
+        };
+        let waiting = |selector, asks: &Capacity| Waiting {
+            asks: asks.clone(),
+            node_selector: selector,
+        };
+        let got = assign(
+            &pools,
+            &nodes,
+            &[
+                // Anything: the first pool by name that may grow (a-full is at its max).
+                waiting(&any, &asks),
+                // size=big: a-full carries it but is full, so b-big.
+                waiting(&big, &asks),
+                waiting(&small, &asks),
+                waiting(&by_name, &asks),
+                // No pool carries size=huge: no pool grows for it.
+                waiting(&nowhere, &asks),
+                // Bigger than a-full's node, the only one known: the others may be bigger.
+                waiting(&any, &huge),
+            ],
+            NOW,
+        );
+        let count = |pool: &str| got[pool].len();
+        assert_eq!(
+            (count("a-full"), count("b-big"), count("c-small")),
+            (0, 3, 2)
+        );
+        // A pool at its max still takes what only it could hold, so that it is no other's.
+        let got = assign(&pools[2..], &nodes, &[waiting(&big, &asks)], NOW);
+        assert_eq!(got["a-full"].len(), 1);
     }
 
     #[test]
