@@ -461,7 +461,10 @@ mod tests {
         view.apply(
             puts(
                 2,
-                vec![Object::App(other.into()), Object::Replica(starting)],
+                vec![
+                    Object::App(other.into()),
+                    Object::Replica(Box::new(starting)),
+                ],
             ),
             &mut touched,
         );
@@ -552,13 +555,13 @@ mod tests {
         view.apply(
             puts(
                 2,
-                vec![Object::Replica(replica(
+                vec![Object::Replica(Box::new(replica(
                     &web,
                     "w5",
                     5,
                     "me",
                     Phase::Pending,
-                ))],
+                )))],
             ),
             &mut touched,
         );

@@ -58,7 +58,7 @@ pub fn replica(a: &App, id: &str, revision: u64, node: &str, phase: Phase) -> Re
         reason: None,
         avoid: vec![],
         scheduled_at: None,
-        moving: false,
+        moving_since: None,
         created_at: 0,
         updated_at: 0,
     }

@@ -64,7 +64,12 @@ impl ClusterView {
                     .into_iter()
                     .map(|r| Object::Revision(r.into())),
             )
-            .chain(snapshot.replicas.into_iter().map(Object::Replica))
+            .chain(
+                snapshot
+                    .replicas
+                    .into_iter()
+                    .map(|r| Object::Replica(r.into())),
+            )
             .chain(snapshot.nodes.into_iter().map(Object::Node))
             .chain(snapshot.rollouts.into_iter().map(Object::Rollout));
         for object in objects {
@@ -201,7 +206,7 @@ impl ClusterView {
                         .or_default()
                         .insert(replica.id.clone());
                 }
-                self.replicas.insert(replica.id.clone(), replica);
+                self.replicas.insert(replica.id.clone(), *replica);
             }
             Object::Node(node) => {
                 let same = self
@@ -338,7 +343,10 @@ mod tests {
         let (web, mut view) = web_view();
         let mut touched = Touched::default();
         let w3 = replica(&web, "w3", 1, "me", Phase::Pending);
-        assert!(view.apply(puts(2, vec![Object::Replica(w3.clone())]), &mut touched));
+        assert!(view.apply(
+            puts(2, vec![Object::Replica(Box::new(w3.clone()))]),
+            &mut touched
+        ));
         assert_eq!(ids(view.mine()), ["w1", "w3"]);
         assert_eq!(touched.replicas, BTreeSet::from(["w3".to_string()]));
         assert_eq!(touched.apps, BTreeSet::from([web.spec.key()]));
@@ -347,7 +355,10 @@ mod tests {
             phase: Phase::Ready,
             ..w3
         };
-        view.apply(puts(3, vec![Object::Replica(ready)]), &mut touched);
+        view.apply(
+            puts(3, vec![Object::Replica(Box::new(ready))]),
+            &mut touched,
+        );
         assert_eq!(view.replica("w3").unwrap().phase, Phase::Ready);
         assert_eq!(ids(view.replicas_of(&web.spec.key())), ["w1", "w2", "w3"]);
 
@@ -371,7 +382,10 @@ mod tests {
         let (web, mut view) = web_view();
         let mut touched = Touched::default();
         let w3 = replica(&web, "w3", 1, "me", Phase::Pending);
-        view.apply(puts(5, vec![Object::Replica(w3.clone())]), &mut touched);
+        view.apply(
+            puts(5, vec![Object::Replica(Box::new(w3.clone()))]),
+            &mut touched,
+        );
         let gone = |revision| Delta {
             revision,
             changes: vec![Change::Delete(ObjectKey::Replica {
@@ -392,7 +406,7 @@ mod tests {
         let (web, mut view) = web_view();
         let mut touched = Touched::default();
         let w2 = replica(&web, "w2", 1, "b", Phase::Unready);
-        view.apply(puts(2, vec![Object::Replica(w2)]), &mut touched);
+        view.apply(puts(2, vec![Object::Replica(Box::new(w2))]), &mut touched);
         assert!(touched.replicas.is_empty());
         assert_eq!(touched.apps, BTreeSet::from([web.spec.key()]));
     }
@@ -429,8 +443,8 @@ mod tests {
             puts(
                 2,
                 vec![
-                    Object::Replica(replica(&web, "w9", 2, "me", Phase::Pending)),
-                    Object::Replica(replica(&web, "w8", 2, "b", Phase::Pending)),
+                    Object::Replica(Box::new(replica(&web, "w9", 2, "me", Phase::Pending))),
+                    Object::Replica(Box::new(replica(&web, "w8", 2, "b", Phase::Pending))),
                 ],
             ),
             &mut touched,

@@ -526,7 +526,7 @@ type ObjectSchema = Object;
 pub enum Object {
     App(Box<App>),
     Revision(Box<Revision>),
-    Replica(Replica),
+    Replica(Box<Replica>),
     Node(Node),
     Rollout(RolloutStatus),
 }

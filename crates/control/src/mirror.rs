@@ -247,7 +247,7 @@ mod tests {
             reason: None,
             avoid: Vec::new(),
             scheduled_at: None,
-            moving: false,
+            moving_since: None,
             created_at: 0,
             updated_at: 0,
         }

@@ -191,7 +191,7 @@ mod tests {
             reason: None,
             avoid: Vec::new(),
             scheduled_at: None,
-            moving: false,
+            moving_since: None,
             created_at: 0,
             updated_at: 0,
         }
@@ -260,7 +260,7 @@ mod tests {
         let d = scope.delta(
             Delta {
                 revision: 2,
-                changes: vec![put(Object::Replica(replica("b", "n2", 2)))],
+                changes: vec![put(Object::Replica(Box::new(replica("b", "n2", 2))))],
             },
             |_, _| panic!("not this node's"),
         );
@@ -271,8 +271,8 @@ mod tests {
             Delta {
                 revision: 3,
                 changes: vec![
-                    put(Object::Replica(replica("a", "n1", 2))),
-                    put(Object::Replica(replica("c", "n1", 2))),
+                    put(Object::Replica(Box::new(replica("a", "n1", 2)))),
+                    put(Object::Replica(Box::new(replica("c", "n1", 2)))),
                 ],
             },
             |_, n| {

@@ -693,7 +693,7 @@ mod tests {
             reason: None,
             avoid: vec![],
             scheduled_at: None,
-            moving: false,
+            moving_since: None,
             created_at: 0,
             updated_at: 0,
         };

@@ -485,11 +485,14 @@ pub struct Replica {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub scheduled_at: Option<Millis>,
-    /// The controller is moving it to another node to rebalance the cluster: a
-    /// replacement is made as for a rollout (new before old, within the app's
-    /// `max_surge` and `max_unavailable`), and it serves until it is removed.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub moving: bool,
+    /// Since when the controller is moving it to another node to rebalance the
+    /// cluster: a replacement is made as for a rollout (new before old, within the
+    /// app's `max_surge` and `max_unavailable`), and it serves until it is removed.
+    /// A move whose replacement is not serving within the app's progress deadline is
+    /// given up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub moving_since: Option<Millis>,
     #[schema(value_type = u64)]
     pub created_at: Millis,
     #[schema(value_type = u64)]
@@ -500,6 +503,11 @@ impl Replica {
     /// Whether it holds resources on its node (terminal replicas free them).
     pub fn is_active(&self) -> bool {
         self.node.is_some() && !self.phase.is_terminal()
+    }
+
+    /// Whether the controller is moving it to another node.
+    pub fn moving(&self) -> bool {
+        self.moving_since.is_some()
     }
 }
 

@@ -93,7 +93,7 @@ fn world(apps: usize, placed: bool) -> World {
                     reason: None,
                     avoid: vec![],
                     scheduled_at: None,
-                    moving: false,
+                    moving_since: None,
                     created_at: 0,
                     updated_at: 0,
                 },

@@ -366,7 +366,7 @@ fn plan_for(
             .replicas
             .values()
             .flat_map(|rs| rs.values())
-            .filter(|r| r.value.moving)
+            .filter(|r| r.value.moving())
             .count(),
         out,
     };
@@ -552,7 +552,18 @@ impl<'w> Pass<'w> {
         let mut job = None;
         // A replica that starts moving this pass, as reconcile must see it.
         let moving: Option<Read<Replica>>;
+        // One whose move is given up this pass, likewise.
+        let kept: Option<Read<Replica>>;
         if let Some(mode) = mode {
+            if let Some((i, replica)) = self.give_up_move(&mut batch, &effective, &existing) {
+                kept = Some(Read::new(replica, existing[i].mod_revision));
+                let kept = kept.as_ref().expect("just set");
+                batch.changes.push(Change::PutReplica {
+                    replica: kept.value.clone(),
+                    expect: Expect::At(kept.mod_revision),
+                });
+                existing[i] = kept;
+            }
             let mut avoid = self.replace_failing(&mut batch, &effective, &mut existing);
             if effective.spec.component.kind == Kind::Job {
                 job = Some(self.job_runs(&mut batch, &effective, &mut existing, &lost, ids));
@@ -849,7 +860,7 @@ impl<'w> Pass<'w> {
         for r in existing {
             let r = &r.value;
             let node = r.node.as_deref()?;
-            if r.moving
+            if r.moving()
                 || r.revision != app.revision
                 || !matches!(r.phase, Phase::Ready | Phase::Running)
                 || self.draining.contains(node)
@@ -866,9 +877,18 @@ impl<'w> Pass<'w> {
             .iter()
             .map(|(n, c)| (*n, *c))
             .reduce(|best, next| if next.1 > best.1 { next } else { best })?;
-        let mut to = self
-            .cluster
-            .best_avoiding(&key, &req, &[from.to_string()])?;
+        // Off `from`, and off where a given-up move of one of its replicas there went.
+        let off = |from: &str| -> Vec<String> {
+            let mut off = vec![from.to_string()];
+            for r in existing
+                .iter()
+                .filter(|r| r.value.node.as_deref() == Some(from))
+            {
+                off.extend(r.value.avoid.iter().cloned());
+            }
+            off
+        };
+        let mut to = self.cluster.best_avoiding(&key, &req, &off(from))?;
         let mut there = counts.get(to).copied().unwrap_or(0);
         if most < there + 2 {
             if self.cluster.strategy() != Strategy::Spread {
@@ -881,9 +901,7 @@ impl<'w> Pass<'w> {
                 .copied()
                 .reduce(|a, b| if usage(b).0 > usage(a).0 { b } else { a })?;
             most = counts[from];
-            to = self
-                .cluster
-                .best_avoiding(&key, &req, &[from.to_string()])?;
+            to = self.cluster.best_avoiding(&key, &req, &off(from))?;
             there = counts.get(to).copied().unwrap_or(0);
             let usage = |n: &str| self.cluster.usage(n, &room).unwrap_or((0.0, 0.0));
             let ((was, left), (will, added)) = (usage(from), usage(to));
@@ -898,7 +916,7 @@ impl<'w> Pass<'w> {
             .filter(|(_, r)| r.value.node.as_deref() == Some(from))
             .max_by_key(|(_, r)| (r.value.created_at, &r.value.id))?;
         let mut moved = r.value.clone();
-        moved.moving = true;
+        moved.moving_since = Some(self.now);
         moved.updated_at = self.now;
         self.moves += 1;
         batch.event(
@@ -912,6 +930,61 @@ impl<'w> Pass<'w> {
             ),
         );
         Some((i, moved))
+    }
+
+    /// A move whose replacement is not serving within the app's progress deadline is given
+    /// up: the replica stays where it is, no longer moving (so reconcile removes the surplus
+    /// replacement, the least ready first), and it avoids the nodes its replacements were
+    /// tried on, so the next move of it goes elsewhere or not at all. Returns the replica as
+    /// it is to be written.
+    fn give_up_move(
+        &mut self,
+        batch: &mut Batch,
+        app: &App,
+        existing: &[&Read<Replica>],
+    ) -> Option<(usize, Replica)> {
+        let deadline = app.spec.rollout.progress_deadline_ms;
+        let (i, r) = existing.iter().enumerate().find(|(_, r)| {
+            r.value
+                .moving_since
+                .is_some_and(|since| self.now.saturating_sub(since) > deadline)
+        })?;
+        let since = r.value.moving_since?;
+        let tried: Vec<String> = existing
+            .iter()
+            .filter(|o| {
+                o.value.created_at >= since
+                    && !matches!(o.value.phase, Phase::Ready | Phase::Running)
+            })
+            .filter_map(|o| o.value.node.clone())
+            .collect();
+        let mut kept = r.value.clone();
+        kept.moving_since = None;
+        kept.updated_at = self.now;
+        for node in &tried {
+            if !kept.avoid.contains(node) {
+                kept.avoid.push(node.clone());
+            }
+        }
+        self.moves = self.moves.saturating_sub(1);
+        let key = app.spec.key();
+        let on = match tried.as_slice() {
+            [] => "no replacement could be placed".to_string(),
+            nodes => format!("its replacement on {} is not serving", nodes.join(", ")),
+        };
+        batch.event(
+            EventType::Warning,
+            "RebalanceAbandoned",
+            format!("replica/{key}/{}", kept.id),
+            Some(&key),
+            format!(
+                "replica {} stays on node {}: {on} after {} s (progress_deadline)",
+                kept.id,
+                kept.node.as_deref().unwrap_or("?"),
+                deadline / 1000
+            ),
+        );
+        Some((i, kept))
     }
 
     /// Replicas whose node says liveness keeps failing there through restarts
@@ -1042,7 +1115,7 @@ impl<'w> Pass<'w> {
         let current: Vec<Replica> = existing.iter().map(|r| r.value.clone()).collect();
         let draining = &self.draining;
         let replace =
-            |r: &Replica| r.moving || r.node.as_deref().is_some_and(|n| draining.contains(n));
+            |r: &Replica| r.moving() || r.node.as_deref().is_some_and(|n| draining.contains(n));
         let decided = reconcile(app, &current, replace, mode);
         let mut pending: Vec<(Replica, Expect)> = Vec::new();
         for r in existing {
@@ -1309,7 +1382,7 @@ fn new_replica(
         reason: None,
         avoid,
         scheduled_at: None,
-        moving: false,
+        moving_since: None,
         created_at: now,
         updated_at: now,
     }
@@ -2051,7 +2124,11 @@ mod tests {
         let (new, moved) = (put[0].clone(), put[1].clone());
         assert_eq!(new.node.as_deref(), Some("n"));
         assert_eq!(new.avoid, ["m"]);
-        assert_eq!((moved.id.as_str(), moved.moving), ("d", true), "the newest");
+        assert_eq!(
+            (moved.id.as_str(), moved.moving_since),
+            ("d", Some(NOW)),
+            "the newest"
+        );
         assert!(b.events[0].message.contains("off node m"), "{:?}", b.events);
 
         // Stored: nothing more until the replacement serves, then the moved one goes.
@@ -2079,6 +2156,54 @@ mod tests {
             .unwrap()
             .insert("e".into(), Read::new(on(second, "n"), 202));
         assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+    }
+
+    #[test]
+    fn a_move_whose_replacement_never_serves_is_given_up_after_the_progress_deadline() {
+        let mut w = lopsided();
+        let p = plan(&w, NOW, &mut Counter::default());
+        let put = puts(app_batch(&p));
+        let new = put[0].clone();
+        *replica_mut(&mut w, "d") = Read::new(put[1].clone(), 200);
+        let mut starting = new.clone();
+        starting.phase = Phase::Starting;
+        w.replicas
+            .get_mut(&key())
+            .unwrap()
+            .insert(new.id.clone(), Read::new(starting, 201));
+        let deadline = w.apps[&key()].value.spec.rollout.progress_deadline_ms;
+        assert!(plan(&w, NOW + deadline, &mut Counter::default()).is_empty());
+
+        let later = NOW + deadline + 1;
+        let p = plan(&w, later, &mut Counter::default());
+        let b = app_batch(&p);
+        assert!(
+            reasons(b).contains(&"RebalanceAbandoned"),
+            "{:?}",
+            reasons(b)
+        );
+        assert_eq!(
+            deletes(b),
+            [new.id.as_str()],
+            "the surplus replacement goes"
+        );
+        let kept = puts(b)
+            .into_iter()
+            .find(|r| r.id == "d")
+            .expect("d is written")
+            .clone();
+        assert_eq!(kept.moving_since, None);
+        assert_eq!(kept.avoid, ["n"], "where its replacement did not serve");
+        assert!(
+            b.events[0].message.contains("not serving"),
+            "{:?}",
+            b.events
+        );
+
+        // Settled again: the move is not tried again towards the node it failed on.
+        remove_replica(&mut w, &new.id);
+        *replica_mut(&mut w, "d") = Read::new(kept, 300);
+        assert!(moved(&plan(&w, later + 1, &mut Counter::default())).is_empty());
     }
 
     /// `w` with one more settled app, `name`, one ready replica (id `name`) on `node`.
@@ -2115,7 +2240,7 @@ mod tests {
         p.batches
             .iter()
             .flat_map(|b| puts(b))
-            .filter(|r| r.moving)
+            .filter(|r| r.moving())
             .map(|r| r.id.as_str())
             .collect()
     }
@@ -2136,7 +2261,7 @@ mod tests {
             .batches
             .iter()
             .flat_map(|b| puts(b))
-            .filter(|r| !r.moving)
+            .filter(|r| !r.moving())
             .map(|r| r.node.as_deref())
             .collect();
         assert_eq!(landed, [Some("n"), Some("n")]);
@@ -2188,7 +2313,7 @@ mod tests {
             let other = AppKey::new("default", &format!("other-{i}"));
             let mut r = on(replica_at("o", 1, Phase::Ready, 1), "n");
             r.app = other.clone();
-            r.moving = true;
+            r.moving_since = Some(NOW);
             w.replicas
                 .entry(other)
                 .or_default()

@@ -59,7 +59,7 @@ pub fn replica_at(id: &str, revision: u64, phase: Phase, created_at: u64) -> Rep
         reason: None,
         avoid: vec![],
         scheduled_at: None,
-        moving: false,
+        moving_since: None,
         created_at,
         updated_at: created_at,
     }
