@@ -40,7 +40,7 @@ mod leader;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use leader::{LEASE_TTL, Leadership};
+pub use leader::{LEADER_KEY, LEASE_TTL, Leadership};
 
 /// Keys per page when [`KvStore::range`] reads a prefix: each page is one etcd request, all
 /// read at the revision of the first so the whole range is one snapshot.
@@ -206,6 +206,25 @@ impl EtcdStore {
             compacted: Arc::new(AtomicU64::new(0)),
             observer: Mutex::new(None),
         })
+    }
+
+    /// How many keys the cluster holds, and the first of them, read without their values:
+    /// whether someone's state is there already, before a copy into it.
+    pub fn keys_held(&self) -> Result<(u64, Option<String>), StoreError> {
+        let mut resp = self.call(Retry::Read, |mut c| async move {
+            let options = GetOptions::new()
+                .with_all_keys()
+                .with_keys_only()
+                .with_limit(1);
+            c.get(vec![0], Some(options)).await
+        })?;
+        let count = resp.count().max(0) as u64;
+        let first = resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned());
+        Ok((count, first))
     }
 
     /// The client, for what the store contract does not cover (leader election on a lease).
