@@ -46,6 +46,11 @@ pub use leader::{LEADER_KEY, LEASE_TTL, Leadership};
 /// read at the revision of the first so the whole range is one snapshot.
 const RANGE_PAGE: i64 = 1000;
 
+/// The largest range page or watch response the client decodes: any. A page is [`RANGE_PAGE`]
+/// keys and a watch response many revisions, each key up to etcd's request limit, far past
+/// gRPC's default of 4 MiB (1,000 keys of 4 KiB); the caller holds all of it anyway.
+const MAX_RESPONSE: usize = usize::MAX;
+
 /// Responses (each a batch of whole revisions) a watch may hold for a slow consumer before the
 /// task stops reading from etcd (etcd then keeps the rest for it, or reports them compacted).
 const WATCH_BUFFER: usize = 256;
@@ -364,9 +369,10 @@ impl KvStore for EtcdStore {
                 .with_limit(RANGE_PAGE)
                 .with_revision(at);
             let key = start.clone();
-            let mut resp = self.call(Retry::Read, move |mut c| {
+            let mut resp = self.call(Retry::Read, move |c| {
                 let (key, options) = (key.clone(), options.clone());
-                async move { c.get(key, Some(options)).await }
+                let mut kv = c.kv_client().max_decoding_message_size(MAX_RESPONSE);
+                async move { kv.get(key, Some(options)).await }
             })?;
             if at == 0 {
                 at = header_revision(resp.header());
@@ -522,6 +528,8 @@ impl WatchTask {
         };
         let mut stream = self
             .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE)
             .watch(self.prefix.as_str(), Some(options))
             .await?;
         while let Some(resp) = stream.message().await? {
