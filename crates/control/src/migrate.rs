@@ -266,4 +266,63 @@ mod tests {
         assert!(matches!(e, MigrateError::MissingModule { .. }), "{e}");
         assert_eq!(target.revision(), 0, "nothing written");
     }
+
+    /// Into a real etcd with its default limits: more keys than one transaction takes, more
+    /// bytes than one request carries, a value as big as one request can carry and a module
+    /// of several chunks all arrive, and read back as they were.
+    #[test]
+    fn a_copy_into_etcd_keeps_within_its_limits() {
+        let etcd = shoal_etcd::testing::EtcdCluster::single();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
+        let module: Vec<u8> = (0..1_300_000u32).map(|i| i as u8).collect();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let digest = rt
+            .block_on(blobs.put_stream(
+                futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
+                    module.clone(),
+                ))]),
+                u64::MAX,
+            ))
+            .unwrap()
+            .digest;
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .put(keys::module(&digest).as_str(), b"{}".to_vec())
+                .unwrap();
+            let biggest = "/kv/default/big/one";
+            store
+                .put(biggest, vec![1; LARGEST - biggest.len()])
+                .unwrap();
+            let txn = (0..1000).fold(Txn::new(), |txn, i| {
+                txn.then(Op::put(
+                    format!("/kv/default/many/{i:04}"),
+                    vec![i as u8; 3000],
+                ))
+            });
+            store.txn(txn).unwrap();
+        }
+        let source = ReadOnlyStore::open(&path).unwrap();
+        let target = shoal_etcd::EtcdStore::connect(&etcd.config()).unwrap();
+
+        let copied = copy_state(&source, &blobs, &target).unwrap();
+        assert_eq!(copied.keys, 1002);
+        let (from, _) = source.range("").unwrap();
+        let (to, _) = target.range("/").unwrap();
+        assert_eq!(to.len(), from.len());
+        assert!(
+            from.iter()
+                .zip(&to)
+                .all(|(a, b)| a.key == b.key && a.value == b.value)
+        );
+        let (chunks, _) = target.range(&shared_modules::prefix(&digest)).unwrap();
+        assert_eq!(chunks.len(), 3);
+        let stored: Vec<u8> = chunks.into_iter().flat_map(|kv| kv.value).collect();
+        assert_eq!(stored, module);
+    }
 }
