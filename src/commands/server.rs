@@ -2,6 +2,7 @@ use super::Context;
 use super::up::{ControlArgs, apply_files, init_tracing, shutdown_signal, start_control};
 use crate::exit;
 use anyhow::{Context as _, Result};
+use shoal_control::MigrateError;
 use shoal_core::quantity::format_memory;
 use shoal_etcd::{EtcdConfig, EtcdStore, EtcdTls, LEADER_KEY};
 use shoal_store::{BlobStore, KvStore, Op, ReadOnlyStore, StoreError, Txn};
@@ -197,7 +198,14 @@ fn migrate(args: MigrateArgs) -> Result<()> {
     }
     let copied = shoal_control::copy_state(&source, &BlobStore::at(&dir.join("modules")), &target)
         .map_err(|e| match e {
-            shoal_control::MigrateError::Exists(_) => exit::fail(exit::CONFLICT, e.to_string()),
+            MigrateError::Exists(_) => exit::fail(
+                exit::CONFLICT,
+                format!("{e}; what was copied before it stays (--force deletes it)"),
+            ),
+            MigrateError::Interrupted { .. } => anyhow::anyhow!(
+                "copying {}: {e}; run it again with --force to start over",
+                state.display()
+            ),
             other => anyhow::anyhow!("copying {}: {other}", state.display()),
         })?;
     println!(

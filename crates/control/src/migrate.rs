@@ -44,6 +44,9 @@ pub enum MigrateError {
     Exists(String),
     #[error("reading module {digest}: {source}")]
     Module { digest: String, source: BlobError },
+    /// A write failed after `after` transactions had been written, which stay.
+    #[error("writing to the target failed after {after} transactions: {source}")]
+    Interrupted { after: usize, source: StoreError },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -100,7 +103,7 @@ pub fn copy_state(
             source,
         })?;
         for txn in shared_modules::chunk_writes(digest, &bytes) {
-            target.txn(txn)?;
+            write(target, txn, copied.txns)?;
             copied.txns += 1;
         }
         copied.modules += 1;
@@ -112,7 +115,7 @@ pub fn copy_state(
             txn.when_absent(kv.key.clone())
                 .then(Op::put(kv.key.clone(), kv.value.clone()))
         });
-        if !target.txn(txn)?.succeeded {
+        if !write(target, txn, copied.txns)? {
             return Err(MigrateError::Exists(first));
         }
         copied.txns += 1;
@@ -123,6 +126,14 @@ pub fn copy_state(
             .sum::<u64>();
     }
     Ok(copied)
+}
+
+/// Runs `txn` on `target`, the `after`-th write of the copy; whether its compares held.
+fn write(target: &dyn KvStore, txn: Txn, after: usize) -> Result<bool, MigrateError> {
+    target
+        .txn(txn)
+        .map(|done| done.succeeded)
+        .map_err(|source| MigrateError::Interrupted { after, source })
 }
 
 /// `kvs` cut, in order, into runs that fit one etcd transaction each: at most [`MAX_OPS`]
