@@ -27,9 +27,11 @@ guests:
 
 # Measurements behind BENCHMARKS.md: gateway vs `wasmtime serve`, deploy latency, idle
 # memory, cross-node hop, failover, density, scale from zero, autoscaling, neighbours, instance reuse,
-# scheduler throughput, the cost of a config lookup, acknowledged applies. Needs wasmtime 48 (wrk is installed from Debian if missing).
+# scheduler throughput, the cost of a config lookup, acknowledged applies (on redb and on a
+# three-member etcd). Needs wasmtime 48 (wrk and etcd are installed from Debian if missing).
 bench: guests
 	command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	command -v etcd >/dev/null || (apt-get update && apt-get install -y etcd-server)
 	cargo bench --bench gateway
 	cargo bench --bench cluster
 	cargo bench --bench lifecycle
@@ -41,6 +43,7 @@ bench: guests
 	cargo bench --bench keyvalue
 	cargo bench -p shoal-scheduler
 	cargo bench -p shoal-control --bench applies
+	BENCH_STORE=etcd cargo bench -p shoal-control --bench applies
 
 lint:
 	cargo fmt --all -- --check

@@ -60,11 +60,12 @@ pub fn code(result: &anyhow::Result<()>, diff: bool) -> ExitCode {
 /// A usage error found after parsing the command line (a flag that means nothing here):
 /// exit code 2, as clap's own.
 pub fn usage(message: String) -> anyhow::Error {
-    Classified {
-        code: USAGE,
-        message,
-    }
-    .into()
+    fail(USAGE, message)
+}
+
+/// A failure the CLI itself tells apart, with exit code `code`.
+pub fn fail(code: u8, message: String) -> anyhow::Error {
+    Classified { code, message }.into()
 }
 
 /// The exit code an API status means, if it is one the code tells apart.

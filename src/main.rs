@@ -51,7 +51,7 @@ enum Command {
     /// Run a one-node cluster: control plane, node agent and gateway in one process.
     Up(Box<commands::up::UpArgs>),
     /// Run the control plane alone; worker nodes join it with `shoal node join`.
-    Server(commands::server::ServerArgs),
+    Server(Box<commands::server::ServerArgs>),
     /// Join a worker node, or cordon, uncordon, drain or delete one.
     Node(commands::node::NodeCommand),
     /// Manage node pools: workers started and stopped as replicas need them (create, set,
@@ -153,7 +153,7 @@ fn main() -> ExitCode {
         };
         match cli.command {
             Command::Up(args) => commands::up::run(ctx, *args).await,
-            Command::Server(args) => commands::server::run(ctx, args).await,
+            Command::Server(args) => commands::server::run(ctx, *args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
             Command::Pool(cmd) => commands::pool::run(ctx, cmd).await,

@@ -343,3 +343,125 @@ fn the_leader_scales_and_wakes_an_app_on_reports_sent_to_another_server() {
     let (status, body) = node.get("/faulty/status/200").expect("answered");
     assert_eq!(status, 200, "{body}");
 }
+
+/// `shoal server migrate` as a test runs it: the CLI alone, no config.
+fn migrate(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::SHOAL)
+        .args(["server", "migrate"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A cluster on `shoal server`'s redb, with an app reading a secret and a config set at its
+/// second revision, moves onto etcd with `shoal server migrate`: refused while the server
+/// runs, then copied without changing the source; a server on etcd given copies of the
+/// identity files (secret.key too) has the apps, their history, the secret and the config,
+/// and a new node serves the app with the module it fetched through that server. Copying into
+/// the etcd again is refused, as a `--force` copy is while a server runs on it.
+#[test]
+fn a_redb_state_migrates_into_etcd_and_serves_the_same_cluster() {
+    let etcd = EtcdCluster::single();
+    let store = etcd.url();
+    let old_dir = tempfile::tempdir().unwrap();
+    let mut old = Server::start(old_dir.path());
+    let mut node1 = NodeProc::join(&old, "node-1", &[]);
+    old.cli_ok(&[
+        "secret",
+        "create",
+        "db",
+        "--from-literal",
+        "password=pw-from-redb",
+        "--from-literal",
+        "user=app-user",
+    ]);
+    old.cli_ok(&[
+        "config",
+        "create",
+        "shared",
+        "--from-literal",
+        "origin=redb",
+    ]);
+    let spec = std::fs::read_to_string(format!("{}/settings/secret.toml", common::examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", common::examples()))
+        .replace(
+            "name = \"settings\"",
+            "name = \"settings\"\nconfig_sets = [\"shared\"]",
+        );
+    let spec = write_spec(old_dir.path(), "settings.toml", &spec);
+    old.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let serves = |node: &NodeProc, path: &str, body: &str| {
+        poll(Duration::from_secs(60), || {
+            node.get(path)
+                .is_ok_and(|(code, b)| code == 200 && b == body)
+        })
+    };
+    assert!(serves(&node1, "/settings/password", "pw-from-redb\n"));
+    // A second revision: the config set changed under the app.
+    old.cli_ok(&["config", "set", "shared", "origin=redb-2"]);
+    assert!(serves(&node1, "/settings/origin", "redb-2\n"));
+
+    let data = old_dir.path().join("server");
+    let from = data.to_str().unwrap();
+    let running = migrate(&["--from", from, "--to", &store]);
+    assert_eq!(running.status.code(), Some(4), "{running:?}");
+    assert!(text(&running.stderr).contains("is in use"), "{running:?}");
+
+    old.kill();
+    node1.kill();
+    let state = std::fs::read(data.join("state.redb")).unwrap();
+    let copied = migrate(&["--from", from, "--to", &store]);
+    assert!(copied.status.success(), "{copied:?}");
+    let said = text(&copied.stdout);
+    assert!(
+        said.contains("modules:  1 (") && said.contains("keys:     "),
+        "{said}"
+    );
+    assert_eq!(
+        std::fs::read(data.join("state.redb")).unwrap(),
+        state,
+        "the source is unchanged"
+    );
+    let again = migrate(&["--from", from, "--to", &store]);
+    assert_eq!(again.status.code(), Some(4), "{again:?}");
+    assert!(text(&again.stderr).contains("already holds"), "{again:?}");
+    // A copy may be made again over the first, while no server runs on it.
+    let forced = migrate(&["--from", from, "--to", &store, "--force"]);
+    assert!(forced.status.success(), "{forced:?}");
+
+    let new_dir = tempfile::tempdir().unwrap();
+    copy_identity(&data, &new_dir.path().join("server"));
+    std::fs::copy(
+        data.join("secret.key"),
+        new_dir.path().join("server/secret.key"),
+    )
+    .unwrap();
+    let new = Server::start_with(new_dir.path(), &["--store", &store]);
+    assert!(new.cli_ok(&["get", "secrets"]).contains("db"));
+    let history = new.cli_ok(&["rollout", "history", "settings"]);
+    assert!(
+        history.lines().count() == 3 && history.contains("config.origin"),
+        "two revisions:\n{history}"
+    );
+    // node-1 is gone: its replica is replaced on node-2, which fetches the module from the
+    // server on etcd and gets the secret it sealed on redb.
+    let node2 = NodeProc::join(&new, "node-2", &[]);
+    assert!(
+        serves(&node2, "/settings/password", "pw-from-redb\n"),
+        "{}",
+        new.cli_ok(&["get", "replicas"])
+    );
+    assert!(serves(&node2, "/settings/origin", "redb-2\n"));
+
+    let over_a_server = migrate(&["--from", from, "--to", &store, "--force"]);
+    assert_eq!(over_a_server.status.code(), Some(4), "{over_a_server:?}");
+    assert!(
+        text(&over_a_server.stderr).contains("is running on the etcd cluster"),
+        "{over_a_server:?}"
+    );
+}

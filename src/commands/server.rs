@@ -1,17 +1,27 @@
 use super::Context;
 use super::up::{ControlArgs, apply_files, init_tracing, shutdown_signal, start_control};
+use crate::exit;
 use anyhow::{Context as _, Result};
-use shoal_etcd::{EtcdConfig, EtcdTls};
-use std::path::PathBuf;
+use shoal_control::MigrateError;
+use shoal_core::quantity::format_memory;
+use shoal_etcd::{EtcdConfig, EtcdStore, EtcdTls, LEADER_KEY};
+use shoal_store::{BlobStore, KvStore, Op, ReadOnlyStore, StoreError, Txn};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
-#[command(after_help = "Examples:
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:
   shoal server --api 0.0.0.0:7700 --tls-san cp.example.com
   shoal node join https://cp.example.com:7700 --token-file join.token   on each worker
   shoal server --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379
   shoal server --store etcd://etcd.example.com:2379 --etcd-ca etcd-ca.pem \\
-      --etcd-cert client.pem --etcd-key client-key.pem")]
+      --etcd-cert client.pem --etcd-key client-key.pem
+  shoal server migrate --from /var/lib/shoal --to etcd://10.0.0.1:2379   redb state into etcd"
+)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
     #[command(flatten)]
     control: ControlArgs,
     /// Keep the cluster state in an etcd cluster, etcd://HOST:PORT[,HOST:PORT…], instead of
@@ -30,23 +40,81 @@ pub struct ServerArgs {
     etcd_key: Option<PathBuf>,
 }
 
+#[derive(clap::Subcommand)]
+enum ServerCommand {
+    /// Copy a stopped server's state (redb) and modules into an empty etcd cluster, for
+    /// `shoal server --store etcd://…` to serve the same cluster.
+    Migrate(MigrateArgs),
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal server migrate --from /var/lib/shoal --to etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379
+  shoal server migrate --from ~/.local/share/shoal/state.redb --to etcd://etcd.example.com:2379 \\
+      --etcd-ca etcd-ca.pem --etcd-cert client.pem --etcd-key client-key.pem
+  cp /var/lib/shoal/{token,join-token,ca.pem,ca-key.pem,secret.key} /var/lib/shoal-etcd/
+  shoal server --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379 --data-dir /var/lib/shoal-etcd")]
+pub struct MigrateArgs {
+    /// The data dir of the server to copy (`shoal up`'s and `shoal server`'s --data-dir), or
+    /// the state.redb in it; its modules are read from modules/ beside it. Stop that server
+    /// first: a state in use is refused, and nothing in it is changed.
+    #[arg(long, value_name = "PATH")]
+    from: PathBuf,
+    /// The etcd cluster to copy into, etcd://HOST:PORT[,HOST:PORT…]; it must hold no keys.
+    #[arg(long, value_name = "URL")]
+    to: String,
+    /// The CA etcd's certificates chain to: talk to etcd over TLS.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd (PEM), with --etcd-key, for members that require one.
+    #[arg(long, value_name = "FILE", requires_all = ["etcd_ca", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Delete every key the etcd cluster holds before copying: to copy again after a copy that
+    /// failed part way. Refused while a server runs on it.
+    #[arg(long)]
+    force: bool,
+}
+
+/// The etcd cluster at `url` with the TLS files, as `--store` and `--to` name it.
+fn etcd_config(
+    url: &str,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> Result<EtcdConfig> {
+    let mut config = EtcdConfig::parse(url)?;
+    config.tls = ca.map(|ca| EtcdTls {
+        ca,
+        identity: cert.zip(key),
+    });
+    Ok(config)
+}
+
 impl ServerArgs {
     /// The etcd cluster `--store` names, with the TLS files.
     fn etcd(&self) -> Result<Option<EtcdConfig>> {
         let Some(url) = &self.store else {
             return Ok(None);
         };
-        let mut config = EtcdConfig::parse(url).context("--store")?;
-        config.tls = self.etcd_ca.clone().map(|ca| EtcdTls {
-            ca,
-            identity: self.etcd_cert.clone().zip(self.etcd_key.clone()),
-        });
+        let config = etcd_config(
+            url,
+            self.etcd_ca.clone(),
+            self.etcd_cert.clone(),
+            self.etcd_key.clone(),
+        )
+        .context("--store")?;
         Ok(Some(config))
     }
 }
 
 /// `shoal server`: the control plane alone; nodes join it.
 pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
+    if let Some(ServerCommand::Migrate(args)) = args.command {
+        return tokio::task::spawn_blocking(move || migrate(args)).await?;
+    }
     init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control, args.etcd()?).await?;
     println!("Shoal control plane is up, data in {}", c.data.display());
@@ -60,5 +128,108 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     apply_files(&c, &args.control.apply).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
+    Ok(())
+}
+
+/// `shoal server migrate`: the redb state and modules of a stopped server into an empty etcd
+/// cluster. Blocking: the store calls wait on disk and on etcd.
+fn migrate(args: MigrateArgs) -> Result<()> {
+    let dir = if args.from.is_dir() {
+        args.from.clone()
+    } else {
+        args.from.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
+    let state = if args.from.is_dir() {
+        dir.join("state.redb")
+    } else {
+        args.from.clone()
+    };
+    if !state.is_file() {
+        return Err(exit::fail(
+            exit::NOT_FOUND,
+            format!("no Shoal state at {}", state.display()),
+        ));
+    }
+    let config =
+        etcd_config(&args.to, args.etcd_ca, args.etcd_cert, args.etcd_key).context("--to")?;
+    let source = ReadOnlyStore::open(&state).map_err(|e| match e {
+        StoreError::InUse => exit::fail(
+            exit::CONFLICT,
+            format!(
+                "{} is in use: a `shoal server` or `shoal up` is running on it; stop it, so \
+                 that what is copied is the state it left",
+                state.display()
+            ),
+        ),
+        other => anyhow::anyhow!("cannot read {}: {other}", state.display()),
+    })?;
+    let target = EtcdStore::connect(&config).map_err(|e| {
+        exit::fail(
+            exit::UNAVAILABLE,
+            format!("cannot reach the etcd cluster at {}: {e}", args.to),
+        )
+    })?;
+    let (held, first) = target.keys_held()?;
+    if held > 0 {
+        let first = first.unwrap_or_default();
+        if !args.force {
+            return Err(exit::fail(
+                exit::CONFLICT,
+                format!(
+                    "the etcd cluster at {} already holds {held} keys ({first:?} first): the \
+                     cluster must be Shoal's alone and empty; nothing was written (--force \
+                     deletes every key in it first)",
+                    args.to
+                ),
+            ));
+        }
+        if target.get(LEADER_KEY)?.is_some() {
+            return Err(exit::fail(
+                exit::CONFLICT,
+                format!(
+                    "a `shoal server` is running on the etcd cluster at {}; stop every server \
+                     on it first: nothing was written",
+                    args.to
+                ),
+            ));
+        }
+        target.txn(Txn::new().then(Op::delete_prefix("")))?;
+        println!("Deleted the {held} keys the etcd cluster held");
+    }
+    let copied = shoal_control::copy_state(&source, &BlobStore::at(&dir.join("modules")), &target)
+        .map_err(|e| match e {
+            MigrateError::Exists(_) => exit::fail(
+                exit::CONFLICT,
+                format!("{e}; what was copied before it stays (--force deletes it)"),
+            ),
+            MigrateError::Interrupted { .. } => anyhow::anyhow!(
+                "copying {}: {e}; run it again with --force to start over",
+                state.display()
+            ),
+            other => anyhow::anyhow!("copying {}: {other}", state.display()),
+        })?;
+    println!(
+        "Copied {} (revision {}) into {}",
+        state.display(),
+        copied.revision,
+        args.to
+    );
+    println!(
+        "  keys:     {} ({} of keys and values)",
+        copied.keys,
+        format_memory(copied.key_bytes)
+    );
+    println!(
+        "  modules:  {} ({})",
+        copied.modules,
+        format_memory(copied.module_bytes)
+    );
+    println!("  etcd:     {} transactions", copied.txns);
+    println!(
+        "Next: copy token, join-token, ca.pem, ca-key.pem and secret.key from {} into the data \
+         dir of each `shoal server --store {}` (secrets open with that secret.key only)",
+        dir.display(),
+        args.to
+    );
     Ok(())
 }

@@ -2,21 +2,32 @@
 //! and 32 concurrent clients: each client POSTs `/v1/apps` over HTTP (plain, keep-alive), one
 //! request at a time, each creating a new app; an apply is acknowledged when its 201 arrives,
 //! after the store commit holding its write is durable. Beside it, the store alone: `txn`s
-//! from as many threads, each putting one key, through the same group commit.
+//! from as many threads, each putting one key, through the same store.
 //!
 //! The control plane runs in this process with its controller, as `shoal server --plain-http`
-//! does, on a fresh redb file in a temp dir; clients share the process and its cores. Apps are
-//! created with `replicas = 0`: there are no nodes, so the controller has nothing to place and
-//! the number is the apply path's own.
+//! does, on a fresh store; clients share the process and its cores. Apps are created with
+//! `replicas = 0`: there are no nodes, so the controller has nothing to place and the number is
+//! the apply path's own. The store is a redb file in a temp dir (group commit), or with
+//! `BENCH_STORE=etcd` a three-member etcd cluster on loopback (`shoal_etcd::testing`, each
+//! member fsyncing to the same disk), kept as `shoal server --store etcd://…` keeps it (module
+//! bytes in the store too); this process is then the one server, so the controller runs
+//! without an election. On etcd every round also says what etcd did meanwhile, from its own
+//! metrics: raft proposals committed (one per Shoal transaction that writes), WAL fsyncs per
+//! member (raft batches the proposals that arrive together into one) and reads answered.
 //!
-//! Run with `cargo bench -p shoal-control --bench applies`. Knobs: `BENCH_SECONDS` (per
-//! measurement, default 5), `BENCH_ROUNDS` (3), `BENCH_CLIENTS` (`1,8,32`). Prints every round,
-//! then per client count the median round with the spread of the rounds.
+//! Run with `cargo bench -p shoal-control --bench applies`. Knobs: `BENCH_STORE` (`redb` or
+//! `etcd`, default `redb`), `BENCH_SECONDS` (per measurement, default 5), `BENCH_ROUNDS` (3),
+//! `BENCH_CLIENTS` (`1,8,32`). Prints every round, then per client count the median round with
+//! the spread of the rounds.
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use shoal_control::{ControlConfig, ControlPlane, ServeLimits};
-use shoal_store::{BlobStore, Op, Store, Txn};
+use shoal_etcd::EtcdStore;
+use shoal_etcd::testing::EtcdCluster;
+use shoal_store::{BlobStore, KvStore, Op, Store, Txn};
 
 const TOKEN: &str = "bench";
 
@@ -100,7 +111,7 @@ async fn applies(base: &str, digest: &str, tag: &str, clients: usize, seconds: u
 }
 
 /// `threads` threads each putting new keys into `store` for `seconds`.
-fn store_txns(store: &Store, tag: &str, threads: usize, seconds: u64) -> Round {
+fn store_txns(store: &dyn KvStore, tag: &str, threads: usize, seconds: u64) -> Round {
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let latencies = std::thread::scope(|s| {
@@ -153,6 +164,89 @@ async fn commits(base: &str) -> (u64, f64) {
     )
 }
 
+/// What etcd's members have done so far, from their `/metrics`: raft proposals committed (the
+/// highest of the members' counts: the leader's), WAL fsyncs and reads (`Range` calls) answered,
+/// both summed over the members.
+#[derive(Clone, Copy, Default)]
+struct EtcdWork {
+    proposals: f64,
+    fsyncs: f64,
+    reads: f64,
+}
+
+async fn etcd_work(endpoints: &[String]) -> EtcdWork {
+    let mut work = EtcdWork::default();
+    for endpoint in endpoints {
+        let text = reqwest::get(format!("http://{endpoint}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("no {name} in etcd's metrics"))
+        };
+        work.proposals = work
+            .proposals
+            .max(value("etcd_server_proposals_committed_total"));
+        work.fsyncs += value("etcd_disk_wal_fsync_duration_seconds_count");
+        work.reads += text
+            .lines()
+            .filter(|l| {
+                l.starts_with("grpc_server_handled_total{") && l.contains("grpc_method=\"Range\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    work
+}
+
+/// Where the control plane keeps its state, and how to ask etcd what it did.
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn KvStore>,
+    /// The etcd cluster (kept alive for the run) and its members' addresses.
+    etcd: Option<(EtcdCluster, Vec<String>)>,
+}
+
+impl Backend {
+    fn start(kind: &str, dir: &std::path::Path) -> Backend {
+        match kind {
+            "redb" => Backend {
+                name: "redb",
+                store: Arc::new(Store::open(&dir.join("state.redb")).unwrap()),
+                etcd: None,
+            },
+            "etcd" => {
+                let cluster = EtcdCluster::three();
+                let store = EtcdStore::connect(&cluster.config()).unwrap();
+                let endpoints = cluster.endpoints();
+                Backend {
+                    name: "etcd ×3",
+                    store: Arc::new(store),
+                    etcd: Some((cluster, endpoints)),
+                }
+            }
+            other => panic!("BENCH_STORE={other}: redb or etcd"),
+        }
+    }
+
+    /// etcd's work so far; nothing on redb.
+    async fn etcd_work(&self) -> Option<EtcdWork> {
+        match &self.etcd {
+            Some((_, endpoints)) => Some(etcd_work(endpoints).await),
+            None => None,
+        }
+    }
+
+    fn members(&self) -> f64 {
+        self.etcd.as_ref().map_or(0.0, |(_, e)| e.len() as f64)
+    }
+}
+
 /// CPU seconds this process (server, controller and clients) has used, from `/proc/self/stat`
 /// (user + system, in clock ticks of 1/100 s).
 fn cpu_seconds() -> f64 {
@@ -166,17 +260,45 @@ fn cpu_seconds() -> f64 {
 
 /// Prints one round, with how many acknowledged operations shared a durable commit, how much
 /// of the round's wall time went to committing (`(count, seconds)` of the commits meanwhile)
-/// and the process's CPU time per acknowledged operation (`cpu` seconds meanwhile).
-fn print_round(what: &str, clients: usize, round: usize, r: &Round, commits: (u64, f64), cpu: f64) {
+/// and the process's CPU time per acknowledged operation (`cpu` seconds meanwhile); on etcd,
+/// also its proposals and WAL fsyncs per member meanwhile (`etcd`: theirs, and the members).
+fn print_round(
+    what: &str,
+    clients: usize,
+    round: usize,
+    r: &Round,
+    commits: (u64, f64),
+    cpu: f64,
+    etcd: Option<(EtcdWork, f64)>,
+) {
+    // On redb a commit is a group commit, one at a time; on etcd each transaction is one and
+    // many overlap, so their summed time says nothing of the wall time.
+    let committing = match etcd {
+        None => format!(
+            "committing {:.0} % of the time, ",
+            commits.1 / r.took.as_secs_f64() * 100.0
+        ),
+        Some(_) => String::new(),
+    };
+    let etcd = etcd.map_or(String::new(), |(work, members)| {
+        let fsyncs = work.fsyncs / members;
+        format!(
+            "; etcd: {:.0} proposals, {:.2} per op, {:.0} WAL fsyncs per member, {:.2} per op, {:.1} reads per op",
+            work.proposals,
+            work.proposals / r.count.max(1) as f64,
+            fsyncs,
+            fsyncs / r.count.max(1) as f64,
+            work.reads / r.count.max(1) as f64,
+        )
+    });
     println!(
-        "{what:<6} clients={clients:<3} round={round} {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} acked, {} commits, {:.1} acked per commit, committing {:.0} % of the time, {:.2} ms each; CPU {:.3} ms per op, {:.2} cores)",
+        "{what:<6} clients={clients:<3} round={round} {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} acked, {} commits, {:.1} acked per commit, {committing}{:.2} ms each; CPU {:.3} ms per op, {:.2} cores{etcd})",
         r.per_second,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
         r.count,
         commits.0,
         r.count as f64 / commits.0.max(1) as f64,
-        commits.1 / r.took.as_secs_f64() * 100.0,
         commits.1 / commits.0.max(1) as f64 * 1e3,
         cpu / r.count.max(1) as f64 * 1e3,
         cpu / r.took.as_secs_f64(),
@@ -185,6 +307,14 @@ fn print_round(what: &str, clients: usize, round: usize, r: &Round, commits: (u6
 
 fn since(before: (u64, f64), after: (u64, f64)) -> (u64, f64) {
     (after.0 - before.0, after.1 - before.1)
+}
+
+fn etcd_since(before: Option<EtcdWork>, after: Option<EtcdWork>) -> Option<EtcdWork> {
+    Some(EtcdWork {
+        proposals: after?.proposals - before?.proposals,
+        fsyncs: after?.fsyncs - before?.fsyncs,
+        reads: after?.reads - before?.reads,
+    })
 }
 
 fn summary(what: &str, clients: usize, rounds: &mut [Round]) {
@@ -215,13 +345,20 @@ fn main() {
         .collect();
 
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("state.redb")).unwrap();
+    let backend = Backend::start(&env_or("BENCH_STORE", "redb"), dir.path());
     let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
     let config = ControlConfig {
         token: TOKEN.into(),
+        shared_store: backend.etcd.is_some(),
         ..ControlConfig::default()
     };
-    let cp = ControlPlane::new(store.clone(), blobs, config).unwrap();
+    let cp = ControlPlane::with_clock(
+        Arc::clone(&backend.store),
+        blobs,
+        config,
+        Arc::new(shoal_core::clock::SystemClock),
+    )
+    .unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let base = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -257,27 +394,54 @@ fn main() {
     for round in 0..rounds {
         for (n, &clients) in client_counts.iter().enumerate() {
             let tag = format!("r{round}c{clients}");
-            let (before, cpu) = (rt.block_on(commits(&base)), cpu_seconds());
+            let measured = |r: &Round, what: &str, before: (u64, f64), cpu: f64, etcd| {
+                let cpu = cpu_seconds() - cpu;
+                let during = since(before, rt.block_on(commits(&base)));
+                let etcd = etcd_since(etcd, rt.block_on(backend.etcd_work()));
+                let members = backend.members();
+                print_round(
+                    what,
+                    clients,
+                    round,
+                    r,
+                    during,
+                    cpu,
+                    etcd.map(|w| (w, members)),
+                );
+            };
+            let before = (
+                rt.block_on(commits(&base)),
+                cpu_seconds(),
+                rt.block_on(backend.etcd_work()),
+            );
             let r = rt.block_on(applies(&base, &digest, &tag, clients, seconds));
-            let cpu = cpu_seconds() - cpu;
-            let during = since(before, rt.block_on(commits(&base)));
-            print_round("apply", clients, round, &r, during, cpu);
+            measured(&r, "apply", before.0, before.1, before.2);
             api[n].push(r);
 
-            let (before, cpu) = (rt.block_on(commits(&base)), cpu_seconds());
-            let r = store_txns(&store, &tag, clients, seconds);
-            let cpu = cpu_seconds() - cpu;
-            let during = since(before, rt.block_on(commits(&base)));
-            print_round("txn", clients, round, &r, during, cpu);
+            let before = (
+                rt.block_on(commits(&base)),
+                cpu_seconds(),
+                rt.block_on(backend.etcd_work()),
+            );
+            let r = store_txns(&*backend.store, &tag, clients, seconds);
+            measured(&r, "txn", before.0, before.1, before.2);
             raw[n].push(r);
         }
     }
     println!("| path | clients | median /s | spread /s | p99 (median round) | p99 spread |");
     println!("|---|---|---|---|---|---|");
     for (n, &clients) in client_counts.iter().enumerate() {
-        summary("apply (HTTP)", clients, &mut api[n]);
+        summary(
+            &format!("apply (HTTP), {}", backend.name),
+            clients,
+            &mut api[n],
+        );
     }
     for (n, &clients) in client_counts.iter().enumerate() {
-        summary("store txn", clients, &mut raw[n]);
+        summary(
+            &format!("store txn, {}", backend.name),
+            clients,
+            &mut raw[n],
+        );
     }
 }

@@ -41,10 +41,19 @@ pub(crate) fn copy_in(
     digest: &str,
 ) -> Result<(), ControlError> {
     let bytes = blobs.read(digest).map_err(ControlError::internal)?;
-    for (n, chunk) in bytes.chunks(CHUNK).enumerate() {
-        store.txn(Txn::new().then(Op::put(chunk_key(digest, n), chunk)))?;
+    for txn in chunk_writes(digest, &bytes) {
+        store.txn(txn)?;
     }
     Ok(())
+}
+
+/// The transactions that put module `digest`'s `bytes` into the store: one per chunk, each
+/// a third of etcd's request limit. Whoever writes them writes the module's record after.
+pub(crate) fn chunk_writes<'a>(digest: &'a str, bytes: &'a [u8]) -> impl Iterator<Item = Txn> + 'a {
+    bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(move |(n, chunk)| Txn::new().then(Op::put(chunk_key(digest, n), chunk)))
 }
 
 impl ControlPlane {

@@ -20,8 +20,8 @@ use crate::EtcdStore;
 
 /// The leader key. Under `/` like every key Shoal writes: the controller catches up with the
 /// store's revision through its watch of `/`, so a revision written outside it would make it
-/// wait for the next write inside.
-const LEADER_KEY: &str = "/leader";
+/// wait for the next write inside. It exists while a server runs on the store.
+pub const LEADER_KEY: &str = "/leader";
 
 /// How long a lease outlives its holder's last renewal: a dead leader is replaced after this.
 /// Short, as the takeover must come within 5 s; renewals go out every third of it.

@@ -40,11 +40,16 @@ mod leader;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use leader::{LEASE_TTL, Leadership};
+pub use leader::{LEADER_KEY, LEASE_TTL, Leadership};
 
 /// Keys per page when [`KvStore::range`] reads a prefix: each page is one etcd request, all
 /// read at the revision of the first so the whole range is one snapshot.
 const RANGE_PAGE: i64 = 1000;
+
+/// The largest range page or watch response the client decodes: any. A page is [`RANGE_PAGE`]
+/// keys and a watch response many revisions, each key up to etcd's request limit, far past
+/// gRPC's default of 4 MiB (1,000 keys of 4 KiB); the caller holds all of it anyway.
+const MAX_RESPONSE: usize = usize::MAX;
 
 /// Responses (each a batch of whole revisions) a watch may hold for a slow consumer before the
 /// task stops reading from etcd (etcd then keeps the rest for it, or reports them compacted).
@@ -208,6 +213,25 @@ impl EtcdStore {
         })
     }
 
+    /// How many keys the cluster holds, and the first of them, read without their values:
+    /// whether someone's state is there already, before a copy into it.
+    pub fn keys_held(&self) -> Result<(u64, Option<String>), StoreError> {
+        let mut resp = self.call(Retry::Read, |mut c| async move {
+            let options = GetOptions::new()
+                .with_all_keys()
+                .with_keys_only()
+                .with_limit(1);
+            c.get(vec![0], Some(options)).await
+        })?;
+        let count = resp.count().max(0) as u64;
+        let first = resp
+            .take_kvs()
+            .into_iter()
+            .next()
+            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned());
+        Ok((count, first))
+    }
+
     /// The client, for what the store contract does not cover (leader election on a lease).
     pub fn client(&self) -> Client {
         self.client.clone()
@@ -345,9 +369,10 @@ impl KvStore for EtcdStore {
                 .with_limit(RANGE_PAGE)
                 .with_revision(at);
             let key = start.clone();
-            let mut resp = self.call(Retry::Read, move |mut c| {
+            let mut resp = self.call(Retry::Read, move |c| {
                 let (key, options) = (key.clone(), options.clone());
-                async move { c.get(key, Some(options)).await }
+                let mut kv = c.kv_client().max_decoding_message_size(MAX_RESPONSE);
+                async move { kv.get(key, Some(options)).await }
             })?;
             if at == 0 {
                 at = header_revision(resp.header());
@@ -503,6 +528,8 @@ impl WatchTask {
         };
         let mut stream = self
             .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE)
             .watch(self.prefix.as_str(), Some(options))
             .await?;
         while let Some(resp) = stream.message().await? {

@@ -113,6 +113,37 @@ async fn a_watch_resumes_when_its_member_dies() {
     );
 }
 
+/// A range page and a watch's catch-up batch may each be far bigger than gRPC's default 4 MiB
+/// message (a page is 1,000 keys, each up to etcd's request limit): 8 MiB of keys read back
+/// whole, from a range and from a watch of their history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_and_watches_carry_more_than_four_mib() {
+    let etcd = EtcdCluster::single();
+    let kv = open(&etcd);
+    let writer = Arc::clone(&kv);
+    tokio::task::spawn_blocking(move || {
+        for t in 0..16 {
+            let txn = (0..64).fold(Txn::new(), |txn, i| {
+                txn.then(Op::put(format!("/big/{t:02}/{i:02}"), vec![t as u8; 8192]))
+            });
+            writer.txn(txn).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let reader = Arc::clone(&kv);
+    let (kvs, _) = tokio::task::spawn_blocking(move || reader.range("/big/"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(kvs.len(), 16 * 64);
+    let mut watch = kv.watch("/big/", 1).unwrap();
+    for expected in &kvs {
+        let event = contract::next(&mut watch).await;
+        assert_eq!(event.kv.key, expected.key);
+    }
+}
+
 /// Creates `key` and returns the revision that did, trying again (for up to a minute) after
 /// failures, which a dying leader may cause.
 fn create(kv: &dyn KvStore, key: &str) -> u64 {

@@ -68,9 +68,15 @@ impl BlobStore {
                 _ => {}
             }
         }
-        Ok(BlobStore {
+        Ok(BlobStore::at(dir))
+    }
+
+    /// The blob directory `dir` as it is, to read from: nothing is created or cleaned up, so
+    /// a copy of another server's modules (`shoal server migrate`) leaves them untouched.
+    pub fn at(dir: &Path) -> BlobStore {
+        BlobStore {
             dir: Arc::new(dir.to_owned()),
-        })
+        }
     }
 
     /// Streams a blob into the store, hashing it on the way, and fails with

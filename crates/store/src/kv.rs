@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
-use redb::{Database, ReadableDatabase, ReadableTable, Table};
+use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, Table};
 use tokio::sync::broadcast;
 
 use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_REVISION};
@@ -88,6 +88,67 @@ pub(crate) struct Inner {
     commits: RwLock<Option<CommitObserver>>,
 }
 
+/// A store file opened to be read and never written, as `shoal server migrate` copies it:
+/// nothing on disk changes, and it is refused with [`StoreError::InUse`] while a process has
+/// the file open as a [`Store`].
+pub struct ReadOnlyStore {
+    db: Readable,
+}
+
+enum Readable {
+    /// The file itself.
+    File(ReadOnlyDatabase),
+    /// A repaired copy of a file its last writer did not close (a killed server): redb
+    /// repairs only what it opens for writing, so that is done on a copy, never the file.
+    Repaired {
+        db: Database,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl ReadOnlyStore {
+    /// Opens the existing store file at `path`; one that needs a repair is copied into a
+    /// temporary directory and read from there.
+    pub fn open(path: &Path) -> Result<ReadOnlyStore, StoreError> {
+        match ReadOnlyDatabase::open(path) {
+            Ok(db) => Ok(ReadOnlyStore {
+                db: Readable::File(db),
+            }),
+            Err(redb::DatabaseError::RepairAborted) => {
+                let dir = tempfile::tempdir()?;
+                let copy = dir.path().join("state.redb");
+                std::fs::copy(path, &copy)?;
+                // A server that opened the file during the copy has it now, or has repaired
+                // it: refuse the first, and read the file itself in the second case.
+                match ReadOnlyDatabase::open(path) {
+                    Ok(db) => {
+                        return Ok(ReadOnlyStore {
+                            db: Readable::File(db),
+                        });
+                    }
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse),
+                    Err(_) => {}
+                }
+                tracing::info!(path = %path.display(), "the store was not closed cleanly: reading a repaired copy");
+                let db = Database::create(&copy)?;
+                Ok(ReadOnlyStore {
+                    db: Readable::Repaired { db, _dir: dir },
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// All keys starting with `prefix`, sorted by key, and the revision of that snapshot.
+    pub fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+        let rtx = match &self.db {
+            Readable::File(db) => db.begin_read()?,
+            Readable::Repaired { db, .. } => db.begin_read()?,
+        };
+        range_in(&rtx, prefix)
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store file at `path` with default options.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
@@ -153,19 +214,7 @@ impl Store {
     /// All keys starting with `prefix`, sorted by key, and the revision they were read at.
     /// Both come from one snapshot, so `watch(prefix, revision + 1)` continues exactly after it.
     pub fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        let rtx = self.inner.db.begin_read()?;
-        let revision = meta_get(&rtx.open_table(META)?, META_REVISION)?;
-        let kv = rtx.open_table(KV)?;
-        let mut out = Vec::new();
-        for item in kv.range(prefix..)? {
-            let (key, row) = item?;
-            let key = key.value();
-            if !key.starts_with(prefix) {
-                break;
-            }
-            out.push(kv_from_row(key, row.value()));
-        }
-        Ok((out, revision))
+        range_in(&self.inner.db.begin_read()?, prefix)
     }
 
     /// Writes `key`, returning the new revision.
@@ -444,6 +493,7 @@ fn duplicate(e: &StoreError) -> StoreError {
             current: *current,
         },
         StoreError::EmptyKey => StoreError::EmptyKey,
+        StoreError::InUse => StoreError::InUse,
         StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
         StoreError::Db(message) => StoreError::Db(message.clone()),
     }
@@ -626,6 +676,22 @@ impl Inner {
             caught_up: true,
         })
     }
+}
+
+/// [`Store::range`] in the snapshot `rtx`.
+fn range_in(rtx: &ReadTransaction, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
+    let revision = meta_get(&rtx.open_table(META)?, META_REVISION)?;
+    let kv = rtx.open_table(KV)?;
+    let mut out = Vec::new();
+    for item in kv.range(prefix..)? {
+        let (key, row) = item?;
+        let key = key.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        out.push(kv_from_row(key, row.value()));
+    }
+    Ok((out, revision))
 }
 
 fn meta_get(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
@@ -979,5 +1045,35 @@ mod tests {
         assert_eq!(store.get("/first").unwrap().unwrap().mod_revision, 1);
         assert!(store.range("/doomed/").unwrap().0.is_empty());
         assert_eq!(store.put("/after", vec![]).unwrap(), 2);
+    }
+
+    /// A file read while a store has it open is refused; one its writer never closed (copied
+    /// as a killed server left it) reads, through a repaired copy, with every committed write,
+    /// and is left as it was.
+    #[test]
+    fn a_read_only_open_is_refused_in_use_and_reads_a_file_left_unclosed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let store = Store::open(&path).unwrap();
+        store.put("/a", b"1".to_vec()).unwrap();
+        store.put("/b", b"2".to_vec()).unwrap();
+        assert!(matches!(ReadOnlyStore::open(&path), Err(StoreError::InUse)));
+
+        let left = dir.path().join("left.redb");
+        std::fs::copy(&path, &left).unwrap();
+        let bytes = std::fs::read(&left).unwrap();
+        let read = ReadOnlyStore::open(&left).unwrap();
+        let (kvs, revision) = read.range("/").unwrap();
+        assert_eq!(revision, 2);
+        assert_eq!(
+            kvs.iter().map(|kv| kv.value.clone()).collect::<Vec<_>>(),
+            [b"1".to_vec(), b"2".to_vec()]
+        );
+        drop(read);
+        assert_eq!(std::fs::read(&left).unwrap(), bytes, "left as it was");
+
+        drop(store);
+        let (kvs, _) = ReadOnlyStore::open(&path).unwrap().range("").unwrap();
+        assert_eq!(kvs.len(), 2, "a closed file is read in place");
     }
 }

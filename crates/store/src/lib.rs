@@ -7,6 +7,7 @@
 //! slotted in later without touching callers that hold an `Arc<dyn KvStore>`.
 //!
 //! [`blobs::BlobStore`] keeps uploaded wasm modules on disk, addressed by their SHA-256.
+//! [`ReadOnlyStore`] reads a store file without writing to it, for copying it elsewhere.
 //!
 //! # Blocking
 //! redb does blocking file I/O (every acknowledged write is fsync'd), so the [`Store`] methods
@@ -22,7 +23,7 @@ mod watch;
 
 pub use backend::{CommitObserver, KvStore, WatchStream};
 pub use blobs::{BlobError, BlobStore, PutBlob};
-pub use kv::{Store, StoreOptions};
+pub use kv::{ReadOnlyStore, Store, StoreOptions};
 pub use watch::Watcher;
 
 /// One key as stored, with etcd's bookkeeping.
@@ -188,13 +189,17 @@ pub enum StoreError {
     FutureRevision { revision: u64, current: u64 },
     #[error("keys must not be empty")]
     EmptyKey,
+    /// Another process has the store file open (redb's file lock): a running server.
+    #[error("the store file is open in another process")]
+    InUse,
     #[error("store I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("store database error: {0}")]
     Db(String),
 }
 
-/// Maps every redb error type into [`StoreError::Db`], keeping redb's readable message.
+/// Maps redb's error types into [`StoreError::Db`], keeping redb's readable message (a
+/// `DatabaseError` of a locked file is [`StoreError::InUse`], below).
 macro_rules! from_redb {
     ($($ty:ty),*) => {$(
         impl From<$ty> for StoreError {
@@ -206,9 +211,17 @@ macro_rules! from_redb {
 }
 from_redb!(
     redb::Error,
-    redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
     redb::CommitError
 );
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(e: redb::DatabaseError) -> StoreError {
+        match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            other => StoreError::Db(other.to_string()),
+        }
+    }
+}

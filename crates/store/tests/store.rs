@@ -494,7 +494,7 @@ fn reopen_keeps_everything() {
         s.delete("/b").unwrap();
         s.compact(2).unwrap();
         assert!(
-            matches!(Store::open(&path), Err(StoreError::Db(_))),
+            matches!(Store::open(&path), Err(StoreError::InUse)),
             "a second open of the same file is refused"
         );
     }
