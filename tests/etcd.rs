@@ -465,3 +465,66 @@ fn a_redb_state_migrates_into_etcd_and_serves_the_same_cluster() {
         "{over_a_server:?}"
     );
 }
+
+/// Servers sharing a store share the join token in force: one rotated at a server stops
+/// working at every other at once, and the new one works at all of them (and is in each one's
+/// join-token file, for its pools' workers).
+#[test]
+fn a_join_token_rotated_at_one_server_is_the_only_one_every_server_takes() {
+    let etcd = EtcdCluster::single();
+    let store = etcd.url();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Server::start_with(dirs[0].path(), &["--store", &store]);
+    copy_identity(
+        &dirs[0].path().join("server"),
+        &dirs[1].path().join("server"),
+    );
+    let mut second = Server::start_with(dirs[1].path(), &["--store", &store]);
+    let new_token = dirs[0].path().join("new-join-token");
+    first.cli_ok(&[
+        "token",
+        "rotate-join",
+        "--write",
+        new_token.to_str().unwrap(),
+    ]);
+    let token = std::fs::read_to_string(&new_token).unwrap();
+    assert_ne!(token, second.join_token);
+
+    // A node that got in would run until killed: it gets a deadline to be refused.
+    let mut old = std::process::Command::new(common::SHOAL)
+        .args(["node", "join", &second.api, "--node-name", "node-1"])
+        .arg("--data-dir")
+        .arg(dirs[1].path().join("node-1"))
+        .args(["--gateway", "127.0.0.1:0"])
+        .env("SHOAL_JOIN_TOKEN", &second.join_token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let refused = poll(Duration::from_secs(20), || {
+        old.try_wait().unwrap().is_some()
+    });
+    if !refused {
+        old.kill().unwrap();
+    }
+    let old = old.wait_with_output().unwrap();
+    assert!(
+        refused && !old.status.success(),
+        "the old token still joins"
+    );
+    assert!(String::from_utf8_lossy(&old.stderr).contains("refused the join token"));
+
+    second.join_token = token.clone();
+    let node = NodeProc::join(&second, "node-1", &[]);
+    assert!(
+        poll(Duration::from_secs(20), || {
+            first.cli_ok(&["get", "nodes"]).contains(&node.name)
+        }),
+        "node-1 never joined through the second server"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dirs[1].path().join("server/join-token")).unwrap(),
+        token,
+        "the second server keeps the token in force"
+    );
+}

@@ -421,9 +421,17 @@ fn bearer(req: &Request) -> Option<&str> {
 }
 
 async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    match bearer(&req) {
-        Some(t) if cp.join_token_matches(t) => next.run(req).await,
-        _ => ApiError::new(ErrorCode::Unauthorized,
+    let presented = bearer(&req).map(str::to_string);
+    // On a shared store the token in force is read from it: off the async workers.
+    let matches = match presented {
+        Some(t) => tokio::task::spawn_blocking(move || cp.join_token_matches(&t))
+            .await
+            .unwrap_or(false),
+        None => false,
+    };
+    match matches {
+        true => next.run(req).await,
+        false => ApiError::new(ErrorCode::Unauthorized,
             "joining needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
         )
         .into_response(),

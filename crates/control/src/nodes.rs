@@ -26,15 +26,70 @@ pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
     Ok(bytes)
 }
 
+/// Where servers sharing a store keep the join token in force, so that one rotated at any of
+/// them is the only one every one of them takes. Outside `/`: no watch or snapshot carries it.
+const SHARED_JOIN_TOKEN: &str = "cluster/join-token";
+
 impl ControlPlane {
-    /// Whether `presented` is the join token in force.
+    /// Whether `presented` is the join token in force. It reads the store when servers share
+    /// one (joins are rare), so a token rotated at another server stops working here at once.
     pub fn join_token_matches(&self, presented: &str) -> bool {
-        let current = self
+        match self.join_token() {
+            Ok(current) => constant_time_eq(presented.as_bytes(), current.as_bytes()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the join token in force");
+                false
+            }
+        }
+    }
+
+    /// The join token in force: this server's, or on a shared store the one stored there,
+    /// which this server then keeps (in memory and in its join-token file, for its pools'
+    /// workers) if it had another.
+    pub(crate) fn join_token(&self) -> Result<String, ControlError> {
+        let held = self
             .inner
             .join_token
             .read()
-            .unwrap_or_else(|p| p.into_inner());
-        constant_time_eq(presented.as_bytes(), current.as_bytes())
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !self.inner.config.shared_store {
+            return Ok(held);
+        }
+        let stored = match self.inner.store.get(SHARED_JOIN_TOKEN)? {
+            Some(kv) => String::from_utf8(kv.value)
+                .map_err(|_| ControlError::internal("the stored join token is not text"))?,
+            None => {
+                // The first server on the store puts its own; a race is settled by the store.
+                let put = Txn::new()
+                    .when_absent(SHARED_JOIN_TOKEN)
+                    .then(Op::put(SHARED_JOIN_TOKEN, held.as_bytes()));
+                if self.inner.store.txn(put)?.succeeded {
+                    return Ok(held);
+                }
+                return self.join_token();
+            }
+        };
+        if stored != held {
+            self.keep_join_token(&stored)?;
+        }
+        Ok(stored)
+    }
+
+    /// Makes `token` this server's join token, in its file first (a restart must not bring an
+    /// old one back), then in memory.
+    fn keep_join_token(&self, token: &str) -> Result<(), ControlError> {
+        if let Some(path) = &self.config().join_token_file {
+            shoal_tls::write_private(path, token.as_bytes()).map_err(|e| {
+                ControlError::internal(format!("cannot write {}: {e}", path.display()))
+            })?;
+        }
+        *self
+            .inner
+            .join_token
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = token.to_string();
+        Ok(())
     }
 
     /// A node presenting the join token gets its own credential, once per
@@ -152,16 +207,13 @@ impl ControlPlane {
         };
         let token = shoal_core::auth::join_token(ca_hash.as_deref(), &random_secret()?);
         let file = self.config().join_token_file.clone();
-        if let Some(path) = &file {
-            shoal_tls::write_private(path, token.as_bytes()).map_err(|e| {
-                ControlError::internal(format!("cannot write {}: {e}", path.display()))
-            })?;
+        if self.inner.config.shared_store {
+            // Every server takes the stored one from its next join on.
+            self.inner
+                .store
+                .txn(Txn::new().then(Op::put(SHARED_JOIN_TOKEN, token.as_bytes())))?;
         }
-        *self
-            .inner
-            .join_token
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = token.clone();
+        self.keep_join_token(&token)?;
         self.inner.store.txn(Txn::new().then(self.event_op(
             EventType::Normal,
             "JoinTokenRotated",

@@ -257,6 +257,12 @@ impl ControlPlane {
     ) {
         match action {
             Action::Start { node, .. } => {
+                // The token file the worker reads must hold the token in force, which another
+                // server sharing the store may have rotated.
+                let cp = self.clone();
+                if let Err(e) = blocking(move || cp.join_token()).await {
+                    tracing::warn!(error = %e, "node pools: cannot read the join token in force");
+                }
                 let started = match &pool.spec.provider {
                     None => start_local(host, pool, &node).map(|child| {
                         local.insert(node.clone(), child);

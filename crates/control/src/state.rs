@@ -213,6 +213,10 @@ impl ControlPlane {
             .store
             .observe_commits(Box::new(move |took| commits.observe(took.as_secs_f64())));
         cp.claim_stored_routes()?;
+        if cp.inner.config.shared_store {
+            // Another server sharing the store may have rotated the join token meanwhile.
+            cp.join_token()?;
+        }
         Ok(cp)
     }
 
