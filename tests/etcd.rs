@@ -528,3 +528,87 @@ fn a_join_token_rotated_at_one_server_is_the_only_one_every_server_takes() {
         "the second server keeps the token in force"
     );
 }
+
+/// `shoal server --store etcd://… --token-file FILE` on an empty data dir: the server takes
+/// the cluster's CA and secret key from the store, sealed there under the admin token by the
+/// first server, instead of having them copied by hand. The wrong token, no token, or a data
+/// dir of another cluster are refused with their reason.
+#[test]
+fn a_server_with_the_admin_token_and_an_empty_data_dir_takes_the_clusters_identity() {
+    let etcd = EtcdCluster::single();
+    let store = etcd.url();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let first = Server::start_with(dirs[0].path(), &["--store", &store]);
+    let token_file = dirs[0].path().join("server/token");
+    let stored = {
+        use shoal_store::KvStore;
+        let etcd = shoal_etcd::EtcdStore::connect(&shoal_etcd::EtcdConfig::parse(&store).unwrap())
+            .unwrap();
+        let kv = etcd
+            .get("cluster/identity")
+            .unwrap()
+            .expect("the identity is stored");
+        String::from_utf8(kv.value).unwrap()
+    };
+    for file in ["ca-key.pem", "secret.key"] {
+        let secret = std::fs::read_to_string(dirs[0].path().join("server").join(file)).unwrap();
+        let line = secret.lines().nth(1).unwrap_or(&secret).to_string();
+        assert!(
+            !stored.contains(&line),
+            "{file} is in the store in plain text"
+        );
+    }
+
+    let second = Server::start_with(
+        dirs[1].path(),
+        &[
+            "--store",
+            &store,
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    for file in ["token", "ca.pem", "ca-key.pem", "secret.key"] {
+        assert_eq!(
+            std::fs::read(dirs[1].path().join("server").join(file)).unwrap(),
+            std::fs::read(dirs[0].path().join("server").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // The join token in force is the cluster's too: a node joins through the second server
+    // and serves what it is given.
+    assert_eq!(second.join_token, first.join_token);
+    let node = NodeProc::join(&second, "node-1", &[]);
+    let spec = write_spec(
+        dirs[1].path(),
+        "hello.toml",
+        &example_spec("hello", 1, "Hello, second server"),
+    );
+    second.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    wait_greeting(&node, "Hello, second server");
+
+    let refused = |dir: &Path, extra: &[&str]| -> String {
+        let out = std::process::Command::new(common::SHOAL)
+            .args(["server", "--data-dir"])
+            .arg(dir.join("server"))
+            .args(["--api", "127.0.0.1:0", "--store", &store])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let empty = dirs[2].path().join("empty");
+    let said = refused(&empty, &[]);
+    assert!(said.contains("give this server its admin token"), "{said}");
+    let wrong = dirs[2].path().join("wrong-token");
+    std::fs::write(&wrong, "0".repeat(64)).unwrap();
+    let said = refused(&empty, &["--token-file", wrong.to_str().unwrap()]);
+    assert!(said.contains("another cluster's"), "{said}");
+    // A data dir with an identity of its own (a redb server's) is another cluster.
+    let other = dirs[2].path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    drop(Server::start(&other));
+    let said = refused(&other, &[]);
+    assert!(said.contains("belongs to another cluster"), "{said}");
+}

@@ -6,6 +6,7 @@ pub mod delete;
 pub mod describe;
 pub mod events;
 pub mod get;
+pub mod identity;
 pub mod job;
 pub mod kv;
 pub mod logs;

@@ -1,5 +1,7 @@
 use super::Context;
-use super::up::{ControlArgs, apply_files, init_tracing, shutdown_signal, start_control};
+use super::up::{
+    ControlArgs, SharedStore, apply_files, init_tracing, shutdown_signal, start_control,
+};
 use crate::exit;
 use anyhow::{Context as _, Result};
 use shoal_control::MigrateError;
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
   shoal server --api 0.0.0.0:7700 --tls-san cp.example.com
   shoal node join https://cp.example.com:7700 --token-file join.token   on each worker
   shoal server --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379
+  shoal server --store etcd://10.0.0.1:2379 --token-file token   another server of that cluster
   shoal server --store etcd://etcd.example.com:2379 --etcd-ca etcd-ca.pem \\
       --etcd-cert client.pem --etcd-key client-key.pem
   shoal server migrate --from /var/lib/shoal --to etcd://10.0.0.1:2379   redb state into etcd"
@@ -38,6 +41,11 @@ pub struct ServerArgs {
     /// The key of --etcd-cert (PEM).
     #[arg(long, value_name = "FILE", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// The admin token of the cluster already in --store (the `token` file of one of its
+    /// servers): with an empty data dir, this server takes the cluster's CA and secret key
+    /// from the store, sealed there under that token.
+    #[arg(long, value_name = "FILE", requires = "store")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand)]
@@ -94,19 +102,22 @@ fn etcd_config(
 }
 
 impl ServerArgs {
-    /// The etcd cluster `--store` names, with the TLS files.
-    fn etcd(&self) -> Result<Option<EtcdConfig>> {
+    /// The etcd cluster `--store` names, with the TLS files and the cluster's admin token.
+    fn etcd(&self) -> Result<Option<SharedStore>> {
         let Some(url) = &self.store else {
             return Ok(None);
         };
-        let config = etcd_config(
+        let etcd = etcd_config(
             url,
             self.etcd_ca.clone(),
             self.etcd_cert.clone(),
             self.etcd_key.clone(),
         )
         .context("--store")?;
-        Ok(Some(config))
+        Ok(Some(SharedStore {
+            etcd,
+            token_file: self.token_file.clone(),
+        }))
     }
 }
 

@@ -190,7 +190,7 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 /// A secret made once and kept in the data dir, readable by its owner only.
-fn load_or_create_secret(path: &Path) -> Result<String> {
+pub(crate) fn load_or_create_secret(path: &Path) -> Result<String> {
     load_or_create(path, |secret| hex::encode(secret))
 }
 
@@ -249,6 +249,13 @@ fn node_capacity(args: &NodeArgs) -> Result<Capacity> {
     })
 }
 
+/// An etcd cluster to keep the state in, and the admin token of the cluster already there,
+/// for a server that joins it with an empty data dir.
+pub struct SharedStore {
+    pub etcd: EtcdConfig,
+    pub token_file: Option<PathBuf>,
+}
+
 /// A running control plane: API served, controller started.
 pub struct StartedControl {
     pub control: ControlPlane,
@@ -263,10 +270,28 @@ pub struct StartedControl {
 pub async fn start_control(
     ctx: &Context,
     args: &ControlArgs,
-    etcd: Option<EtcdConfig>,
+    etcd: Option<SharedStore>,
 ) -> Result<StartedControl> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
+    // On a shared store the identity comes from it, or goes into it, before it is read here.
+    let etcd = match etcd {
+        Some(shared) => {
+            let endpoints = shared.etcd.endpoints.join(",");
+            let config = shared.etcd;
+            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&config))
+                .await?
+                .with_context(|| format!("cannot reach the etcd store at {endpoints}"))?;
+            let store = Arc::new(store);
+            let (settling, dir) = (Arc::clone(&store), data.clone());
+            tokio::task::spawn_blocking(move || {
+                super::identity::settle(&*settling, &dir, shared.token_file.as_deref())
+            })
+            .await??;
+            Some(store)
+        }
+        None => None,
+    };
     let token = load_or_create_secret(&data.join("token"))?;
     let ca = shoal_tls::Authority::load_or_create(&data)
         .map(Arc::new)
@@ -301,12 +326,7 @@ pub async fn start_control(
         ..ControlConfig::default()
     };
     let (control, etcd) = match etcd {
-        Some(etcd) => {
-            let endpoints = etcd.endpoints.join(",");
-            let store = tokio::task::spawn_blocking(move || EtcdStore::connect(&etcd))
-                .await?
-                .with_context(|| format!("cannot reach the etcd store at {endpoints}"))?;
-            let store = Arc::new(store);
+        Some(store) => {
             let control = ControlPlane::with_clock(
                 Arc::clone(&store) as Arc<dyn shoal_store::KvStore>,
                 blobs,

@@ -33,6 +33,79 @@ pub enum SecretError {
     Damaged,
 }
 
+fn seal_with(key: &Key, id: &str, binding: &[u8], plaintext: &[u8]) -> Sealed {
+    let cipher = XChaCha20Poly1305::new(key.as_ref().into());
+    let mut nonce = [0u8; 24];
+    getrandom::fill(&mut nonce).expect("the OS gives random bytes");
+    let data = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: binding,
+            },
+        )
+        .expect("sealing a value in memory cannot fail");
+    Sealed {
+        key: id.to_string(),
+        nonce: hex::encode(nonce),
+        data: hex::encode(data),
+    }
+}
+
+fn open_with(
+    key: &Key,
+    binding: &[u8],
+    sealed: &Sealed,
+) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+    let nonce = hex::decode(&sealed.nonce).map_err(|_| SecretError::Damaged)?;
+    let data = hex::decode(&sealed.data).map_err(|_| SecretError::Damaged)?;
+    if nonce.len() != 24 {
+        return Err(SecretError::Damaged);
+    }
+    XChaCha20Poly1305::new(key.as_ref().into())
+        .decrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &data,
+                aad: binding,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| SecretError::Damaged)
+}
+
+/// The key a passphrase stands for. Only for passphrases as strong as a key (Shoal's admin
+/// token is 32 random bytes): one hash, no stretching.
+fn passphrase_key(passphrase: &str) -> Key {
+    let mut hash = Sha256::new();
+    hash.update(b"shoal passphrase key v1\0");
+    hash.update(passphrase.as_bytes());
+    Zeroizing::new(hash.finalize().into())
+}
+
+/// `plaintext` sealed under a key derived from `passphrase` (a random token, not a word a
+/// person chose), bound to `binding`: for what must travel through a shared store to whoever
+/// holds the same token, as servers joining a cluster do.
+pub fn seal_with_passphrase(passphrase: &str, binding: &[u8], plaintext: &[u8]) -> Sealed {
+    seal_with(
+        &passphrase_key(passphrase),
+        "passphrase",
+        binding,
+        plaintext,
+    )
+}
+
+/// The plaintext of what [`seal_with_passphrase`] sealed, if `passphrase` and `binding` are
+/// those it was sealed with and it was not changed since.
+pub fn open_with_passphrase(
+    passphrase: &str,
+    binding: &[u8],
+    sealed: &Sealed,
+) -> Result<Zeroizing<Vec<u8>>, SecretError> {
+    open_with(&passphrase_key(passphrase), binding, sealed)
+}
+
 /// The file's content: keys by id, hex.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,23 +243,7 @@ impl Keyring {
 
     /// `plaintext` sealed with the primary key, bound to `binding`.
     pub fn seal(&self, binding: &[u8], plaintext: &[u8]) -> Sealed {
-        let cipher = XChaCha20Poly1305::new(self.keys[&self.primary].as_ref().into());
-        let mut nonce = [0u8; 24];
-        getrandom::fill(&mut nonce).expect("the OS gives random bytes");
-        let data = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: binding,
-                },
-            )
-            .expect("sealing a value in memory cannot fail");
-        Sealed {
-            key: self.primary.clone(),
-            nonce: hex::encode(nonce),
-            data: hex::encode(data),
-        }
+        seal_with(&self.keys[&self.primary], &self.primary, binding, plaintext)
     }
 
     /// The plaintext of `sealed`, if it was sealed with one of these keys for `binding` and
@@ -196,21 +253,7 @@ impl Keyring {
             .keys
             .get(&sealed.key)
             .ok_or_else(|| SecretError::UnknownKey(sealed.key.clone()))?;
-        let nonce = hex::decode(&sealed.nonce).map_err(|_| SecretError::Damaged)?;
-        let data = hex::decode(&sealed.data).map_err(|_| SecretError::Damaged)?;
-        if nonce.len() != 24 {
-            return Err(SecretError::Damaged);
-        }
-        XChaCha20Poly1305::new(key.as_ref().into())
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &data,
-                    aad: binding,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| SecretError::Damaged)
+        open_with(key, binding, sealed)
     }
 
     /// First step of a rotation: a new primary key, written to the file beside the old
@@ -240,6 +283,18 @@ impl Keyring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_passphrase_sealed_opens_only_with_it_and_its_binding() {
+        let sealed = seal_with_passphrase("token-a", b"identity", b"ca key");
+        assert_eq!(
+            &*open_with_passphrase("token-a", b"identity", &sealed).unwrap(),
+            b"ca key"
+        );
+        assert!(open_with_passphrase("token-b", b"identity", &sealed).is_err());
+        assert!(open_with_passphrase("token-a", b"other", &sealed).is_err());
+        assert!(!sealed.data.contains(&hex::encode(b"ca key")));
+    }
 
     #[test]
     fn values_open_only_where_they_were_sealed_and_a_rotation_keeps_them_readable() {
