@@ -142,6 +142,14 @@ fn store_txns(store: &dyn KvStore, tag: &str, threads: usize, seconds: u64) -> R
 
 /// Durable store commits so far and the seconds they took, as the control plane's own metric
 /// counts them.
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
 async fn commits(base: &str) -> (u64, f64) {
     let text = reqwest::Client::new()
         .get(format!("{base}/v1/metrics"))
@@ -152,12 +160,7 @@ async fn commits(base: &str) -> (u64, f64) {
         .text()
         .await
         .unwrap();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|n| n.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in the metrics"))
-    };
+    let value = |name: &str| metric(&text, name);
     (
         value("shoal_store_commit_duration_seconds_count") as u64,
         value("shoal_store_commit_duration_seconds_sum"),
@@ -183,12 +186,7 @@ async fn etcd_work(endpoints: &[String]) -> EtcdWork {
             .text()
             .await
             .unwrap();
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-                .and_then(|n| n.trim().parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("no {name} in etcd's metrics"))
-        };
+        let value = |name: &str| metric(&text, name);
         work.proposals = work
             .proposals
             .max(value("etcd_server_proposals_committed_total"));

@@ -187,33 +187,40 @@ mod tests {
         assert!(batches(&[]).is_empty());
     }
 
+    /// A redb state in a temp dir recording one module, `module`, whose bytes are in the blob
+    /// store beside it: the dir, the state's path, the blobs and the module's digest.
+    fn source_with_module(module: &[u8]) -> (tempfile::TempDir, PathBuf, BlobStore, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let bytes = bytes::Bytes::from(module.to_vec());
+        let digest = rt
+            .block_on(blobs.put_stream(
+                futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes)]),
+                u64::MAX,
+            ))
+            .unwrap()
+            .digest;
+        Store::open(&path)
+            .unwrap()
+            .put(keys::module(&digest).as_str(), b"{}".to_vec())
+            .unwrap();
+        (dir, path, blobs, digest)
+    }
+
     /// A state with a module copied into another store, then again into the same one: every
     /// key arrives byte for byte and the chunks read back as the module; the second copy is
     /// stopped by the first key it finds there, and the source file is not changed.
     #[test]
     fn a_copy_carries_every_key_and_module_and_never_overwrites() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
-        let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
         let module = vec![3u8; 1_300_000];
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let digest = rt
-            .block_on(blobs.put_stream(
-                futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
-                    module.clone(),
-                ))]),
-                u64::MAX,
-            ))
-            .unwrap()
-            .digest;
+        let (dir, path, blobs, digest) = source_with_module(&module);
         {
             let store = Store::open(&path).unwrap();
-            store
-                .put(keys::module(&digest).as_str(), b"{}".to_vec())
-                .unwrap();
             for i in 0..200 {
                 store
                     .put(&format!("/apps/default/a{i:03}"), vec![i as u8; 100])
@@ -284,28 +291,10 @@ mod tests {
     #[test]
     fn a_copy_into_etcd_keeps_within_its_limits() {
         let etcd = shoal_etcd::testing::EtcdCluster::single();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("state.redb");
-        let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
         let module: Vec<u8> = (0..1_300_000u32).map(|i| i as u8).collect();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let digest = rt
-            .block_on(blobs.put_stream(
-                futures::stream::iter([Ok::<_, std::convert::Infallible>(bytes::Bytes::from(
-                    module.clone(),
-                ))]),
-                u64::MAX,
-            ))
-            .unwrap()
-            .digest;
+        let (_dir, path, blobs, digest) = source_with_module(&module);
         {
             let store = Store::open(&path).unwrap();
-            store
-                .put(keys::module(&digest).as_str(), b"{}".to_vec())
-                .unwrap();
             let biggest = "/kv/default/big/one";
             store
                 .put(biggest, vec![1; LARGEST - biggest.len()])
