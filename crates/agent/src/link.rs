@@ -4,13 +4,12 @@
 //! `LocalLink` of `shoal up`, live in `shoal-api` and `shoal-control`.
 
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, CertificateRequest, Client, ClientError, Delta, IngressCertificate, IssuedCertificate,
-    JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage, ReplicaIncident,
-    ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
+    AppCpu, CertificateRequest, Changes, Client, ClientError, Delta, IngressCertificate,
+    IssuedCertificate, JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting, WatchBroken,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -379,10 +378,18 @@ impl Link for RemoteLink {
         })
     }
 
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>> {
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<Changes>> {
         let path = format!("/v1/cluster/watch?from={}", after + 1);
         Box::pin(async move {
-            let resp = self.call(self.api().request(Method::GET, &path)).await?;
+            let resp = match self
+                .api()
+                .checked(self.api().request(Method::GET, &path))
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) if e.code() == Some("compacted") => return Err(LinkError::Compacted),
+                Err(e) => return Err(failed(e)),
+            };
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
             Ok(deltas(tokio_util::io::StreamReader::new(bytes)))
         })
@@ -439,25 +446,38 @@ impl Link for RemoteLink {
 
 /// The watch stream's deltas, one JSON line each. A broken line, or one longer than
 /// [`MAX_DELTA_LINE`], ends the stream rather than be skipped: the agent then re-reads the
-/// snapshot instead of missing a change.
-fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> BoxStream<'static, Delta> {
+/// snapshot instead of missing a change. A connection that breaks ends it with
+/// [`WatchBroken`]: the changes after the last line are asked for again. The server ends a
+/// watch it cannot go on with cleanly, so a clean end is not one to resume.
+fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> Changes {
+    use tokio_util::codec::LinesCodecError;
     let codec = tokio_util::codec::LinesCodec::new_with_max_length(MAX_DELTA_LINE);
     tokio_util::codec::FramedRead::new(reader, codec)
-        .map(
-            |line| match line.map(|l| serde_json::from_str::<Delta>(&l)) {
-                Ok(Ok(delta)) => Some(delta),
-                Ok(Err(e)) => {
+        .map(|line| match line {
+            Ok(line) => match serde_json::from_str::<Delta>(&line) {
+                Ok(delta) => Some(Ok(delta)),
+                Err(e) => {
                     tracing::warn!(error = %e, "unreadable change from the control plane");
                     None
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "watch connection ended");
-                    None
-                }
             },
-        )
-        .take_while(|delta| futures::future::ready(delta.is_some()))
-        .filter_map(futures::future::ready)
+            Err(LinesCodecError::Io(e)) => {
+                tracing::debug!(error = %e, "watch connection broke");
+                Some(Err(WatchBroken))
+            }
+            Err(e @ LinesCodecError::MaxLineLengthExceeded) => {
+                tracing::warn!(error = %e, "a change too long to read from the control plane");
+                None
+            }
+        })
+        // Up to the first end: a broken connection is passed on as the last item.
+        .scan(false, |broke, item| {
+            if *broke {
+                return futures::future::ready(None);
+            }
+            *broke = matches!(item, Some(Err(WatchBroken)));
+            futures::future::ready(item)
+        })
         .boxed()
 }
 
@@ -481,10 +501,30 @@ mod tests {
             "x".repeat(MAX_DELTA_LINE)
         );
         let text = [line(1), line(2), huge, line(4)].concat();
-        let read: Vec<u64> = deltas(std::io::Cursor::new(text.into_bytes()))
-            .map(|d| d.revision)
+        let read: Vec<_> = deltas(std::io::Cursor::new(text.into_bytes()))
+            .map(|d| d.map(|d| d.revision))
             .collect()
             .await;
-        assert_eq!(read, [1, 2]);
+        assert_eq!(
+            read,
+            [Ok(1), Ok(2)],
+            "ended, not as broken: the snapshot is read again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_breaks_ends_the_watch_as_broken() {
+        let pieces = [
+            Ok(bytes::Bytes::from(line(1))),
+            Ok(bytes::Bytes::from(line(2))),
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            Ok(bytes::Bytes::from(line(3))),
+        ];
+        let reader = tokio_util::io::StreamReader::new(futures::stream::iter(pieces));
+        let read: Vec<_> = deltas(reader)
+            .map(|d| d.map(|d| d.revision))
+            .collect()
+            .await;
+        assert_eq!(read, [Ok(1), Ok(2), Err(WatchBroken)]);
     }
 }

@@ -15,7 +15,7 @@ mod link;
 mod types;
 
 pub use client::{Client, ClientError};
-pub use link::{Link, LinkError, LinkResult};
+pub use link::{Changes, Link, LinkError, LinkResult, WatchBroken};
 pub use types::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,
