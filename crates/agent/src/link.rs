@@ -2,6 +2,10 @@
 //! plane, over HTTP with its own credential through the shared
 //! [`shoal_api::Client`]. The [`Link`] trait it implements, and the in-process
 //! `LocalLink` of `shoal up`, live in `shoal-api` and `shoal-control`.
+//!
+//! Given several servers of the cluster, every call goes to the current one and
+//! fails over to the others ([`Servers`]); a watch follows: it ends, resumable,
+//! when the link leaves the server it is on.
 
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
@@ -9,7 +13,8 @@ use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
     AppCpu, CertificateRequest, Changes, Client, ClientError, Delta, IngressCertificate,
     IssuedCertificate, JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage,
-    ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting, WatchBroken,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, Resend, Servers, Snapshot, VolumeUsage,
+    Waiting, WatchBroken,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -30,6 +35,11 @@ const MODULE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest line of the watch stream (one revision's changes) the agent reads; past it the
 /// stream ends and the agent reads the snapshot again, rather than buffer without bound.
 const MAX_DELTA_LINE: usize = 32 << 20;
+
+/// How often a watch looks whether the link has left its server: a server that vanished
+/// without closing its connections is found out by the calls that time out there (a
+/// heartbeat every second), and the watch then follows them to the next server.
+const FOLLOW_PERIOD: Duration = Duration::from_secs(1);
 
 /// Whether a fetched module is on disk whole: a crash or a full disk must not
 /// leave a truncated file that every later start trusts.
@@ -94,22 +104,23 @@ pub fn http_client(ca: &str) -> LinkResult<reqwest::Client> {
         .map_err(|e| LinkError::Failed(e.to_string()))
 }
 
-/// Gets node `node` its own credential from the control plane at `base`,
-/// with the join token: `POST /v1/cluster/join`.
+/// Gets node `node` its own credential from the control plane at `servers`,
+/// with the join token: `POST /v1/cluster/join`. Sent to another server only
+/// when refused a connection: a second join of one name is refused.
 pub async fn join(
     http: &reqwest::Client,
-    base: &str,
+    servers: &Servers,
     join_token: &str,
     node: &str,
 ) -> Result<JoinResponse, ClientError> {
-    let api = Client::with_http(http.clone(), base, join_token);
+    let api = Client::with_http(http.clone(), servers.clone(), join_token);
     let req = api
         .request(Method::POST, "/v1/cluster/join")
         .json(&JoinRequest {
             node: node.to_string(),
         })
         .timeout(CALL_TIMEOUT);
-    api.send(req).await
+    api.send_as(req, Resend::IfUnsent).await
 }
 
 /// How a node joins again by itself when the control plane no longer takes
@@ -123,10 +134,12 @@ pub struct Rejoin {
 }
 
 /// A control plane reached over HTTP with the node's own credential (which
-/// `shoal node join` gets with the join token the first time).
+/// `shoal node join` gets with the join token the first time), at any of its
+/// servers.
 pub struct RemoteLink {
     http: reqwest::Client,
-    base: String,
+    /// Shared with `api`, so a new credential keeps the server the calls go to.
+    servers: Servers,
     /// Carries the node's credential; replaced when the node joins again.
     api: std::sync::RwLock<Client>,
     rejoin: Option<Rejoin>,
@@ -138,19 +151,23 @@ pub struct RemoteLink {
 }
 
 impl RemoteLink {
-    /// A link to the control plane at `base` over `http` (see [`http_client`]).
+    /// A link to the control plane at `servers` over `http` (see [`http_client`]).
     pub fn new(
         http: reqwest::Client,
-        base: &str,
+        servers: Servers,
         credential: &str,
         modules: PathBuf,
     ) -> LinkResult<Self> {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
         Ok(RemoteLink {
-            api: std::sync::RwLock::new(Client::with_http(http.clone(), base, credential)),
+            api: std::sync::RwLock::new(Client::with_http(
+                http.clone(),
+                servers.clone(),
+                credential,
+            )),
             http,
-            base: base.to_string(),
+            servers,
             rejoin: None,
             modules,
             fetching: std::sync::Mutex::default(),
@@ -167,9 +184,19 @@ impl RemoteLink {
         self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sends, and wants any 2xx.
-    async fn call(&self, req: RequestBuilder) -> LinkResult<Response> {
-        self.api().checked(req).await.map_err(failed)
+    /// Sends, and wants any 2xx; at another server too if this one does not answer and
+    /// `resend` allows.
+    async fn call(&self, req: RequestBuilder, resend: Resend) -> LinkResult<Response> {
+        self.api().checked_as(req, resend).await.map_err(failed)
+    }
+
+    /// [`RemoteLink::call`], decoding the JSON answer.
+    async fn fetch<T: serde::de::DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        resend: Resend,
+    ) -> LinkResult<T> {
+        self.api().send_as(req, resend).await.map_err(failed)
     }
 
     fn post(&self, path: &str) -> RequestBuilder {
@@ -186,7 +213,7 @@ impl RemoteLink {
             ));
         };
         let token = rejoin.token.read().map_err(LinkError::Failed)?;
-        let identity = join(&self.http, &self.base, &token, &rejoin.node)
+        let identity = join(&self.http, &self.servers, &token, &rejoin.node)
             .await
             .map_err(failed)?;
         let bytes = serde_json::to_vec(&identity).expect("an identity serialises");
@@ -196,8 +223,11 @@ impl RemoteLink {
                 rejoin.identity_file.display()
             ))
         })?;
-        *self.api.write().unwrap_or_else(|p| p.into_inner()) =
-            Client::with_http(self.http.clone(), &self.base, &identity.credential);
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Client::with_http(
+            self.http.clone(),
+            self.servers.clone(),
+            &identity.credential,
+        );
         tracing::warn!(node = %rejoin.node, "joined the control plane again with the join token");
         Ok(())
     }
@@ -223,11 +253,11 @@ impl Link for RemoteLink {
                     .json(&node)
                     .timeout(CALL_TIMEOUT)
             };
-            match self.api().checked(req()).await {
+            match self.api().checked_as(req(), Resend::Idempotent).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
                     self.join_again().await?;
-                    self.call(req()).await.map(|_| ())
+                    self.call(req(), Resend::Idempotent).await.map(|_| ())
                 }
                 Err(e) => Err(failed(e)),
             }
@@ -241,7 +271,7 @@ impl Link for RemoteLink {
                 .post(&path)
                 .json(&usage)
                 .timeout(Duration::from_secs(2));
-            match self.api().checked(req).await {
+            match self.api().checked_as(req, Resend::Idempotent).await {
                 Ok(_) => Ok(()),
                 // The control plane does not know this node, or no longer takes
                 // its credential (its state was reset, or the node was deleted):
@@ -263,7 +293,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{}/reports", report.node);
         Box::pin(async move {
             let req = self.post(&path).json(&report).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -271,7 +301,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/metrics");
         Box::pin(async move {
             let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Counts since the last call: received twice, they would count twice.
+            self.call(req, Resend::IfUnsent).await.map(|_| ())
         })
     }
 
@@ -279,7 +310,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/cpu");
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Running totals: the same the second time.
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -287,7 +319,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/waiting");
         Box::pin(async move {
             let req = self.post(&path).json(&waiting).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -299,7 +331,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/certificate");
         Box::pin(async move {
             let req = self.post(&path).json(&request).timeout(CALL_TIMEOUT);
-            let issued: IssuedCertificate = self.api().send(req).await.map_err(failed)?;
+            // A second certificate for the same key does no harm.
+            let issued: IssuedCertificate = self.fetch(req, Resend::Idempotent).await?;
             Ok(issued.certificate)
         })
     }
@@ -316,7 +349,7 @@ impl Link for RemoteLink {
         );
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -324,7 +357,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/ingress");
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -340,8 +373,13 @@ impl Link for RemoteLink {
             app.namespace, app.name
         );
         Box::pin(async move {
+            // Every operation but an increment does the same the second time.
+            let resend = match op {
+                KvOp::Increment { .. } => Resend::IfUnsent,
+                _ => Resend::Idempotent,
+            };
             let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, resend).await
         })
     }
 
@@ -353,7 +391,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/volumes");
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -361,7 +399,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{}/incidents", incident.node);
         Box::pin(async move {
             let req = self.post(&path).json(&incident).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Each one is an event: received twice, it would be told twice.
+            self.call(req, Resend::IfUnsent).await.map(|_| ())
         })
     }
 
@@ -371,10 +410,15 @@ impl Link for RemoteLink {
                 .api()
                 .request(Method::GET, "/v1/cluster/snapshot")
                 .timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(|e| match e {
-                ClientError::Decode(e) => LinkError::Failed(format!("unreadable snapshot: {e}")),
-                other => failed(other),
-            })
+            self.api()
+                .send_as(req, Resend::Idempotent)
+                .await
+                .map_err(|e| match e {
+                    ClientError::Decode(e) => {
+                        LinkError::Failed(format!("unreadable snapshot: {e}"))
+                    }
+                    other => failed(other),
+                })
         })
     }
 
@@ -383,15 +427,20 @@ impl Link for RemoteLink {
         Box::pin(async move {
             let resp = match self
                 .api()
-                .checked(self.api().request(Method::GET, &path))
+                .checked_as(self.api().request(Method::GET, &path), Resend::Idempotent)
                 .await
             {
                 Ok(resp) => resp,
                 Err(e) if e.code() == Some("compacted") => return Err(LinkError::Compacted),
                 Err(e) => return Err(failed(e)),
             };
+            let on = self.servers.of(resp.url().as_str());
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
-            Ok(deltas(tokio_util::io::StreamReader::new(bytes)))
+            let changes = deltas(tokio_util::io::StreamReader::new(bytes));
+            Ok(match on {
+                Some(on) => following(changes, self.servers.clone(), on),
+                None => changes,
+            })
         })
     }
 
@@ -417,6 +466,7 @@ impl Link for RemoteLink {
                     self.api()
                         .request(Method::GET, &format!("/v1/cluster/modules/{digest}"))
                         .timeout(MODULE_TIMEOUT),
+                    Resend::Idempotent,
                 )
                 .await?;
             let bytes = resp
@@ -481,6 +531,44 @@ fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> Changes {
         .boxed()
 }
 
+/// `changes` from server `on`, ended as broken once calls no longer go there: the watch then
+/// resumes where the calls went.
+fn following(changes: Changes, servers: Servers, on: usize) -> Changes {
+    enum Step {
+        Item(Option<Result<Delta, WatchBroken>>),
+        Look,
+    }
+    let mut look = tokio::time::interval(FOLLOW_PERIOD);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(Some((changes, look)), move |state| {
+        let servers = servers.clone();
+        async move {
+            let (mut changes, mut look) = state?;
+            loop {
+                let step = tokio::select! {
+                    item = changes.next() => Step::Item(item),
+                    _ = look.tick() => Step::Look,
+                };
+                match step {
+                    Step::Item(Some(Ok(delta))) => return Some((Ok(delta), Some((changes, look)))),
+                    Step::Item(Some(Err(broken))) => return Some((Err(broken), None)),
+                    Step::Item(None) => return None,
+                    Step::Look if servers.index() != on => {
+                        tracing::info!(
+                            from = servers.urls()[on],
+                            to = servers.current(),
+                            "the link moved to another server; the watch follows"
+                        );
+                        return Some((Err(WatchBroken), None));
+                    }
+                    Step::Look => {}
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,5 +614,32 @@ mod tests {
             .collect()
             .await;
         assert_eq!(read, [Ok(1), Ok(2), Err(WatchBroken)]);
+    }
+
+    #[tokio::test]
+    async fn a_watch_ends_as_broken_once_the_link_leaves_its_server() {
+        let servers = Servers::parse("http://a:1,http://b:1").unwrap();
+        // A quiet watch: nothing comes, and the connection stays up.
+        let quiet: Changes = futures::stream::pending().boxed();
+        let mut watch = following(quiet, servers.clone(), 0);
+        let first = tokio::time::timeout(FOLLOW_PERIOD * 3, watch.next()).await;
+        assert!(first.is_err(), "it waits while the link stays: {first:?}");
+        servers.failed(0);
+        let next = tokio::time::timeout(FOLLOW_PERIOD * 3, watch.next())
+            .await
+            .expect("it ends once the link has moved");
+        assert_eq!(next, Some(Err(WatchBroken)));
+        assert_eq!(watch.next().await, None);
+        // Deltas pass through, and an end is passed on as it is.
+        let some: Changes = futures::stream::iter([Ok(Delta {
+            revision: 7,
+            changes: Vec::new(),
+        })])
+        .boxed();
+        let read: Vec<_> = following(some, servers.clone(), 1)
+            .map(|d| d.map(|d| d.revision))
+            .collect()
+            .await;
+        assert_eq!(read, [Ok(7)]);
     }
 }
