@@ -35,6 +35,21 @@ pub struct ContextEntry {
     pub ca: Option<String>,
 }
 
+impl ContextEntry {
+    /// This context with `server` among its servers, after the others if it is new: what a
+    /// server sharing the store of the servers already listed writes.
+    pub fn with_server(&self, server: &str) -> ContextEntry {
+        let mut servers: Vec<&str> = self.server.split(',').map(str::trim).collect();
+        if !servers.contains(&server) {
+            servers.push(server);
+        }
+        ContextEntry {
+            server: servers.join(","),
+            ..self.clone()
+        }
+    }
+}
+
 pub fn default_config_path() -> PathBuf {
     let base = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)
@@ -277,5 +292,24 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("current = \"default\""), "{text}");
         assert_eq!(CliConfig::load(&path).unwrap().contexts.len(), 1);
+    }
+
+    #[test]
+    fn servers_of_one_store_add_themselves_to_their_context_once() {
+        let first = ContextEntry {
+            server: "https://10.0.0.1:7700".into(),
+            token: "t".into(),
+            ca: None,
+        };
+        let two = first.with_server("https://10.0.0.2:7700");
+        assert_eq!(two.server, "https://10.0.0.1:7700,https://10.0.0.2:7700");
+        // A server starting again on its address is listed once, where it was.
+        let again = two.with_server("https://10.0.0.1:7700");
+        assert_eq!(again.server, two.server);
+        assert_eq!(
+            Servers::parse(&again.server).unwrap().urls().len(),
+            2,
+            "what the CLI reads back"
+        );
     }
 }
