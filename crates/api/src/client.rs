@@ -166,8 +166,9 @@ impl Client {
 
     /// Sends and decodes the JSON answer.
     pub async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
-        let resp = self.checked(req).await?;
-        resp.json().await.map_err(ClientError::Decode)
+        let req = self.build(req)?;
+        let resend = Resend::by_method(req.method());
+        self.decoded(req, resend).await
     }
 
     /// [`Client::send`], resent to other servers as `resend` says.
@@ -176,8 +177,8 @@ impl Client {
         req: RequestBuilder,
         resend: Resend,
     ) -> Result<T, ClientError> {
-        let resp = self.checked_as(req, resend).await?;
-        resp.json().await.map_err(ClientError::Decode)
+        let req = self.build(req)?;
+        self.decoded(req, resend).await
     }
 
     /// Sends, and fails on a non-2xx answer. Reads go to the next server after any failure,
@@ -228,6 +229,68 @@ impl Client {
         })
     }
 
+    /// The JSON answer to `req`. An answer that breaks off before its end is a call that
+    /// failed too: the server is left, and an idempotent request goes once more, to the next
+    /// one.
+    async fn decoded<T: DeserializeOwned>(
+        &self,
+        req: Request,
+        resend: Resend,
+    ) -> Result<T, ClientError> {
+        let again = match resend {
+            Resend::Idempotent => req.try_clone(),
+            Resend::IfUnsent => None,
+        };
+        let resp = status_checked(self.attempt(req, resend).await?).await?;
+        let from = self.servers.of(resp.url().as_str());
+        let e = match resp.json().await {
+            Ok(answer) => return Ok(answer),
+            Err(e) => e,
+        };
+        // Garbage in a whole answer is no broken connection: the server is not to blame.
+        let cut = !std::error::Error::source(&e).is_some_and(|s| s.is::<serde_json::Error>());
+        let Some(from) = from.filter(|_| cut) else {
+            return Err(ClientError::Decode(e));
+        };
+        self.left(from, &e.to_string());
+        let to = self.servers.order(from).nth(1).filter(|&to| to != from);
+        match to
+            .zip(again)
+            .and_then(|(to, again)| self.copy_for(&again, to))
+        {
+            Some(req) => {
+                let resp = status_checked(self.attempt(req, resend).await?).await?;
+                resp.json().await.map_err(ClientError::Decode)
+            }
+            None => Err(ClientError::Decode(e)),
+        }
+    }
+
+    /// A copy of `req` (made for one of the servers) for server `to`; `None` if its body
+    /// cannot be copied (a stream).
+    fn copy_for(&self, req: &Request, to: usize) -> Option<Request> {
+        let made_for = self.servers.of(req.url().as_str())?;
+        let path = req
+            .url()
+            .as_str()
+            .strip_prefix(self.servers.url(made_for))?;
+        let mut copy = req.try_clone()?;
+        *copy.url_mut() = reqwest::Url::parse(&format!("{}{path}", self.servers.url(to))).ok()?;
+        Some(copy)
+    }
+
+    /// Server `server` failed a call, `why`: later calls start past it.
+    fn left(&self, server: usize, why: &str) {
+        if self.servers.failed(server) {
+            tracing::warn!(
+                server = self.servers.url(server),
+                next = self.servers.current(),
+                error = why,
+                "a server of the control plane failed a call; calls go to the next one"
+            );
+        }
+    }
+
     /// Sends `req` to the server it was made for, then, while a server fails it and `resend`
     /// allows, to the next ones, each once. A server that fails is left: later calls start
     /// at the one after it. One round per call: callers that try again pace themselves.
@@ -241,37 +304,24 @@ impl Client {
                 .await
                 .map_err(|source| ClientError::Send { base: url, source });
         };
-        let path = url[self.servers.url(server).len()..].to_string();
         let mut rest = self.servers.order(server).skip(1);
         let mut req = req;
         let mut tried = Vec::new();
         loop {
             // The request for the next server, made before this one consumes it: a body that
             // is a stream cannot be copied, and such a request is sent once.
-            let next = rest.next().and_then(|n| {
-                let mut copy = req.try_clone()?;
-                *copy.url_mut() =
-                    reqwest::Url::parse(&format!("{}{path}", self.servers.url(n))).ok()?;
-                Some((n, copy))
-            });
+            let next = rest.next().and_then(|n| Some((n, self.copy_for(&req, n)?)));
             tried.push(self.servers.url(server));
             let (failure, outcome) = match self.http.execute(req).await {
                 Ok(resp) if !resp.status().is_server_error() => return Ok(resp),
                 Ok(resp) => (Failure::ServerError, Ok(resp)),
                 Err(e) => (Failure::of(&e), Err(e)),
             };
-            if self.servers.failed(server) {
-                let why = match &outcome {
-                    Ok(resp) => resp.status().to_string(),
-                    Err(e) => e.to_string(),
-                };
-                tracing::warn!(
-                    server = self.servers.url(server),
-                    next = self.servers.current(),
-                    error = %why,
-                    "a server of the control plane failed a call; calls go to the next one"
-                );
-            }
+            let why = match &outcome {
+                Ok(resp) => resp.status().to_string(),
+                Err(e) => e.to_string(),
+            };
+            self.left(server, &why);
             match next {
                 Some((n, copy)) if failure.resend(resend) => (server, req) = (n, copy),
                 _ => {
@@ -356,9 +406,11 @@ mod tests {
                     let Some((status, body)) = route(&path, authed) else {
                         return;
                     };
+                    // "cut": the head and part of the body, then the connection closes.
+                    let length = if status == "cut" { 100 } else { body.len() };
+                    let status = if status == "cut" { "200 OK" } else { status };
                     let resp = format!(
-                        "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
+                        "HTTP/1.1 {status}\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n{body}"
                     );
                     let _ = conn.write_all(resp.as_bytes()).await;
                 });
@@ -494,6 +546,40 @@ mod tests {
                 .unwrap();
             assert_eq!(live_seen.load(Ordering::SeqCst), 2);
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_broken_off_sends_an_idempotent_request_on() {
+        fn cut(_: &str, _: bool) -> Option<(&'static str, String)> {
+            Some(("cut", r#"{"authed":"#.into()))
+        }
+        let (cutting, cutting_seen) = server_with(cut).await;
+        let (live, live_seen) = server_with(api).await;
+        let client = Client::new(servers(&[&cutting, &live]), "secret");
+        let err = client
+            .send::<serde_json::Value>(client.request(Method::POST, "/ok"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Decode(_)), "{err:?}");
+        assert_eq!(live_seen.load(Ordering::SeqCst), 0, "a POST may have acted");
+        assert_eq!(
+            client.base(),
+            live.trim_end_matches('/'),
+            "the server is left"
+        );
+        client.servers().failed(1);
+        let answer: serde_json::Value = client.get("/ok").await.unwrap();
+        assert_eq!(answer["authed"], true);
+        assert_eq!(cutting_seen.load(Ordering::SeqCst), 2);
+        assert_eq!(live_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(client.base(), live.trim_end_matches('/'));
+        // Garbage in a whole answer is not a broken connection: not sent again.
+        let err = client
+            .get::<serde_json::Value>("/garbage")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Decode(_)), "{err:?}");
+        assert_eq!(live_seen.load(Ordering::SeqCst), 2);
     }
 
     #[test]
