@@ -5,7 +5,7 @@
 use anyhow::{Context as _, Result, anyhow};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use shoal_api::ClientError;
+use shoal_api::{ClientError, Resend, Servers};
 use std::path::{Path, PathBuf};
 
 /// What `shoal up` and `shoal server` write so that other verbs find their cluster, as
@@ -26,11 +26,28 @@ pub struct CliConfig {
 /// One cluster the CLI can talk to.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct ContextEntry {
+    /// The API's URL, or the URLs of several servers of the cluster, comma-separated (as
+    /// `--server` takes them).
     pub server: String,
     pub token: String,
     /// The cluster CA's certificate, PEM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+}
+
+impl ContextEntry {
+    /// This context with `server` among its servers, after the others if it is new: what a
+    /// server sharing the store of the servers already listed writes.
+    pub fn with_server(&self, server: &str) -> ContextEntry {
+        let mut servers: Vec<&str> = self.server.split(',').map(str::trim).collect();
+        if !servers.contains(&server) {
+            servers.push(server);
+        }
+        ContextEntry {
+            server: servers.join(","),
+            ..self.clone()
+        }
+    }
 }
 
 pub fn default_config_path() -> PathBuf {
@@ -124,7 +141,7 @@ pub struct Client {
 }
 
 impl Client {
-    /// The server and token from the flags, or else from the CLI config; the CA from
+    /// The servers and token from the flags, or else from the CLI config; the CA from
     /// `--ca-file`, or else the config's (when there is one).
     pub fn new(
         server: Option<String>,
@@ -134,6 +151,10 @@ impl Client {
         context: Option<&str>,
     ) -> Result<Client> {
         let path = config.unwrap_or_else(default_config_path);
+        if let Some(given) = &server {
+            Servers::parse(given)
+                .map_err(|e| crate::exit::usage(format!("--server/SHOAL_SERVER: {e}")))?;
+        }
         let (server, token, ca) = match (server, token) {
             (Some(s), Some(t)) => {
                 let ca = CliConfig::load(&path)
@@ -161,9 +182,12 @@ impl Client {
         Client::connect(&server, &token, ca.as_deref())
     }
 
-    /// A client of the API at `server` with `token`, trusting the cluster CA `ca` (PEM).
+    /// A client of the API at `server` (one URL, or several of one cluster, comma-separated)
+    /// with `token`, trusting the cluster CA `ca` (PEM).
     pub fn connect(server: &str, token: &str, ca: Option<&str>) -> Result<Client> {
-        let mut http = reqwest::Client::builder();
+        let servers = Servers::parse(server).with_context(|| format!("the server {server:?}"))?;
+        // A server that does not take a connection within this is left for the next one.
+        let mut http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
         if let Some(pem) = ca {
             let cert = reqwest::Certificate::from_pem(pem.as_bytes())
                 .context("the cluster CA is not a PEM certificate")?;
@@ -171,7 +195,7 @@ impl Client {
         }
         let http = http.build().context("cannot set up the HTTP client")?;
         Ok(Client {
-            api: shoal_api::Client::with_http(http, server, token),
+            api: shoal_api::Client::with_http(http, servers, token),
         })
     }
 
@@ -184,15 +208,37 @@ impl Client {
         self.api.send(req).await.map_err(said)
     }
 
+    /// [`Client::send`] for a request that does the same sent twice (an apply, a
+    /// content-addressed upload): sent on to the next server even after one received it
+    /// and did not answer.
+    pub async fn send_idempotent<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<T> {
+        self.api
+            .send_as(req, Resend::Idempotent)
+            .await
+            .map_err(said)
+    }
+
     /// Sends and fails on a non-2xx status with the server's error message.
     pub async fn checked(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         self.api.checked(req).await.map_err(said)
+    }
+
+    /// Sends and hands back the answer whatever its status, for a caller that reads a 4xx
+    /// itself.
+    pub async fn answer(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        self.api.answer(req).await.map_err(said)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.api.get(path).await.map_err(said)
     }
 }
+
+/// How long the CLI waits for a server to take a connection before it counts as down.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A failed call, said for a person at a terminal, classified for the exit code.
 fn said(e: ClientError) -> anyhow::Error {
@@ -246,5 +292,24 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("current = \"default\""), "{text}");
         assert_eq!(CliConfig::load(&path).unwrap().contexts.len(), 1);
+    }
+
+    #[test]
+    fn servers_of_one_store_add_themselves_to_their_context_once() {
+        let first = ContextEntry {
+            server: "https://10.0.0.1:7700".into(),
+            token: "t".into(),
+            ca: None,
+        };
+        let two = first.with_server("https://10.0.0.2:7700");
+        assert_eq!(two.server, "https://10.0.0.1:7700,https://10.0.0.2:7700");
+        // A server starting again on its address is listed once, where it was.
+        let again = two.with_server("https://10.0.0.1:7700");
+        assert_eq!(again.server, two.server);
+        assert_eq!(
+            Servers::parse(&again.server).unwrap().urls().len(),
+            2,
+            "what the CLI reads back"
+        );
     }
 }

@@ -17,8 +17,10 @@ use std::process::ExitCode;
     about = "An orchestrator for WebAssembly components"
 )]
 struct Cli {
-    /// API server URL (default: from the CLI config written by `shoal up`).
-    #[arg(long, global = true, env = "SHOAL_SERVER")]
+    /// API server URL, or the URLs of several servers of one cluster, comma-separated: a
+    /// request that cannot reach one goes to the next (default: from the CLI config written by
+    /// `shoal up` and `shoal server`).
+    #[arg(long, global = true, env = "SHOAL_SERVER", value_name = "URL[,URL…]")]
     server: Option<String>,
     /// API token (default: from the CLI config).
     #[arg(long, global = true, env = "SHOAL_TOKEN", hide_env_values = true)]

@@ -218,6 +218,70 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
     );
 }
 
+/// `--server` (and `SHOAL_SERVER`) take several URLs of one cluster: a request that cannot
+/// reach the first goes to the next, reads and writes alike when the first refuses the
+/// connection; when none answers, the error names them all. A malformed list is a usage error.
+#[test]
+fn the_cli_goes_on_to_the_next_server_when_one_cannot_be_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let (_server, addr) = server(&dir.path().join("a"), &config, &[]);
+    let dead = format!("https://{}", common::free_addr());
+    let servers = format!("{dead},https://{addr}");
+    let shoal = |env: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::SHOAL);
+        cmd.args(args)
+            .env("SHOAL_CONFIG", &config)
+            .env_remove("SHOAL_SERVER");
+        if let Some(list) = env {
+            cmd.env("SHOAL_SERVER", list);
+        }
+        cmd.output().unwrap()
+    };
+    let ok = |out: std::process::Output| {
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert!(
+        ok(shoal(
+            None,
+            &["--server", &servers, "get", "nodes", "-o", "json"]
+        ))
+        .contains('[')
+    );
+    ok(shoal(
+        Some(&servers),
+        &[
+            "config",
+            "create",
+            "via-the-second",
+            "--from-literal",
+            "k=v",
+        ],
+    ));
+    assert!(ok(shoal(None, &["config", "get"])).contains("via-the-second"));
+
+    let other_dead = format!("https://{}", common::free_addr());
+    let none = shoal(
+        None,
+        &["--server", &format!("{dead},{other_dead}"), "get", "apps"],
+    );
+    assert_eq!(none.status.code(), Some(5), "{none:?}");
+    let said = String::from_utf8(none.stderr).unwrap();
+    assert!(said.contains(&dead) && said.contains(&other_dead), "{said}");
+
+    let bad = shoal(
+        None,
+        &[
+            "--server",
+            &format!("{dead},,https://{addr}"),
+            "get",
+            "apps",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+}
+
 /// Reads `lines` until one satisfies `ok`, for up to 30 s; whether one did.
 fn line_until(lines: &std::sync::mpsc::Receiver<String>, ok: impl Fn(&str) -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

@@ -439,10 +439,22 @@ fn apps_call_each_other_by_service_name_across_nodes() {
 
 #[test]
 fn a_node_the_control_plane_forgot_registers_again() {
-    let (dir, mut server, _nodes) = cluster(1, &[]);
+    let (dir, mut server, nodes) = cluster(1, &[]);
     assert!(poll(Duration::from_secs(20), || {
         server.api_json("/v1/nodes").as_array().unwrap().len() == 1
     }));
+    // Changes the node's watch brings (it is cordoned and uncordoned), so that its view is at
+    // a revision the new state will not reach for a while.
+    for i in 0..50 {
+        let verb = if i % 2 == 0 { "cordon" } else { "uncordon" };
+        let resp = server
+            .http()
+            .post(format!("{}/v1/nodes/node-1/{verb}", server.api))
+            .bearer_auth(&server.token)
+            .send()
+            .unwrap();
+        assert!(resp.status().is_success(), "{verb}: {}", resp.status());
+    }
     // The control plane comes back with its tokens but without its state:
     // the node's heartbeats answer 404, and it joins again by itself.
     server.kill();
@@ -459,5 +471,20 @@ fn a_node_the_control_plane_forgot_registers_again() {
         }),
         "{}",
         server.api_json("/v1/nodes")
+    );
+    // It reads the new state whole: its watch does not go on at a revision of the old one.
+    let spec = common::write_spec(
+        dir.path(),
+        "hello.toml",
+        &common::example_spec("hello", 1, "Hello after the reset"),
+    );
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        poll(Duration::from_secs(30), || matches!(
+            nodes[0].get("/hello"),
+            Ok((200, body)) if body.contains("Hello after the reset")
+        )),
+        "the node never served what was applied after the reset: {:?}",
+        nodes[0].get("/hello")
     );
 }

@@ -4,7 +4,10 @@
 
 mod common;
 
-use common::{Load, NodeProc, Server, app_row, example_spec, faulty_scaled, poll, write_spec};
+use common::{
+    Load, NodeProc, Server, app_row, example_spec, expect_ok, faulty_scaled, poll, run_cli,
+    write_spec,
+};
 use shoal_etcd::testing::EtcdCluster;
 use std::path::Path;
 use std::sync::Arc;
@@ -96,6 +99,10 @@ fn a_server_on_etcd_serves_an_app_and_another_takes_over_its_state() {
     assert!(said.contains("servers share the store"), "{said}");
 }
 
+/// The tests that kill the leader and time the takeover run one at a time: two at once on a
+/// small machine would time each other's load.
+static TAKEOVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Apps the client applies at most (one replica each), so the test's work is bounded. The
 /// client runs unpaced (about 50 applies/s here), so this must outlast the takeover.
 const APPLIES: usize = 1_000;
@@ -120,6 +127,7 @@ fn leaders(servers: &[&Server]) -> Vec<usize> {
 /// there, placed by the new leader and started by its node, and no request fails.
 #[test]
 fn a_killed_leader_is_replaced_within_five_seconds() {
+    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
     let etcd = EtcdCluster::three();
     let store = etcd.url();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -611,4 +619,224 @@ fn a_server_with_the_admin_token_and_an_empty_data_dir_takes_the_clusters_identi
     drop(Server::start(&other));
     let said = refused(&other, &[]);
     assert!(said.contains("belongs to another cluster"), "{said}");
+}
+
+/// A copy of hello named `name`, routing `route`, one replica, written into `dir`.
+fn hello_copy(dir: &Path, name: &str, route: &str) -> std::path::PathBuf {
+    let text = example_spec("hello", 1, &format!("Hello from {name}"))
+        .replace("name = \"hello\"", &format!("name = \"{name}\""))
+        .replace("routes = [\"/hello\"]", &format!("routes = [\"{route}\"]"));
+    write_spec(dir, &format!("{name}.toml"), &text)
+}
+
+/// How long a node may be silent before the controller marks it NotReady (`--node-grace`).
+const GRACE: Duration = Duration::from_secs(3);
+
+/// Three servers on a three-member etcd, all started with one CLI context, which then lists
+/// all three; two nodes join with the three URLs, and the CLI is given them, the leader's
+/// first. The leader is killed with SIGKILL while users request an app at both gateways and
+/// the CLI applies apps: another server leads within 5 s; no request fails; the nodes'
+/// heartbeats go on (no node is judged silent, no replica replaced); applies go on through the
+/// CLI, whose first server is dead, and every acknowledged one is started by a node, which
+/// its watch, resumed at a live server, told of; an app applied after the kill is served by
+/// both nodes.
+#[test]
+fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
+    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    let etcd = EtcdCluster::three();
+    let store = etcd.url();
+    let shared = tempfile::tempdir().unwrap();
+    let config = shared.path().join("config.toml");
+    let config_arg = config.to_str().unwrap();
+    let args = ["--store", &store, "--config", config_arg, "--context", "ha"];
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers = vec![Server::start_with(dirs[0].path(), &args)];
+    for dir in &dirs[1..] {
+        copy_identity(&dirs[0].path().join("server"), &dir.path().join("server"));
+        servers.push(Server::start_with(dir.path(), &args));
+    }
+    let contexts = expect_ok(&[], run_cli(&config, &["config", "get-contexts"]));
+    for server in &servers {
+        assert!(contexts.contains(&server.api), "{contexts}");
+    }
+    let all: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(20), || leaders(&all).len() == 1),
+        "one leader: {:?}",
+        leaders(&all)
+    );
+    let leader = leaders(&all)[0];
+    drop(all);
+    let order: Vec<usize> = std::iter::once(leader)
+        .chain((0..3).filter(|&i| i != leader))
+        .collect();
+    let survivor = order[1];
+    let in_order: Vec<&Server> = order.iter().map(|&i| &servers[i]).collect();
+    let urls = in_order
+        .iter()
+        .map(|s| s.api.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    // Room for every copy of hello (50m of CPU each) the CLI applies.
+    let nodes: Vec<NodeProc> = (1..=2)
+        .map(|i| NodeProc::join_servers(&in_order, &format!("node-{i}"), &["--cpu", "64"]))
+        .collect();
+    let cli = {
+        let (config, urls) = (config.clone(), urls.clone());
+        move |args: &[&str]| run_cli(&config, &[&["--server", urls.as_str()], args].concat())
+    };
+    let spec = write_spec(
+        shared.path(),
+        "hello.toml",
+        &example_spec("hello", 2, "Hello from etcd"),
+    );
+    let apply = ["apply", "-f", spec.to_str().unwrap()];
+    expect_ok(&apply, cli(&apply));
+    for node in &nodes {
+        wait_greeting(node, "Hello from etcd");
+    }
+    let replicas = servers[survivor].replica_ids("hello");
+
+    let loads: Vec<Load> = nodes
+        .iter()
+        .map(|n| Load::start(format!("{}/hello", n.gateway)))
+        .collect();
+    // Applies through the CLI, a process each, before, during and after the kill.
+    let acked_count = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let applier = {
+        let (stop, count, dir, cli) = (
+            Arc::clone(&stop),
+            Arc::clone(&acked_count),
+            shared.path().to_path_buf(),
+            cli.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut acked, mut failed) = (Vec::new(), Vec::new());
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) && i < APPLIES {
+                let name = format!("a-{i}");
+                let file = hello_copy(&dir, &name, &format!("/a/{i}"));
+                let out = cli(&["apply", "-f", file.to_str().unwrap()]);
+                if out.status.success() {
+                    acked.push(name);
+                    count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+                i += 1;
+            }
+            (acked, failed)
+        })
+    };
+    assert!(
+        poll(Duration::from_secs(30), || acked_count
+            .load(Ordering::Relaxed)
+            >= 2),
+        "applies are flowing"
+    );
+
+    servers[leader].kill();
+    let killed = Instant::now();
+    let survivors: Vec<&Server> = order[1..].iter().map(|&i| &servers[i]).collect();
+    assert!(
+        poll(Duration::from_secs(10), || !leaders(&survivors).is_empty()),
+        "no new leader"
+    );
+    let takeover = killed.elapsed();
+    assert_eq!(leaders(&survivors).len(), 1, "exactly one new leader");
+    assert!(
+        takeover < Duration::from_secs(5),
+        "a new leader took {takeover:?}"
+    );
+    eprintln!("new leader after {takeover:?}");
+
+    // The CLI goes on applying past the dead first server.
+    let applied = acked_count.load(Ordering::Relaxed);
+    assert!(
+        poll(Duration::from_secs(30), || acked_count
+            .load(Ordering::Relaxed)
+            > applied + 3),
+        "applies go on after the kill: {} acknowledged",
+        acked_count.load(Ordering::Relaxed)
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (acked, failed) = applier.join().unwrap();
+    eprintln!("{} applies acknowledged", acked.len());
+    assert!(failed.is_empty(), "applies failed: {failed:?}");
+
+    // An app applied now, through the CLI whose first server is dead, reaches both nodes'
+    // gateways: only their watches bring it.
+    let after = hello_copy(shared.path(), "after", "/after");
+    let apply = ["apply", "-f", after.to_str().unwrap()];
+    expect_ok(&apply, cli(&apply));
+    for node in &nodes {
+        assert!(
+            poll(Duration::from_secs(60), || matches!(
+                node.get("/after"),
+                Ok((200, body)) if body.contains("Hello from after")
+            )),
+            "{} never served the app applied after the kill: {:?}",
+            node.name,
+            node.get("/after")
+        );
+    }
+    // Every acknowledged apply is started by a node: no delta was lost in the move.
+    let mut waiting = Vec::new();
+    let ok = poll(Duration::from_secs(60), || {
+        let replicas = servers[survivor].api_json("/v1/replicas");
+        let ready: Vec<&str> = replicas
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["phase"] == "Ready")
+            .map(|r| r["app"]["name"].as_str().unwrap())
+            .collect();
+        waiting = acked
+            .iter()
+            .filter(|a| !ready.contains(&a.as_str()))
+            .cloned()
+            .collect();
+        waiting.is_empty()
+    });
+    assert!(
+        ok,
+        "every acknowledged app is placed and started; not yet: {waiting:?}\n{}",
+        expect_ok(&[], cli(&["get", "replicas", "-A"]))
+    );
+    // Past two graces after the takeover, the nodes' heartbeats have gone on all along.
+    let watched_until = killed + takeover + 2 * GRACE;
+    let watched = poll(Duration::from_secs(30), || {
+        let nodes = servers[survivor].api_json("/v1/nodes");
+        let now = shoal_core::now_ms();
+        for node in nodes.as_array().unwrap() {
+            assert_eq!(node["state"], "Ready", "{node}");
+            let age = now.saturating_sub(node["last_heartbeat"].as_u64().unwrap());
+            assert!(age < GRACE.as_millis() as u64, "a silent node: {node}");
+        }
+        Instant::now() >= watched_until
+    });
+    assert!(watched);
+    let events = servers[survivor].api_json("/v1/events?limit=100000");
+    let judged: Vec<_> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["reason"].as_str(),
+                Some("NodeNotReady" | "NodeEvictionHeld")
+            )
+        })
+        .collect();
+    assert!(judged.is_empty(), "nodes judged silent: {judged:?}");
+    assert_eq!(
+        servers[survivor].replica_ids("hello"),
+        replicas,
+        "no replica of hello replaced"
+    );
+    for (node, r) in nodes.iter().zip(loads.into_iter().map(Load::stop)) {
+        assert!(r.ok > 0, "{}: {r:?}", node.name);
+        assert_eq!(r.failed, 0, "{}: {:?}", node.name, r.failures);
+    }
 }

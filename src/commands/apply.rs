@@ -135,11 +135,9 @@ pub async fn apply_file(
             })?;
             let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
             let known = client
-                .request(reqwest::Method::GET, &format!("/v1/modules/{digest}"))
-                .send()
+                .answer(client.request(reqwest::Method::GET, &format!("/v1/modules/{digest}")))
                 .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false);
+                .is_ok_and(|r| r.status().is_success());
             if !known {
                 if dry_run {
                     eprintln!(
@@ -148,8 +146,9 @@ pub async fn apply_file(
                         bytes.len()
                     );
                 } else {
+                    // Content-addressed: a second upload stores nothing new.
                     let resp: serde_json::Value = client
-                        .send(
+                        .send_idempotent(
                             client
                                 .request(reqwest::Method::POST, "/v1/modules")
                                 .body(upload_body(bytes, &path)),
@@ -194,7 +193,9 @@ pub async fn apply_file(
     // but cannot say on which line.
     for set in &spec.config_sets {
         let path = format!("/v1/configs/{}?namespace={}", set.name, spec.namespace);
-        let resp = client.request(reqwest::Method::GET, &path).send().await;
+        let resp = client
+            .answer(client.request(reqwest::Method::GET, &path))
+            .await;
         if resp.is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND) {
             let line = text
                 .lines()
@@ -212,7 +213,10 @@ pub async fn apply_file(
     for (field, refs) in [("env", &spec.secret_env), ("config", &spec.secret_config)] {
         for (name, r) in refs {
             let path = format!("/v1/secrets/{}?namespace={}", r.secret, spec.namespace);
-            let problem = match client.request(reqwest::Method::GET, &path).send().await {
+            let problem = match client
+                .answer(client.request(reqwest::Method::GET, &path))
+                .await
+            {
                 Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => format!(
                     "secret {} does not exist in namespace {}: create it with `shoal secret create {}`",
                     r.secret, spec.namespace, r.secret
@@ -249,8 +253,9 @@ pub async fn apply_file(
     } else {
         "/v1/apps"
     };
+    // Declarative: applied twice, the spec leaves the app as applied once.
     client
-        .send(client.request(reqwest::Method::POST, path).json(&spec))
+        .send_idempotent(client.request(reqwest::Method::POST, path).json(&spec))
         .await
         .with_context(|| format!("applying {}", file.display()))
 }

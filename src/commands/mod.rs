@@ -61,3 +61,8 @@ impl Context {
         )
     }
 }
+
+/// Reads `URL[,URL…]` for clap: the servers of one cluster.
+pub fn parse_servers(text: &str) -> Result<shoal_api::Servers, String> {
+    shoal_api::Servers::parse(text).map_err(|e| e.to_string())
+}

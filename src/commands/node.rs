@@ -4,7 +4,7 @@ use crate::client::{private_dir, write_private};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::{JoinToken, Rejoin, RemoteLink};
-use shoal_api::JoinResponse;
+use shoal_api::{JoinResponse, Resend, Servers};
 use shoal_core::auth::Credential;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use std::sync::Arc;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal node join https://cp:7700 --token-file join.token --gateway 0.0.0.0:8080 --advertise 10.0.0.5:8080
+  shoal node join https://cp-1:7700,https://cp-2:7700,https://cp-3:7700 --token-file join.token
+                                                  servers sharing an etcd store: fails over between them
   shoal node drain node-2                         move its replicas away, new before old
   shoal node uncordon node-2                      place replicas there again")]
 pub struct NodeCommand {
@@ -21,7 +23,7 @@ pub struct NodeCommand {
 
 #[derive(clap::Subcommand)]
 enum NodeAction {
-    /// Run a worker node that joins the control plane at URL.
+    /// Run a worker node that joins the control plane at URL (or at several servers of it).
     Join(Box<JoinArgs>),
     /// Stop placing new replicas on a node; what runs there stays.
     Cordon {
@@ -48,8 +50,11 @@ enum NodeAction {
 
 #[derive(clap::Args)]
 struct JoinArgs {
-    /// Control plane URL, e.g. http://10.0.0.1:7700.
-    url: String,
+    /// Control plane URL, e.g. https://10.0.0.1:7700; or the URLs of several servers of one
+    /// cluster (sharing an etcd store), comma-separated: the node calls the first and, when
+    /// one does not answer, the next, its watch resuming there.
+    #[arg(value_name = "URL[,URL…]", value_parser = super::parse_servers)]
+    servers: Servers,
     /// The cluster's join token (`join-token` in the server's data dir), needed the first
     /// time only: the node then keeps a credential of its own in its data dir. Prefer
     /// `--token-file` or the environment: a command line is visible to every user in `ps`.
@@ -114,8 +119,13 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let ca = cluster_ca(&args, &data).await?;
     let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name).await?;
-    let mut link = RemoteLink::new(http, &args.url, &identity.credential, data.join("modules"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut link = RemoteLink::new(
+        http,
+        args.servers.clone(),
+        &identity.credential,
+        data.join("modules"),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(token) = join_token(&args) {
         link = link.rejoin(Rejoin {
             node: name.clone(),
@@ -124,7 +134,7 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
         });
     }
     let node = start_node(&data, &args.node, name, Arc::new(link), &ca).await?;
-    println!("Shoal node {} joined {}", node.name, args.url);
+    println!("Shoal node {} joined {}", node.name, args.servers);
     node.print_addresses();
     shutdown_signal().await;
     println!("Shoal node is stopping");
@@ -133,8 +143,9 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
 
 /// The cluster CA, which the control plane's certificate (for an `https://`
 /// URL) and the certificates of the other nodes' gateways are checked
-/// against: the one kept in the data dir, or else the one the server
-/// presents, taken only if its hash is the one the join token carries.
+/// against: the one kept in the data dir, or else the one the first server
+/// that answers presents, taken only if its hash is the one the join token
+/// carries.
 async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
     let file = data.join("ca.pem");
     if let Ok(pem) = std::fs::read_to_string(&file) {
@@ -147,7 +158,7 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
     let Some(expected) = shoal_core::auth::join_token_ca_hash(&token) else {
         anyhow::bail!(
             "the join token carries no CA hash to check {} against: make a new one with `shoal token rotate-join`",
-            args.url
+            args.servers
         );
     };
     // Not trusted yet: what the server presents is taken only if it hashes to the token's.
@@ -155,22 +166,33 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
         .danger_accept_invalid_certs(true)
         .connect_timeout(std::time::Duration::from_secs(2))
         .build()?;
-    let pem = unchecked
-        .get(format!("{}/v1/cluster/ca", args.url.trim_end_matches('/')))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("cannot read the cluster CA from {}", args.url))?
-        .text()
-        .await?;
-    let presented = shoal_tls::ca_hash(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
-    anyhow::ensure!(
-        presented == expected,
-        "the server at {} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it",
-        args.url
-    );
-    write_private(&file, pem.as_bytes())?;
-    Ok(pem)
+    let mut unreachable = Vec::new();
+    for url in args.servers.urls() {
+        let read = async {
+            unchecked
+                .get(format!("{url}/v1/cluster/ca"))
+                .send()
+                .await?
+                .error_for_status()?
+                .text()
+                .await
+        };
+        let pem = match read.await {
+            Ok(pem) => pem,
+            Err(e) => {
+                unreachable.push(format!("{url}: {e}"));
+                continue;
+            }
+        };
+        let presented = shoal_tls::ca_hash(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(
+            presented == expected,
+            "the server at {url} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it"
+        );
+        write_private(&file, pem.as_bytes())?;
+        return Ok(pem);
+    }
+    anyhow::bail!("cannot read the cluster CA from {}", unreachable.join("; "))
 }
 
 /// This node's credential: the one in its data dir if the control plane
@@ -193,21 +215,25 @@ async fn identity(
             "the data dir {} belongs to node {owner}: run it with --node-name {owner}, or give node {name} a data dir of its own",
             data.display()
         );
-        let probe = shoal_api::Client::with_http(http.clone(), &args.url, &kept.credential)
-            .request(
-                reqwest::Method::POST,
-                &format!("/v1/cluster/nodes/{name}/heartbeat"),
+        let api =
+            shoal_api::Client::with_http(http.clone(), args.servers.clone(), &kept.credential);
+        let probe = api
+            .answer_as(
+                api.request(
+                    reqwest::Method::POST,
+                    &format!("/v1/cluster/nodes/{name}/heartbeat"),
+                ),
+                Resend::Idempotent,
             )
-            .send()
             .await
-            .with_context(|| format!("cannot reach the control plane at {}", args.url))?;
+            .with_context(|| format!("cannot reach the control plane at {}", args.servers))?;
         if probe.status() != reqwest::StatusCode::UNAUTHORIZED {
             return Ok(kept);
         }
         if join_token(args).is_none() {
             anyhow::bail!(
                 "the control plane at {} refused node {name}'s credential (was the node deleted?): join again with --token-file",
-                args.url
+                api.base()
             );
         }
         tracing::warn!(
@@ -219,12 +245,15 @@ async fn identity(
         .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
         .read()
         .map_err(|e| anyhow::anyhow!(e))?;
-    let identity = match shoal_agent::join(http, &args.url, &token, name).await {
+    let identity = match shoal_agent::join(http, &args.servers, &token, name).await {
         Ok(identity) => identity,
         Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
-            anyhow::bail!("the control plane at {} refused the join token", args.url)
+            anyhow::bail!(
+                "the control plane at {} refused the join token",
+                args.servers.current()
+            )
         }
-        Err(e) => return Err(e).context(format!("node {name} cannot join {}", args.url)),
+        Err(e) => return Err(e).context(format!("node {name} cannot join {}", args.servers)),
     };
     write_private(&file, &serde_json::to_vec(&identity)?)?;
     Ok(identity)

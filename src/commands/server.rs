@@ -133,7 +133,7 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     // The join token stays in its file: a terminal's scrollback or a log is no place for it.
     println!(
         "  join:     shoal node join {} --token-file {}",
-        c.server,
+        c.servers,
         c.data.join("join-token").display()
     );
     apply_files(&c, &args.control.apply).await?;

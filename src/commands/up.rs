@@ -260,6 +260,9 @@ pub struct SharedStore {
 pub struct StartedControl {
     pub control: ControlPlane,
     pub server: String,
+    /// The servers its CLI context lists, comma-separated: this one, and on a shared store
+    /// the others of the cluster started with the same context before it. What a node joins.
+    pub servers: String,
     pub token: String,
     /// The cluster CA's certificate, PEM.
     pub ca: String,
@@ -304,6 +307,7 @@ pub async fn start_control(
         .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
     let kv_bucket_bytes =
         parse_memory(&args.kv_bucket_size).map_err(|e| anyhow::anyhow!("--kv-bucket-size: {e}"))?;
+    let shared = etcd.is_some();
 
     let blobs = BlobStore::open(&data.join("modules"))?;
     let config = ControlConfig {
@@ -321,7 +325,7 @@ pub async fn start_control(
             Scheduling::Spread => shoal_scheduler::Strategy::Spread,
         },
         insecure_registries: args.insecure_registry.clone(),
-        shared_store: etcd.is_some(),
+        shared_store: shared,
         rebalance: !args.no_rebalance,
         ..ControlConfig::default()
     };
@@ -383,23 +387,30 @@ pub async fn start_control(
         shoal_control::ServeLimits::default(),
         tls,
     ));
-    // Its own context, made current; the CLI's other clusters stay.
+    // Its own context, made current; the CLI's other clusters stay. Servers on one shared
+    // store are one cluster: started with the same context, each adds itself to it.
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
     let mut config = CliConfig::load_or_new(&config_path)?;
     let name = ctx.context.clone().unwrap_or_else(|| addr.to_string());
-    config.contexts.insert(
-        name.clone(),
-        ContextEntry {
-            server: server.clone(),
-            token: token.clone(),
-            ca: Some(ca.pem().to_string()),
-        },
-    );
+    let entry = ContextEntry {
+        server: server.clone(),
+        token: token.clone(),
+        ca: Some(ca.pem().to_string()),
+    };
+    let entry = match config.contexts.get(&name) {
+        Some(old) if shared && old.token == entry.token && old.ca == entry.ca => {
+            old.with_server(&server)
+        }
+        _ => entry,
+    };
+    let servers = entry.server.clone();
+    config.contexts.insert(name.clone(), entry);
     config.current = Some(name);
     config.save(&config_path)?;
     Ok(StartedControl {
         control,
         server,
+        servers,
         token,
         ca: ca.pem().to_string(),
         data,

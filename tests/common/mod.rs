@@ -207,7 +207,7 @@ fn spawn(dir: &Path, extra: &[String]) -> (Child, String, String) {
 }
 
 /// The CLI with the given config file and nothing from the environment.
-fn run_cli(config: &Path, args: &[&str]) -> Output {
+pub fn run_cli(config: &Path, args: &[&str]) -> Output {
     Command::new(SHOAL)
         .args(args)
         .env("SHOAL_CONFIG", config)
@@ -218,7 +218,7 @@ fn run_cli(config: &Path, args: &[&str]) -> Output {
 }
 
 /// Insists a CLI run succeeded; returns its stdout.
-fn expect_ok(args: &[&str], out: Output) -> String {
+pub fn expect_ok(args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
         "shoal {args:?} failed:\nstdout: {}\nstderr: {}",
@@ -679,6 +679,21 @@ impl NodeProc {
         )
     }
 
+    /// A worker joining the servers `servers` of one cluster (sharing a store) with the URLs
+    /// of all of them, in that order: `shoal node join URL,URL…`.
+    pub fn join_servers(servers: &[&Server], name: &str, extra: &[&str]) -> NodeProc {
+        let urls: Vec<&str> = servers.iter().map(|s| s.api.as_str()).collect();
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            &servers[0].dir.join(name),
+            name,
+            &urls.join(","),
+            &servers[0].join_token,
+            &free_addr(),
+            extra,
+        )
+    }
+
     /// A worker joining the control plane of `shoal up` cluster `c`, beside its own node.
     pub fn join_up(c: &Cluster, name: &str, extra: &[&str]) -> NodeProc {
         let join_token =
@@ -718,7 +733,15 @@ impl NodeProc {
             .spawn()
             .expect("spawn shoal node join");
         let lines = read_lines(&mut child);
-        wait_line(&lines, "gateway:");
+        // A node that does not start is stopped, and its log shown.
+        let started = std::panic::catch_unwind(|| wait_line(&lines, "gateway:"));
+        if let Err(e) = started {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.with_extension("log")).unwrap_or_default();
+            eprintln!("---- {} did not start ----\n{log}", name);
+            std::panic::resume_unwind(e);
+        }
         NodeProc {
             child,
             name: name.to_string(),

@@ -21,10 +21,9 @@ pub use view::{ClusterView, IngressWanted, Touched};
 
 use probe::{Action, Backoff, Probe, ProbeState};
 
-use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, Delta, Link, LinkError, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    AppCpu, Changes, Link, LinkError, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
     VolumeUsage, Waiting,
 };
 use shoal_core::now_ms;
@@ -47,6 +46,15 @@ use tracing::Instrument;
 /// in its own view of the cluster: to resend a report the cluster lost while
 /// all is quiet, and put remote endpoints marked down back in rotation.
 const RESYNC: Duration = Duration::from_secs(2);
+
+/// Pause before watching again after a watch's connection broke.
+const WATCH_AGAIN: Duration = Duration::from_millis(100);
+
+/// Pauses between failed reads of the cluster state (snapshot, watch), each round having
+/// tried every server: from the first, doubling to the last, and from the first again once
+/// one succeeds.
+const READ_RETRY_START: Duration = Duration::from_millis(300);
+const READ_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Lines of output kept in memory per replica (the rest on disk, [`LOG_FILE_BYTES`]).
 const LOG_LINES: usize = 5000;
@@ -107,6 +115,10 @@ struct Inner {
     ingress: tokio::sync::watch::Sender<IngressWanted>,
     /// What each app revision's instances here do, for [`Agent::prometheus`].
     revisions: metrics::Revisions,
+    /// How many times the node registered again after the control plane said it did not know
+    /// it (its state was reset, the node deleted): the view is then read whole again, since a
+    /// watch resumed there may be going on in another store's history.
+    registered_again: tokio::sync::watch::Sender<u64>,
 }
 
 /// A replica this node runs.
@@ -148,6 +160,7 @@ impl Agent {
                 volumes: Mutex::new(HashMap::new()),
                 ingress: tokio::sync::watch::Sender::new(IngressWanted::new()),
                 revisions: metrics::Revisions::default(),
+                registered_again: tokio::sync::watch::Sender::new(0),
             }),
         };
         // The control plane reads replicas' output through this node's gateway.
@@ -235,47 +248,87 @@ impl Agent {
         }
         // What the gateway was last given per app, so only changed apps go again.
         let mut sent: HashMap<AppKey, AppTables> = HashMap::new();
+        let mut registered_again = self.inner.registered_again.subscribe();
+        let mut retry = READ_RETRY_START;
         loop {
             let snapshot = match self.inner.link.snapshot().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read cluster state; retrying");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(READ_RETRY_MAX);
                     continue;
                 }
             };
+            retry = READ_RETRY_START;
+            registered_again.mark_unchanged();
             let mut view = ClusterView::new(&self.inner.config.node, snapshot);
             self.reload(&view, &mut sent);
-            let mut changes = match self.inner.link.changes(view.revision()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch cluster state; retrying");
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    continue;
-                }
-            };
-            let mut resync = tokio::time::interval(RESYNC);
-            resync.tick().await;
+            // Watches, each from the last revision applied, at whichever server the link
+            // reaches: revisions are the store's, the same at every server.
             loop {
-                tokio::select! {
-                    next = changes.next() => {
-                        let Some(delta) = next else { break };
-                        let mut touched = Touched::default();
-                        view.apply(delta, &mut touched);
-                        if !apply_arrived(&mut changes, &mut view, &mut touched) {
-                            break;
-                        }
-                        self.inner.gateway.set_members(view.node_names());
-                        if !touched.apps.is_empty() {
-                            self.want_ingress(&view);
-                        }
-                        self.sync(&view, &touched, &mut sent);
+                let changes = match self.inner.link.changes(view.revision()).await {
+                    Ok(c) => c,
+                    Err(LinkError::Compacted) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch cluster state; retrying");
+                        tokio::time::sleep(retry).await;
+                        retry = (retry * 2).min(READ_RETRY_MAX);
+                        continue;
                     }
-                    _ = resync.tick() => self.resync(&view, &mut sent),
+                };
+                retry = READ_RETRY_START;
+                if !self
+                    .follow(changes, &mut view, &mut sent, &mut registered_again)
+                    .await
+                {
+                    break;
                 }
+                tracing::info!(
+                    revision = view.revision(),
+                    "watch connection broke; watching again from the last revision applied"
+                );
+                tokio::time::sleep(WATCH_AGAIN).await;
             }
-            tracing::debug!("watch ended; re-reading the cluster state");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tracing::debug!("the watch cannot go on; re-reading the cluster state");
+        }
+    }
+
+    /// Applies a watch's deltas to the view as they come, a sync after each burst, until it
+    /// ends: true if its connection broke (the changes after the view's revision are to be
+    /// asked for again), false if it cannot go on or the node had to register again (the
+    /// snapshot is to be read again).
+    async fn follow(
+        &self,
+        mut changes: Changes,
+        view: &mut ClusterView,
+        sent: &mut HashMap<AppKey, AppTables>,
+        registered_again: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> bool {
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                next = changes.next() => {
+                    let delta = match next {
+                        Some(Ok(delta)) => delta,
+                        end => return end.is_some(),
+                    };
+                    let mut touched = Touched::default();
+                    view.apply(delta, &mut touched);
+                    let ended = apply_arrived(&mut changes, view, &mut touched);
+                    self.inner.gateway.set_members(view.node_names());
+                    if !touched.apps.is_empty() {
+                        self.want_ingress(view);
+                    }
+                    self.sync(view, &touched, sent);
+                    if let Some(broke) = ended {
+                        return broke;
+                    }
+                }
+                _ = resync.tick() => self.resync(view, sent),
+                _ = registered_again.changed() => return false,
+            }
         }
     }
 
@@ -318,7 +371,10 @@ impl Agent {
                 .await
             {
                 Ok(()) => {}
-                Err(LinkError::Unregistered) => self.register().await,
+                Err(LinkError::Unregistered) => {
+                    self.register().await;
+                    self.inner.registered_again.send_modify(|n| *n += 1);
+                }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
             }
         }
@@ -1282,18 +1338,22 @@ fn sweep_logs(dir: &std::path::Path, running: &HashSet<String>, keep: Duration) 
 }
 
 /// Applies every delta that has already arrived, so that a burst of changes
-/// (a transaction's come as one delta; a replay, many) costs one sync. False
-/// if the watch ended meanwhile: the view is then to be read again.
+/// (a transaction's come as one delta; a replay, many) costs one sync. If the
+/// watch ended meanwhile, whether its connection broke ([`Agent::follow`]).
 fn apply_arrived(
-    changes: &mut BoxStream<'static, Delta>,
+    changes: &mut Changes,
     view: &mut ClusterView,
     touched: &mut Touched,
-) -> bool {
+) -> Option<bool> {
     while let Some(next) = changes.next().now_or_never() {
-        let Some(delta) = next else { return false };
-        view.apply(delta, touched);
+        match next {
+            Some(Ok(delta)) => {
+                view.apply(delta, touched);
+            }
+            end => return Some(end.is_some()),
+        }
     }
-    true
+    None
 }
 
 /// One probe: a GET of its path on a fresh instance, passing on 2xx or 3xx

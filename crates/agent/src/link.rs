@@ -2,15 +2,19 @@
 //! plane, over HTTP with its own credential through the shared
 //! [`shoal_api::Client`]. The [`Link`] trait it implements, and the in-process
 //! `LocalLink` of `shoal up`, live in `shoal-api` and `shoal-control`.
+//!
+//! Given several servers of the cluster, every call goes to the current one and
+//! fails over to the others ([`Servers`]); a watch follows: it ends, resumable,
+//! when the link leaves the server it is on.
 
 use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
 use shoal_api::{
-    AppCpu, CertificateRequest, Client, ClientError, Delta, IngressCertificate, IssuedCertificate,
-    JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage, ReplicaIncident,
-    ReplicaReport, ReplicaSecrets, Snapshot, VolumeUsage, Waiting,
+    AppCpu, CertificateRequest, Changes, Client, ClientError, Delta, IngressCertificate,
+    IssuedCertificate, JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, Resend, Servers, Snapshot, VolumeUsage,
+    Waiting, WatchBroken,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
@@ -31,6 +35,11 @@ const MODULE_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest line of the watch stream (one revision's changes) the agent reads; past it the
 /// stream ends and the agent reads the snapshot again, rather than buffer without bound.
 const MAX_DELTA_LINE: usize = 32 << 20;
+
+/// How often a watch looks whether the link has left its server: a server that vanished
+/// without closing its connections is found out by the calls that time out there (a
+/// heartbeat every second), and the watch then follows them to the next server.
+const FOLLOW_PERIOD: Duration = Duration::from_secs(1);
 
 /// Whether a fetched module is on disk whole: a crash or a full disk must not
 /// leave a truncated file that every later start trusts.
@@ -95,22 +104,23 @@ pub fn http_client(ca: &str) -> LinkResult<reqwest::Client> {
         .map_err(|e| LinkError::Failed(e.to_string()))
 }
 
-/// Gets node `node` its own credential from the control plane at `base`,
-/// with the join token: `POST /v1/cluster/join`.
+/// Gets node `node` its own credential from the control plane at `servers`,
+/// with the join token: `POST /v1/cluster/join`. Sent to another server only
+/// when refused a connection: a second join of one name is refused.
 pub async fn join(
     http: &reqwest::Client,
-    base: &str,
+    servers: &Servers,
     join_token: &str,
     node: &str,
 ) -> Result<JoinResponse, ClientError> {
-    let api = Client::with_http(http.clone(), base, join_token);
+    let api = Client::with_http(http.clone(), servers.clone(), join_token);
     let req = api
         .request(Method::POST, "/v1/cluster/join")
         .json(&JoinRequest {
             node: node.to_string(),
         })
         .timeout(CALL_TIMEOUT);
-    api.send(req).await
+    api.send_as(req, Resend::IfUnsent).await
 }
 
 /// How a node joins again by itself when the control plane no longer takes
@@ -124,10 +134,12 @@ pub struct Rejoin {
 }
 
 /// A control plane reached over HTTP with the node's own credential (which
-/// `shoal node join` gets with the join token the first time).
+/// `shoal node join` gets with the join token the first time), at any of its
+/// servers.
 pub struct RemoteLink {
     http: reqwest::Client,
-    base: String,
+    /// Shared with `api`, so a new credential keeps the server the calls go to.
+    servers: Servers,
     /// Carries the node's credential; replaced when the node joins again.
     api: std::sync::RwLock<Client>,
     rejoin: Option<Rejoin>,
@@ -139,19 +151,23 @@ pub struct RemoteLink {
 }
 
 impl RemoteLink {
-    /// A link to the control plane at `base` over `http` (see [`http_client`]).
+    /// A link to the control plane at `servers` over `http` (see [`http_client`]).
     pub fn new(
         http: reqwest::Client,
-        base: &str,
+        servers: Servers,
         credential: &str,
         modules: PathBuf,
     ) -> LinkResult<Self> {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
         Ok(RemoteLink {
-            api: std::sync::RwLock::new(Client::with_http(http.clone(), base, credential)),
+            api: std::sync::RwLock::new(Client::with_http(
+                http.clone(),
+                servers.clone(),
+                credential,
+            )),
             http,
-            base: base.to_string(),
+            servers,
             rejoin: None,
             modules,
             fetching: std::sync::Mutex::default(),
@@ -168,9 +184,19 @@ impl RemoteLink {
         self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Sends, and wants any 2xx.
-    async fn call(&self, req: RequestBuilder) -> LinkResult<Response> {
-        self.api().checked(req).await.map_err(failed)
+    /// Sends, and wants any 2xx; at another server too if this one does not answer and
+    /// `resend` allows.
+    async fn call(&self, req: RequestBuilder, resend: Resend) -> LinkResult<Response> {
+        self.api().checked_as(req, resend).await.map_err(failed)
+    }
+
+    /// [`RemoteLink::call`], decoding the JSON answer.
+    async fn fetch<T: serde::de::DeserializeOwned>(
+        &self,
+        req: RequestBuilder,
+        resend: Resend,
+    ) -> LinkResult<T> {
+        self.api().send_as(req, resend).await.map_err(failed)
     }
 
     fn post(&self, path: &str) -> RequestBuilder {
@@ -187,7 +213,7 @@ impl RemoteLink {
             ));
         };
         let token = rejoin.token.read().map_err(LinkError::Failed)?;
-        let identity = join(&self.http, &self.base, &token, &rejoin.node)
+        let identity = join(&self.http, &self.servers, &token, &rejoin.node)
             .await
             .map_err(failed)?;
         let bytes = serde_json::to_vec(&identity).expect("an identity serialises");
@@ -197,8 +223,11 @@ impl RemoteLink {
                 rejoin.identity_file.display()
             ))
         })?;
-        *self.api.write().unwrap_or_else(|p| p.into_inner()) =
-            Client::with_http(self.http.clone(), &self.base, &identity.credential);
+        *self.api.write().unwrap_or_else(|p| p.into_inner()) = Client::with_http(
+            self.http.clone(),
+            self.servers.clone(),
+            &identity.credential,
+        );
         tracing::warn!(node = %rejoin.node, "joined the control plane again with the join token");
         Ok(())
     }
@@ -224,11 +253,11 @@ impl Link for RemoteLink {
                     .json(&node)
                     .timeout(CALL_TIMEOUT)
             };
-            match self.api().checked(req()).await {
+            match self.api().checked_as(req(), Resend::Idempotent).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
                     self.join_again().await?;
-                    self.call(req()).await.map(|_| ())
+                    self.call(req(), Resend::Idempotent).await.map(|_| ())
                 }
                 Err(e) => Err(failed(e)),
             }
@@ -242,7 +271,7 @@ impl Link for RemoteLink {
                 .post(&path)
                 .json(&usage)
                 .timeout(Duration::from_secs(2));
-            match self.api().checked(req).await {
+            match self.api().checked_as(req, Resend::Idempotent).await {
                 Ok(_) => Ok(()),
                 // The control plane does not know this node, or no longer takes
                 // its credential (its state was reset, or the node was deleted):
@@ -264,7 +293,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{}/reports", report.node);
         Box::pin(async move {
             let req = self.post(&path).json(&report).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -272,7 +301,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/metrics");
         Box::pin(async move {
             let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Counts since the last call: received twice, they would count twice.
+            self.call(req, Resend::IfUnsent).await.map(|_| ())
         })
     }
 
@@ -280,7 +310,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/cpu");
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Running totals: the same the second time.
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -288,7 +319,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/waiting");
         Box::pin(async move {
             let req = self.post(&path).json(&waiting).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            self.call(req, Resend::Idempotent).await.map(|_| ())
         })
     }
 
@@ -300,7 +331,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/certificate");
         Box::pin(async move {
             let req = self.post(&path).json(&request).timeout(CALL_TIMEOUT);
-            let issued: IssuedCertificate = self.api().send(req).await.map_err(failed)?;
+            // A second certificate for the same key does no harm.
+            let issued: IssuedCertificate = self.fetch(req, Resend::Idempotent).await?;
             Ok(issued.certificate)
         })
     }
@@ -317,7 +349,7 @@ impl Link for RemoteLink {
         );
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -325,7 +357,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/ingress");
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -341,8 +373,13 @@ impl Link for RemoteLink {
             app.namespace, app.name
         );
         Box::pin(async move {
+            // Every operation but an increment does the same the second time.
+            let resend = match op {
+                KvOp::Increment { .. } => Resend::IfUnsent,
+                _ => Resend::Idempotent,
+            };
             let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, resend).await
         })
     }
 
@@ -354,7 +391,7 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{node}/volumes");
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(failed)
+            self.fetch(req, Resend::Idempotent).await
         })
     }
 
@@ -362,7 +399,8 @@ impl Link for RemoteLink {
         let path = format!("/v1/cluster/nodes/{}/incidents", incident.node);
         Box::pin(async move {
             let req = self.post(&path).json(&incident).timeout(CALL_TIMEOUT);
-            self.call(req).await.map(|_| ())
+            // Each one is an event: received twice, it would be told twice.
+            self.call(req, Resend::IfUnsent).await.map(|_| ())
         })
     }
 
@@ -372,19 +410,37 @@ impl Link for RemoteLink {
                 .api()
                 .request(Method::GET, "/v1/cluster/snapshot")
                 .timeout(CALL_TIMEOUT);
-            self.api().send(req).await.map_err(|e| match e {
-                ClientError::Decode(e) => LinkError::Failed(format!("unreadable snapshot: {e}")),
-                other => failed(other),
-            })
+            self.api()
+                .send_as(req, Resend::Idempotent)
+                .await
+                .map_err(|e| match e {
+                    ClientError::Decode(e) => {
+                        LinkError::Failed(format!("unreadable snapshot: {e}"))
+                    }
+                    other => failed(other),
+                })
         })
     }
 
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>> {
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<Changes>> {
         let path = format!("/v1/cluster/watch?from={}", after + 1);
         Box::pin(async move {
-            let resp = self.call(self.api().request(Method::GET, &path)).await?;
+            let resp = match self
+                .api()
+                .checked_as(self.api().request(Method::GET, &path), Resend::Idempotent)
+                .await
+            {
+                Ok(resp) => resp,
+                Err(e) if e.code() == Some("compacted") => return Err(LinkError::Compacted),
+                Err(e) => return Err(failed(e)),
+            };
+            let on = self.servers.of(resp.url().as_str());
             let bytes = resp.bytes_stream().map_err(std::io::Error::other);
-            Ok(deltas(tokio_util::io::StreamReader::new(bytes)))
+            let changes = deltas(tokio_util::io::StreamReader::new(bytes));
+            Ok(match on {
+                Some(on) => following(changes, self.servers.clone(), on),
+                None => changes,
+            })
         })
     }
 
@@ -410,6 +466,7 @@ impl Link for RemoteLink {
                     self.api()
                         .request(Method::GET, &format!("/v1/cluster/modules/{digest}"))
                         .timeout(MODULE_TIMEOUT),
+                    Resend::Idempotent,
                 )
                 .await?;
             let bytes = resp
@@ -439,26 +496,77 @@ impl Link for RemoteLink {
 
 /// The watch stream's deltas, one JSON line each. A broken line, or one longer than
 /// [`MAX_DELTA_LINE`], ends the stream rather than be skipped: the agent then re-reads the
-/// snapshot instead of missing a change.
-fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> BoxStream<'static, Delta> {
+/// snapshot instead of missing a change. A connection that breaks ends it with
+/// [`WatchBroken`]: the changes after the last line are asked for again. The server ends a
+/// watch it cannot go on with cleanly, so a clean end is not one to resume.
+fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> Changes {
+    use tokio_util::codec::LinesCodecError;
     let codec = tokio_util::codec::LinesCodec::new_with_max_length(MAX_DELTA_LINE);
     tokio_util::codec::FramedRead::new(reader, codec)
-        .map(
-            |line| match line.map(|l| serde_json::from_str::<Delta>(&l)) {
-                Ok(Ok(delta)) => Some(delta),
-                Ok(Err(e)) => {
+        .map(|line| match line {
+            Ok(line) => match serde_json::from_str::<Delta>(&line) {
+                Ok(delta) => Some(Ok(delta)),
+                Err(e) => {
                     tracing::warn!(error = %e, "unreadable change from the control plane");
                     None
                 }
-                Err(e) => {
-                    tracing::debug!(error = %e, "watch connection ended");
-                    None
-                }
             },
-        )
-        .take_while(|delta| futures::future::ready(delta.is_some()))
-        .filter_map(futures::future::ready)
+            Err(LinesCodecError::Io(e)) => {
+                tracing::debug!(error = %e, "watch connection broke");
+                Some(Err(WatchBroken))
+            }
+            Err(e @ LinesCodecError::MaxLineLengthExceeded) => {
+                tracing::warn!(error = %e, "a change too long to read from the control plane");
+                None
+            }
+        })
+        // Up to the first end: a broken connection is passed on as the last item.
+        .scan(false, |broke, item| {
+            if *broke {
+                return futures::future::ready(None);
+            }
+            *broke = matches!(item, Some(Err(WatchBroken)));
+            futures::future::ready(item)
+        })
         .boxed()
+}
+
+/// `changes` from server `on`, ended as broken once calls no longer go there: the watch then
+/// resumes where the calls went.
+fn following(changes: Changes, servers: Servers, on: usize) -> Changes {
+    enum Step {
+        Item(Option<Result<Delta, WatchBroken>>),
+        Look,
+    }
+    let mut look = tokio::time::interval(FOLLOW_PERIOD);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures::stream::unfold(Some((changes, look)), move |state| {
+        let servers = servers.clone();
+        async move {
+            let (mut changes, mut look) = state?;
+            loop {
+                let step = tokio::select! {
+                    item = changes.next() => Step::Item(item),
+                    _ = look.tick() => Step::Look,
+                };
+                match step {
+                    Step::Item(Some(Ok(delta))) => return Some((Ok(delta), Some((changes, look)))),
+                    Step::Item(Some(Err(broken))) => return Some((Err(broken), None)),
+                    Step::Item(None) => return None,
+                    Step::Look if servers.index() != on => {
+                        tracing::info!(
+                            from = servers.urls()[on],
+                            to = servers.current(),
+                            "the link moved to another server; the watch follows"
+                        );
+                        return Some((Err(WatchBroken), None));
+                    }
+                    Step::Look => {}
+                }
+            }
+        }
+    })
+    .boxed()
 }
 
 #[cfg(test)]
@@ -481,10 +589,57 @@ mod tests {
             "x".repeat(MAX_DELTA_LINE)
         );
         let text = [line(1), line(2), huge, line(4)].concat();
-        let read: Vec<u64> = deltas(std::io::Cursor::new(text.into_bytes()))
-            .map(|d| d.revision)
+        let read: Vec<_> = deltas(std::io::Cursor::new(text.into_bytes()))
+            .map(|d| d.map(|d| d.revision))
             .collect()
             .await;
-        assert_eq!(read, [1, 2]);
+        assert_eq!(
+            read,
+            [Ok(1), Ok(2)],
+            "ended, not as broken: the snapshot is read again"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_breaks_ends_the_watch_as_broken() {
+        let pieces = [
+            Ok(bytes::Bytes::from(line(1))),
+            Ok(bytes::Bytes::from(line(2))),
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            Ok(bytes::Bytes::from(line(3))),
+        ];
+        let reader = tokio_util::io::StreamReader::new(futures::stream::iter(pieces));
+        let read: Vec<_> = deltas(reader)
+            .map(|d| d.map(|d| d.revision))
+            .collect()
+            .await;
+        assert_eq!(read, [Ok(1), Ok(2), Err(WatchBroken)]);
+    }
+
+    #[tokio::test]
+    async fn a_watch_ends_as_broken_once_the_link_leaves_its_server() {
+        let servers = Servers::parse("http://a:1,http://b:1").unwrap();
+        // A quiet watch: nothing comes, and the connection stays up.
+        let quiet: Changes = futures::stream::pending().boxed();
+        let mut watch = following(quiet, servers.clone(), 0);
+        let first = tokio::time::timeout(FOLLOW_PERIOD * 3, watch.next()).await;
+        assert!(first.is_err(), "it waits while the link stays: {first:?}");
+        servers.failed(0);
+        let next = tokio::time::timeout(FOLLOW_PERIOD * 3, watch.next())
+            .await
+            .expect("it ends once the link has moved");
+        assert_eq!(next, Some(Err(WatchBroken)));
+        assert_eq!(watch.next().await, None);
+        // Deltas pass through, and an end is passed on as it is.
+        let some: Changes = futures::stream::iter([Ok(Delta {
+            revision: 7,
+            changes: Vec::new(),
+        })])
+        .boxed();
+        let read: Vec<_> = following(some, servers.clone(), 1)
+            .map(|d| d.map(|d| d.revision))
+            .collect()
+            .await;
+        assert_eq!(read, [Ok(7)]);
     }
 }

@@ -3,7 +3,8 @@
 //! its control plane exchange ([`Snapshot`] and the [`Delta`]s that follow it,
 //! [`ReplicaReport`], [`ReplicaIncident`]) and the [`Link`] they exchange it over, and the one HTTP
 //! [`Client`] the CLI and remote nodes both call the API with (errors come in
-//! the one shape of `shoal_core::problem`).
+//! the one shape of `shoal_core::problem`), over the [`Servers`] of a cluster,
+//! failing over between them.
 //!
 //! **Architecture Invariant:** this crate depends on `shoal-core` and nothing
 //! else of Shoal, so a worker node or the CLI can speak to the control plane
@@ -12,10 +13,12 @@
 
 mod client;
 mod link;
+mod servers;
 mod types;
 
-pub use client::{Client, ClientError};
-pub use link::{Link, LinkError, LinkResult};
+pub use client::{Client, ClientError, Resend};
+pub use link::{Changes, Link, LinkError, LinkResult, WatchBroken};
+pub use servers::{Servers, ServersError};
 pub use types::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,

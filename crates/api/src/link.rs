@@ -18,11 +18,27 @@ pub enum LinkError {
     /// The control plane does not know this node (e.g. it was removed): register again.
     #[error("node is not registered")]
     Unregistered,
+    /// The history a watch asked for is compacted away: read the snapshot again.
+    #[error("the history asked for is compacted; the snapshot is to be read again")]
+    Compacted,
     #[error("{0}")]
     Failed(String),
 }
 
 pub type LinkResult<T> = Result<T, LinkError>;
+
+/// The last item of a watch whose connection broke (its server died, or the link moved to
+/// another server): the changes after the last one received can be asked for again, of any
+/// server of the cluster, since they share one store and its revisions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the watch's connection to the control plane broke")]
+pub struct WatchBroken;
+
+/// A watch: one [`Delta`] per store revision, in order, ending with [`WatchBroken`] if its
+/// connection broke. One that ends without it cannot go on from where it stopped (the history
+/// it needed is compacted, a change could not be read or passed on): the snapshot is to be
+/// read again.
+pub type Changes = BoxStream<'static, Result<Delta, WatchBroken>>;
 
 pub trait Link: Send + Sync + 'static {
     fn register(&self, node: Node) -> BoxFuture<'_, LinkResult<()>>;
@@ -38,11 +54,10 @@ pub trait Link: Send + Sync + 'static {
     fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>>;
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
-    /// The changes after revision `after` (a [`Snapshot`]'s) that the agent acts
-    /// on, one [`Delta`] per store revision, in order. Ends when the watch
-    /// cannot go on (the link broke, the history is compacted, a change could
-    /// not be read): the agent then re-reads the snapshot.
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>>;
+    /// The changes after revision `after` (a [`Snapshot`]'s, or the last [`Delta`]'s the
+    /// agent applied) that the agent acts on, as [`Changes`]. [`LinkError::Compacted`] when
+    /// that history is gone.
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<Changes>>;
     /// A local file with the module's bytes, verified against its digest.
     fn module(&self, digest: &str) -> BoxFuture<'_, LinkResult<PathBuf>>;
     /// The secret values the revision of `replica`, placed on this node, names: what it

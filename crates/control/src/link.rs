@@ -7,9 +7,9 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
 use shoal_api::{
-    AppCpu, CertificateRequest, Change, Delta, IngressCertificate, Link, LinkError, LinkResult,
-    NodeUsage, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets, Snapshot,
-    VolumeUsage, Waiting,
+    AppCpu, CertificateRequest, Change, Changes, Delta, IngressCertificate, Link, LinkError,
+    LinkResult, NodeUsage, Object, ObjectKey, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    Snapshot, VolumeUsage, Waiting,
 };
 use shoal_core::Node;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -64,11 +64,15 @@ impl Link for LocalLink {
         Box::pin(async move { blocking(move || cp.snapshot()).await })
     }
 
-    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<BoxStream<'static, Delta>>> {
+    fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<Changes>> {
         let watcher = self.0.store().watch("/", after + 1);
         Box::pin(async move {
-            let watcher = watcher.map_err(|e| LinkError::Failed(e.to_string()))?;
-            Ok(deltas(watcher))
+            let watcher = watcher.map_err(|e| match e {
+                shoal_store::StoreError::Compacted { .. } => LinkError::Compacted,
+                other => LinkError::Failed(other.to_string()),
+            })?;
+            // In process nothing breaks: an end is one the watch cannot go on from.
+            Ok(deltas(watcher).map(Ok).boxed())
         })
     }
 
@@ -379,7 +383,7 @@ mod tests {
             .expect("a delta");
         assert_eq!(
             delta,
-            Some(Delta {
+            Some(Ok(Delta {
                 revision,
                 changes: vec![
                     Change::Put(Object::Node(n1)),
@@ -388,7 +392,7 @@ mod tests {
                         id: "web-1-a".into()
                     }),
                 ],
-            }),
+            })),
             "events and leases are not for nodes"
         );
         write(&cp, vec![Op::put(keys::lease("n1"), b"{}".to_vec())]);
@@ -397,5 +401,10 @@ mod tests {
             .await
             .expect("the end");
         assert_eq!(end, None, "an app that does not decode ends the watch");
+        cp.store().compact(revision).unwrap();
+        assert!(
+            matches!(link.changes(before).await, Err(LinkError::Compacted)),
+            "history compacted away is said so, for the agent to read the snapshot"
+        );
     }
 }
