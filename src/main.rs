@@ -191,13 +191,34 @@ fn main() -> ExitCode {
 }
 
 /// A command whose reader went away (`shoal events | head -3`) ends there, silently, as Unix
-/// tools do: the default action of SIGPIPE, which Rust's runtime ignores so that writes fail
-/// instead. Sockets are unaffected (Rust writes to them with MSG_NOSIGNAL); the daemons keep
-/// Rust's default, so a closed log pipe is an error they can report rather than their end.
+/// tools do. Not by SIGPIPE's default action: a socket written with `writev` (as the HTTP
+/// client's are) raises SIGPIPE too when its server dies, and the CLI would then die silently
+/// instead of trying its next server. So the handler ends the process by SIGPIPE only when
+/// stdout is the broken pipe; otherwise the write fails with EPIPE, as with Rust's default.
+/// The daemons keep Rust's default, so a closed log pipe is an error they can report.
 fn quiet_on_closed_pipe() {
     #[cfg(unix)]
-    // SAFETY: setting a signal's disposition to its default, before any thread starts.
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        let mut out = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: poll, signal and raise are async-signal-safe; `out` lives on this stack.
+        unsafe {
+            if libc::poll(&mut out, 1, 0) == 1 && out.revents & libc::POLLERR != 0 {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+    }
+    #[cfg(unix)]
+    // SAFETY: installing a handler that only calls async-signal-safe functions, before any
+    // thread starts.
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(
+            libc::SIGPIPE,
+            on_sigpipe as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
     }
 }
