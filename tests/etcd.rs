@@ -107,6 +107,22 @@ static TAKEOVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// client runs unpaced (about 50 applies/s here), so this must outlast the takeover.
 const APPLIES: usize = 1_000;
 
+/// The apps of `apps` that `server` shows no Ready replica of.
+fn not_ready(server: &Server, apps: &[String]) -> Vec<String> {
+    let replicas = server.api_json("/v1/replicas");
+    let ready: Vec<&str> = replicas
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["phase"] == "Ready")
+        .map(|r| r["app"]["name"].as_str().unwrap())
+        .collect();
+    apps.iter()
+        .filter(|a| !ready.contains(&a.as_str()))
+        .cloned()
+        .collect()
+}
+
 /// Which of `servers` logged that it leads, by index, in the order of their logs' lines.
 fn leaders(servers: &[&Server]) -> Vec<usize> {
     servers
@@ -258,19 +274,7 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
     // The new leader's controller places every acknowledged app, and its node starts it.
     let mut waiting = Vec::new();
     let ok = poll(Duration::from_secs(60), || {
-        let replicas = servers[other].api_json("/v1/replicas");
-        let ready: Vec<&str> = replicas
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["phase"] == "Ready")
-            .map(|r| r["app"]["name"].as_str().unwrap())
-            .collect();
-        waiting = acked
-            .iter()
-            .filter(|a| !ready.contains(&a.as_str()))
-            .cloned()
-            .collect();
+        waiting = not_ready(&servers[other], &acked);
         waiting.is_empty()
     });
     assert!(
@@ -784,19 +788,7 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     // Every acknowledged apply is started by a node: no delta was lost in the move.
     let mut waiting = Vec::new();
     let ok = poll(Duration::from_secs(60), || {
-        let replicas = servers[survivor].api_json("/v1/replicas");
-        let ready: Vec<&str> = replicas
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|r| r["phase"] == "Ready")
-            .map(|r| r["app"]["name"].as_str().unwrap())
-            .collect();
-        waiting = acked
-            .iter()
-            .filter(|a| !ready.contains(&a.as_str()))
-            .cloned()
-            .collect();
+        waiting = not_ready(&servers[survivor], &acked);
         waiting.is_empty()
     });
     assert!(
