@@ -159,3 +159,57 @@ fn create(kv: &dyn KvStore, key: &str) -> u64 {
         }
     }
 }
+
+/// etcd's WAL fsyncs so far, from the member's `/metrics` (plain HTTP on its client port).
+fn wal_fsyncs(endpoint: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(endpoint).expect("connect to etcd's metrics");
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd_disk_wal_fsync_duration_seconds_count "))
+        .expect("etcd reports its WAL fsyncs")
+        .trim()
+        .parse::<f64>()
+        .expect("a count") as u64
+}
+
+#[test]
+fn transactions_given_together_share_commits_and_see_the_earlier_ones() {
+    let etcd = EtcdCluster::single();
+    let kv = open(&etcd);
+    let endpoint = &etcd.endpoints()[0];
+    let mut txns: Vec<Txn> = (0..200)
+        .map(|i| {
+            let key = format!("/many/{i}");
+            Txn::new().when_absent(&key).then(Op::put(&key, "1"))
+        })
+        .collect();
+    // Sees the first: its key exists by then, so the failure branch runs.
+    txns.push(
+        Txn::new()
+            .when_absent("/many/0")
+            .then(Op::put("/after", "no"))
+            .otherwise(Op::put("/after", "saw /many/0")),
+    );
+    txns.push(Txn::new().then(Op::put("", "malformed")));
+    let before = wal_fsyncs(endpoint);
+    let answers = kv.txns(txns);
+    let fsyncs = wal_fsyncs(endpoint) - before;
+
+    assert_eq!(answers.len(), 202);
+    assert!(matches!(answers[201], Err(StoreError::EmptyKey)));
+    let done: Vec<_> = answers[..201].iter().map(|a| a.as_ref().unwrap()).collect();
+    assert!(done[..200].iter().all(|d| d.succeeded));
+    assert!(!done[200].succeeded);
+    let mut revisions: Vec<u64> = done.iter().map(|d| d.revision).collect();
+    assert!(revisions[200] > revisions[..200].iter().copied().max().unwrap());
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 201, "each transaction has its own revision");
+    assert_eq!(kv.get("/after").unwrap().unwrap().value, b"saw /many/0");
+    assert_eq!(kv.range("/many/").unwrap().0.len(), 200);
+    // One by one, each would be a commit of its own: 201 fsyncs at least.
+    assert!(fsyncs < 100, "{fsyncs} WAL fsyncs for 201 transactions");
+}
