@@ -5,7 +5,8 @@
 //! hops over keep-alive HTTP/1.1 and over HTTP/2.
 //!
 //! Fair to the peer: `wasmtime serve` gets the pooling allocator with the same memory and
-//! tables kept resident as Shoal's, and the same reuse counts (128 requests per instance; 16
+//! tables kept resident as Shoal's and the kernel's `PAGEMAP_SCAN` where Shoal uses it
+//! ([`shoal_runtime::memory_reset`]), and the same reuse counts (128 requests per instance; 16
 //! at once for p3, its default). One server at a time (the others stopped), each warmed up
 //! first, every side in turn for several rounds; prints every round, then medians with the
 //! spread (lowest–highest) and the ratios.
@@ -120,9 +121,14 @@ fn wasmtime(mode: Mode) -> (Proc, String) {
         "-O",
         "pooling-allocator",
         "-O",
-        "pooling-memory-keep-resident=131072",
+        &format!(
+            "pooling-memory-keep-resident={}",
+            shoal_runtime::memory_reset().0
+        ),
         "-O",
         "pooling-table-keep-resident=65536",
+        "-O",
+        "pooling-pagemap-scan=auto",
         "--addr",
         &format!("127.0.0.1:{port}"),
         "--max-instance-reuse-count",

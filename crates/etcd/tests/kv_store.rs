@@ -207,7 +207,11 @@ fn transactions_given_together_share_commits_and_see_the_earlier_ones() {
     assert!(revisions[200] > revisions[..200].iter().copied().max().unwrap());
     revisions.sort_unstable();
     revisions.dedup();
-    assert_eq!(revisions.len(), 201, "each transaction has its own revision");
+    assert_eq!(
+        revisions.len(),
+        201,
+        "each transaction has its own revision"
+    );
     assert_eq!(kv.get("/after").unwrap().unwrap().value, b"saw /many/0");
     assert_eq!(kv.range("/many/").unwrap().0.len(), 200);
     // One by one, each would be a commit of its own: 201 fsyncs at least.

@@ -39,11 +39,16 @@ const MEMORY_GUARD_BYTES: u64 = 4 << 20;
 
 const WASM_PAGE: u64 = 64 << 10;
 
-/// Bytes of a freed memory/table slot reset with memset rather than `madvise`. Per-request
+/// Bytes of a freed memory/table slot reset in place rather than with `madvise`. Per-request
 /// instances free a slot on every request; `madvise` costs TLB shootdowns across all threads
-/// and page faults on reuse, which dominated profiles of the hot path. Small, so the memset
-/// stays cheap even where the kernel cannot report which pages were touched.
+/// and page faults on reuse, which dominated profiles of the hot path. Without the kernel's
+/// `PAGEMAP_SCAN` the whole size is memset on every free, so it stays small.
 const KEEP_RESIDENT_MEMORY: usize = 128 << 10;
+/// The same with `PAGEMAP_SCAN` (Linux 6.7+): only the pages the instance wrote are reset, so
+/// the whole first MiB — a Rust guest's stack and first data — is kept. Fresh instances served
+/// about twice the requests per second of 128 KiB without the scan (`wasmtime serve` with the
+/// same flags too). A slot keeps at most the pages its instances wrote there resident.
+const KEEP_RESIDENT_MEMORY_SCANNED: usize = 1 << 20;
 const KEEP_RESIDENT_TABLE: usize = 64 << 10;
 
 /// Handle to the node's wasmtime engines. Cheap to clone; the epoch ticker and the guest
@@ -243,6 +248,7 @@ impl Runtime {
             memory_budget = %format_bytes(memory.total()),
             epoch_tick = ?config.epoch_tick,
             guest_threads = threads,
+            pagemap_scan = memory_reset().1,
             "wasmtime engine ready"
         );
         Ok(Runtime {
@@ -704,6 +710,7 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
         .map_err(|_| RuntimeError::Config("max_memory_bytes too large for this host".into()))?;
     let n = config.max_instances;
 
+    let (keep_resident, scan) = memory_reset();
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
         .total_core_instances(n.saturating_mul(CORE_INSTANCES_PER_COMPONENT))
@@ -711,8 +718,13 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
         .total_tables(n.saturating_mul(TABLES_PER_COMPONENT))
         .total_stacks(n)
         .max_memory_size(max_memory_usize)
-        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
-        .table_keep_resident(KEEP_RESIDENT_TABLE);
+        .linear_memory_keep_resident(keep_resident)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .pagemap_scan(if scan {
+            wasmtime::Enabled::Yes
+        } else {
+            wasmtime::Enabled::No
+        });
 
     let mut c = wasmtime::Config::new();
     c.wasm_component_model(true)
@@ -721,6 +733,16 @@ fn engine_config(config: &RuntimeConfig) -> Result<wasmtime::Config, RuntimeErro
         .memory_guard_size(MEMORY_GUARD_BYTES)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Ok(c)
+}
+
+/// How the pool resets a freed linear memory: the bytes it resets in place, and whether it
+/// asks the kernel which pages were written (`PAGEMAP_SCAN`), used wherever the kernel has it.
+pub fn memory_reset() -> (usize, bool) {
+    if PoolingAllocationConfig::is_pagemap_scan_available() {
+        (KEEP_RESIDENT_MEMORY_SCANNED, true)
+    } else {
+        (KEEP_RESIDENT_MEMORY, false)
+    }
 }
 
 /// Thread advancing the engines' epoch every tick: the clock for deadlines and time slices.
