@@ -295,8 +295,11 @@ fn local(seconds: u64, connections: u64, rounds: usize) {
 }
 
 /// A control plane and two nodes (hops over HTTP/2 if `http2`) running one replica of each
-/// mode's app; for each app, its own node's gateway URL and the other node's.
-fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Vec<[String; 2]>) {
+/// mode's app; for each app, its own node's gateway URL and the other node's, and the two
+/// nodes' process ids in that order.
+type Paths = Vec<([String; 2], [u32; 2])>;
+
+fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
     let protocol = if http2 { "http2" } else { "http1" };
     let (dir, server, nodes) = cluster(2, &["--hop-protocol", protocol]);
     let mut urls = Vec::new();
@@ -321,10 +324,13 @@ fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Vec<[Str
         assert!(poll(Duration::from_secs(10), || other
             .get(&path)
             .is_ok_and(|(c, _)| c == 200)));
-        urls.push([
-            format!("{}{path}", own.gateway),
-            format!("{}{path}", other.gateway),
-        ]);
+        urls.push((
+            [
+                format!("{}{path}", own.gateway),
+                format!("{}{path}", other.gateway),
+            ],
+            [own.pid(), other.pid()],
+        ));
     }
     (dir, server, nodes, urls)
 }
@@ -345,18 +351,27 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
     println!("| round | path | requests/s | p50 | p99 |");
     println!("|---|---|---|---|---|");
     let mut results: Vec<Vec<wrk::Wrk>> = sides.iter().map(|_| Vec::new()).collect();
+    // CPU µs per request of [the replica's node, the other node], per side and round.
+    let mut cpu: Vec<Vec<[f64; 2]>> = sides.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (p, http2) in [false, true].into_iter().enumerate() {
             let (_dir, _server, _nodes, urls) = two_nodes(http2);
-            for (m, [own, other]) in urls.iter().enumerate() {
+            for (m, ([own, other], pids)) in urls.iter().enumerate() {
                 for (k, url) in [own, other].into_iter().enumerate() {
                     let i = p * 2 * MODES.len() + 2 * m + k;
-                    let result = measure(url, seconds, connections);
+                    wrk::run(url, 3, connections);
+                    let before = pids.map(cpu_seconds);
+                    let result = wrk::run(url, seconds, connections);
+                    let after = pids.map(cpu_seconds);
+                    assert_eq!(result.errors, "none", "{url}: {}", result.errors);
+                    let requests = result.rps * seconds as f64;
+                    let per_request = [0, 1].map(|n| (after[n] - before[n]) / requests * 1e6);
                     println!(
                         "| {round} | {} | {:.0} | {} | {} |",
                         sides[i], result.rps, result.p50, result.p99
                     );
                     results[i].push(result);
+                    cpu[i].push(per_request);
                 }
             }
         }
@@ -370,6 +385,46 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
         let ratio = |p: usize| s[p * 2 * n + 2 * m + 1].rps / s[p * 2 * n + 2 * m].rps;
         println!("| {} | {:.2}x | {:.2}x |", mode.name(), ratio(0), ratio(1));
     }
+    // Both nodes and wrk share this machine's cores, so a hop's forwarding pass is paid from
+    // the CPU the serving node would use. Apart, the serving node's own CPU per request is
+    // what bounds it: local over hop is what the hop would reach with the forwarding gateway
+    // on cores of its own (an estimate, not a measurement).
+    println!();
+    println!(
+        "| mode | protocol | CPU µs/request, replica's node, local | same, one hop | forwarding node, one hop | replica's node local / hop |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let median = |v: Vec<f64>| {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (p, protocol) in ["HTTP/1.1", "HTTP/2"].into_iter().enumerate() {
+        for (m, mode) in MODES.iter().enumerate() {
+            let (local, hop) = (p * 2 * n + 2 * m, p * 2 * n + 2 * m + 1);
+            let serving_local = median(cpu[local].iter().map(|c| c[0]).collect());
+            let serving_hop = median(cpu[hop].iter().map(|c| c[0]).collect());
+            let forwarding = median(cpu[hop].iter().map(|c| c[1]).collect());
+            println!(
+                "| {} | {protocol} | {serving_local:.0} | {serving_hop:.0} | {forwarding:.0} | {:.2}x |",
+                mode.name(),
+                serving_local / serving_hop
+            );
+        }
+    }
+}
+
+/// CPU time a process has used so far, in seconds (`/proc/PID/stat`: user + system ticks).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the node's stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
 }
 
 fn main() {

@@ -667,6 +667,11 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
+    /// The node's process id, to read its CPU time.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn join(server: &Server, name: &str, extra: &[&str]) -> NodeProc {
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         Self::spawn(
