@@ -19,7 +19,7 @@
 //! runtime of its own and blocks the calling thread until etcd answers, which is what callers
 //! already expect of a store call (they make it from `spawn_blocking`).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +30,6 @@ use etcd_client::{
     Client, Compare as EtcdCompare, CompareOp, ConnectOptions, DeleteOptions, EventType,
     GetOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
-use futures::StreamExt;
 use shoal_store::{
     CommitObserver, Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse,
     WatchStream,
@@ -59,10 +58,6 @@ const WATCH_BUFFER: usize = 256;
 /// How long a call keeps trying other members before its error reaches the caller: longer than
 /// an etcd leader election takes.
 const RETRY_FOR: Duration = Duration::from_secs(10);
-
-/// Transactions of one [`KvStore::txns`] call in flight at once: enough for etcd to commit
-/// many in one round, few enough not to swamp a member with a pass of 10,000 batches.
-const TXNS_IN_FLIGHT: usize = 256;
 
 /// Which failures a call may be sent again after, as etcd's Go client decides it.
 #[derive(Clone, Copy)]
@@ -264,16 +259,21 @@ impl EtcdStore {
         T: Send + 'static,
     {
         let client = self.client.clone();
-        self.block_on(retrying(client, retry, f))?
-            .map_err(store_error)
-    }
-
-    /// What a commit of one of `txns` that wrote took, for the observer.
-    fn observe(&self, took: Duration) {
-        let observer = self.observer.lock().expect("observer lock").clone();
-        if let Some(observe) = observer {
-            observe(took);
-        }
+        self.block_on(async move {
+            let deadline = tokio::time::Instant::now() + RETRY_FOR;
+            let mut backoff = Duration::from_millis(20);
+            loop {
+                match f(client.clone()).await {
+                    Err(e) if retry.allows(&e) && tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "etcd call failed; trying again");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                    outcome => return outcome,
+                }
+            }
+        })?
+        .map_err(store_error)
     }
 
     /// The compaction point in etcd, read with a watch from its first revision: etcd answers
@@ -301,151 +301,6 @@ impl EtcdStore {
             .fetch_max(compacted, Ordering::SeqCst)
             .max(compacted))
     }
-}
-
-impl EtcdStore {
-    /// The store's answer for a transaction from etcd's, observing the commit if the branch
-    /// taken `wrote`.
-    fn answer(
-        &self,
-        wrote: [bool; 2],
-        resp: Result<etcd_client::TxnResponse, etcd_client::Error>,
-        took: Duration,
-    ) -> Result<TxnResponse, StoreError> {
-        let resp = resp.map_err(store_error)?;
-        if wrote[usize::from(!resp.succeeded())] {
-            self.observe(took);
-        }
-        Ok(TxnResponse {
-            succeeded: resp.succeeded(),
-            revision: shoal_rev(header_revision(resp.header())),
-        })
-    }
-}
-
-/// A store transaction as etcd's, and whether each branch writes (an observed commit).
-struct Sent {
-    txn: EtcdTxn,
-    /// `[success writes, failure writes]`.
-    wrote: [bool; 2],
-}
-
-impl From<Txn> for Sent {
-    fn from(txn: Txn) -> Sent {
-        let compares: Vec<EtcdCompare> = txn
-            .compares
-            .iter()
-            .map(|c| match c {
-                Compare::ModRevision { key, revision } => EtcdCompare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    if *revision == 0 {
-                        0
-                    } else {
-                        etcd_rev(*revision)
-                    },
-                ),
-                Compare::Version { key, version } => {
-                    EtcdCompare::version(key.as_str(), CompareOp::Equal, *version as i64)
-                }
-            })
-            .collect();
-        let wrote = [!txn.success.is_empty(), !txn.failure.is_empty()];
-        let txn = EtcdTxn::new()
-            .when(compares)
-            .and_then(etcd_ops(txn.success))
-            .or_else(etcd_ops(txn.failure));
-        Sent { txn, wrote }
-    }
-}
-
-impl Sent {
-    /// Sends it (again while the failure allows, see [`Retry::Write`]); with how long it took.
-    async fn send(
-        self,
-        client: Client,
-    ) -> (
-        Result<etcd_client::TxnResponse, etcd_client::Error>,
-        Duration,
-    ) {
-        let started = Instant::now();
-        let txn = &self.txn;
-        let resp = retrying(client, Retry::Write, |mut c| {
-            let txn = txn.clone();
-            async move { c.txn(txn).await }
-        })
-        .await;
-        (resp, started.elapsed())
-    }
-}
-
-/// Runs one etcd call, again while it fails in a way `retry` allows, for up to [`RETRY_FOR`].
-async fn retrying<T, F>(
-    client: Client,
-    retry: Retry,
-    f: impl Fn(Client) -> F,
-) -> Result<T, etcd_client::Error>
-where
-    F: Future<Output = Result<T, etcd_client::Error>>,
-{
-    let deadline = tokio::time::Instant::now() + RETRY_FOR;
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        match f(client.clone()).await {
-            Err(e) if retry.allows(&e) && tokio::time::Instant::now() < deadline => {
-                tracing::debug!(error = %e, "etcd call failed; trying again");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            outcome => return outcome,
-        }
-    }
-}
-
-/// The lengths of the runs `txns` split into, in order, such that no two transactions of a run
-/// touch a key in common (a compare or a write, a deleted prefix touching every key under it):
-/// a run can be sent at once without changing what any of them sees.
-fn independent_runs<'a>(txns: impl Iterator<Item = &'a Txn>) -> Vec<usize> {
-    let mut runs = Vec::new();
-    let mut len = 0;
-    let mut keys: HashSet<&str> = HashSet::new();
-    let mut prefixes: Vec<&str> = Vec::new();
-    for txn in txns {
-        let mut own_keys = Vec::new();
-        let mut own_prefixes = Vec::new();
-        let compared = txn.compares.iter().map(|c| match c {
-            Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key,
-        });
-        compared.for_each(|k| own_keys.push(k.as_str()));
-        for op in txn.success.iter().chain(&txn.failure) {
-            match op {
-                Op::Put { key, .. } | Op::Delete { key } => own_keys.push(key.as_str()),
-                Op::DeletePrefix { prefix } => own_prefixes.push(prefix.as_str()),
-            }
-        }
-        let clash = own_keys
-            .iter()
-            .any(|k| keys.contains(k) || prefixes.iter().any(|p| k.starts_with(p)))
-            || own_prefixes.iter().any(|p| {
-                keys.iter().any(|k| k.starts_with(p))
-                    || prefixes
-                        .iter()
-                        .any(|q| p.starts_with(q) || q.starts_with(p))
-            });
-        if clash {
-            runs.push(len);
-            len = 0;
-            keys.clear();
-            prefixes.clear();
-        }
-        len += 1;
-        keys.extend(own_keys);
-        prefixes.extend(own_prefixes);
-    }
-    if len > 0 {
-        runs.push(len);
-    }
-    runs
 }
 
 impl KvStore for EtcdStore {
@@ -537,63 +392,44 @@ impl KvStore for EtcdStore {
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         txn.validate()?;
-        let txn = Sent::from(txn);
-        let wrote = txn.wrote;
-        let (resp, took) = self.block_on(txn.send(self.client.clone()))?;
-        self.answer(wrote, resp, took)
-    }
-
-    /// Sends transactions that touch no key in common at once, up to [`TXNS_IN_FLIGHT`]:
-    /// etcd's leader proposes what arrives together in one raft round and one WAL fsync, so a
-    /// controller pass of many batches pays a few commits, not one per batch. Such
-    /// transactions commit in some order, each at its own revision, as if one after another;
-    /// a transaction touching a key of an earlier one waits for it, so it sees it.
-    fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
-        let mut answers: Vec<Option<Result<TxnResponse, StoreError>>> = Vec::new();
-        let mut valid = Vec::new();
-        for txn in txns {
-            match txn.validate() {
-                Err(e) => answers.push(Some(Err(e))),
-                Ok(()) => {
-                    valid.push((answers.len(), txn));
-                    answers.push(None);
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .iter()
+            .map(|c| match c {
+                Compare::ModRevision { key, revision } => EtcdCompare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    if *revision == 0 {
+                        0
+                    } else {
+                        etcd_rev(*revision)
+                    },
+                ),
+                Compare::Version { key, version } => {
+                    EtcdCompare::version(key.as_str(), CompareOp::Equal, *version as i64)
                 }
+            })
+            .collect();
+        let wrote = [!txn.success.is_empty(), !txn.failure.is_empty()];
+        let etcd_txn = EtcdTxn::new()
+            .when(compares)
+            .and_then(etcd_ops(txn.success))
+            .or_else(etcd_ops(txn.failure));
+        let started = Instant::now();
+        let resp = self.call(Retry::Write, move |mut c| {
+            let txn = etcd_txn.clone();
+            async move { c.txn(txn).await }
+        })?;
+        if wrote[usize::from(!resp.succeeded())] {
+            let observer = self.observer.lock().expect("observer lock").clone();
+            if let Some(observe) = observer {
+                observe(started.elapsed());
             }
         }
-        let runs = independent_runs(valid.iter().map(|(_, t)| t));
-        let mut valid = valid.into_iter();
-        for run in runs {
-            let (at, sent): (Vec<usize>, Vec<Sent>) = valid
-                .by_ref()
-                .take(run)
-                .map(|(at, txn)| (at, Sent::from(txn)))
-                .unzip();
-            let wrote: Vec<[bool; 2]> = sent.iter().map(|t| t.wrote).collect();
-            let client = self.client.clone();
-            let outcomes = self.block_on(async move {
-                futures::stream::iter(sent)
-                    .map(|txn| txn.send(client.clone()))
-                    .buffered(TXNS_IN_FLIGHT)
-                    .collect::<Vec<_>>()
-                    .await
-            });
-            match outcomes {
-                Ok(outcomes) => {
-                    for ((at, wrote), (resp, took)) in at.into_iter().zip(wrote).zip(outcomes) {
-                        answers[at] = Some(self.answer(wrote, resp, took));
-                    }
-                }
-                Err(e) => {
-                    for at in at {
-                        answers[at] = Some(Err(db(e.to_string())));
-                    }
-                }
-            }
-        }
-        answers
-            .into_iter()
-            .map(|a| a.expect("every transaction answered"))
-            .collect()
+        Ok(TxnResponse {
+            succeeded: resp.succeeded(),
+            revision: shoal_rev(header_revision(resp.header())),
+        })
     }
 
     fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
@@ -921,36 +757,5 @@ fn store_error(e: etcd_client::Error) -> StoreError {
         StoreError::Compacted { compacted: 0 }
     } else {
         db(format!("etcd: {text}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn put(key: &str) -> Txn {
-        Txn::new().then(Op::put(key, "v"))
-    }
-
-    #[test]
-    fn transactions_touching_a_key_of_an_earlier_one_start_a_new_run() {
-        let txns = [
-            put("/apps/a"),
-            put("/apps/b"),
-            // Compares a key the first writes: it must see that write.
-            Txn::new()
-                .when_absent("/apps/a")
-                .then(Op::put("/apps/c", "v")),
-            put("/apps/d"),
-            // Deletes under a prefix the run before holds keys of.
-            Txn::new().then(Op::delete_prefix("/apps/")),
-            put("/nodes/n1"),
-            // Written under the prefix deleted in its run.
-            put("/apps/e"),
-        ];
-        assert_eq!(independent_runs(txns.iter()), [2, 2, 2, 1]);
-        assert!(independent_runs([].iter()).is_empty());
-        let apart: Vec<Txn> = (0..5).map(|i| put(&format!("/k{i}"))).collect();
-        assert_eq!(independent_runs(apart.iter()), [5]);
     }
 }

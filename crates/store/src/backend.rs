@@ -74,12 +74,10 @@ pub trait KvStore: Send + Sync + 'static {
     /// Runs a compare-and-swap transaction atomically; all its writes share one new revision.
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
 
-    /// Runs `txns` as [`KvStore::txn`] would run each, answering each in the order given: for
-    /// a writer with many independent transactions at once, such as a controller pass. Each
-    /// gets its own revision and its compares see every earlier one that touches a key it
-    /// touches; transactions that share no key may commit in any order. A backend that can
-    /// commits them together (redb: once, in order) or sends those sharing no key at once
-    /// (etcd); the default runs them one by one.
+    /// Runs `txns` one after another, each as [`KvStore::txn`] would (its own revision, its
+    /// compares seeing the ones before), answering each: for a writer with many independent
+    /// transactions at once, such as a controller pass. A backend that can commits them
+    /// together, once; the default runs them one by one.
     fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
         txns.into_iter().map(|t| self.txn(t)).collect()
     }
