@@ -203,6 +203,11 @@ impl Client {
         self.api.request(method, path)
     }
 
+    /// The server calls go to now: the one that last answered.
+    pub fn base(&self) -> &str {
+        self.api.base()
+    }
+
     /// Sends and decodes JSON, or fails with the server's error message.
     pub async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
         self.api.send(req).await.map_err(said)

@@ -700,6 +700,20 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
         wait_greeting(node, "Hello from etcd");
     }
     let replicas = servers[survivor].replica_ids("hello");
+    // `logs -f` as JSON, its stream from the leader, first in the list.
+    let follower_out = shared.path().join("follower.out");
+    let follower_err = shared.path().join("follower.err");
+    let follower = Killed(
+        std::process::Command::new(common::SHOAL)
+            .args(["--server", &urls, "logs", "hello", "-f", "-o", "json"])
+            .env("SHOAL_CONFIG", &config)
+            .env_remove("SHOAL_SERVER")
+            .env_remove("SHOAL_TOKEN")
+            .stdout(std::fs::File::create(&follower_out).unwrap())
+            .stderr(std::fs::File::create(&follower_err).unwrap())
+            .spawn()
+            .unwrap(),
+    );
 
     let loads: Vec<Load> = nodes
         .iter()
@@ -785,6 +799,33 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
             node.get("/after")
         );
     }
+    // The follower went on at another server: what the replicas write now reaches it, and
+    // it showed no line twice.
+    let marks: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("/hello/after-kill-{}", n.name))
+        .collect();
+    let followed = poll(Duration::from_secs(60), || {
+        for (node, mark) in nodes.iter().zip(&marks) {
+            let _ = node.get(mark);
+        }
+        let out = std::fs::read_to_string(&follower_out).unwrap();
+        marks.iter().all(|m| out.contains(m.as_str()))
+    });
+    drop(follower);
+    let err = std::fs::read_to_string(&follower_err).unwrap();
+    assert!(
+        followed,
+        "the follower never showed lines written after the kill:\n{err}"
+    );
+    assert!(err.contains("following on"), "{err}");
+    let mut shown = std::collections::HashSet::new();
+    for line in std::fs::read_to_string(&follower_out).unwrap().lines() {
+        let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+        let key = (entry["replica"].to_string(), entry["seq"].as_u64().unwrap());
+        assert!(shown.insert(key), "shown twice: {line}");
+    }
+
     // Every acknowledged apply is started by a node: no delta was lost in the move.
     let mut waiting = Vec::new();
     let ok = poll(Duration::from_secs(60), || {
@@ -830,5 +871,15 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     for (node, r) in nodes.iter().zip(loads.into_iter().map(Load::stop)) {
         assert!(r.ok > 0, "{}: {r:?}", node.name);
         assert_eq!(r.failed, 0, "{}: {:?}", node.name, r.failures);
+    }
+}
+
+/// A process killed when the test is done with it, or fails.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
