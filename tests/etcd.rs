@@ -225,20 +225,7 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
         "applies are flowing"
     );
 
-    servers[leader].kill();
-    let killed = Instant::now();
-    let survivors = [&servers[follower], &servers[other]];
-    assert!(
-        poll(Duration::from_secs(10), || !leaders(&survivors).is_empty()),
-        "no new leader"
-    );
-    let takeover = killed.elapsed();
-    assert_eq!(leaders(&survivors).len(), 1, "exactly one new leader");
-    assert!(
-        takeover < Duration::from_secs(5),
-        "a new leader took {takeover:?}"
-    );
-    eprintln!("new leader after {takeover:?}");
+    kill_the_leader(&mut servers, leader);
 
     // Applies go on past the takeover, then stop; the new leader places what was applied.
     let applied = acked_count.load(Ordering::Relaxed);
@@ -754,20 +741,7 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
         "applies are flowing"
     );
 
-    servers[leader].kill();
-    let killed = Instant::now();
-    let survivors: Vec<&Server> = order[1..].iter().map(|&i| &servers[i]).collect();
-    assert!(
-        poll(Duration::from_secs(10), || !leaders(&survivors).is_empty()),
-        "no new leader"
-    );
-    let takeover = killed.elapsed();
-    assert_eq!(leaders(&survivors).len(), 1, "exactly one new leader");
-    assert!(
-        takeover < Duration::from_secs(5),
-        "a new leader took {takeover:?}"
-    );
-    eprintln!("new leader after {takeover:?}");
+    let (killed, takeover) = kill_the_leader(&mut servers, leader);
 
     // The CLI goes on applying past the dead first server.
     let applied = acked_count.load(Ordering::Relaxed);
@@ -882,4 +856,27 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Kills `servers[leader]` with SIGKILL and insists that exactly one of the others leads
+/// within 5 s; when it was killed and how long the takeover took.
+fn kill_the_leader(servers: &mut [Server], leader: usize) -> (Instant, Duration) {
+    servers[leader].kill();
+    let killed = Instant::now();
+    let survivors: Vec<&Server> = (0..servers.len())
+        .filter(|&i| i != leader)
+        .map(|i| &servers[i])
+        .collect();
+    assert!(
+        poll(Duration::from_secs(10), || !leaders(&survivors).is_empty()),
+        "no new leader"
+    );
+    let takeover = killed.elapsed();
+    assert_eq!(leaders(&survivors).len(), 1, "exactly one new leader");
+    assert!(
+        takeover < Duration::from_secs(5),
+        "a new leader took {takeover:?}"
+    );
+    eprintln!("new leader after {takeover:?}");
+    (killed, takeover)
 }
