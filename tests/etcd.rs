@@ -322,7 +322,12 @@ fn the_leader_scales_and_wakes_an_app_on_reports_sent_to_another_server() {
     });
     let seen = app_row(&leader.api_json("/v1/top/apps"), "faulty");
     let results: Vec<_> = loads.into_iter().map(Load::stop).collect();
-    assert!(up, "the leader never scaled to 3 on the load: {last}");
+    assert!(
+        up,
+        "the leader never scaled to 3 on the load: {last}\n{}\npasses: {}",
+        leader.cli_ok(&["describe", "app", "faulty"]),
+        controller_passes(leader)
+    );
     assert!(
         seen["requests_per_second"].as_f64().unwrap() > 0.0,
         "the leader's top shows no requests: {seen}"
@@ -879,4 +884,19 @@ fn kill_the_leader(servers: &mut [Server], leader: usize) -> (Instant, Duration)
     );
     eprintln!("new leader after {takeover:?}");
     (killed, takeover)
+}
+
+/// The leader's controller passes so far, from its metrics: whether it still decides.
+fn controller_passes(server: &Server) -> String {
+    let text = server
+        .http()
+        .get(format!("{}/v1/metrics", server.api))
+        .bearer_auth(&server.token)
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("shoal_controller_pass_duration_seconds_count"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -19,7 +19,7 @@
 //! runtime of its own and blocks the calling thread until etcd answers, which is what callers
 //! already expect of a store call (they make it from `spawn_blocking`).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +58,16 @@ const WATCH_BUFFER: usize = 256;
 /// How long a call keeps trying other members before its error reaches the caller: longer than
 /// an etcd leader election takes.
 const RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// etcd's `--max-txn-ops` unless configured: it caps the compares and each branch's operations
+/// of a transaction, and those of a transaction nested in one at what the outer leaves (128 less
+/// the outer's own), so it bounds how many transactions of one [`KvStore::txns`] call etcd
+/// commits as one, each nested in one etcd transaction: one raft proposal and WAL fsync.
+const TXN_OPS: usize = 128;
+
+/// Bytes of keys and values past which no more transactions join a shared commit: etcd
+/// refuses a request over `--max-request-bytes`, 1.5 MiB unless configured.
+const BYTES_PER_COMMIT: usize = 512 * 1024;
 
 /// Which failures a call may be sent again after, as etcd's Go client decides it.
 #[derive(Clone, Copy)]
@@ -258,6 +268,19 @@ impl EtcdStore {
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
         T: Send + 'static,
     {
+        self.call_raw(retry, f)?.map_err(store_error)
+    }
+
+    /// [`EtcdStore::call`], with etcd's own error for the caller to judge.
+    fn call_raw<T, F>(
+        &self,
+        retry: Retry,
+        f: impl Fn(Client) -> F + Send + 'static,
+    ) -> Result<Result<T, etcd_client::Error>, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
         let client = self.client.clone();
         self.block_on(async move {
             let deadline = tokio::time::Instant::now() + RETRY_FOR;
@@ -272,8 +295,105 @@ impl EtcdStore {
                     outcome => return outcome,
                 }
             }
-        })?
-        .map_err(store_error)
+        })
+    }
+
+    /// Tells the commit observer how long a commit that wrote took.
+    fn observe(&self, took: Duration) {
+        let observer = self.observer.lock().expect("observer lock").clone();
+        if let Some(observe) = observer {
+            observe(took);
+        }
+    }
+
+    /// Commits `group` (transactions sharing no key, each with where its answer goes) as one
+    /// etcd transaction with each nested in it; one alone goes as it is. If etcd refuses the
+    /// whole as too large for its limits (it proposed nothing then), each goes alone.
+    fn commit_together(
+        &self,
+        group: Vec<(usize, Txn)>,
+    ) -> Vec<(usize, Result<TxnResponse, StoreError>)> {
+        if group.len() == 1 {
+            return group
+                .into_iter()
+                .map(|(at, txn)| (at, self.txn(txn)))
+                .collect();
+        }
+        let (at, converted): (Vec<usize>, Vec<(EtcdTxn, [bool; 2])>) = group
+            .iter()
+            .map(|(at, txn)| (*at, etcd_txn(txn.clone())))
+            .unzip();
+        let outer = EtcdTxn::new().and_then(
+            converted
+                .iter()
+                .map(|(t, _)| TxnOp::txn(t.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let started = Instant::now();
+        let resp = self.call_raw(Retry::Write, move |mut c| {
+            let txn = outer.clone();
+            async move { c.txn(txn).await }
+        });
+        let resp = match resp {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) if refused_as_too_large(&e) => {
+                tracing::debug!(error = %e, transactions = group.len(), "etcd refused them together; sending each alone");
+                return group
+                    .into_iter()
+                    .map(|(at, txn)| (at, self.txn(txn)))
+                    .collect();
+            }
+            Ok(Err(e)) => {
+                let e = store_error(e);
+                return at.into_iter().map(|at| (at, Err(e.duplicate()))).collect();
+            }
+            Err(e) => return at.into_iter().map(|at| (at, Err(e.duplicate()))).collect(),
+        };
+        let revision = shoal_rev(header_revision(resp.header()));
+        let nested: Vec<bool> = resp
+            .op_responses()
+            .into_iter()
+            .filter_map(|r| match r {
+                etcd_client::TxnOpResponse::Txn(t) => Some(t.succeeded()),
+                _ => None,
+            })
+            .collect();
+        if nested.len() != at.len() {
+            let e = db(format!(
+                "etcd answered {} of {} transactions committed together",
+                nested.len(),
+                at.len()
+            ));
+            return at.into_iter().map(|at| (at, Err(e.duplicate()))).collect();
+        }
+        let wrote: Vec<bool> = converted
+            .iter()
+            .zip(&nested)
+            .map(|((_, wrote), succeeded)| wrote[usize::from(!succeeded)])
+            .collect();
+        let any_wrote = wrote.iter().any(|w| *w);
+        if any_wrote {
+            self.observe(started.elapsed());
+        }
+        // One that wrote nothing was judged against the state before the commit.
+        let judged_at = if any_wrote {
+            revision.saturating_sub(1)
+        } else {
+            revision
+        };
+        at.into_iter()
+            .zip(nested.into_iter().zip(wrote))
+            .map(|(at, (succeeded, wrote))| {
+                let revision = if wrote { revision } else { judged_at };
+                (
+                    at,
+                    Ok(TxnResponse {
+                        succeeded,
+                        revision,
+                    }),
+                )
+            })
+            .collect()
     }
 
     /// The compaction point in etcd, read with a watch from its first revision: etcd answers
@@ -392,44 +512,63 @@ impl KvStore for EtcdStore {
 
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         txn.validate()?;
-        let compares: Vec<EtcdCompare> = txn
-            .compares
-            .iter()
-            .map(|c| match c {
-                Compare::ModRevision { key, revision } => EtcdCompare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    if *revision == 0 {
-                        0
-                    } else {
-                        etcd_rev(*revision)
-                    },
-                ),
-                Compare::Version { key, version } => {
-                    EtcdCompare::version(key.as_str(), CompareOp::Equal, *version as i64)
-                }
-            })
-            .collect();
-        let wrote = [!txn.success.is_empty(), !txn.failure.is_empty()];
-        let etcd_txn = EtcdTxn::new()
-            .when(compares)
-            .and_then(etcd_ops(txn.success))
-            .or_else(etcd_ops(txn.failure));
+        let (etcd_txn, wrote) = etcd_txn(txn);
         let started = Instant::now();
         let resp = self.call(Retry::Write, move |mut c| {
             let txn = etcd_txn.clone();
             async move { c.txn(txn).await }
         })?;
         if wrote[usize::from(!resp.succeeded())] {
-            let observer = self.observer.lock().expect("observer lock").clone();
-            if let Some(observe) = observer {
-                observe(started.elapsed());
-            }
+            self.observe(started.elapsed());
         }
         Ok(TxnResponse {
             succeeded: resp.succeeded(),
             revision: shoal_rev(header_revision(resp.header())),
         })
+    }
+
+    /// Commits transactions that share no key as one etcd transaction, each nested in it
+    /// (within [`TXN_OPS`] and [`BYTES_PER_COMMIT`]): a controller pass of many batches
+    /// pays a few raft proposals and WAL fsyncs, not one each. The nested compares are all
+    /// judged before any of their writes, which is what one after another would see since
+    /// they share no key; those that write share the new revision. A transaction touching a
+    /// key of an earlier one goes in a later commit, so it sees it.
+    fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
+        let mut answers: Vec<Option<Result<TxnResponse, StoreError>>> = Vec::new();
+        let mut valid = Vec::new();
+        for txn in txns {
+            match txn.validate() {
+                Err(e) => answers.push(Some(Err(e))),
+                Ok(()) => {
+                    valid.push((answers.len(), txn));
+                    answers.push(None);
+                }
+            }
+        }
+        let runs = independent_runs(valid.iter().map(|(_, t)| t));
+        let mut valid = valid.into_iter();
+        for run in runs {
+            let mut run: Vec<(usize, Txn)> = valid.by_ref().take(run).collect();
+            while !run.is_empty() {
+                let (mut bytes, mut widest) = (0, 0);
+                let together = (run.iter().enumerate())
+                    .take_while(|(n, (_, t))| {
+                        bytes += txn_bytes(t);
+                        widest = widest.max(txn_ops(t));
+                        n + 1 + widest <= TXN_OPS && bytes <= BYTES_PER_COMMIT
+                    })
+                    .count()
+                    .max(1);
+                let group: Vec<(usize, Txn)> = run.drain(..together).collect();
+                for (at, answer) in self.commit_together(group) {
+                    answers[at] = Some(answer);
+                }
+            }
+        }
+        answers
+            .into_iter()
+            .map(|a| a.expect("every transaction is answered"))
+            .collect()
     }
 
     fn watch(&self, prefix: &str, from_revision: u64) -> Result<WatchStream, StoreError> {
@@ -665,6 +804,116 @@ impl Drop for Runtime {
     }
 }
 
+/// A store transaction as etcd's, and whether each branch writes: `[success, failure]`.
+fn etcd_txn(txn: Txn) -> (EtcdTxn, [bool; 2]) {
+    let compares: Vec<EtcdCompare> = txn
+        .compares
+        .iter()
+        .map(|c| match c {
+            Compare::ModRevision { key, revision } => EtcdCompare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                if *revision == 0 {
+                    0
+                } else {
+                    etcd_rev(*revision)
+                },
+            ),
+            Compare::Version { key, version } => {
+                EtcdCompare::version(key.as_str(), CompareOp::Equal, *version as i64)
+            }
+        })
+        .collect();
+    let wrote = [!txn.success.is_empty(), !txn.failure.is_empty()];
+    let etcd_txn = EtcdTxn::new()
+        .when(compares)
+        .and_then(etcd_ops(txn.success))
+        .or_else(etcd_ops(txn.failure));
+    (etcd_txn, wrote)
+}
+
+/// What etcd counts of a transaction against `--max-txn-ops`: its compares or the operations
+/// of its longer branch, whichever are more.
+fn txn_ops(txn: &Txn) -> usize {
+    (txn.compares.len())
+        .max(txn.success.len())
+        .max(txn.failure.len())
+}
+
+/// About how many bytes a transaction sends: its keys and values.
+fn txn_bytes(txn: &Txn) -> usize {
+    let compared = txn.compares.iter().map(|c| match c {
+        Compare::ModRevision { key, .. } | Compare::Version { key, .. } => key.len(),
+    });
+    let written = txn.success.iter().chain(&txn.failure).map(|op| match op {
+        Op::Put { key, value } => key.len() + value.len(),
+        Op::Delete { key } => key.len(),
+        Op::DeletePrefix { prefix } => prefix.len(),
+    });
+    compared.chain(written).sum()
+}
+
+/// The lengths of the runs `txns` split into, in order, such that no two transactions of a run
+/// touch a key in common (a compare or a write, a deleted prefix touching every key under it):
+/// a run can be committed at once without changing what any of them sees, and etcd refuses
+/// one transaction writing a key twice.
+fn independent_runs<'a>(txns: impl Iterator<Item = &'a Txn>) -> Vec<usize> {
+    let mut runs = Vec::new();
+    let mut len = 0;
+    let mut keys: HashSet<&str> = HashSet::new();
+    let mut prefixes: Vec<&str> = Vec::new();
+    for txn in txns {
+        let mut own_keys = Vec::new();
+        let mut own_prefixes = Vec::new();
+        for c in &txn.compares {
+            match c {
+                Compare::ModRevision { key, .. } | Compare::Version { key, .. } => {
+                    own_keys.push(key.as_str())
+                }
+            }
+        }
+        for op in txn.success.iter().chain(&txn.failure) {
+            match op {
+                Op::Put { key, .. } | Op::Delete { key } => own_keys.push(key.as_str()),
+                Op::DeletePrefix { prefix } => own_prefixes.push(prefix.as_str()),
+            }
+        }
+        let clash = own_keys
+            .iter()
+            .any(|k| keys.contains(k) || prefixes.iter().any(|p| k.starts_with(p)))
+            || own_prefixes.iter().any(|p| {
+                keys.iter().any(|k| k.starts_with(p))
+                    || prefixes
+                        .iter()
+                        .any(|q| p.starts_with(q) || q.starts_with(p))
+            });
+        if clash {
+            runs.push(len);
+            len = 0;
+            keys.clear();
+            prefixes.clear();
+        }
+        len += 1;
+        keys.extend(own_keys);
+        prefixes.extend(own_prefixes);
+    }
+    if len > 0 {
+        runs.push(len);
+    }
+    runs
+}
+
+/// Whether etcd refused a request for its size or number of operations, before proposing it.
+fn refused_as_too_large(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+        ),
+        _ => false,
+    }
+}
+
 fn etcd_ops(ops: Vec<Op>) -> Vec<TxnOp> {
     // etcd refuses a transaction that writes one key twice; the contract lets the later write
     // win, so only that one is sent.
@@ -757,5 +1006,36 @@ fn store_error(e: etcd_client::Error) -> StoreError {
         StoreError::Compacted { compacted: 0 }
     } else {
         db(format!("etcd: {text}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str) -> Txn {
+        Txn::new().then(Op::put(key, "v"))
+    }
+
+    #[test]
+    fn transactions_touching_a_key_of_an_earlier_one_start_a_new_run() {
+        let txns = [
+            put("/apps/a"),
+            put("/apps/b"),
+            // Compares a key the first writes: it must see that write.
+            Txn::new()
+                .when_absent("/apps/a")
+                .then(Op::put("/apps/c", "v")),
+            put("/apps/d"),
+            // Deletes under a prefix the run before holds keys of.
+            Txn::new().then(Op::delete_prefix("/apps/")),
+            put("/nodes/n1"),
+            // Written under the prefix deleted in its run.
+            put("/apps/e"),
+        ];
+        assert_eq!(independent_runs(txns.iter()), [2, 2, 2, 1]);
+        assert!(independent_runs([].iter()).is_empty());
+        let apart: Vec<Txn> = (0..5).map(|i| put(&format!("/k{i}"))).collect();
+        assert_eq!(independent_runs(apart.iter()), [5]);
     }
 }

@@ -18,6 +18,8 @@ const READY: Duration = Duration::from_secs(30);
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
+    /// Flags every member gets besides its own: a limit a test wants to meet.
+    flags: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -42,6 +44,11 @@ impl EtcdCluster {
 
     /// Starts `n` members and returns once every one serves clients.
     pub fn start(n: usize) -> EtcdCluster {
+        EtcdCluster::start_with(n, &[])
+    }
+
+    /// Starts `n` members, each also given `flags` (such as `--max-txn-ops 16`).
+    pub fn start_with(n: usize, flags: &[&str]) -> EtcdCluster {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -60,6 +67,7 @@ impl EtcdCluster {
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
             _dir: dir,
         };
         // Members of a new cluster wait for each other before they serve: start all, then wait.
@@ -123,6 +131,7 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", "shoal-test"])
             // Loopback members: elect quickly, so a test does not wait on a lost leader long.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(&self.flags)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -159,3 +159,93 @@ fn create(kv: &dyn KvStore, key: &str) -> u64 {
         }
     }
 }
+
+/// etcd's WAL fsyncs so far, from the member's `/metrics` (plain HTTP on its client port).
+fn wal_fsyncs(endpoint: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(endpoint).expect("connect to etcd's metrics");
+    write!(conn, "GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("etcd_disk_wal_fsync_duration_seconds_count "))
+        .expect("etcd reports its WAL fsyncs")
+        .trim()
+        .parse::<f64>()
+        .expect("a count") as u64
+}
+
+/// 200 creations, one that must see the first of them, and a malformed one.
+fn many_then_one_that_sees_the_first() -> Vec<Txn> {
+    let mut txns: Vec<Txn> = (0..200)
+        .map(|i| {
+            let key = format!("/many/{i}");
+            Txn::new().when_absent(&key).then(Op::put(&key, "1"))
+        })
+        .collect();
+    // Sees the first: its key exists by then, so the failure branch runs.
+    txns.push(
+        Txn::new()
+            .when_absent("/many/0")
+            .then(Op::put("/after", "no"))
+            .otherwise(Op::put("/after", "saw /many/0")),
+    );
+    // Its compare fails, and it writes nothing: judged against the state before it.
+    txns.push(
+        Txn::new()
+            .when_absent("/many/1")
+            .then(Op::put("/never", "x")),
+    );
+    txns.push(Txn::new().then(Op::put("", "malformed")));
+    txns
+}
+
+/// What [`many_then_one_that_sees_the_first`] must leave and answer, however etcd took it.
+fn check_many(kv: &dyn KvStore, answers: &[Result<shoal_store::TxnResponse, StoreError>]) {
+    assert_eq!(answers.len(), 203);
+    assert!(matches!(answers[202], Err(StoreError::EmptyKey)));
+    let done: Vec<_> = answers[..202].iter().map(|a| a.as_ref().unwrap()).collect();
+    assert!(done[..200].iter().all(|d| d.succeeded));
+    assert!(!done[200].succeeded && !done[201].succeeded);
+    let first_200 = done[..200].iter().map(|d| d.revision).max().unwrap();
+    assert!(done[200].revision > first_200, "it came after them");
+    assert!(done[201].revision >= first_200, "it saw them");
+    assert!(done[201].revision <= kv.revision());
+    assert_eq!(kv.get("/after").unwrap().unwrap().value, b"saw /many/0");
+    assert!(kv.get("/never").unwrap().is_none());
+    assert_eq!(kv.range("/many/").unwrap().0.len(), 200);
+}
+
+#[test]
+fn transactions_given_together_share_commits_and_see_the_earlier_ones() {
+    let etcd = EtcdCluster::single();
+    let kv = open(&etcd);
+    let endpoint = &etcd.endpoints()[0];
+    let before = wal_fsyncs(endpoint);
+    let answers = kv.txns(many_then_one_that_sees_the_first());
+    let fsyncs = wal_fsyncs(endpoint) - before;
+    check_many(&*kv, &answers);
+    // One by one, each would be a commit of its own: 201 fsyncs at least. Together: the 200
+    // in two commits (127 at most in one, each nested one counting as an operation of the
+    // outer and the most a nested one has taken from what etcd allows), then the two that
+    // touch their keys.
+    assert!(fsyncs <= 10, "{fsyncs} WAL fsyncs for 201 transactions");
+    let revisions: std::collections::BTreeSet<u64> = answers[..200]
+        .iter()
+        .map(|a| a.as_ref().unwrap().revision)
+        .collect();
+    assert_eq!(
+        revisions.len(),
+        2,
+        "the 200 share two commits: {revisions:?}"
+    );
+}
+
+#[test]
+fn transactions_too_many_for_one_etcd_transaction_go_one_by_one() {
+    // etcd refuses a transaction of more than 16 operations here, nested ones included.
+    let etcd = EtcdCluster::start_with(1, &["--max-txn-ops", "16"]);
+    let kv = open(&etcd);
+    let answers = kv.txns(many_then_one_that_sees_the_first());
+    check_many(&*kv, &answers);
+}

@@ -74,10 +74,11 @@ pub trait KvStore: Send + Sync + 'static {
     /// Runs a compare-and-swap transaction atomically; all its writes share one new revision.
     fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
 
-    /// Runs `txns` one after another, each as [`KvStore::txn`] would (its own revision, its
-    /// compares seeing the ones before), answering each: for a writer with many independent
+    /// Runs `txns` as [`KvStore::txn`] would run each one after another (its compares seeing
+    /// the ones before), answering each in the order given: for a writer with many independent
     /// transactions at once, such as a controller pass. A backend that can commits them
-    /// together, once; the default runs them one by one.
+    /// together (redb: once, each at its own revision; etcd: those that share no key as one
+    /// transaction, so their writes share a revision); the default runs them one by one.
     fn txns(&self, txns: Vec<Txn>) -> Vec<Result<TxnResponse, StoreError>> {
         txns.into_iter().map(|t| self.txn(t)).collect()
     }

@@ -458,7 +458,7 @@ impl Turn<'_> {
             Ok(done) => done.into_iter().map(Ok).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, transactions = txns.len(), "store commit failed");
-                txns.iter().map(|_| Err(duplicate(&e))).collect::<Vec<_>>()
+                txns.iter().map(|_| Err(e.duplicate())).collect::<Vec<_>>()
             }
         };
         for (queued, answer) in self.batch.drain(..).zip(answers) {
@@ -479,23 +479,6 @@ impl Drop for Turn<'_> {
             Some(next) => next.slot.set(SlotState::Turn),
             None => queue.committing = false,
         }
-    }
-}
-
-/// A copy of a batch's commit error for each of its transactions' callers.
-fn duplicate(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Compacted { compacted } => StoreError::Compacted {
-            compacted: *compacted,
-        },
-        StoreError::FutureRevision { revision, current } => StoreError::FutureRevision {
-            revision: *revision,
-            current: *current,
-        },
-        StoreError::EmptyKey => StoreError::EmptyKey,
-        StoreError::InUse => StoreError::InUse,
-        StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
-        StoreError::Db(message) => StoreError::Db(message.clone()),
     }
 }
 

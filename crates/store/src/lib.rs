@@ -198,6 +198,25 @@ pub enum StoreError {
     Db(String),
 }
 
+impl StoreError {
+    /// The same error again, for each of several transactions that one failed commit held.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::Compacted { compacted } => StoreError::Compacted {
+                compacted: *compacted,
+            },
+            StoreError::FutureRevision { revision, current } => StoreError::FutureRevision {
+                revision: *revision,
+                current: *current,
+            },
+            StoreError::EmptyKey => StoreError::EmptyKey,
+            StoreError::InUse => StoreError::InUse,
+            StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
+            StoreError::Db(message) => StoreError::Db(message.clone()),
+        }
+    }
+}
+
 /// Maps redb's error types into [`StoreError::Db`], keeping redb's readable message (a
 /// `DatabaseError` of a locked file is [`StoreError::InUse`], below).
 macro_rules! from_redb {
