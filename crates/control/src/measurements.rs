@@ -311,20 +311,14 @@ impl Metrics {
             .unwrap_or_default()
     }
 
-    /// `app`'s average concurrency over the last `window_ms` (or as much of it
-    /// as has been measured), for `get apps`; `None` before any report.
+    /// `app`'s average concurrency over the last `window_ms` (or as much of it as has been
+    /// measured), as the autoscaler judges it, for `get apps`; `None` before any report.
     pub(crate) fn concurrency(&self, app: &AppKey, window_ms: u64, now: Millis) -> Option<f64> {
         let apps = self.lock();
         let load = &apps.get(app)?.load;
-        let from = now.saturating_sub(window_ms).max(self.since);
-        let covered = ((now - from) as f64 / 1_000.0).max(1.0);
-        let sum: f64 = load
-            .samples
-            .iter()
-            .filter(|s| s.at > from.saturating_sub(1_000))
-            .map(|s| s.concurrency)
-            .sum();
-        Some(sum / covered)
+        Some(shoal_scheduler::autoscale::concurrency(
+            load, window_ms, now,
+        ))
     }
 
     /// Every app's measurements now, for a controller pass.
@@ -488,9 +482,10 @@ mod tests {
         assert_eq!((load.samples[0].at, load.samples[0].requests), (10_000, 16));
         assert!((load.samples[0].concurrency - 3.0).abs() < 1e-9);
         assert_eq!(load.last_request, Some(11_200));
-        // Averaged over what was measured: 3 in flight for one of two seconds.
+        // Averaged over the whole seconds measured: 3 in flight in one of eleven (the
+        // twelfth, still going, does not count).
         let c = m.concurrency(&app, 60_000, 11_500).unwrap();
-        assert!((c - 3.0 / 11.5).abs() < 1e-9, "{c}");
+        assert!((c - 3.0 / 11.0).abs() < 1e-9, "{c}");
         // An hour later the samples are gone.
         m.record("n1", vec![stats(1, 1, 0)], 3_700_000);
         assert_eq!(m.snapshot()[&app].load.samples.len(), 1);

@@ -198,6 +198,12 @@ fn autoscaled(
     (want, why)
 }
 
+/// `load`'s requests in flight averaged over the `window_ms` before `now`, as the autoscaler
+/// judges it ([`Average::over`]): what `get apps` shows beside the target.
+pub fn concurrency(load: &Load, window_ms: u64, now: Millis) -> f64 {
+    Average::over(load, window_ms, now).concurrency
+}
+
 /// Load averaged over a window.
 struct Average {
     concurrency: f64,
@@ -205,14 +211,20 @@ struct Average {
 }
 
 impl Average {
-    /// Over the `window_ms` before `now`; seconds before `load.since` are
-    /// unknown, so they do not count.
+    /// Over the whole seconds of the `window_ms` (rounded up to seconds) before the second
+    /// `now` is in. A sample is one second's sum of the reports that arrived in it, so the
+    /// current second's is still filling: counting it as a second, a window would hold one
+    /// report less than its seconds whenever the pass runs in the second after a report's,
+    /// and a steady load would look half as big for as long as the reports keep that phase.
+    /// Seconds before `load.since` are unknown, so they do not count.
     fn over(load: &Load, window_ms: u64, now: Millis) -> Average {
-        let span = window_ms.min(now.saturating_sub(load.since)).max(1_000);
-        let from = now.saturating_sub(span);
+        let end = now - now % 1_000;
+        let measured = end.saturating_sub(load.since.div_ceil(1_000) * 1_000);
+        let span = (window_ms.div_ceil(1_000) * 1_000).min(measured).max(1_000);
+        let from = end.saturating_sub(span);
         let (mut concurrency, mut requests) = (0.0, 0u64);
-        for s in load.samples.iter().rev().take_while(|s| s.at > from) {
-            if s.at <= now {
+        for s in load.samples.iter().rev().take_while(|s| s.at >= from) {
+            if s.at < end {
                 concurrency += s.concurrency;
                 requests += s.requests;
             }
@@ -426,13 +438,33 @@ mod tests {
         }
     }
 
-    /// Steady 2 in flight, then 60 for the 6 s up to `NOW`, then nothing.
+    /// 60 in flight for the six whole seconds before `NOW`, 2 before, none after.
     fn burst(at: Millis) -> f64 {
         match at {
-            at if at > NOW => 0.0,
-            at if at > NOW - 6_000 => 60.0,
+            at if at >= NOW => 0.0,
+            at if at >= NOW - 6_000 => 60.0,
             _ => 2.0,
         }
+    }
+
+    #[test]
+    fn a_steady_load_counts_whole_whatever_the_phase_of_its_reports() {
+        // 4 in flight, reported once a second at .95 s: each sample is the second before
+        // `NOW`'s. A pass in the same second as the last report, and one in the next before
+        // the next report, both see 4 over a 2 s window.
+        let l = load(NOW, 0, |_| 4.0);
+        for now in [NOW + 960, NOW + 1_100, NOW + 1_999] {
+            let c = concurrency(&l, 2_000, now);
+            assert!((c - 4.0).abs() < 1e-9, "at {now}: {c}");
+        }
+        // A window not in whole seconds counts the seconds it touches.
+        assert!((concurrency(&l, 1_500, NOW + 1_100) - 4.0).abs() < 1e-9);
+        // Only what was measured since the start counts, in whole seconds.
+        let young = Load {
+            since: NOW - 1_500,
+            ..l.clone()
+        };
+        assert!((concurrency(&young, 60_000, NOW + 100) - 4.0).abs() < 1e-9);
     }
 
     #[test]

@@ -2508,7 +2508,7 @@ mod tests {
     /// `concurrency` in flight every second of the minute up to `now`,
     /// measured since 0.
     fn busy(now: Millis, concurrency: f64) -> Measurements {
-        let samples = (0..60)
+        let samples = (0..=60)
             .map(|ago| LoadSample {
                 at: now - ago * 1000,
                 concurrency,
