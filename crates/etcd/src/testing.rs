@@ -48,7 +48,24 @@ impl EtcdCluster {
     }
 
     /// Starts `n` members, each also given `flags` (such as `--max-txn-ops 16`).
+    ///
+    /// A port is free when picked but can be taken before etcd binds it (by anything on the
+    /// machine, an outgoing connection's ephemeral port included): then the cluster starts
+    /// again on new ports, a few times.
     pub fn start_with(n: usize, flags: &[&str]) -> EtcdCluster {
+        let mut attempts = 1;
+        loop {
+            match EtcdCluster::try_start(n, flags) {
+                Ok(cluster) => return cluster,
+                Err(log) if attempts < 5 && log.contains("address already in use") => attempts += 1,
+                Err(log) => panic!("{log}"),
+            }
+        }
+    }
+
+    /// One attempt of [`EtcdCluster::start_with`]; `Err` holds the log of the member that
+    /// did not become ready.
+    fn try_start(n: usize, flags: &[&str]) -> Result<EtcdCluster, String> {
         let dir = tempfile::tempdir().expect("temp dir for etcd");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
@@ -73,9 +90,9 @@ impl EtcdCluster {
         // Members of a new cluster wait for each other before they serve: start all, then wait.
         let ready: Vec<_> = (0..n).map(|i| cluster.spawn(i)).collect();
         for (i, lines) in ready.into_iter().enumerate() {
-            wait_ready(&cluster.members[i].name, &lines);
+            wait_ready(&cluster.members[i].name, &lines)?;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// The `etcd://` address `shoal server --store` takes.
@@ -110,7 +127,9 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         let lines = self.spawn(i);
-        wait_ready(&self.members[i].name, &lines);
+        if let Err(log) = wait_ready(&self.members[i].name, &lines) {
+            panic!("{log}");
+        }
     }
 
     fn spawn(&mut self, i: usize) -> mpsc::Receiver<String> {
@@ -158,18 +177,21 @@ impl Drop for EtcdCluster {
     }
 }
 
-fn wait_ready(name: &str, lines: &mpsc::Receiver<String>) {
+/// Waits until member `name` serves clients; `Err` says it did not, with its log.
+fn wait_ready(name: &str, lines: &mpsc::Receiver<String>) -> Result<(), String> {
     let deadline = Instant::now() + READY;
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
-            Ok(line) if line.contains("ready to serve client requests") => return,
+            Ok(line) if line.contains("ready to serve client requests") => return Ok(()),
             Ok(line) => seen.push(line),
-            Err(_) => panic!(
-                "etcd member {name} did not become ready; its log:\n{}",
-                seen.join("\n")
-            ),
+            Err(_) => {
+                return Err(format!(
+                    "etcd member {name} did not become ready; its log:\n{}",
+                    seen.join("\n")
+                ));
+            }
         }
     }
 }
