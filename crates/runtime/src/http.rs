@@ -397,6 +397,16 @@ impl HttpService {
         }
     }
 
+    /// Instances that take the next request without a new one starting: p2 instances kept
+    /// for reuse, p3 instances below their concurrency (a p3 instance that just took a
+    /// request has room again only once its event loop has run that request to a wait).
+    pub fn instances_with_room(&self) -> usize {
+        match &self.inner.backend {
+            Backend::P2 { .. } => self.idle_instances(),
+            Backend::P3(workers) => workers.available(),
+        }
+    }
+
     /// The most recently used instance still within its idle time, if reuse is on; the
     /// ones past it go.
     fn take_idle(&self) -> Option<Reusable> {

@@ -178,6 +178,11 @@ impl Workers {
         self.state().idle
     }
 
+    /// Workers with room for another request now.
+    pub(crate) fn available(&self) -> usize {
+        self.state().available
+    }
+
     /// Ends the workers once their requests are answered; called when the replica goes.
     pub(crate) fn close(&self) {
         self.state().closed = true;

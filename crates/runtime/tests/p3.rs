@@ -13,12 +13,13 @@ use shoal_runtime::{HttpService, InstanceConfig, InstanceStats, Reuse};
 
 /// `hello-p3` with `reuse`, a 300 ms timeout and its own runtime.
 async fn hello_p3(reuse: Reuse) -> (tempfile::TempDir, HttpService) {
-    hello_p3_counted(reuse, Arc::default()).await
+    hello_p3_with(reuse, Duration::from_millis(300), Arc::default()).await
 }
 
-/// [`hello_p3`], its instances counted in `stats`.
-async fn hello_p3_counted(
+/// [`hello_p3`] with another `timeout`, its instances counted in `stats`.
+async fn hello_p3_with(
     reuse: Reuse,
+    timeout: Duration,
     stats: Arc<InstanceStats>,
 ) -> (tempfile::TempDir, HttpService) {
     let dir = tempfile::tempdir().unwrap();
@@ -33,7 +34,7 @@ async fn hello_p3_counted(
         loaded.exports()
     );
     let cfg = InstanceConfig {
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(timeout),
         reuse,
         stats,
         ..config()
@@ -79,7 +80,8 @@ async fn a_p3_component_answers_with_a_fresh_instance_per_request_by_default() {
 #[tokio::test]
 async fn a_reused_p3_instance_serves_its_count() {
     let stats = Arc::new(InstanceStats::default());
-    let (_dir, hello) = hello_p3_counted(reuse(3, 16), stats.clone()).await;
+    let (_dir, hello) =
+        hello_p3_with(reuse(3, 16), Duration::from_millis(300), stats.clone()).await;
     let mut counts = Vec::new();
     for kept in [1, 1, 0, 1] {
         counts.push(count(&hello).await);
@@ -98,8 +100,14 @@ async fn a_reused_p3_instance_serves_its_count() {
 
 #[tokio::test]
 async fn a_p3_instance_serves_requests_at_once_up_to_its_concurrency() {
-    for (concurrent, expected) in [(16, 3), (1, 1)] {
-        let (_dir, hello) = hello_p3(reuse(100, concurrent)).await;
+    for (concurrent, room, expected) in [(16, 1, 3), (1, 0, 1)] {
+        // Time enough for the sleeper on a busy machine: it must not time out.
+        let (_dir, hello) = hello_p3_with(
+            reuse(100, concurrent),
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .await;
         assert_eq!(count(&hello).await, 1);
         idle(&hello, 1).await;
         // A request that waits (on a clock) inside the instance...
@@ -108,7 +116,11 @@ async fn a_p3_instance_serves_requests_at_once_up_to_its_concurrency() {
             async move { text(&hello, "/sleep?ms=250").await }
         });
         idle(&hello, 0).await;
-        // ...leaves room for another one in it, if the concurrency allows.
+        // ...leaves room for another one in it once it waits, if the concurrency allows.
+        eventually(Duration::from_secs(5), "room in the instance", || {
+            hello.instances_with_room() == room
+        })
+        .await;
         assert_eq!(count(&hello).await, expected, "concurrent = {concurrent}");
         assert_eq!(sleeper.await.unwrap(), "slept 250 ms\n");
     }
