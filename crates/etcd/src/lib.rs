@@ -580,10 +580,14 @@ impl KvStore for EtcdStore {
         let task = WatchTask {
             client: self.client.clone(),
             prefix: prefix.to_owned(),
-            next: if from_revision == 0 {
-                0
-            } else {
-                etcd_rev(from_revision)
+            // "From now" is now, when this is called: the task's watch starts later, and a
+            // write in between would be lost if etcd chose the start.
+            next: match from_revision {
+                0 => match self.revision() {
+                    0 => 0,
+                    now => etcd_rev(now + 1),
+                },
+                from => etcd_rev(from),
             },
             compacted: Arc::clone(&self.compacted),
             tx,
