@@ -1423,7 +1423,14 @@ async fn watch(
     Extension(me): Extension<NodeIdentity>,
     Query(q): Query<WatchQuery>,
 ) -> Result<Response, ApiError> {
-    let watcher = cp.store().watch("/", q.from).map_err(|e| match e {
+    // Starting a watch may read the store (on etcd, the revision "now" is), so it runs off
+    // the executor.
+    let starter = cp.clone();
+    let from = q.from;
+    let started = tokio::task::spawn_blocking(move || starter.store().watch("/", from))
+        .await
+        .map_err(ControlError::internal)?;
+    let watcher = started.map_err(|e| match e {
         shoal_store::StoreError::Compacted { compacted } => ApiError::new(
             ErrorCode::Compacted,
             format!(

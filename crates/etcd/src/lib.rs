@@ -313,11 +313,14 @@ impl EtcdStore {
         &self,
         group: Vec<(usize, Txn)>,
     ) -> Vec<(usize, Result<TxnResponse, StoreError>)> {
-        if group.len() == 1 {
-            return group
+        let alone = |group: Vec<(usize, Txn)>| -> Vec<_> {
+            group
                 .into_iter()
                 .map(|(at, txn)| (at, self.txn(txn)))
-                .collect();
+                .collect()
+        };
+        if group.len() == 1 {
+            return alone(group);
         }
         let (at, converted): (Vec<usize>, Vec<(EtcdTxn, [bool; 2])>) = group
             .iter()
@@ -338,10 +341,7 @@ impl EtcdStore {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) if refused_as_too_large(&e) => {
                 tracing::debug!(error = %e, transactions = group.len(), "etcd refused them together; sending each alone");
-                return group
-                    .into_iter()
-                    .map(|(at, txn)| (at, self.txn(txn)))
-                    .collect();
+                return alone(group);
             }
             Ok(Err(e)) => {
                 let e = store_error(e);
