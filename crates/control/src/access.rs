@@ -24,7 +24,7 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
-    fn admin() -> Caller {
+    pub(crate) fn admin() -> Caller {
         Caller {
             name: "admin".into(),
             role: Role::Admin,
@@ -132,9 +132,15 @@ fn view(token: &ApiToken) -> TokenView {
 }
 
 impl ControlPlane {
+    /// Whether `bearer` is the admin token: a comparison in memory, so callers make it
+    /// before [`ControlPlane::authenticate`]'s store read, which must run off the executor.
+    pub(crate) fn is_admin_token(&self, bearer: &str) -> bool {
+        constant_time_eq(bearer.as_bytes(), self.config().token.as_bytes())
+    }
+
     /// Who presented `bearer`: the admin token, or an API token not revoked.
     pub(crate) fn authenticate(&self, bearer: &str) -> Result<Option<Caller>, ControlError> {
-        if constant_time_eq(bearer.as_bytes(), self.config().token.as_bytes()) {
+        if self.is_admin_token(bearer) {
             return Ok(Some(Caller::admin()));
         }
         let Some(credential) = Credential::parse(bearer) else {
