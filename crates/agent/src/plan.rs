@@ -130,10 +130,12 @@ pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
         .replicas_of(key)
         .filter(|r| r.phase == Phase::Ready)
         .filter_map(|r| {
+            let node = r.node.as_deref()?;
             Some(RemoteReplica {
                 replica: r.id.clone(),
                 revision: r.revision,
-                gateway: gateway_of(r.node.as_deref()?)?,
+                node: node.to_string(),
+                gateway: gateway_of(node)?,
                 timeout: view
                     .app_revision(key, r.revision)
                     .map(|rev| rev.template.timeout_ms)
@@ -414,6 +416,7 @@ mod tests {
             [RemoteReplica {
                 replica: "there".into(),
                 revision: 1,
+                node: "b".into(),
                 gateway: "b:8080".into(),
                 timeout: Some(Duration::from_millis(web.spec.template().timeout_ms)),
             }],

@@ -63,8 +63,8 @@ impl LogQuery {
 #[derive(Debug, Clone)]
 struct Target {
     id: String,
-    /// Its node's gateway, if it is placed on a node that exists.
-    gateway: Option<String>,
+    /// Its node and that node's gateway, if it is placed on a node that exists.
+    at: Option<(String, String)>,
     /// It finished (a job's run): its output is complete.
     done: bool,
 }
@@ -90,7 +90,10 @@ impl ControlPlane {
                 .into_iter()
                 .filter(|r| only.is_none_or(|id| id == r.id))
                 .map(|r| Target {
-                    gateway: r.node.as_ref().and_then(|n| gateways.get(n).cloned()),
+                    at: r
+                        .node
+                        .as_ref()
+                        .and_then(|n| Some((n.clone(), gateways.get(n)?.clone()))),
                     done: r.phase.is_terminal(),
                     id: r.id,
                 })
@@ -104,11 +107,11 @@ impl ControlPlane {
         app: AppKey,
         query: LogQuery,
     ) -> Result<impl Stream<Item = Bytes> + Send + 'static, ControlError> {
-        let Some(http) = self.inner.members.clone() else {
+        if self.inner.members.is_none() {
             return Err(ControlError::Unavailable(
                 "this control plane has no cluster CA to reach nodes with".into(),
             ));
-        };
+        }
         let (cp, key, only) = (self.clone(), app.clone(), query.replica.clone());
         let targets = blocking(move || cp.log_targets(&key, only.as_deref()))
             .await?
@@ -122,15 +125,19 @@ impl ControlPlane {
             )));
         }
         // A replica not placed yet has written nothing.
-        let placed = targets
-            .iter()
-            .filter_map(|t| Some((t, t.gateway.as_deref()?)));
-        let reads = placed.map(|(t, gateway)| {
+        let placed = targets.iter().filter_map(|t| Some((t, t.at.as_ref()?)));
+        let reads = placed.map(|(t, (node, gateway))| {
             let mut url = logs_url(gateway, &t.id, 0, &query);
             if let Some(n) = query.tail {
                 url.push_str(&format!("&tail={n}"));
             }
-            read_all(&http, t.id.clone(), url)
+            let (http, id) = (self.member_client(node), t.id.clone());
+            async move {
+                match http {
+                    Ok(http) => read_all(&http, id, url).await,
+                    Err(e) => vec![unreadable(id, e.to_string())],
+                }
+            }
         });
         let mut entries: Vec<LogEntry> = futures::future::join_all(reads)
             .await
@@ -159,10 +166,26 @@ impl ControlPlane {
             })
             .collect();
         let (tx, rx) = mpsc::channel::<Bytes>(64);
-        tokio::spawn(follow(self.clone(), http, app, query, known, tx));
+        tokio::spawn(follow(self.clone(), app, query, known, tx));
         let rest =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
         Ok(first.chain(rest).boxed())
+    }
+
+    /// A client presenting the control plane's certificate to node `node`'s gateway, which
+    /// must present that node's own (an address proves nothing: a node may be issued a
+    /// certificate for any address it says it has).
+    fn member_client(&self, node: &str) -> Result<reqwest::Client, ControlError> {
+        let tls = self.inner.members.as_ref().ok_or_else(|| {
+            ControlError::Unavailable(
+                "this control plane has no cluster CA to reach nodes with".into(),
+            )
+        })?;
+        reqwest::Client::builder()
+            .use_preconfigured_tls(tls.client_for(node))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(ControlError::internal)
     }
 }
 
@@ -216,7 +239,6 @@ async fn read_all(http: &reqwest::Client, replica: String, url: String) -> Vec<L
 /// client goes, the app is deleted or every replica has finished and said all it had.
 async fn follow(
     cp: ControlPlane,
-    http: reqwest::Client,
     app: AppKey,
     query: LogQuery,
     mut start: HashMap<String, (u64, Option<usize>)>,
@@ -254,7 +276,6 @@ async fn follow(
             let (since, tail) = start.remove(&t.id).unwrap_or((0, None));
             let task = tokio::spawn(follow_one(
                 cp.clone(),
-                http.clone(),
                 app.clone(),
                 (t.id.clone(), since, tail),
                 query.clone(),
@@ -279,7 +300,6 @@ async fn follow(
 /// away, until the node says the replica stopped.
 async fn follow_one(
     cp: ControlPlane,
-    http: reqwest::Client,
     app: AppKey,
     (id, mut since, mut tail): (String, u64, Option<usize>),
     query: LogQuery,
@@ -296,7 +316,11 @@ async fn follow_one(
                 continue;
             }
         };
-        let Some(gateway) = &target.gateway else {
+        let Some((node, gateway)) = &target.at else {
+            tokio::time::sleep(RELIST).await;
+            continue;
+        };
+        let Ok(http) = cp.member_client(node) else {
             tokio::time::sleep(RELIST).await;
             continue;
         };

@@ -103,9 +103,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: crate::measurements::Metrics,
     /// Where time comes from: the wall clock, or a test's.
     pub(crate) clock: Arc<dyn Clock>,
-    /// Reaches nodes' gateways with the control plane's own certificate, for
-    /// logs; none without a CA.
-    pub(crate) members: Option<reqwest::Client>,
+    /// The control plane's own certificate, to reach nodes' gateways with for logs
+    /// ([`ControlPlane::member_client`]); none without a CA.
+    pub(crate) members: Option<shoal_tls::Mutual>,
     /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
     /// holds it alone.
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
@@ -142,18 +142,13 @@ where
         .map_err(ControlError::internal)?
 }
 
-/// An HTTP client presenting a certificate of the cluster CA `ca` and
-/// trusting only that CA: what a node's gateway lets read its logs.
-fn member_client(ca: &shoal_tls::Authority) -> Result<reqwest::Client, ControlError> {
+/// TLS with a certificate of the cluster CA `ca`, trusting only that CA: what a node's
+/// gateway lets read its logs.
+fn member_tls(ca: &shoal_tls::Authority) -> Result<shoal_tls::Mutual, ControlError> {
     let issued = ca
         .issue_client(shoal_tls::CONTROL_PLANE)
         .map_err(ControlError::internal)?;
-    let tls = shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls.client)
-        .connect_timeout(Duration::from_secs(2))
-        .build()
-        .map_err(ControlError::internal)
+    shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)
 }
 
 impl ControlPlane {
@@ -184,7 +179,7 @@ impl ControlPlane {
             })
             .map_or(1, |n| n + 1);
         let members = match &config.authority {
-            Some(ca) => Some(member_client(ca)?),
+            Some(ca) => Some(member_tls(ca)?),
             None => None,
         };
         let secret_keys = crate::secrets::open_keys(config.secret_key_file.as_deref(), &*store);

@@ -30,9 +30,13 @@ pub(crate) enum Target {
         service: HttpService,
         permits: Arc<Semaphore>,
     },
-    /// `host:port` of the node's gateway. No permits here: the receiving node enforces them.
+    /// A replica on node `node`, whose gateway is at `gateway` (`host:port`). No permits
+    /// here: the receiving node enforces them.
     Remote {
         node: String,
+        gateway: String,
+        /// Reaches that node's gateway only: over TLS it must present `node`'s certificate.
+        client: Box<crate::proxy::Client>,
         timeout: Option<Duration>,
     },
 }
@@ -54,19 +58,16 @@ impl Endpoint {
         )
     }
 
-    /// A replica on another node, reached through that node's gateway (`"10.0.0.2:8080"`).
-    pub fn remote(
-        replica: String,
-        revision: u64,
-        node_gateway: String,
-        timeout: Option<Duration>,
-    ) -> Self {
+    /// A replica on node `remote.node`, reached through that node's gateway with `client`.
+    pub(crate) fn remote(remote: RemoteReplica, client: crate::proxy::Client) -> Self {
         Endpoint::new(
-            replica,
-            revision,
+            remote.replica,
+            remote.revision,
             Target::Remote {
-                node: node_gateway,
-                timeout,
+                node: remote.node,
+                gateway: remote.gateway,
+                client: Box::new(client),
+                timeout: remote.timeout,
             },
         )
     }
@@ -95,7 +96,7 @@ impl Endpoint {
     pub fn node_gateway(&self) -> Option<&str> {
         match &self.target {
             Target::Local { .. } => None,
-            Target::Remote { node, .. } => Some(node),
+            Target::Remote { gateway, .. } => Some(gateway),
         }
     }
 
@@ -149,6 +150,8 @@ impl Drop for InflightGuard {
 pub struct RemoteReplica {
     pub replica: String,
     pub revision: u64,
+    /// The node that runs it: hops to it over TLS take only that node's certificate.
+    pub node: String,
     /// `host:port` of the gateway of the node that runs it.
     pub gateway: String,
     /// Its revision's request timeout: that node answers 504 by then, so a hop that has
@@ -250,12 +253,15 @@ mod tests {
     }
 
     fn revision(id: &str, revision: u64) -> Arc<Endpoint> {
-        Arc::new(Endpoint::remote(
-            id.into(),
+        let replica = RemoteReplica {
+            replica: id.into(),
             revision,
-            "127.0.0.1:1".into(),
-            None,
-        ))
+            node: "b".into(),
+            gateway: "127.0.0.1:1".into(),
+            timeout: None,
+        };
+        let hops = crate::proxy::Hops::new(Duration::from_secs(1), false, None);
+        Arc::new(Endpoint::remote(replica, hops.client("b")))
     }
 
     #[test]

@@ -12,8 +12,10 @@ use hyper_util::client::legacy::{self, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use shoal_core::spec::AppKey;
 use shoal_runtime::{HttpError, WasiBody};
+use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -51,15 +53,64 @@ pub(crate) type EgressClient =
 /// Idle connections are closed after this long; nodes come and go.
 const POOL_IDLE: Duration = Duration::from_secs(30);
 
-/// A pooling client for hops; with `http2`, one that speaks HTTP/2 only (the gateways'
+/// The clients hops go out with. Over the cluster's TLS each node has its own, which takes
+/// only that node's certificate ([`shoal_tls::Mutual::client_for`]): an address proves
+/// nothing, as a node may be issued a certificate for any address it says it has. In plain
+/// text (tests without certificates) one client serves every node.
+pub(crate) struct Hops {
+    connect_timeout: Duration,
+    http2: bool,
+    tls: Option<shoal_tls::Mutual>,
+    plain: Client,
+    by_node: Mutex<HashMap<String, Client>>,
+}
+
+impl Hops {
+    pub(crate) fn new(
+        connect_timeout: Duration,
+        http2: bool,
+        tls: Option<shoal_tls::Mutual>,
+    ) -> Hops {
+        Hops {
+            connect_timeout,
+            http2,
+            tls,
+            plain: client(connect_timeout, http2, None),
+            by_node: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How hops reach a node's gateway: `https` with the cluster's certificates.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// The client for node `node`: the same one each time, so the endpoints of its replicas
+    /// share its connections.
+    pub(crate) fn client(&self, node: &str) -> Client {
+        let Some(tls) = &self.tls else {
+            return self.plain.clone();
+        };
+        let mut clients = self.by_node.lock().expect("hop clients lock");
+        clients
+            .entry(node.to_string())
+            .or_insert_with(|| client(self.connect_timeout, self.http2, Some(tls.client_for(node))))
+            .clone()
+    }
+
+    /// Drops the clients of nodes not in `nodes`; their connections close once no request
+    /// uses them.
+    pub(crate) fn retain(&self, nodes: &HashSet<&str>) {
+        let mut clients = self.by_node.lock().expect("hop clients lock");
+        clients.retain(|node, _| nodes.contains(node.as_str()));
+    }
+}
+
+/// A pooling client for hops ([`Hops`]); with `http2`, one that speaks HTTP/2 only (the gateways'
 /// listeners accept it) and multiplexes requests on one connection per peer. With the cluster's
 /// certificates (`tls`) it reaches only `https://` peers that present one, and presents its
 /// own; without them, plain text with prior knowledge.
-pub(crate) fn client(
-    connect_timeout: Duration,
-    http2: bool,
-    tls: Option<rustls::ClientConfig>,
-) -> Client {
+fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConfig>) -> Client {
     let mut http = HttpConnector::new();
     configure(&mut http, connect_timeout);
     http.enforce_http(false);

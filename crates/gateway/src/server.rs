@@ -141,10 +141,8 @@ pub(crate) struct Inner {
     wake: Mutex<HashSet<AppKey>>,
     /// For granted outbound hosts.
     client: proxy::EgressClient,
-    /// For hops to other nodes' gateways, and how they are reached: `https` with the
-    /// cluster's certificates.
-    hop_client: proxy::Client,
-    hop_scheme: &'static str,
+    /// For hops to other nodes' gateways.
+    hops: proxy::Hops,
     /// Finds a local replica's log buffer, for the control plane's `logs`.
     logs: RwLock<Option<LogLookup>>,
     /// The nodes whose certificates a member's connection may present (besides the control
@@ -162,16 +160,11 @@ impl Gateway {
             config.allow_private_egress,
             &config.egress_roots,
         );
-        let hop_client = proxy::client(
+        let hops = proxy::Hops::new(
             config.connect_timeout,
             config.hop_http2,
-            config.members.as_ref().map(|m| m.client.clone()),
+            config.members.clone(),
         );
-        let hop_scheme = if config.members.is_some() {
-            "https"
-        } else {
-            "http"
-        };
         Gateway {
             inner: Arc::new(Inner {
                 config,
@@ -182,8 +175,7 @@ impl Gateway {
                 services: RwLock::new(HashSet::new()),
                 wake: Mutex::new(HashSet::new()),
                 client,
-                hop_client,
-                hop_scheme,
+                hops,
                 logs: RwLock::new(None),
                 members: RwLock::new(None),
             }),
@@ -211,7 +203,12 @@ impl Gateway {
         let mut table = self.inner.table.write().expect("routing lock");
         *services = tables.services.into_iter().collect();
         pool.splits = tables.splits;
-        replace_remotes(&self.inner.metrics, &mut pool.endpoints, tables.remotes);
+        replace_remotes(
+            &self.inner.metrics,
+            &self.inner.hops,
+            &mut pool.endpoints,
+            tables.remotes,
+        );
         *table = Arc::new(RoutingTable::new(tables.routes));
         let mut wake = self.inner.wake.lock().expect("wake lock");
         *wake = tables.wake.into_iter().collect();
@@ -261,7 +258,13 @@ impl Gateway {
                 None => pool.splits.remove(&app),
             };
             let replicas = remotes.remove(&app).unwrap_or_default();
-            replace_app_remotes(&self.inner.metrics, &mut pool.endpoints, &app, replicas);
+            replace_app_remotes(
+                &self.inner.metrics,
+                &self.inner.hops,
+                &mut pool.endpoints,
+                &app,
+                replicas,
+            );
             woken |= if waking.contains(&app) {
                 wake.insert(app)
             } else {
@@ -324,9 +327,13 @@ impl Gateway {
 
     /// The cluster's nodes as of now: from here on a member's connection is let in only if
     /// its certificate is one of theirs or the control plane's, so a deleted node's
-    /// certificate, still signed by the cluster CA, no longer reaches this node.
+    /// certificate, still signed by the cluster CA, no longer reaches this node. Hop clients
+    /// of other nodes go.
     pub fn set_members(&self, nodes: impl IntoIterator<Item = String>) {
         let nodes: HashSet<String> = nodes.into_iter().collect();
+        self.inner
+            .hops
+            .retain(&nodes.iter().map(String::as_str).collect());
         let mut members = self.inner.members.write().expect("members lock");
         if members.as_ref() != Some(&nodes) {
             *members = Some(nodes);
@@ -523,7 +530,7 @@ impl Gateway {
     /// A replica that is also local stays local.
     pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<RemoteReplica>>) {
         let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
-        replace_remotes(&self.inner.metrics, map, remote);
+        replace_remotes(&self.inner.metrics, &self.inner.hops, map, remote);
         self.inner.holds.arrivals.notify_waiters();
     }
 
@@ -789,14 +796,19 @@ impl Gateway {
             Target::Local { service, permits } => {
                 Ok(self.call_local(endpoint, service, permits, app, req).await)
             }
-            Target::Remote { node, timeout } => {
+            Target::Remote {
+                gateway,
+                client,
+                timeout,
+                ..
+            } => {
                 let inflight = endpoint.enter();
                 let response = proxy::forward(
-                    &self.inner.hop_client,
-                    node,
+                    client,
+                    gateway,
                     app,
                     &endpoint.replica,
-                    self.inner.hop_scheme,
+                    self.inner.hops.scheme(),
                     timeout.map(|t| t + HOP_SLACK),
                     req,
                 )
@@ -1114,19 +1126,21 @@ async fn serve_connection<I>(
 /// [`Gateway::set_remote_endpoints`].
 fn replace_remotes(
     metrics: &Registry,
+    hops: &proxy::Hops,
     map: &mut EndpointMap,
     mut remote: HashMap<AppKey, Vec<RemoteReplica>>,
 ) {
     let apps: HashSet<AppKey> = map.keys().chain(remote.keys()).cloned().collect();
     for app in apps {
         let replicas = remote.remove(&app).unwrap_or_default();
-        replace_app_remotes(metrics, map, &app, replicas);
+        replace_app_remotes(metrics, hops, map, &app, replicas);
     }
 }
 
 /// [`replace_remotes`] for one app.
 fn replace_app_remotes(
     metrics: &Registry,
+    hops: &proxy::Hops,
     map: &mut EndpointMap,
     app: &AppKey,
     replicas: Vec<RemoteReplica>,
@@ -1144,7 +1158,8 @@ fn replace_app_remotes(
                 l.iter().find(|e| {
                     e.replica == r.replica
                         && e.revision == r.revision
-                        && e.node_gateway() == Some(&r.gateway)
+                        && matches!(&e.target, Target::Remote { node, gateway, .. }
+                            if *node == r.node && *gateway == r.gateway)
                 })
             })
             .cloned();
@@ -1154,8 +1169,9 @@ fn replace_app_remotes(
                 e
             }
             None => {
-                let mut e = Endpoint::remote(r.replica, r.revision, r.gateway, r.timeout);
-                e.counters = metrics.counters(app, r.revision);
+                let (client, revision) = (hops.client(&r.node), r.revision);
+                let mut e = Endpoint::remote(r, client);
+                e.counters = metrics.counters(app, revision);
                 Arc::new(e)
             }
         };
@@ -1197,6 +1213,7 @@ mod tests {
                 vec![RemoteReplica {
                     replica: format!("{name}-1"),
                     revision: 1,
+                    node: "b".into(),
                     gateway: "b:8080".into(),
                     timeout: None,
                 }],
@@ -1235,6 +1252,7 @@ mod tests {
         let a2 = RemoteReplica {
             replica: "a-2".into(),
             revision: 1,
+            node: "c".into(),
             gateway: "c:8080".into(),
             timeout: None,
         };

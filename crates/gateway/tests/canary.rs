@@ -148,6 +148,7 @@ async fn a_split_never_refuses_what_the_other_side_can_serve() {
     let status = HashMap::from([(
         app("faulty"),
         vec![RemoteReplica {
+            node: GATEWAY_NODE.into(),
             replica: "canary".into(),
             revision: 2,
             gateway: dead,
@@ -263,6 +264,7 @@ async fn a_forwarded_request_is_counted_by_the_gateway_that_routed_it() {
 
     let a = routed(GatewayConfig::default());
     let remote = |replica: &str, revision, gateway: String| RemoteReplica {
+        node: GATEWAY_NODE.into(),
         replica: replica.into(),
         revision,
         gateway,

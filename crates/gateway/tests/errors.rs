@@ -50,6 +50,7 @@ fn remote(replica: &str, node: &str) -> HashMap<shoal_core::spec::AppKey, Vec<Re
     HashMap::from([(
         app("faulty"),
         vec![RemoteReplica {
+            node: GATEWAY_NODE.into(),
             replica: replica.into(),
             revision: 1,
             gateway: node.into(),
@@ -224,6 +225,40 @@ async fn a_hop_to_a_gone_replica_answers_replica_gone() {
     assert!(a.endpoints(&app("faulty")).is_empty(), "marked down");
 }
 
+/// A node may be issued a certificate for any address it says it has, so the address a hop
+/// dials proves nothing: the peer must present the certificate of the node the status
+/// names. Here B (node "n") stands at the address the status gives for node "m".
+#[tokio::test]
+async fn a_hop_takes_only_the_certificate_of_the_node_it_means() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let members = Members::new();
+    let b = routed(members.gateway());
+    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
+    let b_addr = serve(&b).await.to_string();
+    let a = routed(members.gateway());
+    let a_addr = serve(&a).await;
+    let client = HttpClient::new();
+
+    let mut elsewhere = remote("faulty-b", &b_addr);
+    for r in elsewhere.values_mut().flatten() {
+        r.node = "m".into();
+    }
+    a.set_remote_endpoints(elsewhere);
+    let reply = client
+        .get(&format!("http://{a_addr}/faulty/status/418"))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+    assert!(reply.text().contains("certificate"), "{}", reply.text());
+
+    // Named as the node it is, B serves the same hop.
+    a.set_remote_endpoints(remote("faulty-b", &b_addr));
+    let reply = client
+        .get(&format!("http://{a_addr}/faulty/status/418"))
+        .await;
+    assert_eq!(reply.status, StatusCode::IM_A_TEAPOT, "{}", reply.text());
+}
+
 #[tokio::test]
 async fn internal_requests_from_outside_the_cluster_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -280,14 +315,14 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     // Once the agent says who the nodes are, a certificate of a node no longer among them
     // (deleted) gets no connection, while the nodes' and the control plane's still do.
     b.set_members(["n".to_string(), "n2".to_string()]);
-    let deleted = HttpClient::over(members.node("gone").client);
+    let deleted = HttpClient::over(members.node("gone").client_for(GATEWAY_NODE));
     let logs_url = format!("https://{b_addr}{NODE_LOGS_PATH}faulty-b");
     let refused = deleted
         .try_send(Method::GET, &logs_url, &[], Bytes::new())
         .await;
     assert!(refused.is_err(), "{:?}", refused.map(|r| r.status));
     for client in [
-        HttpClient::over(members.node("n2").client),
+        HttpClient::over(members.node("n2").client_for(GATEWAY_NODE)),
         members.control_plane(),
     ] {
         let reply = client.send(Method::GET, &logs_url, &[], Bytes::new()).await;

@@ -134,6 +134,7 @@ async fn hopping_with(
     gateway.set_remote_endpoints(std::collections::HashMap::from([(
         app("hello"),
         vec![shoal_gateway::RemoteReplica {
+            node: GATEWAY_NODE.into(),
             replica: "hello-1".into(),
             revision: 1,
             gateway: peer.to_string(),

@@ -27,6 +27,7 @@ fn remote(
     let mut map: HashMap<_, Vec<_>> = HashMap::new();
     for (name, replica, node) in entries {
         map.entry(app(name)).or_default().push(RemoteReplica {
+            node: GATEWAY_NODE.into(),
             replica: replica.to_string(),
             revision: 1,
             gateway: node.clone(),

@@ -28,6 +28,7 @@ async fn call(policy: &dyn OutboundPolicy, url: &str) -> Result<(StatusCode, Str
 
 fn replica(id: &str, gateway: String) -> RemoteReplica {
     RemoteReplica {
+        node: GATEWAY_NODE.into(),
         replica: id.into(),
         revision: 1,
         gateway,

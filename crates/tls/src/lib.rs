@@ -256,7 +256,82 @@ pub struct Mutual {
     /// Requires a client certificate of the cluster; speaks HTTP/2 and HTTP/1.1.
     pub server: Arc<rustls::ServerConfig>,
     /// Presents `issued`; sets no ALPN (the HTTP client says what it speaks).
-    pub client: rustls::ClientConfig,
+    client: rustls::ClientConfig,
+    /// Checks a server's chain against the cluster CA and its name against the address.
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl Mutual {
+    /// The client side for reaching node `node`: the server must also present that node's
+    /// own certificate. A node may be issued a certificate for any address it says it has,
+    /// so the address alone would let one node pose as another to a peer whose traffic
+    /// it can intercept; the name in the certificate is the one the CA gave the node it
+    /// authenticated.
+    pub fn client_for(&self, node: &str) -> rustls::ClientConfig {
+        let mut config = self.client.clone();
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(NodeVerifier {
+                chain: self.chain.clone(),
+                node: node.to_string(),
+            }));
+        config
+    }
+}
+
+/// A server verifier that takes only node `node`'s certificate, as [`Mutual::client_for`]
+/// makes it.
+#[derive(Debug)]
+struct NodeVerifier {
+    chain: Arc<rustls::client::WebPkiServerVerifier>,
+    node: String,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NodeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.chain.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match member_of(end_entity.as_ref()) {
+            Some(name) if name == self.node => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
@@ -274,6 +349,10 @@ pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain(), key())?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let checks_chain =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Pem(format!("the cluster CA cannot check servers: {e}")))?;
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
@@ -281,6 +360,7 @@ pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
     Ok(Mutual {
         server: Arc::new(server),
         client,
+        chain: checks_chain,
     })
 }
 

@@ -173,6 +173,9 @@ impl HttpClient {
     }
 }
 
+/// The node every gateway of [`Members::gateway`] is: hops to them name it.
+pub const GATEWAY_NODE: &str = "n";
+
 /// A cluster CA, and certificates of its members on 127.0.0.1: what nodes' gateways and
 /// the control plane prove themselves to each other with.
 pub struct Members {
@@ -189,7 +192,7 @@ impl Members {
 
     /// A new member's TLS settings, from a key of its own, as a node gets them at start.
     pub fn member(&self) -> shoal_tls::Mutual {
-        self.node("n")
+        self.node(GATEWAY_NODE)
     }
 
     /// [`Members::member`] for node `name`.
@@ -202,10 +205,14 @@ impl Members {
         shoal_tls::mutual(&key.with_certificate(&pem).unwrap(), self.ca.pem()).unwrap()
     }
 
-    /// A client with the control plane's certificate.
+    /// A client with the control plane's certificate, for the gateways of [`Members::gateway`].
     pub fn control_plane(&self) -> HttpClient {
         let issued = self.ca.issue_client(shoal_tls::CONTROL_PLANE).unwrap();
-        HttpClient::over(shoal_tls::mutual(&issued, self.ca.pem()).unwrap().client)
+        HttpClient::over(
+            shoal_tls::mutual(&issued, self.ca.pem())
+                .unwrap()
+                .client_for(GATEWAY_NODE),
+        )
     }
 
     /// A gateway configuration of a member.
@@ -233,9 +240,9 @@ impl Members {
         )
     }
 
-    /// A client presenting a member's certificate.
+    /// A client presenting a member's certificate, for the gateways of [`Members::gateway`].
     pub fn client(&self) -> HttpClient {
-        HttpClient::over(self.member().client)
+        HttpClient::over(self.member().client_for(GATEWAY_NODE))
     }
 }
 
