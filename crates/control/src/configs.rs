@@ -15,6 +15,59 @@ use shoal_store::{Op, Txn};
 use std::collections::BTreeMap;
 
 impl ControlPlane {
+    /// Applies each of `users` again, after a config set or secret (`what`) they name
+    /// changed: the ones applied. An apply that raced another writer is made again on the
+    /// app as it then is; one that still fails is logged, and the app takes the new values
+    /// at its next apply, or when a controller next starts
+    /// ([`ControlPlane::apply_references_again`]).
+    pub(crate) fn apply_users_again(&self, users: Vec<App>, what: &str) -> Vec<AppKey> {
+        let mut applied = Vec::new();
+        for app in users {
+            let key = app.spec.key();
+            match self.apply_again(app) {
+                Ok(()) => applied.push(key),
+                Err(e) => {
+                    tracing::warn!(app = %key, error = %e, "an app of a changed {what} was not applied again")
+                }
+            }
+        }
+        applied
+    }
+
+    /// Applies `app` again with the config sets and secrets it names as they are now,
+    /// trying again (up to three times, on the app as stored then) if another write to it
+    /// came first. An app deleted meanwhile is left alone.
+    fn apply_again(&self, mut app: App) -> Result<(), ControlError> {
+        let mut tries = 1;
+        loop {
+            let key = app.spec.key();
+            match self.apply(app.spec, false) {
+                Err(ControlError::Conflict(_)) if tries < 3 => {
+                    tries += 1;
+                    let Some((stored, _)) = self.get::<App>(&keys::app(&key))? else {
+                        return Ok(());
+                    };
+                    app = stored;
+                }
+                other => return other.map(|_| ()),
+            }
+        }
+    }
+
+    /// Applies again every app that names a config set or a secret, so each runs with
+    /// their values as stored: a change to one is written before its users are applied
+    /// again, and a crash in between would otherwise leave them on the old values. An app
+    /// already up to date writes nothing. The controller runs it when it starts. Answers
+    /// the apps that were applied again, whether or not anything changed for them.
+    pub(crate) fn apply_references_again(&self) -> Result<Vec<AppKey>, ControlError> {
+        let users = self
+            .list::<App>(&keys::APPS)?
+            .into_iter()
+            .filter(|a| names_values(&a.spec))
+            .collect();
+        Ok(self.apply_users_again(users, "config set or secret"))
+    }
+
     /// `spec` with the values of the sets it names, as they are now; an unknown set is
     /// refused, naming it.
     pub(crate) fn resolve_config_sets(&self, mut spec: AppSpec) -> Result<AppSpec, ControlError> {
@@ -87,19 +140,8 @@ impl ControlPlane {
                 "config set {name} changed meanwhile; try again"
             )));
         }
-        let mut rolled = Vec::new();
-        for app in self.config_set_users(ns, name)? {
-            let key = app.spec.key();
-            match self.apply(app.spec, false) {
-                Ok(_) => rolled.push(key),
-                // The set is stored; an app that could not take it now (changed at the same
-                // moment, say) takes it at its next apply.
-                Err(e) => {
-                    tracing::warn!(app = %key, error = %e, "an app of a changed config set was not applied again")
-                }
-            }
-        }
-        Ok((set, rolled))
+        let users = self.config_set_users(ns, name)?;
+        Ok((set, self.apply_users_again(users, "config set")))
     }
 
     /// The apps of namespace `ns` that name set `name`.
@@ -173,5 +215,66 @@ impl ControlPlane {
             "ConfigSetDeleted",
             format!("config/{ns}/{name}"),
         )
+    }
+}
+
+/// Whether `spec` takes values from outside itself: config sets, secrets, a TLS secret.
+fn names_values(spec: &AppSpec) -> bool {
+    !spec.config_sets.is_empty()
+        || !spec.secret_env.is_empty()
+        || !spec.secret_config.is_empty()
+        || spec.http.as_ref().is_some_and(|h| h.tls.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{control_plane, uploaded};
+    use shoal_core::spec::parse_app;
+
+    fn data(greeting: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("greeting".to_string(), greeting.to_string())])
+    }
+
+    /// A set's change was written, and the control plane died before its users were
+    /// applied again: the next controller to start applies them again.
+    #[test]
+    fn users_left_on_old_values_by_a_crash_take_the_new_ones_when_a_controller_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_config_set("default", "shared", data("one"), true)
+            .unwrap();
+        let digest = uploaded(&cp);
+        for (name, sets) in [("web", "[\"shared\"]"), ("plain", "[]")] {
+            let src = format!(
+                "name = \"{name}\"\nconfig_sets = {sets}\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
+            );
+            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+            cp.apply(spec, false).unwrap();
+        }
+        // What `put_config_set` writes before it applies the users again, and nothing more.
+        let key = keys::config_set("default", "shared");
+        let (mut set, at) = cp.get::<ConfigSet>(&key).unwrap().unwrap();
+        set.data = data("two");
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::put(key, encode(&set)));
+        assert!(cp.store().txn(txn).unwrap().succeeded);
+        let stored = |name: &str| {
+            let key = keys::app(&AppKey::new("default", name));
+            cp.get::<App>(&key).unwrap().unwrap().0
+        };
+        assert_eq!(stored("web").spec.config_sets[0].data, Some(data("one")));
+
+        let applied = cp.apply_references_again().unwrap();
+        assert_eq!(applied, [AppKey::new("default", "web")]);
+        let web = stored("web");
+        assert_eq!(web.spec.config_sets[0].data, Some(data("two")));
+        assert_eq!(web.revision, 2, "a new revision rolls it");
+        assert_eq!(stored("plain").revision, 1);
+        // Up to date, it writes nothing more.
+        let revision = cp.store().revision();
+        cp.apply_references_again().unwrap();
+        assert_eq!(cp.store().revision(), revision);
     }
 }

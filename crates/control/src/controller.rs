@@ -45,7 +45,23 @@ impl ControlPlane {
         let mut clock = LeaseClock::default();
         let mut kept: Option<(Mirror, WatchStream)> = None;
         let mut last_full: Option<Instant> = None;
+        let mut values_checked = false;
         loop {
+            if !values_checked {
+                let cp = self.clone();
+                match blocking(move || cp.apply_references_again()).await {
+                    Ok(applied) => {
+                        values_checked = true;
+                        tracing::debug!(
+                            apps = applied.len(),
+                            "applied again the apps naming config sets or secrets"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot apply again the apps naming config sets or secrets; retrying")
+                    }
+                }
+            }
             let (mut mirror, mut watcher) = match kept.take() {
                 Some(k) => k,
                 None => match self.load_mirror().await {

@@ -328,18 +328,8 @@ impl ControlPlane {
             }
             Ok(secret)
         })?;
-        let mut rolled = Vec::new();
-        for app in self.secret_users(ns, name)? {
-            let key = app.spec.key();
-            match self.apply(app.spec, false) {
-                Ok(_) => rolled.push(key),
-                // The secret is stored; an app that could not take it now (changed at the
-                // same moment, say) takes it at its next apply.
-                Err(e) => {
-                    tracing::warn!(app = %key, error = %e, "an app of a changed secret was not applied again")
-                }
-            }
-        }
+        let users = self.secret_users(ns, name)?;
+        let rolled = self.apply_users_again(users, "secret");
         let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
         Ok((view(secret, &apps), rolled))
     }
