@@ -69,10 +69,10 @@ fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_
     assert!(out.contains("revision 2 rolled out: 4/4"), "{out}");
     let replicas = server.replicas("faulty");
     assert_eq!(revisions_running(&replicas), [2], "{replicas:?}");
-    assert!(
-        replicas.iter().all(|r| r["phase"] == "Ready"),
-        "{replicas:#?}"
-    );
+    // Four Ready; a fifth may be starting already if the rebalancer moves one (new before
+    // old) to even out the spread the rollout left.
+    let ready = replicas.iter().filter(|r| r["phase"] == "Ready").count();
+    assert!(ready >= 4, "{replicas:#?}");
 
     // v3 never becomes ready: rolled back after the progress deadline, by itself.
     server.cli_ok(&[
