@@ -60,9 +60,17 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 pub(crate) struct Hops {
     connect_timeout: Duration,
     http2: bool,
-    tls: Option<shoal_tls::Mutual>,
-    plain: Client,
-    by_node: Mutex<HashMap<String, Client>>,
+    clients: HopClients,
+}
+
+enum HopClients {
+    /// Plain text: one client for every node.
+    Plain(Client),
+    /// The cluster's TLS: a client per node, made on first use.
+    Tls {
+        tls: shoal_tls::Mutual,
+        by_node: Mutex<HashMap<String, Client>>,
+    },
 }
 
 impl Hops {
@@ -71,38 +79,51 @@ impl Hops {
         http2: bool,
         tls: Option<shoal_tls::Mutual>,
     ) -> Hops {
+        let clients = match tls {
+            Some(tls) => HopClients::Tls {
+                tls,
+                by_node: Mutex::new(HashMap::new()),
+            },
+            None => HopClients::Plain(client(connect_timeout, http2, None)),
+        };
         Hops {
             connect_timeout,
             http2,
-            tls,
-            plain: client(connect_timeout, http2, None),
-            by_node: Mutex::new(HashMap::new()),
+            clients,
         }
     }
 
     /// How hops reach a node's gateway: `https` with the cluster's certificates.
     pub(crate) fn scheme(&self) -> &'static str {
-        if self.tls.is_some() { "https" } else { "http" }
+        match self.clients {
+            HopClients::Plain(_) => "http",
+            HopClients::Tls { .. } => "https",
+        }
     }
 
     /// The client for node `node`: the same one each time, so the endpoints of its replicas
     /// share its connections.
     pub(crate) fn client(&self, node: &str) -> Client {
-        let Some(tls) = &self.tls else {
-            return self.plain.clone();
-        };
-        let mut clients = self.by_node.lock().expect("hop clients lock");
-        clients
-            .entry(node.to_string())
-            .or_insert_with(|| client(self.connect_timeout, self.http2, Some(tls.client_for(node))))
-            .clone()
+        match &self.clients {
+            HopClients::Plain(client) => client.clone(),
+            HopClients::Tls { tls, by_node } => by_node
+                .lock()
+                .expect("hop clients lock")
+                .entry(node.to_string())
+                .or_insert_with(|| {
+                    client(self.connect_timeout, self.http2, Some(tls.client_for(node)))
+                })
+                .clone(),
+        }
     }
 
     /// Drops the clients of nodes not in `nodes`; their connections close once no request
     /// uses them.
     pub(crate) fn retain(&self, nodes: &HashSet<&str>) {
-        let mut clients = self.by_node.lock().expect("hop clients lock");
-        clients.retain(|node, _| nodes.contains(node.as_str()));
+        if let HopClients::Tls { by_node, .. } = &self.clients {
+            let mut clients = by_node.lock().expect("hop clients lock");
+            clients.retain(|node, _| nodes.contains(node.as_str()));
+        }
     }
 }
 

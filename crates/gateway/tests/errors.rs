@@ -173,14 +173,20 @@ async fn gateway_at_capacity(gateway: &Gateway) -> Reply {
     reply
 }
 
+/// Node B of the cluster of `members`, serving `faulty-b` over TLS; B and its address.
+async fn member_b(runtime: &Runtime, members: &Members) -> (Gateway, String) {
+    let b = routed(members.gateway());
+    faulty_here(runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
+    let addr = serve(&b).await.to_string();
+    (b, addr)
+}
+
 #[tokio::test]
 async fn a_hop_to_a_gone_replica_answers_replica_gone() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let members = Members::new();
-    let b = routed(members.gateway());
-    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
-    let b_addr = serve(&b).await.to_string();
+    let (_b, b_addr) = member_b(&runtime, &members).await;
     let client = HttpClient::new();
 
     // B itself, asked by a peer for a replica it does not run: refused, with the header
@@ -233,9 +239,7 @@ async fn a_hop_takes_only_the_certificate_of_the_node_it_means() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let members = Members::new();
-    let b = routed(members.gateway());
-    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
-    let b_addr = serve(&b).await.to_string();
+    let (_b, b_addr) = member_b(&runtime, &members).await;
     let a = routed(members.gateway());
     let a_addr = serve(&a).await;
     let client = HttpClient::new();
@@ -264,14 +268,12 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let members = Members::new();
-    let b = routed(members.gateway());
-    faulty_here(&runtime, &b, "faulty-b", 8, Duration::from_secs(10)).await;
+    let (b, b_addr) = member_b(&runtime, &members).await;
     let logs = LogSink::new(10);
     logs.push_system("started");
     b.set_log_lookup(Arc::new(move |replica: &str| {
         (replica == "faulty-b").then(|| logs.clone())
     }));
-    let b_addr = serve(&b).await.to_string();
     let client = HttpClient::new();
     let pinned = [
         ("x-shoal-replica", "faulty-b"),
