@@ -16,15 +16,14 @@ use std::collections::BTreeMap;
 
 impl ControlPlane {
     /// Applies each of `users` again, after a config set or secret (`what`) they name
-    /// changed: the ones applied. An apply that raced another writer is made again on the
-    /// app as it then is; one that still fails is logged, and the app takes the new values
-    /// at its next apply, or when a controller next starts
+    /// changed: the ones applied. Each is read just before, and an apply that raced another
+    /// writer is made again on the app as it then is; one that still fails is logged, and
+    /// the app takes the new values at its next apply, or when a controller next starts
     /// ([`ControlPlane::apply_references_again`]).
     pub(crate) fn apply_users_again(&self, users: Vec<App>, what: &str) -> Vec<AppKey> {
         let mut applied = Vec::new();
-        for app in users {
-            let key = app.spec.key();
-            match self.apply_again(app) {
+        for key in users.into_iter().map(|a| a.spec.key()) {
+            match self.apply_again(&key) {
                 Ok(()) => applied.push(key),
                 Err(e) => {
                     tracing::warn!(app = %key, error = %e, "an app of a changed {what} was not applied again")
@@ -34,21 +33,18 @@ impl ControlPlane {
         applied
     }
 
-    /// Applies `app` again with the config sets and secrets it names as they are now,
-    /// trying again (up to three times, on the app as stored then) if another write to it
-    /// came first. An app deleted meanwhile is left alone.
-    fn apply_again(&self, mut app: App) -> Result<(), ControlError> {
+    /// Applies app `key`'s stored spec again with the config sets and secrets it names as
+    /// they are now, only over the app as read (an apply made meanwhile is not undone),
+    /// reading it again up to three times if another write came first. An app deleted
+    /// meanwhile is left alone.
+    fn apply_again(&self, key: &AppKey) -> Result<(), ControlError> {
         let mut tries = 1;
         loop {
-            let key = app.spec.key();
-            match self.apply(app.spec, false) {
-                Err(ControlError::Conflict(_)) if tries < 3 => {
-                    tries += 1;
-                    let Some((stored, _)) = self.get::<App>(&keys::app(&key))? else {
-                        return Ok(());
-                    };
-                    app = stored;
-                }
+            let Some((app, at)) = self.get::<App>(&keys::app(key))? else {
+                return Ok(());
+            };
+            match self.apply_over(app.spec, false, Some(at)) {
+                Err(ControlError::Conflict(_)) if tries < 3 => tries += 1,
                 other => return other.map(|_| ()),
             }
         }
@@ -276,5 +272,27 @@ mod tests {
         let revision = cp.store().revision();
         cp.apply_references_again().unwrap();
         assert_eq!(cp.store().revision(), revision);
+    }
+
+    /// A spec read from the store and applied again cannot undo an apply made since.
+    #[test]
+    fn an_apply_over_a_revision_since_changed_is_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |greeting: &str| {
+            let src = format!(
+                "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[env]\nGREETING = \"{greeting}\"\n"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        cp.apply(spec("one"), false).unwrap();
+        let key = keys::app(&AppKey::new("default", "web"));
+        let (read, at) = cp.get::<App>(&key).unwrap().unwrap();
+        cp.apply(spec("two"), false).unwrap();
+        let stale = cp.apply_over(read.spec, false, Some(at));
+        assert!(matches!(stale, Err(ControlError::Conflict(_))), "{stale:?}");
+        let (stored, _) = cp.get::<App>(&key).unwrap().unwrap();
+        assert_eq!(stored.spec.env["GREETING"], "two");
     }
 }

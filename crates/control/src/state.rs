@@ -357,6 +357,18 @@ impl ControlPlane {
     // ---- apps ----
 
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
+        self.apply_over(spec, dry_run, None)
+    }
+
+    /// [`ControlPlane::apply`], refused as a conflict unless the stored app is still at
+    /// revision `over` (when given): for a spec read from the store, so an apply made since
+    /// is not undone.
+    pub(crate) fn apply_over(
+        &self,
+        spec: AppSpec,
+        dry_run: bool,
+        over: Option<u64>,
+    ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let spec = self.resolve_config_sets(spec)?;
         let spec = self.resolve_secrets(spec)?;
@@ -392,6 +404,13 @@ impl ControlPlane {
         let key = spec.key();
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
+        if let Some(over) = over
+            && existing.as_ref().map(|(_, at)| *at) != Some(over)
+        {
+            return Err(ControlError::conflict(format!(
+                "app {key} was changed concurrently; apply again"
+            )));
+        }
         let now = self.now();
         let mut spec = spec;
         // An autoscaled app's size is the controller's to set, as a Deployment's
