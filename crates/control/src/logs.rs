@@ -107,11 +107,7 @@ impl ControlPlane {
         app: AppKey,
         query: LogQuery,
     ) -> Result<impl Stream<Item = Bytes> + Send + 'static, ControlError> {
-        if self.inner.members.is_none() {
-            return Err(ControlError::Unavailable(
-                "this control plane has no cluster CA to reach nodes with".into(),
-            ));
-        }
+        self.members()?;
         let (cp, key, only) = (self.clone(), app.clone(), query.replica.clone());
         let targets = blocking(move || cp.log_targets(&key, only.as_deref()))
             .await?
@@ -172,17 +168,21 @@ impl ControlPlane {
         Ok(first.chain(rest).boxed())
     }
 
+    /// The control plane's certificate for reaching nodes; unavailable without a cluster CA.
+    fn members(&self) -> Result<&shoal_tls::Mutual, ControlError> {
+        self.inner.members.as_ref().ok_or_else(|| {
+            ControlError::Unavailable(
+                "this control plane has no cluster CA to reach nodes with".into(),
+            )
+        })
+    }
+
     /// A client presenting the control plane's certificate to node `node`'s gateway, which
     /// must present that node's own (an address proves nothing: a node may be issued a
     /// certificate for any address it says it has).
     fn member_client(&self, node: &str) -> Result<reqwest::Client, ControlError> {
-        let tls = self.inner.members.as_ref().ok_or_else(|| {
-            ControlError::Unavailable(
-                "this control plane has no cluster CA to reach nodes with".into(),
-            )
-        })?;
         reqwest::Client::builder()
-            .use_preconfigured_tls(tls.client_for(node))
+            .use_preconfigured_tls(self.members()?.client_for(node))
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(ControlError::internal)
