@@ -272,3 +272,75 @@ fn a_node_joins_only_a_server_whose_ca_its_token_names() {
         &server, "node-1"
     )));
 }
+
+/// The certificate node `node`'s gateway presents to a cluster member connecting now (a
+/// client certificate of the cluster CA, issued here from the server's data dir), DER.
+fn presented(server: &Server, node: &NodeProc) -> Vec<u8> {
+    let ca = shoal_tls::Authority::load_or_create(&server.dir.join("server")).unwrap();
+    let issued = ca.issue_client(shoal_tls::CONTROL_PLANE).unwrap();
+    let members = shoal_tls::mutual(&issued, &server.ca).unwrap();
+    let addr: std::net::SocketAddr = node.gateway.trim_start_matches("http://").parse().unwrap();
+    let mut conn = rustls::ClientConnection::new(
+        std::sync::Arc::new(members.client_for(&node.name)),
+        rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+    )
+    .unwrap();
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut socket).unwrap();
+    }
+    conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[test]
+fn certificates_are_renewed_in_place_and_the_cluster_works_past_the_first_ones_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--cert-validity", "6s"]);
+    let mut runs = NodeProc::join(&server, "node-1", &["--label", "role=a"]);
+    let other = NodeProc::join(&server, "node-2", &["--label", "role=b"]);
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace(
+            "[scale]",
+            "[placement]\nnode_selector = { role = \"a\" }\n\n[scale]",
+        );
+    let spec = write_spec(dir.path(), "hello.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || server
+        .ready_nodes("hello")
+        == ["node-1"]));
+    let first = presented(&server, &runs);
+    let (_, first_ends) = shoal_tls::validity(&first).unwrap();
+    let left = first_ends
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(left <= Duration::from_secs(6), "valid {left:?} more");
+
+    // Past its end, the node presents a renewed certificate, still of node-1.
+    let mut now = first.clone();
+    assert!(poll(Duration::from_secs(30), || {
+        now = presented(&server, &runs);
+        now != first && std::time::SystemTime::now() > first_ends + Duration::from_secs(1)
+    }));
+    let (from, until) = shoal_tls::validity(&now).unwrap();
+    assert!(from < std::time::SystemTime::now() && std::time::SystemTime::now() < until);
+    assert_eq!(shoal_tls::member_of(&now).as_deref(), Some("node-1"));
+
+    // The API's certificate was renewed too (the CLI checks it on every call), and the
+    // control plane's own: it reads node-1's logs over a new connection.
+    server.cli_ok(&["get", "apps"]);
+    assert_eq!(runs.get("/hello").map(|(code, _)| code), Ok(200));
+    let logs = server.cli_ok(&["logs", "hello"]);
+    assert!(logs.contains("GET /hello"), "{logs}");
+    // node-2 hops with its renewed certificate: node-1 restarted, so over a new connection.
+    runs.kill();
+    runs.restart();
+    assert!(
+        poll(Duration::from_secs(30), || other
+            .get("/hello")
+            .is_ok_and(|(code, _)| code == 200)),
+        "{:?}",
+        other.get("/hello")
+    );
+}

@@ -60,6 +60,10 @@ pub struct ControlArgs {
     /// Serve the API over plain HTTP instead of TLS: tokens cross the network in clear.
     #[arg(long)]
     pub plain_http: bool,
+    /// How long the certificates the cluster CA issues are valid: the API's, each node's and
+    /// the control plane's own. Each is renewed in place two thirds into it.
+    #[arg(long, default_value = "30d")]
+    pub cert_validity: String,
     /// An OCI registry (HOST:PORT) to pull components from over plain HTTP
     /// (repeatable); loopback registries always are, every other one over HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
@@ -296,8 +300,15 @@ pub async fn start_control(
         None => None,
     };
     let token = load_or_create_secret(&data.join("token"))?;
+    let validity = duration("cert-validity", &args.cert_validity)?;
+    anyhow::ensure!(
+        validity >= MIN_CERT_VALIDITY,
+        "--cert-validity {}: at least {}s, time to renew in",
+        args.cert_validity,
+        MIN_CERT_VALIDITY.as_secs()
+    );
     let ca = shoal_tls::Authority::load_or_create(&data)
-        .map(Arc::new)
+        .map(|ca| Arc::new(ca.valid_for(validity)))
         .with_context(|| format!("cannot make or read the cluster CA in {}", data.display()))?;
     let ca_hash = ca.hash()?;
     let join_token = load_or_create(&data.join("join-token"), |secret| {
@@ -360,8 +371,14 @@ pub async fn start_control(
     let tls = if args.plain_http {
         None
     } else {
-        let issued = ca.issue_server(&api_names(args, addr))?;
-        Some(shoal_tls::server_config(&issued)?)
+        let names = api_names(args, addr);
+        let cert = shoal_tls::LiveCert::new(&ca.issue_server(&names)?)?;
+        let ca = ca.clone();
+        tokio::spawn(keep_renewed("API", cert.clone(), move || {
+            let issued = ca.issue_server(&names);
+            async move { Ok(issued?) }
+        }));
+        Some(shoal_tls::server_config(&cert)?)
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
@@ -527,15 +544,34 @@ fn egress_roots(files: &[PathBuf]) -> Result<Vec<Vec<u8>>> {
     Ok(roots)
 }
 
+/// The shortest `--cert-validity`: a renewal needs a moment.
+const MIN_CERT_VALIDITY: Duration = Duration::from_secs(3);
+
 /// What the node's gateway proves itself with on hops: a key made here, which never leaves
 /// the process, and the certificate the cluster CA signed for it, naming the address the
-/// gateway is reached at. Made again at every start, so a new address is named.
+/// gateway is reached at. Made again at every start, so a new address is named, and
+/// renewed, with a new key, as long as the node runs.
 async fn member_tls(
-    link: &dyn Link,
+    link: Arc<dyn Link>,
     node: &str,
     advertise: SocketAddr,
     ca: &str,
 ) -> Result<shoal_tls::Mutual> {
+    let members = shoal_tls::mutual(&member_cert(&*link, node, advertise).await?, ca)?;
+    let node = node.to_string();
+    tokio::spawn(keep_renewed("node", members.cert().clone(), move || {
+        let (link, node) = (link.clone(), node.clone());
+        async move { member_cert(&*link, &node, advertise).await }
+    }));
+    Ok(members)
+}
+
+/// A new key for node `node` and the certificate the control plane signs for it.
+async fn member_cert(
+    link: &dyn Link,
+    node: &str,
+    advertise: SocketAddr,
+) -> Result<shoal_tls::Issued> {
     let key = shoal_tls::NodeKey::generate()?;
     let request = CertificateRequest {
         csr: key.request(node)?,
@@ -544,7 +580,42 @@ async fn member_tls(
     let pem = link.certificate(node, request).await.map_err(|e| {
         anyhow::anyhow!("cannot get node {node}'s certificate from the control plane: {e}")
     })?;
-    Ok(shoal_tls::mutual(&key.with_certificate(&pem)?, ca)?)
+    Ok(key.with_certificate(&pem)?)
+}
+
+/// Keeps `cert` renewed for as long as the process runs: two thirds into the validity of
+/// the one in use, `renew` makes the next. One that fails is tried again, more often as the
+/// end nears; past it, TLS peers refuse the expired one until a renewal succeeds.
+async fn keep_renewed<F, Fut>(what: &'static str, cert: shoal_tls::LiveCert, mut renew: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<shoal_tls::Issued>>,
+{
+    let left = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    };
+    loop {
+        tokio::time::sleep(left(cert.renew_at())).await;
+        match renew().await.and_then(|issued| Ok(cert.replace(&issued)?)) {
+            Ok(()) => tracing::info!(
+                certificate = what,
+                valid_for = ?left(cert.expires()),
+                "renewed the certificate"
+            ),
+            Err(e) => {
+                let left = left(cert.expires());
+                tracing::warn!(
+                    certificate = what,
+                    error = %format!("{e:#}"),
+                    expires_in = ?left,
+                    "cannot renew the certificate; trying again"
+                );
+                let retry = (left / 10).clamp(Duration::from_millis(500), Duration::from_secs(30));
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
 }
 
 /// The gateway's HTTPS settings: the certificates of `--gateway-cert` and `--gateway-key`,
@@ -659,7 +730,7 @@ pub async fn start_node(
         ),
         None => gw_addr,
     };
-    let members = member_tls(&*link, &name, advertise, ca).await?;
+    let members = member_tls(link.clone(), &name, advertise, ca).await?;
     let (ingress, ingress_certs) = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
     let gateway = Gateway::new(GatewayConfig {
         members: Some(members),

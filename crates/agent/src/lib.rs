@@ -192,6 +192,7 @@ impl Agent {
         scrape.compile_cache = inner.runtime.compile_cache();
         scrape.memory_reserved = inner.runtime.memory_reserved();
         scrape.memory_budget = inner.runtime.memory_budget();
+        scrape.certificate_expires = inner.gateway.member_certificate_expires();
         for r in inner.running.lock().expect("agent lock").values() {
             let phase = r
                 .status

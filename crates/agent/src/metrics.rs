@@ -79,6 +79,8 @@ pub(crate) struct Scrape {
     pub(crate) memory_budget: u64,
     /// Replicas this node runs, by phase.
     pub(crate) phases: BTreeMap<String, u64>,
+    /// When the node's certificate for other members expires.
+    pub(crate) certificate_expires: Option<std::time::SystemTime>,
 }
 
 impl Scrape {
@@ -91,6 +93,7 @@ impl Scrape {
             memory_reserved: 0,
             memory_budget: 0,
             phases: BTreeMap::new(),
+            certificate_expires: None,
         }
     }
 
@@ -253,6 +256,20 @@ impl Collector for Scrape {
                     .encode_counter::<NoLabelSet, _, u64>(&(value(usage) as f64 / 1e9), None)?;
             }
         }
+        if let Some(expires) = self.certificate_expires {
+            let at = expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            encoder
+                .encode_descriptor(
+                    "shoal_node_certificate_expiration_timestamp_seconds",
+                    "When the certificate the node presents to the cluster's other members expires, renewed two thirds into its validity",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&at)?;
+        }
         let mut phases = encoder.encode_descriptor(
             "shoal_node_replicas",
             "Replicas this node runs, by phase",
@@ -312,6 +329,8 @@ mod tests {
         scrape.compile_cache = CompileCache { hits: 1, misses: 0 };
         scrape.memory_budget = 1 << 30;
         scrape.phases.insert("Ready".into(), 1);
+        scrape.certificate_expires =
+            Some(std::time::UNIX_EPOCH + Duration::from_secs(4_102_444_800));
         let text = scrape.encode().unwrap();
         let labels = r#"{namespace="default",app="a",revision="3"}"#;
         for line in [
@@ -324,6 +343,7 @@ mod tests {
             "shoal_node_memory_budget_bytes 1073741824".to_string(),
             r#"shoal_node_guest_cpu_seconds_total{namespace="default",app="a"} 1.5"#.to_string(),
             r#"shoal_node_replicas{phase="Ready"} 1"#.to_string(),
+            "shoal_node_certificate_expiration_timestamp_seconds 4102444800".to_string(),
             "# TYPE shoal_node_cold_starts_total counter".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");

@@ -168,13 +168,27 @@ impl ControlPlane {
         Ok(first.chain(rest).boxed())
     }
 
-    /// The control plane's certificate for reaching nodes; unavailable without a cluster CA.
+    /// The control plane's certificate for reaching nodes, renewed first if it is due;
+    /// unavailable without a cluster CA.
     fn members(&self) -> Result<&shoal_tls::Mutual, ControlError> {
-        self.inner.members.as_ref().ok_or_else(|| {
-            ControlError::Unavailable(
+        let (Some(members), Some(ca)) = (&self.inner.members, &self.config().authority) else {
+            return Err(ControlError::Unavailable(
                 "this control plane has no cluster CA to reach nodes with".into(),
-            )
-        })
+            ));
+        };
+        if std::time::SystemTime::now() >= members.cert().renew_at() {
+            let renewed = ca
+                .issue_client(shoal_tls::CONTROL_PLANE)
+                .and_then(|issued| members.cert().replace(&issued));
+            match renewed {
+                Ok(()) => tracing::info!("renewed the control plane's certificate for nodes"),
+                // Still valid for a third of its time: the next read tries again.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot renew the control plane's certificate for nodes")
+                }
+            }
+        }
+        Ok(members)
     }
 
     /// A client presenting the control plane's certificate to node `node`'s gateway, which

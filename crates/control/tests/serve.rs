@@ -88,7 +88,7 @@ async fn over_tls_clients_that_trust_the_ca_get_answers_and_plain_text_gets_noth
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = Router::new().route("/ok", get(|| async { "ok" }));
-    let tls = shoal_tls::server_config(&issued).unwrap();
+    let tls = shoal_tls::server_config(&shoal_tls::LiveCert::new(&issued).unwrap()).unwrap();
     let limits = ServeLimits {
         header_read_timeout: Duration::from_millis(500),
         ..ServeLimits::default()

@@ -548,6 +548,13 @@ impl Gateway {
             .unwrap_or_default()
     }
 
+    /// When the certificate this gateway presents to other members expires (none without
+    /// member TLS): it renews it well before, and a metric says whether it did.
+    pub fn member_certificate_expires(&self) -> Option<std::time::SystemTime> {
+        let members = self.inner.config.members.as_ref()?;
+        Some(members.cert().expires())
+    }
+
     /// Requests in flight on this node's replicas in rotation, summed per app revision: from
     /// the permit until the response body is sent, whichever gateway routed them. Read from
     /// the counters p2c picks by, so the hot path pays nothing more for it.

@@ -53,7 +53,9 @@ async fn outside_over_tls() -> (SocketAddr, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let ca = shoal_tls::Authority::load_or_create(dir.path()).unwrap();
     let issued = ca.issue_server(&["localhost".into()]).unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(shoal_tls::server_config(&issued).unwrap());
+    let acceptor = tokio_rustls::TlsAcceptor::from(
+        shoal_tls::server_config(&shoal_tls::LiveCert::new(&issued).unwrap()).unwrap(),
+    );
     let ca_der = shoal_tls::ca_der(ca.pem()).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

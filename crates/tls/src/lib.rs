@@ -13,6 +13,12 @@
 //! A hop between gateways, or the control plane reading a node's logs, goes over TLS where
 //! both ends present such a certificate and trust nothing but the cluster CA ([`mutual`]).
 //!
+//! What the CA issues is valid for a bounded time ([`Authority::valid_for`], 30 days unless
+//! told otherwise), as kubelet's certificates are: the API's certificate, each node's and the
+//! control plane's own are renewed two thirds into it and swapped in place ([`LiveCert`]),
+//! so a certificate taken from a node lasts no longer than that, and a node the cluster has
+//! deleted, which can no longer renew, is refused by expiry as well as by membership.
+//!
 //! The gateway's public side may serve TLS too, with certificates the operator gives it
 //! ([`ingress_config`]) and those apps name for their route hosts ([`HostCertificate`],
 //! from secrets), chosen by the host name the client asks for (SNI).
@@ -28,7 +34,11 @@ use rcgen::{
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+/// How long what the CA issues is valid, unless told otherwise.
+pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -60,6 +70,8 @@ pub struct Authority {
     /// the stored one's, so what it signs chains to the stored certificate.
     issuer: Certificate,
     key: KeyPair,
+    /// How long what it issues is valid.
+    validity: Duration,
 }
 
 /// Shows which CA, never its key.
@@ -80,7 +92,12 @@ impl Authority {
             let key_pem = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
             let key = KeyPair::from_pem(&key_pem)?;
             let issuer = CertificateParams::from_ca_cert_pem(&pem)?.self_signed(&key)?;
-            return Ok(Authority { pem, issuer, key });
+            return Ok(Authority {
+                pem,
+                issuer,
+                key,
+                validity: DEFAULT_VALIDITY,
+            });
         }
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -95,7 +112,26 @@ impl Authority {
         // The key first: a CA certificate without its key would be loaded and fail to sign.
         write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io(&key_path))?;
         write_private(&cert_path, pem.as_bytes()).map_err(io(&cert_path))?;
-        Ok(Authority { pem, issuer, key })
+        Ok(Authority {
+            pem,
+            issuer,
+            key,
+            validity: DEFAULT_VALIDITY,
+        })
+    }
+
+    /// The same CA, issuing certificates valid for `validity` from now on.
+    pub fn valid_for(self, validity: Duration) -> Authority {
+        Authority { validity, ..self }
+    }
+
+    /// Sets how long `params` is valid: from a little before now, for clocks behind this
+    /// one (a tenth of the validity at most, so two thirds into it is still before its end),
+    /// to the CA's validity from now.
+    fn stamp(&self, params: &mut CertificateParams) {
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - (self.validity / 10).min(Duration::from_secs(300));
+        params.not_after = now + self.validity;
     }
 
     /// The CA certificate, PEM: what clients trust.
@@ -122,10 +158,10 @@ impl Authority {
         self.sign_with_new_key(params)
     }
 
-    /// Signs `params` for a key made here, valid until 2100; the certificate and that key.
+    /// Signs `params` for a key made here; the certificate and that key.
     fn sign_with_new_key(&self, mut params: CertificateParams) -> Result<Issued, TlsError> {
         let key = KeyPair::generate()?;
-        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        self.stamp(&mut params);
         let cert = params.signed_by(&key, &self.issuer, &self.key)?;
         Ok(Issued {
             cert: cert.der().clone(),
@@ -144,7 +180,7 @@ impl Authority {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_after = rcgen::date_time_ymd(2100, 1, 1);
+        self.stamp(&mut params);
         Ok(params
             .signed_by(&request.public_key, &self.issuer, &self.key)?
             .pem())
@@ -231,20 +267,114 @@ impl Issued {
     }
 }
 
+/// When the certificate `der` is valid: from, until.
+pub fn validity(der: &[u8]) -> Result<(SystemTime, SystemTime), TlsError> {
+    let params = CertificateParams::from_ca_cert_der(&CertificateDer::from(der))?;
+    Ok((
+        SystemTime::from(params.not_before),
+        SystemTime::from(params.not_after),
+    ))
+}
+
+/// When the certificate `der` is to be renewed, two thirds into its validity (kubelet
+/// renews 70 to 90 % into it), and when it expires.
+fn renewal(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime), TlsError> {
+    let (from, until) = validity(der)?;
+    let span = until.duration_since(from).unwrap_or_default();
+    Ok((from + span * 2 / 3, until))
+}
+
+/// A certificate with its key that handshakes present, replaced in place by a renewal: the
+/// connections made after [`LiveCert::replace`] present the new one, those open keep theirs.
+#[derive(Clone, Debug)]
+pub struct LiveCert(Arc<RwLock<Presented>>);
+
+#[derive(Debug)]
+struct Presented {
+    key: Arc<rustls::sign::CertifiedKey>,
+    renew_at: SystemTime,
+    expires: SystemTime,
+}
+
+impl Presented {
+    fn of(issued: &Issued) -> Result<Presented, TlsError> {
+        let key = rustls::sign::CertifiedKey::from_der(
+            vec![issued.cert.clone()],
+            PrivateKeyDer::Pkcs8(issued.key.clone_key()),
+            &provider(),
+        )
+        .map_err(|e| TlsError::Pem(format!("the certificate and its key: {e}")))?;
+        let (renew_at, expires) = renewal(&issued.cert)?;
+        Ok(Presented {
+            key: Arc::new(key),
+            renew_at,
+            expires,
+        })
+    }
+}
+
+impl LiveCert {
+    pub fn new(issued: &Issued) -> Result<LiveCert, TlsError> {
+        Ok(LiveCert(Arc::new(RwLock::new(Presented::of(issued)?))))
+    }
+
+    /// Presents `issued` from the next handshake on, if its key is its certificate's;
+    /// otherwise keeps the one in use.
+    pub fn replace(&self, issued: &Issued) -> Result<(), TlsError> {
+        let presented = Presented::of(issued)?;
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = presented;
+        Ok(())
+    }
+
+    /// When the certificate presented now is due for renewal.
+    pub fn renew_at(&self) -> SystemTime {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).renew_at
+    }
+
+    /// When the certificate presented now expires.
+    pub fn expires(&self) -> SystemTime {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).expires
+    }
+
+    fn presented(&self) -> Arc<rustls::sign::CertifiedKey> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).key.clone()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LiveCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.presented())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.presented())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// The crypto every Shoal TLS setting uses.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// TLS settings for a server presenting `issued`, speaking HTTP/2 and HTTP/1.1.
-pub fn server_config(issued: &Issued) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+/// TLS settings for a server presenting `cert`, speaking HTTP/2 and HTTP/1.1.
+pub fn server_config(cert: &LiveCert) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(
-            vec![issued.cert.clone()],
-            PrivateKeyDer::Pkcs8(issued.key.clone_key()),
-        )?;
+        .with_cert_resolver(Arc::new(cert.clone()));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -259,6 +389,8 @@ pub struct Mutual {
     client: rustls::ClientConfig,
     /// Checks a server's chain against the cluster CA and its name against the address.
     chain: Arc<rustls::client::WebPkiServerVerifier>,
+    /// What both sides present, renewed in place.
+    cert: LiveCert,
 }
 
 impl Mutual {
@@ -276,6 +408,11 @@ impl Mutual {
                 node: node.to_string(),
             }));
         config
+    }
+
+    /// The certificate both sides present, to renew.
+    pub fn cert(&self) -> &LiveCert {
+        &self.cert
     }
 }
 
@@ -334,6 +471,8 @@ impl rustls::client::danger::ServerCertVerifier for NodeVerifier {
     }
 }
 
+/// Both ends of connections between cluster members presenting `issued`, trusting only the
+/// cluster CA `ca`.
 pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der(ca)?))?;
@@ -342,12 +481,11 @@ pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
         rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
             .map_err(|e| TlsError::Pem(format!("the cluster CA cannot check clients: {e}")))?;
-    let chain = || vec![issued.cert.clone()];
-    let key = || PrivateKeyDer::Pkcs8(issued.key.clone_key());
+    let cert = LiveCert::new(issued)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain(), key())?;
+        .with_cert_resolver(Arc::new(cert.clone()));
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let checks_chain =
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
@@ -356,11 +494,12 @@ pub fn mutual(issued: &Issued, ca: &str) -> Result<Mutual, TlsError> {
     let client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
-        .with_client_auth_cert(chain(), key())?;
+        .with_client_cert_resolver(Arc::new(cert.clone()));
     Ok(Mutual {
         server: Arc::new(server),
         client,
         chain: checks_chain,
+        cert,
     })
 }
 
@@ -579,16 +718,16 @@ mod tests {
                 .verify_server_cert(&issued.cert, &[], &other, &[], now)
                 .is_err()
         );
-        assert!(server_config(&issued).is_ok());
+        assert!(server_config(&LiveCert::new(&issued).unwrap()).is_ok());
     }
 
-    /// Runs a handshake between `client` (reaching `name`) and `server` in memory: whether
-    /// both ends accepted it.
+    /// Runs a handshake between `client` (reaching `name`) and `server` in memory: if both
+    /// ends accepted it, the certificates each presented (the server's, the client's).
     fn handshake(
         client: rustls::ClientConfig,
         server: Arc<rustls::ServerConfig>,
         name: &str,
-    ) -> Result<(), rustls::Error> {
+    ) -> Result<(Vec<u8>, Option<Vec<u8>>), rustls::Error> {
         let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
         let mut client = rustls::ClientConnection::new(Arc::new(client), name)?;
         let mut server = rustls::ServerConnection::new(server)?;
@@ -606,7 +745,11 @@ mod tests {
             client.read_tls(&mut wire.as_slice()).unwrap();
             client.process_new_packets()?;
             if !client.is_handshaking() && !server.is_handshaking() {
-                return Ok(());
+                let first = |certs: Option<&[CertificateDer<'_>]>| {
+                    certs.and_then(|c| c.first()).map(|c| c.to_vec())
+                };
+                let presented = first(client.peer_certificates()).expect("a server certificate");
+                return Ok((presented, first(server.peer_certificates())));
             }
         }
         panic!("the handshake did not finish");
@@ -672,6 +815,71 @@ mod tests {
             .with_client_auth_cert(vec![api.cert.clone()], PrivateKeyDer::Pkcs8(api.key))
             .unwrap();
         assert!(handshake(client, n1.server.clone(), "127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn members_renew_their_certificates_in_place_before_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path())
+            .unwrap()
+            .valid_for(Duration::from_secs(60));
+        let issue = |node: &str, host: &str| {
+            let key = NodeKey::generate().unwrap();
+            let pem = ca
+                .issue_node(&key.request(node).unwrap(), node, &[host.to_string()])
+                .unwrap();
+            key.with_certificate(&pem).unwrap()
+        };
+        let before = SystemTime::now();
+        let n1 = mutual(&issue("n1", "127.0.0.1"), ca.pem()).unwrap();
+        let n2 = mutual(&issue("n2", "127.0.0.2"), ca.pem()).unwrap();
+        // Valid for the CA's 60 s, renewed two thirds into them (from 6 s back: 38 s on).
+        let (renew_at, expires) = (n1.cert().renew_at(), n1.cert().expires());
+        let secs = |t: SystemTime| t.duration_since(before).unwrap().as_secs_f64();
+        assert!((59.0..=61.0).contains(&secs(expires)), "{}", secs(expires));
+        assert!(
+            (37.0..=39.0).contains(&secs(renew_at)),
+            "{}",
+            secs(renew_at)
+        );
+
+        // Once expired, a member's certificate is refused.
+        let first = n1.cert().presented().cert[0].clone();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let at = |t: SystemTime| {
+            rustls::pki_types::UnixTime::since_unix_epoch(
+                t.duration_since(SystemTime::UNIX_EPOCH).unwrap(),
+            )
+        };
+        let check = |t| n2.chain.verify_server_cert(&first, &[], &name, &[], at(t));
+        assert!(check(before).is_ok());
+        assert!(matches!(
+            check(expires + Duration::from_secs(1)),
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. }
+            ))
+        ));
+
+        // Renewed in place: the next handshakes, as server and as client, present the new one.
+        let (served, _) = handshake(n2.client_for("n1"), n1.server.clone(), "127.0.0.1").unwrap();
+        assert_eq!(served, first.to_vec());
+        let renewed = issue("n1", "127.0.0.1");
+        n1.cert().replace(&renewed).unwrap();
+        let (served, _) = handshake(n2.client_for("n1"), n1.server.clone(), "127.0.0.1").unwrap();
+        assert_eq!(served, renewed.cert.to_vec());
+        let (_, as_client) =
+            handshake(n1.client_for("n2"), n2.server.clone(), "127.0.0.2").unwrap();
+        assert_eq!(as_client, Some(renewed.cert.to_vec()));
+
+        // A certificate with another's key is refused, and the one in use stays.
+        let mismatched = Issued {
+            cert: issue("n1", "127.0.0.1").cert,
+            key: renewed.key.clone_key(),
+        };
+        let err = n1.cert().replace(&mismatched).unwrap_err().to_string();
+        assert!(err.contains("the certificate and its key"), "{err}");
+        let (served, _) = handshake(n2.client_for("n1"), n1.server.clone(), "127.0.0.1").unwrap();
+        assert_eq!(served, renewed.cert.to_vec());
     }
 
     /// A client of the gateway's public side trusting `ca` only. Every handshake is a full
