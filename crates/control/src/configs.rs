@@ -25,12 +25,26 @@ impl ControlPlane {
         for key in users.into_iter().map(|a| a.spec.key()) {
             match self.apply_again(&key) {
                 Ok(()) => applied.push(key),
-                Err(e) => {
-                    tracing::warn!(app = %key, error = %e, "an app of a changed {what} was not applied again")
-                }
+                Err(e) => self.not_applied_again(&key, what, &e),
             }
         }
         applied
+    }
+
+    /// Says, in the log and as a Warning event on the app (`shoal describe app`), that app
+    /// `key` keeps the values it runs with: applying it again failed with `e`.
+    fn not_applied_again(&self, key: &AppKey, what: &str, e: &ControlError) {
+        tracing::warn!(app = %key, error = %e, "an app of a changed {what} was not applied again");
+        let event = self.event_op(
+            EventType::Warning,
+            "NotAppliedAgain",
+            format!("app/{key}"),
+            Some(key),
+            format!("app {key} keeps the values it runs with: applying it again with its {what} as now failed: {e}"),
+        );
+        if let Err(e) = self.inner.store.txn(Txn::new().then(event)) {
+            tracing::warn!(app = %key, error = %e, "cannot record that an app was not applied again");
+        }
     }
 
     /// Applies app `key`'s stored spec again with the config sets and secrets it names as
@@ -272,6 +286,38 @@ mod tests {
         let revision = cp.store().revision();
         cp.apply_references_again().unwrap();
         assert_eq!(cp.store().revision(), revision);
+
+        // One that cannot be applied again (its module gone) keeps its values, and says so.
+        cp.store()
+            .txn(Txn::new().then(Op::delete(keys::module(&digest))))
+            .unwrap();
+        let (mut set, at) = cp
+            .get::<ConfigSet>(&keys::config_set("default", "shared"))
+            .unwrap()
+            .unwrap();
+        set.data = data("three");
+        let key = keys::config_set("default", "shared");
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::put(key, encode(&set)));
+        assert!(cp.store().txn(txn).unwrap().succeeded);
+        assert_eq!(cp.apply_references_again().unwrap(), Vec::<AppKey>::new());
+        assert_eq!(stored("web").spec.config_sets[0].data, Some(data("two")));
+        let events = cp.list::<shoal_core::Event>(&keys::EVENTS).unwrap();
+        let warned = events.last().unwrap();
+        assert_eq!(
+            (warned.kind, warned.reason.as_str(), warned.app.clone()),
+            (
+                EventType::Warning,
+                "NotAppliedAgain",
+                Some(AppKey::new("default", "web"))
+            )
+        );
+        assert!(
+            warned.message.contains("has not been uploaded"),
+            "{}",
+            warned.message
+        );
     }
 
     /// A spec read from the store and applied again cannot undo an apply made since.
