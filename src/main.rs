@@ -36,7 +36,7 @@ struct Cli {
     output: output::Format,
     /// Namespace of the apps to act on (default: `default`). Refused by commands on what
     /// belongs to no namespace (nodes, modules, tokens).
-    #[arg(short, long, global = true)]
+    #[arg(short, long, global = true, value_parser = commands::object_name)]
     namespace: Option<String>,
     /// A context of the CLI config to use for this command instead of its current one.
     #[arg(long, global = true, env = "SHOAL_CONTEXT")]

@@ -76,6 +76,29 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
         Some(5)
     );
     assert_eq!(code(&c, &["get", "no-such-kind"]), Some(2), "usage");
+
+    // A name is checked before it goes into a request's path: one that is no name would
+    // otherwise end the path there, and delete another app.
+    for args in [
+        &["delete", "app", "hello#typo"][..],
+        &["delete", "app", "hello?namespace=team-b&x="],
+        &["-n", "Team-B", "get", "apps"],
+        &["describe", "app", "team-b/hello"],
+        &["scale", "hello?x=", "--replicas", "0"],
+        &["delete", "module", "sha256:zzz"],
+    ] {
+        let out = c.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not a"),
+            "{args:?}: {out:?}"
+        );
+    }
+    assert_eq!(
+        c.cli_ok(&["get", "apps", "-A"]).lines().count(),
+        3,
+        "both stay"
+    );
 }
 
 #[test]

@@ -36,6 +36,7 @@ enum ContextAction {
     /// add theirs and make it current).
     UseContext {
         /// The context, as `get-contexts` lists it.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// List the CLI config's contexts: the clusters this CLI can talk to.
@@ -50,6 +51,7 @@ enum SetAction {
     /// Make a config set in the namespace (`-n`); apps name it in `config_sets`.
     Create {
         /// The set's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// A value, KEY=VALUE (repeatable).
         #[arg(long = "from-literal", value_name = "KEY=VALUE")]
@@ -62,6 +64,7 @@ enum SetAction {
     /// roll to the new values.
     Set {
         /// The set's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// The values, KEY=VALUE.
         #[arg(required = true, value_name = "KEY=VALUE")]
@@ -70,6 +73,7 @@ enum SetAction {
     /// Take keys out of a config set; the apps that name it roll without them.
     Unset {
         /// The set's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// The keys.
         #[arg(required = true, value_name = "KEY")]
@@ -83,6 +87,7 @@ enum SetAction {
     /// Delete a config set no app names.
     Delete {
         /// The set's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
 }

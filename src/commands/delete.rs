@@ -25,6 +25,12 @@ enum What {
 }
 
 pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
+    // What the API would take, checked first: a name goes into the request's path.
+    let checked = match args.what {
+        What::Module => shoal_core::spec::validate_digest(&args.name),
+        What::App | What::Volume => super::object_name(&args.name).map(drop),
+    };
+    checked.map_err(crate::exit::usage)?;
     let client = ctx.client()?;
     match args.what {
         What::App => {

@@ -14,6 +14,7 @@ pub struct DescribeArgs {
     #[arg(value_enum)]
     what: What,
     /// Its name.
+    #[arg(value_parser = crate::commands::object_name)]
     name: String,
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 pub struct EventsArgs {
     /// Only this app's events (and the cluster's).
     #[arg(long)]
+    #[arg(value_parser = crate::commands::object_name)]
     app: Option<String>,
     /// Keep printing events as they happen.
     #[arg(short, long)]

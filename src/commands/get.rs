@@ -17,6 +17,7 @@ pub struct GetArgs {
     what: What,
     /// Only this app's replicas or events.
     #[arg(long)]
+    #[arg(value_parser = crate::commands::object_name)]
     app: Option<String>,
     /// Every namespace, with a NAMESPACE column, instead of `-n`'s.
     #[arg(short = 'A', long)]

@@ -21,6 +21,7 @@ enum Action {
     /// Start one run of a job now (scheduled or not), and say which replica it is.
     Run {
         /// The job app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// Give up waiting for the run to start after this long.
         #[arg(long, default_value = "10s")]

@@ -24,6 +24,7 @@ enum KvAction {
     /// Print a key's value, as stored (bytes).
     Get {
         /// The bucket.
+        #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
         key: String,
@@ -31,6 +32,7 @@ enum KvAction {
     /// Store a value under a key: the argument, or a file's bytes.
     Put {
         /// The bucket.
+        #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
         key: String,
@@ -44,6 +46,7 @@ enum KvAction {
     /// Delete a key (no error if it is not there).
     Delete {
         /// The bucket.
+        #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
         key: String,
@@ -51,6 +54,7 @@ enum KvAction {
     /// List a bucket's keys, in order.
     List {
         /// The bucket.
+        #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
     },
     /// List the namespace's buckets: keys and bytes each holds.

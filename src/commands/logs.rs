@@ -14,6 +14,7 @@ use std::io::Write;
   shoal logs hello -o json | jq .line   one JSON object per line")]
 pub struct LogsArgs {
     /// App name.
+    #[arg(value_parser = crate::commands::object_name)]
     app: String,
     /// Keep streaming new output: new replicas (a rollout, a replacement) join in, a node
     /// that restarts is read again from where it was, and if the server streaming goes away

@@ -62,6 +62,14 @@ impl Context {
     }
 }
 
+/// Reads the name of an app, namespace, node or other object for clap: what the API would
+/// take (a DNS label), so a name never changes the path or query it goes into (exit 2).
+pub fn object_name(text: &str) -> Result<String, String> {
+    shoal_core::validate_name(text)
+        .map(|()| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Reads `URL[,URL…]` for clap: the servers of one cluster.
 pub fn parse_servers(text: &str) -> Result<shoal_api::Servers, String> {
     shoal_api::Servers::parse(text).map_err(|e| e.to_string())

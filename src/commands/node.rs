@@ -28,22 +28,26 @@ enum NodeAction {
     /// Stop placing new replicas on a node; what runs there stays.
     Cordon {
         /// The node's name (`shoal get nodes` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// Allow placing replicas on a node again.
     Uncordon {
         /// The node's name (`shoal get nodes` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// Cordon a node and move its replicas elsewhere, each new one Ready before its old one stops.
     Drain {
         /// The node's name (`shoal get nodes` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// Remove a node: its credential is revoked and its replicas are replaced elsewhere.
     /// A node that still runs must join again with the join token.
     Delete {
         /// The node's name (`shoal get nodes` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
 }

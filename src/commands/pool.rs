@@ -27,6 +27,7 @@ enum PoolAction {
     /// Make a pool; it starts its minimum at once.
     Create {
         /// The pool's name; its nodes are NAME-1, NAME-2, …
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         #[command(flatten)]
         spec: SpecArgs,
@@ -34,6 +35,7 @@ enum PoolAction {
     /// Change a pool's bounds, provider, cool-down or worker flags; its nodes stay.
     Set {
         /// The pool's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         #[command(flatten)]
         spec: SpecArgs,
@@ -49,6 +51,7 @@ enum PoolAction {
     /// Delete a pool that runs no node (set its max to 0 first).
     Delete {
         /// The pool's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
 }

@@ -21,11 +21,13 @@ enum Action {
     /// List an app's revisions: number, age, module, why it was made, how its rollout ended.
     History {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
     /// Where the app's rollout stands; with --wait, follow it until it ends.
     Status {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
         /// Print each change until the rollout completes (exit 0) or is rolled back (exit 1).
         #[arg(long, short)]
@@ -37,16 +39,19 @@ enum Action {
     /// Hold the rollout where it stands: replica counts per revision stay as they are.
     Pause {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
     /// Continue a paused rollout.
     Resume {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
     /// Canary: end the current step now (with --full, skip to 100%).
     Promote {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
         /// Skip every remaining step: the canary takes all traffic.
         #[arg(long)]
@@ -55,11 +60,13 @@ enum Action {
     /// Stop the rollout and go back to the last revision that rolled out.
     Abort {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
     /// Run an earlier revision again (default: the one before the current), as a new revision.
     Undo {
         /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
         app: String,
         /// The revision to run again (`shoal rollout history APP` lists them).
         #[arg(long, value_name = "N")]

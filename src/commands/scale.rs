@@ -12,6 +12,7 @@ use shoal_core::App;
   shoal scale hello --replicas 3                  now; the next apply of its file sets it again")]
 pub struct ScaleArgs {
     /// The app to scale.
+    #[arg(value_parser = crate::commands::object_name)]
     name: String,
     /// How many replicas it should run (0 stops them all).
     #[arg(long)]

@@ -29,6 +29,7 @@ enum SecretAction {
     /// Make a secret in the namespace (`-n`); apps name its keys as env values or config keys.
     Create {
         /// The secret's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         #[command(flatten)]
         values: Values,
@@ -37,6 +38,7 @@ enum SecretAction {
     /// and a new certificate is served from the next connections.
     Set {
         /// The secret's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         #[command(flatten)]
         values: Values,
@@ -44,6 +46,7 @@ enum SecretAction {
     /// Take keys out of a secret: a new version without them.
     Unset {
         /// The secret's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// The keys.
         #[arg(required = true, value_name = "KEY")]
@@ -57,6 +60,7 @@ enum SecretAction {
     /// Delete a secret no app names.
     Delete {
         /// The secret's name.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// Seal every secret again under a new key and retire the old one (admin).

@@ -23,6 +23,7 @@ enum TokenAction {
     /// to a file readable by its owner only, never printed.
     Create {
         /// The token's name; it shows in `token list` and in events.
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
         #[arg(long)]
         role: Role,
@@ -38,6 +39,7 @@ enum TokenAction {
     /// Revoke an API token: requests carrying it are refused from now on.
     Revoke {
         /// The token's name (`shoal token list` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// Make a new join token; the old one stops working at once. Nodes that have joined
