@@ -600,3 +600,41 @@ fn scale_sets_the_replica_count_until_the_next_apply() {
     let err = c.cli_err(&["scale", "ghost", "--replicas", "2"]);
     assert!(err.contains("app default/ghost does not exist"), "{err}");
 }
+
+/// Draining the one node leaves its replicas nowhere to go: they keep serving (new before
+/// old), and the replacement waits, saying why.
+#[test]
+fn draining_the_only_node_keeps_its_replicas_serving() {
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(hello_spec())
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", "replicas = 2");
+    let spec = write_spec(c.dir.path(), "hello.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || c
+        .cli_ok(&["get", "apps"])
+        .contains("2/2")));
+    c.cli_ok(&["node", "drain", "node-1"]);
+    // The replacement was tried, and fits nowhere.
+    let mut replicas = String::new();
+    assert!(
+        poll(Duration::from_secs(20), || {
+            replicas = c.cli_ok(&["get", "replicas"]);
+            replicas.contains("cordoned")
+        }),
+        "{replicas}"
+    );
+    // Pass after pass, both old ones stay Ready and serve.
+    for _ in 0..20 {
+        let replicas = c.api_json("/v1/replicas?app=hello");
+        let ready = replicas
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["phase"] == "Ready")
+            .count();
+        assert_eq!(ready, 2, "{replicas:#}");
+        assert_eq!(c.gw("/hello").status(), 200);
+    }
+}

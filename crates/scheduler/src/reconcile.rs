@@ -141,22 +141,31 @@ fn roll(
         };
     }
 
-    // Retire old replicas, oldest first, while enough others serve. If a new
-    // replica fits nowhere while old ones hold the room (a full cluster, or
-    // one replica per node required), give up one of availability to progress.
+    // Retire old replicas, oldest first, while enough others serve.
     let mut serving_now = current.iter().filter(|r| serving(r.phase)).count() + old_serving.len();
-    let blocked = current
-        .iter()
-        .any(|r| r.node.is_none() && r.phase == Phase::Pending && r.message.is_some());
-    if blocked && serving_now <= floor {
-        serving_now = floor + 1;
-    }
     old_serving.sort_by_key(|r| r.created_at);
+    let mut kept = Vec::new();
     for r in old_serving {
         if serving_now > floor {
             delete.push(r.id.clone());
             serving_now -= 1;
+        } else {
+            kept.push(r);
         }
+    }
+    // A new replica fits nowhere while old ones may hold the room it needs (a full
+    // cluster, or one replica per node required): one of them goes although one fewer
+    // then serves than the rollout allows, so it progresses; one at a time, never further
+    // below. Only one on a node that takes replicas: one leaving a drained node, or moving
+    // off its node, frees room where no new replica may go, and would only stop serving.
+    let blocked = current
+        .iter()
+        .any(|r| r.node.is_none() && r.phase == Phase::Pending && r.message.is_some());
+    if blocked
+        && serving_now >= floor
+        && let Some(r) = kept.iter().find(|r| !replace(r))
+    {
+        delete.push(r.id.clone());
     }
     (create, delete)
 }
@@ -351,6 +360,37 @@ mod tests {
                 delete: vec!["d1".into()],
                 ..Plan::default()
             }
+        );
+    }
+
+    #[test]
+    fn draining_with_nowhere_to_go_keeps_the_old_replicas_serving() {
+        let a = app("http", 2, 1);
+        let mut rs = vec![
+            replica("d1", 1, Phase::Ready, 1),
+            replica("d2", 1, Phase::Ready, 2),
+            replica("n1", 1, Phase::Pending, 3),
+        ];
+        rs[0].node = Some("draining".into());
+        rs[1].node = Some("draining".into());
+        rs[2].node = None;
+        rs[2].message = Some("0/1 nodes available: 1 cordoned".into());
+        let drain = |r: &Replica| r.node.as_deref() == Some("draining");
+        // Freeing room on the drained node helps nothing: both stay, pass after pass.
+        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll), Plan::default());
+        // Beside an old revision's replica elsewhere, that one makes room, once.
+        let mut b = app("http", 2, 2);
+        b.spec.rollout.max_unavailable = 0;
+        rs[1].node = Some("other".into());
+        rs[2].revision = 2;
+        assert_eq!(
+            reconcile(&b, &rs, drain, Mode::Roll).delete,
+            vec!["d2".to_string()]
+        );
+        rs.remove(1);
+        assert_eq!(
+            reconcile(&b, &rs, drain, Mode::Roll).delete,
+            Vec::<String>::new()
         );
     }
 
