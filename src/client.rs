@@ -250,14 +250,25 @@ fn said(e: ClientError) -> anyhow::Error {
     let classified =
         |code: u8, message: String| anyhow::Error::new(crate::exit::Classified { code, message });
     match e {
+        ClientError::Send { base, source } if untrusted(&source) => anyhow::Error::new(source)
+            .context(format!(
+                "the Shoal API at {base} presents a certificate this CLI does not trust: check --ca-file, or the CA of the CLI config's context"
+            )),
         ClientError::Send { base, source } if source.is_connect() || source.is_timeout() => {
             classified(
                 crate::exit::UNAVAILABLE,
                 format!("cannot reach the Shoal API at {base} (is `shoal up` running?): {source}"),
             )
         }
+        // Kept as the cause, so a follower can tell a broken connection from an answer.
         ClientError::Send { base, source } => {
-            anyhow!("request to the Shoal API at {base} failed: {source:#}")
+            let hint = if base.starts_with("http://") {
+                " (the API speaks TLS unless started with --plain-http: https://?)"
+            } else {
+                ""
+            };
+            anyhow::Error::new(source)
+                .context(format!("request to the Shoal API at {base} failed{hint}"))
         }
         ClientError::Decode(source) => {
             anyhow::Error::new(source).context("the server sent a response this CLI cannot read")
@@ -271,6 +282,69 @@ fn said(e: ClientError) -> anyhow::Error {
             None => anyhow!("{api}"),
         },
     }
+}
+
+/// Whether `e` failed because the server's certificate was refused. rustls's error sits in
+/// an `io::Error`, whose `source` skips it, so those are opened.
+fn untrusted(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if matches!(
+            c.downcast_ref::<rustls::Error>(),
+            Some(rustls::Error::InvalidCertificate(_))
+        ) {
+            return true;
+        }
+        cause = match c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
+}
+
+impl Client {
+    /// For a command that follows (`--follow`, `-w`): calls `call` again while the API cannot
+    /// be reached or a connection breaks (a server restarting, all of them down), after a
+    /// pause growing to 5 s, saying so once; an answer, even an error, ends the wait.
+    pub async fn patiently<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut pause = std::time::Duration::from_millis(250);
+        let mut waiting = false;
+        loop {
+            match call().await {
+                Err(e) if unreachable(&e) => {
+                    if !waiting {
+                        eprintln!("shoal: {e:#}; trying again");
+                        waiting = true;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                answered => {
+                    if waiting && answered.is_ok() {
+                        eprintln!("shoal: the API at {} answers again", self.base());
+                    }
+                    return answered;
+                }
+            }
+        }
+    }
+}
+
+/// Whether `e` says the API could not be reached, or a connection to it broke.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<reqwest::Error>().is_some()
+            || c.downcast_ref::<crate::exit::Classified>()
+                .is_some_and(|c| c.code == crate::exit::UNAVAILABLE)
+    })
 }
 
 #[cfg(test)]

@@ -305,6 +305,73 @@ fn the_cli_goes_on_to_the_next_server_when_one_cannot_be_reached() {
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
 }
 
+/// `shoal events --follow` and `get -w` wait out a restart of the API (all its servers down
+/// for a while) and go on, rather than exit; `logs -f` waits the same way
+/// (`Client::patiently`).
+#[test]
+fn followers_wait_out_a_restart_of_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = common::Server::start(dir.path());
+    let follower = |args: &[&str]| {
+        let mut child = std::process::Command::new(common::SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let said = child.stderr.take().unwrap();
+        let (tx, said_lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(said).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let lines = common::read_lines(&mut child);
+        (child, lines, said_lines)
+    };
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let spec = write_spec(dir.path(), "hello.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let (mut events, event_lines, events_said) = follower(&["events", "--follow", "-o", "json"]);
+    let (mut watch, watch_lines, watch_said) = follower(&["get", "apps", "-w"]);
+    // Both have answered once. One JSON document a line.
+    let created = |app: &'static str| {
+        move |l: &str| {
+            let event: serde_json::Value = serde_json::from_str(l).unwrap();
+            event["reason"] == "Created" && event["object"] == format!("app/default/{app}")
+        }
+    };
+    assert!(line_until(&event_lines, created("hello")));
+    assert!(line_until(&watch_lines, |l| l.starts_with("hello")));
+    server.kill();
+    // Each finds the API gone, and says it waits.
+    for said in [&events_said, &watch_said] {
+        let seen = std::cell::RefCell::new(Vec::new());
+        let waits = line_until(said, |l| {
+            seen.borrow_mut().push(l.to_string());
+            l.contains("trying again")
+        });
+        assert!(waits, "{:?}", seen.borrow());
+    }
+    server.restart();
+    let text = text
+        .replace("name = \"hello\"", "name = \"again\"")
+        .replace("routes = [\"/hello\"]", "routes = [\"/again\"]");
+    let spec = write_spec(dir.path(), "again.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(line_until(&event_lines, created("again")));
+    assert!(line_until(&watch_lines, |l| l.starts_with("again")));
+    for child in [&mut events, &mut watch] {
+        assert_eq!(child.try_wait().unwrap(), None, "still following");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
 /// Reads `lines` until one satisfies `ok`, for up to 30 s; whether one did.
 fn line_until(lines: &std::sync::mpsc::Receiver<String>, ok: impl Fn(&str) -> bool) -> bool {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
@@ -340,7 +407,7 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
         &format!("namespace = \"prod\"\n{text}"),
     );
     let out = c.cli(&["apply", "-n", "staging", "-f", named.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("the file says namespace prod"),
         "{out:?}"

@@ -178,10 +178,12 @@ pub async fn apply_file(
             .ok()
             .and_then(|t| t.get("namespace")?.as_str().map(str::to_string));
         match written {
-            Some(w) if w != ns => bail!(
-                "{}: the file says namespace {w}, -n says {ns}: drop one of them",
-                file.display()
-            ),
+            Some(w) if w != ns => {
+                return Err(crate::exit::usage(format!(
+                    "{}: the file says namespace {w}, -n says {ns}: drop one of them",
+                    file.display()
+                )));
+            }
             Some(_) => {}
             None => {
                 shoal_core::validate_name(ns).map_err(|e| anyhow::anyhow!("-n: {e}"))?;

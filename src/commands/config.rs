@@ -36,7 +36,6 @@ enum ContextAction {
     /// add theirs and make it current).
     UseContext {
         /// The context, as `get-contexts` lists it.
-        #[arg(value_parser = crate::commands::object_name)]
         name: String,
     },
     /// List the CLI config's contexts: the clusters this CLI can talk to.
@@ -82,6 +81,7 @@ enum SetAction {
     /// List the namespace's config sets (keys and the apps using each), or show one's values.
     Get {
         /// A set to show; none: list them all.
+        #[arg(value_parser = crate::commands::object_name)]
         name: Option<String>,
     },
     /// Delete a config set no app names.

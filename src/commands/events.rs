@@ -1,6 +1,6 @@
 use super::Context;
 use super::get::event_rows;
-use crate::output::{self, Format, table};
+use crate::output::{Format, table};
 use anyhow::Result;
 use shoal_core::Event;
 use std::time::Duration;
@@ -34,7 +34,12 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
         if let Some(last) = events.last() {
             let after = last.seq;
             match ctx.output {
-                Format::Json => events.iter().for_each(output::json),
+                // NDJSON: one event a line, as they come.
+                Format::Json => {
+                    for event in &events {
+                        println!("{}", serde_json::to_string(event)?);
+                    }
+                }
                 Format::Table if header => table(
                     &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
                     &event_rows(&events),
@@ -47,10 +52,11 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-            events = client.get(&format!("{base}&after={after}")).await?;
+            let path = format!("{base}&after={after}");
+            events = client.patiently(|| client.get(&path)).await?;
         } else if args.follow {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            events = client.get(&base).await?;
+            events = client.patiently(|| client.get(&base)).await?;
         } else {
             return Ok(());
         }

@@ -72,7 +72,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let now = list(&ctx, &client, &args).await?;
+        let now = client.patiently(|| list(&ctx, &client, &args)).await?;
         if ctx.output == Format::Json {
             if now.settled() != shown.settled() {
                 println!("{}", serde_json::to_string(&now.json)?);

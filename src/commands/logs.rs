@@ -104,10 +104,10 @@ async fn follow(
     let mut next: HashMap<String, (u64, shoal_core::Millis)> = HashMap::new();
     let mut stdout = std::io::stdout();
     let mut path = query(ctx, args, "json", args.tail, since_ms);
+    let mut resp = client
+        .checked(client.request(reqwest::Method::GET, &path))
+        .await?;
     loop {
-        let resp = client
-            .checked(client.request(reqwest::Method::GET, &path))
-            .await?;
         let mut body = resp.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
         let broke = loop {
@@ -145,5 +145,9 @@ async fn follow(
             }
             None => query(ctx, args, "json", args.tail, since_ms),
         };
+        // Through a restart of every server, too.
+        resp = client
+            .patiently(|| client.checked(client.request(reqwest::Method::GET, &path)))
+            .await?;
     }
 }
