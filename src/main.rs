@@ -4,6 +4,7 @@
 mod client;
 mod commands;
 mod exit;
+mod files;
 mod output;
 
 use clap::{Parser, Subcommand};

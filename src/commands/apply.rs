@@ -117,8 +117,8 @@ pub async fn apply_file(
     dry_run: bool,
     namespace: Option<&str>,
 ) -> Result<ApplyResult> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let text = crate::files::read_text(file, crate::files::SPEC_LIMIT)
+        .with_context(|| format!("cannot read {}", file.display()))?;
     let manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
     // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
@@ -126,7 +126,7 @@ pub async fn apply_file(
         ModuleRef::Digest(d) => Some(d.clone()),
         ModuleRef::Path(p) => {
             let path = file.parent().unwrap_or(Path::new(".")).join(p);
-            let bytes = std::fs::read(&path).with_context(|| {
+            let bytes = crate::files::read(&path, crate::files::MODULE_LIMIT).with_context(|| {
                 format!(
                     "{}: component.path: cannot read {} (is the component built? `cargo build --release --target wasm32-wasip2`)",
                     file.display(),

@@ -183,7 +183,7 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
             }
             for text in &files {
                 let (k, file) = pair(text)?;
-                let v = std::fs::read_to_string(PathBuf::from(&file))
+                let v = crate::files::read_text(&PathBuf::from(&file), crate::files::VALUE_LIMIT)
                     .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
                 data.insert(k, v);
             }

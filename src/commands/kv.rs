@@ -89,7 +89,7 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
         } => {
             let body = match (value, file) {
                 (Some(v), None) => v.into_bytes(),
-                (None, Some(path)) => std::fs::read(&path)
+                (None, Some(path)) => crate::files::read(&path, crate::files::VALUE_LIMIT)
                     .with_context(|| format!("cannot read {}", path.display()))?,
                 _ => bail!("give a value or --from-file, not both"),
             };

@@ -118,7 +118,7 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
     let (name, write, verb) = match cmd.action {
         PoolAction::Apply { files } => {
             for file in files {
-                let text = std::fs::read_to_string(&file)
+                let text = crate::files::read_text(&file, crate::files::SPEC_LIMIT)
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 let (name, spec) = shoal_core::spec::parse_pool(&text)
                     .map_err(|e| super::apply::in_file(&file, e))?;

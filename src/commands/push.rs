@@ -39,7 +39,7 @@ struct Pushed {
 
 pub async fn run(ctx: Context, args: PushArgs) -> Result<()> {
     let reference = OciRef::parse(&args.reference).map_err(crate::exit::usage)?;
-    let bytes = std::fs::read(&args.file)
+    let bytes = crate::files::read(&args.file, crate::files::MODULE_LIMIT)
         .with_context(|| format!("cannot read {}", args.file.display()))?;
     let kind = shoal_core::wasm::validate(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;

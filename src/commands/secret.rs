@@ -127,7 +127,7 @@ fn values(given: &Values) -> Result<BTreeMap<String, String>> {
         data.insert(k, v);
     }
     let read = |flag: &str, k: &str, file: &std::path::Path| {
-        std::fs::read_to_string(file)
+        crate::files::read_text(file, crate::files::VALUE_LIMIT)
             .with_context(|| format!("{flag} {k}: cannot read {} as text", file.display()))
     };
     for text in &given.files {
