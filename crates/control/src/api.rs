@@ -2,7 +2,7 @@
 //! they hold no logic of their own.
 
 use crate::access::{self, Caller, Rule, Scope};
-use crate::api_error::{ApiError, JsonBody, Path, Query};
+use crate::api_error::{ApiError, JsonBody, Path, Query, WholeBody};
 use crate::error::ControlError;
 use crate::openapi::{Access, Endpoint, op};
 use crate::state::ControlPlane;
@@ -341,6 +341,14 @@ pub fn router(cp: ControlPlane) -> Router {
         .merge(authed)
         .merge(join)
         .merge(nodes)
+        .method_not_allowed_fallback(|req: Request| async move {
+            let path = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            method_not_allowed(&path)
+        })
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -377,22 +385,43 @@ async fn trace(req: Request, next: Next) -> Response {
     .await
 }
 
+/// A 405 for a path served only with other methods, `Allow` naming them.
+fn method_not_allowed(path: &str) -> Response {
+    let allowed: Vec<&str> = RULES
+        .iter()
+        .filter(|r| r.path == path)
+        .map(|r| r.method)
+        .collect();
+    let mut response = ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("{path} takes {}", allowed.join(", ")),
+    )
+    .into_response();
+    if let Ok(allow) = header::HeaderValue::from_str(&allowed.join(", ")) {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
+}
+
 /// Who is calling, and may they: the caller's token (the admin token, or an
 /// API token) against the route's rule in [`crate::access::RULES`]. The
 /// caller goes into the request for handlers that check more (apply checks
 /// the namespace of the app in its body).
 async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next) -> Response {
+    let path = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    if access::rule_for(req.method().as_str(), &path).is_none() {
+        return method_not_allowed(&path);
+    }
     let Some(presented) = bearer(&req).map(str::to_string) else {
         return ApiError::new(ErrorCode::Unauthorized,
             "missing token: send `Authorization: Bearer <token>` (the admin token is in the data dir's `token` file)",
         )
         .into_response();
     };
-    let path = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_default();
     // Most calls carry the admin token: it needs no store read, so no blocking thread.
     let found = if cp.is_admin_token(&presented) {
         Ok(Some(Caller::admin()))
@@ -419,11 +448,12 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
     next.run(req).await
 }
 
+/// The token of an `Authorization: Bearer` header; the scheme's case does not matter
+/// (RFC 9110, 11.1).
 fn bearer(req: &Request) -> Option<&str> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
@@ -578,7 +608,7 @@ async fn apply(
     State(cp): State<ControlPlane>,
     Extension(caller): Extension<Caller>,
     Query(q): Query<ApplyQuery>,
-    body: axum::body::Bytes,
+    WholeBody(body): WholeBody,
 ) -> Result<Response, ApiError> {
     let spec: AppSpec = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -819,7 +849,7 @@ async fn put_kv(
     State(cp): State<ControlPlane>,
     Path((bucket, key)): Path<(String, String)>,
     Query(q): Query<NsQuery>,
-    body: bytes::Bytes,
+    WholeBody(body): WholeBody,
 ) -> Result<Response, ApiError> {
     let ns = q.namespace();
     let op = KvOp::Set {
@@ -1253,7 +1283,7 @@ async fn heartbeat(
     State(cp): State<ControlPlane>,
     Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
-    body: bytes::Bytes,
+    WholeBody(body): WholeBody,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
     // A node checking its credential sends no body, nor did nodes before `NodeUsage`.
@@ -1569,6 +1599,15 @@ mod tests {
         let (status, body) = call(&router, "/v1/apps", None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert_eq!(body["error"]["code"], "unauthorized");
+        // The scheme is case-insensitive.
+        let req = HttpRequest::get("/v1/apps")
+            .header(header::AUTHORIZATION, "bearer admin")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            router.clone().oneshot(req).await.unwrap().status(),
+            StatusCode::OK
+        );
         let (status, _) = call(&router, "/v1/apps/ghost", Some("admin")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
     }
@@ -1681,6 +1720,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_wrong_method_is_a_405_naming_the_right_ones_and_a_big_body_a_413() {
+        let (_dir, router) = router_with_token();
+        for token in [Some("admin"), None] {
+            let mut req = HttpRequest::patch("/v1/apps/hello");
+            if let Some(t) = token {
+                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let resp = router
+                .clone()
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(resp.headers()[header::ALLOW], "GET, DELETE");
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], "method_not_allowed", "{body}");
+        }
+        // Over the body limit, in the same shape.
+        let req = HttpRequest::post("/v1/apps")
+            .header(header::AUTHORIZATION, "Bearer admin")
+            .body(Body::from(vec![b' '; 5 << 20]))
+            .unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["error"]["code"], "too_large", "{body}");
     }
 
     #[tokio::test]

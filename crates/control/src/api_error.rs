@@ -64,9 +64,13 @@ macro_rules! rejection {
     ($($t:ty),*) => {$(
         impl From<$t> for ApiError {
             fn from(r: $t) -> Self {
+                let code = match r.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::TooLarge,
+                    _ => ErrorCode::BadRequest,
+                };
                 ApiError {
                     status: r.status(),
-                    code: ErrorCode::BadRequest,
+                    code,
                     message: r.body_text(),
                 }
             }
@@ -75,10 +79,26 @@ macro_rules! rejection {
 }
 
 rejection!(
+    axum::extract::rejection::BytesRejection,
     axum::extract::rejection::JsonRejection,
     axum::extract::rejection::QueryRejection,
     axum::extract::rejection::PathRejection
 );
+
+/// A request's whole body, with [`ApiError`] rejections (one over the body limit is a 413
+/// `too_large`).
+pub(crate) struct WholeBody(pub bytes::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for WholeBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        bytes::Bytes::from_request(req, state)
+            .await
+            .map(WholeBody)
+            .map_err(ApiError::from)
+    }
+}
 
 /// `axum::Json` with [`ApiError`] rejections.
 #[derive(axum::extract::FromRequest)]

@@ -72,6 +72,8 @@ pub enum ErrorCode {
     InvalidWasm,
     /// The client did not send its request (its body) in time.
     RequestTimeout,
+    /// The path exists, but not with this method; `Allow` lists those it has.
+    MethodNotAllowed,
 
     // ── Shoal or the guest failed (5xx) ──
     /// Shoal failed; the cause is in its log, not in the message.
@@ -122,6 +124,7 @@ impl ErrorCode {
         ErrorCode::TooLarge,
         ErrorCode::InvalidWasm,
         ErrorCode::RequestTimeout,
+        ErrorCode::MethodNotAllowed,
         ErrorCode::Internal,
         ErrorCode::GuestTrapped,
         ErrorCode::OutOfMemory,
@@ -157,6 +160,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => "too_large",
             ErrorCode::InvalidWasm => "invalid_wasm",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
             ErrorCode::GuestTrapped => "guest_trapped",
             ErrorCode::OutOfMemory => "out_of_memory",
@@ -187,6 +191,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => 401,
             ErrorCode::Forbidden => 403,
             ErrorCode::NotFound | ErrorCode::NoRoute => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RequestTimeout => 408,
             ErrorCode::Conflict => 409,
             ErrorCode::Compacted => 410,
