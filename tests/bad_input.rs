@@ -145,6 +145,54 @@ fn uploads_are_checked_and_limited() {
     );
     let err = c.cli_err(&["apply", "-f", unknown.to_str().unwrap()]);
     assert!(err.contains("has not been uploaded"), "{err}");
+
+    // A component that does not export what its kind runs is refused at apply, naming
+    // what it needs and what it has, instead of failing on its nodes.
+    let release = format!("{}/target/wasm32-wasip2/release", examples());
+    for (name, wasm, kind, needs, more) in [
+        ("job-of-http", "hello.wasm", "job", "wasi:cli/run@0.2", ""),
+        (
+            "http-of-job",
+            "greet-job.wasm",
+            "http",
+            "wasi:http/incoming-handler@0.2",
+            "[http]\nroutes = [\"/http-of-job\"]\n",
+        ),
+    ] {
+        let spec = write_spec(
+            c.dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\n[component]\npath = \"{release}/{wasm}\"\nkind = \"{kind}\"\n{more}"
+            ),
+        );
+        let err = c.cli_err(&["apply", "-f", spec.to_str().unwrap()]);
+        assert!(
+            err.contains(&format!("cannot run as kind = \"{kind}\"")) && err.contains(needs),
+            "{err}"
+        );
+    }
+    // Each as its own kind goes in; a p3 component serves HTTP too.
+    for (name, wasm, kind) in [
+        ("hello", "hello.wasm", "http"),
+        ("greet", "greet-job.wasm", "job"),
+        ("hello-p3", "hello_p3.wasm", "http"),
+    ] {
+        let routes = if kind == "http" {
+            format!("[http]\nroutes = [\"/{name}\"]\n")
+        } else {
+            String::new()
+        };
+        let spec = write_spec(
+            c.dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\n[component]\npath = \"{release}/{wasm}\"\nkind = \"{kind}\"\n{routes}"
+            ),
+        );
+        c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+        c.cli_ok(&["delete", "app", name]);
+    }
     // None of it left an app behind.
     assert!(c.api_json("/v1/apps").as_array().unwrap().is_empty());
 }

@@ -184,6 +184,7 @@ mod tests {
                 kind: WasmKind::Component,
                 uploaded_at,
                 oci: None,
+                exports: None,
             },
             at: 1,
             last_used,

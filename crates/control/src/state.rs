@@ -337,6 +337,7 @@ impl ControlPlane {
             kind,
             uploaded_at: self.now(),
             oci,
+            exports: Some(shoal_core::wasm::component_exports(&bytes)),
         };
         if self.inner.config.shared_store {
             crate::shared_modules::copy_in(&*self.inner.store, &self.inner.blobs, digest)?;
@@ -397,7 +398,28 @@ impl ControlPlane {
                     ),
                 ));
             }
-            Some(_) => {}
+            Some((module, _)) => {
+                if let Some(exports) = &module.exports
+                    && !spec.component.kind.runs(exports)
+                {
+                    let exports = if exports.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        exports.join(", ")
+                    };
+                    return Err(ControlError::Invalid {
+                        code: ErrorCode::InvalidSpec,
+                        field: Some("component.kind".into()),
+                        message: format!(
+                            "component {} cannot run as kind = \"{}\": that needs a {} component, exporting {}, and it exports {exports}",
+                            module.digest,
+                            spec.component.kind,
+                            spec.component.kind.world(),
+                            spec.component.kind.needs()
+                        ),
+                    });
+                }
+            }
         }
         let claims = self.route_claims(&spec)?;
 
@@ -1299,6 +1321,7 @@ pub(crate) mod tests {
             kind: WasmKind::Component,
             uploaded_at: 0,
             oci: None,
+            exports: None,
         };
         let k = keys::module(&digest);
         cp.store()

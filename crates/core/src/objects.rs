@@ -820,6 +820,10 @@ pub struct Module {
     /// Where the control plane pulled it from; absent for an upload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<OciOrigin>,
+    /// What a component exports at its top level, which says what kind of app it can run
+    /// as (`Kind::runs`); absent for one recorded before Shoal read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exports: Option<Vec<String>>,
 }
 
 /// The registry a module was pulled from, for `shoal get modules`: the reference as

@@ -55,6 +55,23 @@ impl Kind {
             Kind::Job | Kind::Daemon => "wasi:cli/command",
         }
     }
+
+    /// The export a component needs to run as this kind, as the runtime looks for it.
+    pub fn needs(self) -> &'static str {
+        match self {
+            Kind::Http => "wasi:http/incoming-handler@0.2 (or wasi:http/handler@0.3)",
+            Kind::Job | Kind::Daemon => "wasi:cli/run@0.2",
+        }
+    }
+
+    /// Whether a component exporting `exports` can run as this kind.
+    pub fn runs(self, exports: &[String]) -> bool {
+        let has = |prefix: &str| exports.iter().any(|e| e.starts_with(prefix));
+        match self {
+            Kind::Http => has("wasi:http/incoming-handler@0.2") || has("wasi:http/handler@0.3"),
+            Kind::Job | Kind::Daemon => has("wasi:cli/run@0.2"),
+        }
+    }
 }
 
 impl std::fmt::Display for Kind {

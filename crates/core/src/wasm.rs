@@ -48,6 +48,33 @@ pub fn validate(bytes: &[u8]) -> Result<WasmKind, WasmError> {
     Ok(kind)
 }
 
+/// The names a component exports at its top level (`wasi:http/incoming-handler@0.2.6`,
+/// `wasi:cli/run@0.2.0`…), which say what it can run as; none for a core module. Only for
+/// bytes [`validate`] took.
+pub fn component_exports(bytes: &[u8]) -> Vec<String> {
+    let mut exports = Vec::new();
+    // Nested modules and components come in between, each ended by its own `End`.
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload {
+            Ok(wasmparser::Payload::ModuleSection { .. })
+            | Ok(wasmparser::Payload::ComponentSection { .. }) => depth += 1,
+            Ok(wasmparser::Payload::End(_)) => depth = depth.saturating_sub(1),
+            Ok(wasmparser::Payload::ComponentExportSection(section)) if depth == 0 => {
+                exports.extend(
+                    section
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name.name.to_string()),
+                );
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    exports
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +95,7 @@ mod tests {
     fn empty_component_is_a_component() {
         let empty = [0, b'a', b's', b'm', 0x0d, 0, 1, 0];
         assert_eq!(validate(&empty).unwrap(), WasmKind::Component);
+        assert_eq!(component_exports(&empty), Vec::<String>::new());
     }
 
     #[test]
