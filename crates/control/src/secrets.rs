@@ -234,6 +234,24 @@ impl ControlPlane {
         if let Some(key) = write.unset.iter().find(|k| write.set.contains_key(*k)) {
             return Err(bad(format!("secret {name}: {key} is both set and unset")));
         }
+        // A key an app names would leave it pinned to the old version, and its next apply
+        // failing: refused, as deleting a secret in use is.
+        if !write.unset.is_empty() {
+            let mut users: BTreeMap<&String, Vec<String>> = BTreeMap::new();
+            let apps = self.secret_users(ns, name)?;
+            for app in &apps {
+                let used = keys_used(&app.spec, name);
+                for k in write.unset.iter().filter(|k| used.contains(k.as_str())) {
+                    users.entry(k).or_default().push(app.spec.name.clone());
+                }
+            }
+            if let Some((k, apps)) = users.into_iter().next() {
+                return Err(ControlError::conflict(format!(
+                    "secret {name}'s key {k} is used by {}: take it out of their specs first",
+                    apps.join(", ")
+                )));
+            }
+        }
         let key = keys::secret(ns, name);
         let existing = self.get(&key)?;
         let secret = self.with_keys(|ring| {
@@ -558,6 +576,27 @@ fn uses(spec: &AppSpec, name: &str) -> bool {
             .is_some_and(|t| t.secret == name)
 }
 
+/// The keys of secret `name` that `spec` needs: those its env values and config keys name,
+/// and a TLS secret's pair.
+fn keys_used<'a>(spec: &'a AppSpec, name: &str) -> BTreeSet<&'a str> {
+    let mut used: BTreeSet<&str> = spec
+        .secret_env
+        .values()
+        .chain(spec.secret_config.values())
+        .filter(|r| r.secret == name)
+        .map(|r| r.key.as_str())
+        .collect();
+    if spec
+        .http
+        .as_ref()
+        .and_then(|h| h.tls.as_ref())
+        .is_some_and(|t| t.secret == name)
+    {
+        used.extend([TLS_CERT_KEY, TLS_KEY_KEY]);
+    }
+    used
+}
+
 /// The hosts `routes` bind, each once.
 fn route_hosts(routes: &[shoal_core::spec::Route]) -> Vec<String> {
     let hosts: BTreeSet<&String> = routes.iter().filter_map(|r| r.host.as_ref()).collect();
@@ -810,5 +849,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("exists"), "{e}");
+        // A key an app names stays; one it does not name goes.
+        let unset = |key: &str| SecretWrite {
+            unset: vec![key.to_string()],
+            ..write(false, &[])
+        };
+        let e = cp
+            .put_secret("default", "db", unset("password"))
+            .unwrap_err();
+        assert!(matches!(e, ControlError::Conflict(_)), "{e:?}");
+        assert!(e.to_string().contains("key password is used by web"), "{e}");
+        let (view, _) = cp.put_secret("default", "db", unset("user")).unwrap();
+        assert_eq!(view.keys, ["password"]);
     }
 }
