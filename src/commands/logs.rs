@@ -38,7 +38,10 @@ pub struct LogsArgs {
 pub async fn run(ctx: Context, args: LogsArgs) -> Result<()> {
     let client = ctx.client()?;
     let since_ms = match &args.since {
-        Some(since) => Some(shoal_core::quantity::parse_duration_ms(since).context("--since")?),
+        Some(since) => Some(
+            shoal_core::quantity::parse_duration_ms(since)
+                .map_err(|e| crate::exit::usage(format!("--since: {e}")))?,
+        ),
         None => None,
     };
     if args.follow {

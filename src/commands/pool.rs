@@ -87,7 +87,7 @@ impl SpecArgs {
     fn over(self, base: PoolSpec) -> Result<PoolSpec> {
         let cooldown_ms = match self.cooldown {
             Some(text) => shoal_core::quantity::parse_duration_ms(&text)
-                .map_err(|e| anyhow::anyhow!("--cooldown: {e}"))?,
+                .map_err(|e| crate::exit::usage(format!("--cooldown: {e}")))?,
             None => base.cooldown_ms,
         };
         let min = self.min.unwrap_or(base.min);

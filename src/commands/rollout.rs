@@ -121,7 +121,7 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
             }
             let limit = Duration::from_millis(
                 shoal_core::quantity::parse_duration_ms(&timeout)
-                    .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?,
+                    .map_err(|e| crate::exit::usage(format!("--timeout: {e}")))?,
             );
             let started = Instant::now();
             let mut last = String::new();

@@ -234,16 +234,16 @@ fn api_names(args: &ControlArgs, addr: SocketAddr) -> Vec<String> {
 fn duration(flag: &str, s: &str) -> Result<Duration> {
     shoal_core::quantity::parse_duration_ms(s)
         .map(Duration::from_millis)
-        .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+        .map_err(|e| crate::exit::usage(format!("--{flag}: {e}")))
 }
 
 fn node_capacity(args: &NodeArgs) -> Result<Capacity> {
     let cpu_millis = match &args.cpu {
-        Some(c) => parse_cpu(c).map_err(|e| anyhow::anyhow!("--cpu: {e}"))? as u64,
+        Some(c) => parse_cpu(c).map_err(|e| crate::exit::usage(format!("--cpu: {e}")))? as u64,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()) as u64 * 1000,
     };
     let memory_bytes = match &args.memory {
-        Some(m) => parse_memory(m).map_err(|e| anyhow::anyhow!("--memory: {e}"))?,
+        Some(m) => parse_memory(m).map_err(|e| crate::exit::usage(format!("--memory: {e}")))?,
         None => shoal_runtime::available_memory().unwrap_or(4 << 30),
     };
     Ok(Capacity {
@@ -279,6 +279,22 @@ pub async fn start_control(
     args: &ControlArgs,
     etcd: Option<SharedStore>,
 ) -> Result<StartedControl> {
+    // Flags first: a bad one changes nothing.
+    let validity = duration("cert-validity", &args.cert_validity)?;
+    if validity < MIN_CERT_VALIDITY {
+        return Err(crate::exit::usage(format!(
+            "--cert-validity {}: at least {}s, time to renew in",
+            args.cert_validity,
+            MIN_CERT_VALIDITY.as_secs()
+        )));
+    }
+    let max_module_bytes = match parse_memory(&args.max_module_size) {
+        Ok(0) => Err("no upload would fit".to_string()),
+        other => other.map_err(|e| e.to_string()),
+    }
+    .map_err(|e| crate::exit::usage(format!("--max-module-size: {e}")))?;
+    let kv_bucket_bytes = parse_memory(&args.kv_bucket_size)
+        .map_err(|e| crate::exit::usage(format!("--kv-bucket-size: {e}")))?;
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     // On a shared store the identity comes from it, or goes into it, before it is read here.
@@ -300,13 +316,6 @@ pub async fn start_control(
         None => None,
     };
     let token = load_or_create_secret(&data.join("token"))?;
-    let validity = duration("cert-validity", &args.cert_validity)?;
-    anyhow::ensure!(
-        validity >= MIN_CERT_VALIDITY,
-        "--cert-validity {}: at least {}s, time to renew in",
-        args.cert_validity,
-        MIN_CERT_VALIDITY.as_secs()
-    );
     let ca = shoal_tls::Authority::load_or_create(&data)
         .map(|ca| Arc::new(ca.valid_for(validity)))
         .with_context(|| format!("cannot make or read the cluster CA in {}", data.display()))?;
@@ -314,10 +323,6 @@ pub async fn start_control(
     let join_token = load_or_create(&data.join("join-token"), |secret| {
         shoal_core::auth::join_token(Some(&ca_hash), secret)
     })?;
-    let max_module_bytes = parse_memory(&args.max_module_size)
-        .map_err(|e| anyhow::anyhow!("--max-module-size: {e}"))?;
-    let kv_bucket_bytes =
-        parse_memory(&args.kv_bucket_size).map_err(|e| anyhow::anyhow!("--kv-bucket-size: {e}"))?;
     let shared = etcd.is_some();
 
     let blobs = BlobStore::open(&data.join("modules"))?;
@@ -693,7 +698,8 @@ pub fn node_name(args: &NodeArgs) -> Result<String> {
             .filter(|h| shoal_core::validate_name(h).is_ok())
             .unwrap_or_else(|| "local".into())
     });
-    shoal_core::validate_name(&name).map_err(|e| anyhow::anyhow!("--node-name: {e}"))?;
+    shoal_core::validate_name(&name)
+        .map_err(|e| crate::exit::usage(format!("--node-name: {e}")))?;
     Ok(name)
 }
 
@@ -710,8 +716,8 @@ pub async fn start_node(
         ..RuntimeConfig::default()
     };
     if let Some(budget) = &args.memory_budget {
-        config.memory_budget_bytes =
-            parse_memory(budget).map_err(|e| anyhow::anyhow!("--memory-budget: {e}"))?;
+        config.memory_budget_bytes = parse_memory(budget)
+            .map_err(|e| crate::exit::usage(format!("--memory-budget: {e}")))?;
     }
     let runtime = Runtime::new(config).context("cannot start the wasm runtime")?;
     let listener = tokio::net::TcpListener::bind(args.gateway)
