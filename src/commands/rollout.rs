@@ -219,10 +219,17 @@ fn describe(view: &RolloutView) -> String {
         };
     };
     let paused = if s.paused { ", paused" } else { "" };
-    let mut out = format!(
-        "app {}: revision {} ({}) {}{paused}: {}",
-        view.app, s.revision, s.strategy, s.phase, s.message
-    );
+    // After a roll back, the rollout that ended is the abandoned revision's.
+    let mut out = match s.rolled_back_from {
+        Some(from) => format!(
+            "app {}: revision {from} ({}) {}, revision {} runs: {}",
+            view.app, s.strategy, s.phase, s.revision, s.message
+        ),
+        None => format!(
+            "app {}: revision {} ({}) {}{paused}: {}",
+            view.app, s.revision, s.strategy, s.phase, s.message
+        ),
+    };
     for c in &view.revisions {
         out.push_str(&format!(
             "\n  revision {}: {}/{} ready",

@@ -263,8 +263,11 @@ pub enum Action {
 /// Why an [`Action`] cannot be taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ActionError {
-    #[error("app {app} has no rollout in progress (revision {revision} is {phase})")]
+    #[error(
+        "app {app} has no rollout in progress (the last one, of revision {revision}, is {phase})"
+    )]
     NotInProgress {
+        /// The revision the last rollout rolled out: after a roll back, the one abandoned.
         app: shoal_core::spec::AppKey,
         revision: u64,
         phase: RolloutPhase,
@@ -301,7 +304,7 @@ pub fn act(
     if status.phase.is_done() || status.revision != app.revision {
         return Err(ActionError::NotInProgress {
             app: key,
-            revision: status.revision,
+            revision: status.rolled_back_from.unwrap_or(status.revision),
             phase: status.phase,
         });
     }
@@ -1008,6 +1011,15 @@ mod tests {
             act(&a, &done, Action::Pause, 0),
             Err(ActionError::NotInProgress { revision: 2, .. })
         ));
+        // After a roll back, what is said is the revision abandoned, not the one back on.
+        done.phase = RolloutPhase::Aborted;
+        done.rolled_back_from = Some(3);
+        let e = act(&a, &done, Action::Pause, 0).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the last one, of revision 3, is Aborted"),
+            "{e}"
+        );
     }
 
     #[test]
