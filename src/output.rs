@@ -75,6 +75,15 @@ pub fn duration(ms: u64) -> String {
 }
 
 /// `sha256:abcdef123456` — enough of a digest to recognise it.
+/// `n` and the noun, plural unless one: "1 key", "2 keys".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub fn short_digest(d: &str) -> String {
     d.get(..19).unwrap_or(d).to_string()
 }

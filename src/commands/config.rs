@@ -258,9 +258,9 @@ fn report(ctx: &Context, written: &ConfigSetWritten, verb: &str) {
         Format::Json => output::json(written),
         Format::Table => {
             println!(
-                "config set {} {verb} ({} keys)",
+                "config set {} {verb} ({})",
                 written.set.name,
-                written.set.data.len()
+                output::count(written.set.data.len(), "key")
             );
             for app in &written.rolled {
                 println!("  app {app} applied again");

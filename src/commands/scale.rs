@@ -31,8 +31,10 @@ pub async fn run(ctx: Context, args: ScaleArgs) -> Result<()> {
     match ctx.output {
         Format::Json => output::json(&app),
         Format::Table => println!(
-            "app {}/{} scaled to {} replicas",
-            ctx.namespace, args.name, app.spec.replicas
+            "app {}/{} scaled to {}",
+            ctx.namespace,
+            args.name,
+            output::count(app.spec.replicas as usize, "replica")
         ),
     }
     Ok(())

@@ -274,10 +274,10 @@ fn report(ctx: &Context, written: &SecretWritten, verb: &str) {
         Format::Table => {
             let s = &written.secret;
             println!(
-                "secret {} {verb}: version {} ({} keys)",
+                "secret {} {verb}: version {} ({})",
                 s.name,
                 s.version,
-                s.keys.len()
+                output::count(s.keys.len(), "key")
             );
             for app in &written.rolled {
                 println!("  app {app} applied again");
