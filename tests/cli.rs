@@ -99,6 +99,16 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
         3,
         "both stay"
     );
+
+    // A module is named as `get apps` shows it, too: here one in use, so a conflict.
+    let apps = c.cli_ok(&["get", "apps"]);
+    let short = apps
+        .split_whitespace()
+        .find(|w| w.starts_with("sha256:"))
+        .unwrap();
+    assert!(short.len() < 71, "{apps}");
+    assert_eq!(code(&c, &["delete", "module", short]), Some(4), "{apps}");
+    assert_eq!(code(&c, &["delete", "module", "sha256:00000000"]), Some(3));
 }
 
 #[test]
