@@ -1565,20 +1565,28 @@ mod tests {
         (dir, router(cp))
     }
 
+    /// `req` with no body, and `token` if given, answered by `router`.
+    async fn respond(
+        router: &Router,
+        mut req: axum::http::request::Builder,
+        token: Option<&str>,
+    ) -> Response {
+        if let Some(t) = token {
+            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        router
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
     async fn call(
         router: &Router,
         uri: &str,
         token: Option<&str>,
     ) -> (StatusCode, serde_json::Value) {
-        let mut req = HttpRequest::get(uri);
-        if let Some(t) = token {
-            req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-        }
-        let resp = router
-            .clone()
-            .oneshot(req.body(Body::empty()).unwrap())
-            .await
-            .unwrap();
+        let resp = respond(router, HttpRequest::get(uri), token).await;
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         (
@@ -1726,15 +1734,7 @@ mod tests {
     async fn a_wrong_method_is_a_405_naming_the_right_ones_and_a_big_body_a_413() {
         let (_dir, router) = router_with_token();
         for token in [Some("admin"), None] {
-            let mut req = HttpRequest::patch("/v1/apps/hello");
-            if let Some(t) = token {
-                req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
-            }
-            let resp = router
-                .clone()
-                .oneshot(req.body(Body::empty()).unwrap())
-                .await
-                .unwrap();
+            let resp = respond(&router, HttpRequest::patch("/v1/apps/hello"), token).await;
             assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
             assert_eq!(resp.headers()[header::ALLOW], "GET, DELETE");
             let bytes = resp.into_body().collect().await.unwrap().to_bytes();
