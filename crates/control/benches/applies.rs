@@ -370,13 +370,13 @@ fn main() {
         ));
         base
     });
-    // The smallest valid component: its header alone.
+    // A real component: an apply checks that it exports what its kind runs.
     let digest = rt.block_on(async {
         let resp = reqwest::Client::new()
             .post(format!("{base}/v1/modules"))
             .bearer_auth(TOKEN)
             .header("content-type", "application/wasm")
-            .body(b"\0asm\x0d\0\x01\0".to_vec())
+            .body(shoal_fixtures::read(shoal_fixtures::HELLO_WASM))
             .send()
             .await
             .unwrap();

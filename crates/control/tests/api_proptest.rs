@@ -374,12 +374,12 @@ impl Harness {
             node_credential,
             digest: String::new(),
         };
-        // The smallest valid component: its header alone.
+        // A real component: an apply checks that it exports what its kind runs.
         let (status, body) = harness.post_bytes(
             "/v1/modules",
             "admin",
             "application/wasm",
-            b"\0asm\x0d\0\x01\0".to_vec(),
+            shoal_fixtures::read(shoal_fixtures::HELLO_WASM),
         );
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let module: serde_json::Value = serde_json::from_str(&body).unwrap();
