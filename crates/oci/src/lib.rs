@@ -25,11 +25,10 @@ const LEGACY_WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
 
 #[derive(Debug, Error)]
 pub enum OciError {
-    #[error("{reference}: {source}")]
-    Registry {
-        reference: String,
-        source: OciDistributionError,
-    },
+    /// What the registry (or the way to it) said, every cause once: its errors repeat the
+    /// words of their sources, which a cause chain would say again.
+    #[error("{reference}: {why}")]
+    Registry { reference: String, why: String },
     /// The registry wants credentials, or refused the ones given.
     #[error("{reference}: the registry refused {}", if *.anonymous { "anonymous access: it wants credentials" } else { "the credentials given" })]
     Unauthorized { reference: String, anonymous: bool },
@@ -48,6 +47,21 @@ pub enum OciError {
     },
     #[error("{reference}: downloading the component failed: {why}")]
     Download { reference: String, why: String },
+}
+
+/// `e` and its sources, each said once: one that repeats the words of the one before is
+/// left out, and one whose words the one before ends with is too.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut said: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        let words = cause.to_string();
+        if !said.last().is_some_and(|last| last.ends_with(&words)) {
+            said.push(words);
+        }
+        next = cause.source();
+    }
+    said.join(": ")
 }
 
 /// The layer of `manifest` that is the component: its only layer, of a Wasm media
@@ -218,7 +232,10 @@ impl Registry {
         } else if unknown {
             OciError::NotFound { reference }
         } else {
-            OciError::Registry { reference, source }
+            OciError::Registry {
+                reference,
+                why: causes(&source),
+            }
         }
     }
 
@@ -297,6 +314,33 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        #[derive(Debug)]
+        struct Said(&'static str, Option<Box<Said>>);
+        impl std::fmt::Display for Said {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for Said {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|s| s as _)
+            }
+        }
+        let chain = Said(
+            "error sending request for url (http://r/v2/)",
+            Some(Box::new(Said(
+                "error sending request for url (http://r/v2/)",
+                Some(Box::new(Said("Connection refused", None))),
+            ))),
+        );
+        assert_eq!(
+            causes(&chain),
+            "error sending request for url (http://r/v2/): Connection refused"
+        );
+    }
 
     #[test]
     fn the_pushed_layout_is_the_one_read() {
