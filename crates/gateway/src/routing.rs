@@ -129,9 +129,37 @@ fn prefixes(path: &str) -> impl Iterator<Item = &str> {
         .chain(std::iter::once("/"))
 }
 
+/// Whether `path` has a `.` or `..` segment, plain or percent-encoded. Routes match
+/// prefixes of the path as sent, so `/a/../b` would reach `/a`'s app, which might resolve it
+/// to `/b`; a client resolves those before it sends (RFC 3986, 5.2.4), so the gateway
+/// refuses them rather than guess.
+pub(crate) fn has_dot_segment(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.to_ascii_lowercase().replace("%2e", ".");
+        decoded == "." || decoded == ".."
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_plain_or_encoded_are_found_and_dots_in_names_are_not() {
+        for path in [
+            "/a/../b",
+            "/a/./b",
+            "/a/..",
+            "/%2e%2e/x",
+            "/a/%2E/b",
+            "/a/.%2e",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in ["/", "/a/b", "/a/.well-known", "/v1.2/x", "/a/...", "/a..b"] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
 
     fn table(routes: &[(&str, &str)]) -> RoutingTable {
         RoutingTable::new(

@@ -617,6 +617,12 @@ impl Gateway {
         }
         let span = request_span(&req);
         async move {
+            if crate::routing::has_dot_segment(req.uri().path()) {
+                return problem_response(
+                    ErrorCode::BadRequest,
+                    "the path has a \".\" or \"..\" segment: resolve it before sending (RFC 3986, 5.2.4)",
+                );
+            }
             let host = request_host(&req);
             let app = {
                 let table = self.inner.table.read().expect("routing lock");

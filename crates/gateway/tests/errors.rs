@@ -91,6 +91,12 @@ async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
         ErrorBody::new(ErrorCode::Timeout, "guest timed out after 500ms")
     );
 
+    // A path with a dot segment reaches no app: routed as sent, `/faulty/..` would be
+    // faulty's to resolve.
+    let reply = client.get(&format!("http://{addr}/faulty/../idle/x")).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.problem().code(), ErrorCode::BadRequest);
+
     let reply = client.get(&format!("http://{addr}/nowhere/x")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let body = reply.problem();
