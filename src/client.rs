@@ -338,10 +338,12 @@ impl Client {
     }
 }
 
-/// Whether `e` says the API could not be reached, or a connection to it broke.
+/// Whether `e` says the API could not be reached, or a connection to it broke (not that
+/// its certificate is refused: asking again would not change that).
 fn unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<reqwest::Error>().is_some()
+        c.downcast_ref::<reqwest::Error>()
+            .is_some_and(|e| !untrusted(e))
             || c.downcast_ref::<crate::exit::Classified>()
                 .is_some_and(|c| c.code == crate::exit::UNAVAILABLE)
     })
