@@ -2545,9 +2545,30 @@ struct RawPlacement {
 /// Parses and validates an app spec file.
 /// A file TOML cannot read (or whose fields do not fit), at its line and column.
 fn toml_error(src: &str, e: toml::de::Error) -> SpecError {
+    let mut message = e.message().trim().to_string();
+    // toml says "duplicate key" and where; the key itself is what a reader looks for.
+    if message.starts_with("duplicate") {
+        let key = e.span().and_then(|span| src.get(span)).map(str::trim);
+        if let Some(key) = key.filter(|k| !k.is_empty() && k.len() <= 128) {
+            message = format!("{message} `{key}`");
+        }
+    }
+    // serde names Rust's types ("integer `-1`, expected u32"); a reader wants the range.
+    for (ty, range) in [
+        ("u16", "0 to 65535"),
+        ("u32", "0 to 4294967295"),
+        ("u64", "0 to 18446744073709551615"),
+    ] {
+        if let Some(head) = message.strip_suffix(&format!("expected {ty}")) {
+            message = format!(
+                "{}expected a whole number from {range}",
+                head.replace(" as i128", "")
+            );
+        }
+    }
     SpecError {
         field: None,
-        message: e.message().trim().to_string(),
+        message,
         line: None,
         column: None,
     }
@@ -3275,6 +3296,31 @@ A = "1"
         let e = err("name = \"x\"\n[component\nkind = \"http\"\n");
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.column.is_some());
+    }
+
+    #[test]
+    fn a_duplicate_key_or_table_is_named() {
+        let e = err("name = \"x\"\nname = \"y\"\n");
+        assert_eq!(
+            (e.line, e.message.as_str()),
+            (Some(2), "duplicate key `name`")
+        );
+        let e = err("name = \"x\"\n[http]\nroutes = []\n[http]\n");
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.ends_with("`http`"), "{e}");
+    }
+
+    #[test]
+    fn a_number_out_of_range_says_the_range() {
+        for n in ["-1", "4294967296", "99999999999999999999"] {
+            let e = err(&HELLO.replace("max_concurrency = 8", &format!("max_concurrency = {n}")));
+            assert!(
+                e.message.ends_with(&format!(
+                    "`{n}`, expected a whole number from 0 to 4294967295"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]
