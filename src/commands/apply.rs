@@ -4,6 +4,7 @@ use crate::output::{self, Format};
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
+use shoal_api::seg;
 use shoal_api::{ApplyOutcome, ApplyResult};
 use shoal_core::{ModuleRef, parse_app};
 use std::path::{Path, PathBuf};
@@ -135,7 +136,10 @@ pub async fn apply_file(
             })?;
             let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
             let known = client
-                .answer(client.request(reqwest::Method::GET, &format!("/v1/modules/{digest}")))
+                .answer(client.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/modules/{}", seg(&digest)),
+                ))
                 .await
                 .is_ok_and(|r| r.status().is_success());
             if !known {
@@ -194,7 +198,11 @@ pub async fn apply_file(
     // Named where the file names them: the server refuses an unknown set or secret too,
     // but cannot say on which line.
     for set in &spec.config_sets {
-        let path = format!("/v1/configs/{}?namespace={}", set.name, spec.namespace);
+        let path = format!(
+            "/v1/configs/{}?namespace={}",
+            seg(&set.name),
+            seg(&spec.namespace)
+        );
         let resp = client
             .answer(client.request(reqwest::Method::GET, &path))
             .await;
@@ -214,7 +222,11 @@ pub async fn apply_file(
     }
     for (field, refs) in [("env", &spec.secret_env), ("config", &spec.secret_config)] {
         for (name, r) in refs {
-            let path = format!("/v1/secrets/{}?namespace={}", r.secret, spec.namespace);
+            let path = format!(
+                "/v1/secrets/{}?namespace={}",
+                seg(&r.secret),
+                seg(&spec.namespace)
+            );
             let problem = match client
                 .answer(client.request(reqwest::Method::GET, &path))
                 .await

@@ -5,6 +5,7 @@ use super::Context;
 use crate::client::{CliConfig, default_config_path};
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
+use shoal_api::seg;
 use shoal_api::{ConfigSetRequest, ConfigSetView, ConfigSetWritten};
 use shoal_core::ConfigSet;
 use std::collections::BTreeMap;
@@ -163,7 +164,7 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
 async fn sets(ctx: Context, action: SetAction) -> Result<()> {
     let client = ctx.client()?;
     let ns = ctx.namespace.clone();
-    let path = |name: &str| format!("/v1/configs/{name}?namespace={ns}");
+    let path = |name: &str| format!("/v1/configs/{}?namespace={}", seg(name), seg(&ns));
     let put = |name: &str, data: BTreeMap<String, String>, create: bool| {
         let req = client
             .request(reqwest::Method::PUT, &path(name))
@@ -221,8 +222,9 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
             }
         }
         SetAction::Get { name: None } => {
-            let sets: Vec<ConfigSetView> =
-                client.get(&format!("/v1/configs?namespace={ns}")).await?;
+            let sets: Vec<ConfigSetView> = client
+                .get(&format!("/v1/configs?namespace={}", seg(&ns)))
+                .await?;
             if ctx.output == Format::Json {
                 output::json(&sets);
                 return Ok(());

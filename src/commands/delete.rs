@@ -1,6 +1,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::Result;
+use shoal_api::seg;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -42,7 +43,11 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
     let client = ctx.client()?;
     match args.what {
         What::App => {
-            let path = format!("/v1/apps/{}?namespace={}", args.name, ctx.namespace);
+            let path = format!(
+                "/v1/apps/{}?namespace={}",
+                seg(&args.name),
+                seg(&ctx.namespace)
+            );
             let resp: serde_json::Value = client
                 .send(client.request(reqwest::Method::DELETE, &path))
                 .await?;
@@ -52,7 +57,11 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
             }
         }
         What::Volume => {
-            let path = format!("/v1/volumes/{}?namespace={}", args.name, ctx.namespace);
+            let path = format!(
+                "/v1/volumes/{}?namespace={}",
+                seg(&args.name),
+                seg(&ctx.namespace)
+            );
             client
                 .checked(client.request(reqwest::Method::DELETE, &path))
                 .await?;
@@ -64,7 +73,7 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
         What::Module => {
             ctx.no_namespace("modules")?;
             let digest = full_digest(&client, &args.name).await?;
-            let path = format!("/v1/modules/{digest}");
+            let path = format!("/v1/modules/{}", seg(&digest));
             client
                 .checked(client.request(reqwest::Method::DELETE, &path))
                 .await?;

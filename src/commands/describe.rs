@@ -3,6 +3,7 @@ use super::get::{event_rows, replica_rows};
 use crate::output::{self, Format, age, duration, table_indented};
 use anyhow::Result;
 use shoal_api::Describe;
+use shoal_api::seg;
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]
@@ -29,7 +30,8 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     let d: Describe = client
         .get(&format!(
             "/v1/apps/{}?namespace={}",
-            args.name, ctx.namespace
+            seg(&args.name),
+            seg(&ctx.namespace)
         ))
         .await?;
     if ctx.output == Format::Json {

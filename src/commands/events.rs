@@ -2,6 +2,7 @@ use super::Context;
 use super::get::event_rows;
 use crate::output::{Format, table};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_core::Event;
 use std::time::Duration;
 
@@ -25,9 +26,9 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
     let app = args
         .app
         .as_deref()
-        .map(|a| format!("&app={a}"))
+        .map(|a| format!("&app={}", seg(a)))
         .unwrap_or_default();
-    let base = format!("/v1/events?namespace={}{app}", ctx.namespace);
+    let base = format!("/v1/events?namespace={}{app}", seg(&ctx.namespace));
     let mut events: Vec<Event> = client.get(&base).await?;
     let mut header = ctx.output == Format::Table;
     loop {

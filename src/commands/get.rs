@@ -2,6 +2,7 @@ use super::Context;
 use crate::client::Client;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
@@ -204,12 +205,12 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
     let ns = if all {
         String::new()
     } else {
-        format!("namespace={}", ctx.namespace)
+        format!("namespace={}", seg(&ctx.namespace))
     };
     let app_q = args
         .app
         .as_deref()
-        .map(|a| format!("&app={a}"))
+        .map(|a| format!("&app={}", seg(a)))
         .unwrap_or_default();
     Ok(match args.what {
         What::Apps => {

@@ -4,6 +4,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::{Result, bail};
+use shoal_api::seg;
 use shoal_api::{JobRun, JobSummary};
 use shoal_core::Replica;
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ pub async fn run(ctx: Context, cmd: JobCommand) -> Result<()> {
     let asked: JobRun = client
         .send(client.request(
             reqwest::Method::POST,
-            &format!("/v1/apps/{name}/run?namespace={ns}"),
+            &format!("/v1/apps/{}/run?namespace={}", seg(&name), seg(ns)),
         ))
         .await?;
     // The controller's next pass starts it: the run is the replica for this
@@ -46,9 +47,15 @@ pub async fn run(ctx: Context, cmd: JobCommand) -> Result<()> {
     // was skipped.
     let started = Instant::now();
     let run = loop {
-        let jobs: Vec<JobSummary> = client.get(&format!("/v1/jobs?namespace={ns}")).await?;
+        let jobs: Vec<JobSummary> = client
+            .get(&format!("/v1/jobs?namespace={}", seg(ns)))
+            .await?;
         let replicas: Vec<Replica> = client
-            .get(&format!("/v1/replicas?namespace={ns}&app={name}"))
+            .get(&format!(
+                "/v1/replicas?namespace={}&app={}",
+                seg(ns),
+                seg(&name)
+            ))
             .await?;
         if let Some(r) = replicas
             .into_iter()

@@ -4,8 +4,8 @@
 use super::Context;
 use crate::output::{self, Format, table};
 use anyhow::{Context as _, Result, bail};
-use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use shoal_api::BucketView;
+use shoal_api::seg;
 use shoal_core::kv::KvAnswer;
 use std::path::PathBuf;
 
@@ -68,10 +68,10 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
         // Each segment escaped; the slashes stay, and the server takes the rest of the path.
         let key: String = key
             .split('/')
-            .map(|part| utf8_percent_encode(part, NON_ALPHANUMERIC).to_string())
+            .map(|part| seg(part).to_string())
             .collect::<Vec<_>>()
             .join("/");
-        format!("/v1/kv/{bucket}/{key}?namespace={ns}")
+        format!("/v1/kv/{}/{key}?namespace={}", seg(bucket), seg(&ns))
     };
     match cmd.action {
         KvAction::Get { bucket, key } => {
@@ -110,7 +110,7 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
             let mut cursor: Option<u64> = None;
             let mut all = Vec::new();
             loop {
-                let mut path = format!("/v1/kv/{bucket}?namespace={ns}");
+                let mut path = format!("/v1/kv/{}?namespace={}", seg(&bucket), seg(&ns));
                 if let Some(c) = cursor {
                     path.push_str(&format!("&cursor={c}"));
                 }
@@ -135,7 +135,9 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
             }
         }
         KvAction::Buckets => {
-            let buckets: Vec<BucketView> = client.get(&format!("/v1/kv?namespace={ns}")).await?;
+            let buckets: Vec<BucketView> = client
+                .get(&format!("/v1/kv?namespace={}", seg(&ns)))
+                .await?;
             if ctx.output == Format::Json {
                 output::json(&buckets);
                 return Ok(());

@@ -2,6 +2,7 @@ use super::Context;
 use crate::output::Format;
 use anyhow::{Context as _, Result};
 use futures::StreamExt;
+use shoal_api::seg;
 use shoal_core::logs::LogEntry;
 use std::collections::HashMap;
 use std::io::Write;
@@ -76,7 +77,10 @@ fn query(
 ) -> String {
     let mut path = format!(
         "/v1/apps/{}/logs?namespace={}&follow={}&timestamps={}&format={format}",
-        args.app, ctx.namespace, args.follow, args.timestamps
+        seg(&args.app),
+        seg(&ctx.namespace),
+        args.follow,
+        args.timestamps
     );
     if let Some(n) = tail {
         path.push_str(&format!("&tail={n}"));

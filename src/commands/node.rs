@@ -4,6 +4,7 @@ use crate::client::{private_dir, write_private};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::{JoinToken, Rejoin, RemoteLink};
+use shoal_api::seg;
 use shoal_api::{JoinResponse, Resend, Servers};
 use shoal_core::auth::Credential;
 use std::path::{Path, PathBuf};
@@ -89,7 +90,10 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
     };
     let client = ctx.client()?;
     let node: serde_json::Value = client
-        .send(client.request(reqwest::Method::POST, &format!("/v1/nodes/{name}/{verb}")))
+        .send(client.request(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{}/{verb}", seg(&name)),
+        ))
         .await?;
     match ctx.output {
         Format::Json => output::json(&node),
@@ -101,7 +105,10 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
 async fn delete(ctx: Context, name: String) -> Result<()> {
     let client = ctx.client()?;
     client
-        .checked(client.request(reqwest::Method::DELETE, &format!("/v1/nodes/{name}")))
+        .checked(client.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/nodes/{}", seg(&name)),
+        ))
         .await?;
     match ctx.output {
         Format::Json => output::json(&serde_json::json!({ "deleted": name })),
@@ -225,7 +232,7 @@ async fn identity(
             .answer_as(
                 api.request(
                     reqwest::Method::POST,
-                    &format!("/v1/cluster/nodes/{name}/heartbeat"),
+                    &format!("/v1/cluster/nodes/{}/heartbeat", seg(name)),
                 ),
                 Resend::Idempotent,
             )

@@ -5,6 +5,7 @@ use super::Context;
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_api::PoolWrite;
+use shoal_api::seg;
 use shoal_core::{Pool, PoolSpec};
 
 #[derive(clap::Args)]
@@ -114,7 +115,7 @@ impl SpecArgs {
 pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
     ctx.no_namespace("pools")?;
     let client = ctx.client()?;
-    let path = |name: &str| format!("/v1/pools/{name}");
+    let path = |name: &str| format!("/v1/pools/{}", seg(name));
     let (name, write, verb) = match cmd.action {
         PoolAction::Apply { files } => {
             for file in files {
@@ -182,7 +183,7 @@ async fn put(
     verb: &str,
 ) -> Result<()> {
     let req = client
-        .request(reqwest::Method::PUT, &format!("/v1/pools/{name}"))
+        .request(reqwest::Method::PUT, &format!("/v1/pools/{}", seg(name)))
         .json(&write);
     let pool: Pool = client
         .send(req)

@@ -1,6 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_api::{ApplyOutcome, ApplyResult, Describe, RolloutView};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Kind, RolloutPhase, RolloutStatus};
@@ -80,7 +81,7 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
     match cmd.action {
         Action::History { app } => {
             let d: Describe = client
-                .get(&format!("/v1/apps/{app}?namespace={ns}"))
+                .get(&format!("/v1/apps/{}?namespace={}", seg(&app), seg(ns)))
                 .await?;
             if ctx.output == Format::Json {
                 output::json(&d.revisions);
@@ -110,7 +111,7 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
             table(&["REVISION", "AGE", "MODULE", "CAUSE", "OUTCOME"], &rows);
         }
         Action::Status { app, wait, timeout } => {
-            let path = format!("/v1/apps/{app}/rollout?namespace={ns}");
+            let path = format!("/v1/apps/{}/rollout?namespace={}", seg(&app), seg(ns));
             if !wait {
                 let view: RolloutView = client.get(&path).await?;
                 match ctx.output {
@@ -158,7 +159,7 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
         Action::Promote { app, full } => act(&ctx, &client, &app, "promote", full).await?,
         Action::Abort { app } => act(&ctx, &client, &app, "abort", false).await?,
         Action::Undo { app, to_revision } => {
-            let mut path = format!("/v1/apps/{app}/rollback?namespace={ns}");
+            let mut path = format!("/v1/apps/{}/rollback?namespace={}", seg(&app), seg(ns));
             if let Some(n) = to_revision {
                 path.push_str(&format!("&to={n}"));
             }
@@ -193,7 +194,11 @@ async fn act(
     full: bool,
 ) -> Result<()> {
     let ns = &ctx.namespace;
-    let path = format!("/v1/apps/{app}/rollout/{action}?namespace={ns}&full={full}");
+    let path = format!(
+        "/v1/apps/{}/rollout/{action}?namespace={}&full={full}",
+        seg(app),
+        seg(ns)
+    );
     let status: RolloutStatus = client
         .send(client.request(reqwest::Method::POST, &path))
         .await?;

@@ -5,6 +5,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_core::App;
 
 #[derive(clap::Args)]
@@ -23,7 +24,9 @@ pub async fn run(ctx: Context, args: ScaleArgs) -> Result<()> {
     let client = ctx.client()?;
     let path = format!(
         "/v1/apps/{}/scale?namespace={}&replicas={}",
-        args.name, ctx.namespace, args.replicas
+        seg(&args.name),
+        seg(&ctx.namespace),
+        args.replicas
     );
     let app: App = client
         .send(client.request(reqwest::Method::POST, &path))

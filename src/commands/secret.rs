@@ -5,6 +5,7 @@
 use super::Context;
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
+use shoal_api::seg;
 use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten};
 use shoal_core::spec::{
     REGISTRY_KEY, REGISTRY_PASSWORD_KEY, REGISTRY_USERNAME_KEY, TLS_CERT_KEY, TLS_KEY_KEY,
@@ -156,7 +157,7 @@ fn values(given: &Values) -> Result<BTreeMap<String, String>> {
 pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
     let client = ctx.client()?;
     let ns = ctx.namespace.clone();
-    let path = |name: &str| format!("/v1/secrets/{name}?namespace={ns}");
+    let path = |name: &str| format!("/v1/secrets/{}?namespace={}", seg(name), seg(&ns));
     let put = |name: &str, write: SecretWrite| {
         let req = client
             .request(reqwest::Method::PUT, &path(name))
@@ -204,8 +205,9 @@ pub async fn run(ctx: Context, cmd: SecretCommand) -> Result<()> {
             print_secrets(&ctx, &[secret]);
         }
         SecretAction::Get { name: None } => {
-            let secrets: Vec<SecretView> =
-                client.get(&format!("/v1/secrets?namespace={ns}")).await?;
+            let secrets: Vec<SecretView> = client
+                .get(&format!("/v1/secrets?namespace={}", seg(&ns)))
+                .await?;
             print_secrets(&ctx, &secrets);
         }
         SecretAction::Delete { name } => {

@@ -2,6 +2,7 @@ use super::Context;
 use crate::client::write_private;
 use crate::output::{self, Format, age, table};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_api::{CreatedToken, RotatedJoinToken, TokenRequest, TokenView};
 use shoal_core::auth::Role;
 use std::path::PathBuf;
@@ -101,7 +102,10 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
         }
         TokenAction::Revoke { name } => {
             client
-                .checked(client.request(reqwest::Method::DELETE, &format!("/v1/tokens/{name}")))
+                .checked(client.request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/tokens/{}", seg(&name)),
+                ))
                 .await?;
             match ctx.output {
                 Format::Json => output::json(&serde_json::json!({ "revoked": name })),

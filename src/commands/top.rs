@@ -5,6 +5,7 @@ use super::Context;
 use super::get::ns_table;
 use crate::output::{self, Format, table};
 use anyhow::Result;
+use shoal_api::seg;
 use shoal_api::{AppTop, NodeTop};
 use shoal_core::quantity::format_memory;
 
@@ -47,7 +48,7 @@ pub async fn run(ctx: Context, args: TopArgs) -> Result<()> {
             let query = if args.all_namespaces {
                 String::new()
             } else {
-                format!("?namespace={}", ctx.namespace)
+                format!("?namespace={}", seg(&ctx.namespace))
             };
             let apps: Vec<AppTop> = client.get(&format!("/v1/top/apps{query}")).await?;
             if ctx.output == Format::Json {

@@ -10,6 +10,7 @@
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
+use shoal_api::seg;
 use shoal_api::{
     AppCpu, CertificateRequest, Changes, Client, ClientError, Delta, IngressCertificate,
     IssuedCertificate, JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage,
@@ -265,7 +266,7 @@ impl Link for RemoteLink {
     }
 
     fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{node}/heartbeat");
+        let path = format!("/v1/cluster/nodes/{}/heartbeat", seg(node));
         Box::pin(async move {
             let req = self
                 .post(&path)
@@ -290,7 +291,7 @@ impl Link for RemoteLink {
     }
 
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{}/reports", report.node);
+        let path = format!("/v1/cluster/nodes/{}/reports", seg(&report.node));
         Box::pin(async move {
             let req = self.post(&path).json(&report).timeout(CALL_TIMEOUT);
             self.call(req, Resend::Idempotent).await.map(|_| ())
@@ -298,7 +299,7 @@ impl Link for RemoteLink {
     }
 
     fn metrics(&self, node: &str, stats: Vec<RevisionStats>) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{node}/metrics");
+        let path = format!("/v1/cluster/nodes/{}/metrics", seg(node));
         Box::pin(async move {
             let req = self.post(&path).json(&stats).timeout(CALL_TIMEOUT);
             // Counts since the last call: received twice, they would count twice.
@@ -307,7 +308,7 @@ impl Link for RemoteLink {
     }
 
     fn cpu(&self, node: &str, usage: Vec<AppCpu>) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{node}/cpu");
+        let path = format!("/v1/cluster/nodes/{}/cpu", seg(node));
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
             // Running totals: the same the second time.
@@ -316,7 +317,7 @@ impl Link for RemoteLink {
     }
 
     fn waiting(&self, node: &str, waiting: Vec<Waiting>) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{node}/waiting");
+        let path = format!("/v1/cluster/nodes/{}/waiting", seg(node));
         Box::pin(async move {
             let req = self.post(&path).json(&waiting).timeout(CALL_TIMEOUT);
             self.call(req, Resend::Idempotent).await.map(|_| ())
@@ -328,7 +329,7 @@ impl Link for RemoteLink {
         node: &str,
         request: CertificateRequest,
     ) -> BoxFuture<'_, LinkResult<String>> {
-        let path = format!("/v1/cluster/nodes/{node}/certificate");
+        let path = format!("/v1/cluster/nodes/{}/certificate", seg(node));
         Box::pin(async move {
             let req = self.post(&path).json(&request).timeout(CALL_TIMEOUT);
             // A second certificate for the same key does no harm.
@@ -344,8 +345,11 @@ impl Link for RemoteLink {
         id: &str,
     ) -> BoxFuture<'_, LinkResult<ReplicaSecrets>> {
         let path = format!(
-            "/v1/cluster/nodes/{node}/replicas/{}/{}/{id}/secrets",
-            replica.namespace, replica.name
+            "/v1/cluster/nodes/{}/replicas/{}/{}/{}/secrets",
+            seg(node),
+            seg(&replica.namespace),
+            seg(&replica.name),
+            seg(id)
         );
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
@@ -354,7 +358,7 @@ impl Link for RemoteLink {
     }
 
     fn ingress(&self, node: &str) -> BoxFuture<'_, LinkResult<Vec<IngressCertificate>>> {
-        let path = format!("/v1/cluster/nodes/{node}/ingress");
+        let path = format!("/v1/cluster/nodes/{}/ingress", seg(node));
         Box::pin(async move {
             let req = self.api().request(Method::GET, &path).timeout(CALL_TIMEOUT);
             self.fetch(req, Resend::Idempotent).await
@@ -369,8 +373,11 @@ impl Link for RemoteLink {
         op: KvOp,
     ) -> BoxFuture<'_, LinkResult<KvAnswer>> {
         let path = format!(
-            "/v1/cluster/nodes/{node}/kv/{}/{}/{bucket}",
-            app.namespace, app.name
+            "/v1/cluster/nodes/{}/kv/{}/{}/{}",
+            seg(node),
+            seg(&app.namespace),
+            seg(&app.name),
+            seg(bucket)
         );
         Box::pin(async move {
             // Every operation but an increment does the same the second time.
@@ -388,7 +395,7 @@ impl Link for RemoteLink {
         node: &str,
         usage: Vec<VolumeUsage>,
     ) -> BoxFuture<'_, LinkResult<Vec<VolumeUsage>>> {
-        let path = format!("/v1/cluster/nodes/{node}/volumes");
+        let path = format!("/v1/cluster/nodes/{}/volumes", seg(node));
         Box::pin(async move {
             let req = self.post(&path).json(&usage).timeout(CALL_TIMEOUT);
             self.fetch(req, Resend::Idempotent).await
@@ -396,7 +403,7 @@ impl Link for RemoteLink {
     }
 
     fn incident(&self, incident: ReplicaIncident) -> BoxFuture<'_, LinkResult<()>> {
-        let path = format!("/v1/cluster/nodes/{}/incidents", incident.node);
+        let path = format!("/v1/cluster/nodes/{}/incidents", seg(&incident.node));
         Box::pin(async move {
             let req = self.post(&path).json(&incident).timeout(CALL_TIMEOUT);
             // Each one is an event: received twice, it would be told twice.

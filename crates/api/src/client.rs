@@ -125,6 +125,21 @@ impl Failure {
     }
 }
 
+/// What a request path may carry of a name as it is: letters, digits and `-._~` (RFC 3986's
+/// unreserved characters).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `name` as one path segment or query value, the rest percent-encoded: whatever a name
+/// holds, it cannot add a segment, a query parameter or a fragment to the request it is in
+/// (`victim#x` must not become `victim`). Every name in a path goes through it.
+pub fn seg(name: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(name, SEGMENT)
+}
+
 impl Client {
     /// A client with reqwest's defaults (no timeouts: set them per request).
     pub fn new(servers: Servers, token: &str) -> Client {
@@ -358,6 +373,18 @@ async fn status_checked(resp: Response) -> Result<Response, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_stays_one_segment_whatever_it_holds() {
+        assert_eq!(seg("hello-1.v_2~").to_string(), "hello-1.v_2~");
+        assert_eq!(seg("victim#typo").to_string(), "victim%23typo");
+        assert_eq!(
+            seg("victim?namespace=other&x=").to_string(),
+            "victim%3Fnamespace%3Dother%26x%3D"
+        );
+        assert_eq!(seg("a/../b").to_string(), "a%2F..%2Fb");
+        assert_eq!(seg("é %").to_string(), "%C3%A9%20%25");
+    }
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -16,7 +16,7 @@ mod link;
 mod servers;
 mod types;
 
-pub use client::{Client, ClientError, Resend};
+pub use client::{Client, ClientError, Resend, seg};
 pub use link::{Changes, Link, LinkError, LinkResult, WatchBroken};
 pub use servers::{Servers, ServersError};
 pub use types::{
