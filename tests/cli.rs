@@ -348,10 +348,19 @@ fn followers_wait_out_a_restart_of_the_api() {
     server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
     let (mut events, event_lines, events_said) = follower(&["events", "--follow", "-o", "json"]);
     let (mut watch, watch_lines, watch_said) = follower(&["get", "apps", "-w"]);
-    // Both have answered once. One JSON document a line.
+    // Both have answered once. One JSON document a line, each event once: numbered upwards.
+    let last_seq = std::cell::Cell::new(0);
     let created = |app: &'static str| {
+        let last_seq = &last_seq;
         move |l: &str| {
             let event: serde_json::Value = serde_json::from_str(l).unwrap();
+            let seq = event["seq"].as_u64().unwrap();
+            assert!(
+                seq > last_seq.get(),
+                "event {seq} again, after {}",
+                last_seq.get()
+            );
+            last_seq.set(seq);
             event["reason"] == "Created" && event["object"] == format!("app/default/{app}")
         }
     };
@@ -375,6 +384,15 @@ fn followers_wait_out_a_restart_of_the_api() {
     server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
     assert!(line_until(&event_lines, created("again")));
     assert!(line_until(&watch_lines, |l| l.starts_with("again")));
+    // Polls that find nothing new print nothing: none of what came before comes again
+    // (four polls' worth of quiet, each line checked as it comes).
+    let quiet = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let check = created("none");
+    while let Ok(line) =
+        event_lines.recv_timeout(quiet.saturating_duration_since(std::time::Instant::now()))
+    {
+        check(&line);
+    }
     for child in [&mut events, &mut watch] {
         assert_eq!(child.try_wait().unwrap(), None, "still following");
         child.kill().unwrap();

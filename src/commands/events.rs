@@ -31,9 +31,12 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
     let base = format!("/v1/events?namespace={}{app}", seg(&ctx.namespace));
     let mut events: Vec<Event> = client.get(&base).await?;
     let mut header = ctx.output == Format::Table;
+    // The last event printed: what comes next is asked for after it, however many empty
+    // answers come between.
+    let mut after = None;
     loop {
         if let Some(last) = events.last() {
-            let after = last.seq;
+            after = Some(last.seq);
             match ctx.output {
                 // NDJSON: one event a line, as they come.
                 Format::Json => {
@@ -48,19 +51,16 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
                 Format::Table => table_rows(&events),
             }
             header = false;
-            events.clear();
-            if !args.follow {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let path = format!("{base}&after={after}");
-            events = client.patiently(|| client.get(&path)).await?;
-        } else if args.follow {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            events = client.patiently(|| client.get(&base)).await?;
-        } else {
+        }
+        if !args.follow {
             return Ok(());
         }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let path = match after {
+            Some(after) => format!("{base}&after={after}"),
+            None => base.clone(),
+        };
+        events = client.patiently(|| client.get(&path)).await?;
     }
 }
 
