@@ -212,7 +212,9 @@ fn pooling() -> legacy::Builder {
 
 /// What made a remote endpoint unusable for this request; either way no guest saw it.
 pub(crate) enum Failure {
-    /// No response head: connect failed, or the connection broke before the head arrived.
+    /// No connection to the node's gateway could be made: nothing behind it can be reached.
+    Unconnected(String),
+    /// No response head: the connection broke, or the head did not come in time.
     Unreachable(String),
     /// The node answered that it no longer runs the replica.
     ReplicaGone,
@@ -259,7 +261,10 @@ pub(crate) async fn forward(
         })?,
         None => request.await,
     }
-    .map_err(|e| Failure::Unreachable(error_chain(&e)))?;
+    .map_err(|e| match e.is_connect() {
+        true => Failure::Unconnected(error_chain(&e)),
+        false => Failure::Unreachable(error_chain(&e)),
+    })?;
     let gone = response.status() == StatusCode::SERVICE_UNAVAILABLE
         && response
             .headers()

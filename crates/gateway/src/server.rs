@@ -685,7 +685,7 @@ impl Gateway {
         let (last, response) = match self.call(&first, app, req).await {
             Ok(response) => (first, response),
             Err(failure) => {
-                mark_down(&first, app, &failure);
+                self.mark_down(&first, app, &failure);
                 match resend.and_then(|r| pick(&endpoints, group).map(|e| (e, r))) {
                     None => {
                         let response = failure_response(app, &first, failure);
@@ -698,7 +698,7 @@ impl Gateway {
                         let response = match self.call(&second, app, resend.request()).await {
                             Ok(response) => response,
                             Err(failure) => {
-                                mark_down(&second, app, &failure);
+                                self.mark_down(&second, app, &failure);
                                 failure_response(app, &second, failure)
                             }
                         };
@@ -709,6 +709,34 @@ impl Gateway {
         };
         last.counters.record(response.status(), start.elapsed());
         response
+    }
+
+    /// Takes `endpoint` out of rotation until the next status lists it again. A node gateway
+    /// that takes no connection fails every replica behind it, of every app, so they all go:
+    /// the retry, and the requests after it, go to other nodes rather than find out one
+    /// replica at a time (a node killed with several replicas cost one failed request each).
+    fn mark_down(&self, endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
+        endpoint.set_down(true);
+        let reason = match failure {
+            Failure::Unconnected(e) | Failure::Unreachable(e) => e.as_str(),
+            Failure::ReplicaGone => "the node no longer runs it",
+        };
+        let node = endpoint.node_gateway();
+        if let (Failure::Unconnected(_), Some(node)) = (failure, node) {
+            let pool = self.inner.pool.read().expect("endpoint lock");
+            pool.endpoints
+                .values()
+                .flat_map(|endpoints| endpoints.iter())
+                .filter(|e| e.node_gateway() == Some(node))
+                .for_each(|e| e.set_down(true));
+        }
+        tracing::warn!(
+            %app,
+            replica = %endpoint.replica,
+            node = node.unwrap_or("local"),
+            %reason,
+            "endpoint marked down until the next status"
+        );
     }
 
     fn endpoints_of(&self, app: &AppKey) -> (Arc<[Arc<Endpoint>]>, Option<Split>) {
@@ -883,26 +911,11 @@ impl Gateway {
     }
 }
 
-fn mark_down(endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
-    endpoint.set_down(true);
-    let reason = match failure {
-        Failure::Unreachable(e) => e.as_str(),
-        Failure::ReplicaGone => "the node no longer runs it",
-    };
-    tracing::warn!(
-        %app,
-        replica = %endpoint.replica,
-        node = endpoint.node_gateway().unwrap_or("local"),
-        %reason,
-        "endpoint marked down until the next status"
-    );
-}
-
 /// What the client gets when no endpoint could take the request.
 fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Response<ResponseBody> {
     let node = endpoint.node_gateway().unwrap_or("local");
     match failure {
-        Failure::Unreachable(e) => problem_response(
+        Failure::Unconnected(e) | Failure::Unreachable(e) => problem_response(
             ErrorCode::BadGateway,
             &format!(
                 "app {app}: replica {} on {node} is unreachable: {e}",

@@ -237,6 +237,41 @@ async fn a_hop_to_a_gone_replica_answers_replica_gone() {
     assert!(a.endpoints(&app("faulty")).is_empty(), "marked down");
 }
 
+/// A node that takes no connection (killed) takes every replica it ran out of rotation at the
+/// first refusal, so the retry goes to another node, not to the next replica of the dead one.
+#[tokio::test]
+async fn a_refused_connection_takes_the_whole_node_out_of_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let members = Members::new();
+    let (_b, b_addr) = member_b(&runtime, &members).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let mut endpoints = remote("faulty-b", &b_addr);
+    let list = endpoints.get_mut(&app("faulty")).unwrap();
+    for i in 0..8 {
+        list.push(RemoteReplica {
+            node: "dead".into(),
+            replica: format!("faulty-dead-{i}"),
+            revision: 1,
+            gateway: dead_addr.clone(),
+            timeout: None,
+        });
+    }
+    let a = routed(members.gateway());
+    a.set_remote_endpoints(endpoints);
+    let a_addr = serve(&a).await;
+    let client = HttpClient::new();
+    for _ in 0..10 {
+        let reply = client
+            .get(&format!("http://{a_addr}/faulty/status/418"))
+            .await;
+        assert_eq!(reply.status, StatusCode::IM_A_TEAPOT, "{}", reply.text());
+    }
+    assert_eq!(a.endpoints(&app("faulty")), ["faulty-b"]);
+}
+
 /// A node may be issued a certificate for any address it says it has, so the address a hop
 /// dials proves nothing: the peer must present the certificate of the node the status
 /// names. Here B (node "n") stands at the address the status gives for node "m".
