@@ -55,7 +55,7 @@ fn nodes_join_with_the_token_and_only_with_it() {
         .args(["--gateway", "127.0.0.1:0"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(6), "denied");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("refused the join token"), "{err}");
     let nodes = server.cli_ok(&["get", "nodes"]);

@@ -151,7 +151,7 @@ fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
         .env("SHOAL_JOIN_TOKEN", &server.join_token)
         .output()
         .unwrap();
-    assert!(!intruder.status.success());
+    assert_eq!(intruder.status.code(), Some(4), "a conflict");
     let err = String::from_utf8_lossy(&intruder.stderr);
     assert!(err.contains("node-1 has joined already"), "{err}");
 
@@ -175,6 +175,31 @@ fn a_node_restarts_on_its_own_credential_and_a_deleted_one_must_join_again() {
     )));
     let events = server.cli_ok(&["events"]);
     assert!(events.contains("NodeDeleted"), "{events}");
+}
+
+/// A node that has joined and is restarted while its control plane is down waits for it, as
+/// a kubelet does for its API server, and starts when it answers: no supervisor needed.
+#[test]
+fn a_node_restarted_during_a_control_plane_outage_starts_when_it_is_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    let mut node = NodeProc::join(&server, "node-1", &[]);
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
+    server.kill();
+    node.kill();
+    std::thread::scope(|s| {
+        // The node starts again first, and prints its gateway only once the server is back.
+        let restarted = s.spawn(|| node.restart());
+        server.restart();
+        restarted.join().unwrap();
+    });
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, "node-1"
+    )));
+    let log = std::fs::read_to_string(node.dir.with_extension("log")).unwrap();
+    assert!(log.contains("starts when it answers"), "{log}");
 }
 
 #[test]
@@ -209,7 +234,7 @@ fn a_rotated_join_token_lets_new_nodes_in_and_the_old_one_no_more() {
         .env("SHOAL_JOIN_TOKEN", &server.join_token)
         .output()
         .unwrap();
-    assert!(!old.status.success());
+    assert_eq!(old.status.code(), Some(6), "denied");
     assert!(String::from_utf8_lossy(&old.stderr).contains("refused the join token"));
 
     server.join_token = token;

@@ -168,7 +168,7 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
         .map_err(|e| anyhow::anyhow!(e))?;
     let Some(expected) = shoal_core::auth::join_token_ca_hash(&token) else {
         anyhow::bail!(
-            "the join token carries no CA hash to check {} against: make a new one with `shoal token rotate-join`",
+            "the join token carries no CA hash to check {} against: it is not one a control plane wrote (copy `join-token` from its data dir again; `shoal token rotate-join` makes a new one, and the old one stops working)",
             args.servers
         );
     };
@@ -203,7 +203,10 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
         write_private(&file, pem.as_bytes())?;
         return Ok(pem);
     }
-    anyhow::bail!("cannot read the cluster CA from {}", unreachable.join("; "))
+    Err(crate::exit::fail(
+        crate::exit::UNAVAILABLE,
+        format!("cannot read the cluster CA from {}", unreachable.join("; ")),
+    ))
 }
 
 /// This node's credential: the one in its data dir if the control plane
@@ -228,16 +231,30 @@ async fn identity(
         );
         let api =
             shoal_api::Client::with_http(http.clone(), args.servers.clone(), &kept.credential);
-        let probe = api
-            .answer_as(
-                api.request(
-                    reqwest::Method::POST,
-                    &format!("/v1/cluster/nodes/{}/heartbeat", seg(name)),
+        // A node that has joined waits for its control plane, as a kubelet does for its API
+        // server: one restarted during an outage comes back with it, no supervisor needed.
+        let mut wait = std::time::Duration::from_secs(1);
+        let probe = loop {
+            let probe = api
+                .answer_as(
+                    api.request(
+                        reqwest::Method::POST,
+                        &format!("/v1/cluster/nodes/{}/heartbeat", seg(name)),
+                    ),
+                    Resend::Idempotent,
+                )
+                .await;
+            match probe {
+                Ok(probe) => break probe,
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    retry_in_s = wait.as_secs(),
+                    "cannot reach the control plane; node {name} starts when it answers"
                 ),
-                Resend::Idempotent,
-            )
-            .await
-            .with_context(|| format!("cannot reach the control plane at {}", args.servers))?;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(10));
+        };
         if probe.status() != reqwest::StatusCode::UNAUTHORIZED {
             return Ok(kept);
         }
@@ -259,12 +276,25 @@ async fn identity(
     let identity = match shoal_agent::join(http, &args.servers, &token, name).await {
         Ok(identity) => identity,
         Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
-            anyhow::bail!(
-                "the control plane at {} refused the join token",
-                args.servers.current()
-            )
+            return Err(crate::exit::fail(
+                crate::exit::DENIED,
+                format!(
+                    "the control plane at {} refused the join token",
+                    args.servers.current()
+                ),
+            ));
         }
-        Err(e) => return Err(e).context(format!("node {name} cannot join {}", args.servers)),
+        Err(e) => {
+            let code = match e.status() {
+                Some(status) => crate::exit::for_status(status.as_u16()),
+                None => Some(crate::exit::UNAVAILABLE),
+            };
+            let message = format!("node {name} cannot join {}: {e}", args.servers);
+            return Err(match code {
+                Some(code) => crate::exit::fail(code, message),
+                None => anyhow::anyhow!(message),
+            });
+        }
     };
     write_private(&file, &serde_json::to_vec(&identity)?)?;
     Ok(identity)
