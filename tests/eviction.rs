@@ -234,6 +234,9 @@ fn nodes_silent_all_at_once_are_held_not_evicted() {
         "{:#}",
         server.api_json("/v1/nodes")
     );
+    // Held Ready, they are shown as what they are: unheard.
+    let shown = server.cli_ok(&["get", "nodes"]);
+    assert_eq!(shown.matches(" Unknown ").count(), 2, "{shown}");
     let resumed = now_ms();
     for pid in pids {
         signal(pid, libc::SIGCONT);
@@ -247,6 +250,8 @@ fn nodes_silent_all_at_once_are_held_not_evicted() {
     assert_eq!(objects_with(&server, "NodeNotReady"), Vec::<String>::new());
     assert_eq!(objects_with(&server, "NodeEvictionHeld"), ["cluster"]);
     assert_eq!(ready(&server, "hello"), before, "replicas were replaced");
+    let shown = server.cli_ok(&["get", "nodes"]);
+    assert_eq!(shown.matches(" Ready ").count(), 2, "{shown}");
     assert_eq!(server.replicas("hello").len(), 2);
 }
 

@@ -370,10 +370,14 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
+                    let state = match n.silent {
+                        true => "Unknown".to_string(),
+                        false => format!("{:?}", n.node.state),
+                    };
                     let state = match (n.node.schedulable, n.node.draining) {
-                        (true, _) => format!("{:?}", n.node.state),
-                        (false, false) => format!("{:?},Cordoned", n.node.state),
-                        (false, true) => format!("{:?},Cordoned,Draining", n.node.state),
+                        (true, _) => state,
+                        (false, false) => format!("{state},Cordoned"),
+                        (false, true) => format!("{state},Cordoned,Draining"),
                     };
                     vec![
                         n.node.name.clone(),

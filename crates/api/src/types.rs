@@ -234,6 +234,11 @@ pub struct NodeSummary {
     pub replicas: usize,
     #[schema(value_type = u64)]
     pub last_heartbeat: Millis,
+    /// Ready, but not heard from within the node grace: it is down, or the control plane
+    /// cannot hear it (then, with most nodes silent, it stays Ready so that nothing is
+    /// evicted). `shoal get nodes` shows it as `Unknown`, as kubectl does.
+    #[serde(default)]
+    pub silent: bool,
 }
 
 /// `POST /v1/tokens`: a new API token named `name` with `role`, acting in

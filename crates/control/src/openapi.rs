@@ -562,6 +562,7 @@ mod tests {
             allocated: Default::default(),
             replicas: 0,
             last_heartbeat: 0,
+            silent: false,
         };
         fits(
             &doc,

@@ -948,6 +948,7 @@ impl ControlPlane {
             .into_iter()
             .map(|l| (l.node, l.renewed_at))
             .collect();
+        let (now, grace) = (self.now(), self.config().node_grace.as_millis() as u64);
         Ok(self
             .list::<Node>(&keys::NODES)?
             .into_iter()
@@ -961,8 +962,11 @@ impl ControlPlane {
                     allocated.add(&Capacity::of(&r.resources));
                     count += 1;
                 }
+                let last_heartbeat = leases.get(&node.name).copied().unwrap_or(0);
                 NodeSummary {
-                    last_heartbeat: leases.get(&node.name).copied().unwrap_or(0),
+                    silent: node.state == NodeState::Ready
+                        && now.saturating_sub(last_heartbeat) > grace,
+                    last_heartbeat,
                     node,
                     allocated,
                     replicas: count,
