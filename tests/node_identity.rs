@@ -189,17 +189,28 @@ fn a_node_restarted_during_a_control_plane_outage_starts_when_it_is_back() {
     )));
     server.kill();
     node.kill();
+    let log_file = node.dir.with_extension("log");
+    std::fs::remove_file(&log_file).unwrap();
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
     std::thread::scope(|s| {
-        // The node starts again first, and prints its gateway only once the server is back.
+        // The node starts again first, finds no server and waits; it prints its gateway
+        // only once the server is back.
         let restarted = s.spawn(|| node.restart());
+        let waits = poll(Duration::from_secs(20), || {
+            log().contains("starts when it answers")
+        });
         server.restart();
         restarted.join().unwrap();
+        assert!(waits, "{}", log());
     });
     assert!(poll(Duration::from_secs(10), || node_listed(
         &server, "node-1"
     )));
-    let log = std::fs::read_to_string(node.dir.with_extension("log")).unwrap();
-    assert!(log.contains("starts when it answers"), "{log}");
+    assert!(
+        !log().contains('\u{1b}'),
+        "no colour codes in a log file: {:?}",
+        log()
+    );
 }
 
 #[test]
