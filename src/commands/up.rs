@@ -721,7 +721,12 @@ pub async fn start_node(
         config.memory_budget_bytes = parse_memory(budget)
             .map_err(|e| crate::exit::usage(format!("--memory-budget: {e}")))?;
     }
-    let runtime = Runtime::new(config).context("cannot start the wasm runtime")?;
+    let runtime = Runtime::new(config).with_context(|| {
+        format!(
+            "cannot start the wasm runtime (its instance pool reserves address space, not memory, for --max-instances {} instances: under an address-space limit such as `ulimit -v` or LimitAS, lower --max-instances)",
+            args.max_instances
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(args.gateway)
         .await
         .with_context(|| {
