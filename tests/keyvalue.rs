@@ -35,7 +35,7 @@ fn counter_spec(dir: &std::path::Path, name: &str, route: &str, granted: bool) -
 fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let server = Server::start_with(d, &["--scheduling", "spread", "--kv-bucket-size", "4Ki"]);
+    let mut server = Server::start_with(d, &["--scheduling", "spread", "--kv-bucket-size", "4Ki"]);
     let nodes = [
         NodeProc::join(&server, "node-1", &[]),
         NodeProc::join(&server, "node-2", &[]),
@@ -136,6 +136,14 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
             .is_ok_and(|(code, body)| code == 403 && body == "access denied\n")
     }));
     assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "200");
+
+    // With the control plane gone the guest's call fails, and what the guest is told (and
+    // here passes on to its client) says so without where the control plane is.
+    server.kill();
+    let (code, body) = nodes[0].get("/counter/hits").unwrap();
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("cannot be reached"), "{body}");
+    assert!(!body.contains("127.0.0.1"), "{body}");
 }
 
 #[test]

@@ -386,7 +386,16 @@ impl Link for RemoteLink {
                 _ => Resend::Idempotent,
             };
             let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
-            self.fetch(req, resend).await
+            // What the guest is told (and may show its own clients): the store's own word
+            // on a refused call, but not where the control plane is or why it is not there.
+            self.api().send_as(req, resend).await.map_err(|e| match e {
+                ClientError::Api { message, .. } => LinkError::Failed(message),
+                other => {
+                    let e = failed(other);
+                    tracing::warn!(error = %e, "a guest's key-value call failed");
+                    LinkError::Failed("the cluster's key-value store cannot be reached".into())
+                }
+            })
         })
     }
 
