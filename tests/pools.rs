@@ -74,7 +74,26 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
         "{err:?}"
     );
 
-    // Gone: after the cool-down both workers are drained, stopped and deleted.
+    // Scaled down to what one worker holds: the other's replicas fit there, so after the
+    // cool-down it is drained (they move, new before old) and stopped, as a cluster
+    // autoscaler consolidates.
+    server.cli_ok(&["scale", "hello", "--replicas", "8"]);
+    assert!(
+        poll(Duration::from_secs(90), || {
+            let on = server.placement("hello");
+            on.len() == 1 && on.values().sum::<usize>() == 8 && nodes(&server).len() == 1
+        }),
+        "{:?} on {:?}",
+        server.placement("hello"),
+        nodes(&server)
+    );
+    let events = server.cli_ok(&["events"]);
+    assert!(
+        events.contains("its 4 replicas have fit on other nodes for 2 s"),
+        "{events}"
+    );
+
+    // Gone: after the cool-down the last worker is drained, stopped and deleted.
     server.cli_ok(&["delete", "app", "hello"]);
     assert!(
         poll(Duration::from_secs(60), || nodes(&server).is_empty()),

@@ -14,8 +14,9 @@ use crate::state::{ControlPlane, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{App, EventType, Node, POOL_LABEL, Pool, Replica};
-use shoal_scheduler::pools::{Action, Facts, Waiting, assign, decide};
+use shoal_core::{App, EventType, Kind, Node, POOL_LABEL, Pool, Replica};
+use shoal_scheduler::Request;
+use shoal_scheduler::pools::{Action, Facts, Placed, Waiting, assign, decide, movable};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -149,10 +150,10 @@ impl ControlPlane {
             .map(|n: Node| (n.name.clone(), n))
             .collect();
         let replicas: Vec<Replica> = self.list(&keys::REPLICAS)?;
-        let selectors: HashMap<_, _> = self
+        let apps: HashMap<_, _> = self
             .list::<App>(&keys::APPS)?
             .into_iter()
-            .map(|a| (a.spec.key(), a.spec.placement.node_selector))
+            .map(|a| (a.spec.key(), a.spec))
             .collect();
         let none = BTreeMap::new();
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
@@ -164,7 +165,9 @@ impl ControlPlane {
                 None if r.message.is_some() && !r.phase.is_terminal() => {
                     waiting.push(Waiting {
                         asks: shoal_core::Capacity::of(&r.resources),
-                        node_selector: selectors.get(&r.app).unwrap_or(&none),
+                        node_selector: apps
+                            .get(&r.app)
+                            .map_or(&none, |a| &a.placement.node_selector),
                     });
                     why = why.or(r.message.as_deref());
                 }
@@ -177,6 +180,25 @@ impl ControlPlane {
             .collect::<Result<_, _>>()?;
         let now = self.now();
         let mut pending = assign(&pools, &nodes, &waiting, now);
+        let placed: Vec<Placed<'_>> = replicas
+            .iter()
+            .filter(|r| r.is_active())
+            .filter_map(|r| {
+                let (node, app) = (r.node.as_deref()?, apps.get(&r.app)?);
+                Some(Placed {
+                    node,
+                    app: &r.app,
+                    request: Request::new(&r.resources, &app.placement),
+                    pinned: r.kind == Kind::Job || !app.volumes.is_empty(),
+                })
+            })
+            .collect();
+        let members = pools
+            .iter()
+            .flat_map(|p| p.members.iter())
+            .filter(|(_, m)| m.retiring_since.is_none())
+            .map(|(n, _)| n.as_str());
+        let movable = movable(&nodes, &placed, members, self.config().strategy);
         let mut out = Vec::new();
         for (kv, pool) in kvs.iter().zip(pools) {
             let facts = Facts {
@@ -184,6 +206,7 @@ impl ControlPlane {
                 active: &active,
                 pending: &pending.remove(&pool.name).unwrap_or_default(),
                 pending_why: why,
+                movable: &movable,
             };
             let (next, actions) = decide(&pool, &facts, now);
             if next == pool {

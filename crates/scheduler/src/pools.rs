@@ -6,15 +6,55 @@
 //! nodes have settled (joined and had a pass to take them): by as many nodes
 //! as the waiting replicas' requests fill, going by the size of a node it
 //! runs (one node when it runs none yet to go by); it keeps at least `min` and at most `max` nodes; a node that ran no
-//! replica for the cool-down is drained and, once empty, stopped. A node that
+//! replica for the cool-down, or only replicas that would all fit on the other nodes
+//! ([`movable`], one such node at a time), is drained and, once empty, stopped. A node that
 //! never becomes Ready, or is lost, is stopped and forgotten, so a failing
 //! provider is retried at most once per [`START_TIMEOUT_MS`].
 //!
 //! With several pools, [`assign`] gives each waiting replica to one pool, the first by name
 //! whose nodes carry what its `node_selector` asks for, so one replica never grows them all.
 
+use crate::placement::{Cluster, Request, Strategy};
+use shoal_core::spec::AppKey;
 use shoal_core::{Capacity, Millis, Node, NodeState, POOL_LABEL, Pool, PoolMember};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// An active replica, as [`movable`] weighs it.
+#[derive(Debug, Clone)]
+pub struct Placed<'a> {
+    pub node: &'a str,
+    pub app: &'a AppKey,
+    pub request: Request<'a>,
+    /// Bound to its node: it mounts a volume there, or is a job's run.
+    pub pinned: bool,
+}
+
+/// The nodes of `candidates` that run replicas which would all fit on the other nodes now,
+/// each node judged alone, as the cluster autoscaler's scale-down judges: a pool node kept
+/// up only by those is as idle as an empty one (replicas spread onto a new node would
+/// otherwise keep it up for good). A node with a pinned replica is never one.
+pub fn movable<'a>(
+    nodes: &'a BTreeMap<String, Node>,
+    replicas: &[Placed<'_>],
+    candidates: impl IntoIterator<Item = &'a str>,
+    strategy: Strategy,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for candidate in candidates {
+        let on: Vec<&Placed<'_>> = replicas.iter().filter(|r| r.node == candidate).collect();
+        if on.is_empty() || on.iter().any(|r| r.pinned) {
+            continue;
+        }
+        let mut cluster = Cluster::new(nodes.values().filter(|n| n.name != candidate), strategy);
+        for r in replicas.iter().filter(|r| r.node != candidate) {
+            cluster.reserve(r.node, r.app, &r.request.resources);
+        }
+        if on.iter().all(|r| cluster.place(r.app, &r.request).is_ok()) {
+            out.insert(candidate.to_string());
+        }
+    }
+    out
+}
 
 /// A replica that waits because it fits on no node.
 #[derive(Debug, Clone)]
@@ -97,6 +137,8 @@ pub struct Facts<'a> {
     pub pending: &'a [Capacity],
     /// What the scheduler said about one of them.
     pub pending_why: Option<&'a str>,
+    /// Nodes whose replicas would all fit elsewhere now ([`movable`]).
+    pub movable: &'a BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +194,8 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         }
     }
     for (name, member) in next.members.iter_mut() {
-        member.empty_since = match (ready(name) && active(name) == 0, member.empty_since) {
+        let idle = active(name) == 0 || facts.movable.contains(name);
+        member.empty_since = match (ready(name) && idle, member.empty_since) {
             (true, since) => since.or(Some(now)),
             (false, _) => None,
         };
@@ -252,8 +295,21 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             .take(live.len().saturating_sub(min))
             .map(|n| n.to_string())
             .collect();
+        // Replicas that fit elsewhere move off one node at a time: each node was judged
+        // alone, and two drained at once might not both find room.
+        let mut moving = next.members.values().any(|m| m.retiring_since.is_some());
         for node in idle {
-            let why = format!("ran no replica for {} s", cooldown / 1000);
+            let why = match active(&node) {
+                0 => format!("ran no replica for {} s", cooldown / 1000),
+                _ if moving => continue,
+                n => {
+                    moving = true;
+                    format!(
+                        "its {n} replicas have fit on other nodes for {} s",
+                        cooldown / 1000
+                    )
+                }
+            };
             retire(&mut next, &mut actions, node, why, now);
         }
     }
@@ -348,11 +404,13 @@ mod tests {
         active: &'a BTreeMap<String, usize>,
         pending: &'a [Capacity],
     ) -> Facts<'a> {
+        static NONE: BTreeSet<String> = BTreeSet::new();
         Facts {
             nodes,
             active,
             pending,
             pending_why: Some("0/1 nodes available: 1 insufficient memory"),
+            movable: &NONE,
         }
     }
 
@@ -511,6 +569,83 @@ mod tests {
         // Work waiting keeps idle nodes.
         let (_, a) = decide(&p, &facts(&nodes, &idle, &waiting(3)), NOW + 100_000);
         assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
+    }
+
+    /// An app asking for (and limited to) `memory`.
+    fn asking(memory: &str) -> shoal_core::spec::AppSpec {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!(
+            "name = \"x\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+             [http]\nroutes = [\"/x\"]\n[resources]\n\
+             requests = {{ memory = \"{memory}\" }}\nlimits = {{ memory = \"{memory}\" }}\n"
+        );
+        let parsed = shoal_core::spec::parse_app(&src).unwrap();
+        parsed.resolve(digest).unwrap()
+    }
+
+    fn placed<'a>(node: &'a str, s: &'a shoal_core::spec::AppSpec, pinned: bool) -> Placed<'a> {
+        static APP: std::sync::LazyLock<AppKey> =
+            std::sync::LazyLock::new(|| AppKey::new("default", "x"));
+        Placed {
+            node,
+            app: &APP,
+            request: Request::new(&s.resources, &s.placement),
+            pinned,
+        }
+    }
+
+    #[test]
+    fn a_node_whose_replicas_fit_elsewhere_is_movable_unless_one_is_pinned() {
+        let nodes: BTreeMap<_, _> = [node("a", 0), node("w-1", 0)].into();
+        let (small, big) = (asking("100Mi"), asking("450Mi"));
+        let judge = |replicas: &[Placed<'_>]| movable(&nodes, replicas, ["w-1"], Strategy::Spread);
+        let two = [placed("w-1", &small, false), placed("w-1", &small, false)];
+        assert_eq!(judge(&two), BTreeSet::from(["w-1".to_string()]));
+        // `a` (1 GiB) has room for one of them, not both.
+        let full = [
+            placed("a", &big, false),
+            placed("a", &big, false),
+            placed("w-1", &small, false),
+            placed("w-1", &small, false),
+        ];
+        assert!(judge(&full).is_empty());
+        // A pinned one stays, and so does its node.
+        let pinned = [placed("w-1", &small, false), placed("w-1", &small, true)];
+        assert!(judge(&pinned).is_empty());
+        // An empty node is no candidate: it is idle anyway.
+        assert!(judge(&[]).is_empty());
+    }
+
+    #[test]
+    fn nodes_kept_up_by_replicas_that_fit_elsewhere_are_drained_one_at_a_time() {
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(0));
+        p.members.insert("w-2".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let busy: BTreeMap<_, _> = [("w-1".to_string(), 2), ("w-2".to_string(), 1)].into();
+        let movable: BTreeSet<String> = ["w-1".to_string(), "w-2".to_string()].into();
+        let mut f = facts(&nodes, &busy, &[]);
+        f.movable = &movable;
+        let (p, a) = decide(&p, &f, NOW);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(p.members["w-1"].empty_since, Some(NOW));
+        let (p, a) = decide(&p, &f, NOW + 30_000);
+        assert_eq!(names(&a), ["drain w-1"]);
+        let Action::Drain { why, .. } = &a[0] else {
+            unreachable!()
+        };
+        assert_eq!(why, "its 2 replicas have fit on other nodes for 30 s");
+        // While w-1 drains, w-2 waits its turn.
+        let (p, a) = decide(&p, &f, NOW + 31_000);
+        assert!(a.is_empty(), "{a:?}");
+        // Not movable any more (w-1 gone, nowhere to go): w-2 is kept.
+        let none = BTreeSet::new();
+        f.movable = &none;
+        let idle: BTreeMap<_, _> = [("w-2".to_string(), 1)].into();
+        f.active = &idle;
+        let (p, a) = decide(&p, &f, NOW + 32_000);
+        assert_eq!(names(&a), ["stop w-1"]);
+        assert_eq!(p.members["w-2"].empty_since, None);
     }
 
     #[test]
