@@ -150,6 +150,22 @@ fn a_canary_returning_errors_is_aborted_and_a_healthy_one_is_promoted() {
         let resp = http.get(format!("{}/faulty/", c.gateway)).send().unwrap();
         assert_eq!(resp.status(), 200);
     }
+    // The same file applied again (a GitOps loop) is refused, not canaried once more; with
+    // --retry it would roll out.
+    let v2 = faulty(d, 4, 2, "DEFAULT_STATUS = \"500\"", &extra);
+    let again = c.cli(&["apply", "-f", &v2]);
+    assert_eq!(again.status.code(), Some(4), "{again:?}");
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains("was aborted") && said.contains("--retry"),
+        "{said}"
+    );
+    let retry = c.cli(&["apply", "--retry", "--dry-run", "-f", &v2]);
+    assert_eq!(retry.status.code(), Some(1), "would change: {retry:?}");
+    assert_eq!(
+        revisions_running(c.api_json("/v1/replicas?app=faulty").as_array().unwrap()),
+        [1]
+    );
 
     // v3 is healthy: it walks 25% and 50% and is promoted to every replica.
     let load = Load::start(format!("{}/faulty/env/VERSION", c.gateway));

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 #[command(after_help = "Examples:
   shoal apply -f examples/hello/app.toml          create or update; uploads the module if new
   shoal apply -f a.toml -f b.toml -n staging      several files, into namespace staging
-  shoal apply --dry-run -f app.toml               what would change (exit 1 if anything)")]
+  shoal apply --dry-run -f app.toml               what would change (exit 1 if anything)
+  shoal apply --retry -f app.toml                 roll out again what was rolled back")]
 pub struct ApplyArgs {
     /// App spec files (TOML).
     #[arg(short = 'f', long = "file", required = true)]
@@ -21,6 +22,11 @@ pub struct ApplyArgs {
     /// Show what would change without changing anything; exit 1 if anything would.
     #[arg(long)]
     pub dry_run: bool,
+    /// Roll out a spec whose last rollout was rolled back or aborted once more (without it,
+    /// applying that spec again is refused, exit 4, so a loop re-applying a file does not
+    /// send traffic to a build known to fail).
+    #[arg(long)]
+    pub retry: bool,
 }
 
 #[derive(clap::Args)]
@@ -37,6 +43,7 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
     let apply = ApplyArgs {
         files: args.files,
         dry_run: true,
+        retry: false,
     };
     run(ctx, apply).await
 }
@@ -46,7 +53,7 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let mut results = Vec::new();
     for file in &args.files {
         let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-        let result = apply_file(&client, file, args.dry_run, namespace).await?;
+        let result = apply_file(&client, file, args.dry_run, args.retry, namespace).await?;
         if ctx.output == Format::Table {
             print_result(&result);
         }
@@ -116,6 +123,7 @@ pub async fn apply_file(
     client: &Client,
     file: &Path,
     dry_run: bool,
+    retry: bool,
     namespace: Option<&str>,
 ) -> Result<ApplyResult> {
     let text = crate::files::read_text(file, crate::files::SPEC_LIMIT)
@@ -262,10 +270,11 @@ pub async fn apply_file(
             bail!("{}:{line} {field}.{name}: {problem}", file.display());
         }
     }
-    let path = if dry_run {
-        "/v1/apps?dry_run=true"
-    } else {
-        "/v1/apps"
+    let path = match (dry_run, retry) {
+        (false, false) => "/v1/apps",
+        (true, false) => "/v1/apps?dry_run=true",
+        (false, true) => "/v1/apps?retry=true",
+        (true, true) => "/v1/apps?dry_run=true&retry=true",
     };
     // Declarative: applied twice, the spec leaves the app as applied once.
     client

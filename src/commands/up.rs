@@ -786,7 +786,7 @@ pub async fn start_node(
 pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
     let client = Client::connect(&c.server, &c.token, Some(&c.ca))?;
     for file in files {
-        match super::apply::apply_file(&client, file, false, None).await {
+        match super::apply::apply_file(&client, file, false, false, None).await {
             Ok(r) => println!(
                 "applied {}: app {} {:?}",
                 file.display(),

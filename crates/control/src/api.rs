@@ -602,6 +602,10 @@ struct ApplyQuery {
     /// Check and compare only: nothing is stored.
     #[serde(default)]
     dry_run: bool,
+    /// Roll out again a template whose last rollout was rolled back or aborted (refused
+    /// otherwise, as a conflict).
+    #[serde(default)]
+    retry: bool,
 }
 
 async fn apply(
@@ -623,7 +627,7 @@ async fn apply(
         .check_namespace(&spec.namespace)
         .map_err(|why| ApiError::new(ErrorCode::Forbidden, why))?;
     let spec = cp.resolve_oci(spec, q.dry_run).await?;
-    let result = blocking(move || cp.apply(spec, q.dry_run)).await?;
+    let result = blocking(move || cp.apply_retrying(spec, q.dry_run, q.retry)).await?;
     let status = if result.outcome == ApplyOutcome::Created && !result.dry_run {
         StatusCode::CREATED
     } else {

@@ -57,7 +57,7 @@ impl ControlPlane {
             let Some((app, at)) = self.get::<App>(&keys::app(key))? else {
                 return Ok(());
             };
-            match self.apply_over(app.spec, false, Some(at)) {
+            match self.apply_over(app.spec, false, Some(at), false) {
                 Err(ControlError::Conflict(_)) if tries < 3 => tries += 1,
                 other => return other.map(|_| ()),
             }
@@ -336,7 +336,7 @@ mod tests {
         let key = keys::app(&AppKey::new("default", "web"));
         let (read, at) = cp.get::<App>(&key).unwrap().unwrap();
         cp.apply(spec("two"), false).unwrap();
-        let stale = cp.apply_over(read.spec, false, Some(at));
+        let stale = cp.apply_over(read.spec, false, Some(at), false);
         assert!(matches!(stale, Err(ControlError::Conflict(_))), "{stale:?}");
         let (stored, _) = cp.get::<App>(&key).unwrap().unwrap();
         assert_eq!(stored.spec.env["GREETING"], "two");

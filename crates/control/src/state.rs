@@ -357,8 +357,20 @@ impl ControlPlane {
 
     // ---- apps ----
 
+    #[cfg(test)]
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
-        self.apply_over(spec, dry_run, None)
+        self.apply_over(spec, dry_run, None, false)
+    }
+
+    /// [`ControlPlane::apply`]; with `retry`, a template whose rollout was rolled back or
+    /// aborted is rolled out again rather than refused.
+    pub(crate) fn apply_retrying(
+        &self,
+        spec: AppSpec,
+        dry_run: bool,
+        retry: bool,
+    ) -> Result<ApplyResult, ControlError> {
+        self.apply_over(spec, dry_run, None, retry)
     }
 
     /// [`ControlPlane::apply`], refused as a conflict unless the stored app is still at
@@ -369,6 +381,7 @@ impl ControlPlane {
         spec: AppSpec,
         dry_run: bool,
         over: Option<u64>,
+        retry: bool,
     ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let spec = self.resolve_config_sets(spec)?;
@@ -465,6 +478,21 @@ impl ControlPlane {
                 {
                     (r.number, None)
                 } else {
+                    // The template of the rollout just rolled back or aborted is not rolled
+                    // out again by the same file applied again: a loop re-applying it (GitOps)
+                    // would send traffic to a build known to fail every cycle. Flagger and
+                    // Argo Rollouts hold the same way; `retry` tries it again.
+                    if let Some(bad) = latest_revision.filter(|r| r.hash == hash && !retry)
+                        && let Some(outcome) = bad
+                            .outcome
+                            .as_deref()
+                            .filter(|o| o.starts_with("rolled back") || o.starts_with("aborted"))
+                    {
+                        return Err(ControlError::conflict(format!(
+                            "revision {} of app {key} has this template, and was {outcome}; change the spec to roll out a new revision, or apply with --retry to try this one again",
+                            bad.number
+                        )));
+                    }
                     let number = latest_revision.as_ref().map_or(1, |r| r.number + 1);
                     // What differs from the template that runs now.
                     let running = current_revision
