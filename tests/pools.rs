@@ -108,6 +108,41 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
     server.cli_ok(&["pool", "delete", "workers"]);
 }
 
+/// A local pool's workers stop with the control plane that started them; the one started
+/// again replaces them as soon as their nodes are not Ready, not after the start timeout
+/// (a minute), so the pool's minimum is back within seconds.
+#[test]
+fn a_restarted_control_plane_replaces_the_local_workers_that_stopped_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    server.cli_ok(&["pool", "create", "workers", "--min", "1", "--max", "1"]);
+    let ready = |server: &Server, name: &str| {
+        nodes(server)
+            .iter()
+            .any(|n| n["name"] == name && n["state"] == "Ready")
+    };
+    assert!(
+        poll(Duration::from_secs(30), || ready(&server, "workers-1")),
+        "{:?}",
+        nodes(&server)
+    );
+    server.kill();
+    server.restart();
+    assert!(
+        poll(Duration::from_secs(30), || ready(&server, "workers-2")),
+        "{:?}",
+        nodes(&server)
+    );
+    let events = server.cli_ok(&["events"]);
+    assert!(
+        events.contains("stopping node workers-1: its worker is not running"),
+        "{events}"
+    );
+    let pool = server.api_json("/v1/pools/workers");
+    let members: Vec<&String> = pool["members"].as_object().unwrap().keys().collect();
+    assert_eq!(members, ["workers-2"], "{pool}");
+}
+
 /// Kills what a test's provider script started in the background, whatever the test did.
 struct Started(std::path::PathBuf);
 

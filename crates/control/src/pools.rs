@@ -18,7 +18,7 @@ use shoal_core::{App, EventType, Kind, Node, POOL_LABEL, Pool, Replica};
 use shoal_scheduler::Request;
 use shoal_scheduler::pools::{Action, Facts, Placed, Waiting, assign, decide, movable};
 use shoal_store::{Op, Txn};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::process::{Child, Command};
@@ -139,7 +139,7 @@ impl ControlPlane {
 
     /// One decision per pool, stored with its events; returns what to do for the pools
     /// whose write went through.
-    fn pool_pass(&self) -> Result<Vec<(Pool, Vec<Action>)>, ControlError> {
+    fn pool_pass(&self, workers: &LocalWorkers) -> Result<Vec<(Pool, Vec<Action>)>, ControlError> {
         let (kvs, _) = self.inner.store.range(keys::POOLS.as_str())?;
         if kvs.is_empty() {
             return Ok(Vec::new());
@@ -199,6 +199,18 @@ impl ControlPlane {
             .filter(|(_, m)| m.retiring_since.is_none())
             .map(|(n, _)| n.as_str());
         let movable = movable(&nodes, &placed, members, self.config().strategy);
+        let gone: BTreeSet<String> = pools
+            .iter()
+            .filter(|p| p.spec.provider.is_none())
+            .flat_map(|p| p.members.iter())
+            .filter(|(name, m)| {
+                let ready = nodes
+                    .get(name.as_str())
+                    .is_some_and(|n| n.state == shoal_core::NodeState::Ready);
+                m.retiring_since.is_none() && workers.gone(name, m.started_at, ready)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         let mut out = Vec::new();
         for (kv, pool) in kvs.iter().zip(pools) {
             let facts = Facts {
@@ -207,6 +219,7 @@ impl ControlPlane {
                 pending: &pending.remove(&pool.name).unwrap_or_default(),
                 pending_why: why,
                 movable: &movable,
+                gone: &gone,
             };
             let (next, actions) = decide(&pool, &facts, now);
             if next == pool {
@@ -251,12 +264,26 @@ impl ControlPlane {
     /// The provisioner: a pass every second for as long as the control plane runs.
     pub async fn run_pools(self, host: PoolHost) {
         let mut local: HashMap<String, Child> = HashMap::new();
+        let since = self.now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let mut exited = HashSet::new();
+            local.retain(|name, child| match child.try_wait() {
+                Ok(None) => true,
+                _ => {
+                    exited.insert(name.clone());
+                    false
+                }
+            });
+            let workers = LocalWorkers {
+                running: local.keys().cloned().collect(),
+                exited,
+                since,
+            };
             let cp = self.clone();
-            let decided = match blocking(move || cp.pool_pass()).await {
+            let decided = match blocking(move || cp.pool_pass(&workers)).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e, "node pools: pass failed");
@@ -423,6 +450,28 @@ fn node_labels(pool: &Pool) -> String {
         .chain(pool.spec.labels.iter().map(|(k, v)| format!("{k}={v}")))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// What the provisioner knows of the local workers it started, for a pass.
+struct LocalWorkers {
+    running: HashSet<String>,
+    /// Exited since the last pass.
+    exited: HashSet<String>,
+    /// When this provisioner started: local workers started before then stopped with the
+    /// control plane that started them (`PR_SET_PDEATHSIG`), once their node is not Ready.
+    since: shoal_core::Millis,
+}
+
+impl LocalWorkers {
+    /// Whether the local worker of member `name`, started at `started_at`, is known not to
+    /// run: it exited, or an earlier control plane started it and its node is not Ready
+    /// (one still heard may be another server's, on a shared store, that lost the lead).
+    /// One this provisioner could not start is not: it is left to the start timeout, so a
+    /// failing start is not tried again every second.
+    fn gone(&self, name: &str, started_at: shoal_core::Millis, ready: bool) -> bool {
+        !self.running.contains(name)
+            && ((started_at < self.since && !ready) || self.exited.contains(name))
+    }
 }
 
 /// Runs `COMMAND verb NODE` through `sh`, with where to join in its environment.

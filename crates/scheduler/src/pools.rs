@@ -139,6 +139,9 @@ pub struct Facts<'a> {
     pub pending_why: Option<&'a str>,
     /// Nodes whose replicas would all fit elsewhere now ([`movable`]).
     pub movable: &'a BTreeSet<String>,
+    /// Members whose worker is known not to run (a local one that exited, or was started
+    /// by a control plane that has since restarted): stopped at once, not waited for.
+    pub gone: &'a BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +182,8 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                     RETIRE_TIMEOUT_MS / 1000
                 )));
             }
+        } else if facts.gone.contains(name) {
+            actions.push(stop("its worker is not running".into()));
         } else if !ready(name) && age(member.started_at) > START_TIMEOUT_MS {
             let why = if facts.nodes.contains_key(name) {
                 "not Ready".to_string()
@@ -411,6 +416,7 @@ mod tests {
             pending,
             pending_why: Some("0/1 nodes available: 1 insufficient memory"),
             movable: &NONE,
+            gone: &NONE,
         }
     }
 
@@ -646,6 +652,21 @@ mod tests {
         let (p, a) = decide(&p, &f, NOW + 32_000);
         assert_eq!(names(&a), ["stop w-1"]);
         assert_eq!(p.members["w-2"].empty_since, None);
+    }
+
+    #[test]
+    fn a_member_whose_worker_is_gone_is_stopped_and_replaced_at_once() {
+        let mut p = pool(1, 3);
+        p.members.insert("w-1".into(), member(NOW - 1_000));
+        p.next = 2;
+        let nodes: BTreeMap<_, _> = [node("w-1", NOW - 1_000)].into();
+        let gone: BTreeSet<String> = ["w-1".to_string()].into();
+        let idle = BTreeMap::new();
+        let mut f = facts(&nodes, &idle, &[]);
+        f.gone = &gone;
+        let (p, a) = decide(&p, &f, NOW);
+        assert_eq!(names(&a), ["stop w-1", "start w-2"]);
+        assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
     }
 
     #[test]
