@@ -181,7 +181,14 @@ async fn a_dead_node_is_retried_around_and_marked_down_until_the_next_status() {
         .expect("still listed");
     assert!(dead_status.down);
     assert_eq!(dead_status.inflight, 0);
+    // The dead node refused a connection: its replicas of other apps went down with it.
+    assert!(a.endpoints(&app("faulty")).is_empty());
 
+    // The next status that lists the endpoints brings them back.
+    a.set_remote_endpoints(status.clone());
+    let mut ready = a.endpoints(&hello);
+    ready.sort();
+    assert_eq!(ready, ["hello-b", "hello-dead"]);
     // A body cannot be sent twice: no retry, a 502.
     let reply = client
         .send(
@@ -198,12 +205,8 @@ async fn a_dead_node_is_retried_around_and_marked_down_until_the_next_status() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.error_code(), "no_ready_replicas");
 
-    // The next status that lists the endpoints brings them back.
     a.set_remote_endpoints(status);
-    let mut ready = a.endpoints(&hello);
-    ready.sort();
-    assert_eq!(ready, ["hello-b", "hello-dead"]);
-    // A GET with only a dead endpoint has nowhere to retry: 502, and it is down again.
+    // Back again: a GET with only a dead endpoint has nowhere to retry: 502, and it is down again.
     let reply = client.get(&format!("http://{a_addr}/faulty/x")).await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "bad_gateway");
