@@ -80,6 +80,24 @@ fn config_is_read_through_wasi_config_and_changes_like_any_revision() {
         described.contains("Config:") && described.contains("greeting=two"),
         "{described}"
     );
+    // A finished rollout says when it finished: its message is as of then.
+    let finished = |described: &str| {
+        described.lines().any(|l| {
+            l.starts_with("Rollout:")
+                && l.split_once(" Complete ")
+                    .and_then(|(_, rest)| rest.split_once(" ago: "))
+                    .is_some_and(|(age, said)| {
+                        age.ends_with('s') && said.starts_with("revision 2 rolled out")
+                    })
+        })
+    };
+    assert!(
+        poll(Duration::from_secs(30), || finished(
+            &c.cli_ok(&["describe", "app", "settings"])
+        )),
+        "{}",
+        c.cli_ok(&["describe", "app", "settings"])
+    );
 
     // Undone like any change.
     c.cli_ok(&["rollout", "undo", "settings"]);

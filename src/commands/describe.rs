@@ -66,8 +66,15 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     println!("Revision:     {}", d.app.revision);
     if let Some(r) = &d.rollout {
         let paused = if r.paused { ", paused" } else { "" };
+        // A finished rollout's message is as of its end (its replica counts then), so it
+        // says when that was.
+        let when = if r.phase.is_done() {
+            format!(" {} ago", age(r.progressed_at))
+        } else {
+            String::new()
+        };
         println!(
-            "Rollout:      {} {}{paused}: {}",
+            "Rollout:      {} {}{paused}{when}: {}",
             r.strategy, r.phase, r.message
         );
     }
