@@ -340,7 +340,10 @@ fn drain_moves_replicas_without_failed_requests() {
     let (dir, server, nodes) = cluster(3, &[]);
     apply_hello(&server, dir.path(), 3);
     let load = Load::start(format!("{}/hello", nodes[0].gateway));
-    server.cli_ok(&["node", "drain", "node-2"]);
+    // --wait returns once nothing runs there.
+    let said = server.cli_ok(&["node", "drain", "node-2", "--wait"]);
+    assert!(said.ends_with("node node-2 drained\n"), "{said}");
+    assert!(!server.placement("hello").contains_key("node-2"));
     assert!(
         poll(Duration::from_secs(30), || {
             let p = server.placement("hello");

@@ -615,7 +615,11 @@ fn draining_the_only_node_keeps_its_replicas_serving() {
     assert!(poll(Duration::from_secs(30), || c
         .cli_ok(&["get", "apps"])
         .contains("2/2")));
-    c.cli_ok(&["node", "drain", "node-1"]);
+    // Waiting for the drain gives up, saying why.
+    let waited = c.cli(&["node", "drain", "node-1", "--wait", "--timeout", "2s"]);
+    assert_eq!(waited.status.code(), Some(1), "{waited:?}");
+    let said = String::from_utf8_lossy(&waited.stderr);
+    assert!(said.contains("still runs 2 replicas after 2s"), "{said}");
     // The replacement was tried, and fits nowhere.
     let mut replicas = String::new();
     assert!(

@@ -43,6 +43,13 @@ enum NodeAction {
         /// The node's name (`shoal get nodes` lists them).
         #[arg(value_parser = crate::commands::object_name)]
         name: String,
+        /// Return only once no replica runs there (exit 0), as `kubectl drain` does; exit 1
+        /// if some still do after --timeout (with nowhere to go they keep serving there).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this long (e.g. 90s, 10m).
+        #[arg(long, default_value = "5m", requires = "wait")]
+        timeout: String,
     },
     /// Remove a node: its credential is revoked and its replicas are replaced elsewhere.
     /// A node that still runs must join again with the join token.
@@ -86,7 +93,12 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
         NodeAction::Delete { name } => return delete(ctx, name).await,
         NodeAction::Cordon { name } => (name, "cordon"),
         NodeAction::Uncordon { name } => (name, "uncordon"),
-        NodeAction::Drain { name } => (name, "drain"),
+        NodeAction::Drain {
+            name,
+            wait: true,
+            timeout,
+        } => return drain_and_wait(ctx, name, &timeout).await,
+        NodeAction::Drain { name, .. } => (name, "drain"),
     };
     let client = ctx.client()?;
     let node: serde_json::Value = client
@@ -100,6 +112,51 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
         Format::Table => println!("node {name}: {verb} requested"),
     }
     Ok(())
+}
+
+/// `node drain --wait`: drains, then follows the node's replica count down to zero.
+async fn drain_and_wait(ctx: Context, name: String, timeout: &str) -> Result<()> {
+    let timeout = shoal_core::quantity::parse_duration_ms(timeout)
+        .map_err(|e| crate::exit::usage(format!("--timeout: {e}")))?;
+    let client = ctx.client()?;
+    client
+        .checked(client.request(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{}/drain", seg(&name)),
+        ))
+        .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout);
+    let mut said = None;
+    loop {
+        let nodes: Vec<shoal_api::NodeSummary> = client.get("/v1/nodes").await?;
+        let Some(node) = nodes.into_iter().find(|n| n.node.name == name) else {
+            return Err(crate::exit::fail(
+                crate::exit::NOT_FOUND,
+                format!("node {name} is gone"),
+            ));
+        };
+        if node.replicas == 0 {
+            if ctx.output == Format::Table {
+                println!("node {name} drained");
+            }
+            return Ok(());
+        }
+        if ctx.output == Format::Table && said != Some(node.replicas) {
+            println!(
+                "node {name}: {} still running there",
+                output::count(node.replicas, "replica")
+            );
+            said = Some(node.replicas);
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "node {name} still runs {} after {}: with nowhere to go they keep serving there (see `shoal get replicas`)",
+                output::count(node.replicas, "replica"),
+                output::duration(timeout)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 async fn delete(ctx: Context, name: String) -> Result<()> {
