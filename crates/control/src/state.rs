@@ -1289,6 +1289,17 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
             }
         }
     }
+    // Sections at their defaults are left out of a stored spec: what they hold is their
+    // defaults', not nothing, so adding `[rollout]` with one setting is one change.
+    let mut defaults = BTreeMap::new();
+    let sections = serde_json::json!({
+        "placement": shoal_core::spec::Placement::default(),
+        "runs": shoal_core::spec::JobRuns::default(),
+        "health": shoal_core::spec::Health::default(),
+        "rollout": shoal_core::spec::Rollout::default(),
+        "scale": shoal_core::spec::Scale::default(),
+    });
+    flatten(String::new(), &sections, &mut defaults);
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten(
         String::new(),
@@ -1306,6 +1317,7 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
     keys.into_iter()
         .filter_map(|k| {
             let (x, y) = (a.get(k), b.get(k));
+            let (x, y) = (x.or(defaults.get(k)), y.or(defaults.get(k)));
             // Env values may be secrets: say that they changed, not what they are.
             if k.starts_with("env.") && x != y {
                 let what = match (x, y) {
@@ -1316,14 +1328,36 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
                 return Some(format!("{k}: {what}"));
             }
             (x != y).then(|| {
-                format!(
-                    "{k}: {} -> {}",
-                    x.map_or("(none)", String::as_str),
-                    y.map_or("(none)", String::as_str)
-                )
+                let (name, x) = readable(k, x.map(String::as_str));
+                let (_, y) = readable(k, y.map(String::as_str));
+                format!("{name}: {x} -> {y}")
             })
         })
         .collect()
+}
+
+/// A stored field and its value as the spec file writes them: `rollout.progress_deadline:
+/// 10m`, not `rollout.progress_deadline_ms: 600000`; `requests.memory: 64Mi`, not bytes.
+fn readable(key: &str, value: Option<&str>) -> (String, String) {
+    const UNITS: [&str; 5] = ["_ms", "_bytes", "_millis", "_bp", "_pct"];
+    let Some((name, unit)) = UNITS
+        .iter()
+        .find_map(|u| key.strip_suffix(u).map(|name| (name, *u)))
+    else {
+        return (key.to_string(), value.unwrap_or("(none)").to_string());
+    };
+    let Some(n) = value.and_then(|v| v.parse::<u64>().ok()) else {
+        return (name.to_string(), value.unwrap_or("(none)").to_string());
+    };
+    let value = match unit {
+        "_ms" => humantime::format_duration(Duration::from_millis(n)).to_string(),
+        "_bytes" => shoal_core::quantity::format_memory(n),
+        "_millis" => format!("{n}m"),
+        // Basis points and percents of what the file writes as a fraction or a ratio.
+        "_bp" => (n as f64 / 10_000.0).to_string(),
+        _ => (n as f64 / 100.0).to_string(),
+    };
+    (name.to_string(), value)
 }
 
 #[cfg(test)]
@@ -1331,6 +1365,48 @@ pub(crate) mod tests {
     use super::*;
     use shoal_core::spec::parse_app;
     use shoal_store::{BlobStore, Store};
+
+    #[test]
+    fn what_an_apply_changed_is_said_in_the_spec_files_words() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let spec = |extra: &str| {
+            let src = format!(
+                "name = \"x\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+                 [http]\nroutes = [\"/x\"]\n{extra}"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let old = spec("");
+        let new = spec(
+            "[resources]\nrequests = { cpu = \"250m\", memory = \"32Mi\" }\n\
+             [rollout]\nprogress_deadline = \"20s\"\n",
+        );
+        let changes = diff(&old, &new);
+        let has = |prefix: &str, end: &str| {
+            changes
+                .iter()
+                .any(|c| c.starts_with(prefix) && c.ends_with(end))
+        };
+        assert!(
+            has("rollout.progress_deadline: 10m", " -> 20s"),
+            "{changes:?}"
+        );
+        // The rest of `[rollout]` is as it was, by default.
+        assert!(
+            !changes.iter().any(|c| c.contains("max_surge")),
+            "{changes:?}"
+        );
+        assert_eq!(changes.len(), 3, "{changes:?}");
+        assert!(has("resources.requests.cpu: ", " -> 250m"), "{changes:?}");
+        assert!(
+            has("resources.requests.memory: ", " -> 32Mi"),
+            "{changes:?}"
+        );
+        let internal = changes
+            .iter()
+            .any(|c| c.contains("_ms") || c.contains("_bytes") || c.contains("_millis"));
+        assert!(!internal, "{changes:?}");
+    }
 
     /// A control plane on a fresh store in `dir`, for unit tests.
     pub(crate) fn control_plane(dir: &std::path::Path) -> ControlPlane {
