@@ -911,14 +911,15 @@ impl Gateway {
     }
 }
 
-/// What the client gets when no endpoint could take the request.
+/// What the client gets when no endpoint could take the request: the replica and why, not
+/// where its node is (the client may be anyone; the node's log, written by
+/// [`Gateway::mark_down`], has the address).
 fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Response<ResponseBody> {
-    let node = endpoint.node_gateway().unwrap_or("local");
     match failure {
         Failure::Unconnected(e) | Failure::Unreachable(e) => problem_response(
             ErrorCode::BadGateway,
             &format!(
-                "app {app}: replica {} on {node} is unreachable: {e}",
+                "app {app}: replica {} is unreachable: {e}",
                 endpoint.replica
             ),
         ),
@@ -926,7 +927,7 @@ fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Resp
         Failure::ReplicaGone => problem_response(
             ErrorCode::ReplicaGone,
             &format!(
-                "app {app}: replica {} is no longer on {node}; retry shortly",
+                "app {app}: replica {} is no longer on its node; retry shortly",
                 endpoint.replica
             ),
         ),

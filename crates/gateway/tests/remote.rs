@@ -200,6 +200,9 @@ async fn a_dead_node_is_retried_around_and_marked_down_until_the_next_status() {
         .await;
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "bad_gateway");
+    // The client learns which replica and why, not where the node is.
+    assert!(reply.text().contains("faulty-dead"), "{}", reply.text());
+    assert!(!reply.text().contains(&dead), "{}", reply.text());
     // Now down, and with nothing else to pick, the app has no ready replicas.
     let reply = client.get(&format!("http://{a_addr}/faulty/x")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
