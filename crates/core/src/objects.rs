@@ -652,7 +652,8 @@ impl PoolSpec {
 pub struct PoolMember {
     #[schema(value_type = u64)]
     pub started_at: Millis,
-    /// Since when it has run no replica while Ready.
+    /// Since when it has run no replica while Ready, or only replicas that would all fit on
+    /// the other nodes (`shoal_scheduler::pools::movable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub empty_since: Option<Millis>,
