@@ -312,3 +312,50 @@ fn revisions_past_the_history_limit_are_pruned_and_undo_still_works() {
     let out = c.cli_ok(&["rollout", "undo", "faulty"]);
     assert!(out.contains("now revision 14"), "{out}");
 }
+
+/// A daemon whose new revision is up for a moment and then crash-loops (its arguments are
+/// wrong) goes back to the revision before, even when its rollout had completed in that
+/// moment: one replica, new before old, so the old one was already stopped.
+#[test]
+fn a_daemon_that_crashes_once_up_is_rolled_back() {
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(format!("{}/notes/reader.toml", common::examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", common::examples()));
+    let v1 = common::write_spec(c.dir.path(), "reader.toml", &text);
+    c.cli_ok(&["apply", "-f", v1.to_str().unwrap()]);
+    c.cli_ok(&[
+        "rollout",
+        "status",
+        "notes-reader",
+        "--wait",
+        "--timeout",
+        "60s",
+    ]);
+    let bogus = text.replace(
+        "args = [\"notes\", \"read\"]",
+        "args = [\"notes\", \"bogus\"]",
+    );
+    let v2 = common::write_spec(c.dir.path(), "bogus.toml", &bogus);
+    c.cli_ok(&["apply", "-f", v2.to_str().unwrap()]);
+    let status = || c.api_json("/v1/apps/notes-reader/rollout");
+    assert!(
+        poll(Duration::from_secs(60), || {
+            let s = status();
+            s["status"]["phase"] == "RolledBack" && s["status"]["revision"] == 1
+        }),
+        "{:#}",
+        status()
+    );
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let replicas = c.api_json("/v1/replicas?app=notes-reader");
+            let replicas = replicas.as_array().unwrap();
+            revisions_running(replicas) == [1] && replicas.iter().any(|r| r["phase"] == "Running")
+        }),
+        "{:#}",
+        c.api_json("/v1/replicas?app=notes-reader")
+    );
+    let history = c.cli_ok(&["rollout", "history", "notes-reader"]);
+    assert!(history.contains("rolled back"), "{history}");
+}

@@ -392,6 +392,7 @@ mod tests {
             progressed_at: 5,
             started_at: 0,
             rolled_back_from: None,
+            previous_stable: None,
             message: String::new(),
         });
         let all = all_tables(&ClusterView::new("me", s));

@@ -359,6 +359,11 @@ pub struct RolloutStatus {
     /// The revision a rollback or abort left (when `revision` is what it went back to).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_from: Option<u64>,
+    /// Once complete: the stable revision before this one, which a replica of this one
+    /// crash-looping or failing liveness within `progress_deadline` of the completion
+    /// still rolls back to (a replica may be up a moment before it fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_stable: Option<u64>,
     pub message: String,
 }
 

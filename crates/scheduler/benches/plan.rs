@@ -116,6 +116,7 @@ fn world(apps: usize, placed: bool) -> World {
                 progressed_at: 0,
                 started_at: 0,
                 rolled_back_from: None,
+                previous_stable: None,
                 message: String::new(),
             };
             w.rollouts.insert(key.clone(), Read::new(status, 10));

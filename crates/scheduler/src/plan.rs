@@ -1411,9 +1411,14 @@ pub fn stale_revisions(world: &World, keep: usize) -> Vec<StaleRevision> {
         if let Some(rollout) = world.rollouts.get(key) {
             let r = &rollout.value;
             in_use.extend(
-                [Some(r.revision), r.stable, r.rolled_back_from]
-                    .into_iter()
-                    .flatten(),
+                [
+                    Some(r.revision),
+                    r.stable,
+                    r.rolled_back_from,
+                    r.previous_stable,
+                ]
+                .into_iter()
+                .flatten(),
             );
         }
         if let Some(replicas) = world.replicas.get(key) {
@@ -1533,6 +1538,7 @@ mod tests {
             progressed_at: 0,
             started_at: 0,
             rolled_back_from: None,
+            previous_stable: None,
             message: String::new(),
         };
         w.rollouts.insert(key(), Read::new(rollout, 1));

@@ -64,6 +64,7 @@ pub fn start(app: &App, previous: Option<&RolloutStatus>, now: Millis) -> Rollou
         progressed_at: now,
         started_at: now,
         rolled_back_from: None,
+        previous_stable: None,
         message: format!("rolling out revision {}", app.revision),
     }
 }
@@ -159,13 +160,29 @@ pub fn decide(
     // A new app's rollout that missed its deadline still completes when it gets
     // there, so its revision becomes the stable one later rollouts fall back to.
     let late = status.phase == RolloutPhase::Failed;
-    if (status.phase.is_done() && !late) || status.revision != app.revision {
-        return decision(next, None, None);
-    }
     let spec = &app.spec.rollout;
     let n = app.spec.replicas;
     let target = status.revision;
     let new: Vec<&Replica> = replicas.iter().filter(|r| r.revision == target).collect();
+    // Complete, but a replica of it fails within the deadline of the completion: a daemon
+    // up for a moment before it crashes, an http one whose liveness fails a while after
+    // its readiness passed. Back to the revision before, as while it progressed.
+    if status.phase == RolloutPhase::Complete
+        && status.revision == app.revision
+        && now.saturating_sub(status.progressed_at) <= spec.progress_deadline_ms
+        && let Some(to) = status.previous_stable
+        && let Some(reason) = hopeless(&new)
+    {
+        let rb = RollBack {
+            to,
+            phase: RolloutPhase::RolledBack,
+            reason: format!("{reason}, after its rollout completed"),
+        };
+        return decision(next, None, Some(rb));
+    }
+    if (status.phase.is_done() && !late) || status.revision != app.revision {
+        return decision(next, None, None);
+    }
     let ready = new
         .iter()
         .filter(|r| matches!(r.phase, Phase::Ready | Phase::Running))
@@ -221,6 +238,8 @@ pub fn decide(
             .count();
         if ready >= n && old == 0 {
             next.phase = RolloutPhase::Complete;
+            next.previous_stable = fallback;
+            next.progressed_at = now;
             next.stable = Some(target);
             next.message = format!("revision {target} rolled out: {ready}/{n} replicas ready");
             return decision(
@@ -399,6 +418,7 @@ pub fn roll_back(
         step_started_at: None,
         progressed_at: now,
         rolled_back_from: Some(status.revision),
+        previous_stable: None,
         message: format!(
             "revision {} {verb}, back on revision {}: {}",
             status.revision, rb.to, rb.reason
@@ -620,6 +640,43 @@ mod tests {
         let mut done = start(&app(a.spec.replicas, 1, ""), None, 0);
         done.phase = RolloutPhase::Complete;
         start(a, Some(&done), 1_000)
+    }
+
+    /// A daemon up for a moment, or an http replica whose liveness fails a while after
+    /// readiness passed: the rollout completed, and still goes back within the deadline.
+    #[test]
+    fn a_replica_failing_soon_after_completion_rolls_back_to_the_revision_before() {
+        let a = app(1, 2, "[rollout]\nprogress_deadline = \"60s\"\n");
+        let s = rolling_to_2(&a);
+        let up = [replica("n1", 2, Phase::Running)];
+        let done = decide(&a, &s, &up, None, 2_000);
+        assert_eq!(done.status.phase, RolloutPhase::Complete);
+        assert_eq!(done.status.previous_stable, Some(1));
+        let done = done.status;
+
+        let crashing = [replica("n1", 2, Phase::CrashLoopBackOff)];
+        let d = decide(&a, &done, &crashing, None, 30_000);
+        let rb = d.roll_back.expect("rolled back");
+        assert_eq!((rb.to, rb.phase), (1, RolloutPhase::RolledBack));
+        assert!(
+            rb.reason.ends_with("after its rollout completed"),
+            "{}",
+            rb.reason
+        );
+        let mut failing = replica("n1", 2, Phase::Unready);
+        failing.reason = Some(shoal_core::objects::LIVENESS_FAILED.into());
+        assert!(
+            decide(&a, &done, &[failing], None, 30_000)
+                .roll_back
+                .is_some()
+        );
+        // Past the deadline it is the stable revision: its replicas are restarted, not undone.
+        assert!(
+            decide(&a, &done, &crashing, None, 63_000)
+                .roll_back
+                .is_none()
+        );
+        assert!(decide(&a, &done, &up, None, 30_000).roll_back.is_none());
     }
 
     const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"60s\"\nsteps = [{ weight = 25, pause = \"10s\" }, { weight = 50, pause = \"10s\" }]\n";
