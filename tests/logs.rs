@@ -194,6 +194,41 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
         "rolled",
         [&rolled[0].1, &rolled[1].1],
     );
+    // Scaled to zero and back: the follow waits through the time with no replica, and the
+    // new one joins it.
+    server.cli_ok(&["scale", "hello", "--replicas", "0"]);
+    assert!(poll(Duration::from_secs(30), || server
+        .replicas("hello")
+        .is_empty()));
+    // Three of the follow's relists (one a second) with no replica: it must not end.
+    let quiet = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < quiet {
+        assert_eq!(
+            follower.try_wait().unwrap(),
+            None,
+            "the follow ended at zero replicas"
+        );
+        let _ = lines.recv_timeout(Duration::from_millis(100));
+    }
+    server.cli_ok(&["scale", "hello", "--replicas", "1"]);
+    assert!(poll(Duration::from_secs(60), || ready_by_node(
+        &server, "hello"
+    )
+    .len()
+        == 1));
+    let woken = ready_by_node(&server, "hello")[0].1.clone();
+    request(&node1, "/hello/woken");
+    assert!(
+        follows(
+            &lines,
+            &mut seen,
+            &woken,
+            "/hello/woken",
+            Duration::from_secs(30)
+        ),
+        "the follow did not go on past zero replicas: {seen:#?}"
+    );
+    assert_eq!(follower.try_wait().unwrap(), None, "still following");
     let _ = follower.kill();
     let _ = follower.wait();
 

@@ -19,7 +19,7 @@ use futures::{Stream, StreamExt};
 use shoal_core::logs::{LogEntry, LogStream};
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{Node, Replica};
+use shoal_core::{Kind, Node, Replica};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -69,6 +69,14 @@ struct Target {
     done: bool,
 }
 
+/// What a follow of an app's logs reads.
+struct Targets {
+    /// Whether the follow ends once every one of `list` is done: for a job's runs, or the
+    /// one replica asked for.
+    ends: bool,
+    list: Vec<Target>,
+}
+
 impl ControlPlane {
     /// The replicas of `app` (only `only`, if given) and their nodes' gateways; `None` if
     /// the app does not exist.
@@ -76,29 +84,32 @@ impl ControlPlane {
         &self,
         app: &AppKey,
         only: Option<&str>,
-    ) -> Result<Option<Vec<Target>>, ControlError> {
-        if self.get::<shoal_core::App>(&keys::app(app))?.is_none() {
+    ) -> Result<Option<Targets>, ControlError> {
+        let Some((found, _)) = self.get::<shoal_core::App>(&keys::app(app))? else {
             return Ok(None);
-        }
+        };
         let gateways: HashMap<String, String> = self
             .list::<Node>(&keys::NODES)?
             .into_iter()
             .map(|n| (n.name, n.gateway))
             .collect();
-        Ok(Some(
-            self.list::<Replica>(&keys::replicas_of(app))?
-                .into_iter()
-                .filter(|r| only.is_none_or(|id| id == r.id))
-                .map(|r| Target {
-                    at: r
-                        .node
-                        .as_ref()
-                        .and_then(|n| Some((n.clone(), gateways.get(n)?.clone()))),
-                    done: r.phase.is_terminal(),
-                    id: r.id,
-                })
-                .collect(),
-        ))
+        let list = self
+            .list::<Replica>(&keys::replicas_of(app))?
+            .into_iter()
+            .filter(|r| only.is_none_or(|id| id == r.id))
+            .map(|r| Target {
+                at: r
+                    .node
+                    .as_ref()
+                    .and_then(|n| Some((n.clone(), gateways.get(n)?.clone()))),
+                done: r.phase.is_terminal(),
+                id: r.id,
+            })
+            .collect();
+        Ok(Some(Targets {
+            ends: only.is_some() || found.spec.component.kind == Kind::Job,
+            list,
+        }))
     }
 
     /// The body of `GET /v1/apps/{name}/logs`: text or NDJSON, as `query` says.
@@ -111,7 +122,8 @@ impl ControlPlane {
         let (cp, key, only) = (self.clone(), app.clone(), query.replica.clone());
         let targets = blocking(move || cp.log_targets(&key, only.as_deref()))
             .await?
-            .ok_or_else(|| ControlError::not_found(format!("app {app} does not exist")))?;
+            .ok_or_else(|| ControlError::not_found(format!("app {app} does not exist")))?
+            .list;
         if let Some(id) = &query.replica
             && targets.is_empty()
         {
@@ -266,7 +278,10 @@ async fn follow(
             _ = tx.closed() => break,
         }
         let (c, key, only) = (cp.clone(), app.clone(), query.replica.clone());
-        let targets = match blocking(move || c.log_targets(&key, only.as_deref())).await {
+        let Targets {
+            ends,
+            list: targets,
+        } = match blocking(move || c.log_targets(&key, only.as_deref())).await {
             Ok(Some(t)) => t,
             Ok(None) => break,
             Err(e) => {
@@ -297,9 +312,12 @@ async fn follow(
             ));
             followers.insert(t.id.clone(), task);
         }
-        let finished = targets
-            .iter()
-            .all(|t| t.done && followers.get(&t.id).is_none_or(|f| f.is_finished()));
+        // A job's runs, or the one replica asked for, end; an app that serves or runs on
+        // gets new replicas (a rollout, a restart, a wake from zero), so its follow goes on.
+        let finished = ends
+            && targets
+                .iter()
+                .all(|t| t.done && followers.get(&t.id).is_none_or(|f| f.is_finished()));
         if finished {
             break;
         }
@@ -322,7 +340,7 @@ async fn follow_one(
     loop {
         let (c, key, only) = (cp.clone(), app.clone(), id.clone());
         let target = match blocking(move || c.log_targets(&key, Some(&only))).await {
-            Ok(Some(mut t)) if !t.is_empty() => t.remove(0),
+            Ok(Some(mut t)) if !t.list.is_empty() => t.list.remove(0),
             // The replica or its app is gone.
             Ok(_) => return,
             Err(_) => {
