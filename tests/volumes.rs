@@ -133,6 +133,26 @@ fn nothing_outside_a_volume_is_reachable_and_a_full_one_fails_the_write() {
         .unwrap()
         .len();
     assert!(held <= 1 << 20, "the volume holds {held} bytes");
+
+    // Made smaller than what it holds, its writers would fail: refused, as a conflict.
+    assert!(poll(Duration::from_secs(30), || {
+        c.api_json("/v1/volumes")[0]["used_bytes"]
+            .as_u64()
+            .is_some_and(|u| u >= 1 << 20)
+    }));
+    let smaller = notes_spec(
+        &d,
+        "app.toml",
+        &[
+            ("name = \"notes-writer\"", "name = \"shrinker\""),
+            ("size = \"1Mi\"", "size = \"512Ki\""),
+        ],
+    );
+    let out = c.cli(&["apply", "-f", &smaller]);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("volume notes holds"), "{said}");
+    assert!(!c.cli_ok(&["get", "apps"]).contains("shrinker"));
 }
 
 #[test]

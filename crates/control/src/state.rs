@@ -581,6 +581,22 @@ impl ControlPlane {
                             .then(Op::put(vkey, encode(&volume)));
                     }
                     Some((mut volume, at)) if volume.size_bytes != mount.size_bytes => {
+                        // Smaller than what it holds, every writer would fail (EDQUOT).
+                        let used = self
+                            .inner
+                            .volume_usage
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&(key.namespace.clone(), mount.name.clone()))
+                            .copied();
+                        if let Some(used) = used.filter(|u| *u > mount.size_bytes) {
+                            return Err(ControlError::conflict(format!(
+                                "volume {} holds {}: size = \"{}\" is less, and its writers would fail; give at least that",
+                                mount.name,
+                                shoal_core::quantity::format_memory(used),
+                                shoal_core::quantity::format_memory(mount.size_bytes)
+                            )));
+                        }
                         volume.size_bytes = mount.size_bytes;
                         txn = txn
                             .when_mod_revision(vkey.clone(), at)
