@@ -113,6 +113,9 @@ impl ControlPlane {
         check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
         let key = keys::config_set(ns, name);
         let existing = self.get(&key)?;
+        if !create {
+            self.users_take(ns, name, &data)?;
+        }
         let txn = match (&existing, create) {
             (Some(_), true) => {
                 return Err(ControlError::conflict(format!(
@@ -152,6 +155,34 @@ impl ControlPlane {
         }
         let users = self.config_set_users(ns, name)?;
         Ok((set, self.apply_users_again(users, "config set")))
+    }
+
+    /// Refuses new `data` for set `name` that one of its users could not be applied with (a
+    /// key its `$(config.KEY)` names, gone): the change would leave it on the old values, as
+    /// unsetting a secret's key an app names is refused.
+    fn users_take(
+        &self,
+        ns: &str,
+        name: &str,
+        data: &BTreeMap<String, String>,
+    ) -> Result<(), ControlError> {
+        let mut refused = Vec::new();
+        for app in self.config_set_users(ns, name)? {
+            let mut spec = self.resolve_config_sets(app.spec)?;
+            for set in spec.config_sets.iter_mut().filter(|s| s.name == name) {
+                set.data = Some(data.clone());
+            }
+            if let Err(e) = spec.validate() {
+                refused.push(format!("app {}: {e}", spec.name));
+            }
+        }
+        match refused.is_empty() {
+            true => Ok(()),
+            false => Err(ControlError::conflict(format!(
+                "config set {name} cannot change so: {}",
+                refused.join("; ")
+            ))),
+        }
     }
 
     /// The apps of namespace `ns` that name set `name`.
@@ -318,6 +349,42 @@ mod tests {
             "{}",
             warned.message
         );
+    }
+
+    /// A change a user could not take (the key its env names, gone) is refused, naming it,
+    /// as a secret's is; the set is left as it was.
+    #[test]
+    fn a_change_a_user_cannot_take_is_refused_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_config_set("default", "shared", data("one"), true)
+            .unwrap();
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\n\
+             kind = \"http\"\n[env]\nGREETING = \"$(config.greeting)\"\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        cp.apply(spec, false).unwrap();
+
+        let e = cp
+            .put_config_set("default", "shared", BTreeMap::new(), false)
+            .unwrap_err();
+        assert!(matches!(e, ControlError::Conflict(_)), "{e}");
+        let said = e.to_string();
+        assert!(
+            said.contains("app web") && said.contains("greeting"),
+            "{said}"
+        );
+        assert_eq!(
+            cp.config_set("default", "shared").unwrap().data,
+            data("one")
+        );
+        // A change it can take goes through, and rolls it.
+        let (_, rolled) = cp
+            .put_config_set("default", "shared", data("two"), false)
+            .unwrap();
+        assert_eq!(rolled, [AppKey::new("default", "web")]);
     }
 
     /// A spec read from the store and applied again cannot undo an apply made since.
