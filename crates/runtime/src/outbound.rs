@@ -66,7 +66,9 @@ impl WasiHttpHooks for OutboundHooks {
                 }
                 Err(err) => {
                     if matches!(err, HttpError::HttpRequestDenied) {
-                        logs.push_system(format!("outbound request denied: {target}"));
+                        logs.push_system(format!(
+                            "outbound request denied: {target} (not granted by the app's [network] outbound, or to a private address, which a node allows only with --allow-private-egress)"
+                        ));
                     }
                     tracing::debug!(%target, error = %err, "outbound request failed");
                     Err(err)
