@@ -447,6 +447,8 @@ fn daemons_restart_with_backoff_and_jobs_retry_on_failure() {
     assert_eq!(r["exit_code"], 3, "{r}");
     let logs = c.cli_ok(&["logs", "retrier"]);
     assert_eq!(logs.matches("greet-job: starting").count(), 3, "{logs}");
+    // Each run's end is said once.
+    assert_eq!(logs.matches("exited with code 3").count(), 3, "{logs}");
 }
 
 fn faulty_with(dir: &std::path::Path, file: &str, healthz: u16, health: &str) -> String {

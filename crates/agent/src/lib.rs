@@ -1179,7 +1179,6 @@ impl Agent {
                 ExitStatus::Exited(n) => Some(n),
                 _ => None,
             };
-            logs.push_system(format!("exited: {status}"));
             let retry = match (replica.kind, &template.job) {
                 (Kind::Daemon, _) => true,
                 (_, _) if status.success() => false,
@@ -1207,8 +1206,9 @@ impl Agent {
             }
             let delay = backoff.after(started.elapsed());
             restarts += 1;
+            // The log has the status already, from the runtime; its replica's message both.
+            logs.push_system(format!("restart {restarts} in {delay:?}"));
             let message = format!("{status}; restart {restarts} in {delay:?}");
-            logs.push_system(&message);
             self.report_status(
                 replica,
                 Phase::CrashLoopBackOff,

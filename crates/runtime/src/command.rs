@@ -159,6 +159,7 @@ impl Command {
         let line = match status {
             ExitStatus::Exited(0) => {
                 tracing::debug!(%digest, ?elapsed, "command exited with code 0");
+                settings.logs.push_system("exited with code 0");
                 return;
             }
             ExitStatus::Exited(code) => format!("exited with code {code}"),
