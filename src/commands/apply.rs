@@ -4,8 +4,7 @@ use crate::output::{self, Format};
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use shoal_api::seg;
-use shoal_api::{ApplyOutcome, ApplyResult};
+use shoal_api::{ApplyOutcome, ApplyResult, seg};
 use shoal_core::{ModuleRef, parse_app};
 use std::path::{Path, PathBuf};
 

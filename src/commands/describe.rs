@@ -2,8 +2,7 @@ use super::Context;
 use super::get::{event_rows, replica_rows};
 use crate::output::{self, Format, age, duration, table_indented};
 use anyhow::Result;
-use shoal_api::Describe;
-use shoal_api::seg;
+use shoal_api::{Describe, seg};
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]

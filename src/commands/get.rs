@@ -2,8 +2,7 @@ use super::Context;
 use crate::client::Client;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::seg;
-use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView};
+use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView, seg};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, Replica};
 

@@ -4,8 +4,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::{Result, bail};
-use shoal_api::seg;
-use shoal_api::{JobRun, JobSummary};
+use shoal_api::{JobRun, JobSummary, seg};
 use shoal_core::Replica;
 use std::time::{Duration, Instant};
 

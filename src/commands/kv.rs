@@ -4,8 +4,7 @@
 use super::Context;
 use crate::output::{self, Format, table};
 use anyhow::{Context as _, Result, bail};
-use shoal_api::BucketView;
-use shoal_api::seg;
+use shoal_api::{BucketView, seg};
 use shoal_core::kv::KvAnswer;
 use std::path::PathBuf;
 

@@ -4,8 +4,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
-use shoal_api::PoolWrite;
-use shoal_api::seg;
+use shoal_api::{PoolWrite, seg};
 use shoal_core::{Pool, PoolSpec};
 
 #[derive(clap::Args)]

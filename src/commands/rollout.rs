@@ -1,8 +1,7 @@
 use super::Context;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::seg;
-use shoal_api::{ApplyOutcome, ApplyResult, Describe, RolloutView};
+use shoal_api::{ApplyOutcome, ApplyResult, Describe, RolloutView, seg};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::{Kind, RolloutPhase, RolloutStatus};
 use std::time::{Duration, Instant};

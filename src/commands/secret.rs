@@ -5,8 +5,7 @@
 use super::Context;
 use crate::output::{self, Format, age, table};
 use anyhow::{Context as _, Result, bail};
-use shoal_api::seg;
-use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten};
+use shoal_api::{KeyRotated, SecretView, SecretWrite, SecretWritten, seg};
 use shoal_core::spec::{
     REGISTRY_KEY, REGISTRY_PASSWORD_KEY, REGISTRY_USERNAME_KEY, TLS_CERT_KEY, TLS_KEY_KEY,
 };

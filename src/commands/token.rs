@@ -2,8 +2,7 @@ use super::Context;
 use crate::client::write_private;
 use crate::output::{self, Format, age, table};
 use anyhow::Result;
-use shoal_api::seg;
-use shoal_api::{CreatedToken, RotatedJoinToken, TokenRequest, TokenView};
+use shoal_api::{CreatedToken, RotatedJoinToken, TokenRequest, TokenView, seg};
 use shoal_core::auth::Role;
 use std::path::PathBuf;
 

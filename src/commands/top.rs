@@ -5,8 +5,7 @@ use super::Context;
 use super::get::ns_table;
 use crate::output::{self, Format, table};
 use anyhow::Result;
-use shoal_api::seg;
-use shoal_api::{AppTop, NodeTop};
+use shoal_api::{AppTop, NodeTop, seg};
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]

@@ -10,12 +10,11 @@
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
-use shoal_api::seg;
 use shoal_api::{
     AppCpu, CertificateRequest, Changes, Client, ClientError, Delta, IngressCertificate,
     IssuedCertificate, JoinRequest, JoinResponse, Link, LinkError, LinkResult, NodeUsage,
     ReplicaIncident, ReplicaReport, ReplicaSecrets, Resend, Servers, Snapshot, VolumeUsage,
-    Waiting, WatchBroken,
+    Waiting, WatchBroken, seg,
 };
 use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
