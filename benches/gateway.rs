@@ -41,14 +41,16 @@ fn wait_200(client: &reqwest::blocking::Client, url: &str, limit: Duration) -> I
     }
 }
 
-fn spec_json(name: &str, route: &str, digest: &str) -> serde_json::Value {
-    serde_json::json!({
-        "name": name, "namespace": "default",
-        "component": { "digest": digest, "kind": "http" },
-        "resources": { "memory_bytes": 32 << 20, "cpu_millis": 50, "max_concurrency": 64 },
-        "replicas": 1,
-        "http": { "routes": [{ "path": route }], "timeout_ms": 30000 },
-    })
+/// An app as `shoal apply` posts it: one replica of `digest` serving `route`.
+fn spec_json(name: &str, route: &str, digest: &str) -> shoal_core::spec::AppSpec {
+    let src = format!(
+        "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+         [resources]\nlimits = {{ memory = \"32Mi\" }}\nrequests = {{ cpu = \"50m\" }}\n\
+         max_concurrency = 64\n[scale]\nreplicas = 1\n[http]\nroutes = [\"{route}\"]\n"
+    );
+    shoal_core::spec::parse_app(&src)
+        .and_then(|m| m.resolve(digest.to_string()))
+        .expect("the bench's spec is valid")
 }
 
 fn main() {
