@@ -361,6 +361,70 @@ fn drain_moves_replicas_without_failed_requests() {
     assert!(nodes_table.contains("Cordoned"), "{nodes_table}");
 }
 
+/// `systemctl stop` of a worker: on SIGTERM it has its replicas replaced on the other nodes,
+/// each new one Ready before its old one stops, and only then exits; back, it takes work again.
+#[test]
+fn a_node_stopped_with_sigterm_hands_its_replicas_over_first() {
+    let (dir, server, mut nodes) = cluster(2, &[]);
+    apply_hello(&server, dir.path(), 4);
+    assert!(
+        server.placement("hello").contains_key("node-2"),
+        "{:?}",
+        server.placement("hello")
+    );
+    let load = Load::start(format!("{}/hello", nodes[0].gateway));
+    let status = nodes[1]
+        .terminate(Duration::from_secs(40))
+        .expect("node-2 exits within its drain timeout");
+    assert!(status.success(), "{status:?}");
+    // Handed over before it exited, not replaced after it was missed.
+    assert_eq!(
+        server.placement("hello"),
+        BTreeMap::from([("node-1".to_string(), 4)])
+    );
+    assert_eq!(server.replicas("hello").len(), 4);
+    let r = load.stop();
+    assert!(r.ok > 0);
+    assert_eq!(r.failed, 0, "failed as the node stopped: {r:?}");
+    let row = |server: &Server| {
+        let table = server.cli_ok(&["get", "nodes"]);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("node-2 "))
+            .map(str::to_string);
+        row.unwrap_or_else(|| panic!("no node-2 in {table}"))
+    };
+    assert!(
+        poll(Duration::from_secs(30), || row(&server).contains(",Left ")),
+        "{}",
+        row(&server)
+    );
+    let events = server.cli_ok(&["events"]);
+    assert!(events.contains("node node-2 is shutting down"), "{events}");
+
+    // Started again, it is schedulable (the cordon was its own) and gets its share back.
+    nodes[1].restart();
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let n = server.api_json("/v1/nodes");
+            n.as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["name"] == "node-2" && n["state"] == "Ready" && n["schedulable"] == true)
+        }),
+        "{}",
+        row(&server)
+    );
+    assert!(
+        poll(Duration::from_secs(30), || server
+            .placement("hello")
+            .get("node-2")
+            .is_some_and(|&n| n > 0)),
+        "{:?}",
+        server.placement("hello")
+    );
+}
+
 #[test]
 fn apps_call_each_other_by_service_name_across_nodes() {
     let (dir, server, nodes) = cluster(3, &[]);

@@ -4,7 +4,7 @@ use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
 use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView, seg};
 use shoal_core::quantity::format_memory;
-use shoal_core::{Event, Module, Replica};
+use shoal_core::{Event, Module, NodeState, Replica};
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -373,10 +373,15 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                         true => "Unknown".to_string(),
                         false => format!("{:?}", n.node.state),
                     };
-                    let state = match (n.node.schedulable, n.node.draining) {
-                        (true, _) => state,
-                        (false, false) => format!("{state},Cordoned"),
-                        (false, true) => format!("{state},Cordoned,Draining"),
+                    // A node that drained itself as it shut down: Leaving while it still
+                    // runs, Left once it stopped (it is schedulable again when it starts).
+                    let up = !n.silent && n.node.state == NodeState::Ready;
+                    let state = match (n.node.schedulable, n.node.draining, n.node.leaving) {
+                        (true, _, _) => state,
+                        (false, _, true) if up => format!("{state},Cordoned,Leaving"),
+                        (false, _, true) => format!("{state},Left"),
+                        (false, false, false) => format!("{state},Cordoned"),
+                        (false, true, false) => format!("{state},Cordoned,Draining"),
                     };
                     vec![
                         n.node.name.clone(),

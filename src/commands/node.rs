@@ -82,6 +82,11 @@ struct JoinArgs {
     /// Where this node keeps fetched modules and compiled code.
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// On SIGTERM or Ctrl-C, first have this node's replicas move to other nodes (each new
+    /// one Ready before its old one stops), waiting up to this long; a second signal stops
+    /// at once. The node is schedulable again when it next starts. 0 stops at once.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    drain_timeout: String,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -183,6 +188,9 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let name = node_name(&args.node)?;
+    let drain_ms = shoal_core::quantity::parse_duration_ms(&args.drain_timeout)
+        .map_err(|e| crate::exit::usage(format!("--drain-timeout: {e}")))?;
+    let drain = std::time::Duration::from_millis(drain_ms);
     let ca = cluster_ca(&args, &data).await?;
     let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name).await?;
@@ -204,7 +212,29 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     println!("Shoal node {} joined {}", node.name, args.servers);
     node.print_addresses();
     shutdown_signal().await;
-    println!("Shoal node is stopping");
+    if drain.is_zero() {
+        println!("Shoal node is stopping");
+        return Ok(());
+    }
+    println!(
+        "Shoal node is stopping: its replicas move to other nodes first (up to {}; signal again to stop now)",
+        output::duration(drain_ms)
+    );
+    tokio::select! {
+        left = node.agent.leave(drain) => match left {
+            Ok(0) => println!("Shoal node is stopping: its replicas run on other nodes now"),
+            Ok(left) => println!(
+                "Shoal node is stopping: {} still here after {}, with nowhere else to go; they are replaced once the node is missed",
+                output::count(left, "replica"),
+                output::duration(drain_ms)
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot ask the control plane to move this node's replicas; stopping with them: they are replaced once the node is missed"
+            ),
+        },
+        _ = shutdown_signal() => println!("Shoal node is stopping now"),
+    }
     Ok(())
 }
 

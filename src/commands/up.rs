@@ -483,6 +483,7 @@ pub struct StartedNode {
     pub https: bool,
     /// Where its metrics are served, if they are.
     pub metrics: Option<SocketAddr>,
+    pub agent: Agent,
 }
 
 impl StartedNode {
@@ -773,13 +774,14 @@ pub async fn start_node(
         Some(addr) => Some(serve_metrics(addr, agent.clone()).await?),
         None => None,
     };
-    tokio::spawn(agent.run());
+    tokio::spawn(agent.clone().run());
     tokio::spawn(shoal_gateway::serve(listener, gateway));
     Ok(StartedNode {
         name,
         gateway: gw_addr,
         https: !args.gateway_cert.is_empty(),
         metrics,
+        agent,
     })
 }
 

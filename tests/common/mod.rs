@@ -771,6 +771,24 @@ impl NodeProc {
         self.child.wait().expect("reap");
     }
 
+    /// Sends SIGTERM, as `systemctl stop` does, and waits up to `within` for the process to
+    /// exit: its exit status, or `None` if it still runs.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: a plain kill(2) of our own child, which has not been reaped yet.
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGTERM) },
+            0,
+            "SIGTERM {pid}"
+        );
+        let mut status = None;
+        poll(within, || {
+            status = self.child.try_wait().expect("wait for the node");
+            status.is_some()
+        });
+        status
+    }
+
     /// Starts the same node again (same name, data dir and gateway address).
     pub fn restart(&mut self) {
         let end = Instant::now() + Duration::from_secs(20);

@@ -76,6 +76,9 @@ const INGRESS_RETRY: Duration = Duration::from_secs(2);
 
 /// Incidents of one kind on one replica reported at most this often; the rest are counted.
 const INCIDENT_PERIOD: Duration = Duration::from_secs(10);
+/// How often a node shutting down looks whether its replicas have moved, and says it waits.
+const LEAVE_POLL: Duration = Duration::from_millis(100);
+const LEAVE_PROGRESS: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -183,6 +186,42 @@ impl Agent {
         agent
     }
 
+    /// Has this node's replicas moved to other nodes as it shuts down, and waits until none
+    /// runs here or `within` has passed: the control plane drains the node, new before old, so
+    /// a planned stop fails no request (kubelet's graceful node shutdown, Nomad's
+    /// `drain_on_shutdown`). Returns how many still run: those with nowhere else to go.
+    pub async fn leave(&self, within: Duration) -> Result<usize, LinkError> {
+        self.inner.link.leave(&self.inner.config.node).await?;
+        let deadline = tokio::time::Instant::now() + within;
+        let mut said = tokio::time::Instant::now();
+        loop {
+            let left = self
+                .inner
+                .running
+                .lock()
+                .expect("agent lock")
+                .values()
+                .filter(|r| {
+                    // A job's finished run has nothing left to lose.
+                    let status = r.status.lock().expect("status lock");
+                    !status.as_ref().is_some_and(|s| s.phase.is_terminal())
+                })
+                .count();
+            let now = tokio::time::Instant::now();
+            if left == 0 || now >= deadline {
+                return Ok(left);
+            }
+            if now - said >= LEAVE_PROGRESS {
+                tracing::info!(
+                    replicas = left,
+                    "waiting for replicas to move to other nodes"
+                );
+                said = now;
+            }
+            tokio::time::sleep(LEAVE_POLL).await;
+        }
+    }
+
     /// This node's metrics in Prometheus' text format (see `metrics.rs`), read now.
     pub fn prometheus(&self) -> Result<String, std::fmt::Error> {
         let inner = &self.inner;
@@ -214,6 +253,7 @@ impl Agent {
             state: NodeState::Ready,
             schedulable: true,
             draining: false,
+            leaving: false,
             joined_at: now_ms(),
         }
     }

@@ -289,6 +289,14 @@ impl Link for RemoteLink {
         })
     }
 
+    fn leave(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
+        let path = format!("/v1/cluster/nodes/{}/leave", seg(node));
+        Box::pin(async move {
+            let req = self.post(&path).timeout(CALL_TIMEOUT);
+            self.call(req, Resend::Idempotent).await.map(|_| ())
+        })
+    }
+
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
         let path = format!("/v1/cluster/nodes/{}/reports", seg(&report.node));
         Box::pin(async move {

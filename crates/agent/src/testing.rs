@@ -73,6 +73,7 @@ pub fn node(name: &str, state: NodeState) -> Node {
         state,
         schedulable: true,
         draining: false,
+        leaving: false,
         joined_at: 0,
     }
 }

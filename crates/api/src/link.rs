@@ -52,6 +52,9 @@ pub trait Link: Send + Sync + 'static {
     ) -> BoxFuture<'_, LinkResult<String>>;
     /// Renews the node's lease, saying what its guests' memory is now.
     fn heartbeat(&self, node: &str, usage: NodeUsage) -> BoxFuture<'_, LinkResult<()>>;
+    /// The node is shutting down: its replicas are to move to other nodes, new before old
+    /// (a drain of its own, lifted when it registers again).
+    fn leave(&self, node: &str) -> BoxFuture<'_, LinkResult<()>>;
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>>;
     fn snapshot(&self) -> BoxFuture<'_, LinkResult<Snapshot>>;
     /// The changes after revision `after` (a [`Snapshot`]'s, or the last [`Delta`]'s the

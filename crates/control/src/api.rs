@@ -250,6 +250,9 @@ fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
             op("Say the node is alive, with what its guests use now (no body: only alive)")
                 .body::<NodeUsage>()
                 .empty(StatusCode::NO_CONTENT)),
+        route!(POST "/v1/cluster/nodes/{name}/leave" => leave, Access::Node,
+            op("The node shuts down: its replicas move to other nodes, new before old")
+                .json::<Node>(StatusCode::OK)),
         route!(POST "/v1/cluster/nodes/{name}/reports" => report, Access::Node,
             op("Report a replica's phase")
                 .body::<ReplicaReport>()
@@ -1304,6 +1307,17 @@ async fn heartbeat(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn leave(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    blocking(move || cp.leave_node(&name))
+        .await
+        .map(|n| Json(n).into_response())
+}
+
 async fn report(
     State(cp): State<ControlPlane>,
     Extension(me): Extension<NodeIdentity>,
@@ -1818,6 +1832,7 @@ mod tests {
             state: shoal_core::NodeState::Ready,
             schedulable: true,
             draining: false,
+            leaving: false,
             joined_at: 0,
         };
         let credential = cp.join_node("n1").unwrap().credential;
@@ -1845,6 +1860,58 @@ mod tests {
         assert_eq!(
             delta.changes,
             [shoal_api::Change::Put(shoal_api::Object::Node(n1))]
+        );
+    }
+
+    #[test]
+    fn a_node_back_from_leaving_is_schedulable_unless_an_operator_cordoned_it() {
+        let (_dir, cp) = control_plane_with_token();
+        let node = |name: &str| Node {
+            name: name.into(),
+            gateway: format!("{name}:8080"),
+            capacity: Default::default(),
+            labels: Default::default(),
+            state: shoal_core::NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            leaving: false,
+            joined_at: 0,
+        };
+        let get = |name: &str| {
+            let nodes = cp.node_summaries().unwrap();
+            nodes
+                .into_iter()
+                .find(|n| n.node.name == name)
+                .unwrap()
+                .node
+        };
+        for name in ["own", "cordoned"] {
+            cp.register_node(node(name)).unwrap();
+        }
+        cp.set_node_scheduling("cordoned", NodeAction::Cordon)
+            .unwrap();
+        for name in ["own", "cordoned"] {
+            let left = cp.leave_node(name).unwrap();
+            assert!(!left.schedulable && left.draining, "{left:?}");
+            assert_eq!(get(name), left);
+        }
+        assert!(get("own").leaving);
+        assert!(!get("cordoned").leaving, "the cordon was the operator's");
+        // Asked again (a retried call), nothing changes.
+        assert_eq!(cp.leave_node("own").unwrap(), get("own"));
+        for name in ["own", "cordoned"] {
+            cp.register_node(node(name)).unwrap();
+        }
+        let own = get("own");
+        assert!(own.schedulable && !own.draining && !own.leaving, "{own:?}");
+        let cordoned = get("cordoned");
+        assert!(!cordoned.schedulable && cordoned.draining, "{cordoned:?}");
+        let events = cp.events(None, 100).unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.reason == "Leaving" && e.object == "node/own"),
+            "{events:?}"
         );
     }
 
@@ -1973,9 +2040,16 @@ mod tests {
             "csr": key.request("n1").unwrap(),
             "hosts": ["10.9.9.9"],
         });
-        for path in ["heartbeat", "metrics", "cpu", "waiting", "certificate"] {
+        for path in [
+            "heartbeat",
+            "leave",
+            "metrics",
+            "cpu",
+            "waiting",
+            "certificate",
+        ] {
             let body = match path {
-                "heartbeat" => serde_json::Value::Null,
+                "heartbeat" | "leave" => serde_json::Value::Null,
                 "certificate" => request.clone(),
                 _ => serde_json::json!([]),
             };
@@ -1986,6 +2060,7 @@ mod tests {
         let nodes = cp.node_summaries().unwrap();
         let n1_record = nodes.iter().find(|n| n.node.name == "n1").unwrap();
         assert_eq!(n1_record.node.gateway, "n1:8080", "n1 untouched");
+        assert!(n1_record.node.schedulable, "n1 not made to leave");
         // n1 gets its certificate for its own key, signed by the cluster CA; a request
         // naming no host, or too many, or that is no request, is refused.
         let (status, issued) =

@@ -54,6 +54,11 @@ impl Link for LocalLink {
         Box::pin(async move { blocking(move || cp.heartbeat(&node, Some(usage))).await })
     }
 
+    fn leave(&self, node: &str) -> BoxFuture<'_, LinkResult<()>> {
+        let (cp, node) = (self.0.clone(), node.to_string());
+        Box::pin(async move { blocking(move || cp.leave_node(&node).map(|_| ())).await })
+    }
+
     fn report(&self, report: ReplicaReport) -> BoxFuture<'_, LinkResult<()>> {
         let cp = self.0.clone();
         Box::pin(async move { blocking(move || cp.report_replica(report)).await })
@@ -309,6 +314,7 @@ mod tests {
             state: NodeState::Ready,
             schedulable: true,
             draining: false,
+            leaving: false,
             joined_at: 0,
         }
     }

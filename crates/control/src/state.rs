@@ -1022,7 +1022,8 @@ impl ControlPlane {
     // ---- node-facing ----
 
     /// A node (re)joins: its record is replaced, keeping its join time and
-    /// whether it was cordoned, and its lease is renewed.
+    /// whether it was cordoned (unless the cordon was its own, made as it shut
+    /// down: [`Node::leaving`]), and its lease is renewed.
     pub fn register_node(&self, node: Node) -> Result<u64, ControlError> {
         shoal_core::validate_name(&node.name).map_err(|e| {
             ControlError::invalid(ErrorCode::InvalidNode, format!("node name: {e}"))
@@ -1034,6 +1035,11 @@ impl ControlPlane {
             let mut node = node.clone();
             node.state = NodeState::Ready;
             let txn = match &previous {
+                // Back from a shutdown that drained it: schedulable again.
+                Some((old, mod_rev)) if old.leaving => {
+                    node.joined_at = old.joined_at;
+                    Txn::new().when_mod_revision(key.clone(), *mod_rev)
+                }
                 Some((old, mod_rev)) => {
                     node.joined_at = old.joined_at;
                     node.schedulable = old.schedulable;
@@ -1144,6 +1150,46 @@ impl ControlPlane {
         }
         self.inner.kick.notify_one();
         Ok(node)
+    }
+
+    /// A node shutting down asks for its replicas to move elsewhere, new before old, as a
+    /// drain does: kubelet's graceful node shutdown, Nomad's `drain_on_shutdown`. Marked
+    /// [`Node::leaving`] only if it was schedulable, so that registering again lifts a cordon
+    /// that was its own and never an operator's.
+    pub fn leave_node(&self, name: &str) -> Result<Node, ControlError> {
+        let key = keys::node(name);
+        for _ in 0..5 {
+            let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
+                return Err(ControlError::not_found(format!(
+                    "node {name} does not exist"
+                )));
+            };
+            if node.draining {
+                return Ok(node);
+            }
+            node.leaving = node.schedulable;
+            node.schedulable = false;
+            node.draining = true;
+            let txn = Txn::new()
+                .when_mod_revision(key.clone(), mod_rev)
+                .then(Op::put(key.clone(), encode(&node)))
+                .then(self.event_op(
+                    EventType::Normal,
+                    "Leaving",
+                    format!("node/{name}"),
+                    None,
+                    format!(
+                        "node {name} is shutting down: its replicas move to other nodes, new before old"
+                    ),
+                ));
+            if self.inner.store.txn(txn)?.succeeded {
+                self.inner.kick.notify_one();
+                return Ok(node);
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "node {name} kept changing while it left; try again"
+        )))
     }
 
     /// Records what a node says about a replica. Reports about replicas that

@@ -17,6 +17,7 @@ fn node(name: String) -> Node {
         state: NodeState::Ready,
         schedulable: true,
         draining: false,
+        leaving: false,
         joined_at: 0,
     }
 }

@@ -682,6 +682,11 @@ pub struct Node {
     /// Set by `drain`: its replicas are replaced elsewhere, new before old.
     #[serde(default)]
     pub draining: bool,
+    /// Set when the node drained itself as it shut down (`shoal node join` on SIGTERM),
+    /// having been schedulable: the cordon and drain are lifted when it registers again. An
+    /// operator's own cordon of a node that then shuts down stays.
+    #[serde(default)]
+    pub leaving: bool,
     #[schema(value_type = u64)]
     pub joined_at: Millis,
 }

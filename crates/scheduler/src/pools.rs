@@ -388,6 +388,7 @@ mod tests {
                 state: NodeState::Ready,
                 schedulable: true,
                 draining: false,
+                leaving: false,
                 joined_at,
             },
         )
