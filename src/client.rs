@@ -189,9 +189,8 @@ impl Client {
         // A server that does not take a connection within this is left for the next one.
         let mut http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
         if let Some(pem) = ca {
-            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-                .context("the cluster CA is not a PEM certificate")?;
-            http = http.add_root_certificate(cert);
+            let tls = shoal_tls::api_client(pem).context("the cluster CA")?;
+            http = http.use_preconfigured_tls(tls);
         }
         let http = http.build().context("cannot set up the HTTP client")?;
         Ok(Client {

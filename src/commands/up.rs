@@ -379,10 +379,10 @@ pub async fn start_control(
         None
     } else {
         let names = api_names(args, addr);
-        let cert = shoal_tls::LiveCert::new(&ca.issue_server(&names)?)?;
+        let cert = shoal_tls::LiveCert::new(&ca.issue_api(&names)?)?;
         let ca = ca.clone();
         tokio::spawn(keep_renewed("API", cert.clone(), move || {
-            let issued = ca.issue_server(&names);
+            let issued = ca.issue_api(&names);
             async move { Ok(issued?) }
         }));
         Some(shoal_tls::server_config(&cert)?)

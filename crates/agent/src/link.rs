@@ -95,11 +95,11 @@ impl JoinToken {
 /// The HTTP client a node reaches its control plane with: trusting the
 /// cluster CA `ca` (PEM) when the API speaks TLS.
 pub fn http_client(ca: &str) -> LinkResult<reqwest::Client> {
-    let cert = reqwest::Certificate::from_pem(ca.as_bytes())
+    let tls = shoal_tls::api_client(ca)
         .map_err(|e| LinkError::Failed(format!("the cluster CA is unreadable: {e}")))?;
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(2))
-        .add_root_certificate(cert)
+        .use_preconfigured_tls(tls)
         .build()
         .map_err(|e| LinkError::Failed(e.to_string()))
 }

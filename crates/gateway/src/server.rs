@@ -445,16 +445,18 @@ impl Gateway {
     /// it is refused whole: never served internally, never routed or forwarded with those
     /// headers. Without the cluster's certificates (tests) every request is trusted.
     fn access<B>(&self, req: &Request<B>) -> Access {
-        let asks = is_logs_path(req) || proxy::has_internal(req.headers());
-        if !asks {
+        let logs = is_logs_path(req);
+        if !logs && !proxy::has_internal(req.headers()) {
             return Access::Public;
         }
-        let verified =
-            self.inner.config.members.is_none() || req.extensions().get::<Member>().is_some();
-        if verified {
-            Access::Internal
-        } else {
-            Access::Refused
+        if self.inner.config.members.is_none() {
+            return Access::Internal;
+        }
+        match req.extensions().get::<Member>() {
+            // Replicas' output is the control plane's to read (`shoal logs`), not other nodes'.
+            Some(member) if logs && !member.control_plane => Access::Refused,
+            Some(_) => Access::Internal,
+            None => Access::Refused,
         }
     }
 
@@ -973,7 +975,9 @@ enum Access {
 /// Marks a request that came over a connection whose peer presented a certificate of the
 /// cluster CA: another node's gateway, or the control plane.
 #[derive(Clone, Copy)]
-struct Member;
+struct Member {
+    control_plane: bool,
+}
 
 fn is_logs_path<B>(req: &Request<B>) -> bool {
     req.uri().path().starts_with(LOGS_PATH)
@@ -1085,23 +1089,24 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 Err(_) => return tracing::debug!(%peer, "a TLS hello took too long"),
             };
             let config = &gateway.inner.config;
-            let (tls, member) = match start.client_hello().server_name() {
-                Some(_) => (config.ingress_tls.clone(), None),
-                None => (
-                    config.members.as_ref().map(|m| m.server.clone()),
-                    Some(Member),
-                ),
+            let (tls, is_member) = match start.client_hello().server_name() {
+                Some(_) => (config.ingress_tls.clone(), false),
+                None => (config.members.as_ref().map(|m| m.server.clone()), true),
             };
             let Some(tls) = tls else {
-                return tracing::debug!(%peer, member = member.is_some(), "no TLS for this kind of client");
+                return tracing::debug!(%peer, member = is_member, "no TLS for this kind of client");
             };
             match tokio::time::timeout_at(deadline, start.into_stream(tls)).await {
                 Ok(Ok(stream)) => {
                     let presented = stream.get_ref().1.peer_certificates();
                     let first = presented.and_then(|c| c.first()).map(|c| c.as_ref());
-                    if member.is_some() && !gateway.admits(first) {
+                    if is_member && !gateway.admits(first) {
                         return tracing::debug!(%peer, "refused a member's certificate: not one of the cluster's nodes");
                     }
+                    let member = is_member.then(|| Member {
+                        control_plane: first.and_then(shoal_tls::member_of).as_deref()
+                            == Some(shoal_tls::CONTROL_PLANE),
+                    });
                     serve_connection(gateway, stream, peer, member).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "refused a TLS connection"),

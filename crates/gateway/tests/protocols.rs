@@ -315,7 +315,7 @@ async fn the_public_gets_https_by_host_name_beside_plain_text_and_the_members() 
         (StatusCode::OK, "hi\n".into())
     );
     let reply = members
-        .client()
+        .control_plane()
         .get(&format!("https://{addr}/_shoal/logs/nobody"))
         .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.text());

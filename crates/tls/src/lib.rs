@@ -102,7 +102,7 @@ impl Authority {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, "Shoal cluster CA");
+        name.push(DnType::CommonName, CLUSTER_CA);
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -158,6 +158,16 @@ impl Authority {
         self.sign_with_new_key(params)
     }
 
+    /// The control plane's API certificate for `names`: a server certificate named
+    /// [`CONTROL_PLANE`], which no node's can be, so that [`api_client`] tells it from the
+    /// certificates this CA signs for nodes.
+    pub fn issue_api(&self, names: &[String]) -> Result<Issued, TlsError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = member_name(CONTROL_PLANE);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign_with_new_key(params)
+    }
+
     /// Signs `params` for a key made here; the certificate and that key.
     fn sign_with_new_key(&self, mut params: CertificateParams) -> Result<Issued, TlsError> {
         let key = KeyPair::generate()?;
@@ -196,9 +206,43 @@ impl Authority {
     }
 }
 
-/// The name in the client certificate the control plane reads nodes' logs with: not a valid
-/// node name, so no node can be it.
+/// The name in the control plane's certificates (its API's, and the client one it reads
+/// nodes' logs with): not a valid node name, so no node can be it.
 pub const CONTROL_PLANE: &str = "shoal:control-plane";
+
+/// The common name of the CA [`Authority::load_or_create`] makes.
+const CLUSTER_CA: &str = "Shoal cluster CA";
+
+/// The TLS client side for a control plane's API whose CA is `ca` (PEM). When `ca` is a
+/// Shoal cluster CA the server must present the control plane's own certificate
+/// ([`Authority::issue_api`]), not merely one of the CA's: the CA also signs every node's,
+/// for whatever addresses the node says it has, so a node's key would otherwise let it pose
+/// as the API to whoever's traffic it can intercept, and take their tokens. Any other CA (a
+/// proxy's in front of the API) is trusted as usual.
+pub fn api_client(ca: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut cluster = false;
+    for der in certificates_der(ca)? {
+        cluster |= member_of(&der).as_deref() == Some(CLUSTER_CA);
+        roots.add(CertificateDer::from(der))?;
+    }
+    let roots = Arc::new(roots);
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    if !cluster {
+        return Ok(config.with_root_certificates(roots).with_no_client_auth());
+    }
+    let chain = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| TlsError::Pem(format!("the cluster CA cannot check servers: {e}")))?;
+    Ok(config
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MemberVerifier {
+            chain,
+            member: CONTROL_PLANE.to_string(),
+        }))
+        .with_no_client_auth())
+}
 
 /// Whose certificate `der` is: the node (or [`CONTROL_PLANE`]) it was issued to, as its
 /// common name says. Only meaningful for a certificate the handshake checked against the
@@ -403,9 +447,9 @@ impl Mutual {
         let mut config = self.client.clone();
         config
             .dangerous()
-            .set_certificate_verifier(Arc::new(NodeVerifier {
+            .set_certificate_verifier(Arc::new(MemberVerifier {
                 chain: self.chain.clone(),
-                node: node.to_string(),
+                member: node.to_string(),
             }));
         config
     }
@@ -416,15 +460,15 @@ impl Mutual {
     }
 }
 
-/// A server verifier that takes only node `node`'s certificate, as [`Mutual::client_for`]
-/// makes it.
+/// A server verifier that takes only the certificate the cluster CA issued to `member` (a
+/// node, as [`Mutual::client_for`] makes it, or the control plane, as [`api_client`] does).
 #[derive(Debug)]
-struct NodeVerifier {
+struct MemberVerifier {
     chain: Arc<rustls::client::WebPkiServerVerifier>,
-    node: String,
+    member: String,
 }
 
-impl rustls::client::danger::ServerCertVerifier for NodeVerifier {
+impl rustls::client::danger::ServerCertVerifier for MemberVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -441,7 +485,7 @@ impl rustls::client::danger::ServerCertVerifier for NodeVerifier {
             now,
         )?;
         match member_of(end_entity.as_ref()) {
-            Some(name) if name == self.node => Ok(verified),
+            Some(name) if name == self.member => Ok(verified),
             _ => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName,
             )),
@@ -815,6 +859,50 @@ mod tests {
             .with_client_auth_cert(vec![api.cert.clone()], PrivateKeyDer::Pkcs8(api.key))
             .unwrap();
         assert!(handshake(client, n1.server.clone(), "127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn api_clients_take_the_control_planes_certificate_and_no_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::load_or_create(dir.path()).unwrap();
+        let serving = |issued: &Issued| server_config(&LiveCert::new(issued).unwrap()).unwrap();
+        let api = ca.issue_api(&["127.0.0.1".into()]).unwrap();
+        let client = || api_client(ca.pem()).unwrap();
+        assert!(handshake(client(), serving(&api), "127.0.0.1").is_ok());
+        assert!(handshake(client(), serving(&api), "127.0.0.2").is_err());
+        // A node's certificate, which the CA signs for any address the node names, does not
+        // pass for the API's, even for the API's own address.
+        let key = NodeKey::generate().unwrap();
+        let pem = ca
+            .issue_node(&key.request("n1").unwrap(), "n1", &["127.0.0.1".into()])
+            .unwrap();
+        let node = key.with_certificate(&pem).unwrap();
+        assert!(handshake(client(), serving(&node), "127.0.0.1").is_err());
+        // Nor does another cluster's API.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Authority::load_or_create(other_dir.path()).unwrap();
+        let stranger = other.issue_api(&["127.0.0.1".into()]).unwrap();
+        assert!(handshake(client(), serving(&stranger), "127.0.0.1").is_err());
+
+        // A CA that is not a cluster's (a proxy's in front of the API) is trusted as usual.
+        let proxy_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Example proxy CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let proxy_ca = params.self_signed(&proxy_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &proxy_ca, &proxy_key)
+            .unwrap();
+        let proxy = Issued {
+            cert: leaf.der().clone(),
+            key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        };
+        let behind_proxy = api_client(&proxy_ca.pem()).unwrap();
+        assert!(handshake(behind_proxy, serving(&proxy), "127.0.0.1").is_ok());
     }
 
     #[test]
