@@ -372,11 +372,40 @@ fn a_node_stopped_with_sigterm_hands_its_replicas_over_first() {
         "{:?}",
         server.placement("hello")
     );
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        &common::faulty_spec(dir.path(), "faulty.toml", 2, ""),
+    ]);
+    assert!(
+        poll(Duration::from_secs(30), || ready_count(&server, "faulty")
+            == 2),
+        "{:?}",
+        server.placement("faulty")
+    );
     let load = Load::start(format!("{}/hello", nodes[0].gateway));
+    // Slow requests entering through the stopping node finish before it exits: they are in
+    // flight well before its replicas have moved (each replacement must be Ready first).
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let url = format!("{}/faulty/sleep/3000", nodes[1].gateway);
+            std::thread::spawn(move || {
+                let reply = common::client()
+                    .get(url)
+                    .send()
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((reply.status().as_u16(), reply.text().unwrap_or_default()))
+            })
+        })
+        .collect();
     let status = nodes[1]
         .terminate(Duration::from_secs(40))
         .expect("node-2 exits within its drain timeout");
     assert!(status.success(), "{status:?}");
+    for request in slow {
+        let answer = request.join().unwrap();
+        assert_eq!(answer, Ok((200, "slept 3000 ms".to_string())));
+    }
     // Handed over before it exited, not replaced after it was missed.
     assert_eq!(
         server.placement("hello"),

@@ -220,8 +220,10 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
         "Shoal node is stopping: its replicas move to other nodes first (up to {}; signal again to stop now)",
         output::duration(drain_ms)
     );
-    tokio::select! {
-        left = node.agent.leave(drain) => match left {
+    let deadline = tokio::time::Instant::now() + drain;
+    let agent = node.agent.clone();
+    let graceful = async move {
+        match agent.leave(drain).await {
             Ok(0) => println!("Shoal node is stopping: its replicas run on other nodes now"),
             Ok(left) => println!(
                 "Shoal node is stopping: {} still here after {}, with nowhere else to go; they are replaced once the node is missed",
@@ -232,7 +234,13 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
                 error = %e,
                 "cannot ask the control plane to move this node's replicas; stopping with them: they are replaced once the node is missed"
             ),
-        },
+        }
+        // What is in flight through the gateway finishes, within what is left of the time.
+        node.close(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+    };
+    tokio::select! {
+        _ = graceful => {}
         _ = shutdown_signal() => println!("Shoal node is stopping now"),
     }
     Ok(())

@@ -484,9 +484,17 @@ pub struct StartedNode {
     /// Where its metrics are served, if they are.
     pub metrics: Option<SocketAddr>,
     pub agent: Agent,
+    front: shoal_gateway::Gateway,
+    served: tokio::task::JoinHandle<()>,
 }
 
 impl StartedNode {
+    /// Stops taking requests and waits up to `within` for those in flight to finish.
+    pub async fn close(self, within: std::time::Duration) {
+        self.front.close();
+        let _ = tokio::time::timeout(within, self.served).await;
+    }
+
     /// The addresses it serves at, as `up` and `node join` print them.
     pub fn print_addresses(&self) {
         println!("  gateway:  http://{}", self.gateway);
@@ -775,13 +783,15 @@ pub async fn start_node(
         None => None,
     };
     tokio::spawn(agent.clone().run());
-    tokio::spawn(shoal_gateway::serve(listener, gateway));
+    let served = tokio::spawn(shoal_gateway::serve(listener, gateway.clone()));
     Ok(StartedNode {
         name,
         gateway: gw_addr,
         https: !args.gateway_cert.is_empty(),
         metrics,
         agent,
+        front: gateway,
+        served,
     })
 }
 

@@ -148,6 +148,15 @@ pub(crate) struct Inner {
     /// The nodes whose certificates a member's connection may present (besides the control
     /// plane's), once the agent has said (see [`Gateway::set_members`]).
     members: RwLock<Option<HashSet<String>>>,
+    /// Set by [`Gateway::close`]: [`serve`] takes no more connections and ends those it has
+    /// gracefully.
+    closing: tokio::sync::watch::Sender<bool>,
+}
+
+/// Resolves once [`Gateway::close`] has been called.
+async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard it answers with is dropped here, not held across an await.
+    let _ = closing.wait_for(|closing| *closing).await;
 }
 
 /// Maps a replica id to its log buffer on this node.
@@ -178,6 +187,7 @@ impl Gateway {
                 hops,
                 logs: RwLock::new(None),
                 members: RwLock::new(None),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -352,6 +362,13 @@ impl Gateway {
         }
         let members = self.inner.members.read().expect("members lock");
         members.as_ref().is_none_or(|nodes| nodes.contains(&name))
+    }
+
+    /// Has [`serve`] stop taking connections and end the ones it has as their requests
+    /// finish (idle ones at once; HTTP/2 ones with a GOAWAY), then return: a node shutting
+    /// down lets what is in flight through it complete.
+    pub fn close(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// Lets the control plane read local replicas' output through this gateway.
@@ -1039,7 +1056,8 @@ const H2_PING_EVERY: Duration = Duration::from_secs(20);
 /// method and not HTTP/2's preface starts with it.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// Accepts connections forever, serving each with HTTP/1.1 keep-alive or, for a client that
+/// Accepts connections until [`Gateway::close`] (then returns once those it has have ended),
+/// serving each with HTTP/1.1 keep-alive or, for a client that
 /// starts with HTTP/2's preface (h2c with prior knowledge, as gRPC clients and load balancers
 /// do in plain text), HTTP/2 with its requests multiplexed on the one connection. A
 /// connection that starts a TLS handshake is told apart by its hello: one that asks for a
@@ -1051,14 +1069,22 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
     let (head_timeout, max_connections) = (config.header_read_timeout, config.max_connections);
     let tls = config.members.is_some() || config.ingress_tls.is_some();
     let connections = Arc::new(Semaphore::new(max_connections));
+    let mut closing = gateway.inner.closing.subscribe();
     loop {
         // At the cap, connections wait in the listen backlog until one ends.
-        let slot = connections
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the connection semaphore is never closed");
-        let (stream, peer) = match listener.accept().await {
+        let next = async {
+            let slot = connections
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the connection semaphore is never closed");
+            (slot, listener.accept().await)
+        };
+        let (slot, accepted) = tokio::select! {
+            next = next => next,
+            _ = closed(&mut closing) => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(conn) => conn,
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep serving.
@@ -1114,6 +1140,10 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             }
         });
     }
+    // Closed: new connections are refused, and the ones there are end as they finish.
+    drop(listener);
+    let all = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let _ = connections.acquire_many(all).await;
 }
 
 /// Serves one accepted connection; its requests carry `member` when it is a member's.
@@ -1126,6 +1156,7 @@ async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_read_timeout = gateway.inner.config.header_read_timeout;
+    let mut closing = gateway.inner.closing.subscribe();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let gateway = gateway.clone();
         if let Some(member) = member {
@@ -1149,7 +1180,16 @@ async fn serve_connection<I>(
         .max_header_list_size(MAX_HEAD_BYTES)
         .keep_alive_interval(Some(H2_PING_EVERY))
         .keep_alive_timeout(H2_PING_EVERY);
-    if let Err(e) = server.serve_connection(TokioIo::new(io), service).await {
+    let conn = server.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        ended = conn.as_mut() => ended,
+        _ = closed(&mut closing) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
     }
 }
