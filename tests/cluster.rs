@@ -551,11 +551,23 @@ fn a_node_the_control_plane_forgot_registers_again() {
             .unwrap();
         assert!(resp.status().is_success(), "{verb}: {}", resp.status());
     }
-    // The control plane comes back with its tokens but without its state:
-    // the node's heartbeats answer 404, and it joins again by itself.
+    // The control plane comes back with its tokens but without its state: refused unless
+    // asked for, so that a lost state is restored rather than replaced by an empty one.
     server.kill();
     std::fs::remove_file(dir.path().join("server/state.redb")).unwrap();
-    server.restart();
+    let refused = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["server", "--data-dir"])
+        .arg(dir.path().join("server"))
+        .args(["--api", &common::free_addr()])
+        .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(4), "{said}");
+    assert!(said.contains("restore state.redb from a backup"), "{said}");
+    assert!(!dir.path().join("server/state.redb").exists());
+    // Asked for: the node's heartbeats answer 404, and it joins again by itself.
+    server.restart_with(&["--new-state"]);
     assert!(
         poll(Duration::from_secs(30), || {
             let nodes = server.api_json("/v1/nodes");

@@ -53,6 +53,11 @@ pub struct ControlArgs {
     /// How long a module no revision uses is kept after its last upload or apply.
     #[arg(long, default_value = "10m")]
     pub module_gc_grace: String,
+    /// Start with an empty state where the data dir holds a cluster's identity (ca.pem) but
+    /// no state (state.redb missing or empty): every node joins again, stopping what it ran.
+    /// Without it that start is refused, so that a lost state is restored, not replaced.
+    #[arg(long)]
+    pub new_state: bool,
     /// More names or addresses the API's certificate is valid for (repeatable), besides
     /// localhost, 127.0.0.1, the --api address and the host name.
     #[arg(long = "tls-san", value_name = "NAME")]
@@ -317,6 +322,33 @@ pub async fn start_control(
         }
         None => None,
     };
+    // The state is opened before the identity is made, so that a data dir with an identity
+    // and no state is one whose state was lost: starting would make a new, empty cluster
+    // that every node of the old one re-joins, stopping all it runs.
+    let state = data.join("state.redb");
+    if etcd.is_none()
+        && !args.new_state
+        && std::fs::metadata(&state).map_or(true, |m| m.len() == 0)
+        && data.join("ca.pem").exists()
+    {
+        return Err(crate::exit::fail(
+            crate::exit::CONFLICT,
+            format!(
+                "{} holds a cluster's identity (ca.pem) but its state {} is missing or empty: restore state.redb from a backup, or start with --new-state for an empty one (every node joins again, stopping what it ran)",
+                data.display(),
+                state.display()
+            ),
+        ));
+    }
+    let local = match etcd {
+        Some(_) => None,
+        None => {
+            let store = Store::open(&state)
+                .with_context(|| format!("cannot open the state in {}", data.display()))?;
+            private_file(&state)?;
+            Some(store)
+        }
+    };
     let token = load_or_create_secret(&data.join("token"))?;
     let ca = shoal_tls::Authority::load_or_create(&data)
         .map(|ca| Arc::new(ca.valid_for(validity)))
@@ -358,10 +390,7 @@ pub async fn start_control(
             (control, Some(store))
         }
         None => {
-            let state = data.join("state.redb");
-            let store = Store::open(&state)
-                .with_context(|| format!("cannot open the state in {}", data.display()))?;
-            private_file(&state)?;
+            let store = local.expect("a store is opened unless it is etcd");
             (ControlPlane::new(store, blobs, config), None)
         }
     };

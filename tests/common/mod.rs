@@ -539,6 +539,12 @@ impl Server {
         self.child.wait().expect("reap");
     }
 
+    /// [`Server::restart`] with more `shoal server` flags, kept for later restarts.
+    pub fn restart_with(&mut self, more: &[&str]) {
+        self.extra.extend(more.iter().map(|s| s.to_string()));
+        self.restart();
+    }
+
     /// Starts again on the same data dir and address.
     pub fn restart(&mut self) {
         let (dir, addr, extra) = (self.dir.clone(), self.api_addr.clone(), self.extra.clone());

@@ -1484,9 +1484,30 @@ async fn watch(
     // the executor.
     let starter = cp.clone();
     let from = q.from;
-    let started = tokio::task::spawn_blocking(move || starter.store().watch("/", from))
-        .await
-        .map_err(ControlError::internal)?;
+    let started = tokio::task::spawn_blocking(move || {
+        let now = starter.store().revision();
+        // Ahead of this store: its state was restored from a backup (or replaced) since the
+        // node read it. Resuming would skip what the store holds now; the node reads it anew,
+        // as a reflector relists on a resource version too new.
+        if from > now + 1 {
+            return Ok(Err(now));
+        }
+        starter.store().watch("/", from).map(Ok)
+    })
+    .await
+    .map_err(ControlError::internal)?;
+    let started = match started {
+        Ok(Err(now)) => {
+            return Err(ApiError::new(
+                ErrorCode::Compacted,
+                format!(
+                    "revision {from} is ahead of this store's {now}: its state was restored or replaced; re-read the snapshot"
+                ),
+            ));
+        }
+        Ok(Ok(watcher)) => Ok(watcher),
+        Err(e) => Err(e),
+    };
     let watcher = started.map_err(|e| match e {
         shoal_store::StoreError::Compacted { compacted } => ApiError::new(
             ErrorCode::Compacted,
@@ -1861,6 +1882,35 @@ mod tests {
             delta.changes,
             [shoal_api::Change::Put(shoal_api::Object::Node(n1))]
         );
+    }
+
+    #[tokio::test]
+    async fn a_watch_from_past_the_stores_revision_is_told_to_read_the_snapshot_again() {
+        let (_dir, cp) = control_plane_with_token();
+        let credential = cp.join_node("n1").unwrap().credential;
+        let now = cp.store().revision();
+        // A node that read this store before it was restored from an older copy.
+        for (from, ok) in [(now + 1, true), (now + 2, false), (now + 1000, false)] {
+            let req = HttpRequest::get(format!("/v1/cluster/watch?from={from}"))
+                .header(header::AUTHORIZATION, format!("Bearer {credential}"))
+                .body(Body::empty())
+                .unwrap();
+            let resp = router(cp.clone()).oneshot(req).await.unwrap();
+            if ok {
+                assert_eq!(resp.status(), StatusCode::OK, "from {from}");
+                continue;
+            }
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body["error"]["code"], "compacted", "from {from}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("restored"),
+                "{body}"
+            );
+        }
     }
 
     #[test]

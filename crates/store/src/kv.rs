@@ -155,13 +155,27 @@ impl Store {
         Store::open_with(path, StoreOptions::default())
     }
 
-    /// Opens (or creates) the store file at `path`.
+    /// Opens (or creates) the store file at `path`. A damaged file is an error, even where
+    /// redb's repair of it would panic (a file cut short: an allocator assertion).
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
-        let db = redb::Builder::new()
-            .set_cache_size(options.cache_size)
-            .create(path)?;
-        tracing::debug!(path = %path.display(), "opening store");
-        Store::from_db(db, options)
+        let open = || {
+            let db = redb::Builder::new()
+                .set_cache_size(options.cache_size)
+                .create(path)?;
+            tracing::debug!(path = %path.display(), "opening store");
+            Store::from_db(db, options)
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(StoreError::Db(format!(
+                "the store file {} is damaged and cannot be repaired ({why}): restore it from a backup",
+                path.display()
+            )))
+        })
     }
 
     /// The store in `db`, as [`Store::open_with`] opened it (tests hand it other backends).
@@ -1033,6 +1047,34 @@ mod tests {
     /// A file read while a store has it open is refused; one its writer never closed (copied
     /// as a killed server left it) reads, through a repaired copy, with every committed write,
     /// and is left as it was.
+    #[test]
+    fn a_file_cut_short_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let whole = dir.path().join("whole.redb");
+        {
+            let store = Store::open(&whole).unwrap();
+            for i in 0..200 {
+                store.put(&format!("/k/{i}"), vec![7; 512]).unwrap();
+            }
+            // Left unclosed, as by a kill -9: opening it again repairs it.
+            std::mem::forget(store);
+        }
+        let len = std::fs::metadata(&whole).unwrap().len();
+        for tenths in 1..10 {
+            let path = dir.path().join(format!("cut-{tenths}.redb"));
+            std::fs::copy(&whole, &path).unwrap();
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            file.set_len(len * tenths / 10 / 4096 * 4096).unwrap();
+            drop(file);
+            // Cut at a page, redb's repair fails an assertion: an error here all the same.
+            let err = Store::open(&path).map(drop).unwrap_err().to_string();
+            assert!(
+                err.contains("restore it from a backup") || err.contains("I/O error"),
+                "{tenths}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn a_read_only_open_is_refused_in_use_and_reads_a_file_left_unclosed() {
         let dir = tempfile::tempdir().unwrap();
