@@ -25,6 +25,10 @@ use tracing::Instrument;
 /// net under change tracking, and when old events and history are dropped.
 const FULL_PASS: Duration = Duration::from_secs(5);
 
+/// The most operations (and compares) the controller puts in one transaction of pruning:
+/// within etcd's `--max-txn-ops`, 128 unless configured.
+const PRUNE_OPS: usize = 100;
+
 /// How long catching up with the store's watch may take before the mirror
 /// is thrown away and loaded again.
 const CATCH_UP: Duration = Duration::from_secs(5);
@@ -332,16 +336,20 @@ impl ControlPlane {
         let stale = plan::stale_revisions(world, plan::REVISION_HISTORY);
         for app in stale.chunk_by(|a, b| a.app == b.app) {
             let first = &app[0];
-            let mut txn =
-                Txn::new().when_mod_revision(keys::app(&first.app), first.app_mod_revision);
-            for revision in app {
-                let key = keys::revision(&revision.app, revision.number);
-                txn = txn
-                    .when_mod_revision(key.clone(), revision.mod_revision)
-                    .then(Op::delete(key));
+            // A long history (many applies between quiet passes) goes in several
+            // transactions: deleting revisions leaves the app as it was for the next.
+            for part in app.chunks(PRUNE_OPS / 2) {
+                let mut txn =
+                    Txn::new().when_mod_revision(keys::app(&first.app), first.app_mod_revision);
+                for revision in part {
+                    let key = keys::revision(&revision.app, revision.number);
+                    txn = txn
+                        .when_mod_revision(key.clone(), revision.mod_revision)
+                        .then(Op::delete(key));
+                }
+                let done = self.store().txn(txn)?.succeeded;
+                tracing::debug!(app = %first.app, revisions = part.len(), done, "pruned revision history");
             }
-            let done = self.store().txn(txn)?.succeeded;
-            tracing::debug!(app = %first.app, revisions = app.len(), done, "pruned revision history");
         }
         Ok(())
     }
@@ -351,9 +359,9 @@ impl ControlPlane {
         let (mut events, _) = self.store().range(keys::EVENTS.as_str())?;
         events.sort_by_key(|kv| kv.create_revision);
         let excess = events.len().saturating_sub(self.config().max_events);
-        if excess > 0 {
+        for part in events[..excess].chunks(PRUNE_OPS) {
             let mut txn = Txn::new();
-            for kv in &events[..excess] {
+            for kv in part {
                 txn = txn.then(Op::delete(kv.key.clone()));
             }
             self.store().txn(txn)?;
@@ -494,6 +502,7 @@ mod tests {
     use super::*;
     use shoal_core::{Capacity, Node};
     use shoal_store::{KvStore, Store};
+    use std::sync::Arc;
 
     fn node(name: &str) -> Vec<u8> {
         encode(&Node {
@@ -525,6 +534,52 @@ mod tests {
 
     fn ages(leases: &Leases) -> Vec<(&str, u64)> {
         leases.ages.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+    }
+
+    /// A long history (many applies between quiet passes) and many events are pruned in
+    /// transactions etcd takes: within its `--max-txn-ops` (128).
+    #[test]
+    fn pruning_on_etcd_keeps_within_its_transaction_limit() {
+        let etcd = shoal_etcd::testing::EtcdCluster::single();
+        let store = Arc::new(shoal_etcd::EtcdStore::connect(&etcd.config()).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::ControlConfig {
+            max_events: 10,
+            ..Default::default()
+        };
+        let cp = ControlPlane::with_clock(
+            store.clone() as Arc<dyn KvStore>,
+            shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap(),
+            config,
+            Arc::new(shoal_core::clock::SystemClock),
+        )
+        .unwrap();
+        let digest = crate::state::tests::uploaded(&cp);
+        for i in 0..150 {
+            let src = format!(
+                "name = \"long\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+                 [env]\nN = \"{i}\"\n"
+            );
+            let spec = shoal_core::spec::parse_app(&src)
+                .unwrap()
+                .resolve(digest.clone())
+                .unwrap();
+            cp.apply(spec, false).unwrap();
+        }
+        let count = |prefix: &str| store.range(prefix).unwrap().0.len();
+        assert_eq!(count("/revisions/"), 150);
+        assert!(count(keys::EVENTS.as_str()) >= 150);
+
+        cp.prune_events().unwrap();
+        let (kvs, revision) = store.range("/").unwrap();
+        let mirror = Mirror::load(&kvs, revision).unwrap();
+        cp.prune_revisions(&mirror.world).unwrap();
+        assert_eq!(count(keys::EVENTS.as_str()), 10);
+        assert!(
+            count("/revisions/") <= plan::REVISION_HISTORY + 1,
+            "{}",
+            count("/revisions/")
+        );
     }
 
     #[test]
