@@ -647,11 +647,45 @@ impl ControlPlane {
                     )));
                 }
                 Some((_, mod_rev)) => Some(mod_rev),
-                None => None,
+                None => {
+                    if let Some(served) = self.route_taken_from(&key, route)? {
+                        return Err(ControlError::conflict(format!(
+                            "route {route} would take requests from app {} (route {}) of namespace {}: a host bound in one namespace is its own, and on any host a path may not go under another namespace's route (bind a host of your own, or use that namespace)",
+                            served.app, served.route, served.app.namespace
+                        )));
+                    }
+                    None
+                }
             };
             claims.push((route.clone(), held));
         }
         Ok(claims)
+    }
+
+    /// A claim of another namespace that a new claim of `route` by `app` may not be made
+    /// beside: a host bound by one namespace is its own (as OpenShift routes own hosts), and
+    /// on any host a longer path under another namespace's route would capture its traffic
+    /// (the gateway prefers the longest path). Routes of one namespace (one tenant) overlap
+    /// freely, and a route bound to a host goes before any-host routes, whoever's they are.
+    fn route_taken_from(
+        &self,
+        app: &AppKey,
+        route: &Route,
+    ) -> Result<Option<RouteClaim>, ControlError> {
+        let foreign = |claim: RouteClaim| (claim.app.namespace != app.namespace).then_some(claim);
+        if let Some(host) = &route.host {
+            return Ok(self
+                .list(&keys::routes_of_host(host))?
+                .into_iter()
+                .find_map(foreign));
+        }
+        // The longest route above it serves its paths now: the one it would take them from.
+        for above in route.above() {
+            if let Some((claim, _)) = self.get(&keys::route(&above))? {
+                return Ok(foreign(claim));
+            }
+        }
+        Ok(None)
     }
 
     /// Claims what the apps in the store serve but do not hold yet: apps
@@ -1592,6 +1626,54 @@ pub(crate) mod tests {
         assert_eq!(holder(&cp, "/x").as_deref(), Some("b"));
         cp.delete_app(&AppKey::new("default", "a")).unwrap();
         assert_eq!(holder(&cp, "/y"), None);
+    }
+
+    /// The security review's hijacks: a tenant may not take requests another namespace's
+    /// app serves by a longer path under its route, nor add routes to its host.
+    #[test]
+    fn a_route_may_not_take_another_namespaces_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let in_ns = |ns: &str, name: &str, routes: &[&str]| {
+            let mut spec = spec(&cp, name, routes);
+            spec.namespace = ns.to_string();
+            spec
+        };
+        let apply =
+            |ns: &str, name: &str, routes: &[&str]| cp.apply(in_ns(ns, name, routes), false);
+        apply("default", "hello", &["/hello"]).unwrap();
+        apply("default", "site", &["shop.example/"]).unwrap();
+        for hijack in [
+            "/hello/admin",
+            "/hello/admin/x",
+            "shop.example/cart",
+            "shop.example/a/b",
+        ] {
+            let err = apply("team-a", "hj", &[hijack]).unwrap_err();
+            assert!(matches!(err, ControlError::Conflict(_)), "{hijack}: {err}");
+            assert!(
+                err.to_string().contains("of namespace default"),
+                "{hijack}: {err}"
+            );
+        }
+        // What takes nothing another namespace serves: a catch-all on any host (shorter
+        // routes lose to longer ones), a host of its own, a path beside /hello.
+        let ok = ["/", "api.team-a.example/", "/hellothere"];
+        apply("team-a", "ok", &ok).unwrap();
+        // The same namespace may overlap its own routes, and re-applying keeps what is held.
+        apply("default", "admin", &["/hello/admin"]).unwrap();
+        apply("team-a", "ok", &ok).unwrap();
+        apply(
+            "team-a",
+            "more",
+            &["api.team-a.example/v2", "/hellothere/x"],
+        )
+        .unwrap();
+        // Now team-a's: its host, and the paths under its routes.
+        for hijack in ["api.team-a.example/v3", "/hellothere/y"] {
+            let err = apply("team-b", "hj", &[hijack]).unwrap_err().to_string();
+            assert!(err.contains("of namespace team-a"), "{hijack}: {err}");
+        }
     }
 
     #[test]

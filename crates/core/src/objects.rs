@@ -190,6 +190,10 @@ pub mod keys {
         let host = r.host.as_deref().unwrap_or("*");
         Key::new(format!("{}{host}{}", ROUTES.as_str(), r.path))
     }
+    /// The claims of every route bound to `host`.
+    pub fn routes_of_host(host: &str) -> Prefix<RouteClaim> {
+        Prefix::of(format!("{}{host}/", ROUTES.as_str()))
+    }
     pub fn lease(node: &str) -> Key<Lease> {
         Key::new(format!("{}{node}", LEASES.as_str()))
     }

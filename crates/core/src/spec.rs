@@ -117,6 +117,24 @@ impl Route {
     }
 }
 
+impl Route {
+    /// The shorter routes on the same host (or on any host) whose paths cover this one's on
+    /// segment boundaries, longest first: `/a/b` gives `/a`, then `/`.
+    pub fn above(&self) -> impl Iterator<Item = Route> + '_ {
+        let cuts = self
+            .path
+            .char_indices()
+            .rev()
+            .filter(|&(i, c)| c == '/' && i > 0)
+            .map(|(i, _)| &self.path[..i]);
+        let root = (self.path != "/").then_some("/");
+        cuts.chain(root).map(|path| Route {
+            host: self.host.clone(),
+            path: path.to_string(),
+        })
+    }
+}
+
 impl std::fmt::Display for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.host {
