@@ -79,6 +79,10 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
                 .await?;
             let bytes = resp.bytes().await.context("reading the value")?;
             output::write_stdout(&bytes)?;
+            // The exact bytes to a pipe; on a terminal, the prompt on a line of its own.
+            if std::io::IsTerminal::is_terminal(&std::io::stdout()) && !bytes.ends_with(b"\n") {
+                output::write_stdout(b"\n")?;
+            }
         }
         KvAction::Put {
             bucket,

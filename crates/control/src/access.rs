@@ -94,9 +94,15 @@ pub(crate) fn authorize(
     namespace: Option<&str>,
 ) -> Result<(), String> {
     if caller.role < rule.role {
+        let a = |role: &Role| match role.to_string().starts_with(['a', 'e', 'i', 'o', 'u']) {
+            true => format!("an {role}"),
+            false => format!("a {role}"),
+        };
         return Err(format!(
-            "token {} is a {}; this needs a {}",
-            caller.name, caller.role, rule.role
+            "token {} is {}; this needs {}",
+            caller.name,
+            a(&caller.role),
+            a(&rule.role)
         ));
     }
     match rule.scope {

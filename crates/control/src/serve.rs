@@ -1,6 +1,7 @@
 //! Serving the API to clients that may be slow or many: axum's own `serve` has no limits, so
 //! the API gets the gateway's: a request head must arrive within a timeout (which also closes
-//! idle keep-alive connections), and connections beyond a cap wait to be accepted. Over TLS by
+//! idle keep-alive connections), an HTTP/2 peer must answer pings, and connections beyond a cap
+//! wait to be accepted. Over TLS by
 //! default (see `shoal-tls`).
 
 use std::sync::Arc;
@@ -21,6 +22,10 @@ pub struct ServeLimits {
     pub header_read_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// How often an HTTP/2 connection is pinged, and how long an answer may take: one whose
+    /// peer answers nothing (gone, or holding a slot with a preface and then silence) is
+    /// closed, as the gateway closes them.
+    pub h2_ping: Duration,
 }
 
 impl Default for ServeLimits {
@@ -28,6 +33,7 @@ impl Default for ServeLimits {
         ServeLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 1_000,
+            h2_ping: Duration::from_secs(20),
         }
     }
 }
@@ -92,6 +98,11 @@ where
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
+    server
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.h2_ping))
+        .keep_alive_timeout(limits.h2_ping);
     server
         .serve_connection_with_upgrades(TokioIo::new(io), service)
         .await

@@ -50,11 +50,29 @@ async fn a_client_stalling_in_its_head_is_cut_off() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// The security review's hold: an HTTP/2 preface and settings, then silence, kept a slot
+/// for good. Unanswered pings close it.
+#[tokio::test]
+async fn an_http2_client_that_answers_no_ping_is_cut_off() {
+    let addr = api(ServeLimits {
+        h2_ping: Duration::from_millis(300),
+        ..ServeLimits::default()
+    })
+    .await;
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    silent
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    until_closed(&mut silent).await;
+}
+
 #[tokio::test]
 async fn past_the_cap_a_client_waits_for_a_connection_to_end() {
     let addr = api(ServeLimits {
         header_read_timeout: Duration::from_secs(60),
         max_connections: 1,
+        ..ServeLimits::default()
     })
     .await;
     let mut first = TcpStream::connect(addr).await.unwrap();

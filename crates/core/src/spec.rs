@@ -296,7 +296,8 @@ pub enum Reach {
 }
 
 /// What kind of destination `ip` is; IPv4 addresses inside IPv6 (mapped `::ffff:a.b.c.d`,
-/// NAT64 `64:ff9b::/96`) count as the IPv4 address they reach.
+/// the deprecated compatible `::a.b.c.d`, NAT64 `64:ff9b::/96`, 6to4 `2002:aabb:ccdd::/48`)
+/// count as the IPv4 address they reach.
 pub fn reach(ip: IpAddr) -> Reach {
     match ip {
         IpAddr::V4(v4) => reach_v4(v4),
@@ -305,8 +306,13 @@ pub fn reach(ip: IpAddr) -> Reach {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return reach_v4(v4);
             }
-            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                let [.., a, b, c, d] = v6.octets();
+            let [.., a, b, c, d] = v6.octets();
+            let compatible = segments[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+            if compatible || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return reach_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            if segments[0] == 0x2002 {
+                let [_, _, a, b, c, d, ..] = v6.octets();
                 return reach_v4(Ipv4Addr::new(a, b, c, d));
             }
             if v6.is_unspecified() || v6.is_multicast() || segments[0] & 0xffc0 == 0xfe80 {
@@ -327,7 +333,11 @@ fn reach_v4(ip: Ipv4Addr) -> Reach {
     let [a, b, ..] = ip.octets();
     if ip.is_link_local() || a == 0 || ip.is_multicast() || a >= 240 {
         Reach::Never
-    } else if ip.is_loopback() || ip.is_private() || (a == 100 && b & 0xc0 == 64) {
+    } else if ip.is_loopback()
+        || ip.is_private()
+        || (a == 100 && b & 0xc0 == 64)
+        || (a == 198 && b & 0xfe == 18)
+    {
         Reach::Private
     } else {
         Reach::Public
@@ -3776,6 +3786,9 @@ A = "1"
             "100.128.0.1",
             "2001:db8::1",
             "::ffff:8.8.8.8",
+            "::8.8.8.8",
+            "2002:808:808::1",
+            "198.20.0.1",
         ] {
             assert_eq!(reach_of(public), Reach::Public, "{public}");
         }
@@ -3794,6 +3807,12 @@ A = "1"
             "fec0::1",
             "::ffff:127.0.0.1",
             "64:ff9b::10.0.0.1",
+            "::127.0.0.1",
+            "::10.1.2.3",
+            "2002:7f00:1::",
+            "2002:c0a8:101::1",
+            "198.18.0.1",
+            "198.19.255.255",
         ] {
             assert_eq!(reach_of(private), Reach::Private, "{private}");
         }
@@ -3812,6 +3831,8 @@ A = "1"
             "ff02::1",
             "::ffff:169.254.169.254",
             "64:ff9b::a9fe:a9fe",
+            "::169.254.169.254",
+            "2002:a9fe:a9fe::1",
         ] {
             assert_eq!(reach_of(never), Reach::Never, "{never}");
         }
