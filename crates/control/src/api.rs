@@ -362,8 +362,15 @@ pub fn router(cp: ControlPlane) -> Router {
         .with_state(cp)
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+async fn healthz(State(cp): State<ControlPlane>) -> Response {
+    match cp.unhealthy() {
+        None => "ok\n".into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
 }
 
 /// The OpenAPI document: public, as the CA is, since it tells nothing of the cluster.

@@ -113,6 +113,7 @@ impl ControlPlane {
             if full {
                 last_full = Some(Instant::now());
             }
+            self.pass_went(wrote.as_ref().map(|_| ()));
             match wrote {
                 Ok(true) => {
                     // Wrote something or lost a race: look again.

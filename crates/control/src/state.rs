@@ -120,7 +120,13 @@ pub(crate) struct Inner {
         std::sync::Mutex<std::collections::HashMap<(String, AppKey, String), std::time::Instant>>,
     /// What this server's nodes reported, for the other servers of a shared store.
     pub(crate) outbox: Option<crate::shared_reports::Outbox>,
+    /// Since when the controller's passes have failed, one after another, and why.
+    pub(crate) failing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long the controller's passes may fail, one after another, before the server says it
+/// is unhealthy: longer than a store leader election or a brief outage.
+const UNHEALTHY_AFTER: Duration = Duration::from_secs(10);
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
     serde_json::from_slice(&kv.value)
@@ -191,6 +197,7 @@ impl ControlPlane {
                 volume_usage: std::sync::Mutex::new(std::collections::HashMap::new()),
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 outbox: config.shared_store.then(crate::shared_reports::Outbox::new),
+                failing: std::sync::Mutex::new(None),
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
@@ -1053,6 +1060,40 @@ impl ControlPlane {
             .collect())
     }
 
+    /// Why this server is not healthy, for `GET /v1/healthz`: its store cannot write (redb
+    /// after a failed write, a full disk say, until the server is restarted), or the
+    /// controller's passes have failed for [`UNHEALTHY_AFTER`] on end. Details go to the
+    /// log, not to this public answer.
+    pub(crate) fn unhealthy(&self) -> Option<String> {
+        if self.inner.store.write_failure().is_some() {
+            return Some(
+                "the store cannot write (see the server log); restart the server once the cause (a full disk?) is fixed".into(),
+            );
+        }
+        let failing = self.inner.failing.lock().expect("failing lock");
+        match &*failing {
+            Some((since, _)) if since.elapsed() >= UNHEALTHY_AFTER => Some(format!(
+                "the controller's passes have failed for {} s (see the server log)",
+                since.elapsed().as_secs()
+            )),
+            _ => None,
+        }
+    }
+
+    /// Records how the controller's last pass went, for [`ControlPlane::unhealthy`].
+    pub(crate) fn pass_went(&self, outcome: Result<(), &ControlError>) {
+        let mut failing = self.inner.failing.lock().expect("failing lock");
+        match outcome {
+            Ok(()) => *failing = None,
+            Err(e) => {
+                let since = failing
+                    .as_ref()
+                    .map_or_else(std::time::Instant::now, |f| f.0);
+                *failing = Some((since, e.to_string()));
+            }
+        }
+    }
+
     // ---- node-facing ----
 
     /// A node (re)joins: its record is replaced, keeping its join time and
@@ -1626,6 +1667,28 @@ pub(crate) mod tests {
         assert_eq!(holder(&cp, "/x").as_deref(), Some("b"));
         cp.delete_app(&AppKey::new("default", "a")).unwrap();
         assert_eq!(holder(&cp, "/y"), None);
+    }
+
+    #[test]
+    fn the_server_is_unhealthy_when_its_controller_keeps_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        assert_eq!(cp.unhealthy(), None);
+        let failed = ControlError::internal("etcdserver: too many operations in txn request");
+        cp.pass_went(Err(&failed));
+        assert_eq!(cp.unhealthy(), None, "one failed pass is no outage");
+        // Failing since 11 s ago, pass after pass.
+        let since = std::time::Instant::now() - Duration::from_secs(11);
+        cp.inner.failing.lock().unwrap().as_mut().unwrap().0 = since;
+        cp.pass_went(Err(&failed));
+        let why = cp.unhealthy().expect("unhealthy");
+        assert!(why.contains("have failed for 11 s"), "{why}");
+        assert!(
+            !why.contains("etcdserver"),
+            "details stay in the log: {why}"
+        );
+        cp.pass_went(Ok(()));
+        assert_eq!(cp.unhealthy(), None);
     }
 
     /// The security review's hijacks: a tenant may not take requests another namespace's

@@ -95,6 +95,13 @@ pub trait KvStore: Send + Sync + 'static {
     /// plane's metrics; replaces any observer before it. A backend with no such step to time
     /// ignores it.
     fn observe_commits(&self, _observer: CommitObserver) {}
+
+    /// Why the last commit failed, if it did and none has succeeded since: for a health check
+    /// (redb cannot write again after a failed write to its file, a full disk say, until it
+    /// is opened again). A backend whose failures pass by itself says nothing.
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Told how long one commit took; called on the writer's thread, so it should be quick.

@@ -86,6 +86,8 @@ pub(crate) struct Inner {
     pub(crate) events: broadcast::Sender<Arc<Batch>>,
     /// Told how long each durable (group) commit took.
     commits: RwLock<Option<CommitObserver>>,
+    /// Why the last commit failed, until one succeeds: [`KvStore::write_failure`].
+    failure: Mutex<Option<String>>,
 }
 
 /// A store file opened to be read and never written, as `shoal server migrate` copies it:
@@ -204,6 +206,7 @@ impl Store {
                 compacted: AtomicU64::new(compacted),
                 events,
                 commits: RwLock::new(None),
+                failure: Mutex::new(None),
             }),
         })
     }
@@ -468,7 +471,14 @@ impl Turn<'_> {
         let _guard = self.inner.lock();
         self.batch = std::mem::take(&mut self.inner.queue().pending);
         let txns: Vec<&Txn> = self.batch.iter().map(|q| &q.txn).collect();
-        let answers = match self.inner.write_batch(&txns) {
+        let written = self.inner.write_batch(&txns);
+        *self
+            .inner
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            written.as_ref().err().map(|e| e.to_string());
+        let answers = match written {
             Ok(done) => done.into_iter().map(Ok).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, transactions = txns.len(), "store commit failed");
@@ -533,6 +543,14 @@ impl KvStore for Store {
 
     fn observe_commits(&self, observer: CommitObserver) {
         Store::observe_commits(self, observer)
+    }
+
+    fn write_failure(&self) -> Option<String> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -1035,9 +1053,13 @@ mod tests {
         failing.store(false, Ordering::SeqCst);
         assert!(store.put("/later", vec![]).is_err());
         assert_eq!(store.revision(), 1);
+        // Which a health check says, until the store is opened again.
+        let failure = KvStore::write_failure(&store).expect("the failure is kept");
+        assert!(failure.contains("I/O"), "{failure}");
         drop(store);
 
         let store = Store::open(&path).unwrap();
+        assert_eq!(KvStore::write_failure(&store), None);
         assert_eq!(store.revision(), 1);
         assert_eq!(store.get("/first").unwrap().unwrap().mod_revision, 1);
         assert!(store.range("/doomed/").unwrap().0.is_empty());
