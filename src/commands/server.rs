@@ -139,6 +139,7 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     apply_files(&c, &args.control.apply).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
+    c.stop().await;
     Ok(())
 }
 

@@ -278,7 +278,26 @@ pub struct StartedControl {
     /// The cluster CA's certificate, PEM.
     pub ca: String,
     pub data: PathBuf,
+    /// On a shared store: tells the campaign to step down, and the campaign's task.
+    leading: Option<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
+
+impl StartedControl {
+    /// Stops the control plane's part in the cluster: on a shared store, a leader steps down
+    /// (its lease revoked, so another server takes over at once, not after the lease's TTL).
+    pub async fn stop(self) {
+        if let Some((stop, campaign)) = self.leading {
+            stop.send_replace(true);
+            let _ = tokio::time::timeout(STEP_DOWN_WITHIN, campaign).await;
+        }
+    }
+}
+
+/// How long a leader stopping waits for etcd to revoke its lease.
+const STEP_DOWN_WITHIN: Duration = Duration::from_secs(3);
 
 /// Starts the control plane on the state in the data dir, or in `etcd` when given.
 pub async fn start_control(
@@ -424,14 +443,25 @@ pub async fn start_control(
         exe: std::env::current_exe().context("cannot find the shoal binary for pool workers")?,
         dir: data.join("pools"),
     };
-    match etcd {
+    let leading = match etcd {
         // Servers sharing a store take turns: the controller runs where the leadership is.
         // Every one of them passes on what its nodes report, for the leader's decisions.
         Some(store) => {
             tokio::spawn(control.clone().share_reports());
-            tokio::spawn(lead(store, control.clone(), pools, server.clone()))
+            let (stop, stopping) = tokio::sync::watch::channel(false);
+            let campaign = tokio::spawn(lead(
+                store,
+                control.clone(),
+                pools,
+                server.clone(),
+                stopping,
+            ));
+            Some((stop, campaign))
         }
-        None => tokio::spawn(run_control_loops(control.clone(), pools)),
+        None => {
+            tokio::spawn(run_control_loops(control.clone(), pools));
+            None
+        }
     };
     let router = shoal_control::router(control.clone());
     tokio::spawn(shoal_control::serve(
@@ -467,6 +497,7 @@ pub async fn start_control(
         token,
         ca: ca.pem().to_string(),
         data,
+        leading,
     })
 }
 
@@ -484,9 +515,17 @@ async fn lead(
     control: ControlPlane,
     pools: shoal_control::PoolHost,
     id: String,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut stop = async move || {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
     loop {
-        let mut leadership = match store.campaign(&id).await {
+        let campaign = tokio::select! {
+            campaign = store.campaign(&id) => campaign,
+            () = stop() => return,
+        };
+        let mut leadership = match campaign {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "campaigning for the controller's leadership");
@@ -495,11 +534,18 @@ async fn lead(
             }
         };
         tracing::info!(server = %id, "leading: the controller runs here");
-        tokio::select! {
+        let stepping_down = tokio::select! {
             () = run_control_loops(control.clone(), pools.clone()) => return,
             () = leadership.lost() => {
                 tracing::warn!(server = %id, "lost the leadership: the controller stops here");
+                false
             }
+            () = stop() => true,
+        };
+        if stepping_down {
+            leadership.step_down().await;
+            tracing::info!(server = %id, "stepped down: another server's controller takes over");
+            return;
         }
     }
 }

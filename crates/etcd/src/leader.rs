@@ -41,6 +41,18 @@ impl Leadership {
         // An error means the keeper is gone, which only happens once it has said so.
         let _ = self.lost.wait_for(|lost| *lost).await;
     }
+
+    /// Steps down and returns once etcd has revoked the lease (or refused to): the leader
+    /// key is gone with it, so another candidate takes over at once rather than after the
+    /// lease's TTL. For a server that stops; dropping steps down too, without waiting.
+    pub async fn step_down(mut self) {
+        self._keeper.abort();
+        if let Some((mut client, lease, handle)) = self.revoke.take() {
+            let _ = handle
+                .spawn(async move { client.lease_revoke(lease).await })
+                .await;
+        }
+    }
 }
 
 impl Drop for Leadership {
