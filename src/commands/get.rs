@@ -376,7 +376,8 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                     // A node that drained itself as it shut down: Leaving while it still
                     // runs, Left once it stopped (it is schedulable again when it starts).
                     let up = !n.silent && n.node.state == NodeState::Ready;
-                    let state = match (n.node.schedulable, n.node.draining, n.node.leaving) {
+                    let leaving = n.node.leaving.is_some();
+                    let state = match (n.node.schedulable, n.node.draining, leaving) {
                         (true, _, _) => state,
                         (false, _, true) if up => format!("{state},Cordoned,Leaving"),
                         (false, _, true) => format!("{state},Left"),

@@ -178,6 +178,9 @@ async fn delete(ctx: Context, name: String) -> Result<()> {
     Ok(())
 }
 
+/// The least time a node shutting down gives the requests in flight through its gateway.
+const IN_FLIGHT_AT_LEAST: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Where a node keeps its credential.
 fn identity_file(data: &Path) -> PathBuf {
     data.join("node-identity.json")
@@ -235,9 +238,10 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
                 "cannot ask the control plane to move this node's replicas; stopping with them: they are replaced once the node is missed"
             ),
         }
-        // What is in flight through the gateway finishes, within what is left of the time.
-        node.close(deadline.saturating_duration_since(tokio::time::Instant::now()))
-            .await;
+        // What is in flight through the gateway finishes, within what is left of the time,
+        // and never less than a few seconds, even after replicas that had nowhere to go.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        node.close(left.max(IN_FLIGHT_AT_LEAST)).await;
     };
     tokio::select! {
         _ = graceful => {}

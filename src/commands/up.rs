@@ -347,7 +347,10 @@ pub async fn start_control(
     let state = data.join("state.redb");
     if etcd.is_none()
         && !args.new_state
-        && std::fs::metadata(&state).map_or(true, |m| m.len() == 0)
+        && match std::fs::metadata(&state) {
+            Ok(m) => m.len() == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        }
         && data.join("ca.pem").exists()
     {
         return Err(crate::exit::fail(

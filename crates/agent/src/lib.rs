@@ -253,7 +253,7 @@ impl Agent {
             state: NodeState::Ready,
             schedulable: true,
             draining: false,
-            leaving: false,
+            leaving: None,
             joined_at: now_ms(),
         }
     }

@@ -73,7 +73,7 @@ pub fn node(name: &str, state: NodeState) -> Node {
         state,
         schedulable: true,
         draining: false,
-        leaving: false,
+        leaving: None,
         joined_at: 0,
     }
 }

@@ -1495,8 +1495,9 @@ async fn watch(
         let now = starter.store().revision();
         // Ahead of this store: its state was restored from a backup (or replaced) since the
         // node read it. Resuming would skip what the store holds now; the node reads it anew,
-        // as a reflector relists on a resource version too new.
-        if from > now + 1 {
+        // as a reflector relists on a resource version too new. (0: not known, as when etcd
+        // cannot be read; an empty store is one the node registers with again anyway.)
+        if now > 0 && from > now + 1 {
             return Ok(Err(now));
         }
         starter.store().watch("/", from).map(Ok)
@@ -1860,7 +1861,7 @@ mod tests {
             state: shoal_core::NodeState::Ready,
             schedulable: true,
             draining: false,
-            leaving: false,
+            leaving: None,
             joined_at: 0,
         };
         let credential = cp.join_node("n1").unwrap().credential;
@@ -1921,7 +1922,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_back_from_leaving_is_schedulable_unless_an_operator_cordoned_it() {
+    fn a_node_back_from_leaving_is_as_it_was_and_an_operators_word_stays() {
         let (_dir, cp) = control_plane_with_token();
         let node = |name: &str| Node {
             name: name.into(),
@@ -1931,7 +1932,7 @@ mod tests {
             state: shoal_core::NodeState::Ready,
             schedulable: true,
             draining: false,
-            leaving: false,
+            leaving: None,
             joined_at: 0,
         };
         let get = |name: &str| {
@@ -1942,27 +1943,46 @@ mod tests {
                 .unwrap()
                 .node
         };
-        for name in ["own", "cordoned"] {
+        let names = ["own", "cordoned", "recordoned", "claims"];
+        for name in names {
             cp.register_node(node(name)).unwrap();
         }
         cp.set_node_scheduling("cordoned", NodeAction::Cordon)
             .unwrap();
-        for name in ["own", "cordoned"] {
+        for name in ["own", "cordoned", "recordoned"] {
             let left = cp.leave_node(name).unwrap();
             assert!(!left.schedulable && left.draining, "{left:?}");
             assert_eq!(get(name), left);
         }
-        assert!(get("own").leaving);
-        assert!(!get("cordoned").leaving, "the cordon was the operator's");
         // Asked again (a retried call), nothing changes.
         assert_eq!(cp.leave_node("own").unwrap(), get("own"));
-        for name in ["own", "cordoned"] {
+        // An operator's cordon of a node that left is the operator's from then on.
+        cp.set_node_scheduling("recordoned", NodeAction::Cordon)
+            .unwrap();
+        // A node cannot claim a leave it did not make: what it registers with is not taken.
+        let mut forged = node("claims");
+        cp.set_node_scheduling("claims", NodeAction::Cordon)
+            .unwrap();
+        forged.leaving = Some(shoal_core::Leaving { schedulable: true });
+        cp.register_node(forged.clone()).unwrap();
+        assert_eq!(get("claims").leaving, None);
+        cp.register_node(forged).unwrap();
+        for name in ["own", "cordoned", "recordoned"] {
             cp.register_node(node(name)).unwrap();
         }
-        let own = get("own");
-        assert!(own.schedulable && !own.draining && !own.leaving, "{own:?}");
-        let cordoned = get("cordoned");
-        assert!(!cordoned.schedulable && cordoned.draining, "{cordoned:?}");
+        let back = |name: &str| {
+            let n = get(name);
+            assert_eq!(n.leaving, None, "{name}");
+            (n.schedulable, n.draining)
+        };
+        assert_eq!(back("own"), (true, false), "its own cordon is lifted");
+        assert_eq!(
+            back("cordoned"),
+            (false, false),
+            "the operator's cordon stays, the drain goes"
+        );
+        assert_eq!(back("recordoned"), (false, false), "cordoned while away");
+        assert_eq!(back("claims"), (false, false), "still cordoned");
         let events = cp.events(None, 100).unwrap();
         assert!(
             events

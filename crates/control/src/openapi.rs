@@ -555,7 +555,7 @@ mod tests {
             state: shoal_core::NodeState::Ready,
             schedulable: true,
             draining: false,
-            leaving: false,
+            leaving: None,
             joined_at: 0,
         };
         let summary = shoal_api::NodeSummary {

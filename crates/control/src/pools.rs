@@ -402,6 +402,9 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
         .arg(&host.token_file)
         .args(["--node-name", node])
         .args(["--gateway", "127.0.0.1:0"])
+        // The pool drains a worker before it stops it: one stopped past that has nothing
+        // left that could move, and waiting would hold the pool's pass.
+        .args(["--drain-timeout", "0"])
         .arg("--data-dir")
         .arg(&dir)
         .args(["--label", &format!("{POOL_LABEL}={}", pool.name)])

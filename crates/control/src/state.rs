@@ -13,8 +13,9 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Millis, Module, ModuleUse, Node,
-    NodeState, OciOrigin, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock, Volume,
+    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Leaving, Millis, Module, ModuleUse,
+    Node, NodeState, OciOrigin, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
+    Volume,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -672,8 +673,9 @@ impl ControlPlane {
     /// A claim of another namespace that a new claim of `route` by `app` may not be made
     /// beside: a host bound by one namespace is its own (as OpenShift routes own hosts), and
     /// on any host a longer path under another namespace's route would capture its traffic
-    /// (the gateway prefers the longest path). Routes of one namespace (one tenant) overlap
-    /// freely, and a route bound to a host goes before any-host routes, whoever's they are.
+    /// (the gateway prefers the longest path), unless that route is the catch-all `/`. The
+    /// first claim wins. Routes of one namespace (one tenant) overlap freely, and a route
+    /// bound to a host goes before any-host routes, whoever's they are.
     fn route_taken_from(
         &self,
         app: &AppKey,
@@ -687,7 +689,8 @@ impl ControlPlane {
                 .find_map(foreign));
         }
         // The longest route above it serves its paths now: the one it would take them from.
-        for above in route.above() {
+        // Not a catch-all `/`: it serves what no other route does, and claims no path.
+        for above in route.above().filter(|above| above.path != "/") {
             if let Some((claim, _)) = self.get(&keys::route(&above))? {
                 return Ok(foreign(claim));
             }
@@ -1110,18 +1113,27 @@ impl ControlPlane {
             let mut node = node.clone();
             node.state = NodeState::Ready;
             let txn = match &previous {
-                // Back from a shutdown that drained it: schedulable again.
-                Some((old, mod_rev)) if old.leaving => {
-                    node.joined_at = old.joined_at;
-                    Txn::new().when_mod_revision(key.clone(), *mod_rev)
-                }
                 Some((old, mod_rev)) => {
                     node.joined_at = old.joined_at;
-                    node.schedulable = old.schedulable;
-                    node.draining = old.draining;
+                    // Back from a shutdown that drained it: as it was before. The record
+                    // says so, never the node.
+                    match old.leaving {
+                        Some(before) => {
+                            node.schedulable = before.schedulable;
+                            node.draining = false;
+                        }
+                        None => {
+                            node.schedulable = old.schedulable;
+                            node.draining = old.draining;
+                        }
+                    }
+                    node.leaving = None;
                     Txn::new().when_mod_revision(key.clone(), *mod_rev)
                 }
-                None => Txn::new().when_absent(key.clone()),
+                None => {
+                    node.leaving = None;
+                    Txn::new().when_absent(key.clone())
+                }
             };
             let lease = Lease {
                 node: node.name.clone(),
@@ -1202,12 +1214,15 @@ impl ControlPlane {
             )));
         };
         let (schedulable, draining, reason) = match action {
-            NodeAction::Cordon => (false, node.draining, "Cordoned"),
+            // A drain the node made itself, shutting down, is not the operator's to keep.
+            NodeAction::Cordon => (false, node.draining && node.leaving.is_none(), "Cordoned"),
             NodeAction::Uncordon => (true, false, "Uncordoned"),
             NodeAction::Drain => (false, true, "Draining"),
         };
         node.schedulable = schedulable;
         node.draining = draining;
+        // The operator's word from now on: a node back from shutting down keeps it.
+        node.leaving = None;
         let txn = Txn::new()
             .when_mod_revision(key.clone(), mod_rev)
             .then(Op::put(key, encode(&node)))
@@ -1229,8 +1244,9 @@ impl ControlPlane {
 
     /// A node shutting down asks for its replicas to move elsewhere, new before old, as a
     /// drain does: kubelet's graceful node shutdown, Nomad's `drain_on_shutdown`. Marked
-    /// [`Node::leaving`] only if it was schedulable, so that registering again lifts a cordon
-    /// that was its own and never an operator's.
+    /// [`Node::leaving`] with whether it was schedulable, so that registering again lifts
+    /// the drain and a cordon that was its own, never an operator's. A node an operator
+    /// drains already is left as it is.
     pub fn leave_node(&self, name: &str) -> Result<Node, ControlError> {
         let key = keys::node(name);
         for _ in 0..5 {
@@ -1242,7 +1258,9 @@ impl ControlPlane {
             if node.draining {
                 return Ok(node);
             }
-            node.leaving = node.schedulable;
+            node.leaving = Some(Leaving {
+                schedulable: node.schedulable,
+            });
             node.schedulable = false;
             node.draining = true;
             let txn = Txn::new()
@@ -1737,6 +1755,8 @@ pub(crate) mod tests {
             let err = apply("team-b", "hj", &[hijack]).unwrap_err().to_string();
             assert!(err.contains("of namespace team-a"), "{hijack}: {err}");
         }
+        // But not every path under its catch-all `/`.
+        apply("team-b", "world", &["/world"]).unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ fn node(name: String) -> Node {
         state: NodeState::Ready,
         schedulable: true,
         draining: false,
-        leaving: false,
+        leaving: None,
         joined_at: 0,
     }
 }

@@ -686,13 +686,19 @@ pub struct Node {
     /// Set by `drain`: its replicas are replaced elsewhere, new before old.
     #[serde(default)]
     pub draining: bool,
-    /// Set when the node drained itself as it shut down (`shoal node join` on SIGTERM),
-    /// having been schedulable: the cordon and drain are lifted when it registers again. An
-    /// operator's own cordon of a node that then shuts down stays.
-    #[serde(default)]
-    pub leaving: bool,
+    /// Set when the node drained itself as it shut down (`shoal node join` on SIGTERM): its
+    /// next registration lifts that drain and puts back what it was, so an operator's cordon
+    /// stays and the node's own goes. Any cordon, uncordon or drain by an operator clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leaving: Option<Leaving>,
     #[schema(value_type = u64)]
     pub joined_at: Millis,
+}
+
+/// What a node that drained itself as it shut down was before: [`Node::leaving`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Leaving {
+    pub schedulable: bool,
 }
 
 /// What the control plane keeps of a node's own credential (issued when it

@@ -57,7 +57,7 @@ fn nodes(rng: &mut Lcg) -> Vec<Node> {
                 },
                 schedulable: roll != 1,
                 draining: false,
-                leaving: false,
+                leaving: None,
                 joined_at: 0,
             }
         })

@@ -47,7 +47,7 @@ fn world(apps: usize, placed: bool) -> World {
                     state: NodeState::Ready,
                     schedulable: true,
                     draining: false,
-                    leaving: false,
+                    leaving: None,
                     joined_at: 0,
                 };
                 (node.name.clone(), Read::new(node, 1))

@@ -1473,7 +1473,7 @@ mod tests {
                 state: NodeState::Ready,
                 schedulable: true,
                 draining: false,
-                leaving: false,
+                leaving: None,
                 joined_at: 0,
             },
             1,

@@ -388,7 +388,7 @@ mod tests {
                 state: NodeState::Ready,
                 schedulable: true,
                 draining: false,
-                leaving: false,
+                leaving: None,
                 joined_at,
             },
         )
