@@ -148,6 +148,9 @@ pub struct RemoteLink {
     /// One download per module at a time, so replicas starting together fetch it once,
     /// while other modules download beside it.
     fetching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The store the last snapshot was read from ([`Snapshot::store`]), which a watch names so
+    /// that a store that replaced it refuses to resume.
+    store: std::sync::atomic::AtomicU64,
 }
 
 impl RemoteLink {
@@ -171,6 +174,7 @@ impl RemoteLink {
             rejoin: None,
             modules,
             fetching: std::sync::Mutex::default(),
+            store: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -433,20 +437,27 @@ impl Link for RemoteLink {
                 .api()
                 .request(Method::GET, "/v1/cluster/snapshot")
                 .timeout(CALL_TIMEOUT);
-            self.api()
-                .send_as(req, Resend::Idempotent)
-                .await
-                .map_err(|e| match e {
-                    ClientError::Decode(e) => {
-                        LinkError::Failed(format!("unreadable snapshot: {e}"))
-                    }
-                    other => failed(other),
-                })
+            let snapshot: Snapshot =
+                self.api()
+                    .send_as(req, Resend::Idempotent)
+                    .await
+                    .map_err(|e| match e {
+                        ClientError::Decode(e) => {
+                            LinkError::Failed(format!("unreadable snapshot: {e}"))
+                        }
+                        other => failed(other),
+                    })?;
+            self.store
+                .store(snapshot.store, std::sync::atomic::Ordering::Relaxed);
+            Ok(snapshot)
         })
     }
 
     fn changes(&self, after: u64) -> BoxFuture<'_, LinkResult<Changes>> {
-        let path = format!("/v1/cluster/watch?from={}", after + 1);
+        let path = match self.store.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => format!("/v1/cluster/watch?from={}", after + 1),
+            store => format!("/v1/cluster/watch?from={}&store={store}", after + 1),
+        };
         Box::pin(async move {
             let resp = match self
                 .api()

@@ -96,6 +96,7 @@ pub fn report(r: &Replica, phase: Phase) -> Option<ReplicaReport> {
 pub fn snapshot(apps: Vec<App>, replicas: Vec<Replica>, nodes: Vec<Node>) -> Snapshot {
     Snapshot {
         revision: 1,
+        store: 0,
         revisions: apps.iter().map(|a| revision(a, a.revision)).collect(),
         apps,
         replicas,

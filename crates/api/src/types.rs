@@ -490,6 +490,11 @@ pub enum NodeAction {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Snapshot {
     pub revision: u64,
+    /// Which store the revision is of (the store's `KvStore::id`): a watch resumed with
+    /// it is refused by a store that replaced this one (restored from elsewhere, migrated).
+    /// 0: not known.
+    #[serde(default)]
+    pub store: u64,
     pub apps: Vec<App>,
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,

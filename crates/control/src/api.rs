@@ -1475,6 +1475,9 @@ async fn snapshot(
 struct WatchQuery {
     /// The first store revision to send: the snapshot's revision plus one.
     from: u64,
+    /// The snapshot's store ([`Snapshot::store`]): another store refuses to go on from it.
+    #[serde(default)]
+    store: u64,
 }
 
 /// Newline-delimited JSON, one [`shoal_api::Delta`] per store revision from
@@ -1490,27 +1493,39 @@ async fn watch(
     // Starting a watch may read the store (on etcd, the revision "now" is), so it runs off
     // the executor.
     let starter = cp.clone();
-    let from = q.from;
+    let (from, theirs) = (q.from, q.store);
     let started = tokio::task::spawn_blocking(move || {
+        let ours = starter.store().id();
+        // Another store than the one the node read (restored from another's copy, migrated):
+        // its revisions are of another history.
+        if theirs != 0 && ours != 0 && theirs != ours {
+            return Ok(Err(None));
+        }
         let now = starter.store().revision();
         // Ahead of this store: its state was restored from a backup (or replaced) since the
         // node read it. Resuming would skip what the store holds now; the node reads it anew,
         // as a reflector relists on a resource version too new. (0: not known, as when etcd
         // cannot be read; an empty store is one the node registers with again anyway.)
         if now > 0 && from > now + 1 {
-            return Ok(Err(now));
+            return Ok(Err(Some(now)));
         }
         starter.store().watch("/", from).map(Ok)
     })
     .await
     .map_err(ControlError::internal)?;
     let started = match started {
-        Ok(Err(now)) => {
+        Ok(Err(Some(now))) => {
             return Err(ApiError::new(
                 ErrorCode::Compacted,
                 format!(
                     "revision {from} is ahead of this store's {now}: its state was restored or replaced; re-read the snapshot"
                 ),
+            ));
+        }
+        Ok(Err(None)) => {
+            return Err(ApiError::new(
+                ErrorCode::Compacted,
+                "this is not the store the snapshot was read from: it was restored from another or replaced; re-read the snapshot",
             ));
         }
         Ok(Ok(watcher)) => Ok(watcher),
@@ -1897,9 +1912,18 @@ mod tests {
         let (_dir, cp) = control_plane_with_token();
         let credential = cp.join_node("n1").unwrap().credential;
         let now = cp.store().revision();
-        // A node that read this store before it was restored from an older copy.
-        for (from, ok) in [(now + 1, true), (now + 2, false), (now + 1000, false)] {
-            let req = HttpRequest::get(format!("/v1/cluster/watch?from={from}"))
+        let ours = cp.store().id();
+        // A node that read this store before it was restored from an older copy, or that
+        // read another store (this one was migrated, or restored from another's copy).
+        for (query, ok) in [
+            (format!("from={}", now + 1), true),
+            (format!("from={}&store={ours}", now + 1), true),
+            (format!("from={}", now + 2), false),
+            (format!("from={}", now + 1000), false),
+            (format!("from={}&store={}", now + 1, ours ^ 1), false),
+        ] {
+            let from = &query;
+            let req = HttpRequest::get(format!("/v1/cluster/watch?{query}"))
                 .header(header::AUTHORIZATION, format!("Bearer {credential}"))
                 .body(Body::empty())
                 .unwrap();
@@ -1918,6 +1942,7 @@ mod tests {
                     .contains("restored"),
                 "{body}"
             );
+            assert_ne!(ours, 0);
         }
     }
 

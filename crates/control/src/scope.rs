@@ -219,6 +219,7 @@ mod tests {
     fn a_snapshot_keeps_configuration_only_for_what_the_node_runs() {
         let mut snapshot = Snapshot {
             revision: 9,
+            store: 0,
             apps: vec![app()],
             revisions: vec![revision(1), revision(2)],
             replicas: vec![replica("a", "n1", 1), replica("b", "n2", 2)],

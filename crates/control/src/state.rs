@@ -1364,6 +1364,7 @@ impl ControlPlane {
     pub fn snapshot(&self) -> Result<Snapshot, ControlError> {
         Ok(Snapshot {
             revision: self.inner.store.revision(),
+            store: self.inner.store.id(),
             apps: self.list::<App>(&keys::APPS)?,
             revisions: self.list::<Revision>(&keys::REVISIONS)?,
             replicas: self.list::<Replica>(&keys::REPLICAS)?,

@@ -180,6 +180,8 @@ pub struct EtcdStore {
     /// own compactions and by what etcd reports; read by watches to refuse compacted history.
     compacted: Arc<AtomicU64>,
     observer: Mutex<Option<Arc<CommitObserver>>>,
+    /// The etcd cluster's id, as its first answer gave it: [`KvStore::id`].
+    cluster: u64,
 }
 
 impl EtcdStore {
@@ -205,14 +207,15 @@ impl EtcdStore {
         }
         let runtime = Runtime::new()?;
         let urls = config.urls();
-        let client = runtime
+        let (client, cluster) = runtime
             .block_on(async move {
                 let mut client = Client::connect(urls, Some(options)).await?;
                 // `connect` does not talk to anyone yet: a first read shows the cluster answers.
-                client
+                let first = client
                     .get("/", Some(GetOptions::new().with_count_only()))
                     .await?;
-                Ok::<_, etcd_client::Error>(client)
+                let cluster = first.header().map_or(0, |h| h.cluster_id());
+                Ok::<_, etcd_client::Error>((client, cluster))
             })
             .map_err(|e| EtcdError::Runtime(std::io::Error::other(e)))??;
         Ok(EtcdStore {
@@ -220,6 +223,7 @@ impl EtcdStore {
             client,
             compacted: Arc::new(AtomicU64::new(0)),
             observer: Mutex::new(None),
+            cluster,
         })
     }
 
@@ -424,6 +428,10 @@ impl EtcdStore {
 }
 
 impl KvStore for EtcdStore {
+    fn id(&self) -> u64 {
+        self.cluster
+    }
+
     fn revision(&self) -> u64 {
         // The trait cannot fail here; a store that does not answer is caught by the next call
         // that can, and 0 is no revision a caller acts on.

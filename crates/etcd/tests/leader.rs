@@ -21,6 +21,9 @@ async fn a_leader_stepping_down_hands_over_at_once() {
     let etcd = EtcdCluster::single();
     let a = Arc::new(EtcdStore::connect(&etcd.config()).unwrap());
     let b = Arc::new(EtcdStore::connect(&etcd.config()).unwrap());
+    // One store, whichever client: what a node's watch names.
+    assert_ne!(a.id(), 0);
+    assert_eq!(a.id(), b.id());
     let leading = a.campaign("a").await.unwrap();
     let waiting = {
         let b = Arc::clone(&b);

@@ -96,6 +96,13 @@ pub trait KvStore: Send + Sync + 'static {
     /// ignores it.
     fn observe_commits(&self, _observer: CommitObserver) {}
 
+    /// Which store this is, fixed when it was made (redb: drawn at random, so a copy of the
+    /// file is the same store; etcd: its cluster's id): a client resuming a watch can tell a
+    /// store that replaced the one it read. 0: not known.
+    fn id(&self) -> u64 {
+        0
+    }
+
     /// Why the last commit failed, if it did and none has succeeded since: for a health check
     /// (redb cannot write again after a failed write to its file, a full disk say, until it
     /// is opened again). A backend whose failures pass by itself says nothing.

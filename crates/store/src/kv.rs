@@ -8,7 +8,7 @@ use std::time::Instant;
 use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, Table};
 use tokio::sync::broadcast;
 
-use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_REVISION};
+use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_ID, META_REVISION};
 use crate::watch::Watcher;
 use crate::{
     CommitObserver, Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse,
@@ -88,6 +88,8 @@ pub(crate) struct Inner {
     commits: RwLock<Option<CommitObserver>>,
     /// Why the last commit failed, until one succeeds: [`KvStore::write_failure`].
     failure: Mutex<Option<String>>,
+    /// [`KvStore::id`].
+    id: u64,
 }
 
 /// A store file opened to be read and never written, as `shoal server migrate` copies it:
@@ -185,13 +187,19 @@ impl Store {
         // Create every table up front: read transactions fail on tables that don't exist yet.
         let mut wtx = db.begin_write()?;
         wtx.set_quick_repair(true);
-        let (revision, compacted) = {
+        let (revision, compacted, id) = {
             wtx.open_table(KV)?;
             wtx.open_table(LOG)?;
-            let meta = wtx.open_table(META)?;
+            let mut meta = wtx.open_table(META)?;
+            let mut id = meta_get(&meta, META_ID)?;
+            if id == 0 {
+                id = random_id();
+                meta.insert(META_ID, id)?;
+            }
             (
                 meta_get(&meta, META_REVISION)?,
                 meta_get(&meta, META_COMPACTED)?,
+                id,
             )
         };
         wtx.commit()?;
@@ -207,6 +215,7 @@ impl Store {
                 events,
                 commits: RwLock::new(None),
                 failure: Mutex::new(None),
+                id,
             }),
         })
     }
@@ -545,6 +554,10 @@ impl KvStore for Store {
         Store::observe_commits(self, observer)
     }
 
+    fn id(&self) -> u64 {
+        self.inner.id
+    }
+
     fn write_failure(&self) -> Option<String> {
         self.inner
             .failure
@@ -707,6 +720,19 @@ fn range_in(rtx: &ReadTransaction, prefix: &str) -> Result<(Vec<KeyValue>, u64),
         out.push(kv_from_row(key, row.value()));
     }
     Ok((out, revision))
+}
+
+/// A nonzero number no other store is likely to draw: std's per-process random hash keys,
+/// over the time.
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish().max(1)
 }
 
 fn meta_get(meta: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64, StoreError> {
@@ -1069,6 +1095,25 @@ mod tests {
     /// A file read while a store has it open is refused; one its writer never closed (copied
     /// as a killed server left it) reads, through a repaired copy, with every committed write,
     /// and is left as it was.
+    #[test]
+    fn a_store_keeps_its_id_and_a_copy_has_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, other) = (dir.path().join("one.redb"), dir.path().join("other.redb"));
+        let id = {
+            let store = Store::open(&one).unwrap();
+            store.put("/k", vec![1]).unwrap();
+            KvStore::id(&store)
+        };
+        assert_ne!(id, 0);
+        assert_eq!(KvStore::id(&Store::open(&one).unwrap()), id);
+        assert_ne!(KvStore::id(&Store::open(&other).unwrap()), id);
+        let copy = dir.path().join("copy.redb");
+        std::fs::copy(&one, &copy).unwrap();
+        let copied = Store::open(&copy).unwrap();
+        assert_eq!(KvStore::id(&copied), id);
+        assert_eq!(copied.revision(), 1, "drawing the id made no revision");
+    }
+
     #[test]
     fn a_file_cut_short_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();

@@ -16,10 +16,12 @@ pub const KV: TableDefinition<&str, KvRow<'static>> = TableDefinition::new("kv")
 /// [`LogRow`]. A revision's events are contiguous and in op order, so replay is one range scan.
 pub const LOG: TableDefinition<(u64, u32), LogRow<'static>> = TableDefinition::new("log");
 
-/// Counters: [`META_REVISION`] and [`META_COMPACTED`].
+/// Counters: [`META_REVISION`] and [`META_COMPACTED`], and the store's [`META_ID`].
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Highest committed revision (absent = 0).
 pub const META_REVISION: &str = "revision";
 /// Log entries with revision <= this have been dropped (absent = 0).
 pub const META_COMPACTED: &str = "compacted";
+/// A random number drawn when the file was made: which store this is (a copy is the same).
+pub const META_ID: &str = "id";
