@@ -1865,12 +1865,11 @@ mod tests {
         assert!(parsed.error.message.contains("ghost"), "{parsed:?}");
     }
 
-    #[tokio::test]
-    async fn the_watch_streams_one_delta_per_line() {
-        let (_dir, cp) = control_plane_with_token();
-        let n1 = Node {
-            name: "n1".into(),
-            gateway: "n1:8080".into(),
+    /// A Ready, schedulable node `name` as it registers.
+    fn ready_node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            gateway: format!("{name}:8080"),
             capacity: Default::default(),
             labels: Default::default(),
             state: shoal_core::NodeState::Ready,
@@ -1878,7 +1877,13 @@ mod tests {
             draining: false,
             leaving: None,
             joined_at: 0,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_streams_one_delta_per_line() {
+        let (_dir, cp) = control_plane_with_token();
+        let n1 = ready_node("n1");
         let credential = cp.join_node("n1").unwrap().credential;
         let revision = cp.register_node(n1.clone()).unwrap();
         let req = HttpRequest::get(format!("/v1/cluster/watch?from={revision}"))
@@ -1949,17 +1954,7 @@ mod tests {
     #[test]
     fn a_node_back_from_leaving_is_as_it_was_and_an_operators_word_stays() {
         let (_dir, cp) = control_plane_with_token();
-        let node = |name: &str| Node {
-            name: name.into(),
-            gateway: format!("{name}:8080"),
-            capacity: Default::default(),
-            labels: Default::default(),
-            state: shoal_core::NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-        };
+        let node = ready_node;
         let get = |name: &str| {
             let nodes = cp.node_summaries().unwrap();
             nodes
