@@ -37,6 +37,7 @@ use shoal_runtime::{
     InstanceConfig, KvGrant, LogFiles, LogSink, Reuse, Runtime, VolumeMount, VolumeQuota,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -122,6 +123,9 @@ struct Inner {
     /// it (its state was reset, the node deleted): the view is then read whole again, since a
     /// watch resumed there may be going on in another store's history.
     registered_again: tokio::sync::watch::Sender<u64>,
+    /// Set once the node is shutting down ([`Agent::leave`]): deleted meanwhile, it stays
+    /// deleted rather than join again on its way out.
+    leaving: AtomicBool,
 }
 
 /// A replica this node runs.
@@ -164,6 +168,7 @@ impl Agent {
                 ingress: tokio::sync::watch::Sender::new(IngressWanted::new()),
                 revisions: metrics::Revisions::default(),
                 registered_again: tokio::sync::watch::Sender::new(0),
+                leaving: AtomicBool::new(false),
             }),
         };
         // The control plane reads replicas' output through this node's gateway.
@@ -191,6 +196,7 @@ impl Agent {
     /// a planned stop fails no request (kubelet's graceful node shutdown, Nomad's
     /// `drain_on_shutdown`). Returns how many still run: those with nowhere else to go.
     pub async fn leave(&self, within: Duration) -> Result<usize, LinkError> {
+        self.inner.leaving.store(true, Ordering::SeqCst);
         self.inner.link.leave(&self.inner.config.node).await?;
         let deadline = tokio::time::Instant::now() + within;
         let mut said = tokio::time::Instant::now();
@@ -412,6 +418,9 @@ impl Agent {
                 .await
             {
                 Ok(()) => {}
+                Err(LinkError::Unregistered) if self.inner.leaving.load(Ordering::SeqCst) => {
+                    tracing::info!("the node was deleted as it shut down: it does not join again");
+                }
                 Err(LinkError::Unregistered) => {
                     self.register().await;
                     self.inner.registered_again.send_modify(|n| *n += 1);
