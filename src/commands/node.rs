@@ -83,8 +83,9 @@ struct JoinArgs {
     #[arg(long, env = "SHOAL_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// On SIGTERM or Ctrl-C, first have this node's replicas move to other nodes (each new
-    /// one Ready before its old one stops), waiting up to this long; a second signal stops
-    /// at once. The node is schedulable again when it next starts. 0 stops at once.
+    /// one Ready before its old one stops), waiting up to this long, then let the requests in
+    /// flight through its gateway finish (at least 5 s); a second signal stops at once. When
+    /// it next starts it is as it was (schedulable, or cordoned by an operator). 0: stop at once.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     drain_timeout: String,
     #[command(flatten)]
