@@ -113,7 +113,7 @@ impl ControlPlane {
             if full {
                 last_full = Some(Instant::now());
             }
-            self.pass_went(wrote.as_ref().map(|_| ()));
+            self.pass_failed(wrote.is_err());
             match wrote {
                 Ok(true) => {
                     // Wrote something or lost a race: look again.

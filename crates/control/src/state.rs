@@ -121,8 +121,8 @@ pub(crate) struct Inner {
         std::sync::Mutex<std::collections::HashMap<(String, AppKey, String), std::time::Instant>>,
     /// What this server's nodes reported, for the other servers of a shared store.
     pub(crate) outbox: Option<crate::shared_reports::Outbox>,
-    /// Since when the controller's passes have failed, one after another, and why.
-    pub(crate) failing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Since when the controller's passes have failed, one after another (the log says why).
+    pub(crate) failing: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// How long the controller's passes may fail, one after another, before the server says it
@@ -690,7 +690,14 @@ impl ControlPlane {
         }
         // The longest route above it serves its paths now: the one it would take them from.
         // Not a catch-all `/`: it serves what no other route does, and claims no path.
-        for above in route.above().filter(|above| above.path != "/") {
+        let above = shoal_core::spec::path_prefixes(&route.path)
+            .skip(1)
+            .filter(|path| *path != "/");
+        for path in above {
+            let above = Route {
+                host: None,
+                path: path.to_string(),
+            };
             if let Some((claim, _)) = self.get(&keys::route(&above))? {
                 return Ok(foreign(claim));
             }
@@ -1075,7 +1082,7 @@ impl ControlPlane {
         }
         let failing = self.inner.failing.lock().expect("failing lock");
         match &*failing {
-            Some((since, _)) if since.elapsed() >= UNHEALTHY_AFTER => Some(format!(
+            Some(since) if since.elapsed() >= UNHEALTHY_AFTER => Some(format!(
                 "the controller's passes have failed for {} s (see the server log)",
                 since.elapsed().as_secs()
             )),
@@ -1083,18 +1090,10 @@ impl ControlPlane {
         }
     }
 
-    /// Records how the controller's last pass went, for [`ControlPlane::unhealthy`].
-    pub(crate) fn pass_went(&self, outcome: Result<(), &ControlError>) {
+    /// Records whether the controller's last pass failed, for [`ControlPlane::unhealthy`].
+    pub(crate) fn pass_failed(&self, failed: bool) {
         let mut failing = self.inner.failing.lock().expect("failing lock");
-        match outcome {
-            Ok(()) => *failing = None,
-            Err(e) => {
-                let since = failing
-                    .as_ref()
-                    .map_or_else(std::time::Instant::now, |f| f.0);
-                *failing = Some((since, e.to_string()));
-            }
-        }
+        *failing = failed.then(|| failing.unwrap_or_else(std::time::Instant::now));
     }
 
     // ---- node-facing ----
@@ -1693,20 +1692,15 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path());
         assert_eq!(cp.unhealthy(), None);
-        let failed = ControlError::internal("etcdserver: too many operations in txn request");
-        cp.pass_went(Err(&failed));
+        cp.pass_failed(true);
         assert_eq!(cp.unhealthy(), None, "one failed pass is no outage");
         // Failing since 11 s ago, pass after pass.
-        let since = std::time::Instant::now() - Duration::from_secs(11);
-        cp.inner.failing.lock().unwrap().as_mut().unwrap().0 = since;
-        cp.pass_went(Err(&failed));
+        *cp.inner.failing.lock().unwrap() =
+            Some(std::time::Instant::now() - Duration::from_secs(11));
+        cp.pass_failed(true);
         let why = cp.unhealthy().expect("unhealthy");
         assert!(why.contains("have failed for 11 s"), "{why}");
-        assert!(
-            !why.contains("etcdserver"),
-            "details stay in the log: {why}"
-        );
-        cp.pass_went(Ok(()));
+        cp.pass_failed(false);
         assert_eq!(cp.unhealthy(), None);
     }
 

@@ -117,22 +117,20 @@ impl Route {
     }
 }
 
-impl Route {
-    /// The shorter routes on the same host (or on any host) whose paths cover this one's on
-    /// segment boundaries, longest first: `/a/b` gives `/a`, then `/`.
-    pub fn above(&self) -> impl Iterator<Item = Route> + '_ {
-        let cuts = self
-            .path
-            .char_indices()
-            .rev()
-            .filter(|&(i, c)| c == '/' && i > 0)
-            .map(|(i, _)| &self.path[..i]);
-        let root = (self.path != "/").then_some("/");
-        cuts.chain(root).map(|path| Route {
-            host: self.host.clone(),
-            path: path.to_string(),
-        })
-    }
+/// The route paths that serve `path`, longest first: the path itself, then cut at each `/`
+/// (`/a/b/c`, `/a/b`, `/a`), then `/`. The gateway looks routes up by them; an apply finds
+/// the route that serves a new one's paths now by them.
+#[inline]
+pub fn path_prefixes(path: &str) -> impl Iterator<Item = &str> {
+    let cuts = path
+        .char_indices()
+        .rev()
+        .filter(|&(i, c)| c == '/' && i > 0)
+        .map(move |(i, _)| &path[..i]);
+    std::iter::once(path)
+        .filter(|p| *p != "/")
+        .chain(cuts)
+        .chain(std::iter::once("/"))
 }
 
 impl std::fmt::Display for Route {

@@ -2,7 +2,8 @@
 //! replaced in place (the gateway does so under its routing lock), so a route
 //! change costs that app's routes, not every app's.
 
-use shoal_core::{Route, spec::AppKey};
+use shoal_core::Route;
+use shoal_core::spec::{AppKey, path_prefixes};
 use std::collections::HashMap;
 
 /// Routes indexed by host and path, so a lookup costs a few hash probes (one
@@ -92,12 +93,12 @@ impl RoutingTable {
         let found = match host {
             Some(h) if !self.hosted.is_empty() => {
                 let h = h.to_ascii_lowercase();
-                prefixes(path).find_map(|p| self.hosted.get(&(h.clone(), p.to_string())))
+                path_prefixes(path).find_map(|p| self.hosted.get(&(h.clone(), p.to_string())))
             }
             _ => None,
         };
         found
-            .or_else(|| prefixes(path).find_map(|p| self.any_host.get(p)))
+            .or_else(|| path_prefixes(path).find_map(|p| self.any_host.get(p)))
             .and_then(|claims| claims.first())
             .map(|(r, k)| (r, k))
     }
@@ -113,20 +114,6 @@ impl RoutingTable {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// The prefixes of `path` a route may be, longest first: the path itself,
-/// then cut at each `/` (`/a/b/c`, `/a/b`, `/a`), then `/`.
-fn prefixes(path: &str) -> impl Iterator<Item = &str> {
-    let cuts = path
-        .char_indices()
-        .rev()
-        .filter(|&(i, c)| c == '/' && i > 0)
-        .map(move |(i, _)| &path[..i]);
-    std::iter::once(path)
-        .filter(|p| *p != "/")
-        .chain(cuts)
-        .chain(std::iter::once("/"))
 }
 
 /// Whether `path` has a `.` or `..` segment, plain or percent-encoded. Routes match
