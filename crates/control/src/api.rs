@@ -1494,53 +1494,33 @@ async fn watch(
     // the executor.
     let starter = cp.clone();
     let (from, theirs) = (q.from, q.store);
-    let started = tokio::task::spawn_blocking(move || {
-        let ours = starter.store().id();
+    let watcher = tokio::task::spawn_blocking(move || {
+        let store = starter.store();
+        let reread = |why: String| Err(ApiError::new(ErrorCode::Compacted, format!("{why}; re-read the snapshot")));
         // Another store than the one the node read (restored from another's copy, migrated):
         // its revisions are of another history.
+        let ours = store.id();
         if theirs != 0 && ours != 0 && theirs != ours {
-            return Ok(Err(None));
+            return reread("this is not the store the snapshot was read from: it was restored from another or replaced".into());
         }
-        let now = starter.store().revision();
         // Ahead of this store: its state was restored from a backup (or replaced) since the
         // node read it. Resuming would skip what the store holds now; the node reads it anew,
         // as a reflector relists on a resource version too new. (0: not known, as when etcd
         // cannot be read; an empty store is one the node registers with again anyway.)
+        let now = store.revision();
         if now > 0 && from > now + 1 {
-            return Ok(Err(Some(now)));
+            return reread(format!("revision {from} is ahead of this store's {now}: its state was restored or replaced"));
         }
-        starter.store().watch("/", from).map(Ok)
+        match store.watch("/", from) {
+            Ok(watcher) => Ok(watcher),
+            Err(shoal_store::StoreError::Compacted { compacted }) => {
+                reread(format!("revision {from} is compacted (up to {compacted})"))
+            }
+            Err(other) => Err(ControlError::internal(other).into()),
+        }
     })
     .await
-    .map_err(ControlError::internal)?;
-    let started = match started {
-        Ok(Err(Some(now))) => {
-            return Err(ApiError::new(
-                ErrorCode::Compacted,
-                format!(
-                    "revision {from} is ahead of this store's {now}: its state was restored or replaced; re-read the snapshot"
-                ),
-            ));
-        }
-        Ok(Err(None)) => {
-            return Err(ApiError::new(
-                ErrorCode::Compacted,
-                "this is not the store the snapshot was read from: it was restored from another or replaced; re-read the snapshot",
-            ));
-        }
-        Ok(Ok(watcher)) => Ok(watcher),
-        Err(e) => Err(e),
-    };
-    let watcher = started.map_err(|e| match e {
-        shoal_store::StoreError::Compacted { compacted } => ApiError::new(
-            ErrorCode::Compacted,
-            format!(
-                "revision {} is compacted (up to {compacted}); re-read the snapshot",
-                q.from
-            ),
-        ),
-        other => ControlError::internal(other).into(),
-    })?;
+    .map_err(ControlError::internal)??;
     let reader = cp.clone();
     let scope = blocking(move || reader.scope_for(&me.0)).await?;
     // Scoping a delta may read the store (a revision, whole), so it runs where blocking is
