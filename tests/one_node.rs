@@ -644,3 +644,63 @@ fn draining_the_only_node_keeps_its_replicas_serving() {
         assert_eq!(c.gw("/hello").status(), 200);
     }
 }
+
+/// Namespaces are tenants on the network too: an app is called by name only by its
+/// namespace's apps, unless its `[network] inbound` names others; changing who may call
+/// makes no revision.
+#[test]
+fn an_app_is_called_from_another_namespace_only_if_it_says_so() {
+    let c = Cluster::start();
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{}/{name}/app.toml", examples()))
+            .unwrap()
+            .replace("../target", &format!("{}/target", examples()))
+    };
+    let backend = format!(
+        "namespace = \"data\"\n{}",
+        read("backend").replace("routes = [\"/backend\"]", "routes = []")
+    );
+    let frontend = format!(
+        "namespace = \"shop\"\n{}",
+        read("frontend")
+            .replace("replicas = 2", "replicas = 1")
+            .replace("BACKEND = \"backend\"", "BACKEND = \"backend.data\"")
+    );
+    let backend_spec = write_spec(c.dir.path(), "backend.toml", &backend);
+    let frontend_spec = write_spec(c.dir.path(), "frontend.toml", &frontend);
+    c.cli_ok(&["apply", "-f", backend_spec.to_str().unwrap()]);
+    c.cli_ok(&["apply", "-f", frontend_spec.to_str().unwrap()]);
+    let ready = |ns: &str, app: &str, n: usize| {
+        poll(Duration::from_secs(20), || {
+            let list = c.api_json(&format!("/v1/replicas?namespace={ns}&app={app}"));
+            let list = list.as_array().unwrap().clone();
+            list.len() == n && list.iter().all(|r| r["phase"] == "Ready")
+        })
+    };
+    assert!(ready("data", "backend", 2) && ready("shop", "frontend", 1));
+    let refused = c.wait_gw("/frontend", 502, "frontend -> error");
+    assert!(refused.to_lowercase().contains("denied"), "{refused}");
+    let services = c.cli_ok(&["get", "services", "-n", "data"]);
+    assert!(
+        services.contains("CALLERS") && services.contains("*.data"),
+        "{services}"
+    );
+
+    let consenting = format!("{backend}\n[network]\ninbound = [\"frontend.shop\"]\n");
+    std::fs::write(&backend_spec, consenting).unwrap();
+    c.cli_ok(&["apply", "-f", backend_spec.to_str().unwrap()]);
+    c.wait_gw("/frontend", 200, "frontend -> 200 Hello from the backend!");
+    let services = c.cli_ok(&["get", "services", "-n", "data"]);
+    assert!(services.contains("frontend.shop"), "{services}");
+    let described = c.cli_ok(&["describe", "app", "backend", "-n", "data"]);
+    assert!(
+        described.contains("Callers:      frontend.shop"),
+        "{described}"
+    );
+    let described = c.api_json("/v1/apps/backend?namespace=data");
+    assert_eq!(
+        described["revisions"].as_array().unwrap().len(),
+        1,
+        "who may call is no revision: {described}"
+    );
+}

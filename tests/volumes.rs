@@ -54,6 +54,12 @@ fn a_job_writes_a_volume_and_a_daemon_reads_it_after_a_restart_until_the_volume_
     );
     c.cli_ok(&["apply", "-f", &notes_spec(&d, "reader.toml", &[])]);
     assert!(logs_show(&c, "notes-reader", "read \"hello from a job\""));
+    let described = c.cli_ok(&["describe", "app", "notes-writer"]);
+    assert!(
+        described.contains("Args:         notes write hello from a job")
+            && described.contains("  notes at /data (rw, 1 MiB)"),
+        "{described}"
+    );
 
     // Where it lives and what it holds: measured by its node.
     assert!(

@@ -56,6 +56,9 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         s.component.kind.world()
     );
     println!("Module:       {}", s.component.digest);
+    if !s.component.args.is_empty() {
+        println!("Args:         {}", s.component.args.join(" "));
+    }
     if let Some(reference) = &s.component.oci {
         match &s.pull_secret {
             Some(secret) => println!("Source:       {reference} (pull secret {secret})"),
@@ -196,11 +199,35 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
                 version.unwrap_or_default()
             );
         }
+        let callers = match s.inbound.as_deref() {
+            None => format!("*.{} (its namespace's apps)", s.namespace),
+            Some([]) => "none (routes only)".into(),
+            Some(callers) => callers.join(", "),
+        };
+        println!("Callers:      {callers}");
         println!("Timeout:      {} ms", h.timeout_ms);
         if h.reuse > 1 {
             println!(
                 "Reuse:        {} requests per instance, idle up to {} ms, {} at once (p3)",
                 h.reuse, h.reuse_idle_ms, h.reuse_concurrent
+            );
+        }
+    }
+    if !s.outbound.is_empty() {
+        println!("Outbound:     {}", s.outbound.join(", "));
+    }
+    if !s.keyvalue.is_empty() {
+        println!("Buckets:      {}", s.keyvalue.join(", "));
+    }
+    if !s.volumes.is_empty() {
+        println!("Volumes:");
+        for v in &s.volumes {
+            let access = if v.read_only { "ro" } else { "rw" };
+            println!(
+                "  {} at {} ({access}, {} MiB)",
+                v.name,
+                v.mount,
+                v.size_bytes.div_ceil(1 << 20)
             );
         }
     }

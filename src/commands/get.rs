@@ -479,6 +479,10 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                         s.name.clone(),
                         s.host.clone(),
                         s.routes.join(","),
+                        match s.callers.is_empty() {
+                            true => "-".into(),
+                            false => s.callers.join(","),
+                        },
                         endpoints.len().to_string(),
                         endpoints.join(","),
                     ]
@@ -486,7 +490,7 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                 .collect();
             Listing::namespaced(
                 json,
-                &["NAME", "HOST", "ROUTES", "READY", "ENDPOINTS"],
+                &["NAME", "HOST", "ROUTES", "CALLERS", "READY", "ENDPOINTS"],
                 services.iter().map(|s| s.namespace.as_str()),
                 rows,
             )

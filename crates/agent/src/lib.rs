@@ -947,7 +947,7 @@ impl Agent {
             outbound: self
                 .inner
                 .gateway
-                .outbound(&replica.app.namespace, t.outbound.clone()),
+                .outbound(&replica.app, t.outbound.clone()),
             incidents: Some(self.incident_hook(&replica)),
             // One CPU group per app on this node: each replica adds its request to the
             // group's weight and its limit to the group's quota.

@@ -8,7 +8,7 @@
 
 use crate::view::{ClusterView, Touched};
 use shoal_api::ReplicaReport;
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, Inbound};
 use shoal_core::{Kind, NodeState, Phase, Replica, Revision, Route};
 use shoal_gateway::{RemoteReplica, Split, Tables};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -34,8 +34,9 @@ pub struct NodePlan {
 pub struct AppTables {
     /// Its routes, if it is an http app.
     pub routes: Vec<Route>,
-    /// Other apps may call it by name: every http app is a service.
-    pub service: bool,
+    /// Other apps may call it by name, those these admit (`[network] inbound`): every http
+    /// app is a service.
+    pub service: Option<Inbound>,
     /// Its Ready replicas on other Ready nodes, by id.
     pub remotes: Vec<RemoteReplica>,
     /// Its canary step's traffic split, while one is in progress.
@@ -161,7 +162,7 @@ pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
             .as_ref()
             .map(|h| h.routes.clone())
             .unwrap_or_default(),
-        service: app.spec.component.kind == Kind::Http,
+        service: (app.spec.component.kind == Kind::Http).then(|| app.spec.inbound()),
         remotes,
         split,
         // Only an autoscaled app with min = 0 wakes on a request; one a schedule
@@ -192,8 +193,8 @@ pub fn gateway_tables<'a>(apps: impl IntoIterator<Item = (&'a AppKey, &'a AppTab
     for (key, t) in apps {
         out.routes
             .extend(t.routes.iter().map(|r| (r.clone(), key.clone())));
-        if t.service {
-            out.services.push(key.clone());
+        if let Some(inbound) = &t.service {
+            out.services.push((key.clone(), inbound.clone()));
         }
         if !t.remotes.is_empty() {
             out.remotes.insert(key.clone(), t.remotes.clone());
@@ -359,7 +360,7 @@ mod tests {
             "lazy",
             "http",
             1,
-            "[scale]\nmin = 0\nmax = 3\ntarget_concurrency = 10\n",
+            "[scale]\nmin = 0\nmax = 3\ntarget_concurrency = 10\n[network]\ninbound = [\"*.ops\"]\n",
         );
         let mut s = snapshot(
             vec![web.clone(), daemon, lazy.clone()],
@@ -409,9 +410,13 @@ mod tests {
         );
         assert_eq!(
             t.services,
-            [lazy.spec.key(), web.spec.key()],
-            "http apps only"
+            [
+                (lazy.spec.key(), lazy.spec.inbound()),
+                (web.spec.key(), Inbound::namespace("default"))
+            ],
+            "http apps only, each with who may call it"
         );
+        assert!(t.services[0].1.admits(&AppKey::new("ops", "cron")));
         assert_eq!(
             t.remotes[&web.spec.key()],
             [RemoteReplica {

@@ -578,6 +578,10 @@ pub struct Service {
     /// `name.namespace`: the host other apps call it by (`name` alone within its namespace).
     pub host: String,
     pub routes: Vec<String>,
+    /// The apps that may call it by name: its `[network] inbound`, or `*.NAMESPACE` (its
+    /// namespace's apps) when it has none. Empty: none, it takes only routed requests.
+    #[serde(default)]
+    pub callers: Vec<String>,
     pub endpoints: Vec<ServiceEndpoint>,
 }
 

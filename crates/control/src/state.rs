@@ -1028,6 +1028,11 @@ impl ControlPlane {
                 Some(Service {
                     host: format!("{}.{}", key.name, key.namespace),
                     routes: http.routes.iter().map(|r| r.to_string()).collect(),
+                    callers: app
+                        .spec
+                        .inbound
+                        .clone()
+                        .unwrap_or_else(|| vec![format!("*.{}", key.namespace)]),
                     namespace: key.namespace,
                     name: key.name,
                     endpoints,

@@ -153,6 +153,64 @@ fn validate_host(h: &str) -> Result<(), String> {
     }
 }
 
+/// One `[network] inbound` entry: apps that may call an app by its service name, written
+/// as guests address services (`APP`, `APP.NS`), with `*` for any app.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Caller {
+    /// `*`: every app of the cluster.
+    Any,
+    /// `*.NS`: every app of namespace `NS`.
+    Namespace(String),
+    /// `APP` (of the called app's namespace) or `APP.NS`.
+    App(AppKey),
+}
+
+impl Caller {
+    /// Reads one entry of the app in `namespace`, which a bare `APP` belongs to.
+    pub fn parse(entry: &str, namespace: &str) -> Result<Caller, String> {
+        if entry == "*" {
+            return Ok(Caller::Any);
+        }
+        let (name, ns) = entry.split_once('.').unwrap_or((entry, namespace));
+        validate_name(ns).map_err(|e| format!("{entry:?}: namespace: {e}"))?;
+        if name == "*" {
+            return Ok(Caller::Namespace(ns.to_string()));
+        }
+        validate_name(name)
+            .map_err(|e| format!("{entry:?}: {e}; write APP, APP.NAMESPACE, *.NAMESPACE or *"))?;
+        Ok(Caller::App(AppKey::new(ns, name)))
+    }
+
+    fn admits(&self, caller: &AppKey) -> bool {
+        match self {
+            Caller::Any => true,
+            Caller::Namespace(ns) => *ns == caller.namespace,
+            Caller::App(app) => app == caller,
+        }
+    }
+}
+
+/// Who may call an app by its service name (`[network] inbound`, read). Without the
+/// setting, the apps of its own namespace: namespaces are tenants, and one tenant's
+/// apps do not reach another's unless that one says so.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Inbound(Vec<Caller>);
+
+impl Inbound {
+    pub fn new(callers: Vec<Caller>) -> Inbound {
+        Inbound(callers)
+    }
+
+    /// The apps of `namespace`.
+    pub fn namespace(namespace: &str) -> Inbound {
+        Inbound(vec![Caller::Namespace(namespace.to_string())])
+    }
+
+    pub fn admits(&self, caller: &AppKey) -> bool {
+        self.0.iter().any(|c| c.admits(caller))
+    }
+}
+
 /// One `[network] outbound` grant: a host and, if written, the one port it may be called on.
 /// Without a port only the scheme's default is granted (80 for http, 443 for https), so
 /// `"api.example.com"` does not open the host's other services.
@@ -1353,6 +1411,11 @@ pub struct AppSpec {
     /// `HOST` (port 80) or `HOST:PORT`. Empty: no outbound network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<String>,
+    /// `[network] inbound`: the apps that may call this one by its service name, each a
+    /// [`Caller`]; `None` is the apps of its namespace, `[]` none. Not part of the
+    /// revision: who may call is the network's business, not the replica's, as with routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<Vec<String>>,
     /// `[keyvalue] buckets`: the namespace's `wasi:keyvalue` buckets the guest may open.
     /// Empty: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1553,6 +1616,20 @@ impl AppSpec {
             http.reuse_concurrent = template.reuse_concurrent;
         }
         spec
+    }
+
+    /// Who may call the app by its service name: `[network] inbound` read, or its namespace.
+    /// An entry that no longer reads (a spec stored before a rule) admits no one.
+    pub fn inbound(&self) -> Inbound {
+        match &self.inbound {
+            None => Inbound::namespace(&self.namespace),
+            Some(entries) => Inbound(
+                entries
+                    .iter()
+                    .filter_map(|e| Caller::parse(e, &self.namespace).ok())
+                    .collect(),
+            ),
+        }
     }
 
     pub fn template(&self) -> Template {
@@ -1847,6 +1924,24 @@ impl AppSpec {
         for grant in &self.outbound {
             if let Err(m) = OutboundGrant::parse(grant) {
                 return field("network.outbound", m);
+            }
+        }
+        if let Some(inbound) = &self.inbound {
+            if self.component.kind != Kind::Http {
+                return field(
+                    "network.inbound",
+                    "only http apps are called by name; a job or daemon takes no calls".into(),
+                );
+            }
+            let mut callers = Vec::new();
+            for entry in inbound {
+                match Caller::parse(entry, &self.namespace) {
+                    Ok(c) if callers.contains(&c) => {
+                        return field("network.inbound", format!("{entry} is named twice"));
+                    }
+                    Ok(c) => callers.push(c),
+                    Err(m) => return field("network.inbound", m),
+                }
             }
         }
         let mut buckets = BTreeSet::new();
@@ -2297,7 +2392,9 @@ fn job_runs(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
+    #[serde(default)]
     outbound: Vec<String>,
+    inbound: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -2975,12 +3072,19 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             Some(j) => job_runs(src, j.get_ref(), &mut spans)?,
             None => JobRuns::default(),
         },
-        outbound: match raw.network {
+        outbound: match &raw.network {
             Some(n) => {
                 spans.insert("network.outbound", n.span());
-                n.into_inner().outbound
+                n.get_ref().outbound.clone()
             }
             None => Vec::new(),
+        },
+        inbound: match raw.network {
+            Some(n) => {
+                spans.insert("network.inbound", n.span());
+                n.into_inner().inbound
+            }
+            None => None,
         },
         keyvalue: match raw.keyvalue {
             Some(k) => {
@@ -3697,6 +3801,58 @@ A = "1"
         );
         let bad = format!("{HELLO}\n[network]\noutbound = [\"http://x\"]\n");
         assert_eq!(err(&bad).field.as_deref(), Some("network.outbound"));
+    }
+
+    #[test]
+    fn callers_are_the_namespace_unless_the_app_names_them() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let with = |network: &str| {
+            parse_app(&format!(
+                "namespace = \"shop\"\n{HELLO}\n[network]\n{network}\n"
+            ))
+            .and_then(|m| m.resolve(digest.clone()))
+        };
+        let plain = parse_app(&format!("namespace = \"shop\"\n{HELLO}"))
+            .unwrap()
+            .resolve(digest.clone())
+            .unwrap();
+        let (web, cart, admin) = (
+            AppKey::new("shop", "web"),
+            AppKey::new("shop", "cart"),
+            AppKey::new("ops", "admin"),
+        );
+        assert!(plain.inbound().admits(&web) && plain.inbound().admits(&cart));
+        assert!(!plain.inbound().admits(&admin), "another namespace's app");
+        let named = with("inbound = [\"web\", \"admin.ops\"]").unwrap();
+        assert_eq!(
+            named.template(),
+            plain.template(),
+            "callers are no revision"
+        );
+        let inbound = named.inbound();
+        assert!(inbound.admits(&web) && inbound.admits(&admin));
+        assert!(!inbound.admits(&cart), "named: only those named");
+        assert!(!inbound.admits(&AppKey::new("ops", "web")));
+        let ops = with("inbound = [\"*.ops\"]").unwrap().inbound();
+        assert!(ops.admits(&admin) && !ops.admits(&web));
+        let any = with("inbound = [\"*\"]").unwrap().inbound();
+        assert!(any.admits(&admin) && any.admits(&web));
+        let none = with("inbound = []").unwrap().inbound();
+        assert!(!none.admits(&web), "[]: routes only");
+        for bad in [
+            "inbound = [\"Web\"]",
+            "inbound = [\"a.b.c\"]",
+            "inbound = [\"web.*\"]",
+            "inbound = [\"\"]",
+            "inbound = [\"web\", \"web.shop\"]",
+        ] {
+            let e = with(bad).expect_err(bad);
+            assert_eq!(e.field.as_deref(), Some("network.inbound"), "{bad}: {e}");
+            assert!(e.line.is_some(), "{bad}: {e}");
+        }
+        let job = "name = \"j\"\n[component]\npath = \"j.wasm\"\nkind = \"job\"\n";
+        let e = err(&format!("{job}[network]\ninbound = [\"*\"]\n"));
+        assert!(e.message.contains("only http apps"), "{e}");
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub(crate) struct ServicePolicy {
     /// threads; their calls are made here so the pooled connections they open, and the
     /// dispatch to other apps, live with the gateway's I/O rather than among busy guests.
     io: Option<tokio::runtime::Handle>,
-    namespace: String,
+    /// The app whose guests call: bare names are of its namespace, and the called app's
+    /// `[network] inbound` must admit it.
+    caller: AppKey,
     /// Host and port; where a granted name resolves is checked when egress connects.
     grants: Vec<OutboundGrant>,
 }
@@ -29,15 +31,17 @@ enum Destination {
     Egress,
     /// A bare name (`http://nope/`) that is no app: the guest meant a service.
     UnknownService,
+    /// An app whose `[network] inbound` does not admit the caller.
+    Refused,
     Denied,
 }
 
 impl ServicePolicy {
-    pub(crate) fn new(gateway: &Gateway, namespace: &str, allowed_hosts: Vec<String>) -> Self {
+    pub(crate) fn new(gateway: &Gateway, caller: &AppKey, allowed_hosts: Vec<String>) -> Self {
         ServicePolicy {
             gateway: gateway.downgrade(),
             io: tokio::runtime::Handle::try_current().ok(),
-            namespace: namespace.to_string(),
+            caller: caller.clone(),
             grants: allowed_hosts
                 .iter()
                 .filter_map(|grant| {
@@ -56,7 +60,7 @@ impl ServicePolicy {
     fn resolve(&self, gateway: &Gateway, host: &str, uri: &http::Uri) -> Destination {
         let mut labels = host.split('.');
         let app = match (labels.next(), labels.next(), labels.next()) {
-            (Some(name), None, _) => Some(AppKey::new(&self.namespace, name)),
+            (Some(name), None, _) => Some(AppKey::new(&self.caller.namespace, name)),
             (Some(name), Some(namespace), None) => Some(AppKey::new(namespace, name)),
             _ => None,
         };
@@ -69,7 +73,14 @@ impl ServicePolicy {
         let port = uri.port_u16().unwrap_or(default_port);
         let granted = |g: &OutboundGrant| g.allows(&target, port, default_port);
         match app {
-            Some(app) if gateway.knows(&app) => Destination::Service(app),
+            Some(app) if gateway.knows(&app) => {
+                if gateway.may_call(&self.caller, &app) {
+                    Destination::Service(app)
+                } else {
+                    tracing::debug!(%app, caller = %self.caller, "service call refused by the app's network.inbound");
+                    Destination::Refused
+                }
+            }
             _ if self.grants.iter().any(granted) => Destination::Egress,
             // A granted host on another port is denied, not taken for a missing service; an
             // IPv6 address is no service either.
@@ -113,7 +124,7 @@ impl OutboundPolicy for ServicePolicy {
                     }
                     Destination::Egress => proxy::egress(gateway.client(), request).await,
                     Destination::UnknownService => Err(HttpError::DestinationNotFound),
-                    Destination::Denied => Err(HttpError::HttpRequestDenied),
+                    Destination::Denied | Destination::Refused => Err(HttpError::HttpRequestDenied),
                 }
             };
             match head_timeout {

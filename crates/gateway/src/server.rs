@@ -16,11 +16,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use shoal_core::Route;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::logs::LogEntry;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{Route, spec::AppKey};
+use shoal_core::spec::{AppKey, Inbound};
 use shoal_runtime::problem_response;
 use shoal_runtime::{HttpError, HttpService, LogSink, OutboundPolicy, ResponseBody, WasiBody};
 use std::collections::{HashMap, HashSet};
@@ -105,8 +106,8 @@ type EndpointMap = HashMap<AppKey, Arc<[Arc<Endpoint>]>>;
 pub struct Tables {
     /// Every http app's routes: every gateway serves every app.
     pub routes: Vec<(Route, AppKey)>,
-    /// Apps other apps may call by name; see [`Gateway::set_services`].
-    pub services: Vec<AppKey>,
+    /// Apps other apps may call by name, each with who may; see [`Gateway::set_services`].
+    pub services: Vec<(AppKey, Inbound)>,
     /// Ready replicas on other Ready nodes, reached through their gateways.
     pub remotes: HashMap<AppKey, Vec<RemoteReplica>>,
     /// Canary steps: an app's traffic split by weight between two revisions.
@@ -135,7 +136,7 @@ pub(crate) struct Inner {
     metrics: Registry,
     holds: Holds,
     /// Apps the agent declared as services; see [`Gateway::set_services`].
-    services: RwLock<HashSet<AppKey>>,
+    services: RwLock<HashMap<AppKey, Inbound>>,
     /// The apps that wake on a request, as last set: the holds take the whole
     /// set, so one app's change is made here and handed over whole.
     wake: Mutex<HashSet<AppKey>>,
@@ -181,7 +182,7 @@ impl Gateway {
                 pool: RwLock::new(Pool::default()),
                 metrics: Registry::default(),
                 holds: Holds::default(),
-                services: RwLock::new(HashSet::new()),
+                services: RwLock::new(HashMap::new()),
                 wake: Mutex::new(HashSet::new()),
                 client,
                 hops,
@@ -247,7 +248,7 @@ impl Gateway {
         for (route, app) in routes {
             routes_of.entry(app).or_default().push(route);
         }
-        let served: HashSet<AppKey> = served.into_iter().collect();
+        let mut served: HashMap<AppKey, Inbound> = served.into_iter().collect();
         let waking: HashSet<AppKey> = waking.into_iter().collect();
         let mut services = self.inner.services.write().expect("services lock");
         let mut pool = self.inner.pool.write().expect("endpoint lock");
@@ -258,11 +259,10 @@ impl Gateway {
         let mut woken = false;
         for app in apps {
             routing.set_app(&app, routes_of.remove(&app).unwrap_or_default());
-            if served.contains(&app) {
-                services.insert(app.clone());
-            } else {
-                services.remove(&app);
-            }
+            match served.remove(&app) {
+                Some(inbound) => services.insert(app.clone(), inbound),
+                None => services.remove(&app),
+            };
             match splits.remove(&app) {
                 Some(split) => pool.splits.insert(app.clone(), split),
                 None => pool.splits.remove(&app),
@@ -329,9 +329,10 @@ impl Gateway {
     }
 
     /// Declares every http app of the cluster, so guests can call one by name even while it
-    /// has no route and no ready replica (it then answers 503, not "not found"). An app with
-    /// routes or endpoints here is known without being declared.
-    pub fn set_services(&self, apps: Vec<AppKey>) {
+    /// has no route and no ready replica (it then answers 503, not "not found"), and which
+    /// apps may (its `[network] inbound`). An app with routes or endpoints here is known
+    /// without being declared, and callable by its namespace's apps.
+    pub fn set_services(&self, apps: Vec<(AppKey, Inbound)>) {
         *self.inner.services.write().expect("services lock") = apps.into_iter().collect();
     }
 
@@ -489,12 +490,21 @@ impl Gateway {
     }
 
     /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
+    /// Whether `caller` may call `app` by name: as the app's `[network] inbound` says, or,
+    /// for an app not declared (yet), if both are of one namespace.
+    pub(crate) fn may_call(&self, caller: &AppKey, app: &AppKey) -> bool {
+        match self.inner.services.read().expect("services lock").get(app) {
+            Some(inbound) => inbound.admits(caller),
+            None => app.namespace == caller.namespace,
+        }
+    }
+
     pub(crate) fn knows(&self, app: &AppKey) -> bool {
         self.inner
             .services
             .read()
             .expect("services lock")
-            .contains(app)
+            .contains_key(app)
             || self
                 .inner
                 .pool
@@ -602,14 +612,15 @@ impl Gateway {
             .unwrap_or_default()
     }
 
-    /// The outbound policy for guests of one replica in `namespace`: calls to `http://NAME/`
+    /// The outbound policy for guests of one replica of app `caller`: calls to `http://NAME/`
     /// or `http://NAME.NAMESPACE/` go to that app's replicas through this gateway (in process,
-    /// or to the node that runs one); plain-http calls to a host and port `allowed_hosts`
+    /// or to the node that runs one) if it admits the caller ([`Gateway::set_services`]);
+    /// plain-http calls to a host and port `allowed_hosts`
     /// grants go out to the network, to public addresses only (unless
     /// [`GatewayConfig::allow_private_egress`]); everything else is refused. The policy holds the gateway weakly, so a
     /// replica's service never keeps the gateway that holds it alive.
-    pub fn outbound(&self, namespace: &str, allowed_hosts: Vec<String>) -> Arc<dyn OutboundPolicy> {
-        Arc::new(ServicePolicy::new(self, namespace, allowed_hosts))
+    pub fn outbound(&self, caller: &AppKey, allowed_hosts: Vec<String>) -> Arc<dyn OutboundPolicy> {
+        Arc::new(ServicePolicy::new(self, caller, allowed_hosts))
     }
 
     pub async fn handle<B>(&self, req: Request<B>) -> Response<ResponseBody>
@@ -1279,7 +1290,7 @@ mod tests {
     fn tables_of(name: &str) -> Tables {
         Tables {
             routes: vec![(Route::parse(&format!("/{name}")).unwrap(), app(name))],
-            services: vec![app(name)],
+            services: vec![(app(name), Inbound::namespace("default"))],
             remotes: HashMap::from([(
                 app(name),
                 vec![RemoteReplica {
@@ -1330,7 +1341,7 @@ mod tests {
         };
         let moved = Tables {
             routes: vec![(Route::parse("/a2").unwrap(), app("a"))],
-            services: vec![app("a")],
+            services: vec![(app("a"), Inbound::namespace("default"))],
             remotes: HashMap::from([(app("a"), vec![a2])]),
             ..Tables::default()
         };

@@ -12,6 +12,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use shoal_core::spec::AppKey;
 use shoal_gateway::{Gateway, GatewayConfig};
 use shoal_runtime::{HttpError, OutboundPolicy, WasiBody};
 use tokio::net::TcpListener;
@@ -90,26 +91,31 @@ async fn https_egress_reaches_a_granted_host_whose_certificate_checks_out() {
         egress_roots: vec![ca],
         ..GatewayConfig::default()
     });
-    let policy = trusting.outbound("default", grants.clone());
+    let policy = trusting.outbound(&caller(), grants.clone());
     assert_eq!(call(policy.as_ref(), &url).await.unwrap(), StatusCode::OK);
 
     // A certificate from a CA the node does not trust is not taken.
     let stranger = gateway(true);
-    let policy = stranger.outbound("default", grants.clone());
+    let policy = stranger.outbound(&caller(), grants.clone());
     let refused = call(policy.as_ref(), &url).await;
     assert!(refused.is_err(), "{refused:?}");
     // Nor is a name the certificate is not for.
-    let policy = trusting.outbound("default", vec![format!("127.0.0.1:{port}")]);
+    let policy = trusting.outbound(&caller(), vec![format!("127.0.0.1:{port}")]);
     let wrong_name = call(policy.as_ref(), &format!("https://127.0.0.1:{port}/")).await;
     assert!(wrong_name.is_err(), "{wrong_name:?}");
     // Plain HTTP to a TLS port gets no answer either.
-    let policy = trusting.outbound("default", grants);
+    let policy = trusting.outbound(&caller(), grants);
     let plain = call(policy.as_ref(), &format!("http://localhost:{port}/")).await;
     assert!(!matches!(plain, Ok(StatusCode::OK)), "{plain:?}");
 }
 
 fn denied(result: &Result<StatusCode, HttpError>) -> bool {
     matches!(result, Err(HttpError::HttpRequestDenied))
+}
+
+/// The app whose guest calls out.
+fn caller() -> AppKey {
+    AppKey::new("default", "caller")
 }
 
 #[tokio::test]
@@ -119,7 +125,7 @@ async fn a_granted_host_is_reached_on_its_granted_port_only() {
     let gateway = gateway(true);
     let port = granted.port();
     let policy = gateway.outbound(
-        "default",
+        &caller(),
         vec![format!("localhost:{port}"), "127.0.0.1".into()],
     );
     let policy = policy.as_ref();
@@ -142,14 +148,14 @@ async fn a_granted_host_is_reached_on_its_granted_port_only() {
 async fn refused_unless_private_egress_is_allowed(grant: String, url: &str) {
     let strict = gateway(false);
     let refused = call(
-        strict.outbound("default", vec![grant.clone()]).as_ref(),
+        strict.outbound(&caller(), vec![grant.clone()]).as_ref(),
         url,
     )
     .await;
     assert!(denied(&refused), "{refused:?}");
 
     let open = gateway(true);
-    let allowed = call(open.outbound("default", vec![grant]).as_ref(), url).await;
+    let allowed = call(open.outbound(&caller(), vec![grant]).as_ref(), url).await;
     assert_eq!(allowed.unwrap(), StatusCode::OK);
 }
 
@@ -175,7 +181,7 @@ async fn a_private_address_granted_explicitly_needs_the_node_to_allow_it() {
 async fn link_local_addresses_are_never_granted() {
     let open = gateway(true);
     let policy = open.outbound(
-        "default",
+        &caller(),
         vec![
             "169.254.169.254".into(),
             "[fe80::1]".into(),

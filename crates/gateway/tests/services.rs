@@ -14,7 +14,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, Caller, Inbound};
 use shoal_gateway::{Endpoint, Gateway, GatewayConfig, RemoteReplica};
 use shoal_runtime::{HttpError, InstanceConfig, OutboundPolicy, WasiBody};
 use tokio::net::TcpListener;
@@ -75,7 +75,7 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     gateway.add_endpoint(app("hello"), Endpoint::local("hello-1".into(), 1, hello, 4));
     let tiny = tiny_server().await;
     let closed = closed_port().await;
-    let policy = gateway.outbound("default", vec![tiny.to_string(), closed.to_string()]);
+    let policy = gateway.outbound(&app("web"), vec![tiny.to_string(), closed.to_string()]);
     let policy = policy.as_ref();
 
     assert_eq!(
@@ -106,17 +106,48 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     ));
 
     // A declared service with no ready replica answers, with a 503.
-    gateway.set_services(vec![app("idle")]);
+    gateway.set_services(vec![(app("idle"), Inbound::namespace("default"))]);
     let (status, body) = call(policy, "http://idle/").await.unwrap();
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("no_ready_replicas"), "{body}");
 
-    // Bare names are the caller's namespace; other namespaces need `NAME.NS`.
-    let other = gateway.outbound("other", vec![]);
+    // Bare names are the caller's namespace; other namespaces need `NAME.NS`, and the
+    // consent of the app called: without `[network] inbound`, its namespace's apps only.
+    let other = gateway.outbound(&AppKey::new("other", "web"), vec![]);
     assert!(matches!(
         call(other.as_ref(), "http://hello/").await,
         Err(HttpError::DestinationNotFound)
     ));
+    assert!(matches!(
+        call(other.as_ref(), "http://hello.default/").await,
+        Err(HttpError::HttpRequestDenied)
+    ));
+    let callers = |entries: &[&str]| {
+        Inbound::new(
+            entries
+                .iter()
+                .map(|e| Caller::parse(e, "default").unwrap())
+                .collect(),
+        )
+    };
+    gateway.set_services(vec![
+        (app("idle"), Inbound::namespace("default")),
+        (app("hello"), callers(&["web.other"])),
+    ]);
+    let stranger = gateway.outbound(&AppKey::new("other", "cron"), vec![]);
+    assert!(matches!(
+        call(stranger.as_ref(), "http://hello.default/").await,
+        Err(HttpError::HttpRequestDenied)
+    ));
+    assert!(
+        matches!(
+            call(policy, "http://hello/").await,
+            Err(HttpError::HttpRequestDenied)
+        ),
+        "named callers only, its own namespace's apps too"
+    );
+    gateway.set_services(vec![(app("hello"), callers(&["web.other", "web"]))]);
+    assert_eq!(call(policy, "http://hello/").await.unwrap().1, "hi\n");
     assert_eq!(
         call(other.as_ref(), "http://hello.default/")
             .await
@@ -166,7 +197,7 @@ async fn a_service_on_another_node_is_called_through_its_gateway() {
         vec![replica("hello-dead", dead), replica("hello-b", b_addr)],
     );
     a.set_remote_endpoints(remote);
-    let policy = a.outbound("default", vec![]);
+    let policy = a.outbound(&AppKey::new("default", "caller"), vec![]);
     for _ in 0..30 {
         let (status, body) = call(policy.as_ref(), "http://hello/greet").await.unwrap();
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -184,7 +215,8 @@ async fn a_guest_calls_a_service_by_name_through_wasi_http() {
         &runtime,
         shoal_fixtures::FAULTY_WASM,
         InstanceConfig {
-            outbound: gateway.outbound("default", vec![]),
+            // Of the namespace `com`, as the app it reaches below.
+            outbound: gateway.outbound(&AppKey::new("com", "caller"), vec![]),
             ..instance(&[])
         },
     )
@@ -245,7 +277,7 @@ async fn a_guest_call_to_a_dead_node_is_retried_on_another() {
         &runtime,
         shoal_fixtures::FAULTY_WASM,
         InstanceConfig {
-            outbound: a.outbound("default", vec![]),
+            outbound: a.outbound(&AppKey::new("com", "caller"), vec![]),
             ..instance(&[])
         },
     )
