@@ -23,12 +23,21 @@ pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>> {
     {
         bail!("{} bytes, more than {} (the most read)", meta.len(), limit);
     }
+    bounded(file, limit)
+}
+
+fn bounded(from: impl Read, limit: u64) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    file.take(limit + 1).read_to_end(&mut bytes)?;
+    from.take(limit + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > limit {
         bail!("more than {limit} bytes (the most read)");
     }
     Ok(bytes)
+}
+
+/// Standard input, as [`read_text`] reads a file.
+pub fn read_stdin_text(limit: u64) -> Result<String> {
+    String::from_utf8(bounded(std::io::stdin().lock(), limit)?).context("not UTF-8 text")
 }
 
 /// [`read`], as UTF-8 text.

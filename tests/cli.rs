@@ -599,3 +599,57 @@ fn a_big_upload_shows_its_progress_on_a_terminal() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("uploading"));
     assert!(c.cli_ok(&["get", "modules"]).lines().count() >= 3);
 }
+
+/// `-f DIR` applies a directory's specs (`-R`: and its subdirectories'), never the crate's
+/// own files; `-f -` one from standard input, its errors placed in `<stdin>`.
+#[test]
+fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
+    let c = Cluster::start();
+    let hello = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let named = |name: &str| {
+        hello
+            .replace("name = \"hello\"", &format!("name = \"{name}\""))
+            .replace("\"/hello\"", &format!("\"/{name}\""))
+    };
+    let apps = c.dir.path().join("apps");
+    std::fs::create_dir_all(apps.join("more")).unwrap();
+    std::fs::write(apps.join("a.toml"), named("dir-a")).unwrap();
+    std::fs::write(apps.join("more/b.toml"), named("dir-b")).unwrap();
+    for skipped in ["Cargo.toml", ".draft.toml", "notes.txt"] {
+        std::fs::write(apps.join(skipped), "not = [a spec").unwrap();
+    }
+    let apps = apps.to_str().unwrap();
+
+    let out = c.cli(&["diff", "-f", apps]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        shown.contains("dir-a") && !shown.contains("dir-b"),
+        "{shown}"
+    );
+    c.cli_ok(&["apply", "-f", apps, "-R"]);
+    let listed = c.cli_ok(&["get", "apps"]);
+    assert!(
+        listed.contains("dir-a") && listed.contains("dir-b"),
+        "{listed}"
+    );
+    let empty = c.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let out = c.cli(&["apply", "-f", empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no .toml spec"));
+
+    let out = c.cli_stdin(&["apply", "-f", "-"], &named("piped"));
+    assert!(out.status.success(), "{out:?}");
+    c.wait_gw("/piped", 200, "Hello from Shoal!");
+    let out = c.cli_stdin(&["apply", "-f", "-"], "name = \"x\"\n[component\n");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("<stdin>:2:"),
+        "{said}"
+    );
+    let out = c.cli_stdin(&["apply", "-f", "-", "-f", "-"], "");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}

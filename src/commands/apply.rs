@@ -12,12 +12,19 @@ use std::path::{Path, PathBuf};
 #[command(after_help = "Examples:
   shoal apply -f examples/hello/app.toml          create or update; uploads the module if new
   shoal apply -f a.toml -f b.toml -n staging      several files, into namespace staging
+  shoal apply -f apps/ -R                         every .toml spec under apps/, in name order
+  sed s/1.2/1.3/ app.toml | shoal apply -f -      a spec from standard input (paths in it
+                                                  are relative to the current directory)
   shoal apply --dry-run -f app.toml               what would change (exit 1 if anything)
   shoal apply --retry -f app.toml                 roll out again what was rolled back")]
 pub struct ApplyArgs {
-    /// App spec files (TOML).
+    /// App spec files (TOML); a directory: its .toml files (Cargo.toml and
+    /// rust-toolchain.toml aside) in name order; `-`: standard input.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
+    /// With a directory: its subdirectories' specs too.
+    #[arg(short = 'R', long)]
+    recursive: bool,
     /// Show what would change without changing anything; exit 1 if anything would.
     #[arg(long)]
     pub dry_run: bool,
@@ -32,15 +39,20 @@ pub struct ApplyArgs {
 #[command(after_help = "Examples:
   shoal diff -f examples/hello/app.toml           exit 0: nothing would change; 1: something would")]
 pub struct DiffArgs {
-    /// App spec files (TOML).
+    /// App spec files (TOML); a directory: its .toml files (Cargo.toml and
+    /// rust-toolchain.toml aside) in name order; `-`: standard input.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
+    /// With a directory: its subdirectories' specs too.
+    #[arg(short = 'R', long)]
+    recursive: bool,
 }
 
 /// `apply --dry-run` under kubectl's name.
 pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
     let apply = ApplyArgs {
         files: args.files,
+        recursive: args.recursive,
         dry_run: true,
         retry: false,
     };
@@ -50,7 +62,7 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
     let mut results = Vec::new();
-    for file in &args.files {
+    for file in &spec_files(&args.files, args.recursive)? {
         let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
         let result = apply_file(&client, file, args.dry_run, args.retry, namespace).await?;
         if ctx.output == Format::Table {
@@ -63,6 +75,65 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     }
     if args.dry_run && results.iter().any(|r| r.outcome != ApplyOutcome::Unchanged) {
         return Err(crate::exit::WouldChange.into());
+    }
+    Ok(())
+}
+
+/// What `-f` names, a spec each: a file; `-`, standard input (once); a directory, its `.toml`
+/// files in name order (with `recursive`, its subdirectories' too; hidden ones never), as
+/// `kubectl apply -f DIR [-R]` takes a directory's manifests. Rust's own files are left
+/// out: a component's crate keeps its spec beside its `Cargo.toml`.
+fn spec_files(given: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for path in given {
+        if path.as_os_str() == "-" {
+            if files.contains(path) {
+                return Err(crate::exit::usage(
+                    "-f - names standard input twice: it is read once".into(),
+                ));
+            }
+            files.push(path.clone());
+        } else if path.is_dir() {
+            let before = files.len();
+            specs_in(path, recursive, &mut files)?;
+            if files.len() == before {
+                let hint = if recursive {
+                    ""
+                } else {
+                    " (-R reads its subdirectories)"
+                };
+                return Err(crate::exit::usage(format!(
+                    "{}: no .toml spec in this directory{hint}",
+                    path.display()
+                )));
+            }
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+fn specs_in(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries = std::fs::read_dir(dir)
+        .and_then(|d| {
+            d.map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .with_context(|| format!("cannot read directory {}", dir.display()))?;
+    entries.sort();
+    for path in entries {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with('.') || name == "Cargo.toml" || name == "rust-toolchain.toml" {
+            continue;
+        }
+        if path.is_dir() {
+            if recursive {
+                specs_in(&path, true, files)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            files.push(path);
+        }
     }
     Ok(())
 }
@@ -115,7 +186,8 @@ pub(super) fn in_file(file: &Path, e: shoal_core::SpecError) -> anyhow::Error {
     }
 }
 
-/// Parses one spec file, uploads its module if the server lacks it, and applies it. With
+/// Parses one spec file (`-`: standard input, whose module paths are relative to the
+/// current directory), uploads its module if the server lacks it, and applies it. With
 /// `namespace` (`-n`), a file that names none goes there, and one that names another is
 /// refused, as kubectl does.
 pub async fn apply_file(
@@ -125,15 +197,26 @@ pub async fn apply_file(
     retry: bool,
     namespace: Option<&str>,
 ) -> Result<ApplyResult> {
-    let text = crate::files::read_text(file, crate::files::SPEC_LIMIT)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let stdin = file.as_os_str() == "-";
+    let text = if stdin {
+        crate::files::read_stdin_text(crate::files::SPEC_LIMIT)
+            .context("cannot read the spec from standard input")?
+    } else {
+        crate::files::read_text(file, crate::files::SPEC_LIMIT)
+            .with_context(|| format!("cannot read {}", file.display()))?
+    };
+    // Errors name where the spec came from; its module paths are relative to its directory.
+    let (file, dir) = match stdin {
+        true => (Path::new("<stdin>"), Path::new(".")),
+        false => (file, file.parent().unwrap_or(Path::new("."))),
+    };
     let manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
     // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
         ModuleRef::Oci(_) => None,
         ModuleRef::Digest(d) => Some(d.clone()),
         ModuleRef::Path(p) => {
-            let path = file.parent().unwrap_or(Path::new(".")).join(p);
+            let path = dir.join(p);
             let bytes = crate::files::read(&path, crate::files::MODULE_LIMIT).with_context(|| {
                 format!(
                     "{}: component.path: cannot read {} (is the component built? `cargo build --release --target wasm32-wasip2`)",
