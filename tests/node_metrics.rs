@@ -84,6 +84,16 @@ fn a_node_counts_its_requests_instances_and_compile_cache_exactly() {
             "{name}:\n{text}"
         );
     }
+    // The node's gateway counts its connections, and refused none.
+    assert!(
+        sample(&text, "shoal_node_gateway_connections").is_some(),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "shoal_node_gateway_connections_refused_total"),
+        Some(0.0),
+        "{text}"
+    );
 
     // faulty with `reuse = 100`: one instance, kept between requests, then killed by a trap.
     let spec = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))

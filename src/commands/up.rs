@@ -138,6 +138,10 @@ pub struct NodeArgs {
     /// The PEM private key of the --gateway-cert in the same position.
     #[arg(long = "gateway-key", value_name = "FILE", requires = "gateway_cert")]
     pub gateway_key: Vec<PathBuf>,
+    /// Connections one client (an IPv4 address, an IPv6 /64) may hold on the gateway at
+    /// once; more are closed as they come. 0: no cap (behind a proxy that is every client).
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub gateway_client_connections: usize,
     /// Serve this node's own Prometheus metrics at http://ADDR/metrics, in plain text and
     /// to anyone who reaches ADDR (e.g. 127.0.0.1:9100); off by default.
     #[arg(long, value_name = "ADDR")]
@@ -836,6 +840,7 @@ pub async fn start_node(
         members: Some(members),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
+        max_client_connections: args.gateway_client_connections,
         egress_roots: egress_roots(&args.egress_ca)?,
         ingress_tls: Some(ingress),
         ..GatewayConfig::default()

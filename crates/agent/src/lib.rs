@@ -238,6 +238,7 @@ impl Agent {
         scrape.memory_reserved = inner.runtime.memory_reserved();
         scrape.memory_budget = inner.runtime.memory_budget();
         scrape.certificate_expires = inner.gateway.member_certificate_expires();
+        scrape.connections = inner.gateway.connections();
         for r in inner.running.lock().expect("agent lock").values() {
             let phase = r
                 .status

@@ -10,6 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use shoal_core::spec::AppKey;
+use shoal_gateway::ConnectionStats;
 use shoal_runtime::{CompileCache, CpuUsage, InstanceCounts, InstanceStats};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -81,6 +82,7 @@ pub(crate) struct Scrape {
     pub(crate) phases: BTreeMap<String, u64>,
     /// When the node's certificate for other members expires.
     pub(crate) certificate_expires: Option<std::time::SystemTime>,
+    pub(crate) connections: ConnectionStats,
 }
 
 impl Scrape {
@@ -94,6 +96,7 @@ impl Scrape {
             memory_budget: 0,
             phases: BTreeMap::new(),
             certificate_expires: None,
+            connections: ConnectionStats::default(),
         }
     }
 
@@ -270,6 +273,22 @@ impl Collector for Scrape {
                 )?
                 .encode_gauge(&at)?;
         }
+        encoder
+            .encode_descriptor(
+                "shoal_node_gateway_connections",
+                "Client connections the node's gateway serves now",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.connections.open)?;
+        encoder
+            .encode_descriptor(
+                "shoal_node_gateway_connections_refused",
+                "Connections the node's gateway closed as they came: their client held its most (--gateway-client-connections)",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.connections.refused, None)?;
         let mut phases = encoder.encode_descriptor(
             "shoal_node_replicas",
             "Replicas this node runs, by phase",

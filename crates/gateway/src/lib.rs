@@ -12,6 +12,7 @@
 //! ([`Gateway::outbound`]): that is service discovery.
 
 mod body;
+mod clients;
 mod egress;
 mod endpoint;
 mod hold;
@@ -21,6 +22,7 @@ mod proxy;
 mod routing;
 mod server;
 
+pub use clients::ConnectionStats;
 pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;
 pub use server::{Gateway, GatewayConfig, LogLookup, Tables, serve};

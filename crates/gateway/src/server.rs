@@ -2,6 +2,7 @@
 
 use crate::RoutingTable;
 use crate::body::ReadAheadError;
+use crate::clients::{Clients, ConnectionStats};
 use crate::endpoint::{
     Endpoint, EndpointStatus, Group, InflightGuard, RemoteReplica, Split, Target, pick,
 };
@@ -65,6 +66,9 @@ pub struct GatewayConfig {
     pub body_timeout: Duration,
     /// Client connections served at once; more wait to be accepted.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address, an IPv6 /64) holds at once; more are closed
+    /// as they arrive. 0: no cap.
+    pub max_client_connections: usize,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
     /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
     /// connections.
@@ -94,6 +98,7 @@ impl Default for GatewayConfig {
             header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_client_connections: 1_000,
         }
     }
 }
@@ -152,6 +157,8 @@ pub(crate) struct Inner {
     /// Set by [`Gateway::close`]: [`serve`] takes no more connections and ends those it has
     /// gracefully.
     closing: tokio::sync::watch::Sender<bool>,
+    /// The connections each client holds.
+    clients: Arc<Clients>,
 }
 
 /// Resolves once [`Gateway::close`] has been called.
@@ -177,7 +184,6 @@ impl Gateway {
         );
         Gateway {
             inner: Arc::new(Inner {
-                config,
                 table: RwLock::new(Arc::new(RoutingTable::default())),
                 pool: RwLock::new(Pool::default()),
                 metrics: Registry::default(),
@@ -189,6 +195,8 @@ impl Gateway {
                 logs: RwLock::new(None),
                 members: RwLock::new(None),
                 closing: tokio::sync::watch::Sender::new(false),
+                clients: Clients::new(config.max_client_connections),
+                config,
             }),
         }
     }
@@ -604,6 +612,12 @@ impl Gateway {
     }
 
     /// Every endpoint of an app, down ones included, as the gateway sees it now.
+    /// The connections served now, and those closed as they came because their client held
+    /// its most ([`GatewayConfig::max_client_connections`]).
+    pub fn connections(&self) -> ConnectionStats {
+        self.inner.clients.stats()
+    }
+
     pub fn endpoint_status(&self, app: &AppKey) -> Vec<EndpointStatus> {
         let pool = self.inner.pool.read().expect("endpoint lock");
         pool.endpoints
@@ -1104,10 +1118,14 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 continue;
             }
         };
+        let Some(client) = gateway.inner.clients.admit(peer.ip()) else {
+            tracing::debug!(%peer, "closed a connection: its client holds its most already");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client);
             if !tls {
                 return serve_connection(gateway, stream, peer, None).await;
             }

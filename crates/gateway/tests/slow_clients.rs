@@ -9,19 +9,25 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use shoal_core::Route;
-use shoal_gateway::{Endpoint, Gateway, GatewayConfig};
+use shoal_gateway::{ConnectionStats, Endpoint, Gateway, GatewayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A gateway routing `/faulty` to one faulty replica with 4 permits, and short client
 /// timeouts.
 async fn gateway() -> (tempfile::TempDir, std::net::SocketAddr) {
+    let (dir, _, addr) = gateway_with(GatewayConfig::default()).await;
+    (dir, addr)
+}
+
+/// [`gateway`], from `config` with the short timeouts.
+async fn gateway_with(config: GatewayConfig) -> (tempfile::TempDir, Gateway, std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
     let gateway = Gateway::new(GatewayConfig {
         header_read_timeout: Duration::from_secs(1),
         body_timeout: Duration::from_secs(2),
-        ..GatewayConfig::default()
+        ..config
     });
     gateway.set_routes(vec![(Route::parse("/faulty").unwrap(), app("faulty"))]);
     let faulty = service(&runtime, shoal_fixtures::FAULTY_WASM, instance(&[])).await;
@@ -29,7 +35,8 @@ async fn gateway() -> (tempfile::TempDir, std::net::SocketAddr) {
         app("faulty"),
         Endpoint::local("faulty-1".into(), 1, faulty, 4),
     );
-    (dir, serve(&gateway).await)
+    let addr = serve(&gateway).await;
+    (dir, gateway, addr)
 }
 
 /// Reads what the server sends until it closes the connection (or `limit` passes).
@@ -105,4 +112,57 @@ async fn an_oversized_request_head_is_refused() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
         "{answer}"
     );
+}
+
+/// One client holds at most its share of the gateway's connections: past it, its new ones
+/// are closed unanswered, and one that ends gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holds_at_most_its_share_of_the_connections() {
+    let (_dir, gateway, addr) = gateway_with(GatewayConfig {
+        max_client_connections: 2,
+        ..GatewayConfig::default()
+    })
+    .await;
+    // A connection that asked for /faulty/count and got the start of its answer.
+    let served = || async move {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream
+            .write_all(b"GET /faulty/count HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .ok()?;
+        let mut start = [0u8; 12];
+        stream.read_exact(&mut start).await.ok()?;
+        (&start == b"HTTP/1.1 200").then_some(stream)
+    };
+    let mut held = vec![served().await.unwrap(), served().await.unwrap()];
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /faulty/count HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), third.read_to_end(&mut answer));
+    let _ = read.await.expect("the third connection is closed at once");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(
+        gateway.connections(),
+        ConnectionStats {
+            open: 2,
+            refused: 1
+        }
+    );
+
+    drop(held.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(stream) = served().await {
+            held.push(stream);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(gateway.connections().open, 2);
 }
