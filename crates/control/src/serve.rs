@@ -1,7 +1,7 @@
 //! Serving the API to clients that may be slow or many: axum's own `serve` has no limits, so
 //! the API gets the gateway's: a request head must arrive within a timeout (which also closes
-//! idle keep-alive connections), an HTTP/2 peer must answer pings, and connections beyond a cap
-//! wait to be accepted. Over TLS by
+//! idle keep-alive connections), an HTTP/2 peer must answer pings, connections beyond a cap
+//! wait to be accepted, and one client may hold only so many. Over TLS by
 //! default (see `shoal-tls`).
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use shoal_core::clients::Clients;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -22,6 +23,10 @@ pub struct ServeLimits {
     pub header_read_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address, an IPv6 /64) holds at once; more are closed
+    /// as they arrive, so one client cannot take every slot from the nodes' heartbeats and
+    /// everyone else's commands. 0: no cap.
+    pub max_client_connections: usize,
     /// How often an HTTP/2 connection is pinged, and how long an answer may take: one whose
     /// peer answers nothing (gone, or holding a slot with a preface and then silence) is
     /// closed, as the gateway closes them.
@@ -33,6 +38,7 @@ impl Default for ServeLimits {
         ServeLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: 1_000,
+            max_client_connections: 100,
             h2_ping: Duration::from_secs(20),
         }
     }
@@ -48,6 +54,7 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let clients = Clients::new(limits.max_client_connections);
     loop {
         let slot = connections
             .clone()
@@ -63,10 +70,14 @@ pub async fn serve(
                 continue;
             }
         };
+        let Some(client) = clients.admit(peer.ip()) else {
+            tracing::debug!(%peer, "closed an API connection: its client holds its most already");
+            continue;
+        };
         let service = TowerToHyperService::new(router.clone());
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, client);
             let result = match acceptor {
                 None => serve_connection(stream, service, limits).await,
                 Some(acceptor) => {

@@ -1,5 +1,6 @@
 //! The API's listener against slow and many clients: a client stalling in its request head is
-//! cut off, and past the connection cap new clients wait until one leaves.
+//! cut off, past the connection cap new clients wait until one leaves, and past its share a
+//! client is refused.
 
 use std::time::Duration;
 
@@ -133,4 +134,29 @@ async fn over_tls_clients_that_trust_the_ca_get_answers_and_plain_text_gets_noth
     assert!(!until_closed(&mut plain).await.contains("200"));
     let mut silent = TcpStream::connect(addr).await.unwrap();
     assert_eq!(until_closed(&mut silent).await, "");
+}
+
+/// One client holds at most its share: its next connection is closed unanswered.
+#[tokio::test]
+async fn a_client_past_its_share_is_closed_at_once() {
+    let addr = api(ServeLimits {
+        max_client_connections: 1,
+        ..ServeLimits::default()
+    })
+    .await;
+    let mut held = TcpStream::connect(addr).await.unwrap();
+    held.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut start = [0u8; 12];
+    held.read_exact(&mut start).await.unwrap();
+    assert_eq!(&start, b"HTTP/1.1 200");
+    let mut refused = TcpStream::connect(addr).await.unwrap();
+    let _ = refused
+        .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut answer));
+    let _ = read.await.expect("closed at once");
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
 }

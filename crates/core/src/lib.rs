@@ -7,6 +7,7 @@
 //! read it.
 
 pub mod auth;
+pub mod clients;
 pub mod clock;
 pub mod digest;
 pub mod kv;

@@ -12,7 +12,6 @@
 //! ([`Gateway::outbound`]): that is service discovery.
 
 mod body;
-mod clients;
 mod egress;
 mod endpoint;
 mod hold;
@@ -22,7 +21,7 @@ mod proxy;
 mod routing;
 mod server;
 
-pub use clients::ConnectionStats;
 pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;
 pub use server::{Gateway, GatewayConfig, LogLookup, Tables, serve};
+pub use shoal_core::clients::ConnectionStats;

@@ -2,7 +2,6 @@
 
 use crate::RoutingTable;
 use crate::body::ReadAheadError;
-use crate::clients::{Clients, ConnectionStats};
 use crate::endpoint::{
     Endpoint, EndpointStatus, Group, InflightGuard, RemoteReplica, Split, Target, pick,
 };
@@ -19,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use shoal_core::Route;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
+use shoal_core::clients::{Clients, ConnectionStats};
 use shoal_core::logs::LogEntry;
 use shoal_core::metrics::RevisionStats;
 use shoal_core::problem::ErrorCode;

@@ -1,6 +1,6 @@
-//! Connections by client. One client may hold only so many of the gateway's connections, so
-//! one slow or hostile client cannot take all of them from everyone else, as nginx's
-//! `limit_conn` by address does. A client is an IPv4 address, or an IPv6 /64: what one host
+//! Connections by client. One client may hold only so many of a server's connections (the
+//! gateway's, the API's), so one slow or hostile client cannot take all of them from everyone
+//! else, as nginx's `limit_conn` by address does. A client is an IPv4 address, or an IPv6 /64: what one host
 //! is usually given, so a host cannot step around its share by counting through its own
 //! addresses.
 
@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The gateway's connections now and those refused so far, for the node's metrics.
+/// A server's connections now and those refused so far, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConnectionStats {
     pub open: u64,
@@ -17,7 +17,7 @@ pub struct ConnectionStats {
     pub refused: u64,
 }
 
-pub(crate) struct Clients {
+pub struct Clients {
     /// The most connections one client holds at once; 0: no cap.
     limit: usize,
     held: Mutex<HashMap<IpAddr, usize>>,
@@ -26,13 +26,14 @@ pub(crate) struct Clients {
 }
 
 /// One connection of a client, given back when dropped.
-pub(crate) struct Slot {
+pub struct Slot {
     clients: Arc<Clients>,
     client: IpAddr,
 }
 
 impl Clients {
-    pub(crate) fn new(limit: usize) -> Arc<Clients> {
+    /// At most `limit` connections per client; 0: no cap.
+    pub fn new(limit: usize) -> Arc<Clients> {
         Arc::new(Clients {
             limit,
             held: Mutex::new(HashMap::new()),
@@ -42,7 +43,7 @@ impl Clients {
     }
 
     /// A slot for one more connection from `peer`, unless its client holds its most.
-    pub(crate) fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Slot> {
         let client = client_of(peer);
         let mut held = self.held.lock().expect("clients lock");
         let n = held.entry(client).or_default();
@@ -58,7 +59,7 @@ impl Clients {
         })
     }
 
-    pub(crate) fn stats(&self) -> ConnectionStats {
+    pub fn stats(&self) -> ConnectionStats {
         ConnectionStats {
             open: self.open.load(Ordering::Relaxed),
             refused: self.refused.load(Ordering::Relaxed),
