@@ -199,10 +199,16 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
                 version.unwrap_or_default()
             );
         }
-        let callers = match s.inbound.as_deref() {
-            None => format!("*.{} (its namespace's apps)", s.namespace),
-            Some([]) => "none (routes only)".into(),
-            Some(callers) => callers.join(", "),
+        let shown: Vec<String> = s
+            .inbound()
+            .callers()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let callers = match &s.inbound {
+            None => format!("{} (its namespace's apps)", shown.join(", ")),
+            Some(_) if shown.is_empty() => "none (routes only)".into(),
+            Some(_) => shown.join(", "),
         };
         println!("Callers:      {callers}");
         println!("Timeout:      {} ms", h.timeout_ms);

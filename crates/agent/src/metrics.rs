@@ -82,6 +82,7 @@ pub(crate) struct Scrape {
     pub(crate) phases: BTreeMap<String, u64>,
     /// When the node's certificate for other members expires.
     pub(crate) certificate_expires: Option<std::time::SystemTime>,
+    /// The gateway's client connections: open now, refused so far.
     pub(crate) connections: ConnectionStats,
 }
 
@@ -276,7 +277,7 @@ impl Collector for Scrape {
         encoder
             .encode_descriptor(
                 "shoal_node_gateway_connections",
-                "Client connections the node's gateway serves now",
+                "Connections the node's gateway serves now for clients (not other members: nodes, the control plane)",
                 None,
                 MetricType::Gauge,
             )?

@@ -578,8 +578,9 @@ pub struct Service {
     /// `name.namespace`: the host other apps call it by (`name` alone within its namespace).
     pub host: String,
     pub routes: Vec<String>,
-    /// The apps that may call it by name: its `[network] inbound`, or `*.NAMESPACE` (its
-    /// namespace's apps) when it has none. Empty: none, it takes only routed requests.
+    /// The apps that may call it by name, each `APP.NS`, `*.NS` or `*`: its `[network]
+    /// inbound`, or `*.NAMESPACE` (its namespace's apps) when it has none. Empty: none, it
+    /// takes only routed requests.
     #[serde(default)]
     pub callers: Vec<String>,
     pub endpoints: Vec<ServiceEndpoint>,

@@ -23,7 +23,7 @@ pub struct ServeLimits {
     pub header_read_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
-    /// Connections one client (an IPv4 address, an IPv6 /64) holds at once; more are closed
+    /// Connections one client (an IP address) holds at once; more are closed
     /// as they arrive, so one client cannot take every slot from the nodes' heartbeats and
     /// everyone else's commands. 0: no cap.
     pub max_client_connections: usize,
@@ -54,7 +54,8 @@ pub async fn serve(
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    let clients = Clients::new(limits.max_client_connections);
+    // By address, IPv6 too: the API's clients are nodes and operators, who may share a /64.
+    let clients = Clients::new(limits.max_client_connections, 128);
     loop {
         let slot = connections
             .clone()
@@ -70,9 +71,14 @@ pub async fn serve(
                 continue;
             }
         };
-        let Some(client) = clients.admit(peer.ip()) else {
-            tracing::debug!(%peer, "closed an API connection: its client holds its most already");
-            continue;
+        let client = match clients.admit(peer.ip()) {
+            Ok(client) => client,
+            Err(refused) => {
+                if refused.first {
+                    tracing::warn!(client = %peer.ip(), "closing this client's new API connections: it holds its most (--api-client-connections)");
+                }
+                continue;
+            }
         };
         let service = TowerToHyperService::new(router.clone());
         let acceptor = acceptor.clone();

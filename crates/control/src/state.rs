@@ -1030,9 +1030,11 @@ impl ControlPlane {
                     routes: http.routes.iter().map(|r| r.to_string()).collect(),
                     callers: app
                         .spec
-                        .inbound
-                        .clone()
-                        .unwrap_or_else(|| vec![format!("*.{}", key.namespace)]),
+                        .inbound()
+                        .callers()
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect(),
                     namespace: key.namespace,
                     name: key.name,
                     endpoints,

@@ -196,9 +196,24 @@ impl Caller {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Inbound(Vec<Caller>);
 
+/// As written in a spec, with the namespace always named: `*`, `*.NS`, `APP.NS`.
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Any => f.write_str("*"),
+            Caller::Namespace(ns) => write!(f, "*.{ns}"),
+            Caller::App(app) => write!(f, "{}.{}", app.name, app.namespace),
+        }
+    }
+}
+
 impl Inbound {
     pub fn new(callers: Vec<Caller>) -> Inbound {
         Inbound(callers)
+    }
+
+    pub fn callers(&self) -> &[Caller] {
+        &self.0
     }
 
     /// The apps of `namespace`.
@@ -1623,7 +1638,7 @@ impl AppSpec {
     pub fn inbound(&self) -> Inbound {
         match &self.inbound {
             None => Inbound::namespace(&self.namespace),
-            Some(entries) => Inbound(
+            Some(entries) => Inbound::new(
                 entries
                     .iter()
                     .filter_map(|e| Caller::parse(e, &self.namespace).ok())
@@ -3839,6 +3854,17 @@ A = "1"
         assert!(any.admits(&admin) && any.admits(&web));
         let none = with("inbound = []").unwrap().inbound();
         assert!(!none.admits(&web), "[]: routes only");
+        let shown: Vec<String> = named
+            .inbound()
+            .callers()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(shown, ["web.shop", "admin.ops"], "each with its namespace");
+        // An entry stored before a rule refused it admits no one, rather than everyone.
+        let mut stored = plain.clone();
+        stored.inbound = Some(vec!["Web".into(), "a.b.c".into()]);
+        assert!(!stored.inbound().admits(&web) && !stored.inbound().admits(&admin));
         for bad in [
             "inbound = [\"Web\"]",
             "inbound = [\"a.b.c\"]",

@@ -7,10 +7,11 @@ use crate::server::{Gateway, Inner};
 use http::uri::Scheme;
 use http::{Request, Response};
 use shoal_core::spec::{AppKey, OutboundGrant, OutboundHost};
-use shoal_runtime::{HttpError, OutboundPolicy, RequestOptions, WasiBody};
+use shoal_runtime::{DENIED, HttpError, OutboundPolicy, RequestOptions, WasiBody};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Weak;
+use std::sync::{Mutex, Weak};
 use tracing::{Instrument, field};
 
 pub(crate) struct ServicePolicy {
@@ -24,6 +25,8 @@ pub(crate) struct ServicePolicy {
     caller: AppKey,
     /// Host and port; where a granted name resolves is checked when egress connects.
     grants: Vec<OutboundGrant>,
+    /// The apps whose `[network] inbound` refused this caller, each logged once.
+    refused: Mutex<HashSet<AppKey>>,
 }
 
 enum Destination {
@@ -32,7 +35,7 @@ enum Destination {
     /// A bare name (`http://nope/`) that is no app: the guest meant a service.
     UnknownService,
     /// An app whose `[network] inbound` does not admit the caller.
-    Refused,
+    Refused(AppKey),
     Denied,
 }
 
@@ -52,11 +55,15 @@ impl ServicePolicy {
                         .ok()
                 })
                 .collect(),
+            refused: Mutex::default(),
         }
     }
 
     /// `NAME` is an app in the caller's namespace, `NAME.NS` one in `NS` if there is such an
-    /// app, on any port; otherwise a host is reachable only on a port it is granted.
+    /// app, on any port, over `http://`; otherwise a host is reachable only on a port it is
+    /// granted. A granted host goes out first, and `https://` is never a service: a tenant
+    /// naming an app `example` in a namespace `com` takes no one's calls to example.com, and a
+    /// certificate is checked wherever the guest asked for one.
     fn resolve(&self, gateway: &Gateway, host: &str, uri: &http::Uri) -> Destination {
         let mut labels = host.split('.');
         let app = match (labels.next(), labels.next(), labels.next()) {
@@ -65,23 +72,21 @@ impl ServicePolicy {
             _ => None,
         };
         let target = OutboundHost::of_uri(host);
-        let default_port = if uri.scheme() == Some(&Scheme::HTTPS) {
-            443
-        } else {
-            80
-        };
+        let https = uri.scheme() == Some(&Scheme::HTTPS);
+        let default_port = if https { 443 } else { 80 };
         let port = uri.port_u16().unwrap_or(default_port);
         let granted = |g: &OutboundGrant| g.allows(&target, port, default_port);
+        if self.grants.iter().any(granted) {
+            return Destination::Egress;
+        }
         match app {
-            Some(app) if gateway.knows(&app) => {
+            Some(app) if !https && gateway.knows(&app) => {
                 if gateway.may_call(&self.caller, &app) {
                     Destination::Service(app)
                 } else {
-                    tracing::debug!(%app, caller = %self.caller, "service call refused by the app's network.inbound");
-                    Destination::Refused
+                    Destination::Refused(app)
                 }
             }
-            _ if self.grants.iter().any(granted) => Destination::Egress,
             // A granted host on another port is denied, not taken for a missing service; an
             // IPv6 address is no service either.
             _ if !host.contains('.')
@@ -109,6 +114,17 @@ impl OutboundPolicy for ServicePolicy {
             .unwrap_or_default()
             .to_ascii_lowercase();
         let destination = self.resolve(&gateway, &host, request.uri());
+        if let Destination::Refused(app) = &destination {
+            // Once per app called: a guest retrying in a loop does not flood the node's log.
+            let first = self
+                .refused
+                .lock()
+                .expect("refused lock")
+                .insert(app.clone());
+            if first {
+                tracing::warn!(%app, caller = %self.caller, "service call refused: not admitted by the app's [network] inbound");
+            }
+        }
         // The wait for the response head; connecting is bounded by the gateway's own timeout.
         let head_timeout = options.and_then(|o| o.first_byte_timeout);
         let send = async move {
@@ -124,7 +140,9 @@ impl OutboundPolicy for ServicePolicy {
                     }
                     Destination::Egress => proxy::egress(gateway.client(), request).await,
                     Destination::UnknownService => Err(HttpError::DestinationNotFound),
-                    Destination::Denied | Destination::Refused => Err(HttpError::HttpRequestDenied),
+                    Destination::Denied | Destination::Refused(_) => {
+                        Err(HttpError::HttpRequestDenied)
+                    }
                 }
             };
             match head_timeout {
@@ -146,6 +164,20 @@ impl OutboundPolicy for ServicePolicy {
                 })
             }
             None => Box::pin(send),
+        }
+    }
+
+    fn why_denied(&self, uri: &http::Uri) -> String {
+        let Some(gateway) = Gateway::upgrade(&self.gateway) else {
+            return DENIED.into();
+        };
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        match self.resolve(&gateway, &host, uri) {
+            Destination::Refused(app) => format!(
+                "app {app}'s [network] inbound does not admit {}.{}",
+                self.caller.name, self.caller.namespace
+            ),
+            _ => DENIED.into(),
         }
     }
 }

@@ -67,7 +67,8 @@ pub struct GatewayConfig {
     /// Client connections served at once; more wait to be accepted.
     pub max_connections: usize,
     /// Connections one client (an IPv4 address, an IPv6 /64) holds at once; more are closed
-    /// as they arrive. 0: no cap.
+    /// as they arrive. Members (other nodes, the control plane) count only until their
+    /// certificate is checked. 0: no cap.
     pub max_client_connections: usize,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
     /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
@@ -195,7 +196,7 @@ impl Gateway {
                 logs: RwLock::new(None),
                 members: RwLock::new(None),
                 closing: tokio::sync::watch::Sender::new(false),
-                clients: Clients::new(config.max_client_connections),
+                clients: Clients::new(config.max_client_connections, 64),
                 config,
             }),
         }
@@ -497,7 +498,6 @@ impl Gateway {
         self.serve_pinned(req).instrument(span).await
     }
 
-    /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
     /// Whether `caller` may call `app` by name: as the app's `[network] inbound` says, or,
     /// for an app not declared (yet), if both are of one namespace.
     pub(crate) fn may_call(&self, caller: &AppKey, app: &AppKey) -> bool {
@@ -507,6 +507,7 @@ impl Gateway {
         }
     }
 
+    /// Whether service discovery resolves `app`: declared, routed, or with endpoints.
     pub(crate) fn knows(&self, app: &AppKey) -> bool {
         self.inner
             .services
@@ -611,13 +612,13 @@ impl Gateway {
         out
     }
 
-    /// Every endpoint of an app, down ones included, as the gateway sees it now.
-    /// The connections served now, and those closed as they came because their client held
+    /// The client connections served now, and those closed as they came because their client held
     /// its most ([`GatewayConfig::max_client_connections`]).
     pub fn connections(&self) -> ConnectionStats {
         self.inner.clients.stats()
     }
 
+    /// Every endpoint of an app, down ones included, as the gateway sees it now.
     pub fn endpoint_status(&self, app: &AppKey) -> Vec<EndpointStatus> {
         let pool = self.inner.pool.read().expect("endpoint lock");
         pool.endpoints
@@ -1118,14 +1119,22 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                 continue;
             }
         };
-        let Some(client) = gateway.inner.clients.admit(peer.ip()) else {
-            tracing::debug!(%peer, "closed a connection: its client holds its most already");
-            continue;
+        // Counted from the start: a client cannot hold more by stalling its handshake. A
+        // member's connection is let go of the count once its certificate is checked.
+        let client = match gateway.inner.clients.admit(peer.ip()) {
+            Ok(client) => client,
+            Err(refused) => {
+                if refused.first {
+                    tracing::warn!(client = %peer.ip(), "closing this client's new connections: it holds its most (--gateway-client-connections)");
+                }
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let gateway = gateway.clone();
         tokio::spawn(async move {
-            let _slots = (slot, client);
+            let _slot = slot;
+            let mut client = Some(client);
             if !tls {
                 return serve_connection(gateway, stream, peer, None).await;
             }
@@ -1157,6 +1166,11 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                     let first = presented.and_then(|c| c.first()).map(|c| c.as_ref());
                     if is_member && !gateway.admits(first) {
                         return tracing::debug!(%peer, "refused a member's certificate: not one of the cluster's nodes");
+                    }
+                    if is_member {
+                        // Hops and the control plane are no client to cap: nodes may share an
+                        // address or a /64 with each other and with the public.
+                        drop(client.take());
                     }
                     let member = is_member.then(|| Member {
                         control_plane: first.and_then(shoal_tls::member_of).as_deref()

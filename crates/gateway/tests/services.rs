@@ -72,7 +72,10 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     )
     .await;
     // No routes: a service is reachable by name without being exposed.
-    gateway.add_endpoint(app("hello"), Endpoint::local("hello-1".into(), 1, hello, 4));
+    gateway.add_endpoint(
+        app("hello"),
+        Endpoint::local("hello-1".into(), 1, hello.clone(), 4),
+    );
     let tiny = tiny_server().await;
     let closed = closed_port().await;
     let policy = gateway.outbound(&app("web"), vec![tiny.to_string(), closed.to_string()]);
@@ -167,6 +170,33 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
         over_tls.is_err() && !matches!(over_tls, Err(HttpError::HttpRequestDenied)),
         "{over_tls:?}"
     );
+    // A granted host goes out, though an app has its name; https:// is never an app.
+    gateway.add_endpoint(
+        app("localhost"),
+        Endpoint::local("localhost-1".into(), 1, hello.clone(), 4),
+    );
+    let port = tiny.port();
+    let shadowed = gateway.outbound(&app("web"), vec![format!("localhost:{port}")]);
+    assert_eq!(
+        call(shadowed.as_ref(), &format!("http://localhost:{port}/ping"))
+            .await
+            .unwrap()
+            .1,
+        "tiny /ping"
+    );
+    assert_eq!(
+        call(policy, "http://localhost/").await.unwrap().1,
+        "hi\n",
+        "not granted: the app"
+    );
+    assert!(matches!(
+        call(policy, "https://hello/").await,
+        Err(HttpError::DestinationNotFound)
+    ));
+    assert!(matches!(
+        call(policy, "https://hello.default/").await,
+        Err(HttpError::HttpRequestDenied)
+    ));
     // Granted but down: the guest sees a connection error, not a denial.
     assert!(matches!(
         call(policy, &format!("http://{closed}/")).await,

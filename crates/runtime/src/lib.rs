@@ -40,7 +40,7 @@ pub use http::{HttpService, ResponseBody, problem_response};
 pub use keyvalue::{KeyValue, KvGrant};
 pub use logs::{DEFAULT_LOG_BYTES, LogFiles, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};
-pub use outbound::{DenyAll, OutboundPolicy};
+pub use outbound::{DENIED, DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime, memory_reset};
 pub use stats::{CompileCache, InstanceCounts, InstanceStats};
 pub use volumes::{VolumeMount, VolumeQuota, du};

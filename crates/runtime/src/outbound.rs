@@ -21,7 +21,17 @@ pub trait OutboundPolicy: Send + Sync + 'static {
         request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
     ) -> BoxFuture<'static, Result<http::Response<WasiBody>, HttpError>>;
+
+    /// Why a request to `uri` was denied, for the replica's logs: a user reading them should
+    /// learn which setting to change.
+    fn why_denied(&self, uri: &http::Uri) -> String {
+        let _ = uri;
+        DENIED.into()
+    }
 }
+
+/// Why a request is denied when nothing more precise is known.
+pub const DENIED: &str = "not granted by the app's [network] outbound, or to a private address, which a node allows only with --allow-private-egress";
 
 /// The default policy: no network. Every outgoing request fails with `HTTP-request-denied`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -55,7 +65,9 @@ impl WasiHttpHooks for OutboundHooks {
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send>
     {
         let target = format!("{} {}", request.method(), request.uri());
+        let uri = request.uri().clone();
         let response = self.policy.send(request, options);
+        let policy = self.policy.clone();
         let logs = self.logs.clone();
         Box::new(async move {
             match response.await {
@@ -66,9 +78,8 @@ impl WasiHttpHooks for OutboundHooks {
                 }
                 Err(err) => {
                     if matches!(err, HttpError::HttpRequestDenied) {
-                        logs.push_system(format!(
-                            "outbound request denied: {target} (not granted by the app's [network] outbound, or to a private address, which a node allows only with --allow-private-egress)"
-                        ));
+                        let why = policy.why_denied(&uri);
+                        logs.push_system(format!("outbound request denied: {target} ({why})"));
                     }
                     tracing::debug!(%target, error = %err, "outbound request failed");
                     Err(err)
