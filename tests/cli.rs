@@ -615,11 +615,21 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
     };
     let apps = c.dir.path().join("apps");
     std::fs::create_dir_all(apps.join("more")).unwrap();
+    std::fs::create_dir_all(apps.join(".hidden")).unwrap();
     std::fs::write(apps.join("a.toml"), named("dir-a")).unwrap();
     std::fs::write(apps.join("more/b.toml"), named("dir-b")).unwrap();
-    for skipped in ["Cargo.toml", ".draft.toml", "notes.txt"] {
+    for skipped in [
+        "Cargo.toml",
+        "rustfmt.toml",
+        ".draft.toml",
+        "notes.txt",
+        ".hidden/c.toml",
+    ] {
         std::fs::write(apps.join(skipped), "not = [a spec").unwrap();
     }
+    // A link back up is not followed: the walk ends.
+    std::os::unix::fs::symlink(&apps, apps.join("more/loop")).unwrap();
+    let apps_dir = apps.clone();
     let apps = apps.to_str().unwrap();
 
     let out = c.cli(&["diff", "-f", apps]);
@@ -629,12 +639,27 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
         shown.contains("dir-a") && !shown.contains("dir-b"),
         "{shown}"
     );
-    c.cli_ok(&["apply", "-f", apps, "-R"]);
-    let listed = c.cli_ok(&["get", "apps"]);
-    assert!(
-        listed.contains("dir-a") && listed.contains("dir-b"),
-        "{listed}"
-    );
+    // In name order, each once; nothing applied while one file is bad or names an app twice.
+    for (file, text) in [
+        ("z-bad.toml", "name = \"x\"\n[component\n".to_string()),
+        ("z-again.toml", named("dir-a")),
+    ] {
+        std::fs::write(apps_dir.join(file), text).unwrap();
+        let out = c.cli(&["apply", "-f", apps, "-R"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && said.contains(file), "{said}");
+        assert!(!c.cli_ok(&["get", "apps"]).contains("dir-a"), "{file}");
+        std::fs::remove_file(apps_dir.join(file)).unwrap();
+    }
+    let applied: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["apply", "-f", apps, "-R", "-o", "json"])).unwrap();
+    let names: Vec<&str> = applied
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["app"]["spec"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dir-a", "dir-b"]);
     let empty = c.dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let out = c.cli(&["apply", "-f", empty.to_str().unwrap()]);

@@ -84,11 +84,17 @@ fn a_node_counts_its_requests_instances_and_compile_cache_exactly() {
             "{name}:\n{text}"
         );
     }
-    // The node's gateway counts its connections, and refused none.
+    // The node's gateway counts its clients' connections, and refused none.
+    let held = std::net::TcpStream::connect(node.gateway.trim_start_matches("http://")).unwrap();
+    let mut text = String::new();
     assert!(
-        sample(&text, "shoal_node_gateway_connections").is_some(),
-        "{text}"
+        poll(Duration::from_secs(30), || {
+            text = scrape(&metrics);
+            sample(&text, "shoal_node_gateway_connections").is_some_and(|n| n >= 1.0)
+        }),
+        "a connection held open is counted:\n{text}"
     );
+    drop(held);
     assert_eq!(
         sample(&text, "shoal_node_gateway_connections_refused_total"),
         Some(0.0),

@@ -56,8 +56,8 @@ fn a_job_writes_a_volume_and_a_daemon_reads_it_after_a_restart_until_the_volume_
     assert!(logs_show(&c, "notes-reader", "read \"hello from a job\""));
     let described = c.cli_ok(&["describe", "app", "notes-writer"]);
     assert!(
-        described.contains("Args:         notes write hello from a job")
-            && described.contains("  notes at /data (rw, 1 MiB)"),
+        described.contains("Args:         notes write \"hello from a job\"")
+            && described.contains("  notes at /data (rw, 1Mi)"),
         "{described}"
     );
 

@@ -5,7 +5,9 @@ use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use shoal_api::{ApplyOutcome, ApplyResult, seg};
-use shoal_core::{ModuleRef, parse_app};
+use shoal_core::spec::AppKey;
+use shoal_core::{AppManifest, ModuleRef, parse_app};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -18,11 +20,12 @@ use std::path::{Path, PathBuf};
   shoal apply --dry-run -f app.toml               what would change (exit 1 if anything)
   shoal apply --retry -f app.toml                 roll out again what was rolled back")]
 pub struct ApplyArgs {
-    /// App spec files (TOML); a directory: its .toml files (Cargo.toml and
-    /// rust-toolchain.toml aside) in name order; `-`: standard input.
+    /// App spec files (TOML); a directory: its .toml files (Rust's Cargo.toml,
+    /// rust-toolchain.toml, rustfmt.toml and clippy.toml aside) in name order; `-`: standard
+    /// input. All are read before any is applied.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
-    /// With a directory: its subdirectories' specs too.
+    /// With a directory: its subdirectories' specs too (not through links).
     #[arg(short = 'R', long)]
     recursive: bool,
     /// Show what would change without changing anything; exit 1 if anything would.
@@ -39,11 +42,12 @@ pub struct ApplyArgs {
 #[command(after_help = "Examples:
   shoal diff -f examples/hello/app.toml           exit 0: nothing would change; 1: something would")]
 pub struct DiffArgs {
-    /// App spec files (TOML); a directory: its .toml files (Cargo.toml and
-    /// rust-toolchain.toml aside) in name order; `-`: standard input.
+    /// App spec files (TOML); a directory: its .toml files (Rust's Cargo.toml,
+    /// rust-toolchain.toml, rustfmt.toml and clippy.toml aside) in name order; `-`: standard
+    /// input.
     #[arg(short = 'f', long = "file", required = true)]
     files: Vec<PathBuf>,
-    /// With a directory: its subdirectories' specs too.
+    /// With a directory: its subdirectories' specs too (not through links).
     #[arg(short = 'R', long)]
     recursive: bool,
 }
@@ -61,10 +65,28 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
 
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
+    let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
+    // Every file read and parsed before any is applied: a bad one, or an app in two, changes
+    // nothing rather than half a directory.
+    let specs = spec_files(&args.files, args.recursive)?
+        .iter()
+        .map(|file| read_spec(file, namespace))
+        .collect::<Result<Vec<_>>>()?;
+    let mut seen: HashMap<AppKey, &Path> = HashMap::new();
+    for spec in &specs {
+        if let Some(first) = seen.insert(spec.key(), &spec.file) {
+            return Err(crate::exit::usage(format!(
+                "{}: app {} is also in {}: one file per app",
+                spec.file.display(),
+                spec.key(),
+                first.display()
+            )));
+        }
+    }
+    drop(seen);
     let mut results = Vec::new();
-    for file in &spec_files(&args.files, args.recursive)? {
-        let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-        let result = apply_file(&client, file, args.dry_run, args.retry, namespace).await?;
+    for spec in specs {
+        let result = apply_spec(&client, spec, args.dry_run, args.retry).await?;
         if ctx.output == Format::Table {
             print_result(&result);
         }
@@ -82,7 +104,7 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
 /// What `-f` names, a spec each: a file; `-`, standard input (once); a directory, its `.toml`
 /// files in name order (with `recursive`, its subdirectories' too; hidden ones never), as
 /// `kubectl apply -f DIR [-R]` takes a directory's manifests. Rust's own files are left
-/// out: a component's crate keeps its spec beside its `Cargo.toml`.
+/// out ([`NOT_SPECS`]): a component's crate keeps its spec beside its `Cargo.toml`.
 fn spec_files(given: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in given {
@@ -114,24 +136,33 @@ fn spec_files(given: &[PathBuf], recursive: bool) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// Rust's own files, which sit beside a component's spec in its crate.
+const NOT_SPECS: [&str; 4] = [
+    "Cargo.toml",
+    "rust-toolchain.toml",
+    "rustfmt.toml",
+    "clippy.toml",
+];
+
 fn specs_in(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> Result<()> {
     let mut entries = std::fs::read_dir(dir)
         .and_then(|d| {
-            d.map(|e| e.map(|e| e.path()))
-                .collect::<Result<Vec<_>, _>>()
+            d.map(|e| e.and_then(|e| Ok((e.path(), e.file_type()?))))
+                .collect::<std::io::Result<Vec<_>>>()
         })
         .with_context(|| format!("cannot read directory {}", dir.display()))?;
-    entries.sort();
-    for path in entries {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    for (path, kind) in entries {
         let name = path.file_name().unwrap_or_default().to_string_lossy();
-        if name.starts_with('.') || name == "Cargo.toml" || name == "rust-toolchain.toml" {
+        if name.starts_with('.') || NOT_SPECS.contains(&name.as_ref()) {
             continue;
         }
-        if path.is_dir() {
+        // A link to a directory is not followed: a loop would never end.
+        if kind.is_dir() {
             if recursive {
                 specs_in(&path, true, files)?;
             }
-        } else if path.extension().is_some_and(|e| e == "toml") {
+        } else if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
             files.push(path);
         }
     }
@@ -186,10 +217,7 @@ pub(super) fn in_file(file: &Path, e: shoal_core::SpecError) -> anyhow::Error {
     }
 }
 
-/// Parses one spec file (`-`: standard input, whose module paths are relative to the
-/// current directory), uploads its module if the server lacks it, and applies it. With
-/// `namespace` (`-n`), a file that names none goes there, and one that names another is
-/// refused, as kubectl does.
+/// Reads and applies one spec file; see [`read_spec`] and [`apply_spec`].
 pub async fn apply_file(
     client: &Client,
     file: &Path,
@@ -197,6 +225,29 @@ pub async fn apply_file(
     retry: bool,
     namespace: Option<&str>,
 ) -> Result<ApplyResult> {
+    apply_spec(client, read_spec(file, namespace)?, dry_run, retry).await
+}
+
+/// A spec file read and parsed, not applied yet.
+pub struct SpecFile {
+    /// Where it came from, as errors name it (`<stdin>` for `-`).
+    file: PathBuf,
+    /// What its module path is relative to.
+    dir: PathBuf,
+    text: String,
+    manifest: AppManifest,
+}
+
+impl SpecFile {
+    fn key(&self) -> AppKey {
+        AppKey::new(self.manifest.namespace(), self.manifest.name())
+    }
+}
+
+/// Reads and parses one spec file (`-`: standard input, whose module paths are relative to
+/// the current directory). With `namespace` (`-n`), a file that names none goes there, and
+/// one that names another is refused, as kubectl does.
+pub fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
     let stdin = file.as_os_str() == "-";
     let text = if stdin {
         crate::files::read_stdin_text(crate::files::SPEC_LIMIT)
@@ -210,7 +261,48 @@ pub async fn apply_file(
         true => (Path::new("<stdin>"), Path::new(".")),
         false => (file, file.parent().unwrap_or(Path::new("."))),
     };
-    let manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
+    let mut manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
+    if let Some(ns) = namespace {
+        let written = text
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("namespace")?.as_str().map(str::to_string));
+        match written {
+            Some(w) if w != ns => {
+                return Err(crate::exit::usage(format!(
+                    "{}: the file says namespace {w}, -n says {ns}: drop one of them",
+                    file.display()
+                )));
+            }
+            Some(_) => {}
+            None => {
+                shoal_core::validate_name(ns).map_err(|e| anyhow::anyhow!("-n: {e}"))?;
+                manifest.set_namespace(ns);
+            }
+        }
+    }
+    Ok(SpecFile {
+        file: file.to_path_buf(),
+        dir: dir.to_path_buf(),
+        text,
+        manifest,
+    })
+}
+
+/// Uploads a read spec's module if the server lacks it, and applies the spec.
+pub async fn apply_spec(
+    client: &Client,
+    spec: SpecFile,
+    dry_run: bool,
+    retry: bool,
+) -> Result<ApplyResult> {
+    let SpecFile {
+        file,
+        dir,
+        text,
+        manifest,
+    } = spec;
+    let file = file.as_path();
     // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
         ModuleRef::Oci(_) => None,
@@ -260,31 +352,12 @@ pub async fn apply_file(
             Some(digest)
         }
     };
-    let mut spec = match digest {
+    let spec = match digest {
         Some(digest) => manifest
             .resolve(digest)
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
         None => manifest.unresolved(),
     };
-    if let Some(ns) = namespace {
-        let written = text
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|t| t.get("namespace")?.as_str().map(str::to_string));
-        match written {
-            Some(w) if w != ns => {
-                return Err(crate::exit::usage(format!(
-                    "{}: the file says namespace {w}, -n says {ns}: drop one of them",
-                    file.display()
-                )));
-            }
-            Some(_) => {}
-            None => {
-                shoal_core::validate_name(ns).map_err(|e| anyhow::anyhow!("-n: {e}"))?;
-                spec.namespace = ns.to_string();
-            }
-        }
-    }
     // Named where the file names them: the server refuses an unknown set or secret too,
     // but cannot say on which line.
     for set in &spec.config_sets {

@@ -57,7 +57,17 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     );
     println!("Module:       {}", s.component.digest);
     if !s.component.args.is_empty() {
-        println!("Args:         {}", s.component.args.join(" "));
+        // Quoted where a space or quote would blur where one ends.
+        let args: Vec<String> = s
+            .component
+            .args
+            .iter()
+            .map(|a| match a.is_empty() || a.contains([' ', '"', '\'']) {
+                true => format!("{a:?}"),
+                false => a.clone(),
+            })
+            .collect();
+        println!("Args:         {}", args.join(" "));
     }
     if let Some(reference) = &s.component.oci {
         match &s.pull_secret {
@@ -207,7 +217,7 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
             .collect();
         let callers = match &s.inbound {
             None => format!("{} (its namespace's apps)", shown.join(", ")),
-            Some(_) if shown.is_empty() => "none (routes only)".into(),
+            Some(_) if shown.is_empty() => "none".into(),
             Some(_) => shown.join(", "),
         };
         println!("Callers:      {callers}");
@@ -230,10 +240,10 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
         for v in &s.volumes {
             let access = if v.read_only { "ro" } else { "rw" };
             println!(
-                "  {} at {} ({access}, {} MiB)",
+                "  {} at {} ({access}, {})",
                 v.name,
                 v.mount,
-                v.size_bytes.div_ceil(1 << 20)
+                shoal_core::quantity::format_memory(v.size_bytes)
             );
         }
     }

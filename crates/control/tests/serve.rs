@@ -159,4 +159,23 @@ async fn a_client_past_its_share_is_closed_at_once() {
     let read = tokio::time::timeout(Duration::from_secs(10), refused.read_to_end(&mut answer));
     let _ = read.await.expect("closed at once");
     assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    // Its held connection ends: its slot comes back.
+    drop(held);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut again = TcpStream::connect(addr).await.unwrap();
+        let _ = again
+            .write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = again.read_to_end(&mut answer).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -2083,6 +2083,11 @@ impl AppManifest {
         &self.spec.namespace
     }
 
+    /// Puts the app in `namespace` (`-n`, for a file that names none); checked at `resolve`.
+    pub fn set_namespace(&mut self, namespace: &str) {
+        self.spec.namespace = namespace.to_string();
+    }
+
     /// Completes the spec with the digest of the uploaded module.
     pub fn resolve(mut self, digest: String) -> Result<AppSpec, SpecError> {
         self.spec.component.digest = digest;
@@ -2407,9 +2412,8 @@ fn job_runs(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
-    #[serde(default)]
-    outbound: Vec<String>,
-    inbound: Option<Vec<String>>,
+    outbound: Option<Spanned<Vec<String>>>,
+    inbound: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -3087,17 +3091,26 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
             Some(j) => job_runs(src, j.get_ref(), &mut spans)?,
             None => JobRuns::default(),
         },
-        outbound: match &raw.network {
-            Some(n) => {
-                spans.insert("network.outbound", n.span());
-                n.get_ref().outbound.clone()
+        // Errors point at the list that holds the bad entry.
+        outbound: match raw
+            .network
+            .as_ref()
+            .and_then(|n| n.get_ref().outbound.as_ref())
+        {
+            Some(o) => {
+                spans.insert("network.outbound", o.span());
+                o.get_ref().clone()
             }
             None => Vec::new(),
         },
-        inbound: match raw.network {
-            Some(n) => {
-                spans.insert("network.inbound", n.span());
-                n.into_inner().inbound
+        inbound: match raw
+            .network
+            .as_ref()
+            .and_then(|n| n.get_ref().inbound.as_ref())
+        {
+            Some(i) => {
+                spans.insert("network.inbound", i.span());
+                Some(i.get_ref().clone())
             }
             None => None,
         },
@@ -3874,7 +3887,10 @@ A = "1"
         ] {
             let e = with(bad).expect_err(bad);
             assert_eq!(e.field.as_deref(), Some("network.inbound"), "{bad}: {e}");
-            assert!(e.line.is_some(), "{bad}: {e}");
+            let network = format!("namespace = \"shop\"\n{HELLO}\n[network]\n")
+                .lines()
+                .count();
+            assert_eq!(e.line, Some(network + 1), "the list's line: {bad}: {e}");
         }
         let job = "name = \"j\"\n[component]\npath = \"j.wasm\"\nkind = \"job\"\n";
         let e = err(&format!("{job}[network]\ninbound = [\"*\"]\n"));

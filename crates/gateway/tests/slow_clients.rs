@@ -16,19 +16,20 @@ use tokio::net::TcpStream;
 /// A gateway routing `/faulty` to one faulty replica with 4 permits, and short client
 /// timeouts.
 async fn gateway() -> (tempfile::TempDir, std::net::SocketAddr) {
-    let (dir, _, addr) = gateway_with(GatewayConfig::default()).await;
+    let (dir, _, addr) = gateway_with(GatewayConfig {
+        header_read_timeout: Duration::from_secs(1),
+        body_timeout: Duration::from_secs(2),
+        ..GatewayConfig::default()
+    })
+    .await;
     (dir, addr)
 }
 
-/// [`gateway`], from `config` with the short timeouts.
+/// [`gateway`] with `config`.
 async fn gateway_with(config: GatewayConfig) -> (tempfile::TempDir, Gateway, std::net::SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let runtime = runtime(dir.path());
-    let gateway = Gateway::new(GatewayConfig {
-        header_read_timeout: Duration::from_secs(1),
-        body_timeout: Duration::from_secs(2),
-        ..config
-    });
+    let gateway = Gateway::new(config);
     gateway.set_routes(vec![(Route::parse("/faulty").unwrap(), app("faulty"))]);
     let faulty = service(&runtime, shoal_fixtures::FAULTY_WASM, instance(&[])).await;
     gateway.add_endpoint(
