@@ -832,7 +832,10 @@ impl<'w> Pass<'w> {
     /// settled app moves, one replica at a time: every replica serving its
     /// current revision, as many as it wants (so neither a rollout nor the
     /// autoscaler is fought), none on a node being drained, no volume pinning
-    /// it, and fewer than [`REBALANCE_MOVES`] moves in flight cluster-wide.
+    /// it, and fewer than [`REBALANCE_MOVES`] moves in flight cluster-wide. Before evening
+    /// out, a replica on a node its app's `node_selector` no longer matches (the selector or
+    /// the node's labels changed) moves to one it does, as Kubernetes rolls pods when their
+    /// nodeSelector changes; that happens with `--no-rebalance` too.
     fn rebalance(
         &mut self,
         batch: &mut Batch,
@@ -840,8 +843,7 @@ impl<'w> Pass<'w> {
         existing: &[&Read<Replica>],
     ) -> Option<(usize, Replica)> {
         let key = app.spec.key();
-        if !self.world.rebalance
-            || self.moves >= REBALANCE_MOVES
+        if self.moves >= REBALANCE_MOVES
             || app.spec.component.kind == Kind::Job
             || existing.len() != app.spec.replicas as usize
             || self
@@ -872,11 +874,6 @@ impl<'w> Pass<'w> {
         let resources = &revision.value.template.resources;
         let req = Request::new(resources, &app.spec.placement);
         let room = Capacity::of(resources);
-        // The node with the most (the first by name among equals).
-        let (mut from, mut most) = counts
-            .iter()
-            .map(|(n, c)| (*n, *c))
-            .reduce(|best, next| if next.1 > best.1 { next } else { best })?;
         // Off `from`, and off where a given-up move of one of its replicas there went.
         let off = |from: &str| -> Vec<String> {
             let mut off = vec![from.to_string()];
@@ -888,6 +885,28 @@ impl<'w> Pass<'w> {
             }
             off
         };
+        let selector = &app.spec.placement.node_selector;
+        let misplaced = existing.iter().find_map(|r| {
+            let node = self.world.nodes.get(r.value.node.as_deref()?)?;
+            let labels = &node.value.labels;
+            let matches = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
+            (!matches).then(|| node.value.name.clone())
+        });
+        if let Some(from) = misplaced {
+            let to = self.cluster.best_avoiding(&key, &req, &off(&from))?;
+            let why = format!(
+                "which the app's node_selector no longer matches, to node {to}, which it does"
+            );
+            return self.start_move(batch, &key, existing, &from, &why);
+        }
+        if !self.world.rebalance {
+            return None;
+        }
+        // The node with the most (the first by name among equals).
+        let (mut from, mut most) = counts
+            .iter()
+            .map(|(n, c)| (*n, *c))
+            .reduce(|best, next| if next.1 > best.1 { next } else { best })?;
         let mut to = self.cluster.best_avoiding(&key, &req, &off(from))?;
         let mut there = counts.get(to).copied().unwrap_or(0);
         if most < there + 2 {
@@ -909,7 +928,23 @@ impl<'w> Pass<'w> {
                 return None;
             }
         }
-        // Its newest replica there: the one with the least warmed up to lose.
+        let why = format!(
+            "which runs {most} of the app's replicas, to node {to}, which runs {there}"
+        );
+        let from = from.to_string();
+        self.start_move(batch, &key, existing, &from, &why)
+    }
+
+    /// Marks the newest replica of the app on `from` (the one with the least warmed up to
+    /// lose) as moving, saying `why` in the event. Returns it as it is to be written.
+    fn start_move(
+        &mut self,
+        batch: &mut Batch,
+        key: &AppKey,
+        existing: &[&Read<Replica>],
+        from: &str,
+        why: &str,
+    ) -> Option<(usize, Replica)> {
         let (i, r) = existing
             .iter()
             .enumerate()
@@ -923,9 +958,9 @@ impl<'w> Pass<'w> {
             EventType::Normal,
             "Rebalancing",
             format!("replica/{key}/{}", moved.id),
-            Some(&key),
+            Some(key),
             format!(
-                "moving replica {} off node {from}, which runs {most} of the app's replicas, to node {to}, which runs {there}: its replacement starts first",
+                "moving replica {} off node {from}, {why}: its replacement starts first",
                 moved.id
             ),
         );
@@ -2117,6 +2152,42 @@ mod tests {
         let mut w = with_replicas(world(4, 1, ""), &replicas);
         complete(&mut w, 1);
         w
+    }
+
+    /// A replica on a node the app's node_selector no longer matches moves to one it
+    /// does, new before old, `--no-rebalance` or not; none moves while none matches.
+    #[test]
+    fn a_replica_its_node_selector_no_longer_matches_moves() {
+        let mut w = with_replicas(
+            world(1, 1, "[placement]\nnode_selector = { zone = \"b\" }\n"),
+            &[on(replica_at("r", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        w.rebalance = false;
+        let label = |w: &mut World, node: &str, zone: &str| {
+            let labels = &mut w.nodes.get_mut(node).unwrap().value.labels;
+            labels.insert("zone".into(), zone.into());
+        };
+        label(&mut w, "m", "a");
+        label(&mut w, "n", "a");
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert!(
+            p.batches.iter().all(|b| !reasons(b).contains(&"Rebalancing")),
+            "nowhere to go"
+        );
+        label(&mut w, "n", "b");
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
+        assert!(deletes(b).is_empty(), "new before old");
+        let put = puts(b);
+        assert_eq!(put[0].node.as_deref(), Some("n"));
+        assert_eq!((put[1].id.as_str(), put[1].moving_since), ("r", Some(NOW)));
+        assert!(
+            b.events[0].message.contains("node_selector no longer matches"),
+            "{:?}",
+            b.events
+        );
     }
 
     #[test]
