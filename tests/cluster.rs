@@ -293,6 +293,42 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
     assert!(!server.cli_ok(&["events"]).contains("Rebalancing"));
 }
 
+/// A changed node_selector moves the replicas it no longer allows, new before old.
+#[test]
+fn a_changed_node_selector_moves_the_replicas_it_no_longer_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--no-rebalance"]);
+    let _a = common::NodeProc::join(&server, "node-a", &["--label", "zone=a"]);
+    let _b = common::NodeProc::join(&server, "node-b", &["--label", "zone=b"]);
+    let placed = |zone: &str| {
+        server.cli_ok(&[
+            "apply",
+            "-f",
+            &hello_spec(
+                dir.path(),
+                2,
+                &format!("[placement]\nnode_selector = {{ zone = \"{zone}\" }}\n"),
+            ),
+        ]);
+        let expected: BTreeMap<String, usize> = [(format!("node-{zone}"), 2)].into();
+        assert!(
+            poll(Duration::from_secs(30), || server.placement("hello")
+                == expected),
+            "{:?}",
+            server.placement("hello")
+        );
+    };
+    placed("a");
+    let before = server.replica_ids("hello");
+    placed("b");
+    assert!(server.replica_ids("hello").is_disjoint(&before));
+    let events = server.cli_ok(&["events"]);
+    assert!(
+        events.contains("node_selector no longer matches"),
+        "{events}"
+    );
+}
+
 #[test]
 fn a_control_plane_restart_loses_nothing() {
     let (dir, mut server, nodes) = cluster(2, &[]);

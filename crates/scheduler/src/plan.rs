@@ -928,9 +928,8 @@ impl<'w> Pass<'w> {
                 return None;
             }
         }
-        let why = format!(
-            "which runs {most} of the app's replicas, to node {to}, which runs {there}"
-        );
+        let why =
+            format!("which runs {most} of the app's replicas, to node {to}, which runs {there}");
         let from = from.to_string();
         self.start_move(batch, &key, existing, &from, &why)
     }
@@ -2172,7 +2171,9 @@ mod tests {
         label(&mut w, "n", "a");
         let p = plan(&w, NOW, &mut Counter::default());
         assert!(
-            p.batches.iter().all(|b| !reasons(b).contains(&"Rebalancing")),
+            p.batches
+                .iter()
+                .all(|b| !reasons(b).contains(&"Rebalancing")),
             "nowhere to go"
         );
         label(&mut w, "n", "b");
@@ -2184,7 +2185,9 @@ mod tests {
         assert_eq!(put[0].node.as_deref(), Some("n"));
         assert_eq!((put[1].id.as_str(), put[1].moving_since), ("r", Some(NOW)));
         assert!(
-            b.events[0].message.contains("node_selector no longer matches"),
+            b.events[0]
+                .message
+                .contains("node_selector no longer matches"),
             "{:?}",
             b.events
         );
