@@ -681,7 +681,7 @@ fn an_app_is_called_from_another_namespace_only_if_it_says_so() {
     let refused = c.wait_gw("/frontend", 502, "frontend -> error");
     assert!(refused.to_lowercase().contains("denied"), "{refused}");
     // The caller's logs say which app refused it, and why.
-    let said = "app data/backend's [network] inbound does not admit frontend.shop";
+    let said = "app backend.data's [network] inbound does not admit frontend.shop";
     assert!(
         poll(Duration::from_secs(10), || c
             .cli_ok(&["logs", "frontend", "-n", "shop"])

@@ -66,8 +66,9 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
     let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-    // Every file read and parsed before any is applied: a bad one, or an app in two, changes
-    // nothing rather than half a directory.
+    // Every file read and parsed before any is applied: a malformed one, or an app in two,
+    // changes nothing rather than half a directory. (What needs the server, a module upload
+    // or a missing config set, still fails at its file, after the ones before it.)
     let specs = spec_files(&args.files, args.recursive)?
         .iter()
         .map(|file| read_spec(file, namespace))

@@ -32,14 +32,15 @@ pub struct Clients {
 #[derive(Default)]
 struct Held {
     connections: usize,
-    /// A refusal was reported since the client last held fewer than its most.
+    /// A refusal was reported since the client last held no connection: a client churning
+    /// at its cap is reported once, not once per connection it closes.
     reported: bool,
 }
 
 /// A connection refused: its client holds its most.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
-    /// The first refusal since the client held fewer: the one worth a log line.
+    /// The first refusal since the client last held no connection: the one worth a log line.
     pub first: bool,
 }
 
@@ -95,7 +96,6 @@ impl Drop for Slot {
         let mut held = self.clients.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = held.get_mut(&self.client) {
             entry.connections -= 1;
-            entry.reported = false;
             if entry.connections == 0 {
                 held.remove(&self.client);
             }
@@ -153,10 +153,18 @@ mod tests {
         assert!(c.is_ok(), "a connection that ended gives its slot back");
         assert_eq!(
             clients.admit(ip("192.0.2.1")).err(),
-            Some(Refused { first: true }),
-            "at its most again: reported again"
+            Some(Refused { first: false }),
+            "churning at its cap: not reported again"
         );
-        drop((b, c, other));
+        drop((b, c));
+        let d = clients.admit(ip("192.0.2.1")).unwrap();
+        let e = clients.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(
+            clients.admit(ip("192.0.2.1")).err(),
+            Some(Refused { first: true }),
+            "back after holding nothing: reported again"
+        );
+        drop((d, e, other));
         assert_eq!(clients.stats().open, 0);
         assert!(clients.held.lock().unwrap().is_empty(), "nothing kept");
     }

@@ -61,9 +61,10 @@ impl ServicePolicy {
 
     /// `NAME` is an app in the caller's namespace, `NAME.NS` one in `NS` if there is such an
     /// app, on any port, over `http://`; otherwise a host is reachable only on a port it is
-    /// granted. A granted host goes out first, and `https://` is never a service: a tenant
-    /// naming an app `example` in a namespace `com` takes no one's calls to example.com, and a
-    /// certificate is checked wherever the guest asked for one.
+    /// granted. A host the caller is granted (on any port) is never a service, nor is an
+    /// `https://` call: a tenant naming an app `example` in a namespace `com` takes no one's
+    /// calls to example.com they were granted, and a certificate is checked wherever the
+    /// guest asked for one.
     fn resolve(&self, gateway: &Gateway, host: &str, uri: &http::Uri) -> Destination {
         let mut labels = host.split('.');
         let app = match (labels.next(), labels.next(), labels.next()) {
@@ -79,8 +80,9 @@ impl ServicePolicy {
         if self.grants.iter().any(granted) {
             return Destination::Egress;
         }
+        let named = self.grants.iter().any(|g| g.host == target);
         match app {
-            Some(app) if !https && gateway.knows(&app) => {
+            Some(app) if !https && !named && gateway.knows(&app) => {
                 if gateway.may_call(&self.caller, &app) {
                     Destination::Service(app)
                 } else {
@@ -88,10 +90,13 @@ impl ServicePolicy {
                 }
             }
             // A granted host on another port is denied, not taken for a missing service; an
-            // IPv6 address is no service either.
-            _ if !host.contains('.')
-                && matches!(target, OutboundHost::Name(_))
-                && self.grants.iter().all(|g| g.host != target) =>
+            // IPv6 address is no service either, nor an app called over https.
+            Some(app)
+                if !https
+                    && !named
+                    && !host.contains('.')
+                    && matches!(target, OutboundHost::Name(_))
+                    && !gateway.knows(&app) =>
             {
                 Destination::UnknownService
             }
@@ -174,9 +179,15 @@ impl OutboundPolicy for ServicePolicy {
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         match self.resolve(&gateway, &host, uri) {
             Destination::Refused(app) => format!(
-                "app {app}'s [network] inbound does not admit {}.{}",
-                self.caller.name, self.caller.namespace
+                "app {}.{}'s [network] inbound does not admit {}.{}",
+                app.name, app.namespace, self.caller.name, self.caller.namespace
             ),
+            _ if uri.scheme() == Some(&Scheme::HTTPS)
+                && matches!(OutboundHost::of_uri(&host), OutboundHost::Name(_))
+                && host.matches('.').count() <= 1 =>
+            {
+                format!("{DENIED}; an app is called by name over http://, never https://")
+            }
             _ => DENIED.into(),
         }
     }

@@ -630,8 +630,8 @@ impl Gateway {
     /// The outbound policy for guests of one replica of app `caller`: calls to `http://NAME/`
     /// or `http://NAME.NAMESPACE/` go to that app's replicas through this gateway (in process,
     /// or to the node that runs one) if it admits the caller ([`Gateway::set_services`]);
-    /// plain-http calls to a host and port `allowed_hosts`
-    /// grants go out to the network, to public addresses only (unless
+    /// calls to a host and port `allowed_hosts` grants (over http or https, and never to an
+    /// app) go out to the network, to public addresses only (unless
     /// [`GatewayConfig::allow_private_egress`]); everything else is refused. The policy holds the gateway weakly, so a
     /// replica's service never keeps the gateway that holds it alive.
     pub fn outbound(&self, caller: &AppKey, allowed_hosts: Vec<String>) -> Arc<dyn OutboundPolicy> {

@@ -191,7 +191,13 @@ async fn names_resolve_to_apps_granted_hosts_go_out_and_the_rest_is_refused() {
     );
     assert!(matches!(
         call(policy, "https://hello/").await,
-        Err(HttpError::DestinationNotFound)
+        Err(HttpError::HttpRequestDenied)
+    ));
+    // A host granted on another port is no service either: not the app of its name.
+    let elsewhere = gateway.outbound(&app("web"), vec![format!("localhost:{}", port + 1)]);
+    assert!(matches!(
+        call(elsewhere.as_ref(), "http://localhost/").await,
+        Err(HttpError::HttpRequestDenied)
     ));
     assert!(matches!(
         call(policy, "https://hello.default/").await,

@@ -572,10 +572,12 @@ impl<'w> Pass<'w> {
             if effective.spec.runs.schedule.is_none() {
                 let mut started = None;
                 if mode == Mode::Roll
-                    && let Some((i, replica)) = self.rebalance(&mut batch, &effective, &existing)
+                    && let Some((i, replica, off)) =
+                        self.rebalance(&mut batch, &effective, &existing)
                 {
+                    // Its replacement goes where the move chose: off the nodes it avoided.
                     avoid.count += 1;
-                    avoid.nodes.extend(replica.node.clone());
+                    avoid.nodes.extend(off);
                     moving = Some(Read::new(replica, existing[i].mod_revision));
                     existing[i] = moving.as_ref().expect("just set");
                     started = moving.as_ref();
@@ -841,7 +843,7 @@ impl<'w> Pass<'w> {
         batch: &mut Batch,
         app: &App,
         existing: &[&Read<Replica>],
-    ) -> Option<(usize, Replica)> {
+    ) -> Option<(usize, Replica, Vec<String>)> {
         let key = app.spec.key();
         if self.moves >= REBALANCE_MOVES
             || app.spec.component.kind == Kind::Job
@@ -886,18 +888,27 @@ impl<'w> Pass<'w> {
             off
         };
         let selector = &app.spec.placement.node_selector;
-        let misplaced = existing.iter().find_map(|r| {
-            let node = self.world.nodes.get(r.value.node.as_deref()?)?;
-            let labels = &node.value.labels;
-            let matches = selector.iter().all(|(k, v)| labels.get(k) == Some(v));
-            (!matches).then(|| node.value.name.clone())
-        });
-        if let Some(from) = misplaced {
-            let to = self.cluster.best_avoiding(&key, &req, &off(&from))?;
-            let why = format!(
-                "which the app's node_selector no longer matches, to node {to}, which it does"
-            );
-            return self.start_move(batch, &key, existing, &from, &why);
+        let misplaced: Vec<&str> = counts
+            .keys()
+            .copied()
+            .filter(|n| {
+                self.world.nodes.get(*n).is_some_and(|node| {
+                    let labels = &node.value.labels;
+                    !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+                })
+            })
+            .collect();
+        // The first misplaced node whose replica has somewhere to go: one that cannot move
+        // does not hold the others.
+        for from in misplaced {
+            let avoided = off(from);
+            if let Some(to) = self.cluster.best_avoiding(&key, &req, &avoided) {
+                let why = format!(
+                    "which the app's node_selector no longer matches, to node {to}, which it does"
+                );
+                let from = from.to_string();
+                return self.start_move(batch, &key, existing, &from, &why, avoided);
+            }
         }
         if !self.world.rebalance {
             return None;
@@ -930,12 +941,14 @@ impl<'w> Pass<'w> {
         }
         let why =
             format!("which runs {most} of the app's replicas, to node {to}, which runs {there}");
+        let avoided = off(from);
         let from = from.to_string();
-        self.start_move(batch, &key, existing, &from, &why)
+        self.start_move(batch, &key, existing, &from, &why, avoided)
     }
 
     /// Marks the newest replica of the app on `from` (the one with the least warmed up to
-    /// lose) as moving, saying `why` in the event. Returns it as it is to be written.
+    /// lose) as moving, saying `why` in the event. Returns it as it is to be written, and the
+    /// nodes its replacement is to stay off (`avoided`: those the move was chosen off).
     fn start_move(
         &mut self,
         batch: &mut Batch,
@@ -943,7 +956,8 @@ impl<'w> Pass<'w> {
         existing: &[&Read<Replica>],
         from: &str,
         why: &str,
-    ) -> Option<(usize, Replica)> {
+        avoided: Vec<String>,
+    ) -> Option<(usize, Replica, Vec<String>)> {
         let (i, r) = existing
             .iter()
             .enumerate()
@@ -963,7 +977,7 @@ impl<'w> Pass<'w> {
                 moved.id
             ),
         );
-        Some((i, moved))
+        Some((i, moved, avoided))
     }
 
     /// A move whose replacement is not serving within the app's progress deadline is given
@@ -2191,6 +2205,30 @@ mod tests {
             "{:?}",
             b.events
         );
+    }
+
+    /// A replica whose move was given up on a node goes to another the next time: its
+    /// replacement is placed off the nodes the move was chosen off.
+    #[test]
+    fn a_move_given_up_on_a_node_goes_elsewhere_next() {
+        let mut r = on(replica_at("r", 1, Phase::Ready, 1), "m");
+        r.avoid = vec!["n".into()];
+        let mut w = with_replicas(
+            world(1, 1, "[placement]\nnode_selector = { zone = \"b\" }\n"),
+            &[r],
+        );
+        complete(&mut w, 1);
+        let mut third = node("o");
+        third.value.labels.insert("zone".into(), "b".into());
+        w.nodes.insert("o".into(), third);
+        for (name, zone) in [("m", "a"), ("n", "b")] {
+            let labels = &mut w.nodes.get_mut(name).unwrap().value.labels;
+            labels.insert("zone".into(), zone.into());
+        }
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
+        assert_eq!(puts(b)[0].node.as_deref(), Some("o"), "{:?}", b.events);
     }
 
     #[test]
