@@ -153,17 +153,10 @@ async fn a_client_holds_at_most_its_share_of_the_connections() {
     );
 
     drop(held.pop());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(stream) = served().await {
-            held.push(stream);
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slot never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(10), "the slot comes back", || {
+        gateway.connections().open == 1
+    })
+    .await;
+    held.push(served().await.expect("served again"));
     assert_eq!(gateway.connections().open, 2);
 }
