@@ -91,12 +91,11 @@ impl ServicePolicy {
             }
             // A granted host on another port is denied, not taken for a missing service; an
             // IPv6 address is no service either, nor an app called over https.
-            Some(app)
+            Some(_)
                 if !https
                     && !named
                     && !host.contains('.')
-                    && matches!(target, OutboundHost::Name(_))
-                    && !gateway.knows(&app) =>
+                    && matches!(target, OutboundHost::Name(_)) =>
             {
                 Destination::UnknownService
             }

@@ -268,7 +268,8 @@ fn score(f: &Fit, app_replicas: u32, ask: &Ask) -> f64 {
     ask.offset + ask.sign * utilisation - BALANCE_WEIGHT * f64::from(app_replicas)
 }
 
-fn matches_selector(node: &Node, selector: &BTreeMap<String, String>) -> bool {
+/// Whether `node` has every label of `selector`.
+pub(crate) fn matches_selector(node: &Node, selector: &BTreeMap<String, String>) -> bool {
     selector
         .iter()
         .all(|(k, v)| node.labels.get(k).is_some_and(|l| l == v))

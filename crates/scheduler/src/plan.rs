@@ -15,7 +15,7 @@
 
 use crate::autoscale::{self, Load};
 use crate::cron;
-use crate::placement::{Cluster, Request, Strategy};
+use crate::placement::{Cluster, Request, Strategy, matches_selector};
 use crate::reconcile::{Mode, reconcile};
 use crate::rollout::{self, Measured};
 use shoal_core::metrics::RevisionStats;
@@ -892,10 +892,10 @@ impl<'w> Pass<'w> {
             .keys()
             .copied()
             .filter(|n| {
-                self.world.nodes.get(*n).is_some_and(|node| {
-                    let labels = &node.value.labels;
-                    !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-                })
+                self.world
+                    .nodes
+                    .get(*n)
+                    .is_some_and(|node| !matches_selector(&node.value, selector))
             })
             .collect();
         // The first misplaced node whose replica has somewhere to go: one that cannot move
