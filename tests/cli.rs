@@ -639,12 +639,26 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
         shown.contains("dir-a") && !shown.contains("dir-b"),
         "{shown}"
     );
-    // In name order, each once; nothing applied while one file is bad or names an app twice.
-    for (file, text) in [
-        ("z-bad.toml", "name = \"x\"\n[component\n".to_string()),
-        ("z-again.toml", named("dir-a")),
+    // In name order, each once; nothing applied while one file is bad, names an app twice
+    // or another file's route, and a dry run says so too.
+    for (file, text, why) in [
+        ("z-bad.toml", "name = \"x\"\n[component\n".to_string(), ""),
+        (
+            "z-again.toml",
+            named("dir-a"),
+            "app default/dir-a is also in",
+        ),
+        (
+            "z-route.toml",
+            named("dir-a").replace("name = \"dir-a\"", "name = \"dir-z\""),
+            "route /dir-a is also served by app default/dir-a in",
+        ),
     ] {
         std::fs::write(apps_dir.join(file), text).unwrap();
+        let out = c.cli(&["diff", "-f", apps, "-R"]);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{said}");
+        assert!(said.contains(file) && said.contains(why), "{said}");
         let out = c.cli(&["apply", "-f", apps, "-R"]);
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && said.contains(file), "{said}");

@@ -5,7 +5,7 @@ use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use shoal_api::{ApplyOutcome, ApplyResult, seg};
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, Route};
 use shoal_core::{AppManifest, ModuleRef, parse_app};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -85,6 +85,24 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
         }
     }
     drop(seen);
+    // A route is one app's: the second would be refused by the server after the first was
+    // applied, and a dry run judges each file alone against the server.
+    let mut served: HashMap<&Route, &SpecFile> = HashMap::new();
+    for spec in &specs {
+        for route in spec.manifest.routes() {
+            if let Some(first) = served.insert(route, spec)
+                && first.key() != spec.key()
+            {
+                return Err(crate::exit::usage(format!(
+                    "{}: route {route} is also served by app {} in {}: a route is one app's",
+                    spec.file.display(),
+                    first.key(),
+                    first.file.display()
+                )));
+            }
+        }
+    }
+    drop(served);
     let mut results = Vec::new();
     for spec in specs {
         let result = apply_spec(&client, spec, args.dry_run, args.retry).await?;

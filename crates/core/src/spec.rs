@@ -2088,6 +2088,11 @@ impl AppManifest {
         self.spec.namespace = namespace.to_string();
     }
 
+    /// The routes it serves: two apps applied together may not share one.
+    pub fn routes(&self) -> &[Route] {
+        self.spec.http.as_ref().map_or(&[], |h| &h.routes)
+    }
+
     /// Completes the spec with the digest of the uploaded module.
     pub fn resolve(mut self, digest: String) -> Result<AppSpec, SpecError> {
         self.spec.component.digest = digest;
