@@ -1,8 +1,9 @@
 //! Prometheus metrics end to end: after a known number of requests through the gateway, the
 //! control plane's `/v1/metrics` counts exactly them for the app's revision, in a histogram too,
 //! with the cluster's apps, replicas and nodes, what the controller did, how long store commits
-//! took and replicas waited for a node; `promtool check metrics` (Debian's prometheus package)
-//! finds nothing to say about names, labels or format.
+//! took and replicas waited for a node, and the API's connections refused past a client's cap;
+//! `promtool check metrics` (Debian's prometheus package) finds nothing to say about names,
+//! labels or format.
 
 mod common;
 
@@ -116,4 +117,55 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         .send()
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+}
+
+/// A client past its share of the API's connections is closed as it comes, and counted.
+#[test]
+fn api_connections_refused_at_a_clients_cap_are_counted() {
+    let c = Cluster::start_with(&["--api-client-connections", "8"]);
+    let text = c.api_get("/v1/metrics").text().unwrap();
+    assert_eq!(
+        sample(&text, "shoal_api_connections_refused_total"),
+        Some(0.0),
+        "{text}"
+    );
+    // The metrics request itself is open.
+    assert!(
+        sample(&text, "shoal_api_connections") >= Some(1.0),
+        "{text}"
+    );
+    // More than 8 connections from this address, saying nothing: the ones past the cap are
+    // closed at once, the others wait for a TLS handshake.
+    let addr = c.api.trim_start_matches("https://");
+    let held: Vec<std::net::TcpStream> = (0..12)
+        .map(|_| {
+            let s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    let closed =
+        |s: &std::net::TcpStream| matches!(std::io::Read::read(&mut &*s, &mut [0u8; 1]), Ok(0));
+    let mut refused = 0;
+    assert!(poll(Duration::from_secs(10), || {
+        refused = held.iter().filter(|s| closed(s)).count();
+        refused > 0
+    }));
+    drop(held);
+    let mut text = String::new();
+    assert!(
+        poll(Duration::from_secs(30), || {
+            // Refused too while the server has not yet seen the held ones go.
+            text = c
+                .http()
+                .get(format!("{}/v1/metrics", c.api))
+                .bearer_auth(&c.token)
+                .send()
+                .and_then(|r| r.text())
+                .unwrap_or_default();
+            sample(&text, "shoal_api_connections_refused_total") >= Some(refused as f64)
+        }),
+        "{text}"
+    );
+    promtool_check(&text);
 }

@@ -37,8 +37,8 @@ pub struct ControlArgs {
     /// Largest module upload accepted.
     #[arg(long, default_value = "64Mi")]
     pub max_module_size: String,
-    /// Connections one client (an IPv4 address, an IPv6 /64) may hold on the API at once;
-    /// more are closed as they come. 0: no cap (e.g. nodes behind one NAT address).
+    /// Connections one client (an IP address, IPv6 too) may hold on the API at once; more
+    /// are closed as they come. 0: no cap (e.g. nodes behind one NAT address).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub api_client_connections: usize,
     /// What one key-value bucket (`wasi:keyvalue`, `shoal kv`) may hold, keys and values.
@@ -479,7 +479,9 @@ pub async fn start_control(
         max_client_connections: args.api_client_connections,
         ..shoal_control::ServeLimits::default()
     };
-    tokio::spawn(shoal_control::serve(listener, router, limits, tls));
+    let clients = limits.clients();
+    control.count_api_clients(clients.clone());
+    tokio::spawn(shoal_control::serve(listener, router, limits, tls, clients));
     // Its own context, made current; the CLI's other clusters stay. Servers on one shared
     // store are one cluster: started with the same context, each adds itself to it.
     let config_path = ctx.config.clone().unwrap_or_else(default_config_path);
@@ -623,11 +625,13 @@ async fn serve_metrics(addr: SocketAddr, agent: Agent) -> Result<SocketAddr> {
             }
         }),
     );
+    let limits = shoal_control::ServeLimits::default();
     tokio::spawn(shoal_control::serve(
         listener,
         router,
-        shoal_control::ServeLimits::default(),
+        limits,
         None,
+        limits.clients(),
     ));
     Ok(bound)
 }

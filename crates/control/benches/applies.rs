@@ -367,6 +367,7 @@ fn main() {
             shoal_control::router(cp.clone()),
             ServeLimits::default(),
             None,
+            ServeLimits::default().clients(),
         ));
         base
     });

@@ -15,10 +15,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use shoal_core::clients::{Clients, ConnectionStats};
 use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats, classic_counter_names};
 use shoal_core::objects::keys;
 use shoal_core::{App, Node, Replica};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// What the control plane counts as it works, since it started.
 #[derive(Clone)]
@@ -108,6 +110,8 @@ struct Scrape {
     apps: i64,
     replicas: BTreeMap<String, i64>,
     nodes: BTreeMap<String, i64>,
+    /// The API's connections, once it serves.
+    api: Option<ConnectionStats>,
 }
 
 impl Collector for Scrape {
@@ -186,11 +190,35 @@ impl Collector for Scrape {
                 .encode_family(&vec![("state", state.clone())])?
                 .encode_gauge(n)?;
         }
+        if let Some(api) = &self.api {
+            encoder
+                .encode_descriptor(
+                    "shoal_api_connections",
+                    "Connections this server's API serves now",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&api.open)?;
+            encoder
+                .encode_descriptor(
+                    "shoal_api_connections_refused",
+                    "Connections this server's API closed as they came: their client held its most (--api-client-connections)",
+                    None,
+                    MetricType::Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, u64>(&api.refused, None)?;
+        }
         Ok(())
     }
 }
 
 impl ControlPlane {
+    /// Reports the connections of the API this server serves (on `clients`) in its metrics;
+    /// the first call holds (a server serves one API).
+    pub fn count_api_clients(&self, clients: Arc<Clients>) {
+        let _ = self.inner.api_clients.set(clients);
+    }
+
     /// The metrics, in the text exposition format.
     pub fn prometheus(&self) -> Result<String, ControlError> {
         let mut revisions = Vec::new();
@@ -213,6 +241,7 @@ impl ControlPlane {
             apps: apps.len() as i64,
             replicas,
             nodes,
+            api: self.inner.api_clients.get().map(|c| c.stats()),
         }));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry)

@@ -33,6 +33,14 @@ pub struct ServeLimits {
     pub h2_ping: Duration,
 }
 
+impl ServeLimits {
+    /// What [`serve`] counts each client's connections on, against this cap: by address,
+    /// IPv6 too, since the API's clients are nodes and operators, who may share a /64.
+    pub fn clients(&self) -> Arc<Clients> {
+        Clients::new(self.max_client_connections, 128)
+    }
+}
+
 impl Default for ServeLimits {
     fn default() -> Self {
         ServeLimits {
@@ -46,16 +54,17 @@ impl Default for ServeLimits {
 
 /// Serves `router` on `listener` until the task is dropped, over TLS with `tls` (the client
 /// must finish its handshake within the header-read timeout too), or in plain text without.
+/// Each client's connections are counted on `clients` ([`ServeLimits::clients`]), whose
+/// numbers the caller may report.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServeLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
+    clients: Arc<Clients>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let connections = Arc::new(Semaphore::new(limits.max_connections));
-    // By address, IPv6 too: the API's clients are nodes and operators, who may share a /64.
-    let clients = Clients::new(limits.max_client_connections, 128);
     loop {
         let slot = connections
             .clone()

@@ -123,6 +123,8 @@ pub(crate) struct Inner {
     pub(crate) outbox: Option<crate::shared_reports::Outbox>,
     /// Since when the controller's passes have failed, one after another (the log says why).
     pub(crate) failing: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The API's connections, once it serves them ([`ControlPlane::count_api_clients`]).
+    pub(crate) api_clients: OnceLock<Arc<shoal_core::clients::Clients>>,
 }
 
 /// How long the controller's passes may fail, one after another, before the server says it
@@ -199,6 +201,7 @@ impl ControlPlane {
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 outbox: config.shared_store.then(crate::shared_reports::Outbox::new),
                 failing: std::sync::Mutex::new(None),
+                api_clients: OnceLock::new(),
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),

@@ -14,7 +14,7 @@ async fn api(limits: ServeLimits) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = Router::new().route("/ok", get(|| async { "ok" }));
-    tokio::spawn(serve(listener, router, limits, None));
+    tokio::spawn(serve(listener, router, limits, None, limits.clients()));
     addr
 }
 
@@ -112,7 +112,7 @@ async fn over_tls_clients_that_trust_the_ca_get_answers_and_plain_text_gets_noth
         header_read_timeout: Duration::from_millis(500),
         ..ServeLimits::default()
     };
-    tokio::spawn(serve(listener, router, limits, Some(tls)));
+    tokio::spawn(serve(listener, router, limits, Some(tls), limits.clients()));
 
     let trusting = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).unwrap())
