@@ -226,14 +226,14 @@ fn the_gateway_serves_https_with_the_certificates_it_is_given() {
     std::fs::write(&cert, &issued.chain).unwrap();
     std::fs::write(&key, &issued.key).unwrap();
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
-    let spec = hello_spec();
     let c = Cluster::start_with(&[
         "--gateway-cert",
         cert,
         "--gateway-key",
         key,
         "--apply",
-        &spec,
+        // A directory, as `apply -f` takes one: its app.toml, not its Cargo.toml.
+        &format!("{}/hello", examples()),
     ]);
     c.wait_gw("/hello", 200, "Hello from Shoal!");
     let addr: std::net::SocketAddr = c.gateway.trim_start_matches("http://").parse().unwrap();
@@ -307,6 +307,43 @@ fn the_gateway_serves_https_with_the_certificates_it_is_given() {
         err.contains("--gateway-cert") && err.contains("its key"),
         "{err}"
     );
+}
+
+#[test]
+fn up_checks_the_specs_it_is_to_apply_before_it_starts() {
+    // A malformed spec to apply: `shoal up` names its line and column and starts nothing,
+    // rather than a cluster without the app.
+    let site = tempfile::tempdir().unwrap();
+    let typo = write_spec(site.path(), "typo.toml", "name = \"typo\"\nreplicas = \n");
+    let data = site.path().join("typo-data");
+    let mut up = std::process::Command::new(common::SHOAL)
+        .arg("up")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--api",
+            "127.0.0.1:0",
+            "--gateway",
+            "127.0.0.1:0",
+            "--apply",
+        ])
+        .arg(&typo)
+        .env("SHOAL_CONFIG", site.path().join("typo-config.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // One that started would run until stopped: it is given a while to exit, then killed.
+    let exited = poll(Duration::from_secs(30), || up.try_wait().unwrap().is_some());
+    if !exited {
+        let _ = up.kill();
+    }
+    let out = up.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(exited, "shoal up did not exit: {err}");
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("typo.toml:2:"), "{err}");
+    assert!(!data.exists(), "shoal up started: {err}");
 }
 
 #[test]

@@ -66,10 +66,34 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
     let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-    // Every file read and parsed before any is applied: a malformed one, or an app in two,
-    // changes nothing rather than half a directory. (What needs the server, a module upload
-    // or a missing config set, still fails at its file, after the ones before it.)
-    let specs = spec_files(&args.files, args.recursive)?
+    let specs = read_specs(&args.files, args.recursive, namespace)?;
+    let mut results = Vec::new();
+    for spec in specs {
+        let result = apply_spec(&client, spec, args.dry_run, args.retry).await?;
+        if ctx.output == Format::Table {
+            print_result(&result);
+        }
+        results.push(result);
+    }
+    if ctx.output == Format::Json {
+        output::json(&results);
+    }
+    if args.dry_run && results.iter().any(|r| r.outcome != ApplyOutcome::Unchanged) {
+        return Err(crate::exit::WouldChange.into());
+    }
+    Ok(())
+}
+
+/// Every spec `files` name (see [`spec_files`]), read, parsed and checked against each other
+/// before any is applied: a malformed one, an app in two files or a route served by two apps
+/// changes nothing rather than half a directory. (What needs the server, a module upload or a
+/// missing config set, still fails at its file, after the ones before it.)
+pub fn read_specs(
+    files: &[PathBuf],
+    recursive: bool,
+    namespace: Option<&str>,
+) -> Result<Vec<SpecFile>> {
+    let specs = spec_files(files, recursive)?
         .iter()
         .map(|file| read_spec(file, namespace))
         .collect::<Result<Vec<_>>>()?;
@@ -103,21 +127,7 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
         }
     }
     drop(served);
-    let mut results = Vec::new();
-    for spec in specs {
-        let result = apply_spec(&client, spec, args.dry_run, args.retry).await?;
-        if ctx.output == Format::Table {
-            print_result(&result);
-        }
-        results.push(result);
-    }
-    if ctx.output == Format::Json {
-        output::json(&results);
-    }
-    if args.dry_run && results.iter().any(|r| r.outcome != ApplyOutcome::Unchanged) {
-        return Err(crate::exit::WouldChange.into());
-    }
-    Ok(())
+    Ok(specs)
 }
 
 /// What `-f` names, a spec each: a file; `-`, standard input (once); a directory, its `.toml`
@@ -236,17 +246,6 @@ pub(super) fn in_file(file: &Path, e: shoal_core::SpecError) -> anyhow::Error {
     }
 }
 
-/// Reads and applies one spec file; see [`read_spec`] and [`apply_spec`].
-pub async fn apply_file(
-    client: &Client,
-    file: &Path,
-    dry_run: bool,
-    retry: bool,
-    namespace: Option<&str>,
-) -> Result<ApplyResult> {
-    apply_spec(client, read_spec(file, namespace)?, dry_run, retry).await
-}
-
 /// A spec file read and parsed, not applied yet.
 pub struct SpecFile {
     /// Where it came from, as errors name it (`<stdin>` for `-`).
@@ -261,12 +260,17 @@ impl SpecFile {
     fn key(&self) -> AppKey {
         AppKey::new(self.manifest.namespace(), self.manifest.name())
     }
+
+    /// Where the spec came from, as errors name it.
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
 }
 
 /// Reads and parses one spec file (`-`: standard input, whose module paths are relative to
 /// the current directory). With `namespace` (`-n`), a file that names none goes there, and
 /// one that names another is refused, as kubectl does.
-pub fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
+fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
     let stdin = file.as_os_str() == "-";
     let text = if stdin {
         crate::files::read_stdin_text(crate::files::SPEC_LIMIT)

@@ -1,6 +1,6 @@
 use super::Context;
 use super::up::{
-    ControlArgs, SharedStore, apply_files, init_tracing, shutdown_signal, start_control,
+    ControlArgs, SharedStore, apply_specs, init_tracing, read_apply, shutdown_signal, start_control,
 };
 use crate::exit;
 use anyhow::{Context as _, Result};
@@ -126,6 +126,7 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     if let Some(ServerCommand::Migrate(args)) = args.command {
         return tokio::task::spawn_blocking(move || migrate(args)).await?;
     }
+    let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control, args.etcd()?).await?;
     println!("Shoal control plane is up, data in {}", c.data.display());
@@ -136,7 +137,7 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
         c.servers,
         c.data.join("join-token").display()
     );
-    apply_files(&c, &args.control.apply).await?;
+    apply_specs(&c, specs).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
     c.stop().await;

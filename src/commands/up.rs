@@ -3,6 +3,7 @@
 //! process; `server` is the control plane alone; `node join` is a worker.
 
 use super::Context;
+use super::apply::{SpecFile, apply_spec, read_specs};
 use crate::client::{
     CliConfig, Client, ContextEntry, default_config_path, private_dir, private_file, write_private,
 };
@@ -31,7 +32,8 @@ pub struct ControlArgs {
     /// Address of the /v1 API.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub api: SocketAddr,
-    /// App spec files to apply once the cluster is up.
+    /// App specs to apply once the cluster is up: files, or directories of them, read and
+    /// checked as `shoal apply -f` does before anything starts.
     #[arg(long = "apply")]
     pub apply: Vec<PathBuf>,
     /// Largest module upload accepted.
@@ -885,16 +887,21 @@ pub async fn start_node(
     })
 }
 
-pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
+/// `--apply`'s specs, read and checked as `shoal apply -f` reads them (a directory's too), before
+/// anything starts: a typo exits with its line and column instead of leaving a cluster up
+/// without the app.
+pub fn read_apply(files: &[PathBuf]) -> Result<Vec<SpecFile>> {
+    read_specs(files, false, None).context("--apply")
+}
+
+/// Applies `--apply`'s specs once the cluster is up. One the server refuses is reported and the
+/// rest still go: the cluster serves what it already had.
+pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()> {
     let client = Client::connect(&c.server, &c.token, Some(&c.ca))?;
-    for file in files {
-        match super::apply::apply_file(&client, file, false, false, None).await {
-            Ok(r) => println!(
-                "applied {}: app {} {:?}",
-                file.display(),
-                r.app.spec.key(),
-                r.outcome
-            ),
+    for spec in specs {
+        let file = spec.file().display().to_string();
+        match apply_spec(&client, spec, false, false).await {
+            Ok(r) => println!("applied {file}: app {} {:?}", r.app.spec.key(), r.outcome),
             Err(e) => eprintln!("error: {e:#}"),
         }
     }
@@ -902,6 +909,7 @@ pub async fn apply_files(c: &StartedControl, files: &[PathBuf]) -> Result<()> {
 }
 
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
+    let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control, None).await?;
     let node = start_node(
@@ -928,7 +936,7 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         c.data.join("join-token").display()
     );
     println!("Try: shoal get apps | shoal get replicas | shoal logs APP");
-    apply_files(&c, &args.control.apply).await?;
+    apply_specs(&c, specs).await?;
     shutdown_signal().await;
     println!("Shoal is stopping");
     Ok(())
