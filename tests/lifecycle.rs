@@ -89,6 +89,30 @@ fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_
     assert!(poll(Duration::from_secs(20), || {
         revisions_running(&server.replicas("faulty")) == [2]
     }));
+    let app = server.api_json("/v1/apps/faulty");
+    assert_eq!(app["app"]["revision"], 2);
+
+    // A restart, under the same load: every replica replaced by a fresh one of what runs
+    // (revision 2's template, as revision 4), new before old.
+    let ids = |replicas: &[serde_json::Value]| -> std::collections::BTreeSet<String> {
+        replicas
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let old = ids(&server.replicas("faulty"));
+    let out = server.cli_ok(&["rollout", "restart", "faulty"]);
+    assert!(out.contains("restarting: revision 4"), "{out}");
+    let (done, out) = wait_rollout(|a| server.cli(a));
+    assert!(done, "{out}");
+    assert!(poll(Duration::from_secs(20), || {
+        let replicas = server.replicas("faulty");
+        revisions_running(&replicas) == [4] && ids(&replicas).is_disjoint(&old)
+    }));
+    // The spec did not change: its file applied again changes nothing.
+    let out = server.cli_ok(&["apply", "-f", &faulty(d, 4, 2, "", &extra)]);
+    assert!(out.contains("unchanged"), "{out}");
+
     let result = load.stop();
     assert_eq!(result.failed, 0, "{result:?}\n{}", events(&server));
     assert!(
@@ -98,15 +122,17 @@ fn a_rolling_update_across_nodes_drops_nothing_and_a_bad_revision_rolls_back_by_
     assert!(!result.bodies.contains_key("3"), "{result:?}");
 
     let app = server.api_json("/v1/apps/faulty");
-    assert_eq!(app["app"]["revision"], 2);
+    assert_eq!(app["app"]["revision"], 4);
     let history = server.cli_ok(&["rollout", "history", "faulty"]);
     assert!(
-        history.contains("rolled back: no progress") && history.contains("rolled out"),
+        history.contains("rolled back: no progress")
+            && history.contains("rolled out")
+            && history.contains("restart of revision 2"),
         "{history}"
     );
     let ev = events(&server);
     assert!(
-        ev.contains("RolledOut") && ev.contains("RolledBack"),
+        ev.contains("RolledOut") && ev.contains("RolledBack") && ev.contains("Restarted"),
         "{ev}"
     );
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 #[command(after_help = "Examples:
   shoal rollout status hello --wait               follow the rollout to its end
   shoal rollout promote hello --full              canary: straight to 100%
-  shoal rollout undo hello --to-revision 3        run revision 3 again, as a new revision")]
+  shoal rollout undo hello --to-revision 3        run revision 3 again, as a new revision
+  shoal rollout restart hello                     fresh replicas of what runs, new before old")]
 pub struct RolloutCommand {
     #[command(subcommand)]
     action: Action,
@@ -59,6 +60,13 @@ enum Action {
     },
     /// Stop the rollout and go back to the last revision that rolled out.
     Abort {
+        /// The app's name.
+        #[arg(value_parser = crate::commands::object_name)]
+        app: String,
+    },
+    /// Replace every replica with a fresh one, the way the app rolls out (new before old):
+    /// what runs now, again as a new revision; the spec does not change.
+    Restart {
         /// The app's name.
         #[arg(value_parser = crate::commands::object_name)]
         app: String,
@@ -157,6 +165,19 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
         Action::Resume { app } => act(&ctx, &client, &app, "resume", false).await?,
         Action::Promote { app, full } => act(&ctx, &client, &app, "promote", full).await?,
         Action::Abort { app } => act(&ctx, &client, &app, "abort", false).await?,
+        Action::Restart { app } => {
+            let path = format!("/v1/apps/{}/restart?namespace={}", seg(&app), seg(ns));
+            let r: ApplyResult = client
+                .send(client.request(reqwest::Method::POST, &path))
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&r),
+                Format::Table => println!(
+                    "app {ns}/{app} restarting: revision {} replaces its replicas (`shoal rollout status {app} --wait` follows it)",
+                    r.app.revision
+                ),
+            }
+        }
         Action::Undo { app, to_revision } => {
             let mut path = format!("/v1/apps/{}/rollback?namespace={}", seg(&app), seg(ns));
             if let Some(n) = to_revision {

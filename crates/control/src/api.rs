@@ -112,6 +112,10 @@ admin_api! {
         op("Roll an app back to an earlier revision")
             .query::<RollbackQuery>()
             .json::<ApplyResult>(StatusCode::OK);
+    POST "/v1/apps/{name}/restart" => restart, Deployer, Namespace,
+        op("Restart an app: what runs now again as a new revision, which replaces every replica as a rollout does")
+            .query::<NsQuery>()
+            .json::<ApplyResult>(StatusCode::OK);
     POST "/v1/apps/{name}/run" => run_job, Deployer, Namespace,
         op("Ask for a run of a job now").query::<NsQuery>().json::<JobRun>(StatusCode::OK);
     POST "/v1/apps/{name}/scale" => scale, Deployer, Namespace,
@@ -940,6 +944,17 @@ async fn rollback(
 ) -> Result<Response, ApiError> {
     let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
     blocking(move || cp.rollback(&key, q.to))
+        .await
+        .map(|r| Json(r).into_response())
+}
+
+async fn restart(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    let key = q.key(name);
+    blocking(move || cp.restart(&key))
         .await
         .map(|r| Json(r).into_response())
 }

@@ -13,9 +13,9 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
-    App, Capacity, Clock, Event, EventType, JobStatus, Lease, Leaving, Millis, Module, ModuleUse,
-    Node, NodeState, OciOrigin, Phase, Replica, Revision, RolloutStatus, RouteClaim, SystemClock,
-    Volume,
+    App, Capacity, Clock, Event, EventType, JobStatus, Kind, Lease, Leaving, Millis, Module,
+    ModuleUse, Node, NodeState, OciOrigin, Phase, Replica, Revision, RolloutStatus, RouteClaim,
+    SystemClock, Volume,
 };
 use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
@@ -766,6 +766,54 @@ impl ControlPlane {
                 app,
             });
         }
+        let cause = format!("rollback to revision {}", target.number);
+        self.run_again(key, (app, mod_rev), &revisions, target, cause, "RolledBack")
+    }
+
+    /// `rollout restart`: what runs now, again as a new revision, so its rollout replaces
+    /// every replica the way the app rolls out (new before old, a canary's steps), as
+    /// `kubectl rollout restart` does: fresh instances, without a change to the spec (its
+    /// file applied again changes nothing).
+    pub(crate) fn restart(&self, key: &AppKey) -> Result<ApplyResult, ControlError> {
+        let app_key = keys::app(key);
+        let Some((app, mod_rev)) = self.get::<App>(&app_key)? else {
+            return Err(ControlError::not_found(format!("app {key} does not exist")));
+        };
+        if app.spec.component.kind == Kind::Job {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                format!(
+                    "app {key} is a job: each run starts afresh (`shoal job run {}` starts one now)",
+                    key.name
+                ),
+            ));
+        }
+        let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
+        let current = revisions
+            .iter()
+            .find(|r| r.number == app.revision)
+            .ok_or_else(|| {
+                ControlError::internal(format!(
+                    "app {key} runs revision {}, which is not in its history",
+                    app.revision
+                ))
+            })?;
+        let cause = format!("restart of revision {}", current.number);
+        self.run_again(key, (app, mod_rev), &revisions, current, cause, "Restarted")
+    }
+
+    /// Makes `target`'s template the app's again, as a new revision numbered after the last
+    /// (history only grows) that keeps scale and routes; the event says `reason` and `cause`.
+    fn run_again(
+        &self,
+        key: &AppKey,
+        (app, mod_rev): (App, u64),
+        revisions: &[Revision],
+        target: &Revision,
+        cause: String,
+        reason: &str,
+    ) -> Result<ApplyResult, ControlError> {
+        let app_key = keys::app(key);
         let spec = app.spec.with_template(&target.template);
         let changes = diff(&app.spec, &spec);
         let number = revisions.last().map_or(1, |r| r.number + 1);
@@ -776,7 +824,7 @@ impl ControlPlane {
             template: target.template.clone(),
             hash: target.hash.clone(),
             created_at: now,
-            cause: format!("rollback to revision {}", target.number),
+            cause,
             outcome: None,
         };
         let updated = App {
@@ -793,10 +841,10 @@ impl ControlPlane {
             .then(Op::put(keys::revision(key, number), encode(&revision)))
             .then(self.event_op(
                 EventType::Normal,
-                "RolledBack",
+                reason,
                 format!("app/{key}"),
                 Some(key),
-                format!("revision {number}: rollback to revision {}", target.number),
+                format!("revision {number}: {}", revision.cause),
             ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::conflict(format!(
