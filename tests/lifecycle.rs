@@ -343,7 +343,7 @@ fn revisions_past_the_history_limit_are_pruned_and_undo_still_works() {
 /// wrong) goes back to the revision before, even when its rollout had completed in that
 /// moment: one replica, new before old, so the old one was already stopped.
 #[test]
-fn a_daemon_that_crashes_once_up_is_rolled_back() {
+fn a_daemon_that_crashes_once_up_is_rolled_back_and_a_new_one_fails() {
     let c = Cluster::start();
     let text = std::fs::read_to_string(format!("{}/notes/reader.toml", common::examples()))
         .unwrap()
@@ -384,4 +384,30 @@ fn a_daemon_that_crashes_once_up_is_rolled_back() {
     );
     let history = c.cli_ok(&["rollout", "history", "notes-reader"]);
     assert!(history.contains("rolled back"), "{history}");
+
+    // A new app has no revision to go back to: its rollout fails, and stays failed while
+    // its replica is up between crashes.
+    let new = bogus.replace("name = \"notes-reader\"", "name = \"notes-bogus\"");
+    let v3 = common::write_spec(c.dir.path(), "new-bogus.toml", &new);
+    c.cli_ok(&["apply", "-f", v3.to_str().unwrap()]);
+    let status = || c.api_json("/v1/apps/notes-bogus/rollout");
+    let failed = || {
+        let s = status();
+        s["status"]["phase"] == "Failed"
+            && s["status"]["message"]
+                .as_str()
+                .is_some_and(|m| m.ends_with("after its rollout completed"))
+    };
+    assert!(poll(Duration::from_secs(60), failed), "{:#}", status());
+    let replica = || c.api_json("/v1/replicas?app=notes-bogus")[0].clone();
+    assert!(
+        poll(Duration::from_secs(30), || replica()["restarts"]
+            .as_u64()
+            .is_some_and(|n| n >= 2)),
+        "{:#}",
+        replica()
+    );
+    assert!(failed(), "{:#}", status());
+    let events = c.cli_ok(&["events", "--app", "notes-bogus"]);
+    assert!(events.contains("RolloutFailed"), "{events}");
 }

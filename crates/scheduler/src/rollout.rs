@@ -166,17 +166,27 @@ pub fn decide(
     let new: Vec<&Replica> = replicas.iter().filter(|r| r.revision == target).collect();
     // Complete, but a replica of it fails within the deadline of the completion: a daemon
     // up for a moment before it crashes, an http one whose liveness fails a while after
-    // its readiness passed. Back to the revision before, as while it progressed.
+    // its readiness passed. Back to the revision before, as while it progressed; a new app,
+    // with none, has failed.
     if status.phase == RolloutPhase::Complete
         && status.revision == app.revision
         && now.saturating_sub(status.progressed_at) <= spec.progress_deadline_ms
-        && let Some(to) = status.previous_stable
         && let Some(reason) = hopeless(&new)
     {
+        let reason = format!("{reason}, after its rollout completed");
+        let Some(to) = status.previous_stable else {
+            next.phase = RolloutPhase::Failed;
+            next.message = reason.clone();
+            return decision(
+                next,
+                Some((EventType::Warning, "RolloutFailed", reason)),
+                None,
+            );
+        };
         let rb = RollBack {
             to,
             phase: RolloutPhase::RolledBack,
-            reason: format!("{reason}, after its rollout completed"),
+            reason,
         };
         return decision(next, None, Some(rb));
     }
@@ -236,7 +246,10 @@ pub fn decide(
             .iter()
             .filter(|r| r.revision != target && !r.phase.is_terminal())
             .count();
-        if ready >= n && old == 0 {
+        // A late completion needs replicas that never restarted: one up again between
+        // crashes is no proof that the revision works.
+        let proven = !late || new.iter().all(|r| r.restarts == 0);
+        if ready >= n && old == 0 && proven {
             next.phase = RolloutPhase::Complete;
             next.previous_stable = fallback;
             next.progressed_at = now;
@@ -960,6 +973,39 @@ mod tests {
         let first = decide(&a, &s, &rs, Some(good), 2_000).status;
         let later = decide(&a, &first, &rs, Some(good), 7_000).status;
         assert_eq!(first, later);
+    }
+
+    /// A new app has no revision to go back to: a daemon that crashes soon after its
+    /// rollout completed fails it, and up again between crashes it does not complete.
+    #[test]
+    fn a_new_apps_replica_failing_soon_after_completion_fails_its_rollout() {
+        let a = app(1, 1, "[rollout]\nprogress_deadline = \"60s\"\n");
+        let up = [replica("n1", 1, Phase::Running)];
+        let done = decide(&a, &start(&a, None, 0), &up, None, 1_000).status;
+        assert_eq!(done.phase, RolloutPhase::Complete);
+        assert_eq!(done.previous_stable, None);
+
+        let crashing = [replica("n1", 1, Phase::CrashLoopBackOff)];
+        let d = decide(&a, &done, &crashing, None, 30_000);
+        assert!(d.roll_back.is_none());
+        assert_eq!(d.status.phase, RolloutPhase::Failed);
+        assert!(
+            d.status.message.ends_with("after its rollout completed"),
+            "{}",
+            d.status.message
+        );
+        let (kind, reason, _) = d.event.expect("an event");
+        assert_eq!((kind, reason), (EventType::Warning, "RolloutFailed"));
+        let failed = d.status;
+
+        let mut again = replica("n1", 1, Phase::Running);
+        again.restarts = 2;
+        assert_eq!(decide(&a, &failed, &[again], None, 31_000).status, failed);
+        // Past the deadline a crash is its node's to restart, as for any stable revision.
+        assert_eq!(
+            decide(&a, &done, &crashing, None, 62_000).status.phase,
+            RolloutPhase::Complete
+        );
     }
 
     #[test]
