@@ -145,6 +145,14 @@ fn uploads_are_checked_and_limited() {
     );
     let err = c.cli_err(&["apply", "-f", unknown.to_str().unwrap()]);
     assert!(err.contains("has not been uploaded"), "{err}");
+    // A dry run says so too, naming the file (exit 3: not found), rather than passing.
+    let out = c.cli(&["apply", "--dry-run", "-f", unknown.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("unknown.toml: component.digest") && err.contains("has not been uploaded"),
+        "{err}"
+    );
 
     // A component that does not export what its kind runs is refused at apply, naming
     // what it needs and what it has, instead of failing on its nodes.

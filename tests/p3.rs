@@ -53,4 +53,22 @@ fn a_p3_app_serves_through_the_gateway_with_reused_instances() {
         out.contains("Reuse:        128 requests per instance, idle up to 10000 ms, 16 at once"),
         "{out}"
     );
+
+    // A writable volume is WASIp2's only: refused at apply (its replicas could only fail),
+    // and no volume is made for it.
+    let text = std::fs::read_to_string(hello_p3(&c))
+        .unwrap()
+        .replace("name = \"hello-p3\"", "name = \"p3-writer\"")
+        .replace("routes = [\"/hello-p3\"]", "routes = [\"/p3-writer\"]");
+    let text =
+        format!("{text}\n[[volumes]]\nname = \"scratch\"\nmount = \"/data\"\nsize = \"1Mi\"\n");
+    let writer = write_spec(c.config().parent().unwrap(), "p3-writer.toml", &text);
+    let out = c.cli(&["apply", "-f", writer.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("volume scratch is writable") && err.contains("read_only = true"),
+        "{err}"
+    );
+    assert_eq!(c.api_json("/v1/volumes"), serde_json::json!([]));
 }

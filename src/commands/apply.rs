@@ -329,7 +329,23 @@ pub async fn apply_spec(
     // An OCI reference is the control plane's to resolve and pull.
     let digest = match &manifest.module {
         ModuleRef::Oci(_) => None,
-        ModuleRef::Digest(d) => Some(d.clone()),
+        ModuleRef::Digest(d) => {
+            // The server refuses an unknown digest, but not in a dry run (which may come
+            // before the upload of a `component.path`): one named outright is checked here.
+            let resp = client
+                .answer(client.request(reqwest::Method::GET, &format!("/v1/modules/{}", seg(d))))
+                .await;
+            if resp.is_ok_and(|r| r.status() == reqwest::StatusCode::NOT_FOUND) {
+                return Err(crate::exit::fail(
+                    crate::exit::NOT_FOUND,
+                    format!(
+                        "{}: component.digest: module {d} has not been uploaded (`shoal get modules` lists those that are; or set component.path to the .wasm file and let apply upload it)",
+                        file.display()
+                    ),
+                ));
+            }
+            Some(d.clone())
+        }
         ModuleRef::Path(p) => {
             let path = dir.join(p);
             let bytes = crate::files::read(&path, crate::files::MODULE_LIMIT).with_context(|| {

@@ -443,6 +443,24 @@ impl ControlPlane {
                         ),
                     });
                 }
+                // The runtime serves a p3 component on its own engine, where a writable
+                // volume's size limit cannot be kept: its replicas would only fail.
+                if let Some(exports) = &module.exports
+                    && spec.component.kind == Kind::Http
+                    && exports
+                        .iter()
+                        .any(|e| e.starts_with("wasi:http/handler@0.3"))
+                    && let Some(v) = spec.volumes.iter().find(|v| !v.read_only)
+                {
+                    return Err(ControlError::Invalid {
+                        code: ErrorCode::InvalidSpec,
+                        field: Some("volumes".into()),
+                        message: format!(
+                            "volume {} is writable, and component {} is served as WASIp3 (it exports wasi:http/handler@0.3): a writable volume needs a WASIp2 component, whose filesystem calls keep its size limit; mount it read_only = true",
+                            v.name, module.digest
+                        ),
+                    });
+                }
             }
         }
         let claims = self.route_claims(&spec)?;
