@@ -674,6 +674,39 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
         .map(|r| r["app"]["spec"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["dir-a", "dir-b"]);
+    // One that needs the server to refuse it stops the apply there: what came before stays
+    // applied, and is listed in JSON too.
+    std::fs::write(apps_dir.join("c.toml"), named("dir-c")).unwrap();
+    let ghost = format!(
+        "name = \"dir-z\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n",
+        "0".repeat(64)
+    );
+    std::fs::write(apps_dir.join("more/z-ghost.toml"), ghost).unwrap();
+    let out = c.cli(&["apply", "-f", apps, "-R", "-o", "json"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("z-ghost.toml"), "{said}");
+    let applied: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outcomes: Vec<(&str, &str)> = applied
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["app"]["spec"]["name"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("dir-a", "unchanged"),
+            ("dir-c", "created"),
+            ("dir-b", "unchanged")
+        ]
+    );
+    std::fs::remove_file(apps_dir.join("more/z-ghost.toml")).unwrap();
     let empty = c.dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let out = c.cli(&["apply", "-f", empty.to_str().unwrap()]);

@@ -69,7 +69,16 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let specs = read_specs(&args.files, args.recursive, namespace)?;
     let mut results = Vec::new();
     for spec in specs {
-        let result = apply_spec(&client, spec, args.dry_run, args.retry).await?;
+        let result = match apply_spec(&client, spec, args.dry_run, args.retry).await {
+            Ok(result) => result,
+            // What was applied before the one refused is said, in JSON too.
+            Err(e) => {
+                if ctx.output == Format::Json && !results.is_empty() {
+                    output::json(&results);
+                }
+                return Err(e);
+            }
+        };
         if ctx.output == Format::Table {
             print_result(&result);
         }
