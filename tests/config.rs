@@ -170,6 +170,17 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
     });
     let history = c.cli_ok(&["rollout", "history", "settings"]);
     assert!(history.contains("config.color"), "{history}");
+    // The same value again changes nothing, and says so.
+    let out = c.cli_ok(&["config", "set", "shared", "color=green"]);
+    assert!(
+        out.contains("config set shared unchanged") && !out.contains("applied again"),
+        "{out}"
+    );
+    assert_eq!(
+        c.cli_ok(&["rollout", "history", "settings"]),
+        history,
+        "no new revision"
+    );
     let described = c.cli_ok(&["describe", "app", "settings"]);
     assert!(described.contains("Config sets:  shared"), "{described}");
 

@@ -258,6 +258,7 @@ fn report(ctx: &Context, written: &ConfigSetWritten, verb: &str) {
     match ctx.output {
         Format::Json => output::json(written),
         Format::Table => {
+            let verb = if written.unchanged { "unchanged" } else { verb };
             println!(
                 "config set {} {verb} ({})",
                 written.set.name,

@@ -274,6 +274,7 @@ fn report(ctx: &Context, written: &SecretWritten, verb: &str) {
         Format::Json => output::json(written),
         Format::Table => {
             let s = &written.secret;
+            let verb = if written.unchanged { "unchanged" } else { verb };
             println!(
                 "secret {} {verb}: version {} ({})",
                 s.name,

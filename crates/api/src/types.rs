@@ -295,6 +295,9 @@ pub struct ConfigSetRequest {
 pub struct ConfigSetWritten {
     pub set: shoal_core::ConfigSet,
     pub rolled: Vec<String>,
+    /// The data was the set's already: nothing was written, and no app applied again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// A secret as the API shows it: never its values, only its keys, its versions and the
@@ -351,6 +354,9 @@ impl std::fmt::Debug for SecretWrite {
 pub struct SecretWritten {
     pub secret: SecretView,
     pub rolled: Vec<String>,
+    /// Every value was the secret's already: no new version, and no app applied again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unchanged: bool,
 }
 
 /// What `shoal secret rotate-key` did: the new key's id and how many values it sealed again.

@@ -713,8 +713,14 @@ async fn put_config(
     let ns = q.namespace();
     let (set, rolled) =
         blocking(move || cp.put_config_set(&ns, &name, req.data, req.create)).await?;
-    let rolled = rolled.iter().map(|k| k.name.clone()).collect();
-    Ok(Json(ConfigSetWritten { set, rolled }).into_response())
+    let unchanged = rolled.is_none();
+    let rolled = rolled.iter().flatten().map(|k| k.name.clone()).collect();
+    Ok(Json(ConfigSetWritten {
+        set,
+        rolled,
+        unchanged,
+    })
+    .into_response())
 }
 
 async fn delete_config(
@@ -756,8 +762,14 @@ async fn put_secret(
 ) -> Result<Response, ApiError> {
     let ns = q.namespace();
     let (secret, rolled) = blocking(move || cp.put_secret(&ns, &name, write)).await?;
-    let rolled = rolled.iter().map(|k| k.name.clone()).collect();
-    Ok(Json(SecretWritten { secret, rolled }).into_response())
+    let unchanged = rolled.is_none();
+    let rolled = rolled.iter().flatten().map(|k| k.name.clone()).collect();
+    Ok(Json(SecretWritten {
+        secret,
+        rolled,
+        unchanged,
+    })
+    .into_response())
 }
 
 async fn delete_secret(

@@ -99,20 +99,24 @@ impl ControlPlane {
 
     /// Writes set `name` of namespace `ns` (creates it only if `create`, else replaces it
     /// only if it exists), then applies each app that names it again, so they roll to the
-    /// new values. Answers the set and the apps that were applied again.
+    /// new values. Answers the set and the apps that were applied again (`None`: the data
+    /// was the set's already, and nothing was written).
     pub fn put_config_set(
         &self,
         ns: &str,
         name: &str,
         data: BTreeMap<String, String>,
         create: bool,
-    ) -> Result<(ConfigSet, Vec<AppKey>), ControlError> {
+    ) -> Result<(ConfigSet, Option<Vec<AppKey>>), ControlError> {
         let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
         shoal_core::validate_name(name).map_err(|e| bad(format!("config set name: {e}")))?;
         shoal_core::validate_name(ns).map_err(|e| bad(format!("namespace: {e}")))?;
         check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
         let key = keys::config_set(ns, name);
-        let existing = self.get(&key)?;
+        let existing = self.get::<ConfigSet>(&key)?;
+        if let Some((set, _)) = existing.as_ref().filter(|(s, _)| !create && s.data == data) {
+            return Ok((set.clone(), None));
+        }
         if !create {
             self.users_take(ns, name, &data)?;
         }
@@ -154,7 +158,7 @@ impl ControlPlane {
             )));
         }
         let users = self.config_set_users(ns, name)?;
-        Ok((set, self.apply_users_again(users, "config set")))
+        Ok((set, Some(self.apply_users_again(users, "config set"))))
     }
 
     /// Refuses new `data` for set `name` that one of its users could not be applied with (a
@@ -384,7 +388,18 @@ mod tests {
         let (_, rolled) = cp
             .put_config_set("default", "shared", data("two"), false)
             .unwrap();
-        assert_eq!(rolled, [AppKey::new("default", "web")]);
+        assert_eq!(rolled.unwrap(), [AppKey::new("default", "web")]);
+        // The same data again writes nothing and rolls nothing.
+        let web = || {
+            cp.get::<App>(&keys::app(&AppKey::new("default", "web")))
+                .unwrap()
+        };
+        let before = web();
+        let (_, rolled) = cp
+            .put_config_set("default", "shared", data("two"), false)
+            .unwrap();
+        assert_eq!(rolled, None);
+        assert_eq!(web(), before);
     }
 
     /// A spec read from the store and applied again cannot undo an apply made since.

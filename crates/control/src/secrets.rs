@@ -218,13 +218,15 @@ impl ControlPlane {
     }
 
     /// Creates secret `name` of namespace `ns`, or makes a new version of it, as `write`
-    /// says; then applies each app that names it again, so they roll to the new values.
+    /// says; then applies each app that names it again, so they roll to the new values
+    /// (those apps, `None` for a write that left every value as it was: no new version, and
+    /// nothing rolls, as `kubectl apply` of an unchanged Secret).
     pub fn put_secret(
         &self,
         ns: &str,
         name: &str,
         write: SecretWrite,
-    ) -> Result<(SecretView, Vec<AppKey>), ControlError> {
+    ) -> Result<(SecretView, Option<Vec<AppKey>>), ControlError> {
         let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
         shoal_core::validate_name(name).map_err(|e| bad(format!("secret name: {e}")))?;
         shoal_core::validate_name(ns).map_err(|e| bad(format!("namespace: {e}")))?;
@@ -254,7 +256,7 @@ impl ControlPlane {
         }
         let key = keys::secret(ns, name);
         let existing = self.get(&key)?;
-        let secret = self.with_keys(|ring| {
+        let written = self.with_keys(|ring| {
             let now = self.now();
             let (mut values, mut secret, txn) = match (&existing, write.create) {
                 (Some(_), true) => {
@@ -286,6 +288,7 @@ impl ControlPlane {
                     (values, old.clone(), txn)
                 }
             };
+            let before = (!write.create).then(|| values.clone());
             for k in &write.unset {
                 if values.remove(k).is_none() {
                     return Err(bad(format!("secret {name} has no key {k:?}")));
@@ -293,6 +296,9 @@ impl ControlPlane {
             }
             for (k, v) in write.set {
                 values.insert(k, Zeroizing::new(v));
+            }
+            if before.as_ref() == Some(&values) {
+                return Ok(None);
             }
             let bytes: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
             if bytes > MAX_SECRET_BYTES {
@@ -344,12 +350,17 @@ impl ControlPlane {
                     "secret {name} changed meanwhile; try again"
                 )));
             }
-            Ok(secret)
+            Ok(Some(secret))
         })?;
+        let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
+        let Some(secret) = written else {
+            let (old, _) = existing.expect("only an existing secret is left unchanged");
+            return Ok((view(old, &apps), None));
+        };
         let users = self.secret_users(ns, name)?;
         let rolled = self.apply_users_again(users, "secret");
         let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
-        Ok((view(secret, &apps), rolled))
+        Ok((view(secret, &apps), Some(rolled)))
     }
 
     /// The versions of secret `name` that revisions of namespace `ns` name, and those apps'
@@ -780,9 +791,15 @@ mod tests {
             let (view, rolled) = cp
                 .put_secret("default", "db", write(false, &[("password", v)]))
                 .unwrap();
-            assert_eq!(rolled, std::slice::from_ref(&app));
+            assert_eq!(rolled.unwrap(), std::slice::from_ref(&app));
             assert_eq!(view.used_by, ["web"]);
         }
+        assert_eq!(cp.secret("default", "db").unwrap().versions, [1, 2, 3]);
+        // The same value again: no new version, nothing rolls.
+        let (view, rolled) = cp
+            .put_secret("default", "db", write(false, &[("password", "v3")]))
+            .unwrap();
+        assert_eq!((view.version, rolled), (3, None));
         assert_eq!(cp.secret("default", "db").unwrap().versions, [1, 2, 3]);
         // Once nothing names the secret, old versions go at the next change.
         cp.delete_app(&app).unwrap();
