@@ -2464,11 +2464,18 @@ mod tests {
         assert_eq!(placed.len(), 1);
         assert_eq!(placed[0].avoid, ["n"]);
         assert_eq!(placed[0].node.as_deref(), Some("m"), "kept off n");
-        assert_eq!(reasons(b), ["Replacing", "Scheduled"]);
+        // Revision 1, the app's first, completed within its progress deadline: its rollout
+        // fails too (with nothing to go back to), and the replica is replaced all the same.
+        assert_eq!(reasons(b), ["RolloutFailed", "Replacing", "Scheduled"]);
 
         // With nowhere else to go (m cordoned), it stays where its node restarts it.
         w.nodes.get_mut("m").unwrap().value.schedulable = false;
-        assert!(plan(&w, NOW, &mut Counter::default()).is_empty());
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert!(
+            p.batches
+                .iter()
+                .all(|b| deletes(b).is_empty() && puts(b).is_empty())
+        );
     }
 
     #[test]

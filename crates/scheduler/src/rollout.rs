@@ -598,6 +598,13 @@ impl Canary<'_> {
         // Live measurements are in `shoal rollout status`: a step that waits
         // for enough of them keeps its text.
         if now.saturating_sub(started) < pause || verdict != Verdict::Pass {
+            // Its time is up, and too few requests came: what it waits for now, which
+            // nothing but traffic (or `promote`) ends. Fixed text, written once.
+            if let Verdict::Wait(why) = &verdict
+                && now.saturating_sub(started) >= pause
+            {
+                next.message = format!("{}; {why}", next.message);
+            }
             return Ok(StepOutcome {
                 clock_from: Some(started + pause),
                 waiting: match verdict {
@@ -973,6 +980,21 @@ mod tests {
         let first = decide(&a, &s, &rs, Some(good), 2_000).status;
         let later = decide(&a, &first, &rs, Some(good), 7_000).status;
         assert_eq!(first, later);
+
+        // Its pause over without enough canary requests: the status says what it waits for,
+        // once.
+        let few = Measured {
+            canary: &stats(3, 0, 3.0),
+            stable: &stats(150, 0, 3.0),
+        };
+        let during = decide(&a, &s, &rs, Some(few), 5_000).status;
+        assert_eq!(during.message, "step 1/2: 25% to revision 2 for 10s");
+        let after = decide(&a, &during, &rs, Some(few), 12_000).status;
+        assert_eq!(
+            after.message,
+            "step 1/2: 25% to revision 2 for 10s; waiting for at least 20 canary requests"
+        );
+        assert_eq!(decide(&a, &after, &rs, Some(few), 20_000).status, after);
     }
 
     /// A new app has no revision to go back to: a daemon that crashes soon after its
