@@ -471,6 +471,25 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
     assert!(line_until(&lines, |l| l.ends_with("(deleted)")));
     let _ = watch.kill();
     let _ = watch.wait();
+
+    // get events -w: every new event, one that reads like an earlier one too (a node
+    // cordoned twice).
+    let mut watch = std::process::Command::new(common::SHOAL)
+        .args(["get", "events", "-A", "-w"])
+        .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = common::read_lines(&mut watch);
+    assert!(line_until(&lines, |l| l.starts_with("NAMESPACE")));
+    for _ in 0..2 {
+        c.cli_ok(&["node", "cordon", "node-1"]);
+        c.cli_ok(&["node", "uncordon", "node-1"]);
+        // Shown before the next: the second is new to a watcher that has shown the first.
+        assert!(line_until(&lines, |l| l.contains(" Uncordoned ")));
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
 }
 
 #[test]

@@ -114,6 +114,9 @@ struct Listing {
     /// Each row's namespace, for `-A`'s first column; `None`: what belongs to no namespace.
     namespaces: Option<Vec<String>>,
     rows: Vec<Vec<String>>,
+    /// What tells rows apart that reads alike: an event's number (a node cordoned twice is
+    /// two events). Empty: the row's cells do.
+    ids: Vec<String>,
 }
 
 impl Listing {
@@ -127,6 +130,7 @@ impl Listing {
             header,
             namespaces: None,
             rows,
+            ids: Vec::new(),
         }
     }
 
@@ -141,6 +145,7 @@ impl Listing {
             header,
             namespaces: Some(namespaces.map(str::to_string).collect()),
             rows,
+            ids: Vec::new(),
         }
     }
 
@@ -192,6 +197,7 @@ impl Listing {
                             .filter(|(_, h)| !VOLATILE.contains(h))
                             .map(|(cell, _)| cell.clone()),
                     )
+                    .chain(self.ids.get(i).cloned())
                     .collect()
             })
             .collect()
@@ -498,14 +504,17 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
         What::Events => {
             let events: Vec<Event> = client.get(&format!("/v1/events?{ns}{app_q}")).await?;
             let json = serde_json::to_value(&events)?;
-            Listing::namespaced(
-                json,
-                &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-                events
-                    .iter()
-                    .map(|e| e.app.as_ref().map_or("-", |a| a.namespace.as_str())),
-                event_rows(&events),
-            )
+            Listing {
+                ids: events.iter().map(|e| e.seq.to_string()).collect(),
+                ..Listing::namespaced(
+                    json,
+                    &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+                    events
+                        .iter()
+                        .map(|e| e.app.as_ref().map_or("-", |a| a.namespace.as_str())),
+                    event_rows(&events),
+                )
+            }
         }
     })
 }
