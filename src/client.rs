@@ -134,6 +134,24 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Fails, before the server is asked for anything, if `path` could not be written: a token
+/// made or rotated only for its file to be lost is of no use, and its name stays taken.
+pub fn check_writable(path: &Path) -> Result<()> {
+    let probe = if path.exists() {
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map(drop)
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .and_then(|_| std::fs::remove_file(path))
+    };
+    probe.map_err(|e| crate::exit::usage(format!("cannot write {}: {e}", path.display())))
+}
+
 /// The CLI's API client: [`shoal_api::Client`] with the server and token
 /// from flags or the CLI config, and its errors said for a person at a terminal.
 pub struct Client {

@@ -87,7 +87,7 @@ enum Command {
     Logs(commands::logs::LogsArgs),
     /// What happened in the cluster, oldest first (--follow to keep watching).
     Events(commands::events::EventsArgs),
-    /// An app's revisions: history, undo.
+    /// An app's rollouts and revisions: status, pause, resume, promote, abort, history, undo, restart.
     Rollout(commands::rollout::RolloutCommand),
     /// Set how many replicas an app runs now (the next apply of its file sets it again).
     Scale(commands::scale::ScaleArgs),

@@ -64,6 +64,20 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     let deployer = std::fs::read_to_string(&deployer_file).unwrap();
     let viewer = std::fs::read_to_string(&viewer_file).unwrap();
     assert!(!out.contains(&deployer), "written, never printed: {out}");
+    // A file that cannot be written makes no token: its secret would be lost, its name taken.
+    let nowhere = dir.join("no-such-dir/lost-token");
+    let out = c.cli(&[
+        "token",
+        "create",
+        "lost",
+        "--role",
+        "viewer",
+        "--write",
+        nowhere.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("cannot write"), "{}", stderr(&out));
+    assert!(!c.cli_ok(&["token", "list"]).contains("lost"));
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&deployer_file).unwrap().permissions(),
     );

@@ -184,10 +184,8 @@ async fn put(
     let req = client
         .request(reqwest::Method::PUT, &format!("/v1/pools/{}", seg(name)))
         .json(&write);
-    let pool: Pool = client
-        .send(req)
-        .await
-        .with_context(|| format!("pool {name}"))?;
+    // The server's answers name the pool already.
+    let pool: Pool = client.send(req).await?;
     match ctx.output {
         Format::Json => output::json(&pool),
         Format::Table => println!(

@@ -1,5 +1,5 @@
 use super::Context;
-use crate::client::write_private;
+use crate::client::{check_writable, write_private};
 use crate::output::{self, Format, age, table};
 use anyhow::Result;
 use shoal_api::{CreatedToken, RotatedJoinToken, TokenRequest, TokenView, seg};
@@ -61,6 +61,7 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
             namespaces,
             write,
         } => {
+            check_writable(&write)?;
             let req = client
                 .request(reqwest::Method::POST, "/v1/tokens")
                 .json(&TokenRequest {
@@ -121,6 +122,9 @@ async fn rotate_join(
     client: &crate::client::Client,
     write: Option<PathBuf>,
 ) -> Result<()> {
+    if let Some(file) = &write {
+        check_writable(file)?;
+    }
     let path = if write.is_some() {
         "/v1/join-token/rotate?reveal=true"
     } else {
