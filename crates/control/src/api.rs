@@ -430,7 +430,7 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
     if access::rule_for(req.method().as_str(), &path).is_none() {
         return method_not_allowed(&path);
     }
-    let Some(presented) = bearer(&req).map(str::to_string) else {
+    let Some(presented) = bearer(req.headers()).map(str::to_string) else {
         return ApiError::new(ErrorCode::Unauthorized,
             "missing token: send `Authorization: Bearer <token>` (the admin token is in the data dir's `token` file)",
         )
@@ -464,14 +464,14 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
 
 /// The token of an `Authorization: Bearer` header; the scheme's case does not matter
 /// (RFC 9110, 11.1).
-fn bearer(req: &Request) -> Option<&str> {
-    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+fn bearer(headers: &header::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    let presented = bearer(&req).map(str::to_string);
+    let presented = bearer(req.headers()).map(str::to_string);
     // On a shared store the token in force is read from it: off the async workers.
     let matches = match presented {
         Some(t) => tokio::task::spawn_blocking(move || cp.join_token_matches(&t))
@@ -494,7 +494,7 @@ async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: 
 struct NodeIdentity(String);
 
 async fn require_node(State(cp): State<ControlPlane>, mut req: Request, next: Next) -> Response {
-    let Some(presented) = bearer(&req).map(str::to_string) else {
+    let Some(presented) = bearer(req.headers()).map(str::to_string) else {
         return ApiError::new(
             ErrorCode::Unauthorized,
             "a node sends its own credential, which it gets by joining with the join token",
@@ -1162,10 +1162,31 @@ struct LogQuery {
 /// Guest output of every replica of an app, merged in time order: text lines `<replica>
 /// [<time>] <stream> <line>`, or NDJSON; with `follow`, the response stays open and streams
 /// new lines, across rollouts and node restarts (see `crate::logs`).
+/// How often a following stream checks that its caller's token still holds.
+const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves once `bearer` no longer authenticates (its token revoked), looked at every
+/// [`REVOCATION_CHECK`]: a stream that follows (`logs --follow`) is one request that does not
+/// end, and must stop when every next request would be refused. A store that cannot answer
+/// for a moment cuts nothing.
+async fn revoked(cp: ControlPlane, bearer: String) {
+    loop {
+        tokio::time::sleep(REVOCATION_CHECK).await;
+        if cp.is_admin_token(&bearer) {
+            continue;
+        }
+        let (cp, bearer) = (cp.clone(), bearer.clone());
+        if let Ok(None) = blocking(move || cp.authenticate(&bearer)).await {
+            return;
+        }
+    }
+}
+
 async fn logs(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
     Query(q): Query<LogQuery>,
+    headers: header::HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &name);
     let json = match q.format.as_deref() {
@@ -1187,14 +1208,36 @@ async fn logs(
         timestamps: q.timestamps,
         json,
     };
-    let body = cp.app_logs(key, query).await?;
+    let presented = bearer(&headers).unwrap_or_default().to_string();
+    let body = until_revoked(cp.app_logs(key, query).await?, revoked(cp, presented));
     let kind = if json {
         "application/x-ndjson"
     } else {
         "text/plain; charset=utf-8"
     };
-    let body = Body::from_stream(body.map(Ok::<_, std::convert::Infallible>));
-    Ok(([(header::CONTENT_TYPE, kind)], body).into_response())
+    Ok(([(header::CONTENT_TYPE, kind)], Body::from_stream(body)).into_response())
+}
+
+/// `stream`'s items until it ends, or until `revoked` resolves: then an error, which breaks
+/// the response off (a clean end would read as all there was), so the client asks again and
+/// is told its token is no longer valid.
+fn until_revoked<T: Send + 'static>(
+    stream: impl futures::Stream<Item = T> + Send + 'static,
+    revoked: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl futures::Stream<Item = std::io::Result<T>> + Send + 'static {
+    let state = (Box::pin(stream), Box::pin(revoked), false);
+    futures::stream::unfold(state, |(mut stream, mut revoked, cut)| async move {
+        if cut {
+            return None;
+        }
+        tokio::select! {
+            item = stream.next() => item.map(|item| (Ok(item), (stream, revoked, false))),
+            () = &mut revoked => {
+                let why = std::io::Error::other("the caller's token was revoked");
+                Some((Err(why), (stream, revoked, true)))
+            }
+        }
+    })
 }
 
 async fn node_action(
