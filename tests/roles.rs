@@ -139,6 +139,14 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
         !list.contains(&deployer[3..]) && !list.contains(&viewer[5..]),
         "{list}"
     );
+    // Its events are its namespace's: not the cluster's own (nodes, tokens).
+    let events = cli_as(&c, &deployer, &["events", "-n", "team-a"]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(events.contains("app/team-a/hello"), "{events}");
+    assert!(
+        !events.contains("node/") && !events.contains("TokenCreated"),
+        "{events}"
+    );
     // A stream it follows ends with its token: one request that would otherwise never end.
     let mut follower = Command::new(SHOAL)
         .args(["logs", "hello", "-n", "team-a", "--follow"])

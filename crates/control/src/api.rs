@@ -1111,17 +1111,29 @@ struct EventQuery {
 async fn list_events(
     State(cp): State<ControlPlane>,
     Query(q): Query<EventQuery>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     blocking(move || {
         let key = q
             .app
             .map(|a| AppKey::new(q.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE), &a));
-        // Apps' events of other namespaces go; cluster events (nodes) stay.
+        // Apps' events of other namespaces go; cluster events (nodes) stay, but not for a
+        // token limited to namespaces, which may not read nodes, tokens or pools otherwise
+        // either: it sees what names one of its namespaces.
+        let visible = |e: &Event| {
+            caller.namespaces.is_empty()
+                || e.app
+                    .as_ref()
+                    .map(|a| a.namespace.as_str())
+                    .or_else(|| namespace_of(&e.object))
+                    .is_some_and(|ns| caller.namespaces.iter().any(|n| n == ns))
+        };
         let keep = |e: &Event| {
             key.as_ref().is_none_or(|k| e.app.as_ref() == Some(k))
                 && q.namespace
                     .as_ref()
                     .is_none_or(|ns| e.app.as_ref().is_none_or(|a| &a.namespace == ns))
+                && visible(e)
         };
         let limit = q.limit.unwrap_or(100);
         match q.after {
@@ -1137,6 +1149,16 @@ async fn list_events(
     })
     .await
     .map(|e| Json(e).into_response())
+}
+
+/// The namespace of what an event is about when that belongs to one (`secret/NS/NAME`,
+/// `config/NS/NAME`, `volume/NS/NAME`, `app/NS/NAME`, `replica/NS/NAME/ID`); `None` for
+/// the cluster's own (nodes, tokens, pools).
+fn namespace_of(object: &str) -> Option<&str> {
+    let mut parts = object.split('/');
+    let kind = parts.next()?;
+    let ns = parts.next()?;
+    matches!(kind, "secret" | "config" | "volume" | "app" | "replica").then_some(ns)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -1159,9 +1181,6 @@ struct LogQuery {
     format: Option<String>,
 }
 
-/// Guest output of every replica of an app, merged in time order: text lines `<replica>
-/// [<time>] <stream> <line>`, or NDJSON; with `follow`, the response stays open and streams
-/// new lines, across rollouts and node restarts (see `crate::logs`).
 /// How often a following stream checks that its caller's token still holds.
 const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -1182,6 +1201,9 @@ async fn revoked(cp: ControlPlane, bearer: String) {
     }
 }
 
+/// Guest output of every replica of an app, merged in time order: text lines `<replica>
+/// [<time>] <stream> <line>`, or NDJSON; with `follow`, the response stays open and streams
+/// new lines, across rollouts and node restarts (see `crate::logs`).
 async fn logs(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
