@@ -750,3 +750,23 @@ fn an_app_is_called_from_another_namespace_only_if_it_says_so() {
         "who may call is no revision: {described}"
     );
 }
+
+#[test]
+fn readiness_probes_read_the_whole_answer() {
+    // A probe that dropped the answer unread broke off the guest's writing of it, which the
+    // guest logged as a failure of its own: a stream of false errors in a healthy app's logs.
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(hello_spec())
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let text = format!("{text}\n[health.readiness]\npath = \"/hello\"\nperiod = \"100ms\"\n");
+    let spec = write_spec(c.dir.path(), "probed.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+    // Some fifty probes' worth: none may say its answer was cut off.
+    let cut = poll(Duration::from_secs(5), || {
+        c.cli_ok(&["logs", "hello"])
+            .contains("writing the response")
+    });
+    assert!(!cut, "{}", c.cli_ok(&["logs", "hello"]));
+}

@@ -1419,9 +1419,18 @@ async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result
         ))
         .map_err(|e| e.to_string())?;
     let timeout = Duration::from_millis(probe.timeout_ms);
-    match tokio::time::timeout(timeout, service.handle(request)).await {
-        Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => Ok(()),
-        Ok(resp) => Err(format!("{} answered {}", probe.path, resp.status())),
+    let answer = async {
+        let resp = service.handle(request).await;
+        let status = resp.status();
+        // Read to its end, what it says dropped: an answer left unread breaks off the
+        // guest's writing of it, which the guest logs as a failure of its own.
+        let mut body = resp.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+        status
+    };
+    match tokio::time::timeout(timeout, answer).await {
+        Ok(status) if status.is_success() || status.is_redirection() => Ok(()),
+        Ok(status) => Err(format!("{} answered {status}", probe.path)),
         Err(_) => Err(format!("{} timed out after {timeout:?}", probe.path)),
     }
 }
