@@ -293,6 +293,20 @@ fn a_node_joins_only_a_server_whose_ca_its_token_names() {
     let err = String::from_utf8_lossy(&impostor.stderr);
     assert!(err.contains("refusing to join"), "{err}");
     assert!(!server.cli_ok(&["events"]).contains("node-x"));
+    // A node that cannot start (its gateway on every interface, and no --advertise) joins
+    // nothing: its name is not left taken by a node that never ran.
+    let unstartable = std::process::Command::new(common::SHOAL)
+        .args(["node", "join", &server.api, "--node-name", "node-z"])
+        .arg("--data-dir")
+        .arg(dir.path().join("node-z"))
+        .args(["--gateway", "0.0.0.0:0"])
+        .env("SHOAL_JOIN_TOKEN", &server.join_token)
+        .output()
+        .unwrap();
+    assert!(!unstartable.status.success());
+    let err = String::from_utf8_lossy(&unstartable.stderr);
+    assert!(err.contains("--advertise"), "{err}");
+    assert!(!server.cli_ok(&["events"]).contains("node-z"));
     // No hash at all: nothing to check the server against.
     let bare = join(secret, "node-y");
     assert!(!bare.status.success());

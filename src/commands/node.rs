@@ -1,5 +1,7 @@
 use super::Context;
-use super::up::{NodeArgs, default_data_dir, init_tracing, node_name, shutdown_signal, start_node};
+use super::up::{
+    NodeArgs, default_data_dir, init_tracing, node_name, prepare_node, shutdown_signal, start_node,
+};
 use crate::client::{private_dir, write_private};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
@@ -195,6 +197,7 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let drain_ms = shoal_core::quantity::parse_duration_ms(&args.drain_timeout)
         .map_err(|e| crate::exit::usage(format!("--drain-timeout: {e}")))?;
     let drain = std::time::Duration::from_millis(drain_ms);
+    let site = prepare_node(&data, &args.node).await?;
     let ca = cluster_ca(&args, &data).await?;
     let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name).await?;
@@ -212,7 +215,7 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
             identity_file: identity_file(&data),
         });
     }
-    let node = start_node(&data, &args.node, name, Arc::new(link), &ca).await?;
+    let node = start_node(&data, &args.node, site, name, Arc::new(link), &ca).await?;
     println!("Shoal node {} joined {}", node.name, args.servers);
     node.print_addresses();
     shutdown_signal().await;

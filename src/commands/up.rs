@@ -805,13 +805,22 @@ pub fn node_name(args: &NodeArgs) -> Result<String> {
     Ok(name)
 }
 
-pub async fn start_node(
-    data: &Path,
-    args: &NodeArgs,
-    name: String,
-    link: Arc<dyn Link>,
-    ca: &str,
-) -> Result<StartedNode> {
+/// What a node needs of this machine, taken before it registers: its flags read, its wasm
+/// runtime made, its gateway's port bound. A node that cannot start must not join first: its
+/// name would stay taken by a node that never ran.
+pub struct NodeSite {
+    runtime: Runtime,
+    listener: tokio::net::TcpListener,
+    advertise: SocketAddr,
+    capacity: Capacity,
+    heartbeat: Duration,
+    module_cache_grace: Duration,
+    egress_roots: Vec<Vec<u8>>,
+    ingress: (Arc<rustls::ServerConfig>, shoal_tls::IngressCerts),
+}
+
+/// Takes what [`NodeSite`] holds, or says which flag or port stands in the way.
+pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
     let mut config = RuntimeConfig {
         cache_dir: data.join("cache"),
         max_instances: args.max_instances,
@@ -821,6 +830,11 @@ pub async fn start_node(
         config.memory_budget_bytes = parse_memory(budget)
             .map_err(|e| crate::exit::usage(format!("--memory-budget: {e}")))?;
     }
+    let capacity = node_capacity(args)?;
+    let heartbeat = duration("heartbeat", &args.heartbeat)?;
+    let module_cache_grace = duration("module-cache-grace", &args.module_cache_grace)?;
+    let egress_roots = egress_roots(&args.egress_ca)?;
+    let ingress = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
     let runtime = Runtime::new(config).with_context(|| {
         format!(
             "cannot start the wasm runtime (its instance pool reserves address space, not memory, for --max-instances {} instances: under an address-space limit such as `ulimit -v` or LimitAS, lower --max-instances)",
@@ -843,14 +857,44 @@ pub async fn start_node(
         ),
         None => gw_addr,
     };
+    Ok(NodeSite {
+        runtime,
+        listener,
+        advertise,
+        capacity,
+        heartbeat,
+        module_cache_grace,
+        egress_roots,
+        ingress,
+    })
+}
+
+pub async fn start_node(
+    data: &Path,
+    args: &NodeArgs,
+    site: NodeSite,
+    name: String,
+    link: Arc<dyn Link>,
+    ca: &str,
+) -> Result<StartedNode> {
+    let NodeSite {
+        runtime,
+        listener,
+        advertise,
+        capacity,
+        heartbeat,
+        module_cache_grace,
+        egress_roots,
+        ingress: (ingress, ingress_certs),
+    } = site;
+    let gw_addr = listener.local_addr()?;
     let members = member_tls(link.clone(), &name, advertise, ca).await?;
-    let (ingress, ingress_certs) = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
     let gateway = Gateway::new(GatewayConfig {
         members: Some(members),
         hop_http2: args.hop_protocol == HopProtocol::Http2,
         allow_private_egress: args.allow_private_egress,
         max_client_connections: args.gateway_client_connections,
-        egress_roots: egress_roots(&args.egress_ca)?,
+        egress_roots,
         ingress_tls: Some(ingress),
         ..GatewayConfig::default()
     });
@@ -858,10 +902,10 @@ pub async fn start_node(
         AgentConfig {
             node: name.clone(),
             gateway_addr: advertise.to_string(),
-            capacity: node_capacity(args)?,
+            capacity,
             labels: args.labels.iter().cloned().collect::<BTreeMap<_, _>>(),
-            heartbeat: duration("heartbeat", &args.heartbeat)?,
-            module_cache_grace: duration("module-cache-grace", &args.module_cache_grace)?,
+            heartbeat,
+            module_cache_grace,
             volumes_dir: data.join("volumes"),
             logs_dir: data.join("logs"),
             ingress: Some(ingress_certs),
@@ -912,9 +956,11 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
     let c = start_control(&ctx, &args.control, None).await?;
+    let site = prepare_node(&c.data, &args.node).await?;
     let node = start_node(
         &c.data,
         &args.node,
+        site,
         node_name(&args.node)?,
         Arc::new(LocalLink(c.control.clone())),
         &c.ca,
