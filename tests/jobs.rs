@@ -190,4 +190,17 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
 
     let err = c.cli_err(&["job", "run", "ghost"]);
     assert!(err.contains("does not exist"), "{err}");
+
+    // --wait follows the run to its end and exits by it: a CI step that runs a migration.
+    let out = c.cli_ok(&["job", "run", "once", "--wait", "--timeout", "60s"]);
+    assert!(out.contains("succeeded, exit code 0"), "{out}");
+    let failing = std::fs::read_to_string(job_spec(c.dir.path(), "failing", "restart = \"never\""))
+        .unwrap()
+        .replace("NAME = \"Shoal\"", "NAME = \"Shoal\"\nEXIT_CODE = \"3\"");
+    let failing = write_spec(c.dir.path(), "failing.toml", &failing);
+    c.cli_ok(&["apply", "-f", failing.to_str().unwrap()]);
+    let out = c.cli(&["job", "run", "failing", "--wait", "--timeout", "60s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed, exit code 3"), "{err}");
 }
