@@ -274,7 +274,9 @@ fn said(e: ClientError) -> anyhow::Error {
         ClientError::Send { base, source } if source.is_connect() || source.is_timeout() => {
             classified(
                 crate::exit::UNAVAILABLE,
-                format!("cannot reach the Shoal API at {base} (is `shoal up` running?): {source}"),
+                format!(
+                    "cannot reach the Shoal API at {base} (is its server up? It also closes new connections from an address that holds --api-client-connections of them): {source}"
+                ),
             )
         }
         // Kept as the cause, so a follower can tell a broken connection from an answer.

@@ -40,7 +40,8 @@ pub struct ControlArgs {
     #[arg(long, default_value = "64Mi")]
     pub max_module_size: String,
     /// Connections one client (an IP address, IPv6 too) may hold on the API at once; more
-    /// are closed as they come. 0: no cap (e.g. nodes behind one NAT address).
+    /// are closed as they come. Nodes count too, 2 to 4 each: nodes behind one address need
+    /// 4 per node. 0: no cap.
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub api_client_connections: usize,
     /// What one key-value bucket (`wasi:keyvalue`, `shoal kv`) may hold, keys and values.
