@@ -379,3 +379,25 @@ fn a_replica_that_fits_nowhere_stays_pending_with_the_reason() {
     assert!(describe.contains("FailedScheduling"), "{describe}");
     assert_eq!(c.gw("/hello").status(), 503);
 }
+
+#[test]
+fn rollout_status_waits_for_every_replica_the_app_wants() {
+    // The rollout completed; a scale-up since does not fit: --wait does not call it done, as
+    // `kubectl rollout status` waits for every replica to be available.
+    let c = Cluster::start_with(&["--cpu", "2"]);
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("cpu = \"50m\"", "cpu = \"1500m\"");
+    let spec = write_spec(c.dir.path(), "big.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.cli_ok(&["rollout", "status", "hello", "--wait", "--timeout", "60s"]);
+    c.cli_ok(&["scale", "hello", "--replicas", "2"]);
+    let out = c.cli(&["rollout", "status", "hello", "--wait", "--timeout", "2s"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rolled out, but 1 of its 2 replicas are ready"),
+        "{err}"
+    );
+}

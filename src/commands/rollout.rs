@@ -144,11 +144,27 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                     last = text;
                 }
                 let current = view.status.as_ref().filter(|s| s.revision == view.revision);
+                // As many ready as the app wants now: a scale-up since the rollout
+                // completed (one that fits nowhere) is waited for too, as kubectl does.
+                let ready = view
+                    .revisions
+                    .iter()
+                    .find(|c| c.revision == view.revision)
+                    .map_or(0, |c| c.ready);
+                let all_ready = ready >= view.desired as usize;
                 match (&view.status, current.map(|s| s.phase)) {
                     (None, _) if view.kind == Kind::Job => return Ok(()),
                     // Not yet seen by the controller: wait.
                     (_, None) => {}
-                    (_, Some(RolloutPhase::Complete)) => return Ok(()),
+                    (_, Some(RolloutPhase::Complete)) if all_ready => return Ok(()),
+                    (_, Some(RolloutPhase::Complete)) if started.elapsed() > limit => {
+                        anyhow::bail!(
+                            "revision {} of {ns}/{app} rolled out, but {ready} of its {} replicas are ready after {timeout} (see `shoal get replicas --app {app}`)",
+                            view.revision,
+                            view.desired
+                        )
+                    }
+                    (_, Some(RolloutPhase::Complete)) => {}
                     (_, Some(RolloutPhase::Progressing)) => {}
                     (_, Some(phase)) => anyhow::bail!(
                         "rollout of {ns}/{app} ended {phase}: {}",
