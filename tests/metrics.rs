@@ -70,6 +70,12 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         "{text}"
     );
     assert_eq!(sample(&text, r#"shoal_nodes{state="Ready"}"#), Some(1.0));
+    // None of them: a series at 0 all the same, for an alert to compare.
+    assert_eq!(sample(&text, r#"shoal_nodes{state="NotReady"}"#), Some(0.0));
+    assert_eq!(
+        sample(&text, r#"shoal_replicas{phase="CrashLoopBackOff"}"#),
+        Some(0.0)
+    );
 
     // What the control plane counts as it works.
     assert!(

@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 use shoal_core::clients::{Clients, ConnectionStats};
 use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats, classic_counter_names};
 use shoal_core::objects::keys;
-use shoal_core::{App, Node, Replica};
+use shoal_core::{App, Node, NodeState, Phase, Replica};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -226,11 +226,28 @@ impl ControlPlane {
             revisions.extend(m.totals.into_values());
         }
         let apps: Vec<App> = self.list(&keys::APPS)?;
-        let mut replicas = BTreeMap::new();
+        // Every phase and state, 0 included: an alert on `shoal_nodes{state="NotReady"} > 0`
+        // must see a series, not none, when all is well.
+        let mut replicas: BTreeMap<String, i64> = [
+            Phase::Pending,
+            Phase::Starting,
+            Phase::Ready,
+            Phase::Unready,
+            Phase::Running,
+            Phase::CrashLoopBackOff,
+            Phase::Succeeded,
+            Phase::Failed,
+        ]
+        .iter()
+        .map(|p| (format!("{p:?}"), 0))
+        .collect();
         for r in self.list::<Replica>(&keys::REPLICAS)? {
             *replicas.entry(format!("{:?}", r.phase)).or_insert(0) += 1;
         }
-        let mut nodes = BTreeMap::new();
+        let mut nodes: BTreeMap<String, i64> = [NodeState::Ready, NodeState::NotReady]
+            .iter()
+            .map(|s| (format!("{s:?}"), 0))
+            .collect();
         for n in self.list::<Node>(&keys::NODES)? {
             *nodes.entry(format!("{:?}", n.state)).or_insert(0) += 1;
         }
