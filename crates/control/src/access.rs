@@ -120,7 +120,7 @@ pub(crate) fn authorize(
             Some(ns) => caller.check_namespace(ns),
             None if caller.everywhere() => Ok(()),
             None => Err(format!(
-                "token {} acts in namespaces {} only: pass ?namespace=",
+                "token {} acts in namespaces {} only: name one (?namespace=, the CLI's -n)",
                 caller.name,
                 caller.namespaces.join(", ")
             )),
