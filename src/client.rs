@@ -134,20 +134,23 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Fails, before the server is asked for anything, if `path` could not be written: a token
-/// made or rotated only for its file to be lost is of no use, and its name stays taken.
+/// Fails, before the server is asked for anything, if `path` could not be written as
+/// [`write_private`] writes it (a file beside it, renamed over it, so its directory must take
+/// a new file): a token made or rotated only for its file to be lost is of no use, and its
+/// name stays taken.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let probe = if path.exists() {
+    let beside = path.with_extension("tmp");
+    let probe = if beside.exists() {
         std::fs::OpenOptions::new()
             .append(true)
-            .open(path)
+            .open(&beside)
             .map(drop)
     } else {
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(path)
-            .and_then(|_| std::fs::remove_file(path))
+            .open(&beside)
+            .and_then(|_| std::fs::remove_file(&beside))
     };
     probe.map_err(|e| crate::exit::usage(format!("cannot write {}: {e}", path.display())))
 }

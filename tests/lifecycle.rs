@@ -386,17 +386,19 @@ fn a_daemon_that_crashes_once_up_is_rolled_back_and_a_new_one_fails() {
     assert!(history.contains("rolled back"), "{history}");
 
     // A new app has no revision to go back to: its rollout fails, and stays failed while
-    // its replica is up between crashes.
-    let new = bogus.replace("name = \"notes-reader\"", "name = \"notes-bogus\"");
+    // its replica is up between crashes. (Seen up for its moment, it completed and then
+    // fails; its moment missed, its deadline fails it.)
+    let new = bogus.replace("name = \"notes-reader\"", "name = \"notes-bogus\"")
+        + "\n[rollout]\nprogress_deadline = \"5s\"\n";
     let v3 = common::write_spec(c.dir.path(), "new-bogus.toml", &new);
     c.cli_ok(&["apply", "-f", v3.to_str().unwrap()]);
     let status = || c.api_json("/v1/apps/notes-bogus/rollout");
     let failed = || {
         let s = status();
         s["status"]["phase"] == "Failed"
-            && s["status"]["message"]
-                .as_str()
-                .is_some_and(|m| m.ends_with("after its rollout completed"))
+            && s["status"]["message"].as_str().is_some_and(|m| {
+                m.ends_with("after its rollout completed") || m.contains("progress_deadline")
+            })
     };
     assert!(poll(Duration::from_secs(60), failed), "{:#}", status());
     let replica = || c.api_json("/v1/replicas?app=notes-bogus")[0].clone();
@@ -409,5 +411,8 @@ fn a_daemon_that_crashes_once_up_is_rolled_back_and_a_new_one_fails() {
     );
     assert!(failed(), "{:#}", status());
     let events = c.cli_ok(&["events", "--app", "notes-bogus"]);
-    assert!(events.contains("RolloutFailed"), "{events}");
+    assert!(
+        events.contains("RolloutFailed") || events.contains("ProgressDeadlineExceeded"),
+        "{events}"
+    );
 }

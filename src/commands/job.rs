@@ -89,8 +89,14 @@ pub async fn run(ctx: Context, cmd: JobCommand) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    if let (true, Some(r)) = (wait, &run) {
-        return wait_for(&ctx, &client, r, started + timeout).await;
+    match (wait, &run) {
+        (true, Some(r)) => return wait_for(&ctx, &client, r, started + timeout).await,
+        // Waited for, a run that never started is no success.
+        (true, None) => bail!(
+            "the run of {ns}/{name} has not started after {}: see `shoal get jobs` and `shoal events --app {name}`",
+            output::duration(timeout.as_millis() as u64)
+        ),
+        (false, _) => {}
     }
     match (ctx.output, run) {
         (Format::Json, run) => output::json(&serde_json::json!({

@@ -1407,6 +1407,9 @@ fn apply_arrived(
     None
 }
 
+/// How much of a probe's answer is read before the probe stops reading.
+const PROBE_READ: usize = 64 << 10;
+
 /// One probe: a GET of its path on a fresh instance, passing on 2xx or 3xx
 /// within its timeout.
 async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result<(), String> {
@@ -1422,10 +1425,16 @@ async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result
     let answer = async {
         let resp = service.handle(request).await;
         let status = resp.status();
-        // Read to its end, what it says dropped: an answer left unread breaks off the
-        // guest's writing of it, which the guest logs as a failure of its own.
+        // Read to its end (up to PROBE_READ; what it says dropped): an answer left unread
+        // breaks off the guest's writing of it, which the guest logs as a failure of its own.
+        // A longer one is no health check's: the probe does not wait for the rest.
         let mut body = resp.into_body();
-        while let Some(Ok(_)) = body.frame().await {}
+        let mut read = 0;
+        while read < PROBE_READ
+            && let Some(Ok(frame)) = body.frame().await
+        {
+            read += frame.data_ref().map_or(0, |d| d.len());
+        }
         status
     };
     match tokio::time::timeout(timeout, answer).await {

@@ -160,6 +160,10 @@ fn member_tls(ca: &shoal_tls::Authority) -> Result<shoal_tls::Mutual, ControlErr
     shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)
 }
 
+/// How a restart's revision names its cause (`restart of revision N`): apply's gate on a
+/// rolled-back template looks past these copies.
+const RESTART_CAUSE: &str = "restart of revision";
+
 impl ControlPlane {
     pub fn new(
         store: impl KvStore,
@@ -511,7 +515,13 @@ impl ControlPlane {
                     // out again by the same file applied again: a loop re-applying it (GitOps)
                     // would send traffic to a build known to fail every cycle. Flagger and
                     // Argo Rollouts hold the same way; `retry` tries it again.
-                    if let Some(bad) = latest_revision.filter(|r| r.hash == hash && !retry)
+                    // Restarts of what runs since (copies of the stable template) do not
+                    // hide it.
+                    let attempted = revisions
+                        .iter()
+                        .rev()
+                        .find(|r| !r.cause.starts_with(RESTART_CAUSE));
+                    if let Some(bad) = attempted.filter(|r| r.hash == hash && !retry)
                         && let Some(outcome) = bad
                             .outcome
                             .as_deref()
@@ -816,7 +826,7 @@ impl ControlPlane {
                     app.revision
                 ))
             })?;
-        let cause = format!("restart of revision {}", current.number);
+        let cause = format!("{RESTART_CAUSE} {}", current.number);
         self.run_again(key, (app, mod_rev), &revisions, current, cause, "Restarted")
     }
 
@@ -1596,6 +1606,46 @@ pub(crate) mod tests {
     use super::*;
     use shoal_core::spec::parse_app;
     use shoal_store::{BlobStore, Store};
+
+    /// A restart after an automatic rollback does not let the template that was rolled back
+    /// out again by the same file: the gate looks past the restart's copy.
+    #[test]
+    fn a_restart_does_not_open_the_gate_on_a_rolled_back_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let good = spec(&cp, "web", &["/web"]);
+        let mut bad = good.clone();
+        bad.env.insert("BROKEN".into(), "1".into());
+        cp.apply(good.clone(), false).unwrap();
+        cp.apply(bad.clone(), false).unwrap();
+        // What an automatic rollback writes: the app back on revision 1, revision 2's outcome.
+        let key = good.key();
+        let (mut app, _) = cp.get::<App>(&keys::app(&key)).unwrap().unwrap();
+        app.spec = good.clone();
+        app.revision = 1;
+        let (mut rev, _) = cp
+            .get::<Revision>(&keys::revision(&key, 2))
+            .unwrap()
+            .unwrap();
+        rev.outcome = Some("rolled back: no progress".into());
+        cp.store()
+            .txn(
+                Txn::new()
+                    .then(Op::put(keys::app(&key), encode(&app)))
+                    .then(Op::put(keys::revision(&key, 2), encode(&rev))),
+            )
+            .unwrap();
+        assert!(matches!(
+            cp.apply(bad.clone(), false),
+            Err(ControlError::Conflict(_))
+        ));
+        let restarted = cp.restart(&key).unwrap();
+        assert_eq!(restarted.app.revision, 3);
+        let e = cp.apply(bad.clone(), false).unwrap_err();
+        assert!(e.to_string().contains("revision 2"), "{e}");
+        // --retry still rolls it out.
+        assert_eq!(cp.apply_retrying(bad, false, true).unwrap().app.revision, 4);
+    }
 
     #[test]
     fn what_an_apply_changed_is_said_in_the_spec_files_words() {

@@ -175,7 +175,9 @@ pub fn decide(
     {
         let reason = format!("{reason}, after its rollout completed");
         let Some(to) = status.previous_stable else {
+            // Not a revision to fall back to, nor a canary's baseline, for the next rollout.
             next.phase = RolloutPhase::Failed;
+            next.stable = None;
             next.message = reason.clone();
             return decision(
                 next,
@@ -246,9 +248,13 @@ pub fn decide(
             .iter()
             .filter(|r| r.revision != target && !r.phase.is_terminal())
             .count();
-        // A late completion needs replicas that never restarted: one up again between
-        // crashes is no proof that the revision works.
-        let proven = !late || new.iter().all(|r| r.restarts == 0);
+        // A late completion needs replicas that never restarted, or have stayed up for a
+        // progress deadline since: one up again between crashes is no proof that the
+        // revision works, one that crashed while its database came up and runs since is.
+        let proven = !late
+            || new.iter().all(|r| {
+                r.restarts == 0 || now.saturating_sub(r.updated_at) >= spec.progress_deadline_ms
+            });
         if ready >= n && old == 0 && proven {
             next.phase = RolloutPhase::Complete;
             next.previous_stable = fallback;
@@ -1020,9 +1026,18 @@ mod tests {
         assert_eq!((kind, reason), (EventType::Warning, "RolloutFailed"));
         let failed = d.status;
 
+        assert_eq!(failed.stable, None, "no fallback for the next rollout");
         let mut again = replica("n1", 1, Phase::Running);
         again.restarts = 2;
-        assert_eq!(decide(&a, &failed, &[again], None, 31_000).status, failed);
+        again.updated_at = 31_000;
+        assert_eq!(
+            decide(&a, &failed, &[again.clone()], None, 31_000).status,
+            failed
+        );
+        // Up a whole progress deadline since its last restart: it completes after all.
+        let settled = decide(&a, &failed, &[again], None, 91_000).status;
+        assert_eq!(settled.phase, RolloutPhase::Complete);
+        assert_eq!(settled.stable, Some(1));
         // Past the deadline a crash is its node's to restart, as for any stable revision.
         assert_eq!(
             decide(&a, &done, &crashing, None, 62_000).status.phase,
