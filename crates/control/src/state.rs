@@ -160,10 +160,6 @@ fn member_tls(ca: &shoal_tls::Authority) -> Result<shoal_tls::Mutual, ControlErr
     shoal_tls::mutual(&issued, ca.pem()).map_err(ControlError::internal)
 }
 
-/// How a restart's revision names its cause (`restart of revision N`): apply's gate on a
-/// rolled-back template looks past these copies.
-const RESTART_CAUSE: &str = "restart of revision";
-
 impl ControlPlane {
     pub fn new(
         store: impl KvStore,
@@ -515,12 +511,12 @@ impl ControlPlane {
                     // out again by the same file applied again: a loop re-applying it (GitOps)
                     // would send traffic to a build known to fail every cycle. Flagger and
                     // Argo Rollouts hold the same way; `retry` tries it again.
-                    // Restarts of what runs since (copies of the stable template) do not
-                    // hide it.
+                    // Copies of what runs made since (a restart) do not hide it.
+                    let running = current_revision.map(|r| r.hash.as_str());
                     let attempted = revisions
                         .iter()
                         .rev()
-                        .find(|r| !r.cause.starts_with(RESTART_CAUSE));
+                        .find(|r| Some(r.hash.as_str()) != running);
                     if let Some(bad) = attempted.filter(|r| r.hash == hash && !retry)
                         && let Some(outcome) = bad
                             .outcome
@@ -826,7 +822,7 @@ impl ControlPlane {
                     app.revision
                 ))
             })?;
-        let cause = format!("{RESTART_CAUSE} {}", current.number);
+        let cause = format!("restart of revision {}", current.number);
         self.run_again(key, (app, mod_rev), &revisions, current, cause, "Restarted")
     }
 
