@@ -612,8 +612,10 @@ impl<'a> Cluster<'a> {
             .collect()
     }
 
+    /// Undoes [`Cluster::close`], last first: a node avoided twice was closed by its first
+    /// entry, and opens as it was before that.
     fn reopen(&mut self, closed: Vec<(usize, Option<Reason>)>) {
-        for (i, was) in closed {
+        for (i, was) in closed.into_iter().rev() {
             self.fits[i].closed = was;
         }
     }
@@ -661,6 +663,7 @@ mod tests {
             draining: false,
             leaving: None,
             joined_at: 0,
+            label_overrides: Default::default(),
         }
     }
 

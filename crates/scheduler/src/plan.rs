@@ -899,10 +899,17 @@ impl<'w> Pass<'w> {
             })
             .collect();
         // The first misplaced node whose replica has somewhere to go: one that cannot move
-        // does not hold the others.
+        // does not hold the others. Where its earlier moves went is avoided only while
+        // another node fits: a node the selector alone now matches (the one a replica was
+        // balanced off, say) is better than one it does not.
         for from in misplaced {
-            let avoided = off(from);
-            if let Some(to) = self.cluster.best_avoiding(&key, &req, &avoided) {
+            let mut avoided = off(from);
+            let mut to = self.cluster.best_avoiding(&key, &req, &avoided);
+            if to.is_none() {
+                avoided = vec![from.to_string()];
+                to = self.cluster.best_avoiding(&key, &req, &avoided);
+            }
+            if let Some(to) = to {
                 let why = format!(
                     "which the app's node_selector no longer matches, to node {to}, which it does"
                 );
@@ -1523,6 +1530,7 @@ mod tests {
                 draining: false,
                 leaving: None,
                 joined_at: 0,
+                label_overrides: Default::default(),
             },
             1,
         )
@@ -2229,6 +2237,54 @@ mod tests {
         let b = app_batch(&p);
         assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
         assert_eq!(puts(b)[0].node.as_deref(), Some("o"), "{:?}", b.events);
+    }
+
+    /// ... but to a node it avoids when that is the only one its selector matches: a replica
+    /// balanced off node n, whose labels then change, goes back there.
+    #[test]
+    fn a_misplaced_replica_goes_back_to_a_node_it_avoided_when_only_that_matches() {
+        let mut r = on(replica_at("r", 1, Phase::Ready, 1), "m");
+        r.avoid = vec!["n".into()];
+        let mut w = with_replicas(
+            world(1, 1, "[placement]\nnode_selector = { zone = \"b\" }\n"),
+            &[r],
+        );
+        complete(&mut w, 1);
+        for (name, zone) in [("m", "a"), ("n", "b")] {
+            let labels = &mut w.nodes.get_mut(name).unwrap().value.labels;
+            labels.insert("zone".into(), zone.into());
+        }
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
+        let put = puts(b);
+        assert_eq!(put[0].node.as_deref(), Some("n"), "{:?}", b.events);
+        assert_eq!(put[0].avoid, ["m"]);
+    }
+
+    /// Two replicas that avoid one node name it twice: that node is closed for the move
+    /// and opens again after, as it was.
+    #[test]
+    fn replicas_avoiding_one_node_twice_still_go_back_to_it() {
+        let mut r1 = on(replica_at("r1", 1, Phase::Ready, 1), "n");
+        r1.avoid = vec!["m".into()];
+        let mut r2 = on(replica_at("r2", 1, Phase::Ready, 1), "n");
+        r2.avoid = vec!["m".into()];
+        let mut w = with_replicas(
+            world(2, 1, "[placement]\nnode_selector = { zone = \"b\" }\n"),
+            &[r1, r2],
+        );
+        complete(&mut w, 1);
+        w.rebalance = false;
+        for (name, zone) in [("m", "b"), ("n", "c")] {
+            let labels = &mut w.nodes.get_mut(name).unwrap().value.labels;
+            labels.insert("zone".into(), zone.into());
+            labels.insert("tier".into(), "web".into());
+        }
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Rebalancing", "Scheduled"]);
+        assert_eq!(puts(b)[0].node.as_deref(), Some("m"), "{:?}", b.events);
     }
 
     #[test]
