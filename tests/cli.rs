@@ -174,16 +174,11 @@ fn daemons_log_json_lines_when_asked() {
 
 /// A `shoal server` on data dir `data`, writing its context into the CLI config `config`,
 /// killed when dropped; and its API address.
-struct Started(std::process::Child);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn server(data: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> (Started, String) {
+fn server(
+    data: &std::path::Path,
+    config: &std::path::Path,
+    extra: &[&str],
+) -> (common::Killed, String) {
     let mut child = std::process::Command::new(common::SHOAL)
         .args(["server", "--api", "127.0.0.1:0", "--data-dir"])
         .arg(data)
@@ -197,7 +192,7 @@ fn server(data: &std::path::Path, config: &std::path::Path, extra: &[&str]) -> (
     let lines = common::read_lines(&mut child);
     let api = common::wait_line(&lines, "API:");
     let addr = api.split("https://").nth(1).unwrap().trim().to_string();
-    (Started(child), addr)
+    (common::Killed::new(child), addr)
 }
 
 #[test]
@@ -339,7 +334,7 @@ fn followers_wait_out_a_restart_of_the_api() {
             }
         });
         let lines = common::read_lines(&mut child);
-        (child, lines, said_lines)
+        (common::Killed::new(child), lines, said_lines)
     };
     let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
         .unwrap()
@@ -456,12 +451,14 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
     }
 
     // get -w: the list, then each change: a new replica, and one gone.
-    let mut watch = std::process::Command::new(common::SHOAL)
-        .args(["get", "replicas", "-n", "staging", "-w"])
-        .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = common::Killed::new(
+        std::process::Command::new(common::SHOAL)
+            .args(["get", "replicas", "-n", "staging", "-w"])
+            .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = common::read_lines(&mut watch);
     assert!(line_until(&lines, |l| l.starts_with("NAME")));
     assert!(line_until(&lines, |l| l.starts_with("hello-1-") && l.contains("Ready")));
@@ -474,12 +471,14 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
 
     // get events -w: every new event, one that reads like an earlier one too (a node
     // cordoned twice).
-    let mut watch = std::process::Command::new(common::SHOAL)
-        .args(["get", "events", "-A", "-w"])
-        .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = common::Killed::new(
+        std::process::Command::new(common::SHOAL)
+            .args(["get", "events", "-A", "-w"])
+            .env("SHOAL_CONFIG", c.dir.path().join("config.toml"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let lines = common::read_lines(&mut watch);
     assert!(line_until(&lines, |l| l.starts_with("NAMESPACE")));
     for _ in 0..2 {

@@ -299,7 +299,7 @@ fn a_changed_node_selector_moves_the_replicas_it_no_longer_allows() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start_with(dir.path(), &["--no-rebalance"]);
     let _a = common::NodeProc::join(&server, "node-a", &["--label", "zone=a"]);
-    let _b = common::NodeProc::join(&server, "node-b", &["--label", "zone=b"]);
+    let mut b = common::NodeProc::join(&server, "node-b", &["--label", "zone=b"]);
     let placed = |zone: &str| {
         server.cli_ok(&[
             "apply",
@@ -319,12 +319,112 @@ fn a_changed_node_selector_moves_the_replicas_it_no_longer_allows() {
         );
     };
     placed("a");
+    // `describe node`: its labels, what is placed there (and asks for what), its events.
+    let described = server.cli_ok(&["describe", "node", "node-a"]);
+    for needle in [
+        "Name:         node-a",
+        "State:        Ready",
+        "Labels:       zone=a",
+        "Requested:    cpu 100m",
+        "by 2 replicas",
+        "NodeJoined",
+    ] {
+        assert!(described.contains(needle), "{needle}: {described}");
+    }
+    let placed_rows = described
+        .lines()
+        .filter(|l| l.trim_start().starts_with("default ") && l.contains(" hello "))
+        .count();
+    assert_eq!(placed_rows, 2, "{described}");
+    let empty = server.cli_ok(&["describe", "node", "node-b"]);
+    assert!(empty.contains("Replicas:\n  <none>"), "{empty}");
+    let json: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["describe", "node", "node-a", "-o", "json"]))
+            .unwrap();
+    assert_eq!(json["placed"].as_array().unwrap().len(), 2, "{json}");
+    assert_eq!(json["labels"]["zone"], "a", "{json}");
+    let missing = server.cli(&["describe", "node", "node-z"]);
+    assert_eq!(missing.status.code(), Some(3), "{missing:?}");
+    let labelled = server.cli_ok(&["get", "nodes", "--show-labels"]);
+    assert!(
+        labelled.lines().next().unwrap().ends_with("LABELS")
+            && labelled.contains("zone=a")
+            && labelled.contains("zone=b"),
+        "{labelled}"
+    );
+    assert!(!server.cli_ok(&["get", "nodes"]).contains("zone=a"));
+    let refused = server.cli(&["get", "apps", "--show-labels"]);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     let before = server.replica_ids("hello");
     placed("b");
     assert!(server.replica_ids("hello").is_disjoint(&before));
     let events = server.cli_ok(&["events"]);
     assert!(
         events.contains("node_selector no longer matches"),
+        "{events}"
+    );
+
+    // `node label`, as kubectl's: a value changes only with --overwrite; replicas leave a
+    // node their selector no longer matches; the operator's labels outlive a restart.
+    let refused = server.cli(&["node", "label", "node-b", "zone=c"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--overwrite"),
+        "{refused:?}"
+    );
+    let malformed = server.cli(&["node", "label", "node-b", "zone"]);
+    assert_eq!(malformed.status.code(), Some(2), "{malformed:?}");
+    server.cli_ok(&[
+        "node",
+        "label",
+        "node-a",
+        "zone=b",
+        "tier=web",
+        "--overwrite",
+    ]);
+    let on_b = server.replica_ids("hello");
+    server.cli_ok(&["node", "label", "node-b", "zone=c", "--overwrite"]);
+    let on_a: BTreeMap<String, usize> = [("node-a".to_string(), 2)].into();
+    assert!(
+        poll(Duration::from_secs(30), || server.placement("hello")
+            == on_a),
+        "{:?} {:#} {:#}",
+        server.placement("hello"),
+        server.api_json("/v1/replicas?app=hello"),
+        server.api_json("/v1/apps/hello/rollout")
+    );
+    assert!(server.replica_ids("hello").is_disjoint(&on_b));
+    let labels = |node: &str| {
+        server
+            .api_json("/v1/nodes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .unwrap()["labels"]
+            .clone()
+    };
+    b.kill();
+    b.restart();
+    // Registered again with its own --label zone=b: the operator's zone=c stays.
+    assert!(
+        poll(Duration::from_secs(30), || server
+            .cli_ok(&["events"])
+            .matches("NodeReady")
+            .count()
+            >= 3),
+        "{}",
+        server.cli_ok(&["events"])
+    );
+    assert_eq!(labels("node-b"), serde_json::json!({"zone": "c"}));
+    assert_eq!(server.placement("hello"), on_a);
+    server.cli_ok(&["node", "label", "node-a", "tier-"]);
+    assert_eq!(labels("node-a"), serde_json::json!({"zone": "b"}));
+    let events = server.cli_ok(&["events"]);
+    assert!(
+        events.contains("Labeled")
+            && events.contains("zone=c (was b)")
+            && events.contains("tier removed (was web)"),
         "{events}"
     );
 }

@@ -495,23 +495,25 @@ fn a_join_token_rotated_at_one_server_is_the_only_one_every_server_takes() {
     assert_ne!(token, second.join_token);
 
     // A node that got in would run until killed: it gets a deadline to be refused.
-    let mut old = std::process::Command::new(common::SHOAL)
-        .args(["node", "join", &second.api, "--node-name", "node-1"])
-        .arg("--data-dir")
-        .arg(dirs[1].path().join("node-1"))
-        .args(["--gateway", "127.0.0.1:0"])
-        .env("SHOAL_JOIN_TOKEN", &second.join_token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut old = common::Killed::new(
+        std::process::Command::new(common::SHOAL)
+            .args(["node", "join", &second.api, "--node-name", "node-1"])
+            .arg("--data-dir")
+            .arg(dirs[1].path().join("node-1"))
+            .args(["--gateway", "127.0.0.1:0"])
+            .env("SHOAL_JOIN_TOKEN", &second.join_token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let refused = poll(Duration::from_secs(20), || {
         old.try_wait().unwrap().is_some()
     });
     if !refused {
         old.kill().unwrap();
     }
-    let old = old.wait_with_output().unwrap();
+    let old = old.wait_with_output();
     assert!(
         refused && !old.status.success(),
         "the old token still joins"
@@ -695,7 +697,7 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     // `logs -f` as JSON, its stream from the leader, first in the list.
     let follower_out = shared.path().join("follower.out");
     let follower_err = shared.path().join("follower.err");
-    let follower = Killed(
+    let follower = common::Killed::new(
         std::process::Command::new(common::SHOAL)
             .args(["--server", &urls, "logs", "hello", "-f", "-o", "json"])
             .env("SHOAL_CONFIG", &config)
@@ -850,16 +852,6 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     for (node, r) in nodes.iter().zip(loads.into_iter().map(Load::stop)) {
         assert!(r.ok > 0, "{}: {r:?}", node.name);
         assert_eq!(r.failed, 0, "{}: {:?}", node.name, r.failures);
-    }
-}
-
-/// A process killed when the test is done with it, or fails.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -136,13 +136,15 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
     assert!(recent.contains("before-"), "{recent}");
 
     // Follow: every replica, from now on.
-    let mut follower = Command::new(SHOAL)
-        .args(["logs", "hello", "-f"])
-        .env("SHOAL_CONFIG", d.join("config.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut follower = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["logs", "hello", "-f"])
+            .env("SHOAL_CONFIG", d.join("config.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let lines = read_lines(&mut follower);
     let mut seen = Vec::new();
     // Requests through each node reach the replica there once it is ready (until then the

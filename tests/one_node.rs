@@ -44,7 +44,7 @@ fn apply_serve_inspect_update_delete() {
         "Revision:     1",
         "Scheduled",
         "Ready",
-        "wasi:http/proxy",
+        "Kind:         http (wasi:http/proxy)",
         "GREETING=",
     ] {
         assert!(
@@ -111,12 +111,14 @@ fn apply_serve_inspect_update_delete() {
     );
 
     // `events --follow` prints what happens next.
-    let mut follower = std::process::Command::new(common::SHOAL)
-        .args(["events", "--follow", "--app", "hello"])
-        .env("SHOAL_CONFIG", c.config())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = common::Killed::new(
+        std::process::Command::new(common::SHOAL)
+            .args(["events", "--follow", "--app", "hello"])
+            .env("SHOAL_CONFIG", c.config())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = follower.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -53,6 +53,10 @@ fn a_p3_app_serves_through_the_gateway_with_reused_instances() {
         out.contains("Reuse:        128 requests per instance, idle up to 10000 ms, 16 at once"),
         "{out}"
     );
+    assert!(
+        out.contains("Kind:         http (wasi:http/service, WASIp3)"),
+        "{out}"
+    );
 
     // A writable volume is WASIp2's only: refused at apply (its replicas could only fail),
     // and no volume is made for it.

@@ -148,14 +148,16 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
         "{events}"
     );
     // A stream it follows ends with its token: one request that would otherwise never end.
-    let mut follower = Command::new(SHOAL)
-        .args(["logs", "hello", "-n", "team-a", "--follow"])
-        .env("SHOAL_CONFIG", c.config())
-        .env("SHOAL_TOKEN", &deployer)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut follower = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["logs", "hello", "-n", "team-a", "--follow"])
+            .env("SHOAL_CONFIG", c.config())
+            .env("SHOAL_TOKEN", &deployer)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     // Following: still running a moment after it connected (a refusal would end it at once).
     assert!(!common::poll(std::time::Duration::from_secs(2), || {
         follower.try_wait().unwrap().is_some()
@@ -167,7 +169,7 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     if !ended {
         let _ = follower.kill();
     }
-    let out = follower.wait_with_output().unwrap();
+    let out = follower.wait_with_output();
     assert!(ended, "logs --follow outlived its revoked token");
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     let after = cli_as(&c, &deployer, &["get", "apps", "-n", "team-a"]);

@@ -37,16 +37,18 @@ fn the_server_says_where_the_join_token_is_not_what_it_is() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(SHOAL)
-        .args(["server", "--data-dir"])
-        .arg(dir.path().join("server"))
-        .args(["--api", &format!("127.0.0.1:{port}")])
-        .env("SHOAL_CONFIG", dir.path().join("config.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["server", "--data-dir"])
+            .arg(dir.path().join("server"))
+            .args(["--api", &format!("127.0.0.1:{port}")])
+            .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut printed = String::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();

@@ -92,7 +92,10 @@ fn top_shows_what_the_node_and_apps_use_and_serve_after_known_traffic() {
         ("hello", "1/1", "0.00")
     );
     assert!(row[2].parse::<f64>().unwrap() > 0.0, "{row:?}");
-    assert!(row[4].ends_with("ms") && row[5].ends_with('m'), "{row:?}");
+    assert!(
+        row[4].starts_with('≤') && row[4].ends_with("ms") && row[5].ends_with('m'),
+        "{row:?}"
+    );
     let team_b = rows(&c.cli_ok(&["top", "apps", "-n", "team-b"]), &header);
     assert_eq!(team_b.len(), 1);
     assert_eq!(team_b[0][0], "faulty");

@@ -1,14 +1,15 @@
 use super::Context;
-use super::get::{event_rows, replica_rows};
+use super::get::{event_rows, node_state, replica_rows};
 use crate::output::{self, Format, age, duration, table_indented};
 use anyhow::Result;
-use shoal_api::{Describe, seg};
+use shoal_api::{Describe, NodeDescribe, seg};
 use shoal_core::quantity::format_memory;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal describe app hello                        spec, revisions, replicas, recent events
-  shoal describe app hello -o json                the same, for scripts")]
+  shoal describe app hello -o json                the same, for scripts
+  shoal describe node n1                          capacity, what is placed there, usage, events")]
 pub struct DescribeArgs {
     /// What to describe.
     #[arg(value_enum)]
@@ -21,10 +22,122 @@ pub struct DescribeArgs {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum What {
     App,
+    Node,
 }
 
 pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
-    let What::App = args.what;
+    match args.what {
+        What::App => app(ctx, args).await,
+        What::Node => node(ctx, args).await,
+    }
+}
+
+/// `describe node`: what `kubectl describe node` shows that Shoal has: state, labels,
+/// capacity against what is placed and what is used, the replicas there, its events.
+async fn node(ctx: Context, args: DescribeArgs) -> Result<()> {
+    ctx.no_namespace("nodes")?;
+    let client = ctx.client()?;
+    let d: NodeDescribe = client
+        .get(&format!("/v1/nodes/{}", seg(&args.name)))
+        .await?;
+    if ctx.output == Format::Json {
+        output::json(&d);
+        return Ok(());
+    }
+    let n = &d.summary.node;
+    let (cap, used) = (&n.capacity, &d.summary.allocated);
+    // A share of capacity, as kubectl's "Allocated resources" shows it.
+    let share = |part: u64, whole: u64| match whole {
+        0 => String::new(),
+        w => format!(" ({}%)", part.saturating_mul(100) / w),
+    };
+    println!("Name:         {}", n.name);
+    println!("State:        {}", node_state(&d.summary));
+    let labels: Vec<String> = n.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    match labels.is_empty() {
+        true => println!("Labels:       <none>"),
+        false => println!("Labels:       {}", labels.join(", ")),
+    }
+    println!("Gateway:      {}", n.gateway);
+    println!("Joined:       {} ago", age(n.joined_at));
+    println!("Heartbeat:    {} ago", age(d.summary.last_heartbeat));
+    println!(
+        "Capacity:     cpu {}m, memory {}, {} instances",
+        cap.cpu_millis,
+        format_memory(cap.memory_bytes),
+        cap.instances
+    );
+    println!(
+        "Requested:    cpu {}m{}, memory {}{}, by {} replicas",
+        used.cpu_millis,
+        share(used.cpu_millis, cap.cpu_millis),
+        format_memory(used.memory_bytes),
+        share(used.memory_bytes, cap.memory_bytes),
+        d.summary.replicas
+    );
+    let u = &d.usage;
+    let memory = u.memory.map_or("-".into(), |m| {
+        format!(
+            "{} of {}",
+            format_memory(m.memory_reserved_bytes),
+            format_memory(m.memory_budget_bytes)
+        )
+    });
+    println!(
+        "Used:         cpu {}, memory {memory}, {:.2} requests/s routed",
+        u.cpu_millis.map_or("-".into(), |c| format!("{c}m")),
+        u.requests_per_second
+    );
+    println!("\nReplicas:");
+    if d.placed.is_empty() {
+        println!("  <none>");
+    } else {
+        let rows: Vec<Vec<String>> = d
+            .placed
+            .iter()
+            .map(|r| {
+                vec![
+                    r.app.namespace.clone(),
+                    r.app.name.clone(),
+                    r.id.clone(),
+                    r.revision.to_string(),
+                    r.phase.to_string(),
+                    format!("{}m", r.resources.requests.cpu_millis),
+                    format_memory(r.resources.requests.memory_bytes),
+                    age(r.created_at),
+                ]
+            })
+            .collect();
+        table_indented(
+            "  ",
+            &[
+                "NAMESPACE",
+                "APP",
+                "NAME",
+                "REVISION",
+                "PHASE",
+                "CPU",
+                "MEMORY",
+                "AGE",
+            ],
+            &rows,
+        );
+    }
+    println!("\nEvents:");
+    if d.events.is_empty() {
+        println!("  <none>");
+    } else {
+        table_indented(
+            "  ",
+            &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
+            &event_rows(&d.events),
+        );
+    }
+    Ok(())
+}
+
+/// `describe app`: its spec, rollout, revisions, replicas and events.
+async fn app(ctx: Context, args: DescribeArgs) -> Result<()> {
     let client = ctx.client()?;
     let d: Describe = client
         .get(&format!(
@@ -53,7 +166,7 @@ pub async fn run(ctx: Context, args: DescribeArgs) -> Result<()> {
     println!(
         "Kind:         {} ({})",
         s.component.kind,
-        s.component.kind.world()
+        d.world.as_deref().unwrap_or(s.component.kind.world())
     );
     println!("Module:       {}", s.component.digest);
     if !s.component.args.is_empty() {

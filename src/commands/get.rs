@@ -26,6 +26,9 @@ pub struct GetArgs {
     /// -w`): a new or changed row, or a gone one marked `(deleted)`.
     #[arg(short = 'w', long)]
     watch: bool,
+    /// Nodes: a LABELS column, `k=v,k=v` (as `kubectl get nodes --show-labels`).
+    #[arg(long)]
+    show_labels: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -53,6 +56,11 @@ enum What {
 }
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
+    if args.show_labels && !matches!(args.what, What::Nodes) {
+        return Err(crate::exit::usage(
+            "--show-labels is for nodes: they are what carries labels".into(),
+        ));
+    }
     let client = ctx.client()?;
     let first = list(&ctx, &client, &args).await?;
     let all = args.all_namespaces;
@@ -375,24 +383,9 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             let rows: Vec<Vec<String>> = nodes
                 .iter()
                 .map(|n| {
-                    let state = match n.silent {
-                        true => "Unknown".to_string(),
-                        false => format!("{:?}", n.node.state),
-                    };
-                    // A node that drained itself as it shut down: Leaving while it still
-                    // runs, Left once it stopped (it is schedulable again when it starts).
-                    let up = !n.silent && n.node.state == NodeState::Ready;
-                    let leaving = n.node.leaving.is_some();
-                    let state = match (n.node.schedulable, n.node.draining, leaving) {
-                        (true, _, _) => state,
-                        (false, _, true) if up => format!("{state},Cordoned,Leaving"),
-                        (false, _, true) => format!("{state},Left"),
-                        (false, false, false) => format!("{state},Cordoned"),
-                        (false, true, false) => format!("{state},Cordoned,Draining"),
-                    };
                     vec![
                         n.node.name.clone(),
-                        state,
+                        node_state(n),
                         format!(
                             "{}m/{}m",
                             n.allocated.cpu_millis, n.node.capacity.cpu_millis
@@ -409,20 +402,40 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                     ]
                 })
                 .collect();
-            Listing::plain(
-                json,
-                &[
-                    "NAME",
-                    "STATE",
-                    "CPU",
-                    "MEMORY",
-                    "INSTANCES",
-                    "REPLICAS",
-                    "GATEWAY",
-                    "HEARTBEAT",
-                ],
-                rows,
-            )
+            let header: &'static [&'static str] = &[
+                "NAME",
+                "STATE",
+                "CPU",
+                "MEMORY",
+                "INSTANCES",
+                "REPLICAS",
+                "GATEWAY",
+                "HEARTBEAT",
+                "LABELS",
+            ];
+            match args.show_labels {
+                false => Listing::plain(json, &header[..header.len() - 1], rows),
+                true => {
+                    let rows = rows
+                        .into_iter()
+                        .zip(&nodes)
+                        .map(|(mut row, n)| {
+                            let labels: Vec<String> = n
+                                .node
+                                .labels
+                                .iter()
+                                .map(|(k, v)| format!("{k}={v}"))
+                                .collect();
+                            row.push(match labels.is_empty() {
+                                true => "<none>".into(),
+                                false => labels.join(","),
+                            });
+                            row
+                        })
+                        .collect();
+                    Listing::plain(json, header, rows)
+                }
+            }
         }
         What::Pools => {
             ctx.no_namespace("pools")?;
@@ -539,6 +552,26 @@ pub fn ns_table<'a>(
         .map(|(ns, row)| std::iter::once(ns.to_string()).chain(row).collect())
         .collect();
     table(&header, &rows);
+}
+
+/// A node's STATE as `get nodes` and `describe node` show it: Ready, NotReady or Unknown
+/// (silent), then Cordoned, Draining, Leaving or Left.
+pub fn node_state(n: &NodeSummary) -> String {
+    let state = match n.silent {
+        true => "Unknown".to_string(),
+        false => format!("{:?}", n.node.state),
+    };
+    // A node that drained itself as it shut down: Leaving while it still runs, Left once it
+    // stopped (it is schedulable again when it starts).
+    let up = !n.silent && n.node.state == NodeState::Ready;
+    let leaving = n.node.leaving.is_some();
+    match (n.node.schedulable, n.node.draining, leaving) {
+        (true, _, _) => state,
+        (false, _, true) if up => format!("{state},Cordoned,Leaving"),
+        (false, _, true) => format!("{state},Left"),
+        (false, false, false) => format!("{state},Cordoned"),
+        (false, true, false) => format!("{state},Cordoned,Draining"),
+    }
 }
 
 pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {

@@ -17,6 +17,7 @@ use std::sync::Arc;
   shoal node join https://cp-1:7700,https://cp-2:7700,https://cp-3:7700 --token-file join.token
                                                   servers sharing an etcd store: fails over between them
   shoal node drain node-2                         move its replicas away, new before old
+  shoal node label node-2 zone=b disk-            set zone, remove disk (--overwrite: change a value)
   shoal node uncordon node-2                      place replicas there again")]
 pub struct NodeCommand {
     #[command(subcommand)]
@@ -51,6 +52,19 @@ enum NodeAction {
         /// Give up waiting after this long (e.g. 90s, 10m).
         #[arg(long, default_value = "5m", requires = "wait")]
         timeout: String,
+    },
+    /// Set or remove a node's labels, as `kubectl label node` does. They outlive the node's
+    /// restarts (over its own --label); replicas whose node_selector it no longer matches move.
+    Label {
+        /// The node's name (`shoal get nodes` lists them).
+        #[arg(value_parser = crate::commands::object_name)]
+        name: String,
+        /// KEY=VALUE sets a label, KEY- removes one.
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        labels: Vec<String>,
+        /// Change a label that already has another value (without it, that is refused).
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Remove a node: its credential is revoked and its replicas are replaced elsewhere.
     /// A node that still runs must join again with the join token.
@@ -98,6 +112,11 @@ pub async fn run(ctx: Context, cmd: NodeCommand) -> Result<()> {
     let (name, verb) = match cmd.action {
         NodeAction::Join(args) => return join(*args, ctx.log_format).await,
         NodeAction::Delete { name } => return delete(ctx, name).await,
+        NodeAction::Label {
+            name,
+            labels,
+            overwrite,
+        } => return label(ctx, name, &labels, overwrite).await,
         NodeAction::Cordon { name } => (name, "cordon"),
         NodeAction::Uncordon { name } => (name, "uncordon"),
         NodeAction::Drain {
@@ -164,6 +183,48 @@ async fn drain_and_wait(ctx: Context, name: String, timeout: &str) -> Result<()>
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// `KEY=VALUE` and `KEY-` arguments as the API takes them.
+fn label_changes(args: &[String], overwrite: bool) -> Result<shoal_api::NodeLabels> {
+    let mut change = shoal_api::NodeLabels {
+        overwrite,
+        ..Default::default()
+    };
+    for arg in args {
+        match (arg.split_once('='), arg.strip_suffix('-')) {
+            (Some((key, value)), _) => {
+                change.set.insert(key.to_string(), value.to_string());
+            }
+            (None, Some(key)) => change.remove.push(key.to_string()),
+            (None, None) => {
+                return Err(crate::exit::usage(format!(
+                    "{arg:?}: labels are KEY=VALUE to set or KEY- to remove"
+                )));
+            }
+        }
+    }
+    Ok(change)
+}
+
+async fn label(ctx: Context, name: String, args: &[String], overwrite: bool) -> Result<()> {
+    let change = label_changes(args, overwrite)?;
+    let client = ctx.client()?;
+    let node: shoal_core::Node = client
+        .send_idempotent(
+            client
+                .request(
+                    reqwest::Method::PUT,
+                    &format!("/v1/nodes/{}/labels", seg(&name)),
+                )
+                .json(&change),
+        )
+        .await?;
+    match ctx.output {
+        Format::Json => output::json(&node),
+        Format::Table => println!("node {name} labeled"),
+    }
+    Ok(())
 }
 
 async fn delete(ctx: Context, name: String) -> Result<()> {
@@ -408,5 +469,25 @@ fn join_token(args: &JoinArgs) -> Option<JoinToken> {
         (Some(token), _) => Some(JoinToken::Value(token.clone())),
         (None, Some(file)) => Some(JoinToken::File(file.clone())),
         (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_arguments_set_with_a_value_and_remove_with_a_dash() {
+        let args: Vec<String> = ["zone=b", "disk-", "note=a=b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let change = label_changes(&args, true).unwrap();
+        assert_eq!(change.set["zone"], "b");
+        assert_eq!(change.set["note"], "a=b");
+        assert_eq!(change.remove, ["disk"]);
+        assert!(change.overwrite);
+        let e = label_changes(&["zone".to_string()], false).unwrap_err();
+        assert!(e.to_string().contains("KEY=VALUE"), "{e}");
     }
 }

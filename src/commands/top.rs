@@ -98,7 +98,8 @@ fn app_rows(apps: &[AppTop]) -> Vec<Vec<String>> {
                 format!("{}/{}", a.ready, a.desired),
                 rate(a.requests_per_second),
                 rate(a.errors_per_second),
-                a.p99_ms.map_or("-".into(), |ms| format!("{ms}ms")),
+                // The bound of its histogram bucket: the p99 is at most that.
+                a.p99_ms.map_or("-".into(), |ms| format!("≤{ms}ms")),
                 a.cpu
                     .as_ref()
                     .map_or("-".into(), |c| format!("{}m", c.used_millis)),
@@ -169,7 +170,7 @@ mod tests {
         assert_eq!(
             app_rows(&[app, idle]),
             [
-                ["hello", "1/2", "0.33", "0.00", "5ms", "7m"],
+                ["hello", "1/2", "0.33", "0.00", "≤5ms", "7m"],
                 ["hello", "1/2", "0.33", "0.00", "-", "-"]
             ]
         );

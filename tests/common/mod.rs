@@ -841,6 +841,44 @@ impl Drop for NodeProc {
     }
 }
 
+/// A spawned process that is killed and reaped when the test is done with it, or when an
+/// assertion fails first: a follower or watcher never outlives its test.
+pub struct Killed(Option<Child>);
+
+impl Killed {
+    pub fn new(child: Child) -> Killed {
+        Killed(Some(child))
+    }
+
+    /// Waits for it to end and collects what it printed, as [`Child::wait_with_output`].
+    pub fn wait_with_output(mut self) -> Output {
+        let child = self.0.take().expect("a child until dropped");
+        child.wait_with_output().expect("wait for the child")
+    }
+}
+
+impl std::ops::Deref for Killed {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("a child until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("a child until dropped")
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 pub fn read_lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();

@@ -262,6 +262,7 @@ impl Agent {
             draining: false,
             leaving: None,
             joined_at: now_ms(),
+            label_overrides: Default::default(),
         }
     }
 
@@ -1314,13 +1315,13 @@ impl Agent {
         if let Some(key) = shoal_core::spec::config_reference(value) {
             return config.get(key).cloned().unwrap_or_default();
         }
-        match value {
-            "$(node)" => self.inner.config.node.clone(),
-            "$(replica)" => replica.id.clone(),
-            "$(revision)" => replica.revision.to_string(),
-            "$(app)" => replica.app.name.clone(),
-            "$(namespace)" => replica.app.namespace.clone(),
-            other => other.to_string(),
+        match shoal_core::spec::downward_reference(value) {
+            Some("node") => self.inner.config.node.clone(),
+            Some("replica") => replica.id.clone(),
+            Some("revision") => replica.revision.to_string(),
+            Some("app") => replica.app.name.clone(),
+            Some("namespace") => replica.app.namespace.clone(),
+            _ => value.to_string(),
         }
     }
 }

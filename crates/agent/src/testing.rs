@@ -75,6 +75,7 @@ pub fn node(name: &str, state: NodeState) -> Node {
         draining: false,
         leaving: None,
         joined_at: 0,
+        label_overrides: Default::default(),
     }
 }
 

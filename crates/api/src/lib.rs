@@ -23,9 +23,9 @@ pub use types::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,
     Describe, INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary,
-    JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop,
-    NodeUsage, Object, ObjectKey, PoolWrite, Registered, ReplicaIncident, ReplicaReport,
-    ReplicaSecrets, RevisionCount, RolloutAction, RolloutView, RotatedJoinToken, RunView,
-    ScaleView, SecretView, SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot,
+    JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels,
+    NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, Registered, ReplicaIncident,
+    ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView, RotatedJoinToken,
+    RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot,
     TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };

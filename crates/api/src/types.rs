@@ -156,6 +156,11 @@ pub struct Describe {
     pub revisions: Vec<Revision>,
     pub replicas: Vec<Replica>,
     pub events: Vec<Event>,
+    /// The world its component is served as (`wasi:http/proxy`, `wasi:http/service, WASIp3`,
+    /// `wasi:cli/command`), read from its module's exports; absent for a module recorded
+    /// before Shoal read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world: Option<String>,
     /// CPU its guests used lately, over every node; `None` before any node reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuView>,
@@ -239,6 +244,34 @@ pub struct NodeSummary {
     /// evicted). `shoal get nodes` shows it as `Unknown`, as kubectl does.
     #[serde(default)]
     pub silent: bool,
+}
+
+/// `PUT /v1/nodes/{name}/labels` (`shoal node label`): labels to set and to remove, as
+/// `kubectl label node` takes them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NodeLabels {
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Change a label that has another value (without it, that is refused).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+/// `GET /v1/nodes/{name}` (`shoal describe node`): one node, what is placed on it, what it
+/// uses now and what happened to it, as `kubectl describe node` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeDescribe {
+    #[serde(flatten)]
+    pub summary: NodeSummary,
+    /// What its guests use now and what its gateway routed, as `shoal top nodes` shows.
+    pub usage: NodeTop,
+    /// The replicas placed on it that have not finished, every namespace's.
+    pub placed: Vec<Replica>,
+    /// Its own events (object `node/NAME`), the newest 20, oldest first.
+    pub events: Vec<Event>,
 }
 
 /// `POST /v1/tokens`: a new API token named `name` with `role`, acting in

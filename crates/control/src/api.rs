@@ -19,10 +19,10 @@ use shoal_api::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
-    KeyRotated, ModuleUploaded, NodeAction, NodeSummary, NodeTop, NodeUsage, PoolWrite, Registered,
-    ReplicaIncident, ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken,
-    SecretView, SecretWrite, SecretWritten, Service, Snapshot, TokenRequest, TokenView,
-    VolumeUsage, VolumeView, Waiting,
+    KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
+    NodeUsage, PoolWrite, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite, SecretWritten, Service,
+    Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -190,6 +190,9 @@ admin_api! {
         op("List events, oldest first").query::<EventQuery>().json_list::<Event>(StatusCode::OK);
     GET "/v1/nodes" => list_nodes, Viewer, Cluster,
         op("List nodes and what is placed on them").json_list::<NodeSummary>(StatusCode::OK);
+    GET "/v1/nodes/{name}" => describe_node, Viewer, Cluster,
+        op("Describe a node: what is placed on it, what it uses now, its events")
+            .json::<NodeDescribe>(StatusCode::OK);
     GET "/v1/top/nodes" => top_nodes, Viewer, Cluster,
         op("What each node's guests use now and what its gateway routed over the last minute")
             .json_list::<NodeTop>(StatusCode::OK);
@@ -202,6 +205,10 @@ admin_api! {
             .raw(StatusCode::OK, "text/plain; version=0.0.4");
     DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster,
         op("Delete a node and revoke its credential").empty(StatusCode::NO_CONTENT);
+    PUT "/v1/nodes/{name}/labels" => label_node, Admin, Cluster,
+        op("Set and remove a node's labels; they outlive its registrations")
+            .body::<NodeLabels>()
+            .json::<Node>(StatusCode::OK);
     POST "/v1/nodes/{name}/{action}" => node_action, Admin, Cluster,
         op("Cordon, uncordon or drain a node")
             .param::<NodeAction>("action")
@@ -1090,6 +1097,15 @@ async fn top_apps(
         .map(|a| Json(a).into_response())
 }
 
+async fn describe_node(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.describe_node(&name))
+        .await
+        .map(|d| Json(d).into_response())
+}
+
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
     blocking(move || cp.node_summaries())
         .await
@@ -1260,6 +1276,16 @@ fn until_revoked<T: Send + 'static>(
             }
         }
     })
+}
+
+async fn label_node(
+    State(cp): State<ControlPlane>,
+    Path(name): Path<String>,
+    StrictJson(change): StrictJson<NodeLabels>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.label_node(&name, change))
+        .await
+        .map(|n| Json(n).into_response())
 }
 
 async fn node_action(
@@ -1949,6 +1975,7 @@ mod tests {
             draining: false,
             leaving: None,
             joined_at: 0,
+            label_overrides: Default::default(),
         }
     }
 

@@ -316,6 +316,7 @@ mod tests {
             draining: false,
             leaving: None,
             joined_at: 0,
+            label_overrides: Default::default(),
         }
     }
 

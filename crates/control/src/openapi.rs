@@ -557,6 +557,7 @@ mod tests {
             draining: false,
             leaving: None,
             joined_at: 0,
+            label_overrides: Default::default(),
         };
         let summary = shoal_api::NodeSummary {
             node,

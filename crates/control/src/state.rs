@@ -5,8 +5,8 @@ use crate::error::ControlError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shoal_api::{
-    AppSummary, ApplyOutcome, ApplyResult, Describe, NodeAction, NodeSummary, NodeUsage,
-    ReplicaReport, ScaleView, Service, ServiceEndpoint, Snapshot,
+    AppSummary, ApplyOutcome, ApplyResult, Describe, NodeAction, NodeLabels, NodeSummary,
+    NodeUsage, ReplicaReport, ScaleView, Service, ServiceEndpoint, Snapshot,
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
@@ -447,9 +447,7 @@ impl ControlPlane {
                 // volume's size limit cannot be kept: its replicas would only fail.
                 if let Some(exports) = &module.exports
                     && spec.component.kind == Kind::Http
-                    && exports
-                        .iter()
-                        .any(|e| e.starts_with("wasi:http/handler@0.3"))
+                    && shoal_core::spec::serves_p3(exports)
                     && let Some(v) = spec.volumes.iter().find(|v| !v.read_only)
                 {
                     return Err(ControlError::Invalid {
@@ -1017,8 +1015,13 @@ impl ControlPlane {
         let rollout = self
             .get::<RolloutStatus>(&keys::rollout(key))?
             .map(|(s, _)| s);
+        let world = self
+            .get::<Module>(&keys::module(&app.spec.component.digest))?
+            .and_then(|(m, _)| m.exports)
+            .map(|exports| app.spec.component.kind.served_world(&exports).to_string());
         Ok(Describe {
             cpu: self.inner.metrics.cpu(key, self.now()),
+            world,
             app,
             rollout,
             revisions,
@@ -1196,6 +1199,10 @@ impl ControlPlane {
             let txn = match &previous {
                 Some((old, mod_rev)) => {
                     node.joined_at = old.joined_at;
+                    // What an operator labelled stays: the node declares only its own.
+                    node.label_overrides = old.label_overrides.clone();
+                    let declared = std::mem::take(&mut node.labels);
+                    node.declare_labels(declared);
                     // Back from a shutdown that drained it: as it was before. The record
                     // says so, never the node.
                     match old.leaving {
@@ -1213,6 +1220,7 @@ impl ControlPlane {
                 }
                 None => {
                     node.leaving = None;
+                    node.label_overrides.clear();
                     Txn::new().when_absent(key.clone())
                 }
             };
@@ -1313,6 +1321,40 @@ impl ControlPlane {
                 format!("node/{name}"),
                 None,
                 format!("node {name}: {}", reason.to_lowercase()),
+            ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "node {name} changed concurrently; try again"
+            )));
+        }
+        self.inner.kick.notify_one();
+        Ok(node)
+    }
+
+    /// `shoal node label`: sets and removes a node's labels ([`Node::relabel`]); replicas
+    /// whose `node_selector` it no longer matches then move, as after any label change.
+    pub(crate) fn label_node(&self, name: &str, change: NodeLabels) -> Result<Node, ControlError> {
+        let key = keys::node(name);
+        let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
+            return Err(ControlError::not_found(format!(
+                "node {name} does not exist"
+            )));
+        };
+        let changes = node
+            .relabel(&change.set, &change.remove, change.overwrite)
+            .map_err(|m| ControlError::invalid(ErrorCode::InvalidNode, m))?;
+        if changes.is_empty() {
+            return Ok(node);
+        }
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), mod_rev)
+            .then(Op::put(key, encode(&node)))
+            .then(self.event_op(
+                EventType::Normal,
+                "Labeled",
+                format!("node/{name}"),
+                None,
+                format!("node {name}: {}", changes.join(", ")),
             ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::conflict(format!(

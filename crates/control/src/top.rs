@@ -4,12 +4,46 @@
 
 use crate::error::ControlError;
 use crate::state::ControlPlane;
-use shoal_api::{AppTop, NodeTop};
+use shoal_api::{AppTop, NodeDescribe, NodeTop};
 use shoal_core::objects::keys;
 use shoal_core::{Node, Replica};
 use std::collections::HashMap;
 
+/// The events `describe node` shows, the newest.
+const NODE_EVENTS: usize = 20;
+
 impl ControlPlane {
+    /// One node as `describe node` shows it: its summary, what it uses now, the replicas
+    /// placed on it and its own newest events.
+    pub(crate) fn describe_node(&self, name: &str) -> Result<NodeDescribe, ControlError> {
+        let summary = self
+            .node_summaries()?
+            .into_iter()
+            .find(|s| s.node.name == name)
+            .ok_or_else(|| ControlError::not_found(format!("node {name} does not exist")))?;
+        let usage = self
+            .top_nodes()?
+            .into_iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| ControlError::not_found(format!("node {name} does not exist")))?;
+        let mut placed: Vec<Replica> = self
+            .list::<Replica>(&keys::REPLICAS)?
+            .into_iter()
+            .filter(|r| r.is_active() && r.node.as_deref() == Some(name))
+            .collect();
+        placed.sort_by(|a, b| (&a.app, &a.id).cmp(&(&b.app, &b.id)));
+        let object = format!("node/{name}");
+        let mut events = self.events(None, usize::MAX)?;
+        events.retain(|e| e.object == object);
+        let events = events.split_off(events.len().saturating_sub(NODE_EVENTS));
+        Ok(NodeDescribe {
+            summary,
+            usage,
+            placed,
+            events,
+        })
+    }
+
     /// Every node: its guests' CPU and memory, its replicas, the requests its gateway routed.
     pub(crate) fn top_nodes(&self) -> Result<Vec<NodeTop>, ControlError> {
         let now = self.now();

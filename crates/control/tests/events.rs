@@ -19,6 +19,7 @@ fn node(name: String) -> Node {
         draining: false,
         leaving: None,
         joined_at: 0,
+        label_overrides: Default::default(),
     }
 }
 

@@ -693,6 +693,78 @@ pub struct Node {
     pub leaving: Option<Leaving>,
     #[schema(value_type = u64)]
     pub joined_at: Millis,
+    /// Labels an operator set (a value) or removed (none) with `shoal node label`, on top of
+    /// those the node declares (`--label`): kept when it registers again, as `kubectl
+    /// label node` outlives a kubelet restart. [`Node::labels`] holds the result.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub label_overrides: BTreeMap<String, Option<String>>,
+}
+
+impl Node {
+    /// Its labels once registered with `declared` (its `--label`s): the operator's
+    /// overrides on top.
+    pub fn declare_labels(&mut self, declared: BTreeMap<String, String>) {
+        let mut labels = declared;
+        for (key, value) in &self.label_overrides {
+            match value {
+                Some(v) => labels.insert(key.clone(), v.clone()),
+                None => labels.remove(key),
+            };
+        }
+        self.labels = labels;
+    }
+
+    /// `shoal node label`: sets the labels of `set` and removes those of `remove`, as
+    /// overrides kept across registrations. As `kubectl label`, a label that has another
+    /// value changes only with `overwrite`; the pool label is Shoal's. What changed, for
+    /// the event; an error says why, and then nothing changed.
+    pub fn relabel(
+        &mut self,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+        overwrite: bool,
+    ) -> Result<Vec<String>, String> {
+        for key in set.keys().chain(remove) {
+            if key == POOL_LABEL {
+                return Err(format!(
+                    "label {POOL_LABEL} is the node's pool, set by Shoal"
+                ));
+            }
+            crate::spec::validate_label("label key", key)?;
+        }
+        if let Some(key) = remove.iter().find(|k| set.contains_key(*k)) {
+            return Err(format!("label {key} is both set and removed"));
+        }
+        for (key, value) in set {
+            crate::spec::validate_label("label value", value)?;
+            match self.labels.get(key) {
+                Some(old) if old != value && !overwrite => {
+                    return Err(format!(
+                        "node {} already has label {key}={old}: pass --overwrite to change it",
+                        self.name
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let mut changes = Vec::new();
+        for (key, value) in set {
+            match self.labels.insert(key.clone(), value.clone()) {
+                Some(old) if old == *value => continue,
+                Some(old) => changes.push(format!("{key}={value} (was {old})")),
+                None => changes.push(format!("{key}={value}")),
+            }
+            self.label_overrides
+                .insert(key.clone(), Some(value.clone()));
+        }
+        for key in remove {
+            if let Some(old) = self.labels.remove(key) {
+                changes.push(format!("{key} removed (was {old})"));
+                self.label_overrides.insert(key.clone(), None);
+            }
+        }
+        Ok(changes)
+    }
 }
 
 /// What a node that drained itself as it shut down was before: [`Node::leaving`].
@@ -863,4 +935,71 @@ pub struct OciOrigin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModuleUse {
     pub last_used: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(labels: &[(&str, &str)]) -> Node {
+        Node {
+            name: "n1".into(),
+            gateway: "n1:8080".into(),
+            capacity: Capacity::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            state: NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            leaving: None,
+            joined_at: 0,
+            label_overrides: BTreeMap::new(),
+        }
+    }
+
+    fn set(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn relabelling_changes_a_value_only_when_told_to_and_never_the_pool() {
+        let mut n = node(&[("zone", "a"), (POOL_LABEL, "workers")]);
+        let e = n.relabel(&set(&[("zone", "b")]), &[], false).unwrap_err();
+        assert!(e.contains("--overwrite"), "{e}");
+        // The same value is no change, with or without --overwrite.
+        assert_eq!(n.relabel(&set(&[("zone", "a")]), &[], false), Ok(vec![]));
+        let changes = n
+            .relabel(&set(&[("zone", "b"), ("tier", "web")]), &[], true)
+            .unwrap();
+        assert_eq!(changes, ["tier=web", "zone=b (was a)"]);
+        let changes = n
+            .relabel(&BTreeMap::new(), &["tier".into()], false)
+            .unwrap();
+        assert_eq!(changes, ["tier removed (was web)"]);
+        assert_eq!(n.labels, set(&[("zone", "b"), (POOL_LABEL, "workers")]));
+        for refused in [
+            n.relabel(&set(&[(POOL_LABEL, "other")]), &[], true),
+            n.relabel(&BTreeMap::new(), &[POOL_LABEL.into()], true),
+            n.relabel(&set(&[("zone", "c")]), &["zone".into()], true),
+            n.relabel(&set(&[("bad key", "x")]), &[], true),
+            n.relabel(&set(&[("k", "")]), &[], true),
+        ] {
+            assert!(refused.is_err(), "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn an_operators_labels_outlive_what_the_node_declares() {
+        let mut n = node(&[("zone", "a"), ("disk", "ssd")]);
+        n.relabel(&set(&[("zone", "b")]), &["disk".into()], true)
+            .unwrap();
+        // The node registers again with its own --label flags, and one more.
+        n.declare_labels(set(&[("zone", "a"), ("disk", "ssd"), ("gpu", "yes")]));
+        assert_eq!(n.labels, set(&[("zone", "b"), ("gpu", "yes")]));
+    }
 }

@@ -64,6 +64,15 @@ impl Kind {
         }
     }
 
+    /// The world a component exporting `exports` is served as under this kind: an `http`
+    /// one exporting `wasi:http/handler@0.3` is served as WASIp3 ([`serves_p3`]).
+    pub fn served_world(self, exports: &[String]) -> &'static str {
+        match self {
+            Kind::Http if serves_p3(exports) => "wasi:http/service, WASIp3",
+            kind => kind.world(),
+        }
+    }
+
     /// Whether a component exporting `exports` can run as this kind.
     pub fn runs(self, exports: &[String]) -> bool {
         let has = |prefix: &str| exports.iter().any(|e| e.starts_with(prefix));
@@ -72,6 +81,14 @@ impl Kind {
             Kind::Job | Kind::Daemon => has("wasi:cli/run@0.2"),
         }
     }
+}
+
+/// Whether an `http` component exporting `exports` is served as WASIp3: it exports
+/// `wasi:http/handler@0.3`, which the runtime prefers when a component exports both.
+pub fn serves_p3(exports: &[String]) -> bool {
+    exports
+        .iter()
+        .any(|e| e.starts_with("wasi:http/handler@0.3"))
 }
 
 impl std::fmt::Display for Kind {
@@ -1338,6 +1355,22 @@ pub fn config_reference(value: &str) -> Option<&str> {
     value.strip_prefix("$(config.")?.strip_suffix(')')
 }
 
+/// The facts about a replica an env value may ask for as `$(NAME)`, as Kubernetes' downward
+/// API does: its node, its ID, its revision, its app and its namespace.
+pub const DOWNWARD: [&str; 5] = ["node", "replica", "revision", "app", "namespace"];
+
+/// The fact an env value `$(NAME)` asks for, if it has that form (a name, known or not,
+/// without spaces or parentheses); `$(config.KEY)` is [`config_reference`]'s.
+pub fn downward_reference(value: &str) -> Option<&str> {
+    let name = value.strip_prefix("$(")?.strip_suffix(')')?;
+    let plain = !name.is_empty()
+        && !name.starts_with("config.")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    plain.then_some(name)
+}
+
 /// `[config]` keys are 1 to 256 printable characters; all entries together stay within
 /// [`MAX_CONFIG_ENTRIES`] and [`MAX_CONFIG_BYTES`].
 pub fn check_config(config: &BTreeMap<String, String>) -> Result<(), String> {
@@ -1872,6 +1905,16 @@ impl AppSpec {
             return field("config_sets", m);
         }
         for (name, value) in &self.env {
+            if let Some(fact) = downward_reference(value)
+                && !DOWNWARD.contains(&fact)
+            {
+                return field(
+                    "env",
+                    format!(
+                        "{name} = \"{value}\" asks for no known fact: $(node), $(replica), $(revision), $(app), $(namespace) or $(config.KEY)"
+                    ),
+                );
+            }
             if let Some(key) = config_reference(value)
                 && !config.contains_key(key)
                 && !self.secret_config.contains_key(key)
@@ -3344,6 +3387,28 @@ A = "1"
         assert!(e.to_string().contains("\"nope\""), "{e}");
         assert_eq!(config_reference("$(config.a.b)"), Some("a.b"));
         assert_eq!(config_reference("$(node)"), None);
+    }
+
+    #[test]
+    fn env_may_ask_for_a_known_fact_only() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for fact in DOWNWARD {
+            let asks = HELLO.replace("A = \"1\"", &format!("A = \"$({fact})\""));
+            assert!(parse_app(&asks).unwrap().resolve(digest.clone()).is_ok());
+        }
+        let typo = HELLO.replace("A = \"1\"", "A = \"$(nodee)\"");
+        let e = parse_app(&typo).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env"), "{e}");
+        assert!(e.to_string().contains("$(nodee)"), "{e}");
+        assert!(e.to_string().contains("$(node)"), "{e}");
+        assert!(e.line.is_some(), "{e}");
+        // Text that only looks like a reference in part stays the guest's own.
+        for plain in ["$(node) and more", "cost $(1 + 2)", "$()", "$(a b)"] {
+            let src = HELLO.replace("A = \"1\"", &format!("A = \"{plain}\""));
+            assert!(parse_app(&src).is_ok(), "{plain}");
+        }
+        assert_eq!(downward_reference("$(node)"), Some("node"));
+        assert_eq!(downward_reference("$(config.x)"), None);
     }
 
     #[test]

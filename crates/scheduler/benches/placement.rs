@@ -59,6 +59,7 @@ fn nodes(rng: &mut Lcg) -> Vec<Node> {
                 draining: false,
                 leaving: None,
                 joined_at: 0,
+                label_overrides: Default::default(),
             }
         })
         .collect()

@@ -49,6 +49,7 @@ fn world(apps: usize, placed: bool) -> World {
                     draining: false,
                     leaving: None,
                     joined_at: 0,
+                    label_overrides: Default::default(),
                 };
                 (node.name.clone(), Read::new(node, 1))
             })

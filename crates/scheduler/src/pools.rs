@@ -390,6 +390,7 @@ mod tests {
                 draining: false,
                 leaving: None,
                 joined_at,
+                label_overrides: BTreeMap::new(),
             },
         )
     }
