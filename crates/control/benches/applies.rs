@@ -256,9 +256,20 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Bytes this process has caused to be written to storage, from `/proc/self/io`: the pages
+/// its commits write, counted when they reach the page cache.
+fn written_bytes() -> f64 {
+    let io = std::fs::read_to_string("/proc/self/io").unwrap();
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("write_bytes in /proc/self/io")
+}
+
 /// Prints one round, with how many acknowledged operations shared a durable commit, how much
-/// of the round's wall time went to committing (`(count, seconds)` of the commits meanwhile)
-/// and the process's CPU time per acknowledged operation (`cpu` seconds meanwhile); on etcd,
+/// of the round's wall time went to committing (`(count, seconds)` of the commits meanwhile),
+/// the process's CPU time and storage writes per acknowledged operation (`cpu` seconds and
+/// `written` bytes meanwhile), and its writes per commit; on etcd,
 /// also its proposals and WAL fsyncs per member meanwhile (`etcd`: theirs, and the members).
 fn print_round(
     what: &str,
@@ -266,7 +277,7 @@ fn print_round(
     round: usize,
     r: &Round,
     commits: (u64, f64),
-    cpu: f64,
+    (cpu, written): (f64, f64),
     etcd: Option<(EtcdWork, f64)>,
 ) {
     // On redb a commit is a group commit, one at a time; on etcd each transaction is one and
@@ -290,7 +301,7 @@ fn print_round(
         )
     });
     println!(
-        "{what:<6} clients={clients:<3} round={round} {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} acked, {} commits, {:.1} acked per commit, {committing}{:.2} ms each; CPU {:.3} ms per op, {:.2} cores{etcd})",
+        "{what:<6} clients={clients:<3} round={round} {:>8.0}/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ({} acked, {} commits, {:.1} acked per commit, {committing}{:.2} ms each; CPU {:.3} ms per op, {:.2} cores; wrote {:.1} KiB per op, {:.0} KiB per commit{etcd})",
         r.per_second,
         r.p50.as_secs_f64() * 1e3,
         r.p99.as_secs_f64() * 1e3,
@@ -300,6 +311,8 @@ fn print_round(
         commits.1 / commits.0.max(1) as f64 * 1e3,
         cpu / r.count.max(1) as f64 * 1e3,
         cpu / r.took.as_secs_f64(),
+        written / r.count.max(1) as f64 / 1024.0,
+        written / commits.0.max(1) as f64 / 1024.0,
     );
 }
 
@@ -393,8 +406,8 @@ fn main() {
     for round in 0..rounds {
         for (n, &clients) in client_counts.iter().enumerate() {
             let tag = format!("r{round}c{clients}");
-            let measured = |r: &Round, what: &str, before: (u64, f64), cpu: f64, etcd| {
-                let cpu = cpu_seconds() - cpu;
+            let measured = |r: &Round, what: &str, before: (u64, f64), used: (f64, f64), etcd| {
+                let used = (cpu_seconds() - used.0, written_bytes() - used.1);
                 let during = since(before, rt.block_on(commits(&base)));
                 let etcd = etcd_since(etcd, rt.block_on(backend.etcd_work()));
                 let members = backend.members();
@@ -404,13 +417,13 @@ fn main() {
                     round,
                     r,
                     during,
-                    cpu,
+                    used,
                     etcd.map(|w| (w, members)),
                 );
             };
             let before = (
                 rt.block_on(commits(&base)),
-                cpu_seconds(),
+                (cpu_seconds(), written_bytes()),
                 rt.block_on(backend.etcd_work()),
             );
             let r = rt.block_on(applies(&base, &digest, &tag, clients, seconds));
@@ -419,7 +432,7 @@ fn main() {
 
             let before = (
                 rt.block_on(commits(&base)),
-                cpu_seconds(),
+                (cpu_seconds(), written_bytes()),
                 rt.block_on(backend.etcd_work()),
             );
             let r = store_txns(&*backend.store, &tag, clients, seconds);
