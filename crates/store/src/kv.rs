@@ -163,7 +163,7 @@ impl Store {
     /// redb's repair of it would panic (a file cut short: an allocator assertion).
     ///
     /// Commits do not use redb's quick repair: it costs a second fsync and an allocator
-    /// write per commit (a lone apply took 2.4× as long). The price is a full repair, a walk
+    /// write per commit (a lone commit took 1.6× as long). The price is a full repair, a walk
     /// of every page, when opening a file a killed server left; its progress is logged so a
     /// slow start says why.
     pub fn open_with(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
