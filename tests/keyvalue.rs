@@ -121,6 +121,13 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
         nodes[0].get("/counter/big").unwrap(),
         (200, "0\n".to_string())
     );
+    // An empty key is a usage error, not a request.
+    let err = server.cli(&["kv", "put", "counter", "", "x"]);
+    assert_eq!(err.status.code(), Some(2), "{err:?}");
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("a key is 1 to 1024 bytes"),
+        "{err:?}"
+    );
     server.cli_ok(&["kv", "delete", "counter", "greeting"]);
     assert_eq!(server.cli_ok(&["kv", "list", "counter"]), "hits\n");
 

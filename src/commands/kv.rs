@@ -26,6 +26,7 @@ enum KvAction {
         #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
+        #[arg(value_parser = kv_key)]
         key: String,
     },
     /// Store a value under a key: the argument, or a file's bytes.
@@ -34,6 +35,7 @@ enum KvAction {
         #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
+        #[arg(value_parser = kv_key)]
         key: String,
         /// The value; or --from-file.
         #[arg(required_unless_present = "file", conflicts_with = "file")]
@@ -48,6 +50,7 @@ enum KvAction {
         #[arg(value_parser = crate::commands::object_name)]
         bucket: String,
         /// The key.
+        #[arg(value_parser = kv_key)]
         key: String,
     },
     /// List a bucket's keys, in order.
@@ -58,6 +61,11 @@ enum KvAction {
     },
     /// List the namespace's buckets: keys and bytes each holds.
     Buckets,
+}
+
+/// Reads a key for clap: refused before any request (an empty key would name the bucket).
+fn kv_key(text: &str) -> Result<String, String> {
+    shoal_core::kv::check_key(text).map(|()| text.to_string())
 }
 
 pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
