@@ -64,6 +64,25 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
         "{all}"
     );
 
+    // One by name, as `kubectl get deployment NAME`: its row, or as JSON the object itself.
+    let one = c.cli_ok(&["-n", "team-b", "get", "app", "hello"]);
+    assert_eq!(one.lines().count(), 2, "{one}");
+    let json: serde_json::Value =
+        serde_json::from_str(&c.cli_ok(&["get", "app", "hello", "-o", "json"])).unwrap();
+    assert_eq!(
+        (json["name"].as_str(), json["namespace"].as_str()),
+        (Some("hello"), Some("default")),
+        "{json}"
+    );
+    let out = c.cli(&["get", "app", "nope"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("app nope not found in namespace default"),
+        "{out:?}"
+    );
+    assert_eq!(code(&c, &["get", "apps", "hello", "-A"]), Some(2));
+    assert_eq!(code(&c, &["get", "events", "hello"]), Some(2));
+
     c.cli_ok(&["config", "create", "shared", "--from-literal", "a=1"]);
     assert_eq!(
         code(&c, &["config", "create", "shared", "--from-literal", "a=1"]),

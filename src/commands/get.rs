@@ -9,12 +9,16 @@ use shoal_core::{Event, Module, NodeState, Replica};
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal get apps                                  NAME KIND REVISION READY … in the namespace
+  shoal get app hello -o json                     one app, as an object (exit 3 if none)
   shoal get replicas --app hello -w               then each change as it happens
   shoal get apps -A -o json                       every namespace, for scripts")]
 pub struct GetArgs {
     /// What to list.
     #[arg(value_enum)]
     what: What,
+    /// Only the one with this name (a module: its digest), as `kubectl get KIND NAME`;
+    /// `-o json` then prints it as an object, not a list.
+    name: Option<String>,
     /// Only this app's replicas or events.
     #[arg(long)]
     #[arg(value_parser = crate::commands::object_name)]
@@ -55,14 +59,56 @@ enum What {
     Volumes,
 }
 
+impl What {
+    /// One of them, for messages.
+    fn singular(self) -> &'static str {
+        match self {
+            What::Apps => "app",
+            What::Jobs => "job",
+            What::Replicas => "replica",
+            What::Modules => "module",
+            What::Nodes => "node",
+            What::Pools => "pool",
+            What::Events => "event",
+            What::Services => "service",
+            What::Secrets => "secret",
+            What::Volumes => "volume",
+        }
+    }
+}
+
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     if args.show_labels && !matches!(args.what, What::Nodes) {
         return Err(crate::exit::usage(
             "--show-labels is for nodes: they are what carries labels".into(),
         ));
     }
+    if let Some(name) = &args.name {
+        if matches!(args.what, What::Events) {
+            return Err(crate::exit::usage(format!(
+                "events have no names: `shoal get events` lists them, not {name}"
+            )));
+        }
+        if args.all_namespaces {
+            return Err(crate::exit::usage(
+                "a name is looked up in one namespace: give -n, not -A".into(),
+            ));
+        }
+    }
     let client = ctx.client()?;
     let first = list(&ctx, &client, &args).await?;
+    if let Some(name) = &args.name
+        && first.rows.is_empty()
+    {
+        let namespace = match first.namespaces {
+            Some(_) => format!(" in namespace {}", ctx.namespace),
+            None => String::new(),
+        };
+        return Err(crate::exit::fail(
+            crate::exit::NOT_FOUND,
+            format!("{} {name} not found{namespace}", args.what.singular()),
+        ));
+    }
     let all = args.all_namespaces;
     if ctx.output == Format::Json {
         output::json(&first.json);
@@ -82,7 +128,8 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
         tick.tick().await;
         let now = client.patiently(|| list(&ctx, &client, &args)).await?;
         if ctx.output == Format::Json {
-            if now.settled() != shown.settled() {
+            // A named one that is gone has nothing to print.
+            if now.settled() != shown.settled() && !now.json.is_null() {
                 println!("{}", serde_json::to_string(&now.json)?);
             }
         } else {
@@ -128,6 +175,42 @@ struct Listing {
 }
 
 impl Listing {
+    /// Only the rows whose first column (the name, or a module's digest) is `name`, and
+    /// their JSON: the one object, or `null` when there is none.
+    fn only(self, name: &str) -> Listing {
+        let keep: Vec<bool> = self.rows.iter().map(|r| r[0] == name).collect();
+        let kept = |v: Vec<String>| -> Vec<String> {
+            v.into_iter()
+                .zip(&keep)
+                .filter_map(|(x, k)| k.then_some(x))
+                .collect()
+        };
+        let json = match self.json {
+            serde_json::Value::Array(items) => items
+                .into_iter()
+                .zip(&keep)
+                .find_map(|(x, k)| k.then_some(x))
+                .unwrap_or(serde_json::Value::Null),
+            other => other,
+        };
+        Listing {
+            json,
+            header: self.header,
+            namespaces: self.namespaces.map(kept),
+            rows: self
+                .rows
+                .into_iter()
+                .zip(&keep)
+                .filter_map(|(r, k)| k.then_some(r))
+                .collect(),
+            ids: if self.ids.is_empty() {
+                self.ids
+            } else {
+                kept(self.ids)
+            },
+        }
+    }
+
     fn plain(
         json: serde_json::Value,
         header: &'static [&'static str],
@@ -225,7 +308,7 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
         .as_deref()
         .map(|a| format!("&app={}", seg(a)))
         .unwrap_or_default();
-    Ok(match args.what {
+    let listing = match args.what {
         What::Apps => {
             let apps: Vec<AppSummary> = client.get(&format!("/v1/apps?{ns}")).await?;
             let json = serde_json::to_value(&apps)?;
@@ -529,6 +612,10 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                 )
             }
         }
+    };
+    Ok(match &args.name {
+        Some(name) => listing.only(name),
+        None => listing,
     })
 }
 
