@@ -179,35 +179,23 @@ impl Listing {
     /// their JSON: the one object, or `null` when there is none.
     fn only(self, name: &str) -> Listing {
         let keep: Vec<bool> = self.rows.iter().map(|r| r[0] == name).collect();
-        let kept = |v: Vec<String>| -> Vec<String> {
-            v.into_iter()
-                .zip(&keep)
+        fn kept<T>(items: Vec<T>, keep: &[bool]) -> Vec<T> {
+            items
+                .into_iter()
+                .zip(keep)
                 .filter_map(|(x, k)| k.then_some(x))
                 .collect()
-        };
+        }
         let json = match self.json {
-            serde_json::Value::Array(items) => items
-                .into_iter()
-                .zip(&keep)
-                .find_map(|(x, k)| k.then_some(x))
-                .unwrap_or(serde_json::Value::Null),
-            other => other,
+            serde_json::Value::Array(items) => kept(items, &keep).pop(),
+            other => Some(other),
         };
         Listing {
-            json,
+            json: json.unwrap_or(serde_json::Value::Null),
             header: self.header,
-            namespaces: self.namespaces.map(kept),
-            rows: self
-                .rows
-                .into_iter()
-                .zip(&keep)
-                .filter_map(|(r, k)| k.then_some(r))
-                .collect(),
-            ids: if self.ids.is_empty() {
-                self.ids
-            } else {
-                kept(self.ids)
-            },
+            namespaces: self.namespaces.map(|n| kept(n, &keep)),
+            rows: kept(self.rows, &keep),
+            ids: kept(self.ids, &keep),
         }
     }
 
