@@ -363,11 +363,22 @@ pub fn router(cp: ControlPlane) -> Router {
                 .unwrap_or_default();
             method_not_allowed(&path)
         })
-        .fallback(|| async {
-            ApiError::new(
-                ErrorCode::NotFound,
-                "no such API endpoint; GET /v1/openapi.json lists them all",
-            )
+        .fallback(|uri: axum::http::Uri| async move {
+            // `{*key}` matches no empty key: say what is wrong with it, not that the path is.
+            let bucket = uri
+                .path()
+                .strip_prefix("/v1/kv/")
+                .and_then(|b| b.strip_suffix('/'));
+            match bucket {
+                Some(b) if !b.is_empty() && !b.contains('/') => ApiError::new(
+                    ErrorCode::BadRequest,
+                    shoal_core::kv::check_key("").err().unwrap_or_default(),
+                ),
+                _ => ApiError::new(
+                    ErrorCode::NotFound,
+                    "no such API endpoint; GET /v1/openapi.json lists them all",
+                ),
+            }
         })
         .layer(middleware::from_fn(trace))
         .with_state(cp)
@@ -1781,6 +1792,21 @@ mod tests {
         );
         let (status, _) = call(&router, "/v1/apps/ghost", Some("admin")).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+        // A bucket's path with an empty key breaks the key rule; it is not an unknown endpoint.
+        for method in ["GET", "PUT", "DELETE"] {
+            let req = HttpRequest::builder().method(method).uri("/v1/kv/cache/");
+            let resp = respond(&router, req, Some("admin")).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{method}");
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("a key is 1 to"),
+                "{body}"
+            );
+        }
     }
 
     /// A field the API does not know is named, not dropped: a typo in a hand-written body
