@@ -53,6 +53,10 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
         listed.contains("workers") && listed.contains("workers-1,workers-2"),
         "{listed}"
     );
+    assert!(
+        listed.contains(" 2/2 "),
+        "both members joined and are Ready: {listed}"
+    );
     let events = server.cli_ok(&["events"]);
     assert_eq!(events.matches("PoolNodeStarting").count(), 2, "{events}");
     assert!(events.contains("fit on no node"), "{events}");
@@ -236,6 +240,13 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
         "{}",
         server.cli_ok(&["events"])
     );
+    // Its member is not counted ready: no worker joined for it.
+    let listed = server.cli_ok(&["get", "pools"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("broken"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row.split_whitespace().nth(3), Some("0/1"), "{listed}");
     server.cli_ok(&["pool", "set", "broken", "--min", "0", "--max", "0"]);
     assert!(
         poll(Duration::from_secs(30), || server

@@ -512,6 +512,14 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             ctx.no_namespace("pools")?;
             let pools: Vec<shoal_core::Pool> = client.get("/v1/pools").await?;
             let json = serde_json::to_value(&pools)?;
+            // A member counts as ready once its worker has joined and is up: one whose
+            // provider failed, or that is still starting, does not.
+            let nodes: Vec<NodeSummary> = client.get("/v1/nodes").await?;
+            let up: std::collections::HashSet<&str> = nodes
+                .iter()
+                .filter(|n| !n.silent && n.node.state == NodeState::Ready)
+                .map(|n| n.node.name.as_str())
+                .collect();
             let rows: Vec<Vec<String>> = pools
                 .iter()
                 .map(|p| {
@@ -520,12 +528,17 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                         .values()
                         .filter(|m| m.retiring_since.is_some())
                         .count();
+                    let ready = p
+                        .members
+                        .iter()
+                        .filter(|(n, m)| m.retiring_since.is_none() && up.contains(n.as_str()))
+                        .count();
                     let nodes = p.members.keys().cloned().collect::<Vec<_>>().join(",");
                     vec![
                         p.name.clone(),
                         p.spec.min.to_string(),
                         p.spec.max.to_string(),
-                        (p.members.len() - retiring).to_string(),
+                        format!("{ready}/{}", p.members.len() - retiring),
                         retiring.to_string(),
                         p.spec.provider.clone().unwrap_or_else(|| "local".into()),
                         if p.spec.labels.is_empty() {
@@ -549,7 +562,7 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             Listing::plain(
                 json,
                 &[
-                    "NAME", "MIN", "MAX", "NODES", "RETIRING", "PROVIDER", "LABELS", "MEMBERS",
+                    "NAME", "MIN", "MAX", "READY", "RETIRING", "PROVIDER", "LABELS", "MEMBERS",
                 ],
                 rows,
             )
