@@ -217,6 +217,47 @@ fn a_canary_returning_errors_is_aborted_and_a_healthy_one_is_promoted() {
     }
 }
 
+/// With `min_ready`, an old replica stops, and the rollout completes, only once a new one has
+/// been Ready that long.
+#[test]
+fn min_ready_keeps_the_old_replica_until_the_new_one_has_been_ready_that_long() {
+    let c = Cluster::start();
+    let d = c.dir.path();
+    let extra = format!("{READINESS}[rollout]\nmin_ready = \"3s\"\n");
+    c.cli_ok(&["apply", "-f", &faulty(d, 1, 1, "", &extra)]);
+    assert!(wait_rollout(|a| c.cli(a)).0);
+    let replicas = c.api_json("/v1/replicas?app=faulty");
+    let old = replicas[0]["id"].as_str().unwrap().to_string();
+    c.cli_ok(&["apply", "-f", &faulty(d, 1, 2, "", &extra)]);
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(done, "{out}");
+    let replicas = c.api_json("/v1/replicas?app=faulty");
+    let new = replicas
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["revision"] == 2)
+        .unwrap_or_else(|| panic!("{replicas:#}"));
+    let ready_since = new["ready_since"].as_u64().unwrap();
+    let events = c.api_json("/v1/events?app=faulty");
+    let time = |reason: &str, saying: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["reason"] == reason && e["message"].as_str().unwrap().contains(saying))
+            .and_then(|e| e["time"].as_u64())
+            .unwrap_or_else(|| panic!("no {reason} event saying {saying}: {events:#}"))
+    };
+    let killed = time("Killing", &old);
+    assert!(
+        killed >= ready_since + 3_000,
+        "old replica stopped {} ms after the new one was ready",
+        killed as i64 - ready_since as i64
+    );
+    assert!(time("RolledOut", "revision 2") >= ready_since + 3_000);
+}
+
 #[test]
 fn rollouts_pause_resume_and_promote_on_command() {
     let c = Cluster::start();

@@ -179,7 +179,8 @@ impl ControlPlane {
         clock: &mut LeaseClock,
         full: bool,
     ) -> Result<bool, ControlError> {
-        let changes = mirror.take_changes();
+        let now = self.now();
+        let changes = mirror.take_changes(now);
         let measured = self.inner.metrics.take_touched();
         // A node that came, went or changed concerns every app.
         let full = full || changes.nodes;
@@ -203,7 +204,6 @@ impl ControlPlane {
         world.node_grace_ms = self.config().node_grace.as_millis() as u64;
         world.strategy = self.config().strategy;
         world.rebalance = self.config().rebalance;
-        let now = self.now();
         let plan = match &focus {
             None => {
                 world.measurements = self.inner.metrics.snapshot();

@@ -11,7 +11,7 @@ use crate::state::decode;
 use shoal_api::ObjectKey;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Lease, Node, Replica, Revision, RolloutStatus, Volume};
+use shoal_core::{App, Lease, Millis, Node, Replica, Revision, RolloutStatus, Volume};
 use shoal_scheduler::Strategy;
 use shoal_scheduler::plan::{Leases, Read, World, needs_look};
 use shoal_store::{Event, EventKind, KeyValue};
@@ -85,11 +85,14 @@ impl Mirror {
         }
     }
 
-    /// What changed since the last call.
-    pub(crate) fn take_changes(&mut self) -> Changes {
+    /// What changed since the last call; `now` is the pass's clock, which settles apps
+    /// whose replicas had only to serve a while ([`needs_look`]).
+    pub(crate) fn take_changes(&mut self, now: Millis) -> Changes {
         let changes = std::mem::take(&mut self.changes);
+        let world = &self.world;
+        self.active.retain(|key| needs_look(world, key, now));
         for key in &changes.apps {
-            if needs_look(&self.world, key) {
+            if needs_look(&self.world, key, now) {
                 self.active.insert(key.clone());
             } else {
                 self.active.remove(key);
@@ -233,24 +236,7 @@ mod tests {
             "name = \"a\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/a\"]\n"
         );
         let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
-        Replica {
-            id: id.into(),
-            app: spec.key(),
-            revision: 1,
-            kind: spec.component.kind,
-            resources: spec.resources,
-            node: Some("n".into()),
-            phase: Phase::Ready,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: Vec::new(),
-            scheduled_at: None,
-            moving_since: None,
-            created_at: 0,
-            updated_at: 0,
-        }
+        crate::state::tests::replica_of(&spec, id, 1, "n", Phase::Ready)
     }
 
     fn node(name: &str) -> Node {
@@ -273,7 +259,7 @@ mod tests {
         let a = AppKey::new("default", "a");
         let mut m = Mirror::load(&[kv(keys::node("n").to_string(), encode(&node("n")), 1)], 1)
             .expect("loads");
-        assert!(m.take_changes().nodes, "a load is a change to everything");
+        assert!(m.take_changes(0).nodes, "a load is a change to everything");
 
         let key = keys::replica(&a, "x").to_string();
         m.apply(&put(key.clone(), encode(&replica("x")), 2))
@@ -288,7 +274,7 @@ mod tests {
         assert_eq!(m.world.replicas[&a]["x"].mod_revision, 2);
         assert_eq!(m.leases["n"], 3, "a renewal is known by its revision");
         assert_eq!(
-            m.take_changes(),
+            m.take_changes(0),
             Changes {
                 apps: BTreeSet::from([a.clone()]),
                 nodes: false
@@ -307,9 +293,9 @@ mod tests {
         );
         m.apply(&delete(keys::node("n").to_string(), 6)).unwrap();
         assert!(m.world.nodes.is_empty());
-        let changes = m.take_changes();
+        let changes = m.take_changes(0);
         assert!(changes.nodes && changes.apps.contains(&a));
-        assert_eq!(m.take_changes(), Changes::default(), "taken once");
+        assert_eq!(m.take_changes(0), Changes::default(), "taken once");
     }
 
     #[test]

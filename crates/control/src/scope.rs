@@ -176,25 +176,7 @@ mod tests {
     }
 
     fn replica(id: &str, node: &str, number: u64) -> Replica {
-        let spec = app().spec;
-        Replica {
-            id: id.into(),
-            app: spec.key(),
-            revision: number,
-            kind: spec.component.kind,
-            resources: spec.resources,
-            node: Some(node.into()),
-            phase: Phase::Ready,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: Vec::new(),
-            scheduled_at: None,
-            moving_since: None,
-            created_at: 0,
-            updated_at: 0,
-        }
+        crate::state::tests::replica_of(&app().spec, id, number, node, Phase::Ready)
     }
 
     fn configured(r: &Revision) -> bool {

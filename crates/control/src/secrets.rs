@@ -719,24 +719,13 @@ mod tests {
         let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
         let result = cp.apply(spec, false).unwrap();
         let app = result.app.spec.key();
-        let replica = Replica {
-            id: format!("{name}-1"),
-            app: app.clone(),
-            revision: result.app.revision,
-            kind: shoal_core::Kind::Http,
-            resources: result.app.spec.resources.clone(),
-            node: Some("node-1".into()),
-            phase: shoal_core::Phase::Starting,
-            message: None,
-            exit_code: None,
-            restarts: 0,
-            reason: None,
-            avoid: vec![],
-            scheduled_at: None,
-            moving_since: None,
-            created_at: 0,
-            updated_at: 0,
-        };
+        let replica = crate::state::tests::replica_of(
+            &result.app.spec,
+            &format!("{name}-1"),
+            result.app.revision,
+            "node-1",
+            shoal_core::Phase::Starting,
+        );
         cp.store()
             .txn(Txn::new().then(Op::put(keys::replica(&app, &replica.id), encode(&replica))))
             .unwrap();

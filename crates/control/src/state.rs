@@ -1428,12 +1428,21 @@ impl ControlPlane {
                 return Ok(());
             }
             let replica_restarts = replica.restarts;
+            let was_serving = replica.serving();
             replica.phase = report.phase;
             replica.message = report.message.clone();
             replica.exit_code = report.exit_code;
             replica.restarts = report.restarts;
             replica.reason = report.reason.clone();
             replica.updated_at = self.now();
+            // Serving again after a restart is serving anew: `min_ready` counts from then.
+            replica.ready_since = match replica.serving() {
+                false => None,
+                true if !was_serving || report.restarts > replica_restarts => {
+                    Some(replica.updated_at)
+                }
+                true => replica.ready_since.or(Some(replica.updated_at)),
+            };
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
                 Phase::Starting => (EventType::Normal, "Starting"),
@@ -1685,6 +1694,56 @@ pub(crate) mod tests {
         assert_eq!(cp.apply_retrying(bad, false, true).unwrap().app.revision, 4);
     }
 
+    /// A clock a test sets.
+    struct SetClock(std::sync::atomic::AtomicU64);
+
+    impl shoal_core::clock::Clock for SetClock {
+        fn now_ms(&self) -> Millis {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// What a replica's `min_ready` counts from: when its node first reports it serving, and
+    /// again after a restart; nothing while it does not serve.
+    #[test]
+    fn a_replica_is_ready_since_its_node_says_it_serves_and_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(SetClock(1_000.into()));
+        let cp = ControlPlane::with_clock(
+            Arc::new(Store::open(&dir.path().join("state.redb")).unwrap()),
+            BlobStore::open(&dir.path().join("modules")).unwrap(),
+            ControlConfig::default(),
+            clock.clone(),
+        )
+        .unwrap();
+        let spec = spec(&cp, "web", &["/web"]);
+        let key = keys::replica(&spec.key(), "r1");
+        let replica = replica_of(&spec, "r1", 1, "n", Phase::Starting);
+        cp.store()
+            .txn(Txn::new().then(Op::put(key.clone(), encode(&replica))))
+            .unwrap();
+        let report = |phase, restarts, at: Millis| {
+            clock.0.store(at, std::sync::atomic::Ordering::SeqCst);
+            cp.report_replica(ReplicaReport {
+                app: spec.key(),
+                replica: "r1".into(),
+                node: "n".into(),
+                phase,
+                message: None,
+                exit_code: None,
+                restarts,
+                reason: None,
+            })
+            .unwrap();
+            cp.get::<Replica>(&key).unwrap().unwrap().0.ready_since
+        };
+        assert_eq!(report(Phase::Ready, 0, 2_000), Some(2_000));
+        assert_eq!(report(Phase::Ready, 0, 3_000), Some(2_000), "nothing new");
+        assert_eq!(report(Phase::Ready, 1, 4_000), Some(4_000), "restarted");
+        assert_eq!(report(Phase::Unready, 1, 5_000), None);
+        assert_eq!(report(Phase::Ready, 1, 6_000), Some(6_000));
+    }
+
     #[test]
     fn what_an_apply_changed_is_said_in_the_spec_files_words() {
         let digest = format!("sha256:{}", "a".repeat(64));
@@ -1737,6 +1796,35 @@ pub(crate) mod tests {
         let store = Store::open(&dir.join("state.redb")).unwrap();
         let blobs = BlobStore::open(&dir.join("modules")).unwrap();
         ControlPlane::new(store, blobs, config).unwrap()
+    }
+
+    /// A replica of `spec` at `revision` on `node`, in `phase`, as the scheduler's record of it.
+    pub(crate) fn replica_of(
+        spec: &AppSpec,
+        id: &str,
+        revision: u64,
+        node: &str,
+        phase: Phase,
+    ) -> Replica {
+        Replica {
+            id: id.into(),
+            app: spec.key(),
+            revision,
+            kind: spec.component.kind,
+            resources: spec.resources.clone(),
+            node: Some(node.into()),
+            phase,
+            message: None,
+            exit_code: None,
+            restarts: 0,
+            reason: None,
+            avoid: Vec::new(),
+            scheduled_at: None,
+            moving_since: None,
+            ready_since: None,
+            created_at: 0,
+            updated_at: 0,
+        }
     }
 
     /// Records a component module as uploaded, as an upload would; returns its digest.

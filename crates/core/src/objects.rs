@@ -502,6 +502,11 @@ pub struct Replica {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub moving_since: Option<Millis>,
+    /// Since when it serves (Ready, or Running) without a restart: what an app's
+    /// `rollout.min_ready` is counted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub ready_since: Option<Millis>,
     #[schema(value_type = u64)]
     pub created_at: Millis,
     #[schema(value_type = u64)]
@@ -517,6 +522,20 @@ impl Replica {
     /// Whether the controller is moving it to another node.
     pub fn moving(&self) -> bool {
         self.moving_since.is_some()
+    }
+
+    /// Whether it serves: Ready, or Running (a daemon or a job executing).
+    pub fn serving(&self) -> bool {
+        matches!(self.phase, Phase::Ready | Phase::Running)
+    }
+
+    /// Whether it has served for `min_ready_ms` at `now`, without a restart: only such a
+    /// replica lets a rollout remove an old one, start a canary step or complete. A
+    /// record written before `ready_since` existed counts from its last update.
+    pub fn available(&self, min_ready_ms: u64, now: Millis) -> bool {
+        self.serving()
+            && (min_ready_ms == 0
+                || now.saturating_sub(self.ready_since.unwrap_or(self.updated_at)) >= min_ready_ms)
     }
 }
 

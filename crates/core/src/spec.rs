@@ -643,6 +643,12 @@ pub struct Rollout {
     /// revision that rolled out), as one whose new replicas crash-loop is at once.
     #[serde(default = "default_progress_deadline")]
     pub progress_deadline_ms: u64,
+    /// How long a new replica must have been ready, without a restart, before it counts as
+    /// available (Kubernetes' `minReadySeconds`): an old replica is removed, a canary step
+    /// starts and a rollout completes only on available replicas, so one that passes its
+    /// probe and crashes seconds later has not cost an old one yet.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub min_ready_ms: u64,
     /// Canary only: the traffic steps before full promotion.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<CanaryStep>,
@@ -656,6 +662,10 @@ fn default_progress_deadline() -> u64 {
     DEFAULT_PROGRESS_DEADLINE_MS
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl Default for Rollout {
     fn default() -> Self {
         Rollout {
@@ -663,6 +673,7 @@ impl Default for Rollout {
             max_surge: 1,
             max_unavailable: 0,
             progress_deadline_ms: DEFAULT_PROGRESS_DEADLINE_MS,
+            min_ready_ms: 0,
             steps: Vec::new(),
             analysis: Analysis::default(),
         }
@@ -679,6 +690,12 @@ impl Rollout {
         }
         if self.progress_deadline_ms < 1_000 {
             return Err("progress_deadline must be at least 1s".into());
+        }
+        if self.min_ready_ms >= self.progress_deadline_ms {
+            return Err(
+                "min_ready must be less than progress_deadline: no replica could count as available before the rollout gave up"
+                    .into(),
+            );
         }
         match self.strategy {
             Strategy::Rolling if !self.steps.is_empty() => {
@@ -2273,6 +2290,7 @@ struct RawRollout {
     max_surge: Option<u32>,
     max_unavailable: Option<u32>,
     progress_deadline: Option<Spanned<String>>,
+    min_ready: Option<Spanned<String>>,
     steps: Option<Vec<Spanned<RawStep>>>,
     analysis: Option<Spanned<RawAnalysis>>,
 }
@@ -2302,6 +2320,11 @@ fn rollout(src: &str, raw: &Spanned<RawRollout>) -> Result<Rollout, SpecError> {
         Some(d) => parse_duration_ms(d.get_ref())
             .map_err(|e| fail("rollout.progress_deadline", e.to_string(), d.span()))?,
         None => DEFAULT_PROGRESS_DEADLINE_MS,
+    };
+    let min_ready_ms = match &r.min_ready {
+        Some(d) => parse_duration_ms(d.get_ref())
+            .map_err(|e| fail("rollout.min_ready", e.to_string(), d.span()))?,
+        None => 0,
     };
     let mut steps = Vec::new();
     for s in r.steps.iter().flatten() {
@@ -2347,6 +2370,7 @@ fn rollout(src: &str, raw: &Spanned<RawRollout>) -> Result<Rollout, SpecError> {
         max_surge: r.max_surge.unwrap_or(1),
         max_unavailable: r.max_unavailable.unwrap_or(0),
         progress_deadline_ms,
+        min_ready_ms,
         steps,
         analysis,
     })
@@ -4151,6 +4175,27 @@ A = "1"
         assert!(e.message.contains("needs steps"), "{e}");
         let e = err(&src.replace("\"rolling\"", "\"blue-green\""));
         assert!(e.message.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn min_ready_parses_and_must_be_less_than_the_progress_deadline() {
+        let src = format!("{HELLO}\n[rollout]\nmin_ready = \"15s\"\nprogress_deadline = \"1m\"\n");
+        let spec = parse_app(&src)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        assert_eq!(spec.rollout.min_ready_ms, 15_000);
+        // Stored only when set: apps stored before it existed read back the same.
+        let json = serde_json::to_value(&spec.rollout).unwrap();
+        assert_eq!(json["min_ready_ms"], 15_000);
+        let plain = serde_json::to_value(Rollout::default()).unwrap();
+        assert!(plain.get("min_ready_ms").is_none(), "{plain}");
+        let e = err(&src.replace("\"15s\"", "\"1m\""));
+        assert_eq!(e.field.as_deref(), Some("rollout"));
+        assert!(e.message.contains("less than progress_deadline"), "{e}");
+        let e = err(&src.replace("\"15s\"", "\"soon\""));
+        assert_eq!(e.field.as_deref(), Some("rollout.min_ready"));
+        assert!(e.line.is_some());
     }
 
     #[test]

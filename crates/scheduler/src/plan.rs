@@ -406,15 +406,18 @@ fn plan_for(
 /// Whether a pass must look at app `key` even when none of its objects
 /// changed: something about it moves with time (its load and idleness,
 /// schedule windows or cron, a rollout's deadline and pauses, a replica
-/// starting, backing off or waiting for room, the cleanup of a deleted app).
-/// Otherwise only a change to its objects, to a node or to its measurements
-/// can change what a pass decides for it.
-pub fn needs_look(world: &World, key: &AppKey) -> bool {
+/// starting, backing off, waiting for room or serving for less than its app's
+/// `min_ready` at `now`, the cleanup of a deleted app). Otherwise only a change to
+/// its objects, to a node or to its measurements can change what a pass decides
+/// for it.
+pub fn needs_look(world: &World, key: &AppKey, now: Millis) -> bool {
     let replicas = world.replicas.get(key);
-    let unsettled = replicas.is_some_and(|rs| {
-        rs.values()
-            .any(|r| !matches!(r.value.phase, Phase::Ready | Phase::Running))
-    });
+    let min_ready = world
+        .apps
+        .get(key)
+        .map_or(0, |a| a.value.spec.rollout.min_ready_ms);
+    let unsettled =
+        replicas.is_some_and(|rs| rs.values().any(|r| !r.value.available(min_ready, now)));
     if unsettled
         || world
             .rollouts
@@ -832,7 +835,7 @@ impl<'w> Pass<'w> {
     /// no more allocated than that one after the move, and holds fewer of the
     /// app's replicas (so no two nodes trade a replica back and forth). Only a
     /// settled app moves, one replica at a time: every replica serving its
-    /// current revision, as many as it wants (so neither a rollout nor the
+    /// current revision (for its `min_ready`), as many as it wants (so neither a rollout nor the
     /// autoscaler is fought), none on a node being drained, no volume pinning
     /// it, and fewer than [`REBALANCE_MOVES`] moves in flight cluster-wide. Before evening
     /// out, a replica on a node its app's `node_selector` no longer matches (the selector or
@@ -866,7 +869,7 @@ impl<'w> Pass<'w> {
             let node = r.node.as_deref()?;
             if r.moving()
                 || r.revision != app.revision
-                || !matches!(r.phase, Phase::Ready | Phase::Running)
+                || !r.available(app.spec.rollout.min_ready_ms, self.now)
                 || self.draining.contains(node)
             {
                 return None;
@@ -1171,7 +1174,7 @@ impl<'w> Pass<'w> {
         let draining = &self.draining;
         let replace =
             |r: &Replica| r.moving() || r.node.as_deref().is_some_and(|n| draining.contains(n));
-        let decided = reconcile(app, &current, replace, mode);
+        let decided = reconcile(app, &current, replace, mode, self.now);
         let mut pending: Vec<(Replica, Expect)> = Vec::new();
         for r in existing {
             if decided.delete.contains(&r.value.id) {
@@ -1438,6 +1441,7 @@ fn new_replica(
         avoid,
         scheduled_at: None,
         moving_since: None,
+        ready_since: None,
         created_at: now,
         updated_at: now,
     }
@@ -2019,30 +2023,37 @@ mod tests {
             &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
         );
         complete(&mut w, 1);
-        assert!(!needs_look(&w, &key()));
+        assert!(!needs_look(&w, &key(), NOW));
 
         // A replica starting, waiting for room or backing off.
         for phase in [Phase::Pending, Phase::Starting, Phase::CrashLoopBackOff] {
             replica_mut(&mut w, "x").value.phase = phase;
-            assert!(needs_look(&w, &key()), "{phase:?}");
+            assert!(needs_look(&w, &key(), NOW), "{phase:?}");
         }
         replica_mut(&mut w, "x").value.phase = Phase::Ready;
+
+        // Ready for less than the app's min_ready: it is counted once it has served that long.
+        app_mut(&mut w).value.spec.rollout.min_ready_ms = 10_000;
+        replica_mut(&mut w, "x").value.ready_since = Some(NOW - 5_000);
+        assert!(needs_look(&w, &key(), NOW));
+        assert!(!needs_look(&w, &key(), NOW + 5_000));
+        app_mut(&mut w).value.spec.rollout.min_ready_ms = 0;
 
         // A rollout in progress (its deadline and pauses run on the clock).
         let mut s = w.rollouts[&key()].clone();
         s.value.phase = RolloutPhase::Progressing;
         w.rollouts.insert(key(), s);
-        assert!(needs_look(&w, &key()));
+        assert!(needs_look(&w, &key(), NOW));
         complete(&mut w, 1);
 
         // Autoscaled: while it has replicas (idleness, load); not asleep at zero.
         let auto = with_app(w.clone(), scaled_app("[scale]\nmin = 0\nmax = 3\n"));
-        assert!(needs_look(&auto, &key()));
+        assert!(needs_look(&auto, &key(), NOW));
         let mut asleep = auto;
         asleep.replicas.clear();
         app_mut(&mut asleep).value.spec.replicas = 0;
         assert!(
-            !needs_look(&asleep, &key()),
+            !needs_look(&asleep, &key(), NOW),
             "woken by its measurements, not the clock"
         );
 
@@ -2050,16 +2061,21 @@ mod tests {
         let windows = "[scale]\nreplicas = 1\n[[scale.schedule]]\ncron = \"0 9 * * *\"\nduration = \"1h\"\nmin = 2\n";
         assert!(needs_look(
             &with_app(w.clone(), scaled_app(windows)),
-            &key()
+            &key(),
+            NOW
         ));
-        assert!(needs_look(&job_world("schedule = \"*/5 * * * *\""), &key()));
+        assert!(needs_look(
+            &job_world("schedule = \"*/5 * * * *\""),
+            &key(),
+            NOW
+        ));
 
         // Deleted, with something left to clean up.
         w.apps.clear();
-        assert!(needs_look(&w, &key()));
+        assert!(needs_look(&w, &key(), NOW));
         w.replicas.clear();
         w.rollouts.clear();
-        assert!(!needs_look(&w, &key()));
+        assert!(!needs_look(&w, &key(), NOW));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! each of two revisions; see [`Mode`].
 
 use shoal_core::spec::AppSpec;
-use shoal_core::{App, Kind, Phase, Replica};
+use shoal_core::{App, Kind, Millis, Phase, Replica};
 
 /// What the app's rollout asks of its replica counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +36,6 @@ pub struct Plan {
     pub delete: Vec<String>,
 }
 
-fn serving(phase: Phase) -> bool {
-    matches!(phase, Phase::Ready | Phase::Running)
-}
-
 /// Removal order among surplus replicas: the ones doing least first, newest first.
 fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match r.phase {
@@ -55,11 +51,15 @@ fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
 /// `replace(replica)` says whether a replica must go although its revision is
 /// right (its node is being drained, or it moves to rebalance the cluster): it
 /// is replaced like one of an old revision, new before old.
+///
+/// A new replica counts as serving once it is available at `now` (served for the app's
+/// `rollout.min_ready`): only then may an old one go for it.
 pub fn reconcile(
     app: &App,
     replicas: &[Replica],
     replace: impl Fn(&Replica) -> bool,
     mode: Mode,
+    now: Millis,
 ) -> Plan {
     match mode {
         Mode::Hold => Plan::default(),
@@ -70,6 +70,7 @@ pub fn reconcile(
                 app.spec.replicas,
                 replicas,
                 &replace,
+                now,
             );
             Plan {
                 create,
@@ -86,8 +87,9 @@ pub fn reconcile(
                 .iter()
                 .cloned()
                 .partition(|r| r.revision == app.revision);
-            let (create, mut delete) = roll(&app.spec, app.revision, canary, &new, &replace);
-            let (create_stable, more) = roll(&app.spec, stable, stable_replicas, &rest, &replace);
+            let (create, mut delete) = roll(&app.spec, app.revision, canary, &new, &replace, now);
+            let (create_stable, more) =
+                roll(&app.spec, stable, stable_replicas, &rest, &replace, now);
             delete.extend(more);
             Plan {
                 create,
@@ -105,6 +107,7 @@ fn roll(
     desired: u32,
     replicas: &[Replica],
     replace: &impl Fn(&Replica) -> bool,
+    now: Millis,
 ) -> (usize, Vec<String>) {
     let desired = desired as usize;
     let surge = spec.rollout.max_surge as usize;
@@ -119,7 +122,7 @@ fn roll(
     // Old replicas that serve nothing go at once; a job's old runs are stale.
     let mut old_serving: Vec<&Replica> = Vec::new();
     for r in old {
-        if serving(r.phase) && spec.component.kind != Kind::Job {
+        if r.serving() && spec.component.kind != Kind::Job {
             old_serving.push(r);
         } else {
             delete.push(r.id.clone());
@@ -142,7 +145,12 @@ fn roll(
     }
 
     // Retire old replicas, oldest first, while enough others serve.
-    let mut serving_now = current.iter().filter(|r| serving(r.phase)).count() + old_serving.len();
+    let min_ready = spec.rollout.min_ready_ms;
+    let mut serving_now = current
+        .iter()
+        .filter(|r| r.available(min_ready, now))
+        .count()
+        + old_serving.len();
     old_serving.sort_by_key(|r| r.created_at);
     let mut kept = Vec::new();
     for r in old_serving {
@@ -185,7 +193,7 @@ mod tests {
     #[test]
     fn creates_missing_replicas() {
         assert_eq!(
-            reconcile(&app("http", 3, 1), &[], |_| false, Mode::Roll),
+            reconcile(&app("http", 3, 1), &[], |_| false, Mode::Roll, 0),
             Plan {
                 create: 3,
                 delete: vec![],
@@ -194,7 +202,7 @@ mod tests {
         );
         let rs = [replica("x", 1, Phase::Ready, 1)];
         assert_eq!(
-            reconcile(&app("http", 3, 1), &rs, |_| false, Mode::Roll).create,
+            reconcile(&app("http", 3, 1), &rs, |_| false, Mode::Roll, 0).create,
             2
         );
     }
@@ -206,7 +214,7 @@ mod tests {
             replica("y", 1, Phase::Pending, 2),
         ];
         assert_eq!(
-            reconcile(&app("http", 2, 1), &rs, |_| false, Mode::Roll),
+            reconcile(&app("http", 2, 1), &rs, |_| false, Mode::Roll, 0),
             Plan::default()
         );
     }
@@ -218,7 +226,7 @@ mod tests {
             replica("ready-new", 1, Phase::Ready, 3),
             replica("pending", 1, Phase::Pending, 2),
         ];
-        let plan = reconcile(&app("http", 1, 1), &rs, |_| false, Mode::Roll);
+        let plan = reconcile(&app("http", 1, 1), &rs, |_| false, Mode::Roll, 0);
         assert_eq!(plan.delete, vec!["pending", "ready-new"]);
         assert_eq!(plan.create, 0);
     }
@@ -232,7 +240,7 @@ mod tests {
         ];
         // Step 1: one new replica, no old one removed yet.
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 1,
                 delete: vec![],
@@ -240,11 +248,14 @@ mod tests {
             }
         );
         rs.push(replica("n1", 2, Phase::Starting, 3));
-        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
+        assert_eq!(
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
+            Plan::default()
+        );
         // Step 2: n1 ready → the oldest old replica goes.
         rs[2].phase = Phase::Ready;
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 0,
                 delete: vec!["o1".into()],
@@ -254,7 +265,7 @@ mod tests {
         rs.remove(0);
         // Step 3: room for the second new replica.
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 1,
                 delete: vec![],
@@ -263,12 +274,32 @@ mod tests {
         );
         rs.push(replica("n2", 2, Phase::Ready, 4));
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 0,
                 delete: vec!["o2".into()],
                 ..Plan::default()
             }
+        );
+    }
+
+    /// With `min_ready`, a new replica that is ready frees an old one only once it has
+    /// served that long; one that restarted meanwhile counts from its restart.
+    #[test]
+    fn min_ready_holds_the_old_replica_until_the_new_one_has_served_long_enough() {
+        let a = crate::testing::app_with("http", 1, 2, "[rollout]\nmin_ready = \"10s\"\n");
+        let mut new = replica("n1", 2, Phase::Ready, 3);
+        new.ready_since = Some(5_000);
+        let rs = vec![replica("o1", 1, Phase::Ready, 1), new];
+        let roll = |now| reconcile(&a, &rs, |_| false, Mode::Roll, now);
+        assert_eq!(roll(5_000), Plan::default());
+        assert_eq!(roll(14_999), Plan::default());
+        assert_eq!(roll(15_000).delete, vec!["o1".to_string()]);
+        let mut restarted = rs.clone();
+        restarted[1].ready_since = Some(12_000);
+        assert_eq!(
+            reconcile(&a, &restarted, |_| false, Mode::Roll, 15_000),
+            Plan::default()
         );
     }
 
@@ -286,14 +317,14 @@ mod tests {
         ];
         // No surge: one old replica goes before any new one exists.
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 0,
                 delete: vec!["o1".into()],
                 ..Plan::default()
             }
         );
-        assert_eq!(reconcile(&a, &rs[1..], |_| false, Mode::Roll).create, 1);
+        assert_eq!(reconcile(&a, &rs[1..], |_| false, Mode::Roll, 0).create, 1);
     }
 
     #[test]
@@ -303,7 +334,10 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Failed, 2),
         ];
-        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
+        assert_eq!(
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
+            Plan::default()
+        );
     }
 
     #[test]
@@ -314,7 +348,7 @@ mod tests {
             replica("o2", 1, Phase::Failed, 1),
         ];
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 1,
                 delete: vec!["o1".into(), "o2".into()],
@@ -329,7 +363,7 @@ mod tests {
             replica("o1", 1, Phase::Ready, 1),
             replica("n1", 2, Phase::Ready, 2),
         ];
-        let plan = reconcile(&app("http", 0, 2), &rs, |_| false, Mode::Roll);
+        let plan = reconcile(&app("http", 0, 2), &rs, |_| false, Mode::Roll, 0);
         assert_eq!(plan.delete, vec!["n1".to_string(), "o1".to_string()]);
     }
 
@@ -343,7 +377,7 @@ mod tests {
         rs[0].node = Some("draining".into());
         let drain = |r: &Replica| r.node.as_deref() == Some("draining");
         assert_eq!(
-            reconcile(&a, &rs, drain, Mode::Roll),
+            reconcile(&a, &rs, drain, Mode::Roll, 0),
             Plan {
                 create: 1,
                 delete: vec![],
@@ -351,10 +385,10 @@ mod tests {
             }
         );
         rs.push(replica("n1", 1, Phase::Starting, 3));
-        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll), Plan::default());
+        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll, 0), Plan::default());
         rs[2].phase = Phase::Ready;
         assert_eq!(
-            reconcile(&a, &rs, drain, Mode::Roll),
+            reconcile(&a, &rs, drain, Mode::Roll, 0),
             Plan {
                 create: 0,
                 delete: vec!["d1".into()],
@@ -377,19 +411,19 @@ mod tests {
         rs[2].message = Some("0/1 nodes available: 1 cordoned".into());
         let drain = |r: &Replica| r.node.as_deref() == Some("draining");
         // Freeing room on the drained node helps nothing: both stay, pass after pass.
-        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll), Plan::default());
+        assert_eq!(reconcile(&a, &rs, drain, Mode::Roll, 0), Plan::default());
         // Beside an old revision's replica elsewhere, that one makes room, once.
         let mut b = app("http", 2, 2);
         b.spec.rollout.max_unavailable = 0;
         rs[1].node = Some("other".into());
         rs[2].revision = 2;
         assert_eq!(
-            reconcile(&b, &rs, drain, Mode::Roll).delete,
+            reconcile(&b, &rs, drain, Mode::Roll, 0).delete,
             vec!["d2".to_string()]
         );
         rs.remove(1);
         assert_eq!(
-            reconcile(&b, &rs, drain, Mode::Roll).delete,
+            reconcile(&b, &rs, drain, Mode::Roll, 0).delete,
             Vec::<String>::new()
         );
     }
@@ -404,11 +438,14 @@ mod tests {
         ];
         rs[2].node = None;
         // Merely pending (not yet tried): wait.
-        assert_eq!(reconcile(&a, &rs, |_| false, Mode::Roll), Plan::default());
+        assert_eq!(
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
+            Plan::default()
+        );
         // The scheduler said it fits nowhere: one old replica makes room.
         rs[2].message = Some("0/2 nodes available: 2 already runs a replica of this app".into());
         assert_eq!(
-            reconcile(&a, &rs, |_| false, Mode::Roll),
+            reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
                 create: 0,
                 delete: vec!["o1".into()],
@@ -422,7 +459,7 @@ mod tests {
         let mut done = replica("j1", 1, Phase::Succeeded, 1);
         done.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 1), &[done], |_| true, Mode::Roll),
+            reconcile(&app("job", 1, 1), &[done], |_| true, Mode::Roll, 0),
             Plan::default()
         );
     }
@@ -432,7 +469,7 @@ mod tests {
         let mut done = replica("j1", 1, Phase::Succeeded, 1);
         done.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 1), &[done], |_| false, Mode::Roll),
+            reconcile(&app("job", 1, 1), &[done], |_| false, Mode::Roll, 0),
             Plan::default()
         );
     }
@@ -442,7 +479,7 @@ mod tests {
         let mut old = replica("j1", 1, Phase::Running, 1);
         old.kind = Kind::Job;
         assert_eq!(
-            reconcile(&app("job", 1, 2), &[old], |_| false, Mode::Roll),
+            reconcile(&app("job", 1, 2), &[old], |_| false, Mode::Roll, 0),
             Plan {
                 create: 1,
                 delete: vec!["j1".into()],
@@ -463,25 +500,25 @@ mod tests {
             .map(|i| replica(&format!("o{i}"), 1, Phase::Ready, i))
             .collect();
         assert_eq!(
-            reconcile(&a, &rs, |_| false, split),
+            reconcile(&a, &rs, |_| false, split, 0),
             Plan {
                 create: 1,
                 ..Plan::default()
             }
         );
         rs.push(replica("c1", 2, Phase::Ready, 10));
-        assert_eq!(reconcile(&a, &rs, |_| false, split), Plan::default());
+        assert_eq!(reconcile(&a, &rs, |_| false, split, 0), Plan::default());
         // A stable replica lost: a stable one replaces it, not a canary.
         rs.remove(0);
         assert_eq!(
-            reconcile(&a, &rs, |_| false, split),
+            reconcile(&a, &rs, |_| false, split, 0),
             Plan {
                 create_stable: 1,
                 ..Plan::default()
             }
         );
         // Back to rolling (promoted or aborted): the other revision is retired as usual.
-        let plan = reconcile(&a, &rs, |_| false, Mode::Roll);
+        let plan = reconcile(&a, &rs, |_| false, Mode::Roll, 0);
         assert_eq!(plan.create, 1);
     }
 }

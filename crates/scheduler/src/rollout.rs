@@ -195,9 +195,10 @@ pub fn decide(
     if (status.phase.is_done() && !late) || status.revision != app.revision {
         return decision(next, None, None);
     }
+    // Ready and, with `min_ready`, up that long: what completes a rollout.
     let ready = new
         .iter()
-        .filter(|r| matches!(r.phase, Phase::Ready | Phase::Running))
+        .filter(|r| r.available(spec.min_ready_ms, now))
         .count() as u32;
     let fallback = status.stable.filter(|s| *s != target);
 
@@ -548,7 +549,10 @@ impl Canary<'_> {
         let spec = &self.app.spec.rollout;
         let (target, stable, weight) = (status.revision, self.stable, step.weight);
         let want = Rollout::canary_replicas(self.app.spec.replicas, weight);
-        let canary_ready = new.iter().filter(|r| r.phase == Phase::Ready).count() as u32;
+        let canary_ready = new
+            .iter()
+            .filter(|r| r.phase == Phase::Ready && r.available(spec.min_ready_ms, now))
+            .count() as u32;
         let (nth, steps) = (status.step + 1, spec.steps.len());
         // What a step in progress says; fixed text, as the status is written
         // only when where the rollout stands changes.
@@ -733,6 +737,43 @@ mod tests {
         assert_eq!(fresh.stable, None);
     }
 
+    /// With `min_ready`, ready is not enough: a rollout completes, and a canary step starts,
+    /// once its replicas have been ready that long.
+    #[test]
+    fn min_ready_delays_completion_and_canary_steps_until_replicas_have_served_long_enough() {
+        let a = app(1, 2, "[rollout]\nmin_ready = \"5s\"\n");
+        let s = rolling_to_2(&a);
+        let mut n1 = replica("n1", 2, Phase::Ready);
+        n1.ready_since = Some(2_000);
+        let d = decide(&a, &s, std::slice::from_ref(&n1), None, 6_999);
+        assert_eq!(d.status.phase, RolloutPhase::Progressing);
+        assert_eq!(d.status.ready, 0);
+        let d = decide(&a, &s, std::slice::from_ref(&n1), None, 7_000);
+        assert_eq!(d.status.phase, RolloutPhase::Complete);
+
+        let c = app(
+            4,
+            2,
+            &CANARY.replace("[rollout]\n", "[rollout]\nmin_ready = \"5s\"\n"),
+        );
+        let s = rolling_to_2(&c);
+        let mut canary = replica("c", 2, Phase::Ready);
+        canary.ready_since = Some(2_000);
+        let waiting = decide(&c, &s, std::slice::from_ref(&canary), None, 3_000);
+        assert!(
+            waiting.status.step_started_at.is_none(),
+            "{:?}",
+            waiting.status
+        );
+        assert!(
+            waiting.status.message.contains("waiting for 1 replicas"),
+            "{}",
+            waiting.status.message
+        );
+        let started = decide(&c, &s, std::slice::from_ref(&canary), None, 7_000);
+        assert_eq!(started.status.step_started_at, Some(7_000));
+    }
+
     #[test]
     fn no_progress_within_the_deadline_rolls_back() {
         let a = app(2, 2, "[rollout]\nprogress_deadline = \"30s\"\n");
@@ -798,12 +839,15 @@ mod tests {
         ];
         assert_eq!(mode(&a, Some(&s)), Mode::Hold);
         assert_eq!(
-            crate::reconcile(&a, &rs, |_| false, Mode::Hold),
+            crate::reconcile(&a, &rs, |_| false, Mode::Hold, 0),
             crate::Plan::default()
         );
         s.paused = false;
         assert_eq!(mode(&a, Some(&s)), Mode::Roll);
-        assert_eq!(crate::reconcile(&a, &rs, |_| false, Mode::Roll).create, 1);
+        assert_eq!(
+            crate::reconcile(&a, &rs, |_| false, Mode::Roll, 0).create,
+            1
+        );
     }
 
     #[test]
