@@ -271,9 +271,13 @@ pub fn decide(
         if late {
             return decision(status.clone(), None, None);
         }
-        next.message = format!("{}/{n} replicas of revision {target} ready", next.ready);
+        let ready_for = ready_for(spec);
+        next.message = format!(
+            "{}/{n} replicas of revision {target} {ready_for}",
+            next.ready
+        );
         stuck = format!(
-            "{ready}/{n} replicas of revision {target} ready, {old} of older revisions left"
+            "{ready}/{n} replicas of revision {target} {ready_for}, {old} of older revisions left"
         );
     }
 
@@ -284,6 +288,14 @@ pub fn decide(
         return past_deadline(status, next, fallback, spec, &stuck);
     }
     decision(next, event, None)
+}
+
+/// What a replica must be to count: "ready", or "ready for 10s" with a `min_ready`.
+fn ready_for(spec: &Rollout) -> String {
+    match spec.min_ready_ms {
+        0 => "ready".into(),
+        ms => format!("ready for {}", human_ms(ms)),
+    }
 }
 
 /// What a person asks of a rollout in progress (`shoal rollout pause|resume|promote|abort`).
@@ -568,10 +580,14 @@ impl Canary<'_> {
         let Some(started) = status.step_started_at else {
             if canary_ready < want {
                 next.message = format!(
-                    "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be ready"
+                    "step {nth}/{steps}: waiting for {want} replicas of revision {target} to be {}",
+                    ready_for(spec)
                 );
                 return Ok(StepOutcome {
-                    waiting: Some(format!("{canary_ready}/{want} canary replicas ready")),
+                    waiting: Some(format!(
+                        "{canary_ready}/{want} canary replicas {}",
+                        ready_for(spec)
+                    )),
                     ..StepOutcome::default()
                 });
             }
@@ -748,6 +764,7 @@ mod tests {
         let d = decide(&a, &s, std::slice::from_ref(&n1), None, 6_999);
         assert_eq!(d.status.phase, RolloutPhase::Progressing);
         assert_eq!(d.status.ready, 0);
+        assert_eq!(d.status.message, "0/1 replicas of revision 2 ready for 5s");
         let d = decide(&a, &s, std::slice::from_ref(&n1), None, 7_000);
         assert_eq!(d.status.phase, RolloutPhase::Complete);
 
@@ -766,7 +783,10 @@ mod tests {
             waiting.status
         );
         assert!(
-            waiting.status.message.contains("waiting for 1 replicas"),
+            waiting
+                .status
+                .message
+                .contains("waiting for 1 replicas of revision 2 to be ready for 5s"),
             "{}",
             waiting.status.message
         );
