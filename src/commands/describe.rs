@@ -151,16 +151,7 @@ async fn app(ctx: Context, args: DescribeArgs) -> Result<()> {
         return Ok(());
     }
     let s = &d.app.spec;
-    let ready = d
-        .replicas
-        .iter()
-        .filter(|r| {
-            matches!(
-                r.phase,
-                shoal_core::Phase::Ready | shoal_core::Phase::Running
-            )
-        })
-        .count();
+    let ready = d.replicas.iter().filter(|r| r.serving()).count();
     println!("Name:         {}", s.name);
     println!("Namespace:    {}", s.namespace);
     println!(

@@ -12,7 +12,7 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, EventType, Phase, Replica, Revision, RolloutStatus};
+use shoal_core::{App, EventType, Replica, Revision, RolloutStatus};
 use shoal_scheduler::plan::{Batch, Change, Expect, Read, roll_back_into};
 use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
 use shoal_store::Txn;
@@ -27,7 +27,7 @@ impl ControlPlane {
         let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
         let mut counts: Vec<RevisionCount> = Vec::new();
         for r in replicas.iter().filter(|r| !r.phase.is_terminal()) {
-            let ready = matches!(r.phase, Phase::Ready | Phase::Running) as usize;
+            let ready = r.serving() as usize;
             match counts.iter_mut().find(|c| c.revision == r.revision) {
                 Some(c) => {
                     c.replicas += 1;

@@ -967,7 +967,7 @@ impl ControlPlane {
         // Counted in one walk: with thousands of apps, a scan per app is quadratic.
         let mut ready_of: HashMap<AppKey, usize> = HashMap::new();
         for r in self.list::<Replica>(&keys::REPLICAS)? {
-            if matches!(r.phase, Phase::Ready | Phase::Running) {
+            if r.serving() {
                 *ready_of.entry(r.app).or_default() += 1;
             }
         }

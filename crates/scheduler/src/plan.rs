@@ -1010,10 +1010,7 @@ impl<'w> Pass<'w> {
         let since = r.value.moving_since?;
         let tried: Vec<String> = existing
             .iter()
-            .filter(|o| {
-                o.value.created_at >= since
-                    && !matches!(o.value.phase, Phase::Ready | Phase::Running)
-            })
+            .filter(|o| o.value.created_at >= since && !o.value.serving())
             .filter_map(|o| o.value.node.clone())
             .collect();
         let mut kept = r.value.clone();
