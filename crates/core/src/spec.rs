@@ -691,6 +691,12 @@ impl Rollout {
         if self.progress_deadline_ms < 1_000 {
             return Err("progress_deadline must be at least 1s".into());
         }
+        if self.min_ready_ms > 0 && kind == Kind::Job {
+            return Err(
+                "min_ready is for http and daemon apps: a job's runs are replaced, not rolled"
+                    .into(),
+            );
+        }
         if self.min_ready_ms >= self.progress_deadline_ms {
             return Err(
                 "min_ready must be less than progress_deadline: no replica could count as available before the rollout gave up"
@@ -4196,6 +4202,11 @@ A = "1"
         let e = err(&src.replace("\"15s\"", "\"soon\""));
         assert_eq!(e.field.as_deref(), Some("rollout.min_ready"));
         assert!(e.line.is_some());
+        let job = format!(
+            "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n[rollout]\nmin_ready = \"5s\"\n",
+            "a".repeat(64)
+        );
+        assert!(err(&job).message.contains("a job's runs"), "{}", err(&job));
     }
 
     #[test]
