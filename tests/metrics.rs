@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Cluster, examples, poll, promtool_check, sample};
+use common::{Cluster, NodeProc, examples, poll, promtool_check, sample};
 use std::time::Duration;
 
 #[test]
@@ -123,6 +123,38 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
         .send()
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+}
+
+/// Nodes on one address do not fill its share of the API's connections: a connection that a
+/// node's credential authenticates leaves the count (still open), so the nodes keep their
+/// heartbeats and an operator on the same address still gets in.
+#[test]
+fn nodes_sharing_an_address_leave_room_for_its_other_clients() {
+    let c = Cluster::start_with(&["--api-client-connections", "2"]);
+    let nodes: Vec<NodeProc> = ["n2", "n3", "n4"]
+        .iter()
+        .map(|name| NodeProc::join_up(&c, name, &[]))
+        .collect();
+    let mut listed = String::new();
+    assert!(
+        poll(Duration::from_secs(60), || {
+            let out = c.cli(&["get", "nodes"]);
+            listed = String::from_utf8_lossy(&out.stdout).into_owned();
+            out.status.success()
+                && nodes.iter().all(|n| {
+                    listed
+                        .lines()
+                        .any(|l| l.starts_with(&n.name) && l.contains(" Ready "))
+                })
+        }),
+        "{listed}"
+    );
+    let text = c.api_get("/v1/metrics").text().unwrap();
+    // Each node's connection is open, besides this request's.
+    assert!(
+        sample(&text, "shoal_api_connections") >= Some(4.0),
+        "{text}"
+    );
 }
 
 /// A client past its share of the API's connections is closed as it comes, and counted.

@@ -521,6 +521,10 @@ async fn require_node(State(cp): State<ControlPlane>, mut req: Request, next: Ne
     };
     match blocking(move || cp.authenticate_node(&presented)).await {
         Ok(Some(node)) => {
+            // A node is no client to cap: its connections leave its address's share.
+            if let Some(slot) = req.extensions().get::<crate::serve::ClientSlot>() {
+                slot.exempt();
+            }
             req.extensions_mut().insert(NodeIdentity(node));
             next.run(req).await
         }

@@ -11,9 +11,10 @@ use axum::Router;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use shoal_core::clients::Clients;
+use shoal_core::clients::{Clients, Slot};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower::ServiceExt;
 
 /// Limits on the API's clients.
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +90,16 @@ pub async fn serve(
                 continue;
             }
         };
-        let service = TowerToHyperService::new(router.clone());
+        // Each request of the connection carries its slot: one a node's credential
+        // authenticates lets it go of the per-client count (`api::require_node`).
+        let client = ClientSlot(Arc::new(std::sync::Mutex::new(client)));
+        let tagged = client.clone();
+        let service = TowerToHyperService::new(router.clone().map_request(
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(tagged.clone());
+                req
+            },
+        ));
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slots = (slot, client);
@@ -111,13 +121,37 @@ pub async fn serve(
     }
 }
 
-async fn serve_connection<I>(
+/// The per-client slot of the connection a request came on.
+#[derive(Clone)]
+pub(crate) struct ClientSlot(Arc<std::sync::Mutex<Slot>>);
+
+impl ClientSlot {
+    /// Off its client's count from now on: a node of the cluster, whose long-lived
+    /// connections would otherwise fill the share of an address it shares with other nodes
+    /// (a host running several, a NAT) and keep its own heartbeats out.
+    pub(crate) fn exempt(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .exempt();
+    }
+}
+
+async fn serve_connection<I, S>(
     io: I,
-    service: TowerToHyperService<Router>,
+    service: TowerToHyperService<S>,
     limits: ServeLimits,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
     let mut server = auto::Builder::new(TokioExecutor::new());
     server

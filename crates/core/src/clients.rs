@@ -47,7 +47,8 @@ pub struct Refused {
 /// One connection of a client, given back when dropped.
 pub struct Slot {
     clients: Arc<Clients>,
-    client: IpAddr,
+    /// `None` once [`Slot::exempt`]: open, but no longer its client's.
+    client: Option<IpAddr>,
 }
 
 impl Clients {
@@ -77,7 +78,7 @@ impl Clients {
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(Slot {
             clients: self.clone(),
-            client,
+            client: Some(client),
         })
     }
 
@@ -90,16 +91,28 @@ impl Clients {
     }
 }
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        // Not `expect`: a panic in a drop while unwinding would abort the process.
+impl Slot {
+    /// Takes the connection off its client's count, still open: its peer proved to be no
+    /// client to cap (a node of the cluster), whose connections may share an address with
+    /// each other and with the public.
+    pub fn exempt(&mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        // Not `expect`: this runs in a drop too, where a panic while unwinding would abort.
         let mut held = self.clients.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = held.get_mut(&self.client) {
+        if let Some(entry) = held.get_mut(&client) {
             entry.connections -= 1;
             if entry.connections == 0 {
-                held.remove(&self.client);
+                held.remove(&client);
             }
         }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.exempt();
         self.clients.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -165,6 +178,21 @@ mod tests {
             "back after holding nothing: reported again"
         );
         drop((d, e, other));
+        assert_eq!(clients.stats().open, 0);
+        assert!(clients.held.lock().unwrap().is_empty(), "nothing kept");
+    }
+
+    #[test]
+    fn an_exempt_connection_stays_open_but_leaves_its_clients_share() {
+        let clients = Clients::new(1, 64);
+        let mut node = clients.admit(ip("192.0.2.1")).unwrap();
+        assert!(clients.admit(ip("192.0.2.1")).is_err());
+        node.exempt();
+        let operator = clients.admit(ip("192.0.2.1"));
+        assert!(operator.is_ok(), "the exempt one no longer fills the share");
+        assert_eq!(clients.stats().open, 2, "both are open");
+        node.exempt();
+        drop((node, operator));
         assert_eq!(clients.stats().open, 0);
         assert!(clients.held.lock().unwrap().is_empty(), "nothing kept");
     }

@@ -1134,7 +1134,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut client = Some(client);
+            let mut client = client;
             if !tls {
                 return serve_connection(gateway, stream, peer, None).await;
             }
@@ -1170,7 +1170,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                     if is_member {
                         // Hops and the control plane are no client to cap: nodes may share an
                         // address or a /64 with each other and with the public.
-                        drop(client.take());
+                        client.exempt();
                     }
                     let member = is_member.then(|| Member {
                         control_plane: first.and_then(shoal_tls::member_of).as_deref()
