@@ -105,7 +105,11 @@ pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
         }
         Some(a) => {
             let current = spec.replicas;
-            let (want, why) = autoscaled(a, load, ready, current, bounds.min, &mut status, now);
+            let at = Moment {
+                now,
+                created_at: app.created_at,
+            };
+            let (want, why) = autoscaled(a, load, ready, current, bounds.min, &mut status, at);
             (current, want, Some(why))
         }
     };
@@ -136,6 +140,12 @@ pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
     }
 }
 
+/// When [`autoscaled`] decides, and since when its app exists.
+struct Moment {
+    now: Millis,
+    created_at: Millis,
+}
+
 /// What an autoscaled app of `current` replicas asks for by its load, and
 /// why; before its bounds, except that only `min = 0` lets it go to zero.
 /// Moves `status` in and out of panic mode.
@@ -146,8 +156,9 @@ fn autoscaled(
     current: u32,
     min: u32,
     status: &mut ScaleStatus,
-    now: Millis,
+    at: Moment,
 ) -> (u32, String) {
+    let now = at.now;
     let stable = Average::over(load, a.window_ms, now);
     let panic_window = (a.window_ms / 10).max(1_000);
     let burst = Average::over(load, panic_window, now);
@@ -175,7 +186,10 @@ fn autoscaled(
     // At zero, only waiting requests bring replicas back; above it, only
     // idleness takes the last one away.
     want = if current == 0 { 0 } else { want.max(1) };
-    let idle_for = now.saturating_sub(load.last_request.unwrap_or(load.since));
+    // Quiet since its last request, or since load is known; a new app since its creation,
+    // so that it is not taken to zero the moment it is made.
+    let quiet_since = load.last_request.unwrap_or(load.since).max(at.created_at);
+    let idle_for = now.saturating_sub(quiet_since);
     if min == 0
         && load.waiting == 0
         && !panicking
@@ -668,6 +682,22 @@ mod tests {
                 assert_eq!(events, [("ScaledDown", "idle for 5m: 1 → 0 replicas")]);
             }
         }
+    }
+
+    /// A new app's idle time runs from its creation, not from the control plane's start.
+    #[test]
+    fn a_new_app_is_not_taken_to_zero_before_its_idle_time() {
+        let mut a = app("min = 0\nmax = 3\nidle = \"5m\"\n", 1);
+        let none_since_start = Load {
+            last_request: None,
+            since: NOW - 60 * MINUTE,
+            ..steady(NOW, 0.0)
+        };
+        a.created_at = NOW - 4 * MINUTE;
+        let d = decide(&a, &none_since_start, 1, NOW);
+        assert_eq!(d.replicas, 1, "{:?}", d.events);
+        a.created_at = NOW - 5 * MINUTE;
+        assert_eq!(decide(&a, &none_since_start, 1, NOW).replicas, 0);
     }
 
     #[test]
