@@ -761,4 +761,17 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
     );
     let out = c.cli_stdin(&["apply", "-f", "-", "-f", "-"], "");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // An outbound grant naming an app is applied, with a warning on stderr, as kubectl shows
+    // a server's warnings: its calls would go to DNS, not to the app.
+    let granting = format!("{}\n[network]\noutbound = [\"piped\"]\n", named("caller"));
+    let out = c.cli_stdin(&["apply", "-f", "-"], &granting);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(
+            "Warning: app default/caller: outbound grant \"piped\" names app default/piped"
+        ),
+        "{said}"
+    );
 }

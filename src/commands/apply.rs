@@ -499,4 +499,8 @@ fn print_result(r: &ApplyResult) {
         }
         ApplyOutcome::Unchanged => println!("app {key} unchanged"),
     }
+    // As kubectl shows a server's warnings: on stderr, the apply itself done.
+    for w in &r.warnings {
+        eprintln!("Warning: app {key}: {w}");
+    }
 }

@@ -48,6 +48,10 @@ pub struct ApplyResult {
     /// Field-level differences from what was stored, `field: old -> new`.
     pub changes: Vec<String>,
     pub app: App,
+    /// What was applied but likely not meant, as kubectl's server warnings: an outbound
+    /// grant that names an app, say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One row of `shoal get apps`.

@@ -10,7 +10,7 @@ use shoal_api::{
 };
 use shoal_core::objects::keys::{self, Key, Prefix};
 use shoal_core::problem::ErrorCode;
-use shoal_core::spec::{AppKey, AppSpec, Route};
+use shoal_core::spec::{AppKey, AppSpec, OutboundGrant, OutboundHost, Route};
 use shoal_core::wasm::WasmKind;
 use shoal_core::{
     App, Capacity, Clock, Event, EventType, JobStatus, Kind, Lease, Leaving, Millis, Module,
@@ -462,6 +462,7 @@ impl ControlPlane {
             }
         }
         let claims = self.route_claims(&spec)?;
+        let warnings = self.grants_naming_apps(&spec)?;
 
         let key = spec.key();
         let app_key = keys::app(&key);
@@ -662,7 +663,35 @@ impl ControlPlane {
             dry_run,
             changes,
             app,
+            warnings,
         })
+    }
+
+    /// An outbound grant that names an app the guest could call by its service name (`APP`,
+    /// or `APP.NAMESPACE`): a granted host is always called over the network, so the grant
+    /// sends those calls to DNS instead of the app, which is seldom what was meant.
+    fn grants_naming_apps(&self, spec: &AppSpec) -> Result<Vec<String>, ControlError> {
+        let mut warnings = Vec::new();
+        for grant in &spec.outbound {
+            let Ok(OutboundGrant {
+                host: OutboundHost::Name(host),
+                ..
+            }) = OutboundGrant::parse(grant)
+            else {
+                continue;
+            };
+            let app = match host.split_once('.') {
+                None => AppKey::new(&spec.namespace, &host),
+                Some((name, namespace)) if !namespace.contains('.') => AppKey::new(namespace, name),
+                Some(_) => continue,
+            };
+            if self.get::<App>(&keys::app(&app))?.is_some() {
+                warnings.push(format!(
+                    "outbound grant {grant:?} names app {app}: a granted host is called over the network, so calls to http://{host}/ go to DNS, not to the app; drop the grant to call the app"
+                ));
+            }
+        }
+        Ok(warnings)
     }
 
     /// Each route `spec` serves, with the revision of its claim if `spec`'s
@@ -786,6 +815,7 @@ impl ControlPlane {
                 dry_run: false,
                 changes: vec![],
                 app,
+                warnings: Vec::new(),
             });
         }
         let cause = format!("rollback to revision {}", target.number);
@@ -879,6 +909,7 @@ impl ControlPlane {
             dry_run: false,
             changes,
             app: updated,
+            warnings: Vec::new(),
         })
     }
 
@@ -1692,6 +1723,37 @@ pub(crate) mod tests {
         assert!(e.to_string().contains("revision 2"), "{e}");
         // --retry still rolls it out.
         assert_eq!(cp.apply_retrying(bad, false, true).unwrap().app.revision, 4);
+    }
+
+    /// An outbound grant naming an app (`APP` or `APP.NAMESPACE`) is applied with a warning:
+    /// its calls go to the network, not to the app. Other hosts, and names of no app, pass.
+    #[test]
+    fn an_outbound_grant_naming_an_app_is_applied_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.apply(spec(&cp, "billing", &["/billing"]), false)
+            .unwrap();
+        let mut web = spec(&cp, "web", &["/web"]);
+        web.outbound = vec![
+            "billing".into(),
+            "billing.default:8080".into(),
+            "ledger".into(),
+            "api.example.com".into(),
+        ];
+        let result = cp.apply(web.clone(), false).unwrap();
+        assert_eq!(result.warnings.len(), 2, "{:?}", result.warnings);
+        assert!(
+            result.warnings[0].starts_with("outbound grant \"billing\" names app default/billing"),
+            "{:?}",
+            result.warnings
+        );
+        assert!(
+            result.warnings[1].contains("http://billing.default/"),
+            "{:?}",
+            result.warnings
+        );
+        web.outbound = vec!["api.example.com".into()];
+        assert!(cp.apply(web, false).unwrap().warnings.is_empty());
     }
 
     /// A clock a test sets.
