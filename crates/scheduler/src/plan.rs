@@ -555,17 +555,15 @@ impl<'w> Pass<'w> {
         let mut job = None;
         // A replica that starts moving this pass, as reconcile must see it.
         let moving: Option<Read<Replica>>;
-        // One whose move is given up this pass, likewise.
-        let kept: Option<Read<Replica>>;
+        // One whose move is given up this pass, and one said to be pinned off its selector,
+        // likewise.
+        let (mut kept, mut noted) = (None, None);
         if let Some(mode) = mode {
             if let Some((i, replica)) = self.give_up_move(&mut batch, &effective, &existing) {
-                kept = Some(Read::new(replica, existing[i].mod_revision));
-                let kept = kept.as_ref().expect("just set");
-                batch.changes.push(Change::PutReplica {
-                    replica: kept.value.clone(),
-                    expect: Expect::At(kept.mod_revision),
-                });
-                existing[i] = kept;
+                rewrite(&mut batch, &mut kept, &mut existing, i, replica);
+            }
+            if let Some((i, replica)) = self.note_pinned(&mut batch, &effective, &existing) {
+                rewrite(&mut batch, &mut noted, &mut existing, i, replica);
             }
             let mut avoid = self.replace_failing(&mut batch, &effective, &mut existing);
             if effective.spec.component.kind == Kind::Job {
@@ -954,6 +952,50 @@ impl<'w> Pass<'w> {
         let avoided = off(from);
         let from = from.to_string();
         self.start_move(batch, &key, existing, &from, &why, avoided)
+    }
+
+    /// A replica that mounts volumes, on a node its app's `node_selector` no longer matches,
+    /// cannot move as others do (its volumes are bound to that node): said once, in its
+    /// message and a warning event, rather than left there silently. Returns it as it is to
+    /// be written.
+    fn note_pinned(
+        &self,
+        batch: &mut Batch,
+        app: &App,
+        existing: &[&Read<Replica>],
+    ) -> Option<(usize, Replica)> {
+        let key = app.spec.key();
+        let revision = self.world.revisions.get(&(key.clone(), app.revision))?;
+        if revision.value.template.volumes.is_empty() {
+            return None;
+        }
+        let selector = &app.spec.placement.node_selector;
+        let (i, r, note) = existing.iter().enumerate().find_map(|(i, r)| {
+            let node = r.value.node.as_deref()?;
+            if r.value.phase.is_terminal()
+                || self
+                    .world
+                    .nodes
+                    .get(node)
+                    .is_none_or(|n| matches_selector(&n.value, selector))
+            {
+                return None;
+            }
+            let note = format!(
+                "stays on node {node}, which the app's node_selector no longer matches: the volumes it mounts are bound there"
+            );
+            (r.value.message.as_deref() != Some(note.as_str())).then_some((i, r, note))
+        })?;
+        let mut noted = r.value.clone();
+        batch.event(
+            EventType::Warning,
+            "Pinned",
+            format!("replica/{key}/{}", noted.id),
+            Some(&key),
+            format!("replica {} {note}", noted.id),
+        );
+        noted.message = Some(note);
+        Some((i, noted))
     }
 
     /// Marks the newest replica of the app on `from` (the one with the least warmed up to
@@ -1442,6 +1484,23 @@ fn new_replica(
         created_at: now,
         updated_at: now,
     }
+}
+
+/// Writes `replica`, changed from what `existing[i]` read, and has the rest of the pass see
+/// it so: it is kept in `slot`, which outlives `existing`.
+fn rewrite<'r>(
+    batch: &mut Batch,
+    slot: &'r mut Option<Read<Replica>>,
+    existing: &mut [&'r Read<Replica>],
+    i: usize,
+    replica: Replica,
+) {
+    let read = slot.insert(Read::new(replica, existing[i].mod_revision));
+    batch.changes.push(Change::PutReplica {
+        replica: read.value.clone(),
+        expect: Expect::At(read.mod_revision),
+    });
+    existing[i] = read;
 }
 
 /// Revisions an app keeps besides those in use, as Kubernetes' `revisionHistoryLimit`: enough
@@ -2225,6 +2284,39 @@ mod tests {
                 .contains("node_selector no longer matches"),
             "{:?}",
             b.events
+        );
+    }
+
+    /// A replica whose volume binds it to a node its selector no longer matches stays, and
+    /// says so once: in its message and a `Pinned` warning, not again while that stands.
+    #[test]
+    fn a_pinned_replica_off_its_selector_says_so_once() {
+        let mut w = with_replicas(
+            world(
+                1,
+                1,
+                "[placement]\nnode_selector = { zone = \"b\" }\n[[volumes]]\nname = \"data\"\nmount = \"/data\"\n",
+            ),
+            &[on(replica_at("r", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        for (name, zone) in [("m", "a"), ("n", "b")] {
+            let labels = &mut w.nodes.get_mut(name).unwrap().value.labels;
+            labels.insert("zone".into(), zone.into());
+        }
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["Pinned"], "{:?}", b.events);
+        assert!(deletes(b).is_empty(), "it stays");
+        let put = puts(b);
+        assert_eq!(put.len(), 1);
+        let message = put[0].message.clone().unwrap();
+        assert!(message.starts_with("stays on node m"), "{message}");
+        replica_mut(&mut w, "r").value.message = Some(message);
+        let p = plan(&w, NOW, &mut Counter::default());
+        assert!(
+            p.batches.iter().all(|b| !reasons(b).contains(&"Pinned")),
+            "said once"
         );
     }
 
