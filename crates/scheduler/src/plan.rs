@@ -972,7 +972,8 @@ impl<'w> Pass<'w> {
         let selector = &app.spec.placement.node_selector;
         let (i, r, note) = existing.iter().enumerate().find_map(|(i, r)| {
             let node = r.value.node.as_deref()?;
-            if r.value.phase.is_terminal()
+            // Only one that serves: a failing one's message is its node's, saying why.
+            if !r.value.serving()
                 || self
                     .world
                     .nodes
