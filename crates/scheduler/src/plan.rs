@@ -954,10 +954,10 @@ impl<'w> Pass<'w> {
         self.start_move(batch, &key, existing, &from, &why, avoided)
     }
 
-    /// A replica that mounts volumes, on a node its app's `node_selector` no longer matches,
-    /// cannot move as others do (its volumes are bound to that node): said once, in its
-    /// message and a warning event, rather than left there silently. Returns it as it is to
-    /// be written.
+    /// A serving replica that mounts volumes, on a node its app's `node_selector` no longer
+    /// matches, cannot move as others do (its volumes are bound to that node): said once, in
+    /// its message and a warning event, rather than left there silently. Returns it as it is
+    /// to be written.
     fn note_pinned(
         &self,
         batch: &mut Batch,
