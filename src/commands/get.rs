@@ -674,7 +674,11 @@ pub fn replica_rows(replicas: &[Replica]) -> Vec<Vec<String>> {
                 r.phase.to_string(),
                 r.restarts.to_string(),
                 age(r.created_at),
-                r.message.clone().unwrap_or_default(),
+                // The node's word on it first; else the controller's.
+                r.message
+                    .clone()
+                    .or_else(|| r.note.clone())
+                    .unwrap_or_default(),
             ]
         })
         .collect()

@@ -59,6 +59,7 @@ pub fn replica(a: &App, id: &str, revision: u64, node: &str, phase: Phase) -> Re
         avoid: vec![],
         scheduled_at: None,
         moving_since: None,
+        note: None,
         ready_since: None,
         created_at: 0,
         updated_at: 0,

@@ -372,7 +372,10 @@ pub fn router(cp: ControlPlane) -> Router {
             match bucket {
                 Some(b) if !b.is_empty() && !b.contains('/') => ApiError::new(
                     ErrorCode::BadRequest,
-                    shoal_core::kv::check_key("").err().unwrap_or_default(),
+                    format!(
+                        "the key is missing: {}; GET /v1/kv/{b} lists the bucket's keys",
+                        shoal_core::kv::check_key("").err().unwrap_or_default()
+                    ),
                 ),
                 _ => ApiError::new(
                     ErrorCode::NotFound,
@@ -1807,7 +1810,7 @@ mod tests {
                 body["error"]["message"]
                     .as_str()
                     .unwrap()
-                    .contains("a key is 1 to"),
+                    .contains("the key is missing: a key is 1 to"),
                 "{body}"
             );
         }

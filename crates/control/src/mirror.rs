@@ -86,11 +86,22 @@ impl Mirror {
     }
 
     /// What changed since the last call; `now` is the pass's clock, which settles apps
-    /// whose replicas had only to serve a while ([`needs_look`]).
+    /// whose replicas had only to serve a while ([`needs_look`]). An app settled by the
+    /// clock alone counts as changed, so that the pass deciding at `now` still looks at it
+    /// (its old replica goes now that the new one counts).
     pub(crate) fn take_changes(&mut self, now: Millis) -> Changes {
-        let changes = std::mem::take(&mut self.changes);
+        let mut changes = std::mem::take(&mut self.changes);
         let world = &self.world;
-        self.active.retain(|key| needs_look(world, key, now));
+        let settled: Vec<AppKey> = self
+            .active
+            .iter()
+            .filter(|key| !needs_look(world, key, now))
+            .cloned()
+            .collect();
+        for key in settled {
+            self.active.remove(&key);
+            changes.apps.insert(key);
+        }
         for key in &changes.apps {
             if needs_look(&self.world, key, now) {
                 self.active.insert(key.clone());
@@ -252,6 +263,46 @@ mod tests {
             joined_at: 0,
             label_overrides: Default::default(),
         }
+    }
+
+    /// An app whose replica only had to serve for its `min_ready` is looked at once more by
+    /// the pass whose clock says it has: it counts as changed then, and leaves the active set.
+    #[test]
+    fn an_app_settled_by_the_clock_counts_as_changed_once() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let src = format!(
+            "name = \"a\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/a\"]\n[rollout]\nmin_ready = \"10s\"\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        let a = spec.key();
+        let app = App {
+            spec,
+            revision: 1,
+            created_at: 0,
+            updated_at: 0,
+            scale: Default::default(),
+            job: Default::default(),
+        };
+        let mut r = replica("x");
+        r.ready_since = Some(1_000);
+        let mut m = Mirror::load(
+            &[
+                kv(keys::app(&a).to_string(), encode(&app), 1),
+                kv(keys::replica(&a, "x").to_string(), encode(&r), 2),
+            ],
+            2,
+        )
+        .expect("loads");
+        m.changes.apps.insert(a.clone());
+        assert!(m.take_changes(5_000).apps.contains(&a));
+        assert!(m.active().contains(&a), "ready for less than its min_ready");
+        assert!(m.take_changes(8_000).apps.is_empty());
+        assert!(
+            m.take_changes(11_000).apps.contains(&a),
+            "settled by the clock: one more look"
+        );
+        assert!(!m.active().contains(&a));
+        assert!(m.take_changes(12_000).apps.is_empty());
     }
 
     #[test]

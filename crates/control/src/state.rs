@@ -1460,6 +1460,8 @@ impl ControlPlane {
             }
             let replica_restarts = replica.restarts;
             let was_serving = replica.serving();
+            // What a record from before `ready_since` counts from (`Replica::available`).
+            let serving_since = replica.ready_since.unwrap_or(replica.updated_at);
             replica.phase = report.phase;
             replica.message = report.message.clone();
             replica.exit_code = report.exit_code;
@@ -1472,7 +1474,7 @@ impl ControlPlane {
                 true if !was_serving || report.restarts > replica_restarts => {
                     Some(replica.updated_at)
                 }
-                true => replica.ready_since.or(Some(replica.updated_at)),
+                true => Some(serving_since),
             };
             let (kind, reason) = match report.phase {
                 Phase::Pending => (EventType::Normal, "Pending"),
@@ -1619,6 +1621,8 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
         "scale": shoal_core::spec::Scale::default(),
     });
     flatten(String::new(), &sections, &mut defaults);
+    // Left out of a stored rollout while 0, its default.
+    defaults.insert("rollout.min_ready_ms".to_string(), "0".to_string());
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
     flatten(
         String::new(),
@@ -1846,6 +1850,9 @@ pub(crate) mod tests {
             .iter()
             .any(|c| c.contains("_ms") || c.contains("_bytes") || c.contains("_millis"));
         assert!(!internal, "{changes:?}");
+        // A setting left out of the stored spec at its default reads as that default.
+        let ready = spec("[rollout]\nmin_ready = \"15s\"\n");
+        assert_eq!(diff(&old, &ready), ["rollout.min_ready: 0s -> 15s"]);
     }
 
     /// A control plane on a fresh store in `dir`, for unit tests.
@@ -1883,6 +1890,7 @@ pub(crate) mod tests {
             avoid: Vec::new(),
             scheduled_at: None,
             moving_since: None,
+            note: None,
             ready_since: None,
             created_at: 0,
             updated_at: 0,

@@ -502,6 +502,10 @@ pub struct Replica {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub moving_since: Option<Millis>,
+    /// What the controller says of it that its node does not (`message` is the node's):
+    /// why it stays on a node its app's `node_selector` no longer matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     /// Since when it serves (Ready, or Running) without a restart: what an app's
     /// `rollout.min_ready` is counted from.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -96,6 +96,7 @@ fn world(apps: usize, placed: bool) -> World {
                     avoid: vec![],
                     scheduled_at: None,
                     moving_since: None,
+                    note: None,
                     ready_since: None,
                     created_at: 0,
                     updated_at: 0,

@@ -954,10 +954,11 @@ impl<'w> Pass<'w> {
         self.start_move(batch, &key, existing, &from, &why, avoided)
     }
 
-    /// A serving replica that mounts volumes, on a node its app's `node_selector` no longer
-    /// matches, cannot move as others do (its volumes are bound to that node): said once, in
-    /// its message and a warning event, rather than left there silently. Returns it as it is
-    /// to be written.
+    /// A serving replica of the app's revision that mounts volumes, on a node its app's
+    /// `node_selector` no longer matches, cannot move as others do (its volumes are bound to
+    /// that node): said once, in its `note` and a `Pinned` warning, rather than left there
+    /// silently; the note goes when the selector matches again. Returns it as it is to be
+    /// written.
     fn note_pinned(
         &self,
         batch: &mut Batch,
@@ -966,36 +967,36 @@ impl<'w> Pass<'w> {
     ) -> Option<(usize, Replica)> {
         let key = app.spec.key();
         let revision = self.world.revisions.get(&(key.clone(), app.revision))?;
-        if revision.value.template.volumes.is_empty() {
-            return None;
-        }
+        let pinned = !revision.value.template.volumes.is_empty();
         let selector = &app.spec.placement.node_selector;
         let (i, r, note) = existing.iter().enumerate().find_map(|(i, r)| {
             let node = r.value.node.as_deref()?;
-            // Only one that serves: a failing one's message is its node's, saying why.
-            if !r.value.serving()
-                || self
+            let off = pinned
+                && r.value.serving()
+                && r.value.revision == app.revision
+                && self
                     .world
                     .nodes
                     .get(node)
-                    .is_none_or(|n| matches_selector(&n.value, selector))
-            {
-                return None;
-            }
-            let note = format!(
-                "stays on node {node}, which the app's node_selector no longer matches: the volumes it mounts are bound there"
-            );
-            (r.value.message.as_deref() != Some(note.as_str())).then_some((i, r, note))
+                    .is_some_and(|n| !matches_selector(&n.value, selector));
+            let note = off.then(|| {
+                format!(
+                    "stays on node {node}, which the app's node_selector no longer matches: the volumes it mounts are bound there"
+                )
+            });
+            (r.value.note != note).then_some((i, r, note))
         })?;
         let mut noted = r.value.clone();
-        batch.event(
-            EventType::Warning,
-            "Pinned",
-            format!("replica/{key}/{}", noted.id),
-            Some(&key),
-            format!("replica {} {note}", noted.id),
-        );
-        noted.message = Some(note);
+        if let Some(note) = &note {
+            batch.event(
+                EventType::Warning,
+                "Pinned",
+                format!("replica/{key}/{}", noted.id),
+                Some(&key),
+                format!("replica {} {note}", noted.id),
+            );
+        }
+        noted.note = note;
         Some((i, noted))
     }
 
@@ -1053,7 +1054,10 @@ impl<'w> Pass<'w> {
         let since = r.value.moving_since?;
         let tried: Vec<String> = existing
             .iter()
-            .filter(|o| o.value.created_at >= since && !o.value.serving())
+            .filter(|o| {
+                o.value.created_at >= since
+                    && !o.value.available(app.spec.rollout.min_ready_ms, self.now)
+            })
             .filter_map(|o| o.value.node.clone())
             .collect();
         let mut kept = r.value.clone();
@@ -1481,6 +1485,7 @@ fn new_replica(
         avoid,
         scheduled_at: None,
         moving_since: None,
+        note: None,
         ready_since: None,
         created_at: now,
         updated_at: now,
@@ -2311,14 +2316,19 @@ mod tests {
         assert!(deletes(b).is_empty(), "it stays");
         let put = puts(b);
         assert_eq!(put.len(), 1);
-        let message = put[0].message.clone().unwrap();
-        assert!(message.starts_with("stays on node m"), "{message}");
-        replica_mut(&mut w, "r").value.message = Some(message);
+        let note = put[0].note.clone().unwrap();
+        assert!(note.starts_with("stays on node m"), "{note}");
+        assert_eq!(put[0].message, None, "the node's field is left to the node");
+        replica_mut(&mut w, "r").value.note = Some(note);
         let p = plan(&w, NOW, &mut Counter::default());
-        assert!(
-            p.batches.iter().all(|b| !reasons(b).contains(&"Pinned")),
-            "said once"
-        );
+        assert!(p.batches.is_empty(), "said once: {:?}", p.batches);
+        // Its node matches again: the note goes, without a word.
+        let labels = &mut w.nodes.get_mut("m").unwrap().value.labels;
+        labels.insert("zone".into(), "b".into());
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert!(reasons(b).is_empty(), "{:?}", b.events);
+        assert_eq!(puts(b)[0].note, None);
     }
 
     /// A replica whose move was given up on a node goes to another the next time: its

@@ -253,9 +253,9 @@ pub fn decide(
         // progress deadline since: one up again between crashes is no proof that the
         // revision works, one that crashed while its database came up and runs since is.
         let proven = !late
-            || new.iter().all(|r| {
-                r.restarts == 0 || now.saturating_sub(r.updated_at) >= spec.progress_deadline_ms
-            });
+            || new
+                .iter()
+                .all(|r| r.restarts == 0 || r.available(spec.progress_deadline_ms, now));
         if ready >= n && old == 0 && proven {
             next.phase = RolloutPhase::Complete;
             next.previous_stable = fallback;

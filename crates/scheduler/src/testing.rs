@@ -60,6 +60,7 @@ pub fn replica_at(id: &str, revision: u64, phase: Phase, created_at: u64) -> Rep
         avoid: vec![],
         scheduled_at: None,
         moving_since: None,
+        note: None,
         ready_since: None,
         created_at,
         updated_at: created_at,
