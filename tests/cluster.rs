@@ -130,6 +130,36 @@ fn replicas_spread_and_every_gateway_serves_them() {
     assert!(refused.is_err(), "{:?}", refused.map(|r| r.status()));
 }
 
+/// Another node's hops leave a gateway's per-client share to the clients on their address:
+/// a member's connection is off the count once its certificate is checked (still open), so
+/// with a share of one, a client on the same address as the hopping node still gets in.
+#[test]
+fn hops_leave_a_gateways_client_share_to_the_clients_on_their_address() {
+    let (dir, server, nodes) = cluster(2, &["--gateway-client-connections", "1"]);
+    server.cli_ok(&["apply", "-f", &hello_spec(dir.path(), 1, "")]);
+    assert!(
+        poll(Duration::from_secs(30), || ready_count(&server, "hello")
+            == 1),
+        "{:#}",
+        server.api_json("/v1/replicas?app=hello")
+    );
+    let placement = server.placement("hello");
+    let (there, here) = match placement.contains_key(&nodes[0].name) {
+        true => (&nodes[0], &nodes[1]),
+        false => (&nodes[1], &nodes[0]),
+    };
+    // Through the other node: a hop, whose pooled connection stays open for a while.
+    let (code, body) = here.get("/hello").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let served = |node: &common::NodeProc| node.get("/hello").is_ok_and(|(code, _)| code == 200);
+    assert!(
+        poll(Duration::from_secs(10), || served(there)),
+        "the hop's connection took this address's only slot at {}",
+        there.name
+    );
+    assert!(poll(Duration::from_secs(10), || served(here)));
+}
+
 #[test]
 fn a_replica_that_fits_nowhere_says_why() {
     let (dir, server, _nodes) = cluster(3, &["--memory", "64Mi"]);
