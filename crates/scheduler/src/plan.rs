@@ -2294,7 +2294,7 @@ mod tests {
     }
 
     /// A replica whose volume binds it to a node its selector no longer matches stays, and
-    /// says so once: in its message and a `Pinned` warning, not again while that stands.
+    /// says so once: in its note and a `Pinned` warning, not again while that stands.
     #[test]
     fn a_pinned_replica_off_its_selector_says_so_once() {
         let mut w = with_replicas(
