@@ -213,6 +213,64 @@ fn a_node_restarted_during_a_control_plane_outage_starts_when_it_is_back() {
     );
 }
 
+/// A node joining for the first time while its control plane is down waits for it within
+/// `--join-wait` (a server still starting, or closing connections past an address's cap), and
+/// past that exits 5.
+#[test]
+fn a_first_join_waits_for_the_control_plane_within_its_join_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    server.kill();
+    let token_file = dir.path().join("join-token");
+    std::fs::write(&token_file, &server.join_token).unwrap();
+    let impatient = common::run_cli(
+        &dir.path().join("config.toml"),
+        &[
+            "node",
+            "join",
+            &server.api,
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("impatient").to_str().unwrap(),
+            "--node-name",
+            "impatient",
+            "--join-wait",
+            "1s",
+        ],
+    );
+    assert_eq!(impatient.status.code(), Some(5), "{impatient:?}");
+    let said = String::from_utf8_lossy(&impatient.stderr);
+    assert!(said.contains("cannot read the cluster CA"), "{said}");
+
+    let (api, token) = (server.api.clone(), server.join_token.clone());
+    let node_dir = dir.path().join("node-1");
+    let log_file = node_dir.with_extension("log");
+    let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+    let node = std::thread::scope(|s| {
+        let joining = s.spawn(|| {
+            NodeProc::spawn(
+                &node_dir,
+                "node-1",
+                &api,
+                &token,
+                &common::free_addr(),
+                Vec::new(),
+            )
+        });
+        let waits = poll(Duration::from_secs(20), || {
+            log().contains("does not answer yet")
+        });
+        server.restart();
+        let node = joining.join().unwrap();
+        assert!(waits, "{}", log());
+        node
+    });
+    assert!(poll(Duration::from_secs(10), || node_listed(
+        &server, &node.name
+    )));
+}
+
 #[test]
 fn a_rotated_join_token_lets_new_nodes_in_and_the_old_one_no_more() {
     let dir = tempfile::tempdir().unwrap();

@@ -104,6 +104,11 @@ struct JoinArgs {
     /// it next starts it is as it was (schedulable, or cordoned by an operator). 0: stop at once.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     drain_timeout: String,
+    /// How long a node that has not joined yet waits for a server to take its join (one still
+    /// starting, or one closing connections past its per-address cap), trying again up to 5 s
+    /// apart; then it exits 5. 0: one try.
+    #[arg(long, default_value = "30s", value_name = "DURATION")]
+    join_wait: String,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -258,10 +263,13 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let drain_ms = shoal_core::quantity::parse_duration_ms(&args.drain_timeout)
         .map_err(|e| crate::exit::usage(format!("--drain-timeout: {e}")))?;
     let drain = std::time::Duration::from_millis(drain_ms);
+    let join_wait = shoal_core::quantity::parse_duration_ms(&args.join_wait)
+        .map_err(|e| crate::exit::usage(format!("--join-wait: {e}")))?;
+    let mut patience = Patience::new(std::time::Duration::from_millis(join_wait));
     let site = prepare_node(&data, &args.node).await?;
-    let ca = cluster_ca(&args, &data).await?;
+    let ca = cluster_ca(&args, &data, &mut patience).await?;
     let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let identity = identity(&args, &http, &data, &name).await?;
+    let identity = identity(&args, &http, &data, &name, &mut patience).await?;
     let mut link = RemoteLink::new(
         http,
         args.servers.clone(),
@@ -320,7 +328,7 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
 /// against: the one kept in the data dir, or else the one the first server
 /// that answers presents, taken only if its hash is the one the join token
 /// carries.
-async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
+async fn cluster_ca(args: &JoinArgs, data: &Path, patience: &mut Patience) -> Result<String> {
     let file = data.join("ca.pem");
     if let Ok(pem) = std::fs::read_to_string(&file) {
         return Ok(pem);
@@ -340,36 +348,74 @@ async fn cluster_ca(args: &JoinArgs, data: &Path) -> Result<String> {
         .danger_accept_invalid_certs(true)
         .connect_timeout(std::time::Duration::from_secs(2))
         .build()?;
-    let mut unreachable = Vec::new();
-    for url in args.servers.urls() {
-        let read = async {
-            unchecked
-                .get(format!("{url}/v1/cluster/ca"))
-                .send()
-                .await?
-                .error_for_status()?
-                .text()
-                .await
-        };
-        let pem = match read.await {
-            Ok(pem) => pem,
-            Err(e) => {
-                unreachable.push(format!("{url}: {e}"));
-                continue;
-            }
-        };
-        let presented = shoal_tls::ca_hash(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
-        anyhow::ensure!(
-            presented == expected,
-            "the server at {url} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it"
-        );
-        write_private(&file, pem.as_bytes())?;
-        return Ok(pem);
+    loop {
+        let mut unreachable = Vec::new();
+        for url in args.servers.urls() {
+            let read = async {
+                unchecked
+                    .get(format!("{url}/v1/cluster/ca"))
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .text()
+                    .await
+            };
+            let pem = match read.await {
+                Ok(pem) => pem,
+                Err(e) => {
+                    unreachable.push(format!("{url}: {e}"));
+                    continue;
+                }
+            };
+            let presented = shoal_tls::ca_hash(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
+            anyhow::ensure!(
+                presented == expected,
+                "the server at {url} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it"
+            );
+            write_private(&file, pem.as_bytes())?;
+            return Ok(pem);
+        }
+        let why = format!("cannot read the cluster CA from {}", unreachable.join("; "));
+        if !patience.again(&why).await {
+            return Err(crate::exit::fail(crate::exit::UNAVAILABLE, why));
+        }
     }
-    Err(crate::exit::fail(
-        crate::exit::UNAVAILABLE,
-        format!("cannot read the cluster CA from {}", unreachable.join("; ")),
-    ))
+}
+
+/// How long a node that has not joined yet keeps trying to reach its control plane
+/// (`--join-wait`), and how long it waits before the next try.
+struct Patience {
+    deadline: tokio::time::Instant,
+    wait: std::time::Duration,
+}
+
+impl Patience {
+    fn new(within: std::time::Duration) -> Self {
+        Patience {
+            deadline: tokio::time::Instant::now() + within,
+            wait: std::time::Duration::from_millis(250),
+        }
+    }
+
+    /// After a try that failed for `why`: waits before the next one and says yes, or says no
+    /// once the time is up.
+    async fn again(&mut self, why: &str) -> bool {
+        let left = self
+            .deadline
+            .saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let wait = self.wait.min(left);
+        tracing::warn!(
+            error = why,
+            retry_in_ms = wait.as_millis() as u64,
+            "the control plane does not answer yet; trying again"
+        );
+        tokio::time::sleep(wait).await;
+        self.wait = (self.wait * 2).min(std::time::Duration::from_secs(5));
+        true
+    }
 }
 
 /// This node's credential: the one in its data dir if the control plane
@@ -379,6 +425,7 @@ async fn identity(
     http: &reqwest::Client,
     data: &Path,
     name: &str,
+    patience: &mut Patience,
 ) -> Result<JoinResponse> {
     let file = identity_file(data);
     if let Ok(text) = std::fs::read_to_string(&file) {
@@ -436,7 +483,14 @@ async fn identity(
         .context("a node joins the first time with the cluster's join token: give --token-file or SHOAL_JOIN_TOKEN")?
         .read()
         .map_err(|e| anyhow::anyhow!(e))?;
-    let identity = match shoal_agent::join(http, &args.servers, &token, name).await {
+    let joined = loop {
+        match shoal_agent::join(http, &args.servers, &token, name).await {
+            // No server took the request: trying again cannot join twice.
+            Err(e) if e.unsent() && patience.again(&e.to_string()).await => {}
+            joined => break joined,
+        }
+    };
+    let identity = match joined {
         Ok(identity) => identity,
         Err(e) if e.status() == Some(reqwest::StatusCode::UNAUTHORIZED) => {
             return Err(crate::exit::fail(

@@ -720,7 +720,9 @@ impl NodeProc {
         )
     }
 
-    fn spawn(
+    /// A worker named `name` with data dir `dir`, joining the control plane at `api` with
+    /// `token`, its gateway on `gw`.
+    pub fn spawn(
         dir: &Path,
         name: &str,
         api: &str,

@@ -66,6 +66,13 @@ impl ClientError {
         }
     }
 
+    /// Whether no server can have received the request: no connection was made (refused,
+    /// timed out connecting, TLS handshake cut, as by a server closing connections past a
+    /// client's cap). Such a request can be sent again, whatever it does.
+    pub fn unsent(&self) -> bool {
+        matches!(self, ClientError::Send { source, .. } if Failure::of(source) == Failure::Unsent)
+    }
+
     /// The API's error code (`not_found`, `conflict`, …), if it sent one.
     pub fn code(&self) -> Option<&str> {
         match self {
@@ -499,7 +506,11 @@ mod tests {
         let dead = refusing();
         let client = Client::new(servers(&[&dead]), "secret");
         match client.get::<serde_json::Value>("/v1/apps").await {
-            Err(ClientError::Send { base, source }) => {
+            Err(e @ ClientError::Send { .. }) => {
+                assert!(e.unsent(), "{e:?}");
+                let ClientError::Send { base, source } = e else {
+                    unreachable!()
+                };
                 assert_eq!(base, dead);
                 assert!(source.is_connect(), "{source}");
             }

@@ -501,7 +501,14 @@ async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: 
         None => false,
     };
     match matches {
-        true => next.run(req).await,
+        true => {
+            // A joining node is a node: its connection, which the node's client keeps for
+            // its next calls, leaves its address's share as `require_node`'s do.
+            if let Some(slot) = req.extensions().get::<crate::serve::ClientSlot>() {
+                slot.exempt();
+            }
+            next.run(req).await
+        }
         false => ApiError::new(ErrorCode::Unauthorized,
             "joining needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",
         )
