@@ -23,6 +23,28 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
 
     // Not applied yet: it would change; nothing changed.
     assert_eq!(code(&c, &["diff", "-f", spec]), Some(1));
+    // Two specs sharing a module: a dry run over their directory announces its upload once.
+    let both = c.dir.path().join("both");
+    std::fs::create_dir(&both).unwrap();
+    write_spec(&both, "a.toml", &text);
+    write_spec(
+        &both,
+        "b.toml",
+        &text
+            .replace("name = \"hello\"", "name = \"hello-b\"")
+            .replace("routes = [\"/hello\"]", "routes = [\"/hello-b\"]"),
+    );
+    let out = c.cli(&["diff", "-f", both.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("would be uploaded").count(), 1, "{said}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("(dry run)")
+            .count(),
+        2,
+        "{out:?}"
+    );
     assert_eq!(code(&c, &["apply", "--dry-run", "-f", spec]), Some(1));
     assert_eq!(code(&c, &["describe", "app", "hello"]), Some(3));
     c.cli_ok(&["apply", "-f", spec]);

@@ -68,8 +68,9 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
     let specs = read_specs(&args.files, args.recursive, namespace)?;
     let mut results = Vec::new();
+    let mut modules = Modules::default();
     for spec in specs {
-        let result = match apply_spec(&client, spec, args.dry_run, args.retry).await {
+        let result = match apply_spec(&client, spec, &mut modules, args.dry_run, args.retry).await {
             Ok(result) => result,
             // What was applied before the one refused is said, in JSON too.
             Err(e) => {
@@ -321,10 +322,15 @@ fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
     })
 }
 
+/// The module digests one apply run has found on the server or uploaded (in a dry run: would
+/// upload): specs sharing a module ask for it, and upload or announce it, once.
+pub type Modules = std::collections::HashSet<String>;
+
 /// Uploads a read spec's module if the server lacks it, and applies the spec.
 pub async fn apply_spec(
     client: &Client,
     spec: SpecFile,
+    modules: &mut Modules,
     dry_run: bool,
     retry: bool,
 ) -> Result<ApplyResult> {
@@ -365,13 +371,14 @@ pub async fn apply_spec(
                 )
             })?;
             let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-            let known = client
-                .answer(client.request(
-                    reqwest::Method::GET,
-                    &format!("/v1/modules/{}", seg(&digest)),
-                ))
-                .await
-                .is_ok_and(|r| r.status().is_success());
+            let known = modules.contains(&digest)
+                || client
+                    .answer(client.request(
+                        reqwest::Method::GET,
+                        &format!("/v1/modules/{}", seg(&digest)),
+                    ))
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
             if !known {
                 if dry_run {
                     eprintln!(
@@ -397,6 +404,7 @@ pub async fn apply_spec(
                     }
                 }
             }
+            modules.insert(digest.clone());
             Some(digest)
         }
     };

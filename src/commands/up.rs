@@ -943,9 +943,10 @@ pub fn read_apply(files: &[PathBuf]) -> Result<Vec<SpecFile>> {
 /// rest still go: the cluster serves what it already had.
 pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()> {
     let client = Client::connect(&c.server, &c.token, Some(&c.ca))?;
+    let mut modules = super::apply::Modules::default();
     for spec in specs {
         let file = spec.file().display().to_string();
-        match apply_spec(&client, spec, false, false).await {
+        match apply_spec(&client, spec, &mut modules, false, false).await {
             Ok(r) => println!("applied {file}: app {} {:?}", r.app.spec.key(), r.outcome),
             Err(e) => eprintln!("error: {e:#}"),
         }
