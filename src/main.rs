@@ -71,6 +71,9 @@ enum Command {
     Kv(commands::kv::KvCommand),
     /// Push a component to an OCI registry, for specs to name with `oci = "…"`.
     Push(commands::push::PushArgs),
+    /// Write the cluster's state and modules, at one revision, to a file for `shoal server
+    /// restore`.
+    Backup(commands::backup::BackupArgs),
     /// Create or update apps from spec files, uploading their modules.
     Apply(commands::apply::ApplyArgs),
     /// What applying spec files would change; exits 1 if anything would.
@@ -131,6 +134,7 @@ fn main() -> ExitCode {
         Command::Token(_) => Some("token"),
         Command::Pool(_) => Some("pool"),
         Command::Push(_) => Some("push"),
+        Command::Backup(_) => Some("backup"),
         Command::Completion { .. } => Some("completion"),
         _ => None,
     };
@@ -164,6 +168,7 @@ fn main() -> ExitCode {
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,
             Command::Kv(cmd) => commands::kv::run(ctx, cmd).await,
             Command::Push(args) => commands::push::run(ctx, args).await,
+            Command::Backup(args) => commands::backup::run(ctx, args).await,
             Command::Apply(args) => commands::apply::run(ctx, args).await,
             Command::Diff(args) => commands::apply::diff(ctx, args).await,
             Command::Get(args) => commands::get::run(ctx, args).await,

@@ -1,6 +1,7 @@
 //! One module per verb.
 
 pub mod apply;
+pub mod backup;
 pub mod config;
 pub mod delete;
 pub mod describe;

@@ -4,7 +4,7 @@ use super::up::{
 };
 use crate::exit;
 use anyhow::{Context as _, Result};
-use shoal_control::MigrateError;
+use shoal_control::{BackupError, MigrateError};
 use shoal_core::quantity::format_memory;
 use shoal_etcd::{EtcdConfig, EtcdStore, EtcdTls, LEADER_KEY};
 use shoal_store::{BlobStore, KvStore, Op, ReadOnlyStore, StoreError, Txn};
@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
   shoal server --store etcd://10.0.0.1:2379 --token-file token   another server of that cluster
   shoal server --store etcd://etcd.example.com:2379 --etcd-ca etcd-ca.pem \\
       --etcd-cert client.pem --etcd-key client-key.pem
-  shoal server migrate --from /var/lib/shoal --to etcd://10.0.0.1:2379   redb state into etcd"
+  shoal server migrate --from /var/lib/shoal --to etcd://10.0.0.1:2379   redb state into etcd
+  shoal server restore shoal.tar --data-dir /var/lib/shoal   a `shoal backup`, server stopped"
 )]
 pub struct ServerArgs {
     #[command(subcommand)]
@@ -53,7 +54,30 @@ enum ServerCommand {
     /// Copy a stopped server's state (redb) and modules into an empty etcd cluster, for
     /// `shoal server --store etcd://…` to serve the same cluster.
     Migrate(MigrateArgs),
+    /// Restore a backup (`shoal backup`) into the data dir of a stopped server, which must
+    /// hold no state: its state and modules, as of the backup's revision.
+    Restore(RestoreArgs),
 }
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal backup shoal.tar                          on the running cluster, now and then
+  shoal server restore shoal.tar --data-dir /var/lib/shoal-new
+  cp /var/lib/shoal/{token,join-token,ca.pem,ca-key.pem,secret.key} /var/lib/shoal-new/
+  shoal server --data-dir /var/lib/shoal-new")]
+pub struct RestoreArgs {
+    /// The backup; `-`: standard input.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// The data dir to restore into (as `shoal server`'s and `shoal up`'s --data-dir). It must
+    /// hold no state.redb: a new one, or the old one with its state moved away.
+    #[arg(long, env = "SHOAL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+/// What a data dir keeps beside its state, which a backup leaves out: without them the
+/// restored server makes new ones, and then nodes must join again and secrets stay sealed.
+const KEPT_APART: [&str; 5] = ["token", "join-token", "ca.pem", "ca-key.pem", "secret.key"];
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -123,8 +147,14 @@ impl ServerArgs {
 
 /// `shoal server`: the control plane alone; nodes join it.
 pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
-    if let Some(ServerCommand::Migrate(args)) = args.command {
-        return tokio::task::spawn_blocking(move || migrate(args)).await?;
+    match args.command {
+        Some(ServerCommand::Migrate(args)) => {
+            return tokio::task::spawn_blocking(move || migrate(args)).await?;
+        }
+        Some(ServerCommand::Restore(args)) => {
+            return tokio::task::spawn_blocking(move || restore(args)).await?;
+        }
+        None => {}
     }
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
@@ -141,6 +171,59 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     shutdown_signal().await;
     println!("Shoal is stopping");
     c.stop().await;
+    Ok(())
+}
+
+/// `shoal server restore`: a backup into a data dir without a state. Blocking: it reads and
+/// writes files.
+fn restore(args: RestoreArgs) -> Result<()> {
+    let data = args.data_dir.unwrap_or_else(super::up::default_data_dir);
+    crate::client::private_dir(&data)?;
+    let input: Box<dyn std::io::Read> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(&args.file).map_err(|e| {
+            exit::fail(
+                exit::NOT_FOUND,
+                format!("cannot read {}: {e}", args.file.display()),
+            )
+        })?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let restored = shoal_control::restore_backup(input, &data).map_err(|e| match e {
+        BackupError::Occupied(_) => exit::fail(exit::CONFLICT, e.to_string()),
+        other => anyhow::anyhow!("restoring {}: {other}", args.file.display()),
+    })?;
+    let m = &restored.manifest;
+    println!(
+        "Restored revision {} (taken by Shoal {}) into {}",
+        m.revision,
+        m.version,
+        data.display()
+    );
+    println!("  keys:     {}", m.keys);
+    println!(
+        "  modules:  {} ({}), {} of them new here",
+        m.modules,
+        format_memory(m.module_bytes),
+        restored.modules_written
+    );
+    let missing: Vec<&str> = KEPT_APART
+        .into_iter()
+        .filter(|f| !data.join(f).exists())
+        .collect();
+    if missing.is_empty() {
+        println!("Next: shoal server --data-dir {}", data.display());
+    } else {
+        println!(
+            "Next: copy {} from the old server's data dir into {} (a backup leaves them out: \
+             without them new ones are made, nodes must join again and secrets cannot be \
+             opened), then shoal server --data-dir {}",
+            missing.join(", "),
+            data.display(),
+            data.display()
+        );
+    }
     Ok(())
 }
 

@@ -143,8 +143,18 @@ impl Cluster {
 
     /// kill -9, then start again on the same data dir (new ports).
     pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.restart();
+    }
+
+    /// kill -9, leaving the data dir as it is.
+    pub fn kill(&mut self) {
         self.child.kill().expect("kill -9");
         self.child.wait().expect("reap");
+    }
+
+    /// Starts again on the same data dir (new ports), after [`Cluster::kill`].
+    pub fn restart(&mut self) {
         let (child, api, gateway) = spawn(self.dir.path(), &self.extra_args);
         self.child = child;
         self.api = api;

@@ -200,6 +200,9 @@ admin_api! {
         op("Per app over the last minute: ready replicas, requests/s, 5xx/s, p99, CPU")
             .query::<NsQuery>()
             .json_list::<AppTop>(StatusCode::OK);
+    GET "/v1/backup" => backup, Admin, Cluster,
+        op("A backup of the cluster's state and modules at one revision, a tar file for `shoal server restore`; the headers `shoal-backup-revision`, `-keys` and `-modules` say what it holds")
+            .raw(StatusCode::OK, "application/x-tar");
     GET "/v1/metrics" => prometheus_metrics, Viewer, Cluster,
         op("The cluster's metrics in Prometheus' text format")
             .raw(StatusCode::OK, "text/plain; version=0.0.4");
@@ -1689,6 +1692,27 @@ async fn watch(
         Body::from_stream(lines),
     )
         .into_response())
+}
+
+/// The cluster's backup (`shoal backup`), streamed from the temp file it was written to.
+async fn backup(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    let (file, manifest) = cp.backup().await?;
+    let size = file.metadata().map_err(ControlError::internal)?.len();
+    let mut headers = header::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-tar"),
+    );
+    headers.insert(header::CONTENT_LENGTH, size.into());
+    for (name, value) in [
+        ("shoal-backup-revision", manifest.revision),
+        ("shoal-backup-keys", manifest.keys as u64),
+        ("shoal-backup-modules", manifest.modules as u64),
+    ] {
+        headers.insert(name, value.into());
+    }
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+    Ok((headers, Body::from_stream(stream)).into_response())
 }
 
 /// A module's bytes, for nodes to fetch and verify by digest.

@@ -10,6 +10,7 @@
 mod access;
 mod api;
 mod api_error;
+mod backup;
 mod configs;
 mod controller;
 mod dashboard;
@@ -39,6 +40,7 @@ mod volumes;
 
 pub use api::router;
 pub use api_error::ApiError;
+pub use backup::{BackupError, Manifest as BackupManifest, Restored, restore as restore_backup};
 pub use error::{ControlError, ControlResult};
 pub use link::LocalLink;
 pub use migrate::{Copied, MigrateError, copy_state};

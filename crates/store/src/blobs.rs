@@ -124,6 +124,34 @@ impl BlobStore {
         })
     }
 
+    /// Stores `bytes` as [`BlobStore::put_stream`] does, for a caller that may block
+    /// (`shoal server restore`).
+    pub fn put(&self, bytes: &[u8]) -> Result<PutBlob, BlobError> {
+        use std::io::Write as _;
+        let digest = Digest::from_sha256(Sha256::digest(bytes).into());
+        let path = self.blob_path(&digest);
+        let existed = path.is_file();
+        if !existed {
+            let mut temp = tempfile::NamedTempFile::new_in(self.temp_dir())?;
+            temp.write_all(bytes)?;
+            temp.as_file().sync_all()?;
+            temp.persist(&path).map_err(|e| e.error)?;
+            std::fs::File::open(self.dir.join("sha256"))?.sync_all()?;
+        }
+        Ok(PutBlob {
+            digest: digest.into_string(),
+            size: bytes.len() as u64,
+            existed,
+            path,
+        })
+    }
+
+    /// Where temp files go: on the blobs' file system, so a rename moves them in, and emptied
+    /// by [`BlobStore::open`] of what a crash left.
+    pub fn temp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
     /// Where the blob with `digest` lives (whether or not it exists). An invalid digest maps to
     /// `<dir>/sha256/invalid-digest`, a name never written, so it can't escape the directory;
     /// use [`BlobStore::try_path`] to get the error instead.
@@ -169,7 +197,7 @@ impl BlobStore {
                 std::process::id(),
                 COUNTER.fetch_add(1, Ordering::Relaxed)
             );
-            let path = self.dir.join("tmp").join(name);
+            let path = self.temp_dir().join(name);
             match tokio::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

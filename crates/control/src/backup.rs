@@ -1,0 +1,441 @@
+//! Backups of a control plane's state (`shoal backup`, `shoal server restore`), as Nomad's
+//! `operator snapshot save` and k3s's `etcd-snapshot`: taken from a running server through its
+//! API, restored into the data dir of a stopped one.
+//!
+//! A backup is a tar file: `backup.json` (the [`Manifest`]) first, then `state.bin`, every key
+//! of the state at one revision with its value byte for byte, then the bytes of every module
+//! the state records, `modules/sha256/<hex>`. Its own format rather than a copy of redb's file:
+//! it restores into a later Shoal whatever its store's file format, and a server on etcd backs
+//! up the same way (its modules come whole from its blob cache; the store's chunks of them are
+//! left out). A restore writes a redb state; `shoal server migrate` takes that on to etcd.
+//!
+//! Not in it: the data dir's keys and tokens (`token`, `join-token`, `ca.pem`, `ca-key.pem`,
+//! `secret.key`), which a restored state needs beside it, as Kubernetes keeps its PKI apart
+//! from etcd's snapshots. Secrets stay sealed with `secret.key`: a backup shows no value.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shoal_core::objects::keys;
+use shoal_store::{BlobError, BlobStore, KeyValue, Op, Store, StoreError, Txn};
+
+use crate::error::ControlError;
+use crate::state::{ControlPlane, blocking};
+
+/// The format this Shoal writes, and the newest it reads.
+pub const FORMAT: u32 = 1;
+
+/// The etcd backend's leader key (`shoal_etcd::LEADER_KEY`): a lease of whichever server
+/// leads now, which a restored cluster must elect afresh.
+const LEADER_KEY: &str = "/leader";
+
+/// Keys written per transaction when restoring.
+const BATCH: usize = 1000;
+
+/// What a backup holds, its first entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    /// The Shoal that wrote it.
+    pub version: String,
+    /// The store's revision the state is taken at.
+    pub revision: u64,
+    /// When it was taken, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub keys: usize,
+    pub modules: usize,
+    /// Of the modules together.
+    pub module_bytes: u64,
+}
+
+/// Why a backup could not be written or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(
+        "{} holds a state already: restore into a data dir without one (a new one, or this one with state.redb moved away)",
+        .0.display()
+    )]
+    Occupied(PathBuf),
+    #[error("not a Shoal backup: {0}")]
+    Malformed(String),
+    #[error(
+        "the backup is of format {0}, newer than this Shoal reads ({FORMAT}): restore it with the Shoal that wrote it or a later one"
+    )]
+    Unsupported(u32),
+    #[error("module {0} is recorded in the state but its bytes are missing")]
+    MissingModule(String),
+    #[error("the bytes of {0} do not match its digest: the backup is damaged")]
+    Damaged(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Whether `key` goes into a backup: not a shared store's module chunks (the modules go in
+/// whole) nor its leader's lease.
+fn kept(key: &str) -> bool {
+    !key.starts_with("blobs/") && key != LEADER_KEY
+}
+
+impl ControlPlane {
+    /// A backup of the state as it is now (`GET /v1/backup`): an unnamed temp file, read from
+    /// its start, and what it holds. The state is read at one revision; writes go on meanwhile.
+    pub(crate) async fn backup(&self) -> Result<(std::fs::File, Manifest), ControlError> {
+        let store = Arc::clone(&self.inner.store);
+        let (kvs, revision) = blocking(move || Ok(store.range("")?)).await?;
+        // A server on a shared store may not have every module on its disk yet.
+        for digest in kvs
+            .iter()
+            .filter_map(|kv| kv.key.strip_prefix(keys::MODULES.as_str()))
+        {
+            self.fetch_module(digest).await?;
+        }
+        let blobs = self.inner.blobs.clone();
+        blocking(move || {
+            let mut file =
+                tempfile::tempfile_in(blobs.temp_dir()).map_err(ControlError::internal)?;
+            let manifest = write(&kvs, revision, &blobs, std::io::BufWriter::new(&mut file))
+                .map_err(ControlError::internal)?;
+            file.rewind().map_err(ControlError::internal)?;
+            tracing::info!(
+                revision,
+                keys = manifest.keys,
+                modules = manifest.modules,
+                "backup taken"
+            );
+            Ok((file, manifest))
+        })
+        .await
+    }
+}
+
+/// Writes the backup of `kvs`, the state at `revision`, and of the modules it records, read
+/// from `blobs`, to `out`. Every module must be in `blobs`.
+pub fn write(
+    kvs: &[KeyValue],
+    revision: u64,
+    blobs: &BlobStore,
+    out: impl Write,
+) -> Result<Manifest, BackupError> {
+    let kvs: Vec<&KeyValue> = kvs.iter().filter(|kv| kept(&kv.key)).collect();
+    let digests: Vec<&str> = kvs
+        .iter()
+        .filter_map(|kv| kv.key.strip_prefix(keys::MODULES.as_str()))
+        .collect();
+    let mut module_bytes = 0;
+    for digest in &digests {
+        let path = blobs.try_path(digest)?;
+        match std::fs::metadata(&path) {
+            Ok(meta) => module_bytes += meta.len(),
+            Err(_) => return Err(BackupError::MissingModule(digest.to_string())),
+        }
+    }
+    let manifest = Manifest {
+        format: FORMAT,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        revision,
+        created_ms: shoal_core::clock::now_ms(),
+        keys: kvs.len(),
+        modules: digests.len(),
+        module_bytes,
+    };
+    let mut tar = tar::Builder::new(out);
+    let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
+    append(&mut tar, "backup.json", &json)?;
+    let mut state = Vec::new();
+    for kv in &kvs {
+        state.extend_from_slice(&len32(kv.key.len())?.to_le_bytes());
+        state.extend_from_slice(&len32(kv.value.len())?.to_le_bytes());
+        state.extend_from_slice(kv.key.as_bytes());
+        state.extend_from_slice(&kv.value);
+    }
+    append(&mut tar, "state.bin", &state)?;
+    for digest in digests {
+        let mut file = std::fs::File::open(blobs.try_path(digest)?)?;
+        tar.append_file(module_entry(digest), &mut file)?;
+    }
+    tar.into_inner()?.flush()?;
+    Ok(manifest)
+}
+
+fn len32(n: usize) -> Result<u32, BackupError> {
+    u32::try_from(n).map_err(|_| BackupError::Malformed(format!("a key or value of {n} bytes")))
+}
+
+/// A module's entry: `modules/sha256/<hex>`.
+fn module_entry(digest: &str) -> String {
+    format!("modules/{}", digest.replacen(':', "/", 1))
+}
+
+fn append(tar: &mut tar::Builder<impl Write>, name: &str, bytes: &[u8]) -> Result<(), BackupError> {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(bytes.len() as u64);
+    header.set_mode(0o600);
+    header.set_mtime(shoal_core::clock::now_ms() / 1000);
+    header.set_cksum();
+    tar.append_data(&mut header, name, bytes)?;
+    Ok(())
+}
+
+/// What [`restore`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub manifest: Manifest,
+    /// Modules whose bytes the blob store did not have yet.
+    pub modules_written: usize,
+}
+
+/// Restores the backup read from `input` into data dir `data`: its state as `state.redb`,
+/// its modules into `modules/`. A data dir with a state is refused. The state file appears
+/// only once all of it is written and every module it records is in place, so a restore
+/// that fails leaves no state behind (modules it wrote stay, content-addressed).
+pub fn restore(input: impl Read, data: &Path) -> Result<Restored, BackupError> {
+    let target = data.join("state.redb");
+    if target.exists() {
+        return Err(BackupError::Occupied(target));
+    }
+    let mut archive = tar::Archive::new(input);
+    let mut entries = archive.entries()?;
+    let manifest: Manifest = {
+        let mut first = entries
+            .next()
+            .ok_or_else(|| BackupError::Malformed("an empty archive".into()))??;
+        if first.path()?.as_os_str() != "backup.json" {
+            return Err(BackupError::Malformed(
+                "its first entry is not backup.json".into(),
+            ));
+        }
+        let mut json = Vec::new();
+        first.by_ref().take(1 << 20).read_to_end(&mut json)?;
+        serde_json::from_slice(&json)
+            .map_err(|e| BackupError::Malformed(format!("backup.json: {e}")))?
+    };
+    if manifest.format > FORMAT {
+        return Err(BackupError::Unsupported(manifest.format));
+    }
+    let blobs = BlobStore::open(&data.join("modules"))?;
+    let mut state = None;
+    let mut modules = BTreeSet::new();
+    let mut modules_written = 0;
+    for entry in entries {
+        let mut entry = entry?;
+        let name = entry.path()?.to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        entry.read_to_end(&mut bytes)?;
+        if name == "state.bin" {
+            state = Some(parse_state(&bytes)?);
+        } else if let Some(hex) = name.strip_prefix("modules/sha256/") {
+            let named = format!("sha256:{hex}");
+            let put = blobs.put(&bytes)?;
+            if put.digest != named {
+                if !put.existed {
+                    blobs.delete(&put.digest)?;
+                }
+                return Err(BackupError::Damaged(name));
+            }
+            modules_written += usize::from(!put.existed);
+            modules.insert(named);
+        } else {
+            return Err(BackupError::Malformed(format!("an unknown entry {name}")));
+        }
+    }
+    let kvs = state.ok_or_else(|| BackupError::Malformed("no state.bin".into()))?;
+    if kvs.len() != manifest.keys {
+        return Err(BackupError::Malformed(format!(
+            "state.bin holds {} keys, backup.json says {}",
+            kvs.len(),
+            manifest.keys
+        )));
+    }
+    for (key, _) in &kvs {
+        if let Some(digest) = key.strip_prefix(keys::MODULES.as_str())
+            && !modules.contains(digest)
+            && !blobs.contains(digest)
+        {
+            return Err(BackupError::MissingModule(digest.to_string()));
+        }
+    }
+    let staging = data.join("state.redb.restoring");
+    // What an interrupted restore left.
+    match std::fs::remove_file(&staging) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    {
+        let store = Store::open(&staging)?;
+        for batch in kvs.chunks(BATCH) {
+            let txn = batch.iter().fold(Txn::new(), |txn, (key, value)| {
+                txn.then(Op::put(key.clone(), value.clone()))
+            });
+            store.txn(txn)?;
+        }
+    }
+    std::fs::rename(&staging, &target)?;
+    std::fs::File::open(data)?.sync_all()?;
+    Ok(Restored {
+        manifest,
+        modules_written,
+    })
+}
+
+/// The keys and values of `state.bin`.
+fn parse_state(mut bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, BackupError> {
+    let cut = || BackupError::Malformed("state.bin is cut short".into());
+    let mut kvs = Vec::new();
+    while !bytes.is_empty() {
+        let (lens, rest) = bytes.split_at_checked(8).ok_or_else(cut)?;
+        let key_len = u32::from_le_bytes(lens[..4].try_into().expect("4 bytes")) as usize;
+        let value_len = u32::from_le_bytes(lens[4..].try_into().expect("4 bytes")) as usize;
+        let (key, rest) = rest.split_at_checked(key_len).ok_or_else(cut)?;
+        let (value, rest) = rest.split_at_checked(value_len).ok_or_else(cut)?;
+        let key = String::from_utf8(key.to_vec()).map_err(|_| {
+            BackupError::Malformed("state.bin holds a key that is not UTF-8".into())
+        })?;
+        kvs.push((key, value.to_vec()));
+        bytes = rest;
+    }
+    Ok(kvs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_store::ReadOnlyStore;
+
+    #[test]
+    fn the_leader_key_is_the_etcd_backends() {
+        assert_eq!(LEADER_KEY, shoal_etcd::LEADER_KEY);
+    }
+
+    /// A store with a module record and two other keys (one of them binary), the module's
+    /// bytes in a blob store beside it, a shared store's chunk and leader keys.
+    fn source() -> (tempfile::TempDir, Vec<KeyValue>, u64, BlobStore, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
+        let digest = blobs.put(b"\0asm module bytes").unwrap().digest;
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        for (key, value) in [
+            (
+                format!("{}{digest}", keys::MODULES.as_str()),
+                b"{}".to_vec(),
+            ),
+            ("/apps/default/hello".to_string(), b"{\"a\":1}".to_vec()),
+            ("/kv/default/b/k".to_string(), vec![0, 159, 255]),
+            (format!("blobs/{digest}/000000"), b"chunk".to_vec()),
+            (LEADER_KEY.to_string(), b"server-1".to_vec()),
+        ] {
+            store.put(&key, value).unwrap();
+        }
+        let (kvs, revision) = store.range("").unwrap();
+        (dir, kvs, revision, blobs, digest)
+    }
+
+    #[test]
+    fn a_backup_restores_every_key_and_module_but_chunks_and_the_leader() {
+        let (_src, kvs, revision, blobs, digest) = source();
+        let mut tar = Vec::new();
+        let manifest = write(&kvs, revision, &blobs, &mut tar).unwrap();
+        assert_eq!((manifest.keys, manifest.modules), (3, 1));
+        assert_eq!(manifest.revision, revision);
+
+        let data = tempfile::tempdir().unwrap();
+        let restored = restore(tar.as_slice(), data.path()).unwrap();
+        assert_eq!(restored.manifest, manifest);
+        assert_eq!(restored.modules_written, 1);
+        let (back, _) = ReadOnlyStore::open(&data.path().join("state.redb"))
+            .unwrap()
+            .range("")
+            .unwrap();
+        let pairs = |kvs: &[KeyValue]| -> Vec<(String, Vec<u8>)> {
+            kvs.iter()
+                .filter(|kv| kept(&kv.key))
+                .map(|kv| (kv.key.clone(), kv.value.clone()))
+                .collect()
+        };
+        assert_eq!(pairs(&back), pairs(&kvs));
+        assert_eq!(back.len(), 3, "no chunk, no leader");
+        let restored_blobs = BlobStore::at(&data.path().join("modules"));
+        assert_eq!(restored_blobs.read(&digest).unwrap(), b"\0asm module bytes");
+
+        // Once restored, the data dir is taken.
+        let again = restore(tar.as_slice(), data.path()).unwrap_err();
+        assert!(matches!(again, BackupError::Occupied(_)), "{again}");
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_backup_is_refused_and_leaves_no_state() {
+        let (_src, kvs, revision, blobs, _) = source();
+        let mut tar = Vec::new();
+        write(&kvs, revision, &blobs, &mut tar).unwrap();
+
+        // A module's bytes changed on the way.
+        let at = tar
+            .windows(b"module bytes".len())
+            .position(|w| w == b"module bytes")
+            .unwrap();
+        let mut damaged = tar.clone();
+        damaged[at] ^= 1;
+        let data = tempfile::tempdir().unwrap();
+        let e = restore(damaged.as_slice(), data.path()).unwrap_err();
+        assert!(matches!(e, BackupError::Damaged(_)), "{e}");
+        assert!(!data.path().join("state.redb").exists());
+
+        // Cut before its modules: the state names one it lacks.
+        let mut cut = tar::Builder::new(Vec::new());
+        let mut archive = tar::Archive::new(tar.as_slice());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap().starts_with("modules") {
+                continue;
+            }
+            let mut header = entry.header().clone();
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).unwrap();
+            cut.append_data(&mut header, entry.path().unwrap(), bytes.as_slice())
+                .unwrap();
+        }
+        let cut = cut.into_inner().unwrap();
+        let e = restore(cut.as_slice(), tempfile::tempdir().unwrap().path()).unwrap_err();
+        assert!(matches!(e, BackupError::MissingModule(_)), "{e}");
+
+        // Not a backup at all, and one from a later Shoal.
+        let e = restore(&b"not a tar"[..], data.path()).unwrap_err();
+        assert!(
+            matches!(e, BackupError::Io(_) | BackupError::Malformed(_)),
+            "{e}"
+        );
+        let mut later = tar::Builder::new(Vec::new());
+        let manifest = serde_json::json!({
+            "format": FORMAT + 1, "version": "9.0.0", "revision": 1, "created_ms": 0,
+            "keys": 0, "modules": 0, "module_bytes": 0
+        });
+        append(&mut later, "backup.json", manifest.to_string().as_bytes()).unwrap();
+        let later = later.into_inner().unwrap();
+        let e = restore(later.as_slice(), data.path()).unwrap_err();
+        assert!(matches!(e, BackupError::Unsupported(2)), "{e}");
+        assert!(!data.path().join("state.redb").exists());
+    }
+
+    #[test]
+    fn a_state_cut_short_is_malformed() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&5u32.to_le_bytes());
+        bytes.extend_from_slice(b"/k1hel");
+        assert!(matches!(
+            parse_state(&bytes),
+            Err(BackupError::Malformed(_))
+        ));
+        bytes.extend_from_slice(b"lo");
+        assert_eq!(
+            parse_state(&bytes).unwrap(),
+            [("/k1".to_string(), b"hello".to_vec())]
+        );
+    }
+}
