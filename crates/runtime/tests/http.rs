@@ -458,6 +458,10 @@ async fn a_full_instance_pool_answers_503_until_a_slot_frees() {
     }
 }
 
+/// The timeout of tests that also run `/oom` and `/trap`: time enough for those to end by
+/// themselves on a busy machine (at 300 ms, `/oom` once timed out first, a 504).
+const KILL_AFTER: Duration = Duration::from_secs(2);
+
 #[tokio::test]
 async fn killed_instances_are_reported_as_incidents() {
     let seen: Arc<Mutex<Vec<Incident>>> = Arc::default();
@@ -467,7 +471,7 @@ async fn killed_instances_are_reported_as_incidents() {
     };
     let cfg = InstanceConfig {
         memory_limit: 32 * MIB,
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(KILL_AFTER),
         incidents: Some(hook),
         ..config()
     };
@@ -490,11 +494,11 @@ async fn killed_instances_are_reported_as_incidents() {
     assert!(seen.lock().unwrap()[1].message.contains("GET /sleep/60000"));
 }
 
-/// Faulty with instances reused for `requests` requests, idle up to `idle`, and a 300 ms
-/// timeout.
+/// Faulty with instances reused for `requests` requests, idle up to `idle`, and a timeout
+/// of [`KILL_AFTER`].
 async fn reusing(requests: u32, idle: Duration) -> (tempfile::TempDir, HttpService) {
     let cfg = InstanceConfig {
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(KILL_AFTER),
         reuse: shoal_runtime::Reuse {
             requests,
             idle,
@@ -569,7 +573,7 @@ async fn instances_go_once_idle_for_their_time() {
 async fn instance_stats_count_requests_cold_starts_reuses_and_kills() {
     let stats = Arc::new(InstanceStats::default());
     let cfg = InstanceConfig {
-        timeout: Some(Duration::from_millis(300)),
+        timeout: Some(KILL_AFTER),
         stats: stats.clone(),
         ..config()
     };
