@@ -80,6 +80,12 @@ pub struct ControlArgs {
     /// (repeatable); loopback registries always are, every other one over HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registry: Vec<String>,
+    /// The audit log: a JSON line for each API request that changes something, each backup,
+    /// join and refused token, saying who, from where, what and with what status (default:
+    /// audit.log in the data dir; past 10 MiB it is renamed .1, and 5 of those are kept).
+    /// `off`: none.
+    #[arg(long, value_name = "FILE|off")]
+    pub audit_log: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -410,6 +416,11 @@ pub async fn start_control(
         insecure_registries: args.insecure_registry.clone(),
         shared_store: shared,
         rebalance: !args.no_rebalance,
+        audit_log: match &args.audit_log {
+            Some(off) if off.as_os_str() == "off" => None,
+            Some(file) => Some(file.clone()),
+            None => Some(data.join("audit.log")),
+        },
         ..ControlConfig::default()
     };
     let (control, etcd) = match etcd {

@@ -3,6 +3,7 @@
 
 use crate::access::{self, Caller, Rule, Scope};
 use crate::api_error::{ApiError, JsonBody, Path, Query, Strict, StrictJson, WholeBody, strict};
+use crate::audit::Audited;
 use crate::error::ControlError;
 use crate::openapi::{Access, Endpoint, op};
 use crate::state::ControlPlane;
@@ -344,12 +345,21 @@ pub fn router(cp: ControlPlane) -> Router {
     }
     let authed = authed
         .layer(DefaultBodyLimit::max(4 << 20))
-        .route_layer(middleware::from_fn_with_state(cp.clone(), authorize));
+        .route_layer(middleware::from_fn_with_state(cp.clone(), authorize))
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            crate::audit::audit,
+        ));
     // The join token opens one door: a node gets its own credential there.
-    let join = join.route_layer(middleware::from_fn_with_state(
-        cp.clone(),
-        require_join_token,
-    ));
+    let join = join
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            require_join_token,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            cp.clone(),
+            crate::audit::audit,
+        ));
     // What worker nodes call, each with its own credential, for itself only.
     let nodes = nodes.route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
     // Beside the API, the dashboard's static pages, which carry no data of their own.
@@ -479,11 +489,16 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
     let namespace = axum::extract::Query::<NsQuery>::try_from_uri(req.uri())
         .ok()
         .and_then(|q| q.0.namespace);
-    if let Err(why) = access::authorize(&caller, rule, namespace.as_deref()) {
-        return ApiError::new(ErrorCode::Forbidden, why).into_response();
-    }
-    req.extensions_mut().insert(caller);
-    next.run(req).await
+    let audited = Audited(caller.name.clone());
+    let mut resp = match access::authorize(&caller, rule, namespace.as_deref()) {
+        Err(why) => ApiError::new(ErrorCode::Forbidden, why).into_response(),
+        Ok(()) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+    };
+    resp.extensions_mut().insert(audited);
+    resp
 }
 
 /// The token of an `Authorization: Bearer` header; the scheme's case does not matter
@@ -510,7 +525,10 @@ async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: 
             if let Some(slot) = req.extensions().get::<crate::serve::ClientSlot>() {
                 slot.exempt();
             }
-            next.run(req).await
+            let mut resp = next.run(req).await;
+            resp.extensions_mut()
+                .insert(Audited("join token".to_string()));
+            resp
         }
         false => ApiError::new(ErrorCode::Unauthorized,
             "joining needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",

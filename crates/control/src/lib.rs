@@ -10,6 +10,7 @@
 mod access;
 mod api;
 mod api_error;
+mod audit;
 mod backup;
 mod configs;
 mod controller;

@@ -60,6 +60,8 @@ pub struct ControlConfig {
     /// (`shared_modules`), so each serves nodes any module, whichever took its upload, and
     /// what nodes report goes through it to every server (`shared_reports`).
     pub shared_store: bool,
+    /// Where the audit log goes (`audit.rs`); none: no audit log.
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -79,6 +81,7 @@ impl Default for ControlConfig {
             kv_bucket_bytes: shoal_core::kv::DEFAULT_BUCKET_BYTES,
             insecure_registries: Vec::new(),
             shared_store: false,
+            audit_log: None,
         }
     }
 }
@@ -125,7 +128,13 @@ pub(crate) struct Inner {
     pub(crate) failing: std::sync::Mutex<Option<std::time::Instant>>,
     /// The API's connections, once it serves them ([`ControlPlane::count_api_clients`]).
     pub(crate) api_clients: OnceLock<Arc<shoal_core::clients::Clients>>,
+    /// Who did what through the API ([`ControlConfig::audit_log`]).
+    pub(crate) audit: Option<crate::audit::AuditLog>,
 }
+
+/// Past this size the audit log is renamed aside, and this many of those are kept.
+const AUDIT_LOG_BYTES: u64 = 10 << 20;
+const AUDIT_LOGS_KEPT: usize = 5;
 
 /// How long the controller's passes may fail, one after another, before the server says it
 /// is unhealthy: longer than a store leader election or a brief outage.
@@ -192,6 +201,19 @@ impl ControlPlane {
             None => None,
         };
         let secret_keys = crate::secrets::open_keys(config.secret_key_file.as_deref(), &*store);
+        let audit = match &config.audit_log {
+            Some(path) => Some(
+                crate::audit::AuditLog::open(path, AUDIT_LOG_BYTES, AUDIT_LOGS_KEPT).map_err(
+                    |e| {
+                        ControlError::internal(format!(
+                            "cannot open the audit log {}: {e}",
+                            path.display()
+                        ))
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let cp = ControlPlane {
             inner: Arc::new(Inner {
                 secret_keys: std::sync::RwLock::new(secret_keys),
@@ -202,6 +224,7 @@ impl ControlPlane {
                 outbox: config.shared_store.then(crate::shared_reports::Outbox::new),
                 failing: std::sync::Mutex::new(None),
                 api_clients: OnceLock::new(),
+                audit,
                 store,
                 blobs,
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
