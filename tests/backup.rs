@@ -85,3 +85,61 @@ fn a_backup_brings_a_lost_state_back_as_it_was() {
         "{secrets}"
     );
 }
+
+/// Backups the control plane takes by itself every `--backup-every`, the newest
+/// `--backups-kept` kept, each recorded as an event; one restores as `shoal backup`'s does.
+#[test]
+fn scheduled_backups_keep_the_newest_and_each_is_an_event() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start_with(&["--backup-every", "1s", "--backups-kept", "2"]);
+    let dir = c.dir.path().join("data/backups");
+    let listed = || -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        files.sort();
+        files
+    };
+    let backed_up = || {
+        c.api_json("/v1/events")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "BackedUp")
+            .count()
+    };
+    assert!(
+        common::poll(std::time::Duration::from_secs(30), || backed_up() >= 3
+            && listed().len() == 2),
+        "{} BackedUp events, files {:?}",
+        backed_up(),
+        listed()
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    let newest = listed().pop().unwrap();
+    assert_eq!(mode(&newest), 0o600);
+    let name = newest.file_name().unwrap().to_str().unwrap().to_string();
+    assert!(
+        name.starts_with("shoal-") && name.ends_with("Z.tar"),
+        "{name}"
+    );
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let restored = run_cli(
+        &c.config(),
+        &[
+            "server",
+            "restore",
+            newest.to_str().unwrap(),
+            "--data-dir",
+            elsewhere.path().to_str().unwrap(),
+        ],
+    );
+    assert!(restored.status.success(), "{restored:?}");
+    let said = String::from_utf8_lossy(&restored.stdout);
+    assert!(
+        said.contains("Next: copy token, join-token, ca.pem, ca-key.pem, secret.key"),
+        "{said}"
+    );
+}

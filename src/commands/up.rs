@@ -86,6 +86,13 @@ pub struct ControlArgs {
     /// `off`: none.
     #[arg(long, value_name = "FILE|off")]
     pub audit_log: Option<PathBuf>,
+    /// Take a backup (as `shoal backup` does) this often, into backups/ in the data dir, the
+    /// first one that long after the start; where the controller runs. 0: never.
+    #[arg(long, default_value = "12h", value_name = "DURATION")]
+    pub backup_every: String,
+    /// Scheduled backups kept; older ones are removed.
+    #[arg(long, default_value_t = 5, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub backups_kept: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -462,6 +469,14 @@ pub async fn start_control(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
+    let backups = match duration("backup-every", &args.backup_every)? {
+        every if every.is_zero() => None,
+        every => Some(shoal_control::BackupSchedule {
+            dir: data.join("backups"),
+            every,
+            keep: args.backups_kept as usize,
+        }),
+    };
     let pools = shoal_control::PoolHost {
         join_url: server.clone(),
         token_file: data.join("join-token"),
@@ -477,14 +492,14 @@ pub async fn start_control(
             let campaign = tokio::spawn(lead(
                 store,
                 control.clone(),
-                pools,
+                (pools, backups),
                 server.clone(),
                 stopping,
             ));
             Some((stop, campaign))
         }
         None => {
-            tokio::spawn(run_control_loops(control.clone(), pools));
+            tokio::spawn(run_control_loops(control.clone(), pools, backups));
             None
         }
     };
@@ -527,10 +542,23 @@ pub async fn start_control(
     })
 }
 
-/// The control plane's loops that act on the cluster, the controller and the node pools'
-/// provisioner: what exactly one server runs at a time.
-async fn run_control_loops(control: ControlPlane, pools: shoal_control::PoolHost) {
-    tokio::join!(control.clone().run_controller(), control.run_pools(pools));
+/// The control plane's loops that act on the cluster, the controller, the node pools'
+/// provisioner and the scheduled backups: what exactly one server runs at a time.
+async fn run_control_loops(
+    control: ControlPlane,
+    pools: shoal_control::PoolHost,
+    backups: Option<shoal_control::BackupSchedule>,
+) {
+    let backups = async {
+        if let Some(schedule) = backups {
+            control.clone().run_backups(schedule).await;
+        }
+    };
+    tokio::join!(
+        control.clone().run_controller(),
+        control.clone().run_pools(pools),
+        backups
+    );
 }
 
 /// Campaigns for the leadership of the servers sharing `store` and runs the controller while
@@ -539,7 +567,10 @@ async fn run_control_loops(control: ControlPlane, pools: shoal_control::PoolHost
 async fn lead(
     store: Arc<EtcdStore>,
     control: ControlPlane,
-    pools: shoal_control::PoolHost,
+    loops: (
+        shoal_control::PoolHost,
+        Option<shoal_control::BackupSchedule>,
+    ),
     id: String,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -561,7 +592,7 @@ async fn lead(
         };
         tracing::info!(server = %id, "leading: the controller runs here");
         let stepping_down = tokio::select! {
-            () = run_control_loops(control.clone(), pools.clone()) => return,
+            () = run_control_loops(control.clone(), loops.0.clone(), loops.1.clone()) => return,
             () = leadership.lost() => {
                 tracing::warn!(server = %id, "lost the leadership: the controller stops here");
                 false

@@ -17,8 +17,10 @@ use std::collections::BTreeSet;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_core::EventType;
 use shoal_core::objects::keys;
 use shoal_store::{BlobError, BlobStore, KeyValue, Op, Store, StoreError, Txn};
 
@@ -113,6 +115,117 @@ impl ControlPlane {
         })
         .await
     }
+}
+
+/// Backups the control plane takes by itself (`--backup-every`, `--backups-kept`), as k3s
+/// snapshots etcd every 12 hours and keeps five.
+#[derive(Debug, Clone)]
+pub struct BackupSchedule {
+    /// Where they go: `shoal-<UTC time>.tar` files, nothing else touched.
+    pub dir: PathBuf,
+    pub every: Duration,
+    /// The newest this many are kept.
+    pub keep: usize,
+}
+
+impl ControlPlane {
+    /// Takes a backup every `schedule.every` (the first one that long after the start), for
+    /// ever, each recorded as an event, `BackedUp` or `BackupFailed`. Runs where the
+    /// controller does: one server of several takes them.
+    pub async fn run_backups(self, schedule: BackupSchedule) {
+        let start = tokio::time::Instant::now() + schedule.every;
+        let mut tick = tokio::time::interval_at(start, schedule.every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let (kind, reason, message) = match self.scheduled_backup(&schedule).await {
+                Ok((file, m)) => {
+                    tracing::info!(file = %file.display(), revision = m.revision, "scheduled backup written");
+                    (
+                        EventType::Normal,
+                        "BackedUp",
+                        format!(
+                            "backup of revision {} written to {} ({} keys, {} modules)",
+                            m.revision,
+                            file.display(),
+                            m.keys,
+                            m.modules
+                        ),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %schedule.dir.display(), "scheduled backup failed");
+                    (
+                        EventType::Warning,
+                        "BackupFailed",
+                        format!(
+                            "the scheduled backup into {} failed: {e}",
+                            schedule.dir.display()
+                        ),
+                    )
+                }
+            };
+            let event = self.event_op(kind, reason, "cluster".into(), None, message);
+            let store = Arc::clone(&self.inner.store);
+            if let Err(e) = blocking(move || Ok(store.txn(Txn::new().then(event))?)).await {
+                tracing::warn!(error = %e, "cannot record the backup's event");
+            }
+        }
+    }
+
+    /// One scheduled backup, written into `schedule.dir` and the oldest past `keep` removed.
+    async fn scheduled_backup(
+        &self,
+        schedule: &BackupSchedule,
+    ) -> Result<(PathBuf, Manifest), ControlError> {
+        let (mut taken, manifest) = self.backup().await?;
+        let schedule = schedule.clone();
+        let name = scheduled_name(std::time::SystemTime::now());
+        blocking(move || {
+            let io = |e: std::io::Error| {
+                ControlError::internal(format!("{}: {e}", schedule.dir.display()))
+            };
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&schedule.dir)
+                    .map_err(io)?;
+            }
+            let mut temp = tempfile::NamedTempFile::new_in(&schedule.dir).map_err(io)?;
+            std::io::copy(&mut taken, &mut temp).map_err(io)?;
+            temp.as_file().sync_all().map_err(io)?;
+            let file = schedule.dir.join(name);
+            temp.persist(&file).map_err(|e| io(e.error))?;
+            let mut kept: Vec<PathBuf> = std::fs::read_dir(&schedule.dir)
+                .map_err(io)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("shoal-") && n.ends_with(".tar"))
+                })
+                .collect();
+            kept.sort();
+            let old = kept.len().saturating_sub(schedule.keep.max(1));
+            for gone in &kept[..old] {
+                std::fs::remove_file(gone).map_err(io)?;
+            }
+            Ok((file, manifest))
+        })
+        .await
+    }
+}
+
+/// `shoal-20261204T071758Z.tar`: sorts by time, and has no `:` to trip a shell or a copy.
+fn scheduled_name(at: std::time::SystemTime) -> String {
+    let stamp: String = humantime::format_rfc3339_seconds(at)
+        .to_string()
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    format!("shoal-{stamp}.tar")
 }
 
 /// Writes the backup of `kvs`, the state at `revision`, and of the modules it records, read
@@ -420,6 +533,12 @@ mod tests {
         let e = restore(later.as_slice(), data.path()).unwrap_err();
         assert!(matches!(e, BackupError::Unsupported(2)), "{e}");
         assert!(!data.path().join("state.redb").exists());
+    }
+
+    #[test]
+    fn scheduled_backups_are_named_to_sort_by_time() {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_796_368_678);
+        assert_eq!(scheduled_name(at), "shoal-20261204T071758Z.tar");
     }
 
     #[test]

@@ -41,7 +41,9 @@ mod volumes;
 
 pub use api::router;
 pub use api_error::ApiError;
-pub use backup::{BackupError, Manifest as BackupManifest, Restored, restore as restore_backup};
+pub use backup::{
+    BackupError, BackupSchedule, Manifest as BackupManifest, Restored, restore as restore_backup,
+};
 pub use error::{ControlError, ControlResult};
 pub use link::LocalLink;
 pub use migrate::{Copied, MigrateError, copy_state};
