@@ -90,7 +90,15 @@ impl ControlPlane {
     /// its start, and what it holds. The state is read at one revision; writes go on meanwhile.
     pub(crate) async fn backup(&self) -> Result<(std::fs::File, Manifest), ControlError> {
         let store = Arc::clone(&self.inner.store);
-        let (kvs, revision) = blocking(move || Ok(store.range("")?)).await?;
+        // The state under `/`, and the cluster's identity and join token a shared store keeps
+        // under `cluster/`; not a shared store's module chunks (`blobs/`, read whole from the
+        // blob cache instead of into memory here) nor the reports in flight (`reports/`).
+        let (kvs, revision) = blocking(move || {
+            let (mut kvs, revision) = store.range("/")?;
+            kvs.extend(store.range("cluster/")?.0);
+            Ok((kvs, revision))
+        })
+        .await?;
         // A server on a shared store may not have every module on its disk yet.
         for digest in kvs
             .iter()
