@@ -105,8 +105,8 @@ struct JoinArgs {
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     drain_timeout: String,
     /// How long a node that has not joined yet waits for a server to take its join (one still
-    /// starting, or one closing connections past its per-address cap), trying again up to 5 s
-    /// apart; then it exits 5. 0: one try.
+    /// starting, or, over TLS, one closing connections past its per-address cap), trying again
+    /// up to 5 s apart; then it exits 5. 0: one try.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     join_wait: String,
     #[command(flatten)]

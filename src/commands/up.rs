@@ -80,14 +80,14 @@ pub struct ControlArgs {
     /// (repeatable); loopback registries always are, every other one over HTTPS.
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registry: Vec<String>,
-    /// The audit log: a JSON line for each API request that changes something, each backup,
-    /// join and refused token, saying who, from where, what and with what status (default:
+    /// The audit log: a JSON line for each admin-API request that changes something, each
+    /// backup, join and refused token, saying who, from where, what and with what status (default:
     /// audit.log in the data dir; past 10 MiB it is renamed .1, and 5 of those are kept).
     /// `off`: none.
     #[arg(long, value_name = "FILE|off")]
     pub audit_log: Option<PathBuf>,
     /// Take a backup (as `shoal backup` does) this often, into backups/ in the data dir, the
-    /// first one that long after the start; where the controller runs. 0: never.
+    /// first one that long after the newest one there; where the controller runs. 0: never.
     #[arg(long, default_value = "12h", value_name = "DURATION")]
     pub backup_every: String,
     /// Scheduled backups kept; older ones are removed.

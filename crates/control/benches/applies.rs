@@ -361,6 +361,8 @@ fn main() {
     let config = ControlConfig {
         token: TOKEN.into(),
         shared_store: backend.etcd.is_some(),
+        // As `shoal server` runs by default: each apply is a line of the audit log.
+        audit_log: Some(dir.path().join("audit.log")),
         ..ControlConfig::default()
     };
     let cp = ControlPlane::with_clock(

@@ -489,16 +489,14 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
     let namespace = axum::extract::Query::<NsQuery>::try_from_uri(req.uri())
         .ok()
         .and_then(|q| q.0.namespace);
-    let audited = Audited(caller.name.clone());
-    let mut resp = match access::authorize(&caller, rule, namespace.as_deref()) {
-        Err(why) => ApiError::new(ErrorCode::Forbidden, why).into_response(),
-        Ok(()) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-    };
-    resp.extensions_mut().insert(audited);
-    resp
+    if let Some(audited) = req.extensions().get::<Audited>() {
+        audited.caller(&caller.name);
+    }
+    if let Err(why) = access::authorize(&caller, rule, namespace.as_deref()) {
+        return ApiError::new(ErrorCode::Forbidden, why).into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
 }
 
 /// The token of an `Authorization: Bearer` header; the scheme's case does not matter
@@ -525,10 +523,10 @@ async fn require_join_token(State(cp): State<ControlPlane>, req: Request, next: 
             if let Some(slot) = req.extensions().get::<crate::serve::ClientSlot>() {
                 slot.exempt();
             }
-            let mut resp = next.run(req).await;
-            resp.extensions_mut()
-                .insert(Audited("join token".to_string()));
-            resp
+            if let Some(audited) = req.extensions().get::<Audited>() {
+                audited.caller("join token");
+            }
+            next.run(req).await
         }
         false => ApiError::new(ErrorCode::Unauthorized,
             "joining needs the cluster's join token (printed by `shoal server`, stored in its data dir as `join-token`)",

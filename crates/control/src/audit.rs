@@ -1,19 +1,27 @@
-//! The audit log: who did what through the API, one JSON line per request, as Kubernetes'
-//! audit log at its `Metadata` level. Every request that changes something (not GET or HEAD),
-//! every backup (the whole state leaves with it), every join and every refused token: its
-//! time, the caller (the token's name, `admin`, or `join token`), the client's address, the
-//! method and path, the status and how long it took. Never a body: specs carry env values, and
-//! secrets' values pass through. Reads are left out: they change nothing, and the dashboard and
-//! `get -w` would drown the rest.
+//! The audit log: who did what through the admin API, one JSON line per request, as
+//! Kubernetes' audit log at its `Metadata` level. Every request that changes something (not
+//! GET or HEAD), every backup (the whole state leaves with it), every join and every refused
+//! token: its time, the caller (the token's name, `admin`, or `join token`), the client's
+//! address, the method and path, the status and how long it took. Never a body: specs carry
+//! env values, and secrets' values pass through. Reads are left out: they change nothing, and
+//! the dashboard and `get -w` would drown the rest. So is what nodes send with their own
+//! credentials (heartbeats, reports, registration): the node API's traffic, not people's.
+//!
+//! A request whose client hangs up before the answer is still written, with status 499 (as
+//! nginx says it): its handler's store write may well have happened. Refusals are written at
+//! most [`REFUSALS_PER_SECOND`] per client address a second, and paths are cut at
+//! [`PATH_BYTES`], so a flood of bad tokens neither drowns nor rotates away the rest.
 //!
 //! Written by the request's own task, line by line without an fsync (the change it records is
-//! in the store already), under a lock; a file past its size is renamed `.1` (`.1` to `.2`,
-//! and so on, the oldest dropped), as logrotate does.
+//! in the store already), under a lock; a regular file past its size is renamed `.1` (`.1` to
+//! `.2`, and so on, the oldest dropped), as logrotate does. Anything else (`/dev/stdout`, a
+//! pipe) is only written to.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::Method;
@@ -23,10 +31,26 @@ use serde::Serialize;
 
 use crate::state::ControlPlane;
 
-/// Who a response was given to, as the checks that let it through found them: set on the
-/// response, so that the audit, which wraps them, can read it.
-#[derive(Clone)]
-pub(crate) struct Audited(pub String);
+/// Refusals (401, 403) written per client address per second; the rest of that second's are
+/// not.
+const REFUSALS_PER_SECOND: u32 = 10;
+
+/// The longest path (with its query) written; a longer one is cut, and says so with `…`.
+const PATH_BYTES: usize = 512;
+
+/// Status of a request whose client went before its answer (nginx's "client closed request").
+const CLIENT_WENT: u16 = 499;
+
+/// Who is calling, as the checks that let a request through found them: the audit puts an
+/// empty one in each request it wraps, and `authorize` or the join token's check fills it.
+#[derive(Clone, Default)]
+pub(crate) struct Audited(Arc<OnceLock<String>>);
+
+impl Audited {
+    pub(crate) fn caller(&self, name: &str) {
+        let _ = self.0.set(name.to_owned());
+    }
+}
 
 /// The client's address, set on each request by [`crate::serve`].
 #[derive(Clone, Copy)]
@@ -43,15 +67,16 @@ struct Entry<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<IpAddr>,
     method: &'a str,
-    /// With its query.
+    /// With its query, cut at [`PATH_BYTES`].
     path: &'a str,
     status: u16,
     ms: u64,
 }
 
-/// The audit log file and its rotation.
+/// The audit log file, its rotation, and the refusals written this second.
 pub struct AuditLog {
     writer: Mutex<Writer>,
+    refusals: Mutex<(u64, HashMap<Option<IpAddr>, u32>)>,
 }
 
 struct Writer {
@@ -60,12 +85,19 @@ struct Writer {
     size: u64,
     max_bytes: u64,
     keep: usize,
+    /// Whether it is a file of its own to rename aside (not a device, a pipe or a link).
+    rotates: bool,
 }
 
 impl AuditLog {
     /// Appends to the log at `path` (made readable by its owner only), renamed aside past
     /// `max_bytes`, `keep` of those kept.
     pub fn open(path: &Path, max_bytes: u64, keep: usize) -> std::io::Result<AuditLog> {
+        let rotates = match std::fs::symlink_metadata(path) {
+            Ok(meta) => meta.is_file(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Err(e) => return Err(e),
+        };
         let file = append(path)?;
         let size = file.metadata()?.len();
         Ok(AuditLog {
@@ -75,18 +107,25 @@ impl AuditLog {
                 size,
                 max_bytes,
                 keep,
+                rotates,
             }),
+            refusals: Mutex::new((0, HashMap::new())),
         })
     }
 
     fn record(&self, entry: &Entry) {
+        let second = shoal_core::clock::now_ms() / 1000;
+        if matches!(entry.status, 401 | 403) && !self.refusal_written(entry.client, second) {
+            return;
+        }
         let mut line = serde_json::to_vec(entry).expect("an entry serialises");
         line.push(b'\n');
         let mut w = self
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if w.size > 0
+        if w.rotates
+            && w.size > 0
             && w.size + line.len() as u64 > w.max_bytes
             && let Err(e) = w.rotate()
         {
@@ -98,6 +137,21 @@ impl AuditLog {
                 tracing::error!(path = %w.path.display(), error = %e, "cannot write the audit log")
             }
         }
+    }
+
+    /// Whether a refusal of `client` in `second` is written: one of the first
+    /// [`REFUSALS_PER_SECOND`] of that second.
+    fn refusal_written(&self, client: Option<IpAddr>, second: u64) -> bool {
+        let mut refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if refusals.0 != second {
+            *refusals = (second, HashMap::new());
+        }
+        let count = refusals.1.entry(client).or_default();
+        *count += 1;
+        *count <= REFUSALS_PER_SECOND
     }
 }
 
@@ -135,43 +189,97 @@ fn append(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Whether a request goes into the log (see the module's doc).
-fn audited(method: &Method, path: &str, status: u16) -> bool {
+fn audited(method: &Method, route: &str, status: u16) -> bool {
     !matches!(*method, Method::GET | Method::HEAD)
-        || path == "/v1/backup"
+        || route == "/v1/backup"
         || status == 401
         || status == 403
 }
 
-/// The middleware that writes the log, around the checks of the admin API and the join.
-pub(crate) async fn audit(State(cp): State<ControlPlane>, req: Request, next: Next) -> Response {
-    let Some(log) = cp.inner.audit.as_ref() else {
-        return next.run(req).await;
-    };
-    let method = req.method().clone();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
-    let client = req.extensions().get::<Peer>().map(|p| p.0);
-    let started = std::time::Instant::now();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    if audited(&method, &route, status) {
+/// `path` cut at [`PATH_BYTES`], on a character boundary.
+fn cut(path: &str) -> String {
+    if path.len() <= PATH_BYTES {
+        return path.to_owned();
+    }
+    let mut end = PATH_BYTES;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
+}
+
+/// A request on its way: written when its answer is, or, if its client goes first and the
+/// handler is dropped, when it is dropped.
+struct InFlight {
+    cp: ControlPlane,
+    method: Method,
+    route: String,
+    path: String,
+    client: Option<IpAddr>,
+    audited: Audited,
+    started: std::time::Instant,
+    answered: bool,
+}
+
+impl InFlight {
+    fn write(&self, status: u16) {
+        let Some(log) = self.cp.inner.audit.as_ref() else {
+            return;
+        };
+        if !audited(&self.method, &self.route, status) {
+            return;
+        }
         log.record(&Entry {
             time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-            caller: resp.extensions().get::<Audited>().map(|a| a.0.as_str()),
-            client,
-            method: method.as_str(),
-            path: &path,
+            caller: self.audited.0.get().map(String::as_str),
+            client: self.client,
+            method: self.method.as_str(),
+            path: &self.path,
             status,
-            ms: started.elapsed().as_millis() as u64,
+            ms: self.started.elapsed().as_millis() as u64,
         });
     }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.write(CLIENT_WENT);
+        }
+    }
+}
+
+/// The middleware that writes the log, around the checks of the admin API and the join.
+pub(crate) async fn audit(
+    State(cp): State<ControlPlane>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if cp.inner.audit.is_none() {
+        return next.run(req).await;
+    }
+    let audited = Audited::default();
+    req.extensions_mut().insert(audited.clone());
+    let mut in_flight = InFlight {
+        method: req.method().clone(),
+        route: req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
+        path: cut(req
+            .uri()
+            .path_and_query()
+            .map_or(req.uri().path(), |p| p.as_str())),
+        client: req.extensions().get::<Peer>().map(|p| p.0),
+        audited,
+        started: std::time::Instant::now(),
+        answered: false,
+        cp,
+    };
+    let resp = next.run(req).await;
+    in_flight.answered = true;
+    in_flight.write(resp.status().as_u16());
     resp
 }
 
@@ -200,6 +308,49 @@ mod tests {
         assert!(audited(&Method::GET, "/v1/nodes", 403));
         assert!(!audited(&Method::GET, "/v1/apps", 200));
         assert!(!audited(&Method::HEAD, "/v1/apps", 200));
+    }
+
+    #[test]
+    fn refusals_are_written_ten_a_second_per_client_and_paths_are_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let log = AuditLog::open(&path, 1 << 20, 1).unwrap();
+        let from = |ip: &str| Entry {
+            caller: None,
+            client: Some(ip.parse().unwrap()),
+            ..entry(401)
+        };
+        let one: Option<IpAddr> = Some("10.0.0.1".parse().unwrap());
+        let written = (0..15).filter(|_| log.refusal_written(one, 7)).count();
+        assert_eq!(written, 10);
+        assert!(log.refusal_written(Some("10.0.0.2".parse().unwrap()), 7));
+        assert!(log.refusal_written(one, 8), "a new second");
+        log.record(&from("10.0.0.3"));
+        log.record(&entry(201));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.matches("10.0.0.3").count(), 1, "{text}");
+        assert_eq!(text.matches("\"status\":201").count(), 1, "{text}");
+
+        let long = format!("/v1/apps?x={}", "é".repeat(400));
+        let short = cut(&long);
+        assert!(
+            short.len() <= PATH_BYTES + '…'.len_utf8(),
+            "{}",
+            short.len()
+        );
+        assert!(short.ends_with('…') && long.starts_with(short.trim_end_matches('…')));
+        assert_eq!(cut("/v1/apps"), "/v1/apps");
+    }
+
+    #[test]
+    fn what_is_not_a_file_of_its_own_is_written_to_and_never_renamed() {
+        let log = AuditLog::open(Path::new("/dev/null"), 10, 2).unwrap();
+        for n in 0..3 {
+            log.record(&entry(200 + n));
+        }
+        use std::os::unix::fs::FileTypeExt;
+        let meta = std::fs::metadata("/dev/null").unwrap();
+        assert!(meta.file_type().is_char_device());
     }
 
     #[test]

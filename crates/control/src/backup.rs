@@ -11,7 +11,9 @@
 //!
 //! Not in it: the data dir's keys and tokens (`token`, `join-token`, `ca.pem`, `ca-key.pem`,
 //! `secret.key`), which a restored state needs beside it, as Kubernetes keeps its PKI apart
-//! from etcd's snapshots. Secrets stay sealed with `secret.key`: a backup shows no value.
+//! from etcd's snapshots, nor a shared store's join token (held there in clear). Secrets stay
+//! sealed with `secret.key`, and a shared store's `cluster/identity` under the admin token: a
+//! backup shows no secret.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, Write};
@@ -51,6 +53,9 @@ pub struct Manifest {
     pub modules: usize,
     /// Of the modules together.
     pub module_bytes: u64,
+    /// SHA-256 of `state.bin`, hex: the modules are checked against their digests, the state
+    /// against this.
+    pub state_sha256: String,
 }
 
 /// Why a backup could not be written or restored.
@@ -80,39 +85,52 @@ pub enum BackupError {
 }
 
 /// Whether `key` goes into a backup: not a shared store's module chunks (the modules go in
-/// whole) nor its leader's lease.
+/// whole), its leader's lease, or its join token (kept in clear, and a backup is copied
+/// about; a server puts the one of its data dir when the store has none).
 fn kept(key: &str) -> bool {
-    !key.starts_with("blobs/") && key != LEADER_KEY
+    !key.starts_with("blobs/") && key != LEADER_KEY && key != crate::nodes::SHARED_JOIN_TOKEN
 }
 
 impl ControlPlane {
     /// A backup of the state as it is now (`GET /v1/backup`): an unnamed temp file, read from
     /// its start, and what it holds. The state is read at one revision; writes go on meanwhile.
     pub(crate) async fn backup(&self) -> Result<(std::fs::File, Manifest), ControlError> {
+        match self.backup_once().await {
+            // The module collector took a module between the read and its copy: the next
+            // read no longer names it.
+            Err(BackupError::MissingModule(digest)) => {
+                tracing::info!(%digest, "a module went during the backup; taking it again");
+                self.backup_once().await.map_err(ControlError::internal)
+            }
+            taken => taken.map_err(ControlError::internal),
+        }
+    }
+
+    async fn backup_once(&self) -> Result<(std::fs::File, Manifest), BackupError> {
         let store = Arc::clone(&self.inner.store);
-        // The state under `/`, and the cluster's identity and join token a shared store keeps
-        // under `cluster/`; not a shared store's module chunks (`blobs/`, read whole from the
-        // blob cache instead of into memory here) nor the reports in flight (`reports/`).
+        // The state under `/`, and the cluster's identity a shared store keeps under
+        // `cluster/` (sealed under the admin token); not a shared store's join token (in
+        // clear), module chunks (`blobs/`, read whole from the blob cache instead of into
+        // memory here) or reports in flight (`reports/`).
         let (kvs, revision) = blocking(move || {
             let (mut kvs, revision) = store.range("/")?;
             kvs.extend(store.range("cluster/")?.0);
             Ok((kvs, revision))
         })
-        .await?;
+        .await
+        .map_err(internal)?;
         // A server on a shared store may not have every module on its disk yet.
         for digest in kvs
             .iter()
             .filter_map(|kv| kv.key.strip_prefix(keys::MODULES.as_str()))
         {
-            self.fetch_module(digest).await?;
+            self.fetch_module(digest).await.map_err(internal)?;
         }
         let blobs = self.inner.blobs.clone();
-        blocking(move || {
-            let mut file =
-                tempfile::tempfile_in(blobs.temp_dir()).map_err(ControlError::internal)?;
-            let manifest = write(&kvs, revision, &blobs, std::io::BufWriter::new(&mut file))
-                .map_err(ControlError::internal)?;
-            file.rewind().map_err(ControlError::internal)?;
+        tokio::task::spawn_blocking(move || {
+            let mut file = tempfile::tempfile_in(blobs.temp_dir())?;
+            let manifest = write(&kvs, revision, &blobs, std::io::BufWriter::new(&mut file))?;
+            file.rewind()?;
             tracing::info!(
                 revision,
                 keys = manifest.keys,
@@ -122,7 +140,13 @@ impl ControlPlane {
             Ok((file, manifest))
         })
         .await
+        .map_err(|e| internal(ControlError::internal(e)))?
     }
+}
+
+/// A failure of the control plane's as one of the backup's.
+fn internal(e: ControlError) -> BackupError {
+    BackupError::Io(std::io::Error::other(e.to_string()))
 }
 
 /// Backups the control plane takes by itself (`--backup-every`, `--backups-kept`), as k3s
@@ -137,11 +161,11 @@ pub struct BackupSchedule {
 }
 
 impl ControlPlane {
-    /// Takes a backup every `schedule.every` (the first one that long after the start), for
-    /// ever, each recorded as an event, `BackedUp` or `BackupFailed`. Runs where the
+    /// Takes a backup every `schedule.every` (the first one that long after the newest one
+    /// in its directory, or after the start), for ever, each recorded as an event, `BackedUp` or `BackupFailed`. Runs where the
     /// controller does: one server of several takes them.
     pub async fn run_backups(self, schedule: BackupSchedule) {
-        let start = tokio::time::Instant::now() + schedule.every;
+        let start = tokio::time::Instant::now() + first_due(&schedule);
         let mut tick = tokio::time::interval_at(start, schedule.every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -201,29 +225,78 @@ impl ControlPlane {
                     .create(&schedule.dir)
                     .map_err(io)?;
             }
+            let names = || -> Vec<String> {
+                std::fs::read_dir(&schedule.dir)
+                    .map(|d| {
+                        d.flatten()
+                            .filter_map(|e| e.file_name().into_string().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            // Whole copies of the state a crash left half written.
+            for left in names().iter().filter(|n| n.starts_with(".tmp")) {
+                if let Err(e) = std::fs::remove_file(schedule.dir.join(left)) {
+                    tracing::warn!(file = left, error = %e, "cannot remove a backup left half written");
+                }
+            }
             let mut temp = tempfile::NamedTempFile::new_in(&schedule.dir).map_err(io)?;
             std::io::copy(&mut taken, &mut temp).map_err(io)?;
             temp.as_file().sync_all().map_err(io)?;
-            let file = schedule.dir.join(name);
+            let file = schedule.dir.join(&name);
             temp.persist(&file).map_err(|e| io(e.error))?;
-            let mut kept: Vec<PathBuf> = std::fs::read_dir(&schedule.dir)
-                .map_err(io)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("shoal-") && n.ends_with(".tar"))
-                })
-                .collect();
-            kept.sort();
-            let old = kept.len().saturating_sub(schedule.keep.max(1));
-            for gone in &kept[..old] {
-                std::fs::remove_file(gone).map_err(io)?;
+            for gone in pruned(names(), &name, schedule.keep) {
+                if let Err(e) = std::fs::remove_file(schedule.dir.join(&gone)) {
+                    tracing::warn!(file = gone, error = %e, "cannot remove an old backup");
+                }
             }
             Ok((file, manifest))
         })
         .await
     }
+}
+
+/// How long after the start the first scheduled backup is due: `every` after the newest one
+/// in the directory, so that a server restarted (or a leadership moved) more often than that
+/// still takes them.
+fn first_due(schedule: &BackupSchedule) -> Duration {
+    let newest = std::fs::read_dir(&schedule.dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(is_scheduled))
+        .filter_map(|e| e.metadata().ok()?.modified().ok())
+        .max();
+    let age = newest.and_then(|t| t.elapsed().ok());
+    match age {
+        Some(age) => schedule.every.saturating_sub(age),
+        None => schedule.every,
+    }
+}
+
+/// The scheduled backups among `names` to remove so that `keep` stay: the newest by name,
+/// and always `written`, the one just written (a clock set back makes it sort first).
+/// Nothing but scheduled backups' names is touched.
+fn pruned(mut names: Vec<String>, written: &str, keep: usize) -> Vec<String> {
+    names.retain(|n| is_scheduled(n) && n != written);
+    names.sort();
+    let old = names.len().saturating_sub(keep.saturating_sub(1));
+    names.truncate(old);
+    names
+}
+
+/// Whether `name` is one [`scheduled_name`] makes.
+fn is_scheduled(name: &str) -> bool {
+    let Some(stamp) = name
+        .strip_prefix("shoal-")
+        .and_then(|n| n.strip_suffix("Z.tar"))
+    else {
+        return false;
+    };
+    stamp.len() == 15
+        && stamp
+            .char_indices()
+            .all(|(i, c)| if i == 8 { c == 'T' } else { c.is_ascii_digit() })
 }
 
 /// `shoal-20261204T071758Z.tar`: sorts by time, and has no `:` to trip a shell or a copy.
@@ -257,6 +330,13 @@ pub fn write(
             Err(_) => return Err(BackupError::MissingModule(digest.to_string())),
         }
     }
+    let mut state = Vec::new();
+    for kv in &kvs {
+        state.extend_from_slice(&len32(kv.key.len())?.to_le_bytes());
+        state.extend_from_slice(&len32(kv.value.len())?.to_le_bytes());
+        state.extend_from_slice(kv.key.as_bytes());
+        state.extend_from_slice(&kv.value);
+    }
     let manifest = Manifest {
         format: FORMAT,
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -265,17 +345,11 @@ pub fn write(
         keys: kvs.len(),
         modules: digests.len(),
         module_bytes,
+        state_sha256: sha256_hex(&state),
     };
     let mut tar = tar::Builder::new(out);
     let json = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
     append(&mut tar, "backup.json", &json)?;
-    let mut state = Vec::new();
-    for kv in &kvs {
-        state.extend_from_slice(&len32(kv.key.len())?.to_le_bytes());
-        state.extend_from_slice(&len32(kv.value.len())?.to_le_bytes());
-        state.extend_from_slice(kv.key.as_bytes());
-        state.extend_from_slice(&kv.value);
-    }
     append(&mut tar, "state.bin", &state)?;
     for digest in digests {
         let mut file = std::fs::File::open(blobs.try_path(digest)?)?;
@@ -283,6 +357,11 @@ pub fn write(
     }
     tar.into_inner()?.flush()?;
     Ok(manifest)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn len32(n: usize) -> Result<u32, BackupError> {
@@ -350,6 +429,9 @@ pub fn restore(input: impl Read, data: &Path) -> Result<Restored, BackupError> {
         let mut bytes = Vec::new();
         entry.read_to_end(&mut bytes)?;
         if name == "state.bin" {
+            if sha256_hex(&bytes) != manifest.state_sha256 {
+                return Err(BackupError::Damaged(name));
+            }
             state = Some(parse_state(&bytes)?);
         } else if let Some(hex) = name.strip_prefix("modules/sha256/") {
             let named = format!("sha256:{hex}");
@@ -397,7 +479,16 @@ pub fn restore(input: impl Read, data: &Path) -> Result<Restored, BackupError> {
             store.txn(txn)?;
         }
     }
-    std::fs::rename(&staging, &target)?;
+    // A link, not a rename: it fails where a state appeared meanwhile (a server started on
+    // this data dir) instead of replacing it.
+    let linked = std::fs::hard_link(&staging, &target);
+    std::fs::remove_file(&staging)?;
+    match linked {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(BackupError::Occupied(target));
+        }
+        linked => linked?,
+    }
     std::fs::File::open(data)?.sync_all()?;
     Ok(Restored {
         manifest,
@@ -435,7 +526,7 @@ mod tests {
     }
 
     /// A store with a module record and two other keys (one of them binary), the module's
-    /// bytes in a blob store beside it, a shared store's chunk and leader keys.
+    /// bytes in a blob store beside it, a shared store's chunk, leader and join token keys.
     fn source() -> (tempfile::TempDir, Vec<KeyValue>, u64, BlobStore, String) {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::open(&dir.path().join("modules")).unwrap();
@@ -450,6 +541,10 @@ mod tests {
             ("/kv/default/b/k".to_string(), vec![0, 159, 255]),
             (format!("blobs/{digest}/000000"), b"chunk".to_vec()),
             (LEADER_KEY.to_string(), b"server-1".to_vec()),
+            (
+                crate::nodes::SHARED_JOIN_TOKEN.to_string(),
+                b"join-in-clear".to_vec(),
+            ),
         ] {
             store.put(&key, value).unwrap();
         }
@@ -458,7 +553,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_restores_every_key_and_module_but_chunks_and_the_leader() {
+    fn a_backup_restores_every_key_and_module_but_chunks_the_leader_and_the_join_token() {
         let (_src, kvs, revision, blobs, digest) = source();
         let mut tar = Vec::new();
         let manifest = write(&kvs, revision, &blobs, &mut tar).unwrap();
@@ -480,7 +575,8 @@ mod tests {
                 .collect()
         };
         assert_eq!(pairs(&back), pairs(&kvs));
-        assert_eq!(back.len(), 3, "no chunk, no leader");
+        assert_eq!(back.len(), 3, "no chunk, no leader, no join token");
+        assert!(!tar.windows(13).any(|w| w == b"join-in-clear"));
         let restored_blobs = BlobStore::at(&data.path().join("modules"));
         assert_eq!(restored_blobs.read(&digest).unwrap(), b"\0asm module bytes");
 
@@ -505,6 +601,20 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let e = restore(damaged.as_slice(), data.path()).unwrap_err();
         assert!(matches!(e, BackupError::Damaged(_)), "{e}");
+        assert!(!data.path().join("state.redb").exists());
+
+        // A byte of the state changed on the way.
+        let at = tar
+            .windows(b"/apps/default/hello".len())
+            .position(|w| w == b"/apps/default/hello")
+            .unwrap();
+        let mut damaged = tar.clone();
+        damaged[at + 1] = b'b';
+        let e = restore(damaged.as_slice(), data.path()).unwrap_err();
+        assert!(
+            matches!(e, BackupError::Damaged(ref n) if n == "state.bin"),
+            "{e}"
+        );
         assert!(!data.path().join("state.redb").exists());
 
         // Cut before its modules: the state names one it lacks.
@@ -534,7 +644,7 @@ mod tests {
         let mut later = tar::Builder::new(Vec::new());
         let manifest = serde_json::json!({
             "format": FORMAT + 1, "version": "9.0.0", "revision": 1, "created_ms": 0,
-            "keys": 0, "modules": 0, "module_bytes": 0
+            "keys": 0, "modules": 0, "module_bytes": 0, "state_sha256": ""
         });
         append(&mut later, "backup.json", manifest.to_string().as_bytes()).unwrap();
         let later = later.into_inner().unwrap();
@@ -547,6 +657,45 @@ mod tests {
     fn scheduled_backups_are_named_to_sort_by_time() {
         let at = std::time::UNIX_EPOCH + Duration::from_secs(1_796_368_678);
         assert_eq!(scheduled_name(at), "shoal-20261204T071758Z.tar");
+        assert!(is_scheduled(&scheduled_name(at)));
+        for other in [
+            "shoal-2026-12-04.tar",
+            "shoal-20261204X071758Z.tar",
+            "shoal-20261204T071758Z.tar.gz",
+            ".tmpAbc",
+            "notes.txt",
+        ] {
+            assert!(!is_scheduled(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest_and_the_one_just_written_and_nothing_else_is_touched() {
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let dir = names(&[
+            "shoal-20261201T000000Z.tar",
+            "shoal-20261202T000000Z.tar",
+            "shoal-20261203T000000Z.tar",
+            "shoal-20261204T000000Z.tar",
+            "shoal-manual.tar",
+            "notes.txt",
+        ]);
+        assert_eq!(
+            pruned(dir.clone(), "shoal-20261204T000000Z.tar", 2),
+            names(&["shoal-20261201T000000Z.tar", "shoal-20261202T000000Z.tar"])
+        );
+        // The clock was set back: the new one sorts first, and stays.
+        let mut back = dir.clone();
+        back.push("shoal-20250101T000000Z.tar".into());
+        assert_eq!(
+            pruned(back, "shoal-20250101T000000Z.tar", 2),
+            names(&[
+                "shoal-20261201T000000Z.tar",
+                "shoal-20261202T000000Z.tar",
+                "shoal-20261203T000000Z.tar"
+            ])
+        );
+        assert!(pruned(dir, "shoal-20261204T000000Z.tar", 10).is_empty());
     }
 
     #[test]

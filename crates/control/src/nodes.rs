@@ -28,7 +28,7 @@ pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
 
 /// Where servers sharing a store keep the join token in force, so that one rotated at any of
 /// them is the only one every one of them takes. Outside `/`: no watch or snapshot carries it.
-const SHARED_JOIN_TOKEN: &str = "cluster/join-token";
+pub(crate) const SHARED_JOIN_TOKEN: &str = "cluster/join-token";
 
 impl ControlPlane {
     /// Whether `presented` is the join token in force. It reads the store when servers share
