@@ -62,6 +62,9 @@ enum Command {
     Pool(commands::pool::PoolCommand),
     /// Manage API tokens (create, list, revoke) and rotate the join token.
     Token(commands::token::TokenCommand),
+    /// Cap what a namespace's apps ask for together: apps, replicas, CPU and memory (set,
+    /// get, delete).
+    Quota(commands::quota::QuotaCommand),
     /// Manage config sets that apps share (create, set, unset, get, delete).
     Config(commands::config::ConfigCommand),
     /// Manage secrets apps read (create, set, unset, get, delete, rotate-key); values are
@@ -133,6 +136,7 @@ fn main() -> ExitCode {
         Command::Node(_) => Some("node"),
         Command::Token(_) => Some("token"),
         Command::Pool(_) => Some("pool"),
+        Command::Quota(_) => Some("quota"),
         Command::Push(_) => Some("push"),
         Command::Backup(_) => Some("backup"),
         Command::Completion { .. } => Some("completion"),
@@ -163,6 +167,7 @@ fn main() -> ExitCode {
             Command::Server(args) => commands::server::run(ctx, *args).await,
             Command::Node(cmd) => commands::node::run(ctx, cmd).await,
             Command::Token(cmd) => commands::token::run(ctx, cmd).await,
+            Command::Quota(cmd) => commands::quota::run(ctx, cmd).await,
             Command::Pool(cmd) => commands::pool::run(ctx, cmd).await,
             Command::Config(cmd) => commands::config::run(ctx, cmd).await,
             Command::Secret(cmd) => commands::secret::run(ctx, cmd).await,

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod node;
 pub mod pool;
 pub mod push;
+pub mod quota;
 pub mod rollout;
 pub mod scale;
 pub mod secret;

@@ -24,8 +24,8 @@ pub use types::{
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,
     Describe, INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary,
     JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels,
-    NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, Registered, ReplicaIncident,
-    ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView, RotatedJoinToken,
-    RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service, ServiceEndpoint, Snapshot,
-    TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, QuotaView, Registered,
+    ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView,
+    RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service,
+    ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };

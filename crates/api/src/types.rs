@@ -337,6 +337,15 @@ pub struct ConfigSetWritten {
     pub unchanged: bool,
 }
 
+/// A namespace's quota and what its apps ask for, counted as the quota counts them
+/// (`GET /v1/quotas`, `PUT /v1/quotas/{namespace}`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuotaView {
+    pub namespace: String,
+    pub limits: shoal_core::quota::QuotaLimits,
+    pub used: shoal_core::quota::Usage,
+}
+
 /// A secret as the API shows it: never its values, only its keys, its versions and the
 /// apps that name it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]

@@ -21,7 +21,7 @@ use shoal_api::{
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
     KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
-    NodeUsage, PoolWrite, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets,
+    NodeUsage, PoolWrite, QuotaView, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets,
     RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite, SecretWritten, Service,
     Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };
@@ -30,6 +30,7 @@ use shoal_core::kv::{KvAnswer, KvOp};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
+use shoal_core::quota::QuotaLimits;
 use shoal_core::spec::{AppKey, AppSpec, DEFAULT_NAMESPACE};
 use shoal_core::{App, ConfigSet, Event, Module, Node, Pool, Replica, RolloutStatus};
 use shoal_store::BlobError;
@@ -227,6 +228,16 @@ admin_api! {
             .json::<Pool>(StatusCode::OK);
     DELETE "/v1/pools/{name}" => delete_pool, Admin, Cluster,
         op("Delete a node pool that runs no node").empty(StatusCode::NO_CONTENT);
+    GET "/v1/quotas" => list_quotas, Viewer, NamespaceOrAll,
+        op("List namespaces' quotas, with what their apps ask for as the quotas count it")
+            .query::<NsQuery>()
+            .json_list::<QuotaView>(StatusCode::OK);
+    PUT "/v1/quotas/{namespace}" => put_quota, Admin, Cluster,
+        op("Set a namespace's quota: the caps on its apps, replicas and CPU and memory requests; what runs past a lowered one keeps running")
+            .body::<QuotaLimits>()
+            .json::<QuotaView>(StatusCode::OK);
+    DELETE "/v1/quotas/{namespace}" => delete_quota, Admin, Cluster,
+        op("Delete a namespace's quota").empty(StatusCode::NO_CONTENT);
     POST "/v1/join-token/rotate" => rotate_join_token, Admin, Cluster,
         op("Replace the join token; nodes that joined carry on")
             .query::<RotateQuery>()
@@ -1400,6 +1411,33 @@ async fn put_pool(
     blocking(move || cp.put_pool(&name, write))
         .await
         .map(|p| Json(p).into_response())
+}
+
+async fn list_quotas(
+    State(cp): State<ControlPlane>,
+    Query(q): Query<NsQuery>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.quotas(q.namespace.as_deref()))
+        .await
+        .map(|q| Json(q).into_response())
+}
+
+async fn put_quota(
+    State(cp): State<ControlPlane>,
+    Path(namespace): Path<String>,
+    StrictJson(limits): StrictJson<QuotaLimits>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.set_quota(&namespace, limits))
+        .await
+        .map(|q| Json(q).into_response())
+}
+
+async fn delete_quota(
+    State(cp): State<ControlPlane>,
+    Path(namespace): Path<String>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.delete_quota(&namespace)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_pool(

@@ -29,6 +29,7 @@ mod oci;
 mod openapi;
 mod pools;
 mod prometheus;
+mod quotas;
 mod rollouts;
 mod scope;
 mod secrets;

@@ -506,6 +506,8 @@ impl ControlPlane {
         {
             spec.replicas = old.spec.replicas.clamp(a.min, a.max);
         }
+        // Judged in a dry run too: it says what the apply would meet.
+        let admitted = self.admit(existing.as_ref().map(|(a, _)| &a.spec), &spec)?;
         let revisions = self.list::<Revision>(&keys::revisions_of(&key))?;
         let latest_revision = revisions.last();
         // What runs now: after an automatic rollback, not the latest revision.
@@ -599,6 +601,9 @@ impl ControlPlane {
                 None => Txn::new().when_absent(app_key.clone()),
             };
             txn = txn.then(Op::put(app_key.clone(), encode(&app)));
+            if let Some(admitted) = admitted {
+                txn = admitted.guard(txn);
+            }
             let message = match (&new_revision, outcome) {
                 (Some(r), ApplyOutcome::Created) => format!("created with revision {}", r.number),
                 (Some(r), _) => format!("new revision {}: {}", r.number, r.cause),
@@ -890,6 +895,8 @@ impl ControlPlane {
     ) -> Result<ApplyResult, ControlError> {
         let app_key = keys::app(key);
         let spec = app.spec.with_template(&target.template);
+        // An earlier template may ask for more than its namespace now allows.
+        let admitted = self.admit(Some(&app.spec), &spec)?;
         let changes = diff(&app.spec, &spec);
         let number = revisions.last().map_or(1, |r| r.number + 1);
         let now = self.now();
@@ -910,9 +917,13 @@ impl ControlPlane {
             scale: app.scale.clone(),
             job: app.job.clone(),
         };
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .when_mod_revision(app_key.clone(), mod_rev)
-            .then(Op::put(app_key, encode(&updated)))
+            .then(Op::put(app_key, encode(&updated)));
+        if let Some(admitted) = admitted {
+            txn = admitted.guard(txn);
+        }
+        let txn = txn
             .then(Op::put(keys::revision(key, number), encode(&revision)))
             .then(self.event_op(
                 EventType::Normal,
@@ -957,19 +968,24 @@ impl ControlPlane {
         if was == replicas {
             return Ok(app);
         }
+        let before = app.spec.clone();
         app.spec.replicas = replicas;
         app.spec.validate()?;
+        let admitted = self.admit(Some(&before), &app.spec)?;
         app.updated_at = self.now();
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .when_mod_revision(&app_key, mod_rev)
-            .then(Op::put(&app_key, encode(&app)))
-            .then(self.event_op(
-                EventType::Normal,
-                "Scaled",
-                format!("app/{key}"),
-                Some(key),
-                format!("scaled from {was} to {replicas} replicas"),
-            ));
+            .then(Op::put(&app_key, encode(&app)));
+        if let Some(admitted) = admitted {
+            txn = admitted.guard(txn);
+        }
+        let txn = txn.then(self.event_op(
+            EventType::Normal,
+            "Scaled",
+            format!("app/{key}"),
+            Some(key),
+            format!("scaled from {was} to {replicas} replicas"),
+        ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::conflict(format!(
                 "app {key} was changed concurrently; scale again"

@@ -18,6 +18,7 @@ pub mod objects;
 pub mod oci;
 pub mod problem;
 pub mod quantity;
+pub mod quota;
 pub mod schedule;
 pub mod spec;
 pub mod wasm;

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 pub mod keys {
     use super::{
         ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Pool,
-        Replica, Revision, RolloutStatus, RouteClaim, Secret, Volume,
+        Quota, Replica, Revision, RolloutStatus, RouteClaim, Secret, Volume,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -133,6 +133,10 @@ pub mod keys {
     pub const SECRETS: Prefix<Secret> = Prefix::fixed("/secrets/");
     pub const VOLUMES: Prefix<Volume> = Prefix::fixed("/volumes/");
     pub const POOLS: Prefix<Pool> = Prefix::fixed("/pools/");
+    pub const QUOTAS: Prefix<Quota> = Prefix::fixed("/quotas/");
+    pub fn quota(namespace: &str) -> Key<Quota> {
+        Key::new(format!("{}{namespace}", QUOTAS.as_str()))
+    }
     pub fn pool(name: &str) -> Key<Pool> {
         Key::new(format!("{}{name}", POOLS.as_str()))
     }
@@ -586,6 +590,15 @@ pub enum NodeState {
 
 /// The label every node of a pool carries: `shoal.dev/pool=NAME`.
 pub const POOL_LABEL: &str = "shoal.dev/pool";
+
+/// A namespace's quota (`shoal quota`, [`crate::quota`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Quota {
+    pub namespace: String,
+    pub limits: crate::quota::QuotaLimits,
+    #[schema(value_type = u64)]
+    pub updated_at: Millis,
+}
 
 /// A node pool (`shoal pool`): workers Shoal starts and stops itself through a
 /// provider command, between `min` and `max`, as a cluster autoscaler does.

@@ -57,6 +57,9 @@ pub enum ErrorCode {
     /// The caller is known but may not do this: e.g. a node's internal endpoints reached
     /// from outside the cluster.
     Forbidden,
+    /// What an apply or a scale asks for would take its namespace past its quota (403, as
+    /// Kubernetes answers "exceeded quota").
+    QuotaExceeded,
     /// The object asked for does not exist.
     NotFound,
     /// No app is routed at this host and path on this gateway.
@@ -117,6 +120,7 @@ impl ErrorCode {
         ErrorCode::WrongNode,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::QuotaExceeded,
         ErrorCode::NotFound,
         ErrorCode::NoRoute,
         ErrorCode::Conflict,
@@ -153,6 +157,7 @@ impl ErrorCode {
             ErrorCode::WrongNode => "wrong_node",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::NotFound => "not_found",
             ErrorCode::NoRoute => "no_route",
             ErrorCode::Conflict => "conflict",
@@ -189,7 +194,7 @@ impl ErrorCode {
             | ErrorCode::BadDigest
             | ErrorCode::WrongNode => 400,
             ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
+            ErrorCode::Forbidden | ErrorCode::QuotaExceeded => 403,
             ErrorCode::NotFound | ErrorCode::NoRoute => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RequestTimeout => 408,

@@ -2088,6 +2088,22 @@ impl AppSpec {
     pub fn key(&self) -> AppKey {
         AppKey::new(&self.namespace, &self.name)
     }
+
+    /// The most replicas the app may run at once by its own bounds: its replicas, its
+    /// autoscaler's max, or the largest a schedule window sets, whichever is most. What a
+    /// namespace quota counts ([`crate::quota`]).
+    pub fn most_replicas(&self) -> u32 {
+        let base = match &self.scale.autoscale {
+            Some(a) => a.max.max(self.replicas),
+            None => self.replicas,
+        };
+        self.scale
+            .schedule
+            .iter()
+            .flat_map(|w| [w.min, w.max])
+            .flatten()
+            .fold(base, u32::max)
+    }
 }
 
 /// Namespace + name: how apps are addressed everywhere.
@@ -4410,6 +4426,31 @@ A = "1"
         let mut http = resolve_hello();
         http.runs.schedule = Some("0 3 * * *".into());
         assert_eq!(http.validate().unwrap_err().field.as_deref(), Some("job"));
+    }
+
+    #[test]
+    fn most_replicas_is_the_largest_any_bound_allows() {
+        let mut spec = resolve_hello();
+        assert_eq!(spec.most_replicas(), 2);
+        spec.scale.autoscale = Some(Autoscale {
+            min: 1,
+            max: 6,
+            target_concurrency: 10,
+            target_rps: None,
+            window_ms: 60_000,
+            idle_ms: 0,
+        });
+        assert_eq!(spec.most_replicas(), 6);
+        spec.scale.schedule.push(ScheduleWindow {
+            name: "busy".into(),
+            cron: "0 9 * * *".into(),
+            timezone: "UTC".into(),
+            duration_ms: Some(3_600_000),
+            end: None,
+            min: Some(9),
+            max: None,
+        });
+        assert_eq!(spec.most_replicas(), 9);
     }
 
     fn resolve_hello() -> AppSpec {

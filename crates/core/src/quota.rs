@@ -1,0 +1,183 @@
+//! Namespace quotas (`shoal quota`), as Kubernetes' ResourceQuota: caps on what a namespace's
+//! apps may ask for together — apps, replicas, CPU and memory requests.
+//!
+//! Counted at admission (apply, scale, rollback), on each app's most replicas
+//! ([`AppSpec::most_replicas`]: the autoscaler's max, the largest a schedule window allows, or
+//! its replicas), so neither the autoscaler nor a schedule ever runs a namespace past its
+//! quota, and nothing running is stopped when a quota is lowered: only a change that would
+//! grow past it is refused. A rolling update's extra replica is not counted. Pure: the control
+//! plane brings the apps.
+
+use serde::{Deserialize, Serialize};
+
+use crate::quantity::format_memory;
+use crate::spec::AppSpec;
+
+/// What an admin sets for a namespace; a cap left out is no cap.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuotaLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u64>,
+    /// Millicores of requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// Bytes of memory requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+/// What apps ask for, counted as a quota counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Usage {
+    pub apps: u64,
+    pub replicas: u64,
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+impl Usage {
+    /// One app's: its most replicas times its requests.
+    pub fn of(spec: &AppSpec) -> Usage {
+        let replicas = u64::from(spec.most_replicas());
+        Usage {
+            apps: 1,
+            replicas,
+            cpu_millis: replicas * u64::from(spec.resources.requests.cpu_millis),
+            memory_bytes: replicas.saturating_mul(spec.resources.requests.memory_bytes),
+        }
+    }
+
+    pub fn plus(self, other: Usage) -> Usage {
+        Usage {
+            apps: self.apps + other.apps,
+            replicas: self.replicas + other.replicas,
+            cpu_millis: self.cpu_millis + other.cpu_millis,
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+        }
+    }
+}
+
+/// Why an app whose footprint goes from `before` (zero for a new app) to `after` does not fit
+/// a namespace quota of `limits` whose other apps use `others`; `None` if it fits. A cap it
+/// would pass refuses it only if the app grows on it: a quota lowered below what runs does
+/// not block a change that asks for no more.
+pub fn refusal(limits: &QuotaLimits, others: Usage, before: Usage, after: Usage) -> Option<String> {
+    let total = others.plus(after);
+    let over = |limit: Option<u64>, total: u64, before: u64, after: u64| {
+        limit.filter(|&l| total > l && after > before)
+    };
+    if let Some(limit) = over(limits.apps, total.apps, before.apps, after.apps) {
+        return Some(format!(
+            "it allows {limit} apps, and {} are there already",
+            others.apps
+        ));
+    }
+    if let Some(limit) = over(
+        limits.replicas,
+        total.replicas,
+        before.replicas,
+        after.replicas,
+    ) {
+        return Some(format!(
+            "it allows {limit} replicas; the other apps may run {} and this one {}",
+            others.replicas, after.replicas
+        ));
+    }
+    if let Some(limit) = over(
+        limits.cpu_millis,
+        total.cpu_millis,
+        before.cpu_millis,
+        after.cpu_millis,
+    ) {
+        return Some(format!(
+            "it allows {limit}m of CPU requests; the other apps ask for {}m and this one {}m ({} replicas at most)",
+            others.cpu_millis, after.cpu_millis, after.replicas
+        ));
+    }
+    if let Some(limit) = over(
+        limits.memory_bytes,
+        total.memory_bytes,
+        before.memory_bytes,
+        after.memory_bytes,
+    ) {
+        return Some(format!(
+            "it allows {} of memory requests; the other apps ask for {} and this one {} ({} replicas at most)",
+            format_memory(limit),
+            format_memory(others.memory_bytes),
+            format_memory(after.memory_bytes),
+            after.replicas
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(apps: u64, replicas: u64, cpu_millis: u64, memory_bytes: u64) -> Usage {
+        Usage {
+            apps,
+            replicas,
+            cpu_millis,
+            memory_bytes,
+        }
+    }
+
+    #[test]
+    fn a_change_that_grows_past_a_cap_is_refused_and_says_which() {
+        let limits = QuotaLimits {
+            apps: Some(3),
+            replicas: Some(10),
+            cpu_millis: Some(2000),
+            memory_bytes: Some(1 << 30),
+        };
+        let others = usage(2, 6, 1500, 512 << 20);
+        let none = Usage::default();
+        // A new app that fits.
+        assert_eq!(
+            refusal(&limits, others, none, usage(1, 2, 400, 256 << 20)),
+            None
+        );
+        // One too many apps.
+        let why = refusal(&limits, usage(3, 3, 0, 0), none, usage(1, 1, 0, 0)).unwrap();
+        assert!(why.contains("3 apps"), "{why}");
+        // Replicas, CPU and memory each.
+        let why = refusal(&limits, others, none, usage(1, 5, 0, 0)).unwrap();
+        assert!(
+            why.contains("10 replicas") && why.contains("may run 6"),
+            "{why}"
+        );
+        let why = refusal(&limits, others, none, usage(1, 2, 600, 0)).unwrap();
+        assert!(
+            why.contains("2000m") && why.contains("this one 600m"),
+            "{why}"
+        );
+        let why = refusal(&limits, others, none, usage(1, 2, 0, 600 << 20)).unwrap();
+        assert!(
+            why.contains("1Gi") && why.contains("this one 600Mi"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn under_a_quota_lowered_below_what_runs_only_growth_is_refused() {
+        let limits = QuotaLimits {
+            replicas: Some(4),
+            ..QuotaLimits::default()
+        };
+        let others = usage(1, 4, 0, 0);
+        let app = usage(1, 2, 0, 0);
+        // Already past it: the same footprint (an env change, say), or less, goes through.
+        assert_eq!(refusal(&limits, others, app, app), None);
+        assert_eq!(refusal(&limits, others, app, usage(1, 1, 0, 0)), None);
+        assert!(refusal(&limits, others, app, usage(1, 3, 0, 0)).is_some());
+        // No cap, no refusal.
+        assert_eq!(
+            refusal(&QuotaLimits::default(), others, app, usage(1, 99, 99, 99)),
+            None
+        );
+    }
+}

@@ -1,0 +1,172 @@
+//! `shoal quota`: caps on what a namespace's apps ask for together, as Kubernetes'
+//! ResourceQuota.
+
+use super::Context;
+use crate::output::{self, Format};
+use anyhow::Result;
+use shoal_api::{QuotaView, seg};
+use shoal_core::quantity::{format_memory, parse_cpu, parse_memory};
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal quota set team-a --apps 20 --replicas 50 --cpu 4 --memory 8Gi
+  shoal quota set team-a --cpu 8 --memory none    one cap changed, one taken away, the rest kept
+  shoal quota get                                 NAMESPACE APPS REPLICAS CPU MEMORY, used/cap
+  shoal quota delete team-a")]
+pub struct QuotaCommand {
+    #[command(subcommand)]
+    action: QuotaAction,
+}
+
+#[derive(clap::Subcommand)]
+enum QuotaAction {
+    /// Set caps of a namespace's quota (admin), keeping those not given. An apply, scale or
+    /// rollback that would take the namespace past one is refused (exit 6); what runs past a
+    /// lowered cap keeps running. Apps count at their most replicas: the autoscaler's max,
+    /// the largest a schedule allows, or their replicas.
+    Set {
+        /// The namespace.
+        #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
+        ns: String,
+        /// Apps in the namespace at most; `none`: no cap.
+        #[arg(long, value_name = "N|none")]
+        apps: Option<String>,
+        /// Replicas its apps may run together at most; `none`: no cap.
+        #[arg(long, value_name = "N|none")]
+        replicas: Option<String>,
+        /// CPU its replicas may request together, e.g. 4 or 4000m; `none`: no cap.
+        #[arg(long, value_name = "CPU|none")]
+        cpu: Option<String>,
+        /// Memory its replicas may request together, e.g. 8Gi; `none`: no cap.
+        #[arg(long, value_name = "BYTES|none")]
+        memory: Option<String>,
+    },
+    /// The quotas (of one namespace, or all), with what their apps ask for.
+    Get {
+        /// The namespace.
+        #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
+        ns: Option<String>,
+    },
+    /// Take a namespace's quota away (admin).
+    Delete {
+        /// The namespace.
+        #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
+        ns: String,
+    },
+}
+
+pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
+    let client = ctx.client()?;
+    match cmd.action {
+        QuotaAction::Set {
+            ns: namespace,
+            apps,
+            replicas,
+            cpu,
+            memory,
+        } => {
+            let current: Vec<QuotaView> = client
+                .get(&format!("/v1/quotas?namespace={}", seg(&namespace)))
+                .await?;
+            let mut limits = current
+                .into_iter()
+                .next()
+                .map(|q| q.limits)
+                .unwrap_or_default();
+            let count = |s: &str| s.parse::<u64>().map_err(|e| e.to_string());
+            set(&mut limits.apps, apps, "--apps", count)?;
+            set(&mut limits.replicas, replicas, "--replicas", count)?;
+            set(&mut limits.cpu_millis, cpu, "--cpu", |s| {
+                parse_cpu(s).map(u64::from).map_err(|e| e.to_string())
+            })?;
+            set(&mut limits.memory_bytes, memory, "--memory", |s| {
+                parse_memory(s).map_err(|e| e.to_string())
+            })?;
+            let quota: QuotaView = client
+                .send(
+                    client
+                        .request(
+                            reqwest::Method::PUT,
+                            &format!("/v1/quotas/{}", seg(&namespace)),
+                        )
+                        .json(&limits),
+                )
+                .await?;
+            match ctx.output {
+                Format::Json => output::json(&quota),
+                Format::Table => println!("quota of namespace {namespace} set"),
+            }
+        }
+        QuotaAction::Get { ns: namespace } => {
+            let path = match &namespace {
+                Some(ns) => format!("/v1/quotas?namespace={}", seg(ns)),
+                None => "/v1/quotas".to_string(),
+            };
+            let quotas: Vec<QuotaView> = client.get(&path).await?;
+            if let (Some(ns), true) = (&namespace, quotas.is_empty()) {
+                return Err(crate::exit::fail(
+                    crate::exit::NOT_FOUND,
+                    format!("namespace {ns} has no quota"),
+                ));
+            }
+            match ctx.output {
+                Format::Json => output::json(&quotas),
+                Format::Table => output::table(
+                    &["NAMESPACE", "APPS", "REPLICAS", "CPU", "MEMORY"],
+                    &quotas.iter().map(row).collect::<Vec<_>>(),
+                ),
+            }
+        }
+        QuotaAction::Delete { ns: namespace } => {
+            client
+                .checked(client.request(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/quotas/{}", seg(&namespace)),
+                ))
+                .await?;
+            if ctx.output == Format::Table {
+                println!("quota of namespace {namespace} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sets `cap` from a flag's `value`, if given: `none` takes it away.
+fn set(
+    cap: &mut Option<u64>,
+    value: Option<String>,
+    flag: &str,
+    parse: impl Fn(&str) -> Result<u64, String>,
+) -> Result<()> {
+    match value.as_deref() {
+        None => {}
+        Some("none") => *cap = None,
+        Some(v) => {
+            *cap = Some(parse(v).map_err(|e| crate::exit::usage(format!("{flag}: {e}")))?);
+        }
+    }
+    Ok(())
+}
+
+/// `used/cap`, or `used` alone without a cap.
+fn row(q: &QuotaView) -> Vec<String> {
+    let cell = |used: String, cap: Option<String>| match cap {
+        Some(cap) => format!("{used}/{cap}"),
+        None => used,
+    };
+    let (l, u) = (&q.limits, &q.used);
+    vec![
+        q.namespace.clone(),
+        cell(u.apps.to_string(), l.apps.map(|n| n.to_string())),
+        cell(u.replicas.to_string(), l.replicas.map(|n| n.to_string())),
+        cell(
+            format!("{}m", u.cpu_millis),
+            l.cpu_millis.map(|n| format!("{n}m")),
+        ),
+        cell(
+            format_memory(u.memory_bytes),
+            l.memory_bytes.map(format_memory),
+        ),
+    ]
+}
