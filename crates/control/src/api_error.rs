@@ -34,7 +34,7 @@ impl From<ControlError> for ApiError {
         let message = e.to_string();
         let code = match e {
             ControlError::NotFound(_) => ErrorCode::NotFound,
-            ControlError::Conflict(_) => ErrorCode::Conflict,
+            ControlError::Conflict(_) | ControlError::Raced(_) => ErrorCode::Conflict,
             ControlError::Invalid { code, .. } => code,
             ControlError::Compacted(_) => ErrorCode::Compacted,
             ControlError::Unavailable(_) => ErrorCode::Unavailable,

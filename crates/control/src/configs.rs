@@ -58,7 +58,7 @@ impl ControlPlane {
                 return Ok(());
             };
             match self.apply_over(app.spec, false, Some(at), false) {
-                Err(ControlError::Conflict(_)) if tries < 3 => tries += 1,
+                Err(ControlError::Conflict(_) | ControlError::Raced(_)) if tries < 3 => tries += 1,
                 other => return other.map(|_| ()),
             }
         }

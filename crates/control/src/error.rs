@@ -12,6 +12,10 @@ pub enum ControlError {
     /// The change conflicts with the state: it exists already, or changed meanwhile.
     #[error("{0}")]
     Conflict(String),
+    /// Another write came between what a change read and its own (its guard failed): a
+    /// conflict to the caller, which a declarative change may read again and retry.
+    #[error("{0}")]
+    Raced(String),
     /// The request breaks a rule: which one (`code`, e.g. `InvalidSpec`,
     /// `UnknownModule`), the field at fault if there is one, and why.
     #[error("{message}")]

@@ -132,6 +132,18 @@ pub(crate) struct Inner {
     pub(crate) audit: Option<crate::audit::AuditLog>,
 }
 
+/// How many times a declarative change (an apply, a scale) is read and judged again when
+/// another write came between its read and its own: as many as changes could come at once
+/// in one namespace with a quota (each round, one of them lands), a millisecond more apart
+/// each time.
+const RACED_TRIES: u32 = 20;
+
+/// Waits before the `tries`-th read of a change that lost a race: longer each time, so a
+/// crowd of them spreads out.
+fn raced_again(tries: u32) {
+    std::thread::sleep(Duration::from_millis(u64::from(tries)));
+}
+
 /// Past this size the audit log is renamed aside, and this many of those are kept.
 const AUDIT_LOG_BYTES: u64 = 10 << 20;
 const AUDIT_LOGS_KEPT: usize = 5;
@@ -393,18 +405,30 @@ impl ControlPlane {
 
     #[cfg(test)]
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
-        self.apply_over(spec, dry_run, None, false)
+        self.apply_retrying(spec, dry_run, false)
     }
 
     /// [`ControlPlane::apply`]; with `retry`, a template whose rollout was rolled back or
     /// aborted is rolled out again rather than refused.
+    ///
+    /// Declarative, it is read and judged again when another write came first (another
+    /// app's change in a namespace with a quota, say), a few times, before that is a conflict.
     pub(crate) fn apply_retrying(
         &self,
         spec: AppSpec,
         dry_run: bool,
         retry: bool,
     ) -> Result<ApplyResult, ControlError> {
-        self.apply_over(spec, dry_run, None, retry)
+        let mut tries = 1;
+        loop {
+            match self.apply_over(spec.clone(), dry_run, None, retry) {
+                Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
+                    raced_again(tries);
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// [`ControlPlane::apply`], refused as a conflict unless the stored app is still at
@@ -680,7 +704,7 @@ impl ControlPlane {
                 message,
             ));
             if !self.inner.store.txn(txn)?.succeeded {
-                return Err(ControlError::conflict(format!(
+                return Err(ControlError::Raced(format!(
                     "app {key} was changed concurrently; apply again"
                 )));
             }
@@ -951,6 +975,19 @@ impl ControlPlane {
     /// Scale is not part of the template, so no revision is made; the next
     /// apply of the app's file sets it again.
     pub(crate) fn scale(&self, key: &AppKey, replicas: u32) -> Result<App, ControlError> {
+        let mut tries = 1;
+        loop {
+            match self.scale_once(key, replicas) {
+                Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
+                    raced_again(tries);
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn scale_once(&self, key: &AppKey, replicas: u32) -> Result<App, ControlError> {
         let app_key = keys::app(key);
         let Some((mut app, mod_rev)) = self.get(&app_key)? else {
             return Err(ControlError::not_found(format!("app {key} does not exist")));
@@ -987,7 +1024,7 @@ impl ControlPlane {
             format!("scaled from {was} to {replicas} replicas"),
         ));
         if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
+            return Err(ControlError::Raced(format!(
                 "app {key} was changed concurrently; scale again"
             )));
         }
@@ -1970,6 +2007,47 @@ pub(crate) mod tests {
         cp.get(&keys::route(&route))
             .unwrap()
             .map(|(c, _)| c.app.name)
+    }
+
+    /// Applies of several apps at once in a namespace with a quota each rewrite the quota:
+    /// those that lose that race are judged again, so all that fit land, and no more.
+    #[test]
+    fn concurrent_applies_under_a_quota_are_judged_again_and_never_pass_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.set_quota(
+            "default",
+            shoal_core::quota::QuotaLimits {
+                apps: Some(6),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let specs: Vec<AppSpec> = (0..8)
+            .map(|i| spec(&cp, &format!("a{i}"), &[&format!("/a{i}")]))
+            .collect();
+        let results: Vec<Result<ApplyResult, ControlError>> = std::thread::scope(|s| {
+            let running: Vec<_> = specs
+                .into_iter()
+                .map(|spec| {
+                    let cp = cp.clone();
+                    s.spawn(move || cp.apply(spec, false))
+                })
+                .collect();
+            running.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        let landed = results.iter().filter(|r| r.is_ok()).count();
+        let refused: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| e.to_string())
+            .collect();
+        assert_eq!(landed, 6, "{refused:?}");
+        assert!(
+            refused.iter().all(|e| e.contains("6 apps")),
+            "refused for the quota, not for the race: {refused:?}"
+        );
+        assert_eq!(cp.list::<App>(&keys::APPS).unwrap().len(), 6);
     }
 
     #[test]
