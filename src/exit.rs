@@ -1,7 +1,8 @@
 //! What the CLI's exit code says, as kubectl and nomad users expect: 0 done; 1 failed; 2 a
 //! usage error (clap's); 3 not found; 4 a conflict (it exists, is in use, or changed
 //! meanwhile); 5 unavailable (the API cannot be reached, or cannot serve now); 6 denied (no or
-//! a wrong token, a role or namespace the token lacks). `shoal diff` and `apply --dry-run` exit
+//! a wrong token, a role or namespace the token lacks, a namespace's quota). `shoal diff` and
+//! `apply --dry-run` exit
 //! 1 when something would change, and never 1 on an error.
 
 use std::process::ExitCode;

@@ -136,7 +136,6 @@ fn main() -> ExitCode {
         Command::Node(_) => Some("node"),
         Command::Token(_) => Some("token"),
         Command::Pool(_) => Some("pool"),
-        Command::Quota(_) => Some("quota"),
         Command::Push(_) => Some("push"),
         Command::Backup(_) => Some("backup"),
         Command::Completion { .. } => Some("completion"),

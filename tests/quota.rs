@@ -56,6 +56,11 @@ fn a_namespace_quota_refuses_what_would_grow_past_it_and_lets_the_rest_run() {
         &write_spec(c.dir.path(), "d.toml", &example_spec("hello", 3, "D")).to_string_lossy(),
     ]);
 
+    assert_eq!(
+        c.cli_ok(&["quota", "get", "-n", "team-a"]).lines().count(),
+        2,
+        "-n names the namespace"
+    );
     let got = c.cli_ok(&["quota", "get"]);
     let row = got.lines().find(|l| l.starts_with("team-a")).expect(&got);
     let cells: Vec<&str> = row.split_whitespace().collect();

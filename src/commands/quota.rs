@@ -25,9 +25,9 @@ enum QuotaAction {
     /// lowered cap keeps running. Apps count at their most replicas: the autoscaler's max,
     /// the largest a schedule allows, or their replicas.
     Set {
-        /// The namespace.
+        /// The namespace (or `-n`).
         #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
-        ns: String,
+        ns: Option<String>,
         /// Apps in the namespace at most; `none`: no cap.
         #[arg(long, value_name = "N|none")]
         apps: Option<String>,
@@ -43,28 +43,49 @@ enum QuotaAction {
     },
     /// The quotas (of one namespace, or all), with what their apps ask for.
     Get {
-        /// The namespace.
+        /// The namespace (or `-n`; neither: every namespace's).
         #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
         ns: Option<String>,
     },
     /// Take a namespace's quota away (admin).
     Delete {
-        /// The namespace.
+        /// The namespace (or `-n`).
         #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]
-        ns: String,
+        ns: Option<String>,
     },
+}
+
+/// The namespace a command names, by argument or `-n`.
+fn namespace(ctx: &Context, ns: Option<String>) -> Result<Option<String>> {
+    let flag = ctx.namespace_given.then(|| ctx.namespace.clone());
+    match (ns, flag) {
+        (Some(a), Some(f)) if a != f => Err(crate::exit::usage(format!(
+            "namespace {a} and -n {f} disagree: name one"
+        ))),
+        (ns, flag) => Ok(ns.or(flag)),
+    }
+}
+
+/// The namespace a command must name.
+fn named(ctx: &Context, ns: Option<String>) -> Result<String> {
+    namespace(ctx, ns)?.ok_or_else(|| {
+        crate::exit::usage(
+            "name the namespace: shoal quota set|delete NAMESPACE (or -n NAMESPACE)".into(),
+        )
+    })
 }
 
 pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
     let client = ctx.client()?;
     match cmd.action {
         QuotaAction::Set {
-            ns: namespace,
+            ns,
             apps,
             replicas,
             cpu,
             memory,
         } => {
+            let namespace = named(&ctx, ns)?;
             let current: Vec<QuotaView> = client
                 .get(&format!("/v1/quotas?namespace={}", seg(&namespace)))
                 .await?;
@@ -97,7 +118,8 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                 Format::Table => println!("quota of namespace {namespace} set"),
             }
         }
-        QuotaAction::Get { ns: namespace } => {
+        QuotaAction::Get { ns } => {
+            let namespace = namespace(&ctx, ns)?;
             let path = match &namespace {
                 Some(ns) => format!("/v1/quotas?namespace={}", seg(ns)),
                 None => "/v1/quotas".to_string(),
@@ -117,7 +139,8 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                 ),
             }
         }
-        QuotaAction::Delete { ns: namespace } => {
+        QuotaAction::Delete { ns } => {
+            let namespace = named(&ctx, ns)?;
             client
                 .checked(client.request(
                     reqwest::Method::DELETE,

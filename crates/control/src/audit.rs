@@ -8,9 +8,10 @@
 //! credentials (heartbeats, reports, registration): the node API's traffic, not people's.
 //!
 //! A request whose client hangs up before the answer is still written, with status 499 (as
-//! nginx says it): its handler's store write may well have happened. Refusals are written at
-//! most [`REFUSALS_PER_SECOND`] per client address a second, and paths are cut at
-//! [`PATH_BYTES`], so a flood of bad tokens neither drowns nor rotates away the rest.
+//! nginx says it): its handler's store write may well have happened. Requests without a valid
+//! token (401) are written at most [`REFUSALS_PER_SECOND`] per client address a second, and
+//! paths are cut at [`PATH_BYTES`], so a flood of bad tokens neither drowns nor rotates away
+//! the rest; a 403 has a known caller, and is always written.
 //!
 //! Written by the request's own task, line by line without an fsync (the change it records is
 //! in the store already), under a lock; a regular file past its size is renamed `.1` (`.1` to
@@ -31,8 +32,7 @@ use serde::Serialize;
 
 use crate::state::ControlPlane;
 
-/// Refusals (401, 403) written per client address per second; the rest of that second's are
-/// not.
+/// 401s written per client address per second; the rest of that second's are not.
 const REFUSALS_PER_SECOND: u32 = 10;
 
 /// The longest path (with its query) written; a longer one is cut, and says so with `…`.
@@ -115,7 +115,7 @@ impl AuditLog {
 
     fn record(&self, entry: &Entry) {
         let second = shoal_core::clock::now_ms() / 1000;
-        if matches!(entry.status, 401 | 403) && !self.refusal_written(entry.client, second) {
+        if entry.status == 401 && !self.refusal_written(entry.client, second) {
             return;
         }
         let mut line = serde_json::to_vec(entry).expect("an entry serialises");
@@ -139,7 +139,7 @@ impl AuditLog {
         }
     }
 
-    /// Whether a refusal of `client` in `second` is written: one of the first
+    /// Whether a 401 of `client` in `second` is written: one of the first
     /// [`REFUSALS_PER_SECOND`] of that second.
     fn refusal_written(&self, client: Option<IpAddr>, second: u64) -> bool {
         let mut refusals = self
@@ -311,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn refusals_are_written_ten_a_second_per_client_and_paths_are_cut() {
+    fn tokens_refused_are_written_ten_a_second_per_client_and_paths_are_cut() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.log");
         let log = AuditLog::open(&path, 1 << 20, 1).unwrap();

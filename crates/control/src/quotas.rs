@@ -1,9 +1,11 @@
 //! Namespace quotas (`shoal quota`): kept at `/quotas/{namespace}`, checked when an apply, a
 //! scale or a rollback would grow an app ([`shoal_core::quota`] decides).
 //!
-//! Admission is atomic: the change's transaction rewrites the namespace's quota record,
-//! guarded on the revision it was read at, so two changes in one namespace cannot both pass
-//! against the same usage; the second is a conflict, to send again.
+//! Admission is atomic: a change that grows an app rewrites the namespace's quota record in
+//! its transaction, guarded on the revision it was read at (or, without a quota, on there
+//! being none), so two changes in one namespace cannot both pass against the same usage; the
+//! second is `Raced`, judged again. A change that grows nothing needs no guard: whatever
+//! passes beside it is judged against as much as it leaves, or more.
 
 use shoal_api::QuotaView;
 use shoal_core::objects::keys;
@@ -16,38 +18,62 @@ use shoal_store::{Op, Txn};
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
 
-/// A quota an app was admitted under, and the revision it was read at.
-pub(crate) struct Admitted(Quota, u64);
+/// What a growing change was admitted against, for its transaction to guard on.
+pub(crate) enum Admitted {
+    /// The namespace's quota record as read (its bytes, so a field this server does not know
+    /// survives the rewrite) and the revision it was read at.
+    Quota {
+        namespace: String,
+        value: Vec<u8>,
+        at: u64,
+    },
+    /// No quota: none may appear before the change lands.
+    NoQuota { namespace: String },
+}
 
 impl Admitted {
     /// `txn` guarded on the quota as read, and rewriting it, so that another change admitted
-    /// against the same usage fails.
+    /// against the same usage fails; or on there being no quota still.
     pub(crate) fn guard(self, txn: Txn) -> Txn {
-        let key = keys::quota(&self.0.namespace);
-        txn.when_mod_revision(key.clone(), self.1)
-            .then(Op::put(key, encode(&self.0)))
+        match self {
+            Admitted::Quota {
+                namespace,
+                value,
+                at,
+            } => {
+                let key = keys::quota(&namespace);
+                txn.when_mod_revision(key.clone(), at)
+                    .then(Op::put(key, value))
+            }
+            Admitted::NoQuota { namespace } => txn.when_absent(keys::quota(&namespace)),
+        }
     }
 }
 
 impl ControlPlane {
     /// Whether app `spec`, replacing `before` (none: a new app), fits its namespace's quota:
-    /// `Ok(None)` without a quota, the quota to guard the change on if it fits, and a
-    /// `quota_exceeded` refusal saying which cap if it does not.
+    /// `Ok(None)` if it grows on no cap, what to guard its change on if it grows and fits,
+    /// and a `quota_exceeded` refusal saying which cap if it does not fit.
     pub(crate) fn admit(
         &self,
         before: Option<&AppSpec>,
         spec: &AppSpec,
     ) -> Result<Option<Admitted>, ControlError> {
-        let Some((quota, at)) = self.get(&keys::quota(&spec.namespace))? else {
+        let (before, after) = (before.map(Usage::of).unwrap_or_default(), Usage::of(spec));
+        if !after.grows_from(&before) {
             return Ok(None);
+        }
+        let namespace = spec.namespace.clone();
+        let Some(read) = self.inner.store.get(keys::quota(&namespace).as_str())? else {
+            return Ok(Some(Admitted::NoQuota { namespace }));
         };
+        let quota: Quota = crate::state::decode(&read)?;
         let others = self
             .list::<App>(&keys::apps_in(&spec.namespace))?
             .iter()
             .filter(|a| a.spec.name != spec.name)
             .fold(Usage::default(), |used, a| used.plus(Usage::of(&a.spec)));
-        let before = before.map(Usage::of).unwrap_or_default();
-        if let Some(why) = refusal(&quota.limits, others, before, Usage::of(spec)) {
+        if let Some(why) = refusal(&quota.limits, others, before, after) {
             return Err(ControlError::invalid(
                 ErrorCode::QuotaExceeded,
                 format!(
@@ -57,7 +83,11 @@ impl ControlPlane {
                 ),
             ));
         }
-        Ok(Some(Admitted(quota, at)))
+        Ok(Some(Admitted::Quota {
+            namespace,
+            value: read.value,
+            at: read.mod_revision,
+        }))
     }
 
     /// The quotas of `namespace` (all: every namespace's), with what their apps use.
@@ -70,20 +100,20 @@ impl ControlPlane {
                 .collect(),
             None => self.list::<Quota>(&keys::QUOTAS)?,
         };
-        quotas
-            .into_iter()
-            .map(|q| {
-                let used = self
-                    .list::<App>(&keys::apps_in(&q.namespace))?
-                    .iter()
-                    .fold(Usage::default(), |used, a| used.plus(Usage::of(&a.spec)));
-                Ok(QuotaView {
-                    namespace: q.namespace,
-                    limits: q.limits,
-                    used,
-                })
-            })
-            .collect()
+        quotas.into_iter().map(|q| self.view(q)).collect()
+    }
+
+    /// Quota `q` with what its namespace's apps use.
+    fn view(&self, q: Quota) -> Result<QuotaView, ControlError> {
+        let used = self
+            .list::<App>(&keys::apps_in(&q.namespace))?
+            .iter()
+            .fold(Usage::default(), |used, a| used.plus(Usage::of(&a.spec)));
+        Ok(QuotaView {
+            namespace: q.namespace,
+            limits: q.limits,
+            used,
+        })
     }
 
     /// Sets the quota of `namespace`. What runs past a lowered one keeps running; only what
@@ -114,10 +144,7 @@ impl ControlPlane {
                 ),
             ));
         self.inner.store.txn(txn)?;
-        Ok(self
-            .quotas(Some(namespace))?
-            .pop()
-            .expect("the quota was just written"))
+        self.view(quota)
     }
 
     pub(crate) fn delete_quota(&self, namespace: &str) -> Result<(), ControlError> {
@@ -184,13 +211,25 @@ mod tests {
             updated_at: 0,
         };
         let key = keys::quota("team-a");
+        let admitted = || Admitted::NoQuota {
+            namespace: "team-a".into(),
+        };
+        // Admitted without a quota: one set meanwhile fails the change.
+        let unquoted = admitted().guard(Txn::new());
         let at = store.put(key.as_str(), encode(&quota)).unwrap();
+        assert!(!KvStore::txn(&store, unquoted).unwrap().succeeded);
         // Two changes read the quota at the same revision; the first one's rewrite of it
         // makes the second one's guard fail.
-        let first = Admitted(quota.clone(), at).guard(Txn::new());
-        let second = Admitted(quota, at).guard(Txn::new());
+        let read = || Admitted::Quota {
+            namespace: "team-a".into(),
+            value: encode(&quota),
+            at,
+        };
+        let (first, second) = (read().guard(Txn::new()), read().guard(Txn::new()));
         assert!(KvStore::txn(&store, first).unwrap().succeeded);
         assert!(!KvStore::txn(&store, second).unwrap().succeeded);
+        let after_set = admitted().guard(Txn::new());
+        assert!(!KvStore::txn(&store, after_set).unwrap().succeeded);
         assert_eq!(
             describe(&QuotaLimits {
                 cpu_millis: Some(4000),

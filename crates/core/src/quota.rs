@@ -1,17 +1,21 @@
 //! Namespace quotas (`shoal quota`), as Kubernetes' ResourceQuota: caps on what a namespace's
 //! apps may ask for together — apps, replicas, CPU and memory requests.
 //!
-//! Counted at admission (apply, scale, rollback), on each app's most replicas
-//! ([`AppSpec::most_replicas`]: the autoscaler's max, the largest a schedule window allows, or
+//! Counted at admission (apply, scale, `rollout undo`), on each app's most replicas
+//! ([`AppSpec::most_replicas`]: the autoscaler's max, the most a schedule window allows, or
 //! its replicas), so neither the autoscaler nor a schedule ever runs a namespace past its
 //! quota, and nothing running is stopped when a quota is lowered: only a change that would
-//! grow past it is refused. A rolling update's extra replica is not counted. Pure: the control
-//! plane brings the apps.
+//! grow past it is refused. Not counted: a rollout's surge and canary replicas, and the
+//! template a rollout that is aborted or rolled back by itself returns to (it was admitted
+//! once). A job whose runs may pile up (`concurrency = "allow"`) has no most, so it is
+//! refused where a quota caps replicas, CPU or memory; so is an app that requests no CPU where
+//! CPU is capped, as Kubernetes refuses pods without requests under a quota. Pure: the
+//! control plane brings the apps.
 
 use serde::{Deserialize, Serialize};
 
 use crate::quantity::format_memory;
-use crate::spec::AppSpec;
+use crate::spec::{AppSpec, Concurrency, Kind};
 
 /// What an admin sets for a namespace; a cap left out is no cap.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -35,6 +39,10 @@ pub struct Usage {
     pub replicas: u64,
     pub cpu_millis: u64,
     pub memory_bytes: u64,
+    /// A job whose runs may pile up without bound (`concurrency = "allow"`): its replicas are
+    /// one run's.
+    #[serde(skip)]
+    pub unbounded: bool,
 }
 
 impl Usage {
@@ -46,6 +54,8 @@ impl Usage {
             replicas,
             cpu_millis: replicas * u64::from(spec.resources.requests.cpu_millis),
             memory_bytes: replicas.saturating_mul(spec.resources.requests.memory_bytes),
+            unbounded: spec.component.kind == Kind::Job
+                && spec.runs.concurrency == Concurrency::Allow,
         }
     }
 
@@ -55,7 +65,18 @@ impl Usage {
             replicas: self.replicas + other.replicas,
             cpu_millis: self.cpu_millis + other.cpu_millis,
             memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+            unbounded: self.unbounded || other.unbounded,
         }
+    }
+
+    /// Whether `self` asks for more than `before` on any cap: only then can it take a quota
+    /// past one, and only then is it refused or guarded.
+    pub fn grows_from(&self, before: &Usage) -> bool {
+        self.apps > before.apps
+            || self.replicas > before.replicas
+            || self.cpu_millis > before.cpu_millis
+            || self.memory_bytes > before.memory_bytes
+            || (self.unbounded && !before.unbounded)
     }
 }
 
@@ -64,6 +85,25 @@ impl Usage {
 /// would pass refuses it only if the app grows on it: a quota lowered below what runs does
 /// not block a change that asks for no more.
 pub fn refusal(limits: &QuotaLimits, others: Usage, before: Usage, after: Usage) -> Option<String> {
+    let capped =
+        limits.replicas.is_some() || limits.cpu_millis.is_some() || limits.memory_bytes.is_some();
+    if capped && after.unbounded && !before.unbounded {
+        return Some(
+            "a job with concurrency = \"allow\" may start runs beside those still running, \
+             without end; under a quota of replicas, CPU or memory it needs concurrency = \
+             \"forbid\" or \"replace\""
+                .into(),
+        );
+    }
+    if limits.cpu_millis.is_some()
+        && after.replicas > 0
+        && after.cpu_millis == 0
+        && after.replicas > before.replicas
+    {
+        return Some(
+            "it caps CPU requests, and this app requests no CPU (resources.requests.cpu)".into(),
+        );
+    }
     let total = others.plus(after);
     let over = |limit: Option<u64>, total: u64, before: u64, after: u64| {
         limit.filter(|&l| total > l && after > before)
@@ -123,7 +163,40 @@ mod tests {
             replicas,
             cpu_millis,
             memory_bytes,
+            unbounded: false,
         }
+    }
+
+    #[test]
+    fn piling_jobs_and_apps_without_cpu_requests_are_refused_under_caps_they_would_escape() {
+        let cpu = QuotaLimits {
+            cpu_millis: Some(1000),
+            ..QuotaLimits::default()
+        };
+        let none = Usage::default();
+        let job = Usage {
+            unbounded: true,
+            ..usage(1, 1, 100, 0)
+        };
+        let why = refusal(&cpu, none, none, job).unwrap();
+        assert!(why.contains("concurrency"), "{why}");
+        // A quota of apps alone does not mind.
+        let apps = QuotaLimits {
+            apps: Some(5),
+            ..QuotaLimits::default()
+        };
+        assert_eq!(refusal(&apps, none, none, job), None);
+        // One that ran before the quota may still change.
+        assert_eq!(refusal(&cpu, none, job, job), None);
+        let why = refusal(&cpu, none, none, usage(1, 2, 0, 0)).unwrap();
+        assert!(why.contains("requests no CPU"), "{why}");
+        assert_eq!(
+            refusal(&cpu, none, usage(1, 2, 0, 0), usage(1, 2, 0, 0)),
+            None
+        );
+        assert!(usage(1, 2, 0, 0).grows_from(&usage(1, 1, 0, 0)));
+        assert!(!usage(1, 1, 0, 0).grows_from(&usage(1, 2, 0, 0)));
+        assert!(job.grows_from(&usage(1, 1, 100, 0)));
     }
 
     #[test]
@@ -142,10 +215,10 @@ mod tests {
             None
         );
         // One too many apps.
-        let why = refusal(&limits, usage(3, 3, 0, 0), none, usage(1, 1, 0, 0)).unwrap();
+        let why = refusal(&limits, usage(3, 3, 0, 0), none, usage(1, 1, 10, 0)).unwrap();
         assert!(why.contains("3 apps"), "{why}");
         // Replicas, CPU and memory each.
-        let why = refusal(&limits, others, none, usage(1, 5, 0, 0)).unwrap();
+        let why = refusal(&limits, others, none, usage(1, 5, 10, 0)).unwrap();
         assert!(
             why.contains("10 replicas") && why.contains("may run 6"),
             "{why}"
@@ -155,7 +228,7 @@ mod tests {
             why.contains("2000m") && why.contains("this one 600m"),
             "{why}"
         );
-        let why = refusal(&limits, others, none, usage(1, 2, 0, 600 << 20)).unwrap();
+        let why = refusal(&limits, others, none, usage(1, 2, 10, 600 << 20)).unwrap();
         assert!(
             why.contains("1Gi") && why.contains("this one 600Mi"),
             "{why}"

@@ -2089,20 +2089,19 @@ impl AppSpec {
         AppKey::new(&self.namespace, &self.name)
     }
 
-    /// The most replicas the app may run at once by its own bounds: its replicas, its
-    /// autoscaler's max, or the largest a schedule window sets, whichever is most. What a
-    /// namespace quota counts ([`crate::quota`]).
+    /// The most replicas the app may run at once by its own bounds, what a namespace quota
+    /// counts ([`crate::quota`]): autoscaled, its max or a schedule window's largest bound;
+    /// else its replicas, or more where a window's min raises them (a window's max only ever
+    /// lowers a fixed size).
     pub fn most_replicas(&self) -> u32 {
-        let base = match &self.scale.autoscale {
-            Some(a) => a.max.max(self.replicas),
-            None => self.replicas,
-        };
-        self.scale
-            .schedule
-            .iter()
-            .flat_map(|w| [w.min, w.max])
-            .flatten()
-            .fold(base, u32::max)
+        let windows = self.scale.schedule.iter();
+        match &self.scale.autoscale {
+            Some(a) => windows
+                .flat_map(|w| [w.min, w.max])
+                .flatten()
+                .fold(a.max.max(self.replicas), u32::max),
+            None => windows.filter_map(|w| w.min).fold(self.replicas, u32::max),
+        }
     }
 }
 
@@ -4432,6 +4431,21 @@ A = "1"
     fn most_replicas_is_the_largest_any_bound_allows() {
         let mut spec = resolve_hello();
         assert_eq!(spec.most_replicas(), 2);
+        // A fixed size: a window's max only lowers it, a window's min raises it.
+        let window = |min, max| ScheduleWindow {
+            name: "w".into(),
+            cron: "0 9 * * *".into(),
+            timezone: "UTC".into(),
+            duration_ms: Some(3_600_000),
+            end: None,
+            min,
+            max,
+        };
+        spec.scale.schedule = vec![window(None, Some(10))];
+        assert_eq!(spec.most_replicas(), 2);
+        spec.scale.schedule = vec![window(Some(5), Some(10))];
+        assert_eq!(spec.most_replicas(), 5);
+        spec.scale.schedule.clear();
         spec.scale.autoscale = Some(Autoscale {
             min: 1,
             max: 6,
