@@ -17,7 +17,8 @@
 //!
 //! Run with `cargo bench -p shoal-control --bench applies`. Knobs: `BENCH_STORE` (`redb` or
 //! `etcd`, default `redb`), `BENCH_SECONDS` (per measurement, default 5), `BENCH_ROUNDS` (3),
-//! `BENCH_CLIENTS` (`1,8,32`). Prints every round, then per client count the median round with
+//! `BENCH_CLIENTS` (`1,8,32`), `BENCH_AUDIT_LOG` (`on`, or `off` as `--audit-log off`). Prints
+//! every round, then per client count the median round with
 //! the spread of the rounds.
 
 use std::time::{Duration, Instant};
@@ -361,8 +362,9 @@ fn main() {
     let config = ControlConfig {
         token: TOKEN.into(),
         shared_store: backend.etcd.is_some(),
-        // As `shoal server` runs by default: each apply is a line of the audit log.
-        audit_log: Some(dir.path().join("audit.log")),
+        // As `shoal server` runs by default: each apply is a line of the audit log
+        // (`BENCH_AUDIT_LOG=off`: none, as `--audit-log off`).
+        audit_log: (env_or("BENCH_AUDIT_LOG", "on") != "off").then(|| dir.path().join("audit.log")),
         ..ControlConfig::default()
     };
     let cp = ControlPlane::with_clock(
