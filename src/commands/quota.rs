@@ -22,8 +22,8 @@ pub struct QuotaCommand {
 enum QuotaAction {
     /// Set caps of a namespace's quota (admin), keeping those not given. An apply, scale or
     /// rollback that would take the namespace past one is refused (exit 6); what runs past a
-    /// lowered cap keeps running. Apps count at their most replicas: the autoscaler's max,
-    /// the largest a schedule allows, or their replicas.
+    /// lowered cap keeps running. Apps count at their most replicas: autoscaled, their max
+    /// or a schedule window's largest bound; else their replicas, or a window's min above them.
     Set {
         /// The namespace (or `-n`).
         #[arg(value_name = "NAMESPACE", value_parser = crate::commands::object_name)]

@@ -958,7 +958,7 @@ impl ControlPlane {
             ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::conflict(format!(
-                "app {key} was changed concurrently; try again"
+                "app {key}, or the quota of its namespace, was changed concurrently; try again"
             )));
         }
         self.inner.kick.notify_one();

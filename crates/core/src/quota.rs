@@ -9,8 +9,9 @@
 //! template a rollout that is aborted or rolled back by itself returns to (it was admitted
 //! once). A job whose runs may pile up (`concurrency = "allow"`) has no most, so it is
 //! refused where a quota caps replicas, CPU or memory; so is an app that requests no CPU where
-//! CPU is capped, as Kubernetes refuses pods without requests under a quota. Pure: the
-//! control plane brings the apps.
+//! CPU is capped (no memory where memory is), as Kubernetes refuses pods without requests
+//! under a quota. A job without a schedule counts one replica more: a run started by hand
+//! beside its own. Pure: the control plane brings the apps.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,19 +44,29 @@ pub struct Usage {
     /// one run's.
     #[serde(skip)]
     pub unbounded: bool,
+    /// Replicas that request no CPU, or no memory: what a cap on it would not see.
+    #[serde(skip)]
+    pub no_cpu: bool,
+    #[serde(skip)]
+    pub no_memory: bool,
 }
 
 impl Usage {
-    /// One app's: its most replicas times its requests.
+    /// One app's: its most replicas times its requests. A job without a schedule may run
+    /// one run by hand beside its own replicas.
     pub fn of(spec: &AppSpec) -> Usage {
-        let replicas = u64::from(spec.most_replicas());
+        let job = spec.component.kind == Kind::Job;
+        let by_hand = u64::from(job && spec.runs.schedule.is_none());
+        let replicas = u64::from(spec.most_replicas()) + by_hand;
+        let requests = &spec.resources.requests;
         Usage {
             apps: 1,
             replicas,
-            cpu_millis: replicas * u64::from(spec.resources.requests.cpu_millis),
-            memory_bytes: replicas.saturating_mul(spec.resources.requests.memory_bytes),
-            unbounded: spec.component.kind == Kind::Job
-                && spec.runs.concurrency == Concurrency::Allow,
+            cpu_millis: replicas * u64::from(requests.cpu_millis),
+            memory_bytes: replicas.saturating_mul(requests.memory_bytes),
+            unbounded: job && spec.runs.concurrency == Concurrency::Allow,
+            no_cpu: replicas > 0 && requests.cpu_millis == 0,
+            no_memory: replicas > 0 && requests.memory_bytes == 0,
         }
     }
 
@@ -66,6 +77,8 @@ impl Usage {
             cpu_millis: self.cpu_millis + other.cpu_millis,
             memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
             unbounded: self.unbounded || other.unbounded,
+            no_cpu: self.no_cpu || other.no_cpu,
+            no_memory: self.no_memory || other.no_memory,
         }
     }
 
@@ -77,6 +90,8 @@ impl Usage {
             || self.cpu_millis > before.cpu_millis
             || self.memory_bytes > before.memory_bytes
             || (self.unbounded && !before.unbounded)
+            || (self.no_cpu && !before.no_cpu)
+            || (self.no_memory && !before.no_memory)
     }
 }
 
@@ -95,13 +110,19 @@ pub fn refusal(limits: &QuotaLimits, others: Usage, before: Usage, after: Usage)
                 .into(),
         );
     }
-    if limits.cpu_millis.is_some()
-        && after.replicas > 0
-        && after.cpu_millis == 0
-        && after.replicas > before.replicas
-    {
+    // Newly without a request, or more replicas without one.
+    let unrequested = |after_none: bool, before_none: bool| {
+        after_none && (!before_none || after.replicas > before.replicas)
+    };
+    if limits.cpu_millis.is_some() && unrequested(after.no_cpu, before.no_cpu) {
         return Some(
             "it caps CPU requests, and this app requests no CPU (resources.requests.cpu)".into(),
+        );
+    }
+    if limits.memory_bytes.is_some() && unrequested(after.no_memory, before.no_memory) {
+        return Some(
+            "it caps memory requests, and this app requests no memory (resources.requests.memory)"
+                .into(),
         );
     }
     let total = others.plus(after);
@@ -164,6 +185,8 @@ mod tests {
             cpu_millis,
             memory_bytes,
             unbounded: false,
+            no_cpu: replicas > 0 && cpu_millis == 0,
+            no_memory: replicas > 0 && memory_bytes == 0,
         }
     }
 
@@ -196,6 +219,16 @@ mod tests {
         );
         assert!(usage(1, 2, 0, 0).grows_from(&usage(1, 1, 0, 0)));
         assert!(!usage(1, 1, 0, 0).grows_from(&usage(1, 2, 0, 0)));
+        // Dropping the request of an app that had one is growth, and refused.
+        assert!(usage(1, 2, 0, 0).grows_from(&usage(1, 2, 500, 0)));
+        let why = refusal(&cpu, none, usage(1, 2, 500, 0), usage(1, 2, 0, 0)).unwrap();
+        assert!(why.contains("requests no CPU"), "{why}");
+        let memory = QuotaLimits {
+            memory_bytes: Some(1 << 30),
+            ..QuotaLimits::default()
+        };
+        let why = refusal(&memory, none, none, usage(1, 1, 100, 0)).unwrap();
+        assert!(why.contains("requests no memory"), "{why}");
         assert!(job.grows_from(&usage(1, 1, 100, 0)));
     }
 
@@ -215,15 +248,15 @@ mod tests {
             None
         );
         // One too many apps.
-        let why = refusal(&limits, usage(3, 3, 0, 0), none, usage(1, 1, 10, 0)).unwrap();
+        let why = refusal(&limits, usage(3, 3, 0, 0), none, usage(1, 1, 10, 1)).unwrap();
         assert!(why.contains("3 apps"), "{why}");
         // Replicas, CPU and memory each.
-        let why = refusal(&limits, others, none, usage(1, 5, 10, 0)).unwrap();
+        let why = refusal(&limits, others, none, usage(1, 5, 10, 1)).unwrap();
         assert!(
             why.contains("10 replicas") && why.contains("may run 6"),
             "{why}"
         );
-        let why = refusal(&limits, others, none, usage(1, 2, 600, 0)).unwrap();
+        let why = refusal(&limits, others, none, usage(1, 2, 600, 1)).unwrap();
         assert!(
             why.contains("2000m") && why.contains("this one 600m"),
             "{why}"
