@@ -61,6 +61,16 @@ fn a_namespace_quota_refuses_what_would_grow_past_it_and_lets_the_rest_run() {
         2,
         "-n names the namespace"
     );
+    assert_eq!(
+        c.cli(&["quota", "set", "--cpu", "1"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        c.cli(&["quota", "delete", "team-a", "-n", "team-b"])
+            .status
+            .code(),
+        Some(2)
+    );
     let got = c.cli_ok(&["quota", "get"]);
     let row = got.lines().find(|l| l.starts_with("team-a")).expect(&got);
     let cells: Vec<&str> = row.split_whitespace().collect();

@@ -76,8 +76,30 @@ fn named(ctx: &Context, ns: Option<String>) -> Result<String> {
 }
 
 pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
+    // A usage error is said before the CLI config is read.
+    let action = match cmd.action {
+        QuotaAction::Set {
+            ns,
+            apps,
+            replicas,
+            cpu,
+            memory,
+        } => QuotaAction::Set {
+            ns: Some(named(&ctx, ns)?),
+            apps,
+            replicas,
+            cpu,
+            memory,
+        },
+        QuotaAction::Get { ns } => QuotaAction::Get {
+            ns: namespace(&ctx, ns)?,
+        },
+        QuotaAction::Delete { ns } => QuotaAction::Delete {
+            ns: Some(named(&ctx, ns)?),
+        },
+    };
     let client = ctx.client()?;
-    match cmd.action {
+    match action {
         QuotaAction::Set {
             ns,
             apps,
@@ -85,7 +107,7 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
             cpu,
             memory,
         } => {
-            let namespace = named(&ctx, ns)?;
+            let namespace = ns.expect("named above");
             let current: Vec<QuotaView> = client
                 .get(&format!("/v1/quotas?namespace={}", seg(&namespace)))
                 .await?;
@@ -118,8 +140,7 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                 Format::Table => println!("quota of namespace {namespace} set"),
             }
         }
-        QuotaAction::Get { ns } => {
-            let namespace = namespace(&ctx, ns)?;
+        QuotaAction::Get { ns: namespace } => {
             let path = match &namespace {
                 Some(ns) => format!("/v1/quotas?namespace={}", seg(ns)),
                 None => "/v1/quotas".to_string(),
@@ -140,7 +161,7 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
             }
         }
         QuotaAction::Delete { ns } => {
-            let namespace = named(&ctx, ns)?;
+            let namespace = ns.expect("named above");
             client
                 .checked(client.request(
                     reqwest::Method::DELETE,
