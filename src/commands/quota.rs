@@ -4,7 +4,7 @@
 use super::Context;
 use crate::output::{self, Format};
 use anyhow::Result;
-use shoal_api::{QuotaView, seg};
+use shoal_api::{Cap, QuotaPatch, QuotaView, seg};
 use shoal_core::quantity::{format_memory, parse_cpu, parse_memory};
 
 #[derive(clap::Args)]
@@ -108,31 +108,25 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
             memory,
         } => {
             let namespace = ns.expect("named above");
-            let current: Vec<QuotaView> = client
-                .get(&format!("/v1/quotas?namespace={}", seg(&namespace)))
-                .await?;
-            let mut limits = current
-                .into_iter()
-                .next()
-                .map(|q| q.limits)
-                .unwrap_or_default();
-            let count = |s: &str| s.parse::<u64>().map_err(|e| e.to_string());
-            set(&mut limits.apps, apps, "--apps", count)?;
-            set(&mut limits.replicas, replicas, "--replicas", count)?;
-            set(&mut limits.cpu_millis, cpu, "--cpu", |s| {
-                parse_cpu(s).map(u64::from).map_err(|e| e.to_string())
-            })?;
-            set(&mut limits.memory_bytes, memory, "--memory", |s| {
-                parse_memory(s).map_err(|e| e.to_string())
-            })?;
+            // The server merges it into the quota as stored: caps not given stay.
+            let patch = QuotaPatch {
+                apps: cap(apps, "--apps", count)?,
+                replicas: cap(replicas, "--replicas", count)?,
+                cpu_millis: cap(cpu, "--cpu", |s| {
+                    parse_cpu(s).map(u64::from).map_err(|e| e.to_string())
+                })?,
+                memory_bytes: cap(memory, "--memory", |s| {
+                    parse_memory(s).map_err(|e| e.to_string())
+                })?,
+            };
             let quota: QuotaView = client
                 .send(
                     client
                         .request(
-                            reqwest::Method::PUT,
+                            reqwest::Method::PATCH,
                             &format!("/v1/quotas/{}", seg(&namespace)),
                         )
-                        .json(&limits),
+                        .json(&patch),
                 )
                 .await?;
             match ctx.output {
@@ -176,21 +170,21 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
     Ok(())
 }
 
-/// Sets `cap` from a flag's `value`, if given: `none` takes it away.
-fn set(
-    cap: &mut Option<u64>,
+/// A cap from a flag's `value`: kept if not given, `none` takes it away.
+fn cap(
     value: Option<String>,
     flag: &str,
     parse: impl Fn(&str) -> Result<u64, String>,
-) -> Result<()> {
-    match value.as_deref() {
-        None => {}
-        Some("none") => *cap = None,
-        Some(v) => {
-            *cap = Some(parse(v).map_err(|e| crate::exit::usage(format!("{flag}: {e}")))?);
-        }
-    }
-    Ok(())
+) -> Result<Cap> {
+    Ok(match value.as_deref() {
+        None => Cap::Keep,
+        Some("none") => Cap::Remove,
+        Some(v) => Cap::Set(parse(v).map_err(|e| crate::exit::usage(format!("{flag}: {e}")))?),
+    })
+}
+
+fn count(s: &str) -> Result<u64, String> {
+    s.parse::<u64>().map_err(|e| e.to_string())
 }
 
 /// `used/cap`, or `used` alone without a cap.

@@ -20,12 +20,12 @@ pub use client::{Client, ClientError, Resend, seg};
 pub use link::{Changes, Link, LinkError, LinkResult, WatchBroken};
 pub use servers::{Servers, ServersError};
 pub use types::{
-    AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest, Change,
-    ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted, Delta,
-    Describe, INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary,
+    AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, Cap, CertificateRequest,
+    Change, ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted,
+    Delta, Describe, INCIDENT_REASONS, IngressCertificate, IssuedCertificate, JobRun, JobSummary,
     JoinRequest, JoinResponse, KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels,
-    NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, QuotaView, Registered,
-    ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction, RolloutView,
-    RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten, Service,
-    ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, QuotaPatch, QuotaView,
+    Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction,
+    RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten,
+    Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };

@@ -346,6 +346,69 @@ pub struct QuotaView {
     pub used: shoal_core::quota::Usage,
 }
 
+/// A change to some caps of a namespace's quota (`PATCH /v1/quotas/{namespace}`, `shoal quota
+/// set`): a cap left out is kept, `null` takes it away, a number sets it. The server merges it
+/// into the quota as stored, so two admins changing different caps at once both land.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QuotaPatch {
+    #[serde(default, skip_serializing_if = "Cap::is_kept")]
+    #[schema(value_type = Option<u64>)]
+    pub apps: Cap,
+    #[serde(default, skip_serializing_if = "Cap::is_kept")]
+    #[schema(value_type = Option<u64>)]
+    pub replicas: Cap,
+    #[serde(default, skip_serializing_if = "Cap::is_kept")]
+    #[schema(value_type = Option<u64>)]
+    pub cpu_millis: Cap,
+    #[serde(default, skip_serializing_if = "Cap::is_kept")]
+    #[schema(value_type = Option<u64>)]
+    pub memory_bytes: Cap,
+}
+
+/// One cap in a [`QuotaPatch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Cap {
+    /// Left out: as it is.
+    #[default]
+    Keep,
+    /// `null`: no cap.
+    Remove,
+    Set(u64),
+}
+
+impl Cap {
+    pub fn is_kept(&self) -> bool {
+        *self == Cap::Keep
+    }
+
+    /// `cap` as this changes it.
+    pub fn applied(self, cap: Option<u64>) -> Option<u64> {
+        match self {
+            Cap::Keep => cap,
+            Cap::Remove => None,
+            Cap::Set(n) => Some(n),
+        }
+    }
+}
+
+impl Serialize for Cap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Cap::Set(n) => s.serialize_u64(*n),
+            Cap::Keep | Cap::Remove => s.serialize_none(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Cap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Option::<u64>::deserialize(d)? {
+            Some(n) => Cap::Set(n),
+            None => Cap::Remove,
+        })
+    }
+}
+
 /// A secret as the API shows it: never its values, only its keys, its versions and the
 /// apps that name it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
@@ -721,6 +784,27 @@ pub const INCIDENT_REASONS: [&str; 3] = ["KilledByTimeout", "OutOfMemory", "Trap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quota_patch_keeps_what_it_leaves_out_and_takes_away_what_it_nulls() {
+        let patch: QuotaPatch =
+            serde_json::from_str(r#"{"apps": null, "cpu_millis": 4000}"#).unwrap();
+        assert_eq!(
+            patch,
+            QuotaPatch {
+                apps: Cap::Remove,
+                cpu_millis: Cap::Set(4000),
+                ..QuotaPatch::default()
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&patch).unwrap(),
+            r#"{"apps":null,"cpu_millis":4000}"#
+        );
+        assert_eq!(patch.apps.applied(Some(3)), None);
+        assert_eq!(patch.replicas.applied(Some(7)), Some(7));
+        assert_eq!(patch.cpu_millis.applied(None), Some(4000));
+    }
 
     #[test]
     fn actions_are_lowercase_on_the_wire() {

@@ -21,9 +21,9 @@ use shoal_api::{
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
     KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
-    NodeUsage, PoolWrite, QuotaView, Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets,
-    RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite, SecretWritten, Service,
-    Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    NodeUsage, PoolWrite, QuotaPatch, QuotaView, Registered, ReplicaIncident, ReplicaReport,
+    ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite,
+    SecretWritten, Service, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -235,6 +235,10 @@ admin_api! {
     PUT "/v1/quotas/{namespace}" => put_quota, Admin, Cluster,
         op("Set a namespace's quota: the caps on its apps, replicas and CPU and memory requests; what runs past a lowered one keeps running")
             .body::<QuotaLimits>()
+            .json::<QuotaView>(StatusCode::OK);
+    PATCH "/v1/quotas/{namespace}" => patch_quota, Admin, Cluster,
+        op("Change some caps of a namespace's quota, merged into it as stored: a cap left out is kept, null takes it away")
+            .body::<QuotaPatch>()
             .json::<QuotaView>(StatusCode::OK);
     DELETE "/v1/quotas/{namespace}" => delete_quota, Admin, Cluster,
         op("Delete a namespace's quota").empty(StatusCode::NO_CONTENT);
@@ -1428,6 +1432,16 @@ async fn put_quota(
     StrictJson(limits): StrictJson<QuotaLimits>,
 ) -> Result<Response, ApiError> {
     blocking(move || cp.set_quota(&namespace, limits))
+        .await
+        .map(|q| Json(q).into_response())
+}
+
+async fn patch_quota(
+    State(cp): State<ControlPlane>,
+    Path(namespace): Path<String>,
+    StrictJson(patch): StrictJson<QuotaPatch>,
+) -> Result<Response, ApiError> {
+    blocking(move || cp.patch_quota(&namespace, patch))
         .await
         .map(|q| Json(q).into_response())
 }

@@ -7,7 +7,7 @@
 //! second is `Raced`, judged again. A change that grows nothing needs no guard: whatever
 //! passes beside it is judged against as much as it leaves, or more.
 
-use shoal_api::QuotaView;
+use shoal_api::{QuotaPatch, QuotaView};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::quota::{QuotaLimits, Usage, refusal};
@@ -17,6 +17,10 @@ use shoal_store::{Op, Txn};
 
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
+
+/// Reads of a quota a patch makes before another change to it meanwhile is a conflict:
+/// every growing apply in its namespace rewrites it.
+const PATCH_TRIES: usize = 20;
 
 /// What a growing change was admitted against, for its transaction to guard on.
 pub(crate) enum Admitted {
@@ -133,22 +137,66 @@ impl ControlPlane {
         };
         let txn = Txn::new()
             .then(Op::put(key, encode(&quota)))
-            .then(self.event_op(
-                EventType::Normal,
-                "QuotaSet",
-                format!("quota/{namespace}"),
-                None,
-                format!(
-                    "quota of namespace {namespace} set: {}",
-                    describe(&quota.limits)
-                ),
-            ));
+            .then(self.set_event(&quota));
         self.inner.store.txn(txn)?;
         self.view(quota)
     }
 
     /// Deletes the quota of `namespace`. Unguarded: every growing change rewrites the record,
     /// and those in flight are guarded on it, so they are judged again without it.
+    /// Changes some caps of the quota of `namespace` (made if it has none), merged into the
+    /// quota as stored, guarded on it: another change to it meanwhile is read again.
+    pub(crate) fn patch_quota(
+        &self,
+        namespace: &str,
+        patch: QuotaPatch,
+    ) -> Result<QuotaView, ControlError> {
+        shoal_core::name::validate_name(namespace)
+            .map_err(|e| ControlError::invalid(ErrorCode::BadRequest, format!("namespace: {e}")))?;
+        let key = keys::quota(namespace);
+        for _ in 0..PATCH_TRIES {
+            let (limits, at) = match self.get(&key)? {
+                Some((quota, at)) => (quota.limits, at),
+                None => (QuotaLimits::default(), 0),
+            };
+            let limits = QuotaLimits {
+                apps: patch.apps.applied(limits.apps),
+                replicas: patch.replicas.applied(limits.replicas),
+                cpu_millis: patch.cpu_millis.applied(limits.cpu_millis),
+                memory_bytes: patch.memory_bytes.applied(limits.memory_bytes),
+            };
+            let quota = Quota {
+                namespace: namespace.to_string(),
+                limits,
+                updated_at: self.now(),
+            };
+            let txn = Txn::new()
+                .when_mod_revision(key.clone(), at)
+                .then(Op::put(key.clone(), encode(&quota)))
+                .then(self.set_event(&quota));
+            if self.inner.store.txn(txn)?.succeeded {
+                return self.view(quota);
+            }
+        }
+        Err(ControlError::conflict(format!(
+            "the quota of namespace {namespace} kept changing; try again"
+        )))
+    }
+
+    fn set_event(&self, quota: &Quota) -> Op {
+        let namespace = &quota.namespace;
+        self.event_op(
+            EventType::Normal,
+            "QuotaSet",
+            format!("quota/{namespace}"),
+            None,
+            format!(
+                "quota of namespace {namespace} set: {}",
+                describe(&quota.limits)
+            ),
+        )
+    }
+
     pub(crate) fn delete_quota(&self, namespace: &str) -> Result<(), ControlError> {
         let key = keys::quota(namespace);
         if self.get(&key)?.is_none() {
