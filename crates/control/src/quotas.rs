@@ -7,7 +7,7 @@
 //! second is `Raced`, judged again. A change that grows nothing needs no guard: whatever
 //! passes beside it is judged against as much as it leaves, or more.
 
-use shoal_api::{QuotaPatch, QuotaView};
+use shoal_api::{Cap, QuotaPatch, QuotaView};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::quota::{QuotaLimits, Usage, refusal};
@@ -127,23 +127,16 @@ impl ControlPlane {
         namespace: &str,
         limits: QuotaLimits,
     ) -> Result<QuotaView, ControlError> {
-        shoal_core::name::validate_name(namespace)
-            .map_err(|e| ControlError::invalid(ErrorCode::BadRequest, format!("namespace: {e}")))?;
-        let key = keys::quota(namespace);
-        let quota = Quota {
-            namespace: namespace.to_string(),
-            limits,
-            updated_at: self.now(),
+        let whole = |cap: Option<u64>| cap.map_or(Cap::Remove, Cap::Set);
+        let patch = QuotaPatch {
+            apps: whole(limits.apps),
+            replicas: whole(limits.replicas),
+            cpu_millis: whole(limits.cpu_millis),
+            memory_bytes: whole(limits.memory_bytes),
         };
-        let txn = Txn::new()
-            .then(Op::put(key, encode(&quota)))
-            .then(self.set_event(&quota));
-        self.inner.store.txn(txn)?;
-        self.view(quota)
+        self.patch_quota(namespace, patch)
     }
 
-    /// Deletes the quota of `namespace`. Unguarded: every growing change rewrites the record,
-    /// and those in flight are guarded on it, so they are judged again without it.
     /// Changes some caps of the quota of `namespace` (made if it has none), merged into the
     /// quota as stored, guarded on it: another change to it meanwhile is read again.
     pub(crate) fn patch_quota(
@@ -197,6 +190,8 @@ impl ControlPlane {
         )
     }
 
+    /// Deletes the quota of `namespace`. Unguarded: every growing change rewrites the record,
+    /// and those in flight are guarded on it, so they are judged again without it.
     pub(crate) fn delete_quota(&self, namespace: &str) -> Result<(), ControlError> {
         let key = keys::quota(namespace);
         if self.get(&key)?.is_none() {
