@@ -75,31 +75,10 @@ fn named(ctx: &Context, ns: Option<String>) -> Result<String> {
     })
 }
 
+/// Each command says a usage error (a namespace not named, a cap that does not parse) before
+/// it reads the CLI config.
 pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
-    // A usage error is said before the CLI config is read.
-    let action = match cmd.action {
-        QuotaAction::Set {
-            ns,
-            apps,
-            replicas,
-            cpu,
-            memory,
-        } => QuotaAction::Set {
-            ns: Some(named(&ctx, ns)?),
-            apps,
-            replicas,
-            cpu,
-            memory,
-        },
-        QuotaAction::Get { ns } => QuotaAction::Get {
-            ns: namespace(&ctx, ns)?,
-        },
-        QuotaAction::Delete { ns } => QuotaAction::Delete {
-            ns: Some(named(&ctx, ns)?),
-        },
-    };
-    let client = ctx.client()?;
-    match action {
+    match cmd.action {
         QuotaAction::Set {
             ns,
             apps,
@@ -107,7 +86,7 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
             cpu,
             memory,
         } => {
-            let namespace = ns.expect("named above");
+            let namespace = named(&ctx, ns)?;
             // The server merges it into the quota as stored: caps not given stay.
             let patch = QuotaPatch {
                 apps: cap(apps, "--apps", count)?,
@@ -119,6 +98,7 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                     parse_memory(s).map_err(|e| e.to_string())
                 })?,
             };
+            let client = ctx.client()?;
             let quota: QuotaView = client
                 .send(
                     client
@@ -134,12 +114,13 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                 Format::Table => println!("quota of namespace {namespace} set"),
             }
         }
-        QuotaAction::Get { ns: namespace } => {
+        QuotaAction::Get { ns } => {
+            let namespace = namespace(&ctx, ns)?;
             let path = match &namespace {
                 Some(ns) => format!("/v1/quotas?namespace={}", seg(ns)),
                 None => "/v1/quotas".to_string(),
             };
-            let quotas: Vec<QuotaView> = client.get(&path).await?;
+            let quotas: Vec<QuotaView> = ctx.client()?.get(&path).await?;
             if let (Some(ns), true) = (&namespace, quotas.is_empty()) {
                 return Err(crate::exit::fail(
                     crate::exit::NOT_FOUND,
@@ -155,7 +136,8 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
             }
         }
         QuotaAction::Delete { ns } => {
-            let namespace = ns.expect("named above");
+            let namespace = named(&ctx, ns)?;
+            let client = ctx.client()?;
             client
                 .checked(client.request(
                     reqwest::Method::DELETE,

@@ -95,18 +95,30 @@ impl ControlPlane {
     /// A backup of the state as it is now (`GET /v1/backup`): an unnamed temp file, read from
     /// its start, and what it holds. The state is read at one revision; writes go on meanwhile.
     pub(crate) async fn backup(&self) -> Result<(std::fs::File, Manifest), ControlError> {
-        match self.backup_once().await {
+        let tmp = self.inner.blobs.temp_dir();
+        self.backup_to(&|| tempfile::tempfile_in(&tmp)).await
+    }
+
+    /// A backup written into the empty file `open` gives, which is read from its start.
+    async fn backup_to(
+        &self,
+        open: &(dyn Fn() -> std::io::Result<std::fs::File> + Sync),
+    ) -> Result<(std::fs::File, Manifest), ControlError> {
+        match self.backup_once(open).await {
             // The module collector took a module between the read and its copy: the next
             // read no longer names it.
             Err(BackupError::MissingModule(digest)) => {
                 tracing::info!(%digest, "a module went during the backup; taking it again");
-                self.backup_once().await.map_err(ControlError::internal)
+                self.backup_once(open).await.map_err(ControlError::internal)
             }
             taken => taken.map_err(ControlError::internal),
         }
     }
 
-    async fn backup_once(&self) -> Result<(std::fs::File, Manifest), BackupError> {
+    async fn backup_once(
+        &self,
+        open: &(dyn Fn() -> std::io::Result<std::fs::File> + Sync),
+    ) -> Result<(std::fs::File, Manifest), BackupError> {
         let store = Arc::clone(&self.inner.store);
         // The state under `/`, and the cluster's identity a shared store keeps under
         // `cluster/` (sealed under the admin token); not a shared store's join token (in
@@ -127,8 +139,8 @@ impl ControlPlane {
             self.fetch_module(digest).await.map_err(internal)?;
         }
         let blobs = self.inner.blobs.clone();
+        let mut file = open()?;
         tokio::task::spawn_blocking(move || {
-            let mut file = tempfile::tempfile_in(blobs.temp_dir())?;
             let manifest = write(&kvs, revision, &blobs, std::io::BufWriter::new(&mut file))?;
             file.rewind()?;
             tracing::info!(
@@ -210,43 +222,50 @@ impl ControlPlane {
         &self,
         schedule: &BackupSchedule,
     ) -> Result<(PathBuf, Manifest), ControlError> {
-        let (mut taken, manifest) = self.backup().await?;
-        let schedule = schedule.clone();
+        let io =
+            |e: std::io::Error| ControlError::internal(format!("{}: {e}", schedule.dir.display()));
+        let (dir, keep) = (schedule.dir.clone(), schedule.keep);
+        let names = move || -> Vec<String> {
+            std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&schedule.dir)
+                .map_err(io)?;
+        }
+        // Whole copies of the state a crash left half written.
+        for left in names().iter().filter(|n| n.starts_with(".tmp")) {
+            if let Err(e) = std::fs::remove_file(schedule.dir.join(left)) {
+                tracing::warn!(file = left, error = %e, "cannot remove a backup left half written");
+            }
+        }
+        // Written in place, beside its name, and renamed to it once whole.
+        let temp = tempfile::NamedTempFile::new_in(&schedule.dir).map_err(io)?;
+        let (taken, manifest) = self
+            .backup_to(&|| {
+                let file = temp.reopen()?;
+                file.set_len(0)?;
+                Ok(file)
+            })
+            .await?;
         let name = scheduled_name(std::time::SystemTime::now());
+        let dir = schedule.dir.clone();
+        let file = dir.join(&name);
         blocking(move || {
-            let io = |e: std::io::Error| {
-                ControlError::internal(format!("{}: {e}", schedule.dir.display()))
-            };
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&schedule.dir)
-                    .map_err(io)?;
-            }
-            let names = || -> Vec<String> {
-                std::fs::read_dir(&schedule.dir)
-                    .map(|d| {
-                        d.flatten()
-                            .filter_map(|e| e.file_name().into_string().ok())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            // Whole copies of the state a crash left half written.
-            for left in names().iter().filter(|n| n.starts_with(".tmp")) {
-                if let Err(e) = std::fs::remove_file(schedule.dir.join(left)) {
-                    tracing::warn!(file = left, error = %e, "cannot remove a backup left half written");
-                }
-            }
-            let mut temp = tempfile::NamedTempFile::new_in(&schedule.dir).map_err(io)?;
-            std::io::copy(&mut taken, &mut temp).map_err(io)?;
-            temp.as_file().sync_all().map_err(io)?;
-            let file = schedule.dir.join(&name);
+            let io = |e: std::io::Error| ControlError::internal(format!("{}: {e}", dir.display()));
+            taken.sync_all().map_err(io)?;
             temp.persist(&file).map_err(|e| io(e.error))?;
-            for gone in pruned(names(), &name, schedule.keep) {
-                if let Err(e) = std::fs::remove_file(schedule.dir.join(&gone)) {
+            for gone in pruned(names(), &name, keep) {
+                if let Err(e) = std::fs::remove_file(dir.join(&gone)) {
                     tracing::warn!(file = gone, error = %e, "cannot remove an old backup");
                 }
             }
