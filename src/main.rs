@@ -33,8 +33,8 @@ struct Cli {
     #[arg(long, global = true, env = "SHOAL_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// Output format.
-    #[arg(short, long, global = true, value_enum, default_value_t = output::Format::Table)]
-    output: output::Format,
+    #[arg(short, long, global = true, value_enum, default_value_t = output::OutputArg::Table)]
+    output: output::OutputArg,
     /// Namespace of the apps to act on (default: `default`). Refused by commands on what
     /// belongs to no namespace (nodes, modules, tokens).
     #[arg(short, long, global = true, value_parser = commands::object_name)]
@@ -87,6 +87,8 @@ enum Command {
     Top(commands::top::TopArgs),
     /// Show an app in detail: spec, revisions, replicas, recent events.
     Describe(commands::describe::DescribeArgs),
+    /// Edit an app's spec in $VISUAL or $EDITOR and apply it on save.
+    Edit(commands::edit::EditArgs),
     /// Delete an app (its replicas stop, its routes go away), an unused module or volume.
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
@@ -141,6 +143,10 @@ fn main() -> ExitCode {
         Command::Completion { .. } => Some("completion"),
         _ => None,
     };
+    if cli.output == output::OutputArg::Toml && !matches!(cli.command, Command::Get(_)) {
+        eprintln!("error: -o toml writes an app's spec as a file: `shoal get app NAME -o toml`");
+        return ExitCode::from(exit::USAGE);
+    }
     if let (Some(command), Some(_)) = (cluster_wide, &cli.namespace) {
         eprintln!(
             "error: -n/--namespace means nothing to `shoal {command}`: what it acts on belongs to no namespace"
@@ -153,7 +159,11 @@ fn main() -> ExitCode {
             token: cli.token,
             config: cli.config,
             ca_file: cli.ca_file,
-            output: cli.output,
+            output: match cli.output {
+                output::OutputArg::Json => output::Format::Json,
+                output::OutputArg::Table | output::OutputArg::Toml => output::Format::Table,
+            },
+            spec_toml: cli.output == output::OutputArg::Toml,
             namespace_given: cli.namespace.is_some(),
             namespace: cli
                 .namespace
@@ -178,6 +188,7 @@ fn main() -> ExitCode {
             Command::Get(args) => commands::get::run(ctx, args).await,
             Command::Top(args) => commands::top::run(ctx, args).await,
             Command::Describe(args) => commands::describe::run(ctx, args).await,
+            Command::Edit(args) => commands::edit::run(ctx, args).await,
             Command::Delete(args) => commands::delete::run(ctx, args).await,
             Command::Logs(args) => commands::logs::run(ctx, args).await,
             Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,

@@ -8,6 +8,15 @@ pub enum Format {
     Json,
 }
 
+/// What `-o` takes: a [`Format`] every command writes, or `toml`, which only `shoal get app
+/// NAME` writes (the app's spec as a spec file, for `apply -f`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputArg {
+    Table,
+    Json,
+    Toml,
+}
+
 /// Prints rows under a header, columns padded to their widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     table_indented("", header, rows)

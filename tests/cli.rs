@@ -797,3 +797,115 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
         "{said}"
     );
 }
+
+/// `get app NAME -o toml` gives back a file that `apply -f` takes as unchanged. `edit` applies
+/// what the editor saved; an unchanged file, or a failed editor, applies nothing; a malformed
+/// or renamed spec is refused and kept; and an edit made while another change came first is
+/// refused (exit 4) and kept, so it undoes nothing.
+#[test]
+fn edit_applies_what_the_editor_saved_and_not_over_a_change_that_came_first() {
+    use std::os::unix::fs::PermissionsExt;
+    let c = Cluster::start();
+    let text = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()));
+    let spec = write_spec(c.dir.path(), "hello.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
+
+    let got = c.cli_ok(&["get", "app", "hello", "-o", "toml"]);
+    assert!(
+        got.contains("digest = \"sha256:") && got.contains("routes = [\"/hello\"]"),
+        "{got}"
+    );
+    let back = write_spec(c.dir.path(), "back.toml", &got);
+    let out = c.cli_ok(&["apply", "-f", back.to_str().unwrap()]);
+    assert!(out.contains("unchanged"), "{out}");
+    assert_eq!(code(&c, &["get", "apps", "-o", "toml"]), Some(2));
+    assert_eq!(
+        code(&c, &["describe", "app", "hello", "-o", "toml"]),
+        Some(2)
+    );
+    assert_eq!(code(&c, &["get", "app", "nope", "-o", "toml"]), Some(3));
+    assert_eq!(code(&c, &["get", "job", "hello", "-o", "toml"]), Some(3));
+
+    // Each editor is a script given the file to edit, as $EDITOR is.
+    let edit = |name: &str, script: &str| {
+        let editor = c.dir.path().join(name);
+        std::fs::write(&editor, format!("#!/bin/sh\n{script}\n")).unwrap();
+        std::fs::set_permissions(&editor, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new(common::SHOAL)
+            .args(["edit", "app", "hello"])
+            .env("SHOAL_CONFIG", c.config())
+            .env("SHOAL", common::SHOAL)
+            .env("EDITOR", &editor)
+            .env_remove("VISUAL")
+            .env_remove("SHOAL_SERVER")
+            .env_remove("SHOAL_TOKEN")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            said,
+        )
+    };
+    // Where a refused edit was kept, and what it holds.
+    let kept = |said: &str| {
+        let path = said
+            .lines()
+            .find_map(|l| l.strip_prefix("your edit is kept in "))
+            .unwrap_or_else(|| panic!("no kept file named in: {said}"));
+        std::fs::read_to_string(path).unwrap()
+    };
+    let revision = || c.api_json("/v1/apps/hello")["app"]["revision"].as_u64();
+
+    let (status, _, said) = edit("same", "exit 0");
+    assert_eq!(status, Some(0), "{said}");
+    assert!(said.contains("Edit cancelled, no changes made."), "{said}");
+    let (status, _, said) = edit("emptied", ": > \"$1\"");
+    assert_eq!(status, Some(0), "{said}");
+    assert!(said.contains("Edit cancelled"), "{said}");
+    let (status, _, said) = edit("fails", "exit 3");
+    assert_eq!(status, Some(1), "{said}");
+    assert!(
+        said.contains("exited with") && said.contains("nothing applied"),
+        "{said}"
+    );
+    let (status, _, said) = edit("broken", "echo '[component' >> \"$1\"");
+    assert_eq!(status, Some(1), "{said}");
+    assert!(said.contains(".toml:"), "the error names the line: {said}");
+    assert!(kept(&said).ends_with("[component\n"), "{said}");
+    let (status, _, said) = edit("renamed", "sed -i 's/^name = .*/name = \"other\"/' \"$1\"");
+    assert_eq!(status, Some(2), "{said}");
+    assert!(said.contains("keeps the app's name"), "{said}");
+    assert_eq!(revision(), Some(1));
+
+    let (status, out, said) = edit(
+        "greet",
+        "sed -i 's/^GREETING = .*/GREETING = \"Howdy from an edit\"/' \"$1\"",
+    );
+    assert_eq!(status, Some(0), "{said}");
+    assert!(
+        out.contains("app default/hello configured, revision 2"),
+        "{out}"
+    );
+    c.wait_gw("/hello", 200, "Howdy from an edit");
+
+    // Someone scales the app while the editor is open: the edit, made from the spec before,
+    // would set replicas back to 1.
+    let (status, _, said) = edit(
+        "raced",
+        "\"$SHOAL\" scale hello --replicas 2 > /dev/null || exit 9\nsed -i 's/^GREETING = .*/GREETING = \"lost\"/' \"$1\"",
+    );
+    assert_eq!(status, Some(4), "{said}");
+    assert!(said.contains("has changed since"), "{said}");
+    assert!(kept(&said).contains("GREETING = \"lost\""), "{said}");
+    assert_eq!(revision(), Some(2));
+    let now = c.cli_ok(&["get", "app", "hello", "-o", "toml"]);
+    assert!(
+        now.contains("replicas = 2") && now.contains("Howdy from an edit"),
+        "{now}"
+    );
+}

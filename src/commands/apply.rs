@@ -70,7 +70,8 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let mut results = Vec::new();
     let mut modules = Modules::default();
     for spec in specs {
-        let result = match apply_spec(&client, spec, &mut modules, args.dry_run, args.retry).await {
+        let applied = apply_spec(&client, spec, &mut modules, args.dry_run, args.retry, None);
+        let result = match applied.await {
             Ok(result) => result,
             // What was applied before the one refused is said, in JSON too.
             Err(e) => {
@@ -267,7 +268,7 @@ pub struct SpecFile {
 }
 
 impl SpecFile {
-    fn key(&self) -> AppKey {
+    pub(super) fn key(&self) -> AppKey {
         AppKey::new(self.manifest.namespace(), self.manifest.name())
     }
 
@@ -294,6 +295,17 @@ fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
         true => (Path::new("<stdin>"), Path::new(".")),
         false => (file, file.parent().unwrap_or(Path::new("."))),
     };
+    parse_spec(file, dir, text, namespace)
+}
+
+/// A spec's `text`, from `file`, parsed; its module paths are relative to `dir`. With
+/// `namespace`, as [`read_spec`] takes it.
+pub(super) fn parse_spec(
+    file: &Path,
+    dir: &Path,
+    text: String,
+    namespace: Option<&str>,
+) -> Result<SpecFile> {
     let mut manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
     if let Some(ns) = namespace {
         let written = text
@@ -326,13 +338,15 @@ fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
 /// upload): specs sharing a module ask for it, and upload or announce it, once.
 pub type Modules = std::collections::HashSet<String>;
 
-/// Uploads a read spec's module if the server lacks it, and applies the spec.
+/// Uploads a read spec's module if the server lacks it, and applies the spec; with
+/// `if_spec`, only over the stored spec of that fingerprint (an edit's base).
 pub async fn apply_spec(
     client: &Client,
     spec: SpecFile,
     modules: &mut Modules,
     dry_run: bool,
     retry: bool,
+    if_spec: Option<&str>,
 ) -> Result<ApplyResult> {
     let SpecFile {
         file,
@@ -481,20 +495,30 @@ pub async fn apply_spec(
             bail!("{}:{line} {field}.{name}: {problem}", file.display());
         }
     }
-    let path = match (dry_run, retry) {
-        (false, false) => "/v1/apps",
-        (true, false) => "/v1/apps?dry_run=true",
-        (false, true) => "/v1/apps?retry=true",
-        (true, true) => "/v1/apps?dry_run=true&retry=true",
-    };
-    // Declarative: applied twice, the spec leaves the app as applied once.
+    let mut query = Vec::new();
+    if dry_run {
+        query.push(("dry_run", "true"));
+    }
+    if retry {
+        query.push(("retry", "true"));
+    }
+    if let Some(base) = if_spec {
+        query.push(("if_spec", base));
+    }
+    // Declarative: applied twice, the spec leaves the app as applied once (an edit too: the
+    // server passes one that changes nothing whatever it was made from).
     client
-        .send_idempotent(client.request(reqwest::Method::POST, path).json(&spec))
+        .send_idempotent(
+            client
+                .request(reqwest::Method::POST, "/v1/apps")
+                .query(&query)
+                .json(&spec),
+        )
         .await
         .with_context(|| format!("applying {}", file.display()))
 }
 
-fn print_result(r: &ApplyResult) {
+pub(super) fn print_result(r: &ApplyResult) {
     let key = r.app.spec.key();
     let would = if r.dry_run { " (dry run)" } else { "" };
     match r.outcome {

@@ -11,7 +11,8 @@ use shoal_core::{Event, Module, NodeState, Replica};
   shoal get apps                                  NAME KIND REVISION READY … in the namespace
   shoal get app hello -o json                     one app, as an object (exit 3 if none)
   shoal get replicas --app hello -w               then each change as it happens
-  shoal get apps -A -o json                       every namespace, for scripts")]
+  shoal get apps -A -o json                       every namespace, for scripts
+  shoal get app hello -o toml > hello.toml        its spec as a file, for `shoal apply -f`")]
 pub struct GetArgs {
     /// What to list.
     #[arg(value_enum)]
@@ -78,6 +79,9 @@ impl What {
 }
 
 pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
+    if ctx.spec_toml {
+        return spec_file(&ctx, &args).await;
+    }
     if args.show_labels && !matches!(args.what, What::Nodes) {
         return Err(crate::exit::usage(
             "--show-labels is for nodes: they are what carries labels".into(),
@@ -697,4 +701,35 @@ pub fn event_rows(events: &[Event]) -> Vec<Vec<String>> {
             ]
         })
         .collect()
+}
+
+/// `get app NAME -o toml`: the app's spec as the file that makes it, as `kubectl get -o yaml`
+/// gives back a manifest (see `AppSpec::to_toml`).
+async fn spec_file(ctx: &Context, args: &GetArgs) -> Result<()> {
+    let (Some(name), What::Apps | What::Jobs, false, false) =
+        (&args.name, args.what, args.watch, args.all_namespaces)
+    else {
+        return Err(crate::exit::usage(
+            "-o toml writes one app's spec as a file: `shoal get app NAME -o toml` (no -w, no -A)"
+                .into(),
+        ));
+    };
+    let d: shoal_api::Describe = ctx
+        .client()?
+        .get(&format!(
+            "/v1/apps/{}?namespace={}",
+            seg(name),
+            seg(&ctx.namespace)
+        ))
+        .await?;
+    if matches!(args.what, What::Jobs) && d.app.spec.component.kind != shoal_core::Kind::Job {
+        return Err(crate::exit::fail(
+            crate::exit::NOT_FOUND,
+            format!(
+                "job {name} not found in namespace {} (it is an app)",
+                ctx.namespace
+            ),
+        ));
+    }
+    output::write_stdout(d.app.spec.to_toml().as_bytes())
 }

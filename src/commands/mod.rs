@@ -5,6 +5,7 @@ pub mod backup;
 pub mod config;
 pub mod delete;
 pub mod describe;
+pub mod edit;
 pub mod events;
 pub mod get;
 pub mod identity;
@@ -34,6 +35,8 @@ pub struct Context {
     pub config: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub output: Format,
+    /// `-o toml`: `shoal get app NAME` writes the app's spec as a spec file.
+    pub spec_toml: bool,
     pub namespace: String,
     /// Whether `-n` was given: commands on what belongs to no namespace refuse it.
     pub namespace_given: bool,

@@ -988,7 +988,7 @@ pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()>
     let mut modules = super::apply::Modules::default();
     for spec in specs {
         let file = spec.file().display().to_string();
-        match apply_spec(&client, spec, &mut modules, false, false).await {
+        match apply_spec(&client, spec, &mut modules, false, false, None).await {
             Ok(r) => println!("applied {file}: app {} {:?}", r.app.spec.key(), r.outcome),
             Err(e) => eprintln!("error: {e:#}"),
         }

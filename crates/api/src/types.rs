@@ -154,6 +154,11 @@ pub struct ScaleView {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Describe {
     pub app: App,
+    /// The spec's [`AppSpec::fingerprint`](shoal_core::AppSpec::fingerprint): what an edit
+    /// sends back as `?if_spec=` so that it is refused if the spec changed meanwhile. Empty
+    /// from servers before it.
+    #[serde(default)]
+    pub fingerprint: String,
     /// Where the rollout of its current revision stands (none for jobs).
     #[serde(default)]
     pub rollout: Option<RolloutStatus>,

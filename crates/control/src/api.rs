@@ -686,6 +686,12 @@ struct ApplyQuery {
     /// otherwise, as a conflict).
     #[serde(default)]
     retry: bool,
+    /// The `fingerprint` of the app's spec (from `GET /v1/apps/{name}`) this one was made
+    /// from: a change is refused as a conflict (409) unless the stored spec still has it, so
+    /// an edit does not undo a change made since it was read. An apply that would change
+    /// nothing passes.
+    #[serde(default)]
+    if_spec: Option<String>,
 }
 
 async fn apply(
@@ -707,7 +713,8 @@ async fn apply(
         .check_namespace(&spec.namespace)
         .map_err(|why| ApiError::new(ErrorCode::Forbidden, why))?;
     let spec = cp.resolve_oci(spec, q.dry_run).await?;
-    let result = blocking(move || cp.apply_retrying(spec, q.dry_run, q.retry)).await?;
+    let result =
+        blocking(move || cp.apply_retrying(spec, q.dry_run, q.retry, q.if_spec.as_deref())).await?;
     let status = if result.outcome == ApplyOutcome::Created && !result.dry_run {
         StatusCode::CREATED
     } else {

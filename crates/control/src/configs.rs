@@ -57,7 +57,7 @@ impl ControlPlane {
             let Some((app, at)) = self.get::<App>(&keys::app(key))? else {
                 return Ok(());
             };
-            match self.apply_over(app.spec, false, Some(at), false) {
+            match self.apply_over(app.spec, false, Some(at), false, None) {
                 Err(ControlError::Conflict(_) | ControlError::Raced(_)) if tries < 3 => tries += 1,
                 other => return other.map(|_| ()),
             }
@@ -418,7 +418,7 @@ mod tests {
         let key = keys::app(&AppKey::new("default", "web"));
         let (read, at) = cp.get::<App>(&key).unwrap().unwrap();
         cp.apply(spec("two"), false).unwrap();
-        let stale = cp.apply_over(read.spec, false, Some(at), false);
+        let stale = cp.apply_over(read.spec, false, Some(at), false, None);
         assert!(matches!(stale, Err(ControlError::Conflict(_))), "{stale:?}");
         let (stored, _) = cp.get::<App>(&key).unwrap().unwrap();
         assert_eq!(stored.spec.env["GREETING"], "two");

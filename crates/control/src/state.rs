@@ -405,11 +405,12 @@ impl ControlPlane {
 
     #[cfg(test)]
     pub(crate) fn apply(&self, spec: AppSpec, dry_run: bool) -> Result<ApplyResult, ControlError> {
-        self.apply_retrying(spec, dry_run, false)
+        self.apply_retrying(spec, dry_run, false, None)
     }
 
     /// [`ControlPlane::apply`]; with `retry`, a template whose rollout was rolled back or
-    /// aborted is rolled out again rather than refused.
+    /// aborted is rolled out again rather than refused; with `if_spec`, a change is refused as
+    /// a conflict unless the stored spec has that [`AppSpec::fingerprint`] (an edit's base).
     ///
     /// Declarative, it is read and judged again when another write came first (another
     /// app's change in a namespace with a quota, say), a few times, before that is a conflict.
@@ -418,10 +419,11 @@ impl ControlPlane {
         spec: AppSpec,
         dry_run: bool,
         retry: bool,
+        if_spec: Option<&str>,
     ) -> Result<ApplyResult, ControlError> {
         let mut tries = 1;
         loop {
-            match self.apply_over(spec.clone(), dry_run, None, retry) {
+            match self.apply_over(spec.clone(), dry_run, None, retry, if_spec) {
                 Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
                     raced_again(tries);
                     tries += 1;
@@ -433,13 +435,14 @@ impl ControlPlane {
 
     /// [`ControlPlane::apply`], refused as a conflict unless the stored app is still at
     /// revision `over` (when given): for a spec read from the store, so an apply made since
-    /// is not undone.
+    /// is not undone. `if_spec` does the same for a client's edit (see [`Self::apply_retrying`]).
     pub(crate) fn apply_over(
         &self,
         spec: AppSpec,
         dry_run: bool,
         over: Option<u64>,
         retry: bool,
+        if_spec: Option<&str>,
     ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let spec = self.resolve_config_sets(spec)?;
@@ -619,6 +622,23 @@ impl ControlPlane {
             }
         };
 
+        // The stored spec is read once, above, and the write is guarded on its revision.
+        if let Some(base) = if_spec
+            && outcome != ApplyOutcome::Unchanged
+            && existing
+                .as_ref()
+                .map(|(a, _)| a.spec.fingerprint())
+                .as_deref()
+                != Some(base)
+        {
+            let what = match existing {
+                Some(_) => "has changed",
+                None => "was deleted",
+            };
+            return Err(ControlError::conflict(format!(
+                "app {key} {what} since the spec this change was made from was read: read it again and make the change over what is there now"
+            )));
+        }
         if !dry_run && outcome != ApplyOutcome::Unchanged {
             let mut txn = match &existing {
                 Some((_, mod_rev)) => Txn::new().when_mod_revision(app_key.clone(), *mod_rev),
@@ -1127,6 +1147,7 @@ impl ControlPlane {
             .and_then(|(m, _)| m.exports)
             .map(|exports| app.spec.component.kind.served_world(&exports).to_string());
         Ok(Describe {
+            fingerprint: app.spec.fingerprint(),
             cpu: self.inner.metrics.cpu(key, self.now()),
             world,
             app,
@@ -1802,7 +1823,57 @@ pub(crate) mod tests {
         let e = cp.apply(bad.clone(), false).unwrap_err();
         assert!(e.to_string().contains("revision 2"), "{e}");
         // --retry still rolls it out.
-        assert_eq!(cp.apply_retrying(bad, false, true).unwrap().app.revision, 4);
+        assert_eq!(
+            cp.apply_retrying(bad, false, true, None)
+                .unwrap()
+                .app
+                .revision,
+            4
+        );
+    }
+
+    /// An edit (`if_spec`) goes through over the spec it was made from, and is refused as a
+    /// conflict over any other: one changed since, or a deleted app. One that changes nothing
+    /// passes whatever it was made from, so a retried edit is not refused by its own write.
+    #[test]
+    fn an_edit_is_refused_over_a_spec_changed_since_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let first = spec(&cp, "web", &["/web"]);
+        cp.apply(first.clone(), false).unwrap();
+        let key = first.key();
+        let base = cp.describe(&key).unwrap().fingerprint;
+        let mut edit = first.clone();
+        edit.env.insert("A".into(), "1".into());
+        let done = cp.apply_retrying(edit.clone(), false, false, Some(&base));
+        assert_eq!(done.unwrap().outcome, ApplyOutcome::Configured);
+        // The same edit sent again, as a client does when its answer was lost.
+        let again = cp.apply_retrying(edit.clone(), false, false, Some(&base));
+        assert_eq!(again.unwrap().outcome, ApplyOutcome::Unchanged);
+        // Another edit made from the first spec would undo A = 1.
+        let mut stale = first.clone();
+        stale.env.insert("B".into(), "2".into());
+        let e = cp
+            .apply_retrying(stale.clone(), true, false, Some(&base))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Conflict(m) if m.contains("has changed")),
+            "{e}"
+        );
+        let now = cp.describe(&key).unwrap().fingerprint;
+        assert_ne!(now, base);
+        assert!(
+            cp.apply_retrying(stale.clone(), false, false, Some(&now))
+                .is_ok()
+        );
+        cp.delete_app(&key).unwrap();
+        let e = cp
+            .apply_retrying(stale, false, false, Some(&now))
+            .unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Conflict(m) if m.contains("was deleted")),
+            "{e}"
+        );
     }
 
     /// An outbound grant naming an app (`APP` or `APP.NAMESPACE`) is applied with a warning:

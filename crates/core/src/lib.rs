@@ -21,6 +21,7 @@ pub mod quantity;
 pub mod quota;
 pub mod schedule;
 pub mod spec;
+mod spec_file;
 pub mod wasm;
 
 pub use clock::{Clock, SystemClock, now_ms};
