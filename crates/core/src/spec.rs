@@ -28,6 +28,9 @@ pub const DEFAULT_SCALE_WINDOW_MS: u64 = 60_000;
 pub const DEFAULT_IDLE_MS: u64 = 300_000;
 pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
 pub const DEFAULT_TIMEOUT_MS: u64 = 30_000;
+/// The longest span of time a spec may give (365 days): long enough for any timeout, pause or
+/// deadline, and far from overflowing the clock readings it is added to.
+pub const MAX_DURATION_MS: u64 = 365 * 24 * 3_600_000;
 /// The most memory one instance may use (`resources.limits.memory`), cluster-wide. Nodes size
 /// their instance pool's memory slots to it (the runtime's default `max_memory_bytes`), so a
 /// larger limit is refused at apply rather than by every node the replica lands on.
@@ -1731,6 +1734,56 @@ impl AppSpec {
     }
 
     /// Checks every rule the TOML parser checks, for specs arriving as JSON.
+    /// Every span of time the spec gives, with its field: each is added to clock readings,
+    /// so none may be so long that a sum overflows.
+    fn durations(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        let http = self.http.iter().flat_map(|h| {
+            [
+                ("http.timeout", h.timeout_ms),
+                ("http.reuse_idle", h.reuse_idle_ms),
+            ]
+        });
+        let o = &self.rollout;
+        let rollout = [
+            ("rollout.progress_deadline", o.progress_deadline_ms),
+            ("rollout.min_ready", o.min_ready_ms),
+        ]
+        .into_iter()
+        .chain(
+            o.steps
+                .iter()
+                .filter_map(|s| Some(("rollout.steps", s.pause_ms?))),
+        );
+        let scale = self
+            .scale
+            .autoscale
+            .iter()
+            .flat_map(|a| [("scale.window", a.window_ms), ("scale.idle", a.idle_ms)]);
+        let windows = (self.scale.schedule.iter())
+            .filter_map(|w| Some(("scale.schedule.duration", w.duration_ms?)));
+        let job = (self
+            .job
+            .iter()
+            .filter_map(|j| Some(("job.deadline", j.deadline_ms?))))
+        .chain(
+            self.runs
+                .starting_deadline_ms
+                .map(|d| ("job.starting_deadline", d)),
+        );
+        let probes = [
+            ("health.readiness", &self.health.readiness),
+            ("health.liveness", &self.health.liveness),
+        ]
+        .into_iter()
+        .filter_map(|(f, p)| p.as_ref().map(|p| (f, p)))
+        .flat_map(|(f, p)| [(f, p.period_ms), (f, p.timeout_ms)]);
+        http.chain(rollout)
+            .chain(scale)
+            .chain(windows)
+            .chain(job)
+            .chain(probes)
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let field = |f: &str, m: String| Err(SpecError::field(f, m));
         if let Err(e) = validate_name(&self.name) {
@@ -1752,6 +1805,15 @@ impl AppSpec {
             if let Err(e) = validate_name(secret) {
                 return field("component.pull_secret", e.to_string());
             }
+        }
+        if let Some((f, ms)) = self.durations().find(|(_, ms)| *ms > MAX_DURATION_MS) {
+            return field(
+                f,
+                format!(
+                    "{} is longer than the longest a spec may say, 365d",
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                ),
+            );
         }
         let r = &self.resources;
         let mem = crate::quantity::format_memory;
@@ -3222,7 +3284,16 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         probe.component.digest = format!("sha256:{}", "0".repeat(64));
     }
     if let Err(e) = probe.validate() {
-        let span = e.field.as_deref().and_then(|f| spans.get(f).cloned());
+        // The field's own place, else its section's (`rollout.steps` in `[rollout]`).
+        let mut field = e.field.as_deref();
+        let mut span = None;
+        while let Some(f) = field {
+            span = spans.get(f).cloned();
+            if span.is_some() {
+                break;
+            }
+            field = f.rsplit_once('.').map(|(section, _)| section);
+        }
         return Err(e.at(src, span));
     }
     Ok(AppManifest { module, spec })
@@ -4222,6 +4293,34 @@ A = "1"
             "a".repeat(64)
         );
         assert!(err(&job).message.contains("a job's runs"), "{}", err(&job));
+    }
+
+    /// A span of time past a year is refused at its line: added to a clock reading, the
+    /// largest would overflow (a canary pause did, in the controller).
+    #[test]
+    fn durations_past_a_year_are_refused() {
+        const BARE: &str = "name = \"hello\"\n[component]\npath = \"hello.wasm\"\nkind = \"http\"";
+        for (section, field) in [
+            (
+                "[rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 10, pause = \"584542000y\" }]",
+                "rollout.steps",
+            ),
+            (
+                "[rollout]\nprogress_deadline = \"366d\"",
+                "rollout.progress_deadline",
+            ),
+            ("[http]\ntimeout = \"400d\"", "http.timeout"),
+            (
+                "[health]\nliveness = { path = \"/\", period = \"9999d\" }",
+                "health.liveness",
+            ),
+        ] {
+            let e = err(&format!("{BARE}\n{section}\n"));
+            assert_eq!(e.field.as_deref(), Some(field), "{e}");
+            assert!(e.message.contains("365d") && e.line.is_some(), "{e}");
+        }
+        let year = format!("{BARE}\n[http]\ntimeout = \"365d\"\n");
+        assert!(parse_app(&year).is_ok());
     }
 
     #[test]

@@ -632,7 +632,7 @@ impl Canary<'_> {
                 next.message = format!("{}; {why}", next.message);
             }
             return Ok(StepOutcome {
-                clock_from: Some(started + pause),
+                clock_from: Some(started.saturating_add(pause)),
                 waiting: match verdict {
                     Verdict::Wait(why) => Some(why),
                     _ => None,
@@ -652,7 +652,7 @@ impl Canary<'_> {
         let reason = if promoted { "Promoted" } else { "CanaryStep" };
         Ok(StepOutcome {
             event: Some((EventType::Normal, reason, next.message.clone())),
-            clock_from: Some(started + pause),
+            clock_from: Some(started.saturating_add(pause)),
             waiting: None,
         })
     }
