@@ -380,7 +380,7 @@ mod tests {
             &cp,
             vec![
                 Op::put(keys::node("n1"), serde_json::to_vec(&n1).unwrap()),
-                Op::put(keys::event(1), b"{}".to_vec()),
+                Op::put(keys::event(1, 0), b"{}".to_vec()),
                 Op::delete(&replica),
             ],
         );

@@ -19,7 +19,8 @@ use shoal_api::{IngressCertificate, KeyRotated, ReplicaSecrets, SecretView, Secr
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{
-    AppKey, AppSpec, SecretKeyRef, TLS_CERT_KEY, TLS_KEY_KEY, check_secret_key, secrets_named,
+    AppKey, AppSpec, SecretKeyRef, TLS_CERT_KEY, TLS_KEY_KEY, Template, check_secret_key,
+    secrets_named,
 };
 use shoal_core::{App, EventType, Replica, Revision, Secret, SecretVersion};
 use shoal_secrets::{Keyring, binding};
@@ -432,6 +433,23 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
+        // A revision that replicas still run (the stable one of a rollout in progress, which
+        // a rollback returns to) needs its values to start a replica again.
+        let running: BTreeSet<(AppKey, u64)> = self
+            .list::<Replica>(&keys::replicas_in(ns))?
+            .into_iter()
+            .map(|r| (r.app, r.revision))
+            .collect();
+        let revisions: Vec<Revision> = self.list(&keys::revisions_in(ns))?;
+        if let Some(r) = revisions
+            .iter()
+            .find(|r| running.contains(&(r.app.clone(), r.number)) && names(&r.template, name))
+        {
+            return Err(ControlError::conflict(format!(
+                "secret {name} is named by revision {} of app {}, which replicas still run: delete it once its rollout is over",
+                r.number, r.app.name
+            )));
+        }
         self.delete_as_read(
             key.to_string(),
             at,
@@ -587,6 +605,11 @@ fn uses(spec: &AppSpec, name: &str) -> bool {
             .is_some_and(|t| t.secret == name)
 }
 
+/// Whether a revision's `template` names secret `name` in its env or config.
+fn names(template: &Template, name: &str) -> bool {
+    secrets_named(&template.secret_env, &template.secret_config).contains(name)
+}
+
 /// The keys of secret `name` that `spec` needs: those its env values and config keys name,
 /// and a TLS secret's pair.
 fn keys_used<'a>(spec: &'a AppSpec, name: &str) -> BTreeSet<&'a str> {
@@ -730,6 +753,36 @@ mod tests {
             .txn(Txn::new().then(Op::put(keys::replica(&app, &replica.id), encode(&replica))))
             .unwrap();
         (app, replica.id)
+    }
+
+    /// A secret that no app names any more is kept while replicas still run a revision
+    /// that names it (a rollback returns to them); once deleted, `rollout undo` to such a
+    /// revision is refused, as its replicas could never start.
+    #[test]
+    fn a_secret_is_kept_while_replicas_run_a_revision_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_secret("default", "db", write(true, &[("password", "v1")]))
+            .unwrap();
+        let (app, id) = app_on_node(&cp, "web");
+        let mut spec = cp.describe(&app).unwrap().app.spec;
+        spec.secret_env.clear();
+        assert_eq!(cp.apply(spec, false).unwrap().app.revision, 2);
+        let e = cp.delete_secret("default", "db").unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Conflict(m) if m.contains("revision 1 of app web")),
+            "{e}"
+        );
+        cp.store()
+            .txn(Txn::new().then(Op::delete(keys::replica(&app, &id))))
+            .unwrap();
+        cp.delete_secret("default", "db").unwrap();
+        let e = cp.rollback(&app, Some(1)).unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Conflict(m) if m.contains("deleted since")),
+            "{e}"
+        );
+        assert_eq!(cp.describe(&app).unwrap().app.revision, 2);
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub(crate) struct Inner {
     /// The join token in force: [`ControlConfig::join_token`] until rotated.
     pub(crate) join_token: std::sync::RwLock<String>,
     pub(crate) event_seq: AtomicU64,
+    /// Drawn at start, in each event's key: servers sharing a store count events from the
+    /// same number, and one's would overwrite another's.
+    pub(crate) event_writer: u32,
     /// Wakes the controller when something it owns should be looked at again.
     pub(crate) kick: Notify,
     /// When the controller started; see `run_controller`.
@@ -201,12 +204,7 @@ impl ControlPlane {
         let (events, _) = store.range(keys::EVENTS.as_str())?;
         let next = events
             .last()
-            .and_then(|kv| {
-                kv.key
-                    .strip_prefix(keys::EVENTS.as_str())?
-                    .parse::<u64>()
-                    .ok()
-            })
+            .and_then(|kv| keys::event_id(&kv.key))
             .map_or(1, |n| n + 1);
         let members = match &config.authority {
             Some(ca) => Some(member_tls(ca)?),
@@ -242,6 +240,11 @@ impl ControlPlane {
                 join_token: std::sync::RwLock::new(config.join_token.clone()),
                 config,
                 event_seq: AtomicU64::new(next),
+                event_writer: {
+                    let mut bytes = [0; 4];
+                    getrandom::fill(&mut bytes).expect("system randomness");
+                    u32::from_le_bytes(bytes)
+                },
                 kick: Notify::new(),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
@@ -325,7 +328,7 @@ impl ControlPlane {
             app: app.cloned(),
             message,
         };
-        Op::put(keys::event(seq), encode(&event))
+        Op::put(keys::event(seq, self.inner.event_writer), encode(&event))
     }
 
     pub(crate) fn list<T: DeserializeOwned>(
@@ -938,6 +941,24 @@ impl ControlPlane {
         reason: &str,
     ) -> Result<ApplyResult, ControlError> {
         let app_key = keys::app(key);
+        // Its replicas could never start: they would wait for values that are not there.
+        for r in target
+            .template
+            .secret_env
+            .values()
+            .chain(target.template.secret_config.values())
+        {
+            let secret =
+                self.get::<shoal_core::Secret>(&keys::secret(&key.namespace, &r.secret))?;
+            let kept =
+                secret.is_some_and(|(s, _)| r.version.is_none_or(|v| s.versions.contains_key(&v)));
+            if !kept {
+                return Err(ControlError::conflict(format!(
+                    "revision {} of app {key} names {r}, which has been deleted since: apply a spec instead",
+                    target.number
+                )));
+            }
+        }
         let spec = app.spec.with_template(&target.template);
         // An earlier template may ask for more than its namespace now allows.
         let admitted = self.admit(Some(&app.spec), &spec)?;
@@ -1830,6 +1851,34 @@ pub(crate) mod tests {
                 .revision,
             4
         );
+    }
+
+    /// Servers sharing a store (etcd) count their events from the same number: each keeps
+    /// the other's, and a restart goes on counting after both.
+    #[test]
+    fn servers_sharing_a_store_keep_each_others_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KvStore> =
+            Arc::new(Store::open(&dir.path().join("state.redb")).unwrap());
+        let server = |n: &str| {
+            let blobs = BlobStore::open(&dir.path().join(n)).unwrap();
+            let config = ControlConfig::default();
+            ControlPlane::with_clock(store.clone(), blobs, config, Arc::new(SystemClock)).unwrap()
+        };
+        let (a, b) = (server("a"), server("b"));
+        for (cp, said) in [(&a, "from a"), (&b, "from b"), (&a, "a again")] {
+            let event = cp.event_op(EventType::Normal, "Said", "x".into(), None, said.into());
+            store.txn(Txn::new().then(event)).unwrap();
+        }
+        let said = |cp: &ControlPlane| -> Vec<String> {
+            let events = cp.events(None, 10).unwrap();
+            events.into_iter().map(|e| e.message).collect()
+        };
+        assert_eq!(said(&b), ["from a", "from b", "a again"]);
+        let c = server("c");
+        let event = c.event_op(EventType::Normal, "Said", "x".into(), None, "from c".into());
+        store.txn(Txn::new().then(event)).unwrap();
+        assert_eq!(said(&c), ["from a", "from b", "a again", "from c"]);
     }
 
     /// An edit (`if_spec`) goes through over the spec it was made from, and is refused as a

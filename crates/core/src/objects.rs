@@ -185,9 +185,16 @@ pub mod keys {
         Key::new(format!("{}{name}", NODES.as_str()))
     }
     /// Events are numbered by the store revision that records them (see
-    /// [`Event::seq`]); `id` only makes each key unique.
-    pub fn event(id: u64) -> Key<Event> {
-        Key::new(format!("{}{id:020}", EVENTS.as_str()))
+    /// [`Event::seq`]); `id` and `writer` only make each key unique: `id` counts one
+    /// server's events, `writer` tells apart servers sharing a store, whose counts meet.
+    pub fn event(id: u64, writer: u32) -> Key<Event> {
+        Key::new(format!("{}{id:020}-{writer:08x}", EVENTS.as_str()))
+    }
+    /// The count an event's key carries (written before `writer` was, a key is the count
+    /// alone).
+    pub fn event_id(key: &str) -> Option<u64> {
+        let id = key.strip_prefix(EVENTS.as_str())?;
+        id.split_once('-').map_or(id, |(id, _)| id).parse().ok()
     }
     /// `/routes/{host}{path}`, or `/routes/*{path}` for any host.
     pub fn route(r: &Route) -> Key<RouteClaim> {
