@@ -4,8 +4,10 @@
 //!
 //! Each value is a key of its own (`/kv/{ns}/{bucket}/{key}`, the raw bytes), and each bucket
 //! has a usage record (`/kv-usage/{ns}/{bucket}`) written in the same transaction as every
-//! change, so the bucket's limit holds exactly. Writes go one at a time (the store commits one
-//! transaction at a time anyway), which makes an increment atomic across nodes without retries.
+//! change, so the bucket's limit holds exactly. Each write is guarded on what it read (the
+//! values it replaces and the usage record) and made again from a new read when another
+//! server's write came first: servers sharing a store (etcd) cannot lose an increment or pass
+//! a limit. Within one server, writes go one at a time, so they do not race each other.
 
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
@@ -32,6 +34,14 @@ fn usage_key(ns: &str, bucket: &str) -> String {
 pub struct KvUsage {
     pub keys: u64,
     pub bytes: u64,
+}
+
+/// What a write does to one key.
+enum Change {
+    Put(Vec<u8>),
+    Delete,
+    /// Adds to a decimal number (none: 0).
+    Add(u64),
 }
 
 fn invalid(message: String) -> ControlError {
@@ -81,76 +91,102 @@ impl ControlPlane {
                         )));
                     }
                 }
-                let changes = entries.into_iter().map(|(k, v)| (k, Some(v))).collect();
+                let changes = entries
+                    .into_iter()
+                    .map(|(k, v)| (k, Change::Put(v)))
+                    .collect();
                 self.kv_write(ns, bucket, changes).map(|_| KvAnswer::Done)
             }
             KvOp::Delete { keys } => {
                 for k in &keys {
                     check_key(k).map_err(invalid)?;
                 }
-                let changes = keys.into_iter().map(|k| (k, None)).collect();
+                let changes = keys.into_iter().map(|k| (k, Change::Delete)).collect();
                 self.kv_write(ns, bucket, changes).map(|_| KvAnswer::Done)
             }
             KvOp::Increment { key, delta } => {
                 check_key(&key).map_err(invalid)?;
-                let _one_writer = self
-                    .inner
-                    .kv_writer
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                let now = match store.get(&format!("{prefix}{key}"))? {
-                    Some(kv) => std::str::from_utf8(&kv.value)
-                        .ok()
-                        .and_then(|s| s.trim().parse::<u64>().ok())
-                        .ok_or_else(|| {
-                            invalid(format!("the value of {key:?} is not a decimal number"))
-                        })?,
-                    None => 0,
-                };
-                let value = now
-                    .checked_add(delta)
-                    .ok_or_else(|| invalid(format!("incrementing {key:?} overflows")))?;
-                let changes = BTreeMap::from([(key, Some(value.to_string().into_bytes()))]);
-                self.kv_write_locked(ns, bucket, changes)?;
-                Ok(KvAnswer::Count { value })
+                let changes = BTreeMap::from([(key, Change::Add(delta))]);
+                let value = self.kv_write(ns, bucket, changes)?;
+                Ok(KvAnswer::Count {
+                    value: value.unwrap_or(delta),
+                })
             }
         }
     }
 
+    /// Writes `changes` and the bucket's new usage in one transaction, refusing what would
+    /// take the bucket past its limit; answers an increment's new value. Guarded on what it
+    /// read, and made again from a new read when another server's write came first.
     fn kv_write(
         &self,
         ns: &str,
         bucket: &str,
-        changes: BTreeMap<String, Option<Vec<u8>>>,
-    ) -> Result<(), ControlError> {
+        changes: BTreeMap<String, Change>,
+    ) -> Result<Option<u64>, ControlError> {
         let _one_writer = self
             .inner
             .kv_writer
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        self.kv_write_locked(ns, bucket, changes)
+        for tries in 1.. {
+            match self.kv_write_once(ns, bucket, &changes)? {
+                Some(value) => return Ok(value),
+                None if tries < crate::state::RACED_TRIES => crate::state::raced_again(tries),
+                None => break,
+            }
+        }
+        Err(ControlError::Raced(format!(
+            "bucket {bucket} of namespace {ns} kept changing under this write: try again"
+        )))
     }
 
-    /// Writes `changes` (a value, or `None` to delete) and the bucket's new usage in one
-    /// transaction, refusing what would take the bucket past its limit. The caller holds the
-    /// writer lock, so what was read is what is replaced.
-    fn kv_write_locked(
+    /// One read and guarded write of [`Self::kv_write`]: `None` if the guard failed.
+    fn kv_write_once(
         &self,
         ns: &str,
         bucket: &str,
-        changes: BTreeMap<String, Option<Vec<u8>>>,
-    ) -> Result<(), ControlError> {
+        changes: &BTreeMap<String, Change>,
+    ) -> Result<Option<Option<u64>>, ControlError> {
         let store = &*self.inner.store;
         let prefix = bucket_prefix(ns, bucket);
         let usage_at = usage_key(ns, bucket);
-        let mut usage: KvUsage = match store.get(&usage_at)? {
-            Some(kv) => serde_json::from_slice(&kv.value).map_err(ControlError::internal)?,
-            None => KvUsage::default(),
+        let (mut usage, mut txn) = match store.get(&usage_at)? {
+            Some(kv) => (
+                serde_json::from_slice::<KvUsage>(&kv.value).map_err(ControlError::internal)?,
+                Txn::new().when_mod_revision(usage_at.clone(), kv.mod_revision),
+            ),
+            None => (KvUsage::default(), Txn::new().when_absent(usage_at.clone())),
         };
-        let mut txn = Txn::new();
-        for (key, value) in changes {
+        let mut counted = None;
+        for (key, change) in changes {
             let at = format!("{prefix}{key}");
-            if let Some(old) = store.get(&at)? {
+            let old = store.get(&at)?;
+            txn = match &old {
+                Some(kv) => txn.when_mod_revision(at.clone(), kv.mod_revision),
+                None => txn.when_absent(at.clone()),
+            };
+            let value = match change {
+                Change::Put(v) => Some(v.clone()),
+                Change::Delete => None,
+                Change::Add(delta) => {
+                    let now = match &old {
+                        Some(kv) => std::str::from_utf8(&kv.value)
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u64>().ok())
+                            .ok_or_else(|| {
+                                invalid(format!("the value of {key:?} is not a decimal number"))
+                            })?,
+                        None => 0,
+                    };
+                    let value = now
+                        .checked_add(*delta)
+                        .ok_or_else(|| invalid(format!("incrementing {key:?} overflows")))?;
+                    counted = Some(value);
+                    Some(value.to_string().into_bytes())
+                }
+            };
+            if let Some(old) = &old {
                 // Saturating: a usage record out of step with its bucket must not panic here.
                 usage.keys = usage.keys.saturating_sub(1);
                 usage.bytes = usage
@@ -181,8 +217,7 @@ impl ControlPlane {
         } else {
             txn.then(Op::put(usage_at, encode(&usage)))
         };
-        store.txn(txn)?;
-        Ok(())
+        Ok(store.txn(txn)?.succeeded.then_some(counted))
     }
 
     /// The buckets of `ns` (of all namespaces if `None`) and what each holds.
@@ -278,6 +313,43 @@ mod tests {
     fn set(cp: &ControlPlane, key: &str, value: &str) -> Result<KvAnswer, ControlError> {
         let entries = vec![(key.to_string(), value.as_bytes().to_vec())];
         cp.kv("default", "b", KvOp::Set { entries })
+    }
+
+    /// Two servers sharing a store increment one key at once: no increment is lost, and the
+    /// bucket's usage record stays exact.
+    #[test]
+    fn servers_sharing_a_store_lose_no_increment() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: std::sync::Arc<dyn shoal_store::KvStore> =
+            std::sync::Arc::new(shoal_store::Store::open(&dir.path().join("state.redb")).unwrap());
+        let server = |n: &str| {
+            let blobs = shoal_store::BlobStore::open(&dir.path().join(n)).unwrap();
+            let clock = std::sync::Arc::new(shoal_core::SystemClock);
+            ControlPlane::with_clock(store.clone(), blobs, ControlConfig::default(), clock).unwrap()
+        };
+        let servers = [server("a"), server("b")];
+        std::thread::scope(|s| {
+            for cp in &servers {
+                s.spawn(move || {
+                    for _ in 0..100 {
+                        let op = KvOp::Increment {
+                            key: "hits".into(),
+                            delta: 1,
+                        };
+                        cp.kv("default", "b", op).unwrap();
+                    }
+                });
+            }
+        });
+        let get = KvOp::Get {
+            keys: vec!["hits".into()],
+        };
+        let KvAnswer::Values { values } = servers[1].kv("default", "b", get).unwrap() else {
+            panic!("not values");
+        };
+        assert_eq!(values, [Some(b"200".to_vec())]);
+        let buckets = servers[0].kv_buckets(Some("default")).unwrap();
+        assert_eq!(buckets[0].2, KvUsage { keys: 1, bytes: 7 });
     }
 
     #[test]

@@ -139,11 +139,11 @@ pub(crate) struct Inner {
 /// another write came between its read and its own: as many as changes could come at once
 /// in one namespace with a quota (each round, one of them lands), a millisecond more apart
 /// each time.
-const RACED_TRIES: u32 = 20;
+pub(crate) const RACED_TRIES: u32 = 20;
 
 /// Waits before the `tries`-th read of a change that lost a race: longer each time, so a
 /// crowd of them spreads out.
-fn raced_again(tries: u32) {
+pub(crate) fn raced_again(tries: u32) {
     std::thread::sleep(Duration::from_millis(u64::from(tries)));
 }
 
