@@ -772,9 +772,9 @@ impl ControlPlane {
     /// Each route `spec` serves, with the revision of its claim if `spec`'s
     /// app holds it already; an error if another app does. Two apps may not
     /// serve the same host and path.
-    fn route_claims(&self, spec: &AppSpec) -> Result<Vec<(Route, Option<u64>)>, ControlError> {
+    fn route_claims(&self, spec: &AppSpec) -> Result<RouteClaims, ControlError> {
         let key = spec.key();
-        let mut claims = Vec::new();
+        let mut claims = RouteClaims::default();
         for route in routes_of(spec) {
             let held = match self.get(&keys::route(route))? {
                 Some((claim, _)) if claim.app != key => {
@@ -785,7 +785,7 @@ impl ControlPlane {
                 }
                 Some((_, mod_rev)) => Some(mod_rev),
                 None => {
-                    if let Some(served) = self.route_taken_from(&key, route)? {
+                    if let Some(served) = self.route_taken_from(&key, route, &mut claims)? {
                         return Err(ControlError::conflict(format!(
                             "route {route} would take requests from app {} (route {}) of namespace {}: a host bound in one namespace is its own, and on any host a path may not go under another namespace's route (bind a host of your own, or use that namespace)",
                             served.app, served.route, served.app.namespace
@@ -794,7 +794,7 @@ impl ControlPlane {
                     None
                 }
             };
-            claims.push((route.clone(), held));
+            claims.routes.push((route.clone(), held));
         }
         Ok(claims)
     }
@@ -805,13 +805,22 @@ impl ControlPlane {
     /// (the gateway prefers the longest path), unless that route is the catch-all `/`. The
     /// first claim wins. Routes of one namespace (one tenant) overlap freely, and a route
     /// bound to a host goes before any-host routes, whoever's they are.
+    ///
+    /// What it read is added to `claims`' guards: the claim is written only if that is still
+    /// what is there, so two namespaces claiming at once cannot both pass.
     fn route_taken_from(
         &self,
         app: &AppKey,
         route: &Route,
+        claims: &mut RouteClaims,
     ) -> Result<Option<RouteClaim>, ControlError> {
         let foreign = |claim: RouteClaim| (claim.app.namespace != app.namespace).then_some(claim);
         if let Some(host) = &route.host {
+            // A claim another namespace makes on the host meanwhile rewrites its record too.
+            let owner = keys::route_host(host);
+            let read = self.get(&owner)?.map(|(_, at)| at);
+            claims.guards.entry(owner.to_string()).or_insert(read);
+            claims.hosts.insert(host.clone());
             return Ok(self
                 .list(&keys::routes_of_host(host))?
                 .into_iter()
@@ -823,11 +832,14 @@ impl ControlPlane {
             .skip(1)
             .filter(|path| *path != "/");
         for path in above {
-            let above = Route {
+            let above = keys::route(&Route {
                 host: None,
                 path: path.to_string(),
-            };
-            if let Some((claim, _)) = self.get(&keys::route(&above))? {
+            });
+            let read = self.get(&above)?;
+            let at = read.as_ref().map(|(_, at)| *at);
+            claims.guards.entry(above.to_string()).or_insert(at);
+            if let Some((claim, _)) = read {
                 return Ok(foreign(claim));
             }
         }
@@ -1678,18 +1690,42 @@ fn routes_of(spec: &AppSpec) -> &[Route] {
     spec.http.as_ref().map_or(&[][..], |h| &h.routes)
 }
 
+/// What an apply claims of the routes its app serves ([`ControlPlane::route_claims`]).
+#[derive(Default)]
+struct RouteClaims {
+    /// Each route, with the revision of its claim if the app holds it already.
+    routes: Vec<(Route, Option<u64>)>,
+    /// Keys read to judge the new claims, at the revision read (`None`: absent): claims of
+    /// routes above a new any-host one, and the records of hosts it binds.
+    guards: BTreeMap<String, Option<u64>>,
+    /// Hosts whose [`RouteHost`] record the new claims rewrite.
+    hosts: std::collections::BTreeSet<String>,
+}
+
 /// Adds to an apply's `txn` the route claims of `app`: each route it serves
 /// is held (already its own, unchanged since read) or taken (nobody's), and
-/// those it no longer serves are let go. A route another apply took meanwhile
-/// voids the transaction.
+/// those it no longer serves are let go. A route another apply took meanwhile,
+/// or a claim on what was read to judge them, voids the transaction.
 fn claim_routes(
     mut txn: Txn,
     app: &AppKey,
-    claims: Vec<(Route, Option<u64>)>,
+    claims: RouteClaims,
     old: &[Route],
     new: &[Route],
 ) -> Txn {
-    for (route, held) in claims {
+    for (key, read) in claims.guards {
+        txn = match read {
+            Some(at) => txn.when_mod_revision(key, at),
+            None => txn.when_absent(key),
+        };
+    }
+    for host in claims.hosts {
+        let owner = shoal_core::RouteHost {
+            namespace: app.namespace.clone(),
+        };
+        txn = txn.then(Op::put(keys::route_host(&host), encode(&owner)));
+    }
+    for (route, held) in claims.routes {
         let k = keys::route(&route);
         txn = match held {
             Some(mod_rev) => txn.when_mod_revision(&k, mod_rev),
@@ -1850,6 +1886,67 @@ pub(crate) mod tests {
                 .app
                 .revision,
             4
+        );
+    }
+
+    /// Two namespaces claiming at once a route each that the other's would forbid (a new
+    /// host; a path, and a path under it): one is refused, never both applied, unless the
+    /// path under came first, which it may.
+    #[test]
+    fn namespaces_claiming_at_once_do_not_both_get_a_host_or_a_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let in_ns = |name: &str, ns: &str, route: &str| {
+            let mut s = spec(&cp, name, &[route]);
+            s.namespace = ns.into();
+            s
+        };
+        let mut both = Vec::new();
+        for i in 0..30 {
+            let pairs = [
+                (
+                    in_ns(&format!("site{i}"), "default", &format!("h{i}.example/")),
+                    in_ns(&format!("cart{i}"), "team-a", &format!("h{i}.example/cart")),
+                ),
+                (
+                    in_ns(&format!("p{i}"), "default", &format!("/p{i}")),
+                    in_ns(&format!("q{i}"), "team-a", &format!("/p{i}/admin")),
+                ),
+            ];
+            for (a, b) in pairs {
+                let start = std::sync::Barrier::new(2);
+                let (x, y) = std::thread::scope(|s| {
+                    let x = s.spawn(|| {
+                        start.wait();
+                        cp.apply(a.clone(), false).is_ok()
+                    });
+                    let y = s.spawn(|| {
+                        start.wait();
+                        cp.apply(b.clone(), false).is_ok()
+                    });
+                    (x.join().unwrap(), y.join().unwrap())
+                });
+                assert!(
+                    x || y,
+                    "round {i}: neither of {} and {} applied",
+                    a.name,
+                    b.name
+                );
+                // A path under another namespace's is allowed only if it came first: it
+                // takes no request the other served then.
+                let claimed = |s: &AppSpec| {
+                    let route = &s.http.as_ref().unwrap().routes[0];
+                    cp.get(&keys::route(route)).unwrap().unwrap().1
+                };
+                let host = a.http.as_ref().unwrap().routes[0].host.is_some();
+                if x && y && (host || claimed(&a) < claimed(&b)) {
+                    both.push(format!("{} and {}", a.name, b.name));
+                }
+            }
+        }
+        assert!(
+            both.is_empty(),
+            "both applied, the second over the first: {both:?}"
         );
     }
 

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 pub mod keys {
     use super::{
         ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Pool,
-        Quota, Replica, Revision, RolloutStatus, RouteClaim, Secret, Volume,
+        Quota, Replica, Revision, RolloutStatus, RouteClaim, RouteHost, Secret, Volume,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -205,6 +205,10 @@ pub mod keys {
     pub fn routes_of_host(host: &str) -> Prefix<RouteClaim> {
         Prefix::of(format!("{}{host}/", ROUTES.as_str()))
     }
+    /// `/route-hosts/{host}`: see [`RouteHost`].
+    pub fn route_host(host: &str) -> Key<RouteHost> {
+        Key::new(format!("/route-hosts/{host}"))
+    }
     pub fn lease(node: &str) -> Key<Lease> {
         Key::new(format!("{}{node}", LEASES.as_str()))
     }
@@ -246,6 +250,15 @@ pub mod keys {
 pub struct RouteClaim {
     pub route: Route,
     pub app: AppKey,
+}
+
+/// The namespace that last claimed a route on a host. Every new claim on the host rewrites it,
+/// guarded on what it read, so two namespaces claiming routes on one host at once cannot both
+/// pass the check that a host is one namespace's: one of them is judged again and refused.
+/// A stale record (its routes gone) stands for nothing: the routes are what is checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteHost {
+    pub namespace: String,
 }
 
 /// [`Replica::reason`] of a replica whose node gave up restarting it because its
