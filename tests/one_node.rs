@@ -152,6 +152,15 @@ fn apply_serve_inspect_update_delete() {
         .is_empty()));
     let err = c.cli_err(&["describe", "app", "hello"]);
     assert!(err.contains("does not exist"), "{err}");
+
+    // Made again at once after a delete, an app does not take the old one's replicas (its
+    // revisions start at 1 again): what serves is the new spec.
+    c.cli_ok(&["apply", "-f", changed]);
+    c.wait_gw("/hello", 200, "Bonjour");
+    c.cli_ok(&["delete", "app", "hello"]);
+    let out = c.cli_ok(&["apply", "-f", &spec]);
+    assert!(out.contains("created, revision 1"), "{out}");
+    c.wait_gw("/hello", 200, "Hello from Shoal!");
 }
 
 #[test]

@@ -21,7 +21,7 @@ use shoal_store::{BlobStore, KeyValue, KvStore, Op, Txn};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 #[derive(Debug, Clone)]
@@ -146,6 +146,14 @@ pub(crate) const RACED_TRIES: u32 = 20;
 pub(crate) fn raced_again(tries: u32) {
     std::thread::sleep(Duration::from_millis(u64::from(tries)));
 }
+
+/// How long an apply that makes an app waits for the replicas of one of that name, deleted a
+/// moment ago, to go: the controller's next pass, unless no controller runs now.
+const DELETED_APP_WAIT: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(5)
+};
 
 /// Past this size the audit log is renamed aside, and this many of those are kept.
 const AUDIT_LOG_BYTES: u64 = 10 << 20;
@@ -520,6 +528,25 @@ impl ControlPlane {
         let key = spec.key();
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
+        // The replicas of an app deleted a moment ago go in the controller's next pass; a
+        // new app of the same name would take them for its own (its revisions start at 1
+        // again) and serve the old code. So it waits for them, a while.
+        if existing.is_none() && !dry_run {
+            let waited = Instant::now();
+            loop {
+                let left = self.list::<Replica>(&keys::replicas_of(&key))?.len();
+                if left == 0 && self.get::<RolloutStatus>(&keys::rollout(&key))?.is_none() {
+                    break;
+                }
+                if waited.elapsed() >= DELETED_APP_WAIT {
+                    return Err(ControlError::conflict(format!(
+                        "app {key} is still being deleted ({left} replicas left): apply again in a moment"
+                    )));
+                }
+                self.inner.kick.notify_one();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         if let Some(over) = over
             && existing.as_ref().map(|(_, at)| *at) != Some(over)
         {
@@ -1887,6 +1914,34 @@ pub(crate) mod tests {
                 .revision,
             4
         );
+    }
+
+    /// An app applied again right after its deletion, while its replicas are still there,
+    /// waits for the controller to take them away rather than adopt them as its own.
+    #[test]
+    fn an_app_made_again_does_not_take_the_replicas_of_the_one_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let web = spec(&cp, "web", &["/web"]);
+        let key = web.key();
+        cp.apply(web.clone(), false).unwrap();
+        let old = replica_of(&web, "web-1", 1, "n1", Phase::Running);
+        let at = keys::replica(&key, &old.id);
+        cp.store()
+            .txn(Txn::new().then(Op::put(&at, encode(&old))))
+            .unwrap();
+        cp.delete_app(&key).unwrap();
+        let e = cp.apply(web.clone(), false).unwrap_err();
+        assert!(
+            matches!(&e, ControlError::Conflict(m) if m.contains("still being deleted (1 replicas left)")),
+            "{e}"
+        );
+        assert!(
+            cp.apply(web.clone(), true).is_ok(),
+            "a dry run says what would be"
+        );
+        cp.store().txn(Txn::new().then(Op::delete(&at))).unwrap();
+        assert_eq!(cp.apply(web, false).unwrap().outcome, ApplyOutcome::Created);
     }
 
     /// Two namespaces claiming at once a route each that the other's would forbid (a new
