@@ -5,7 +5,7 @@
 //! a set in use cannot be deleted.
 
 use crate::error::ControlError;
-use crate::state::{ControlPlane, encode};
+use crate::state::{ControlPlane, Read, encode};
 use shoal_api::ConfigSetView;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -80,9 +80,14 @@ impl ControlPlane {
 
     /// `spec` with the values of the sets it names, as they are now; an unknown set is
     /// refused, naming it.
-    pub(crate) fn resolve_config_sets(&self, mut spec: AppSpec) -> Result<AppSpec, ControlError> {
+    pub(crate) fn resolve_config_sets(
+        &self,
+        mut spec: AppSpec,
+        read: &mut Read,
+    ) -> Result<AppSpec, ControlError> {
         for set in &mut spec.config_sets {
-            let Some((found, _)) = self.get(&keys::config_set(&spec.namespace, &set.name))? else {
+            let key = keys::config_set(&spec.namespace, &set.name);
+            let Some((found, at)) = self.get(&key)? else {
                 return Err(ControlError::Invalid {
                     code: ErrorCode::InvalidSpec,
                     field: Some("config_sets".into()),
@@ -92,6 +97,7 @@ impl ControlPlane {
                     ),
                 });
             };
+            read.insert(key.to_string(), at);
             set.data = Some(found.data);
         }
         Ok(spec)
@@ -172,7 +178,7 @@ impl ControlPlane {
     ) -> Result<(), ControlError> {
         let mut refused = Vec::new();
         for app in self.config_set_users(ns, name)? {
-            let mut spec = self.resolve_config_sets(app.spec)?;
+            let mut spec = self.resolve_config_sets(app.spec, &mut Read::new())?;
             for set in spec.config_sets.iter_mut().filter(|s| s.name == name) {
                 set.data = Some(data.clone());
             }

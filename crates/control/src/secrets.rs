@@ -14,7 +14,7 @@
 //! ([`ControlPlane::ingress_certificates`]), since every gateway serves every route.
 
 use crate::error::ControlError;
-use crate::state::{ControlPlane, encode};
+use crate::state::{ControlPlane, Read, encode};
 use shoal_api::{IngressCertificate, KeyRotated, ReplicaSecrets, SecretView, SecretWrite};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -101,7 +101,11 @@ impl ControlPlane {
 
     /// `spec` with each secret key it names pinned to the secret's latest version; an
     /// unknown secret or key is refused, naming it.
-    pub(crate) fn resolve_secrets(&self, mut spec: AppSpec) -> Result<AppSpec, ControlError> {
+    pub(crate) fn resolve_secrets(
+        &self,
+        mut spec: AppSpec,
+        read: &mut Read,
+    ) -> Result<AppSpec, ControlError> {
         let ns = spec.namespace.clone();
         let mut found: BTreeMap<String, Secret> = BTreeMap::new();
         for (field, refs) in [
@@ -115,12 +119,14 @@ impl ControlPlane {
                     message,
                 };
                 if !found.contains_key(&r.secret) {
-                    let Some((secret, _)) = self.get(&keys::secret(&ns, &r.secret))? else {
+                    let key = keys::secret(&ns, &r.secret);
+                    let Some((secret, at)) = self.get(&key)? else {
                         return Err(bad(format!(
                             "{field}.{name} names secret {}, which does not exist in namespace {ns}: create it with `shoal secret create {}`",
                             r.secret, r.secret
                         )));
                     };
+                    read.insert(key.to_string(), at);
                     found.insert(r.secret.clone(), secret);
                 }
                 let secret = &found[&r.secret];
@@ -135,13 +141,13 @@ impl ControlPlane {
                 r.version = Some(secret.version);
             }
         }
-        self.resolve_tls(&mut spec)?;
+        self.resolve_tls(&mut spec, read)?;
         Ok(spec)
     }
 
     /// Pins `[http] tls` to its secret's latest version, once the certificate there is
     /// checked to have its key and to name every host the app's routes bind.
-    fn resolve_tls(&self, spec: &mut AppSpec) -> Result<(), ControlError> {
+    fn resolve_tls(&self, spec: &mut AppSpec, read: &mut Read) -> Result<(), ControlError> {
         let ns = spec.namespace.clone();
         let Some(http) = &mut spec.http else {
             return Ok(());
@@ -154,7 +160,8 @@ impl ControlPlane {
             field: Some("http.tls".into()),
             message,
         };
-        let Some((secret, _)) = self.get::<Secret>(&keys::secret(&ns, &tls.secret))? else {
+        let key = keys::secret(&ns, &tls.secret);
+        let Some((secret, at)) = self.get::<Secret>(&key)? else {
             return Err(bad(format!(
                 "http.tls names secret {}, which does not exist in namespace {ns}: create it with `shoal secret create {} --tls-cert FILE --tls-key FILE`",
                 tls.secret, tls.secret
@@ -169,6 +176,7 @@ impl ControlPlane {
                 tls.secret
             ))
         })?;
+        read.insert(key.to_string(), at);
         tls.version = Some(secret.version);
         Ok(())
     }
@@ -753,6 +761,44 @@ mod tests {
             .txn(Txn::new().then(Op::put(keys::replica(&app, &replica.id), encode(&replica))))
             .unwrap();
         (app, replica.id)
+    }
+
+    /// A secret set while an app naming it is applied: the app ends on the latest version,
+    /// whichever came first (an apply that resolved the version before is judged again,
+    /// rather than be missed by the set's re-apply of its users).
+    #[test]
+    fn an_app_applied_while_its_secret_is_set_ends_on_the_latest_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_secret("default", "db", write(true, &[("password", "v0")]))
+            .unwrap();
+        let digest = uploaded(&cp);
+        let mut stale = Vec::new();
+        for i in 0..20 {
+            let src = format!(
+                "name = \"w{i}\"\n[component]\ndigest = \"{digest}\"\nkind = \"job\"\n[env]\nPASSWORD = {{ secret = \"db\", key = \"password\" }}\n"
+            );
+            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    start.wait();
+                    let value = format!("v{}", i + 1);
+                    cp.put_secret("default", "db", write(false, &[("password", &value)]))
+                        .unwrap();
+                });
+                s.spawn(|| {
+                    start.wait();
+                    cp.apply(spec.clone(), false).unwrap();
+                });
+            });
+            let latest = cp.secret("default", "db").unwrap().version;
+            let pinned = cp.describe(&spec.key()).unwrap().app.spec.secret_env["PASSWORD"].version;
+            if pinned != Some(latest) {
+                stale.push(format!("w{i}: {pinned:?} of {latest}"));
+            }
+        }
+        assert!(stale.is_empty(), "left on an old version: {stale:?}");
     }
 
     /// A secret that no app names any more is kept while replicas still run a revision

@@ -147,6 +147,10 @@ pub(crate) fn raced_again(tries: u32) {
     std::thread::sleep(Duration::from_millis(u64::from(tries)));
 }
 
+/// Keys an apply read to resolve its spec (config sets, secrets), at the revision read: its
+/// write is guarded on them.
+pub(crate) type Read = BTreeMap<String, u64>;
+
 /// How long an apply that makes an app waits for the replicas of one of that name, deleted a
 /// moment ago, to go: the controller's next pass, unless no controller runs now.
 const DELETED_APP_WAIT: Duration = if cfg!(test) {
@@ -456,8 +460,9 @@ impl ControlPlane {
         if_spec: Option<&str>,
     ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
-        let spec = self.resolve_config_sets(spec)?;
-        let spec = self.resolve_secrets(spec)?;
+        let mut read = Read::new();
+        let spec = self.resolve_config_sets(spec, &mut read)?;
+        let spec = self.resolve_secrets(spec, &mut read)?;
         spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
         let module = self.get::<Module>(&keys::module(&spec.component.digest))?;
@@ -700,6 +705,11 @@ impl ControlPlane {
                 .as_ref()
                 .map_or(&[][..], |(a, _)| routes_of(&a.spec));
             txn = claim_routes(txn, &key, claims, old_routes, routes_of(&spec));
+            // What the spec was resolved with is still what is there: a set or secret
+            // written or deleted meanwhile makes it judged again.
+            for (k, at) in read {
+                txn = txn.when_mod_revision(k, at);
+            }
             // The volumes it mounts exist from this apply on, with the size it says.
             for mount in &spec.volumes {
                 let vkey = keys::volume(&key.namespace, &mount.name);
@@ -738,7 +748,8 @@ impl ControlPlane {
                             .when_mod_revision(vkey.clone(), at)
                             .then(Op::put(vkey, encode(&volume)));
                     }
-                    Some(_) => {}
+                    // Not deleted meanwhile: `delete_volume` found no app mounting it.
+                    Some((_, at)) => txn = txn.when_mod_revision(vkey, at),
                 }
             }
             let reason = if outcome == ApplyOutcome::Created {
