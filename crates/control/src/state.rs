@@ -748,8 +748,13 @@ impl ControlPlane {
                             .when_mod_revision(vkey.clone(), at)
                             .then(Op::put(vkey, encode(&volume)));
                     }
-                    // Not deleted meanwhile: `delete_volume` found no app mounting it.
-                    Some((_, at)) => txn = txn.when_mod_revision(vkey, at),
+                    // Written again as read: a `delete_volume` that found no app mounting
+                    // it fails its guard, and a deletion first voids this.
+                    Some((volume, at)) => {
+                        txn = txn
+                            .when_mod_revision(vkey.clone(), at)
+                            .then(Op::put(vkey, encode(&volume)));
+                    }
                 }
             }
             let reason = if outcome == ApplyOutcome::Created {
@@ -1924,6 +1929,49 @@ pub(crate) mod tests {
                 .app
                 .revision,
             4
+        );
+    }
+
+    /// A volume deleted while an app that mounts it is applied: either the deletion is
+    /// refused or comes first (and the apply makes it again), never an app mounting nothing.
+    #[test]
+    fn a_volume_is_not_deleted_under_an_app_applied_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let mounting = |name: &str| {
+            let src = format!(
+                "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"job\"\n[[volumes]]\nname = \"data\"\nmount = \"/data\"\n"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let mut lost = Vec::new();
+        for i in 0..20 {
+            let first = mounting(&format!("first{i}"));
+            cp.apply(first.clone(), false).unwrap();
+            cp.delete_app(&first.key()).unwrap();
+            let second = mounting(&format!("second{i}"));
+            let start = std::sync::Barrier::new(2);
+            let applied = std::thread::scope(|s| {
+                s.spawn(|| {
+                    start.wait();
+                    let _ = cp.delete_volume("default", "data");
+                });
+                let applied = s.spawn(|| {
+                    start.wait();
+                    cp.apply(second.clone(), false).is_ok()
+                });
+                applied.join().unwrap()
+            });
+            let volume = cp.get::<Volume>(&keys::volume("default", "data")).unwrap();
+            if applied && volume.is_none() {
+                lost.push(i);
+            }
+            cp.delete_app(&second.key()).unwrap();
+        }
+        assert!(
+            lost.is_empty(),
+            "rounds where the app mounts no volume: {lost:?}"
         );
     }
 
