@@ -278,6 +278,9 @@ fn a_private_registry_takes_the_credentials_of_a_pull_secret_and_refuses_wrong_o
             &format!("pull_secret = \"{name}\"\n"),
         )
     };
+    // Refused credentials are the spec's to mend, not an outage (exit 1, not 5).
+    let refused = c.cli(&["apply", "-f", &file("regcred")]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     for (name, says) in [
         ("regcred", "refused the credentials"),
         ("elsewhere", "for registry registry.example.com"),

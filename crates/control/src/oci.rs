@@ -22,11 +22,12 @@ use shoal_store::BlobError;
 fn registry_error(e: OciError, pull_secret: Option<&str>) -> ControlError {
     let code = match e {
         OciError::NotAComponent { .. } => ErrorCode::NotAComponent,
-        OciError::NotFound { .. } => ErrorCode::InvalidSpec,
-        OciError::Registry { .. }
-        | OciError::Unauthorized { .. }
-        | OciError::DigestMismatch { .. }
-        | OciError::Download { .. } => ErrorCode::Registry,
+        // Credentials the registry refused are the spec's to mend (its pull secret), not an
+        // outage to wait out: the CLI says 1, not 5.
+        OciError::NotFound { .. } | OciError::Unauthorized { .. } => ErrorCode::InvalidSpec,
+        OciError::Registry { .. } | OciError::DigestMismatch { .. } | OciError::Download { .. } => {
+            ErrorCode::Registry
+        }
     };
     let hint = match (&e, pull_secret) {
         (OciError::Unauthorized { .. }, None) => " (name a secret with its credentials in `[component] pull_secret`: `shoal secret create NAME --registry HOST --username USER --password-stdin`)".to_string(),
