@@ -57,6 +57,26 @@ fn a_server_on_etcd_serves_an_app_and_another_takes_over_its_state() {
     );
     first.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
     wait_greeting(&node1, "Hello from etcd");
+    // A [config] near its 1 MiB limit is more than etcd takes in one write (the app and its
+    // revision both carry it): refused as too large, saying why, not an internal error.
+    let big: String = (0..8)
+        .map(|i| format!("k{i} = \"{}\"\n", "x".repeat(120 << 10)))
+        .collect();
+    let text = example_spec("hello", 1, "big")
+        .replace("name = \"hello\"", "name = \"big\"")
+        .replace("routes = [\"/hello\"]", "routes = [\"/big\"]");
+    let big = write_spec(
+        first_dir.path(),
+        "big.toml",
+        &format!("{text}\n[config]\n{big}"),
+    );
+    let out = first.cli(&["apply", "-f", big.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("larger than the store takes at once"),
+        "{said}"
+    );
 
     first.kill();
     node1.kill();

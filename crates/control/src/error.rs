@@ -69,6 +69,12 @@ impl From<shoal_store::StoreError> for ControlError {
             shoal_store::StoreError::Compacted { compacted } => ControlError::Compacted(format!(
                 "history up to revision {compacted} is compacted; re-read the snapshot"
             )),
+            shoal_store::StoreError::TooLarge(why) => ControlError::invalid(
+                ErrorCode::TooLarge,
+                format!(
+                    "the change is larger than the store takes at once ({why}): an app's [config] and config sets, or a secret's versions, are written whole in one write; make them smaller (or raise etcd's --max-request-bytes)"
+                ),
+            ),
             other => ControlError::internal(other),
         }
     }

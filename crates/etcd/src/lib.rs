@@ -1010,12 +1010,14 @@ fn db(message: impl Into<String>) -> StoreError {
     StoreError::Db(message.into())
 }
 
-/// etcd's errors as the store's: its compaction and future-revision refusals by their text
-/// (that is all gRPC carries of them), everything else as a database error.
+/// etcd's errors as the store's: its compaction and size refusals by their text (that is all
+/// gRPC carries of them), everything else as a database error.
 fn store_error(e: etcd_client::Error) -> StoreError {
     let text = e.to_string();
     if text.contains("required revision has been compacted") {
         StoreError::Compacted { compacted: 0 }
+    } else if text.contains("request is too large") || text.contains("message larger than max") {
+        StoreError::TooLarge(format!("etcd: {text}"))
     } else {
         db(format!("etcd: {text}"))
     }
@@ -1027,6 +1029,20 @@ mod tests {
 
     fn put(key: &str) -> Txn {
         Txn::new().then(Op::put(key, "v"))
+    }
+
+    #[test]
+    fn a_write_etcd_finds_too_large_is_said_so() {
+        for refusal in [
+            tonic::Status::invalid_argument("etcdserver: request is too large"),
+            tonic::Status::resource_exhausted("grpc: received message larger than max (2 vs. 1)"),
+        ] {
+            let e = store_error(etcd_client::Error::GRpcStatus(refusal));
+            assert!(matches!(e, StoreError::TooLarge(_)), "{e}");
+        }
+        let other = tonic::Status::unavailable("etcdserver: leader changed");
+        let e = store_error(etcd_client::Error::GRpcStatus(other));
+        assert!(matches!(e, StoreError::Db(_)), "{e}");
     }
 
     #[test]

@@ -192,6 +192,10 @@ pub enum StoreError {
     /// Another process has the store file open (redb's file lock): a running server.
     #[error("the store file is open in another process")]
     InUse,
+    /// One write larger than the store takes at once (etcd's `--max-request-bytes`, 1.5 MiB
+    /// unless configured): the writer's to make smaller, not the store's to fix.
+    #[error("the write is larger than the store takes at once: {0}")]
+    TooLarge(String),
     #[error("store I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("store database error: {0}")]
@@ -211,6 +215,7 @@ impl StoreError {
             },
             StoreError::EmptyKey => StoreError::EmptyKey,
             StoreError::InUse => StoreError::InUse,
+            StoreError::TooLarge(why) => StoreError::TooLarge(why.clone()),
             StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
             StoreError::Db(message) => StoreError::Db(message.clone()),
         }
