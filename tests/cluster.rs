@@ -160,6 +160,32 @@ fn hops_leave_a_gateways_client_share_to_the_clients_on_their_address() {
     assert!(poll(Duration::from_secs(10), || served(here)));
 }
 
+/// A guest behind a hop sees the host its client addressed, as a local one does, not the node
+/// the request was forwarded to (the URI of an HTTP/2 hop names it).
+#[test]
+fn a_guest_behind_a_hop_sees_the_host_its_client_addressed() {
+    let (dir, server, nodes) = cluster(2, &[]);
+    server.cli_ok(&[
+        "apply",
+        "-f",
+        &common::faulty_spec(dir.path(), "f.toml", 1, ""),
+    ]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "faulty"
+    ) == 1));
+    let client = common::client();
+    for node in &nodes {
+        let url = format!("{}/faulty/authority", node.gateway);
+        let seen = client
+            .get(&url)
+            .header("host", "shop.example")
+            .send()
+            .and_then(|r| r.text())
+            .unwrap();
+        assert_eq!(seen, "http://shop.example", "through {}", node.name);
+    }
+}
+
 #[test]
 fn a_replica_that_fits_nowhere_says_why() {
     let (dir, server, _nodes) = cluster(3, &["--memory", "64Mi"]);

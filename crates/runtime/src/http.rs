@@ -195,6 +195,7 @@ impl HttpService {
             req.headers_mut()
                 .insert(http::header::HOST, HeaderValue::from_static("localhost"));
         }
+        *req.uri_mut() = addressed(&req);
         let method = req.method().clone();
         let path = req
             .uri()
@@ -581,4 +582,28 @@ pub fn problem_response(code: problem::ErrorCode, message: &str) -> http::Respon
         headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     }
     response
+}
+
+/// The request's URI as the guest is given it: `http://` the host the client addressed (its
+/// `host` header, which a hop between nodes keeps, else the URI's own authority) and the
+/// path. Over an HTTP/2 hop the URI's authority is the node the request was forwarded to,
+/// and an HTTP/1 request has none at all: a WASIp3 guest reads its authority and scheme from
+/// the URI alone, a WASIp2 one its authority from it first. `http` as for WASIp2, whose
+/// scheme Shoal gives as `http` whatever the client used.
+fn addressed<B>(req: &http::Request<B>) -> http::Uri {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    let mut parts = req.uri().clone().into_parts();
+    let Some(authority) = host.or(parts.authority.take()) else {
+        return req.uri().clone();
+    };
+    parts.authority = Some(authority);
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    http::Uri::from_parts(parts).unwrap_or_else(|_| req.uri().clone())
 }

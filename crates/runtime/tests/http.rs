@@ -59,6 +59,19 @@ async fn hello_answers_and_logs_each_request() {
 }
 
 #[tokio::test]
+async fn a_guest_sees_the_host_its_client_addressed() {
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, config()).await;
+    assert_eq!(
+        addressed_as(&faulty, "/authority").await,
+        [
+            "http://shop.example",
+            "http://shop.example",
+            "http://shop.example:8443"
+        ]
+    );
+}
+
+#[tokio::test]
 async fn greeting_comes_from_the_granted_env() {
     let cfg = InstanceConfig {
         env: vec![("GREETING".into(), "Ahoy".into())],

@@ -45,6 +45,19 @@ async fn hello_p3_with(
     (dir, service)
 }
 
+#[tokio::test]
+async fn a_p3_guest_sees_the_host_its_client_addressed() {
+    let (_dir, hello) = hello_p3(Reuse::default()).await;
+    assert_eq!(
+        addressed_as(&hello, "/authority").await,
+        [
+            "http://shop.example",
+            "http://shop.example",
+            "http://shop.example:8443"
+        ]
+    );
+}
+
 fn reuse(requests: u32, concurrent: u32) -> Reuse {
     Reuse {
         requests,

@@ -77,6 +77,17 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
                 };
                 status(out, &code)
             }
+            // What the request says it was addressed to, as `scheme://authority`.
+            ["authority"] => {
+                let scheme = match request.scheme() {
+                    Some(Scheme::Http) => "http".to_string(),
+                    Some(Scheme::Https) => "https".to_string(),
+                    Some(Scheme::Other(s)) => s,
+                    None => "none".to_string(),
+                };
+                let authority = request.authority().unwrap_or_else(|| "none".into());
+                respond(out, 200, format!("{scheme}://{authority}").as_bytes())
+            }
             ["headers"] => {
                 let lines: String = request
                     .headers()

@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use wasip3::clocks::monotonic_clock;
-use wasip3::http::types::{ErrorCode, Fields, Request, Response};
+use wasip3::http::types::{ErrorCode, Fields, Request, Response, Scheme};
 use wasip3::{wit_future, wit_stream};
 
 /// Requests this instance has handled: state that a reused instance carries over.
@@ -46,6 +46,17 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
                     .unwrap_or(0);
                 monotonic_clock::wait_for(ms.saturating_mul(1_000_000)).await;
                 format!("slept {ms} ms")
+            }
+            // What the request says it was addressed to, as `scheme://authority`.
+            "/authority" => {
+                let scheme = match request.get_scheme() {
+                    Some(Scheme::Http) => "http".to_string(),
+                    Some(Scheme::Https) => "https".to_string(),
+                    Some(Scheme::Other(s)) => s,
+                    None => "none".to_string(),
+                };
+                let authority = request.get_authority().unwrap_or_else(|| "none".into());
+                format!("{scheme}://{authority}")
             }
             "/panic" => panic!("asked to panic"),
             "/spin" => spin(),

@@ -55,6 +55,28 @@ pub fn get(path: &str) -> http::Request<Empty<Bytes>> {
         .expect("valid request")
 }
 
+/// What a guest's `/authority` answers for requests as each server hands them over: an
+/// HTTP/1 one (its host in `host` alone), an HTTP/2 client's (in the URI alone), and one a
+/// node's gateway forwarded over an HTTP/2 hop (the URI names the node, `host` the client's
+/// host): each the host the client addressed, as `http://`.
+pub async fn addressed_as(service: &shoal_runtime::HttpService, path: &str) -> Vec<String> {
+    let requests = [
+        http::Request::get(path).header("host", "shop.example"),
+        http::Request::get(format!("https://shop.example{path}")),
+        http::Request::get(format!("https://10.9.9.9:8080{path}"))
+            .header("host", "shop.example:8443"),
+    ];
+    let mut seen = Vec::new();
+    for request in requests {
+        let response = service
+            .handle(request.body(Empty::<Bytes>::new()).unwrap())
+            .await;
+        assert_eq!(response.status(), 200, "{path}");
+        seen.push(body_text(response).await.trim().to_string());
+    }
+    seen
+}
+
 pub async fn body_bytes(response: http::Response<ResponseBody>) -> Bytes {
     response
         .into_body()
