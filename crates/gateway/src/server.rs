@@ -662,6 +662,9 @@ impl Gateway {
         }
         let span = request_span(&req);
         async move {
+            if let Some(refused) = not_a_path(&req) {
+                return refused;
+            }
             if crate::routing::has_dot_segment(req.uri().path()) {
                 return problem_response(
                     ErrorCode::BadRequest,
@@ -701,6 +704,10 @@ impl Gateway {
         app: &AppKey,
         mut req: Request<WasiBody>,
     ) -> Response<ResponseBody> {
+        // A guest's service call comes here without `handle`'s checks.
+        if let Some(refused) = not_a_path(&req) {
+            return refused;
+        }
         let start = Instant::now();
         let span = Span::current();
         span.record("app", field::display(app));
@@ -991,6 +998,19 @@ fn replica_gone(replica: &str) -> Response<ResponseBody> {
     resp
 }
 
+/// Only a path goes to a replica, here or over a hop: `OPTIONS *` would make the hop's URI
+/// `https://node:port*`, whose port reads as none, so the node's gateway would be dialled on
+/// 443, refuse, and be marked down for every app. A 400 for it, and for CONNECT.
+fn not_a_path<B>(req: &Request<B>) -> Option<Response<ResponseBody>> {
+    let path = req.uri().path().starts_with('/') && req.method() != http::Method::CONNECT;
+    (!path).then(|| {
+        problem_response(
+            ErrorCode::BadRequest,
+            "the request target must be a path (starting with /): `OPTIONS *` and CONNECT are not served",
+        )
+    })
+}
+
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.uri().host().map(str::to_string).or_else(|| {
         req.headers()
@@ -1002,6 +1022,9 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_string(),
         _ => raw,
     };
+    // `shop.example.` is `shop.example`, fully qualified: without this it would miss the
+    // host's routes and fall to an any-host route, perhaps another namespace's.
+    let host = host.strip_suffix('.').unwrap_or(&host);
     Some(host.to_ascii_lowercase())
 }
 
@@ -1316,6 +1339,30 @@ mod tests {
 
     fn app(name: &str) -> AppKey {
         AppKey::new("default", name)
+    }
+
+    #[test]
+    fn a_host_is_read_without_its_port_case_or_final_dot() {
+        let host = |uri: &str, header: Option<&str>| {
+            let mut req = Request::get(uri);
+            if let Some(h) = header {
+                req = req.header(header::HOST, h);
+            }
+            request_host(&req.body(()).unwrap())
+        };
+        for (uri, header) in [
+            ("/", Some("Shop.Example:8080")),
+            ("/", Some("shop.example.")),
+            ("/", Some("shop.example.:443")),
+            ("http://SHOP.example./x", None),
+        ] {
+            assert_eq!(
+                host(uri, header).as_deref(),
+                Some("shop.example"),
+                "{uri} {header:?}"
+            );
+        }
+        assert_eq!(host("/", None), None);
     }
 
     /// `name` served at `/{name}`, with one remote replica, a canary split, waking.

@@ -97,6 +97,23 @@ async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.problem().code(), ErrorCode::BadRequest);
 
+    // `OPTIONS *` and CONNECT are refused, whatever route `/` would find: only a path goes
+    // to a replica.
+    for (method, target) in [("OPTIONS", "*"), ("CONNECT", "faulty:443")] {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(target)
+            .header("host", "faulty")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let answer = gateway.handle(request).await;
+        assert_eq!(
+            answer.status(),
+            StatusCode::BAD_REQUEST,
+            "{method} {target}"
+        );
+    }
+
     let reply = client.get(&format!("http://{addr}/nowhere/x")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let body = reply.problem();
