@@ -134,6 +134,7 @@ impl Hops {
 fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConfig>) -> Client {
     let mut http = HttpConnector::new();
     configure(&mut http, connect_timeout);
+    http.set_keepalive(Some(HOP_PING_EVERY));
     http.enforce_http(false);
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let builder = match tls {
@@ -156,11 +157,24 @@ fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConf
     } else {
         builder.enable_http1().wrap_connector(http)
     };
-    pooling()
-        .http2_only(http2)
-        .http2_adaptive_window(true)
-        .build(connector)
+    let mut builder = pooling();
+    builder.http2_only(http2).http2_adaptive_window(true);
+    if http2 {
+        // A node that died without a word (power, partition) would hold every request sent
+        // on its one connection, and every body streaming from it, until the head timeout or
+        // forever: a ping unanswered closes the connection, and them with it.
+        builder
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(HOP_PING_EVERY))
+            .http2_keep_alive_timeout(HOP_PING_EVERY)
+            .http2_keep_alive_while_idle(true);
+    }
+    builder.build(connector)
 }
+
+/// How often a hop's HTTP/2 connection is pinged, and how long the answer may take; also the
+/// TCP keep-alive of hop connections (HTTP/1.1 ones too).
+const HOP_PING_EVERY: Duration = Duration::from_secs(10);
 
 /// A pooling HTTP/1.1 client for egress, over TLS for `https://` (checked against the Web
 /// PKI's roots and `extra_roots`, DER). It is separate from the hops' client so that the
@@ -210,12 +224,16 @@ fn pooling() -> legacy::Builder {
     builder
 }
 
-/// What made a remote endpoint unusable for this request; either way no guest saw it.
+/// What made a remote endpoint unusable for this request; no guest saw it, unless it is
+/// [`Failure::Late`].
 pub(crate) enum Failure {
     /// No connection to the node's gateway could be made: nothing behind it can be reached.
     Unconnected(String),
-    /// No response head: the connection broke, or the head did not come in time.
+    /// No response head: the connection broke.
     Unreachable(String),
+    /// No response head within the time a replica's own timeout and the node's waits
+    /// before it can take: the node is there, but the request may have run, or still runs.
+    Late(Duration),
     /// The node answered that it no longer runs the replica.
     ReplicaGone,
 }
@@ -256,9 +274,9 @@ pub(crate) async fn forward(
 
     let request = client.request(Request::from_parts(parts, body));
     let response = match head_within {
-        Some(limit) => tokio::time::timeout(limit, request).await.map_err(|_| {
-            Failure::Unreachable(format!("no response within {}s", limit.as_secs()))
-        })?,
+        Some(limit) => tokio::time::timeout(limit, request)
+            .await
+            .map_err(|_| Failure::Late(limit))?,
         None => request.await,
     }
     .map_err(|e| match e.is_connect() {
@@ -328,6 +346,12 @@ fn is_idempotent(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
+}
+
+/// Whether `req` may still have body to send: the node it is forwarded to reads the first of
+/// it before the guest starts, which the hop's wait for a response head must allow for.
+pub(crate) fn may_have_body<B: Body>(req: &Request<B>) -> bool {
+    !req.body().is_end_stream() && req.body().size_hint().exact() != Some(0)
 }
 
 /// The headers promise no body: no `transfer-encoding`, `content-length` absent or 0.

@@ -738,6 +738,8 @@ impl Gateway {
             Ok(response) => (first, response),
             Err(failure) => {
                 self.mark_down(&first, app, &failure);
+                // A late one may have run: it is not sent again.
+                let resend = resend.filter(|_| !matches!(failure, Failure::Late(_)));
                 match resend.and_then(|r| pick(&endpoints, group).map(|e| (e, r))) {
                     None => {
                         let response = failure_response(app, &first, failure);
@@ -767,12 +769,14 @@ impl Gateway {
     /// that takes no connection fails every replica behind it, of every app, so they all go:
     /// the retry, and the requests after it, go to other nodes rather than find out one
     /// replica at a time (a node killed with several replicas cost one failed request each).
+    /// A late answer leaves it in: the node and the replica are there, only slow.
     fn mark_down(&self, endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
-        endpoint.set_down(true);
         let reason = match failure {
             Failure::Unconnected(e) | Failure::Unreachable(e) => e.as_str(),
             Failure::ReplicaGone => "the node no longer runs it",
+            Failure::Late(_) => return,
         };
+        endpoint.set_down(true);
         let node = endpoint.node_gateway();
         if let (Failure::Unconnected(_), Some(node)) = (failure, node) {
             let pool = self.inner.pool.read().expect("endpoint lock");
@@ -896,13 +900,20 @@ impl Gateway {
                 ..
             } => {
                 let inflight = endpoint.enter();
+                // What the node may take before the guest's timeout even starts: the wait for
+                // a permit, and the read-ahead of a body, past which it answers.
+                let config = &self.inner.config;
+                let waits = match proxy::may_have_body(&req) {
+                    true => config.queue_timeout + config.body_timeout,
+                    false => config.queue_timeout,
+                };
                 let response = proxy::forward(
                     client,
                     gateway,
                     app,
                     &endpoint.replica,
                     self.inner.hops.scheme(),
-                    timeout.map(|t| t + HOP_SLACK),
+                    timeout.map(|t| t + waits + HOP_SLACK),
                     req,
                 )
                 .await?;
@@ -973,6 +984,14 @@ fn failure_response(app: &AppKey, endpoint: &Endpoint, failure: Failure) -> Resp
             &format!(
                 "app {app}: replica {} is unreachable: {e}",
                 endpoint.replica
+            ),
+        ),
+        Failure::Late(limit) => problem_response(
+            ErrorCode::Timeout,
+            &format!(
+                "app {app}: replica {} sent no response within {}s",
+                endpoint.replica,
+                limit.as_secs()
             ),
         ),
         // Nothing ran: the client may safely send it again.
@@ -1094,8 +1113,9 @@ impl Body for Guarded {
 /// read buffer, ~400 KiB: a smaller buffer also throttles bodies, which stalled an 8 MiB echo.)
 const MAX_HEAD_BYTES: u32 = 64 << 10;
 
-/// How long past a remote replica's request timeout a hop may wait for its response head:
-/// that node answers 504 at the timeout, so by then it is stuck.
+/// How long past a remote replica's request timeout, and the node's waits before it, a hop
+/// may wait for its response head: that node answers 504 at the timeout, so by then it is
+/// stuck, and the client gets a 504 too.
 const HOP_SLACK: Duration = Duration::from_secs(5);
 
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.

@@ -148,6 +148,39 @@ async fn requests_in_flight_count_on_the_node_whose_replica_serves_them() {
     .await;
 }
 
+/// A replica whose node sends no response head within its timeout and the node's waits is
+/// a 504, and stays in rotation: the node is there, only slow.
+#[tokio::test]
+async fn a_late_answer_is_a_timeout_and_leaves_its_endpoint_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let (_b, b_addr) = node_b(&runtime).await;
+    let a = Gateway::new(GatewayConfig {
+        body_timeout: Duration::from_millis(50),
+        queue_timeout: Duration::from_millis(50),
+        ..GatewayConfig::default()
+    });
+    routes(&a);
+    let mut status = remote(&[("faulty", "faulty-b", b_addr.clone())]);
+    for replicas in status.values_mut() {
+        replicas[0].timeout = Some(Duration::from_millis(100));
+    }
+    a.set_remote_endpoints(status);
+    let a_addr = serve(&a).await;
+    // Node B's own timeout for it is 30 s: it answers after 7 s, past 0.1 + 0.05 + 0.05 + 5.
+    let reply = HttpClient::new()
+        .get(&format!("http://{a_addr}/faulty/sleep/7000"))
+        .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.error_code(), "timeout");
+    assert_eq!(a.endpoints(&app("faulty")), ["faulty-b"]);
+}
+
 #[tokio::test]
 async fn a_dead_node_is_retried_around_and_marked_down_until_the_next_status() {
     let dir = tempfile::tempdir().unwrap();
