@@ -1243,7 +1243,10 @@ async fn serve_connection<I>(
 {
     let header_read_timeout = gateway.inner.config.header_read_timeout;
     let mut closing = gateway.inner.closing.subscribe();
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = requests.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let gateway = gateway.clone();
         if let Some(member) = member {
             req.extensions_mut().insert(member);
@@ -1268,9 +1271,28 @@ async fn serve_connection<I>(
         .keep_alive_timeout(H2_PING_EVERY);
     let conn = server.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
+    // A client's connection that starts no request for a head timeout is let go: hyper reads
+    // HTTP/2's preface, and waits between an HTTP/2 connection's requests, with no deadline
+    // (HTTP/1.1 has its own), so a stalled preface or an idle HTTP/2 connection would hold a
+    // connection slot forever. Requests in flight finish. Members' hops stay open for reuse.
+    let idle = async {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(header_read_timeout).await;
+            let now = requests.load(std::sync::atomic::Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         _ = closed(&mut closing) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = idle, if member.is_none() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }

@@ -100,6 +100,38 @@ async fn a_client_stalling_in_its_request_head_is_cut_off() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// hyper reads HTTP/2's preface, and waits between an HTTP/2 connection's requests, with no
+/// deadline of its own: a half-sent preface, or an HTTP/2 connection left idle, is let go
+/// after the head timeout all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_http2_preface_or_an_idle_http2_connection_is_let_go() {
+    use http_body_util::{BodyExt, Empty};
+    let (_dir, addr) = gateway().await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(5)).await;
+
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}/faulty/x"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the gateway let the idle HTTP/2 connection go")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_request_head_is_refused() {
     let (_dir, addr) = gateway().await;
