@@ -96,8 +96,11 @@ pub async fn serve(
         // authenticates lets it go of the per-client count (`api::require_node`).
         let client = ClientSlot(Arc::new(std::sync::Mutex::new(client)));
         let tagged = client.clone();
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let starts = started.clone();
         let service = TowerToHyperService::new(router.clone().map_request(
             move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                starts.store(true, std::sync::atomic::Ordering::Relaxed);
                 req.extensions_mut().insert(tagged.clone());
                 req.extensions_mut().insert(Peer(peer.ip()));
                 req
@@ -107,11 +110,11 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slots = (slot, client);
             let result = match acceptor {
-                None => serve_connection(stream, service, limits).await,
+                None => serve_connection(stream, service, limits, started).await,
                 Some(acceptor) => {
                     let handshake = acceptor.accept(stream);
                     match tokio::time::timeout(limits.header_read_timeout, handshake).await {
-                        Ok(Ok(tls)) => serve_connection(tls, service, limits).await,
+                        Ok(Ok(tls)) => serve_connection(tls, service, limits, started).await,
                         Ok(Err(e)) => Err(e.into()),
                         Err(_) => Err("TLS handshake timed out".into()),
                     }
@@ -140,10 +143,12 @@ impl ClientSlot {
     }
 }
 
+/// Serves one connection; `started` turns true at its first request.
 async fn serve_connection<I, S>(
     io: I,
     service: TowerToHyperService<S>,
     limits: ServeLimits,
+    started: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -166,7 +171,16 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(limits.h2_ping))
         .keep_alive_timeout(limits.h2_ping);
-    server
-        .serve_connection_with_upgrades(TokioIo::new(io), service)
-        .await
+    let conn = server.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    // hyper reads HTTP/2's preface with no deadline: a connection that has started no request
+    // within the head timeout (a stalled preface) is let go, as a stalled HTTP/1.1 head is.
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        () = tokio::time::sleep(limits.header_read_timeout) => {}
+    }
+    if !started.load(std::sync::atomic::Ordering::Relaxed) {
+        conn.as_mut().graceful_shutdown();
+    }
+    conn.await
 }

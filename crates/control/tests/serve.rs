@@ -41,6 +41,10 @@ async fn a_client_stalling_in_its_head_is_cut_off() {
         .await
         .unwrap();
     until_closed(&mut stalled).await;
+    // Half of HTTP/2's preface, which hyper reads with no deadline of its own.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    until_closed(&mut stalled).await;
 
     let mut client = TcpStream::connect(addr).await.unwrap();
     client
