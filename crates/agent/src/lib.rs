@@ -1093,27 +1093,38 @@ impl Agent {
     ) {
         let health = &template.health;
         let origin = tokio::time::Instant::now();
-        let mut state = ProbeState::new(health, Duration::ZERO);
-        match &health.readiness {
+        // Restarts an agent before this one made count on (a job's retries, the record's).
+        let mut state = ProbeState::new(health, Duration::ZERO, replica.restarts);
+        // What the last report said: its phase, and whether it said `LivenessFailed`.
+        let mut shown = match &health.readiness {
             None => {
                 self.serve(replica, template, service.clone());
-                self.report_status(replica, Phase::Ready, None, None, 0, None)
+                self.report_status(replica, Phase::Ready, None, None, state.restarts(), None)
                     .await;
+                (Phase::Ready, false)
             }
             Some(r) => {
                 let message = format!("waiting for readiness probe {}", r.path);
-                self.report_status(replica, Phase::Starting, Some(message), None, 0, None)
-                    .await;
+                let restarts = state.restarts();
+                self.report_status(
+                    replica,
+                    Phase::Starting,
+                    Some(message),
+                    None,
+                    restarts,
+                    None,
+                )
+                .await;
+                (Phase::Starting, false)
             }
-        }
-        let mut tick = tokio::time::interval(state.period());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            for (kind, spec) in [
-                (Probe::Readiness, &health.readiness),
-                (Probe::Liveness, &health.liveness),
-            ] {
+        };
+        while let Some(due) = state.next_due() {
+            tokio::time::sleep_until(origin + due).await;
+            for kind in state.due(origin.elapsed()) {
+                let spec = match kind {
+                    Probe::Readiness => &health.readiness,
+                    Probe::Liveness => &health.liveness,
+                };
                 let Some(spec) = spec else { continue };
                 let result = probe(&service, spec).await;
                 let now = origin.elapsed();
@@ -1127,6 +1138,7 @@ impl Agent {
                         self.serve(replica, template, service.clone());
                         self.report_status(replica, Phase::Ready, None, None, restarts, reason)
                             .await;
+                        shown = (Phase::Ready, reason.is_some());
                     }
                     Action::Unserve(message) => {
                         self.inner
@@ -1142,8 +1154,15 @@ impl Agent {
                             reason,
                         )
                         .await;
+                        shown = (Phase::Unready, reason.is_some());
                     }
                     Action::Restart(restart) => {
+                        let phase = if restart.serve {
+                            Phase::Ready
+                        } else {
+                            Phase::Unready
+                        };
+                        shown = (phase, restart.failing);
                         match self
                             .restart(replica, template, loaded, &config, logs, restart)
                             .await
@@ -1155,6 +1174,14 @@ impl Agent {
                         break;
                     }
                 }
+            }
+            // Live again for a while: the controller must hear that restarts have helped,
+            // or it goes on taking the replica for one to replace.
+            let (phase, failing) = shown;
+            if failing && !state.keeps_failing(origin.elapsed()) {
+                self.report_status(replica, phase, None, None, state.restarts(), None)
+                    .await;
+                shown = (phase, false);
             }
         }
     }
@@ -1219,7 +1246,8 @@ impl Agent {
         command: shoal_runtime::Command,
         logs: &LogSink,
     ) {
-        let mut restarts = 0u32;
+        // Restarts an agent before this one made count against a job's retries.
+        let mut restarts = replica.restarts;
         let mut backoff = Backoff::default();
         loop {
             self.report_status(replica, Phase::Running, None, None, restarts, None)

@@ -2,7 +2,7 @@
 //! replica's task runs the probes and does what [`ProbeState::observe`] says.
 //! Time is an argument, so every rule is tested without waiting.
 
-use shoal_core::spec::Health;
+use shoal_core::spec::{Health, Probe as ProbeSpec};
 use std::time::Duration;
 
 /// Restart delays of something that keeps failing: 100 ms doubling to 30 s,
@@ -91,34 +91,63 @@ pub struct ProbeState {
     recent_restarts: u32,
     last_restart: Duration,
     backoff: Backoff,
+    /// When each probe (readiness, liveness) is due next: each at its own period.
+    next: [Duration; 2],
 }
 
 impl ProbeState {
-    /// A replica started at `now` (time since any fixed origin); without a
-    /// readiness probe it is served at once, which the caller does.
-    pub fn new(health: &Health, now: Duration) -> Self {
+    /// A replica started at `now` (time since any fixed origin), restarted `restarts` times
+    /// before (by an agent before this one); without a readiness probe it is served at once,
+    /// which the caller does. Both probes are due at once.
+    pub fn new(health: &Health, now: Duration, restarts: u32) -> Self {
         ProbeState {
             health: health.clone(),
             ready: health.readiness.is_none(),
             passes: 0,
             failures: 0,
             live_failures: 0,
-            restarts: 0,
+            restarts,
             recent_restarts: 0,
             last_restart: now,
             backoff: Backoff::default(),
+            next: [now; 2],
         }
     }
 
-    /// How often to probe: the shortest period of its probes.
-    pub fn period(&self) -> Duration {
-        let ms = [&self.health.readiness, &self.health.liveness]
-            .into_iter()
-            .flatten()
-            .map(|p| p.period_ms)
+    fn probes(&self) -> [(Probe, Option<&ProbeSpec>); 2] {
+        [
+            (Probe::Readiness, self.health.readiness.as_ref()),
+            (Probe::Liveness, self.health.liveness.as_ref()),
+        ]
+    }
+
+    /// When the next probe is due (`None`: it has none).
+    pub fn next_due(&self) -> Option<Duration> {
+        self.probes()
+            .iter()
+            .zip(self.next)
+            .filter(|((_, spec), _)| spec.is_some())
+            .map(|(_, at)| at)
             .min()
-            .unwrap_or(1000);
-        Duration::from_millis(ms)
+    }
+
+    /// The probes due at `now`, readiness first, each then due again a period later: each
+    /// runs at its own period, not the shortest of the two.
+    pub fn due(&mut self, now: Duration) -> Vec<Probe> {
+        let mut due = Vec::new();
+        for (i, (probe, spec)) in self.probes().into_iter().enumerate() {
+            if let Some(spec) = spec
+                && self.next[i] <= now
+            {
+                due.push((i, probe, Duration::from_millis(spec.period_ms)));
+            }
+        }
+        due.into_iter()
+            .map(|(i, probe, period)| {
+                self.next[i] = now + period;
+                probe
+            })
+            .collect()
     }
 
     pub fn restarts(&self) -> u32 {
@@ -184,7 +213,9 @@ impl ProbeState {
         }
         let since = now.saturating_sub(self.last_restart);
         if since >= BACKOFF_RESET {
+            // Live for a while: a new episode, from the shortest delay again.
             self.recent_restarts = 0;
+            self.backoff = Backoff::default();
         }
         let keeps_failing = (self.recent_restarts >= LIVENESS_RESTARTS).then(|| {
             let delay = self.backoff.after(since);
@@ -213,7 +244,6 @@ impl ProbeState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::spec::Probe as ProbeSpec;
 
     fn probe(failure_threshold: u32, success_threshold: u32) -> Option<ProbeSpec> {
         Some(ProbeSpec {
@@ -256,7 +286,7 @@ mod tests {
             readiness: probe(2, 2),
             liveness: None,
         };
-        let mut s = ProbeState::new(&health, secs(0));
+        let mut s = ProbeState::new(&health, secs(0), 0);
         let r = Probe::Readiness;
         assert_eq!(s.observe(r, Ok(()), secs(1)), Action::Nothing);
         assert_eq!(s.observe(r, Ok(()), secs(2)), Action::Serve);
@@ -285,7 +315,7 @@ mod tests {
             readiness: None,
             liveness: probe(2, 1),
         };
-        let mut s = ProbeState::new(&health, secs(0));
+        let mut s = ProbeState::new(&health, secs(0), 0);
         let l = Probe::Liveness;
         let mut t = 0;
         let mut restart = |s: &mut ProbeState| {
@@ -320,13 +350,74 @@ mod tests {
         assert!(!s.keeps_failing(secs(t) + BACKOFF_RESET + BACKOFF_START * 2));
     }
 
+    /// Each probe runs at its own period, and a replica started again goes on counting its
+    /// restarts from what its record says.
+    #[test]
+    fn each_probe_runs_at_its_own_period() {
+        let mut spec = probe(3, 1).unwrap();
+        spec.period_ms = 1_000;
+        let mut slow = spec.clone();
+        slow.period_ms = 10_000;
+        let health = Health {
+            readiness: Some(spec),
+            liveness: Some(slow),
+        };
+        let mut s = ProbeState::new(&health, secs(0), 7);
+        assert_eq!(s.restarts(), 7);
+        let (r, l) = (Probe::Readiness, Probe::Liveness);
+        let mut ran = Vec::new();
+        while let Some(at) = s.next_due().filter(|at| *at <= secs(20)) {
+            ran.push((at.as_secs(), s.due(at)));
+        }
+        let expected: Vec<(u64, Vec<Probe>)> = (0..=20)
+            .map(|t| match t % 10 {
+                0 => (t, vec![r, l]),
+                _ => (t, vec![r]),
+            })
+            .collect();
+        assert_eq!(ran, expected);
+        assert_eq!(
+            ProbeState::new(&Health::default(), secs(0), 0).next_due(),
+            None
+        );
+    }
+
+    /// After a while live, a new failing episode starts from the shortest delay again.
+    #[test]
+    fn the_restart_delay_starts_over_after_a_while_live() {
+        let health = Health {
+            readiness: None,
+            liveness: probe(1, 1),
+        };
+        let mut s = ProbeState::new(&health, secs(0), 0);
+        let l = Probe::Liveness;
+        let mut delays = Vec::new();
+        let mut t = secs(0);
+        for _ in 0..LIVENESS_RESTARTS + 4 {
+            t += Duration::from_millis(10);
+            if let Action::Restart(r) = s.observe(l, fail(), t) {
+                delays.extend(r.keeps_failing.map(|(d, _)| d));
+            }
+        }
+        assert_eq!(delays.last(), Some(&(BACKOFF_START * 8)));
+        t += BACKOFF_RESET * 2;
+        let mut again = Vec::new();
+        for _ in 0..LIVENESS_RESTARTS + 1 {
+            t += Duration::from_millis(10);
+            if let Action::Restart(r) = s.observe(l, fail(), t) {
+                again.extend(r.keeps_failing.map(|(d, _)| d));
+            }
+        }
+        assert_eq!(again, [BACKOFF_START]);
+    }
+
     #[test]
     fn a_replica_live_for_a_while_starts_counting_again() {
         let health = Health {
             readiness: probe(1, 1),
             liveness: probe(1, 1),
         };
-        let mut s = ProbeState::new(&health, secs(0));
+        let mut s = ProbeState::new(&health, secs(0), 0);
         let l = Probe::Liveness;
         for n in 1..=LIVENESS_RESTARTS {
             match s.observe(l, fail(), secs(n as u64)) {
