@@ -346,6 +346,20 @@ fn killed_requests_become_events() {
         "{}",
         c.cli_ok(&["events", "--app", "faulty"])
     );
+    // A burst of one kind is one event at once, then one when its 10 s are up saying how
+    // many more, though none of its kind comes then to carry the count.
+    for _ in 0..3 {
+        assert_eq!(c.gw("/faulty/trap").status(), 500);
+    }
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let ev = c.cli_ok(&["events", "--app", "faulty"]);
+            let trapped: Vec<&str> = ev.lines().filter(|l| l.contains("Trapped")).collect();
+            trapped.len() == 2 && trapped[1].contains("2 more since the last report")
+        }),
+        "{}",
+        c.cli_ok(&["events", "--app", "faulty"])
+    );
 }
 
 #[test]

@@ -1007,6 +1007,7 @@ impl Agent {
     /// Turns a replica's killed instances into cluster events: the first of each
     /// kind at once, then at most one per [`INCIDENT_PERIOD`] carrying how many
     /// more happened, so a guest timing out under load cannot flood the event log.
+    /// Those held back are said when their period ends, if no other comes to say them.
     fn incident_hook(&self, replica: &Replica) -> IncidentHook {
         let link = self.inner.link.clone();
         let (app, id, node) = (
@@ -1014,13 +1015,54 @@ impl Agent {
             replica.id.clone(),
             self.inner.config.node.clone(),
         );
-        let last: Mutex<HashMap<IncidentKind, (std::time::Instant, u32)>> = Mutex::default();
+        type Last = Mutex<HashMap<IncidentKind, (std::time::Instant, u32)>>;
+        let last: Arc<Last> = Arc::default();
+        let send = move |kind: IncidentKind, message: String| {
+            let report = ReplicaIncident {
+                app: app.clone(),
+                replica: id.clone(),
+                node: node.clone(),
+                reason: kind.reason().to_string(),
+                message,
+            };
+            let link = link.clone();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = link.incident(report).await {
+                        tracing::debug!(error = %e, "incident not delivered");
+                    }
+                });
+            }
+        };
+        let send = Arc::new(send);
         Arc::new(move |incident: Incident| {
             let message = {
-                let mut last = last.lock().expect("incident lock");
-                match last.get_mut(&incident.kind) {
+                let mut held = last.lock().expect("incident lock");
+                match held.get_mut(&incident.kind) {
                     Some((at, more)) if at.elapsed() < INCIDENT_PERIOD => {
                         *more += 1;
+                        // The first held back: said when the period ends, even if no other
+                        // of its kind comes then to carry the count.
+                        if *more == 1
+                            && let Ok(handle) = tokio::runtime::Handle::try_current()
+                        {
+                            let due = tokio::time::Instant::from_std(*at + INCIDENT_PERIOD);
+                            let (last, send, kind) = (last.clone(), send.clone(), incident.kind);
+                            handle.spawn(async move {
+                                tokio::time::sleep_until(due).await;
+                                let n = {
+                                    let mut held = last.lock().expect("incident lock");
+                                    match held.get_mut(&kind) {
+                                        Some((at, more)) if *more > 0 => {
+                                            *at = std::time::Instant::now();
+                                            std::mem::take(more)
+                                        }
+                                        _ => return,
+                                    }
+                                };
+                                send(kind, format!("{n} more since the last report"));
+                            });
+                        }
                         return;
                     }
                     Some((at, more)) => {
@@ -1034,26 +1076,12 @@ impl Agent {
                         message
                     }
                     None => {
-                        last.insert(incident.kind, (std::time::Instant::now(), 0));
+                        held.insert(incident.kind, (std::time::Instant::now(), 0));
                         incident.message
                     }
                 }
             };
-            let report = ReplicaIncident {
-                app: app.clone(),
-                replica: id.clone(),
-                node: node.clone(),
-                reason: incident.kind.reason().to_string(),
-                message,
-            };
-            let link = link.clone();
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move {
-                    if let Err(e) = link.incident(report).await {
-                        tracing::debug!(error = %e, "incident not delivered");
-                    }
-                });
-            }
+            send(incident.kind, message);
         })
     }
 
