@@ -137,6 +137,10 @@ struct Running {
     task: JoinHandle<()>,
     /// The last status reported for it, to resend if the cluster lost it.
     status: Arc<Mutex<Option<ReplicaReport>>>,
+    /// Held while one of its reports is sent: a resend and the replica's own next report go
+    /// one after the other, each reading `status` when its turn comes, so the last to arrive
+    /// is the latest, never an older phase over a newer one.
+    sending: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Agent {
@@ -397,8 +401,15 @@ impl Agent {
             let cached = self.inner.runtime.cached();
             let now = std::time::Instant::now();
             for digest in plan::unused_modules(&cached, &in_use, &mut unused_since, now, grace) {
+                // Judged again under the lock a starting replica is added under: one added
+                // since `in_use` was read would find its module gone and fail to load.
+                let running = self.inner.running.lock().expect("agent lock");
+                if running.values().any(|r| r.digest == digest) {
+                    continue;
+                }
                 self.inner.runtime.forget(&digest);
                 self.inner.link.forget_module(&digest);
+                drop(running);
                 tracing::info!(%digest, "forgot a module no replica here runs");
             }
         }
@@ -759,9 +770,11 @@ impl Agent {
         }
         for id in &plan.resend {
             let Some(r) = running.get(id) else { continue };
-            // Send what is current when the resend runs, never an older report.
-            let (link, status) = (self.inner.link.clone(), r.status.clone());
+            // Send what is current when the resend's turn comes, never an older report.
+            let (link, status, sending) =
+                (self.inner.link.clone(), r.status.clone(), r.sending.clone());
             tokio::spawn(async move {
+                let _turn = sending.lock().await;
                 let report = status.lock().expect("status lock").clone();
                 if let Some(report) = report
                     && let Err(e) = link.report(report).await
@@ -800,6 +813,7 @@ impl Agent {
                     logs,
                     task,
                     status: Arc::new(Mutex::new(None)),
+                    sending: Arc::default(),
                 },
             );
         }
@@ -837,15 +851,22 @@ impl Agent {
             restarts,
             reason: reason.map(str::to_string),
         };
-        if let Some(r) = self
+        let slot = self
             .inner
             .running
             .lock()
             .expect("agent lock")
             .get(&replica.id)
-        {
-            *r.status.lock().expect("status lock") = Some(report.clone());
-        }
+            .map(|r| (r.status.clone(), r.sending.clone()));
+        let (report, _turn) = match slot {
+            Some((status, sending)) => {
+                *status.lock().expect("status lock") = Some(report.clone());
+                let turn = sending.lock_owned().await;
+                let latest = status.lock().expect("status lock").clone();
+                (latest.unwrap_or(report), Some(turn))
+            }
+            None => (report, None),
+        };
         if let Err(e) = self.inner.link.report(report).await {
             tracing::warn!(error = %e, "status report failed; will resend");
         }
