@@ -771,10 +771,14 @@ impl Agent {
         for id in &plan.resend {
             let Some(r) = running.get(id) else { continue };
             // Send what is current when the resend's turn comes, never an older report.
-            let (link, status, sending) =
-                (self.inner.link.clone(), r.status.clone(), r.sending.clone());
+            // Not while one is being sent: that one carries the latest already, and resends
+            // must not queue up behind a slow control plane, nor hold up the replica's own.
+            let Ok(turn) = r.sending.clone().try_lock_owned() else {
+                continue;
+            };
+            let (link, status) = (self.inner.link.clone(), r.status.clone());
             tokio::spawn(async move {
-                let _turn = sending.lock().await;
+                let _turn = turn;
                 let report = status.lock().expect("status lock").clone();
                 if let Some(report) = report
                     && let Err(e) = link.report(report).await
@@ -826,7 +830,8 @@ impl Agent {
         message: Option<String>,
         exit_code: Option<i32>,
     ) {
-        self.report_status(replica, phase, message, exit_code, 0, None)
+        // The restarts on its record: an agent before this one may have made some.
+        self.report_status(replica, phase, message, exit_code, replica.restarts, None)
             .await
     }
 

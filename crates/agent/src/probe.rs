@@ -231,6 +231,8 @@ impl ProbeState {
         self.last_restart = now + delay;
         (self.live_failures, self.passes, self.failures) = (0, 0, 0);
         self.ready = self.health.readiness.is_none();
+        // The fresh instance is probed for readiness at once, not a period later.
+        self.next[0] = now + delay;
         Action::Restart(Restart {
             message: format!("liveness probe failed {failures} times ({why}); restarted"),
             restarts: self.restarts,

@@ -32,7 +32,17 @@ pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-err
 /// The `x-shoal-error` value (and error code) of a receiver's refusal.
 pub(crate) const REPLICA_GONE: &str = shoal_core::problem::ErrorCode::ReplicaGone.as_str();
 
-const INTERNAL_HEADERS: [HeaderName; 4] = [REPLICA_HEADER, APP_HEADER, HOP_HEADER, ERROR_HEADER];
+/// On a hop: the client came over TLS ([`shoal_runtime::ClientTls`]), so its guest is told
+/// `https`.
+pub(crate) const SCHEME_HEADER: HeaderName = HeaderName::from_static("x-shoal-scheme");
+
+const INTERNAL_HEADERS: [HeaderName; 5] = [
+    REPLICA_HEADER,
+    APP_HEADER,
+    HOP_HEADER,
+    ERROR_HEADER,
+    SCHEME_HEADER,
+];
 
 /// Connection-level headers (RFC 9110 §7.6.1): they describe one hop, so each hop sets its own.
 const HOP_BY_HOP: [HeaderName; 6] = [
@@ -134,7 +144,10 @@ impl Hops {
 fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConfig>) -> Client {
     let mut http = HttpConnector::new();
     configure(&mut http, connect_timeout);
+    // Probed after HOP_PING_EVERY idle, every 2 s, given up after 3 unanswered: about 16 s.
     http.set_keepalive(Some(HOP_PING_EVERY));
+    http.set_keepalive_interval(Some(Duration::from_secs(2)));
+    http.set_keepalive_retries(Some(3));
     http.enforce_http(false);
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
     let builder = match tls {
@@ -232,7 +245,7 @@ pub(crate) enum Failure {
     /// No response head: the connection broke.
     Unreachable(String),
     /// No response head within the time a replica's own timeout and the node's waits
-    /// before it can take: the node is there, but the request may have run, or still runs.
+    /// before it can take: the request may have run, or still runs, so it is not sent again.
     Late(Duration),
     /// The node answered that it no longer runs the replica.
     ReplicaGone,
@@ -271,6 +284,9 @@ pub(crate) async fn forward(
     headers.insert(REPLICA_HEADER, value(replica)?);
     headers.insert(APP_HEADER, value(&app.to_string())?);
     headers.insert(HOP_HEADER, HeaderValue::from_static("1"));
+    if parts.extensions.get::<shoal_runtime::ClientTls>().is_some() {
+        headers.insert(SCHEME_HEADER, HeaderValue::from_static("https"));
+    }
 
     let request = client.request(Request::from_parts(parts, body));
     let response = match head_within {

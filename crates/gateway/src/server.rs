@@ -643,9 +643,19 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
-        let req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
         match self.access(&req) {
-            Access::Public => {}
+            Access::Public => {
+                // The host routed by is the guest's too (it reads `host`): a URI's authority
+                // (HTTP/2's, or HTTP/1.1's absolute form) is the one that counts, over any
+                // `host` sent beside it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
+                let authority = req.uri().authority().map(|a| a.as_str());
+                if let Some(authority) = authority.and_then(|a| a.rsplit('@').next())
+                    && let Ok(host) = header::HeaderValue::from_str(authority)
+                {
+                    req.headers_mut().insert(header::HOST, host);
+                }
+            }
             Access::Internal => return self.serve_internal(req).await,
             Access::Refused => {
                 tracing::debug!(
@@ -769,14 +779,16 @@ impl Gateway {
     /// that takes no connection fails every replica behind it, of every app, so they all go:
     /// the retry, and the requests after it, go to other nodes rather than find out one
     /// replica at a time (a node killed with several replicas cost one failed request each).
-    /// A late answer leaves it in: the node and the replica are there, only slow.
+    /// A late answer takes only its own endpoint out, whose node may be only slow: the next
+    /// status brings it back, and a node that died without a word loses its endpoints one
+    /// late request each (until its hop connection's pings give up and refuse them all).
     fn mark_down(&self, endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
+        endpoint.set_down(true);
         let reason = match failure {
             Failure::Unconnected(e) | Failure::Unreachable(e) => e.as_str(),
             Failure::ReplicaGone => "the node no longer runs it",
-            Failure::Late(_) => return,
+            Failure::Late(_) => "no response head in time",
         };
-        endpoint.set_down(true);
         let node = endpoint.node_gateway();
         if let (Failure::Unconnected(_), Some(node)) = (failure, node) {
             let pool = self.inner.pool.read().expect("endpoint lock");
@@ -932,6 +944,14 @@ impl Gateway {
         app: &AppKey,
         mut req: Request<WasiBody>,
     ) -> Response<ResponseBody> {
+        // A hop says so of a client that came over TLS to the gateway that forwarded it.
+        if req
+            .headers()
+            .get(proxy::SCHEME_HEADER)
+            .is_some_and(|v| v == "https")
+        {
+            req.extensions_mut().insert(shoal_runtime::ClientTls);
+        }
         proxy::strip_internal(req.headers_mut());
         let (parts, body) = req.into_parts();
         let body = match crate::body::read_ahead(body, self.inner.config.body_timeout).await {
@@ -1179,13 +1199,13 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             let _slot = slot;
             let mut client = client;
             if !tls {
-                return serve_connection(gateway, stream, peer, None).await;
+                return serve_connection(gateway, stream, peer, None, false).await;
             }
             let deadline = tokio::time::Instant::now() + head_timeout;
             let mut first = [0u8; 1];
             match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
-                Ok(Ok(1)) => return serve_connection(gateway, stream, peer, None).await,
+                Ok(Ok(1)) => return serve_connection(gateway, stream, peer, None, false).await,
                 // Closed, failed, or silent past the head timeout.
                 _ => return,
             }
@@ -1219,7 +1239,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
                         control_plane: first.and_then(shoal_tls::member_of).as_deref()
                             == Some(shoal_tls::CONTROL_PLANE),
                     });
-                    serve_connection(gateway, stream, peer, member).await
+                    serve_connection(gateway, stream, peer, member, !is_member).await
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "refused a TLS connection"),
                 Err(_) => tracing::debug!(%peer, "a TLS handshake took too long"),
@@ -1232,26 +1252,35 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
     let _ = connections.acquire_many(all).await;
 }
 
-/// Serves one accepted connection; its requests carry `member` when it is a member's.
+/// Serves one accepted connection; its requests carry `member` when it is a member's, and
+/// [`shoal_runtime::ClientTls`] when it is a client's over TLS (`tls`).
 async fn serve_connection<I>(
     gateway: Gateway,
     io: I,
     peer: std::net::SocketAddr,
     member: Option<Member>,
+    tls: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let header_read_timeout = gateway.inner.config.header_read_timeout;
     let mut closing = gateway.inner.closing.subscribe();
-    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = requests.clone();
+    let activity = Arc::new(Activity::default());
+    let counted = activity.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let busy = counted.start(req.version() == http::Version::HTTP_2);
         let gateway = gateway.clone();
         if let Some(member) = member {
             req.extensions_mut().insert(member);
         }
-        async move { Ok::<_, std::convert::Infallible>(gateway.handle(req).await) }
+        if tls {
+            req.extensions_mut().insert(shoal_runtime::ClientTls);
+        }
+        async move {
+            let response = gateway.handle(req).await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(response)
+        }
     });
     let mut server = auto::Builder::new(TokioExecutor::new());
     server
@@ -1271,21 +1300,12 @@ async fn serve_connection<I>(
         .keep_alive_timeout(H2_PING_EVERY);
     let conn = server.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    // A client's connection that starts no request for a head timeout is let go: hyper reads
-    // HTTP/2's preface, and waits between an HTTP/2 connection's requests, with no deadline
-    // (HTTP/1.1 has its own), so a stalled preface or an idle HTTP/2 connection would hold a
-    // connection slot forever. Requests in flight finish. Members' hops stay open for reuse.
-    let idle = async {
-        let mut seen = 0;
-        loop {
-            tokio::time::sleep(header_read_timeout).await;
-            let now = requests.load(std::sync::atomic::Ordering::Relaxed);
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    // A client's connection that starts no request within a head timeout, or an HTTP/2 one
+    // idle for as long, is let go: hyper reads HTTP/2's preface, and waits between an HTTP/2
+    // connection's requests, with no deadline (HTTP/1.1 has its own, and is left to it), so
+    // a stalled preface or an idle HTTP/2 connection would hold a connection slot forever.
+    // Responses still streaming finish. Members' hops stay open for reuse.
+    let idle = activity.idle(header_read_timeout);
     let ended = tokio::select! {
         ended = conn.as_mut() => ended,
         _ = closed(&mut closing) => {
@@ -1299,6 +1319,62 @@ async fn serve_connection<I>(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
+    }
+}
+
+/// What a client connection has done, for [`serve_connection`]'s idle watch.
+#[derive(Default)]
+struct Activity {
+    /// Requests started.
+    started: std::sync::atomic::AtomicU64,
+    /// Requests whose response head is not sent yet.
+    active: std::sync::atomic::AtomicUsize,
+    /// It speaks HTTP/2.
+    http2: std::sync::atomic::AtomicBool,
+}
+
+/// A request of an [`Activity`] until its response head goes.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0
+            .active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>, http2: bool) -> Busy {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.started.fetch_add(1, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        if http2 {
+            self.http2.store(true, Relaxed);
+        }
+        Busy(self.clone())
+    }
+
+    /// Ends when the connection has started no request within `timeout`, or, over HTTP/2,
+    /// when a whole `timeout` passed with none started and none waiting for its head; never
+    /// for an HTTP/1.1 connection once it has had a request.
+    async fn idle(&self, timeout: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(timeout).await;
+            let started = self.started.load(Relaxed);
+            if started == 0 {
+                return;
+            }
+            if !self.http2.load(Relaxed) {
+                return std::future::pending().await;
+            }
+            if started == seen && self.active.load(Relaxed) == 0 {
+                return;
+            }
+            seen = started;
+        }
     }
 }
 

@@ -114,6 +114,16 @@ async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
         );
     }
 
+    // A URI's authority is the host, over a `host` sent beside it: the guest sees the one
+    // the request was routed by.
+    let request = http::Request::get("http://a.example/faulty/authority")
+        .header("host", "attacker.example")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = gateway.handle(request).await;
+    let body = http_body_util::BodyExt::collect(answer.into_body()).await;
+    assert_eq!(&body.unwrap().to_bytes()[..], b"http://a.example");
+
     let reply = client.get(&format!("http://{addr}/nowhere/x")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let body = reply.problem();

@@ -119,17 +119,43 @@ async fn a_stalled_http2_preface_or_an_idle_http2_connection_is_let_go() {
     .await
     .unwrap();
     let connection = tokio::spawn(connection);
-    let request = http::Request::get(format!("http://{addr}/faulty/x"))
-        .body(Empty::<bytes::Bytes>::new())
-        .unwrap();
-    let response = sender.send_request(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.into_body().collect().await.unwrap();
+    // A request longer than two head timeouts, and one after it: busy is not idle.
+    for path in ["/faulty/sleep/2500", "/faulty/x"] {
+        let request = http::Request::get(format!("http://{addr}{path}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        response.into_body().collect().await.unwrap();
+    }
     tokio::time::timeout(Duration::from_secs(5), connection)
         .await
         .expect("the gateway let the idle HTTP/2 connection go")
         .unwrap()
         .unwrap();
+}
+
+/// An HTTP/1.1 connection is left to hyper's own keep-alive timeout once it has had a
+/// request: a long request and one after it, on one connection, both answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_outlives_a_long_request() {
+    use http_body_util::{BodyExt, Empty};
+    let (_dir, addr) = gateway().await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for path in ["/faulty/sleep/2500", "/faulty/x"] {
+        let request = http::Request::get(path)
+            .header("host", "faulty")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        response.into_body().collect().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,7 +254,11 @@ impl HttpService {
         let (sender, receiver) = oneshot::channel::<GuestResponse>();
         let resources = {
             let mut http = store.data_mut().http();
-            http.new_incoming_request(Scheme::Http, req)
+            let scheme = match req.extensions().get::<ClientTls>() {
+                Some(ClientTls) => Scheme::Https,
+                None => Scheme::Http,
+            };
+            http.new_incoming_request(scheme, req)
                 .and_then(|req| Ok((req, http.new_response_outparam(sender)?)))
         };
         let (guest_req, out) = match resources {
@@ -584,13 +588,22 @@ pub fn problem_response(code: problem::ErrorCode, message: &str) -> http::Respon
     response
 }
 
-/// The request's URI as the guest is given it: `http://` the host the client addressed (its
-/// `host` header, which a hop between nodes keeps, else the URI's own authority) and the
-/// path. Over an HTTP/2 hop the URI's authority is the node the request was forwarded to,
-/// and an HTTP/1 request has none at all: a WASIp3 guest reads its authority and scheme from
-/// the URI alone, a WASIp2 one its authority from it first. `http` as for WASIp2, whose
-/// scheme Shoal gives as `http` whatever the client used.
+/// Marks a request whose client came over TLS (on any node): its guest is told the scheme
+/// is `https`, else `http`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTls;
+
+/// The request's URI as the guest is given it: the scheme its client used ([`ClientTls`]),
+/// the host the client addressed (its `host` header, which a hop between nodes keeps, else
+/// the URI's own authority) and the path. Over an HTTP/2 hop the URI's authority is the node
+/// the request was forwarded to, and an HTTP/1 request has none at all: a WASIp3 guest
+/// reads its authority and scheme from the URI alone, a WASIp2 one its authority from it
+/// first.
 fn addressed<B>(req: &http::Request<B>) -> http::Uri {
+    let scheme = match req.extensions().get::<ClientTls>() {
+        Some(ClientTls) => http::uri::Scheme::HTTPS,
+        None => http::uri::Scheme::HTTP,
+    };
     let host = req
         .headers()
         .get(http::header::HOST)
@@ -601,7 +614,7 @@ fn addressed<B>(req: &http::Request<B>) -> http::Uri {
         return req.uri().clone();
     };
     parts.authority = Some(authority);
-    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.scheme = Some(scheme);
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
     }

@@ -36,7 +36,7 @@ pub use command::{Command, ExitStatus};
 pub use config::{Incident, IncidentHook, IncidentKind, InstanceConfig, Reuse, RuntimeConfig};
 pub use cpu::{CPU_PERIOD, CpuShare, CpuUsage};
 pub use error::RuntimeError;
-pub use http::{HttpService, ResponseBody, problem_response};
+pub use http::{ClientTls, HttpService, ResponseBody, problem_response};
 pub use keyvalue::{KeyValue, KvGrant};
 pub use logs::{DEFAULT_LOG_BYTES, LogFiles, LogLine, LogSink, LogStream, MAX_LINE_BYTES};
 pub use memory::{available_memory, default_memory_budget};

@@ -53,7 +53,8 @@ async fn a_p3_guest_sees_the_host_its_client_addressed() {
         [
             "http://shop.example",
             "http://shop.example",
-            "http://shop.example:8443"
+            "http://shop.example:8443",
+            "https://shop.example"
         ]
     );
 }

@@ -58,7 +58,8 @@ pub fn get(path: &str) -> http::Request<Empty<Bytes>> {
 /// What a guest's `/authority` answers for requests as each server hands them over: an
 /// HTTP/1 one (its host in `host` alone), an HTTP/2 client's (in the URI alone), and one a
 /// node's gateway forwarded over an HTTP/2 hop (the URI names the node, `host` the client's
-/// host): each the host the client addressed, as `http://`.
+/// host), and one whose client came over TLS: each the host the client addressed, as
+/// `http://`, the last as `https://`.
 pub async fn addressed_as(service: &shoal_runtime::HttpService, path: &str) -> Vec<String> {
     let requests = [
         http::Request::get(path).header("host", "shop.example"),
@@ -74,6 +75,14 @@ pub async fn addressed_as(service: &shoal_runtime::HttpService, path: &str) -> V
         assert_eq!(response.status(), 200, "{path}");
         seen.push(body_text(response).await.trim().to_string());
     }
+    // A client that came over TLS, to this node or to the one that forwarded it.
+    let mut request = http::Request::get(path)
+        .header("host", "shop.example")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    request.extensions_mut().insert(shoal_runtime::ClientTls);
+    let response = service.handle(request).await;
+    seen.push(body_text(response).await.trim().to_string());
     seen
 }
 
