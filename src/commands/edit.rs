@@ -30,9 +30,9 @@ enum What {
 /// Above the spec in the file the editor opens.
 const HEADER: &str = "\
 # Edit the spec and save it to apply it; leave it unchanged, or empty, to change nothing.
-# The module is its `digest` (or the `oci` reference it was pulled from); a `path` is read
-# relative to the current directory. If another change comes first, nothing is applied and
-# this file is kept.
+# The module is its `digest`, or the `oci` reference it was pulled from (resolved again: a
+# moved tag rolls out what it names now); a `path` is read relative to the current directory.
+# If another change comes first, nothing is applied and this file is kept.
 ";
 
 pub async fn run(ctx: Context, args: EditArgs) -> Result<()> {

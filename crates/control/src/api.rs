@@ -712,6 +712,7 @@ async fn apply(
     caller
         .check_namespace(&spec.namespace)
         .map_err(|why| ApiError::new(ErrorCode::Forbidden, why))?;
+    spec.check_durations().map_err(ControlError::from)?;
     let spec = cp.resolve_oci(spec, q.dry_run).await?;
     let result =
         blocking(move || cp.apply_retrying(spec, q.dry_run, q.retry, q.if_spec.as_deref())).await?;
@@ -784,8 +785,11 @@ async fn put_config(
     StrictJson(req): StrictJson<ConfigSetRequest>,
 ) -> Result<Response, ApiError> {
     let ns = q.namespace();
-    let (set, rolled) =
-        blocking(move || cp.put_config_set(&ns, &name, req.data, req.create)).await?;
+    let (set, rolled) = blocking(move || {
+        // An apply naming the set writes it again as read.
+        crate::state::retrying(|| cp.put_config_set(&ns, &name, req.data.clone(), req.create))
+    })
+    .await?;
     let unchanged = rolled.is_none();
     let rolled = rolled.iter().flatten().map(|k| k.name.clone()).collect();
     Ok(Json(ConfigSetWritten {
@@ -834,7 +838,10 @@ async fn put_secret(
     StrictJson(write): StrictJson<SecretWrite>,
 ) -> Result<Response, ApiError> {
     let ns = q.namespace();
-    let (secret, rolled) = blocking(move || cp.put_secret(&ns, &name, write)).await?;
+    // An apply naming the secret writes it again as read.
+    let (secret, rolled) =
+        blocking(move || crate::state::retrying(|| cp.put_secret(&ns, &name, write.clone())))
+            .await?;
     let unchanged = rolled.is_none();
     let rolled = rolled.iter().flatten().map(|k| k.name.clone()).collect();
     Ok(Json(SecretWritten {
@@ -1939,6 +1946,13 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("module"), "{body}");
+        // A span of time past a year, which the controller would add to its clock.
+        let mut forever = spec.clone();
+        forever["http"]["timeout_ms"] = u64::MAX.into();
+        let (status, body) = post(&router, "/v1/apps", "admin", forever).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("365d"), "{body}");
         let mut typo = spec;
         typo["replica"] = 2.into();
         typo["http"]["reuse_count"] = 3.into();

@@ -97,7 +97,8 @@ impl ControlPlane {
                     ),
                 });
             };
-            read.insert(key.to_string(), at);
+            read.entry(key.to_string())
+                .or_insert_with(|| (at, encode(&found)));
             set.data = Some(found.data);
         }
         Ok(spec)
@@ -159,7 +160,7 @@ impl ControlPlane {
             format!("config set {name} {verb} ({} keys)", set.data.len()),
         ));
         if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
+            return Err(ControlError::Raced(format!(
                 "config set {name} changed meanwhile; try again"
             )));
         }

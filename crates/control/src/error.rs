@@ -72,7 +72,7 @@ impl From<shoal_store::StoreError> for ControlError {
             shoal_store::StoreError::TooLarge(why) => ControlError::invalid(
                 ErrorCode::TooLarge,
                 format!(
-                    "the change is larger than the store takes at once ({why}): an app's [config] and config sets, or a secret's versions, are written whole in one write; make them smaller (or raise etcd's --max-request-bytes)"
+                    "the change is larger than the store takes at once ({why}): make it smaller (an app's [config] and config sets, a secret's versions and a key-value write each go whole in one write), or raise etcd's --max-request-bytes"
                 ),
             ),
             other => ControlError::internal(other),

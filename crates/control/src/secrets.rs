@@ -126,7 +126,8 @@ impl ControlPlane {
                             r.secret, r.secret
                         )));
                     };
-                    read.insert(key.to_string(), at);
+                    read.entry(key.to_string())
+                        .or_insert_with(|| (at, encode(&secret)));
                     found.insert(r.secret.clone(), secret);
                 }
                 let secret = &found[&r.secret];
@@ -176,7 +177,8 @@ impl ControlPlane {
                 tls.secret
             ))
         })?;
-        read.insert(key.to_string(), at);
+        read.entry(key.to_string())
+            .or_insert_with(|| (at, encode(&secret)));
         tls.version = Some(secret.version);
         Ok(())
     }
@@ -355,7 +357,7 @@ impl ControlPlane {
                 ),
             ));
             if !self.inner.store.txn(txn)?.succeeded {
-                return Err(ControlError::conflict(format!(
+                return Err(ControlError::Raced(format!(
                     "secret {name} changed meanwhile; try again"
                 )));
             }
@@ -443,9 +445,11 @@ impl ControlPlane {
         }
         // A revision that replicas still run (the stable one of a rollout in progress, which
         // a rollback returns to) needs its values to start a replica again.
+        // A finished job run is kept for its history, and never runs again.
         let running: BTreeSet<(AppKey, u64)> = self
             .list::<Replica>(&keys::replicas_in(ns))?
             .into_iter()
+            .filter(|r| !r.phase.is_terminal())
             .map(|r| (r.app, r.revision))
             .collect();
         let revisions: Vec<Revision> = self.list(&keys::revisions_in(ns))?;
@@ -784,8 +788,9 @@ mod tests {
                 s.spawn(|| {
                     start.wait();
                     let value = format!("v{}", i + 1);
-                    cp.put_secret("default", "db", write(false, &[("password", &value)]))
-                        .unwrap();
+                    let set =
+                        || cp.put_secret("default", "db", write(false, &[("password", &value)]));
+                    crate::state::retrying(set).unwrap();
                 });
                 s.spawn(|| {
                     start.wait();
@@ -799,6 +804,42 @@ mod tests {
             }
         }
         assert!(stale.is_empty(), "left on an old version: {stale:?}");
+    }
+
+    /// A secret deleted while an app naming it is applied: either the deletion is refused
+    /// or comes first (and the apply is refused), never an app naming a deleted secret.
+    #[test]
+    fn a_secret_is_not_deleted_under_an_app_applied_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let mut lost = Vec::new();
+        for i in 0..20 {
+            let secret = format!("s{i}");
+            cp.put_secret("default", &secret, write(true, &[("k", "v")]))
+                .unwrap();
+            let src = format!(
+                "name = \"w{i}\"\n[component]\ndigest = \"{digest}\"\nkind = \"job\"\n[env]\nK = {{ secret = \"{secret}\", key = \"k\" }}\n"
+            );
+            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+            let start = std::sync::Barrier::new(2);
+            let applied = std::thread::scope(|s| {
+                s.spawn(|| {
+                    start.wait();
+                    let _ = cp.delete_secret("default", &secret);
+                });
+                let applied = s.spawn(|| {
+                    start.wait();
+                    cp.apply(spec.clone(), false).is_ok()
+                });
+                applied.join().unwrap()
+            });
+            let gone = cp.secret("default", &secret).is_err();
+            if applied && gone {
+                lost.push(i);
+            }
+        }
+        assert!(lost.is_empty(), "apps naming a deleted secret: {lost:?}");
     }
 
     /// A secret that no app names any more is kept while replicas still run a revision

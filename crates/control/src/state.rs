@@ -147,9 +147,28 @@ pub(crate) fn raced_again(tries: u32) {
     std::thread::sleep(Duration::from_millis(u64::from(tries)));
 }
 
-/// Keys an apply read to resolve its spec (config sets, secrets), at the revision read: its
-/// write is guarded on them.
-pub(crate) type Read = BTreeMap<String, u64>;
+/// `change` made again from a new read while it loses races ([`ControlError::Raced`]), up to
+/// [`RACED_TRIES`] times.
+pub(crate) fn retrying<T>(
+    mut change: impl FnMut() -> Result<T, ControlError>,
+) -> Result<T, ControlError> {
+    let mut tries = 1;
+    loop {
+        match change() {
+            Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
+                raced_again(tries);
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Keys an apply read to resolve its spec (config sets, secrets): the revision read and the
+/// bytes. Its write is guarded on them, and writes them again as read, so a deletion that
+/// found no app naming them fails its own guard rather than leave the app naming nothing.
+/// The first read of a key is the one kept: what was resolved from it must still hold.
+pub(crate) type Read = BTreeMap<String, (u64, Vec<u8>)>;
 
 /// How long an apply that makes an app waits for the replicas of one of that name, deleted a
 /// moment ago, to go: the controller's next pass, unless no controller runs now.
@@ -536,6 +555,12 @@ impl ControlPlane {
         // The replicas of an app deleted a moment ago go in the controller's next pass; a
         // new app of the same name would take them for its own (its revisions start at 1
         // again) and serve the old code. So it waits for them, a while.
+        // An edit of an app deleted since it was read can only be refused: say so at once.
+        if existing.is_none() && if_spec.is_some() {
+            return Err(ControlError::conflict(format!(
+                "app {key} was deleted since the spec this change was made from was read"
+            )));
+        }
         if existing.is_none() && !dry_run {
             let waited = Instant::now();
             loop {
@@ -706,9 +731,10 @@ impl ControlPlane {
                 .map_or(&[][..], |(a, _)| routes_of(&a.spec));
             txn = claim_routes(txn, &key, claims, old_routes, routes_of(&spec));
             // What the spec was resolved with is still what is there: a set or secret
-            // written or deleted meanwhile makes it judged again.
-            for (k, at) in read {
-                txn = txn.when_mod_revision(k, at);
+            // written or deleted meanwhile makes it judged again. Written again as read, so
+            // a deletion that found no app naming it fails its own guard instead.
+            for (k, (at, bytes)) in read {
+                txn = txn.when_mod_revision(k.clone(), at).then(Op::put(k, bytes));
             }
             // The volumes it mounts exist from this apply on, with the size it says.
             for mount in &spec.volumes {

@@ -736,6 +736,9 @@ impl Rollout {
                 if self.analysis.max_p99_ratio_pct < 100 {
                     return Err("analysis.max_p99_ratio must be at least 1.0".into());
                 }
+                if self.analysis.max_error_rate_increase_bp > 10_000 {
+                    return Err("analysis.max_error_rate_increase must be at most 1.0".into());
+                }
                 Ok(())
             }
         }
@@ -1784,6 +1787,21 @@ impl AppSpec {
             .chain(probes)
     }
 
+    /// Refuses a span of time past [`MAX_DURATION_MS`]. Checked on what clients send (a file,
+    /// an apply), not in [`AppSpec::validate`]: a spec stored before the cap still reads.
+    pub fn check_durations(&self) -> Result<(), SpecError> {
+        match self.durations().find(|(_, ms)| *ms > MAX_DURATION_MS) {
+            Some((f, ms)) => Err(SpecError::field(
+                f,
+                format!(
+                    "{} is longer than the longest a spec may say, 365d",
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let field = |f: &str, m: String| Err(SpecError::field(f, m));
         if let Err(e) = validate_name(&self.name) {
@@ -1805,15 +1823,6 @@ impl AppSpec {
             if let Err(e) = validate_name(secret) {
                 return field("component.pull_secret", e.to_string());
             }
-        }
-        if let Some((f, ms)) = self.durations().find(|(_, ms)| *ms > MAX_DURATION_MS) {
-            return field(
-                f,
-                format!(
-                    "{} is longer than the longest a spec may say, 365d",
-                    humantime::format_duration(std::time::Duration::from_millis(ms))
-                ),
-            );
         }
         let r = &self.resources;
         let mem = crate::quantity::format_memory;
@@ -3283,7 +3292,7 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
     if probe.component.digest.is_empty() {
         probe.component.digest = format!("sha256:{}", "0".repeat(64));
     }
-    if let Err(e) = probe.validate() {
+    if let Err(e) = probe.validate().and_then(|()| probe.check_durations()) {
         // The field's own place, else its section's (`rollout.steps` in `[rollout]`).
         let mut field = e.field.as_deref();
         let mut span = None;

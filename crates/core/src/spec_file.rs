@@ -235,8 +235,10 @@ struct Volume {
 
 #[derive(Serialize)]
 struct Job {
-    restart: Restart,
-    retries: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restart: Option<Restart>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retries: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     deadline: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -399,10 +401,11 @@ impl File {
                     size: memory(v.size_bytes),
                 })
                 .collect(),
-            job: s.job.as_ref().map(|j| Job {
-                restart: j.restart,
-                retries: j.retries,
-                deadline: j.deadline_ms.map(duration),
+            // A spec sent as JSON may give a schedule without the rest: kept all the same.
+            job: (s.job.is_some() || *runs != defaults).then(|| Job {
+                restart: s.job.as_ref().map(|j| j.restart),
+                retries: s.job.as_ref().map(|j| j.retries),
+                deadline: s.job.as_ref().and_then(|j| j.deadline_ms).map(duration),
                 schedule: runs.schedule.clone(),
                 timezone: (runs.timezone != defaults.timezone).then(|| runs.timezone.clone()),
                 concurrency: (runs.concurrency != defaults.concurrency).then_some(runs.concurrency),
