@@ -129,25 +129,17 @@ impl ControlPlane {
             .kv_writer
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        for tries in 1.. {
-            match self.kv_write_once(ns, bucket, &changes)? {
-                Some(value) => return Ok(value),
-                None if tries < crate::state::RACED_TRIES => crate::state::raced_again(tries),
-                None => break,
-            }
-        }
-        Err(ControlError::Raced(format!(
-            "bucket {bucket} of namespace {ns} kept changing under this write: try again"
-        )))
+        crate::state::retrying(|| self.kv_write_once(ns, bucket, &changes))
     }
 
-    /// One read and guarded write of [`Self::kv_write`]: `None` if the guard failed.
+    /// One read and guarded write of [`Self::kv_write`]: [`ControlError::Raced`] if the guard
+    /// failed.
     fn kv_write_once(
         &self,
         ns: &str,
         bucket: &str,
         changes: &BTreeMap<String, Change>,
-    ) -> Result<Option<Option<u64>>, ControlError> {
+    ) -> Result<Option<u64>, ControlError> {
         let store = &*self.inner.store;
         let prefix = bucket_prefix(ns, bucket);
         let usage_at = usage_key(ns, bucket);
@@ -217,7 +209,12 @@ impl ControlPlane {
         } else {
             txn.then(Op::put(usage_at, encode(&usage)))
         };
-        Ok(store.txn(txn)?.succeeded.then_some(counted))
+        match store.txn(txn)?.succeeded {
+            true => Ok(counted),
+            false => Err(ControlError::Raced(format!(
+                "bucket {bucket} of namespace {ns} kept changing under this write: try again"
+            ))),
+        }
     }
 
     /// The buckets of `ns` (of all namespaces if `None`) and what each holds.

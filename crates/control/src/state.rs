@@ -139,16 +139,16 @@ pub(crate) struct Inner {
 /// another write came between its read and its own: as many as changes could come at once
 /// in one namespace with a quota (each round, one of them lands), a millisecond more apart
 /// each time.
-pub(crate) const RACED_TRIES: u32 = 20;
+const RACED_TRIES: u32 = 20;
 
 /// Waits before the `tries`-th read of a change that lost a race: longer each time, so a
 /// crowd of them spreads out.
-pub(crate) fn raced_again(tries: u32) {
+fn raced_again(tries: u32) {
     std::thread::sleep(Duration::from_millis(u64::from(tries)));
 }
 
 /// `change` made again from a new read while it loses races ([`ControlError::Raced`]), up to
-/// [`RACED_TRIES`] times.
+/// [`RACED_TRIES`] times: applies, scales, key-value writes, and secret and config-set writes.
 pub(crate) fn retrying<T>(
     mut change: impl FnMut() -> Result<T, ControlError>,
 ) -> Result<T, ControlError> {
@@ -455,16 +455,7 @@ impl ControlPlane {
         retry: bool,
         if_spec: Option<&str>,
     ) -> Result<ApplyResult, ControlError> {
-        let mut tries = 1;
-        loop {
-            match self.apply_over(spec.clone(), dry_run, None, retry, if_spec) {
-                Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
-                    raced_again(tries);
-                    tries += 1;
-                }
-                other => return other,
-            }
-        }
+        retrying(|| self.apply_over(spec.clone(), dry_run, None, retry, if_spec))
     }
 
     /// [`ControlPlane::apply`], refused as a conflict unless the stored app is still at
@@ -552,15 +543,15 @@ impl ControlPlane {
         let key = spec.key();
         let app_key = keys::app(&key);
         let existing = self.get::<App>(&app_key)?;
-        // The replicas of an app deleted a moment ago go in the controller's next pass; a
-        // new app of the same name would take them for its own (its revisions start at 1
-        // again) and serve the old code. So it waits for them, a while.
         // An edit of an app deleted since it was read can only be refused: say so at once.
         if existing.is_none() && if_spec.is_some() {
             return Err(ControlError::conflict(format!(
                 "app {key} was deleted since the spec this change was made from was read"
             )));
         }
+        // The replicas of an app deleted a moment ago go in the controller's next pass; a
+        // new app of the same name would take them for its own (its revisions start at 1
+        // again) and serve the old code. So it waits for them, a while.
         if existing.is_none() && !dry_run {
             let waited = Instant::now();
             loop {
@@ -683,20 +674,12 @@ impl ControlPlane {
         };
 
         // The stored spec is read once, above, and the write is guarded on its revision.
-        if let Some(base) = if_spec
+        if let (Some(base), Some((stored, _))) = (if_spec, &existing)
             && outcome != ApplyOutcome::Unchanged
-            && existing
-                .as_ref()
-                .map(|(a, _)| a.spec.fingerprint())
-                .as_deref()
-                != Some(base)
+            && stored.spec.fingerprint() != base
         {
-            let what = match existing {
-                Some(_) => "has changed",
-                None => "was deleted",
-            };
             return Err(ControlError::conflict(format!(
-                "app {key} {what} since the spec this change was made from was read: read it again and make the change over what is there now"
+                "app {key} has changed since the spec this change was made from was read: read it again and make the change over what is there now"
             )));
         }
         if !dry_run && outcome != ApplyOutcome::Unchanged {
@@ -1097,16 +1080,7 @@ impl ControlPlane {
     /// Scale is not part of the template, so no revision is made; the next
     /// apply of the app's file sets it again.
     pub(crate) fn scale(&self, key: &AppKey, replicas: u32) -> Result<App, ControlError> {
-        let mut tries = 1;
-        loop {
-            match self.scale_once(key, replicas) {
-                Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
-                    raced_again(tries);
-                    tries += 1;
-                }
-                other => return other,
-            }
-        }
+        retrying(|| self.scale_once(key, replicas))
     }
 
     fn scale_once(&self, key: &AppKey, replicas: u32) -> Result<App, ControlError> {
