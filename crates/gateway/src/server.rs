@@ -986,7 +986,10 @@ impl Gateway {
             }
         };
         let inflight = endpoint.enter();
-        let mut resp = service.handle(req).await;
+        // The permit goes when the guest is done or the body is, whichever comes first: a
+        // client that does not read its answer must not hold it after its guest has finished.
+        let permit = SharedPermit(Arc::new(std::sync::Mutex::new(Some(permit))));
+        let mut resp = service.handle_holding(req, permit.clone()).await;
         // A guest cannot speak for Shoal: e.g. `x-shoal-error: replica_gone` would make the
         // forwarding gateway mark this endpoint down.
         proxy::strip_internal(resp.headers_mut());
@@ -1088,9 +1091,20 @@ fn is_logs_path<B>(req: &Request<B>) -> bool {
     req.uri().path().starts_with(LOGS_PATH)
 }
 
+/// A replica's concurrency permit shared by a request's guest and its response body: the
+/// first of them to be dropped gives it back.
+#[derive(Clone)]
+struct SharedPermit(Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Drop for SharedPermit {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
 fn guarded(
     inner: ResponseBody,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<SharedPermit>,
     inflight: InflightGuard,
 ) -> ResponseBody {
     Guarded {
@@ -1101,11 +1115,11 @@ fn guarded(
     .boxed_unsync()
 }
 
-/// A response body that holds, until it is done or dropped, the replica's concurrency permit
-/// (local replicas only) and its in-flight count.
+/// A response body that holds, until it is done or dropped, the replica's in-flight count
+/// and its share of the concurrency permit (local replicas only; the guest holds the other).
 struct Guarded {
     inner: ResponseBody,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<SharedPermit>,
     _inflight: InflightGuard,
 }
 

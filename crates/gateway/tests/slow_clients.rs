@@ -218,3 +218,53 @@ async fn a_client_holds_at_most_its_share_of_the_connections() {
     held.push(served().await.expect("served again"));
     assert_eq!(gateway.connections().open, 2);
 }
+
+/// A client that asks for a large answer and never reads it cannot hold the replica's
+/// permits past its guest: once the guest has finished (here, stopped by its 1 s timeout
+/// while blocked writing), the rest of the answer waiting for the client holds no permit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_their_answers_do_not_take_the_app_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = Gateway::new(GatewayConfig::default());
+    gateway.set_routes(vec![(Route::parse("/faulty").unwrap(), app("faulty"))]);
+    let config = shoal_runtime::InstanceConfig {
+        timeout: Some(Duration::from_secs(1)),
+        ..instance(&[])
+    };
+    let faulty = service(&runtime, shoal_fixtures::FAULTY_WASM, config).await;
+    gateway.add_endpoint(
+        app("faulty"),
+        Endpoint::local("faulty-1".into(), 1, faulty, 4),
+    );
+    let addr = serve(&gateway).await;
+    // Every permit taken by a client asking for 64 MiB and reading none of it.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /faulty/huge/64 HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(stream);
+    }
+    let client = HttpClient::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let reply = client.get(&format!("http://{addr}/faulty/count")).await;
+        if reply.status == StatusCode::OK {
+            break;
+        }
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled clients still hold every permit, long after their guests' timeout"
+        );
+    }
+    drop(stalled);
+}

@@ -25,7 +25,7 @@ use crate::config::{format_bytes, format_duration};
 use crate::cpu::Metered;
 use crate::host::{CancelOnDrop, Failure, Host, InstanceSettings, new_store, with_timeout};
 use crate::memory::MemoryBudget;
-use crate::p3::{Ended, Gone, GoneOnDrop, Job, Workers};
+use crate::p3::{Ended, Gone, GoneOnDrop, Hold, Job, Workers};
 use crate::runtime::Runtime;
 use crate::stats::InstanceStats;
 use shoal_core::problem::{self, ErrorBody};
@@ -184,10 +184,28 @@ impl HttpService {
     /// Bodies stream both ways. The guest runs on the runtime's guest threads, not the
     /// caller's, metered for its CPU group, and keeps running there after it sent the
     /// response head, until it finishes the body or its timeout stops it.
-    pub async fn handle<B>(&self, mut req: http::Request<B>) -> http::Response<ResponseBody>
+    pub async fn handle<B>(&self, req: http::Request<B>) -> http::Response<ResponseBody>
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<wasmtime_wasi_http::Error>,
+    {
+        self.handle_holding(req, ()).await
+    }
+
+    /// [`HttpService::handle`], keeping `hold` until the guest is done with the request: its
+    /// instance has finished it, failed or been stopped (a p3 instance, which may write a
+    /// body after its handler returned: until the instance ends). The response body may
+    /// outlive that, waiting for a client that reads slowly or not at all; what a caller
+    /// holds for a running guest (a concurrency permit) goes with `hold`, not with the body.
+    pub async fn handle_holding<B, H>(
+        &self,
+        mut req: http::Request<B>,
+        hold: H,
+    ) -> http::Response<ResponseBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<wasmtime_wasi_http::Error>,
+        H: Send + 'static,
     {
         // wasi:http requires an authority; a request straight from an HTTP/1 server has it only
         // in `host`, and a synthetic one (health probes) may have neither.
@@ -204,8 +222,11 @@ impl HttpService {
         let started = Instant::now();
         self.inner.settings.stats.request();
         let response = match &self.inner.backend {
-            Backend::P2 { pre, .. } => self.handle_p2(pre, req, &method, &path).await,
-            Backend::P3(workers) => self.handle_p3(workers, req, &method, &path).await,
+            Backend::P2 { pre, .. } => self.handle_p2(pre, req, hold, &method, &path).await,
+            Backend::P3(workers) => {
+                self.handle_p3(workers, req, Box::new(hold), &method, &path)
+                    .await
+            }
         };
         tracing::debug!(
             digest = %self.digest(),
@@ -222,6 +243,7 @@ impl HttpService {
         &self,
         pre: &ProxyPre<Host>,
         req: http::Request<B>,
+        hold: impl Send + 'static,
         method: &http::Method,
         path: &str,
     ) -> http::Response<ResponseBody>
@@ -276,6 +298,8 @@ impl HttpService {
             let method = method.clone();
             let path = path.to_string();
             async move {
+                // Kept until the guest has finished, or is stopped (then dropped with the task).
+                let _hold = hold;
                 let deadline = store.data().deadline();
                 let result = async {
                     // A group over its share waits before it starts, not a slice later.
@@ -347,6 +371,7 @@ impl HttpService {
         &self,
         workers: &Arc<Workers>,
         req: http::Request<B>,
+        hold: Hold,
         method: &http::Method,
         path: &str,
     ) -> http::Response<ResponseBody>
@@ -362,6 +387,7 @@ impl HttpService {
             reply,
             ended: ended.clone(),
             gone: gone.clone(),
+            hold,
         });
         // A client that goes away before the response head may take its instance with it.
         let client = GoneOnDrop::new(gone);

@@ -49,7 +49,14 @@ pub(crate) struct Job {
     pub(crate) ended: Arc<Ended>,
     /// Set when the client stops waiting for the response head.
     pub(crate) gone: Arc<Gone>,
+    /// The caller's, kept until the worker that takes the request ends: the guest may
+    /// write its body for as long as its instance runs.
+    pub(crate) hold: Hold,
 }
+
+/// Something a caller keeps alive for as long as a guest may work on its request (see
+/// [`crate::HttpService::handle_holding`]).
+pub(crate) type Hold = Box<dyn std::any::Any + Send>;
 
 /// Whether a request's client has stopped waiting for its response head, and who to wake
 /// when it does.
@@ -306,8 +313,9 @@ impl Worker {
             Ok(()) => None,
             Err(e) => Some(Failure::classify(store.data(), &e)),
         };
-        for job in ended {
+        for (job, hold) in ended {
             job.set(failure.clone());
+            drop(hold);
         }
     }
 
@@ -319,7 +327,7 @@ impl Worker {
         proxy: &Proxy,
         meter: Arc<TaskMeter>,
         first: Job,
-        ended: &mut Vec<Arc<Ended>>,
+        ended: &mut Vec<(Arc<Ended>, Hold)>,
     ) -> wasmtime::Result<()> {
         let workers = self.workers.clone();
         let settings = &workers.settings;
@@ -357,7 +365,7 @@ impl Worker {
 
             let mut accept = |job: Job, in_flight: &mut FuturesUnordered<_>| {
                 accept_concurrent.store(false, Ordering::Relaxed);
-                ended.push(job.ended);
+                ended.push((job.ended, job.hold));
                 let gone = job.gone;
                 lock(unanswered).push(gone.clone());
                 let deadline = timeout.map(|t| Instant::now() + t);
