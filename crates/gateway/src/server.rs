@@ -64,6 +64,10 @@ pub struct GatewayConfig {
     /// How long a client may take to send the beginning of a request's body (all of a small
     /// one) before the request takes a replica's permit, and then each later piece of it.
     pub body_timeout: Duration,
+    /// How long a client may leave its connection unable to take what the gateway writes
+    /// (a full receive window: it reads slowly or not at all) before the connection is
+    /// closed, as nginx's `send_timeout`.
+    pub send_timeout: Duration,
     /// Client connections served at once; more wait to be accepted.
     pub max_connections: usize,
     /// Connections one client (an IPv4 address, an IPv6 /64) holds at once; more are closed
@@ -98,6 +102,7 @@ impl Default for GatewayConfig {
             egress_roots: Vec::new(),
             header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             max_client_connections: 1_000,
         }
@@ -1208,6 +1213,9 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             }
         };
         let _ = stream.set_nodelay(true);
+        let mut stream = tokio_io_timeout::TimeoutWriter::new(stream);
+        stream.set_timeout(Some(config.send_timeout));
+        let stream = Box::pin(stream);
         let gateway = gateway.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -1217,7 +1225,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway) {
             }
             let deadline = tokio::time::Instant::now() + head_timeout;
             let mut first = [0u8; 1];
-            match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            match tokio::time::timeout_at(deadline, stream.get_ref().peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] == TLS_HANDSHAKE => {}
                 Ok(Ok(1)) => return serve_connection(gateway, stream, peer, None, false).await,
                 // Closed, failed, or silent past the head timeout.

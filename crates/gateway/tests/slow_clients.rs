@@ -268,3 +268,29 @@ async fn clients_that_never_read_their_answers_do_not_take_the_app_offline() {
     }
     drop(stalled);
 }
+
+/// A client that stops reading its answer loses its connection once the gateway has been
+/// unable to write to it for the send timeout: it cannot hold connections forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let (_dir, gateway, addr) = gateway_with(GatewayConfig {
+        send_timeout: Duration::from_secs(1),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /faulty/huge/64 HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut start = [0u8; 12];
+    stream.read_exact(&mut start).await.unwrap();
+    assert_eq!(&start, b"HTTP/1.1 200");
+    eventually(
+        Duration::from_secs(15),
+        "the stalled connection is closed",
+        || gateway.connections().open == 0,
+    )
+    .await;
+    drop(stream);
+}
