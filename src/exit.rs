@@ -41,6 +41,23 @@ impl std::fmt::Display for WouldChange {
 
 impl std::error::Error for WouldChange {}
 
+/// A failure already written to stderr (one of several a command went on past), carried for
+/// its exit code only.
+#[derive(Debug)]
+pub struct Reported(pub anyhow::Error);
+
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Reported {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}
+
 /// The exit code for `result`; `diff` says whether the command was a diff (where 1 means
 /// "would change", so a plain failure exits 2).
 pub fn code(result: &anyhow::Result<()>, diff: bool) -> ExitCode {

@@ -205,6 +205,7 @@ fn main() -> ExitCode {
     });
     if let Err(e) = &result
         && e.downcast_ref::<exit::WouldChange>().is_none()
+        && e.downcast_ref::<exit::Reported>().is_none()
     {
         eprintln!("error: {e:#}");
     }

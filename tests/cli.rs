@@ -796,6 +796,45 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
         ),
         "{said}"
     );
+
+    // `delete -f` takes the same files and deletes the apps they name; several names at
+    // once go on past one that fails, which sets the exit code and is said once.
+    let out = c.cli(&["delete", "-f", apps, "-R"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        [
+            "app default/dir-a deleted",
+            "app default/dir-c deleted",
+            "app default/dir-b deleted"
+        ]
+    );
+    let out = c.cli(&["delete", "-f", apps, "-R"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let out = c.cli(&["delete", "-f", apps, "-R", "--ignore-not-found"]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+    let out = c.cli(&["delete", "app", "piped", "nope", "caller"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(said.matches("error:").count(), 1, "{said}");
+    assert!(said.contains("nope"), "{said}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        2,
+        "{out:?}"
+    );
+    let left = c.cli_ok(&["get", "apps"]);
+    assert!(
+        !left.contains("piped") && !left.contains("caller"),
+        "{left}"
+    );
+    assert_eq!(
+        code(&c, &["delete", "app", "nope", "--ignore-not-found"]),
+        Some(0)
+    );
+    assert_eq!(code(&c, &["delete", "app"]), Some(2));
+    assert_eq!(code(&c, &["delete", "app", "x", "-f", apps]), Some(2));
 }
 
 /// `get app NAME -o toml` gives back a file that `apply -f` takes as unchanged. `edit` applies

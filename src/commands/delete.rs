@@ -1,19 +1,39 @@
 use super::Context;
+use crate::client::Client;
 use crate::output::{self, Format};
 use anyhow::Result;
 use shoal_api::seg;
+use std::path::PathBuf;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal delete app hello                          its replicas stop, its routes go away
+  shoal delete app hello world                    several at once
+  shoal delete -f apps/ -R                        the apps the spec files name
+  shoal delete app hello --ignore-not-found       exit 0 if there is no app hello
   shoal delete volume data                        refused while an app mounts it
   shoal delete module sha256:…                    refused while a revision uses it")]
 pub struct DeleteArgs {
-    #[arg(value_enum)]
-    what: What,
-    /// The app's or volume's name, or the module's digest (`sha256:…`, as `shoal get modules`
-    /// shows it).
-    name: String,
+    #[arg(
+        value_enum,
+        required_unless_present = "files",
+        conflicts_with = "files"
+    )]
+    what: Option<What>,
+    /// The apps' or volumes' names, or the modules' digests (`sha256:…`, as `shoal get
+    /// modules` shows them).
+    #[arg(required_unless_present = "files", conflicts_with = "files")]
+    names: Vec<String>,
+    /// Delete the apps these spec files name (read as `shoal apply -f` reads them: a
+    /// directory's .toml files, `-` for standard input), each in its file's namespace.
+    #[arg(short = 'f', long = "file")]
+    files: Vec<PathBuf>,
+    /// With a directory: its subdirectories' specs too (not through links).
+    #[arg(short = 'R', long, requires = "files")]
+    recursive: bool,
+    /// What does not exist is no error: skipped, exit 0 (as kubectl's flag).
+    #[arg(long)]
+    ignore_not_found: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -25,69 +45,153 @@ enum What {
     Volume,
 }
 
+/// One thing to delete.
+struct Target {
+    what: What,
+    namespace: String,
+    name: String,
+}
+
+/// Deletes every target in turn. One that fails does not stop the rest (as `kubectl delete`):
+/// its error is written as it happens, and the command exits with the first one's code.
 pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
-    // What the API would take, checked first: a name goes into the request's path.
-    let checked = match args.what {
-        // As `shoal get modules` shows it (`sha256:` and 12 hex digits) will do.
-        What::Module => shoal_core::spec::validate_digest(&args.name).or_else(|e| {
-            let hex = args.name.strip_prefix("sha256:").unwrap_or("");
+    let several = !args.files.is_empty() || args.names.len() > 1;
+    let targets = match args.what {
+        Some(what) => {
+            if matches!(what, What::Module) {
+                ctx.no_namespace("modules")?;
+            }
+            let targets: Vec<Target> = args
+                .names
+                .into_iter()
+                .map(|name| Target {
+                    what,
+                    namespace: ctx.namespace.clone(),
+                    name,
+                })
+                .collect();
+            // What the API would take, checked first: a name goes into the request's path.
+            for target in &targets {
+                check(target).map_err(crate::exit::usage)?;
+            }
+            targets
+        }
+        None => {
+            let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
+            super::apply::read_specs(&args.files, args.recursive, namespace)?
+                .iter()
+                .map(|spec| {
+                    let key = spec.key();
+                    Target {
+                        what: What::App,
+                        namespace: key.namespace,
+                        name: key.name,
+                    }
+                })
+                .collect()
+        }
+    };
+    let client = ctx.client()?;
+    let mut deleted = Vec::new();
+    let mut first_error = None;
+    for target in &targets {
+        match delete(&client, target).await {
+            Ok(answer) => {
+                if ctx.output == Format::Table {
+                    println!("{}", said(target, &answer));
+                }
+                deleted.push(answer);
+            }
+            Err(e) if args.ignore_not_found && is_not_found(&e) => {}
+            Err(e) if several => {
+                eprintln!("error: {e:#}");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if ctx.output == Format::Json {
+        match (several, deleted.pop()) {
+            (false, Some(answer)) => output::json(&answer),
+            (false, None) => {}
+            (true, last) => {
+                deleted.extend(last);
+                output::json(&deleted);
+            }
+        }
+    }
+    match first_error {
+        // Already written: the exit code is all that is left to say.
+        Some(e) => Err(crate::exit::Reported(e).into()),
+        None => Ok(()),
+    }
+}
+
+/// Whether the API would take `target`'s name (a module as `shoal get modules` shows it,
+/// `sha256:` and a few hex digits, will do).
+fn check(target: &Target) -> std::result::Result<(), String> {
+    match target.what {
+        What::Module => shoal_core::spec::validate_digest(&target.name).or_else(|e| {
+            let hex = target.name.strip_prefix("sha256:").unwrap_or("");
             let short = hex.len() >= 8
                 && hex
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
             if short { Ok(()) } else { Err(e) }
         }),
-        What::App | What::Volume => super::object_name(&args.name).map(drop),
-    };
-    checked.map_err(crate::exit::usage)?;
-    let client = ctx.client()?;
-    match args.what {
+        What::App | What::Volume => super::object_name(&target.name).map(drop),
+    }
+}
+
+/// Deletes `target`; the answer is what `-o json` prints for it.
+async fn delete(client: &Client, target: &Target) -> Result<serde_json::Value> {
+    let (namespace, name) = (seg(&target.namespace), seg(&target.name));
+    match target.what {
         What::App => {
-            let path = format!(
-                "/v1/apps/{}?namespace={}",
-                seg(&args.name),
-                seg(&ctx.namespace)
-            );
-            let resp: serde_json::Value = client
+            let path = format!("/v1/apps/{name}?namespace={namespace}");
+            client
                 .send(client.request(reqwest::Method::DELETE, &path))
-                .await?;
-            match ctx.output {
-                Format::Json => output::json(&resp),
-                Format::Table => println!("app {}/{} deleted", ctx.namespace, args.name),
-            }
+                .await
         }
         What::Volume => {
-            let path = format!(
-                "/v1/volumes/{}?namespace={}",
-                seg(&args.name),
-                seg(&ctx.namespace)
-            );
+            let path = format!("/v1/volumes/{name}?namespace={namespace}");
             client
                 .checked(client.request(reqwest::Method::DELETE, &path))
                 .await?;
-            match ctx.output {
-                Format::Json => output::json(&serde_json::json!({ "deleted": args.name })),
-                Format::Table => println!("volume {}/{} deleted", ctx.namespace, args.name),
-            }
+            Ok(serde_json::json!({ "deleted": target.name }))
         }
         What::Module => {
-            ctx.no_namespace("modules")?;
-            let digest = full_digest(&client, &args.name).await?;
+            let digest = full_digest(client, &target.name).await?;
             let path = format!("/v1/modules/{}", seg(&digest));
             client
                 .checked(client.request(reqwest::Method::DELETE, &path))
                 .await?;
-            match ctx.output {
-                Format::Json => output::json(&serde_json::json!({ "deleted": digest })),
-                Format::Table => println!("module {digest} deleted"),
-            }
+            Ok(serde_json::json!({ "deleted": digest }))
         }
     }
-    Ok(())
+}
+
+/// The line the table output prints for a deleted `target`.
+fn said(target: &Target, answer: &serde_json::Value) -> String {
+    let (namespace, name) = (&target.namespace, &target.name);
+    match target.what {
+        What::App => format!("app {namespace}/{name} deleted"),
+        What::Volume => format!("volume {namespace}/{name} deleted"),
+        What::Module => format!(
+            "module {} deleted",
+            answer["deleted"].as_str().unwrap_or(name)
+        ),
+    }
+}
+
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<crate::exit::Classified>())
+        .any(|c| c.code == crate::exit::NOT_FOUND)
 }
 
 /// The module digest `given` means: itself if whole, else the one uploaded module it starts.
-async fn full_digest(client: &crate::client::Client, given: &str) -> Result<String> {
+async fn full_digest(client: &Client, given: &str) -> Result<String> {
     if shoal_core::spec::validate_digest(given).is_ok() {
         return Ok(given.to_string());
     }
