@@ -1,6 +1,7 @@
 //! Serving the API to clients that may be slow or many: axum's own `serve` has no limits, so
 //! the API gets the gateway's: a request head must arrive within a timeout (which also closes
-//! idle keep-alive connections), an HTTP/2 peer must answer pings, connections beyond a cap
+//! idle keep-alive connections), an HTTP/2 peer must answer pings, a client must take what
+//! is written to it (within the send timeout), connections beyond a cap
 //! wait to be accepted, and one client may hold only so many. Over TLS by
 //! default (see `shoal-tls`).
 
@@ -34,6 +35,9 @@ pub struct ServeLimits {
     /// peer answers nothing (gone, or holding a slot with a preface and then silence) is
     /// closed, as the gateway closes them.
     pub h2_ping: Duration,
+    /// How long a client may leave its connection unable to take what the API writes (it
+    /// reads slowly or not at all) before the connection is closed, as the gateway does.
+    pub send_timeout: Duration,
 }
 
 impl ServeLimits {
@@ -51,6 +55,7 @@ impl Default for ServeLimits {
             max_connections: 1_000,
             max_client_connections: 100,
             h2_ping: Duration::from_secs(20),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -83,6 +88,9 @@ pub async fn serve(
                 continue;
             }
         };
+        let mut stream = tokio_io_timeout::TimeoutWriter::new(stream);
+        stream.set_timeout(Some(limits.send_timeout));
+        let stream = Box::pin(stream);
         let client = match clients.admit(peer.ip()) {
             Ok(client) => client,
             Err(refused) => {

@@ -187,3 +187,37 @@ async fn a_client_past_its_share_is_closed_at_once() {
         );
     }
 }
+
+/// A client that stops reading its answer is cut off after the send timeout: here it held
+/// the only connection slot, and the next client is served once it is gone.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off() {
+    let limits = ServeLimits {
+        header_read_timeout: Duration::from_secs(60),
+        max_connections: 1,
+        send_timeout: Duration::from_millis(500),
+        ..ServeLimits::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Router::new()
+        .route("/ok", get(|| async { "ok" }))
+        .route("/big", get(|| async { vec![b'x'; 64 << 20] }));
+    tokio::spawn(serve(listener, router, limits, None, limits.clients()));
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    stalled.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    let mut next = TcpStream::connect(addr).await.unwrap();
+    next.write_all(b"GET /ok HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = until_closed(&mut next).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(stalled);
+}
