@@ -662,3 +662,14 @@ async fn a_guest_stops_when_its_client_goes_away_before_the_answer() {
     // going away must free it.
     a_client_leaving_frees_its_instance(shoal_fixtures::FAULTY_WASM, "/loop").await;
 }
+
+#[tokio::test]
+async fn what_a_request_holds_goes_when_its_guest_is_done_not_its_body() {
+    let cfg = InstanceConfig {
+        timeout: Some(Duration::from_millis(300)),
+        ..config()
+    };
+    let (_dir, faulty) = service(shoal_fixtures::FAULTY_WASM, cfg).await;
+    let answer = a_hold_goes_when_its_guest_is_done(&faulty, "/faulty/huge/64", "/faulty/huge/1");
+    assert_eq!(answer.await.len(), 1 << 20);
+}

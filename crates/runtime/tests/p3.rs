@@ -184,3 +184,10 @@ async fn a_fresh_p3_instance_stops_when_its_client_goes_away_before_the_answer()
     // going away must free it.
     a_client_leaving_frees_its_instance(shoal_fixtures::HELLO_P3_WASM, "/spin").await;
 }
+
+#[tokio::test]
+async fn what_a_p3_request_holds_goes_when_its_instance_ends_not_its_body() {
+    let (_dir, hello) = hello_p3(Reuse::default()).await;
+    let answer = a_hold_goes_when_its_guest_is_done(&hello, "/huge?mib=64", "/huge?mib=1");
+    assert_eq!(answer.await.len(), 1 << 20);
+}

@@ -7,6 +7,7 @@
 //!   it only grows when the host reuses the instance);
 //! - `/sleep?ms=N`: waits N ms on `wasi:clocks/monotonic-clock.wait-for` (an async import that
 //!   suspends only this request), then `slept N ms`;
+//! - `/huge?mib=N`: N MiB of `x`, written 64 KiB at a time as the host reads them;
 //! - `/panic`: panics, so the instance traps;
 //! - `/spin`: loops forever without yielding, until the host's timeout stops it;
 //! - anything else: `hello from p3 PATH`.
@@ -58,6 +59,14 @@ impl wasip3::exports::http::handler::Guest for HelloP3 {
                 let authority = request.get_authority().unwrap_or_else(|| "none".into());
                 format!("{scheme}://{authority}")
             }
+            "/huge" => {
+                let mib = query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("mib="))
+                    .and_then(|mib| mib.parse::<usize>().ok())
+                    .unwrap_or(1);
+                return Ok(huge_response(mib));
+            }
             "/panic" => panic!("asked to panic"),
             "/spin" => spin(),
             _ => format!("hello from p3 {path}"),
@@ -72,6 +81,24 @@ fn spin() -> ! {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
+}
+
+/// A 200 response of `mib` MiB, written in 64 KiB pieces: memory stays flat, and the writer
+/// waits on a client that does not read.
+fn huge_response(mib: usize) -> Response {
+    let (mut body_tx, body_rx) = wit_stream::new();
+    let (trailers_tx, trailers_rx) = wit_future::new(|| Ok(None));
+    drop(trailers_tx);
+    let (response, _sent) = Response::new(Fields::new(), Some(body_rx), trailers_rx);
+    wasip3::spawn_local(async move {
+        for _ in 0..mib * 16 {
+            if !body_tx.write_all(vec![b'x'; 64 << 10]).await.is_empty() {
+                // The client went away.
+                return;
+            }
+        }
+    });
+    response
 }
 
 /// A 200 `text/plain` response whose body is written once the host starts reading it.

@@ -195,3 +195,36 @@ pub async fn a_client_leaving_frees_its_instance(wasm: &str, spin: &str) {
         tokio::task::yield_now().await;
     }
 }
+
+/// Asks `service` for `path`, a large answer, holding something, and reads none of it: the
+/// hold goes once the guest is done with the request (here, stopped by its timeout while
+/// blocked writing), though the body is still there; and for an answer read to its end, it
+/// goes by then: `small`'s answer is returned.
+pub async fn a_hold_goes_when_its_guest_is_done(
+    service: &shoal_runtime::HttpService,
+    path: &str,
+    small: &str,
+) -> Bytes {
+    let hold = std::sync::Arc::new(());
+    let response = service.handle_holding(get(path), hold.clone()).await;
+    assert_eq!(response.status(), 200, "{path}");
+    eventually(
+        Duration::from_secs(10),
+        "the hold goes with the guest",
+        || std::sync::Arc::strong_count(&hold) == 1,
+    )
+    .await;
+    drop(response);
+
+    let hold = std::sync::Arc::new(());
+    let response = service.handle_holding(get(small), hold.clone()).await;
+    assert_eq!(response.status(), 200, "{small}");
+    let answer = body_bytes(response).await;
+    eventually(
+        Duration::from_secs(10),
+        "the hold goes with a finished answer",
+        || std::sync::Arc::strong_count(&hold) == 1,
+    )
+    .await;
+    answer
+}
