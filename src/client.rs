@@ -139,19 +139,16 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 /// a new file): a token made or rotated only for its file to be lost is of no use, and its
 /// name stays taken.
 pub fn check_writable(path: &Path) -> Result<()> {
-    let beside = path.with_extension("tmp");
-    let probe = if beside.exists() {
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&beside)
-            .map(drop)
-    } else {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&beside)
-            .and_then(|_| std::fs::remove_file(&beside))
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir,
+        None => Path::new("."),
     };
+    // A new file of a random name, removed as it is dropped: as `write_private` makes one.
+    let probe = tempfile::Builder::new()
+        .prefix(".shoal-")
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map(drop);
     probe.map_err(|e| crate::exit::usage(format!("cannot write {}: {e}", path.display())))
 }
 

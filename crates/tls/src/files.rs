@@ -2,27 +2,27 @@
 //! at all, readable by their owner only.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-/// Writes `bytes` to `path` with mode 0600, through a temporary file that is
-/// fsync'd and renamed into place: a crash leaves the old content or the new,
-/// never a torn token, and the secret is never readable by others, not even
-/// for a moment.
+/// Writes `bytes` to `path` with mode 0600, through a temporary file beside it that is
+/// fsync'd and renamed into place: a crash leaves the old content or the new, never a torn
+/// token, and the secret is never readable by others, not even for a moment. The temporary
+/// file is a new one of a random name (`O_EXCL`): a file of a fixed name left there, or put
+/// there, with a looser mode (or a link) would have been written through and kept its mode.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => dir,
+        None => Path::new("."),
+    };
+    let mut file = tempfile::Builder::new()
+        .prefix(".shoal-")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)?;
     file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 
@@ -45,5 +45,20 @@ mod tests {
             1,
             "no temp left"
         );
+    }
+
+    /// The temporary file used to have a fixed name, opened without `O_EXCL`: one left
+    /// there with mode 0644 was written through and renamed into place as it was.
+    #[test]
+    fn a_loose_file_where_the_temporary_one_went_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let loose = dir.path().join("token.tmp");
+        std::fs::write(&loose, b"old").unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"secret").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read(&loose).unwrap(), b"old");
     }
 }
