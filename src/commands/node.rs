@@ -372,6 +372,8 @@ async fn cluster_ca(args: &JoinArgs, data: &Path, patience: &mut Patience) -> Re
                 presented == expected,
                 "the server at {url} presents a CA with hash {presented}, not the join token's {expected}: refusing to join it"
             );
+            // The checked certificate alone: anything else in the answer is not trusted.
+            let pem = shoal_tls::only_certificate(&pem).map_err(|e| anyhow::anyhow!("{e}"))?;
             write_private(&file, pem.as_bytes())?;
             return Ok(pem);
         }

@@ -594,14 +594,19 @@ impl IngressCerts {
     /// Serves `certs`, the apps' certificates for their route hosts, from the next handshake
     /// on, in place of the ones set before.
     pub fn set_hosts(&self, certs: Vec<HostCertificate>) {
-        *self.0.hosts.write().unwrap_or_else(|p| p.into_inner()) =
-            certs.into_iter().map(|c| c.0).collect();
+        *self.0.hosts.write().unwrap_or_else(|p| p.into_inner()) = certs;
     }
 }
 
 /// A certificate chain with its key, checked to belong together and to name given hosts:
-/// what an app's `[http] tls` secret holds, for its route hosts.
-pub struct HostCertificate(Arc<rustls::sign::CertifiedKey>);
+/// what an app's `[http] tls` secret holds, for its route hosts. It is served for those
+/// hosts alone, whatever else it names: an app's certificate naming another namespace's
+/// host (or `*.example.com`) must not be what that host's clients get.
+#[derive(Debug)]
+pub struct HostCertificate {
+    key: Arc<rustls::sign::CertifiedKey>,
+    hosts: Vec<String>,
+}
 
 impl HostCertificate {
     /// `chain` checked: its key is its certificate's, and the certificate names every one of
@@ -617,7 +622,16 @@ impl HostCertificate {
                 )));
             }
         }
-        Ok(HostCertificate(key))
+        Ok(HostCertificate {
+            key,
+            hosts: hosts.to_vec(),
+        })
+    }
+
+    /// Whether this certificate is served to a client asking for `name` (SNI): one of its
+    /// hosts, as DNS names compare, case aside.
+    fn serves(&self, name: &str) -> bool {
+        self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 }
 
@@ -652,8 +666,8 @@ fn keyed_one(c: &KeyedChain, n: &str) -> Result<Arc<rustls::sign::CertifiedKey>,
 struct BySni {
     /// The operator's (`--gateway-cert`); the first is for clients no other one suits.
     files: std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>,
-    /// The apps', for their route hosts.
-    hosts: std::sync::RwLock<Vec<Arc<rustls::sign::CertifiedKey>>>,
+    /// The apps', each for its route hosts only.
+    hosts: std::sync::RwLock<Vec<HostCertificate>>,
 }
 
 impl BySni {
@@ -670,18 +684,15 @@ impl rustls::server::ResolvesServerCert for BySni {
         &self,
         hello: rustls::server::ClientHello<'_>,
     ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let asked = hello
-            .server_name()
-            .and_then(|name| rustls::pki_types::ServerName::try_from(name).ok());
-        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
+        let name = hello.server_name();
         let hosts = self.hosts.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(app) = name.and_then(|name| hosts.iter().find(|c| c.serves(name))) {
+            return Some(app.key.clone());
+        }
+        let asked = name.and_then(|name| rustls::pki_types::ServerName::try_from(name).ok());
+        let files = self.files.read().unwrap_or_else(|p| p.into_inner());
         asked
-            .and_then(|host| {
-                hosts
-                    .iter()
-                    .chain(files.iter())
-                    .find(|key| Self::names(key, &host))
-            })
+            .and_then(|host| files.iter().find(|key| Self::names(key, &host)))
             .or_else(|| files.first())
             .cloned()
     }
@@ -707,9 +718,29 @@ pub fn certificates_der(pem: &str) -> Result<Vec<Vec<u8>>, TlsError> {
     Ok(certs)
 }
 
-/// The hash of the CA certificate in `pem`: the hex SHA-256 of its DER bytes.
+/// The hash of the CA certificate in `pem`: the hex SHA-256 of its DER bytes. `pem` must hold
+/// that one certificate: a hash pins one, and a bundle's others would be trusted beside it.
 pub fn ca_hash(pem: &str) -> Result<String, TlsError> {
-    Ok(hex::encode(Sha256::digest(ca_der(pem)?)))
+    Ok(hex::encode(Sha256::digest(only_certificate_der(pem)?)))
+}
+
+/// `pem`'s one certificate, as a PEM file of it alone (whatever else the text held, such as
+/// other kinds of PEM block, left out): what a joining node keeps of the CA it checked by its
+/// [`ca_hash`].
+pub fn only_certificate(pem: &str) -> Result<String, TlsError> {
+    let certificate = pem::Pem::new("CERTIFICATE", only_certificate_der(pem)?);
+    let lf = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    Ok(pem::encode_config(&certificate, lf))
+}
+
+fn only_certificate_der(pem: &str) -> Result<Vec<u8>, TlsError> {
+    let mut certs = certificates_der(pem)?;
+    match certs.len() {
+        1 => Ok(certs.remove(0)),
+        n => Err(TlsError::Pem(format!(
+            "{n} certificates where one CA's is expected"
+        ))),
+    }
 }
 
 #[cfg(test)]
@@ -1077,12 +1108,53 @@ mod tests {
         handshake(client.clone(), config.clone(), "shop.example.com").unwrap();
         assert!(handshake(client.clone(), config.clone(), "other.test").is_err());
         certs.set_hosts(Vec::new());
-        assert!(handshake(client, config, "shop.example.com").is_err());
+        assert!(handshake(client.clone(), config.clone(), "shop.example.com").is_err());
+
+        // Served for its app's route hosts alone: an app of one namespace whose certificate
+        // also names another's host (here by a wildcard) is not what that host's clients get.
+        let cert = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
+        certs.set_hosts(vec![cert]);
+        handshake(client.clone(), config.clone(), "SHOP.example.com").unwrap();
+        assert!(handshake(client.clone(), config.clone(), "victim.shop.test").is_err());
+        let victim = ca
+            .issue_server(&["victim.shop.test".into()])
+            .unwrap()
+            .keyed_chain();
+        let (config, certs) = ingress_config(std::slice::from_ref(&victim)).unwrap();
+        let cert = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
+        certs.set_hosts(vec![cert]);
+        let (presented, _) = handshake(client, config, "victim.shop.test").unwrap();
+        assert_eq!(
+            presented,
+            certificates_der(&victim.chain).unwrap()[0],
+            "the operator's certificate for the host, not the app's"
+        );
     }
 
     #[test]
     fn a_hash_is_of_a_certificate_only() {
         assert!(ca_hash("not pem").is_err());
+    }
+
+    /// The join token pins the CA by its hash. A bundle of the cluster's CA and an attacker's
+    /// hashed as the first alone, so a joining node trusted the attacker's CA beside it, and
+    /// with it a certificate naming the control plane that the attacker signed.
+    #[test]
+    fn a_bundle_has_no_ca_hash_and_only_the_checked_certificate_is_kept() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cluster = Authority::load_or_create(one.path()).unwrap();
+        let evil = Authority::load_or_create(two.path()).unwrap();
+        let bundle = format!("{}{}", cluster.pem(), evil.pem());
+        assert!(ca_hash(&bundle).is_err());
+        assert!(only_certificate(&bundle).is_err());
+        assert_eq!(ca_hash(cluster.pem()).unwrap(), cluster.hash().unwrap());
+        let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        let kept = only_certificate(&format!("{key}{}", cluster.pem())).unwrap();
+        assert_eq!(
+            certificates_der(&kept).unwrap(),
+            certificates_der(cluster.pem()).unwrap()
+        );
+        assert!(!kept.contains("PRIVATE KEY"), "{kept}");
     }
 
     #[test]
