@@ -128,6 +128,10 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
         String::from_utf8_lossy(&err.stderr).contains("a key is 1 to 1024 bytes"),
         "{err:?}"
     );
+    // A key is no step up the API's paths: this deleted the app, with exit 0.
+    let err = server.cli(&["kv", "delete", "counter", "../../apps/counter"]);
+    assert_eq!(err.status.code(), Some(2), "{err:?}");
+    server.cli_ok(&["describe", "app", "counter"]);
     server.cli_ok(&["kv", "delete", "counter", "greeting"]);
     assert_eq!(server.cli_ok(&["kv", "list", "counter"]), "hits\n");
 

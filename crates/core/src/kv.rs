@@ -67,7 +67,9 @@ pub enum KvAnswer {
     },
 }
 
-/// A key's rule: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
+/// A key's rule: 1 to [`MAX_KEY_BYTES`] bytes, no NUL, and no `.` or `..` between slashes.
+/// A key is the end of its URL's path (`/v1/kv/BUCKET/KEY`), and a URL's `..` (escaped or
+/// not) is a step up: `shoal kv delete b ../../apps/hello` deleted app `hello`.
 pub fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {
         return Err(format!(
@@ -75,5 +77,26 @@ pub fn check_key(key: &str) -> Result<(), String> {
             key.len()
         ));
     }
+    if key.split('/').any(|part| part == "." || part == "..") {
+        return Err(format!(
+            "{key:?}: a key has no `.` or `..` between slashes, as a URL's path would read them"
+        ));
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_no_path_step() {
+        for bad in ["", "..", ".", "../../apps/hello", "a/./b", "a/..", "a\0b"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        for good in ["hits", "a..b", "..a", "v1.2/x", "a//b", "/a", "é"] {
+            assert!(check_key(good).is_ok(), "{good:?}");
+        }
+        assert!(check_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+    }
 }
