@@ -175,8 +175,42 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
     // kill -9 node-2 and start it again: its replica comes back with the same id, the
     // follower picks it up where it was, and what it wrote before is still there.
     node2.kill();
+    // A follower started meanwhile says node-2's replica cannot be read, and goes on (it
+    // panicked on the notice's number).
+    let mut late = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["logs", "hello", "-f"])
+            .env("SHOAL_CONFIG", d.join("config.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let late_lines = read_lines(&mut late);
+    let mut late_seen = Vec::new();
+    assert!(
+        follows(
+            &late_lines,
+            &mut late_seen,
+            &on2,
+            "cannot read this replica's output",
+            Duration::from_secs(30),
+        ),
+        "{late_seen:?}"
+    );
     node2.restart();
     both(&mut seen, [&node1, &node2], "restarted", [&on1, &on2]);
+    assert!(
+        follows(
+            &late_lines,
+            &mut late_seen,
+            &on1,
+            "/hello/restarted",
+            Duration::from_secs(30),
+        ),
+        "{late_seen:?}"
+    );
+    drop(late);
     let kept = server.cli_ok(&["logs", "hello", "--replica", &on2]);
     assert!(
         kept.contains("before-") && kept.contains("/hello/restarted"),

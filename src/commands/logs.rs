@@ -89,7 +89,7 @@ fn query(
         path.push_str(&format!("&since_ms={ms}"));
     }
     if let Some(id) = &args.replica {
-        path.push_str(&format!("&replica={id}"));
+        path.push_str(&format!("&replica={}", seg(id)));
     }
     path
 }
@@ -131,7 +131,11 @@ async fn follow(
                 if entry.seq < due {
                     continue;
                 }
-                next.insert(entry.replica.clone(), (entry.seq + 1, entry.time));
+                // A notice that the replica's output could not be read is shown, and is no
+                // line to resume after (its number would have wrapped the next one due).
+                if entry.seq != LogEntry::NOTICE {
+                    next.insert(entry.replica.clone(), (entry.seq + 1, entry.time));
+                }
                 match ctx.output {
                     Format::Json => stdout.write_all(&line)?,
                     Format::Table => stdout.write_all(entry.text(args.timestamps).as_bytes())?,

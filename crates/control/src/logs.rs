@@ -155,7 +155,7 @@ impl ControlPlane {
         entries.sort_by(|a, b| (a.time, &a.replica, a.seq).cmp(&(b.time, &b.replica, b.seq)));
         // Where each replica's follower starts: after what was shown.
         let mut next: HashMap<String, u64> = HashMap::new();
-        for e in entries.iter().filter(|e| e.seq != u64::MAX) {
+        for e in entries.iter().filter(|e| e.seq != LogEntry::NOTICE) {
             let n = next.entry(e.replica.clone()).or_default();
             *n = (*n).max(e.seq.saturating_add(1));
         }
@@ -232,8 +232,7 @@ fn logs_url(gateway: &str, id: &str, since: u64, query: &LogQuery) -> String {
 fn unreadable(replica: String, why: String) -> LogEntry {
     LogEntry {
         replica,
-        // Not a line of the replica's: no follower resumes after it.
-        seq: u64::MAX,
+        seq: LogEntry::NOTICE,
         time: shoal_core::now_ms(),
         stream: LogStream::Stderr,
         line: format!("[shoal] cannot read this replica's output: {why}"),

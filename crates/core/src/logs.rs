@@ -47,6 +47,8 @@ impl LogLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
     pub replica: String,
+    /// The line's number in the replica's output; [`LogEntry::NOTICE`] for a line Shoal
+    /// writes in its place (its output could not be read).
     pub seq: u64,
     /// When the line was written: milliseconds since the Unix epoch.
     pub time: crate::Millis,
@@ -55,6 +57,10 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
+    /// The `seq` of a notice in a replica's place, not one of its lines: no follower
+    /// resumes after it.
+    pub const NOTICE: u64 = u64::MAX;
+
     /// `REPLICA [TIME] STREAM LINE`, the time (RFC 3339, UTC, milliseconds) only if asked
     /// for, as `kubectl logs --timestamps` adds it.
     pub fn text(&self, timestamps: bool) -> String {
