@@ -217,3 +217,32 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
     c.cli_ok(&["config", "delete", "shared"]);
     assert!(!c.cli_ok(&["config", "get"]).contains("shared"));
 }
+
+/// `config set` and `unset` are merged by the server into what the set has when it writes:
+/// read by the CLI and written back whole, one of two changes at once was lost.
+#[test]
+fn changes_made_at_once_to_a_config_set_all_land() {
+    let c = Cluster::start();
+    c.cli_ok(&["config", "create", "many", "--from-literal", "base=1"]);
+    std::thread::scope(|s| {
+        for i in 0..16 {
+            let c = &c;
+            s.spawn(move || c.cli_ok(&["config", "set", "many", &format!("k{i}=v{i}")]));
+        }
+    });
+    let got = c.cli_ok(&["config", "get", "many"]);
+    assert_eq!(got.lines().count(), 17, "{got}");
+    for i in 0..16 {
+        assert!(got.contains(&format!("k{i}=v{i}\n")), "{got}");
+    }
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let c = &c;
+            s.spawn(move || c.cli_ok(&["config", "unset", "many", &format!("k{i}")]));
+        }
+    });
+    let got = c.cli_ok(&["config", "get", "many"]);
+    assert_eq!(got.lines().count(), 9, "{got}");
+    let err = c.cli_err(&["config", "unset", "many", "k0"]);
+    assert!(err.contains("config set many has no key \"k0\""), "{err}");
+}

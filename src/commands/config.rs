@@ -164,10 +164,17 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
     let client = ctx.client()?;
     let ns = ctx.namespace.clone();
     let path = |name: &str| format!("/v1/configs/{}?namespace={}", seg(name), seg(&ns));
-    let put = |name: &str, data: BTreeMap<String, String>, create: bool| {
+    // A change is merged by the server into what the set has then: read here and written
+    // whole, one of two changes at once was lost.
+    let put = |name: &str, data: BTreeMap<String, String>, create: bool, unset: Vec<String>| {
         let req = client
             .request(reqwest::Method::PUT, &path(name))
-            .json(&ConfigSetRequest { data, create });
+            .json(&ConfigSetRequest {
+                data,
+                create,
+                merge: !create,
+                unset,
+            });
         client.send::<ConfigSetWritten>(req)
     };
     match action {
@@ -187,26 +194,20 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
                     .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
                 data.insert(k, v);
             }
-            let written = put(&name, data, true).await?;
+            let written = put(&name, data, true, Vec::new()).await?;
             report(&ctx, &written, "created");
         }
         SetAction::Set { name, values } => {
-            let mut set: ConfigSet = client.get(&path(&name)).await?;
+            let mut data = BTreeMap::new();
             for text in &values {
                 let (k, v) = pair(text)?;
-                set.data.insert(k, v);
+                data.insert(k, v);
             }
-            let written = put(&name, set.data, false).await?;
+            let written = put(&name, data, false, Vec::new()).await?;
             report(&ctx, &written, "changed");
         }
         SetAction::Unset { name, keys } => {
-            let mut set: ConfigSet = client.get(&path(&name)).await?;
-            for key in &keys {
-                if set.data.remove(key).is_none() {
-                    bail!("config set {name} has no key {key:?}");
-                }
-            }
-            let written = put(&name, set.data, false).await?;
+            let written = put(&name, BTreeMap::new(), false, keys).await?;
             report(&ctx, &written, "changed");
         }
         SetAction::Get { name: Some(name) } => {

@@ -324,12 +324,18 @@ pub struct ConfigSetView {
 }
 
 /// The body of `PUT /v1/configs/{name}`: the set's values, whole; with `create`, only if the
-/// set does not exist yet.
+/// set does not exist yet; with `merge`, `data`'s keys set and `unset`'s removed in the set as
+/// it is when the write is made (so two changes at once both land, as `shoal config set`
+/// makes them).
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigSetRequest {
     pub data: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub create: bool,
+    #[serde(default)]
+    pub merge: bool,
+    #[serde(default)]
+    pub unset: Vec<String>,
 }
 
 /// The answer to a `PUT /v1/configs/{name}`: the set, and the apps applied again with it.

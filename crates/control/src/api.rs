@@ -4,6 +4,7 @@
 use crate::access::{self, Caller, Rule, Scope};
 use crate::api_error::{ApiError, JsonBody, Path, Query, Strict, StrictJson, WholeBody, strict};
 use crate::audit::Audited;
+use crate::configs::ConfigChange;
 use crate::error::ControlError;
 use crate::openapi::{Access, Endpoint, op};
 use crate::state::ControlPlane;
@@ -138,7 +139,7 @@ admin_api! {
             .query::<NsQuery>()
             .json::<ConfigSet>(StatusCode::OK);
     PUT "/v1/configs/{name}" => put_config, Deployer, Namespace,
-        op("Write a config set whole; the apps naming it are applied again")
+        op("Write a config set, whole or merged into what it has; the apps naming it are applied again")
             .query::<NsQuery>()
             .body::<ConfigSetRequest>()
             .json::<ConfigSetWritten>(StatusCode::OK);
@@ -785,9 +786,31 @@ async fn put_config(
     StrictJson(req): StrictJson<ConfigSetRequest>,
 ) -> Result<Response, ApiError> {
     let ns = q.namespace();
+    let change = match (req.merge, req.create) {
+        (true, true) => {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                "merge changes a set that exists: a new one is created whole",
+            )
+            .into());
+        }
+        (true, false) => ConfigChange::Merge {
+            set: req.data,
+            unset: req.unset,
+        },
+        (false, _) if !req.unset.is_empty() => {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                "unset goes with merge: a set written whole has only the keys given",
+            )
+            .into());
+        }
+        (false, _) => ConfigChange::Replace(req.data),
+    };
     let (set, rolled) = blocking(move || {
-        // An apply naming the set writes it again as read.
-        crate::state::retrying(|| cp.put_config_set(&ns, &name, req.data.clone(), req.create))
+        // An apply naming the set writes it again as read; a merge is made again on what
+        // the set has then.
+        crate::state::retrying(|| cp.put_config_set(&ns, &name, change.clone(), req.create))
     })
     .await?;
     let unchanged = rolled.is_none();

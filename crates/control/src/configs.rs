@@ -14,6 +14,18 @@ use shoal_core::{App, ConfigSet, EventType};
 use shoal_store::{Op, Txn};
 use std::collections::BTreeMap;
 
+/// What a write of a config set does to its values.
+#[derive(Debug, Clone)]
+pub enum ConfigChange {
+    /// These, whole.
+    Replace(BTreeMap<String, String>),
+    /// `set`'s keys set and `unset`'s removed, in the values the set has when it is written.
+    Merge {
+        set: BTreeMap<String, String>,
+        unset: Vec<String>,
+    },
+}
+
 impl ControlPlane {
     /// Applies each of `users` again, after a config set or secret (`what`) they name
     /// changed: the ones applied. Each is read just before, and an apply that raced another
@@ -104,7 +116,7 @@ impl ControlPlane {
         Ok(spec)
     }
 
-    /// Writes set `name` of namespace `ns` (creates it only if `create`, else replaces it
+    /// Writes set `name` of namespace `ns` (creates it only if `create`, else changes it
     /// only if it exists), then applies each app that names it again, so they roll to the
     /// new values. Answers the set and the apps that were applied again (`None`: the data
     /// was the set's already, and nothing was written).
@@ -112,15 +124,30 @@ impl ControlPlane {
         &self,
         ns: &str,
         name: &str,
-        data: BTreeMap<String, String>,
+        change: ConfigChange,
         create: bool,
     ) -> Result<(ConfigSet, Option<Vec<AppKey>>), ControlError> {
         let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
         shoal_core::validate_name(name).map_err(|e| bad(format!("config set name: {e}")))?;
         shoal_core::validate_name(ns).map_err(|e| bad(format!("namespace: {e}")))?;
-        check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
         let key = keys::config_set(ns, name);
         let existing = self.get::<ConfigSet>(&key)?;
+        let data = match (change, &existing) {
+            (ConfigChange::Replace(data), _) => data,
+            (ConfigChange::Merge { set, unset }, Some((current, _))) if !create => {
+                let mut data = current.data.clone();
+                data.extend(set);
+                for k in unset {
+                    if data.remove(&k).is_none() {
+                        return Err(bad(format!("config set {name} has no key {k:?}")));
+                    }
+                }
+                data
+            }
+            // Refused below: it exists, or it does not.
+            (ConfigChange::Merge { set, .. }, _) => set,
+        };
+        check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
         if let Some((set, _)) = existing.as_ref().filter(|(s, _)| !create && s.data == data) {
             return Ok((set.clone(), None));
         }
@@ -294,8 +321,13 @@ mod tests {
     fn users_left_on_old_values_by_a_crash_take_the_new_ones_when_a_controller_starts() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path());
-        cp.put_config_set("default", "shared", data("one"), true)
-            .unwrap();
+        cp.put_config_set(
+            "default",
+            "shared",
+            ConfigChange::Replace(data("one")),
+            true,
+        )
+        .unwrap();
         let digest = uploaded(&cp);
         for (name, sets) in [("web", "[\"shared\"]"), ("plain", "[]")] {
             let src = format!(
@@ -368,8 +400,13 @@ mod tests {
     fn a_change_a_user_cannot_take_is_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path());
-        cp.put_config_set("default", "shared", data("one"), true)
-            .unwrap();
+        cp.put_config_set(
+            "default",
+            "shared",
+            ConfigChange::Replace(data("one")),
+            true,
+        )
+        .unwrap();
         let digest = uploaded(&cp);
         let src = format!(
             "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\n\
@@ -379,7 +416,12 @@ mod tests {
         cp.apply(spec, false).unwrap();
 
         let e = cp
-            .put_config_set("default", "shared", BTreeMap::new(), false)
+            .put_config_set(
+                "default",
+                "shared",
+                ConfigChange::Replace(BTreeMap::new()),
+                false,
+            )
             .unwrap_err();
         assert!(matches!(e, ControlError::Conflict(_)), "{e}");
         let said = e.to_string();
@@ -393,7 +435,12 @@ mod tests {
         );
         // A change it can take goes through, and rolls it.
         let (_, rolled) = cp
-            .put_config_set("default", "shared", data("two"), false)
+            .put_config_set(
+                "default",
+                "shared",
+                ConfigChange::Replace(data("two")),
+                false,
+            )
             .unwrap();
         assert_eq!(rolled.unwrap(), [AppKey::new("default", "web")]);
         // The same data again writes nothing and rolls nothing.
@@ -403,7 +450,12 @@ mod tests {
         };
         let before = web();
         let (_, rolled) = cp
-            .put_config_set("default", "shared", data("two"), false)
+            .put_config_set(
+                "default",
+                "shared",
+                ConfigChange::Replace(data("two")),
+                false,
+            )
             .unwrap();
         assert_eq!(rolled, None);
         assert_eq!(web(), before);
