@@ -275,6 +275,22 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         listed.lines().any(|l| l.starts_with('*') && l.contains(&a)),
         "{listed}"
     );
+    // A cluster that cannot start (its gateway's port is taken) changes no context.
+    let before = std::fs::read_to_string(&config).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let failed = std::process::Command::new(common::SHOAL)
+        .args(["up", "--api", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("c"))
+        .args(["--gateway", &taken.local_addr().unwrap().to_string()])
+        .env("SHOAL_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(!failed.status.success(), "{failed:?}");
+    assert!(
+        String::from_utf8_lossy(&failed.stderr).contains("cannot listen on"),
+        "{failed:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
     let missing = std::process::Command::new(common::SHOAL)
         .args(["--context", "nope", "get", "apps"])
         .env("SHOAL_CONFIG", &config)

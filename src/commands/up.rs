@@ -999,13 +999,22 @@ pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()>
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
+    // The node's flags and port first: a cluster that cannot start its node must not make
+    // its context the CLI's current one, which start_control does.
+    let name = node_name(&args.node)?;
+    let data = args
+        .control
+        .data_dir
+        .clone()
+        .unwrap_or_else(default_data_dir);
+    private_dir(&data)?;
+    let site = prepare_node(&data, &args.node).await?;
     let c = start_control(&ctx, &args.control, None).await?;
-    let site = prepare_node(&c.data, &args.node).await?;
     let node = start_node(
         &c.data,
         &args.node,
         site,
-        node_name(&args.node)?,
+        name,
         Arc::new(LocalLink(c.control.clone())),
         &c.ca,
     )
