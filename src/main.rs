@@ -111,10 +111,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(
-        cli.command,
-        Command::Up(_) | Command::Server(_) | Command::Node(_)
-    ) {
+    let daemon = match &cli.command {
+        Command::Up(_) | Command::Server(_) => true,
+        Command::Node(node) => node.is_join(),
+        _ => false,
+    };
+    if !daemon {
         quiet_on_closed_pipe();
     }
     let diff = match &cli.command {

@@ -164,18 +164,21 @@ fn a_closed_pipe_ends_a_command_quietly_completions_print_and_durations_mix_unit
             "a=1",
         ]);
     }
-    // The reader is gone before the command writes: no panic, no message.
-    let mut child = std::process::Command::new(common::SHOAL)
-        .args(["events"])
-        .env("SHOAL_CONFIG", c.config())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    drop(child.stdout.take());
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.is_empty(), "{stderr}");
+    // The reader is gone before the command writes: no panic, no message. `node` commands
+    // too, which were left out with `node join`.
+    for args in [&["events"][..], &["node", "cordon", "node-1"]] {
+        let mut child = std::process::Command::new(common::SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", c.config())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
 
     let script = c.cli_ok(&["completion", "bash"]);
     assert!(

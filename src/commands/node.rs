@@ -24,6 +24,14 @@ pub struct NodeCommand {
     action: NodeAction,
 }
 
+impl NodeCommand {
+    /// Whether it runs a node (a daemon, which keeps Rust's way with a closed pipe), not a
+    /// command on one.
+    pub fn is_join(&self) -> bool {
+        matches!(self.action, NodeAction::Join(_))
+    }
+}
+
 #[derive(clap::Subcommand)]
 enum NodeAction {
     /// Run a worker node that joins the control plane at URL (or at several servers of it).
