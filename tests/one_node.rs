@@ -134,15 +134,25 @@ fn apply_serve_inspect_update_delete() {
     // Delete: replicas stop, the route goes away.
     let out = c.cli_ok(&["delete", "app", "hello"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seen_delete = false;
-    while !seen_delete && std::time::Instant::now() < deadline {
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains("Deleted"))
+        && std::time::Instant::now() < deadline
+    {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen_delete = line.contains("Deleted");
+            seen.push(line);
         }
     }
     let _ = follower.kill();
     let _ = follower.wait();
-    assert!(seen_delete, "events --follow never showed the delete");
+    let deleted = seen.last().filter(|l| l.contains("Deleted"));
+    let deleted = deleted.expect("events --follow never showed the delete");
+    // In the first batch's columns: its message starts under MESSAGE.
+    let at = seen[0].find("MESSAGE").expect("a header first");
+    assert!(
+        deleted.len() > at && &deleted[at - 1..at] == " " && &deleted[at..=at] != " ",
+        "{}",
+        seen.join("\n")
+    );
     assert!(out.contains("deleted"), "{out}");
     c.wait_gw("/hello", 404, "no_route");
     assert!(poll(Duration::from_secs(20), || c

@@ -1,6 +1,6 @@
 use super::Context;
 use super::get::event_rows;
-use crate::output::{Format, table};
+use crate::output::{self, Format};
 use anyhow::Result;
 use shoal_api::seg;
 use shoal_core::Event;
@@ -20,6 +20,8 @@ pub struct EventsArgs {
     follow: bool,
 }
 
+const HEADER: &[&str] = &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"];
+
 /// `shoal events`: what happened, oldest first; `--follow` polls for more.
 pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
     let client = ctx.client()?;
@@ -30,7 +32,7 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
         .unwrap_or_default();
     let base = format!("/v1/events?namespace={}{app}", seg(&ctx.namespace));
     let mut events: Vec<Event> = client.get(&base).await?;
-    let mut header = ctx.output == Format::Table;
+    let mut widths: Option<Vec<usize>> = None;
     // The last event printed: what comes next is asked for after it, however many empty
     // answers come between.
     let mut after = None;
@@ -44,13 +46,20 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
                         println!("{}", serde_json::to_string(event)?);
                     }
                 }
-                Format::Table if header => table(
-                    &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"],
-                    &event_rows(&events),
-                ),
-                Format::Table => table_rows(&events),
+                Format::Table => {
+                    let rows = event_rows(&events);
+                    // Later batches keep the first one's columns, as `get -w` does.
+                    let widths = widths.get_or_insert_with(|| {
+                        let widths = output::widths(HEADER, &rows);
+                        let header: Vec<String> = HEADER.iter().map(|h| h.to_string()).collect();
+                        output::print_row(&widths, &header);
+                        widths
+                    });
+                    for row in &rows {
+                        output::print_row(widths, row);
+                    }
+                }
             }
-            header = false;
         }
         if !args.follow {
             return Ok(());
@@ -61,12 +70,5 @@ pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
             None => base.clone(),
         };
         events = client.patiently(|| client.get(&path)).await?;
-    }
-}
-
-/// Rows without the header, for follow-up batches.
-fn table_rows(events: &[Event]) {
-    for row in event_rows(events) {
-        println!("{}", row.join("   "));
     }
 }
