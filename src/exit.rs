@@ -86,6 +86,13 @@ pub fn fail(code: u8, message: String) -> anyhow::Error {
     Classified { code, message }.into()
 }
 
+/// Whether `e` says what was asked for does not exist (exit code 3).
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<Classified>())
+        .any(|c| c.code == NOT_FOUND)
+}
+
 /// The exit code an API status means, if it is one the code tells apart.
 pub fn for_status(status: u16) -> Option<u8> {
     match status {

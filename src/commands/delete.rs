@@ -102,7 +102,7 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
                 }
                 deleted.push(answer);
             }
-            Err(e) if args.ignore_not_found && is_not_found(&e) => {}
+            Err(e) if args.ignore_not_found && crate::exit::is_not_found(&e) => {}
             Err(e) if several => {
                 eprintln!("error: {e:#}");
                 first_error.get_or_insert(e);
@@ -182,12 +182,6 @@ fn said(target: &Target, answer: &serde_json::Value) -> String {
             answer["deleted"].as_str().unwrap_or(name)
         ),
     }
-}
-
-fn is_not_found(e: &anyhow::Error) -> bool {
-    e.chain()
-        .filter_map(|c| c.downcast_ref::<crate::exit::Classified>())
-        .any(|c| c.code == crate::exit::NOT_FOUND)
 }
 
 /// The module digest `given` means: itself if whole, else the one uploaded module it starts.

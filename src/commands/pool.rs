@@ -122,10 +122,16 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
                     .with_context(|| format!("cannot read {}", file.display()))?;
                 let (name, spec) = shoal_core::spec::parse_pool(&text)
                     .map_err(|e| super::apply::in_file(&file, e))?;
-                let exists = client
+                // Only "no such pool" makes a new one: an API that cannot answer, or a token
+                // that may not look, is said as it is.
+                let exists = match client
                     .checked(client.request(reqwest::Method::GET, &path(&name)))
                     .await
-                    .is_ok();
+                {
+                    Ok(_) => true,
+                    Err(e) if crate::exit::is_not_found(&e) => false,
+                    Err(e) => return Err(e),
+                };
                 let write = PoolWrite {
                     create: !exists,
                     spec,
