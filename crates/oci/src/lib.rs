@@ -7,8 +7,9 @@
 //! Loopback registries, and those the operator lists as insecure, speak plain
 //! HTTP; every other registry HTTPS.
 
-use oci_client::client::{ClientConfig, ClientProtocol, SizedStream};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
 use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -22,6 +23,17 @@ pub const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
 pub const WASM_LAYER: &str = "application/wasm";
 /// The layer media type of the older wasm-to-oci convention, still pushed by some tools.
 const LEGACY_WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
+
+/// The most a manifest may hold. A component's is under a kilobyte; a registry that sends
+/// more is cut off there rather than fill the control plane's memory (anyone who may apply
+/// may name any registry).
+pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
+/// The most a registry's token answer, or an error's body, may hold.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+/// How long a manifest's or a token's request may take, whole.
+const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The manifests a pull asks for: OCI's and Docker's image manifests.
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 #[derive(Debug, Error)]
 pub enum OciError {
@@ -143,6 +155,19 @@ pub struct Credentials {
     pub password: String,
 }
 
+impl Credentials {
+    /// An `Authorization` header of these, basic.
+    fn basic(&self) -> http::HeaderValue {
+        use base64::Engine as _;
+        let pair = format!("{}:{}", self.username, self.password);
+        let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+        let mut value = http::HeaderValue::try_from(format!("Basic {encoded}"))
+            .expect("base64 is a header value");
+        value.set_sensitive(true);
+        value
+    }
+}
+
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
@@ -151,13 +176,81 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// The HTTP client pulls go through: the Web PKI's roots (a registry's certificate is a
+/// public one), and timeouts for connecting and for each read.
+fn pull_client() -> reqwest::Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("ring supports the default protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .read_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .expect("the pull client's settings are valid")
+}
+
+/// `response`'s body, if it holds at most `limit` bytes.
+async fn bounded(response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(format!("it is larger than {limit} bytes"));
+    }
+    let mut body = Vec::new();
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| causes(&e))?;
+        if body.len() + chunk.len() > limit {
+            return Err(format!("it is larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The `key="value"` (or `key=value`) pairs of a challenge, comma-separated.
+fn challenge_params(text: &str) -> Vec<(String, String)> {
+    let mut params = Vec::new();
+    let mut rest = text.trim();
+    while let Some((key, after)) = rest.split_once('=') {
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, next) = match after.strip_prefix('"') {
+            Some(quoted) => match quoted.split_once('"') {
+                Some((value, next)) => (value, next),
+                None => (quoted, ""),
+            },
+            None => after.split_once(',').unwrap_or((after, "")),
+        };
+        params.push((key, value.to_string()));
+        rest = next.trim_start().trim_start_matches(',');
+    }
+    params
+}
+
 /// One registry conversation about one reference (the client keeps the
-/// registry's token between the manifest and the blob).
+/// registry's token between the manifest and the blob). Pulls (`resolve`, `layer`) are
+/// Shoal's own requests, every answer read within a bound; pushes go through oci-client.
 pub struct Registry {
     client: Client,
     reference: Reference,
     name: String,
     auth: RegistryAuth,
+    http: reqwest::Client,
+    /// `https://host` or `http://host:port`: where the registry's API is.
+    base: String,
+    credentials: Option<Credentials>,
+    /// What the registry took last: a bearer token got for this conversation, or basic.
+    authorization: std::sync::Mutex<Option<http::HeaderValue>>,
 }
 
 impl Registry {
@@ -192,14 +285,20 @@ impl Registry {
             (Some(t), None) => Reference::with_tag(registry, repository, t.clone()),
             (None, None) => Reference::with_tag(registry, repository, "latest".into()),
         };
+        let scheme = if plain { "http" } else { "https" };
+        let base = format!("{scheme}://{}", oci.resolve_registry());
         Registry {
             client,
             reference: oci,
             name: reference.to_string(),
-            auth: match credentials {
+            auth: match credentials.clone() {
                 Some(c) => RegistryAuth::Basic(c.username, c.password),
                 None => RegistryAuth::Anonymous,
             },
+            http: pull_client(),
+            base,
+            credentials,
+            authorization: std::sync::Mutex::new(None),
         }
     }
 
@@ -241,21 +340,43 @@ impl Registry {
 
     /// Fetches the manifest the reference names now and picks its component layer.
     pub async fn resolve(&self) -> Result<Resolved, OciError> {
-        let (manifest, digest) = self
-            .client
-            .pull_image_manifest(&self.reference, &self.auth)
+        let target = match (self.reference.digest(), self.reference.tag()) {
+            (Some(digest), _) => digest,
+            (None, tag) => tag.unwrap_or("latest"),
+        };
+        let url = format!(
+            "{}/v2/{}/manifests/{target}",
+            self.base,
+            self.reference.repository()
+        );
+        let response = self.get(&url, Some(MANIFEST_TYPES), true).await?;
+        let announced = response
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = bounded(response, MAX_MANIFEST_BYTES)
             .await
-            .map_err(|e| self.registry_error(e))?;
-        if let Some(expected) = self.reference.digest()
-            && expected != digest
+            .map_err(|why| self.failed(format!("reading its manifest: {why}")))?;
+        let digest = sha256(&body);
+        for expected in [self.reference.digest(), announced.as_deref()]
+            .into_iter()
+            .flatten()
         {
-            return Err(OciError::DigestMismatch {
-                reference: self.name.clone(),
-                what: "manifest",
-                expected: expected.to_string(),
-                got: digest,
-            });
+            if expected != digest {
+                return Err(OciError::DigestMismatch {
+                    reference: self.name.clone(),
+                    what: "manifest",
+                    expected: expected.to_string(),
+                    got: digest,
+                });
+            }
         }
+        let manifest: OciImageManifest =
+            serde_json::from_slice(&body).map_err(|e| OciError::NotAComponent {
+                reference: self.name.clone(),
+                why: format!("its manifest is no image manifest: {e}"),
+            })?;
         let layer = component_layer(&manifest)
             .map_err(|why| OciError::NotAComponent {
                 reference: self.name.clone(),
@@ -269,11 +390,158 @@ impl Registry {
     }
 
     /// The bytes of `layer`, as they arrive; the caller bounds and hashes them.
-    pub async fn layer(&self, layer: &OciDescriptor) -> Result<SizedStream, OciError> {
-        self.client
-            .pull_blob_stream(&self.reference, layer)
+    pub async fn layer(
+        &self,
+        layer: &OciDescriptor,
+    ) -> Result<BoxStream<'static, Result<bytes::Bytes, String>>, OciError> {
+        let url = format!(
+            "{}/v2/{}/blobs/{}",
+            self.base,
+            self.reference.repository(),
+            layer.digest
+        );
+        let response = self.get(&url, None, false).await?;
+        Ok(response.bytes_stream().map_err(|e| causes(&e)).boxed())
+    }
+
+    /// GETs `url` (within [`ANSWER_TIMEOUT`] if `whole`), answering the registry's challenge
+    /// once if it asks for credentials: basic, or a bearer token from its token service.
+    /// Only a success comes back; any other answer is the error it means.
+    async fn get(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+        whole: bool,
+    ) -> Result<reqwest::Response, OciError> {
+        let mut challenged = false;
+        loop {
+            let mut request = self.http.get(url);
+            if whole {
+                request = request.timeout(ANSWER_TIMEOUT);
+            }
+            if let Some(accept) = accept {
+                request = request.header(http::header::ACCEPT, accept);
+            }
+            if let Some(authorization) = self.held() {
+                request = request.header(http::header::AUTHORIZATION, authorization);
+            }
+            let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
+            let status = response.status();
+            if status.is_success() {
+                return Ok(response);
+            }
+            if status == http::StatusCode::UNAUTHORIZED && !challenged {
+                challenged = true;
+                let challenge = response
+                    .headers()
+                    .get(http::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if let Some(answer) = self.answer(challenge.as_deref()).await? {
+                    *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
+                    continue;
+                }
+            }
+            return Err(self.refused(response).await);
+        }
+    }
+
+    /// What to send for `challenge` (a `WWW-Authenticate` header), if anything: the
+    /// credentials, as basic, or a token the challenge's realm gives for them (or for
+    /// anyone, as public registries give one).
+    async fn answer(&self, challenge: Option<&str>) -> Result<Option<http::HeaderValue>, OciError> {
+        let Some(challenge) = challenge else {
+            return Ok(None);
+        };
+        let (scheme, params) = challenge.split_once(' ').unwrap_or((challenge, ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Ok(self.credentials.as_ref().map(Credentials::basic));
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Ok(None);
+        }
+        let params = challenge_params(params);
+        let Some(realm) = params.iter().find(|(k, _)| k == "realm").map(|(_, v)| v) else {
+            return Ok(None);
+        };
+        let scope = format!("repository:{}:pull", self.reference.repository());
+        let mut query: Vec<(&str, &str)> = vec![("scope", &scope)];
+        if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
+            query.push(("service", service));
+        }
+        let mut request = self.http.get(realm).query(&query).timeout(ANSWER_TIMEOUT);
+        if let Some(c) = &self.credentials {
+            request = request.header(http::header::AUTHORIZATION, c.basic());
+        }
+        let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.refused(response).await);
+        }
+        let body = bounded(response, MAX_ANSWER_BYTES)
             .await
-            .map_err(|e| self.registry_error(e))
+            .map_err(|why| self.failed(format!("reading its token service's answer: {why}")))?;
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let token: Token = serde_json::from_slice(&body)
+            .map_err(|e| self.failed(format!("its token service answered no token: {e}")))?;
+        let Some(token) = token.token.or(token.access_token) else {
+            return Err(self.failed("its token service answered no token".to_string()));
+        };
+        http::HeaderValue::try_from(format!("Bearer {token}"))
+            .map(Some)
+            .map_err(|_| self.failed("its token service answered a token that is no header".into()))
+    }
+
+    /// The error a registry's answer other than a success means, from its status and the
+    /// OCI error codes of its body (read within a bound).
+    async fn refused(&self, response: reqwest::Response) -> OciError {
+        let status = response.status();
+        let body = bounded(response, MAX_ANSWER_BYTES)
+            .await
+            .unwrap_or_default();
+        let codes: Vec<OciErrorCode> = serde_json::from_slice::<OciEnvelope>(&body)
+            .map(|e| e.errors.into_iter().map(|e| e.code).collect())
+            .unwrap_or_default();
+        let has = |wanted: &[OciErrorCode]| codes.iter().any(|c| wanted.contains(c));
+        if matches!(status.as_u16(), 401 | 403)
+            || has(&[OciErrorCode::Unauthorized, OciErrorCode::Denied])
+        {
+            return OciError::Unauthorized {
+                reference: self.name.clone(),
+                anonymous: self.credentials.is_none(),
+            };
+        }
+        if has(&[OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown])
+            || (status == http::StatusCode::NOT_FOUND && codes.is_empty())
+        {
+            return OciError::NotFound {
+                reference: self.name.clone(),
+            };
+        }
+        let said = String::from_utf8_lossy(&body);
+        let said: String = said.trim().chars().take(200).collect();
+        self.failed(match said.is_empty() {
+            true => format!("the registry answered {status}"),
+            false => format!("the registry answered {status}: {said}"),
+        })
+    }
+
+    /// What the registry took last, to send again.
+    fn held(&self) -> Option<http::HeaderValue> {
+        self.authorization
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn failed(&self, why: String) -> OciError {
+        OciError::Registry {
+            reference: self.name.clone(),
+            why,
+        }
     }
 
     /// Pushes `component` under the reference in the wkg layout; returns the
