@@ -591,6 +591,7 @@ async fn lead(
             }
         };
         tracing::info!(server = %id, "leading: the controller runs here");
+        control.lead(shoal_etcd::LEADER_KEY, leadership.revision());
         let stepping_down = tokio::select! {
             () = run_control_loops(control.clone(), loops.0.clone(), loops.1.clone()) => return,
             () = leadership.lost() => {

@@ -249,7 +249,7 @@ impl ControlPlane {
                 .map(|r| r.updated_at.saturating_sub(r.created_at) as f64 / 1_000.0)
                 .collect();
             written.push((scope, reasons, waited));
-            txns.push(self.batch_txn(batch));
+            txns.push(self.fenced(self.batch_txn(batch)));
         }
         let answers = self.store().txns(txns);
         for ((scope, reasons, waited), answer) in written.into_iter().zip(answers) {
@@ -348,7 +348,7 @@ impl ControlPlane {
                         .when_mod_revision(key.clone(), revision.mod_revision)
                         .then(Op::delete(key));
                 }
-                let done = self.store().txn(txn)?.succeeded;
+                let done = self.store().txn(self.fenced(txn))?.succeeded;
                 tracing::debug!(app = %first.app, revisions = part.len(), done, "pruned revision history");
             }
         }
@@ -365,7 +365,7 @@ impl ControlPlane {
             for kv in part {
                 txn = txn.then(Op::delete(kv.key.clone()));
             }
-            self.store().txn(txn)?;
+            self.store().txn(self.fenced(txn))?;
         }
         Ok(())
     }
@@ -634,6 +634,45 @@ mod tests {
         });
         let l = clock.observe(t0 + Duration::from_millis(600), &one, &BTreeMap::new());
         assert_eq!((l.since_eviction, l.held), (Some(600), true));
+    }
+
+    /// A server that lost the leadership of a shared store may still be in a pass, or have
+    /// a write on its way: guarded on the leader key's revision when it won, none of it lands
+    /// once the key is another's.
+    #[test]
+    fn a_deposed_leaders_writes_do_not_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = crate::state::tests::control_plane(dir.path());
+        let digest = crate::state::tests::uploaded(&cp);
+        let won = cp
+            .store()
+            .txn(Txn::new().then(Op::put("/leader", "this")))
+            .unwrap()
+            .revision;
+        cp.lead("/leader", won);
+        let rolled_out = |name: &str| {
+            let src = format!(
+                "name = \"{name}\"\n[scale]\nreplicas = 0\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
+            );
+            let spec = shoal_core::spec::parse_app(&src)
+                .unwrap()
+                .resolve(digest.clone())
+                .unwrap();
+            let key = spec.key();
+            cp.apply(spec, false).unwrap();
+            let (kvs, revision) = cp.store().range("/").unwrap();
+            let mut mirror = Mirror::load(&kvs, revision).unwrap();
+            cp.pass(&mut mirror, &mut LeaseClock::default(), true)
+                .unwrap();
+            cp.get::<shoal_core::RolloutStatus>(&keys::rollout(&key))
+                .unwrap()
+                .is_some()
+        };
+        assert!(rolled_out("while-leading"));
+        cp.store()
+            .txn(Txn::new().then(Op::put("/leader", "another")))
+            .unwrap();
+        assert!(!rolled_out("after-losing"));
     }
 
     #[tokio::test]

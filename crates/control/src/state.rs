@@ -104,6 +104,10 @@ pub(crate) struct Inner {
     pub(crate) event_writer: u32,
     /// Wakes the controller when something it owns should be looked at again.
     pub(crate) kick: Notify,
+    /// On a shared store, the leader key and its revision when this server won the
+    /// leadership: every controller write is guarded on it, so a deposed leader's pass (one
+    /// still running, or a write etcd answers late) changes nothing. See [`ControlPlane::lead`].
+    pub(crate) fence: std::sync::RwLock<Option<(String, u64)>>,
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
     /// What the gateways measured per app revision, for canary analysis.
@@ -277,6 +281,7 @@ impl ControlPlane {
                     u32::from_le_bytes(bytes)
                 },
                 kick: Notify::new(),
+                fence: std::sync::RwLock::new(None),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
                 clock,
@@ -302,6 +307,21 @@ impl ControlPlane {
 
     pub fn store(&self) -> &dyn KvStore {
         &*self.inner.store
+    }
+
+    /// From now on, the controller's writes take effect only while `key` (the leader key of a
+    /// shared store) has the revision `revision`, at which this server won the leadership.
+    pub fn lead(&self, key: &str, revision: u64) {
+        *self.inner.fence.write().unwrap_or_else(|p| p.into_inner()) =
+            Some((key.to_string(), revision));
+    }
+
+    /// `txn`, guarded on the leadership this server's controller writes under, if any.
+    pub(crate) fn fenced(&self, txn: Txn) -> Txn {
+        match &*self.inner.fence.read().unwrap_or_else(|p| p.into_inner()) {
+            Some((key, revision)) => txn.when_mod_revision(key.clone(), *revision),
+            None => txn,
+        }
     }
 
     pub fn blobs(&self) -> &BlobStore {

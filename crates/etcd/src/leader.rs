@@ -30,12 +30,20 @@ pub const LEASE_TTL: Duration = Duration::from_secs(2);
 /// Held while this process leads. [`Leadership::lost`] resolves when the lease may have run out;
 /// dropping it steps down (the lease is revoked, so another candidate takes over at once).
 pub struct Leadership {
+    /// The etcd revision at which the leader key was made this process's.
+    revision: u64,
     lost: watch::Receiver<bool>,
     _keeper: tokio::task::JoinHandle<()>,
     revoke: Option<(Client, i64, tokio::runtime::Handle)>,
 }
 
 impl Leadership {
+    /// The leader key's revision while this process leads: writes guarded on it (its
+    /// mod revision) fail once the key has gone with the lease, or is another's.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// Resolves once this process may no longer be the leader.
     pub async fn lost(&mut self) {
         // An error means the keeper is gone, which only happens once it has said so.
@@ -81,7 +89,8 @@ impl EtcdStore {
                 let lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
                 let (lost_tx, lost) = watch::channel(false);
                 let keeper = tokio::spawn(keep_alive(client.clone(), lease, lost_tx));
-                let leadership = Leadership {
+                let mut leadership = Leadership {
+                    revision: 0,
                     lost,
                     _keeper: keeper,
                     revoke: Some((client.clone(), lease, tokio::runtime::Handle::current())),
@@ -100,10 +109,12 @@ impl EtcdStore {
                             Some(PutOptions::new().with_lease(lease)),
                         )]);
                     let resp = c.txn(txn).await?;
+                    let at = resp.header().map_or(0, |h| h.revision());
                     if resp.succeeded() {
+                        // Shoal counts revisions from etcd's minus one (see the crate's doc).
+                        leadership.revision = u64::try_from(at - 1).unwrap_or(0);
                         return Ok(leadership);
                     }
-                    let at = resp.header().map_or(0, |h| h.revision());
                     wait_for_delete(&mut c, at + 1).await?;
                 }
             })

@@ -865,36 +865,40 @@ fn txn_bytes(txn: &Txn) -> usize {
     compared.chain(written).sum()
 }
 
-/// The lengths of the runs `txns` split into, in order, such that no two transactions of a run
-/// touch a key in common (a compare or a write, a deleted prefix touching every key under it):
-/// a run can be committed at once without changing what any of them sees, and etcd refuses
-/// one transaction writing a key twice.
+/// The lengths of the runs `txns` split into, in order, such that no transaction of a run
+/// writes a key another of the run compares or writes (a deleted prefix touching every key
+/// under it): a run can be committed at once without changing what any of them sees, and
+/// etcd refuses one transaction writing a key twice. Keys only compared (a controller's
+/// guard on the leader key, in every one of its writes) keep no two apart.
 fn independent_runs<'a>(txns: impl Iterator<Item = &'a Txn>) -> Vec<usize> {
     let mut runs = Vec::new();
     let mut len = 0;
-    let mut keys: HashSet<&str> = HashSet::new();
+    let (mut read, mut written): (HashSet<&str>, HashSet<&str>) = Default::default();
     let mut prefixes: Vec<&str> = Vec::new();
     for txn in txns {
-        let mut own_keys = Vec::new();
+        let mut own_read = Vec::new();
+        let mut own_written = Vec::new();
         let mut own_prefixes = Vec::new();
         for c in &txn.compares {
             match c {
                 Compare::ModRevision { key, .. } | Compare::Version { key, .. } => {
-                    own_keys.push(key.as_str())
+                    own_read.push(key.as_str())
                 }
             }
         }
         for op in txn.success.iter().chain(&txn.failure) {
             match op {
-                Op::Put { key, .. } | Op::Delete { key } => own_keys.push(key.as_str()),
+                Op::Put { key, .. } | Op::Delete { key } => own_written.push(key.as_str()),
                 Op::DeletePrefix { prefix } => own_prefixes.push(prefix.as_str()),
             }
         }
-        let clash = own_keys
+        let under = |k: &str| prefixes.iter().any(|p| k.starts_with(p));
+        let clash = own_written
             .iter()
-            .any(|k| keys.contains(k) || prefixes.iter().any(|p| k.starts_with(p)))
+            .any(|k| read.contains(k) || written.contains(k) || under(k))
+            || own_read.iter().any(|k| written.contains(k) || under(k))
             || own_prefixes.iter().any(|p| {
-                keys.iter().any(|k| k.starts_with(p))
+                read.iter().chain(&written).any(|k| k.starts_with(p))
                     || prefixes
                         .iter()
                         .any(|q| p.starts_with(q) || q.starts_with(p))
@@ -902,11 +906,13 @@ fn independent_runs<'a>(txns: impl Iterator<Item = &'a Txn>) -> Vec<usize> {
         if clash {
             runs.push(len);
             len = 0;
-            keys.clear();
+            read.clear();
+            written.clear();
             prefixes.clear();
         }
         len += 1;
-        keys.extend(own_keys);
+        read.extend(own_read);
+        written.extend(own_written);
         prefixes.extend(own_prefixes);
     }
     if len > 0 {
@@ -1065,5 +1071,14 @@ mod tests {
         assert!(independent_runs([].iter()).is_empty());
         let apart: Vec<Txn> = (0..5).map(|i| put(&format!("/k{i}"))).collect();
         assert_eq!(independent_runs(apart.iter()), [5]);
+        // A key every one only compares (the controller's leader key) keeps none apart; one
+        // that writes it does.
+        let fenced: Vec<Txn> = (0..5)
+            .map(|i| put(&format!("/k{i}")).when_mod_revision("/leader", 7))
+            .collect();
+        assert_eq!(independent_runs(fenced.iter()), [5]);
+        let mut taken = fenced.clone();
+        taken.insert(2, put("/leader"));
+        assert_eq!(independent_runs(taken.iter()), [2, 1, 3]);
     }
 }
