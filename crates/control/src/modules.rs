@@ -100,6 +100,8 @@ impl ControlPlane {
     /// Deletes the module and its use if both are still as read, then its blob.
     fn delete_module_record(&self, read: &Read, why: &str) -> Result<bool, ControlError> {
         let module = &read.module;
+        // Record and file go together, with no upload of the same bytes in between.
+        let _deleting = self.module_lock(&module.digest);
         let key = keys::module(&module.digest);
         let use_key = keys::module_use(&module.digest);
         let txn = Txn::new().when_mod_revision(key.clone(), read.at);
@@ -248,5 +250,33 @@ mod tests {
         assert!(!cp.delete_module_record(&read[0], "test").unwrap());
         assert!(cp.get::<Module>(&keys::module(&digest)).unwrap().is_some());
         assert_eq!(cp.collect_modules(Duration::ZERO).unwrap(), 0, "in use");
+    }
+
+    /// An upload that found the file of a module being deleted, and is recorded after the
+    /// delete: refused, not recorded with no file under it (nodes would find none).
+    #[tokio::test]
+    async fn an_upload_of_a_module_deleted_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = crate::state::tests::control_plane(dir.path());
+        let upload = || {
+            let bytes = bytes::Bytes::from_static(b"\0asm\x0d\0\x01\0");
+            cp.blobs()
+                .put_stream(futures::stream::iter([Ok::<_, String>(bytes)]), 1 << 20)
+        };
+        let first = upload().await.unwrap();
+        cp.register_module(&first.digest, first.size, first.existed, None)
+            .unwrap();
+        let again = upload().await.unwrap();
+        assert!(again.existed);
+        cp.delete_module(&again.digest).unwrap();
+        let e = cp
+            .register_module(&again.digest, again.size, again.existed, None)
+            .unwrap_err();
+        assert!(e.to_string().contains("deleted as it was uploaded"), "{e}");
+        assert!(
+            cp.get::<Module>(&keys::module(&again.digest))
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -108,6 +108,10 @@ pub(crate) struct Inner {
     /// leadership: every controller write is guarded on it, so a deposed leader's pass (one
     /// still running, or a write etcd answers late) changes nothing. See [`ControlPlane::lead`].
     pub(crate) fence: std::sync::RwLock<Option<(String, u64)>>,
+    /// Held (by digest, striped) while a module is recorded, and while its record is deleted
+    /// and its file unlinked: an upload of the same bytes in between would record a module
+    /// whose file goes just after.
+    pub(crate) module_locks: [std::sync::Mutex<()>; 16],
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
     /// What the gateways measured per app revision, for canary analysis.
@@ -282,6 +286,7 @@ impl ControlPlane {
                 },
                 kick: Notify::new(),
                 fence: std::sync::RwLock::new(None),
+                module_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
                 clock,
@@ -402,6 +407,15 @@ impl ControlPlane {
 
     // ---- modules ----
 
+    /// The lock module `digest` is recorded and deleted under (see `Inner::module_locks`).
+    pub(crate) fn module_lock(&self, digest: &str) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = digest
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31) ^ b as usize);
+        let lock = &self.inner.module_locks[stripe % self.inner.module_locks.len()];
+        lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records an uploaded or pulled blob after checking that it is WebAssembly.
     pub(crate) fn register_module(
         &self,
@@ -411,8 +425,19 @@ impl ControlPlane {
         oci: Option<OciOrigin>,
     ) -> Result<(Module, bool), ControlError> {
         let key = keys::module(digest);
+        let _recording = self.module_lock(digest);
         if let Some((m, _)) = self.get::<Module>(&key)? {
             return Ok((m, true));
+        }
+        // Its file went with a delete of the module that came first (the upload found it
+        // there, and wrote nothing).
+        let gone = || {
+            ControlError::conflict(format!(
+                "module {digest} was deleted as it was uploaded: upload it again"
+            ))
+        };
+        if !self.inner.blobs.contains(digest) {
+            return Err(gone());
         }
         let bytes = self
             .inner
@@ -447,10 +472,12 @@ impl ControlPlane {
         let txn = Txn::new()
             .when_absent(&key)
             .then(Op::put(&key, encode(&module)));
-        if !self.inner.store.txn(txn)?.succeeded
-            && let Some((m, _)) = self.get(&key)?
-        {
-            return Ok((m, true));
+        if !self.inner.store.txn(txn)?.succeeded {
+            // Another server recorded it first; or recorded it and deleted it since.
+            return match self.get(&key)? {
+                Some((m, _)) => Ok((m, true)),
+                None => Err(gone()),
+            };
         }
         Ok((module, false))
     }
