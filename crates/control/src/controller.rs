@@ -77,8 +77,7 @@ impl ControlPlane {
                     }
                 },
             };
-            // Everything written so far, this controller's last writes included.
-            let to = self.store().revision();
+            let to = self.catch_up_to(&mirror);
             match tokio::time::timeout(CATCH_UP, catch_up(&mut mirror, &mut watcher, to)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -253,7 +252,9 @@ impl ControlPlane {
         }
         let answers = self.store().txns(txns);
         for ((scope, reasons, waited), answer) in written.into_iter().zip(answers) {
-            if answer?.succeeded {
+            let answer = answer?;
+            self.wrote_at(answer.revision);
+            if answer.succeeded {
                 let observed = &self.inner.observed;
                 for reason in reasons {
                     let reason = crate::prometheus::Reason {
@@ -348,7 +349,9 @@ impl ControlPlane {
                         .when_mod_revision(key.clone(), revision.mod_revision)
                         .then(Op::delete(key));
                 }
-                let done = self.store().txn(self.fenced(txn))?.succeeded;
+                let answer = self.store().txn(self.fenced(txn))?;
+                self.wrote_at(answer.revision);
+                let done = answer.succeeded;
                 tracing::debug!(app = %first.app, revisions = part.len(), done, "pruned revision history");
             }
         }
@@ -365,9 +368,27 @@ impl ControlPlane {
             for kv in part {
                 txn = txn.then(Op::delete(kv.key.clone()));
             }
-            self.store().txn(self.fenced(txn))?;
+            let answer = self.store().txn(self.fenced(txn))?;
+            self.wrote_at(answer.revision);
         }
         Ok(())
+    }
+
+    /// The revision the mirror must have caught up with before a pass: this controller's
+    /// own writes, whatever else the store holds. Not the store's revision: writes outside
+    /// `/` (a shared store's reports, every second) would hold every pass until the next
+    /// write under it came through the watch. What others wrote comes in with the watch; a
+    /// pass that missed it loses its race, as its writes are guarded.
+    pub(crate) fn catch_up_to(&self, mirror: &Mirror) -> u64 {
+        let wrote = self
+            .inner
+            .controller_wrote
+            .load(std::sync::atomic::Ordering::Relaxed);
+        wrote.max(mirror.revision)
+    }
+
+    fn wrote_at(&self, revision: u64) {
+        (self.inner.controller_wrote).fetch_max(revision, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -673,6 +694,45 @@ mod tests {
             .txn(Txn::new().then(Op::put("/leader", "another")))
             .unwrap();
         assert!(!rolled_out("after-losing"));
+    }
+
+    /// A pass waits for its mirror to have the controller's own writes, not every revision
+    /// of the store: a shared store's reports, written outside `/` every second, held each
+    /// pass until the next write under `/` came through the watch.
+    #[test]
+    fn a_pass_waits_for_its_own_writes_and_not_for_writes_outside_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = crate::state::tests::control_plane(dir.path());
+        let digest = crate::state::tests::uploaded(&cp);
+        let load = || {
+            let (kvs, revision) = cp.store().range("/").unwrap();
+            Mirror::load(&kvs, revision).unwrap()
+        };
+        let mirror = load();
+        cp.store()
+            .txn(Txn::new().then(Op::put("reports/server-a", "{}")))
+            .unwrap();
+        assert!(cp.store().revision() > mirror.revision);
+        assert_eq!(cp.catch_up_to(&mirror), mirror.revision);
+
+        let src = format!(
+            "name = \"web\"\n[scale]\nreplicas = 0\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
+        );
+        let spec = shoal_core::spec::parse_app(&src)
+            .unwrap()
+            .resolve(digest.clone())
+            .unwrap();
+        cp.apply(spec, false).unwrap();
+        let mut mirror = load();
+        assert!(
+            cp.pass(&mut mirror, &mut LeaseClock::default(), true)
+                .unwrap()
+        );
+        assert_eq!(
+            cp.catch_up_to(&mirror),
+            cp.store().revision(),
+            "its rollout status"
+        );
     }
 
     #[tokio::test]

@@ -112,6 +112,9 @@ pub(crate) struct Inner {
     /// and its file unlinked: an upload of the same bytes in between would record a module
     /// whose file goes just after.
     pub(crate) module_locks: [std::sync::Mutex<()>; 16],
+    /// The newest revision of the controller's own writes (answered, or refused for a race):
+    /// what its mirror must have caught up with before it plans again.
+    pub(crate) controller_wrote: AtomicU64,
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
     /// What the gateways measured per app revision, for canary analysis.
@@ -287,6 +290,7 @@ impl ControlPlane {
                 kick: Notify::new(),
                 fence: std::sync::RwLock::new(None),
                 module_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
+                controller_wrote: AtomicU64::new(0),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
                 clock,

@@ -18,9 +18,8 @@ use tokio::time::Instant;
 
 use crate::EtcdStore;
 
-/// The leader key. Under `/` like every key Shoal writes: the controller catches up with the
-/// store's revision through its watch of `/`, so a revision written outside it would make it
-/// wait for the next write inside. It exists while a server runs on the store.
+/// The leader key. It exists while a server runs on the store; its revision when a server
+/// won it guards that server's controller writes (`ControlPlane::lead`).
 pub const LEADER_KEY: &str = "/leader";
 
 /// How long a lease outlives its holder's last renewal: a dead leader is replaced after this.
