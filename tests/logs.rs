@@ -74,6 +74,21 @@ fn follows(
     false
 }
 
+/// `shoal logs hello -f` with the cluster's config in `d`, and the lines it prints.
+fn follow_hello(d: &std::path::Path) -> (common::Killed, Receiver<String>) {
+    let mut follower = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["logs", "hello", "-f"])
+            .env("SHOAL_CONFIG", d.join("config.toml"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = read_lines(&mut follower);
+    (follower, lines)
+}
+
 #[test]
 fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,16 +151,7 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
     assert!(recent.contains("before-"), "{recent}");
 
     // Follow: every replica, from now on.
-    let mut follower = common::Killed::new(
-        Command::new(SHOAL)
-            .args(["logs", "hello", "-f"])
-            .env("SHOAL_CONFIG", d.join("config.toml"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let lines = read_lines(&mut follower);
+    let (mut follower, lines) = follow_hello(d);
     let mut seen = Vec::new();
     // Requests through each node reach the replica there once it is ready (until then the
     // gateway sends them on to the other): the follower shows each replica's.
@@ -177,16 +183,7 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
     node2.kill();
     // A follower started meanwhile says node-2's replica cannot be read, and goes on (it
     // panicked on the notice's number).
-    let mut late = common::Killed::new(
-        Command::new(SHOAL)
-            .args(["logs", "hello", "-f"])
-            .env("SHOAL_CONFIG", d.join("config.toml"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let late_lines = read_lines(&mut late);
+    let (late, late_lines) = follow_hello(d);
     let mut late_seen = Vec::new();
     assert!(
         follows(
