@@ -225,6 +225,11 @@ impl Client {
         self.api.base()
     }
 
+    /// Whether a request that cannot reach one server may go to another.
+    pub fn fails_over(&self) -> bool {
+        self.api.servers().urls().len() > 1
+    }
+
     /// Sends and decodes JSON, or fails with the server's error message.
     pub async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
         self.api.send(req).await.map_err(said)

@@ -213,10 +213,11 @@ fn specs_in(dir: &Path, recursive: bool, files: &mut Vec<PathBuf>) -> Result<()>
 const PROGRESS_FROM: usize = 4 << 20;
 
 /// `bytes` as a request body; a big module on a terminal shows how much of it went up, on
-/// one stderr line rewritten in place, as `docker push` does.
-fn upload_body(bytes: Vec<u8>, path: &Path) -> reqwest::Body {
+/// one stderr line rewritten in place, as `docker push` does. Not with several servers to
+/// go to: a streamed body cannot be sent again to the next.
+fn upload_body(bytes: Vec<u8>, path: &Path, fails_over: bool) -> reqwest::Body {
     use std::io::IsTerminal;
-    if bytes.len() < PROGRESS_FROM || !std::io::stderr().is_terminal() {
+    if bytes.len() < PROGRESS_FROM || !std::io::stderr().is_terminal() || fails_over {
         return reqwest::Body::from(bytes);
     }
     let total = bytes.len();
@@ -406,7 +407,7 @@ pub async fn apply_spec(
                         .send_idempotent(
                             client
                                 .request(reqwest::Method::POST, "/v1/modules")
-                                .body(upload_body(bytes, &path)),
+                                .body(upload_body(bytes, &path, client.fails_over())),
                         )
                         .await
                         .with_context(|| format!("uploading {}", path.display()))?;
