@@ -991,14 +991,17 @@ impl Gateway {
             }
         };
         let inflight = endpoint.enter();
-        // The permit goes when the guest is done or the body is, whichever comes first: a
-        // client that does not read its answer must not hold it after its guest has finished.
+        // The permit goes with the guest: a client that does not read its answer must not
+        // hold it after its guest has finished, and one that drops it (a HEAD, a client gone
+        // after the head) must not free it while the guest runs on. A p3 instance gives its
+        // holds back only when it ends, so there the body's end gives the permit back too.
         let permit = SharedPermit(Arc::new(std::sync::Mutex::new(Some(permit))));
-        let mut resp = service.handle_holding(req, permit.clone()).await;
+        let body_share = (!service.holds_per_request()).then(|| permit.clone());
+        let mut resp = service.handle_holding(req, permit).await;
         // A guest cannot speak for Shoal: e.g. `x-shoal-error: replica_gone` would make the
         // forwarding gateway mark this endpoint down.
         proxy::strip_internal(resp.headers_mut());
-        resp.map(|body| guarded(body, Some(permit), inflight))
+        resp.map(|body| guarded(body, body_share, inflight))
     }
 }
 

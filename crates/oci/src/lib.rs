@@ -176,18 +176,19 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// The HTTP client pulls go through: the Web PKI's roots (a registry's certificate is a
-/// public one), and timeouts for connecting and for each read.
+/// The HTTP client pulls go through: the platform's certificate verifier (the system's CA
+/// store, as for pushes through oci-client: a company's registry with a certificate of its
+/// own CA installed on the machine), and timeouts for connecting and for each read.
 fn pull_client() -> reqwest::Client {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("ring supports the default protocol versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+        .expect("the platform's certificate verifier starts");
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
+        .with_no_client_auth();
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(std::time::Duration::from_secs(10))
@@ -350,10 +351,12 @@ impl Registry {
             self.reference.repository()
         );
         let response = self.get(&url, Some(MANIFEST_TYPES), true).await?;
+        // Checked when it is a sha256 one, the only kind computed here.
         let announced = response
             .headers()
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
+            .filter(|d| d.starts_with("sha256:"))
             .map(str::to_string);
         let body = bounded(response, MAX_MANIFEST_BYTES)
             .await
@@ -471,11 +474,24 @@ impl Registry {
         }
         let mut request = self.http.get(realm).query(&query).timeout(ANSWER_TIMEOUT);
         if let Some(c) = &self.credentials {
+            // Not in plain text to a realm, when the registry itself is spoken to over TLS.
+            if self.base.starts_with("https://") && !realm.starts_with("https://") {
+                return Err(self.failed(format!(
+                    "its token service {realm} is not HTTPS: the credentials are not sent there"
+                )));
+            }
             request = request.header(http::header::AUTHORIZATION, c.basic());
         }
         let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
-        if !response.status().is_success() {
-            return Err(self.refused(response).await);
+        let status = response.status();
+        if matches!(status.as_u16(), 401 | 403) {
+            return Err(OciError::Unauthorized {
+                reference: self.name.clone(),
+                anonymous: self.credentials.is_none(),
+            });
+        }
+        if !status.is_success() {
+            return Err(self.failed(format!("its token service {realm} answered {status}")));
         }
         let body = bounded(response, MAX_ANSWER_BYTES)
             .await

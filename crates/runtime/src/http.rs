@@ -420,6 +420,13 @@ impl HttpService {
         self.failure_response(&failure)
     }
 
+    /// Whether [`HttpService::handle_holding`]'s hold goes as soon as the guest is done with
+    /// the request (p2), rather than when its instance ends (p3, whose instance may write a
+    /// body after its handler returned, and live on for other requests).
+    pub fn holds_per_request(&self) -> bool {
+        matches!(self.inner.backend, Backend::P2 { .. })
+    }
+
     /// Instances kept for reuse, waiting for a request.
     pub fn idle_instances(&self) -> usize {
         match &self.inner.backend {
