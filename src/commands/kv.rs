@@ -63,9 +63,10 @@ enum KvAction {
     Buckets,
 }
 
-/// Reads a key for clap: refused before any request (an empty key would name the bucket).
+/// Reads a key for clap: refused before any request (an empty key would name the bucket,
+/// and a `..` step up the API's paths).
 fn kv_key(text: &str) -> Result<String, String> {
-    shoal_core::kv::check_key(text).map(|()| text.to_string())
+    shoal_core::kv::check_new_key(text).map(|()| text.to_string())
 }
 
 pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {

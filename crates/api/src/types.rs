@@ -332,9 +332,9 @@ pub struct ConfigSetRequest {
     pub data: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub create: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub merge: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unset: Vec<String>,
 }
 

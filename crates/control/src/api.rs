@@ -794,6 +794,13 @@ async fn put_config(
             )
             .into());
         }
+        (true, false) if req.unset.iter().any(|k| req.data.contains_key(k)) => {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                "a key is set or unset, not both",
+            )
+            .into());
+        }
         (true, false) => ConfigChange::Merge {
             set: req.data,
             unset: req.unset,

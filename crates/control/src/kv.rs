@@ -12,7 +12,7 @@
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
 use serde::{Deserialize, Serialize};
-use shoal_core::kv::{KvAnswer, KvOp, LIST_PAGE, MAX_VALUE_BYTES, check_key};
+use shoal_core::kv::{KvAnswer, KvOp, LIST_PAGE, MAX_VALUE_BYTES, check_key, check_new_key};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
@@ -83,7 +83,7 @@ impl ControlPlane {
             }
             KvOp::Set { entries } => {
                 for (k, v) in &entries {
-                    check_key(k).map_err(invalid)?;
+                    check_new_key(k).map_err(invalid)?;
                     if v.len() > MAX_VALUE_BYTES {
                         return Err(invalid(format!(
                             "the value of {k:?} is {} bytes: at most {MAX_VALUE_BYTES}",
@@ -105,7 +105,7 @@ impl ControlPlane {
                 self.kv_write(ns, bucket, changes).map(|_| KvAnswer::Done)
             }
             KvOp::Increment { key, delta } => {
-                check_key(&key).map_err(invalid)?;
+                check_new_key(&key).map_err(invalid)?;
                 let changes = BTreeMap::from([(key, Change::Add(delta))]);
                 let value = self.kv_write(ns, bucket, changes)?;
                 Ok(KvAnswer::Count {

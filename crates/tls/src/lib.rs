@@ -631,6 +631,7 @@ impl HostCertificate {
     /// Whether this certificate is served to a client asking for `name` (SNI): one of its
     /// hosts, as DNS names compare, case aside.
     fn serves(&self, name: &str) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name);
         self.hosts.iter().any(|h| h.eq_ignore_ascii_case(name))
     }
 }
@@ -1115,6 +1116,8 @@ mod tests {
         let cert = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
         certs.set_hosts(vec![cert]);
         handshake(client.clone(), config.clone(), "SHOP.example.com").unwrap();
+        let absolute = HostCertificate::new(&shop, &hosts(&["shop.example.com"])).unwrap();
+        assert!(absolute.serves("shop.example.com."));
         assert!(handshake(client.clone(), config.clone(), "victim.shop.test").is_err());
         let victim = ca
             .issue_server(&["victim.shop.test".into()])
