@@ -11,7 +11,7 @@
 
 use crate::error::ControlError;
 use crate::mirror::Mirror;
-use crate::state::{ControlPlane, blocking, encode};
+use crate::state::{ControlPlane, Fence, blocking, encode};
 use futures::FutureExt;
 use shoal_core::objects::keys::{self, Key};
 use shoal_core::{Node, NodeState};
@@ -44,6 +44,9 @@ impl ControlPlane {
     pub async fn run_controller(self) {
         // Load is measured from this control plane's start.
         let _ = self.inner.started_at.set(self.now());
+        // Started when this server won the leadership, if it shares its store: its writes
+        // land only while that leadership lasts.
+        let fence = self.fence();
         // Leases are judged from its start too, on its own clock: a restart
         // after a long outage must not evict every node.
         let mut clock = LeaseClock::default();
@@ -91,19 +94,20 @@ impl ControlPlane {
             }
             let full = last_full.is_none_or(|t| t.elapsed() >= FULL_PASS);
             let cp = self.clone();
+            let fence = fence.clone();
             let span = tracing::debug_span!("reconcile", full);
             let passed = blocking(move || {
                 let started = Instant::now();
-                let wrote = cp.pass(&mut mirror, &mut clock, full);
+                let passed = cp.pass(&fence, &mut mirror, &mut clock, full);
                 cp.inner
                     .observed
                     .passes
                     .observe(started.elapsed().as_secs_f64());
-                Ok((mirror, clock, wrote))
+                Ok((mirror, clock, passed))
             })
             .instrument(span)
             .await;
-            let Ok((mut mirror, kept_clock, wrote)) = passed else {
+            let Ok((mut mirror, kept_clock, passed)) = passed else {
                 // The pass panicked, with the clock: start judging afresh.
                 clock = LeaseClock::default();
                 continue;
@@ -112,16 +116,23 @@ impl ControlPlane {
             if full {
                 last_full = Some(Instant::now());
             }
-            self.pass_failed(wrote.is_err());
-            match wrote {
-                Ok(true) => {
-                    // Wrote something or lost a race: look again.
+            self.pass_failed(passed.is_err());
+            let keep = match passed {
+                Ok(Passed::Wrote) => {
+                    // Look again once the mirror has the writes.
                     kept = Some((mirror, watcher));
                     continue;
                 }
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "reconcile failed; retrying"),
-            }
+                // A race lost: look again once the write that won it comes through the watch,
+                // not at once on the mirror that lost it.
+                Ok(Passed::Quiet | Passed::Lost) => true,
+                Err(e) => {
+                    // A write that failed may have landed all the same, whole or in part:
+                    // read the store afresh.
+                    tracing::warn!(error = %e, "reconcile failed; retrying");
+                    false
+                }
+            };
             // Sleep until something that matters changes, or the periodic tick.
             let tick = tokio::time::sleep(Duration::from_millis(250));
             tokio::pin!(tick);
@@ -151,7 +162,7 @@ impl ControlPlane {
                     },
                 }
             };
-            if healthy {
+            if healthy && keep {
                 kept = Some((mirror, watcher));
             }
         }
@@ -169,15 +180,15 @@ impl ControlPlane {
         Ok((mirror, watcher))
     }
 
-    /// One pass: plan on the mirror, write. Returns whether it wrote (or
-    /// tried to write) anything. `full`: about every app, else about those
-    /// that changed, were measured, or have something in motion.
+    /// One pass: plan on the mirror, write under `fence`. `full`: about every app, else
+    /// about those that changed, were measured, or have something in motion.
     pub(crate) fn pass(
         &self,
+        fence: &Fence,
         mirror: &mut Mirror,
         clock: &mut LeaseClock,
         full: bool,
-    ) -> Result<bool, ControlError> {
+    ) -> Result<Passed, ControlError> {
         let now = self.now();
         let changes = mirror.take_changes(now);
         let measured = self.inner.metrics.take_touched();
@@ -216,22 +227,28 @@ impl ControlPlane {
         world.measurements = BTreeMap::new();
         clock.decided(&plan);
         let quiet = plan.batches.is_empty();
-        self.write(plan)?;
+        let lost = self.write(fence, plan)?;
         if quiet && full {
-            self.prune_events()?;
-            self.prune_revisions(&mirror.world)?;
+            self.prune_events(fence)?;
+            self.prune_revisions(fence, &mirror.world)?;
             self.collect_modules(self.config().module_gc_grace)?;
             self.compact_history()?;
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));
         }
-        Ok(!quiet)
+        Ok(if quiet {
+            Passed::Quiet
+        } else if lost {
+            Passed::Lost
+        } else {
+            Passed::Wrote
+        })
     }
 
     /// Commits each batch of `plan` as a transaction of its own, all queued at
     /// once so that they share a durable commit; one that lost a race is
-    /// dropped, and the next pass decides again.
-    fn write(&self, plan: Plan) -> Result<(), ControlError> {
+    /// dropped, and the next pass decides again. Returns whether one did.
+    fn write(&self, fence: &Fence, plan: Plan) -> Result<bool, ControlError> {
         for warning in &plan.warnings {
             tracing::warn!("{warning}");
         }
@@ -248,13 +265,22 @@ impl ControlPlane {
                 .map(|r| r.updated_at.saturating_sub(r.created_at) as f64 / 1_000.0)
                 .collect();
             written.push((scope, reasons, waited));
-            txns.push(self.fenced(self.batch_txn(batch)));
+            txns.push(fence.guard(self.batch_txn(batch)));
         }
         let answers = self.store().txns(txns);
+        // Every answer is looked at: the next pass must wait for each write that landed,
+        // whatever became of the others.
+        let (mut failed, mut lost) = (None, false);
         for ((scope, reasons, waited), answer) in written.into_iter().zip(answers) {
-            let answer = answer?;
-            self.wrote_at(answer.revision);
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
             if answer.succeeded {
+                self.wrote_at(answer.revision);
                 let observed = &self.inner.observed;
                 for reason in reasons {
                     let reason = crate::prometheus::Reason {
@@ -266,10 +292,15 @@ impl ControlPlane {
                     observed.scheduling.observe(seconds);
                 }
             } else {
+                // Its revision is the store's, writes outside `/` included: not one to wait for.
+                lost = true;
                 tracing::debug!(%scope, "lost a race; the next pass decides again");
             }
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(lost),
+        }
     }
 
     /// A batch as one guarded transaction, with its events.
@@ -334,7 +365,7 @@ impl ControlPlane {
     /// Deletes the revisions past each app's history ([`plan::stale_revisions`]), one app per
     /// transaction, while the app and each revision are still as the mirror read them (an
     /// apply or an undo meanwhile keeps them for the next quiet pass to look at again).
-    fn prune_revisions(&self, world: &plan::World) -> Result<(), ControlError> {
+    fn prune_revisions(&self, fence: &Fence, world: &plan::World) -> Result<(), ControlError> {
         let stale = plan::stale_revisions(world, plan::REVISION_HISTORY);
         for app in stale.chunk_by(|a, b| a.app == b.app) {
             let first = &app[0];
@@ -349,9 +380,11 @@ impl ControlPlane {
                         .when_mod_revision(key.clone(), revision.mod_revision)
                         .then(Op::delete(key));
                 }
-                let answer = self.store().txn(self.fenced(txn))?;
-                self.wrote_at(answer.revision);
+                let answer = self.store().txn(fence.guard(txn))?;
                 let done = answer.succeeded;
+                if done {
+                    self.wrote_at(answer.revision);
+                }
                 tracing::debug!(app = %first.app, revisions = part.len(), done, "pruned revision history");
             }
         }
@@ -359,7 +392,7 @@ impl ControlPlane {
     }
 
     /// Keeps the newest `max_events` events.
-    fn prune_events(&self) -> Result<(), ControlError> {
+    fn prune_events(&self, fence: &Fence) -> Result<(), ControlError> {
         let (mut events, _) = self.store().range(keys::EVENTS.as_str())?;
         events.sort_by_key(|kv| kv.create_revision);
         let excess = events.len().saturating_sub(self.config().max_events);
@@ -368,8 +401,10 @@ impl ControlPlane {
             for kv in part {
                 txn = txn.then(Op::delete(kv.key.clone()));
             }
-            let answer = self.store().txn(self.fenced(txn))?;
-            self.wrote_at(answer.revision);
+            let answer = self.store().txn(fence.guard(txn))?;
+            if answer.succeeded {
+                self.wrote_at(answer.revision);
+            }
         }
         Ok(())
     }
@@ -424,6 +459,17 @@ fn guard<T>(txn: Txn, key: &Key<T>, expect: Expect) -> Txn {
         Expect::Absent => txn.when_absent(key),
         Expect::At(revision) => txn.when_mod_revision(key, revision),
     }
+}
+
+/// What a pass did, which says when the next one runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Passed {
+    /// Nothing to write.
+    Quiet,
+    /// Wrote every batch of its plan.
+    Wrote,
+    /// Some batch lost a race to another write.
+    Lost,
 }
 
 /// When this controller heard each node's lease renewed, on a clock of its
@@ -593,10 +639,10 @@ mod tests {
         assert_eq!(count("/revisions/"), 150);
         assert!(count(keys::EVENTS.as_str()) >= 150);
 
-        cp.prune_events().unwrap();
+        cp.prune_events(&cp.fence()).unwrap();
         let (kvs, revision) = store.range("/").unwrap();
         let mirror = Mirror::load(&kvs, revision).unwrap();
-        cp.prune_revisions(&mirror.world).unwrap();
+        cp.prune_revisions(&cp.fence(), &mirror.world).unwrap();
         assert_eq!(count(keys::EVENTS.as_str()), 10);
         assert!(
             count("/revisions/") <= plan::REVISION_HISTORY + 1,
@@ -657,43 +703,56 @@ mod tests {
         assert_eq!((l.since_eviction, l.held), (Some(600), true));
     }
 
+    /// An HTTP app of module `digest` with no replicas, its spec ending with `more`.
+    fn idle_app(digest: &str, name: &str, more: &str) -> shoal_core::spec::AppSpec {
+        let src = format!(
+            "name = \"{name}\"\n[scale]\nreplicas = 0\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n{more}"
+        );
+        shoal_core::spec::parse_app(&src)
+            .unwrap()
+            .resolve(digest.to_string())
+            .unwrap()
+    }
+
     /// A server that lost the leadership of a shared store may still be in a pass, or have
     /// a write on its way: guarded on the leader key's revision when it won, none of it lands
-    /// once the key is another's.
+    /// once the key is another's, nor once the server won it again (the pass belongs to the
+    /// leadership it started under; the new one runs passes of its own).
     #[test]
     fn a_deposed_leaders_writes_do_not_land() {
         let dir = tempfile::tempdir().unwrap();
         let cp = crate::state::tests::control_plane(dir.path());
         let digest = crate::state::tests::uploaded(&cp);
-        let won = cp
-            .store()
-            .txn(Txn::new().then(Op::put("/leader", "this")))
-            .unwrap()
-            .revision;
-        cp.lead("/leader", won);
-        let rolled_out = |name: &str| {
-            let src = format!(
-                "name = \"{name}\"\n[scale]\nreplicas = 0\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
-            );
-            let spec = shoal_core::spec::parse_app(&src)
+        let win = || {
+            let won = cp
+                .store()
+                .txn(Txn::new().then(Op::put("/leader", "this")))
                 .unwrap()
-                .resolve(digest.clone())
-                .unwrap();
+                .revision;
+            cp.lead("/leader", won);
+            cp.fence()
+        };
+        let rolled_out = |name: &str, fence: &Fence| {
+            let spec = idle_app(&digest, name, "");
             let key = spec.key();
             cp.apply(spec, false).unwrap();
             let (kvs, revision) = cp.store().range("/").unwrap();
             let mut mirror = Mirror::load(&kvs, revision).unwrap();
-            cp.pass(&mut mirror, &mut LeaseClock::default(), true)
+            cp.pass(fence, &mut mirror, &mut LeaseClock::default(), true)
                 .unwrap();
             cp.get::<shoal_core::RolloutStatus>(&keys::rollout(&key))
                 .unwrap()
                 .is_some()
         };
-        assert!(rolled_out("while-leading"));
+        let first = win();
+        assert!(rolled_out("while-leading", &first));
         cp.store()
             .txn(Txn::new().then(Op::put("/leader", "another")))
             .unwrap();
-        assert!(!rolled_out("after-losing"));
+        assert!(!rolled_out("after-losing", &first));
+        let second = win();
+        assert!(!rolled_out("after-winning-again", &first));
+        assert!(rolled_out("in-the-new-leadership", &second));
     }
 
     /// A pass waits for its mirror to have the controller's own writes, not every revision
@@ -715,24 +774,37 @@ mod tests {
         assert!(cp.store().revision() > mirror.revision);
         assert_eq!(cp.catch_up_to(&mirror), mirror.revision);
 
-        let src = format!(
-            "name = \"web\"\n[scale]\nreplicas = 0\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
-        );
-        let spec = shoal_core::spec::parse_app(&src)
-            .unwrap()
-            .resolve(digest.clone())
-            .unwrap();
-        cp.apply(spec, false).unwrap();
+        cp.apply(idle_app(&digest, "web", ""), false).unwrap();
         let mut mirror = load();
-        assert!(
-            cp.pass(&mut mirror, &mut LeaseClock::default(), true)
-                .unwrap()
+        assert_eq!(
+            cp.pass(&cp.fence(), &mut mirror, &mut LeaseClock::default(), true)
+                .unwrap(),
+            Passed::Wrote
         );
         assert_eq!(
             cp.catch_up_to(&mirror),
             cp.store().revision(),
             "its rollout status"
         );
+
+        // A transaction that lost a race answers with the store's revision, which may be of
+        // writes outside `/`: no revision to wait for.
+        let api = |greeting: &str| {
+            let env = format!("[env]\nGREETING = \"{greeting}\"\n");
+            cp.apply(idle_app(&digest, "api", &env), false).unwrap();
+        };
+        api("hello");
+        let mut stale = load();
+        api("hi");
+        cp.store()
+            .txn(Txn::new().then(Op::put("reports/server-a", "{}")))
+            .unwrap();
+        assert_eq!(
+            cp.pass(&cp.fence(), &mut stale, &mut LeaseClock::default(), true)
+                .unwrap(),
+            Passed::Lost
+        );
+        assert_eq!(cp.catch_up_to(&stale), stale.revision);
     }
 
     #[tokio::test]

@@ -12,8 +12,46 @@ use crate::state::ControlPlane;
 use shoal_core::objects::keys;
 use shoal_core::{EventType, Millis, Module, ModuleUse, Revision};
 use shoal_store::{Op, Txn};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
+
+/// Digests being recorded, or having their record deleted and their file unlinked: an upload
+/// of the same bytes in between would record a module whose file goes just after. One lock per
+/// digest, held while that digest is busy: what other modules do never waits on it.
+#[derive(Default)]
+pub(crate) struct ModuleLocks {
+    busy: Mutex<HashSet<String>>,
+    freed: Condvar,
+}
+
+/// Holds `digest` until dropped.
+pub(crate) struct ModuleLock<'a> {
+    locks: &'a ModuleLocks,
+    digest: String,
+}
+
+impl ModuleLocks {
+    pub(crate) fn lock(&self, digest: &str) -> ModuleLock<'_> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(digest) {
+            busy = self.freed.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        busy.insert(digest.to_string());
+        ModuleLock {
+            locks: self,
+            digest: digest.to_string(),
+        }
+    }
+}
+
+impl Drop for ModuleLock<'_> {
+    fn drop(&mut self) {
+        let locks = self.locks;
+        (locks.busy.lock().unwrap_or_else(|p| p.into_inner())).remove(&self.digest);
+        locks.freed.notify_all();
+    }
+}
 
 /// The apps and revisions that use each module, as `app default/web revision 3`.
 fn users(revisions: &[Revision]) -> BTreeMap<&str, Vec<String>> {
@@ -101,7 +139,7 @@ impl ControlPlane {
     fn delete_module_record(&self, read: &Read, why: &str) -> Result<bool, ControlError> {
         let module = &read.module;
         // Record and file go together, with no upload of the same bytes in between.
-        let _deleting = self.module_lock(&module.digest);
+        let _deleting = self.inner.module_locks.lock(&module.digest);
         let key = keys::module(&module.digest);
         let use_key = keys::module_use(&module.digest);
         let txn = Txn::new().when_mod_revision(key.clone(), read.at);
@@ -192,6 +230,30 @@ mod tests {
             last_used,
             use_at: 1,
         }
+    }
+
+    /// A module's upload or delete waits only on those of the same module.
+    #[test]
+    fn a_module_lock_holds_its_digest_alone() {
+        let locks = std::sync::Arc::new(ModuleLocks::default());
+        let held = locks.lock("sha256:a");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let take = |digest: &'static str| {
+            let (locks, tx) = (locks.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let _held = locks.lock(digest);
+                tx.send(digest).unwrap();
+            })
+        };
+        let other = take("sha256:b");
+        let wait = Duration::from_secs(10);
+        assert_eq!(rx.recv_timeout(wait), Ok("sha256:b"));
+        other.join().unwrap();
+        let same = take("sha256:a");
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        drop(held);
+        assert_eq!(rx.recv_timeout(wait), Ok("sha256:a"));
+        same.join().unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! nodes are gone starts new ones, as it does for any node that never joins.
 
 use crate::error::ControlError;
-use crate::state::{ControlPlane, blocking, encode};
+use crate::state::{ControlPlane, Fence, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -139,7 +139,11 @@ impl ControlPlane {
 
     /// One decision per pool, stored with its events; returns what to do for the pools
     /// whose write went through.
-    fn pool_pass(&self, workers: &LocalWorkers) -> Result<Vec<(Pool, Vec<Action>)>, ControlError> {
+    fn pool_pass(
+        &self,
+        fence: &Fence,
+        workers: &LocalWorkers,
+    ) -> Result<Vec<(Pool, Vec<Action>)>, ControlError> {
         let (kvs, _) = self.inner.store.range(keys::POOLS.as_str())?;
         if kvs.is_empty() {
             return Ok(Vec::new());
@@ -254,7 +258,7 @@ impl ControlPlane {
                     message,
                 ));
             }
-            if self.inner.store.txn(txn)?.succeeded {
+            if self.inner.store.txn(fence.guard(txn))?.succeeded {
                 out.push((next, actions));
             }
         }
@@ -265,6 +269,9 @@ impl ControlPlane {
     pub async fn run_pools(self, host: PoolHost) {
         let mut local: HashMap<String, Child> = HashMap::new();
         let since = self.now();
+        // Started when this server won the leadership, if it shares its store: a deposed
+        // server's pass starts no worker.
+        let fence = self.fence();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -282,8 +289,8 @@ impl ControlPlane {
                 exited,
                 since,
             };
-            let cp = self.clone();
-            let decided = match blocking(move || cp.pool_pass(&workers)).await {
+            let (cp, fence) = (self.clone(), fence.clone());
+            let decided = match blocking(move || cp.pool_pass(&fence, &workers)).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e, "node pools: pass failed");

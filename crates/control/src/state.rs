@@ -108,10 +108,9 @@ pub(crate) struct Inner {
     /// leadership: every controller write is guarded on it, so a deposed leader's pass (one
     /// still running, or a write etcd answers late) changes nothing. See [`ControlPlane::lead`].
     pub(crate) fence: std::sync::RwLock<Option<(String, u64)>>,
-    /// Held (by digest, striped) while a module is recorded, and while its record is deleted
-    /// and its file unlinked: an upload of the same bytes in between would record a module
-    /// whose file goes just after.
-    pub(crate) module_locks: [std::sync::Mutex<()>; 16],
+    /// Held by digest while a module is recorded, and while its record is deleted and its
+    /// file unlinked.
+    pub(crate) module_locks: crate::modules::ModuleLocks,
     /// The newest revision of the controller's own writes (answered, or refused for a race):
     /// what its mirror must have caught up with before it plans again.
     pub(crate) controller_wrote: AtomicU64,
@@ -289,7 +288,7 @@ impl ControlPlane {
                 },
                 kick: Notify::new(),
                 fence: std::sync::RwLock::new(None),
-                module_locks: std::array::from_fn(|_| std::sync::Mutex::new(())),
+                module_locks: Default::default(),
                 controller_wrote: AtomicU64::new(0),
                 started_at: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.now_ms()),
@@ -325,12 +324,17 @@ impl ControlPlane {
             Some((key.to_string(), revision));
     }
 
-    /// `txn`, guarded on the leadership this server's controller writes under, if any.
-    pub(crate) fn fenced(&self, txn: Txn) -> Txn {
-        match &*self.inner.fence.read().unwrap_or_else(|p| p.into_inner()) {
-            Some((key, revision)) => txn.when_mod_revision(key.clone(), *revision),
-            None => txn,
-        }
+    /// The leadership this server's loops that act on the cluster write under, as it is now.
+    /// Each loop reads it once, when it starts, and keeps it: a pass still running after the
+    /// leadership was lost and won again belongs to the old one, and must not land.
+    pub(crate) fn fence(&self) -> Fence {
+        Fence(
+            self.inner
+                .fence
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
     }
 
     pub fn blobs(&self) -> &BlobStore {
@@ -411,15 +415,6 @@ impl ControlPlane {
 
     // ---- modules ----
 
-    /// The lock module `digest` is recorded and deleted under (see `Inner::module_locks`).
-    pub(crate) fn module_lock(&self, digest: &str) -> std::sync::MutexGuard<'_, ()> {
-        let stripe = digest
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31) ^ b as usize);
-        let lock = &self.inner.module_locks[stripe % self.inner.module_locks.len()];
-        lock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Records an uploaded or pulled blob after checking that it is WebAssembly.
     pub(crate) fn register_module(
         &self,
@@ -429,7 +424,6 @@ impl ControlPlane {
         oci: Option<OciOrigin>,
     ) -> Result<(Module, bool), ControlError> {
         let key = keys::module(digest);
-        let _recording = self.module_lock(digest);
         if let Some((m, _)) = self.get::<Module>(&key)? {
             return Ok((m, true));
         }
@@ -440,14 +434,13 @@ impl ControlPlane {
                 "module {digest} was deleted as it was uploaded: upload it again"
             ))
         };
-        if !self.inner.blobs.contains(digest) {
-            return Err(gone());
-        }
-        let bytes = self
-            .inner
-            .blobs
-            .read(digest)
-            .map_err(ControlError::internal)?;
+        // Checked before the lock, which a module's own upload or delete waits on: the same
+        // bytes are as valid whatever happens to their file meanwhile.
+        let bytes = match self.inner.blobs.read(digest) {
+            Ok(bytes) => bytes,
+            Err(shoal_store::BlobError::NotFound(_)) => return Err(gone()),
+            Err(e) => return Err(ControlError::internal(e)),
+        };
         let kind = match shoal_core::wasm::validate(&bytes) {
             Ok(kind) => kind,
             Err(e) => {
@@ -468,6 +461,14 @@ impl ControlPlane {
             oci,
             exports: Some(shoal_core::wasm::component_exports(&bytes)),
         };
+        drop(bytes);
+        let _recording = self.inner.module_locks.lock(digest);
+        if let Some((m, _)) = self.get::<Module>(&key)? {
+            return Ok((m, true));
+        }
+        if !self.inner.blobs.contains(digest) {
+            return Err(gone());
+        }
         if self.inner.config.shared_store {
             crate::shared_modules::copy_in(&*self.inner.store, &self.inner.blobs, digest)?;
         }
@@ -1929,6 +1930,21 @@ fn readable(key: &str, value: Option<&str>) -> (String, String) {
         _ => (n as f64 / 100.0).to_string(),
     };
     (name.to_string(), value)
+}
+
+/// The leader key and its revision when this server won the leadership of a shared store
+/// (none: the store is its own); see [`ControlPlane::fence`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Fence(Option<(String, u64)>);
+
+impl Fence {
+    /// `txn`, taking effect only while the leadership is still the one fenced.
+    pub(crate) fn guard(&self, txn: Txn) -> Txn {
+        match &self.0 {
+            Some((key, revision)) => txn.when_mod_revision(key.clone(), *revision),
+            None => txn,
+        }
+    }
 }
 
 #[cfg(test)]
