@@ -278,22 +278,47 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         listed.lines().any(|l| l.starts_with('*') && l.contains(&a)),
         "{listed}"
     );
-    // A cluster that cannot start (its gateway's port is taken) changes no context.
+    // A cluster that cannot start (its gateway's or metrics' port is taken, a flag is wrong)
+    // changes no context, and makes no data dir.
     let before = std::fs::read_to_string(&config).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let failed = std::process::Command::new(common::SHOAL)
-        .args(["up", "--api", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path().join("c"))
-        .args(["--gateway", &taken.local_addr().unwrap().to_string()])
-        .env("SHOAL_CONFIG", &config)
-        .output()
-        .unwrap();
-    assert!(!failed.status.success(), "{failed:?}");
-    assert!(
-        String::from_utf8_lossy(&failed.stderr).contains("cannot listen on"),
-        "{failed:?}"
-    );
-    assert_eq!(std::fs::read_to_string(&config).unwrap(), before);
+    let taken = taken.local_addr().unwrap().to_string();
+    for (flag, value, says) in [
+        ("--cert-validity", "1s", "--cert-validity"),
+        ("--gateway", taken.as_str(), "cannot listen on"),
+        ("--metrics", taken.as_str(), "cannot listen on"),
+    ] {
+        let gateway = if flag == "--gateway" {
+            value
+        } else {
+            "127.0.0.1:0"
+        };
+        let failed = std::process::Command::new(common::SHOAL)
+            .args(["up", "--api", "127.0.0.1:0", "--gateway", gateway])
+            .arg("--data-dir")
+            .arg(dir.path().join("c"))
+            .args(
+                if flag == "--gateway" {
+                    None
+                } else {
+                    Some([flag, value])
+                }
+                .into_iter()
+                .flatten(),
+            )
+            .env("SHOAL_CONFIG", &config)
+            .output()
+            .unwrap();
+        assert!(!failed.status.success(), "{failed:?}");
+        assert!(
+            String::from_utf8_lossy(&failed.stderr).contains(says),
+            "{failed:?}"
+        );
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), before, "{flag}");
+        if flag == "--cert-validity" {
+            assert!(!dir.path().join("c").exists());
+        }
+    }
     let missing = std::process::Command::new(common::SHOAL)
         .args(["--context", "nope", "get", "apps"])
         .env("SHOAL_CONFIG", &config)
@@ -833,15 +858,15 @@ fn apply_takes_a_directory_of_specs_or_one_from_standard_input() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let out = c.cli(&["delete", "-f", apps, "-R", "--ignore-not-found"]);
     assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
-    let out = c.cli(&["delete", "app", "piped", "nope", "caller"]);
+    let out = c.cli(&["delete", "app", "piped", "nope", "caller", "-o", "json"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert_eq!(said.matches("error:").count(), 1, "{said}");
     assert!(said.contains("nope"), "{said}");
+    let deleted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        2,
-        "{out:?}"
+        deleted,
+        serde_json::json!([{ "deleted": "default/piped" }, { "deleted": "default/caller" }])
     );
     let left = c.cli_ok(&["get", "apps"]);
     assert!(

@@ -111,13 +111,10 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
         }
     }
     if ctx.output == Format::Json {
-        match (several, deleted.pop()) {
-            (false, Some(answer)) => output::json(&answer),
-            (false, None) => {}
-            (true, last) => {
-                deleted.extend(last);
-                output::json(&deleted);
-            }
+        if several {
+            output::json(&deleted);
+        } else if let Some(answer) = deleted.first() {
+            output::json(answer);
         }
     }
     match first_error {

@@ -330,21 +330,11 @@ pub async fn start_control(
     etcd: Option<SharedStore>,
 ) -> Result<StartedControl> {
     // Flags first: a bad one changes nothing.
-    let validity = duration("cert-validity", &args.cert_validity)?;
-    if validity < MIN_CERT_VALIDITY {
-        return Err(crate::exit::usage(format!(
-            "--cert-validity {}: at least {}s, time to renew in",
-            args.cert_validity,
-            MIN_CERT_VALIDITY.as_secs()
-        )));
-    }
-    let max_module_bytes = match parse_memory(&args.max_module_size) {
-        Ok(0) => Err("no upload would fit".to_string()),
-        other => other.map_err(|e| e.to_string()),
-    }
-    .map_err(|e| crate::exit::usage(format!("--max-module-size: {e}")))?;
-    let kv_bucket_bytes = parse_memory(&args.kv_bucket_size)
-        .map_err(|e| crate::exit::usage(format!("--kv-bucket-size: {e}")))?;
+    let ControlFlags {
+        validity,
+        max_module_bytes,
+        kv_bucket_bytes,
+    } = control_flags(args)?;
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     // On a shared store the identity comes from it, or goes into it, before it is read here.
@@ -542,6 +532,36 @@ pub async fn start_control(
     })
 }
 
+/// The control plane's flags that need reading.
+struct ControlFlags {
+    validity: Duration,
+    max_module_bytes: u64,
+    kv_bucket_bytes: u64,
+}
+
+fn control_flags(args: &ControlArgs) -> Result<ControlFlags> {
+    let validity = duration("cert-validity", &args.cert_validity)?;
+    if validity < MIN_CERT_VALIDITY {
+        return Err(crate::exit::usage(format!(
+            "--cert-validity {}: at least {}s, time to renew in",
+            args.cert_validity,
+            MIN_CERT_VALIDITY.as_secs()
+        )));
+    }
+    let max_module_bytes = match parse_memory(&args.max_module_size) {
+        Ok(0) => Err("no upload would fit".to_string()),
+        other => other.map_err(|e| e.to_string()),
+    }
+    .map_err(|e| crate::exit::usage(format!("--max-module-size: {e}")))?;
+    let kv_bucket_bytes = parse_memory(&args.kv_bucket_size)
+        .map_err(|e| crate::exit::usage(format!("--kv-bucket-size: {e}")))?;
+    Ok(ControlFlags {
+        validity,
+        max_module_bytes,
+        kv_bucket_bytes,
+    })
+}
+
 /// The control plane's loops that act on the cluster, the controller, the node pools'
 /// provisioner and the scheduled backups: what exactly one server runs at a time.
 async fn run_control_loops(
@@ -640,12 +660,9 @@ impl StartedNode {
     }
 }
 
-/// Serves the node's metrics at `GET /metrics` on `addr`, in plain HTTP with the API's
-/// connection limits; returns the address bound.
-async fn serve_metrics(addr: SocketAddr, agent: Agent) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr} for the node's metrics (--metrics)"))?;
+/// Serves the node's metrics at `GET /metrics` on `listener` (`--metrics`), in plain HTTP
+/// with the API's connection limits; returns its address.
+fn serve_metrics(listener: tokio::net::TcpListener, agent: Agent) -> Result<SocketAddr> {
     let bound = listener.local_addr()?;
     let router = axum::Router::new().route(
         "/metrics",
@@ -861,6 +878,7 @@ pub struct NodeSite {
     module_cache_grace: Duration,
     egress_roots: Vec<Vec<u8>>,
     ingress: (Arc<rustls::ServerConfig>, shoal_tls::IngressCerts),
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 /// Takes what [`NodeSite`] holds, or says which flag or port stands in the way.
@@ -893,6 +911,12 @@ pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
                 args.gateway
             )
         })?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the node's metrics (--metrics)")
+        })?),
+        None => None,
+    };
     let gw_addr = listener.local_addr()?;
     let advertise = match args.advertise {
         Some(a) => a,
@@ -910,6 +934,7 @@ pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
         module_cache_grace,
         egress_roots,
         ingress,
+        metrics,
     })
 }
 
@@ -930,6 +955,7 @@ pub async fn start_node(
         module_cache_grace,
         egress_roots,
         ingress: (ingress, ingress_certs),
+        metrics,
     } = site;
     let gw_addr = listener.local_addr()?;
     let members = member_tls(link.clone(), &name, advertise, ca).await?;
@@ -958,8 +984,8 @@ pub async fn start_node(
         runtime,
         gateway.clone(),
     );
-    let metrics = match args.metrics {
-        Some(addr) => Some(serve_metrics(addr, agent.clone()).await?),
+    let metrics = match metrics {
+        Some(listener) => Some(serve_metrics(listener, agent.clone())?),
         None => None,
     };
     tokio::spawn(agent.clone().run());
@@ -1000,8 +1026,9 @@ pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()>
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
-    // The node's flags and port first: a cluster that cannot start its node must not make
-    // its context the CLI's current one, which start_control does.
+    // Every flag and the node's ports first: a cluster that cannot start its node must not
+    // make its context the CLI's current one, which start_control does, nor a data dir.
+    control_flags(&args.control)?;
     let name = node_name(&args.node)?;
     let data = args
         .control

@@ -120,7 +120,7 @@ async fn a_stalled_http2_preface_or_an_idle_http2_connection_is_let_go() {
     .unwrap();
     let connection = tokio::spawn(connection);
     // A request longer than two head timeouts, and one after it: busy is not idle.
-    for path in ["/faulty/sleep/2500", "/faulty/x"] {
+    for path in ["/faulty/sleep/4000", "/faulty/x"] {
         let request = http::Request::get(format!("http://{addr}{path}"))
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
@@ -140,14 +140,20 @@ async fn a_stalled_http2_preface_or_an_idle_http2_connection_is_let_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_outlives_a_long_request() {
     use http_body_util::{BodyExt, Empty};
-    let (_dir, addr) = gateway().await;
+    // Heads get 2 s (each comes at once: the margin is for a loaded machine), the request
+    // takes twice that.
+    let (_dir, _, addr) = gateway_with(GatewayConfig {
+        header_read_timeout: Duration::from_secs(2),
+        ..GatewayConfig::default()
+    })
+    .await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(connection);
-    for path in ["/faulty/sleep/2500", "/faulty/x"] {
+    for path in ["/faulty/sleep/4000", "/faulty/x"] {
         let request = http::Request::get(path)
             .header("host", "faulty")
             .body(Empty::<bytes::Bytes>::new())
