@@ -101,6 +101,8 @@ enum Command {
     Scale(commands::scale::ScaleArgs),
     /// Start a run of a job now.
     Job(commands::job::JobCommand),
+    /// Print the CLI's release and the server's.
+    Version(commands::version::VersionArgs),
     /// Print a completion script for a shell: `source <(shoal completion bash)`.
     Completion {
         /// The shell.
@@ -143,6 +145,7 @@ fn main() -> ExitCode {
         Command::Push(_) => Some("push"),
         Command::Backup(_) => Some("backup"),
         Command::Completion { .. } => Some("completion"),
+        Command::Version(_) => Some("version"),
         _ => None,
     };
     if cli.output == output::OutputArg::Toml && !matches!(cli.command, Command::Get(_)) {
@@ -197,6 +200,7 @@ fn main() -> ExitCode {
             Command::Events(args) => commands::events::run(ctx, args).await,
             Command::Scale(args) => commands::scale::run(ctx, args).await,
             Command::Job(cmd) => commands::job::run(ctx, cmd).await,
+            Command::Version(args) => commands::version::run(ctx, args).await,
             Command::Completion { shell } => {
                 use clap::CommandFactory as _;
                 let mut out = Vec::new();

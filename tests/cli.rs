@@ -259,6 +259,28 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
     assert!(listed.contains(&a) && listed.contains("second"), "{listed}");
     assert_eq!(shoal(&["config", "current-context"]), "second\n");
     assert!(shoal(&["get", "nodes", "-o", "json"]).contains('['));
+    // `version` tells the CLI's release and the server's; `--client` asks no server, and one
+    // that cannot be reached still has the CLI's said.
+    let release = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        shoal(&["version"]),
+        format!("Client: {release}\nServer: {release}\n")
+    );
+    let nowhere = ["--server", "http://127.0.0.1:1", "version"];
+    assert_eq!(
+        shoal(&[&nowhere[..], &["--client"]].concat()),
+        format!("Client: {release}\n")
+    );
+    let unreachable = std::process::Command::new(common::SHOAL)
+        .args(nowhere)
+        .env("SHOAL_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(5), "{unreachable:?}");
+    assert_eq!(
+        unreachable.stdout,
+        format!("Client: {release}\n").as_bytes()
+    );
     // Each context reaches its own cluster: a config set made in one is not in the other.
     shoal(&[
         "--context",

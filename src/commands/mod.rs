@@ -23,6 +23,7 @@ pub mod server;
 pub mod token;
 pub mod top;
 pub mod up;
+pub mod version;
 
 use crate::client::Client;
 use crate::output::Format;

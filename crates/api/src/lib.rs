@@ -27,5 +27,6 @@ pub use types::{
     NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, QuotaPatch, QuotaView,
     Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction,
     RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten,
-    Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    ServerVersion, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage,
+    VolumeView, Waiting,
 };

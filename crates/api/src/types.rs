@@ -26,6 +26,12 @@ pub struct Deleted {
     pub deleted: String,
 }
 
+/// The answer to `GET /v1/version`: the server's release, for `shoal version`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServerVersion {
+    pub version: String,
+}
+
 /// The answer to `POST /v1/cluster/nodes`: the store revision that recorded the node.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Registered {

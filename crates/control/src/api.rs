@@ -24,7 +24,8 @@ use shoal_api::{
     KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
     NodeUsage, PoolWrite, QuotaPatch, QuotaView, Registered, ReplicaIncident, ReplicaReport,
     ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite,
-    SecretWritten, Service, Snapshot, TokenRequest, TokenView, VolumeUsage, VolumeView, Waiting,
+    SecretWritten, ServerVersion, Service, Snapshot, TokenRequest, TokenView, VolumeUsage,
+    VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp};
@@ -264,6 +265,9 @@ fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
     vec![
         route!(GET "/v1/healthz" => healthz, Access::Public,
             op("Whether the control plane answers").raw(StatusCode::OK, "text/plain")),
+        route!(GET "/v1/version" => version, Access::Public,
+            op("The server's release, as kubectl's /version tells it to anyone")
+                .json::<ServerVersion>(StatusCode::OK)),
         route!(GET "/v1/cluster/ca" => cluster_ca, Access::Public,
             op("The cluster CA's certificate, which a join token's hash pins")
                 .raw(StatusCode::OK, "application/x-pem-file")),
@@ -425,6 +429,12 @@ async fn healthz(State(cp): State<ControlPlane>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn version() -> Json<ServerVersion> {
+    Json(ServerVersion {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
 }
 
 /// The OpenAPI document: public, as the CA is, since it tells nothing of the cluster.
