@@ -1354,6 +1354,8 @@ struct Activity {
     started: std::sync::atomic::AtomicU64,
     /// Requests whose response head is not sent yet.
     active: std::sync::atomic::AtomicUsize,
+    /// Requests whose response head went.
+    answered: std::sync::atomic::AtomicU64,
     /// It speaks HTTP/2.
     http2: std::sync::atomic::AtomicBool,
 }
@@ -1363,9 +1365,9 @@ struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0
-            .active
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.0.answered.fetch_add(1, Relaxed);
+        self.0.active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -1381,24 +1383,26 @@ impl Activity {
     }
 
     /// Ends when the connection has started no request within `timeout`, or, over HTTP/2,
-    /// when a whole `timeout` passed with none started and none waiting for its head; never
-    /// for an HTTP/1.1 connection once it has had a request.
+    /// when a whole `timeout` passed with none started, none answered and none waiting for
+    /// its head; never for an HTTP/1.1 connection once it has had a request.
     async fn idle(&self, timeout: Duration) {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut seen = 0;
+        let mut seen = (0, 0);
         loop {
             tokio::time::sleep(timeout).await;
-            let started = self.started.load(Relaxed);
-            if started == 0 {
+            let now = (self.started.load(Relaxed), self.answered.load(Relaxed));
+            if now.0 == 0 {
                 return;
             }
             if !self.http2.load(Relaxed) {
                 return std::future::pending().await;
             }
-            if started == seen && self.active.load(Relaxed) == 0 {
+            // Answered since the last look counts: a long request's answer just before it,
+            // and the client's next request just after, is no idle connection.
+            if now == seen && self.active.load(Relaxed) == 0 {
                 return;
             }
-            seen = started;
+            seen = now;
         }
     }
 }
@@ -1482,6 +1486,25 @@ mod tests {
 
     fn app(name: &str) -> AppKey {
         AppKey::new("default", name)
+    }
+
+    /// An HTTP/2 connection whose request was answered just after the idle watch last looked
+    /// is not idle at its next look: the client's next request may be on its way.
+    #[tokio::test(start_paused = true)]
+    async fn an_http2_connection_answered_within_the_last_timeout_is_not_idle() {
+        let second = Duration::from_secs(1);
+        let activity = Arc::new(Activity::default());
+        let busy = activity.start(true);
+        let idle = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle(second).await }
+        });
+        tokio::time::sleep(second * 3 / 2).await;
+        drop(busy);
+        tokio::time::sleep(second).await;
+        assert!(!idle.is_finished(), "answered half a timeout ago");
+        tokio::time::sleep(second).await;
+        assert!(idle.is_finished(), "a whole timeout with nothing");
     }
 
     #[test]

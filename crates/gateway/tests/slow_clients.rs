@@ -140,24 +140,20 @@ async fn a_stalled_http2_preface_or_an_idle_http2_connection_is_let_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_outlives_a_long_request() {
     use http_body_util::{BodyExt, Empty};
-    // Heads get 2 s (each comes at once: the margin is for a loaded machine), the request
-    // takes twice that.
-    let (_dir, _, addr) = gateway_with(GatewayConfig {
-        header_read_timeout: Duration::from_secs(2),
-        ..GatewayConfig::default()
-    })
-    .await;
+    let (_dir, addr) = gateway().await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap();
     tokio::spawn(connection);
-    for path in ["/faulty/sleep/4000", "/faulty/x"] {
+    for path in ["/faulty/sleep/2500", "/faulty/x"] {
         let request = http::Request::get(path)
             .header("host", "faulty")
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
+        // Once the connection takes another request (an error if the gateway closed it).
+        sender.ready().await.unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         response.into_body().collect().await.unwrap();
