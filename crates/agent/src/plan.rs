@@ -165,14 +165,9 @@ pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
         service: (app.spec.component.kind == Kind::Http).then(|| app.spec.inbound()),
         remotes,
         split,
-        // Only an autoscaled app with min = 0 wakes on a request; one a schedule
+        // Only an autoscaled app that may idle to zero wakes on a request; one a schedule
         // window sized to zero stays at zero until the window closes.
-        wake: app
-            .spec
-            .scale
-            .autoscale
-            .as_ref()
-            .is_some_and(|s| s.min == 0),
+        wake: app.spec.scale.may_idle_to_zero(),
     }
 }
 

@@ -916,6 +916,16 @@ impl Scale {
         self == &Scale::default()
     }
 
+    /// Whether the autoscaler may take the app to zero for want of requests: its `min` is 0,
+    /// or a window's is (not `replicas = 0`'s: that runs none, requests or not). Such an app
+    /// wakes on a request, which gateways hold meanwhile.
+    pub fn may_idle_to_zero(&self) -> bool {
+        let idles = |w: &ScheduleWindow| w.min == Some(0) && w.max != Some(0);
+        self.autoscale
+            .as_ref()
+            .is_some_and(|a| a.min == 0 || self.schedule.iter().any(idles))
+    }
+
     /// The bounds at `now` for an app whose `replicas` is `replicas`.
     /// Without autoscaling the app's own bounds are `replicas` both ways. Open
     /// windows override them: each bound is the largest any open window gives
@@ -2705,13 +2715,19 @@ fn scale(
             ));
         };
         let min = value(&r.min).unwrap_or(1);
+        // A window's `replicas = 0` is no idling: it runs none while open, requests or not.
+        let window_min_zero = r
+            .schedule
+            .iter()
+            .any(|w| value(&w.get_ref().min) == Some(0));
         if let Some(idle) = &r.idle
             && min != 0
+            && !window_min_zero
         {
             return Err(fail(
                 "scale.idle",
                 format!(
-                    "idle is how long an app with min = 0 waits before scaling to zero; this one has min = {min}"
+                    "idle is how long an app with min = 0 (or a window's) waits before scaling to zero; this one has min = {min}"
                 ),
                 idle.span(),
             ));
@@ -4760,6 +4776,30 @@ spread = "required"
         // The old flat keys say where they went.
         let e = err(&HELLO.replace("max_concurrency = 8", "max_concurrency = 8\ncpu = \"1\""));
         assert!(e.message.contains("requests"), "{e}");
+    }
+
+    /// An app wakes on a request when its `min`, or a window's, lets it idle to zero: a
+    /// night window with `min = 0` took an app of `min = 1` to zero, and no request woke it.
+    #[test]
+    fn an_app_may_idle_to_zero_by_its_min_or_a_windows() {
+        let night = |bounds: &str| {
+            format!("[[scale.schedule]]\ncron = \"0 0 * * *\"\nduration = \"6h\"\n{bounds}\n")
+        };
+        let idles = |scale: &str| scaled(scale).unwrap().scale.may_idle_to_zero();
+        assert!(idles("[scale]\nmin = 0\nmax = 5\n"));
+        assert!(!idles("[scale]\nmin = 1\nmax = 5\n"));
+        assert!(idles(&format!(
+            "[scale]\nmin = 1\nmax = 5\nidle = \"2m\"\n{}",
+            night("min = 0")
+        )));
+        assert!(!idles(&format!(
+            "[scale]\nmin = 1\nmax = 5\n{}",
+            night("replicas = 0")
+        )));
+        assert!(!idles(&format!(
+            "[scale]\nreplicas = 2\n{}",
+            night("min = 0")
+        )));
     }
 
     #[test]

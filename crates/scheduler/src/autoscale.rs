@@ -183,9 +183,14 @@ fn autoscaled(
     if !covered {
         want = want.max(current);
     }
-    // At zero, only waiting requests bring replicas back; above it, only
-    // idleness takes the last one away.
-    want = if current == 0 { 0 } else { want.max(1) };
+    // At zero with none serving, only waiting requests bring replicas back; above it, only
+    // idleness takes the last one away. Replicas serving at zero (a canary's, which a
+    // rollout keeps at one) take requests, none of them held: their load sizes the app.
+    want = if current == 0 && ready == 0 {
+        0
+    } else {
+        want.max(1)
+    };
     // Quiet since its last request, or since load is known; a new app since its creation,
     // so that it is not taken to zero the moment it is made.
     let quiet_since = load.last_request.unwrap_or(load.since).max(at.created_at);
@@ -726,6 +731,17 @@ mod tests {
             assert_eq!(got, Vec::from_iter((want > 0).then_some(message)));
             assert_eq!(d.status.panic_until, None);
         }
+    }
+
+    /// At zero, replicas that still serve (a canary's, which a rollout keeps at one) take the
+    /// requests, none of them held: their load sizes the app. With none serving, load from
+    /// before is no reason to come back.
+    #[test]
+    fn replicas_serving_at_zero_are_sized_by_their_load() {
+        let a = app("min = 0\nmax = 5\n", 0);
+        let d = decide(&a, &steady(NOW, 40.0), 1, NOW);
+        assert_eq!(d.replicas, 4, "{:?}", d.events);
+        assert_eq!(decide(&a, &steady(NOW, 40.0), 0, NOW).replicas, 0);
     }
 
     #[test]
