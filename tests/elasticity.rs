@@ -73,7 +73,7 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
 
 #[test]
 fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
-    let (dir, server, nodes) = cluster(2, &[]);
+    let (dir, mut server, nodes) = cluster(2, &[]);
     let spec = faulty_scaled(
         dir.path(),
         "[scale]\nmin = 0\nmax = 2\nidle = \"1s\"\nwindow = \"1s\"\n",
@@ -87,17 +87,20 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
         "never served"
     );
     // Idle: no replica left anywhere.
-    let mut last = Value::Null;
-    let zero = poll(Duration::from_secs(30), || {
-        last = app_row(&server.api_json("/v1/apps"), "faulty");
-        let active = server
-            .replicas("faulty")
-            .iter()
-            .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
-            .count();
-        last["desired"] == 0 && active == 0
-    });
-    assert!(zero, "never scaled to zero: {last}");
+    let at_zero = |server: &Server| {
+        let mut last = Value::Null;
+        let zero = poll(Duration::from_secs(30), || {
+            last = app_row(&server.api_json("/v1/apps"), "faulty");
+            let active = server
+                .replicas("faulty")
+                .iter()
+                .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
+                .count();
+            last["desired"] == 0 && active == 0
+        });
+        assert!(zero, "never scaled to zero: {last}");
+    };
+    at_zero(&server);
 
     // A request at either node is held while a replica starts, then answered.
     let (status, body) = nodes[1].get("/faulty/status/200").expect("answered");
@@ -119,6 +122,24 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
             .any(|e| e.starts_with("ScaledUp") && e.contains("0 → 1")),
         "{events:?}"
     );
+
+    // A request held while the control plane is down, which the node could not report, still
+    // wakes the app once it is back (it forgot every count): held ones are reported again.
+    at_zero(&server);
+    server.kill();
+    let held = std::thread::spawn({
+        let node = nodes[1].gateway.clone();
+        move || {
+            let answer = common::client()
+                .get(format!("{node}/faulty/status/200"))
+                .send();
+            answer
+                .map(|r| r.status().as_u16())
+                .map_err(|e| e.to_string())
+        }
+    });
+    server.restart();
+    assert_eq!(held.join().unwrap(), Ok(200));
 }
 
 #[test]

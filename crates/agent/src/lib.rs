@@ -676,11 +676,18 @@ impl Agent {
 
     /// Tells the control plane at once how many requests the gateway holds for
     /// apps at zero replicas: that is what wakes them, so it cannot wait for
-    /// the next metrics tick. An undelivered count is sent again with the next.
+    /// the next metrics tick. While any is held, or a count was not delivered, the
+    /// counts go again every second: a report lost, or a control plane that
+    /// restarted (and forgot them), must not leave a held request without its wake.
     async fn send_waiting(self) {
         let mut pending: BTreeMap<AppKey, u32> = BTreeMap::new();
         loop {
-            self.inner.gateway.waiting_changed().await;
+            let changed = self.inner.gateway.waiting_changed();
+            if !pending.is_empty() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), changed).await;
+            } else {
+                changed.await;
+            }
             pending.extend(self.inner.gateway.take_waiting());
             let waiting = pending
                 .iter()
@@ -695,9 +702,10 @@ impl Agent {
                 .waiting(&self.inner.config.node, waiting)
                 .await
             {
-                Ok(()) => pending.clear(),
+                // Held ones are sent again until they are let go.
+                Ok(()) => pending.retain(|_, n| *n > 0),
                 Err(e) => {
-                    tracing::warn!(error = %e, "waiting requests not reported; retrying with the next change")
+                    tracing::warn!(error = %e, "waiting requests not reported; retrying in a second")
                 }
             }
         }

@@ -335,6 +335,29 @@ mod tests {
         ));
     }
 
+    /// A node whose gateway starts again holds no request: what its previous run said it held
+    /// goes when it registers, as it would have kept the app awake, or up, for good.
+    #[tokio::test]
+    async fn a_node_registering_again_holds_no_request() {
+        let (_dir, cp) = control_plane();
+        let link = LocalLink(cp.clone());
+        let web = AppKey::new("default", "web");
+        let waiting = |cp: &ControlPlane| {
+            let all = cp.inner.metrics.snapshot();
+            all.get(&web).map_or(0, |m| m.load.waiting)
+        };
+        link.register(node("n1")).await.unwrap();
+        let held = |requests| shoal_api::Waiting {
+            app: web.clone(),
+            requests,
+        };
+        cp.record_waiting("n1", vec![held(5)]);
+        cp.record_waiting("n2", vec![held(2)]);
+        assert_eq!(waiting(&cp), 7);
+        link.register(node("n1")).await.unwrap();
+        assert_eq!(waiting(&cp), 2, "n2's still wait");
+    }
+
     #[test]
     fn store_keys_read_back_as_object_keys() {
         let web = AppKey::new("default", "web");

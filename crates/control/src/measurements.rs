@@ -234,6 +234,15 @@ impl Metrics {
         }
     }
 
+    /// The apps `node`'s gateway last said it holds requests for.
+    pub(crate) fn held_by(&self, node: &str) -> Vec<AppKey> {
+        let all = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .filter(|(_, nodes)| nodes.contains_key(node))
+            .map(|(app, _)| app.clone())
+            .collect()
+    }
+
     /// A node's running CPU totals for `app`.
     pub(crate) fn set_cpu(
         &self,

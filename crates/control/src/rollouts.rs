@@ -209,6 +209,17 @@ impl ControlPlane {
         self.note_waiting(node, waiting);
     }
 
+    /// `node` (re)registered: a gateway that starts holds nothing, so what its previous run
+    /// said it held goes, on every server. It would else keep its apps awake (or up) for good.
+    pub(crate) fn node_started(&self, node: &str) {
+        let held: Vec<Waiting> = (self.inner.metrics.held_by(node).into_iter())
+            .map(|app| Waiting { app, requests: 0 })
+            .collect();
+        if !held.is_empty() {
+            self.record_waiting(node, held);
+        }
+    }
+
     pub(crate) fn note_waiting(&self, node: &str, waiting: Vec<Waiting>) {
         let now = self.now();
         let mut wake = false;

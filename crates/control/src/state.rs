@@ -1496,6 +1496,7 @@ impl ControlPlane {
                 ));
             let resp = self.inner.store.txn(txn)?;
             if resp.succeeded {
+                self.node_started(&node.name);
                 self.inner.kick.notify_one();
                 return Ok(resp.revision);
             }
