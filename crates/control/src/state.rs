@@ -1075,6 +1075,19 @@ impl ControlPlane {
                 )));
             }
         }
+        // Nor could they mount a volume deleted since: each replica would get a directory of
+        // its own on whatever node, which no record names and its node soon removes.
+        let mut volumes = Vec::new();
+        for mount in &target.template.volumes {
+            let vkey = keys::volume(&key.namespace, &mount.name);
+            let Some((volume, at)) = self.get::<Volume>(&vkey)? else {
+                return Err(ControlError::conflict(format!(
+                    "revision {} of app {key} mounts volume {}, which has been deleted since: apply a spec instead",
+                    target.number, mount.name
+                )));
+            };
+            volumes.push((vkey, volume, at));
+        }
         let spec = app.spec.with_template(&target.template);
         // An earlier template may ask for more than its namespace now allows.
         let admitted = self.admit(Some(&app.spec), &spec)?;
@@ -1103,6 +1116,13 @@ impl ControlPlane {
             .then(Op::put(app_key, encode(&updated)));
         if let Some(admitted) = admitted {
             txn = admitted.guard(txn);
+        }
+        // Written again as read, as an apply does: a deletion that found no app mounting
+        // them fails its guard, and one first voids this.
+        for (vkey, volume, at) in volumes {
+            txn = txn
+                .when_mod_revision(vkey.clone(), at)
+                .then(Op::put(vkey, encode(&volume)));
         }
         let txn = txn
             .then(Op::put(keys::revision(key, number), encode(&revision)))
@@ -2041,6 +2061,40 @@ pub(crate) mod tests {
             lost.is_empty(),
             "rounds where the app mounts no volume: {lost:?}"
         );
+    }
+
+    /// A rollback to a revision mounting a volume deleted since is refused, as one naming a
+    /// deleted secret is: its replicas would each get a directory no record names, on
+    /// whatever node, which the node then removes with what was written there.
+    #[test]
+    fn a_rollback_to_a_revision_mounting_a_deleted_volume_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |mounts: bool| {
+            let volume = match mounts {
+                true => "[[volumes]]\nname = \"data\"\nmount = \"/data\"\n",
+                false => "",
+            };
+            let src = format!(
+                "name = \"d\"\n[component]\ndigest = \"{digest}\"\nkind = \"daemon\"\n[env]\nMOUNTS = \"{mounts}\"\n{volume}"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let key = spec(true).key();
+        cp.apply(spec(true), false).unwrap();
+        cp.apply(spec(false), false).unwrap();
+        cp.delete_volume("default", "data").unwrap();
+        let refused = cp.rollback(&key, Some(1)).unwrap_err();
+        assert!(
+            matches!(&refused, ControlError::Conflict(m) if m.contains("volume data, which has been deleted since")),
+            "{refused}"
+        );
+        assert_eq!(cp.describe(&key).unwrap().app.revision, 2);
+        // While the volume is there, a rollback mounts it as it was.
+        cp.apply(spec(true), false).unwrap();
+        cp.apply(spec(false), false).unwrap();
+        assert!(cp.rollback(&key, Some(3)).is_ok());
     }
 
     /// An app applied again right after its deletion, while its replicas are still there,
