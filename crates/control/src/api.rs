@@ -380,8 +380,14 @@ pub fn router(cp: ControlPlane) -> Router {
             cp.clone(),
             crate::audit::audit,
         ));
-    // What worker nodes call, each with its own credential, for itself only.
-    let nodes = nodes.route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
+    // What worker nodes call, each with its own credential, for itself only. Room for a
+    // guest's key-value set of the largest value, whose bytes JSON writes as numbers (up to
+    // four characters each): axum's default 2 MB refused one of 600 KiB from a joined node.
+    let nodes = nodes
+        .layer(DefaultBodyLimit::max(
+            4 * shoal_core::kv::MAX_VALUE_BYTES + (1 << 20),
+        ))
+        .route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
     // Beside the API, the dashboard's static pages, which carry no data of their own.
     public
         .merge(crate::dashboard::routes())
@@ -2508,6 +2514,22 @@ mod tests {
         )
         .await;
         assert_eq!(status, StatusCode::CREATED);
+    }
+
+    /// A guest's set of the largest value a bucket takes, as a joined node's link sends it.
+    #[tokio::test]
+    async fn a_node_sets_a_value_of_the_largest_size() {
+        let (_dir, cp) = control_plane_with_token();
+        let router = router(cp.clone());
+        let n1 = cp.join_node("n1").unwrap().credential;
+        let value = vec![255u8; shoal_core::kv::MAX_VALUE_BYTES];
+        let op = KvOp::Set {
+            entries: vec![("k".into(), value)],
+        };
+        let body = serde_json::to_value(&op).unwrap();
+        let (status, body) =
+            post(&router, "/v1/cluster/nodes/n1/kv/default/web/b", &n1, body).await;
+        assert_ne!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     }
 
     #[tokio::test]
