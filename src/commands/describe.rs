@@ -347,7 +347,7 @@ async fn app(ctx: Context, args: DescribeArgs) -> Result<()> {
                 "  {} at {} ({access}, {})",
                 v.name,
                 v.mount,
-                shoal_core::quantity::format_memory(v.size_bytes)
+                shoal_core::quantity::format_memory(v.size())
             );
         }
     }

@@ -663,9 +663,12 @@ impl Agent {
             .lock()
             .expect("volumes lock")
             .entry((ns.to_string(), mount.name.clone()))
-            .or_insert_with(|| VolumeQuota::new(&dir, mount.size_bytes))
+            .or_insert_with(|| VolumeQuota::new(&dir, mount.size()))
             .clone();
-        quota.set_limit(mount.size_bytes);
+        // A reader writes nothing: the limit is its writers' to set.
+        if !mount.read_only {
+            quota.set_limit(mount.size());
+        }
         Ok(VolumeMount {
             host: dir,
             guest: mount.mount.clone(),

@@ -523,7 +523,14 @@ impl ControlPlane {
     ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let mut read = Read::new();
-        let spec = self.resolve_config_sets(spec, &mut read)?;
+        let mut spec = self.resolve_config_sets(spec, &mut read)?;
+        // A mount that gives no size takes the volume's, before the spec is compared with
+        // the stored one: a reader saying none left the writers' volume at the default.
+        for mount in spec.volumes.iter_mut().filter(|m| m.size_bytes.is_none()) {
+            let vkey = keys::volume(&spec.namespace, &mount.name);
+            let size = self.get::<Volume>(&vkey)?.map(|(v, _)| v.size_bytes);
+            mount.size_bytes = Some(size.unwrap_or(shoal_core::spec::DEFAULT_VOLUME_BYTES));
+        }
         let spec = self.resolve_secrets(spec, &mut read)?;
         spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
@@ -779,7 +786,7 @@ impl ControlPlane {
                         let volume = Volume {
                             namespace: key.namespace.clone(),
                             name: mount.name.clone(),
-                            size_bytes: mount.size_bytes,
+                            size_bytes: mount.size(),
                             node: None,
                             created_at: now,
                         };
@@ -787,7 +794,7 @@ impl ControlPlane {
                             .when_absent(vkey.clone())
                             .then(Op::put(vkey, encode(&volume)));
                     }
-                    Some((mut volume, at)) if volume.size_bytes != mount.size_bytes => {
+                    Some((mut volume, at)) if volume.size_bytes != mount.size() => {
                         // Smaller than what it holds, every writer would fail (EDQUOT).
                         let used = self
                             .inner
@@ -796,15 +803,15 @@ impl ControlPlane {
                             .unwrap_or_else(|p| p.into_inner())
                             .get(&(key.namespace.clone(), mount.name.clone()))
                             .copied();
-                        if let Some(used) = used.filter(|u| *u > mount.size_bytes) {
+                        if let Some(used) = used.filter(|u| *u > mount.size()) {
                             return Err(ControlError::conflict(format!(
                                 "volume {} holds {}: size = \"{}\" is less, and its writers would fail; give at least that",
                                 mount.name,
                                 shoal_core::quantity::format_memory(used),
-                                shoal_core::quantity::format_memory(mount.size_bytes)
+                                shoal_core::quantity::format_memory(mount.size())
                             )));
                         }
-                        volume.size_bytes = mount.size_bytes;
+                        volume.size_bytes = mount.size();
                         txn = txn
                             .when_mod_revision(vkey.clone(), at)
                             .then(Op::put(vkey, encode(&volume)));
@@ -2061,6 +2068,40 @@ pub(crate) mod tests {
             lost.is_empty(),
             "rounds where the app mounts no volume: {lost:?}"
         );
+    }
+
+    /// A spec that gives no size mounts the volume with its own: a reader's apply left a
+    /// writer's 10 MiB volume at the default 1 GiB, which its node then let the writer fill.
+    #[test]
+    fn a_mount_without_a_size_takes_the_volumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |name: &str, extra: &str| {
+            let src = format!(
+                "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"daemon\"\n[[volumes]]\nname = \"data\"\nmount = \"/data\"\n{extra}"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let size = || {
+            let volume = cp.get::<Volume>(&keys::volume("default", "data")).unwrap();
+            volume.unwrap().0.size_bytes
+        };
+        cp.apply(spec("writer", "size = \"10Mi\"\n"), false)
+            .unwrap();
+        let reader = spec("reader", "read_only = true\n");
+        cp.apply(reader.clone(), false).unwrap();
+        assert_eq!(size(), 10 << 20);
+        let stored = cp.describe(&reader.key()).unwrap().app.spec;
+        assert_eq!(stored.volumes[0].size_bytes, Some(10 << 20));
+        let again = cp.apply(reader, false).unwrap();
+        assert_eq!(again.outcome, ApplyOutcome::Unchanged);
+        // The volume's first spec giving none makes it of the default size.
+        cp.delete_app(&stored.key()).unwrap();
+        cp.delete_app(&spec("writer", "").key()).unwrap();
+        cp.delete_volume("default", "data").unwrap();
+        cp.apply(spec("reader", ""), false).unwrap();
+        assert_eq!(size(), shoal_core::spec::DEFAULT_VOLUME_BYTES);
     }
 
     /// A rollback to a revision mounting a volume deleted since is refused, as one naming a

@@ -1273,7 +1273,8 @@ pub const DEFAULT_VOLUME_BYTES: u64 = 1 << 30;
 
 /// `[[volumes]]`: a named volume of the app's namespace, given to the guest as a directory at
 /// `mount` (a wasi:filesystem preopen). The volume is made by the first apply that names it, with
-/// `size` as its limit, and bound to the node of the first replica placed with it; replicas
+/// `size` as its limit (a spec that gives one sets it again; one that does not takes the
+/// volume's as it is), and bound to the node of the first replica placed with it; replicas
 /// that mount it are placed there from then on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -1282,8 +1283,17 @@ pub struct VolumeMount {
     pub mount: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
-    /// The volume's size limit, in bytes.
-    pub size_bytes: u64,
+    /// The volume's size limit, in bytes, if the spec gives one: the control plane fills in
+    /// the volume's own when it does not, so a stored spec always has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+impl VolumeMount {
+    /// The size limit it mounts the volume with.
+    pub fn size(&self) -> u64 {
+        self.size_bytes.unwrap_or(DEFAULT_VOLUME_BYTES)
+    }
 }
 
 /// A mount point: absolute, normalised (no `.`, `..` or empty segments), not `/` itself.
@@ -2128,7 +2138,7 @@ impl AppSpec {
             if let Err(m) = check_mount(&v.mount) {
                 return field("volumes", format!("{}: {m}", v.name));
             }
-            if v.size_bytes == 0 {
+            if v.size_bytes == Some(0) {
                 return field("volumes", format!("{}: size must be more than 0", v.name));
             }
             for other in &self.volumes[..i] {
@@ -3141,11 +3151,11 @@ pub fn parse_app(src: &str) -> Result<AppManifest, SpecError> {
         spans.insert("volumes", raw_volumes.span());
         for v in raw_volumes.into_inner() {
             let size_bytes = match &v.size {
-                Some(size) => parse_memory(size.get_ref()).map_err(|e| {
+                Some(size) => Some(parse_memory(size.get_ref()).map_err(|e| {
                     SpecError::field("volumes", format!("{}: size: {e}", v.name))
                         .at(src, Some(size.span()))
-                })?,
-                None => DEFAULT_VOLUME_BYTES,
+                })?),
+                None => None,
             };
             volumes.push(VolumeMount {
                 name: v.name,
@@ -3956,11 +3966,12 @@ A = "1"
         assert_eq!(spec.volumes.len(), 2);
         assert_eq!(
             (spec.volumes[0].size_bytes, spec.volumes[0].read_only),
-            (10 << 20, false)
+            (Some(10 << 20), false)
         );
         assert_eq!(
             (spec.volumes[1].size_bytes, spec.volumes[1].read_only),
-            (DEFAULT_VOLUME_BYTES, true)
+            (None, true),
+            "the volume's own size, whatever it is"
         );
         let plain = parse_app(HELLO).unwrap().resolve(digest).unwrap();
         assert_eq!(

@@ -230,7 +230,8 @@ struct Volume {
     mount: String,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     read_only: bool,
-    size: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -398,7 +399,7 @@ impl File {
                     name: v.name.clone(),
                     mount: v.mount.clone(),
                     read_only: v.read_only,
-                    size: memory(v.size_bytes),
+                    size: v.size_bytes.map(memory),
                 })
                 .collect(),
             // A spec sent as JSON may give a schedule without the rest: kept all the same.
