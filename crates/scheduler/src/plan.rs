@@ -566,6 +566,12 @@ impl<'w> Pass<'w> {
                 rewrite(&mut batch, &mut noted, &mut existing, i, replica);
             }
             let mut avoid = self.replace_failing(&mut batch, &effective, &mut existing);
+            // Reconcile creates nothing for a paused rollout: it gets back, of the revision
+            // each had, what lost nodes took away, as it does a failing replica.
+            if mode == Mode::Hold {
+                let gone = lost.iter().filter(|r| r.kind != Kind::Job);
+                avoid.lost_revisions.extend(gone.map(|r| r.revision));
+            }
             if effective.spec.component.kind == Kind::Job {
                 job = Some(self.job_runs(&mut batch, &effective, &mut existing, &lost, ids));
             }
@@ -1116,6 +1122,7 @@ impl<'w> Pass<'w> {
             }
             let (r, expect) = (&r.value, r.mod_revision);
             self.remove(batch, r, expect);
+            avoid.revisions.push(r.revision);
             batch.event(
                 EventType::Warning,
                 "Replacing",
@@ -1238,10 +1245,19 @@ impl<'w> Pass<'w> {
             Mode::Split { stable, .. } => stable,
             Mode::Roll | Mode::Hold => app.revision,
         };
-        for (number, count) in [
-            (app.revision, decided.create),
-            (stable, decided.create_stable),
-        ] {
+        // Per revision: how many to create, and how many of those replace failing replicas,
+        // which keep off the nodes that failed them.
+        let mut wanted = vec![
+            (app.revision, decided.create, replaced.count),
+            (stable, decided.create_stable, 0),
+        ];
+        // A paused rollout holds the counts per revision where they are: what a failing
+        // replica or a lost node took away comes back as it was, or nothing would heal.
+        if mode == Mode::Hold {
+            wanted.extend(replaced.revisions.iter().map(|&number| (number, 1, 1)));
+            wanted.extend(replaced.lost_revisions.iter().map(|&number| (number, 1, 0)));
+        }
+        for (number, count, replacing) in wanted {
             if count == 0 {
                 continue;
             }
@@ -1252,8 +1268,7 @@ impl<'w> Pass<'w> {
                 continue;
             };
             for i in 0..count {
-                // Only the replacements keep off the nodes that failed them.
-                let avoid = if number == app.revision && i < replaced.count {
+                let avoid = if i < replacing {
                     replaced.nodes.clone()
                 } else {
                     Vec::new()
@@ -1438,6 +1453,10 @@ pub fn roll_back_into(
 struct Replacements {
     count: usize,
     nodes: Vec<String>,
+    /// The revision of each failing replica removed, for a paused rollout to replace.
+    revisions: Vec<u64>,
+    /// A paused rollout's replicas removed with their lost nodes: their revisions.
+    lost_revisions: Vec<u64>,
 }
 
 /// What the canary and the stable revision served since the current step
@@ -3082,5 +3101,65 @@ mod tests {
             (Some(7), Some("n"))
         );
         assert_eq!(reasons(b), ["Rescheduled", "Scheduled"]);
+    }
+
+    /// A paused rollout (`rollout pause`, or a canary step waiting) holds the counts per
+    /// revision where they are, and still heals: a lost node's replicas come back elsewhere,
+    /// of the revision they had. They were deleted, and nothing replaced them until a resume.
+    #[test]
+    fn a_paused_rollout_still_replaces_the_replicas_of_a_lost_node() {
+        let mut w = with_replicas(
+            world(2, 2, ""),
+            &[
+                on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                on(replica_at("y", 1, Phase::Ready, 2), "n"),
+            ],
+        );
+        let app1 = app_with("http", 2, 1, "");
+        let mut done = rollout::start(&app1, None, 0);
+        done.phase = RolloutPhase::Complete;
+        let mut s = rollout::start(&w.apps[&key()].value, Some(&done), NOW - 1000);
+        s.paused = true;
+        w.rollouts.insert(key(), Read::new(s, 50));
+        let n = w.nodes.get_mut("n").unwrap();
+        n.value.state = NodeState::NotReady;
+        n.mod_revision = 7;
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"]);
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1, "{:?}", reasons(b));
+        assert_eq!(
+            (placed[0].revision, placed[0].node.as_deref()),
+            (1, Some("m")),
+            "of the revision it had, where it can run"
+        );
+    }
+
+    /// Likewise a replica that keeps failing liveness: replaced on another node, paused or not.
+    #[test]
+    fn a_paused_rollout_still_replaces_a_failing_replica() {
+        let mut failing = on(replica_at("y", 1, Phase::Unready, 2), "n");
+        failing.reason = Some(LIVENESS_FAILED.into());
+        let mut w = with_replicas(
+            world(2, 2, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "n"), failing],
+        );
+        let app1 = app_with("http", 2, 1, "");
+        let mut done = rollout::start(&app1, None, 0);
+        done.phase = RolloutPhase::Complete;
+        let mut s = rollout::start(&w.apps[&key()].value, Some(&done), NOW - 1000);
+        s.paused = true;
+        w.rollouts.insert(key(), Read::new(s, 50));
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(deletes(b), ["y"]);
+        let placed = puts(b);
+        assert_eq!(placed.len(), 1, "{:?}", reasons(b));
+        assert_eq!(
+            (placed[0].revision, placed[0].node.as_deref()),
+            (1, Some("m")),
+            "off the node that failed it"
+        );
     }
 }
