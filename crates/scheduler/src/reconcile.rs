@@ -36,6 +36,11 @@ pub struct Plan {
     pub delete: Vec<String>,
 }
 
+/// How long a replica of a long-running app stays `Failed` (its node gave up on it: its module
+/// or a volume could not be loaded) before it is replaced: soon, but not on every pass when
+/// each replacement fails the same way.
+pub const REPLACE_FAILED_AFTER_MS: Millis = 10_000;
+
 /// Removal order among surplus replicas: the ones doing least first, newest first.
 fn removal_rank(r: &Replica) -> (u8, std::cmp::Reverse<u64>) {
     let rank = match r.phase {
@@ -112,9 +117,17 @@ fn roll(
     let desired = desired as usize;
     let surge = spec.rollout.max_surge as usize;
     let floor = desired.saturating_sub(spec.rollout.max_unavailable as usize);
-    // A finished job stays what it is wherever it ran: draining does not rerun it.
+    // A finished job stays what it is wherever it ran: draining does not rerun it. A
+    // long-running replica its node gave up on counts for nothing, and is replaced.
+    let given_up = |r: &Replica| {
+        r.kind != Kind::Job
+            && r.phase == Phase::Failed
+            && now.saturating_sub(r.updated_at) >= REPLACE_FAILED_AFTER_MS
+    };
     let (mut current, old): (Vec<&Replica>, Vec<&Replica>) = replicas.iter().partition(|r| {
-        r.revision == revision && (!replace(r) || (r.kind == Kind::Job && r.phase.is_terminal()))
+        r.revision == revision
+            && !given_up(r)
+            && (!replace(r) || (r.kind == Kind::Job && r.phase.is_terminal()))
     });
     let mut create = 0;
     let mut delete = Vec::new();
@@ -336,6 +349,36 @@ mod tests {
         ];
         assert_eq!(
             reconcile(&a, &rs, |_| false, Mode::Roll, 0),
+            Plan::default()
+        );
+    }
+
+    /// A long-running replica its node gave up on (`Failed`: its module or a volume could
+    /// not be loaded) is replaced once it has been so for a while, not on every pass. It
+    /// counted as one of the app's replicas for good, and the app ran one short.
+    #[test]
+    fn a_failed_replica_of_a_long_running_app_is_replaced_after_a_while() {
+        let mut failed = replica("y", 1, Phase::Failed, 2);
+        failed.updated_at = 1_000;
+        let rs = [replica("x", 1, Phase::Ready, 1), failed];
+        let a = app("http", 2, 1);
+        let at = |now| reconcile(&a, &rs, |_| false, Mode::Roll, now);
+        assert_eq!(at(1_000 + REPLACE_FAILED_AFTER_MS - 1), Plan::default());
+        assert_eq!(
+            at(1_000 + REPLACE_FAILED_AFTER_MS),
+            Plan {
+                create: 1,
+                delete: vec!["y".into()],
+                ..Plan::default()
+            }
+        );
+        // A job's failed run is its own to retry (or not).
+        let job = app("job", 2, 1);
+        let mut run = replica("r", 1, Phase::Failed, 2);
+        run.kind = Kind::Job;
+        let runs = [replica("x", 1, Phase::Running, 1), run];
+        assert_eq!(
+            reconcile(&job, &runs, |_| false, Mode::Roll, 1_000_000),
             Plan::default()
         );
     }
