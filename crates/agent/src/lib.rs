@@ -1196,7 +1196,7 @@ impl Agent {
                 let action = state.observe(kind, result, now);
                 let restarts = state.restarts();
                 // While restarts have not helped, every report says so.
-                let reason = state.keeps_failing(now).then_some(LIVENESS_FAILED);
+                let reason = state.keeps_failing().then_some(LIVENESS_FAILED);
                 match action {
                     Action::Nothing => {}
                     Action::Serve => {
@@ -1243,7 +1243,7 @@ impl Agent {
             // Live again for a while: the controller must hear that restarts have helped,
             // or it goes on taking the replica for one to replace.
             let (phase, failing) = shown;
-            if failing && !state.keeps_failing(origin.elapsed()) {
+            if failing && !state.keeps_failing() {
                 self.report_status(replica, phase, None, None, state.restarts(), None)
                     .await;
                 shown = (phase, false);

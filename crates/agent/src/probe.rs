@@ -90,6 +90,8 @@ pub struct ProbeState {
     /// Liveness restarts since the replica last stayed live for [`BACKOFF_RESET`].
     recent_restarts: u32,
     last_restart: Duration,
+    /// The last liveness probe that passed since then.
+    last_live: Option<Duration>,
     backoff: Backoff,
     /// When each probe (readiness, liveness) is due next: each at its own period.
     next: [Duration; 2],
@@ -109,6 +111,7 @@ impl ProbeState {
             restarts,
             recent_restarts: 0,
             last_restart: now,
+            last_live: None,
             backoff: Backoff::default(),
             next: [now; 2],
         }
@@ -154,13 +157,19 @@ impl ProbeState {
         self.restarts
     }
 
-    /// Whether restarts have not helped: [`LIVENESS_RESTARTS`] of them within
-    /// [`BACKOFF_RESET`] of each other, the last less than that ago. Every
-    /// report says so while it holds, so the controller sees it whenever it
-    /// looks and can move the replica.
-    pub fn keeps_failing(&self, now: Duration) -> bool {
-        self.recent_restarts > LIVENESS_RESTARTS
-            && now.saturating_sub(self.last_restart) < BACKOFF_RESET
+    /// Whether restarts have not helped: more than [`LIVENESS_RESTARTS`] of them, none
+    /// after which it stayed live for [`BACKOFF_RESET`]. Every report says so while it
+    /// holds, so the controller sees it whenever it looks and can move the replica.
+    pub fn keeps_failing(&self) -> bool {
+        self.recent_restarts > LIVENESS_RESTARTS && !self.stayed_live()
+    }
+
+    /// Whether its liveness probes passed for [`BACKOFF_RESET`] since its last restart:
+    /// passed, not merely that long ago, as slow probes (a period of 20 s, failing 3 times)
+    /// restart it a minute apart however dead it is.
+    fn stayed_live(&self) -> bool {
+        self.last_live
+            .is_some_and(|at| at.saturating_sub(self.last_restart) >= BACKOFF_RESET)
     }
 
     /// Takes one probe result, observed at `now`.
@@ -202,6 +211,7 @@ impl ProbeState {
         let why = match result {
             Ok(()) => {
                 self.live_failures = 0;
+                self.last_live = Some(now);
                 return Action::Nothing;
             }
             Err(why) => why,
@@ -212,7 +222,7 @@ impl ProbeState {
             return Action::Nothing;
         }
         let since = now.saturating_sub(self.last_restart);
-        if since >= BACKOFF_RESET {
+        if self.stayed_live() {
             // Live for a while: a new episode, from the shortest delay again.
             self.recent_restarts = 0;
             self.backoff = Backoff::default();
@@ -229,6 +239,7 @@ impl ProbeState {
         self.restarts += 1;
         self.recent_restarts += 1;
         self.last_restart = now + delay;
+        self.last_live = None;
         (self.live_failures, self.passes, self.failures) = (0, 0, 0);
         self.ready = self.health.readiness.is_none();
         // The fresh instance is probed for readiness at once, not a period later.
@@ -238,7 +249,7 @@ impl ProbeState {
             restarts: self.restarts,
             serve: self.ready,
             keeps_failing,
-            failing: self.keeps_failing(now),
+            failing: self.keeps_failing(),
         })
     }
 }
@@ -347,9 +358,42 @@ mod tests {
         let (delay, _) = restart(&mut s).keeps_failing.unwrap();
         assert_eq!(delay, BACKOFF_START * 2);
         assert_eq!(s.restarts(), LIVENESS_RESTARTS + 2);
-        // Said on every report until it has stayed live for a while.
-        assert!(s.keeps_failing(secs(t)));
-        assert!(!s.keeps_failing(secs(t) + BACKOFF_RESET + BACKOFF_START * 2));
+        // Said on every report until it has stayed live for a while: its probes passing,
+        // not merely time going by.
+        assert!(s.keeps_failing());
+        let started = secs(t) + BACKOFF_START * 2;
+        assert_eq!(s.observe(l, Ok(()), started), Action::Nothing);
+        assert_eq!(
+            s.observe(l, Ok(()), started + BACKOFF_RESET - secs(1)),
+            Action::Nothing
+        );
+        assert!(s.keeps_failing());
+        s.observe(l, Ok(()), started + BACKOFF_RESET);
+        assert!(!s.keeps_failing());
+    }
+
+    /// Slow probes (every 30 s, failing 3 times) restart a dead replica a minute or more
+    /// apart: that is no "live for a while" between restarts, which would make each one the
+    /// first again, never with a delay, never said to keep failing (so never moved, nor its
+    /// revision rolled back).
+    #[test]
+    fn slow_liveness_probes_that_keep_failing_are_said_to() {
+        let mut spec = probe(3, 1).unwrap();
+        spec.period_ms = 30_000;
+        let health = Health {
+            readiness: None,
+            liveness: Some(spec),
+        };
+        let mut s = ProbeState::new(&health, secs(0), 0);
+        let mut said = None;
+        for n in 0..30 {
+            if let Action::Restart(r) = s.observe(Probe::Liveness, fail(), secs(30 * n))
+                && r.failing
+            {
+                said.get_or_insert(s.restarts());
+            }
+        }
+        assert_eq!(said, Some(LIVENESS_RESTARTS + 1));
     }
 
     /// Each probe runs at its own period, and a replica started again goes on counting its
@@ -402,7 +446,9 @@ mod tests {
             }
         }
         assert_eq!(delays.last(), Some(&(BACKOFF_START * 8)));
+        // Live for a while: its probes pass.
         t += BACKOFF_RESET * 2;
+        assert_eq!(s.observe(l, Ok(()), t), Action::Nothing);
         let mut again = Vec::new();
         for _ in 0..LIVENESS_RESTARTS + 1 {
             t += Duration::from_millis(10);
@@ -429,7 +475,11 @@ mod tests {
             }
         }
         assert_eq!(s.observe(l, Ok(()), secs(10)), Action::Nothing);
-        match s.observe(l, fail(), secs(3) + BACKOFF_RESET) {
+        assert_eq!(
+            s.observe(l, Ok(()), secs(3) + BACKOFF_RESET),
+            Action::Nothing
+        );
+        match s.observe(l, fail(), secs(4) + BACKOFF_RESET) {
             Action::Restart(r) => assert_eq!(r.keeps_failing, None),
             other => panic!("{other:?}"),
         }
