@@ -235,6 +235,9 @@ impl ControlPlane {
             self.compact_history()?;
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));
+            let revisions = &mirror.world.revisions;
+            (self.inner.metrics)
+                .retain_revisions(|app, n| revisions.contains_key(&(app.clone(), n)));
         }
         Ok(if quiet {
             Passed::Quiet

@@ -399,6 +399,18 @@ impl Metrics {
             .retain(|app, _| keep(app));
         lock(&self.recent).retain(|app, _| keep(app));
     }
+
+    /// Keeps the totals of the revisions `keep` says are still there: every apply and
+    /// `rollout restart` makes one, and their histograms went on being kept, copied into each
+    /// pass and exported as metric series long after their revision was pruned.
+    pub(crate) fn retain_revisions(&self, keep: impl Fn(&AppKey, u64) -> bool) {
+        for (app, m) in self.lock().iter_mut() {
+            m.totals.retain(|revision, _| keep(app, *revision));
+            if let Some(baseline) = &mut m.baseline {
+                baseline.totals.retain(|revision, _| keep(app, *revision));
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -452,6 +464,12 @@ mod tests {
         assert_eq!(m.since_step(&app, 3, 100).unwrap().requests, 5);
         // Another step's question finds no baseline.
         assert_eq!(m.since_step(&app, 2, 200), None);
+        // Revisions pruned from the store go from the totals and the baseline.
+        m.retain_revisions(|_, revision| revision != 1);
+        let left = &m.snapshot()[&app];
+        assert_eq!(left.totals.keys().collect::<Vec<_>>(), [&2, &3]);
+        let baseline = left.baseline.as_ref().unwrap();
+        assert_eq!(baseline.totals.keys().collect::<Vec<_>>(), [&2]);
         m.retain_apps(|a| a.name != "a");
         assert!(m.snapshot().is_empty());
     }
