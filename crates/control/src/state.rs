@@ -637,11 +637,12 @@ impl ControlPlane {
         let now = self.now();
         let mut spec = spec;
         // An autoscaled app's size is the controller's to set, as a Deployment's
-        // is an HPA's: re-applying the file keeps it (within the new bounds).
-        if let (Some(a), Some((old, _))) = (&spec.scale.autoscale, &existing)
+        // is an HPA's: re-applying the file keeps it (within the new bounds, as the windows
+        // open now make them: else an unchanged file undid what a window set).
+        if let (Some(_), Some((old, _))) = (&spec.scale.autoscale, &existing)
             && old.spec.scale.autoscale.is_some()
         {
-            spec.replicas = old.spec.replicas.clamp(a.min, a.max);
+            spec.replicas = (spec.scale.bounds(old.spec.replicas, now)).clamp(old.spec.replicas);
         }
         // Judged in a dry run too: it says what the apply would meet.
         let admitted = self.admit(existing.as_ref().map(|(a, _)| &a.spec), &spec)?;
@@ -2068,6 +2069,31 @@ pub(crate) mod tests {
             lost.is_empty(),
             "rounds where the app mounts no volume: {lost:?}"
         );
+    }
+
+    /// Re-applying an autoscaled app's unchanged file keeps the size a schedule window gave
+    /// it: clamped to the app's own bounds, it was a change, undone by the next pass.
+    #[test]
+    fn an_unchanged_autoscaled_app_keeps_the_size_its_window_gave() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"/web\"]\n[scale]\nmin = 1\nmax = 4\n[[scale.schedule]]\nname = \"always\"\ncron = \"* * * * *\"\nduration = \"1h\"\nmax = 10\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        cp.apply(spec.clone(), false).unwrap();
+        let key = keys::app(&spec.key());
+        let (mut app, _) = cp.get::<App>(&key).unwrap().unwrap();
+        app.spec.replicas = 8;
+        cp.store()
+            .txn(Txn::new().then(Op::put(&key, encode(&app))))
+            .unwrap();
+        assert_eq!(
+            cp.apply(spec, false).unwrap().outcome,
+            ApplyOutcome::Unchanged
+        );
+        assert_eq!(cp.get::<App>(&key).unwrap().unwrap().0.spec.replicas, 8);
     }
 
     /// A spec that gives no size mounts the volume with its own: a reader's apply left a
