@@ -134,17 +134,34 @@ fn nothing_outside_a_volume_is_reachable_and_a_full_one_fails_the_write() {
     c.cli_ok(&["apply", "-f", &fill]);
     assert!(succeeded(&c, "fill"));
     let logs = String::from_utf8(c.cli(&["logs", "fill"]).stdout).unwrap();
-    assert!(logs.contains("fill stopped after 1048576 bytes"), "{logs}");
+    // The symlink the escape made holds its target's 21 bytes: the 16th chunk of 64 KiB does
+    // not fit.
+    assert!(logs.contains("fill stopped after 983040 bytes"), "{logs}");
     let held = std::fs::metadata(d.join("data/volumes/default/notes/fill.bin"))
         .unwrap()
         .len();
     assert!(held <= 1 << 20, "the volume holds {held} bytes");
+    // Directories take room too, a block each: the room the fill left (a chunk less the
+    // symlink's bytes) takes 15 of them, not the 1,000 a guest asks for (it made as many as
+    // it liked, each a block of the node's disk).
+    let dirs = notes_spec(
+        &d,
+        "app.toml",
+        &[
+            ("name = \"notes-writer\"", "name = \"dirs\""),
+            ("\"write\", \"hello from a job\"", "\"dirs\", \"1000\""),
+        ],
+    );
+    c.cli_ok(&["apply", "-f", &dirs]);
+    assert!(succeeded(&c, "dirs"));
+    let logs = String::from_utf8(c.cli(&["logs", "dirs"]).stdout).unwrap();
+    assert!(logs.contains("dirs stopped after 15 directories"), "{logs}");
 
-    // Made smaller than what it holds, its writers would fail: refused, as a conflict.
+    // Made smaller than what it holds, its writers would fail: refused, as a conflict. It
+    // holds what was charged: the fill, the symlink and the directories.
+    let held = 983_040 + 21 + 15 * 4096;
     assert!(poll(Duration::from_secs(30), || {
-        c.api_json("/v1/volumes")[0]["used_bytes"]
-            .as_u64()
-            .is_some_and(|u| u >= 1 << 20)
+        c.api_json("/v1/volumes")[0]["used_bytes"].as_u64() == Some(held)
     }));
     let smaller = notes_spec(
         &d,

@@ -2,10 +2,11 @@
 //! limit of the one a replica may write.
 //!
 //! The limit is kept by the host, not the filesystem: the functions through which a guest's data
-//! reaches a file (`descriptor.write`, `write-via-stream`, `append-via-stream` and `set-size`)
-//! are linked again over wasmtime-wasi's own, charge what they would add to the volume's
-//! [`VolumeQuota`] first, and fail with `insufficient-space` (ENOSPC, "No space left on device"
-//! to the guest) past the limit. Charges are counted on the safe side (an overwrite is charged
+//! reaches a file (`descriptor.write`, `write-via-stream`, `append-via-stream` and `set-size`),
+//! and those that make a directory or a symlink (`create-directory-at`, [`DIRECTORY_BYTES`]
+//! each, and `symlink-at`, its target's length), are linked again over wasmtime-wasi's own,
+//! charge what they would add to the volume's [`VolumeQuota`] first, and fail with
+//! `insufficient-space` (ENOSPC, "No space left on device" to the guest) past the limit. Charges are counted on the safe side (an overwrite is charged
 //! like new data) and set right by measuring the directory when the count nears the limit, so a
 //! guest never takes the volume, or the node's disk, past its size. What cannot escape the
 //! directory is wasmtime-wasi's (cap-std): `..`, absolute paths and symlinks that lead out are
@@ -27,6 +28,10 @@ use crate::host::Host;
 
 /// The interface whose functions are linked again (wasmtime-wasi's version of it).
 const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
+
+/// What a new directory is charged: a block on the common filesystems (ext4, xfs), which a
+/// guest making directories in a loop would otherwise take from the node's disk for free.
+pub const DIRECTORY_BYTES: u64 = 4096;
 
 /// One volume a replica mounts.
 #[derive(Clone)]
@@ -100,7 +105,9 @@ impl VolumeQuota {
     }
 }
 
-/// Bytes of the files under `dir`, symlinks not followed: what a volume holds.
+/// Bytes of the files under `dir` and of the directories in it (at least
+/// [`DIRECTORY_BYTES`] each), symlinks not followed (their target's length): what a volume
+/// holds.
 pub fn du(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -108,7 +115,7 @@ pub fn du(dir: &Path) -> u64 {
     entries
         .flatten()
         .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => du(&e.path()),
+            Ok(m) if m.is_dir() => m.len().max(DIRECTORY_BYTES) + du(&e.path()),
             Ok(m) => m.len(),
             Err(_) => 0,
         })
@@ -219,6 +226,42 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
                     }
                 }
                 match HostDescriptor::set_size(&mut fs, fd, size).await {
+                    Ok(()) => Ok((Ok(()),)),
+                    Err(e) => Ok((Err(fs.convert_error_code(e)?),)),
+                }
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.create-directory-at",
+        |mut store, (fd, path): (Resource<Descriptor>, String)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                if let Some(quota) = host.volume_quota()
+                    && quota.charge(DIRECTORY_BYTES).is_err()
+                {
+                    return Ok((Err(ErrorCode::InsufficientSpace),));
+                }
+                let mut fs = host.filesystem();
+                match HostDescriptor::create_directory_at(&mut fs, fd, path).await {
+                    Ok(()) => Ok((Ok(()),)),
+                    Err(e) => Ok((Err(fs.convert_error_code(e)?),)),
+                }
+            })
+        },
+    )?;
+    types.func_wrap_async(
+        "[method]descriptor.symlink-at",
+        |mut store, (fd, target, path): (Resource<Descriptor>, String, String)| {
+            Box::new(async move {
+                let host = store.data_mut();
+                if let Some(quota) = host.volume_quota()
+                    && quota.charge(target.len() as u64).is_err()
+                {
+                    return Ok((Err(ErrorCode::InsufficientSpace),));
+                }
+                let mut fs = host.filesystem();
+                match HostDescriptor::symlink_at(&mut fs, fd, target, path).await {
                     Ok(()) => Ok((Ok(()),)),
                     Err(e) => Ok((Err(fs.convert_error_code(e)?),)),
                 }

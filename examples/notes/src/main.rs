@@ -5,6 +5,7 @@
 //!   restart shows in its log after it;
 //! - `notes fill BYTES` writes that many bytes to `fill.bin`, saying how far it got (the volume's
 //!   size limit stops it);
+//! - `notes dirs N` makes N directories, saying how many it made (the limit stops it too);
 //! - `notes escape` tries to reach what lies outside the volume (`..`, an absolute path, a
 //!   symlink that points out) and says what each attempt got.
 
@@ -67,6 +68,24 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Some("dirs") => {
+            let want: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            let mut made = 0u64;
+            let result = loop {
+                if made == want {
+                    break Ok(());
+                }
+                if let Err(e) = std::fs::create_dir(format!("{mount}/dir-{made}")) {
+                    break Err(e);
+                }
+                made += 1;
+            };
+            match result {
+                Ok(()) => println!("notes: made {made} directories"),
+                Err(e) => println!("notes: dirs stopped after {made} directories: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
         Some("escape") => {
             let attempts = [
                 ("parent", format!("{mount}/../etc/passwd")),
@@ -90,7 +109,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: notes write TEXT… | read | fill BYTES | escape");
+            eprintln!("usage: notes write TEXT… | read | fill BYTES | dirs N | escape");
             ExitCode::FAILURE
         }
     }
