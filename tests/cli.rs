@@ -281,6 +281,29 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         unreachable.stdout,
         format!("Client: {release}\n").as_bytes()
     );
+    // A server from before `/v1/version` answers 404 there, as a server does.
+    let older = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", older.local_addr().unwrap());
+    let answering = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let (mut conn, _) = older.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let body = r#"{"error":{"code":"not_found","message":"no such API endpoint"}}"#;
+        let answer = format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(answer.as_bytes()).unwrap();
+    });
+    assert_eq!(
+        shoal(&["--server", &url, "version"]),
+        format!("Client: {release}\nServer: unknown (a server from before `shoal version`)\n")
+    );
+    answering.join().unwrap();
     // Each context reaches its own cluster: a config set made in one is not in the other.
     shoal(&[
         "--context",
@@ -307,6 +330,7 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
     let taken = taken.local_addr().unwrap().to_string();
     for (flag, value, says) in [
         ("--cert-validity", "1s", "--cert-validity"),
+        ("--backup-every", "soon", "--backup-every"),
         ("--gateway", taken.as_str(), "cannot listen on"),
         ("--metrics", taken.as_str(), "cannot listen on"),
     ] {
@@ -315,10 +339,11 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         } else {
             "127.0.0.1:0"
         };
+        let data = dir.path().join(format!("failed{flag}"));
         let failed = std::process::Command::new(common::SHOAL)
             .args(["up", "--api", "127.0.0.1:0", "--gateway", gateway])
             .arg("--data-dir")
-            .arg(dir.path().join("c"))
+            .arg(&data)
             .args(
                 if flag == "--gateway" {
                     None
@@ -337,9 +362,7 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
             "{failed:?}"
         );
         assert_eq!(std::fs::read_to_string(&config).unwrap(), before, "{flag}");
-        if flag == "--cert-validity" {
-            assert!(!dir.path().join("c").exists());
-        }
+        assert!(!data.exists(), "{flag}");
     }
     let missing = std::process::Command::new(common::SHOAL)
         .args(["--context", "nope", "get", "apps"])

@@ -130,9 +130,12 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
     let held = std::thread::spawn({
         let node = nodes[1].gateway.clone();
         move || {
-            let answer = common::client()
-                .get(format!("{node}/faulty/status/200"))
-                .send();
+            // Longer than the gateway holds it (30 s): a slow wake shows as its 503.
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap();
+            let answer = client.get(format!("{node}/faulty/status/200")).send();
             answer
                 .map(|r| r.status().as_u16())
                 .map_err(|e| e.to_string())

@@ -227,7 +227,7 @@ async fn app(ctx: Context, args: DescribeArgs) -> Result<()> {
         );
     }
     if let Some(a) = &s.scale.autoscale {
-        let idle = if a.min == 0 {
+        let idle = if s.scale.may_idle_to_zero() {
             format!(", to zero after {} idle", duration(a.idle_ms))
         } else {
             String::new()

@@ -334,6 +334,9 @@ pub async fn start_control(
         validity,
         max_module_bytes,
         kv_bucket_bytes,
+        node_grace,
+        module_gc_grace,
+        backup_every,
     } = control_flags(args)?;
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
@@ -404,8 +407,8 @@ pub async fn start_control(
         secret_key_file: Some(data.join("secret.key")),
         kv_bucket_bytes,
         max_module_bytes,
-        node_grace: duration("node-grace", &args.node_grace)?,
-        module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
+        node_grace,
+        module_gc_grace,
         strategy: match args.scheduling {
             Scheduling::BinPack => shoal_scheduler::Strategy::BinPack,
             Scheduling::Spread => shoal_scheduler::Strategy::Spread,
@@ -459,7 +462,7 @@ pub async fn start_control(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let server = format!("{scheme}://{addr}");
-    let backups = match duration("backup-every", &args.backup_every)? {
+    let backups = match backup_every {
         every if every.is_zero() => None,
         every => Some(shoal_control::BackupSchedule {
             dir: data.join("backups"),
@@ -537,6 +540,9 @@ struct ControlFlags {
     validity: Duration,
     max_module_bytes: u64,
     kv_bucket_bytes: u64,
+    node_grace: Duration,
+    module_gc_grace: Duration,
+    backup_every: Duration,
 }
 
 fn control_flags(args: &ControlArgs) -> Result<ControlFlags> {
@@ -559,6 +565,9 @@ fn control_flags(args: &ControlArgs) -> Result<ControlFlags> {
         validity,
         max_module_bytes,
         kv_bucket_bytes,
+        node_grace: duration("node-grace", &args.node_grace)?,
+        module_gc_grace: duration("module-gc-grace", &args.module_gc_grace)?,
+        backup_every: duration("backup-every", &args.backup_every)?,
     })
 }
 
@@ -897,12 +906,6 @@ pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
     let module_cache_grace = duration("module-cache-grace", &args.module_cache_grace)?;
     let egress_roots = egress_roots(&args.egress_ca)?;
     let ingress = ingress_tls(&args.gateway_cert, &args.gateway_key)?;
-    let runtime = Runtime::new(config).with_context(|| {
-        format!(
-            "cannot start the wasm runtime (its instance pool reserves address space, not memory, for --max-instances {} instances: under an address-space limit such as `ulimit -v` or LimitAS, lower --max-instances)",
-            args.max_instances
-        )
-    })?;
     let listener = tokio::net::TcpListener::bind(args.gateway)
         .await
         .with_context(|| {
@@ -925,6 +928,14 @@ pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
         ),
         None => gw_addr,
     };
+    // The data dir last, private before the runtime makes its code cache in it.
+    private_dir(data)?;
+    let runtime = Runtime::new(config).with_context(|| {
+        format!(
+            "cannot start the wasm runtime (its instance pool reserves address space, not memory, for --max-instances {} instances: under an address-space limit such as `ulimit -v` or LimitAS, lower --max-instances)",
+            args.max_instances
+        )
+    })?;
     Ok(NodeSite {
         runtime,
         listener,
@@ -1035,7 +1046,6 @@ pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
         .data_dir
         .clone()
         .unwrap_or_else(default_data_dir);
-    private_dir(&data)?;
     let site = prepare_node(&data, &args.node).await?;
     let c = start_control(&ctx, &args.control, None).await?;
     let node = start_node(

@@ -6,6 +6,9 @@ use crate::output::{self, Format};
 use anyhow::Result;
 use shoal_api::ServerVersion;
 
+/// What a server that does not say its release is: one from before `shoal version`.
+const OLDER: &str = "unknown (a server from before `shoal version`)";
+
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal version                                   the CLI's release and the server's
@@ -27,7 +30,12 @@ pub async fn run(ctx: Context, args: VersionArgs) -> Result<()> {
         println!("Client: {client}");
     }
     let server = match server {
-        Some(asked) => Some(asked.await?.version),
+        // A server from before `/v1/version` has none to tell: the mismatch itself.
+        Some(asked) => match asked.await {
+            Ok(answer) => Some(answer.version),
+            Err(e) if crate::exit::is_not_found(&e) => Some(OLDER.to_string()),
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     match ctx.output {

@@ -665,9 +665,12 @@ impl Agent {
             .entry((ns.to_string(), mount.name.clone()))
             .or_insert_with(|| VolumeQuota::new(&dir, mount.size()))
             .clone();
-        // A reader writes nothing: the limit is its writers' to set.
-        if !mount.read_only {
-            quota.set_limit(mount.size());
+        // A reader writes nothing, and a writer that gives no size takes the volume's as
+        // it is: the limit is what the writers that give one say.
+        if !mount.read_only
+            && let Some(size) = mount.size_bytes
+        {
+            quota.set_limit(size);
         }
         Ok(VolumeMount {
             host: dir,

@@ -221,14 +221,15 @@ impl ProbeState {
         if failures < l.failure_threshold {
             return Action::Nothing;
         }
-        let since = now.saturating_sub(self.last_restart);
         if self.stayed_live() {
             // Live for a while: a new episode, from the shortest delay again.
             self.recent_restarts = 0;
             self.backoff = Backoff::default();
         }
         let keeps_failing = (self.recent_restarts >= LIVENESS_RESTARTS).then(|| {
-            let delay = self.backoff.after(since);
+            // Grows on: it was reset above only if it stayed live, however long ago this
+            // restart's predecessor was.
+            let delay = self.backoff.after(Duration::ZERO);
             let message = format!(
                 "liveness probe failed {failures} times ({why}) after {} restarts; restarting in {delay:?}",
                 self.recent_restarts
@@ -385,15 +386,21 @@ mod tests {
             liveness: Some(spec),
         };
         let mut s = ProbeState::new(&health, secs(0), 0);
-        let mut said = None;
+        let (mut said, mut delays) = (None, Vec::new());
         for n in 0..30 {
             if let Action::Restart(r) = s.observe(Probe::Liveness, fail(), secs(30 * n))
                 && r.failing
             {
                 said.get_or_insert(s.restarts());
+                delays.extend(r.keeps_failing.map(|(d, _)| d));
             }
         }
         assert_eq!(said, Some(LIVENESS_RESTARTS + 1));
+        // And the delay grows, as it would with quick probes.
+        assert_eq!(
+            delays[..3],
+            [BACKOFF_START, BACKOFF_START * 2, BACKOFF_START * 4]
+        );
     }
 
     /// Each probe runs at its own period, and a replica started again goes on counting its

@@ -111,8 +111,8 @@ pub(crate) struct Inner {
     /// Held by digest while a module is recorded, and while its record is deleted and its
     /// file unlinked.
     pub(crate) module_locks: crate::modules::ModuleLocks,
-    /// The newest revision of the controller's own writes (answered, or refused for a race):
-    /// what its mirror must have caught up with before it plans again.
+    /// The newest revision of the controller's own writes that landed: what its mirror must
+    /// have caught up with before it plans again.
     pub(crate) controller_wrote: AtomicU64,
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
@@ -523,14 +523,7 @@ impl ControlPlane {
     ) -> Result<ApplyResult, ControlError> {
         spec.validate().map_err(ControlError::from)?;
         let mut read = Read::new();
-        let mut spec = self.resolve_config_sets(spec, &mut read)?;
-        // A mount that gives no size takes the volume's, before the spec is compared with
-        // the stored one: a reader saying none left the writers' volume at the default.
-        for mount in spec.volumes.iter_mut().filter(|m| m.size_bytes.is_none()) {
-            let vkey = keys::volume(&spec.namespace, &mount.name);
-            let size = self.get::<Volume>(&vkey)?.map(|(v, _)| v.size_bytes);
-            mount.size_bytes = Some(size.unwrap_or(shoal_core::spec::DEFAULT_VOLUME_BYTES));
-        }
+        let spec = self.resolve_config_sets(spec, &mut read)?;
         let spec = self.resolve_secrets(spec, &mut read)?;
         spec.validate().map_err(ControlError::from)?;
         // A dry run may precede the upload of its module: judge the rest.
@@ -795,7 +788,11 @@ impl ControlPlane {
                             .when_absent(vkey.clone())
                             .then(Op::put(vkey, encode(&volume)));
                     }
-                    Some((mut volume, at)) if volume.size_bytes != mount.size() => {
+                    // A mount that gives no size takes the volume's as it is: a reader saying
+                    // none set the writers' volume to the default.
+                    Some((mut volume, at))
+                        if mount.size_bytes.is_some_and(|s| s != volume.size_bytes) =>
+                    {
                         // Smaller than what it holds, every writer would fail (EDQUOT).
                         let used = self
                             .inner
@@ -2096,8 +2093,8 @@ pub(crate) mod tests {
         assert_eq!(cp.get::<App>(&key).unwrap().unwrap().0.spec.replicas, 8);
     }
 
-    /// A spec that gives no size mounts the volume with its own: a reader's apply left a
-    /// writer's 10 MiB volume at the default 1 GiB, which its node then let the writer fill.
+    /// A spec that gives no size takes the volume's as it is, now and later: a reader's apply
+    /// set a writer's 10 MiB volume to the default 1 GiB, which its node let the writer fill.
     #[test]
     fn a_mount_without_a_size_takes_the_volumes() {
         let dir = tempfile::tempdir().unwrap();
@@ -2118,10 +2115,18 @@ pub(crate) mod tests {
         let reader = spec("reader", "read_only = true\n");
         cp.apply(reader.clone(), false).unwrap();
         assert_eq!(size(), 10 << 20);
-        let stored = cp.describe(&reader.key()).unwrap().app.spec;
-        assert_eq!(stored.volumes[0].size_bytes, Some(10 << 20));
-        let again = cp.apply(reader, false).unwrap();
+        // Its spec still gives none: when the writer resizes the volume, applying the reader
+        // again (as a config set's change does) leaves it as it is, and changes nothing.
+        cp.apply(spec("writer", "size = \"20Mi\"\n"), false)
+            .unwrap();
+        let again = cp.apply(reader.clone(), false).unwrap();
         assert_eq!(again.outcome, ApplyOutcome::Unchanged);
+        let stored = cp.describe(&reader.key()).unwrap().app.spec;
+        assert_eq!(stored.volumes[0].size_bytes, None);
+        let mut changed = reader;
+        changed.env.insert("X".into(), "1".into());
+        cp.apply(changed, false).unwrap();
+        assert_eq!(size(), 20 << 20);
         // The volume's first spec giving none makes it of the default size.
         cp.delete_app(&stored.key()).unwrap();
         cp.delete_app(&spec("writer", "").key()).unwrap();

@@ -1283,14 +1283,14 @@ pub struct VolumeMount {
     pub mount: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub read_only: bool,
-    /// The volume's size limit, in bytes, if the spec gives one: the control plane fills in
-    /// the volume's own when it does not, so a stored spec always has one.
+    /// The volume's size limit, in bytes, if the spec gives one; if not, the volume's as it
+    /// is ([`DEFAULT_VOLUME_BYTES`] for one it makes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size_bytes: Option<u64>,
 }
 
 impl VolumeMount {
-    /// The size limit it mounts the volume with.
+    /// The size it gives the volume, or the size a volume it makes gets.
     pub fn size(&self) -> u64 {
         self.size_bytes.unwrap_or(DEFAULT_VOLUME_BYTES)
     }
@@ -2726,10 +2726,10 @@ fn scale(
         };
         let min = value(&r.min).unwrap_or(1);
         // A window's `replicas = 0` is no idling: it runs none while open, requests or not.
-        let window_min_zero = r
-            .schedule
-            .iter()
-            .any(|w| value(&w.get_ref().min) == Some(0));
+        let window_min_zero = r.schedule.iter().any(|w| {
+            let w = w.get_ref();
+            value(&w.min) == Some(0) && value(&w.max) != Some(0)
+        });
         if let Some(idle) = &r.idle
             && min != 0
             && !window_min_zero

@@ -324,7 +324,7 @@ impl File {
                 target_rps: a.target_rps,
                 window: Some(duration(a.window_ms)),
                 // The file refuses `idle` unless the app may go to zero.
-                idle: (a.min == 0).then(|| duration(a.idle_ms)),
+                idle: s.scale.may_idle_to_zero().then(|| duration(a.idle_ms)),
                 schedule: Vec::new(),
             },
             None => Scale {
@@ -607,6 +607,31 @@ mod tests {
             "#,
         );
         assert!(!text.contains("rollout"), "defaults stay out:\n{text}");
+        // An app that idles to zero only while a window with `min = 0` is open keeps its
+        // `idle`; a mount that gives no size gives none written back.
+        let text = round_trip(
+            r#"
+            name = "nights"
+            [component]
+            path = "x.wasm"
+            kind = "http"
+            [[volumes]]
+            name = "data"
+            mount = "/data"
+            read_only = true
+            [scale]
+            min = 1
+            max = 4
+            idle = "2m"
+            [[scale.schedule]]
+            name = "night"
+            cron = "0 0 * * *"
+            duration = "6h"
+            min = 0
+            "#,
+        );
+        assert!(text.contains("idle = \"2m\""), "{text}");
+        assert!(!text.contains("size"), "{text}");
     }
 
     #[test]
