@@ -3115,25 +3115,11 @@ mod tests {
                 on(replica_at("y", 1, Phase::Ready, 2), "n"),
             ],
         );
-        let app1 = app_with("http", 2, 1, "");
-        let mut done = rollout::start(&app1, None, 0);
-        done.phase = RolloutPhase::Complete;
-        let mut s = rollout::start(&w.apps[&key()].value, Some(&done), NOW - 1000);
-        s.paused = true;
-        w.rollouts.insert(key(), Read::new(s, 50));
+        pause(&mut w);
         let n = w.nodes.get_mut("n").unwrap();
         n.value.state = NodeState::NotReady;
         n.mod_revision = 7;
-        let p = plan(&w, NOW, &mut Counter::default());
-        let b = app_batch(&p);
-        assert_eq!(deletes(b), ["y"]);
-        let placed = puts(b);
-        assert_eq!(placed.len(), 1, "{:?}", reasons(b));
-        assert_eq!(
-            (placed[0].revision, placed[0].node.as_deref()),
-            (1, Some("m")),
-            "of the revision it had, where it can run"
-        );
+        replaced_on_m(&w, "of the revision it had, where it can run");
     }
 
     /// Likewise a replica that keeps failing liveness: replaced on another node, paused or not.
@@ -3145,13 +3131,23 @@ mod tests {
             world(2, 2, ""),
             &[on(replica_at("x", 1, Phase::Ready, 1), "n"), failing],
         );
+        pause(&mut w);
+        replaced_on_m(&w, "off the node that failed it");
+    }
+
+    /// `w`'s app in a rollout to revision 2 from 1, paused.
+    fn pause(w: &mut World) {
         let app1 = app_with("http", 2, 1, "");
         let mut done = rollout::start(&app1, None, 0);
         done.phase = RolloutPhase::Complete;
         let mut s = rollout::start(&w.apps[&key()].value, Some(&done), NOW - 1000);
         s.paused = true;
         w.rollouts.insert(key(), Read::new(s, 50));
-        let p = plan(&w, NOW, &mut Counter::default());
+    }
+
+    /// Asserts that `w`'s plan removes replica `y` and places one of revision 1 on node m.
+    fn replaced_on_m(w: &World, why: &str) {
+        let p = plan(w, NOW, &mut Counter::default());
         let b = app_batch(&p);
         assert_eq!(deletes(b), ["y"]);
         let placed = puts(b);
@@ -3159,7 +3155,7 @@ mod tests {
         assert_eq!(
             (placed[0].revision, placed[0].node.as_deref()),
             (1, Some("m")),
-            "off the node that failed it"
+            "{why}"
         );
     }
 }
