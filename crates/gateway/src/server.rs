@@ -846,6 +846,14 @@ impl Gateway {
             if !endpoints.is_empty() {
                 return Ok((endpoints, split));
             }
+            // Deleted while the request waited: nothing will start, so it need not wait out
+            // the hold. An app that merely stopped waking (its minimum raised) is coming up.
+            if !self.inner.holds.wakes(app) && !self.knows(app) {
+                return Err(problem_response(
+                    ErrorCode::NoRoute,
+                    &format!("app {app} was deleted while this request waited for it to start"),
+                ));
+            }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 let mut response = problem_response(
                     ErrorCode::NoReadyReplicas,

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use http::StatusCode;
 use shoal_core::Route;
+use shoal_core::spec::Inbound;
 use shoal_gateway::{Endpoint, Gateway, GatewayConfig, Tables};
 
 fn tables(wake: bool) -> Tables {
@@ -97,4 +98,36 @@ async fn holding_is_bounded_in_time_and_number_and_only_for_apps_that_wake() {
         started.elapsed() < Duration::from_millis(300),
         "it was held"
     );
+}
+
+#[tokio::test]
+async fn a_request_held_for_an_app_deleted_meanwhile_is_told_so_at_once() {
+    let gateway = Gateway::new(GatewayConfig::default());
+    gateway.set_tables(tables(true));
+    let addr = serve(&gateway).await;
+    let client = HttpClient::new();
+    let held = tokio::spawn({
+        let client = client.clone();
+        async move { client.get(&format!("http://{addr}/faulty/x")).await }
+    });
+    until_waiting(&gateway, 1).await;
+
+    // Its minimum raised, the app stops waking but is still coming: the request waits on.
+    gateway.set_tables(Tables {
+        wake: vec![],
+        services: vec![(app("faulty"), Inbound::namespace("default"))],
+        ..tables(false)
+    });
+    tokio::task::yield_now().await;
+    assert!(
+        !held.is_finished(),
+        "let go while its app was still on its way"
+    );
+
+    // Deleted: a 404 now, not a 503 when the 30 s hold runs out.
+    gateway.set_tables(Tables::default());
+    let reply = held.await.unwrap();
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.error_code(), "no_route");
+    until_waiting(&gateway, 0).await;
 }
