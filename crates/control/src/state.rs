@@ -788,35 +788,18 @@ impl ControlPlane {
                             .when_absent(vkey.clone())
                             .then(Op::put(vkey, encode(&volume)));
                     }
-                    // A mount that gives no size takes the volume's as it is: a reader saying
-                    // none set the writers' volume to the default.
-                    Some((mut volume, at))
-                        if mount.size_bytes.is_some_and(|s| s != volume.size_bytes) =>
-                    {
-                        // Smaller than what it holds, every writer would fail (EDQUOT).
-                        let used = self
-                            .inner
-                            .volume_usage
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get(&(key.namespace.clone(), mount.name.clone()))
-                            .copied();
-                        if let Some(used) = used.filter(|u| *u > mount.size()) {
-                            return Err(ControlError::conflict(format!(
-                                "volume {} holds {}: size = \"{}\" is less, and its writers would fail; give at least that",
-                                mount.name,
-                                shoal_core::quantity::format_memory(used),
-                                shoal_core::quantity::format_memory(mount.size())
-                            )));
-                        }
-                        volume.size_bytes = mount.size();
-                        txn = txn
-                            .when_mod_revision(vkey.clone(), at)
-                            .then(Op::put(vkey, encode(&volume)));
-                    }
-                    // Written again as read: a `delete_volume` that found no app mounting
-                    // it fails its guard, and a deletion first voids this.
+                    // Written again, resized if the mount gives another size: a
+                    // `delete_volume` that found no app mounting it fails its guard, and a
+                    // deletion first voids this.
                     Some((volume, at)) => {
+                        let volume =
+                            self.sized(&key.namespace, mount, volume)
+                                .map_err(|shrunk| {
+                                    ControlError::conflict(format!(
+                                        "{}; give at least that",
+                                        shrunk.say(&mount.name)
+                                    ))
+                                })?;
                         txn = txn
                             .when_mod_revision(vkey.clone(), at)
                             .then(Op::put(vkey, encode(&volume)));
@@ -1091,6 +1074,16 @@ impl ControlPlane {
                     target.number, mount.name
                 )));
             };
+            // Its size is the volume's again, unless the volume now holds more.
+            let volume = self
+                .sized(&key.namespace, mount, volume)
+                .map_err(|shrunk| {
+                    ControlError::conflict(format!(
+                        "revision {} of app {key}: {}; apply a spec instead",
+                        target.number,
+                        shrunk.say(&mount.name)
+                    ))
+                })?;
             volumes.push((vkey, volume, at));
         }
         let spec = app.spec.with_template(&target.template);
@@ -1122,8 +1115,8 @@ impl ControlPlane {
         if let Some(admitted) = admitted {
             txn = admitted.guard(txn);
         }
-        // Written again as read, as an apply does: a deletion that found no app mounting
-        // them fails its guard, and one first voids this.
+        // Written again, as an apply does: a deletion that found no app mounting them fails
+        // its guard, and one first voids this.
         for (vkey, volume, at) in volumes {
             txn = txn
                 .when_mod_revision(vkey.clone(), at)
@@ -2167,6 +2160,53 @@ pub(crate) mod tests {
         cp.apply(spec(true), false).unwrap();
         cp.apply(spec(false), false).unwrap();
         assert!(cp.rollback(&key, Some(3)).is_ok());
+    }
+
+    /// A rollback sets the volume's size to what the revision gave, as an apply does, and is
+    /// refused below what the volume holds: the revision's writers would each hit EDQUOT on
+    /// their node, which sets the limit from the writers' specs.
+    #[test]
+    fn a_rollback_resizes_the_volume_and_never_below_what_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |size: &str| {
+            let src = format!(
+                "name = \"d\"\n[component]\ndigest = \"{digest}\"\nkind = \"daemon\"\n[[volumes]]\nname = \"data\"\nmount = \"/data\"\nsize = \"{size}\"\n"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let size = || {
+            let volume = cp.get::<Volume>(&keys::volume("default", "data")).unwrap();
+            volume.unwrap().0.size_bytes
+        };
+        let key = spec("10Mi").key();
+        cp.apply(spec("10Mi"), false).unwrap();
+        cp.apply(spec("20Mi"), false).unwrap();
+        cp.apply(spec("30Mi"), false).unwrap();
+        cp.rollback(&key, Some(2)).unwrap();
+        assert_eq!(size(), 20 << 20);
+        cp.inner
+            .volume_usage
+            .lock()
+            .unwrap()
+            .insert(("default".into(), "data".into()), 15 << 20);
+        let refused = cp.rollback(&key, Some(1)).unwrap_err();
+        assert!(
+            matches!(&refused, ControlError::Conflict(m) if m.contains("volume data holds 15Mi: size = \"10Mi\" is less")),
+            "{refused}"
+        );
+        assert_eq!(
+            (cp.describe(&key).unwrap().app.revision, size()),
+            (4, 20 << 20)
+        );
+        // An apply is refused the same way.
+        assert!(matches!(
+            cp.apply(spec("10Mi"), false),
+            Err(ControlError::Conflict(_))
+        ));
+        cp.rollback(&key, Some(3)).unwrap();
+        assert_eq!(size(), 30 << 20);
     }
 
     /// An app applied again right after its deletion, while its replicas are still there,
