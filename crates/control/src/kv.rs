@@ -271,12 +271,12 @@ impl ControlPlane {
             return Ok(true);
         }
         let replicas: Vec<Replica> = self.list(&keys::replicas_of(app))?;
-        let mut revisions = replicas
+        // Only replicas still there: a job's finished runs, kept as history, grant nothing.
+        let revisions = replicas
             .iter()
-            .filter(|r| r.node.as_deref() == Some(node))
+            .filter(|r| r.is_active() && r.node.as_deref() == Some(node))
             .map(|r| r.revision)
-            .collect::<Vec<_>>();
-        revisions.dedup();
+            .collect::<std::collections::BTreeSet<_>>();
         for number in revisions {
             if let Some((revision, _)) = self.get::<Revision>(&keys::revision(app, number))?
                 && revision.template.keyvalue.iter().any(|b| b == bucket)
@@ -305,6 +305,48 @@ mod tests {
             ..ControlConfig::default()
         };
         control_plane_with(dir, config)
+    }
+
+    /// A node may open an app's bucket for a replica there that is still running, not for
+    /// one that finished (a job's run kept as history) or is elsewhere.
+    #[test]
+    fn a_node_opens_a_bucket_only_for_a_replica_it_still_runs() {
+        use crate::state::tests::{replica_of, uploaded};
+        use shoal_core::objects::Phase;
+        use shoal_core::parse_app;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"j\"\n[component]\ndigest = \"{digest}\"\nkind = \"job\"\n[keyvalue]\nbuckets = [\"b\"]\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        cp.apply(spec.clone(), false).unwrap();
+        let mut txn = Txn::new();
+        for (id, node, phase) in [
+            ("r1", "done", Phase::Succeeded),
+            ("r2", "busy", Phase::Running),
+        ] {
+            let replica = replica_of(&spec, id, 1, node, phase);
+            txn = txn.then(Op::put(keys::replica(&spec.key(), id), encode(&replica)));
+        }
+        cp.store().txn(txn).unwrap();
+        let get = || KvOp::Get {
+            keys: vec!["k".into()],
+        };
+        let refused = cp.kv_for_node("done", &spec.key(), "b", get()).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("no replica of default/j on node done"),
+            "{refused}"
+        );
+        assert!(
+            cp.kv_for_node("elsewhere", &spec.key(), "b", get())
+                .is_err()
+        );
+        assert!(cp.kv_for_node("busy", &spec.key(), "b", get()).is_ok());
+        assert!(cp.kv_for_node("busy", &spec.key(), "other", get()).is_err());
     }
 
     fn set(cp: &ControlPlane, key: &str, value: &str) -> Result<KvAnswer, ControlError> {
