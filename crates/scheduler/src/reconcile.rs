@@ -166,6 +166,7 @@ fn roll(
         + old_serving.len();
     old_serving.sort_by_key(|r| r.created_at);
     let mut kept = Vec::new();
+    let serving_before = serving_now;
     for r in old_serving {
         if serving_now > floor {
             delete.push(r.id.clone());
@@ -177,12 +178,14 @@ fn roll(
     // A new replica fits nowhere while old ones may hold the room it needs (a full
     // cluster, or one replica per node required): one of them goes although one fewer
     // then serves than the rollout allows, so it progresses; one at a time, never further
-    // below. Only one on a node that takes replicas: one leaving a drained node, or moving
-    // off its node, frees room where no new replica may go, and would only stop serving.
+    // below, and only if none was retired above (that one frees the room). Only one on a
+    // node that takes replicas: one leaving a drained node, or moving off its node, frees
+    // room where no new replica may go, and would only stop serving.
     let blocked = current
         .iter()
         .any(|r| r.node.is_none() && r.phase == Phase::Pending && r.message.is_some());
     if blocked
+        && serving_now == serving_before
         && serving_now >= floor
         && let Some(r) = kept.iter().find(|r| !replace(r))
     {
@@ -469,6 +472,25 @@ mod tests {
             reconcile(&b, &rs, drain, Mode::Roll, 0).delete,
             Vec::<String>::new()
         );
+    }
+
+    /// With room to retire one within `max_unavailable`, a blocked rollout retires that one
+    /// alone: retiring a second as well left a two-replica app with nothing serving.
+    #[test]
+    fn a_blocked_rollout_retiring_one_within_its_budget_retires_no_more() {
+        let a = crate::testing::app_with("http", 2, 2, "[rollout]\nmax_unavailable = 1\n");
+        let mut rs = vec![
+            replica("o1", 1, Phase::Ready, 1),
+            replica("o2", 1, Phase::Ready, 2),
+            replica("n1", 2, Phase::Pending, 3),
+            replica("n2", 2, Phase::Pending, 4),
+        ];
+        for r in &mut rs[2..] {
+            r.node = None;
+            r.message = Some("0/2 nodes available: not enough memory".into());
+        }
+        let plan = reconcile(&a, &rs, |_| false, Mode::Roll, 0);
+        assert_eq!(plan.delete, ["o1"]);
     }
 
     #[test]
