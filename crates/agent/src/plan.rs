@@ -153,7 +153,7 @@ pub fn app_tables(view: &ClusterView, key: &AppKey) -> AppTables {
     };
     let split = view
         .rollout(key)
-        .and_then(|s| s.split(&app.spec.rollout))
+        .and_then(|s| s.traffic(&app.spec.rollout))
         .map(|(canary, weight)| Split { canary, weight });
     AppTables {
         routes: app

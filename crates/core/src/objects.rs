@@ -428,6 +428,18 @@ impl RolloutStatus {
         };
         Some((self.revision, weight))
     }
+
+    /// How gateways split the app's traffic: [`RolloutStatus::split`] while a canary step
+    /// runs; after a rollback or an abort, none to the revision left (0 %) while its
+    /// replicas wait to be removed, which may take passes while the stable side is short.
+    /// Without a split every ready replica takes its share, the revision left included.
+    pub fn traffic(&self, rollout: &Rollout) -> Option<(u64, u8)> {
+        let abandoned = matches!(self.phase, RolloutPhase::RolledBack | RolloutPhase::Aborted)
+            .then_some(self.rolled_back_from)
+            .flatten()
+            .filter(|r| *r != self.revision);
+        self.split(rollout).or(abandoned.map(|r| (r, 0)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

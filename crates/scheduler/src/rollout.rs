@@ -935,6 +935,21 @@ mod tests {
         let rb = decide(&a, &s, &rs, Some(errors), 3_000).roll_back.unwrap();
         assert_eq!((rb.to, rb.phase), (1, RolloutPhase::Aborted));
         assert!(rb.reason.contains("error rate 50.0%"), "{}", rb.reason);
+        // Aborted, the canary takes no traffic while its replicas wait to go, which can take
+        // passes while a stable one is unready (no split sent it an equal share).
+        let target = shoal_core::Revision {
+            app: a.spec.key(),
+            number: 1,
+            template: a.spec.template(),
+            hash: String::new(),
+            created_at: 0,
+            cause: "created".into(),
+            outcome: None,
+        };
+        let aborted = roll_back(&a, &target, &s, &rb, 3_000).status;
+        assert_eq!(aborted.split(&a.spec.rollout), None);
+        assert_eq!(aborted.traffic(&a.spec.rollout), Some((2, 0)));
+        assert_eq!(s.traffic(&a.spec.rollout), s.split(&a.spec.rollout));
         let slow = Measured {
             canary: &stats(100, 0, 400.0),
             stable: &stats(160, 0, 20.0),
