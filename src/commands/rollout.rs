@@ -71,7 +71,8 @@ enum Action {
         #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
-    /// Run an earlier revision again (default: the one before the current), as a new revision.
+    /// Run an earlier revision again, as a new revision (default: the last before the current
+    /// with another template that was not rolled back or aborted).
     Undo {
         /// The app's name.
         #[arg(value_parser = crate::commands::object_name)]

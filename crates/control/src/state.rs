@@ -673,10 +673,7 @@ impl ControlPlane {
                         .rev()
                         .find(|r| Some(r.hash.as_str()) != running);
                     if let Some(bad) = attempted.filter(|r| r.hash == hash && !retry)
-                        && let Some(outcome) = bad
-                            .outcome
-                            .as_deref()
-                            .filter(|o| o.starts_with("rolled back") || o.starts_with("aborted"))
+                        && let Some(outcome) = bad.abandoned()
                     {
                         return Err(ControlError::conflict(format!(
                             "revision {} of app {key} has this template, and was {outcome}; change the spec to roll out a new revision, or apply with --retry to try this one again",
@@ -974,12 +971,16 @@ impl ControlPlane {
                 .iter()
                 .find(|r| r.number == n)
                 .ok_or_else(|| ControlError::not_found(format!("app {key} has no revision {n}")))?,
+            // The last one that differs from the latest and was not itself rolled back or
+            // aborted: after an automatic rollback and a fix, undoing the fix goes back to
+            // what ran before, not to the build that failed (name it to get that one).
             None => revisions
                 .iter()
                 .rev()
                 .find(|r| {
                     r.number < app.revision
                         && r.hash != revisions.last().map_or("", |l| l.hash.as_str())
+                        && r.abandoned().is_none()
                 })
                 .ok_or_else(|| {
                     ControlError::invalid(
@@ -1972,6 +1973,51 @@ pub(crate) mod tests {
     use shoal_core::spec::parse_app;
     use shoal_store::{BlobStore, Store};
 
+    /// What an automatic rollback from revision `from` writes: the app back on revision
+    /// `to`, whose spec is `spec`, and `from`'s outcome.
+    fn rolled_back_automatically(cp: &ControlPlane, spec: &AppSpec, to: u64, from: u64) {
+        let key = spec.key();
+        let (mut app, _) = cp.get::<App>(&keys::app(&key)).unwrap().unwrap();
+        app.spec = spec.clone();
+        app.revision = to;
+        let (mut rev, _) = cp
+            .get::<Revision>(&keys::revision(&key, from))
+            .unwrap()
+            .unwrap();
+        rev.outcome = Some("rolled back: no progress".into());
+        cp.store()
+            .txn(
+                Txn::new()
+                    .then(Op::put(keys::app(&key), encode(&app)))
+                    .then(Op::put(keys::revision(&key, from), encode(&rev))),
+            )
+            .unwrap();
+    }
+
+    /// After an automatic rollback and a fix, a plain `rollout undo` goes back to what ran
+    /// before the failed build, not to that build (which a named revision still gets).
+    #[test]
+    fn a_plain_undo_skips_a_revision_that_was_rolled_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let good = spec(&cp, "web", &["/web"]);
+        let mut bad = good.clone();
+        bad.env.insert("BROKEN".into(), "1".into());
+        cp.apply(good.clone(), false).unwrap();
+        cp.apply(bad.clone(), false).unwrap();
+        rolled_back_automatically(&cp, &good, 1, 2);
+        let mut fix = good.clone();
+        fix.env.insert("FIX".into(), "1".into());
+        assert_eq!(cp.apply(fix, false).unwrap().app.revision, 3);
+        let undone = cp.rollback(&good.key(), None).unwrap();
+        assert_eq!(
+            (undone.app.revision, undone.app.spec.template()),
+            (4, good.template())
+        );
+        let named = cp.rollback(&good.key(), Some(2)).unwrap();
+        assert_eq!(named.app.spec.template(), bad.template());
+    }
+
     /// A restart after an automatic rollback does not let the template that was rolled back
     /// out again by the same file: the gate looks past the restart's copy.
     #[test]
@@ -1983,23 +2029,8 @@ pub(crate) mod tests {
         bad.env.insert("BROKEN".into(), "1".into());
         cp.apply(good.clone(), false).unwrap();
         cp.apply(bad.clone(), false).unwrap();
-        // What an automatic rollback writes: the app back on revision 1, revision 2's outcome.
         let key = good.key();
-        let (mut app, _) = cp.get::<App>(&keys::app(&key)).unwrap().unwrap();
-        app.spec = good.clone();
-        app.revision = 1;
-        let (mut rev, _) = cp
-            .get::<Revision>(&keys::revision(&key, 2))
-            .unwrap()
-            .unwrap();
-        rev.outcome = Some("rolled back: no progress".into());
-        cp.store()
-            .txn(
-                Txn::new()
-                    .then(Op::put(keys::app(&key), encode(&app)))
-                    .then(Op::put(keys::revision(&key, 2), encode(&rev))),
-            )
-            .unwrap();
+        rolled_back_automatically(&cp, &good, 1, 2);
         assert!(matches!(
             cp.apply(bad.clone(), false),
             Err(ControlError::Conflict(_))

@@ -355,6 +355,16 @@ pub struct Revision {
     pub outcome: Option<String>,
 }
 
+impl Revision {
+    /// Its outcome if its rollout was rolled back or aborted: a build known to fail, which
+    /// neither the same file applied again nor a plain `rollout undo` brings back.
+    pub fn abandoned(&self) -> Option<&str> {
+        self.outcome
+            .as_deref()
+            .filter(|o| o.starts_with("rolled back") || o.starts_with("aborted"))
+    }
+}
+
 /// Where an app's rollout of its current revision stands; written by the
 /// controller (and by `rollout pause|resume|promote|abort`), one per app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
