@@ -388,7 +388,8 @@ pub struct RolloutStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub step_started_at: Option<Millis>,
-    /// Ready replicas of `revision` when progress was last seen, and when.
+    /// Ready replicas of `revision` at the last look; more than that is progress, whose
+    /// time `progressed_at` keeps.
     pub ready: u32,
     #[schema(value_type = u64)]
     pub progressed_at: Millis,

@@ -74,13 +74,14 @@ pub fn mode(app: &App, status: Option<&RolloutStatus>) -> Mode {
     let Some(s) = status.filter(|s| s.revision == app.revision && !s.phase.is_done()) else {
         return Mode::Roll;
     };
+    // Paused holds whatever it rolls, a first rollout (no stable revision) too.
+    if s.paused {
+        return Mode::Hold;
+    }
     let Some(stable) = s.stable else {
         return Mode::Roll;
     };
     let n = app.spec.replicas;
-    if s.paused {
-        return Mode::Hold;
-    }
     if let Some(step) = s.canary_step(&app.spec.rollout) {
         return Mode::Split {
             stable,
@@ -211,11 +212,25 @@ pub fn decide(
         return decision(next, None, Some(rb));
     }
 
+    // Progress is more ready than last seen, as Kubernetes counts it: replicas lost with a
+    // node and ready again count, where a high-water mark would let the deadline run out
+    // on a rollout that is recovering.
     if ready > next.ready {
-        next.ready = ready;
         next.progressed_at = now;
     }
+    next.ready = ready;
     if status.paused {
+        // A paused canary step keeps its share of traffic, so it is still judged: a pause
+        // holds its progress, not its analysis.
+        if let (Some(stable), Some(_), Some(_), Some(m)) = (
+            fallback,
+            status.canary_step(spec),
+            status.step_started_at,
+            measured,
+        ) && let Verdict::Fail(why) = judge(&spec.analysis, m)
+        {
+            return decision(next, None, Some(aborted(stable, &why)));
+        }
         next.message = format!("rollout of revision {target} paused");
         return decision(next, None, None);
     }
@@ -530,6 +545,15 @@ fn past_deadline(
     }
 }
 
+/// A canary whose analysis failed (`why`): back to `stable`.
+fn aborted(stable: u64, why: &str) -> RollBack {
+    RollBack {
+        to: stable,
+        phase: RolloutPhase::Aborted,
+        reason: format!("canary analysis failed: {why}"),
+    }
+}
+
 /// One look at a canary step in progress: the inputs [`decide`] was given.
 struct Canary<'a> {
     app: &'a App,
@@ -607,11 +631,7 @@ impl Canary<'_> {
             None => Verdict::Wait("no measurements yet".into()),
         };
         if let Verdict::Fail(why) = &verdict {
-            return Err(RollBack {
-                to: stable,
-                phase: RolloutPhase::Aborted,
-                reason: format!("canary analysis failed: {why}"),
-            });
+            return Err(aborted(stable, why));
         }
         next.message = in_step;
         let Some(pause) = step.pause_ms else {
@@ -744,6 +764,15 @@ mod tests {
             replica("n1", 2, Phase::Ready),
             replica("n2", 2, Phase::Ready),
         ];
+        // Its ready replica lost with a node, and ready again: progress, both times it comes.
+        let lost = [
+            replica("o", 1, Phase::Ready),
+            replica("n2", 2, Phase::Starting),
+        ];
+        let d = decide(&a, &d.status, &lost, None, 2_500);
+        assert_eq!((d.status.ready, d.status.progressed_at), (0, 2_000));
+        let d = decide(&a, &d.status, &mid, None, 2_700);
+        assert_eq!((d.status.ready, d.status.progressed_at), (1, 2_700));
         let d = decide(&a, &d.status, &done, None, 3_000);
         assert_eq!(d.status.phase, RolloutPhase::Complete);
         assert_eq!(d.status.stable, Some(2));
@@ -862,6 +891,12 @@ mod tests {
             crate::reconcile(&a, &rs, |_| false, Mode::Hold, 0),
             crate::Plan::default()
         );
+        // A first rollout, with no stable revision, holds as well.
+        let first = RolloutStatus {
+            stable: None,
+            ..s.clone()
+        };
+        assert_eq!(mode(&a, Some(&first)), Mode::Hold);
         s.paused = false;
         assert_eq!(mode(&a, Some(&s)), Mode::Roll);
         assert_eq!(
@@ -935,6 +970,14 @@ mod tests {
         let rb = decide(&a, &s, &rs, Some(errors), 3_000).roll_back.unwrap();
         assert_eq!((rb.to, rb.phase), (1, RolloutPhase::Aborted));
         assert!(rb.reason.contains("error rate 50.0%"), "{}", rb.reason);
+        // Paused, it keeps its share of traffic and is judged as well.
+        let paused = RolloutStatus {
+            paused: true,
+            ..s.clone()
+        };
+        assert_eq!(paused.split(&a.spec.rollout), Some((2, 25)));
+        let judged = decide(&a, &paused, &rs, Some(errors), 3_000).roll_back;
+        assert_eq!(judged.map(|rb| rb.phase), Some(RolloutPhase::Aborted));
         // Aborted, the canary takes no traffic while its replicas wait to go, which can take
         // passes while a stable one is unready (no split sent it an equal share).
         let target = shoal_core::Revision {
