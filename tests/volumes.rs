@@ -61,13 +61,13 @@ fn a_job_writes_a_volume_and_a_daemon_reads_it_after_a_restart_until_the_volume_
         "{described}"
     );
 
-    // Where it lives and what it holds: measured by its node.
+    // Where it lives and what it holds: measured by its node, a block for the short note.
     assert!(
         poll(Duration::from_secs(30), || {
             let v = c.api_json("/v1/volumes");
             v[0]["node"] == "node-1"
                 && v[0]["size_bytes"] == 1 << 20
-                && v[0]["used_bytes"] == "hello from a job\n".len()
+                && v[0]["used_bytes"] == shoal_runtime::BLOCK_BYTES
         }),
         "{:#}",
         c.api_json("/v1/volumes")
@@ -141,24 +141,34 @@ fn nothing_outside_a_volume_is_reachable_and_a_full_one_fails_the_write() {
         .unwrap()
         .len();
     assert!(held <= 1 << 20, "the volume holds {held} bytes");
-    // Directories take room too, a block each: the room the fill left (a chunk less the
-    // symlink's bytes) takes 15 of them, not the 1,000 a guest asks for (it made as many as
-    // it liked, each a block of the node's disk).
-    let dirs = notes_spec(
-        &d,
-        "app.toml",
-        &[
-            ("name = \"notes-writer\"", "name = \"dirs\""),
-            ("\"write\", \"hello from a job\"", "\"dirs\", \"1000\""),
-        ],
-    );
-    c.cli_ok(&["apply", "-f", &dirs]);
-    assert!(succeeded(&c, "dirs"));
-    let logs = String::from_utf8(c.cli(&["logs", "dirs"]).stdout).unwrap();
-    assert!(logs.contains("dirs stopped after 15 directories"), "{logs}");
+    // Empty files and directories take room too, a block each: the room the fill left (a
+    // chunk less the symlink's bytes) takes 15 files, not the 1,000 a guest asks for (it made
+    // as many as it liked, each an inode of the node's disk), and then no directory.
+    for (what, made) in [("files", "15 files"), ("dirs", "0 directories")] {
+        let job = notes_spec(
+            &d,
+            "app.toml",
+            &[
+                ("name = \"notes-writer\"", &format!("name = \"{what}\"")),
+                (
+                    "\"write\", \"hello from a job\"",
+                    &format!("\"{what}\", \"1000\""),
+                ),
+            ],
+        );
+        c.cli_ok(&["apply", "-f", &job]);
+        assert!(succeeded(&c, what));
+        let logs = String::from_utf8(c.cli(&["logs", what]).stdout).unwrap();
+        assert!(
+            logs.contains(&format!(
+                "{what} stopped after {made}: No space left on device"
+            )),
+            "{logs}"
+        );
+    }
 
     // Made smaller than what it holds, its writers would fail: refused, as a conflict. It
-    // holds what was charged: the fill, the symlink and the directories.
+    // holds what was charged: the fill, the symlink and the files.
     let held = 983_040 + 21 + 15 * 4096;
     assert!(poll(Duration::from_secs(30), || {
         c.api_json("/v1/volumes")[0]["used_bytes"].as_u64() == Some(held)

@@ -43,7 +43,7 @@ pub use memory::{available_memory, default_memory_budget};
 pub use outbound::{DENIED, DenyAll, OutboundPolicy};
 pub use runtime::{LoadSource, Loaded, Runtime, memory_reset};
 pub use stats::{CompileCache, InstanceCounts, InstanceStats};
-pub use volumes::{VolumeMount, VolumeQuota, du};
+pub use volumes::{BLOCK_BYTES, VolumeMount, VolumeQuota, du};
 
 /// Types an [`OutboundPolicy`] works with, re-exported so implementors need not depend on
 /// wasmtime-wasi-http directly.

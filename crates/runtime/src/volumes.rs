@@ -3,8 +3,9 @@
 //!
 //! The limit is kept by the host, not the filesystem: the functions through which a guest's data
 //! reaches a file (`descriptor.write`, `write-via-stream`, `append-via-stream` and `set-size`),
-//! and those that make a directory or a symlink (`create-directory-at`, [`DIRECTORY_BYTES`]
-//! each, and `symlink-at`, its target's length), are linked again over wasmtime-wasi's own,
+//! and those that make a file, a directory or a symlink (`open-at` with `create` and
+//! `create-directory-at`, [`BLOCK_BYTES`] each, and `symlink-at`, its target's length), are
+//! linked again over wasmtime-wasi's own,
 //! charge what they would add to the volume's [`VolumeQuota`] first, and fail with
 //! `insufficient-space` (ENOSPC, "No space left on device" to the guest) past the limit. Charges are counted on the safe side (an overwrite is charged
 //! like new data) and set right by measuring the directory when the count nears the limit, so a
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use wasmtime::component::{Linker, Resource};
 use wasmtime_wasi::filesystem::WasiFilesystemView;
 use wasmtime_wasi::p2::bindings::filesystem::types::{
-    Descriptor, ErrorCode, Host as _, HostDescriptor,
+    Descriptor, DescriptorFlags, ErrorCode, Host as _, HostDescriptor, OpenFlags, PathFlags,
 };
 use wasmtime_wasi::p2::{DynOutputStream, OutputStream, Pollable, StreamError, StreamResult};
 
@@ -29,9 +30,10 @@ use crate::host::Host;
 /// The interface whose functions are linked again (wasmtime-wasi's version of it).
 const FILESYSTEM_TYPES: &str = "wasi:filesystem/types@0.2.12";
 
-/// What a new directory is charged: a block on the common filesystems (ext4, xfs), which a
-/// guest making directories in a loop would otherwise take from the node's disk for free.
-pub const DIRECTORY_BYTES: u64 = 4096;
+/// What a new file or directory is charged, and the least a measure counts for one: a block on
+/// the common filesystems (ext4, xfs), and an inode, which a guest making empty files or
+/// directories in a loop would otherwise take from the node's disk for free.
+pub const BLOCK_BYTES: u64 = 4096;
 
 /// One volume a replica mounts.
 #[derive(Clone)]
@@ -105,9 +107,8 @@ impl VolumeQuota {
     }
 }
 
-/// Bytes of the files under `dir` and of the directories in it (at least
-/// [`DIRECTORY_BYTES`] each), symlinks not followed (their target's length): what a volume
-/// holds.
+/// Bytes of the files and directories under `dir` (at least [`BLOCK_BYTES`] each), symlinks
+/// not followed (their target's length): what a volume holds.
 pub fn du(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
@@ -115,8 +116,9 @@ pub fn du(dir: &Path) -> u64 {
     entries
         .flatten()
         .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => m.len().max(DIRECTORY_BYTES) + du(&e.path()),
-            Ok(m) => m.len(),
+            Ok(m) if m.is_dir() => m.len().max(BLOCK_BYTES) + du(&e.path()),
+            Ok(m) if m.is_symlink() => m.len(),
+            Ok(m) => m.len().max(BLOCK_BYTES),
             Err(_) => 0,
         })
         .sum()
@@ -233,12 +235,40 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         },
     )?;
     types.func_wrap_async(
+        "[method]descriptor.open-at",
+        |mut store,
+         (fd, path_flags, path, oflags, flags): (
+            Resource<Descriptor>,
+            PathFlags,
+            String,
+            OpenFlags,
+            DescriptorFlags,
+        )| {
+            Box::new(async move {
+                let host = store.data_mut();
+                // Charged whether or not the file was there: on the safe side, as overwrites
+                // are, until a measure sets the count right.
+                if oflags.contains(OpenFlags::CREATE)
+                    && let Some(quota) = host.volume_quota()
+                    && quota.charge(BLOCK_BYTES).is_err()
+                {
+                    return Ok((Err(ErrorCode::InsufficientSpace),));
+                }
+                let mut fs = host.filesystem();
+                match HostDescriptor::open_at(&mut fs, fd, path_flags, path, oflags, flags).await {
+                    Ok(opened) => Ok((Ok(opened),)),
+                    Err(e) => Ok((Err(fs.convert_error_code(e)?),)),
+                }
+            })
+        },
+    )?;
+    types.func_wrap_async(
         "[method]descriptor.create-directory-at",
         |mut store, (fd, path): (Resource<Descriptor>, String)| {
             Box::new(async move {
                 let host = store.data_mut();
                 if let Some(quota) = host.volume_quota()
-                    && quota.charge(DIRECTORY_BYTES).is_err()
+                    && quota.charge(BLOCK_BYTES).is_err()
                 {
                     return Ok((Err(ErrorCode::InsufficientSpace),));
                 }

@@ -5,7 +5,8 @@
 //!   restart shows in its log after it;
 //! - `notes fill BYTES` writes that many bytes to `fill.bin`, saying how far it got (the volume's
 //!   size limit stops it);
-//! - `notes dirs N` makes N directories, saying how many it made (the limit stops it too);
+//! - `notes dirs N` and `notes files N` make N directories or N empty files, saying how many
+//!   they made (the limit stops them too);
 //! - `notes escape` tries to reach what lies outside the volume (`..`, an absolute path, a
 //!   symlink that points out) and says what each attempt got.
 
@@ -68,21 +69,25 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Some("dirs") => {
+        Some(what @ ("dirs" | "files")) => {
             let want: u64 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            let (noun, make): (_, fn(&str) -> std::io::Result<()>) = match what {
+                "dirs" => ("directories", |p| std::fs::create_dir(p)),
+                _ => ("files", |p| std::fs::File::create(p).map(drop)),
+            };
             let mut made = 0u64;
             let result = loop {
                 if made == want {
                     break Ok(());
                 }
-                if let Err(e) = std::fs::create_dir(format!("{mount}/dir-{made}")) {
+                if let Err(e) = make(&format!("{mount}/{what}-{made}")) {
                     break Err(e);
                 }
                 made += 1;
             };
             match result {
-                Ok(()) => println!("notes: made {made} directories"),
-                Err(e) => println!("notes: dirs stopped after {made} directories: {e}"),
+                Ok(()) => println!("notes: made {made} {noun}"),
+                Err(e) => println!("notes: {what} stopped after {made} {noun}: {e}"),
             }
             ExitCode::SUCCESS
         }
@@ -109,7 +114,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: notes write TEXT… | read | fill BYTES | dirs N | escape");
+            eprintln!("usage: notes write TEXT… | read | fill BYTES | dirs N | files N | escape");
             ExitCode::FAILURE
         }
     }
