@@ -1075,16 +1075,20 @@ impl ControlPlane {
                     target.number, mount.name
                 )));
             };
-            // Its size is the volume's again, unless the volume now holds more.
-            let volume = self
-                .sized(&key.namespace, mount, volume)
-                .map_err(|shrunk| {
-                    ControlError::conflict(format!(
-                        "revision {} of app {key}: {}; apply a spec instead",
-                        target.number,
-                        shrunk.say(&mount.name)
-                    ))
-                })?;
+            // A rollback's size is the volume's again, unless the volume now holds more; a
+            // restart changes nothing in the spec, so nothing of the volume either.
+            let volume = if reason != "RolledBack" {
+                Ok(volume)
+            } else {
+                self.sized(&key.namespace, mount, volume)
+            };
+            let volume = volume.map_err(|shrunk| {
+                ControlError::conflict(format!(
+                    "revision {} of app {key}: {}; apply a spec instead",
+                    target.number,
+                    shrunk.say(&mount.name)
+                ))
+            })?;
             volumes.push((vkey, volume, at));
         }
         let spec = app.spec.with_template(&target.template);

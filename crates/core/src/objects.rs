@@ -441,14 +441,17 @@ impl RolloutStatus {
     }
 
     /// How gateways split the app's traffic: [`RolloutStatus::split`] while a canary step
-    /// runs; after a rollback or an abort, none to the revision left (0 %) while its
+    /// runs; after a canary's rollback or abort, none to the revision left (0 %) while its
     /// replicas wait to be removed, which may take passes while the stable side is short.
     /// Without a split every ready replica takes its share, the revision left included.
     pub fn traffic(&self, rollout: &Rollout) -> Option<(u64, u8)> {
-        let abandoned = matches!(self.phase, RolloutPhase::RolledBack | RolloutPhase::Aborted)
-            .then_some(self.rolled_back_from)
-            .flatten()
-            .filter(|r| *r != self.revision);
+        // Only a canary's replicas come on top of a full stable side; after a rolling
+        // update the revision left may hold most of the ready replicas, and takes its share.
+        let abandoned = (self.strategy == Strategy::Canary
+            && matches!(self.phase, RolloutPhase::RolledBack | RolloutPhase::Aborted))
+        .then_some(self.rolled_back_from)
+        .flatten()
+        .filter(|r| *r != self.revision);
         self.split(rollout).or(abandoned.map(|r| (r, 0)))
     }
 }

@@ -246,15 +246,21 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         )| {
             Box::new(async move {
                 let host = store.data_mut();
-                // Charged whether or not the file was there: on the safe side, as overwrites
-                // are, until a measure sets the count right.
-                if oflags.contains(OpenFlags::CREATE)
-                    && let Some(quota) = host.volume_quota()
-                    && quota.charge(BLOCK_BYTES).is_err()
-                {
-                    return Ok((Err(ErrorCode::InsufficientSpace),));
-                }
+                let quota = host.volume_quota();
                 let mut fs = host.filesystem();
+                // Charged only if the file is not there: opening one that is, to truncate
+                // it in a full volume, must not fail for want of room.
+                if oflags.contains(OpenFlags::CREATE)
+                    && let Some(quota) = quota
+                {
+                    let dir = Resource::<Descriptor>::new_borrow(fd.rep());
+                    let there = HostDescriptor::stat_at(&mut fs, dir, path_flags, path.clone())
+                        .await
+                        .is_ok();
+                    if !there && quota.charge(BLOCK_BYTES).is_err() {
+                        return Ok((Err(ErrorCode::InsufficientSpace),));
+                    }
+                }
                 match HostDescriptor::open_at(&mut fs, fd, path_flags, path, oflags, flags).await {
                     Ok(opened) => Ok((Ok(opened),)),
                     Err(e) => Ok((Err(fs.convert_error_code(e)?),)),

@@ -1304,6 +1304,8 @@ mod tests {
             reason: "no progress".into(),
         };
         let done = roll_back(&a, &target, &s, &rb, 7_000);
+        // A rolling update's revision left may hold most ready replicas: no 0 % for it.
+        assert_eq!(done.status.traffic(&a.spec.rollout), None);
         assert_eq!(done.app.revision, 1);
         assert_eq!(done.app.spec.template(), target.template);
         assert_eq!(
