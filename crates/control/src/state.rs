@@ -145,27 +145,30 @@ pub(crate) struct Inner {
     pub(crate) audit: Option<crate::audit::AuditLog>,
 }
 
-/// How many times a declarative change (an apply, a scale) is read and judged again when
-/// another write came between its read and its own: as many as changes could come at once
-/// in one namespace with a quota (each round, one of them lands), a millisecond more apart
-/// each time.
-const RACED_TRIES: u32 = 20;
+/// How long a declarative change (an apply, a scale) is read and judged again while other
+/// writes come between its read and its own: each round one of them lands, so a crowd of
+/// changes to one namespace or one key all land in turn. A count of tries is not enough: a
+/// writer that keeps winning (it does not wait) can outlast any count of another's tries.
+const RACED_FOR: Duration = Duration::from_secs(5);
 
-/// Waits before the `tries`-th read of a change that lost a race: longer each time, so a
-/// crowd of them spreads out.
+/// Waits before the `tries`-th read of a change that lost a race: longer each time, up to
+/// 20 ms, and by a random share of that, so two writers that keep meeting fall out of step.
 fn raced_again(tries: u32) {
-    std::thread::sleep(Duration::from_millis(u64::from(tries)));
+    let most = u64::from(tries.min(20));
+    let jitter = u64::from(getrandom::u32().unwrap_or(0)) % (most + 1);
+    std::thread::sleep(Duration::from_millis(most / 2 + jitter));
 }
 
-/// `change` made again from a new read while it loses races ([`ControlError::Raced`]), up to
-/// [`RACED_TRIES`] times: applies, scales, key-value writes, and secret and config-set writes.
+/// `change` made again from a new read while it loses races ([`ControlError::Raced`]), for up
+/// to [`RACED_FOR`]: applies, scales, key-value writes, and secret and config-set writes.
 pub(crate) fn retrying<T>(
     mut change: impl FnMut() -> Result<T, ControlError>,
 ) -> Result<T, ControlError> {
+    let since = std::time::Instant::now();
     let mut tries = 1;
     loop {
         match change() {
-            Err(ControlError::Raced(_)) if tries < RACED_TRIES => {
+            Err(ControlError::Raced(_)) if since.elapsed() < RACED_FOR => {
                 raced_again(tries);
                 tries += 1;
             }
