@@ -182,7 +182,8 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
              start)\n  mkdir -p \"$d/$2\"\n  {shoal} node join \"$SHOAL_JOIN_URL\" --token-file \"$SHOAL_JOIN_TOKEN_FILE\" \
              --node-name \"$2\" --gateway 127.0.0.1:0 --data-dir \"$d/$2\" --memory 1Gi --label pool=\"$SHOAL_POOL\" \
              > \"$d/$2.log\" 2>&1 &\n  echo $! > \"$d/$2.pid\" ;;\n\
-             stop)\n  kill \"$(cat \"$d/$2.pid\")\"\n  echo \"$2\" >> \"$d/stopped\" ;;\nesac\n",
+             stop)\n  if [ -e \"$d/fail-stop\" ]; then rm \"$d/fail-stop\"; echo cloud down >&2; exit 1; fi\n  \
+             kill \"$(cat \"$d/$2.pid\")\"\n  echo \"$2\" >> \"$d/stopped\" ;;\nesac\n",
             workers = workers.display(),
             shoal = common::SHOAL,
         ),
@@ -212,7 +213,25 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
     );
     assert_eq!(nodes(&server)[0]["labels"]["pool"], "cloud");
 
+    // The provider's first stop fails: the node stays, and is still the pool's (its worker
+    // runs on), until a later stop goes through.
+    std::fs::write(workers.join("fail-stop"), "").unwrap();
     server.cli_ok(&["delete", "app", "hello"]);
+    assert!(
+        poll(Duration::from_secs(60), || server
+            .cli_ok(&["events"])
+            .contains("could not stop node cloud-1")),
+        "{}",
+        server.cli_ok(&["events"])
+    );
+    let events = server.cli_ok(&["events"]);
+    assert!(events.contains("cloud down; trying again"), "{events}");
+    assert_eq!(nodes(&server).len(), 1, "{:?}", nodes(&server));
+    let pool = server.api_json("/v1/pools/cloud");
+    assert!(
+        pool["members"]["cloud-1"]["stop_failed_at"].is_u64(),
+        "{pool}"
+    );
     assert!(
         poll(Duration::from_secs(60), || nodes(&server).is_empty()),
         "{:?}",

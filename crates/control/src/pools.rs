@@ -14,14 +14,19 @@ use crate::state::{ControlPlane, Fence, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{App, EventType, Kind, Node, POOL_LABEL, Pool, Replica};
+use shoal_core::{
+    App, EventType, Kind, Millis, Node, POOL_LABEL, Pool, PoolMember, Replica, Revision, Volume,
+};
 use shoal_scheduler::Request;
-use shoal_scheduler::pools::{Action, Facts, Placed, Waiting, assign, decide, movable};
+use shoal_scheduler::pools::{
+    Action, Facts, Placed, STOP_RETRY_MS, Waiting, assign, decide, movable,
+};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
 use tokio::process::{Child, Command};
+use tokio::task::JoinSet;
 
 /// How long a provider's `start` or `stop` may run.
 const PROVIDER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -66,6 +71,7 @@ impl ControlPlane {
                     members: BTreeMap::new(),
                     next: 1,
                     created_at: self.now(),
+                    node_size: None,
                 };
                 (pool, Txn::new().when_absent(key.clone()), "created")
             }
@@ -163,12 +169,28 @@ impl ControlPlane {
         let mut active: BTreeMap<String, usize> = BTreeMap::new();
         let mut waiting = Vec::new();
         let mut why = None;
+        let mut bound: Option<HashSet<(String, String)>> = None;
         for r in &replicas {
             match &r.node {
                 Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
                 None if r.message.is_some() && !r.phase.is_terminal() => {
+                    // Read once, and only when something waits.
+                    let bound = match &mut bound {
+                        Some(b) => b,
+                        None => bound.insert(
+                            self.list::<Volume>(&keys::VOLUMES)?
+                                .into_iter()
+                                .filter(|v| v.node.is_some())
+                                .map(|v| (v.namespace, v.name))
+                                .collect(),
+                        ),
+                    };
+                    if self.mounts_bound(r, bound)? {
+                        continue;
+                    }
                     waiting.push(Waiting {
                         asks: shoal_core::Capacity::of(&r.resources),
+                        instance_memory: r.resources.limits.memory_bytes,
                         node_selector: apps
                             .get(&r.app)
                             .map_or(&none, |a| &a.placement.node_selector),
@@ -224,6 +246,8 @@ impl ControlPlane {
                 pending_why: why,
                 movable: &movable,
                 gone: &gone,
+                busy: &workers.busy,
+                started: &workers.started,
             };
             let (next, actions) = decide(&pool, &facts, now);
             if next == pool {
@@ -244,7 +268,7 @@ impl ControlPlane {
                         "PoolNodeDraining",
                         format!("pool {}: draining node {node} to stop it: {why}", pool.name),
                     ),
-                    Action::Stop { node, why } => (
+                    Action::Stop { node, why, .. } => (
                         EventType::Normal,
                         "PoolNodeStopped",
                         format!("pool {}: stopping node {node}: {why}", pool.name),
@@ -265,9 +289,34 @@ impl ControlPlane {
         Ok(out)
     }
 
-    /// The provisioner: a pass every second for as long as the control plane runs.
+    /// Whether replica `r` mounts a volume bound to a node (`bound`): it goes there or
+    /// nowhere, so no new node would take it.
+    fn mounts_bound(
+        &self,
+        r: &Replica,
+        bound: &HashSet<(String, String)>,
+    ) -> Result<bool, ControlError> {
+        if bound.is_empty() {
+            return Ok(false);
+        }
+        let Some((revision, _)) = self.get::<Revision>(&keys::revision(&r.app, r.revision))? else {
+            return Ok(false);
+        };
+        Ok(revision
+            .template
+            .volumes
+            .iter()
+            .any(|v| bound.contains(&(r.app.namespace.clone(), v.name.clone()))))
+    }
+
+    /// The provisioner: a pass every second for as long as the control plane runs. A
+    /// provider's `start` or `stop` (and a local worker's stop) runs in a task of its own,
+    /// so one slow provider holds neither the passes nor the other pools.
     pub async fn run_pools(self, host: PoolHost) {
         let mut local: HashMap<String, Child> = HashMap::new();
+        let mut running: JoinSet<Done> = JoinSet::new();
+        let mut busy: BTreeSet<String> = BTreeSet::new();
+        let mut started: BTreeMap<String, Millis> = BTreeMap::new();
         let since = self.now();
         // Started when this server won the leadership, if it shares its store: a deposed
         // server's pass starts no worker.
@@ -276,6 +325,19 @@ impl ControlPlane {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            while let Some(done) = running.try_join_next() {
+                match done {
+                    Ok(Done::Started { node, at }) => {
+                        busy.remove(&node);
+                        started.insert(node, at);
+                    }
+                    Ok(Done::Stopped { node }) => {
+                        busy.remove(&node);
+                        started.remove(&node);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "node pools: a provider task failed"),
+                }
+            }
             let mut exited = HashSet::new();
             local.retain(|name, child| match child.try_wait() {
                 Ok(None) => true,
@@ -288,9 +350,11 @@ impl ControlPlane {
                 running: local.keys().cloned().collect(),
                 exited,
                 since,
+                busy: busy.clone(),
+                started: started.clone(),
             };
-            let (cp, fence) = (self.clone(), fence.clone());
-            let decided = match blocking(move || cp.pool_pass(&fence, &workers)).await {
+            let (cp, pass_fence) = (self.clone(), fence.clone());
+            let decided = match blocking(move || cp.pool_pass(&pass_fence, &workers)).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e, "node pools: pass failed");
@@ -299,18 +363,31 @@ impl ControlPlane {
             };
             for (pool, actions) in decided {
                 for action in actions {
-                    self.act(&host, &pool, action, &mut local).await;
+                    self.act(
+                        &host,
+                        &fence,
+                        &pool,
+                        action,
+                        &mut local,
+                        &mut running,
+                        &mut busy,
+                    )
+                    .await;
                 }
             }
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn act(
         &self,
         host: &PoolHost,
+        fence: &Fence,
         pool: &Pool,
         action: Action,
         local: &mut HashMap<String, Child>,
+        running: &mut JoinSet<Done>,
+        busy: &mut BTreeSet<String>,
     ) {
         match action {
             Action::Start { node, .. } => {
@@ -320,14 +397,26 @@ impl ControlPlane {
                 if let Err(e) = blocking(move || cp.join_token()).await {
                     tracing::warn!(error = %e, "node pools: cannot read the join token in force");
                 }
-                let started = match &pool.spec.provider {
-                    None => start_local(host, pool, &node).map(|child| {
-                        local.insert(node.clone(), child);
-                    }),
-                    Some(command) => run_provider(host, pool, command, "start", &node).await,
-                };
-                if let Err(why) = started {
-                    self.provider_failed(pool, &node, "start", why).await;
+                match &pool.spec.provider {
+                    None => match start_local(host, pool, &node) {
+                        Ok(child) => {
+                            local.insert(node, child);
+                        }
+                        Err(why) => self.provider_failed(pool, &node, "start", why).await,
+                    },
+                    Some(command) => {
+                        let (cp, host, pool, command) =
+                            (self.clone(), host.clone(), pool.clone(), command.clone());
+                        busy.insert(node.clone());
+                        running.spawn(async move {
+                            if let Err(why) =
+                                run_provider(&host, &pool, &command, "start", &node).await
+                            {
+                                cp.provider_failed(&pool, &node, "start", why).await;
+                            }
+                            Done::Started { node, at: cp.now() }
+                        });
+                    }
                 }
             }
             Action::Drain { node, .. } => {
@@ -341,29 +430,110 @@ impl ControlPlane {
                     tracing::warn!(pool = %pool.name, error = %e, "node pools: cannot drain");
                 }
             }
-            Action::Stop { node, .. } => {
-                let stopped = match &pool.spec.provider {
-                    None => {
-                        if let Some(child) = local.remove(&node) {
-                            stop_local(child).await;
+            Action::Stop { node, provider, .. } => {
+                // A local worker of this control plane is stopped as one, whatever the pool's
+                // provider has become since.
+                let child = local.remove(&node);
+                let (cp, host, pool, fence) =
+                    (self.clone(), host.clone(), pool.clone(), fence.clone());
+                busy.insert(node.clone());
+                running.spawn(async move {
+                    let stopped = match (child, &provider) {
+                        (None, Some(command)) => {
+                            run_provider(&host, &pool, command, "stop", &node).await
                         }
-                        let _ = std::fs::remove_dir_all(host.dir.join(&pool.name).join(&node));
-                        Ok(())
+                        (child, _) => {
+                            if let Some(child) = child {
+                                stop_local(child).await;
+                            }
+                            let _ = std::fs::remove_dir_all(host.dir.join(&pool.name).join(&node));
+                            Ok(())
+                        }
+                    };
+                    match stopped {
+                        Ok(()) => cp.forget_node(&pool, &node).await,
+                        Err(why) => {
+                            let kept = cp.stop_failed(&fence, &pool.name, &node, provider).await;
+                            let why = match kept {
+                                true => format!(
+                                    "{why}; trying again in {} s (`shoal node delete {node}` \
+                                     forgets it)",
+                                    STOP_RETRY_MS / 1000
+                                ),
+                                false => format!("{why}; it never joined, so it is forgotten"),
+                            };
+                            cp.provider_failed(&pool, &node, "stop", why).await;
+                        }
                     }
-                    Some(command) => run_provider(host, pool, command, "stop", &node).await,
-                };
-                if let Err(why) = stopped {
-                    self.provider_failed(pool, &node, "stop", why).await;
-                }
-                let cp = self.clone();
-                let name = node.clone();
-                if let Err(e) = blocking(move || cp.delete_node(&name)).await
-                    && !matches!(e, ControlError::NotFound(_))
-                {
-                    tracing::warn!(pool = %pool.name, %node, error = %e, "node pools: cannot delete a stopped node");
-                }
+                    Done::Stopped { node }
+                });
             }
         }
+    }
+
+    /// Deletes the node of a worker that was stopped.
+    async fn forget_node(&self, pool: &Pool, node: &str) {
+        let cp = self.clone();
+        let name = node.to_string();
+        if let Err(e) = blocking(move || cp.delete_node(&name)).await
+            && !matches!(e, ControlError::NotFound(_))
+        {
+            tracing::warn!(pool = %pool.name, %node, error = %e, "node pools: cannot delete a stopped node");
+        }
+    }
+
+    /// Keeps `node` a member of pool `name` after its provider's `stop` failed, if it ever
+    /// joined (it is a node, or has a node credential): its worker may still run, and would
+    /// rejoin as a node no pool manages. It is stopped again later. Returns whether it was
+    /// kept; one deleted as a node meanwhile (by hand) is not.
+    async fn stop_failed(
+        &self,
+        fence: &Fence,
+        name: &str,
+        node: &str,
+        provider: Option<String>,
+    ) -> bool {
+        let (cp, fence, name, node) = (
+            self.clone(),
+            fence.clone(),
+            name.to_string(),
+            node.to_string(),
+        );
+        let kept = blocking(move || {
+            if cp.get(&keys::node(&node))?.is_none() && cp.get(&keys::credential(&node))?.is_none()
+            {
+                return Ok(false);
+            }
+            let key = keys::pool(&name);
+            // A pass may write the pool meanwhile: read it again and retry.
+            for _ in 0..5 {
+                let Some((mut pool, at)) = cp.get::<Pool>(&key)? else {
+                    return Ok(false);
+                };
+                let now = cp.now();
+                let member = pool.members.entry(node.clone()).or_insert(PoolMember {
+                    started_at: now,
+                    empty_since: None,
+                    retiring_since: None,
+                    started_with: provider.clone(),
+                    stop_failed_at: None,
+                });
+                member.retiring_since.get_or_insert(now);
+                member.stop_failed_at = Some(now);
+                let txn = Txn::new()
+                    .when_mod_revision(key.clone(), at)
+                    .then(Op::put(key.clone(), encode(&pool)));
+                if cp.inner.store.txn(fence.guard(txn))?.succeeded {
+                    return Ok(true);
+                }
+            }
+            Err(ControlError::conflict(format!("pool {name} kept changing")))
+        })
+        .await;
+        kept.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "node pools: cannot keep a member whose stop failed");
+            false
+        })
     }
 
     async fn provider_failed(&self, pool: &Pool, node: &str, verb: &str, why: String) {
@@ -409,9 +579,9 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
         .arg(&host.token_file)
         .args(["--node-name", node])
         .args(["--gateway", "127.0.0.1:0"])
-        // The pool drains a worker before it stops it: one stopped past that has nothing
-        // left that could move, and waiting would hold the pool's pass.
-        .args(["--drain-timeout", "0"])
+        // The pool drains a worker before it stops it, so nothing is left to move; what is
+        // in flight through its gateway still finishes (`stop_local` waits past this).
+        .args(["--drain-timeout", "10s"])
         .arg("--data-dir")
         .arg(&dir)
         .args(["--label", &format!("{POOL_LABEL}={}", pool.name)])
@@ -440,13 +610,14 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
         .map_err(|e| format!("cannot run {}: {e}", host.exe.display()))
 }
 
-/// SIGTERM, then SIGKILL if it is still there after ten seconds.
+/// SIGTERM, then SIGKILL if it is still there after twenty seconds (its drain timeout is
+/// ten).
 async fn stop_local(mut child: Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         // SAFETY: signalling a child we own and have not reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    if tokio::time::timeout(Duration::from_secs(10), child.wait())
+    if tokio::time::timeout(Duration::from_secs(20), child.wait())
         .await
         .is_err()
     {
@@ -462,7 +633,19 @@ fn node_labels(pool: &Pool) -> String {
         .join(",")
 }
 
-/// What the provisioner knows of the local workers it started, for a pass.
+/// What a provider task reports back to the provisioner when it is done.
+enum Done {
+    /// The provider's `start` of `node` returned (or failed) at `at`.
+    Started {
+        node: String,
+        at: Millis,
+    },
+    Stopped {
+        node: String,
+    },
+}
+
+/// What the provisioner knows of the workers it started, for a pass.
 struct LocalWorkers {
     running: HashSet<String>,
     /// Exited since the last pass.
@@ -470,6 +653,10 @@ struct LocalWorkers {
     /// When this provisioner started: local workers started before then stopped with the
     /// control plane that started them (`PR_SET_PDEATHSIG`), once their node is not Ready.
     since: shoal_core::Millis,
+    /// Members whose provider (or local stop) is running now.
+    busy: BTreeSet<String>,
+    /// When each member's provider `start` returned.
+    started: BTreeMap<String, Millis>,
 }
 
 impl LocalWorkers {
@@ -521,4 +708,87 @@ async fn run_provider(
         "`{command} {verb}` exited with {}: {tail}",
         out.status
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{control_plane, replica_of, uploaded};
+    use shoal_core::Phase;
+    use shoal_core::spec::parse_app;
+
+    /// A replica that waits for a node grows a pool only if a new node could take it: not
+    /// one whose volume is bound to a node (gone, here), nor one whose instances may use
+    /// more memory than a node of the pool has. Either would grow the pool to its max and
+    /// keep it there.
+    #[test]
+    fn only_replicas_a_new_node_could_take_grow_a_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let app = |name: &str, extra: &str| {
+            let src = format!(
+                "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+                 [http]\nroutes = [\"/{name}\"]\n{extra}"
+            );
+            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+            cp.apply(spec.clone(), false).unwrap();
+            spec
+        };
+        let db = app("db", "[[volumes]]\nname = \"data\"\nmount = \"/data\"\n");
+        let wide = app("wide", "[resources]\nlimits = { memory = \"512Mi\" }\n");
+        let spec = shoal_core::PoolSpec {
+            min: 0,
+            max: 5,
+            provider: None,
+            cooldown_ms: 30_000,
+            labels: BTreeMap::new(),
+            node_args: Vec::new(),
+            schedule: Vec::new(),
+        };
+        cp.put_pool("w", PoolWrite { create: true, spec }).unwrap();
+        // Its last node held 256 MiB.
+        let (mut pool, _) = cp.get::<Pool>(&keys::pool("w")).unwrap().unwrap();
+        pool.node_size = Some(shoal_core::Capacity {
+            cpu_millis: 2000,
+            memory_bytes: 256 << 20,
+            instances: 100,
+        });
+        let mut volume: Volume = cp.get(&keys::volume("default", "data")).unwrap().unwrap().0;
+        volume.node = Some("gone".into());
+        let waiting = |spec: &shoal_core::spec::AppSpec| {
+            let mut r = replica_of(spec, "r1", 1, "-", Phase::Pending);
+            r.node = None;
+            r.message = Some("0/0 nodes available".into());
+            Op::put(keys::replica(&spec.key(), "r1"), encode(&r))
+        };
+        let txn = Txn::new()
+            .then(Op::put(keys::pool("w"), encode(&pool)))
+            .then(Op::put(keys::volume("default", "data"), encode(&volume)))
+            .then(waiting(&db))
+            .then(waiting(&wide));
+        cp.store().txn(txn).unwrap();
+        let workers = LocalWorkers {
+            running: HashSet::new(),
+            exited: HashSet::new(),
+            since: 0,
+            busy: BTreeSet::new(),
+            started: BTreeMap::new(),
+        };
+        let pass = |cp: &ControlPlane| cp.pool_pass(&cp.fence(), &workers).unwrap();
+        assert!(pass(&cp).is_empty(), "{:?}", pass(&cp));
+
+        // The volume not bound yet: its replica goes wherever it is placed, a new node too.
+        volume.node = None;
+        let txn = Txn::new().then(Op::put(keys::volume("default", "data"), encode(&volume)));
+        cp.store().txn(txn).unwrap();
+        let decided = pass(&cp);
+        let [(_, actions)] = decided.as_slice() else {
+            panic!("{decided:?}")
+        };
+        assert!(
+            matches!(&actions[..], [Action::Start { node, why }] if node == "w-1" && why.starts_with("1 replicas")),
+            "{actions:?}"
+        );
+    }
 }

@@ -659,6 +659,10 @@ pub struct Pool {
     pub next: u64,
     #[schema(value_type = u64)]
     pub created_at: Millis,
+    /// The capacity of the last node of it seen: what a new one will hold, to judge a
+    /// waiting replica by while the pool runs none (one bigger starts no node for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_size: Option<Capacity>,
 }
 
 /// What a pool's owner sets.
@@ -752,6 +756,16 @@ pub struct PoolMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub retiring_since: Option<Millis>,
+    /// The provider command that started it, which is the one to stop it with even after
+    /// the pool's provider changed. None: a local worker, or one recorded before this was
+    /// kept (stopped with the pool's provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_with: Option<String>,
+    /// When its provider's `stop` last failed: it stays a member (its worker may still run
+    /// and would rejoin as a node no pool manages) and is stopped again later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub stop_failed_at: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

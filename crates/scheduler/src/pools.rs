@@ -5,11 +5,13 @@
 //! A pool grows while replicas wait because they fit on no node, once its last
 //! nodes have settled (joined and had a pass to take them): by as many nodes
 //! as the waiting replicas' requests fill, going by the size of a node it
-//! runs (one node when it runs none yet to go by); it keeps at least `min` and at most `max` nodes; a node that ran no
-//! replica for the cool-down, or only replicas that would all fit on the other nodes
-//! ([`movable`], one such node at a time), is drained and, once empty, stopped. A node that
-//! never becomes Ready, or is lost, is stopped and forgotten, so a failing
-//! provider is retried at most once per [`START_TIMEOUT_MS`].
+//! runs, or ran last (one node when it never ran one); it keeps at least `min` and at most
+//! `max` nodes; a node that ran no replica for the cool-down, or only replicas that would all
+//! fit on the other nodes ([`movable`], one such node at a time, while no other retires), is
+//! drained and, once empty for [`DRAINED_GRACE_MS`], stopped. A node that never becomes Ready
+//! within [`START_TIMEOUT_MS`] of its provider's `start` returning, or is lost, is stopped and
+//! forgotten, so a failing provider is retried at most once per that time; one whose `stop`
+//! failed stays a member and is stopped again after [`STOP_RETRY_MS`].
 //!
 //! With several pools, [`assign`] gives each waiting replica to one pool, the first by name
 //! whose nodes carry what its `node_selector` asks for, so one replica never grows them all.
@@ -56,18 +58,22 @@ pub fn movable<'a>(
     out
 }
 
-/// A replica that waits because it fits on no node.
+/// A replica that waits because it fits on no node, and that a new node could take: not
+/// one bound to a node by its volume.
 #[derive(Debug, Clone)]
 pub struct Waiting<'a> {
     pub asks: Capacity,
+    /// The memory one of its instances may use: a node with less never takes it.
+    pub instance_memory: u64,
     /// Labels its node must carry.
     pub node_selector: &'a BTreeMap<String, String>,
 }
 
 /// The waiting replicas each pool is to grow for, by pool name: each goes to the first pool,
 /// by name, whose nodes carry every label its selector names ([`POOL_LABEL`] included) and
-/// whose node (as one it runs is, if it runs one) is big enough; among those, one that may
-/// still grow comes first. A replica no pool's nodes could take is no pool's.
+/// whose node (as one it runs is, or the last one it ran was) is big enough for its
+/// requests and its instances' memory limit; among those, one that may still grow comes
+/// first. A replica no pool's nodes could take is no pool's.
 pub fn assign(
     pools: &[Pool],
     nodes: &BTreeMap<String, Node>,
@@ -89,7 +95,8 @@ pub fn assign(
             .iter()
             .filter(|(_, m)| m.retiring_since.is_none())
             .find_map(|(n, _)| nodes.get(n))
-            .map(|n| &n.capacity)
+            .map(|n| n.capacity.clone())
+            .or_else(|| pool.node_size.clone())
     };
     for w in waiting {
         let takes = |pool: &Pool| {
@@ -101,7 +108,8 @@ pub fn assign(
                 }
             });
             let fits = size(pool).is_none_or(|c| {
-                w.asks.memory_bytes <= c.memory_bytes && w.asks.cpu_millis <= c.cpu_millis
+                w.asks.memory_bytes.max(w.instance_memory) <= c.memory_bytes
+                    && w.asks.cpu_millis <= c.cpu_millis
             });
             labelled && fits
         };
@@ -123,6 +131,11 @@ pub fn assign(
 pub const START_TIMEOUT_MS: u64 = 60_000;
 /// How long a draining node may take to empty before it is stopped anyway.
 pub const RETIRE_TIMEOUT_MS: u64 = 60_000;
+/// How long a drained node runs no replica before it is stopped: time for the gateways of
+/// other nodes to stop sending it requests, and for those in flight to finish.
+pub const DRAINED_GRACE_MS: u64 = 5_000;
+/// How long after its provider's `stop` failed a member is stopped again.
+pub const STOP_RETRY_MS: u64 = 10_000;
 /// How long after a node joined before its pool may grow again: time for the
 /// controller to place what waits on it.
 pub const SETTLE_MS: u64 = 3_000;
@@ -142,6 +155,12 @@ pub struct Facts<'a> {
     /// Members whose worker is known not to run (a local one that exited, or was started
     /// by a control plane that has since restarted): stopped at once, not waited for.
     pub gone: &'a BTreeSet<String>,
+    /// Members whose provider's `start` or `stop` is running now: left alone until it is done.
+    pub busy: &'a BTreeSet<String>,
+    /// When the provider's `start` of a member returned, as far as this provisioner knows:
+    /// its time to join counts from then, not from the decision (a provider may take
+    /// minutes to make a machine).
+    pub started: &'a BTreeMap<String, Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,8 +169,13 @@ pub enum Action {
     Start { node: String, why: String },
     /// Drain `node`: its replicas move, new before old, before it is stopped.
     Drain { node: String, why: String },
-    /// Stop `node`'s worker and delete the node.
-    Stop { node: String, why: String },
+    /// Stop `node`'s worker and delete the node: with `provider`, the command that started
+    /// it; without, it is a local worker.
+    Stop {
+        node: String,
+        why: String,
+        provider: Option<String>,
+    },
 }
 
 /// `pool` as it should be stored after this decision, and what to do.
@@ -171,9 +195,29 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         let stop = |why: String| Action::Stop {
             node: name.clone(),
             why,
+            provider: member
+                .started_with
+                .clone()
+                .or_else(|| pool.spec.provider.clone()),
         };
-        if let Some(since) = member.retiring_since {
-            if !facts.nodes.contains_key(name) || active(name) == 0 {
+        if facts.busy.contains(name) {
+            continue;
+        }
+        if let Some(failed) = member.stop_failed_at {
+            if age(failed) >= STOP_RETRY_MS {
+                actions.push(stop(format!(
+                    "trying again: its provider's stop failed {} s ago",
+                    age(failed) / 1000
+                )));
+            }
+        } else if let Some(since) = member.retiring_since {
+            // Empty for a while (or not Ready, so nothing reaches it): nothing is cut.
+            let drained = active(name) == 0
+                && (!ready(name)
+                    || member
+                        .empty_since
+                        .is_some_and(|t| age(t) >= DRAINED_GRACE_MS));
+            if !facts.nodes.contains_key(name) || drained {
                 actions.push(stop("drained".into()));
             } else if age(since) > RETIRE_TIMEOUT_MS {
                 actions.push(stop(format!(
@@ -184,7 +228,13 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             }
         } else if facts.gone.contains(name) {
             actions.push(stop("its worker is not running".into()));
-        } else if !ready(name) && age(member.started_at) > START_TIMEOUT_MS {
+        } else if !ready(name)
+            && age(facts
+                .started
+                .get(name)
+                .map_or(member.started_at, |&t| t.max(member.started_at)))
+                > START_TIMEOUT_MS
+        {
             let why = if facts.nodes.contains_key(name) {
                 "not Ready".to_string()
             } else {
@@ -199,7 +249,10 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         }
     }
     for (name, member) in next.members.iter_mut() {
-        let idle = active(name) == 0 || facts.movable.contains(name);
+        // A retiring node is idle once empty: the time it was movable before its drain
+        // is no time it was empty.
+        let idle =
+            active(name) == 0 || (member.retiring_since.is_none() && facts.movable.contains(name));
         member.empty_since = match (ready(name) && idle, member.empty_since) {
             (true, since) => since.or(Some(now)),
             (false, _) => None,
@@ -223,10 +276,15 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     // The size of this pool's nodes, from one it runs; and the waiting replicas an empty
     // one would take (all of them, with no node to go by): one bigger than a whole node
     // starts none, or the pool would start and retire nodes for it forever.
-    let size = live
+    let seen = live
         .iter()
         .find_map(|n| facts.nodes.get(n.as_str()))
-        .map(|n| &n.capacity);
+        .map(|n| n.capacity.clone());
+    if seen.is_some() {
+        next.node_size = seen;
+    }
+    let size = next.node_size.clone();
+    let size = size.as_ref();
     let fitting: Vec<&Capacity> = facts
         .pending
         .iter()
@@ -247,6 +305,8 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 started_at: now,
                 empty_since: None,
                 retiring_since: None,
+                started_with: pool.spec.provider.clone(),
+                stop_failed_at: None,
             },
         );
         actions.push(Action::Start { node, why });
@@ -300,21 +360,30 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             .take(live.len().saturating_sub(min))
             .map(|n| n.to_string())
             .collect();
-        // Replicas that fit elsewhere move off one node at a time: each node was judged
-        // alone, and two drained at once might not both find room.
-        let mut moving = next.members.values().any(|m| m.retiring_since.is_some());
-        for node in idle {
-            let why = match active(&node) {
-                0 => format!("ran no replica for {} s", cooldown / 1000),
-                _ if moving => continue,
-                n => {
-                    moving = true;
-                    format!(
-                        "its {n} replicas have fit on other nodes for {} s",
-                        cooldown / 1000
-                    )
-                }
-            };
+        // Replicas that fit elsewhere move off one node at a time, and only while no other
+        // node retires: each node was judged alone, with every other node there, and its
+        // replicas may have room only on one that goes too. For the same reason an empty
+        // node stays while replicas move off another: they may be on their way to it.
+        let moving = next
+            .members
+            .iter()
+            .any(|(n, m)| m.retiring_since.is_some() && active(n) > 0);
+        let mut retiring = next.members.values().any(|m| m.retiring_since.is_some());
+        let (empty, loaded): (Vec<String>, Vec<String>) =
+            idle.into_iter().partition(|n| active(n) == 0);
+        if !moving {
+            for node in empty {
+                retiring = true;
+                let why = format!("ran no replica for {} s", cooldown / 1000);
+                retire(&mut next, &mut actions, node, why, now);
+            }
+        }
+        if let Some(node) = loaded.into_iter().next().filter(|_| !retiring) {
+            let why = format!(
+                "its {} replicas have fit on other nodes for {} s",
+                active(&node),
+                cooldown / 1000
+            );
             retire(&mut next, &mut actions, node, why, now);
         }
     }
@@ -336,6 +405,7 @@ fn nodes_for(asked: &Capacity, node: &Capacity) -> usize {
 fn retire(next: &mut Pool, actions: &mut Vec<Action>, node: String, why: String, now: Millis) {
     if let Some(m) = next.members.get_mut(&node) {
         m.retiring_since = Some(now);
+        m.empty_since = None;
     }
     actions.push(Action::Drain { node, why });
 }
@@ -362,6 +432,7 @@ mod tests {
             members: BTreeMap::new(),
             next: 1,
             created_at: 0,
+            node_size: None,
         }
     }
 
@@ -370,6 +441,8 @@ mod tests {
             started_at,
             empty_since: None,
             retiring_since: None,
+            started_with: None,
+            stop_failed_at: None,
         }
     }
 
@@ -412,6 +485,7 @@ mod tests {
         pending: &'a [Capacity],
     ) -> Facts<'a> {
         static NONE: BTreeSet<String> = BTreeSet::new();
+        static NEVER: BTreeMap<String, Millis> = BTreeMap::new();
         Facts {
             nodes,
             active,
@@ -419,6 +493,8 @@ mod tests {
             pending_why: Some("0/1 nodes available: 1 insufficient memory"),
             movable: &NONE,
             gone: &NONE,
+            busy: &NONE,
+            started: &NEVER,
         }
     }
 
@@ -476,6 +552,7 @@ mod tests {
         };
         let waiting = |selector, asks: &Capacity| Waiting {
             asks: asks.clone(),
+            instance_memory: 0,
             node_selector: selector,
         };
         let got = assign(
@@ -570,8 +647,22 @@ mod tests {
         let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), NOW + 30_000);
         assert_eq!(names(&a), ["drain w-1"]);
         assert_eq!(p.members["w-1"].retiring_since, Some(NOW + 30_000));
-        // Drained and empty: stopped and forgotten.
+        // Drained and empty: stopped and forgotten, once empty for a grace period (gateways
+        // elsewhere may still send it requests).
         let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(0)), NOW + 31_000);
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(p.members["w-1"].empty_since, Some(NOW + 31_000));
+        let (p, a) = decide(
+            &p,
+            &facts(&nodes, &idle, &waiting(0)),
+            NOW + 31_000 + DRAINED_GRACE_MS - 1,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        let (p, a) = decide(
+            &p,
+            &facts(&nodes, &idle, &waiting(0)),
+            NOW + 31_000 + DRAINED_GRACE_MS,
+        );
         assert_eq!(names(&a), ["stop w-1"]);
         assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
         // Work waiting keeps idle nodes.
@@ -652,8 +743,10 @@ mod tests {
         let idle: BTreeMap<_, _> = [("w-2".to_string(), 1)].into();
         f.active = &idle;
         let (p, a) = decide(&p, &f, NOW + 32_000);
-        assert_eq!(names(&a), ["stop w-1"]);
+        assert!(a.is_empty(), "{a:?}");
         assert_eq!(p.members["w-2"].empty_since, None);
+        let (_, a) = decide(&p, &f, NOW + 32_000 + DRAINED_GRACE_MS);
+        assert_eq!(names(&a), ["stop w-1"]);
     }
 
     #[test]
@@ -744,5 +837,140 @@ mod tests {
         let busy: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-2".to_string(), 1)].into();
         let (_, a) = decide(&p, &facts(&nodes, &busy, &waiting(0)), NOW);
         assert_eq!(names(&a), ["drain w-2"]);
+    }
+
+    /// An empty node and a node whose replicas would fit only on it both look idle; draining
+    /// both at once would leave those replicas nowhere. The empty one goes first, and the
+    /// other waits for the next pass with no node retiring (when it is judged again).
+    #[test]
+    fn an_idle_node_and_one_whose_replicas_fit_only_there_are_not_drained_together() {
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(0));
+        p.members.insert("w-2".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let on_w2: BTreeMap<_, _> = [("w-2".to_string(), 1)].into();
+        let movable: BTreeSet<String> = ["w-2".to_string()].into();
+        let mut f = facts(&nodes, &on_w2, &[]);
+        f.movable = &movable;
+        let (p, a) = decide(&p, &f, NOW);
+        assert!(a.is_empty(), "{a:?}");
+        let (p, a) = decide(&p, &f, NOW + 30_000);
+        assert_eq!(names(&a), ["drain w-1"]);
+        // While w-1 retires, w-2 stays, whatever it looked like.
+        let (_, a) = decide(&p, &f, NOW + 31_000);
+        assert!(a.is_empty(), "{a:?}");
+
+        // Replicas on their way off a retiring node keep an empty one up: they may go there.
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(0));
+        p.members.insert("w-2".into(), member(0));
+        p.members.get_mut("w-1").unwrap().empty_since = Some(0);
+        p.members.get_mut("w-2").unwrap().retiring_since = Some(NOW);
+        let (_, a) = decide(&p, &facts(&nodes, &on_w2, &[]), NOW + 1_000);
+        assert!(a.is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn a_retiring_node_that_is_not_ready_is_stopped_once_empty_without_a_grace() {
+        let mut p = pool(0, 3);
+        let mut m = member(0);
+        m.retiring_since = Some(NOW);
+        p.members.insert("w-1".into(), m);
+        let (mut lost, idle) = (BTreeMap::from([node("w-1", 0)]), BTreeMap::new());
+        lost.get_mut("w-1").unwrap().state = NodeState::NotReady;
+        let (_, a) = decide(&p, &facts(&lost, &idle, &[]), NOW + 1_000);
+        assert_eq!(names(&a), ["stop w-1"]);
+    }
+
+    /// A provider may take minutes to make a machine: the time to join counts from when its
+    /// `start` returned, and nothing is decided for a member while its provider runs.
+    #[test]
+    fn the_time_to_join_counts_from_when_the_providers_start_returned() {
+        let mut p = pool(1, 3);
+        p.spec.provider = Some("./cloud".into());
+        p.members.insert("w-1".into(), member(NOW));
+        p.next = 2;
+        let (none, idle) = (BTreeMap::new(), BTreeMap::new());
+        let late = NOW + START_TIMEOUT_MS + 1;
+        let busy: BTreeSet<String> = ["w-1".to_string()].into();
+        let mut f = facts(&none, &idle, &[]);
+        f.busy = &busy;
+        let (_, a) = decide(&p, &f, late);
+        assert!(a.is_empty(), "{a:?}");
+        let returned: BTreeMap<String, Millis> = [("w-1".to_string(), NOW + 90_000)].into();
+        let mut f = facts(&none, &idle, &[]);
+        f.started = &returned;
+        let (_, a) = decide(&p, &f, NOW + 90_000 + START_TIMEOUT_MS);
+        assert!(a.is_empty(), "{a:?}");
+        let (_, a) = decide(&p, &f, NOW + 90_000 + START_TIMEOUT_MS + 1);
+        assert_eq!(names(&a), ["stop w-1", "start w-2"]);
+        match &a[0] {
+            Action::Stop { why, provider, .. } => {
+                assert_eq!(why, "never joined within 60 s");
+                assert_eq!(provider.as_deref(), Some("./cloud"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A member whose provider's `stop` failed stays one, out of the count, and is stopped
+    /// again later with the command that started it, even after the pool's provider changed.
+    #[test]
+    fn a_member_whose_stop_failed_is_stopped_again_with_the_command_that_started_it() {
+        let mut p = pool(1, 3);
+        p.spec.provider = Some("./new".into());
+        let mut m = member(0);
+        m.retiring_since = Some(NOW);
+        m.stop_failed_at = Some(NOW);
+        m.started_with = Some("./old".into());
+        p.members.insert("w-1".into(), m);
+        p.next = 2;
+        let nodes: BTreeMap<_, _> = [node("w-1", 0)].into();
+        let idle = BTreeMap::new();
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + 1_000);
+        assert_eq!(names(&a), ["start w-2"], "the failed one does not count");
+        assert_eq!(p.members["w-2"].started_with.as_deref(), Some("./new"));
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + STOP_RETRY_MS);
+        assert_eq!(names(&a), ["stop w-1"]);
+        let Action::Stop { provider, why, .. } = &a[0] else {
+            unreachable!()
+        };
+        assert_eq!(provider.as_deref(), Some("./old"));
+        assert!(why.contains("stop failed 10 s ago"), "{why}");
+    }
+
+    /// A replica whose instances may use more memory than a node of the pool has never grows
+    /// it, and a pool that runs no node goes by the size of the last one it ran.
+    #[test]
+    fn a_replica_no_node_of_the_pool_could_take_is_no_pools() {
+        let mut p = pool(0, 5);
+        p.members.insert("w-1".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-1", 0)].into();
+        let any = BTreeMap::new();
+        let small = Capacity {
+            memory_bytes: 100 << 20,
+            ..Capacity::default()
+        };
+        let wide = Waiting {
+            asks: small.clone(),
+            instance_memory: 2 << 30,
+            node_selector: &any,
+        };
+        let got = assign(std::slice::from_ref(&p), &nodes, std::slice::from_ref(&wide), NOW);
+        assert!(got["w"].is_empty(), "{got:?}");
+        // Its node gone, the pool remembers what one holds.
+        let (mut p, _) = decide(&p, &facts(&nodes, &BTreeMap::new(), &[]), NOW);
+        assert_eq!(p.node_size, Some(nodes["w-1"].capacity.clone()));
+        p.members.clear();
+        let none = BTreeMap::new();
+        let got = assign(std::slice::from_ref(&p), &none, &[wide], NOW);
+        assert!(got["w"].is_empty(), "{got:?}");
+        let fits = Waiting {
+            asks: small,
+            instance_memory: 0,
+            node_selector: &any,
+        };
+        let got = assign(std::slice::from_ref(&p), &none, &[fits], NOW);
+        assert_eq!(got["w"].len(), 1);
     }
 }
