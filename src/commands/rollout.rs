@@ -278,6 +278,13 @@ fn describe(view: &RolloutView) -> String {
             c.revision, c.ready, c.replicas
         ));
     }
+    if let (Some(0), Some(from)) = (view.weight, s.rolled_back_from)
+        && view.revisions.iter().any(|c| c.revision == from)
+    {
+        out.push_str(&format!(
+            "\n  traffic: 0% to revision {from} while its replicas are removed"
+        ));
+    }
     if let (Some(w), Some(c), Some(st)) = (view.weight, &view.canary, &view.stable) {
         out.push_str(&format!(
             "\n  traffic: {w}% canary | canary {} | stable {}",
@@ -298,4 +305,58 @@ fn stats(s: &RevisionStats) -> String {
         s.requests,
         s.error_rate() * 100.0
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_api::RevisionCount;
+    use shoal_core::spec::{AppKey, Strategy};
+
+    /// After a canary is aborted, its replicas take no request while they are removed, and
+    /// `rollout status` says so rather than nothing.
+    #[test]
+    fn an_aborted_canarys_replicas_are_shown_taking_no_traffic() {
+        let app = AppKey::new("default", "web");
+        let status = RolloutStatus {
+            app: app.clone(),
+            revision: 1,
+            stable: Some(1),
+            strategy: Strategy::Canary,
+            phase: RolloutPhase::Aborted,
+            paused: false,
+            step: 0,
+            step_started_at: None,
+            ready: 4,
+            progressed_at: 0,
+            started_at: 0,
+            rolled_back_from: Some(2),
+            previous_stable: None,
+            message: "canary error rate".into(),
+        };
+        let count = |revision, n| RevisionCount {
+            revision,
+            replicas: n,
+            ready: n,
+        };
+        let mut view = RolloutView {
+            app,
+            revision: 1,
+            kind: Kind::Http,
+            desired: 4,
+            status: Some(status),
+            steps: 2,
+            weight: Some(0),
+            revisions: vec![count(2, 1), count(1, 4)],
+            canary: None,
+            stable: None,
+        };
+        let said = describe(&view);
+        assert!(
+            said.ends_with("\n  traffic: 0% to revision 2 while its replicas are removed"),
+            "{said}"
+        );
+        view.revisions.remove(0);
+        assert!(!describe(&view).contains("traffic"), "{}", describe(&view));
+    }
 }

@@ -755,7 +755,8 @@ pub struct RolloutView {
     /// new app until the controller has seen it.
     pub status: Option<RolloutStatus>,
     pub steps: usize,
-    /// Percent of traffic the canary gets now, during a canary step.
+    /// Percent of traffic the canary gets now: its step's during a canary step, 0 after a
+    /// canary's rollback or abort while its replicas are being removed.
     pub weight: Option<u8>,
     /// Replicas per revision, newest first.
     pub revisions: Vec<RevisionCount>,

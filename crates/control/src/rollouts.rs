@@ -58,7 +58,11 @@ impl ControlPlane {
             kind: app.spec.component.kind,
             desired: app.spec.replicas,
             steps: app.spec.rollout.steps.len(),
-            weight: split.map(|(_, w)| w),
+            // What the gateways do: 0 % to a canary rolled back while its replicas go.
+            weight: status
+                .as_ref()
+                .and_then(|s| s.traffic(&app.spec.rollout))
+                .map(|(_, w)| w),
             status,
             revisions: counts,
             canary,
