@@ -956,7 +956,12 @@ mod tests {
             instance_memory: 2 << 30,
             node_selector: &any,
         };
-        let got = assign(std::slice::from_ref(&p), &nodes, std::slice::from_ref(&wide), NOW);
+        let got = assign(
+            std::slice::from_ref(&p),
+            &nodes,
+            std::slice::from_ref(&wide),
+            NOW,
+        );
         assert!(got["w"].is_empty(), "{got:?}");
         // Its node gone, the pool remembers what one holds.
         let (mut p, _) = decide(&p, &facts(&nodes, &BTreeMap::new(), &[]), NOW);
