@@ -186,6 +186,23 @@ fn nothing_outside_a_volume_is_reachable_and_a_full_one_fails_the_write() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("volume notes holds"), "{said}");
     assert!(!c.cli_ok(&["get", "apps"]).contains("shrinker"));
+
+    // In the full volume, opening a file that is there with create (to truncate it and make
+    // room) costs nothing new, and frees what it held.
+    let truncate = notes_spec(
+        &d,
+        "app.toml",
+        &[
+            ("name = \"notes-writer\"", "name = \"truncate\""),
+            ("\"write\", \"hello from a job\"", "\"fill\", \"0\""),
+        ],
+    );
+    c.cli_ok(&["apply", "-f", &truncate]);
+    assert!(succeeded(&c, "truncate"));
+    let logs = String::from_utf8(c.cli(&["logs", "truncate"]).stdout).unwrap();
+    assert!(logs.contains("notes: filled 0 bytes"), "{logs}");
+    let fill = d.join("data/volumes/default/notes/fill.bin");
+    assert_eq!(std::fs::metadata(&fill).unwrap().len(), 0);
 }
 
 #[test]

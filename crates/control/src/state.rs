@@ -2245,6 +2245,24 @@ pub(crate) mod tests {
         ));
         cp.rollback(&key, Some(3)).unwrap();
         assert_eq!(size(), 30 << 20);
+
+        // A restart is no rollback: the volume keeps its size even when the app's own spec
+        // says less (another app sharing the volume made it bigger), and holding more than
+        // that spec's size does not refuse it.
+        let other = {
+            let mut s = spec("40Mi");
+            s.name = "e".into();
+            s
+        };
+        cp.apply(other, false).unwrap();
+        assert_eq!(size(), 40 << 20);
+        cp.inner
+            .volume_usage
+            .lock()
+            .unwrap()
+            .insert(("default".into(), "data".into()), 35 << 20);
+        cp.restart(&key).unwrap();
+        assert_eq!(size(), 40 << 20);
     }
 
     /// An app applied again right after its deletion, while its replicas are still there,
