@@ -39,6 +39,7 @@ pub fn revision(a: &App, number: u64) -> Revision {
         hash: String::new(),
         created_at: 0,
         cause: "created".into(),
+        undid: None,
         outcome: None,
     }
 }

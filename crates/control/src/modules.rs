@@ -276,6 +276,7 @@ mod tests {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         };
         let modules = [used, fresh, reapplied, idle];

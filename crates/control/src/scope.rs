@@ -171,6 +171,7 @@ mod tests {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         }
     }

@@ -699,6 +699,7 @@ impl ControlPlane {
                         hash,
                         created_at: now,
                         cause,
+                        undid: None,
                         outcome: None,
                     };
                     (number, Some(rev))
@@ -1107,6 +1108,7 @@ impl ControlPlane {
             hash: target.hash.clone(),
             created_at: now,
             cause,
+            undid: (reason == "RolledBack").then_some(app.revision),
             outcome: None,
         };
         let updated = App {
@@ -2021,6 +2023,11 @@ pub(crate) mod tests {
             (undone.app.revision, undone.app.spec.template()),
             (4, good.template())
         );
+        // It says what it undid; a restart undoes nothing.
+        let revision = |n| cp.get::<Revision>(&keys::revision(&good.key(), n)).unwrap();
+        assert_eq!(revision(4).unwrap().0.undid, Some(3));
+        cp.restart(&good.key()).unwrap();
+        assert_eq!(revision(5).unwrap().0.undid, None);
         let named = cp.rollback(&good.key(), Some(2)).unwrap();
         assert_eq!(named.app.spec.template(), bad.template());
     }

@@ -349,6 +349,10 @@ pub struct Revision {
     pub created_at: Millis,
     /// Why it was made: "created", "env changed", …
     pub cause: String,
+    /// Made by `rollout undo`: the revision the app ran then, which the user chose to leave.
+    /// Once this one has rolled out, a crash of it does not roll back there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub undid: Option<u64>,
     /// How its rollout ended: "rolled out", "rolled back: …", "aborted: …".
     /// The only field written after creation; the template never changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

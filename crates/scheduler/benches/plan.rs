@@ -76,6 +76,7 @@ fn world(apps: usize, placed: bool) -> World {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         };
         if placed {

@@ -758,7 +758,7 @@ impl<'w> Pass<'w> {
         };
         let measurements = self.world.measurements.get(&key);
         let measured = measured(a, &status, measurements);
-        let decision = rollout::decide(
+        let mut decision = rollout::decide(
             a,
             &status,
             replicas,
@@ -770,6 +770,15 @@ impl<'w> Pass<'w> {
         if let Some(rb) = &decision.roll_back {
             self.roll_back(batch, record, &decision.status, expect, rb);
             return None;
+        }
+        // A revision `rollout undo` made, once rolled out, does not fall back to the revision
+        // the user undid if it crashes: that was left on purpose (a crash is said instead).
+        if decision.status.phase == RolloutPhase::Complete
+            && let Some(rev) = self.world.revisions.get(&(key.clone(), a.revision))
+            && rev.value.undid.is_some()
+            && rev.value.undid == decision.status.previous_stable
+        {
+            decision.status.previous_stable = None;
         }
         // A canary step that began now (or whose baseline was lost) is judged
         // on what is served from here on.
@@ -1638,6 +1647,7 @@ mod tests {
                     hash: String::new(),
                     created_at: 0,
                     cause: "created".into(),
+                    undid: None,
                     outcome: None,
                 };
                 ((key(), n), Read::new(r, 10 + n))
@@ -2260,6 +2270,39 @@ mod tests {
         assert!(outcome.unwrap().starts_with("rolled back: replica y"));
     }
 
+    /// A revision made by `rollout undo` completes with no fallback to the revision it
+    /// undid: crashing later, it fails (and says so) rather than bring back what the user
+    /// chose to leave. Any other revision keeps the stable one before it as its fallback.
+    #[test]
+    fn a_revision_made_by_undo_does_not_fall_back_to_the_one_undone() {
+        let completed = |undid: Option<u64>| {
+            let mut w = with_replicas(
+                world(1, 3, ""),
+                &[on(replica_at("r", 3, Phase::Ready, 1), "m")],
+            );
+            w.revisions.get_mut(&(key(), 3)).unwrap().value.undid = undid;
+            complete(&mut w, 2);
+            let s = &mut w.rollouts.get_mut(&key()).unwrap().value;
+            *s = rollout::start(&w.apps[&key()].value, Some(&s.clone()), 0);
+            let p = plan(&w, NOW, &mut Counter::default());
+            app_batch(&p)
+                .changes
+                .iter()
+                .find_map(|c| match c {
+                    Change::PutRollout { status, .. } => Some(status.clone()),
+                    _ => None,
+                })
+                .expect("the rollout written")
+        };
+        let undo = completed(Some(2));
+        assert_eq!(
+            (undo.phase, undo.stable, undo.previous_stable),
+            (RolloutPhase::Complete, Some(3), None)
+        );
+        let applied = completed(None);
+        assert_eq!(applied.previous_stable, Some(2));
+    }
+
     /// Four ready replicas of `a`, all on node `m`, its rollout complete.
     fn lopsided() -> World {
         let replicas: Vec<Replica> = ["a", "b", "c", "d"]
@@ -2528,6 +2571,7 @@ mod tests {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         };
         let mut status = rollout::start(&app, None, 0);

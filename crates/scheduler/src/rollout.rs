@@ -987,6 +987,7 @@ mod tests {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         };
         let aborted = roll_back(&a, &target, &s, &rb, 3_000).status;
@@ -1296,6 +1297,7 @@ mod tests {
             hash: String::new(),
             created_at: 0,
             cause: "created".into(),
+            undid: None,
             outcome: None,
         };
         let rb = RollBack {
