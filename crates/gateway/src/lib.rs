@@ -20,6 +20,7 @@ mod outbound;
 mod proxy;
 mod routing;
 mod server;
+mod stalls;
 
 pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;

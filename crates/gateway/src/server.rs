@@ -9,6 +9,7 @@ use crate::hold::Holds;
 use crate::metrics::Registry;
 use crate::outbound::ServicePolicy;
 use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER, Resend};
+use crate::stalls::{Stalls, Watched};
 use bytes::Bytes;
 use http::{Request, Response, header};
 use http_body::{Body, Frame, SizeHint};
@@ -1298,10 +1299,16 @@ async fn serve_connection<I>(
 {
     let header_read_timeout = gateway.inner.config.header_read_timeout;
     let mut closing = gateway.inner.closing.subscribe();
+    let send_timeout = gateway.inner.config.send_timeout;
     let activity = Arc::new(Activity::default());
     let counted = activity.clone();
+    let stalls = Arc::new(Stalls::new());
+    let watching = stalls.clone();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let busy = counted.start(req.version() == http::Version::HTTP_2);
+        let http2 = req.version() == http::Version::HTTP_2;
+        let busy = counted.start(http2);
+        // A client's HTTP/2 streams: one it stops reading is no stalled socket write.
+        let stalls = (http2 && member.is_none()).then(|| watching.clone());
         let gateway = gateway.clone();
         if let Some(member) = member {
             req.extensions_mut().insert(member);
@@ -1312,6 +1319,10 @@ async fn serve_connection<I>(
         async move {
             let response = gateway.handle(req).await;
             drop(busy);
+            let response = response.map(|body| match &stalls {
+                Some(stalls) => stalls.watch(body),
+                None => Watched::plain(body),
+            });
             Ok::<_, std::convert::Infallible>(response)
         }
     });
@@ -1348,6 +1359,9 @@ async fn serve_connection<I>(
         () = idle, if member.is_none() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        () = stalls.stalled(send_timeout), if member.is_none() => {
+            return tracing::debug!(%peer, "closed an HTTP/2 connection: the client read nothing of a stream for the send timeout");
         }
     };
     if let Err(e) = ended {

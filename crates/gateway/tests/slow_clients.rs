@@ -296,3 +296,39 @@ async fn a_client_that_stops_reading_is_cut_off() {
     .await;
     drop(stream);
 }
+
+/// Over HTTP/2 a client that stops reading one answer stalls only that stream (its
+/// flow-control window stays shut) while the socket still takes writes and the client
+/// answers pings: the stream waiting for the send timeout cuts the connection all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_stops_reading_a_stream_is_cut_off() {
+    use http_body_util::Empty;
+    let (_dir, gateway, addr) = gateway_with(GatewayConfig {
+        send_timeout: Duration::from_secs(1),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(65_535)
+            .adaptive_window(false)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    let connection = tokio::spawn(connection);
+    let request = http::Request::get(format!("http://{addr}/faulty/huge/64"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // Its body is never read, so no window update goes back.
+    eventually(
+        Duration::from_secs(15),
+        "the connection with the stalled stream is closed",
+        || gateway.connections().open == 0,
+    )
+    .await;
+    drop(response);
+    connection.abort();
+}
