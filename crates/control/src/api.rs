@@ -381,11 +381,12 @@ pub fn router(cp: ControlPlane) -> Router {
             crate::audit::audit,
         ));
     // What worker nodes call, each with its own credential, for itself only. Room for a
-    // guest's key-value set of the largest value, whose bytes JSON writes as numbers (up to
-    // four characters each): axum's default 2 MB refused one of 600 KiB from a joined node.
+    // guest's largest key-value set, whose bytes JSON writes as numbers (up to four
+    // characters each) and whose keys it may escape (up to six): axum's default 2 MB refused
+    // one of 600 KiB from a joined node.
     let nodes = nodes
         .layer(DefaultBodyLimit::max(
-            4 * shoal_core::kv::MAX_VALUE_BYTES + (1 << 20),
+            6 * shoal_core::kv::MAX_SET_BYTES + (1 << 20),
         ))
         .route_layer(middleware::from_fn_with_state(cp.clone(), require_node));
     // Beside the API, the dashboard's static pages, which carry no data of their own.

@@ -12,7 +12,7 @@
 use crate::error::ControlError;
 use crate::state::{ControlPlane, encode};
 use serde::{Deserialize, Serialize};
-use shoal_core::kv::{KvAnswer, KvOp, LIST_PAGE, MAX_VALUE_BYTES, check_key, check_new_key};
+use shoal_core::kv::{KvAnswer, KvOp, LIST_PAGE, check_key, check_new_key, check_set};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
@@ -82,15 +82,10 @@ impl ControlPlane {
                 })
             }
             KvOp::Set { entries } => {
-                for (k, v) in &entries {
+                for (k, _) in &entries {
                     check_new_key(k).map_err(invalid)?;
-                    if v.len() > MAX_VALUE_BYTES {
-                        return Err(invalid(format!(
-                            "the value of {k:?} is {} bytes: at most {MAX_VALUE_BYTES}",
-                            v.len()
-                        )));
-                    }
                 }
+                check_set(&entries).map_err(invalid)?;
                 let changes = entries
                     .into_iter()
                     .map(|(k, v)| (k, Change::Put(v)))

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 pub const MAX_KEY_BYTES: usize = 1024;
 /// The largest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 1 << 20;
+/// The most one `set` or `set-many` writes, keys and values together: one write of the
+/// control plane's store (etcd takes about 1.5 MiB in a request), and one request of a
+/// node, whatever node the guest runs on.
+pub const MAX_SET_BYTES: usize = MAX_VALUE_BYTES + MAX_KEY_BYTES;
 /// The most keys one `list-keys` call answers; its cursor says where the next page starts.
 pub const LIST_PAGE: usize = 1000;
 /// What one bucket may hold (keys and values), unless the control plane is told otherwise.
@@ -92,9 +96,50 @@ pub fn check_new_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why a `set` or `set-many` of `entries` is refused, if it is: a value over
+/// [`MAX_VALUE_BYTES`], or more than [`MAX_SET_BYTES`] in all. Judged where the guest runs
+/// before it goes anywhere, and again by the control plane.
+pub fn check_set(entries: &[(String, Vec<u8>)]) -> Result<(), String> {
+    let mut total = 0usize;
+    for (k, v) in entries {
+        if v.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "the value of {k:?} is {} bytes: at most {MAX_VALUE_BYTES}",
+                v.len()
+            ));
+        }
+        total = total.saturating_add(k.len() + v.len());
+    }
+    if total > MAX_SET_BYTES {
+        return Err(format!(
+            "set-many of {} keys and {total} bytes: at most {MAX_SET_BYTES} bytes (keys and \
+             values) in one call",
+            entries.len()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_writes_one_largest_value_at_most() {
+        let value = |n| vec![0u8; n];
+        assert!(check_set(&[("k".into(), value(MAX_VALUE_BYTES))]).is_ok());
+        let over = check_set(&[("k".into(), value(MAX_VALUE_BYTES + 1))]).unwrap_err();
+        assert!(over.contains("at most 1048576"), "{over}");
+        let two = [
+            ("a".into(), value(600 << 10)),
+            ("b".into(), value(600 << 10)),
+        ];
+        let many = check_set(&two).unwrap_err();
+        assert!(
+            many.starts_with("set-many of 2 keys and 1228802 bytes"),
+            "{many}"
+        );
+    }
 
     #[test]
     fn a_key_written_is_no_path_step() {

@@ -129,9 +129,9 @@ impl store::HostBucket for KvView<'_> {
         key: String,
         value: Vec<u8>,
     ) -> Result<(), KvFailure> {
-        let op = KvOp::Set {
-            entries: vec![(key, value)],
-        };
+        let entries = vec![(key, value)];
+        shoal_core::kv::check_set(&entries).map_err(KvFailure::Other)?;
+        let op = KvOp::Set { entries };
         match self.call(&bucket, op).await? {
             KvAnswer::Done => Ok(()),
             other => Err(unexpected(other)),
@@ -205,6 +205,9 @@ impl batch::Host for KvView<'_> {
         bucket: Resource<Bucket>,
         key_values: Vec<(String, Vec<u8>)>,
     ) -> Result<(), KvFailure> {
+        // Refused here as the control plane would refuse it, before it goes anywhere: too
+        // big for a node's request, it would be refused for its size on the wire.
+        shoal_core::kv::check_set(&key_values).map_err(KvFailure::Other)?;
         let op = KvOp::Set {
             entries: key_values,
         };
