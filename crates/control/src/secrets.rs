@@ -284,10 +284,14 @@ impl ControlPlane {
                     if !write.unset.is_empty() {
                         return Err(bad(format!("secret {name} is new: it has nothing to unset")));
                     }
+                    // Versions go on from the last one a revision still names, of a secret of
+                    // that name deleted since: such a revision (`rollout undo` to it) must not
+                    // get this secret's values under its old version number.
+                    let named = self.pinned_versions(ns, name)?;
                     let secret = Secret {
                         namespace: ns.into(),
                         name: name.into(),
-                        version: 0,
+                        version: named.last().copied().unwrap_or(0),
                         versions: BTreeMap::new(),
                         updated_at: now,
                     };
@@ -961,6 +965,34 @@ mod tests {
         assert_eq!(
             open_version(&ring, &secret, 3).unwrap()["password"].as_str(),
             "v3"
+        );
+    }
+
+    /// A secret deleted and made again does not start its versions over: a revision that
+    /// named the old one's version 1 does not run with the new one's values.
+    #[test]
+    fn a_secret_made_again_goes_on_from_the_versions_revisions_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_secret("default", "db", write(true, &[("password", "old")]))
+            .unwrap();
+        let (app, replica) = app_on_node(&cp, "web");
+        let mut spec = cp.app(&app).unwrap().spec;
+        spec.env.clear();
+        spec.secret_env.clear();
+        cp.apply(spec, false).unwrap();
+        cp.store()
+            .txn(Txn::new().then(Op::delete(keys::replica(&app, &replica))))
+            .unwrap();
+        cp.delete_secret("default", "db").unwrap();
+        let (made, _) = cp
+            .put_secret("default", "db", write(true, &[("password", "new")]))
+            .unwrap();
+        assert_eq!(made.version, 2);
+        let refused = cp.rollback(&app, Some(1)).unwrap_err();
+        assert!(
+            refused.to_string().contains("which has been deleted since"),
+            "{refused}"
         );
     }
 
