@@ -1233,6 +1233,9 @@ impl ControlPlane {
                 "app {key} was changed concurrently; delete again"
             )));
         }
+        // Now, not at the controller's next pass: an app of that name made again before it
+        // would take this one's load and totals (its revisions are numbered from 1 again).
+        self.inner.metrics.retain_apps(|app| app != key);
         self.inner.kick.notify_one();
         Ok(())
     }
@@ -2690,14 +2693,19 @@ pub(crate) mod tests {
             s
         };
         cp.record_metrics("n", vec![stats("m", 1), stats("m", 2), stats("ghost", 1)]);
-        let seen: Vec<(String, Vec<u64>)> = cp
-            .inner
-            .metrics
-            .snapshot()
-            .into_iter()
-            .map(|(app, m)| (app.name, m.totals.keys().copied().collect()))
-            .collect();
-        assert_eq!(seen, [("m".to_string(), vec![1])]);
+        let seen = |cp: &ControlPlane| -> Vec<(String, Vec<u64>)> {
+            cp.inner
+                .metrics
+                .snapshot()
+                .into_iter()
+                .map(|(app, m)| (app.name, m.totals.keys().copied().collect()))
+                .collect()
+        };
+        assert_eq!(seen(&cp), [("m".to_string(), vec![1])]);
+        // Deleted and made again at once, before any pass: the new app starts from nothing.
+        cp.delete_app(&AppKey::new("default", "m")).unwrap();
+        cp.apply(spec(&cp, "m", &["/m"]), false).unwrap();
+        assert_eq!(seen(&cp), []);
     }
 
     #[test]
