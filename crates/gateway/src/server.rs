@@ -1350,24 +1350,39 @@ async fn serve_connection<I>(
     // a stalled preface or an idle HTTP/2 connection would hold a connection slot forever.
     // Responses still streaming finish. Members' hops stay open for reuse.
     let idle = activity.idle(header_read_timeout);
-    let ended = tokio::select! {
-        ended = conn.as_mut() => ended,
-        _ = closed(&mut closing) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        () = idle, if member.is_none() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        () = stalls.stalled(send_timeout), if member.is_none() => {
-            return tracing::debug!(%peer, "closed an HTTP/2 connection: the client read nothing of a stream for the send timeout");
+    tokio::pin!(idle);
+    let stalled = stalls.stalled(send_timeout);
+    tokio::pin!(stalled);
+    // Shut down gracefully (GOAWAY, the streams there are finish): the stall watch goes on,
+    // or one stream the client never reads would hold the connection for good.
+    let mut shutting = false;
+    let ended = loop {
+        tokio::select! {
+            ended = conn.as_mut() => break ended,
+            _ = closed(&mut closing), if !shutting => {
+                conn.as_mut().graceful_shutdown();
+                shutting = true;
+            }
+            () = &mut idle, if member.is_none() && !shutting => {
+                conn.as_mut().graceful_shutdown();
+                shutting = true;
+            }
+            () = &mut stalled, if member.is_none() => {
+                // The other streams get a moment to finish; the stalled one never will.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(STALLED_GRACE, conn.as_mut()).await;
+                return tracing::debug!(%peer, "closed an HTTP/2 connection: the client read nothing of a stream for the send timeout");
+            }
         }
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "gateway connection ended with an error");
     }
 }
+
+/// How long the other streams of an HTTP/2 connection with a stalled one may take to finish
+/// before the connection is dropped.
+const STALLED_GRACE: Duration = Duration::from_secs(5);
 
 /// What a client connection has done, for [`serve_connection`]'s idle watch.
 #[derive(Default)]

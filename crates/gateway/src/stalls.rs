@@ -25,6 +25,9 @@ pub(crate) struct Stalls {
     /// Since when (ms after `epoch`) each stream has waited for hyper to take its next
     /// frame; 0 while its body is being polled or has nothing to give.
     streams: Mutex<Vec<Weak<AtomicU64>>>,
+    /// Told when the first stream is watched: till then nothing wakes to look (most
+    /// connections are HTTP/1.1, and never have one).
+    first: tokio::sync::Notify,
 }
 
 impl Stalls {
@@ -32,6 +35,7 @@ impl Stalls {
         Stalls {
             epoch: Instant::now(),
             streams: Mutex::new(Vec::new()),
+            first: tokio::sync::Notify::new(),
         }
     }
 
@@ -43,6 +47,10 @@ impl Stalls {
             streams.retain(|s| s.strong_count() > 0);
         }
         streams.push(Arc::downgrade(&since));
+        if streams.len() == 1 {
+            self.first.notify_one();
+        }
+        drop(streams);
         Watched {
             inner: body,
             stall: Some((since, self.epoch)),
@@ -53,6 +61,15 @@ impl Stalls {
     pub(crate) async fn stalled(&self, timeout: Duration) {
         let every = (timeout / 4).max(Duration::from_millis(100));
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let none = self
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if none {
+            // A watch between the look and this leaves a permit: no wake-up is missed.
+            self.first.notified().await;
+        }
         loop {
             tokio::time::sleep(every).await;
             let now = ms_since(self.epoch);
