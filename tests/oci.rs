@@ -1,7 +1,7 @@
 //! Components from OCI registries, end to end: a real registry on loopback (Debian's
 //! `docker-registry`, the CNCF distribution registry), `shoal push`, apply by tag, serve,
-//! a tag that moves, a registry that wants credentials, and references the control plane
-//! must refuse.
+//! a tag that moves, a tag naming a multi-platform index, a registry that wants
+//! credentials, and references the control plane must refuse.
 
 mod common;
 
@@ -338,6 +338,86 @@ fn artifacts_too_big_or_not_components_are_refused_naming_them_and_nothing_is_st
         );
     }
     nothing_stored(&c);
+}
+
+#[test]
+fn a_tag_naming_a_multi_platform_index_runs_its_wasm_entry() {
+    let registry = Registry::start();
+    let c = Cluster::start();
+    let repository = format!("{}/team/hello", registry.addr);
+    c.cli_ok(&[
+        "push",
+        shoal_fixtures::HELLO_WASM,
+        &format!("{repository}:wasm"),
+    ]);
+    push_container_image(&registry.addr, "team/hello", "linux");
+    let on = |tag: &str, os: &str, architecture: &str| {
+        let mut entry = manifest_descriptor(&registry.addr, "team/hello", tag);
+        entry["platform"] = serde_json::json!({"os": os, "architecture": architecture});
+        entry
+    };
+    let (linux, wasm) = (on("linux", "linux", "amd64"), on("wasm", "wasip2", "wasm"));
+    put_index(
+        &registry.addr,
+        "team/hello",
+        "linux-only",
+        std::slice::from_ref(&linux),
+    );
+    put_index(
+        &registry.addr,
+        "team/hello",
+        "multi",
+        &[linux, wasm.clone()],
+    );
+
+    let linux_only = format!("{repository}:linux-only");
+    let err = c.cli_err(&["apply", "-f", &spec(c.dir.path(), &linux_only)]);
+    assert!(
+        err.contains(&linux_only) && err.contains("index") && err.contains("linux/amd64"),
+        "{err}"
+    );
+    nothing_stored(&c);
+
+    let multi = format!("{repository}:multi");
+    c.cli_ok(&["apply", "-f", &spec(c.dir.path(), &multi)]);
+    c.wait_gw("/hello", 200, "Hello from a registry!");
+    let hello = std::fs::read(shoal_fixtures::HELLO_WASM).expect("hello fixture");
+    assert_eq!(running_digest(&c), module_digest(&hello));
+    // The module came from the wasm entry's manifest, not from the index.
+    let modules = c.api_json("/v1/modules");
+    assert_eq!(modules[0]["oci"]["reference"], multi.as_str(), "{modules}");
+    assert_eq!(modules[0]["oci"]["manifest"], wasm["digest"], "{modules}");
+}
+
+/// The descriptor (media type, digest, size) of the image manifest under `tag`, as an
+/// index lists it.
+fn manifest_descriptor(addr: &str, repository: &str, tag: &str) -> serde_json::Value {
+    let media_type = "application/vnd.oci.image.manifest.v1+json";
+    let resp = common::client()
+        .get(format!("http://{addr}/v2/{repository}/manifests/{tag}"))
+        .header("accept", media_type)
+        .send()
+        .expect("manifest");
+    assert_eq!(resp.status().as_u16(), 200, "{tag}");
+    let body = resp.bytes().expect("manifest body");
+    serde_json::json!({"mediaType": media_type, "digest": module_digest(&body), "size": body.len()})
+}
+
+/// Puts an OCI image index of `manifests` (descriptors with their platforms) under `tag`.
+fn put_index(addr: &str, repository: &str, tag: &str, manifests: &[serde_json::Value]) {
+    let media_type = "application/vnd.oci.image.index.v1+json";
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media_type,
+        "manifests": manifests,
+    });
+    let resp = common::client()
+        .put(format!("http://{addr}/v2/{repository}/manifests/{tag}"))
+        .header("content-type", media_type)
+        .body(index.to_string())
+        .send()
+        .expect("index upload");
+    assert_eq!(resp.status().as_u16(), 201, "{:?}", resp.text());
 }
 
 /// No module, app or blob: what a refused apply must leave.

@@ -5,16 +5,23 @@
 //! (nodes never talk to a registry); `shoal push` writes the same layout.
 //!
 //! Loopback registries, and those the operator lists as insecure, speak plain
-//! HTTP; every other registry HTTPS.
+//! HTTP; every other registry HTTPS. A pull follows a registry's token service and
+//! redirects over HTTP or HTTPS only, never from HTTPS to plain HTTP, and to this machine
+//! or its link only from a registry that speaks plain HTTP (`may_follow`).
 
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciEnvelope, OciErrorCode};
-use oci_client::manifest::{OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageManifest};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE, OCI_IMAGE_MEDIA_TYPE,
+    OciDescriptor, OciImageManifest,
+};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use reqwest::Url;
 use sha2::{Digest, Sha256};
 use shoal_core::oci::OciRef;
+use std::net::IpAddr;
 use thiserror::Error;
 
 /// The config media type of a Wasm component artifact (the wkg convention).
@@ -24,16 +31,30 @@ pub const WASM_LAYER: &str = "application/wasm";
 /// The layer media type of the older wasm-to-oci convention, still pushed by some tools.
 const LEGACY_WASM_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
 
-/// The most a manifest may hold. A component's is under a kilobyte; a registry that sends
-/// more is cut off there rather than fill the control plane's memory (anyone who may apply
-/// may name any registry).
+/// The most a manifest (or an index) may hold. A component's is under a kilobyte; a
+/// registry that sends more is cut off there rather than fill the control plane's memory
+/// (anyone who may apply may name any registry).
 pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 /// The most a registry's token answer, or an error's body, may hold.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// How long a manifest's or a token's request may take, whole.
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// The manifests a pull asks for: OCI's and Docker's image manifests.
-const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+/// How long a layer's download may take, whole. Each read has 60 s, but a registry that
+/// sends a byte now and then would hold the apply open for ever; ten minutes fetches a
+/// module at the default 64 MiB limit at about 110 kB/s.
+const LAYER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// The most redirects a pull follows in one request (reqwest's default).
+const MAX_REDIRECTS: usize = 10;
+/// The manifests a pull asks for: OCI's and Docker's image manifests, and their
+/// multi-platform indexes, since a tag may name one (a registry answers a tag whose
+/// manifest is of no type asked for as unknown).
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
+/// The `os` of an index entry of architecture `wasm` that a pull takes, best first: a
+/// component targets wasip2; older tools say `wasi` or `wasip1`.
+const WASM_OSES: [&str; 3] = ["wasip2", "wasi", "wasip1"];
+/// Why a pull does not follow a registry to an address of this machine or its link.
+const LOCAL_REFUSED: &str =
+    "which only a registry on loopback or listed with --insecure-registry may lead to";
 
 #[derive(Debug, Error)]
 pub enum OciError {
@@ -138,10 +159,98 @@ pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }
 
+/// What a pull reads of an image index (or a Docker manifest list): its entries' digests
+/// and platforms.
+#[derive(serde::Deserialize)]
+struct Index {
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(serde::Deserialize)]
+struct IndexEntry {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+    variant: Option<String>,
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match &self.variant {
+            Some(variant) => write!(f, "/{variant}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Whether a manifest the registry sent is an image index or a Docker manifest list: by
+/// the media type its body gives, else by the one it was sent as (`content_type`).
+fn is_index(body: &[u8], content_type: Option<&str>) -> bool {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Typed {
+        media_type: Option<String>,
+    }
+    let own = serde_json::from_slice::<Typed>(body)
+        .ok()
+        .and_then(|t| t.media_type);
+    let sent = content_type.map(|c| c.split(';').next().unwrap_or(c).trim());
+    own.as_deref()
+        .or(sent)
+        .is_some_and(|t| t == OCI_IMAGE_INDEX_MEDIA_TYPE || t == IMAGE_MANIFEST_LIST_MEDIA_TYPE)
+}
+
+/// The entry of `index` that is the component: the one of architecture `wasm` and an os
+/// of [`WASM_OSES`] (the best), else the index's only entry if it names no other
+/// architecture.
+fn wasm_entry(index: &Index) -> Result<&IndexEntry, String> {
+    let wasm = |e: &IndexEntry, os: Option<&str>| {
+        e.platform
+            .as_ref()
+            .map(|p| p.architecture == "wasm" && os.is_none_or(|os| p.os == os))
+    };
+    let best = WASM_OSES.iter().find_map(|os| {
+        index
+            .manifests
+            .iter()
+            .find(|e| wasm(e, Some(os)) == Some(true))
+    });
+    if let Some(entry) = best {
+        return Ok(entry);
+    }
+    if let [only] = index.manifests.as_slice()
+        && wasm(only, None) != Some(false)
+    {
+        return Ok(only);
+    }
+    if index.manifests.is_empty() {
+        return Err("it is a multi-platform index with no entries".into());
+    }
+    let platforms: Vec<String> = index
+        .manifests
+        .iter()
+        .map(|e| match &e.platform {
+            Some(p) => p.to_string(),
+            None => "one with no platform".into(),
+        })
+        .collect();
+    Err(format!(
+        "it is a multi-platform index of {}; none is wasm",
+        platforms.join(", ")
+    ))
+}
+
 /// A reference resolved to what an apply pins.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// The manifest's digest.
+    /// The digest of the image manifest the layer is from: when the reference names a
+    /// multi-platform index, that of its wasm entry, not the index's.
     pub manifest: String,
     /// The component layer: its digest is the module's.
     pub layer: OciDescriptor,
@@ -176,10 +285,85 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// What kind of address of this machine or its link `ip` is, if it is one: loopback,
+/// link-local (where clouds' metadata services answer) or unspecified (which reaches
+/// this machine too).
+fn local_address(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(ip) if ip.is_loopback() => Some("loopback"),
+        IpAddr::V4(ip) if ip.is_link_local() => Some("link-local"),
+        IpAddr::V6(ip) if ip.is_loopback() => Some("loopback"),
+        IpAddr::V6(ip) if ip.is_unicast_link_local() => Some("link-local"),
+        ip if ip.is_unspecified() => Some("unspecified"),
+        _ => None,
+    }
+}
+
+/// Why a pull may not follow a token realm or a redirect from `from` to `to`, if it may
+/// not: `to` must be HTTP or HTTPS, never plain HTTP after HTTPS, and not on this machine
+/// or its link (the control plane's own API, a cloud's metadata service) unless the
+/// registry is itself plain: on loopback or listed as insecure, a setup the operator chose.
+/// Anyone who may apply names the registry, and so where it sends the control plane.
+/// Names that resolve to such addresses are [`Resolver`]'s to catch.
+fn may_follow(registry_is_plain: bool, from: &Url, to: &Url) -> Result<(), String> {
+    if !matches!(to.scheme(), "http" | "https") {
+        return Err("is not HTTP or HTTPS".into());
+    }
+    if from.scheme() == "https" && to.scheme() != "https" {
+        return Err(format!("is not HTTPS, though {from} is"));
+    }
+    if registry_is_plain {
+        return Ok(());
+    }
+    let host = to.host_str().unwrap_or_default();
+    let local = match host.trim_start_matches('[').trim_end_matches(']').parse() {
+        Ok(ip) => local_address(ip),
+        Err(_) => (host == "localhost" || host.ends_with(".localhost")).then_some("loopback"),
+    };
+    match local {
+        Some(kind) => Err(format!("is on a {kind} address, {LOCAL_REFUSED}")),
+        None => Ok(()),
+    }
+}
+
+/// The system's resolver, but a name other than the registry's own gets none of the
+/// addresses [`may_follow`] refuses: a token realm or a redirect naming a host that
+/// resolves there would lead there all the same. Only for registries that are not plain.
+struct Resolver {
+    /// The registry's host, whose addresses are the user's choice.
+    registry: String,
+}
+
+impl reqwest::dns::Resolve for Resolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let own = name.as_str().eq_ignore_ascii_case(&self.registry);
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let mut dropped = None;
+            let kept: Vec<std::net::SocketAddr> = found
+                .filter(|a| {
+                    let local = if own { None } else { local_address(a.ip()) };
+                    dropped = dropped.or(local);
+                    local.is_none()
+                })
+                .collect();
+            match (kept.is_empty(), dropped) {
+                (true, Some(kind)) => {
+                    Err(format!("{host} resolves to a {kind} address, {LOCAL_REFUSED}").into())
+                }
+                _ => Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
 /// The HTTP client pulls go through: the platform's certificate verifier (the system's CA
 /// store, as for pushes through oci-client: a company's registry with a certificate of its
-/// own CA installed on the machine), and timeouts for connecting and for each read.
-fn pull_client() -> reqwest::Client {
+/// own CA installed on the machine), timeouts for connecting and for each read, and
+/// redirects and addresses held to [`may_follow`] for a registry at `registry` (its host),
+/// `plain` or not.
+fn pull_client(registry: &str, plain: bool) -> reqwest::Client {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
         .expect("the platform's certificate verifier starts");
@@ -189,10 +373,33 @@ fn pull_client() -> reqwest::Client {
         .dangerous()
         .with_custom_certificate_verifier(std::sync::Arc::new(verifier))
         .with_no_client_auth();
-    reqwest::Client::builder()
+    // reqwest drops the Authorization header itself on a redirect to another host or port.
+    let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.previous().len() > MAX_REDIRECTS {
+            return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+        }
+        let from = attempt
+            .previous()
+            .last()
+            .expect("reqwest lists the URL a redirect comes from");
+        let verdict = may_follow(plain, from, attempt.url())
+            .map_err(|why| format!("its redirect to {} {why}", attempt.url()));
+        match verdict {
+            Ok(()) => attempt.follow(),
+            Err(why) => attempt.error(why),
+        }
+    });
+    let mut client = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(60))
+        .redirect(redirects);
+    if !plain {
+        client = client.dns_resolver(std::sync::Arc::new(Resolver {
+            registry: registry.to_string(),
+        }));
+    }
+    client
         .build()
         .expect("the pull client's settings are valid")
 }
@@ -238,6 +445,13 @@ fn challenge_params(text: &str) -> Vec<(String, String)> {
     params
 }
 
+/// A manifest or index as the registry sent it, its digest checked.
+struct Fetched {
+    digest: String,
+    index: bool,
+    body: Vec<u8>,
+}
+
 /// One registry conversation about one reference (the client keeps the
 /// registry's token between the manifest and the blob). Pulls (`resolve`, `layer`) are
 /// Shoal's own requests, every answer read within a bound; pushes go through oci-client.
@@ -249,6 +463,10 @@ pub struct Registry {
     http: reqwest::Client,
     /// `https://host` or `http://host:port`: where the registry's API is.
     base: String,
+    /// Whether the registry speaks plain HTTP: on loopback or listed as insecure.
+    plain: bool,
+    /// How long a layer's download may take, whole: [`LAYER_TIMEOUT`] (tests shorten it).
+    layer_deadline: std::time::Duration,
     credentials: Option<Credentials>,
     /// What the registry took last: a bearer token got for this conversation, or basic.
     authorization: std::sync::Mutex<Option<http::HeaderValue>>,
@@ -288,6 +506,10 @@ impl Registry {
         };
         let scheme = if plain { "http" } else { "https" };
         let base = format!("{scheme}://{}", oci.resolve_registry());
+        let host = Url::parse(&base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
         Registry {
             client,
             reference: oci,
@@ -296,8 +518,10 @@ impl Registry {
                 Some(c) => RegistryAuth::Basic(c.username, c.password),
                 None => RegistryAuth::Anonymous,
             },
-            http: pull_client(),
+            http: pull_client(&host, plain),
             base,
+            plain,
+            layer_deadline: LAYER_TIMEOUT,
             credentials,
             authorization: std::sync::Mutex::new(None),
         }
@@ -339,56 +563,84 @@ impl Registry {
         }
     }
 
-    /// Fetches the manifest the reference names now and picks its component layer.
+    /// Fetches the manifest the reference names now and picks its component layer. A
+    /// multi-platform index is followed one level, to its wasm entry.
     pub async fn resolve(&self) -> Result<Resolved, OciError> {
         let target = match (self.reference.digest(), self.reference.tag()) {
             (Some(digest), _) => digest,
             (None, tag) => tag.unwrap_or("latest"),
         };
+        let not_a_component = |why| OciError::NotAComponent {
+            reference: self.name.clone(),
+            why,
+        };
+        let mut fetched = self.manifest(target, self.reference.digest()).await?;
+        if fetched.index {
+            let index: Index = serde_json::from_slice(&fetched.body)
+                .map_err(|e| not_a_component(format!("its index does not parse: {e}")))?;
+            let entry = wasm_entry(&index).map_err(not_a_component)?;
+            if shoal_core::Digest::parse(&entry.digest).is_err() {
+                return Err(not_a_component(format!(
+                    "its index's wasm entry has digest {}, not a sha256 one",
+                    entry.digest
+                )));
+            }
+            fetched = self.manifest(&entry.digest, Some(&entry.digest)).await?;
+            if fetched.index {
+                return Err(not_a_component(format!(
+                    "its index's wasm entry {} is an index itself: one level of index is followed, no more",
+                    entry.digest
+                )));
+            }
+        }
+        let manifest: OciImageManifest = serde_json::from_slice(&fetched.body)
+            .map_err(|e| not_a_component(format!("its manifest is no image manifest: {e}")))?;
+        let layer = component_layer(&manifest).map_err(not_a_component)?.clone();
+        Ok(Resolved {
+            manifest: fetched.digest,
+            layer,
+        })
+    }
+
+    /// The manifest or index under `target` (a tag or digest), read within
+    /// [`MAX_MANIFEST_BYTES`] and checked against `pinned` (a digest the reference or an
+    /// index names) and the one the registry announces.
+    async fn manifest(&self, target: &str, pinned: Option<&str>) -> Result<Fetched, OciError> {
         let url = format!(
             "{}/v2/{}/manifests/{target}",
             self.base,
             self.reference.repository()
         );
-        let response = self.get(&url, Some(MANIFEST_TYPES), true).await?;
+        let response = self.get(&url, Some(MANIFEST_TYPES), ANSWER_TIMEOUT).await?;
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         // Checked when it is a sha256 one, the only kind computed here.
-        let announced = response
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .filter(|d| d.starts_with("sha256:"))
-            .map(str::to_string);
+        let announced = header("docker-content-digest").filter(|d| d.starts_with("sha256:"));
+        let content_type = header("content-type");
         let body = bounded(response, MAX_MANIFEST_BYTES)
             .await
             .map_err(|why| self.failed(format!("reading its manifest: {why}")))?;
         let digest = sha256(&body);
-        for expected in [self.reference.digest(), announced.as_deref()]
-            .into_iter()
-            .flatten()
-        {
+        let index = is_index(&body, content_type.as_deref());
+        for expected in [pinned, announced.as_deref()].into_iter().flatten() {
             if expected != digest {
                 return Err(OciError::DigestMismatch {
                     reference: self.name.clone(),
-                    what: "manifest",
+                    what: if index { "index" } else { "manifest" },
                     expected: expected.to_string(),
                     got: digest,
                 });
             }
         }
-        let manifest: OciImageManifest =
-            serde_json::from_slice(&body).map_err(|e| OciError::NotAComponent {
-                reference: self.name.clone(),
-                why: format!("its manifest is no image manifest: {e}"),
-            })?;
-        let layer = component_layer(&manifest)
-            .map_err(|why| OciError::NotAComponent {
-                reference: self.name.clone(),
-                why,
-            })?
-            .clone();
-        Ok(Resolved {
-            manifest: digest,
-            layer,
+        Ok(Fetched {
+            digest,
+            index,
+            body,
         })
     }
 
@@ -403,25 +655,22 @@ impl Registry {
             self.reference.repository(),
             layer.digest
         );
-        let response = self.get(&url, None, false).await?;
+        let response = self.get(&url, None, self.layer_deadline).await?;
         Ok(response.bytes_stream().map_err(|e| causes(&e)).boxed())
     }
 
-    /// GETs `url` (within [`ANSWER_TIMEOUT`] if `whole`), answering the registry's challenge
-    /// once if it asks for credentials: basic, or a bearer token from its token service.
-    /// Only a success comes back; any other answer is the error it means.
+    /// GETs `url`, the answer's body included within `deadline`, answering the registry's
+    /// challenge once if it asks for credentials: basic, or a bearer token from its token
+    /// service. Only a success comes back; any other answer is the error it means.
     async fn get(
         &self,
         url: &str,
         accept: Option<&str>,
-        whole: bool,
+        deadline: std::time::Duration,
     ) -> Result<reqwest::Response, OciError> {
         let mut challenged = false;
         loop {
-            let mut request = self.http.get(url);
-            if whole {
-                request = request.timeout(ANSWER_TIMEOUT);
-            }
+            let mut request = self.http.get(url).timeout(deadline);
             if let Some(accept) = accept {
                 request = request.header(http::header::ACCEPT, accept);
             }
@@ -440,7 +689,7 @@ impl Registry {
                     .get(http::header::WWW_AUTHENTICATE)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                if let Some(answer) = self.answer(challenge.as_deref()).await? {
+                if let Some(answer) = self.answer(challenge.as_deref(), response.url()).await? {
                     *self.authorization.lock().unwrap_or_else(|p| p.into_inner()) = Some(answer);
                     continue;
                 }
@@ -449,10 +698,14 @@ impl Registry {
         }
     }
 
-    /// What to send for `challenge` (a `WWW-Authenticate` header), if anything: the
-    /// credentials, as basic, or a token the challenge's realm gives for them (or for
-    /// anyone, as public registries give one).
-    async fn answer(&self, challenge: Option<&str>) -> Result<Option<http::HeaderValue>, OciError> {
+    /// What to send for `challenge` (a `WWW-Authenticate` header of the answer from
+    /// `from`), if anything: the credentials, as basic, or a token the challenge's realm
+    /// gives for them (or for anyone, as public registries give one).
+    async fn answer(
+        &self,
+        challenge: Option<&str>,
+        from: &Url,
+    ) -> Result<Option<http::HeaderValue>, OciError> {
         let Some(challenge) = challenge else {
             return Ok(None);
         };
@@ -472,14 +725,14 @@ impl Registry {
         if let Some((_, service)) = params.iter().find(|(k, _)| k == "service") {
             query.push(("service", service));
         }
-        let mut request = self.http.get(realm).query(&query).timeout(ANSWER_TIMEOUT);
+        // Held to what a redirect is: never plain HTTP after HTTPS, so the credentials do
+        // not go in plain text where the registry is spoken to over TLS.
+        let to = Url::parse(realm)
+            .map_err(|e| self.failed(format!("its token service {realm} is no URL: {e}")))?;
+        may_follow(self.plain, from, &to)
+            .map_err(|why| self.failed(format!("its token service {realm} {why}")))?;
+        let mut request = self.http.get(to).query(&query).timeout(ANSWER_TIMEOUT);
         if let Some(c) = &self.credentials {
-            // Not in plain text to a realm, when the registry itself is spoken to over TLS.
-            if self.base.starts_with("https://") && !realm.starts_with("https://") {
-                return Err(self.failed(format!(
-                    "its token service {realm} is not HTTPS: the credentials are not sent there"
-                )));
-            }
             request = request.header(http::header::AUTHORIZATION, c.basic());
         }
         let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
@@ -518,10 +771,10 @@ impl Registry {
         let body = bounded(response, MAX_ANSWER_BYTES)
             .await
             .unwrap_or_default();
-        let codes: Vec<OciErrorCode> = serde_json::from_slice::<OciEnvelope>(&body)
-            .map(|e| e.errors.into_iter().map(|e| e.code).collect())
+        let errors = serde_json::from_slice::<OciEnvelope>(&body)
+            .map(|e| e.errors)
             .unwrap_or_default();
-        let has = |wanted: &[OciErrorCode]| codes.iter().any(|c| wanted.contains(c));
+        let has = |wanted: &[OciErrorCode]| errors.iter().any(|e| wanted.contains(&e.code));
         if matches!(status.as_u16(), 401 | 403)
             || has(&[OciErrorCode::Unauthorized, OciErrorCode::Denied])
         {
@@ -531,14 +784,21 @@ impl Registry {
             };
         }
         if has(&[OciErrorCode::ManifestUnknown, OciErrorCode::NameUnknown])
-            || (status == http::StatusCode::NOT_FOUND && codes.is_empty())
+            || (status == http::StatusCode::NOT_FOUND && errors.is_empty())
         {
             return OciError::NotFound {
                 reference: self.name.clone(),
             };
         }
-        let said = String::from_utf8_lossy(&body);
-        let said: String = said.trim().chars().take(200).collect();
+        // Only the messages of its OCI errors: a body of any other kind may be a page of a
+        // service the registry sent the pull to, not for the user to read.
+        let said = errors
+            .iter()
+            .map(|e| e.message.trim())
+            .filter(|m| !m.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let said: String = said.chars().take(200).collect();
         self.failed(match said.is_empty() {
             true => format!("the registry answered {status}"),
             false => format!("the registry answered {status}: {said}"),
@@ -598,6 +858,362 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::Router;
+    use axum::response::{IntoResponse, Redirect};
+    use axum::routing::get;
+    use std::time::Duration;
+
+    fn url(s: &str) -> Url {
+        Url::parse(s).unwrap()
+    }
+
+    /// Serves `router` on a loopback port; its `127.0.0.1:PORT`.
+    async fn serve(router: Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        addr.to_string()
+    }
+
+    #[test]
+    fn a_pull_follows_http_or_https_only_and_never_from_https_to_plain_http() {
+        let https = url("https://registry.example/v2/team/hello/manifests/1");
+        for plain in [false, true] {
+            let e = may_follow(plain, &https, &url("http://auth.example/token")).unwrap_err();
+            assert!(
+                e.contains("is not HTTPS") && e.contains("https://registry.example/"),
+                "{e}"
+            );
+            for to in ["file:///etc/passwd", "ftp://auth.example/token"] {
+                let e = may_follow(plain, &https, &url(to)).unwrap_err();
+                assert!(e.contains("not HTTP or HTTPS"), "{to}: {e}");
+            }
+            assert_eq!(
+                may_follow(plain, &https, &url("https://auth.example/token")),
+                Ok(())
+            );
+        }
+        let http = url("http://10.0.0.5:5000/v2/team/hello/manifests/1");
+        for to in ["http://10.0.0.5:5001/token", "https://auth.example/token"] {
+            assert_eq!(may_follow(true, &http, &url(to)), Ok(()), "{to}");
+        }
+    }
+
+    #[test]
+    fn only_a_plain_registry_leads_a_pull_to_this_machine_or_its_link() {
+        let from = url("https://registry.example/v2/team/hello/manifests/1");
+        let plain_from = url("http://127.0.0.1:5000/v2/team/hello/manifests/1");
+        for (to, kind) in [
+            ("https://127.0.0.1:8443/v1/apps", "loopback"),
+            ("https://127.9.9.9/", "loopback"),
+            ("https://[::1]/", "loopback"),
+            ("https://[::ffff:127.0.0.1]/", "loopback"),
+            ("https://localhost:8443/", "loopback"),
+            ("https://api.localhost/", "loopback"),
+            ("https://169.254.169.254/latest/meta-data/", "link-local"),
+            ("https://[fe80::1]/", "link-local"),
+            ("https://0.0.0.0:8443/", "unspecified"),
+            ("https://[::]/", "unspecified"),
+        ] {
+            let e = may_follow(false, &from, &url(to)).unwrap_err();
+            assert!(
+                e.contains(&format!("is on a {kind} address")) && e.contains("--insecure-registry"),
+                "{to}: {e}"
+            );
+            assert_eq!(may_follow(true, &plain_from, &url(to)), Ok(()), "{to}");
+        }
+        // Private networks are where companies' registries live.
+        for to in [
+            "https://10.1.2.3/token",
+            "https://192.168.0.10:5000/v2/",
+            "https://172.16.0.1/",
+            "https://auth.docker.io/token",
+        ] {
+            assert_eq!(may_follow(false, &from, &url(to)), Ok(()), "{to}");
+        }
+    }
+
+    #[tokio::test]
+    async fn names_other_than_the_registry_s_resolve_to_no_address_of_this_machine() {
+        use reqwest::dns::Resolve as _;
+        let other = Resolver {
+            registry: "registry.example".into(),
+        };
+        match other.resolve("localhost".parse().unwrap()).await {
+            Ok(found) => panic!("localhost resolved to {:?}", found.collect::<Vec<_>>()),
+            Err(e) => assert!(
+                e.to_string()
+                    .contains("localhost resolves to a loopback address"),
+                "{e}"
+            ),
+        }
+        let own = Resolver {
+            registry: "localhost".into(),
+        };
+        let found: Vec<_> = own
+            .resolve("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(
+            !found.is_empty() && found.iter().all(|a| a.ip().is_loopback()),
+            "{found:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_ten_times_and_to_this_machine_only_from_a_plain_registry() {
+        // `/hop/N` redirects to `/hop/N-1`; `/hop/0` answers.
+        let addr = serve(Router::new().route(
+            "/hop/{n}",
+            get(
+                |axum::extract::Path(n): axum::extract::Path<u32>| async move {
+                    match n {
+                        0 => "here".into_response(),
+                        n => Redirect::temporary(&format!("/hop/{}", n - 1)).into_response(),
+                    }
+                },
+            ),
+        ))
+        .await;
+        let plain = pull_client("127.0.0.1", true);
+        let ok = plain
+            .get(format!("http://{addr}/hop/10"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ok.text().await.unwrap(), "here");
+        let e = plain
+            .get(format!("http://{addr}/hop/11"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(
+            causes(&e).contains("more than 10 redirects"),
+            "{}",
+            causes(&e)
+        );
+
+        // A registry elsewhere sending the pull to this machine, by address or by name.
+        let not_plain = pull_client("registry.example", false);
+        let e = not_plain
+            .get(format!("http://{addr}/hop/1"))
+            .send()
+            .await
+            .unwrap_err();
+        let said = causes(&e);
+        assert!(
+            said.contains(&format!(
+                "its redirect to http://{addr}/hop/0 is on a loopback address"
+            )),
+            "{said}"
+        );
+        let port = addr.rsplit(':').next().unwrap();
+        let e = not_plain
+            .get(format!("http://localhost:{port}/hop/0"))
+            .send()
+            .await
+            .unwrap_err();
+        let said = causes(&e);
+        assert!(
+            said.contains("localhost resolves to a loopback address"),
+            "{said}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_token_service_on_this_machine_is_asked_only_for_a_plain_registry() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let config = component_config(b"x", "2026-01-01T00:00:00Z");
+        let manifest = serde_json::to_vec(&component_manifest(b"x", &config)).unwrap();
+        let challenge = format!("Bearer realm=\"http://{addr}/token\",service=\"test\"");
+        let router = Router::new()
+            .route(
+                "/token",
+                get(|| async { axum::Json(serde_json::json!({"token": "t"})) }),
+            )
+            .route(
+                "/v2/team/hello/manifests/1",
+                get(move |headers: http::HeaderMap| async move {
+                    match headers.get(http::header::AUTHORIZATION) {
+                        Some(v) if v == "Bearer t" => manifest.clone().into_response(),
+                        _ => (
+                            http::StatusCode::UNAUTHORIZED,
+                            [(http::header::WWW_AUTHENTICATE, challenge)],
+                        )
+                            .into_response(),
+                    }
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+        let plain = Registry::new(
+            &OciRef::parse(&format!("{addr}/team/hello:1")).unwrap(),
+            &[],
+            None,
+        );
+        assert_eq!(plain.resolve().await.unwrap().layer.digest, sha256(b"x"));
+        // A registry elsewhere whose challenge names this machine's token service (its
+        // requests go to the same server).
+        let mut elsewhere = Registry::new(
+            &OciRef::parse("registry.example/team/hello:1").unwrap(),
+            &[],
+            None,
+        );
+        elsewhere.base = format!("http://{addr}");
+        let e = elsewhere.resolve().await.unwrap_err().to_string();
+        assert!(
+            e.contains(&format!(
+                "its token service http://{addr}/token is on a loopback address"
+            )),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_layer_that_never_ends_is_cut_off_at_its_deadline() {
+        // A byte every 20 ms: no read waits long, the whole never ends.
+        let dribble = || {
+            axum::body::Body::from_stream(futures::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some((Ok::<_, std::io::Error>(bytes::Bytes::from_static(b" ")), ()))
+            }))
+        };
+        let addr = serve(Router::new().route(
+            "/v2/team/hello/blobs/{digest}",
+            get(move || async move { dribble() }),
+        ))
+        .await;
+        let reference = OciRef::parse(&format!("{addr}/team/hello:1")).unwrap();
+        let mut registry = Registry::new(&reference, &[], None);
+        registry.layer_deadline = Duration::from_millis(500);
+        let layer = component_manifest(b"x", b"{}").layers.remove(0);
+        let mut bytes = registry.layer(&layer).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(chunk) = bytes.next().await {
+                chunk?;
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .expect("the download outlived its deadline");
+        let e = read.unwrap_err();
+        assert!(e.contains("timed out"), "{e}");
+    }
+
+    /// A refusal says the registry's OCI error messages, never a body of another kind.
+    #[tokio::test]
+    async fn a_refusal_says_the_registrys_error_messages_and_no_other_body() {
+        let addr = serve(
+            Router::new()
+                .route(
+                    "/v2/team/page/manifests/{tag}",
+                    get(|| async {
+                        (
+                            http::StatusCode::INTERNAL_SERVER_ERROR,
+                            "<html>internal admin page: token=s3cret</html>",
+                        )
+                    }),
+                )
+                .route(
+                    "/v2/team/oci/manifests/{tag}",
+                    get(|| async {
+                        (
+                            http::StatusCode::TOO_MANY_REQUESTS,
+                            r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"pull rate limit"}]}"#,
+                        )
+                    }),
+                ),
+        )
+        .await;
+        let said = |repository: &str| {
+            let reference = OciRef::parse(&format!("{addr}/team/{repository}:1")).unwrap();
+            async move {
+                Registry::new(&reference, &[], None)
+                    .resolve()
+                    .await
+                    .unwrap_err()
+                    .to_string()
+            }
+        };
+        let page = said("page").await;
+        assert!(
+            page.ends_with("the registry answered 500 Internal Server Error"),
+            "{page}"
+        );
+        let oci = said("oci").await;
+        assert!(
+            oci.ends_with("the registry answered 429 Too Many Requests: pull rate limit"),
+            "{oci}"
+        );
+    }
+
+    fn index(platforms: serde_json::Value) -> Index {
+        let manifests: Vec<_> = platforms
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, platform)| {
+                serde_json::json!({
+                    "mediaType": OCI_IMAGE_MEDIA_TYPE,
+                    "digest": format!("sha256:{i:064}"),
+                    "size": 1,
+                    "platform": platform,
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({"schemaVersion": 2, "manifests": manifests}))
+            .unwrap()
+    }
+
+    #[test]
+    fn the_wasm_entry_of_an_index_is_taken() {
+        let picked = |platforms| wasm_entry(&index(platforms)).map(|e| e.digest.clone());
+        let nth = |i: usize| Ok(format!("sha256:{i:064}"));
+        let linux = serde_json::json!({"os": "linux", "architecture": "amd64"});
+        let wasm = |os: &str| serde_json::json!({"os": os, "architecture": "wasm"});
+        assert_eq!(
+            picked(serde_json::json!([linux, wasm("wasip2"), linux])),
+            nth(1)
+        );
+        assert_eq!(
+            picked(serde_json::json!([wasm("wasip1"), wasm("wasip2")])),
+            nth(1)
+        );
+        assert_eq!(picked(serde_json::json!([linux, wasm("wasi")])), nth(1));
+        // An only entry is taken unless it names another architecture.
+        assert_eq!(picked(serde_json::json!([null])), nth(0));
+        assert_eq!(picked(serde_json::json!([wasm("wasip3")])), nth(0));
+
+        let refused = |platforms| wasm_entry(&index(platforms)).err().unwrap();
+        assert_eq!(
+            refused(serde_json::json!([linux])),
+            "it is a multi-platform index of linux/amd64; none is wasm"
+        );
+        let arm = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        assert_eq!(
+            refused(serde_json::json!([linux, arm, null, wasm("wasip3")])),
+            "it is a multi-platform index of linux/amd64, linux/arm64/v8, one with no platform, wasip3/wasm; none is wasm"
+        );
+        assert!(refused(serde_json::json!([])).contains("no entries"));
+    }
+
+    #[test]
+    fn an_index_is_told_by_its_own_media_type_else_by_the_one_it_came_as() {
+        let index = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+        let manifest = serde_json::to_vec(&component_manifest(b"x", b"{}")).unwrap();
+        let untyped = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert!(is_index(index, None));
+        assert!(is_index(index, Some(OCI_IMAGE_MEDIA_TYPE)));
+        assert!(!is_index(&manifest, Some(OCI_IMAGE_INDEX_MEDIA_TYPE)));
+        assert!(is_index(
+            untyped,
+            Some("application/vnd.docker.distribution.manifest.list.v2+json; charset=utf-8")
+        ));
+        assert!(!is_index(untyped, None));
+    }
 
     #[test]
     fn each_cause_is_said_once() {
