@@ -119,12 +119,16 @@ impl ControlPlane {
         bucket: &str,
         changes: BTreeMap<String, Change>,
     ) -> Result<Option<u64>, ControlError> {
-        let _one_writer = self
-            .inner
-            .kv_writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        crate::state::retrying(|| self.kv_write_once(ns, bucket, &changes))
+        // One attempt at a time on this server; a lost race (another server's write came
+        // first) waits for its next try without the lock, so this server's other writes go on.
+        crate::state::retrying(|| {
+            let _one_writer = self
+                .inner
+                .kv_writer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.kv_write_once(ns, bucket, &changes)
+        })
     }
 
     /// One read and guarded write of [`Self::kv_write`]: [`ControlError::Raced`] if the guard

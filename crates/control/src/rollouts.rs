@@ -58,11 +58,12 @@ impl ControlPlane {
             kind: app.spec.component.kind,
             desired: app.spec.replicas,
             steps: app.spec.rollout.steps.len(),
-            // What the gateways do: 0 % to a canary rolled back while its replicas go.
-            weight: status
-                .as_ref()
-                .and_then(|s| s.traffic(&app.spec.rollout))
-                .map(|(_, w)| w),
+            // What the gateways do: 0 % to a canary rolled back while its replicas go (and
+            // nothing once they are gone).
+            weight: split.map(|(_, w)| w).or_else(|| {
+                let (left, w) = status.as_ref()?.traffic(&app.spec.rollout)?;
+                counts.iter().any(|c| c.revision == left).then_some(w)
+            }),
             status,
             revisions: counts,
             canary,
@@ -288,5 +289,53 @@ fn action_error(e: ActionError) -> ControlError {
         ActionError::NotInProgress { .. } | ActionError::NothingToGoBackTo(_) => {
             ControlError::conflict(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::state::encode;
+    use crate::state::tests::{control_plane, replica_of, uploaded};
+    use shoal_core::objects::keys;
+    use shoal_core::spec::parse_app;
+    use shoal_core::{Phase, RolloutPhase, RolloutStatus};
+    use shoal_store::{Op, Txn};
+
+    /// After a canary is aborted, the view says 0 % goes to its revision while replicas of
+    /// it are there, and nothing once they are gone.
+    #[test]
+    fn an_aborted_canary_shows_no_traffic_while_its_replicas_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+             [http]\nroutes = [\"/web\"]\n[rollout]\nstrategy = \"canary\"\n\
+             steps = [{{ weight = 25, pause = \"1s\" }}]\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        let key = spec.key();
+        cp.apply(spec.clone(), false).unwrap();
+        let app = cp.app(&key).unwrap();
+        let mut status = shoal_scheduler::rollout::start(&app, None, 0);
+        status.phase = RolloutPhase::Aborted;
+        status.rolled_back_from = Some(2);
+        status.stable = Some(1);
+        let canary = replica_of(&spec, "c", 2, "n", Phase::Ready);
+        cp.store()
+            .txn(
+                Txn::new()
+                    .then(Op::put(
+                        keys::rollout(&key),
+                        encode::<RolloutStatus>(&status),
+                    ))
+                    .then(Op::put(keys::replica(&key, "c"), encode(&canary))),
+            )
+            .unwrap();
+        assert_eq!(cp.rollout_view(&key).unwrap().weight, Some(0));
+        cp.store()
+            .txn(Txn::new().then(Op::delete(keys::replica(&key, "c"))))
+            .unwrap();
+        assert_eq!(cp.rollout_view(&key).unwrap().weight, None);
     }
 }

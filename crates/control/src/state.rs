@@ -151,8 +151,8 @@ pub(crate) struct Inner {
 /// writer that keeps winning (it does not wait) can outlast any count of another's tries.
 const RACED_FOR: Duration = Duration::from_secs(5);
 
-/// Waits before the `tries`-th read of a change that lost a race: longer each time, up to
-/// 20 ms, and by a random share of that, so two writers that keep meeting fall out of step.
+/// Waits before the `tries`-th read of a change that lost a race: 10 to 30 ms at most, more
+/// each time, and a random share of it, so two writers that keep meeting fall out of step.
 fn raced_again(tries: u32) {
     let most = u64::from(tries.min(20));
     let jitter = u64::from(getrandom::u32().unwrap_or(0)) % (most + 1);
