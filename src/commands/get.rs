@@ -527,15 +527,12 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
             let rows: Vec<Vec<String>> = pools
                 .iter()
                 .map(|p| {
-                    let retiring = p
-                        .members
-                        .values()
-                        .filter(|m| m.retiring_since.is_some())
-                        .count();
+                    // Retiring: being drained or stopped.
+                    let retiring = p.members.values().filter(|m| !m.live()).count();
                     let ready = p
                         .members
                         .iter()
-                        .filter(|(n, m)| m.retiring_since.is_none() && up.contains(n.as_str()))
+                        .filter(|(n, m)| m.live() && up.contains(n.as_str()))
                         .count();
                     let nodes = p.members.keys().cloned().collect::<Vec<_>>().join(",");
                     vec![

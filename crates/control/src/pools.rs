@@ -14,13 +14,9 @@ use crate::state::{ControlPlane, Fence, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{
-    App, EventType, Kind, Millis, Node, POOL_LABEL, Pool, PoolMember, Replica, Revision, Volume,
-};
+use shoal_core::{App, EventType, Kind, Millis, Node, POOL_LABEL, Pool, Replica, Revision, Volume};
 use shoal_scheduler::Request;
-use shoal_scheduler::pools::{
-    Action, Facts, Placed, STOP_RETRY_MS, Waiting, assign, decide, movable,
-};
+use shoal_scheduler::pools::{Action, Facts, Placed, Waiting, assign, decide, movable};
 use shoal_store::{Op, Txn};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -76,6 +72,11 @@ impl ControlPlane {
                 (pool, Txn::new().when_absent(key.clone()), "created")
             }
             (Some((mut pool, at)), false) => {
+                // Other workers may be of another size: the last one's is no guide.
+                let (old, new) = (&pool.spec, &write.spec);
+                if old.provider != new.provider || old.node_args != new.node_args {
+                    pool.node_size = None;
+                }
                 pool.spec = write.spec;
                 (
                     pool,
@@ -170,6 +171,8 @@ impl ControlPlane {
         let mut waiting = Vec::new();
         let mut why = None;
         let mut bound: Option<HashSet<(String, String)>> = None;
+        // Per app and revision: a thousand waiting replicas of one are one read.
+        let mut mounting: HashMap<(shoal_core::spec::AppKey, u64), bool> = HashMap::new();
         for r in &replicas {
             match &r.node {
                 Some(n) if r.is_active() => *active.entry(n.clone()).or_default() += 1,
@@ -185,7 +188,15 @@ impl ControlPlane {
                                 .collect(),
                         ),
                     };
-                    if self.mounts_bound(r, bound)? {
+                    let pinned = match mounting.get(&(r.app.clone(), r.revision)) {
+                        Some(&pinned) => pinned,
+                        None => {
+                            let pinned = self.mounts_bound(r, bound)?;
+                            mounting.insert((r.app.clone(), r.revision), pinned);
+                            pinned
+                        }
+                    };
+                    if pinned {
                         continue;
                     }
                     waiting.push(Waiting {
@@ -222,7 +233,7 @@ impl ControlPlane {
         let members = pools
             .iter()
             .flat_map(|p| p.members.iter())
-            .filter(|(_, m)| m.retiring_since.is_none())
+            .filter(|(_, m)| m.live())
             .map(|(n, _)| n.as_str());
         let movable = movable(&nodes, &placed, members, self.config().strategy);
         let gone: BTreeSet<String> = pools
@@ -233,7 +244,7 @@ impl ControlPlane {
                 let ready = nodes
                     .get(name.as_str())
                     .is_some_and(|n| n.state == shoal_core::NodeState::Ready);
-                m.retiring_since.is_none() && workers.gone(name, m.started_at, ready)
+                m.live() && workers.gone(name, m.started_at, ready)
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -315,7 +326,8 @@ impl ControlPlane {
     pub async fn run_pools(self, host: PoolHost) {
         let mut local: HashMap<String, Child> = HashMap::new();
         let mut running: JoinSet<Done> = JoinSet::new();
-        let mut busy: BTreeSet<String> = BTreeSet::new();
+        // The member each task works for, so that one that panicked frees it too.
+        let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
         let mut started: BTreeMap<String, Millis> = BTreeMap::new();
         let since = self.now();
         // Started when this server won the leadership, if it shares its store: a deposed
@@ -325,17 +337,22 @@ impl ControlPlane {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            while let Some(done) = running.try_join_next() {
+            while let Some(done) = running.try_join_next_with_id() {
+                let id = match &done {
+                    Ok((id, _)) => *id,
+                    Err(e) => e.id(),
+                };
+                let node = busy.remove(&id);
                 match done {
-                    Ok(Done::Started { node, at }) => {
-                        busy.remove(&node);
-                        started.insert(node, at);
+                    Ok((_, Done::Started { at })) => {
+                        started.extend(node.map(|n| (n, at)));
                     }
-                    Ok(Done::Stopped { node }) => {
-                        busy.remove(&node);
-                        started.remove(&node);
+                    Ok((_, Done::Stopped)) => {
+                        node.map(|n| started.remove(&n));
                     }
-                    Err(e) => tracing::warn!(error = %e, "node pools: a provider task failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?node, "node pools: a provider task failed")
+                    }
                 }
             }
             let mut exited = HashSet::new();
@@ -350,7 +367,7 @@ impl ControlPlane {
                 running: local.keys().cloned().collect(),
                 exited,
                 since,
-                busy: busy.clone(),
+                busy: busy.values().cloned().collect(),
                 started: started.clone(),
             };
             let (cp, pass_fence) = (self.clone(), fence.clone());
@@ -387,7 +404,7 @@ impl ControlPlane {
         action: Action,
         local: &mut HashMap<String, Child>,
         running: &mut JoinSet<Done>,
-        busy: &mut BTreeSet<String>,
+        busy: &mut HashMap<tokio::task::Id, String>,
     ) {
         match action {
             Action::Start { node, .. } => {
@@ -407,15 +424,16 @@ impl ControlPlane {
                     Some(command) => {
                         let (cp, host, pool, command) =
                             (self.clone(), host.clone(), pool.clone(), command.clone());
-                        busy.insert(node.clone());
-                        running.spawn(async move {
+                        let task = node.clone();
+                        let handle = running.spawn(async move {
                             if let Err(why) =
                                 run_provider(&host, &pool, &command, "start", &node).await
                             {
                                 cp.provider_failed(&pool, &node, "start", why).await;
                             }
-                            Done::Started { node, at: cp.now() }
+                            Done::Started { at: cp.now() }
                         });
+                        busy.insert(handle.id(), task);
                     }
                 }
             }
@@ -436,8 +454,8 @@ impl ControlPlane {
                 let child = local.remove(&node);
                 let (cp, host, pool, fence) =
                     (self.clone(), host.clone(), pool.clone(), fence.clone());
-                busy.insert(node.clone());
-                running.spawn(async move {
+                let task = node.clone();
+                let handle = running.spawn(async move {
                     let stopped = match (child, &provider) {
                         (None, Some(command)) => {
                             run_provider(&host, &pool, command, "stop", &node).await
@@ -451,22 +469,26 @@ impl ControlPlane {
                         }
                     };
                     match stopped {
-                        Ok(()) => cp.forget_node(&pool, &node).await,
+                        Ok(()) => {
+                            cp.forget_node(&pool, &node).await;
+                            cp.stop_done(&fence, &pool.name, &node, false).await;
+                        }
                         Err(why) => {
-                            let kept = cp.stop_failed(&fence, &pool.name, &node, provider).await;
+                            let kept = cp.stop_done(&fence, &pool.name, &node, true).await;
                             let why = match kept {
-                                true => format!(
+                                Some(wait) => format!(
                                     "{why}; trying again in {} s (`shoal node delete {node}` \
                                      forgets it)",
-                                    STOP_RETRY_MS / 1000
+                                    wait / 1000
                                 ),
-                                false => format!("{why}; it never joined, so it is forgotten"),
+                                None => format!("{why}; it never joined, so it is forgotten"),
                             };
                             cp.provider_failed(&pool, &node, "stop", why).await;
                         }
                     }
-                    Done::Stopped { node }
+                    Done::Stopped
                 });
+                busy.insert(handle.id(), task);
             }
         }
     }
@@ -482,17 +504,12 @@ impl ControlPlane {
         }
     }
 
-    /// Keeps `node` a member of pool `name` after its provider's `stop` failed, if it ever
+    /// Records how member `node` of pool `name` came out of its stop. Done (not `failed`):
+    /// no longer a member. Failed: kept, to be stopped again after a backoff, if it ever
     /// joined (it is a node, or has a node credential): its worker may still run, and would
-    /// rejoin as a node no pool manages. It is stopped again later. Returns whether it was
-    /// kept; one deleted as a node meanwhile (by hand) is not.
-    async fn stop_failed(
-        &self,
-        fence: &Fence,
-        name: &str,
-        node: &str,
-        provider: Option<String>,
-    ) -> bool {
+    /// rejoin as a node no pool manages; one that never did (or was deleted as a node by
+    /// hand meanwhile) is forgotten. Returns the backoff of a member kept.
+    async fn stop_done(&self, fence: &Fence, name: &str, node: &str, failed: bool) -> Option<u64> {
         let (cp, fence, name, node) = (
             self.clone(),
             fence.clone(),
@@ -500,39 +517,39 @@ impl ControlPlane {
             node.to_string(),
         );
         let kept = blocking(move || {
-            if cp.get(&keys::node(&node))?.is_none() && cp.get(&keys::credential(&node))?.is_none()
-            {
-                return Ok(false);
-            }
+            let joined = failed
+                && (cp.get(&keys::node(&node))?.is_some()
+                    || cp.get(&keys::credential(&node))?.is_some());
             let key = keys::pool(&name);
             // A pass may write the pool meanwhile: read it again and retry.
             for _ in 0..5 {
                 let Some((mut pool, at)) = cp.get::<Pool>(&key)? else {
-                    return Ok(false);
+                    return Ok(None);
                 };
-                let now = cp.now();
-                let member = pool.members.entry(node.clone()).or_insert(PoolMember {
-                    started_at: now,
-                    empty_since: None,
-                    retiring_since: None,
-                    started_with: provider.clone(),
-                    stop_failed_at: None,
-                });
-                member.retiring_since.get_or_insert(now);
-                member.stop_failed_at = Some(now);
+                let mut wait = None;
+                if joined {
+                    let Some(member) = pool.members.get_mut(&node) else {
+                        return Ok(None);
+                    };
+                    member.stop_failed_at = Some(cp.now());
+                    member.stop_failures = member.stop_failures.saturating_add(1);
+                    wait = Some(shoal_scheduler::pools::stop_backoff(member.stop_failures));
+                } else if pool.members.remove(&node).is_none() {
+                    return Ok(None);
+                }
                 let txn = Txn::new()
                     .when_mod_revision(key.clone(), at)
                     .then(Op::put(key.clone(), encode(&pool)));
                 if cp.inner.store.txn(fence.guard(txn))?.succeeded {
-                    return Ok(true);
+                    return Ok(wait);
                 }
             }
             Err(ControlError::conflict(format!("pool {name} kept changing")))
         })
         .await;
         kept.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "node pools: cannot keep a member whose stop failed");
-            false
+            tracing::warn!(error = %e, "node pools: cannot record how a stop went");
+            None
         })
     }
 
@@ -635,14 +652,11 @@ fn node_labels(pool: &Pool) -> String {
 
 /// What a provider task reports back to the provisioner when it is done.
 enum Done {
-    /// The provider's `start` of `node` returned (or failed) at `at`.
+    /// The provider's `start` returned (or failed) at `at`.
     Started {
-        node: String,
         at: Millis,
     },
-    Stopped {
-        node: String,
-    },
+    Stopped,
 }
 
 /// What the provisioner knows of the workers it started, for a pass.
@@ -716,6 +730,56 @@ mod tests {
     use crate::state::tests::{control_plane, replica_of, uploaded};
     use shoal_core::Phase;
     use shoal_core::spec::parse_app;
+
+    /// The size a pool remembers of its last node goes when its workers change (other
+    /// flags, another provider), not when only its bounds do.
+    #[test]
+    fn a_pool_forgets_its_nodes_size_when_its_workers_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let spec = shoal_core::PoolSpec {
+            min: 0,
+            max: 5,
+            provider: None,
+            cooldown_ms: 30_000,
+            labels: BTreeMap::new(),
+            node_args: Vec::new(),
+            schedule: Vec::new(),
+        };
+        cp.put_pool(
+            "w",
+            PoolWrite {
+                create: true,
+                spec: spec.clone(),
+            },
+        )
+        .unwrap();
+        let remember = || {
+            let (mut pool, _) = cp.get::<Pool>(&keys::pool("w")).unwrap().unwrap();
+            pool.node_size = Some(shoal_core::Capacity::default());
+            let txn = Txn::new().then(Op::put(keys::pool("w"), encode(&pool)));
+            cp.store().txn(txn).unwrap();
+        };
+        let set = |spec: &shoal_core::PoolSpec| {
+            let write = PoolWrite {
+                create: false,
+                spec: spec.clone(),
+            };
+            cp.put_pool("w", write).unwrap().node_size.is_some()
+        };
+        remember();
+        let mut wider = spec.clone();
+        wider.max = 9;
+        assert!(set(&wider), "only the bounds changed");
+        let mut bigger = wider.clone();
+        bigger.node_args = vec!["--memory".into(), "2Gi".into()];
+        assert!(!set(&bigger), "its workers changed");
+        remember();
+        let mut elsewhere = bigger.clone();
+        elsewhere.node_args.clear();
+        elsewhere.provider = Some("./cloud".into());
+        assert!(!set(&elsewhere), "another provider");
+    }
 
     /// A replica that waits for a node grows a pool only if a new node could take it: not
     /// one whose volume is bound to a node (gone, here), nor one whose instances may use

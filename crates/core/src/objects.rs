@@ -760,16 +760,44 @@ pub struct PoolMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub retiring_since: Option<Millis>,
-    /// The provider command that started it, which is the one to stop it with even after
-    /// the pool's provider changed. None: a local worker, or one recorded before this was
-    /// kept (stopped with the pool's provider).
+    /// What started it, which is what stops it even after the pool's provider changed.
+    /// None: recorded before this was kept (stopped as the pool's spec says now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_with: Option<String>,
-    /// When its provider's `stop` last failed: it stays a member (its worker may still run
-    /// and would rejoin as a node no pool manages) and is stopped again later.
+    pub started_by: Option<StartedBy>,
+    /// Since when it is being stopped: decided, and not known to be done. It stays a member
+    /// until its stop went through, so a stop cut short (a restart, a failed provider) is
+    /// made again rather than leave its worker running as a node no pool manages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub stopping_since: Option<Millis>,
+    /// When its provider's `stop` last failed, and how many times in a row: it is tried
+    /// again later, each time later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub stop_failed_at: Option<Millis>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub stop_failures: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl PoolMember {
+    /// Counted among the pool's nodes: neither being drained to go nor being stopped.
+    pub fn live(&self) -> bool {
+        self.retiring_since.is_none() && self.stopping_since.is_none()
+    }
+}
+
+/// What started a pool's node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StartedBy {
+    /// A local `shoal node join` process of the control plane.
+    Local,
+    /// The provider command.
+    Provider(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

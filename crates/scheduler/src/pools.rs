@@ -10,15 +10,16 @@
 //! fit on the other nodes ([`movable`], one such node at a time, while no other retires), is
 //! drained and, once empty for [`DRAINED_GRACE_MS`], stopped. A node that never becomes Ready
 //! within [`START_TIMEOUT_MS`] of its provider's `start` returning, or is lost, is stopped and
-//! forgotten, so a failing provider is retried at most once per that time; one whose `stop`
-//! failed stays a member and is stopped again after [`STOP_RETRY_MS`].
+//! forgotten, so a failing provider is retried at most once per that time. A member being
+//! stopped stays one until its stop is known to be done ([`PoolMember::stopping_since`]):
+//! stopped again if it was cut short, and after [`stop_backoff`] if it failed.
 //!
 //! With several pools, [`assign`] gives each waiting replica to one pool, the first by name
 //! whose nodes carry what its `node_selector` asks for, so one replica never grows them all.
 
 use crate::placement::{Cluster, Request, Strategy};
 use shoal_core::spec::AppKey;
-use shoal_core::{Capacity, Millis, Node, NodeState, POOL_LABEL, Pool, PoolMember};
+use shoal_core::{Capacity, Millis, Node, NodeState, POOL_LABEL, Pool, PoolMember, StartedBy};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// An active replica, as [`movable`] weighs it.
@@ -84,16 +85,11 @@ pub fn assign(
         pools.iter().map(|p| (p.name.clone(), Vec::new())).collect();
     let mut by_name: Vec<&Pool> = pools.iter().collect();
     by_name.sort_by(|a, b| a.name.cmp(&b.name));
-    let live = |pool: &Pool| {
-        pool.members
-            .values()
-            .filter(|m| m.retiring_since.is_none())
-            .count()
-    };
+    let live = |pool: &Pool| pool.members.values().filter(|m| m.live()).count();
     let size = |pool: &Pool| {
         pool.members
             .iter()
-            .filter(|(_, m)| m.retiring_since.is_none())
+            .filter(|(_, m)| m.live())
             .find_map(|(n, _)| nodes.get(n))
             .map(|n| n.capacity.clone())
             .or_else(|| pool.node_size.clone())
@@ -134,8 +130,16 @@ pub const RETIRE_TIMEOUT_MS: u64 = 60_000;
 /// How long a drained node runs no replica before it is stopped: time for the gateways of
 /// other nodes to stop sending it requests, and for those in flight to finish.
 pub const DRAINED_GRACE_MS: u64 = 5_000;
-/// How long after its provider's `stop` failed a member is stopped again.
+/// How long after its provider's `stop` first failed a member is stopped again; each
+/// failure after doubles it, up to [`STOP_RETRY_MAX_MS`].
 pub const STOP_RETRY_MS: u64 = 10_000;
+pub const STOP_RETRY_MAX_MS: u64 = 300_000;
+
+/// How long to wait after the `failures`-th failed stop in a row.
+pub fn stop_backoff(failures: u32) -> u64 {
+    let doublings = failures.saturating_sub(1).min(16);
+    (STOP_RETRY_MS << doublings).min(STOP_RETRY_MAX_MS)
+}
 /// How long after a node joined before its pool may grow again: time for the
 /// controller to place what waits on it.
 pub const SETTLE_MS: u64 = 3_000;
@@ -155,7 +159,8 @@ pub struct Facts<'a> {
     /// Members whose worker is known not to run (a local one that exited, or was started
     /// by a control plane that has since restarted): stopped at once, not waited for.
     pub gone: &'a BTreeSet<String>,
-    /// Members whose provider's `start` or `stop` is running now: left alone until it is done.
+    /// Members whose provider's `start` or `stop` is running now: no stop is decided for them
+    /// until it is done.
     pub busy: &'a BTreeSet<String>,
     /// When the provider's `start` of a member returned, as far as this provisioner knows:
     /// its time to join counts from then, not from the decision (a provider may take
@@ -192,23 +197,20 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     let age = |since: Millis| now.saturating_sub(since);
 
     for (name, member) in &pool.members {
-        let stop = |why: String| Action::Stop {
-            node: name.clone(),
-            why,
-            provider: member
-                .started_with
-                .clone()
-                .or_else(|| pool.spec.provider.clone()),
-        };
+        // Nothing is decided for a member while its provider runs.
         if facts.busy.contains(name) {
             continue;
         }
-        if let Some(failed) = member.stop_failed_at {
-            if age(failed) >= STOP_RETRY_MS {
-                actions.push(stop(format!(
+        let why = if member.stopping_since.is_some() {
+            // A stop decided before and not known to be done: cut short by a restart, or
+            // failed, and then tried again later and later.
+            match member.stop_failed_at {
+                Some(failed) if age(failed) < stop_backoff(member.stop_failures) => None,
+                Some(failed) => Some(format!(
                     "trying again: its provider's stop failed {} s ago",
                     age(failed) / 1000
-                )));
+                )),
+                None => Some("its stop did not finish".to_string()),
             }
         } else if let Some(since) = member.retiring_since {
             // Empty for a while (or not Ready, so nothing reaches it): nothing is cut.
@@ -218,16 +220,18 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                         .empty_since
                         .is_some_and(|t| age(t) >= DRAINED_GRACE_MS));
             if !facts.nodes.contains_key(name) || drained {
-                actions.push(stop("drained".into()));
-            } else if age(since) > RETIRE_TIMEOUT_MS {
-                actions.push(stop(format!(
+                Some("drained".into())
+            } else if age(since) > RETIRE_TIMEOUT_MS && active(name) > 0 {
+                Some(format!(
                     "still running {} replicas {} s after its drain began",
                     active(name),
                     RETIRE_TIMEOUT_MS / 1000
-                )));
+                ))
+            } else {
+                None
             }
         } else if facts.gone.contains(name) {
-            actions.push(stop("its worker is not running".into()));
+            Some("its worker is not running".into())
         } else if !ready(name)
             && age(facts
                 .started
@@ -235,24 +239,35 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 .map_or(member.started_at, |&t| t.max(member.started_at)))
                 > START_TIMEOUT_MS
         {
-            let why = if facts.nodes.contains_key(name) {
+            Some(if facts.nodes.contains_key(name) {
                 "not Ready".to_string()
             } else {
                 format!("never joined within {} s", START_TIMEOUT_MS / 1000)
-            };
-            actions.push(stop(why));
-        }
-    }
-    for a in &actions {
-        if let Action::Stop { node, .. } = a {
-            next.members.remove(node);
+            })
+        } else {
+            None
+        };
+        let Some(why) = why else { continue };
+        let provider = match &member.started_by {
+            Some(StartedBy::Local) => None,
+            Some(StartedBy::Provider(command)) => Some(command.clone()),
+            None => pool.spec.provider.clone(),
+        };
+        actions.push(Action::Stop {
+            node: name.clone(),
+            why,
+            provider,
+        });
+        // A member until its stop is known to be done.
+        if let Some(m) = next.members.get_mut(name) {
+            m.stopping_since = Some(now);
+            m.stop_failed_at = None;
         }
     }
     for (name, member) in next.members.iter_mut() {
         // A retiring node is idle once empty: the time it was movable before its drain
         // is no time it was empty.
-        let idle =
-            active(name) == 0 || (member.retiring_since.is_none() && facts.movable.contains(name));
+        let idle = active(name) == 0 || (member.live() && facts.movable.contains(name));
         member.empty_since = match (ready(name) && idle, member.empty_since) {
             (true, since) => since.or(Some(now)),
             (false, _) => None,
@@ -262,7 +277,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     let live: Vec<&String> = next
         .members
         .iter()
-        .filter(|(_, m)| m.retiring_since.is_none())
+        .filter(|(_, m)| m.live())
         .map(|(n, _)| n)
         .collect();
     let settling = live.iter().any(|n| {
@@ -305,8 +320,13 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 started_at: now,
                 empty_since: None,
                 retiring_since: None,
-                started_with: pool.spec.provider.clone(),
+                started_by: Some(match &pool.spec.provider {
+                    Some(command) => StartedBy::Provider(command.clone()),
+                    None => StartedBy::Local,
+                }),
+                stopping_since: None,
                 stop_failed_at: None,
+                stop_failures: 0,
             },
         );
         actions.push(Action::Start { node, why });
@@ -364,11 +384,13 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         // node retires: each node was judged alone, with every other node there, and its
         // replicas may have room only on one that goes too. For the same reason an empty
         // node stays while replicas move off another: they may be on their way to it.
+        // Members being stopped are out of it: their replicas are not moving anywhere.
+        let draining = |m: &PoolMember| m.retiring_since.is_some() && m.stopping_since.is_none();
         let moving = next
             .members
             .iter()
-            .any(|(n, m)| m.retiring_since.is_some() && active(n) > 0);
-        let mut retiring = next.members.values().any(|m| m.retiring_since.is_some());
+            .any(|(n, m)| draining(m) && active(n) > 0);
+        let mut retiring = next.members.values().any(draining);
         let (empty, loaded): (Vec<String>, Vec<String>) =
             idle.into_iter().partition(|n| active(n) == 0);
         if !moving {
@@ -441,8 +463,10 @@ mod tests {
             started_at,
             empty_since: None,
             retiring_since: None,
-            started_with: None,
+            started_by: None,
+            stopping_since: None,
             stop_failed_at: None,
+            stop_failures: 0,
         }
     }
 
@@ -496,6 +520,15 @@ mod tests {
             busy: &NONE,
             started: &NEVER,
         }
+    }
+
+    /// The members counted among the pool's nodes.
+    fn live(p: &Pool) -> Vec<&str> {
+        p.members
+            .iter()
+            .filter(|(_, m)| m.live())
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     fn names(actions: &[Action]) -> Vec<String> {
@@ -664,7 +697,11 @@ mod tests {
             NOW + 31_000 + DRAINED_GRACE_MS,
         );
         assert_eq!(names(&a), ["stop w-1"]);
-        assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
+        assert_eq!(live(&p), ["w-2"]);
+        assert!(
+            p.members["w-1"].stopping_since.is_some(),
+            "a member until stopped"
+        );
         // Work waiting keeps idle nodes.
         let (_, a) = decide(&p, &facts(&nodes, &idle, &waiting(3)), NOW + 100_000);
         assert!(!names(&a).iter().any(|a| a.starts_with("drain")), "{a:?}");
@@ -761,7 +798,7 @@ mod tests {
         f.gone = &gone;
         let (p, a) = decide(&p, &f, NOW);
         assert_eq!(names(&a), ["stop w-1", "start w-2"]);
-        assert_eq!(p.members.keys().collect::<Vec<_>>(), ["w-2"]);
+        assert_eq!(live(&p), ["w-2"]);
     }
 
     #[test]
@@ -818,7 +855,7 @@ mod tests {
             NOW + START_TIMEOUT_MS + 1,
         );
         assert_eq!(names(&a), ["stop w-1"]);
-        assert!(p.members.is_empty());
+        assert!(live(&p).is_empty());
         // With work waiting, a new one is tried in its place, under a new name.
         let mut p = pool(0, 3);
         p.members.insert("w-1".into(), member(NOW));
@@ -880,6 +917,20 @@ mod tests {
         lost.get_mut("w-1").unwrap().state = NodeState::NotReady;
         let (_, a) = decide(&p, &facts(&lost, &idle, &[]), NOW + 1_000);
         assert_eq!(names(&a), ["stop w-1"]);
+        // Ready and emptied just before the drain's time is up: it gets its grace all the
+        // same (the drain did finish).
+        let ready = BTreeMap::from([node("w-1", 0)]);
+        let late = NOW + RETIRE_TIMEOUT_MS + 1;
+        let mut p = p.clone();
+        p.members.get_mut("w-1").unwrap().empty_since = Some(late - 1_000);
+        let (_, a) = decide(&p, &facts(&ready, &idle, &[]), late);
+        assert!(a.is_empty(), "{a:?}");
+        let (_, a) = decide(
+            &p,
+            &facts(&ready, &idle, &[]),
+            late - 1_000 + DRAINED_GRACE_MS,
+        );
+        assert_eq!(names(&a), ["stop w-1"]);
     }
 
     /// A provider may take minutes to make a machine: the time to join counts from when its
@@ -913,30 +964,94 @@ mod tests {
         }
     }
 
-    /// A member whose provider's `stop` failed stays one, out of the count, and is stopped
-    /// again later with the command that started it, even after the pool's provider changed.
+    /// A member whose provider's `stop` failed stays one, out of the count and out of the
+    /// way of other drains, and is stopped again later and later with what started it, even
+    /// after the pool's provider changed; a stop decided and never done (a restart) is made
+    /// again at once.
     #[test]
-    fn a_member_whose_stop_failed_is_stopped_again_with_the_command_that_started_it() {
+    fn a_member_whose_stop_failed_is_stopped_again_with_what_started_it() {
         let mut p = pool(1, 3);
         p.spec.provider = Some("./new".into());
         let mut m = member(0);
         m.retiring_since = Some(NOW);
+        m.stopping_since = Some(NOW);
         m.stop_failed_at = Some(NOW);
-        m.started_with = Some("./old".into());
+        m.stop_failures = 2;
+        m.started_by = Some(StartedBy::Provider("./old".into()));
         p.members.insert("w-1".into(), m);
         p.next = 2;
         let nodes: BTreeMap<_, _> = [node("w-1", 0)].into();
         let idle = BTreeMap::new();
         let (p, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + 1_000);
         assert_eq!(names(&a), ["start w-2"], "the failed one does not count");
-        assert_eq!(p.members["w-2"].started_with.as_deref(), Some("./new"));
+        assert_eq!(
+            p.members["w-2"].started_by,
+            Some(StartedBy::Provider("./new".into()))
+        );
+        // The second failure in a row waits twice the first's.
         let (_, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + STOP_RETRY_MS);
+        assert!(a.is_empty(), "{a:?}");
+        let (next, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + 2 * STOP_RETRY_MS);
         assert_eq!(names(&a), ["stop w-1"]);
         let Action::Stop { provider, why, .. } = &a[0] else {
             unreachable!()
         };
         assert_eq!(provider.as_deref(), Some("./old"));
-        assert!(why.contains("stop failed 10 s ago"), "{why}");
+        assert!(why.contains("stop failed 20 s ago"), "{why}");
+        assert_eq!(
+            next.members["w-1"].stopping_since,
+            Some(NOW + 2 * STOP_RETRY_MS)
+        );
+        assert_eq!(next.members["w-1"].stop_failed_at, None);
+        // While its provider runs, nothing; once it is not known to run (a restart cut it
+        // short), again.
+        let busy: BTreeSet<String> = ["w-1".to_string()].into();
+        let mut f = facts(&nodes, &idle, &[]);
+        f.busy = &busy;
+        let (_, a) = decide(&next, &f, NOW + 3 * STOP_RETRY_MS);
+        assert!(a.is_empty(), "{a:?}");
+        let (_, a) = decide(&next, &facts(&nodes, &idle, &[]), NOW + 3 * STOP_RETRY_MS);
+        assert_eq!(names(&a), ["stop w-1"]);
+        // A local worker is stopped as one, whatever the provider now.
+        let mut local = next.clone();
+        local.members.get_mut("w-1").unwrap().started_by = Some(StartedBy::Local);
+        let (_, a) = decide(&local, &facts(&nodes, &idle, &[]), NOW + 3 * STOP_RETRY_MS);
+        assert!(
+            matches!(&a[..], [Action::Stop { provider: None, .. }]),
+            "{a:?}"
+        );
+
+        // A member being stopped holds no drain up: an empty node and a movable one go.
+        let mut p = pool(0, 5);
+        let mut stuck = member(0);
+        stuck.retiring_since = Some(0);
+        stuck.stopping_since = Some(0);
+        stuck.stop_failed_at = Some(NOW);
+        stuck.stop_failures = 1;
+        p.members.insert("w-1".into(), stuck);
+        for n in ["w-2", "w-3", "w-4"] {
+            let mut m = member(0);
+            m.empty_since = Some(0);
+            p.members.insert(n.into(), m);
+        }
+        let nodes: BTreeMap<_, _> = ["w-1", "w-2", "w-3", "w-4"]
+            .into_iter()
+            .map(|n| node(n, 0))
+            .collect();
+        let active: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-3".to_string(), 1)].into();
+        let movable: BTreeSet<String> = ["w-3".to_string()].into();
+        let mut f = facts(&nodes, &active, &[]);
+        f.movable = &movable;
+        let (_, a) = decide(&p, &f, NOW + 1_000);
+        assert_eq!(names(&a), ["drain w-2", "drain w-4"]);
+        let mut f2 = facts(&nodes, &active, &[]);
+        f2.movable = &movable;
+        let only_w3: BTreeMap<_, _> = [("w-1".to_string(), 1), ("w-3".to_string(), 1)].into();
+        f2.active = &only_w3;
+        p.members.remove("w-2");
+        p.members.remove("w-4");
+        let (_, a) = decide(&p, &f2, NOW + 1_000);
+        assert_eq!(names(&a), ["drain w-3"]);
     }
 
     /// A replica whose instances may use more memory than a node of the pool has never grows
