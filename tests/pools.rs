@@ -99,13 +99,17 @@ fn a_pool_grows_when_replicas_do_not_fit_and_shrinks_when_they_are_gone() {
 
     // Gone: after the cool-down the last worker is drained, stopped and deleted.
     server.cli_ok(&["delete", "app", "hello"]);
+    // The node goes first, then the member: both, in one look.
+    let gone = || {
+        nodes(&server).is_empty()
+            && server.api_json("/v1/pools/workers")["members"] == serde_json::json!({})
+    };
     assert!(
-        poll(Duration::from_secs(60), || nodes(&server).is_empty()),
-        "{:?}",
-        nodes(&server)
+        poll(Duration::from_secs(60), gone),
+        "{:?}\n{}",
+        nodes(&server),
+        server.api_json("/v1/pools/workers")
     );
-    let pool = server.api_json("/v1/pools/workers");
-    assert_eq!(pool["members"], serde_json::json!({}), "{pool}");
     let events = server.cli_ok(&["events"]);
     assert_eq!(events.matches("PoolNodeStopped").count(), 2, "{events}");
     assert!(events.contains("ran no replica for 2 s"), "{events}");

@@ -68,6 +68,7 @@ impl ControlPlane {
                     next: 1,
                     created_at: self.now(),
                     node_size: None,
+                    workers_since: self.now(),
                 };
                 (pool, Txn::new().when_absent(key.clone()), "created")
             }
@@ -76,6 +77,7 @@ impl ControlPlane {
                 let (old, new) = (&pool.spec, &write.spec);
                 if old.provider != new.provider || old.node_args != new.node_args {
                     pool.node_size = None;
+                    pool.workers_since = self.now();
                 }
                 pool.spec = write.spec;
                 (
@@ -261,7 +263,7 @@ impl ControlPlane {
                 started: &workers.started,
             };
             let (next, actions) = decide(&pool, &facts, now);
-            if next == pool {
+            if next == pool && actions.is_empty() {
                 continue;
             }
             let mut txn = Txn::new()
@@ -456,6 +458,14 @@ impl ControlPlane {
                     (self.clone(), host.clone(), pool.clone(), fence.clone());
                 let task = node.clone();
                 let handle = running.spawn(async move {
+                    // Cordoned and drained first: a node that comes back (its stop failed,
+                    // or it was only unreachable) takes no replica to be cut off with it.
+                    let name = node.clone();
+                    let drain = cp.clone();
+                    let _ = blocking(move || {
+                        drain.set_node_scheduling(&name, shoal_api::NodeAction::Drain)
+                    })
+                    .await;
                     let stopped = match (child, &provider) {
                         (None, Some(command)) => {
                             run_provider(&host, &pool, command, "stop", &node).await
@@ -471,17 +481,20 @@ impl ControlPlane {
                     match stopped {
                         Ok(()) => {
                             cp.forget_node(&pool, &node).await;
-                            cp.stop_done(&fence, &pool.name, &node, false).await;
+                            if let Err(e) = cp.stop_done(&fence, &pool.name, &node, false).await {
+                                tracing::warn!(%node, error = %e, "node pools: a stopped member stays until a pass stops it again");
+                            }
                         }
                         Err(why) => {
                             let kept = cp.stop_done(&fence, &pool.name, &node, true).await;
                             let why = match kept {
-                                Some(wait) => format!(
+                                Ok(Some(wait)) => format!(
                                     "{why}; trying again in {} s (`shoal node delete {node}` \
                                      forgets it)",
                                     wait / 1000
                                 ),
-                                None => format!("{why}; it never joined, so it is forgotten"),
+                                Ok(None) => format!("{why}; it never joined, so it is forgotten"),
+                                Err(e) => format!("{why}; tried again soon (not recorded: {e})"),
                             };
                             cp.provider_failed(&pool, &node, "stop", why).await;
                         }
@@ -508,15 +521,22 @@ impl ControlPlane {
     /// no longer a member. Failed: kept, to be stopped again after a backoff, if it ever
     /// joined (it is a node, or has a node credential): its worker may still run, and would
     /// rejoin as a node no pool manages; one that never did (or was deleted as a node by
-    /// hand meanwhile) is forgotten. Returns the backoff of a member kept.
-    async fn stop_done(&self, fence: &Fence, name: &str, node: &str, failed: bool) -> Option<u64> {
+    /// hand meanwhile) is forgotten. Returns the backoff of a member kept; an error if it
+    /// could not be written (the member is then stopped again at the next pass).
+    async fn stop_done(
+        &self,
+        fence: &Fence,
+        name: &str,
+        node: &str,
+        failed: bool,
+    ) -> Result<Option<u64>, ControlError> {
         let (cp, fence, name, node) = (
             self.clone(),
             fence.clone(),
             name.to_string(),
             node.to_string(),
         );
-        let kept = blocking(move || {
+        blocking(move || {
             let joined = failed
                 && (cp.get(&keys::node(&node))?.is_some()
                     || cp.get(&keys::credential(&node))?.is_some());
@@ -546,11 +566,7 @@ impl ControlPlane {
             }
             Err(ControlError::conflict(format!("pool {name} kept changing")))
         })
-        .await;
-        kept.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "node pools: cannot record how a stop went");
-            None
-        })
+        .await
     }
 
     async fn provider_failed(&self, pool: &Pool, node: &str, verb: &str, why: String) {

@@ -667,6 +667,11 @@ pub struct Pool {
     /// waiting replica by while the pool runs none (one bigger starts no node for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_size: Option<Capacity>,
+    /// When its workers last changed (another provider, other flags): only nodes started
+    /// since tell what size a new one will be.
+    #[serde(default)]
+    #[schema(value_type = u64)]
+    pub workers_since: Millis,
 }
 
 /// What a pool's owner sets.
@@ -777,6 +782,11 @@ pub struct PoolMember {
     pub stop_failed_at: Option<Millis>,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub stop_failures: u32,
+    /// Since when its node, which joined, has not been Ready: stopped after
+    /// `UNREADY_TIMEOUT_MS` of it, not at a missed heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub not_ready_since: Option<Millis>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -85,11 +85,12 @@ pub fn assign(
         pools.iter().map(|p| (p.name.clone(), Vec::new())).collect();
     let mut by_name: Vec<&Pool> = pools.iter().collect();
     by_name.sort_by(|a, b| a.name.cmp(&b.name));
-    let live = |pool: &Pool| pool.members.values().filter(|m| m.live()).count();
+    // Every member counts against the maximum, as in `decide`.
+    let held = |pool: &Pool| pool.members.len();
     let size = |pool: &Pool| {
         pool.members
             .iter()
-            .filter(|(_, m)| m.live())
+            .filter(|(_, m)| m.live() && m.started_at >= pool.workers_since)
             .find_map(|(n, _)| nodes.get(n))
             .map(|n| n.capacity.clone())
             .or_else(|| pool.node_size.clone())
@@ -109,7 +110,7 @@ pub fn assign(
             });
             labelled && fits
         };
-        let can_grow = |pool: &Pool| live(pool) < pool.spec.bounds(now).max as usize;
+        let can_grow = |pool: &Pool| held(pool) < pool.spec.bounds(now).max as usize;
         let chosen = by_name
             .iter()
             .find(|p| takes(p) && can_grow(p))
@@ -125,6 +126,12 @@ pub fn assign(
 
 /// How long a started node may take to join and be Ready.
 pub const START_TIMEOUT_MS: u64 = 60_000;
+/// How long a node that joined may be not Ready before it is stopped and replaced: a
+/// missed heartbeat or two is no lost machine (the cluster autoscaler waits 20 minutes).
+pub const UNREADY_TIMEOUT_MS: u64 = 300_000;
+/// How long after its drain a retiring node may still take replicas before it is drained
+/// again.
+pub const DRAIN_RETRY_MS: u64 = 10_000;
 /// How long a draining node may take to empty before it is stopped anyway.
 pub const RETIRE_TIMEOUT_MS: u64 = 60_000;
 /// How long a drained node runs no replica before it is stopped: time for the gateways of
@@ -196,9 +203,55 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     let active = |name: &str| facts.active.get(name).copied().unwrap_or(0);
     let age = |since: Millis| now.saturating_sub(since);
 
+    // A node of this pool's that is no member (one forgotten as never joined while its
+    // machine was still coming up, or started by a `start` a restart cut short) is taken
+    // back, to be drained and stopped: it would run for good as a node no pool manages.
+    for (name, node) in facts.nodes {
+        let numbered = name
+            .strip_prefix(&format!("{}-", pool.name))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n < pool.next);
+        if numbered
+            && node.labels.get(POOL_LABEL) == Some(&pool.name)
+            && !pool.members.contains_key(name)
+        {
+            next.members.insert(
+                name.clone(),
+                PoolMember {
+                    started_at: now,
+                    empty_since: None,
+                    retiring_since: Some(now),
+                    started_by: None,
+                    stopping_since: None,
+                    stop_failed_at: None,
+                    stop_failures: 0,
+                    not_ready_since: None,
+                },
+            );
+            actions.push(Action::Drain {
+                node: name.clone(),
+                why: "it joined after the pool had given it up".into(),
+            });
+        }
+    }
+
     for (name, member) in &pool.members {
         // Nothing is decided for a member while its provider runs.
         if facts.busy.contains(name) {
+            continue;
+        }
+        // A joined node's time not Ready, from the first pass that saw it so.
+        let not_ready_since = match facts.nodes.get(name) {
+            Some(node) if node.state != NodeState::Ready => member.not_ready_since.or(Some(now)),
+            _ => None,
+        };
+        if let Some(m) = next.members.get_mut(name) {
+            m.not_ready_since = not_ready_since;
+        }
+        // A member whose stop failed and that is no node any more (deleted by hand, or it
+        // never joined) is forgotten: there is nothing left of it to stop.
+        if member.stop_failed_at.is_some() && !facts.nodes.contains_key(name) {
+            next.members.remove(name);
             continue;
         }
         let why = if member.stopping_since.is_some() {
@@ -232,22 +285,38 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             }
         } else if facts.gone.contains(name) {
             Some("its worker is not running".into())
-        } else if !ready(name)
+        } else if not_ready_since.is_some_and(|t| age(t) > UNREADY_TIMEOUT_MS) {
+            Some(format!(
+                "not Ready for {} minutes",
+                UNREADY_TIMEOUT_MS / 60_000
+            ))
+        } else if !facts.nodes.contains_key(name)
             && age(facts
                 .started
                 .get(name)
                 .map_or(member.started_at, |&t| t.max(member.started_at)))
                 > START_TIMEOUT_MS
         {
-            Some(if facts.nodes.contains_key(name) {
-                "not Ready".to_string()
-            } else {
-                format!("never joined within {} s", START_TIMEOUT_MS / 1000)
-            })
+            Some(format!("never joined within {} s", START_TIMEOUT_MS / 1000))
         } else {
             None
         };
-        let Some(why) = why else { continue };
+        let Some(why) = why else {
+            // A drain that did not take (it failed, or the node was uncordoned by hand):
+            // asked again, or the node would be stopped with its replicas on it.
+            if member
+                .retiring_since
+                .is_some_and(|since| age(since) >= DRAIN_RETRY_MS)
+                && member.stopping_since.is_none()
+                && facts.nodes.get(name).is_some_and(|n| n.schedulable)
+            {
+                actions.push(Action::Drain {
+                    node: name.clone(),
+                    why: "its drain did not take".into(),
+                });
+            }
+            continue;
+        };
         let provider = match &member.started_by {
             Some(StartedBy::Local) => None,
             Some(StartedBy::Provider(command)) => Some(command.clone()),
@@ -280,12 +349,17 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         .filter(|(_, m)| m.live())
         .map(|(n, _)| n)
         .collect();
+    // Still joining, or joined a moment ago; a node that joined and is not Ready now (a
+    // lost machine) holds nothing up.
     let settling = live.iter().any(|n| {
         facts
             .nodes
             .get(n.as_str())
-            .is_none_or(|node| node.state != NodeState::Ready || age(node.joined_at) < SETTLE_MS)
+            .is_none_or(|node| node.state == NodeState::Ready && age(node.joined_at) < SETTLE_MS)
     });
+    // Every member counts against the maximum, those being drained or stopped too (a stop
+    // that keeps failing holds a machine), as the cluster autoscaler counts deleting nodes.
+    let held = next.members.len();
     let bounds = pool.spec.bounds(now);
     let (min, max) = (bounds.min as usize, bounds.max as usize);
     // The size of this pool's nodes, from one it runs; and the waiting replicas an empty
@@ -293,6 +367,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
     // starts none, or the pool would start and retire nodes for it forever.
     let seen = live
         .iter()
+        .filter(|n| next.members[n.as_str()].started_at >= pool.workers_since)
         .find_map(|n| facts.nodes.get(n.as_str()))
         .map(|n| n.capacity.clone());
     if seen.is_some() {
@@ -327,18 +402,19 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 stopping_since: None,
                 stop_failed_at: None,
                 stop_failures: 0,
+                not_ready_since: None,
             },
         );
         actions.push(Action::Start { node, why });
     };
     if live.len() < min {
-        for _ in live.len()..min {
+        for _ in 0..(min - live.len()).min(max.saturating_sub(held)) {
             start(
                 &mut next,
                 format!("the pool keeps at least {min} nodes{windows}"),
             );
         }
-    } else if !fitting.is_empty() && !settling && live.len() < max {
+    } else if !fitting.is_empty() && !settling && held < max {
         let waiting = facts.pending.len();
         let why = match facts.pending_why {
             Some(said) => format!("{waiting} replicas fit on no node ({said})"),
@@ -349,11 +425,14 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             asked.add(r);
         }
         let needed = size.map_or(1, |c| nodes_for(&asked, c));
-        for _ in 0..needed.clamp(1, max - live.len()) {
+        for _ in 0..needed.clamp(1, max - held) {
             start(&mut next, why.clone());
         }
     } else if live.len() > max {
-        let newest: Vec<String> = live
+        // Newest by start, not by name (`w-10` sorts before `w-9`).
+        let mut by_start: Vec<&String> = live.clone();
+        by_start.sort_by_key(|n| (next.members[n.as_str()].started_at, n.len(), n.as_str()));
+        let newest: Vec<String> = by_start
             .iter()
             .rev()
             .take(live.len() - max)
@@ -455,6 +534,7 @@ mod tests {
             next: 1,
             created_at: 0,
             node_size: None,
+            workers_since: 0,
         }
     }
 
@@ -467,6 +547,7 @@ mod tests {
             stopping_since: None,
             stop_failed_at: None,
             stop_failures: 0,
+            not_ready_since: None,
         }
     }
 
@@ -919,7 +1000,8 @@ mod tests {
         assert_eq!(names(&a), ["stop w-1"]);
         // Ready and emptied just before the drain's time is up: it gets its grace all the
         // same (the drain did finish).
-        let ready = BTreeMap::from([node("w-1", 0)]);
+        let mut ready = BTreeMap::from([node("w-1", 0)]);
+        ready.get_mut("w-1").unwrap().schedulable = false;
         let late = NOW + RETIRE_TIMEOUT_MS + 1;
         let mut p = p.clone();
         p.members.get_mut("w-1").unwrap().empty_since = Some(late - 1_000);
@@ -1092,5 +1174,107 @@ mod tests {
         };
         let got = assign(std::slice::from_ref(&p), &none, &[fits], NOW);
         assert_eq!(got["w"].len(), 1);
+    }
+
+    /// Members being stopped count against the maximum (a stop that keeps failing holds a
+    /// machine), not toward the minimum.
+    #[test]
+    fn members_being_stopped_count_against_the_maximum() {
+        let mut p = pool(1, 2);
+        let mut stuck = member(0);
+        stuck.stopping_since = Some(NOW);
+        stuck.stop_failed_at = Some(NOW);
+        stuck.stop_failures = 1;
+        p.members.insert("w-1".into(), stuck);
+        p.members.insert("w-2".into(), member(0));
+        p.next = 3;
+        let nodes: BTreeMap<_, _> = [node("w-1", 0), node("w-2", 0)].into();
+        let full: BTreeMap<_, _> = [("w-2".to_string(), 5)].into();
+        let (_, a) = decide(&p, &facts(&nodes, &full, &waiting(5)), NOW + 1_000);
+        assert!(a.is_empty(), "at its max of 2 with one stuck: {a:?}");
+        let got = assign(std::slice::from_ref(&p), &nodes, &[], NOW);
+        assert!(got["w"].is_empty());
+        // The minimum is of live nodes, but never past the maximum.
+        p.members.remove("w-2");
+        let (_, a) = decide(&p, &facts(&nodes, &full, &[]), NOW + 1_000);
+        assert_eq!(names(&a), ["start w-3"]);
+        p.spec.max = 1;
+        let (_, a) = decide(&p, &facts(&nodes, &full, &[]), NOW + 1_000);
+        assert!(a.is_empty(), "{a:?}");
+    }
+
+    /// A node that joined and then stopped answering is stopped only after a while, not at
+    /// a missed heartbeat, and meanwhile holds no growth up.
+    #[test]
+    fn a_node_not_ready_for_a_while_is_stopped_and_holds_nothing_up_meanwhile() {
+        let mut p = pool(0, 3);
+        p.members.insert("w-1".into(), member(0));
+        p.next = 2;
+        let mut nodes: BTreeMap<_, _> = [node("w-1", 0)].into();
+        nodes.get_mut("w-1").unwrap().state = NodeState::NotReady;
+        let idle = BTreeMap::new();
+        let (p, a) = decide(&p, &facts(&nodes, &idle, &waiting(1)), NOW);
+        assert_eq!(
+            names(&a),
+            ["start w-2"],
+            "a lost node is not still settling"
+        );
+        assert_eq!(p.members["w-1"].not_ready_since, Some(NOW));
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + UNREADY_TIMEOUT_MS);
+        assert!(!names(&a).contains(&"stop w-1".to_string()), "{a:?}");
+        let (_, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW + UNREADY_TIMEOUT_MS + 1);
+        assert!(names(&a).contains(&"stop w-1".to_string()), "{a:?}");
+        // Ready again in between: the count starts over.
+        nodes.get_mut("w-1").unwrap().state = NodeState::Ready;
+        let (p, _) = decide(&p, &facts(&nodes, &idle, &[]), NOW + 1_000);
+        assert_eq!(p.members["w-1"].not_ready_since, None);
+    }
+
+    /// A node of the pool's that is no member (given up as never joined while its machine
+    /// came up) is taken back and drained; a member whose failed stop left no node is
+    /// forgotten; a drain that did not take is asked again; the newest is by start.
+    #[test]
+    fn strays_are_taken_back_and_what_is_gone_is_forgotten() {
+        let mut p = pool(0, 5);
+        p.next = 12;
+        let mut stray = node("w-3", 0);
+        stray.1.labels.insert(POOL_LABEL.into(), "w".into());
+        let mut other = node("w-20", 0);
+        other.1.labels.insert(POOL_LABEL.into(), "w".into());
+        let nodes: BTreeMap<_, _> = [stray, other, node("w-4", 0)].into();
+        let idle = BTreeMap::new();
+        let (next, a) = decide(&p, &facts(&nodes, &idle, &[]), NOW);
+        assert_eq!(
+            names(&a),
+            ["drain w-3"],
+            "w-20 is no name it gave, w-4 has no label"
+        );
+        assert!(next.members["w-3"].retiring_since.is_some());
+
+        let mut failed = member(0);
+        failed.stopping_since = Some(NOW);
+        failed.stop_failed_at = Some(NOW);
+        failed.stop_failures = 1;
+        p.members.insert("w-5".into(), failed);
+        let (next, a) = decide(&p, &facts(&BTreeMap::new(), &idle, &[]), NOW + 1_000);
+        assert!(a.is_empty(), "{a:?}");
+        assert!(!next.members.contains_key("w-5"));
+
+        let mut p = pool(0, 5);
+        let mut retiring = member(0);
+        retiring.retiring_since = Some(NOW);
+        p.members.insert("w-6".into(), retiring);
+        let nodes: BTreeMap<_, _> = [node("w-6", 0)].into();
+        let busy: BTreeMap<_, _> = [("w-6".to_string(), 1)].into();
+        let (_, a) = decide(&p, &facts(&nodes, &busy, &[]), NOW + DRAIN_RETRY_MS);
+        assert_eq!(names(&a), ["drain w-6"]);
+
+        let mut p = pool(0, 1);
+        p.members.insert("w-10".into(), member(NOW));
+        p.members.insert("w-9".into(), member(0));
+        let nodes: BTreeMap<_, _> = [node("w-9", 0), node("w-10", 0)].into();
+        let busy: BTreeMap<_, _> = [("w-9".to_string(), 1), ("w-10".to_string(), 1)].into();
+        let (_, a) = decide(&p, &facts(&nodes, &busy, &[]), NOW);
+        assert_eq!(names(&a), ["drain w-10"]);
     }
 }
