@@ -128,7 +128,7 @@ impl ControlPlane {
             }
             return Err(registry_error(OciError::DigestMismatch {
                 reference: written,
-                what: "layer",
+                what: "a layer",
                 expected: digest,
                 got: put.digest,
             }));

@@ -7,7 +7,7 @@
 //! Loopback registries, and those the operator lists as insecure, speak plain
 //! HTTP; every other registry HTTPS. A pull follows a registry's token service and
 //! redirects over HTTP or HTTPS only, never from HTTPS to plain HTTP, and to this machine
-//! or its link only from a registry that speaks plain HTTP (`may_follow`).
+//! or its link only as far as the registry is trusted (`Trust`, `may_follow`).
 
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -53,8 +53,31 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, applic
 /// component targets wasip2; older tools say `wasi` or `wasip1`.
 const WASM_OSES: [&str; 3] = ["wasip2", "wasi", "wasip1"];
 /// Why a pull does not follow a registry to an address of this machine or its link.
-const LOCAL_REFUSED: &str =
-    "which only a registry on loopback or listed with --insecure-registry may lead to";
+const LOCAL_REFUSED: &str = "where only a registry listed with --insecure-registry (which then speaks plain HTTP) may lead a pull";
+
+/// How far a registry is trusted to send a pull, beyond the public addresses any registry
+/// may send it to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// A registry anyone who may apply named: nothing on this machine or its link.
+    Public,
+    /// One on loopback, which anyone may name too: to this machine (where it is), but not
+    /// to its link (a cloud's metadata service).
+    Loopback,
+    /// One the operator listed with `--insecure-registry`: anywhere.
+    Operator,
+}
+
+impl Trust {
+    /// Whether an address of `kind` ([`local_address`]) is out of this registry's reach.
+    fn refuses(self, kind: &str) -> bool {
+        match self {
+            Trust::Public => true,
+            Trust::Loopback => kind != "loopback",
+            Trust::Operator => false,
+        }
+    }
+}
 
 #[derive(Debug, Error)]
 pub enum OciError {
@@ -71,7 +94,7 @@ pub enum OciError {
     #[error("{reference} is not a Wasm component: {why}")]
     NotAComponent { reference: String, why: String },
     /// What the registry sent does not hash to the digest that named it.
-    #[error("{reference}: the registry sent a {what} with digest {got}, not {expected}")]
+    #[error("{reference}: the registry sent {what} with digest {got}, not {expected}")]
     DigestMismatch {
         reference: String,
         what: &'static str,
@@ -300,20 +323,17 @@ fn local_address(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// Why a pull may not follow a token realm or a redirect from `from` to `to`, if it may
-/// not: `to` must be HTTP or HTTPS, never plain HTTP after HTTPS, and not on this machine
-/// or its link (the control plane's own API, a cloud's metadata service) unless the
-/// registry is itself plain: on loopback or listed as insecure, a setup the operator chose.
-/// Anyone who may apply names the registry, and so where it sends the control plane.
-/// Names that resolve to such addresses are [`Resolver`]'s to catch.
-fn may_follow(registry_is_plain: bool, from: &Url, to: &Url) -> Result<(), String> {
+/// not: `to` must be HTTP or HTTPS, never plain HTTP after HTTPS, and on this machine or
+/// its link (the control plane's own API, a cloud's metadata service) only as far as the
+/// registry is trusted ([`Trust`]): anyone who may apply names the registry, and so where
+/// it sends the control plane. Names that resolve to such addresses are [`Resolver`]'s to
+/// catch.
+fn may_follow(trust: Trust, from: &Url, to: &Url) -> Result<(), String> {
     if !matches!(to.scheme(), "http" | "https") {
         return Err("is not HTTP or HTTPS".into());
     }
     if from.scheme() == "https" && to.scheme() != "https" {
         return Err(format!("is not HTTPS, though {from} is"));
-    }
-    if registry_is_plain {
-        return Ok(());
     }
     let host = to.host_str().unwrap_or_default();
     let local = match host.trim_start_matches('[').trim_end_matches(']').parse() {
@@ -321,29 +341,67 @@ fn may_follow(registry_is_plain: bool, from: &Url, to: &Url) -> Result<(), Strin
         Err(_) => (host == "localhost" || host.ends_with(".localhost")).then_some("loopback"),
     };
     match local {
-        Some(kind) => Err(format!("is on a {kind} address, {LOCAL_REFUSED}")),
-        None => Ok(()),
+        Some(kind) if trust.refuses(kind) => {
+            Err(format!("is on a {kind} address, {LOCAL_REFUSED}"))
+        }
+        _ => Ok(()),
     }
 }
 
-/// The system's resolver, but a name other than the registry's own gets none of the
-/// addresses [`may_follow`] refuses: a token realm or a redirect naming a host that
-/// resolves there would lead there all the same. Only for registries that are not plain.
+/// The system's resolver, but a name other than the registry's own (or a proxy's, from
+/// the environment, as reqwest takes them) gets none of the addresses [`may_follow`]
+/// refuses: a token realm or a redirect naming a host that resolves there would lead there
+/// all the same. Not for registries the operator listed.
 struct Resolver {
-    /// The registry's host, whose addresses are the user's choice.
-    registry: String,
+    /// The registry's host, and the proxies', whose addresses are someone's choice.
+    chosen: Vec<String>,
+    trust: Trust,
+}
+
+impl Resolver {
+    fn new(registry: &str, trust: Trust) -> Resolver {
+        let proxies = [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ]
+        .into_iter()
+        .filter_map(|var| std::env::var(var).ok())
+        .filter_map(|proxy| {
+            let proxy = match proxy.contains("://") {
+                true => proxy,
+                false => format!("http://{proxy}"),
+            };
+            Url::parse(&proxy).ok()?.host_str().map(str::to_string)
+        });
+        Resolver {
+            chosen: std::iter::once(registry.to_string())
+                .chain(proxies)
+                .collect(),
+            trust,
+        }
+    }
 }
 
 impl reqwest::dns::Resolve for Resolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let own = name.as_str().eq_ignore_ascii_case(&self.registry);
-        let host = name.as_str().to_string();
+        let own = self
+            .chosen
+            .iter()
+            .any(|h| name.as_str().eq_ignore_ascii_case(h));
+        let (host, trust) = (name.as_str().to_string(), self.trust);
         Box::pin(async move {
             let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
             let mut dropped = None;
             let kept: Vec<std::net::SocketAddr> = found
                 .filter(|a| {
-                    let local = if own { None } else { local_address(a.ip()) };
+                    let local = match own {
+                        true => None,
+                        false => local_address(a.ip()).filter(|kind| trust.refuses(kind)),
+                    };
                     dropped = dropped.or(local);
                     local.is_none()
                 })
@@ -362,8 +420,8 @@ impl reqwest::dns::Resolve for Resolver {
 /// store, as for pushes through oci-client: a company's registry with a certificate of its
 /// own CA installed on the machine), timeouts for connecting and for each read, and
 /// redirects and addresses held to [`may_follow`] for a registry at `registry` (its host),
-/// `plain` or not.
-fn pull_client(registry: &str, plain: bool) -> reqwest::Client {
+/// trusted as far as `trust`.
+fn pull_client(registry: &str, trust: Trust) -> reqwest::Client {
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
         .expect("the platform's certificate verifier starts");
@@ -382,7 +440,7 @@ fn pull_client(registry: &str, plain: bool) -> reqwest::Client {
             .previous()
             .last()
             .expect("reqwest lists the URL a redirect comes from");
-        let verdict = may_follow(plain, from, attempt.url())
+        let verdict = may_follow(trust, from, attempt.url())
             .map_err(|why| format!("its redirect to {} {why}", attempt.url()));
         match verdict {
             Ok(()) => attempt.follow(),
@@ -394,10 +452,8 @@ fn pull_client(registry: &str, plain: bool) -> reqwest::Client {
         .connect_timeout(std::time::Duration::from_secs(10))
         .read_timeout(std::time::Duration::from_secs(60))
         .redirect(redirects);
-    if !plain {
-        client = client.dns_resolver(std::sync::Arc::new(Resolver {
-            registry: registry.to_string(),
-        }));
+    if trust != Trust::Operator {
+        client = client.dns_resolver(std::sync::Arc::new(Resolver::new(registry, trust)));
     }
     client
         .build()
@@ -463,8 +519,10 @@ pub struct Registry {
     http: reqwest::Client,
     /// `https://host` or `http://host:port`: where the registry's API is.
     base: String,
-    /// Whether the registry speaks plain HTTP: on loopback or listed as insecure.
-    plain: bool,
+    /// How far the registry may send a pull ([`may_follow`]).
+    trust: Trust,
+    /// Its host, to tell its own answers from those of where it sent a pull.
+    host: String,
     /// How long a layer's download may take, whole: [`LAYER_TIMEOUT`] (tests shorten it).
     layer_deadline: std::time::Duration,
     credentials: Option<Credentials>,
@@ -480,7 +538,14 @@ impl Registry {
         insecure: &[String],
         credentials: Option<Credentials>,
     ) -> Registry {
-        let plain = reference.is_loopback() || insecure.contains(&reference.registry);
+        let trust = if insecure.contains(&reference.registry) {
+            Trust::Operator
+        } else if reference.is_loopback() {
+            Trust::Loopback
+        } else {
+            Trust::Public
+        };
+        let plain = trust != Trust::Public;
         let protocol = if plain {
             ClientProtocol::HttpsExcept(vec![reference.registry.clone()])
         } else {
@@ -518,9 +583,10 @@ impl Registry {
                 Some(c) => RegistryAuth::Basic(c.username, c.password),
                 None => RegistryAuth::Anonymous,
             },
-            http: pull_client(&host, plain),
+            http: pull_client(&host, trust),
             base,
-            plain,
+            trust,
+            host,
             layer_deadline: LAYER_TIMEOUT,
             credentials,
             authorization: std::sync::Mutex::new(None),
@@ -631,7 +697,7 @@ impl Registry {
             if expected != digest {
                 return Err(OciError::DigestMismatch {
                     reference: self.name.clone(),
-                    what: if index { "index" } else { "manifest" },
+                    what: if index { "an index" } else { "a manifest" },
                     expected: expected.to_string(),
                     got: digest,
                 });
@@ -729,7 +795,7 @@ impl Registry {
         // not go in plain text where the registry is spoken to over TLS.
         let to = Url::parse(realm)
             .map_err(|e| self.failed(format!("its token service {realm} is no URL: {e}")))?;
-        may_follow(self.plain, from, &to)
+        may_follow(self.trust, from, &to)
             .map_err(|why| self.failed(format!("its token service {realm} {why}")))?;
         let mut request = self.http.get(to).query(&query).timeout(ANSWER_TIMEOUT);
         if let Some(c) = &self.credentials {
@@ -768,6 +834,17 @@ impl Registry {
     /// OCI error codes of its body (read within a bound).
     async fn refused(&self, response: reqwest::Response) -> OciError {
         let status = response.status();
+        // Where the registry sent the pull (a blob store, a CDN) answered, not the registry:
+        // its 403 or 404 says nothing of credentials or tags.
+        if let Some(host) = response
+            .url()
+            .host_str()
+            .filter(|h| !h.eq_ignore_ascii_case(&self.host))
+        {
+            return self.failed(format!(
+                "where the registry sent the pull, {host}, answered {status}"
+            ));
+        }
         let body = bounded(response, MAX_ANSWER_BYTES)
             .await
             .unwrap_or_default();
@@ -878,29 +955,32 @@ mod tests {
     #[test]
     fn a_pull_follows_http_or_https_only_and_never_from_https_to_plain_http() {
         let https = url("https://registry.example/v2/team/hello/manifests/1");
-        for plain in [false, true] {
-            let e = may_follow(plain, &https, &url("http://auth.example/token")).unwrap_err();
+        for trust in [Trust::Public, Trust::Loopback, Trust::Operator] {
+            let e = may_follow(trust, &https, &url("http://auth.example/token")).unwrap_err();
             assert!(
                 e.contains("is not HTTPS") && e.contains("https://registry.example/"),
                 "{e}"
             );
             for to in ["file:///etc/passwd", "ftp://auth.example/token"] {
-                let e = may_follow(plain, &https, &url(to)).unwrap_err();
+                let e = may_follow(trust, &https, &url(to)).unwrap_err();
                 assert!(e.contains("not HTTP or HTTPS"), "{to}: {e}");
             }
             assert_eq!(
-                may_follow(plain, &https, &url("https://auth.example/token")),
+                may_follow(trust, &https, &url("https://auth.example/token")),
                 Ok(())
             );
         }
         let http = url("http://10.0.0.5:5000/v2/team/hello/manifests/1");
         for to in ["http://10.0.0.5:5001/token", "https://auth.example/token"] {
-            assert_eq!(may_follow(true, &http, &url(to)), Ok(()), "{to}");
+            assert_eq!(may_follow(Trust::Operator, &http, &url(to)), Ok(()), "{to}");
         }
     }
 
+    /// A registry anyone may name leads a pull nowhere on this machine or its link; one on
+    /// loopback (anyone may name that too) to this machine but not its link; one the
+    /// operator listed anywhere.
     #[test]
-    fn only_a_plain_registry_leads_a_pull_to_this_machine_or_its_link() {
+    fn only_a_registry_the_operator_listed_leads_a_pull_to_this_machine_or_its_link() {
         let from = url("https://registry.example/v2/team/hello/manifests/1");
         let plain_from = url("http://127.0.0.1:5000/v2/team/hello/manifests/1");
         for (to, kind) in [
@@ -915,12 +995,18 @@ mod tests {
             ("https://0.0.0.0:8443/", "unspecified"),
             ("https://[::]/", "unspecified"),
         ] {
-            let e = may_follow(false, &from, &url(to)).unwrap_err();
+            let e = may_follow(Trust::Public, &from, &url(to)).unwrap_err();
             assert!(
                 e.contains(&format!("is on a {kind} address")) && e.contains("--insecure-registry"),
                 "{to}: {e}"
             );
-            assert_eq!(may_follow(true, &plain_from, &url(to)), Ok(()), "{to}");
+            let loopback = may_follow(Trust::Loopback, &plain_from, &url(to));
+            assert_eq!(loopback.is_ok(), kind == "loopback", "{to}: {loopback:?}");
+            assert_eq!(
+                may_follow(Trust::Operator, &plain_from, &url(to)),
+                Ok(()),
+                "{to}"
+            );
         }
         // Private networks are where companies' registries live.
         for to in [
@@ -929,16 +1015,14 @@ mod tests {
             "https://172.16.0.1/",
             "https://auth.docker.io/token",
         ] {
-            assert_eq!(may_follow(false, &from, &url(to)), Ok(()), "{to}");
+            assert_eq!(may_follow(Trust::Public, &from, &url(to)), Ok(()), "{to}");
         }
     }
 
     #[tokio::test]
     async fn names_other_than_the_registry_s_resolve_to_no_address_of_this_machine() {
         use reqwest::dns::Resolve as _;
-        let other = Resolver {
-            registry: "registry.example".into(),
-        };
+        let other = Resolver::new("registry.example", Trust::Public);
         match other.resolve("localhost".parse().unwrap()).await {
             Ok(found) => panic!("localhost resolved to {:?}", found.collect::<Vec<_>>()),
             Err(e) => assert!(
@@ -947,9 +1031,7 @@ mod tests {
                 "{e}"
             ),
         }
-        let own = Resolver {
-            registry: "localhost".into(),
-        };
+        let own = Resolver::new("localhost", Trust::Public);
         let found: Vec<_> = own
             .resolve("localhost".parse().unwrap())
             .await
@@ -976,7 +1058,7 @@ mod tests {
             ),
         ))
         .await;
-        let plain = pull_client("127.0.0.1", true);
+        let plain = pull_client("127.0.0.1", Trust::Loopback);
         let ok = plain
             .get(format!("http://{addr}/hop/10"))
             .send()
@@ -995,7 +1077,7 @@ mod tests {
         );
 
         // A registry elsewhere sending the pull to this machine, by address or by name.
-        let not_plain = pull_client("registry.example", false);
+        let not_plain = pull_client("registry.example", Trust::Public);
         let e = not_plain
             .get(format!("http://{addr}/hop/1"))
             .send()
@@ -1087,7 +1169,7 @@ mod tests {
         .await;
         let reference = OciRef::parse(&format!("{addr}/team/hello:1")).unwrap();
         let mut registry = Registry::new(&reference, &[], None);
-        registry.layer_deadline = Duration::from_millis(500);
+        registry.layer_deadline = Duration::from_secs(3);
         let layer = component_manifest(b"x", b"{}").layers.remove(0);
         let mut bytes = registry.layer(&layer).await.unwrap();
         let read = tokio::time::timeout(Duration::from_secs(10), async {
@@ -1146,6 +1228,34 @@ mod tests {
         assert!(
             oci.ends_with("the registry answered 429 Too Many Requests: pull rate limit"),
             "{oci}"
+        );
+    }
+
+    /// What answers after a redirect (a blob store, a CDN) is not the registry: its 403 is
+    /// no refusal of credentials, nor its 404 an unknown tag.
+    #[tokio::test]
+    async fn an_answer_from_where_the_registry_sent_the_pull_is_said_to_be_from_there() {
+        let store =
+            serve(Router::new().route("/blob", get(|| async { http::StatusCode::FORBIDDEN })))
+                .await;
+        let port = store.rsplit(':').next().unwrap().to_string();
+        let addr = serve(Router::new().route(
+            "/v2/team/hello/manifests/{tag}",
+            get(move || {
+                let to = format!("http://localhost:{port}/blob");
+                async move { Redirect::temporary(&to) }
+            }),
+        ))
+        .await;
+        let reference = OciRef::parse(&format!("{addr}/team/hello:1")).unwrap();
+        let e = Registry::new(&reference, &[], None)
+            .resolve()
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, OciError::Registry { why, .. }
+                if why == "where the registry sent the pull, localhost, answered 403 Forbidden"),
+            "{e}"
         );
     }
 
