@@ -747,13 +747,9 @@ mod tests {
     use shoal_core::Phase;
     use shoal_core::spec::parse_app;
 
-    /// The size a pool remembers of its last node goes when its workers change (other
-    /// flags, another provider), not when only its bounds do.
-    #[test]
-    fn a_pool_forgets_its_nodes_size_when_its_workers_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path());
-        let spec = shoal_core::PoolSpec {
+    /// A local pool of up to five nodes.
+    fn spec() -> shoal_core::PoolSpec {
+        shoal_core::PoolSpec {
             min: 0,
             max: 5,
             provider: None,
@@ -761,7 +757,16 @@ mod tests {
             labels: BTreeMap::new(),
             node_args: Vec::new(),
             schedule: Vec::new(),
-        };
+        }
+    }
+
+    /// The size a pool remembers of its last node goes when its workers change (other
+    /// flags, another provider), not when only its bounds do.
+    #[test]
+    fn a_pool_forgets_its_nodes_size_when_its_workers_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let spec = spec();
         cp.put_pool(
             "w",
             PoolWrite {
@@ -817,16 +822,14 @@ mod tests {
         };
         let db = app("db", "[[volumes]]\nname = \"data\"\nmount = \"/data\"\n");
         let wide = app("wide", "[resources]\nlimits = { memory = \"512Mi\" }\n");
-        let spec = shoal_core::PoolSpec {
-            min: 0,
-            max: 5,
-            provider: None,
-            cooldown_ms: 30_000,
-            labels: BTreeMap::new(),
-            node_args: Vec::new(),
-            schedule: Vec::new(),
-        };
-        cp.put_pool("w", PoolWrite { create: true, spec }).unwrap();
+        cp.put_pool(
+            "w",
+            PoolWrite {
+                create: true,
+                spec: spec(),
+            },
+        )
+        .unwrap();
         // Its last node held 256 MiB.
         let (mut pool, _) = cp.get::<Pool>(&keys::pool("w")).unwrap().unwrap();
         pool.node_size = Some(shoal_core::Capacity {
