@@ -68,6 +68,8 @@ impl ControlPlane {
                     next: 1,
                     created_at: self.now(),
                     node_size: None,
+                    start_failures: 0,
+                    start_failed_at: None,
                     workers_since: self.now(),
                 };
                 (pool, Txn::new().when_absent(key.clone()), "created")

@@ -672,6 +672,14 @@ pub struct Pool {
     #[serde(default)]
     #[schema(value_type = u64)]
     pub workers_since: Millis,
+    /// Nodes stopped in a row for never joining, and when the last was: the pool starts
+    /// the next one later and later, as the cluster autoscaler backs off a node group
+    /// whose scale-ups fail. A node that joins ends the run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub start_failures: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub start_failed_at: Option<Millis>,
 }
 
 /// What a pool's owner sets.

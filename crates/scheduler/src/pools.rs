@@ -142,6 +142,16 @@ pub const DRAINED_GRACE_MS: u64 = 5_000;
 pub const STOP_RETRY_MS: u64 = 10_000;
 pub const STOP_RETRY_MAX_MS: u64 = 300_000;
 
+/// How long to wait before starting a node after the `failures`-th in a row that never
+/// joined: nothing after the first (a machine may fail once), then 30 s, doubling to 30
+/// minutes.
+pub fn start_backoff(failures: u32) -> u64 {
+    match failures {
+        0 | 1 => 0,
+        n => (30_000u64 << (n - 2).min(16)).min(1_800_000),
+    }
+}
+
 /// How long to wait after the `failures`-th failed stop in a row.
 pub fn stop_backoff(failures: u32) -> u64 {
     let doublings = failures.saturating_sub(1).min(16);
@@ -297,6 +307,8 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 .map_or(member.started_at, |&t| t.max(member.started_at)))
                 > START_TIMEOUT_MS
         {
+            next.start_failures = next.start_failures.saturating_add(1);
+            next.start_failed_at = Some(now);
             Some(format!("never joined within {} s", START_TIMEOUT_MS / 1000))
         } else {
             None
@@ -349,6 +361,14 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         .filter(|(_, m)| m.live())
         .map(|(n, _)| n)
         .collect();
+    // A node that joined ends a run of starts that failed.
+    if live.iter().any(|n| ready(n)) {
+        next.start_failures = 0;
+        next.start_failed_at = None;
+    }
+    let backing_off = next
+        .start_failed_at
+        .is_some_and(|t| age(t) < start_backoff(next.start_failures));
     // Still joining, or joined a moment ago; a node that joined and is not Ready now (a
     // lost machine) holds nothing up.
     let settling = live.iter().any(|n| {
@@ -408,13 +428,17 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
         actions.push(Action::Start { node, why });
     };
     if live.len() < min {
-        for _ in 0..(min - live.len()).min(max.saturating_sub(held)) {
+        let room = match backing_off {
+            true => 0,
+            false => max.saturating_sub(held),
+        };
+        for _ in 0..(min - live.len()).min(room) {
             start(
                 &mut next,
                 format!("the pool keeps at least {min} nodes{windows}"),
             );
         }
-    } else if !fitting.is_empty() && !settling && held < max {
+    } else if !fitting.is_empty() && !settling && held < max && !backing_off {
         let waiting = facts.pending.len();
         let why = match facts.pending_why {
             Some(said) => format!("{waiting} replicas fit on no node ({said})"),
@@ -534,6 +558,8 @@ mod tests {
             next: 1,
             created_at: 0,
             node_size: None,
+            start_failures: 0,
+            start_failed_at: None,
             workers_since: 0,
         }
     }
@@ -1276,5 +1302,44 @@ mod tests {
         let busy: BTreeMap<_, _> = [("w-9".to_string(), 1), ("w-10".to_string(), 1)].into();
         let (_, a) = decide(&p, &facts(&nodes, &busy, &[]), NOW);
         assert_eq!(names(&a), ["drain w-10"]);
+    }
+
+    /// Nodes that never join, one after another, are started later and later; one that
+    /// joins ends the run.
+    #[test]
+    fn starts_that_keep_failing_back_off() {
+        let (none, idle) = (BTreeMap::new(), BTreeMap::new());
+        let mut p = pool(1, 3);
+        p.members.insert("w-1".into(), member(NOW));
+        p.next = 2;
+        let late = NOW + START_TIMEOUT_MS + 1;
+        // The first failure: tried again at once.
+        let (p, a) = decide(&p, &facts(&none, &idle, &[]), late);
+        assert_eq!(names(&a), ["stop w-1", "start w-2"]);
+        assert_eq!(p.start_failures, 1);
+        // The second: 30 s before the next try.
+        let mut p = p;
+        p.members.clear();
+        p.members.insert("w-2".into(), member(late));
+        let later = late + START_TIMEOUT_MS + 1;
+        let (p, a) = decide(&p, &facts(&none, &idle, &[]), later);
+        assert_eq!(names(&a), ["stop w-2"]);
+        assert_eq!(p.start_failures, 2);
+        let mut p = p;
+        p.members.clear();
+        let (_, a) = decide(&p, &facts(&none, &idle, &[]), later + 29_999);
+        assert!(a.is_empty(), "{a:?}");
+        // Replicas waiting grow it no sooner.
+        let mut grow = p.clone();
+        grow.spec.min = 0;
+        let (_, a) = decide(&grow, &facts(&none, &idle, &waiting(3)), later + 29_999);
+        assert!(a.is_empty(), "{a:?}");
+        let (p, a) = decide(&p, &facts(&none, &idle, &[]), later + 30_000);
+        assert_eq!(names(&a), ["start w-3"]);
+        // It joins: the run is over.
+        let nodes: BTreeMap<_, _> = [node("w-3", later)].into();
+        let (p, _) = decide(&p, &facts(&nodes, &idle, &[]), later + 40_000);
+        assert_eq!((p.start_failures, p.start_failed_at), (0, None));
+        assert_eq!(start_backoff(40), 1_800_000);
     }
 }
