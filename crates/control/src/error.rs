@@ -4,7 +4,7 @@
 
 use shoal_core::problem::ErrorCode;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ControlError {
     /// The object asked for does not exist.
     #[error("{0}")]

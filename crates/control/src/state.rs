@@ -130,8 +130,8 @@ pub(crate) struct Inner {
     pub(crate) volume_usage: std::sync::Mutex<std::collections::HashMap<(String, String), u64>>,
     /// What the control plane counts as it works, for `/v1/metrics`.
     pub(crate) observed: crate::prometheus::Observed,
-    /// Key-value writes go one at a time (`kv.rs`).
-    pub(crate) kv_writer: std::sync::Mutex<()>,
+    /// Key-value writes waiting for their bucket's turn (`kv.rs`).
+    pub(crate) kv_queues: crate::kv::KvQueues,
     /// When each (node, app, bucket) was last found granted, to spare guests' calls a read.
     pub(crate) kv_grants:
         std::sync::Mutex<std::collections::HashMap<(String, AppKey, String), std::time::Instant>>,
@@ -271,7 +271,7 @@ impl ControlPlane {
         let cp = ControlPlane {
             inner: Arc::new(Inner {
                 secret_keys: std::sync::RwLock::new(secret_keys),
-                kv_writer: std::sync::Mutex::new(()),
+                kv_queues: crate::kv::KvQueues::default(),
                 observed: crate::prometheus::Observed::new(),
                 volume_usage: std::sync::Mutex::new(std::collections::HashMap::new()),
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
