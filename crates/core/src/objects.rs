@@ -795,6 +795,11 @@ pub struct PoolMember {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<u64>)]
     pub not_ready_since: Option<Millis>,
+    /// When a drain that did not take (the node is still schedulable) was last asked for
+    /// again: it is asked again no more often than every `DRAIN_RETRY_MS`, not at every pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub drain_asked_at: Option<Millis>,
 }
 
 fn is_zero(n: &u32) -> bool {

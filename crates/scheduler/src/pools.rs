@@ -236,6 +236,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                     stop_failed_at: None,
                     stop_failures: 0,
                     not_ready_since: None,
+                    drain_asked_at: None,
                 },
             );
             actions.push(Action::Drain {
@@ -317,7 +318,8 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             // A drain that did not take (it failed, or the node was uncordoned by hand):
             // asked again, or the node would be stopped with its replicas on it.
             if member
-                .retiring_since
+                .drain_asked_at
+                .or(member.retiring_since)
                 .is_some_and(|since| age(since) >= DRAIN_RETRY_MS)
                 && member.stopping_since.is_none()
                 && facts.nodes.get(name).is_some_and(|n| n.schedulable)
@@ -326,6 +328,9 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                     node: name.clone(),
                     why: "its drain did not take".into(),
                 });
+                if let Some(m) = next.members.get_mut(name) {
+                    m.drain_asked_at = Some(now);
+                }
             }
             continue;
         };
@@ -423,6 +428,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 stop_failed_at: None,
                 stop_failures: 0,
                 not_ready_since: None,
+                drain_asked_at: None,
             },
         );
         actions.push(Action::Start { node, why });
@@ -530,6 +536,7 @@ fn nodes_for(asked: &Capacity, node: &Capacity) -> usize {
 fn retire(next: &mut Pool, actions: &mut Vec<Action>, node: String, why: String, now: Millis) {
     if let Some(m) = next.members.get_mut(&node) {
         m.retiring_since = Some(now);
+        m.drain_asked_at = None;
         m.empty_since = None;
     }
     actions.push(Action::Drain { node, why });
@@ -574,6 +581,7 @@ mod tests {
             stop_failed_at: None,
             stop_failures: 0,
             not_ready_since: None,
+            drain_asked_at: None,
         }
     }
 
@@ -1292,7 +1300,16 @@ mod tests {
         p.members.insert("w-6".into(), retiring);
         let nodes: BTreeMap<_, _> = [node("w-6", 0)].into();
         let busy: BTreeMap<_, _> = [("w-6".to_string(), 1)].into();
-        let (_, a) = decide(&p, &facts(&nodes, &busy, &[]), NOW + DRAIN_RETRY_MS);
+        let (next, a) = decide(&p, &facts(&nodes, &busy, &[]), NOW + DRAIN_RETRY_MS);
+        assert_eq!(names(&a), ["drain w-6"]);
+        // Asked again every DRAIN_RETRY_MS while it does not take, not at every pass.
+        let (_, a) = decide(
+            &next,
+            &facts(&nodes, &busy, &[]),
+            NOW + DRAIN_RETRY_MS + 1_000,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        let (_, a) = decide(&next, &facts(&nodes, &busy, &[]), NOW + 2 * DRAIN_RETRY_MS);
         assert_eq!(names(&a), ["drain w-6"]);
 
         let mut p = pool(0, 1);
