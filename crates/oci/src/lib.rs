@@ -39,10 +39,14 @@ pub const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// How long a manifest's or a token's request may take, whole.
 const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-/// How long a layer's download may take, whole. Each read has 60 s, but a registry that
-/// sends a byte now and then would hold the apply open for ever; ten minutes fetches a
-/// module at the default 64 MiB limit at about 110 kB/s.
+/// How long a layer's download may take, whole, at least. Each read has 60 s, but a
+/// registry that sends a byte now and then would hold the apply open for ever; ten minutes
+/// fetches a module at the default 64 MiB limit at about 110 kB/s.
 const LAYER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// The slowest download a larger layer is given time for (bytes per second), by the size
+/// its manifest declares (which the caller holds to its module limit before asking): a server
+/// whose `--max-module-size` was raised does not cut its own pulls at ten minutes.
+const LAYER_BYTES_PER_SECOND: u64 = 112_000;
 /// The most redirects a pull follows in one request (reqwest's default).
 const MAX_REDIRECTS: usize = 10;
 /// The manifests a pull asks for: OCI's and Docker's image manifests, and their
@@ -523,7 +527,8 @@ pub struct Registry {
     trust: Trust,
     /// Its host, to tell its own answers from those of where it sent a pull.
     host: String,
-    /// How long a layer's download may take, whole: [`LAYER_TIMEOUT`] (tests shorten it).
+    /// How long a layer's download may take, whole, at least: [`LAYER_TIMEOUT`] (tests
+    /// shorten it); longer for a larger layer ([`LAYER_BYTES_PER_SECOND`]).
     layer_deadline: std::time::Duration,
     credentials: Option<Credentials>,
     /// What the registry took last: a bearer token got for this conversation, or basic.
@@ -721,8 +726,16 @@ impl Registry {
             self.reference.repository(),
             layer.digest
         );
-        let response = self.get(&url, None, self.layer_deadline).await?;
+        let response = self.get(&url, None, self.layer_time(layer.size)).await?;
         Ok(response.bytes_stream().map_err(|e| causes(&e)).boxed())
+    }
+
+    /// How long a layer of `size` declared bytes may take to download.
+    fn layer_time(&self, size: i64) -> std::time::Duration {
+        let size = u64::try_from(size).unwrap_or(0);
+        self.layer_deadline.max(std::time::Duration::from_secs(
+            size / LAYER_BYTES_PER_SECOND,
+        ))
     }
 
     /// GETs `url`, the answer's body included within `deadline`, answering the registry's
@@ -1182,6 +1195,21 @@ mod tests {
         .expect("the download outlived its deadline");
         let e = read.unwrap_err();
         assert!(e.contains("timed out"), "{e}");
+    }
+
+    /// A layer past what ten minutes fetch at the slowest rate given gets longer, by its
+    /// declared size; a smaller or unsized one the ten minutes.
+    #[test]
+    fn a_larger_layer_gets_longer_to_download() {
+        let reference = OciRef::parse("registry.example/team/hello:1").unwrap();
+        let registry = Registry::new(&reference, &[], None);
+        assert_eq!(registry.layer_time(64 << 20), LAYER_TIMEOUT);
+        assert_eq!(registry.layer_time(-1), LAYER_TIMEOUT);
+        assert_eq!(
+            registry.layer_time(1 << 30),
+            Duration::from_secs((1 << 30) / LAYER_BYTES_PER_SECOND)
+        );
+        assert!(registry.layer_time(1 << 30) > Duration::from_secs(9_000));
     }
 
     /// A refusal says the registry's OCI error messages, never a body of another kind.
