@@ -214,6 +214,7 @@ impl ControlPlane {
         world.node_grace_ms = self.config().node_grace.as_millis() as u64;
         world.strategy = self.config().strategy;
         world.rebalance = self.config().rebalance;
+        world.volume_usage = self.volume_usage();
         let plan = match &focus {
             None => {
                 world.measurements = self.inner.metrics.snapshot();

@@ -55,6 +55,7 @@ impl Mirror {
                 leases: Leases::default(),
                 rollouts: BTreeMap::new(),
                 volumes: BTreeMap::new(),
+                volume_usage: BTreeMap::new(),
                 measurements: BTreeMap::new(),
                 started_at: 0,
                 node_grace_ms: 0,

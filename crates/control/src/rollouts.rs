@@ -12,8 +12,8 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, EventType, Replica, Revision, RolloutStatus};
-use shoal_scheduler::plan::{Batch, Change, Expect, Read, roll_back_into};
+use shoal_core::{App, EventType, Replica, Revision, RolloutStatus, Volume};
+use shoal_scheduler::plan::{Batch, Change, Expect, Read, Volumes, roll_back_into};
 use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
 use shoal_store::Txn;
 use std::collections::BTreeMap;
@@ -137,6 +137,15 @@ impl ControlPlane {
                 let bad = self
                     .get::<Revision>(&keys::revision(key, status.revision))?
                     .map(|(r, m)| Read::new(r, m));
+                let mut records = BTreeMap::new();
+                for mount in &target.template.volumes {
+                    let name = (key.namespace.clone(), mount.name.clone());
+                    let vkey = keys::volume(&name.0, &name.1);
+                    if let Some((volume, at)) = self.get::<Volume>(&vkey)? {
+                        records.insert(name, Read::new(volume, at));
+                    }
+                }
+                let used = self.volume_usage();
                 roll_back_into(
                     &mut batch,
                     &app,
@@ -145,6 +154,10 @@ impl ControlPlane {
                     &target,
                     bad.as_ref(),
                     &rb,
+                    &Volumes {
+                        records: &records,
+                        used: &used,
+                    },
                     now,
                 );
             }
@@ -294,8 +307,10 @@ fn action_error(e: ActionError) -> ControlError {
 
 #[cfg(test)]
 mod tests {
+    use super::RolloutAction;
     use crate::state::encode;
     use crate::state::tests::{control_plane, replica_of, uploaded};
+    use shoal_core::Volume;
     use shoal_core::objects::keys;
     use shoal_core::spec::parse_app;
     use shoal_core::{Phase, RolloutPhase, RolloutStatus};
@@ -337,5 +352,73 @@ mod tests {
             .txn(Txn::new().then(Op::delete(keys::replica(&key, "c"))))
             .unwrap();
         assert_eq!(cp.rollout_view(&key).unwrap().weight, None);
+    }
+
+    /// An aborted canary gives the volumes it mounts back the stable revision's sizes, as
+    /// `rollout undo` would; one that holds more keeps its size, and the abort goes ahead.
+    #[test]
+    fn an_abort_gives_volumes_the_stable_revisions_sizes_as_far_as_they_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |size: &str| {
+            let src = format!(
+                "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+                 [http]\nroutes = [\"/web\"]\n[rollout]\nstrategy = \"canary\"\n\
+                 steps = [{{ weight = 25, pause = \"1h\" }}]\n\
+                 [[volumes]]\nname = \"data\"\nmount = \"/data\"\nsize = \"{size}\"\n"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let size = || {
+            let volume = cp.get::<Volume>(&keys::volume("default", "data")).unwrap();
+            volume.unwrap().0.size_bytes
+        };
+        let key = spec("10Mi").key();
+        // A canary of `size` in progress from what runs now, as the controller starts one.
+        let canary = |size: &str| {
+            let (status, at) = cp
+                .get::<RolloutStatus>(&keys::rollout(&key))
+                .unwrap()
+                .unzip();
+            let mut stable = status.unwrap_or_else(|| {
+                shoal_scheduler::rollout::start(&cp.app(&key).unwrap(), None, 0)
+            });
+            stable.phase = RolloutPhase::Complete;
+            cp.apply(spec(size), false).unwrap();
+            let started = shoal_scheduler::rollout::start(&cp.app(&key).unwrap(), Some(&stable), 0);
+            let guard = match at {
+                Some(at) => Txn::new().when_mod_revision(keys::rollout(&key), at),
+                None => Txn::new(),
+            };
+            cp.store()
+                .txn(guard.then(Op::put(keys::rollout(&key), encode(&started))))
+                .unwrap();
+        };
+        cp.apply(spec("10Mi"), false).unwrap();
+        canary("20Mi");
+        assert_eq!(size(), 20 << 20);
+        cp.rollout_action(&key, RolloutAction::Abort, false)
+            .unwrap();
+        assert_eq!((cp.app(&key).unwrap().revision, size()), (1, 10 << 20));
+
+        canary("30Mi");
+        cp.inner
+            .volume_usage
+            .lock()
+            .unwrap()
+            .insert(("default".into(), "data".into()), 15 << 20);
+        let status = cp
+            .rollout_action(&key, RolloutAction::Abort, false)
+            .unwrap();
+        assert_eq!(status.phase, RolloutPhase::Aborted);
+        assert_eq!(size(), 30 << 20, "it holds 15Mi: kept");
+        let events = cp.events(Some(&key), 100).unwrap();
+        assert!(
+            events.iter().any(|e| e.reason == "VolumeNotResized"
+                && e.message
+                    .contains("volume data holds 15Mi: size = \"10Mi\" is less")),
+            "{events:?}"
+        );
     }
 }

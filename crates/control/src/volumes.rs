@@ -8,7 +8,8 @@ use crate::state::ControlPlane;
 use shoal_api::{VolumeUsage, VolumeView};
 use shoal_core::objects::keys;
 use shoal_core::spec::VolumeMount;
-use shoal_core::{App, Volume};
+use shoal_core::{App, Shrunk, Volume};
+use std::collections::BTreeMap;
 
 impl ControlPlane {
     /// Every volume of `ns` (of all namespaces if `None`).
@@ -63,19 +64,14 @@ impl ControlPlane {
         )
     }
 
-    /// `volume` as a spec's `mount` leaves it: a size given sets it, one not given keeps the
-    /// volume's (a reader's spec does not reset its writers'). A size below what the volume
-    /// was last measured holding is refused with that measure: every writer would fail
-    /// (EDQUOT).
+    /// `volume` as a spec's `mount` leaves it ([`Volume::sized`]), judged on what its node
+    /// last measured it holding.
     pub(crate) fn sized(
         &self,
         namespace: &str,
         mount: &VolumeMount,
-        mut volume: Volume,
+        volume: Volume,
     ) -> Result<Volume, Shrunk> {
-        let Some(size) = mount.size_bytes.filter(|s| *s != volume.size_bytes) else {
-            return Ok(volume);
-        };
         let used = self
             .inner
             .volume_usage
@@ -83,11 +79,18 @@ impl ControlPlane {
             .unwrap_or_else(|p| p.into_inner())
             .get(&(namespace.to_string(), mount.name.clone()))
             .copied();
-        if let Some(used) = used.filter(|u| *u > size) {
-            return Err(Shrunk { used, size });
-        }
-        volume.size_bytes = size;
-        Ok(volume)
+        volume.sized(mount, used)
+    }
+
+    /// What the nodes last measured each volume holding, by namespace and name.
+    pub(crate) fn volume_usage(&self) -> BTreeMap<(String, String), u64> {
+        self.inner
+            .volume_usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Notes what `node` measured its volumes holding; answers the volumes bound to it.
@@ -134,21 +137,4 @@ fn users(apps: &[App], ns: &str, name: &str) -> Vec<String> {
         .filter(|a| a.spec.namespace == ns && a.spec.volumes.iter().any(|v| v.name == name))
         .map(|a| a.spec.name.clone())
         .collect()
-}
-
-/// A volume size below what the volume holds: [`ControlPlane::sized`].
-pub(crate) struct Shrunk {
-    pub used: u64,
-    pub size: u64,
-}
-
-impl Shrunk {
-    /// "holds U: size = "S" is less", for the caller to say whose size it is.
-    pub(crate) fn say(&self, volume: &str) -> String {
-        format!(
-            "volume {volume} holds {}: size = \"{}\" is less, and its writers would fail",
-            shoal_core::quantity::format_memory(self.used),
-            shoal_core::quantity::format_memory(self.size)
-        )
-    }
 }

@@ -962,6 +962,45 @@ pub struct Volume {
     pub created_at: Millis,
 }
 
+impl Volume {
+    /// This volume as a spec's `mount` leaves it: a size given sets it, one not given keeps the
+    /// volume's (a reader's spec does not reset its writers'). A size below `used`, what the
+    /// volume was last measured holding, is refused with that measure: every writer would
+    /// fail (EDQUOT).
+    pub fn sized(
+        mut self,
+        mount: &crate::spec::VolumeMount,
+        used: Option<u64>,
+    ) -> Result<Volume, Shrunk> {
+        let Some(size) = mount.size_bytes.filter(|s| *s != self.size_bytes) else {
+            return Ok(self);
+        };
+        if let Some(used) = used.filter(|u| *u > size) {
+            return Err(Shrunk { used, size });
+        }
+        self.size_bytes = size;
+        Ok(self)
+    }
+}
+
+/// A volume size below what the volume holds: [`Volume::sized`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shrunk {
+    pub used: u64,
+    pub size: u64,
+}
+
+impl Shrunk {
+    /// "holds U: size = "S" is less", for the caller to say whose size it is.
+    pub fn say(&self, volume: &str) -> String {
+        format!(
+            "volume {volume} holds {}: size = \"{}\" is less, and its writers would fail",
+            crate::quantity::format_memory(self.used),
+            crate::quantity::format_memory(self.size)
+        )
+    }
+}
+
 /// A named set of secret values of a namespace, kept sealed: each value is encrypted with
 /// the control plane's key (XChaCha20-Poly1305) and bound to its namespace, secret, version
 /// and key, so a sealed value moved elsewhere does not open. Apps name a secret's keys as

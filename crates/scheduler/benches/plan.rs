@@ -57,6 +57,7 @@ fn world(apps: usize, placed: bool) -> World {
         leases: Leases::default(),
         rollouts: BTreeMap::new(),
         volumes: BTreeMap::new(),
+        volume_usage: BTreeMap::new(),
         measurements: BTreeMap::new(),
         started_at: 0,
         node_grace_ms: 3_000,

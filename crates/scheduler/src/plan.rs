@@ -58,6 +58,9 @@ pub struct World {
     pub rollouts: BTreeMap<AppKey, Read<RolloutStatus>>,
     /// By namespace and name.
     pub volumes: BTreeMap<(String, String), Read<Volume>>,
+    /// What their nodes last measured them holding, by namespace and name: a rollback
+    /// resizes a volume only as far as it fits.
+    pub volume_usage: BTreeMap<(String, String), u64>,
     /// What the gateways measured, per app.
     pub measurements: BTreeMap<AppKey, Measurements>,
     /// When this control plane started: load is known from then on only, so
@@ -837,7 +840,21 @@ impl<'w> Pass<'w> {
             return;
         };
         let bad = self.world.revisions.get(&(key, status.revision));
-        roll_back_into(batch, app, status, expect, &target.value, bad, rb, self.now);
+        let volumes = Volumes {
+            records: &self.world.volumes,
+            used: &self.world.volume_usage,
+        };
+        roll_back_into(
+            batch,
+            app,
+            status,
+            expect,
+            &target.value,
+            bad,
+            rb,
+            &volumes,
+            self.now,
+        );
     }
 
     /// One replica of `app` to move, and where it is in `existing`, if the app's
@@ -1420,10 +1437,18 @@ impl<'w> Pass<'w> {
     }
 }
 
+/// The volumes a rollback may resize, by namespace and name: as read, and what their nodes
+/// last measured them holding.
+#[derive(Debug, Clone, Copy)]
+pub struct Volumes<'a> {
+    pub records: &'a BTreeMap<(String, String), Read<Volume>>,
+    pub used: &'a BTreeMap<(String, String), u64>,
+}
+
 /// Adds to `batch` going back to `target` (the rollout `status`, stored as
 /// `expect`, failed or was aborted): the app, its rollout, the abandoned
-/// revision's outcome (`bad`, as read) and an event. What the controller and
-/// `shoal rollout abort` write.
+/// revision's outcome (`bad`, as read), the sizes `target` gives the volumes it
+/// mounts, and events. What the controller and `shoal rollout abort` write.
 #[allow(clippy::too_many_arguments)]
 pub fn roll_back_into(
     batch: &mut Batch,
@@ -1433,10 +1458,43 @@ pub fn roll_back_into(
     target: &Revision,
     bad: Option<&Read<Revision>>,
     rb: &rollout::RollBack,
+    volumes: &Volumes<'_>,
     now: Millis,
 ) {
     let key = app.spec.key();
     let done = rollout::roll_back(app, target, status, rb, now);
+    // Its writers limit a volume to the size their own spec gives, so the record follows, as
+    // `rollout undo` does; a volume that now holds more keeps its size (the rollback goes
+    // ahead, and says so). One deleted since is not made again.
+    for mount in &target.template.volumes {
+        let name = (key.namespace.clone(), mount.name.clone());
+        let Some(read) = volumes.records.get(&name) else {
+            continue;
+        };
+        match read
+            .value
+            .clone()
+            .sized(mount, volumes.used.get(&name).copied())
+        {
+            Ok(volume) if volume != read.value => batch.changes.push(Change::PutVolume {
+                volume,
+                expect: read.mod_revision,
+            }),
+            Ok(_) => {}
+            Err(shrunk) => batch.event(
+                EventType::Warning,
+                "VolumeNotResized",
+                format!("volume/{}/{}", key.namespace, mount.name),
+                Some(&key),
+                format!(
+                    "revision {}: {}; it stays at {}",
+                    target.number,
+                    shrunk.say(&mount.name),
+                    shoal_core::quantity::format_memory(read.value.size_bytes)
+                ),
+            ),
+        }
+    }
     batch.changes.push(Change::PutApp {
         app: Box::new(done.app),
     });
@@ -1664,6 +1722,7 @@ mod tests {
             leases: Leases::default(),
             rollouts: BTreeMap::new(),
             volumes: BTreeMap::new(),
+            volume_usage: BTreeMap::new(),
             measurements: BTreeMap::new(),
             started_at: 0,
             node_grace_ms: 3000,
@@ -2268,6 +2327,69 @@ mod tests {
             (1, RolloutPhase::RolledBack, Some(2))
         );
         assert!(outcome.unwrap().starts_with("rolled back: replica y"));
+    }
+
+    /// Rolling back gives the volumes the sizes the earlier revision gives them, as `rollout
+    /// undo` does (its writers limit themselves to those), unless a volume holds more now.
+    #[test]
+    fn a_rollback_resizes_volumes_as_far_as_they_fit() {
+        const MIB: u64 = 1 << 20;
+        let rolled_back = |used: Option<u64>| {
+            let mut w = with_replicas(
+                world(1, 2, "[[volumes]]\nname = \"data\"\nmount = \"/data\"\n"),
+                &[
+                    on(replica_at("x", 1, Phase::Ready, 1), "m"),
+                    on(replica_at("y", 2, Phase::CrashLoopBackOff, 2), "n"),
+                ],
+            );
+            for (n, size) in [(1, MIB), (2, 4 * MIB)] {
+                let r = &mut w.revisions.get_mut(&(key(), n)).unwrap().value;
+                r.template.volumes[0].size_bytes = Some(size);
+            }
+            app_mut(&mut w).value.spec.volumes[0].size_bytes = Some(4 * MIB);
+            let name = ("default".to_string(), "data".to_string());
+            let volume = Volume {
+                namespace: name.0.clone(),
+                name: name.1.clone(),
+                size_bytes: 4 * MIB,
+                node: Some("n".into()),
+                created_at: 0,
+            };
+            w.volumes.insert(name.clone(), Read::new(volume, 70));
+            if let Some(used) = used {
+                w.volume_usage.insert(name, used);
+            }
+            complete(&mut w, 1);
+            let p = plan(&w, NOW, &mut Counter::default());
+            let b = app_batch(&p).clone();
+            let sizes: Vec<(u64, u64)> = b
+                .changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::PutVolume { volume, expect } => Some((volume.size_bytes, *expect)),
+                    _ => None,
+                })
+                .collect();
+            (sizes, b)
+        };
+        let (sizes, b) = rolled_back(Some(MIB / 2));
+        assert_eq!(sizes, [(MIB, 70)], "resized to revision 1's size, guarded");
+        assert_eq!(reasons(&b), ["RolledBack"]);
+        let (sizes, _) = rolled_back(None);
+        assert_eq!(sizes, [(MIB, 70)], "unmeasured: resized");
+        let (sizes, b) = rolled_back(Some(3 * MIB));
+        assert!(sizes.is_empty(), "it holds more than 1 MiB: {sizes:?}");
+        assert_eq!(reasons(&b), ["VolumeNotResized", "RolledBack"]);
+        assert_eq!(
+            b.events[0].message,
+            "revision 1: volume data holds 3Mi: size = \"1Mi\" is less, and its writers would fail; it stays at 4Mi"
+        );
+        assert!(
+            b.changes
+                .iter()
+                .any(|c| matches!(c, Change::PutApp { app } if app.revision == 1)),
+            "and the rollback goes ahead"
+        );
     }
 
     /// A revision made by `rollout undo` completes with no fallback to the revision it
