@@ -51,10 +51,10 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
         server.api_json("/v1/replicas?app=counter")
     );
 
-    // 8 clients, 4 on each node's gateway, 25 increments each: every answer is a different
-    // count, and they are 1 to 200.
+    // 32 clients, 16 on each node's gateway, 25 increments each: every answer is a different
+    // count, and they are 1 to 800. Enough at once that a node sends calls together.
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let clients: Vec<_> = (0..8)
+    let clients: Vec<_> = (0..32)
         .map(|i| {
             let url = format!("{}/counter/hits", nodes[i % 2].gateway);
             let seen = seen.clone();
@@ -73,16 +73,16 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
         c.join().unwrap();
     }
     let seen: BTreeSet<u64> = seen.lock().unwrap().iter().copied().collect();
-    assert_eq!(seen, (1..=200).collect::<BTreeSet<u64>>());
+    assert_eq!(seen, (1..=800).collect::<BTreeSet<u64>>());
     for node in &nodes {
         assert_eq!(
             node.get("/counter/hits").unwrap(),
-            (200, "200\n".to_string())
+            (200, "800\n".to_string())
         );
     }
 
     // The CLI sees the same data, and what it writes the guests read.
-    assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "200");
+    assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "800");
     server.cli_ok(&["kv", "put", "counter", "greeting", "hello there"]);
     assert_eq!(
         nodes[1].get("/counter/greeting").unwrap(),
@@ -146,7 +146,7 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
             .get("/stranger/hits")
             .is_ok_and(|(code, body)| code == 403 && body == "access denied\n")
     }));
-    assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "200");
+    assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "800");
 
     // With the control plane gone the guest's call fails, and what the guest is told (and
     // here passes on to its client) says so without where the control plane is.

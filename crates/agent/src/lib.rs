@@ -5,6 +5,7 @@
 //! or over HTTP. While the control plane is unreachable it keeps serving what
 //! it runs, and it re-sends any report the cluster state does not reflect.
 
+mod kv_batch;
 mod link;
 mod metrics;
 mod plan;

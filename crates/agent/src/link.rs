@@ -7,6 +7,7 @@
 //! fails over to the others ([`Servers`]); a watch follows: it ends, resumable,
 //! when the link leaves the server it is on.
 
+use crate::kv_batch::KvBatches;
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
@@ -151,6 +152,8 @@ pub struct RemoteLink {
     /// The store the last snapshot was read from ([`Snapshot::store`]), which a watch names so
     /// that a store that replaced it refuses to resume.
     store: std::sync::atomic::AtomicU64,
+    /// Guests' key-value calls, sent together when they pile up.
+    kv_batches: Arc<KvBatches>,
 }
 
 impl RemoteLink {
@@ -175,6 +178,7 @@ impl RemoteLink {
             modules,
             fetching: std::sync::Mutex::default(),
             store: std::sync::atomic::AtomicU64::new(0),
+            kv_batches: Arc::default(),
         })
     }
 
@@ -390,24 +394,7 @@ impl Link for RemoteLink {
             seg(&app.name),
             seg(bucket)
         );
-        Box::pin(async move {
-            // Every operation but an increment does the same the second time.
-            let resend = match op {
-                KvOp::Increment { .. } => Resend::IfUnsent,
-                _ => Resend::Idempotent,
-            };
-            let req = self.post(&path).json(&op).timeout(CALL_TIMEOUT);
-            // What the guest is told (and may show its own clients): the store's own word
-            // on a refused call, but not where the control plane is or why it is not there.
-            self.api().send_as(req, resend).await.map_err(|e| match e {
-                ClientError::Api { message, .. } => LinkError::Failed(message),
-                other => {
-                    let e = failed(other);
-                    tracing::warn!(error = %e, "a guest's key-value call failed");
-                    LinkError::Failed("the cluster's key-value store cannot be reached".into())
-                }
-            })
-        })
+        Box::pin(self.kv_batches.call(self.api(), path, op, CALL_TIMEOUT))
     }
 
     fn volumes(

@@ -28,7 +28,7 @@ use shoal_api::{
     VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
-use shoal_core::kv::{KvAnswer, KvOp};
+use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
@@ -319,6 +319,10 @@ fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
             op("A guest's `wasi:keyvalue` call on a bucket")
                 .body::<KvOp>()
                 .json::<KvAnswer>(StatusCode::OK)),
+        route!(POST "/v1/cluster/nodes/{name}/kv/{namespace}/{app}/{bucket}/batch" => node_kv_batch, Access::Node,
+            op("Guests' `wasi:keyvalue` calls on a bucket, sent together: each answered as if sent alone")
+                .body_list::<KvOp>()
+                .json_list::<KvOutcome>(StatusCode::OK)),
         route!(POST "/v1/cluster/nodes/{name}/volumes" => node_volumes, Access::Node,
             op("Report what the node's volumes hold; answers those bound to it")
                 .body_list::<VolumeUsage>()
@@ -1721,6 +1725,38 @@ async fn node_kv(
         .map(|a| Json(a).into_response())
 }
 
+/// Guests' `wasi:keyvalue` calls on one bucket that a node sent together while earlier ones
+/// were on their way: each runs as if sent alone, side by side (so writes still share the
+/// bucket's transactions), and is answered in the order sent.
+async fn node_kv_batch(
+    State(cp): State<ControlPlane>,
+    Extension(me): Extension<NodeIdentity>,
+    Path((name, namespace, app, bucket)): Path<(String, String, String, String)>,
+    JsonBody(ops): JsonBody<Vec<KvOp>>,
+) -> Result<Response, ApiError> {
+    itself(&me, &name)?;
+    if ops.len() > MAX_BATCH {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_BATCH} key-value calls go in one batch"),
+        ));
+    }
+    let app = AppKey {
+        namespace,
+        name: app,
+    };
+    let calls = ops.into_iter().map(|op| {
+        let (cp, name, app, bucket) = (cp.clone(), name.clone(), app.clone(), bucket.clone());
+        async move {
+            match blocking(move || cp.kv_for_node(&name, &app, &bucket, op)).await {
+                Ok(answer) => KvOutcome::Answered { answer },
+                Err(e) => KvOutcome::Refused { message: e.message },
+            }
+        }
+    });
+    Ok(Json(futures::future::join_all(calls).await).into_response())
+}
+
 /// The secret values a replica placed on the calling node needs to start.
 async fn replica_secrets(
     State(cp): State<ControlPlane>,
@@ -2531,6 +2567,124 @@ mod tests {
         let (status, body) =
             post(&router, "/v1/cluster/nodes/n1/kv/default/web/b", &n1, body).await;
         assert_ne!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    }
+
+    /// Calls a node sends together are each answered as if sent alone, in the order sent:
+    /// increments side by side count every one, a refused call is refused by itself, and a
+    /// node runs them only on a bucket its replicas are granted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_nodes_batch_of_key_value_calls_is_answered_call_by_call() {
+        use crate::state::encode;
+        use crate::state::tests::{replica_of, uploaded};
+        use shoal_core::kv::{KvOutcome, MAX_BATCH};
+        use shoal_store::{Op, Txn};
+        let (_dir, cp) = control_plane_with_token();
+        let router = router(cp.clone());
+        let n1 = cp.join_node("n1").unwrap().credential;
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+             [http]\nroutes = [\"/web\"]\n[keyvalue]\nbuckets = [\"b\"]\n"
+        );
+        let spec = shoal_core::parse_app(&src)
+            .unwrap()
+            .resolve(digest)
+            .unwrap();
+        cp.apply(spec.clone(), false).unwrap();
+        let replica = replica_of(&spec, "r1", 1, "n1", shoal_core::Phase::Running);
+        cp.store()
+            .txn(Txn::new().then(Op::put(keys::replica(&spec.key(), "r1"), encode(&replica))))
+            .unwrap();
+        let increment = |key: &str| KvOp::Increment {
+            key: key.into(),
+            delta: 1,
+        };
+        let mut ops = vec![increment("hits"); 6];
+        ops.insert(2, increment(""));
+        ops.insert(
+            4,
+            KvOp::Get {
+                keys: vec!["hits".into(), "none".into()],
+            },
+        );
+        let body = serde_json::to_value(&ops).unwrap();
+        let (status, body) = post(
+            &router,
+            "/v1/cluster/nodes/n1/kv/default/web/b/batch",
+            &n1,
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let outcomes: Vec<KvOutcome> = serde_json::from_value(body).unwrap();
+        assert_eq!(outcomes.len(), 8);
+        let mut counts = Vec::new();
+        for (i, outcome) in outcomes.into_iter().enumerate() {
+            match (i, outcome) {
+                (2, KvOutcome::Refused { message }) => {
+                    assert!(message.contains("a key is 1 to 1024 bytes"), "{message}")
+                }
+                (
+                    4,
+                    KvOutcome::Answered {
+                        answer: KvAnswer::Values { values },
+                    },
+                ) => {
+                    assert_eq!(values.len(), 2);
+                    assert_eq!(values[1], None);
+                }
+                (
+                    _,
+                    KvOutcome::Answered {
+                        answer: KvAnswer::Count { value },
+                    },
+                ) => counts.push(value),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        counts.sort_unstable();
+        assert_eq!(counts, [1, 2, 3, 4, 5, 6]);
+
+        // Another app's bucket is refused call by call, as a call alone would be; too many
+        // calls at once are refused whole.
+        let body = serde_json::to_value(vec![increment("hits")]).unwrap();
+        let (status, body) = post(
+            &router,
+            "/v1/cluster/nodes/n1/kv/default/web/other/batch",
+            &n1,
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("is granted bucket other"),
+            "{body}"
+        );
+        let body = serde_json::to_value(vec![increment("hits"); MAX_BATCH + 1]).unwrap();
+        let (status, body) = post(
+            &router,
+            "/v1/cluster/nodes/n1/kv/default/web/b/batch",
+            &n1,
+            body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(
+            cp.kv(
+                "default",
+                "b",
+                KvOp::Get {
+                    keys: vec!["hits".into()]
+                }
+            )
+            .unwrap(),
+            KvAnswer::Values {
+                values: vec![Some(b"6".to_vec())]
+            }
+        );
     }
 
     #[tokio::test]

@@ -71,6 +71,22 @@ pub enum KvAnswer {
     },
 }
 
+/// Calls on one bucket a node sends in one request, at most ([`KvOutcome`]).
+pub const MAX_BATCH: usize = 64;
+
+/// What one of the calls a node sent together came to: each is answered as if sent alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum KvOutcome {
+    Answered {
+        answer: KvAnswer,
+    },
+    /// Why the store refused it (past the bucket's limit, not a number, a bad key…).
+    Refused {
+        message: String,
+    },
+}
+
 /// A key's rule: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
 pub fn check_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains('\0') {

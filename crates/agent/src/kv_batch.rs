@@ -1,0 +1,357 @@
+//! Guests' `wasi:keyvalue` calls from a worker node, sent together. Each call is a request to
+//! the control plane over mutual TLS, and that request, not the store, was most of what a call
+//! cost a joined node. So a few requests per bucket go out at once ([`SENDING`]); calls made
+//! while they are on their way queue, and the next request to go takes all of them (up to
+//! [`MAX_BATCH`]) to `…/batch`, where each runs as if sent alone. One call at a time goes
+//! alone, as before, with no wait: batching only happens when calls pile up.
+
+use shoal_api::{Client, ClientError, LinkError, LinkResult, Resend};
+use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// Requests on their way to one bucket at once; calls made meanwhile queue for the next.
+const SENDING: usize = 4;
+
+/// A call bigger than this (its keys and values) goes alone, and a batch stops short of
+/// [`BATCH_BYTES`]: the control plane takes a node's request up to its body limit, and one
+/// refused for size would fail every call in it.
+const ALONE_BYTES: usize = 64 << 10;
+const BATCH_BYTES: usize = 1 << 20;
+
+/// What a call weighs in a request: its keys and values, and room for the JSON around them.
+fn weight(op: &KvOp) -> usize {
+    64 + match op {
+        KvOp::Get { keys } | KvOp::Delete { keys } => keys.iter().map(|k| k.len() + 8).sum(),
+        // JSON writes each byte of a value as a number and a comma.
+        KvOp::Set { entries } => entries.iter().map(|(k, v)| k.len() + 4 * v.len() + 8).sum(),
+        KvOp::Exists { key } | KvOp::Increment { key, .. } => key.len(),
+        KvOp::List { .. } => 0,
+    }
+}
+
+type Waiter = oneshot::Sender<LinkResult<KvAnswer>>;
+
+/// The calls of each bucket on their way and waiting, by the bucket's request path.
+#[derive(Default)]
+pub(crate) struct KvBatches {
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+#[derive(Default)]
+struct Bucket {
+    /// Senders running for it, each sending one request at a time.
+    sending: usize,
+    queued: VecDeque<(KvOp, Waiter)>,
+}
+
+impl KvBatches {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Bucket>> {
+        self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `op` on the bucket whose calls go to `path`, sent through `api` alone or with the calls
+    /// queued beside it. A sender runs as a task of its own, so a guest that gives up on its
+    /// call (its request timed out) does not cut the others' short.
+    pub(crate) async fn call(
+        self: &Arc<Self>,
+        api: Client,
+        path: String,
+        op: KvOp,
+        timeout: Duration,
+    ) -> LinkResult<KvAnswer> {
+        if weight(&op) > ALONE_BYTES {
+            return send_alone(&api, &path, op, timeout).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut buckets = self.lock();
+            let bucket = buckets.entry(path.clone()).or_default();
+            bucket.queued.push_back((op, tx));
+            let start = bucket.sending < SENDING;
+            bucket.sending += usize::from(start);
+            start
+        };
+        if start {
+            let sender = Sender {
+                batches: self.clone(),
+                path,
+                done: false,
+            };
+            tokio::spawn(sender.run(api, timeout));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(LinkError::Failed(
+                "the key-value call was lost on this node".into(),
+            ))
+        })
+    }
+}
+
+/// One of a bucket's senders: sends what is queued until nothing is.
+struct Sender {
+    batches: Arc<KvBatches>,
+    path: String,
+    /// It stopped on an empty queue, having counted itself out.
+    done: bool,
+}
+
+impl Sender {
+    async fn run(mut self, api: Client, timeout: Duration) {
+        while let Some(batch) = self.next() {
+            let (ops, waiters): (Vec<KvOp>, Vec<Waiter>) = batch.into_iter().unzip();
+            let answers = match <[KvOp; 1]>::try_from(ops) {
+                Ok([op]) => vec![send_alone(&api, &self.path, op, timeout).await],
+                Err(ops) => send_batch(&api, &self.path, ops, timeout).await,
+            };
+            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                // A guest that gave up no longer waits for its answer.
+                let _ = waiter.send(answer);
+            }
+        }
+    }
+
+    /// The calls to send next, or `None` (counted out) if none wait.
+    fn next(&mut self) -> Option<Vec<(KvOp, Waiter)>> {
+        let mut buckets = self.batches.lock();
+        let bucket = buckets.get_mut(&self.path)?;
+        if bucket.queued.is_empty() {
+            bucket.sending -= 1;
+            if bucket.sending == 0 {
+                buckets.remove(&self.path);
+            }
+            self.done = true;
+            return None;
+        }
+        let mut bytes = 0;
+        let mut batch = Vec::new();
+        while let Some((op, _)) = bucket.queued.front() {
+            bytes += weight(op);
+            if !batch.is_empty() && (batch.len() == MAX_BATCH || bytes > BATCH_BYTES) {
+                break;
+            }
+            batch.extend(bucket.queued.pop_front());
+        }
+        Some(batch)
+    }
+}
+
+impl Drop for Sender {
+    /// A sender that panicked counts itself out, so its bucket is not left one short: what
+    /// it held is answered as failed (its waiters' channels close), and what still queues
+    /// goes with the next call's sender.
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut buckets = self.batches.lock();
+        if let Some(bucket) = buckets.get_mut(&self.path) {
+            bucket.sending = bucket.sending.saturating_sub(1);
+            if bucket.sending == 0 && bucket.queued.is_empty() {
+                buckets.remove(&self.path);
+            }
+        }
+    }
+}
+
+/// What the guest is told when the call did not get through: the store's own word on a refused
+/// call, but not where the control plane is or why it is not there.
+fn unanswered(e: ClientError) -> LinkError {
+    match e {
+        ClientError::Api { message, .. } => LinkError::Failed(message),
+        other => {
+            tracing::warn!(error = %other, "a guest's key-value call failed");
+            LinkError::Failed("the cluster's key-value store cannot be reached".into())
+        }
+    }
+}
+
+/// Every call but an increment does the same the second time: only those may go to another
+/// server after one that may have received them.
+fn resend(ops: &[KvOp]) -> Resend {
+    if ops.iter().any(|op| matches!(op, KvOp::Increment { .. })) {
+        Resend::IfUnsent
+    } else {
+        Resend::Idempotent
+    }
+}
+
+async fn send_alone(api: &Client, path: &str, op: KvOp, timeout: Duration) -> LinkResult<KvAnswer> {
+    let how = resend(std::slice::from_ref(&op));
+    let req = api
+        .request(reqwest::Method::POST, path)
+        .json(&op)
+        .timeout(timeout);
+    api.send_as(req, how).await.map_err(unanswered)
+}
+
+/// One answer per call of `ops`, in their order.
+async fn send_batch(
+    api: &Client,
+    path: &str,
+    ops: Vec<KvOp>,
+    timeout: Duration,
+) -> Vec<LinkResult<KvAnswer>> {
+    let (count, how) = (ops.len(), resend(&ops));
+    let req = api
+        .request(reqwest::Method::POST, &format!("{path}/batch"))
+        .json(&ops)
+        .timeout(timeout);
+    let failed = |message: &str| {
+        (0..count)
+            .map(|_| Err(LinkError::Failed(message.to_string())))
+            .collect()
+    };
+    match api.send_as::<Vec<KvOutcome>>(req, how).await {
+        Ok(outcomes) if outcomes.len() == count => outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                KvOutcome::Answered { answer } => Ok(answer),
+                KvOutcome::Refused { message } => Err(LinkError::Failed(message)),
+            })
+            .collect(),
+        Ok(outcomes) => {
+            tracing::warn!(
+                sent = count,
+                answered = outcomes.len(),
+                "the control plane answered a different number of key-value calls"
+            );
+            failed("the cluster's key-value store answered out of turn")
+        }
+        Err(e) => match unanswered(e) {
+            LinkError::Failed(message) => failed(&message),
+            other => failed(&other.to_string()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Json;
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use shoal_api::Servers;
+
+    /// Sizes of the requests a stand-in control plane took: 1 for a call alone.
+    type Seen = Arc<Mutex<Vec<usize>>>;
+
+    /// An increment answered with its own delta, after a while (so that calls pile up); a
+    /// delta of 0 refused, as the store refuses.
+    async fn answer(op: &KvOp) -> Result<KvAnswer, String> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match op {
+            KvOp::Increment { delta: 0, .. } => Err("no zero here".into()),
+            KvOp::Increment { delta, .. } => Ok(KvAnswer::Count { value: *delta }),
+            other => Err(format!("unexpected {other:?}")),
+        }
+    }
+
+    async fn alone(State(seen): State<Seen>, Json(op): Json<KvOp>) -> Response {
+        seen.lock().unwrap().push(1);
+        match answer(&op).await {
+            Ok(a) => Json(a).into_response(),
+            Err(message) => (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"error": {"code": "bad_request", "message": message}})),
+            )
+                .into_response(),
+        }
+    }
+
+    async fn together(State(seen): State<Seen>, Json(ops): Json<Vec<KvOp>>) -> Response {
+        seen.lock().unwrap().push(ops.len());
+        let mut outcomes = Vec::new();
+        for op in &ops {
+            outcomes.push(match answer(op).await {
+                Ok(answer) => KvOutcome::Answered { answer },
+                Err(message) => KvOutcome::Refused { message },
+            });
+        }
+        Json(outcomes).into_response()
+    }
+
+    /// 40 calls at once: a few requests carry them all, each call gets its own answer (or its
+    /// own refusal), and nothing stays counted as on its way.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_that_pile_up_go_together_and_each_gets_its_own_answer() {
+        let seen = Seen::default();
+        let router = axum::Router::new()
+            .route("/kv/b", axum::routing::post(alone))
+            .route("/kv/b/batch", axum::routing::post(together))
+            .with_state(seen.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let api = Client::new(Servers::parse(&format!("http://{addr}")).unwrap(), "t");
+        let batches = Arc::new(KvBatches::default());
+        let calls = (0..40u64).map(|delta| {
+            let (batches, api) = (batches.clone(), api.clone());
+            let op = KvOp::Increment {
+                key: "k".into(),
+                delta,
+            };
+            async move {
+                (batches.call(api, "/kv/b".into(), op, Duration::from_secs(10)))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        });
+        let answers = futures::future::join_all(calls).await;
+        assert_eq!(answers[0], Err("no zero here".into()));
+        for (delta, answer) in answers.into_iter().enumerate().skip(1) {
+            assert_eq!(
+                answer,
+                Ok(KvAnswer::Count {
+                    value: delta as u64
+                })
+            );
+        }
+        let sizes = seen.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 40, "{sizes:?}");
+        assert!(
+            sizes.len() <= 20 && sizes.iter().any(|&n| n > 1),
+            "40 calls went in {} requests: {sizes:?}",
+            sizes.len()
+        );
+        assert!(
+            batches.lock().is_empty(),
+            "a bucket left counted as sending"
+        );
+
+        // One call at a time goes alone.
+        seen.lock().unwrap().clear();
+        for delta in 1..=3 {
+            let op = KvOp::Increment {
+                key: "k".into(),
+                delta,
+            };
+            let answer = batches.call(api.clone(), "/kv/b".into(), op, Duration::from_secs(10));
+            assert_eq!(answer.await.unwrap(), KvAnswer::Count { value: delta });
+        }
+        assert_eq!(*seen.lock().unwrap(), [1, 1, 1]);
+    }
+
+    #[test]
+    fn a_call_weighs_its_keys_and_values() {
+        let small = KvOp::Increment {
+            key: "hits".into(),
+            delta: 1,
+        };
+        assert!(weight(&small) < 100);
+        let big = KvOp::Set {
+            entries: vec![("k".into(), vec![7; 20 << 10])],
+        };
+        assert!(
+            weight(&big) > ALONE_BYTES,
+            "a 20 KiB value is 80 KiB of JSON"
+        );
+        let many = KvOp::Get {
+            keys: vec!["x".repeat(1000); 100],
+        };
+        assert!(weight(&many) > 100_000);
+    }
+}
