@@ -216,6 +216,14 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
         nodes(&server)
     );
     assert_eq!(nodes(&server)[0]["labels"]["pool"], "cloud");
+    // When the provider's start returned is kept with the member, where a restarted control
+    // plane still counts the time to join from.
+    let member = &server.api_json("/v1/pools/cloud")["members"]["cloud-1"];
+    let returned = member["start_returned_at"].as_u64();
+    assert!(
+        returned >= member["started_at"].as_u64() && returned.is_some(),
+        "{member}"
+    );
 
     // The provider's first stop fails: the node stays, and is still the pool's (its worker
     // runs on), until a later stop goes through.

@@ -14,7 +14,7 @@ use crate::state::{ControlPlane, Fence, blocking, encode};
 use shoal_api::PoolWrite;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{App, EventType, Kind, Millis, Node, POOL_LABEL, Pool, Replica, Revision, Volume};
+use shoal_core::{App, EventType, Kind, Node, POOL_LABEL, Pool, Replica, Revision, Volume};
 use shoal_scheduler::Request;
 use shoal_scheduler::pools::{Action, Facts, Placed, Waiting, assign, decide, movable};
 use shoal_store::{Op, Txn};
@@ -262,7 +262,6 @@ impl ControlPlane {
                 movable: &movable,
                 gone: &gone,
                 busy: &workers.busy,
-                started: &workers.started,
             };
             let (next, actions) = decide(&pool, &facts, now);
             if next == pool && actions.is_empty() {
@@ -329,10 +328,9 @@ impl ControlPlane {
     /// so one slow provider holds neither the passes nor the other pools.
     pub async fn run_pools(self, host: PoolHost) {
         let mut local: HashMap<String, Child> = HashMap::new();
-        let mut running: JoinSet<Done> = JoinSet::new();
+        let mut running: JoinSet<()> = JoinSet::new();
         // The member each task works for, so that one that panicked frees it too.
         let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
-        let mut started: BTreeMap<String, Millis> = BTreeMap::new();
         let since = self.now();
         // Started when this server won the leadership, if it shares its store: a deposed
         // server's pass starts no worker.
@@ -347,16 +345,8 @@ impl ControlPlane {
                     Err(e) => e.id(),
                 };
                 let node = busy.remove(&id);
-                match done {
-                    Ok((_, Done::Started { at })) => {
-                        started.extend(node.map(|n| (n, at)));
-                    }
-                    Ok((_, Done::Stopped)) => {
-                        node.map(|n| started.remove(&n));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, ?node, "node pools: a provider task failed")
-                    }
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, ?node, "node pools: a provider task failed");
                 }
             }
             let mut exited = HashSet::new();
@@ -372,7 +362,6 @@ impl ControlPlane {
                 exited,
                 since,
                 busy: busy.values().cloned().collect(),
-                started: started.clone(),
             };
             let (cp, pass_fence) = (self.clone(), fence.clone());
             let decided = match blocking(move || cp.pool_pass(&pass_fence, &workers)).await {
@@ -407,7 +396,7 @@ impl ControlPlane {
         pool: &Pool,
         action: Action,
         local: &mut HashMap<String, Child>,
-        running: &mut JoinSet<Done>,
+        running: &mut JoinSet<()>,
         busy: &mut HashMap<tokio::task::Id, String>,
     ) {
         match action {
@@ -426,8 +415,13 @@ impl ControlPlane {
                         Err(why) => self.provider_failed(pool, &node, "start", why).await,
                     },
                     Some(command) => {
-                        let (cp, host, pool, command) =
-                            (self.clone(), host.clone(), pool.clone(), command.clone());
+                        let (cp, host, pool, command, fence) = (
+                            self.clone(),
+                            host.clone(),
+                            pool.clone(),
+                            command.clone(),
+                            fence.clone(),
+                        );
                         let task = node.clone();
                         let handle = running.spawn(async move {
                             if let Err(why) =
@@ -435,7 +429,7 @@ impl ControlPlane {
                             {
                                 cp.provider_failed(&pool, &node, "start", why).await;
                             }
-                            Done::Started { at: cp.now() }
+                            cp.start_returned(&fence, &pool.name, &node).await;
                         });
                         busy.insert(handle.id(), task);
                     }
@@ -501,7 +495,6 @@ impl ControlPlane {
                             cp.provider_failed(&pool, &node, "stop", why).await;
                         }
                     }
-                    Done::Stopped
                 });
                 busy.insert(handle.id(), task);
             }
@@ -542,33 +535,69 @@ impl ControlPlane {
             let joined = failed
                 && (cp.get(&keys::node(&node))?.is_some()
                     || cp.get(&keys::credential(&node))?.is_some());
-            let key = keys::pool(&name);
-            // A pass may write the pool meanwhile: read it again and retry.
-            for _ in 0..5 {
-                let Some((mut pool, at)) = cp.get::<Pool>(&key)? else {
-                    return Ok(None);
-                };
-                let mut wait = None;
-                if joined {
-                    let Some(member) = pool.members.get_mut(&node) else {
-                        return Ok(None);
-                    };
-                    member.stop_failed_at = Some(cp.now());
-                    member.stop_failures = member.stop_failures.saturating_add(1);
-                    wait = Some(shoal_scheduler::pools::stop_backoff(member.stop_failures));
-                } else if pool.members.remove(&node).is_none() {
-                    return Ok(None);
+            let now = cp.now();
+            let wait = cp.edit_pool(&fence, &name, |pool| {
+                if !joined {
+                    return pool.members.remove(&node).map(|_| None);
                 }
-                let txn = Txn::new()
-                    .when_mod_revision(key.clone(), at)
-                    .then(Op::put(key.clone(), encode(&pool)));
-                if cp.inner.store.txn(fence.guard(txn))?.succeeded {
-                    return Ok(wait);
-                }
-            }
-            Err(ControlError::conflict(format!("pool {name} kept changing")))
+                let member = pool.members.get_mut(&node)?;
+                member.stop_failed_at = Some(now);
+                member.stop_failures = member.stop_failures.saturating_add(1);
+                Some(Some(shoal_scheduler::pools::stop_backoff(
+                    member.stop_failures,
+                )))
+            })?;
+            Ok(wait.flatten())
         })
         .await
+    }
+
+    /// Records that the provider's `start` of member `node` of pool `name` returned now:
+    /// its time to join counts from then, even across a restart of this control plane.
+    async fn start_returned(&self, fence: &Fence, name: &str, node: &str) {
+        let (cp, fence, name, node) = (
+            self.clone(),
+            fence.clone(),
+            name.to_string(),
+            node.to_string(),
+        );
+        let recorded = blocking(move || {
+            let now = cp.now();
+            cp.edit_pool(&fence, &name, |pool| {
+                pool.members.get_mut(&node)?.start_returned_at = Some(now);
+                Some(())
+            })
+        })
+        .await;
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, "node pools: the time to join counts from the start decision");
+        }
+    }
+
+    /// Writes pool `name` as `edit` changes it, unless `edit` returns `None` (nothing to
+    /// write) or the pool is gone. A pass may write the pool meanwhile: read again and retried.
+    fn edit_pool<T>(
+        &self,
+        fence: &Fence,
+        name: &str,
+        mut edit: impl FnMut(&mut Pool) -> Option<T>,
+    ) -> Result<Option<T>, ControlError> {
+        let key = keys::pool(name);
+        for _ in 0..5 {
+            let Some((mut pool, at)) = self.get::<Pool>(&key)? else {
+                return Ok(None);
+            };
+            let Some(out) = edit(&mut pool) else {
+                return Ok(None);
+            };
+            let txn = Txn::new()
+                .when_mod_revision(key.clone(), at)
+                .then(Op::put(key.clone(), encode(&pool)));
+            if self.inner.store.txn(fence.guard(txn))?.succeeded {
+                return Ok(Some(out));
+            }
+        }
+        Err(ControlError::conflict(format!("pool {name} kept changing")))
     }
 
     async fn provider_failed(&self, pool: &Pool, node: &str, verb: &str, why: String) {
@@ -668,15 +697,6 @@ fn node_labels(pool: &Pool) -> String {
         .join(",")
 }
 
-/// What a provider task reports back to the provisioner when it is done.
-enum Done {
-    /// The provider's `start` returned (or failed) at `at`.
-    Started {
-        at: Millis,
-    },
-    Stopped,
-}
-
 /// What the provisioner knows of the workers it started, for a pass.
 struct LocalWorkers {
     running: HashSet<String>,
@@ -687,8 +707,6 @@ struct LocalWorkers {
     since: shoal_core::Millis,
     /// Members whose provider (or local stop) is running now.
     busy: BTreeSet<String>,
-    /// When each member's provider `start` returned.
-    started: BTreeMap<String, Millis>,
 }
 
 impl LocalWorkers {
@@ -858,7 +876,6 @@ mod tests {
             exited: HashSet::new(),
             since: 0,
             busy: BTreeSet::new(),
-            started: BTreeMap::new(),
         };
         let pass = |cp: &ControlPlane| cp.pool_pass(&cp.fence(), &workers).unwrap();
         assert!(pass(&cp).is_empty(), "{:?}", pass(&cp));

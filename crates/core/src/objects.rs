@@ -764,6 +764,12 @@ impl PoolSpec {
 pub struct PoolMember {
     #[schema(value_type = u64)]
     pub started_at: Millis,
+    /// When its provider's `start` returned: its time to join counts from then, not from
+    /// the decision (a provider may take minutes to make a machine). Kept in the store, so
+    /// a control plane that restarts meanwhile does not stop a machine about to join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub start_returned_at: Option<Millis>,
     /// Since when it has run no replica while Ready, or only replicas that would all fit on
     /// the other nodes (`shoal_scheduler::pools::movable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -179,10 +179,6 @@ pub struct Facts<'a> {
     /// Members whose provider's `start` or `stop` is running now: no stop is decided for them
     /// until it is done.
     pub busy: &'a BTreeSet<String>,
-    /// When the provider's `start` of a member returned, as far as this provisioner knows:
-    /// its time to join counts from then, not from the decision (a provider may take
-    /// minutes to make a machine).
-    pub started: &'a BTreeMap<String, Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +225,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 name.clone(),
                 PoolMember {
                     started_at: now,
+                    start_returned_at: None,
                     empty_since: None,
                     retiring_since: Some(now),
                     started_by: None,
@@ -302,10 +299,9 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
                 UNREADY_TIMEOUT_MS / 60_000
             ))
         } else if !facts.nodes.contains_key(name)
-            && age(facts
-                .started
-                .get(name)
-                .map_or(member.started_at, |&t| t.max(member.started_at)))
+            && age(member
+                .start_returned_at
+                .map_or(member.started_at, |t| t.max(member.started_at)))
                 > START_TIMEOUT_MS
         {
             next.start_failures = next.start_failures.saturating_add(1);
@@ -418,6 +414,7 @@ pub fn decide(pool: &Pool, facts: &Facts<'_>, now: Millis) -> (Pool, Vec<Action>
             node.clone(),
             PoolMember {
                 started_at: now,
+                start_returned_at: None,
                 empty_since: None,
                 retiring_since: None,
                 started_by: Some(match &pool.spec.provider {
@@ -574,6 +571,7 @@ mod tests {
     fn member(started_at: Millis) -> PoolMember {
         PoolMember {
             started_at,
+            start_returned_at: None,
             empty_since: None,
             retiring_since: None,
             started_by: None,
@@ -624,7 +622,6 @@ mod tests {
         pending: &'a [Capacity],
     ) -> Facts<'a> {
         static NONE: BTreeSet<String> = BTreeSet::new();
-        static NEVER: BTreeMap<String, Millis> = BTreeMap::new();
         Facts {
             nodes,
             active,
@@ -633,7 +630,6 @@ mod tests {
             movable: &NONE,
             gone: &NONE,
             busy: &NONE,
-            started: &NEVER,
         }
     }
 
@@ -1064,9 +1060,8 @@ mod tests {
         f.busy = &busy;
         let (_, a) = decide(&p, &f, late);
         assert!(a.is_empty(), "{a:?}");
-        let returned: BTreeMap<String, Millis> = [("w-1".to_string(), NOW + 90_000)].into();
-        let mut f = facts(&none, &idle, &[]);
-        f.started = &returned;
+        p.members.get_mut("w-1").unwrap().start_returned_at = Some(NOW + 90_000);
+        let f = facts(&none, &idle, &[]);
         let (_, a) = decide(&p, &f, NOW + 90_000 + START_TIMEOUT_MS);
         assert!(a.is_empty(), "{a:?}");
         let (_, a) = decide(&p, &f, NOW + 90_000 + START_TIMEOUT_MS + 1);
