@@ -555,7 +555,7 @@ impl ControlPlane {
     /// Records that the provider's `start` of member `node` of pool `name` returned now:
     /// its time to join counts from then, even across a restart of this control plane.
     async fn start_returned(&self, fence: &Fence, name: &str, node: &str) {
-        let (cp, fence, name, node) = (
+        let (cp, fence, pool, member) = (
             self.clone(),
             fence.clone(),
             name.to_string(),
@@ -563,14 +563,14 @@ impl ControlPlane {
         );
         let recorded = blocking(move || {
             let now = cp.now();
-            cp.edit_pool(&fence, &name, |pool| {
-                pool.members.get_mut(&node)?.start_returned_at = Some(now);
+            cp.edit_pool(&fence, &pool, |pool| {
+                pool.members.get_mut(&member)?.start_returned_at = Some(now);
                 Some(())
             })
         })
         .await;
         if let Err(e) = recorded {
-            tracing::warn!(error = %e, "node pools: the time to join counts from the start decision");
+            tracing::warn!(pool = %name, %node, error = %e, "node pools: a node's time to join counts from the decision to start it");
         }
     }
 
