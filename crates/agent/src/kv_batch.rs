@@ -4,16 +4,32 @@
 //! while they are on their way queue, and the next request to go takes all of them (up to
 //! [`MAX_BATCH`]) to `…/batch`, where each runs as if sent alone. One call at a time goes
 //! alone, as before, with no wait: batching only happens when calls pile up.
+//!
+//! A call never waits longer than it would have alone (its timeout counts from when it was
+//! made), a call whose guest gave up is not sent, and a bucket's queue is bounded: past
+//! [`MAX_QUEUED`] calls are refused at once rather than pile up against a slow control plane.
 
+use reqwest::StatusCode;
 use shoal_api::{Client, ClientError, LinkError, LinkResult, Resend};
 use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Requests on their way to one bucket at once; calls made meanwhile queue for the next.
 const SENDING: usize = 4;
+
+/// Calls that may wait for one bucket: 16 requests' worth beyond those on their way.
+const MAX_QUEUED: usize = 16 * MAX_BATCH;
+
+/// The node's client to the control plane. Joining again replaces it with one carrying the
+/// new credential, so every request takes the one in use when it goes.
+pub(crate) type SharedClient = Arc<RwLock<Client>>;
+
+pub(crate) fn current(api: &SharedClient) -> Client {
+    api.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
 
 /// A call bigger than this (its keys and values) goes alone, and a batch stops short of
 /// [`BATCH_BYTES`]: the control plane takes a node's request up to its body limit, and one
@@ -53,22 +69,28 @@ impl KvBatches {
     }
 
     /// `op` on the bucket whose calls go to `path`, sent through `api` alone or with the calls
-    /// queued beside it. A sender runs as a task of its own, so a guest that gives up on its
-    /// call (its request timed out) does not cut the others' short.
+    /// queued beside it, answered within `timeout`. A sender runs as a task of its own, so a
+    /// guest that gives up on its call (its request timed out) does not cut the others' short.
     pub(crate) async fn call(
         self: &Arc<Self>,
-        api: Client,
+        api: &SharedClient,
         path: String,
         op: KvOp,
         timeout: Duration,
     ) -> LinkResult<KvAnswer> {
         if weight(&op) > ALONE_BYTES {
-            return send_alone(&api, &path, op, timeout).await;
+            return send_alone(&current(api), &path, op, timeout).await;
         }
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut buckets = self.lock();
             let bucket = buckets.entry(path.clone()).or_default();
+            if bucket.queued.len() >= MAX_QUEUED {
+                return Err(LinkError::Failed(format!(
+                    "{MAX_QUEUED} key-value calls already wait for this bucket on this node: \
+                     the cluster's key-value store is slow to answer"
+                )));
+            }
             bucket.queued.push_back((op, tx));
             let start = bucket.sending < SENDING;
             bucket.sending += usize::from(start);
@@ -80,13 +102,19 @@ impl KvBatches {
                 path,
                 done: false,
             };
-            tokio::spawn(sender.run(api, timeout));
+            tokio::spawn(sender.run(api.clone(), timeout));
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(LinkError::Failed(
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(LinkError::Failed(
                 "the key-value call was lost on this node".into(),
-            ))
-        })
+            )),
+            // Dropping `rx` tells a sender that has not taken the call yet to leave it.
+            Err(_) => Err(LinkError::Failed(format!(
+                "the cluster's key-value store did not answer within {}s",
+                timeout.as_secs()
+            ))),
+        }
     }
 }
 
@@ -99,8 +127,9 @@ struct Sender {
 }
 
 impl Sender {
-    async fn run(mut self, api: Client, timeout: Duration) {
+    async fn run(mut self, api: SharedClient, timeout: Duration) {
         while let Some(batch) = self.next() {
+            let api = current(&api);
             let (ops, waiters): (Vec<KvOp>, Vec<Waiter>) = batch.into_iter().unzip();
             let answers = match <[KvOp; 1]>::try_from(ops) {
                 Ok([op]) => vec![send_alone(&api, &self.path, op, timeout).await],
@@ -113,10 +142,12 @@ impl Sender {
         }
     }
 
-    /// The calls to send next, or `None` (counted out) if none wait.
+    /// The calls to send next, or `None` (counted out) if none wait. Calls whose guest gave
+    /// up are dropped unsent.
     fn next(&mut self) -> Option<Vec<(KvOp, Waiter)>> {
         let mut buckets = self.batches.lock();
         let bucket = buckets.get_mut(&self.path)?;
+        bucket.queued.retain(|(_, waiter)| !waiter.is_closed());
         if bucket.queued.is_empty() {
             bucket.sending -= 1;
             if bucket.sending == 0 {
@@ -140,8 +171,9 @@ impl Sender {
 
 impl Drop for Sender {
     /// A sender that panicked counts itself out, so its bucket is not left one short: what
-    /// it held is answered as failed (its waiters' channels close), and what still queues
-    /// goes with the next call's sender.
+    /// it held is answered as failed (its waiters' channels close). What still queues goes
+    /// with the other senders, or, if it was the last, is answered as failed too rather than
+    /// wait for a sender that no call may start.
     fn drop(&mut self) {
         if self.done {
             return;
@@ -149,7 +181,7 @@ impl Drop for Sender {
         let mut buckets = self.batches.lock();
         if let Some(bucket) = buckets.get_mut(&self.path) {
             bucket.sending = bucket.sending.saturating_sub(1);
-            if bucket.sending == 0 && bucket.queued.is_empty() {
+            if bucket.sending == 0 {
                 buckets.remove(&self.path);
             }
         }
@@ -205,13 +237,30 @@ async fn send_batch(
             .collect()
     };
     match api.send_as::<Vec<KvOutcome>>(req, how).await {
-        Ok(outcomes) if outcomes.len() == count => outcomes
-            .into_iter()
-            .map(|outcome| match outcome {
-                KvOutcome::Answered { answer } => Ok(answer),
-                KvOutcome::Refused { message } => Err(LinkError::Failed(message)),
-            })
-            .collect(),
+        Ok(outcomes) if outcomes.len() == count => {
+            let calls = ops
+                .into_iter()
+                .zip(outcomes)
+                .map(|(op, outcome)| async move {
+                    match outcome {
+                        KvOutcome::Answered { answer } => Ok(answer),
+                        KvOutcome::Refused { message } => Err(LinkError::Failed(message)),
+                        // The server failed it, not the store's rules: what does the same the
+                        // second time goes again, alone, and on to the next server if this one
+                        // fails it again, as it would have gone alone in the first place.
+                        KvOutcome::Failed { message } => match resend(std::slice::from_ref(&op)) {
+                            Resend::Idempotent => send_alone(api, path, op, timeout).await,
+                            Resend::IfUnsent => Err(LinkError::Failed(message)),
+                        },
+                    }
+                });
+            futures::future::join_all(calls).await
+        }
+        // A control plane from before batches (a rolling upgrade): each call goes alone.
+        Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
+            let calls = ops.into_iter().map(|op| send_alone(api, path, op, timeout));
+            futures::future::join_all(calls).await
+        }
         Ok(outcomes) => {
             tracing::warn!(
                 sent = count,
@@ -274,6 +323,36 @@ mod tests {
         Json(outcomes).into_response()
     }
 
+    /// A client of a stand-in control plane serving `router`.
+    async fn stand_in(router: axum::Router) -> SharedClient {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let servers = Servers::parse(&format!("http://{addr}")).unwrap();
+        Arc::new(RwLock::new(Client::new(servers, "t")))
+    }
+
+    fn increment(delta: u64) -> KvOp {
+        KvOp::Increment {
+            key: "k".into(),
+            delta,
+        }
+    }
+
+    /// `ops` all at once, each answered or refused with the refusal's text.
+    async fn call_all(
+        batches: &Arc<KvBatches>,
+        api: &SharedClient,
+        ops: Vec<KvOp>,
+        timeout: Duration,
+    ) -> Vec<Result<KvAnswer, String>> {
+        let calls = ops.into_iter().map(|op| async move {
+            let answer = batches.call(api, "/kv/b".into(), op, timeout).await;
+            answer.map_err(|e| e.to_string())
+        });
+        futures::future::join_all(calls).await
+    }
+
     /// 40 calls at once: a few requests carry them all, each call gets its own answer (or its
     /// own refusal), and nothing stays counted as on its way.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -283,24 +362,10 @@ mod tests {
             .route("/kv/b", axum::routing::post(alone))
             .route("/kv/b/batch", axum::routing::post(together))
             .with_state(seen.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, router).await });
-        let api = Client::new(Servers::parse(&format!("http://{addr}")).unwrap(), "t");
+        let api = stand_in(router).await;
         let batches = Arc::new(KvBatches::default());
-        let calls = (0..40u64).map(|delta| {
-            let (batches, api) = (batches.clone(), api.clone());
-            let op = KvOp::Increment {
-                key: "k".into(),
-                delta,
-            };
-            async move {
-                (batches.call(api, "/kv/b".into(), op, Duration::from_secs(10)))
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-        });
-        let answers = futures::future::join_all(calls).await;
+        let ops = (0..40).map(increment).collect();
+        let answers = call_all(&batches, &api, ops, Duration::from_secs(10)).await;
         assert_eq!(answers[0], Err("no zero here".into()));
         for (delta, answer) in answers.into_iter().enumerate().skip(1) {
             assert_eq!(
@@ -325,14 +390,178 @@ mod tests {
         // One call at a time goes alone.
         seen.lock().unwrap().clear();
         for delta in 1..=3 {
-            let op = KvOp::Increment {
-                key: "k".into(),
-                delta,
-            };
-            let answer = batches.call(api.clone(), "/kv/b".into(), op, Duration::from_secs(10));
+            let answer = batches.call(
+                &api,
+                "/kv/b".into(),
+                increment(delta),
+                Duration::from_secs(10),
+            );
             assert_eq!(answer.await.unwrap(), KvAnswer::Count { value: delta });
         }
         assert_eq!(*seen.lock().unwrap(), [1, 1, 1]);
+    }
+
+    /// The credentials of the batches a stand-in control plane took, in turn.
+    type Credentials = Arc<Mutex<Vec<String>>>;
+
+    async fn slow_batch(
+        State(seen): State<Credentials>,
+        headers: axum::http::HeaderMap,
+        Json(ops): Json<Vec<KvOp>>,
+    ) -> Response {
+        let credential = headers[axum::http::header::AUTHORIZATION].to_str().unwrap();
+        seen.lock().unwrap().push(credential.to_string());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let outcomes: Vec<_> = (ops.iter())
+            .map(|_| KvOutcome::Answered {
+                answer: KvAnswer::Done,
+            })
+            .collect();
+        Json(outcomes).into_response()
+    }
+
+    /// A node that joined again sends with its new credential from the next request on, even
+    /// from a bucket whose senders never went idle.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_carry_the_credential_in_use_when_they_go() {
+        let seen = Credentials::default();
+        let router = axum::Router::new()
+            .route(
+                "/kv/b",
+                axum::routing::post(|| async { Json(KvAnswer::Done) }),
+            )
+            .route("/kv/b/batch", axum::routing::post(slow_batch))
+            .with_state(seen.clone());
+        let api = stand_in(router).await;
+        let servers = current(&api).servers().clone();
+        let batches = Arc::new(KvBatches::default());
+        let get = || KvOp::Exists { key: "k".into() };
+        let first = call_all(
+            &batches,
+            &api,
+            vec![get(); 2 * MAX_BATCH],
+            Duration::from_secs(10),
+        );
+        let rejoined = async {
+            // Swapped while the first requests are on their way and calls still queue.
+            while seen.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            *api.write().unwrap() = Client::new(servers, "new");
+            call_all(
+                &batches,
+                &api,
+                vec![get(); 2 * MAX_BATCH],
+                Duration::from_secs(10),
+            )
+            .await
+        };
+        let (first, then) = tokio::join!(first, rejoined);
+        let answered = first.iter().chain(&then);
+        assert_eq!(answered.filter(|a| **a != Ok(KvAnswer::Done)).count(), 0);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0], "Bearer t");
+        assert_eq!(seen.last().unwrap(), "Bearer new", "{seen:?}");
+    }
+
+    /// A batch that the control plane failed in part: what may go twice goes again alone and
+    /// is answered; an increment is not sent again. A control plane without `…/batch` takes
+    /// each call alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_the_server_failed_go_again_alone_and_an_old_server_takes_them_one_by_one() {
+        async fn failing(Json(ops): Json<Vec<KvOp>>) -> Response {
+            let outcomes: Vec<_> = (ops.iter())
+                .map(|_| KvOutcome::Failed {
+                    message: "internal error".into(),
+                })
+                .collect();
+            Json(outcomes).into_response()
+        }
+        async fn exists(Json(_): Json<KvOp>) -> Response {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Json(KvAnswer::Exists { exists: true }).into_response()
+        }
+        let exists_op = || KvOp::Exists { key: "k".into() };
+        let ops = || {
+            let mut ops = vec![exists_op(); 20];
+            ops.push(increment(1));
+            ops
+        };
+        for with_batches in [true, false] {
+            let router = axum::Router::new().route("/kv/b", axum::routing::post(exists));
+            let router = match with_batches {
+                true => router.route("/kv/b/batch", axum::routing::post(failing)),
+                false => router,
+            };
+            let api = stand_in(router).await;
+            let batches = Arc::new(KvBatches::default());
+            let answers = call_all(&batches, &api, ops(), Duration::from_secs(10)).await;
+            let (last, rest) = answers.split_last().unwrap();
+            assert!(
+                rest.iter()
+                    .all(|a| *a == Ok(KvAnswer::Exists { exists: true })),
+                "{rest:?}"
+            );
+            match with_batches {
+                true => assert_eq!(*last, Err("internal error".into())),
+                // The stand-in answers an increment sent alone as it answers anything.
+                false => assert_eq!(*last, Ok(KvAnswer::Exists { exists: true })),
+            }
+        }
+    }
+
+    /// Against a control plane that does not answer: each call gives up within its own
+    /// timeout, calls past the queue's bound are refused at once, and calls whose guest gave up
+    /// are never sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_wait_no_longer_than_alone_and_the_queue_is_bounded() {
+        let seen = Seen::default();
+        let hang = |State(seen): State<Seen>, Json(ops): Json<Vec<KvOp>>| async move {
+            seen.lock().unwrap().push(ops.len());
+            std::future::pending::<()>().await;
+        };
+        let router = axum::Router::new()
+            .route("/kv/b", axum::routing::post(std::future::pending::<()>))
+            .route("/kv/b/batch", axum::routing::post(hang))
+            .with_state(seen.clone());
+        let api = stand_in(router).await;
+        let batches = Arc::new(KvBatches::default());
+        // However many senders have taken meanwhile, at least 10 find the queue full.
+        let calls = SENDING * MAX_BATCH + MAX_QUEUED + 10;
+        let ops = (1..=calls as u64).map(increment).collect();
+        let since = std::time::Instant::now();
+        let answers = call_all(&batches, &api, ops, Duration::from_secs(1)).await;
+        assert!(
+            since.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            since.elapsed()
+        );
+        let said = |what: &str| {
+            (answers.iter())
+                .filter(|a| a.as_ref().is_err_and(|e| e.contains(what)))
+                .count()
+        };
+        // A call is said to time out, or, if its request timed out first, to find the store
+        // unreachable.
+        let timed_out = said("within 1s") + said("cannot be reached");
+        let refused = said("already wait");
+        assert!(refused >= 10, "{refused} refused");
+        assert_eq!(refused + timed_out, calls);
+        // The senders find the queue's calls given up, and stop without sending them.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !batches.lock().is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "senders never stopped"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // One round of batches may go before their calls time out, but not the whole queue.
+        let sent: usize = seen.lock().unwrap().iter().sum();
+        assert!(
+            sent <= 2 * SENDING * MAX_BATCH,
+            "{sent} calls sent after their guests gave up"
+        );
     }
 
     #[test]

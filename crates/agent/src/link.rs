@@ -7,7 +7,7 @@
 //! fails over to the others ([`Servers`]); a watch follows: it ends, resumable,
 //! when the link leaves the server it is on.
 
-use crate::kv_batch::KvBatches;
+use crate::kv_batch::{KvBatches, SharedClient, current};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use reqwest::{Method, RequestBuilder, Response};
@@ -142,7 +142,7 @@ pub struct RemoteLink {
     /// Shared with `api`, so a new credential keeps the server the calls go to.
     servers: Servers,
     /// Carries the node's credential; replaced when the node joins again.
-    api: std::sync::RwLock<Client>,
+    api: SharedClient,
     rejoin: Option<Rejoin>,
     /// Where fetched modules are kept, content-addressed like the server's.
     modules: PathBuf,
@@ -167,11 +167,11 @@ impl RemoteLink {
         std::fs::create_dir_all(&modules)
             .map_err(|e| LinkError::Failed(format!("cannot create {}: {e}", modules.display())))?;
         Ok(RemoteLink {
-            api: std::sync::RwLock::new(Client::with_http(
+            api: Arc::new(std::sync::RwLock::new(Client::with_http(
                 http.clone(),
                 servers.clone(),
                 credential,
-            )),
+            ))),
             http,
             servers,
             rejoin: None,
@@ -189,7 +189,7 @@ impl RemoteLink {
     }
 
     fn api(&self) -> Client {
-        self.api.read().unwrap_or_else(|p| p.into_inner()).clone()
+        current(&self.api)
     }
 
     /// Sends, and wants any 2xx; at another server too if this one does not answer and
@@ -394,7 +394,7 @@ impl Link for RemoteLink {
             seg(&app.name),
             seg(bucket)
         );
-        Box::pin(self.kv_batches.call(self.api(), path, op, CALL_TIMEOUT))
+        Box::pin(self.kv_batches.call(&self.api, path, op, CALL_TIMEOUT))
     }
 
     fn volumes(

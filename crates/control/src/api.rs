@@ -1750,6 +1750,7 @@ async fn node_kv_batch(
         async move {
             match blocking(move || cp.kv_for_node(&name, &app, &bucket, op)).await {
                 Ok(answer) => KvOutcome::Answered { answer },
+                Err(e) if e.status.is_server_error() => KvOutcome::Failed { message: e.message },
                 Err(e) => KvOutcome::Refused { message: e.message },
             }
         }

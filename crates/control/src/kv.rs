@@ -236,6 +236,34 @@ impl ControlPlane {
         }
     }
 
+    /// [`ControlPlane::kv_write_batch`], made again from a new read while other servers' writes
+    /// come first. A store that refuses the whole write for its size (etcd's request limit)
+    /// wrote none of it: then each change goes alone, so only one too large by itself fails.
+    fn kv_write_together(
+        &self,
+        ns: &str,
+        bucket: &str,
+        changes: &[&BTreeMap<String, Change>],
+    ) -> Vec<Result<Option<u64>, ControlError>> {
+        let write = |changes: &[&BTreeMap<String, Change>]| {
+            crate::state::retrying(|| self.kv_write_batch(ns, bucket, changes))
+        };
+        match write(changes) {
+            Ok(answers) => answers,
+            Err(ControlError::Invalid {
+                code: ErrorCode::TooLarge,
+                ..
+            }) if changes.len() > 1 => changes
+                .iter()
+                .map(|&alone| match write(&[alone]) {
+                    Ok(mut answers) => answers.pop().unwrap_or(Err(ControlError::Internal)),
+                    Err(e) => Err(e),
+                })
+                .collect(),
+            Err(e) => changes.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
+
     /// The buckets of `ns` (of all namespaces if `None`) and what each holds.
     pub fn kv_buckets(
         &self,
@@ -498,8 +526,7 @@ impl Turn<'_> {
         let (ns, bucket) = &self.bucket;
         let changes: Vec<&BTreeMap<String, Change>> =
             self.batch.iter().map(|q| &q.changes).collect();
-        let answers = crate::state::retrying(|| cp.kv_write_batch(ns, bucket, &changes))
-            .unwrap_or_else(|e| changes.iter().map(|_| Err(e.clone())).collect());
+        let answers = cp.kv_write_together(ns, bucket, &changes);
         for (queued, answer) in self.batch.drain(..).zip(answers) {
             queued.set(QueuedState::Answered(answer));
         }
@@ -800,6 +827,58 @@ mod tests {
                 bytes: 2 + 5
             }
         );
+    }
+
+    /// Writes made together that etcd refuses as one request for their size are made one by
+    /// one: only the one too large by itself is refused, and the others are all written.
+    #[test]
+    fn writes_too_large_together_for_etcd_go_one_by_one() {
+        let etcd = shoal_etcd::testing::EtcdCluster::start_with(1, &["--max-request-bytes=200000"]);
+        let store = shoal_etcd::EtcdStore::connect(&etcd.config()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let cp = ControlPlane::new(
+            store,
+            shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap(),
+            ControlConfig::default(),
+        )
+        .unwrap();
+        let put =
+            |k: &str, bytes| BTreeMap::from([(k.to_string(), Change::Put(vec![b'x'; bytes]))]);
+        let add = || BTreeMap::from([("n".to_string(), Change::Add(1))]);
+        let batch = [
+            put("a", 120_000),
+            add(),
+            put("b", 120_000),
+            put("c", 250_000),
+            add(),
+        ];
+        let refs: Vec<_> = batch.iter().collect();
+        let together = cp.kv_write_batch("default", "b", &refs).unwrap_err();
+        assert!(
+            matches!(
+                together,
+                ControlError::Invalid {
+                    code: ErrorCode::TooLarge,
+                    ..
+                }
+            ),
+            "{together}"
+        );
+        let answers: Vec<_> = cp
+            .kv_write_together("default", "b", &refs)
+            .into_iter()
+            .map(|a| a.map_err(|e| e.to_string()))
+            .collect();
+        assert_eq!(answers[..3], [Ok(None), Ok(Some(1)), Ok(None)]);
+        assert!(
+            answers[3]
+                .as_ref()
+                .unwrap_err()
+                .contains("larger than the store takes")
+        );
+        assert_eq!(answers[4], Ok(Some(2)));
+        let usage = cp.kv_buckets(Some("default")).unwrap();
+        assert_eq!(usage[0].2.keys, 3, "a, b and n");
     }
 
     /// Whether incrementing `key` works (its value is a decimal number).

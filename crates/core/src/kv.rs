@@ -85,6 +85,11 @@ pub enum KvOutcome {
     Refused {
         message: String,
     },
+    /// The control plane failed it (its store did; a 5xx had it gone alone): a call that does
+    /// the same the second time may go again, to another server if this one fails it too.
+    Failed {
+        message: String,
+    },
 }
 
 /// A key's rule: 1 to [`MAX_KEY_BYTES`] bytes, no NUL.
