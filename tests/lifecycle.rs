@@ -302,7 +302,7 @@ fn a_replica_that_stays_unhealthy_on_its_node_is_replaced_on_another() {
             dir.path(),
             1,
             1,
-            "NODE = \"$(node)\"\nSICK_NODE = \"node-1\"",
+            "NODE = \"$(node)\"\nWHERE = \"$(app) on $(node)\"\nSICK_NODE = \"node-1\"",
             liveness,
         ),
     ]);
@@ -323,6 +323,8 @@ fn a_replica_that_stays_unhealthy_on_its_node_is_replaced_on_another() {
     );
     let (status, body) = nodes[0].get("/faulty/env/NODE").unwrap();
     assert_eq!((status, body.as_str()), (200, "node-2"));
+    let (status, body) = nodes[0].get("/faulty/env/WHERE").unwrap();
+    assert_eq!((status, body.as_str()), (200, "faulty on node-2"));
 }
 
 #[test]

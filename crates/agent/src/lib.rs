@@ -1399,27 +1399,37 @@ impl shoal_runtime::KeyValue for ClusterKv {
 }
 
 impl Agent {
-    /// An env value that names a fact about the replica (`$(node)`, `$(replica)`,
-    /// `$(revision)`, `$(app)`, `$(namespace)`) becomes that fact, as Kubernetes'
-    /// downward API does, and `$(config.KEY)` the app's config value of KEY (`[config]`
-    /// over its config sets; the apply checked that it has one); only what the spec asks for reaches the guest.
+    /// An env value with its references filled in ([`shoal_core::spec::env_parts`]): a fact
+    /// about the replica (`$(node)`, `$(replica)`, `$(revision)`, `$(app)`, `$(namespace)`)
+    /// becomes that fact, as Kubernetes' downward API does, and `$(config.KEY)` the app's
+    /// config value of KEY (`[config]` over its config sets; the apply checked that it has
+    /// one); only what the spec asks for reaches the guest.
     fn downward(
         &self,
         replica: &Replica,
         config: &BTreeMap<String, String>,
         value: &str,
     ) -> String {
-        if let Some(key) = shoal_core::spec::config_reference(value) {
-            return config.get(key).cloned().unwrap_or_default();
+        use shoal_core::spec::EnvPart;
+        let mut filled = String::with_capacity(value.len());
+        for part in shoal_core::spec::env_parts(value) {
+            match part {
+                EnvPart::Text(text) => filled.push_str(text),
+                EnvPart::Config(key) => filled.push_str(config.get(key).map_or("", |v| v)),
+                EnvPart::Fact("node") => filled.push_str(&self.inner.config.node),
+                EnvPart::Fact("replica") => filled.push_str(&replica.id),
+                EnvPart::Fact("revision") => filled.push_str(&replica.revision.to_string()),
+                EnvPart::Fact("app") => filled.push_str(&replica.app.name),
+                EnvPart::Fact("namespace") => filled.push_str(&replica.app.namespace),
+                // The apply refused it; a spec from before that check keeps it as written.
+                EnvPart::Fact(other) => {
+                    filled.push_str("$(");
+                    filled.push_str(other);
+                    filled.push(')');
+                }
+            }
         }
-        match shoal_core::spec::downward_reference(value) {
-            Some("node") => self.inner.config.node.clone(),
-            Some("replica") => replica.id.clone(),
-            Some("revision") => replica.revision.to_string(),
-            Some("app") => replica.app.name.clone(),
-            Some("namespace") => replica.app.namespace.clone(),
-            _ => value.to_string(),
-        }
+        filled
     }
 }
 

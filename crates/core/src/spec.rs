@@ -1399,25 +1399,70 @@ fn merged_config(
     merged
 }
 
-/// The `[config]` key an env value `$(config.KEY)` asks for, if it is one.
-pub fn config_reference(value: &str) -> Option<&str> {
-    value.strip_prefix("$(config.")?.strip_suffix(')')
-}
-
 /// The facts about a replica an env value may ask for as `$(NAME)`, as Kubernetes' downward
 /// API does: its node, its ID, its revision, its app and its namespace.
 pub const DOWNWARD: [&str; 5] = ["node", "replica", "revision", "app", "namespace"];
 
-/// The fact an env value `$(NAME)` asks for, if it has that form (a name, known or not,
-/// without spaces or parentheses); `$(config.KEY)` is [`config_reference`]'s.
-pub fn downward_reference(value: &str) -> Option<&str> {
-    let name = value.strip_prefix("$(")?.strip_suffix(')')?;
-    let plain = !name.is_empty()
-        && !name.starts_with("config.")
-        && name
+/// A piece of an env value ([`env_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvPart<'a> {
+    /// Text passed as written.
+    Text(&'a str),
+    /// `$(NAME)`: a fact about the replica, known ([`DOWNWARD`]) or not.
+    Fact(&'a str),
+    /// `$(config.KEY)`: the app's config value of KEY.
+    Config(&'a str),
+}
+
+/// An env value's pieces, in order. As in Kubernetes, `$(NAME)` and `$(config.KEY)` are
+/// references wherever they stand (`"$(app)-$(node)"`), `$$(` writes a `$(` that is text, and
+/// a `$(` that makes no reference (`$(1 + 2)`, `$()`, no closing `)`) stays text. A name is
+/// letters, digits, `_`, `-` and `.`; a config key anything up to the `)`.
+pub fn env_parts(value: &str) -> Vec<EnvPart<'_>> {
+    fn text<'a>(parts: &mut Vec<EnvPart<'a>>, t: &'a str) {
+        if !t.is_empty() {
+            parts.push(EnvPart::Text(t));
+        }
+    }
+    let mut parts = Vec::new();
+    let mut rest = value;
+    while let Some(at) = rest.find("$(") {
+        if rest[..at].ends_with('$') {
+            text(&mut parts, &rest[..at - 1]);
+            text(&mut parts, "$(");
+            rest = &rest[at + 2..];
+            continue;
+        }
+        let inner = &rest[at + 2..];
+        let reference = inner
+            .find(')')
+            .and_then(|end| Some((env_reference(&inner[..end])?, end)));
+        match reference {
+            Some((part, end)) => {
+                text(&mut parts, &rest[..at]);
+                parts.push(part);
+                rest = &inner[end + 1..];
+            }
+            None => {
+                text(&mut parts, &rest[..at + 2]);
+                rest = inner;
+            }
+        }
+    }
+    text(&mut parts, rest);
+    parts
+}
+
+/// What `$(inner)` refers to, if it is a reference.
+fn env_reference(inner: &str) -> Option<EnvPart<'_>> {
+    if let Some(key) = inner.strip_prefix("config.") {
+        return (!key.is_empty()).then_some(EnvPart::Config(key));
+    }
+    let plain = !inner.is_empty()
+        && inner
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    plain.then_some(name)
+    plain.then_some(EnvPart::Fact(inner))
 }
 
 /// `[config]` keys are 1 to 256 printable characters; all entries together stay within
@@ -2019,27 +2064,30 @@ impl AppSpec {
             return field("config_sets", m);
         }
         for (name, value) in &self.env {
-            if let Some(fact) = downward_reference(value)
-                && !DOWNWARD.contains(&fact)
-            {
-                return field(
-                    "env",
-                    format!(
-                        "{name} = \"{value}\" asks for no known fact: $(node), $(replica), $(revision), $(app), $(namespace) or $(config.KEY)"
-                    ),
-                );
-            }
-            if let Some(key) = config_reference(value)
-                && !config.contains_key(key)
-                && !self.secret_config.contains_key(key)
-                && resolved
-            {
-                return field(
-                    "env",
-                    format!(
-                        "{name} = \"{value}\" asks for config key {key:?}, which neither [config] nor its config sets have"
-                    ),
-                );
+            for part in env_parts(value) {
+                match part {
+                    EnvPart::Fact(fact) if !DOWNWARD.contains(&fact) => {
+                        return field(
+                            "env",
+                            format!(
+                                "{name} = \"{value}\": $({fact}) is no known fact: $(node), $(replica), $(revision), $(app), $(namespace) or $(config.KEY) (write $$( for a $( that is text)"
+                            ),
+                        );
+                    }
+                    EnvPart::Config(key)
+                        if resolved
+                            && !config.contains_key(key)
+                            && !self.secret_config.contains_key(key) =>
+                    {
+                        return field(
+                            "env",
+                            format!(
+                                "{name} = \"{value}\" asks for config key {key:?}, which neither [config] nor its config sets have"
+                            ),
+                        );
+                    }
+                    EnvPart::Text(_) | EnvPart::Fact(_) | EnvPart::Config(_) => {}
+                }
             }
         }
         if let Err(m) = self.rollout.check(self.component.kind) {
@@ -3536,30 +3584,57 @@ A = "1"
         let e = parse_app(&missing).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("env"), "{e}");
         assert!(e.to_string().contains("\"nope\""), "{e}");
-        assert_eq!(config_reference("$(config.a.b)"), Some("a.b"));
-        assert_eq!(config_reference("$(node)"), None);
     }
 
     #[test]
     fn env_may_ask_for_a_known_fact_only() {
         let digest = format!("sha256:{}", "a".repeat(64));
         for fact in DOWNWARD {
-            let asks = HELLO.replace("A = \"1\"", &format!("A = \"$({fact})\""));
+            let asks = HELLO.replace("A = \"1\"", &format!("A = \"at $({fact})!\""));
             assert!(parse_app(&asks).unwrap().resolve(digest.clone()).is_ok());
         }
-        let typo = HELLO.replace("A = \"1\"", "A = \"$(nodee)\"");
-        let e = parse_app(&typo).unwrap_err();
-        assert_eq!(e.field.as_deref(), Some("env"), "{e}");
-        assert!(e.to_string().contains("$(nodee)"), "{e}");
-        assert!(e.to_string().contains("$(node)"), "{e}");
-        assert!(e.line.is_some(), "{e}");
-        // Text that only looks like a reference in part stays the guest's own.
-        for plain in ["$(node) and more", "cost $(1 + 2)", "$()", "$(a b)"] {
+        for typo in ["$(nodee)", "$(node)-$(nodee)"] {
+            let src = HELLO.replace("A = \"1\"", &format!("A = \"{typo}\""));
+            let e = parse_app(&src).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("env"), "{e}");
+            assert!(e.to_string().contains("$(nodee) is no known fact"), "{e}");
+            assert!(e.to_string().contains("$(node)"), "{e}");
+            assert!(e.line.is_some(), "{e}");
+        }
+        let missing = HELLO.replace("A = \"1\"", "A = \"x$(config.k)\"");
+        let e = parse_app(&missing).unwrap_err();
+        assert!(e.to_string().contains("config key \"k\""), "{e}");
+        // Text that only looks like a reference stays the guest's own.
+        for plain in ["cost $(1 + 2)", "$()", "$(a b)", "$$(nodee)", "$(node"] {
             let src = HELLO.replace("A = \"1\"", &format!("A = \"{plain}\""));
             assert!(parse_app(&src).is_ok(), "{plain}");
         }
-        assert_eq!(downward_reference("$(node)"), Some("node"));
-        assert_eq!(downward_reference("$(config.x)"), None);
+    }
+
+    #[test]
+    fn env_values_are_text_and_references_anywhere_in_them() {
+        use EnvPart::{Config, Fact, Text};
+        let cases: [(&str, &[EnvPart]); 10] = [
+            ("plain", &[Text("plain")]),
+            ("", &[]),
+            ("$(node)", &[Fact("node")]),
+            ("$(config.a.b)", &[Config("a.b")]),
+            ("pre-$(node)", &[Text("pre-"), Fact("node")]),
+            ("$(node)-$(app)", &[Fact("node"), Text("-"), Fact("app")]),
+            (
+                "x$(config.my key)y",
+                &[Text("x"), Config("my key"), Text("y")],
+            ),
+            (
+                "$$(node) is $(node)",
+                &[Text("$("), Text("node) is "), Fact("node")],
+            ),
+            ("$(1 + 2) $()", &[Text("$("), Text("1 + 2) $("), Text(")")]),
+            ("a$(b", &[Text("a$("), Text("b")]),
+        ];
+        for (value, parts) in cases {
+            assert_eq!(env_parts(value), parts, "{value}");
+        }
     }
 
     #[test]
