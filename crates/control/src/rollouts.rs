@@ -12,7 +12,7 @@ use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, EventType, Replica, Revision, RolloutStatus, Volume};
+use shoal_core::{App, EventType, Replica, Revision, RolloutPhase, RolloutStatus, Volume};
 use shoal_scheduler::plan::{Batch, Change, Expect, Read, Volumes, roll_back_into};
 use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
 use shoal_store::Txn;
@@ -41,6 +41,19 @@ impl ControlPlane {
             }
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.revision));
+        // A completed rollout says how many replicas are ready now: `shoal scale` and the
+        // autoscaler change how many there are after it completed, and the record is not
+        // written again for that.
+        let mut status = status;
+        if let Some(s) = status.as_mut().filter(|s| {
+            s.phase == RolloutPhase::Complete && s.revision == app.revision && !s.paused
+        }) {
+            let ready = (counts.iter())
+                .find(|c| c.revision == s.revision)
+                .map_or(0, |c| c.ready);
+            s.ready = u32::try_from(ready).unwrap_or(u32::MAX);
+            s.message = RolloutStatus::rolled_out(s.revision, s.ready, app.spec.replicas);
+        }
         let split = status.as_ref().and_then(|s| s.split(&app.spec.rollout));
         let (canary, stable) = match (&status, split) {
             (Some(s), Some((c, _))) => match (s.step_started_at, s.stable) {
@@ -352,6 +365,42 @@ mod tests {
             .txn(Txn::new().then(Op::delete(keys::replica(&key, "c"))))
             .unwrap();
         assert_eq!(cp.rollout_view(&key).unwrap().weight, None);
+    }
+
+    /// After `shoal scale`, a completed rollout says how many replicas are ready now, not
+    /// what was true when it completed.
+    #[test]
+    fn a_completed_rollout_says_how_many_replicas_are_ready_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n\
+             [http]\nroutes = [\"/web\"]\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        let key = spec.key();
+        cp.apply(spec.clone(), false).unwrap();
+        let app = cp.app(&key).unwrap();
+        let mut status = shoal_scheduler::rollout::start(&app, None, 0);
+        status.phase = RolloutPhase::Complete;
+        status.ready = 1;
+        status.message = RolloutStatus::rolled_out(1, 1, 1);
+        let mut txn = Txn::new().then(Op::put(keys::rollout(&key), encode(&status)));
+        for (id, phase) in [
+            ("a", Phase::Ready),
+            ("b", Phase::Ready),
+            ("c", Phase::Pending),
+        ] {
+            let replica = replica_of(&spec, id, 1, "n", phase);
+            txn = txn.then(Op::put(keys::replica(&key, id), encode(&replica)));
+        }
+        cp.store().txn(txn).unwrap();
+        cp.scale(&key, 3).unwrap();
+        let view = cp.rollout_view(&key).unwrap();
+        let status = view.status.unwrap();
+        assert_eq!(status.message, "revision 1 rolled out: 2/3 replicas ready");
+        assert_eq!(status.ready, 2);
     }
 
     /// An aborted canary gives the volumes it mounts back the stable revision's sizes, as

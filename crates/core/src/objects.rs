@@ -411,6 +411,11 @@ pub struct RolloutStatus {
 }
 
 impl RolloutStatus {
+    /// What a completed rollout of `revision` says, `ready` of the `wanted` replicas ready.
+    pub fn rolled_out(revision: u64, ready: u32, wanted: u32) -> String {
+        format!("revision {revision} rolled out: {ready}/{wanted} replicas ready")
+    }
+
     /// Whether `other` says the same as this status, whatever its message: the
     /// controller writes a status when where the rollout stands changes, not
     /// when only the wording does.

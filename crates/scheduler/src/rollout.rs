@@ -276,7 +276,7 @@ pub fn decide(
             next.previous_stable = fallback;
             next.progressed_at = now;
             next.stable = Some(target);
-            next.message = format!("revision {target} rolled out: {ready}/{n} replicas ready");
+            next.message = RolloutStatus::rolled_out(target, ready, n);
             return decision(
                 next.clone(),
                 Some((EventType::Normal, "RolledOut", next.message)),
