@@ -111,6 +111,31 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
         Some(4),
         "exists: a conflict"
     );
+    // A key given twice is refused, as kubectl refuses it, and nothing is written.
+    for args in [
+        &["config", "set", "shared", "a=2", "a=3"][..],
+        &[
+            "secret",
+            "create",
+            "s",
+            "--from-literal",
+            "k=1",
+            "--from-literal",
+            "k=2",
+        ],
+    ] {
+        let out = c.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("is given twice"),
+            "{out:?}"
+        );
+    }
+    assert_eq!(
+        code(&c, &["secret", "get", "s"]),
+        Some(3),
+        "nothing created"
+    );
     assert_eq!(code(&c, &["--token", "wrong", "get", "apps"]), Some(6));
     assert_eq!(
         code(&c, &["--server", "https://127.0.0.1:1", "get", "apps"]),

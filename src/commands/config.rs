@@ -186,13 +186,13 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
             let mut data = BTreeMap::new();
             for text in &literals {
                 let (k, v) = pair(text)?;
-                data.insert(k, v);
+                super::insert_once(&mut data, k, v)?;
             }
             for text in &files {
                 let (k, file) = pair(text)?;
                 let v = crate::files::read_text(&PathBuf::from(&file), crate::files::VALUE_LIMIT)
                     .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
-                data.insert(k, v);
+                super::insert_once(&mut data, k, v)?;
             }
             let written = put(&name, data, true, Vec::new()).await?;
             report(&ctx, &written, "created");
@@ -201,7 +201,7 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
             let mut data = BTreeMap::new();
             for text in &values {
                 let (k, v) = pair(text)?;
-                data.insert(k, v);
+                super::insert_once(&mut data, k, v)?;
             }
             let written = put(&name, data, false, Vec::new()).await?;
             report(&ctx, &written, "changed");

@@ -76,6 +76,20 @@ pub fn object_name(text: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Puts `key` in `values`, refusing a key given twice as kubectl does: the last one would
+/// win without a word (exit 2).
+pub fn insert_once<V>(
+    values: &mut std::collections::BTreeMap<String, V>,
+    key: String,
+    value: V,
+) -> anyhow::Result<()> {
+    if values.contains_key(&key) {
+        return Err(crate::exit::usage(format!("key {key:?} is given twice")));
+    }
+    values.insert(key, value);
+    Ok(())
+}
+
 /// Reads `URL[,URL…]` for clap: the servers of one cluster.
 pub fn parse_servers(text: &str) -> Result<shoal_api::Servers, String> {
     shoal_api::Servers::parse(text).map_err(|e| e.to_string())

@@ -207,7 +207,10 @@ fn label_changes(args: &[String], overwrite: bool) -> Result<shoal_api::NodeLabe
     for arg in args {
         match (arg.split_once('='), arg.strip_suffix('-')) {
             (Some((key, value)), _) => {
-                change.set.insert(key.to_string(), value.to_string());
+                super::insert_once(&mut change.set, key.to_string(), value.to_string())?;
+            }
+            (None, Some(key)) if change.remove.iter().any(|k| k == key) => {
+                return Err(crate::exit::usage(format!("key {key:?} is given twice")));
             }
             (None, Some(key)) => change.remove.push(key.to_string()),
             (None, None) => {
@@ -216,6 +219,11 @@ fn label_changes(args: &[String], overwrite: bool) -> Result<shoal_api::NodeLabe
                 )));
             }
         }
+    }
+    if let Some(key) = change.remove.iter().find(|k| change.set.contains_key(*k)) {
+        return Err(crate::exit::usage(format!(
+            "label {key:?} is both set and removed"
+        )));
     }
     Ok(change)
 }
@@ -553,5 +561,20 @@ mod tests {
         assert!(change.overwrite);
         let e = label_changes(&["zone".to_string()], false).unwrap_err();
         assert!(e.to_string().contains("KEY=VALUE"), "{e}");
+        // A key given twice is refused (exit 2), as kubectl refuses it, not the last one kept.
+        for twice in [
+            ["zone=a", "zone=b"],
+            ["disk-", "disk-"],
+            ["zone=a", "zone-"],
+        ] {
+            let args: Vec<String> = twice.iter().map(|s| s.to_string()).collect();
+            let e = label_changes(&args, false).unwrap_err();
+            assert!(e.to_string().contains("\"zone\"") || e.to_string().contains("\"disk\""));
+            let code = crate::exit::code(&Err(e), false);
+            assert_eq!(
+                format!("{code:?}"),
+                format!("{:?}", std::process::ExitCode::from(2))
+            );
+        }
     }
 }

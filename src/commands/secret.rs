@@ -124,7 +124,7 @@ fn values(given: &Values) -> Result<BTreeMap<String, String>> {
     let mut data = BTreeMap::new();
     for text in &given.literals {
         let (k, v) = pair(text)?;
-        data.insert(k, v);
+        super::insert_once(&mut data, k, v)?;
     }
     let read = |flag: &str, k: &str, file: &std::path::Path| {
         crate::files::read_text(file, crate::files::VALUE_LIMIT)
@@ -133,22 +133,30 @@ fn values(given: &Values) -> Result<BTreeMap<String, String>> {
     for text in &given.files {
         let (k, file) = pair(text)?;
         let v = read("--from-file", &k, file.as_ref())?;
-        data.insert(k, v);
+        super::insert_once(&mut data, k, v)?;
     }
     for (flag, key, file) in [
         ("--tls-cert", TLS_CERT_KEY, &given.tls_cert),
         ("--tls-key", TLS_KEY_KEY, &given.tls_key),
     ] {
         if let Some(file) = file {
-            data.insert(key.to_string(), read(flag, key, file)?);
+            super::insert_once(&mut data, key.to_string(), read(flag, key, file)?)?;
         }
     }
     if let (Some(registry), Some(username)) = (&given.registry, &given.username) {
-        data.insert(REGISTRY_KEY.to_string(), registry.clone());
-        data.insert(REGISTRY_USERNAME_KEY.to_string(), username.clone());
+        super::insert_once(&mut data, REGISTRY_KEY.to_string(), registry.clone())?;
+        super::insert_once(
+            &mut data,
+            REGISTRY_USERNAME_KEY.to_string(),
+            username.clone(),
+        )?;
     }
     if given.password_stdin {
-        data.insert(REGISTRY_PASSWORD_KEY.to_string(), password_from_stdin()?);
+        super::insert_once(
+            &mut data,
+            REGISTRY_PASSWORD_KEY.to_string(),
+            password_from_stdin()?,
+        )?;
     }
     Ok(data)
 }
