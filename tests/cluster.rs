@@ -423,7 +423,7 @@ fn a_changed_node_selector_moves_the_replicas_it_no_longer_allows() {
     // `node label`, as kubectl's: a value changes only with --overwrite; replicas leave a
     // node their selector no longer matches; the operator's labels outlive a restart.
     let refused = server.cli(&["node", "label", "node-b", "zone=c"]);
-    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert_eq!(refused.status.code(), Some(4), "a conflict: {refused:?}");
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("--overwrite"),
         "{refused:?}"

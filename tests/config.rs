@@ -243,6 +243,8 @@ fn changes_made_at_once_to_a_config_set_all_land() {
     });
     let got = c.cli_ok(&["config", "get", "many"]);
     assert_eq!(got.lines().count(), 9, "{got}");
-    let err = c.cli_err(&["config", "unset", "many", "k0"]);
+    let out = c.cli(&["config", "unset", "many", "k0"]);
+    assert_eq!(out.status.code(), Some(3), "not found: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config set many has no key \"k0\""), "{err}");
 }

@@ -220,11 +220,6 @@ fn label_changes(args: &[String], overwrite: bool) -> Result<shoal_api::NodeLabe
             }
         }
     }
-    if let Some(key) = change.remove.iter().find(|k| change.set.contains_key(*k)) {
-        return Err(crate::exit::usage(format!(
-            "label {key:?} is both set and removed"
-        )));
-    }
     Ok(change)
 }
 

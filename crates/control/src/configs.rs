@@ -139,7 +139,9 @@ impl ControlPlane {
                 data.extend(set);
                 for k in unset {
                     if data.remove(&k).is_none() {
-                        return Err(bad(format!("config set {name} has no key {k:?}")));
+                        return Err(ControlError::not_found(format!(
+                            "config set {name} has no key {k:?}"
+                        )));
                     }
                 }
                 data

@@ -306,7 +306,9 @@ impl ControlPlane {
             let before = (!write.create).then(|| values.clone());
             for k in &write.unset {
                 if values.remove(k).is_none() {
-                    return Err(bad(format!("secret {name} has no key {k:?}")));
+                    return Err(ControlError::not_found(format!(
+                        "secret {name} has no key {k:?}"
+                    )));
                 }
             }
             for (k, v) in write.set {

@@ -1622,6 +1622,7 @@ impl ControlPlane {
     /// `shoal node label`: sets and removes a node's labels ([`Node::relabel`]); replicas
     /// whose `node_selector` it no longer matches then move, as after any label change.
     pub(crate) fn label_node(&self, name: &str, change: NodeLabels) -> Result<Node, ControlError> {
+        use shoal_core::objects::RelabelError;
         let key = keys::node(name);
         let Some((mut node, mod_rev)) = self.get::<Node>(&key)? else {
             return Err(ControlError::not_found(format!(
@@ -1630,7 +1631,10 @@ impl ControlPlane {
         };
         let changes = node
             .relabel(&change.set, &change.remove, change.overwrite)
-            .map_err(|m| ControlError::invalid(ErrorCode::InvalidNode, m))?;
+            .map_err(|e| match e {
+                RelabelError::Invalid(m) => ControlError::invalid(ErrorCode::InvalidNode, m),
+                RelabelError::HasAnother(m) => ControlError::conflict(m),
+            })?;
         if changes.is_empty() {
             return Ok(node);
         }

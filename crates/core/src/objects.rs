@@ -862,6 +862,18 @@ pub struct Node {
     pub label_overrides: BTreeMap<String, Option<String>>,
 }
 
+/// Why [`Node::relabel`] changed nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelabelError {
+    /// A label breaks a rule (its key or value, the pool's label, set and removed at once).
+    #[error("{0}")]
+    Invalid(String),
+    /// A label has another value, and changing it was not asked for: a conflict, as
+    /// `kubectl label` says it.
+    #[error("{0}")]
+    HasAnother(String),
+}
+
 impl Node {
     /// Its labels once registered with `declared` (its `--label`s): the operator's
     /// overrides on top.
@@ -885,26 +897,28 @@ impl Node {
         set: &BTreeMap<String, String>,
         remove: &[String],
         overwrite: bool,
-    ) -> Result<Vec<String>, String> {
+    ) -> Result<Vec<String>, RelabelError> {
         for key in set.keys().chain(remove) {
             if key == POOL_LABEL {
-                return Err(format!(
+                return Err(RelabelError::Invalid(format!(
                     "label {POOL_LABEL} is the node's pool, set by Shoal"
-                ));
+                )));
             }
-            crate::spec::validate_label("label key", key)?;
+            crate::spec::validate_label("label key", key).map_err(RelabelError::Invalid)?;
         }
         if let Some(key) = remove.iter().find(|k| set.contains_key(*k)) {
-            return Err(format!("label {key} is both set and removed"));
+            return Err(RelabelError::Invalid(format!(
+                "label {key} is both set and removed"
+            )));
         }
         for (key, value) in set {
-            crate::spec::validate_label("label value", value)?;
+            crate::spec::validate_label("label value", value).map_err(RelabelError::Invalid)?;
             match self.labels.get(key) {
                 Some(old) if old != value && !overwrite => {
-                    return Err(format!(
+                    return Err(RelabelError::HasAnother(format!(
                         "node {} already has label {key}={old}: pass --overwrite to change it",
                         self.name
-                    ));
+                    )));
                 }
                 _ => {}
             }
@@ -1171,7 +1185,10 @@ mod tests {
     fn relabelling_changes_a_value_only_when_told_to_and_never_the_pool() {
         let mut n = node(&[("zone", "a"), (POOL_LABEL, "workers")]);
         let e = n.relabel(&set(&[("zone", "b")]), &[], false).unwrap_err();
-        assert!(e.contains("--overwrite"), "{e}");
+        assert!(
+            matches!(&e, RelabelError::HasAnother(m) if m.contains("--overwrite")),
+            "{e}"
+        );
         // The same value is no change, with or without --overwrite.
         assert_eq!(n.relabel(&set(&[("zone", "a")]), &[], false), Ok(vec![]));
         let changes = n
@@ -1190,7 +1207,10 @@ mod tests {
             n.relabel(&set(&[("bad key", "x")]), &[], true),
             n.relabel(&set(&[("k", "")]), &[], true),
         ] {
-            assert!(refused.is_err(), "{refused:?}");
+            assert!(
+                matches!(refused, Err(RelabelError::Invalid(_))),
+                "{refused:?}"
+            );
         }
     }
 
