@@ -137,8 +137,15 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Fails, before the server is asked for anything, if `path` could not be written as
 /// [`write_private`] writes it (a file beside it, renamed over it, so its directory must take
 /// a new file): a token made or rotated only for its file to be lost is of no use, and its
-/// name stays taken.
+/// name stays taken. `-` is refused: a token is never printed, where terminals and logs
+/// would keep it.
 pub fn check_writable(path: &Path) -> Result<()> {
+    if path.as_os_str() == "-" {
+        return Err(crate::exit::usage(
+            "a token is written to a file (readable by its owner only), never to standard output"
+                .into(),
+        ));
+    }
     let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => dir,
         None => Path::new("."),
@@ -376,6 +383,16 @@ fn unreachable(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A token goes to a file that can be written, never to standard output as `-`.
+    #[test]
+    fn a_token_file_must_be_writable_and_is_never_standard_output() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(&dir.path().join("t.token")).is_ok());
+        assert!(check_writable(&dir.path().join("no/such/dir/t.token")).is_err());
+        let e = check_writable(Path::new("-")).unwrap_err();
+        assert!(e.to_string().contains("never to standard output"), "{e}");
+    }
 
     #[test]
     fn a_config_from_before_contexts_is_read_as_context_default() {
