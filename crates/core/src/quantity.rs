@@ -19,12 +19,13 @@ fn split_number(s: &str) -> (&str, &str) {
     (&s[..end], &s[end..])
 }
 
-/// Parses a memory size into bytes: `1048576`, `512Ki`, `64Mi`, `1Gi`, `64M`, `1G`.
+/// Parses a memory size into bytes: `1048576`, `512Ki`, `64Mi`, `1Gi`, `2Ti`, `64M`, `1G`, as
+/// Kubernetes' quantities up to peta.
 pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
     let err = || QuantityError {
         input: s.to_string(),
         what: "memory size",
-        hint: "use a number of bytes or a suffix Ki, Mi, Gi (or k, M, G), e.g. \"64Mi\"",
+        hint: "use a number of bytes or a suffix Ki, Mi, Gi, Ti, Pi (or k, M, G, T, P), e.g. \"64Mi\"",
     };
     let (num, unit) = split_number(s.trim());
     let n: u64 = num.parse().map_err(|_| err())?;
@@ -33,9 +34,13 @@ pub fn parse_memory(s: &str) -> Result<u64, QuantityError> {
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
         "k" | "K" => 1_000,
         "M" => 1_000_000,
         "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
         _ => return Err(err()),
     };
     n.checked_mul(mult).ok_or_else(err)
@@ -74,7 +79,12 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, QuantityError> {
 /// Formats bytes the way specs write them, for tables and `describe`: in the largest unit that
 /// fits, whole if exact, else to one decimal, so a column reads in one scale (`640Mi/23.5Gi`).
 pub fn format_memory(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 3] = [("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if bytes >= size {
             return if bytes.is_multiple_of(size) {
@@ -95,6 +105,9 @@ mod tests {
     fn memory() {
         assert_eq!(parse_memory("64Mi"), Ok(64 << 20));
         assert_eq!(parse_memory("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_memory("2Ti"), Ok(2 << 40));
+        assert_eq!(parse_memory("1P"), Ok(1_000_000_000_000_000));
+        assert_eq!(format_memory(3 << 40), "3Ti");
         assert_eq!(parse_memory("512Ki"), Ok(512 << 10));
         assert_eq!(parse_memory("1000"), Ok(1000));
         assert_eq!(parse_memory("2M"), Ok(2_000_000));

@@ -44,7 +44,12 @@ fn duration(ms: u64) -> String {
 
 /// Bytes in the largest binary unit that holds them exactly (`64Mi`), else as a number.
 fn memory(bytes: u64) -> String {
-    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+    for (unit, size) in [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ] {
         if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
