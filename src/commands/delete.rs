@@ -128,14 +128,19 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
 /// `sha256:` and a few hex digits, will do).
 fn check(target: &Target) -> std::result::Result<(), String> {
     match target.what {
-        What::Module => shoal_core::spec::validate_digest(&target.name).or_else(|e| {
+        What::Module => {
             let hex = target.name.strip_prefix("sha256:").unwrap_or("");
-            let short = hex.len() >= 8
+            let digits = (8..=64).contains(&hex.len())
                 && hex
                     .bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if short { Ok(()) } else { Err(e) }
-        }),
+            digits.then_some(()).ok_or_else(|| {
+                format!(
+                    "{:?} is not a module digest: expected \"sha256:\" followed by 8 to 64 of its lowercase hex digits, as `shoal get modules` shows them",
+                    target.name
+                )
+            })
+        }
         What::App | What::Volume => super::object_name(&target.name).map(drop),
     }
 }
@@ -197,5 +202,30 @@ async fn full_digest(client: &Client, given: &str) -> Result<String> {
         (Some(_), Some(_)) => Err(crate::exit::usage(format!(
             "{given} starts the digests of several modules: give more of it"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A module is named by its digest or, as `shoal get modules` shows it, its first hex
+    /// digits; anything else is refused saying so.
+    #[test]
+    fn a_module_is_named_by_its_digest_or_a_prefix_of_it() {
+        let module = |name: &str| Target {
+            what: What::Module,
+            namespace: "default".into(),
+            name: name.into(),
+        };
+        let full = format!("sha256:{}", "ab".repeat(32));
+        for ok in [full.as_str(), "sha256:0123abcd", "sha256:0123456789abcdef"] {
+            assert_eq!(check(&module(ok)), Ok(()), "{ok}");
+        }
+        let long = format!("{full}0");
+        for bad in ["sha256:0123abc", "0123abcd", "sha256:0123ABCD", &long] {
+            let e = check(&module(bad)).unwrap_err();
+            assert!(e.contains("8 to 64"), "{e}");
+        }
     }
 }
