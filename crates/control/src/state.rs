@@ -1958,7 +1958,7 @@ fn readable(key: &str, value: Option<&str>) -> (String, String) {
         return (name.to_string(), value.unwrap_or("(none)").to_string());
     };
     let value = match unit {
-        "_ms" => humantime::format_duration(Duration::from_millis(n)).to_string(),
+        "_ms" => shoal_core::quantity::format_duration_ms(n),
         "_bytes" => shoal_core::quantity::format_memory(n),
         "_millis" => format!("{n}m"),
         // Basis points and percents of what the file writes as a fraction or a ratio.

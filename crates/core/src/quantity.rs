@@ -76,6 +76,31 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, QuantityError> {
     u64::try_from(d.as_millis()).map_err(|_| err())
 }
 
+/// Formats a span of time the way specs write it, in whole days, hours, minutes, seconds and
+/// milliseconds (`999d`, `1m 30s`, `1s 500ms`), what [`parse_duration_ms`] reads back. Not
+/// humantime's own format, which counts months of 30.44 days (`60d` as `1month 29days 13h…`).
+pub fn format_duration_ms(ms: u64) -> String {
+    const UNITS: [(&str, u64); 5] = [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+        ("ms", 1),
+    ];
+    let mut left = ms;
+    let mut parts = Vec::new();
+    for (unit, size) in UNITS {
+        if left >= size {
+            parts.push(format!("{}{unit}", left / size));
+            left %= size;
+        }
+    }
+    if parts.is_empty() {
+        return "0s".into();
+    }
+    parts.join(" ")
+}
+
 /// Formats bytes the way specs write them, for tables and `describe`: in the largest unit that
 /// fits, whole if exact, else to one decimal, so a column reads in one scale (`640Mi/23.5Gi`).
 pub fn format_memory(bytes: u64) -> String {
@@ -100,6 +125,21 @@ pub fn format_memory(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_back_as_written() {
+        for (ms, text) in [
+            (0, "0s"),
+            (250, "250ms"),
+            (1_500, "1s 500ms"),
+            (90_000, "1m 30s"),
+            (999 * 86_400_000, "999d"),
+            (60 * 86_400_000 + 3_600_000, "60d 1h"),
+        ] {
+            assert_eq!(format_duration_ms(ms), text);
+            assert_eq!(parse_duration_ms(text), Ok(ms), "{text}");
+        }
+    }
 
     #[test]
     fn memory() {

@@ -1860,7 +1860,7 @@ impl AppSpec {
                 f,
                 format!(
                     "{} is longer than the longest a spec may say, 365d",
-                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                    crate::quantity::format_duration_ms(ms)
                 ),
             )),
             None => Ok(()),
@@ -2947,12 +2947,37 @@ fn toml_error(src: &str, e: toml::de::Error) -> SpecError {
         }
     }
     SpecError {
-        field: None,
+        field: e.span().and_then(|span| field_at(src, span.start)),
         message,
         line: None,
         column: None,
     }
     .at(src, e.span())
+}
+
+/// The field written at byte `at` of a TOML file, as far as its lines say: the table header
+/// above it and the key its line gives (`env.A` for `A = 1` under `[env]`), so an error TOML
+/// finds in a value names what the value is for.
+fn field_at(src: &str, at: usize) -> Option<String> {
+    let before = src.get(..at)?;
+    let line_start = before.rfind('\n').map_or(0, |n| n + 1);
+    let line = src[line_start..].lines().next().unwrap_or("");
+    let key = line
+        .split_once('=')
+        .map(|(key, _)| key.trim())
+        .filter(|key| !key.is_empty() && !key.starts_with(['[', '{', '#']));
+    let table = before[..line_start].lines().rev().find_map(|line| {
+        let line = line.trim();
+        let name = line.strip_prefix("[[").and_then(|l| l.split_once("]]"));
+        let name = name.or_else(|| line.strip_prefix('[').and_then(|l| l.split_once(']')));
+        name.map(|(name, _)| name.trim().to_string())
+    });
+    match (table, key) {
+        (Some(table), Some(key)) => Some(format!("{table}.{key}")),
+        (None, Some(key)) => Some(key.to_string()),
+        (Some(table), None) => Some(table),
+        (None, None) => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -3609,6 +3634,26 @@ A = "1"
             let src = HELLO.replace("A = \"1\"", &format!("A = \"{plain}\""));
             assert!(parse_app(&src).is_ok(), "{plain}");
         }
+    }
+
+    /// An error TOML finds in a value names the field: its table and its key.
+    #[test]
+    fn a_value_toml_refuses_is_named_by_its_table_and_key() {
+        let src = HELLO.replace("A = \"1\"", "A = 1");
+        let e = parse_app(&src).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env.A"), "{e}");
+        assert!(e.line.is_some(), "{e}");
+        let src = "name = \"x\"\n[[volumes]]\nname = \"v\"\nsize = 7\n";
+        assert_eq!(
+            field_at(src, src.find('7').unwrap()).as_deref(),
+            Some("volumes.size")
+        );
+        assert_eq!(field_at(src, 0).as_deref(), Some("name"));
+        let src = "[env]\n# A comment = no key\n";
+        assert_eq!(
+            field_at(src, src.find('#').unwrap()).as_deref(),
+            Some("env")
+        );
     }
 
     #[test]

@@ -14,7 +14,6 @@ use crate::spec::{
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 impl AppSpec {
     /// This spec as a spec file (see the module's doc).
@@ -39,7 +38,7 @@ impl AppSpec {
 /// `30s`, `1m 30s`, `1s 500ms`: what [`parse_duration_ms`](crate::quantity::parse_duration_ms)
 /// reads.
 fn duration(ms: u64) -> String {
-    humantime::format_duration(Duration::from_millis(ms)).to_string()
+    crate::quantity::format_duration_ms(ms)
 }
 
 /// Bytes in the largest binary unit that holds them exactly (`64Mi`), else as a number.
