@@ -1062,3 +1062,24 @@ fn edit_applies_what_the_editor_saved_and_not_over_a_change_that_came_first() {
         "{now}"
     );
 }
+
+/// `up` given one address for two of its listeners says so at once (exit 2), before it makes
+/// a data dir, rather than fail to listen blaming another shoal.
+#[test]
+fn up_refuses_one_address_for_two_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = std::process::Command::new(common::SHOAL)
+        .args(["up", "--data-dir", data.to_str().unwrap()])
+        .args(["--api", "127.0.0.1:47017", "--gateway", "127.0.0.1:47017"])
+        .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--api and --gateway are both 127.0.0.1:47017"),
+        "{said}"
+    );
+    assert!(!data.exists());
+}

@@ -1034,12 +1034,35 @@ pub async fn apply_specs(c: &StartedControl, specs: Vec<SpecFile>) -> Result<()>
     Ok(())
 }
 
+/// Refuses two listeners of `up` given one address (port 0 aside, which picks a free one):
+/// the second would fail to listen with a message blaming another shoal.
+fn distinct_addresses(args: &UpArgs) -> Result<()> {
+    let named = [
+        ("--api", Some(args.control.api)),
+        ("--gateway", Some(args.node.gateway)),
+        ("--metrics", args.node.metrics),
+    ];
+    let given: Vec<(&str, SocketAddr)> = (named.iter())
+        .filter_map(|(flag, addr)| Some((*flag, (*addr)?)))
+        .filter(|(_, addr)| addr.port() != 0)
+        .collect();
+    for (i, (flag, addr)) in given.iter().enumerate() {
+        if let Some((other, _)) = given[..i].iter().find(|(_, a)| a == addr) {
+            return Err(crate::exit::usage(format!(
+                "{other} and {flag} are both {addr}: each needs an address of its own"
+            )));
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
     // Every flag and the node's ports first: a cluster that cannot start its node must not
     // make its context the CLI's current one, which start_control does, nor a data dir.
     control_flags(&args.control)?;
+    distinct_addresses(&args)?;
     let name = node_name(&args.node)?;
     let data = args
         .control
