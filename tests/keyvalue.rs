@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Cluster, NodeProc, Server, client, examples, poll, write_spec};
+use common::{Cluster, NodeProc, Server, client, examples, free_addr, poll, sample, write_spec};
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,9 +36,10 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut server = Server::start_with(d, &["--scheduling", "spread", "--kv-bucket-size", "4Ki"]);
+    let metrics = [free_addr(), free_addr()];
     let nodes = [
-        NodeProc::join(&server, "node-1", &[]),
-        NodeProc::join(&server, "node-2", &[]),
+        NodeProc::join(&server, "node-1", &["--metrics", &metrics[0]]),
+        NodeProc::join(&server, "node-2", &["--metrics", &metrics[1]]),
     ];
     server.cli_ok(&["apply", "-f", &counter_spec(d, "counter", "/counter", true)]);
     assert!(
@@ -74,6 +75,21 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
     }
     let seen: BTreeSet<u64> = seen.lock().unwrap().iter().copied().collect();
     assert_eq!(seen, (1..=800).collect::<BTreeSet<u64>>());
+    // Each node counts the calls it sent and the requests that carried them (the gateways
+    // spread requests over both nodes' replicas: 800 calls in all).
+    let mut all_calls = 0.0;
+    for addr in &metrics {
+        let text = client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .unwrap();
+        let calls = sample(&text, "shoal_node_kv_calls_total").unwrap_or(0.0);
+        let requests = sample(&text, "shoal_node_kv_requests_total").unwrap_or(0.0);
+        assert!((1.0..=calls).contains(&requests), "{text}");
+        all_calls += calls;
+    }
+    assert!(all_calls >= 800.0, "{all_calls} calls");
     for node in &nodes {
         assert_eq!(
             node.get("/counter/hits").unwrap(),

@@ -10,9 +10,10 @@
 //! [`MAX_QUEUED`] calls are refused at once rather than pile up against a slow control plane.
 
 use reqwest::StatusCode;
-use shoal_api::{Client, ClientError, LinkError, LinkResult, Resend};
+use shoal_api::{Client, ClientError, KvSent, LinkError, LinkResult, Resend};
 use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -54,6 +55,21 @@ type Waiter = oneshot::Sender<LinkResult<KvAnswer>>;
 #[derive(Default)]
 pub(crate) struct KvBatches {
     buckets: Mutex<HashMap<String, Bucket>>,
+    sent: Sent,
+}
+
+/// Calls sent and the requests that carried them, for the node's metrics.
+#[derive(Default)]
+struct Sent {
+    calls: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl Sent {
+    fn count(&self, calls: usize) {
+        self.calls.fetch_add(calls as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -68,6 +84,14 @@ impl KvBatches {
         self.buckets.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The calls sent so far and the requests that carried them.
+    pub(crate) fn sent(&self) -> KvSent {
+        KvSent {
+            calls: self.sent.calls.load(Ordering::Relaxed),
+            requests: self.sent.requests.load(Ordering::Relaxed),
+        }
+    }
+
     /// `op` on the bucket whose calls go to `path`, sent through `api` alone or with the calls
     /// queued beside it, answered within `timeout`. A sender runs as a task of its own, so a
     /// guest that gives up on its call (its request timed out) does not cut the others' short.
@@ -79,7 +103,7 @@ impl KvBatches {
         timeout: Duration,
     ) -> LinkResult<KvAnswer> {
         if weight(&op) > ALONE_BYTES {
-            return send_alone(&current(api), &path, op, timeout).await;
+            return send_alone(&self.sent, &current(api), &path, op, timeout).await;
         }
         let (tx, rx) = oneshot::channel();
         let start = {
@@ -131,9 +155,10 @@ impl Sender {
         while let Some(batch) = self.next() {
             let api = current(&api);
             let (ops, waiters): (Vec<KvOp>, Vec<Waiter>) = batch.into_iter().unzip();
+            let sent = &self.batches.sent;
             let answers = match <[KvOp; 1]>::try_from(ops) {
-                Ok([op]) => vec![send_alone(&api, &self.path, op, timeout).await],
-                Err(ops) => send_batch(&api, &self.path, ops, timeout).await,
+                Ok([op]) => vec![send_alone(sent, &api, &self.path, op, timeout).await],
+                Err(ops) => send_batch(sent, &api, &self.path, ops, timeout).await,
             };
             for (waiter, answer) in waiters.into_iter().zip(answers) {
                 // A guest that gave up no longer waits for its answer.
@@ -210,7 +235,14 @@ fn resend(ops: &[KvOp]) -> Resend {
     }
 }
 
-async fn send_alone(api: &Client, path: &str, op: KvOp, timeout: Duration) -> LinkResult<KvAnswer> {
+async fn send_alone(
+    sent: &Sent,
+    api: &Client,
+    path: &str,
+    op: KvOp,
+    timeout: Duration,
+) -> LinkResult<KvAnswer> {
+    sent.count(1);
     let how = resend(std::slice::from_ref(&op));
     let req = api
         .request(reqwest::Method::POST, path)
@@ -221,12 +253,14 @@ async fn send_alone(api: &Client, path: &str, op: KvOp, timeout: Duration) -> Li
 
 /// One answer per call of `ops`, in their order.
 async fn send_batch(
+    sent: &Sent,
     api: &Client,
     path: &str,
     ops: Vec<KvOp>,
     timeout: Duration,
 ) -> Vec<LinkResult<KvAnswer>> {
     let (count, how) = (ops.len(), resend(&ops));
+    sent.count(count);
     let req = api
         .request(reqwest::Method::POST, &format!("{path}/batch"))
         .json(&ops)
@@ -249,7 +283,7 @@ async fn send_batch(
                         // second time goes again, alone, and on to the next server if this one
                         // fails it again, as it would have gone alone in the first place.
                         KvOutcome::Failed { message } => match resend(std::slice::from_ref(&op)) {
-                            Resend::Idempotent => send_alone(api, path, op, timeout).await,
+                            Resend::Idempotent => send_alone(sent, api, path, op, timeout).await,
                             Resend::IfUnsent => Err(LinkError::Failed(message)),
                         },
                     }
@@ -258,7 +292,9 @@ async fn send_batch(
         }
         // A control plane from before batches (a rolling upgrade): each call goes alone.
         Err(e) if e.status() == Some(StatusCode::NOT_FOUND) => {
-            let calls = ops.into_iter().map(|op| send_alone(api, path, op, timeout));
+            let calls = ops
+                .into_iter()
+                .map(|op| send_alone(sent, api, path, op, timeout));
             futures::future::join_all(calls).await
         }
         Ok(outcomes) => {
@@ -377,6 +413,8 @@ mod tests {
         }
         let sizes = seen.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 40, "{sizes:?}");
+        let sent = batches.sent();
+        assert_eq!((sent.calls, sent.requests), (40, sizes.len() as u64));
         assert!(
             sizes.len() <= 20 && sizes.iter().any(|&n| n > 1),
             "40 calls went in {} requests: {sizes:?}",

@@ -244,6 +244,7 @@ impl Agent {
         scrape.memory_budget = inner.runtime.memory_budget();
         scrape.certificate_expires = inner.gateway.member_certificate_expires();
         scrape.connections = inner.gateway.connections();
+        scrape.kv_sent = inner.link.kv_sent();
         for r in inner.running.lock().expect("agent lock").values() {
             let phase = r
                 .status

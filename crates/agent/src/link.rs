@@ -397,6 +397,10 @@ impl Link for RemoteLink {
         Box::pin(self.kv_batches.call(&self.api, path, op, CALL_TIMEOUT))
     }
 
+    fn kv_sent(&self) -> Option<shoal_api::KvSent> {
+        Some(self.kv_batches.sent())
+    }
+
     fn volumes(
         &self,
         node: &str,

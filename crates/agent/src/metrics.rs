@@ -84,6 +84,8 @@ pub(crate) struct Scrape {
     pub(crate) certificate_expires: Option<std::time::SystemTime>,
     /// The gateway's client connections: open now, refused so far.
     pub(crate) connections: ConnectionStats,
+    /// Guests' key-value calls sent to the control plane, on a joined node.
+    pub(crate) kv_sent: Option<shoal_api::KvSent>,
 }
 
 impl Scrape {
@@ -98,6 +100,7 @@ impl Scrape {
             phases: BTreeMap::new(),
             certificate_expires: None,
             connections: ConnectionStats::default(),
+            kv_sent: None,
         }
     }
 
@@ -290,6 +293,24 @@ impl Collector for Scrape {
                 MetricType::Counter,
             )?
             .encode_counter::<NoLabelSet, _, u64>(&self.connections.refused, None)?;
+        if let Some(sent) = self.kv_sent {
+            for (name, help, value) in [
+                (
+                    "shoal_node_kv_calls",
+                    "Guests' wasi:keyvalue calls this node sent to the control plane",
+                    sent.calls,
+                ),
+                (
+                    "shoal_node_kv_requests",
+                    "Requests to the control plane that carried them: fewer than the calls when calls that piled up went together",
+                    sent.requests,
+                ),
+            ] {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+            }
+        }
         let mut phases = encoder.encode_descriptor(
             "shoal_node_replicas",
             "Replicas this node runs, by phase",

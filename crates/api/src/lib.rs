@@ -17,7 +17,7 @@ mod servers;
 mod types;
 
 pub use client::{Client, ClientError, Resend, seg};
-pub use link::{Changes, Link, LinkError, LinkResult, WatchBroken};
+pub use link::{Changes, KvSent, Link, LinkError, LinkResult, WatchBroken};
 pub use servers::{Servers, ServersError};
 pub use types::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, Cap, CertificateRequest,

@@ -27,6 +27,14 @@ pub enum LinkError {
 
 pub type LinkResult<T> = Result<T, LinkError>;
 
+/// Key-value calls a node sent over the network ([`Link::kv_sent`]): fewer requests than
+/// calls when calls went together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvSent {
+    pub calls: u64,
+    pub requests: u64,
+}
+
 /// The last item of a watch whose connection broke (its server died, or the link moved to
 /// another server): the changes after the last one received can be asked for again, of any
 /// server of the cluster, since they share one store and its revisions.
@@ -85,6 +93,11 @@ pub trait Link: Send + Sync + 'static {
         bucket: &str,
         op: shoal_core::kv::KvOp,
     ) -> BoxFuture<'_, LinkResult<shoal_core::kv::KvAnswer>>;
+    /// Guests' key-value calls this link sent to the control plane, and the requests that
+    /// carried them, since it was made; `None` in process, where no request carries them.
+    fn kv_sent(&self) -> Option<KvSent> {
+        None
+    }
     /// What this node's volumes hold; answers the volumes bound to this node that still
     /// exist (a directory of any other, no replica using it, may go).
     fn volumes(
