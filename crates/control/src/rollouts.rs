@@ -41,18 +41,9 @@ impl ControlPlane {
             }
         }
         counts.sort_by_key(|c| std::cmp::Reverse(c.revision));
-        // A completed rollout says how many replicas are ready now: `shoal scale` and the
-        // autoscaler change how many there are after it completed, and the record is not
-        // written again for that.
         let mut status = status;
-        if let Some(s) = status.as_mut().filter(|s| {
-            s.phase == RolloutPhase::Complete && s.revision == app.revision && !s.paused
-        }) {
-            let ready = (counts.iter())
-                .find(|c| c.revision == s.revision)
-                .map_or(0, |c| c.ready);
-            s.ready = u32::try_from(ready).unwrap_or(u32::MAX);
-            s.message = RolloutStatus::rolled_out(s.revision, s.ready, app.spec.replicas);
+        if let Some(s) = &mut status {
+            completed_now(s, &app, &replicas);
         }
         let split = status.as_ref().and_then(|s| s.split(&app.spec.rollout));
         let (canary, stable) = match (&status, split) {
@@ -308,6 +299,20 @@ impl ControlPlane {
     }
 }
 
+/// A completed rollout of `app`'s revision as it stands now: how many of its `replicas` are
+/// ready of those the app wants. `shoal scale` and the autoscaler change how many there are
+/// after it completed, and the record is not written again for that.
+pub(crate) fn completed_now(status: &mut RolloutStatus, app: &App, replicas: &[Replica]) {
+    if status.phase != RolloutPhase::Complete || status.revision != app.revision || status.paused {
+        return;
+    }
+    let ready = (replicas.iter())
+        .filter(|r| r.revision == status.revision && !r.phase.is_terminal() && r.serving())
+        .count();
+    status.ready = u32::try_from(ready).unwrap_or(u32::MAX);
+    status.message = RolloutStatus::rolled_out(status.revision, status.ready, app.spec.replicas);
+}
+
 /// Why a rollout action cannot be taken, as the API says it.
 fn action_error(e: ActionError) -> ControlError {
     match e {
@@ -401,6 +406,8 @@ mod tests {
         let status = view.status.unwrap();
         assert_eq!(status.message, "revision 1 rolled out: 2/3 replicas ready");
         assert_eq!(status.ready, 2);
+        let described = cp.describe(&key).unwrap().rollout.unwrap();
+        assert_eq!(described, status, "describe says the same");
     }
 
     /// An aborted canary gives the volumes it mounts back the stable revision's sizes, as

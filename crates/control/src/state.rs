@@ -1298,9 +1298,12 @@ impl ControlPlane {
         let revisions = self.list::<Revision>(&keys::revisions_of(key))?;
         let replicas = self.list::<Replica>(&keys::replicas_of(key))?;
         let events = self.events(Some(key), 20)?;
-        let rollout = self
+        let mut rollout = self
             .get::<RolloutStatus>(&keys::rollout(key))?
             .map(|(s, _)| s);
+        if let Some(status) = &mut rollout {
+            crate::rollouts::completed_now(status, &app, &replicas);
+        }
         let world = self
             .get::<Module>(&keys::module(&app.spec.component.digest))?
             .and_then(|(m, _)| m.exports)
