@@ -10,6 +10,7 @@
 //! clock ([`LeaseClock`]), not on the wall clock their renewals carry.
 
 use crate::error::ControlError;
+use crate::measurements::in_wall_time;
 use crate::mirror::Mirror;
 use crate::state::{ControlPlane, Fence, blocking, encode};
 use futures::FutureExt;
@@ -215,13 +216,16 @@ impl ControlPlane {
         world.strategy = self.config().strategy;
         world.rebalance = self.config().rebalance;
         world.volume_usage = self.volume_usage();
+        // Measured by the clock that never steps, judged by the wall clock.
+        let steady = self.steady_now();
         let plan = match &focus {
             None => {
-                world.measurements = self.inner.metrics.snapshot();
+                world.measurements = in_wall_time(self.inner.metrics.snapshot(), now, steady);
                 plan::plan(world, now, &mut RandomIds)
             }
             Some(focus) => {
-                world.measurements = self.inner.metrics.snapshot_of(focus);
+                let measured = self.inner.metrics.snapshot_of(focus);
+                world.measurements = in_wall_time(measured, now, steady);
                 plan::plan_apps(world, focus, now, &mut RandomIds)
             }
         };

@@ -12,6 +12,10 @@
 //! longest stable window a spec may ask for). Gateways report once a second,
 //! so a report's in-flight integral over 1,000 ms is its average concurrency.
 //!
+//! Every time here is by the control plane's clock that never steps (`Clock::steady_ms`): a
+//! step of the wall clock would otherwise age every sample at once, and the autoscaler would
+//! take an hour forward for an hour without load. The controller gets them [`in_wall_time`].
+//!
 //! For `shoal top`, the last minute in 5 s buckets: per app, requests, 5xx and
 //! latency; per node, the requests its gateway routed; and what each node's
 //! last heartbeat said of its guests' memory.
@@ -24,6 +28,31 @@ use shoal_scheduler::autoscale::LoadSample;
 use shoal_scheduler::plan::{Baseline, Measurements};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Mutex;
+
+/// `measured` (by the clock that never steps, which reads `steady` now) with its load's times
+/// moved to the wall clock, which reads `now`, as the controller's pure decisions judge them:
+/// each as many whole seconds before `now`'s second as it was before `steady`'s, so a window
+/// of whole seconds holds the same samples by either clock.
+pub(crate) fn in_wall_time(
+    mut measured: BTreeMap<AppKey, Measurements>,
+    now: Millis,
+    steady: Millis,
+) -> BTreeMap<AppKey, Measurements> {
+    let second = |t: Millis| (t - t % 1_000) as i64;
+    let shift = second(now) - second(steady);
+    let to_wall = |at: Millis| at.saturating_add_signed(shift);
+    // The last request, to the millisecond: how long the app has been idle.
+    let exact = now as i64 - steady as i64;
+    for m in measured.values_mut() {
+        let load = &mut m.load;
+        load.since = to_wall(load.since);
+        load.last_request = (load.last_request).map(|at| at.saturating_add_signed(exact));
+        for s in &mut load.samples {
+            s.at = to_wall(s.at);
+        }
+    }
+    measured
+}
 
 /// Load samples older than this are dropped: the longest stable window.
 const LOAD_HISTORY_MS: Millis = 3_600_000;
@@ -545,6 +574,39 @@ mod tests {
         m.set_cpu(&app, "n1", 5_000, 0, 12_000);
         assert_eq!(m.cpu(&app, 22_000), None);
         assert!(m.cpu_by_node(22_000).is_empty());
+    }
+
+    /// A step of the wall clock changes nothing the autoscaler sees: the load measured by
+    /// the clock that never steps, moved to the wall clock, averages the same over any window,
+    /// and the last request is as long ago. (Judged by the wall clock as it was measured, an
+    /// hour forward would be an hour without load.)
+    #[test]
+    fn load_judged_by_the_wall_clock_is_the_same_after_it_steps() {
+        // Steady time as a process that started a day after the epoch reads it.
+        const BASE: Millis = 86_400_000;
+        let m = Metrics::new(BASE + 500);
+        let app = AppKey::new("default", "a");
+        for t in 1..=30u64 {
+            let mut s = RevisionStats::new(app.clone(), 1);
+            s.requests = t;
+            s.busy_ms = 100 * t;
+            m.record("n1", vec![s], BASE + t * 1_000 + 250);
+        }
+        let steady = BASE + 30_700;
+        let seen = |now| {
+            let load = in_wall_time(m.snapshot(), now, steady)[&app].load.clone();
+            let over = [5_000, 10_000, 60_000]
+                .map(|window| shoal_scheduler::autoscale::concurrency(&load, window, now));
+            (over, now.saturating_sub(load.last_request.unwrap()))
+        };
+        let unstepped = seen(steady);
+        assert_eq!(unstepped.1, 450);
+        assert!(unstepped.0[0] > 2.0, "{unstepped:?}");
+        // An hour forward, most of a day back, and a second's phase apart.
+        for now in [steady + 3_600_000, steady - 80_000_000 + 523] {
+            let (over, idle) = seen(now);
+            assert_eq!((over, idle), unstepped, "{now}");
+        }
     }
 
     #[test]

@@ -200,7 +200,7 @@ impl ControlPlane {
                 (1..=revision).contains(&s.revision)
             })
             .collect();
-        self.inner.metrics.record(node, stats, self.now());
+        self.inner.metrics.record(node, stats, self.steady_now());
     }
 
     /// A node's running CPU totals per app, for `describe`.
@@ -213,7 +213,7 @@ impl ControlPlane {
     }
 
     pub(crate) fn note_cpu(&self, node: &str, usage: Vec<AppCpu>) {
-        let now = self.now();
+        let now = self.steady_now();
         for u in usage {
             self.inner
                 .metrics
@@ -243,7 +243,7 @@ impl ControlPlane {
     }
 
     pub(crate) fn note_waiting(&self, node: &str, waiting: Vec<Waiting>) {
-        let now = self.now();
+        let now = self.steady_now();
         let mut wake = false;
         for w in waiting {
             wake |= w.requests > 0;

@@ -223,7 +223,9 @@ impl ControlPlane {
             Report::Cpu { node, usage } => self.note_cpu(&node, usage),
             Report::Waiting { node, waiting } => self.note_waiting(&node, waiting),
             Report::Usage { node, usage } => {
-                self.inner.metrics.set_usage(&node, usage, self.now());
+                self.inner
+                    .metrics
+                    .set_usage(&node, usage, self.steady_now());
             }
         }
     }

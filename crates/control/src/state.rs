@@ -294,7 +294,7 @@ impl ControlPlane {
                 module_locks: Default::default(),
                 controller_wrote: AtomicU64::new(0),
                 started_at: OnceLock::new(),
-                metrics: crate::measurements::Metrics::new(clock.now_ms()),
+                metrics: crate::measurements::Metrics::new(clock.steady_ms()),
                 clock,
                 members,
             }),
@@ -314,6 +314,12 @@ impl ControlPlane {
     /// Now, by this control plane's clock.
     pub(crate) fn now(&self) -> Millis {
         self.inner.clock.now_ms()
+    }
+
+    /// Now, by the clock that never steps ([`Clock::steady_ms`]): the time of the gateways'
+    /// measurements, which are kept in memory.
+    pub(crate) fn steady_now(&self) -> Millis {
+        self.inner.clock.steady_ms()
     }
 
     pub fn store(&self) -> &dyn KvStore {
@@ -1269,7 +1275,7 @@ impl ControlPlane {
                 min: bounds.min,
                 max: bounds.max,
                 target_concurrency: a.target_concurrency,
-                concurrency: self.inner.metrics.concurrency(&key, a.window_ms, now),
+                concurrency: (self.inner.metrics).concurrency(&key, a.window_ms, self.steady_now()),
             });
             out.push(AppSummary {
                 namespace: key.namespace.clone(),
@@ -1310,7 +1316,7 @@ impl ControlPlane {
             .map(|exports| app.spec.component.kind.served_world(&exports).to_string());
         Ok(Describe {
             fingerprint: app.spec.fingerprint(),
-            cpu: self.inner.metrics.cpu(key, self.now()),
+            cpu: self.inner.metrics.cpu(key, self.steady_now()),
             world,
             app,
             rollout,
@@ -1575,7 +1581,7 @@ impl ControlPlane {
                 node: name.to_string(),
                 usage,
             });
-            self.inner.metrics.set_usage(name, usage, self.now());
+            self.inner.metrics.set_usage(name, usage, self.steady_now());
         }
         Ok(())
     }

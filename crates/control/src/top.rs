@@ -46,7 +46,8 @@ impl ControlPlane {
 
     /// Every node: its guests' CPU and memory, its replicas, the requests its gateway routed.
     pub(crate) fn top_nodes(&self) -> Result<Vec<NodeTop>, ControlError> {
-        let now = self.now();
+        // The gateways' measurements are by the clock that never steps.
+        let now = self.steady_now();
         let mut replicas: HashMap<String, usize> = HashMap::new();
         for r in self.list::<Replica>(&keys::REPLICAS)? {
             if let Some(node) = r.node.as_ref().filter(|_| r.is_active()) {
@@ -75,7 +76,8 @@ impl ControlPlane {
     /// The apps of `namespace` (every namespace's without): ready and desired replicas, and
     /// over the last minute requests, 5xx and p99 latency per second, with their guests' CPU.
     pub(crate) fn top_apps(&self, namespace: Option<&str>) -> Result<Vec<AppTop>, ControlError> {
-        let now = self.now();
+        // The gateways' measurements are by the clock that never steps.
+        let now = self.steady_now();
         Ok(self
             .summaries(namespace)?
             .into_iter()

@@ -5,12 +5,21 @@
 //! in this crate never call it themselves, they take time as an argument.
 
 use crate::objects::Millis;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Where the current time comes from.
 pub trait Clock: Send + Sync {
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> Millis;
+
+    /// Milliseconds that never step: what ages measurements kept in memory, so that a step
+    /// of the wall clock (NTP, a resumed machine) is not taken for a change of load. Near
+    /// [`Clock::now_ms`], but only ever moving on at the pace of real time. A clock set by
+    /// hand (tests) has nothing to step: its time.
+    fn steady_ms(&self) -> Millis {
+        self.now_ms()
+    }
 }
 
 /// The machine's wall clock.
@@ -23,6 +32,13 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
+    }
+
+    /// The wall clock's reading when the process first asked, and the monotonic time since.
+    fn steady_ms(&self) -> Millis {
+        static START: OnceLock<(Millis, Instant)> = OnceLock::new();
+        let (wall, at) = START.get_or_init(|| (self.now_ms(), Instant::now()));
+        wall + at.elapsed().as_millis() as u64
     }
 }
 
@@ -42,5 +58,7 @@ mod tests {
         let b = SystemClock.now_ms();
         assert!(a > 1_577_836_800_000, "{a}");
         assert!(b >= a);
+        let (c, d) = (SystemClock.steady_ms(), SystemClock.steady_ms());
+        assert!(d >= c && c.abs_diff(a) < 60_000, "{a} {c}");
     }
 }
