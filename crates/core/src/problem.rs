@@ -71,6 +71,8 @@ pub enum ErrorCode {
     /// The upload is larger than allowed (HTTP 413, "payload too large"; spelled
     /// `too_large` as the control plane always has).
     TooLarge,
+    /// The request's head (its line and headers) is larger than a gateway takes (HTTP 431).
+    HeadTooLarge,
     /// The upload is not valid WebAssembly.
     InvalidWasm,
     /// The client did not send its request (its body) in time.
@@ -126,6 +128,7 @@ impl ErrorCode {
         ErrorCode::Conflict,
         ErrorCode::Compacted,
         ErrorCode::TooLarge,
+        ErrorCode::HeadTooLarge,
         ErrorCode::InvalidWasm,
         ErrorCode::RequestTimeout,
         ErrorCode::MethodNotAllowed,
@@ -163,6 +166,7 @@ impl ErrorCode {
             ErrorCode::Conflict => "conflict",
             ErrorCode::Compacted => "compacted",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::HeadTooLarge => "head_too_large",
             ErrorCode::InvalidWasm => "invalid_wasm",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
@@ -201,6 +205,7 @@ impl ErrorCode {
             ErrorCode::Conflict => 409,
             ErrorCode::Compacted => 410,
             ErrorCode::TooLarge => 413,
+            ErrorCode::HeadTooLarge => 431,
             ErrorCode::InvalidWasm => 422,
             ErrorCode::Internal
             | ErrorCode::GuestTrapped
@@ -348,6 +353,7 @@ mod tests {
             (ErrorCode::Conflict, "conflict", 409),
             (ErrorCode::Compacted, "compacted", 410),
             (ErrorCode::TooLarge, "too_large", 413),
+            (ErrorCode::HeadTooLarge, "head_too_large", 431),
             (ErrorCode::InvalidWasm, "invalid_wasm", 422),
             (ErrorCode::Internal, "internal", 500),
             (ErrorCode::BadGateway, "bad_gateway", 502),

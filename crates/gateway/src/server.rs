@@ -650,6 +650,16 @@ impl Gateway {
         B::Error: Into<HttpError>,
     {
         let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
+        // A member's hop carries a client's head, which its gateway took, and its own fields.
+        let bytes = head_bytes(&req);
+        if bytes > MAX_HEAD_BYTES as usize && req.extensions().get::<Member>().is_none() {
+            return problem_response(
+                ErrorCode::HeadTooLarge,
+                &format!(
+                    "the request's line and headers are {bytes} bytes: a gateway takes at most {MAX_HEAD_BYTES}"
+                ),
+            );
+        }
         match self.access(&req) {
             Access::Public => {
                 // The host routed by is the guest's too (it reads `host`): a URI's authority
@@ -1160,9 +1170,24 @@ impl Body for Guarded {
     }
 }
 
-/// The largest header list an HTTP/2 client may send. (An HTTP/1.1 head is held to hyper's
-/// read buffer, ~400 KiB: a smaller buffer also throttles bodies, which stalled an 8 MiB echo.)
+/// The largest request head (line and headers) a gateway takes, over HTTP/1.1 and HTTP/2
+/// alike (as Envoy's 60 KiB default). HTTP/2's is refused by hyper from the header list's
+/// size; HTTP/1.1's by [`head_bytes`] once hyper has read it, since hyper's own bound is its
+/// read buffer (~400 KiB, where a head stops depending on how it arrived), and a smaller
+/// buffer also throttles bodies, which stalled an 8 MiB echo.
 const MAX_HEAD_BYTES: u32 = 64 << 10;
+
+/// What `req`'s head weighs as HTTP/2 counts a header list (each field's name and value
+/// and 32 bytes), with its method and target.
+fn head_bytes<B>(req: &Request<B>) -> usize {
+    let fields: usize = (req.headers().iter())
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum();
+    let uri = req.uri();
+    let target = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    fields + target + req.method().as_str().len()
+}
 
 /// How long past a remote replica's request timeout, and the node's waits before it, a hop
 /// may wait for its response head: that node answers 504 at the timeout, so by then it is
