@@ -1403,8 +1403,8 @@ impl Agent {
     /// An env value with its references filled in ([`shoal_core::spec::env_parts`]): a fact
     /// about the replica (`$(node)`, `$(replica)`, `$(revision)`, `$(app)`, `$(namespace)`)
     /// becomes that fact, as Kubernetes' downward API does, and `$(config.KEY)` the app's
-    /// config value of KEY (`[config]` over its config sets; the apply checked that it has
-    /// one); only what the spec asks for reaches the guest.
+    /// config value of KEY (`[config]` over its config sets); only what the spec asks for
+    /// reaches the guest.
     fn downward(
         &self,
         replica: &Replica,
@@ -1412,17 +1412,29 @@ impl Agent {
         value: &str,
     ) -> String {
         use shoal_core::spec::EnvPart;
+        let parts = shoal_core::spec::env_parts(value);
+        let whole = parts.len() == 1;
         let mut filled = String::with_capacity(value.len());
-        for part in shoal_core::spec::env_parts(value) {
+        for part in parts {
             match part {
                 EnvPart::Text(text) => filled.push_str(text),
-                EnvPart::Config(key) => filled.push_str(config.get(key).map_or("", |v| v)),
+                EnvPart::Config(key) => match config.get(key) {
+                    Some(v) => filled.push_str(v),
+                    // The apply refused a whole value naming no key; within a longer one a
+                    // reference that resolves to nothing is passed as written.
+                    None if whole => {}
+                    None => {
+                        filled.push_str("$(config.");
+                        filled.push_str(key);
+                        filled.push(')');
+                    }
+                },
                 EnvPart::Fact("node") => filled.push_str(&self.inner.config.node),
                 EnvPart::Fact("replica") => filled.push_str(&replica.id),
                 EnvPart::Fact("revision") => filled.push_str(&replica.revision.to_string()),
                 EnvPart::Fact("app") => filled.push_str(&replica.app.name),
                 EnvPart::Fact("namespace") => filled.push_str(&replica.app.namespace),
-                // The apply refused it; a spec from before that check keeps it as written.
+                // Passed as written, as Kubernetes passes a reference it cannot resolve.
                 EnvPart::Fact(other) => {
                     filled.push_str("$(");
                     filled.push_str(other);

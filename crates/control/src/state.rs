@@ -599,7 +599,8 @@ impl ControlPlane {
             }
         }
         let claims = self.route_claims(&spec)?;
-        let warnings = self.grants_naming_apps(&spec)?;
+        let mut warnings = self.grants_naming_apps(&spec)?;
+        warnings.extend(spec.env_warnings());
 
         let key = spec.key();
         let app_key = keys::app(&key);
@@ -2451,6 +2452,25 @@ pub(crate) mod tests {
 
     /// An outbound grant naming an app (`APP` or `APP.NAMESPACE`) is applied with a warning:
     /// its calls go to the network, not to the app. Other hosts, and names of no app, pass.
+    /// A reference within a longer env value that resolves to nothing is applied, passed as
+    /// written, with a warning; the whole value naming nothing is refused.
+    #[test]
+    fn an_env_reference_to_nothing_is_warned_of_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let mut web = spec(&cp, "web", &["/web"]);
+        web.env.insert("AT".into(), "$(app)@$(nodee)".into());
+        let result = cp.apply(web.clone(), false).unwrap();
+        assert_eq!(result.warnings.len(), 1, "{:?}", result.warnings);
+        assert!(
+            result.warnings[0].contains("$(nodee)"),
+            "{:?}",
+            result.warnings
+        );
+        web.env.insert("AT".into(), "$(nodee)".into());
+        assert!(cp.apply(web, false).is_err());
+    }
+
     #[test]
     fn an_outbound_grant_naming_an_app_is_applied_with_a_warning() {
         let dir = tempfile::tempdir().unwrap();

@@ -1417,7 +1417,9 @@ pub enum EnvPart<'a> {
 /// An env value's pieces, in order. As in Kubernetes, `$(NAME)` and `$(config.KEY)` are
 /// references wherever they stand (`"$(app)-$(node)"`), `$$(` writes a `$(` that is text, and
 /// a `$(` that makes no reference (`$(1 + 2)`, `$()`, no closing `)`) stays text. A name is
-/// letters, digits, `_`, `-` and `.`; a config key anything up to the `)`.
+/// letters, digits, `_`, `-` and `.`; a config key anything up to the `)`. A reference that
+/// resolves to nothing is refused when it is the whole value; within a longer one it is
+/// passed as written, as Kubernetes passes it, and the apply warns ([`AppSpec::env_warnings`]).
 pub fn env_parts(value: &str) -> Vec<EnvPart<'_>> {
     fn text<'a>(parts: &mut Vec<EnvPart<'a>>, t: &'a str) {
         if !t.is_empty() {
@@ -1867,6 +1869,54 @@ impl AppSpec {
         }
     }
 
+    /// Why reference `part` of an env value resolves to nothing, if it does: an unknown fact,
+    /// or a config key that neither `[config]` nor its config sets (`config`, merged, once
+    /// `resolved`) nor its secrets' keys have.
+    fn unresolved(
+        &self,
+        config: &BTreeMap<String, String>,
+        resolved: bool,
+        part: EnvPart<'_>,
+    ) -> Option<String> {
+        match part {
+            EnvPart::Fact(fact) if !DOWNWARD.contains(&fact) => Some(format!(
+                "asks for $({fact}), no known fact: $(node), $(replica), $(revision), $(app), $(namespace) or $(config.KEY) (write $$( for a $( that is text)"
+            )),
+            EnvPart::Config(key)
+                if resolved
+                    && !config.contains_key(key)
+                    && !self.secret_config.contains_key(key) =>
+            {
+                Some(format!(
+                    "asks for config key {key:?}, which neither [config] nor its config sets have"
+                ))
+            }
+            EnvPart::Text(_) | EnvPart::Fact(_) | EnvPart::Config(_) => None,
+        }
+    }
+
+    /// What an apply warns of in the env: references within a longer value that resolve to
+    /// nothing, passed as written (a typo such as `"$(nodee)-x"`, or text meant as such).
+    pub fn env_warnings(&self) -> Vec<String> {
+        let resolved = self.config_sets.iter().all(|r| r.data.is_some());
+        let config = merged_config(&self.config_sets, &self.config);
+        let mut warnings = Vec::new();
+        for (name, value) in &self.env {
+            let parts = env_parts(value);
+            if parts.len() < 2 {
+                continue;
+            }
+            for part in parts {
+                if let Some(why) = self.unresolved(&config, resolved, part) {
+                    warnings.push(format!(
+                        "env {name} = \"{value}\" {why}; it is passed as written"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let field = |f: &str, m: String| Err(SpecError::field(f, m));
         if let Err(e) = validate_name(&self.name) {
@@ -2064,30 +2114,11 @@ impl AppSpec {
             return field("config_sets", m);
         }
         for (name, value) in &self.env {
-            for part in env_parts(value) {
-                match part {
-                    EnvPart::Fact(fact) if !DOWNWARD.contains(&fact) => {
-                        return field(
-                            "env",
-                            format!(
-                                "{name} = \"{value}\": $({fact}) is no known fact: $(node), $(replica), $(revision), $(app), $(namespace) or $(config.KEY) (write $$( for a $( that is text)"
-                            ),
-                        );
-                    }
-                    EnvPart::Config(key)
-                        if resolved
-                            && !config.contains_key(key)
-                            && !self.secret_config.contains_key(key) =>
-                    {
-                        return field(
-                            "env",
-                            format!(
-                                "{name} = \"{value}\" asks for config key {key:?}, which neither [config] nor its config sets have"
-                            ),
-                        );
-                    }
-                    EnvPart::Text(_) | EnvPart::Fact(_) | EnvPart::Config(_) => {}
-                }
+            let [part] = env_parts(value)[..] else {
+                continue;
+            };
+            if let Some(why) = self.unresolved(&config, resolved, part) {
+                return field("env", format!("{name} = \"{value}\" {why}"));
             }
         }
         if let Err(m) = self.rollout.check(self.component.kind) {
@@ -3618,21 +3649,36 @@ A = "1"
             let asks = HELLO.replace("A = \"1\"", &format!("A = \"at $({fact})!\""));
             assert!(parse_app(&asks).unwrap().resolve(digest.clone()).is_ok());
         }
-        for typo in ["$(nodee)", "$(node)-$(nodee)"] {
-            let src = HELLO.replace("A = \"1\"", &format!("A = \"{typo}\""));
-            let e = parse_app(&src).unwrap_err();
-            assert_eq!(e.field.as_deref(), Some("env"), "{e}");
-            assert!(e.to_string().contains("$(nodee) is no known fact"), "{e}");
-            assert!(e.to_string().contains("$(node)"), "{e}");
-            assert!(e.line.is_some(), "{e}");
-        }
-        let missing = HELLO.replace("A = \"1\"", "A = \"x$(config.k)\"");
-        let e = parse_app(&missing).unwrap_err();
-        assert!(e.to_string().contains("config key \"k\""), "{e}");
-        // Text that only looks like a reference stays the guest's own.
-        for plain in ["cost $(1 + 2)", "$()", "$(a b)", "$$(nodee)", "$(node"] {
-            let src = HELLO.replace("A = \"1\"", &format!("A = \"{plain}\""));
-            assert!(parse_app(&src).is_ok(), "{plain}");
+        let typo = HELLO.replace("A = \"1\"", "A = \"$(nodee)\"");
+        let e = parse_app(&typo).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env"), "{e}");
+        assert!(
+            e.to_string().contains("asks for $(nodee), no known fact"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("$(node)"), "{e}");
+        assert!(e.line.is_some(), "{e}");
+        // Within a longer value, one that resolves to nothing is passed as written, as
+        // Kubernetes passes it (a spec stored before references went anywhere still reads),
+        // and the apply warns of it.
+        for (value, warned) in [
+            ("$(node)-$(nodee)", Some("$(nodee), no known fact")),
+            ("x$(config.k)", Some("config key \"k\"")),
+            ("cost $(1 + 2)", None),
+            ("$$(nodee)", None),
+            ("$(node", None),
+            ("$()", None),
+        ] {
+            let src = HELLO.replace("A = \"1\"", &format!("A = \"{value}\""));
+            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+            let warnings = spec.env_warnings();
+            match warned {
+                Some(why) => assert!(
+                    warnings.len() == 1 && warnings[0].contains(why),
+                    "{value}: {warnings:?}"
+                ),
+                None => assert!(warnings.is_empty(), "{value}: {warnings:?}"),
+            }
         }
     }
 
