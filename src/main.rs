@@ -93,6 +93,9 @@ enum Command {
     Delete(commands::delete::DeleteArgs),
     /// Print what an app's replicas wrote to stdout and stderr.
     Logs(commands::logs::LogsArgs),
+    /// Serve an app on a local port, through the API: for apps with no route (kubectl
+    /// port-forward).
+    PortForward(commands::port_forward::PortForwardArgs),
     /// What happened in the cluster, oldest first (--follow to keep watching).
     Events(commands::events::EventsArgs),
     /// An app's rollouts and revisions: status, pause, resume, promote, abort, history, undo, restart.
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
             Command::Edit(args) => commands::edit::run(ctx, args).await,
             Command::Delete(args) => commands::delete::run(ctx, args).await,
             Command::Logs(args) => commands::logs::run(ctx, args).await,
+            Command::PortForward(args) => commands::port_forward::run(ctx, args).await,
             Command::Rollout(cmd) => commands::rollout::run(ctx, cmd).await,
             Command::Events(args) => commands::events::run(ctx, args).await,
             Command::Scale(args) => commands::scale::run(ctx, args).await,

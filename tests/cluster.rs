@@ -186,6 +186,114 @@ fn a_guest_behind_a_hop_sees_the_host_its_client_addressed() {
     }
 }
 
+/// An http app with no route, that no other app may call by name, is reached through
+/// `shoal port-forward`: the API sends each request, path, query, headers and body as the
+/// client wrote them, to a ready replica on whichever node runs it, and the API's token
+/// never reaches the guest.
+#[test]
+fn port_forward_reaches_an_app_with_no_route() {
+    let (dir, server, nodes) = cluster(2, &[]);
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("replicas = 1", "replicas = 2")
+        .replace("routes = [\"/faulty\"]", "routes = []");
+    let spec = write_spec(
+        dir.path(),
+        "internal.toml",
+        &format!("{text}\n[network]\ninbound = []\n"),
+    );
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "faulty"
+    ) == 2));
+    let client = common::client();
+    for node in &nodes {
+        let status = client
+            .get(format!("{}/headers", node.gateway))
+            .send()
+            .unwrap()
+            .status();
+        assert_eq!(status, 404, "no route through {}", node.name);
+    }
+
+    /// Killed however the test ends.
+    struct Forward(std::process::Child);
+    impl Drop for Forward {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut forward = Forward(
+        Command::new(common::SHOAL)
+            .args(["port-forward", "faulty"])
+            .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = common::read_lines(&mut forward.0);
+    let line = common::wait_line(&lines, "Forwarding from");
+    let local = line.split_whitespace().next().unwrap().to_string();
+    assert!(line.ends_with("to app default/faulty"), "{line}");
+
+    let seen = client
+        .get(format!("{local}/authority"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        seen, "http://faulty.default",
+        "called as by its service name"
+    );
+    let headers = client
+        .get(format!("{local}/headers?x=1"))
+        .header("x-test", "kept")
+        .header("authorization", "Bearer mine")
+        .header("x-shoal-replica", "elsewhere")
+        .send()
+        .unwrap();
+    assert_eq!(headers.status(), 200);
+    let headers = headers.text().unwrap();
+    assert!(headers.contains("x-test: kept"), "{headers}");
+    assert!(!headers.contains(&server.token), "{headers}");
+    assert!(
+        !headers.to_lowercase().contains("authorization"),
+        "{headers}"
+    );
+    assert!(!headers.contains("x-shoal"), "{headers}");
+    let echoed = client
+        .post(format!("{local}/echo"))
+        .body("a body, streamed")
+        .send()
+        .unwrap();
+    assert_eq!(echoed.status(), 200);
+    assert_eq!(echoed.text().unwrap(), "a body, streamed");
+    // The guest's own status comes back as it answered.
+    let status = client
+        .get(format!("{local}/status/418"))
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 418);
+
+    // With no replica ready, the API says so.
+    server.cli_ok(&["scale", "faulty", "--replicas", "0"]);
+    assert!(poll(Duration::from_secs(30), || ready_count(
+        &server, "faulty"
+    ) == 0));
+    let none = client.get(format!("{local}/headers")).send().unwrap();
+    assert_eq!(none.status(), 503);
+    assert!(none.text().unwrap().contains("no_ready_replicas"));
+    drop(forward);
+
+    // An app that is not there, or not http, is refused before anything listens.
+    let out = server.cli(&["port-forward", "nothing"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+}
+
 #[test]
 fn a_replica_that_fits_nowhere_says_why() {
     let (dir, server, _nodes) = cluster(3, &["--memory", "64Mi"]);

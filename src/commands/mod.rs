@@ -14,6 +14,7 @@ pub mod kv;
 pub mod logs;
 pub mod node;
 pub mod pool;
+pub mod port_forward;
 pub mod push;
 pub mod quota;
 pub mod rollout;

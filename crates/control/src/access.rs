@@ -68,6 +68,9 @@ pub(crate) enum Scope {
     NamespaceOrAll,
     /// The namespace of the app in the body: the handler checks it.
     Body,
+    /// The path's `/v1/namespaces/{namespace}/…`, for routes whose query is not the API's
+    /// (the proxy's belongs to the app).
+    InPath,
 }
 
 /// One route's rule: the least role that may call it, and where it acts.
@@ -87,7 +90,7 @@ pub(crate) fn rule_for(method: &str, path: &str) -> Option<&'static Rule> {
 }
 
 /// Whether `caller` may call a route under `rule`, asking for `namespace`
-/// (`?namespace=`, if given); the reason when not.
+/// (`?namespace=`, or the path's for [`Scope::InPath`], if given); the reason when not.
 pub(crate) fn authorize(
     caller: &Caller,
     rule: &Rule,
@@ -113,7 +116,7 @@ pub(crate) fn authorize(
             caller.name,
             caller.namespaces.join(", ")
         )),
-        Scope::Namespace => {
+        Scope::Namespace | Scope::InPath => {
             caller.check_namespace(namespace.unwrap_or(shoal_core::spec::DEFAULT_NAMESPACE))
         }
         Scope::NamespaceOrAll => match namespace {

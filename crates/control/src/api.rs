@@ -133,6 +133,26 @@ admin_api! {
             .param::<RolloutAction>("action")
             .query::<RolloutActionQuery>()
             .json::<RolloutStatus>(StatusCode::OK);
+    GET "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_get_root, Deployer, InPath,
+        proxy_op();
+    GET "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_get, Deployer, InPath,
+        proxy_op();
+    POST "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_post_root, Deployer, InPath,
+        proxy_op();
+    POST "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_post, Deployer, InPath,
+        proxy_op();
+    PUT "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_put_root, Deployer, InPath,
+        proxy_op();
+    PUT "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_put, Deployer, InPath,
+        proxy_op();
+    PATCH "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_patch_root, Deployer, InPath,
+        proxy_op();
+    PATCH "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_patch, Deployer, InPath,
+        proxy_op();
+    DELETE "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_delete_root, Deployer, InPath,
+        proxy_op();
+    DELETE "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_delete, Deployer, InPath,
+        proxy_op();
     GET "/v1/configs" => list_configs, Viewer, NamespaceOrAll,
         op("List config sets").query::<NsQuery>().json_list::<ConfigSetView>(StatusCode::OK);
     GET "/v1/configs/{name}" => get_config, Viewer, Namespace,
@@ -523,9 +543,12 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
         return ApiError::new(ErrorCode::Forbidden, "this route has no access rule")
             .into_response();
     };
-    let namespace = axum::extract::Query::<NsQuery>::try_from_uri(req.uri())
-        .ok()
-        .and_then(|q| q.0.namespace);
+    let namespace = match rule.scope {
+        Scope::InPath => namespace_in_path(req.uri().path()).map(str::to_string),
+        _ => axum::extract::Query::<NsQuery>::try_from_uri(req.uri())
+            .ok()
+            .and_then(|q| q.0.namespace),
+    };
     if let Some(audited) = req.extensions().get::<Audited>() {
         audited.caller(&caller.name);
     }
@@ -1400,6 +1423,59 @@ fn until_revoked<T: Send + 'static>(
             }
         }
     })
+}
+
+/// What the proxy routes document: any body in, the app's answer out.
+fn proxy_op() -> crate::openapi::Op {
+    op("Send a request to one of an app's ready replicas, as another app calls it by name (`Host: NAME.NAMESPACE`): the path after `proxy` and the query are the app's; `Authorization` and `x-shoal-*` headers are not passed on")
+        .body_raw("*/*")
+        .raw(StatusCode::OK, "*/*")
+}
+
+// One handler; an operation id for each method and path.
+use self::proxy as proxy_get;
+use self::proxy as proxy_get_root;
+use self::proxy as proxy_post;
+use self::proxy as proxy_post_root;
+use self::proxy as proxy_put;
+use self::proxy as proxy_put_root;
+use self::proxy as proxy_patch;
+use self::proxy as proxy_patch_root;
+use self::proxy as proxy_delete;
+use self::proxy as proxy_delete_root;
+
+#[derive(Deserialize)]
+struct ProxyPath {
+    namespace: String,
+    name: String,
+}
+
+/// `…/proxy/{path}`: the request, its path and query as the app is to see them, to a ready
+/// replica of the app (see `crate::proxy`).
+async fn proxy(
+    State(cp): State<ControlPlane>,
+    Path(at): Path<ProxyPath>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    // The raw path, not the decoded parameter: `%2F` in it stays what the client sent.
+    let rest = req
+        .uri()
+        .path()
+        .splitn(7, '/')
+        .nth(6)
+        .and_then(|p| p.strip_prefix("proxy"))
+        .unwrap_or("/");
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest.to_string(),
+    };
+    let app = AppKey::new(&at.namespace, &at.name);
+    Ok(cp.proxy(app, &path_and_query, req).await?)
+}
+
+/// The namespace of a path `/v1/namespaces/{namespace}/…`.
+fn namespace_in_path(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/namespaces/")?.split('/').next()
 }
 
 async fn label_node(
@@ -2885,6 +2961,7 @@ mod tests {
                 .replace("{name}", "web")
                 .replace("{bucket}", "b")
                 .replace("{*key}", "k")
+                .replace("{*path}", "p")
                 .replace(
                     "{action}",
                     if rule.path.starts_with("/v1/nodes") {
@@ -2895,6 +2972,7 @@ mod tests {
                 );
             let at = |ns: &str| match rule.scope {
                 Scope::Namespace | Scope::NamespaceOrAll => format!("{path}?namespace={ns}"),
+                Scope::InPath => path.replace("{namespace}", ns),
                 _ => path.clone(),
             };
             let body = |ns: &str| {

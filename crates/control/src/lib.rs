@@ -29,6 +29,7 @@ mod oci;
 mod openapi;
 mod pools;
 mod prometheus;
+mod proxy;
 mod quotas;
 mod rollouts;
 mod scope;

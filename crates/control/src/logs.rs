@@ -182,7 +182,7 @@ impl ControlPlane {
 
     /// The control plane's certificate for reaching nodes, renewed first if it is due;
     /// unavailable without a cluster CA.
-    fn members(&self) -> Result<&shoal_tls::Mutual, ControlError> {
+    pub(crate) fn members(&self) -> Result<&shoal_tls::Mutual, ControlError> {
         let (Some(members), Some(ca)) = (&self.inner.members, &self.config().authority) else {
             return Err(ControlError::Unavailable(
                 "this control plane has no cluster CA to reach nodes with".into(),
@@ -206,7 +206,7 @@ impl ControlPlane {
     /// A client presenting the control plane's certificate to node `node`'s gateway, which
     /// must present that node's own (an address proves nothing: a node may be issued a
     /// certificate for any address it says it has).
-    fn member_client(&self, node: &str) -> Result<reqwest::Client, ControlError> {
+    pub(crate) fn member_client(&self, node: &str) -> Result<reqwest::Client, ControlError> {
         reqwest::Client::builder()
             .use_preconfigured_tls(self.members()?.client_for(node))
             .connect_timeout(Duration::from_secs(2))

@@ -279,6 +279,7 @@ fn scope_name(scope: Scope) -> &'static str {
         Scope::Namespace => "namespace",
         Scope::NamespaceOrAll => "namespace-or-all",
         Scope::Body => "body",
+        Scope::InPath => "namespace-in-path",
     }
 }
 
@@ -296,6 +297,7 @@ fn scope_description(scope: Scope) -> &'static str {
         Scope::Body => {
             "It acts in the namespace of the app in the body, which the token must reach."
         }
+        Scope::InPath => "It acts in the path's namespace, which the token must reach.",
     }
 }
 

@@ -1,0 +1,165 @@
+use super::Context;
+use crate::client::Client;
+use anyhow::{Context as _, Result};
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures::TryStreamExt;
+use shoal_api::seg;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+#[command(after_help = "Examples:
+  shoal port-forward backend 8080         http://127.0.0.1:8080/… reaches the app backend
+  shoal port-forward backend              a free port, printed
+  curl http://127.0.0.1:8080/healthz      each request goes to one of its ready replicas
+
+Requests go through the API (a deployer's token is needed), to a ready replica on whichever
+node runs it, as another app's call by name would: the app needs no route. `Authorization`
+headers are not passed on (the API's token is sent in their place). Runs until interrupted.")]
+pub struct PortForwardArgs {
+    /// App name (an http app).
+    #[arg(value_parser = crate::commands::object_name)]
+    app: String,
+    /// Where to listen: PORT on 127.0.0.1, or ADDRESS:PORT (default: a free port on
+    /// 127.0.0.1, printed).
+    #[arg(value_parser = local_address, default_value = "127.0.0.1:0")]
+    local: SocketAddr,
+}
+
+/// `8080` or `127.0.0.1:8080`.
+fn local_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("{text:?} is neither a port nor ADDRESS:PORT"))
+}
+
+struct Forward {
+    client: Client,
+    /// `/v1/namespaces/NS/apps/NAME/proxy`: each request's path and query go after it.
+    base: String,
+}
+
+pub async fn run(ctx: Context, args: PortForwardArgs) -> Result<()> {
+    let client = ctx.client()?;
+    // Said now, with the usual exit code, rather than on each request.
+    let described: shoal_api::Describe = client
+        .get(&format!(
+            "/v1/apps/{}?namespace={}",
+            seg(&args.app),
+            seg(&ctx.namespace)
+        ))
+        .await?;
+    let kind = described.app.spec.component.kind;
+    if kind != shoal_core::spec::Kind::Http {
+        return Err(crate::exit::usage(format!(
+            "app {}/{} is a {kind}: only http apps serve requests",
+            ctx.namespace, args.app
+        )));
+    }
+    let listener = tokio::net::TcpListener::bind(args.local)
+        .await
+        .map_err(|e| {
+            let code = match e.kind() {
+                std::io::ErrorKind::AddrInUse => crate::exit::CONFLICT,
+                _ => 1,
+            };
+            crate::exit::fail(code, format!("cannot listen on {}: {e}", args.local))
+        })?;
+    let at = listener.local_addr().context("the listener's address")?;
+    let forward = Arc::new(Forward {
+        client,
+        base: format!(
+            "/v1/namespaces/{}/apps/{}/proxy",
+            seg(&ctx.namespace),
+            seg(&args.app)
+        ),
+    });
+    crate::output::write_stdout(
+        format!(
+            "Forwarding from http://{at} to app {}/{}\n",
+            ctx.namespace, args.app
+        )
+        .as_bytes(),
+    )?;
+    let router = axum::Router::new().fallback(one).with_state(forward);
+    axum::serve(listener, router)
+        .await
+        .context("serving the local port")
+}
+
+/// Headers the local connection and the API's client set for themselves.
+const OWN: [HeaderName; 7] = [
+    header::AUTHORIZATION,
+    header::HOST,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// One request, sent on through the API; its answer, or a 502 saying why there is none.
+async fn one(State(forward): State<Arc<Forward>>, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", forward.base);
+    for name in OWN {
+        parts.headers.remove(name);
+    }
+    let request = forward
+        .client
+        .request(parts.method.clone(), &url)
+        .headers(parts.headers)
+        .body(reqwest::Body::wrap_stream(body.into_data_stream()));
+    match forward.client.answer(request).await {
+        Ok(answer) => {
+            let mut response = Response::builder().status(answer.status());
+            if let Some(headers) = response.headers_mut() {
+                *headers = answer.headers().clone();
+                for name in OWN {
+                    headers.remove(name);
+                }
+            }
+            let body = Body::from_stream(answer.bytes_stream().map_err(std::io::Error::other));
+            response
+                .body(body)
+                .unwrap_or_else(|e| failed(format!("{e}")))
+        }
+        Err(e) => {
+            eprintln!("shoal: {} {path}: {e:#}", parts.method);
+            failed(format!("{e:#}"))
+        }
+    }
+}
+
+fn failed(why: String) -> Response {
+    (
+        StatusCode::BAD_GATEWAY,
+        format!("shoal port-forward: {why}\n"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_address_is_a_port_or_an_address_and_port() {
+        assert_eq!(
+            local_address("8080").unwrap(),
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(
+            local_address("0.0.0.0:9000").unwrap(),
+            "0.0.0.0:9000".parse().unwrap()
+        );
+        assert!(local_address("localhost").is_err());
+        assert!(local_address("70000").is_err());
+    }
+}
