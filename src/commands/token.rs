@@ -25,7 +25,8 @@ enum TokenAction {
         /// The token's name; it shows in `token list` and in events.
         #[arg(value_parser = crate::commands::object_name)]
         name: String,
-        #[arg(long)]
+        /// What it may do; each role may do what those before it may.
+        #[arg(long, value_parser = roles())]
         role: Role,
         /// A namespace the token acts in (repeatable); none: every namespace.
         #[arg(long = "scope", value_name = "NAMESPACE")]
@@ -50,6 +51,13 @@ enum TokenAction {
         #[arg(long)]
         write: Option<PathBuf>,
     },
+}
+
+/// The roles by name, listed in `--help` and in the error for any other.
+fn roles() -> impl clap::builder::TypedValueParser<Value = Role> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Role::ALL.map(Role::as_str))
+        .try_map(|name| name.parse::<Role>())
 }
 
 pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
