@@ -256,7 +256,11 @@ impl ControlPlane {
             }) if changes.len() > 1 => changes
                 .iter()
                 .map(|&alone| match write(&[alone]) {
-                    Ok(mut answers) => answers.pop().unwrap_or(Err(ControlError::Internal)),
+                    Ok(mut answers) => answers.pop().unwrap_or_else(|| {
+                        Err(ControlError::internal(
+                            "a key-value write of one change gave no answer",
+                        ))
+                    }),
                     Err(e) => Err(e),
                 })
                 .collect(),
