@@ -278,6 +278,18 @@ fn port_forward_reaches_an_app_with_no_route() {
         .unwrap()
         .status();
     assert_eq!(status, 418);
+    let status = client
+        .head(format!("{local}/status/202"))
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 202, "HEAD goes through");
+    let options = client
+        .request(reqwest::Method::OPTIONS, format!("{local}/status/204"))
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(options, 204, "OPTIONS goes through");
 
     // With no replica ready, the API says so.
     server.cli_ok(&["scale", "faulty", "--replicas", "0"]);

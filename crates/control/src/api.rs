@@ -153,6 +153,14 @@ admin_api! {
         proxy_op();
     DELETE "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_delete, Deployer, InPath,
         proxy_op();
+    HEAD "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_head_root, Deployer, InPath,
+        proxy_op();
+    HEAD "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_head, Deployer, InPath,
+        proxy_op();
+    OPTIONS "/v1/namespaces/{namespace}/apps/{name}/proxy/" => proxy_options_root, Deployer, InPath,
+        proxy_op();
+    OPTIONS "/v1/namespaces/{namespace}/apps/{name}/proxy/{*path}" => proxy_options, Deployer, InPath,
+        proxy_op();
     GET "/v1/configs" => list_configs, Viewer, NamespaceOrAll,
         op("List config sets").query::<NsQuery>().json_list::<ConfigSetView>(StatusCode::OK);
     GET "/v1/configs/{name}" => get_config, Viewer, Namespace,
@@ -1443,6 +1451,10 @@ use self::proxy as proxy_patch;
 use self::proxy as proxy_patch_root;
 use self::proxy as proxy_delete;
 use self::proxy as proxy_delete_root;
+use self::proxy as proxy_head;
+use self::proxy as proxy_head_root;
+use self::proxy as proxy_options;
+use self::proxy as proxy_options_root;
 
 #[derive(Deserialize)]
 struct ProxyPath {

@@ -464,7 +464,8 @@ mod tests {
             for (method, op) in item.as_object().unwrap() {
                 let what = format!("{method} {path}");
                 assert!(
-                    ["get", "put", "post", "patch", "delete"].contains(&method.as_str()),
+                    ["get", "put", "post", "patch", "delete", "head", "options"]
+                        .contains(&method.as_str()),
                     "{what}"
                 );
                 assert!(
