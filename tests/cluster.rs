@@ -291,6 +291,33 @@ fn port_forward_reaches_an_app_with_no_route() {
         .status();
     assert_eq!(options, 204, "OPTIONS goes through");
 
+    // Paths as a client may write them, unresolved (an HTTP client resolves them first).
+    let raw = |path: &str| {
+        use std::io::{Read, Write};
+        let mut tcp = std::net::TcpStream::connect(local.trim_start_matches("http://")).unwrap();
+        write!(
+            tcp,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    // Dot segments stay within the app: the app answers, not the API's list of apps.
+    let climbed = raw("/../../../../../../v1/apps");
+    assert!(climbed.starts_with("HTTP/1.1 200"), "{climbed}");
+    assert!(!climbed.contains("application/json"), "{climbed}");
+    // The nodes' own paths (replicas' output) are not the proxy's to open.
+    let id = server.replica_ids("faulty").into_iter().next().unwrap();
+    for path in [
+        format!("/_shoal/logs/{id}"),
+        format!("/a/../_shoal/logs/{id}"),
+    ] {
+        let refused = raw(&path);
+        assert!(refused.starts_with("HTTP/1.1 403"), "{path}: {refused}");
+    }
+
     // With no replica ready, the API says so.
     server.cli_ok(&["scale", "faulty", "--replicas", "0"]);
     assert!(poll(Duration::from_secs(30), || ready_count(

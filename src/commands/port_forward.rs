@@ -107,6 +107,9 @@ const OWN: [HeaderName; 7] = [
 async fn one(State(forward): State<Arc<Forward>>, req: Request) -> Response {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let Some(path) = within_app(path) else {
+        return failed(format!("{path:?} is no path and query"));
+    };
     let url = format!("{}{path}", forward.base);
     for name in OWN {
         parts.headers.remove(name);
@@ -137,6 +140,17 @@ async fn one(State(forward): State<Arc<Forward>>, req: Request) -> Response {
     }
 }
 
+/// `path` (and query) with its dot segments resolved as within the app: appended to the
+/// proxy's path unresolved, `/../..` would climb out of it to other API routes, sent with
+/// this CLI's token.
+fn within_app(path: &str) -> Option<String> {
+    let url = reqwest::Url::parse(&format!("http://app{path}")).ok()?;
+    Some(match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    })
+}
+
 fn failed(why: String) -> Response {
     (
         StatusCode::BAD_GATEWAY,
@@ -148,6 +162,16 @@ fn failed(why: String) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dot segments, however spelled, stay within the app's paths.
+    #[test]
+    fn a_path_never_climbs_out_of_the_app() {
+        assert_eq!(within_app("/a/b?c=d").unwrap(), "/a/b?c=d");
+        assert_eq!(within_app("/../../../../v1/tokens").unwrap(), "/v1/tokens");
+        assert_eq!(within_app("/%2e%2e/%2E%2E/v1/nodes").unwrap(), "/v1/nodes");
+        assert_eq!(within_app("/a/./b/../c").unwrap(), "/a/c");
+        assert_eq!(within_app("/").unwrap(), "/");
+    }
 
     #[test]
     fn a_local_address_is_a_port_or_an_address_and_port() {

@@ -79,6 +79,25 @@ fn scrub(headers: &mut HeaderMap) {
     }
 }
 
+/// The URL of `path_and_query` at `gateway`, with its dot segments resolved as the request
+/// will go; refused if it is the node's own (`/_shoal/…`, replicas' output), which no app is
+/// served under and the proxy's member certificate must not open.
+fn node_url(gateway: &str, path_and_query: &str) -> Result<reqwest::Url, ControlError> {
+    let url = reqwest::Url::parse(&format!("https://{gateway}{path_and_query}")).map_err(|e| {
+        ControlError::invalid(
+            shoal_core::problem::ErrorCode::BadRequest,
+            format!("{path_and_query:?} is no path and query: {e}"),
+        )
+    })?;
+    if url.path().starts_with("/_shoal/") {
+        return Err(ControlError::invalid(
+            shoal_core::problem::ErrorCode::Forbidden,
+            "paths under /_shoal/ are the nodes' own: no app is served there",
+        ));
+    }
+    Ok(url)
+}
+
 /// Round robin over the ready replicas, shared by every proxied request.
 static TURN: AtomicUsize = AtomicUsize::new(0);
 
@@ -136,7 +155,7 @@ impl ControlPlane {
         headers.insert("x-shoal-app", value(&app.to_string())?);
         headers.insert("x-shoal-hop", HeaderValue::from_static("1"));
         headers.insert(header::HOST, value(&host)?);
-        let url = format!("https://{}{path_and_query}", target.gateway);
+        let url = node_url(&target.gateway, path_and_query)?;
         let answer = self
             .member_client(&target.node)?
             .request(parts.method, url)
@@ -207,6 +226,23 @@ mod tests {
             })
         );
         assert_eq!(pick(&replicas[1..4], &gateways, 0), None);
+    }
+
+    /// A path resolving under `/_shoal/` (where nodes serve replicas' output to the control
+    /// plane) is refused however it is spelled; others go as resolved.
+    #[test]
+    fn the_nodes_own_paths_are_refused_however_spelled() {
+        for path in [
+            "/_shoal/logs/r1",
+            "/a/../_shoal/logs/r1",
+            "/%2e%2e/_shoal/logs/r1?x=1",
+            "/./_shoal/",
+        ] {
+            assert!(node_url("127.0.0.1:1", path).is_err(), "{path}");
+        }
+        let url = node_url("127.0.0.1:1", "/a/../b?c=d").unwrap();
+        assert_eq!(url.as_str(), "https://127.0.0.1:1/b?c=d");
+        assert!(node_url("127.0.0.1:1", "/_shoalish").is_ok());
     }
 
     /// The API's credential, the connection's headers and Shoal's internal ones never cross.

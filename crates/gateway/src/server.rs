@@ -1114,8 +1114,10 @@ struct Member {
     control_plane: bool,
 }
 
+/// Whether `req` reads a replica's output: a path under [`LOGS_PATH`], and no hop pinned to a
+/// replica (whose path is the app's, whatever it says).
 fn is_logs_path<B>(req: &Request<B>) -> bool {
-    req.uri().path().starts_with(LOGS_PATH)
+    req.uri().path().starts_with(LOGS_PATH) && !req.headers().contains_key(REPLICA_HEADER)
 }
 
 /// A replica's concurrency permit shared by a request's guest and its response body: the

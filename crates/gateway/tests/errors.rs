@@ -436,6 +436,16 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
         ),
         "{entry}"
     );
+    // A hop pinned to a replica is the app's request whatever its path says: never a read of
+    // replicas' output, even from the control plane (its API proxy sends such hops).
+    let reply = send(
+        &control_plane,
+        format!("https://{b_addr}{NODE_LOGS_PATH}faulty-b"),
+        pinned.to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(!reply.text().contains("started"), "{}", reply.text());
     let reply = send(
         &control_plane,
         format!("https://{b_addr}{NODE_LOGS_PATH}elsewhere"),
