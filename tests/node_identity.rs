@@ -192,6 +192,7 @@ fn a_node_restarted_during_a_control_plane_outage_starts_when_it_is_back() {
     let log_file = node.dir.with_extension("log");
     std::fs::remove_file(&log_file).unwrap();
     let log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+    let gateway = node.gateway.clone();
     std::thread::scope(|s| {
         // The node starts again first, finds no server and waits; it prints its gateway
         // only once the server is back.
@@ -199,6 +200,15 @@ fn a_node_restarted_during_a_control_plane_outage_starts_when_it_is_back() {
         let waits = poll(Duration::from_secs(20), || {
             log().contains("starts when it answers")
         });
+        // Meanwhile its port answers at once that it is starting, rather than leaving
+        // clients' connections unanswered until the control plane is back.
+        let reply = common::client()
+            .get(format!("{gateway}/hello"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .unwrap();
+        assert_eq!(reply.status(), 503);
+        assert!(reply.text().unwrap().contains("unavailable"));
         server.restart();
         restarted.join().unwrap();
         assert!(waits, "{}", log());

@@ -278,9 +278,11 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
         .map_err(|e| crate::exit::usage(format!("--join-wait: {e}")))?;
     let mut patience = Patience::new(std::time::Duration::from_millis(join_wait));
     let site = prepare_node(&data, &args.node).await?;
+    let starting = site.answer_starting()?;
     let ca = cluster_ca(&args, &data, &mut patience).await?;
     let http = shoal_agent::http_client(&ca).map_err(|e| anyhow::anyhow!("{e}"))?;
     let identity = identity(&args, &http, &data, &name, &mut patience).await?;
+    starting.stop().await;
     let mut link = RemoteLink::new(
         http,
         args.servers.clone(),

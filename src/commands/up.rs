@@ -890,6 +890,65 @@ pub struct NodeSite {
     metrics: Option<tokio::net::TcpListener>,
 }
 
+/// The gateway's port answering 503 while the node waits for its control plane (see
+/// [`NodeSite::answer_starting`]); [`Starting::stop`] ends that before the gateway serves.
+pub struct Starting {
+    stop: tokio::sync::oneshot::Sender<()>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Starting {
+    /// Ends the answering: open connections finish, within a second (one that never sends a
+    /// request is not waited for longer).
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut served = self.served;
+        if tokio::time::timeout(Duration::from_secs(1), &mut served)
+            .await
+            .is_err()
+        {
+            served.abort();
+        }
+    }
+}
+
+impl NodeSite {
+    /// Answers every request on the gateway's port with a 503 (`unavailable`, closing the
+    /// connection) until [`Starting::stop`]: a node that waits for its control plane, before
+    /// it has a gateway, would else leave clients' connections unanswered in its backlog for
+    /// as long as the control plane is away.
+    pub fn answer_starting(&self) -> Result<Starting> {
+        use std::os::fd::AsFd as _;
+        let copy = std::net::TcpListener::from(self.listener.as_fd().try_clone_to_owned()?);
+        copy.set_nonblocking(true)?;
+        let listener = tokio::net::TcpListener::from_std(copy)?;
+        let answer = || async {
+            let body = shoal_core::problem::ErrorBody::new(
+                shoal_core::problem::ErrorCode::Unavailable,
+                "this node is starting and waits for its control plane: try another node",
+            );
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                [
+                    (axum::http::header::CONNECTION, "close"),
+                    (axum::http::header::RETRY_AFTER, "1"),
+                ],
+                axum::Json(body),
+            )
+        };
+        let router = axum::Router::new().fallback(answer);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let served = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Starting { stop, served })
+    }
+}
+
 /// Takes what [`NodeSite`] holds, or says which flag or port stands in the way.
 pub async fn prepare_node(data: &Path, args: &NodeArgs) -> Result<NodeSite> {
     let mut config = RuntimeConfig {
@@ -999,6 +1058,9 @@ pub async fn start_node(
         Some(listener) => Some(serve_metrics(listener, agent.clone())?),
         None => None,
     };
+    // Requests wait for the routes (a 503 after a while) rather than miss them: the agent
+    // says they are loaded once it has read the cluster's state.
+    gateway.starting();
     tokio::spawn(agent.clone().run());
     let served = tokio::spawn(shoal_gateway::serve(listener, gateway.clone()));
     Ok(StartedNode {

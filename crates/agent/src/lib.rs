@@ -319,6 +319,8 @@ impl Agent {
             registered_again.mark_unchanged();
             let mut view = ClusterView::new(&self.inner.config.node, snapshot);
             self.reload(&view, &mut sent);
+            // The gateway knows every route now: requests that waited for them go on.
+            self.inner.gateway.loaded();
             // Watches, each from the last revision applied, at whichever server the link
             // reaches: revisions are the store's, the same at every server.
             loop {

@@ -164,6 +164,8 @@ pub(crate) struct Inner {
     /// Set by [`Gateway::close`]: [`serve`] takes no more connections and ends those it has
     /// gracefully.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Whether the routes are loaded: false from [`Gateway::starting`] to [`Gateway::loaded`].
+    loaded: tokio::sync::watch::Sender<bool>,
     /// The connections each client holds.
     clients: Arc<Clients>,
 }
@@ -202,6 +204,7 @@ impl Gateway {
                 logs: RwLock::new(None),
                 members: RwLock::new(None),
                 closing: tokio::sync::watch::Sender::new(false),
+                loaded: tokio::sync::watch::Sender::new(true),
                 clients: Clients::new(config.max_client_connections, 64),
                 config,
             }),
@@ -385,6 +388,30 @@ impl Gateway {
     /// down lets what is in flight through it complete.
     pub fn close(&self) {
         self.inner.closing.send_replace(true);
+    }
+
+    /// Until [`Gateway::loaded`], the routes are not known yet (a node starting, or starting
+    /// again, before it has read the cluster's state): a public request waits for them, up
+    /// to [`LOAD_WAIT`] (or `hold_timeout`, if shorter), then gets a 503. Without this, an
+    /// app that exists was a 404 `no_route` for the first moments of a restarted node.
+    pub fn starting(&self) {
+        self.inner.loaded.send_replace(false);
+    }
+
+    /// The routes are loaded: requests waiting for them go on, and later ones wait no more.
+    pub fn loaded(&self) {
+        self.inner.loaded.send_replace(true);
+    }
+
+    /// Whether the routes are loaded, waiting for them a while if they are not.
+    async fn wait_loaded(&self) -> bool {
+        if *self.inner.loaded.borrow() {
+            return true;
+        }
+        let mut loaded = self.inner.loaded.subscribe();
+        let wait = self.inner.config.hold_timeout.min(LOAD_WAIT);
+        let waited = tokio::time::timeout(wait, loaded.wait_for(|loaded| *loaded)).await;
+        matches!(waited, Ok(Ok(_)))
     }
 
     /// Lets the control plane read local replicas' output through this gateway.
@@ -688,6 +715,12 @@ impl Gateway {
         }
         let span = request_span(&req);
         async move {
+            if !self.wait_loaded().await {
+                return problem_response(
+                    ErrorCode::Unavailable,
+                    "this node is starting and has not read the cluster's routes yet: try again, or another node",
+                );
+            }
             if let Some(refused) = not_a_path(&req) {
                 return refused;
             }
@@ -1106,6 +1139,9 @@ enum Access {
     /// Asks for the internal surface from outside the cluster: a 403, nothing else.
     Refused,
 }
+
+/// The longest a public request waits for a starting node's routes ([`Gateway::starting`]).
+const LOAD_WAIT: Duration = Duration::from_secs(5);
 
 /// Marks a request that came over a connection whose peer presented a certificate of the
 /// cluster CA: another node's gateway, or the control plane.

@@ -59,6 +59,45 @@ fn remote(replica: &str, node: &str) -> HashMap<shoal_core::spec::AppKey, Vec<Re
     )])
 }
 
+/// A node starting (again) does not know the cluster's routes until its agent has read them:
+/// a request waits for them, and is served once they are loaded; past the wait it is a 503,
+/// never a 404 `no_route` for an app that exists.
+#[tokio::test]
+async fn a_starting_gateway_waits_for_its_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let gateway = Gateway::new(GatewayConfig::default());
+    gateway.starting();
+    let request = || {
+        http::Request::get("/faulty/status/200")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let waiting = gateway.handle(request());
+    tokio::pin!(waiting);
+    assert!(
+        futures::poll!(&mut waiting).is_pending(),
+        "answered before the routes were loaded"
+    );
+    gateway.set_routes(vec![(Route::parse("/faulty").unwrap(), app("faulty"))]);
+    faulty_here(&runtime, &gateway, "faulty-1", 8, Duration::from_secs(5)).await;
+    gateway.loaded();
+    assert_eq!(waiting.await.status(), StatusCode::OK);
+
+    // One whose routes never come (its control plane is down) gets a 503 in time.
+    let starting = Gateway::new(GatewayConfig {
+        hold_timeout: Duration::from_millis(200),
+        ..GatewayConfig::default()
+    });
+    starting.starting();
+    let addr = serve(&starting).await;
+    let reply = HttpClient::new()
+        .get(&format!("http://{addr}/faulty/status/200"))
+        .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.problem().code(), ErrorCode::Unavailable);
+}
+
 #[tokio::test]
 async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
     let dir = tempfile::tempdir().unwrap();
