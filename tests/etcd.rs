@@ -526,6 +526,38 @@ fn a_redb_state_migrates_into_etcd_and_serves_the_same_cluster() {
 /// Servers sharing a store share the join token in force: one rotated at a server stops
 /// working at every other at once, and the new one works at all of them (and is in each one's
 /// join-token file, for its pools' workers).
+/// A store that lost its quorum is an outage, and said so: the API answers 503 (the CLI
+/// exits 5, unavailable) and `/v1/healthz` 503, not a 500 and `ok`; both recover with it.
+#[test]
+fn a_lost_quorum_is_unavailable_and_unhealthy_until_it_is_back() {
+    let mut etcd = EtcdCluster::three();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start_with(dir.path(), &["--store", &etcd.url()]);
+    let health = || {
+        server
+            .http()
+            .get(format!("{}/v1/healthz", server.api))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert!(poll(Duration::from_secs(20), || health() == 200));
+    etcd.kill(1);
+    etcd.kill(2);
+    let out = server.cli(&["get", "apps"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("503"));
+    assert!(poll(Duration::from_secs(10), || health() == 503));
+    etcd.restart(1);
+    assert!(poll(Duration::from_secs(30), || health() == 200));
+    server.cli_ok(&["get", "apps"]);
+}
+
 #[test]
 fn a_join_token_rotated_at_one_server_is_the_only_one_every_server_takes() {
     let etcd = EtcdCluster::single();

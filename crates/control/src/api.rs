@@ -460,7 +460,11 @@ pub fn router(cp: ControlPlane) -> Router {
 }
 
 async fn healthz(State(cp): State<ControlPlane>) -> Response {
-    match cp.unhealthy() {
+    // A shared store is asked, which may take a moment: off the executor.
+    let unhealthy = tokio::task::spawn_blocking(move || cp.unhealthy())
+        .await
+        .unwrap_or_else(|e| Some(format!("the health check failed: {e}")));
+    match unhealthy {
         None => "ok\n".into_response(),
         Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

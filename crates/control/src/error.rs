@@ -75,6 +75,9 @@ impl From<shoal_store::StoreError> for ControlError {
                     "the change is larger than the store takes at once ({why}): make it smaller (an app's [config] and config sets, a secret's versions and a key-value write each go whole in one write), or raise etcd's --max-request-bytes"
                 ),
             ),
+            unavailable @ shoal_store::StoreError::Unavailable(_) => {
+                ControlError::Unavailable(format!("{unavailable}: try again in a moment"))
+            }
             other => ControlError::internal(other),
         }
     }

@@ -1452,11 +1452,16 @@ impl ControlPlane {
             .collect())
     }
 
-    /// Why this server is not healthy, for `GET /v1/healthz`: its store cannot write (redb
-    /// after a failed write, a full disk say, until the server is restarted), or the
+    /// Why this server is not healthy, for `GET /v1/healthz`: its store does not answer (etcd
+    /// without a quorum), cannot write (redb after a failed write, a full disk say, until the
+    /// server is restarted), or the
     /// controller's passes have failed for [`UNHEALTHY_AFTER`] on end. Details go to the
     /// log, not to this public answer.
     pub(crate) fn unhealthy(&self) -> Option<String> {
+        if let Err(e) = self.inner.store.check() {
+            tracing::warn!(error = %e, "the store does not answer the health check");
+            return Some("the store does not answer now (see the server log)".into());
+        }
         if self.inner.store.write_failure().is_some() {
             return Some(
                 "the store cannot write (see the server log); restart the server once the cause (a full disk?) is fixed".into(),

@@ -629,7 +629,32 @@ impl KvStore for EtcdStore {
     fn observe_commits(&self, observer: CommitObserver) {
         *self.observer.lock().expect("observer lock") = Some(Arc::new(observer));
     }
+
+    /// One linearizable read (it needs a quorum, as a write does), tried once, within
+    /// [`CHECK_WITHIN`].
+    fn check(&self) -> Result<(), StoreError> {
+        let client = self.client.clone();
+        let answered = self.block_on(async move {
+            let read = async move {
+                let mut client = client;
+                client
+                    .get("/", Some(GetOptions::new().with_count_only()))
+                    .await
+            };
+            tokio::time::timeout(CHECK_WITHIN, read).await
+        })?;
+        match answered {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(store_error(e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "etcd did not answer a read within {CHECK_WITHIN:?}"
+            ))),
+        }
+    }
 }
+
+/// How long a health check waits for etcd.
+const CHECK_WITHIN: Duration = Duration::from_secs(1);
 
 /// One watch's reader: follows etcd's watch and resumes it, from the revision after the last
 /// one delivered, whenever the connection to the member serving it breaks.
@@ -1017,13 +1042,24 @@ fn db(message: impl Into<String>) -> StoreError {
 }
 
 /// etcd's errors as the store's: its compaction and size refusals by their text (that is all
-/// gRPC carries of them), everything else as a database error.
+/// gRPC carries of them); no member reached, or none able to serve (no leader, a request
+/// timed out: a lost quorum), as unavailable; everything else as a database error.
 fn store_error(e: etcd_client::Error) -> StoreError {
     let text = e.to_string();
+    let unavailable = match &e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
+    };
     if text.contains("required revision has been compacted") {
         StoreError::Compacted { compacted: 0 }
     } else if text.contains("request is too large") || text.contains("message larger than max") {
         StoreError::TooLarge(format!("etcd: {text}"))
+    } else if unavailable {
+        StoreError::Unavailable(format!("etcd: {text}"))
     } else {
         db(format!("etcd: {text}"))
     }
@@ -1046,9 +1082,18 @@ mod tests {
             let e = store_error(etcd_client::Error::GRpcStatus(refusal));
             assert!(matches!(e, StoreError::TooLarge(_)), "{e}");
         }
-        let other = tonic::Status::unavailable("etcdserver: leader changed");
+        let other = tonic::Status::internal("etcdserver: corrupt cluster");
         let e = store_error(etcd_client::Error::GRpcStatus(other));
         assert!(matches!(e, StoreError::Db(_)), "{e}");
+        // A lost quorum: nothing the request can change, asked again later it may work.
+        for lost in [
+            tonic::Status::unavailable("etcdserver: request timed out"),
+            tonic::Status::unavailable("etcdserver: no leader"),
+            tonic::Status::deadline_exceeded("context deadline exceeded"),
+        ] {
+            let e = store_error(etcd_client::Error::GRpcStatus(lost));
+            assert!(matches!(e, StoreError::Unavailable(_)), "{e}");
+        }
     }
 
     #[test]

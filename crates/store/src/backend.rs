@@ -109,6 +109,13 @@ pub trait KvStore: Send + Sync + 'static {
     fn write_failure(&self) -> Option<String> {
         None
     }
+
+    /// Whether the store answers now, asked quickly (about a second at most), for a health
+    /// check: a shared store may lose its quorum while this server is fine. A local file
+    /// always answers.
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// Told how long one commit took; called on the writer's thread, so it should be quick.

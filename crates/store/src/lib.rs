@@ -196,6 +196,10 @@ pub enum StoreError {
     /// unless configured): the writer's to make smaller, not the store's to fix.
     #[error("the write is larger than the store takes at once: {0}")]
     TooLarge(String),
+    /// The store cannot be reached, or cannot serve now (etcd without a quorum): nothing to
+    /// fix in the request, and perhaps nothing written; asking again later may work.
+    #[error("the store does not answer now: {0}")]
+    Unavailable(String),
     #[error("store I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("store database error: {0}")]
@@ -216,6 +220,7 @@ impl StoreError {
             StoreError::EmptyKey => StoreError::EmptyKey,
             StoreError::InUse => StoreError::InUse,
             StoreError::TooLarge(why) => StoreError::TooLarge(why.clone()),
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
             StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
             StoreError::Db(message) => StoreError::Db(message.clone()),
         }
