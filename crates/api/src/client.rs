@@ -329,6 +329,9 @@ impl Client {
         let mut rest = self.servers.order(server).skip(1);
         let mut req = req;
         let mut tried = Vec::new();
+        // The last server's failing answer: it says more than a later server that could not
+        // be reached at all.
+        let mut answered = None;
         loop {
             // The request for the next server, made before this one consumes it: a body that
             // is a stream cannot be copied, and such a request is sent once.
@@ -336,6 +339,8 @@ impl Client {
             tried.push(self.servers.url(server));
             let (failure, outcome) = match self.http.execute(req).await {
                 Ok(resp) if !resp.status().is_server_error() => return Ok(resp),
+                // What a server's upstream (a registry, a node) failed fails at every server.
+                Ok(resp) if upstream_failed(resp.status()) => return Ok(resp),
                 Ok(resp) => (Failure::ServerError, Ok(resp)),
                 Err(e) => (Failure::of(&e), Err(e)),
             };
@@ -345,16 +350,30 @@ impl Client {
             };
             self.left(server, &why);
             match next {
-                Some((n, copy)) if failure.resend(resend) => (server, req) = (n, copy),
+                Some((n, copy)) if failure.resend(resend) => {
+                    if let Ok(resp) = outcome {
+                        answered = Some(resp);
+                    }
+                    (server, req) = (n, copy);
+                }
                 _ => {
-                    return outcome.map_err(|source| ClientError::Send {
-                        base: tried.join(", "),
-                        source,
-                    });
+                    return match (outcome, answered) {
+                        (Ok(resp), _) | (Err(_), Some(resp)) => Ok(resp),
+                        (Err(source), None) => Err(ClientError::Send {
+                            base: tried.join(", "),
+                            source,
+                        }),
+                    };
                 }
             }
         }
     }
+}
+
+/// A 502 or 504: the server answered for something behind it (an OCI registry, a node's
+/// gateway) that failed, which another server would find failing as well.
+fn upstream_failed(status: reqwest::StatusCode) -> bool {
+    status == reqwest::StatusCode::BAD_GATEWAY || status == reqwest::StatusCode::GATEWAY_TIMEOUT
 }
 
 /// Fails on a non-2xx answer, reading the API's `{"error": …}` body.
@@ -584,6 +603,35 @@ mod tests {
                 .unwrap();
             assert_eq!(live_seen.load(Ordering::SeqCst), 2);
         }
+    }
+
+    /// A server's answer is what the caller hears, not a later server that could not be
+    /// reached; and what a server's upstream failed (a 502: a registry, a node) is not asked
+    /// of every other server.
+    #[tokio::test]
+    async fn a_servers_answer_beats_a_dead_server_and_an_upstreams_failure_is_not_resent() {
+        fn unavailable(_: &str, _: bool) -> Option<(&'static str, String)> {
+            Some((
+                "503 Service Unavailable",
+                r#"{"error":{"code":"unavailable","message":"the store is unreachable"}}"#.into(),
+            ))
+        }
+        let (failing, _) = server_with(unavailable).await;
+        let client = Client::new(servers(&[&failing, &refusing()]), "secret");
+        let err = client.get::<serde_json::Value>("/ok").await.unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::SERVICE_UNAVAILABLE), "{err}");
+        assert!(
+            err.to_string().contains("the store is unreachable"),
+            "{err}"
+        );
+
+        let (proxying, proxying_seen) = server_with(api).await;
+        let (live, live_seen) = server_with(api).await;
+        let client = Client::new(servers(&[&proxying, &live]), "secret");
+        let err = client.get::<serde_json::Value>("/proxy").await.unwrap_err();
+        assert_eq!(err.status(), Some(StatusCode::BAD_GATEWAY), "{err}");
+        assert_eq!(proxying_seen.load(Ordering::SeqCst), 1);
+        assert_eq!(live_seen.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
