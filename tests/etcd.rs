@@ -578,6 +578,15 @@ fn a_join_token_rotated_at_one_server_is_the_only_one_every_server_takes() {
     ]);
     let token = std::fs::read_to_string(&new_token).unwrap();
     assert_ne!(token, second.join_token);
+    // The other server's file, which its join command names, holds the new token soon,
+    // before any join reaches that server.
+    let second_file = dirs[1].path().join("server/join-token");
+    assert!(
+        poll(Duration::from_secs(10), || {
+            std::fs::read_to_string(&second_file).unwrap() == token
+        }),
+        "the second server's join-token file still holds the old token"
+    );
 
     // A node that got in would run until killed: it gets a deadline to be refused.
     let mut old = common::Killed::new(

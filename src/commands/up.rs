@@ -481,6 +481,7 @@ pub async fn start_control(
         // Every one of them passes on what its nodes report, for the leader's decisions.
         Some(store) => {
             tokio::spawn(control.clone().share_reports());
+            tokio::spawn(control.clone().follow_join_token());
             let (stop, stopping) = tokio::sync::watch::channel(false);
             let campaign = tokio::spawn(lead(
                 store,

@@ -30,7 +30,30 @@ pub(crate) fn random_secret() -> Result<[u8; 32], ControlError> {
 /// them is the only one every one of them takes. Outside `/`: no watch or snapshot carries it.
 pub(crate) const SHARED_JOIN_TOKEN: &str = "cluster/join-token";
 
+/// How soon a server sharing a store finds a join token rotated at another one.
+const JOIN_TOKEN_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl ControlPlane {
+    /// On a shared store, for ever: keeps this server's join token, in memory and in its
+    /// `join-token` file, the one in force, within [`JOIN_TOKEN_PERIOD`] of a rotation at
+    /// another server. Else a file an operator copies for `shoal node join` (the one this
+    /// server's own join command names) held a token refused since, until a join reached
+    /// this server.
+    pub async fn follow_join_token(self) {
+        if !self.inner.config.shared_store {
+            return;
+        }
+        let mut tick = tokio::time::interval(JOIN_TOKEN_PERIOD);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let cp = self.clone();
+            if let Err(e) = crate::state::blocking(move || cp.join_token().map(drop)).await {
+                tracing::debug!(error = %e, "cannot read the join token in force");
+            }
+        }
+    }
+
     /// Whether `presented` is the join token in force. It reads the store when servers share
     /// one (joins are rare), so a token rotated at another server stops working here at once.
     pub fn join_token_matches(&self, presented: &str) -> bool {
