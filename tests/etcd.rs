@@ -112,11 +112,27 @@ fn a_server_on_etcd_serves_an_app_and_another_takes_over_its_state() {
     }
     let describe = second.cli_ok(&["describe", "app", "hello"]);
     assert!(describe.contains("node-2"), "{describe}");
-    // Other servers of the store could not open secrets sealed under a key only this one has.
+    // Other servers of the store could not open secrets sealed under a key only this one
+    // has: refused while another runs, done once this one is alone (as the README says).
+    let third_dir = tempfile::tempdir().unwrap();
+    copy_identity(
+        &second_dir.path().join("server"),
+        &third_dir.path().join("server"),
+    );
+    let mut third = Server::start_with(third_dir.path(), &["--store", &store]);
     let rotate = second.cli(&["secret", "rotate-key"]);
-    assert!(!rotate.status.success());
+    assert_eq!(rotate.status.code(), Some(4));
     let said = String::from_utf8_lossy(&rotate.stderr);
-    assert!(said.contains("servers share the store"), "{said}");
+    assert!(said.contains("other servers run on this store"), "{said}");
+    assert!(said.contains(&third.api), "names the other: {said}");
+    third.kill();
+    assert!(
+        poll(Duration::from_secs(15), || second
+            .cli(&["secret", "rotate-key"])
+            .status
+            .success()),
+        "never rotated once alone"
+    );
 }
 
 /// The tests that kill the leader and time the takeover run one at a time: two at once on a

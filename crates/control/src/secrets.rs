@@ -540,13 +540,22 @@ impl ControlPlane {
     /// A crash between the steps leaves a key file holding every key a stored value needs.
     pub fn rotate_secret_key(&self) -> Result<KeyRotated, ControlError> {
         // Each server sharing a store holds its own copy of the key file: a rotation here would
-        // seal every secret under a key the others do not have.
+        // seal every secret under a key the others do not have, while they run.
         if self.inner.config.shared_store {
-            return Err(ControlError::conflict(
-                "the secret key cannot be rotated while servers share the store: each holds its \
-                 own copy of secret.key, and the others could not open what this one seals \
-                 (stop every server but one, rotate there, copy its secret.key to the others)",
-            ));
+            let (running, _) = self.inner.store.range(shoal_store::SERVERS_PREFIX)?;
+            if running.len() > 1 {
+                let names: Vec<String> = running
+                    .iter()
+                    .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                    .collect();
+                return Err(ControlError::conflict(format!(
+                    "the secret key cannot be rotated while other servers run on this store \
+                     ({}): each holds its own copy of secret.key, and they could not open what \
+                     this one seals. Stop every server but this one, rotate here, copy its \
+                     secret.key to the others, and start them again",
+                    names.join(", ")
+                )));
+            }
         }
         let mut keys_guard = self
             .inner

@@ -1,7 +1,8 @@
 //! Leader election on an etcd lease: of the servers sharing a store, exactly one runs the
 //! controller at a time, and when it dies another takes over within [`LEASE_TTL`] and a bit.
 //!
-//! Each candidate holds a lease of its own, kept alive while the process lives, and tries to
+//! Each candidate holds a lease of its own, kept alive while the process lives, with a key
+//! under [`shoal_store::SERVERS_PREFIX`] bound to it (so the servers running are known), and tries to
 //! create the leader key bound to it (a transaction: create if absent). Whoever creates it
 //! leads; the others watch the key and try again when it is deleted, which etcd does when the
 //! leader's lease runs out (a killed leader) or is revoked (a leader stepping down). A leader
@@ -86,6 +87,13 @@ impl EtcdStore {
             .spawn(async move {
                 let mut c = client.clone();
                 let lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
+                // Who runs on the store, while it does (`shoal secret rotate-key` asks).
+                c.put(
+                    format!("{}{id}", shoal_store::SERVERS_PREFIX),
+                    id.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
                 let (lost_tx, lost) = watch::channel(false);
                 let keeper = tokio::spawn(keep_alive(client.clone(), lease, lost_tx));
                 let mut leadership = Leadership {

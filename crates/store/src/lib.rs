@@ -26,6 +26,11 @@ pub use blobs::{BlobError, BlobStore, PutBlob};
 pub use kv::{ReadOnlyStore, Store, StoreOptions};
 pub use watch::Watcher;
 
+/// On a store that several servers share, each running server keeps a key under this
+/// prefix, bound to a lease of its own: it goes within seconds of the server. Outside `/`, so
+/// no watch or snapshot of the cluster's objects carries it.
+pub const SERVERS_PREFIX: &str = "cluster/servers/";
+
 /// One key as stored, with etcd's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyValue {
