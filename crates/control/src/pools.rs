@@ -125,8 +125,16 @@ impl ControlPlane {
             )));
         };
         if !pool.members.is_empty() {
+            // A schedule window's bounds outrank `--min 0 --max 0`: only a spec without
+            // windows lets the pool empty for good.
+            let how = match pool.spec.schedule.is_empty() {
+                true => format!("`shoal pool set {name} --min 0 --max 0` first"),
+                false => format!(
+                    "apply it with min = 0, max = 0 and no [[schedule]] windows first (its windows' bounds outrank `shoal pool set {name} --min 0 --max 0`)"
+                ),
+            };
             return Err(ControlError::conflict(format!(
-                "pool {name} runs {} nodes: `shoal pool set {name} --min 0 --max 0` first",
+                "pool {name} runs {} nodes: {how}",
                 pool.members.len()
             )));
         }
@@ -754,10 +762,10 @@ async fn run_provider(
     }
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tail: String = stderr.lines().rev().take(3).collect::<Vec<_>>().join(" / ");
-    Err(format!(
-        "`{command} {verb}` exited with {}: {tail}",
-        out.status
-    ))
+    Err(match tail.trim() {
+        "" => format!("`{command} {verb}` exited with {}", out.status),
+        tail => format!("`{command} {verb}` exited with {}: {tail}", out.status),
+    })
 }
 
 #[cfg(test)]
@@ -777,6 +785,38 @@ mod tests {
             labels: BTreeMap::new(),
             node_args: Vec::new(),
             schedule: Vec::new(),
+        }
+    }
+
+    /// A pool that runs nodes is not deleted, and says how to empty it: with a schedule
+    /// window, whose bounds outrank `pool set`, by a spec without windows.
+    #[test]
+    fn a_pool_with_nodes_says_how_to_empty_it_before_it_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let (_, windowed) = shoal_core::spec::parse_pool(
+            "name = \"w\"\nmin = 0\nmax = 2\n[[schedule]]\ncron = \"* * * * *\"\nduration = \"10m\"\nmin = 1\n",
+        )
+        .unwrap();
+        for (spec, advice) in [
+            (spec(), "`shoal pool set w --min 0 --max 0` first"),
+            (windowed, "no [[schedule]] windows first"),
+        ] {
+            cp.put_pool("w", PoolWrite { create: true, spec }).unwrap();
+            let (mut pool, _) = cp.get::<Pool>(&keys::pool("w")).unwrap().unwrap();
+            let member: shoal_core::PoolMember =
+                serde_json::from_value(serde_json::json!({"started_at": 0})).unwrap();
+            pool.members.insert("w-1".into(), member);
+            cp.store()
+                .txn(Txn::new().then(Op::put(keys::pool("w"), encode(&pool))))
+                .unwrap();
+            let refused = cp.delete_pool("w").unwrap_err().to_string();
+            assert!(refused.contains(advice), "{refused}");
+            pool.members.clear();
+            cp.store()
+                .txn(Txn::new().then(Op::put(keys::pool("w"), encode(&pool))))
+                .unwrap();
+            cp.delete_pool("w").unwrap();
         }
     }
 
