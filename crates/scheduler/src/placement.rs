@@ -133,7 +133,7 @@ impl Reason {
             Reason::Cordoned => "cordoned",
             Reason::Avoided => "where its predecessor failed",
             Reason::Selector => "didn't match node selector",
-            Reason::AppAlreadyThere => "already runs a replica of this app",
+            Reason::AppAlreadyThere => "already running a replica of this app",
             Reason::Memory => "insufficient memory",
             Reason::InstanceMemory => "less memory than one instance may use",
             Reason::Cpu => "insufficient cpu",
@@ -755,7 +755,7 @@ mod tests {
             ("didn't match node selector", |n, _, _| {
                 n.labels.insert("zone".into(), "b".into());
             }),
-            ("already runs a replica of this app", |_, _, r| *r = 1),
+            ("already running a replica of this app", |_, _, r| *r = 1),
             ("insufficient memory", |_, a, _| a.memory_bytes = 1000 << 20),
             // Room for the request (100Mi), not for one instance (200Mi).
             ("less memory than one instance may use", |n, _, _| {
@@ -877,7 +877,7 @@ mod tests {
                 Ok("a"),
                 Ok("b"),
                 Err(
-                    "0/3 nodes available: 2 already runs a replica of this app, 1 insufficient cpu"
+                    "0/3 nodes available: 2 already running a replica of this app, 1 insufficient cpu"
                         .into()
                 )
             ]

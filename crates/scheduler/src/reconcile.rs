@@ -508,7 +508,7 @@ mod tests {
             Plan::default()
         );
         // The scheduler said it fits nowhere: one old replica makes room.
-        rs[2].message = Some("0/2 nodes available: 2 already runs a replica of this app".into());
+        rs[2].message = Some("0/2 nodes available: 2 already running a replica of this app".into());
         assert_eq!(
             reconcile(&a, &rs, |_| false, Mode::Roll, 0),
             Plan {
