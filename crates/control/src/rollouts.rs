@@ -43,7 +43,7 @@ impl ControlPlane {
         counts.sort_by_key(|c| std::cmp::Reverse(c.revision));
         let mut status = status;
         if let Some(s) = &mut status {
-            completed_now(s, &app, &replicas);
+            completed_now(s, &app, &replicas, self.now());
         }
         let split = status.as_ref().and_then(|s| s.split(&app.spec.rollout));
         let (canary, stable) = match (&status, split) {
@@ -299,10 +299,16 @@ impl ControlPlane {
     }
 }
 
-/// A completed rollout of `app`'s revision as it stands now: how many of its `replicas` are
-/// ready of those the app wants. `shoal scale` and the autoscaler change how many there are
-/// after it completed, and the record is not written again for that.
-pub(crate) fn completed_now(status: &mut RolloutStatus, app: &App, replicas: &[Replica]) {
+/// A completed rollout of `app`'s revision as it stands now (`now`): how many of its
+/// `replicas` are ready of those the app wants, schedule windows open now included. `shoal
+/// scale`, the autoscaler and windows change how many there are after it completed, and the
+/// record is not written again for that.
+pub(crate) fn completed_now(
+    status: &mut RolloutStatus,
+    app: &App,
+    replicas: &[Replica],
+    now: shoal_core::objects::Millis,
+) {
     if status.phase != RolloutPhase::Complete || status.revision != app.revision || status.paused {
         return;
     }
@@ -310,7 +316,8 @@ pub(crate) fn completed_now(status: &mut RolloutStatus, app: &App, replicas: &[R
         .filter(|r| r.revision == status.revision && !r.phase.is_terminal() && r.serving())
         .count();
     status.ready = u32::try_from(ready).unwrap_or(u32::MAX);
-    status.message = RolloutStatus::rolled_out(status.revision, status.ready, app.spec.replicas);
+    let wanted = (app.spec.scale.bounds(app.spec.replicas, now)).clamp(app.spec.replicas);
+    status.message = RolloutStatus::rolled_out(status.revision, status.ready, wanted);
 }
 
 /// Why a rollout action cannot be taken, as the API says it.
@@ -408,6 +415,18 @@ mod tests {
         assert_eq!(status.ready, 2);
         let described = cp.describe(&key).unwrap().rollout.unwrap();
         assert_eq!(described, status, "describe says the same");
+        // A schedule window open now sets how many it wants, as `get apps` says.
+        let windowed = format!(
+            "{src}[[scale.schedule]]\nname = \"always\"\ncron = \"* * * * *\"\n\
+             duration = \"10m\"\nreplicas = 4\n"
+        );
+        let windowed = parse_app(&windowed)
+            .unwrap()
+            .resolve(uploaded(&cp))
+            .unwrap();
+        cp.apply(windowed, false).unwrap();
+        let status = cp.rollout_view(&key).unwrap().status.unwrap();
+        assert_eq!(status.message, "revision 1 rolled out: 2/4 replicas ready");
     }
 
     /// An aborted canary gives the volumes it mounts back the stable revision's sizes, as

@@ -1309,7 +1309,7 @@ impl ControlPlane {
             .get::<RolloutStatus>(&keys::rollout(key))?
             .map(|(s, _)| s);
         if let Some(status) = &mut rollout {
-            crate::rollouts::completed_now(status, &app, &replicas);
+            crate::rollouts::completed_now(status, &app, &replicas, self.now());
         }
         let world = self
             .get::<Module>(&keys::module(&app.spec.component.digest))?
