@@ -63,7 +63,13 @@ pub async fn run(ctx: Context, args: PushArgs) -> Result<()> {
     };
     let manifest = shoal_oci::Registry::new(&reference, &insecure, credentials)
         .push(&bytes)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            shoal_oci::OciError::Registry {
+                unreachable: true, ..
+            } => crate::exit::fail(crate::exit::UNAVAILABLE, e.to_string()),
+            e => e.into(),
+        })?;
     let pushed = Pushed {
         reference: reference.to_string(),
         manifest,

@@ -87,8 +87,14 @@ impl Trust {
 pub enum OciError {
     /// What the registry (or the way to it) said, every cause once: its errors repeat the
     /// words of their sources, which a cause chain would say again.
+    /// `unreachable`: no connection was made (refused, timed out), so the registry is down
+    /// or elsewhere rather than saying no.
     #[error("{reference}: {why}")]
-    Registry { reference: String, why: String },
+    Registry {
+        reference: String,
+        why: String,
+        unreachable: bool,
+    },
     /// The registry wants credentials, or refused the ones given.
     #[error("{reference}: the registry refused {}", if *.anonymous { "anonymous access: it wants credentials" } else { "the credentials given" })]
     Unauthorized { reference: String, anonymous: bool },
@@ -107,6 +113,25 @@ pub enum OciError {
     },
     #[error("{reference}: downloading the component failed: {why}")]
     Download { reference: String, why: String },
+}
+
+/// Whether `e` (or a cause of it) is an HTTP request that got no connection: refused, or
+/// timed out before one. Some of the OCI client's errors keep only the text of the HTTP
+/// client's, whose connect failures say `client error (Connect)`.
+fn unconnected(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        if let Some(e) = cause.downcast_ref::<reqwest::Error>()
+            && (e.is_connect() || e.is_timeout())
+        {
+            return true;
+        }
+        if cause.to_string().contains("client error (Connect)") {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 /// `e` and its sources, each said once: one that repeats the words of the one before is
@@ -630,6 +655,7 @@ impl Registry {
             OciError::Registry {
                 reference,
                 why: causes(&source),
+                unreachable: unconnected(&source),
             }
         }
     }
@@ -756,7 +782,7 @@ impl Registry {
             if let Some(authorization) = self.held() {
                 request = request.header(http::header::AUTHORIZATION, authorization);
             }
-            let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
+            let response = request.send().await.map_err(|e| self.unanswered(&e))?;
             let status = response.status();
             if status.is_success() {
                 return Ok(response);
@@ -814,7 +840,7 @@ impl Registry {
         if let Some(c) = &self.credentials {
             request = request.header(http::header::AUTHORIZATION, c.basic());
         }
-        let response = request.send().await.map_err(|e| self.failed(causes(&e)))?;
+        let response = request.send().await.map_err(|e| self.unanswered(&e))?;
         let status = response.status();
         if matches!(status.as_u16(), 401 | 403) {
             return Err(OciError::Unauthorized {
@@ -907,6 +933,16 @@ impl Registry {
         OciError::Registry {
             reference: self.name.clone(),
             why,
+            unreachable: false,
+        }
+    }
+
+    /// A request that got no answer: `unreachable` if it got no connection either.
+    fn unanswered(&self, e: &reqwest::Error) -> OciError {
+        OciError::Registry {
+            reference: self.name.clone(),
+            why: causes(e),
+            unreachable: unconnected(e),
         }
     }
 
@@ -1257,6 +1293,33 @@ mod tests {
             oci.ends_with("the registry answered 429 Too Many Requests: pull rate limit"),
             "{oci}"
         );
+    }
+
+    /// A registry nothing listens for is unreachable, for a pull and a push alike: down or
+    /// elsewhere, not a registry saying no.
+    #[tokio::test]
+    async fn a_registry_that_takes_no_connection_is_unreachable() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let reference = OciRef::parse(&format!("{addr}/team/hello:1")).unwrap();
+        let insecure = [reference.registry.clone()];
+        let registry = Registry::new(&reference, &insecure, None);
+        let pulled = registry.resolve().await.unwrap_err();
+        let pushed = registry.push(b"\0asm").await.unwrap_err();
+        for e in [pulled, pushed] {
+            assert!(
+                matches!(
+                    e,
+                    OciError::Registry {
+                        unreachable: true,
+                        ..
+                    }
+                ),
+                "{e}"
+            );
+        }
     }
 
     /// What answers after a redirect (a blob store, a CDN) is not the registry: its 403 is
