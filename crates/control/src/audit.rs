@@ -1,6 +1,6 @@
 //! The audit log: who did what through the admin API, one JSON line per request, as
-//! Kubernetes' audit log at its `Metadata` level. Every request that changes something (not
-//! GET or HEAD), every backup (the whole state leaves with it), every join and every refused
+//! Kubernetes' audit log at its `Metadata` level. Every request that changes something or
+//! asks to (not GET or HEAD; a dry run too, as Kubernetes audits those), every backup (the whole state leaves with it), every join and every refused
 //! token: its time, the caller (the token's name, `admin`, or `join token`), the client's
 //! address, the method and path, the status and how long it took. Never a body: specs carry
 //! env values, and secrets' values pass through. Reads are left out: they change nothing, and
