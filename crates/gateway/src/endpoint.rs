@@ -4,7 +4,7 @@
 use crate::metrics::Counters;
 use shoal_runtime::HttpService;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -19,9 +19,25 @@ pub struct Endpoint {
     /// same app revision once the gateway holds it.
     pub(crate) counters: Arc<Counters>,
     inflight: AtomicUsize,
-    /// Set when a connection to a remote endpoint failed; cleared only by the next status
-    /// ([`Gateway::set_remote_endpoints`](crate::Gateway::set_remote_endpoints)) listing it.
-    down: AtomicBool,
+    /// Since when it is out of rotation (a connection to it failed), in ms of [`clock_ms`];
+    /// 0 while in rotation. It comes back once a status lists it again
+    /// ([`Endpoint::relist`]), and not before [`DOWN_AT_LEAST`] has passed.
+    down_since: AtomicU64,
+    /// Whether a status listed it since it went out of rotation.
+    relisted: AtomicBool,
+}
+
+/// The least time an endpoint stays out of rotation, however soon a status lists it again:
+/// a node killed is still listed by the cluster until it misses its heartbeats (3 s by
+/// default), and each listing brought its endpoints back for another request to fail on.
+pub(crate) const DOWN_AT_LEAST: Duration = Duration::from_secs(3);
+
+/// Monotonic milliseconds: since this process first asked, counted from a day in, so that
+/// no time is 0 (which says "in rotation") and a time a while before it still is one.
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(std::time::Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX) + 86_400_000
 }
 
 pub(crate) enum Target {
@@ -79,7 +95,8 @@ impl Endpoint {
             target,
             counters: Arc::default(),
             inflight: AtomicUsize::new(0),
-            down: AtomicBool::new(false),
+            down_since: AtomicU64::new(0),
+            relisted: AtomicBool::new(false),
         }
     }
 
@@ -100,13 +117,36 @@ impl Endpoint {
         }
     }
 
-    /// Out of rotation after a failed connection, until the next status lists it again.
+    /// Out of rotation after a failed connection: until a status lists it again, and for
+    /// [`DOWN_AT_LEAST`] at least.
     pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
+        let since = self.down_since.load(Ordering::Relaxed);
+        since != 0 && self.down_at(since, clock_ms())
     }
 
-    pub(crate) fn set_down(&self, down: bool) {
-        self.down.store(down, Ordering::Relaxed);
+    fn down_at(&self, since: u64, now: u64) -> bool {
+        let held = u64::try_from(DOWN_AT_LEAST.as_millis()).unwrap_or(u64::MAX);
+        !(self.relisted.load(Ordering::Relaxed) && now.saturating_sub(since) >= held)
+    }
+
+    /// Takes it out of rotation (see [`Endpoint::is_down`]).
+    pub(crate) fn set_down(&self) {
+        self.relisted.store(false, Ordering::Relaxed);
+        self.down_since.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// A status lists it: back in rotation, once it has been out [`DOWN_AT_LEAST`].
+    pub(crate) fn relist(&self) {
+        self.relisted.store(true, Ordering::Relaxed);
+    }
+
+    /// As if it went out of rotation `ago` earlier than it did.
+    #[cfg(test)]
+    pub(crate) fn down_earlier(&self, ago: Duration) {
+        let ago = u64::try_from(ago.as_millis()).unwrap_or(u64::MAX);
+        let since = self.down_since.load(Ordering::Relaxed);
+        self.down_since
+            .store(since.saturating_sub(ago).max(1), Ordering::Relaxed);
     }
 
     pub(crate) fn status(&self) -> EndpointStatus {
@@ -267,12 +307,12 @@ mod tests {
     #[test]
     fn down_endpoints_are_never_picked() {
         let eps = vec![remote("a"), remote("b"), remote("c")];
-        eps[0].set_down(true);
-        eps[2].set_down(true);
+        eps[0].set_down();
+        eps[2].set_down();
         for _ in 0..100 {
             assert_eq!(pick(&eps, Group::All).unwrap().replica, "b");
         }
-        eps[1].set_down(true);
+        eps[1].set_down();
         assert!(pick(&eps, Group::All).is_none());
     }
 
@@ -299,13 +339,13 @@ mod tests {
             assert_eq!(pick(&eps, Group::Except(2)).unwrap().revision, 1);
         }
         // An empty group falls back to every endpoint rather than to none.
-        eps[2].set_down(true);
+        eps[2].set_down();
         for _ in 0..100 {
             assert_eq!(pick(&eps, Group::Revision(2)).unwrap().revision, 1);
         }
         assert_eq!(pick(&eps, Group::Revision(3)).unwrap().revision, 1);
-        eps[0].set_down(true);
-        eps[1].set_down(true);
+        eps[0].set_down();
+        eps[1].set_down();
         assert!(pick(&eps, Group::Except(2)).is_none());
     }
 

@@ -305,14 +305,15 @@ impl Gateway {
         self.inner.holds.arrivals.notify_waiters();
     }
 
-    /// Puts every remote endpoint marked down back in rotation. Down lasts until the
-    /// next status that lists the endpoint; the agent says the cluster still lists
-    /// them every few seconds this way, without handing every app's tables over again.
+    /// Puts every remote endpoint marked down back in rotation, each once it has been out
+    /// for `DOWN_AT_LEAST` (3 s). Down lasts until the next status that lists the endpoint;
+    /// the agent says the cluster still lists them every few seconds this way, without
+    /// handing every app's tables over again.
     pub fn revive_remotes(&self) {
         let pool = self.inner.pool.read().expect("endpoint lock");
         for endpoint in pool.endpoints.values().flat_map(|l| l.iter()) {
             if !endpoint.is_local() {
-                endpoint.set_down(false);
+                endpoint.relist();
             }
         }
     }
@@ -597,7 +598,8 @@ impl Gateway {
 
     /// Replaces every remote endpoint with `remote`, in one swap, keeping local endpoints.
     /// An endpoint that stays keeps its in-flight count, so p2c does not forget the load it
-    /// sent; one marked down is back in rotation, as this is the fresh status that lists it.
+    /// sent; one marked down is back in rotation, as this is the fresh status that lists it,
+    /// once it has been out `DOWN_AT_LEAST` (3 s).
     /// A replica that is also local stays local.
     pub fn set_remote_endpoints(&self, remote: HashMap<AppKey, Vec<RemoteReplica>>) {
         let map = &mut self.inner.pool.write().expect("endpoint lock").endpoints;
@@ -824,7 +826,7 @@ impl Gateway {
         response
     }
 
-    /// Takes `endpoint` out of rotation until the next status lists it again. A node gateway
+    /// Takes `endpoint` out of rotation until a status lists it again, 3 s on. A node gateway
     /// that takes no connection fails every replica behind it, of every app, so they all go:
     /// the retry, and the requests after it, go to other nodes rather than find out one
     /// replica at a time (a node killed with several replicas cost one failed request each).
@@ -832,7 +834,7 @@ impl Gateway {
     /// status brings it back, and a node that died without a word loses its endpoints one
     /// late request each (until its hop connection's pings give up and refuse them all).
     fn mark_down(&self, endpoint: &Endpoint, app: &AppKey, failure: &Failure) {
-        endpoint.set_down(true);
+        endpoint.set_down();
         let reason = match failure {
             Failure::Unconnected(e) | Failure::Unreachable(e) => e.as_str(),
             Failure::ReplicaGone => "the node no longer runs it",
@@ -845,7 +847,7 @@ impl Gateway {
                 .values()
                 .flat_map(|endpoints| endpoints.iter())
                 .filter(|e| e.node_gateway() == Some(node))
-                .for_each(|e| e.set_down(true));
+                .for_each(|e| e.set_down());
         }
         tracing::warn!(
             %app,
@@ -1550,7 +1552,7 @@ fn replace_app_remotes(
             .cloned();
         let endpoint = match kept {
             Some(e) => {
-                e.set_down(false);
+                e.relist();
                 e
             }
             None => {
@@ -1717,8 +1719,17 @@ mod tests {
         let g = Gateway::new(GatewayConfig::default());
         g.set_tables(tables_of("a"));
         let (endpoints, _) = g.endpoints_of(&app("a"));
-        endpoints[0].set_down(true);
+        endpoints[0].set_down();
         assert!(g.endpoints(&app("a")).is_empty());
+        // Not at once: a killed node is listed until it misses its heartbeats.
+        g.revive_remotes();
+        assert!(g.endpoints(&app("a")).is_empty(), "back within 3 s");
+        endpoints[0].down_earlier(crate::endpoint::DOWN_AT_LEAST);
+        assert_eq!(g.endpoints(&app("a")), ["a-1"]);
+        // Out long enough, it still waits for a status listing it.
+        endpoints[0].set_down();
+        endpoints[0].down_earlier(crate::endpoint::DOWN_AT_LEAST * 10);
+        assert!(g.endpoints(&app("a")).is_empty(), "back unlisted");
         g.revive_remotes();
         assert_eq!(g.endpoints(&app("a")), ["a-1"]);
     }

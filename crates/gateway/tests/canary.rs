@@ -186,9 +186,17 @@ async fn a_split_never_refuses_what_the_other_side_can_serve() {
     );
     gateway.take_metrics();
 
-    // Back in rotation, the canary takes a POST that cannot be retried: its 502 is its own.
-    gateway.set_remote_endpoints(status);
+    // Listed again at once, the canary stays out of rotation a while: its node may be dead
+    // and still listed (until it misses its heartbeats).
+    gateway.set_remote_endpoints(status.clone());
     split(&gateway, 2, 100);
+    let (code, body) = send(&gateway, Method::POST, "/faulty/echo", "payload").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    gateway.take_metrics();
+    // A canary replica in rotation takes a POST that cannot be retried: its 502 is its own.
+    let mut fresh = status;
+    fresh.get_mut(&app("faulty")).unwrap()[0].replica = "canary-2".into();
+    gateway.set_remote_endpoints(fresh);
     let (status, body) = send(&gateway, Method::POST, "/faulty/echo", "payload").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(counts(&gateway.take_metrics()), [(2, 1, 1)]);
