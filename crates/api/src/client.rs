@@ -563,14 +563,16 @@ mod tests {
         );
     }
 
+    /// A server that answers every request 503: its store is unreachable.
+    fn unavailable(_: &str, _: bool) -> Option<(&'static str, String)> {
+        Some((
+            "503 Service Unavailable",
+            r#"{"error":{"code":"unavailable","message":"the store is unreachable"}}"#.into(),
+        ))
+    }
+
     #[tokio::test]
     async fn only_idempotent_requests_go_on_after_a_5xx_or_no_answer() {
-        fn unavailable(_: &str, _: bool) -> Option<(&'static str, String)> {
-            Some((
-                "503 Service Unavailable",
-                r#"{"error":{"code":"unavailable","message":"the store is unreachable"}}"#.into(),
-            ))
-        }
         fn hang_up(_: &str, _: bool) -> Option<(&'static str, String)> {
             None
         }
@@ -610,12 +612,6 @@ mod tests {
     /// of every other server.
     #[tokio::test]
     async fn a_servers_answer_beats_a_dead_server_and_an_upstreams_failure_is_not_resent() {
-        fn unavailable(_: &str, _: bool) -> Option<(&'static str, String)> {
-            Some((
-                "503 Service Unavailable",
-                r#"{"error":{"code":"unavailable","message":"the store is unreachable"}}"#.into(),
-            ))
-        }
         let (failing, _) = server_with(unavailable).await;
         let client = Client::new(servers(&[&failing, &refusing()]), "secret");
         let err = client.get::<serde_json::Value>("/ok").await.unwrap_err();
