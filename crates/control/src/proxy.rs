@@ -13,6 +13,7 @@ use crate::state::{ControlPlane, blocking};
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use futures::TryStreamExt;
+use shoal_core::auth;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
 use shoal_core::{Node, Phase, Replica};
@@ -151,9 +152,9 @@ impl ControlPlane {
         let host = format!("{}.{}", app.name, app.namespace);
         let headers = &mut parts.headers;
         let value = |s: &str| HeaderValue::from_str(s).map_err(ControlError::internal);
-        headers.insert("x-shoal-replica", value(&target.replica)?);
-        headers.insert("x-shoal-app", value(&app.to_string())?);
-        headers.insert("x-shoal-hop", HeaderValue::from_static("1"));
+        headers.insert(auth::REPLICA_HEADER, value(&target.replica)?);
+        headers.insert(auth::APP_HEADER, value(&app.to_string())?);
+        headers.insert(auth::HOP_HEADER, HeaderValue::from_static("1"));
         headers.insert(header::HOST, value(&host)?);
         let url = node_url(&target.gateway, path_and_query)?;
         let answer = self

@@ -15,6 +15,14 @@ pub const NODE_LOGS_PATH: &str = "/_shoal/logs/";
 /// `tail` or `since` left out: where a follower that reconnects resumes.
 pub const LOGS_FROM_HEADER: &str = "x-shoal-logs-from";
 
+/// A hop between members of the cluster names the replica that must serve it, and its app
+/// (`namespace/name`), with these headers, and marks itself as a hop: gateways forwarding
+/// to another node, and the control plane's API proxy, send them; the node's gateway
+/// serves such a request locally or refuses it.
+pub const REPLICA_HEADER: &str = "x-shoal-replica";
+pub const APP_HEADER: &str = "x-shoal-app";
+pub const HOP_HEADER: &str = "x-shoal-hop";
+
 /// A credential the control plane issued: a node's own (`NODE.SECRET`) or an
 /// API token (`NAME.SECRET`). As bootstrap tokens in Kubernetes carry their
 /// id, the name says whose record to check the secret against, and the

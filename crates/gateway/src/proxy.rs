@@ -21,12 +21,13 @@ use std::time::Duration;
 
 /// Names the replica a forwarded request must be served by. Its presence also means the
 /// request already made its one hop: the receiver serves it locally or refuses it.
-pub(crate) const REPLICA_HEADER: HeaderName = HeaderName::from_static("x-shoal-replica");
+pub(crate) const REPLICA_HEADER: HeaderName =
+    HeaderName::from_static(shoal_core::auth::REPLICA_HEADER);
 /// The app (`namespace/name`) a forwarded request is for, so the receiver needs no route
 /// for it: service calls are reachable by name, routes or not.
-pub(crate) const APP_HEADER: HeaderName = HeaderName::from_static("x-shoal-app");
+pub(crate) const APP_HEADER: HeaderName = HeaderName::from_static(shoal_core::auth::APP_HEADER);
 /// Marks a request that crossed between gateways; never forwarded again.
-pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static("x-shoal-hop");
+pub(crate) const HOP_HEADER: HeaderName = HeaderName::from_static(shoal_core::auth::HOP_HEADER);
 /// On a receiver's refusal, tells the sender it may retry elsewhere without parsing the body.
 pub(crate) const ERROR_HEADER: HeaderName = HeaderName::from_static("x-shoal-error");
 /// The `x-shoal-error` value (and error code) of a receiver's refusal.
