@@ -4,14 +4,17 @@
 //! gateway first reads a body's beginning — all of a small one — and only then takes a
 //! permit; the client must send that much within the body timeout, and every later piece
 //! within the same time of the one before.
+//!
+//! Response bodies a guest has already finished are sent with their length ([`settle`]).
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{self, Stream, StreamExt};
-use http_body::{Body, Frame};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use shoal_runtime::{HttpError, WasiBody};
 use tokio::time::{Instant, Sleep};
@@ -108,6 +111,133 @@ where
     }
 }
 
+/// Bytes of a response body [`settle`] takes at most: a guest that writes as fast as it is
+/// read must not keep its head from going out.
+const SETTLE_MAX: usize = 64 << 10;
+
+/// Takes the frames of a guest's response body that are there already, without waiting for
+/// more, up to [`SETTLE_MAX`] bytes. A body found complete comes back with its exact length, so hyper sends a
+/// `content-length` and the whole answer in one write, instead of chunks and a last write
+/// for their end: on a hop that is one segment fewer each way, and the forwarding gateway,
+/// reading a length, ends its own answer with the last byte rather than on a second
+/// wake-up. Otherwise the frames taken come first, then the rest as it comes.
+pub(crate) async fn settle<B>(mut body: B) -> Settled<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut taken = VecDeque::new();
+    let mut trailers = false;
+    let mut ended = false;
+    let mut bytes = 0;
+    while bytes < SETTLE_MAX && !body.is_end_stream() {
+        let next = std::future::poll_fn(|cx| match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await;
+        match next {
+            // Nothing more yet: the guest is still writing.
+            None => break,
+            Some(None) => {
+                ended = true;
+                break;
+            }
+            Some(Some(Ok(frame))) => {
+                // Trailers cannot follow a length over HTTP/1.1; the body stays chunked.
+                let data = frame.is_data();
+                trailers |= !data;
+                bytes += frame.data_ref().map_or(0, Bytes::len);
+                taken.push_back(Ok(frame));
+                if !data {
+                    break;
+                }
+            }
+            Some(Some(Err(e))) => {
+                taken.push_back(Err(e));
+                break;
+            }
+        }
+    }
+    // A body that says it is done after its last frame is dropped as well as one that said
+    // so with `None`; after trailers it is kept, so the length stays unknown.
+    ended |= body.is_end_stream() && !trailers;
+    Settled {
+        taken,
+        rest: (!ended).then_some(body),
+        trailers,
+    }
+}
+
+/// A response body after [`settle`]: the frames taken, then the rest if it had not ended.
+pub(crate) struct Settled<B: Body> {
+    taken: VecDeque<Result<Frame<Bytes>, B::Error>>,
+    rest: Option<B>,
+    trailers: bool,
+}
+
+// Nothing in it is pinned in place: the frames taken are moved out, the rest is `Unpin`.
+impl<B: Body + Unpin> Unpin for Settled<B> {}
+
+impl<B> Settled<B>
+where
+    B: Body<Data = Bytes>,
+{
+    fn taken_bytes(&self) -> u64 {
+        let data = self
+            .taken
+            .iter()
+            .filter_map(|f| f.as_ref().ok()?.data_ref());
+        data.map(|d| d.len() as u64).sum()
+    }
+}
+
+impl<B> Body for Settled<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if let Some(frame) = this.taken.pop_front() {
+            return Poll::Ready(Some(frame));
+        }
+        match &mut this.rest {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.taken.is_empty() && self.rest.as_ref().is_none_or(B::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let taken = self.taken_bytes();
+        match &self.rest {
+            None if !self.trailers => SizeHint::with_exact(taken),
+            None => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(taken);
+                hint
+            }
+            Some(rest) => {
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + taken);
+                if let Some(upper) = rest.upper().filter(|_| !self.trailers) {
+                    hint.set_upper(upper + taken);
+                }
+                hint
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +301,87 @@ mod tests {
             matches!(late, Err(HttpError::ConnectionReadTimeout)),
             "{late:?}"
         );
+    }
+
+    async fn frames(mut body: impl Body<Data = Bytes, Error = HttpError> + Unpin) -> Vec<String> {
+        let mut seen = Vec::new();
+        while let Some(frame) = body.frame().await {
+            seen.push(match frame {
+                Ok(frame) if frame.is_data() => {
+                    String::from_utf8_lossy(frame.data_ref().unwrap()).into_owned()
+                }
+                Ok(frame) => format!("trailers {:?}", frame.trailers_ref().unwrap()),
+                Err(e) => format!("error {e:?}"),
+            });
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn a_finished_body_comes_back_with_its_length() {
+        let (mut tx, body) = channel_body();
+        for piece in ["hel", "lo"] {
+            tx.send(Ok(Frame::data(Bytes::from_static(piece.as_bytes()))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        let body = settle(body).await;
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        assert_eq!(frames(body).await, ["hel", "lo"]);
+    }
+
+    #[tokio::test]
+    async fn a_body_still_being_written_streams_on_after_what_was_there() {
+        let (mut tx, body) = channel_body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        let body = settle(body).await;
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), 1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"b"))))
+            .await
+            .unwrap();
+        tx.send(Err(HttpError::ConnectionReadTimeout))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(
+            frames(body).await,
+            ["a", "b", "error ConnectionReadTimeout"]
+        );
+    }
+
+    #[tokio::test]
+    async fn trailers_keep_the_length_unknown() {
+        let (mut tx, body) = channel_body();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::trailers(trailers))).await.unwrap();
+        drop(tx);
+        let body = settle(body).await;
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(frames(body).await, ["a", r#"trailers {"x-sum": "1"}"#]);
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_cap_is_taken_before_the_head_goes() {
+        let (mut tx, body) = channel_body();
+        for _ in 0..3 {
+            tx.send(Ok(Frame::data(Bytes::from(vec![b'x'; SETTLE_MAX / 2]))))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        let body = settle(body).await;
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(body.size_hint().lower(), SETTLE_MAX as u64);
+        let all = body.collect().await.unwrap().to_bytes();
+        assert_eq!(all.len(), 3 * SETTLE_MAX / 2);
     }
 }

@@ -11,7 +11,7 @@ use crate::outbound::ServicePolicy;
 use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER, Resend};
 use crate::stalls::{Stalls, Watched};
 use bytes::Bytes;
-use http::{Request, Response, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -1051,12 +1051,30 @@ impl Gateway {
         // holds back only when it ends, so there the body's end gives the permit back too.
         let permit = SharedPermit(Arc::new(std::sync::Mutex::new(Some(permit))));
         let body_share = (!service.holds_per_request()).then(|| permit.clone());
-        let mut resp = service.handle_holding(req, permit).await;
+        let head = req.method() == Method::HEAD;
+        let resp = service.handle_holding(req, permit).await;
+        let (mut parts, body) = resp.into_parts();
         // A guest cannot speak for Shoal: e.g. `x-shoal-error: replica_gone` would make the
         // forwarding gateway mark this endpoint down.
-        proxy::strip_internal(resp.headers_mut());
-        resp.map(|body| guarded(body, body_share, inflight))
+        proxy::strip_internal(&mut parts.headers);
+        let body = match may_settle(head, &parts) {
+            true => crate::body::settle(body).await.boxed_unsync(),
+            false => body,
+        };
+        Response::from_parts(parts, guarded(body, body_share, inflight))
     }
+}
+
+/// Whether a response's length may be taken from the body the guest has finished
+/// ([`crate::body::settle`]): not for HEAD, whose body is not the one a GET would get, nor
+/// when the guest gave a length or framing itself, nor for statuses that have no body.
+fn may_settle(head: bool, parts: &http::response::Parts) -> bool {
+    let framed = parts.headers.contains_key(header::CONTENT_LENGTH)
+        || parts.headers.contains_key(header::TRANSFER_ENCODING);
+    let bodiless = parts.status.is_informational()
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    !head && !framed && !bodiless
 }
 
 /// What the client gets when no endpoint could take the request: the replica and why, not

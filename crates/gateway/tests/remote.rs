@@ -120,6 +120,44 @@ async fn a_replica_on_another_node_answers_through_this_gateway() {
     assert!(!status[0].down);
 }
 
+/// An answer the guest finished before its head went out is sent with its length, on the
+/// replica's node and through a hop: head and body in one write, no chunks. HEAD gets no
+/// length made up from its empty body, and an answer still being written stays chunked.
+#[tokio::test]
+async fn a_finished_answer_goes_out_with_its_length_through_a_hop() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let (_b, b_addr) = node_b(&runtime).await;
+    let a = Gateway::new(GatewayConfig::default());
+    routes(&a);
+    a.set_remote_endpoints(remote(&[("faulty", "faulty-b", b_addr.clone())]));
+    let a_addr = serve(&a).await.to_string();
+    let client = HttpClient::new();
+    for addr in [&b_addr, &a_addr] {
+        let reply = client.get(&format!("http://{addr}/faulty/whole")).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.headers["content-length"], "5", "{addr}");
+        assert!(!reply.headers.contains_key("transfer-encoding"), "{addr}");
+        assert_eq!(reply.text(), "whole");
+
+        let head = (client.send(
+            Method::HEAD,
+            &format!("http://{addr}/faulty/whole"),
+            &[],
+            "",
+        ))
+        .await;
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(!head.headers.contains_key("content-length"), "{addr}");
+
+        // 1 MiB streamed 64 KiB at a time: more than is taken before the head goes out.
+        let huge = client.get(&format!("http://{addr}/faulty/huge/1")).await;
+        assert_eq!(huge.status, StatusCode::OK);
+        assert_eq!(huge.headers["transfer-encoding"], "chunked", "{addr}");
+        assert_eq!(huge.body.len(), 1 << 20);
+    }
+}
+
 #[tokio::test]
 async fn requests_in_flight_count_on_the_node_whose_replica_serves_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -88,6 +88,7 @@ impl wasip2::exports::http::incoming_handler::Guest for Faulty {
                 let authority = request.authority().unwrap_or_else(|| "none".into());
                 respond(out, 200, format!("{scheme}://{authority}").as_bytes())
             }
+            ["whole"] => whole(out),
             ["headers"] => {
                 let lines: String = request
                     .headers()
@@ -345,6 +346,20 @@ fn probe_network() -> String {
         Some(Ok(Err(e))) => format!("denied: {e}"),
         Some(Err(())) | None => "denied: no response".to_string(),
     }
+}
+
+/// Answers `whole` with its body written and finished before the response is handed over,
+/// as a guest that makes its whole answer first does: the host has all of it with the head.
+fn whole(out: ResponseOutparam) {
+    let response = OutgoingResponse::new(headers(b"text/plain"));
+    let response_body = response.body().expect("the body is taken once");
+    let stream = response_body.write().expect("the stream is taken once");
+    stream
+        .blocking_write_and_flush(b"whole")
+        .expect("a small body fits the host's buffer");
+    drop(stream);
+    OutgoingBody::finish(response_body, None).expect("the body has no declared length");
+    ResponseOutparam::set(out, Ok(response));
 }
 
 fn respond(out: ResponseOutparam, status: u16, body: &[u8]) {
