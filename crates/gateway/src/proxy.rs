@@ -2,12 +2,13 @@
 //! replica) and, for guests granted hosts, to the outside. Each has its own pooled client:
 //! egress connects only to addresses [`egress::Guard`] allows.
 
+use crate::body::ReadAheadError;
 use crate::egress;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper_util::client::legacy::{self, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use shoal_core::spec::AppKey;
@@ -379,45 +380,111 @@ fn declares_no_body(headers: &HeaderMap) -> bool {
             .is_none_or(|v| v.as_bytes() == b"0")
 }
 
-/// Whether a failed send may be repeated on another endpoint: an idempotent method and a
-/// body known to be empty, so the copy we resend is the whole request.
-pub(crate) fn resendable<B: Body>(req: &Request<B>) -> bool {
+/// Whether a failed send may be repeated on another endpoint as it is: an idempotent method
+/// and a body known to be empty, so the copy we resend is the whole request.
+fn resendable<B: Body>(req: &Request<B>) -> bool {
     is_idempotent(req.method())
         && declares_no_body(req.headers())
         && (req.body().is_end_stream() || req.body().size_hint().exact() == Some(0))
 }
 
 /// Could this request become [`resendable`] once its body is seen to be empty?
-pub(crate) fn maybe_resendable<B: Body>(req: &Request<B>) -> bool {
+fn maybe_resendable<B: Body>(req: &Request<B>) -> bool {
     is_idempotent(req.method()) && declares_no_body(req.headers())
 }
 
-/// The head of a [`resendable`] request, to send again with an empty body.
+/// A request kept to be sent again should its hop fail ([`keep_for_resend`]): its head, and
+/// its body if it had one, read whole.
 pub(crate) struct Resend {
     method: Method,
     uri: Uri,
     version: http::Version,
     headers: HeaderMap,
+    body: Option<Bytes>,
 }
 
 impl Resend {
-    pub(crate) fn of<B>(req: &Request<B>) -> Resend {
+    fn of<B>(req: &Request<B>, body: Option<Bytes>) -> Resend {
         Resend {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
+            body,
+        }
+    }
+
+    /// Whether the request may go again after `failure`. Never after a late answer: it may
+    /// have run, or still runs. After a connection that broke, only if its method is
+    /// idempotent (sent twice, it means the same). After no connection, or the node's
+    /// answer that it no longer runs the replica, always: no guest saw it.
+    pub(crate) fn after(&self, failure: &Failure) -> bool {
+        match failure {
+            Failure::Late(_) => false,
+            Failure::Unreachable(_) => is_idempotent(&self.method),
+            Failure::Unconnected(_) | Failure::ReplicaGone => true,
         }
     }
 
     pub(crate) fn request(self) -> Request<WasiBody> {
-        let mut req = Request::new(empty());
+        let body = match self.body {
+            Some(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
+            None => empty(),
+        };
+        let mut req = Request::new(body);
         *req.method_mut() = self.method;
         *req.uri_mut() = self.uri;
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers;
         req
     }
+}
+
+/// The largest request body a gateway keeps to send again if its hop fails: that of a
+/// form, a JSON call. A bigger one streams through and is not sent again.
+pub(crate) const RESEND_BODY_MAX: u64 = 64 << 10;
+
+/// Readies a request for a remote endpoint to be sent again should its hop fail, and says
+/// how ([`Resend::after`]). A bodiless one is kept as it is, once its body is seen to be
+/// empty ([`peek_body`]); one whose body has a known length of at most [`RESEND_BODY_MAX`]
+/// has it read whole first, within `body_timeout` as the node it goes to would; any other
+/// is not kept. A body with trailers streams on, not kept either.
+pub(crate) async fn keep_for_resend(
+    req: Request<WasiBody>,
+    body_timeout: Duration,
+) -> Result<(Request<WasiBody>, Option<Resend>), ReadAheadError> {
+    let req = match maybe_resendable(&req) && !resendable(&req) {
+        true => peek_body(req).await,
+        false => req,
+    };
+    if resendable(&req) {
+        let resend = Resend::of(&req, None);
+        return Ok((req, Some(resend)));
+    }
+    let small = (req.body().size_hint().exact()).is_some_and(|n| n <= RESEND_BODY_MAX);
+    if !small {
+        return Ok((req, None));
+    }
+    let (parts, body) = req.into_parts();
+    let collected = match tokio::time::timeout(body_timeout, body.collect()).await {
+        Err(_elapsed) => return Err(ReadAheadError::TimedOut),
+        Ok(Err(e)) => return Err(ReadAheadError::Broken(e)),
+        Ok(Ok(collected)) => collected,
+    };
+    if let Some(trailers) = collected.trailers().cloned() {
+        let frames = [Frame::data(collected.to_bytes()), Frame::trailers(trailers)];
+        let body = StreamBody::new(futures::stream::iter(frames.map(Ok))).boxed_unsync();
+        return Ok((Request::from_parts(parts, body), None));
+    }
+    let bytes = collected.to_bytes();
+    let req = Request::from_parts(
+        parts,
+        Full::new(bytes.clone())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    let resend = Resend::of(&req, Some(bytes));
+    Ok((req, Some(resend)))
 }
 
 /// How long a request that may be resent waits for its body to show it is empty. Only a
@@ -427,7 +494,7 @@ const BODY_PEEK: Duration = Duration::from_millis(20);
 
 /// Reads the first frame of a [`maybe_resendable`] request's body, briefly: an empty body
 /// becomes one that says so, making the request [`resendable`]; anything else is put back.
-pub(crate) async fn peek_body(req: Request<WasiBody>) -> Request<WasiBody> {
+async fn peek_body(req: Request<WasiBody>) -> Request<WasiBody> {
     let (parts, mut body) = req.into_parts();
     let body = match tokio::time::timeout(BODY_PEEK, body.frame()).await {
         Err(_elapsed) => body,
@@ -463,6 +530,19 @@ impl Body for Prepend {
 
     fn is_end_stream(&self) -> bool {
         self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let first = (self.first.as_ref())
+            .and_then(|f| f.as_ref().ok()?.data_ref())
+            .map_or(0, |d| d.len() as u64);
+        let rest = self.rest.size_hint();
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + first);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + first);
+        }
+        hint
     }
 }
 
@@ -540,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn only_idempotent_bodiless_requests_are_resent() {
+    fn only_idempotent_bodiless_requests_are_resent_as_they_are() {
         assert!(resendable(&req(Method::GET, &[])));
         assert!(resendable(&req(Method::DELETE, &[("content-length", "0")])));
         assert!(!resendable(&req(Method::POST, &[])));
@@ -553,6 +633,57 @@ mod tests {
         let streaming = Request::get("/").body(Unknown).unwrap();
         assert!(!resendable(&streaming));
         assert!(maybe_resendable(&streaming));
+    }
+
+    fn with_body(method: Method, body: impl Into<Bytes>) -> Request<WasiBody> {
+        let body = Full::new(body.into()).map_err(|e| match e {});
+        let mut r = Request::new(body.boxed_unsync());
+        *r.method_mut() = method;
+        r
+    }
+
+    #[tokio::test]
+    async fn a_small_body_is_kept_and_sent_again_only_where_no_guest_saw_it() {
+        let within = Duration::from_secs(1);
+        let (req, post) = keep_for_resend(with_body(Method::POST, "payload"), within)
+            .await
+            .unwrap();
+        assert_eq!(
+            req.into_body().collect().await.unwrap().to_bytes(),
+            "payload"
+        );
+        let post = post.expect("a small body is kept");
+        assert!(post.after(&Failure::Unconnected("refused".into())));
+        assert!(post.after(&Failure::ReplicaGone));
+        assert!(!post.after(&Failure::Unreachable("broken once sent".into())));
+        assert!(!post.after(&Failure::Late(within)));
+        let again = post.request();
+        assert_eq!(again.method(), Method::POST);
+        assert_eq!(
+            again.into_body().collect().await.unwrap().to_bytes(),
+            "payload"
+        );
+
+        let (_, put) = keep_for_resend(with_body(Method::PUT, "x"), within)
+            .await
+            .unwrap();
+        assert!(
+            put.unwrap()
+                .after(&Failure::Unreachable("broken once sent".into()))
+        );
+
+        // Too big to keep, or of a length not known: it streams on, not kept.
+        let big = vec![b'x'; RESEND_BODY_MAX as usize + 1];
+        let (req, kept) = keep_for_resend(with_body(Method::POST, big), within)
+            .await
+            .unwrap();
+        assert!(kept.is_none());
+        assert_eq!(req.body().size_hint().exact(), Some(RESEND_BODY_MAX + 1));
+        let frames = futures::stream::iter([Ok(Frame::data(Bytes::from_static(b"x")))]);
+        let mut unknown = Request::new(StreamBody::new(frames).boxed_unsync());
+        *unknown.method_mut() = Method::POST;
+        let (_, kept) = keep_for_resend(unknown, within).await.unwrap();
+        assert!(kept.is_none());
     }
 
     struct Unknown;

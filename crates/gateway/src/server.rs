@@ -8,7 +8,7 @@ use crate::endpoint::{
 use crate::hold::Holds;
 use crate::metrics::Registry;
 use crate::outbound::ServicePolicy;
-use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER, Resend};
+use crate::proxy::{self, APP_HEADER, ERROR_HEADER, Failure, REPLICA_GONE, REPLICA_HEADER};
 use crate::stalls::{Stalls, Watched};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -790,17 +790,17 @@ impl Gateway {
         span.record("replica", first.replica.as_str());
         let mut resend = None;
         if !first.is_local() {
-            if !proxy::resendable(&req) && proxy::maybe_resendable(&req) {
-                req = proxy::peek_body(req).await;
-            }
-            resend = proxy::resendable(&req).then(|| Resend::of(&req));
+            (req, resend) = match proxy::keep_for_resend(req, self.inner.config.body_timeout).await
+            {
+                Ok(kept) => kept,
+                Err(e) => return unreadable_body(e),
+            };
         }
         let (last, response) = match self.call(&first, app, req).await {
             Ok(response) => (first, response),
             Err(failure) => {
                 self.mark_down(&first, app, &failure);
-                // A late one may have run: it is not sent again.
-                let resend = resend.filter(|_| !matches!(failure, Failure::Late(_)));
+                let resend = resend.filter(|r| r.after(&failure));
                 match resend.and_then(|r| pick(&endpoints, group).map(|e| (e, r))) {
                     None => {
                         let response = failure_response(app, &first, failure);
@@ -1015,18 +1015,7 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         let body = match crate::body::read_ahead(body, self.inner.config.body_timeout).await {
             Ok(body) => body,
-            Err(ReadAheadError::TimedOut) => {
-                return problem_response(
-                    ErrorCode::RequestTimeout,
-                    "the request body did not arrive in time",
-                );
-            }
-            Err(ReadAheadError::Broken(e)) => {
-                return problem_response(
-                    ErrorCode::BadRequest,
-                    &format!("reading the request body failed: {e}"),
-                );
-            }
+            Err(e) => return unreadable_body(e),
         };
         let req = Request::from_parts(parts, body);
         let permit = match permits.clone().try_acquire_owned() {
@@ -1062,6 +1051,20 @@ impl Gateway {
             false => body,
         };
         Response::from_parts(parts, guarded(body, body_share, inflight))
+    }
+}
+
+/// What a client whose request body could not be read gets.
+fn unreadable_body(e: ReadAheadError) -> Response<ResponseBody> {
+    match e {
+        ReadAheadError::TimedOut => problem_response(
+            ErrorCode::RequestTimeout,
+            "the request body did not arrive in time",
+        ),
+        ReadAheadError::Broken(e) => problem_response(
+            ErrorCode::BadRequest,
+            &format!("reading the request body failed: {e}"),
+        ),
     }
 }
 

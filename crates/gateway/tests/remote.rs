@@ -264,7 +264,7 @@ async fn a_dead_node_is_retried_around_and_kept_down_until_listed_again_a_while_
         a.endpoints(&hello).len() == 2
     })
     .await;
-    // A body cannot be sent twice: no retry, a 502.
+    // No other replica to send it to: a 502.
     let reply = client
         .send(
             Method::POST,
@@ -293,6 +293,76 @@ async fn a_dead_node_is_retried_around_and_kept_down_until_listed_again_a_while_
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
     assert_eq!(reply.error_code(), "bad_gateway");
     assert!(a.endpoints(&app("faulty")).is_empty());
+}
+
+/// A request with a small body is sent again to another replica where no guest can have
+/// seen it (the node refused the connection); one whose connection broke once it was sent
+/// only if its method is idempotent.
+#[tokio::test]
+async fn a_request_with_a_body_is_sent_again_only_where_no_guest_saw_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let (_b, b_addr) = node_b(&runtime).await;
+    let dead = closed_port().await.to_string();
+    // A node that takes each connection, reads the request and drops it unanswered.
+    let breaker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken = breaker.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = breaker.accept().await {
+            let mut request = [0; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut request).await;
+        }
+    });
+    let a = Gateway::new(GatewayConfig::default());
+    routes(&a);
+    let a_addr = serve(&a).await;
+    let client = HttpClient::new();
+    let faulty = app("faulty");
+    let echo = format!("http://{a_addr}/faulty/echo");
+
+    a.set_remote_endpoints(remote(&[
+        ("faulty", "faulty-dead", dead),
+        ("faulty", "faulty-b", b_addr.clone()),
+    ]));
+    for _ in 0..10 {
+        let reply = client.send(Method::POST, &echo, &[], "payload").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.text(), "payload");
+    }
+    // p2c picks both of two idle endpoints in turn: the dead one was tried.
+    assert_eq!(a.endpoints(&faulty), ["faulty-b"]);
+
+    a.set_remote_endpoints(remote(&[
+        ("faulty", "faulty-broken", broken.clone()),
+        ("faulty", "faulty-b", b_addr.clone()),
+    ]));
+    let mut failed = 0;
+    for _ in 0..10 {
+        let reply = client.send(Method::POST, &echo, &[], "payload").await;
+        match reply.status {
+            StatusCode::OK => assert_eq!(reply.text(), "payload"),
+            StatusCode::BAD_GATEWAY => failed += 1,
+            other => panic!("{other}: {}", reply.text()),
+        }
+        if a.endpoints(&faulty) == ["faulty-b"] {
+            break;
+        }
+    }
+    assert_eq!(
+        failed, 1,
+        "the POST that reached the broken node was not sent again"
+    );
+
+    a.set_remote_endpoints(remote(&[
+        ("faulty", "faulty-broken-2", broken),
+        ("faulty", "faulty-b", b_addr),
+    ]));
+    for _ in 0..10 {
+        let reply = client.send(Method::PUT, &echo, &[], "payload").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.text(), "payload");
+    }
+    assert_eq!(a.endpoints(&faulty), ["faulty-b"]);
 }
 
 #[tokio::test]
