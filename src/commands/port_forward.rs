@@ -87,6 +87,10 @@ pub async fn run(ctx: Context, args: PortForwardArgs) -> Result<()> {
         .as_bytes(),
     )?;
     let router = axum::Router::new().fallback(one).with_state(forward);
+    // Answers stream through a piece at a time: no Nagle wait for each.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router)
         .await
         .context("serving the local port")

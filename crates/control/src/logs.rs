@@ -205,15 +205,32 @@ impl ControlPlane {
 
     /// A client presenting the control plane's certificate to node `node`'s gateway, which
     /// must present that node's own (an address proves nothing: a node may be issued a
-    /// certificate for any address it says it has).
+    /// certificate for any address it says it has). The same one each time, so requests to
+    /// a node one after another (a port-forward's, a log follower's) share its connections
+    /// instead of each making a TLS handshake; it presents the renewed certificate once the
+    /// old one is replaced. Clients unused for [`MEMBER_CLIENT_IDLE`] go when one is made.
     pub(crate) fn member_client(&self, node: &str) -> Result<reqwest::Client, ControlError> {
-        reqwest::Client::builder()
-            .use_preconfigured_tls(self.members()?.client_for(node))
+        let members = self.members()?;
+        let now = std::time::Instant::now();
+        let mut clients = (self.inner.member_clients.lock()).unwrap_or_else(|p| p.into_inner());
+        if let Some((client, used)) = clients.get_mut(node) {
+            *used = now;
+            return Ok(client.clone());
+        }
+        clients.retain(|_, (_, used)| now.duration_since(*used) < MEMBER_CLIENT_IDLE);
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(members.client_for(node))
             .connect_timeout(Duration::from_secs(2))
             .build()
-            .map_err(ControlError::internal)
+            .map_err(ControlError::internal)?;
+        clients.insert(node.to_string(), (client.clone(), now));
+        Ok(client)
     }
 }
+
+/// How long a node's client ([`ControlPlane::member_client`]) is kept unused: past a
+/// follower's poll and a port-forward's pauses, short of keeping every node ever reached.
+const MEMBER_CLIENT_IDLE: Duration = Duration::from_secs(300);
 
 /// The URL of replica `id`'s output at `gateway` from sequence number `since`, with
 /// `query`'s time filter.

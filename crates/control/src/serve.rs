@@ -88,6 +88,9 @@ pub async fn serve(
                 continue;
             }
         };
+        // A streamed answer (a proxied app's, a follower's logs) is written a piece at a
+        // time: without this, Nagle holds each small piece until the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let mut stream = tokio_io_timeout::TimeoutWriter::new(stream);
         stream.set_timeout(Some(limits.send_timeout));
         let stream = Box::pin(stream);

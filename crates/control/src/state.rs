@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     /// The control plane's own certificate, to reach nodes' gateways with for logs
     /// ([`ControlPlane::member_client`]); none without a CA.
     pub(crate) members: Option<shoal_tls::Mutual>,
+    /// The clients made with it, by node, and when each was last handed out.
+    pub(crate) member_clients:
+        std::sync::Mutex<std::collections::HashMap<String, (reqwest::Client, std::time::Instant)>>,
     /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
     /// holds it alone.
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
@@ -297,6 +300,7 @@ impl ControlPlane {
                 metrics: crate::measurements::Metrics::new(clock.steady_ms()),
                 clock,
                 members,
+                member_clients: Default::default(),
             }),
         };
         let commits = cp.inner.observed.commits.clone();
