@@ -126,7 +126,7 @@ where
     B: Body<Data = Bytes> + Unpin,
 {
     let mut taken = VecDeque::new();
-    let mut trailers = false;
+    let mut length_unknown = false;
     let mut ended = false;
     let mut bytes = 0;
     while bytes < SETTLE_MAX && !body.is_end_stream() {
@@ -145,26 +145,28 @@ where
             Some(Some(Ok(frame))) => {
                 // Trailers cannot follow a length over HTTP/1.1; the body stays chunked.
                 let data = frame.is_data();
-                trailers |= !data;
+                length_unknown |= !data;
                 bytes += frame.data_ref().map_or(0, Bytes::len);
                 taken.push_back(Ok(frame));
                 if !data {
                     break;
                 }
             }
+            // A length would let the bytes before the error pass for the whole answer.
             Some(Some(Err(e))) => {
+                length_unknown = true;
                 taken.push_back(Err(e));
                 break;
             }
         }
     }
     // A body that says it is done after its last frame is dropped as well as one that said
-    // so with `None`; after trailers it is kept, so the length stays unknown.
-    ended |= body.is_end_stream() && !trailers;
+    // so with `None`; after trailers or an error it is kept, so the length stays unknown.
+    ended |= body.is_end_stream() && !length_unknown;
     Settled {
         taken,
         rest: (!ended).then_some(body),
-        trailers,
+        length_unknown,
     }
 }
 
@@ -172,7 +174,8 @@ where
 pub(crate) struct Settled<B: Body> {
     taken: VecDeque<Result<Frame<Bytes>, B::Error>>,
     rest: Option<B>,
-    trailers: bool,
+    /// Trailers or an error were taken: the length must stay unknown.
+    length_unknown: bool,
 }
 
 // Nothing in it is pinned in place: the frames taken are moved out, the rest is `Unpin`.
@@ -219,7 +222,7 @@ where
     fn size_hint(&self) -> SizeHint {
         let taken = self.taken_bytes();
         match &self.rest {
-            None if !self.trailers => SizeHint::with_exact(taken),
+            None if !self.length_unknown => SizeHint::with_exact(taken),
             None => {
                 let mut hint = SizeHint::new();
                 hint.set_lower(taken);
@@ -229,7 +232,7 @@ where
                 let rest = rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(rest.lower() + taken);
-                if let Some(upper) = rest.upper().filter(|_| !self.trailers) {
+                if let Some(upper) = rest.upper().filter(|_| !self.length_unknown) {
                     hint.set_upper(upper + taken);
                 }
                 hint
@@ -367,6 +370,41 @@ mod tests {
         let body = settle(body).await;
         assert_eq!(body.size_hint().exact(), None);
         assert_eq!(frames(body).await, ["a", r#"trailers {"x-sum": "1"}"#]);
+    }
+
+    /// A body of frames all there, that says when it is done and what is left of it.
+    struct Scripted(VecDeque<Result<Frame<Bytes>, HttpError>>);
+
+    impl Body for Scripted {
+        type Data = Bytes;
+        type Error = HttpError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+            Poll::Ready(self.0.pop_front())
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.0.is_empty()
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            let data = self.0.iter().filter_map(|f| f.as_ref().ok()?.data_ref());
+            SizeHint::with_exact(data.map(|d| d.len() as u64).sum())
+        }
+    }
+
+    #[tokio::test]
+    async fn an_error_keeps_the_length_unknown() {
+        let body = Scripted(VecDeque::from([
+            Ok(Frame::data(Bytes::from_static(b"part"))),
+            Err(HttpError::ConnectionReadTimeout),
+        ]));
+        let body = settle(body).await;
+        assert_eq!(body.size_hint().exact(), None);
+        assert_eq!(frames(body).await, ["part", "error ConnectionReadTimeout"]);
     }
 
     #[tokio::test]
