@@ -170,12 +170,28 @@ where
     }
 }
 
-/// A response body after [`settle`]: the frames taken, then the rest if it had not ended.
+/// A body some of whose frames were read already ([`settle`], a request's peek): those,
+/// then the rest if it had not ended.
 pub(crate) struct Settled<B: Body> {
     taken: VecDeque<Result<Frame<Bytes>, B::Error>>,
     rest: Option<B>,
     /// Trailers or an error were taken: the length must stay unknown.
     length_unknown: bool,
+}
+
+impl<B> Settled<B>
+where
+    B: Body<Data = Bytes>,
+{
+    /// `rest` after its first frame, `first`, already read (a peek).
+    pub(crate) fn prepend(first: Result<Frame<Bytes>, B::Error>, rest: B) -> Settled<B> {
+        let length_unknown = !first.as_ref().is_ok_and(Frame::is_data);
+        Settled {
+            taken: VecDeque::from([first]),
+            rest: Some(rest),
+            length_unknown,
+        }
+    }
 }
 
 // Nothing in it is pinned in place: the frames taken are moved out, the rest is `Unpin`.

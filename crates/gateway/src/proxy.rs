@@ -2,7 +2,7 @@
 //! replica) and, for guests granted hosts, to the outside. Each has its own pooled client:
 //! egress connects only to addresses [`egress::Guard`] allows.
 
-use crate::body::ReadAheadError;
+use crate::body::{ReadAheadError, Settled};
 use crate::egress;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -15,9 +15,7 @@ use shoal_core::spec::AppKey;
 use shoal_runtime::{HttpError, WasiBody};
 use std::collections::{HashMap, HashSet};
 use std::error::Error as StdError;
-use std::pin::Pin;
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// Names the replica a forwarded request must be served by. Its presence also means the
@@ -428,7 +426,7 @@ impl Resend {
 
     pub(crate) fn request(self) -> Request<WasiBody> {
         let body = match self.body {
-            Some(bytes) => Full::new(bytes).map_err(|e| match e {}).boxed_unsync(),
+            Some(bytes) => full(bytes),
             None => empty(),
         };
         let mut req = Request::new(body);
@@ -440,9 +438,10 @@ impl Resend {
     }
 }
 
-/// The largest request body a gateway keeps to send again if its hop fails: that of a
-/// form, a JSON call. A bigger one streams through and is not sent again.
-pub(crate) const RESEND_BODY_MAX: u64 = 64 << 10;
+/// The largest request body a gateway keeps to send again if its hop fails: what the node it
+/// goes to reads ahead anyway (a form, a JSON call). A bigger one streams through and is not
+/// sent again.
+const RESEND_BODY_MAX: u64 = crate::body::READ_AHEAD as u64;
 
 /// Readies a request for a remote endpoint to be sent again should its hop fail, and says
 /// how ([`Resend::after`]). A bodiless one is kept as it is, once its body is seen to be
@@ -477,12 +476,7 @@ pub(crate) async fn keep_for_resend(
         return Ok((Request::from_parts(parts, body), None));
     }
     let bytes = collected.to_bytes();
-    let req = Request::from_parts(
-        parts,
-        Full::new(bytes.clone())
-            .map_err(|e| match e {})
-            .boxed_unsync(),
-    );
+    let req = Request::from_parts(parts, full(bytes.clone()));
     let resend = Resend::of(&req, Some(bytes));
     Ok((req, Some(resend)))
 }
@@ -499,55 +493,17 @@ async fn peek_body(req: Request<WasiBody>) -> Request<WasiBody> {
     let body = match tokio::time::timeout(BODY_PEEK, body.frame()).await {
         Err(_elapsed) => body,
         Ok(None) => empty(),
-        Ok(Some(first)) => Prepend {
-            first: Some(first),
-            rest: body,
-        }
-        .boxed_unsync(),
+        Ok(Some(first)) => Settled::prepend(first, body).boxed_unsync(),
     };
     Request::from_parts(parts, body)
 }
 
-/// A body whose first frame was already read.
-struct Prepend {
-    first: Option<Result<Frame<Bytes>, HttpError>>,
-    rest: WasiBody,
-}
-
-impl Body for Prepend {
-    type Data = Bytes;
-    type Error = HttpError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, HttpError>>> {
-        match self.first.take() {
-            Some(first) => Poll::Ready(Some(first)),
-            None => Pin::new(&mut self.rest).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.rest.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let first = (self.first.as_ref())
-            .and_then(|f| f.as_ref().ok()?.data_ref())
-            .map_or(0, |d| d.len() as u64);
-        let rest = self.rest.size_hint();
-        let mut hint = http_body::SizeHint::new();
-        hint.set_lower(rest.lower() + first);
-        if let Some(upper) = rest.upper() {
-            hint.set_upper(upper + first);
-        }
-        hint
-    }
-}
-
 pub(crate) fn empty() -> WasiBody {
     Empty::<Bytes>::new().map_err(|e| match e {}).boxed_unsync()
+}
+
+fn full(bytes: Bytes) -> WasiBody {
+    Full::new(bytes).map_err(|e| match e {}).boxed_unsync()
 }
 
 /// A client error and its causes on one line: `client error (Connect): tcp connect error: …`.
@@ -636,8 +592,7 @@ mod tests {
     }
 
     fn with_body(method: Method, body: impl Into<Bytes>) -> Request<WasiBody> {
-        let body = Full::new(body.into()).map_err(|e| match e {});
-        let mut r = Request::new(body.boxed_unsync());
+        let mut r = Request::new(full(body.into()));
         *r.method_mut() = method;
         r
     }
