@@ -242,14 +242,22 @@ fn daemons_log_json_lines_when_asked() {
 }
 
 /// A `shoal server` on data dir `data`, writing its context into the CLI config `config`,
-/// killed when dropped; and its API address.
+/// killed when dropped; and its API address, as it advertises it. On 127.0.0.1:0 unless
+/// `extra` says `--api`.
 fn server(
     data: &std::path::Path,
     config: &std::path::Path,
     extra: &[&str],
 ) -> (common::Killed, String) {
+    let api: &[&str] = if extra.contains(&"--api") {
+        &[]
+    } else {
+        &["--api", "127.0.0.1:0"]
+    };
     let mut child = std::process::Command::new(common::SHOAL)
-        .args(["server", "--api", "127.0.0.1:0", "--data-dir"])
+        .arg("server")
+        .args(api)
+        .arg("--data-dir")
         .arg(data)
         .args(extra)
         .env("SHOAL_CONFIG", config)
@@ -262,6 +270,55 @@ fn server(
     let api = common::wait_line(&lines, "API:");
     let addr = api.split("https://").nth(1).unwrap().trim().to_string();
     (common::Killed::new(child), addr)
+}
+
+/// A server on every address advertises an address others can reach, not 0.0.0.0;
+/// `--advertise-api` names another, which the API's certificate is valid for; a URL of the
+/// wrong scheme is refused before anything starts.
+#[test]
+fn a_server_advertises_where_others_reach_its_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let shoal = |args: &[&str]| {
+        std::process::Command::new(common::SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let port = common::free_addr().rsplit(':').next().unwrap().to_string();
+    let any = format!("0.0.0.0:{port}");
+    let (server_a, a) = server(&dir.path().join("a"), &config, &["--api", &any]);
+    assert!(!a.starts_with("0.0.0.0"), "advertised {a}");
+    let out = shoal(&["get", "nodes", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    drop(server_a);
+
+    // 127.0.0.2 is loopback too, and in no certificate unless advertised.
+    let port = common::free_addr().rsplit(':').next().unwrap().to_string();
+    let (any, there) = (
+        format!("0.0.0.0:{port}"),
+        format!("https://127.0.0.2:{port}"),
+    );
+    let (_b, b) = server(
+        &dir.path().join("b"),
+        &config,
+        &["--api", &any, "--advertise-api", &there],
+    );
+    assert_eq!(format!("https://{b}"), there);
+    let out = shoal(&["get", "nodes", "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+
+    let refused = std::process::Command::new(common::SHOAL)
+        .args(["server", "--api", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("c"))
+        .args(["--advertise-api", "http://127.0.0.1:7700"])
+        .env("SHOAL_CONFIG", &config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("this API serves https"), "{said}");
 }
 
 #[test]

@@ -965,6 +965,134 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     }
 }
 
+/// A pool's worker is told every server running on the store, the leader that started it
+/// first: when that leader dies, the worker goes on reporting to another, and the new leader
+/// finds it Ready and starts no other.
+#[test]
+fn a_pool_worker_outlives_the_leader_that_started_it() {
+    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    let etcd = EtcdCluster::single();
+    let store = etcd.url();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
+    copy_identity(
+        &dirs[0].path().join("server"),
+        &dirs[1].path().join("server"),
+    );
+    servers.push(Server::start_with(dirs[1].path(), &["--store", &store]));
+    let all: Vec<&Server> = servers.iter().collect();
+    assert!(
+        poll(Duration::from_secs(20), || leaders(&all).len() == 1),
+        "one leader: {:?}",
+        leaders(&all)
+    );
+    let leader = leaders(&all)[0];
+    drop(all);
+    let survivor = 1 - leader;
+
+    // Each server runs the provider of its own data dir: they are one script's copies.
+    let workers = dirs[0].path().join("workers");
+    std::fs::create_dir_all(&workers).unwrap();
+    let _cleanup = common::Started(workers.clone());
+    let script = dirs[0].path().join("provider.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nset -e\nd={workers}\ncase \"$1\" in\n\
+             start)\n  mkdir -p \"$d/$2\"\n  echo \"$SHOAL_JOIN_URL\" > \"$d/$2.url\"\n  \
+             {shoal} node join \"$SHOAL_JOIN_URL\" --token-file \"$SHOAL_JOIN_TOKEN_FILE\" \
+             --node-name \"$2\" --gateway 127.0.0.1:0 --data-dir \"$d/$2\" --memory 1Gi \
+             > \"$d/$2.log\" 2>&1 &\n  echo $! > \"$d/$2.pid\" ;;\n\
+             stop)\n  kill \"$(cat \"$d/$2.pid\")\" ;;\nesac\n",
+            workers = workers.display(),
+            shoal = common::SHOAL,
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pool = write_spec(
+        dirs[0].path(),
+        "cloud.toml",
+        &format!(
+            "name = \"cloud\"\nmax = 1\nprovider = \"{}\"\n",
+            script.display()
+        ),
+    );
+    servers[survivor].cli_ok(&["pool", "apply", "-f", pool.to_str().unwrap()]);
+    let spec = write_spec(
+        dirs[0].path(),
+        "hello.toml",
+        &example_spec("hello", 1, "Hello from a pool"),
+    );
+    servers[survivor].cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let on_cloud: std::collections::BTreeMap<String, usize> = [("cloud-1".to_string(), 1)].into();
+    assert!(
+        poll(Duration::from_secs(60), || servers[survivor]
+            .placement("hello")
+            == on_cloud),
+        "{:?}",
+        servers[survivor].placement("hello")
+    );
+    let joined = std::fs::read_to_string(workers.join("cloud-1.url")).unwrap();
+    assert_eq!(
+        joined.trim(),
+        format!("{},{}", servers[leader].api, servers[survivor].api),
+        "the leader that started it first, then every other server"
+    );
+    let node = |server: &Server| {
+        server
+            .api_json("/v1/nodes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == "cloud-1")
+            .cloned()
+            .unwrap_or_else(|| panic!("no node cloud-1: {}", server.api_json("/v1/nodes")))
+    };
+    let gateway = format!(
+        "http://{}",
+        node(&servers[survivor])["gateway"].as_str().unwrap()
+    );
+    let served = || {
+        common::client()
+            .get(format!("{gateway}/hello"))
+            .send()
+            .and_then(|r| r.text())
+            .is_ok_and(|body| body.contains("Hello from a pool"))
+    };
+    assert!(
+        poll(Duration::from_secs(60), served),
+        "hello is not served at {gateway}"
+    );
+
+    let (_, _) = kill_the_leader(&mut servers, leader);
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    // Heard from since the leader died: by the survivor, the only server left.
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let n = node(&servers[survivor]);
+            n["last_heartbeat"].as_u64() > Some(killed_at + 1_000)
+                && n["state"] == "Ready"
+                && n["silent"] == false
+        }),
+        "{}",
+        node(&servers[survivor])
+    );
+    assert!(served(), "hello is still served at {gateway}");
+    assert_eq!(servers[survivor].placement("hello"), on_cloud);
+    let members = servers[survivor].api_json("/v1/pools/cloud")["members"].clone();
+    assert_eq!(
+        members
+            .as_object()
+            .map(|m| m.keys().cloned().collect::<Vec<_>>()),
+        Some(vec!["cloud-1".to_string()]),
+        "{members}"
+    );
+}
+
 /// Kills `servers[leader]` with SIGKILL and insists that exactly one of the others leads
 /// within 5 s; when it was killed and how long the takeover took.
 fn kill_the_leader(servers: &mut [Server], leader: usize) -> (Instant, Duration) {

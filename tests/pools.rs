@@ -151,33 +151,13 @@ fn a_restarted_control_plane_replaces_the_local_workers_that_stopped_with_it() {
     assert_eq!(members, ["workers-2"], "{pool}");
 }
 
-/// Kills what a test's provider script started in the background, whatever the test did.
-struct Started(std::path::PathBuf);
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let Ok(dir) = std::fs::read_dir(&self.0) else {
-            return;
-        };
-        for entry in dir.flatten() {
-            if entry.path().extension().is_some_and(|e| e == "pid")
-                && let Ok(pid) = std::fs::read_to_string(entry.path())
-                && let Ok(pid) = pid.trim().parse::<i32>()
-            {
-                // SAFETY: a plain kill(2) of a process the test's provider started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
 #[test]
 fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path());
     let workers = dir.path().join("workers");
     std::fs::create_dir_all(&workers).unwrap();
-    let _cleanup = Started(workers.clone());
+    let _cleanup = common::Started(workers.clone());
     let script = dir.path().join("provider.sh");
     std::fs::write(
         &script,

@@ -32,6 +32,11 @@ pub struct ControlArgs {
     /// Address of the /v1 API.
     #[arg(long, default_value = "127.0.0.1:7700")]
     pub api: SocketAddr,
+    /// The URL nodes, pool workers and the other servers of a shared store reach this API at
+    /// (default: the --api address; for an unspecified one, 0.0.0.0 or ::, this machine's
+    /// address on its default route). The API's certificate is valid for its host too.
+    #[arg(long, value_name = "URL")]
+    pub advertise_api: Option<String>,
     /// App specs to apply once the cluster is up: files, or directories of them, read and
     /// checked as `shoal apply -f` does before anything starts.
     #[arg(long = "apply")]
@@ -262,6 +267,58 @@ fn api_names(args: &ControlArgs, addr: SocketAddr) -> Vec<String> {
     names
 }
 
+/// The URL others reach this API at, and its host: `--advertise-api`, else the --api
+/// address, where an unspecified one is this machine's address on its default route (as
+/// kube-apiserver's `--advertise-address` defaults), or loopback without one. Servers sharing
+/// a store register under it, so on 0.0.0.0 they would otherwise all be one.
+fn advertised_api(args: &ControlArgs, scheme: &str, addr: SocketAddr) -> Result<(String, String)> {
+    let Some(url) = &args.advertise_api else {
+        let ip = match addr.ip() {
+            ip if ip.is_unspecified() => {
+                default_route_ip(ip.is_ipv6()).unwrap_or(if ip.is_ipv6() {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                })
+            }
+            ip => ip,
+        };
+        let at = SocketAddr::new(ip, addr.port());
+        return Ok((format!("{scheme}://{at}"), ip.to_string()));
+    };
+    let bad = |why: &str| crate::exit::usage(format!("--advertise-api {url}: {why}"));
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    if parsed.scheme() != scheme {
+        return Err(bad(&format!(
+            "this API serves {scheme}, so its URL starts with {scheme}://"
+        )));
+    }
+    // An IPv6 host comes in brackets; the certificate names the address without them.
+    let host = match parsed.host_str() {
+        Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']'),
+        _ => return Err(bad("no host")),
+    }
+    .to_string();
+    if parsed.path() != "/" || parsed.query().is_some() || !parsed.username().is_empty() {
+        return Err(bad("a URL of scheme, host and port only is expected"));
+    }
+    Ok((url.trim_end_matches('/').to_string(), host))
+}
+
+/// This machine's address on the route to the internet, looked up, not used: connecting a
+/// UDP socket sends nothing.
+fn default_route_ip(v6: bool) -> Option<std::net::IpAddr> {
+    let (local, probe) = if v6 {
+        ("[::]:0", "[2001:db8::1]:9")
+    } else {
+        ("0.0.0.0:0", "192.0.2.1:9")
+    };
+    let socket = std::net::UdpSocket::bind(local).ok()?;
+    socket.connect(probe).ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
 fn duration(flag: &str, s: &str) -> Result<Duration> {
     shoal_core::quantity::parse_duration_ms(s)
         .map(Duration::from_millis)
@@ -448,10 +505,14 @@ pub async fn start_control(
             )
         })?;
     let addr = listener.local_addr()?;
+    let scheme = if args.plain_http { "http" } else { "https" };
+    let (server, advertised_host) = advertised_api(args, scheme, addr)?;
     let tls = if args.plain_http {
         None
     } else {
-        let names = api_names(args, addr);
+        let mut names = api_names(args, addr);
+        names.push(advertised_host);
+        names.dedup();
         let cert = shoal_tls::LiveCert::new(&ca.issue_api(&names)?)?;
         let ca = ca.clone();
         tokio::spawn(keep_renewed("API", cert.clone(), move || {
@@ -460,8 +521,6 @@ pub async fn start_control(
         }));
         Some(shoal_tls::server_config(&cert)?)
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let server = format!("{scheme}://{addr}");
     let backups = match backup_every {
         every if every.is_zero() => None,
         every => Some(shoal_control::BackupSchedule {

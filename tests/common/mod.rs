@@ -914,3 +914,24 @@ pub fn wait_line(lines: &mpsc::Receiver<String>, prefix: &str) -> String {
         }
     }
 }
+
+/// Kills what a test's provider script started in the background (the pids it wrote to
+/// `*.pid` files in this dir), whatever the test did.
+pub struct Started(pub PathBuf);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let Ok(dir) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "pid")
+                && let Ok(pid) = std::fs::read_to_string(entry.path())
+                && let Ok(pid) = pid.trim().parse::<i32>()
+            {
+                // SAFETY: a plain kill(2) of a process the test's provider started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}

@@ -30,7 +30,8 @@ const PROVIDER_TIMEOUT: Duration = Duration::from_secs(120);
 /// Where a pool's workers join, and where local ones live.
 #[derive(Debug, Clone)]
 pub struct PoolHost {
-    /// The control plane's URL, as `shoal node join` takes it.
+    /// This server's URL, as `shoal node join` takes it; workers are given the other
+    /// servers sharing its store after it ([`ControlPlane::join_urls`]).
     pub join_url: String,
     pub token_file: PathBuf,
     /// The `shoal` binary local workers run.
@@ -331,6 +332,38 @@ impl ControlPlane {
             .any(|v| bound.contains(&(r.app.namespace.clone(), v.name.clone()))))
     }
 
+    /// Where a new worker joins, as `shoal node join` takes it: `own` (this server's URL),
+    /// then every other server running on a shared store, so the worker outlives this one.
+    async fn join_urls_now(&self, own: &str) -> String {
+        let (cp, mine) = (self.clone(), own.to_string());
+        match blocking(move || Ok(cp.join_urls(&mine))).await {
+            Ok(urls) => urls,
+            Err(e) => {
+                tracing::warn!(error = %e, "node pools: cannot list the other servers; a worker joins this one alone");
+                own.to_string()
+            }
+        }
+    }
+
+    /// [`Self::join_urls_now`], a store read.
+    fn join_urls(&self, own: &str) -> String {
+        let mut urls = vec![own.to_string()];
+        if self.inner.config.shared_store {
+            match self.inner.store.range(shoal_store::SERVERS_PREFIX) {
+                Ok((running, _)) => urls.extend(
+                    running
+                        .into_iter()
+                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+                        .filter(|url| url != own),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "node pools: cannot list the other servers; a worker joins this one alone");
+                }
+            }
+        }
+        urls.join(",")
+    }
+
     /// The provisioner: a pass every second for as long as the control plane runs. A
     /// provider's `start` or `stop` (and a local worker's stop) runs in a task of its own,
     /// so one slow provider holds neither the passes nor the other pools.
@@ -415,8 +448,9 @@ impl ControlPlane {
                 if let Err(e) = blocking(move || cp.join_token()).await {
                     tracing::warn!(error = %e, "node pools: cannot read the join token in force");
                 }
+                let join_url = self.join_urls_now(&host.join_url).await;
                 match &pool.spec.provider {
-                    None => match start_local(host, pool, &node) {
+                    None => match start_local(host, &join_url, pool, &node) {
                         Ok(child) => {
                             local.insert(node, child);
                         }
@@ -433,7 +467,8 @@ impl ControlPlane {
                         let task = node.clone();
                         let handle = running.spawn(async move {
                             if let Err(why) =
-                                run_provider(&host, &pool, &command, "start", &node).await
+                                run_provider(&host, &join_url, &pool, &command, "start", &node)
+                                    .await
                             {
                                 cp.provider_failed(&pool, &node, "start", why).await;
                             }
@@ -472,7 +507,8 @@ impl ControlPlane {
                     .await;
                     let stopped = match (child, &provider) {
                         (None, Some(command)) => {
-                            run_provider(&host, &pool, command, "stop", &node).await
+                            let join_url = cp.join_urls_now(&host.join_url).await;
+                            run_provider(&host, &join_url, &pool, command, "stop", &node).await
                         }
                         (child, _) => {
                             if let Some(child) = child {
@@ -637,7 +673,7 @@ impl ControlPlane {
 
 /// A local worker: `shoal node join` on a free loopback port (it advertises the port it
 /// got), its own data dir and log.
-fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String> {
+fn start_local(host: &PoolHost, join_url: &str, pool: &Pool, node: &str) -> Result<Child, String> {
     let dir = host.dir.join(&pool.name).join(node);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let log = std::fs::File::create(dir.with_extension("log"))
@@ -646,7 +682,7 @@ fn start_local(host: &PoolHost, pool: &Pool, node: &str) -> Result<Child, String
     let mut cmd = Command::new(&host.exe);
     cmd.arg("node")
         .arg("join")
-        .arg(&host.join_url)
+        .arg(join_url)
         .arg("--token-file")
         .arg(&host.token_file)
         .args(["--node-name", node])
@@ -732,6 +768,7 @@ impl LocalWorkers {
 /// Runs `COMMAND verb NODE` through `sh`, with where to join in its environment.
 async fn run_provider(
     host: &PoolHost,
+    join_url: &str,
     pool: &Pool,
     command: &str,
     verb: &str,
@@ -742,7 +779,7 @@ async fn run_provider(
         .arg(format!("{command} \"$@\""))
         .args(["provider", verb, node])
         .env("SHOAL_POOL", &pool.name)
-        .env("SHOAL_JOIN_URL", &host.join_url)
+        .env("SHOAL_JOIN_URL", join_url)
         .env("SHOAL_JOIN_TOKEN_FILE", &host.token_file)
         .env("SHOAL_NODE_LABELS", node_labels(pool))
         .stdin(std::process::Stdio::null())
@@ -818,6 +855,45 @@ mod tests {
                 .unwrap();
             cp.delete_pool("w").unwrap();
         }
+    }
+
+    /// A worker started on a shared store is told every server running there, this one
+    /// first, so it goes on when this one dies; on a store of its own, only this one.
+    #[test]
+    fn a_worker_joins_every_server_running_on_a_shared_store_this_one_first() {
+        let register = |cp: &ControlPlane, urls: &[&str]| {
+            for url in urls {
+                let key = format!("{}{url}", shoal_store::SERVERS_PREFIX);
+                cp.store()
+                    .txn(Txn::new().then(Op::put(key, url.as_bytes().to_vec())))
+                    .unwrap();
+            }
+        };
+        let servers = [
+            "https://10.0.0.1:7700",
+            "https://10.0.0.2:7700",
+            "https://10.0.0.3:7700",
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let shared = crate::state::tests::control_plane_with(
+            dir.path(),
+            crate::ControlConfig {
+                shared_store: true,
+                ..crate::ControlConfig::default()
+            },
+        );
+        register(&shared, &servers);
+        assert_eq!(
+            shared.join_urls("https://10.0.0.2:7700"),
+            "https://10.0.0.2:7700,https://10.0.0.1:7700,https://10.0.0.3:7700"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let alone = control_plane(dir.path());
+        register(&alone, &servers);
+        assert_eq!(
+            alone.join_urls("https://10.0.0.2:7700"),
+            "https://10.0.0.2:7700"
+        );
     }
 
     /// The size a pool remembers of its last node goes when its workers change (other
