@@ -228,7 +228,7 @@ impl Client {
     }
 
     /// The server calls go to now: the one that last answered.
-    pub fn base(&self) -> &str {
+    pub fn base(&self) -> String {
         self.api.base()
     }
 

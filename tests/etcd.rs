@@ -965,12 +965,9 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     }
 }
 
-/// A pool's worker is told every server running on the store, the leader that started it
-/// first: when that leader dies, the worker goes on reporting to another, and the new leader
-/// finds it Ready and starts no other.
-#[test]
-fn a_pool_worker_outlives_the_leader_that_started_it() {
-    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
+/// Two servers on a one-member etcd, the second with the first's identity, once one of them
+/// leads: the etcd cluster, their dirs, the servers and which one leads.
+fn two_servers() -> (EtcdCluster, Vec<tempfile::TempDir>, Vec<Server>, usize) {
     let etcd = EtcdCluster::single();
     let store = etcd.url();
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -988,9 +985,31 @@ fn a_pool_worker_outlives_the_leader_that_started_it() {
     );
     let leader = leaders(&all)[0];
     drop(all);
+    (etcd, dirs, servers, leader)
+}
+
+/// Node `name` as `server` lists it (`null` if it does not).
+fn node_seen(server: &Server, name: &str) -> serde_json::Value {
+    server
+        .api_json("/v1/nodes")
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A pool's worker is told every server running on the store, the leader that started it
+/// first: when that leader dies, the worker goes on reporting to another, and the new leader
+/// finds it Ready and starts no other.
+#[test]
+fn a_pool_worker_outlives_the_leader_that_started_it() {
+    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    let (_etcd, dirs, mut servers, leader) = two_servers();
     let survivor = 1 - leader;
 
-    // Each server runs the provider of its own data dir: they are one script's copies.
+    // The pool's provider, which whichever server leads runs.
     let workers = dirs[0].path().join("workers");
     std::fs::create_dir_all(&workers).unwrap();
     let _cleanup = common::Started(workers.clone());
@@ -1039,16 +1058,7 @@ fn a_pool_worker_outlives_the_leader_that_started_it() {
         format!("{},{}", servers[leader].api, servers[survivor].api),
         "the leader that started it first, then every other server"
     );
-    let node = |server: &Server| {
-        server
-            .api_json("/v1/nodes")
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == "cloud-1")
-            .cloned()
-            .unwrap_or_else(|| panic!("no node cloud-1: {}", server.api_json("/v1/nodes")))
-    };
+    let node = |server: &Server| node_seen(server, "cloud-1");
     let gateway = format!(
         "http://{}",
         node(&servers[survivor])["gateway"].as_str().unwrap()
@@ -1090,6 +1100,58 @@ fn a_pool_worker_outlives_the_leader_that_started_it() {
             .map(|m| m.keys().cloned().collect::<Vec<_>>()),
         Some(vec!["cloud-1".to_string()]),
         "{members}"
+    );
+}
+
+/// A node given one server of several learns the others from its heartbeats' answers, as
+/// Nomad's clients do: when that one dies, it goes on at another, Ready, its replica kept.
+#[test]
+fn a_node_given_one_server_learns_the_others_and_outlives_it() {
+    let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    let (_etcd, dirs, mut servers, leader) = two_servers();
+    let survivor = 1 - leader;
+    let node = NodeProc::join(&servers[leader], "node-1", &[]);
+    let log = node.dir.with_extension("log");
+    let learnt = format!(
+        "learnt of more servers of the control plane servers={}",
+        servers[survivor].api
+    );
+    assert!(
+        poll(Duration::from_secs(30), || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains(&learnt))),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let spec = write_spec(
+        dirs[0].path(),
+        "hello.toml",
+        &example_spec("hello", 1, "Hello from one server"),
+    );
+    servers[survivor].cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    wait_greeting(&node, "Hello from one server");
+    let replicas = servers[survivor].replica_ids("hello");
+
+    kill_the_leader(&mut servers, leader);
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let heard = || node_seen(&servers[survivor], "node-1");
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let n = heard();
+            n["last_heartbeat"].as_u64() > Some(killed_at + 1_000)
+                && n["state"] == "Ready"
+                && n["silent"] == false
+        }),
+        "{}",
+        heard()
+    );
+    wait_greeting(&node, "Hello from one server");
+    assert_eq!(
+        servers[survivor].replica_ids("hello"),
+        replicas,
+        "its replica is kept"
     );
 }
 

@@ -363,7 +363,7 @@ async fn cluster_ca(args: &JoinArgs, data: &Path, patience: &mut Patience) -> Re
         .build()?;
     loop {
         let mut unreachable = Vec::new();
-        for url in args.servers.urls() {
+        for url in args.servers.urls().iter() {
             let read = async {
                 unchecked
                     .get(format!("{url}/v1/cluster/ca"))

@@ -280,7 +280,21 @@ impl Link for RemoteLink {
                 .json(&usage)
                 .timeout(Duration::from_secs(2));
             match self.api().checked_as(req, Resend::Idempotent).await {
-                Ok(_) => Ok(()),
+                Ok(answer) => {
+                    // The servers running on a shared store: those not given at the start
+                    // are called too when the ones given die.
+                    if let Some(told) = answer
+                        .headers()
+                        .get(shoal_api::SERVERS_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        let learnt = self.api().servers().learn(told);
+                        if !learnt.is_empty() {
+                            tracing::info!(servers = %learnt.join(","), "learnt of more servers of the control plane");
+                        }
+                    }
+                    Ok(())
+                }
                 // The control plane does not know this node, or no longer takes
                 // its credential (its state was reset, or the node was deleted):
                 // register again, joining again first if need be.

@@ -163,7 +163,7 @@ impl Client {
     }
 
     /// The server calls go to now, without a trailing `/`.
-    pub fn base(&self) -> &str {
+    pub fn base(&self) -> String {
         self.servers.current()
     }
 
@@ -246,7 +246,7 @@ impl Client {
 
     fn build(&self, req: RequestBuilder) -> Result<Request, ClientError> {
         req.build().map_err(|source| ClientError::Send {
-            base: self.base().to_string(),
+            base: self.base(),
             source,
         })
     }
@@ -295,7 +295,7 @@ impl Client {
         let path = req
             .url()
             .as_str()
-            .strip_prefix(self.servers.url(made_for))?;
+            .strip_prefix(self.servers.url(made_for).as_str())?;
         let mut copy = req.try_clone()?;
         *copy.url_mut() = reqwest::Url::parse(&format!("{}{path}", self.servers.url(to))).ok()?;
         Some(copy)

@@ -18,7 +18,7 @@ mod types;
 
 pub use client::{Client, ClientError, Resend, seg};
 pub use link::{Changes, KvSent, Link, LinkError, LinkResult, WatchBroken};
-pub use servers::{Servers, ServersError};
+pub use servers::{SERVERS_HEADER, Servers, ServersError};
 pub use types::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, Cap, CertificateRequest,
     Change, ConfigSetRequest, ConfigSetView, ConfigSetWritten, CpuView, CreatedToken, Deleted,

@@ -4,21 +4,28 @@
 //! do.
 
 use reqwest::Url;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+/// The response header in which a server of a shared store names every server running there
+/// (its heartbeat answers carry it), comma-separated: a node given one of them learns the
+/// others, as Nomad's clients learn the servers from their heartbeats.
+pub const SERVERS_HEADER: &str = "x-shoal-servers";
 
 /// One cluster's API servers, in the order given, and the one calls go to now. Clones share
 /// that choice: once a call finds the current server gone, every other call moves on too.
+/// They share the list too, which only grows ([`Servers::learn`]): a server's position in
+/// it never changes.
 #[derive(Clone)]
 pub struct Servers {
-    urls: Arc<[String]>,
+    urls: Arc<RwLock<Arc<[String]>>>,
     current: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Servers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Servers")
-            .field("urls", &self.urls)
+            .field("urls", &self.urls())
             .field("current", &self.index())
             .finish()
     }
@@ -44,65 +51,83 @@ impl Servers {
     pub fn parse(text: &str) -> Result<Servers, ServersError> {
         let mut urls: Vec<String> = Vec::new();
         for given in text.split(',').map(str::trim) {
-            let invalid = |why: &str| ServersError::Invalid {
-                url: given.to_string(),
-                why: why.to_string(),
-            };
             if given.is_empty() {
                 return Err(if text.trim().is_empty() {
                     ServersError::Empty
                 } else {
-                    invalid("an empty entry between commas")
+                    invalid(given, "an empty entry between commas")
                 });
             }
-            let url = Url::parse(given).map_err(|e| invalid(&e.to_string()))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(invalid("the scheme is neither http nor https"));
-            }
-            if url.host_str().is_none_or(str::is_empty) {
-                return Err(invalid("it names no host"));
-            }
-            if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
-                return Err(invalid(
-                    "a server URL has no query, fragment or user: scheme, host, port and path",
-                ));
-            }
-            let url = url.as_str().trim_end_matches('/').to_string();
+            let url = normalised(given)?;
             if urls.contains(&url) {
                 return Err(ServersError::Duplicate(url));
             }
             urls.push(url);
         }
         Ok(Servers {
-            urls: urls.into(),
+            urls: Arc::new(RwLock::new(urls.into())),
             current: Arc::default(),
         })
     }
 
-    /// Every server, in the order given.
-    pub fn urls(&self) -> &[String] {
-        &self.urls
+    /// Adds the servers of `text` (as a [`SERVERS_HEADER`] says them) not listed yet, after
+    /// the others, and returns them. Entries that are not server URLs are passed over: a list
+    /// a server sent is no reason to stop.
+    pub fn learn(&self, text: &str) -> Vec<String> {
+        let new: Vec<String> = {
+            let known = self.urls();
+            let mut new: Vec<String> = Vec::new();
+            for url in text.split(',').filter_map(|u| normalised(u.trim()).ok()) {
+                if !known.contains(&url) && !new.contains(&url) {
+                    new.push(url);
+                }
+            }
+            new
+        };
+        if !new.is_empty() {
+            let mut urls = self.urls.write().unwrap_or_else(PoisonError::into_inner);
+            let grown: Vec<String> = urls
+                .iter()
+                .cloned()
+                .chain(new.iter().filter(|u| !urls.contains(u)).cloned())
+                .collect();
+            *urls = grown.into();
+        }
+        new
+    }
+
+    /// Every server, in the order given, then those learnt.
+    pub fn urls(&self) -> Arc<[String]> {
+        Arc::clone(&self.urls.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// The server calls go to now.
-    pub fn current(&self) -> &str {
-        &self.urls[self.index()]
+    pub fn current(&self) -> String {
+        let urls = self.urls();
+        urls[self.current.load(Ordering::Relaxed) % urls.len()].clone()
     }
 
     /// The position of the server calls go to now, in [`Servers::urls`].
     pub fn index(&self) -> usize {
-        self.current.load(Ordering::Relaxed) % self.urls.len()
+        self.current.load(Ordering::Relaxed) % self.len()
+    }
+
+    fn len(&self) -> usize {
+        self.urls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Server `i`, as given.
-    pub(crate) fn url(&self, i: usize) -> &str {
-        &self.urls[i]
+    pub(crate) fn url(&self, i: usize) -> String {
+        self.urls()[i].clone()
     }
 
     /// The servers a call starting at server `first` tries, each once: that one, then the
     /// ones after it, round robin.
     pub(crate) fn order(&self, first: usize) -> impl Iterator<Item = usize> + use<> {
-        let n = self.urls.len();
+        let n = self.len();
         (first..first + n).map(move |i| i % n)
     }
 
@@ -110,7 +135,7 @@ impl Servers {
     /// call has already moved them off it (so two calls failing at once skip one server, not
     /// two). Whether this call moved them.
     pub fn failed(&self, i: usize) -> bool {
-        let next = (i + 1) % self.urls.len();
+        let next = (i + 1) % self.len();
         next != i
             && self
                 .current
@@ -121,7 +146,7 @@ impl Servers {
     /// Which server a request's `url` was made for, or an answer came from: the one it
     /// starts with (the longest, so `https://a:1` is not taken for `https://a:10`).
     pub fn of(&self, url: &str) -> Option<usize> {
-        self.urls
+        self.urls()
             .iter()
             .enumerate()
             .filter(|(_, base)| {
@@ -136,8 +161,33 @@ impl Servers {
 impl std::fmt::Display for Servers {
     /// As [`Servers::parse`] reads them: comma-separated.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.urls.join(","))
+        f.write_str(&self.urls().join(","))
     }
+}
+
+fn invalid(url: &str, why: &str) -> ServersError {
+    ServersError::Invalid {
+        url: url.to_string(),
+        why: why.to_string(),
+    }
+}
+
+/// `given` as a server URL, normalised as [`Servers::parse`] keeps it.
+fn normalised(given: &str) -> Result<String, ServersError> {
+    let url = Url::parse(given).map_err(|e| invalid(given, &e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(given, "the scheme is neither http nor https"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid(given, "it names no host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() || !url.username().is_empty() {
+        return Err(invalid(
+            given,
+            "a server URL has no query, fragment or user: scheme, host, port and path",
+        ));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]
@@ -147,12 +197,12 @@ mod tests {
     #[test]
     fn one_url_or_several_are_read_and_normalised() {
         let one = Servers::parse("https://127.0.0.1:7700/").unwrap();
-        assert_eq!(one.urls(), ["https://127.0.0.1:7700"]);
+        assert_eq!(*one.urls(), ["https://127.0.0.1:7700"]);
         let several =
             Servers::parse("https://CP-1.example.com:443 , http://10.0.0.2:7700,https://lb/shoal/")
                 .unwrap();
         assert_eq!(
-            several.urls(),
+            *several.urls(),
             [
                 "https://cp-1.example.com",
                 "http://10.0.0.2:7700",
@@ -187,6 +237,27 @@ mod tests {
             Servers::parse("https://a:1,https://A:1/").unwrap_err(),
             ServersError::Duplicate("https://a:1".into())
         );
+    }
+
+    /// Servers told later are added after those given, normalised, once; clones share them,
+    /// and what is not a server URL is passed over.
+    #[test]
+    fn servers_learnt_are_added_after_the_others_once() {
+        let servers = Servers::parse("http://a:1,http://b:1").unwrap();
+        let clone = servers.clone();
+        servers.failed(0);
+        assert_eq!(
+            servers.learn("http://B:1/, http://c:1,ftp://d:1,,http://c:1,http://e:1"),
+            ["http://c:1", "http://e:1"]
+        );
+        assert_eq!(
+            *clone.urls(),
+            ["http://a:1", "http://b:1", "http://c:1", "http://e:1"]
+        );
+        assert_eq!(clone.current(), "http://b:1", "where calls go stays");
+        assert_eq!(clone.order(3).collect::<Vec<_>>(), [3, 0, 1, 2]);
+        assert!(servers.learn("http://a:1").is_empty());
+        assert_eq!(servers.urls().len(), 4);
     }
 
     #[test]

@@ -1681,8 +1681,19 @@ async fn heartbeat(
         serde_json::from_slice::<Option<NodeUsage>>(&body)
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("node usage: {e}")))?
     };
-    blocking(move || cp.heartbeat(&name, usage)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let servers = blocking(move || {
+        cp.heartbeat(&name, usage)?;
+        Ok(cp.servers_told())
+    })
+    .await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    // A node given one server learns the others, as Nomad's clients do from theirs.
+    if let Some(value) = servers.and_then(|s| axum::http::HeaderValue::from_str(&s).ok()) {
+        response
+            .headers_mut()
+            .insert(shoal_api::SERVERS_HEADER, value);
+    }
+    Ok(response)
 }
 
 async fn leave(

@@ -13,6 +13,7 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::{EventType, NodeCredential, Replica, Revision};
 use shoal_store::{Op, Txn};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// The most hosts a node's certificate names: its gateway's address, and a
 /// few names it may also be reached by.
@@ -32,6 +33,10 @@ pub(crate) const SHARED_JOIN_TOKEN: &str = "cluster/join-token";
 
 /// How soon a server sharing a store finds a join token rotated at another one.
 const JOIN_TOKEN_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long the list of servers running is told to nodes as read: a server that joins the
+/// store is known to them this much later, at most.
+const SERVERS_READ_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ControlPlane {
     /// On a shared store, for ever: keeps this server's join token, in memory and in its
@@ -69,6 +74,49 @@ impl ControlPlane {
     /// The join token in force: this server's, or on a shared store the one stored there,
     /// which this server then keeps (in memory and in its join-token file, for its pools'
     /// workers) if it had another.
+    /// The API URLs of the servers running on a shared store (each registers while it
+    /// runs, `shoal_store::SERVERS_PREFIX`), in key order; none on a store of its own.
+    pub(crate) fn servers_running(&self) -> Result<Vec<String>, ControlError> {
+        if !self.inner.config.shared_store {
+            return Ok(Vec::new());
+        }
+        let (running, _) = self.inner.store.range(shoal_store::SERVERS_PREFIX)?;
+        Ok(running
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .collect())
+    }
+
+    /// [`Self::servers_running`], comma-separated, read at most every [`SERVERS_READ_EVERY`]:
+    /// a heartbeat's answer tells its node, and nodes heartbeat every second.
+    pub(crate) fn servers_told(&self) -> Option<Arc<str>> {
+        if !self.inner.config.shared_store {
+            return None;
+        }
+        let mut read = self
+            .inner
+            .servers_read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, list)) = &*read
+            && at.elapsed() < SERVERS_READ_EVERY
+        {
+            return Some(Arc::clone(list));
+        }
+        match self.servers_running() {
+            Ok(running) if !running.is_empty() => {
+                let list: Arc<str> = running.join(",").into();
+                *read = Some((std::time::Instant::now(), Arc::clone(&list)));
+                Some(list)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the servers running, for a node");
+                read.as_ref().map(|(_, list)| Arc::clone(list))
+            }
+        }
+    }
+
     pub(crate) fn join_token(&self) -> Result<String, ControlError> {
         let held = self
             .inner

@@ -348,17 +348,10 @@ impl ControlPlane {
     /// [`Self::join_urls_now`], a store read.
     fn join_urls(&self, own: &str) -> String {
         let mut urls = vec![own.to_string()];
-        if self.inner.config.shared_store {
-            match self.inner.store.range(shoal_store::SERVERS_PREFIX) {
-                Ok((running, _)) => urls.extend(
-                    running
-                        .into_iter()
-                        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
-                        .filter(|url| url != own),
-                ),
-                Err(e) => {
-                    tracing::warn!(error = %e, "node pools: cannot list the other servers; a worker joins this one alone");
-                }
+        match self.servers_running() {
+            Ok(running) => urls.extend(running.into_iter().filter(|url| url != own)),
+            Err(e) => {
+                tracing::warn!(error = %e, "node pools: cannot list the other servers; a worker joins this one alone");
             }
         }
         urls.join(",")

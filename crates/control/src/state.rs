@@ -126,6 +126,9 @@ pub(crate) struct Inner {
     /// The clients made with it, by node, and when each was last handed out.
     pub(crate) member_clients:
         std::sync::Mutex<std::collections::HashMap<String, (reqwest::Client, std::time::Instant)>>,
+    /// The servers running on a shared store as last read, and when: what heartbeats'
+    /// answers tell nodes ([`ControlPlane::servers_running`]).
+    pub(crate) servers_read: std::sync::Mutex<Option<(std::time::Instant, Arc<str>)>>,
     /// What seals and opens secrets. Writers of secrets hold it shared; a key rotation
     /// holds it alone.
     pub(crate) secret_keys: std::sync::RwLock<crate::secrets::Keys>,
@@ -301,6 +304,7 @@ impl ControlPlane {
                 clock,
                 members,
                 member_clients: Default::default(),
+                servers_read: Default::default(),
             }),
         };
         let commits = cp.inner.observed.commits.clone();
