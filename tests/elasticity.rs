@@ -71,6 +71,55 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
     assert!(c.api_json("/v1/apps/faulty")["cpu"]["used_millis"].is_u64());
 }
 
+/// A request through the API's proxy (`shoal port-forward`) wakes an app at zero as one at
+/// a gateway does: the node it goes to holds it while a replica starts.
+#[test]
+fn a_request_through_the_api_proxy_wakes_an_app_at_zero() {
+    let (dir, server, _nodes) = cluster(1, &[]);
+    let spec = faulty_scaled(
+        dir.path(),
+        "[scale]\nmin = 0\nmax = 2\nidle = \"1s\"\nwindow = \"1s\"\n",
+    );
+    server.cli_ok(&["apply", "-f", &spec]);
+    let proxied = |path: &str| {
+        let resp = server
+            .http()
+            .get(format!(
+                "{}/v1/namespaces/default/apps/faulty/proxy/{path}",
+                server.api
+            ))
+            .bearer_auth(&server.token)
+            .send()
+            .expect("proxied");
+        (resp.status().as_u16(), resp.text().unwrap_or_default())
+    };
+    assert!(
+        poll(Duration::from_secs(30), || proxied("status/200").0 == 200),
+        "never served: {:?}",
+        proxied("status/200")
+    );
+    let mut last = Value::Null;
+    assert!(
+        poll(Duration::from_secs(30), || {
+            last = app_row(&server.api_json("/v1/apps"), "faulty");
+            let active = server
+                .replicas("faulty")
+                .iter()
+                .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
+                .count();
+            last["desired"] == 0 && active == 0
+        }),
+        "never scaled to zero: {last}"
+    );
+
+    let (status, body) = proxied("status/200");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        app_row(&server.api_json("/v1/apps"), "faulty")["desired"],
+        1
+    );
+}
+
 #[test]
 fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
     let (dir, mut server, nodes) = cluster(2, &[]);

@@ -1439,7 +1439,7 @@ fn until_revoked<T: Send + 'static>(
 
 /// What the proxy routes document: any body in, the app's answer out.
 fn proxy_op() -> crate::openapi::Op {
-    op("Send a request to one of an app's ready replicas, as another app calls it by name (`Host: NAME.NAMESPACE`): the path after `proxy` and the query are the app's; `Authorization` and `x-shoal-*` headers are not passed on")
+    op("Send a request to one of an app's ready replicas, as another app calls it by name (`Host: NAME.NAMESPACE`): the path after `proxy` and the query are the app's; `Authorization` and `x-shoal-*` headers are not passed on. An app scaled to zero (`min = 0`) is woken, the request held meanwhile")
         .body_raw("*/*")
         .raw(StatusCode::OK, "*/*")
 }

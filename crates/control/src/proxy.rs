@@ -7,6 +7,9 @@
 //! replica (the `x-shoal-replica` and `x-shoal-app` headers), over mutual TLS with its own
 //! certificate, the way it reads replicas' logs: the node's gateway serves it locally, past
 //! the app's `[network] inbound`, since the caller was let in by its token's role instead.
+//! An app scaled to zero that wakes on a request has no replica to pin: the request names
+//! only the app and goes to a ready node, whose gateway holds it while the app wakes, as it
+//! holds the app's own traffic.
 
 use crate::error::ControlError;
 use crate::state::{ControlPlane, blocking};
@@ -20,10 +23,11 @@ use shoal_core::{Node, Phase, Replica};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// The replica a proxied request goes to: its id, node and that node's gateway.
+/// The replica a proxied request goes to: its id, node and that node's gateway. No replica:
+/// any of the app's, the node's gateway picks (holding the request while the app wakes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
-    pub replica: String,
+    pub replica: Option<String>,
     pub node: String,
     pub gateway: String,
 }
@@ -41,7 +45,7 @@ pub(crate) fn pick(
         .filter_map(|r| {
             let node = r.node.as_ref()?;
             Some(Target {
-                replica: r.id.clone(),
+                replica: Some(r.id.clone()),
                 node: node.clone(),
                 gateway: gateways.get(node)?.clone(),
             })
@@ -49,6 +53,21 @@ pub(crate) fn pick(
         .collect();
     let n = ready.len();
     ready.into_iter().nth(turn.checked_rem(n)?)
+}
+
+/// The ready node of `nodes` the `turn`-th request for an app at zero goes to, its gateway to
+/// hold it while the app wakes.
+fn waking_at(nodes: &[Node], turn: usize) -> Option<Target> {
+    let ready: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.state == shoal_core::NodeState::Ready)
+        .collect();
+    let node = ready.get(turn.checked_rem(ready.len())?)?;
+    Some(Target {
+        replica: None,
+        node: node.name.clone(),
+        gateway: node.gateway.clone(),
+    })
 }
 
 /// Headers that stay with the API: the caller's credential for it, and those describing
@@ -117,17 +136,26 @@ impl ControlPlane {
                 ),
             ));
         }
-        let gateways: HashMap<String, String> = self
-            .list::<Node>(&keys::NODES)?
-            .into_iter()
-            .map(|n| (n.name, n.gateway))
+        let nodes = self.list::<Node>(&keys::NODES)?;
+        let gateways: HashMap<String, String> = nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.gateway.clone()))
             .collect();
         let replicas = self.list::<Replica>(&keys::replicas_of(app))?;
-        pick(&replicas, &gateways, TURN.fetch_add(1, Ordering::Relaxed)).ok_or_else(|| {
+        let turn = TURN.fetch_add(1, Ordering::Relaxed);
+        let target = pick(&replicas, &gateways, turn).or_else(|| {
+            found
+                .spec
+                .scale
+                .may_idle_to_zero()
+                .then(|| waking_at(&nodes, turn))
+                .flatten()
+        });
+        target.ok_or_else(|| {
             ControlError::invalid(
                 shoal_core::problem::ErrorCode::NoReadyReplicas,
                 format!(
-                    "app {app} has no ready replica ({} of {} wanted exist; one scaled to zero is not woken by the proxy)",
+                    "app {app} has no ready replica ({} of {} wanted exist)",
                     replicas.len(),
                     found.spec.replicas
                 ),
@@ -152,7 +180,9 @@ impl ControlPlane {
         let host = format!("{}.{}", app.name, app.namespace);
         let headers = &mut parts.headers;
         let value = |s: &str| HeaderValue::from_str(s).map_err(ControlError::internal);
-        headers.insert(auth::REPLICA_HEADER, value(&target.replica)?);
+        if let Some(replica) = &target.replica {
+            headers.insert(auth::REPLICA_HEADER, value(replica)?);
+        }
         headers.insert(auth::APP_HEADER, value(&app.to_string())?);
         headers.insert(auth::HOP_HEADER, HeaderValue::from_static("1"));
         headers.insert(header::HOST, value(&host)?);
@@ -167,10 +197,16 @@ impl ControlPlane {
             .map_err(|e| {
                 ControlError::invalid(
                     shoal_core::problem::ErrorCode::BadGateway,
-                    format!(
-                        "replica {} of app {app} on node {} could not be reached: {e}",
-                        target.replica, target.node
-                    ),
+                    match &target.replica {
+                        Some(replica) => format!(
+                            "replica {replica} of app {app} on node {} could not be reached: {e}",
+                            target.node
+                        ),
+                        None => format!(
+                            "node {}, to wake app {app} and send it the request, could not be reached: {e}",
+                            target.node
+                        ),
+                    },
                 )
             })?;
         let mut response = Response::builder().status(answer.status());
@@ -215,13 +251,13 @@ mod tests {
             replica("r5", Some("b"), Phase::Ready),
         ];
         let picked: Vec<String> = (0..4)
-            .map(|turn| pick(&replicas, &gateways, turn).unwrap().replica)
+            .map(|turn| pick(&replicas, &gateways, turn).unwrap().replica.unwrap())
             .collect();
         assert_eq!(picked, ["r1", "r5", "r1", "r5"]);
         assert_eq!(
             pick(&replicas, &gateways, 1),
             Some(Target {
-                replica: "r5".into(),
+                replica: Some("r5".into()),
                 node: "b".into(),
                 gateway: "127.0.0.1:2".into(),
             })

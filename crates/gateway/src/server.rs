@@ -523,13 +523,37 @@ impl Gateway {
 
     /// A request [`Gateway::access`] let through: a log read (from the control plane) or a
     /// hop from another gateway, which is served here by the replica it names or refused,
-    /// never forwarded again.
+    /// never forwarded again. The control plane's proxy may name only the app (one at zero,
+    /// with no replica to name): that is dispatched as the app's own traffic is, held while
+    /// the app wakes.
     async fn serve_internal(&self, req: Request<WasiBody>) -> Response<ResponseBody> {
         if is_logs_path(&req) {
             return self.serve_logs(&req);
         }
         let span = request_span(&req);
+        if let Some(app) = self.unpinned_from_control_plane(&req) {
+            return self.dispatch(&app, req).instrument(span).await;
+        }
         self.serve_pinned(req).instrument(span).await
+    }
+
+    /// The app a request of the control plane names without a replica, if that is what it
+    /// is. Other members' hops always name a replica.
+    fn unpinned_from_control_plane<B>(&self, req: &Request<B>) -> Option<AppKey> {
+        let from_control_plane = self.inner.config.members.is_none()
+            || req
+                .extensions()
+                .get::<Member>()
+                .is_some_and(|m| m.control_plane);
+        if !from_control_plane || req.headers().contains_key(REPLICA_HEADER) {
+            return None;
+        }
+        let (namespace, name) = req
+            .headers()
+            .get(APP_HEADER)
+            .and_then(|v| v.to_str().ok())?
+            .split_once('/')?;
+        Some(AppKey::new(namespace, name))
     }
 
     /// Whether `caller` may call `app` by name: as the app's `[network] inbound` says, or,

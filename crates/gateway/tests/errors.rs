@@ -493,6 +493,21 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     .await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     assert_eq!(reply.problem().code(), ErrorCode::NotFound);
+    // A request naming the app and no replica (the API proxy's, for an app at zero) is the
+    // control plane's alone to send: dispatched as the app's traffic is. A node's is not.
+    let unpinned = vec![("x-shoal-app", "default/faulty"), ("x-shoal-hop", "1")];
+    let url = format!("https://{b_addr}/faulty/headers");
+    let reply = send(&control_plane, url.clone(), unpinned.clone()).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(!reply.text().contains("x-shoal"), "{}", reply.text());
+    let reply = send(&n2, url, unpinned).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.problem().code(), ErrorCode::ReplicaGone);
     // ...and a plain request is routed as ever.
     let reply = send(&client, format!("http://{b_addr}/faulty/headers"), vec![]).await;
     assert_eq!(reply.status, StatusCode::OK);
