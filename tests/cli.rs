@@ -308,6 +308,14 @@ fn a_server_advertises_where_others_reach_its_api() {
     assert_eq!(format!("https://{b}"), there);
     let out = shoal(&["get", "nodes", "-o", "json"]);
     assert!(out.status.success(), "{out:?}");
+    // The one server of its own store leads, under the URL it advertises.
+    let out = shoal(&["get", "servers", "-o", "json"]);
+    let servers: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        servers,
+        serde_json::json!([{ "url": there, "leader": true }]),
+        "{out:?}"
+    );
 
     let refused = std::process::Command::new(common::SHOAL)
         .args(["server", "--api", "127.0.0.1:0", "--data-dir"])

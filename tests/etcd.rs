@@ -1130,6 +1130,28 @@ fn a_node_given_one_server_learns_the_others_and_outlives_it() {
     servers[survivor].cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
     wait_greeting(&node, "Hello from one server");
     let replicas = servers[survivor].replica_ids("hello");
+    // Any server lists them all, and which one leads.
+    let listed = |server: &Server| -> Vec<(String, bool)> {
+        let out = server.cli_ok(&["get", "servers", "-o", "json"]);
+        let servers: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        servers
+            .iter()
+            .map(|s| (s["url"].as_str().unwrap().to_string(), s["leader"] == true))
+            .collect()
+    };
+    let mut both = vec![
+        (servers[leader].api.clone(), true),
+        (servers[survivor].api.clone(), false),
+    ];
+    both.sort();
+    assert_eq!(listed(&servers[survivor]), both);
+    let table = servers[survivor].cli_ok(&["get", "servers"]);
+    assert!(
+        table.lines().any(|l| l
+            .split_whitespace()
+            .eq([servers[leader].api.as_str(), "leader"])),
+        "{table}"
+    );
 
     kill_the_leader(&mut servers, leader);
     let killed_at = std::time::SystemTime::now()
@@ -1152,6 +1174,13 @@ fn a_node_given_one_server_learns_the_others_and_outlives_it() {
         servers[survivor].replica_ids("hello"),
         replicas,
         "its replica is kept"
+    );
+    let alone = vec![(servers[survivor].api.clone(), true)];
+    assert!(
+        poll(Duration::from_secs(10), || listed(&servers[survivor])
+            == alone),
+        "{:?}",
+        listed(&servers[survivor])
     );
 }
 

@@ -48,6 +48,8 @@ enum What {
     Modules,
     #[value(alias = "node")]
     Nodes,
+    #[value(alias = "server")]
+    Servers,
     #[value(alias = "pool")]
     Pools,
     #[value(alias = "event")]
@@ -69,6 +71,7 @@ impl What {
             What::Replicas => "replica",
             What::Modules => "module",
             What::Nodes => "node",
+            What::Servers => "server",
             What::Pools => "pool",
             What::Events => "event",
             What::Services => "service",
@@ -450,6 +453,19 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                 })
                 .collect();
             Listing::plain(json, &["DIGEST", "KIND", "BYTES", "AGE", "SOURCE"], rows)
+        }
+        What::Servers => {
+            ctx.no_namespace("servers")?;
+            let servers: Vec<shoal_api::ServerSummary> = client.get("/v1/servers").await?;
+            let json = serde_json::to_value(&servers)?;
+            let rows = servers
+                .iter()
+                .map(|s| {
+                    let role = if s.leader { "leader" } else { "follower" };
+                    vec![s.url.clone(), role.to_string()]
+                })
+                .collect();
+            Listing::plain(json, &["URL", "ROLE"], rows)
         }
         What::Nodes => {
             ctx.no_namespace("nodes")?;

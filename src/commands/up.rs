@@ -535,6 +535,7 @@ pub async fn start_control(
         exe: std::env::current_exe().context("cannot find the shoal binary for pool workers")?,
         dir: data.join("pools"),
     };
+    control.serves_at(&server);
     let leading = match etcd {
         // Servers sharing a store take turns: the controller runs where the leadership is.
         // Every one of them passes on what its nodes report, for the leader's decisions.

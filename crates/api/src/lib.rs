@@ -27,6 +27,6 @@ pub use types::{
     NodeSummary, NodeTop, NodeUsage, Object, ObjectKey, PoolWrite, QuotaPatch, QuotaView,
     Registered, ReplicaIncident, ReplicaReport, ReplicaSecrets, RevisionCount, RolloutAction,
     RolloutView, RotatedJoinToken, RunView, ScaleView, SecretView, SecretWrite, SecretWritten,
-    ServerVersion, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView, VolumeUsage,
-    VolumeView, Waiting,
+    ServerSummary, ServerVersion, Service, ServiceEndpoint, Snapshot, TokenRequest, TokenView,
+    VolumeUsage, VolumeView, Waiting,
 };

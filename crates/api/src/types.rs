@@ -245,6 +245,14 @@ pub struct AppTop {
     pub cpu: Option<CpuView>,
 }
 
+/// One row of `shoal get servers`: a server of the control plane, by the URL it advertises,
+/// and whether its controller runs (the leader; the one server on a store of its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ServerSummary {
+    pub url: String,
+    pub leader: bool,
+}
+
 /// One row of `shoal get nodes`: the node plus what is placed on it.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeSummary {

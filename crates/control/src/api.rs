@@ -24,8 +24,8 @@ use shoal_api::{
     KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
     NodeUsage, PoolWrite, QuotaPatch, QuotaView, Registered, ReplicaIncident, ReplicaReport,
     ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite,
-    SecretWritten, ServerVersion, Service, Snapshot, TokenRequest, TokenView, VolumeUsage,
-    VolumeView, Waiting,
+    SecretWritten, ServerSummary, ServerVersion, Service, Snapshot, TokenRequest, TokenView,
+    VolumeUsage, VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
@@ -220,6 +220,9 @@ admin_api! {
             .json_list::<Service>(StatusCode::OK);
     GET "/v1/events" => list_events, Viewer, NamespaceOrAll,
         op("List events, oldest first").query::<EventQuery>().json_list::<Event>(StatusCode::OK);
+    GET "/v1/servers" => list_servers, Viewer, Cluster,
+        op("List the servers of the control plane and which one leads (runs the controller)")
+            .json_list::<ServerSummary>(StatusCode::OK);
     GET "/v1/nodes" => list_nodes, Viewer, Cluster,
         op("List nodes and what is placed on them").json_list::<NodeSummary>(StatusCode::OK);
     GET "/v1/nodes/{name}" => describe_node, Viewer, Cluster,
@@ -1263,6 +1266,12 @@ async fn describe_node(
     blocking(move || cp.describe_node(&name))
         .await
         .map(|d| Json(d).into_response())
+}
+
+async fn list_servers(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {
+    blocking(move || cp.servers())
+        .await
+        .map(|s| Json(s).into_response())
 }
 
 async fn list_nodes(State(cp): State<ControlPlane>) -> Result<Response, ApiError> {

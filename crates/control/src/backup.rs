@@ -34,7 +34,7 @@ pub const FORMAT: u32 = 1;
 
 /// The etcd backend's leader key (`shoal_etcd::LEADER_KEY`): a lease of whichever server
 /// leads now, which a restored cluster must elect afresh.
-const LEADER_KEY: &str = "/leader";
+pub(crate) const LEADER_KEY: &str = "/leader";
 
 /// Keys written per transaction when restoring.
 const BATCH: usize = 1000;

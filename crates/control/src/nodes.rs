@@ -87,6 +87,28 @@ impl ControlPlane {
             .collect())
     }
 
+    /// The servers of the control plane (`shoal get servers`): on a shared store those
+    /// running there, the leader marked (its id in the leader key is its URL); else this one.
+    pub fn servers(&self) -> Result<Vec<shoal_api::ServerSummary>, ControlError> {
+        if !self.inner.config.shared_store {
+            let url = self.inner.api_url.get().cloned().unwrap_or_default();
+            return Ok(vec![shoal_api::ServerSummary { url, leader: true }]);
+        }
+        let leader = self
+            .inner
+            .store
+            .get(crate::backup::LEADER_KEY)?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        Ok(self
+            .servers_running()?
+            .into_iter()
+            .map(|url| shoal_api::ServerSummary {
+                leader: leader.as_deref() == Some(url.as_str()),
+                url,
+            })
+            .collect())
+    }
+
     /// [`Self::servers_running`], comma-separated, read at most every [`SERVERS_READ_EVERY`]:
     /// a heartbeat's answer tells its node, and nodes heartbeat every second.
     pub(crate) fn servers_told(&self) -> Option<Arc<str>> {

@@ -116,6 +116,8 @@ pub(crate) struct Inner {
     pub(crate) controller_wrote: AtomicU64,
     /// When the controller started; see `run_controller`.
     pub(crate) started_at: OnceLock<Millis>,
+    /// The URL this server's API is reached at (`--advertise-api`), once it listens.
+    pub(crate) api_url: OnceLock<String>,
     /// What the gateways measured per app revision, for canary analysis.
     pub(crate) metrics: crate::measurements::Metrics,
     /// Where time comes from: the wall clock, or a test's.
@@ -300,6 +302,7 @@ impl ControlPlane {
                 module_locks: Default::default(),
                 controller_wrote: AtomicU64::new(0),
                 started_at: OnceLock::new(),
+                api_url: OnceLock::new(),
                 metrics: crate::measurements::Metrics::new(clock.steady_ms()),
                 clock,
                 members,
@@ -336,6 +339,12 @@ impl ControlPlane {
 
     /// From now on, the controller's writes take effect only while `key` (the leader key of a
     /// shared store) has the revision `revision`, at which this server won the leadership.
+    /// Where this server's API is reached, as others are told (`shoal get servers`); set
+    /// once, when it listens.
+    pub fn serves_at(&self, url: &str) {
+        let _ = self.inner.api_url.set(url.to_string());
+    }
+
     pub fn lead(&self, key: &str, revision: u64) {
         *self.inner.fence.write().unwrap_or_else(|p| p.into_inner()) =
             Some((key.to_string(), revision));
