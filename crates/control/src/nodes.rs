@@ -71,9 +71,6 @@ impl ControlPlane {
         }
     }
 
-    /// The join token in force: this server's, or on a shared store the one stored there,
-    /// which this server then keeps (in memory and in its join-token file, for its pools'
-    /// workers) if it had another.
     /// The API URLs of the servers running on a shared store (each registers while it
     /// runs, `shoal_store::SERVERS_PREFIX`), in key order; none on a store of its own.
     pub(crate) fn servers_running(&self) -> Result<Vec<String>, ControlError> {
@@ -139,6 +136,9 @@ impl ControlPlane {
         }
     }
 
+    /// The join token in force: this server's, or on a shared store the one stored there,
+    /// which this server then keeps (in memory and in its join-token file, for its pools'
+    /// workers) if it had another.
     pub(crate) fn join_token(&self) -> Result<String, ControlError> {
         let held = self
             .inner

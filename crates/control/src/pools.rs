@@ -336,13 +336,9 @@ impl ControlPlane {
     /// then every other server running on a shared store, so the worker outlives this one.
     async fn join_urls_now(&self, own: &str) -> String {
         let (cp, mine) = (self.clone(), own.to_string());
-        match blocking(move || Ok(cp.join_urls(&mine))).await {
-            Ok(urls) => urls,
-            Err(e) => {
-                tracing::warn!(error = %e, "node pools: cannot list the other servers; a worker joins this one alone");
-                own.to_string()
-            }
-        }
+        blocking(move || Ok(cp.join_urls(&mine)))
+            .await
+            .unwrap_or_else(|_| own.to_string())
     }
 
     /// [`Self::join_urls_now`], a store read.
