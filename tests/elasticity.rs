@@ -71,6 +71,21 @@ fn load_scales_an_app_up_and_its_end_scales_it_down() {
     assert!(c.api_json("/v1/apps/faulty")["cpu"]["used_millis"].is_u64());
 }
 
+/// Waits until app faulty wants no replica and has none left that has not finished.
+fn at_zero(server: &Server) {
+    let mut last = Value::Null;
+    let zero = poll(Duration::from_secs(30), || {
+        last = app_row(&server.api_json("/v1/apps"), "faulty");
+        let active = server
+            .replicas("faulty")
+            .iter()
+            .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
+            .count();
+        last["desired"] == 0 && active == 0
+    });
+    assert!(zero, "never scaled to zero: {last}");
+}
+
 /// A request through the API's proxy (`shoal port-forward`) wakes an app at zero as one at
 /// a gateway does: the node it goes to holds it while a replica starts.
 #[test]
@@ -98,19 +113,7 @@ fn a_request_through_the_api_proxy_wakes_an_app_at_zero() {
         "never served: {:?}",
         proxied("status/200")
     );
-    let mut last = Value::Null;
-    assert!(
-        poll(Duration::from_secs(30), || {
-            last = app_row(&server.api_json("/v1/apps"), "faulty");
-            let active = server
-                .replicas("faulty")
-                .iter()
-                .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
-                .count();
-            last["desired"] == 0 && active == 0
-        }),
-        "never scaled to zero: {last}"
-    );
+    at_zero(&server);
 
     let (status, body) = proxied("status/200");
     assert_eq!(status, 200, "{body}");
@@ -136,19 +139,6 @@ fn an_idle_app_goes_to_zero_and_a_request_at_another_node_wakes_it() {
         "never served"
     );
     // Idle: no replica left anywhere.
-    let at_zero = |server: &Server| {
-        let mut last = Value::Null;
-        let zero = poll(Duration::from_secs(30), || {
-            last = app_row(&server.api_json("/v1/apps"), "faulty");
-            let active = server
-                .replicas("faulty")
-                .iter()
-                .filter(|r| r["phase"] != "Succeeded" && r["phase"] != "Failed")
-                .count();
-            last["desired"] == 0 && active == 0
-        });
-        assert!(zero, "never scaled to zero: {last}");
-    };
     at_zero(&server);
 
     // A request at either node is held while a replica starts, then answered.

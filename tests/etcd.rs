@@ -318,22 +318,8 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
 /// held there.
 #[test]
 fn the_leader_scales_and_wakes_an_app_on_reports_sent_to_another_server() {
-    let etcd = EtcdCluster::three();
-    let store = etcd.url();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
-    copy_identity(
-        &dirs[0].path().join("server"),
-        &dirs[1].path().join("server"),
-    );
-    servers.push(Server::start_with(dirs[1].path(), &["--store", &store]));
-    let all: Vec<&Server> = servers.iter().collect();
-    assert!(
-        poll(Duration::from_secs(20), || leaders(&all).len() == 1),
-        "one leader"
-    );
-    let leader = &servers[leaders(&all)[0]];
-    let follower = &servers[1 - leaders(&all)[0]];
+    let (_etcd, dirs, servers, leader) = two_servers(EtcdCluster::three());
+    let (leader, follower) = (&servers[leader], &servers[1 - leader]);
     let node = NodeProc::join(follower, "node-1", &[]);
     let spec = faulty_scaled(
         dirs[0].path(),
@@ -965,10 +951,9 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     }
 }
 
-/// Two servers on a one-member etcd, the second with the first's identity, once one of them
-/// leads: the etcd cluster, their dirs, the servers and which one leads.
-fn two_servers() -> (EtcdCluster, Vec<tempfile::TempDir>, Vec<Server>, usize) {
-    let etcd = EtcdCluster::single();
+/// Two servers on `etcd`, the second with the first's identity, once one of them leads: the
+/// etcd cluster, their dirs, the servers and which one leads.
+fn two_servers(etcd: EtcdCluster) -> (EtcdCluster, Vec<tempfile::TempDir>, Vec<Server>, usize) {
     let store = etcd.url();
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
@@ -1006,7 +991,7 @@ fn node_seen(server: &Server, name: &str) -> serde_json::Value {
 #[test]
 fn a_pool_worker_outlives_the_leader_that_started_it() {
     let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
-    let (_etcd, dirs, mut servers, leader) = two_servers();
+    let (_etcd, dirs, mut servers, leader) = two_servers(EtcdCluster::single());
     let survivor = 1 - leader;
 
     // The pool's provider, which whichever server leads runs.
@@ -1108,7 +1093,7 @@ fn a_pool_worker_outlives_the_leader_that_started_it() {
 #[test]
 fn a_node_given_one_server_learns_the_others_and_outlives_it() {
     let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
-    let (_etcd, dirs, mut servers, leader) = two_servers();
+    let (_etcd, dirs, mut servers, leader) = two_servers(EtcdCluster::single());
     let survivor = 1 - leader;
     let node = NodeProc::join(&servers[leader], "node-1", &[]);
     let log = node.dir.with_extension("log");
