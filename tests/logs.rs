@@ -179,7 +179,17 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
     both(&mut seen, [&node1, &node2], "followed", [&on1, &on2]);
 
     // kill -9 node-2 and start it again: its replica comes back with the same id, the
-    // follower picks it up where it was, and what it wrote before is still there.
+    // follower picks it up where it was, and what it wrote before is still there. Lines reach
+    // the disk within 50 ms (a kill loses what is younger): the kill waits for them.
+    let on_disk = node2.dir.join(format!("logs/default/hello/{on2}.log"));
+    assert!(
+        poll(Duration::from_secs(10), || std::fs::read_to_string(
+            &on_disk
+        )
+        .is_ok_and(|l| l.contains("/hello/followed-"))),
+        "{} never held the followed lines",
+        on_disk.display()
+    );
     node2.kill();
     // A follower started meanwhile says node-2's replica cannot be read, and goes on (it
     // panicked on the notice's number).
