@@ -180,22 +180,7 @@ fn leaders(servers: &[&Server]) -> Vec<usize> {
 #[test]
 fn a_killed_leader_is_replaced_within_five_seconds() {
     let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
-    let etcd = EtcdCluster::three();
-    let store = etcd.url();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
-    for dir in &dirs[1..] {
-        copy_identity(&dirs[0].path().join("server"), &dir.path().join("server"));
-        servers.push(Server::start_with(dir.path(), &["--store", &store]));
-    }
-    let all: Vec<&Server> = servers.iter().collect();
-    assert!(
-        poll(Duration::from_secs(20), || leaders(&all).len() == 1),
-        "one leader: {:?}",
-        leaders(&all)
-    );
-    let leader = leaders(&all)[0];
-    drop(all);
+    let (_etcd, dirs, mut servers, leader) = servers_on(EtcdCluster::three(), 3);
     // Nodes and the client use a server that will stay up.
     let (follower, other) = match leader {
         0 => (1, 2),
@@ -318,7 +303,7 @@ fn a_killed_leader_is_replaced_within_five_seconds() {
 /// held there.
 #[test]
 fn the_leader_scales_and_wakes_an_app_on_reports_sent_to_another_server() {
-    let (_etcd, dirs, servers, leader) = two_servers(EtcdCluster::three());
+    let (_etcd, dirs, servers, leader) = servers_on(EtcdCluster::three(), 2);
     let (leader, follower) = (&servers[leader], &servers[1 - leader]);
     let node = NodeProc::join(follower, "node-1", &[]);
     let spec = faulty_scaled(
@@ -951,17 +936,19 @@ fn nodes_and_the_cli_fail_over_when_the_leader_dies() {
     }
 }
 
-/// Two servers on `etcd`, the second with the first's identity, once one of them leads: the
+/// `n` servers on `etcd`, the others with the first's identity, once one of them leads: the
 /// etcd cluster, their dirs, the servers and which one leads.
-fn two_servers(etcd: EtcdCluster) -> (EtcdCluster, Vec<tempfile::TempDir>, Vec<Server>, usize) {
+fn servers_on(
+    etcd: EtcdCluster,
+    n: usize,
+) -> (EtcdCluster, Vec<tempfile::TempDir>, Vec<Server>, usize) {
     let store = etcd.url();
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut servers = vec![Server::start_with(dirs[0].path(), &["--store", &store])];
-    copy_identity(
-        &dirs[0].path().join("server"),
-        &dirs[1].path().join("server"),
-    );
-    servers.push(Server::start_with(dirs[1].path(), &["--store", &store]));
+    for dir in &dirs[1..] {
+        copy_identity(&dirs[0].path().join("server"), &dir.path().join("server"));
+        servers.push(Server::start_with(dir.path(), &["--store", &store]));
+    }
     let all: Vec<&Server> = servers.iter().collect();
     assert!(
         poll(Duration::from_secs(20), || leaders(&all).len() == 1),
@@ -991,7 +978,7 @@ fn node_seen(server: &Server, name: &str) -> serde_json::Value {
 #[test]
 fn a_pool_worker_outlives_the_leader_that_started_it() {
     let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
-    let (_etcd, dirs, mut servers, leader) = two_servers(EtcdCluster::single());
+    let (_etcd, dirs, mut servers, leader) = servers_on(EtcdCluster::single(), 2);
     let survivor = 1 - leader;
 
     // The pool's provider, which whichever server leads runs.
@@ -1093,7 +1080,7 @@ fn a_pool_worker_outlives_the_leader_that_started_it() {
 #[test]
 fn a_node_given_one_server_learns_the_others_and_outlives_it() {
     let _one_at_a_time = TAKEOVERS.lock().unwrap_or_else(|p| p.into_inner());
-    let (_etcd, dirs, mut servers, leader) = two_servers(EtcdCluster::single());
+    let (_etcd, dirs, mut servers, leader) = servers_on(EtcdCluster::single(), 2);
     let survivor = 1 - leader;
     let node = NodeProc::join(&servers[leader], "node-1", &[]);
     let log = node.dir.with_extension("log");

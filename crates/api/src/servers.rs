@@ -74,25 +74,25 @@ impl Servers {
     /// the others, and returns them. Entries that are not server URLs are passed over: a list
     /// a server sent is no reason to stop.
     pub fn learn(&self, text: &str) -> Vec<String> {
-        let new: Vec<String> = {
-            let known = self.urls();
-            let mut new: Vec<String> = Vec::new();
-            for url in text.split(',').filter_map(|u| normalised(u.trim()).ok()) {
-                if !known.contains(&url) && !new.contains(&url) {
-                    new.push(url);
-                }
-            }
-            new
-        };
-        if !new.is_empty() {
-            let mut urls = self.urls.write().unwrap_or_else(PoisonError::into_inner);
-            let grown: Vec<String> = urls
-                .iter()
-                .cloned()
-                .chain(new.iter().filter(|u| !urls.contains(u)).cloned())
-                .collect();
-            *urls = grown.into();
+        let told: Vec<String> = text
+            .split(',')
+            .filter_map(|u| normalised(u.trim()).ok())
+            .collect();
+        // Most heartbeats tell what is known already: the write lock only when not.
+        let known = self.urls();
+        if told.iter().all(|u| known.contains(u)) {
+            return Vec::new();
         }
+        let mut urls = self.urls.write().unwrap_or_else(PoisonError::into_inner);
+        let mut grown = urls.to_vec();
+        let mut new = Vec::new();
+        for url in told {
+            if !grown.contains(&url) {
+                grown.push(url.clone());
+                new.push(url);
+            }
+        }
+        *urls = grown.into();
         new
     }
 
