@@ -147,6 +147,9 @@ pub(crate) struct Inner {
     pub(crate) outbox: Option<crate::shared_reports::Outbox>,
     /// Since when the controller's passes have failed, one after another (the log says why).
     pub(crate) failing: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The store's last health check: when it ended ([`ControlPlane::steady_now`]) and what
+    /// it found wrong. Held while one runs, so probes coming together share it.
+    store_checked: std::sync::Mutex<Option<(Millis, Option<String>)>>,
     /// The API's connections, once it serves them ([`ControlPlane::count_api_clients`]).
     pub(crate) api_clients: OnceLock<Arc<shoal_core::clients::Clients>>,
     /// Who did what through the API ([`ControlConfig::audit_log`]).
@@ -206,6 +209,9 @@ const AUDIT_LOGS_KEPT: usize = 5;
 /// How long the controller's passes may fail, one after another, before the server says it
 /// is unhealthy: longer than a store leader election or a brief outage.
 const UNHEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// How long the store's answer to a health check stands for the probes after it.
+const STORE_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, ControlError> {
     serde_json::from_slice(&kv.value)
@@ -285,6 +291,7 @@ impl ControlPlane {
                 kv_grants: std::sync::Mutex::new(std::collections::HashMap::new()),
                 outbox: config.shared_store.then(crate::shared_reports::Outbox::new),
                 failing: std::sync::Mutex::new(None),
+                store_checked: std::sync::Mutex::new(None),
                 api_clients: OnceLock::new(),
                 audit,
                 store,
@@ -1475,9 +1482,8 @@ impl ControlPlane {
     /// controller's passes have failed for [`UNHEALTHY_AFTER`] on end. Details go to the
     /// log, not to this public answer.
     pub(crate) fn unhealthy(&self) -> Option<String> {
-        if let Err(e) = self.inner.store.check() {
-            tracing::warn!(error = %e, "the store does not answer the health check");
-            return Some("the store does not answer now (see the server log)".into());
+        if let Some(why) = self.store_unhealthy() {
+            return Some(why);
         }
         if self.inner.store.write_failure().is_some() {
             return Some(
@@ -1492,6 +1498,27 @@ impl ControlPlane {
             )),
             _ => None,
         }
+    }
+
+    /// Whether the store answers, asked at most once per [`STORE_CHECK_EVERY`]: the health
+    /// check is public, and a flood of probes must not become a flood of quorum reads.
+    fn store_unhealthy(&self) -> Option<String> {
+        let mut last = self
+            .inner
+            .store_checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, why)) = &*last
+            && self.steady_now().saturating_sub(*at) < STORE_CHECK_EVERY.as_millis() as u64
+        {
+            return why.clone();
+        }
+        let why = self.inner.store.check().err().map(|e| {
+            tracing::warn!(error = %e, "the store does not answer the health check");
+            "the store does not answer now (see the server log)".to_string()
+        });
+        *last = Some((self.steady_now(), why.clone()));
+        why
     }
 
     /// Records whether the controller's last pass failed, for [`ControlPlane::unhealthy`].
@@ -2832,6 +2859,93 @@ pub(crate) mod tests {
         assert!(why.contains("have failed for 11 s"), "{why}");
         cp.pass_failed(false);
         assert_eq!(cp.unhealthy(), None);
+    }
+
+    /// A store whose health check a test counts and sets; the rest is a real store's.
+    struct Checked {
+        store: Store,
+        checks: std::sync::atomic::AtomicU32,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    use shoal_store::StoreError;
+
+    impl shoal_store::KvStore for Checked {
+        fn revision(&self) -> u64 {
+            self.store.revision()
+        }
+        fn compacted_revision(&self) -> u64 {
+            self.store.compacted_revision()
+        }
+        fn get(&self, key: &str) -> Result<Option<shoal_store::KeyValue>, StoreError> {
+            self.store.get(key)
+        }
+        fn range(&self, prefix: &str) -> Result<(Vec<shoal_store::KeyValue>, u64), StoreError> {
+            self.store.range(prefix)
+        }
+        fn txn(&self, txn: Txn) -> Result<shoal_store::TxnResponse, StoreError> {
+            self.store.txn(txn)
+        }
+        fn watch(&self, prefix: &str, from: u64) -> Result<shoal_store::WatchStream, StoreError> {
+            shoal_store::KvStore::watch(&self.store, prefix, from)
+        }
+        fn compact(&self, revision: u64) -> Result<(), StoreError> {
+            self.store.compact(revision)
+        }
+        fn check(&self) -> Result<(), StoreError> {
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("no quorum".into()));
+            }
+            Ok(())
+        }
+    }
+
+    /// The public health check asks the store once a second at most, however many probes
+    /// come, at once or one after another; an outage shows at the first check after it.
+    #[test]
+    fn health_probes_share_one_store_check_a_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Checked {
+            store: Store::open(&dir.path().join("state.redb")).unwrap(),
+            checks: 0.into(),
+            down: false.into(),
+        });
+        let clock = Arc::new(SetClock(1_000_000.into()));
+        let cp = ControlPlane::with_clock(
+            store.clone(),
+            BlobStore::open(&dir.path().join("modules")).unwrap(),
+            ControlConfig::default(),
+            clock.clone(),
+        )
+        .unwrap();
+        let checks = || store.checks.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| assert_eq!(cp.unhealthy(), None));
+            }
+        });
+        assert_eq!(checks(), 1, "probes at once");
+        store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        clock
+            .0
+            .store(1_000_999, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(cp.unhealthy(), None, "the last answer stands for a second");
+        assert_eq!(checks(), 1);
+        clock
+            .0
+            .store(1_001_000, std::sync::atomic::Ordering::SeqCst);
+        let why = cp.unhealthy().expect("the store is down");
+        assert!(why.contains("does not answer"), "{why}");
+        assert_eq!(cp.unhealthy(), Some(why), "and so is its answer");
+        assert_eq!(checks(), 2);
+        store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        clock
+            .0
+            .store(1_002_000, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(cp.unhealthy(), None);
+        assert_eq!(checks(), 3);
     }
 
     /// The security review's hijacks: a tenant may not take requests another namespace's
