@@ -353,7 +353,8 @@ pub struct Revision {
     /// Once this one has rolled out, a crash of it does not roll back there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub undid: Option<u64>,
-    /// How its rollout ended: "rolled out", "rolled back: …", "aborted: …".
+    /// How its rollout ended: "rolled out", "failed: …" (a new app's, with nothing to fall
+    /// back to), "rolled back: …", "aborted: …".
     /// The only field written after creation; the template never changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,

@@ -804,12 +804,26 @@ impl<'w> Pass<'w> {
         if let Some((kind, reason, message)) = decision.event {
             batch.event(kind, reason, format!("app/{key}"), Some(&key), message);
         }
-        if decision.status.phase == RolloutPhase::Complete
+        // How the revision's rollout ended, for its history: rolled out, or (a new app, with
+        // nothing to fall back to) failed, before its completion or after it; a new app's
+        // rollout that fails its deadline and gets there later rolls out after all.
+        let outcome = match decision.status.phase {
+            RolloutPhase::Complete => Some("rolled out".to_string()),
+            RolloutPhase::Failed => Some(format!("failed: {}", decision.status.message)),
+            _ => None,
+        };
+        if let Some(outcome) = outcome
+            && decision.status.revision == a.revision
             && let Some(rev) = self.world.revisions.get(&(key.clone(), a.revision))
-            && rev.value.outcome.is_none()
+            && rev
+                .value
+                .outcome
+                .as_deref()
+                .is_none_or(|o| o == "rolled out" || o.starts_with("failed: "))
+            && rev.value.outcome.as_deref() != Some(outcome.as_str())
         {
             let mut revision = Box::new(rev.value.clone());
-            revision.outcome = Some("rolled out".into());
+            revision.outcome = Some(outcome);
             batch.changes.push(Change::PutRevision {
                 revision,
                 expect: rev.mod_revision,
@@ -2290,6 +2304,46 @@ mod tests {
             Change::PutRevision { revision, expect: 12 }
                 if revision.number == 2 && revision.outcome.as_deref() == Some("rolled out")
         )));
+    }
+
+    /// A new app's revision, with nothing to fall back to, is recorded as it ended: rolled
+    /// out, then failed when its replica crash-loops within the deadline of that.
+    #[test]
+    fn a_new_apps_revision_that_fails_after_rolling_out_is_recorded_failed() {
+        let mut w = with_replicas(
+            world(1, 1, ""),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "n")],
+        );
+        let outcome = |b: &Batch| {
+            b.changes.iter().find_map(|c| match c {
+                Change::PutRevision { revision, .. } => revision.outcome.clone(),
+                _ => None,
+            })
+        };
+        let p = plan(&w, NOW, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(outcome(b).as_deref(), Some("rolled out"));
+        let status = b
+            .changes
+            .iter()
+            .find_map(|c| match c {
+                Change::PutRollout { status, .. } => Some(status.clone()),
+                _ => None,
+            })
+            .expect("a rollout status");
+        assert_eq!(status.phase, RolloutPhase::Complete);
+        w.rollouts.insert(key(), Read::new(status, 60));
+        w.revisions.get_mut(&(key(), 1)).unwrap().value.outcome = Some("rolled out".into());
+
+        replica_mut(&mut w, "x").value.phase = Phase::CrashLoopBackOff;
+        let p = plan(&w, NOW + 10, &mut Counter::default());
+        let b = app_batch(&p);
+        assert_eq!(reasons(b), ["RolloutFailed"]);
+        let failed = outcome(b).expect("the revision's outcome");
+        assert!(
+            failed.starts_with("failed: replica x of revision 1 is CrashLoopBackOff"),
+            "{failed}"
+        );
     }
 
     #[test]
