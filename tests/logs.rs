@@ -237,6 +237,22 @@ fn logs_follow_every_replica_across_nodes_through_a_node_restart_and_a_rollout()
         "rolled",
         [&rolled[0].1, &rolled[1].1],
     );
+    // A replica the rollout stopped is no longer the cluster's, but its node keeps its
+    // output for an hour: asked for by its id, it is all there.
+    assert!(poll(Duration::from_secs(30), || server
+        .replicas("hello")
+        .iter()
+        .all(|r| r["id"] != on2.as_str())));
+    let stopped = server.cli_ok(&["logs", "hello", "--replica", &on2, "--tail", "1"]);
+    assert!(
+        stopped.lines().count() == 1 && stopped.contains(&on2),
+        "the stopped replica's output:\n{stopped}"
+    );
+    let stopped = server.cli_ok(&["logs", "hello", "--replica", &on2]);
+    assert!(
+        stopped.contains("before-") && stopped.contains("/hello/restarted"),
+        "the stopped replica's output:\n{stopped}"
+    );
     // Scaled to zero and back: the follow waits through the time with no replica, and the
     // new one joins it.
     server.cli_ok(&["scale", "hello", "--replicas", "0"]);

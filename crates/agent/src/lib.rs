@@ -181,13 +181,13 @@ impl Agent {
         agent
             .inner
             .gateway
-            .set_log_lookup(Arc::new(move |replica: &str| {
+            .set_log_lookup(Arc::new(move |replica: &str, app: Option<&AppKey>| {
                 let inner = weak.upgrade()?;
                 if let Some(r) = inner.running.lock().expect("agent lock").get(replica) {
-                    return Some(r.logs.clone());
+                    return app.is_none_or(|a| *a == r.app).then(|| r.logs.clone());
                 }
                 // One that stopped: what its files still hold, and nothing to follow.
-                let base = stopped_logs(&inner.config.logs_dir, replica)?;
+                let base = stopped_logs(&inner.config.logs_dir, replica, app)?;
                 let sink =
                     LogSink::persistent(log_files(base), LOG_LINES, DEFAULT_LOG_BYTES).ok()?;
                 sink.close();
@@ -1458,8 +1458,18 @@ fn log_files(base: std::path::PathBuf) -> LogFiles {
 
 /// The base path of replica `id`'s log files under `dir` (`NAMESPACE/APP/ID.log`), if it
 /// has any: a replica that ran here and stopped. Only a valid name is looked for.
-fn stopped_logs(dir: &std::path::Path, id: &str) -> Option<std::path::PathBuf> {
+fn stopped_logs(
+    dir: &std::path::Path,
+    id: &str,
+    app: Option<&AppKey>,
+) -> Option<std::path::PathBuf> {
     shoal_core::validate_name(id).ok()?;
+    if let Some(app) = app {
+        shoal_core::validate_name(&app.namespace).ok()?;
+        shoal_core::validate_name(&app.name).ok()?;
+        let base = dir.join(&app.namespace).join(&app.name).join(id);
+        return base.with_extension("log").is_file().then_some(base);
+    }
     for ns in std::fs::read_dir(dir).ok()?.flatten() {
         for app in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
             let base = app.path().join(id);
@@ -1586,11 +1596,27 @@ mod tests {
         assert!(app.join("runs.log").exists() && app.join("notes.txt").exists());
         assert!(!app.join("gone.log").exists() && !app.join("gone.log.1").exists());
         assert_eq!(
-            stopped_logs(dir.path(), "runs"),
+            stopped_logs(dir.path(), "runs", None),
             Some(app.join("runs")),
             "a replica's files are found by its id"
         );
-        assert_eq!(stopped_logs(dir.path(), "../default"), None);
+        assert_eq!(
+            stopped_logs(dir.path(), "runs", Some(&AppKey::new("default", "hello"))),
+            Some(app.join("runs")),
+            "and by its app's"
+        );
+        for other in [AppKey::new("team", "hello"), AppKey::new("default", "web")] {
+            assert_eq!(
+                stopped_logs(dir.path(), "runs", Some(&other)),
+                None,
+                "{other}"
+            );
+        }
+        assert_eq!(
+            stopped_logs(dir.path(), "runs", Some(&AppKey::new("..", "default"))),
+            None
+        );
+        assert_eq!(stopped_logs(dir.path(), "../default", None), None);
         std::fs::remove_file(app.join("notes.txt")).unwrap();
         assert_eq!(sweep_logs(dir.path(), &HashSet::new(), Duration::ZERO), 1);
         assert!(

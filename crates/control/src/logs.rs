@@ -127,10 +127,17 @@ impl ControlPlane {
         if let Some(id) = &query.replica
             && targets.is_empty()
         {
-            return Err(ControlError::not_found(format!(
-                "app {app} has no replica {id} (see `shoal get replicas --app {}`)",
-                app.name
-            )));
+            // One that stopped (a rollout replaced it, say) left its output on its node for
+            // an hour: all of it there is, since nothing more will come.
+            let Some(entries) = self.stopped_replica_logs(&app, id, &query).await? else {
+                return Err(ControlError::not_found(format!(
+                    "app {app} has no replica {id}, nor did one stop within the hour on a \
+                     node (see `shoal get replicas --app {}`)",
+                    app.name
+                )));
+            };
+            let text: String = entries.iter().map(|e| query.render(e)).collect();
+            return Ok(futures::stream::once(async move { Bytes::from(text) }).boxed());
         }
         // A replica not placed yet has written nothing.
         let placed = targets.iter().filter_map(|t| Some((t, t.at.as_ref()?)));
@@ -178,6 +185,41 @@ impl ControlPlane {
         let rest =
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
         Ok(first.chain(rest).boxed())
+    }
+
+    /// The output of replica `id` of `app` that is no longer in the cluster, from the node
+    /// that still keeps it (each node is asked; one keeps it); `None` if none does.
+    async fn stopped_replica_logs(
+        &self,
+        app: &AppKey,
+        id: &str,
+        query: &LogQuery,
+    ) -> Result<Option<Vec<LogEntry>>, ControlError> {
+        let cp = self.clone();
+        let nodes = blocking(move || cp.list::<Node>(&keys::NODES)).await?;
+        let reads = nodes.into_iter().map(|node| {
+            let mut url = logs_url(&node.gateway, id, 0, query);
+            url.push_str(&format!("&app={app}"));
+            if let Some(n) = query.tail {
+                url.push_str(&format!("&tail={n}"));
+            }
+            let http = self.member_client(&node.name);
+            async move {
+                let response = http.ok()?.get(&url).timeout(READ_TIMEOUT).send().await;
+                let text = response.ok().filter(|r| r.status().is_success())?;
+                let text = text.text().await.ok()?;
+                Some(
+                    text.lines()
+                        .filter_map(|l| serde_json::from_str::<LogEntry>(l).ok())
+                        .collect::<Vec<_>>(),
+                )
+            }
+        });
+        Ok(futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .flatten()
+            .next())
     }
 
     /// The control plane's certificate for reaching nodes, renewed first if it is due;

@@ -176,8 +176,10 @@ async fn closed(closing: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = closing.wait_for(|closing| *closing).await;
 }
 
-/// Maps a replica id to its log buffer on this node.
-pub type LogLookup = Arc<dyn Fn(&str) -> Option<LogSink> + Send + Sync>;
+/// Maps a replica id to its log buffer on this node; given an app, only a replica of that
+/// app is found (the control plane looks for one that stopped on every node by its id).
+pub type LogLookup =
+    Arc<dyn Fn(&str, Option<&shoal_core::spec::AppKey>) -> Option<LogSink> + Send + Sync>;
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Self {
@@ -420,11 +422,11 @@ impl Gateway {
         *self.inner.logs.write().expect("logs lock") = Some(lookup);
     }
 
-    /// A local replica's output as `replica stream line` lines. Internal: reached only
-    /// through [`Gateway::serve_internal`].
     /// A replica's output on this node, NDJSON ([`LogEntry`]): its lines from `since` (a
     /// sequence number) or the last `tail`, written at or after `since_time` (ms since the
-    /// epoch); with `follow`, then each new line as it comes, until the replica stops.
+    /// epoch); with `follow`, then each new line as it comes, until the replica stops. With
+    /// `app=NAMESPACE/NAME`, only a replica of that app. Internal: reached only through
+    /// [`Gateway::serve_internal`].
     fn serve_logs(&self, req: &Request<WasiBody>) -> Response<ResponseBody> {
         let replica = req.uri().path().trim_start_matches(LOGS_PATH).to_string();
         let query = req.uri().query().unwrap_or("");
@@ -438,8 +440,11 @@ impl Gateway {
         let tail = number("tail").map_or(usize::MAX, |n| n as usize);
         let since_time = number("since_time").unwrap_or(0);
         let follow = param("follow").is_some_and(|f| f == "true" || f == "1");
+        let app = param("app")
+            .and_then(|a| a.split_once('/'))
+            .map(|(ns, name)| shoal_core::spec::AppKey::new(ns, name));
         let lookup = self.inner.logs.read().expect("logs lock").clone();
-        let Some(sink) = lookup.and_then(|f| f(&replica)) else {
+        let Some(sink) = lookup.and_then(|f| f(&replica, app.as_ref())) else {
             return problem_response(ErrorCode::NotFound, "no such replica on this node");
         };
         let entries = move |lines: Vec<shoal_runtime::LogLine>, next: usize, skip: usize| {

@@ -378,7 +378,7 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     let (b, b_addr) = member_b(&runtime, &members).await;
     let logs = LogSink::new(10);
     logs.push_system("started");
-    b.set_log_lookup(Arc::new(move |replica: &str| {
+    b.set_log_lookup(Arc::new(move |replica: &str, _| {
         (replica == "faulty-b").then(|| logs.clone())
     }));
     let client = HttpClient::new();
