@@ -175,6 +175,12 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
     assert!(short.len() < 71, "{apps}");
     assert_eq!(code(&c, &["delete", "module", short]), Some(4), "{apps}");
     assert_eq!(code(&c, &["delete", "module", "sha256:00000000"]), Some(3));
+    // `get module` takes it as `delete module` does.
+    let got = c.cli_ok(&["get", "module", short, "-o", "json"]);
+    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+    let digest = got["digest"].as_str().unwrap();
+    assert!(digest.starts_with(short) && digest.len() == 71, "{got}");
+    assert_eq!(code(&c, &["get", "module", "sha256:00000000"]), Some(3));
 }
 
 #[test]
@@ -659,6 +665,7 @@ fn get_w_prints_each_change_and_n_is_honoured_or_refused() {
     for args in [
         &["get", "nodes", "-n", "staging"][..],
         &["get", "modules", "-n", "staging"],
+        &["top", "nodes", "-n", "staging"],
         &["token", "list", "-n", "staging"],
         &["node", "cordon", "local", "-n", "staging"],
     ] {

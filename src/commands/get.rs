@@ -125,7 +125,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     if !args.watch {
         return Ok(());
     }
-    // As `kubectl get -w`: what changes from then on, a row at a time (a JSON document at a
+    // As `kubectl get -w`: what changes from then on, a row at a time (a watch event at a
     // time with `-o json`); a change of age alone is none.
     let widths = output::widths(&first.header(all), &first.rows(all));
     let mut shown = first;
@@ -135,9 +135,8 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
         tick.tick().await;
         let now = client.patiently(|| list(&ctx, &client, &args)).await?;
         if ctx.output == Format::Json {
-            // A named one that is gone has nothing to print.
-            if now.settled() != shown.settled() && !now.json.is_null() {
-                println!("{}", serde_json::to_string(&now.json)?);
+            for change in json_changes(&shown, &now) {
+                println!("{}", serde_json::to_string(&change)?);
             }
         } else {
             let before = shown.settled();
@@ -161,6 +160,47 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
         }
         shown = now;
     }
+}
+
+/// What `get -w -o json` prints for the changes from `before` to `after`: a document per
+/// object added, changed or gone, as `kubectl get -w -o json --output-watch-events` does
+/// (`{"type": "ADDED" | "MODIFIED" | "DELETED", "object": …}`); events are only added.
+fn json_changes(before: &Listing, after: &Listing) -> Vec<serde_json::Value> {
+    fn objects(json: &serde_json::Value) -> Vec<&serde_json::Value> {
+        match json {
+            serde_json::Value::Array(items) => items.iter().collect(),
+            serde_json::Value::Null => Vec::new(),
+            one => vec![one],
+        }
+    }
+    let (was, is) = (before.settled(), after.settled());
+    let (old, new) = (objects(&before.json), objects(&after.json));
+    let change = |kind: &str, object: &serde_json::Value| serde_json::json!({ "type": kind, "object": object });
+    // Named rows (not events) are one object over time: its namespace and name.
+    let named = matches!(after.header.first(), Some(&"NAME" | &"DIGEST"));
+    let same = |a: &[String], b: &[String]| named && a[..2] == b[..2];
+    let mut changes: Vec<serde_json::Value> = is
+        .iter()
+        .zip(&new)
+        .filter(|(key, _)| !was.contains(key))
+        .map(|(key, object)| {
+            let kind = if was.iter().any(|k| same(k, key)) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            change(kind, object)
+        })
+        .collect();
+    if named {
+        changes.extend(
+            was.iter()
+                .zip(&old)
+                .filter(|(key, _)| !is.iter().any(|k| same(k, key)))
+                .map(|(_, object)| change("DELETED", object)),
+        );
+    }
+    changes
 }
 
 /// How often `get -w` looks again.
@@ -632,9 +672,35 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
         }
     };
     Ok(match &args.name {
+        Some(name) if matches!(args.what, What::Modules) => {
+            let digest = module_digest(&listing, name)?;
+            listing.only(&digest)
+        }
         Some(name) => listing.only(name),
         None => listing,
     })
+}
+
+/// The module `given` names in `listing` (of modules): its digest, or as `get apps` and `get
+/// modules` shorten it, `sha256:` and at least 8 of its first hex digits, as `delete module`
+/// takes it. A prefix that starts no digest, or not a digest at all, is left as given (not
+/// found); one that starts several is not enough.
+fn module_digest(listing: &Listing, given: &str) -> Result<String> {
+    let short = given
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() >= 8);
+    let mut matching = listing
+        .rows
+        .iter()
+        .map(|r| r[0].as_str())
+        .filter(|d| *d == given || (short && d.starts_with(given)));
+    match (matching.next(), matching.next()) {
+        (Some(digest), None) => Ok(digest.to_string()),
+        (None, _) => Ok(given.to_string()),
+        (Some(_), Some(_)) => Err(crate::exit::usage(format!(
+            "{given} starts the digests of several modules: give more of it"
+        ))),
+    }
 }
 
 /// `table`, with each row's namespace in a first NAMESPACE column when every namespace was
@@ -745,4 +811,41 @@ async fn spec_file(ctx: &Context, args: &GetArgs) -> Result<()> {
         ));
     }
     output::write_stdout(d.app.spec.to_toml().as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn apps(list: &[(&str, &str)]) -> Listing {
+        let json = list
+            .iter()
+            .map(|(name, ready)| json!({ "name": name, "ready": ready }))
+            .collect();
+        let rows = list
+            .iter()
+            .map(|(name, ready)| vec![name.to_string(), ready.to_string(), "5s".into()])
+            .collect();
+        Listing::plain(json, &["NAME", "READY", "AGE"], rows)
+    }
+
+    /// `get -w -o json`: one document per object that came, changed or went, as kubectl's
+    /// watch events; an age going by is no change.
+    #[test]
+    fn a_json_watch_prints_each_change_as_an_event() {
+        let before = apps(&[("a", "1/1"), ("b", "0/1"), ("c", "1/1")]);
+        let mut after = apps(&[("b", "1/1"), ("c", "1/1"), ("d", "0/1")]);
+        after.rows[1][2] = "6s".into();
+        let changes = json_changes(&before, &after);
+        assert_eq!(
+            changes,
+            [
+                json!({ "type": "MODIFIED", "object": { "name": "b", "ready": "1/1" } }),
+                json!({ "type": "ADDED", "object": { "name": "d", "ready": "0/1" } }),
+                json!({ "type": "DELETED", "object": { "name": "a", "ready": "1/1" } }),
+            ]
+        );
+        assert!(json_changes(&after, &after).is_empty());
+    }
 }

@@ -30,6 +30,9 @@ enum What {
 }
 
 pub async fn run(ctx: Context, args: TopArgs) -> Result<()> {
+    if matches!(args.what, What::Nodes) {
+        ctx.no_namespace("nodes")?;
+    }
     let client = ctx.client()?;
     match args.what {
         What::Nodes => {
