@@ -287,6 +287,30 @@ fn rollouts_pause_resume_and_promote_on_command() {
     // Nothing in progress: the actions say so.
     let err = String::from_utf8(c.cli(&["rollout", "abort", "faulty"]).stderr).unwrap();
     assert!(err.contains("no rollout in progress"), "{err}");
+
+    // Paused between rollouts, as a Kubernetes Deployment: what is applied next waits, and
+    // so does what is applied over it, until resumed; then the last one rolls out.
+    let out = c.cli_ok(&["rollout", "pause", "faulty"]);
+    assert!(out.contains("waits for `shoal rollout resume`"), "{out}");
+    c.cli_ok(&["apply", "-f", &faulty(d, 2, 3, "", "")]);
+    c.cli_ok(&["apply", "-f", &faulty(d, 2, 4, "", "")]);
+    assert!(poll(Duration::from_secs(20), || {
+        c.cli_ok(&["rollout", "status", "faulty"])
+            .contains("revision 4 paused")
+    }));
+    let replicas = c.api_json("/v1/replicas?app=faulty");
+    assert_eq!(
+        revisions_running(replicas.as_array().unwrap()),
+        [2],
+        "held: {replicas:#}"
+    );
+    c.cli_ok(&["rollout", "resume", "faulty"]);
+    let (done, out) = wait_rollout(|a| c.cli(a));
+    assert!(done, "{out}");
+    assert!(poll(Duration::from_secs(20), || {
+        let replicas = c.api_json("/v1/replicas?app=faulty");
+        revisions_running(replicas.as_array().unwrap()) == [4]
+    }));
 }
 
 #[test]

@@ -37,13 +37,14 @@ enum Action {
         #[arg(long, default_value = "10m")]
         timeout: String,
     },
-    /// Hold the rollout where it stands: replica counts per revision stay as they are.
+    /// Hold the rollout where it stands: replica counts per revision stay as they are. Between
+    /// rollouts, the next one (a revision applied now) waits; a pause lasts until `resume`.
     Pause {
         /// The app's name.
         #[arg(value_parser = crate::commands::object_name)]
         app: String,
     },
-    /// Continue a paused rollout.
+    /// Continue a paused rollout, or let the next one run.
     Resume {
         /// The app's name.
         #[arg(value_parser = crate::commands::object_name)]

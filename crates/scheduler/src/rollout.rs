@@ -51,13 +51,16 @@ pub fn start(app: &App, previous: Option<&RolloutStatus>, now: Millis) -> Rollou
             p.stable
         }
     });
+    // Paused rollouts stay paused through applies, as a Kubernetes Deployment's: several
+    // changes made while paused roll out as one, on `rollout resume`.
+    let paused = previous.is_some_and(|p| p.paused);
     RolloutStatus {
         app: app.spec.key(),
         revision: app.revision,
         stable: stable.filter(|s| *s != app.revision),
         strategy: app.spec.rollout.strategy,
         phase: RolloutPhase::Progressing,
-        paused: false,
+        paused,
         step: 0,
         step_started_at: None,
         ready: 0,
@@ -65,7 +68,14 @@ pub fn start(app: &App, previous: Option<&RolloutStatus>, now: Millis) -> Rollou
         started_at: now,
         rolled_back_from: None,
         previous_stable: None,
-        message: format!("rolling out revision {}", app.revision),
+        message: if paused {
+            format!(
+                "rollout of revision {} paused (`shoal rollout resume` starts it)",
+                app.revision
+            )
+        } else {
+            format!("rolling out revision {}", app.revision)
+        },
     }
 }
 
@@ -367,6 +377,32 @@ pub fn act(
     now: Millis,
 ) -> Result<Acted, ActionError> {
     let key = app.spec.key();
+    // Between rollouts, pause and resume are about the next one: a revision applied while
+    // paused waits for `resume`, as a paused Kubernetes Deployment's template does.
+    let between = status.phase.is_done() && status.revision == app.revision;
+    match action {
+        Action::Pause if between => {
+            let mut next = status.clone();
+            next.paused = true;
+            next.message = format!(
+                "rollouts of app {key} paused: a revision applied now waits for `shoal rollout resume`"
+            );
+            return Ok(Acted::Status {
+                status: next,
+                reason: "Paused",
+            });
+        }
+        Action::Resume if between && status.paused => {
+            let mut next = status.clone();
+            next.paused = false;
+            next.message = format!("rollouts of app {key} resumed");
+            return Ok(Acted::Status {
+                status: next,
+                reason: "Resumed",
+            });
+        }
+        _ => {}
+    }
     if status.phase.is_done() || status.revision != app.revision {
         return Err(ActionError::NotInProgress {
             app: key,
@@ -1270,19 +1306,66 @@ mod tests {
         ));
         let mut done = s.clone();
         done.phase = RolloutPhase::Complete;
-        assert!(matches!(
-            act(&a, &done, Action::Pause, 0),
-            Err(ActionError::NotInProgress { revision: 2, .. })
-        ));
+        for action in [
+            Action::Resume,
+            Action::Promote { full: false },
+            Action::Abort,
+        ] {
+            assert!(
+                matches!(
+                    act(&a, &done, action, 0),
+                    Err(ActionError::NotInProgress { revision: 2, .. })
+                ),
+                "{action:?}"
+            );
+        }
         // After a roll back, what is said is the revision abandoned, not the one back on.
-        done.phase = RolloutPhase::Aborted;
-        done.rolled_back_from = Some(3);
-        let e = act(&a, &done, Action::Pause, 0).unwrap_err();
+        let mut back = done.clone();
+        back.phase = RolloutPhase::Aborted;
+        back.rolled_back_from = Some(3);
+        let e = act(&a, &back, Action::Promote { full: false }, 0).unwrap_err();
         assert!(
             e.to_string()
                 .contains("the last one, of revision 3, is Aborted"),
             "{e}"
         );
+    }
+
+    /// As a Kubernetes Deployment: paused between rollouts, the next revision applied waits
+    /// for `resume`, and so does one applied while a rollout is paused.
+    #[test]
+    fn a_pause_holds_the_rollouts_applied_after_it_until_resumed() {
+        let a = app(2, 2, "");
+        let mut done = rolling_to_2(&a);
+        done.phase = RolloutPhase::Complete;
+        let status = |acted| match acted {
+            Ok(Acted::Status { status, reason }) => (status, reason),
+            other => panic!("{other:?}"),
+        };
+        let (paused, reason) = status(act(&a, &done, Action::Pause, 2_000));
+        assert_eq!(
+            (paused.paused, paused.phase, reason),
+            (true, RolloutPhase::Complete, "Paused")
+        );
+        assert!(paused.message.contains("waits for `shoal rollout resume`"));
+        assert_eq!(mode(&a, Some(&paused)), Mode::Roll, "nothing to hold yet");
+
+        // Revision 3 applied: its rollout starts paused, holding the counts as they are.
+        let b = app(2, 3, "");
+        let held = start(&b, Some(&paused), 3_000);
+        assert!(held.paused, "{held:?}");
+        assert_eq!(mode(&b, Some(&held)), Mode::Hold);
+        // And revision 4 applied over the paused rollout of 3: still paused.
+        let c = app(2, 4, "");
+        assert!(start(&c, Some(&held), 4_000).paused);
+        let (resumed, _) = status(act(&b, &held, Action::Resume, 5_000));
+        assert!(!resumed.paused);
+        assert_eq!(mode(&b, Some(&resumed)), Mode::Roll);
+
+        // Resumed between rollouts: the next one rolls at once.
+        let (unpaused, reason) = status(act(&a, &paused, Action::Resume, 6_000));
+        assert_eq!((unpaused.paused, reason), (false, "Resumed"));
+        assert!(!start(&b, Some(&unpaused), 7_000).paused);
     }
 
     #[test]
