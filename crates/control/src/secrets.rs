@@ -2,8 +2,10 @@
 //! in the store under the control plane's key file (`shoal_secrets`).
 //!
 //! An app names a secret's keys (`{ secret = "db", key = "password" }`); every apply pins
-//! the secret's latest version in the spec ([`ControlPlane::resolve_secrets`]), so a
-//! revision names the values it was made with and a change rolls the users like any change.
+//! the secret's latest version in the spec ([`ControlPlane::resolve_secrets`]), unless the
+//! version pinned now holds the same value ([`ControlPlane::keep_secret_versions`]), so a
+//! revision names the values it was made with and a change of a value rolls the apps that
+//! read it like any change.
 //! Values are opened only for a node that runs a replica of a revision naming them
 //! ([`ControlPlane::replica_secrets`]); the API, events and logs name keys and versions,
 //! never values.
@@ -144,6 +146,58 @@ impl ControlPlane {
         }
         self.resolve_tls(&mut spec, read)?;
         Ok(spec)
+    }
+
+    /// Keeps, in `spec` (its secret keys pinned to their latest versions by
+    /// [`Self::resolve_secrets`]), the version `current` (the app's spec now) pins for each
+    /// key whose value there is the latest's: another key of the secret changing is no reason
+    /// to roll the app, nor is applying it again (a controller does so for every app naming a
+    /// secret when it starts). Values that cannot be compared now leave the latest version.
+    pub(crate) fn keep_secret_versions(&self, spec: &mut AppSpec, current: &AppSpec) {
+        let ns = spec.namespace.clone();
+        let mut secrets: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+        // Each version's values, opened once; `None`: it cannot be.
+        type Values = Option<BTreeMap<String, Zeroizing<String>>>;
+        let mut opened: BTreeMap<(String, u64), Values> = BTreeMap::new();
+        let mut value = |secret: &str, version: u64, key: &str| -> Option<Zeroizing<String>> {
+            let slot = (secret.to_string(), version);
+            if !opened.contains_key(&slot) {
+                let stored = secrets.entry(secret.to_string()).or_insert_with(|| {
+                    self.get::<Secret>(&keys::secret(&ns, secret))
+                        .ok()
+                        .flatten()
+                        .map(|(s, _)| s)
+                });
+                let values = stored
+                    .as_ref()
+                    .and_then(|s| self.with_keys(|ring| open_version(ring, s, version)).ok());
+                opened.insert(slot.clone(), values);
+            }
+            opened[&slot].as_ref()?.get(key).cloned()
+        };
+        for (refs, was) in [
+            (&mut spec.secret_env, &current.secret_env),
+            (&mut spec.secret_config, &current.secret_config),
+        ] {
+            for (name, r) in refs.iter_mut() {
+                let Some(w) = was
+                    .get(name)
+                    .filter(|w| w.secret == r.secret && w.key == r.key)
+                else {
+                    continue;
+                };
+                let (Some(latest), Some(pinned)) = (r.version, w.version) else {
+                    continue;
+                };
+                if pinned == latest {
+                    continue;
+                }
+                let now = value(&r.secret, latest, &r.key);
+                if now.is_some() && now == value(&r.secret, pinned, &r.key) {
+                    r.version = Some(pinned);
+                }
+            }
+        }
     }
 
     /// Pins `[http] tls` to its secret's latest version, once the certificate there is
@@ -317,6 +371,14 @@ impl ControlPlane {
             if before.as_ref() == Some(&values) {
                 return Ok(None);
             }
+            // The keys whose value changed (came, went or differs): only apps that use one
+            // of them roll.
+            let changed: BTreeSet<String> = values
+                .keys()
+                .chain(before.iter().flat_map(|b| b.keys()))
+                .filter(|k| before.as_ref().and_then(|b| b.get(*k)) != values.get(*k))
+                .cloned()
+                .collect();
             let bytes: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
             if bytes > MAX_SECRET_BYTES {
                 return Err(bad(format!(
@@ -367,14 +429,24 @@ impl ControlPlane {
                     "secret {name} changed meanwhile; try again"
                 )));
             }
-            Ok(Some(secret))
+            Ok(Some((secret, changed)))
         })?;
         let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
-        let Some(secret) = written else {
+        let Some((secret, changed)) = written else {
             let (old, _) = existing.expect("only an existing secret is left unchanged");
             return Ok((view(old, &apps), None));
         };
-        let users = self.secret_users(ns, name)?;
+        // An app that uses none of the keys that changed keeps the version it pins: its
+        // values are the same.
+        let users = self
+            .secret_users(ns, name)?
+            .into_iter()
+            .filter(|a| {
+                keys_used(&a.spec, name)
+                    .iter()
+                    .any(|k| changed.contains(*k))
+            })
+            .collect();
         let rolled = self.apply_users_again(users, "secret");
         let apps: Vec<App> = self.list(&keys::apps_in(ns))?;
         Ok((view(secret, &apps), Some(rolled)))
@@ -945,6 +1017,25 @@ mod tests {
             .unwrap();
         assert_eq!((view.version, rolled), (3, None));
         assert_eq!(cp.secret("default", "db").unwrap().versions, [1, 2, 3]);
+        // A key the app does not read: a new version, and the app does not roll; it keeps
+        // the version it names, which stays.
+        let (view, rolled) = cp
+            .put_secret("default", "db", write(false, &[("user", "admin")]))
+            .unwrap();
+        assert_eq!((view.version, rolled), (4, Some(vec![])));
+        let pinned = |cp: &ControlPlane| {
+            let now = cp.describe(&app).unwrap().app;
+            (now.revision, now.spec.secret_env["PASSWORD"].version)
+        };
+        assert_eq!(pinned(&cp), (3, Some(3)));
+        assert_eq!(cp.secret("default", "db").unwrap().versions, [1, 2, 3, 4]);
+        // Nor when applied again, as a controller does when it starts: its value is the
+        // latest version's.
+        assert_eq!(
+            cp.apply_references_again().unwrap(),
+            std::slice::from_ref(&app)
+        );
+        assert_eq!(pinned(&cp), (3, Some(3)));
         // Once nothing names the secret, old versions go at the next change.
         cp.delete_app(&app).unwrap();
         for r in cp.list::<Revision>(&keys::revisions_of(&app)).unwrap() {
@@ -954,11 +1045,11 @@ mod tests {
         }
         cp.put_secret("default", "db", write(false, &[("password", "v4")]))
             .unwrap();
-        assert_eq!(cp.secret("default", "db").unwrap().versions, [3, 4]);
+        assert_eq!(cp.secret("default", "db").unwrap().versions, [4, 5]);
 
         let before = std::fs::read(dir.path().join("secret.key")).unwrap();
         let rotated = cp.rotate_secret_key().unwrap();
-        assert_eq!((rotated.secrets, rotated.values), (1, 2));
+        assert_eq!((rotated.secrets, rotated.values), (1, 4));
         assert_ne!(
             std::fs::read(dir.path().join("secret.key")).unwrap(),
             before
@@ -970,11 +1061,11 @@ mod tests {
         assert_eq!(ring.len(), 1);
         let (secret, _) = cp.get(&keys::secret("default", "db")).unwrap().unwrap();
         assert_eq!(
-            open_version(&ring, &secret, 4).unwrap()["password"].as_str(),
+            open_version(&ring, &secret, 5).unwrap()["password"].as_str(),
             "v4"
         );
         assert_eq!(
-            open_version(&ring, &secret, 3).unwrap()["password"].as_str(),
+            open_version(&ring, &secret, 4).unwrap()["password"].as_str(),
             "v3"
         );
     }

@@ -663,6 +663,9 @@ impl ControlPlane {
         }
         let now = self.now();
         let mut spec = spec;
+        if let Some((old, _)) = &existing {
+            self.keep_secret_versions(&mut spec, &old.spec);
+        }
         // An autoscaled app's size is the controller's to set, as a Deployment's
         // is an HPA's: re-applying the file keeps it (within the new bounds, as the windows
         // open now make them: else an unchanged file undid what a window set).

@@ -1682,6 +1682,21 @@ impl Template {
                 &format!("env.{name}"),
             );
         }
+        // A reference that only moved to a newer version of its secret is the secret's change,
+        // not the spec's: said once per secret, after the rest.
+        let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+        let mut differs = |new: Option<&SecretKeyRef>, was: Option<&SecretKeyRef>| match (new, was)
+        {
+            (Some(n), Some(w)) if n.secret == w.secret && n.key == w.key => {
+                if n.version != w.version
+                    && let Some(v) = n.version
+                {
+                    versions.insert(n.secret.clone(), v);
+                }
+                false
+            }
+            (n, w) => n != w,
+        };
         let names: BTreeSet<&String> = self
             .secret_env
             .keys()
@@ -1689,7 +1704,7 @@ impl Template {
             .collect();
         for name in names {
             check(
-                self.secret_env.get(name) != old.secret_env.get(name),
+                differs(self.secret_env.get(name), old.secret_env.get(name)),
                 &format!("env.{name}"),
             );
         }
@@ -1704,7 +1719,7 @@ impl Template {
             .collect();
         for key in keys {
             check(
-                self.secret_config.get(key) != old.secret_config.get(key),
+                differs(self.secret_config.get(key), old.secret_config.get(key)),
                 &format!("config.{key}"),
             );
         }
@@ -1721,6 +1736,9 @@ impl Template {
         check(self.volumes != old.volumes, "volumes");
         check(self.job != old.job, "job");
         check(self.health != old.health, "health");
+        for (secret, version) in versions {
+            check(true, &format!("secret {secret} (version {version})"));
+        }
         out
     }
 
@@ -3489,7 +3507,8 @@ A = "1"
                 .contains("secret")
         );
 
-        // A new version is a new revision, named by the env value and config key only.
+        // A new version is a new revision, named by the secret and its version (see
+        // `a_newer_secret_version_is_the_secrets_change_not_the_specs`).
         spec.secret_env.get_mut("PASSWORD").unwrap().version = Some(1);
         spec.secret_config.get_mut("user").unwrap().version = Some(1);
         let mut changed = spec.clone();
@@ -3497,7 +3516,7 @@ A = "1"
         changed.secret_config.get_mut("user").unwrap().version = Some(2);
         assert_eq!(
             changed.template().changed_fields(&spec.template()),
-            ["env.PASSWORD", "config.user"]
+            ["secret db (version 2)"]
         );
         assert_eq!(changed.with_template(&spec.template()), spec);
 
@@ -4004,6 +4023,38 @@ A = "1"
         let e = err(&HELLO.replace("timeout = \"5s\"", "reuse_concurrent = 1001"));
         assert_eq!(e.field.as_deref(), Some("http.reuse_concurrent"));
         assert_eq!(e.line, Some(18));
+    }
+
+    /// A secret reference moved to a newer version is said as the secret's change, once,
+    /// not as every env variable and config key that names it.
+    #[test]
+    fn a_newer_secret_version_is_the_secrets_change_not_the_specs() {
+        let spec = parse_app(HELLO)
+            .unwrap()
+            .resolve(format!("sha256:{}", "a".repeat(64)))
+            .unwrap();
+        let at = |version: u64, key: &str| SecretKeyRef {
+            secret: "db".into(),
+            key: key.into(),
+            version: Some(version),
+        };
+        let mut old = spec.template();
+        old.secret_env
+            .insert("DB_PASSWORD".into(), at(4, "password"));
+        old.secret_config
+            .insert("password".into(), at(4, "password"));
+        let mut new = old.clone();
+        new.secret_env
+            .insert("DB_PASSWORD".into(), at(5, "password"));
+        new.secret_config
+            .insert("password".into(), at(5, "password"));
+        assert_eq!(new.changed_fields(&old), ["secret db (version 5)"]);
+        // Another key of it is the spec's change.
+        new.secret_env.insert("DB_PASSWORD".into(), at(5, "user"));
+        assert_eq!(
+            new.changed_fields(&old),
+            ["env.DB_PASSWORD", "secret db (version 5)"]
+        );
     }
 
     #[test]
