@@ -132,7 +132,10 @@ fn secrets_reach_only_their_replicas_roll_their_users_and_leak_nowhere() {
     let result = load.stop();
     assert_eq!(result.failed, 0, "{result:?}");
     let history = server.cli_ok(&["rollout", "history", "settings"]);
-    assert!(history.contains("secret db (version 2) changed"), "{history}");
+    assert!(
+        history.contains("secret db (version 2) changed"),
+        "{history}"
+    );
 
     // The old version is kept while a revision names it: undo brings its value back.
     server.cli_ok(&["rollout", "undo", "settings"]);

@@ -290,6 +290,15 @@ fn port_forward_reaches_an_app_with_no_route() {
         .unwrap()
         .status();
     assert_eq!(options, 204, "OPTIONS goes through");
+    // What went through it is the app's load, as `top apps` and the autoscaler see it.
+    let mut top = serde_json::Value::Null;
+    assert!(
+        poll(Duration::from_secs(15), || {
+            top = common::app_row(&server.api_json("/v1/top/apps"), "faulty");
+            top["requests_per_second"].as_f64().unwrap_or(0.0) > 0.0
+        }),
+        "{top}"
+    );
 
     // Paths as a client may write them, unresolved (an HTTP client resolves them first).
     let raw = |path: &str| {

@@ -545,12 +545,8 @@ impl Gateway {
     /// The app a request of the control plane names without a replica, if that is what it
     /// is. Other members' hops always name a replica.
     fn unpinned_from_control_plane<B>(&self, req: &Request<B>) -> Option<AppKey> {
-        let from_control_plane = self.inner.config.members.is_none()
-            || req
-                .extensions()
-                .get::<Member>()
-                .is_some_and(|m| m.control_plane);
-        if !from_control_plane || req.headers().contains_key(REPLICA_HEADER) {
+        let trusted = self.inner.config.members.is_none() || sent_by_control_plane(req);
+        if !trusted || req.headers().contains_key(REPLICA_HEADER) {
             return None;
         }
         let (namespace, name) = req
@@ -977,10 +973,18 @@ impl Gateway {
         let span = Span::current();
         span.record("app", field::display(&app));
         span.record("replica", replica.as_str());
-        match self.call(&endpoint, &app, req).await {
+        // Another gateway's hop was counted where it came in; the API proxy's request counts
+        // here, as the app's load (`top apps`, the autoscaler) like any other.
+        let counted = sent_by_control_plane(&req).then(Instant::now);
+        let _busy = counted.map(|_| endpoint.counters.busy());
+        let response = match self.call(&endpoint, &app, req).await {
             Ok(response) => response,
             Err(failure) => failure_response(&app, &endpoint, failure),
+        };
+        if let Some(start) = counted {
+            endpoint.counters.record(response.status(), start.elapsed());
         }
+        response
     }
 
     async fn call(
@@ -1200,6 +1204,14 @@ const LOAD_WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, Copy)]
 struct Member {
     control_plane: bool,
+}
+
+/// Whether `req` came over mutual TLS from the control plane (its API's proxy, `shoal
+/// port-forward`), not from another node's gateway.
+fn sent_by_control_plane<B>(req: &Request<B>) -> bool {
+    req.extensions()
+        .get::<Member>()
+        .is_some_and(|m| m.control_plane)
 }
 
 /// Whether `req` reads a replica's output: a path under [`LOGS_PATH`], and no hop pinned to a
