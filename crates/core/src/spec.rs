@@ -2995,8 +2995,18 @@ fn toml_error(src: &str, e: toml::de::Error) -> SpecError {
             );
         }
     }
+    // A field missing at the top is the whole file's fault: it names the field, not the key
+    // the file happens to start with.
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+        .map(str::to_string);
+    let field = match (missing, e.span()) {
+        (Some(name), Some(span)) if span.start == 0 => Some(name),
+        (_, span) => span.and_then(|span| field_at(src, span.start)),
+    };
     SpecError {
-        field: e.span().and_then(|span| field_at(src, span.start)),
+        field,
         message,
         line: None,
         column: None,
@@ -4055,6 +4065,15 @@ A = "1"
             new.changed_fields(&old),
             ["env.DB_PASSWORD", "secret db (version 5)"]
         );
+    }
+
+    /// A section missing from the file is named as the field at fault, not the first key.
+    #[test]
+    fn a_missing_section_is_the_field_at_fault() {
+        let src = "name = \"hello\"\n\n[http]\nroutes = [\"/hello\"]\n";
+        let e = parse_app(src).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("component"), "{e}");
+        assert!(e.message.contains("missing field `component`"), "{e}");
     }
 
     #[test]
