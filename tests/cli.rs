@@ -354,6 +354,10 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
     let listed = shoal(&["config", "get-contexts"]);
     assert!(listed.contains(&a) && listed.contains("second"), "{listed}");
     assert_eq!(shoal(&["config", "current-context"]), "second\n");
+    assert_eq!(
+        shoal(&["config", "current-context", "-o", "json"]).trim(),
+        "\"second\""
+    );
     assert!(shoal(&["get", "nodes", "-o", "json"]).contains('['));
     // `version` tells the CLI's release and the server's; `--client` asks no server, and one
     // that cannot be reached still has the CLI's said.

@@ -99,6 +99,13 @@ fn increments_from_replicas_on_two_nodes_are_exact_and_only_granted_apps_get_in(
 
     // The CLI sees the same data, and what it writes the guests read.
     assert_eq!(server.cli_ok(&["kv", "get", "counter", "hits"]), "800");
+    let json: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["kv", "get", "counter", "hits", "-o", "json"]))
+            .unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!({ "bucket": "counter", "key": "hits", "value": "800" })
+    );
     server.cli_ok(&["kv", "put", "counter", "greeting", "hello there"]);
     assert_eq!(
         nodes[1].get("/counter/greeting").unwrap(),

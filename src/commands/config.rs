@@ -152,6 +152,7 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
         ContextAction::CurrentContext => {
             let config = CliConfig::load(&path)?;
             match &config.current {
+                Some(name) if ctx.output == Format::Json => output::json(name),
                 Some(name) => println!("{name}"),
                 None => bail!("the CLI config names no current context"),
             }

@@ -87,6 +87,15 @@ pub async fn run(ctx: Context, cmd: KvCommand) -> Result<()> {
                 .checked(client.request(reqwest::Method::GET, &at(&bucket, &key)))
                 .await?;
             let bytes = resp.bytes().await.context("reading the value")?;
+            if ctx.output == Format::Json {
+                let value = std::str::from_utf8(&bytes).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the value of {key} is not UTF-8 text, which JSON cannot hold: without -o json, its bytes are written as they are"
+                    )
+                })?;
+                output::json(&serde_json::json!({ "bucket": bucket, "key": key, "value": value }));
+                return Ok(());
+            }
             output::write_stdout(&bytes)?;
             // The exact bytes to a pipe; on a terminal, the prompt on a line of its own.
             if std::io::IsTerminal::is_terminal(&std::io::stdout()) && !bytes.ends_with(b"\n") {
