@@ -2399,6 +2399,28 @@ mod tests {
         }
     }
 
+    /// Cordoning (or draining) a node that already is changes nothing, and says nothing.
+    #[test]
+    fn a_node_cordoned_again_gets_no_second_event() {
+        let (_dir, cp) = control_plane_with_token();
+        cp.register_node(ready_node("n")).unwrap();
+        let said = |reason: &str| {
+            let events = cp.events(None, 100).unwrap();
+            events.iter().filter(|e| e.reason == reason).count()
+        };
+        for _ in 0..2 {
+            cp.set_node_scheduling("n", NodeAction::Cordon).unwrap();
+            cp.set_node_scheduling("n", NodeAction::Cordon).unwrap();
+            cp.set_node_scheduling("n", NodeAction::Drain).unwrap();
+            cp.set_node_scheduling("n", NodeAction::Drain).unwrap();
+            cp.set_node_scheduling("n", NodeAction::Uncordon).unwrap();
+        }
+        assert_eq!(
+            (said("Cordoned"), said("Draining"), said("Uncordoned")),
+            (2, 2, 2)
+        );
+    }
+
     #[test]
     fn a_node_back_from_leaving_is_as_it_was_and_an_operators_word_stays() {
         let (_dir, cp) = control_plane_with_token();

@@ -1658,6 +1658,12 @@ impl ControlPlane {
             NodeAction::Uncordon => (true, false, "Uncordoned"),
             NodeAction::Drain => (false, true, "Draining"),
         };
+        // Asked again: nothing changes, and no second event says it did.
+        if (node.schedulable, node.draining, node.leaving.is_none())
+            == (schedulable, draining, true)
+        {
+            return Ok(node);
+        }
         node.schedulable = schedulable;
         node.draining = draining;
         // The operator's word from now on: a node back from shutting down keeps it.
