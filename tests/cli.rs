@@ -1068,6 +1068,8 @@ fn edit_applies_what_the_editor_saved_and_not_over_a_change_that_came_first() {
             .env("SHOAL_CONFIG", c.config())
             .env("SHOAL", common::SHOAL)
             .env("EDITOR", &editor)
+            // The edits it keeps go with the test's directory.
+            .env("TMPDIR", c.dir.path())
             .env_remove("VISUAL")
             .env_remove("SHOAL_SERVER")
             .env_remove("SHOAL_TOKEN")
