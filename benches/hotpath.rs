@@ -13,7 +13,9 @@
 //!
 //! Run with `cargo bench --bench hotpath` (also part of `make bench`). Needs `wrk` and
 //! `wasmtime` 48 (`WASMTIME=/path/to/wasmtime` if it is not on PATH). Knobs: `BENCH_SECONDS`
-//! (default 10), `BENCH_CONNECTIONS` (32), `BENCH_ROUNDS` (3), `BENCH_ONLY` (`local` or `hop`).
+//! (default 10), `BENCH_CONNECTIONS` (32), `BENCH_ROUNDS` (3), `BENCH_ONLY` (`local` or `hop`),
+//! `BENCH_PIN` (`1`: in the hop runs, the replica's node alone on CPU 1 and the rest on CPU 0,
+//! as two machines would have it).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -335,7 +337,25 @@ fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
     (dir, server, nodes, urls)
 }
 
-fn hop(seconds: u64, connections: u64, rounds: usize) {
+/// Puts every thread of process `pid` on CPU `cpu` alone; threads it starts later inherit
+/// that from the thread that starts them.
+fn pin(pid: u32, cpu: usize) {
+    let set = wrk::cpu_set(cpu);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads") {
+        let Some(tid) = task
+            .ok()
+            .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: a plain system call on a thread id; a thread gone meanwhile fails it.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+    }
+}
+
+/// `pinned`: the replica's node alone on CPU 1, and the other node, the control plane and
+/// `wrk` on CPU 0, as if the nodes were two machines (`wrk` shares the forwarding node's).
+fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
     let mut sides = Vec::new();
     for protocol in ["HTTP/1.1", "HTTP/2"] {
         for mode in MODES {
@@ -344,8 +364,13 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
         }
     }
     println!();
+    let placement = if pinned {
+        ", the replica's node alone on CPU 1, the rest on CPU 0"
+    } else {
+        ""
+    };
     println!(
-        "## Cross-node hop: 2 nodes, GET through a gateway, wrk -t2 -c{connections} -d{seconds}s"
+        "## Cross-node hop: 2 nodes{placement}, GET through a gateway, wrk -t2 -c{connections} -d{seconds}s"
     );
     println!();
     println!("| round | path | requests/s | p50 | p99 |");
@@ -355,13 +380,19 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
     let mut cpu: Vec<Vec<[f64; 2]>> = sides.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (p, http2) in [false, true].into_iter().enumerate() {
-            let (_dir, _server, _nodes, urls) = two_nodes(http2);
+            let (_dir, server, _nodes, urls) = two_nodes(http2);
+            let wrk_cpu = pinned.then_some(0);
             for (m, ([own, other], pids)) in urls.iter().enumerate() {
+                if pinned {
+                    pin(pids[0], 1);
+                    pin(pids[1], 0);
+                    pin(server.pid(), 0);
+                }
                 for (k, url) in [own, other].into_iter().enumerate() {
                     let i = p * 2 * MODES.len() + 2 * m + k;
-                    wrk::run(url, 3, connections);
+                    wrk::run_on(url, 3, connections, wrk_cpu);
                     let before = pids.map(cpu_seconds);
-                    let result = wrk::run(url, seconds, connections);
+                    let result = wrk::run_on(url, seconds, connections, wrk_cpu);
                     let after = pids.map(cpu_seconds);
                     assert_eq!(result.errors, "none", "{url}: {}", result.errors);
                     let requests = result.rps * seconds as f64;
@@ -385,10 +416,10 @@ fn hop(seconds: u64, connections: u64, rounds: usize) {
         let ratio = |p: usize| s[p * 2 * n + 2 * m + 1].rps / s[p * 2 * n + 2 * m].rps;
         println!("| {} | {:.2}x | {:.2}x |", mode.name(), ratio(0), ratio(1));
     }
-    // Both nodes and wrk share this machine's cores, so a hop's forwarding pass is paid from
-    // the CPU the serving node would use. Apart, the serving node's own CPU per request is
-    // what bounds it: local over hop is what the hop would reach with the forwarding gateway
-    // on cores of its own (an estimate, not a measurement).
+    // Unpinned, both nodes and wrk share this machine's cores, so a hop's forwarding pass is
+    // paid from the CPU the serving node would use. Apart, the serving node's own CPU per
+    // request is what bounds it: local over hop is what the hop would reach with the
+    // forwarding gateway on cores of its own (an estimate; `BENCH_PIN=1` measures it).
     println!();
     println!(
         "| mode | protocol | CPU µs/request, replica's node, local | same, one hop | forwarding node, one hop | replica's node local / hop |"
@@ -435,10 +466,15 @@ fn main() {
     let connections = env_or("BENCH_CONNECTIONS", 32);
     let rounds = env_or("BENCH_ROUNDS", 3) as usize;
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let pinned = env_or("BENCH_PIN", 0) == 1;
+    // SAFETY: sysconf has no preconditions.
+    if pinned && unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
+        panic!("BENCH_PIN=1 needs two CPUs");
+    }
     if only.is_empty() || only == "local" {
         local(seconds, connections, rounds);
     }
     if only.is_empty() || only == "hop" {
-        hop(seconds, connections, rounds);
+        hop(seconds, connections, rounds, pinned);
     }
 }

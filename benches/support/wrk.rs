@@ -14,16 +14,33 @@ pub struct Wrk {
 }
 
 pub fn run(url: &str, seconds: u64, connections: u64) -> Wrk {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .expect("wrk (apt-get install wrk)");
+    run_on(url, seconds, connections, None)
+}
+
+/// [`run`], with wrk on CPU `cpu` alone if given.
+pub fn run_on(url: &str, seconds: u64, connections: u64, cpu: Option<usize>) -> Wrk {
+    let mut wrk = Command::new("wrk");
+    wrk.args([
+        "-t2",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+        url,
+    ]);
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        let set = cpu_set(cpu);
+        // SAFETY: sched_setaffinity is async-signal-safe; the closure allocates nothing.
+        unsafe {
+            wrk.pre_exec(move || {
+                match libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
+        }
+    }
+    let out = wrk.output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let field = |prefix: &str| {
         text.lines()
@@ -47,6 +64,16 @@ pub fn run(url: &str, seconds: u64, connections: u64) -> Wrk {
         } else {
             errors
         },
+    }
+}
+
+/// The CPU set of CPU `cpu` alone, for `sched_setaffinity`.
+pub fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET only writes within it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
     }
 }
 
