@@ -259,6 +259,13 @@ fn a_provider_command_starts_and_stops_workers_and_its_failures_are_said() {
         .find(|l| l.starts_with("broken"))
         .unwrap_or_else(|| panic!("{listed}"));
     assert_eq!(row.split_whitespace().nth(3), Some("0/1"), "{listed}");
+    // A pool's maximum, a cap on what it costs, moves only when asked: a minimum above it
+    // is refused, not a raised cap.
+    let refused = server.cli(&["pool", "set", "broken", "--min", "2"]);
+    assert!(!refused.status.success(), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("above max"), "{said}");
+    assert_eq!(server.api_json("/v1/pools/broken")["spec"]["max"], 1);
     server.cli_ok(&["pool", "set", "broken", "--min", "0", "--max", "0"]);
     assert!(
         poll(Duration::from_secs(30), || server

@@ -61,7 +61,8 @@ struct SpecArgs {
     /// Nodes the pool always runs (create: 0).
     #[arg(long)]
     min: Option<u32>,
-    /// Nodes the pool runs at most (create: the minimum, or 1).
+    /// Nodes the pool runs at most (create: the minimum, or 1; set: kept, and a minimum above
+    /// it refused).
     #[arg(long)]
     max: Option<u32>,
     /// A command that starts and stops workers: run as `COMMAND start NODE` and `COMMAND
@@ -83,8 +84,10 @@ struct SpecArgs {
 }
 
 impl SpecArgs {
-    /// These flags over `base` (the pool's spec, or the defaults for a new pool).
-    fn over(self, base: PoolSpec) -> Result<PoolSpec> {
+    /// These flags over `base` (the pool's spec, or, `creating`, the defaults for a new
+    /// pool, whose maximum is then its minimum if that is more). A pool's maximum, a cap on
+    /// what it costs, changes only when asked: a minimum above it is refused.
+    fn over(self, base: PoolSpec, creating: bool) -> Result<PoolSpec> {
         let cooldown_ms = match self.cooldown {
             Some(text) => shoal_core::quantity::parse_duration_ms(&text)
                 .map_err(|e| crate::exit::usage(format!("--cooldown: {e}")))?,
@@ -93,7 +96,11 @@ impl SpecArgs {
         let min = self.min.unwrap_or(base.min);
         Ok(PoolSpec {
             min,
-            max: self.max.unwrap_or(base.max.max(min)),
+            max: match self.max {
+                Some(max) => max,
+                None if creating => base.max.max(min),
+                None => base.max,
+            },
             provider: self.provider.or(base.provider),
             cooldown_ms,
             labels: if self.labels.is_empty() {
@@ -151,12 +158,12 @@ pub async fn run(ctx: Context, cmd: PoolCommand) -> Result<()> {
                 node_args: Vec::new(),
                 schedule: Vec::new(),
             };
-            let spec = spec.over(defaults)?;
+            let spec = spec.over(defaults, true)?;
             (name, PoolWrite { create: true, spec }, "created")
         }
         PoolAction::Set { name, spec } => {
             let pool: Pool = client.get(&path(&name)).await?;
-            let spec = spec.over(pool.spec)?;
+            let spec = spec.over(pool.spec, false)?;
             (
                 name,
                 PoolWrite {
