@@ -498,6 +498,11 @@ pub fn restore(input: impl Read, data: &Path) -> Result<Restored, BackupError> {
             store.txn(txn)?;
         }
     }
+    // Private from the start, as a server keeps it: it holds sealed secrets and tokens' hashes.
+    std::fs::set_permissions(
+        &staging,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     // A link, not a rename: it fails where a state appeared meanwhile (a server started on
     // this data dir) instead of replacing it.
     let linked = std::fs::hard_link(&staging, &target);
@@ -583,6 +588,12 @@ mod tests {
         let restored = restore(tar.as_slice(), data.path()).unwrap();
         assert_eq!(restored.manifest, manifest);
         assert_eq!(restored.modules_written, 1);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(data.path().join("state.redb"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "the state is private: {mode:o}");
         let (back, _) = ReadOnlyStore::open(&data.path().join("state.redb"))
             .unwrap()
             .range("")
