@@ -170,6 +170,54 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
     let err = c.cli_err(&["logs", "once", "--replica", "once-1-nope"]);
     assert!(err.contains("no replica once-1-nope"), "{err}");
 
+    // Followed with every run finished: the follow waits for the next run, shows it, and
+    // ends with it.
+    let mut follow = common::Killed::new(
+        std::process::Command::new(common::SHOAL)
+            .args(["logs", "once", "-f"])
+            .env("SHOAL_CONFIG", c.config())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = common::read_lines(&mut follow);
+    let said = |what: &str, id: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(line) if line.contains(id) && line.contains(what) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        false
+    };
+    assert!(said("greet-job: done", &id), "the runs so far");
+    // Three of its relists (one a second) with no run going: it must not end.
+    let quiet = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < quiet {
+        assert_eq!(follow.try_wait().unwrap(), None, "the follow ended");
+        let _ = lines.recv_timeout(Duration::from_millis(100));
+    }
+    let next = c.cli_ok(&["job", "run", "once"]);
+    let next = next
+        .trim()
+        .strip_prefix("job default/once: run ")
+        .and_then(|s| s.strip_suffix(" started"))
+        .unwrap_or_else(|| panic!("{next}"))
+        .to_string();
+    assert!(
+        said("greet-job: done", &next),
+        "the follow missed run {next}"
+    );
+    assert!(
+        poll(Duration::from_secs(30), || follow
+            .try_wait()
+            .unwrap()
+            .is_some_and(|s| s.success())),
+        "the follow did not end with the run"
+    );
+
     // A schedule that fires at 03:00 in Seoul waits for it, but runs by hand now.
     let nightly = job_spec(
         c.dir.path(),

@@ -19,7 +19,8 @@ pub struct LogsArgs {
     app: String,
     /// Keep streaming new output: new replicas (a rollout, a replacement) join in, a node
     /// that restarts is read again from where it was, and if the server streaming goes away
-    /// the next of the context's servers takes over, each line still shown once.
+    /// the next of the context's servers takes over, each line still shown once. A job's
+    /// ends when its runs have (with none going, once the next has).
     #[arg(short, long)]
     follow: bool,
     /// Only the last N lines of each replica.

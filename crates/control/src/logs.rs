@@ -10,7 +10,8 @@
 //! what comes next, resuming from the next sequence number after its node restarts; the
 //! replicas are listed again every second, so a rollout's new replicas and a replacement on
 //! another node join the stream. It ends when the client goes, the app is deleted, or every
-//! replica has finished (a job's runs) and said all it had.
+//! replica has finished (a job's runs) and said all it had; a job's follow that starts with
+//! no run going waits for the next one.
 
 use crate::error::ControlError;
 use crate::state::{ControlPlane, blocking};
@@ -329,6 +330,11 @@ async fn follow(
     tx: mpsc::Sender<Bytes>,
 ) {
     let mut followers: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    // Whether a run that had not finished was seen, or one that came after the follow
+    // began (a quick one may finish between two looks): a job's follow that began with
+    // only finished runs (or none) waits for the next one rather than end at once.
+    let mut saw_running = query.replica.is_some();
+    let initial: HashSet<String> = start.keys().cloned().collect();
     let mut tick = tokio::time::interval(RELIST);
     loop {
         tokio::select! {
@@ -372,7 +378,9 @@ async fn follow(
         }
         // A job's runs, or the one replica asked for, end; an app that serves or runs on
         // gets new replicas (a rollout, a restart, a wake from zero), so its follow goes on.
+        saw_running |= targets.iter().any(|t| !t.done || !initial.contains(&t.id));
         let finished = ends
+            && saw_running
             && targets
                 .iter()
                 .all(|t| t.done && followers.get(&t.id).is_none_or(|f| f.is_finished()));
