@@ -26,6 +26,16 @@ fn job_spec(dir: &Path, name: &str, job: &str) -> String {
     .to_string()
 }
 
+/// `shoal job run once`: the run it started.
+fn run_once(c: &Cluster) -> String {
+    let out = c.cli_ok(&["job", "run", "once"]);
+    out.trim()
+        .strip_prefix("job default/once: run ")
+        .and_then(|s| s.strip_suffix(" started"))
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string()
+}
+
 fn replicas(c: &Cluster, app: &str) -> Vec<Value> {
     c.api_json(&format!("/v1/replicas?app={app}"))
         .as_array()
@@ -141,13 +151,7 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
     }));
     let first = replicas(&c, "once")[0]["id"].as_str().unwrap().to_string();
 
-    let out = c.cli_ok(&["job", "run", "once"]);
-    let id = out
-        .trim()
-        .strip_prefix("job default/once: run ")
-        .and_then(|s| s.strip_suffix(" started"))
-        .unwrap_or_else(|| panic!("{out}"))
-        .to_string();
+    let id = run_once(&c);
     assert_ne!(id, first);
     // Both runs finish and stay: the run by hand is not counted as a replica.
     let mut last = Vec::new();
@@ -199,13 +203,7 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
         assert_eq!(follow.try_wait().unwrap(), None, "the follow ended");
         let _ = lines.recv_timeout(Duration::from_millis(100));
     }
-    let next = c.cli_ok(&["job", "run", "once"]);
-    let next = next
-        .trim()
-        .strip_prefix("job default/once: run ")
-        .and_then(|s| s.strip_suffix(" started"))
-        .unwrap_or_else(|| panic!("{next}"))
-        .to_string();
+    let next = run_once(&c);
     assert!(
         said("greet-job: done", &next),
         "the follow missed run {next}"
