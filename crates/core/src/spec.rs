@@ -3005,6 +3005,20 @@ fn toml_error(src: &str, e: toml::de::Error) -> SpecError {
         (Some(name), Some(span)) if span.start == 0 => Some(name),
         (_, span) => span.and_then(|span| field_at(src, span.start)),
     };
+    // An unknown key is named by the message; the field is the table it was found in
+    // (none at the top).
+    let unknown = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split('`').next());
+    let field = match (field, unknown) {
+        (Some(f), Some(key)) if f == key => None,
+        (Some(f), Some(key)) => Some(
+            f.strip_suffix(key)
+                .and_then(|t| t.strip_suffix('.'))
+                .map_or(f.clone(), str::to_string),
+        ),
+        (f, _) => f,
+    };
     SpecError {
         field,
         message,
@@ -3021,22 +3035,28 @@ fn field_at(src: &str, at: usize) -> Option<String> {
     let before = src.get(..at)?;
     let line_start = before.rfind('\n').map_or(0, |n| n + 1);
     let line = src[line_start..].lines().next().unwrap_or("");
+    if let Some(header) = table_header(line) {
+        return Some(header);
+    }
     let key = line
         .split_once('=')
         .map(|(key, _)| key.trim())
         .filter(|key| !key.is_empty() && !key.starts_with(['[', '{', '#']));
-    let table = before[..line_start].lines().rev().find_map(|line| {
-        let line = line.trim();
-        let name = line.strip_prefix("[[").and_then(|l| l.split_once("]]"));
-        let name = name.or_else(|| line.strip_prefix('[').and_then(|l| l.split_once(']')));
-        name.map(|(name, _)| name.trim().to_string())
-    });
+    let table = before[..line_start].lines().rev().find_map(table_header);
     match (table, key) {
         (Some(table), Some(key)) => Some(format!("{table}.{key}")),
         (None, Some(key)) => Some(key.to_string()),
         (Some(table), None) => Some(table),
         (None, None) => None,
     }
+}
+
+/// The table a `[name]` or `[[name]]` line opens.
+fn table_header(line: &str) -> Option<String> {
+    let line = line.trim();
+    let name = line.strip_prefix("[[").and_then(|l| l.split_once("]]"));
+    let name = name.or_else(|| line.strip_prefix('[').and_then(|l| l.split_once(']')));
+    name.map(|(name, _)| name.trim().to_string())
 }
 
 #[derive(Deserialize)]
@@ -3882,6 +3902,26 @@ A = "1"
         let e = err("name = \"x\"\n[http]\nroutes = []\n[http]\n");
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.message.ends_with("`http`"), "{e}");
+    }
+
+    /// An unknown key is placed in the table it was found in, whether it opens a table of
+    /// its own or sits under one: the message names the key, the field its table.
+    #[test]
+    fn an_unknown_key_is_named_in_its_own_table() {
+        let at = |src: &str| {
+            let e = err(src);
+            assert!(e.message.starts_with("unknown field"), "{e}");
+            (e.field, e.line)
+        };
+        let top = "name = \"x\"\n[http]\nroutes = [\"/\"]\n[scalee]\nreplicas = 3\n";
+        assert_eq!(at(top), (None, Some(4)));
+        let top_key = "name = \"x\"\nscalee = 3\n[http]\nroutes = [\"/\"]\n";
+        assert_eq!(at(top_key), (None, Some(2)));
+        let nested =
+            "name = \"x\"\n[component]\nkind = \"http\"\n[http]\nroutes = [\"/\"]\nreuze = 2\n";
+        assert_eq!(at(nested), (Some("http".into()), Some(6)));
+        let sub = "name = \"x\"\n[http]\nroutes = [\"/\"]\n[resources.limitz]\ncpu = \"1\"\n";
+        assert_eq!(at(sub), (Some("resources".into()), Some(4)));
     }
 
     #[test]
