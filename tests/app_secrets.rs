@@ -455,6 +455,31 @@ fn an_apps_certificate_from_a_secret_is_served_by_every_gateway_and_renewed_in_p
             "{secret}: {stderr}"
         );
     }
+    // A renewal with the wrong files is refused as it is written, changing nothing: a
+    // certificate for another host (409), a certificate and key swapped (400).
+    let refused = |args: &[&str], code: i32, says: &str| {
+        let out = server.cli(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    };
+    let set = ["secret", "set", "shop-tls", "--tls-cert"];
+    refused(
+        &[&set[..], &[cert.as_str(), "--tls-key", key.as_str()]].concat(),
+        4,
+        "app shop: the certificate does not name shop.example.test",
+    );
+    refused(
+        &[&set[..], &[key.as_str(), "--tls-key", cert.as_str()]].concat(),
+        1,
+        "tls.crt and tls.key",
+    );
+    let out = server.cli_ok(&["get", "secrets"]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("shop-tls ") && l.split_whitespace().nth(2) == Some("2")),
+        "{out}"
+    );
     let out = server.cli(&["secret", "delete", "shop-tls"]);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("used by shop"),

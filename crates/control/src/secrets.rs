@@ -152,9 +152,12 @@ impl ControlPlane {
     /// [`Self::resolve_secrets`]), the version `current` (the app's spec now) pins for each
     /// key whose value there is the latest's: another key of the secret changing is no reason
     /// to roll the app, nor is applying it again (a controller does so for every app naming a
-    /// secret when it starts). Values that cannot be compared now leave the latest version.
+    /// secret when it starts). Without the key file no value can be compared, and every
+    /// pinned version is kept: a restart without it must not roll apps to versions whose
+    /// values nobody can tell apart. Other values that cannot be opened leave the latest.
     pub(crate) fn keep_secret_versions(&self, spec: &mut AppSpec, current: &AppSpec) {
         let ns = spec.namespace.clone();
+        let comparable = self.with_keys(|_| Ok(())).is_ok();
         let mut secrets: BTreeMap<String, Option<Secret>> = BTreeMap::new();
         // Each version's values, opened once; `None`: it cannot be.
         type Values = Option<BTreeMap<String, Zeroizing<String>>>;
@@ -190,6 +193,10 @@ impl ControlPlane {
                     continue;
                 };
                 if pinned == latest {
+                    continue;
+                }
+                if !comparable {
+                    r.version = Some(pinned);
                     continue;
                 }
                 let now = value(&r.secret, latest, &r.key);
@@ -321,6 +328,15 @@ impl ControlPlane {
         }
         let key = keys::secret(ns, name);
         let existing = self.get(&key)?;
+        let tls_users: Vec<(String, Vec<String>)> = self
+            .list::<App>(&keys::apps_in(ns))?
+            .into_iter()
+            .filter_map(|a| {
+                let http = a.spec.http.as_ref()?;
+                (http.tls.as_ref()?.secret == name)
+                    .then(|| (a.spec.name, route_hosts(&http.routes)))
+            })
+            .collect();
         let written = self.with_keys(|ring| {
             let now = self.now();
             let (mut values, mut secret, txn) = match (&existing, write.create) {
@@ -379,6 +395,7 @@ impl ControlPlane {
                 .filter(|k| before.as_ref().and_then(|b| b.get(*k)) != values.get(*k))
                 .cloned()
                 .collect();
+            check_tls(name, &values, &tls_users)?;
             let bytes: usize = values.iter().map(|(k, v)| k.len() + v.len()).sum();
             if bytes > MAX_SECRET_BYTES {
                 return Err(bad(format!(
@@ -736,6 +753,50 @@ fn route_hosts(routes: &[shoal_core::spec::Route]) -> Vec<String> {
     hosts.into_iter().cloned().collect()
 }
 
+/// Refuses `values` for secret `name` whose certificate does not go with its key, as
+/// `kubectl create secret tls` does, or no longer names the route hosts of an app in `users`
+/// (name, hosts) that serves it: stored, it would be a secret no apply takes, and those apps
+/// would keep the old certificate with no more than a warning event.
+fn check_tls(
+    name: &str,
+    values: &BTreeMap<String, Zeroizing<String>>,
+    users: &[(String, Vec<String>)],
+) -> Result<(), ControlError> {
+    let (cert, key) = (values.get(TLS_CERT_KEY), values.get(TLS_KEY_KEY));
+    if cert.is_none() && key.is_none() && users.is_empty() {
+        return Ok(());
+    }
+    let bad = |m: String| ControlError::invalid(ErrorCode::InvalidSpec, m);
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Err(bad(format!(
+            "secret {name}: a TLS secret holds both {TLS_CERT_KEY} and {TLS_KEY_KEY} (`shoal secret set {name} --tls-cert FILE --tls-key FILE`)"
+        )));
+    };
+    let chain = shoal_tls::KeyedChain {
+        chain: cert.to_string(),
+        key: key.to_string(),
+    };
+    shoal_tls::HostCertificate::new(&chain, &[]).map_err(|e| {
+        bad(format!(
+            "secret {name}'s {TLS_CERT_KEY} and {TLS_KEY_KEY}: {e}"
+        ))
+    })?;
+    let refused: Vec<String> = users
+        .iter()
+        .filter_map(|(app, hosts)| {
+            let e = shoal_tls::HostCertificate::new(&chain, hosts).err()?;
+            Some(format!("app {app}: {e}"))
+        })
+        .collect();
+    match refused.is_empty() {
+        true => Ok(()),
+        false => Err(ControlError::conflict(format!(
+            "secret {name} cannot change so: {}",
+            refused.join("; ")
+        ))),
+    }
+}
+
 /// Version `version` of TLS secret `secret`: its certificate chain and key; or, as the
 /// outer error, what it lacks.
 fn tls_pair(
@@ -852,6 +913,63 @@ mod tests {
             .txn(Txn::new().then(Op::put(keys::replica(&app, &replica.id), encode(&replica))))
             .unwrap();
         (app, replica.id)
+    }
+
+    /// A certificate is checked against its key as it is written, and against the hosts of
+    /// the apps serving it: a refused one changes nothing.
+    #[test]
+    fn a_tls_secret_is_refused_when_its_key_or_hosts_do_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        std::fs::create_dir(dir.path().join("site")).unwrap();
+        let ca = shoal_tls::Authority::load_or_create(&dir.path().join("site")).unwrap();
+        let pair = |host: &str| ca.issue_server(&[host.to_string()]).unwrap().keyed_chain();
+        let (shop, other) = (pair("shop.test"), pair("other.test"));
+        let tls = |create, cert: &str, key: &str| {
+            write(create, &[(TLS_CERT_KEY, cert), (TLS_KEY_KEY, key)])
+        };
+        let refused = |r: Result<_, ControlError>| r.map(|_| ()).unwrap_err().to_string();
+        // Files swapped, a key of another certificate, a certificate alone.
+        let e = refused(cp.put_secret("default", "t", tls(true, &shop.key, &shop.chain)));
+        assert!(e.contains("tls.crt and tls.key"), "{e}");
+        let e = refused(cp.put_secret("default", "t", tls(true, &shop.chain, &other.key)));
+        assert!(e.contains("tls.crt and tls.key"), "{e}");
+        let e = refused(cp.put_secret("default", "t", write(true, &[(TLS_CERT_KEY, &shop.chain)])));
+        assert!(e.contains("holds both tls.crt and tls.key"), "{e}");
+        assert!(cp.secret("default", "t").is_err());
+
+        cp.put_secret("default", "shop-tls", tls(true, &shop.chain, &shop.key))
+            .unwrap();
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"shop\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n[http]\nroutes = [\"shop.test/\"]\ntls = \"shop-tls\"\n"
+        );
+        cp.apply(parse_app(&src).unwrap().resolve(digest).unwrap(), false)
+            .unwrap();
+        // A certificate for another host, that the app cannot serve: a conflict, as a config
+        // set change an app could not take is.
+        let e = cp
+            .put_secret("default", "shop-tls", tls(false, &other.chain, &other.key))
+            .map(|_| ())
+            .unwrap_err();
+        assert!(matches!(e, ControlError::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().contains("app shop:") && e.to_string().contains("shop.test"),
+            "{e}"
+        );
+        let e = refused(cp.put_secret("default", "shop-tls", tls(false, &shop.chain, &other.key)));
+        assert!(e.contains("tls.crt and tls.key"), "{e}");
+        assert_eq!(cp.secret("default", "shop-tls").unwrap().version, 1);
+        // A renewal for the same host goes through.
+        let renewed = pair("shop.test");
+        let (view, _) = cp
+            .put_secret(
+                "default",
+                "shop-tls",
+                tls(false, &renewed.chain, &renewed.key),
+            )
+            .unwrap();
+        assert_eq!(view.version, 2);
     }
 
     /// A secret set while an app naming it is applied: the app ends on the latest version,
@@ -1036,6 +1154,17 @@ mod tests {
             std::slice::from_ref(&app)
         );
         assert_eq!(pinned(&cp), (3, Some(3)));
+        // Nor by a controller started without the key file, which cannot compare values.
+        let ring = std::mem::replace(
+            &mut *cp.inner.secret_keys.write().unwrap(),
+            Keys::Unavailable("no key file".into()),
+        );
+        assert_eq!(
+            cp.apply_references_again().unwrap(),
+            std::slice::from_ref(&app)
+        );
+        assert_eq!(pinned(&cp), (3, Some(3)));
+        *cp.inner.secret_keys.write().unwrap() = ring;
         // Once nothing names the secret, old versions go at the next change.
         cp.delete_app(&app).unwrap();
         for r in cp.list::<Revision>(&keys::revisions_of(&app)).unwrap() {
