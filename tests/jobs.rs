@@ -150,6 +150,13 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
         phases(&replicas(&c, "once"), "Succeeded") == 1
     }));
     let first = replicas(&c, "once")[0]["id"].as_str().unwrap().to_string();
+    // A job has no rollout to pause, resume or restart: refused, saying why.
+    for action in ["pause", "resume", "restart"] {
+        let out = c.cli(&["rollout", action, "once"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{action}: {stderr}");
+        assert!(stderr.contains("is a job"), "{action}: {stderr}");
+    }
 
     let id = run_once(&c);
     assert_ne!(id, first);

@@ -11,7 +11,7 @@ use shoal_api::{
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::spec::AppKey;
+use shoal_core::spec::{AppKey, Kind};
 use shoal_core::{App, EventType, Replica, Revision, RolloutPhase, RolloutStatus, Volume};
 use shoal_scheduler::plan::{Batch, Change, Expect, Read, Volumes, roll_back_into};
 use shoal_scheduler::rollout::{self, Acted, Action, ActionError};
@@ -103,6 +103,12 @@ impl ControlPlane {
         let (app, app_rev) = self
             .get::<App>(&keys::app(key))?
             .ok_or_else(|| ControlError::not_found(format!("app {key} does not exist")))?;
+        if app.spec.component.kind == Kind::Job {
+            return Err(ControlError::invalid(
+                ErrorCode::BadRequest,
+                format!("app {key} is a job: jobs run to completion and do not roll out"),
+            ));
+        }
         let Some((status, status_rev)) = self.get::<RolloutStatus>(&keys::rollout(key))? else {
             return Err(ControlError::conflict(format!(
                 "app {key} has no rollout yet; try again in a moment"
