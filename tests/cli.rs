@@ -142,6 +142,19 @@ fn exit_codes_say_what_went_wrong_diff_says_whether_anything_would_change_and_a_
         Some(5)
     );
     assert_eq!(code(&c, &["get", "no-such-kind"]), Some(2), "usage");
+    // A value that is not KEY=VALUE is a usage error, found before any request.
+    for args in [
+        &["config", "set", "shared", "=1"][..],
+        &["config", "create", "cc", "--from-literal", "novalue"],
+        &["secret", "create", "x", "--from-literal", "=v"],
+    ] {
+        let out = c.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"),
+            "{args:?}: {out:?}"
+        );
+    }
 
     // A name is checked before it goes into a request's path: one that is no name would
     // otherwise end the path there, and delete another app.

@@ -96,7 +96,7 @@ enum SetAction {
 fn pair(text: &str) -> Result<(String, String)> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => bail!("{text:?} is not KEY=VALUE"),
+        _ => Err(crate::exit::usage(format!("{text:?} is not KEY=VALUE"))),
     }
 }
 

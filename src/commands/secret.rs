@@ -114,7 +114,9 @@ fn pair(text: &str) -> Result<(String, String)> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         // Not echoed back: it may be the secret itself.
-        _ => bail!("a value is not KEY=VALUE (or KEY=PATH)"),
+        _ => Err(crate::exit::usage(
+            "a value is not KEY=VALUE (or KEY=PATH)".into(),
+        )),
     }
 }
 
