@@ -1943,6 +1943,9 @@ fn claim_routes(
     txn
 }
 
+/// The longest value a spec diff prints; a longer one is said to have changed.
+const LONG_VALUE: usize = 120;
+
 /// Field-level differences between two specs, `path: old -> new`, from
 /// their JSON forms so every field is covered without a hand-written list.
 fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
@@ -1976,17 +1979,25 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
     flatten(String::new(), &sections, &mut defaults);
     // Left out of a stored rollout while 0, its default.
     defaults.insert("rollout.min_ready_ms".to_string(), "0".to_string());
+    // The config sets an apply resolved are their names in order, then each set's values by
+    // key, as `[config]`'s are: one value changed is one line, not the whole list again.
+    let value = |spec: &AppSpec| {
+        let mut v = serde_json::to_value(spec).expect("spec serialises");
+        if let Some(sets) = v.get_mut("config_sets").map(serde_json::Value::take) {
+            let sets = sets.as_array().cloned().unwrap_or_default();
+            let names: Vec<&serde_json::Value> = sets.iter().map(|s| &s["name"]).collect();
+            v["config_sets"] = serde_json::json!(names);
+            let values: serde_json::Map<String, serde_json::Value> = sets
+                .iter()
+                .filter_map(|s| Some((s["name"].as_str()?.to_string(), s["data"].clone())))
+                .collect();
+            v["config_set"] = values.into();
+        }
+        v
+    };
     let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    flatten(
-        String::new(),
-        &serde_json::to_value(old).expect("spec serialises"),
-        &mut a,
-    );
-    flatten(
-        String::new(),
-        &serde_json::to_value(new).expect("spec serialises"),
-        &mut b,
-    );
+    flatten(String::new(), &value(old), &mut a);
+    flatten(String::new(), &value(new), &mut b);
     let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
     keys.sort();
     keys.dedup();
@@ -2006,7 +2017,11 @@ fn diff(old: &AppSpec, new: &AppSpec) -> Vec<String> {
             (x != y).then(|| {
                 let (name, x) = readable(k, x.map(String::as_str));
                 let (_, y) = readable(k, y.map(String::as_str));
-                format!("{name}: {x} -> {y}")
+                // A long value (a file's worth of config) is said to change, not printed.
+                match x.len().max(y.len()) > LONG_VALUE {
+                    true => format!("{name}: changed"),
+                    false => format!("{name}: {x} -> {y}"),
+                }
             })
         })
         .collect()
@@ -2651,6 +2666,39 @@ pub(crate) mod tests {
         // A setting left out of the stored spec at its default reads as that default.
         let ready = spec("[rollout]\nmin_ready = \"15s\"\n");
         assert_eq!(diff(&old, &ready), ["rollout.min_ready: 0s -> 15s"]);
+
+        // A config set's value is one line by its key, and a long one is not printed.
+        let with_sets = |color: &str, motd: &str| {
+            let mut s = spec("");
+            let set = |name: &str, data: &[(&str, &str)]| shoal_core::spec::ConfigSetRef {
+                name: name.into(),
+                data: Some(
+                    data.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+            };
+            s.config_sets = vec![
+                set("shared", &[("color", color), ("motd", motd)]),
+                set("team", &[]),
+            ];
+            s
+        };
+        let long = "x".repeat(1 << 20);
+        let changes = diff(&with_sets("blue", "hi"), &with_sets("green", &long));
+        assert_eq!(
+            changes,
+            [
+                "config_set.shared.color: \"blue\" -> \"green\"",
+                "config_set.shared.motd: changed"
+            ]
+        );
+        let mut reordered = with_sets("blue", "hi");
+        reordered.config_sets.reverse();
+        assert_eq!(
+            diff(&with_sets("blue", "hi"), &reordered),
+            ["config_sets: [\"shared\",\"team\"] -> [\"team\",\"shared\"]"]
+        );
     }
 
     /// A control plane on a fresh store in `dir`, for unit tests.
