@@ -1876,13 +1876,7 @@ impl AppSpec {
     /// an apply), not in [`AppSpec::validate`]: a spec stored before the cap still reads.
     pub fn check_durations(&self) -> Result<(), SpecError> {
         match self.durations().find(|(_, ms)| *ms > MAX_DURATION_MS) {
-            Some((f, ms)) => Err(SpecError::field(
-                f,
-                format!(
-                    "{} is longer than the longest a spec may say, 365d",
-                    crate::quantity::format_duration_ms(ms)
-                ),
-            )),
+            Some((f, ms)) => Err(SpecError::field(f, too_long(ms))),
             None => Ok(()),
         }
     }
@@ -2870,6 +2864,14 @@ fn scale(
     ))
 }
 
+/// Why a span of time `ms` long is refused ([`MAX_DURATION_MS`]).
+fn too_long(ms: u64) -> String {
+    format!(
+        "{} is longer than the longest a spec may say, 365d",
+        crate::quantity::format_duration_ms(ms)
+    )
+}
+
 /// `[[…schedule]]` windows as a spec keeps them; `field` names them in errors
 /// (`scale.schedule` for an app, `schedule` for a pool).
 fn windows(
@@ -2880,11 +2882,18 @@ fn windows(
     let fail = |field: &str, message: String, span: Range<usize>| {
         SpecError::field(field, message).at(src, Some(span))
     };
+    // Checked here, where each value's place is known, what `AppSpec::validate` would
+    // otherwise find with no more than the section's.
     let duration = |field: &str, d: &Spanned<String>| {
-        parse_duration_ms(d.get_ref()).map_err(|e| fail(field, e.to_string(), d.span()))
+        let ms =
+            parse_duration_ms(d.get_ref()).map_err(|e| fail(field, e.to_string(), d.span()))?;
+        match ms > MAX_DURATION_MS {
+            true => Err(fail(field, too_long(ms), d.span())),
+            false => Ok(ms),
+        }
     };
     let value = |v: &Option<Spanned<u32>>| v.as_ref().map(|v| *v.get_ref());
-    let mut schedule = Vec::new();
+    let mut schedule: Vec<ScheduleWindow> = Vec::new();
     for (i, w) in raw.iter().enumerate() {
         let rw = w.get_ref();
         let (min, max) = match (&rw.replicas, value(&rw.min), value(&rw.max)) {
@@ -2911,7 +2920,7 @@ fn windows(
             duration_ms: rw
                 .duration
                 .as_ref()
-                .map(|d| duration(&format!("{field}.duration"), d))
+                .map(|d| duration(&format!("{field}[{i}].duration"), d))
                 .transpose()?,
             end: rw.end.as_ref().map(|e| e.get_ref().clone()),
             min,
@@ -2927,8 +2936,18 @@ fn windows(
                 "max" => rw.max.as_ref().or(rw.replicas.as_ref()).map(Spanned::span),
                 _ => None,
             };
+            // `replicas = N` is min and max both: named as written.
+            let f = match (f, &rw.replicas) {
+                ("min" | "max", Some(_)) => "replicas",
+                _ => f,
+            };
             let at = format!("{field}[{i}].{f}");
             return Err(fail(&at, m, span.unwrap_or_else(|| w.span())));
+        }
+        if schedule.iter().any(|o| o.name == window.name) {
+            let span = rw.name.as_ref().map_or_else(|| w.span(), Spanned::span);
+            let m = format!("{:?} is used by another window", window.name);
+            return Err(fail(&format!("{field}[{i}].name"), m, span));
         }
         schedule.push(window);
     }
@@ -5175,6 +5194,37 @@ spread = "required"
             scaled("[[scale.schedule]]\ncron = \"0 25 * * *\"\nduration = \"1h\"\nreplicas = 3\n")
                 .unwrap_err();
         assert_eq!((e.line, e.column), (Some(14), Some(8)), "{e}");
+        // So do a window's other errors, at the value at fault, named as written.
+        let window = |name: &str, duration: &str, replicas: &str| {
+            format!(
+                "[[scale.schedule]]\nname = \"{name}\"\ncron = \"0 9 * * *\"\nduration = \"{duration}\"\nreplicas = {replicas}\n"
+            )
+        };
+        for (scale, field, line, message) in [
+            (
+                window("a", "400d", "3"),
+                "scale.schedule[0].duration",
+                16,
+                "365d",
+            ),
+            (
+                window("a", "1h", "100000"),
+                "scale.schedule[0].replicas",
+                17,
+                "at most",
+            ),
+            (
+                window("a", "1h", "3") + &window("a", "2h", "1"),
+                "scale.schedule[1].name",
+                19,
+                "used by another window",
+            ),
+        ] {
+            let e = scaled(&scale).expect_err(&scale);
+            assert_eq!(e.field.as_deref(), Some(field), "{scale}: {e}");
+            assert_eq!(e.line, Some(line), "{scale}: {e}");
+            assert!(e.message.contains(message), "{scale}: {e}");
+        }
         // Autoscaling is for http apps; a job takes no [scale] at all.
         let job = format!(
             "name = \"j\"\n[component]\ndigest = \"sha256:{}\"\nkind = \"job\"\n[scale]\nmax = 3\n",
