@@ -11,7 +11,10 @@ use crate::objects::Millis;
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
-use croner::parser::{CronParser, Seconds};
+use croner::parser::{CronParser, Seconds, Year};
+
+/// Where the check that a schedule fires at all starts: 2000-01-01 UTC.
+const NEVER_FROM: Millis = 946_684_800_000;
 
 /// A parsed cron expression and the zone its fields are read in.
 #[derive(Debug, Clone)]
@@ -31,12 +34,21 @@ impl CronSchedule {
         })?;
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
             .build()
             .parse(expr)
             .map_err(|e| {
-                format!("invalid cron expression {expr:?}: {e} (five fields: minute hour day-of-month month day-of-week, e.g. \"0 9 * * MON-FRI\")")
+                format!("invalid cron expression {expr:?}: {e} (five fields: minute hour day-of-month month day-of-week, e.g. \"0 9 * * MON-FRI\", or six with seconds first)")
             })?;
-        Ok(CronSchedule { cron, tz })
+        let schedule = CronSchedule { cron, tz };
+        // A day no month has (30 February, 31 April) parses, and would never fire; a
+        // schedule that fires at all does so within any span of years that holds a leap year.
+        if schedule.next_after(NEVER_FROM).is_none() {
+            return Err(format!(
+                "cron expression {expr:?} never fires: no month has the day it names"
+            ));
+        }
+        Ok(schedule)
     }
 
     /// The latest time at or before `now` the schedule fired.
@@ -120,6 +132,23 @@ mod tests {
         assert_eq!(
             s.next_after(utc(2026, 11, 28, 0, 0, 0)),
             Some(utc(2026, 11, 30, 0, 0, 0))
+        );
+    }
+
+    /// Five fields, or six with seconds: a seventh (a year, which croner would take) is
+    /// refused, and so is a day no month has, which would never fire. 29 February fires.
+    #[test]
+    fn a_year_field_or_a_day_that_never_comes_is_refused() {
+        let e = CronSchedule::parse("0 0 0 * * * 2030", "UTC").unwrap_err();
+        assert!(e.contains("5 or 6 fields"), "{e}");
+        for never in ["0 0 30 2 *", "0 0 31 4,6 *"] {
+            let e = CronSchedule::parse(never, "Europe/Berlin").unwrap_err();
+            assert!(e.contains("never fires"), "{never}: {e}");
+        }
+        let leap = CronSchedule::parse("0 0 29 2 *", "UTC").unwrap();
+        assert_eq!(
+            leap.next_after(utc(2026, 12, 6, 0, 0, 0)),
+            Some(utc(2028, 2, 29, 0, 0, 0))
         );
     }
 
