@@ -382,6 +382,12 @@ impl ControlPlane {
                 }
             }
             for (k, v) in write.set {
+                // Any value may become an environment variable, which ends at a NUL.
+                if v.contains('\0') {
+                    return Err(bad(format!(
+                        "secret {name}'s key {k} holds a NUL character, which no environment variable can"
+                    )));
+                }
                 values.insert(k, Zeroizing::new(v));
             }
             if before.as_ref() == Some(&values) {
@@ -936,6 +942,9 @@ mod tests {
         assert!(e.contains("tls.crt and tls.key"), "{e}");
         let e = refused(cp.put_secret("default", "t", write(true, &[(TLS_CERT_KEY, &shop.chain)])));
         assert!(e.contains("holds both tls.crt and tls.key"), "{e}");
+        // Nor a value an environment variable would cut short.
+        let e = refused(cp.put_secret("default", "t", write(true, &[("pw", "cut\0here")])));
+        assert!(e.contains("NUL"), "{e}");
         assert!(cp.secret("default", "t").is_err());
 
         cp.put_secret("default", "shop-tls", tls(true, &shop.chain, &shop.key))

@@ -2076,6 +2076,17 @@ impl AppSpec {
                 return field("env", format!("{key} is both a value and a secret"));
             }
         }
+        // An environment variable ends at its first NUL: the guest would get less, silently.
+        if let Some(key) = self
+            .env
+            .iter()
+            .find_map(|(k, v)| v.contains('\0').then_some(k))
+        {
+            return field(
+                &format!("env.{key}"),
+                "holds a NUL character, which no environment variable can".into(),
+            );
+        }
         if let Err(m) = check_config(&self.config) {
             return field("config", m);
         }
@@ -3708,6 +3719,15 @@ A = "1"
         let e = parse_app(&missing).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("env"), "{e}");
         assert!(e.to_string().contains("\"nope\""), "{e}");
+    }
+
+    /// An environment variable ends at a NUL: a value holding one is refused at its line.
+    #[test]
+    fn an_env_value_with_a_nul_is_refused() {
+        let e = parse_app(&HELLO.replace("A = \"1\"", "A = \"cut\\u0000here\"")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("env.A"), "{e}");
+        assert!(e.message.contains("NUL"), "{e}");
+        assert!(e.line.is_some(), "{e}");
     }
 
     #[test]
