@@ -249,6 +249,12 @@ fn a_missing_key_file_starts_nothing_that_needs_it_and_says_why() {
     let hello = write_spec(c.dir.path(), "hello.toml", &text);
     c.cli_ok(&["apply", "-f", hello.to_str().unwrap()]);
     c.wait_gw("/hello", 200, "Hello");
+    // A key the app does not read changes: it stays on the version it pins, and so it must
+    // after a restart that cannot compare the values.
+    c.cli_ok(&["secret", "set", "db", "--from-literal", "user=app"]);
+    let revision = |c: &Cluster| c.api_json("/v1/apps/faulty")["app"]["revision"].as_u64();
+    let before = revision(&c);
+    assert!(before.is_some());
 
     std::fs::remove_file(c.dir.path().join("data/secret.key")).unwrap();
     c.kill_and_restart();
@@ -274,8 +280,9 @@ fn a_missing_key_file_starts_nothing_that_needs_it_and_says_why() {
         "{err}"
     );
     assert!(c.cli_ok(&["get", "secrets"]).contains("db"));
-    // No new key was made in its place.
+    // No new key was made in its place, and no revision for values nobody could compare.
     assert!(!c.dir.path().join("data/secret.key").exists());
+    assert_eq!(revision(&c), before);
 }
 
 /// A client trusting only `ca` (PEM), reaching `host` at `gateway`; a new connection per
