@@ -14,8 +14,8 @@
 //! Run with `cargo bench --bench hotpath` (also part of `make bench`). Needs `wrk` and
 //! `wasmtime` 48 (`WASMTIME=/path/to/wasmtime` if it is not on PATH). Knobs: `BENCH_SECONDS`
 //! (default 10), `BENCH_CONNECTIONS` (32), `BENCH_ROUNDS` (3), `BENCH_ONLY` (`local` or `hop`),
-//! `BENCH_PIN` (`1`: in the hop runs, the replica's node alone on CPU 1 and the rest on CPU 0,
-//! as two machines would have it).
+//! `BENCH_PIN` (`1`: in the hop runs, the replica's node started on CPU 1 alone and the rest on
+//! CPU 0, as two one-CPU machines would have it).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -301,18 +301,49 @@ fn local(seconds: u64, connections: u64, rounds: usize) {
 /// nodes' process ids in that order.
 type Paths = Vec<([String; 2], [u32; 2])>;
 
-fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
+/// With `pinned`, the replica's node is started on CPU 1 alone and the control plane and the
+/// other node on CPU 0 alone, as two one-CPU machines: each sizes its threads (tokio's
+/// workers, the guests' and the batch pools) by the one CPU it has, as it would there. The
+/// replicas go to the CPU 1 node by a node selector.
+fn two_nodes(http2: bool, pinned: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
     let protocol = if http2 { "http2" } else { "http1" };
-    let (dir, server, nodes) = cluster(2, &["--hop-protocol", protocol]);
+    let (dir, server, nodes) = match pinned {
+        false => cluster(2, &["--hop-protocol", protocol]),
+        true => {
+            let dir = tempfile::tempdir().unwrap();
+            let server = on_cpu(Some(0), || Server::start(dir.path()));
+            let replica = ["--hop-protocol", protocol, "--label", "bench=replica"];
+            let nodes = vec![
+                on_cpu(Some(1), || NodeProc::join(&server, "node-1", &replica)),
+                on_cpu(Some(0), || {
+                    NodeProc::join(&server, "node-2", &["--hop-protocol", protocol])
+                }),
+            ];
+            let ready = || {
+                let n = server.api_json("/v1/nodes");
+                n.as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|n| n["state"] == "Ready")
+                    .count()
+                    == 2
+            };
+            assert!(poll(Duration::from_secs(20), ready), "nodes never Ready");
+            (dir, server, nodes)
+        }
+    };
     let mut urls = Vec::new();
     for (i, mode) in MODES.iter().enumerate() {
         // One app per mode, each under its own name and route.
         let (name, text) = mode.app();
         let app = format!("m{i}-{name}");
-        let text = text
+        let mut text = text
             .replace("../target", &format!("{}/target", examples()))
             .replace(&format!("name = \"{name}\""), &format!("name = \"{app}\""))
             .replace(&format!("\"/{name}\""), &format!("\"/{app}\""));
+        if pinned {
+            text.push_str("\n[placement]\nnode_selector = { bench = \"replica\" }\n");
+        }
         let spec = write_spec(dir.path(), &format!("{app}.toml"), &text);
         server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
         assert!(poll(Duration::from_secs(30), || server
@@ -337,24 +368,25 @@ fn two_nodes(http2: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
     (dir, server, nodes, urls)
 }
 
-/// Puts every thread of process `pid` on CPU `cpu` alone; threads it starts later inherit
-/// that from the thread that starts them.
-fn pin(pid: u32, cpu: usize) {
-    let set = wrk::cpu_set(cpu);
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads") {
-        let Some(tid) = task
-            .ok()
-            .and_then(|t| t.file_name().to_str()?.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: a plain system call on a thread id; a thread gone meanwhile fails it.
-        unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+/// Runs `start` (which spawns processes) with this thread on CPU `cpu` alone, so what it
+/// spawns starts there and inherits it, then puts the thread back where it was.
+fn on_cpu<T>(cpu: Option<usize>, start: impl FnOnce() -> T) -> T {
+    let Some(cpu) = cpu else { return start() };
+    // SAFETY: plain system calls on this thread (0) with a set of the right size.
+    unsafe {
+        let mut was: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of_val(&was), &mut was);
+        let set = wrk::cpu_set(cpu);
+        libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        let started = start();
+        libc::sched_setaffinity(0, std::mem::size_of_val(&was), &was);
+        started
     }
 }
 
 /// `pinned`: the replica's node alone on CPU 1, and the other node, the control plane and
-/// `wrk` on CPU 0, as if the nodes were two machines (`wrk` shares the forwarding node's).
+/// `wrk` on CPU 0, as if the nodes were two one-CPU machines (`wrk` shares the forwarding
+/// node's: a third machine is what this one lacks).
 fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
     let mut sides = Vec::new();
     for protocol in ["HTTP/1.1", "HTTP/2"] {
@@ -376,18 +408,14 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
     println!("| round | path | requests/s | p50 | p99 |");
     println!("|---|---|---|---|---|");
     let mut results: Vec<Vec<wrk::Wrk>> = sides.iter().map(|_| Vec::new()).collect();
-    // CPU µs per request of [the replica's node, the other node], per side and round.
-    let mut cpu: Vec<Vec<[f64; 2]>> = sides.iter().map(|_| Vec::new()).collect();
+    // CPU µs per request of [the replica's node, the other node], then the share of one CPU
+    // the replica's node kept busy, per side and round.
+    let mut cpu: Vec<Vec<[f64; 3]>> = sides.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
         for (p, http2) in [false, true].into_iter().enumerate() {
-            let (_dir, server, _nodes, urls) = two_nodes(http2);
+            let (_dir, _server, _nodes, urls) = two_nodes(http2, pinned);
             let wrk_cpu = pinned.then_some(0);
             for (m, ([own, other], pids)) in urls.iter().enumerate() {
-                if pinned {
-                    pin(pids[0], 1);
-                    pin(pids[1], 0);
-                    pin(server.pid(), 0);
-                }
                 for (k, url) in [own, other].into_iter().enumerate() {
                     let i = p * 2 * MODES.len() + 2 * m + k;
                     wrk::run_on(url, 3, connections, wrk_cpu);
@@ -396,7 +424,12 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
                     let after = pids.map(cpu_seconds);
                     assert_eq!(result.errors, "none", "{url}: {}", result.errors);
                     let requests = result.rps * seconds as f64;
-                    let per_request = [0, 1].map(|n| (after[n] - before[n]) / requests * 1e6);
+                    let used = [0, 1].map(|n| after[n] - before[n]);
+                    let per_request = [
+                        used[0] / requests * 1e6,
+                        used[1] / requests * 1e6,
+                        used[0] / seconds as f64,
+                    ];
                     println!(
                         "| {round} | {} | {:.0} | {} | {} |",
                         sides[i], result.rps, result.p50, result.p99
@@ -420,11 +453,13 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
     // paid from the CPU the serving node would use. Apart, the serving node's own CPU per
     // request is what bounds it: local over hop is what the hop would reach with the
     // forwarding gateway on cores of its own (an estimate; `BENCH_PIN=1` measures it).
+    // Pinned, the replica's node busy below 100 % of its CPU on a hop says what bounds the
+    // hop is the other CPU: the forwarding node, with `wrk` beside it.
     println!();
     println!(
-        "| mode | protocol | CPU µs/request, replica's node, local | same, one hop | forwarding node, one hop | replica's node local / hop |"
+        "| mode | protocol | CPU µs/request, replica's node, local | same, one hop | forwarding node, one hop | replica's node local / hop | replica's node busy, local / hop |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let median = |v: Vec<f64>| {
         let mut v = v;
         v.sort_by(f64::total_cmp);
@@ -436,10 +471,13 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
             let serving_local = median(cpu[local].iter().map(|c| c[0]).collect());
             let serving_hop = median(cpu[hop].iter().map(|c| c[0]).collect());
             let forwarding = median(cpu[hop].iter().map(|c| c[1]).collect());
+            let busy = |side: usize| median(cpu[side].iter().map(|c| c[2] * 100.0).collect());
             println!(
-                "| {} | {protocol} | {serving_local:.0} | {serving_hop:.0} | {forwarding:.0} | {:.2}x |",
+                "| {} | {protocol} | {serving_local:.0} | {serving_hop:.0} | {forwarding:.0} | {:.2}x | {:.0} % / {:.0} % |",
                 mode.name(),
-                serving_local / serving_hop
+                serving_local / serving_hop,
+                busy(local),
+                busy(hop)
             );
         }
     }

@@ -503,11 +503,6 @@ pub struct Server {
 }
 
 impl Server {
-    /// The `shoal server` process's id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Starts a control plane in `dir`, on a fixed port so nodes can find it
     /// again after a restart.
     pub fn start(dir: &Path) -> Server {
