@@ -164,7 +164,10 @@ fn autoscaled(
     let burst = Average::over(load, panic_window, now);
     let (by_stable, why_stable) = stable.wants(a, None);
     let (by_burst, why_burst) = burst.wants(a, Some(panic_window));
-    if f64::from(by_burst) / f64::from(ready.max(1)) >= PANIC_THRESHOLD {
+    // Requests held for want of a ready replica are a burst too: the replicas they wake are
+    // kept for a window, as a burst's are, rather than judged at once by a stable window
+    // that saw nothing while the app was at zero (Knative's activator panics the same way).
+    if f64::from(by_burst) / f64::from(ready.max(1)) >= PANIC_THRESHOLD || load.waiting > 0 {
         // Rounded up to a quarter window, so a sustained burst rewrites the
         // status a few times per window rather than on every pass.
         let step = (a.window_ms / 4).max(1);
@@ -729,8 +732,55 @@ mod tests {
             assert_eq!(d.replicas, want, "{waiting}");
             let got: Vec<&str> = d.events.iter().map(|(_, m)| m.as_str()).collect();
             assert_eq!(got, Vec::from_iter((want > 0).then_some(message)));
-            assert_eq!(d.status.panic_until, None);
+            assert_eq!(d.status.panic_until.is_some(), waiting > 0);
         }
+    }
+
+    /// The replicas waiting requests woke stay for a window: the stable window saw nothing
+    /// while the app was at zero, and judged at once it would take them away again before
+    /// they served (0 → 4 → 1, and the requests held meanwhile refused).
+    #[test]
+    fn replicas_woken_from_zero_stay_a_window() {
+        let mut a = app("min = 0\nmax = 5\nidle = \"1m\"\n", 0);
+        let quiet = Load {
+            last_request: Some(NOW - 30 * MINUTE),
+            since: NOW - 60 * MINUTE,
+            ..Load::default()
+        };
+        let woken = decide(
+            &a,
+            &Load {
+                waiting: 35,
+                ..quiet.clone()
+            },
+            0,
+            NOW,
+        );
+        assert_eq!(woken.replicas, 4);
+        a.spec.replicas = woken.replicas;
+        a.scale = woken.status;
+        // Still starting, the requests served or still held: four stay, in either case.
+        for (waiting, ready) in [(0, 0), (6, 0), (0, 4)] {
+            let l = Load {
+                waiting,
+                last_request: Some(NOW + 200),
+                ..quiet.clone()
+            };
+            let d = decide(&a, &l, ready, NOW + 200);
+            assert_eq!(
+                d.replicas, 4,
+                "{waiting} waiting, {ready} ready: {:?}",
+                d.events
+            );
+        }
+        // A window on with the load gone, they go as any burst's replicas do.
+        let later = NOW + 61_000 + 60_000;
+        let l = Load {
+            last_request: Some(NOW + 200),
+            ..quiet
+        };
+        let d = decide(&a, &l, 4, later);
+        assert!(d.replicas < 4, "{:?}", d.events);
     }
 
     /// At zero, replicas that still serve (a canary's, which a rollout keeps at one) take the
