@@ -36,14 +36,6 @@ pub(crate) const REPLICA_GONE: &str = shoal_core::problem::ErrorCode::ReplicaGon
 /// `https`.
 pub(crate) const SCHEME_HEADER: HeaderName = HeaderName::from_static("x-shoal-scheme");
 
-const INTERNAL_HEADERS: [HeaderName; 5] = [
-    REPLICA_HEADER,
-    APP_HEADER,
-    HOP_HEADER,
-    ERROR_HEADER,
-    SCHEME_HEADER,
-];
-
 /// Connection-level headers (RFC 9110 §7.6.1): they describe one hop, so each hop sets its own.
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
@@ -326,18 +318,25 @@ pub(crate) async fn egress(
     Ok(response.map(|body| body.map_err(HttpError::Hyper).boxed_unsync()))
 }
 
-/// Whether any of Shoal's internal headers is present.
+/// Whether a header of Shoal's own is present: any `x-shoal-*`, the prefix being reserved
+/// whole, so a name the cluster starts using later is one no client could have set.
 pub(crate) fn has_internal(headers: &HeaderMap) -> bool {
-    INTERNAL_HEADERS
-        .iter()
-        .any(|name| headers.contains_key(name))
+    headers.keys().any(is_internal)
 }
 
-/// Removes Shoal's internal headers so guests and the outside never see or forge them.
+/// Removes Shoal's own headers (`x-shoal-*`) so guests and the outside never see or forge them.
 pub(crate) fn strip_internal(headers: &mut HeaderMap) {
-    for name in &INTERNAL_HEADERS {
-        headers.remove(name);
+    if headers.keys().any(is_internal) {
+        let ours: Vec<HeaderName> = headers.keys().filter(|n| is_internal(n)).cloned().collect();
+        for name in ours {
+            headers.remove(name);
+        }
     }
+}
+
+/// Header names are lower case in `http`, whatever the client sent.
+fn is_internal(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-shoal-")
 }
 
 /// Removes the headers that describe one connection, including those `connection` names.

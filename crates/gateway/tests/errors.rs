@@ -399,6 +399,8 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
         ("/faulty/headers", vec![("x-shoal-replica", "faulty-b")]),
         ("/faulty/headers", vec![("x-shoal-hop", "1")]),
         ("/faulty/headers", vec![("x-shoal-error", "replica_gone")]),
+        // The whole prefix is the cluster's, names it does not use yet too.
+        ("/faulty/headers", vec![("X-Shoal-Caller", "evil")]),
         ("/_shoal/logs/faulty-b", vec![]),
     ];
     for (path, headers) in refused {
