@@ -19,6 +19,17 @@ fn the_audit_log_says_who_changed_what_and_who_was_refused() {
         token_file.to_str().unwrap(),
     ]);
     let token = std::fs::read_to_string(&token_file).unwrap();
+    // The admin token's name is not for another: the log could not tell them apart.
+    let admin_file = c.dir.path().join("admin.token");
+    let admin_file = admin_file.to_str().unwrap();
+    let out = c.cli(&[
+        "token", "create", "admin", "--role", "viewer", "--write", admin_file,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin token's"),
+        "{out:?}"
+    );
     let spec = write_spec(
         c.dir.path(),
         "hello.toml",

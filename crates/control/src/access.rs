@@ -13,6 +13,10 @@ use shoal_core::problem::ErrorCode;
 use shoal_core::{ApiToken, EventType};
 use shoal_store::{Op, Txn};
 
+/// The name the admin token from the data dir acts under (in the audit log, events): no API
+/// token may take it, or the log could not tell them apart.
+const ADMIN: &str = "admin";
+
 /// Whoever presented a valid token: the admin token from the data dir, or an
 /// API token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +30,7 @@ pub(crate) struct Caller {
 impl Caller {
     pub(crate) fn admin() -> Caller {
         Caller {
-            name: "admin".into(),
+            name: ADMIN.into(),
             role: Role::Admin,
             namespaces: Vec::new(),
         }
@@ -169,6 +173,11 @@ impl ControlPlane {
     pub fn create_token(&self, req: TokenRequest) -> Result<CreatedToken, ControlError> {
         let invalid = |m: String| ControlError::invalid(ErrorCode::BadRequest, m);
         shoal_core::validate_name(&req.name).map_err(|e| invalid(format!("token name: {e}")))?;
+        if req.name == ADMIN {
+            return Err(invalid(format!(
+                "token name {ADMIN} is the admin token's (the data dir's), as the audit log names it: choose another"
+            )));
+        }
         for ns in &req.namespaces {
             shoal_core::validate_name(ns).map_err(|e| invalid(format!("namespace {ns:?}: {e}")))?;
         }
