@@ -11,10 +11,10 @@ pub const BACKOFF_START: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const BACKOFF_RESET: Duration = Duration::from_secs(60);
 
-/// Liveness restarts after which the node says the replica keeps failing here
-/// (so the controller may replace it on another node); a replica that stays
-/// live for [`BACKOFF_RESET`] starts counting again.
-pub const LIVENESS_RESTARTS: u32 = 3;
+/// Liveness restarts after which the node says the replica keeps failing here (so the
+/// controller may replace it on another node, or roll its revision back); a replica that
+/// stays live for [`BACKOFF_RESET`] starts counting again.
+pub use shoal_core::objects::LIVENESS_RESTARTS;
 
 /// Restart delays of a command or replica that keeps exiting or failing.
 #[derive(Debug)]

@@ -265,6 +265,10 @@ pub struct RouteHost {
 /// liveness probe kept failing; the controller replaces it on another node.
 pub const LIVENESS_FAILED: &str = "LivenessFailed";
 
+/// Liveness restarts after which a node says a replica keeps failing ([`LIVENESS_FAILED`]);
+/// a replica that stays live for a minute starts counting again.
+pub const LIVENESS_RESTARTS: u32 = 3;
+
 /// Milliseconds since the Unix epoch: the one time format objects carry. Fields of this type
 /// say `#[schema(value_type = u64)]`: utoipa takes an alias for a schema of its own, named `u64`.
 pub type Millis = u64;

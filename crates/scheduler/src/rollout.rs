@@ -5,6 +5,7 @@
 
 use crate::reconcile::Mode;
 use shoal_core::metrics::RevisionStats;
+use shoal_core::objects::LIVENESS_RESTARTS;
 use shoal_core::spec::{Analysis, Rollout, Strategy};
 use shoal_core::{App, EventType, Millis, Phase, Replica, RolloutPhase, RolloutStatus};
 
@@ -181,7 +182,7 @@ pub fn decide(
     // with none, has failed.
     if status.phase == RolloutPhase::Complete
         && status.revision == app.revision
-        && now.saturating_sub(status.progressed_at) <= spec.progress_deadline_ms
+        && now.saturating_sub(status.progressed_at) <= watched_after_completion(app)
         && let Some(reason) = hopeless(&new)
     {
         let reason = format!("{reason}, after its rollout completed");
@@ -525,6 +526,20 @@ pub fn roll_back(
 
 /// Why the new revision will not get better, if one of its replicas
 /// crash-loops, failed, or keeps failing liveness through restarts.
+/// How long after its rollout completed a revision is still judged by its replicas: the
+/// progress deadline, plus what its liveness probe takes to tell that restarts do not help
+/// (a node says so after [`LIVENESS_RESTARTS`] restarts, each after `failure_threshold`
+/// failed probes), so a replica that fails liveness within the deadline rolls the app back
+/// however slowly it is probed.
+fn watched_after_completion(app: &App) -> Millis {
+    let deadline = app.spec.rollout.progress_deadline_ms;
+    let detection = app.spec.health.liveness.as_ref().map_or(0, |l| {
+        let episode = u64::from(l.failure_threshold.max(1)).saturating_mul(l.period_ms);
+        episode.saturating_mul(u64::from(LIVENESS_RESTARTS) + 1)
+    });
+    deadline.saturating_add(detection)
+}
+
 fn hopeless(new: &[&Replica]) -> Option<String> {
     let bad = new.iter().find(|r| {
         matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)
@@ -779,6 +794,33 @@ mod tests {
                 .is_none()
         );
         assert!(decide(&a, &done, &up, None, 30_000).roll_back.is_none());
+    }
+
+    /// A liveness probe tells that restarts do not help only after several of them: a
+    /// failure that starts within the deadline of the completion is still caught when that
+    /// takes past the deadline, and not once that time has passed too.
+    #[test]
+    fn a_liveness_failure_within_the_deadline_is_caught_however_slow_the_probe() {
+        let a = app(
+            1,
+            2,
+            "[rollout]\nprogress_deadline = \"15s\"\n[health.liveness]\npath = \"/\"\nperiod = \"2s\"\nfailure_threshold = 3\n",
+        );
+        let s = rolling_to_2(&a);
+        let done = decide(&a, &s, &[replica("n1", 2, Phase::Running)], None, 2_000).status;
+        assert_eq!(done.phase, RolloutPhase::Complete);
+        let mut failing = replica("n1", 2, Phase::Unready);
+        failing.reason = Some(shoal_core::objects::LIVENESS_FAILED.into());
+        // Four episodes of three failed probes two seconds apart: 24 s after the first.
+        let told = 2_000 + 4_000 + 24_000;
+        let d = decide(&a, &done, std::slice::from_ref(&failing), None, told);
+        assert!(d.roll_back.is_some(), "{:?}", d.status);
+        let after = 2_000 + 15_000 + 24_000 + 1;
+        assert!(
+            decide(&a, &done, &[failing], None, after)
+                .roll_back
+                .is_none()
+        );
     }
 
     const CANARY: &str = "[rollout]\nstrategy = \"canary\"\nprogress_deadline = \"60s\"\nsteps = [{ weight = 25, pause = \"10s\" }, { weight = 50, pause = \"10s\" }]\n";
