@@ -264,8 +264,12 @@ pub fn decide(
             Ok(step) => {
                 event = step.event;
                 clock_from = step.clock_from.map_or(clock_from, |c| c.max(clock_from));
+                // Said once: a step whose time is up says what it waits for already.
                 if let Some(w) = step.waiting {
-                    stuck = format!("{}: {w}", next.message);
+                    stuck = match next.message.ends_with(&w) {
+                        true => next.message.clone(),
+                        false => format!("{}: {w}", next.message),
+                    };
                 }
             }
             Err(rb) => return decision(next, None, Some(rb)),
@@ -1202,6 +1206,16 @@ mod tests {
             "step 1/2: 25% to revision 2 for 10s; waiting for at least 20 canary requests"
         );
         assert_eq!(decide(&a, &after, &rs, Some(few), 20_000).status, after);
+        // Past the deadline with still too few, aborted saying what it waited for, once.
+        let rb = decide(&a, &after, &rs, Some(few), 80_000)
+            .roll_back
+            .expect("aborted");
+        assert_eq!(
+            rb.reason.matches("waiting for at least 20").count(),
+            1,
+            "{}",
+            rb.reason
+        );
     }
 
     /// A new app has no revision to go back to: a daemon that crashes soon after its
