@@ -2,7 +2,9 @@ use super::Context;
 use crate::client::Client;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
-use shoal_api::{AppSummary, JobSummary, NodeSummary, SecretView, Service, VolumeView, seg};
+use shoal_api::{
+    AppSummary, JobSummary, NodeSummary, ScaleView, SecretView, Service, VolumeView, seg,
+};
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, NodeState, Replica};
 
@@ -352,14 +354,7 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                 .map(|a| {
                     // Like `kubectl get hpa`: bounds, and load against the target.
                     let (scale, load) = match &a.autoscale {
-                        Some(s) => (
-                            format!("{}-{}", s.min, s.max),
-                            format!(
-                                "{}/{}",
-                                s.concurrency.map_or("-".into(), |c| format!("{c:.1}")),
-                                s.target_concurrency
-                            ),
-                        ),
+                        Some(s) => (format!("{}-{}", s.min, s.max), load_column(a.ready, s)),
                         None => ("fixed".into(), "-".into()),
                     };
                     let window = if a.windows.is_empty() {
@@ -813,10 +808,33 @@ async fn spec_file(ctx: &Context, args: &GetArgs) -> Result<()> {
     output::write_stdout(d.app.spec.to_toml().as_bytes())
 }
 
+/// `get apps`' LOAD of an autoscaled app with `ready` replicas: in flight per ready replica
+/// against the target per replica, as `kubectl get hpa` sets an average beside its target
+/// (the app's total against a replica's target read as many times over).
+fn load_column(ready: usize, s: &ScaleView) -> String {
+    let per_replica = s
+        .concurrency
+        .map_or("-".into(), |c| format!("{:.1}", c / ready.max(1) as f64));
+    format!("{per_replica}/{}", s.target_concurrency)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn load_is_per_ready_replica_against_the_target() {
+        let view = |concurrency| ScaleView {
+            min: 0,
+            max: 4,
+            target_concurrency: 2,
+            concurrency,
+        };
+        assert_eq!(load_column(4, &view(Some(12.0))), "3.0/2");
+        assert_eq!(load_column(0, &view(Some(1.5))), "1.5/2");
+        assert_eq!(load_column(1, &view(None)), "-/2");
+    }
 
     fn apps(list: &[(&str, &str)]) -> Listing {
         let json = list
