@@ -904,18 +904,23 @@ impl ControlPlane {
         let mut claims = RouteClaims::default();
         for route in routes_of(spec) {
             let held = match self.get(&keys::route(route))? {
+                // Another namespace's app is not named: a tenant learns that the route is
+                // taken, not who took it.
                 Some((claim, _)) if claim.app != key => {
+                    let whose = match claim.app.namespace == key.namespace {
+                        true => format!("app {}", claim.app),
+                        false => "an app of another namespace".to_string(),
+                    };
                     return Err(ControlError::conflict(format!(
-                        "route {route} is already served by app {}",
-                        claim.app
+                        "route {route} is already served by {whose}"
                     )));
                 }
                 Some((_, mod_rev)) => Some(mod_rev),
                 None => {
                     if let Some(served) = self.route_taken_from(&key, route, &mut claims)? {
                         return Err(ControlError::conflict(format!(
-                            "route {route} would take requests from app {} (route {}) of namespace {}: a host bound in one namespace is its own, and on any host a path may not go under another namespace's route (bind a host of your own, or use that namespace)",
-                            served.app, served.route, served.app.namespace
+                            "route {route} would take requests from route {} of another namespace: a host bound in one namespace is its own, and on any host a path may not go under another namespace's route (bind a host of your own)",
+                            served.route
                         )));
                     }
                     None
@@ -3028,11 +3033,19 @@ pub(crate) mod tests {
         ] {
             let err = apply("team-a", "hj", &[hijack]).unwrap_err();
             assert!(matches!(err, ControlError::Conflict(_)), "{hijack}: {err}");
+            let err = err.to_string();
+            assert!(err.contains("of another namespace"), "{hijack}: {err}");
+            // Whose it is stays with that namespace.
             assert!(
-                err.to_string().contains("of namespace default"),
+                !err.contains("default") && !err.contains("site"),
                 "{hijack}: {err}"
             );
         }
+        let err = apply("team-a", "hj", &["/hello"]).unwrap_err().to_string();
+        assert!(
+            err.ends_with("already served by an app of another namespace"),
+            "{err}"
+        );
         // What takes nothing another namespace serves: a catch-all on any host (shorter
         // routes lose to longer ones), a host of its own, a path beside /hello.
         let ok = ["/", "api.team-a.example/", "/hellothere"];
@@ -3049,7 +3062,7 @@ pub(crate) mod tests {
         // Now team-a's: its host, and the paths under its routes.
         for hijack in ["api.team-a.example/v3", "/hellothere/y"] {
             let err = apply("team-b", "hj", &[hijack]).unwrap_err().to_string();
-            assert!(err.contains("of namespace team-a"), "{hijack}: {err}");
+            assert!(err.contains("of another namespace"), "{hijack}: {err}");
         }
         // But not every path under its catch-all `/`.
         apply("team-b", "world", &["/world"]).unwrap();
