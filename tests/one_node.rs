@@ -198,12 +198,12 @@ fn the_gateway_streams_bodies_and_keeps_status_and_headers() {
     assert_eq!(c.gw("/faulty/status/418").status(), 418);
     let headers = common::client()
         .get(format!("{}/faulty/headers", c.gateway))
-        .header("x-shoal-test", "yes")
+        .header("x-team", "yes")
         .send()
         .unwrap()
         .text()
         .unwrap();
-    assert!(headers.contains("x-shoal-test: yes"), "{headers}");
+    assert!(headers.contains("x-team: yes"), "{headers}");
 }
 
 #[test]

@@ -2977,7 +2977,7 @@ mod tests {
         let (_dir, cp) = control_plane_with_token();
         let router = router(cp.clone());
         let token = |role: Role, namespaces: &[&str]| {
-            let name = format!("{role}-{}", namespaces.join("-"));
+            let name = format!("{role}-token-{}", namespaces.join("-"));
             cp.create_token(TokenRequest {
                 name: name.trim_end_matches('-').to_string(),
                 role,
@@ -3088,7 +3088,7 @@ mod tests {
         let status = send("GET", "/v1/apps".into(), Some(&team_a[0]), Vec::new()).await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         // A revoked token is refused from then on.
-        cp.revoke_token("viewer").unwrap();
+        cp.revoke_token("viewer-token").unwrap();
         let status = send("GET", "/v1/apps".into(), Some(&everywhere[0]), Vec::new()).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         // Node credentials and the join token open no admin route.
