@@ -36,15 +36,7 @@ fn main() {
     let mut nodes: Vec<NodeProc> = (1..=3)
         .map(|i| NodeProc::join(&server, &format!("node-{i}"), &[]))
         .collect();
-    assert!(poll(Duration::from_secs(30), || {
-        let n = server.api_json("/v1/nodes");
-        n.as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["state"] == "Ready")
-            .count()
-            == 3
-    }));
+    assert!(poll(Duration::from_secs(30), || server.nodes_ready() == 3));
 
     // Cross-node hop: one replica; its own node's gateway vs another's.
     server.cli_ok(&["apply", "-f", &spec(dir.path(), "hop", 1)]);

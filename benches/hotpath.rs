@@ -311,23 +311,15 @@ fn two_nodes(http2: bool, pinned: bool) -> (tempfile::TempDir, Server, Vec<NodeP
         false => cluster(2, &["--hop-protocol", protocol]),
         true => {
             let dir = tempfile::tempdir().unwrap();
-            let server = on_cpu(Some(0), || Server::start(dir.path()));
+            let server = on_cpu(0, || Server::start(dir.path()));
             let replica = ["--hop-protocol", protocol, "--label", "bench=replica"];
             let nodes = vec![
-                on_cpu(Some(1), || NodeProc::join(&server, "node-1", &replica)),
-                on_cpu(Some(0), || {
+                on_cpu(1, || NodeProc::join(&server, "node-1", &replica)),
+                on_cpu(0, || {
                     NodeProc::join(&server, "node-2", &["--hop-protocol", protocol])
                 }),
             ];
-            let ready = || {
-                let n = server.api_json("/v1/nodes");
-                n.as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|n| n["state"] == "Ready")
-                    .count()
-                    == 2
-            };
+            let ready = || server.nodes_ready() == 2;
             assert!(poll(Duration::from_secs(20), ready), "nodes never Ready");
             (dir, server, nodes)
         }
@@ -370,8 +362,7 @@ fn two_nodes(http2: bool, pinned: bool) -> (tempfile::TempDir, Server, Vec<NodeP
 
 /// Runs `start` (which spawns processes) with this thread on CPU `cpu` alone, so what it
 /// spawns starts there and inherits it, then puts the thread back where it was.
-fn on_cpu<T>(cpu: Option<usize>, start: impl FnOnce() -> T) -> T {
-    let Some(cpu) = cpu else { return start() };
+fn on_cpu<T>(cpu: usize, start: impl FnOnce() -> T) -> T {
     // SAFETY: plain system calls on this thread (0) with a set of the right size.
     unsafe {
         let mut was: libc::cpu_set_t = std::mem::zeroed();

@@ -480,16 +480,7 @@ fn with_rebalancing_off_a_joining_node_gets_only_new_replicas() {
     apply_hello(&server, dir.path(), 4);
     let before = server.replica_ids("hello");
     let _second = common::NodeProc::join(&server, "node-2", &[]);
-    assert!(poll(Duration::from_secs(20), || {
-        server
-            .api_json("/v1/nodes")
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["state"] == "Ready")
-            .count()
-            == 2
-    }));
+    assert!(poll(Duration::from_secs(20), || server.nodes_ready() == 2));
     // Two more replicas: both go to node-2 (the app's balance first); by the time they
     // serve, the controller has seen node-2 for several passes and moved nothing.
     server.cli_ok(&["scale", "hello", "--replicas", "6"]);

@@ -398,15 +398,8 @@ pub fn cluster(nodes: usize, extra: &[&str]) -> (tempfile::TempDir, Server, Vec<
         .map(|i| NodeProc::join(&server, &format!("node-{i}"), extra))
         .collect();
     assert!(
-        poll(Duration::from_secs(20), || {
-            let n = server.api_json("/v1/nodes");
-            n.as_array()
-                .unwrap()
-                .iter()
-                .filter(|n| n["state"] == "Ready")
-                .count()
-                == nodes.len()
-        }),
+        poll(Duration::from_secs(20), || server.nodes_ready()
+            == nodes.len()),
         "nodes never all Ready"
     );
     (dir, server, nodes)
@@ -613,6 +606,13 @@ impl Server {
             .bearer_auth(node.credential())
             .send()
             .expect("API request")
+    }
+
+    /// How many nodes are Ready.
+    pub fn nodes_ready(&self) -> usize {
+        let nodes = self.api_json("/v1/nodes");
+        let nodes = nodes.as_array().unwrap();
+        nodes.iter().filter(|n| n["state"] == "Ready").count()
     }
 
     /// The nodes of `app`'s Ready replicas.
