@@ -264,12 +264,8 @@ pub fn decide(
             Ok(step) => {
                 event = step.event;
                 clock_from = step.clock_from.map_or(clock_from, |c| c.max(clock_from));
-                // Said once: a step whose time is up says what it waits for already.
                 if let Some(w) = step.waiting {
-                    stuck = match next.message.ends_with(&w) {
-                        true => next.message.clone(),
-                        false => format!("{}: {w}", next.message),
-                    };
+                    stuck = format!("{}: {w}", next.message);
                 }
             }
             Err(rb) => return decision(next, None, Some(rb)),
@@ -528,8 +524,6 @@ pub fn roll_back(
     }
 }
 
-/// Why the new revision will not get better, if one of its replicas
-/// crash-loops, failed, or keeps failing liveness through restarts.
 /// How long after its rollout completed a revision is still judged by its replicas: the
 /// progress deadline, plus what its liveness probe takes to tell that restarts do not help
 /// (a node says so after [`LIVENESS_RESTARTS`] restarts, each after `failure_threshold`
@@ -544,6 +538,8 @@ fn watched_after_completion(app: &App) -> Millis {
     deadline.saturating_add(detection)
 }
 
+/// Why the new revision will not get better, if one of its replicas
+/// crash-loops, failed, or keeps failing liveness through restarts.
 fn hopeless(new: &[&Replica]) -> Option<String> {
     let bad = new.iter().find(|r| {
         matches!(r.phase, Phase::CrashLoopBackOff | Phase::Failed)
@@ -706,12 +702,10 @@ impl Canary<'_> {
             {
                 next.message = format!("{}; {why}", next.message);
             }
+            // The deadline counts from the pause's end, where the message says what it
+            // waits for: that is why it is stuck, said once.
             return Ok(StepOutcome {
                 clock_from: Some(started.saturating_add(pause)),
-                waiting: match verdict {
-                    Verdict::Wait(why) => Some(why),
-                    _ => None,
-                },
                 ..StepOutcome::default()
             });
         }
