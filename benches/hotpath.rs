@@ -15,7 +15,8 @@
 //! `wasmtime` 48 (`WASMTIME=/path/to/wasmtime` if it is not on PATH). Knobs: `BENCH_SECONDS`
 //! (default 10), `BENCH_CONNECTIONS` (32), `BENCH_ROUNDS` (3), `BENCH_ONLY` (`local` or `hop`),
 //! `BENCH_PIN` (`1`: in the hop runs, the replica's node started on CPU 1 alone and the rest on
-//! CPU 0, as two one-CPU machines would have it).
+//! CPU 0, as two one-CPU machines would have it), `BENCH_WRK_BATCH` (`1`: pinned, `wrk` runs
+//! under `SCHED_BATCH`, so it does not preempt the forwarding node beside it on every response).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -377,8 +378,8 @@ fn on_cpu<T>(cpu: usize, start: impl FnOnce() -> T) -> T {
 
 /// `pinned`: the replica's node alone on CPU 1, and the other node, the control plane and
 /// `wrk` on CPU 0, as if the nodes were two one-CPU machines (`wrk` shares the forwarding
-/// node's: a third machine is what this one lacks).
-fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
+/// node's: a third machine is what this one lacks). `wrk_batch`: `wrk` under `SCHED_BATCH`.
+fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool, wrk_batch: bool) {
     let mut sides = Vec::new();
     for protocol in ["HTTP/1.1", "HTTP/2"] {
         for mode in MODES {
@@ -387,10 +388,12 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
         }
     }
     println!();
-    let placement = if pinned {
-        ", the replica's node alone on CPU 1, the rest on CPU 0"
-    } else {
-        ""
+    let placement = match (pinned, wrk_batch) {
+        (true, true) => {
+            ", the replica's node alone on CPU 1, the rest on CPU 0, wrk under SCHED_BATCH"
+        }
+        (true, false) => ", the replica's node alone on CPU 1, the rest on CPU 0",
+        (false, _) => "",
     };
     println!(
         "## Cross-node hop: 2 nodes{placement}, GET through a gateway, wrk -t2 -c{connections} -d{seconds}s"
@@ -409,9 +412,9 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool) {
             for (m, ([own, other], pids)) in urls.iter().enumerate() {
                 for (k, url) in [own, other].into_iter().enumerate() {
                     let i = p * 2 * MODES.len() + 2 * m + k;
-                    wrk::run_on(url, 3, connections, wrk_cpu);
+                    wrk::run_on(url, 3, connections, wrk_cpu, wrk_batch);
                     let before = pids.map(cpu_seconds);
-                    let result = wrk::run_on(url, seconds, connections, wrk_cpu);
+                    let result = wrk::run_on(url, seconds, connections, wrk_cpu, wrk_batch);
                     let after = pids.map(cpu_seconds);
                     assert_eq!(result.errors, "none", "{url}: {}", result.errors);
                     let requests = result.rps * seconds as f64;
@@ -496,6 +499,7 @@ fn main() {
     let rounds = env_or("BENCH_ROUNDS", 3) as usize;
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let pinned = env_or("BENCH_PIN", 0) == 1;
+    let wrk_batch = pinned && env_or("BENCH_WRK_BATCH", 0) == 1;
     // SAFETY: sysconf has no preconditions.
     if pinned && unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) } < 2 {
         panic!("BENCH_PIN=1 needs two CPUs");
@@ -504,6 +508,6 @@ fn main() {
         local(seconds, connections, rounds);
     }
     if only.is_empty() || only == "hop" {
-        hop(seconds, connections, rounds, pinned);
+        hop(seconds, connections, rounds, pinned, wrk_batch);
     }
 }

@@ -14,11 +14,13 @@ pub struct Wrk {
 }
 
 pub fn run(url: &str, seconds: u64, connections: u64) -> Wrk {
-    run_on(url, seconds, connections, None)
+    run_on(url, seconds, connections, None, false)
 }
 
-/// [`run`], with wrk on CPU `cpu` alone if given.
-pub fn run_on(url: &str, seconds: u64, connections: u64, cpu: Option<usize>) -> Wrk {
+/// [`run`], with wrk on CPU `cpu` alone if given; with `batch` too, under `SCHED_BATCH`, so
+/// that its wakeups (a response arrived) do not preempt a server sharing that CPU mid-write.
+/// It still gets its fair share of the CPU.
+pub fn run_on(url: &str, seconds: u64, connections: u64, cpu: Option<usize>, batch: bool) -> Wrk {
     let mut wrk = Command::new("wrk");
     wrk.args([
         "-t2",
@@ -30,13 +32,16 @@ pub fn run_on(url: &str, seconds: u64, connections: u64, cpu: Option<usize>) -> 
     if let Some(cpu) = cpu {
         use std::os::unix::process::CommandExt;
         let set = cpu_set(cpu);
-        // SAFETY: sched_setaffinity is async-signal-safe; the closure allocates nothing.
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: both calls are async-signal-safe; the closure allocates nothing.
         unsafe {
             wrk.pre_exec(move || {
-                match libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) {
-                    0 => Ok(()),
-                    _ => Err(std::io::Error::last_os_error()),
+                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0
+                    || (batch && libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
+                Ok(())
             });
         }
     }
