@@ -2256,6 +2256,16 @@ impl AppSpec {
                         ),
                     );
                 }
+                // The runtime keeps one writable volume's size limit per instance.
+                if !other.read_only && !v.read_only {
+                    return field(
+                        "volumes",
+                        format!(
+                            "{} and {} are both writable: an app may write to one volume; mount the others read_only = true",
+                            other.name, v.name
+                        ),
+                    );
+                }
             }
         }
         if self.keyvalue.len() > crate::kv::MAX_BUCKETS {
@@ -4311,6 +4321,10 @@ A = "1"
                 format!("{}{}", volume("a", "/x", ""), volume("a", "/y", "")),
                 "mounted twice",
             ),
+            (
+                format!("{}{}", volume("a", "/x", ""), volume("b", "/y", "")),
+                "both writable",
+            ),
         ] {
             let e = parse_app(&format!("{HELLO}{bad}")).unwrap_err();
             assert_eq!(e.field.as_deref(), Some("volumes"), "{e}");
@@ -4321,7 +4335,7 @@ A = "1"
         let src = format!(
             "{HELLO}{}{}",
             volume("a", "/data", ""),
-            volume("b", "/database", "")
+            volume("b", "/database", "read_only = true\n")
         );
         assert!(parse_app(&src).is_ok());
     }
