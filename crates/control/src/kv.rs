@@ -362,6 +362,7 @@ fn judge<'a>(
 ) -> Result<Judged, ControlError> {
     let mut counted = None;
     let mut values = Vec::with_capacity(changes.len());
+    let held = usage.bytes;
     for (key, change) in changes {
         let at = format!("{prefix}{key}");
         let old = holds(&at);
@@ -396,7 +397,8 @@ fn judge<'a>(
         }
         values.push((at, value));
     }
-    if usage.bytes > limit {
+    // What does not grow the bucket passes: a bucket over a limit lowered since can shrink.
+    if usage.bytes > limit && usage.bytes > held {
         return Err(ControlError::invalid(
             ErrorCode::TooLarge,
             format!(
@@ -731,6 +733,39 @@ mod tests {
             panic!()
         };
         assert_eq!(values, [None, Some(b"23".to_vec())]);
+    }
+
+    /// A bucket over its limit (lowered since it filled) takes what does not grow it:
+    /// deletes, smaller values, increments of the same width; nothing that grows it.
+    #[test]
+    fn a_bucket_over_its_limit_takes_what_does_not_grow_it() {
+        let held: BTreeMap<String, Vec<u8>> = [("p/a", "12345"), ("p/n", "41")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let usage = KvUsage { keys: 2, bytes: 9 };
+        let judged = |changes: Vec<(&str, Change)>| {
+            let changes = changes
+                .into_iter()
+                .map(|(k, c)| (k.to_string(), c))
+                .collect();
+            judge("ns", "b", "p/", &changes, usage, 4, |k| {
+                held.get(k).map(Vec::as_slice)
+            })
+            .map(|j| j.usage.bytes)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(judged(vec![("a", Change::Delete)]), Ok(3));
+        assert_eq!(judged(vec![("absent", Change::Delete)]), Ok(9));
+        assert_eq!(judged(vec![("a", Change::Put(b"1".to_vec()))]), Ok(5));
+        assert_eq!(judged(vec![("n", Change::Add(1))]), Ok(9));
+        let grows = judged(vec![("n", Change::Add(100))]).unwrap_err();
+        assert!(
+            grows.contains("would hold 10 bytes: its limit is 4"),
+            "{grows}"
+        );
+        let grows = judged(vec![("c", Change::Put(Vec::new()))]).unwrap_err();
+        assert!(grows.contains("would hold 10 bytes"), "{grows}");
     }
 
     /// Many callers incrementing one counter at once: each gets a value of its own, none is
