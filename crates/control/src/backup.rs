@@ -218,12 +218,13 @@ impl ControlPlane {
     }
 
     /// One scheduled backup, written into `schedule.dir` and the oldest past `keep` removed.
+    /// Its error is the event's reason: a file system's error is said, not only logged, as no
+    /// caller's request is there to be answered instead.
     async fn scheduled_backup(
         &self,
         schedule: &BackupSchedule,
-    ) -> Result<(PathBuf, Manifest), ControlError> {
-        let io =
-            |e: std::io::Error| ControlError::internal(format!("{}: {e}", schedule.dir.display()));
+    ) -> Result<(PathBuf, Manifest), String> {
+        let io = |e: std::io::Error| format!("{}: {e}", schedule.dir.display());
         let (dir, keep) = (schedule.dir.clone(), schedule.keep);
         let names = move || -> Vec<String> {
             std::fs::read_dir(&dir)
@@ -256,12 +257,13 @@ impl ControlPlane {
                 file.set_len(0)?;
                 Ok(file)
             })
-            .await?;
+            .await
+            .map_err(|e| e.to_string())?;
         let name = scheduled_name(std::time::SystemTime::now());
         let dir = schedule.dir.clone();
         let file = dir.join(&name);
-        blocking(move || {
-            let io = |e: std::io::Error| ControlError::internal(format!("{}: {e}", dir.display()));
+        let written = tokio::task::spawn_blocking(move || {
+            let io = |e: std::io::Error| format!("{}: {e}", dir.display());
             taken.sync_all().map_err(io)?;
             temp.persist(&file).map_err(|e| io(e.error))?;
             for gone in pruned(names(), &name, keep) {
@@ -271,7 +273,8 @@ impl ControlPlane {
             }
             Ok((file, manifest))
         })
-        .await
+        .await;
+        written.map_err(|e| e.to_string())?
     }
 }
 
@@ -681,6 +684,24 @@ mod tests {
         let e = restore(later.as_slice(), data.path()).unwrap_err();
         assert!(matches!(e, BackupError::Unsupported(2)), "{e}");
         assert!(!data.path().join("state.redb").exists());
+    }
+
+    /// A scheduled backup that cannot be written says why (its event's reason), not only
+    /// that something failed.
+    #[tokio::test]
+    async fn a_scheduled_backup_that_fails_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = crate::state::tests::control_plane(dir.path());
+        let backups = dir.path().join("backups");
+        std::fs::write(&backups, "a file where the directory goes").unwrap();
+        let schedule = BackupSchedule {
+            dir: backups.clone(),
+            every: Duration::from_secs(3600),
+            keep: 2,
+        };
+        let e = cp.scheduled_backup(&schedule).await.unwrap_err();
+        assert!(e.starts_with(&backups.display().to_string()), "{e}");
+        assert!(e.contains("os error"), "{e}");
     }
 
     #[test]
