@@ -770,6 +770,16 @@ impl ControlPlane {
                 "app {key} has changed since the spec this change was made from was read: read it again and make the change over what is there now"
             )));
         }
+        // A dry run meets the volume sizes the apply would.
+        if dry_run && outcome != ApplyOutcome::Unchanged {
+            for mount in &spec.volumes {
+                if let Some((volume, _)) =
+                    self.get::<Volume>(&keys::volume(&key.namespace, &mount.name))?
+                {
+                    self.applied_size(&key.namespace, mount, volume)?;
+                }
+            }
+        }
         if !dry_run && outcome != ApplyOutcome::Unchanged {
             let mut txn = match &existing {
                 Some((_, mod_rev)) => Txn::new().when_mod_revision(app_key.clone(), *mod_rev),
@@ -827,14 +837,7 @@ impl ControlPlane {
                     // `delete_volume` that found no app mounting it fails its guard, and a
                     // deletion first voids this.
                     Some((volume, at)) => {
-                        let volume =
-                            self.sized(&key.namespace, mount, volume)
-                                .map_err(|shrunk| {
-                                    ControlError::conflict(format!(
-                                        "{}; give at least that",
-                                        shrunk.say(&mount.name)
-                                    ))
-                                })?;
+                        let volume = self.applied_size(&key.namespace, mount, volume)?;
                         txn = txn
                             .when_mod_revision(vkey.clone(), at)
                             .then(Op::put(vkey, encode(&volume)));
@@ -2340,11 +2343,13 @@ pub(crate) mod tests {
             (cp.describe(&key).unwrap().app.revision, size()),
             (4, 20 << 20)
         );
-        // An apply is refused the same way.
-        assert!(matches!(
-            cp.apply(spec("10Mi"), false),
-            Err(ControlError::Conflict(_))
-        ));
+        // An apply is refused the same way, and so is its dry run.
+        for dry_run in [true, false] {
+            assert!(matches!(
+                cp.apply(spec("10Mi"), dry_run),
+                Err(ControlError::Conflict(_))
+            ));
+        }
         cp.rollback(&key, Some(3)).unwrap();
         assert_eq!(size(), 30 << 20);
 

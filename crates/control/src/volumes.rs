@@ -82,6 +82,18 @@ impl ControlPlane {
         volume.sized(mount, used)
     }
 
+    /// [`Self::sized`] for an apply: a size below what the volume holds is a conflict.
+    pub(crate) fn applied_size(
+        &self,
+        namespace: &str,
+        mount: &VolumeMount,
+        volume: Volume,
+    ) -> Result<Volume, ControlError> {
+        self.sized(namespace, mount, volume).map_err(|shrunk| {
+            ControlError::conflict(format!("{}; give at least that", shrunk.say(&mount.name)))
+        })
+    }
+
     /// What the nodes last measured each volume holding, by namespace and name.
     pub(crate) fn volume_usage(&self) -> BTreeMap<(String, String), u64> {
         self.inner

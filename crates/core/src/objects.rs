@@ -993,16 +993,17 @@ pub struct Volume {
 }
 
 impl Volume {
-    /// This volume as a spec's `mount` leaves it: a size given sets it, one not given keeps the
-    /// volume's (a reader's spec does not reset its writers'). A size below `used`, what the
-    /// volume was last measured holding, is refused with that measure: every writer would
-    /// fail (EDQUOT).
+    /// This volume as a spec's `mount` leaves it: a writer's size given sets it; one not given,
+    /// or a reader's, keeps the volume's (a reader's spec does not reset its writers', whose
+    /// limit it is). A size below `used`, what the volume was last measured holding, is
+    /// refused with that measure: every writer would fail (EDQUOT).
     pub fn sized(
         mut self,
         mount: &crate::spec::VolumeMount,
         used: Option<u64>,
     ) -> Result<Volume, Shrunk> {
-        let Some(size) = mount.size_bytes.filter(|s| *s != self.size_bytes) else {
+        let given = mount.size_bytes.filter(|_| !mount.read_only);
+        let Some(size) = given.filter(|s| *s != self.size_bytes) else {
             return Ok(self);
         };
         if let Some(used) = used.filter(|u| *u > size) {
@@ -1160,6 +1161,38 @@ pub struct ModuleUse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer's size sets the volume's unless it holds more; a reader's, or none, keeps it.
+    #[test]
+    fn a_volume_takes_its_writers_size_not_its_readers() {
+        let volume = Volume {
+            namespace: "default".into(),
+            name: "data".into(),
+            size_bytes: 4 << 20,
+            node: None,
+            created_at: 0,
+        };
+        let mount = |size: Option<u64>, read_only: bool| crate::spec::VolumeMount {
+            name: "data".into(),
+            mount: "/data".into(),
+            read_only,
+            size_bytes: size,
+        };
+        let sized = |m, used| volume.clone().sized(&m, used).map(|v| v.size_bytes);
+        assert_eq!(sized(mount(Some(8 << 20), false), None), Ok(8 << 20));
+        assert_eq!(sized(mount(None, false), None), Ok(4 << 20));
+        assert_eq!(
+            sized(mount(Some(1 << 20), true), Some(3 << 20)),
+            Ok(4 << 20)
+        );
+        assert_eq!(
+            sized(mount(Some(1 << 20), false), Some(3 << 20)),
+            Err(Shrunk {
+                used: 3 << 20,
+                size: 1 << 20
+            })
+        );
+    }
 
     fn node(labels: &[(&str, &str)]) -> Node {
         Node {
