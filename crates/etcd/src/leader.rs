@@ -27,6 +27,9 @@ pub const LEADER_KEY: &str = "/leader";
 /// Short, as the takeover must come within 5 s; renewals go out every third of it.
 pub const LEASE_TTL: Duration = Duration::from_secs(2);
 
+/// How soon a renewal that failed is sent again.
+const RENEW_AGAIN: Duration = Duration::from_millis(50);
+
 /// Held while this process leads. [`Leadership::lost`] resolves when the lease may have run out;
 /// dropping it steps down (the lease is revoked, so another candidate takes over at once).
 pub struct Leadership {
@@ -175,7 +178,15 @@ async fn keep_alive(mut client: Client, lease: i64, lost: watch::Sender<bool>) {
                 let _ = lost.send(true);
                 return;
             }
-            Ok(Err(e)) => tracing::warn!(lease, error = %e, "renewing the leadership lease"),
+            Ok(Err(e)) => {
+                // The client picks a member per call: one down refuses it, and the next try
+                // most likely goes to another, at once rather than a third of the TTL later.
+                tracing::warn!(lease, error = %e, "renewing the leadership lease");
+                if Instant::now() < valid_until {
+                    tokio::time::sleep(RENEW_AGAIN.min(valid_until - Instant::now())).await;
+                    continue;
+                }
+            }
             Err(_) => {}
         }
         if Instant::now() >= valid_until {

@@ -209,11 +209,25 @@ impl EtcdStore {
         let urls = config.urls();
         let (client, cluster) = runtime
             .block_on(async move {
-                let mut client = Client::connect(urls, Some(options)).await?;
-                // `connect` does not talk to anyone yet: a first read shows the cluster answers.
-                let first = client
-                    .get("/", Some(GetOptions::new().with_count_only()))
-                    .await?;
+                let client = Client::connect(urls, Some(options)).await?;
+                // `connect` does not talk to anyone yet: a first read shows the cluster answers,
+                // tried again as any read is, as one member down may be the one it went to.
+                let deadline = tokio::time::Instant::now() + RETRY_FOR;
+                let first = loop {
+                    let read = client
+                        .clone()
+                        .get("/", Some(GetOptions::new().with_count_only()))
+                        .await;
+                    match read {
+                        Err(e)
+                            if Retry::Read.allows(&e) && tokio::time::Instant::now() < deadline =>
+                        {
+                            tracing::debug!(error = %e, "etcd's first read failed; trying again");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        read => break read?,
+                    }
+                };
                 let cluster = first.header().map_or(0, |h| h.cluster_id());
                 Ok::<_, etcd_client::Error>((client, cluster))
             })

@@ -41,3 +41,25 @@ async fn a_leader_stepping_down_hands_over_at_once() {
         .unwrap();
     assert_eq!(leader(&a).await.as_deref(), Some("b"));
 }
+
+/// One member of three down leaves a quorum, and must change nothing: a leader keeps its lead
+/// (its renewals that go to the dead member are sent again at once, to another), and a new
+/// client connects (its first read, sent to the dead member, is tried again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_down_of_three_changes_no_leader_and_refuses_no_client() {
+    let mut etcd = EtcdCluster::three();
+    let a = Arc::new(EtcdStore::connect(&etcd.config()).unwrap());
+    let mut leading = a.campaign("a").await.unwrap();
+    etcd.kill(0);
+    let lost = tokio::time::timeout(Duration::from_secs(8), leading.lost()).await;
+    assert!(
+        lost.is_err(),
+        "a lost the lead with one member of three down"
+    );
+    assert_eq!(leader(&a).await.as_deref(), Some("a"));
+    for _ in 0..5 {
+        let config = etcd.config();
+        let connected = tokio::task::spawn_blocking(move || EtcdStore::connect(&config).map(drop));
+        connected.await.unwrap().expect("a client connects");
+    }
+}
