@@ -61,6 +61,12 @@ fn a_job_writes_a_volume_and_a_daemon_reads_it_after_a_restart_until_the_volume_
         "{described}"
     );
 
+    // A directory of a volume the control plane does not know (a state restored from an
+    // older backup knows nothing of volumes made since) is kept, data and all.
+    let stray = d.join("data/volumes/default/stray/keep.txt");
+    std::fs::create_dir_all(stray.parent().unwrap()).unwrap();
+    std::fs::write(&stray, "made before the state was restored").unwrap();
+
     // Where it lives and what it holds: measured by its node, a block for the short note.
     assert!(
         poll(Duration::from_secs(30), || {
@@ -94,6 +100,11 @@ fn a_job_writes_a_volume_and_a_daemon_reads_it_after_a_restart_until_the_volume_
     assert!(
         poll(Duration::from_secs(30), || !data.exists()),
         "the node kept a deleted volume's data"
+    );
+    // The pass that removed it passed the unknown one by.
+    assert!(
+        stray.is_file(),
+        "the node removed a volume it does not know of"
     );
 }
 

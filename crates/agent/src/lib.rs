@@ -486,11 +486,14 @@ impl Agent {
     }
 
     /// Measures the volumes on this node for the control plane every few seconds, and removes
-    /// the directory of each that no longer exists (or is bound elsewhere) and that no replica
-    /// here mounts.
+    /// the directory of each the answer says was deleted and no replica here mounts. A
+    /// directory of a volume the control plane does not know is kept, and said once: its
+    /// state may be older than the volume (restored from a backup, or made anew), and the
+    /// data is what no backup holds.
     async fn tend_volumes(self) {
         let mut tick = tokio::time::interval(VOLUMES_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut unknown_said = HashSet::new();
         loop {
             tick.tick().await;
             let agent = self.clone();
@@ -509,11 +512,20 @@ impl Agent {
                     continue;
                 }
             };
-            for gone in usage.iter().filter(|u| {
+            for unknown in usage.iter().filter(|u| {
                 !bound
                     .iter()
                     .any(|b| b.namespace == u.namespace && b.name == u.name)
             }) {
+                let key = (unknown.namespace.clone(), unknown.name.clone());
+                if unknown_said.insert(key.clone()) {
+                    tracing::warn!(
+                        volume = %self.volume_dir(&key.0, &key.1).display(),
+                        "the control plane knows no volume of this directory: its data is kept (remove it by hand if it is not wanted)"
+                    );
+                }
+            }
+            for gone in bound.iter().filter(|b| b.deleted) {
                 let key = (gone.namespace.clone(), gone.name.clone());
                 let mut volumes = self.inner.volumes.lock().expect("volumes lock");
                 // Mounted by a replica here (its settings hold the quota): kept for now.
@@ -646,6 +658,7 @@ impl Agent {
                     namespace,
                     name,
                     bytes,
+                    deleted: false,
                 });
             }
         }

@@ -566,6 +566,9 @@ pub struct VolumeUsage {
     pub namespace: String,
     pub name: String,
     pub bytes: u64,
+    /// In the control plane's answer: the volume was deleted, and the node removes its data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleted: bool,
 }
 
 /// A key-value bucket as `shoal kv buckets` lists it: how many keys and bytes it holds.

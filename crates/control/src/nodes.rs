@@ -10,7 +10,7 @@ use shoal_api::{CertificateRequest, JoinResponse, Snapshot};
 use shoal_core::auth::{Credential, constant_time_eq};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{EventType, NodeCredential, Replica, Revision};
+use shoal_core::{EventType, NodeCredential, Replica, Revision, VolumeDeletion};
 use shoal_store::{Op, Txn};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -273,17 +273,24 @@ impl ControlPlane {
                 "node {name} does not exist"
             )));
         }
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .then(Op::delete(keys::node(name)))
             .then(Op::delete(keys::lease(name)))
-            .then(Op::delete(keys::credential(name)))
-            .then(self.event_op(
-                EventType::Normal,
-                "NodeDeleted",
-                format!("node/{name}"),
-                None,
-                format!("node {name} was deleted; its replicas will be replaced elsewhere"),
-            ));
+            .then(Op::delete(keys::credential(name)));
+        // The data of volumes deleted while it was away goes with the machine: their names
+        // are free again.
+        for d in self.list::<VolumeDeletion>(&keys::VOLUME_DELETIONS)? {
+            if d.node == name {
+                txn = txn.then(Op::delete(keys::volume_deletion(&d.namespace, &d.name)));
+            }
+        }
+        let txn = txn.then(self.event_op(
+            EventType::Normal,
+            "NodeDeleted",
+            format!("node/{name}"),
+            None,
+            format!("node {name} was deleted; its replicas will be replaced elsewhere"),
+        ));
         self.inner.store.txn(txn)?;
         self.inner.kick.notify_one();
         Ok(())

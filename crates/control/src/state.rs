@@ -770,13 +770,14 @@ impl ControlPlane {
                 "app {key} has changed since the spec this change was made from was read: read it again and make the change over what is there now"
             )));
         }
-        // A dry run meets the volume sizes the apply would.
+        // A dry run meets the volume checks the apply would.
         if dry_run && outcome != ApplyOutcome::Unchanged {
             for mount in &spec.volumes {
-                if let Some((volume, _)) =
-                    self.get::<Volume>(&keys::volume(&key.namespace, &mount.name))?
-                {
-                    self.applied_size(&key.namespace, mount, volume)?;
+                match self.get::<Volume>(&keys::volume(&key.namespace, &mount.name))? {
+                    Some((volume, _)) => {
+                        self.applied_size(&key.namespace, mount, volume)?;
+                    }
+                    None => self.may_make_volume(&key.namespace, &mount.name)?,
                 }
             }
         }
@@ -822,6 +823,7 @@ impl ControlPlane {
                 let vkey = keys::volume(&key.namespace, &mount.name);
                 match self.get::<Volume>(&vkey)? {
                     None => {
+                        self.may_make_volume(&key.namespace, &mount.name)?;
                         let volume = Volume {
                             namespace: key.namespace.clone(),
                             name: mount.name.clone(),
@@ -831,6 +833,7 @@ impl ControlPlane {
                         };
                         txn = txn
                             .when_absent(vkey.clone())
+                            .when_absent(keys::volume_deletion(&key.namespace, &mount.name))
                             .then(Op::put(vkey, encode(&volume)));
                     }
                     // Written again, resized if the mount gives another size: a
@@ -2269,6 +2272,89 @@ pub(crate) mod tests {
         cp.delete_volume("default", "data").unwrap();
         cp.apply(spec("reader", ""), false).unwrap();
         assert_eq!(size(), shoal_core::spec::DEFAULT_VOLUME_BYTES);
+    }
+
+    /// A deleted volume's node is told to remove its data (and only then does so); until it
+    /// has, no volume of that name is made again, so the new one never starts with the old
+    /// data. A node deleted for good takes that with it.
+    #[test]
+    fn a_deleted_volumes_data_goes_before_its_name_is_used_again() {
+        use shoal_api::VolumeUsage;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let digest = uploaded(&cp);
+        let spec = |name: &str| {
+            let src = format!(
+                "name = \"{name}\"\n[component]\ndigest = \"{digest}\"\nkind = \"daemon\"\n[[volumes]]\nname = \"data\"\nmount = \"/data\"\n"
+            );
+            parse_app(&src).unwrap().resolve(digest.clone()).unwrap()
+        };
+        let bind = |node: &str| {
+            let vkey = keys::volume("default", "data");
+            let (mut volume, _) = cp.get::<Volume>(&vkey).unwrap().unwrap();
+            volume.node = Some(node.into());
+            let put = Txn::new().then(Op::put(vkey.to_string(), encode(&volume)));
+            cp.inner.store.txn(put).unwrap();
+        };
+        let report = |node: &str, holds: bool| {
+            let usage = holds
+                .then(|| VolumeUsage {
+                    namespace: "default".into(),
+                    name: "data".into(),
+                    bytes: 7,
+                    deleted: false,
+                })
+                .into_iter()
+                .collect();
+            let answer = cp.record_volume_usage(node, usage).unwrap();
+            answer.iter().filter(|u| u.deleted).count()
+        };
+        cp.register_node(Node {
+            name: "n1".into(),
+            gateway: "n1:8080".into(),
+            capacity: Default::default(),
+            labels: Default::default(),
+            state: NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            leaving: None,
+            joined_at: 0,
+            label_overrides: Default::default(),
+        })
+        .unwrap();
+        cp.apply(spec("a"), false).unwrap();
+        bind("n1");
+        // Bound and in use: nothing to remove; a directory the node has of no known volume
+        // is not answered at all (the node keeps it).
+        assert_eq!(report("n1", true), 0);
+        cp.delete_app(&spec("a").key()).unwrap();
+        cp.delete_volume("default", "data").unwrap();
+
+        let refused = |dry_run: bool| match cp.apply(spec("b"), dry_run) {
+            Err(ControlError::Conflict(m)) => m.contains("node n1 has not removed its data yet"),
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(true) && refused(false));
+        // Another node is told nothing; n1, which still has the data, is told to remove it,
+        // and once it no longer has it the name is free again.
+        assert_eq!(report("n2", true), 0);
+        assert_eq!(report("n1", true), 1);
+        assert!(refused(false));
+        assert_eq!(report("n1", false), 0);
+        cp.apply(spec("b"), false).unwrap();
+
+        // A node deleted for good frees the names of the volumes deleted in its absence.
+        bind("n1");
+        cp.delete_app(&spec("b").key()).unwrap();
+        cp.delete_volume("default", "data").unwrap();
+        assert!(refused(false));
+        cp.delete_node("n1").unwrap();
+        cp.apply(spec("c"), false).unwrap();
+        // A volume bound to a node deleted before it is deleted leaves nothing behind.
+        bind("n1");
+        cp.delete_app(&spec("c").key()).unwrap();
+        cp.delete_volume("default", "data").unwrap();
+        cp.apply(spec("d"), false).unwrap();
     }
 
     /// A rollback to a revision mounting a volume deleted since is refused, as one naming a

@@ -1,14 +1,16 @@
 //! Volumes (`[[volumes]]`, `shoal get volumes`, `shoal delete volume`): made by the apply that
 //! first mounts one (`state.rs`), bound to a node by the scheduler when the first replica that
 //! mounts it is placed (`shoal_scheduler::plan`), measured by that node, and deleted only by
-//! hand once no app mounts it. Its node then removes its directory.
+//! hand once no app mounts it. Its node then removes its directory, told so by a
+//! [`VolumeDeletion`] record, never for want of hearing of the volume.
 
 use crate::error::ControlError;
-use crate::state::ControlPlane;
+use crate::state::{ControlPlane, encode};
 use shoal_api::{VolumeUsage, VolumeView};
 use shoal_core::objects::keys;
 use shoal_core::spec::VolumeMount;
-use shoal_core::{App, Shrunk, Volume};
+use shoal_core::{App, EventType, Shrunk, Volume, VolumeDeletion};
+use shoal_store::{Op, Txn};
 use std::collections::BTreeMap;
 
 impl ControlPlane {
@@ -41,7 +43,7 @@ impl ControlPlane {
     /// Deletes volume `name` of `ns`, unless an app mounts it.
     pub fn delete_volume(&self, ns: &str, name: &str) -> Result<(), ControlError> {
         let key = keys::volume(ns, name);
-        let Some((_, at)) = self.get::<Volume>(&key)? else {
+        let Some((volume, at)) = self.get::<Volume>(&key)? else {
             return Err(ControlError::not_found(format!(
                 "volume {name} does not exist in namespace {ns}"
             )));
@@ -54,14 +56,56 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        // Its node removes the data once it no longer hears of it (`Link::volumes`).
-        self.delete_as_read(
-            key.to_string(),
-            at,
-            &format!("volume {name}"),
+        let mut txn = Txn::new()
+            .when_mod_revision(key.to_string(), at)
+            .then(Op::delete(key.to_string()));
+        // A node deleted for good took the data with it; no one would remove the record.
+        let node = match volume.node {
+            Some(node) if self.get(&keys::node(&node))?.is_some() => Some(node),
+            _ => None,
+        };
+        let message = match node {
+            // Its node removes the data when it next reports its volumes (`Link::volumes`).
+            Some(node) => {
+                let deletion = VolumeDeletion {
+                    namespace: ns.to_string(),
+                    name: name.to_string(),
+                    node: node.clone(),
+                    deleted_at: self.now(),
+                };
+                txn = txn.then(Op::put(
+                    keys::volume_deletion(ns, name).to_string(),
+                    encode(&deletion),
+                ));
+                format!("volume {name} deleted; node {node} removes its data")
+            }
+            None => format!("volume {name} deleted"),
+        };
+        txn = txn.then(self.event_op(
+            EventType::Normal,
             "VolumeDeleted",
             format!("volume/{ns}/{name}"),
-        )
+            None,
+            message,
+        ));
+        if !self.inner.store.txn(txn)?.succeeded {
+            return Err(ControlError::conflict(format!(
+                "volume {name} changed meanwhile; try again"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses to make volume `name` of `ns` again while its node has yet to remove the data
+    /// of the one deleted: the new volume would start with it.
+    pub(crate) fn may_make_volume(&self, ns: &str, name: &str) -> Result<(), ControlError> {
+        match self.get::<VolumeDeletion>(&keys::volume_deletion(ns, name))? {
+            None => Ok(()),
+            Some((d, _)) => Err(ControlError::conflict(format!(
+                "volume {name} was deleted, and node {node} has not removed its data yet (it is down, or has not reported since): apply again once it has, or, if that node is gone for good, `shoal node delete {node}`",
+                node = d.node
+            ))),
+        }
     }
 
     /// `volume` as a spec's `mount` leaves it ([`Volume::sized`]), judged on what its node
@@ -105,12 +149,38 @@ impl ControlPlane {
             .collect()
     }
 
-    /// Notes what `node` measured its volumes holding; answers the volumes bound to it.
+    /// Notes what `node` measured its volumes holding; answers the volumes bound to it, and
+    /// the deleted ones whose data it still holds (`deleted`). The record of a deletion goes
+    /// once the node no longer reports the volume.
     pub fn record_volume_usage(
         &self,
         node: &str,
         usage: Vec<VolumeUsage>,
     ) -> Result<Vec<VolumeUsage>, ControlError> {
+        let (deletions, _) = self.inner.store.range(keys::VOLUME_DELETIONS.as_str())?;
+        let mut deleted = Vec::new();
+        for kv in deletions {
+            let d: VolumeDeletion = crate::state::decode(&kv)?;
+            if d.node != node {
+                continue;
+            }
+            if usage
+                .iter()
+                .any(|u| u.namespace == d.namespace && u.name == d.name)
+            {
+                deleted.push(VolumeUsage {
+                    namespace: d.namespace,
+                    name: d.name,
+                    bytes: 0,
+                    deleted: true,
+                });
+            } else {
+                let gone = Txn::new()
+                    .when_mod_revision(kv.key.clone(), kv.mod_revision)
+                    .then(Op::delete(kv.key));
+                self.inner.store.txn(gone)?;
+            }
+        }
         let bound: Vec<Volume> = self
             .list::<Volume>(&keys::VOLUMES)?
             .into_iter()
@@ -138,7 +208,9 @@ impl ControlPlane {
                     .unwrap_or(0),
                 namespace: v.namespace,
                 name: v.name,
+                deleted: false,
             })
+            .chain(deleted)
             .collect())
     }
 }

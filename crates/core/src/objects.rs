@@ -17,6 +17,7 @@ pub mod keys {
     use super::{
         ApiToken, App, ConfigSet, Event, Lease, Module, ModuleUse, Node, NodeCredential, Pool,
         Quota, Replica, Revision, RolloutStatus, RouteClaim, RouteHost, Secret, Volume,
+        VolumeDeletion,
     };
     use crate::spec::AppKey;
     use crate::spec::Route;
@@ -132,6 +133,7 @@ pub mod keys {
     pub const CONFIG_SETS: Prefix<ConfigSet> = Prefix::fixed("/configs/");
     pub const SECRETS: Prefix<Secret> = Prefix::fixed("/secrets/");
     pub const VOLUMES: Prefix<Volume> = Prefix::fixed("/volumes/");
+    pub const VOLUME_DELETIONS: Prefix<VolumeDeletion> = Prefix::fixed("/volume-deletions/");
     pub const POOLS: Prefix<Pool> = Prefix::fixed("/pools/");
     pub const QUOTAS: Prefix<Quota> = Prefix::fixed("/quotas/");
     pub fn quota(namespace: &str) -> Key<Quota> {
@@ -238,6 +240,9 @@ pub mod keys {
     }
     pub fn volume(ns: &str, name: &str) -> Key<Volume> {
         Key::new(format!("{}{name}", volumes_in(ns).as_str()))
+    }
+    pub fn volume_deletion(ns: &str, name: &str) -> Key<VolumeDeletion> {
+        Key::new(format!("{}{ns}/{name}", VOLUME_DELETIONS.as_str()))
     }
     pub fn module_use(digest: &str) -> Key<ModuleUse> {
         Key::new(format!("{}{digest}", MODULE_USES.as_str()))
@@ -1012,6 +1017,21 @@ impl Volume {
         self.size_bytes = size;
         Ok(self)
     }
+}
+
+/// A deleted volume whose node has yet to remove its data: written with the deletion, and
+/// gone once that node no longer has the directory. A node removes a volume's data only for
+/// one of these, never for a volume it does not hear of (a state restored from an older
+/// backup, or made anew, knows nothing of volumes made since, and their data stays). Until
+/// it is gone no volume of that name is made again, so the old data never shows up in a new
+/// one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeDeletion {
+    pub namespace: String,
+    pub name: String,
+    /// The node that holds the data.
+    pub node: String,
+    pub deleted_at: Millis,
 }
 
 /// A volume size below what the volume holds: [`Volume::sized`].
