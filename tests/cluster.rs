@@ -238,6 +238,50 @@ fn port_forward_reaches_an_app_with_no_route() {
     let local = line.split_whitespace().next().unwrap().to_string();
     assert!(line.ends_with("to app default/faulty"), "{line}");
 
+    // Many requests at once take about 32 API connections (a few more while ones just used
+    // go back to the pool), not one each: the API's cap on one client's connections (100)
+    // stays open to other commands. Its sockets: the listener, one per local connection, and
+    // the API connections.
+    let sockets = || {
+        std::fs::read_dir(format!("/proc/{}/fd", forward.0.id()))
+            .unwrap()
+            .flatten()
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|to| to.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    };
+    let slow: Vec<_> = (0..48)
+        .map(|_| {
+            let url = format!("{local}/sleep/2000");
+            std::thread::spawn(move || {
+                common::client()
+                    .get(url)
+                    .send()
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let mut most = 0;
+    poll(Duration::from_secs(60), || {
+        most = most.max(sockets());
+        slow.iter().all(|request| request.is_finished())
+    });
+    let answered: Vec<u16> = slow
+        .into_iter()
+        .map(|request| request.join().unwrap().unwrap())
+        .collect();
+    assert!(
+        (49..=1 + 48 + 40).contains(&most),
+        "{most} sockets at most: 48 local connections, the listener, about 32 to the API"
+    );
+    assert!(
+        answered.iter().all(|s| [200, 503].contains(s)),
+        "{answered:?}"
+    );
+    server.cli_ok(&["get", "apps"]);
+
     let seen = client
         .get(format!("{local}/authority"))
         .send()

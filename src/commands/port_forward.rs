@@ -5,10 +5,11 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use shoal_api::seg;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
@@ -18,7 +19,9 @@ use std::sync::Arc;
 
 Requests go through the API (a deployer's token is needed), to a ready replica on whichever
 node runs it, as another app's call by name would: the app needs no route. `Authorization`
-headers are not passed on (the API's token is sent in their place). Runs until interrupted.")]
+headers are not passed on (the API's token is sent in their place). At most 32 requests go at
+once, each on a connection of its own; more wait their turn, so that the API's cap on one
+client's connections is left to other commands. Runs until interrupted.")]
 pub struct PortForwardArgs {
     /// App name (an http app).
     #[arg(value_parser = crate::commands::object_name)]
@@ -42,7 +45,15 @@ struct Forward {
     client: Client,
     /// `/v1/namespaces/NS/apps/NAME/proxy`: each request's path and query go after it.
     base: String,
+    /// A request holds one from before it is sent until its answer's body ends: the API
+    /// connections in use (HTTP/1.1, one a request) never outnumber [`API_CONNECTIONS`].
+    connections: Arc<Semaphore>,
 }
+
+/// The most API connections a port-forward uses: well under the API's cap on one client's
+/// (`--api-client-connections`, 100 by default), which other commands and nodes on the
+/// same address share.
+const API_CONNECTIONS: usize = 32;
 
 pub async fn run(ctx: Context, args: PortForwardArgs) -> Result<()> {
     let client = ctx.client()?;
@@ -78,6 +89,7 @@ pub async fn run(ctx: Context, args: PortForwardArgs) -> Result<()> {
             seg(&ctx.namespace),
             seg(&args.app)
         ),
+        connections: Arc::new(Semaphore::new(API_CONNECTIONS)),
     });
     crate::output::write_stdout(
         format!(
@@ -118,6 +130,10 @@ async fn one(State(forward): State<Arc<Forward>>, req: Request) -> Response {
     for name in OWN {
         parts.headers.remove(name);
     }
+    let connection = Arc::clone(&forward.connections)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
     let request = forward
         .client
         .request(parts.method.clone(), &url)
@@ -132,7 +148,14 @@ async fn one(State(forward): State<Arc<Forward>>, req: Request) -> Response {
                     headers.remove(name);
                 }
             }
-            let body = Body::from_stream(answer.bytes_stream().map_err(std::io::Error::other));
+            let body = answer
+                .bytes_stream()
+                .map_err(std::io::Error::other)
+                // The connection is the body's until it ends (or the local client leaves).
+                .inspect(move |_| {
+                    let _ = &connection;
+                });
+            let body = Body::from_stream(body);
             response
                 .body(body)
                 .unwrap_or_else(|e| failed(format!("{e}")))
