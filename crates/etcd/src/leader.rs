@@ -17,7 +17,7 @@ use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp,
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::EtcdStore;
+use crate::{EtcdStore, RETRY_FOR, Retry};
 
 /// The leader key. It exists while a server runs on the store; its revision when a server
 /// won it guards that server's controller writes (`ControlPlane::lead`).
@@ -89,13 +89,25 @@ impl EtcdStore {
             .clone()
             .spawn(async move {
                 let mut c = client.clone();
-                let lease = c.lease_grant(LEASE_TTL.as_secs() as i64, None).await?.id();
+                // A lease granted twice is one more that runs out unused.
+                let lease = again(Retry::Read, || {
+                    let mut c = client.clone();
+                    async move { c.lease_grant(LEASE_TTL.as_secs() as i64, None).await }
+                })
+                .await?
+                .id();
                 // Who runs on the store, while it does (`shoal secret rotate-key` asks).
-                c.put(
-                    format!("{}{id}", shoal_store::SERVERS_PREFIX),
-                    id.as_str(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
+                again(Retry::Read, || {
+                    let (mut c, id) = (client.clone(), id.clone());
+                    async move {
+                        c.put(
+                            format!("{}{id}", shoal_store::SERVERS_PREFIX),
+                            id.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await
+                    }
+                })
                 .await?;
                 let (lost_tx, lost) = watch::channel(false);
                 let keeper = tokio::spawn(keep_alive(client.clone(), lease, lost_tx));
@@ -118,7 +130,13 @@ impl EtcdStore {
                             id.as_str(),
                             Some(PutOptions::new().with_lease(lease)),
                         )]);
-                    let resp = c.txn(txn).await?;
+                    // Sent again only if it never reached a member: one that won and was
+                    // not told would then wait for its own key to go.
+                    let resp = again(Retry::Write, || {
+                        let (mut c, txn) = (client.clone(), txn.clone());
+                        async move { c.txn(txn).await }
+                    })
+                    .await?;
                     let at = resp.header().map_or(0, |h| h.revision());
                     if resp.succeeded() {
                         // Shoal counts revisions from etcd's minus one (see the crate's doc).
@@ -133,29 +151,68 @@ impl EtcdStore {
     }
 }
 
-/// Waits until the leader key is deleted at or after etcd revision `from`.
+/// Waits until the leader key is deleted at or after etcd revision `from`. A watch that breaks
+/// (its member died) is made again, from the same revision, at another.
 async fn wait_for_delete(c: &mut Client, from: i64) -> Result<(), etcd_client::Error> {
-    let mut stream = c
-        .watch(
-            LEADER_KEY,
-            Some(WatchOptions::new().with_start_revision(from)),
-        )
+    loop {
+        let mut stream = again(Retry::Read, || {
+            let mut c = c.clone();
+            async move {
+                c.watch(
+                    LEADER_KEY,
+                    Some(WatchOptions::new().with_start_revision(from)),
+                )
+                .await
+            }
+        })
         .await?;
-    while let Some(resp) = stream.message().await? {
-        if resp
-            .events()
-            .iter()
-            .any(|e| e.event_type() == EventType::Delete)
-        {
-            return Ok(());
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) => {
+                    if resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return Ok(());
+                    }
+                    if resp.canceled() {
+                        return Err(etcd_client::Error::WatchError(
+                            "the watch of the leader key was cancelled".into(),
+                        ));
+                    }
+                }
+                // A member that dies cuts its streams (as `Unknown`, a broken pipe, as often
+                // as `Unavailable`): reading again is safe whatever the cause, and a cluster
+                // that cannot be watched at all fails the watch's making.
+                Err(e) => {
+                    tracing::debug!(error = %e, "the watch of the leader key broke; watching again");
+                    break;
+                }
+                Ok(None) => break,
+            }
         }
-        if resp.canceled() {
-            break;
+        tokio::time::sleep(RENEW_AGAIN).await;
+    }
+}
+
+/// Runs `f` again while it fails in a way `retry` allows, for up to [`RETRY_FOR`]: the client
+/// sends each call to one member, and one that is down refuses it.
+async fn again<T, F, Fut>(retry: Retry, mut f: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = Instant::now() + RETRY_FOR;
+    loop {
+        match f().await {
+            Err(e) if retry.allows(&e) && Instant::now() < deadline => {
+                tracing::debug!(error = %e, "etcd call failed; trying again");
+                tokio::time::sleep(RENEW_AGAIN).await;
+            }
+            outcome => return outcome,
         }
     }
-    Err(etcd_client::Error::WatchError(
-        "the watch of the leader key ended".into(),
-    ))
 }
 
 /// Renews `lease` every third of its TTL and says `lost` once a renewal has not been answered
