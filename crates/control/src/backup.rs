@@ -82,6 +82,9 @@ pub enum BackupError {
     Blob(#[from] BlobError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The control plane could not read what goes in (the store does not answer, say).
+    #[error(transparent)]
+    Control(ControlError),
 }
 
 /// Whether `key` goes into a backup: not a shared store's module chunks (the modules go in
@@ -109,9 +112,9 @@ impl ControlPlane {
             // read no longer names it.
             Err(BackupError::MissingModule(digest)) => {
                 tracing::info!(%digest, "a module went during the backup; taking it again");
-                self.backup_once(open).await.map_err(ControlError::internal)
+                self.backup_once(open).await.map_err(said)
             }
-            taken => taken.map_err(ControlError::internal),
+            taken => taken.map_err(said),
         }
     }
 
@@ -130,13 +133,15 @@ impl ControlPlane {
             Ok((kvs, revision))
         })
         .await
-        .map_err(internal)?;
+        .map_err(BackupError::Control)?;
         // A server on a shared store may not have every module on its disk yet.
         for digest in kvs
             .iter()
             .filter_map(|kv| kv.key.strip_prefix(keys::MODULES.as_str()))
         {
-            self.fetch_module(digest).await.map_err(internal)?;
+            self.fetch_module(digest)
+                .await
+                .map_err(BackupError::Control)?;
         }
         let blobs = self.inner.blobs.clone();
         let mut file = open()?;
@@ -152,13 +157,17 @@ impl ControlPlane {
             Ok((file, manifest))
         })
         .await
-        .map_err(|e| internal(ControlError::internal(e)))?
+        .map_err(|e| BackupError::Control(ControlError::internal(e)))?
     }
 }
 
-/// A failure of the control plane's as one of the backup's.
-fn internal(e: ControlError) -> BackupError {
-    BackupError::Io(std::io::Error::other(e.to_string()))
+/// A backup's failure as the API answers it: the control plane's own as it is (a store that
+/// does not answer is 503), any other as internal (logged).
+fn said(e: BackupError) -> ControlError {
+    match e {
+        BackupError::Control(e) => e,
+        other => ControlError::internal(other),
+    }
 }
 
 /// Backups the control plane takes by itself (`--backup-every`, `--backups-kept`), as k3s
@@ -684,6 +693,21 @@ mod tests {
         let e = restore(later.as_slice(), data.path()).unwrap_err();
         assert!(matches!(e, BackupError::Unsupported(2)), "{e}");
         assert!(!data.path().join("state.redb").exists());
+    }
+
+    /// A store that does not answer makes a backup a 503, as any other request, not an
+    /// internal error; the backup's own failures stay internal.
+    #[test]
+    fn a_backup_the_store_cannot_serve_now_is_unavailable() {
+        let down = ControlError::Unavailable("the store does not answer now".into());
+        assert!(matches!(
+            said(BackupError::Control(down)),
+            ControlError::Unavailable(m) if m.contains("does not answer")
+        ));
+        assert!(matches!(
+            said(BackupError::Malformed("x".into())),
+            ControlError::Internal
+        ));
     }
 
     /// A scheduled backup that cannot be written says why (its event's reason), not only
