@@ -175,6 +175,19 @@ fn a_component_pulled_by_tag_is_pinned_until_applied_again() {
     let revisions = c.api_json("/v1/apps/hello");
     assert_eq!(revisions["app"]["revision"], 2, "{revisions}");
     c.wait_gw("/hello", 200, "Hello from a registry!");
+
+    // Pinned by the first build's manifest digest; then applied again as it is while the
+    // registry is down, which what a digest names needs no registry for.
+    let manifest = pulled["oci"]["manifest"].as_str().unwrap().to_string();
+    let pinned = spec(
+        c.dir.path(),
+        &format!("{}/team/hello@{manifest}", registry.addr),
+    );
+    c.cli_ok(&["apply", "-f", &pinned]);
+    assert_eq!(running_digest(&c), module_digest(&first));
+    drop(registry);
+    let again = c.cli_ok(&["apply", "-f", &pinned]);
+    assert!(again.contains("app default/hello unchanged"), "{again}");
 }
 
 #[test]
