@@ -1154,6 +1154,25 @@ fn a_node_given_one_server_learns_the_others_and_outlives_it() {
         "{:?}",
         listed(&servers[survivor])
     );
+
+    // Started again with only the server it was given, gone since: it goes on at the one it
+    // learnt, which it kept in its data dir.
+    let mut node = node;
+    node.kill();
+    node.restart();
+    let restarted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let n = heard();
+            n["last_heartbeat"].as_u64() > Some(restarted_at) && n["state"] == "Ready"
+        }),
+        "{}",
+        heard()
+    );
+    wait_greeting(&node, "Hello from one server");
 }
 
 /// Kills `servers[leader]` with SIGKILL and insists that exactly one of the others leads

@@ -266,6 +266,11 @@ fn identity_file(data: &Path) -> PathBuf {
     data.join("node-identity.json")
 }
 
+/// Where a node keeps the servers it learnt of (`RemoteLink::remember_servers`).
+fn servers_file(data: &Path) -> PathBuf {
+    data.join("servers")
+}
+
 async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     init_tracing(log_format);
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
@@ -277,6 +282,10 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let join_wait = shoal_core::quantity::parse_duration_ms(&args.join_wait)
         .map_err(|e| crate::exit::usage(format!("--join-wait: {e}")))?;
     let mut patience = Patience::new(std::time::Duration::from_millis(join_wait));
+    // The servers it learnt when it last ran: the ones given may be gone since.
+    if let Ok(learnt) = std::fs::read_to_string(servers_file(&data)) {
+        args.servers.learn(&learnt);
+    }
     let site = prepare_node(&data, &args.node).await?;
     let starting = site.answer_starting()?;
     let ca = cluster_ca(&args, &data, &mut patience).await?;
@@ -289,7 +298,8 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
         &identity.credential,
         data.join("modules"),
     )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .map_err(|e| anyhow::anyhow!("{e}"))?
+    .remember_servers(servers_file(&data));
     if let Some(token) = join_token(&args) {
         link = link.rejoin(Rejoin {
             node: name.clone(),

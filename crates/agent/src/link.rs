@@ -154,6 +154,9 @@ pub struct RemoteLink {
     store: std::sync::atomic::AtomicU64,
     /// Guests' key-value calls, sent together when they pile up.
     kv_batches: Arc<KvBatches>,
+    /// Where the servers it knows are kept when it learns more: a node started again with the
+    /// one it was given, gone since, goes on at the others ([`RemoteLink::remember_servers`]).
+    servers_file: Option<PathBuf>,
 }
 
 impl RemoteLink {
@@ -179,7 +182,15 @@ impl RemoteLink {
             fetching: std::sync::Mutex::default(),
             store: std::sync::atomic::AtomicU64::new(0),
             kv_batches: Arc::default(),
+            servers_file: None,
         })
+    }
+
+    /// Keeps the servers it learns in `file` (comma-separated URLs), which the node reads
+    /// again when it starts (as Nomad's clients keep the servers they learnt).
+    pub fn remember_servers(mut self, file: PathBuf) -> Self {
+        self.servers_file = Some(file);
+        self
     }
 
     /// Lets the link join again by itself when its credential is refused.
@@ -288,9 +299,16 @@ impl Link for RemoteLink {
                         .get(shoal_api::SERVERS_HEADER)
                         .and_then(|v| v.to_str().ok())
                     {
-                        let learnt = self.api().servers().learn(told);
+                        let servers = &self.servers;
+                        let learnt = servers.learn(told);
                         if !learnt.is_empty() {
                             tracing::info!(servers = %learnt.join(","), "learnt of more servers of the control plane");
+                            if let Some(file) = &self.servers_file {
+                                let all = servers.urls().join(",");
+                                if let Err(e) = write_whole(file, all.as_bytes()) {
+                                    tracing::warn!(file = %file.display(), error = %e, "cannot keep the servers learnt");
+                                }
+                            }
                         }
                     }
                     Ok(())
@@ -572,6 +590,13 @@ fn deltas(reader: impl tokio::io::AsyncRead + Send + 'static) -> Changes {
 
 /// `changes` from server `on`, ended as broken once calls no longer go there: the watch then
 /// resumes where the calls went.
+/// Writes `bytes` to `file` whole: beside it first, then renamed over it.
+fn write_whole(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let beside = file.with_extension("tmp");
+    std::fs::write(&beside, bytes)?;
+    std::fs::rename(&beside, file)
+}
+
 fn following(changes: Changes, servers: Servers, on: usize) -> Changes {
     enum Step {
         Item(Option<Result<Delta, WatchBroken>>),
