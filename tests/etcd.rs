@@ -1147,6 +1147,20 @@ fn a_node_given_one_server_learns_the_others_and_outlives_it() {
         replicas,
         "its replica is kept"
     );
+    // Who led, and who took over, is in the cluster's events.
+    let leading: Vec<String> = servers[survivor]
+        .api_json("/v1/events")
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reason"] == "Leading")
+        .map(|e| e["message"].as_str().unwrap().to_string())
+        .collect();
+    let said = |i: usize| format!("server {} leads: the controller runs there", servers[i].api);
+    assert!(
+        leading.ends_with(&[said(leader), said(survivor)]),
+        "{leading:?}"
+    );
     let alone = vec![(servers[survivor].api.clone(), true)];
     assert!(
         poll(Duration::from_secs(10), || listed(&servers[survivor])

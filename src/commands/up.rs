@@ -682,6 +682,12 @@ async fn lead(
         };
         tracing::info!(server = %id, "leading: the controller runs here");
         control.lead(shoal_etcd::LEADER_KEY, leadership.revision());
+        let (said, server) = (control.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = said.say_leading(&server) {
+                tracing::warn!(error = %e, "cannot record the leadership's event");
+            }
+        });
         let stepping_down = tokio::select! {
             () = run_control_loops(control.clone(), loops.0.clone(), loops.1.clone()) => return,
             () = leadership.lost() => {

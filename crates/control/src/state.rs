@@ -344,17 +344,37 @@ impl ControlPlane {
         &*self.inner.store
     }
 
-    /// From now on, the controller's writes take effect only while `key` (the leader key of a
-    /// shared store) has the revision `revision`, at which this server won the leadership.
     /// Where this server's API is reached, as others are told (`shoal get servers`); set
     /// once, when it listens.
     pub fn serves_at(&self, url: &str) {
         let _ = self.inner.api_url.set(url.to_string());
     }
 
+    /// From now on, the controller's writes take effect only while `key` (the leader key of a
+    /// shared store) has the revision `revision`, at which this server won the leadership.
     pub fn lead(&self, key: &str, revision: u64) {
         *self.inner.fence.write().unwrap_or_else(|p| p.into_inner()) =
             Some((key.to_string(), revision));
+    }
+
+    /// Says in the cluster's events that `server` leads now (`Leading`), as Kubernetes'
+    /// leader election does: which server runs the controller, and when that changed. Written
+    /// only while the leadership [`Self::lead`] recorded holds.
+    pub fn say_leading(&self, server: &str) -> Result<(), ControlError> {
+        let Fence(Some((key, revision))) = self.fence() else {
+            return Ok(());
+        };
+        let txn = Txn::new()
+            .when_mod_revision(key, revision)
+            .then(self.event_op(
+                EventType::Normal,
+                "Leading",
+                "cluster".into(),
+                None,
+                format!("server {server} leads: the controller runs there"),
+            ));
+        self.inner.store.txn(txn)?;
+        Ok(())
     }
 
     /// The leadership this server's loops that act on the cluster write under, as it is now.
