@@ -13,9 +13,12 @@ pub const MODULE_LIMIT: u64 = 1 << 30;
 /// What a value read from a file (config sets, secrets, key-value) may hold.
 pub const VALUE_LIMIT: u64 = 64 << 20;
 
-/// The bytes of `path`, if there are at most `limit` of them. Pipes and devices are read up
-/// to the bound too (`--from-file password=<(…)` stays possible).
+/// The bytes of `path` (`-`: standard input), if there are at most `limit` of them. Pipes and
+/// devices are read up to the bound too (`--from-file password=<(…)` stays possible).
 pub fn read(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    if path.as_os_str() == "-" {
+        return bounded(std::io::stdin().lock(), limit);
+    }
     let file = std::fs::File::open(path)?;
     if let Ok(meta) = file.metadata()
         && meta.is_file()

@@ -235,3 +235,15 @@ fn every_acknowledged_write_survives_a_kill_9() {
         format!("value of {last}")
     );
 }
+
+/// A value read from standard input (`--from-file -`), as `backup` and `restore` take `-`.
+#[test]
+fn a_value_is_read_from_standard_input() {
+    let c = Cluster::start();
+    let put = c.cli_stdin(
+        &["kv", "put", "notes", "k", "--from-file", "-"],
+        "from stdin\n",
+    );
+    assert!(put.status.success(), "{put:?}");
+    assert_eq!(c.cli_ok(&["kv", "get", "notes", "k"]), "from stdin\n");
+}

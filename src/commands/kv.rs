@@ -40,7 +40,7 @@ enum KvAction {
         /// The value; or --from-file.
         #[arg(required_unless_present = "file", conflicts_with = "file")]
         value: Option<String>,
-        /// Read the value from this file.
+        /// Read the value from this file (`-`: standard input).
         #[arg(long = "from-file", value_name = "PATH")]
         file: Option<PathBuf>,
     },

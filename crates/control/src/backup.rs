@@ -431,6 +431,13 @@ pub fn restore(input: impl Read, data: &Path) -> Result<Restored, BackupError> {
     if target.exists() {
         return Err(BackupError::Occupied(target));
     }
+    // `shoal backup - | gzip` is how its help suggests compressing one.
+    let mut input = std::io::BufReader::new(input);
+    if std::io::BufRead::fill_buf(&mut input)?.starts_with(&[0x1f, 0x8b]) {
+        return Err(BackupError::Malformed(
+            "it is gzip-compressed: restore it with `gunzip -c FILE | shoal server restore - --data-dir DIR`".into(),
+        ));
+    }
     let mut archive = tar::Archive::new(input);
     let mut entries = archive.entries()?;
     let manifest: Manifest = {
@@ -692,6 +699,19 @@ mod tests {
         let later = later.into_inner().unwrap();
         let e = restore(later.as_slice(), data.path()).unwrap_err();
         assert!(matches!(e, BackupError::Unsupported(2)), "{e}");
+        assert!(!data.path().join("state.redb").exists());
+    }
+
+    /// A gzip-compressed backup is named as such, not as a tar that does not parse.
+    #[test]
+    fn a_gzipped_backup_is_refused_as_one() {
+        let data = tempfile::tempdir().unwrap();
+        let gzipped: &[u8] = &[0x1f, 0x8b, 0x08, 0x00, 0x00];
+        let e = restore(gzipped, data.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("gzip-compressed") && e.contains("gunzip -c"),
+            "{e}"
+        );
         assert!(!data.path().join("state.redb").exists());
     }
 
