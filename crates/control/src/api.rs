@@ -2028,6 +2028,7 @@ async fn module_blob(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::tests::ready_node;
     use axum::http::Request as HttpRequest;
     use http_body_util::BodyExt;
     use std::collections::BTreeSet;
@@ -2310,22 +2311,6 @@ mod tests {
         let parsed: shoal_core::problem::ErrorBody = serde_json::from_value(body).unwrap();
         assert_eq!(parsed.code(), ErrorCode::NotFound);
         assert!(parsed.error.message.contains("ghost"), "{parsed:?}");
-    }
-
-    /// A Ready, schedulable node `name` as it registers.
-    fn ready_node(name: &str) -> Node {
-        Node {
-            name: name.into(),
-            gateway: format!("{name}:8080"),
-            capacity: Default::default(),
-            labels: Default::default(),
-            state: shoal_core::NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-            label_overrides: Default::default(),
-        }
     }
 
     #[tokio::test]

@@ -293,7 +293,7 @@ pub(crate) fn key_of(key: &str) -> Option<ObjectKey> {
 mod tests {
     use super::*;
 
-    use shoal_core::{Capacity, NodeState};
+    use crate::state::tests::ready_node;
     use shoal_store::{Op, Txn};
     use std::time::Duration;
 
@@ -303,21 +303,6 @@ mod tests {
         let blobs = shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap();
         let cp = ControlPlane::new(store, blobs, Default::default()).unwrap();
         (dir, cp)
-    }
-
-    fn node(name: &str) -> Node {
-        Node {
-            name: name.into(),
-            gateway: format!("{name}:8080"),
-            capacity: Capacity::default(),
-            labels: Default::default(),
-            state: NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-            label_overrides: Default::default(),
-        }
     }
 
     fn write(cp: &ControlPlane, ops: Vec<Op>) -> u64 {
@@ -346,7 +331,7 @@ mod tests {
             let all = cp.inner.metrics.snapshot();
             all.get(&web).map_or(0, |m| m.load.waiting)
         };
-        link.register(node("n1")).await.unwrap();
+        link.register(ready_node("n1")).await.unwrap();
         let held = |requests| shoal_api::Waiting {
             app: web.clone(),
             requests,
@@ -354,7 +339,7 @@ mod tests {
         cp.record_waiting("n1", vec![held(5)]);
         cp.record_waiting("n2", vec![held(2)]);
         assert_eq!(waiting(&cp), 7);
-        link.register(node("n1")).await.unwrap();
+        link.register(ready_node("n1")).await.unwrap();
         assert_eq!(waiting(&cp), 2, "n2's still wait");
     }
 
@@ -385,7 +370,7 @@ mod tests {
         }
         assert_eq!(key_of(keys::lease("n1").as_str()), None);
         assert_eq!(
-            Object::Node(node("n1")).key(),
+            Object::Node(ready_node("n1")).key(),
             key_of(keys::node("n1").as_str()).unwrap()
         );
     }
@@ -398,7 +383,7 @@ mod tests {
         let before = write(&cp, vec![Op::put(&replica, b"{}".to_vec())]);
         let link = LocalLink(cp.clone());
         let mut changes = link.changes(before).await.unwrap();
-        let n1 = node("n1");
+        let n1 = ready_node("n1");
         let revision = write(
             &cp,
             vec![

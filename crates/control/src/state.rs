@@ -2329,19 +2329,7 @@ pub(crate) mod tests {
             let answer = cp.record_volume_usage(node, usage).unwrap();
             answer.iter().filter(|u| u.deleted).count()
         };
-        cp.register_node(Node {
-            name: "n1".into(),
-            gateway: "n1:8080".into(),
-            capacity: Default::default(),
-            labels: Default::default(),
-            state: NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-            label_overrides: Default::default(),
-        })
-        .unwrap();
+        cp.register_node(ready_node("n1")).unwrap();
         cp.apply(spec("a"), false).unwrap();
         bind("n1");
         // Bound and in use: nothing to remove; a directory the node has of no known volume
@@ -2815,6 +2803,22 @@ pub(crate) mod tests {
             diff(&with_sets("blue", "hi"), &reordered),
             ["config_sets: [\"shared\",\"team\"] -> [\"team\",\"shared\"]"]
         );
+    }
+
+    /// A Ready, schedulable node `name` with its gateway at `name:8080`, for unit tests.
+    pub(crate) fn ready_node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            gateway: format!("{name}:8080"),
+            capacity: Default::default(),
+            labels: Default::default(),
+            state: NodeState::Ready,
+            schedulable: true,
+            draining: false,
+            leaving: None,
+            joined_at: 0,
+            label_overrides: Default::default(),
+        }
     }
 
     /// A control plane on a fresh store in `dir`, for unit tests.
