@@ -195,8 +195,9 @@ pub(crate) fn retrying<T>(
 pub(crate) type Read = BTreeMap<String, (u64, Vec<u8>)>;
 
 /// How long an apply that makes an app waits for the replicas of one of that name, deleted a
-/// moment ago, to go: the controller's next pass, unless no controller runs now.
-const DELETED_APP_WAIT: Duration = if cfg!(test) {
+/// moment ago, to go: the controller's next pass, unless no controller runs now. And one that
+/// makes a volume, for the data of one of that name deleted a moment ago to go.
+pub(crate) const DELETED_APP_WAIT: Duration = if cfg!(test) {
     Duration::from_millis(100)
 } else {
     Duration::from_secs(5)
@@ -797,7 +798,7 @@ impl ControlPlane {
                     Some((volume, _)) => {
                         self.applied_size(&key.namespace, mount, volume)?;
                     }
-                    None => self.may_make_volume(&key.namespace, &mount.name)?,
+                    None => self.may_make_volume(&key.namespace, &mount.name, false)?,
                 }
             }
         }
@@ -843,7 +844,7 @@ impl ControlPlane {
                 let vkey = keys::volume(&key.namespace, &mount.name);
                 match self.get::<Volume>(&vkey)? {
                     None => {
-                        self.may_make_volume(&key.namespace, &mount.name)?;
+                        self.may_make_volume(&key.namespace, &mount.name, true)?;
                         let volume = Volume {
                             namespace: key.namespace.clone(),
                             name: mount.name.clone(),

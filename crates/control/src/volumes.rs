@@ -97,14 +97,27 @@ impl ControlPlane {
     }
 
     /// Refuses to make volume `name` of `ns` again while its node has yet to remove the data
-    /// of the one deleted: the new volume would start with it.
-    pub(crate) fn may_make_volume(&self, ns: &str, name: &str) -> Result<(), ControlError> {
-        match self.get::<VolumeDeletion>(&keys::volume_deletion(ns, name))? {
-            None => Ok(()),
-            Some((d, _)) => Err(ControlError::conflict(format!(
-                "volume {name} was deleted, and node {node} has not removed its data yet (it is down, or has not reported since): apply again once it has, or, if that node is gone for good, `shoal node delete {node}`",
-                node = d.node
-            ))),
+    /// of the one deleted: the new volume would start with it. With `wait`, waits a while
+    /// first, as a node that runs reports within a few seconds (an apply right after a
+    /// `delete volume` then goes through).
+    pub(crate) fn may_make_volume(
+        &self,
+        ns: &str,
+        name: &str,
+        wait: bool,
+    ) -> Result<(), ControlError> {
+        let waited = std::time::Instant::now();
+        loop {
+            let Some((d, _)) = self.get::<VolumeDeletion>(&keys::volume_deletion(ns, name))? else {
+                return Ok(());
+            };
+            if !wait || waited.elapsed() >= crate::state::DELETED_APP_WAIT {
+                return Err(ControlError::conflict(format!(
+                    "volume {name} was deleted, and node {node} has not removed its data yet (it is down, or has not reported since): apply again once it has, or, if that node is gone for good, `shoal node delete {node}`",
+                    node = d.node
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 
