@@ -576,23 +576,12 @@ impl Ids for RandomIds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_core::{Capacity, Node};
+    use shoal_core::Node;
     use shoal_store::{KvStore, Store};
     use std::sync::Arc;
 
     fn node(name: &str) -> Vec<u8> {
-        encode(&Node {
-            name: name.into(),
-            gateway: "127.0.0.1:1".into(),
-            capacity: Capacity::default(),
-            labels: Default::default(),
-            state: NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-            label_overrides: Default::default(),
-        })
+        encode(&crate::state::tests::ready_node(name))
     }
 
     fn nodes(names: &[&str]) -> BTreeMap<String, Read<Node>> {

@@ -213,8 +213,8 @@ impl Mirror {
 mod tests {
     use super::*;
     use crate::state::encode;
+    use shoal_core::Phase;
     use shoal_core::spec::parse_app;
-    use shoal_core::{Capacity, NodeState, Phase};
 
     fn kv(key: String, value: Vec<u8>, at: u64) -> KeyValue {
         KeyValue {
@@ -252,18 +252,7 @@ mod tests {
     }
 
     fn node(name: &str) -> Node {
-        Node {
-            name: name.into(),
-            gateway: "127.0.0.1:1".into(),
-            capacity: Capacity::default(),
-            labels: BTreeMap::new(),
-            state: NodeState::Ready,
-            schedulable: true,
-            draining: false,
-            leaving: None,
-            joined_at: 0,
-            label_overrides: Default::default(),
-        }
+        crate::state::tests::ready_node(name)
     }
 
     /// An app whose replica only had to serve for its `min_ready` is looked at once more by
