@@ -106,7 +106,12 @@ async fn a_reused_p3_instance_serves_its_count() {
         [1, 2, 3, 1],
         "three requests, then a fresh instance"
     );
-    // Two workers started; the second waits for a request, as the stats say too.
+    // Two workers started; the second waits for a request, as the stats say too, once the
+    // first, done with its three, has ended (just after its last answer).
+    eventually(Duration::from_secs(5), "the first instance ended", || {
+        stats.read().live == 1
+    })
+    .await;
     let stats = stats.read();
     assert_eq!((stats.requests, stats.cold_starts, stats.reuses), (4, 2, 2));
     assert_eq!((stats.live, stats.idle), (1, 1));
