@@ -197,7 +197,7 @@ pub(crate) type Read = BTreeMap<String, (u64, Vec<u8>)>;
 /// How long an apply that makes an app waits for the replicas of one of that name, deleted a
 /// moment ago, to go: the controller's next pass, unless no controller runs now. And one that
 /// makes a volume, for the data of one of that name deleted a moment ago to go.
-pub(crate) const DELETED_APP_WAIT: Duration = if cfg!(test) {
+pub(crate) const DELETED_WAIT: Duration = if cfg!(test) {
     Duration::from_millis(100)
 } else {
     Duration::from_secs(5)
@@ -410,16 +410,32 @@ impl ControlPlane {
         reason: &str,
         object: String,
     ) -> Result<(), ControlError> {
-        let txn = Txn::new()
-            .when_mod_revision(key.clone(), at)
-            .then(Op::delete(key))
-            .then(self.event_op(
-                EventType::Normal,
-                reason,
-                object,
-                None,
-                format!("{what} deleted"),
-            ));
+        let message = format!("{what} deleted");
+        self.delete_as_read_with(key, at, what, reason, object, Vec::new(), message)
+    }
+
+    /// [`Self::delete_as_read`], writing `also` in the same transaction, its event saying
+    /// `message`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn delete_as_read_with(
+        &self,
+        key: String,
+        at: u64,
+        what: &str,
+        reason: &str,
+        object: String,
+        also: Vec<Op>,
+        message: String,
+    ) -> Result<(), ControlError> {
+        let txn = also
+            .into_iter()
+            .fold(
+                Txn::new()
+                    .when_mod_revision(key.clone(), at)
+                    .then(Op::delete(key)),
+                Txn::then,
+            )
+            .then(self.event_op(EventType::Normal, reason, object, None, message));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::conflict(format!(
                 "{what} changed meanwhile; try again"
@@ -666,7 +682,7 @@ impl ControlPlane {
                 if left == 0 && self.get::<RolloutStatus>(&keys::rollout(&key))?.is_none() {
                     break;
                 }
-                if waited.elapsed() >= DELETED_APP_WAIT {
+                if waited.elapsed() >= DELETED_WAIT {
                     return Err(ControlError::conflict(format!(
                         "app {key} is still being deleted ({left} replicas left): apply again in a moment"
                     )));

@@ -9,7 +9,7 @@ use crate::state::{ControlPlane, encode};
 use shoal_api::{VolumeUsage, VolumeView};
 use shoal_core::objects::keys;
 use shoal_core::spec::VolumeMount;
-use shoal_core::{App, EventType, Shrunk, Volume, VolumeDeletion};
+use shoal_core::{App, Shrunk, Volume, VolumeDeletion};
 use shoal_store::{Op, Txn};
 use std::collections::BTreeMap;
 
@@ -56,15 +56,12 @@ impl ControlPlane {
                 users.join(", ")
             )));
         }
-        let mut txn = Txn::new()
-            .when_mod_revision(key.to_string(), at)
-            .then(Op::delete(key.to_string()));
         // A node deleted for good took the data with it; no one would remove the record.
         let node = match volume.node {
             Some(node) if self.get(&keys::node(&node))?.is_some() => Some(node),
             _ => None,
         };
-        let message = match node {
+        let (also, message) = match node {
             // Its node removes the data when it next reports its volumes (`Link::volumes`).
             Some(node) => {
                 let deletion = VolumeDeletion {
@@ -73,27 +70,24 @@ impl ControlPlane {
                     node: node.clone(),
                     deleted_at: self.now(),
                 };
-                txn = txn.then(Op::put(
+                let put = Op::put(
                     keys::volume_deletion(ns, name).to_string(),
                     encode(&deletion),
-                ));
-                format!("volume {name} deleted; node {node} removes its data")
+                );
+                let message = format!("volume {name} deleted; node {node} removes its data");
+                (vec![put], message)
             }
-            None => format!("volume {name} deleted"),
+            None => (Vec::new(), format!("volume {name} deleted")),
         };
-        txn = txn.then(self.event_op(
-            EventType::Normal,
+        self.delete_as_read_with(
+            key.to_string(),
+            at,
+            &format!("volume {name}"),
             "VolumeDeleted",
             format!("volume/{ns}/{name}"),
-            None,
+            also,
             message,
-        ));
-        if !self.inner.store.txn(txn)?.succeeded {
-            return Err(ControlError::conflict(format!(
-                "volume {name} changed meanwhile; try again"
-            )));
-        }
-        Ok(())
+        )
     }
 
     /// Refuses to make volume `name` of `ns` again while its node has yet to remove the data
@@ -111,7 +105,7 @@ impl ControlPlane {
             let Some((d, _)) = self.get::<VolumeDeletion>(&keys::volume_deletion(ns, name))? else {
                 return Ok(());
             };
-            if !wait || waited.elapsed() >= crate::state::DELETED_APP_WAIT {
+            if !wait || waited.elapsed() >= crate::state::DELETED_WAIT {
                 return Err(ControlError::conflict(format!(
                     "volume {name} was deleted, and node {node} has not removed its data yet (it is down, or has not reported since): apply again once it has, or, if that node is gone for good, `shoal node delete {node}`",
                     node = d.node
