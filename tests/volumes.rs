@@ -272,4 +272,19 @@ fn replicas_that_mount_a_volume_go_to_its_node() {
         "{:#}",
         server.api_json("/v1/replicas?app=notes-reader")
     );
+    // Deleting the node says the volume's data stays on its machine, and so does its event.
+    let out = server.cli(&["node", "delete", &node]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("volumes default/notes were bound to node"),
+        "{stderr}"
+    );
+    let events = server.cli_ok(&["events"]);
+    assert!(
+        events
+            .lines()
+            .any(|l| l.contains("NodeDeleted") && l.contains("volumes default/notes")),
+        "{events}"
+    );
 }

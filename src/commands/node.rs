@@ -6,7 +6,7 @@ use crate::client::{private_dir, write_private};
 use crate::output::{self, Format};
 use anyhow::{Context as _, Result};
 use shoal_agent::{JoinToken, Rejoin, RemoteLink};
-use shoal_api::{JoinResponse, Resend, Servers, seg};
+use shoal_api::{JoinResponse, NodeDeleted, Resend, Servers, seg};
 use shoal_core::auth::Credential;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -245,15 +245,23 @@ async fn label(ctx: Context, name: String, args: &[String], overwrite: bool) -> 
 
 async fn delete(ctx: Context, name: String) -> Result<()> {
     let client = ctx.client()?;
-    client
-        .checked(client.request(
+    let deleted: NodeDeleted = client
+        .send(client.request(
             reqwest::Method::DELETE,
             &format!("/v1/nodes/{}", seg(&name)),
         ))
         .await?;
     match ctx.output {
-        Format::Json => output::json(&serde_json::json!({ "deleted": name })),
+        Format::Json => output::json(&deleted),
         Format::Table => println!("node {name} deleted"),
+    }
+    if !deleted.volumes.is_empty() {
+        eprintln!(
+            "Warning: volumes {} were bound to node {name}; their data stays on its machine. \
+             Replicas mounting them wait for a node {name} to join again with its data dir, \
+             or for the volumes to be deleted (`shoal delete volume NAME -n NAMESPACE`).",
+            deleted.volumes.join(", ")
+        );
     }
     Ok(())
 }

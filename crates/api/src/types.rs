@@ -26,6 +26,15 @@ pub struct Deleted {
     pub deleted: String,
 }
 
+/// The answer to `DELETE /v1/nodes/{name}`: the node, and the volumes bound to it, as
+/// `namespace/name`, whose data stayed on its machine (apps mounting them cannot run elsewhere).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeDeleted {
+    pub deleted: String,
+    #[serde(default)]
+    pub volumes: Vec<String>,
+}
+
 /// The answer to `GET /v1/version`: the server's release, for `shoal version`.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ServerVersion {

@@ -21,11 +21,11 @@ use shoal_api::{
     AppCpu, AppSummary, AppTop, ApplyOutcome, ApplyResult, BucketView, CertificateRequest,
     ConfigSetRequest, ConfigSetView, ConfigSetWritten, CreatedToken, Deleted, Delta, Describe,
     IngressCertificate, IssuedCertificate, JobRun, JobSummary, JoinRequest, JoinResponse,
-    KeyRotated, ModuleUploaded, NodeAction, NodeDescribe, NodeLabels, NodeSummary, NodeTop,
-    NodeUsage, PoolWrite, QuotaPatch, QuotaView, Registered, ReplicaIncident, ReplicaReport,
-    ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView, SecretWrite,
-    SecretWritten, ServerSummary, ServerVersion, Service, Snapshot, TokenRequest, TokenView,
-    VolumeUsage, VolumeView, Waiting,
+    KeyRotated, ModuleUploaded, NodeAction, NodeDeleted, NodeDescribe, NodeLabels, NodeSummary,
+    NodeTop, NodeUsage, PoolWrite, QuotaPatch, QuotaView, Registered, ReplicaIncident,
+    ReplicaReport, ReplicaSecrets, RolloutAction, RolloutView, RotatedJoinToken, SecretView,
+    SecretWrite, SecretWritten, ServerSummary, ServerVersion, Service, Snapshot, TokenRequest,
+    TokenView, VolumeUsage, VolumeView, Waiting,
 };
 use shoal_core::auth::Role;
 use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
@@ -242,7 +242,8 @@ admin_api! {
         op("The cluster's metrics in Prometheus' text format")
             .raw(StatusCode::OK, "text/plain; version=0.0.4");
     DELETE "/v1/nodes/{name}" => delete_node, Admin, Cluster,
-        op("Delete a node and revoke its credential").empty(StatusCode::NO_CONTENT);
+        op("Delete a node and revoke its credential; says which volumes were bound to it")
+            .json::<NodeDeleted>(StatusCode::OK);
     PUT "/v1/nodes/{name}/labels" => label_node, Admin, Cluster,
         op("Set and remove a node's labels; they outlive its registrations")
             .body::<NodeLabels>()
@@ -1632,8 +1633,9 @@ async fn delete_node(
     State(cp): State<ControlPlane>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    blocking(move || cp.delete_node(&name)).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let deleted = name.clone();
+    let volumes = blocking(move || cp.delete_node(&name)).await?;
+    Ok(Json(NodeDeleted { deleted, volumes }).into_response())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -10,7 +10,7 @@ use shoal_api::{CertificateRequest, JoinResponse, Snapshot};
 use shoal_core::auth::{Credential, constant_time_eq};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{EventType, NodeCredential, Replica, Revision, VolumeDeletion};
+use shoal_core::{EventType, NodeCredential, Replica, Revision, Volume, VolumeDeletion};
 use shoal_store::{Op, Txn};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -264,8 +264,10 @@ impl ControlPlane {
 
     /// Removes a node: its record, lease and credential. The controller then
     /// treats its replicas as lost and replaces them elsewhere; the node, if
-    /// it still runs, is refused from now on and must join again.
-    pub fn delete_node(&self, name: &str) -> Result<(), ControlError> {
+    /// it still runs, is refused from now on and must join again. Answers the volumes bound
+    /// to it (`namespace/name`): their data stays on its machine, so the replicas mounting
+    /// them wait for a node of that name to join again, or for the volumes to be deleted.
+    pub fn delete_node(&self, name: &str) -> Result<Vec<String>, ControlError> {
         let node = self.get(&keys::node(name))?;
         let credential = self.get(&keys::credential(name))?;
         if node.is_none() && credential.is_none() {
@@ -284,16 +286,30 @@ impl ControlPlane {
                 txn = txn.then(Op::delete(keys::volume_deletion(&d.namespace, &d.name)));
             }
         }
+        let volumes: Vec<String> = self
+            .list::<Volume>(&keys::VOLUMES)?
+            .into_iter()
+            .filter(|v| v.node.as_deref() == Some(name))
+            .map(|v| format!("{}/{}", v.namespace, v.name))
+            .collect();
+        let mut message =
+            format!("node {name} was deleted; its replicas will be replaced elsewhere");
+        if !volumes.is_empty() {
+            message.push_str(&format!(
+                ", but not those mounting volumes {}, whose data stays on its machine: they wait for a node {name} to join again with its data dir, or for the volumes to be deleted",
+                volumes.join(", ")
+            ));
+        }
         let txn = txn.then(self.event_op(
             EventType::Normal,
             "NodeDeleted",
             format!("node/{name}"),
             None,
-            format!("node {name} was deleted; its replicas will be replaced elsewhere"),
+            message,
         ));
         self.inner.store.txn(txn)?;
         self.inner.kick.notify_one();
-        Ok(())
+        Ok(volumes)
     }
 
     /// A new join token; the old one stops working at once. Nodes that have
