@@ -299,6 +299,22 @@ fn unreadable(replica: String, why: String) -> LogEntry {
     }
 }
 
+/// A line saying `count` of a replica's lines were lost to a follower: its node keeps a
+/// bounded amount of each replica's output, and a replica writing faster than the follower
+/// reads (or a follower away long enough) finds the oldest overwritten.
+fn lost_lines(replica: &str, count: u64) -> LogEntry {
+    LogEntry {
+        replica: replica.to_string(),
+        seq: LogEntry::NOTICE,
+        time: shoal_core::now_ms(),
+        stream: LogStream::Stderr,
+        line: format!(
+            "[shoal] {count} lines of this replica's output were lost: it wrote them faster \
+             than they were read, and its node keeps only its latest output"
+        ),
+    }
+}
+
 /// Every entry at `url`, or one saying why there are none.
 async fn read_all(http: &reqwest::Client, replica: String, url: String) -> Vec<LogEntry> {
     let response = match http.get(&url).timeout(READ_TIMEOUT).send().await {
@@ -403,6 +419,9 @@ async fn follow_one(
     query: LogQuery,
     tx: mpsc::Sender<Bytes>,
 ) {
+    // Whether `since` is the line after one shown (or after where a read started), so that
+    // lines numbered past it were lost rather than never asked for.
+    let mut positioned = tail.is_none() && since > 0;
     loop {
         let (c, key, only) = (cp.clone(), app.clone(), id.clone());
         let target = match blocking(move || c.log_targets(&key, Some(&only))).await {
@@ -434,11 +453,17 @@ async fn follow_one(
                 continue;
             }
         };
-        tail = None;
         let from = response
             .headers()
             .get(shoal_core::auth::LOGS_FROM_HEADER)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        // Resuming after lines shown, the node starting later means it no longer had those
+        // between: said, not skipped in silence. A first read starts where it starts.
+        let mut lost = match (positioned, from) {
+            (true, Some(from)) => from.saturating_sub(since),
+            _ => 0,
+        };
+        tail = None;
         since = since.max(from.unwrap_or(0));
         let mut body = response.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
@@ -455,6 +480,16 @@ async fn follow_one(
             let mut out = String::new();
             for line in pending[..end].split(|&b| b == b'\n') {
                 if let Ok(entry) = serde_json::from_slice::<LogEntry>(line) {
+                    // The first line of a first read may come after lines the time
+                    // filter left out.
+                    if positioned {
+                        lost += entry.seq.saturating_sub(since);
+                    }
+                    positioned = true;
+                    if lost > 0 {
+                        out.push_str(&query.render(&lost_lines(&id, lost)));
+                        lost = 0;
+                    }
                     since = since.max(entry.seq.saturating_add(1));
                     out.push_str(&query.render(&entry));
                 }
