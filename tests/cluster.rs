@@ -979,3 +979,61 @@ fn a_node_the_control_plane_forgot_registers_again() {
         nodes[0].get("/hello")
     );
 }
+
+/// A client that stops reading a large response it gets through a hop holds up only its own
+/// stream of the hop's one HTTP/2 connection: other requests through the same gateway to
+/// the same node are answered whole meanwhile.
+#[test]
+fn a_client_that_stops_reading_through_a_hop_holds_up_no_one_else() {
+    use std::io::{Read, Write};
+    let (dir, server, nodes) = cluster(2, &[]);
+    let text = std::fs::read_to_string(format!("{}/faulty/app.toml", common::examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", common::examples()))
+        .replace("timeout = \"5s\"", "timeout = \"60s\"");
+    let spec = common::write_spec(dir.path(), "faulty.toml", &text);
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        poll(Duration::from_secs(30), || ready_count(&server, "faulty")
+            == 1),
+        "{:#}",
+        server.api_json("/v1/replicas?app=faulty")
+    );
+    let here = match server.placement("faulty").contains_key(&nodes[0].name) {
+        true => &nodes[1],
+        false => &nodes[0],
+    };
+    let mut slow =
+        std::net::TcpStream::connect(here.gateway.trim_start_matches("http://")).unwrap();
+    write!(
+        slow,
+        "GET /faulty/huge/1000 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    // Its head and the start of its body, and then nothing more is read.
+    let mut start = [0u8; 4096];
+    slow.read_exact(&mut start).unwrap();
+    assert!(
+        start.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&start)
+    );
+    let quick = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    // Requests back to back for a while: the stalled response fills what the hop lets
+    // arrive unread within a moment, and from then on no one else would be answered.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let answer = quick
+            .get(format!("{}/faulty/count", here.gateway))
+            .send()
+            .and_then(|r| Ok((r.status().as_u16(), r.text()?)));
+        assert!(
+            answer.as_ref().is_ok_and(|(code, _)| *code == 200),
+            "{answer:?}"
+        );
+    }
+    drop(slow);
+}

@@ -163,7 +163,15 @@ fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConf
         builder.enable_http1().wrap_connector(http)
     };
     let mut builder = pooling();
-    builder.http2_only(http2).http2_adaptive_window(true);
+    // One connection carries every hop to a node, so a response its client does not read
+    // must not hold the others: each stream gets a window of its own, and the connection
+    // one that every stream the peer lets open at once could fill without stopping it
+    // (windows that grow with the bandwidth-delay product keep the two equal, and one
+    // stalled download then stops every other response on the connection).
+    builder
+        .http2_only(http2)
+        .http2_initial_stream_window_size(HOP_STREAM_WINDOW)
+        .http2_initial_connection_window_size(HOP_CONNECTION_WINDOW);
     if http2 {
         // A node that died without a word (power, partition) would hold every request sent
         // on its one connection, and every body streaming from it, until the head timeout or
@@ -180,6 +188,14 @@ fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConf
 /// How often a hop's HTTP/2 connection is pinged, and how long the answer may take; also the
 /// TCP keep-alive of hop connections (HTTP/1.1 ones too).
 const HOP_PING_EVERY: Duration = Duration::from_secs(10);
+
+/// How much of one hop response may arrive before its client reads it: enough for a
+/// large body at a data centre's round trips.
+const HOP_STREAM_WINDOW: u32 = 1 << 20;
+
+/// How much of all hop responses on one connection may arrive before they are read: the
+/// stream window for every stream a gateway lets a connection open at once.
+const HOP_CONNECTION_WINDOW: u32 = crate::server::H2_MAX_STREAMS * HOP_STREAM_WINDOW;
 
 /// A pooling HTTP/1.1 client for egress, over TLS for `https://` (checked against the Web
 /// PKI's roots and `extra_roots`, DER). It is separate from the hops' client so that the

@@ -1299,6 +1299,10 @@ const HOP_SLACK: Duration = Duration::from_secs(5);
 /// How often an idle HTTP/2 connection is pinged, and how long the answer may take.
 const H2_PING_EVERY: Duration = Duration::from_secs(20);
 
+/// How many requests one HTTP/2 connection may have going at once (hyper's default, made
+/// explicit: hops size their connection window by it).
+pub(crate) const H2_MAX_STREAMS: u32 = 200;
+
 /// The first byte of a TLS connection: a handshake record (RFC 8446 §5.1). No HTTP/1.1
 /// method and not HTTP/2's preface starts with it.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -1465,6 +1469,7 @@ async fn serve_connection<I>(
     server
         .http2()
         .adaptive_window(true)
+        .max_concurrent_streams(H2_MAX_STREAMS)
         .timer(TokioTimer::new())
         .max_header_list_size(MAX_HEAD_BYTES)
         .keep_alive_interval(Some(H2_PING_EVERY))
