@@ -249,14 +249,27 @@ impl ControlPlane {
             .filter(|(_, m)| m.live())
             .map(|(n, _)| n.as_str());
         let movable = movable(&nodes, &placed, members, self.config().strategy);
+        // Heard from within the node grace: a node the controller keeps Ready while most
+        // nodes are silent (it holds off marking them, taking the silence for its own) is
+        // not, when it is a local worker an earlier control plane started. Those stopped
+        // with it, and when they are most of the cluster they would hold that brake on.
+        let leases: HashMap<String, shoal_core::Millis> = self
+            .list::<shoal_core::Lease>(&keys::LEASES)?
+            .into_iter()
+            .map(|l| (l.node, l.renewed_at))
+            .collect();
+        let grace = self.config().node_grace.as_millis() as u64;
         let gone: BTreeSet<String> = pools
             .iter()
             .filter(|p| p.spec.provider.is_none())
             .flat_map(|p| p.members.iter())
             .filter(|(name, m)| {
-                let ready = nodes
-                    .get(name.as_str())
-                    .is_some_and(|n| n.state == shoal_core::NodeState::Ready);
+                let ready = nodes.get(name.as_str()).is_some_and(|n| {
+                    n.state == shoal_core::NodeState::Ready
+                        && leases
+                            .get(name.as_str())
+                            .is_some_and(|at| now.saturating_sub(*at) <= grace)
+                });
                 m.live() && workers.gone(name, m.started_at, ready)
             })
             .map(|(name, _)| name.clone())
