@@ -275,6 +275,44 @@ fn misbehaving_guests_fail_alone() {
     );
 }
 
+/// A guest whose timeout cuts its response body short fails the response, as a proxy does
+/// when its upstream dies mid-body: the client sees the body end in an error, not a 200
+/// that reads as whole. The client here reads as fast as it can; 4 GiB takes longer than
+/// a 300 ms timeout.
+#[test]
+fn a_body_cut_short_by_the_guest_timeout_ends_in_an_error() {
+    use std::io::Read;
+    let c = Cluster::start();
+    let spec = faulty_spec(c.dir.path(), "");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace("timeout = \"2s\"", "timeout = \"300ms\""),
+    )
+    .unwrap();
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/faulty/healthz", 200, "");
+    let mut resp = common::client()
+        .get(format!("{}/faulty/huge/4095", c.gateway))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (mut read, mut buf) = (0u64, vec![0u8; 1 << 20]);
+    let ended = loop {
+        match resp.read(&mut buf) {
+            Ok(0) => break Ok(read),
+            Ok(n) => read += n as u64,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(
+        ended.is_err(),
+        "the cut body read as whole: {ended:?} bytes"
+    );
+    assert!(read < 4095 << 20, "{read}");
+}
+
 /// Memory bombs at full concurrency on a node with a small guest budget: each takes its
 /// limit of the budget or waits for it, the process stays up and the neighbour keeps serving.
 #[test]

@@ -6,6 +6,7 @@
 //! --max-instance-reuse-count` does: an instance belongs to one replica, so to one app and one
 //! revision. A p3 (`wasi:http/handler@0.3`) component is served by workers ([`crate::p3`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -293,10 +294,12 @@ impl HttpService {
 
         let pre = pre.clone();
         let span = tracing::debug_span!("request", digest = %self.digest(), %method, %path);
+        let failed = Arc::new(AtomicBool::new(false));
         let task = inner.runtime.guests().spawn(Metered::new(meter.clone(), {
             let service = self.clone();
             let method = method.clone();
             let path = path.to_string();
+            let failed = failed.clone();
             async move {
                 // Kept until the guest has finished, or is stopped (then dropped with the task).
                 let _hold = hold;
@@ -324,7 +327,11 @@ impl HttpService {
                     }
                     Some(Err(e)) => Some(Failure::classify(store.data(), &e)),
                 }
-                .inspect(|failure| service.report(failure, &method, &path))
+                .inspect(|failure| {
+                    // Before the store, and the body's end with it, goes.
+                    failed.store(true, Ordering::Release);
+                    service.report(failure, &method, &path)
+                })
             }
             .instrument(span)
         }));
@@ -337,7 +344,7 @@ impl HttpService {
             cancel.disarm();
         }
         match answer {
-            Ok(Ok(response)) => response,
+            Ok(Ok(response)) => response.map(|body| CutShort { body, failed }.boxed_unsync()),
             Ok(Err(code)) => {
                 tracing::debug!(%method, %path, ?code, "guest answered with an error code");
                 problem_response(
@@ -561,6 +568,44 @@ impl HttpService {
             }
         }
         settings.logs.push_system(line);
+    }
+}
+
+/// A p2 guest's response body, which fails rather than ends if the guest failed (timed
+/// out, trapped, ran out of memory) while answering: wasmtime ends the body of an instance
+/// that went as if it were whole, and a client would take a cut one for all of it. Failing,
+/// it has the server cut the connection or reset the stream, as proxies do when their
+/// upstream dies mid-body. A guest that finished its body and failed after is taken as
+/// failing it too: the two cannot be told apart here, and the request did fail.
+struct CutShort {
+    body: ResponseBody,
+    /// Set by the guest's task before its store goes.
+    failed: Arc<AtomicBool>,
+}
+
+impl http_body::Body for CutShort {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let frame = std::task::ready!(std::pin::Pin::new(&mut self.body).poll_frame(cx));
+        if frame.is_none() && self.failed.swap(false, Ordering::Acquire) {
+            return std::task::Poll::Ready(Some(Err(wasmtime_wasi_http::Error::InternalError(
+                Some("the guest failed before it finished the response".into()),
+            ))));
+        }
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream() && !self.failed.load(Ordering::Acquire)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
