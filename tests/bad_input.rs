@@ -394,6 +394,48 @@ fn a_busy_replica_queues_then_answers_503() {
     assert_eq!(c.gw("/faulty/healthz").status(), 200);
 }
 
+/// Requests as many as an app's replicas of one slot each, at once, are all served: one
+/// that lands on a busy replica takes a free one rather than wait behind the busy one (the
+/// two random choices land on two busy ones often, the more the fuller the app is).
+#[test]
+fn a_request_on_a_busy_replica_takes_a_free_one() {
+    let c = Cluster::start();
+    let spec = faulty_spec(c.dir.path(), "[scale]\nreplicas = 6\n");
+    let text = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("max_concurrency = 8", "max_concurrency = 1");
+    let spec = write_spec(c.dir.path(), "six.toml", &text);
+    c.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        poll(Duration::from_secs(30), || {
+            let replicas = c.api_json("/v1/replicas?app=faulty");
+            let replicas = replicas.as_array().unwrap();
+            replicas.len() == 6 && replicas.iter().all(|r| r["phase"] == "Ready")
+        }),
+        "{:#}",
+        c.api_json("/v1/replicas?app=faulty")
+    );
+    c.wait_gw("/faulty/healthz", 200, "");
+    for round in 0..3 {
+        let callers: Vec<_> = (0..6)
+            .map(|_| {
+                let gateway = c.gateway.clone();
+                std::thread::spawn(move || {
+                    let resp = common::client()
+                        .get(format!("{gateway}/faulty/sleep/1500"))
+                        .send()
+                        .unwrap();
+                    (resp.status().as_u16(), resp.text().unwrap_or_default())
+                })
+            })
+            .collect();
+        for caller in callers {
+            let (status, body) = caller.join().unwrap();
+            assert_eq!(status, 200, "round {round}: {body}");
+        }
+    }
+}
+
 #[test]
 fn a_replica_that_fits_nowhere_stays_pending_with_the_reason() {
     let c = Cluster::start();

@@ -821,7 +821,7 @@ impl Gateway {
                 Err(e) => return unreadable_body(e),
             };
         }
-        let (last, response) = match self.call(&first, app, req).await {
+        let (last, response) = match self.call(&first, app, req, true).await {
             Ok(response) => (first, response),
             Err(failure) => {
                 self.mark_down(&first, app, &failure);
@@ -835,7 +835,7 @@ impl Gateway {
                         span.record("replica", second.replica.as_str());
                         _busy = second.counters.busy();
                         tracing::debug!(failed = %first.replica, "retrying on another endpoint");
-                        let response = match self.call(&second, app, resend.request()).await {
+                        let response = match self.call(&second, app, resend.request(), true).await {
                             Ok(response) => response,
                             Err(failure) => {
                                 self.mark_down(&second, app, &failure);
@@ -977,7 +977,7 @@ impl Gateway {
         // here, as the app's load (`top apps`, the autoscaler) like any other.
         let counted = sent_by_control_plane(&req).then(Instant::now);
         let _busy = counted.map(|_| endpoint.counters.busy());
-        let response = match self.call(&endpoint, &app, req).await {
+        let response = match self.call(&endpoint, &app, req, false).await {
             Ok(response) => response,
             Err(failure) => failure_response(&app, &endpoint, failure),
         };
@@ -987,16 +987,17 @@ impl Gateway {
         response
     }
 
+    /// Sends `req` to `endpoint`; a local one at its max concurrency hands it to another local
+    /// replica of the same revision with room, if `movable` (not a hop pinned to it).
     async fn call(
         &self,
         endpoint: &Arc<Endpoint>,
         app: &AppKey,
         req: Request<WasiBody>,
+        movable: bool,
     ) -> Result<Response<ResponseBody>, Failure> {
         match &endpoint.target {
-            Target::Local { service, permits } => {
-                Ok(self.call_local(endpoint, service, permits, app, req).await)
-            }
+            Target::Local { .. } => Ok(self.call_local(endpoint, app, req, movable).await),
             Target::Remote {
                 gateway,
                 client,
@@ -1028,13 +1029,17 @@ impl Gateway {
 
     /// Takes one of the replica's permits (waiting up to the queue timeout) and runs the
     /// request in a fresh instance; permit and in-flight count go when the body is done.
+    /// With `movable`, a replica with no permit free is not waited on alone: the first
+    /// replica of the same revision on this node to have one takes the request, so that a
+    /// request does not queue behind a busy replica while others idle (the two random
+    /// choices can both land on busy ones, and a burst woken from zero arrives with one
+    /// replica ready and the rest coming up).
     async fn call_local(
         &self,
         endpoint: &Arc<Endpoint>,
-        service: &HttpService,
-        permits: &Arc<Semaphore>,
         app: &AppKey,
         mut req: Request<WasiBody>,
+        movable: bool,
     ) -> Response<ResponseBody> {
         // A hop says so of a client that came over TLS to the gateway that forwarded it.
         if req
@@ -1051,20 +1056,11 @@ impl Gateway {
             Err(e) => return unreadable_body(e),
         };
         let req = Request::from_parts(parts, body);
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                let wait = permits.clone().acquire_owned();
-                match tokio::time::timeout(self.inner.config.queue_timeout, wait).await {
-                    Ok(Ok(p)) => p,
-                    _ => {
-                        return problem_response(
-                            ErrorCode::AtCapacity,
-                            &format!("app {app} is at its max concurrency; retry shortly"),
-                        );
-                    }
-                }
-            }
+        let Some((endpoint, service, permit)) = self.room(endpoint, app, movable).await else {
+            return problem_response(
+                ErrorCode::AtCapacity,
+                &format!("app {app} is at its max concurrency; retry shortly"),
+            );
         };
         let inflight = endpoint.enter();
         // The permit goes with the guest: a client that does not read its answer must not
@@ -1086,6 +1082,68 @@ impl Gateway {
         Response::from_parts(parts, guarded(body, body_share, inflight))
     }
 }
+
+impl Gateway {
+    /// A permit of local replica `endpoint`, or with `movable` of another local replica of
+    /// the app at the same revision, whichever has one first within the queue timeout.
+    async fn room(
+        &self,
+        endpoint: &Arc<Endpoint>,
+        app: &AppKey,
+        movable: bool,
+    ) -> Option<(
+        Arc<Endpoint>,
+        HttpService,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let local = |e: &Arc<Endpoint>| match &e.target {
+            Target::Local { service, permits } => {
+                Some((e.clone(), service.clone(), permits.clone()))
+            }
+            Target::Remote { .. } => None,
+        };
+        let (endpoint, service, own) = local(endpoint)?;
+        if let Ok(p) = own.clone().try_acquire_owned() {
+            return Some((endpoint, service, p));
+        }
+        let queue = self.inner.config.queue_timeout;
+        if !movable {
+            let p = tokio::time::timeout(queue, own.acquire_owned()).await;
+            return Some((endpoint, service, p.ok()?.ok()?));
+        }
+        let deadline = tokio::time::Instant::now() + queue;
+        loop {
+            // The app's replicas as they are now: a wake from zero brings more of them.
+            let (endpoints, _) = self.endpoints_of(app);
+            let mut same: Vec<&Arc<Endpoint>> = endpoints
+                .iter()
+                .filter(|e| e.revision == endpoint.revision && e.is_local() && !e.is_down())
+                .collect();
+            same.sort_by_key(|e| e.inflight());
+            let free = same.into_iter().find_map(|e| {
+                let (e, service, permits) = local(e)?;
+                Some((e, service, permits.try_acquire_owned().ok()?))
+            });
+            if free.is_some() {
+                return free;
+            }
+            // Its own permit the moment one is freed; the others looked at again soon.
+            let wait = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + ROOM_LOOK_EVERY),
+                own.clone().acquire_owned(),
+            );
+            if let Ok(Ok(p)) = wait.await {
+                return Some((endpoint, service, p));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+        }
+    }
+}
+
+/// How often a request waiting for room looks at the app's other local replicas.
+const ROOM_LOOK_EVERY: Duration = Duration::from_millis(5);
 
 /// What a client whose request body could not be read gets.
 fn unreadable_body(e: ReadAheadError) -> Response<ResponseBody> {
