@@ -357,7 +357,7 @@ fn is_internal(name: &HeaderName) -> bool {
 
 /// Removes the headers that describe one connection, including those `connection` names.
 /// `transfer-encoding` goes too: hyper frames the body again for the next hop.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -1050,6 +1050,9 @@ impl Gateway {
             req.extensions_mut().insert(shoal_runtime::ClientTls);
         }
         proxy::strip_internal(req.headers_mut());
+        // The guest is behind this gateway as a replica behind a hop is: what the client's
+        // connection named as its own (`Connection: x-secret`) stops here.
+        proxy::strip_hop_by_hop(req.headers_mut());
         let (parts, body) = req.into_parts();
         let body = match crate::body::read_ahead(body, self.inner.config.body_timeout).await {
             Ok(body) => body,
@@ -1225,6 +1228,23 @@ fn not_a_path<B>(req: &Request<B>) -> Option<Response<ResponseBody>> {
             "the request target must be a path (starting with /): `OPTIONS *` and CONNECT are not served",
         )
     })
+}
+
+/// A request off the wire that names no one host: several Host headers, or none in an
+/// HTTP/1.1 request with no absolute target either (RFC 9112, 3.2, which says to answer
+/// 400). A proxy in front that reads another of them than Shoal does would route it to
+/// another app.
+fn ambiguous_host<B>(req: &Request<B>) -> Option<Response<ResponseBody>> {
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    let why = match (req.version(), hosts, req.uri().authority()) {
+        (_, 2.., _) => "several Host headers",
+        (http::Version::HTTP_11, 0, None) => "no Host header",
+        _ => return None,
+    };
+    Some(problem_response(
+        ErrorCode::BadRequest,
+        &format!("the request has {why}: it names no one host to route by"),
+    ))
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<String> {
@@ -1506,7 +1526,10 @@ async fn serve_connection<I>(
             req.extensions_mut().insert(shoal_runtime::ClientTls);
         }
         async move {
-            let response = gateway.handle(req).await;
+            let response = match ambiguous_host(&req) {
+                Some(refused) => refused,
+                None => gateway.handle(req).await,
+            };
             drop(busy);
             let response = response.map(|body| match &stalls {
                 Some(stalls) => stalls.watch(body),

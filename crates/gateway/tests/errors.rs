@@ -163,6 +163,36 @@ async fn guest_failures_and_unknown_routes_answer_in_the_one_shape() {
     let body = http_body_util::BodyExt::collect(answer.into_body()).await;
     assert_eq!(&body.unwrap().to_bytes()[..], b"http://a.example");
 
+    // A request off the wire that names no one host is refused (RFC 9112, 3.2); HTTP/1.0
+    // needs none.
+    for (head, status) in [
+        (
+            "GET /faulty/status/200 HTTP/1.1\r\nhost: a\r\nhost: b\r\n",
+            "400",
+        ),
+        ("GET /faulty/status/200 HTTP/1.1\r\n", "400"),
+        ("GET /faulty/status/200 HTTP/1.0\r\n", "200"),
+    ] {
+        let answer = raw_request(addr, &format!("{head}connection: close\r\n\r\n")).await;
+        let line = answer.lines().next().unwrap_or_default();
+        assert!(line.contains(&format!(" {status} ")), "{head}: {answer}");
+    }
+    // What the client's connection names as its own stops at the gateway.
+    let request = http::Request::get("/faulty/headers")
+        .header("host", "faulty")
+        .header("connection", "x-secret")
+        .header("x-secret", "s")
+        .header("x-kept", "k")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = gateway.handle(request).await;
+    let body = http_body_util::BodyExt::collect(answer.into_body()).await;
+    let seen = String::from_utf8_lossy(&body.unwrap().to_bytes()).into_owned();
+    assert!(
+        seen.contains("x-kept") && !seen.contains("x-secret"),
+        "{seen}"
+    );
+
     let reply = client.get(&format!("http://{addr}/nowhere/x")).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let body = reply.problem();
@@ -535,4 +565,14 @@ async fn internal_requests_from_outside_the_cluster_are_refused() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert!(!reply.text().contains("x-shoal"), "{}", reply.text());
     assert_eq!(a.take_metrics().len(), 1);
+}
+
+/// Sends `request` as it is on a new connection to `addr` and reads the answer to its end.
+async fn raw_request(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
