@@ -216,6 +216,29 @@ async fn dashboard() {
     text_until(&client, "#events-table", |t| t.contains("RolledBack")).await;
     blocking(|| c.wait_gw("/hello", 200, "Hello from Shoal!"));
 
+    // An empty replicas box is no 0: refused on the page (set and clicked at once, before a
+    // refresh fills the box again), the app left as it is, and the banner stays through the
+    // refreshes until the page changes.
+    client
+        .execute(
+            "document.querySelector('#scale-replicas').value = ''; \
+             document.querySelector(\"button[data-action='scale']\").click();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    text_until(&client, "#error", |t| t.contains("whole number")).await;
+    let replicas = blocking(|| c.api_json("/v1/apps/hello"))["app"]["spec"]["replicas"].clone();
+    assert_eq!(replicas, 2);
+    // An address whose name does not decode says so, and leaves the page working.
+    let go = |hash: &str| format!("location.hash = '{hash}'");
+    client.execute(&go("#/app/%E0%A4%A"), vec![]).await.unwrap();
+    text_until(&client, "#error", |t| t.contains("not an address")).await;
+    text_until(&client, "#apps-table", |t| t.contains("hello")).await;
+    client.execute(&go("#/app/hello"), vec![]).await.unwrap();
+    text_until(&client, "#error", |t| t.is_empty()).await;
+    text_until(&client, "#revision", |t| t == "3").await;
+
     // Signing out forgets the token; a viewer may look but not undo.
     click(&client, "#signout").await;
     let kept = client

@@ -33,10 +33,15 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function showError(message) {
+// Whether the banner shows a refresh's failure, which the next refresh that works clears
+// (an action's failure stays until the next action or page).
+let bannerFromRefresh = false;
+
+function showError(message, fromRefresh = false) {
   const banner = $("#error");
   banner.textContent = message || "";
   banner.hidden = !message;
+  bannerFromRefresh = fromRefresh && !!message;
 }
 
 async function api(method, path, body) {
@@ -199,7 +204,15 @@ function appLayout(view, name) {
       el("button", {
         "data-action": "scale",
         text: "Scale",
-        onclick: () => act("scale", "POST", `${path("/scale")}&replicas=${Number(replicas.value)}`),
+        onclick: () => {
+          // An empty box is no 0.
+          const n = replicas.value.trim() === "" ? NaN : Number(replicas.value);
+          if (!Number.isInteger(n) || n < 0) {
+            showError("scale: give a whole number of replicas, 0 or more");
+            return;
+          }
+          act("scale", "POST", `${path("/scale")}&replicas=${n}`);
+        },
       }),
       rollout("pause"),
       rollout("resume"),
@@ -242,33 +255,42 @@ function appCounters(text, ns, app) {
   return out;
 }
 
+// How much a counter grew over the samples, as Prometheus' increase() takes it: a drop is
+// a reset (a restarted node or server), after which the counter counts from zero.
+function increase(history, get) {
+  let sum = 0;
+  for (let i = 1; i < history.length; i++) {
+    const [a, b] = [get(history[i - 1]), get(history[i])];
+    sum += b >= a ? b - a : b;
+  }
+  return sum;
+}
+
 // Requests/s, 5xx/s and p99 over the samples kept (up to five minutes), from counter deltas.
 function rates(history) {
   if (history.length < 2) return null;
-  const first = history[0];
-  const last = history[history.length - 1];
-  const seconds = (last.t - first.t) / 1000;
-  const requests = last.requests - first.requests;
+  const seconds = (history[history.length - 1].t - history[0].t) / 1000;
+  const requests = increase(history, (h) => h.requests);
   let p99 = null;
   if (requests > 0) {
-    const bounds = [...last.buckets.keys()]
+    const bounds = [...history[history.length - 1].buckets.keys()]
       .map((le) => [le, le === "+Inf" ? Infinity : Number(le)])
       .sort((a, b) => a[1] - b[1]);
     for (const [le, bound] of bounds) {
-      const count = last.buckets.get(le) - (first.buckets.get(le) || 0);
-      if (count >= 0.99 * requests) {
+      if (increase(history, (h) => h.buckets.get(le) || 0) >= 0.99 * requests) {
         p99 = bound;
         break;
       }
     }
   }
-  return { rps: requests / seconds, eps: (last.errors - first.errors) / seconds, p99 };
+  return { rps: requests / seconds, eps: increase(history, (h) => h.errors) / seconds, p99 };
 }
 
 function sparkline(history) {
   const points = [];
   for (let i = 1; i < history.length; i++) {
-    points.push((history[i].requests - history[i - 1].requests) / ((history[i].t - history[i - 1].t) / 1000));
+    const grew = increase(history.slice(i - 1, i + 1), (h) => h.requests);
+    points.push(grew / ((history[i].t - history[i - 1].t) / 1000));
   }
   const max = Math.max(1, ...points);
   const width = 160;
@@ -386,30 +408,63 @@ async function appView(name) {
   fill($("#events"), eventsTable(events));
 }
 
-// Follows the app's logs into the page; stops when the view changes.
+// Seq of an entry Shoal writes in a replica's place (lines it could not read or lost).
+const NOTICE_SEQ = 2 ** 63;
+
+// Follows the app's logs into the page until the view changes, as `shoal logs -f` does:
+// NDJSON entries, each replica's shown once, and when the stream breaks (a server
+// restarted) it follows on from a little before the last lines shown.
 async function startLogs(name) {
   const pre = $("#logs");
-  logsAbort = new AbortController();
-  const url = `/v1/apps/${encodeURIComponent(name)}/logs?namespace=${encodeURIComponent(namespace())}&follow=true&tail=100`;
-  try {
-    const response = await fetch(url, { headers: { Authorization: "Bearer " + token() }, signal: logsAbort.signal });
-    if (!response.ok) {
-      pre.textContent = `Logs not shown: ${response.status}`;
-      return;
+  const abort = new AbortController();
+  logsAbort = abort;
+  const next = new Map(); // replica -> [next seq due, time of the last line shown]
+  const base = `/v1/apps/${encodeURIComponent(name)}/logs?namespace=${encodeURIComponent(namespace())}&follow=true&format=json`;
+  let url = `${base}&tail=100`;
+  const show = (text) => {
+    pre.append(text);
+    // The last 500 lines.
+    const lines = pre.textContent.split("\n");
+    if (lines.length > 500) pre.textContent = lines.slice(-500).join("\n");
+    pre.scrollTop = pre.scrollHeight;
+  };
+  while (!abort.signal.aborted) {
+    try {
+      const response = await fetch(url, { headers: { Authorization: "Bearer " + token() }, signal: abort.signal });
+      if (response.status === 401 || response.status === 403 || response.status === 404) {
+        pre.textContent = `Logs not shown: ${response.status}`;
+        return;
+      }
+      if (response.ok) {
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let pending = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          pending += decoder.decode(value, { stream: true });
+          const lines = pending.split("\n");
+          pending = lines.pop();
+          let text = "";
+          for (const line of lines) {
+            if (!line) continue;
+            const e = JSON.parse(line);
+            const [due] = next.get(e.replica) || [0];
+            if (e.seq < due) continue;
+            if (e.seq < NOTICE_SEQ) next.set(e.replica, [e.seq + 1, e.time]);
+            text += `${e.replica} ${e.stream} ${e.line}\n`;
+          }
+          if (text) show(text);
+        }
+      }
+    } catch (e) {
+      if (abort.signal.aborted) return;
     }
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      pre.append(decoder.decode(value, { stream: true }));
-      // The last 500 lines.
-      const lines = pre.textContent.split("\n");
-      if (lines.length > 500) pre.textContent = lines.slice(-500).join("\n");
-      pre.scrollTop = pre.scrollHeight;
-    }
-  } catch (e) {
-    if (e.name !== "AbortError") pre.append(`\n[logs ended: ${e.message}]`);
+    // Broken, ended or refused for now: again in a moment, from a little before the oldest
+    // of the replicas' last lines (5 s for the clocks to differ), or as at first.
+    await new Promise((resume) => setTimeout(resume, REFRESH_MS));
+    const times = [...next.values()].map(([, time]) => time);
+    if (times.length) url = `${base}&since_ms=${Math.max(0, Date.now() - Math.min(...times)) + 5000}`;
   }
 }
 
@@ -432,7 +487,7 @@ function nodeLayout(view, name) {
     el("h1", {}, "Node ", el("span", { id: "node-name", text: name })),
     el("div", { class: "actions" }, action("cordon"), action("uncordon"), action("drain")),
     el("div", { id: "node" }),
-    el("h2", { text: "Replicas" }),
+    el("h2", { id: "replicas-heading", text: "Replicas" }),
     el("div", { id: "replicas" }),
   );
 }
@@ -463,6 +518,8 @@ async function nodeView(name) {
     ),
   );
   const here = replicas.filter((r) => r.node === name);
+  // The node's count on the overview is every namespace's; this list is one's.
+  $("#replicas-heading").textContent = `Replicas of namespace ${namespace()}`;
   fill(
     $("#replicas"),
     table(
@@ -504,6 +561,7 @@ async function route(fresh = true) {
   if (fresh) {
     clearInterval(refreshTimer);
     stopLogs();
+    showError("");
   }
   if (!token()) {
     showSignIn();
@@ -513,18 +571,25 @@ async function route(fresh = true) {
   $("#signout").hidden = false;
   $("#namespace-label").hidden = false;
   const hash = location.hash || "#/";
-  const app = hash.match(/^#\/app\/([^/]+)$/);
-  const node = hash.match(/^#\/node\/([^/]+)$/);
+  // A name in the address that does not decode (`%E0%A4%A`) names nothing: the overview.
+  const decoded = (m) => {
+    try {
+      return m && decodeURIComponent(m[1]);
+    } catch (_) {
+      showError(`not an address of this dashboard: ${hash}`);
+      return null;
+    }
+  };
+  const app = decoded(hash.match(/^#\/app\/([^/]+)$/));
+  const node = decoded(hash.match(/^#\/node\/([^/]+)$/));
   const view = $("#view");
   let render;
   if (app) {
-    const name = decodeURIComponent(app[1]);
-    if (fresh) appLayout(view, name);
-    render = () => appView(name);
+    if (fresh) appLayout(view, app);
+    render = () => appView(app);
   } else if (node) {
-    const name = decodeURIComponent(node[1]);
-    if (fresh) nodeLayout(view, name);
-    render = () => nodeView(name);
+    if (fresh) nodeLayout(view, node);
+    render = () => nodeView(node);
   } else {
     if (fresh) overviewLayout(view);
     render = overview;
@@ -532,14 +597,15 @@ async function route(fresh = true) {
   const tick = async () => {
     try {
       await render();
+      if (bannerFromRefresh) showError("");
     } catch (e) {
-      if (e.message !== "unauthorized") showError(e.message);
+      if (e.message !== "unauthorized") showError(e.message, true);
     }
   };
   await tick();
   if (fresh) {
     refreshTimer = setInterval(tick, REFRESH_MS);
-    if (app) startLogs(decodeURIComponent(app[1]));
+    if (app) startLogs(app);
   }
 }
 
