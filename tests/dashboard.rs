@@ -257,6 +257,31 @@ async fn dashboard() {
     click(&client, "#signout").await;
     sign_in(&client, "not-a-token").await;
     text_until(&client, "#error", |t| t.contains("refused")).await;
+
+    // A token kept to one namespace signs in with that namespace typed in first, and the
+    // pages then show that namespace.
+    let scoped_file = site.path().join("scoped.token");
+    blocking(|| {
+        c.cli_ok(&[
+            "token",
+            "create",
+            "team-view",
+            "--role",
+            "viewer",
+            "--scope",
+            "team-a",
+            "--write",
+            scoped_file.to_str().unwrap(),
+        ])
+    });
+    let scoped = std::fs::read_to_string(&scoped_file).unwrap();
+    client.execute("location.hash = '#/'", vec![]).await.unwrap();
+    let field = client.find(Locator::Css("#namespace")).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys("team-a").await.unwrap();
+    sign_in(&client, scoped.trim()).await;
+    text_until(&client, "#apps-table", |t| t.contains("NAME")).await;
+    text_until(&client, "#error", |t| t.is_empty()).await;
     client.close().await.unwrap();
     blocking(move || drop(c));
 }

@@ -5,6 +5,7 @@
 "use strict";
 
 const TOKEN_KEY = "shoal-token";
+const NAMESPACE_KEY = "shoal-namespace";
 const REFRESH_MS = 2000;
 const $ = (sel, root = document) => root.querySelector(sel);
 
@@ -544,7 +545,8 @@ function showSignIn() {
   $("#view").replaceChildren();
   $("#signin-view").hidden = false;
   $("#signout").hidden = true;
-  $("#namespace-label").hidden = true;
+  // A token kept to some namespaces signs in with one of them.
+  $("#namespace-label").hidden = false;
 }
 
 function signOut(message) {
@@ -625,7 +627,12 @@ document.addEventListener("DOMContentLoaded", () => {
     route();
   });
   $("#signout").addEventListener("click", () => signOut());
-  $("#namespace").addEventListener("change", () => route());
+  // The namespace chosen outlives a reload, as the token does.
+  $("#namespace").value = sessionStorage.getItem(NAMESPACE_KEY) || "default";
+  $("#namespace").addEventListener("change", () => {
+    sessionStorage.setItem(NAMESPACE_KEY, namespace());
+    route();
+  });
   window.addEventListener("hashchange", () => route());
   route();
 });
