@@ -275,7 +275,10 @@ async fn dashboard() {
         ])
     });
     let scoped = std::fs::read_to_string(&scoped_file).unwrap();
-    client.execute("location.hash = '#/'", vec![]).await.unwrap();
+    client
+        .execute("location.hash = '#/'", vec![])
+        .await
+        .unwrap();
     let field = client.find(Locator::Css("#namespace")).await.unwrap();
     field.clear().await.unwrap();
     field.send_keys("team-a").await.unwrap();
