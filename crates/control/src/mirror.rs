@@ -11,7 +11,7 @@ use crate::state::decode;
 use shoal_api::ObjectKey;
 use shoal_core::objects::keys;
 use shoal_core::spec::AppKey;
-use shoal_core::{App, Lease, Millis, Node, Replica, Revision, RolloutStatus, Volume};
+use shoal_core::{App, Lease, Millis, Node, Quota, Replica, Revision, RolloutStatus, Volume};
 use shoal_scheduler::Strategy;
 use shoal_scheduler::plan::{Leases, Read, World, needs_look};
 use shoal_store::{Event, EventKind, KeyValue};
@@ -57,6 +57,7 @@ impl Mirror {
                 volumes: BTreeMap::new(),
                 volume_usage: BTreeMap::new(),
                 measurements: BTreeMap::new(),
+                quotas: BTreeMap::new(),
                 started_at: 0,
                 node_grace_ms: 0,
                 strategy: Strategy::default(),
@@ -149,6 +150,9 @@ impl Mirror {
         } else if keys::LEASES.contains(key) {
             let l: Lease = decode(kv)?;
             self.leases.insert(l.node, at);
+        } else if keys::QUOTAS.contains(key) {
+            let q: Quota = decode(kv)?;
+            w.quotas.insert(q.namespace, q.limits);
         } else if keys::VOLUMES.contains(key) {
             let v: Volume = decode(kv)?;
             // Where replicas that mount it may go: placement concerns its users.
@@ -164,6 +168,10 @@ impl Mirror {
     fn delete(&mut self, key: &str) {
         if let Some(node) = key.strip_prefix(keys::LEASES.as_str()) {
             self.leases.remove(node);
+            return;
+        }
+        if let Some(namespace) = key.strip_prefix(keys::QUOTAS.as_str()) {
+            self.world.quotas.remove(namespace);
             return;
         }
         if let Some(rest) = key.strip_prefix(keys::VOLUMES.as_str()) {

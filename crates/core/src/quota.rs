@@ -5,7 +5,8 @@
 //! ([`AppSpec::most_replicas`]: the autoscaler's max, the most a schedule window allows, or
 //! its replicas), so neither the autoscaler nor a schedule ever runs a namespace past its
 //! quota, and nothing running is stopped when a quota is lowered: only a change that would
-//! grow past it is refused. Not counted: a rollout's surge and canary replicas, and the
+//! grow past it is refused, and the controller grows an app then only into the room the
+//! namespace's other apps leave (`shoal_scheduler::autoscale::decide_within`). Not counted: a rollout's surge and canary replicas, and the
 //! template a rollout that is aborted or rolled back by itself returns to (it was admitted
 //! once). A job whose runs may pile up (`concurrency = "allow"`) has no most, so it is
 //! refused where a quota caps replicas, CPU or memory; so is an app that requests no CPU where

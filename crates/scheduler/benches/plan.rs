@@ -59,6 +59,7 @@ fn world(apps: usize, placed: bool) -> World {
         volumes: BTreeMap::new(),
         volume_usage: BTreeMap::new(),
         measurements: BTreeMap::new(),
+        quotas: BTreeMap::new(),
         started_at: 0,
         node_grace_ms: 3_000,
         strategy: Strategy::BinPack,

@@ -90,6 +90,33 @@ const IDLE_CONCURRENCY: f64 = 0.01;
 /// is what a burst is measured against. Pure: the status it reads and returns
 /// carries everything it remembers between passes.
 pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
+    decide_within(app, load, ready, now, || None)
+}
+
+/// The replicas `app` runs now: an autoscaled app its size, a fixed one its `replicas` as the
+/// schedule windows open for it last pass make them.
+pub fn running(app: &App) -> u32 {
+    let spec = &app.spec;
+    match spec.scale.autoscale {
+        Some(_) => spec.replicas,
+        None => spec
+            .scale
+            .bounds_with(spec.replicas, |w| app.scale.windows.contains(&w.name))
+            .clamp(spec.replicas),
+    }
+}
+
+/// [`decide`], growing the app no further than `room` says its namespace's quota leaves it
+/// (asked only when it would grow): a quota lowered below what the namespace runs stops
+/// nothing that runs, and lets nothing grow past it, the autoscaler and schedule windows
+/// included, as Kubernetes' refuses the pods a scale-up would add.
+pub fn decide_within(
+    app: &App,
+    load: &Load,
+    ready: u32,
+    now: Millis,
+    room: impl FnOnce() -> Option<u32>,
+) -> Decision {
     let spec = &app.spec;
     let bounds = spec.scale.bounds(spec.replicas, now);
     let mut status = app.scale.clone();
@@ -97,11 +124,7 @@ pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
     let (before, want, why) = match &spec.scale.autoscale {
         None => {
             status.panic_until = None;
-            let before = spec
-                .scale
-                .bounds_with(spec.replicas, |w| status.windows.contains(&w.name))
-                .clamp(spec.replicas);
-            (before, spec.replicas, None)
+            (running(app), spec.replicas, None)
         }
         Some(a) => {
             let current = spec.replicas;
@@ -113,10 +136,33 @@ pub fn decide(app: &App, load: &Load, ready: u32, now: Millis) -> Decision {
             (current, want, Some(why))
         }
     };
-    let replicas = bounds.clamp(want);
-    if replicas != before {
+    let mut replicas = bounds.clamp(want);
+    let mut held = None;
+    if replicas > before
+        && let Some(room) = room()
+        && replicas > before.max(room)
+    {
+        held = Some(format!(
+            "at most {} replicas under namespace {}'s quota",
+            before.max(room),
+            spec.namespace
+        ));
+        replicas = before.max(room);
+    }
+    if replicas == before
+        && let Some(held) = held
+    {
+        // Said once, not at every pass while it lasts: the status keeps it.
+        let why = format!("held at {before} replicas: {held}");
+        if status.reason.as_ref() != Some(&why) {
+            events.push(("ScaleHeld", why.clone()));
+            status.reason = Some(why);
+        }
+    } else if replicas != before {
         let why = why.unwrap_or_else(|| format!("replicas = {} from the spec", spec.replicas));
-        let why = if replicas > want {
+        let why = if let Some(held) = held {
+            format!("{why}, {held}")
+        } else if replicas > want {
             format!("at least {replicas} replicas{}", while_open(&bounds))
         } else if replicas < want {
             format!("{why}, at most {replicas} replicas{}", while_open(&bounds))
@@ -458,6 +504,57 @@ mod tests {
             assert!(!again.changes(&stored), "{again:?}");
             assert!(again.events.is_empty());
         }
+    }
+
+    /// A namespace's quota lets an app grow only into the room it leaves, says so once while
+    /// it holds the app, and never takes a replica away: one lowered below what runs stops
+    /// nothing.
+    #[test]
+    fn the_quota_lets_an_app_grow_only_into_its_room_and_stops_nothing() {
+        let a = app("min = 1\nmax = 10\n", 2);
+        let l = load(NOW, 50, |_| 50.0);
+        let d = decide_within(&a, &l, 2, NOW, || Some(3));
+        assert_eq!(d.replicas, 3);
+        assert_eq!(
+            messages(&d),
+            [(
+                "ScaledUp",
+                "concurrency 50.0 over the last 6s for a target of 10 per replica (panic \
+                 mode), at most 3 replicas under namespace default's quota: 2 → 3 replicas"
+            )]
+        );
+        // At its room: held, said once.
+        let stored = d.record(&a);
+        let held = decide_within(
+            &stored,
+            &load(NOW + 1_000, 50, |_| 50.0),
+            3,
+            NOW + 1_000,
+            || Some(3),
+        );
+        assert_eq!(held.replicas, 3);
+        let why = "held at 3 replicas: at most 3 replicas under namespace default's quota";
+        assert_eq!(messages(&held), [("ScaleHeld", why)]);
+        let stored = held.record(&stored);
+        let again = decide_within(
+            &stored,
+            &load(NOW + 2_000, 50, |_| 50.0),
+            3,
+            NOW + 2_000,
+            || Some(3),
+        );
+        assert!(again.events.is_empty(), "{again:?}");
+        // A quota lowered below it: it keeps what it runs.
+        let lowered = decide_within(
+            &stored,
+            &load(NOW + 3_000, 50, |_| 50.0),
+            3,
+            NOW + 3_000,
+            || Some(1),
+        );
+        assert_eq!(lowered.replicas, 3);
+        // Without a quota it grows as the load asks.
+        assert_eq!(decide(&a, &l, 2, NOW).replicas, 5);
     }
 
     /// 60 in flight for the six whole seconds before `NOW`, 2 before, none after.

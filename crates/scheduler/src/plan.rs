@@ -20,6 +20,7 @@ use crate::reconcile::{Mode, reconcile};
 use crate::rollout::{self, Measured};
 use shoal_core::metrics::RevisionStats;
 use shoal_core::objects::LIVENESS_FAILED;
+use shoal_core::quota::QuotaLimits;
 use shoal_core::spec::AppKey;
 use shoal_core::{
     App, Capacity, EventType, Kind, Millis, Node, NodeState, Phase, Replica, Revision,
@@ -63,6 +64,8 @@ pub struct World {
     pub volume_usage: BTreeMap<(String, String), u64>,
     /// What the gateways measured, per app.
     pub measurements: BTreeMap<AppKey, Measurements>,
+    /// Namespaces' quotas, by namespace: what growth they leave ([`Plan::quota_room`]).
+    pub quotas: BTreeMap<String, QuotaLimits>,
     /// When this control plane started: load is known from then on only, so
     /// an app without measurements had no traffic since, not ever.
     pub started_at: Millis,
@@ -723,7 +726,8 @@ impl<'w> Pass<'w> {
             .filter(|r| r.value.phase == Phase::Ready)
             .count();
         let ready = u32::try_from(ready).unwrap_or(u32::MAX);
-        let decision = autoscale::decide(app, load, ready, self.now);
+        let decision =
+            autoscale::decide_within(app, load, ready, self.now, || self.quota_room(app));
         for (reason, message) in &decision.events {
             batch.event(
                 EventType::Normal,
@@ -739,6 +743,40 @@ impl<'w> Pass<'w> {
             Cow::Borrowed(app)
         };
         (record, decision.replicas)
+    }
+
+    /// How many replicas `app` may run under its namespace's quota, beside what the
+    /// namespace's other apps run now; `None` without a quota.
+    fn quota_room(&self, app: &App) -> Option<u32> {
+        let quota = self.world.quotas.get(&app.spec.namespace)?;
+        let key = app.spec.key();
+        let (mut replicas, mut cpu, mut memory) = (0u64, 0u64, 0u64);
+        for other in self.world.apps.values().map(|r| &r.value) {
+            if other.spec.namespace != app.spec.namespace || other.spec.key() == key {
+                continue;
+            }
+            let n = u64::from(autoscale::running(other));
+            let asks = &other.spec.resources.requests;
+            replicas += n;
+            cpu += n * u64::from(asks.cpu_millis);
+            memory = memory.saturating_add(n.saturating_mul(asks.memory_bytes));
+        }
+        let asks = &app.spec.resources.requests;
+        let mut room = u64::from(u32::MAX);
+        if let Some(cap) = quota.replicas {
+            room = room.min(cap.saturating_sub(replicas));
+        }
+        if let Some(cap) = quota.cpu_millis
+            && asks.cpu_millis > 0
+        {
+            room = room.min(cap.saturating_sub(cpu) / u64::from(asks.cpu_millis));
+        }
+        if let Some(cap) = quota.memory_bytes
+            && asks.memory_bytes > 0
+        {
+            room = room.min(cap.saturating_sub(memory) / asks.memory_bytes);
+        }
+        Some(u32::try_from(room).unwrap_or(u32::MAX))
     }
 
     /// Moves the app's rollout on by what its replicas and the gateways show;
@@ -1738,6 +1776,7 @@ mod tests {
             volumes: BTreeMap::new(),
             volume_usage: BTreeMap::new(),
             measurements: BTreeMap::new(),
+            quotas: BTreeMap::new(),
             started_at: 0,
             node_grace_ms: 3000,
             strategy: Strategy::Spread,
@@ -3067,6 +3106,41 @@ mod tests {
     fn with_app(mut w: World, app: App) -> World {
         app_mut(&mut w).value = app;
         w
+    }
+
+    /// The room a namespace's quota leaves an app is what its other apps do not run now: here
+    /// 4 replicas capped, another app running 2, so 2 for this one, which wants 3.
+    #[test]
+    fn an_autoscaled_app_grows_only_into_the_room_its_namespace_quota_leaves() {
+        let mut app = scaled_app("[scale]\nmin = 1\nmax = 5\ntarget_concurrency = 10\n");
+        app.spec.replicas = 1;
+        let mut w = with_replicas(
+            with_app(world(1, 1, ""), app.clone()),
+            &[on(replica_at("x", 1, Phase::Ready, 1), "m")],
+        );
+        complete(&mut w, 1);
+        let mut other = app.clone();
+        other.spec.name = "b".into();
+        other.spec.scale.autoscale = None;
+        other.spec.replicas = 2;
+        w.apps.insert(other.spec.key(), Read::new(other, 1));
+        w.quotas.insert(
+            "default".into(),
+            QuotaLimits {
+                replicas: Some(4),
+                ..QuotaLimits::default()
+            },
+        );
+        w.measurements.insert(key(), busy(NOW, 23.4));
+        let p = plan(&w, NOW, &mut Counter::default());
+        let stored = put_apps(app_batch(&p));
+        assert_eq!(stored[0].spec.replicas, 2, "{stored:?}");
+        assert!(
+            (stored[0].scale.reason.as_deref())
+                .is_some_and(|r| r.ends_with("at most 2 replicas under namespace default's quota")),
+            "{:?}",
+            stored[0].scale
+        );
     }
 
     #[test]
