@@ -97,6 +97,39 @@ pub fn short_digest(d: &str) -> String {
     d.get(..19).unwrap_or(d).to_string()
 }
 
+/// Ends the process as a write to a closed pipe would (by SIGPIPE, quietly) as soon as
+/// stdout's reader goes away, for commands that follow (`logs -f`, `events -f`, `get -w`):
+/// one with nothing new to print would otherwise find out only at its next line, which may
+/// never come (`shoal logs quiet-app -f | head -1`). A thread sleeps in `poll` until then.
+pub fn end_when_stdout_closes() {
+    #[cfg(unix)]
+    std::thread::spawn(|| {
+        let mut out = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: `out` lives on this thread's stack for the call.
+            let ready = unsafe { libc::poll(&mut out, 1, -1) };
+            if ready == 1 && out.revents & libc::POLLERR != 0 {
+                // SAFETY: signal and raise have no preconditions.
+                unsafe {
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    libc::raise(libc::SIGPIPE);
+                }
+            }
+            let interrupted = ready < 0
+                && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            // Otherwise a terminal hung up, or stdout is nothing poll can watch: no reader
+            // to wait for.
+            if !interrupted {
+                return;
+            }
+        }
+    });
+}
+
 /// Writes `bytes` to stdout as they are; a reader that went away (`| head`) ends it quietly.
 pub fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;

@@ -1174,3 +1174,40 @@ fn up_refuses_one_address_for_two_listeners() {
     );
     assert!(!data.exists());
 }
+
+/// A follower whose reader goes away ends at once, by SIGPIPE as a write to the closed pipe
+/// would, though nothing new comes for it to write (`shoal events -f | head -1`).
+#[test]
+fn a_follower_ends_when_its_reader_goes_though_nothing_new_comes() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let c = Cluster::start();
+    for args in [
+        &["events", "--follow"][..],
+        &["get", "nodes", "--watch"][..],
+    ] {
+        let mut child = std::process::Command::new(common::SHOAL)
+            .args(args)
+            .env("SHOAL_CONFIG", c.config())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        assert!(!first.is_empty(), "{args:?}");
+        drop(out);
+        let mut status = None;
+        let ended = common::poll(std::time::Duration::from_secs(10), || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if !ended {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(ended, "{args:?} went on after its reader went");
+        assert_eq!(status.unwrap().signal(), Some(libc::SIGPIPE), "{args:?}");
+    }
+}

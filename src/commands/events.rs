@@ -25,6 +25,9 @@ const HEADER: &[&str] = &["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"];
 /// `shoal events`: what happened, oldest first; `--follow` polls for more.
 pub async fn run(ctx: Context, args: EventsArgs) -> Result<()> {
     let client = ctx.client()?;
+    if args.follow {
+        output::end_when_stdout_closes();
+    }
     let app = args
         .app
         .as_deref()

@@ -127,6 +127,7 @@ pub async fn run(ctx: Context, args: GetArgs) -> Result<()> {
     if !args.watch {
         return Ok(());
     }
+    output::end_when_stdout_closes();
     // As `kubectl get -w`: what changes from then on, a row at a time (a watch event at a
     // time with `-o json`); a change of age alone is none.
     let widths = output::widths(&first.header(all), &first.rows(all));

@@ -109,6 +109,7 @@ async fn follow(
     args: &LogsArgs,
     since_ms: Option<u64>,
 ) -> Result<()> {
+    crate::output::end_when_stdout_closes();
     let mut next: HashMap<String, (u64, shoal_core::Millis)> = HashMap::new();
     let mut stdout = std::io::stdout();
     let mut path = query(ctx, args, "json", args.tail, since_ms);
