@@ -77,8 +77,9 @@ fn a_namespace_quota_refuses_what_would_grow_past_it_and_lets_the_rest_run() {
     assert_eq!(cells[..4], ["team-a", "2/2", "3/3", "150m/200m"], "{got}");
     assert!(!cells[4].contains('/'), "no memory cap: {got}");
 
-    // Lowered below what runs: it keeps running, and a change that asks for no more goes.
-    c.cli_ok(&[
+    // Lowered below what runs: it says so, it keeps running, and a change that asks for no
+    // more goes.
+    let lowered = c.cli(&[
         "quota",
         "set",
         "team-a",
@@ -87,6 +88,12 @@ fn a_namespace_quota_refuses_what_would_grow_past_it_and_lets_the_rest_run() {
         "--apps",
         "none",
     ]);
+    assert!(lowered.status.success(), "{lowered:?}");
+    let warned = String::from_utf8_lossy(&lowered.stderr);
+    assert!(
+        warned.contains("namespace team-a is past its quota now (replicas: 3 of 1)"),
+        "{warned}"
+    );
     c.cli_ok(&["apply", "-f", &team_app(&c, "a", 2, "A, again")]);
     c.wait_gw("/a", 200, "A, again");
     let json: serde_json::Value =

@@ -113,6 +113,14 @@ pub async fn run(ctx: Context, cmd: QuotaCommand) -> Result<()> {
                 Format::Json => output::json(&quota),
                 Format::Table => println!("quota of namespace {namespace} set"),
             }
+            let past = shoal_core::quota::past(&quota.limits, &quota.used);
+            if !past.is_empty() {
+                eprintln!(
+                    "Warning: namespace {namespace} is past its quota now ({}): what runs keeps \
+                     running, and nothing there may grow until it is under",
+                    past.join(", ")
+                );
+            }
         }
         QuotaAction::Get { ns } => {
             let namespace = namespace(&ctx, ns)?;

@@ -96,6 +96,31 @@ impl Usage {
     }
 }
 
+/// The caps `used` is past, each as `what: used of cap` (`replicas: 4 of 1`): what a cap
+/// lowered below what runs says, so an admin knows nothing there may grow until it is under.
+pub fn past(limits: &QuotaLimits, used: &Usage) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut check = |what: &str, cap: Option<u64>, used: u64, show: fn(u64) -> String| {
+        if let Some(cap) = cap.filter(|&cap| used > cap) {
+            out.push(format!("{what}: {} of {}", show(used), show(cap)));
+        }
+    };
+    check("apps", limits.apps, used.apps, |n| n.to_string());
+    check("replicas", limits.replicas, used.replicas, |n| {
+        n.to_string()
+    });
+    check("cpu", limits.cpu_millis, used.cpu_millis, |m| {
+        format!("{m}m")
+    });
+    check(
+        "memory",
+        limits.memory_bytes,
+        used.memory_bytes,
+        format_memory,
+    );
+    out
+}
+
 /// Why an app whose footprint goes from `before` (zero for a new app) to `after` does not fit
 /// a namespace quota of `limits` whose other apps use `others`; `None` if it fits. A cap it
 /// would pass refuses it only if the app grows on it: a quota lowered below what runs does
@@ -189,6 +214,22 @@ mod tests {
             no_cpu: replicas > 0 && cpu_millis == 0,
             no_memory: replicas > 0 && memory_bytes == 0,
         }
+    }
+
+    #[test]
+    fn the_caps_a_namespace_is_past_are_named_with_use_and_cap() {
+        let limits = QuotaLimits {
+            apps: Some(5),
+            replicas: Some(1),
+            cpu_millis: Some(300),
+            memory_bytes: None,
+        };
+        let used = usage(2, 4, 400, 128 << 20);
+        assert_eq!(
+            past(&limits, &used),
+            ["replicas: 4 of 1", "cpu: 400m of 300m"]
+        );
+        assert!(past(&limits, &usage(1, 1, 300, 0)).is_empty());
     }
 
     #[test]
