@@ -131,14 +131,33 @@ impl EtcdStore {
                             Some(PutOptions::new().with_lease(lease)),
                         )]);
                     // Sent again only if it never reached a member: one that won and was
-                    // not told would then wait for its own key to go.
-                    let resp = again(Retry::Write, || {
+                    // not told would then wait for its own key to go. One cut off after it
+                    // was sent (its member died) is judged by the key as it stands: ours,
+                    // it won; another's, it lost; none, it is tried again.
+                    let sent = again(Retry::Write, || {
                         let (mut c, txn) = (client.clone(), txn.clone());
                         async move { c.txn(txn).await }
                     })
-                    .await?;
-                    let at = resp.header().map_or(0, |h| h.revision());
-                    if resp.succeeded() {
+                    .await;
+                    let (won, at) = match sent {
+                        Ok(resp) => (resp.succeeded(), resp.header().map_or(0, |h| h.revision())),
+                        Err(e) if Retry::Read.allows(&e) => {
+                            let read = again(Retry::Read, || {
+                                let mut c = client.clone();
+                                async move { c.get(LEADER_KEY, None).await }
+                            })
+                            .await?;
+                            match read.kvs().first() {
+                                Some(kv) => (
+                                    kv.value() == id.as_bytes() && kv.lease() == lease,
+                                    kv.mod_revision(),
+                                ),
+                                None => continue,
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if won {
                         // Shoal counts revisions from etcd's minus one (see the crate's doc).
                         leadership.revision = u64::try_from(at - 1).unwrap_or(0);
                         return Ok(leadership);

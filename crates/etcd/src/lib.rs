@@ -72,7 +72,8 @@ const BYTES_PER_COMMIT: usize = 512 * 1024;
 /// Which failures a call may be sent again after, as etcd's Go client decides it.
 #[derive(Clone, Copy)]
 enum Retry {
-    /// A read: after any failure to reach a member or a member without a leader.
+    /// A read: after any failure to reach a member, a connection cut under it, or a member
+    /// without a leader.
     Read,
     /// A write: only when it never reached a member (no connection), since a write cut off
     /// after it was sent may have committed, and sending it again would apply it twice.
@@ -86,8 +87,11 @@ impl Retry {
             etcd_client::Error::GRpcStatus(status) => status,
             _ => return false,
         };
+        // A member that dies mid-call may cut its connection under the call: tonic says
+        // `Unknown: transport error` then (a reset), which a read may be sent again after.
+        let cut = status.code() == tonic::Code::Unknown && status.message() == "transport error";
         if status.code() != tonic::Code::Unavailable {
-            return false;
+            return cut && matches!(self, Retry::Read);
         }
         match self {
             Retry::Read => true,
