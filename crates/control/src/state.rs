@@ -399,7 +399,6 @@ impl ControlPlane {
         &self.inner.config
     }
 
-    /// Builds an event and its store op; callers put it in their transaction.
     /// Deletes `key` (`what`, e.g. "secret db"), as read at store revision `at`, with a Normal
     /// event `reason` about `object`; a change since that read is a conflict.
     pub(crate) fn delete_as_read(
@@ -444,6 +443,7 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Builds an event and its store op; callers put it in their transaction.
     pub(crate) fn event_op(
         &self,
         kind: EventType,
