@@ -274,7 +274,7 @@ impl Client {
         let Some(from) = from.filter(|_| cut) else {
             return Err(ClientError::Decode(e));
         };
-        self.left(from, &e.to_string());
+        self.left(from, &shoal_core::causes(&e));
         let to = self.servers.order(from).nth(1).filter(|&to| to != from);
         match to
             .zip(again)
@@ -346,7 +346,7 @@ impl Client {
             };
             let why = match &outcome {
                 Ok(resp) => resp.status().to_string(),
-                Err(e) => e.to_string(),
+                Err(e) => shoal_core::causes(e),
             };
             self.left(server, &why);
             match next {

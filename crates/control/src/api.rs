@@ -493,13 +493,18 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-/// A span per API request, with method and path.
+/// A span per API request, with method and path; at debug, its status and how long it took.
 async fn trace(req: Request, next: Next) -> Response {
     use tracing::Instrument;
     let span = tracing::info_span!("api", method = %req.method(), path = %req.uri().path());
     async move {
+        let started = std::time::Instant::now();
         let resp = next.run(req).await;
-        tracing::debug!(status = resp.status().as_u16(), "done");
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "done"
+        );
         resp
     }
     .instrument(span)

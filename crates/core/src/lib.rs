@@ -7,6 +7,7 @@
 //! read it.
 
 pub mod auth;
+mod causes;
 pub mod clients;
 pub mod clock;
 pub mod digest;
@@ -24,6 +25,7 @@ pub mod spec;
 mod spec_file;
 pub mod wasm;
 
+pub use causes::causes;
 pub use clock::{Clock, SystemClock, now_ms};
 pub use digest::Digest;
 pub use name::{NameError, validate_name};

@@ -20,6 +20,7 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use reqwest::Url;
 use sha2::{Digest, Sha256};
+use shoal_core::causes;
 use shoal_core::oci::OciRef;
 use std::net::IpAddr;
 use thiserror::Error;
@@ -132,21 +133,6 @@ fn unconnected(e: &(dyn std::error::Error + 'static)) -> bool {
         next = cause.source();
     }
     false
-}
-
-/// `e` and its sources, each said once: one that repeats the words of the one before is
-/// left out, and one whose words the one before ends with is too.
-fn causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut said: Vec<String> = Vec::new();
-    let mut next = Some(e);
-    while let Some(cause) = next {
-        let words = cause.to_string();
-        if !said.last().is_some_and(|last| last.ends_with(&words)) {
-            said.push(words);
-        }
-        next = cause.source();
-    }
-    said.join(": ")
 }
 
 /// The layer of `manifest` that is the component: its only layer, of a Wasm media
@@ -1414,33 +1400,6 @@ mod tests {
             Some("application/vnd.docker.distribution.manifest.list.v2+json; charset=utf-8")
         ));
         assert!(!is_index(untyped, None));
-    }
-
-    #[test]
-    fn each_cause_is_said_once() {
-        #[derive(Debug)]
-        struct Said(&'static str, Option<Box<Said>>);
-        impl std::fmt::Display for Said {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.0)
-            }
-        }
-        impl std::error::Error for Said {
-            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-                self.1.as_deref().map(|s| s as _)
-            }
-        }
-        let chain = Said(
-            "error sending request for url (http://r/v2/)",
-            Some(Box::new(Said(
-                "error sending request for url (http://r/v2/)",
-                Some(Box::new(Said("Connection refused", None))),
-            ))),
-        );
-        assert_eq!(
-            causes(&chain),
-            "error sending request for url (http://r/v2/): Connection refused"
-        );
     }
 
     #[test]
