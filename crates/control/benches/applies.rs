@@ -220,7 +220,7 @@ impl Backend {
                 etcd: None,
             },
             "etcd" => {
-                let cluster = EtcdCluster::three();
+                let cluster = EtcdCluster::on_disk();
                 let store = EtcdStore::connect(&cluster.config()).unwrap();
                 let endpoints = cluster.endpoints();
                 Backend {

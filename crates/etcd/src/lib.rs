@@ -88,8 +88,10 @@ impl Retry {
             _ => return false,
         };
         // A member that dies mid-call may cut its connection under the call: tonic says
-        // `Unknown: transport error` then (a reset), which a read may be sent again after.
-        let cut = status.code() == tonic::Code::Unknown && status.message() == "transport error";
+        // `Unknown: transport error` then (a reset), or `Cancelled` (the connection closed
+        // before the answer), and a read may be sent again after either.
+        let cut = (status.code() == tonic::Code::Unknown && status.message() == "transport error")
+            || status.code() == tonic::Code::Cancelled;
         if status.code() != tonic::Code::Unavailable {
             return cut && matches!(self, Retry::Read);
         }
@@ -1089,6 +1091,20 @@ mod tests {
 
     fn put(key: &str) -> Txn {
         Txn::new().then(Op::put(key, "v"))
+    }
+
+    #[test]
+    fn a_call_cut_under_it_is_read_again_but_never_written_again() {
+        for cut in [
+            tonic::Status::unknown("transport error"),
+            tonic::Status::cancelled("operation was canceled"),
+        ] {
+            let e = etcd_client::Error::GRpcStatus(cut);
+            assert!(Retry::Read.allows(&e), "{e}");
+            assert!(!Retry::Write.allows(&e), "{e}");
+        }
+        let refused = etcd_client::Error::GRpcStatus(tonic::Status::unknown("something else"));
+        assert!(!Retry::Read.allows(&refused));
     }
 
     #[test]

@@ -1,8 +1,14 @@
 //! Real etcd for tests (the `testing` feature): one member or a three-member cluster of
 //! Debian's `etcd` binary on free loopback ports, each member with a temporary data dir, killed
 //! when dropped. Members can be killed (SIGKILL) and started again on the same data and ports.
+//!
+//! Members keep their data in memory (`/dev/shm`) where the machine has room there: tests kill
+//! processes, never the machine, so what a member acknowledged survives its kill in memory as on
+//! a disk. On a disk busy with a parallel test run, one WAL fsync was seen to take 6 s, and the
+//! whole cluster stopped answering meanwhile: a stall no test is about. Benchmarks that measure
+//! etcd's commits start [`EtcdCluster::on_disk`].
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,6 +19,9 @@ use crate::EtcdConfig;
 
 /// How long a member may take to say it serves clients.
 const READY: Duration = Duration::from_secs(30);
+
+/// How many of each member's notable log lines a failing test shows.
+const SHOWN_LINES: usize = 60;
 
 /// A running etcd cluster of one or more members on 127.0.0.1.
 pub struct EtcdCluster {
@@ -29,6 +38,13 @@ struct Member {
     peer_port: u16,
     data: PathBuf,
     child: Option<Child>,
+}
+
+impl Member {
+    /// Its log, beside its data dir, appended to across restarts.
+    fn log(&self) -> PathBuf {
+        self.data.with_extension("log")
+    }
 }
 
 impl EtcdCluster {
@@ -48,25 +64,43 @@ impl EtcdCluster {
     }
 
     /// Starts `n` members, each also given `flags` (such as `--max-txn-ops 16`).
-    ///
+    pub fn start_with(n: usize, flags: &[&str]) -> EtcdCluster {
+        EtcdCluster::start_where(n, flags, true)
+    }
+
+    /// Three members keeping their data on disk, each fsyncing its writes there as in
+    /// production: for benchmarks of what a commit costs.
+    pub fn on_disk() -> EtcdCluster {
+        EtcdCluster::start_where(3, &[], false)
+    }
+
     /// A port is free when picked but can be taken before etcd binds it (by anything on the
     /// machine, an outgoing connection's ephemeral port included): then the cluster starts
-    /// again on new ports, a few times.
-    pub fn start_with(n: usize, flags: &[&str]) -> EtcdCluster {
+    /// again on new ports, a few times. A `/dev/shm` without room for the members' WAL files
+    /// (64 MiB each, as in a container's default) sends them to disk.
+    fn start_where(n: usize, flags: &[&str], in_memory: bool) -> EtcdCluster {
         let mut attempts = 1;
+        let mut in_memory = in_memory;
         loop {
-            match EtcdCluster::try_start(n, flags) {
+            match EtcdCluster::try_start(n, flags, in_memory) {
                 Ok(cluster) => return cluster,
                 Err(log) if attempts < 5 && log.contains("address already in use") => attempts += 1,
+                Err(log) if in_memory && log.contains("no space left on device") => {
+                    in_memory = false;
+                }
                 Err(log) => panic!("{log}"),
             }
         }
     }
 
-    /// One attempt of [`EtcdCluster::start_with`]; `Err` holds the log of the member that
+    /// One attempt of [`EtcdCluster::start_where`]; `Err` holds the log of the member that
     /// did not become ready.
-    fn try_start(n: usize, flags: &[&str]) -> Result<EtcdCluster, String> {
-        let dir = tempfile::tempdir().expect("temp dir for etcd");
+    fn try_start(n: usize, flags: &[&str], in_memory: bool) -> Result<EtcdCluster, String> {
+        let dir = match in_memory {
+            true => tempfile::tempdir_in("/dev/shm").or_else(|_| tempfile::tempdir()),
+            false => tempfile::tempdir(),
+        }
+        .expect("temp dir for etcd");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
@@ -148,7 +182,8 @@ impl EtcdCluster {
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "shoal-test"])
-            // Loopback members: elect quickly, so a test does not wait on a lost leader long.
+            // As the README advises: an etcd election must end within Shoal's 2 s leadership
+            // lease, and with etcd's defaults (100 ms, 1 s) it may not.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
             .args(&self.flags)
             .stdin(Stdio::null())
@@ -158,9 +193,16 @@ impl EtcdCluster {
             .expect("start etcd (Debian's etcd-server package)");
         let stderr = child.stderr.take().expect("etcd's stderr");
         let (tx, rx) = mpsc::channel();
-        // Drains the log for the member's life, so it never blocks on a full pipe.
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(m.log())
+            .expect("open the member's log file");
+        // Drains the log for the member's life, so it never blocks on a full pipe, and keeps it
+        // in a file for a failing test to show.
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
                 let _ = tx.send(line);
             }
         });
@@ -173,6 +215,23 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
+        }
+        // A failing test shows what etcd warned of: slow disks, elections, timeouts.
+        if std::thread::panicking() {
+            for m in &self.members {
+                let log = std::fs::read_to_string(m.log()).unwrap_or_default();
+                let notable: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("\"level\":\"info\"") || l.contains("leader"))
+                    .collect();
+                let shown = &notable[notable.len().saturating_sub(SHOWN_LINES)..];
+                eprintln!(
+                    "---- etcd member {} (warnings and leader changes, last {}) ----\n{}",
+                    m.name,
+                    shown.len(),
+                    shown.join("\n")
+                );
+            }
         }
     }
 }
