@@ -14,6 +14,9 @@ pub struct RoutingTable {
     hosted: HashMap<(String, String), Claims>,
     /// Routes for any host: path → who claims it, in sort order.
     any_host: HashMap<String, Claims>,
+    /// The namespaces binding each host (lowercase), with how many routes each binds it by:
+    /// a bound host's requests go to no other namespace's any-host route.
+    bound: HashMap<String, HashMap<String, usize>>,
     /// Each app's routes, so they can be taken out again.
     apps: HashMap<AppKey, Vec<Route>>,
 }
@@ -52,8 +55,14 @@ impl RoutingTable {
     fn claim(&mut self, route: Route, app: AppKey) {
         let claims = match &route.host {
             Some(host) => {
-                let key = (host.to_ascii_lowercase(), route.path.clone());
-                self.hosted.entry(key).or_default()
+                let host = host.to_ascii_lowercase();
+                *self
+                    .bound
+                    .entry(host.clone())
+                    .or_default()
+                    .entry(app.namespace.clone())
+                    .or_default() += 1;
+                self.hosted.entry((host, route.path.clone())).or_default()
             }
             None => self.any_host.entry(route.path.clone()).or_default(),
         };
@@ -76,6 +85,17 @@ impl RoutingTable {
                 {
                     self.hosted.remove(&key);
                 }
+                if let Some(owners) = self.bound.get_mut(&key.0) {
+                    if let Some(n) = owners.get_mut(&app.namespace) {
+                        *n -= 1;
+                        if *n == 0 {
+                            owners.remove(&app.namespace);
+                        }
+                    }
+                    if owners.is_empty() {
+                        self.bound.remove(&key.0);
+                    }
+                }
             }
             None => {
                 if let Some(claims) = self.any_host.get_mut(&route.path)
@@ -88,18 +108,28 @@ impl RoutingTable {
     }
 
     /// The route serving `path` on `host`: a route bound to the host before
-    /// one for any host, then the longest path prefix on segment boundaries.
+    /// one for any host, then the longest path prefix on segment boundaries. A host
+    /// that routes bind is their namespaces': of the routes for any host, only theirs
+    /// serve it, so another tenant's catch-all never answers on it.
     pub fn lookup(&self, host: Option<&str>, path: &str) -> Option<(&Route, &AppKey)> {
-        let found = match host {
+        let (found, owners) = match host {
             Some(h) if !self.hosted.is_empty() => {
                 let h = h.to_ascii_lowercase();
-                path_prefixes(path).find_map(|p| self.hosted.get(&(h.clone(), p.to_string())))
+                let found = path_prefixes(path)
+                    .find_map(|p| self.hosted.get(&(h.clone(), p.to_string())))
+                    .and_then(|claims| claims.first());
+                (found, self.bound.get(&h))
             }
-            _ => None,
+            _ => (None, None),
         };
         found
-            .or_else(|| path_prefixes(path).find_map(|p| self.any_host.get(p)))
-            .and_then(|claims| claims.first())
+            .or_else(|| {
+                path_prefixes(path).find_map(|p| {
+                    self.any_host.get(p)?.iter().find(|(_, app)| {
+                        owners.is_none_or(|owners| owners.contains_key(&app.namespace))
+                    })
+                })
+            })
             .map(|(r, k)| (r, k))
     }
 
@@ -213,6 +243,27 @@ mod tests {
         let t = table(&[("/api/v2", "v2"), ("shop.example.com/", "shop")]);
         assert_eq!(app(&t, Some("shop.example.com"), "/api/v2/x"), Some("shop"));
         assert_eq!(app(&t, Some("other.com"), "/api/v2/x"), Some("v2"));
+    }
+
+    #[test]
+    fn a_bound_host_is_served_by_its_namespaces_apps_only() {
+        let team = |ns: &str, app: &str| AppKey::new(ns, app);
+        let route = |r: &str| Route::parse(r).unwrap();
+        let mut t = RoutingTable::new(vec![
+            (route("/"), team("team-a", "catch-all")),
+            (route("shop.test/x"), team("team-b", "shop")),
+            (route("/health"), team("team-b", "health")),
+        ]);
+        assert_eq!(app(&t, Some("shop.test"), "/x/1"), Some("shop"));
+        assert_eq!(app(&t, Some("SHOP.test"), "/y"), None, "not team-a's");
+        assert_eq!(app(&t, Some("shop.test"), "/"), None);
+        assert_eq!(app(&t, Some("shop.test"), "/health"), Some("health"));
+        assert_eq!(app(&t, Some("other.test"), "/y"), Some("catch-all"));
+        assert_eq!(app(&t, None, "/y"), Some("catch-all"));
+        // Once team-b binds the host no more, it is anyone's again.
+        t.set_app(&team("team-b", "shop"), vec![route("/shop")]);
+        assert_eq!(app(&t, Some("shop.test"), "/y"), Some("catch-all"));
+        assert!(t.bound.is_empty());
     }
 
     #[test]
