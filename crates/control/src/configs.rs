@@ -10,7 +10,7 @@ use shoal_api::ConfigSetView;
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, AppSpec, check_config};
-use shoal_core::{App, ConfigSet, EventType};
+use shoal_core::{App, ConfigSet, EventType, Revision};
 use shoal_store::{Op, Txn};
 use std::collections::BTreeMap;
 
@@ -79,15 +79,42 @@ impl ControlPlane {
     /// Applies again every app that names a config set or a secret, so each runs with
     /// their values as stored: a change to one is written before its users are applied
     /// again, and a crash in between would otherwise leave them on the old values. An app
-    /// already up to date writes nothing. The controller runs it when it starts. Answers
-    /// the apps that were applied again, whether or not anything changed for them.
+    /// already up to date writes nothing, and one that `rollout undo` took back to older
+    /// values after their last change keeps them ([`ControlPlane::undone_since`]). The
+    /// controller runs it when it starts. Answers the apps that were applied again, whether
+    /// or not anything changed for them.
     pub(crate) fn apply_references_again(&self) -> Result<Vec<AppKey>, ControlError> {
-        let users = self
-            .list::<App>(&keys::APPS)?
-            .into_iter()
-            .filter(|a| names_values(&a.spec))
-            .collect();
+        let mut users = Vec::new();
+        for app in self.list::<App>(&keys::APPS)? {
+            if names_values(&app.spec) && !self.undone_since(&app)? {
+                users.push(app);
+            }
+        }
         Ok(self.apply_users_again(users, "config set or secret"))
+    }
+
+    /// Whether `app` runs a revision `rollout undo` made after the last change of every
+    /// config set and secret it names: the user chose those older values, and only a change
+    /// made since (whose applying a crash may have cut short) takes it to the new ones.
+    fn undone_since(&self, app: &App) -> Result<bool, ControlError> {
+        let key = app.spec.key();
+        let Some((revision, made_at)) =
+            self.get::<Revision>(&keys::revision(&key, app.revision))?
+        else {
+            return Ok(false);
+        };
+        if revision.undid.is_none() {
+            return Ok(false);
+        }
+        let mut read = Read::new();
+        let resolved = self
+            .resolve_config_sets(app.spec.clone(), &mut read)
+            .and_then(|spec| self.resolve_secrets(spec, &mut read));
+        // One gone since: applying it again says why it cannot be.
+        if resolved.is_err() {
+            return Ok(false);
+        }
+        Ok(read.values().all(|(changed_at, _)| *changed_at < made_at))
     }
 
     /// `spec` with the values of the sets it names, as they are now; an unknown set is
@@ -394,6 +421,59 @@ mod tests {
             "{}",
             warned.message
         );
+    }
+
+    /// `rollout undo` back to a set's older values holds when a controller starts: only a
+    /// change of the set made after the undo takes the app to the new values.
+    #[test]
+    fn an_undo_to_older_values_outlives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        cp.put_config_set(
+            "default",
+            "shared",
+            ConfigChange::Replace(data("one")),
+            true,
+        )
+        .unwrap();
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        cp.apply(spec, false).unwrap();
+        cp.put_config_set(
+            "default",
+            "shared",
+            ConfigChange::Replace(data("two")),
+            false,
+        )
+        .unwrap();
+        let web = AppKey::new("default", "web");
+        let stored = || cp.get::<App>(&keys::app(&web)).unwrap().unwrap().0;
+        assert_eq!(stored().revision, 2);
+        cp.rollback(&web, Some(1)).unwrap();
+        assert_eq!(stored().revision, 3);
+        assert_eq!(stored().spec.config_sets[0].data, Some(data("one")));
+
+        assert_eq!(cp.apply_references_again().unwrap(), Vec::<AppKey>::new());
+        assert_eq!(stored().revision, 3, "the undo holds");
+        assert_eq!(stored().spec.config_sets[0].data, Some(data("one")));
+
+        // A change written after the undo, its users not applied again yet (a crash).
+        let key = keys::config_set("default", "shared");
+        let (mut set, at) = cp.get::<ConfigSet>(&key).unwrap().unwrap();
+        set.data = data("three");
+        let txn = Txn::new()
+            .when_mod_revision(key.clone(), at)
+            .then(Op::put(key, encode(&set)));
+        assert!(cp.store().txn(txn).unwrap().succeeded);
+        assert_eq!(
+            cp.apply_references_again().unwrap(),
+            std::slice::from_ref(&web)
+        );
+        assert_eq!(stored().revision, 4);
+        assert_eq!(stored().spec.config_sets[0].data, Some(data("three")));
     }
 
     /// A change a user could not take (the key its env names, gone) is refused, naming it,
