@@ -78,6 +78,25 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(stderr(&out).contains("cannot write"), "{}", stderr(&out));
     assert!(!c.cli_ok(&["token", "list"]).contains("lost"));
+    // Nor does a file there already, which may hold another token, unless --force.
+    let over = [
+        "token",
+        "create",
+        "over",
+        "--role",
+        "viewer",
+        "--write",
+        viewer_file.to_str().unwrap(),
+    ];
+    let out = c.cli(&over);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&viewer_file).unwrap(), viewer);
+    assert!(!c.cli_ok(&["token", "list"]).contains("over"));
+    c.cli_ok(&[&over[..], &["--force"]].concat());
+    let over_token = std::fs::read_to_string(&viewer_file).unwrap();
+    assert_ne!(over_token, viewer);
+    std::fs::write(&viewer_file, &viewer).unwrap();
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&deployer_file).unwrap().permissions(),
     );

@@ -31,9 +31,13 @@ enum TokenAction {
         /// A namespace the token acts in (repeatable); none: every namespace.
         #[arg(long = "scope", value_name = "NAMESPACE")]
         namespaces: Vec<String>,
-        /// Where to write the token.
+        /// Where to write the token; a file there already is refused (it may hold another
+        /// token, which would be lost) unless --force.
         #[arg(long)]
         write: PathBuf,
+        /// Write over a file that is there already.
+        #[arg(long)]
+        force: bool,
     },
     /// List API tokens: names, roles and scopes, never the tokens.
     List,
@@ -68,7 +72,14 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
             role,
             namespaces,
             write,
+            force,
         } => {
+            if !force && std::fs::symlink_metadata(&write).is_ok() {
+                return Err(crate::exit::usage(format!(
+                    "{} exists: it may hold another token, which would be lost; give another file, or --force to write over it",
+                    write.display()
+                )));
+            }
             check_writable(&write)?;
             let req = client
                 .request(reqwest::Method::POST, "/v1/tokens")
