@@ -212,6 +212,21 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
         serves(&c, "/settings/color", "blue\n"),
         "undo did not bring the set's old value back"
     );
+    // A value too big for the command line comes from a file.
+    let big = d.join("big.txt");
+    std::fs::write(&big, "g".repeat(300_000)).unwrap();
+    c.cli_ok(&[
+        "config",
+        "set",
+        "shared",
+        "--from-file",
+        &format!("big={}", big.display()),
+    ]);
+    assert!(serves(
+        &c,
+        "/settings/big",
+        &format!("{}\n", "g".repeat(300_000))
+    ));
     // Once no app names it, it goes.
     c.cli_ok(&["delete", "app", "settings"]);
     c.cli_ok(&["config", "delete", "shared"]);

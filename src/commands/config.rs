@@ -66,8 +66,12 @@ enum SetAction {
         #[arg(value_parser = crate::commands::object_name)]
         name: String,
         /// The values, KEY=VALUE.
-        #[arg(required = true, value_name = "KEY=VALUE")]
+        #[arg(required_unless_present = "files", value_name = "KEY=VALUE")]
         values: Vec<String>,
+        /// A value read from a file, KEY=PATH (repeatable): one too long or too many lines
+        /// for the command line (a certificate, a JSON document).
+        #[arg(long = "from-file", value_name = "KEY=PATH")]
+        files: Vec<String>,
     },
     /// Take keys out of a config set; the apps that name it roll without them.
     Unset {
@@ -98,6 +102,17 @@ fn pair(text: &str) -> Result<(String, String)> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(crate::exit::usage(format!("{text:?} is not KEY=VALUE"))),
     }
+}
+
+/// Adds the values of `--from-file KEY=PATH` arguments to `data`, each key once.
+fn read_files(data: &mut BTreeMap<String, String>, files: &[String]) -> Result<()> {
+    for text in files {
+        let (k, file) = pair(text)?;
+        let v = crate::files::read_text(&PathBuf::from(&file), crate::files::VALUE_LIMIT)
+            .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
+        super::insert_once(data, k, v)?;
+    }
+    Ok(())
 }
 
 pub async fn run(ctx: Context, cmd: ConfigCommand) -> Result<()> {
@@ -189,21 +204,21 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
                 let (k, v) = pair(text)?;
                 super::insert_once(&mut data, k, v)?;
             }
-            for text in &files {
-                let (k, file) = pair(text)?;
-                let v = crate::files::read_text(&PathBuf::from(&file), crate::files::VALUE_LIMIT)
-                    .with_context(|| format!("--from-file {k}: cannot read {file}"))?;
-                super::insert_once(&mut data, k, v)?;
-            }
+            read_files(&mut data, &files)?;
             let written = put(&name, data, true, Vec::new()).await?;
             report(&ctx, &written, "created");
         }
-        SetAction::Set { name, values } => {
+        SetAction::Set {
+            name,
+            values,
+            files,
+        } => {
             let mut data = BTreeMap::new();
             for text in &values {
                 let (k, v) = pair(text)?;
                 super::insert_once(&mut data, k, v)?;
             }
+            read_files(&mut data, &files)?;
             let written = put(&name, data, false, Vec::new()).await?;
             report(&ctx, &written, "changed");
         }

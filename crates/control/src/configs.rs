@@ -177,6 +177,12 @@ impl ControlPlane {
             (ConfigChange::Merge { set, .. }, _) => set,
         };
         check_config(&data).map_err(|m| bad(format!("config set {name}: {m}")))?;
+        // Any value may become an env value (`$(config.KEY)`), which would end at the NUL.
+        if let Some(k) = data.iter().find_map(|(k, v)| v.contains('\0').then_some(k)) {
+            return Err(bad(format!(
+                "config set {name}: key {k} holds a NUL character, which no environment variable can"
+            )));
+        }
         if let Some((set, _)) = existing.as_ref().filter(|(s, _)| !create && s.data == data) {
             return Ok((set.clone(), None));
         }
@@ -474,6 +480,22 @@ mod tests {
         );
         assert_eq!(stored().revision, 4);
         assert_eq!(stored().spec.config_sets[0].data, Some(data("three")));
+    }
+
+    #[test]
+    fn a_value_with_a_nul_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let nul = BTreeMap::from([("v".to_string(), "LEAK\0abc".to_string())]);
+        let e = cp
+            .put_config_set("default", "nul", ConfigChange::Replace(nul), true)
+            .unwrap_err();
+        assert!(e.to_string().contains("key v holds a NUL character"), "{e}");
+        assert!(
+            cp.get::<ConfigSet>(&keys::config_set("default", "nul"))
+                .unwrap()
+                .is_none()
+        );
     }
 
     /// A change a user could not take (the key its env names, gone) is refused, naming it,
