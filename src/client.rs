@@ -287,7 +287,8 @@ fn said(e: ClientError) -> anyhow::Error {
             classified(
                 crate::exit::UNAVAILABLE,
                 format!(
-                    "cannot reach the Shoal API at {base} (is its server up? It also closes new connections from an address that holds --api-client-connections of them): {source}"
+                    "cannot reach the Shoal API at {base} (is its server up? It also closes new connections from an address that holds --api-client-connections of them): {}",
+                    shoal_core::causes(&source)
                 ),
             )
         }

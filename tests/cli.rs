@@ -390,6 +390,9 @@ fn starting_a_cluster_adds_its_context_and_keeps_the_others() {
         .output()
         .unwrap();
     assert_eq!(unreachable.status.code(), Some(5), "{unreachable:?}");
+    // It says why, as the system said it: not only that a request failed.
+    let said = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(said.contains("Connection refused"), "{said}");
     assert_eq!(
         unreachable.stdout,
         format!("Client: {release}\n").as_bytes()
