@@ -219,6 +219,9 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                     }
                 }
             }
+            for w in &r.warnings {
+                eprintln!("Warning: app {ns}/{app}: {w}");
+            }
         }
     }
     Ok(())

@@ -1085,7 +1085,17 @@ impl ControlPlane {
             });
         }
         let cause = format!("rollback to revision {}", target.number);
-        self.run_again(key, (app, mod_rev), &revisions, target, cause, "RolledBack")
+        // Named on purpose, so not refused as `apply` refuses it without `--retry`; but said.
+        let warning = target.abandoned().map(|outcome| {
+            format!(
+                "revision {} was {outcome}: it runs again, and a rolling update does not stop a build that fails again",
+                target.number
+            )
+        });
+        let mut result =
+            self.run_again(key, (app, mod_rev), &revisions, target, cause, "RolledBack")?;
+        result.warnings.extend(warning);
+        Ok(result)
     }
 
     /// `rollout restart`: what runs now, again as a new revision, so its rollout replaces
@@ -2166,8 +2176,16 @@ pub(crate) mod tests {
         assert_eq!(revision(4).unwrap().0.undid, Some(3));
         cp.restart(&good.key()).unwrap();
         assert_eq!(revision(5).unwrap().0.undid, None);
+        assert!(undone.warnings.is_empty(), "{:?}", undone.warnings);
         let named = cp.rollback(&good.key(), Some(2)).unwrap();
         assert_eq!(named.app.spec.template(), bad.template());
+        // Named, it runs again, but not without a word.
+        assert_eq!(named.warnings.len(), 1, "{:?}", named.warnings);
+        assert!(
+            named.warnings[0].starts_with("revision 2 was rolled back: no progress"),
+            "{:?}",
+            named.warnings
+        );
     }
 
     /// A restart after an automatic rollback does not let the template that was rolled back
