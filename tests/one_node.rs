@@ -524,21 +524,25 @@ const READINESS: &str =
 #[test]
 fn readiness_gates_traffic_and_a_bad_revision_never_takes_it() {
     let c = Cluster::start();
-    // Failing readiness: the replica runs but gets no traffic.
+    // Failing readiness: the replica runs but gets no traffic, and says what the probe got.
     c.cli_ok(&[
         "apply",
         "-f",
         &faulty_with(c.dir.path(), "bad.toml", 503, READINESS),
     ]);
-    assert!(poll(Duration::from_secs(20), || {
+    assert!(
+        poll(Duration::from_secs(20), || {
+            c.api_json("/v1/replicas?app=faulty")
+                .get(0)
+                .is_some_and(|r| {
+                    r["message"].as_str().is_some_and(|m| {
+                        m.contains("readiness probe") && m.contains("answered 503")
+                    })
+                })
+        }),
+        "{}",
         c.api_json("/v1/replicas?app=faulty")
-            .get(0)
-            .is_some_and(|r| {
-                r["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains("readiness"))
-            })
-    }));
+    );
     let resp = c.gw("/faulty/");
     assert_eq!(resp.status(), 503);
 

@@ -1203,6 +1203,8 @@ impl Agent {
                 (Phase::Starting, false)
             }
         };
+        // What the last report while Starting said of the readiness probe.
+        let mut starting_said: Option<String> = None;
         while let Some(due) = state.next_due() {
             tokio::time::sleep_until(origin + due).await;
             for kind in state.due(origin.elapsed()) {
@@ -1212,6 +1214,23 @@ impl Agent {
                 };
                 let Some(spec) = spec else { continue };
                 let result = probe(&service, spec).await;
+                // A replica that does not get ready says why, as each new answer comes (a
+                // 503, a timeout): not only that it waits.
+                if let (Probe::Readiness, Phase::Starting, Err(e)) = (kind, shown.0, &result) {
+                    let message = format!("waiting for readiness probe: {e}");
+                    if starting_said.as_ref() != Some(&message) {
+                        self.report_status(
+                            replica,
+                            Phase::Starting,
+                            Some(message.clone()),
+                            None,
+                            state.restarts(),
+                            None,
+                        )
+                        .await;
+                        starting_said = Some(message);
+                    }
+                }
                 let now = origin.elapsed();
                 let action = state.observe(kind, result, now);
                 let restarts = state.restarts();
