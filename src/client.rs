@@ -33,6 +33,10 @@ pub struct ContextEntry {
     /// The cluster CA's certificate, PEM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<String>,
+    /// The namespace commands act in when -n is left out (none: `default`), as kubectl's
+    /// context namespace: what a namespace-scoped token needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 impl ContextEntry {
@@ -423,6 +427,7 @@ mod tests {
             server: "https://10.0.0.1:7700".into(),
             token: "t".into(),
             ca: None,
+            namespace: None,
         };
         let two = first.with_server("https://10.0.0.2:7700");
         assert_eq!(two.server, "https://10.0.0.1:7700,https://10.0.0.2:7700");

@@ -161,6 +161,23 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(exit::USAGE);
     }
+    // Left out, -n is the context's namespace if it names one (as kubectl's), when the context
+    // is the cluster in use (no --server of another).
+    let namespace = cli.namespace.clone().or_else(|| {
+        if cluster_wide.is_some() || cli.server.is_some() {
+            return None;
+        }
+        let path = cli
+            .config
+            .clone()
+            .unwrap_or_else(client::default_config_path);
+        let config = client::CliConfig::load(&path).ok()?;
+        config
+            .context(cli.context.as_deref())
+            .ok()?
+            .namespace
+            .clone()
+    });
     let result = runtime.block_on(async {
         let ctx = commands::Context {
             server: cli.server,
@@ -173,9 +190,7 @@ fn main() -> ExitCode {
             },
             spec_toml: cli.output == output::OutputArg::Toml,
             namespace_given: cli.namespace.is_some(),
-            namespace: cli
-                .namespace
-                .unwrap_or_else(|| shoal_core::spec::DEFAULT_NAMESPACE.into()),
+            namespace: namespace.unwrap_or_else(|| shoal_core::spec::DEFAULT_NAMESPACE.into()),
             log_format: cli.log_format,
             context: cli.context,
         };

@@ -118,6 +118,41 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     );
     let listed = cli_as(&c, &deployer, &["get", "apps", "-n", "team-a"]);
     assert!(String::from_utf8_lossy(&listed.stdout).contains("hello"));
+    // A context for the token, in its namespace: no -n needed, and a file naming no
+    // namespace goes there (one naming its own keeps it, as with kubectl).
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, &c.ca).unwrap();
+    c.cli_ok(&[
+        "config",
+        "set-context",
+        "team",
+        "--server",
+        &c.api,
+        "--ca-file",
+        ca_file.to_str().unwrap(),
+        "--token-file",
+        deployer_file.to_str().unwrap(),
+        "-n",
+        "team-a",
+    ]);
+    let contexts = c.cli_ok(&["config", "get-contexts"]);
+    assert!(contexts.contains("team-a"), "{contexts}");
+    assert!(
+        c.cli_ok(&["--context", "team", "get", "apps"])
+            .contains("hello")
+    );
+    let plain = std::fs::read_to_string(format!("{}/hello/app.toml", examples()))
+        .unwrap()
+        .replace("../target", &format!("{}/target", examples()))
+        .replace("name = \"hello\"", "name = \"plain\"")
+        .replace("routes = [\"/hello\"]", "routes = [\"/team-a/plain\"]");
+    let plain = write_spec(dir, "plain.toml", &plain);
+    c.cli_ok(&["--context", "team", "apply", "-f", plain.to_str().unwrap()]);
+    assert!(c.cli_ok(&["get", "apps", "-n", "team-a"]).contains("plain"));
+    assert!(!c.cli_ok(&["get", "apps"]).contains("plain"));
+    // A new context needs a server and a token.
+    let out = c.cli(&["config", "set-context", "half", "-n", "team-a"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let nodes = cli_as(&c, &deployer, &["get", "nodes"]);
     assert!(!nodes.status.success());
     assert!(

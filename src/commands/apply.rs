@@ -65,8 +65,7 @@ pub async fn diff(ctx: Context, args: DiffArgs) -> Result<()> {
 
 pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
     let client = ctx.client()?;
-    let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-    let specs = read_specs(&args.files, args.recursive, namespace)?;
+    let specs = read_specs(&args.files, args.recursive, ctx.spec_namespace())?;
     let mut results = Vec::new();
     let mut modules = Modules::default();
     for spec in specs {
@@ -102,7 +101,7 @@ pub async fn run(ctx: Context, args: ApplyArgs) -> Result<()> {
 pub fn read_specs(
     files: &[PathBuf],
     recursive: bool,
-    namespace: Option<&str>,
+    namespace: Option<SpecNamespace>,
 ) -> Result<Vec<SpecFile>> {
     let specs = spec_files(files, recursive)?
         .iter()
@@ -279,10 +278,19 @@ impl SpecFile {
     }
 }
 
+/// Where a spec file that names no namespace goes, as kubectl sends it: to `-n`'s, and a
+/// file naming another is then refused; or to the context's, and a file naming another
+/// keeps its own.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecNamespace<'a> {
+    pub name: &'a str,
+    /// Given with `-n`.
+    pub given: bool,
+}
+
 /// Reads and parses one spec file (`-`: standard input, whose module paths are relative to
-/// the current directory). With `namespace` (`-n`), a file that names none goes there, and
-/// one that names another is refused, as kubectl does.
-fn read_spec(file: &Path, namespace: Option<&str>) -> Result<SpecFile> {
+/// the current directory), into `namespace` ([`SpecNamespace`]).
+fn read_spec(file: &Path, namespace: Option<SpecNamespace>) -> Result<SpecFile> {
     let stdin = file.as_os_str() == "-";
     let text = if stdin {
         crate::files::read_stdin_text(crate::files::SPEC_LIMIT)
@@ -305,16 +313,16 @@ pub(super) fn parse_spec(
     file: &Path,
     dir: &Path,
     text: String,
-    namespace: Option<&str>,
+    namespace: Option<SpecNamespace>,
 ) -> Result<SpecFile> {
     let mut manifest = parse_app(&text).map_err(|e| in_file(file, e))?;
-    if let Some(ns) = namespace {
+    if let Some(SpecNamespace { name: ns, given }) = namespace {
         let written = text
             .parse::<toml::Table>()
             .ok()
             .and_then(|t| t.get("namespace")?.as_str().map(str::to_string));
         match written {
-            Some(w) if w != ns => {
+            Some(w) if w != ns && given => {
                 return Err(crate::exit::usage(format!(
                     "{}: the file says namespace {w}, -n says {ns}: drop one of them",
                     file.display()

@@ -15,7 +15,8 @@ use std::path::PathBuf;
   shoal config create shared --from-literal color=blue --from-file motd=motd.txt
   shoal config set shared color=green             the apps that use it roll to the new value
   shoal config get shared                         its keys and values
-  shoal config get-contexts                       the clusters this CLI knows; use-context NAME")]
+  shoal config get-contexts                       the clusters this CLI knows; use-context NAME
+  shoal config set-context team-a --server https://cp:7700 --ca-file ca.pem --token-file ci.token -n team-a")]
 pub struct ConfigCommand {
     #[command(subcommand)]
     action: ConfigAction,
@@ -37,6 +38,17 @@ enum ContextAction {
     UseContext {
         /// The context, as `get-contexts` lists it.
         name: String,
+    },
+    /// Add a context, or change one: where a cluster's API is (--server, --ca-file), the
+    /// token to use (read from a file an admin gave, `shoal token create --write`) and the
+    /// namespace commands act in when -n is left out (-n). A new context needs --server and
+    /// --token-file; a change sets what it is given and keeps the rest.
+    SetContext {
+        /// The context's name.
+        name: String,
+        /// A file holding the token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
     /// List the CLI config's contexts: the clusters this CLI can talk to.
     GetContexts,
@@ -133,6 +145,55 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
             config.save(&path)?;
             println!("now using context {name}");
         }
+        ContextAction::SetContext { name, token_file } => {
+            let mut config = CliConfig::load_or_new(&path)?;
+            let token = match &token_file {
+                Some(file) => Some(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read the token from {}", file.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let ca = match &ctx.ca_file {
+                Some(file) => Some(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("cannot read the CA from {}", file.display()))?,
+                ),
+                None => None,
+            };
+            if let Some(server) = &ctx.server {
+                shoal_api::Servers::parse(server)
+                    .map_err(|e| crate::exit::usage(format!("--server: {e}")))?;
+            }
+            let namespace = ctx.namespace_given.then(|| ctx.namespace.clone());
+            let entry = match config.contexts.remove(&name) {
+                Some(mut entry) => {
+                    entry.server = ctx.server.clone().unwrap_or(entry.server);
+                    entry.token = token.unwrap_or(entry.token);
+                    entry.ca = ca.or(entry.ca);
+                    entry.namespace = namespace.or(entry.namespace);
+                    entry
+                }
+                None => {
+                    let (Some(server), Some(token)) = (ctx.server.clone(), token) else {
+                        return Err(crate::exit::usage(format!(
+                            "context {name} is new: it needs --server and --token-file"
+                        )));
+                    };
+                    crate::client::ContextEntry {
+                        server,
+                        token,
+                        ca,
+                        namespace,
+                    }
+                }
+            };
+            config.contexts.insert(name.clone(), entry);
+            config.save(&path)?;
+            println!("context {name} set");
+        }
         ContextAction::GetContexts => {
             let config = CliConfig::load(&path)?;
             if ctx.output == Format::Json {
@@ -143,6 +204,7 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
                         serde_json::json!({
                             "name": name,
                             "server": c.server,
+                            "namespace": c.namespace,
                             "current": config.current.as_deref() == Some(name),
                         })
                     })
@@ -159,10 +221,11 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
                         if current { "*" } else { "" }.to_string(),
                         name.clone(),
                         c.server.clone(),
+                        c.namespace.clone().unwrap_or_default(),
                     ]
                 })
                 .collect();
-            table(&["CURRENT", "NAME", "SERVER"], &rows);
+            table(&["CURRENT", "NAME", "SERVER", "NAMESPACE"], &rows);
         }
         ContextAction::CurrentContext => {
             let config = CliConfig::load(&path)?;

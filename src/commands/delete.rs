@@ -76,20 +76,17 @@ pub async fn run(ctx: Context, args: DeleteArgs) -> Result<()> {
             }
             targets
         }
-        None => {
-            let namespace = ctx.namespace_given.then_some(ctx.namespace.as_str());
-            super::apply::read_specs(&args.files, args.recursive, namespace)?
-                .iter()
-                .map(|spec| {
-                    let key = spec.key();
-                    Target {
-                        what: What::App,
-                        namespace: key.namespace,
-                        name: key.name,
-                    }
-                })
-                .collect()
-        }
+        None => super::apply::read_specs(&args.files, args.recursive, ctx.spec_namespace())?
+            .iter()
+            .map(|spec| {
+                let key = spec.key();
+                Target {
+                    what: What::App,
+                    namespace: key.namespace,
+                    name: key.name,
+                }
+            })
+            .collect(),
     };
     let client = ctx.client()?;
     let mut deleted = Vec::new();

@@ -58,6 +58,16 @@ impl Context {
         Ok(())
     }
 
+    /// Where spec files that name no namespace go: `-n`'s, the context's, or (none) their own.
+    pub fn spec_namespace(&self) -> Option<apply::SpecNamespace<'_>> {
+        (self.namespace_given || self.namespace != shoal_core::spec::DEFAULT_NAMESPACE).then_some(
+            apply::SpecNamespace {
+                name: &self.namespace,
+                given: self.namespace_given,
+            },
+        )
+    }
+
     pub fn client(&self) -> anyhow::Result<Client> {
         Client::new(
             self.server.clone(),

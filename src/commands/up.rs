@@ -574,6 +574,8 @@ pub async fn start_control(
         server: server.clone(),
         token: token.clone(),
         ca: Some(ca.pem().to_string()),
+        // The namespace a user chose for the context stays its own.
+        namespace: config.contexts.get(&name).and_then(|c| c.namespace.clone()),
     };
     let entry = match config.contexts.get(&name) {
         Some(old) if shared && old.token == entry.token && old.ca == entry.ca => {
