@@ -3078,6 +3078,10 @@ fn field_at(src: &str, at: usize) -> Option<String> {
     if let Some(header) = table_header(line) {
         return Some(header);
     }
+    // A header that does not parse (`[resources`) is no field of the table above it.
+    if line.trim_start().starts_with('[') {
+        return None;
+    }
     let key = line
         .split_once('=')
         .map(|(key, _)| key.trim())
@@ -3939,6 +3943,9 @@ A = "1"
         let e = err("name = \"x\"\n[component\nkind = \"http\"\n");
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.column.is_some());
+        // A header left open is no field of the table above it.
+        let e = err("name = \"x\"\n[component]\nkind = \"http\"\n[resources\n");
+        assert_eq!((e.line, e.field.as_deref()), (Some(4), None), "{e}");
     }
 
     #[test]
