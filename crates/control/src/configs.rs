@@ -219,7 +219,10 @@ impl ControlPlane {
             },
             format!("config/{ns}/{name}"),
             None,
-            format!("config set {name} {verb} ({} keys)", set.data.len()),
+            format!(
+                "config set {name} {verb} ({})",
+                shoal_core::counted(set.data.len() as u64, "key")
+            ),
         ));
         if !self.inner.store.txn(txn)?.succeeded {
             return Err(ControlError::Raced(format!(

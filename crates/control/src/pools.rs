@@ -135,8 +135,8 @@ impl ControlPlane {
                 ),
             };
             return Err(ControlError::conflict(format!(
-                "pool {name} runs {} nodes: {how}",
-                pool.members.len()
+                "pool {name} runs {}: {how}",
+                shoal_core::counted(pool.members.len() as u64, "node")
             )));
         }
         let txn = Txn::new()

@@ -31,3 +31,21 @@ pub use digest::Digest;
 pub use name::{NameError, validate_name};
 pub use objects::*;
 pub use spec::{AppManifest, AppSpec, Kind, ModuleRef, Route, SpecError, parse_app};
+
+/// `n` and `noun`, plural unless `n` is 1: "1 replica", "3 replicas", "0 keys".
+pub fn counted(n: impl Into<u64>, noun: &str) -> String {
+    match n.into() {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_is_singular_and_every_other_count_plural() {
+        assert_eq!(super::counted(1u32, "replica"), "1 replica");
+        assert_eq!(super::counted(0u32, "key"), "0 keys");
+        assert_eq!(super::counted(3u64, "node"), "3 nodes");
+    }
+}

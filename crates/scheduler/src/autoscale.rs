@@ -343,7 +343,9 @@ fn window_events(scale: &Scale, was: &[String], now: &Bounds) -> Vec<(&'static s
         return Vec::new();
     }
     let range = match (now.min, now.max) {
-        (min, max) if min == max => format!("runs exactly {min} replicas"),
+        (min, max) if min == max => {
+            format!("runs exactly {}", shoal_core::counted(min, "replica"))
+        }
         (min, max) => format!("runs {min} to {max} replicas"),
     };
     let mut events = Vec::new();
