@@ -321,6 +321,12 @@ fn migrate(args: MigrateArgs) -> Result<()> {
         format_memory(copied.module_bytes)
     );
     println!("  etcd:     {} transactions", copied.txns);
+    for (key, bytes) in &copied.too_big_to_apply {
+        eprintln!(
+            "Warning: {key} holds {}: an apply writes it twice in one request (the app and its new revision), more than etcd takes by default (--max-request-bytes, 1.5 MiB); it runs and scales, and a change needs its [config] smaller or a higher limit",
+            format_memory(*bytes as u64)
+        );
+    }
     println!(
         "Next: copy token, join-token, ca.pem, ca-key.pem and secret.key from {} into the data \
          dir of each `shoal server --store {}` (secrets open with that secret.key only)",

@@ -52,7 +52,7 @@ pub enum MigrateError {
 }
 
 /// What [`copy_state`] wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Copied {
     /// The source's revision: the copy is the state as of it.
     pub revision: u64,
@@ -63,6 +63,10 @@ pub struct Copied {
     pub module_bytes: u64,
     /// Transactions written, each a revision of the target: module chunks and key batches.
     pub txns: usize,
+    /// Apps copied whose record is too big to be applied again on an etcd with default
+    /// limits, with its size: an apply writes it twice in one request (the app and its new
+    /// revision), and etcd refuses that whole. They run, and scale; a change needs them smaller.
+    pub too_big_to_apply: Vec<(String, usize)>,
 }
 
 /// Copies the state in `source`, and the modules it records from `blobs`, into `target`.
@@ -75,6 +79,7 @@ pub fn copy_state(
 ) -> Result<Copied, MigrateError> {
     let (kvs, revision) = source.range("")?;
     let mut digests = Vec::new();
+    let mut too_big = Vec::new();
     for kv in &kvs {
         let bytes = kv.key.len() + kv.value.len();
         if bytes > LARGEST {
@@ -82,6 +87,9 @@ pub fn copy_state(
                 key: kv.key.clone(),
                 bytes,
             });
+        }
+        if kv.key.starts_with(keys::APPS.as_str()) && 2 * bytes > LARGEST {
+            too_big.push((kv.key.clone(), bytes));
         }
         if let Some(digest) = kv.key.strip_prefix(keys::MODULES.as_str()) {
             if !blobs.contains(digest) {
@@ -95,6 +103,7 @@ pub fn copy_state(
     }
     let mut copied = Copied {
         revision,
+        too_big_to_apply: too_big,
         ..Copied::default()
     };
     for digest in digests {
@@ -221,11 +230,13 @@ mod tests {
         let (dir, path, blobs, digest) = source_with_module(&module);
         {
             let store = Store::open(&path).unwrap();
-            for i in 0..200 {
+            for i in 0..199 {
                 store
                     .put(&format!("/apps/default/a{i:03}"), vec![i as u8; 100])
                     .unwrap();
             }
+            // One that fits one etcd request, but not twice in one as an apply sends it.
+            store.put("/apps/default/big", vec![1; 800 * 1024]).unwrap();
         }
         let before = std::fs::read(&path).unwrap();
         let source = ReadOnlyStore::open(&path).unwrap();
@@ -236,6 +247,13 @@ mod tests {
         assert_eq!((copied.keys, copied.modules), (201, 1));
         assert_eq!(copied.module_bytes, module.len() as u64);
         assert_eq!(copied.txns, 3 + 2, "three chunks, two batches of keys");
+        assert_eq!(
+            copied.too_big_to_apply,
+            [(
+                "/apps/default/big".to_string(),
+                "/apps/default/big".len() + 800 * 1024
+            )]
+        );
         let (from, _) = source.range("").unwrap();
         let (to, _) = target.range("/").unwrap();
         let pairs = |kvs: &[KeyValue]| {
