@@ -193,13 +193,25 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
         !list.contains(&deployer[3..]) && !list.contains(&viewer[5..]),
         "{list}"
     );
-    // Its events are its namespace's: not the cluster's own (nodes, tokens).
+    // Its events are its namespace's: not the cluster's own (nodes, tokens), and its
+    // quota's but not another namespace's; the admin's `-n` leaves those out too.
+    c.cli_ok(&["quota", "set", "team-a", "--apps", "20"]);
+    c.cli_ok(&["quota", "set", "team-b", "--apps", "20"]);
     let events = cli_as(&c, &deployer, &["events", "-n", "team-a"]);
     let events = String::from_utf8_lossy(&events.stdout);
     assert!(events.contains("app/team-a/hello"), "{events}");
     assert!(
         !events.contains("node/") && !events.contains("TokenCreated"),
         "{events}"
+    );
+    assert!(
+        events.contains("quota/team-a") && !events.contains("quota/team-b"),
+        "{events}"
+    );
+    let admin_view = c.cli_ok(&["events", "-n", "team-a"]);
+    assert!(
+        admin_view.contains("quota/team-a") && !admin_view.contains("quota/team-b"),
+        "{admin_view}"
     );
     // A stream it follows ends with its token: one request that would otherwise never end.
     let mut follower = common::Killed::new(

@@ -1312,17 +1312,14 @@ async fn list_events(
         // either: it sees what names one of its namespaces.
         let visible = |e: &Event| {
             caller.namespaces.is_empty()
-                || e.app
-                    .as_ref()
-                    .map(|a| a.namespace.as_str())
-                    .or_else(|| namespace_of(&e.object))
-                    .is_some_and(|ns| caller.namespaces.iter().any(|n| n == ns))
+                || in_namespace(e).is_some_and(|ns| caller.namespaces.iter().any(|n| n == ns))
         };
+        // `-n`: that namespace's events, and the cluster's own (nodes), not another's.
         let keep = |e: &Event| {
             key.as_ref().is_none_or(|k| e.app.as_ref() == Some(k))
                 && q.namespace
                     .as_ref()
-                    .is_none_or(|ns| e.app.as_ref().is_none_or(|a| &a.namespace == ns))
+                    .is_none_or(|ns| in_namespace(e).is_none_or(|of| of == ns))
                 && visible(e)
         };
         let limit = q.limit.unwrap_or(100);
@@ -1341,14 +1338,26 @@ async fn list_events(
     .map(|e| Json(e).into_response())
 }
 
+/// The namespace an event is about: its app's, or its object's ([`namespace_of`]).
+fn in_namespace(e: &Event) -> Option<&str> {
+    e.app
+        .as_ref()
+        .map(|a| a.namespace.as_str())
+        .or_else(|| namespace_of(&e.object))
+}
+
 /// The namespace of what an event is about when that belongs to one (`secret/NS/NAME`,
-/// `config/NS/NAME`, `volume/NS/NAME`, `app/NS/NAME`, `replica/NS/NAME/ID`); `None` for
-/// the cluster's own (nodes, tokens, pools).
+/// `config/NS/NAME`, `volume/NS/NAME`, `app/NS/NAME`, `replica/NS/NAME/ID`, `quota/NS`);
+/// `None` for the cluster's own (nodes, tokens, pools).
 fn namespace_of(object: &str) -> Option<&str> {
     let mut parts = object.split('/');
     let kind = parts.next()?;
     let ns = parts.next()?;
-    matches!(kind, "secret" | "config" | "volume" | "app" | "replica").then_some(ns)
+    matches!(
+        kind,
+        "secret" | "config" | "volume" | "app" | "replica" | "quota"
+    )
+    .then_some(ns)
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
