@@ -11,7 +11,8 @@
 //! like new data) and set right by measuring the directory when the count nears the limit, so a
 //! guest never takes the volume, or the node's disk, past its size. What cannot escape the
 //! directory is wasmtime-wasi's (cap-std): `..`, absolute paths and symlinks that lead out are
-//! refused.
+//! refused. A symlink whose target is absolute or has a `..` is not made at all
+//! (`not-permitted`): on the node, tools that follow links would be led out by it.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -290,6 +291,11 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
         "[method]descriptor.symlink-at",
         |mut store, (fd, target, path): (Resource<Descriptor>, String, String)| {
             Box::new(async move {
+                // A link that could lead out of the volume is refused, not only its use:
+                // on the node, a tool that follows links (`cp -L`, `tar -h`) would go there.
+                if leads_up(&target) {
+                    return Ok((Err(ErrorCode::NotPermitted),));
+                }
                 let host = store.data_mut();
                 if let Some(quota) = host.volume_quota()
                     && quota.charge(target.len() as u64).is_err()
@@ -306,6 +312,19 @@ pub(crate) fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     )?;
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// Whether a symlink to `target` could lead above the directory it is made in: an absolute
+/// path, or one with a `..`.
+fn leads_up(target: &str) -> bool {
+    Path::new(target).components().any(|c| {
+        matches!(
+            c,
+            std::path::Component::RootDir
+                | std::path::Component::Prefix(_)
+                | std::path::Component::ParentDir
+        )
+    })
 }
 
 /// `stream`, in the table, replaced by one that charges `quota` (if any) for what it writes.
