@@ -353,6 +353,27 @@ mod tests {
         BTreeMap::from([("greeting".to_string(), greeting.to_string())])
     }
 
+    /// A control plane in `dir` with set `shared` (greeting "one") and app `web` naming it,
+    /// its spec ending in `more` (TOML).
+    fn a_set_and_its_user(dir: &std::path::Path, more: &str) -> ControlPlane {
+        let cp = control_plane(dir);
+        cp.put_config_set(
+            "default",
+            "shared",
+            ConfigChange::Replace(data("one")),
+            true,
+        )
+        .unwrap();
+        let digest = uploaded(&cp);
+        let src = format!(
+            "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\n\
+             kind = \"http\"\n{more}"
+        );
+        let spec = parse_app(&src).unwrap().resolve(digest).unwrap();
+        cp.apply(spec, false).unwrap();
+        cp
+    }
+
     /// A set's change was written, and the control plane died before its users were
     /// applied again: the next controller to start applies them again.
     #[test]
@@ -437,20 +458,7 @@ mod tests {
     #[test]
     fn an_undo_to_older_values_outlives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path());
-        cp.put_config_set(
-            "default",
-            "shared",
-            ConfigChange::Replace(data("one")),
-            true,
-        )
-        .unwrap();
-        let digest = uploaded(&cp);
-        let src = format!(
-            "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
-        );
-        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
-        cp.apply(spec, false).unwrap();
+        let cp = a_set_and_its_user(dir.path(), "");
         cp.put_config_set(
             "default",
             "shared",
@@ -506,21 +514,7 @@ mod tests {
     #[test]
     fn a_change_a_user_cannot_take_is_refused_and_nothing_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path());
-        cp.put_config_set(
-            "default",
-            "shared",
-            ConfigChange::Replace(data("one")),
-            true,
-        )
-        .unwrap();
-        let digest = uploaded(&cp);
-        let src = format!(
-            "name = \"web\"\nconfig_sets = [\"shared\"]\n[component]\ndigest = \"{digest}\"\n\
-             kind = \"http\"\n[env]\nGREETING = \"$(config.greeting)\"\n"
-        );
-        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
-        cp.apply(spec, false).unwrap();
+        let cp = a_set_and_its_user(dir.path(), "[env]\nGREETING = \"$(config.greeting)\"\n");
 
         let e = cp
             .put_config_set(
