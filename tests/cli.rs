@@ -1214,3 +1214,57 @@ fn a_follower_ends_when_its_reader_goes_though_nothing_new_comes() {
         assert_eq!(status.unwrap().signal(), Some(libc::SIGPIPE), "{args:?}");
     }
 }
+
+/// A daemon started with a low soft limit on open files (a shell's `ulimit -n 256`) raises it
+/// to the hard limit: each replica keeps its log open, and at the soft limit the API could
+/// not accept a connection.
+#[test]
+fn a_daemon_raises_its_open_files_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut hard: libc::rlimit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) },
+        0
+    );
+    let low = 256.min(hard.rlim_max);
+    let mut command = std::process::Command::new(common::SHOAL);
+    command
+        .args([
+            "up",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+        ])
+        .args(["--api", "127.0.0.1:0", "--gateway", "127.0.0.1:0"])
+        .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe, and only lowers this child's soft limit.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: low,
+                rlim_max: hard.rlim_max,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let mut child = common::Killed::new(command.spawn().unwrap());
+    let lines = common::read_lines(&mut child);
+    common::wait_line(&lines, "API:");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let soft: Vec<&str> = open_files.split_whitespace().collect();
+    let want = hard.rlim_max.min(1 << 20).to_string();
+    assert_eq!(soft[3], want, "{open_files}");
+}

@@ -281,6 +281,8 @@ fn servers_file(data: &Path) -> PathBuf {
 
 async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     init_tracing(log_format);
+    #[cfg(unix)]
+    super::up::raise_open_files_limit();
     let data = args.data_dir.clone().unwrap_or_else(default_data_dir);
     private_dir(&data)?;
     let name = node_name(&args.node)?;

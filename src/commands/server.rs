@@ -158,6 +158,8 @@ pub async fn run(ctx: Context, args: ServerArgs) -> Result<()> {
     }
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
+    #[cfg(unix)]
+    super::up::raise_open_files_limit();
     let c = start_control(&ctx, &args.control, args.etcd()?).await?;
     println!("Shoal control plane is up, data in {}", c.data.display());
     println!("  API:      {}", c.server);

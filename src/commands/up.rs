@@ -213,6 +213,49 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Raises the daemon's soft limit on open files to its hard limit (as Go programs do at
+/// start): every replica keeps its log file open and every client and hop holds a socket, so
+/// a soft limit of 1024 or less is met by a few hundred replicas, and then the API cannot
+/// accept a connection at all. Says so when the limit in force stays low.
+#[cfg(unix)]
+pub fn raise_open_files_limit() {
+    /// What the kernel takes at most by default (`fs.nr_open`), where the hard limit is
+    /// unlimited.
+    const MOST: libc::rlim_t = 1 << 20;
+    /// Below this, a node of a few hundred replicas runs out.
+    const FEW: libc::rlim_t = 4096;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read or write the struct they are given, nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let want = limit.rlim_max.min(MOST);
+    if limit.rlim_cur < want {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!(
+                from = limit.rlim_cur,
+                to = want,
+                "raised the open files limit"
+            );
+            limit.rlim_cur = want;
+        }
+    }
+    if limit.rlim_cur < FEW {
+        tracing::warn!(
+            limit = limit.rlim_cur,
+            "this process may open only a few files (ulimit -n), and each replica keeps its log open: raise the hard limit"
+        );
+    }
+}
+
 /// How `shoal up`, `server` and `node join` write their log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -1190,6 +1233,8 @@ fn distinct_addresses(args: &UpArgs) -> Result<()> {
 pub async fn run(ctx: Context, args: UpArgs) -> Result<()> {
     let specs = read_apply(&args.control.apply)?;
     init_tracing(ctx.log_format);
+    #[cfg(unix)]
+    raise_open_files_limit();
     // Every flag and the node's ports first: a cluster that cannot start its node must not
     // make its context the CLI's current one, which start_control does, nor a data dir.
     control_flags(&args.control)?;
