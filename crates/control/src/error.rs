@@ -78,6 +78,13 @@ impl From<shoal_store::StoreError> for ControlError {
             unavailable @ shoal_store::StoreError::Unavailable(_) => {
                 ControlError::Unavailable(format!("{unavailable}: try again in a moment"))
             }
+            full if full.is_disk_full() => {
+                tracing::error!(error = %full, "the store's disk is full");
+                ControlError::Unavailable(
+                    "the store cannot write: its disk is full; free space there, then restart the server"
+                        .into(),
+                )
+            }
             other => ControlError::internal(other),
         }
     }
@@ -90,5 +97,31 @@ impl From<shoal_core::SpecError> for ControlError {
             field: e.field.clone(),
             message: e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk is said as such, and as what cannot be served now (503, the CLI's exit
+    /// 5), not as an internal error.
+    #[test]
+    fn a_full_disk_is_unavailable_and_says_so() {
+        for full in [
+            shoal_store::StoreError::Io(std::io::Error::from_raw_os_error(28)),
+            shoal_store::StoreError::Db("I/O error: No space left on device (os error 28)".into()),
+        ] {
+            match ControlError::from(full) {
+                ControlError::Unavailable(message) => {
+                    assert!(message.contains("disk is full"), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            ControlError::from(shoal_store::StoreError::Db("corrupt".into())),
+            ControlError::Internal
+        ));
     }
 }

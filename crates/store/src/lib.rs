@@ -212,6 +212,20 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether the store failed to write because its disk is full (ENOSPC), as an I/O error
+    /// or inside redb's.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io(e) => {
+                e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+            }
+            StoreError::Db(message) => {
+                message.contains("No space left on device") || message.contains("os error 28")
+            }
+            _ => false,
+        }
+    }
+
     /// The same error again, for each of several transactions that one failed commit held.
     pub fn duplicate(&self) -> StoreError {
         match self {
