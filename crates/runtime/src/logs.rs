@@ -226,17 +226,46 @@ impl Flusher {
     }
 }
 
-/// Writes `state`'s buffered lines; a journal that cannot be written is given up.
+/// How long after writing a replica's output failed (a full disk, no file descriptor left)
+/// its files are opened again: until then its lines stay in memory only.
+const REOPEN_AFTER: Duration = Duration::from_secs(5);
+
+/// Writes `state`'s buffered lines; a journal that cannot be written is given up for now.
 fn flush_journal(state: &mut SinkState) {
     if let Some(journal) = &mut state.journal
         && let Err(e) = journal.flush()
     {
+        give_up(state, &e);
+    }
+}
+
+/// Stops writing `state`'s journal after `e`, to try again in [`REOPEN_AFTER`].
+fn give_up(state: &mut SinkState, e: &std::io::Error) {
+    if let Some(journal) = state.journal.take() {
         tracing::warn!(
             file = %journal.files.current().display(),
             error = %e,
-            "cannot keep a replica's output on disk; it stays in memory only"
+            "cannot keep a replica's output on disk; it stays in memory only for now"
         );
-        state.journal = None;
+        state.reopen = Some((journal.files.clone(), std::time::Instant::now()));
+    }
+}
+
+/// Opens `state`'s files again if writing them failed long enough ago.
+fn reopen_journal(state: &mut SinkState) {
+    let Some((files, failed)) = &mut state.reopen else {
+        return;
+    };
+    if failed.elapsed() < REOPEN_AFTER {
+        return;
+    }
+    match Journal::open(files.clone()) {
+        Ok(journal) => {
+            tracing::info!(file = %files.current().display(), "keeping a replica's output on disk again");
+            state.journal = Some(journal);
+            state.reopen = None;
+        }
+        Err(_) => *failed = std::time::Instant::now(),
     }
 }
 
@@ -262,8 +291,10 @@ struct SinkState {
     /// Sequence number of `lines[0]`.
     first_seq: usize,
     bytes: usize,
-    /// Where lines also go on disk; `None` for a sink in memory only, or once writing failed.
+    /// Where lines also go on disk; `None` for a sink in memory only, or since writing failed.
     journal: Option<Journal>,
+    /// Since writing failed: the files to open again, and when it failed (or last tried).
+    reopen: Option<(LogFiles, std::time::Instant)>,
     /// The replica stopped: no line will come, and followers end.
     closed: bool,
 }
@@ -427,18 +458,10 @@ impl LogSink {
         {
             let mut state = self.state();
             let next = state.next_seq();
+            reopen_journal(&mut state);
             match state.journal.as_mut().map(|j| j.append(next, &lines)) {
                 Some(Ok(true)) => Flusher::get().mark(&self.inner),
-                Some(Err(e)) => {
-                    if let Some(journal) = &state.journal {
-                        tracing::warn!(
-                            file = %journal.files.current().display(),
-                            error = %e,
-                            "cannot keep a replica's output on disk; it stays in memory only"
-                        );
-                    }
-                    state.journal = None;
-                }
+                Some(Err(e)) => give_up(&mut state, &e),
                 Some(Ok(false)) | None => {}
             }
             self.keep(&mut state, lines);
@@ -654,6 +677,32 @@ mod tests {
         assert!(lines.iter().all(|l| l.stream == LogStream::Stderr));
         drop(out);
         assert_eq!(sink.lines(2).0[0].line.len(), 5);
+    }
+
+    /// Once its files could not be written (here: their directory gone, as a rotation meets
+    /// a full disk or no descriptor left), a sink keeps lines in memory, and a while later
+    /// writes its files again.
+    #[test]
+    fn a_sink_whose_files_failed_writes_them_again_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = LogFiles {
+            base: dir.path().join("ns/app/replica-1"),
+            file_bytes: 256,
+        };
+        let sink = LogSink::persistent(files.clone(), 100, usize::MAX).unwrap();
+        std::fs::remove_dir_all(dir.path().join("ns")).unwrap();
+        for i in 0..20 {
+            sink.push_lines(LogStream::Stdout, [format!("line {i:03}")]);
+        }
+        assert!(sink.state().journal.is_none(), "the rotation failed");
+        std::fs::create_dir_all(dir.path().join("ns/app")).unwrap();
+        sink.push_lines(LogStream::Stdout, ["too soon".to_string()]);
+        assert!(!files.current().exists(), "tried again at once");
+        sink.state().reopen.as_mut().unwrap().1 -= REOPEN_AFTER;
+        sink.push_lines(LogStream::Stdout, ["on disk again".to_string()]);
+        drop(sink);
+        let kept = std::fs::read_to_string(files.current()).unwrap();
+        assert!(kept.contains("on disk again"), "{kept}");
     }
 
     #[test]
