@@ -150,9 +150,20 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     c.cli_ok(&["--context", "team", "apply", "-f", plain.to_str().unwrap()]);
     assert!(c.cli_ok(&["get", "apps", "-n", "team-a"]).contains("plain"));
     assert!(!c.cli_ok(&["get", "apps"]).contains("plain"));
-    // A new context needs a server and a token.
+    // A new context needs a server and a token, and a token file something in it.
     let out = c.cli(&["config", "set-context", "half", "-n", "team-a"]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let empty = dir.join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let out = c.cli(&[
+        "config",
+        "set-context",
+        "team",
+        "--token-file",
+        empty.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(stderr(&out).contains("empty"), "{}", stderr(&out));
     let nodes = cli_as(&c, &deployer, &["get", "nodes"]);
     assert!(!nodes.status.success());
     assert!(

@@ -156,6 +156,9 @@ fn contexts(ctx: &Context, action: ContextAction) -> Result<()> {
                 ),
                 None => None,
             };
+            if token.as_deref() == Some("") {
+                return Err(crate::exit::usage("the token file is empty".into()));
+            }
             let ca = match &ctx.ca_file {
                 Some(file) => Some(
                     std::fs::read_to_string(file)
