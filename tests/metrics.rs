@@ -207,3 +207,45 @@ fn api_connections_refused_at_a_clients_cap_are_counted() {
     );
     promtool_check(&text);
 }
+
+/// A node whose replicas all report at once (an app of 80 starting) keeps to a few
+/// connections: under its server's cap on one client's connections, none is refused.
+#[test]
+fn a_node_reporting_many_replicas_at_once_stays_under_the_connection_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::Server::start_with(dir.path(), &["--api-client-connections", "30"]);
+    let _node = NodeProc::join(&server, "node-1", &["--cpu", "64"]);
+    let spec = common::write_spec(
+        dir.path(),
+        "hello.toml",
+        &common::example_spec("hello", 80, "Hello"),
+    );
+    server.cli_ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let ready = || {
+        server
+            .api_json("/v1/replicas")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["phase"] == "Ready")
+            .count()
+    };
+    assert!(
+        poll(Duration::from_secs(120), || ready() == 80),
+        "{} ready",
+        ready()
+    );
+    let text = server
+        .http()
+        .get(format!("{}/v1/metrics", server.api))
+        .bearer_auth(&server.token)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert_eq!(
+        sample(&text, "shoal_api_connections_refused_total"),
+        Some(0.0),
+        "{text}"
+    );
+}

@@ -157,7 +157,15 @@ pub struct RemoteLink {
     /// Where the servers it knows are kept when it learns more: a node started again with the
     /// one it was given, gone since, goes on at the others ([`RemoteLink::remember_servers`]).
     servers_file: Option<PathBuf>,
+    /// Calls in flight at once ([`CALLS_AT_ONCE`]).
+    calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// The most calls a node has in flight to its control plane at once. Each takes a connection
+/// of its own (HTTP/1.1), and a server counts a client's connections against its
+/// `--api-client-connections` (100) until one's first request says it is a node's: a burst of
+/// 150 replicas' reports, each on a new connection, was refused past the 100th.
+const CALLS_AT_ONCE: usize = 16;
 
 impl RemoteLink {
     /// A link to the control plane at `servers` over `http` (see [`http_client`]).
@@ -183,6 +191,7 @@ impl RemoteLink {
             store: std::sync::atomic::AtomicU64::new(0),
             kv_batches: Arc::default(),
             servers_file: None,
+            calls: Arc::new(tokio::sync::Semaphore::new(CALLS_AT_ONCE)),
         })
     }
 
@@ -206,6 +215,7 @@ impl RemoteLink {
     /// Sends, and wants any 2xx; at another server too if this one does not answer and
     /// `resend` allows.
     async fn call(&self, req: RequestBuilder, resend: Resend) -> LinkResult<Response> {
+        let _turn = self.calls.acquire().await.expect("never closed");
         self.api().checked_as(req, resend).await.map_err(failed)
     }
 
@@ -215,6 +225,7 @@ impl RemoteLink {
         req: RequestBuilder,
         resend: Resend,
     ) -> LinkResult<T> {
+        let _turn = self.calls.acquire().await.expect("never closed");
         self.api().send_as(req, resend).await.map_err(failed)
     }
 
