@@ -379,22 +379,12 @@ mod tests {
     #[test]
     fn users_left_on_old_values_by_a_crash_take_the_new_ones_when_a_controller_starts() {
         let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path());
-        cp.put_config_set(
-            "default",
-            "shared",
-            ConfigChange::Replace(data("one")),
-            true,
-        )
-        .unwrap();
+        let cp = a_set_and_its_user(dir.path(), "");
         let digest = uploaded(&cp);
-        for (name, sets) in [("web", "[\"shared\"]"), ("plain", "[]")] {
-            let src = format!(
-                "name = \"{name}\"\nconfig_sets = {sets}\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n"
-            );
-            let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
-            cp.apply(spec, false).unwrap();
-        }
+        let src =
+            format!("name = \"plain\"\n[component]\ndigest = \"{digest}\"\nkind = \"http\"\n");
+        let spec = parse_app(&src).unwrap().resolve(digest.clone()).unwrap();
+        cp.apply(spec, false).unwrap();
         // What `put_config_set` writes before it applies the users again, and nothing more.
         let key = keys::config_set("default", "shared");
         let (mut set, at) = cp.get::<ConfigSet>(&key).unwrap().unwrap();
