@@ -609,6 +609,11 @@ impl Drop for Member {
 }
 
 impl Member {
+    /// The group it counts in: its app.
+    pub(crate) fn group(&self) -> &Arc<str> {
+        &self.share.group
+    }
+
     /// The meter of one guest task (a request, a command run), idle until [`Metered`] runs it.
     pub(crate) fn meter(self: &Arc<Self>) -> Arc<TaskMeter> {
         Arc::new(TaskMeter {

@@ -7,13 +7,16 @@
 //! (the kernel's OOM killer takes the process, every app with it) instead of failing themselves.
 //!
 //! The budget is a semaphore of 64 KiB wasm pages. Waiting for room is first come, first
-//! served, and bounded: past its wait a request is answered `at_capacity` (503, `Retry-After`),
+//! served among apps: of each app (its CPU group), one reservation at a time waits in the
+//! budget's queue, its others behind it, so a burst of one app's memory-hungry requests waits
+//! behind itself, not in front of every other app's. The wait is bounded: past its wait a request is answered `at_capacity` (503, `Retry-After`),
 //! as when the pool has no slot. While anyone waits, instances kept idle for reuse give their
 //! memory back instead of holding it until their idle time runs out.
 
+use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -35,6 +38,8 @@ pub(crate) struct MemoryBudget {
     waiting: AtomicUsize,
     /// Woken when a reservation starts waiting.
     pressure: Notify,
+    /// Per app, the turn to wait in the queue; an app's entry goes once no one holds it.
+    turns: Mutex<HashMap<Arc<str>, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// Room for one instance's memory in the node's budget, given back when dropped.
@@ -53,6 +58,7 @@ impl MemoryBudget {
             total_pages,
             waiting: AtomicUsize::new(0),
             pressure: Notify::new(),
+            turns: Mutex::default(),
         }
     }
 
@@ -66,10 +72,16 @@ impl MemoryBudget {
         (self.total_pages - self.pages.available_permits()) as u64 * PAGE
     }
 
-    /// Room for `bytes` (rounded up to whole pages), waiting up to `wait` behind those who
-    /// asked first; `None` if there was none in time. Never more than the budget: asking for
-    /// more than it holds fails at once.
-    pub(crate) async fn reserve(&self, bytes: u64, wait: Duration) -> Option<Reservation> {
+    /// Room for `bytes` (rounded up to whole pages) for an instance of app `group`, waiting
+    /// up to `wait` behind those who asked first (of this app, one at a time); `None` if there
+    /// was none in time. Never more than the budget: asking for more than it holds fails at
+    /// once.
+    pub(crate) async fn reserve(
+        &self,
+        group: &Arc<str>,
+        bytes: u64,
+        wait: Duration,
+    ) -> Option<Reservation> {
         let pages = u32::try_from(bytes.div_ceil(PAGE)).ok()?;
         if pages as usize > self.total_pages {
             return None;
@@ -78,10 +90,16 @@ impl MemoryBudget {
             return Some(Reservation { _pages: permit });
         }
         let _waiting = Waiting::start(self);
-        let permit = tokio::time::timeout(wait, self.pages.clone().acquire_many_owned(pages))
+        let deadline = tokio::time::Instant::now() + wait;
+        let turn = Turn::of(self, group);
+        let _turn = tokio::time::timeout_at(deadline, turn.mutex.lock())
             .await
-            .ok()?
             .ok()?;
+        let permit =
+            tokio::time::timeout_at(deadline, self.pages.clone().acquire_many_owned(pages))
+                .await
+                .ok()?
+                .ok()?;
         Some(Reservation { _pages: permit })
     }
 
@@ -99,6 +117,36 @@ impl MemoryBudget {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// An app's turn to wait in the budget's queue, held by those of its reservations that wait;
+/// the last to let it go takes its entry out.
+struct Turn<'a> {
+    budget: &'a MemoryBudget,
+    group: Arc<str>,
+    mutex: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> Turn<'a> {
+    fn of(budget: &'a MemoryBudget, group: &Arc<str>) -> Turn<'a> {
+        let mut turns = budget.turns.lock().unwrap_or_else(|p| p.into_inner());
+        let mutex = turns.entry(group.clone()).or_default().clone();
+        Turn {
+            budget,
+            group: group.clone(),
+            mutex,
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut turns = self.budget.turns.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this one's: no one else waits or will, until it is made again.
+        if Arc::strong_count(&self.mutex) == 2 {
+            turns.remove(&self.group);
         }
     }
 }
@@ -247,16 +295,73 @@ mod tests {
         assert_eq!(memory_max_files("/"), ["/sys/fs/cgroup/memory.max"]);
     }
 
+    fn app() -> Arc<str> {
+        "default/app".into()
+    }
+
+    /// A burst of one app's reservations waits behind itself: another app's, asking after
+    /// them all, gets the first room freed after the one of the burst that waits first.
+    #[tokio::test]
+    async fn one_apps_burst_waits_behind_itself_not_in_front_of_another_app() {
+        let budget = Arc::new(MemoryBudget::new(2 * PAGE));
+        let hog: Arc<str> = "default/hog".into();
+        let held = budget
+            .reserve(&hog, 2 * PAGE, Duration::ZERO)
+            .await
+            .unwrap();
+        let burst: Vec<_> = (0..8)
+            .map(|_| {
+                let (budget, hog) = (budget.clone(), hog.clone());
+                tokio::spawn(async move {
+                    budget
+                        .reserve(&hog, 2 * PAGE, Duration::from_secs(60))
+                        .await
+                })
+            })
+            .collect();
+        // The burst is waiting: one of it in the queue, the others for their turn.
+        while budget.waiting.load(Ordering::Acquire) < 8 {
+            tokio::task::yield_now().await;
+        }
+        let neighbour = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.reserve(&app(), PAGE, Duration::from_secs(5)).await }
+        });
+        while budget.waiting.load(Ordering::Acquire) < 9 {
+            tokio::task::yield_now().await;
+        }
+        // The room freed goes to the one of the burst in the queue; once it goes, to the
+        // neighbour, though seven of the burst asked before it.
+        drop(held);
+        let mut first = None;
+        while first.is_none() {
+            tokio::task::yield_now().await;
+            first = burst.iter().position(|b| b.is_finished());
+        }
+        // The others' handles stay: a finished one keeps its reservation in them.
+        let mut burst = burst;
+        let first = burst.swap_remove(first.unwrap());
+        let first = first.await.unwrap().expect("room for the first");
+        assert!(!neighbour.is_finished());
+        drop(first);
+        let neighbour = neighbour.await.unwrap();
+        assert!(neighbour.is_some(), "the neighbour's turn came");
+        drop(burst);
+    }
+
     #[tokio::test]
     async fn reservations_never_exceed_the_budget() {
         let budget = MemoryBudget::new(4 * PAGE + 100);
         assert_eq!(budget.total(), 4 * PAGE);
-        let a = budget.reserve(3 * PAGE - 1, Duration::ZERO).await.unwrap();
+        let a = budget
+            .reserve(&app(), 3 * PAGE - 1, Duration::ZERO)
+            .await
+            .unwrap();
         assert_eq!(budget.reserved(), 3 * PAGE);
         // One page left: a two-page instance waits, then gives up.
         assert!(
             budget
-                .reserve(2 * PAGE, Duration::from_millis(10))
+                .reserve(&app(), 2 * PAGE, Duration::from_millis(10))
                 .await
                 .is_none()
         );
@@ -264,11 +369,11 @@ mod tests {
         // More than the whole budget is refused at once, whatever the wait.
         assert!(
             budget
-                .reserve(5 * PAGE, Duration::from_secs(3600))
+                .reserve(&app(), 5 * PAGE, Duration::from_secs(3600))
                 .await
                 .is_none()
         );
-        let b = budget.reserve(PAGE, Duration::ZERO).await.unwrap();
+        let b = budget.reserve(&app(), PAGE, Duration::ZERO).await.unwrap();
         assert_eq!(budget.reserved(), 4 * PAGE);
         drop((a, b));
         assert_eq!(budget.reserved(), 0);
@@ -277,12 +382,15 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_reservation_is_pressure_and_gets_the_room_freed() {
         let budget = Arc::new(MemoryBudget::new(2 * PAGE));
-        let held = budget.reserve(2 * PAGE, Duration::ZERO).await.unwrap();
+        let held = budget
+            .reserve(&app(), 2 * PAGE, Duration::ZERO)
+            .await
+            .unwrap();
         let waiter = tokio::spawn({
             let budget = budget.clone();
             async move {
                 budget
-                    .reserve(PAGE, Duration::from_secs(60))
+                    .reserve(&app(), PAGE, Duration::from_secs(60))
                     .await
                     .is_some()
             }

@@ -490,7 +490,7 @@ impl Runtime {
         };
         self.inner
             .memory
-            .reserve(settings.memory_limit as u64, wait)
+            .reserve(settings.cpu.group(), settings.memory_limit as u64, wait)
             .await
     }
 
