@@ -220,10 +220,7 @@ impl Drop for EtcdCluster {
         if std::thread::panicking() {
             for m in &self.members {
                 let log = std::fs::read_to_string(m.log()).unwrap_or_default();
-                let notable: Vec<&str> = log
-                    .lines()
-                    .filter(|l| !l.contains("\"level\":\"info\"") || l.contains("leader"))
-                    .collect();
+                let notable: Vec<&str> = log.lines().filter(|l| notable(l)).collect();
                 let shown = &notable[notable.len().saturating_sub(SHOWN_LINES)..];
                 eprintln!(
                     "---- etcd member {} (warnings and leader changes, last {}) ----\n{}",
@@ -234,6 +231,21 @@ impl Drop for EtcdCluster {
             }
         }
     }
+}
+
+/// Whether a line of a member's log says something a failing test may hinge on: a warning or
+/// an error (etcd 3.4's ` W | `, or JSON's `"level":"warn"`) or a change of leader.
+fn notable(line: &str) -> bool {
+    [
+        " W | ",
+        " E | ",
+        " C | ",
+        "\"level\":\"warn\"",
+        "\"level\":\"error\"",
+        "leader",
+    ]
+    .iter()
+    .any(|mark| line.contains(mark))
 }
 
 /// Waits until member `name` serves clients; `Err` says it did not, with its log.
@@ -260,4 +272,24 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn warnings_and_leader_changes_are_notable_and_the_rest_is_not() {
+        for line in [
+            "2026-12-06 14:06:27.009478 W | wal: sync duration of 6.381319384s, expected less than 1s",
+            "raft2026/12/06 14:11:57 INFO: raft.node: 499316c8dccc3eb4 elected leader 5baa19faa61adf57 at term 4",
+            r#"{"level":"warn","msg":"slow fdatasync"}"#,
+        ] {
+            assert!(super::notable(line), "{line}");
+        }
+        for line in [
+            "2026-12-06 14:11:46.792159 I | rafthttp: established a TCP streaming connection",
+            r#"{"level":"info","msg":"ready to serve client requests"}"#,
+        ] {
+            assert!(!super::notable(line), "{line}");
+        }
+    }
 }
