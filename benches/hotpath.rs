@@ -306,7 +306,11 @@ type Paths = Vec<([String; 2], [u32; 2])>;
 /// other node on CPU 0 alone, as two one-CPU machines: each sizes its threads (tokio's
 /// workers, the guests' and the batch pools) by the one CPU it has, as it would there. The
 /// replicas go to the CPU 1 node by a node selector.
-fn two_nodes(http2: bool, pinned: bool) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
+fn two_nodes(
+    modes: &[Mode],
+    http2: bool,
+    pinned: bool,
+) -> (tempfile::TempDir, Server, Vec<NodeProc>, Paths) {
     let protocol = if http2 { "http2" } else { "http1" };
     let (dir, server, nodes) = match pinned {
         false => cluster(2, &["--hop-protocol", protocol]),
@@ -326,7 +330,7 @@ fn two_nodes(http2: bool, pinned: bool) -> (tempfile::TempDir, Server, Vec<NodeP
         }
     };
     let mut urls = Vec::new();
-    for (i, mode) in MODES.iter().enumerate() {
+    for (i, mode) in modes.iter().enumerate() {
         // One app per mode, each under its own name and route.
         let (name, text) = mode.app();
         let app = format!("m{i}-{name}");
@@ -380,9 +384,27 @@ fn on_cpu<T>(cpu: usize, start: impl FnOnce() -> T) -> T {
 /// `wrk` on CPU 0, as if the nodes were two one-CPU machines (`wrk` shares the forwarding
 /// node's: a third machine is what this one lacks). `wrk_batch`: `wrk` under `SCHED_BATCH`.
 fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool, wrk_batch: bool) {
+    // `BENCH_MODES=p3,reuse` keeps the modes whose names hold every word; `BENCH_PROTOCOLS`
+    // is `http1`, `http2` or both (the default).
+    let words = std::env::var("BENCH_MODES").unwrap_or_default();
+    let modes: Vec<Mode> = MODES
+        .into_iter()
+        .filter(|m| words.split(',').all(|w| m.name().contains(w.trim())))
+        .collect();
+    assert!(!modes.is_empty(), "BENCH_MODES={words:?} matches no mode");
+    let protocols: Vec<(&str, bool)> = [("HTTP/1.1", false), ("HTTP/2", true)]
+        .into_iter()
+        .filter(
+            |(_, http2)| match std::env::var("BENCH_PROTOCOLS").as_deref() {
+                Ok("http1") => !http2,
+                Ok("http2") => *http2,
+                _ => true,
+            },
+        )
+        .collect();
     let mut sides = Vec::new();
-    for protocol in ["HTTP/1.1", "HTTP/2"] {
-        for mode in MODES {
+    for (protocol, _) in &protocols {
+        for mode in &modes {
             sides.push(format!("{}, its node's gateway", mode.name()));
             sides.push(format!("{}, one hop ({protocol})", mode.name()));
         }
@@ -406,12 +428,12 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool, wrk_batch: b
     // the replica's node kept busy, per side and round.
     let mut cpu: Vec<Vec<[f64; 3]>> = sides.iter().map(|_| Vec::new()).collect();
     for round in 1..=rounds {
-        for (p, http2) in [false, true].into_iter().enumerate() {
-            let (_dir, _server, _nodes, urls) = two_nodes(http2, pinned);
+        for (p, &(_, http2)) in protocols.iter().enumerate() {
+            let (_dir, _server, _nodes, urls) = two_nodes(&modes, http2, pinned);
             let wrk_cpu = pinned.then_some(0);
             for (m, ([own, other], pids)) in urls.iter().enumerate() {
                 for (k, url) in [own, other].into_iter().enumerate() {
-                    let i = p * 2 * MODES.len() + 2 * m + k;
+                    let i = p * 2 * modes.len() + 2 * m + k;
                     wrk::run_on(url, 3, connections, wrk_cpu, wrk_batch);
                     let before = pids.map(cpu_seconds);
                     let result = wrk::run_on(url, seconds, connections, wrk_cpu, wrk_batch);
@@ -436,12 +458,23 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool, wrk_batch: b
     }
     let s = print_summaries(&sides, &results);
     println!();
-    println!("| mode | one hop / local, HTTP/1.1 | one hop / local, HTTP/2 |");
-    println!("|---|---|---|");
-    let n = MODES.len();
-    for (m, mode) in MODES.iter().enumerate() {
-        let ratio = |p: usize| s[p * 2 * n + 2 * m + 1].rps / s[p * 2 * n + 2 * m].rps;
-        println!("| {} | {:.2}x | {:.2}x |", mode.name(), ratio(0), ratio(1));
+    let heads: Vec<String> = protocols
+        .iter()
+        .map(|(protocol, _)| format!("one hop / local, {protocol}"))
+        .collect();
+    println!("| mode | {} |", heads.join(" | "));
+    println!("|---{}|", "|---".repeat(protocols.len()));
+    let n = modes.len();
+    for (m, mode) in modes.iter().enumerate() {
+        let ratios: Vec<String> = (0..protocols.len())
+            .map(|p| {
+                format!(
+                    "{:.2}x",
+                    s[p * 2 * n + 2 * m + 1].rps / s[p * 2 * n + 2 * m].rps
+                )
+            })
+            .collect();
+        println!("| {} | {} |", mode.name(), ratios.join(" | "));
     }
     // Unpinned, both nodes and wrk share this machine's cores, so a hop's forwarding pass is
     // paid from the CPU the serving node would use. Apart, the serving node's own CPU per
@@ -459,8 +492,8 @@ fn hop(seconds: u64, connections: u64, rounds: usize, pinned: bool, wrk_batch: b
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    for (p, protocol) in ["HTTP/1.1", "HTTP/2"].into_iter().enumerate() {
-        for (m, mode) in MODES.iter().enumerate() {
+    for (p, (protocol, _)) in protocols.iter().enumerate() {
+        for (m, mode) in modes.iter().enumerate() {
             let (local, hop) = (p * 2 * n + 2 * m, p * 2 * n + 2 * m + 1);
             let serving_local = median(cpu[local].iter().map(|c| c[0]).collect());
             let serving_hop = median(cpu[hop].iter().map(|c| c[0]).collect());

@@ -143,9 +143,9 @@ pub struct NodeArgs {
     /// How long a module no replica on this node runs stays compiled and fetched on it.
     #[arg(long, default_value = "5m")]
     pub module_cache_grace: String,
-    /// How requests for replicas on other nodes travel: HTTP/2, one multiplexed connection
-    /// per node, or pooled keep-alive HTTP/1.1 connections.
-    #[arg(long, value_enum, default_value = "http2")]
+    /// How requests for replicas on other nodes travel: pooled keep-alive HTTP/1.1
+    /// connections, or HTTP/2, one multiplexed connection per node.
+    #[arg(long, value_enum, default_value = "http1")]
     pub hop_protocol: HopProtocol,
     /// Let guests reach loopback and private addresses their spec grants explicitly
     /// (`[network] outbound`); link-local ones stay refused.

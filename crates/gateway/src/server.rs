@@ -76,8 +76,9 @@ pub struct GatewayConfig {
     /// certificate is checked. 0: no cap.
     pub max_client_connections: usize,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
-    /// node, the default: it measured faster, BENCHMARKS.md) or pooled keep-alive HTTP/1.1
-    /// connections.
+    /// node) or pooled keep-alive HTTP/1.1 connections (the default: with the client off the
+    /// forwarding node's CPU, it measured 0.91–1.10× of local against HTTP/2's 0.64–0.86×,
+    /// BENCHMARKS.md).
     pub hop_http2: bool,
     /// Whether guests' granted egress may reach private addresses: loopback, RFC 1918,
     /// CGNAT and IPv6 ULA, whether granted as an address (`"10.0.0.5:9000"`) or reached
@@ -98,7 +99,7 @@ impl Default for GatewayConfig {
             ingress_tls: None,
             hold_timeout: Duration::from_secs(30),
             hold_limit: 1_000,
-            hop_http2: true,
+            hop_http2: false,
             allow_private_egress: false,
             egress_roots: Vec::new(),
             header_read_timeout: Duration::from_secs(30),
