@@ -263,3 +263,64 @@ fn tokens_act_in_their_role_and_namespaces_and_stop_when_revoked() {
     );
     assert!(!events.contains(&deployer[3..]), "{events}");
 }
+
+/// A token made with `--expires-in` works, shows when it expires, and after that is refused
+/// as denied (exit 6), the error saying it expired; a follow stream it holds ends then too.
+#[test]
+fn a_token_with_a_life_stops_working_when_it_is_over() {
+    let c = Cluster::start();
+    let file = c.dir.path().join("short-token");
+    c.cli_ok(&[
+        "token",
+        "create",
+        "short",
+        "--role",
+        "viewer",
+        "--expires-in",
+        "4s",
+        "--write",
+        file.to_str().unwrap(),
+    ]);
+    let token = std::fs::read_to_string(&file).unwrap();
+    let list = c.cli_ok(&["token", "list"]);
+    let row = list.lines().find(|l| l.starts_with("short")).unwrap();
+    assert!(row.contains(" in ") && list.contains("EXPIRES"), "{list}");
+    let works = cli_as(&c, &token, &["get", "apps"]);
+    assert!(works.status.success(), "{}", stderr(&works));
+    let mut follower = common::Killed::new(
+        Command::new(SHOAL)
+            .args(["events", "--follow"])
+            .env("SHOAL_CONFIG", c.config())
+            .env("SHOAL_TOKEN", &token)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut refused = None;
+    assert!(
+        common::poll(std::time::Duration::from_secs(15), || {
+            let out = cli_as(&c, &token, &["get", "apps"]);
+            let done = !out.status.success();
+            refused = Some(out);
+            done
+        }),
+        "still working 15 s after a life of 4 s"
+    );
+    let refused = refused.unwrap();
+    assert_eq!(refused.status.code(), Some(6), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("token short expired"),
+        "{}",
+        stderr(&refused)
+    );
+    assert!(
+        common::poll(std::time::Duration::from_secs(5), || follower
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "the follow stream outlived its token"
+    );
+    let list = c.cli_ok(&["token", "list"]);
+    assert!(list.contains("expired"), "{list}");
+}

@@ -9,7 +9,8 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 #[command(after_help = "Examples:
   shoal token create ci --role deployer --scope staging --write ci.token
-  shoal token list                                NAME ROLE NAMESPACES AGE, no secrets
+  shoal token create ci --role viewer --expires-in 12h --write ci.token
+  shoal token list                                NAME ROLE NAMESPACES EXPIRES AGE, no secrets
   shoal token rotate-join --write join.token      a new join token; joined nodes carry on")]
 pub struct TokenCommand {
     #[command(subcommand)]
@@ -31,6 +32,10 @@ enum TokenAction {
         /// A namespace the token acts in (repeatable); none: every namespace.
         #[arg(long = "scope", value_name = "NAMESPACE")]
         namespaces: Vec<String>,
+        /// How long the token works (`12h`, `30d`), as `kubectl create token --duration`;
+        /// without it, until revoked.
+        #[arg(long, value_name = "DURATION", value_parser = life)]
+        expires_in: Option<u64>,
         /// Where to write the token; a file there already is refused (it may hold another
         /// token, which would be lost) unless --force.
         #[arg(long)]
@@ -57,6 +62,15 @@ enum TokenAction {
     },
 }
 
+/// `--expires-in` in whole seconds: at least one.
+fn life(s: &str) -> Result<u64, String> {
+    let ms = shoal_core::quantity::parse_duration_ms(s).map_err(|e| e.to_string())?;
+    match ms / 1000 {
+        0 => Err("a token's life must be at least 1s".into()),
+        seconds => Ok(seconds),
+    }
+}
+
 /// The roles by name, listed in `--help` and in the error for any other.
 fn roles() -> impl clap::builder::TypedValueParser<Value = Role> {
     use clap::builder::TypedValueParser as _;
@@ -71,6 +85,7 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
             name,
             role,
             namespaces,
+            expires_in,
             write,
             force,
         } => {
@@ -87,6 +102,7 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
                     name,
                     role,
                     namespaces,
+                    expires_in_seconds: expires_in,
                 });
             let created: CreatedToken = client.send(req).await?;
             write_private(&write, created.token.as_bytes())?;
@@ -114,10 +130,20 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
                     } else {
                         t.namespaces.join(",")
                     };
-                    vec![t.name.clone(), t.role.to_string(), scope, age(t.created_at)]
+                    let expires = match t.expires_at {
+                        None => "never".to_string(),
+                        Some(at) => expiry(at, shoal_core::now_ms()),
+                    };
+                    vec![
+                        t.name.clone(),
+                        t.role.to_string(),
+                        scope,
+                        expires,
+                        age(t.created_at),
+                    ]
                 })
                 .collect();
-            table(&["NAME", "ROLE", "NAMESPACES", "AGE"], &rows);
+            table(&["NAME", "ROLE", "NAMESPACES", "EXPIRES", "AGE"], &rows);
         }
         TokenAction::Revoke { name } => {
             client
@@ -134,6 +160,14 @@ pub async fn run(ctx: Context, cmd: TokenCommand) -> Result<()> {
         TokenAction::RotateJoin { write } => rotate_join(&ctx, &client, write).await?,
     }
     Ok(())
+}
+
+/// A token's EXPIRES column: `in 23h`, or `expired 2d ago`.
+fn expiry(at: u64, now: u64) -> String {
+    match at.checked_sub(now) {
+        Some(left) if left > 0 => format!("in {}", output::duration(left)),
+        _ => format!("expired {} ago", output::duration(now - at)),
+    }
 }
 
 async fn rotate_join(

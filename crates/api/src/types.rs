@@ -307,13 +307,16 @@ pub struct NodeDescribe {
 }
 
 /// `POST /v1/tokens`: a new API token named `name` with `role`, acting in
-/// `namespaces` (none: every namespace).
+/// `namespaces` (none: every namespace), working for `expires_in_seconds` if given (as
+/// Kubernetes' TokenRequest `expirationSeconds`), else until revoked.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TokenRequest {
     pub name: String,
     pub role: Role,
     #[serde(default)]
     pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_seconds: Option<u64>,
 }
 
 /// An API token as listed: never its secret.
@@ -325,6 +328,10 @@ pub struct TokenView {
     pub namespaces: Vec<String>,
     #[schema(value_type = u64)]
     pub created_at: Millis,
+    /// When it stops working; absent: when it is revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
+    pub expires_at: Option<Millis>,
 }
 
 /// The answer to `POST /v1/tokens`: the one time the token itself is sent.

@@ -10,7 +10,7 @@ use shoal_api::{CreatedToken, TokenRequest, TokenView};
 use shoal_core::auth::{Credential, Role, constant_time_eq};
 use shoal_core::objects::keys;
 use shoal_core::problem::ErrorCode;
-use shoal_core::{ApiToken, EventType};
+use shoal_core::{ApiToken, EventType, Millis};
 use shoal_store::{Op, Txn};
 
 /// The name the admin token from the data dir acts under (in the audit log, events): no API
@@ -141,8 +141,33 @@ fn view(token: &ApiToken) -> TokenView {
         role: token.role,
         namespaces: token.namespaces.clone(),
         created_at: token.created_at,
+        expires_at: token.expires_at,
     }
 }
+
+/// Why a presented token is refused (401).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// No token of ours: unknown, revoked, or not a token at all.
+    Invalid,
+    /// Token `name`, which stopped working `ago` milliseconds since.
+    Expired { name: String, ago: Millis },
+}
+
+impl Refused {
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Refused::Invalid => "invalid token".into(),
+            Refused::Expired { name, ago } => format!(
+                "token {name} expired {} ago; an admin can make a new one (`shoal token create`)",
+                shoal_core::quantity::format_duration_ms(ago / 1000 * 1000)
+            ),
+        }
+    }
+}
+
+/// The longest life a token may be given: ten years.
+const MAX_TOKEN_LIFE_SECONDS: u64 = 10 * 366 * 86_400;
 
 impl ControlPlane {
     /// Whether `bearer` is the admin token: a comparison in memory, so callers make it
@@ -151,22 +176,35 @@ impl ControlPlane {
         constant_time_eq(bearer.as_bytes(), self.config().token.as_bytes())
     }
 
-    /// Who presented `bearer`: the admin token, or an API token not revoked.
-    pub(crate) fn authenticate(&self, bearer: &str) -> Result<Option<Caller>, ControlError> {
+    /// Who presented `bearer`: the admin token, or an API token neither revoked nor expired.
+    pub(crate) fn authenticate(
+        &self,
+        bearer: &str,
+    ) -> Result<Result<Caller, Refused>, ControlError> {
         if self.is_admin_token(bearer) {
-            return Ok(Some(Caller::admin()));
+            return Ok(Ok(Caller::admin()));
         }
         let Some(credential) = Credential::parse(bearer) else {
-            return Ok(None);
+            return Ok(Err(Refused::Invalid));
         };
-        Ok(self
-            .get(&keys::token(&credential.id))?
+        let Some((token, _)) = self
+            .get::<ApiToken>(&keys::token(&credential.id))?
             .filter(|(token, _)| credential.matches(&token.hash))
-            .map(|(token, _)| Caller {
+        else {
+            return Ok(Err(Refused::Invalid));
+        };
+        let now = self.now();
+        if let Some(at) = token.expires_at.filter(|at| *at <= now) {
+            return Ok(Err(Refused::Expired {
                 name: token.name,
-                role: token.role,
-                namespaces: token.namespaces,
-            }))
+                ago: now - at,
+            }));
+        }
+        Ok(Ok(Caller {
+            name: token.name,
+            role: token.role,
+            namespaces: token.namespaces,
+        }))
     }
 
     /// A new API token; its secret is in the answer and nowhere else.
@@ -181,22 +219,39 @@ impl ControlPlane {
         for ns in &req.namespaces {
             shoal_core::validate_name(ns).map_err(|e| invalid(format!("namespace {ns:?}: {e}")))?;
         }
+        let life = match req.expires_in_seconds {
+            Some(0) => return Err(invalid("a token's life must be at least 1 second".into())),
+            Some(s) if s > MAX_TOKEN_LIFE_SECONDS => {
+                return Err(invalid(format!(
+                    "a token's life may be at most ten years ({MAX_TOKEN_LIFE_SECONDS} seconds), not {s}"
+                )));
+            }
+            life => life.map(|s| s * 1000),
+        };
         let mut namespaces = req.namespaces;
         namespaces.sort();
         namespaces.dedup();
         let credential = Credential::new(&req.name, &random_secret()?);
+        let now = self.now();
         let token = ApiToken {
             name: req.name.clone(),
             role: req.role,
             namespaces,
             hash: credential.hash(),
-            created_at: self.now(),
+            created_at: now,
+            expires_at: life.map(|ms| now + ms),
         };
-        let scope = if token.namespaces.is_empty() {
+        let mut scope = if token.namespaces.is_empty() {
             "every namespace".to_string()
         } else {
             format!("namespaces {}", token.namespaces.join(", "))
         };
+        if let Some(ms) = life {
+            scope.push_str(&format!(
+                ", expires in {}",
+                shoal_core::quantity::format_duration_ms(ms)
+            ));
+        }
         let txn = Txn::new()
             .when_absent(keys::token(&req.name))
             .then(Op::put(keys::token(&req.name), encode(&token)))
@@ -307,6 +362,57 @@ mod tests {
         );
         assert!(authorize(&team, upload, None).is_ok(), "modules are shared");
         assert!(team.check_namespace("team-b").is_err());
+    }
+
+    /// A token made to expire works until then, and is refused after, saying why; one made
+    /// without a life works on. A life of nothing, or past ten years, is refused.
+    #[test]
+    fn a_token_with_a_life_is_refused_once_it_is_over_and_says_so() {
+        use std::sync::Arc;
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(crate::state::tests::SetClock(1_000_000.into()));
+        let cp = ControlPlane::with_clock(
+            Arc::new(shoal_store::Store::open(&dir.path().join("state.redb")).unwrap()),
+            shoal_store::BlobStore::open(&dir.path().join("modules")).unwrap(),
+            crate::ControlConfig::default(),
+            clock.clone(),
+        )
+        .unwrap();
+        let token = |name: &str, life: Option<u64>| {
+            cp.create_token(TokenRequest {
+                name: name.into(),
+                role: Deployer,
+                namespaces: Vec::new(),
+                expires_in_seconds: life,
+            })
+        };
+        let short = token("ci", Some(60)).unwrap();
+        let long = token("ops", None).unwrap();
+        assert_eq!(short.view.expires_at, Some(1_060_000));
+        assert_eq!(long.view.expires_at, None);
+        let caller = |t: &CreatedToken| cp.authenticate(&t.token).unwrap();
+        clock.0.store(1_059_999, SeqCst);
+        assert_eq!(caller(&short).unwrap().name, "ci");
+        clock.0.store(1_062_500, SeqCst);
+        let refused = caller(&short).unwrap_err();
+        assert_eq!(
+            refused,
+            Refused::Expired {
+                name: "ci".into(),
+                ago: 2_500
+            }
+        );
+        assert!(refused.message().starts_with("token ci expired 2s ago"));
+        assert_eq!(caller(&long).unwrap().name, "ops");
+        assert_eq!(
+            cp.authenticate("shoal_nope.nope").unwrap(),
+            Err(Refused::Invalid)
+        );
+        for life in [0, MAX_TOKEN_LIFE_SECONDS + 1] {
+            let refused = token("bad", Some(life)).err().unwrap().to_string();
+            assert!(refused.contains("life"), "{refused}");
+        }
     }
 
     #[test]

@@ -550,13 +550,15 @@ async fn authorize(State(cp): State<ControlPlane>, mut req: Request, next: Next)
     };
     // Most calls carry the admin token: it needs no store read, so no blocking thread.
     let found = if cp.is_admin_token(&presented) {
-        Ok(Some(Caller::admin()))
+        Ok(Ok(Caller::admin()))
     } else {
         blocking(move || cp.authenticate(&presented)).await
     };
     let caller = match found {
-        Ok(Some(caller)) => caller,
-        Ok(None) => return ApiError::new(ErrorCode::Unauthorized, "invalid token").into_response(),
+        Ok(Ok(caller)) => caller,
+        Ok(Err(refused)) => {
+            return ApiError::new(ErrorCode::Unauthorized, refused.message()).into_response();
+        }
         Err(e) => return e.into_response(),
     };
     let Some(rule) = access::rule_for(req.method().as_str(), &path) else {
@@ -1383,7 +1385,7 @@ struct LogQuery {
 /// How often a following stream checks that its caller's token still holds.
 const REVOCATION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Resolves once `bearer` no longer authenticates (its token revoked), looked at every
+/// Resolves once `bearer` no longer authenticates (its token revoked or expired), looked at every
 /// [`REVOCATION_CHECK`]: a stream that follows (`logs --follow`) is one request that does not
 /// end, and must stop when every next request would be refused. A store that cannot answer
 /// for a moment cuts nothing.
@@ -1394,7 +1396,7 @@ async fn revoked(cp: ControlPlane, bearer: String) {
             continue;
         }
         let (cp, bearer) = (cp.clone(), bearer.clone());
-        if let Ok(None) = blocking(move || cp.authenticate(&bearer)).await {
+        if let Ok(Err(_)) = blocking(move || cp.authenticate(&bearer)).await {
             return;
         }
     }
@@ -2983,6 +2985,7 @@ mod tests {
                 name: name.trim_end_matches('-').to_string(),
                 role,
                 namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+                expires_in_seconds: None,
             })
             .unwrap()
             .token

@@ -2713,7 +2713,7 @@ pub(crate) mod tests {
     }
 
     /// A clock a test sets.
-    struct SetClock(std::sync::atomic::AtomicU64);
+    pub(crate) struct SetClock(pub(crate) std::sync::atomic::AtomicU64);
 
     impl shoal_core::clock::Clock for SetClock {
         fn now_ms(&self) -> Millis {

@@ -1105,6 +1105,9 @@ pub struct ApiToken {
     pub namespaces: Vec<String>,
     pub hash: String,
     pub created_at: Millis,
+    /// When it stops working, if it was made to; refused from then on, as revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Millis>,
 }
 
 /// A node's liveness, renewed by every heartbeat. Kept apart from [`Node`]
