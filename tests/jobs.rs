@@ -150,6 +150,19 @@ fn a_run_by_hand_starts_now_beside_the_jobs_own_and_both_keep_their_output() {
         phases(&replicas(&c, "once"), "Succeeded") == 1
     }));
     let first = replicas(&c, "once")[0]["id"].as_str().unwrap().to_string();
+    // Finished, it wants nothing running: not 0 of 1 ready, as if it were failing.
+    let apps: Value = serde_json::from_str(&c.cli_ok(&["get", "apps", "-o", "json"])).unwrap();
+    let row = apps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "once");
+    let row = row.unwrap_or_else(|| panic!("{apps}"));
+    assert_eq!(
+        (&row["ready"], &row["desired"]),
+        (&0.into(), &0.into()),
+        "{row}"
+    );
     // A job has no rollout to pause, resume or restart: refused, saying why.
     for action in ["pause", "resume", "restart"] {
         let out = c.cli(&["rollout", action, "once"]);

@@ -77,7 +77,7 @@ pub struct AppSummary {
     pub kind: Kind,
     pub revision: u64,
     /// Replicas wanted now: the app's size, or its autoscaled one, within the
-    /// bounds of any open schedule window.
+    /// bounds of any open schedule window; for a job, its runs not over yet.
     pub desired: u32,
     pub ready: usize,
     pub routes: Vec<String>,

@@ -1344,7 +1344,13 @@ impl ControlPlane {
     ) -> Result<Vec<AppSummary>, ControlError> {
         // Counted in one walk: with thousands of apps, a scan per app is quadratic.
         let mut ready_of: HashMap<AppKey, usize> = HashMap::new();
+        // A job wants as many replicas as it has runs going: none once they are over, so a
+        // finished job does not read as 0 of 1 ready.
+        let mut runs_of: HashMap<AppKey, u32> = HashMap::new();
         for r in self.list::<Replica>(&keys::REPLICAS)? {
+            if r.kind == Kind::Job && !r.phase.is_terminal() {
+                *runs_of.entry(r.app.clone()).or_default() += 1;
+            }
             if r.serving() {
                 *ready_of.entry(r.app).or_default() += 1;
             }
@@ -1368,7 +1374,10 @@ impl ControlPlane {
                 name: key.name.clone(),
                 kind: app.spec.component.kind,
                 revision: app.revision,
-                desired: bounds.clamp(app.spec.replicas),
+                desired: match app.spec.component.kind {
+                    Kind::Job => runs_of.get(&key).copied().unwrap_or(0),
+                    _ => bounds.clamp(app.spec.replicas),
+                },
                 ready: ready_of.get(&key).copied().unwrap_or(0),
                 autoscale,
                 windows: bounds.windows,
