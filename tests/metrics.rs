@@ -16,7 +16,7 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
     c.cli_ok(&["apply", "-f", &format!("{}/hello/app.toml", examples())]);
     // Ready as the API says, without a request through the gateway: every request the
     // gateway answers from here on is one the test sent. One it answers itself, before its
-    // table has the replicas (503 no_ready_replicas), reaches no revision and is not counted.
+    // table has the replicas (503 no_ready_replicas), counts under revision 0, not 1.
     assert!(poll(Duration::from_secs(30), || c
         .api_json("/v1/replicas?app=hello")
         .as_array()
@@ -115,6 +115,30 @@ fn requests_are_counted_by_app_revision_and_promtool_accepts_the_format() {
     );
 
     promtool_check(&text);
+
+    // With no replica to take them, the gateway's own 503s count for the app, under
+    // revision 0: an app that cannot serve shows in its error rate.
+    c.cli_ok(&["scale", "hello", "--replicas", "0"]);
+    let mut refused = 0;
+    assert!(poll(Duration::from_secs(30), || {
+        if c.gw("/hello").status() == 503 {
+            refused += 1;
+        }
+        refused == 5
+    }));
+    let none = r#"{namespace="default",app="hello",revision="0"}"#;
+    assert!(
+        poll(Duration::from_secs(30), || {
+            text = c.api_get("/v1/metrics").text().unwrap();
+            sample(&text, &format!("shoal_http_server_errors_total{none}")) >= Some(5.0)
+        }),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, &format!("shoal_http_requests_total{labels}")),
+        Some(want),
+        "{text}"
+    );
 
     // A token is needed, as for every other route.
     let anonymous = c

@@ -241,8 +241,9 @@ impl ControlPlane {
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));
             let revisions = &mirror.world.revisions;
-            (self.inner.metrics)
-                .retain_revisions(|app, n| revisions.contains_key(&(app.clone(), n)));
+            (self.inner.metrics).retain_revisions(|app, n| {
+                n == shoal_core::metrics::NO_REVISION || revisions.contains_key(&(app.clone(), n))
+            });
         }
         Ok(if quiet {
             Passed::Quiet

@@ -214,6 +214,11 @@ impl Metrics {
                 .entry(s.revision)
                 .or_insert_with(|| RevisionStats::new(s.app.clone(), s.revision))
                 .merge(&s);
+            // Answered with no replica to take them: counted, but not load the autoscaler
+            // sizes the app by (requests held for a replica reach it as `waiting`).
+            if s.revision == shoal_core::metrics::NO_REVISION {
+                continue;
+            }
             let load = &mut m.load;
             if s.requests > 0 {
                 load.last_request = Some(now);
@@ -501,6 +506,26 @@ mod tests {
         assert_eq!(baseline.totals.keys().collect::<Vec<_>>(), [&2]);
         m.retain_apps(|a| a.name != "a");
         assert!(m.snapshot().is_empty());
+    }
+
+    /// What gateways answered with no replica to send it to (revision 0) is in the app's
+    /// totals and its rates, so it shows as errors, and stays there while the app does;
+    /// it is not load, which would size or wake the app.
+    #[test]
+    fn requests_no_replica_took_count_as_errors_but_not_as_load() {
+        use shoal_core::metrics::NO_REVISION;
+        let m = Metrics::new(0);
+        let app = AppKey::new("default", "a");
+        let mut unserved = RevisionStats::new(app.clone(), NO_REVISION);
+        unserved.requests = 30;
+        unserved.errors = 30;
+        m.record("n1", vec![unserved], 10_100);
+        let seen = &m.snapshot()[&app];
+        assert_eq!(seen.totals[&NO_REVISION].errors, 30);
+        assert!(seen.load.samples.is_empty() && seen.load.last_request.is_none());
+        assert_eq!(m.rates(&app, 11_000).errors_per_second, 30.0 / 11.0);
+        m.retain_revisions(|_, n| n == NO_REVISION);
+        assert_eq!(m.snapshot()[&app].totals[&NO_REVISION].requests, 30);
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Collector for Scrape {
         };
         let mut requests = encoder.encode_descriptor(
             "shoal_http_requests",
-            "Requests the gateways answered, per app revision",
+            "Requests the gateways answered, per app revision (0: with no replica to take them)",
             None,
             MetricType::Counter,
         )?;

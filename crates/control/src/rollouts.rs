@@ -182,7 +182,8 @@ impl ControlPlane {
     }
 
     /// Gateway measurements from `node`, counted from now: only for apps and revisions that
-    /// exist, so reports cannot grow the measurements without bound.
+    /// exist (or the no-replica revision 0 of an app that exists), so reports cannot grow the
+    /// measurements without bound.
     pub fn record_metrics(&self, node: &str, stats: Vec<RevisionStats>) {
         self.share(|| Report::Metrics {
             node: node.to_string(),
@@ -203,7 +204,7 @@ impl ControlPlane {
                         .flatten()
                         .map_or(0, |(app, _)| app.revision)
                 });
-                (1..=revision).contains(&s.revision)
+                revision > 0 && s.revision <= revision
             })
             .collect();
         self.inner.metrics.record(node, stats, self.steady_now());

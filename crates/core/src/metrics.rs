@@ -97,10 +97,15 @@ impl Histogram {
     }
 }
 
+/// The revision requests count under that a gateway answered itself, with no replica to send
+/// them to (none ready, too many waiting for one to start): revisions count from 1.
+pub const NO_REVISION: u64 = 0;
+
 /// What one gateway saw of one revision of an app since its last report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevisionStats {
     pub app: AppKey,
+    /// The revision that answered, or [`NO_REVISION`].
     pub revision: u64,
     pub requests: u64,
     /// Responses with a 5xx status, including the gateway's own (unreachable, timed out).

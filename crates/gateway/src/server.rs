@@ -21,7 +21,7 @@ use shoal_core::Route;
 use shoal_core::auth::NODE_LOGS_PATH as LOGS_PATH;
 use shoal_core::clients::{Clients, ConnectionStats};
 use shoal_core::logs::LogEntry;
-use shoal_core::metrics::RevisionStats;
+use shoal_core::metrics::{NO_REVISION, RevisionStats};
 use shoal_core::problem::ErrorCode;
 use shoal_core::spec::{AppKey, Inbound};
 use shoal_runtime::problem_response;
@@ -802,15 +802,16 @@ impl Gateway {
         if endpoints.is_empty() && self.inner.holds.wakes(app) {
             (endpoints, split) = match self.hold(app).await {
                 Ok(found) => found,
-                Err(response) => return response,
+                Err(response) => return self.unserved(app, start, response),
             };
         }
         let group = Group::draw(split);
         let Some(first) = pick(&endpoints, group) else {
-            return problem_response(
+            let response = problem_response(
                 ErrorCode::NoReadyReplicas,
                 &format!("app {app} has no ready replicas"),
             );
+            return self.unserved(app, start, response);
         };
         let mut _busy = first.counters.busy();
         span.record("replica", first.replica.as_str());
@@ -849,6 +850,19 @@ impl Gateway {
             }
         };
         last.counters.record(response.status(), start.elapsed());
+        response
+    }
+
+    /// `response`, given with no replica to send the request to (none ready, too many
+    /// waiting for one), counted for `app` under revision [`NO_REVISION`]: an app that
+    /// cannot serve must show in its error rate, not as an app that gets no requests.
+    fn unserved(
+        &self,
+        app: &AppKey,
+        start: Instant,
+        response: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        (self.inner.metrics.counters(app, NO_REVISION)).record(response.status(), start.elapsed());
         response
     }
 

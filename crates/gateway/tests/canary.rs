@@ -249,12 +249,20 @@ async fn metrics_count_requests_and_server_errors_per_revision() {
     assert_eq!(slow.await.unwrap(), (StatusCode::OK, "slept 500 ms".into()));
     assert_eq!(get(&gateway, "/faulty/x").await.0, StatusCode::OK);
 
-    // No endpoint, no revision to blame: not counted.
+    // No endpoint, no revision to blame: counted for the app under revision 0, so an app
+    // that cannot serve shows in its error rate.
     let (status, body) = get(&gateway, "/none").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body.contains("no_ready_replicas"), "{body}");
 
-    let stats = gateway.take_metrics();
+    let (stats, none): (Vec<_>, Vec<_>) =
+        (gateway.take_metrics().into_iter()).partition(|s| s.app == app("faulty"));
+    assert_eq!(
+        none.iter()
+            .map(|s| (&s.app, s.revision, s.requests, s.errors))
+            .collect::<Vec<_>>(),
+        [(&app("none"), 0, 1, 1)]
+    );
     assert_eq!(counts(&stats), [(1, 3, 1), (2, 6, 3)]);
     // Time to the response head: the slow request is in the slowest bucket seen.
     assert!(stats[0].latency.quantile(1.0) >= Some(500), "{stats:?}");
