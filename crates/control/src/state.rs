@@ -231,7 +231,12 @@ where
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(ControlError::internal)?
+        .map_err(|e| match e.is_cancelled() {
+            // The runtime is shutting down (SIGTERM) and dropped the call before it ran: nothing
+            // was done, so the caller may send it again, to this server once back or another.
+            true => ControlError::Unavailable("the server is shutting down; try again".into()),
+            false => ControlError::internal(e),
+        })?
 }
 
 /// TLS with a certificate of the cluster CA `ca`, trusting only that CA: what a node's
@@ -2719,6 +2724,24 @@ pub(crate) mod tests {
         );
         web.outbound = vec!["api.example.com".into()];
         assert!(cp.apply(web, false).unwrap().warnings.is_empty());
+    }
+
+    /// A store call the runtime drops without running it, as one shutting down (SIGTERM)
+    /// does, is a 503 to send again, not an internal error: nothing was done.
+    #[test]
+    fn a_call_dropped_by_a_runtime_shutting_down_is_unavailable() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handle = runtime.handle().clone();
+        runtime.shutdown_background();
+        let _on = handle.enter();
+        match futures::executor::block_on(blocking(|| Ok(1))) {
+            Err(ControlError::Unavailable(message)) => {
+                assert!(message.contains("shutting down"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A clock a test sets.
