@@ -15,7 +15,7 @@ use shoal_core::kv::{KvAnswer, KvOp, KvOutcome, MAX_BATCH};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Requests on their way to one bucket at once; calls made meanwhile queue for the next.
@@ -219,9 +219,49 @@ fn unanswered(e: ClientError) -> LinkError {
     match e {
         ClientError::Api { message, .. } => LinkError::Failed(message),
         other => {
-            tracing::warn!(error = %other, "a guest's key-value call failed");
+            let admitted = UNREACHED
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .admit(Instant::now());
+            if let Some(more) = admitted {
+                tracing::warn!(
+                    error = %other,
+                    more,
+                    "a guest's key-value call failed (and `more` since the last such warning)"
+                );
+            }
             LinkError::Failed("the cluster's key-value store cannot be reached".into())
         }
+    }
+}
+
+/// How often a failure to reach the store is logged: while the control plane is away every
+/// guest call fails, and a line each (a thousand a second under load) would bury the log.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+static UNREACHED: Mutex<Sparse> = Mutex::new(Sparse {
+    last: None,
+    left_out: 0,
+});
+
+/// Lets one of a kind of warning through every [`WARN_EVERY`], counting those left out.
+struct Sparse {
+    last: Option<Instant>,
+    left_out: u64,
+}
+
+impl Sparse {
+    /// Whether one more at `now` is logged, and if so how many were left out before it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY)
+        {
+            self.left_out += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.left_out))
     }
 }
 
@@ -630,5 +670,24 @@ mod tests {
             keys: vec!["x".repeat(1000); 100],
         };
         assert!(weight(&many) > 100_000);
+    }
+
+    /// The first failure is logged, the next ones within [`WARN_EVERY`] only counted, and
+    /// the first one past it is logged saying how many were left out.
+    #[test]
+    fn a_failure_to_reach_the_store_is_logged_once_a_while_with_a_count() {
+        let mut sparse = Sparse {
+            last: None,
+            left_out: 0,
+        };
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(sparse.admit(at(0)), Some(0));
+        for ms in [1, 500, 9_999] {
+            assert_eq!(sparse.admit(at(ms)), None);
+        }
+        assert_eq!(sparse.admit(at(10_000)), Some(3));
+        assert_eq!(sparse.admit(at(10_001)), None);
+        assert_eq!(sparse.admit(at(30_000)), Some(1));
     }
 }
