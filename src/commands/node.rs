@@ -484,7 +484,7 @@ async fn identity(
                 .answer_as(
                     api.request(
                         reqwest::Method::POST,
-                        &format!("/v1/cluster/nodes/{}/heartbeat", seg(name)),
+                        &format!("/v1/cluster/nodes/{}/heartbeat?probe=true", seg(name)),
                     ),
                     Resend::Idempotent,
                 )

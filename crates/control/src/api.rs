@@ -314,7 +314,8 @@ fn other_routes() -> Vec<(Endpoint, MethodRouter<ControlPlane>)> {
                 .body::<Node>()
                 .json::<Registered>(StatusCode::OK)),
         route!(POST "/v1/cluster/nodes/{name}/heartbeat" => heartbeat, Access::Node,
-            op("Say the node is alive, with what its guests use now (no body: only alive)")
+            op("Say the node is alive, with what its guests use now (no body: only alive); `?probe=true` only checks the credential")
+                .query::<HeartbeatQuery>()
                 .body::<NodeUsage>()
                 .empty(StatusCode::NO_CONTENT)),
         route!(POST "/v1/cluster/nodes/{name}/leave" => leave, Access::Node,
@@ -1694,10 +1695,19 @@ async fn node_certificate(
     Ok(Json(IssuedCertificate { certificate }).into_response())
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+struct HeartbeatQuery {
+    /// A node starting checks its credential and learns the servers, and is not taken as
+    /// alive yet: it registers next, so a node back from NotReady says so once, joining.
+    #[serde(default)]
+    probe: bool,
+}
+
 async fn heartbeat(
     State(cp): State<ControlPlane>,
     Extension(me): Extension<NodeIdentity>,
     Path(name): Path<String>,
+    Query(q): Query<HeartbeatQuery>,
     WholeBody(body): WholeBody,
 ) -> Result<Response, ApiError> {
     itself(&me, &name)?;
@@ -1709,7 +1719,9 @@ async fn heartbeat(
             .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("node usage: {e}")))?
     };
     let servers = blocking(move || {
-        cp.heartbeat(&name, usage)?;
+        if !q.probe {
+            cp.heartbeat(&name, usage)?;
+        }
         Ok(cp.servers_told())
     })
     .await?;
@@ -2662,6 +2674,23 @@ mod tests {
             .0,
             StatusCode::UNAUTHORIZED
         );
+        // A node starting probes its credential: taken, but not as a sign of life, so a
+        // NotReady n1 stays so until it registers (one NodeReady); a heartbeat brings it back.
+        let key = shoal_core::objects::keys::node("n1");
+        let state = || cp.get::<shoal_core::Node>(&key).unwrap().unwrap().0.state;
+        let mut record = cp.get::<shoal_core::Node>(&key).unwrap().unwrap().0;
+        record.state = shoal_core::NodeState::NotReady;
+        let put = shoal_store::Op::put(key.clone(), crate::state::encode(&record));
+        cp.store().txn(shoal_store::Txn::new().then(put)).unwrap();
+        for (path, after) in [
+            ("heartbeat?probe=true", shoal_core::NodeState::NotReady),
+            ("heartbeat", shoal_core::NodeState::Ready),
+        ] {
+            let uri = format!("/v1/cluster/nodes/n1/{path}");
+            let status = post(&router, &uri, &n1, serde_json::Value::Null).await.0;
+            assert_eq!(status, StatusCode::NO_CONTENT, "{path}");
+            assert_eq!(state(), after, "{path}");
+        }
         // Deleting n1 revokes its credential; it may then join again.
         cp.delete_node("n1").unwrap();
         assert_eq!(

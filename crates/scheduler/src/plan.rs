@@ -503,12 +503,23 @@ fn expire_leases(world: &World, out: &mut Plan) -> Vec<Node> {
     let node = &mut nodes[lost];
     node.state = NodeState::NotReady;
     let mut batch = Batch::new(Scope::Node(node.name.clone()), None);
+    // A node that said it was shutting down is expected to go quiet: no cause for alarm.
+    let (kind, message) = match node.leaving {
+        Some(_) => (
+            EventType::Normal,
+            format!("node {} shut down as it said it would", node.name),
+        ),
+        None => (
+            EventType::Warning,
+            format!("no heartbeat from node {} for {} ms", node.name, age(node)),
+        ),
+    };
     batch.event(
-        EventType::Warning,
+        kind,
         "NodeNotReady",
         format!("node/{}", node.name),
         None,
-        format!("no heartbeat from node {} for {} ms", node.name, age(node)),
+        message,
     );
     batch.changes.push(Change::PutNode {
         node: node.clone(),
@@ -1992,6 +2003,19 @@ mod tests {
         assert_eq!(placed.len(), 1);
         assert_eq!(placed[0].node.as_deref(), Some("m"), "not on the lost node");
         assert_eq!(reasons(b), ["Rescheduled", "Scheduled"]);
+
+        assert_eq!(nb.events[0].kind, EventType::Warning);
+        // One that said it was shutting down went quiet as expected: a Normal event.
+        let mut leaving = w.clone();
+        leaving.nodes.get_mut("n").unwrap().value.leaving =
+            Some(shoal_core::Leaving { schedulable: true });
+        let p = plan(&leaving, NOW, &mut Counter::default());
+        let event = &p.batches[0].events[0];
+        assert_eq!(
+            (event.kind, event.reason),
+            (EventType::Normal, "NodeNotReady")
+        );
+        assert!(event.message.contains("shut down"), "{event:?}");
 
         // Within the grace: nothing.
         w.leases.ages.insert("n".into(), 3000);
