@@ -27,6 +27,7 @@ use shoal_api::{
     AppCpu, Changes, Link, LinkError, NodeUsage, ReplicaIncident, ReplicaReport, ReplicaSecrets,
     VolumeUsage, Waiting,
 };
+use shoal_core::metrics::RevisionStats;
 use shoal_core::now_ms;
 use shoal_core::objects::LIVENESS_FAILED;
 use shoal_core::spec::AppKey;
@@ -453,14 +454,19 @@ impl Agent {
         let mut tick = tokio::time::interval(METRICS_PERIOD);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let node = &self.inner.config.node;
+        // What could not be delivered goes with the next report: the requests and errors of
+        // a control plane's outage are what its metrics most need to show.
+        let mut undelivered = Vec::new();
         loop {
             tick.tick().await;
             self.inner.revisions.prune(std::time::Instant::now());
-            let stats = self.inner.gateway.take_metrics();
+            let stats = with_undelivered(self.inner.gateway.take_metrics(), undelivered);
+            undelivered = Vec::new();
             if !stats.is_empty()
-                && let Err(e) = self.inner.link.metrics(node, stats).await
+                && let Err(e) = self.inner.link.metrics(node, stats.clone()).await
             {
-                tracing::debug!(error = %e, "metrics not delivered; they feed canaries and autoscaling");
+                tracing::debug!(error = %e, "metrics not delivered; they go with the next report");
+                undelivered = stats;
             }
             // Groups are named after their app, `namespace/name`.
             let usage: Vec<AppCpu> = self
@@ -1609,9 +1615,64 @@ async fn probe(service: &HttpService, probe: &shoal_core::spec::Probe) -> Result
     }
 }
 
+/// `fresh` with what earlier reports could not deliver added to it, per app revision. The
+/// requests and errors carry over; their time in flight does not, as the autoscaler would
+/// take an outage's load, arriving late, for load now.
+fn with_undelivered(
+    fresh: Vec<RevisionStats>,
+    undelivered: Vec<RevisionStats>,
+) -> Vec<RevisionStats> {
+    let mut merged: BTreeMap<(AppKey, u64), RevisionStats> = fresh
+        .into_iter()
+        .map(|s| ((s.app.clone(), s.revision), s))
+        .collect();
+    for mut old in undelivered {
+        old.busy_ms = 0;
+        merged
+            .entry((old.app.clone(), old.revision))
+            .and_modify(|s| s.merge(&old))
+            .or_insert(old);
+    }
+    merged.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report that could not be delivered goes with the next: counts added per revision,
+    /// its time in flight left out.
+    #[test]
+    fn undelivered_measurements_go_with_the_next_report_without_their_load() {
+        let stats = |app: &str, revision, requests, busy_ms| {
+            let mut s = RevisionStats::new(AppKey::new("default", app), revision);
+            (s.requests, s.errors, s.busy_ms) = (requests, requests / 2, busy_ms);
+            s.latency.record(1.0);
+            s
+        };
+        let undelivered = vec![stats("a", 1, 10, 900), stats("b", 0, 4, 0)];
+        let next = with_undelivered(
+            vec![stats("a", 1, 2, 500), stats("a", 2, 1, 7)],
+            undelivered,
+        );
+        let seen: Vec<_> = next
+            .iter()
+            .map(|s| {
+                (
+                    s.app.name.as_str(),
+                    s.revision,
+                    s.requests,
+                    s.errors,
+                    s.busy_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [("a", 1, 12, 6, 500), ("a", 2, 1, 0, 7), ("b", 0, 4, 2, 0)]
+        );
+        assert_eq!(next[0].latency.total(), 2);
+    }
 
     #[test]
     fn logs_of_replicas_long_gone_are_swept_and_running_ones_kept() {
