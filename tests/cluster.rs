@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Load, Server, cluster, examples, poll, write_spec};
+use common::{Load, NodeProc, Server, cluster, examples, poll, write_spec};
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
@@ -742,6 +742,49 @@ fn drain_moves_replicas_without_failed_requests() {
     assert_eq!(r.failed, 0, "failed during the drain: {r:?}");
     let nodes_table = server.cli_ok(&["get", "nodes"]);
     assert!(nodes_table.contains("Cordoned"), "{nodes_table}");
+}
+
+/// A load balancer checking a node's `/_shoal/ready` is told it shuts down as soon as it gets
+/// SIGTERM, and the node's gateway goes on serving for its `--shutdown-delay`: clients the
+/// balancer has not moved yet are served, not refused.
+#[test]
+fn a_stopping_node_says_so_at_its_ready_path_and_serves_on_for_its_delay() {
+    let (dir, server, mut nodes) = cluster(2, &["--shutdown-delay", "4s"]);
+    apply_hello(&server, dir.path(), 2);
+    let ready = |node: &NodeProc| {
+        common::client()
+            .get(format!("{}/_shoal/ready", node.gateway))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let hello = |node: &NodeProc| {
+        common::client()
+            .get(format!("{}/hello", node.gateway))
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert!(poll(Duration::from_secs(30), || ready(&nodes[1]) == 200
+        && hello(&nodes[1]) == 200));
+    nodes[1].signal_term();
+    assert!(
+        poll(Duration::from_secs(3), || ready(&nodes[1]) == 503),
+        "still ready after SIGTERM"
+    );
+    // Told, the balancer may still send some: they are served, even once its replicas have
+    // moved, for the rest of its delay.
+    assert_eq!(hello(&nodes[1]), 200);
+    assert!(poll(Duration::from_secs(3), || !server
+        .placement("hello")
+        .contains_key("node-2")));
+    assert!(
+        !poll(Duration::from_secs(2), || hello(&nodes[1]) != 200),
+        "refused within its delay"
+    );
+    assert_eq!(ready(&nodes[0]), 200, "the other node stays ready");
+    let status = nodes[1].exit_within(Duration::from_secs(40));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 /// `systemctl stop` of a worker: on SIGTERM it has its replicas replaced on the other nodes,

@@ -112,6 +112,12 @@ struct JoinArgs {
     /// it next starts it is as it was (schedulable, or cordoned by an operator). 0: stop at once.
     #[arg(long, default_value = "30s", value_name = "DURATION")]
     drain_timeout: String,
+    /// On SIGTERM or Ctrl-C, the gateway's `/_shoal/ready` answers 503 at once, and the
+    /// gateway goes on taking connections for at least this long (within the drain timeout),
+    /// so a load balancer checking it stops sending clients here before it closes (as a
+    /// preStop sleep does for a Kubernetes pod). 0: it closes once its replicas have moved.
+    #[arg(long, default_value = "0s", value_name = "DURATION")]
+    shutdown_delay: String,
     /// How long a node that has not joined yet waits for a server to take its join (one still
     /// starting, or, over TLS, one closing connections past its per-address cap), trying again
     /// up to 5 s apart; then it exits 5. 0: one try.
@@ -289,6 +295,9 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
     let drain_ms = shoal_core::quantity::parse_duration_ms(&args.drain_timeout)
         .map_err(|e| crate::exit::usage(format!("--drain-timeout: {e}")))?;
     let drain = std::time::Duration::from_millis(drain_ms);
+    let shutdown_delay = shoal_core::quantity::parse_duration_ms(&args.shutdown_delay)
+        .map_err(|e| crate::exit::usage(format!("--shutdown-delay: {e}")))?;
+    let shutdown_delay = std::time::Duration::from_millis(shutdown_delay).min(drain);
     let join_wait = shoal_core::quantity::parse_duration_ms(&args.join_wait)
         .map_err(|e| crate::exit::usage(format!("--join-wait: {e}")))?;
     let mut patience = Patience::new(std::time::Duration::from_millis(join_wait));
@@ -325,6 +334,8 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
         println!("Shoal node is stopping");
         return Ok(());
     }
+    node.stopping();
+    let signalled = tokio::time::Instant::now();
     println!(
         "Shoal node is stopping: its replicas move to other nodes first (up to {}; signal again to stop now)",
         output::duration(drain_ms)
@@ -344,6 +355,8 @@ async fn join(args: JoinArgs, log_format: super::up::LogFormat) -> Result<()> {
                 "cannot ask the control plane to move this node's replicas; stopping with them: they are replaced once the node is missed"
             ),
         }
+        // A load balancer told at /_shoal/ready has had its time to look elsewhere.
+        tokio::time::sleep_until(signalled + shutdown_delay).await;
         // What is in flight through the gateway finishes, within what is left of the time,
         // and never less than a few seconds, even after replicas that had nowhere to go.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -763,6 +763,11 @@ pub struct StartedNode {
 }
 
 impl StartedNode {
+    /// Says at the gateway's `/_shoal/ready` that the node shuts down, serving on.
+    pub fn stopping(&self) {
+        self.front.stopping();
+    }
+
     /// Stops taking requests and waits up to `within` for those in flight to finish.
     pub async fn close(self, within: std::time::Duration) {
         self.front.close();

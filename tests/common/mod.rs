@@ -792,6 +792,12 @@ impl NodeProc {
     /// Sends SIGTERM, as `systemctl stop` does, and waits up to `within` for the process to
     /// exit: its exit status, or `None` if it still runs.
     pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        self.signal_term();
+        self.exit_within(within)
+    }
+
+    /// Sends SIGTERM, as `systemctl stop` does, and returns at once.
+    pub fn signal_term(&mut self) {
         let pid = self.child.id() as libc::pid_t;
         // SAFETY: a plain kill(2) of our own child, which has not been reaped yet.
         assert_eq!(
@@ -799,6 +805,10 @@ impl NodeProc {
             0,
             "SIGTERM {pid}"
         );
+    }
+
+    /// Waits up to `within` for the process to exit: its exit status, or `None` if it runs.
+    pub fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let mut status = None;
         poll(within, || {
             status = self.child.try_wait().expect("wait for the node");

@@ -24,5 +24,5 @@ mod stalls;
 
 pub use endpoint::{Endpoint, EndpointStatus, RemoteReplica, Split};
 pub use routing::RoutingTable;
-pub use server::{Gateway, GatewayConfig, LogLookup, Tables, serve};
+pub use server::{Gateway, GatewayConfig, LogLookup, READY_PATH, Tables, serve};
 pub use shoal_core::clients::ConnectionStats;

@@ -167,6 +167,8 @@ pub(crate) struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     /// Whether the routes are loaded: false from [`Gateway::starting`] to [`Gateway::loaded`].
     loaded: tokio::sync::watch::Sender<bool>,
+    /// Set by [`Gateway::stopping`]: the node shuts down, and says so at [`READY_PATH`].
+    stopping: std::sync::atomic::AtomicBool,
     /// The connections each client holds.
     clients: Arc<Clients>,
 }
@@ -208,6 +210,7 @@ impl Gateway {
                 members: RwLock::new(None),
                 closing: tokio::sync::watch::Sender::new(false),
                 loaded: tokio::sync::watch::Sender::new(true),
+                stopping: std::sync::atomic::AtomicBool::new(false),
                 clients: Clients::new(config.max_client_connections, 64),
                 config,
             }),
@@ -405,6 +408,45 @@ impl Gateway {
     /// The routes are loaded: requests waiting for them go on, and later ones wait no more.
     pub fn loaded(&self) {
         self.inner.loaded.send_replace(true);
+    }
+
+    /// The node is shutting down: [`READY_PATH`] answers 503 from now on, so a load balancer
+    /// sends new clients elsewhere, while requests are still served until [`Gateway::close`].
+    pub fn stopping(&self) {
+        (self.inner.stopping).store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// What [`READY_PATH`] answers: 200 while this gateway serves the cluster's routes, 503
+    /// while it has not read them yet or its node shuts down, as a load balancer's health
+    /// check wants it (Kubernetes' `/readyz`, Envoy's `/ready`).
+    fn readiness(&self) -> Response<ResponseBody> {
+        let (status, said) = if self
+            .inner
+            .stopping
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping: this node shuts down\n",
+            )
+        } else if !*self.inner.loaded.borrow() {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting: the routes are not read yet\n",
+            )
+        } else {
+            (StatusCode::OK, "ready\n")
+        };
+        let body = Full::new(Bytes::from_static(said.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        response
     }
 
     /// Whether the routes are loaded, waiting for them a while if they are not.
@@ -704,6 +746,9 @@ impl Gateway {
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<HttpError>,
     {
+        if req.uri().path() == READY_PATH && matches!(*req.method(), Method::GET | Method::HEAD) {
+            return self.readiness();
+        }
         let mut req = req.map(|b| b.map_err(Into::<HttpError>::into).boxed_unsync());
         // A member's hop carries a client's head, which its gateway took, and its own fields.
         let bytes = head_bytes(&req);
@@ -1288,6 +1333,10 @@ enum Access {
     /// Asks for the internal surface from outside the cluster: a 403, nothing else.
     Refused,
 }
+
+/// Where a load balancer asks whether to send this gateway requests ([`Gateway::readiness`]):
+/// under `/_shoal/`, the gateway's own prefix, answered before any app's route.
+pub const READY_PATH: &str = "/_shoal/ready";
 
 /// The longest a public request waits for a starting node's routes ([`Gateway::starting`]).
 const LOAD_WAIT: Duration = Duration::from_secs(5);

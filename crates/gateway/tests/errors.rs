@@ -73,6 +73,14 @@ async fn a_starting_gateway_waits_for_its_routes() {
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap()
     };
+    let ready = || async {
+        let req = http::Request::get(shoal_gateway::READY_PATH)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        gateway.handle(req).await.status()
+    };
+    // A load balancer asking is told at once: not yet.
+    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
     let waiting = gateway.handle(request());
     tokio::pin!(waiting);
     assert!(
@@ -83,6 +91,11 @@ async fn a_starting_gateway_waits_for_its_routes() {
     faulty_here(&runtime, &gateway, "faulty-1", 8, Duration::from_secs(5)).await;
     gateway.loaded();
     assert_eq!(waiting.await.status(), StatusCode::OK);
+    assert_eq!(ready().await, StatusCode::OK);
+    // Shutting down: not ready any more, and serving on.
+    gateway.stopping();
+    assert_eq!(ready().await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(gateway.handle(request()).await.status(), StatusCode::OK);
 
     // One whose routes never come (its control plane is down) gets a 503 in time.
     let starting = Gateway::new(GatewayConfig {
