@@ -751,20 +751,15 @@ fn drain_moves_replicas_without_failed_requests() {
 fn a_stopping_node_says_so_at_its_ready_path_and_serves_on_for_its_delay() {
     let (dir, server, mut nodes) = cluster(2, &["--shutdown-delay", "4s"]);
     apply_hello(&server, dir.path(), 2);
-    let ready = |node: &NodeProc| {
+    let status = |node: &NodeProc, path: &str| {
         common::client()
-            .get(format!("{}/_shoal/ready", node.gateway))
+            .get(format!("{}{path}", node.gateway))
             .send()
             .map(|r| r.status().as_u16())
             .unwrap_or(0)
     };
-    let hello = |node: &NodeProc| {
-        common::client()
-            .get(format!("{}/hello", node.gateway))
-            .send()
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    };
+    let ready = |node: &NodeProc| status(node, "/_shoal/ready");
+    let hello = |node: &NodeProc| status(node, "/hello");
     assert!(poll(Duration::from_secs(30), || ready(&nodes[1]) == 200
         && hello(&nodes[1]) == 200));
     nodes[1].signal_term();
