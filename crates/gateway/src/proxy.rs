@@ -171,7 +171,9 @@ fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConf
     builder
         .http2_only(http2)
         .http2_initial_stream_window_size(HOP_STREAM_WINDOW)
-        .http2_initial_connection_window_size(HOP_CONNECTION_WINDOW);
+        .http2_initial_connection_window_size(HOP_CONNECTION_WINDOW)
+        // A guest's answer with more fields than hyper's 100 is served as it is locally.
+        .http1_max_headers(crate::server::HOP_MAX_HEADERS);
     if http2 {
         // A node that died without a word (power, partition) would hold every request sent
         // on its one connection, and every body streaming from it, until the head timeout or

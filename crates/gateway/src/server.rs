@@ -1334,6 +1334,12 @@ enum Access {
     Refused,
 }
 
+/// The most header fields a hop's head may have over HTTP/1.1: as many as fit in the 64 KiB a
+/// gateway takes of a client's head over HTTP/2, each counted at its 32 bytes of overhead
+/// (RFC 7541, 4.1), and the few a hop adds. Past hyper's default of 100, a request would
+/// pass or fail by the node it came in at.
+pub(crate) const HOP_MAX_HEADERS: usize = MAX_HEAD_BYTES as usize / 32 + 16;
+
 /// Where a load balancer asks whether to send this gateway requests ([`Gateway::readiness`]):
 /// under `/_shoal/`, the gateway's own prefix, answered before any app's route.
 pub const READY_PATH: &str = "/_shoal/ready";
@@ -1608,6 +1614,11 @@ async fn serve_connection<I>(
         .keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
+    if member.is_some() {
+        // A hop carries a head another gateway took, perhaps over HTTP/2, whose limit is
+        // the head's size, not its count of fields past hyper's 100.
+        server.http1().max_headers(HOP_MAX_HEADERS);
+    }
     // Flow-control windows that grow with the connection's bandwidth-delay product, so
     // a large body over an HTTP/2 hop is not held to the 64 KiB default window; pings
     // find connections whose peer went away.

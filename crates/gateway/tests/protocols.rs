@@ -129,6 +129,15 @@ async fn hopping_with(
     peer: std::net::SocketAddr,
     timeout: Option<std::time::Duration>,
 ) -> std::net::SocketAddr {
+    serve(&hopping_gateway(config, peer, timeout)).await
+}
+
+/// The gateway [`hopping_with`] serves.
+fn hopping_gateway(
+    config: GatewayConfig,
+    peer: std::net::SocketAddr,
+    timeout: Option<std::time::Duration>,
+) -> Gateway {
     let gateway = Gateway::new(config);
     gateway.set_routes(vec![(Route::parse("/hello").unwrap(), app("hello"))]);
     gateway.set_remote_endpoints(std::collections::HashMap::from([(
@@ -141,7 +150,7 @@ async fn hopping_with(
             timeout,
         }],
     )]));
-    serve(&gateway).await
+    gateway
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,6 +197,22 @@ async fn hops_between_members_go_over_tls_in_either_http_version_and_outsiders_g
                 (StatusCode::OK, "hi\n".into())
             );
         }
+    }
+    // A head of many fields (one a client may send over HTTP/2, limited by its size) crosses
+    // either hop as it would reach the replica's own gateway: not refused for hyper's 100.
+    for hop_http2 in [true, false] {
+        let config = GatewayConfig {
+            hop_http2,
+            ..members.gateway()
+        };
+        let a = hopping_gateway(config, b_addr, None);
+        let mut req = http::Request::get("/hello").header("host", "example.com");
+        for i in 0..300 {
+            req = req.header(format!("x-field-{i}"), "v");
+        }
+        let req = req.body(http_body_util::Empty::<Bytes>::new()).unwrap();
+        let status = a.handle(req).await.status();
+        assert_eq!(status, StatusCode::OK, "over HTTP/2: {hop_http2}");
     }
     // A gateway of no cluster hops in plain text, and another cluster's over TLS: neither
     // reaches b's replica.
