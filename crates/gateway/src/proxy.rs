@@ -172,7 +172,8 @@ fn client(connect_timeout: Duration, http2: bool, tls: Option<rustls::ClientConf
         .http2_only(http2)
         .http2_initial_stream_window_size(HOP_STREAM_WINDOW)
         .http2_initial_connection_window_size(HOP_CONNECTION_WINDOW)
-        // A guest's answer with more fields than hyper's 100 is served as it is locally.
+        // A guest's answer with more fields than hyper's 100 crosses as it is served locally
+        // (up to HOP_MAX_HEADERS).
         .http1_max_headers(crate::server::HOP_MAX_HEADERS);
     if http2 {
         // A node that died without a word (power, partition) would hold every request sent

@@ -198,21 +198,29 @@ async fn hops_between_members_go_over_tls_in_either_http_version_and_outsiders_g
             );
         }
     }
-    // A head of many fields (one a client may send over HTTP/2, limited by its size) crosses
-    // either hop as it would reach the replica's own gateway: not refused for hyper's 100.
+    // A head of as many fields as a client may send, with those a hop adds, crosses either
+    // hop as it would reach the replica's own gateway: not refused for hyper's 100.
     for hop_http2 in [true, false] {
         let config = GatewayConfig {
             hop_http2,
             ..members.gateway()
         };
         let a = hopping_gateway(config, b_addr, None);
-        let mut req = http::Request::get("/hello").header("host", "example.com");
-        for i in 0..300 {
-            req = req.header(format!("x-field-{i}"), "v");
-        }
-        let req = req.body(http_body_util::Empty::<Bytes>::new()).unwrap();
-        let status = a.handle(req).await.status();
+        let many = |fields: usize| {
+            let mut req = http::Request::get("/hello").header("host", "example.com");
+            for i in 1..fields {
+                req = req.header(format!("x-field-{i}"), "v");
+            }
+            req.body(http_body_util::Empty::<Bytes>::new()).unwrap()
+        };
+        let status = a.handle(many(100)).await.status();
         assert_eq!(status, StatusCode::OK, "over HTTP/2: {hop_http2}");
+        // One more, and any gateway refuses it, whatever the protocol it came in on.
+        let refused = a.handle(many(101)).await;
+        assert_eq!(
+            refused.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        );
     }
     // A gateway of no cluster hops in plain text, and another cluster's over TLS: neither
     // reaches b's replica.
