@@ -450,6 +450,9 @@ impl Worker {
                     if !(may_accept && ready) {
                         return Poll::Ready(Ok(()));
                     }
+                    // Idle: no request's deadline holds it any more, only its idle time (a
+                    // request timeout shorter than that would end every kept instance).
+                    *hard_deadline.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     let idle =
                         idle_since.get_or_insert_with(|| Box::pin(tokio::time::sleep(reuse.idle)));
                     if idle.as_mut().poll(cx).is_ready()

@@ -117,6 +117,24 @@ async fn a_reused_p3_instance_serves_its_count() {
     assert_eq!((stats.live, stats.idle), (1, 1));
 }
 
+/// A kept instance waits its idle time for its next request, however short the request
+/// timeout: that bounds requests, not the wait between them (as `wasmtime serve`'s
+/// `--idle-instance-timeout` does not depend on its request timeout).
+#[tokio::test]
+async fn a_kept_p3_instance_waits_past_its_request_timeout() {
+    let (_dir, hello) =
+        hello_p3_with(reuse(100, 16), Duration::from_millis(200), Arc::default()).await;
+    assert_eq!(count(&hello).await, 1);
+    idle(&hello, 1).await;
+    // Five request timeouts on, it still waits.
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        assert_eq!(hello.idle_instances(), 1, "the kept instance ended");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(count(&hello).await, 2, "served by the kept instance");
+}
+
 #[tokio::test]
 async fn a_p3_instance_serves_requests_at_once_up_to_its_concurrency() {
     for (concurrent, room, expected) in [(16, 1, 3), (1, 0, 1)] {
