@@ -280,7 +280,7 @@ impl Collector for Scrape {
         encoder
             .encode_descriptor(
                 "shoal_node_gateway_connections",
-                "Connections the node's gateway serves now for clients (not other members: nodes, the control plane)",
+                "Connections the node's gateway serves now, other nodes' hops and the control plane's included",
                 None,
                 MetricType::Gauge,
             )?
