@@ -46,14 +46,28 @@ fn top_shows_what_the_node_and_apps_use_and_serve_after_known_traffic() {
     let faulty = write_spec(c.dir.path(), "faulty.toml", &faulty);
     c.cli_ok(&["apply", "-f", faulty.to_str().unwrap()]);
 
-    // Until an app has a ready replica its requests reach no revision and count nowhere;
-    // from the first answer on, each is counted: hello's 31 all 200, faulty's 11 all 500.
-    c.wait_gw("/hello", 200, "");
-    c.wait_gw("/faulty/status/500", 500, "");
-    for _ in 0..30 {
+    // Ready as the API says before any request through the gateway, which has its replica
+    // by then: a request answered 503 with no replica to take it would count too (an error
+    // of the app's). So the gateway answers these and only these: hello's 31 all 200,
+    // faulty's 11 all 500.
+    for ns in ["default", "team-b"] {
+        let ready = || {
+            let replicas = c.api_json(&format!("/v1/replicas?namespace={ns}"));
+            replicas
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["phase"] == "Ready")
+        };
+        assert!(
+            poll(Duration::from_secs(30), ready),
+            "nothing Ready in {ns}"
+        );
+    }
+    for _ in 0..31 {
         assert_eq!(c.gw("/hello").status(), 200);
     }
-    for _ in 0..10 {
+    for _ in 0..11 {
         assert_eq!(c.gw("/faulty/status/500").status(), 500);
     }
 
