@@ -77,7 +77,7 @@ pub struct GatewayConfig {
     pub max_client_connections: usize,
     /// Whether hops to other nodes' gateways go over HTTP/2 (one multiplexed connection per
     /// node) or pooled keep-alive HTTP/1.1 connections (the default: with the client off the
-    /// forwarding node's CPU, it measured 0.91–1.10× of local against HTTP/2's 0.64–0.86×,
+    /// forwarding node's CPU, it measured 0.91–1.06× of local against HTTP/2's 0.65–0.89×,
     /// BENCHMARKS.md).
     pub hop_http2: bool,
     /// Whether guests' granted egress may reach private addresses: loopback, RFC 1918,
