@@ -122,12 +122,20 @@ pub async fn idle(service: &shoal_runtime::HttpService, n: usize) {
 }
 
 /// Polls `check` until it holds, failing the test after `limit`.
-pub async fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub async fn eventually(limit: Duration, what: &str, check: impl FnMut() -> bool) {
+    assert!(within(limit, check).await, "timed out waiting for: {what}");
+}
+
+/// Polls `check` until it holds or `limit` passes: whether it held.
+pub async fn within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    true
 }
 
 /// Resident memory of this process now and at its peak since the peak was last reset, in
