@@ -1,21 +1,27 @@
 //! The revisioned key-value store.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Instant;
 
-use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, Table};
+use redb::{Database, ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable};
 use tokio::sync::broadcast;
 
-use crate::tables::{KV, KvRow, LOG, LogRow, META, META_COMPACTED, META_ID, META_REVISION};
+use crate::tables::{
+    FORMAT, KV, KV_MOVED, KvRow, LOG, LogRow, META, META_COMPACTED, META_FORMAT, META_ID,
+    META_REVISION,
+};
 use crate::watch::Watcher;
 use crate::{
     CommitObserver, Compare, Event, EventKind, KeyValue, KvStore, Op, StoreError, Txn, TxnResponse,
     WatchStream,
 };
 
-type KvTable<'t> = Table<'t, &'static str, KvRow<'static>>;
+/// A row of [`LOG`]: (revision, index within the revision).
+type RowId = (u64, u32);
 
 /// Tuning knobs for [`Store::open_with`]; [`Store::open`] uses the defaults.
 #[derive(Debug, Clone)]
@@ -52,6 +58,14 @@ impl Default for StoreOptions {
 /// revision order. If that commit fails, every transaction of the batch fails, none of it is
 /// published or counted in [`Store::revision`], and redb refuses further writes until the file
 /// is reopened (whether a failed fsync's data reached the disk is unknown).
+///
+/// # Layout
+/// The file is an event log (see [`crate::tables`], format 2): a commit appends its rows at
+/// the log's end, a few pages, where a table of current keys would rewrite a leaf (and its
+/// branches) wherever each key falls. The current keys are an index in memory, built from the
+/// log at open and changed after each durable commit, so reads take no redb transaction and
+/// see only what is durable. Compaction keeps, below its point, the row of each key still
+/// present.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
@@ -76,8 +90,11 @@ pub(crate) struct LogChunk {
 pub(crate) struct Inner {
     db: Database,
     /// Held by whoever writes to redb (a batch's committer, `compact`) through publication, so
-    /// live events go out in revision order.
-    write_lock: Mutex<()>,
+    /// live events go out in revision order. It holds the log rows at or below the compaction
+    /// point that no key holds any more, for the next compaction to remove.
+    write_lock: Mutex<Vec<RowId>>,
+    /// The current keys, as of the last durable commit.
+    index: RwLock<Index>,
     /// Transactions waiting for the next group commit.
     queue: Mutex<Queue>,
     /// Mirrors of the meta table, updated after each commit, for lock-free reads.
@@ -108,6 +125,127 @@ enum Readable {
         db: Database,
         _dir: tempfile::TempDir,
     },
+}
+
+/// The current keys, from the log: what a [`Store`] reads.
+#[derive(Default)]
+struct Index {
+    keys: BTreeMap<String, Entry>,
+    /// The revision they are at.
+    revision: u64,
+}
+
+/// A key present, and where its row is in the log.
+#[derive(Clone)]
+struct Entry {
+    create_revision: u64,
+    mod_revision: u64,
+    version: u64,
+    /// Its row's index within `mod_revision`.
+    index: u32,
+    value: Vec<u8>,
+}
+
+impl Entry {
+    fn key_value(&self, key: &str) -> KeyValue {
+        KeyValue {
+            key: key.to_owned(),
+            value: self.value.clone(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
+            version: self.version,
+        }
+    }
+
+    fn row(&self) -> RowId {
+        (self.mod_revision, self.index)
+    }
+}
+
+impl Index {
+    /// The keys as the log says, and the rows at or below `compacted` that none of them holds
+    /// (left by a compaction before the last write of their key: the next one removes them).
+    fn load(
+        log: &impl ReadableTable<RowId, LogRow<'static>>,
+        compacted: u64,
+    ) -> Result<(BTreeMap<String, Entry>, Vec<RowId>), StoreError> {
+        let mut keys: BTreeMap<String, Entry> = BTreeMap::new();
+        let mut stale = Vec::new();
+        for item in log.iter()? {
+            let (id, row) = item?;
+            let (revision, index) = id.value();
+            let (key, deleted, create_revision, version, value, _) = row.value();
+            // A deletion's own row never outlives a compaction that reaches it.
+            let replaced = if deleted {
+                keys.remove(key)
+            } else {
+                let entry = Entry {
+                    create_revision,
+                    mod_revision: revision,
+                    version,
+                    index,
+                    value: value.to_vec(),
+                };
+                keys.insert(key.to_owned(), entry)
+            };
+            if let Some(old) = replaced.filter(|old| old.mod_revision <= compacted) {
+                stale.push(old.row());
+            }
+        }
+        Ok((keys, stale))
+    }
+
+    fn range(&self, prefix: &str) -> impl Iterator<Item = (&String, &Entry)> {
+        self.keys
+            .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(move |(key, _)| key.starts_with(prefix))
+    }
+}
+
+/// The keys as a batch being written sees them: the index, under the batch's own writes so far.
+struct Staged<'a> {
+    index: &'a Index,
+    /// Keys written by the batch: `None` if deleted.
+    changed: HashMap<String, Option<Entry>>,
+    /// Rows at or below the compaction point the batch leaves no key holding.
+    stale: Vec<RowId>,
+    compacted: u64,
+}
+
+impl Staged<'_> {
+    fn get(&self, key: &str) -> Option<&Entry> {
+        match self.changed.get(key) {
+            Some(written) => written.as_ref(),
+            None => self.index.keys.get(key),
+        }
+    }
+
+    /// Sets `key` (or deletes it) and returns what it held.
+    fn set(&mut self, key: &str, to: Option<Entry>) -> Option<Entry> {
+        let old = self.get(key).cloned();
+        if let Some(old) = old.as_ref().filter(|o| o.mod_revision <= self.compacted) {
+            self.stale.push(old.row());
+        }
+        self.changed.insert(key.to_owned(), to);
+        old
+    }
+
+    /// The keys present under `prefix`, sorted.
+    fn keys_under(&self, prefix: &str) -> BTreeSet<String> {
+        let mut keys: BTreeSet<String> = self
+            .index
+            .range(prefix)
+            .filter(|(key, _)| !self.changed.contains_key(key.as_str()))
+            .map(|(key, _)| key.clone())
+            .collect();
+        keys.extend(
+            self.changed
+                .iter()
+                .filter(|(key, entry)| entry.is_some() && key.starts_with(prefix))
+                .map(|(key, _)| key.clone()),
+        );
+        keys
+    }
 }
 
 impl ReadOnlyStore {
@@ -149,7 +287,19 @@ impl ReadOnlyStore {
             Readable::File(db) => db.begin_read()?,
             Readable::Repaired { db, .. } => db.begin_read()?,
         };
-        range_in(&rtx, prefix)
+        let meta = rtx.open_table(META)?;
+        let revision = meta_get(&meta, META_REVISION)?;
+        if meta_get(&meta, META_FORMAT)? < 2 {
+            return Ok((range_v1(&rtx, prefix)?, revision));
+        }
+        let compacted = meta_get(&meta, META_COMPACTED)?;
+        let (keys, _) = Index::load(&rtx.open_table(LOG)?, compacted)?;
+        let index = Index { keys, revision };
+        let kvs = index
+            .range(prefix)
+            .map(|(key, entry)| entry.key_value(key))
+            .collect();
+        Ok((kvs, revision))
     }
 }
 
@@ -204,28 +354,46 @@ impl Store {
     fn from_db(db: Database, options: StoreOptions) -> Result<Store, StoreError> {
         // Create every table up front: read transactions fail on tables that don't exist yet.
         let wtx = db.begin_write()?;
-        let (revision, compacted, id) = {
-            wtx.open_table(KV)?;
-            wtx.open_table(LOG)?;
+        let (revision, compacted, id, keys, stale) = {
+            let mut log = wtx.open_table(LOG)?;
             let mut meta = wtx.open_table(META)?;
             let mut id = meta_get(&meta, META_ID)?;
             if id == 0 {
                 id = random_id();
                 meta.insert(META_ID, id)?;
             }
-            (
-                meta_get(&meta, META_REVISION)?,
-                meta_get(&meta, META_COMPACTED)?,
-                id,
-            )
+            let revision = meta_get(&meta, META_REVISION)?;
+            let compacted = meta_get(&meta, META_COMPACTED)?;
+            match meta_get(&meta, META_FORMAT)? {
+                FORMAT => {}
+                0 | 1 => {
+                    let moved = migrate_v1(&wtx, &mut log, compacted)?;
+                    wtx.open_table(KV_MOVED)?;
+                    meta.insert(META_FORMAT, FORMAT)?;
+                    if revision > 0 {
+                        tracing::info!(
+                            keys = moved,
+                            "moved the store's keys into its log (format 2)"
+                        );
+                    }
+                }
+                newer => {
+                    return Err(StoreError::Db(format!(
+                        "the store file has format {newer}, written by a newer shoal: this one reads up to format {FORMAT}"
+                    )));
+                }
+            }
+            let (keys, stale) = Index::load(&log, compacted)?;
+            (revision, compacted, id, keys, stale)
         };
         wtx.commit()?;
-        tracing::debug!(revision, compacted, "opened store");
+        tracing::debug!(revision, compacted, keys = keys.len(), "opened store");
         let (events, _) = broadcast::channel(options.watch_capacity.max(1));
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
-                write_lock: Mutex::new(()),
+                write_lock: Mutex::new(stale),
+                index: RwLock::new(Index { keys, revision }),
                 queue: Mutex::new(Queue::default()),
                 revision: AtomicU64::new(revision),
                 compacted: AtomicU64::new(compacted),
@@ -248,16 +416,19 @@ impl Store {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
-        let kv = rtx.open_table(KV)?;
-        let found = kv.get(key)?;
-        Ok(found.map(|row| kv_from_row(key, row.value())))
+        let index = self.inner.index();
+        Ok(index.keys.get(key).map(|entry| entry.key_value(key)))
     }
 
     /// All keys starting with `prefix`, sorted by key, and the revision they were read at.
     /// Both come from one snapshot, so `watch(prefix, revision + 1)` continues exactly after it.
     pub fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-        range_in(&self.inner.db.begin_read()?, prefix)
+        let index = self.inner.index();
+        let kvs = index
+            .range(prefix)
+            .map(|(key, entry)| entry.key_value(key))
+            .collect();
+        Ok((kvs, index.revision))
     }
 
     /// Writes `key`, returning the new revision.
@@ -371,21 +542,31 @@ impl Store {
     /// Drops the watch history (event log) up to and including `revision`. Current keys are kept.
     /// Compacting to a revision at or below the current compaction point is a no-op.
     pub fn compact(&self, revision: u64) -> Result<(), StoreError> {
-        let _guard = self.inner.lock();
+        let mut stale = self.inner.lock();
         let current = self.revision();
         if revision > current {
             return Err(StoreError::FutureRevision { revision, current });
         }
-        if revision <= self.compacted_revision() {
+        let compacted = self.compacted_revision();
+        if revision <= compacted {
             return Ok(());
         }
         let wtx = self.inner.db.begin_write()?;
         {
             let mut log = wtx.open_table(LOG)?;
-            log.retain_in(..=(revision, u32::MAX), |_, _| false)?;
+            // No commit runs meanwhile (the write lock), so the index is the log's last state.
+            let index = self.inner.index();
+            log.retain_in(
+                (compacted + 1, 0)..=(revision, u32::MAX),
+                |(at, i), (key, ..)| index.keys.get(key).is_some_and(|e| e.row() == (at, i)),
+            )?;
+            for row in stale.iter() {
+                log.remove(row)?;
+            }
             wtx.open_table(META)?.insert(META_COMPACTED, revision)?;
         }
         wtx.commit()?;
+        stale.clear();
         self.inner.compacted.store(revision, Ordering::SeqCst);
         tracing::debug!(revision, "compacted store log");
         Ok(())
@@ -493,10 +674,10 @@ struct Turn<'a> {
 
 impl Turn<'_> {
     fn commit(mut self) {
-        let _guard = self.inner.lock();
+        let mut stale = self.inner.lock();
         self.batch = std::mem::take(&mut self.inner.queue().pending);
         let txns: Vec<&Txn> = self.batch.iter().map(|q| &q.txn).collect();
-        let written = self.inner.write_batch(&txns);
+        let written = self.inner.write_batch(&txns, &mut stale);
         *self
             .inner
             .failure
@@ -593,11 +774,17 @@ impl std::fmt::Debug for Store {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        // The mutex guards no data, and redb aborts a panicked writer's transaction.
+    fn lock(&self) -> MutexGuard<'_, Vec<RowId>> {
+        // redb aborts a panicked writer's transaction, and the rows it holds are only added
+        // after a commit.
         self.write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        // Changed only whole, after a commit, by a writer that does not panic meanwhile.
+        self.index.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {
@@ -606,19 +793,26 @@ impl Inner {
     }
 
     /// Runs `txns` in order in one redb write transaction and commits it once, durably; then
-    /// makes their revisions current and publishes their events. The caller holds the write
-    /// lock. On error nothing of the batch is committed and the revision is unchanged.
-    fn write_batch(&self, txns: &[&Txn]) -> Result<Vec<Done>, StoreError> {
+    /// makes their revisions current (the index, then [`Store::revision`]) and publishes their
+    /// events. The caller holds the write lock, and `stale` with it. On error nothing of the
+    /// batch is committed and the revision is unchanged.
+    fn write_batch(&self, txns: &[&Txn], stale: &mut Vec<RowId>) -> Result<Vec<Done>, StoreError> {
         let wtx = self.db.begin_write()?;
         let mut done = Vec::with_capacity(txns.len());
         let mut written = Vec::new();
+        let index = self.index();
+        let mut staged = Staged {
+            index: &index,
+            changed: HashMap::new(),
+            stale: Vec::new(),
+            compacted: self.compacted.load(Ordering::SeqCst),
+        };
         let revision = {
             let mut meta = wtx.open_table(META)?;
-            let mut revision = meta_get(&meta, META_REVISION)?;
-            let mut kv = wtx.open_table(KV)?;
+            let mut revision = index.revision;
             let mut log = wtx.open_table(LOG)?;
             for txn in txns {
-                let succeeded = compares_hold(&kv, &txn.compares)?;
+                let succeeded = compares_hold(&staged, &txn.compares);
                 let ops = if succeeded {
                     &txn.success
                 } else {
@@ -627,7 +821,7 @@ impl Inner {
                 let next = revision + 1;
                 let mut events = Vec::new();
                 for op in ops {
-                    apply(&mut kv, op, next, &mut events)?;
+                    apply(&mut staged, op, next, &mut events);
                 }
                 let wrote = !events.is_empty();
                 if wrote {
@@ -648,6 +842,12 @@ impl Inner {
             }
             revision
         };
+        let Staged {
+            changed,
+            stale: left,
+            ..
+        } = staged;
+        drop(index);
         if written.is_empty() {
             wtx.abort()?;
             return Ok(done);
@@ -657,6 +857,17 @@ impl Inner {
         if let Some(observe) = &*self.commits.read().unwrap_or_else(PoisonError::into_inner) {
             observe(committing.elapsed());
         }
+        {
+            let mut index = self.index.write().unwrap_or_else(PoisonError::into_inner);
+            for (key, entry) in changed {
+                match entry {
+                    Some(entry) => index.keys.insert(key, entry),
+                    None => index.keys.remove(&key),
+                };
+            }
+            index.revision = revision;
+        }
+        stale.extend(left);
         self.revision.store(revision, Ordering::SeqCst);
         for batch in written {
             // An error only means nobody is watching right now; the log has the events anyway.
@@ -721,9 +932,8 @@ impl Inner {
     }
 }
 
-/// [`Store::range`] in the snapshot `rtx`.
-fn range_in(rtx: &ReadTransaction, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
-    let revision = meta_get(&rtx.open_table(META)?, META_REVISION)?;
+/// The keys under `prefix` of a format-1 file (its key table), sorted.
+fn range_v1(rtx: &ReadTransaction, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
     let kv = rtx.open_table(KV)?;
     let mut out = Vec::new();
     for item in kv.range(prefix..)? {
@@ -734,7 +944,47 @@ fn range_in(rtx: &ReadTransaction, prefix: &str) -> Result<(Vec<KeyValue>, u64),
         }
         out.push(kv_from_row(key, row.value()));
     }
-    Ok((out, revision))
+    Ok(out)
+}
+
+/// Moves a format-1 file's keys into its log, in the write transaction that opens it: a key
+/// last written after the compaction point has its row there already; one written before gets
+/// a row at its revision (none is left there). The key table makes way for [`KV_MOVED`].
+/// Returns how many keys there were.
+fn migrate_v1(
+    wtx: &redb::WriteTransaction,
+    log: &mut redb::Table<'_, RowId, LogRow<'static>>,
+    compacted: u64,
+) -> Result<usize, StoreError> {
+    let rows = {
+        let kv = match wtx.open_table(KV) {
+            Ok(kv) => kv,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        let mut rows = Vec::new();
+        for item in kv.iter()? {
+            let (key, row) = item?;
+            rows.push(kv_from_row(key.value(), row.value()));
+        }
+        rows
+    };
+    let mut next_index: HashMap<u64, u32> = HashMap::new();
+    for kv in rows.iter().filter(|kv| kv.mod_revision <= compacted) {
+        let index = next_index.entry(kv.mod_revision).or_default();
+        let row: LogRow<'_> = (
+            kv.key.as_str(),
+            false,
+            kv.create_revision,
+            kv.version,
+            kv.value.as_slice(),
+            None,
+        );
+        log.insert((kv.mod_revision, *index), row)?;
+        *index += 1;
+    }
+    wtx.delete_table(KV)?;
+    Ok(rows.len())
 }
 
 /// A nonzero number no other store is likely to draw: std's per-process random hash keys,
@@ -764,46 +1014,33 @@ fn kv_from_row(key: &str, (create, modified, version, value): KvRow<'_>) -> KeyV
     }
 }
 
-fn compares_hold(kv: &KvTable<'_>, compares: &[Compare]) -> Result<bool, StoreError> {
-    for compare in compares {
-        let (key, expected, pick): (&str, u64, fn(u64, u64) -> u64) = match compare {
-            Compare::ModRevision { key, revision } => (key, *revision, |m, _| m),
-            Compare::Version { key, version } => (key, *version, |_, v| v),
+fn compares_hold(staged: &Staged<'_>, compares: &[Compare]) -> bool {
+    compares.iter().all(|compare| {
+        let (key, expected, pick): (&str, u64, fn(&Entry) -> u64) = match compare {
+            Compare::ModRevision { key, revision } => (key, *revision, |e| e.mod_revision),
+            Compare::Version { key, version } => (key, *version, |e| e.version),
         };
-        let actual = match kv.get(key)? {
-            Some(row) => {
-                let (_, modified, version, _) = row.value();
-                pick(modified, version)
-            }
-            None => 0,
-        };
-        if actual != expected {
-            return Ok(false);
-        }
-    }
-    Ok(true)
+        staged.get(key).map_or(0, pick) == expected
+    })
 }
 
-fn apply(
-    kv: &mut KvTable<'_>,
-    op: &Op,
-    revision: u64,
-    events: &mut Vec<Event>,
-) -> Result<(), StoreError> {
+/// Applies `op` at `revision` to `staged`, adding its events (the next indices of the
+/// revision's rows).
+fn apply(staged: &mut Staged<'_>, op: &Op, revision: u64, events: &mut Vec<Event>) {
     match op {
         Op::Put { key, value } => {
-            let prev = kv.get(key.as_str())?.map(|row| {
-                let (create, _, version, value) = row.value();
-                (create, version, value.to_vec())
-            });
-            let (create_revision, version) = match &prev {
-                Some((create, version, _)) => (*create, version + 1),
+            let (create_revision, version) = match staged.get(key) {
+                Some(old) => (old.create_revision, old.version + 1),
                 None => (revision, 1),
             };
-            kv.insert(
-                key.as_str(),
-                (create_revision, revision, version, value.as_slice()),
-            )?;
+            let entry = Entry {
+                create_revision,
+                mod_revision: revision,
+                version,
+                index: events.len() as u32,
+                value: value.clone(),
+            };
+            let prev = staged.set(key, Some(entry));
             events.push(Event {
                 kind: EventKind::Put,
                 kv: KeyValue {
@@ -813,49 +1050,34 @@ fn apply(
                     mod_revision: revision,
                     version,
                 },
-                prev_value: prev.map(|(_, _, value)| value),
+                prev_value: prev.map(|old| old.value),
             });
         }
-        Op::Delete { key } => delete_key(kv, key, revision, events)?,
+        Op::Delete { key } => delete_key(staged, key, revision, events),
         Op::DeletePrefix { prefix } => {
-            let mut keys = Vec::new();
-            for item in kv.range(prefix.as_str()..)? {
-                let (key, _) = item?;
-                let key = key.value();
-                if !key.starts_with(prefix.as_str()) {
-                    break;
-                }
-                keys.push(key.to_owned());
-            }
-            for key in keys {
-                delete_key(kv, &key, revision, events)?;
+            for key in staged.keys_under(prefix) {
+                delete_key(staged, &key, revision, events);
             }
         }
     }
-    Ok(())
 }
 
-fn delete_key(
-    kv: &mut KvTable<'_>,
-    key: &str,
-    revision: u64,
-    events: &mut Vec<Event>,
-) -> Result<(), StoreError> {
-    if let Some(row) = kv.remove(key)? {
-        let (_, _, _, value) = row.value();
-        events.push(Event {
-            kind: EventKind::Delete,
-            kv: KeyValue {
-                key: key.to_owned(),
-                value: Vec::new(),
-                create_revision: 0,
-                mod_revision: revision,
-                version: 0,
-            },
-            prev_value: Some(value.to_vec()),
-        });
+fn delete_key(staged: &mut Staged<'_>, key: &str, revision: u64, events: &mut Vec<Event>) {
+    if staged.get(key).is_none() {
+        return;
     }
-    Ok(())
+    let old = staged.set(key, None);
+    events.push(Event {
+        kind: EventKind::Delete,
+        kv: KeyValue {
+            key: key.to_owned(),
+            value: Vec::new(),
+            create_revision: 0,
+            mod_revision: revision,
+            version: 0,
+        },
+        prev_value: old.map(|old| old.value),
+    });
 }
 
 fn log_row(event: &Event) -> LogRow<'_> {
@@ -1208,5 +1430,174 @@ mod tests {
         drop(store);
         let (kvs, _) = ReadOnlyStore::open(&path).unwrap().range("").unwrap();
         assert_eq!(kvs.len(), 2, "a closed file is read in place");
+    }
+
+    /// The log's rows as (revision, index, key), in order.
+    fn log_rows(store: &Store) -> Vec<(u64, u32, String)> {
+        let rtx = store.inner.db.begin_read().unwrap();
+        let log = rtx.open_table(LOG).unwrap();
+        log.iter()
+            .unwrap()
+            .map(|item| {
+                let (id, row) = item.unwrap();
+                let (revision, index) = id.value();
+                (revision, index, row.value().0.to_owned())
+            })
+            .collect()
+    }
+
+    fn row(revision: u64, key: &str) -> (u64, u32, String) {
+        (revision, 0, key.to_owned())
+    }
+
+    /// The log is the only record of the keys: a compaction keeps the row of each key still
+    /// there, whenever it was written, and drops the others, those a later write or a
+    /// deletion left behind included, whether or not the store was reopened meanwhile.
+    #[test]
+    fn compaction_keeps_the_rows_of_present_keys_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).unwrap();
+        store.put("/a", b"1".to_vec()).unwrap();
+        store.put("/b", b"2".to_vec()).unwrap();
+        store.put("/a", b"3".to_vec()).unwrap();
+        store.delete("/b").unwrap();
+        store.put("/c", b"5".to_vec()).unwrap();
+        store.compact(4).unwrap();
+        assert_eq!(log_rows(&store), [row(3, "/a"), row(5, "/c")]);
+
+        // /a's row is below the compaction point now: the next compaction takes it.
+        store.put("/a", b"6".to_vec()).unwrap();
+        store.compact(6).unwrap();
+        assert_eq!(log_rows(&store), [row(5, "/c"), row(6, "/a")]);
+
+        // Left behind before a restart, found again when the log is read at open.
+        store.put("/c", b"7".to_vec()).unwrap();
+        store.txn(Txn::new().then(Op::delete_prefix("/a"))).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        store.compact(8).unwrap();
+        assert_eq!(log_rows(&store), [row(7, "/c")]);
+
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.revision(), 8);
+        assert_eq!(store.get("/a").unwrap(), None);
+        let c = store.get("/c").unwrap().unwrap();
+        assert_eq!(
+            (c.value, c.create_revision, c.mod_revision, c.version),
+            (b"7".to_vec(), 5, 7, 2)
+        );
+        assert_eq!(store.range("/").unwrap().0.len(), 1);
+    }
+
+    /// A file written by a build that kept its keys in a table (format 1) is moved into the
+    /// log when opened for writing, with every key's revisions, the history since the
+    /// compaction point still there to watch; after that a binary that reads format 1 is
+    /// refused by redb rather than finding no keys.
+    #[tokio::test]
+    async fn a_format_1_file_is_moved_into_the_log_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.redb");
+        {
+            // As format 1 left it: revision 5, compacted to 3.
+            let db = Database::create(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            {
+                let mut kv = wtx.open_table(KV).unwrap();
+                kv.insert("/old", (1, 2, 2, &b"o"[..])).unwrap();
+                kv.insert("/new", (4, 4, 1, &b"n"[..])).unwrap();
+                kv.insert("/upd", (3, 5, 2, &b"u2"[..])).unwrap();
+                let mut log = wtx.open_table(LOG).unwrap();
+                log.insert((4, 0), ("/new", false, 4, 1, &b"n"[..], None))
+                    .unwrap();
+                log.insert((5, 0), ("/upd", false, 3, 2, &b"u2"[..], Some(&b"u1"[..])))
+                    .unwrap();
+                let mut meta = wtx.open_table(META).unwrap();
+                meta.insert(META_REVISION, 5).unwrap();
+                meta.insert(META_COMPACTED, 3).unwrap();
+            }
+            wtx.commit().unwrap();
+        }
+        let summary = |kvs: Vec<KeyValue>| {
+            kvs.into_iter()
+                .map(|kv| {
+                    (
+                        kv.key,
+                        kv.create_revision,
+                        kv.mod_revision,
+                        kv.version,
+                        kv.value,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let expected = vec![
+            ("/new".to_string(), 4, 4, 1, b"n".to_vec()),
+            ("/old".to_string(), 1, 2, 2, b"o".to_vec()),
+            ("/upd".to_string(), 3, 5, 2, b"u2".to_vec()),
+        ];
+        let (kvs, revision) = ReadOnlyStore::open(&path).unwrap().range("/").unwrap();
+        assert_eq!(
+            (summary(kvs), revision),
+            (expected.clone(), 5),
+            "read as format 1"
+        );
+
+        let store = Store::open(&path).unwrap();
+        let (kvs, revision) = store.range("/").unwrap();
+        assert_eq!((summary(kvs), revision), (expected.clone(), 5));
+        assert_eq!(store.compacted_revision(), 3);
+        let mut watch = store.watch("/", 4).unwrap();
+        for (key, revision) in [("/new", 4), ("/upd", 5)] {
+            let event = watch.next().await.unwrap().unwrap();
+            assert_eq!(
+                (event.kv.key.as_str(), event.kv.mod_revision),
+                (key, revision)
+            );
+        }
+        assert_eq!(store.put("/old", b"o3".to_vec()).unwrap(), 6);
+        drop(store);
+
+        let db = Database::open(&path).unwrap();
+        let rtx = db.begin_read().unwrap();
+        assert!(matches!(
+            rtx.open_table(KV),
+            Err(redb::TableError::TableTypeMismatch { .. })
+        ));
+        assert_eq!(
+            meta_get(&rtx.open_table(META).unwrap(), META_FORMAT).unwrap(),
+            FORMAT
+        );
+        drop((rtx, db));
+
+        let mut expected = expected;
+        expected[1] = ("/old".to_string(), 1, 6, 3, b"o3".to_vec());
+        let (kvs, revision) = ReadOnlyStore::open(&path).unwrap().range("/").unwrap();
+        assert_eq!(
+            (summary(kvs), revision),
+            (expected.clone(), 6),
+            "read as format 2"
+        );
+        let (kvs, _) = Store::open(&path).unwrap().range("/").unwrap();
+        assert_eq!(summary(kvs), expected, "opened again");
+    }
+
+    #[test]
+    fn a_file_of_a_newer_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        drop(Store::open(&path).unwrap());
+        {
+            let db = Database::open(&path).unwrap();
+            let wtx = db.begin_write().unwrap();
+            wtx.open_table(META)
+                .unwrap()
+                .insert(META_FORMAT, FORMAT + 1)
+                .unwrap();
+            wtx.commit().unwrap();
+        }
+        let err = Store::open(&path).unwrap_err().to_string();
+        assert!(err.contains("written by a newer shoal"), "{err}");
     }
 }
