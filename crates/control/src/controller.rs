@@ -237,7 +237,7 @@ impl ControlPlane {
             self.prune_events(fence)?;
             self.prune_revisions(fence, &mirror.world)?;
             self.collect_modules(self.config().module_gc_grace)?;
-            self.compact_history()?;
+            self.compact_history(mirror.revision)?;
             let apps = &mirror.world.apps;
             self.inner.metrics.retain_apps(|app| apps.contains_key(app));
             let revisions = &mirror.world.revisions;
@@ -361,10 +361,13 @@ impl ControlPlane {
     }
 
     /// Keeps the watch history to its last [`HISTORY`] revisions: older
-    /// watchers re-read the snapshot, and the file stops growing.
-    fn compact_history(&self) -> Result<(), ControlError> {
+    /// watchers re-read the snapshot, and the file stops growing. Never past `read`, what
+    /// the controller's own watch has delivered: one that fell behind a burst of writes
+    /// (outside `/`, say) finds its history in the log rather than reading the whole state
+    /// again.
+    fn compact_history(&self, read: u64) -> Result<(), ControlError> {
         let store = self.store();
-        let target = store.revision().saturating_sub(HISTORY);
+        let target = store.revision().saturating_sub(HISTORY).min(read);
         if target > store.compacted_revision() + HISTORY / 10 {
             store.compact(target)?;
         }
@@ -601,6 +604,23 @@ mod tests {
 
     fn ages(leases: &Leases) -> Vec<(&str, u64)> {
         leases.ages.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+    }
+
+    /// History is compacted to [`HISTORY`] revisions back, but never past what the
+    /// controller's watch has delivered.
+    #[test]
+    fn history_is_compacted_no_further_than_the_controller_has_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = crate::state::tests::control_plane(dir.path());
+        let store = cp.store();
+        let txn = |i: u64| shoal_store::Txn::new().then(Op::put(format!("bench/{i}"), vec![]));
+        let written = store.txns((0..HISTORY * 2).map(txn).collect());
+        assert!(written.iter().all(Result::is_ok));
+        let revision = store.revision();
+        cp.compact_history(5_000).unwrap();
+        assert_eq!(store.compacted_revision(), 5_000);
+        cp.compact_history(revision).unwrap();
+        assert_eq!(store.compacted_revision(), revision - HISTORY);
     }
 
     /// A long history (many applies between quiet passes) and many events are pruned in
