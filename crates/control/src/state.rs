@@ -667,6 +667,8 @@ impl ControlPlane {
         let claims = self.route_claims(&spec)?;
         let mut warnings = self.grants_naming_apps(&spec)?;
         warnings.extend(spec.env_warnings());
+        let exports = module.as_ref().and_then(|(m, _)| m.exports.as_deref());
+        warnings.extend(spec.reuse_warnings(exports.map(shoal_core::spec::serves_p3)));
 
         let key = spec.key();
         let app_key = keys::app(&key);
@@ -2163,6 +2165,36 @@ pub(crate) mod tests {
                     .then(Op::put(keys::revision(&key, from), encode(&rev))),
             )
             .unwrap();
+    }
+
+    /// An apply says when `reuse_concurrent` changes nothing: the uploaded module's exports
+    /// tell a WASIp2 component, whose instances serve one request at a time.
+    #[test]
+    fn reuse_concurrent_on_a_p2_component_is_applied_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path());
+        let mut app = spec(&cp, "web", &["/web"]);
+        let http = app.http.as_mut().unwrap();
+        http.reuse = 128;
+        http.reuse_concurrent = 4;
+        let exports = |handler: &str| {
+            let key = keys::module(&app.component.digest);
+            let (mut module, _) = cp.get::<Module>(&key).unwrap().unwrap();
+            module.exports = Some(vec![format!("wasi:http/{handler}")]);
+            cp.store()
+                .txn(Txn::new().then(Op::put(&key, encode(&module))))
+                .unwrap();
+        };
+        exports("incoming-handler@0.2.6");
+        let result = cp.apply(app.clone(), true).unwrap();
+        assert!(
+            result.warnings.len() == 1 && result.warnings[0].contains("served as WASIp2"),
+            "{:?}",
+            result.warnings
+        );
+        exports("handler@0.3.0-rc-2025-09-16");
+        let result = cp.apply(app, true).unwrap();
+        assert!(result.warnings.is_empty(), "{:?}", result.warnings);
     }
 
     /// After an automatic rollback and a fix, a plain `rollout undo` goes back to what ran

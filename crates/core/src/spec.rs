@@ -1929,6 +1929,28 @@ impl AppSpec {
         warnings
     }
 
+    /// `[http] reuse_concurrent` set where it changes nothing, so the apply says so: with
+    /// `reuse = 1` (an instance serves one request), or for a component served as WASIp2
+    /// (`serves_p3` false: its instances serve one request at a time). `serves_p3` is `None`
+    /// when the module's exports are not known.
+    pub fn reuse_warnings(&self, serves_p3: Option<bool>) -> Vec<String> {
+        let Some(http) = &self.http else {
+            return Vec::new();
+        };
+        let n = http.reuse_concurrent;
+        if n == DEFAULT_REUSE_CONCURRENT {
+            return Vec::new();
+        }
+        let why = if http.reuse == 1 {
+            "with reuse = 1 an instance serves one request: set reuse above 1 for instances that serve several at once"
+        } else if serves_p3 == Some(false) {
+            "the component is served as WASIp2, whose instances serve one request at a time; it applies to WASIp3 components (exporting wasi:http/handler@0.3)"
+        } else {
+            return Vec::new();
+        };
+        vec![format!("http.reuse_concurrent = {n} has no effect: {why}")]
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         let field = |f: &str, m: String| Err(SpecError::field(f, m));
         if let Err(e) = validate_name(&self.name) {
@@ -4129,6 +4151,25 @@ A = "1"
         let e = err(&HELLO.replace("timeout = \"5s\"", "reuse_concurrent = 1001"));
         assert_eq!(e.field.as_deref(), Some("http.reuse_concurrent"));
         assert_eq!(e.line, Some(18));
+    }
+
+    /// `reuse_concurrent` where it changes nothing is applied, with a warning saying why.
+    #[test]
+    fn reuse_concurrent_that_changes_nothing_is_warned_of() {
+        let with = |http: &str| resolve(&HELLO.replace("timeout = \"5s\"", http));
+        let lone = with("reuse_concurrent = 4").reuse_warnings(Some(true));
+        assert!(
+            lone.len() == 1 && lone[0].contains("with reuse = 1"),
+            "{lone:?}"
+        );
+        let reused = with("reuse = 128\nreuse_concurrent = 4");
+        assert_eq!(reused.reuse_warnings(Some(true)), Vec::<String>::new());
+        assert_eq!(reused.reuse_warnings(None), Vec::<String>::new());
+        let p2 = reused.reuse_warnings(Some(false));
+        assert!(p2.len() == 1 && p2[0].contains("WASIp2"), "{p2:?}");
+        // Not set: nothing to say.
+        let default = with("reuse = 128");
+        assert_eq!(default.reuse_warnings(Some(false)), Vec::<String>::new());
     }
 
     /// A secret reference moved to a newer version is said as the secret's change, once,
