@@ -374,6 +374,31 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
+/// The address a client connected to this gateway from, as the connection gave it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientAddr(pub(crate) std::net::IpAddr);
+
+/// What a client's request carries to the guest of where it came from, as a proxy in front of
+/// a server says (nginx's `$proxy_add_x_forwarded_for`, Envoy's edge): the client's address
+/// appended to `x-forwarded-for` (what the client sent itself comes first, and is only as
+/// true as the client), and `x-forwarded-proto` set to the scheme it used. Done once, at the
+/// gateway the client reached: a hop to another node carries both unchanged.
+pub(crate) fn forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr, https: bool) {
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    let mut value = Vec::new();
+    for sent in headers.get_all(&X_FORWARDED_FOR) {
+        value.extend_from_slice(sent.as_bytes());
+        value.extend_from_slice(b", ");
+    }
+    value.extend_from_slice(client.to_canonical().to_string().as_bytes());
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    let scheme = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+}
+
 /// Methods that mean the same when sent twice (RFC 9110 §9.2.2), minus CONNECT and PATCH.
 fn is_idempotent(method: &Method) -> bool {
     matches!(
@@ -580,6 +605,33 @@ fn client_error(e: &legacy::Error) -> HttpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client's address goes after what it sent, over one or several fields; the scheme
+    /// is the gateway's to say, whatever the client claimed.
+    #[test]
+    fn the_client_address_is_appended_to_x_forwarded_for() {
+        let v4: std::net::IpAddr = "192.0.2.9".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        forwarded_for(&mut headers, v4, false);
+        assert_eq!(headers["x-forwarded-for"], "192.0.2.9");
+        assert_eq!(headers["x-forwarded-proto"], "http");
+
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.9".parse().unwrap();
+        forwarded_for(&mut headers, mapped, false);
+        let all: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["203.0.113.7, 198.51.100.1, 192.0.2.9"]);
+        assert_eq!(headers["x-forwarded-proto"], "http");
+
+        let v6: std::net::IpAddr = "2001:db8::1".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        forwarded_for(&mut headers, v6, true);
+        assert_eq!(headers["x-forwarded-for"], "2001:db8::1");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+    }
 
     fn req(method: Method, headers: &[(&str, &str)]) -> Request<WasiBody> {
         let mut r = Request::new(empty());

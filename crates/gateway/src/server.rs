@@ -771,6 +771,10 @@ impl Gateway {
                 );
             }
             Access::Public => {
+                if let Some(proxy::ClientAddr(client)) = req.extensions().get().copied() {
+                    let https = req.extensions().get::<shoal_runtime::ClientTls>().is_some();
+                    proxy::forwarded_for(req.headers_mut(), client, https);
+                }
                 // The host routed by is the guest's too (it reads `host`): a URI's authority
                 // (HTTP/2's, or HTTP/1.1's absolute form) is the one that counts, over any
                 // `host` sent beside it (RFC 9112 §3.2.2, RFC 9113 §8.3.1).
@@ -1605,6 +1609,7 @@ async fn serve_connection<I>(
         if let Some(member) = member {
             req.extensions_mut().insert(member);
         }
+        req.extensions_mut().insert(proxy::ClientAddr(peer.ip()));
         if tls {
             req.extensions_mut().insert(shoal_runtime::ClientTls);
         }

@@ -89,6 +89,33 @@ async fn a_replica_on_another_node_answers_through_this_gateway() {
         );
     }
 
+    // The guest learns the client's address and scheme from the gateway the client
+    // reached; the hop to B adds nothing of its own.
+    let reply = client
+        .send(
+            Method::GET,
+            &format!("http://{a_addr}/faulty/headers"),
+            &[
+                ("x-forwarded-for", "203.0.113.7"),
+                ("x-forwarded-proto", "https"),
+            ],
+            Bytes::new(),
+        )
+        .await;
+    let seen = reply.text();
+    let forwarded: Vec<&str> = seen
+        .lines()
+        .filter(|l| l.starts_with("x-forwarded-"))
+        .collect();
+    assert_eq!(
+        forwarded,
+        [
+            "x-forwarded-for: 203.0.113.7, 127.0.0.1",
+            "x-forwarded-proto: http"
+        ],
+        "{seen}"
+    );
+
     // A guest's status and a streamed 1 MiB body come back intact, both ways.
     let reply = client
         .get(&format!("http://{a_addr}/faulty/status/418"))
