@@ -84,3 +84,28 @@ fn reuse_values_out_of_range_are_refused_with_their_place() {
         assert!(err.contains(&format!("bad.toml:{line}:")), "{http}: {err}");
     }
 }
+
+/// `get nodes` counts the instances alive on each node, as its heartbeat says: one kept for
+/// reuse stays counted between requests.
+#[test]
+fn get_nodes_counts_the_instances_alive() {
+    let c = Cluster::start();
+    let spec = faulty(&c, "k", "reuse = 100\nreuse_idle = \"60s\"", "V = \"1\"");
+    c.cli_ok(&["apply", "-f", &spec]);
+    c.wait_gw("/faulty-k/count", 200, "");
+    let mut table = String::new();
+    let counted = poll(Duration::from_secs(20), || {
+        table = c.cli_ok(&["get", "nodes"]);
+        let mut lines = table.lines();
+        let at = lines
+            .next()
+            .and_then(|h| h.split_whitespace().position(|c| c == "INSTANCES"))
+            .expect("an INSTANCES column");
+        lines
+            .filter_map(|l| l.split_whitespace().nth(at)?.split_once('/'))
+            .any(|(alive, _)| alive.parse::<u64>().is_ok_and(|n| n >= 1))
+    });
+    assert!(counted, "{table}");
+    let nodes = c.api_json("/v1/nodes");
+    assert!(nodes[0]["instances_alive"].as_u64() >= Some(1), "{nodes:#}");
+}

@@ -522,7 +522,11 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                             format_memory(n.allocated.memory_bytes),
                             format_memory(n.node.capacity.memory_bytes)
                         ),
-                        format!("{}/{}", n.allocated.instances, n.node.capacity.instances),
+                        format!(
+                            "{}/{}",
+                            n.instances_alive.map_or("-".into(), |a| a.to_string()),
+                            n.node.capacity.instances
+                        ),
                         n.replicas.to_string(),
                         n.node.gateway.clone(),
                         age(n.last_heartbeat),

@@ -135,6 +135,7 @@ mod tests {
             memory: Some(NodeUsage {
                 memory_reserved_bytes: 32 << 20,
                 memory_budget_bytes: 6 << 30,
+                instances: Some(2),
             }),
             replicas: 3,
             requests_per_second: 12.34,

@@ -428,6 +428,7 @@ impl Agent {
             let usage = NodeUsage {
                 memory_reserved_bytes: self.inner.runtime.memory_reserved(),
                 memory_budget_bytes: self.inner.runtime.memory_budget(),
+                instances: Some(self.inner.runtime.instances_alive()),
             };
             match self
                 .inner

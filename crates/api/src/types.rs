@@ -217,6 +217,10 @@ pub struct NodeUsage {
     pub memory_reserved_bytes: u64,
     /// The guest memory the node hands out at once.
     pub memory_budget_bytes: u64,
+    /// Instances alive now: serving, kept for reuse or running a job (absent from nodes of
+    /// earlier releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u64>,
 }
 
 /// One row of `shoal top nodes`: what a node's guests use now.
@@ -276,6 +280,10 @@ pub struct NodeSummary {
     /// evicted). `shoal get nodes` shows it as `Unknown`, as kubectl does.
     #[serde(default)]
     pub silent: bool,
+    /// Instances alive on it now, of `node.capacity.instances`, as its last heartbeat in the
+    /// last 10 s said (to the server answering).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances_alive: Option<u64>,
 }
 
 /// `PUT /v1/nodes/{name}/labels` (`shoal node label`): labels to set and to remove, as

@@ -674,6 +674,7 @@ mod tests {
         let usage = NodeUsage {
             memory_reserved_bytes: 1 << 20,
             memory_budget_bytes: 1 << 30,
+            instances: Some(3),
         };
         m.set_usage("n1", usage, 70_000);
         assert_eq!(m.node("n1", 80_000).0, Some(usage));

@@ -568,6 +568,7 @@ mod tests {
             replicas: 0,
             last_heartbeat: 0,
             silent: false,
+            instances_alive: Some(1),
         };
         fits(
             &doc,

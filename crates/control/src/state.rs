@@ -1541,9 +1541,11 @@ impl ControlPlane {
                     count += 1;
                 }
                 let last_heartbeat = leases.get(&node.name).copied().unwrap_or(0);
+                let (usage, _) = self.inner.metrics.node(&node.name, now);
                 NodeSummary {
                     silent: node.state == NodeState::Ready
                         && now.saturating_sub(last_heartbeat) > grace,
+                    instances_alive: usage.and_then(|u| u.instances),
                     last_heartbeat,
                     node,
                     allocated,

@@ -36,6 +36,8 @@ pub(crate) struct MemoryBudget {
     total_pages: usize,
     /// Reservations waiting for room now.
     waiting: AtomicUsize,
+    /// Reservations held now: one per instance alive.
+    held: Arc<AtomicUsize>,
     /// Woken when a reservation starts waiting.
     pressure: Notify,
     /// Per app, the turn to wait in the queue; an app's entry goes once no one holds it.
@@ -45,6 +47,23 @@ pub(crate) struct MemoryBudget {
 /// Room for one instance's memory in the node's budget, given back when dropped.
 pub(crate) struct Reservation {
     _pages: OwnedSemaphorePermit,
+    held: Arc<AtomicUsize>,
+}
+
+impl Reservation {
+    fn new(pages: OwnedSemaphorePermit, held: &Arc<AtomicUsize>) -> Reservation {
+        held.fetch_add(1, Ordering::Relaxed);
+        Reservation {
+            _pages: pages,
+            held: held.clone(),
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl MemoryBudget {
@@ -57,6 +76,7 @@ impl MemoryBudget {
             pages: Arc::new(Semaphore::new(total_pages)),
             total_pages,
             waiting: AtomicUsize::new(0),
+            held: Arc::default(),
             pressure: Notify::new(),
             turns: Mutex::default(),
         }
@@ -70,6 +90,11 @@ impl MemoryBudget {
     /// Bytes reserved by instances alive now.
     pub(crate) fn reserved(&self) -> u64 {
         (self.total_pages - self.pages.available_permits()) as u64 * PAGE
+    }
+
+    /// Reservations held now: the instances alive.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Room for `bytes` (rounded up to whole pages) for an instance of app `group`, waiting
@@ -87,7 +112,7 @@ impl MemoryBudget {
             return None;
         }
         if let Ok(permit) = self.pages.clone().try_acquire_many_owned(pages) {
-            return Some(Reservation { _pages: permit });
+            return Some(Reservation::new(permit, &self.held));
         }
         let _waiting = Waiting::start(self);
         let deadline = tokio::time::Instant::now() + wait;
@@ -100,7 +125,7 @@ impl MemoryBudget {
                 .await
                 .ok()?
                 .ok()?;
-        Some(Reservation { _pages: permit })
+        Some(Reservation::new(permit, &self.held))
     }
 
     /// Whether a reservation is waiting for room: an idle instance should let its memory go.
@@ -297,6 +322,29 @@ mod tests {
 
     fn app() -> Arc<str> {
         "default/app".into()
+    }
+
+    /// Each reservation counts as an instance alive until it is dropped.
+    #[tokio::test]
+    async fn reservations_held_are_counted_until_dropped() {
+        let budget = MemoryBudget::new(4 * PAGE);
+        let one = budget.reserve(&app(), PAGE, Duration::ZERO).await.unwrap();
+        let two = budget
+            .reserve(&app(), 2 * PAGE, Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(budget.held(), 2);
+        assert!(
+            budget
+                .reserve(&app(), 2 * PAGE, Duration::ZERO)
+                .await
+                .is_none()
+        );
+        assert_eq!(budget.held(), 2, "a reservation refused is not counted");
+        drop(one);
+        assert_eq!(budget.held(), 1);
+        drop(two);
+        assert_eq!(budget.held(), 0);
     }
 
     /// A burst of one app's reservations waits behind itself: another app's, asking after

@@ -462,6 +462,12 @@ impl Runtime {
         self.inner.memory.reserved()
     }
 
+    /// Instances alive now (each holds its room in the memory budget): serving, kept for
+    /// reuse, or running a job.
+    pub fn instances_alive(&self) -> u64 {
+        self.inner.memory.held() as u64
+    }
+
     /// Bytes of the memory budget: [`RuntimeConfig::memory_budget_bytes`] in whole 64 KiB pages.
     pub fn memory_budget(&self) -> u64 {
         self.inner.memory.total()
