@@ -108,4 +108,15 @@ fn get_nodes_counts_the_instances_alive() {
     assert!(counted, "{table}");
     let nodes = c.api_json("/v1/nodes");
     assert!(nodes[0]["instances_alive"].as_u64() >= Some(1), "{nodes:#}");
+    let name = nodes[0]["name"].as_str().unwrap();
+    let described = c.cli_ok(&["describe", "node", name]);
+    let used = described
+        .lines()
+        .find(|l| l.starts_with("Used:"))
+        .unwrap_or_default();
+    let alive = used
+        .split(", ")
+        .find_map(|part| part.strip_suffix(" instances alive"))
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(alive >= Some(1), "{described}");
 }

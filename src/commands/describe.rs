@@ -83,8 +83,12 @@ async fn node(ctx: Context, args: DescribeArgs) -> Result<()> {
             format_memory(m.memory_budget_bytes)
         )
     });
+    let instances = u
+        .memory
+        .and_then(|m| m.instances)
+        .map_or("-".into(), |n| n.to_string());
     println!(
-        "Used:         cpu {}, memory {memory}, {:.2} requests/s routed",
+        "Used:         cpu {}, memory {memory}, {instances} instances alive, {:.2} requests/s routed",
         u.cpu_millis.map_or("-".into(), |c| format!("{c}m")),
         u.requests_per_second
     );
