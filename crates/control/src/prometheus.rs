@@ -1,7 +1,8 @@
 //! `GET /v1/metrics`: the cluster in Prometheus' text format (encoded by prometheus-client, with
 //! counter families named as the classic format names them), read at each scrape. Per app revision, what every gateway counted since this control plane
 //! started (requests, 5xx answers, time to the response head as a histogram); per phase, the
-//! replicas; per state, the nodes; the apps. And what the control plane observes as it works:
+//! replicas; per state, the nodes; the apps, and per app the replicas it wants, those ready and
+//! their restarts. And what the control plane observes as it works:
 //! controller passes and decisions, heartbeats, incidents, store commits, how long replicas
 //! waited for a node. Names and labels follow Prometheus' conventions
 //! (`promtool check metrics` passes, `tests/metrics.rs`).
@@ -18,7 +19,7 @@ use prometheus_client::registry::Registry;
 use shoal_core::clients::{Clients, ConnectionStats};
 use shoal_core::metrics::{LATENCY_BOUNDS_MS, RevisionStats, classic_counter_names};
 use shoal_core::objects::keys;
-use shoal_core::{App, Node, NodeState, Phase, Replica};
+use shoal_core::{Node, NodeState, Phase, Replica};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -103,11 +104,26 @@ impl Observed {
     }
 }
 
+/// Reads one of [`AppReplicas`]' gauges.
+type AppGauge = fn(&AppReplicas) -> &i64;
+
+/// One app's replicas as a scrape reports them.
+#[derive(Debug)]
+struct AppReplicas {
+    namespace: String,
+    app: String,
+    desired: i64,
+    ready: i64,
+    restarts: i64,
+}
+
 /// What one scrape reports, read before encoding.
 #[derive(Debug)]
 struct Scrape {
     revisions: Vec<RevisionStats>,
     apps: i64,
+    /// Per app: the replicas it wants now, those serving, and the restarts of its replicas.
+    app_replicas: Vec<AppReplicas>,
     replicas: BTreeMap<String, i64>,
     nodes: BTreeMap<String, i64>,
     /// The API's connections, once it serves.
@@ -172,6 +188,34 @@ impl Collector for Scrape {
         encoder
             .encode_descriptor("shoal_apps", "Apps", None, MetricType::Gauge)?
             .encode_gauge(&self.apps)?;
+        let per_app: [(&str, &str, AppGauge); 3] = [
+            (
+                "shoal_app_replicas_desired",
+                "Replicas an app wants now, as get apps shows them (a job: its runs going)",
+                |a| &a.desired,
+            ),
+            (
+                "shoal_app_replicas_ready",
+                "An app's replicas serving now (Ready; Running for daemons and jobs)",
+                |a| &a.ready,
+            ),
+            (
+                "shoal_app_replica_restarts",
+                "Times nodes started an app's current replicas again after they exited, summed",
+                |a| &a.restarts,
+            ),
+        ];
+        for (name, help, value) in per_app {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for a in &self.app_replicas {
+                family
+                    .encode_family(&vec![
+                        ("namespace", a.namespace.clone()),
+                        ("app", a.app.clone()),
+                    ])?
+                    .encode_gauge(value(a))?;
+            }
+        }
         let mut replicas = encoder.encode_descriptor(
             "shoal_replicas",
             "Replicas by phase",
@@ -225,7 +269,7 @@ impl ControlPlane {
         for m in self.inner.metrics.snapshot().into_values() {
             revisions.extend(m.totals.into_values());
         }
-        let apps: Vec<App> = self.list(&keys::APPS)?;
+        let apps = self.summaries(None)?;
         // Every phase and state, 0 included: an alert on `shoal_nodes{state="NotReady"} > 0`
         // must see a series, not none, when all is well.
         let mut replicas: BTreeMap<String, i64> = [
@@ -241,9 +285,24 @@ impl ControlPlane {
         .iter()
         .map(|p| (format!("{p:?}"), 0))
         .collect();
+        let mut restarts: BTreeMap<(String, String), i64> = BTreeMap::new();
         for r in self.list::<Replica>(&keys::REPLICAS)? {
             *replicas.entry(format!("{:?}", r.phase)).or_insert(0) += 1;
+            *restarts.entry((r.app.namespace, r.app.name)).or_insert(0) += i64::from(r.restarts);
         }
+        let app_replicas = apps
+            .iter()
+            .map(|a| {
+                let key = (a.namespace.clone(), a.name.clone());
+                AppReplicas {
+                    desired: i64::from(a.desired),
+                    ready: a.ready as i64,
+                    restarts: restarts.get(&key).copied().unwrap_or(0),
+                    namespace: key.0,
+                    app: key.1,
+                }
+            })
+            .collect();
         let mut nodes: BTreeMap<String, i64> = [NodeState::Ready, NodeState::NotReady]
             .iter()
             .map(|s| (format!("{s:?}"), 0))
@@ -256,6 +315,7 @@ impl ControlPlane {
         registry.register_collector(Box::new(Scrape {
             revisions,
             apps: apps.len() as i64,
+            app_replicas,
             replicas,
             nodes,
             api: self.inner.api_clients.get().map(|c| c.stats()),
