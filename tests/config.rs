@@ -205,6 +205,20 @@ fn config_sets_are_shared_and_a_change_rolls_their_users() {
         c.cli_ok(&["config", "get", "shared"]),
         "color=green\ngreeting=from the set\n"
     );
+    // Listed as `get` lists the rest, by name and in every namespace.
+    assert_eq!(c.cli_ok(&["get", "configs"]), listed);
+    let one = c.cli_ok(&["get", "config", "shared"]);
+    assert!(
+        one.contains("shared") && one.contains("color,greeting"),
+        "{one}"
+    );
+    let all = c.cli_ok(&["get", "configs", "-A"]);
+    assert!(
+        all.starts_with("NAMESPACE") && all.contains("default"),
+        "{all}"
+    );
+    let err = c.cli_err(&["get", "config", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
     // In use: not deleted.
     let err = c.cli_err(&["config", "delete", "shared"]);
     assert!(err.contains("used by settings"), "{err}");

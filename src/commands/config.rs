@@ -311,18 +311,7 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
                 output::json(&sets);
                 return Ok(());
             }
-            let rows: Vec<Vec<String>> = sets
-                .iter()
-                .map(|s| {
-                    vec![
-                        s.name.clone(),
-                        s.keys.join(","),
-                        s.used_by.join(","),
-                        age(s.updated_at),
-                    ]
-                })
-                .collect();
-            table(&["NAME", "KEYS", "USED BY", "UPDATED"], &rows);
+            table(CONFIG_COLUMNS, &config_rows(&sets));
         }
         SetAction::Delete { name } => {
             client
@@ -335,6 +324,23 @@ async fn sets(ctx: Context, action: SetAction) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `config get` and `get configs` show of each set.
+pub const CONFIG_COLUMNS: &[&str] = &["NAME", "KEYS", "USED BY", "UPDATED"];
+
+/// One row per config set, as [`CONFIG_COLUMNS`].
+pub fn config_rows(sets: &[ConfigSetView]) -> Vec<Vec<String>> {
+    sets.iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.keys.join(","),
+                s.used_by.join(","),
+                age(s.updated_at),
+            ]
+        })
+        .collect()
 }
 
 fn report(ctx: &Context, written: &ConfigSetWritten, verb: &str) {

@@ -3,7 +3,8 @@ use crate::client::Client;
 use crate::output::{self, Format, age, short_digest, table};
 use anyhow::Result;
 use shoal_api::{
-    AppSummary, JobSummary, NodeSummary, ScaleView, SecretView, Service, VolumeView, seg,
+    AppSummary, ConfigSetView, JobSummary, NodeSummary, ScaleView, SecretView, Service, VolumeView,
+    seg,
 };
 use shoal_core::quantity::format_memory;
 use shoal_core::{Event, Module, NodeState, Replica};
@@ -60,6 +61,9 @@ enum What {
     Services,
     #[value(alias = "secret")]
     Secrets,
+    /// Config sets (`shoal config`).
+    #[value(alias = "config")]
+    Configs,
     #[value(alias = "volume")]
     Volumes,
 }
@@ -78,6 +82,7 @@ impl What {
             What::Events => "event",
             What::Services => "service",
             What::Secrets => "secret",
+            What::Configs => "config set",
             What::Volumes => "volume",
         }
     }
@@ -467,6 +472,15 @@ async fn list(ctx: &Context, client: &Client, args: &GetArgs) -> Result<Listing>
                 super::secret::SECRET_COLUMNS,
                 secrets.iter().map(|s| s.namespace.as_str()),
                 super::secret::secret_rows(&secrets),
+            )
+        }
+        What::Configs => {
+            let sets: Vec<ConfigSetView> = client.get(&format!("/v1/configs?{ns}")).await?;
+            Listing::namespaced(
+                serde_json::to_value(&sets)?,
+                super::config::CONFIG_COLUMNS,
+                sets.iter().map(|s| s.namespace.as_str()),
+                super::config::config_rows(&sets),
             )
         }
         What::Modules => {
