@@ -91,7 +91,8 @@ pub trait KvStore: Send + Sync + 'static {
     fn compact(&self, revision: u64) -> Result<(), StoreError>;
 
     /// Has `observer` told how long each durable commit takes (redb's: the durable write, its
-    /// fsync; one per group commit, however many transactions share it), for the control
+    /// fsync; one per group commit, however many transactions share it, and one per step of a
+    /// compaction), for the control
     /// plane's metrics; replaces any observer before it. A backend with no such step to time
     /// ignores it.
     fn observe_commits(&self, _observer: CommitObserver) {}
