@@ -215,6 +215,15 @@ impl Client {
     /// with `token`, trusting the cluster CA `ca` (PEM).
     pub fn connect(server: &str, token: &str, ca: Option<&str>) -> Result<Client> {
         let servers = Servers::parse(server).with_context(|| format!("the server {server:?}"))?;
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        let urls = servers.urls();
+        if let Some(url) = in_plain_text(&urls).first() {
+            WARNED.call_once(|| {
+                eprintln!(
+                    "Warning: {url} is plain HTTP to another machine: the API token goes over the network in clear text, for anyone on the path to take (a server started with --plain-http; use https)"
+                );
+            });
+        }
         // A server that does not take a connection within this is left for the next one.
         let mut http = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
         if let Some(pem) = ca {
@@ -276,6 +285,26 @@ impl Client {
 }
 
 /// How long the CLI waits for a server to take a connection before it counts as down.
+/// The servers of `urls` that a token would reach in clear text over a network: `http://` to a
+/// host other than this machine's loopback.
+fn in_plain_text(urls: &[String]) -> Vec<&str> {
+    urls.iter()
+        .filter(|u| {
+            let Ok(url) = reqwest::Url::parse(u) else {
+                return false;
+            };
+            let host = url.host_str().unwrap_or_default();
+            let ip = host.trim_start_matches('[').trim_end_matches(']');
+            let local = host.eq_ignore_ascii_case("localhost")
+                || ip
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            url.scheme() == "http" && !local
+        })
+        .map(String::as_str)
+        .collect()
+}
+
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A failed call, said for a person at a terminal, classified for the exit code.
@@ -388,6 +417,30 @@ fn unreachable(e: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Plain HTTP is warned of only where the token leaves this machine.
+    #[test]
+    fn plain_http_off_this_machine_is_found() {
+        let urls: Vec<String> = [
+            "http://127.0.0.1:7700",
+            "http://localhost:7700",
+            "http://[::1]:7700",
+            "https://cp.example.com:7700",
+            "http://cp.example.com:7700",
+            "http://10.0.0.5:7700",
+            "http://[2001:db8::1]:7700",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            in_plain_text(&urls),
+            [
+                "http://cp.example.com:7700",
+                "http://10.0.0.5:7700",
+                "http://[2001:db8::1]:7700"
+            ]
+        );
+    }
 
     /// A token goes to a file that can be written, never to standard output as `-`.
     #[test]

@@ -1178,6 +1178,26 @@ fn up_refuses_one_address_for_two_listeners() {
     assert!(!data.exists());
 }
 
+/// A token about to go over plain HTTP to another machine is warned of, once; to this
+/// machine's loopback it is not.
+#[test]
+fn a_token_sent_in_clear_text_off_this_machine_is_warned_of() {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = |server: &str| {
+        let out = std::process::Command::new(common::SHOAL)
+            .args(["--server", server, "--token", "t", "get", "apps"])
+            .env("SHOAL_CONFIG", dir.path().join("config.toml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "nothing listens at {server}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // TEST-NET-1 (RFC 5737): no machine, the same warning.
+    let said = stderr("http://192.0.2.1:9");
+    assert_eq!(said.matches("clear text").count(), 1, "{said}");
+    assert!(!stderr("http://127.0.0.1:9").contains("clear text"));
+}
+
 /// A follower whose reader goes away ends at once, by SIGPIPE as a write to the closed pipe
 /// would, though nothing new comes for it to write (`shoal events -f | head -1`).
 #[test]
