@@ -147,11 +147,7 @@ impl ControlPlane {
                                 tracing::warn!(error = %e, "controller cannot follow the store");
                                 break false;
                             }
-                            let key = ev.kv.key.as_str();
-                            if !keys::EVENTS.contains(key)
-                                && !keys::MODULES.contains(key)
-                                && !keys::LEASES.contains(key)
-                            {
+                            if wakes(ev.kv.key.as_str()) {
                                 break true;
                             }
                         }
@@ -559,6 +555,17 @@ impl LeaseClock {
     }
 }
 
+/// Whether a change to `key` is one to plan on at once. Not events, modules or leases (the
+/// tick judges those), nor guests' key-value writes, which the controller does not read and
+/// which come at thousands a second under a counter.
+fn wakes(key: &str) -> bool {
+    !keys::EVENTS.contains(key)
+        && !keys::MODULES.contains(key)
+        && !keys::LEASES.contains(key)
+        && !key.starts_with(keys::KEYVALUE)
+        && !key.starts_with(keys::KEYVALUE_USAGE)
+}
+
 /// Revisions of watch history kept (about 3 hours of one node's heartbeats).
 const HISTORY: u64 = 10_000;
 
@@ -604,6 +611,23 @@ mod tests {
 
     fn ages(leases: &Leases) -> Vec<(&str, u64)> {
         leases.ages.iter().map(|(n, a)| (n.as_str(), *a)).collect()
+    }
+
+    /// Changes to what it plans on wake the controller; guests' key-value writes, events,
+    /// modules and leases do not.
+    #[test]
+    fn guests_key_value_writes_do_not_wake_the_controller() {
+        for key in ["/apps/default/web", "/replicas/default/web/r1", "/nodes/n1"] {
+            assert!(wakes(key), "{key}");
+        }
+        for key in [
+            "/kv/default/counter/hits",
+            "/kv-usage/default/counter",
+            "/events/00000000000000000001-00000001",
+            "/leases/n1",
+        ] {
+            assert!(!wakes(key), "{key}");
+        }
     }
 
     /// History is compacted to [`HISTORY`] revisions back, but never past what the

@@ -34,11 +34,11 @@ const KEYS_PER_WRITE: usize = 100;
 
 /// Where bucket `bucket` of `ns` keeps its values.
 fn bucket_prefix(ns: &str, bucket: &str) -> String {
-    format!("/kv/{ns}/{bucket}/")
+    format!("{}{ns}/{bucket}/", keys::KEYVALUE)
 }
 
 fn usage_key(ns: &str, bucket: &str) -> String {
-    format!("/kv-usage/{ns}/{bucket}")
+    format!("{}{ns}/{bucket}", keys::KEYVALUE_USAGE)
 }
 
 /// What a bucket holds, kept beside it.
@@ -274,13 +274,13 @@ impl ControlPlane {
         ns: Option<&str>,
     ) -> Result<Vec<(String, String, KvUsage)>, ControlError> {
         let prefix = match ns {
-            Some(ns) => format!("/kv-usage/{ns}/"),
-            None => "/kv-usage/".to_string(),
+            Some(ns) => format!("{}{ns}/", keys::KEYVALUE_USAGE),
+            None => keys::KEYVALUE_USAGE.to_string(),
         };
         let (all, _) = self.inner.store.range(&prefix)?;
         all.iter()
             .map(|kv| {
-                let rest = &kv.key["/kv-usage/".len()..];
+                let rest = &kv.key[keys::KEYVALUE_USAGE.len()..];
                 let (ns, bucket) = rest.split_once('/').unwrap_or((rest, ""));
                 let usage = serde_json::from_slice(&kv.value).map_err(ControlError::internal)?;
                 Ok((ns.to_string(), bucket.to_string(), usage))

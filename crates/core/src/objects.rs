@@ -136,6 +136,10 @@ pub mod keys {
     pub const VOLUME_DELETIONS: Prefix<VolumeDeletion> = Prefix::fixed("/volume-deletions/");
     pub const POOLS: Prefix<Pool> = Prefix::fixed("/pools/");
     pub const QUOTAS: Prefix<Quota> = Prefix::fixed("/quotas/");
+    /// Guests' key-value buckets (`wasi:keyvalue`): their values, opaque bytes, under
+    /// `NAMESPACE/BUCKET/`, and what each bucket holds, under [`KEYVALUE_USAGE`].
+    pub const KEYVALUE: &str = "/kv/";
+    pub const KEYVALUE_USAGE: &str = "/kv-usage/";
     pub fn quota(namespace: &str) -> Key<Quota> {
         Key::new(format!("{}{namespace}", QUOTAS.as_str()))
     }
