@@ -56,7 +56,13 @@ fn instances_serve_up_to_their_count_and_a_new_revision_gets_its_own() {
     // Once a new revision has rolled out, only its instances answer, pooled or not.
     let reused = faulty(&c, "b", "reuse = 100", "V = \"2\"");
     c.cli_ok(&["apply", "-f", &reused]);
-    c.cli_ok(&["rollout", "status", "faulty-b", "--wait"]);
+    let waited = c.cli_ok(&["rollout", "status", "faulty-b", "--wait"]);
+    assert!(
+        waited
+            .trim_end()
+            .ends_with("app default/faulty-b: revision 2 rolled out, 1 of 1 replicas ready"),
+        "{waited}"
+    );
     let rolled = poll(Duration::from_secs(10), || {
         (0..20).all(|_| c.gw("/faulty-b/env/V").text().unwrap_or_default() == "2")
     });

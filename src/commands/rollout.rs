@@ -158,7 +158,17 @@ pub async fn run(ctx: Context, cmd: RolloutCommand) -> Result<()> {
                     (None, _) if view.kind == Kind::Job => return Ok(()),
                     // Not yet seen by the controller: wait.
                     (_, None) => {}
-                    (_, Some(RolloutPhase::Complete)) if all_ready => return Ok(()),
+                    (_, Some(RolloutPhase::Complete)) if all_ready => {
+                        // The last look may show a replica still coming (a rebalance's
+                        // surge): say plainly that the wait is over, as kubectl does.
+                        if ctx.output == Format::Table {
+                            println!(
+                                "app {ns}/{app}: revision {} rolled out, {ready} of {} replicas ready",
+                                view.revision, view.desired
+                            );
+                        }
+                        return Ok(());
+                    }
                     (_, Some(RolloutPhase::Complete)) if started.elapsed() > limit => {
                         anyhow::bail!(
                             "revision {} of {ns}/{app} rolled out, but {ready} of its {} replicas are ready after {timeout} (see `shoal get replicas --app {app}`)",
