@@ -269,7 +269,8 @@ impl ControlPlane {
         for m in self.inner.metrics.snapshot().into_values() {
             revisions.extend(m.totals.into_values());
         }
-        let apps = self.summaries(None)?;
+        let all = self.list::<Replica>(&keys::REPLICAS)?;
+        let apps = self.summaries_of(None, &all)?;
         // Every phase and state, 0 included: an alert on `shoal_nodes{state="NotReady"} > 0`
         // must see a series, not none, when all is well.
         let mut replicas: BTreeMap<String, i64> = [
@@ -285,22 +286,19 @@ impl ControlPlane {
         .iter()
         .map(|p| (format!("{p:?}"), 0))
         .collect();
-        let mut restarts: BTreeMap<(String, String), i64> = BTreeMap::new();
-        for r in self.list::<Replica>(&keys::REPLICAS)? {
+        let mut restarts: BTreeMap<(&String, &String), i64> = BTreeMap::new();
+        for r in &all {
             *replicas.entry(format!("{:?}", r.phase)).or_insert(0) += 1;
-            *restarts.entry((r.app.namespace, r.app.name)).or_insert(0) += i64::from(r.restarts);
+            *restarts.entry((&r.app.namespace, &r.app.name)).or_insert(0) += i64::from(r.restarts);
         }
         let app_replicas = apps
             .iter()
-            .map(|a| {
-                let key = (a.namespace.clone(), a.name.clone());
-                AppReplicas {
-                    desired: i64::from(a.desired),
-                    ready: a.ready as i64,
-                    restarts: restarts.get(&key).copied().unwrap_or(0),
-                    namespace: key.0,
-                    app: key.1,
-                }
+            .map(|a| AppReplicas {
+                desired: i64::from(a.desired),
+                ready: a.ready as i64,
+                restarts: restarts.get(&(&a.namespace, &a.name)).copied().unwrap_or(0),
+                namespace: a.namespace.clone(),
+                app: a.name.clone(),
             })
             .collect();
         let mut nodes: BTreeMap<String, i64> = [NodeState::Ready, NodeState::NotReady]

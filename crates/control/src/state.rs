@@ -1349,17 +1349,26 @@ impl ControlPlane {
         &self,
         namespace: Option<&str>,
     ) -> Result<Vec<AppSummary>, ControlError> {
+        self.summaries_of(namespace, &self.list::<Replica>(&keys::REPLICAS)?)
+    }
+
+    /// [`ControlPlane::summaries`] with every replica already read.
+    pub(crate) fn summaries_of(
+        &self,
+        namespace: Option<&str>,
+        replicas: &[Replica],
+    ) -> Result<Vec<AppSummary>, ControlError> {
         // Counted in one walk: with thousands of apps, a scan per app is quadratic.
-        let mut ready_of: HashMap<AppKey, usize> = HashMap::new();
+        let mut ready_of: HashMap<&AppKey, usize> = HashMap::new();
         // A job wants as many replicas as it has runs going: none once they are over, so a
         // finished job does not read as 0 of 1 ready.
-        let mut runs_of: HashMap<AppKey, u32> = HashMap::new();
-        for r in self.list::<Replica>(&keys::REPLICAS)? {
+        let mut runs_of: HashMap<&AppKey, u32> = HashMap::new();
+        for r in replicas {
             if r.kind == Kind::Job && !r.phase.is_terminal() {
-                *runs_of.entry(r.app.clone()).or_default() += 1;
+                *runs_of.entry(&r.app).or_default() += 1;
             }
             if r.serving() {
-                *ready_of.entry(r.app).or_default() += 1;
+                *ready_of.entry(&r.app).or_default() += 1;
             }
         }
         let now = self.now();

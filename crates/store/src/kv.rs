@@ -382,7 +382,7 @@ impl Store {
                 }
                 newer => {
                     return Err(StoreError::Db(format!(
-                        "the store file has format {newer}, written by a newer shoal: this one reads up to format {FORMAT}"
+                        "the store file has format {newer}, written by a newer shoal: this one reads up to format {FORMAT}; run the release that wrote it, or a later one"
                     )));
                 }
             }
